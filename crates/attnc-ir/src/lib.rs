@@ -1,0 +1,15 @@
+//! The attnc IR: a `petgraph` dataflow DAG with symbolic shapes, lowering and checking from the
+//! AST, text and DOT printers, and the f64 reference interpreter that defines the semantics.
+//!
+//! This crate knows nothing of egg or Cranelift.
+#![warn(missing_docs)]
+
+pub mod dim;
+pub mod graph;
+pub mod op;
+pub mod pattern;
+
+pub use dim::{Bindings, Dim, Shape};
+pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};
+pub use op::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
+pub use pattern::MaskPattern;

@@ -1,0 +1,274 @@
+//! The abstract syntax tree of a `.attn` file.
+//!
+//! Every node carries the byte [`Span`] it was parsed from. Equality of trees that should
+//! ignore spans (the printer round trip) goes through [`File::without_spans`].
+
+use crate::span::Span;
+use serde::Serialize;
+
+/// A whole source file: zero or more kernels.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct File {
+    /// The kernels, in source order.
+    pub kernels: Vec<Kernel>,
+}
+
+/// An identifier with its place in the source.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Ident {
+    /// The name as written.
+    pub name: String,
+    /// Where it was written.
+    pub span: Span,
+}
+
+/// `attr* kernel NAME(params) -> type { stmts return expr; }`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Kernel {
+    /// Every `@approx(...)` item of every attribute, in source order.
+    pub approx: Vec<Approx>,
+    /// The kernel's name.
+    pub name: Ident,
+    /// The parameters, in order.
+    pub params: Vec<Param>,
+    /// The declared return type, if any.
+    pub ret_type: Option<TypeExpr>,
+    /// The `let` statements before the `return`.
+    pub stmts: Vec<Let>,
+    /// The returned expression.
+    pub ret: Expr,
+    /// From the first attribute (or `kernel`) to the closing brace.
+    pub span: Span,
+}
+
+/// One item of an `@approx(...)` attribute.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Approx {
+    /// Which approximation, with its arguments.
+    pub kind: ApproxKind,
+    /// Where it was written.
+    pub span: Span,
+}
+
+/// The approximations a kernel may allow (LANGUAGE.md §2 `approx`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum ApproxKind {
+    /// `bf16`: bfloat16 storage of Q/K/V.
+    Bf16,
+    /// `f16`: half-precision storage of Q/K/V.
+    F16,
+    /// `int8`: quantized score and value products.
+    Int8,
+    /// `lowrank(r = R)`: Linformer projections of rank R.
+    Lowrank {
+        /// The rank.
+        r: u64,
+    },
+    /// `random_features(m = M, seed = S)`: Performer FAVOR+.
+    RandomFeatures {
+        /// Number of random features.
+        m: u64,
+        /// Seed of the feature matrix, if given.
+        seed: Option<u64>,
+    },
+    /// `tol = X`: the largest accepted relative L2 error.
+    Tol(f64),
+}
+
+/// `name: type`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Param {
+    /// The parameter's name.
+    pub name: Ident,
+    /// Its declared type.
+    pub ty: TypeExpr,
+}
+
+/// Element types of the language.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum ElemType {
+    /// 32-bit IEEE float.
+    F32,
+    /// 16-bit IEEE float.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl ElemType {
+    /// The keyword that spells this type.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            ElemType::F32 => "f32",
+            ElemType::F16 => "f16",
+            ElemType::Bf16 => "bf16",
+        }
+    }
+}
+
+/// `f32[h, n, d]`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TypeExpr {
+    /// The element type.
+    pub elem: ElemType,
+    /// The dimensions (at least one).
+    pub dims: Vec<DimExpr>,
+    /// From the element type to the closing bracket.
+    pub span: Span,
+}
+
+/// One dimension of a type: a symbol bound at run time or a literal size.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum DimExpr {
+    /// A dimension symbol such as `n`.
+    Sym(Ident),
+    /// A literal size such as `1`.
+    Lit {
+        /// The size.
+        value: u64,
+        /// Where it was written.
+        span: Span,
+    },
+}
+
+impl DimExpr {
+    /// Where this dimension was written.
+    pub fn span(&self) -> Span {
+        match self {
+            DimExpr::Sym(id) => id.span,
+            DimExpr::Lit { span, .. } => *span,
+        }
+    }
+}
+
+/// `let name = value;`
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Let {
+    /// The bound name.
+    pub name: Ident,
+    /// The bound expression.
+    pub value: Expr,
+    /// From `let` to the semicolon.
+    pub span: Span,
+}
+
+/// An expression with its span.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Expr {
+    /// What kind of expression.
+    pub kind: ExprKind,
+    /// Where it was written (parentheses included when present).
+    pub span: Span,
+}
+
+/// Binary operators, in the language's precedence classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum BinOp {
+    /// `+`
+    Add,
+    /// `-`
+    Sub,
+    /// `*`
+    Mul,
+    /// `/`
+    Div,
+    /// `@` (matrix product over the last two axes)
+    MatMul,
+}
+
+impl BinOp {
+    /// The operator's symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            BinOp::Add => "+",
+            BinOp::Sub => "-",
+            BinOp::Mul => "*",
+            BinOp::Div => "/",
+            BinOp::MatMul => "@",
+        }
+    }
+
+    /// Binding strength: additive operators bind less tightly than multiplicative ones.
+    pub fn precedence(self) -> u8 {
+        match self {
+            BinOp::Add | BinOp::Sub => 1,
+            BinOp::Mul | BinOp::Div | BinOp::MatMul => 2,
+        }
+    }
+}
+
+/// The forms an expression takes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum ExprKind {
+    /// A numeric literal (always finite and non-negative as written).
+    Number(f64),
+    /// A variable, parameter or dimension symbol.
+    Name(String),
+    /// `lhs op rhs`
+    Binary {
+        /// The operator.
+        op: BinOp,
+        /// Left operand.
+        lhs: Box<Expr>,
+        /// Right operand.
+        rhs: Box<Expr>,
+    },
+    /// `-operand`
+    Neg(Box<Expr>),
+    /// `operand.T`
+    Transpose(Box<Expr>),
+    /// `callee(args)`
+    Call {
+        /// The called function's name.
+        callee: Ident,
+        /// The arguments: expressions or mask patterns.
+        args: Vec<Arg>,
+    },
+}
+
+/// A call argument.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Arg {
+    /// An ordinary expression.
+    Expr(Expr),
+    /// A mask pattern (`causal & window(256)`).
+    Pattern(Pattern),
+}
+
+impl Arg {
+    /// Where this argument was written.
+    pub fn span(&self) -> Span {
+        match self {
+            Arg::Expr(e) => e.span,
+            Arg::Pattern(p) => p.span,
+        }
+    }
+}
+
+/// A mask pattern with its span.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Pattern {
+    /// Which pattern.
+    pub kind: PatternKind,
+    /// Where it was written.
+    pub span: Span,
+}
+
+/// The mask patterns of LANGUAGE.md §3.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum PatternKind {
+    /// `causal`
+    Causal,
+    /// `window(w)`
+    Window(u64),
+    /// `dilated(w, r)`
+    Dilated(u64, u64),
+    /// `global(g)`
+    Global(u64),
+    /// `block(b)`
+    Block(u64),
+    /// `p & q`
+    And(Box<Pattern>, Box<Pattern>),
+    /// `p | q`
+    Or(Box<Pattern>, Box<Pattern>),
+}
