@@ -1,1 +1,4 @@
-//! placeholder
+//! attnc: a compiler for attention.
+#![warn(missing_docs)]
+
+pub mod io;

@@ -4,10 +4,15 @@
 //! This crate knows nothing of egg or Cranelift.
 #![warn(missing_docs)]
 
+pub mod bind;
 pub mod dim;
+pub mod dot;
 pub mod graph;
+pub mod interp;
+pub mod lower;
 pub mod op;
 pub mod pattern;
+pub mod print;
 
 pub use dim::{Bindings, Dim, Shape};
 pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};

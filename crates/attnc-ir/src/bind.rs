@@ -1,0 +1,1 @@
+//! Binding dimension symbols from input shapes and `--shape` values.

@@ -1,0 +1,1 @@
+//! Lowering from the AST to the IR, with name, arity, shape and type checking.

@@ -1,0 +1,1 @@
+//! The IR as text, one node a line.
