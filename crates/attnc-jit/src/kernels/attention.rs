@@ -1,0 +1,1 @@
+//! The fused, block-sparse online-softmax attention kernel.

@@ -1,0 +1,1 @@
+//! Fused elementwise chains with broadcasting, masks, relpos and fills.

@@ -1,0 +1,1 @@
+//! Register-tiled f32x4 FMA matrix product over the last two axes.

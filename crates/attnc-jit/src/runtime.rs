@@ -1,0 +1,1 @@
+//! Running a plan: buffer checks before machine code, work split across threads.
