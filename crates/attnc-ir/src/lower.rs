@@ -1,1 +1,196 @@
 //! Lowering from the AST to the IR, with name, arity, shape and type checking.
+//!
+//! [`lower_file`] checks every kernel of a file and either returns the whole [`Module`] or
+//! every error found. After an error in one statement, lowering goes on with the next one
+//! (a `let` that failed is *poisoned*: its uses fail silently instead of cascading), and after
+//! a failed kernel with the next kernel, up to [`MAX_ERRORS`] errors.
+//!
+//! Invariants of the lowered [`Kernel`]:
+//! - node `i` for `i < params.len()` is `Op::Input { index: i }` (every parameter has its input
+//!   node, used or not); every other node feeds the output;
+//! - nodes are added operands-first, so index order is topological;
+//! - every node but an input has dtype f32; an f16/bf16 return type ends in `Op::Cast`;
+//! - every node's span is the source expression it came from (for a cast, the return type).
+//!
+//! Expressions are lowered with an explicit task stack (no recursion); statements are a loop,
+//! so 100,000 `let`s cost no native stack. Only mask patterns recurse, once per `&`/`|`.
+
+mod builtin;
+mod call;
+mod consts;
+mod expr;
+mod mask;
+mod prune;
+mod scope;
+mod shape;
+mod signature;
+mod suggest;
+
+use crate::graph::{Kernel, Module, Node};
+use crate::op::{DType, Op};
+use attnc_syntax::ast::{self, File};
+use attnc_syntax::{Diagnostic, Span};
+use scope::{Binding, Failure, Scope};
+use std::collections::HashMap;
+
+/// Lowering stops collecting errors after this many.
+pub const MAX_ERRORS: usize = 100;
+
+/// Lowers and checks every kernel of `file`.
+///
+/// ```
+/// use attnc_syntax::ast::{Expr, ExprKind, File, Ident, Kernel, Param, DimExpr, ElemType, TypeExpr};
+/// use attnc_syntax::Span;
+/// let id = |s: &str| Ident { name: s.into(), span: Span::default() };
+/// let ty = TypeExpr { elem: ElemType::F32, dims: vec![DimExpr::Sym(id("n"))], span: Span::default() };
+/// let kernel = Kernel {
+///     approx: vec![],
+///     name: id("f"),
+///     params: vec![Param { name: id("x"), ty: ty.clone() }],
+///     ret_type: Some(ty),
+///     stmts: vec![],
+///     ret: Expr { kind: ExprKind::Name("x".into()), span: Span::default() },
+///     span: Span::default(),
+/// };
+/// let module = attnc_ir::lower::lower_file(&File { kernels: vec![kernel] }).expect("valid");
+/// assert_eq!(module.kernels[0].graph.len(), 1);
+/// ```
+pub fn lower_file(file: &File) -> Result<Module, Vec<Diagnostic>> {
+    let mut errors = Errors::default();
+    let mut first_seen: HashMap<&str, Span> = HashMap::new();
+    let mut kernels = Vec::with_capacity(file.kernels.len());
+    for k in &file.kernels {
+        if errors.is_full() {
+            break;
+        }
+        let name = k.name.name.as_str();
+        if let Some(first) = first_seen.get(name) {
+            errors.push(
+                Diagnostic::error(format!("duplicate kernel `{name}`"), k.name.span)
+                    .with_primary_message("defined again here")
+                    .with_label(*first, "first defined here"),
+            );
+        } else {
+            first_seen.insert(name, k.name.span);
+        }
+        if let Some(kernel) = lower_kernel(k, &mut errors) {
+            kernels.push(kernel);
+        }
+    }
+    if errors.list.is_empty() {
+        Ok(Module { kernels })
+    } else {
+        Err(errors.list)
+    }
+}
+
+/// Lowers one kernel; `None` when it has errors (pushed onto `errors`).
+fn lower_kernel(k: &ast::Kernel, errors: &mut Errors) -> Option<Kernel> {
+    let before = errors.list.len();
+    let approx = signature::check_approx(&k.approx, errors);
+    let mut scope = Scope::default();
+    let params = signature::declare_params(&k.params, &mut scope, errors);
+    let ret_shape = k
+        .ret_type
+        .as_ref()
+        .map(|ty| signature::return_shape(ty, &scope, errors));
+    for stmt in &k.stmts {
+        if errors.is_full() {
+            return None;
+        }
+        let name = &stmt.name.name;
+        if let Some(dim_span) = scope.dims.get(name) {
+            errors.push(
+                Diagnostic::error(
+                    format!("`let` cannot bind `{name}`: it is a dimension symbol"),
+                    stmt.name.span,
+                )
+                .with_primary_message("bound here")
+                .with_label(*dim_span, format!("dimension `{name}` declared here")),
+            );
+            scope.names.insert(name.clone(), Binding::Poisoned);
+            continue;
+        }
+        let binding = match scope.lower_expr(&stmt.value) {
+            Ok(id) => Binding::Node(id),
+            Err(failure) => {
+                errors.report(failure);
+                Binding::Poisoned
+            }
+        };
+        scope.names.insert(name.clone(), binding);
+    }
+    let mut output = match scope.lower_expr(&k.ret) {
+        Ok(id) => id,
+        Err(failure) => {
+            errors.report(failure);
+            return None;
+        }
+    };
+    if let (Some(ty), Some(Some(declared))) = (&k.ret_type, &ret_shape) {
+        let got = scope.shape(output);
+        if let Err(d) = signature::check_return(ty, declared, got, k.ret.span) {
+            errors.push(d);
+        }
+    }
+    if errors.list.len() > before {
+        return None;
+    }
+    let ret_dtype = k.ret_type.as_ref().map_or(DType::F32, |t| t.elem);
+    if let (Some(ty), DType::F16 | DType::Bf16) = (&k.ret_type, ret_dtype) {
+        let node = Node {
+            op: Op::Cast { to: ret_dtype },
+            shape: scope.shape(output).clone(),
+            dtype: ret_dtype,
+            span: ty.span,
+        };
+        output = scope.graph.add(node, &[output]);
+    }
+    let (graph, output) = prune::prune(scope.graph, output);
+    Some(Kernel {
+        name: k.name.name.clone(),
+        params,
+        graph,
+        output,
+        ret_dtype,
+        approx,
+        span: k.span,
+    })
+}
+
+/// The errors found so far, capped at [`MAX_ERRORS`].
+#[derive(Debug, Default)]
+pub(crate) struct Errors {
+    list: Vec<Diagnostic>,
+}
+
+impl Errors {
+    /// Records an error; the one that reaches the cap says that lowering stops there.
+    pub fn push(&mut self, d: Diagnostic) {
+        if self.is_full() {
+            return;
+        }
+        self.list.push(d);
+        if self.is_full() {
+            if let Some(last) = self.list.last_mut() {
+                last.notes
+                    .push(format!("too many errors; stopping after {MAX_ERRORS}"));
+            }
+        }
+    }
+
+    /// Records the error of a failed expression, if it is a new one.
+    fn report(&mut self, failure: Failure) {
+        if let Failure::Error(d) = failure {
+            self.push(*d);
+        }
+    }
+
+    /// True once the cap is reached.
+    pub fn is_full(&self) -> bool {
+        self.list.len() >= MAX_ERRORS
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,143 @@
 //! The IR as text, one node a line.
+//!
+//! ```text
+//! kernel local(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d]
+//!   %0 = input q #0            : f32[h, n, d]
+//!   %3 = transpose %1          : f32[h, d, n]
+//!   %4 = matmul %0, %3         : f32[h, n, n]
+//!   ...
+//!   return %9
+//! ```
+//!
+//! Printing walks the nodes in index order (which is topological), never recursively.
+
+use crate::dim::format_shape;
+use crate::graph::{Kernel, Module, NodeId};
+use crate::op::Op;
+use attnc_syntax::ast::ApproxKind;
+use std::fmt::Write;
+
+/// The narrowest column at which node types are aligned.
+const MIN_TYPE_COLUMN: usize = 24;
+
+/// Lines longer than this do not push the type column further right (long mask patterns).
+const MAX_TYPE_COLUMN: usize = 40;
+
+/// Prints every kernel of `module`, separated by blank lines.
+pub fn print_module(module: &Module) -> String {
+    let kernels: Vec<String> = module.kernels.iter().map(print_kernel).collect();
+    kernels.join("\n")
+}
+
+/// Prints one kernel: an `@approx` line when it allows approximations, its signature, one
+/// line per node with the node's type, and the returned node.
+pub fn print_kernel(k: &Kernel) -> String {
+    let mut out = String::new();
+    if !k.approx.is_empty() {
+        let items: Vec<String> = k.approx.iter().map(approx_text).collect();
+        let _ = writeln!(out, "@approx({})", items.join(", "));
+    }
+    let params: Vec<String> = k
+        .params
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: {}{}",
+                p.name,
+                p.dtype.keyword(),
+                format_shape(&p.shape)
+            )
+        })
+        .collect();
+    let ret_shape = format_shape(&k.graph.node(k.output).shape);
+    let _ = writeln!(
+        out,
+        "kernel {}({}) -> {}{}",
+        k.name,
+        params.join(", "),
+        k.ret_dtype.keyword(),
+        ret_shape
+    );
+    let lines: Vec<(String, String)> = k
+        .graph
+        .topo_order()
+        .into_iter()
+        .map(|id| {
+            let node = k.graph.node(id);
+            let left = format!(
+                "%{} = {}",
+                id.index(),
+                instruction(&node.op, &k.graph.operands(id))
+            );
+            let ty = format!("{}{}", node.dtype.keyword(), format_shape(&node.shape));
+            (left, ty)
+        })
+        .collect();
+    let column = lines
+        .iter()
+        .map(|(left, _)| left.chars().count())
+        .filter(|&width| width <= MAX_TYPE_COLUMN)
+        .max()
+        .unwrap_or(0)
+        .max(MIN_TYPE_COLUMN);
+    for (left, ty) in &lines {
+        let _ = writeln!(out, "  {left:<column$} : {ty}");
+    }
+    let _ = writeln!(out, "  return %{}", k.output.index());
+    out
+}
+
+/// `matmul %0, %3`, `softmax %5, axis=2`, `input q #0`, `const 0.125`.
+fn instruction(op: &Op, operands: &[NodeId]) -> String {
+    let mnemonic = match op {
+        Op::Input { .. } => "input".to_string(),
+        Op::Const(_) => "const".to_string(),
+        Op::DimValue(_) => "dim".to_string(),
+        Op::Fill { .. } => "fill".to_string(),
+        Op::RelPos => "relpos".to_string(),
+        Op::Unary(u) => u.to_string(),
+        Op::Binary(b) => b.to_string(),
+        Op::MatMul => "matmul".to_string(),
+        Op::Transpose => "transpose".to_string(),
+        Op::Reduce { op, .. } => op.to_string(),
+        Op::Softmax { .. } => "softmax".to_string(),
+        Op::Mask { .. } => "mask".to_string(),
+        Op::Cast { .. } => "cast".to_string(),
+    };
+    let mut args: Vec<String> = operands.iter().map(|o| format!("%{}", o.index())).collect();
+    match op {
+        Op::Input { index, name } => args.push(format!("{name} #{index}")),
+        Op::Const(v) | Op::Fill { value: v } => args.push(format!("{v:?}")),
+        Op::DimValue(d) => args.push(d.to_string()),
+        Op::Reduce { axis, .. } | Op::Softmax { axis } => args.push(format!("axis={axis}")),
+        Op::Mask { pattern, fill } => {
+            args.push(pattern.to_string());
+            args.push(format!("fill={fill:?}"));
+        }
+        Op::Cast { to } => args.push(format!("to={}", to.keyword())),
+        _ => {}
+    }
+    match op {
+        // Attributes of nullary ops read as one phrase: `input q #0`, `const 0.125`.
+        Op::Input { .. } | Op::Const(_) | Op::DimValue(_) | Op::Fill { .. } => {
+            format!("{mnemonic} {}", args.join(" "))
+        }
+        _ if args.is_empty() => mnemonic,
+        _ => format!("{mnemonic} {}", args.join(", ")),
+    }
+}
+
+/// An `@approx` item as the source spells it.
+fn approx_text(kind: &ApproxKind) -> String {
+    match kind {
+        ApproxKind::Bf16 => "bf16".to_string(),
+        ApproxKind::F16 => "f16".to_string(),
+        ApproxKind::Int8 => "int8".to_string(),
+        ApproxKind::Lowrank { r } => format!("lowrank(r = {r})"),
+        ApproxKind::RandomFeatures { m, seed: None } => format!("random_features(m = {m})"),
+        ApproxKind::RandomFeatures { m, seed: Some(s) } => {
+            format!("random_features(m = {m}, seed = {s})")
+        }
+        ApproxKind::Tol(t) => format!("tol = {t}"),
+    }
+}

@@ -6,10 +6,13 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod hostmath;
 pub mod jit;
 pub mod kernels;
 pub mod plan;
 pub mod runtime;
 pub mod simd;
+pub mod tiles;
 
 pub use error::{JitError, Result};
+pub use runtime::{CompileOptions, CompiledKernel, Input, Output};

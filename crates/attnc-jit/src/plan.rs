@@ -1,1 +1,458 @@
-//! Lowering an IR graph at bound shapes to a list of kernels over buffers.
+//! Lowering an IR graph at bound shapes to a list of steps over buffers.
+//!
+//! Every node becomes a lazy [`Expr`] over the coordinates of its own shape: inputs and
+//! materialized results are strided leaves, and elementwise ops, constants, fills, masks,
+//! relpos and transposes only build bigger expressions (broadcasting and transposition are
+//! stride remaps). A value is materialized (one elementwise step) only when a non-elementwise
+//! op consumes it in a form it cannot read through strides, when several users share it, or
+//! when it is the kernel's result. Matrix products read both operands through strides, so
+//! `k.T` is never copied.
+//!
+//! # Architecture invariant
+//! Buffers `0..params.len()` are the kernel inputs (widened to f32 by the runtime); every
+//! other buffer is written by exactly one step, before any step that reads it.
+
+use crate::error::{JitError, Result};
+use crate::kernels::elementwise::{Coord, ElementwiseSpec, Expr};
+use crate::kernels::matmul::MatMulSpec;
+use crate::kernels::reduce::AxisSpec;
+use attnc_ir::{Bindings, DType, Kernel, NodeId, Op, ReduceOp};
+
+/// Where a buffer's contents come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufferSource {
+    /// Kernel parameter `index`.
+    Input(usize),
+    /// Written by a step.
+    Temp,
+}
+
+/// One f32 buffer of the plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferInfo {
+    /// Number of f32 elements.
+    pub len: usize,
+    /// Its origin.
+    pub source: BufferSource,
+}
+
+/// What a step computes.
+#[derive(Clone, Debug)]
+pub enum StepKind {
+    /// A fused elementwise expression.
+    Elementwise(ElementwiseSpec),
+    /// A (batched) matrix product of `inputs[0] @ inputs[1]`.
+    MatMul(MatMulSpec),
+    /// A reduction of a contiguous `[outer, len, inner]` input.
+    Reduce(ReduceOp, AxisSpec),
+    /// A softmax of a contiguous `[outer, len, inner]` input along `len`.
+    Softmax(AxisSpec),
+    /// Rounding to a storage type and back, done by the host (f16/bf16 returns).
+    Cast(DType),
+}
+
+/// One step: reads `inputs`, writes all of `output`.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The generated function's name.
+    pub name: String,
+    /// What it computes.
+    pub kind: StepKind,
+    /// The buffers read, in operand-slot order.
+    pub inputs: Vec<usize>,
+    /// The buffer written.
+    pub output: usize,
+}
+
+impl Step {
+    /// The work space (batches, rows) of the step's kernel.
+    pub fn work(&self) -> (usize, usize) {
+        match &self.kind {
+            StepKind::Elementwise(s) => s.work(),
+            StepKind::MatMul(s) => s.work(),
+            StepKind::Reduce(_, s) | StepKind::Softmax(s) => s.work(),
+            StepKind::Cast(_) => (1, 1),
+        }
+    }
+
+    /// A rough operation count, to decide whether threads pay off.
+    pub fn cost(&self, buffers: &[BufferInfo]) -> usize {
+        match &self.kind {
+            StepKind::MatMul(s) => s.flops(),
+            _ => self
+                .inputs
+                .iter()
+                .map(|&b| buffers[b].len)
+                .sum::<usize>()
+                .saturating_add(buffers[self.output].len),
+        }
+    }
+}
+
+/// A kernel lowered at bound shapes.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The kernel's name.
+    pub kernel: String,
+    /// Every buffer; the first ones are the inputs.
+    pub buffers: Vec<BufferInfo>,
+    /// The steps, in execution order.
+    pub steps: Vec<Step>,
+    /// The buffer holding the result.
+    pub output: usize,
+    /// The result's shape.
+    pub output_shape: Vec<usize>,
+    /// The bound shape of each parameter.
+    pub input_shapes: Vec<Vec<usize>>,
+}
+
+/// Fused expressions larger than this are materialized (bounds code size).
+const MAX_FUSED_NODES: usize = 48;
+
+/// Row-major strides of `shape`.
+pub fn contiguous(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![0; shape.len()];
+    let mut s = 1usize;
+    for (k, &d) in shape.iter().enumerate().rev() {
+        strides[k] = s;
+        s = s.saturating_mul(d);
+    }
+    strides
+}
+
+/// The value of one node while planning.
+#[derive(Clone, Debug)]
+struct Val {
+    expr: Expr,
+    shape: Vec<usize>,
+}
+
+struct Planner<'k> {
+    kernel: &'k Kernel,
+    bindings: &'k Bindings,
+    shapes: Vec<Vec<usize>>,
+    buffers: Vec<BufferInfo>,
+    steps: Vec<Step>,
+}
+
+impl Planner<'_> {
+    fn new_buffer(&mut self, len: usize) -> usize {
+        self.buffers.push(BufferInfo {
+            len,
+            source: BufferSource::Temp,
+        });
+        self.buffers.len() - 1
+    }
+
+    fn push(&mut self, kind: StepKind, inputs: Vec<usize>, output: usize) {
+        let tag = match &kind {
+            StepKind::Elementwise(_) => "ew",
+            StepKind::MatMul(_) => "matmul",
+            StepKind::Reduce(..) => "reduce",
+            StepKind::Softmax(_) => "softmax",
+            StepKind::Cast(_) => "cast",
+        };
+        let name = format!("{}_s{}_{tag}", self.kernel.name, self.steps.len());
+        self.steps.push(Step {
+            name,
+            kind,
+            inputs,
+            output,
+        });
+    }
+
+    /// Writes `v` into a new contiguous buffer; returns the buffer.
+    fn materialize(&mut self, v: &Val) -> usize {
+        let len = v.shape.iter().product();
+        let out = self.new_buffer(len);
+        let mut inputs = Vec::new();
+        v.expr.buffers(&mut inputs);
+        let spec = ElementwiseSpec {
+            expr: v.expr.clone(),
+            shape: v.shape.clone(),
+            inputs: inputs.clone(),
+        };
+        self.push(StepKind::Elementwise(spec), inputs, out);
+        out
+    }
+
+    /// `v` as a contiguous buffer (materialized unless it already is one).
+    fn contiguous_buffer(&mut self, v: &Val) -> usize {
+        if let Expr::Leaf { buf, strides } = &v.expr {
+            if is_contiguous(strides, &v.shape) {
+                return *buf;
+            }
+        }
+        self.materialize(v)
+    }
+
+    /// `v` as a strided leaf (materialized unless it already is one).
+    fn strided(&mut self, v: &Val) -> (usize, Vec<usize>) {
+        if let Expr::Leaf { buf, strides } = &v.expr {
+            return (*buf, strides.clone());
+        }
+        let buf = self.materialize(v);
+        (buf, contiguous(&v.shape))
+    }
+
+    fn leaf(buf: usize, shape: &[usize]) -> Val {
+        Val {
+            expr: Expr::Leaf {
+                buf,
+                strides: contiguous(shape),
+            },
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+/// Whether `strides` are row-major contiguous for `shape` (size-1 axes may have any stride).
+fn is_contiguous(strides: &[usize], shape: &[usize]) -> bool {
+    let want = contiguous(shape);
+    strides
+        .iter()
+        .zip(&want)
+        .zip(shape)
+        .all(|((s, w), d)| *d <= 1 || s == w)
+}
+
+/// The map of an operand of shape `from` broadcast into shape `to`.
+fn broadcast_map(from: &[usize], to: &[usize]) -> Vec<Option<usize>> {
+    let lead = to.len().saturating_sub(from.len());
+    from.iter()
+        .enumerate()
+        .map(|(k, &d)| if d == 1 { None } else { Some(k + lead) })
+        .collect()
+}
+
+fn plan_error(op: &Op, detail: impl Into<String>) -> JitError {
+    JitError::Plan {
+        op: op.to_string(),
+        detail: detail.into(),
+    }
+}
+
+/// Lowers `kernel` at `bindings` to a plan.
+pub fn plan(kernel: &Kernel, bindings: &Bindings) -> Result<Plan> {
+    let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
+        .map_err(|e| JitError::Shape(e.to_string()))?;
+    let mut input_shapes = Vec::with_capacity(kernel.params.len());
+    for p in &kernel.params {
+        let s = attnc_ir::dim::resolve_shape(&p.shape, bindings)
+            .ok_or_else(|| JitError::Shape(format!("input `{}` has an unbound dimension", p.name)))?;
+        input_shapes.push(s);
+    }
+    let buffers = input_shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| BufferInfo {
+            len: s.iter().product(),
+            source: BufferSource::Input(i),
+        })
+        .collect();
+    let mut p = Planner {
+        kernel,
+        bindings,
+        shapes,
+        buffers,
+        steps: Vec::new(),
+    };
+    let order = kernel.graph.topo_order();
+    let mut users = vec![0usize; kernel.graph.len()];
+    for &id in &order {
+        for op in kernel.graph.operands(id) {
+            users[op.index()] += 1;
+        }
+    }
+    let mut vals: Vec<Option<Val>> = vec![None; kernel.graph.len()];
+    for &id in &order {
+        let v = plan_node(&mut p, id, &vals, &input_shapes)?;
+        let users = users[id.index()];
+        let trivial = matches!(v.expr, Expr::Leaf { .. } | Expr::Const(_));
+        let v = if !trivial && (users > 1 || v.expr.size() > MAX_FUSED_NODES) {
+            let buf = p.materialize(&v);
+            Planner::leaf(buf, &v.shape)
+        } else {
+            v
+        };
+        vals[id.index()] = Some(v);
+    }
+    let out_val = vals[kernel.output.index()]
+        .clone()
+        .ok_or_else(|| JitError::Shape("output node has no value".to_string()))?;
+    let output = match &out_val.expr {
+        Expr::Leaf { buf, strides }
+            if is_contiguous(strides, &out_val.shape)
+                && p.buffers[*buf].source == BufferSource::Temp =>
+        {
+            *buf
+        }
+        _ => p.materialize(&out_val),
+    };
+    Ok(Plan {
+        kernel: kernel.name.clone(),
+        buffers: p.buffers,
+        steps: p.steps,
+        output,
+        output_shape: out_val.shape,
+        input_shapes,
+    })
+}
+
+fn operand(vals: &[Option<Val>], id: NodeId) -> Result<Val> {
+    vals[id.index()]
+        .clone()
+        .ok_or_else(|| JitError::Shape(format!("node %{} used before definition", id.index())))
+}
+
+fn plan_node(
+    p: &mut Planner<'_>,
+    id: NodeId,
+    vals: &[Option<Val>],
+    input_shapes: &[Vec<usize>],
+) -> Result<Val> {
+    let node = p.kernel.graph.node(id);
+    let shape = p.shapes[id.index()].clone();
+    let ops = p.kernel.graph.operands(id);
+    if ops.len() != node.op.arity() {
+        return Err(plan_error(&node.op, "wrong number of operands"));
+    }
+    let rank = shape.len();
+    let same = |v: &Val| v.expr.remap(&broadcast_map(&v.shape, &shape), rank);
+    let val = |expr: Expr| Val {
+        expr,
+        shape: shape.clone(),
+    };
+    Ok(match &node.op {
+        Op::Input { index, .. } => {
+            let s = input_shapes
+                .get(*index)
+                .ok_or_else(|| plan_error(&node.op, "no such parameter"))?;
+            Planner::leaf(*index, s)
+        }
+        Op::Const(v) => val(Expr::Const(*v as f32)),
+        Op::DimValue(d) => match d.resolve(p.bindings) {
+            Some(v) => val(Expr::Const(v as f32)),
+            None => return Err(plan_error(&node.op, "unbound dimension")),
+        },
+        Op::Fill { value } => val(Expr::Const(*value as f32)),
+        Op::RelPos => {
+            if rank < 2 {
+                return Err(plan_error(&node.op, "relpos needs two axes"));
+            }
+            val(Expr::RelPos {
+                i: Coord::Axis(rank - 2),
+                j: Coord::Axis(rank - 1),
+                m: shape[rank - 2],
+                n: shape[rank - 1],
+            })
+        }
+        Op::Unary(u) => {
+            let x = operand(vals, ops[0])?;
+            val(Expr::Unary(*u, Box::new(same(&x))))
+        }
+        Op::Binary(bop) => {
+            let x = operand(vals, ops[0])?;
+            let y = operand(vals, ops[1])?;
+            val(Expr::Binary(*bop, Box::new(same(&x)), Box::new(same(&y))))
+        }
+        Op::Mask { pattern, fill } => {
+            if rank < 2 {
+                return Err(plan_error(&node.op, "mask needs two axes"));
+            }
+            let x = operand(vals, ops[0])?;
+            val(Expr::Mask {
+                pattern: pattern.clone(),
+                fill: *fill as f32,
+                i: Coord::Axis(rank - 2),
+                j: Coord::Axis(rank - 1),
+                m: shape[rank - 2],
+                n: shape[rank - 1],
+                x: Box::new(same(&x)),
+            })
+        }
+        Op::Transpose => {
+            let x = operand(vals, ops[0])?;
+            if rank < 2 {
+                return Err(plan_error(&node.op, "transpose needs two axes"));
+            }
+            let mut map: Vec<Option<usize>> = (0..rank).map(Some).collect();
+            map.swap(rank - 2, rank - 1);
+            val(x.expr.remap(&map, rank))
+        }
+        Op::Cast { to } => {
+            let x = operand(vals, ops[0])?;
+            let src = p.contiguous_buffer(&x);
+            let out = p.new_buffer(shape.iter().product());
+            p.push(StepKind::Cast(*to), vec![src], out);
+            Planner::leaf(out, &shape)
+        }
+        Op::Reduce { op, axis } => {
+            let x = operand(vals, ops[0])?;
+            let src = p.contiguous_buffer(&x);
+            let spec = AxisSpec::new(&x.shape, *axis);
+            let out = p.new_buffer(shape.iter().product());
+            p.push(StepKind::Reduce(*op, spec), vec![src], out);
+            Planner::leaf(out, &shape)
+        }
+        Op::Softmax { axis } => {
+            let x = operand(vals, ops[0])?;
+            let src = p.contiguous_buffer(&x);
+            let spec = AxisSpec::new(&x.shape, *axis);
+            let out = p.new_buffer(shape.iter().product());
+            p.push(StepKind::Softmax(spec), vec![src], out);
+            Planner::leaf(out, &shape)
+        }
+        Op::MatMul => {
+            let a = operand(vals, ops[0])?;
+            let b = operand(vals, ops[1])?;
+            plan_matmul(p, &node.op, &a, &b, &shape)?
+        }
+    })
+}
+
+fn plan_matmul(p: &mut Planner<'_>, op: &Op, a: &Val, b: &Val, shape: &[usize]) -> Result<Val> {
+    let (ra, rb, r) = (a.shape.len(), b.shape.len(), shape.len());
+    if ra < 2 || rb < 2 || r < 2 {
+        return Err(plan_error(op, "matmul needs two axes on both operands"));
+    }
+    let (abuf, astr) = p.strided(a);
+    let (bbuf, bstr) = p.strided(b);
+    let batch = shape[..r - 2].to_vec();
+    let batch_strides = |shape_x: &[usize], strides: &[usize]| -> Vec<usize> {
+        let lead = shape_x.len() - 2;
+        (0..r - 2)
+            .map(|t| {
+                let offset = (r - 2) - lead;
+                if t < offset {
+                    0
+                } else {
+                    let k = t - offset;
+                    if shape_x[k] == 1 {
+                        0
+                    } else {
+                        strides[k]
+                    }
+                }
+            })
+            .collect()
+    };
+    let spec = MatMulSpec {
+        a_batch_strides: batch_strides(&a.shape, &astr),
+        b_batch_strides: batch_strides(&b.shape, &bstr),
+        batch,
+        m: a.shape[ra - 2],
+        k: a.shape[ra - 1],
+        n: b.shape[rb - 1],
+        a_rs: astr[ra - 2],
+        a_cs: astr[ra - 1],
+        b_rs: bstr[rb - 2],
+        b_cs: bstr[rb - 1],
+    };
+    if spec.k != b.shape[rb - 2] || spec.m != shape[r - 2] || spec.n != shape[r - 1] {
+        return Err(plan_error(op, "operand shapes do not agree"));
+    }
+    let out = p.new_buffer(shape.iter().product());
+    p.push(StepKind::MatMul(spec), vec![abuf, bbuf], out);
+    Ok(Planner::leaf(out, shape))
+}

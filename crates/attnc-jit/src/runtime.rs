@@ -1,1 +1,305 @@
 //! Running a plan: buffer checks before machine code, work split across threads.
+//!
+//! ```no_run
+//! # fn demo(kernel: &attnc_ir::Kernel, bindings: &attnc_ir::Bindings, q: &[f32]) -> attnc_jit::Result<()> {
+//! use attnc_jit::runtime::{CompileOptions, CompiledKernel, Input};
+//! let compiled = CompiledKernel::compile(kernel, bindings, &CompileOptions::default())?;
+//! let out = compiled.run(&[Input::F32(q)], 2)?;
+//! println!("{:?} {}", out.shape, out.data.len());
+//! # Ok(()) }
+//! ```
+
+use crate::error::{JitError, Result};
+use crate::jit::{Code, FunctionText, Jit, KernelHandle};
+use crate::kernels::{self, KernelArgs};
+use crate::plan::{plan, BufferSource, Plan, StepKind};
+use attnc_ir::{Bindings, DType, Kernel};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Options of [`CompiledKernel::compile`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CompileOptions {
+    /// Steps with fewer estimated operations than this run on one thread.
+    pub parallel_threshold: usize,
+}
+
+impl Default for CompileOptions {
+    fn default() -> CompileOptions {
+        CompileOptions {
+            parallel_threshold: 1 << 16,
+        }
+    }
+}
+
+/// One input buffer, in its storage type (row-major, contiguous).
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// f32 data.
+    F32(&'a [f32]),
+    /// IEEE half data, widened to f32 before the kernels run.
+    F16(&'a [half::f16]),
+    /// bfloat16 data, widened to f32 before the kernels run.
+    Bf16(&'a [half::bf16]),
+}
+
+impl Input<'_> {
+    fn dtype(&self) -> DType {
+        match self {
+            Input::F32(_) => DType::F32,
+            Input::F16(_) => DType::F16,
+            Input::Bf16(_) => DType::Bf16,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Input::F32(s) => s.len(),
+            Input::F16(s) => s.len(),
+            Input::Bf16(s) => s.len(),
+        }
+    }
+}
+
+/// A kernel's result: row-major f32 data (already rounded to f16/bf16 values when the
+/// return type is one of those).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    /// The bound result shape.
+    pub shape: Vec<usize>,
+    /// The elements.
+    pub data: Vec<f32>,
+}
+
+/// A kernel compiled to machine code at bound shapes.
+pub struct CompiledKernel {
+    plan: Plan,
+    /// One handle per step (`None` for host steps).
+    handles: Vec<Option<KernelHandle>>,
+    code: Arc<Code>,
+    params: Vec<(String, DType)>,
+    ret_dtype: DType,
+    options: CompileOptions,
+    compile_time: Duration,
+}
+
+impl std::fmt::Debug for CompiledKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledKernel")
+            .field("kernel", &self.plan.kernel)
+            .field("steps", &self.plan.steps.len())
+            .finish()
+    }
+}
+
+impl CompiledKernel {
+    /// Plans `kernel` at `bindings` and compiles every step.
+    pub fn compile(
+        kernel: &Kernel,
+        bindings: &Bindings,
+        options: &CompileOptions,
+    ) -> Result<CompiledKernel> {
+        let start = Instant::now();
+        let plan = plan(kernel, bindings)?;
+        let mut jit = Jit::new()?;
+        let mut ids = Vec::with_capacity(plan.steps.len());
+        for step in &plan.steps {
+            let id = match &step.kind {
+                StepKind::Cast(_) => None,
+                StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, m, p| {
+                    kernels::elementwise::emit(b, m, KernelArgs::new(p), spec)
+                })?),
+                StepKind::MatMul(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
+                    kernels::matmul::emit(b, KernelArgs::new(p), spec)
+                })?),
+                StepKind::Reduce(op, spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
+                    kernels::reduce::emit_reduce(b, KernelArgs::new(p), *op, *spec)
+                })?),
+                StepKind::Softmax(spec) => Some(jit.define_kernel(&step.name, |b, m, p| {
+                    kernels::reduce::emit_softmax(b, m, KernelArgs::new(p), *spec)
+                })?),
+            };
+            ids.push(id);
+        }
+        let code = jit.finish()?;
+        let mut handles = Vec::with_capacity(ids.len());
+        for (step, id) in plan.steps.iter().zip(ids) {
+            handles.push(match id {
+                None => None,
+                Some(id) => {
+                    let (batches, rows) = step.work();
+                    let lens = step.inputs.iter().map(|&b| plan.buffers[b].len).collect();
+                    Some(code.handle(
+                        id,
+                        &step.name,
+                        lens,
+                        plan.buffers[step.output].len,
+                        batches,
+                        rows,
+                    )?)
+                }
+            });
+        }
+        Ok(CompiledKernel {
+            params: kernel
+                .params
+                .iter()
+                .map(|p| (p.name.clone(), p.dtype))
+                .collect(),
+            ret_dtype: kernel.ret_dtype,
+            plan,
+            handles,
+            code,
+            options: options.clone(),
+            compile_time: start.elapsed(),
+        })
+    }
+
+    /// The plan the kernel runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The bound result shape.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.plan.output_shape
+    }
+
+    /// The declared return type.
+    pub fn ret_dtype(&self) -> DType {
+        self.ret_dtype
+    }
+
+    /// Wall time of planning and code generation.
+    pub fn compile_time(&self) -> Duration {
+        self.compile_time
+    }
+
+    /// (kernel name, CLIF text) of every generated function, in step order.
+    pub fn clif(&self) -> Vec<(String, String)> {
+        self.code
+            .texts()
+            .iter()
+            .map(|t| (t.name.clone(), t.clif.clone()))
+            .collect()
+    }
+
+    /// The text forms (CLIF and Cranelift's VCode listing of the machine code).
+    pub fn texts(&self) -> &[FunctionText] {
+        self.code.texts()
+    }
+
+    /// Checks every input against the bound shapes: count, dtype and element count. Runs
+    /// before any machine code.
+    pub fn check_inputs(&self, inputs: &[Input<'_>]) -> Result<()> {
+        if inputs.len() != self.params.len() {
+            return Err(JitError::Buffer {
+                input: self.plan.kernel.clone(),
+                detail: format!(
+                    "kernel takes {} inputs, got {}",
+                    self.params.len(),
+                    inputs.len()
+                ),
+            });
+        }
+        for (k, (input, (name, dtype))) in inputs.iter().zip(&self.params).enumerate() {
+            if input.dtype() != *dtype {
+                return Err(JitError::Buffer {
+                    input: name.clone(),
+                    detail: format!(
+                        "declared {} but given {} data",
+                        dtype.keyword(),
+                        input.dtype().keyword()
+                    ),
+                });
+            }
+            let shape = &self.plan.input_shapes[k];
+            let want: usize = shape.iter().product();
+            if input.len() != want {
+                return Err(JitError::Buffer {
+                    input: name.clone(),
+                    detail: format!(
+                        "bound shape {shape:?} has {want} elements, buffer has {}",
+                        input.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the kernel on `inputs` with up to `threads` threads (0 counts as 1). Results are
+    /// bit-identical for every thread count.
+    pub fn run(&self, inputs: &[Input<'_>], threads: usize) -> Result<Output> {
+        self.check_inputs(inputs)?;
+        let threads = threads.max(1);
+        let widened: Vec<Option<Vec<f32>>> = inputs
+            .iter()
+            .map(|input| match input {
+                Input::F32(_) => None,
+                Input::F16(s) => Some(s.iter().map(|x| x.to_f32()).collect()),
+                Input::Bf16(s) => Some(s.iter().map(|x| x.to_f32()).collect()),
+            })
+            .collect();
+        let mut temps: Vec<Vec<f32>> = self
+            .plan
+            .buffers
+            .iter()
+            .map(|b| match b.source {
+                BufferSource::Input(_) => Vec::new(),
+                BufferSource::Temp => vec![0.0; b.len],
+            })
+            .collect();
+        for (step, handle) in self.plan.steps.iter().zip(&self.handles) {
+            let mut out = std::mem::take(&mut temps[step.output]);
+            {
+                let views: Vec<&[f32]> = step
+                    .inputs
+                    .iter()
+                    .map(|&b| match self.plan.buffers[b].source {
+                        BufferSource::Input(i) => match (&widened[i], &inputs[i]) {
+                            (Some(w), _) => w.as_slice(),
+                            (None, Input::F32(s)) => s,
+                            (None, _) => &[],
+                        },
+                        BufferSource::Temp => temps[b].as_slice(),
+                    })
+                    .collect();
+                match (&step.kind, handle) {
+                    (StepKind::Cast(to), _) => cast(views[0], &mut out, *to),
+                    (_, Some(h)) => {
+                        let t = if step.cost(&self.plan.buffers) >= self.options.parallel_threshold {
+                            threads
+                        } else {
+                            1
+                        };
+                        h.run(&views, &mut out, t)?;
+                    }
+                    (_, None) => {
+                        return Err(JitError::Plan {
+                            op: step.name.clone(),
+                            detail: "step has no compiled kernel".to_string(),
+                        })
+                    }
+                }
+            }
+            temps[step.output] = out;
+        }
+        let data = std::mem::take(&mut temps[self.plan.output]);
+        Ok(Output {
+            shape: self.plan.output_shape.clone(),
+            data,
+        })
+    }
+}
+
+/// Rounds `src` to `to` and widens back into `dst` (round to nearest even, NaN kept).
+fn cast(src: &[f32], dst: &mut [f32], to: DType) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = match to {
+            DType::F32 => *s,
+            DType::F16 => half::f16::from_f32(*s).to_f32(),
+            DType::Bf16 => half::bf16::from_f32(*s).to_f32(),
+        };
+    }
+}

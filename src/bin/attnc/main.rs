@@ -1,1 +1,59 @@
-fn main() {}
+//! The `attnc` command line (LANGUAGE.md §4): `check`, `run`, `explain`.
+//!
+//! Results go to stdout, diagnostics and notes to stderr; `--format json` makes both results
+//! and errors one JSON document on stdout. Exit status: 0 success, 1 the program or inputs are
+//! wrong, 2 command-line misuse.
+
+mod args;
+mod check;
+mod explain;
+mod failure;
+mod inputs;
+mod run;
+
+use args::{Cli, Command, Format};
+use clap::Parser;
+use failure::Failure;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().collect();
+    let cli = match Cli::try_parse_from(&raw) {
+        Ok(cli) => cli,
+        Err(err) => return failure::report_clap_error(err, wants_json(&raw)),
+    };
+    let format = cli.command.format();
+    let result = match &cli.command {
+        Command::Check(a) => check::check(a),
+        Command::Run(a) => run::run(a),
+        Command::Explain(a) => explain::explain(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(format),
+    }
+}
+
+/// Whether the raw arguments ask for JSON, so that even usage errors come out as JSON.
+fn wants_json(raw: &[String]) -> bool {
+    raw.windows(2).any(|w| w[0] == "--format" && w[1] == "json")
+        || raw.iter().any(|a| a == "--format=json")
+}
+
+/// Shorthand used by the subcommands.
+pub type CliResult = Result<(), Failure>;
+
+/// Prints `value` as one JSON document on stdout.
+pub fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".to_string())
+    );
+}
+
+impl Format {
+    /// True for `--format json`.
+    pub fn is_json(self) -> bool {
+        matches!(self, Format::Json)
+    }
+}

@@ -1,1 +1,173 @@
 //! Reductions and softmax along one axis.
+//!
+//! The input is contiguous and viewed as `[outer, len, inner]` (the reduced axis in the
+//! middle). The work space is (1, outer). Sums run sequentially along the axis, so results
+//! do not depend on threads. `max` propagates NaN (Cranelift `fmax`), as the interpreter does.
+//! Softmax subtracts the row max; a row whose max is `-inf` (every entry `-inf`, or no
+//! entries) gives zeros; NaN propagates.
+
+use super::{call_host, counted_loop, elem_addr, iconst, mem, KernelArgs};
+use crate::error::Result;
+use attnc_ir::ReduceOp;
+use cranelift_codegen::ir::condcodes::FloatCC;
+use cranelift_codegen::ir::{types, InstBuilder, Value};
+use cranelift_frontend::FunctionBuilder;
+use cranelift_jit::JITModule;
+
+/// The `[outer, len, inner]` view of a reduction or softmax.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AxisSpec {
+    /// Product of the axes before the reduced one.
+    pub outer: usize,
+    /// The reduced axis.
+    pub len: usize,
+    /// Product of the axes after it.
+    pub inner: usize,
+}
+
+impl AxisSpec {
+    /// Splits `shape` around `axis`.
+    pub fn new(shape: &[usize], axis: usize) -> AxisSpec {
+        AxisSpec {
+            outer: shape[..axis].iter().product(),
+            len: shape.get(axis).copied().unwrap_or(1),
+            inner: shape.get(axis + 1..).map_or(1, |s| s.iter().product()),
+        }
+    }
+
+    /// The work space: (1, outer).
+    pub fn work(&self) -> (usize, usize) {
+        (1, self.outer)
+    }
+}
+
+/// Emits `for o in begin..end, for i in 0..inner { body(base offset of (o, 0, i)) }`, where
+/// the offset is in elements of the input and `out_row` the row of the `[outer, inner]`
+/// index.
+fn each_lane(
+    b: &mut FunctionBuilder,
+    args: KernelArgs,
+    spec: AxisSpec,
+    mut body: impl FnMut(&mut FunctionBuilder, Value, Value) -> Result<()>,
+) -> Result<()> {
+    counted_loop(b, args.begin, args.end, 1, |b, o| {
+        let zero = iconst(b, 0);
+        let inner = iconst(b, spec.inner as i64);
+        counted_loop(b, zero, inner, 1, |b, i| {
+            let base = b.ins().imul_imm(o, (spec.len * spec.inner) as i64);
+            let base = b.ins().iadd(base, i);
+            let flat = b.ins().imul_imm(o, spec.inner as i64);
+            let flat = b.ins().iadd(flat, i);
+            body(b, base, flat)
+        })
+    })
+}
+
+/// Emits a loop over the axis: `f(acc, x)` folded from `init`; returns the final value.
+fn fold(
+    b: &mut FunctionBuilder,
+    ptr: Value,
+    base: Value,
+    spec: AxisSpec,
+    init: Value,
+    mut f: impl FnMut(&mut FunctionBuilder, Value, Value) -> Value,
+) -> Result<Value> {
+    let acc = b.declare_var(types::F32);
+    b.def_var(acc, init);
+    let zero = iconst(b, 0);
+    let len = iconst(b, spec.len as i64);
+    counted_loop(b, zero, len, 1, |b, k| {
+        let off = b.ins().imul_imm(k, spec.inner as i64);
+        let off = b.ins().iadd(off, base);
+        let addr = elem_addr(b, ptr, off);
+        let x = b.ins().load(types::F32, mem(), addr, 0);
+        let old = b.use_var(acc);
+        let new = f(b, old, x);
+        b.def_var(acc, new);
+        Ok(())
+    })?;
+    Ok(b.use_var(acc))
+}
+
+/// Generates the body of a reduction kernel: output `[outer, inner]`.
+pub fn emit_reduce(
+    b: &mut FunctionBuilder,
+    args: KernelArgs,
+    op: ReduceOp,
+    spec: AxisSpec,
+) -> Result<()> {
+    let ptr = args.input_ptr(b, 0);
+    each_lane(b, args, spec, |b, base, flat| {
+        let init = match op {
+            ReduceOp::Max => b.ins().f32const(f32::NEG_INFINITY),
+            ReduceOp::Sum | ReduceOp::Mean => b.ins().f32const(0.0),
+        };
+        let r = fold(b, ptr, base, spec, init, |b, acc, x| match op {
+            ReduceOp::Max => b.ins().fmax(acc, x),
+            ReduceOp::Sum | ReduceOp::Mean => b.ins().fadd(acc, x),
+        })?;
+        let r = if op == ReduceOp::Mean {
+            let n = b.ins().f32const(spec.len as f32);
+            b.ins().fdiv(r, n)
+        } else {
+            r
+        };
+        let addr = elem_addr(b, args.output, flat);
+        b.ins().store(mem(), r, addr, 0);
+        Ok(())
+    })?;
+    b.ins().return_(&[]);
+    Ok(())
+}
+
+/// Generates the body of a softmax kernel: output `[outer, len, inner]`.
+pub fn emit_softmax(
+    b: &mut FunctionBuilder,
+    module: &mut JITModule,
+    args: KernelArgs,
+    spec: AxisSpec,
+) -> Result<()> {
+    let ptr = args.input_ptr(b, 0);
+    each_lane(b, args, spec, |b, base, _| {
+        let ninf = b.ins().f32const(f32::NEG_INFINITY);
+        let m = fold(b, ptr, base, spec, ninf, |b, acc, x| b.ins().fmax(acc, x))?;
+        // A max of -inf means every entry is -inf: shift by 0 so exp gives exact zeros.
+        let all_masked = b.ins().fcmp(FloatCC::Equal, m, ninf);
+        let zero_f = b.ins().f32const(0.0);
+        let shift = b.ins().select(all_masked, zero_f, m);
+        let sum = b.declare_var(types::F32);
+        b.def_var(sum, zero_f);
+        let zero = iconst(b, 0);
+        let len = iconst(b, spec.len as i64);
+        counted_loop(b, zero, len, 1, |b, k| {
+            let off = b.ins().imul_imm(k, spec.inner as i64);
+            let off = b.ins().iadd(off, base);
+            let src = elem_addr(b, ptr, off);
+            let x = b.ins().load(types::F32, mem(), src, 0);
+            let d = b.ins().fsub(x, shift);
+            let e = call_host(b, module, "attnc_exp", d)?;
+            let dst = elem_addr(b, args.output, off);
+            b.ins().store(mem(), e, dst, 0);
+            let old = b.use_var(sum);
+            let new = b.ins().fadd(old, e);
+            b.def_var(sum, new);
+            Ok(())
+        })?;
+        // Sum 0 happens only for an all -inf row; divide by 1 there to give zeros.
+        let s = b.use_var(sum);
+        let empty = b.ins().fcmp(FloatCC::Equal, s, zero_f);
+        let one = b.ins().f32const(1.0);
+        let den = b.ins().select(empty, one, s);
+        counted_loop(b, zero, len, 1, |b, k| {
+            let off = b.ins().imul_imm(k, spec.inner as i64);
+            let off = b.ins().iadd(off, base);
+            let dst = elem_addr(b, args.output, off);
+            let e = b.ins().load(types::F32, mem(), dst, 0);
+            let y = b.ins().fdiv(e, den);
+            b.ins().store(mem(), y, dst, 0);
+            Ok(())
+        })
+    })?;
+    b.ins().return_(&[]);
+    Ok(())
+}

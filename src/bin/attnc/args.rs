@@ -1,0 +1,115 @@
+//! Command-line definitions (clap derive).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// attnc: a compiler for attention.
+#[derive(Debug, Parser)]
+#[command(name = "attnc", version, about = "A compiler for attention", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Parse and type-check a file; print each kernel's signature
+    Check(CheckArgs),
+    /// Compile and run one kernel
+    Run(RunArgs),
+    /// Show what the compiler did and why
+    Explain(ExplainArgs),
+}
+
+impl Command {
+    /// The output format the subcommand asked for.
+    pub fn format(&self) -> Format {
+        match self {
+            Command::Check(a) => a.format,
+            Command::Run(a) => a.shared.format,
+            Command::Explain(a) => a.shared.format,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EngineArg {
+    Jit,
+    Interp,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The .attn file
+    pub file: PathBuf,
+    /// Human text or one JSON document on stdout
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// Options shared by `run`, `explain` and `bench`.
+#[derive(Debug, Args)]
+pub struct SharedArgs {
+    /// The .attn file
+    pub file: PathBuf,
+    /// Which kernel (needed only when the file has several)
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Bind dimension symbols, e.g. h=8,n=4096,d=64
+    #[arg(long, value_name = "SYM=N,...")]
+    pub shape: Vec<String>,
+    /// A parameter from a .npy file (NAME=PATH), or every matching tensor of a .safetensors file
+    #[arg(long, value_name = "NAME=PATH|PATH.safetensors")]
+    pub input: Vec<String>,
+    /// Fill every unbound input with standard-normal values from this seed
+    #[arg(long, value_name = "SEED")]
+    pub random: Option<u64>,
+    /// Allowed approximations, overriding the kernel's @approx (e.g. bf16,lowrank(r=64))
+    #[arg(long, value_name = "LIST")]
+    pub approx: Option<String>,
+    /// Largest accepted relative L2 error of an approximation
+    #[arg(long, value_name = "X")]
+    pub tol: Option<f64>,
+    /// Forbid every approximation
+    #[arg(long, conflicts_with = "approx")]
+    pub exact: bool,
+    /// Worker threads (default: all cores)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub threads: Option<u32>,
+    /// `interp` runs the reference interpreter instead of machine code
+    #[arg(long, value_enum)]
+    pub engine: Option<EngineArg>,
+    /// Human text or one JSON document on stdout
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub shared: SharedArgs,
+    /// Write the result to this .npy file (float32 unless the return type is f16)
+    #[arg(long, value_name = "PATH.npy")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Emit {
+    Ir,
+    Dot,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub shared: SharedArgs,
+    /// Print one stage instead of the whole report
+    #[arg(long, value_enum)]
+    pub emit: Option<Emit>,
+}

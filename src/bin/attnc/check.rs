@@ -1,0 +1,104 @@
+//! `attnc check FILE`: parse and type-check; print each kernel's signature.
+
+use crate::args::CheckArgs;
+use crate::failure::Failure;
+use crate::CliResult;
+use attnc::ir::dim::format_shape;
+use attnc::ir::{Kernel, Module};
+use attnc::policy::approx_to_string;
+use serde_json::json;
+use std::path::Path;
+
+pub fn check(args: &CheckArgs) -> CliResult {
+    let module = load_module(&args.file)?;
+    if args.format.is_json() {
+        let kernels: Vec<_> = module.kernels.iter().map(kernel_json).collect();
+        crate::print_json(&json!({
+            "ok": true,
+            "file": args.file.display().to_string(),
+            "kernels": kernels,
+        }));
+    } else {
+        if module.kernels.is_empty() {
+            eprintln!("note: {}: no kernels", args.file.display());
+        }
+        for kernel in &module.kernels {
+            println!("{}", signature(kernel));
+        }
+    }
+    Ok(())
+}
+
+/// Reads, parses and checks a source file; every problem becomes a [`Failure`].
+pub fn load_module(path: &Path) -> Result<Module, Failure> {
+    let file = path.display().to_string();
+    if path.is_dir() {
+        return Err(Failure::input(
+            "io",
+            format!("`{file}` is a directory, not a .attn file"),
+        ));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| Failure::input("io", format!("cannot read `{file}`: {e}")))?;
+    let (text, result) = attnc::source::compile_bytes(&bytes);
+    result.map_err(|diagnostics| Failure::Source {
+        file,
+        text,
+        diagnostics,
+    })
+}
+
+/// `name(q: f32[h, n, d], ...) -> f32[h, n, d]`, with the `@approx` items in front.
+pub fn signature(kernel: &Kernel) -> String {
+    let params: Vec<String> = kernel
+        .params
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: {}{}",
+                p.name,
+                p.dtype.keyword(),
+                format_shape(&p.shape)
+            )
+        })
+        .collect();
+    let out = kernel.graph.node(kernel.output);
+    let approx = if kernel.approx.is_empty() {
+        String::new()
+    } else {
+        let items: Vec<String> = kernel.approx.iter().map(approx_to_string).collect();
+        format!("@approx({}) ", items.join(", "))
+    };
+    format!(
+        "{approx}{}({}) -> {}{}",
+        kernel.name,
+        params.join(", "),
+        kernel.ret_dtype.keyword(),
+        format_shape(&out.shape)
+    )
+}
+
+fn kernel_json(kernel: &Kernel) -> serde_json::Value {
+    let params: Vec<_> = kernel
+        .params
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "dtype": p.dtype.keyword(),
+                "shape": p.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let out = kernel.graph.node(kernel.output);
+    json!({
+        "name": kernel.name,
+        "signature": signature(kernel),
+        "params": params,
+        "returns": {
+            "dtype": kernel.ret_dtype.keyword(),
+            "shape": out.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        },
+        "approx": kernel.approx.iter().map(approx_to_string).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,309 @@
+//! From the shared options to a kernel with bound shapes and one tensor per parameter.
+
+use crate::args::{EngineArg, SharedArgs};
+use crate::check::load_module;
+use crate::failure::Failure;
+use attnc::engine::Engine;
+use attnc::io::{self, Tensor, TensorData};
+use attnc::ir::{Bindings, DType, Kernel, Module};
+use attnc::policy::{parse_approx_list, Policy};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A kernel ready to run: its module, bound shapes, inputs and policy.
+pub struct Prepared {
+    pub module: Module,
+    pub kernel_index: usize,
+    pub bindings: Bindings,
+    pub inputs: Vec<Tensor>,
+    pub policy: Policy,
+    pub engine: Engine,
+    pub threads: usize,
+    /// Notes printed on stderr in text mode and included in JSON.
+    pub notes: Vec<String>,
+}
+
+impl Prepared {
+    pub fn kernel(&self) -> &Kernel {
+        &self.module.kernels[self.kernel_index]
+    }
+}
+
+/// Everything `run` (and `explain`, `bench`) needs before execution.
+pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure> {
+    let given = parse_shape_args(&args.shape)?;
+    let cli_policy = parse_policy_args(args)?;
+    let module = load_module(&args.file)?;
+    let kernel_index = select_kernel(&module, args.kernel.as_deref(), &args.file)?;
+    let kernel = &module.kernels[kernel_index];
+    let mut notes = Vec::new();
+
+    for unused in attnc::ir::bind::unused_symbols(kernel, &given) {
+        notes.push(format!(
+            "note: --shape {unused}: kernel `{}` has no dimension `{unused}`; ignored",
+            kernel.name
+        ));
+    }
+    let mut slots = load_inputs(kernel, &args.input, &mut notes)?;
+    let shapes: Vec<Option<Vec<usize>>> = slots
+        .iter()
+        .map(|s| s.as_ref().map(|t| t.shape.clone()))
+        .collect();
+    let bindings = attnc::ir::bind::bind_shapes(kernel, &shapes, &given)
+        .map_err(|e| Failure::input("shape", e.to_string()))?;
+
+    if need_inputs || args.random.is_some() {
+        fill_missing(kernel, &mut slots, &bindings, args.random)?;
+    }
+    let inputs = slots.into_iter().flatten().collect();
+
+    let policy = cli_policy.unwrap_or_else(|| Policy::from_items(&kernel.approx));
+    let engine = match args.engine {
+        Some(EngineArg::Interp) | None => Engine::Interp,
+        Some(EngineArg::Jit) => {
+            return Err(Failure::input(
+                "engine",
+                "the jit engine is not available in this build; use --engine interp",
+            ))
+        }
+    };
+    let threads = args
+        .threads
+        .map(|t| t as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    Ok(Prepared {
+        module,
+        kernel_index,
+        bindings,
+        inputs,
+        policy,
+        engine,
+        threads,
+        notes,
+    })
+}
+
+/// `--shape h=8,n=4096 --shape d=64` → bindings; malformed text is a usage error.
+fn parse_shape_args(values: &[String]) -> Result<Bindings, Failure> {
+    let mut out = BTreeMap::new();
+    for item in values.iter().flat_map(|v| v.split(',')) {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let (name, value) = item
+            .split_once('=')
+            .ok_or_else(|| Failure::Usage(format!("--shape expects SYM=N, got `{item}`")))?;
+        let (name, value) = (name.trim(), value.trim());
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(Failure::Usage(format!(
+                "--shape: `{name}` is not a dimension name"
+            )));
+        }
+        let value: u64 = value.parse().map_err(|_| {
+            Failure::Usage(format!(
+                "--shape {name}: `{value}` is not a non-negative integer"
+            ))
+        })?;
+        if let Some(previous) = out.insert(name.to_string(), value) {
+            if previous != value {
+                return Err(Failure::Usage(format!(
+                    "--shape gives `{name}` twice ({previous} and {value})"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_policy_args(args: &SharedArgs) -> Result<Option<Policy>, Failure> {
+    if let Some(tol) = args.tol {
+        if !(tol.is_finite() && tol > 0.0) {
+            return Err(Failure::Usage(format!(
+                "--tol must be a positive finite number, got {tol}"
+            )));
+        }
+    }
+    if args.exact {
+        return Ok(Some(Policy::exact()));
+    }
+    let mut policy = match &args.approx {
+        Some(list) => Policy::from_items(&parse_approx_list(list).map_err(Failure::Usage)?),
+        None if args.tol.is_some() => Policy::exact(),
+        None => return Ok(None),
+    };
+    if let Some(tol) = args.tol {
+        policy.tol = tol;
+    }
+    Ok(Some(policy))
+}
+
+fn select_kernel(module: &Module, name: Option<&str>, file: &Path) -> Result<usize, Failure> {
+    let names: Vec<&str> = module.kernels.iter().map(|k| k.name.as_str()).collect();
+    match name {
+        Some(name) => names.iter().position(|k| *k == name).ok_or_else(|| {
+            Failure::input(
+                "kernel",
+                format!(
+                    "{}: no kernel named `{name}` (kernels: {})",
+                    file.display(),
+                    list_or_none(&names)
+                ),
+            )
+        }),
+        None => match names.len() {
+            0 => Err(Failure::input(
+                "kernel",
+                format!("{}: the file has no kernel", file.display()),
+            )),
+            1 => Ok(0),
+            _ => Err(Failure::Usage(format!(
+                "{} has several kernels ({}): choose one with --kernel NAME",
+                file.display(),
+                names.join(", ")
+            ))),
+        },
+    }
+}
+
+fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Reads every `--input`; returns one slot per parameter (None where not given).
+fn load_inputs(
+    kernel: &Kernel,
+    specs: &[String],
+    notes: &mut Vec<String>,
+) -> Result<Vec<Option<Tensor>>, Failure> {
+    let mut slots: Vec<Option<Tensor>> = vec![None; kernel.params.len()];
+    let param_index = |name: &str| kernel.params.iter().position(|p| p.name == name);
+    let param_names: Vec<&str> = kernel.params.iter().map(|p| p.name.as_str()).collect();
+    for spec in specs {
+        let loaded: Vec<(String, Tensor)> = match spec.split_once('=') {
+            Some((name, path)) => {
+                let name = name.trim();
+                if param_index(name).is_none() {
+                    return Err(Failure::input(
+                        "input",
+                        format!(
+                            "--input {spec}: kernel `{}` has no parameter `{name}` (parameters: {})",
+                            kernel.name,
+                            list_or_none(&param_names)
+                        ),
+                    ));
+                }
+                let tensor = io::read_npy(Path::new(path))
+                    .map_err(|e| Failure::input("io", e.to_string()))?;
+                vec![(name.to_string(), tensor)]
+            }
+            None if spec.ends_with(".safetensors") => {
+                let tensors = io::read_safetensors(Path::new(spec))
+                    .map_err(|e| Failure::input("io", e.to_string()))?;
+                let mut matched = Vec::new();
+                for (name, tensor) in tensors {
+                    if param_index(&name).is_some() {
+                        matched.push((name, tensor));
+                    } else {
+                        notes.push(format!(
+                            "note: {spec}: tensor `{name}` matches no parameter; ignored"
+                        ));
+                    }
+                }
+                matched
+            }
+            None => {
+                return Err(Failure::Usage(format!(
+                    "--input expects NAME=PATH.npy or PATH.safetensors, got `{spec}`"
+                )))
+            }
+        };
+        for (name, tensor) in loaded {
+            let index = param_index(&name).expect("invariant: matched above");
+            if slots[index].is_some() {
+                return Err(Failure::input(
+                    "input",
+                    format!("input `{name}` is given twice"),
+                ));
+            }
+            slots[index] = Some(to_param_dtype(tensor, kernel.params[index].dtype));
+        }
+    }
+    Ok(slots)
+}
+
+/// Stores a tensor in its parameter's storage type (f32 data for an f16 parameter is rounded).
+fn to_param_dtype(tensor: Tensor, dtype: DType) -> Tensor {
+    let Tensor { shape, data } = tensor;
+    let data = match (dtype, data) {
+        (DType::F32, TensorData::F32(v)) => TensorData::F32(v),
+        (DType::F16, TensorData::F16(v)) => TensorData::F16(v),
+        (DType::Bf16, TensorData::Bf16(v)) => TensorData::Bf16(v),
+        (dtype, other) => {
+            let values = Tensor {
+                shape: shape.clone(),
+                data: other,
+            }
+            .to_f32_vec();
+            store(values, dtype)
+        }
+    };
+    Tensor { shape, data }
+}
+
+fn store(values: Vec<f32>, dtype: DType) -> TensorData {
+    match dtype {
+        DType::F32 => TensorData::F32(values),
+        DType::F16 => TensorData::F16(values.into_iter().map(half::f16::from_f32).collect()),
+        DType::Bf16 => TensorData::Bf16(values.into_iter().map(half::bf16::from_f32).collect()),
+    }
+}
+
+fn fill_missing(
+    kernel: &Kernel,
+    slots: &mut [Option<Tensor>],
+    bindings: &Bindings,
+    seed: Option<u64>,
+) -> Result<(), Failure> {
+    for (index, slot) in slots.iter_mut().enumerate() {
+        if slot.is_some() {
+            continue;
+        }
+        let param = &kernel.params[index];
+        let Some(seed) = seed else {
+            return Err(Failure::input(
+                "input",
+                format!(
+                    "input `{}` of kernel `{}` is not bound: pass --input {}=PATH.npy or --random SEED",
+                    param.name, kernel.name, param.name
+                ),
+            ));
+        };
+        let shape = attnc::ir::dim::resolve_shape(&param.shape, bindings).ok_or_else(|| {
+            Failure::input(
+                "shape",
+                format!("the shape of input `{}` is not bound", param.name),
+            )
+        })?;
+        let count = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&c| c <= isize::MAX as usize / 8)
+            .ok_or_else(|| {
+                Failure::input(
+                    "shape",
+                    format!("input `{}` would have too many elements", param.name),
+                )
+            })?;
+        let values = io::standard_normal(seed, index as u64, count);
+        *slot = Some(Tensor {
+            shape,
+            data: store(values, param.dtype),
+        });
+    }
+    Ok(())
+}

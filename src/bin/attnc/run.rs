@@ -1,0 +1,182 @@
+//! `attnc run FILE`: compile and run one kernel, print a summary, optionally write `--output`.
+
+use crate::args::RunArgs;
+use crate::failure::Failure;
+use crate::inputs::{prepare, Prepared};
+use crate::CliResult;
+use attnc::engine::execute;
+use attnc::io::Tensor;
+use serde_json::json;
+use std::path::Path;
+use std::time::Instant;
+
+/// Outputs with at most this many elements are included whole in `--format json`.
+const JSON_VALUES_LIMIT: usize = 65_536;
+
+pub fn run(args: &RunArgs) -> CliResult {
+    if let Some(path) = &args.output {
+        check_output_path(path)?;
+    }
+    let prepared = prepare(&args.shared, true)?;
+    let kernel = prepared.kernel();
+    let mut notes = prepared.notes.clone();
+    if !prepared.policy.is_exact() {
+        notes.push(format!(
+            "note: approximations allowed ({}) but none applied: the plan is exact",
+            prepared.policy
+        ));
+    }
+    let start = Instant::now();
+    let output = execute(
+        kernel,
+        &prepared.bindings,
+        &prepared.inputs,
+        prepared.engine,
+    )
+    .map_err(|e| Failure::input("run", e.to_string()))?;
+    let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+
+    if let Some(path) = &args.output {
+        attnc::io::write_npy(path, &output).map_err(|e| Failure::input("output", e.to_string()))?;
+    }
+    let values = output.to_f32_vec();
+    let stats = Stats::of(&values);
+    if args.shared.format.is_json() {
+        let mut doc = json!({
+            "ok": true,
+            "kernel": kernel.name,
+            "engine": prepared.engine.name(),
+            "threads": prepared.threads,
+            "bindings": prepared.bindings,
+            "policy": prepared.policy.to_string(),
+            "shape": output.shape,
+            "dtype": output.dtype_name(),
+            "time_ms": elapsed_ms,
+            "stats": stats.to_json(),
+            "output": args.output.as_ref().map(|p| p.display().to_string()),
+            "notes": notes,
+        });
+        if values.len() <= JSON_VALUES_LIMIT {
+            doc["values"] = json!(values);
+        }
+        crate::print_json(&doc);
+    } else {
+        for note in &notes {
+            eprintln!("{note}");
+        }
+        print_text(&prepared, &output, &values, &stats, elapsed_ms);
+        if let Some(path) = &args.output {
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Fails early, before a long run, when the output cannot possibly be written.
+fn check_output_path(path: &Path) -> CliResult {
+    if path.is_dir() {
+        return Err(Failure::input(
+            "output",
+            format!("--output `{}` is a directory", path.display()),
+        ));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(Failure::input(
+            "output",
+            format!(
+                "--output `{}`: directory `{}` does not exist",
+                path.display(),
+                parent.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn print_text(prepared: &Prepared, output: &Tensor, values: &[f32], stats: &Stats, ms: f64) {
+    let kernel = prepared.kernel();
+    let bindings: Vec<String> = prepared
+        .bindings
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "kernel {} [{}] -> {}{:?}  ({} engine, {:.3} ms)",
+        kernel.name,
+        bindings.join(", "),
+        output.dtype_name(),
+        output.shape,
+        prepared.engine.name(),
+        ms
+    );
+    println!("policy: {}", prepared.policy);
+    println!(
+        "stats: min {:.6} max {:.6} mean {:.6} l2 {:.6} nan {}",
+        stats.min, stats.max, stats.mean, stats.l2, stats.nan
+    );
+    let row = output.shape.last().copied().unwrap_or(1).clamp(1, 8);
+    let head: Vec<String> = values.iter().take(row).map(|v| format!("{v:.6}")).collect();
+    if !head.is_empty() {
+        let more = if values.len() > head.len() {
+            ", ..."
+        } else {
+            ""
+        };
+        println!("first: [{}{more}]", head.join(", "));
+    }
+}
+
+/// Summary statistics of an output, over its finite and non-finite values alike.
+struct Stats {
+    min: f64,
+    max: f64,
+    mean: f64,
+    l2: f64,
+    nan: usize,
+}
+
+impl Stats {
+    fn of(values: &[f32]) -> Stats {
+        let mut stats = Stats {
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            mean: 0.0,
+            l2: 0.0,
+            nan: 0,
+        };
+        let mut sum = 0.0;
+        for &v in values {
+            let v = f64::from(v);
+            if v.is_nan() {
+                stats.nan += 1;
+                continue;
+            }
+            stats.min = stats.min.min(v);
+            stats.max = stats.max.max(v);
+            sum += v;
+            stats.l2 += v * v;
+        }
+        let counted = values.len() - stats.nan;
+        if counted == 0 {
+            stats.min = f64::NAN;
+            stats.max = f64::NAN;
+        }
+        stats.mean = if counted == 0 {
+            f64::NAN
+        } else {
+            sum / counted as f64
+        };
+        stats.l2 = stats.l2.sqrt();
+        stats
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "min": self.min, "max": self.max, "mean": self.mean, "l2": self.l2, "nan": self.nan,
+        })
+    }
+}
