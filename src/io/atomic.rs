@@ -207,3 +207,15 @@ fn sync_dir(dir: &Path) {
     #[cfg(not(unix))]
     let _ = dir;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_of_a_bare_name_is_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("out.npy")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("a/out.npy")), Path::new("a"));
+        assert_eq!(parent_dir(Path::new("/out.npy")), Path::new("/"));
+    }
+}

@@ -427,6 +427,12 @@ fn matmul(a: &ArrayD<f64>, b: &ArrayD<f64>) -> Result<ArrayD<f64>, String> {
         )
     })?;
     let batches: usize = batch.iter().product();
+    let mut shape = batch.clone();
+    shape.extend([m, n]);
+    if batches == 0 || m == 0 || n == 0 {
+        // Empty result: return before looping over a possibly huge batch of empty matrices.
+        return Ok(ArrayD::zeros(IxDyn(&shape)));
+    }
     let a3 = standard_batched(a, &batch, m, k)?;
     let b3 = standard_batched(b, &batch, k, n)?;
     let mut out = vec![0.0; batches * m * n];
@@ -444,8 +450,6 @@ fn matmul(a: &ArrayD<f64>, b: &ArrayD<f64>) -> Result<ArrayD<f64>, String> {
             }
         }
     }
-    let mut shape = batch;
-    shape.extend([m, n]);
     ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
 }
 
@@ -500,6 +504,9 @@ fn softmax(axis: usize, x: &ArrayD<f64>) -> Result<ArrayD<f64>, String> {
         ));
     }
     let mut out = x.clone();
+    if out.is_empty() {
+        return Ok(out);
+    }
     for lane in out.lanes_mut(Axis(axis)) {
         softmax_row(lane);
     }
@@ -524,6 +531,9 @@ fn mask(pattern: &MaskPattern, fill: f64, x: &ArrayD<f64>) -> Result<ArrayD<f64>
     let rank = x.ndim();
     if rank < 2 {
         return Err(format!("mask of shape {:?} (rank < 2)", x.shape()));
+    }
+    if x.is_empty() {
+        return Ok(x.clone());
     }
     let (m, n) = (x.shape()[rank - 2], x.shape()[rank - 1]);
     let keep: Vec<bool> = (0..m * n)

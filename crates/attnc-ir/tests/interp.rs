@@ -178,7 +178,7 @@ fn softmax_kernel(spec: &str, axis: usize) -> Kernel {
 #[test]
 fn softmax_two_by_two() {
     let x = arr(&[2, 2], vec![0.0, 3f64.ln(), 1.0, 1.0]);
-    let got = run(&softmax_kernel("r,c", 1), &[x.clone()]);
+    let got = run(&softmax_kernel("r,c", 1), std::slice::from_ref(&x));
     assert_close(&got, &arr(&[2, 2], vec![0.25, 0.75, 0.5, 0.5]), 1e-12);
     // Along axis 0: columns [0, 1] and [ln 3, 1].
     let got = run(&softmax_kernel("r,c", 0), &[x]);
@@ -510,7 +510,10 @@ fn reductions_keep_the_axis() {
     let outs = ["1,b,c", "a,1,c", "a,b,1"];
     for axis in 0..3 {
         for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Mean] {
-            let got = run(&reduce_kernel(op, axis, outs[axis]), &[x.clone()]);
+            let got = run(
+                &reduce_kernel(op, axis, outs[axis]),
+                std::slice::from_ref(&x),
+            );
             let mut want_shape = vec![a, bb, c];
             want_shape[axis] = 1;
             assert_eq!(got.shape(), want_shape.as_slice());
@@ -539,11 +542,20 @@ fn reductions_keep_the_axis() {
 #[test]
 fn reductions_of_empty_axis_and_nan() {
     let x = ArrayD::zeros(IxDyn(&[2, 0, 1]));
-    let sum = run(&reduce_kernel(ReduceOp::Sum, 1, "a,1,c"), &[x.clone()]);
+    let sum = run(
+        &reduce_kernel(ReduceOp::Sum, 1, "a,1,c"),
+        std::slice::from_ref(&x),
+    );
     assert_eq!(sum, ArrayD::<f64>::zeros(IxDyn(&[2, 1, 1])));
-    let max = run(&reduce_kernel(ReduceOp::Max, 1, "a,1,c"), &[x.clone()]);
+    let max = run(
+        &reduce_kernel(ReduceOp::Max, 1, "a,1,c"),
+        std::slice::from_ref(&x),
+    );
     assert!(max.iter().all(|v| *v == f64::NEG_INFINITY));
-    let mean = run(&reduce_kernel(ReduceOp::Mean, 1, "a,1,c"), &[x.clone()]);
+    let mean = run(
+        &reduce_kernel(ReduceOp::Mean, 1, "a,1,c"),
+        std::slice::from_ref(&x),
+    );
     assert!(mean.iter().all(|v| v.is_nan()));
     // Reducing another axis of an empty array: still empty.
     let empty = run(&reduce_kernel(ReduceOp::Sum, 0, "1,b,c"), &[x]);
@@ -820,4 +832,68 @@ fn deep_chain_on_small_stack() {
         })
         .expect("spawn");
     handle.join().expect("deep chain thread");
+}
+
+#[test]
+fn empty_arrays_with_huge_other_dims_return_at_once() {
+    // h = 0 with n = 2^20: the score tile would be 2^40 entries per head, but there are no heads.
+    let kernel = attention_kernel(Some(MaskPattern::Causal));
+    let big = 1 << 20;
+    let empty = ArrayD::<f64>::zeros(IxDyn(&[0, big, 4]));
+    let got = run(&kernel, &[empty.clone(), empty.clone(), empty]);
+    assert_eq!(got.shape(), [0, big, 4]);
+}
+
+#[test]
+fn odd_sizes_from_the_quality_list() {
+    for (pattern, m, n, d) in [
+        (MaskPattern::Causal, 113, 113, 59),
+        (MaskPattern::Window(7), 37, 203, 40),
+        (MaskPattern::Block(16), 113, 3, 111),
+    ] {
+        let q = random(&[1, m, d], 50);
+        let k = random(&[1, n, d], 51);
+        let v = random(&[1, n, d], 52);
+        let want = ref_attention(&q, &k, &v, Some(&pattern));
+        let got = run(&attention_kernel(Some(pattern)), &[q, k, v]);
+        assert_close(&got, &want, 1e-12);
+    }
+}
+
+fn arb_pattern() -> impl proptest::strategy::Strategy<Value = MaskPattern> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(MaskPattern::Causal),
+        (0u64..4).prop_map(MaskPattern::Window),
+        (0u64..3, 1u64..4).prop_map(|(w, r)| MaskPattern::Dilated { w, r }),
+        (0u64..3).prop_map(MaskPattern::Global),
+        (1u64..4).prop_map(MaskPattern::Block),
+    ];
+    leaf.prop_recursive(2, 6, 2, |inner| {
+        prop_oneof![
+            (inner.clone(), inner.clone())
+                .prop_map(|(a, b)| MaskPattern::And(Box::new(a), Box::new(b))),
+            (inner.clone(), inner).prop_map(|(a, b)| MaskPattern::Or(Box::new(a), Box::new(b))),
+        ]
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    #[test]
+    fn attention_matches_reference_on_random_shapes(
+        pattern in arb_pattern(),
+        h in 0usize..3,
+        m in 0usize..7,
+        n in 0usize..7,
+        d in 1usize..5,
+        seed in 0u64..1000,
+    ) {
+        let q = random(&[h, m, d], seed);
+        let k = random(&[h, n, d], seed + 1);
+        let v = random(&[h, n, d], seed + 2);
+        let want = ref_attention(&q, &k, &v, Some(&pattern));
+        let got = run(&attention_kernel(Some(pattern)), &[q, k, v]);
+        assert_close(&got, &want, 1e-12);
+    }
 }

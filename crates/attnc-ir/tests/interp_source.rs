@@ -237,7 +237,7 @@ fn reductions_with_negative_axes_keep_dims() {
         }",
     );
     let x = random(&[3, 4, 5], 30);
-    let got = run(&kernel, &[x.clone()]);
+    let got = run(&kernel, std::slice::from_ref(&x));
     let want = ArrayD::from_shape_fn(IxDyn(&[3, 1, 1]), |ix| {
         let a = ix[0];
         let row_sums: Vec<f64> = (0..4).map(|b| (0..5).map(|c| x[[a, b, c]]).sum()).collect();

@@ -99,14 +99,10 @@ pub struct Jit {
 }
 
 impl Jit {
-    /// A new, empty module for the host CPU, with the host math functions of
-    /// [`crate::hostmath`] registered as symbols.
+    /// A new, empty module for the host CPU.
     pub fn new() -> Result<Jit> {
         let isa = host_isa()?;
-        let mut builder = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
-        for (name, ptr) in crate::hostmath::symbols() {
-            builder.symbol(name, ptr);
-        }
+        let builder = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
         let module = JITModule::new(builder);
         let ctx = module.make_context();
         Ok(Jit {
@@ -149,6 +145,7 @@ impl Jit {
         self.module.clear_context(&mut self.ctx);
         self.ctx.func.signature = sig;
         self.ctx.set_disasm(true);
+        let frontend = self.module.target_config();
         {
             let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fn_ctx);
             let entry = b.create_block();
@@ -158,7 +155,7 @@ impl Jit {
             let params = [p[0], p[1], p[2], p[3], p[4]];
             body(&mut b, &mut self.module, params)?;
             b.seal_all_blocks();
-            b.finalize();
+            b.finalize(frontend);
         }
         let clif = self.ctx.func.display().to_string();
         self.module

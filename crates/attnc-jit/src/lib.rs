@@ -6,7 +6,6 @@
 #![warn(missing_docs)]
 
 pub mod error;
-pub mod hostmath;
 pub mod jit;
 pub mod kernels;
 pub mod plan;

@@ -106,8 +106,8 @@ impl CompiledKernel {
         for step in &plan.steps {
             let id = match &step.kind {
                 StepKind::Cast(_) => None,
-                StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, m, p| {
-                    kernels::elementwise::emit(b, m, KernelArgs::new(p), spec)
+                StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
+                    kernels::elementwise::emit(b, KernelArgs::new(p), spec)
                 })?),
                 StepKind::MatMul(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::matmul::emit(b, KernelArgs::new(p), spec)
@@ -115,8 +115,8 @@ impl CompiledKernel {
                 StepKind::Reduce(op, spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::reduce::emit_reduce(b, KernelArgs::new(p), *op, *spec)
                 })?),
-                StepKind::Softmax(spec) => Some(jit.define_kernel(&step.name, |b, m, p| {
-                    kernels::reduce::emit_softmax(b, m, KernelArgs::new(p), *spec)
+                StepKind::Softmax(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
+                    kernels::reduce::emit_softmax(b, KernelArgs::new(p), *spec)
                 })?),
             };
             ids.push(id);

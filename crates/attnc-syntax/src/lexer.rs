@@ -9,15 +9,35 @@ use crate::token::{Token, TokenKind};
 
 /// Splits `src` into tokens, ending with one [`TokenKind::Eof`], and the diagnostics of
 /// anything that is not a token.
+///
+/// At most [`MAX_DIAGNOSTICS`](crate::MAX_DIAGNOSTICS) diagnostics are kept; the last one then
+/// says how many more there were.
 pub fn lex(src: &str) -> (Vec<Token>, Vec<Diagnostic>) {
+    let (tokens, mut diagnostics, dropped) = lex_counted(src);
+    if dropped > 0 {
+        let span = diagnostics
+            .last()
+            .and_then(Diagnostic::primary_span)
+            .unwrap_or_default();
+        diagnostics.push(Diagnostic::error(
+            format!("too many errors: {dropped} more not shown"),
+            span,
+        ));
+    }
+    (tokens, diagnostics)
+}
+
+/// [`lex`], returning how many diagnostics were dropped past the limit instead of a note.
+pub(crate) fn lex_counted(src: &str) -> (Vec<Token>, Vec<Diagnostic>, usize) {
     let mut lexer = Lexer {
         src,
         pos: 0,
         tokens: Vec::new(),
         diagnostics: Vec::new(),
+        dropped: 0,
     };
     lexer.run();
-    (lexer.tokens, lexer.diagnostics)
+    (lexer.tokens, lexer.diagnostics, lexer.dropped)
 }
 
 /// Checks that `bytes` is UTF-8 and returns it as text, or an error at the first bad byte.
@@ -47,10 +67,16 @@ struct Lexer<'a> {
     pos: usize,
     tokens: Vec<Token>,
     diagnostics: Vec<Diagnostic>,
+    /// Diagnostics not kept because there were too many already.
+    dropped: usize,
 }
 
 impl Lexer<'_> {
     fn run(&mut self) {
+        // A byte-order mark some editors write is not part of the program.
+        if self.src.starts_with('\u{FEFF}') {
+            self.pos = '\u{FEFF}'.len_utf8();
+        }
         let mut last_end = 0;
         while let Some(c) = self.peek_char() {
             let start = self.pos;
@@ -71,7 +97,10 @@ impl Lexer<'_> {
                 self.push(kind, start);
             } else {
                 self.pos += c.len_utf8();
-                self.unknown_char(c, start);
+                let first_end = self.pos;
+                // One diagnostic for a run of characters outside the language.
+                self.eat_while(|c| !is_known(c));
+                self.unknown_chars(c, start, first_end);
                 continue;
             }
             last_end = self.pos;
@@ -171,7 +200,7 @@ impl Lexer<'_> {
         {
             self.eat_while(|c| c.is_ascii_alphanumeric() || c == '_');
             let text = &self.src[start..self.pos];
-            self.diagnostics.push(
+            self.error(
                 Diagnostic::error(
                     format!("invalid number literal `{text}`"),
                     Span::new(start, self.pos),
@@ -187,7 +216,7 @@ impl Lexer<'_> {
             match text.parse::<u64>() {
                 Ok(v) => TokenKind::Int(v),
                 Err(_) => {
-                    self.diagnostics.push(
+                    self.error(
                         Diagnostic::error(format!("integer literal `{text}` is too large"), span)
                             .with_primary_message("does not fit in 64 bits")
                             .with_note(format!("the largest integer is {}", u64::MAX))
@@ -202,7 +231,7 @@ impl Lexer<'_> {
             match text.parse::<f64>() {
                 Ok(v) if v.is_finite() => TokenKind::Float(v),
                 _ => {
-                    self.diagnostics.push(
+                    self.error(
                         Diagnostic::error(format!("number literal `{text}` is out of range"), span)
                             .with_primary_message("not a finite 64-bit float")
                             .with_note("the largest finite value is about 1.8e308"),
@@ -214,20 +243,45 @@ impl Lexer<'_> {
         self.push(kind, start);
     }
 
-    fn unknown_char(&mut self, c: char, start: usize) {
+    fn error(&mut self, diagnostic: Diagnostic) {
+        if self.diagnostics.len() < crate::MAX_DIAGNOSTICS {
+            self.diagnostics.push(diagnostic);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    /// Reports the characters from `start` to the current position; the first is `c` and ends
+    /// at `first_end`.
+    fn unknown_chars(&mut self, c: char, start: usize, first_end: usize) {
         let span = Span::new(start, self.pos);
         let shown = if c.is_control() || c.is_whitespace() || is_invisible(c) {
             format!("U+{:04X}", c as u32)
         } else {
             format!("`{c}` (U+{:04X})", c as u32)
         };
-        let mut diagnostic = Diagnostic::error(format!("unexpected character {shown}"), span);
+        let message = if first_end == self.pos {
+            format!("unexpected character {shown}")
+        } else {
+            let count = self.src[start..self.pos].chars().count();
+            format!("{count} unexpected characters, starting with {shown}")
+        };
+        let mut diagnostic = Diagnostic::error(message, span);
         if !c.is_ascii() {
             diagnostic = diagnostic
                 .with_note("names are ASCII letters, digits and `_`; other characters may appear only in comments");
         }
-        self.diagnostics.push(diagnostic);
+        self.error(diagnostic);
     }
+}
+
+/// Whether `c` can start a token, a comment or whitespace.
+fn is_known(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+        || c == '_'
+        || c == '#'
+        || (c.is_ascii() && c.is_whitespace())
+        || "()[]{},;:+-*/@.&|=".contains(c)
 }
 
 /// Characters that render as nothing (zero-width spaces and joiners, BOM, bidi controls).
@@ -297,15 +351,25 @@ mod tests {
 
     #[test]
     fn odd_unicode_is_reported_on_char_boundaries() {
-        let src = "a é 😀 \u{200B} b";
+        let src = "a é 😀 \u{200B} b ☃☃☃ c";
         let (tokens, diagnostics) = lex(src);
-        assert_eq!(diagnostics.len(), 3);
+        assert_eq!(diagnostics.len(), 4);
+        assert_eq!(
+            diagnostics[3].message,
+            "3 unexpected characters, starting with `☃` (U+2603)"
+        );
         for d in &diagnostics {
             let span = d.primary_span().expect("primary label");
             assert!(src.is_char_boundary(span.start as usize));
             assert!(src.is_char_boundary(span.end as usize));
         }
-        assert_eq!(tokens.len(), 3);
+        assert_eq!(tokens.len(), 4);
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        assert_eq!(kinds("\u{FEFF}x"), vec![TokenKind::Ident, TokenKind::Eof]);
+        assert_eq!(lex("x\u{FEFF}").1.len(), 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Map: [`lexer`] (text → [`token`]s) → [`parser`] (tokens → [`ast`], depth-limited by
-//! [`MAX_DEPTH`]) → [`print`] (ast → text); [`diagnostic`] is the error type and [`render`]
+//! [`MAX_DEPTH`]) → [`mod@print`] (ast → text); [`diagnostic`] is the error type and [`render`]
 //! shows it. Parsing never fails: it returns a tree and a list of diagnostics.
 //!
 //! This crate knows nothing of the IR, egg or Cranelift.
@@ -53,16 +53,17 @@ pub fn parse(src: &str) -> (ast::File, Vec<Diagnostic>) {
             vec![error],
         );
     }
-    let (tokens, mut diagnostics) = lexer::lex(src);
+    let (tokens, mut diagnostics, dropped) = lexer::lex_counted(src);
     let lex_errors: Vec<u32> = diagnostics
         .iter()
         .filter_map(|d| d.primary_span().map(|s| s.start))
         .collect();
-    let (file, parse_diagnostics) = parser::parse_tokens(src, tokens, lex_errors);
+    let (file, parse_diagnostics, parse_dropped) = parser::parse_tokens(src, tokens, lex_errors);
+    let dropped = dropped + parse_dropped;
     diagnostics.extend(parse_diagnostics);
     diagnostics.sort_by_key(|d| d.primary_span().map_or(0, |s| s.start));
-    if diagnostics.len() > MAX_DIAGNOSTICS {
-        let more = diagnostics.len() - (MAX_DIAGNOSTICS - 1);
+    if diagnostics.len() + dropped > MAX_DIAGNOSTICS {
+        let more = diagnostics.len() + dropped - (MAX_DIAGNOSTICS - 1);
         let span = diagnostics[MAX_DIAGNOSTICS - 1]
             .primary_span()
             .unwrap_or_default();

@@ -6,13 +6,13 @@
 //! intermediate of the chain is stored. Rows whose leaves are all contiguous or broadcast on
 //! the last axis run an f32x4 main loop and a scalar tail; others run scalar.
 
-use super::{call_host, counted_loop, elem_addr, iconst, mem, KernelArgs};
+use super::{counted_loop, elem_addr, iconst, mem, KernelArgs};
 use crate::error::Result;
 use attnc_ir::{BinaryOp, MaskPattern, UnaryOp};
-use cranelift_codegen::ir::condcodes::IntCC;
+use crate::simd;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
-use cranelift_jit::JITModule;
 
 /// Where an index of a sub-expression comes from: an axis of the step's output, or 0 (an
 /// axis of size 1).
@@ -156,22 +156,39 @@ impl Expr {
         match self {
             Expr::Leaf { strides, .. } => strides[axis] <= 1,
             Expr::Const(_) => true,
-            Expr::Unary(op, x) => host_fn(*op).is_none() && x.vectorizes(axis),
+            Expr::Unary(_, x) => x.vectorizes(axis),
             Expr::Binary(_, x, y) => x.vectorizes(axis) && y.vectorizes(axis),
             Expr::Mask { .. } | Expr::RelPos { .. } => false,
         }
     }
 }
 
-/// The host function computing `op`, for ops without an inline form.
-fn host_fn(op: UnaryOp) -> Option<&'static str> {
+/// The inline f32x4 form of a transcendental op (from [`crate::simd`]); scalar positions
+/// evaluate it on a splat and take lane 0, so every position uses the same approximation.
+fn simd_fn(op: UnaryOp) -> Option<fn(&mut FunctionBuilder, Value) -> Value> {
     match op {
-        UnaryOp::Exp => Some("attnc_exp"),
-        UnaryOp::Log => Some("attnc_log"),
-        UnaryOp::Tanh => Some("attnc_tanh"),
-        UnaryOp::Sigmoid => Some("attnc_sigmoid"),
-        UnaryOp::Elu => Some("attnc_elu"),
+        UnaryOp::Exp => Some(simd::emit_exp),
+        UnaryOp::Log => Some(simd::emit_log),
+        UnaryOp::Tanh => Some(simd::emit_tanh),
+        UnaryOp::Sigmoid => Some(simd::emit_sigmoid),
+        UnaryOp::Elu => Some(simd::emit_elu),
         _ => None,
+    }
+}
+
+/// Applies a [`simd_fn`] to an f32 (through lane 0) or an f32x4.
+fn apply_simd(
+    b: &mut FunctionBuilder,
+    f: fn(&mut FunctionBuilder, Value) -> Value,
+    x: Value,
+    vector: bool,
+) -> Value {
+    if vector {
+        f(b, x)
+    } else {
+        let v = b.ins().splat(types::F32X4, x);
+        let y = f(b, v);
+        b.ins().extractlane(y, 0)
     }
 }
 
@@ -214,7 +231,6 @@ struct RowCtx {
 /// Generates the body of an elementwise kernel.
 pub fn emit(
     b: &mut FunctionBuilder,
-    module: &mut JITModule,
     args: KernelArgs,
     spec: &ElementwiseSpec,
 ) -> Result<()> {
@@ -236,20 +252,20 @@ pub fn emit(
             if axis == 0 {
                 coords[axis] = rest;
             } else {
-                coords[axis] = b.ins().urem_imm(rest, lead[axis].max(1) as i64);
-                rest = b.ins().udiv_imm(rest, lead[axis].max(1) as i64);
+                coords[axis] = b.ins().urem_imm_s(rest, lead[axis].max(1) as i64);
+                rest = b.ins().udiv_imm_s(rest, lead[axis].max(1) as i64);
             }
         }
         let ctx = RowCtx {
             ptrs: ptrs.clone(),
             coords,
         };
-        let row_base = b.ins().imul_imm(row, len as i64);
+        let row_base = b.ins().imul_imm_s(row, len as i64);
         let mut tail_start = iconst(b, 0);
         if vector {
             let vec_end = iconst(b, (len / 4 * 4) as i64);
             counted_loop(b, tail_start, vec_end, 4, |b, j| {
-                let v = eval(b, module, &spec.expr, &ctx, j, spec, true)?;
+                let v = eval(b, &spec.expr, &ctx, j, spec, true)?;
                 let at = b.ins().iadd(row_base, j);
                 let addr = elem_addr(b, args.output, at);
                 b.ins().store(mem(), v, addr, 0);
@@ -259,7 +275,7 @@ pub fn emit(
         }
         let end = iconst(b, len as i64);
         counted_loop(b, tail_start, end, 1, |b, j| {
-            let v = eval(b, module, &spec.expr, &ctx, j, spec, false)?;
+            let v = eval(b, &spec.expr, &ctx, j, spec, false)?;
             let at = b.ins().iadd(row_base, j);
             let addr = elem_addr(b, args.output, at);
             b.ins().store(mem(), v, addr, 0);
@@ -282,7 +298,6 @@ fn coord(b: &mut FunctionBuilder, c: Coord, ctx: &RowCtx, j: Value, rank: usize)
 /// Evaluates `expr` at (row, j): an f32, or an f32x4 of positions j..j+4 when `vector`.
 fn eval(
     b: &mut FunctionBuilder,
-    module: &mut JITModule,
     expr: &Expr,
     ctx: &RowCtx,
     j: Value,
@@ -310,7 +325,7 @@ fn eval(
                     continue;
                 }
                 let c = if a + 1 == rank { j } else { ctx.coords[a] };
-                let term = b.ins().imul_imm(c, s as i64);
+                let term = b.ins().imul_imm_s(c, s as i64);
                 off = b.ins().iadd(off, term);
             }
             let addr = elem_addr(b, ctx.ptrs[slot], off);
@@ -327,15 +342,15 @@ fn eval(
             splat(b, x)
         }
         Expr::Unary(op, x) => {
-            let x = eval(b, module, x, ctx, j, spec, vector)?;
-            match host_fn(*op) {
-                Some(name) => call_host(b, module, name, x)?,
+            let x = eval(b, x, ctx, j, spec, vector)?;
+            match simd_fn(*op) {
+                Some(f) => apply_simd(b, f, x, vector),
                 None => unary_inline(b, *op, x, vector),
             }
         }
         Expr::Binary(op, x, y) => {
-            let x = eval(b, module, x, ctx, j, spec, vector)?;
-            let y = eval(b, module, y, ctx, j, spec, vector)?;
+            let x = eval(b, x, ctx, j, spec, vector)?;
+            let y = eval(b, y, ctx, j, spec, vector)?;
             match op {
                 BinaryOp::Add => b.ins().fadd(x, y),
                 BinaryOp::Sub => b.ins().fsub(x, y),
@@ -354,10 +369,10 @@ fn eval(
             n,
             x,
         } => {
-            let x = eval(b, module, x, ctx, j, spec, vector)?;
+            let x = eval(b, x, ctx, j, spec, vector)?;
             let ic = coord(b, *i, ctx, j, rank);
             let jv = coord(b, *jc, ctx, j, rank);
-            let ia = b.ins().iadd_imm(ic, *n as i64 - *m as i64);
+            let ia = b.ins().iadd_imm_s(ic, *n as i64 - *m as i64);
             let keep = keeps(b, pattern, ia, jv);
             let f = b.ins().f32const(*fill);
             b.ins().select(keep, x, f)
@@ -365,7 +380,7 @@ fn eval(
         Expr::RelPos { i, j: jc, m, n } => {
             let ic = coord(b, *i, ctx, j, rank);
             let jv = coord(b, *jc, ctx, j, rank);
-            let ia = b.ins().iadd_imm(ic, *n as i64 - *m as i64);
+            let ia = b.ins().iadd_imm_s(ic, *n as i64 - *m as i64);
             let d = b.ins().isub(jv, ia);
             b.ins().fcvt_from_sint(types::F32, d)
         }
@@ -392,16 +407,18 @@ fn unary_inline(b: &mut FunctionBuilder, op: UnaryOp, x: Value, vector: bool) ->
             let one = constant(b, 1.0);
             b.ins().fdiv(one, s)
         }
-        UnaryOp::Relu => relu(b, x, constant(b, 0.0), vector),
-        // Host ops never reach here (see `host_fn`); keep the value unchanged defensively.
+        UnaryOp::Relu => {
+            let zero = constant(b, 0.0);
+            let neg = b.ins().fcmp(FloatCC::LessThan, x, zero);
+            if vector {
+                simd::select_f32(b, neg, zero, x)
+            } else {
+                b.ins().select(neg, zero, x)
+            }
+        }
+        // Transcendental ops never reach here (see `simd_fn`).
         UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Elu => x,
     }
-}
-
-/// `relu(x)`: `x` when `x > 0`, NaN when `x` is NaN, else `+0`.
-fn relu(b: &mut FunctionBuilder, x: Value, zero: Value, vector: bool) -> Value {
-    let _ = vector;
-    b.ins().fmax(x, zero)
 }
 
 /// Emits the membership test of `pattern` for aligned query `ia` and key `j` (i64 values);
@@ -421,13 +438,13 @@ pub fn keeps(b: &mut FunctionBuilder, pattern: &MaskPattern, ia: Value, j: Value
             let near = abs_le(b, d, bound);
             let rv = iconst(b, clamp(r));
             let rem = b.ins().srem(d, rv);
-            let on = b.ins().icmp_imm(IntCC::Equal, rem, 0);
+            let on = b.ins().icmp_imm_s(IntCC::Equal, rem, 0);
             b.ins().band(near, on)
         }
         MaskPattern::Global(g) => {
             let g = clamp(*g);
-            let a = b.ins().icmp_imm(IntCC::SignedLessThan, ia, g);
-            let c = b.ins().icmp_imm(IntCC::SignedLessThan, j, g);
+            let a = b.ins().icmp_imm_s(IntCC::SignedLessThan, ia, g);
+            let c = b.ins().icmp_imm_s(IntCC::SignedLessThan, j, g);
             b.ins().bor(a, c)
         }
         MaskPattern::Block(size) => {
@@ -451,8 +468,8 @@ pub fn keeps(b: &mut FunctionBuilder, pattern: &MaskPattern, ia: Value, j: Value
 
 /// `|d| <= bound` for i64 `d` (`bound >= 0`), without overflow on `i64::MIN`.
 fn abs_le(b: &mut FunctionBuilder, d: Value, bound: i64) -> Value {
-    let hi = b.ins().icmp_imm(IntCC::SignedLessThanOrEqual, d, bound);
-    let lo = b.ins().icmp_imm(IntCC::SignedGreaterThanOrEqual, d, -bound);
+    let hi = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, d, bound);
+    let lo = b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, d, -bound);
     b.ins().band(hi, lo)
 }
 
@@ -461,7 +478,7 @@ fn floor_div(b: &mut FunctionBuilder, x: Value, d: i64) -> Value {
     let dv = iconst(b, d);
     let q = b.ins().sdiv(x, dv);
     let r = b.ins().srem(x, dv);
-    let neg = b.ins().icmp_imm(IntCC::SignedLessThan, r, 0);
-    let q1 = b.ins().iadd_imm(q, -1);
+    let neg = b.ins().icmp_imm_s(IntCC::SignedLessThan, r, 0);
+    let q1 = b.ins().iadd_imm_s(q, -1);
     b.ins().select(neg, q1, q)
 }

@@ -80,14 +80,14 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &MatMulSpec) -> Res
     );
     let a = elem_addr(b, a_ptr, offs[0]);
     let bb = elem_addr(b, b_ptr, offs[1]);
-    let c_off = b.ins().imul_imm(args.batch, (spec.m * spec.n) as i64);
+    let c_off = b.ins().imul_imm_s(args.batch, (spec.m * spec.n) as i64);
     let c = elem_addr(b, args.output, c_off);
     let bases = Bases { a, b: bb, c };
     if spec.b_cs == 1 && spec.n >= 4 {
         // Rows in blocks of TILE_ROWS, then single rows.
         let count = b.ins().isub(args.end, args.begin);
-        let blocks = b.ins().udiv_imm(count, TILE_ROWS as i64);
-        let span = b.ins().imul_imm(blocks, TILE_ROWS as i64);
+        let blocks = b.ins().udiv_imm_s(count, TILE_ROWS as i64);
+        let span = b.ins().imul_imm_s(blocks, TILE_ROWS as i64);
         let mid = b.ins().iadd(args.begin, span);
         counted_loop(b, args.begin, mid, TILE_ROWS as i64, |b, i| {
             row_block(b, spec, &bases, i, TILE_ROWS);
@@ -130,7 +130,7 @@ fn row_block(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: Value
         j += 4;
     }
     for r in 0..rows {
-        let ir = b.ins().iadd_imm(i, r as i64);
+        let ir = b.ins().iadd_imm_s(i, r as i64);
         for jj in j..spec.n {
             let jv = iconst(b, jj as i64);
             scalar_element(b, spec, bases, ir, jv);
@@ -159,21 +159,21 @@ fn vector_tile(
     // Row pointers of A: a + 4·(i + r)·a_rs.
     let a_rows: Vec<Value> = (0..rows)
         .map(|r| {
-            let ir = b.ins().iadd_imm(i, r as i64);
-            let off = b.ins().imul_imm(ir, spec.a_rs as i64);
+            let ir = b.ins().iadd_imm_s(i, r as i64);
+            let off = b.ins().imul_imm_s(ir, spec.a_rs as i64);
             elem_addr(b, bases.a, off)
         })
         .collect();
     let zero = iconst(b, 0);
     let kk = iconst(b, spec.k as i64);
     let _ = counted_loop(b, zero, kk, 1, |b, k| {
-        let b_off = b.ins().imul_imm(k, spec.b_rs as i64);
+        let b_off = b.ins().imul_imm_s(k, spec.b_rs as i64);
         let b_off = b.ins().iadd(b_off, j0);
         let b_row = elem_addr(b, bases.b, b_off);
         let bv: Vec<Value> = (0..vecs)
             .map(|v| b.ins().load(types::F32X4, mem(), b_row, (16 * v) as i32))
             .collect();
-        let a_off = b.ins().imul_imm(k, spec.a_cs as i64);
+        let a_off = b.ins().imul_imm_s(k, spec.a_cs as i64);
         for (r, a_row) in a_rows.iter().enumerate() {
             let a_addr = elem_addr(b, *a_row, a_off);
             let av = b.ins().load(types::F32, mem(), a_addr, 0);
@@ -188,8 +188,8 @@ fn vector_tile(
         Ok(())
     });
     for r in 0..rows {
-        let ir = b.ins().iadd_imm(i, r as i64);
-        let off = b.ins().imul_imm(ir, spec.n as i64);
+        let ir = b.ins().iadd_imm_s(i, r as i64);
+        let off = b.ins().imul_imm_s(ir, spec.n as i64);
         let off = b.ins().iadd(off, j0);
         let c_row = elem_addr(b, bases.c, off);
         for v in 0..vecs {
@@ -204,16 +204,16 @@ fn scalar_element(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: 
     let acc = b.declare_var(types::F32);
     let zero_f = b.ins().f32const(0.0);
     b.def_var(acc, zero_f);
-    let a_off = b.ins().imul_imm(i, spec.a_rs as i64);
+    let a_off = b.ins().imul_imm_s(i, spec.a_rs as i64);
     let a_row = elem_addr(b, bases.a, a_off);
-    let b_off = b.ins().imul_imm(j, spec.b_cs as i64);
+    let b_off = b.ins().imul_imm_s(j, spec.b_cs as i64);
     let b_col = elem_addr(b, bases.b, b_off);
     let zero = iconst(b, 0);
     let kk = iconst(b, spec.k as i64);
     let _ = counted_loop(b, zero, kk, 1, |b, k| {
-        let ka = b.ins().imul_imm(k, spec.a_cs as i64);
+        let ka = b.ins().imul_imm_s(k, spec.a_cs as i64);
         let pa = elem_addr(b, a_row, ka);
-        let kb = b.ins().imul_imm(k, spec.b_rs as i64);
+        let kb = b.ins().imul_imm_s(k, spec.b_rs as i64);
         let pb = elem_addr(b, b_col, kb);
         let x = b.ins().load(types::F32, mem(), pa, 0);
         let y = b.ins().load(types::F32, mem(), pb, 0);
@@ -222,12 +222,13 @@ fn scalar_element(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: 
         b.def_var(acc, new);
         Ok(())
     });
-    store_c(b, spec, bases, i, j, b.use_var(acc));
+    let sum = b.use_var(acc);
+    store_c(b, spec, bases, i, j, sum);
 }
 
 /// Stores scalar `x` at C[i, j].
 fn store_c(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: Value, j: Value, x: Value) {
-    let off = b.ins().imul_imm(i, spec.n as i64);
+    let off = b.ins().imul_imm_s(i, spec.n as i64);
     let off = b.ins().iadd(off, j);
     let addr = elem_addr(b, bases.c, off);
     b.ins().store(mem(), x, addr, 0);
@@ -236,12 +237,12 @@ fn store_c(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: Value, 
 /// Row i of C when A and B are contiguous along k: per element, four-lane partial sums over
 /// k, a fixed pairwise lane sum, then a scalar tail.
 fn dot_row(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: Value) -> Result<()> {
-    let a_off = b.ins().imul_imm(i, spec.a_rs as i64);
+    let a_off = b.ins().imul_imm_s(i, spec.a_rs as i64);
     let a_row = elem_addr(b, bases.a, a_off);
     let zero = iconst(b, 0);
     let n = iconst(b, spec.n as i64);
     counted_loop(b, zero, n, 1, |b, j| {
-        let b_off = b.ins().imul_imm(j, spec.b_cs as i64);
+        let b_off = b.ins().imul_imm_s(j, spec.b_cs as i64);
         let b_row = elem_addr(b, bases.b, b_off);
         let acc = b.declare_var(types::F32X4);
         let zero_f = b.ins().f32const(0.0);

@@ -7,12 +7,10 @@ pub mod elementwise;
 pub mod matmul;
 pub mod reduce;
 
-use crate::error::{JitError, Result};
+use crate::error::Result;
 use cranelift_codegen::ir::condcodes::IntCC;
-use cranelift_codegen::ir::{types, AbiParam, BlockArg, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::{types, BlockArg, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
-use cranelift_jit::JITModule;
-use cranelift_module::{Linkage, Module};
 
 /// The five parameters of every kernel, as SSA values of its entry block.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +54,7 @@ pub fn mem() -> MemFlagsData {
 
 /// `base + 4 * index` (address of f32 element `index`).
 pub fn elem_addr(b: &mut FunctionBuilder, base: Value, index: Value) -> Value {
-    let bytes = b.ins().ishl_imm(index, 2);
+    let bytes = b.ins().ishl_imm_s(index, 2);
     b.ins().iadd(base, bytes)
 }
 
@@ -85,31 +83,10 @@ pub fn counted_loop(
     b.ins().brif(go, body_block, &[], exit, &[]);
     b.switch_to_block(body_block);
     body(b, i)?;
-    let next = b.ins().iadd_imm(i, step);
+    let next = b.ins().iadd_imm_s(i, step);
     b.ins().jump(header, &[BlockArg::Value(next)]);
     b.switch_to_block(exit);
     Ok(())
-}
-
-/// Calls host function `name` (from [`crate::hostmath`]) of type `f32 -> f32`.
-pub fn call_host(
-    b: &mut FunctionBuilder,
-    module: &mut JITModule,
-    name: &str,
-    x: Value,
-) -> Result<Value> {
-    let mut sig = module.make_signature();
-    sig.params.push(AbiParam::new(types::F32));
-    sig.returns.push(AbiParam::new(types::F32));
-    let id = module
-        .declare_function(name, Linkage::Import, &sig)
-        .map_err(|e| JitError::Codegen {
-            kernel: name.to_string(),
-            detail: e.to_string(),
-        })?;
-    let func = module.declare_func_in_func(id, b.func);
-    let call = b.ins().call(func, &[x]);
-    Ok(b.inst_results(call)[0])
 }
 
 /// Splits a flat index into coordinates of `dims` (row-major) and returns `Σ coord·strides`
@@ -127,14 +104,14 @@ pub fn strided_offsets(
         let coord = if axis == 0 {
             rest
         } else {
-            b.ins().urem_imm(rest, size)
+            b.ins().urem_imm_s(rest, size)
         };
         if axis > 0 {
-            rest = b.ins().udiv_imm(rest, size);
+            rest = b.ins().udiv_imm_s(rest, size);
         }
         for (off, st) in offsets.iter_mut().zip(strides) {
             if st[axis] != 0 {
-                let term = b.ins().imul_imm(coord, st[axis] as i64);
+                let term = b.ins().imul_imm_s(coord, st[axis] as i64);
                 *off = b.ins().iadd(*off, term);
             }
         }

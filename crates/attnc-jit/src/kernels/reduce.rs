@@ -6,13 +6,13 @@
 //! Softmax subtracts the row max; a row whose max is `-inf` (every entry `-inf`, or no
 //! entries) gives zeros; NaN propagates.
 
-use super::{call_host, counted_loop, elem_addr, iconst, mem, KernelArgs};
+use super::{counted_loop, elem_addr, iconst, mem, KernelArgs};
 use crate::error::Result;
 use attnc_ir::ReduceOp;
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
-use cranelift_jit::JITModule;
+use crate::simd;
 
 /// The `[outer, len, inner]` view of a reduction or softmax.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,9 +54,9 @@ fn each_lane(
         let zero = iconst(b, 0);
         let inner = iconst(b, spec.inner as i64);
         counted_loop(b, zero, inner, 1, |b, i| {
-            let base = b.ins().imul_imm(o, (spec.len * spec.inner) as i64);
+            let base = b.ins().imul_imm_s(o, (spec.len * spec.inner) as i64);
             let base = b.ins().iadd(base, i);
-            let flat = b.ins().imul_imm(o, spec.inner as i64);
+            let flat = b.ins().imul_imm_s(o, spec.inner as i64);
             let flat = b.ins().iadd(flat, i);
             body(b, base, flat)
         })
@@ -77,7 +77,7 @@ fn fold(
     let zero = iconst(b, 0);
     let len = iconst(b, spec.len as i64);
     counted_loop(b, zero, len, 1, |b, k| {
-        let off = b.ins().imul_imm(k, spec.inner as i64);
+        let off = b.ins().imul_imm_s(k, spec.inner as i64);
         let off = b.ins().iadd(off, base);
         let addr = elem_addr(b, ptr, off);
         let x = b.ins().load(types::F32, mem(), addr, 0);
@@ -123,7 +123,6 @@ pub fn emit_reduce(
 /// Generates the body of a softmax kernel: output `[outer, len, inner]`.
 pub fn emit_softmax(
     b: &mut FunctionBuilder,
-    module: &mut JITModule,
     args: KernelArgs,
     spec: AxisSpec,
 ) -> Result<()> {
@@ -140,12 +139,14 @@ pub fn emit_softmax(
         let zero = iconst(b, 0);
         let len = iconst(b, spec.len as i64);
         counted_loop(b, zero, len, 1, |b, k| {
-            let off = b.ins().imul_imm(k, spec.inner as i64);
+            let off = b.ins().imul_imm_s(k, spec.inner as i64);
             let off = b.ins().iadd(off, base);
             let src = elem_addr(b, ptr, off);
             let x = b.ins().load(types::F32, mem(), src, 0);
             let d = b.ins().fsub(x, shift);
-            let e = call_host(b, module, "attnc_exp", d)?;
+            let dv = b.ins().splat(types::F32X4, d);
+            let ev = simd::emit_exp(b, dv);
+            let e = b.ins().extractlane(ev, 0);
             let dst = elem_addr(b, args.output, off);
             b.ins().store(mem(), e, dst, 0);
             let old = b.use_var(sum);
@@ -159,7 +160,7 @@ pub fn emit_softmax(
         let one = b.ins().f32const(1.0);
         let den = b.ins().select(empty, one, s);
         counted_loop(b, zero, len, 1, |b, k| {
-            let off = b.ins().imul_imm(k, spec.inner as i64);
+            let off = b.ins().imul_imm_s(k, spec.inner as i64);
             let off = b.ins().iadd(off, base);
             let dst = elem_addr(b, args.output, off);
             let e = b.ins().load(types::F32, mem(), dst, 0);

@@ -8,8 +8,21 @@
 //! and the parser's own recursion is bounded by the same limit, so printing, lowering and
 //! dropping a parsed tree by recursion is safe on a small stack.
 //!
-//! The grammar is LANGUAGE.md §2; the pieces live in [`item`] (kernels, attributes, types),
-//! [`expr`] (expressions and calls) and [`pattern`] (mask patterns).
+//! The grammar is LANGUAGE.md §2, with these choices where it is silent:
+//!
+//! - `&` binds tighter than `|` in mask patterns (like boolean and/or); both are
+//!   left-associative. A call argument is a pattern when it starts with a pattern keyword, or
+//!   with `(`s followed by one.
+//! - Reserved words ([`KEYWORDS`](crate::token::KEYWORDS)) never name anything; `f32`, `T`,
+//!   `approx`, `tol` and the other words with a meaning are contextual.
+//! - As written in the grammar: a kernel has at least one parameter (a trailing `,` is allowed
+//!   there), a call at least one argument (no trailing `,`), a type at least one dimension.
+//! - Several `@approx(...)` attributes are flattened into [`Kernel::approx`](crate::ast::Kernel).
+//! - Sizes (dimensions, pattern widths, `r`, `m`, `seed`) are non-negative integers that fit in
+//!   a `u64`; `tol` is any number.
+//!
+//! The pieces live in `item` (kernels, attributes, types),
+//! `expr` (expressions and calls) and `pattern` (mask patterns).
 
 mod expr;
 mod item;
@@ -28,12 +41,13 @@ pub const MAX_DEPTH: usize = 256;
 /// Parses a token stream (ending in [`TokenKind::Eof`]) of `src`.
 ///
 /// `lex_errors` are the starts of the lexer's diagnostics: a parser error right after a
-/// character the lexer already reported is not reported again.
+/// character the lexer already reported is not reported again. Returns the file, at most
+/// [`MAX_DIAGNOSTICS`](crate::MAX_DIAGNOSTICS) diagnostics and how many more were dropped.
 pub(crate) fn parse_tokens(
     src: &str,
     tokens: Vec<Token>,
     lex_errors: Vec<u32>,
-) -> (File, Vec<Diagnostic>) {
+) -> (File, Vec<Diagnostic>, usize) {
     let mut parser = Parser {
         src,
         tokens,
@@ -41,10 +55,11 @@ pub(crate) fn parse_tokens(
         prev_end: 0,
         nesting: 0,
         diagnostics: Vec::new(),
+        dropped: 0,
         lex_errors,
     };
     let file = parser.file();
-    (file, parser.diagnostics)
+    (file, parser.diagnostics, parser.dropped)
 }
 
 /// Marks a result whose error has already been reported.
@@ -62,6 +77,8 @@ pub(crate) struct Parser<'a> {
     /// How many parentheses, calls and patterns we are inside (bounds recursion).
     nesting: usize,
     diagnostics: Vec<Diagnostic>,
+    /// Diagnostics not kept because there were too many already.
+    dropped: usize,
     lex_errors: Vec<u32>,
 }
 
@@ -153,8 +170,12 @@ impl<'a> Parser<'a> {
             let i = self.lex_errors.partition_point(|&e| e < from);
             self.lex_errors.get(i).is_some_and(|&e| e <= end)
         };
-        if !duplicate && !after_lex_error {
+        if duplicate || after_lex_error {
+            // Already said.
+        } else if self.diagnostics.len() < crate::MAX_DIAGNOSTICS {
             self.diagnostics.push(diagnostic);
+        } else {
+            self.dropped += 1;
         }
         Reported
     }

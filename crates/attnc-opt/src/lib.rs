@@ -1,0 +1,1 @@
+//! placeholder: the egg optimizer lands here
