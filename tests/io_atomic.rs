@@ -45,7 +45,10 @@ fn keeps_the_mode_of_a_replaced_file_and_gives_new_files_a_normal_mode() {
     fs::write(&path, b"old").unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
     write_atomically(&path, b"new").unwrap();
-    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
 
     let fresh = dir.path().join("fresh.npy");
     write_atomically(&fresh, b"x").unwrap();
@@ -61,7 +64,10 @@ fn failure_while_writing_leaves_the_old_file_and_no_temp_file() {
     fs::write(&path, b"precious").unwrap();
     let err = write_atomically_with(&path, |file| {
         file.write_all(b"partial data")?;
-        Err(std::io::Error::new(ErrorKind::StorageFull, "no space left on device"))
+        Err(std::io::Error::new(
+            ErrorKind::StorageFull,
+            "no space left on device",
+        ))
     })
     .unwrap_err();
     assert!(matches!(err, IoError::Write { .. }));
@@ -80,11 +86,13 @@ fn failure_while_writing_leaves_the_old_file_and_no_temp_file() {
 fn failure_while_writing_a_new_file_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("out.npy");
-    let err = write_atomically_with(&path, |_| {
-        Err(std::io::Error::other("something odd"))
-    })
-    .unwrap_err();
-    assert!(err.to_string().contains("cannot write the file (while writing the temporary file: something odd)"), "{err}");
+    let err =
+        write_atomically_with(&path, |_| Err(std::io::Error::other("something odd"))).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot write the file (while writing the temporary file: something odd)"),
+        "{err}"
+    );
     assert!(entries(dir.path()).is_empty());
 }
 
@@ -99,14 +107,20 @@ fn dev_full_is_refused_and_left_alone() {
     }
     let before = entries(Path::new("/dev"));
     let err = write_atomically(target, b"data").unwrap_err().to_string();
-    assert!(err.starts_with("output `/dev/full`: not a regular file ("), "{err}");
+    assert!(
+        err.starts_with("output `/dev/full`: not a regular file ("),
+        "{err}"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
         assert!(fs::metadata(target).unwrap().file_type().is_char_device());
     }
     let after = entries(Path::new("/dev"));
-    assert!(after.iter().all(|n| !n.ends_with(".attnc-tmp")), "{after:?}");
+    assert!(
+        after.iter().all(|n| !n.ends_with(".attnc-tmp")),
+        "{after:?}"
+    );
     assert!(after.len() <= before.len() || after.iter().all(|n| !n.starts_with(".full.")));
 
     let t = Tensor::from_f32(vec![1], vec![1.0]).unwrap();
@@ -120,7 +134,10 @@ fn missing_directory() {
     let path = dir.path().join("no/such/dir/out.npy");
     let err = write_atomically(&path, b"x").unwrap_err().to_string();
     assert!(
-        err.starts_with(&format!("output `{}`: directory does not exist", path.display())),
+        err.starts_with(&format!(
+            "output `{}`: directory does not exist",
+            path.display()
+        )),
         "{err}"
     );
     assert!(entries(dir.path()).is_empty());
@@ -131,7 +148,9 @@ fn parent_is_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plain");
     fs::write(&file, b"x").unwrap();
-    let err = write_atomically(&file.join("out.npy"), b"y").unwrap_err().to_string();
+    let err = write_atomically(&file.join("out.npy"), b"y")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a directory"), "{err}");
     assert_eq!(fs::read(&file).unwrap(), b"x");
 }
@@ -142,7 +161,10 @@ fn target_is_a_directory() {
     let sub = dir.path().join("sub");
     fs::create_dir(&sub).unwrap();
     let err = write_atomically(&sub, b"x").unwrap_err().to_string();
-    assert_eq!(err, format!("output `{}`: is a directory, not a file", sub.display()));
+    assert_eq!(
+        err,
+        format!("output `{}`: is a directory, not a file", sub.display())
+    );
     assert_eq!(entries(dir.path()), vec!["sub"]);
     assert!(entries(&sub).is_empty());
     let with_slash = format!("{}/", sub.display());
@@ -163,13 +185,18 @@ fn unwritable_directory() {
     if fs::write(&probe, b"").is_ok() {
         let _ = fs::remove_file(&probe);
         fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
-        eprintln!("note: running as root (permissions are not enforced); skipping unwritable_directory");
+        eprintln!(
+            "note: running as root (permissions are not enforced); skipping unwritable_directory"
+        );
         return;
     }
     let path = ro.join("out.npy");
     let err = write_atomically(&path, b"new").unwrap_err().to_string();
     fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
-    assert!(err.starts_with(&format!("output `{}`: permission denied", path.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("output `{}`: permission denied", path.display())),
+        "{err}"
+    );
     assert_eq!(fs::read(&path).unwrap(), b"old");
     assert_eq!(entries(&ro), vec!["out.npy"]);
 }
@@ -185,7 +212,10 @@ fn read_only_existing_file_is_not_replaced() {
     let err = write_atomically(&path, b"new").unwrap_err().to_string();
     assert_eq!(
         err,
-        format!("output `{}`: permission denied (the existing file is read-only)", path.display())
+        format!(
+            "output `{}`: permission denied (the existing file is read-only)",
+            path.display()
+        )
     );
     assert_eq!(fs::read(&path).unwrap(), b"keep me");
     assert_eq!(entries(dir.path()), vec!["out.npy"]);
@@ -200,7 +230,10 @@ fn writes_through_a_symbolic_link() {
     fs::write(&real, b"old").unwrap();
     std::os::unix::fs::symlink(&real, &link).unwrap();
     write_atomically(&link, b"new").unwrap();
-    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(fs::read(&real).unwrap(), b"new");
 
     let dangling = dir.path().join("dangling.npy");
@@ -214,7 +247,10 @@ fn write_npy_failure_names_the_output() {
     let dir = tempfile::tempdir().unwrap();
     let t = Tensor::from_f32(vec![2], vec![1.0, 2.0]).unwrap();
     let err = write_npy(dir.path(), &t).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("output `{}`: ", dir.path().display())), "{err}");
+    assert!(
+        err.starts_with(&format!("output `{}`: ", dir.path().display())),
+        "{err}"
+    );
 }
 
 /// A real full disk: set `ATTNC_TEST_FULL_DIR` to a directory on a nearly full file system

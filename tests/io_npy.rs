@@ -186,8 +186,11 @@ fn round_trip_f32_and_f16() {
     assert_eq!(bits(&back), bits(&t));
     assert_eq!(back.shape, t.shape);
 
-    let h = Tensor::from_f16(vec![3], vec![f16::MAX, f16::MIN_POSITIVE_SUBNORMAL, f16::NAN])
-        .unwrap();
+    let h = Tensor::from_f16(
+        vec![3],
+        vec![f16::MAX, f16::MIN_POSITIVE_SUBNORMAL, f16::NAN],
+    )
+    .unwrap();
     write_npy(&path, &h).unwrap();
     let back = read_npy(&path).unwrap();
     let TensorData::F16(v) = back.data else {
@@ -206,7 +209,10 @@ fn write_refuses_bf16_naming_the_output() {
     let path = dir.path().join("b.npy");
     let t = Tensor::from_bf16(vec![1], vec![bf16::ONE]).unwrap();
     let err = write_npy(&path, &t).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("output `{}`: bf16", path.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("output `{}`: bf16", path.display())),
+        "{err}"
+    );
     assert!(!path.exists());
 }
 
@@ -252,8 +258,14 @@ proptest! {
 fn rejects_fortran_order() {
     let path = fixture("fortran_f32.npy");
     let err = read_npy(&path).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("input `{}`: ", path.display())), "{err}");
-    assert!(err.contains("fortran_order: True is not supported"), "{err}");
+    assert!(
+        err.starts_with(&format!("input `{}`: ", path.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("fortran_order: True is not supported"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -261,7 +273,10 @@ fn rejects_big_endian() {
     let err = read_npy(&fixture("bigendian_f32.npy")).unwrap_err();
     assert!(matches!(&err, IoError::UnsupportedDtype { dtype, .. } if dtype == ">f4"));
     let msg = err.to_string();
-    assert!(msg.contains("unsupported dtype `>f4`") && msg.contains("big-endian"), "{msg}");
+    assert!(
+        msg.contains("unsupported dtype `>f4`") && msg.contains("big-endian"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -280,13 +295,19 @@ fn rejects_int64_with_exact_message() {
 #[test]
 fn rejects_float64() {
     let err = read_npy(&fixture("f64.npy")).unwrap_err().to_string();
-    assert!(err.contains("unsupported dtype `<f8` (expected float32 `<f4` or float16 `<f2`"), "{err}");
+    assert!(
+        err.contains("unsupported dtype `<f8` (expected float32 `<f4` or float16 `<f2`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn rejects_object_arrays_without_unpickling() {
     let err = read_npy(&fixture("object.npy")).unwrap_err().to_string();
-    assert!(err.contains("unsupported dtype `|O`") && err.contains("pickles"), "{err}");
+    assert!(
+        err.contains("unsupported dtype `|O`") && err.contains("pickles"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -313,7 +334,10 @@ fn rejects_empty_file() {
 #[test]
 fn rejects_bad_magic() {
     let err = parse_err(b"PK\x03\x04 this is a zip file");
-    assert!(err.starts_with("input `t.npy`: bad magic: not a .npy file"), "{err}");
+    assert!(
+        err.starts_with("input `t.npy`: bad magic: not a .npy file"),
+        "{err}"
+    );
     let mut bytes = fixture_bytes("f32_2x3.npy");
     bytes[1] = b'n';
     assert!(parse_err(&bytes).contains("bad magic"));
@@ -326,7 +350,10 @@ fn rejects_unsupported_version() {
     let mut bytes = fixture_bytes("f32_2x3.npy");
     bytes[6] = 4;
     let err = parse_err(&bytes);
-    assert!(err.contains("unsupported .npy format version 4.0 (expected 1.0, 2.0 or 3.0)"), "{err}");
+    assert!(
+        err.contains("unsupported .npy format version 4.0 (expected 1.0, 2.0 or 3.0)"),
+        "{err}"
+    );
     bytes[6] = 1;
     bytes[7] = 1;
     assert!(parse_err(&bytes).contains("version 1.1"));
@@ -337,7 +364,10 @@ fn rejects_truncated_header() {
     let bytes = fixture_bytes("f32_2x3.npy");
     for cut in [3, 6, 7, 9] {
         let err = parse_err(&bytes[..cut]);
-        assert!(err.contains("truncated header") || err.contains("bad magic"), "{cut}: {err}");
+        assert!(
+            err.contains("truncated header") || err.contains("bad magic"),
+            "{cut}: {err}"
+        );
     }
     assert!(parse_err(&bytes[..9]).contains("truncated header"));
     let v2 = fixture_bytes("f32_v2.npy");
@@ -348,7 +378,10 @@ fn rejects_truncated_header() {
 fn rejects_header_length_past_end_of_file() {
     let bytes = fixture_bytes("f32_2x3.npy");
     let err = parse_err(&bytes[..60]);
-    assert!(err.contains("header length past the end of the file"), "{err}");
+    assert!(
+        err.contains("header length past the end of the file"),
+        "{err}"
+    );
     let mut bytes = bytes;
     bytes[8..10].copy_from_slice(&60_000u16.to_le_bytes());
     assert!(parse_err(&bytes).contains("header length past the end of the file"));
@@ -363,7 +396,10 @@ fn rejects_header_over_the_limit() {
     let mut header = f32_header("(1,)");
     header.insert_str(header.len() - 1, &" ".repeat(100_000));
     let err = parse_err(&npy_bytes(2, &header, &f32s(&[1.0])));
-    assert!(err.contains("header too large (the header claims 100"), "{err}");
+    assert!(
+        err.contains("header too large (the header claims 100"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -389,7 +425,10 @@ fn rejects_unparsable_header_dict() {
     let data = f32s(&[0.0; 6]);
     for header in cases {
         let err = parse_err(&npy_bytes(1, header, &data));
-        assert!(err.starts_with("input `t.npy`: unparsable header ("), "{header}: {err}");
+        assert!(
+            err.starts_with("input `t.npy`: unparsable header ("),
+            "{header}: {err}"
+        );
     }
 }
 
@@ -450,7 +489,11 @@ fn rejects_too_many_dimensions() {
 #[test]
 fn huge_shape_with_tiny_file_allocates_nothing() {
     // 2^40 elements claimed, 4 bytes present: rejected before any allocation.
-    let err = parse_err(&npy_bytes(1, &f32_header("(1099511627776,)"), &f32s(&[1.0])));
+    let err = parse_err(&npy_bytes(
+        1,
+        &f32_header("(1099511627776,)"),
+        &f32s(&[1.0]),
+    ));
     assert!(err.contains("data shorter than the shape implies"), "{err}");
 }
 
@@ -467,21 +510,33 @@ fn errors_without_a_file_name_the_memory_buffer() {
 fn missing_file() {
     let err = read_npy(Path::new("/nonexistent/dir/q.npy")).unwrap_err();
     assert!(matches!(err, IoError::Read { .. }));
-    assert_eq!(err.to_string(), "input `/nonexistent/dir/q.npy`: file not found");
+    assert_eq!(
+        err.to_string(),
+        "input `/nonexistent/dir/q.npy`: file not found"
+    );
 }
 
 #[test]
 fn directory_instead_of_file() {
     let dir = tempfile::tempdir().unwrap();
     let err = read_npy(dir.path()).unwrap_err().to_string();
-    assert_eq!(err, format!("input `{}`: is a directory, not a file", dir.path().display()));
+    assert_eq!(
+        err,
+        format!(
+            "input `{}`: is a directory, not a file",
+            dir.path().display()
+        )
+    );
 }
 
 #[test]
 fn device_instead_of_file() {
     // Reading /dev/zero would never end.
     let err = read_npy(Path::new("/dev/zero")).unwrap_err().to_string();
-    assert!(err.starts_with("input `/dev/zero`: not a regular file"), "{err}");
+    assert!(
+        err.starts_with("input `/dev/zero`: not a regular file"),
+        "{err}"
+    );
 }
 
 #[cfg(unix)]
@@ -497,7 +552,10 @@ fn unreadable_file() {
         return;
     }
     let err = read_npy(&path).unwrap_err().to_string();
-    assert_eq!(err, format!("input `{}`: permission denied", path.display()));
+    assert_eq!(
+        err,
+        format!("input `{}`: permission denied", path.display())
+    );
 }
 
 #[test]
@@ -506,7 +564,10 @@ fn empty_file_on_disk() {
     let path = dir.path().join("empty.npy");
     fs::write(&path, b"").unwrap();
     let err = read_npy(&path).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("input `{}`: empty file", path.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("input `{}`: empty file", path.display())),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

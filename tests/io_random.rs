@@ -5,7 +5,11 @@ use attnc::io::{standard_normal, Rng};
 fn mean_var(v: &[f32]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
-    let var = v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / n;
+    let var = v
+        .iter()
+        .map(|&x| (f64::from(x) - mean).powi(2))
+        .sum::<f64>()
+        / n;
     (mean, var)
 }
 
@@ -15,8 +19,14 @@ fn mean_zero_variance_one() {
         let v = standard_normal(seed, stream, 100_000);
         let (mean, var) = mean_var(&v);
         // standard errors: 1/sqrt(n) = 0.0032 for the mean, sqrt(2/n) = 0.0045 for the variance
-        assert!(mean.abs() < 0.02, "seed {seed} stream {stream}: mean {mean}");
-        assert!((var - 1.0).abs() < 0.03, "seed {seed} stream {stream}: variance {var}");
+        assert!(
+            mean.abs() < 0.02,
+            "seed {seed} stream {stream}: mean {mean}"
+        );
+        assert!(
+            (var - 1.0).abs() < 0.03,
+            "seed {seed} stream {stream}: variance {var}"
+        );
         assert!(v.iter().all(|x| x.is_finite()));
     }
 }
@@ -29,7 +39,6 @@ fn tails_look_normal() {
     assert!((beyond(1.0) - 0.3173).abs() < 0.01);
     assert!((beyond(2.0) - 0.0455).abs() < 0.004);
     assert!((beyond(3.0) - 0.0027).abs() < 0.001);
-    let (_, _) = mean_var(&v);
     let skew = v.iter().map(|&x| f64::from(x).powi(3)).sum::<f64>() / v.len() as f64;
     assert!(skew.abs() < 0.05, "{skew}");
 }
@@ -52,7 +61,8 @@ fn pinned_values_are_the_same_on_every_platform() {
     assert_eq!(bits, PINNED_0_0.to_vec(), "{v:?}");
 }
 
-const PINNED_0_0: [u32; 4] = [0, 0, 0, 0];
+// Cross-checked against an independent Python transliteration of the algorithm.
+const PINNED_0_0: [u32; 4] = [3215782409, 3213393866, 3213308456, 3218269467];
 
 #[test]
 fn streams_and_seeds_differ() {
@@ -63,7 +73,7 @@ fn streams_and_seeds_differ() {
     assert_ne!(a, b);
     assert_ne!(a, c);
     assert_ne!(b, d); // (seed, stream) and (stream, seed) differ
-    // and are not shifted copies of each other
+                      // and are not shifted copies of each other
     assert!(a.iter().zip(&b).filter(|(x, y)| x == y).count() < 2);
 }
 
@@ -72,7 +82,12 @@ fn streams_are_uncorrelated() {
     let n = 50_000;
     let a = standard_normal(3, 0, n);
     let b = standard_normal(3, 1, n);
-    let r = a.iter().zip(&b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum::<f64>() / n as f64;
+    let r = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum::<f64>()
+        / n as f64;
     assert!(r.abs() < 0.02, "{r}");
 }
 

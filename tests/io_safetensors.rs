@@ -114,7 +114,9 @@ fn rejects_header_over_100_mb() {
     bytes.extend_from_slice(b"{}");
     let err = parse_err(&bytes);
     assert!(
-        err.contains("header too large (the header claims 100000001 bytes, the limit is 100000000)"),
+        err.contains(
+            "header too large (the header claims 100000001 bytes, the limit is 100000000)"
+        ),
         "{err}"
     );
     let mut bytes = u64::MAX.to_le_bytes().to_vec();
@@ -131,7 +133,10 @@ fn rejects_header_over_100_mb_on_disk_without_reading_it() {
     bytes.extend_from_slice(b"{\"a\": ");
     fs::write(&path, bytes).unwrap();
     let err = read_safetensors(&path).unwrap_err().to_string();
-    assert!(err.starts_with(&format!("input `{}`: header too large", path.display())), "{err}");
+    assert!(
+        err.starts_with(&format!("input `{}`: header too large", path.display())),
+        "{err}"
+    );
 }
 
 #[test]
@@ -139,14 +144,20 @@ fn rejects_header_past_end_of_file() {
     let mut bytes = (1000u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     let err = parse_err(&bytes);
-    assert!(err.contains("header length past the end of the file"), "{err}");
+    assert!(
+        err.contains("header length past the end of the file"),
+        "{err}"
+    );
     assert!(crate_rejects(&bytes));
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("short.safetensors");
     fs::write(&path, &bytes).unwrap();
     let err = read_safetensors(&path).unwrap_err().to_string();
-    assert!(err.contains("header length past the end of the file"), "{err}");
+    assert!(
+        err.contains("header length past the end of the file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -157,7 +168,10 @@ fn rejects_truncated_length_field() {
     let path = dir.path().join("tiny.safetensors");
     fs::write(&path, [2u8, 0, 0]).unwrap();
     let err = read_safetensors(&path).unwrap_err().to_string();
-    assert!(err.contains("truncated header (the file has 3 bytes"), "{err}");
+    assert!(
+        err.contains("truncated header (the file has 3 bytes"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -168,7 +182,10 @@ fn rejects_overlapping_offsets() {
     let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
     let bytes = st_bytes(header, &f32s(&[1.0, 2.0, 3.0]));
     let err = parse_err(&bytes);
-    assert!(err.contains("overlapping offsets: tensors `a` and `b` share bytes"), "{err}");
+    assert!(
+        err.contains("overlapping offsets: tensors `a` and `b` share bytes"),
+        "{err}"
+    );
     assert!(crate_rejects(&bytes));
 }
 
@@ -186,7 +203,9 @@ fn rejects_out_of_range_offsets() {
     let bytes = st_bytes(header, &f32s(&[1.0, 2.0]));
     let err = parse_err(&bytes);
     assert!(
-        err.contains("tensor `a`: offsets out of range (data_offsets [0, 16], the data has 8 bytes)"),
+        err.contains(
+            "tensor `a`: offsets out of range (data_offsets [0, 16], the data has 8 bytes)"
+        ),
         "{err}"
     );
     assert!(crate_rejects(&bytes));
@@ -200,8 +219,7 @@ fn rejects_out_of_range_offsets() {
 #[test]
 fn rejects_invalid_offset_values() {
     for offsets in ["[-4,0]", "[0]", "[0,4,8]", "\"0-4\"", "[0.5,4]", "[0,1e3]"] {
-        let header =
-            format!(r#"{{"a":{{"dtype":"F32","shape":[1],"data_offsets":{offsets}}}}}"#);
+        let header = format!(r#"{{"a":{{"dtype":"F32","shape":[1],"data_offsets":{offsets}}}}}"#);
         let err = parse_err(&st_bytes(&header, &f32s(&[1.0])));
         assert!(err.contains("tensor `a`: "), "{offsets}: {err}");
     }
@@ -237,9 +255,13 @@ fn rejects_trailing_bytes() {
 
 #[test]
 fn rejects_shape_overflow() {
-    let header = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#;
+    let header =
+        r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#;
     let err = parse_err(&st_bytes(header, &f32s(&[1.0])));
-    assert!(err.contains("tensor `a`: ") && err.contains("overflows"), "{err}");
+    assert!(
+        err.contains("tensor `a`: ") && err.contains("overflows"),
+        "{err}"
+    );
     let header = r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#;
     assert!(parse_err(&st_bytes(header, &f32s(&[1.0]))).contains("invalid extent `-1`"));
 }
@@ -250,10 +272,12 @@ fn rejects_shape_overflow() {
 #[test]
 fn rejects_other_dtypes_naming_tensor_and_dtype() {
     let header = r#"{"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#;
-    let err = parse_safetensors_from(&st_bytes(header, &[0; 8]), Path::new("w.safetensors"))
-        .unwrap_err();
-    assert!(matches!(&err, IoError::UnsupportedDtype { tensor: Some(t), dtype, .. }
-        if t == "ids" && dtype == "I64"));
+    let err =
+        parse_safetensors_from(&st_bytes(header, &[0; 8]), Path::new("w.safetensors")).unwrap_err();
+    assert!(
+        matches!(&err, IoError::UnsupportedDtype { tensor: Some(t), dtype, .. }
+        if t == "ids" && dtype == "I64")
+    );
     assert_eq!(
         err.to_string(),
         "input `w.safetensors`: tensor `ids`: unsupported dtype `I64` (expected F32, F16 or BF16)"
@@ -261,7 +285,10 @@ fn rejects_other_dtypes_naming_tensor_and_dtype() {
     for dtype in ["F64", "BOOL", "U8", "F8_E4M3", "Q4_K"] {
         let header = format!(r#"{{"x":{{"dtype":"{dtype}","shape":[1],"data_offsets":[0,1]}}}}"#);
         let err = parse_err(&st_bytes(&header, &[0]));
-        assert!(err.contains(&format!("tensor `x`: unsupported dtype `{dtype}`")), "{err}");
+        assert!(
+            err.contains(&format!("tensor `x`: unsupported dtype `{dtype}`")),
+            "{err}"
+        );
     }
 }
 
@@ -288,7 +315,10 @@ fn rejects_unparsable_headers() {
         "{\"__metadata__\": [1]}",
     ] {
         let err = parse_err(&st_bytes(header, &[]));
-        assert!(err.starts_with("input `w.safetensors`: "), "{header}: {err}");
+        assert!(
+            err.starts_with("input `w.safetensors`: "),
+            "{header}: {err}"
+        );
     }
     let mut bytes = st_bytes("{\"\u{e9}\": 1}", &[]);
     bytes[10] = 0xff; // invalid UTF-8 inside the JSON
@@ -313,7 +343,9 @@ fn missing_file_and_directory() {
     let dir = tempfile::tempdir().unwrap();
     let err = read_safetensors(dir.path()).unwrap_err().to_string();
     assert!(err.ends_with("is a directory, not a file"), "{err}");
-    let err = read_safetensors(Path::new("/dev/null")).unwrap_err().to_string();
+    let err = read_safetensors(Path::new("/dev/null"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a regular file"), "{err}");
 }
 

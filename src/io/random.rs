@@ -100,8 +100,8 @@ pub fn standard_normal(seed: u64, stream: u64, len: usize) -> Vec<f32> {
 /// The natural logarithm of a positive, finite, normal `x`, from IEEE arithmetic only (so it is
 /// the same on every platform). Accurate to a few ulps, which is plenty for sampling.
 fn ln(x: f64) -> f64 {
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = 0.693_147_180_369_123_8;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     const SQRT2: f64 = std::f64::consts::SQRT_2;
     // x = m * 2^e with m in [sqrt(1/2), sqrt(2))
     let bits = x.to_bits();

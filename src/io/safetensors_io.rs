@@ -130,7 +130,7 @@ pub fn parse_safetensors_from(bytes: &[u8], path: &Path) -> Result<Vec<(String, 
         entries.push(check_entry(path, name, &value, data_len)?);
     }
 
-    entries.sort_by(|a, b| (a.begin, a.end).cmp(&(b.begin, b.end)));
+    entries.sort_by_key(|e| (e.begin, e.end));
     let mut covered = 0usize;
     let mut previous: Option<&Entry> = None;
     for e in &entries {

@@ -131,7 +131,11 @@ impl Jit {
     pub fn define_kernel(
         &mut self,
         name: &str,
-        body: impl FnOnce(&mut FunctionBuilder, &mut JITModule, [cranelift_codegen::ir::Value; 5]) -> Result<()>,
+        body: impl FnOnce(
+            &mut FunctionBuilder,
+            &mut JITModule,
+            [cranelift_codegen::ir::Value; 5],
+        ) -> Result<()>,
     ) -> Result<FuncId> {
         let codegen = |detail: String| JitError::Codegen {
             kernel: name.to_string(),
@@ -360,7 +364,11 @@ impl KernelHandle {
         if output.len() != self.output_len {
             return Err(JitError::Buffer {
                 input: format!("{} output", self.name),
-                detail: format!("expected {} elements, got {}", self.output_len, output.len()),
+                detail: format!(
+                    "expected {} elements, got {}",
+                    self.output_len,
+                    output.len()
+                ),
             });
         }
         let units = self.batches.saturating_mul(self.rows);
@@ -408,6 +416,6 @@ impl KernelHandle {
                 run_units(0, chunk.min(units));
             });
         }
-                Ok(())
+        Ok(())
     }
 }

@@ -238,8 +238,9 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings) -> Result<Plan> {
         .map_err(|e| JitError::Shape(e.to_string()))?;
     let mut input_shapes = Vec::with_capacity(kernel.params.len());
     for p in &kernel.params {
-        let s = attnc_ir::dim::resolve_shape(&p.shape, bindings)
-            .ok_or_else(|| JitError::Shape(format!("input `{}` has an unbound dimension", p.name)))?;
+        let s = attnc_ir::dim::resolve_shape(&p.shape, bindings).ok_or_else(|| {
+            JitError::Shape(format!("input `{}` has an unbound dimension", p.name))
+        })?;
         input_shapes.push(s);
     }
     let buffers = input_shapes

@@ -268,7 +268,8 @@ impl CompiledKernel {
                 match (&step.kind, handle) {
                     (StepKind::Cast(to), _) => cast(views[0], &mut out, *to),
                     (_, Some(h)) => {
-                        let t = if step.cost(&self.plan.buffers) >= self.options.parallel_threshold {
+                        let t = if step.cost(&self.plan.buffers) >= self.options.parallel_threshold
+                        {
                             threads
                         } else {
                             1

@@ -19,7 +19,7 @@
 //! | [`emit_elu`] | [-20, 20] | 1.8e-7 |
 
 use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4};
+use cranelift_codegen::ir::types::{F32X4, I32, I32X4};
 use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
@@ -83,7 +83,7 @@ pub fn select_f32(b: &mut FunctionBuilder, cond: Value, a: Value, c: Value) -> V
 fn pow2i(b: &mut FunctionBuilder, k: Value) -> Value {
     let bias = splat_i32(b, 127);
     let e = b.ins().iadd(k, bias);
-    let bits = b.ins().ishl_imm(e, 23);
+    let bits = b.ins().ishl_imm_u(e, 23);
     as_float(b, bits)
 }
 
@@ -113,7 +113,7 @@ fn reduce(b: &mut FunctionBuilder, x: Value) -> (Value, Value) {
 /// Splits `k` (i32x4, |k| ≤ 252) into two scales `2^(k>>1)` and `2^(k - (k>>1))`, each a normal
 /// f32, so that results near overflow and in the subnormal range are rounded once.
 fn split_scale(b: &mut FunctionBuilder, k: Value) -> (Value, Value) {
-    let k1 = b.ins().sshr_imm(k, 1);
+    let k1 = b.ins().sshr_imm_u(k, 1);
     let k2 = b.ins().isub(k, k1);
     let s1 = pow2i(b, k1);
     let s2 = pow2i(b, k2);
@@ -185,7 +185,7 @@ pub fn emit_log(b: &mut FunctionBuilder, x: Value) -> Value {
     let adj = b.ins().band(is_sub, sub_adj);
 
     let bits = as_int(b, xs);
-    let exp_bits = b.ins().ushr_imm(bits, 23);
+    let exp_bits = b.ins().ushr_imm_u(bits, 23);
     let mask8 = splat_i32(b, 0xff);
     let exp_bits = b.ins().band(exp_bits, mask8);
     let bias = splat_i32(b, 127);
@@ -211,13 +211,7 @@ pub fn emit_log(b: &mut FunctionBuilder, x: Value) -> Value {
     let s = b.ins().fdiv(num, den);
     let s2 = b.ins().fmul(s, s);
     // 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + ... + s^10/11)
-    let coeffs = [
-        2.0 / 11.0,
-        2.0 / 9.0,
-        2.0 / 7.0,
-        2.0 / 5.0,
-        2.0 / 3.0,
-    ];
+    let coeffs = [2.0 / 11.0, 2.0 / 9.0, 2.0 / 7.0, 2.0 / 5.0, 2.0 / 3.0];
     let mut p = splat_f32(b, coeffs[0]);
     for &c in &coeffs[1..] {
         let cv = splat_f32(b, c);
@@ -309,7 +303,8 @@ mod tests {
         let mut sig = module.make_signature();
         sig.params.push(AbiParam::new(ptr));
         sig.params.push(AbiParam::new(ptr));
-        sig.params.push(AbiParam::new(cranelift_codegen::ir::types::I64));
+        sig.params
+            .push(AbiParam::new(cranelift_codegen::ir::types::I64));
         let id = module
             .declare_function("vecfn", Linkage::Local, &sig)
             .expect("declare");
@@ -329,18 +324,24 @@ mod tests {
             let cnt = b.block_params(entry)[2];
             let zero = b.ins().iconst(cranelift_codegen::ir::types::I64, 0);
             b.append_block_param(body, cranelift_codegen::ir::types::I64);
-            let c0 = b.ins().icmp_imm(cranelift_codegen::ir::condcodes::IntCC::Equal, cnt, 0);
+            let c0 = b
+                .ins()
+                .icmp_imm_s(cranelift_codegen::ir::condcodes::IntCC::Equal, cnt, 0);
             b.ins().brif(c0, exit, &[], body, &[zero.into()]);
             b.switch_to_block(body);
             let i = b.block_params(body)[0];
-            let off = b.ins().imul_imm(i, 16);
+            let off = b.ins().imul_imm_s(i, 16);
             let ps = b.ins().iadd(src, off);
             let pd = b.ins().iadd(dst, off);
             let x = b.ins().load(F32X4, MemFlagsData::new(), ps, 0);
             let y = emit(&mut b, x);
             b.ins().store(MemFlagsData::new(), y, pd, 0);
-            let i1 = b.ins().iadd_imm(i, 1);
-            let more = b.ins().icmp(cranelift_codegen::ir::condcodes::IntCC::UnsignedLessThan, i1, cnt);
+            let i1 = b.ins().iadd_imm_s(i, 1);
+            let more = b.ins().icmp(
+                cranelift_codegen::ir::condcodes::IntCC::UnsignedLessThan,
+                i1,
+                cnt,
+            );
             b.ins().brif(more, body, &[i1.into()], exit, &[]);
             b.switch_to_block(exit);
             b.ins().return_(&[]);
@@ -401,7 +402,10 @@ mod tests {
         for (&x, &g) in xs.iter().zip(&got) {
             let w = f64::from(x).exp();
             if w < f64::from(f32::MIN_POSITIVE) {
-                assert!((f64::from(g) - w).abs() <= 1.5e-45, "exp({x}) = {g}, want {w}");
+                assert!(
+                    (f64::from(g) - w).abs() <= 1.5e-45,
+                    "exp({x}) = {g}, want {w}"
+                );
             }
         }
     }
@@ -473,7 +477,16 @@ mod tests {
         eprintln!("log max error {worst:e}");
         let got = run(
             f,
-            &[0.0, -0.0, -1.0, f32::INFINITY, f32::NAN, 1e-45, f32::NEG_INFINITY, 1.0],
+            &[
+                0.0,
+                -0.0,
+                -1.0,
+                f32::INFINITY,
+                f32::NAN,
+                1e-45,
+                f32::NEG_INFINITY,
+                1.0,
+            ],
         );
         assert_eq!(got[0], f32::NEG_INFINITY);
         assert_eq!(got[1], f32::NEG_INFINITY);

@@ -123,11 +123,19 @@ pub fn row_keys(pattern: &MaskPattern, ia: i64, n: i64) -> RowKeys {
         MaskPattern::Causal => exact(IntervalSet::span(0, ia.saturating_add(1), n)),
         MaskPattern::Window(w) => {
             let w = sat(*w);
-            exact(IntervalSet::span(ia.saturating_sub(w), ia.saturating_add(w).saturating_add(1), n))
+            exact(IntervalSet::span(
+                ia.saturating_sub(w),
+                ia.saturating_add(w).saturating_add(1),
+                n,
+            ))
         }
         MaskPattern::Dilated { w, r } => {
             let reach = sat(*w).saturating_mul(sat((*r).max(1)));
-            let maybe = IntervalSet::span(ia.saturating_sub(reach), ia.saturating_add(reach).saturating_add(1), n);
+            let maybe = IntervalSet::span(
+                ia.saturating_sub(reach),
+                ia.saturating_add(reach).saturating_add(1),
+                n,
+            );
             let sure = if *r <= 1 {
                 maybe.clone()
             } else {
@@ -225,14 +233,6 @@ pub fn classify(
     }
     let sure_all = sure_all.unwrap_or_default();
     let mut runs: Vec<TileRun> = Vec::new();
-    let mut push = |t: usize, kind: TileKind| match runs.last_mut() {
-        Some(last) if last.end == t && last.kind == kind => last.end = t + 1,
-        _ => runs.push(TileRun {
-            first: t,
-            end: t + 1,
-            kind,
-        }),
-    };
     for &(lo, hi) in maybe_any.spans() {
         // Tiles meeting [lo, hi); consecutive spans may share a boundary tile.
         let t_lo = (lo as usize) / tk;
@@ -248,7 +248,14 @@ pub fn classify(
             } else {
                 TileKind::Partial
             };
-            push(t, kind);
+            match runs.last_mut() {
+                Some(last) if last.end == t && last.kind == kind => last.end = t + 1,
+                _ => runs.push(TileRun {
+                    first: t,
+                    end: t + 1,
+                    kind,
+                }),
+            }
         }
     }
     runs
@@ -285,7 +292,10 @@ mod tests {
             let runs = classify(Some(p), m, n, i0, i1, tk);
             let mut kind_of = vec![None; n.div_ceil(tk)];
             for r in &runs {
-                assert!(r.first < r.end && r.end <= kind_of.len(), "{p} bad run {r:?}");
+                assert!(
+                    r.first < r.end && r.end <= kind_of.len(),
+                    "{p} bad run {r:?}"
+                );
                 for t in r.first..r.end {
                     assert!(kind_of[t].is_none(), "{p} tile {t} listed twice");
                     kind_of[t] = Some(r.kind);

@@ -49,8 +49,15 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         .iter()
         .map(|s| s.as_ref().map(|t| t.shape.clone()))
         .collect();
-    let bindings = attnc::ir::bind::bind_shapes(kernel, &shapes, &given)
-        .map_err(|e| Failure::input("shape", e.to_string()))?;
+    let bindings = match attnc::ir::bind::bind_shapes(kernel, &shapes, &given) {
+        Ok(bindings) => bindings,
+        // `explain` shows the symbolic program when some symbols are left unbound.
+        Err(attnc::ir::bind::BindError::Unbound { .. }) if !need_inputs => given
+            .into_iter()
+            .filter(|(symbol, _)| attnc::ir::bind::kernel_symbols(kernel).contains(symbol))
+            .collect(),
+        Err(e) => return Err(Failure::input("shape", e.to_string())),
+    };
 
     if need_inputs || args.random.is_some() {
         fill_missing(kernel, &mut slots, &bindings, args.random)?;

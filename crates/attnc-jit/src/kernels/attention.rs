@@ -20,7 +20,7 @@
 //! empty tile would then contribute `exp(fill - max)` per skipped key, which the block-sparse
 //! loop never visits), a mask inside the score expression rather than directly under the
 //! softmax, an intermediate node with users outside the pattern (it must be materialized), and
-//! shapes past 2^30 rows or keys.
+//! shapes past 2^29 rows or keys.
 
 mod codegen;
 
@@ -352,21 +352,24 @@ pub fn match_attention(
     if xs.len() < 2 || xs[xs.len() - 2] != m || xs[xs.len() - 1] != n {
         return None;
     }
-    if m >= 1 << 30 || n >= 1 << 30 {
+    if m >= 1 << 29 || n >= 1 << 29 {
         return None;
     }
     let q_ref = mt.tensor(q, &batch, m, d)?;
     let k_ref = mt.tensor(k, &batch, n, d)?;
     let v_ref = mt.tensor(v, &batch, n, dv)?;
     // Rows of Q, K, V must be contiguous for vector loads.
-    if (d > 1 && (q_ref.col_stride != 1 || k_ref.col_stride != 1)) || (dv > 1 && v_ref.col_stride != 1) {
+    if (d > 1 && (q_ref.col_stride != 1 || k_ref.col_stride != 1))
+        || (dv > 1 && v_ref.col_stride != 1)
+    {
         return None;
     }
     let mut biases = Vec::new();
     for &b in &mt.biases {
         biases.push(mt.tensor(b, &batch, m, n)?);
     }
-    if mask.is_some() && matches!(mask, Some(ref p) if contains_dilated(p)) && m + n + 2 >= 1 << 24 {
+    if mask.is_some() && matches!(mask, Some(ref p) if contains_dilated(p)) && m + n + 2 >= 1 << 24
+    {
         return None;
     }
     // Every inner node is used only inside the pattern, and none is the kernel's output.
@@ -375,7 +378,11 @@ pub fn match_attention(
         if mt.inner.contains(&user) {
             continue;
         }
-        if graph.operands(user).iter().any(|o| *o != node && mt.inner.contains(o)) {
+        if graph
+            .operands(user)
+            .iter()
+            .any(|o| *o != node && mt.inner.contains(o))
+        {
             return None;
         }
     }
@@ -401,7 +408,9 @@ pub fn match_attention(
 fn contains_dilated(p: &MaskPattern) -> bool {
     match p {
         MaskPattern::Dilated { .. } => true,
-        MaskPattern::And(a, b) | MaskPattern::Or(a, b) => contains_dilated(a) || contains_dilated(b),
+        MaskPattern::And(a, b) | MaskPattern::Or(a, b) => {
+            contains_dilated(a) || contains_dilated(b)
+        }
         _ => false,
     }
 }

@@ -8,8 +8,8 @@
 
 use super::{counted_loop, elem_addr, iconst, mem, KernelArgs};
 use crate::error::Result;
-use attnc_ir::{BinaryOp, MaskPattern, UnaryOp};
 use crate::simd;
+use attnc_ir::{BinaryOp, MaskPattern, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
@@ -229,11 +229,7 @@ struct RowCtx {
 }
 
 /// Generates the body of an elementwise kernel.
-pub fn emit(
-    b: &mut FunctionBuilder,
-    args: KernelArgs,
-    spec: &ElementwiseSpec,
-) -> Result<()> {
+pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &ElementwiseSpec) -> Result<()> {
     let rank = spec.shape.len();
     let len = spec.row_len();
     let lead: Vec<usize> = if rank == 0 {
@@ -469,7 +465,9 @@ pub fn keeps(b: &mut FunctionBuilder, pattern: &MaskPattern, ia: Value, j: Value
 /// `|d| <= bound` for i64 `d` (`bound >= 0`), without overflow on `i64::MIN`.
 fn abs_le(b: &mut FunctionBuilder, d: Value, bound: i64) -> Value {
     let hi = b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, d, bound);
-    let lo = b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, d, -bound);
+    let lo = b
+        .ins()
+        .icmp_imm_s(IntCC::SignedGreaterThanOrEqual, d, -bound);
     b.ins().band(hi, lo)
 }
 

@@ -98,7 +98,9 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &MatMulSpec) -> Res
             Ok(())
         })?;
     } else if spec.b_rs == 1 && spec.a_cs == 1 && spec.k >= 4 {
-        counted_loop(b, args.begin, args.end, 1, |b, i| dot_row(b, spec, &bases, i))?;
+        counted_loop(b, args.begin, args.end, 1, |b, i| {
+            dot_row(b, spec, &bases, i)
+        })?;
     } else {
         counted_loop(b, args.begin, args.end, 1, |b, i| {
             let zero = iconst(b, 0);
@@ -227,7 +229,14 @@ fn scalar_element(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: 
 }
 
 /// Stores scalar `x` at C[i, j].
-fn store_c(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: Value, j: Value, x: Value) {
+fn store_c(
+    b: &mut FunctionBuilder,
+    spec: &MatMulSpec,
+    bases: &Bases,
+    i: Value,
+    j: Value,
+    x: Value,
+) {
     let off = b.ins().imul_imm_s(i, spec.n as i64);
     let off = b.ins().iadd(off, j);
     let addr = elem_addr(b, bases.c, off);

@@ -41,8 +41,7 @@ impl KernelArgs {
 
     /// Loads the pointer of operand buffer `k`.
     pub fn input_ptr(&self, b: &mut FunctionBuilder, k: usize) -> Value {
-        b.ins()
-            .load(types::I64, mem(), self.inputs, (8 * k) as i32)
+        b.ins().load(types::I64, mem(), self.inputs, (8 * k) as i32)
     }
 }
 

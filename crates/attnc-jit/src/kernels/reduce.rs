@@ -8,11 +8,11 @@
 
 use super::{counted_loop, elem_addr, iconst, mem, KernelArgs};
 use crate::error::Result;
+use crate::simd;
 use attnc_ir::ReduceOp;
 use cranelift_codegen::ir::condcodes::FloatCC;
 use cranelift_codegen::ir::{types, InstBuilder, Value};
 use cranelift_frontend::FunctionBuilder;
-use crate::simd;
 
 /// The `[outer, len, inner]` view of a reduction or softmax.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,11 +121,7 @@ pub fn emit_reduce(
 }
 
 /// Generates the body of a softmax kernel: output `[outer, len, inner]`.
-pub fn emit_softmax(
-    b: &mut FunctionBuilder,
-    args: KernelArgs,
-    spec: AxisSpec,
-) -> Result<()> {
+pub fn emit_softmax(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) -> Result<()> {
     let ptr = args.input_ptr(b, 0);
     each_lane(b, args, spec, |b, base, _| {
         let ninf = b.ins().f32const(f32::NEG_INFINITY);

@@ -63,8 +63,7 @@ pub fn reference(kernel: &Kernel, b: &Bindings, ins: &[(Vec<usize>, Vec<f32>)]) 
     let arrays: Vec<ArrayD<f64>> = ins
         .iter()
         .map(|(s, v)| {
-            ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| x as f64).collect())
-                .expect("shape")
+            ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| x as f64).collect()).expect("shape")
         })
         .collect();
     attnc_ir::interp::evaluate(kernel, b, &arrays).expect("interpreter")
@@ -113,7 +112,10 @@ pub fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
     for (g, w) in got.iter().zip(want.iter()) {
         let g = *g as f64;
         if w.is_nan() || g.is_nan() {
-            assert!(w.is_nan() && g.is_nan(), "NaN mismatch: jit {g}, interpreter {w}");
+            assert!(
+                w.is_nan() && g.is_nan(),
+                "NaN mismatch: jit {g}, interpreter {w}"
+            );
             continue;
         }
         if w.is_infinite() || g.is_infinite() {
@@ -135,9 +137,13 @@ pub fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
 pub fn check(src: &str, dims: &[(&str, u64)], seed: u64) -> f64 {
     let k = kernel(src);
     let b = bindings(dims);
-    let compiled = CompiledKernel::compile(&k, &b, &CompileOptions {
-        parallel_threshold: 0,
-    })
+    let compiled = CompiledKernel::compile(
+        &k,
+        &b,
+        &CompileOptions {
+            parallel_threshold: 0,
+        },
+    )
     .unwrap_or_else(|e| panic!("compile: {e}"));
     let ins = inputs(&k, &b, seed);
     let want = reference(&k, &b, &ins);
@@ -147,6 +153,9 @@ pub fn check(src: &str, dims: &[(&str, u64)], seed: u64) -> f64 {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&one.data), bits(&two.data), "threads 1 vs 2 differ");
     let err = rel_l2(&one.data, &want);
-    assert!(err <= REL_L2, "relative L2 error {err} > {REL_L2} for {src} at {dims:?}");
+    assert!(
+        err <= REL_L2,
+        "relative L2 error {err} > {REL_L2} for {src} at {dims:?}"
+    );
     err
 }

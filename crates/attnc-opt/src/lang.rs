@@ -1,0 +1,200 @@
+//! The e-graph language: one node per IR op, leaf atoms for non-child data, mask patterns as
+//! small trees, and the fused "kernel form" nodes the extractor may pick.
+//!
+//! Non-child data is spelled as leaf [`Atom`]s so rules can match and rebuild it with plain
+//! patterns (which keeps every rule checkable by egg's `check_proof`):
+//!
+//! ```text
+//! (softmax (div (matmul q (transpose k)) (sqrt (dim d))) 2)
+//! (mask s (and causal (window 256)) -inf)
+//! (attention q k v scale (and causal (window 256)))
+//! ```
+//!
+//! `(input q)` is kernel parameter `q`; `(const 0.5)` is a scalar; `(dim d)` is the value of a
+//! dimension symbol; `(fill 1 h n)` is an array of ones of shape `[h, n]`; reductions and
+//! softmax take their (already normalized) axis as a number atom.
+
+use egg::{define_language, Id, Symbol};
+use std::fmt;
+use std::str::FromStr;
+
+/// A leaf carrying data: a number (stored as f64 bits so it can be hashed and ordered) or a
+/// name (a parameter, a dimension symbol or a storage type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Atom {
+    /// A number: a constant, a fill value, an axis, a window size.
+    Num(NumBits),
+    /// A name: a parameter, a dimension symbol, a dtype keyword.
+    Name(Symbol),
+}
+
+/// An f64 stored by its bits, so `-inf` and `NaN` are ordinary hashable atoms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NumBits(pub u64);
+
+impl NumBits {
+    /// The stored value.
+    pub fn value(self) -> f64 {
+        f64::from_bits(self.0)
+    }
+}
+
+impl Atom {
+    /// A number atom.
+    pub fn num(value: f64) -> Atom {
+        Atom::Num(NumBits(value.to_bits()))
+    }
+
+    /// The number, if this is a number atom.
+    pub fn as_num(&self) -> Option<f64> {
+        match self {
+            Atom::Num(bits) => Some(bits.value()),
+            Atom::Name(_) => None,
+        }
+    }
+
+    /// The number as a non-negative integer (axes, sizes).
+    pub fn as_index(&self) -> Option<u64> {
+        let v = self.as_num()?;
+        (v >= 0.0 && v.fract() == 0.0 && v < 9.0e15).then_some(v as u64)
+    }
+
+    /// The name, if this is a name atom.
+    pub fn as_name(&self) -> Option<&str> {
+        match self {
+            Atom::Name(s) => Some(s.as_str()),
+            Atom::Num(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Atom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Atom::Num(bits) => {
+                let v = bits.value();
+                if v.fract() == 0.0 && v.abs() < 1e15 {
+                    write!(f, "{}", v as i64)
+                } else {
+                    write!(f, "{v:?}")
+                }
+            }
+            Atom::Name(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+impl FromStr for Atom {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Atom, Self::Err> {
+        Ok(match s.parse::<f64>() {
+            Ok(v) => Atom::num(v),
+            Err(_) => Atom::Name(Symbol::from(s)),
+        })
+    }
+}
+
+define_language! {
+    /// The optimizer's language (see the module docs for the spelling).
+    pub enum Attn {
+        // ---- leaves of the dataflow ----
+        "input" = Input(Id),
+        "const" = Const(Id),
+        "dim" = DimValue(Id),
+        "fill" = Fill(Box<[Id]>),
+        "relpos" = RelPos([Id; 2]),
+        // ---- elementwise ----
+        "neg" = Neg(Id),
+        "exp" = Exp(Id),
+        "log" = Log(Id),
+        "sqrt" = Sqrt(Id),
+        "rsqrt" = Rsqrt(Id),
+        "tanh" = Tanh(Id),
+        "sigmoid" = Sigmoid(Id),
+        "relu" = Relu(Id),
+        "elu" = Elu(Id),
+        "abs" = Abs(Id),
+        "add" = Add([Id; 2]),
+        "sub" = Sub([Id; 2]),
+        "mul" = Mul([Id; 2]),
+        "div" = Div([Id; 2]),
+        "maximum" = Maximum([Id; 2]),
+        "minimum" = Minimum([Id; 2]),
+        // ---- structure ----
+        "matmul" = MatMul([Id; 2]),
+        "transpose" = Transpose(Id),
+        "sum" = Sum([Id; 2]),
+        "max" = Max([Id; 2]),
+        "mean" = Mean([Id; 2]),
+        "softmax" = Softmax([Id; 2]),
+        "mask" = Mask([Id; 3]),
+        "cast" = Cast([Id; 2]),
+        // ---- mask patterns ----
+        "all" = All,
+        "causal" = Causal,
+        "window" = Window(Id),
+        "dilated" = Dilated([Id; 2]),
+        "global" = Global(Id),
+        "block" = Block(Id),
+        "and" = And([Id; 2]),
+        "or" = Or([Id; 2]),
+        // ---- kernel forms ----
+        // softmax(mask((q @ kᵀ) * scale, pattern)) @ v, computed online without the score matrix
+        "attention" = Attention([Id; 5]),
+        // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1)): linear attention through the [d, dv] key-value state
+        "linear-attention" = LinearAttention([Id; 3]),
+        // ---- data ----
+        Leaf(Atom),
+    }
+}
+
+impl Attn {
+    /// The atom, if this node is a leaf.
+    pub fn atom(&self) -> Option<Atom> {
+        match self {
+            Attn::Leaf(a) => Some(*a),
+            _ => None,
+        }
+    }
+
+    /// True for the nodes that describe mask patterns.
+    pub fn is_pattern(&self) -> bool {
+        matches!(
+            self,
+            Attn::All
+                | Attn::Causal
+                | Attn::Window(_)
+                | Attn::Dilated(_)
+                | Attn::Global(_)
+                | Attn::Block(_)
+                | Attn::And(_)
+                | Attn::Or(_)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use egg::RecExpr;
+
+    #[test]
+    fn atoms_round_trip_through_text() {
+        for text in ["2", "-inf", "0.125", "NaN", "q", "f16"] {
+            let atom: Atom = text.parse().expect("infallible");
+            assert_eq!(atom.to_string(), text);
+        }
+        assert_eq!(Atom::num(3.0).as_index(), Some(3));
+        assert_eq!(Atom::num(-1.0).as_index(), None);
+    }
+
+    #[test]
+    fn expressions_parse_and_print() {
+        let text = "(attention (input q) (input k) (input v) (const 1) (and causal (window 256)))";
+        let expr: RecExpr<Attn> = text.parse().expect("valid");
+        assert_eq!(expr.to_string(), text);
+        let masked: RecExpr<Attn> = "(mask (input s) causal -inf)".parse().expect("valid");
+        assert_eq!(masked.to_string(), "(mask (input s) causal -inf)");
+    }
+}
