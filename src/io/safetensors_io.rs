@@ -186,8 +186,8 @@ pub fn parse_safetensors_from(bytes: &[u8], path: &Path) -> Result<Vec<(String, 
         let view = parsed.tensor(&e.name).map_err(|err| {
             bad(
                 path,
-                format!("tensor `{}`", e.name),
-                lower_first(&err.to_string()),
+                format!("tensor `{}`: {}", e.name, lower_first(&err.to_string())),
+                "",
             )
         })?;
         let raw = view.data();
@@ -209,7 +209,7 @@ pub fn parse_safetensors_from(bytes: &[u8], path: &Path) -> Result<Vec<(String, 
             ),
         };
         let tensor = Tensor::new(e.shape, data)
-            .map_err(|err| bad(path, format!("tensor `{}`", e.name), err.to_string()))?;
+            .map_err(|err| bad(path, format!("tensor `{}`: {err}", e.name), ""))?;
         out.push((e.name, tensor));
     }
     Ok(out)
@@ -246,7 +246,7 @@ fn check_entry(
     value: &serde_json::Value,
     data_len: usize,
 ) -> Result<Entry, IoError> {
-    let field_err = |msg: String| bad(path, format!("tensor `{name}`"), msg);
+    let field_err = |msg: String| bad(path, format!("tensor `{name}`: {msg}"), "");
     let serde_json::Value::Object(obj) = value else {
         return Err(field_err("its entry is not a JSON object".into()));
     };
