@@ -13,6 +13,7 @@
 //! other buffer is written by exactly one step, before any step that reads it.
 
 use crate::error::{JitError, Result};
+use crate::kernels::attention::{match_attention, AttentionSpec};
 use crate::kernels::elementwise::{Coord, ElementwiseSpec, Expr};
 use crate::kernels::matmul::MatMulSpec;
 use crate::kernels::reduce::AxisSpec;
@@ -49,6 +50,8 @@ pub enum StepKind {
     Softmax(AxisSpec),
     /// Rounding to a storage type and back, done by the host (f16/bf16 returns).
     Cast(DType),
+    /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads every kernel input (f32, widened).
+    Attention(AttentionSpec),
 }
 
 /// One step: reads `inputs`, writes all of `output`.
@@ -72,6 +75,7 @@ impl Step {
             StepKind::MatMul(s) => s.work(),
             StepKind::Reduce(_, s) | StepKind::Softmax(s) => s.work(),
             StepKind::Cast(_) => (1, 1),
+            StepKind::Attention(s) => (s.batch_count(), s.m),
         }
     }
 
@@ -79,6 +83,11 @@ impl Step {
     pub fn cost(&self, buffers: &[BufferInfo]) -> usize {
         match &self.kind {
             StepKind::MatMul(s) => s.flops(),
+            StepKind::Attention(s) => 4usize
+                .saturating_mul(s.batch_count())
+                .saturating_mul(s.m)
+                .saturating_mul(s.n)
+                .saturating_mul(s.d.max(s.dv).max(1)),
             _ => self
                 .inputs
                 .iter()
@@ -151,6 +160,7 @@ impl Planner<'_> {
             StepKind::Reduce(..) => "reduce",
             StepKind::Softmax(_) => "softmax",
             StepKind::Cast(_) => "cast",
+            StepKind::Attention(_) => "attention",
         };
         let name = format!("{}_s{}_{tag}", self.kernel.name, self.steps.len());
         self.steps.push(Step {
@@ -232,8 +242,9 @@ fn plan_error(op: &Op, detail: impl Into<String>) -> JitError {
     }
 }
 
-/// Lowers `kernel` at `bindings` to a plan.
-pub fn plan(kernel: &Kernel, bindings: &Bindings) -> Result<Plan> {
+/// Lowers `kernel` at `bindings` to a plan; `fuse_attention` lets the fused attention kernel
+/// replace every subgraph [`match_attention`] recognizes.
+pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Result<Plan> {
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;
     let mut input_shapes = Vec::with_capacity(kernel.params.len());
@@ -259,15 +270,37 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings) -> Result<Plan> {
         steps: Vec::new(),
     };
     let order = kernel.graph.topo_order();
+    // Fused attention first: a matched MatMul reads only kernel inputs, so the nodes of its
+    // subgraph are needed only if something else uses them.
+    let mut fused: Vec<Option<AttentionSpec>> = vec![None; kernel.graph.len()];
+    if fuse_attention {
+        for &id in &order {
+            if matches!(kernel.graph.node(id).op, Op::MatMul) {
+                fused[id.index()] = match_attention(kernel, id, &p.shapes);
+            }
+        }
+    }
+    let mut live = vec![false; kernel.graph.len()];
+    live[kernel.output.index()] = true;
     let mut users = vec![0usize; kernel.graph.len()];
-    for &id in &order {
+    for &id in order.iter().rev() {
+        if !live[id.index()] || fused[id.index()].is_some() {
+            continue;
+        }
         for op in kernel.graph.operands(id) {
+            live[op.index()] = true;
             users[op.index()] += 1;
         }
     }
     let mut vals: Vec<Option<Val>> = vec![None; kernel.graph.len()];
     for &id in &order {
-        let v = plan_node(&mut p, id, &vals, &input_shapes)?;
+        if !live[id.index()] {
+            continue;
+        }
+        let v = match fused[id.index()].take() {
+            Some(spec) => plan_attention(&mut p, spec, &input_shapes),
+            None => plan_node(&mut p, id, &vals, &input_shapes)?,
+        };
         let users = users[id.index()];
         let trivial = matches!(v.expr, Expr::Leaf { .. } | Expr::Const(_));
         let v = if !trivial && (users > 1 || v.expr.size() > MAX_FUSED_NODES) {
@@ -410,6 +443,22 @@ fn plan_node(
             plan_matmul(p, &node.op, &a, &b, &shape)?
         }
     })
+}
+
+/// The fused attention step; the kernel reads the inputs as the runtime passes them (f32).
+fn plan_attention(p: &mut Planner<'_>, mut spec: AttentionSpec, input_shapes: &[Vec<usize>]) -> Val {
+    for t in [&mut spec.q, &mut spec.k, &mut spec.v]
+        .into_iter()
+        .chain(spec.biases.iter_mut())
+    {
+        t.dtype = DType::F32;
+    }
+    let mut shape = spec.batch.clone();
+    shape.extend([spec.m, spec.dv]);
+    let out = p.new_buffer(shape.iter().product());
+    let inputs = (0..input_shapes.len()).collect();
+    p.push(StepKind::Attention(spec), inputs, out);
+    Planner::leaf(out, &shape)
 }
 
 fn plan_matmul(p: &mut Planner<'_>, op: &Op, a: &Val, b: &Val, shape: &[usize]) -> Result<Val> {

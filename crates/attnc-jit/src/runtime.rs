@@ -22,12 +22,15 @@ use std::time::{Duration, Instant};
 pub struct CompileOptions {
     /// Steps with fewer estimated operations than this run on one thread.
     pub parallel_threshold: usize,
+    /// Whether recognized attention subgraphs run as one fused kernel.
+    pub fuse_attention: bool,
 }
 
 impl Default for CompileOptions {
     fn default() -> CompileOptions {
         CompileOptions {
             parallel_threshold: 1 << 16,
+            fuse_attention: true,
         }
     }
 }
@@ -100,7 +103,7 @@ impl CompiledKernel {
         options: &CompileOptions,
     ) -> Result<CompiledKernel> {
         let start = Instant::now();
-        let plan = plan(kernel, bindings)?;
+        let plan = plan(kernel, bindings, options.fuse_attention)?;
         let mut jit = Jit::new()?;
         let mut ids = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
@@ -115,6 +118,15 @@ impl CompiledKernel {
                 StepKind::Reduce(op, spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::reduce::emit_reduce(b, KernelArgs::new(p), *op, *spec)
                 })?),
+                StepKind::Attention(spec) => {
+                    let (id, clif) = kernels::attention::define_attention(
+                        jit.module_mut(),
+                        spec,
+                        &step.name,
+                    )?;
+                    jit.record_text(&step.name, clif);
+                    Some(id)
+                }
                 StepKind::Softmax(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::reduce::emit_softmax(b, KernelArgs::new(p), *spec)
                 })?),

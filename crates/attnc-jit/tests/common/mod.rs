@@ -132,30 +132,33 @@ pub fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
     }
 }
 
-/// Compiles `src` at `dims`, runs JIT (1 and 2 threads) and interpreter on random inputs,
-/// asserts the bound and bit-identical thread results; returns the error.
+/// Compiles `src` at `dims` (with and without attention fusion), runs JIT (1 and 2 threads)
+/// and interpreter on random inputs, asserts the bound and bit-identical thread results;
+/// returns the larger error.
 pub fn check(src: &str, dims: &[(&str, u64)], seed: u64) -> f64 {
     let k = kernel(src);
     let b = bindings(dims);
-    let compiled = CompiledKernel::compile(
-        &k,
-        &b,
-        &CompileOptions {
-            parallel_threshold: 0,
-        },
-    )
-    .unwrap_or_else(|e| panic!("compile: {e}"));
     let ins = inputs(&k, &b, seed);
     let want = reference(&k, &b, &ins);
-    let one = run_jit(&compiled, &k, &ins, 1);
-    let two = run_jit(&compiled, &k, &ins, 2);
-    assert_eq!(one.shape, want.shape(), "shapes differ");
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&one.data), bits(&two.data), "threads 1 vs 2 differ");
-    let err = rel_l2(&one.data, &want);
-    assert!(
-        err <= REL_L2,
-        "relative L2 error {err} > {REL_L2} for {src} at {dims:?}"
-    );
-    err
+    let mut worst = 0.0f64;
+    for fuse_attention in [true, false] {
+        let options = CompileOptions {
+            parallel_threshold: 0,
+            fuse_attention,
+        };
+        let compiled =
+            CompiledKernel::compile(&k, &b, &options).unwrap_or_else(|e| panic!("compile: {e}"));
+        let one = run_jit(&compiled, &k, &ins, 1);
+        let two = run_jit(&compiled, &k, &ins, 2);
+        assert_eq!(one.shape, want.shape(), "shapes differ");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&one.data), bits(&two.data), "threads 1 vs 2 differ");
+        let err = rel_l2(&one.data, &want);
+        assert!(
+            err <= REL_L2,
+            "relative L2 error {err} > {REL_L2} for {src} at {dims:?} (fused: {fuse_attention})"
+        );
+        worst = worst.max(err);
+    }
+    worst
 }
