@@ -2,9 +2,22 @@
 //!
 //! A [`plan`] lowers an IR graph at bound shapes to kernels over buffers; [`kernels`] generate
 //! one Cranelift function each; [`jit`] owns the compiled code; [`runtime`] checks buffers and
-//! runs the plan across threads. Only [`jit`] contains `unsafe`.
+//! runs the plan across threads; [`cache`] keeps compiled kernels by (IR, shapes, options, CPU).
+//! Only [`jit`] contains `unsafe`.
+//!
+//! ```no_run
+//! # fn demo(kernel: &attnc_ir::Kernel, bindings: &attnc_ir::Bindings, x: &[f32]) -> attnc_jit::Result<()> {
+//! use attnc_jit::{CompileOptions, CompiledKernel, Input};
+//! let compiled = CompiledKernel::compile(kernel, bindings, &CompileOptions::default())?;
+//! let out = compiled.run(&[Input::F32(x)], 2)?; // checked: count, dtype, length
+//! for (name, clif) in compiled.clif() {
+//!     println!("{name}:\n{clif}");
+//! }
+//! # let _ = out; Ok(()) }
+//! ```
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod error;
 pub mod jit;
 pub mod kernels;

@@ -446,7 +446,11 @@ fn plan_node(
 }
 
 /// The fused attention step; the kernel reads the inputs as the runtime passes them (f32).
-fn plan_attention(p: &mut Planner<'_>, mut spec: AttentionSpec, input_shapes: &[Vec<usize>]) -> Val {
+fn plan_attention(
+    p: &mut Planner<'_>,
+    mut spec: AttentionSpec,
+    input_shapes: &[Vec<usize>],
+) -> Val {
     for t in [&mut spec.q, &mut spec.k, &mut spec.v]
         .into_iter()
         .chain(spec.biases.iter_mut())

@@ -119,11 +119,8 @@ impl CompiledKernel {
                     kernels::reduce::emit_reduce(b, KernelArgs::new(p), *op, *spec)
                 })?),
                 StepKind::Attention(spec) => {
-                    let (id, clif) = kernels::attention::define_attention(
-                        jit.module_mut(),
-                        spec,
-                        &step.name,
-                    )?;
+                    let (id, clif) =
+                        kernels::attention::define_attention(jit.module_mut(), spec, &step.name)?;
                     jit.record_text(&step.name, clif);
                     Some(id)
                 }

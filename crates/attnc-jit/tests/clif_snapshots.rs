@@ -1,0 +1,33 @@
+//! Golden CLIF of small kernels (insta; re-bless with `INSTA_UPDATE=always` or `cargo insta`).
+mod common;
+
+use attnc_jit::{CompileOptions, CompiledKernel};
+use common::{bindings, kernel};
+
+fn clif(src: &str, dims: &[(&str, u64)]) -> String {
+    let compiled =
+        CompiledKernel::compile(&kernel(src), &bindings(dims), &CompileOptions::default())
+            .expect("compile");
+    compiled
+        .clif()
+        .into_iter()
+        .map(|(name, text)| format!(";; {name}\n{text}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn elementwise_clif() {
+    insta::assert_snapshot!(clif(
+        "kernel f(x: f32[n, d], b: f32[d]) -> f32[n, d] { return relu(x * 2 + b); }",
+        &[("n", 2), ("d", 6)],
+    ));
+}
+
+#[test]
+fn matmul_clif() {
+    insta::assert_snapshot!(clif(
+        "kernel f(a: f32[m, k], b: f32[k, n]) -> f32[m, n] { return a @ b; }",
+        &[("m", 5), ("k", 3), ("n", 9)],
+    ));
+}

@@ -1,0 +1,475 @@
+//! IR ⇄ `RecExpr`: [`to_recexpr`] turns a kernel's graph into an expression of the e-graph
+//! language, [`to_kernel`] turns an extracted expression back into a fresh IR kernel with
+//! recomputed symbolic shapes. Fused kernel-form nodes come back as the equivalent plain IR
+//! subgraph (`softmax(mask((q @ kᵀ) * scale)) @ v`, the form the JIT's attention matcher
+//! recognizes), so the interpreter and every later stage can run the result.
+//!
+//! Both directions walk nodes in topological order; only mask patterns (a few levels deep)
+//! are converted recursively.
+
+use crate::lang::{Atom, Attn};
+use crate::OptError;
+use attnc_ir::{BinaryOp, DType, Dim, Graph, Kernel, MaskPattern, Node, NodeId, Op, ReduceOp};
+use attnc_ir::{Shape, UnaryOp};
+use attnc_syntax::Span;
+use egg::{Id, RecExpr, Symbol};
+use std::collections::HashMap;
+
+/// Converts the graph of `kernel` to an expression whose root is the kernel's output.
+pub fn to_recexpr(kernel: &Kernel) -> Result<RecExpr<Attn>, OptError> {
+    let mut expr = RecExpr::default();
+    let mut ids: HashMap<NodeId, Id> = HashMap::new();
+    for node_id in kernel.graph.topo_order() {
+        let node = kernel.graph.node(node_id);
+        let operands: Vec<Id> = kernel
+            .graph
+            .operands(node_id)
+            .iter()
+            .map(|o| ids.get(o).copied().ok_or(OptError::Malformed(node_id.index())))
+            .collect::<Result<_, _>>()?;
+        let id = add_op(&mut expr, &node.op, &node.shape, &operands)
+            .ok_or(OptError::Malformed(node_id.index()))?;
+        ids.insert(node_id, id);
+    }
+    if !ids.contains_key(&kernel.output) {
+        return Err(OptError::Malformed(kernel.output.index()));
+    }
+    // The output must be the root (the last node): re-add it when it is not already last.
+    let root = ids[&kernel.output];
+    if usize::from(root) + 1 != expr.as_ref().len() {
+        let node = expr[root].clone();
+        expr.add(node);
+    }
+    Ok(expr)
+}
+
+/// Adds a leaf atom.
+fn leaf(expr: &mut RecExpr<Attn>, atom: Atom) -> Id {
+    expr.add(Attn::Leaf(atom))
+}
+
+/// Adds a dimension as an atom: a name for a symbol, a number for a literal size.
+fn dim_leaf(expr: &mut RecExpr<Attn>, dim: &Dim) -> Id {
+    match dim {
+        Dim::Sym(s) => leaf(expr, Atom::Name(Symbol::from(s.as_str()))),
+        Dim::Const(c) => leaf(expr, Atom::num(*c as f64)),
+    }
+}
+
+/// Adds a mask pattern tree.
+fn add_pattern(expr: &mut RecExpr<Attn>, pattern: &MaskPattern) -> Id {
+    let num = |expr: &mut RecExpr<Attn>, v: u64| leaf(expr, Atom::num(v as f64));
+    let node = match pattern {
+        MaskPattern::Causal => Attn::Causal,
+        MaskPattern::Window(w) => Attn::Window(num(expr, *w)),
+        MaskPattern::Dilated { w, r } => Attn::Dilated([num(expr, *w), num(expr, *r)]),
+        MaskPattern::Global(g) => Attn::Global(num(expr, *g)),
+        MaskPattern::Block(b) => Attn::Block(num(expr, *b)),
+        MaskPattern::And(a, b) => Attn::And([add_pattern(expr, a), add_pattern(expr, b)]),
+        MaskPattern::Or(a, b) => Attn::Or([add_pattern(expr, a), add_pattern(expr, b)]),
+    };
+    expr.add(node)
+}
+
+/// Adds one IR op over already converted operands; `None` on an arity mismatch.
+fn add_op(expr: &mut RecExpr<Attn>, op: &Op, shape: &Shape, args: &[Id]) -> Option<Id> {
+    let one = |i: usize| args.get(i).copied();
+    let node = match op {
+        Op::Input { name, .. } => Attn::Input(leaf(expr, Atom::Name(Symbol::from(name.as_str())))),
+        Op::Const(v) => Attn::Const(leaf(expr, Atom::num(*v))),
+        Op::DimValue(d) => Attn::DimValue(dim_leaf(expr, d)),
+        Op::Fill { value } => {
+            let mut ids = vec![leaf(expr, Atom::num(*value))];
+            ids.extend(shape.iter().map(|d| dim_leaf(expr, d)));
+            Attn::Fill(ids.into_boxed_slice())
+        }
+        Op::RelPos => match shape.as_slice() {
+            [m, n] => Attn::RelPos([dim_leaf(expr, m), dim_leaf(expr, n)]),
+            _ => return None,
+        },
+        Op::Unary(u) => {
+            let x = one(0)?;
+            match u {
+                UnaryOp::Neg => Attn::Neg(x),
+                UnaryOp::Exp => Attn::Exp(x),
+                UnaryOp::Log => Attn::Log(x),
+                UnaryOp::Sqrt => Attn::Sqrt(x),
+                UnaryOp::Rsqrt => Attn::Rsqrt(x),
+                UnaryOp::Tanh => Attn::Tanh(x),
+                UnaryOp::Sigmoid => Attn::Sigmoid(x),
+                UnaryOp::Relu => Attn::Relu(x),
+                UnaryOp::Elu => Attn::Elu(x),
+                UnaryOp::Abs => Attn::Abs(x),
+            }
+        }
+        Op::Binary(b) => {
+            let pair = [one(0)?, one(1)?];
+            match b {
+                BinaryOp::Add => Attn::Add(pair),
+                BinaryOp::Sub => Attn::Sub(pair),
+                BinaryOp::Mul => Attn::Mul(pair),
+                BinaryOp::Div => Attn::Div(pair),
+                BinaryOp::Max => Attn::Maximum(pair),
+                BinaryOp::Min => Attn::Minimum(pair),
+            }
+        }
+        Op::MatMul => Attn::MatMul([one(0)?, one(1)?]),
+        Op::Transpose => Attn::Transpose(one(0)?),
+        Op::Reduce { op, axis } => {
+            let pair = [one(0)?, leaf(expr, Atom::num(*axis as f64))];
+            match op {
+                ReduceOp::Sum => Attn::Sum(pair),
+                ReduceOp::Max => Attn::Max(pair),
+                ReduceOp::Mean => Attn::Mean(pair),
+            }
+        }
+        Op::Softmax { axis } => Attn::Softmax([one(0)?, leaf(expr, Atom::num(*axis as f64))]),
+        Op::Mask { pattern, fill } => {
+            let x = one(0)?;
+            let p = add_pattern(expr, pattern);
+            Attn::Mask([x, p, leaf(expr, Atom::num(*fill))])
+        }
+        Op::Cast { to } => {
+            let name = leaf(expr, Atom::Name(Symbol::from(to.keyword())));
+            Attn::Cast([one(0)?, name])
+        }
+    };
+    Some(expr.add(node))
+}
+
+/// Builds IR nodes with symbolic shapes.
+struct Builder<'a> {
+    /// The kernel whose parameters the new graph reads.
+    original: &'a Kernel,
+    /// The graph under construction.
+    graph: Graph,
+}
+
+impl Builder<'_> {
+    /// Adds a node, inferring its shape from its operands.
+    fn add(&mut self, op: Op, operands: &[NodeId], fill_shape: Option<Shape>) -> Option<NodeId> {
+        let shapes: Vec<&Shape> = operands
+            .iter()
+            .map(|&o| &self.graph.node(o).shape)
+            .collect();
+        let shape = match (&op, shapes.as_slice()) {
+            (Op::Const(_) | Op::DimValue(_), []) => vec![],
+            (Op::Fill { .. } | Op::RelPos, []) => fill_shape?,
+            (Op::Unary(_) | Op::Softmax { .. } | Op::Mask { .. } | Op::Cast { .. }, [x]) => {
+                (*x).clone()
+            }
+            (Op::Binary(_), [a, b]) => broadcast(a, b)?,
+            (Op::MatMul, [a, b]) => matmul(a, b)?,
+            (Op::Transpose, [x]) => transpose(x)?,
+            (Op::Reduce { axis, .. }, [x]) => {
+                let mut s = (*x).clone();
+                *s.get_mut(*axis)? = Dim::Const(1);
+                s
+            }
+            _ => return None,
+        };
+        let dtype = match op {
+            Op::Cast { to } => to,
+            _ => DType::F32,
+        };
+        let node = Node {
+            op,
+            shape,
+            dtype,
+            span: Span::default(),
+        };
+        Some(self.graph.add(node, operands))
+    }
+
+    /// The rank of a node.
+    fn rank(&self, id: NodeId) -> usize {
+        self.graph.node(id).shape.len()
+    }
+}
+
+/// NumPy broadcasting on symbolic shapes.
+fn broadcast(a: &[Dim], b: &[Dim]) -> Option<Shape> {
+    let rank = a.len().max(b.len());
+    let one = Dim::Const(1);
+    let mut out = Vec::with_capacity(rank);
+    for k in 0..rank {
+        let x = (k + a.len()).checked_sub(rank).map_or(&one, |i| &a[i]);
+        let y = (k + b.len()).checked_sub(rank).map_or(&one, |i| &b[i]);
+        out.push(if x == y || y.is_one() {
+            x.clone()
+        } else if x.is_one() {
+            y.clone()
+        } else {
+            return None;
+        });
+    }
+    Some(out)
+}
+
+/// The symbolic shape of `a @ b`.
+fn matmul(a: &[Dim], b: &[Dim]) -> Option<Shape> {
+    let (ra, rb) = (a.len(), b.len());
+    if ra < 2 || rb < 2 || a[ra - 1] != b[rb - 2] {
+        return None;
+    }
+    let mut out = broadcast(&a[..ra - 2], &b[..rb - 2])?;
+    out.extend([a[ra - 2].clone(), b[rb - 1].clone()]);
+    Some(out)
+}
+
+/// The symbolic shape of `x.T`.
+fn transpose(x: &[Dim]) -> Option<Shape> {
+    let rank = x.len();
+    if rank < 2 {
+        return None;
+    }
+    let mut out = x.to_vec();
+    out.swap(rank - 2, rank - 1);
+    Some(out)
+}
+
+/// Converts a pattern subtree of `expr` back to a [`MaskPattern`]; `None` for `all`.
+fn pattern_of(expr: &RecExpr<Attn>, id: Id) -> Result<Option<MaskPattern>, OptError> {
+    let bad = || OptError::Extracted(format!("not a mask pattern: {}", expr[id]));
+    let num = |i: Id| expr[i].atom().and_then(|a| a.as_index()).ok_or_else(bad);
+    let both = |a: Id, b: Id| -> Result<(MaskPattern, MaskPattern), OptError> {
+        match (pattern_of(expr, a)?, pattern_of(expr, b)?) {
+            (Some(a), Some(b)) => Ok((a, b)),
+            _ => Err(bad()),
+        }
+    };
+    Ok(Some(match expr[id] {
+        Attn::All => return Ok(None),
+        Attn::Causal => MaskPattern::Causal,
+        Attn::Window(w) => MaskPattern::Window(num(w)?),
+        Attn::Dilated([w, r]) => MaskPattern::Dilated {
+            w: num(w)?,
+            r: num(r)?,
+        },
+        Attn::Global(g) => MaskPattern::Global(num(g)?),
+        Attn::Block(b) => MaskPattern::Block(num(b)?),
+        Attn::And([a, b]) => {
+            let (a, b) = both(a, b)?;
+            MaskPattern::And(Box::new(a), Box::new(b))
+        }
+        Attn::Or([a, b]) => {
+            let (a, b) = both(a, b)?;
+            MaskPattern::Or(Box::new(a), Box::new(b))
+        }
+        _ => return Err(bad()),
+    }))
+}
+
+/// Converts an extracted expression back to a kernel with the signature of `original`.
+pub fn to_kernel(expr: &RecExpr<Attn>, original: &Kernel) -> Result<Kernel, OptError> {
+    let mut b = Builder {
+        original,
+        graph: Graph::new(),
+    };
+    for (index, param) in original.params.iter().enumerate() {
+        let node = Node {
+            op: Op::Input {
+                index,
+                name: param.name.clone(),
+            },
+            shape: param.shape.clone(),
+            dtype: param.dtype,
+            span: param.span,
+        };
+        b.graph.add(node, &[]);
+    }
+    let nodes = expr.as_ref();
+    let mut built: Vec<Option<NodeId>> = vec![None; nodes.len()];
+    for (index, node) in nodes.iter().enumerate() {
+        built[index] = build_node(&mut b, expr, node, &built)?;
+    }
+    let root = nodes
+        .len()
+        .checked_sub(1)
+        .and_then(|r| built[r])
+        .ok_or_else(|| OptError::Extracted("the root is not a value".into()))?;
+    let mut kernel = Kernel {
+        name: original.name.clone(),
+        params: original.params.clone(),
+        graph: b.graph,
+        output: root,
+        ret_dtype: original.ret_dtype,
+        approx: original.approx.clone(),
+        span: original.span,
+    };
+    crate::prune::prune(&mut kernel);
+    Ok(kernel)
+}
+
+/// Builds the IR for one e-node; `Ok(None)` for atoms and patterns (read by their users).
+fn build_node(
+    b: &mut Builder<'_>,
+    expr: &RecExpr<Attn>,
+    node: &Attn,
+    built: &[Option<NodeId>],
+) -> Result<Option<NodeId>, OptError> {
+    let bad = |what: &str| OptError::Extracted(format!("{what} in {node}"));
+    let value = |id: Id| built[usize::from(id)].ok_or_else(|| bad("an operand is not a value"));
+    let atom = |id: Id| expr[id].atom().ok_or_else(|| bad("an attribute is not an atom"));
+    let index = |id: Id| {
+        atom(id)?
+            .as_index()
+            .map(|v| v as usize)
+            .ok_or_else(|| bad("an axis is not an index"))
+    };
+    let dim = |id: Id| -> Result<Dim, OptError> {
+        let a = atom(id)?;
+        match (a.as_name(), a.as_index()) {
+            (Some(name), _) => Ok(Dim::Sym(name.to_string())),
+            (None, Some(v)) => Ok(Dim::Const(v)),
+            _ => Err(bad("a dimension is not a size")),
+        }
+    };
+    let fail = || bad("shapes do not agree");
+    if let Some((op, x)) = crate::analysis::unary_op(node) {
+        return Ok(Some(b.add(Op::Unary(op), &[value(x)?], None).ok_or_else(fail)?));
+    }
+    if let Some((op, [x, y])) = crate::analysis::binary_op(node) {
+        let ids = [value(x)?, value(y)?];
+        return Ok(Some(b.add(Op::Binary(op), &ids, None).ok_or_else(fail)?));
+    }
+    let id = match node {
+        Attn::Leaf(_) => return Ok(None),
+        n if n.is_pattern() => return Ok(None),
+        Attn::Input(name) => {
+            let name = atom(*name)?;
+            let position = b
+                .original
+                .params
+                .iter()
+                .position(|p| Some(p.name.as_str()) == name.as_name())
+                .ok_or_else(|| bad("an unknown parameter"))?;
+            return Ok(Some(NodeId::new(position)));
+        }
+        Attn::Const(v) => {
+            let v = atom(*v)?.as_num().ok_or_else(|| bad("a constant is not a number"))?;
+            b.add(Op::Const(v), &[], None)
+        }
+        Attn::DimValue(d) => match dim(*d)? {
+            Dim::Const(c) => b.add(Op::Const(c as f64), &[], None),
+            sym => b.add(Op::DimValue(sym), &[], None),
+        },
+        Attn::Fill(ids) => {
+            let (first, rest) = ids.split_first().ok_or_else(|| bad("a fill without value"))?;
+            let v = atom(*first)?.as_num().ok_or_else(|| bad("a fill value"))?;
+            let shape: Shape = rest.iter().map(|&d| dim(d)).collect::<Result<_, _>>()?;
+            b.add(Op::Fill { value: v }, &[], Some(shape))
+        }
+        Attn::RelPos([m, n]) => b.add(Op::RelPos, &[], Some(vec![dim(*m)?, dim(*n)?])),
+        Attn::MatMul([x, y]) => b.add(Op::MatMul, &[value(*x)?, value(*y)?], None),
+        Attn::Transpose(x) => b.add(Op::Transpose, &[value(*x)?], None),
+        Attn::Sum([x, a]) | Attn::Max([x, a]) | Attn::Mean([x, a]) => {
+            let op = match node {
+                Attn::Sum(_) => ReduceOp::Sum,
+                Attn::Max(_) => ReduceOp::Max,
+                _ => ReduceOp::Mean,
+            };
+            let reduce = Op::Reduce {
+                op,
+                axis: index(*a)?,
+            };
+            b.add(reduce, &[value(*x)?], None)
+        }
+        Attn::Softmax([x, a]) => b.add(Op::Softmax { axis: index(*a)? }, &[value(*x)?], None),
+        Attn::Mask([x, p, f]) => {
+            let fill = atom(*f)?.as_num().ok_or_else(|| bad("a mask fill"))?;
+            match pattern_of(expr, *p)? {
+                Some(pattern) => b.add(Op::Mask { pattern, fill }, &[value(*x)?], None),
+                None => Some(value(*x)?),
+            }
+        }
+        Attn::Cast([x, t]) => {
+            let to = match atom(*t)?.as_name() {
+                Some("f16") => DType::F16,
+                Some("bf16") => DType::Bf16,
+                Some("f32") => DType::F32,
+                _ => return Err(bad("an unknown storage type")),
+            };
+            b.add(Op::Cast { to }, &[value(*x)?], None)
+        }
+        Attn::Attention([q, k, v, s, p]) => {
+            let scale = match expr[*s] {
+                Attn::Const(c) if atom(c)?.as_num() == Some(1.0) => None,
+                _ => Some(value(*s)?),
+            };
+            let pattern = pattern_of(expr, *p)?;
+            expand_attention(b, [value(*q)?, value(*k)?, value(*v)?], scale, pattern)
+        }
+        Attn::LinearAttention([q, k, v]) => {
+            expand_linear(b, [value(*q)?, value(*k)?, value(*v)?])
+        }
+        _ => return Err(bad("an unexpected node")),
+    };
+    Ok(Some(id.ok_or_else(fail)?))
+}
+
+/// `softmax(mask((q @ kᵀ) * scale, pattern)) @ v` as plain IR.
+fn expand_attention(
+    b: &mut Builder<'_>,
+    [q, k, v]: [NodeId; 3],
+    scale: Option<NodeId>,
+    pattern: Option<MaskPattern>,
+) -> Option<NodeId> {
+    let kt = b.add(Op::Transpose, &[k], None)?;
+    let mut s = b.add(Op::MatMul, &[q, kt], None)?;
+    if let Some(c) = scale {
+        s = b.add(Op::Binary(BinaryOp::Mul), &[s, c], None)?;
+    }
+    if let Some(pattern) = pattern {
+        let fill = f64::NEG_INFINITY;
+        s = b.add(Op::Mask { pattern, fill }, &[s], None)?;
+    }
+    let axis = b.rank(s).checked_sub(1)?;
+    let p = b.add(Op::Softmax { axis }, &[s], None)?;
+    b.add(Op::MatMul, &[p, v], None)
+}
+
+/// `(q (kᵀ v)) / (q sum(kᵀ, -1))` as plain IR.
+fn expand_linear(b: &mut Builder<'_>, [q, k, v]: [NodeId; 3]) -> Option<NodeId> {
+    let kt = b.add(Op::Transpose, &[k], None)?;
+    let state = b.add(Op::MatMul, &[kt, v], None)?;
+    let num = b.add(Op::MatMul, &[q, state], None)?;
+    let axis = b.rank(kt).checked_sub(1)?;
+    let ksum = b.add(Op::Reduce { op: ReduceOp::Sum, axis }, &[kt], None)?;
+    let den = b.add(Op::MatMul, &[q, ksum], None)?;
+    b.add(Op::Binary(BinaryOp::Div), &[num, den], None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attnc_ir::print::print_kernel;
+
+    fn kernel(src: &str) -> Kernel {
+        let (file, diags) = attnc_syntax::parse(src);
+        assert!(diags.is_empty(), "{diags:?}");
+        let module = attnc_ir::lower::lower_file(&file).expect("valid");
+        module.kernels.into_iter().next().expect("one kernel")
+    }
+
+    #[test]
+    fn round_trip_keeps_the_program() {
+        let k = kernel(
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d]) -> f16[h, n, n] {\n\
+             return softmax(mask(q @ k.T / sqrt(d), causal & window(4)) + ones(n, n)); }",
+        );
+        let expr = to_recexpr(&k).expect("converts");
+        let back = to_kernel(&expr, &k).expect("converts back");
+        assert_eq!(print_kernel(&back), print_kernel(&k));
+    }
+
+    #[test]
+    fn fused_attention_expands_to_the_jit_form() {
+        let k = kernel("kernel f(q: f32[n, d], k: f32[n, d], v: f32[n, d]) -> f32[n, d] { return q; }");
+        let expr: RecExpr<Attn> =
+            "(attention (input q) (input k) (input v) (const 1) causal)".parse().expect("valid");
+        let back = to_kernel(&expr, &k).expect("converts back");
+        let text = print_kernel(&back);
+        assert!(text.contains("softmax") && text.contains("mask") && text.contains("transpose"));
+    }
+}

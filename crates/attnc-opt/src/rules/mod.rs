@@ -1,0 +1,270 @@
+//! The rewrite rules, one family per module, written as tables of [`RuleSpec`]s: a name, a
+//! left and a right pattern, and a [`Guard`] (the side condition, checked on the e-class
+//! analysis). Every applier is a plain pattern, so egg's explanations can be checked with
+//! `check_proof`; the soundness of each rule is checked separately by property tests that
+//! evaluate both sides with the interpreter (`tests/rules.rs`).
+
+pub mod algebra;
+pub mod linear;
+pub mod masking;
+pub mod softmax;
+
+use crate::analysis::{matmul_shape, AttnGraph, ShapeAnalysis};
+use crate::lang::Attn;
+use egg::{Condition, ConditionalApplier, Id, Pattern, Rewrite, Subst, Var};
+
+/// A rewrite of the optimizer's language.
+pub type AttnRewrite = Rewrite<Attn, ShapeAnalysis>;
+
+/// One rule of a family table.
+#[derive(Clone, Debug)]
+pub struct RuleSpec {
+    /// The kebab-case name, prefixed by the family (`matmul-assoc`).
+    pub name: &'static str,
+    /// The pattern matched.
+    pub lhs: &'static str,
+    /// The pattern built.
+    pub rhs: &'static str,
+    /// The side condition.
+    pub guard: Guard,
+}
+
+/// Side conditions, on the variables of the left pattern.
+#[derive(Clone, Debug)]
+pub enum Guard {
+    /// No condition.
+    Always,
+    /// The class is a scalar (shape `[]`).
+    Scalar(&'static str),
+    /// `axis` is the last axis of `a @ b` (its rank is the larger of the two ranks).
+    LastAxisOfProduct {
+        /// Left factor.
+        a: &'static str,
+        /// Right factor.
+        b: &'static str,
+        /// The axis atom.
+        axis: &'static str,
+    },
+    /// As `LastAxisOfProduct`, and `scale` is a scalar: fusion of a scaled score.
+    ScaledLastAxis {
+        /// Left factor.
+        a: &'static str,
+        /// Right factor.
+        b: &'static str,
+        /// The axis atom.
+        axis: &'static str,
+        /// The scale.
+        scale: &'static str,
+    },
+    /// As `LastAxisOfProduct`, and `b` has the rank of the product (so `axis` is also its
+    /// last axis): `sum(a @ b, -1) = a @ sum(b, -1)`.
+    SumThroughProduct {
+        /// Left factor.
+        a: &'static str,
+        /// Right factor.
+        b: &'static str,
+        /// The axis atom.
+        axis: &'static str,
+    },
+    /// `a @ b` is well-formed at the bound shapes (for the product a rule creates).
+    ProductDefined {
+        /// Left factor.
+        a: &'static str,
+        /// Right factor.
+        b: &'static str,
+    },
+    /// `c` is constant along `axis` of `x` and does not enlarge `x` by broadcasting, and, if it
+    /// is a known scalar, finite.
+    RowConstant {
+        /// The array.
+        x: &'static str,
+        /// The shift.
+        c: &'static str,
+        /// The softmax axis atom.
+        axis: &'static str,
+    },
+}
+
+impl RuleSpec {
+    /// A rule without side condition.
+    pub const fn plain(name: &'static str, lhs: &'static str, rhs: &'static str) -> RuleSpec {
+        RuleSpec {
+            name,
+            lhs,
+            rhs,
+            guard: Guard::Always,
+        }
+    }
+
+    /// A rule with a side condition.
+    pub const fn guarded(
+        name: &'static str,
+        lhs: &'static str,
+        rhs: &'static str,
+        guard: Guard,
+    ) -> RuleSpec {
+        RuleSpec {
+            name,
+            lhs,
+            rhs,
+            guard,
+        }
+    }
+
+    /// The egg rewrite.
+    pub fn to_rewrite(&self) -> AttnRewrite {
+        let lhs: Pattern<Attn> = self
+            .lhs
+            .parse()
+            .expect("invariant: rule patterns in the tables are valid");
+        let rhs: Pattern<Attn> = self
+            .rhs
+            .parse()
+            .expect("invariant: rule patterns in the tables are valid");
+        let applier = ConditionalApplier {
+            condition: GuardCheck::new(&self.guard),
+            applier: rhs,
+        };
+        Rewrite::new(self.name, lhs, applier).expect("invariant: rule variables are bound")
+    }
+}
+
+/// Every exact rule, in family order.
+pub fn all_specs() -> Vec<RuleSpec> {
+    let mut specs = algebra::specs();
+    specs.extend(softmax::specs());
+    specs.extend(masking::specs());
+    specs.extend(linear::specs());
+    specs
+}
+
+/// Every exact rule as egg rewrites.
+pub fn all_rules() -> Vec<AttnRewrite> {
+    all_specs().iter().map(RuleSpec::to_rewrite).collect()
+}
+
+/// A parsed variable.
+fn var(name: &str) -> Var {
+    name.parse()
+        .expect("invariant: guard variables in the tables are valid")
+}
+
+/// A [`Guard`] with its variables parsed, as an egg [`Condition`].
+#[derive(Clone, Debug)]
+pub struct GuardCheck {
+    kind: u8,
+    vars: [Option<Var>; 4],
+}
+
+impl GuardCheck {
+    /// Parses the variables of `guard`.
+    fn new(guard: &Guard) -> GuardCheck {
+        let (kind, names): (u8, [Option<&str>; 4]) = match guard {
+            Guard::Always => (0, [None; 4]),
+            Guard::Scalar(c) => (1, [Some(c), None, None, None]),
+            Guard::LastAxisOfProduct { a, b, axis } => (2, [Some(a), Some(b), Some(axis), None]),
+            Guard::ScaledLastAxis { a, b, axis, scale } => {
+                (2, [Some(a), Some(b), Some(axis), Some(scale)])
+            }
+            Guard::SumThroughProduct { a, b, axis } => (3, [Some(a), Some(b), Some(axis), None]),
+            Guard::ProductDefined { a, b } => (4, [Some(a), Some(b), None, None]),
+            Guard::RowConstant { x, c, axis } => (5, [Some(x), Some(c), Some(axis), None]),
+        };
+        GuardCheck {
+            kind,
+            vars: names.map(|n| n.map(var)),
+        }
+    }
+}
+
+/// The shape of the class bound to `v`.
+fn shape_of(egraph: &AttnGraph, subst: &Subst, v: Option<Var>) -> Option<Vec<usize>> {
+    let id: Id = *subst.get(v?)?;
+    egraph[id].data.shape.clone()
+}
+
+/// The index atom of the class bound to `v`.
+fn index_of(egraph: &AttnGraph, subst: &Subst, v: Option<Var>) -> Option<usize> {
+    let id: Id = *subst.get(v?)?;
+    egraph[id].data.atom?.as_index().map(|i| i as usize)
+}
+
+impl Condition<Attn, ShapeAnalysis> for GuardCheck {
+    fn check(&self, egraph: &mut AttnGraph, _eclass: Id, subst: &Subst) -> bool {
+        let [v0, v1, v2, v3] = self.vars;
+        if v3.is_some() && !shape_of(egraph, subst, v3).is_some_and(|s| s.is_empty()) {
+            return false;
+        }
+        let s0 = || shape_of(egraph, subst, v0);
+        let s1 = || shape_of(egraph, subst, v1);
+        match self.kind {
+            0 => true,
+            1 => s0().is_some_and(|s| s.is_empty()),
+            2 | 3 => {
+                let (Some(a), Some(b), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
+                else {
+                    return false;
+                };
+                let rank = a.len().max(b.len());
+                axis + 1 == rank && (self.kind == 2 || b.len() == rank)
+            }
+            4 => s0().zip(s1()).is_some_and(|(a, b)| matmul_shape(&a, &b).is_some()),
+            5 => {
+                let (Some(x), Some(c), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
+                else {
+                    return false;
+                };
+                let finite = v1
+                    .and_then(|v| subst.get(v))
+                    .map(|&id| egraph[id].data.konst.is_none_or(f64::is_finite))
+                    .unwrap_or(false);
+                row_constant(&x, &c, axis) && finite
+            }
+            _ => false,
+        }
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.vars.iter().flatten().copied().collect()
+    }
+}
+
+/// Whether `c` broadcast against `x` is constant along `axis` and leaves `x`'s shape as is.
+pub fn row_constant(x: &[usize], c: &[usize], axis: usize) -> bool {
+    if c.len() > x.len() || axis >= x.len() {
+        return false;
+    }
+    let offset = x.len() - c.len();
+    let fits = c
+        .iter()
+        .enumerate()
+        .all(|(i, &size)| size == 1 || size == x[offset + i]);
+    let along = axis < offset || c[axis - offset] == 1 || x[axis] == 1;
+    fits && along
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rule_builds_and_names_are_unique_kebab_case() {
+        let specs = all_specs();
+        let mut names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+        for name in &names {
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '-'), "{name}");
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), specs.len());
+        assert_eq!(all_rules().len(), specs.len());
+    }
+
+    #[test]
+    fn row_constant_shapes() {
+        assert!(row_constant(&[2, 3, 4], &[2, 3, 1], 2));
+        assert!(row_constant(&[2, 3, 4], &[], 2));
+        assert!(!row_constant(&[2, 3, 4], &[4], 2));
+        assert!(!row_constant(&[3, 4], &[2, 3, 1], 1));
+    }
+}
