@@ -4,6 +4,7 @@ use crate::io::{Tensor, TensorData};
 use attnc_ir::bind::{bind_shapes, BindError};
 use attnc_ir::interp::{evaluate, EvalError};
 use attnc_ir::{Bindings, DType, Kernel};
+use attnc_jit::{CompileOptions, CompiledKernel, Input, JitError};
 use thiserror::Error;
 
 /// Which engine executes a kernel.
@@ -11,6 +12,8 @@ use thiserror::Error;
 pub enum Engine {
     /// The f64 reference interpreter (the semantics; slow).
     Interp,
+    /// Cranelift machine code (f32, SIMD, threaded).
+    Jit,
 }
 
 impl Engine {
@@ -18,6 +21,7 @@ impl Engine {
     pub fn name(self) -> &'static str {
         match self {
             Engine::Interp => "interp",
+            Engine::Jit => "jit",
         }
     }
 }
@@ -31,6 +35,9 @@ pub enum RunError {
     /// The interpreter rejected the inputs.
     #[error(transparent)]
     Eval(#[from] EvalError),
+    /// Code generation or the compiled kernel failed.
+    #[error(transparent)]
+    Jit(#[from] JitError),
     /// One tensor per parameter is needed.
     #[error("expected {expected} inputs, got {got}")]
     InputCount {
@@ -47,14 +54,45 @@ pub fn bind(kernel: &Kernel, inputs: &[Tensor], given: &Bindings) -> Result<Bind
     Ok(bind_shapes(kernel, &shapes, given)?)
 }
 
+/// Compiles `kernel` to machine code at `bindings`.
+pub fn compile(kernel: &Kernel, bindings: &Bindings) -> Result<CompiledKernel, RunError> {
+    Ok(CompiledKernel::compile(
+        kernel,
+        bindings,
+        &CompileOptions::default(),
+    )?)
+}
+
+/// Runs a compiled kernel on `inputs` (one per parameter) with `threads` workers.
+pub fn run_compiled(
+    compiled: &CompiledKernel,
+    ret: DType,
+    inputs: &[Tensor],
+    threads: usize,
+) -> Result<Tensor, RunError> {
+    let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+    let output = compiled.run(&views, threads)?;
+    Ok(output_tensor(output.shape, output.data, ret))
+}
+
+fn input_view(tensor: &Tensor) -> Input<'_> {
+    match &tensor.data {
+        TensorData::F32(v) => Input::F32(v),
+        TensorData::F16(v) => Input::F16(v),
+        TensorData::Bf16(v) => Input::Bf16(v),
+    }
+}
+
 /// Runs `kernel` on `inputs` (one per parameter, in order) with `engine`.
 ///
 /// The result is f32, rounded through f16/bf16 first when the kernel returns that type.
+/// `threads` applies to the JIT; the interpreter runs on the calling thread.
 pub fn execute(
     kernel: &Kernel,
     bindings: &Bindings,
     inputs: &[Tensor],
     engine: Engine,
+    threads: usize,
 ) -> Result<Tensor, RunError> {
     if inputs.len() != kernel.params.len() {
         return Err(RunError::InputCount {
@@ -63,6 +101,10 @@ pub fn execute(
         });
     }
     match engine {
+        Engine::Jit => {
+            let compiled = compile(kernel, bindings)?;
+            run_compiled(&compiled, kernel.ret_dtype, inputs, threads)
+        }
         Engine::Interp => {
             let arrays: Vec<_> = inputs.iter().map(Tensor::to_f64_array).collect();
             let result = evaluate(kernel, bindings, &arrays)?;

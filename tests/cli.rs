@@ -513,3 +513,64 @@ fn explain_prints_ir_and_dot() {
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     assert!(stdout(&out).starts_with("digraph"), "{}", stdout(&out));
 }
+
+#[test]
+fn explain_emits_clif_for_bound_shapes_and_explains_why_not_otherwise() {
+    let file = examples_dir().join("local.attn");
+    let out = attnc(&[
+        "explain",
+        p(&file),
+        "--shape",
+        "h=2,n=8,d=4",
+        "--emit",
+        "clif",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("function"), "{}", stdout(&out));
+    let out = attnc(&["explain", p(&file), "--emit", "clif"]);
+    assert_eq!(status(&out), 1);
+    assert!(stderr(&out).contains("--shape"), "{}", stderr(&out));
+}
+
+#[test]
+fn jit_is_the_default_engine_and_agrees_with_the_interpreter() {
+    for file in example_files() {
+        let run = |engine: &str| {
+            let out = attnc(&[
+                "run",
+                p(&file),
+                "--engine",
+                engine,
+                "--random",
+                "4",
+                "--shape",
+                SMALL,
+                "--format",
+                "json",
+            ]);
+            assert_eq!(status(&out), 0, "{}: {}", file.display(), stderr(&out));
+            json(&out)
+        };
+        let jit = run("jit");
+        let interp = run("interp");
+        assert_eq!(jit["engine"], "jit");
+        let (x, y) = (
+            jit["values"].as_array().unwrap(),
+            interp["values"].as_array().unwrap(),
+        );
+        let (mut num, mut den) = (0.0, 0.0);
+        for (a, b) in x.iter().zip(y) {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            num += (a - b) * (a - b);
+            den += b * b;
+        }
+        // f16 outputs carry their own rounding; everything else is f32 against f64.
+        let tol = if jit["dtype"] == "f16" { 1e-3 } else { 1e-5 };
+        assert!(
+            (num / den).sqrt() <= tol,
+            "{}: relative error {}",
+            file.display(),
+            (num / den).sqrt()
+        );
+    }
+}

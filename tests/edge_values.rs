@@ -20,7 +20,7 @@ fn run(src: &str, inputs: Vec<Tensor>) -> Vec<f32> {
     let module = attnc::source::compile_text(src).expect("program checks");
     let kernel = &module.kernels[0];
     let bindings = bind(kernel, &inputs, &Bindings::new()).expect("shapes bind");
-    execute(kernel, &bindings, &inputs, Engine::Interp)
+    execute(kernel, &bindings, &inputs, Engine::Interp, 1)
         .expect("runs")
         .to_f32_vec()
 }
@@ -70,8 +70,15 @@ fn nan_in_a_masked_score_never_reaches_the_output() {
     let q = tensor(&[3, 2], vec![0.0; 6]);
     let k = tensor(&[3, 2], vec![0.0, 0.0, 0.0, 0.0, f32::NAN, 0.0]);
     let out = run(ATTENTION, vec![q, k, v()]);
-    assert_eq!(&out[..4], &CAUSAL_MEAN[..4], "rows that mask the NaN stay exact");
-    assert!(out[4].is_nan() && out[5].is_nan(), "an unmasked NaN propagates: {out:?}");
+    assert_eq!(
+        &out[..4],
+        &CAUSAL_MEAN[..4],
+        "rows that mask the NaN stay exact"
+    );
+    assert!(
+        out[4].is_nan() && out[5].is_nan(),
+        "an unmasked NaN propagates: {out:?}"
+    );
 }
 
 #[test]

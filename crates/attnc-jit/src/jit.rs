@@ -224,7 +224,7 @@ impl Code {
     /// The caller (the plan) vouches that the generated code, given buffers of these lengths
     /// and a (batch, rows) range inside the work space, stays in bounds and writes only the
     /// output elements of that range.
-    pub fn handle(
+    pub(crate) fn handle(
         self: &Arc<Code>,
         id: FuncId,
         name: &str,

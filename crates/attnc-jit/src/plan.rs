@@ -51,7 +51,7 @@ pub enum StepKind {
     /// Rounding to a storage type and back, done by the host (f16/bf16 returns).
     Cast(DType),
     /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads every kernel input (f32, widened).
-    Attention(AttentionSpec),
+    Attention(Box<AttentionSpec>),
 }
 
 /// One step: reads `inputs`, writes all of `output`.
@@ -113,6 +113,63 @@ pub struct Plan {
     pub output_shape: Vec<usize>,
     /// The bound shape of each parameter.
     pub input_shapes: Vec<Vec<usize>>,
+}
+
+impl std::fmt::Display for Plan {
+    /// One line per buffer and step, for `attnc explain`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "plan {} ({} steps)", self.kernel, self.steps.len())?;
+        for (i, b) in self.buffers.iter().enumerate() {
+            match b.source {
+                BufferSource::Input(p) => writeln!(f, "  buf{i}: input #{p}, {} f32", b.len)?,
+                BufferSource::Temp => writeln!(f, "  buf{i}: temp, {} f32", b.len)?,
+            }
+        }
+        for step in &self.steps {
+            let what = match &step.kind {
+                StepKind::Elementwise(s) => {
+                    format!("elementwise {:?} ({} nodes, fused)", s.shape, s.expr.size())
+                }
+                StepKind::MatMul(s) => format!(
+                    "matmul batch {:?} {}x{}x{} (a strides {}/{}, b strides {}/{})",
+                    s.batch, s.m, s.k, s.n, s.a_rs, s.a_cs, s.b_rs, s.b_cs
+                ),
+                StepKind::Reduce(op, s) => {
+                    format!(
+                        "{op} [{} x {} x {}] along the middle axis",
+                        s.outer, s.len, s.inner
+                    )
+                }
+                StepKind::Softmax(s) => {
+                    format!(
+                        "softmax [{} x {} x {}] along the middle axis",
+                        s.outer, s.len, s.inner
+                    )
+                }
+                StepKind::Cast(to) => format!("round to {}", to.keyword()),
+                StepKind::Attention(s) => format!(
+                    "fused attention batch {:?} m={} n={} d={} dv={} mask {}",
+                    s.batch,
+                    s.m,
+                    s.n,
+                    s.d,
+                    s.dv,
+                    s.mask
+                        .as_ref()
+                        .map_or("none".to_string(), |m| m.to_string())
+                ),
+            };
+            let ins: Vec<String> = step.inputs.iter().map(|b| format!("buf{b}")).collect();
+            writeln!(
+                f,
+                "  {}: buf{} = {what} <- {}",
+                step.name,
+                step.output,
+                ins.join(", ")
+            )?;
+        }
+        writeln!(f, "  result: buf{} {:?}", self.output, self.output_shape)
+    }
 }
 
 /// Fused expressions larger than this are materialized (bounds code size).
@@ -461,7 +518,7 @@ fn plan_attention(
     shape.extend([spec.m, spec.dv]);
     let out = p.new_buffer(shape.iter().product());
     let inputs = (0..input_shapes.len()).collect();
-    p.push(StepKind::Attention(spec), inputs, out);
+    p.push(StepKind::Attention(Box::new(spec)), inputs, out);
     Planner::leaf(out, &shape)
 }
 
@@ -509,4 +566,53 @@ fn plan_matmul(p: &mut Planner<'_>, op: &Op, a: &Val, b: &Val, shape: &[usize]) 
     let out = p.new_buffer(shape.iter().product());
     p.push(StepKind::MatMul(spec), vec![abuf, bbuf], out);
     Ok(Planner::leaf(out, shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguous_strides() {
+        assert_eq!(contiguous(&[2, 3, 4]), vec![12, 4, 1]);
+        assert_eq!(contiguous(&[]), Vec::<usize>::new());
+        assert_eq!(contiguous(&[0, 5]), vec![5, 1]);
+    }
+
+    #[test]
+    fn size_one_axes_broadcast() {
+        assert_eq!(broadcast_map(&[1, 4], &[3, 4]), vec![None, Some(1)]);
+        assert_eq!(broadcast_map(&[4], &[2, 3, 4]), vec![Some(2)]);
+        assert!(is_contiguous(&[99, 1], &[1, 4]));
+        assert!(!is_contiguous(&[1, 3], &[3, 4]));
+    }
+
+    #[test]
+    fn transpose_and_broadcast_are_stride_remaps() {
+        let leaf = Expr::Leaf {
+            buf: 0,
+            strides: vec![4, 1],
+        };
+        // [3, 4] transposed to [4, 3].
+        let t = leaf.remap(&[Some(1), Some(0)], 2);
+        assert_eq!(
+            t,
+            Expr::Leaf {
+                buf: 0,
+                strides: vec![1, 4]
+            }
+        );
+        // [4] broadcast into [2, 4]: stride 0 on the new leading axis.
+        let row = Expr::Leaf {
+            buf: 1,
+            strides: vec![1],
+        };
+        assert_eq!(
+            row.remap(&[Some(1)], 2),
+            Expr::Leaf {
+                buf: 1,
+                strides: vec![0, 1]
+            }
+        );
+    }
 }

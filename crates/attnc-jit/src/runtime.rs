@@ -250,17 +250,16 @@ impl CompiledKernel {
                 Input::Bf16(s) => Some(s.iter().map(|x| x.to_f32()).collect()),
             })
             .collect();
-        let mut temps: Vec<Vec<f32>> = self
-            .plan
-            .buffers
-            .iter()
-            .map(|b| match b.source {
-                BufferSource::Input(_) => Vec::new(),
-                BufferSource::Temp => vec![0.0; b.len],
-            })
-            .collect();
-        for (step, handle) in self.plan.steps.iter().zip(&self.handles) {
-            let mut out = std::mem::take(&mut temps[step.output]);
+        // Temporaries live from the step that writes them to the last step that reads them.
+        let mut last_use = vec![0usize; self.plan.buffers.len()];
+        for (index, step) in self.plan.steps.iter().enumerate() {
+            for &b in &step.inputs {
+                last_use[b] = index;
+            }
+        }
+        let mut temps: Vec<Vec<f32>> = vec![Vec::new(); self.plan.buffers.len()];
+        for (index, (step, handle)) in self.plan.steps.iter().zip(&self.handles).enumerate() {
+            let mut out = vec![0.0f32; self.plan.buffers[step.output].len];
             {
                 let views: Vec<&[f32]> = step
                     .inputs
@@ -294,6 +293,11 @@ impl CompiledKernel {
                 }
             }
             temps[step.output] = out;
+            for &b in &step.inputs {
+                if last_use[b] == index && b != self.plan.output {
+                    temps[b] = Vec::new();
+                }
+            }
         }
         let data = std::mem::take(&mut temps[self.plan.output]);
         Ok(Output {

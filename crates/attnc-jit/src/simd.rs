@@ -1,5 +1,6 @@
 //! Vector math emitted inline as f32x4 Cranelift instructions: exp with range reduction and the
-//! functions built on it (`expm1`, `log`, `tanh`, `sigmoid`, `elu`).
+//! functions built on it (`expm1`, `log`, `tanh`, `sigmoid`, `elu`), plus lane helpers
+//! (constants, shuffles, horizontal sums, f16 widening).
 //!
 //! Every function takes and returns an `f32x4` value and emits straight-line code (no calls, no
 //! branches), so it can sit inside the hot loop of a kernel. Cranelift on x86-64 lowers vectors
@@ -18,9 +19,9 @@
 //! | [`emit_sigmoid`] | [-80, 80] | 1.5e-7 |
 //! | [`emit_elu`] | [-20, 20] and [-1e-3, 1e-3] | 8.1e-8 |
 
-use cranelift_codegen::ir::condcodes::FloatCC;
-use cranelift_codegen::ir::types::{F32X4, I32, I32X4};
-use cranelift_codegen::ir::{Endianness, InstBuilder, MemFlagsData, Value};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32X4, I32, I32X4, I8X16};
+use cranelift_codegen::ir::{ConstantData, Endianness, InstBuilder, MemFlagsData, Value};
 use cranelift_frontend::FunctionBuilder;
 
 /// log2(e), rounded to f32.
@@ -291,6 +292,68 @@ pub fn emit_elu(b: &mut FunctionBuilder, x: Value) -> Value {
     select_f32(b, pos, x, em)
 }
 
+/// An i32x4 vector constant.
+pub fn const_i32x4(b: &mut FunctionBuilder, lanes: [i32; 4]) -> Value {
+    let bytes: Vec<u8> = lanes.iter().flat_map(|l| l.to_le_bytes()).collect();
+    let c = b.func.dfg.constants.insert(ConstantData::from(bytes));
+    b.ins().vconst(I32X4, c)
+}
+
+/// Lane shuffle of two f32x4: result lane `k` is lane `sel[k]` of `x ++ y`.
+pub fn shuffle_f32x4(b: &mut FunctionBuilder, x: Value, y: Value, sel: [u8; 4]) -> Value {
+    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+    let xb = b.ins().bitcast(I8X16, flags, x);
+    let yb = b.ins().bitcast(I8X16, flags, y);
+    let bytes: Vec<u8> = sel
+        .iter()
+        .flat_map(|&l| (0..4).map(move |k| l * 4 + k))
+        .collect();
+    let imm = b.func.dfg.immediates.push(ConstantData::from(bytes));
+    let r = b.ins().shuffle(xb, yb, imm);
+    b.ins().bitcast(F32X4, flags, r)
+}
+
+/// `[Σa0, Σa1, Σa2, Σa3]` (four horizontal sums at once), each sum taken as
+/// `(x0 + x2) + (x1 + x3)`.
+pub fn hsum4(b: &mut FunctionBuilder, a0: Value, a1: Value, a2: Value, a3: Value) -> Value {
+    let t0 = shuffle_f32x4(b, a0, a1, [0, 4, 1, 5]);
+    let t1 = shuffle_f32x4(b, a0, a1, [2, 6, 3, 7]);
+    let u0 = b.ins().fadd(t0, t1);
+    let t2 = shuffle_f32x4(b, a2, a3, [0, 4, 1, 5]);
+    let t3 = shuffle_f32x4(b, a2, a3, [2, 6, 3, 7]);
+    let u1 = b.ins().fadd(t2, t3);
+    let v0 = shuffle_f32x4(b, u0, u1, [0, 1, 4, 5]);
+    let v1 = shuffle_f32x4(b, u0, u1, [2, 3, 6, 7]);
+    b.ins().fadd(v0, v1)
+}
+
+/// Widens f16 bit patterns (zero-extended in i32x4 lanes) to f32x4, exactly (subnormals, inf
+/// and NaN included).
+pub fn widen_f16(b: &mut FunctionBuilder, h: Value) -> Value {
+    let sign_mask = splat_i32(b, 0x8000);
+    let sign = b.ins().band(h, sign_mask);
+    let sign = b.ins().ishl_imm_u(sign, 16);
+    let em_mask = splat_i32(b, 0x7fff);
+    let em = b.ins().band(h, em_mask);
+    let o = b.ins().ishl_imm_u(em, 13);
+    // Rebias the exponent by a multiply: normals and subnormals alike are exact.
+    let of = as_float(b, o);
+    let scale = splat_f32(b, f32::from_bits(0x7780_0000)); // 2^112
+    let f = b.ins().fmul(of, scale);
+    let fbits = b.ins().bitcast(
+        I32X4,
+        MemFlagsData::new().with_endianness(Endianness::Little),
+        f,
+    );
+    let inf_bits = splat_i32(b, 0x7f80_0000);
+    let special_bits = b.ins().bor(o, inf_bits);
+    let lim = splat_i32(b, 0x7c00);
+    let special = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, em, lim);
+    let bits = b.ins().bitselect(special, special_bits, fbits);
+    let bits = b.ins().bor(bits, sign);
+    as_float(b, bits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,7 +434,7 @@ mod tests {
 
     fn run(f: VecFn, xs: &[f32]) -> Vec<f32> {
         let mut padded = xs.to_vec();
-        while padded.len() % 4 != 0 {
+        while !padded.len().is_multiple_of(4) {
             padded.push(0.0);
         }
         let mut out = vec![0.0f32; padded.len()];

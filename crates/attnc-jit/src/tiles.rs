@@ -232,29 +232,57 @@ pub fn classify(
         });
     }
     let sure_all = sure_all.unwrap_or_default();
-    let mut runs: Vec<TileRun> = Vec::new();
+    // Visited tiles: those meeting a `maybe` span (merged, as neighbouring spans can share a
+    // boundary tile). Full tiles: those inside one `sure` span; the last tile is short, so it
+    // is full when its span reaches n. O(spans), never O(tiles), so long rows stay cheap.
+    let mut visited: Vec<(usize, usize)> = Vec::new();
     for &(lo, hi) in maybe_any.spans() {
-        // Tiles meeting [lo, hi); consecutive spans may share a boundary tile.
-        let t_lo = (lo as usize) / tk;
-        let t_hi = (hi as usize).div_ceil(tk);
-        for t in t_lo..t_hi {
-            if runs.last().is_some_and(|r| r.end > t) {
-                continue;
-            }
-            let j0 = (t * tk) as i64;
-            let j1 = ((t + 1) * tk).min(n) as i64;
-            let kind = if sure_all.covers(j0, j1) {
-                TileKind::Full
+        let (t0, t1) = ((lo as usize) / tk, (hi as usize).div_ceil(tk));
+        match visited.last_mut() {
+            Some(last) if t0 <= last.1 => last.1 = last.1.max(t1),
+            _ => visited.push((t0, t1)),
+        }
+    }
+    let full: Vec<(usize, usize)> = sure_all
+        .spans()
+        .iter()
+        .filter_map(|&(a, b)| {
+            let t0 = (a as usize).div_ceil(tk);
+            let t1 = if b as usize == n {
+                tiles
             } else {
-                TileKind::Partial
+                b as usize / tk
             };
-            match runs.last_mut() {
-                Some(last) if last.end == t && last.kind == kind => last.end = t + 1,
-                _ => runs.push(TileRun {
-                    first: t,
-                    end: t + 1,
-                    kind,
-                }),
+            (t0 < t1).then_some((t0, t1))
+        })
+        .collect();
+    let mut runs: Vec<TileRun> = Vec::new();
+    let mut push = |first: usize, end: usize, kind: TileKind| {
+        if first < end {
+            runs.push(TileRun { first, end, kind });
+        }
+    };
+    let mut f = 0;
+    for &(v0, v1) in &visited {
+        let mut t = v0;
+        while t < v1 {
+            while f < full.len() && full[f].1 <= t {
+                f += 1;
+            }
+            match full.get(f) {
+                Some(&(f0, f1)) if f0 <= t => {
+                    let e = f1.min(v1);
+                    push(t, e, TileKind::Full);
+                    t = e;
+                }
+                Some(&(f0, _)) if f0 < v1 => {
+                    push(t, f0, TileKind::Partial);
+                    t = f0;
+                }
+                _ => {
+                    push(t, v1, TileKind::Partial);
+                    t = v1;
+                }
             }
         }
     }
@@ -296,9 +324,9 @@ mod tests {
                     r.first < r.end && r.end <= kind_of.len(),
                     "{p} bad run {r:?}"
                 );
-                for t in r.first..r.end {
-                    assert!(kind_of[t].is_none(), "{p} tile {t} listed twice");
-                    kind_of[t] = Some(r.kind);
+                for (t, slot) in kind_of.iter_mut().enumerate().take(r.end).skip(r.first) {
+                    assert!(slot.is_none(), "{p} tile {t} listed twice");
+                    *slot = Some(r.kind);
                 }
             }
             for (t, kind) in kind_of.iter().enumerate() {
@@ -354,13 +382,31 @@ mod tests {
     }
 
     #[test]
+    fn long_rows_classify_by_spans() {
+        // 65,536 keys: one full run and one partial diagonal tile per query tile, computed
+        // from spans (this would take minutes tile by tile).
+        let n = 65_536;
+        for i0 in (0..n).step_by(997 * 2) {
+            let runs = classify(Some(&MaskPattern::Causal), n, n, i0, i0 + 2, 4);
+            assert!(runs.len() <= 2, "{runs:?}");
+            assert_eq!(runs.last().map(|r| r.kind), Some(TileKind::Partial));
+        }
+        let p = MaskPattern::Or(
+            Box::new(MaskPattern::Window(64)),
+            Box::new(MaskPattern::Global(8)),
+        );
+        let runs = classify(Some(&p), n, n, 40_000, 40_002, 4);
+        assert_eq!(runs.len(), 4, "{runs:?}");
+    }
+
+    #[test]
     fn more_queries_than_keys() {
         check(&MaskPattern::Causal, 9, 3, 4, 2);
         check(&MaskPattern::Block(2), 9, 3, 1, 4);
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
+        #![proptest_config(ProptestConfig::with_cases(512))]
         #[test]
         fn classification_agrees_with_keeps(
             p in pattern(),

@@ -219,6 +219,36 @@ fn dense_square() {
 }
 
 #[test]
+fn odd_sizes_from_the_quality_list() {
+    check(
+        DENSE,
+        &[("h", 1), ("m", 203), ("n", 203), ("d", 111), ("e", 59)],
+    );
+    check(
+        &masked_src("causal"),
+        &[("h", 1), ("m", 203), ("n", 1023), ("d", 40), ("e", 3)],
+    );
+    check(
+        &masked_src("window(17) | global(2)"),
+        &[("h", 2), ("m", 113), ("n", 113), ("d", 1), ("e", 111)],
+    );
+}
+
+#[test]
+fn wide_heads_compile() {
+    // Code size grows with d and dv only (tile bodies are unrolled over the depth).
+    let start = std::time::Instant::now();
+    check(
+        &masked_src("causal"),
+        &[("h", 1), ("m", 5), ("n", 9), ("d", 256), ("e", 256)],
+    );
+    eprintln!(
+        "d = dv = 256: compiled and checked in {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn dense_decode_and_chunks() {
     check(DENSE, &[("h", 3), ("m", 1), ("n", 37), ("d", 3), ("e", 5)]);
     check(DENSE, &[("h", 2), ("m", 7), ("n", 33), ("d", 5), ("e", 1)]);
@@ -236,6 +266,12 @@ fn every_primitive_pattern() {
         "block(3)",
         "window(0)",
         "dilated(5, 1)",
+        "window(1000000000)",
+        "dilated(3, 1000000000)",
+        "dilated(1000000000, 2)",
+        "block(1000000000)",
+        "global(1000000000)",
+        "global(0)",
     ] {
         let src = masked_src(pattern);
         check(&src, &[("h", 2), ("m", 21), ("n", 21), ("d", 7), ("e", 6)]);
@@ -273,6 +309,23 @@ fn sparse_patterns_skip_tiles() {
         &[("h", 1), ("m", 64), ("n", 64), ("d", 4), ("e", 4)],
     );
     assert!(c.spec.density() < 0.6, "density {}", c.spec.density());
+}
+
+#[test]
+fn mask_inside_the_scale_is_hoisted() {
+    let src = "kernel a(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] {
+        return softmax(mask(mask(q @ k.T, window(4)) * 0.5 / sqrt(d) - 1, causal)) @ v;
+    }";
+    let c = check(src, &[("h", 2), ("m", 13), ("n", 17), ("d", 5), ("e", 3)]);
+    assert!(c.spec.mask.is_some());
+    // Behind a negation the mask cannot move (-(-inf) = +inf): declined.
+    let src = "kernel b(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] {
+        return softmax(-mask(q @ k.T, causal)) @ v;
+    }";
+    let kernel = kernel_of(src);
+    let b = bindings(&[("h", 1), ("m", 4), ("n", 4), ("d", 4), ("e", 4)]);
+    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
+    assert!(match_attention(&kernel, kernel.output, &shapes).is_none());
 }
 
 #[test]
@@ -422,6 +475,13 @@ fn declines_what_it_cannot_fuse() {
         .collect();
     assert_eq!(matmuls.len(), 1);
     assert!(match_attention(&kernel, *matmuls[0], &shapes).is_none());
+    // relpos broadcast over rows is not the aligned relpos of the score.
+    let src = "kernel rp(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] {
+        return softmax(q @ k.T + relpos(1, n)) @ v;
+    }";
+    let kernel = kernel_of(src);
+    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
+    assert!(match_attention(&kernel, kernel.output, &shapes).is_none());
     // Not an attention at all.
     let src = "kernel h(q: f32[m, d], k: f32[d, n]) -> f32[m, n] { return q @ k; }";
     let kernel = kernel_of(src);
@@ -485,5 +545,72 @@ proptest! {
             }}"
         );
         check_with(&src, &[("h", h), ("m", m), ("n", n), ("d", d), ("e", e)], seed, 1.0);
+    }
+
+    #[test]
+    fn random_dtypes_biases_and_broadcasts(
+        pattern in pattern_strategy(),
+        kt in prop::sample::select(vec!["f32", "f16", "bf16"]),
+        vt in prop::sample::select(vec!["f32", "f16", "bf16"]),
+        kv_heads in prop::sample::select(vec!["h", "1"]),
+        score in prop::sample::select(vec![
+            "q @ k.T / sqrt(d)",
+            "q @ k.T / sqrt(d) + slope * relpos(m, n)",
+            "8 * tanh(q @ k.T / 8)",
+            "q @ k.T * 0.2 + slope",
+        ]),
+        h in 1u64..4,
+        m in size(),
+        n in size(),
+        d in prop::sample::select(vec![1u64, 3, 8, 13, 40]),
+        e in size(),
+        seed in any::<u64>(),
+    ) {
+        let src = format!(
+            "kernel r(q: f32[h, m, d], k: {kt}[{kv_heads}, n, d], v: {vt}[{kv_heads}, n, e], slope: f32[h, 1, 1]) -> f32[h, m, e] {{
+                return softmax(mask({score}, {pattern})) @ v;
+            }}"
+        );
+        check_with(&src, &[("h", h), ("m", m), ("n", n), ("d", d), ("e", e)], seed, 2.0);
+    }
+}
+
+/// Rough single-thread throughput (run with `--ignored --nocapture`); not a benchmark.
+#[test]
+#[ignore]
+fn timing() {
+    for (pattern, n, d) in [
+        (None, 1024u64, 64u64),
+        (None, 1024, 16),
+        (None, 1024, 128),
+        (Some("causal"), 1024, 64),
+        (Some("window(64)"), 4096, 64),
+    ] {
+        let src = match pattern {
+            Some(p) => masked_src(p),
+            None => DENSE.to_string(),
+        };
+        let kernel = kernel_of(&src);
+        let b = bindings(&[("h", 1), ("m", n), ("n", n), ("d", d), ("e", d)]);
+        let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
+        let c = compile(&kernel, &shapes);
+        let mut rng = Rng(3);
+        let inputs: Vec<Input> = vec![vec![1, n as usize, d as usize]; 3]
+            .iter()
+            .map(|s| make_input(s, DType::F32, &mut rng, 1.0))
+            .collect();
+        let start = std::time::Instant::now();
+        let reps = 10;
+        for _ in 0..reps {
+            run(&c, &inputs, &[]);
+        }
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        let flops = 4.0 * (n * n * d) as f64 * c.spec.density();
+        eprintln!(
+            "{pattern:?} n={n} d={d}: {:.2} ms, {:.2} GFLOP/s (visited density {:.3})",
+            secs * 1e3,
+            flops / secs / 1e9,
+            c.spec.density()
+        );
     }
 }

@@ -128,22 +128,28 @@ fn empty_dimensions() {
 
 #[test]
 fn half_precision_inputs_and_outputs() {
-    let src = "kernel f(q: f16[h, m, d], k: bf16[h, n, d], v: bf16[h, n, d]) -> f16[h, m, d] \
-        { return softmax(q @ k.T / sqrt(d)) @ v; }";
-    let k = kernel(src);
-    let b = bindings(&[("h", 2), ("m", 5), ("n", 7), ("d", 3)]);
-    let ins = common::inputs(&k, &b, 9);
-    let want = reference(&k, &b, &ins);
-    let compiled = CompiledKernel::compile(&k, &b, &CompileOptions::default()).expect("compile");
-    let got = common::run_jit(&compiled, &k, &ins, 1);
-    // Both round the same f32-accurate value to f16 once: at most one f16 ulp apart.
-    for (g, w) in got.data.iter().zip(want.iter()) {
-        assert_eq!(
-            half::f16::from_f32(*g).to_f32(),
-            *g,
-            "output is f16-rounded"
+    for (ret, ulp) in [("f16", 1e-3), ("bf16", 8e-3)] {
+        let src = format!(
+            "kernel f(q: f16[h, m, d], k: bf16[h, n, d], v: bf16[h, n, d]) -> {ret}[h, m, d] \
+             {{ return softmax(q @ k.T / sqrt(d)) @ v + relu(q); }}"
         );
-        assert!((*g as f64 - w).abs() <= w.abs() * 1e-3 + 1e-6, "{g} vs {w}");
+        let k = kernel(&src);
+        let b = bindings(&[("h", 2), ("m", 5), ("n", 7), ("d", 3)]);
+        let ins = common::inputs(&k, &b, 9);
+        let want = reference(&k, &b, &ins);
+        let compiled =
+            CompiledKernel::compile(&k, &b, &CompileOptions::default()).expect("compile");
+        let got = common::run_jit(&compiled, &k, &ins, 1);
+        // Both round an f32-accurate value once: at most one ulp of the storage type apart.
+        for (g, w) in got.data.iter().zip(want.iter()) {
+            let stored = if ret == "f16" {
+                half::f16::from_f32(*g).to_f32()
+            } else {
+                half::bf16::from_f32(*g).to_f32()
+            };
+            assert_eq!(stored, *g, "output is {ret}-rounded");
+            assert!((*g as f64 - w).abs() <= w.abs() * ulp + 1e-6, "{g} vs {w}");
+        }
     }
 }
 
@@ -158,6 +164,7 @@ fn attention_is_fused_and_score_matrix_not_materialized() {
     assert_eq!(plan.steps.len(), 1, "{:?}", plan.steps);
     assert!(matches!(plan.steps[0].kind, StepKind::Attention(_)));
     assert!(plan.buffers.iter().all(|b| b.len <= 2 * 64 * 8));
+    assert!(plan.to_string().contains("fused attention"), "{plan}");
 }
 
 #[test]

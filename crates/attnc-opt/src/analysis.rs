@@ -102,8 +102,8 @@ pub fn binary_op(node: &Attn) -> Option<(BinaryOp, [Id; 2])> {
     })
 }
 
-/// The facts of a new e-node from the facts of its children.
-fn make_facts(egraph: &AttnGraph, enode: &Attn) -> Facts {
+/// The facts of an e-node from the facts of its children (used by `make` and the cost model).
+pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
     let data = |id: Id| &egraph[id].data;
     let shape = |id: Id| data(id).shape.clone();
     let atom = |id: Id| data(id).atom;
@@ -123,7 +123,9 @@ fn make_facts(egraph: &AttnGraph, enode: &Attn) -> Facts {
         return facts;
     }
     if let Some((op, [a, b])) = binary_op(enode) {
-        let s = shape(a).zip(shape(b)).and_then(|(a, b)| broadcast_shapes(&a, &b));
+        let s = shape(a)
+            .zip(shape(b))
+            .and_then(|(a, b)| broadcast_shapes(&a, &b));
         let mut facts = array(s);
         if let (Some(x), Some(y)) = (data(a).konst, data(b).konst) {
             facts.konst = Some(binary_scalar(op, x, y));
@@ -155,9 +157,11 @@ fn make_facts(egraph: &AttnGraph, enode: &Attn) -> Facts {
             let dims = an.resolve(atom(*m)).zip(an.resolve(atom(*n)));
             array(dims.map(|(m, n)| vec![m as usize, n as usize]))
         }
-        Attn::MatMul([a, b]) => {
-            array(shape(*a).zip(shape(*b)).and_then(|(a, b)| matmul_shape(&a, &b)))
-        }
+        Attn::MatMul([a, b]) => array(
+            shape(*a)
+                .zip(shape(*b))
+                .and_then(|(a, b)| matmul_shape(&a, &b)),
+        ),
         Attn::Transpose(x) => array(shape(*x).and_then(|s| transposed(&s))),
         Attn::Sum([x, axis]) | Attn::Max([x, axis]) | Attn::Mean([x, axis]) => {
             let axis = atom(*axis).and_then(|a| a.as_index());
@@ -183,7 +187,7 @@ impl Analysis<Attn> for ShapeAnalysis {
     type Data = Facts;
 
     fn make(egraph: &mut AttnGraph, enode: &Attn, _id: Id) -> Facts {
-        make_facts(egraph, enode)
+        facts_of(egraph, enode)
     }
 
     fn merge(&mut self, a: &mut Facts, b: Facts) -> DidMerge {
@@ -226,9 +230,10 @@ mod tests {
         analysis.params.insert("k".into(), vec![2, 7, 3]);
         analysis.bindings.insert("d".into(), 3);
         let mut egraph = AttnGraph::new(analysis);
-        let expr: RecExpr<Attn> = "(sum (div (matmul (input q) (transpose (input k))) (sqrt (dim d))) 2)"
-            .parse()
-            .expect("valid");
+        let expr: RecExpr<Attn> =
+            "(sum (div (matmul (input q) (transpose (input k))) (sqrt (dim d))) 2)"
+                .parse()
+                .expect("valid");
         let id = egraph.add_expr(&expr);
         assert_eq!(egraph[id].data.shape, Some(vec![2, 5, 1]));
         let scale: RecExpr<Attn> = "(sqrt (dim d))".parse().expect("valid");

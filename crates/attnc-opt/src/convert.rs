@@ -7,6 +7,7 @@
 //! Both directions walk nodes in topological order; only mask patterns (a few levels deep)
 //! are converted recursively.
 
+use crate::analysis::AttnGraph;
 use crate::lang::{Atom, Attn};
 use crate::OptError;
 use attnc_ir::{BinaryOp, DType, Dim, Graph, Kernel, MaskPattern, Node, NodeId, Op, ReduceOp};
@@ -25,7 +26,11 @@ pub fn to_recexpr(kernel: &Kernel) -> Result<RecExpr<Attn>, OptError> {
             .graph
             .operands(node_id)
             .iter()
-            .map(|o| ids.get(o).copied().ok_or(OptError::Malformed(node_id.index())))
+            .map(|o| {
+                ids.get(o)
+                    .copied()
+                    .ok_or(OptError::Malformed(node_id.index()))
+            })
             .collect::<Result<_, _>>()?;
         let id = add_op(&mut expr, &node.op, &node.shape, &operands)
             .ok_or(OptError::Malformed(node_id.index()))?;
@@ -260,6 +265,28 @@ fn pattern_of(expr: &RecExpr<Attn>, id: Id) -> Result<Option<MaskPattern>, OptEr
     }))
 }
 
+/// The mask pattern an e-class of `egraph` describes (its first pattern node, recursively);
+/// `Some(None)` for `all`, `None` when the class is not a pattern.
+pub fn pattern_from_class(egraph: &AttnGraph, id: Id) -> Option<Option<MaskPattern>> {
+    let node = egraph[id].nodes.iter().find(|n| n.is_pattern())?;
+    let num = |i: Id| egraph[i].data.atom.and_then(|a| a.as_index());
+    let sub = |i: Id| pattern_from_class(egraph, i).flatten().map(Box::new);
+    Some(Some(match *node {
+        Attn::All => return Some(None),
+        Attn::Causal => MaskPattern::Causal,
+        Attn::Window(w) => MaskPattern::Window(num(w)?),
+        Attn::Dilated([w, r]) => MaskPattern::Dilated {
+            w: num(w)?,
+            r: num(r)?,
+        },
+        Attn::Global(g) => MaskPattern::Global(num(g)?),
+        Attn::Block(b) => MaskPattern::Block(num(b)?),
+        Attn::And([a, b]) => MaskPattern::And(sub(a)?, sub(b)?),
+        Attn::Or([a, b]) => MaskPattern::Or(sub(a)?, sub(b)?),
+        _ => return None,
+    }))
+}
+
 /// Converts an extracted expression back to a kernel with the signature of `original`.
 pub fn to_kernel(expr: &RecExpr<Attn>, original: &Kernel) -> Result<Kernel, OptError> {
     let mut b = Builder {
@@ -297,7 +324,7 @@ pub fn to_kernel(expr: &RecExpr<Attn>, original: &Kernel) -> Result<Kernel, OptE
         approx: original.approx.clone(),
         span: original.span,
     };
-    crate::prune::prune(&mut kernel);
+    prune(&mut kernel);
     Ok(kernel)
 }
 
@@ -310,7 +337,11 @@ fn build_node(
 ) -> Result<Option<NodeId>, OptError> {
     let bad = |what: &str| OptError::Extracted(format!("{what} in {node}"));
     let value = |id: Id| built[usize::from(id)].ok_or_else(|| bad("an operand is not a value"));
-    let atom = |id: Id| expr[id].atom().ok_or_else(|| bad("an attribute is not an atom"));
+    let atom = |id: Id| {
+        expr[id]
+            .atom()
+            .ok_or_else(|| bad("an attribute is not an atom"))
+    };
     let index = |id: Id| {
         atom(id)?
             .as_index()
@@ -327,7 +358,9 @@ fn build_node(
     };
     let fail = || bad("shapes do not agree");
     if let Some((op, x)) = crate::analysis::unary_op(node) {
-        return Ok(Some(b.add(Op::Unary(op), &[value(x)?], None).ok_or_else(fail)?));
+        return Ok(Some(
+            b.add(Op::Unary(op), &[value(x)?], None).ok_or_else(fail)?,
+        ));
     }
     if let Some((op, [x, y])) = crate::analysis::binary_op(node) {
         let ids = [value(x)?, value(y)?];
@@ -347,7 +380,9 @@ fn build_node(
             return Ok(Some(NodeId::new(position)));
         }
         Attn::Const(v) => {
-            let v = atom(*v)?.as_num().ok_or_else(|| bad("a constant is not a number"))?;
+            let v = atom(*v)?
+                .as_num()
+                .ok_or_else(|| bad("a constant is not a number"))?;
             b.add(Op::Const(v), &[], None)
         }
         Attn::DimValue(d) => match dim(*d)? {
@@ -355,7 +390,9 @@ fn build_node(
             sym => b.add(Op::DimValue(sym), &[], None),
         },
         Attn::Fill(ids) => {
-            let (first, rest) = ids.split_first().ok_or_else(|| bad("a fill without value"))?;
+            let (first, rest) = ids
+                .split_first()
+                .ok_or_else(|| bad("a fill without value"))?;
             let v = atom(*first)?.as_num().ok_or_else(|| bad("a fill value"))?;
             let shape: Shape = rest.iter().map(|&d| dim(d)).collect::<Result<_, _>>()?;
             b.add(Op::Fill { value: v }, &[], Some(shape))
@@ -400,9 +437,7 @@ fn build_node(
             let pattern = pattern_of(expr, *p)?;
             expand_attention(b, [value(*q)?, value(*k)?, value(*v)?], scale, pattern)
         }
-        Attn::LinearAttention([q, k, v]) => {
-            expand_linear(b, [value(*q)?, value(*k)?, value(*v)?])
-        }
+        Attn::LinearAttention([q, k, v]) => expand_linear(b, [value(*q)?, value(*k)?, value(*v)?]),
         _ => return Err(bad("an unexpected node")),
     };
     Ok(Some(id.ok_or_else(fail)?))
@@ -435,9 +470,55 @@ fn expand_linear(b: &mut Builder<'_>, [q, k, v]: [NodeId; 3]) -> Option<NodeId> 
     let state = b.add(Op::MatMul, &[kt, v], None)?;
     let num = b.add(Op::MatMul, &[q, state], None)?;
     let axis = b.rank(kt).checked_sub(1)?;
-    let ksum = b.add(Op::Reduce { op: ReduceOp::Sum, axis }, &[kt], None)?;
+    let ksum = b.add(
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axis,
+        },
+        &[kt],
+        None,
+    )?;
     let den = b.add(Op::MatMul, &[q, ksum], None)?;
     b.add(Op::Binary(BinaryOp::Div), &[num, den], None)
+}
+
+/// Removes the nodes of `kernel` that the output does not use (parameters always stay), so the
+/// lowering invariants hold: inputs first, every other node feeds the output, topological.
+fn prune(kernel: &mut Kernel) {
+    let graph = &kernel.graph;
+    let count = graph.len();
+    let mut live = vec![false; count];
+    if kernel.output.index() < count {
+        live[kernel.output.index()] = true;
+    }
+    live.iter_mut()
+        .take(kernel.params.len())
+        .for_each(|l| *l = true);
+    let operands: Vec<Vec<NodeId>> = graph
+        .topo_order()
+        .into_iter()
+        .map(|id| graph.operands(id))
+        .collect();
+    for index in (0..count).rev() {
+        if live[index] {
+            for o in &operands[index] {
+                live[o.index()] = true;
+            }
+        }
+    }
+    let mut fresh = Graph::new();
+    let mut map: Vec<Option<NodeId>> = vec![None; count];
+    for index in (0..count).filter(|&i| live[i]) {
+        let args: Vec<NodeId> = operands[index]
+            .iter()
+            .filter_map(|o| map[o.index()])
+            .collect();
+        map[index] = Some(fresh.add(graph.node(NodeId::new(index)).clone(), &args));
+    }
+    if let Some(out) = map.get(kernel.output.index()).copied().flatten() {
+        kernel.output = out;
+    }
+    kernel.graph = fresh;
 }
 
 #[cfg(test)]
@@ -465,9 +546,11 @@ mod tests {
 
     #[test]
     fn fused_attention_expands_to_the_jit_form() {
-        let k = kernel("kernel f(q: f32[n, d], k: f32[n, d], v: f32[n, d]) -> f32[n, d] { return q; }");
-        let expr: RecExpr<Attn> =
-            "(attention (input q) (input k) (input v) (const 1) causal)".parse().expect("valid");
+        let k =
+            kernel("kernel f(q: f32[n, d], k: f32[n, d], v: f32[n, d]) -> f32[n, d] { return q; }");
+        let expr: RecExpr<Attn> = "(attention (input q) (input k) (input v) (const 1) causal)"
+            .parse()
+            .expect("valid");
         let back = to_kernel(&expr, &k).expect("converts back");
         let text = print_kernel(&back);
         assert!(text.contains("softmax") && text.contains("mask") && text.contains("transpose"));

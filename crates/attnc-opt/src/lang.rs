@@ -96,7 +96,9 @@ impl FromStr for Atom {
 }
 
 define_language! {
-    /// The optimizer's language (see the module docs for the spelling).
+    /// The optimizer's language (see the module docs for the spelling). The macro takes no
+    /// per-variant docs; each variant is its op's spelling, documented above.
+    #[allow(missing_docs)]
     pub enum Attn {
         // ---- leaves of the dataflow ----
         "input" = Input(Id),

@@ -101,8 +101,14 @@ pub struct RunArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Emit {
+    /// The IR, one node a line
     Ir,
+    /// The IR as a Graphviz graph
     Dot,
+    /// The kernels of the plan and their Cranelift IR
+    Clif,
+    /// Cranelift's machine-code listing of each kernel
+    Asm,
 }
 
 #[derive(Debug, Args)]

@@ -2,59 +2,119 @@
 
 use crate::args::{Emit, ExplainArgs};
 use crate::check::signature;
-use crate::inputs::prepare;
+use crate::failure::Failure;
+use crate::inputs::{prepare, Prepared};
 use crate::CliResult;
+use attnc_jit_text::{generated_code, CodeKind};
 use serde_json::json;
 
 pub fn explain(args: &ExplainArgs) -> CliResult {
     let prepared = prepare(&args.shared, false)?;
     let kernel = prepared.kernel();
+    let json = args.shared.format.is_json();
+    match args.emit {
+        Some(Emit::Ir) => emit(json, "ir", attnc::ir::print::print_kernel(kernel)),
+        Some(Emit::Dot) => emit(json, "dot", attnc::ir::dot::dot_kernel(kernel)),
+        Some(Emit::Clif) => emit(json, "clif", generated_code(&prepared, CodeKind::Clif)?),
+        Some(Emit::Asm) => emit(json, "asm", generated_code(&prepared, CodeKind::Asm)?),
+        None => report(&prepared, json)?,
+    }
+    Ok(())
+}
+
+fn emit(json: bool, key: &str, text: String) {
+    if json {
+        crate::print_json(&json!({ "ok": true, key: text }));
+    } else {
+        print!("{text}");
+    }
+}
+
+/// The whole report: signature, policy, bindings, IR and (when shapes are bound) the plan.
+fn report(prepared: &Prepared, json: bool) -> CliResult {
+    let kernel = prepared.kernel();
     let ir_text = attnc::ir::print::print_kernel(kernel);
-    let dot = attnc::ir::dot::dot_kernel(kernel);
-    match (args.emit, args.shared.format.is_json()) {
-        (Some(Emit::Ir), false) => print!("{ir_text}"),
-        (Some(Emit::Dot), false) => print!("{dot}"),
-        (emit, true) => {
-            let mut doc = json!({
-                "ok": true,
-                "kernel": kernel.name,
-                "signature": signature(kernel),
-                "bindings": prepared.bindings,
-                "policy": prepared.policy.to_string(),
-            });
-            match emit {
-                Some(Emit::Ir) => doc["ir"] = json!(ir_text),
-                Some(Emit::Dot) => doc["dot"] = json!(dot),
-                None => {
-                    doc["ir"] = json!(ir_text);
-                    doc["nodes"] = json!(kernel.graph.len());
-                }
-            }
-            crate::print_json(&doc);
+    let plan = match attnc::engine::compile(kernel, &prepared.bindings) {
+        Ok(compiled) => Some((
+            compiled.plan().to_string(),
+            compiled.compile_time().as_secs_f64() * 1e3,
+        )),
+        Err(_) => None,
+    };
+    if json {
+        crate::print_json(&json!({
+            "ok": true,
+            "kernel": kernel.name,
+            "signature": signature(kernel),
+            "bindings": prepared.bindings,
+            "policy": prepared.policy.to_string(),
+            "ir": ir_text,
+            "plan": plan.as_ref().map(|(text, _)| text),
+            "compile_ms": plan.as_ref().map(|(_, ms)| ms),
+        }));
+        return Ok(());
+    }
+    for note in &prepared.notes {
+        eprintln!("{note}");
+    }
+    println!("kernel {}", signature(kernel));
+    println!("policy: {}", prepared.policy);
+    let bound: Vec<String> = prepared
+        .bindings
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "bindings: {}",
+        if bound.is_empty() {
+            "(none)".into()
+        } else {
+            bound.join(", ")
         }
-        (None, false) => {
-            for note in &prepared.notes {
-                eprintln!("{note}");
-            }
-            println!("kernel {}", signature(kernel));
-            println!("policy: {}", prepared.policy);
-            let bound: Vec<String> = prepared
-                .bindings
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            println!(
-                "bindings: {}",
-                if bound.is_empty() {
-                    "(none)".into()
-                } else {
-                    bound.join(", ")
-                }
-            );
-            println!();
-            println!("== IR ({} nodes) ==", kernel.graph.len());
-            print!("{ir_text}");
+    );
+    println!();
+    println!("== IR ({} nodes) ==", kernel.graph.len());
+    print!("{ir_text}");
+    println!();
+    match plan {
+        Some((text, ms)) => {
+            println!("== plan (compiled in {ms:.1} ms) ==");
+            print!("{text}");
+        }
+        None => {
+            println!("== plan ==\n(bind every dimension with --shape or inputs to see the plan)")
         }
     }
     Ok(())
+}
+
+/// Generated code needs bound shapes: kernels are specialized to them.
+mod attnc_jit_text {
+    use super::*;
+
+    pub enum CodeKind {
+        Clif,
+        Asm,
+    }
+
+    pub fn generated_code(prepared: &Prepared, kind: CodeKind) -> Result<String, Failure> {
+        let kernel = prepared.kernel();
+        let compiled = attnc::engine::compile(kernel, &prepared.bindings).map_err(|e| {
+            Failure::input(
+                "shape",
+                format!("{e} (generated code is specialized to bound shapes: pass --shape)"),
+            )
+        })?;
+        let mut out = String::new();
+        for text in compiled.texts() {
+            let body = match kind {
+                CodeKind::Clif => Some(text.clif.as_str()),
+                CodeKind::Asm => text.vcode.as_deref(),
+            };
+            out.push_str(&format!("; kernel {}\n", text.name));
+            out.push_str(body.unwrap_or("; (no machine-code listing kept for this kernel)\n"));
+            out.push('\n');
+        }
+        Ok(out)
+    }
 }

@@ -66,13 +66,8 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
 
     let policy = cli_policy.unwrap_or_else(|| Policy::from_items(&kernel.approx));
     let engine = match args.engine {
-        Some(EngineArg::Interp) | None => Engine::Interp,
-        Some(EngineArg::Jit) => {
-            return Err(Failure::input(
-                "engine",
-                "the jit engine is not available in this build; use --engine interp",
-            ))
-        }
+        Some(EngineArg::Interp) => Engine::Interp,
+        Some(EngineArg::Jit) | None => Engine::Jit,
     };
     let threads = args
         .threads

@@ -4,7 +4,7 @@ use crate::args::RunArgs;
 use crate::failure::Failure;
 use crate::inputs::{prepare, Prepared};
 use crate::CliResult;
-use attnc::engine::execute;
+use attnc::engine::{compile, execute, run_compiled, Engine};
 use attnc::io::Tensor;
 use serde_json::json;
 use std::path::Path;
@@ -26,15 +26,7 @@ pub fn run(args: &RunArgs) -> CliResult {
             prepared.policy
         ));
     }
-    let start = Instant::now();
-    let output = execute(
-        kernel,
-        &prepared.bindings,
-        &prepared.inputs,
-        prepared.engine,
-    )
-    .map_err(|e| Failure::input("run", e.to_string()))?;
-    let elapsed_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (output, timing) = execute_timed(&prepared)?;
 
     if let Some(path) = &args.output {
         attnc::io::write_npy(path, &output).map_err(|e| Failure::input("output", e.to_string()))?;
@@ -51,7 +43,8 @@ pub fn run(args: &RunArgs) -> CliResult {
             "policy": prepared.policy.to_string(),
             "shape": output.shape,
             "dtype": output.dtype_name(),
-            "time_ms": elapsed_ms,
+            "time_ms": timing.run_ms,
+            "compile_ms": timing.compile_ms,
             "stats": stats.to_json(),
             "output": args.output.as_ref().map(|p| p.display().to_string()),
             "notes": notes,
@@ -64,12 +57,66 @@ pub fn run(args: &RunArgs) -> CliResult {
         for note in &notes {
             eprintln!("{note}");
         }
-        print_text(&prepared, &output, &values, &stats, elapsed_ms);
+        print_text(&prepared, &output, &values, &stats, &timing);
         if let Some(path) = &args.output {
             println!("wrote {}", path.display());
         }
     }
     Ok(())
+}
+
+/// Wall-clock times of one run, in milliseconds.
+struct Timing {
+    compile_ms: Option<f64>,
+    run_ms: f64,
+}
+
+/// Runs the prepared kernel, timing compilation and execution apart for the JIT.
+fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
+    let kernel = prepared.kernel();
+    let fail = |e: attnc::engine::RunError| Failure::input("run", e.to_string());
+    match prepared.engine {
+        Engine::Jit => {
+            let start = Instant::now();
+            let compiled = compile(kernel, &prepared.bindings).map_err(fail)?;
+            let compile_ms = start.elapsed().as_secs_f64() * 1e3;
+            let start = Instant::now();
+            let output = run_compiled(
+                &compiled,
+                kernel.ret_dtype,
+                &prepared.inputs,
+                prepared.threads,
+            )
+            .map_err(fail)?;
+            let run_ms = start.elapsed().as_secs_f64() * 1e3;
+            Ok((
+                output,
+                Timing {
+                    compile_ms: Some(compile_ms),
+                    run_ms,
+                },
+            ))
+        }
+        Engine::Interp => {
+            let start = Instant::now();
+            let output = execute(
+                kernel,
+                &prepared.bindings,
+                &prepared.inputs,
+                prepared.engine,
+                prepared.threads,
+            )
+            .map_err(fail)?;
+            let run_ms = start.elapsed().as_secs_f64() * 1e3;
+            Ok((
+                output,
+                Timing {
+                    compile_ms: None,
+                    run_ms,
+                },
+            ))
+        }
+    }
 }
 
 /// Fails early, before a long run, when the output cannot possibly be written.
@@ -97,21 +144,34 @@ fn check_output_path(path: &Path) -> CliResult {
     Ok(())
 }
 
-fn print_text(prepared: &Prepared, output: &Tensor, values: &[f32], stats: &Stats, ms: f64) {
+fn print_text(
+    prepared: &Prepared,
+    output: &Tensor,
+    values: &[f32],
+    stats: &Stats,
+    timing: &Timing,
+) {
     let kernel = prepared.kernel();
     let bindings: Vec<String> = prepared
         .bindings
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    let timing = match timing.compile_ms {
+        Some(compile_ms) => format!(
+            "{} engine, {} threads, compile {compile_ms:.3} ms, run {:.3} ms",
+            prepared.engine.name(),
+            prepared.threads,
+            timing.run_ms
+        ),
+        None => format!("{} engine, {:.3} ms", prepared.engine.name(), timing.run_ms),
+    };
     println!(
-        "kernel {} [{}] -> {}{:?}  ({} engine, {:.3} ms)",
+        "kernel {} [{}] -> {}{:?}  ({timing})",
         kernel.name,
         bindings.join(", "),
         output.dtype_name(),
         output.shape,
-        prepared.engine.name(),
-        ms
     );
     println!("policy: {}", prepared.policy);
     println!(

@@ -1,30 +1,40 @@
 //! Fused block-sparse online-softmax attention: recognition in the IR ([`match_attention`]) and
 //! code generation ([`define_attention`]).
 //!
-//! The kernel computes `softmax(mask(score(Q Kᵀ))) V` row by row without materializing the
-//! `m × n` score matrix: for each query row it keeps a running maximum `m_i`, a running sum
-//! `l_i` and an accumulator of width `dv`, visits only the key tiles the mask pattern reaches
-//! (classified at compile time by [`crate::tiles`]), evaluates element masks only on partial
-//! tiles and finally writes `acc / l_i` (zeros for a fully masked row).
+//! The kernel computes `softmax(mask(score(Q Kᵀ))) V` without materializing the `m × n` score
+//! matrix: for each query row it keeps a running maximum `m_i`, a running sum `l_i` and an
+//! accumulator of width `dv` (rescaled only when the maximum grows), visits only the key tiles
+//! the mask pattern reaches (classified at compile time by [`crate::tiles`]), evaluates element
+//! masks only on partial tiles and finally writes `acc / l_i` (zeros for a fully masked row).
+//! Query tiles of [`QUERY_TILE`] rows share every K and V load; key tiles hold [`KEY_TILE`]
+//! keys.
 //!
 //! # What is matched
 //!
 //! At an `Op::MatMul` node `P @ V`: `P = softmax(X)` over the last axis; `X` is an optional
 //! chain of `mask(·, pattern)` with fill `-inf` (nested masks intersect) around a score
-//! expression; the score expression is an elementwise tree whose leaves are `S = Q @ Kᵀ`
-//! (the right operand an explicit `Transpose(K)`), scalar constants and dimension values
-//! (folded to one constant per scalar subtree), `relpos`, `ones`/`zeros` fills, and bias inputs
-//! broadcast to `[..., m, n]`. `Q`, `K`, `V` and the biases must be kernel parameters.
+//! expression. A `-inf` mask inside the score expression is hoisted to the softmax when only
+//! `* c`, `/ c` (c > 0) and `± c` (c finite) lie between them (`softmax(mask(s, p) / sqrt(d))`).
+//! The score expression is an elementwise tree (`+ - * /`, `maximum`, `minimum` and every
+//! unary op) whose leaves are `S = Q @ Kᵀ` (the right operand an explicit `Transpose(K)`),
+//! scalar constants and dimension values (folded to one constant per scalar subtree),
+//! `relpos` (of shape exactly `[m, n]`), `ones`/`zeros` fills, and bias inputs broadcast to
+//! `[..., m, n]`. `Q`, `K`, `V` and the biases must be kernel parameters (any of f32, f16,
+//! bf16, widened on load); K and V may broadcast over leading axes (MQA/GQA).
 //!
-//! Declined (the plan falls back to separate kernels): a mask with a finite or NaN fill (an
-//! empty tile would then contribute `exp(fill - max)` per skipped key, which the block-sparse
-//! loop never visits), a mask inside the score expression rather than directly under the
-//! softmax, an intermediate node with users outside the pattern (it must be materialized), and
-//! shapes past 2^29 rows or keys.
+//! Declined (the plan falls back to separate kernels):
+//! - a mask with a finite or NaN fill: a skipped tile would have to contribute
+//!   `exp(fill - max)` per key, which the block-sparse loop never visits;
+//! - a mask below any op other than the ones above (`-mask(s, p)` turns `-inf` into `+inf`);
+//! - an intermediate node with users outside the pattern, or the kernel output inside it (it
+//!   must be materialized);
+//! - Q, K, V or a bias that is not a parameter, or whose rows are not contiguous;
+//! - more than 2^29 rows or keys (2^24 with `dilated`, whose stride test runs in f32).
 
 mod codegen;
+mod mask;
 
-pub use codegen::{define_attention, KEY_TILE};
+pub use codegen::{define_attention, KEY_TILE, QUERY_TILE};
 
 use crate::tiles::{classify, TileKind, TileRun};
 use attnc_ir::interp::{binary_scalar, unary};
@@ -103,10 +113,18 @@ impl AttentionSpec {
         self.batch.iter().product()
     }
 
-    /// The compile-time tile table: for each query row, the runs of key tiles (of
-    /// [`KEY_TILE`] keys) it visits.
-    pub fn row_runs(&self, row: usize) -> Vec<TileRun> {
-        classify(self.mask.as_ref(), self.m, self.n, row, row + 1, KEY_TILE)
+    /// The rows `[i0, i1)` of query tile `tile` ([`QUERY_TILE`] rows each, the last one
+    /// shorter).
+    pub fn query_tile_rows(&self, tile: usize) -> (usize, usize) {
+        let i0 = (tile * QUERY_TILE).min(self.m);
+        (i0, (i0 + QUERY_TILE).min(self.m))
+    }
+
+    /// The compile-time tile table of query tile `tile`: the runs of key tiles (of
+    /// [`KEY_TILE`] keys) its rows visit.
+    pub fn query_tile_runs(&self, tile: usize) -> Vec<TileRun> {
+        let (i0, i1) = self.query_tile_rows(tile);
+        classify(self.mask.as_ref(), self.m, self.n, i0, i1, KEY_TILE)
     }
 
     /// The fraction of the `m × n` score matrix the kernel visits (1 for dense attention).
@@ -114,12 +132,15 @@ impl AttentionSpec {
         if self.m == 0 || self.n == 0 {
             return 0.0;
         }
-        let visited: usize = (0..self.m)
-            .map(|i| {
-                self.row_runs(i)
+        let visited: usize = (0..self.m.div_ceil(QUERY_TILE))
+            .map(|g| {
+                let (i0, i1) = self.query_tile_rows(g);
+                let keys: usize = self
+                    .query_tile_runs(g)
                     .iter()
                     .map(|r| (r.end * KEY_TILE).min(self.n) - r.first * KEY_TILE)
-                    .sum::<usize>()
+                    .sum();
+                keys * (i1 - i0)
             })
             .sum();
         visited as f64 / (self.m as f64 * self.n as f64)
@@ -137,6 +158,11 @@ struct Matcher<'a> {
     scores: Option<NodeId>,
     /// Bias inputs, by node.
     biases: Vec<NodeId>,
+    /// `relpos` nodes (their shape must be exactly `[m, n]`: `relpos(1, n)` broadcast over
+    /// rows means something else).
+    relpos: Vec<NodeId>,
+    /// `-inf` masks hoisted out of the score expression.
+    masks: Vec<MaskPattern>,
 }
 
 impl Matcher<'_> {
@@ -173,7 +199,12 @@ impl Matcher<'_> {
     }
 
     /// Converts the score subtree at `id` into a [`ScoreExpr`].
-    fn score(&mut self, id: NodeId, depth: usize) -> Option<ScoreExpr> {
+    ///
+    /// `hoist` is true while every op between `id` and the softmax maps `-inf` to `-inf`
+    /// (multiplying or dividing by a positive constant, adding or subtracting a finite one):
+    /// a `-inf` mask met there can move up to the softmax, `softmax(f(mask(x))) =
+    /// softmax(mask(f(x)))`, so `softmax(mask(s, p) / sqrt(d))` fuses too.
+    fn score(&mut self, id: NodeId, depth: usize, hoist: bool) -> Option<ScoreExpr> {
         if depth > 64 {
             return None;
         }
@@ -182,6 +213,11 @@ impl Matcher<'_> {
         }
         let ops = self.operands(id);
         match self.node(id).op.clone() {
+            Op::Mask { pattern, fill } if hoist && fill == f64::NEG_INFINITY => {
+                self.inner.insert(id);
+                self.masks.push(pattern);
+                self.score(*ops.first()?, depth + 1, true)
+            }
             Op::MatMul => {
                 if self.scores.is_some_and(|s| s != id) {
                     return None;
@@ -196,7 +232,10 @@ impl Matcher<'_> {
                 Some(ScoreExpr::Scores)
             }
             Op::Fill { value } => Some(ScoreExpr::Const(value)),
-            Op::RelPos => Some(ScoreExpr::RelPos),
+            Op::RelPos => {
+                self.relpos.push(id);
+                Some(ScoreExpr::RelPos)
+            }
             Op::Input { .. } => {
                 let k = match self.biases.iter().position(|&b| b == id) {
                     Some(k) => k,
@@ -209,13 +248,24 @@ impl Matcher<'_> {
             }
             Op::Unary(u) => {
                 self.inner.insert(id);
-                let a = self.score(*ops.first()?, depth + 1)?;
+                let a = self.score(*ops.first()?, depth + 1, false)?;
                 Some(ScoreExpr::Unary(u, Box::new(a)))
             }
             Op::Binary(b) => {
                 self.inner.insert(id);
-                let x = self.score(*ops.first()?, depth + 1)?;
-                let y = self.score(*ops.get(1)?, depth + 1)?;
+                let (xid, yid) = (*ops.first()?, *ops.get(1)?);
+                let (xc, yc) = (self.fold_scalar(xid, 0), self.fold_scalar(yid, 0));
+                let positive = |c: Option<f64>| c.is_some_and(|c| c > 0.0 && c.is_finite());
+                let finite = |c: Option<f64>| c.is_some_and(f64::is_finite);
+                let (hx, hy) = match b {
+                    BinaryOp::Mul => (hoist && positive(yc), hoist && positive(xc)),
+                    BinaryOp::Div => (hoist && positive(yc), false),
+                    BinaryOp::Add => (hoist && finite(yc), hoist && finite(xc)),
+                    BinaryOp::Sub => (hoist && finite(yc), false),
+                    BinaryOp::Max | BinaryOp::Min => (false, false),
+                };
+                let x = self.score(xid, depth + 1, hx)?;
+                let y = self.score(yid, depth + 1, hy)?;
                 Some(ScoreExpr::Binary(b, Box::new(x), Box::new(y)))
             }
             _ => None,
@@ -298,6 +348,8 @@ pub fn match_attention(
         inner: HashSet::new(),
         scores: None,
         biases: Vec::new(),
+        relpos: Vec::new(),
+        masks: Vec::new(),
     };
     let ops = graph.operands(node);
     let (p, v) = (*ops.first()?, *ops.get(1)?);
@@ -323,7 +375,13 @@ pub fn match_attention(
         });
         x = *graph.operands(x).first()?;
     }
-    let score = mt.score(x, 0)?;
+    let score = mt.score(x, 0, true)?;
+    for p in std::mem::take(&mut mt.masks) {
+        mask = Some(match mask {
+            None => p,
+            Some(outer) => MaskPattern::And(Box::new(p), Box::new(outer)),
+        });
+    }
     let s = mt.scores?;
     let s_ops = graph.operands(s);
     let q = *s_ops.first()?;
@@ -363,6 +421,11 @@ pub fn match_attention(
         || (dv > 1 && v_ref.col_stride != 1)
     {
         return None;
+    }
+    for &r in &mt.relpos {
+        if mt.shape(r)? != [m, n] {
+            return None;
+        }
     }
     let mut biases = Vec::new();
     for &b in &mt.biases {

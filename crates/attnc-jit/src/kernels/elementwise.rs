@@ -192,6 +192,9 @@ fn apply_simd(
     }
 }
 
+/// Vectors per iteration of the main loop.
+const UNROLL: usize = 4;
+
 /// One elementwise step, ready for code generation.
 #[derive(Clone, Debug)]
 pub struct ElementwiseSpec {
@@ -258,6 +261,24 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &ElementwiseSpec) -
         };
         let row_base = b.ins().imul_imm_s(row, len as i64);
         let mut tail_start = iconst(b, 0);
+        if vector && len >= 4 * UNROLL {
+            // Independent vectors per iteration, so long chains (exp, tanh) overlap.
+            let wide_end = iconst(b, (len / (4 * UNROLL) * 4 * UNROLL) as i64);
+            counted_loop(b, tail_start, wide_end, (4 * UNROLL) as i64, |b, j| {
+                let mut values = Vec::with_capacity(UNROLL);
+                for u in 0..UNROLL {
+                    let ju = b.ins().iadd_imm_s(j, (4 * u) as i64);
+                    values.push((ju, eval(b, &spec.expr, &ctx, ju, spec, true)?));
+                }
+                for (ju, v) in values {
+                    let at = b.ins().iadd(row_base, ju);
+                    let addr = elem_addr(b, args.output, at);
+                    b.ins().store(mem(), v, addr, 0);
+                }
+                Ok(())
+            })?;
+            tail_start = wide_end;
+        }
         if vector {
             let vec_end = iconst(b, (len / 4 * 4) as i64);
             counted_loop(b, tail_start, vec_end, 4, |b, j| {

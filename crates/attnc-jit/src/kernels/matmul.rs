@@ -8,7 +8,8 @@
 //!   registers while `k` runs, `A` entries are broadcast, `B` rows loaded as vectors. Edges
 //!   use 1-row and 4-column tiles and a scalar tail. Every element is one FMA chain over `k`
 //!   in order, whichever tile computes it, so thread splits do not change results.
-//! * `A` and `B` both contiguous along `k` (`q @ k.T`): dot products with f32x4 partial sums.
+//! * `A` and `B` both contiguous along `k` (`q @ k.T`): 2 × 4 tiles of dot products, each
+//!   with f32x4 partial sums over k.
 //! * anything else: scalar FMA chains.
 
 use super::{counted_loop, elem_addr, iconst, mem, strided_offsets, KernelArgs};
@@ -98,9 +99,14 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &MatMulSpec) -> Res
             Ok(())
         })?;
     } else if spec.b_rs == 1 && spec.a_cs == 1 && spec.k >= 4 {
-        counted_loop(b, args.begin, args.end, 1, |b, i| {
-            dot_row(b, spec, &bases, i)
+        let count = b.ins().isub(args.end, args.begin);
+        let blocks = b.ins().udiv_imm_s(count, DOT_ROWS as i64);
+        let span = b.ins().imul_imm_s(blocks, DOT_ROWS as i64);
+        let mid = b.ins().iadd(args.begin, span);
+        counted_loop(b, args.begin, mid, DOT_ROWS as i64, |b, i| {
+            dot_rows(b, spec, &bases, i, DOT_ROWS)
         })?;
+        counted_loop(b, mid, args.end, 1, |b, i| dot_rows(b, spec, &bases, i, 1))?;
     } else {
         counted_loop(b, args.begin, args.end, 1, |b, i| {
             let zero = iconst(b, 0);
@@ -158,17 +164,28 @@ fn vector_tile(
         b.def_var(var, zero_v);
         acc.push(var);
     }
-    // Row pointers of A: a + 4·(i + r)·a_rs.
-    let a_rows: Vec<Value> = (0..rows)
-        .map(|r| {
-            let ir = b.ins().iadd_imm_s(i, r as i64);
-            let off = b.ins().imul_imm_s(ir, spec.a_rs as i64);
-            elem_addr(b, bases.a, off)
+    // Rows of A as byte offsets from row i's pointer when they fit an immediate, else as
+    // separate pointers.
+    let row_bytes = spec
+        .a_rs
+        .checked_mul(4 * rows)
+        .filter(|&x| x <= i32::MAX as usize);
+    let a_i = {
+        let off = b.ins().imul_imm_s(i, spec.a_rs as i64);
+        elem_addr(b, bases.a, off)
+    };
+    let a_rows: Vec<(Value, i32)> = (0..rows)
+        .map(|r| match row_bytes {
+            Some(_) => (a_i, (4 * r * spec.a_rs) as i32),
+            None => {
+                let ir = b.ins().iadd_imm_s(i, r as i64);
+                let off = b.ins().imul_imm_s(ir, spec.a_rs as i64);
+                (elem_addr(b, bases.a, off), 0)
+            }
         })
         .collect();
-    let zero = iconst(b, 0);
-    let kk = iconst(b, spec.k as i64);
-    let _ = counted_loop(b, zero, kk, 1, |b, k| {
+    // One k step: B row k at j0 as vectors, A column k broadcast per row, FMAs in order.
+    let step = |b: &mut FunctionBuilder, k: Value| {
         let b_off = b.ins().imul_imm_s(k, spec.b_rs as i64);
         let b_off = b.ins().iadd(b_off, j0);
         let b_row = elem_addr(b, bases.b, b_off);
@@ -176,9 +193,9 @@ fn vector_tile(
             .map(|v| b.ins().load(types::F32X4, mem(), b_row, (16 * v) as i32))
             .collect();
         let a_off = b.ins().imul_imm_s(k, spec.a_cs as i64);
-        for (r, a_row) in a_rows.iter().enumerate() {
+        for (r, (a_row, offset)) in a_rows.iter().enumerate() {
             let a_addr = elem_addr(b, *a_row, a_off);
-            let av = b.ins().load(types::F32, mem(), a_addr, 0);
+            let av = b.ins().load(types::F32, mem(), a_addr, *offset);
             let av = b.ins().splat(types::F32X4, av);
             for (v, bv) in bv.iter().enumerate() {
                 let var = acc[r * vecs + v];
@@ -187,6 +204,12 @@ fn vector_tile(
                 b.def_var(var, new);
             }
         }
+    };
+    // (Unrolling k by two measured no faster here.)
+    let zero = iconst(b, 0);
+    let kk = iconst(b, spec.k as i64);
+    let _ = counted_loop(b, zero, kk, 1, |b, k| {
+        step(b, k);
         Ok(())
     });
     for r in 0..rows {
@@ -243,52 +266,120 @@ fn store_c(
     b.ins().store(mem(), x, addr, 0);
 }
 
-/// Row i of C when A and B are contiguous along k: per element, four-lane partial sums over
-/// k, a fixed pairwise lane sum, then a scalar tail.
-fn dot_row(b: &mut FunctionBuilder, spec: &MatMulSpec, bases: &Bases, i: Value) -> Result<()> {
-    let a_off = b.ins().imul_imm_s(i, spec.a_rs as i64);
-    let a_row = elem_addr(b, bases.a, a_off);
+/// Rows and columns of the dot-product tile (`A` and `B` contiguous along k).
+const DOT_ROWS: usize = 2;
+const DOT_COLS: usize = 4;
+
+/// `C[i..i+rows, :]` when A and B are contiguous along k: tiles of `rows × 4` elements, each
+/// with its own f32x4 partial sums over k, then a fixed pairwise lane sum and a scalar k tail.
+/// The per-element operation sequence does not depend on the tile, so splits do not change
+/// results.
+fn dot_rows(
+    b: &mut FunctionBuilder,
+    spec: &MatMulSpec,
+    bases: &Bases,
+    i: Value,
+    rows: usize,
+) -> Result<()> {
+    let full = spec.n / DOT_COLS * DOT_COLS;
     let zero = iconst(b, 0);
-    let n = iconst(b, spec.n as i64);
-    counted_loop(b, zero, n, 1, |b, j| {
-        let b_off = b.ins().imul_imm_s(j, spec.b_cs as i64);
-        let b_row = elem_addr(b, bases.b, b_off);
-        let acc = b.declare_var(types::F32X4);
-        let zero_f = b.ins().f32const(0.0);
-        let zero_v = b.ins().splat(types::F32X4, zero_f);
-        b.def_var(acc, zero_v);
-        let k4 = iconst(b, (spec.k / 4 * 4) as i64);
-        let z = iconst(b, 0);
-        counted_loop(b, z, k4, 4, |b, k| {
-            let pa = elem_addr(b, a_row, k);
-            let pb = elem_addr(b, b_row, k);
-            let x = b.ins().load(types::F32X4, mem(), pa, 0);
-            let y = b.ins().load(types::F32X4, mem(), pb, 0);
-            let old = b.use_var(acc);
-            let new = b.ins().fma(x, y, old);
-            b.def_var(acc, new);
-            Ok(())
-        })?;
-        let v = b.use_var(acc);
-        let l: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
-        let s01 = b.ins().fadd(l[0], l[1]);
-        let s23 = b.ins().fadd(l[2], l[3]);
-        let s = b.ins().fadd(s01, s23);
-        let sum = b.declare_var(types::F32);
-        b.def_var(sum, s);
-        let kk = iconst(b, spec.k as i64);
-        counted_loop(b, k4, kk, 1, |b, k| {
-            let pa = elem_addr(b, a_row, k);
-            let pb = elem_addr(b, b_row, k);
-            let x = b.ins().load(types::F32, mem(), pa, 0);
-            let y = b.ins().load(types::F32, mem(), pb, 0);
-            let old = b.use_var(sum);
-            let new = b.ins().fma(x, y, old);
-            b.def_var(sum, new);
-            Ok(())
-        })?;
-        let s = b.use_var(sum);
-        store_c(b, spec, bases, i, j, s);
+    let end = iconst(b, full as i64);
+    counted_loop(b, zero, end, DOT_COLS as i64, |b, j0| {
+        dot_tile(b, spec, bases, i, rows, j0, DOT_COLS)
+    })?;
+    for j in full..spec.n {
+        let j0 = iconst(b, j as i64);
+        dot_tile(b, spec, bases, i, rows, j0, 1)?;
+    }
+    Ok(())
+}
+
+/// One `rows × cols` tile of dot products at (i, j0).
+fn dot_tile(
+    b: &mut FunctionBuilder,
+    spec: &MatMulSpec,
+    bases: &Bases,
+    i: Value,
+    rows: usize,
+    j0: Value,
+    cols: usize,
+) -> Result<()> {
+    let a_rows: Vec<Value> = (0..rows)
+        .map(|r| {
+            let ir = b.ins().iadd_imm_s(i, r as i64);
+            let off = b.ins().imul_imm_s(ir, spec.a_rs as i64);
+            elem_addr(b, bases.a, off)
+        })
+        .collect();
+    let b_rows: Vec<Value> = (0..cols)
+        .map(|c| {
+            let jc = b.ins().iadd_imm_s(j0, c as i64);
+            let off = b.ins().imul_imm_s(jc, spec.b_cs as i64);
+            elem_addr(b, bases.b, off)
+        })
+        .collect();
+    let zero_f = b.ins().f32const(0.0);
+    let zero_v = b.ins().splat(types::F32X4, zero_f);
+    let acc: Vec<Variable> = (0..rows * cols)
+        .map(|_| {
+            let var = b.declare_var(types::F32X4);
+            b.def_var(var, zero_v);
+            var
+        })
+        .collect();
+    let k4 = iconst(b, (spec.k / 4 * 4) as i64);
+    let z = iconst(b, 0);
+    counted_loop(b, z, k4, 4, |b, k| {
+        let av: Vec<Value> = a_rows
+            .iter()
+            .map(|&row| {
+                let p = elem_addr(b, row, k);
+                b.ins().load(types::F32X4, mem(), p, 0)
+            })
+            .collect();
+        let bv: Vec<Value> = b_rows
+            .iter()
+            .map(|&row| {
+                let p = elem_addr(b, row, k);
+                b.ins().load(types::F32X4, mem(), p, 0)
+            })
+            .collect();
+        for (r, x) in av.iter().enumerate() {
+            for (c, y) in bv.iter().enumerate() {
+                let var = acc[r * cols + c];
+                let old = b.use_var(var);
+                let new = b.ins().fma(*x, *y, old);
+                b.def_var(var, new);
+            }
+        }
         Ok(())
-    })
+    })?;
+    let kk = iconst(b, spec.k as i64);
+    for r in 0..rows {
+        for c in 0..cols {
+            let v = b.use_var(acc[r * cols + c]);
+            let l: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
+            let s01 = b.ins().fadd(l[0], l[1]);
+            let s23 = b.ins().fadd(l[2], l[3]);
+            let s = b.ins().fadd(s01, s23);
+            let sum = b.declare_var(types::F32);
+            b.def_var(sum, s);
+            let (a_row, b_row) = (a_rows[r], b_rows[c]);
+            counted_loop(b, k4, kk, 1, |b, k| {
+                let pa = elem_addr(b, a_row, k);
+                let pb = elem_addr(b, b_row, k);
+                let x = b.ins().load(types::F32, mem(), pa, 0);
+                let y = b.ins().load(types::F32, mem(), pb, 0);
+                let old = b.use_var(sum);
+                let new = b.ins().fma(x, y, old);
+                b.def_var(sum, new);
+                Ok(())
+            })?;
+            let s = b.use_var(sum);
+            let ir = b.ins().iadd_imm_s(i, r as i64);
+            let jc = b.ins().iadd_imm_s(j0, c as i64);
+            store_c(b, spec, bases, ir, jc, s);
+        }
+    }
+    Ok(())
 }

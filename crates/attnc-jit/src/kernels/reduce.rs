@@ -122,6 +122,9 @@ pub fn emit_reduce(
 
 /// Generates the body of a softmax kernel: output `[outer, len, inner]`.
 pub fn emit_softmax(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) -> Result<()> {
+    if spec.inner == 1 && spec.len >= 4 {
+        return emit_softmax_rows(b, args, spec);
+    }
     let ptr = args.input_ptr(b, 0);
     each_lane(b, args, spec, |b, base, _| {
         let ninf = b.ins().f32const(f32::NEG_INFINITY);
@@ -162,6 +165,114 @@ pub fn emit_softmax(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) -
             let e = b.ins().load(types::F32, mem(), dst, 0);
             let y = b.ins().fdiv(e, den);
             b.ins().store(mem(), y, dst, 0);
+            Ok(())
+        })
+    })?;
+    b.ins().return_(&[]);
+    Ok(())
+}
+
+/// Softmax of contiguous rows (`inner == 1`) with f32x4 passes: max (lanes, then pairwise, then
+/// the tail: `fmax` gives the same result in any order), `exp` and sum (four lane sums added
+/// pairwise, then the tail in order), and the division.
+fn emit_softmax_rows(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) -> Result<()> {
+    let ptr = args.input_ptr(b, 0);
+    let len = spec.len as i64;
+    let len4 = (spec.len / 4 * 4) as i64;
+    counted_loop(b, args.begin, args.end, 1, |b, o| {
+        let base = b.ins().imul_imm_s(o, len);
+        let src = elem_addr(b, ptr, base);
+        let dst = elem_addr(b, args.output, base);
+        let zero = iconst(b, 0);
+        let end4 = iconst(b, len4);
+        let end = iconst(b, len);
+        let ninf = b.ins().f32const(f32::NEG_INFINITY);
+        let ninf4 = b.ins().splat(types::F32X4, ninf);
+        let mv = b.declare_var(types::F32X4);
+        b.def_var(mv, ninf4);
+        counted_loop(b, zero, end4, 4, |b, k| {
+            let p = elem_addr(b, src, k);
+            let x = b.ins().load(types::F32X4, mem(), p, 0);
+            let old = b.use_var(mv);
+            let new = b.ins().fmax(old, x);
+            b.def_var(mv, new);
+            Ok(())
+        })?;
+        let v = b.use_var(mv);
+        let l: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
+        let m01 = b.ins().fmax(l[0], l[1]);
+        let m23 = b.ins().fmax(l[2], l[3]);
+        let m = b.ins().fmax(m01, m23);
+        let ms = b.declare_var(types::F32);
+        b.def_var(ms, m);
+        counted_loop(b, end4, end, 1, |b, k| {
+            let p = elem_addr(b, src, k);
+            let x = b.ins().load(types::F32, mem(), p, 0);
+            let old = b.use_var(ms);
+            let new = b.ins().fmax(old, x);
+            b.def_var(ms, new);
+            Ok(())
+        })?;
+        let m = b.use_var(ms);
+        // A max of -inf means every entry is -inf: shift by 0 so exp gives exact zeros.
+        let all_masked = b.ins().fcmp(FloatCC::Equal, m, ninf);
+        let zero_f = b.ins().f32const(0.0);
+        let shift = b.ins().select(all_masked, zero_f, m);
+        let shift4 = b.ins().splat(types::F32X4, shift);
+        let zero4 = b.ins().splat(types::F32X4, zero_f);
+        let sv = b.declare_var(types::F32X4);
+        b.def_var(sv, zero4);
+        counted_loop(b, zero, end4, 4, |b, k| {
+            let p = elem_addr(b, src, k);
+            let x = b.ins().load(types::F32X4, mem(), p, 0);
+            let d = b.ins().fsub(x, shift4);
+            let e = simd::emit_exp(b, d);
+            let q = elem_addr(b, dst, k);
+            b.ins().store(mem(), e, q, 0);
+            let old = b.use_var(sv);
+            let new = b.ins().fadd(old, e);
+            b.def_var(sv, new);
+            Ok(())
+        })?;
+        let v = b.use_var(sv);
+        let l: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
+        let s01 = b.ins().fadd(l[0], l[1]);
+        let s23 = b.ins().fadd(l[2], l[3]);
+        let s = b.ins().fadd(s01, s23);
+        let ss = b.declare_var(types::F32);
+        b.def_var(ss, s);
+        counted_loop(b, end4, end, 1, |b, k| {
+            let p = elem_addr(b, src, k);
+            let x = b.ins().load(types::F32, mem(), p, 0);
+            let d = b.ins().fsub(x, shift);
+            let dv = b.ins().splat(types::F32X4, d);
+            let ev = simd::emit_exp(b, dv);
+            let e = b.ins().extractlane(ev, 0);
+            let q = elem_addr(b, dst, k);
+            b.ins().store(mem(), e, q, 0);
+            let old = b.use_var(ss);
+            let new = b.ins().fadd(old, e);
+            b.def_var(ss, new);
+            Ok(())
+        })?;
+        // Sum 0 happens only for an all -inf row; divide by 1 there to give zeros.
+        let s = b.use_var(ss);
+        let empty = b.ins().fcmp(FloatCC::Equal, s, zero_f);
+        let one = b.ins().f32const(1.0);
+        let den = b.ins().select(empty, one, s);
+        let den4 = b.ins().splat(types::F32X4, den);
+        counted_loop(b, zero, end4, 4, |b, k| {
+            let q = elem_addr(b, dst, k);
+            let e = b.ins().load(types::F32X4, mem(), q, 0);
+            let y = b.ins().fdiv(e, den4);
+            b.ins().store(mem(), y, q, 0);
+            Ok(())
+        })?;
+        counted_loop(b, end4, end, 1, |b, k| {
+            let q = elem_addr(b, dst, k);
+            let e = b.ins().load(types::F32, mem(), q, 0);
+            let y = b.ins().fdiv(e, den);
+            b.ins().store(mem(), y, q, 0);
             Ok(())
         })
     })?;

@@ -2,12 +2,14 @@
 //! left and a right pattern, and a [`Guard`] (the side condition, checked on the e-class
 //! analysis). Every applier is a plain pattern, so egg's explanations can be checked with
 //! `check_proof`; the soundness of each rule is checked separately by property tests that
-//! evaluate both sides with the interpreter (`tests/rules.rs`).
+//! evaluate both sides with the interpreter (see `testkit`, used by each family's tests).
 
 pub mod algebra;
 pub mod linear;
 pub mod masking;
 pub mod softmax;
+#[cfg(test)]
+mod testkit;
 
 use crate::analysis::{matmul_shape, AttnGraph, ShapeAnalysis};
 use crate::lang::Attn;
@@ -208,7 +210,9 @@ impl Condition<Attn, ShapeAnalysis> for GuardCheck {
                 let rank = a.len().max(b.len());
                 axis + 1 == rank && (self.kind == 2 || b.len() == rank)
             }
-            4 => s0().zip(s1()).is_some_and(|(a, b)| matmul_shape(&a, &b).is_some()),
+            4 => s0()
+                .zip(s1())
+                .is_some_and(|(a, b)| matmul_shape(&a, &b).is_some()),
             5 => {
                 let (Some(x), Some(c), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
                 else {
@@ -252,7 +256,10 @@ mod tests {
         let specs = all_specs();
         let mut names: Vec<&str> = specs.iter().map(|s| s.name).collect();
         for name in &names {
-            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '-'), "{name}");
+            assert!(
+                name.chars().all(|c| c.is_ascii_lowercase() || c == '-'),
+                "{name}"
+            );
         }
         names.sort_unstable();
         names.dedup();

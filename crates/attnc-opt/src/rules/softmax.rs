@@ -1,4 +1,4 @@
-//! Softmax to kernel form: shift invariance and fusion of `softmax(S) @ V` into the
+//! Softmax to kernel form: shift invariance, deferred normalization and fusion of `softmax(S) @ V` into the
 //! online-softmax attention node.
 //!
 //! The fused node `(attention q k v scale pattern)` means `softmax(mask((q @ kᵀ) * scale,
@@ -47,6 +47,20 @@ pub fn specs() -> Vec<RuleSpec> {
                 axis: "?ax",
             },
         ),
+        // softmax(S) v = (exp(S - m) v) / max(rowsum(exp(S - m)), 1), m = max(rowmax(S), -MAX):
+        // the clamps make an all -inf row give zeros (m finite, sum 0) exactly as softmax does,
+        // and change nothing elsewhere (a row with a finite max has a sum of at least 1)
+        RuleSpec::guarded(
+            "softmax-defer",
+            "(matmul (softmax ?s ?ax) ?v)",
+            "(div (matmul (exp (sub ?s (maximum (max ?s ?ax) (const -1.7976931348623157e308)))) ?v) \
+             (maximum (sum (exp (sub ?s (maximum (max ?s ?ax) (const -1.7976931348623157e308)))) ?ax) (const 1)))",
+            Guard::LastAxisOfProduct {
+                a: "?s",
+                b: "?s",
+                axis: "?ax",
+            },
+        ),
         // softmax(q kᵀ) v = attention(q, k, v, 1, all)
         RuleSpec::guarded(
             "attention-fuse",
@@ -69,4 +83,77 @@ pub fn specs() -> Vec<RuleSpec> {
             SCALED_LAST_AXIS,
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::specs;
+    use crate::rules::testkit::{assert_covered, check, dim, rule, PATTERNS};
+    use proptest::prelude::*;
+
+    #[test]
+    fn every_rule_has_a_property_test() {
+        assert_covered(
+            &specs(),
+            &[
+                "softmax-defer",
+                "softmax-shift",
+                "softmax-shift-sub",
+                "attention-fuse",
+                "attention-fuse-scaled",
+                "attention-fuse-div",
+            ],
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn softmax_shift(b in dim(), m in dim(), n in dim(), scalar in any::<bool>(), seed in any::<u64>()) {
+        let c = if scalar { "(const 3.5)" } else { "(input c)" };
+        check(&rule(&specs(), "softmax-shift"), "x: f32[b, m, n], c: f32[b, m, 1]",
+              &[("?x", "(input x)"), ("?c", c), ("?ax", "2")],
+              &[("b", b), ("m", m), ("n", n)], seed);
+    }
+
+    #[test]
+    fn softmax_shift_sub(b in dim(), m in dim(), n in dim(), seed in any::<u64>()) {
+        check(&rule(&specs(), "softmax-shift-sub"), "x: f32[b, m, n]",
+              &[("?x", "(input x)"), ("?c", "(max (input x) 2)"), ("?ax", "2")],
+              &[("b", b), ("m", m), ("n", n)], seed);
+    }
+
+    #[test]
+    fn softmax_defer(b in dim(), m in dim(), n in dim(), e in dim(), p in 0..PATTERNS.len(),
+                     masked in any::<bool>(), seed in any::<u64>()) {
+        let s = if masked { format!("(mask (input s) {} -inf)", PATTERNS[p]) } else { "(input s)".into() };
+        check(&rule(&specs(), "softmax-defer"), "s: f32[b, m, n], v: f32[n, e]",
+              &[("?s", &s), ("?v", "(input v)"), ("?ax", "2")],
+              &[("b", b), ("m", m), ("n", n), ("e", e)], seed);
+    }
+
+    #[test]
+    fn attention_fuse(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+        check(&rule(&specs(), "attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[n, e]",
+              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"), ("?ax", "2")],
+              &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
+    }
+
+    #[test]
+    fn attention_fuse_scaled(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
+        check(&rule(&specs(), "attention-fuse-scaled"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
+              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                ("?c", "(rsqrt (dim d))"), ("?ax", "2")],
+              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+    }
+
+    #[test]
+    fn attention_fuse_div(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
+        check(&rule(&specs(), "attention-fuse-div"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
+              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                ("?c", "(sqrt (dim d))"), ("?ax", "2")],
+              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+    }
+    }
 }

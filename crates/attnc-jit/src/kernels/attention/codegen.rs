@@ -3,29 +3,36 @@
 //! Layout of the generated function, per call (one batch entry, a range of query rows):
 //!
 //! ```text
-//! entry:     clamp rows, batch multi-index → base pointers of Q, K, V, biases, output
-//! row_head:  load q_i (widened) into registers, per-row mask bounds, m = -inf, l = 0, acc = 0
-//! run_head:  for each run of key tiles listed for row i in the compile-time tile table
-//!   full:      loop over the run's tiles, no element mask
-//!   partial:   loop over the run's tiles, element mask from the pattern
-//!   tail_*:    the last, short key tile (n mod 4 keys), full or partial
-//! row_fin:   out_i = acc / l (0 where l = 0), then the next row
+//! entry:       clamp rows, batch multi-index → base pointers of Q, K, V, biases, output
+//! group_head:  a query tile of QUERY_TILE rows: load each q_i (widened), per-row mask
+//!              bounds and bias rows; m = -inf, l = 0, acc = 0 per row
+//! run_head:    for each run of key tiles listed for this query tile in the compile-time table
+//!   full:        loop over the run's key tiles, no element mask
+//!   partial:     loop over the run's key tiles, element mask from the pattern
+//!   tail_*:      the last, short key tile (n mod 8 keys), full or partial
+//! group_fin:   out_i = acc / l (0 where l = 0) for the rows inside [row_begin, row_end)
 //! ```
 //!
-//! A key tile is [`KEY_TILE`] = 4 keys: its scores form one f32x4. Each row is computed the same
-//! way whichever row range a call covers, so results are bit-identical under any split.
+//! A key tile is [`KEY_TILE`] = 8 keys: its scores form two f32x4. The rows of a query tile
+//! share every K and V load. Query tiles are aligned to absolute row indices (tile `g` is rows
+//! `2g, 2g + 1`) and always compute all their rows (the row past `m - 1` duplicates row
+//! `m - 1`), storing only the rows of the call's range: every row is computed by the same
+//! instructions whatever range a call covers, so results are bit-identical under any split.
+//! Code size is bounded: O(tile bodies × (d + dv)), independent of m and n; the sparsity lives
+//! in the data table.
 
+use super::mask::RowMask;
 use super::{run_code, AttentionSpec, ScoreExpr, TensorRef};
 use crate::error::{JitError, Result};
 use crate::simd::{
-    as_float, emit_elu, emit_exp, emit_log, emit_sigmoid, emit_tanh, select_f32, splat_f32,
-    splat_i32,
+    as_float, const_i32x4, emit_elu, emit_exp, emit_log, emit_sigmoid, emit_tanh, hsum4,
+    select_f32, shuffle_f32x4, splat_f32, splat_i32, widen_f16,
 };
-use attnc_ir::{BinaryOp, DType, MaskPattern, UnaryOp};
+use attnc_ir::{BinaryOp, DType, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    AbiParam, Block, ConstantData, Endianness, InstBuilder, MemFlagsData, Type, UserFuncName, Value,
+    AbiParam, Block, InstBuilder, MemFlagsData, Type, UserFuncName, Value,
 };
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
@@ -33,8 +40,14 @@ use cranelift_jit::JITModule;
 use cranelift_module::{DataDescription, FuncId, Linkage, Module};
 use std::collections::{BTreeSet, HashMap};
 
-/// Keys per key tile (one f32x4 of scores).
-pub const KEY_TILE: usize = 4;
+/// f32x4 score vectors per key tile.
+const KEY_VECS: usize = 2;
+
+/// Keys per key tile (`KEY_VECS` f32x4 of scores).
+pub const KEY_TILE: usize = 4 * KEY_VECS;
+
+/// Query rows per query tile: they share every K and V load.
+pub const QUERY_TILE: usize = 2;
 
 /// Memory flags of buffer accesses: the runtime checked every buffer before the call.
 fn mem() -> MemFlagsData {
@@ -55,8 +68,10 @@ fn elem_size(dtype: DType) -> i64 {
     }
 }
 
-/// The compile-time tile table: per row `(first run, run count)` as u32 pairs, then the runs
-/// as `(first tile, end tile, kind code)` u32 triples. Rows with equal run lists share runs.
+/// The compile-time tile table, embedded as a read-only data object `{name}.tiles`: per query
+/// tile a `(first run, run count)` pair of u32, then the runs as `(first key tile, end key
+/// tile, kind)` u32 triples (kind 0 full, 1 partial, 2 tail full, 3 tail partial). Query tiles
+/// with equal run lists share their runs, so dense attention stores one run.
 struct TileTable {
     bytes: Vec<u8>,
     kinds: BTreeSet<u32>,
@@ -64,15 +79,15 @@ struct TileTable {
 
 fn tile_table(spec: &AttentionSpec) -> Result<TileTable> {
     let tiles = spec.n.div_ceil(KEY_TILE);
-    let tail = spec.n % KEY_TILE != 0;
+    let tail = !spec.n.is_multiple_of(KEY_TILE);
     let mut rows: Vec<(u32, u32)> = Vec::with_capacity(spec.m);
     let mut runs: Vec<[u32; 3]> = Vec::new();
     let mut seen: HashMap<Vec<[u32; 3]>, u32> = HashMap::new();
     let mut kinds = BTreeSet::new();
     let too_big = || JitError::Shape("attention tile table exceeds u32 indices".to_string());
-    for i in 0..spec.m {
+    for g in 0..spec.m.div_ceil(QUERY_TILE) {
         let mut list: Vec<[u32; 3]> = Vec::new();
-        for r in spec.row_runs(i) {
+        for r in spec.query_tile_runs(g) {
             let first = u32::try_from(r.first).map_err(|_| too_big())?;
             let end = u32::try_from(r.end).map_err(|_| too_big())?;
             if tail && r.end == tiles {
@@ -113,29 +128,7 @@ fn tile_table(spec: &AttentionSpec) -> Result<TileTable> {
     Ok(TileTable { bytes, kinds })
 }
 
-/// Per-row values of the mask pattern, splatted to i32x4 in the row header.
-enum RowMask {
-    /// keeps `j <= hi`
-    Upto(Value),
-    /// keeps `lo <= j <= hi`
-    Between(Value, Value),
-    /// keeps `lo <= j <= hi` and `(ia - j) mod r == 0` (ia: i32x4, r: f32x4)
-    Strided {
-        lo: Value,
-        hi: Value,
-        ia: Value,
-        r: Value,
-    },
-    /// keeps everything where `all` is set, else `j < g`
-    Global {
-        all: Value,
-        g: Value,
-    },
-    And(Box<RowMask>, Box<RowMask>),
-    Or(Box<RowMask>, Box<RowMask>),
-}
-
-/// Tensor base pointers and per-row pointers.
+/// Tensor base pointers of the call's batch entry.
 struct Bases {
     q: Value,
     k: Value,
@@ -163,9 +156,11 @@ struct Emitter<'s> {
     spec: &'s AttentionSpec,
     d4: usize,
     dv4: usize,
-    m_var: Variable,
-    l_var: Variable,
-    acc_vars: Vec<Variable>,
+    /// Per row of the query tile: running maximum (splat), running sum (per lane), and the
+    /// accumulator chunks of width 4.
+    m_vars: Vec<Variable>,
+    l_vars: Vec<Variable>,
+    acc_vars: Vec<Vec<Variable>>,
 }
 
 impl Emitter<'_> {
@@ -215,7 +210,7 @@ impl Emitter<'_> {
                     let w = b.ins().ishl_imm_u(bits, 16);
                     as_float(b, w)
                 } else {
-                    f16_to_f32(b, bits)
+                    widen_f16(b, bits)
                 }
             }
         }
@@ -236,112 +231,6 @@ impl Emitter<'_> {
     fn row_ptr(&self, b: &mut FunctionBuilder, t: &TensorRef, base: Value, row: Value) -> Value {
         let stride = t.row_stride as i64 * elem_size(t.dtype);
         self.offset(b, base, row, stride)
-    }
-
-    fn row_mask(&self, b: &mut FunctionBuilder, p: &MaskPattern, ia: Value) -> RowMask {
-        // Parameters are clamped to `cap`: |ia - j| < m + n + 1 always, so larger values act
-        // the same (ia in [-m, n), j in [0, n)).
-        let cap = (self.spec.m + self.spec.n + 1) as u64;
-        let c = |v: u64| v.min(cap) as i64;
-        let splat32 = |b: &mut FunctionBuilder, v: Value| {
-            let v32 = b.ins().ireduce(I32, v);
-            b.ins().splat(I32X4, v32)
-        };
-        match p {
-            MaskPattern::Causal => RowMask::Upto(splat32(b, ia)),
-            MaskPattern::Window(w) => {
-                let w = c(*w);
-                let lo = b.ins().iadd_imm_s(ia, -w);
-                let hi = b.ins().iadd_imm_s(ia, w);
-                RowMask::Between(splat32(b, lo), splat32(b, hi))
-            }
-            MaskPattern::Dilated { w, r } => {
-                let r = c((*r).max(1));
-                let reach = c(w.saturating_mul(r as u64));
-                let lo = b.ins().iadd_imm_s(ia, -reach);
-                let hi = b.ins().iadd_imm_s(ia, reach);
-                let rf = splat_f32(b, r as f32);
-                RowMask::Strided {
-                    lo: splat32(b, lo),
-                    hi: splat32(b, hi),
-                    ia: splat32(b, ia),
-                    r: rf,
-                }
-            }
-            MaskPattern::Global(g) => {
-                let g = c(*g);
-                let row_all = b.ins().icmp_imm_s(IntCC::SignedLessThan, ia, g);
-                let ones = b.ins().iconst(I32, -1);
-                let zero = b.ins().iconst(I32, 0);
-                let all = b.ins().select(row_all, ones, zero);
-                let all = b.ins().splat(I32X4, all);
-                let gv = b.ins().iconst(I32, g);
-                let gv = b.ins().splat(I32X4, gv);
-                RowMask::Global { all, g: gv }
-            }
-            MaskPattern::Block(bs) => {
-                let bs = c((*bs).max(1));
-                let bv = self.iconst(b, bs);
-                let q = b.ins().sdiv(ia, bv);
-                let rem = b.ins().srem(ia, bv);
-                let neg = b.ins().icmp_imm_s(IntCC::SignedLessThan, rem, 0);
-                let neg = b.ins().uextend(I64, neg);
-                let q = b.ins().isub(q, neg);
-                let lo = b.ins().imul(q, bv);
-                let hi = b.ins().iadd_imm_s(lo, bs - 1);
-                RowMask::Between(splat32(b, lo), splat32(b, hi))
-            }
-            MaskPattern::And(x, y) => {
-                let x = self.row_mask(b, x, ia);
-                let y = self.row_mask(b, y, ia);
-                RowMask::And(Box::new(x), Box::new(y))
-            }
-            MaskPattern::Or(x, y) => {
-                let x = self.row_mask(b, x, ia);
-                let y = self.row_mask(b, y, ia);
-                RowMask::Or(Box::new(x), Box::new(y))
-            }
-        }
-    }
-
-    /// The i32x4 keep-mask of keys `jv` (i32x4) under the row's pattern values.
-    fn keep(b: &mut FunctionBuilder, rm: &RowMask, jv: Value) -> Value {
-        match rm {
-            RowMask::Upto(hi) => b.ins().icmp(IntCC::SignedLessThanOrEqual, jv, *hi),
-            RowMask::Between(lo, hi) => {
-                let a = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, jv, *lo);
-                let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, jv, *hi);
-                b.ins().band(a, c)
-            }
-            RowMask::Strided { lo, hi, ia, r } => {
-                let a = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, jv, *lo);
-                let c = b.ins().icmp(IntCC::SignedLessThanOrEqual, jv, *hi);
-                let win = b.ins().band(a, c);
-                // (ia - j) mod r == 0  ⇔  r * round((ia - j) / r) == ia - j, exact in f32 for
-                // |ia - j| < 2^24 (checked by the matcher).
-                let delta = b.ins().isub(*ia, jv);
-                let df = b.ins().fcvt_from_sint(F32X4, delta);
-                let qf = b.ins().fdiv(df, *r);
-                let qf = b.ins().nearest(qf);
-                let back = b.ins().fmul(qf, *r);
-                let on = b.ins().fcmp(FloatCC::Equal, back, df);
-                b.ins().band(win, on)
-            }
-            RowMask::Global { all, g } => {
-                let c = b.ins().icmp(IntCC::SignedLessThan, jv, *g);
-                b.ins().bor(c, *all)
-            }
-            RowMask::And(x, y) => {
-                let x = Self::keep(b, x, jv);
-                let y = Self::keep(b, y, jv);
-                b.ins().band(x, y)
-            }
-            RowMask::Or(x, y) => {
-                let x = Self::keep(b, x, jv);
-                let y = Self::keep(b, y, jv);
-                b.ins().bor(x, y)
-            }
-        }
     }
 
     /// Evaluates the score expression on one key tile.
@@ -424,169 +313,187 @@ impl Emitter<'_> {
         }
     }
 
-    /// One key tile `t` (i64) with `count` valid keys; `masked` applies the element mask.
+    /// One key tile `t` (i64) with `count` valid keys for every row of the query tile;
+    /// `masked` applies the element mask.
     fn tile(
         &self,
         b: &mut FunctionBuilder,
         bases: &Bases,
-        row: &Row,
+        rows: &[Row],
         t: Value,
         masked: bool,
         count: usize,
     ) {
         let spec = self.spec;
         let j0 = b.ins().imul_imm_s(t, KEY_TILE as i64);
-        // Scores: one f32x4 accumulator per key over the depth, then a transposing sum.
-        let mut dots = Vec::with_capacity(KEY_TILE);
-        let mut v_rows = Vec::with_capacity(KEY_TILE);
         let kes = elem_size(spec.k.dtype);
         let ves = elem_size(spec.v.dtype);
-        for lane in 0..KEY_TILE {
-            if lane >= count {
-                dots.push(splat_f32(b, 0.0));
-                continue;
-            }
+        let mut k_rows = Vec::with_capacity(count);
+        let mut v_rows = Vec::with_capacity(count);
+        for lane in 0..count {
             let j = b.ins().iadd_imm_s(j0, lane as i64);
-            let kp = self.row_ptr(b, &spec.k, bases.k, j);
+            k_rows.push(self.row_ptr(b, &spec.k, bases.k, j));
             v_rows.push(self.row_ptr(b, &spec.v, bases.v, j));
-            let mut acc = splat_f32(b, 0.0);
-            for (c, &qc) in row.q.iter().enumerate() {
-                let cnt = (spec.d - 4 * c).min(4);
-                let p = b.ins().iadd_imm_s(kp, 4 * c as i64 * kes);
-                let kv = self.load_lanes(b, p, cnt, spec.k.dtype);
-                acc = b.ins().fma(qc, kv, acc);
-            }
-            dots.push(acc);
         }
-        let s = hsum4(b, dots[0], dots[1], dots[2], dots[3]);
+        // Scores: one f32x4 accumulator per (row, key) over the depth; each K chunk is loaded
+        // once for all rows of the query tile. Four keys at a time, so the accumulators, the
+        // K chunks and the q chunks fit the 16 vector registers.
+        let zero = splat_f32(b, 0.0);
+        let mut dots = vec![vec![zero; KEY_TILE]; rows.len()];
+        for h in 0..KEY_VECS {
+            let keys = &k_rows[(4 * h).min(count)..(4 * h + 4).min(count)];
+            for c in 0..self.d4 {
+                let cnt = (spec.d - 4 * c).min(4);
+                let kv: Vec<Value> = keys
+                    .iter()
+                    .map(|&kp| {
+                        let p = b.ins().iadd_imm_s(kp, 4 * c as i64 * kes);
+                        self.load_lanes(b, p, cnt, spec.k.dtype)
+                    })
+                    .collect();
+                for (r, row) in rows.iter().enumerate() {
+                    for (lane, &k) in kv.iter().enumerate() {
+                        let slot = &mut dots[r][4 * h + lane];
+                        *slot = b.ins().fma(row.q[c], k, *slot);
+                    }
+                }
+            }
+        }
         let j32 = b.ins().ireduce(I32, j0);
         let jv = b.ins().splat(I32X4, j32);
-        let lanes = i32x4_const(b, [0, 1, 2, 3]);
-        let jv = b.ins().iadd(jv, lanes);
-        let mut s = self.score(b, &spec.score, s, row, j0, jv, count);
-        // Element mask: pattern on partial tiles, and the lanes past n on the tail tile.
-        let mut keep: Option<Value> = None;
-        if masked {
-            if let Some(rm) = &row.mask {
-                keep = Some(Self::keep(b, rm, jv));
-            }
-        }
-        if count < KEY_TILE {
-            let valid: [i32; 4] = std::array::from_fn(|l| if l < count { -1 } else { 0 });
-            let valid = i32x4_const(b, valid);
-            keep = Some(match keep {
-                Some(k) => b.ins().band(k, valid),
-                None => valid,
-            });
-        }
-        if let Some(k) = keep {
-            let ninf = splat_f32(b, f32::NEG_INFINITY);
-            s = select_f32(b, k, s, ninf);
-        }
-        // Online softmax update.
-        let m_old = b.use_var(self.m_var);
-        let tmax = hmax(b, s);
-        let m_new = b.ins().fmax(m_old, tmax);
-        let ninf = splat_f32(b, f32::NEG_INFINITY);
-        let zero = splat_f32(b, 0.0);
-        let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf);
-        let m_use = select_f32(b, none, zero, m_new);
-        let da = b.ins().fsub(m_old, m_use);
-        let alpha = emit_exp(b, da);
-        let ds = b.ins().fsub(s, m_use);
-        let p = emit_exp(b, ds);
-        let l = b.use_var(self.l_var);
-        let l = b.ins().fmul(l, alpha);
-        let l = b.ins().fadd(l, p);
-        b.def_var(self.l_var, l);
-        b.def_var(self.m_var, m_new);
-        let probs: Vec<Value> = (0..count)
-            .map(|lane| {
-                let x = b.ins().extractlane(p, lane as u8);
-                b.ins().splat(F32X4, x)
+        // Per f32x4 of the tile: first key (i64), key indices (i32x4), valid key count.
+        let halves: Vec<(Value, Value, usize)> = (0..KEY_VECS)
+            .map(|h| {
+                let lanes = const_i32x4(b, std::array::from_fn(|l| (4 * h + l) as i32));
+                let jh = b.ins().iadd(jv, lanes);
+                let j0h = b.ins().iadd_imm_s(j0, 4 * h as i64);
+                (j0h, jh, count.saturating_sub(4 * h).min(4))
             })
             .collect();
+        let mut probs: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter().enumerate() {
+            let mut scores = Vec::with_capacity(KEY_VECS);
+            for (h, &(j0h, jh, cnt)) in halves.iter().enumerate() {
+                if cnt == 0 {
+                    scores.push(splat_f32(b, f32::NEG_INFINITY));
+                    continue;
+                }
+                let d = &dots[r][4 * h..4 * h + 4];
+                let s = hsum4(b, d[0], d[1], d[2], d[3]);
+                let mut s = self.score(b, &spec.score, s, row, j0h, jh, cnt);
+                // Element mask: pattern on partial tiles, and the lanes past n on the tail.
+                let mut keep: Option<Value> = None;
+                if masked {
+                    if let Some(rm) = &row.mask {
+                        keep = Some(rm.keep(b, jh));
+                    }
+                }
+                if cnt < 4 {
+                    let v = const_i32x4(b, std::array::from_fn(|l| if l < cnt { -1 } else { 0 }));
+                    keep = Some(match keep {
+                        Some(k) => b.ins().band(k, v),
+                        None => v,
+                    });
+                }
+                if let Some(k) = keep {
+                    let ninf = splat_f32(b, f32::NEG_INFINITY);
+                    s = select_f32(b, k, s, ninf);
+                }
+                scores.push(s);
+            }
+            let p = self.online_update(b, r, &scores);
+            probs.push(
+                (0..count)
+                    .map(|l| shuffle_f32x4(b, p[l / 4], p[l / 4], [(l % 4) as u8; 4]))
+                    .collect(),
+            );
+        }
+        // P·V: each V chunk is loaded once for all rows.
         for c in 0..self.dv4 {
             let cnt = (spec.dv - 4 * c).min(4);
-            let acc = b.use_var(self.acc_vars[c]);
-            let mut acc = b.ins().fmul(acc, alpha);
-            for (lane, &pl) in probs.iter().enumerate() {
-                let vp = b.ins().iadd_imm_s(v_rows[lane], 4 * c as i64 * ves);
-                let vv = self.load_lanes(b, vp, cnt, spec.v.dtype);
-                acc = b.ins().fma(pl, vv, acc);
+            let vv: Vec<Value> = v_rows
+                .iter()
+                .map(|&vp| {
+                    let p = b.ins().iadd_imm_s(vp, 4 * c as i64 * ves);
+                    self.load_lanes(b, p, cnt, spec.v.dtype)
+                })
+                .collect();
+            for (r, pr) in probs.iter().enumerate() {
+                let mut acc = b.use_var(self.acc_vars[r][c]);
+                for (&pl, &v) in pr.iter().zip(&vv) {
+                    acc = b.ins().fma(pl, v, acc);
+                }
+                b.def_var(self.acc_vars[r][c], acc);
             }
-            b.def_var(self.acc_vars[c], acc);
         }
+    }
+
+    /// The online-softmax step of row `r` for tile scores `s` (masked lanes `-inf`): updates
+    /// the running maximum and sum, rescales the accumulator when the maximum changed, and
+    /// returns `p = e^(s - m)`.
+    fn online_update(&self, b: &mut FunctionBuilder, r: usize, s: &[Value]) -> Vec<Value> {
+        let m_old = b.use_var(self.m_vars[r]);
+        let mut smax = s[0];
+        for &x in &s[1..] {
+            smax = max_shift(b, smax, x);
+        }
+        let tmax = hmax(b, smax);
+        let m_new = max_shift(b, tmax, m_old);
+        let ninf = splat_f32(b, f32::NEG_INFINITY);
+        let zero = splat_f32(b, 0.0);
+        // While every score so far is -inf, subtract 0 instead (e^(-inf - 0) = 0, no NaN).
+        let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf);
+        let m_use = select_f32(b, none, zero, m_new);
+        b.def_var(self.m_vars[r], m_new);
+        // Rescale l and acc by alpha = e^(m_old - m_new) only when the maximum changed (or is
+        // NaN): alpha would be exactly 1 otherwise, so skipping it changes no bit.
+        let old0 = b.ins().extractlane(m_old, 0);
+        let new0 = b.ins().extractlane(m_new, 0);
+        let same = b.ins().fcmp(FloatCC::Equal, old0, new0);
+        let rescale = b.create_block();
+        let update = b.create_block();
+        b.ins().brif(same, update, &[], rescale, &[]);
+        b.switch_to_block(rescale);
+        let da = b.ins().fsub(m_old, m_use);
+        let alpha = emit_exp(b, da);
+        let l = b.use_var(self.l_vars[r]);
+        let l = b.ins().fmul(l, alpha);
+        b.def_var(self.l_vars[r], l);
+        for &var in &self.acc_vars[r] {
+            let acc = b.use_var(var);
+            let acc = b.ins().fmul(acc, alpha);
+            b.def_var(var, acc);
+        }
+        b.ins().jump(update, &[]);
+        b.switch_to_block(update);
+        let mut l = b.use_var(self.l_vars[r]);
+        let mut p = Vec::with_capacity(s.len());
+        for &x in s {
+            let ds = b.ins().fsub(x, m_use);
+            let e = emit_exp(b, ds);
+            l = b.ins().fadd(l, e);
+            p.push(e);
+        }
+        b.def_var(self.l_vars[r], l);
+        p
     }
 }
 
-/// An i32x4 vector constant.
-fn i32x4_const(b: &mut FunctionBuilder, lanes: [i32; 4]) -> Value {
-    let bytes: Vec<u8> = lanes.iter().flat_map(|l| l.to_le_bytes()).collect();
-    let c = b.func.dfg.constants.insert(ConstantData::from(bytes));
-    b.ins().vconst(I32X4, c)
+/// `a > b ? a : b`, lane-wise: two instructions instead of the eight of a NaN-propagating
+/// `fmax`. The online softmax only needs a shift near the row maximum: a NaN score makes its
+/// own `p = e^(NaN - m)` NaN, so the row still comes out NaN (QUALITY.md's max policy holds
+/// for the output) whether or not the shift saw the NaN.
+fn max_shift(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
+    let gt = b.ins().fcmp(FloatCC::GreaterThan, x, y);
+    select_f32(b, gt, x, y)
 }
 
-/// Lane shuffle of two f32x4: result lane `k` is lane `sel[k]` of `x ++ y`.
-fn shuf(b: &mut FunctionBuilder, x: Value, y: Value, sel: [u8; 4]) -> Value {
-    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
-    let xb = b.ins().bitcast(I8X16, flags, x);
-    let yb = b.ins().bitcast(I8X16, flags, y);
-    let bytes: Vec<u8> = sel
-        .iter()
-        .flat_map(|&l| (0..4).map(move |k| l * 4 + k))
-        .collect();
-    let imm = b.func.dfg.immediates.push(ConstantData::from(bytes));
-    let r = b.ins().shuffle(xb, yb, imm);
-    b.ins().bitcast(F32X4, flags, r)
-}
-
-/// `[Σa0, Σa1, Σa2, Σa3]`, each sum taken as `(x0 + x2) + (x1 + x3)`.
-fn hsum4(b: &mut FunctionBuilder, a0: Value, a1: Value, a2: Value, a3: Value) -> Value {
-    let t0 = shuf(b, a0, a1, [0, 4, 1, 5]);
-    let t1 = shuf(b, a0, a1, [2, 6, 3, 7]);
-    let u0 = b.ins().fadd(t0, t1);
-    let t2 = shuf(b, a2, a3, [0, 4, 1, 5]);
-    let t3 = shuf(b, a2, a3, [2, 6, 3, 7]);
-    let u1 = b.ins().fadd(t2, t3);
-    let v0 = shuf(b, u0, u1, [0, 1, 4, 5]);
-    let v1 = shuf(b, u0, u1, [2, 3, 6, 7]);
-    b.ins().fadd(v0, v1)
-}
-
-/// The maximum of the four lanes in every lane (NaN propagates).
+/// The maximum of the four lanes in every lane (see [`max_shift`] for NaN).
 fn hmax(b: &mut FunctionBuilder, s: Value) -> Value {
-    let sw = shuf(b, s, s, [2, 3, 0, 1]);
-    let m = b.ins().fmax(s, sw);
-    let sw = shuf(b, m, m, [1, 0, 3, 2]);
-    b.ins().fmax(m, sw)
-}
-
-/// Widens f16 bit patterns (zero-extended in i32x4 lanes) to f32x4, exactly (subnormals, inf
-/// and NaN included).
-fn f16_to_f32(b: &mut FunctionBuilder, h: Value) -> Value {
-    let sign_mask = splat_i32(b, 0x8000);
-    let sign = b.ins().band(h, sign_mask);
-    let sign = b.ins().ishl_imm_u(sign, 16);
-    let em_mask = splat_i32(b, 0x7fff);
-    let em = b.ins().band(h, em_mask);
-    let o = b.ins().ishl_imm_u(em, 13);
-    // Rebias the exponent by a multiply: normals and subnormals alike are exact.
-    let of = as_float(b, o);
-    let scale = splat_f32(b, f32::from_bits(0x7780_0000)); // 2^112
-    let f = b.ins().fmul(of, scale);
-    let fbits = b.ins().bitcast(
-        I32X4,
-        MemFlagsData::new().with_endianness(Endianness::Little),
-        f,
-    );
-    let inf_bits = splat_i32(b, 0x7f80_0000);
-    let special_bits = b.ins().bor(o, inf_bits);
-    let lim = splat_i32(b, 0x7c00);
-    let special = b.ins().icmp(IntCC::SignedGreaterThanOrEqual, em, lim);
-    let bits = b.ins().bitselect(special, special_bits, fbits);
-    let bits = b.ins().bor(bits, sign);
-    as_float(b, bits)
+    let sw = shuffle_f32x4(b, s, s, [2, 3, 0, 1]);
+    let m = max_shift(b, s, sw);
+    let sw = shuffle_f32x4(b, m, m, [1, 0, 3, 2]);
+    max_shift(b, m, sw)
 }
 
 /// Defines (does not finalize) the fused attention function `name` in `module` and returns its
@@ -607,9 +514,20 @@ fn f16_to_f32(b: &mut FunctionBuilder, h: Value) -> Value {
 ///   writes rows `row_begin..min(row_end, m)` of batch entry `batch_index`, i.e. the f32 at
 ///   `((batch_index * m) + i) * dv + c`, and nothing else.
 /// - `batch_index < spec.batch_count()` (flattened row-major over [`AttentionSpec::batch`]).
-/// - Shapes are constants in the code; the caller has checked every buffer. Calls on disjoint
-///   row ranges may run concurrently; each row's result is independent of the range it was
-///   computed in (bit-identical under any split).
+/// - Shapes are constants in the code; the caller has checked every buffer (the kernel reads
+///   only inside them). Calls on disjoint row ranges may run concurrently; each row's result
+///   is independent of the range it was computed in (bit-identical under any split). A range
+///   that starts or ends inside a [`QUERY_TILE`]-row tile recomputes, but does not write, the
+///   tile's other row. An empty range writes nothing.
+///
+/// Besides the function, this declares and defines a read-only data object `{name}.tiles`
+/// (the compile-time tile table), so `name` must be unique in the module; both are usable
+/// after `module.finalize_definitions()`.
+///
+/// # Errors
+///
+/// [`JitError::Shape`] past 2^29 rows or keys; [`JitError::Codegen`] when Cranelift rejects the
+/// function (verifier, or an instruction this CPU cannot lower).
 pub fn define_attention(
     module: &mut JITModule,
     spec: &AttentionSpec,
@@ -667,25 +585,26 @@ fn emit_body(
     table_gv: cranelift_codegen::ir::GlobalValue,
     kinds: &BTreeSet<u32>,
 ) {
+    let dv4 = spec.dv.div_ceil(4);
     let em = Emitter {
         spec,
         d4: spec.d.div_ceil(4),
-        dv4: spec.dv.div_ceil(4),
-        m_var: b.declare_var(F32X4),
-        l_var: b.declare_var(F32X4),
-        acc_vars: (0..spec.dv.div_ceil(4))
-            .map(|_| b.declare_var(F32X4))
+        dv4,
+        m_vars: (0..QUERY_TILE).map(|_| b.declare_var(F32X4)).collect(),
+        l_vars: (0..QUERY_TILE).map(|_| b.declare_var(F32X4)).collect(),
+        acc_vars: (0..QUERY_TILE)
+            .map(|_| (0..dv4).map(|_| b.declare_var(F32X4)).collect())
             .collect(),
     };
     let entry = b.create_block();
-    let row_head = b.create_block();
+    let group_head = b.create_block();
     let run_head = b.create_block();
     let run_body = b.create_block();
     let run_next = b.create_block();
-    let row_fin = b.create_block();
+    let group_fin = b.create_block();
     let exit = b.create_block();
     b.append_block_params_for_function_params(entry);
-    b.append_block_param(row_head, I64);
+    b.append_block_param(group_head, I64);
     b.append_block_param(run_head, I64);
 
     // entry: bases and row range.
@@ -706,9 +625,8 @@ fn emit_body(
         }
     }
     let base_of = |b: &mut FunctionBuilder, t: &TensorRef| {
-        let p = b.ins().load(ptr, mem(), inputs, (t.slot * 8) as i32);
+        let mut p = b.ins().load(ptr, mem(), inputs, (t.slot * 8) as i32);
         let es = elem_size(t.dtype);
-        let mut p = p;
         for (a, &stride) in t.batch_strides.iter().enumerate() {
             if let (Some(i), true) = (idx.get(a).copied().flatten(), stride > 0) {
                 let s = b.ins().iconst(I64, stride as i64 * es);
@@ -726,53 +644,36 @@ fn emit_body(
     };
     let out_row0 = em.offset(b, out, bidx, (spec.m * spec.dv * 4) as i64);
     let table = b.ins().symbol_value(ptr, table_gv);
-    let runs_base = b.ins().iadd_imm_s(table, 8 * spec.m as i64);
+    let groups = spec.m.div_ceil(QUERY_TILE) as i64;
+    let runs_base = b.ins().iadd_imm_s(table, 8 * groups);
     let any = b.ins().icmp(IntCC::UnsignedLessThan, rb, re);
-    b.ins().brif(any, row_head, &[rb.into()], exit, &[]);
+    let qt = em.iconst(b, QUERY_TILE as i64);
+    let g0 = b.ins().udiv(rb, qt);
+    b.ins().brif(any, group_head, &[g0.into()], exit, &[]);
 
-    // row_head(i)
-    b.switch_to_block(row_head);
-    let i = b.block_params(row_head)[0];
-    let qp = em.row_ptr(b, &spec.q, bases.q, i);
-    let qes = elem_size(spec.q.dtype);
-    let q: Vec<Value> = (0..em.d4)
-        .map(|c| {
-            let p = b.ins().iadd_imm_s(qp, 4 * c as i64 * qes);
-            em.load_lanes(b, p, (spec.d - 4 * c).min(4), spec.q.dtype)
+    // group_head(g): rows i0 .. i0 + QUERY_TILE, clamped to m - 1 (a duplicate row is
+    // computed but not stored), so every row is computed the same way whatever the range.
+    b.switch_to_block(group_head);
+    let g = b.block_params(group_head)[0];
+    let i0 = b.ins().imul_imm_s(g, QUERY_TILE as i64);
+    let last = em.iconst(b, spec.m as i64 - 1);
+    let rows: Vec<Row> = (0..QUERY_TILE)
+        .map(|k| {
+            let i = b.ins().iadd_imm_s(i0, k as i64);
+            let i = b.ins().umin(i, last);
+            em.row(b, &bases, i)
         })
         .collect();
-    let ia = b.ins().iadd_imm_s(i, spec.n as i64 - spec.m as i64);
-    let ia32 = b.ins().ireduce(I32, ia);
-    let ia_v = b.ins().splat(I32X4, ia32);
-    let mask = spec.mask.as_ref().map(|p| em.row_mask(b, p, ia));
-    let bias_rows = spec
-        .biases
-        .iter()
-        .zip(&bases.biases)
-        .map(|(t, &base)| {
-            let p = em.row_ptr(b, t, base, i);
-            if t.col_stride == 0 {
-                let x = em.load_scalar(b, p, t.dtype);
-                BiasRow::Splat(b.ins().splat(F32X4, x))
-            } else {
-                BiasRow::Ptr(p)
-            }
-        })
-        .collect();
-    let row = Row {
-        q,
-        ia_v,
-        mask,
-        bias_rows,
-    };
     let ninf = splat_f32(b, f32::NEG_INFINITY);
     let zero = splat_f32(b, 0.0);
-    b.def_var(em.m_var, ninf);
-    b.def_var(em.l_var, zero);
-    for &v in &em.acc_vars {
-        b.def_var(v, zero);
+    for r in 0..QUERY_TILE {
+        b.def_var(em.m_vars[r], ninf);
+        b.def_var(em.l_vars[r], zero);
+        for &v in &em.acc_vars[r] {
+            b.def_var(v, zero);
+        }
     }
-    let entry_p = em.offset(b, table, i, 8);
+    let entry_p = em.offset(b, table, g, 8);
     let r0 = b.ins().uload32(mem().with_readonly(), entry_p, 0);
     let rc = b.ins().uload32(mem().with_readonly(), entry_p, 4);
     let r_end = b.ins().iadd(r0, rc);
@@ -782,7 +683,7 @@ fn emit_body(
     b.switch_to_block(run_head);
     let r = b.block_params(run_head)[0];
     let more = b.ins().icmp(IntCC::UnsignedLessThan, r, r_end);
-    b.ins().brif(more, run_body, &[], row_fin, &[]);
+    b.ins().brif(more, run_body, &[], group_fin, &[]);
 
     // run_body: dispatch on the kind of run r.
     b.switch_to_block(run_body);
@@ -823,13 +724,16 @@ fn emit_body(
             _ => (true, true),
         };
         let count = if tail { tail_count } else { KEY_TILE };
-        em.tile(b, &bases, &row, t, masked, count);
+        em.tile(b, &bases, &rows, t, masked, count);
         if tail {
             b.ins().jump(run_next, &[]);
         } else {
             let t1 = b.ins().iadd_imm_s(t, 1);
             let again = b.ins().icmp(IntCC::UnsignedLessThan, t1, end);
-            b.ins().brif(again, blk, &[t1.into()], run_next, &[]);
+            let cont = b.create_block();
+            b.ins().brif(again, cont, &[], run_next, &[]);
+            b.switch_to_block(cont);
+            b.ins().jump(blk, &[t1.into()]);
         }
     }
 
@@ -838,38 +742,100 @@ fn emit_body(
     let r1 = b.ins().iadd_imm_s(r, 1);
     b.ins().jump(run_head, &[r1.into()]);
 
-    // row_fin: out_i = acc / l, zeros where l = 0.
-    b.switch_to_block(row_fin);
-    let l = b.use_var(em.l_var);
-    let l0 = b.ins().extractlane(l, 0);
-    let l1 = b.ins().extractlane(l, 1);
-    let l2 = b.ins().extractlane(l, 2);
-    let l3 = b.ins().extractlane(l, 3);
-    let a = b.ins().fadd(l0, l2);
-    let c = b.ins().fadd(l1, l3);
-    let lsum = b.ins().fadd(a, c);
-    let lv = b.ins().splat(F32X4, lsum);
-    let zero = splat_f32(b, 0.0);
-    let empty = b.ins().fcmp(FloatCC::Equal, lv, zero);
-    let op = em.offset(b, out_row0, i, (spec.dv * 4) as i64);
-    for (c, &var) in em.acc_vars.iter().enumerate() {
-        let acc = b.use_var(var);
-        let y = b.ins().fdiv(acc, lv);
-        let y = select_f32(b, empty, zero, y);
-        let cnt = (spec.dv - 4 * c).min(4);
-        if cnt == 4 {
-            b.ins().store(mem(), y, op, (16 * c) as i32);
-        } else {
-            for lane in 0..cnt {
-                let x = b.ins().extractlane(y, lane as u8);
-                b.ins().store(mem(), x, op, (16 * c + 4 * lane) as i32);
-            }
-        }
+    // group_fin: out_i = acc / l (zeros where l = 0) for the rows in [row_begin, row_end).
+    b.switch_to_block(group_fin);
+    for r in 0..QUERY_TILE {
+        let i = b.ins().iadd_imm_s(i0, r as i64);
+        let lo = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, rb);
+        let hi = b.ins().icmp(IntCC::UnsignedLessThan, i, re);
+        let mine = b.ins().band(lo, hi);
+        let store = b.create_block();
+        let next = b.create_block();
+        b.ins().brif(mine, store, &[], next, &[]);
+        b.switch_to_block(store);
+        em.store_row(b, r, out_row0, i);
+        b.ins().jump(next, &[]);
+        b.switch_to_block(next);
     }
-    let i1 = b.ins().iadd_imm_s(i, 1);
-    let again = b.ins().icmp(IntCC::UnsignedLessThan, i1, re);
-    b.ins().brif(again, row_head, &[i1.into()], exit, &[]);
+    let g1 = b.ins().iadd_imm_s(g, 1);
+    let next_i0 = b.ins().imul_imm_s(g1, QUERY_TILE as i64);
+    let again = b.ins().icmp(IntCC::UnsignedLessThan, next_i0, re);
+    b.ins().brif(again, group_head, &[g1.into()], exit, &[]);
 
     b.switch_to_block(exit);
     b.ins().return_(&[]);
+}
+
+impl Emitter<'_> {
+    /// The per-row state of query row `i` (i64): its q chunks (widened), aligned index, mask
+    /// bounds and bias row pointers.
+    fn row(&self, b: &mut FunctionBuilder, bases: &Bases, i: Value) -> Row {
+        let spec = self.spec;
+        let qp = self.row_ptr(b, &spec.q, bases.q, i);
+        let qes = elem_size(spec.q.dtype);
+        let q: Vec<Value> = (0..self.d4)
+            .map(|c| {
+                let p = b.ins().iadd_imm_s(qp, 4 * c as i64 * qes);
+                self.load_lanes(b, p, (spec.d - 4 * c).min(4), spec.q.dtype)
+            })
+            .collect();
+        let ia = b.ins().iadd_imm_s(i, spec.n as i64 - spec.m as i64);
+        let ia32 = b.ins().ireduce(I32, ia);
+        let ia_v = b.ins().splat(I32X4, ia32);
+        let mask = spec
+            .mask
+            .as_ref()
+            .map(|p| RowMask::new(b, p, ia, spec.m, spec.n));
+        let bias_rows = spec
+            .biases
+            .iter()
+            .zip(&bases.biases)
+            .map(|(t, &base)| {
+                let p = self.row_ptr(b, t, base, i);
+                if t.col_stride == 0 {
+                    let x = self.load_scalar(b, p, t.dtype);
+                    BiasRow::Splat(b.ins().splat(F32X4, x))
+                } else {
+                    BiasRow::Ptr(p)
+                }
+            })
+            .collect();
+        Row {
+            q,
+            ia_v,
+            mask,
+            bias_rows,
+        }
+    }
+
+    /// Writes `acc / l` of query-tile row `r` to output row `i` (zeros where `l = 0`).
+    fn store_row(&self, b: &mut FunctionBuilder, r: usize, out_row0: Value, i: Value) {
+        let spec = self.spec;
+        let l = b.use_var(self.l_vars[r]);
+        let l0 = b.ins().extractlane(l, 0);
+        let l1 = b.ins().extractlane(l, 1);
+        let l2 = b.ins().extractlane(l, 2);
+        let l3 = b.ins().extractlane(l, 3);
+        let a = b.ins().fadd(l0, l2);
+        let c = b.ins().fadd(l1, l3);
+        let lsum = b.ins().fadd(a, c);
+        let lv = b.ins().splat(F32X4, lsum);
+        let zero = splat_f32(b, 0.0);
+        let empty = b.ins().fcmp(FloatCC::Equal, lv, zero);
+        let op = self.offset(b, out_row0, i, (spec.dv * 4) as i64);
+        for (c, &var) in self.acc_vars[r].iter().enumerate() {
+            let acc = b.use_var(var);
+            let y = b.ins().fdiv(acc, lv);
+            let y = select_f32(b, empty, zero, y);
+            let cnt = (spec.dv - 4 * c).min(4);
+            if cnt == 4 {
+                b.ins().store(mem(), y, op, (16 * c) as i32);
+            } else {
+                for lane in 0..cnt {
+                    let x = b.ins().extractlane(y, lane as u8);
+                    b.ins().store(mem(), x, op, (16 * c + 4 * lane) as i32);
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,198 @@
+//! The cost model: estimated cycles from FLOPs and DRAM bytes at the bound shapes.
+//!
+//! Constants (DESIGN.md, measured on the target machine): about 50 GFLOP/s per core for f32x4
+//! FMA code and about 12 GB/s of DRAM bandwidth, at an assumed 3 GHz clock: 50/3 ≈ 16.7 FLOP
+//! and 12/3 = 4 bytes per cycle. A node costs `flops / 16.7 + bytes / 4` cycles, where bytes
+//! count reading its array operands and writing its result in f32. Compute and traffic are
+//! added rather than overlapped: the model ranks forms, it does not predict run time.
+//!
+//! The fused attention node costs its FLOPs only on the fraction of (i, j) its mask pattern
+//! keeps (counted on up to [`SAMPLED_ROWS`] evenly spaced query rows at the bound m, n) and
+//! no `m × n` bytes; the linear-attention node costs its state products and no `n × n` work.
+//! A scalar scale of a matrix product is free (an epilogue), so the model never prefers
+//! `(q c) kᵀ` over `(q kᵀ) c`: the latter is the score form the JIT fuses.
+
+use crate::analysis::{facts_of, AttnGraph};
+use crate::convert;
+use crate::lang::Attn;
+use attnc_ir::MaskPattern;
+use egg::{CostFunction, Id, Language, RecExpr};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// FLOPs per cycle: 50 GFLOP/s (f32x4 FMA, one core) at 3 GHz.
+pub const FLOPS_PER_CYCLE: f64 = 50.0 / 3.0;
+/// DRAM bytes per cycle: 12 GB/s at 3 GHz.
+pub const BYTES_PER_CYCLE: f64 = 12.0 / 3.0;
+/// Bytes per element (f32).
+pub const ELEMENT_BYTES: f64 = 4.0;
+/// FLOPs per softmax element: max, subtract, exp (as a polynomial), sum, divide.
+pub const SOFTMAX_FLOPS: f64 = 12.0;
+/// Query rows sampled to estimate the kept fraction of a mask pattern.
+pub const SAMPLED_ROWS: usize = 32;
+
+/// The fraction of the `m × n` positions `pattern` keeps, counted on sampled rows.
+pub fn kept_fraction(pattern: &MaskPattern, m: usize, n: usize) -> f64 {
+    if m == 0 || n == 0 {
+        return 0.0;
+    }
+    let rows = m.min(SAMPLED_ROWS);
+    let mut kept = 0usize;
+    for r in 0..rows {
+        let i = r * m / rows;
+        kept += (0..n).filter(|&j| pattern.keeps(i, j, m, n)).count();
+    }
+    kept as f64 / (rows * n) as f64
+}
+
+/// The number of elements of a shape.
+fn elements(shape: &[usize]) -> f64 {
+    shape.iter().map(|&s| s as f64).product()
+}
+
+/// Kept fractions by (pattern, m, n), shared between the cost functions of one optimization.
+type FractionCache = Rc<RefCell<HashMap<(MaskPattern, usize, usize), f64>>>;
+
+/// The cycle cost model as an egg cost function over one e-graph.
+pub struct CycleCost<'a> {
+    egraph: &'a AttnGraph,
+    fractions: FractionCache,
+}
+
+impl<'a> CycleCost<'a> {
+    /// A cost function reading shapes from `egraph`.
+    pub fn new(egraph: &'a AttnGraph) -> CycleCost<'a> {
+        CycleCost {
+            egraph,
+            fractions: Rc::default(),
+        }
+    }
+
+    /// A second cost function over the same e-graph sharing this one's cache of mask
+    /// fractions (the extractor consumes the first).
+    pub fn sharing(&self) -> CycleCost<'a> {
+        CycleCost {
+            egraph: self.egraph,
+            fractions: Rc::clone(&self.fractions),
+        }
+    }
+
+    /// The kept fraction of the pattern class `id` (cached by pattern and size).
+    fn fraction(&mut self, id: Id, m: usize, n: usize) -> f64 {
+        let Some(Some(pattern)) = convert::pattern_from_class(self.egraph, id) else {
+            return 1.0;
+        };
+        let key = (pattern, m, n);
+        if let Some(&f) = self.fractions.borrow().get(&key) {
+            return f;
+        }
+        let f = kept_fraction(&key.0, m, n);
+        self.fractions.borrow_mut().insert(key, f);
+        f
+    }
+
+    /// Whether `a ⊙ b` scales a matrix product `a` by a scalar `b`.
+    fn is_product_epilogue(&self, a: Id, b: Id) -> bool {
+        self.egraph[b].data.shape.as_deref() == Some(&[])
+            && self.egraph[a]
+                .nodes
+                .iter()
+                .any(|n| matches!(n, Attn::MatMul(_)))
+    }
+
+    /// The cycles of one e-node, excluding its children.
+    pub fn node_cycles(&mut self, enode: &Attn) -> f64 {
+        let shape = |id: Id| self.egraph[id].data.shape.clone().unwrap_or_default();
+        let out = facts_of(self.egraph, enode).shape.unwrap_or_default();
+        let out_elems = elements(&out);
+        let operand_bytes: f64 = enode
+            .children()
+            .iter()
+            .map(|&c| elements(&shape(c)))
+            .sum::<f64>()
+            * ELEMENT_BYTES;
+        let streamed = operand_bytes + out_elems * ELEMENT_BYTES;
+        let (flops, bytes) = match enode {
+            Attn::Leaf(_) | Attn::Input(_) | Attn::Const(_) | Attn::DimValue(_) => (0.0, 0.0),
+            // Scalar subtrees (`1 / sqrt(d)`) are folded to one constant at compile time.
+            _ if out.is_empty() => (0.0, 0.0),
+            n if n.is_pattern() => (0.0, 0.0),
+            Attn::Fill(_) | Attn::RelPos(_) => (0.0, out_elems * ELEMENT_BYTES),
+            Attn::Transpose(_) => (0.0, streamed),
+            Attn::MatMul([a, _]) => {
+                let inner = shape(*a).last().copied().unwrap_or(0) as f64;
+                (2.0 * out_elems * inner, streamed)
+            }
+            Attn::Softmax(_) => (SOFTMAX_FLOPS * out_elems, 2.0 * streamed),
+            Attn::Sum([x, _]) | Attn::Max([x, _]) | Attn::Mean([x, _]) => {
+                (elements(&shape(*x)), streamed)
+            }
+            Attn::Attention([q, k, v, _, p]) => {
+                let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
+                let m = qs.iter().rev().nth(1).copied().unwrap_or(0);
+                let d = qs.last().copied().unwrap_or(0) as f64;
+                let n = ks.iter().rev().nth(1).copied().unwrap_or(0);
+                let dv = vs.last().copied().unwrap_or(0) as f64;
+                let batch = if m == 0 {
+                    0.0
+                } else {
+                    out_elems / (m as f64 * dv.max(1.0))
+                };
+                let pairs = batch * m as f64 * n as f64 * self.fraction(*p, m, n);
+                let flops = pairs * (2.0 * d + 2.0 * dv + SOFTMAX_FLOPS);
+                let bytes =
+                    (elements(&qs) + elements(&ks) + elements(&vs) + out_elems) * ELEMENT_BYTES;
+                (flops, bytes)
+            }
+            Attn::LinearAttention([q, k, v]) => {
+                let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
+                let dv = vs.last().copied().unwrap_or(0) as f64;
+                // kᵀ v and sum(kᵀ): per key row; q state and q ksum: per query row.
+                let flops =
+                    elements(&ks) * (2.0 * dv + 1.0) + elements(&qs) * (2.0 * dv + 2.0) + out_elems;
+                let state =
+                    elements(&ks) / ks.iter().rev().nth(1).copied().unwrap_or(1).max(1) as f64;
+                let bytes =
+                    (elements(&qs) + elements(&ks) + elements(&vs) + out_elems + state * dv)
+                        * ELEMENT_BYTES;
+                (flops, bytes)
+            }
+            // A scalar scale of a product is the product's epilogue (the matmul and attention
+            // kernels apply it in registers), so folding the scale into an operand never pays.
+            Attn::Mul([a, b]) | Attn::Div([a, b]) if self.is_product_epilogue(*a, *b) => (0.0, 0.0),
+            // Elementwise ops, masks and casts: one operation per output element.
+            _ => (out_elems, streamed),
+        };
+        flops / FLOPS_PER_CYCLE + bytes / BYTES_PER_CYCLE
+    }
+
+    /// The cost of `expr` as a DAG (each distinct node counted once), with shapes from this
+    /// cost function's e-graph, into which `expr` must have been added; `None` when a node of
+    /// `expr` is not in the e-graph.
+    pub fn dag_cycles(&mut self, expr: &RecExpr<Attn>) -> Option<f64> {
+        let mut ids: Vec<Id> = Vec::with_capacity(expr.as_ref().len());
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0.0;
+        for node in expr.as_ref() {
+            let mapped = node.clone().map_children(|c| ids[usize::from(c)]);
+            ids.push(self.egraph.lookup(mapped.clone())?);
+            if seen.insert(mapped.clone()) {
+                total += self.node_cycles(&mapped);
+            }
+        }
+        Some(total)
+    }
+}
+
+impl CostFunction<Attn> for CycleCost<'_> {
+    type Cost = f64;
+
+    fn cost<C>(&mut self, enode: &Attn, mut costs: C) -> f64
+    where
+        C: FnMut(Id) -> f64,
+    {
+        let own = self.node_cycles(enode);
+        enode.fold(own, |sum, id| sum + costs(id))
+    }
+}

@@ -1,0 +1,183 @@
+//! Test support for the rule families: each rule is checked by instantiating its own left and
+//! right patterns with concrete sub-expressions, converting both to IR kernels and running
+//! them with the f64 interpreter on random inputs at random small shapes. Each case also
+//! checks that the rule fires on its left side (so the guard accepts the case) and that egg
+//! puts the right side in the same e-class. `check_proof` cannot catch an unsound rule; this
+//! can.
+
+use crate::analysis::ShapeAnalysis;
+use crate::convert::to_kernel;
+use crate::lang::Attn;
+use crate::rules::RuleSpec;
+use attnc_ir::{Bindings, Kernel};
+use egg::{RecExpr, Runner};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+
+/// Mask patterns the masking cases draw from (some empty whole rows when m > n).
+pub const PATTERNS: &[&str] = &[
+    "causal",
+    "(window 1)",
+    "(and causal (window 2))",
+    "(or (window 1) (global 1))",
+    "(dilated 2 2)",
+    "(block 2)",
+    "(or (block 3) (global 1))",
+];
+
+/// Small dimension sizes.
+pub fn dim() -> impl Strategy<Value = u64> {
+    1u64..=5
+}
+
+/// Asserts that every rule of `family` is in `tested`.
+pub fn assert_covered(family: &[RuleSpec], tested: &[&str]) {
+    for spec in family {
+        assert!(
+            tested.contains(&spec.name),
+            "rule {} has no property test",
+            spec.name
+        );
+    }
+}
+
+/// The one kernel of `src`, lowered.
+pub fn kernel(src: &str) -> Kernel {
+    let (file, diags) = attnc_syntax::parse(src);
+    assert!(diags.is_empty(), "parse errors in {src}: {diags:?}");
+    let module = attnc_ir::lower::lower_file(&file)
+        .unwrap_or_else(|d| panic!("lowering errors in {src}: {d:?}"));
+    module.kernels.into_iter().next().expect("one kernel")
+}
+
+/// Replaces each `?var` token of `pattern` by its expression.
+pub fn instantiate(pattern: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        if token.starts_with('?') {
+            let (_, e) = vars
+                .iter()
+                .find(|(v, _)| v == token)
+                .unwrap_or_else(|| panic!("no value for {token}"));
+            out.push_str(e);
+        } else {
+            out.push_str(token);
+        }
+        token.clear();
+    };
+    for c in pattern.chars() {
+        if c == '(' || c == ')' || c.is_whitespace() {
+            flush(&mut token, &mut out);
+            out.push(c);
+        } else {
+            token.push(c);
+        }
+    }
+    flush(&mut token, &mut out);
+    out
+}
+
+/// Random values in [-1, 1) (splitmix64), one array per parameter.
+fn inputs(kernel: &Kernel, bindings: &Bindings, mut seed: u64) -> Vec<ArrayD<f64>> {
+    let mut next = || {
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    };
+    kernel
+        .params
+        .iter()
+        .map(|p| {
+            let shape = attnc_ir::dim::resolve_shape(&p.shape, bindings).expect("bound");
+            ArrayD::from_shape_fn(IxDyn(&shape), |_| next())
+        })
+        .collect()
+}
+
+/// `||a - b|| / ||a||`, with NaN and infinite positions required to agree exactly.
+pub fn rel_l2(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in a.iter().zip(b.iter()) {
+        assert_eq!(x.is_nan(), y.is_nan(), "NaN positions differ: {x} vs {y}");
+        if x.is_nan() {
+            continue;
+        }
+        if x.is_infinite() || y.is_infinite() {
+            assert_eq!(x, y, "infinities differ");
+            continue;
+        }
+        num += (x - y) * (x - y);
+        den += x * x;
+    }
+    if num == 0.0 {
+        0.0
+    } else {
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
+}
+
+/// Checks `spec` on one case: `params` is a kernel parameter list, `vars` the pattern
+/// variables' expressions, `dims` the bound dimensions, `seed` the inputs' seed.
+pub fn check(
+    spec: &RuleSpec,
+    params: &str,
+    vars: &[(&str, &str)],
+    dims: &[(&str, u64)],
+    seed: u64,
+) {
+    let name = spec.name;
+    let first = params.split(':').next().expect("a parameter").trim();
+    let shell = kernel(&format!("kernel t({params}) {{ return {first}; }}"));
+    let lhs: RecExpr<Attn> = instantiate(spec.lhs, vars).parse().expect("lhs parses");
+    let rhs: RecExpr<Attn> = instantiate(spec.rhs, vars).parse().expect("rhs parses");
+    let bindings: Bindings = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+
+    let mut analysis = ShapeAnalysis {
+        bindings: bindings.clone(),
+        ..ShapeAnalysis::default()
+    };
+    for p in &shell.params {
+        let shape = attnc_ir::dim::resolve_shape(&p.shape, &bindings).expect("bound");
+        analysis.params.insert(p.name.as_str().into(), shape);
+    }
+    let rules = [spec.to_rewrite()];
+    let runner: Runner<Attn, ShapeAnalysis> = Runner::new(analysis)
+        .with_iter_limit(1)
+        .with_node_limit(10_000)
+        .with_expr(&lhs)
+        .run(&rules);
+    let root = runner.egraph.find(runner.roots[0]);
+    assert_eq!(
+        runner
+            .egraph
+            .lookup_expr(&rhs)
+            .map(|id| runner.egraph.find(id)),
+        Some(root),
+        "{name} did not fire on {lhs} at {dims:?}"
+    );
+
+    let left = to_kernel(&lhs, &shell).expect("lhs converts");
+    let right = to_kernel(&rhs, &shell).expect("rhs converts");
+    let xs = inputs(&shell, &bindings, seed);
+    let ya = attnc_ir::interp::evaluate(&left, &bindings, &xs).expect("lhs evaluates");
+    let yb = attnc_ir::interp::evaluate(&right, &bindings, &xs).expect("rhs evaluates");
+    let err = rel_l2(&ya, &yb);
+    assert!(
+        err <= 1e-9,
+        "{name}: relative L2 {err} at {dims:?}\n{lhs}\n{rhs}"
+    );
+}
+
+/// The rule called `name` in `family`.
+pub fn rule(family: &[RuleSpec], name: &str) -> RuleSpec {
+    family
+        .iter()
+        .find(|s| s.name == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no rule {name}"))
+}

@@ -1,0 +1,391 @@
+//! The public entry point [`optimize`] and its record, the [`Trace`]: what went in, how the
+//! e-graph grew, why saturation stopped, what the cost model said, which form was chosen and
+//! the rewrites on the path from the input to it (egg explanations, one step per rule).
+//!
+//! `optimize` never fails: when anything goes wrong (an unbound symbol, a form that does not
+//! convert back) it returns the input kernel unchanged and the trace says why.
+
+use crate::analysis::ShapeAnalysis;
+use crate::convert::{to_kernel, to_recexpr};
+use crate::cost::CycleCost;
+use crate::extract::{extract, render_term, tree_size};
+use crate::lang::Attn;
+use crate::rules::all_rules;
+use crate::saturate::{saturate, total_applied, IterationStats, Limits, RuleCount, StopReason};
+use attnc_ir::dim::resolve_shape;
+use attnc_ir::print::print_kernel;
+use attnc_ir::{Bindings, Kernel};
+use egg::{FlatTerm, RecExpr};
+use serde::Serialize;
+use std::fmt::Write;
+use std::time::Instant;
+
+/// Options of one optimization.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OptimizeOptions {
+    /// Saturation limits.
+    pub limits: Limits,
+    /// Record the derivation (egg explanations) in the trace.
+    pub explain: bool,
+}
+
+impl Default for OptimizeOptions {
+    fn default() -> OptimizeOptions {
+        OptimizeOptions {
+            limits: Limits::default(),
+            explain: true,
+        }
+    }
+}
+
+/// The result of [`optimize`]: the chosen form as IR and the record of how it was found.
+#[derive(Clone, Debug)]
+pub struct Optimized {
+    /// The chosen form (the input itself when nothing cheaper was found).
+    pub kernel: Kernel,
+    /// What the optimizer did.
+    pub trace: Trace,
+}
+
+/// Which form the optimizer returned.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Decision {
+    /// The extracted form, cheaper than the input under the cost model.
+    Rewritten,
+    /// The input, unchanged, for the reason given.
+    KeptInput(String),
+}
+
+/// One rewrite on the path from the input to the chosen form.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DerivationStep {
+    /// The rule applied.
+    pub rule: String,
+    /// True when the rule was applied right to left.
+    pub backward: bool,
+    /// The whole term after the step.
+    pub term: String,
+}
+
+/// The record of one optimization (serializable for `--format json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Trace {
+    /// The kernel's name.
+    pub kernel: String,
+    /// The input program, as IR text.
+    pub input: String,
+    /// The input as an e-graph term.
+    pub input_term: String,
+    /// The chosen program, as IR text.
+    pub output: String,
+    /// The chosen form as an e-graph term.
+    pub output_term: String,
+    /// Per-iteration e-graph statistics.
+    pub iterations: Vec<IterationStats>,
+    /// Rules applied, totalled over all iterations.
+    pub applied: Vec<RuleCount>,
+    /// Why saturation stopped.
+    pub stop_reason: StopReason,
+    /// E-nodes and e-classes at the end.
+    pub final_nodes: usize,
+    /// E-classes at the end.
+    pub final_classes: usize,
+    /// Estimated cycles of the input.
+    pub cost_before: f64,
+    /// Estimated cycles of the chosen form.
+    pub cost_after: f64,
+    /// Which form was returned.
+    pub decision: Decision,
+    /// The rewrites from the input to the chosen form.
+    pub derivation: Vec<DerivationStep>,
+    /// Seconds saturating.
+    pub saturate_seconds: f64,
+    /// Seconds extracting (cost model included).
+    pub extract_seconds: f64,
+    /// Seconds building the explanation.
+    pub explain_seconds: f64,
+}
+
+impl Trace {
+    /// A trace for a kernel that was returned unchanged before saturation could run.
+    fn unchanged(kernel: &Kernel, reason: String) -> Trace {
+        let text = print_kernel(kernel);
+        Trace {
+            kernel: kernel.name.clone(),
+            input: text.clone(),
+            input_term: String::new(),
+            output: text,
+            output_term: String::new(),
+            iterations: vec![],
+            applied: vec![],
+            stop_reason: StopReason::Other(reason.clone()),
+            final_nodes: 0,
+            final_classes: 0,
+            cost_before: 0.0,
+            cost_after: 0.0,
+            decision: Decision::KeptInput(reason),
+            derivation: vec![],
+            saturate_seconds: 0.0,
+            extract_seconds: 0.0,
+            explain_seconds: 0.0,
+        }
+    }
+
+    /// The rule names on the derivation path, in order, without repeats.
+    pub fn derivation_rules(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = Vec::new();
+        for step in &self.derivation {
+            if !names.contains(&step.rule.as_str()) {
+                names.push(&step.rule);
+            }
+        }
+        names
+    }
+
+    /// The derivation alone, one rule and resulting term per step (deterministic: no
+    /// timings), for golden tests and `attnc explain`.
+    pub fn render_derivation(&self) -> String {
+        let mut out = format!("{}\n", self.input_term);
+        for step in &self.derivation {
+            let dir = if step.backward { " (backward)" } else { "" };
+            let _ = writeln!(out, "  => {}{dir}\n{}", step.rule, step.term);
+        }
+        out
+    }
+
+    /// The trace for people.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "optimizer trace for kernel `{}`", self.kernel);
+        let _ = writeln!(out, "\ninput:\n{}", self.input.trim_end());
+        let _ = writeln!(out, "\nsaturation:");
+        for it in &self.iterations {
+            let rules: Vec<String> = it
+                .applied
+                .iter()
+                .map(|r| format!("{} ×{}", r.rule, r.count))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  iteration {:>2}: {:>6} e-nodes {:>6} e-classes  {:.2} ms  {}",
+                it.index,
+                it.egraph_nodes,
+                it.egraph_classes,
+                it.total_seconds * 1e3,
+                if rules.is_empty() {
+                    "-".to_string()
+                } else {
+                    rules.join(", ")
+                }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  stopped: {} ({} e-nodes, {} e-classes, {:.2} ms)",
+            self.stop_reason,
+            self.final_nodes,
+            self.final_classes,
+            self.saturate_seconds * 1e3
+        );
+        let _ = writeln!(
+            out,
+            "\ncost: {:.0} → {:.0} estimated cycles ({:.2} ms extraction)",
+            self.cost_before,
+            self.cost_after,
+            self.extract_seconds * 1e3
+        );
+        match &self.decision {
+            Decision::Rewritten => {
+                let _ = writeln!(out, "decision: rewritten");
+            }
+            Decision::KeptInput(why) => {
+                let _ = writeln!(out, "decision: kept the input ({why})");
+            }
+        }
+        if !self.derivation.is_empty() {
+            let _ = writeln!(out, "\nderivation:\n  {}", clip(&self.input_term));
+            for (i, step) in self.derivation.iter().enumerate() {
+                let dir = if step.backward { " (backward)" } else { "" };
+                let _ = writeln!(
+                    out,
+                    "  {}. {}{dir}\n     {}",
+                    i + 1,
+                    step.rule,
+                    clip(&step.term)
+                );
+            }
+        }
+        let _ = writeln!(out, "\noutput:\n{}", self.output.trim_end());
+        out
+    }
+}
+
+/// Shortens very long terms in the text rendering.
+fn clip(term: &str) -> String {
+    const MAX: usize = 400;
+    if term.chars().count() <= MAX {
+        term.to_string()
+    } else {
+        let head: String = term.chars().take(MAX).collect();
+        format!("{head} …")
+    }
+}
+
+/// Terms in the trace are cut after this many characters.
+pub const MAX_TERM_CHARS: usize = 4_000;
+
+/// Derivations are recorded only when the input and the chosen form unfold into trees of at
+/// most this many nodes together: egg explanations work on terms, and a program with shared
+/// sub-expressions unfolds exponentially.
+pub const MAX_EXPLAINED_TREE: u64 = 20_000;
+
+/// Optimizes `kernel` at `bindings` with the exact rule families; see the module docs.
+pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions) -> Optimized {
+    let expr = match to_recexpr(kernel) {
+        Ok(expr) => expr,
+        Err(e) => return unchanged(kernel, format!("the kernel does not convert: {e}")),
+    };
+    let mut analysis = ShapeAnalysis {
+        bindings: bindings.clone(),
+        ..ShapeAnalysis::default()
+    };
+    for param in &kernel.params {
+        match resolve_shape(&param.shape, bindings) {
+            Some(shape) => {
+                analysis.params.insert(param.name.as_str().into(), shape);
+            }
+            None => {
+                return unchanged(
+                    kernel,
+                    format!("the shape of `{}` is not bound", param.name),
+                )
+            }
+        }
+    }
+    if expr.as_ref().len() > options.limits.nodes {
+        let why = format!(
+            "the program has {} e-nodes, more than the node limit {}",
+            expr.as_ref().len(),
+            options.limits.nodes
+        );
+        return unchanged(kernel, why);
+    }
+    let rules = all_rules();
+    let mut sat = saturate(&expr, analysis, &rules, &options.limits);
+
+    let extract_start = Instant::now();
+    let (best, cost_before, cost_after) = {
+        let egraph = sat.egraph();
+        let mut model = CycleCost::new(egraph);
+        let best = extract(egraph, sat.root, &mut model).map(|e| e.expr);
+        let before = model.dag_cycles(&expr);
+        let after = best.as_ref().and_then(|b| model.dag_cycles(b));
+        (best.unwrap_or_else(|| expr.clone()), before, after)
+    };
+    let extract_seconds = extract_start.elapsed().as_secs_f64();
+
+    let mut trace = Trace {
+        kernel: kernel.name.clone(),
+        input: print_kernel(kernel),
+        input_term: render_term(&expr, MAX_TERM_CHARS),
+        output: String::new(),
+        output_term: String::new(),
+        iterations: sat.iterations.clone(),
+        applied: total_applied(&sat.iterations),
+        stop_reason: sat.stop.clone(),
+        final_nodes: sat.final_size.0,
+        final_classes: sat.final_size.1,
+        cost_before: cost_before.unwrap_or(f64::NAN),
+        cost_after: cost_after.unwrap_or(f64::NAN),
+        decision: Decision::Rewritten,
+        derivation: vec![],
+        saturate_seconds: sat.seconds,
+        extract_seconds,
+        explain_seconds: 0.0,
+    };
+    let cheaper = matches!((cost_before, cost_after), (Some(b), Some(a)) if a < b);
+    let chosen = if cheaper {
+        match to_kernel(&best, kernel) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                trace.decision =
+                    Decision::KeptInput(format!("the chosen form does not convert: {e}"));
+                None
+            }
+        }
+    } else {
+        let why = if cost_before.is_some() && cost_after.is_some() {
+            "nothing cheaper was found"
+        } else {
+            "the cost model could not price a form"
+        };
+        trace.decision = Decision::KeptInput(why.into());
+        None
+    };
+    let result = match chosen {
+        Some(k) => {
+            trace.output_term = render_term(&best, MAX_TERM_CHARS);
+            let small = tree_size(&expr).saturating_add(tree_size(&best)) <= MAX_EXPLAINED_TREE;
+            if options.explain && small {
+                let start = Instant::now();
+                trace.derivation = derivation(&mut sat.runner, &expr, &best);
+                trace.explain_seconds = start.elapsed().as_secs_f64();
+            }
+            k
+        }
+        None => {
+            trace.output_term = trace.input_term.clone();
+            trace.cost_after = trace.cost_before;
+            kernel.clone()
+        }
+    };
+    trace.output = print_kernel(&result);
+    Optimized {
+        kernel: result,
+        trace,
+    }
+}
+
+/// The input returned unchanged, with the reason.
+fn unchanged(kernel: &Kernel, reason: String) -> Optimized {
+    Optimized {
+        kernel: kernel.clone(),
+        trace: Trace::unchanged(kernel, reason),
+    }
+}
+
+/// The rewrites from `from` to `to`, one step per rule application.
+pub fn derivation(
+    runner: &mut egg::Runner<Attn, ShapeAnalysis>,
+    from: &RecExpr<Attn>,
+    to: &RecExpr<Attn>,
+) -> Vec<DerivationStep> {
+    let mut explanation = runner.explain_equivalence(from, to);
+    let flat = explanation.make_flat_explanation().clone();
+    flat.iter()
+        .skip(1)
+        .map(|term| {
+            let (rule, backward) = step_rule(term).unwrap_or_else(|| ("?".to_string(), false));
+            DerivationStep {
+                rule,
+                backward,
+                term: term.remove_rewrites().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The rule a flat explanation step applies (searched without recursion).
+fn step_rule(term: &FlatTerm<Attn>) -> Option<(String, bool)> {
+    let mut stack = vec![term];
+    while let Some(t) = stack.pop() {
+        if let Some(rule) = &t.forward_rule {
+            return Some((rule.to_string(), false));
+        }
+        if let Some(rule) = &t.backward_rule {
+            return Some((rule.to_string(), true));
+        }
+        stack.extend(t.children.iter());
+    }
+    None
+}

@@ -1,0 +1,80 @@
+//! Helpers shared by the integration tests: building kernels from source, random inputs, and
+//! comparing interpreter results.
+#![allow(dead_code)]
+
+use attnc_ir::{Bindings, Kernel};
+use ndarray::{ArrayD, IxDyn};
+
+/// The one kernel of `src`, lowered.
+pub fn kernel(src: &str) -> Kernel {
+    let (file, diags) = attnc_syntax::parse(src);
+    assert!(diags.is_empty(), "parse errors in {src}: {diags:?}");
+    let module = attnc_ir::lower::lower_file(&file)
+        .unwrap_or_else(|d| panic!("lowering errors in {src}: {d:?}"));
+    module.kernels.into_iter().next().expect("one kernel")
+}
+
+/// Bindings from pairs.
+pub fn bindings(pairs: &[(&str, u64)]) -> Bindings {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (splitmix64).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+}
+
+/// Random inputs for every parameter of `kernel` at `bindings`.
+pub fn inputs(kernel: &Kernel, bindings: &Bindings, seed: u64) -> Vec<ArrayD<f64>> {
+    let mut rng = Rng(seed);
+    kernel
+        .params
+        .iter()
+        .map(|p| {
+            let shape = attnc_ir::dim::resolve_shape(&p.shape, bindings).expect("bound");
+            ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.next())
+        })
+        .collect()
+}
+
+/// `||a - b|| / ||a||` (0 when both are zero); NaN positions must agree.
+pub fn rel_l2(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    let mut num = 0.0;
+    let mut den = 0.0;
+    for (x, y) in a.iter().zip(b.iter()) {
+        assert_eq!(x.is_nan(), y.is_nan(), "NaN positions differ: {x} vs {y}");
+        if x.is_nan() {
+            continue;
+        }
+        if x.is_infinite() || y.is_infinite() {
+            assert_eq!(x, y, "infinities differ");
+            continue;
+        }
+        num += (x - y) * (x - y);
+        den += x * x;
+    }
+    if num == 0.0 {
+        0.0
+    } else {
+        (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    }
+}
+
+/// Evaluates both kernels on the same random inputs and returns their relative L2 distance.
+pub fn compare(a: &Kernel, b: &Kernel, bindings: &Bindings, seed: u64) -> f64 {
+    let xs = inputs(a, bindings, seed);
+    let ya = attnc_ir::interp::evaluate(a, bindings, &xs).expect("left side evaluates");
+    let yb = attnc_ir::interp::evaluate(b, bindings, &xs).expect("right side evaluates");
+    rel_l2(&ya, &yb)
+}

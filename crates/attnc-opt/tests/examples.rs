@@ -1,0 +1,305 @@
+//! `optimize` on every LANGUAGE.md example (examples/*.attn): semantics preserved, the
+//! expected kernel forms extracted, the derivation named and checked, timings printed.
+
+mod common;
+
+use attnc_ir::{Bindings, Kernel};
+use attnc_opt::analysis::ShapeAnalysis;
+use attnc_opt::convert::to_recexpr;
+use attnc_opt::cost::CycleCost;
+use attnc_opt::rules::all_rules;
+use attnc_opt::saturate::saturate;
+use attnc_opt::{optimize, Decision, Limits, OptimizeOptions};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Every example kernel with its file name.
+fn examples() -> Vec<(String, Kernel)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "examples missing in {dir:?}");
+    files
+        .into_iter()
+        .map(|p| {
+            let src = std::fs::read_to_string(&p).expect("readable");
+            let name = p.file_stem().expect("stem").to_string_lossy().to_string();
+            (name, common::kernel(&src))
+        })
+        .collect()
+}
+
+/// Small odd bindings for every symbol the examples use (m ≤ n for chunked prefill).
+fn small() -> Bindings {
+    common::bindings(&[("h", 2), ("n", 13), ("m", 5), ("d", 3), ("e", 7), ("r", 4)])
+}
+
+#[test]
+fn optimize_preserves_semantics_on_every_example() {
+    let bindings = small();
+    for (name, kernel) in examples() {
+        let start = Instant::now();
+        let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let err = common::compare(&kernel, &result.kernel, &bindings, 7);
+        println!(
+            "{name:>16}: {ms:7.2} ms total, saturation {:6.2} ms, extraction {:5.2} ms, {} iterations, stop: {}, cost {:.0} -> {:.0}, rel err {err:.1e}",
+            result.trace.saturate_seconds * 1e3,
+            result.trace.extract_seconds * 1e3,
+            result.trace.iterations.len(),
+            result.trace.stop_reason,
+            result.trace.cost_before,
+            result.trace.cost_after,
+        );
+        assert!(
+            err <= 1e-9,
+            "{name}: relative L2 {err}\n{}",
+            result.trace.render_text()
+        );
+        assert!(result.trace.cost_after <= result.trace.cost_before);
+    }
+}
+
+#[test]
+fn saturation_time_at_realistic_shapes_is_printed() {
+    let bindings = common::bindings(&[
+        ("h", 8),
+        ("n", 4096),
+        ("m", 512),
+        ("d", 64),
+        ("e", 512),
+        ("r", 256),
+    ]);
+    for (name, kernel) in examples() {
+        let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+        println!(
+            "{name:>16}: saturation {:6.2} ms + extraction {:5.2} ms (+ explanation {:5.2} ms), {} e-nodes, {:?}, rules {:?}",
+            result.trace.saturate_seconds * 1e3,
+            result.trace.extract_seconds * 1e3,
+            result.trace.explain_seconds * 1e3,
+            result.trace.final_nodes,
+            result.trace.decision,
+            result.trace.derivation_rules(),
+        );
+    }
+}
+
+/// The node shapes of `kernel` at `bindings`.
+fn node_shapes(kernel: &Kernel, bindings: &Bindings) -> Vec<Vec<usize>> {
+    attnc_ir::bind::resolve_node_shapes(kernel, bindings).expect("shapes resolve")
+}
+
+#[test]
+fn linear_attention_extracts_without_an_n_by_n_node() {
+    let (_, kernel) = examples()
+        .into_iter()
+        .find(|(n, _)| n == "linear")
+        .expect("linear");
+    let bindings = common::bindings(&[("h", 2), ("n", 64), ("d", 4)]);
+    let before = node_shapes(&kernel, &bindings);
+    assert!(
+        before.iter().any(|s| s.ends_with(&[64, 64])),
+        "the input has the n×n form"
+    );
+    let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+    println!("{}", result.trace.render_text());
+    assert_eq!(result.trace.decision, Decision::Rewritten);
+    for shape in node_shapes(&result.kernel, &bindings) {
+        assert!(
+            !shape.ends_with(&[64, 64]),
+            "an n×n node remains: {shape:?}"
+        );
+    }
+    let rules = result.trace.derivation_rules();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.starts_with("linear-") || r.starts_with("matmul-assoc")),
+        "{rules:?}"
+    );
+    assert!(common::compare(&kernel, &result.kernel, &bindings, 3) <= 1e-9);
+}
+
+#[test]
+fn masked_softmax_examples_extract_to_fused_attention() {
+    let bindings = small();
+    for name in [
+        "local",
+        "chunked_prefill",
+        "decode_causal",
+        "bigbird",
+        "blocksparse",
+    ] {
+        let (_, kernel) = examples()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .expect("example");
+        let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+        let trace = &result.trace;
+        assert_eq!(trace.decision, Decision::Rewritten, "{name}");
+        assert!(
+            trace.output_term.contains("(attention "),
+            "{name}: {}",
+            trace.output_term
+        );
+        let rules = trace.derivation_rules();
+        assert!(
+            rules.iter().any(|r| r.starts_with("mask-attention-fuse")),
+            "{name}: {rules:?}"
+        );
+        assert!(trace.render_text().contains("mask-attention-fuse"));
+        // The fused node comes back as softmax(mask(score)) @ v, which the interpreter runs.
+        assert!(trace.output.contains("softmax") && trace.output.contains("mask"));
+    }
+}
+
+#[test]
+fn unmasked_softmax_examples_extract_to_fused_attention() {
+    let bindings = small();
+    for name in ["decode", "gated", "linformer", "performer"] {
+        let (_, kernel) = examples()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .expect("example");
+        let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+        assert!(result.trace.output_term.contains("(attention "), "{name}");
+        assert!(result
+            .trace
+            .derivation_rules()
+            .iter()
+            .any(|r| r.starts_with("attention-fuse")));
+    }
+}
+
+#[test]
+fn explanations_pass_check_proof() {
+    let bindings = small();
+    let rules = all_rules();
+    for (name, kernel) in examples() {
+        let expr = to_recexpr(&kernel).expect("converts");
+        let mut analysis = ShapeAnalysis {
+            bindings: bindings.clone(),
+            ..ShapeAnalysis::default()
+        };
+        for p in &kernel.params {
+            let shape = attnc_ir::dim::resolve_shape(&p.shape, &bindings).expect("bound");
+            analysis.params.insert(p.name.as_str().into(), shape);
+        }
+        let mut sat = saturate(&expr, analysis, &rules, &Limits::default());
+        let best = {
+            let egraph = sat.egraph();
+            Extractor::new(egraph, CycleCost::new(egraph))
+                .find_best(sat.root)
+                .1
+        };
+        let mut explanation = sat.runner.explain_equivalence(&expr, &best);
+        explanation.check_proof(&rules);
+        println!(
+            "{name}: {} steps",
+            explanation.make_flat_explanation().len() - 1
+        );
+    }
+}
+
+#[test]
+fn trace_is_deterministic_apart_from_timings() {
+    let (_, kernel) = examples()
+        .into_iter()
+        .find(|(n, _)| n == "local")
+        .expect("local");
+    let options = OptimizeOptions::default();
+    let a = optimize(&kernel, &small(), &options).trace;
+    let b = optimize(&kernel, &small(), &options).trace;
+    assert_eq!(a.output, b.output);
+    assert_eq!(a.derivation, b.derivation);
+    assert_eq!(a.applied, b.applied);
+    let nodes = |t: &attnc_opt::Trace| {
+        t.iterations
+            .iter()
+            .map(|i| i.egraph_nodes)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(nodes(&a), nodes(&b));
+}
+
+#[test]
+fn score_forms_the_jit_fuses_are_left_in_place() {
+    // alibi and the tanh softcap have scores the optimizer cannot fuse but the JIT can, as
+    // long as the score stays `q @ kᵀ` of the parameters: no scale folding into q.
+    let bindings = small();
+    for name in ["alibi", "gqa_softcap"] {
+        let (_, kernel) = examples()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .expect("example");
+        let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+        assert!(
+            result
+                .trace
+                .output_term
+                .contains("(matmul (input q) (transpose (input k)))"),
+            "{name}: {}",
+            result.trace.output_term
+        );
+    }
+}
+
+#[test]
+fn trace_serializes_to_json() {
+    let (_, kernel) = examples()
+        .into_iter()
+        .find(|(n, _)| n == "local")
+        .expect("local");
+    let result = optimize(&kernel, &small(), &OptimizeOptions::default());
+    let json = serde_json::to_value(&result.trace).expect("serializes");
+    assert_eq!(json["kernel"], "local");
+    assert_eq!(json["stop_reason"], "Saturated");
+    assert!(json["derivation"][0]["rule"].is_string());
+}
+
+#[test]
+fn every_example_round_trips_through_the_egraph_language() {
+    let bindings = small();
+    for (name, kernel) in examples() {
+        let expr = to_recexpr(&kernel).expect("converts");
+        let back = attnc_opt::convert::to_kernel(&expr, &kernel).expect("converts back");
+        assert_eq!(
+            attnc_ir::print::print_kernel(&back),
+            attnc_ir::print::print_kernel(&kernel),
+            "{name}"
+        );
+        assert_eq!(common::compare(&kernel, &back, &bindings, 5), 0.0, "{name}");
+    }
+}
+
+#[test]
+fn odd_programs_convert_and_stay_correct() {
+    let src = "kernel odd(x: f32[4, n], y: f32[n, 4], s: f32[4, 1]) -> f32[4, 1] {
+        let a = maximum(abs(x) - relpos(4, n), minimum(sigmoid(x), tanh(x)));
+        let b = exp(-relu(a)) * rsqrt(1 + log(1 + abs(x))) + zeros(4, n);
+        let c = softmax(mask(b @ y @ x, block(2) | dilated(1, 2), 0.5), 0) @ y;
+        return max(mean(c, -1) + s, 1) / n;
+    }";
+    let kernel = common::kernel(src);
+    let bindings = common::bindings(&[("n", 6)]);
+    let expr = to_recexpr(&kernel).expect("converts");
+    let back = attnc_opt::convert::to_kernel(&expr, &kernel).expect("converts back");
+    assert_eq!(
+        attnc_ir::print::print_kernel(&back),
+        attnc_ir::print::print_kernel(&kernel)
+    );
+    let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+    assert!(common::compare(&kernel, &result.kernel, &bindings, 9) <= 1e-9);
+}
+
+#[test]
+fn returning_a_parameter_is_fine() {
+    let kernel = common::kernel("kernel id(a: f32[n], b: f32[n]) -> f32[n] { return a; }");
+    let bindings = common::bindings(&[("n", 3)]);
+    let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+    assert!(common::compare(&kernel, &result.kernel, &bindings, 1) == 0.0);
+}
