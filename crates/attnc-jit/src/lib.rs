@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod ceiling;
 pub mod error;
 pub mod jit;
 pub mod kernels;

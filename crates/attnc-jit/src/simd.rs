@@ -607,6 +607,38 @@ mod tests {
     }
 
     #[test]
+    fn f16_widening_is_exact_for_every_bit_pattern() {
+        let (_m, f) = compile(|b, x| {
+            let bits = as_int(b, x);
+            widen_f16(b, bits)
+        });
+        let xs: Vec<f32> = (0..=u16::MAX)
+            .map(|h| f32::from_bits(u32::from(h)))
+            .collect();
+        let got = run(f, &xs);
+        for (h, g) in (0..=u16::MAX).zip(got) {
+            let want = half::f16::from_bits(h).to_f32();
+            if want.is_nan() {
+                assert!(g.is_nan(), "f16 {h:#06x}: {g}");
+            } else {
+                assert_eq!(g.to_bits(), want.to_bits(), "f16 {h:#06x}");
+            }
+        }
+    }
+
+    #[test]
+    fn hsum4_sums_each_vector() {
+        let (_m, f) = compile(|b, x| {
+            let two = splat_f32(b, 2.0);
+            let y = b.ins().fmul(x, two);
+            let z = splat_f32(b, 1.0);
+            hsum4(b, x, y, z, x)
+        });
+        let got = run(f, &[1.0, 2.0, 3.0, 4.5]);
+        assert_eq!(got, vec![10.5, 21.0, 4.0, 10.5]);
+    }
+
+    #[test]
     fn elu_accuracy() {
         let (_m, f) = compile(emit_elu);
         let mut xs = sweep(-20.0, 20.0, 400_000);

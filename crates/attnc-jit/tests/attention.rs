@@ -336,6 +336,15 @@ fn alibi_bias() {
     }";
     let c = check(src, &[("h", 3), ("m", 17), ("n", 17), ("d", 6)]);
     assert_eq!(c.spec.biases.len(), 1);
+    let slope = &c.spec.biases[0];
+    assert_eq!(
+        (
+            slope.batch_strides.as_slice(),
+            slope.row_stride,
+            slope.col_stride
+        ),
+        (&[1][..], 0, 0)
+    );
     check(src, &[("h", 2), ("m", 3), ("n", 14), ("d", 5)]);
 }
 

@@ -272,6 +272,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
     }
     let rules = all_rules();
     let mut sat = saturate(&expr, analysis, &rules, &options.limits);
+    eprintln!("DEBUG saturated {:?}", sat.stop);
 
     let extract_start = Instant::now();
     let (best, cost_before, cost_after) = {
@@ -283,6 +284,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
         (best.unwrap_or_else(|| expr.clone()), before, after)
     };
     let extract_seconds = extract_start.elapsed().as_secs_f64();
+    eprintln!("DEBUG extracted");
 
     let mut trace = Trace {
         kernel: kernel.name.clone(),

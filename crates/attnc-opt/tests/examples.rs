@@ -192,9 +192,10 @@ fn explanations_pass_check_proof() {
         let mut sat = saturate(&expr, analysis, &rules, &Limits::default());
         let best = {
             let egraph = sat.egraph();
-            Extractor::new(egraph, CycleCost::new(egraph))
-                .find_best(sat.root)
-                .1
+            let mut model = CycleCost::new(egraph);
+            attnc_opt::extract::extract(egraph, sat.root, &mut model)
+                .expect("extracts")
+                .expr
         };
         let mut explanation = sat.runner.explain_equivalence(&expr, &best);
         explanation.check_proof(&rules);

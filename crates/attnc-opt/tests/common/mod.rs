@@ -8,9 +8,10 @@ use ndarray::{ArrayD, IxDyn};
 /// The one kernel of `src`, lowered.
 pub fn kernel(src: &str) -> Kernel {
     let (file, diags) = attnc_syntax::parse(src);
-    assert!(diags.is_empty(), "parse errors in {src}: {diags:?}");
+    let shown: String = src.chars().take(300).collect();
+    assert!(diags.is_empty(), "parse errors in {shown}: {diags:?}");
     let module = attnc_ir::lower::lower_file(&file)
-        .unwrap_or_else(|d| panic!("lowering errors in {src}: {d:?}"));
+        .unwrap_or_else(|d| panic!("lowering errors in {shown}: {d:?}"));
     module.kernels.into_iter().next().expect("one kernel")
 }
 

@@ -402,28 +402,36 @@ impl Emitter<'_> {
                 scores.push(s);
             }
             let p = self.online_update(b, r, &scores);
-            probs.push(
-                (0..count)
-                    .map(|l| shuffle_f32x4(b, p[l / 4], p[l / 4], [(l % 4) as u8; 4]))
-                    .collect(),
-            );
+            probs.push(p);
         }
-        // P·V: each V chunk is loaded once for all rows.
-        for c in 0..self.dv4 {
-            let cnt = (spec.dv - 4 * c).min(4);
-            let vv: Vec<Value> = v_rows
+        // P·V, four keys at a time so their broadcast probabilities stay in registers; each V
+        // chunk is loaded once for all rows. Per accumulator the keys are added in order.
+        for (h, lanes) in (0..count).collect::<Vec<_>>().chunks(4).enumerate() {
+            let splats: Vec<Vec<Value>> = probs
                 .iter()
-                .map(|&vp| {
-                    let p = b.ins().iadd_imm_s(vp, 4 * c as i64 * ves);
-                    self.load_lanes(b, p, cnt, spec.v.dtype)
+                .map(|p| {
+                    lanes
+                        .iter()
+                        .map(|&l| shuffle_f32x4(b, p[h], p[h], [(l % 4) as u8; 4]))
+                        .collect()
                 })
                 .collect();
-            for (r, pr) in probs.iter().enumerate() {
-                let mut acc = b.use_var(self.acc_vars[r][c]);
-                for (&pl, &v) in pr.iter().zip(&vv) {
-                    acc = b.ins().fma(pl, v, acc);
+            for c in 0..self.dv4 {
+                let cnt = (spec.dv - 4 * c).min(4);
+                let vv: Vec<Value> = lanes
+                    .iter()
+                    .map(|&l| {
+                        let p = b.ins().iadd_imm_s(v_rows[l], 4 * c as i64 * ves);
+                        self.load_lanes(b, p, cnt, spec.v.dtype)
+                    })
+                    .collect();
+                for (r, pr) in splats.iter().enumerate() {
+                    let mut acc = b.use_var(self.acc_vars[r][c]);
+                    for (&pl, &v) in pr.iter().zip(&vv) {
+                        acc = b.ins().fma(pl, v, acc);
+                    }
+                    b.def_var(self.acc_vars[r][c], acc);
                 }
-                b.def_var(self.acc_vars[r][c], acc);
             }
         }
     }
