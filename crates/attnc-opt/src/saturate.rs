@@ -1,10 +1,11 @@
 //! Equality saturation with explicit limits: a `Runner` with iteration, node and time limits
 //! set before `run`, egg's `BackoffScheduler` (so a rule that matches explosively is banned
-//! for a while instead of flooding the graph), and explanations enabled so the path from the
+//! for a while instead of flooding the graph), and explanations (when asked for) so the path from the
 //! input to the chosen form can be shown rule by rule.
 //!
 //! Stopping on a limit is an ordinary outcome ([`StopReason`]), never an error: the e-graph
-//! still contains the input, so extraction always has a valid answer. egg's limits are soft
+//! still contains the input, so extraction always has a valid answer. Explanations are
+//! optional: they cost time exponential in the sharing of the program (see `trace`). egg's limits are soft
 //! (they are checked between iterations), which is why the scheduler's match limit matters.
 
 use crate::analysis::{AttnGraph, ShapeAnalysis};
@@ -138,18 +139,24 @@ impl Saturation {
     }
 }
 
-/// Saturates `expr` under `rules` within `limits`, with explanations enabled.
+/// Saturates `expr` under `rules` within `limits`, with explanations enabled when `explain`.
 pub fn saturate(
     expr: &RecExpr<Attn>,
     analysis: ShapeAnalysis,
     rules: &[AttnRewrite],
     limits: &Limits,
+    explain: bool,
 ) -> Saturation {
     let start = Instant::now();
     // Every limit and the scheduler are set before `run`, and explanations before the
     // expression is added.
-    let runner = Runner::new(analysis)
-        .with_explanations_enabled()
+    let runner = Runner::new(analysis);
+    let runner = if explain {
+        runner.with_explanations_enabled()
+    } else {
+        runner.with_explanations_disabled()
+    };
+    let runner = runner
         .with_iter_limit(limits.iterations)
         .with_node_limit(limits.nodes)
         .with_time_limit(limits.time)

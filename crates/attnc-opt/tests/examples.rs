@@ -189,7 +189,7 @@ fn explanations_pass_check_proof() {
             let shape = attnc_ir::dim::resolve_shape(&p.shape, &bindings).expect("bound");
             analysis.params.insert(p.name.as_str().into(), shape);
         }
-        let mut sat = saturate(&expr, analysis, &rules, &Limits::default());
+        let mut sat = saturate(&expr, analysis, &rules, &Limits::default(), true);
         let best = {
             let egraph = sat.egraph();
             let mut model = CycleCost::new(egraph);

@@ -141,5 +141,7 @@ fn shared_subexpressions_do_not_unfold_exponentially() {
     assert!(result.trace.output_term.contains("attention"));
     // The derivation is omitted for a term this large, and the trace still renders.
     assert!(result.trace.derivation.is_empty());
+    assert!(result.trace.derivation_omitted.is_some());
+    assert!(result.trace.render_text().contains("derivation omitted"));
     assert!(!result.trace.render_text().is_empty());
 }

@@ -16,7 +16,11 @@ use clap::Parser;
 use failure::Failure;
 use std::process::ExitCode;
 
+/// Exit status after Ctrl-C, as shells report a SIGINT death.
+const INTERRUPTED: i32 = 130;
+
 fn main() -> ExitCode {
+    install_interrupt_handler();
     let raw: Vec<String> = std::env::args().collect();
     let cli = match Cli::try_parse_from(&raw) {
         Ok(cli) => cli,
@@ -31,6 +35,19 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(format),
+    }
+}
+
+/// Ctrl-C exits promptly, even mid-compile or mid-benchmark, and removes the temporary file of
+/// any output being written, so no partial file is ever left behind.
+fn install_interrupt_handler() {
+    let installed = ctrlc::set_handler(|| {
+        attnc::io::remove_pending_temp_files();
+        eprintln!("interrupted");
+        std::process::exit(INTERRUPTED);
+    });
+    if let Err(err) = installed {
+        eprintln!("note: cannot handle Ctrl-C: {err}");
     }
 }
 

@@ -104,53 +104,53 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
-    #[test]
-    fn transpose_involution(b in dim(), m in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "transpose-involution"), "x: f32[b, m, n]", &[("?x", "(input x)")],
-              &[("b", b), ("m", m), ("n", n)], seed);
-    }
+        #[test]
+        fn transpose_involution(b in dim(), m in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "transpose-involution"), "x: f32[b, m, n]", &[("?x", "(input x)")],
+                  &[("b", b), ("m", m), ("n", n)], seed);
+        }
 
-    #[test]
-    fn transpose_matmul(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "transpose-matmul"), "x: f32[b, m, k], y: f32[k, n]",
-              &[("?a", "(input x)"), ("?b", "(input y)")],
-              &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
-    }
+        #[test]
+        fn transpose_matmul(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "transpose-matmul"), "x: f32[b, m, k], y: f32[k, n]",
+                  &[("?a", "(input x)"), ("?b", "(input y)")],
+                  &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
+        }
 
-    #[test]
-    fn qk_scale_fold(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "qk-scale-fold"), "q: f32[b, m, k], y: f32[b, n, k]",
-              &[("?a", "(input q)"), ("?b", "(transpose (input y))"),
-                ("?c", "(rsqrt (dim k))")],
-              &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
-    }
+        #[test]
+        fn qk_scale_fold(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "qk-scale-fold"), "q: f32[b, m, k], y: f32[b, n, k]",
+                  &[("?a", "(input q)"), ("?b", "(transpose (input y))"),
+                    ("?c", "(rsqrt (dim k))")],
+                  &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
+        }
 
-    #[test]
-    fn qk_scale_fold_div(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "qk-scale-fold-div"), "q: f32[b, m, k], y: f32[k, n]",
-              &[("?a", "(input q)"), ("?b", "(input y)"), ("?c", "(sqrt (dim k))")],
-              &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
-    }
+        #[test]
+        fn qk_scale_fold_div(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "qk-scale-fold-div"), "q: f32[b, m, k], y: f32[k, n]",
+                  &[("?a", "(input q)"), ("?b", "(input y)"), ("?c", "(sqrt (dim k))")],
+                  &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
+        }
 
-    #[test]
-    fn matmul_assoc(b in dim(), m in dim(), k in dim(), p in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "matmul-assoc"), "x: f32[m, k], y: f32[b, k, p], z: f32[b, p, n]",
-              &[("?a", "(input x)"), ("?b", "(input y)"), ("?c", "(input z)")],
-              &[("b", b), ("m", m), ("k", k), ("p", p), ("n", n)], seed);
-    }
+        #[test]
+        fn matmul_assoc(b in dim(), m in dim(), k in dim(), p in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "matmul-assoc"), "x: f32[m, k], y: f32[b, k, p], z: f32[b, p, n]",
+                  &[("?a", "(input x)"), ("?b", "(input y)"), ("?c", "(input z)")],
+                  &[("b", b), ("m", m), ("k", k), ("p", p), ("n", n)], seed);
+        }
 
-    #[test]
-    fn matmul_assoc_rev(b in dim(), m in dim(), k in dim(), p in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "matmul-assoc-rev"), "x: f32[b, m, k], y: f32[k, p], z: f32[b, p, n]",
-              &[("?a", "(input x)"), ("?b", "(input y)"), ("?c", "(input z)")],
-              &[("b", b), ("m", m), ("k", k), ("p", p), ("n", n)], seed);
-    }
+        #[test]
+        fn matmul_assoc_rev(b in dim(), m in dim(), k in dim(), p in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "matmul-assoc-rev"), "x: f32[b, m, k], y: f32[k, p], z: f32[b, p, n]",
+                  &[("?a", "(input x)"), ("?b", "(input y)"), ("?c", "(input z)")],
+                  &[("b", b), ("m", m), ("k", k), ("p", p), ("n", n)], seed);
+        }
 
-    #[test]
-    fn sum_matmul(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "sum-matmul"), "x: f32[m, k], y: f32[b, k, n]",
-              &[("?a", "(input x)"), ("?b", "(input y)"), ("?ax", "2")],
-              &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
-    }
+        #[test]
+        fn sum_matmul(b in dim(), m in dim(), k in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "sum-matmul"), "x: f32[m, k], y: f32[b, k, n]",
+                  &[("?a", "(input x)"), ("?b", "(input y)"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
+        }
     }
 }

@@ -59,28 +59,28 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
-    #[test]
-    fn linear_state(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "linear-state"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e]",
-              &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
-                ("?v", "(input v)")],
-              &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
-    }
+        #[test]
+        fn linear_state(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "linear-state"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e]",
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?v", "(input v)")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
+        }
 
-    #[test]
-    fn linear_normalizer(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "linear-normalizer"), "q: f32[b, m, d], k: f32[b, n, d]",
-              &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
-                ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
-    }
+        #[test]
+        fn linear_normalizer(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "linear-normalizer"), "q: f32[b, m, d], k: f32[b, n, d]",
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
 
-    #[test]
-    fn linear_attention_fuse(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "linear-attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e]",
-              &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
-                ("?v", "(input v)"), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
-    }
+        #[test]
+        fn linear_attention_fuse(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "linear-attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e]",
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?v", "(input v)"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
+        }
     }
 }

@@ -73,40 +73,40 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
-    #[test]
-    fn mask_intersect(b in dim(), m in dim(), n in dim(), pa in 0..PATTERNS.len(),
-                      pb in 0..PATTERNS.len(), finite in any::<bool>(), seed in any::<u64>()) {
-        let fill = if finite { "0.5" } else { "-inf" };
-        check(&rule(&specs(), "mask-intersect"), "x: f32[b, m, n]",
-              &[("?x", "(input x)"), ("?a", PATTERNS[pa]), ("?b", PATTERNS[pb]), ("?f", fill)],
-              &[("b", b), ("m", m), ("n", n)], seed);
-    }
+        #[test]
+        fn mask_intersect(b in dim(), m in dim(), n in dim(), pa in 0..PATTERNS.len(),
+                          pb in 0..PATTERNS.len(), finite in any::<bool>(), seed in any::<u64>()) {
+            let fill = if finite { "0.5" } else { "-inf" };
+            check(&rule(&specs(), "mask-intersect"), "x: f32[b, m, n]",
+                  &[("?x", "(input x)"), ("?a", PATTERNS[pa]), ("?b", PATTERNS[pb]), ("?f", fill)],
+                  &[("b", b), ("m", m), ("n", n)], seed);
+        }
 
-    #[test]
-    fn mask_attention_fuse(b in dim(), m in dim(), n in dim(), d in dim(),
-                           p in 0..PATTERNS.len(), seed in any::<u64>()) {
-        check(&rule(&specs(), "mask-attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
-              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
-                ("?p", PATTERNS[p]), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
-    }
-
-    #[test]
-    fn mask_attention_fuse_scaled(b in dim(), m in dim(), n in dim(), d in dim(),
-                                  p in 0..PATTERNS.len(), seed in any::<u64>()) {
-        check(&rule(&specs(), "mask-attention-fuse-scaled"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
-              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
-                ("?c", "(const 0.25)"), ("?p", PATTERNS[p]), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
-    }
-
-    #[test]
-    fn mask_attention_fuse_div(b in dim(), m in dim(), n in dim(), d in dim(),
+        #[test]
+        fn mask_attention_fuse(b in dim(), m in dim(), n in dim(), d in dim(),
                                p in 0..PATTERNS.len(), seed in any::<u64>()) {
-        check(&rule(&specs(), "mask-attention-fuse-div"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
-              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
-                ("?c", "(sqrt (dim d))"), ("?p", PATTERNS[p]), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
-    }
+            check(&rule(&specs(), "mask-attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?p", PATTERNS[p]), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
+
+        #[test]
+        fn mask_attention_fuse_scaled(b in dim(), m in dim(), n in dim(), d in dim(),
+                                      p in 0..PATTERNS.len(), seed in any::<u64>()) {
+            check(&rule(&specs(), "mask-attention-fuse-scaled"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(const 0.25)"), ("?p", PATTERNS[p]), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
+
+        #[test]
+        fn mask_attention_fuse_div(b in dim(), m in dim(), n in dim(), d in dim(),
+                                   p in 0..PATTERNS.len(), seed in any::<u64>()) {
+            check(&rule(&specs(), "mask-attention-fuse-div"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(sqrt (dim d))"), ("?p", PATTERNS[p]), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
     }
 }

@@ -109,51 +109,51 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
-    #[test]
-    fn softmax_shift(b in dim(), m in dim(), n in dim(), scalar in any::<bool>(), seed in any::<u64>()) {
-        let c = if scalar { "(const 3.5)" } else { "(input c)" };
-        check(&rule(&specs(), "softmax-shift"), "x: f32[b, m, n], c: f32[b, m, 1]",
-              &[("?x", "(input x)"), ("?c", c), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n)], seed);
-    }
+        #[test]
+        fn softmax_shift(b in dim(), m in dim(), n in dim(), scalar in any::<bool>(), seed in any::<u64>()) {
+            let c = if scalar { "(const 3.5)" } else { "(input c)" };
+            check(&rule(&specs(), "softmax-shift"), "x: f32[b, m, n], c: f32[b, m, 1]",
+                  &[("?x", "(input x)"), ("?c", c), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n)], seed);
+        }
 
-    #[test]
-    fn softmax_shift_sub(b in dim(), m in dim(), n in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "softmax-shift-sub"), "x: f32[b, m, n]",
-              &[("?x", "(input x)"), ("?c", "(max (input x) 2)"), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n)], seed);
-    }
+        #[test]
+        fn softmax_shift_sub(b in dim(), m in dim(), n in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "softmax-shift-sub"), "x: f32[b, m, n]",
+                  &[("?x", "(input x)"), ("?c", "(max (input x) 2)"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n)], seed);
+        }
 
-    #[test]
-    fn softmax_defer(b in dim(), m in dim(), n in dim(), e in dim(), p in 0..PATTERNS.len(),
-                     masked in any::<bool>(), seed in any::<u64>()) {
-        let s = if masked { format!("(mask (input s) {} -inf)", PATTERNS[p]) } else { "(input s)".into() };
-        check(&rule(&specs(), "softmax-defer"), "s: f32[b, m, n], v: f32[n, e]",
-              &[("?s", &s), ("?v", "(input v)"), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("e", e)], seed);
-    }
+        #[test]
+        fn softmax_defer(b in dim(), m in dim(), n in dim(), e in dim(), p in 0..PATTERNS.len(),
+                         masked in any::<bool>(), seed in any::<u64>()) {
+            let s = if masked { format!("(mask (input s) {} -inf)", PATTERNS[p]) } else { "(input s)".into() };
+            check(&rule(&specs(), "softmax-defer"), "s: f32[b, m, n], v: f32[n, e]",
+                  &[("?s", &s), ("?v", "(input v)"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("e", e)], seed);
+        }
 
-    #[test]
-    fn attention_fuse(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[n, e]",
-              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
-    }
+        #[test]
+        fn attention_fuse(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[n, e]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
+        }
 
-    #[test]
-    fn attention_fuse_scaled(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "attention-fuse-scaled"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
-              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
-                ("?c", "(rsqrt (dim d))"), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
-    }
+        #[test]
+        fn attention_fuse_scaled(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "attention-fuse-scaled"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(rsqrt (dim d))"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
 
-    #[test]
-    fn attention_fuse_div(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
-        check(&rule(&specs(), "attention-fuse-div"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
-              &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
-                ("?c", "(sqrt (dim d))"), ("?ax", "2")],
-              &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
-    }
+        #[test]
+        fn attention_fuse_div(b in dim(), m in dim(), n in dim(), d in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "attention-fuse-div"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(sqrt (dim d))"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
     }
 }
