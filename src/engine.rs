@@ -5,6 +5,7 @@ use attnc_ir::bind::{bind_shapes, BindError};
 use attnc_ir::interp::{evaluate, EvalError};
 use attnc_ir::{Bindings, DType, Kernel};
 use attnc_jit::{CompileOptions, CompiledKernel, Input, JitError};
+use attnc_opt::{OptimizeOptions, Optimized, Trace};
 use thiserror::Error;
 
 /// Which engine executes a kernel.
@@ -54,13 +55,28 @@ pub fn bind(kernel: &Kernel, inputs: &[Tensor], given: &Bindings) -> Result<Bind
     Ok(bind_shapes(kernel, &shapes, given)?)
 }
 
-/// Compiles `kernel` to machine code at `bindings`.
+/// Rewrites `kernel` into its cheapest equivalent form at `bindings` (equality saturation).
+///
+/// Every rule is exact; when nothing cheaper is found the input comes back unchanged, and the
+/// trace says why.
+pub fn optimize(kernel: &Kernel, bindings: &Bindings) -> Optimized {
+    attnc_opt::optimize(kernel, bindings, &OptimizeOptions::default())
+}
+
+/// Optimizes `kernel` at `bindings` and compiles the chosen form to machine code.
 pub fn compile(kernel: &Kernel, bindings: &Bindings) -> Result<CompiledKernel, RunError> {
-    Ok(CompiledKernel::compile(
-        kernel,
-        bindings,
-        &CompileOptions::default(),
-    )?)
+    Ok(compile_with_trace(kernel, bindings)?.0)
+}
+
+/// [`compile`], also returning the optimizer's trace.
+pub fn compile_with_trace(
+    kernel: &Kernel,
+    bindings: &Bindings,
+) -> Result<(CompiledKernel, Trace), RunError> {
+    let optimized = optimize(kernel, bindings);
+    let compiled =
+        CompiledKernel::compile(&optimized.kernel, bindings, &CompileOptions::default())?;
+    Ok((compiled, optimized.trace))
 }
 
 /// Runs a compiled kernel on `inputs` (one per parameter) with `threads` workers.

@@ -12,7 +12,12 @@ fn ctrl_c_during_a_long_run_exits_130_without_output() {
     let file = common::examples_dir().join("local.attn");
     // The interpreter on this shape runs for many seconds: long enough to be interrupted.
     let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
-        .args(["run", file.to_str().expect("utf-8 path"), "--engine", "interp"])
+        .args([
+            "run",
+            file.to_str().expect("utf-8 path"),
+            "--engine",
+            "interp",
+        ])
         .args(["--random", "0", "--shape", "h=8,n=2048,d=64", "--output"])
         .arg(&out_path)
         .stdin(Stdio::null())

@@ -77,7 +77,7 @@ fn compile_loop_with(iterations: u64, batches: usize) -> Result<KernelHandle> {
         let params: Vec<Value> = b.block_params(body).to_vec();
         let counter = params[0];
         let mut next: Vec<BlockArg> = Vec::with_capacity(ACCUMULATORS + 1);
-        let bumped = b.ins().iadd_imm(counter, 1);
+        let bumped = b.ins().iadd_imm_s(counter, 1);
         next.push(BlockArg::Value(bumped));
         let mut accs = Vec::with_capacity(ACCUMULATORS);
         for &acc in &params[1..] {
@@ -87,7 +87,7 @@ fn compile_loop_with(iterations: u64, batches: usize) -> Result<KernelHandle> {
         }
         let more = b
             .ins()
-            .icmp_imm(IntCC::UnsignedLessThan, bumped, iterations as i64);
+            .icmp_imm_u(IntCC::UnsignedLessThan, bumped, iterations as i64);
         let done: Vec<BlockArg> = accs.iter().map(|&v| BlockArg::Value(v)).collect();
         b.ins().brif(more, body, &next, exit, &done);
 
@@ -97,9 +97,10 @@ fn compile_loop_with(iterations: u64, batches: usize) -> Result<KernelHandle> {
         for &v in &finals[1..] {
             sum = b.ins().fadd(sum, v);
         }
-        let offset = b.ins().imul_imm(batch, 16);
+        let offset = b.ins().imul_imm_s(batch, 16);
         let addr = b.ins().iadd(output, offset);
-        b.ins().store(MemFlagsData::new().with_notrap(), sum, addr, 0);
+        b.ins()
+            .store(MemFlagsData::new().with_notrap(), sum, addr, 0);
         b.ins().return_(&[]);
         Ok(())
     })?;

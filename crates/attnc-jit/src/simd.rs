@@ -150,6 +150,62 @@ pub fn emit_exp(b: &mut FunctionBuilder, x: Value) -> Value {
     select_f32(b, under, zero, y)
 }
 
+/// An f32x4 constant from the constant pool (an instruction can use it as a memory operand).
+pub fn const_f32x4(b: &mut FunctionBuilder, c: f32) -> Value {
+    let bytes: Vec<u8> = (0..4).flat_map(|_| c.to_le_bytes()).collect();
+    let k = b.func.dfg.constants.insert(ConstantData::from(bytes));
+    b.ins().vconst(F32X4, k)
+}
+
+/// Emits `e^x` for an f32x4 `x ≤ 0` (or NaN), the case of softmax weights `e^(s - max)`:
+/// bit-identical to [`emit_exp`] there, in fewer instructions (no upper clamp, a compare and
+/// select instead of the NaN-propagating `fmax`, rounding by adding and subtracting
+/// `1.5 · 2^23`, whose bit pattern also gives the integer `k`, and pool constants).
+pub fn emit_exp_nonpos(b: &mut FunctionBuilder, x: Value) -> Value {
+    let low = const_f32x4(b, EXP_LOW);
+    // NaN compares false and passes through.
+    let below = b.ins().fcmp(FloatCC::LessThan, x, low);
+    let xc = select_f32(b, below, low, x);
+    let log2e = const_f32x4(b, LOG2_E);
+    let t = b.ins().fmul(xc, log2e);
+    // t in [-151, 0]: adding 1.5 · 2^23 rounds to an integer (ties to even, like `nearest`).
+    const MAGIC: f32 = 12_582_912.0;
+    let magic = const_f32x4(b, MAGIC);
+    let tm = b.ins().fadd(t, magic);
+    let kf = b.ins().fsub(tm, magic);
+    let tm_bits = as_int(b, tm);
+    let magic_bits = const_i32x4(b, [MAGIC.to_bits() as i32; 4]);
+    let k = b.ins().isub(tm_bits, magic_bits);
+    let nk = b.ins().fneg(kf);
+    let hi = const_f32x4(b, LN2_HI);
+    let lo = const_f32x4(b, LN2_LO);
+    let r = b.ins().fma(nk, hi, xc);
+    let r = b.ins().fma(nk, lo, r);
+    let mut p = const_f32x4(b, EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        let cv = const_f32x4(b, c);
+        p = b.ins().fma(p, r, cv);
+    }
+    let r2 = b.ins().fmul(r, r);
+    let u = b.ins().fma(p, r2, r);
+    let one = const_f32x4(b, 1.0);
+    let er = b.ins().fadd(u, one);
+    let k1 = b.ins().sshr_imm_u(k, 1);
+    let k2 = b.ins().isub(k, k1);
+    let bias = const_i32x4(b, [127; 4]);
+    let e1 = b.ins().iadd(k1, bias);
+    let e1 = b.ins().ishl_imm_u(e1, 23);
+    let s1 = as_float(b, e1);
+    let e2 = b.ins().iadd(k2, bias);
+    let e2 = b.ins().ishl_imm_u(e2, 23);
+    let s2 = as_float(b, e2);
+    let y = b.ins().fmul(er, s1);
+    let y = b.ins().fmul(y, s2);
+    let under = b.ins().fcmp(FloatCC::LessThanOrEqual, x, low);
+    let zero = const_f32x4(b, 0.0);
+    select_f32(b, under, zero, y)
+}
+
 /// Emits `e^x - 1` for an f32x4 `x`, accurate near 0 (no cancellation).
 ///
 /// Same reduction as [`emit_exp`]; the result is `fma(2^k, e^r - 1, 2^k - 1)` where `2^k - 1` is
@@ -325,6 +381,27 @@ pub fn hsum4(b: &mut FunctionBuilder, a0: Value, a1: Value, a2: Value, a3: Value
     let v0 = shuffle_f32x4(b, u0, u1, [0, 1, 4, 5]);
     let v1 = shuffle_f32x4(b, u0, u1, [2, 3, 6, 7]);
     b.ins().fadd(v0, v1)
+}
+
+/// The 4 × 4 transpose of the rows `a`, `b`, `c`, `d`: result `k` is `[a_k, b_k, c_k, d_k]`
+/// (eight shuffles).
+pub fn transpose4(
+    b: &mut FunctionBuilder,
+    r0: Value,
+    r1: Value,
+    r2: Value,
+    r3: Value,
+) -> [Value; 4] {
+    let t0 = shuffle_f32x4(b, r0, r1, [0, 4, 1, 5]);
+    let t1 = shuffle_f32x4(b, r2, r3, [0, 4, 1, 5]);
+    let t2 = shuffle_f32x4(b, r0, r1, [2, 6, 3, 7]);
+    let t3 = shuffle_f32x4(b, r2, r3, [2, 6, 3, 7]);
+    [
+        shuffle_f32x4(b, t0, t1, [0, 1, 4, 5]),
+        shuffle_f32x4(b, t0, t1, [2, 3, 6, 7]),
+        shuffle_f32x4(b, t2, t3, [0, 1, 4, 5]),
+        shuffle_f32x4(b, t2, t3, [2, 3, 6, 7]),
+    ]
 }
 
 /// Widens f16 bit patterns (zero-extended in i32x4 lanes) to f32x4, exactly (subnormals, inf
@@ -516,6 +593,32 @@ mod tests {
         assert_eq!(got[9], 1.0);
         assert!(got[10].is_finite() && got[10] > 1e38);
         assert!(got[11] >= 0.0 && got[11] < 1e-44);
+    }
+
+    #[test]
+    fn exp_nonpos_matches_exp() {
+        let (_m, f) = compile(emit_exp);
+        let (_m2, g) = compile(emit_exp_nonpos);
+        let mut xs = sweep(-110.0, 0.0, 1_000_000);
+        xs.extend([
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+            f32::NAN,
+            -104.0,
+            -103.99,
+            -87.5,
+            -1e-30,
+        ]);
+        let want = run(f, &xs);
+        let got = run(g, &xs);
+        for ((&x, &w), &y) in xs.iter().zip(&want).zip(&got) {
+            if w.is_nan() {
+                assert!(y.is_nan(), "exp_nonpos({x}) = {y}");
+            } else {
+                assert_eq!(y.to_bits(), w.to_bits(), "exp_nonpos({x}) = {y}, exp = {w}");
+            }
+        }
     }
 
     #[test]

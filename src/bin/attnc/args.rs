@@ -19,6 +19,8 @@ pub enum Command {
     Run(RunArgs),
     /// Show what the compiler did and why
     Explain(ExplainArgs),
+    /// Time the compiled kernel against baselines
+    Bench(BenchArgs),
 }
 
 impl Command {
@@ -28,6 +30,7 @@ impl Command {
             Command::Check(a) => a.format,
             Command::Run(a) => a.shared.format,
             Command::Explain(a) => a.shared.format,
+            Command::Bench(a) => a.shared.format,
         }
     }
 }
@@ -54,7 +57,7 @@ pub struct CheckArgs {
 }
 
 /// Options shared by `run`, `explain` and `bench`.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct SharedArgs {
     /// The .attn file
     pub file: PathBuf,
@@ -105,6 +108,8 @@ pub enum Emit {
     Ir,
     /// The IR as a Graphviz graph
     Dot,
+    /// The optimizer's e-graph: iterations, rules applied, stop reason, derivation
+    Egraph,
     /// The kernels of the plan and their Cranelift IR
     Clif,
     /// Cranelift's machine-code listing of each kernel
@@ -118,4 +123,22 @@ pub struct ExplainArgs {
     /// Print one stage instead of the whole report
     #[arg(long, value_enum)]
     pub emit: Option<Emit>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub shared: SharedArgs,
+    /// Timed runs per engine (median and minimum are reported)
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub runs: u32,
+    /// Untimed runs before timing
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub warmup: u32,
+    /// Do not time the reference interpreter
+    #[arg(long)]
+    pub no_interp: bool,
+    /// Do not time the naive Rust baseline
+    #[arg(long)]
+    pub no_naive: bool,
 }

@@ -17,6 +17,13 @@ pub fn explain(args: &ExplainArgs) -> CliResult {
         Some(Emit::Dot) => emit(json, "dot", attnc::ir::dot::dot_kernel(kernel)),
         Some(Emit::Clif) => emit(json, "clif", generated_code(&prepared, CodeKind::Clif)?),
         Some(Emit::Asm) => emit(json, "asm", generated_code(&prepared, CodeKind::Asm)?),
+        Some(Emit::Egraph) => emit(
+            json,
+            "egraph",
+            attnc::engine::optimize(kernel, &prepared.bindings)
+                .trace
+                .render_text(),
+        ),
         None => report(&prepared, json)?,
     }
     Ok(())
@@ -34,12 +41,16 @@ fn emit(json: bool, key: &str, text: String) {
 fn report(prepared: &Prepared, json: bool) -> CliResult {
     let kernel = prepared.kernel();
     let ir_text = attnc::ir::print::print_kernel(kernel);
-    let plan = match attnc::engine::compile(kernel, &prepared.bindings) {
-        Ok(compiled) => Some((
-            compiled.plan().to_string(),
-            compiled.compile_time().as_secs_f64() * 1e3,
-        )),
-        Err(_) => None,
+    let compiled = attnc::engine::compile_with_trace(kernel, &prepared.bindings).ok();
+    let plan = compiled.as_ref().map(|(code, _)| {
+        (
+            code.plan().to_string(),
+            code.compile_time().as_secs_f64() * 1e3,
+        )
+    });
+    let trace = match &compiled {
+        Some((_, trace)) => trace.clone(),
+        None => attnc::engine::optimize(kernel, &prepared.bindings).trace,
     };
     if json {
         crate::print_json(&json!({
@@ -49,6 +60,7 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
             "bindings": prepared.bindings,
             "policy": prepared.policy.to_string(),
             "ir": ir_text,
+            "trace": trace,
             "plan": plan.as_ref().map(|(text, _)| text),
             "compile_ms": plan.as_ref().map(|(_, ms)| ms),
         }));
@@ -75,6 +87,9 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
     println!();
     println!("== IR ({} nodes) ==", kernel.graph.len());
     print!("{ir_text}");
+    println!();
+    println!("== optimizer ==");
+    print!("{}", trace.render_text());
     println!();
     match plan {
         Some((text, ms)) => {

@@ -1,10 +1,11 @@
-//! The `attnc` command line (LANGUAGE.md §4): `check`, `run`, `explain`.
+//! The `attnc` command line (LANGUAGE.md §4): `check`, `run`, `explain`, `bench`.
 //!
 //! Results go to stdout, diagnostics and notes to stderr; `--format json` makes both results
 //! and errors one JSON document on stdout. Exit status: 0 success, 1 the program or inputs are
 //! wrong, 2 command-line misuse.
 
 mod args;
+mod bench;
 mod check;
 mod explain;
 mod failure;
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         Command::Check(a) => check::check(a),
         Command::Run(a) => run::run(a),
         Command::Explain(a) => explain::explain(a),
+        Command::Bench(a) => bench::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -25,19 +25,23 @@ use super::mask::RowMask;
 use super::{run_code, AttentionSpec, ScoreExpr, TensorRef};
 use crate::error::{JitError, Result};
 use crate::simd::{
-    as_float, const_i32x4, emit_elu, emit_exp, emit_log, emit_sigmoid, emit_tanh, hsum4,
-    select_f32, shuffle_f32x4, splat_f32, splat_i32, widen_f16,
+    as_float, const_i32x4, emit_elu, emit_exp, emit_exp_nonpos, emit_log, emit_sigmoid, emit_tanh,
+    hsum4, select_f32, shuffle_f32x4, splat_f32, splat_i32, transpose4, widen_f16,
 };
 use attnc_ir::{BinaryOp, DType, UnaryOp};
+use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    AbiParam, Block, InstBuilder, MemFlagsData, Type, UserFuncName, Value,
+    AbiParam, Block, InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind, Type,
+    UserFuncName, Value,
 };
+use cranelift_codegen::isa::{self, OwnedTargetIsa};
+use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::JITModule;
-use cranelift_module::{DataDescription, FuncId, Linkage, Module};
+use cranelift_module::{DataDescription, FuncId, Linkage, Module, ModuleReloc};
 use std::collections::{BTreeSet, HashMap};
 
 /// f32x4 score vectors per key tile.
@@ -47,7 +51,10 @@ const KEY_VECS: usize = 2;
 pub const KEY_TILE: usize = 4 * KEY_VECS;
 
 /// Query rows per query tile: they share every K and V load.
-pub const QUERY_TILE: usize = 2;
+pub const QUERY_TILE: usize = 4;
+
+/// f32x4 of the value width per P·V chunk (`QUERY_TILE × PV_VECS` accumulators in registers).
+const PV_VECS: usize = 2;
 
 /// Memory flags of buffer accesses: the runtime checked every buffer before the call.
 fn mem() -> MemFlagsData {
@@ -138,7 +145,8 @@ struct Bases {
 
 /// Per-row state visible to the tile bodies.
 struct Row {
-    q: Vec<Value>,
+    /// Pointer to the row of Q (its chunks are loaded in every key tile).
+    q: Value,
     /// The aligned row index `i + n - m` as i32x4.
     ia_v: Value,
     mask: Option<RowMask>,
@@ -156,11 +164,15 @@ struct Emitter<'s> {
     spec: &'s AttentionSpec,
     d4: usize,
     dv4: usize,
-    /// Per row of the query tile: running maximum (splat), running sum (per lane), and the
-    /// accumulator chunks of width 4.
-    m_vars: Vec<Variable>,
-    l_vars: Vec<Variable>,
-    acc_vars: Vec<Vec<Variable>>,
+    /// Rows computed per query tile: `min(QUERY_TILE, m)` (lanes past it repeat the last).
+    qrows: usize,
+    /// Running maximum and running sum, one lane per row of the query tile.
+    m_var: Variable,
+    l_var: Variable,
+    /// The output accumulators: `QUERY_TILE × dv4` f32x4, row-major.
+    o_slot: StackSlot,
+    /// The probabilities of the current key tile: `KEY_TILE` f32x4, one per key (lane = row).
+    p_slot: StackSlot,
 }
 
 impl Emitter<'_> {
@@ -315,6 +327,17 @@ impl Emitter<'_> {
 
     /// One key tile `t` (i64) with `count` valid keys for every row of the query tile;
     /// `masked` applies the element mask.
+    ///
+    /// Scores: rows in pairs, keys in fours; per depth chunk two q chunks and four K chunks
+    /// are loaded into registers and feed eight f32x4 accumulators (each a partial dot
+    /// product, summed horizontally at the end: [`hsum4`] gives a row's four scores). The
+    /// score expression and the element mask run on these row vectors; a 4 × 4 transpose then
+    /// gives one vector per key with a lane per query row, the layout of the online softmax
+    /// (running maximum and sum are one vector each for the whole query tile). The
+    /// probabilities go to the `P` stack slot, and P·V runs over the value width in chunks of
+    /// eight lanes: the rows' accumulators are loaded from the `O` stack slot, every key adds
+    /// `p[r, j] · V[j, chunk]` (a broadcast load of `p` and a shared V load), and they are
+    /// stored back.
     fn tile(
         &self,
         b: &mut FunctionBuilder,
@@ -325,165 +348,210 @@ impl Emitter<'_> {
         count: usize,
     ) {
         let spec = self.spec;
+        let qrows = self.qrows;
         let j0 = b.ins().imul_imm_s(t, KEY_TILE as i64);
         let kes = elem_size(spec.k.dtype);
+        let qes = elem_size(spec.q.dtype);
         let ves = elem_size(spec.v.dtype);
-        let mut k_rows = Vec::with_capacity(count);
-        let mut v_rows = Vec::with_capacity(count);
-        for lane in 0..count {
-            let j = b.ins().iadd_imm_s(j0, lane as i64);
-            k_rows.push(self.row_ptr(b, &spec.k, bases.k, j));
-            v_rows.push(self.row_ptr(b, &spec.v, bases.v, j));
-        }
-        // Scores: one f32x4 accumulator per (row, key) over the depth; each K chunk is loaded
-        // once for all rows of the query tile. Four keys at a time, so the accumulators, the
-        // K chunks and the q chunks fit the 16 vector registers.
+        // The tile's first K and V rows; key `l` of the tile is at a constant offset from them.
+        let k_tile = self.row_ptr(b, &spec.k, bases.k, j0);
+        let v_tile = self.row_ptr(b, &spec.v, bases.v, j0);
+        let k_row = spec.k.row_stride as i64 * kes;
+        let v_row = spec.v.row_stride as i64 * ves;
         let zero = splat_f32(b, 0.0);
-        let mut dots = vec![vec![zero; KEY_TILE]; rows.len()];
+        // Raw scores, row layout: dots[r][h] holds keys 4h..4h+4 of row r.
+        let mut dots: Vec<Vec<Value>> = vec![Vec::with_capacity(KEY_VECS); qrows];
         for h in 0..KEY_VECS {
-            let keys = &k_rows[(4 * h).min(count)..(4 * h + 4).min(count)];
-            for c in 0..self.d4 {
-                let cnt = (spec.d - 4 * c).min(4);
-                let kv: Vec<Value> = keys
-                    .iter()
-                    .map(|&kp| {
-                        let p = b.ins().iadd_imm_s(kp, 4 * c as i64 * kes);
-                        self.load_lanes(b, p, cnt, spec.k.dtype)
-                    })
-                    .collect();
-                for (r, row) in rows.iter().enumerate() {
-                    for (lane, &k) in kv.iter().enumerate() {
-                        let slot = &mut dots[r][4 * h + lane];
-                        *slot = b.ins().fma(row.q[c], k, *slot);
+            let keys: Vec<usize> = ((4 * h).min(count)..(4 * h + 4).min(count)).collect();
+            for pair in (0..qrows).collect::<Vec<_>>().chunks(2) {
+                let mut acc: Vec<Vec<Value>> = vec![Vec::new(); pair.len()];
+                for c in 0..self.d4 {
+                    let cnt = (spec.d - 4 * c).min(4);
+                    let kv: Vec<Value> = keys
+                        .iter()
+                        .map(|&l| {
+                            let p = b
+                                .ins()
+                                .iadd_imm_s(k_tile, l as i64 * k_row + 4 * c as i64 * kes);
+                            self.load_lanes(b, p, cnt, spec.k.dtype)
+                        })
+                        .collect();
+                    for (pi, (a, &r)) in acc.iter_mut().zip(pair).enumerate() {
+                        let p = b.ins().iadd_imm_s(rows[r].q, 4 * c as i64 * qes);
+                        let q = self.load_lanes(b, p, cnt, spec.q.dtype);
+                        let last_row = pi + 1 == pair.len();
+                        for (l, &k) in kv.iter().enumerate() {
+                            if c == 0 {
+                                // AVX multiplies are non-destructive: no copies.
+                                a.push(b.ins().fmul(q, k));
+                            } else if last_row {
+                                // x64 FMA overwrites its first operand: make it the value
+                                // whose last use this is, so no copy is needed.
+                                a[l] = b.ins().fma(k, q, a[l]);
+                            } else {
+                                a[l] = b.ins().fma(q, k, a[l]);
+                            }
+                        }
                     }
+                }
+                for (a, &r) in acc.iter().zip(pair) {
+                    let s = if keys.is_empty() || a.is_empty() {
+                        zero
+                    } else {
+                        let at = |l: usize| a.get(l).copied().unwrap_or(zero);
+                        hsum4(b, at(0), at(1), at(2), at(3))
+                    };
+                    dots[r].push(s);
                 }
             }
         }
         let j32 = b.ins().ireduce(I32, j0);
         let jv = b.ins().splat(I32X4, j32);
-        // Per f32x4 of the tile: first key (i64), key indices (i32x4), valid key count.
-        let halves: Vec<(Value, Value, usize)> = (0..KEY_VECS)
-            .map(|h| {
+        // Score expression and element mask, row layout.
+        let mut scores: Vec<Vec<Value>> = Vec::with_capacity(QUERY_TILE);
+        for (r, row) in rows.iter().enumerate().take(qrows) {
+            let mut list = Vec::with_capacity(KEY_VECS);
+            for h in 0..KEY_VECS {
+                let cnt = count.saturating_sub(4 * h).min(4);
+                if cnt == 0 {
+                    break;
+                }
                 let lanes = const_i32x4(b, std::array::from_fn(|l| (4 * h + l) as i32));
                 let jh = b.ins().iadd(jv, lanes);
                 let j0h = b.ins().iadd_imm_s(j0, 4 * h as i64);
-                (j0h, jh, count.saturating_sub(4 * h).min(4))
-            })
-            .collect();
-        let mut probs: Vec<Vec<Value>> = Vec::with_capacity(rows.len());
-        for (r, row) in rows.iter().enumerate() {
-            let mut scores = Vec::with_capacity(KEY_VECS);
-            for (h, &(j0h, jh, cnt)) in halves.iter().enumerate() {
-                if cnt == 0 {
-                    scores.push(splat_f32(b, f32::NEG_INFINITY));
-                    continue;
-                }
-                let d = &dots[r][4 * h..4 * h + 4];
-                let s = hsum4(b, d[0], d[1], d[2], d[3]);
-                let mut s = self.score(b, &spec.score, s, row, j0h, jh, cnt);
-                // Element mask: pattern on partial tiles, and the lanes past n on the tail.
-                let mut keep: Option<Value> = None;
+                let mut s = self.score(b, &spec.score, dots[r][h], row, j0h, jh, cnt);
                 if masked {
                     if let Some(rm) = &row.mask {
-                        keep = Some(rm.keep(b, jh));
+                        let keep = rm.keep(b, jh);
+                        let ninf = splat_f32(b, f32::NEG_INFINITY);
+                        s = select_f32(b, keep, s, ninf);
                     }
                 }
-                if cnt < 4 {
-                    let v = const_i32x4(b, std::array::from_fn(|l| if l < cnt { -1 } else { 0 }));
-                    keep = Some(match keep {
-                        Some(k) => b.ins().band(k, v),
-                        None => v,
-                    });
-                }
-                if let Some(k) = keep {
-                    let ninf = splat_f32(b, f32::NEG_INFINITY);
-                    s = select_f32(b, k, s, ninf);
-                }
-                scores.push(s);
+                list.push(s);
             }
-            let p = self.online_update(b, r, &scores);
-            probs.push(p);
+            scores.push(list);
         }
-        // P·V, four keys at a time so their broadcast probabilities stay in registers; each V
-        // chunk is loaded once for all rows. Per accumulator the keys are added in order.
-        for (h, lanes) in (0..count).collect::<Vec<_>>().chunks(4).enumerate() {
-            let splats: Vec<Vec<Value>> = probs
-                .iter()
-                .map(|p| {
-                    lanes
-                        .iter()
-                        .map(|&l| shuffle_f32x4(b, p[h], p[h], [(l % 4) as u8; 4]))
+        // Rows past the tile's real rows (m < QUERY_TILE) repeat the last one.
+        while scores.len() < QUERY_TILE {
+            let last = scores[qrows - 1].clone();
+            scores.push(last);
+        }
+        // Transpose: cols[k] = scores of key k for the QUERY_TILE rows (lane = row).
+        let mut cols: Vec<Value> = Vec::with_capacity(count);
+        for h in 0..KEY_VECS {
+            let cnt = count.saturating_sub(4 * h).min(4);
+            if cnt == 0 {
+                break;
+            }
+            let t = transpose4(b, scores[0][h], scores[1][h], scores[2][h], scores[3][h]);
+            cols.extend_from_slice(&t[..cnt]);
+        }
+        self.online_update(b, &cols);
+        // P·V.
+        let chunks = self.dv4.div_ceil(PV_VECS);
+        for ch in 0..chunks {
+            let vecs: Vec<usize> = (PV_VECS * ch..(PV_VECS * ch + PV_VECS).min(self.dv4)).collect();
+            let mut acc: Vec<Vec<Value>> = (0..qrows)
+                .map(|r| {
+                    vecs.iter()
+                        .map(|&c| {
+                            b.ins()
+                                .stack_load(I64, F32X4, self.o_slot, self.o_off(r, c))
+                        })
                         .collect()
                 })
                 .collect();
-            for c in 0..self.dv4 {
-                let cnt = (spec.dv - 4 * c).min(4);
-                let vv: Vec<Value> = lanes
+            for k in 0..count {
+                let vv: Vec<Value> = vecs
                     .iter()
-                    .map(|&l| {
-                        let p = b.ins().iadd_imm_s(v_rows[l], 4 * c as i64 * ves);
+                    .map(|&c| {
+                        let cnt = (spec.dv - 4 * c).min(4);
+                        let p = b
+                            .ins()
+                            .iadd_imm_s(v_tile, k as i64 * v_row + 4 * c as i64 * ves);
                         self.load_lanes(b, p, cnt, spec.v.dtype)
                     })
                     .collect();
-                for (r, pr) in splats.iter().enumerate() {
-                    let mut acc = b.use_var(self.acc_vars[r][c]);
-                    for (&pl, &v) in pr.iter().zip(&vv) {
-                        acc = b.ins().fma(pl, v, acc);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let x = b
+                        .ins()
+                        .stack_load(I64, F32, self.p_slot, (16 * k + 4 * r) as i32);
+                    let pb = b.ins().splat(F32X4, x);
+                    let last_row = r + 1 == qrows;
+                    for (slot, &v) in a.iter_mut().zip(&vv) {
+                        // The first FMA operand is overwritten: the broadcast (used twice) or,
+                        // in the last row, the V chunk at its last use.
+                        *slot = if last_row {
+                            b.ins().fma(v, pb, *slot)
+                        } else {
+                            b.ins().fma(pb, v, *slot)
+                        };
                     }
-                    b.def_var(self.acc_vars[r][c], acc);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (&c, &v) in vecs.iter().zip(a) {
+                    b.ins().stack_store(I64, v, self.o_slot, self.o_off(r, c));
                 }
             }
         }
     }
 
-    /// The online-softmax step of row `r` for tile scores `s` (masked lanes `-inf`): updates
-    /// the running maximum and sum, rescales the accumulator when the maximum changed, and
-    /// returns `p = e^(s - m)`.
-    fn online_update(&self, b: &mut FunctionBuilder, r: usize, s: &[Value]) -> Vec<Value> {
-        let m_old = b.use_var(self.m_vars[r]);
-        let mut smax = s[0];
-        for &x in &s[1..] {
-            smax = max_shift(b, smax, x);
+    /// Byte offset of accumulator chunk `c` of row `r` in the `O` stack slot.
+    fn o_off(&self, r: usize, c: usize) -> i32 {
+        (16 * (r * self.dv4 + c)) as i32
+    }
+
+    /// The online-softmax step of the query tile for key columns `cols` (lane = row, masked
+    /// entries `-inf`): updates the running maximum and sum, rescales the accumulators when
+    /// some row's maximum changed, and stores `p = e^(s - m)` of key `k` at `16 k` in the `P`
+    /// slot.
+    fn online_update(&self, b: &mut FunctionBuilder, cols: &[Value]) {
+        let m_old = b.use_var(self.m_var);
+        let mut m_new = m_old;
+        for &x in cols {
+            m_new = max_shift(b, x, m_new);
         }
-        let tmax = hmax(b, smax);
-        let m_new = max_shift(b, tmax, m_old);
         let ninf = splat_f32(b, f32::NEG_INFINITY);
         let zero = splat_f32(b, 0.0);
         // While every score so far is -inf, subtract 0 instead (e^(-inf - 0) = 0, no NaN).
         let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf);
         let m_use = select_f32(b, none, zero, m_new);
-        b.def_var(self.m_vars[r], m_new);
-        // Rescale l and acc by alpha = e^(m_old - m_new) only when the maximum changed (or is
-        // NaN): alpha would be exactly 1 otherwise, so skipping it changes no bit.
-        let old0 = b.ins().extractlane(m_old, 0);
-        let new0 = b.ins().extractlane(m_new, 0);
-        let same = b.ins().fcmp(FloatCC::Equal, old0, new0);
+        b.def_var(self.m_var, m_new);
+        // Rescale l and acc by alpha = e^(m_old - m_new) only when some row's maximum changed
+        // (or is NaN): alpha is exactly 1 in the other rows, so this changes no bit there.
+        let same = b.ins().fcmp(FloatCC::Equal, m_old, m_new);
+        let all_same = b.ins().vall_true(same);
         let rescale = b.create_block();
         let update = b.create_block();
-        b.ins().brif(same, update, &[], rescale, &[]);
+        b.ins().brif(all_same, update, &[], rescale, &[]);
         b.switch_to_block(rescale);
         let da = b.ins().fsub(m_old, m_use);
-        let alpha = emit_exp(b, da);
-        let l = b.use_var(self.l_vars[r]);
+        let alpha = emit_exp_nonpos(b, da);
+        let l = b.use_var(self.l_var);
         let l = b.ins().fmul(l, alpha);
-        b.def_var(self.l_vars[r], l);
-        for &var in &self.acc_vars[r] {
-            let acc = b.use_var(var);
-            let acc = b.ins().fmul(acc, alpha);
-            b.def_var(var, acc);
+        b.def_var(self.l_var, l);
+        for r in 0..self.qrows {
+            let lane = r as u8;
+            let a = shuffle_f32x4(b, alpha, alpha, [lane; 4]);
+            for c in 0..self.dv4 {
+                let x = b
+                    .ins()
+                    .stack_load(I64, F32X4, self.o_slot, self.o_off(r, c));
+                let x = b.ins().fmul(x, a);
+                b.ins().stack_store(I64, x, self.o_slot, self.o_off(r, c));
+            }
         }
         b.ins().jump(update, &[]);
         b.switch_to_block(update);
-        let mut l = b.use_var(self.l_vars[r]);
-        let mut p = Vec::with_capacity(s.len());
-        for &x in s {
+        let mut l = b.use_var(self.l_var);
+        for (k, &x) in cols.iter().enumerate() {
             let ds = b.ins().fsub(x, m_use);
-            let e = emit_exp(b, ds);
+            let e = emit_exp_nonpos(b, ds);
             l = b.ins().fadd(l, e);
-            p.push(e);
+            b.ins().stack_store(I64, e, self.p_slot, (16 * k) as i32);
         }
-        b.def_var(self.l_vars[r], l);
-        p
+        b.def_var(self.l_var, l);
     }
 }
 
@@ -494,14 +562,6 @@ impl Emitter<'_> {
 fn max_shift(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
     let gt = b.ins().fcmp(FloatCC::GreaterThan, x, y);
     select_f32(b, gt, x, y)
-}
-
-/// The maximum of the four lanes in every lane (see [`max_shift`] for NaN).
-fn hmax(b: &mut FunctionBuilder, s: Value) -> Value {
-    let sw = shuffle_f32x4(b, s, s, [2, 3, 0, 1]);
-    let m = max_shift(b, s, sw);
-    let sw = shuffle_f32x4(b, m, m, [1, 0, 3, 2]);
-    max_shift(b, m, sw)
 }
 
 /// Defines (does not finalize) the fused attention function `name` in `module` and returns its
@@ -580,10 +640,74 @@ pub fn define_attention(
         b.finalize(module.target_config());
     }
     let clif = ctx.func.display().to_string();
-    module
-        .define_function(func_id, &mut ctx)
-        .map_err(|e| codegen_err(name, format!("{e:?}")))?;
+    let dis = std::env::var("ATTNC_DISASM").is_ok();
+    ctx.set_disasm(dis);
+    define_in_order(module, func_id, &mut ctx, name)?;
+    if dis {
+        if let Some(v) = ctx.compiled_code().and_then(|c| c.vcode.clone()) {
+            let _ = std::fs::write("/tmp/attn_vcode.txt", v);
+            let _ = std::fs::write("/tmp/attn_opt.clif", ctx.func.display().to_string());
+            let _ = std::fs::write("/tmp/attn_pre.clif", &clif);
+        }
+    }
     Ok((func_id, clif))
+}
+
+/// The module's ISA with the same flags except `opt_level = none`.
+fn in_order_isa(module: &JITModule, name: &str) -> Result<OwnedTargetIsa> {
+    let host = module.isa();
+    let mut shared = settings::builder();
+    for v in host.flags().iter() {
+        if v.name != "opt_level" {
+            shared
+                .set(v.name, &v.value_string())
+                .map_err(|e| codegen_err(name, e))?;
+        }
+    }
+    shared
+        .set("opt_level", "none")
+        .map_err(|e| codegen_err(name, e))?;
+    let mut isa = isa::lookup(host.triple().clone()).map_err(|e| codegen_err(name, e))?;
+    for v in host.isa_flags() {
+        isa.set(v.name, &v.value_string())
+            .map_err(|e| codegen_err(name, e))?;
+    }
+    isa.finish(settings::Flags::new(shared))
+        .map_err(|e| codegen_err(name, e))
+}
+
+/// Compiles `ctx` without Cranelift's mid-end optimizer and defines it as `func_id`.
+///
+/// The tile bodies are emitted in the order they should run: per step a few loads and the
+/// FMAs that consume them, with at most 16 vector values live. The e-graph pass would place
+/// every pure instruction (the FMAs) at its first use and keep loads in program order, so
+/// an unrolled tile would load everything first and spill most of it. Constants are shared
+/// by construction, so the optimizer has little else to do here.
+fn define_in_order(
+    module: &mut JITModule,
+    func_id: FuncId,
+    ctx: &mut Context,
+    name: &str,
+) -> Result<()> {
+    let isa = in_order_isa(module, name)?;
+    ctx.compile(&*isa, &mut ControlPlane::default())
+        .map_err(|e| codegen_err(name, format!("{:?}", e.inner)))?;
+    let code = ctx
+        .compiled_code()
+        .ok_or_else(|| codegen_err(name, "no compiled code"))?;
+    let align = u64::from(code.buffer.alignment)
+        .max(u64::from(isa.function_alignment().minimum))
+        .max(isa.symbol_alignment());
+    let relocs: Vec<ModuleReloc> = code
+        .buffer
+        .relocs()
+        .iter()
+        .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, func_id))
+        .collect();
+    let bytes = code.code_buffer().to_vec();
+    module
+        .define_function_bytes(func_id, align, &bytes, &relocs)
+        .map_err(|e| codegen_err(name, e))
 }
 
 fn emit_body(
@@ -594,15 +718,19 @@ fn emit_body(
     kinds: &BTreeSet<u32>,
 ) {
     let dv4 = spec.dv.div_ceil(4);
+    let slot = |b: &mut FunctionBuilder, bytes: usize| {
+        let size = u32::try_from(bytes.max(16)).unwrap_or(u32::MAX);
+        b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, size, 4))
+    };
     let em = Emitter {
         spec,
         d4: spec.d.div_ceil(4),
         dv4,
-        m_vars: (0..QUERY_TILE).map(|_| b.declare_var(F32X4)).collect(),
-        l_vars: (0..QUERY_TILE).map(|_| b.declare_var(F32X4)).collect(),
-        acc_vars: (0..QUERY_TILE)
-            .map(|_| (0..dv4).map(|_| b.declare_var(F32X4)).collect())
-            .collect(),
+        qrows: QUERY_TILE.min(spec.m).max(1),
+        m_var: b.declare_var(F32X4),
+        l_var: b.declare_var(F32X4),
+        o_slot: slot(b, 16 * QUERY_TILE * dv4),
+        p_slot: slot(b, 16 * KEY_TILE),
     };
     let entry = b.create_block();
     let group_head = b.create_block();
@@ -665,7 +793,7 @@ fn emit_body(
     let g = b.block_params(group_head)[0];
     let i0 = b.ins().imul_imm_s(g, QUERY_TILE as i64);
     let last = em.iconst(b, spec.m as i64 - 1);
-    let rows: Vec<Row> = (0..QUERY_TILE)
+    let rows: Vec<Row> = (0..em.qrows)
         .map(|k| {
             let i = b.ins().iadd_imm_s(i0, k as i64);
             let i = b.ins().umin(i, last);
@@ -674,11 +802,11 @@ fn emit_body(
         .collect();
     let ninf = splat_f32(b, f32::NEG_INFINITY);
     let zero = splat_f32(b, 0.0);
-    for r in 0..QUERY_TILE {
-        b.def_var(em.m_vars[r], ninf);
-        b.def_var(em.l_vars[r], zero);
-        for &v in &em.acc_vars[r] {
-            b.def_var(v, zero);
+    b.def_var(em.m_var, ninf);
+    b.def_var(em.l_var, zero);
+    for r in 0..em.qrows {
+        for c in 0..dv4 {
+            b.ins().stack_store(I64, zero, em.o_slot, em.o_off(r, c));
         }
     }
     let entry_p = em.offset(b, table, g, 8);
@@ -752,7 +880,7 @@ fn emit_body(
 
     // group_fin: out_i = acc / l (zeros where l = 0) for the rows in [row_begin, row_end).
     b.switch_to_block(group_fin);
-    for r in 0..QUERY_TILE {
+    for r in 0..em.qrows {
         let i = b.ins().iadd_imm_s(i0, r as i64);
         let lo = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, rb);
         let hi = b.ins().icmp(IntCC::UnsignedLessThan, i, re);
@@ -779,14 +907,7 @@ impl Emitter<'_> {
     /// bounds and bias row pointers.
     fn row(&self, b: &mut FunctionBuilder, bases: &Bases, i: Value) -> Row {
         let spec = self.spec;
-        let qp = self.row_ptr(b, &spec.q, bases.q, i);
-        let qes = elem_size(spec.q.dtype);
-        let q: Vec<Value> = (0..self.d4)
-            .map(|c| {
-                let p = b.ins().iadd_imm_s(qp, 4 * c as i64 * qes);
-                self.load_lanes(b, p, (spec.d - 4 * c).min(4), spec.q.dtype)
-            })
-            .collect();
+        let q = self.row_ptr(b, &spec.q, bases.q, i);
         let ia = b.ins().iadd_imm_s(i, spec.n as i64 - spec.m as i64);
         let ia32 = b.ins().ireduce(I32, ia);
         let ia_v = b.ins().splat(I32X4, ia32);
@@ -819,20 +940,16 @@ impl Emitter<'_> {
     /// Writes `acc / l` of query-tile row `r` to output row `i` (zeros where `l = 0`).
     fn store_row(&self, b: &mut FunctionBuilder, r: usize, out_row0: Value, i: Value) {
         let spec = self.spec;
-        let l = b.use_var(self.l_vars[r]);
-        let l0 = b.ins().extractlane(l, 0);
-        let l1 = b.ins().extractlane(l, 1);
-        let l2 = b.ins().extractlane(l, 2);
-        let l3 = b.ins().extractlane(l, 3);
-        let a = b.ins().fadd(l0, l2);
-        let c = b.ins().fadd(l1, l3);
-        let lsum = b.ins().fadd(a, c);
+        let l = b.use_var(self.l_var);
+        let lsum = b.ins().extractlane(l, r as u8);
         let lv = b.ins().splat(F32X4, lsum);
         let zero = splat_f32(b, 0.0);
         let empty = b.ins().fcmp(FloatCC::Equal, lv, zero);
         let op = self.offset(b, out_row0, i, (spec.dv * 4) as i64);
-        for (c, &var) in self.acc_vars[r].iter().enumerate() {
-            let acc = b.use_var(var);
+        for c in 0..self.dv4 {
+            let acc = b
+                .ins()
+                .stack_load(I64, F32X4, self.o_slot, self.o_off(r, c));
             let y = b.ins().fdiv(acc, lv);
             let y = select_f32(b, empty, zero, y);
             let cnt = (spec.dv - 4 * c).min(4);

@@ -1,0 +1,108 @@
+//! `attnc bench` end to end on a tiny shape: the JSON document has every field, and every
+//! time and rate is positive. No timing assertions (the machine is shared).
+
+mod common;
+
+use common::*;
+
+fn positive(v: &serde_json::Value, what: &str) -> f64 {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is a number: {v}"));
+    assert!(x > 0.0 && x.is_finite(), "{what} = {x}");
+    x
+}
+
+#[test]
+fn bench_json_has_positive_timings() {
+    let file = examples_dir().join("local.attn");
+    let out = attnc(&[
+        "bench",
+        file.to_str().expect("utf-8 path"),
+        "--shape",
+        "h=2,n=40,d=8",
+        "--threads",
+        "2",
+        "--runs",
+        "2",
+        "--warmup",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["kernel"], "local");
+    assert_eq!(doc["runs"], 2);
+    positive(&doc["compile_ms"], "compile_ms");
+    positive(&doc["flops"], "flops");
+    positive(&doc["attended_pairs"], "attended_pairs");
+    positive(
+        &doc["ceiling"]["gflops_per_thread_1"],
+        "ceiling at 1 thread",
+    );
+    positive(&doc["ceiling"]["gflops_total"], "ceiling total");
+    let results = doc["results"].as_array().expect("results is an array");
+    let engines: Vec<(&str, u64)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["engine"].as_str().expect("engine name"),
+                r["threads"].as_u64().expect("thread count"),
+            )
+        })
+        .collect();
+    for want in [("jit", 2), ("jit", 1), ("interp", 1), ("naive", 1)] {
+        assert!(engines.contains(&want), "{want:?} in {engines:?}");
+    }
+    for r in results {
+        let engine = r["engine"].as_str().unwrap_or("?");
+        positive(&r["median_ms"], &format!("{engine} median_ms"));
+        positive(&r["min_ms"], &format!("{engine} min_ms"));
+        positive(&r["gflops"], &format!("{engine} gflops"));
+        positive(&r["pct_of_ceiling"], &format!("{engine} pct_of_ceiling"));
+        positive(
+            &r["speedup_vs_interp"],
+            &format!("{engine} speedup_vs_interp"),
+        );
+        positive(
+            &r["speedup_vs_naive"],
+            &format!("{engine} speedup_vs_naive"),
+        );
+        assert!(r["samples"].as_u64().is_some_and(|s| (1..=2).contains(&s)));
+    }
+}
+
+#[test]
+fn bench_non_attention_kernel_has_no_naive_baseline() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = write(
+        dir.path(),
+        "mm.attn",
+        "kernel mm(a: f32[n, k], b: f32[k, m]) -> f32[n, m] { return a @ b; }\n",
+    );
+    let out = attnc(&[
+        "bench",
+        file.to_str().expect("utf-8 path"),
+        "--shape",
+        "n=8,k=8,m=8",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--no-interp",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    assert_eq!(doc["flops_basis"], "matmul");
+    assert_eq!(doc["flops"], 2.0 * 8.0 * 8.0 * 8.0);
+    assert!(doc["naive"].as_str().is_some_and(|s| s.starts_with("n/a")));
+    assert!(doc["interp"]
+        .as_str()
+        .is_some_and(|s| s.contains("skipped")));
+    let results = doc["results"].as_array().expect("results");
+    assert!(results.iter().all(|r| r["engine"] == "jit"));
+}
