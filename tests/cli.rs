@@ -574,3 +574,34 @@ fn jit_is_the_default_engine_and_agrees_with_the_interpreter() {
         );
     }
 }
+
+#[test]
+fn verify_reports_the_error_against_the_interpreter() {
+    let file = examples_dir().join("bigbird.attn");
+    let out = attnc(&[
+        "run", p(&file), "--random", "2", "--shape", "h=2,n=77,d=9", "--verify", "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let err = doc["verify"]["relative_l2_error"].as_f64().expect("error reported");
+    assert!(err <= 1e-5, "relative error {err}");
+    assert_eq!(doc["verify"]["nan_mismatches"], 0);
+    let out = attnc(&["run", p(&file), "--random", "2", "--shape", "h=1,n=5,d=3", "--verify"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("verify: relative L2 error"), "{}", stdout(&out));
+}
+
+#[test]
+fn explain_shows_the_optimizer_trace() {
+    let file = examples_dir().join("linear.attn");
+    let out = attnc(&["explain", p(&file), "--shape", "h=2,n=64,d=8"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let text = stdout(&out);
+    for expected in ["== optimizer ==", "matmul-assoc", "sum-matmul", "== plan"] {
+        assert!(text.contains(expected), "missing {expected}:\n{text}");
+    }
+    let out = attnc(&["explain", p(&file), "--shape", "h=2,n=64,d=8", "--format", "json"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(json(&out)["trace"]["derivation"].is_array());
+}

@@ -100,6 +100,9 @@ pub struct RunArgs {
     /// Write the result to this .npy file (float32 unless the return type is f16)
     #[arg(long, value_name = "PATH.npy")]
     pub output: Option<PathBuf>,
+    /// Also run the reference interpreter on the same inputs and report the relative L2 error
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

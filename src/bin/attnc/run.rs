@@ -27,6 +27,11 @@ pub fn run(args: &RunArgs) -> CliResult {
         ));
     }
     let (output, timing) = execute_timed(&prepared)?;
+    let verification = if args.verify {
+        Some(verify(&prepared, &output)?)
+    } else {
+        None
+    };
 
     if let Some(path) = &args.output {
         attnc::io::write_npy(path, &output).map_err(|e| Failure::input("output", e.to_string()))?;
@@ -49,6 +54,14 @@ pub fn run(args: &RunArgs) -> CliResult {
             "output": args.output.as_ref().map(|p| p.display().to_string()),
             "notes": notes,
         });
+        if let Some(v) = &verification {
+            doc["verify"] = json!({
+                "engine": "interp",
+                "relative_l2_error": v.relative_l2,
+                "max_abs_error": v.max_abs,
+                "nan_mismatches": v.nan_mismatches,
+            });
+        }
         if values.len() <= JSON_VALUES_LIMIT {
             doc["values"] = json!(values);
         }
@@ -58,6 +71,12 @@ pub fn run(args: &RunArgs) -> CliResult {
             eprintln!("{note}");
         }
         print_text(&prepared, &output, &values, &stats, &timing);
+        if let Some(v) = &verification {
+            println!(
+                "verify: relative L2 error {:.3e} against the interpreter (max abs {:.3e}, {} NaN mismatches)",
+                v.relative_l2, v.max_abs, v.nan_mismatches
+            );
+        }
         if let Some(path) = &args.output {
             println!("wrote {}", path.display());
         }
@@ -117,6 +136,44 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
             ))
         }
     }
+}
+
+/// How far a result is from the interpreter's on the same inputs.
+struct Verification {
+    relative_l2: f64,
+    max_abs: f64,
+    nan_mismatches: usize,
+}
+
+/// Runs the reference interpreter on the same inputs and measures the error of `output`.
+fn verify(prepared: &Prepared, output: &Tensor) -> Result<Verification, Failure> {
+    let reference = execute(
+        prepared.kernel(),
+        &prepared.bindings,
+        &prepared.inputs,
+        Engine::Interp,
+        1,
+    )
+    .map_err(|e| Failure::input("run", e.to_string()))?;
+    let (got, want) = (output.to_f64_vec(), reference.to_f64_vec());
+    let mut v = Verification {
+        relative_l2: 0.0,
+        max_abs: 0.0,
+        nan_mismatches: 0,
+    };
+    let (mut num, mut den) = (0.0, 0.0);
+    for (&g, &w) in got.iter().zip(&want) {
+        if g.is_nan() || w.is_nan() {
+            v.nan_mismatches += usize::from(g.is_nan() != w.is_nan());
+            continue;
+        }
+        let diff = if g == w { 0.0 } else { g - w };
+        num += diff * diff;
+        den += w * w;
+        v.max_abs = v.max_abs.max(diff.abs());
+    }
+    v.relative_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    Ok(v)
 }
 
 /// Fails early, before a long run, when the output cannot possibly be written.
