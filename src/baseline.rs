@@ -115,8 +115,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
         }
     }
     let mut tail = 0.0f32;
@@ -327,12 +327,12 @@ fn gather(
                 out.push(*x);
             }
         }
-        for a in (0..index.len()).rev() {
-            index[a] += 1;
-            if index[a] < batch[a] {
+        for (i, &size) in index.iter_mut().zip(batch).rev() {
+            *i += 1;
+            if *i < size {
                 break;
             }
-            index[a] = 0;
+            *i = 0;
         }
     }
     Ok(out)

@@ -511,7 +511,9 @@ fn explain_prints_ir_and_dot() {
         "dot",
     ]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
-    assert!(stdout(&out).starts_with("digraph"), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert_eq!(text.matches("digraph").count(), 2, "before and after: {text}");
+    assert!(text.starts_with("// local as written\ndigraph"), "{text}");
 }
 
 #[test]
@@ -604,4 +606,43 @@ fn explain_shows_the_optimizer_trace() {
     let out = attnc(&["explain", p(&file), "--shape", "h=2,n=64,d=8", "--format", "json"]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     assert!(json(&out)["trace"]["derivation"].is_array());
+}
+
+#[test]
+fn closed_stdout_pipe_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let file = examples_dir().join("gated.attn");
+    // Far more than a pipe buffer of CLIF, read one byte of it and hang up.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .args(["explain", p(&file), "--shape", "n=64,e=32,d=16", "--emit", "clif"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("attnc starts");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("some output");
+    drop(stdout);
+    let out = child.wait_with_output().expect("attnc exits");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+#[test]
+fn full_stdout_is_exit_1_with_a_message() {
+    let file = std::fs::File::create("/dev/full");
+    let Ok(full) = file else {
+        eprintln!("skipped: /dev/full is not available");
+        return;
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .args(["check", p(&examples_dir().join("local.attn"))])
+        .stdout(full)
+        .output()
+        .expect("attnc runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write to stdout"));
 }

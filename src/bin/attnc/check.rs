@@ -23,7 +23,7 @@ pub fn check(args: &CheckArgs) -> CliResult {
             eprintln!("note: {}: no kernels", args.file.display());
         }
         for kernel in &module.kernels {
-            println!("{}", signature(kernel));
+            outln!("{}", signature(kernel));
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ pub fn explain(args: &ExplainArgs) -> CliResult {
     let json = args.shared.format.is_json();
     match args.emit {
         Some(Emit::Ir) => emit(json, "ir", attnc::ir::print::print_kernel(kernel)),
-        Some(Emit::Dot) => emit(json, "dot", attnc::ir::dot::dot_kernel(kernel)),
+        Some(Emit::Dot) => emit(json, "dot", dot_before_and_after(&prepared)),
         Some(Emit::Clif) => emit(json, "clif", generated_code(&prepared, CodeKind::Clif)?),
         Some(Emit::Asm) => emit(json, "asm", generated_code(&prepared, CodeKind::Asm)?),
         Some(Emit::Egraph) => emit(
@@ -29,11 +29,24 @@ pub fn explain(args: &ExplainArgs) -> CliResult {
     Ok(())
 }
 
+/// Two Graphviz graphs: the IR as written and the form the optimizer chose.
+fn dot_before_and_after(prepared: &Prepared) -> String {
+    let kernel = prepared.kernel();
+    let optimized = attnc::engine::optimize(kernel, &prepared.bindings);
+    format!(
+        "// {} as written\n{}\n// {} after optimization\n{}",
+        kernel.name,
+        attnc::ir::dot::dot_kernel(kernel),
+        kernel.name,
+        attnc::ir::dot::dot_kernel(&optimized.kernel)
+    )
+}
+
 fn emit(json: bool, key: &str, text: String) {
     if json {
         crate::print_json(&json!({ "ok": true, key: text }));
     } else {
-        print!("{text}");
+        out!("{text}");
     }
 }
 
@@ -69,14 +82,14 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
     for note in &prepared.notes {
         eprintln!("{note}");
     }
-    println!("kernel {}", signature(kernel));
-    println!("policy: {}", prepared.policy);
+    outln!("kernel {}", signature(kernel));
+    outln!("policy: {}", prepared.policy);
     let bound: Vec<String> = prepared
         .bindings
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    println!(
+    outln!(
         "bindings: {}",
         if bound.is_empty() {
             "(none)".into()
@@ -84,20 +97,20 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
             bound.join(", ")
         }
     );
-    println!();
-    println!("== IR ({} nodes) ==", kernel.graph.len());
-    print!("{ir_text}");
-    println!();
-    println!("== optimizer ==");
-    print!("{}", trace.render_text());
-    println!();
+    outln!();
+    outln!("== IR ({} nodes) ==", kernel.graph.len());
+    out!("{ir_text}");
+    outln!();
+    outln!("== optimizer ==");
+    out!("{}", trace.render_text());
+    outln!();
     match plan {
         Some((text, ms)) => {
-            println!("== plan (compiled in {ms:.1} ms) ==");
-            print!("{text}");
+            outln!("== plan (compiled in {ms:.1} ms) ==");
+            out!("{text}");
         }
         None => {
-            println!("== plan ==\n(bind every dimension with --shape or inputs to see the plan)")
+            outln!("== plan ==\n(bind every dimension with --shape or inputs to see the plan)")
         }
     }
     Ok(())

@@ -4,6 +4,17 @@
 //! and errors one JSON document on stdout. Exit status: 0 success, 1 the program or inputs are
 //! wrong, 2 command-line misuse.
 
+/// `println!` for results: never panics (see [`stdout`]).
+macro_rules! outln {
+    () => { $crate::stdout::write(format_args!(""), true) };
+    ($($arg:tt)*) => { $crate::stdout::write(format_args!($($arg)*), true) };
+}
+
+/// `print!` for results: never panics (see [`stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::stdout::write(format_args!($($arg)*), false) };
+}
+
 mod args;
 mod bench;
 mod check;
@@ -11,6 +22,7 @@ mod explain;
 mod failure;
 mod inputs;
 mod run;
+mod stdout;
 
 use args::{Cli, Command, Format};
 use clap::Parser;
@@ -34,10 +46,12 @@ fn main() -> ExitCode {
         Command::Explain(a) => explain::explain(a),
         Command::Bench(a) => bench::bench(a),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(format),
-    }
+    };
+    stdout::flush();
+    code
 }
 
 /// Ctrl-C exits promptly, even mid-compile or mid-benchmark, and removes the temporary file of
@@ -64,7 +78,7 @@ pub type CliResult = Result<(), Failure>;
 
 /// Prints `value` as one JSON document on stdout.
 pub fn print_json(value: &serde_json::Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".to_string())
     );

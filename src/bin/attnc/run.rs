@@ -72,13 +72,13 @@ pub fn run(args: &RunArgs) -> CliResult {
         }
         print_text(&prepared, &output, &values, &stats, &timing);
         if let Some(v) = &verification {
-            println!(
+            outln!(
                 "verify: relative L2 error {:.3e} against the interpreter (max abs {:.3e}, {} NaN mismatches)",
                 v.relative_l2, v.max_abs, v.nan_mismatches
             );
         }
         if let Some(path) = &args.output {
-            println!("wrote {}", path.display());
+            outln!("wrote {}", path.display());
         }
     }
     Ok(())
@@ -223,15 +223,15 @@ fn print_text(
         ),
         None => format!("{} engine, {:.3} ms", prepared.engine.name(), timing.run_ms),
     };
-    println!(
+    outln!(
         "kernel {} [{}] -> {}{:?}  ({timing})",
         kernel.name,
         bindings.join(", "),
         output.dtype_name(),
         output.shape,
     );
-    println!("policy: {}", prepared.policy);
-    println!(
+    outln!("policy: {}", prepared.policy);
+    outln!(
         "stats: min {:.6} max {:.6} mean {:.6} l2 {:.6} nan {}",
         stats.min, stats.max, stats.mean, stats.l2, stats.nan
     );
@@ -243,7 +243,7 @@ fn print_text(
         } else {
             ""
         };
-        println!("first: [{}{more}]", head.join(", "));
+        outln!("first: [{}{more}]", head.join(", "));
     }
 }
 
