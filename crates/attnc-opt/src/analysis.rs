@@ -172,7 +172,9 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             array(s)
         }
         Attn::Softmax([x, _]) | Attn::Mask([x, _, _]) | Attn::Cast([x, _]) => array(shape(*x)),
-        Attn::Attention([q, k, v, _, _]) | Attn::LinearAttention([q, k, v, ..]) => {
+        Attn::Attention([q, k, v, _, _])
+        | Attn::AttentionScored([q, k, v, _, _])
+        | Attn::LinearAttention([q, k, v, ..]) => {
             let s = match (shape(*q), shape(*k), shape(*v)) {
                 (Some(q), Some(k), Some(v)) => attention_shape(&q, &k, &v),
                 _ => None,

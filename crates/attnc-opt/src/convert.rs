@@ -13,7 +13,7 @@ use crate::OptError;
 use attnc_ir::{BinaryOp, DType, Dim, Graph, Kernel, MaskPattern, Node, NodeId, Op, ReduceOp};
 use attnc_ir::{Shape, UnaryOp};
 use attnc_syntax::Span;
-use egg::{Id, RecExpr, Symbol};
+use egg::{Id, Language, RecExpr, Symbol};
 use std::collections::HashMap;
 
 /// Converts the graph of `kernel` to an expression whose root is the kernel's output.
@@ -437,6 +437,14 @@ fn build_node(
             let pattern = pattern_of(expr, *p)?;
             expand_attention(b, [value(*q)?, value(*k)?, value(*v)?], scale, pattern)
         }
+        Attn::AttentionScored([q, k, v, s, p]) => {
+            let node_of = |id: Id| Some(&expr[id]);
+            if !score_is_fusable(*s, *q, *k, node_of, |a, b| same_term(expr, a, b)) {
+                return Err(bad("a score the attention kernel cannot fuse"));
+            }
+            let pattern = pattern_of(expr, *p)?;
+            expand_scored(b, value(*s)?, value(*v)?, pattern)
+        }
         Attn::LinearAttention([q, k, v]) => expand_linear(b, [value(*q)?, value(*k)?, value(*v)?]),
         _ => return Err(bad("an unexpected node")),
     };
@@ -462,6 +470,102 @@ fn expand_attention(
     let axis = b.rank(s).checked_sub(1)?;
     let p = b.add(Op::Softmax { axis }, &[s], None)?;
     b.add(Op::MatMul, &[p, v], None)
+}
+
+/// `softmax(mask(score, pattern)) @ v` as plain IR (the score already built).
+fn expand_scored(
+    b: &mut Builder<'_>,
+    mut s: NodeId,
+    v: NodeId,
+    pattern: Option<MaskPattern>,
+) -> Option<NodeId> {
+    if let Some(pattern) = pattern {
+        let fill = f64::NEG_INFINITY;
+        s = b.add(Op::Mask { pattern, fill }, &[s], None)?;
+    }
+    let axis = b.rank(s).checked_sub(1)?;
+    let p = b.add(Op::Softmax { axis }, &[s], None)?;
+    b.add(Op::MatMul, &[p, v], None)
+}
+
+/// Whether the sub-terms `a` and `b` of `expr` are equal (a parsed `RecExpr` is not
+/// hash-consed, so equal terms may have different ids).
+fn same_term(expr: &RecExpr<Attn>, a: Id, b: Id) -> bool {
+    let mut stack = vec![(a, b)];
+    while let Some((a, b)) = stack.pop() {
+        if a == b {
+            continue;
+        }
+        let (x, y) = (&expr[a], &expr[b]);
+        if !x.matches(y) || stack.len() > 4096 {
+            return false;
+        }
+        stack.extend(
+            x.children()
+                .iter()
+                .copied()
+                .zip(y.children().iter().copied()),
+        );
+    }
+    true
+}
+
+/// Whether the score term rooted at `s` is one the JIT's attention matcher fuses: `q` and
+/// `k` are kernel parameters, and the score is an elementwise tree over `q @ kᵀ` (one
+/// product, possibly used more than once) whose other leaves are scalars, dimension values,
+/// fills, `relpos` and parameters (bias tensors the matcher broadcasts to `[.., m, n]`).
+/// `node` gives the chosen node of an id, `same` compares ids (classes or expression ids).
+pub fn score_is_fusable<'a>(
+    s: Id,
+    q: Id,
+    k: Id,
+    node: impl Fn(Id) -> Option<&'a Attn>,
+    same: impl Fn(Id, Id) -> bool,
+) -> bool {
+    let is_input = |id: Id| matches!(node(id), Some(Attn::Input(_)));
+    if !is_input(q) || !is_input(k) {
+        return false;
+    }
+    let mut found = false;
+    let mut stack = vec![(s, 0usize)];
+    let mut steps = 0usize;
+    while let Some((id, depth)) = stack.pop() {
+        steps += 1;
+        if depth > 64 || steps > 4096 {
+            return false;
+        }
+        let Some(n) = node(id) else {
+            return false;
+        };
+        match n {
+            Attn::MatMul([a, t]) => {
+                let Some(Attn::Transpose(kt)) = node(*t) else {
+                    return false;
+                };
+                if !same(*a, q) || !same(*kt, k) {
+                    return false;
+                }
+                found = true;
+            }
+            Attn::Input(_)
+            | Attn::Const(_)
+            | Attn::DimValue(_)
+            | Attn::Fill(_)
+            | Attn::RelPos(_)
+            | Attn::Leaf(_) => {}
+            n => {
+                if let Some((_, x)) = crate::analysis::unary_op(n) {
+                    stack.push((x, depth + 1));
+                } else if let Some((_, [x, y])) = crate::analysis::binary_op(n) {
+                    stack.push((x, depth + 1));
+                    stack.push((y, depth + 1));
+                } else {
+                    return false;
+                }
+            }
+        }
+    }
+    found
 }
 
 /// `(q (kᵀ v)) / (q sum(kᵀ, -1))` as plain IR.
@@ -542,6 +646,31 @@ mod tests {
         let expr = to_recexpr(&k).expect("converts");
         let back = to_kernel(&expr, &k).expect("converts back");
         assert_eq!(print_kernel(&back), print_kernel(&k));
+    }
+
+    #[test]
+    fn scored_attention_expands_to_the_jit_form_or_is_refused() {
+        let k = kernel(
+            "kernel f(q: f32[n, d], k: f32[n, d], v: f32[n, d], b: f32[n, n]) -> f32[n, d] { return q; }",
+        );
+        let fused = "(attention-scored (input q) (input k) (input v) \
+                     (add (matmul (input q) (transpose (input k))) (input b)) causal)";
+        let expr: RecExpr<Attn> = fused.parse().expect("valid");
+        let text = print_kernel(&to_kernel(&expr, &k).expect("converts back"));
+        for op in ["transpose", "matmul", "add", "mask", "softmax"] {
+            assert!(text.contains(op), "{op} missing in {text}");
+        }
+        // Scale folded into q, a second product, or a score without q kᵀ: not the JIT's form.
+        for score in [
+            "(matmul (mul (input q) (const 2)) (transpose (input k)))",
+            "(add (matmul (input q) (transpose (input k))) (matmul (input b) (input v)))",
+            "(input b)",
+            "(softmax (matmul (input q) (transpose (input k))) 1)",
+        ] {
+            let text = format!("(attention-scored (input q) (input k) (input v) {score} causal)");
+            let expr: RecExpr<Attn> = text.parse().expect("valid");
+            assert!(to_kernel(&expr, &k).is_err(), "{score}");
+        }
     }
 
     #[test]

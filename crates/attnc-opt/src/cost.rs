@@ -8,7 +8,9 @@
 //!
 //! The fused attention node costs its FLOPs only on the fraction of (i, j) its mask pattern
 //! keeps (counted on up to [`SAMPLED_ROWS`] evenly spaced query rows at the bound m, n) and
-//! no `m × n` bytes; the linear-attention node costs its state products and no `n × n` work.
+//! no `m × n` bytes (`attention-scored` also computes its score tree in registers, so the
+//! score child — `q @ kᵀ` and its elementwise epilogue — is not charged: see
+//! [`charged_children`]); the linear-attention node costs its state products and no `n × n` work.
 //! A scalar scale of a matrix product is free (an epilogue), so the model never prefers
 //! `(q c) kᵀ` over `(q kᵀ) c`: the latter is the score form the JIT fuses.
 
@@ -29,6 +31,9 @@ pub const BYTES_PER_CYCLE: f64 = 12.0 / 3.0;
 pub const ELEMENT_BYTES: f64 = 4.0;
 /// FLOPs per softmax element: max, subtract, exp (as a polynomial), sum, divide.
 pub const SOFTMAX_FLOPS: f64 = 12.0;
+/// FLOPs per kept score element for the elementwise score of `attention-scored` (a bias
+/// add, a scale, a polynomial tanh), computed in registers.
+pub const SCORE_FLOPS: f64 = 8.0;
 /// Query rows sampled to estimate the kept fraction of a mask pattern.
 pub const SAMPLED_ROWS: usize = 32;
 
@@ -128,7 +133,7 @@ impl<'a> CycleCost<'a> {
             Attn::Sum([x, _]) | Attn::Max([x, _]) | Attn::Mean([x, _]) => {
                 (elements(&shape(*x)), streamed)
             }
-            Attn::Attention([q, k, v, _, p]) => {
+            Attn::Attention([q, k, v, _, p]) | Attn::AttentionScored([q, k, v, _, p]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let m = qs.iter().rev().nth(1).copied().unwrap_or(0);
                 let d = qs.last().copied().unwrap_or(0) as f64;
@@ -140,7 +145,11 @@ impl<'a> CycleCost<'a> {
                     out_elems / (m as f64 * dv.max(1.0))
                 };
                 let pairs = batch * m as f64 * n as f64 * self.fraction(*p, m, n);
-                let flops = pairs * (2.0 * d + 2.0 * dv + SOFTMAX_FLOPS);
+                let score = match enode {
+                    Attn::AttentionScored(_) => SCORE_FLOPS,
+                    _ => 0.0,
+                };
+                let flops = pairs * (2.0 * d + 2.0 * dv + SOFTMAX_FLOPS + score);
                 let bytes =
                     (elements(&qs) + elements(&ks) + elements(&vs) + out_elems) * ELEMENT_BYTES;
                 (flops, bytes)
@@ -171,17 +180,40 @@ impl<'a> CycleCost<'a> {
     /// cost function's e-graph, into which `expr` must have been added; `None` when a node of
     /// `expr` is not in the e-graph.
     pub fn dag_cycles(&mut self, expr: &RecExpr<Attn>) -> Option<f64> {
-        let mut ids: Vec<Id> = Vec::with_capacity(expr.as_ref().len());
+        let nodes = expr.as_ref();
+        // Only nodes reachable from the root other than through a fused score are charged.
+        let mut charged = vec![false; nodes.len()];
+        if let Some(last) = charged.last_mut() {
+            *last = true;
+        }
+        for index in (0..nodes.len()).rev() {
+            if charged[index] {
+                for c in charged_children(&nodes[index]) {
+                    charged[usize::from(c)] = true;
+                }
+            }
+        }
+        let mut ids: Vec<Id> = Vec::with_capacity(nodes.len());
         let mut seen = std::collections::HashSet::new();
         let mut total = 0.0;
-        for node in expr.as_ref() {
+        for (index, node) in nodes.iter().enumerate() {
             let mapped = node.clone().map_children(|c| ids[usize::from(c)]);
             ids.push(self.egraph.lookup(mapped.clone())?);
-            if seen.insert(mapped.clone()) {
+            if charged[index] && seen.insert(mapped.clone()) {
                 total += self.node_cycles(&mapped);
             }
         }
         Some(total)
+    }
+}
+
+/// The children whose cost a node pays: all of them, except the score of `attention-scored`,
+/// which the fused kernel computes tile by tile in registers (its FLOPs are in the node's own
+/// cost; its `m × n` bytes are never written).
+pub fn charged_children(enode: &Attn) -> Vec<Id> {
+    match enode {
+        Attn::AttentionScored([q, k, v, _, p]) => vec![*q, *k, *v, *p],
+        _ => enode.children().to_vec(),
     }
 }
 
@@ -193,6 +225,8 @@ impl CostFunction<Attn> for CycleCost<'_> {
         C: FnMut(Id) -> f64,
     {
         let own = self.node_cycles(enode);
-        enode.fold(own, |sum, id| sum + costs(id))
+        charged_children(enode)
+            .iter()
+            .fold(own, |sum, &id| sum + costs(id))
     }
 }

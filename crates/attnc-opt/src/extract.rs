@@ -48,7 +48,19 @@ pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Optio
             .entry((class, index))
             .or_insert_with(|| model.node_cycles(node));
         let mut priced = true;
-        for &child in node.children() {
+        if let Attn::AttentionScored([q, k, _, score, _]) = node {
+            // Never pick a fused score the JIT's matcher would not fuse back.
+            let chosen = |id: Id| {
+                let id = egraph.find(id);
+                let (_, index) = best.get(&id)?;
+                egraph[id].nodes.get(*index)
+            };
+            let same = |a: Id, b: Id| egraph.find(a) == egraph.find(b);
+            if !crate::convert::score_is_fusable(*score, *q, *k, chosen, same) {
+                continue;
+            }
+        }
+        for &child in crate::cost::charged_children(node).iter() {
             match best.get(&egraph.find(child)) {
                 Some(&(cost, _)) => total += cost,
                 None => {

@@ -8,6 +8,7 @@
 //! (softmax (div (matmul q (transpose k)) (sqrt (dim d))) 2)
 //! (mask s (and causal (window 256)) -inf)
 //! (attention q k v scale (and causal (window 256)))
+//! (attention-scored q k v (add (div (matmul q (transpose k)) c) b) causal)
 //! ```
 //!
 //! `(input q)` is kernel parameter `q`; `(const 0.5)` is a scalar; `(dim d)` is the value of a
@@ -144,6 +145,9 @@ define_language! {
         // ---- kernel forms ----
         // softmax(mask((q @ kᵀ) * scale, pattern)) @ v, computed online without the score matrix
         "attention" = Attention([Id; 5]),
+        // softmax(mask(score, pattern)) @ v where score is an elementwise tree over one q @ kᵀ
+        // (scalars, relpos and broadcast bias parameters at the other leaves), computed online
+        "attention-scored" = AttentionScored([Id; 5]),
         // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1)): linear attention through the [d, dv] key-value state
         "linear-attention" = LinearAttention([Id; 3]),
         // ---- data ----

@@ -3,7 +3,8 @@
 //! Architecture, in pipeline order:
 //!
 //! - [`lang`]: the e-graph language, mirroring the IR ops, with leaf atoms for attributes and
-//!   fused kernel-form nodes (`attention`, `linear-attention`);
+//!   fused kernel-form nodes (`attention`, `attention-scored` for biased or softcapped
+//!   scores, `linear-attention`);
 //! - [`convert`]: IR `Kernel` → `RecExpr` and back (fused nodes come back as the plain IR the
 //!   JIT's attention matcher recognizes);
 //! - [`analysis`]: concrete shapes at the bound dimensions and scalar constants per e-class;

@@ -158,6 +158,24 @@ impl Trace {
 
     /// The trace for people.
     pub fn render_text(&self) -> String {
+        self.render(true)
+    }
+
+    /// The trace for people without the wall-clock times, so it is deterministic (golden
+    /// tests): the same text as [`Trace::render_text`] less the milliseconds.
+    pub fn render_text_without_timings(&self) -> String {
+        self.render(false)
+    }
+
+    /// The text trace, with or without the times.
+    fn render(&self, timings: bool) -> String {
+        let ms = |seconds: f64| {
+            if timings {
+                format!("{:.2} ms", seconds * 1e3)
+            } else {
+                "– ms".to_string()
+            }
+        };
         let mut out = String::new();
         let _ = writeln!(out, "optimizer trace for kernel `{}`", self.kernel);
         let _ = writeln!(out, "\ninput:\n{}", self.input.trim_end());
@@ -170,11 +188,11 @@ impl Trace {
                 .collect();
             let _ = writeln!(
                 out,
-                "  iteration {:>2}: {:>6} e-nodes {:>6} e-classes  {:.2} ms  {}",
+                "  iteration {:>2}: {:>6} e-nodes {:>6} e-classes  {}  {}",
                 it.index,
                 it.egraph_nodes,
                 it.egraph_classes,
-                it.total_seconds * 1e3,
+                ms(it.total_seconds),
                 if rules.is_empty() {
                     "-".to_string()
                 } else {
@@ -184,18 +202,18 @@ impl Trace {
         }
         let _ = writeln!(
             out,
-            "  stopped: {} ({} e-nodes, {} e-classes, {:.2} ms)",
+            "  stopped: {} ({} e-nodes, {} e-classes, {})",
             self.stop_reason,
             self.final_nodes,
             self.final_classes,
-            self.saturate_seconds * 1e3
+            ms(self.saturate_seconds)
         );
         let _ = writeln!(
             out,
-            "\ncost: {:.0} → {:.0} estimated cycles ({:.2} ms extraction)",
+            "\ncost: {:.0} → {:.0} estimated cycles ({} extraction)",
             self.cost_before,
             self.cost_after,
-            self.extract_seconds * 1e3
+            ms(self.extract_seconds)
         );
         match &self.decision {
             Decision::Rewritten => {

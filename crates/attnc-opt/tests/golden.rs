@@ -1,5 +1,7 @@
-//! Golden derivations (insta snapshots; re-bless with `INSTA_UPDATE=always`): the rewrites
-//! the optimizer takes on two LANGUAGE.md examples, rule by rule.
+//! Golden derivations and text traces (insta snapshots; re-bless with
+//! `INSTA_UPDATE=always cargo test -p attnc-opt --test golden`, then review the diff): the
+//! rewrites the optimizer takes on LANGUAGE.md examples, rule by rule, and the whole text
+//! trace less its timings (`Trace::render_text_without_timings`).
 
 mod common;
 
@@ -18,6 +20,54 @@ const LINEAR: &str =
     let kf = elu(k) + 1;
     return (qf @ kf.T @ v) / sum(qf @ kf.T, -1);
 }";
+
+const ALIBI: &str = "kernel alibi(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], slope: f32[h, 1, 1]) -> f32[h, n, d] {
+    let s = q @ k.T / sqrt(d) + slope * relpos(n, n);
+    return softmax(mask(s, causal)) @ v;
+}";
+
+const GQA_SOFTCAP: &str =
+    "kernel gqa_softcap(q: f32[h, n, d], k: f32[1, n, d], v: f32[1, n, d]) -> f32[h, n, d] {
+    let s = q @ k.T / sqrt(d);
+    let s = 30 * tanh(s / 30);
+    return softmax(mask(s, causal)) @ v;
+}";
+
+/// The optimizer's trace of `src` at h = 8, n = 4096, d = 64.
+fn trace(src: &str) -> attnc_opt::Trace {
+    let bindings = common::bindings(&[("h", 8), ("n", 4096), ("d", 64)]);
+    optimize(&common::kernel(src), &bindings, &OptimizeOptions::default()).trace
+}
+
+#[test]
+fn local_text_trace() {
+    insta::assert_snapshot!("local_text", trace(LOCAL).render_text_without_timings());
+}
+
+#[test]
+fn linear_text_trace() {
+    insta::assert_snapshot!("linear_text", trace(LINEAR).render_text_without_timings());
+}
+
+#[test]
+fn alibi_text_trace() {
+    let trace = trace(ALIBI);
+    insta::assert_snapshot!("alibi", trace.render_derivation());
+    insta::assert_snapshot!("alibi_text", trace.render_text_without_timings());
+}
+
+#[test]
+fn gqa_softcap_derivation() {
+    insta::assert_snapshot!("gqa_softcap", trace(GQA_SOFTCAP).render_derivation());
+}
+
+#[test]
+fn text_trace_without_timings_is_deterministic() {
+    assert_eq!(
+        trace(ALIBI).render_text_without_timings(),
+        trace(ALIBI).render_text_without_timings()
+    );
+}
 
 #[test]
 fn local_derivation() {

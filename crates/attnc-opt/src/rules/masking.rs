@@ -1,5 +1,12 @@
 //! Sparsity masking: mask algebra and fusion of masked `softmax(·) @ V` into the attention
 //! node carrying the pattern, so the kernel visits only the tiles the pattern keeps.
+//!
+//! Scores that are more than a scaled `q @ kᵀ` (an ALiBi bias, a tanh softcap) fuse into
+//! `(attention-scored q k v score pattern)`, whose `score` child is the score's own e-class:
+//! the rule's right side repeats the score pattern, so it adds only the fused node. The
+//! extractor takes that node only when the chosen score term is one the JIT's matcher fuses
+//! back (`convert::score_is_fusable`: an elementwise tree over `q @ kᵀ` of parameters, never
+//! `(q c) @ kᵀ`), and the cost model does not charge the score child (computed in registers).
 
 use super::{Guard, RuleSpec};
 
@@ -16,6 +23,24 @@ const LAST_AXIS: Guard = Guard::LastAxisOfProduct {
     a: "?q",
     b: "?k",
     axis: "?ax",
+};
+
+/// The guard of the biased fusion: scaled, and the bias broadcasts into the score.
+const BIASED_SCORE: Guard = Guard::BiasedScore {
+    a: "?q",
+    b: "?k",
+    axis: "?ax",
+    scale: "?c",
+    bias: "?b",
+};
+
+/// The guard of the softcap fusion: scaled, and the cap is a scalar.
+const CAPPED_SCORE: Guard = Guard::CappedScore {
+    a: "?q",
+    b: "?k",
+    axis: "?ax",
+    scale: "?c",
+    cap: "?t",
 };
 
 /// The masking family.
@@ -48,6 +73,30 @@ pub fn specs() -> Vec<RuleSpec> {
             "(attention ?q ?k ?v (div (const 1) ?c) ?p)",
             SCALED_LAST_AXIS,
         ),
+        // softmax(mask((q kᵀ) / c + b, p)) v = attention-scored(q, k, v, (q kᵀ) / c + b, p)
+        // for fill -inf, scalar c, b broadcast into [.., m, n] (ALiBi: b = slope relpos)
+        RuleSpec::guarded(
+            "mask-attention-fuse-bias",
+            "(matmul (softmax (mask (add (div (matmul ?q (transpose ?k)) ?c) ?b) ?p -inf) ?ax) ?v)",
+            "(attention-scored ?q ?k ?v (add (div (matmul ?q (transpose ?k)) ?c) ?b) ?p)",
+            BIASED_SCORE,
+        ),
+        // softmax(mask((q kᵀ) c + b, p)) v = attention-scored(q, k, v, (q kᵀ) c + b, p)
+        // for fill -inf, scalar c, b broadcast into [.., m, n]
+        RuleSpec::guarded(
+            "mask-attention-fuse-bias-scaled",
+            "(matmul (softmax (mask (add (mul (matmul ?q (transpose ?k)) ?c) ?b) ?p -inf) ?ax) ?v)",
+            "(attention-scored ?q ?k ?v (add (mul (matmul ?q (transpose ?k)) ?c) ?b) ?p)",
+            BIASED_SCORE,
+        ),
+        // softmax(mask(t tanh(((q kᵀ) / c) / t), p)) v
+        //   = attention-scored(q, k, v, t tanh(((q kᵀ) / c) / t), p) for fill -inf, scalar c, t
+        RuleSpec::guarded(
+            "mask-attention-fuse-softcap",
+            "(matmul (softmax (mask (mul ?t (tanh (div (div (matmul ?q (transpose ?k)) ?c) ?t))) ?p -inf) ?ax) ?v)",
+            "(attention-scored ?q ?k ?v (mul ?t (tanh (div (div (matmul ?q (transpose ?k)) ?c) ?t))) ?p)",
+            CAPPED_SCORE,
+        ),
     ]
 }
 
@@ -66,6 +115,9 @@ mod tests {
                 "mask-attention-fuse",
                 "mask-attention-fuse-scaled",
                 "mask-attention-fuse-div",
+                "mask-attention-fuse-bias",
+                "mask-attention-fuse-bias-scaled",
+                "mask-attention-fuse-softcap",
             ],
         );
     }
@@ -106,6 +158,40 @@ mod tests {
             check(&rule(&specs(), "mask-attention-fuse-div"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d]",
                   &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
                     ("?c", "(sqrt (dim d))"), ("?p", PATTERNS[p]), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
+
+        #[test]
+        fn mask_attention_fuse_bias(b in dim(), m in dim(), n in dim(), d in dim(),
+                                    p in 0..PATTERNS.len(), bias in 0..3usize, seed in any::<u64>()) {
+            let bias = ["(mul (input slope) (relpos m n))", "(input full)", "(input slope)"][bias];
+            check(&rule(&specs(), "mask-attention-fuse-bias"),
+                  "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d], slope: f32[b, 1, 1], full: f32[b, m, n]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(sqrt (dim d))"), ("?b", bias),
+                    ("?p", PATTERNS[p]), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
+
+        #[test]
+        fn mask_attention_fuse_bias_scaled(b in dim(), m in dim(), n in dim(), d in dim(),
+                                           p in 0..PATTERNS.len(), seed in any::<u64>()) {
+            check(&rule(&specs(), "mask-attention-fuse-bias-scaled"),
+                  "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d], full: f32[m, n]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(const 0.125)"), ("?b", "(add (input full) (relpos m n))"),
+                    ("?p", PATTERNS[p]), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
+
+        #[test]
+        fn mask_attention_fuse_softcap(b in dim(), m in dim(), n in dim(), d in dim(),
+                                       p in 0..PATTERNS.len(), cap in 0..3usize, seed in any::<u64>()) {
+            let cap = ["(const 30)", "(const 0.5)", "(const 2)"][cap];
+            check(&rule(&specs(), "mask-attention-fuse-softcap"),
+                  "q: f32[b, m, d], k: f32[1, n, d], v: f32[1, n, d]",
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(sqrt (dim d))"), ("?t", cap), ("?p", PATTERNS[p]), ("?ax", "2")],
                   &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
         }
     }

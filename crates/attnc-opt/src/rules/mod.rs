@@ -68,6 +68,33 @@ pub enum Guard {
         /// The axis atom.
         axis: &'static str,
     },
+    /// As `ScaledLastAxis` (with `b` the key, as in `a @ bᵀ`), and `bias` broadcasts into
+    /// the score `a @ bᵀ` without enlarging it: the fused kernel reads it per tile.
+    BiasedScore {
+        /// The query.
+        a: &'static str,
+        /// The key.
+        b: &'static str,
+        /// The axis atom.
+        axis: &'static str,
+        /// The scale.
+        scale: &'static str,
+        /// The additive bias.
+        bias: &'static str,
+    },
+    /// As `ScaledLastAxis`, and `cap` is a scalar: a softcapped score `cap tanh(s / cap)`.
+    CappedScore {
+        /// The query.
+        a: &'static str,
+        /// The key.
+        b: &'static str,
+        /// The axis atom.
+        axis: &'static str,
+        /// The scale.
+        scale: &'static str,
+        /// The cap.
+        cap: &'static str,
+    },
     /// `a @ b` is well-formed at the bound shapes (for the product a rule creates).
     ProductDefined {
         /// Left factor.
@@ -155,22 +182,40 @@ fn var(name: &str) -> Var {
 #[derive(Clone, Debug)]
 pub struct GuardCheck {
     kind: u8,
-    vars: [Option<Var>; 4],
+    vars: [Option<Var>; 5],
 }
 
 impl GuardCheck {
     /// Parses the variables of `guard`.
     fn new(guard: &Guard) -> GuardCheck {
-        let (kind, names): (u8, [Option<&str>; 4]) = match guard {
-            Guard::Always => (0, [None; 4]),
-            Guard::Scalar(c) => (1, [Some(c), None, None, None]),
-            Guard::LastAxisOfProduct { a, b, axis } => (2, [Some(a), Some(b), Some(axis), None]),
-            Guard::ScaledLastAxis { a, b, axis, scale } => {
-                (2, [Some(a), Some(b), Some(axis), Some(scale)])
+        let (kind, names): (u8, [Option<&str>; 5]) = match guard {
+            Guard::Always => (0, [None; 5]),
+            Guard::Scalar(c) => (1, [Some(c), None, None, None, None]),
+            Guard::LastAxisOfProduct { a, b, axis } => {
+                (2, [Some(a), Some(b), Some(axis), None, None])
             }
-            Guard::SumThroughProduct { a, b, axis } => (3, [Some(a), Some(b), Some(axis), None]),
-            Guard::ProductDefined { a, b } => (4, [Some(a), Some(b), None, None]),
-            Guard::RowConstant { x, c, axis } => (5, [Some(x), Some(c), Some(axis), None]),
+            Guard::ScaledLastAxis { a, b, axis, scale } => {
+                (2, [Some(a), Some(b), Some(axis), Some(scale), None])
+            }
+            Guard::SumThroughProduct { a, b, axis } => {
+                (3, [Some(a), Some(b), Some(axis), None, None])
+            }
+            Guard::ProductDefined { a, b } => (4, [Some(a), Some(b), None, None, None]),
+            Guard::RowConstant { x, c, axis } => (5, [Some(x), Some(c), Some(axis), None, None]),
+            Guard::BiasedScore {
+                a,
+                b,
+                axis,
+                scale,
+                bias,
+            } => (6, [Some(a), Some(b), Some(axis), Some(scale), Some(bias)]),
+            Guard::CappedScore {
+                a,
+                b,
+                axis,
+                scale,
+                cap,
+            } => (7, [Some(a), Some(b), Some(axis), Some(scale), Some(cap)]),
         };
         GuardCheck {
             kind,
@@ -193,7 +238,7 @@ fn index_of(egraph: &AttnGraph, subst: &Subst, v: Option<Var>) -> Option<usize> 
 
 impl Condition<Attn, ShapeAnalysis> for GuardCheck {
     fn check(&self, egraph: &mut AttnGraph, _eclass: Id, subst: &Subst) -> bool {
-        let [v0, v1, v2, v3] = self.vars;
+        let [v0, v1, v2, v3, v4] = self.vars;
         if v3.is_some() && !shape_of(egraph, subst, v3).is_some_and(|s| s.is_empty()) {
             return false;
         }
@@ -202,6 +247,24 @@ impl Condition<Attn, ShapeAnalysis> for GuardCheck {
         match self.kind {
             0 => true,
             1 => s0().is_some_and(|s| s.is_empty()),
+            6 | 7 => {
+                let (Some(a), Some(b), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
+                else {
+                    return false;
+                };
+                let Some(x) = transposed_last(&b).and_then(|bt| matmul_shape(&a, &bt)) else {
+                    return false;
+                };
+                let Some(extra) = shape_of(egraph, subst, v4) else {
+                    return false;
+                };
+                let fits = if self.kind == 6 {
+                    broadcasts_into(&x, &extra)
+                } else {
+                    extra.is_empty()
+                };
+                axis + 1 == x.len() && fits
+            }
             2 | 3 => {
                 let (Some(a), Some(b), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
                 else {
@@ -231,6 +294,27 @@ impl Condition<Attn, ShapeAnalysis> for GuardCheck {
     fn vars(&self) -> Vec<Var> {
         self.vars.iter().flatten().copied().collect()
     }
+}
+
+/// `s` with its last two axes swapped.
+fn transposed_last(s: &[usize]) -> Option<Vec<usize>> {
+    let mut t = s.to_vec();
+    let r = t.len();
+    (r >= 2).then(|| {
+        t.swap(r - 2, r - 1);
+        t
+    })
+}
+
+/// Whether `c` broadcast against `x` leaves `x`'s shape as is.
+pub fn broadcasts_into(x: &[usize], c: &[usize]) -> bool {
+    if c.len() > x.len() {
+        return false;
+    }
+    let offset = x.len() - c.len();
+    c.iter()
+        .enumerate()
+        .all(|(i, &size)| size == 1 || size == x[offset + i])
 }
 
 /// Whether `c` broadcast against `x` is constant along `axis` and leaves `x`'s shape as is.
