@@ -512,7 +512,11 @@ fn explain_prints_ir_and_dot() {
     ]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     let text = stdout(&out);
-    assert_eq!(text.matches("digraph").count(), 2, "before and after: {text}");
+    assert_eq!(
+        text.matches("digraph").count(),
+        2,
+        "before and after: {text}"
+    );
     assert!(text.starts_with("// local as written\ndigraph"), "{text}");
 }
 
@@ -581,17 +585,38 @@ fn jit_is_the_default_engine_and_agrees_with_the_interpreter() {
 fn verify_reports_the_error_against_the_interpreter() {
     let file = examples_dir().join("bigbird.attn");
     let out = attnc(&[
-        "run", p(&file), "--random", "2", "--shape", "h=2,n=77,d=9", "--verify", "--format",
+        "run",
+        p(&file),
+        "--random",
+        "2",
+        "--shape",
+        "h=2,n=77,d=9",
+        "--verify",
+        "--format",
         "json",
     ]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     let doc = json(&out);
-    let err = doc["verify"]["relative_l2_error"].as_f64().expect("error reported");
+    let err = doc["verify"]["relative_l2_error"]
+        .as_f64()
+        .expect("error reported");
     assert!(err <= 1e-5, "relative error {err}");
     assert_eq!(doc["verify"]["nan_mismatches"], 0);
-    let out = attnc(&["run", p(&file), "--random", "2", "--shape", "h=1,n=5,d=3", "--verify"]);
+    let out = attnc(&[
+        "run",
+        p(&file),
+        "--random",
+        "2",
+        "--shape",
+        "h=1,n=5,d=3",
+        "--verify",
+    ]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
-    assert!(stdout(&out).contains("verify: relative L2 error"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("verify: relative L2 error"),
+        "{}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -603,7 +628,14 @@ fn explain_shows_the_optimizer_trace() {
     for expected in ["== optimizer ==", "matmul-assoc", "sum-matmul", "== plan"] {
         assert!(text.contains(expected), "missing {expected}:\n{text}");
     }
-    let out = attnc(&["explain", p(&file), "--shape", "h=2,n=64,d=8", "--format", "json"]);
+    let out = attnc(&[
+        "explain",
+        p(&file),
+        "--shape",
+        "h=2,n=64,d=8",
+        "--format",
+        "json",
+    ]);
     assert_eq!(status(&out), 0, "{}", stderr(&out));
     assert!(json(&out)["trace"]["derivation"].is_array());
 }
@@ -615,7 +647,14 @@ fn closed_stdout_pipe_is_not_a_panic() {
     let file = examples_dir().join("gated.attn");
     // Far more than a pipe buffer of CLIF, read one byte of it and hang up.
     let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
-        .args(["explain", p(&file), "--shape", "n=64,e=32,d=16", "--emit", "clif"])
+        .args([
+            "explain",
+            p(&file),
+            "--shape",
+            "n=64,e=32,d=16",
+            "--emit",
+            "clif",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

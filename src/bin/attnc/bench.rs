@@ -357,21 +357,21 @@ pub fn bench(args: &BenchArgs) -> CliResult {
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    println!("bench {} [{}]", kernel.name, bindings.join(", "));
+    outln!("bench {} [{}]", kernel.name, bindings.join(", "));
     let list = |v: &[f64]| {
         v.iter()
             .map(|c| format!("{c:.2}"))
             .collect::<Vec<_>>()
             .join(" / ")
     };
-    println!(
+    outln!(
         "compile: {:.2} ms codegen, {:.2} ms with the optimizer ({steps} steps; {COMPILES} compiles: {} ms codegen, {} ms total)",
         compile_ms[0],
         total_ms[0],
         list(&compile_ms),
         list(&total_ms),
     );
-    println!(
+    outln!(
         "useful work: {:.3} GFLOP ({}; {} attended pairs)",
         flops.flops / 1e9,
         flops.basis,
@@ -388,19 +388,26 @@ pub fn bench(args: &BenchArgs) -> CliResult {
             ceiling_1.gflops_total
         )
     };
-    println!("{ceiling_line}");
-    println!("runs: {runs} timed after {warmup} warm-up (median, min)");
-    println!();
-    println!(
+    outln!("{ceiling_line}");
+    outln!("runs: {runs} timed after {warmup} warm-up (median, min)");
+    outln!();
+    outln!(
         "{:<8} {:>7} {:>12} {:>12} {:>9} {:>10} {:>10} {:>10}",
-        "engine", "threads", "median ms", "min ms", "GFLOP/s", "% ceiling", "vs interp", "vs naive"
+        "engine",
+        "threads",
+        "median ms",
+        "min ms",
+        "GFLOP/s",
+        "% ceiling",
+        "vs interp",
+        "vs naive"
     );
     let opt =
         |x: Option<f64>, suffix: &str| x.map_or("-".to_string(), |v| format!("{v:.2}{suffix}"));
     for r in &rows {
         let ms = r.median_ms();
         let g = gflops(ms);
-        println!(
+        outln!(
             "{:<8} {:>7} {:>12.3} {:>12.3} {:>9.2} {:>10} {:>10} {:>10}",
             r.engine,
             r.threads,
@@ -416,7 +423,7 @@ pub fn bench(args: &BenchArgs) -> CliResult {
         );
     }
     if let Some(why) = &interp_skip {
-        println!(
+        outln!(
             "{:<8} {:>7} {:>12}",
             "interp",
             1,
@@ -424,10 +431,10 @@ pub fn bench(args: &BenchArgs) -> CliResult {
         );
     }
     if let Some(why) = &naive_skip {
-        println!("{:<8} {:>7} {:>12}", "naive", 1, why);
+        outln!("{:<8} {:>7} {:>12}", "naive", 1, why);
     }
     if let Some(s) = jit_scaling {
-        println!("jit {threads} threads vs 1: {s:.2}x");
+        outln!("jit {threads} threads vs 1: {s:.2}x");
     }
     Ok(())
 }

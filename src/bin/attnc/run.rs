@@ -172,7 +172,11 @@ fn verify(prepared: &Prepared, output: &Tensor) -> Result<Verification, Failure>
         den += w * w;
         v.max_abs = v.max_abs.max(diff.abs());
     }
-    v.relative_l2 = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+    v.relative_l2 = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
     Ok(v)
 }
 
@@ -233,7 +237,11 @@ fn print_text(
     outln!("policy: {}", prepared.policy);
     outln!(
         "stats: min {:.6} max {:.6} mean {:.6} l2 {:.6} nan {}",
-        stats.min, stats.max, stats.mean, stats.l2, stats.nan
+        stats.min,
+        stats.max,
+        stats.mean,
+        stats.l2,
+        stats.nan
     );
     let row = output.shape.last().copied().unwrap_or(1).clamp(1, 8);
     let head: Vec<String> = values.iter().take(row).map(|v| format!("{v:.6}")).collect();
