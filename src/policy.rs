@@ -53,19 +53,7 @@ impl fmt::Display for Policy {
 }
 
 /// Writes one approximation as it is spelled in `@approx(...)` and `--approx`.
-pub fn approx_to_string(kind: &ApproxKind) -> String {
-    match kind {
-        ApproxKind::Bf16 => "bf16".into(),
-        ApproxKind::F16 => "f16".into(),
-        ApproxKind::Int8 => "int8".into(),
-        ApproxKind::Lowrank { r } => format!("lowrank(r = {r})"),
-        ApproxKind::RandomFeatures { m, seed: Some(s) } => {
-            format!("random_features(m = {m}, seed = {s})")
-        }
-        ApproxKind::RandomFeatures { m, seed: None } => format!("random_features(m = {m})"),
-        ApproxKind::Tol(t) => format!("tol = {t}"),
-    }
-}
+pub use attnc_syntax::print::print_approx_kind as approx_to_string;
 
 /// Parses a `--approx` list such as `bf16,lowrank(r=64),random_features(m=256,seed=7)`.
 ///

@@ -14,7 +14,7 @@
 use crate::dim::format_shape;
 use crate::graph::{Kernel, Module, NodeId};
 use crate::op::Op;
-use attnc_syntax::ast::ApproxKind;
+use attnc_syntax::print::print_approx_kind;
 use std::fmt::Write;
 
 /// The narrowest column at which node types are aligned.
@@ -34,7 +34,7 @@ pub fn print_module(module: &Module) -> String {
 pub fn print_kernel(k: &Kernel) -> String {
     let mut out = String::new();
     if !k.approx.is_empty() {
-        let items: Vec<String> = k.approx.iter().map(approx_text).collect();
+        let items: Vec<String> = k.approx.iter().map(print_approx_kind).collect();
         let _ = writeln!(out, "@approx({})", items.join(", "));
     }
     let params: Vec<String> = k
@@ -124,20 +124,5 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
         }
         _ if args.is_empty() => mnemonic,
         _ => format!("{mnemonic} {}", args.join(", ")),
-    }
-}
-
-/// An `@approx` item as the source spells it.
-fn approx_text(kind: &ApproxKind) -> String {
-    match kind {
-        ApproxKind::Bf16 => "bf16".to_string(),
-        ApproxKind::F16 => "f16".to_string(),
-        ApproxKind::Int8 => "int8".to_string(),
-        ApproxKind::Lowrank { r } => format!("lowrank(r = {r})"),
-        ApproxKind::RandomFeatures { m, seed: None } => format!("random_features(m = {m})"),
-        ApproxKind::RandomFeatures { m, seed: Some(s) } => {
-            format!("random_features(m = {m}, seed = {s})")
-        }
-        ApproxKind::Tol(t) => format!("tol = {t}"),
     }
 }

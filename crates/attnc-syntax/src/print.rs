@@ -54,7 +54,12 @@ pub fn print_kernel(kernel: &Kernel) -> String {
 
 /// Prints one item of an `@approx(...)` attribute.
 pub fn print_approx(approx: &Approx) -> String {
-    match &approx.kind {
+    print_approx_kind(&approx.kind)
+}
+
+/// Prints one approximation as it is spelled in `@approx(...)` and `--approx`.
+pub fn print_approx_kind(kind: &ApproxKind) -> String {
+    match kind {
         ApproxKind::Bf16 => "bf16".to_string(),
         ApproxKind::F16 => "f16".to_string(),
         ApproxKind::Int8 => "int8".to_string(),
