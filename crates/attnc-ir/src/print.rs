@@ -29,14 +29,8 @@ pub fn print_module(module: &Module) -> String {
     kernels.join("\n")
 }
 
-/// Prints one kernel: an `@approx` line when it allows approximations, its signature, one
-/// line per node with the node's type, and the returned node.
-pub fn print_kernel(k: &Kernel) -> String {
-    let mut out = String::new();
-    if !k.approx.is_empty() {
-        let items: Vec<String> = k.approx.iter().map(print_approx_kind).collect();
-        let _ = writeln!(out, "@approx({})", items.join(", "));
-    }
+/// `name(q: f32[h, n, d], ...) -> f32[h, n, d]`: the kernel's parameters and return type.
+pub fn signature(k: &Kernel) -> String {
     let params: Vec<String> = k
         .params
         .iter()
@@ -50,14 +44,24 @@ pub fn print_kernel(k: &Kernel) -> String {
         })
         .collect();
     let ret_shape = format_shape(&k.graph.node(k.output).shape);
-    let _ = writeln!(
-        out,
-        "kernel {}({}) -> {}{}",
+    format!(
+        "{}({}) -> {}{}",
         k.name,
         params.join(", "),
         k.ret_dtype.keyword(),
         ret_shape
-    );
+    )
+}
+
+/// Prints one kernel: an `@approx` line when it allows approximations, its signature, one
+/// line per node with the node's type, and the returned node.
+pub fn print_kernel(k: &Kernel) -> String {
+    let mut out = String::new();
+    if !k.approx.is_empty() {
+        let items: Vec<String> = k.approx.iter().map(print_approx_kind).collect();
+        let _ = writeln!(out, "@approx({})", items.join(", "));
+    }
+    let _ = writeln!(out, "kernel {}", signature(k));
     let lines: Vec<(String, String)> = k
         .graph
         .topo_order()

@@ -3,7 +3,6 @@
 use crate::args::CheckArgs;
 use crate::failure::Failure;
 use crate::CliResult;
-use attnc::ir::dim::format_shape;
 use attnc::ir::{Kernel, Module};
 use attnc::policy::approx_to_string;
 use serde_json::json;
@@ -50,32 +49,13 @@ pub fn load_module(path: &Path) -> Result<Module, Failure> {
 
 /// `name(q: f32[h, n, d], ...) -> f32[h, n, d]`, with the `@approx` items in front.
 pub fn signature(kernel: &Kernel) -> String {
-    let params: Vec<String> = kernel
-        .params
-        .iter()
-        .map(|p| {
-            format!(
-                "{}: {}{}",
-                p.name,
-                p.dtype.keyword(),
-                format_shape(&p.shape)
-            )
-        })
-        .collect();
-    let out = kernel.graph.node(kernel.output);
     let approx = if kernel.approx.is_empty() {
         String::new()
     } else {
         let items: Vec<String> = kernel.approx.iter().map(approx_to_string).collect();
         format!("@approx({}) ", items.join(", "))
     };
-    format!(
-        "{approx}{}({}) -> {}{}",
-        kernel.name,
-        params.join(", "),
-        kernel.ret_dtype.keyword(),
-        format_shape(&out.shape)
-    )
+    format!("{approx}{}", attnc::ir::print::signature(kernel))
 }
 
 fn kernel_json(kernel: &Kernel) -> serde_json::Value {
