@@ -235,34 +235,10 @@ fn transpose(x: &[Dim]) -> Option<Shape> {
 
 /// Converts a pattern subtree of `expr` back to a [`MaskPattern`]; `None` for `all`.
 fn pattern_of(expr: &RecExpr<Attn>, id: Id) -> Result<Option<MaskPattern>, OptError> {
-    let bad = || OptError::Extracted(format!("not a mask pattern: {}", expr[id]));
-    let num = |i: Id| expr[i].atom().and_then(|a| a.as_index()).ok_or_else(bad);
-    let both = |a: Id, b: Id| -> Result<(MaskPattern, MaskPattern), OptError> {
-        match (pattern_of(expr, a)?, pattern_of(expr, b)?) {
-            (Some(a), Some(b)) => Ok((a, b)),
-            _ => Err(bad()),
-        }
-    };
-    Ok(Some(match expr[id] {
-        Attn::All => return Ok(None),
-        Attn::Causal => MaskPattern::Causal,
-        Attn::Window(w) => MaskPattern::Window(num(w)?),
-        Attn::Dilated([w, r]) => MaskPattern::Dilated {
-            w: num(w)?,
-            r: num(r)?,
-        },
-        Attn::Global(g) => MaskPattern::Global(num(g)?),
-        Attn::Block(b) => MaskPattern::Block(num(b)?),
-        Attn::And([a, b]) => {
-            let (a, b) = both(a, b)?;
-            MaskPattern::And(Box::new(a), Box::new(b))
-        }
-        Attn::Or([a, b]) => {
-            let (a, b) = both(a, b)?;
-            MaskPattern::Or(Box::new(a), Box::new(b))
-        }
-        _ => return Err(bad()),
-    }))
+    let num = |i: Id| expr[i].atom().and_then(|a| a.as_index());
+    let sub = |i: Id| pattern_of(expr, i).ok().flatten();
+    pattern_node(&expr[id], num, sub)
+        .ok_or_else(|| OptError::Extracted(format!("not a mask pattern: {}", expr[id])))
 }
 
 /// The mask pattern an e-class of `egraph` describes (its first pattern node, recursively);
@@ -270,7 +246,19 @@ fn pattern_of(expr: &RecExpr<Attn>, id: Id) -> Result<Option<MaskPattern>, OptEr
 pub fn pattern_from_class(egraph: &AttnGraph, id: Id) -> Option<Option<MaskPattern>> {
     let node = egraph[id].nodes.iter().find(|n| n.is_pattern())?;
     let num = |i: Id| egraph[i].data.atom.and_then(|a| a.as_index());
-    let sub = |i: Id| pattern_from_class(egraph, i).flatten().map(Box::new);
+    let sub = |i: Id| pattern_from_class(egraph, i).flatten();
+    pattern_node(node, num, sub)
+}
+
+/// The one mapping from pattern nodes to [`MaskPattern`], shared by extracted terms and e-classes:
+/// `num` reads a size child, `sub` converts an operand of `&`/`|` (`None` for `all` or a
+/// malformed operand). `Some(None)` for `all`; `None` when `node` is not a well-formed pattern.
+fn pattern_node(
+    node: &Attn,
+    num: impl Fn(Id) -> Option<u64>,
+    sub: impl Fn(Id) -> Option<MaskPattern>,
+) -> Option<Option<MaskPattern>> {
+    let pair = |a: Id, b: Id| Some((Box::new(sub(a)?), Box::new(sub(b)?)));
     Some(Some(match *node {
         Attn::All => return Some(None),
         Attn::Causal => MaskPattern::Causal,
@@ -281,8 +269,14 @@ pub fn pattern_from_class(egraph: &AttnGraph, id: Id) -> Option<Option<MaskPatte
         },
         Attn::Global(g) => MaskPattern::Global(num(g)?),
         Attn::Block(b) => MaskPattern::Block(num(b)?),
-        Attn::And([a, b]) => MaskPattern::And(sub(a)?, sub(b)?),
-        Attn::Or([a, b]) => MaskPattern::Or(sub(a)?, sub(b)?),
+        Attn::And([a, b]) => {
+            let (a, b) = pair(a, b)?;
+            MaskPattern::And(a, b)
+        }
+        Attn::Or([a, b]) => {
+            let (a, b) = pair(a, b)?;
+            MaskPattern::Or(a, b)
+        }
         _ => return None,
     }))
 }
