@@ -27,4 +27,4 @@ pub use file::read_input_file;
 pub use npy::{encode_npy, parse_npy, parse_npy_from, read_npy, write_npy};
 pub use random::{standard_normal, Rng};
 pub use safetensors_io::{parse_safetensors, parse_safetensors_from, read_safetensors};
-pub use tensor::{shape_product, DType, Tensor, TensorData};
+pub use tensor::{element_size, shape_product, DType, Tensor, TensorData};

@@ -17,7 +17,7 @@ use half::f16;
 use super::atomic::write_atomically_with;
 use super::error::{FileFormat, IoError};
 use super::file::read_input_file;
-use super::tensor::{format_shape, shape_product, DType, Tensor, TensorData};
+use super::tensor::{element_size, format_shape, shape_product, DType, Tensor, TensorData};
 
 /// The first six bytes of every `.npy` file.
 pub const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -139,10 +139,10 @@ pub fn parse_npy_from(bytes: &[u8], path: &Path) -> Result<Tensor, IoError> {
             format!("shape {}", format_shape(&shape)),
         )
     })?;
-    let need = count.checked_mul(dtype.size()).ok_or_else(|| {
+    let need = count.checked_mul(element_size(dtype)).ok_or_else(|| {
         bad(
             "shape product overflows",
-            format!("shape {} of {}", format_shape(&shape), dtype.name()),
+            format!("shape {} of {}", format_shape(&shape), dtype.keyword()),
         )
     })?;
     let data = &bytes[data_start..];
@@ -157,7 +157,7 @@ pub fn parse_npy_from(bytes: &[u8], path: &Path) -> Result<Tensor, IoError> {
             format!(
                 "shape {} of {} needs {need} bytes, the file has {}",
                 format_shape(&shape),
-                dtype.name(),
+                dtype.keyword(),
                 data.len()
             ),
         ));
@@ -687,7 +687,7 @@ fn write_elements<W: Write>(w: &mut W, data: &TensorData) -> std::io::Result<()>
 /// tensor is an error, NumPy has no bfloat16).
 pub fn encode_npy(tensor: &Tensor) -> Result<Vec<u8>, IoError> {
     let mut out = npy_prefix(tensor)?;
-    out.reserve(tensor.len() * tensor.dtype().size());
+    out.reserve(tensor.len() * element_size(tensor.dtype()));
     write_elements(&mut out, &tensor.data)
         .map_err(|e| IoError::invalid_tensor("cannot encode the tensor", e.to_string()))?;
     Ok(out)

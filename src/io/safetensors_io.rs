@@ -19,7 +19,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 
 use super::error::{FileFormat, IoError};
 use super::file::{open_regular, read_rest};
-use super::tensor::{format_shape, shape_product, DType, Tensor, TensorData};
+use super::tensor::{element_size, format_shape, shape_product, DType, Tensor, TensorData};
 
 /// The longest JSON header accepted, in bytes (the limit of the safetensors format).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -303,7 +303,7 @@ fn check_entry(
         ));
     }
     let need = shape_product(&shape)
-        .and_then(|n| n.checked_mul(dtype.size()))
+        .and_then(|n| n.checked_mul(element_size(dtype)))
         .ok_or_else(|| field_err(format!("shape {} overflows", format_shape(&shape))))?;
     if end - begin != need {
         return Err(bad(

@@ -5,33 +5,14 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::error::IoError;
 
-/// The element type of a [`Tensor`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DType {
-    /// IEEE binary32.
-    F32,
-    /// IEEE binary16.
-    F16,
-    /// bfloat16 (the upper half of a binary32).
-    Bf16,
-}
+/// Element types of tensors: the language's own (`f32`, `f16`, `bf16`).
+pub use attnc_ir::DType;
 
-impl DType {
-    /// The name attnc's language uses for the type: `f32`, `f16` or `bf16`.
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::Bf16 => "bf16",
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::Bf16 => 2,
-        }
+/// Bytes per element of `dtype`.
+pub fn element_size(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::Bf16 => 2,
     }
 }
 
@@ -170,7 +151,7 @@ impl Tensor {
 
     /// The element type's name in attnc's language: `f32`, `f16` or `bf16`.
     pub fn dtype_name(&self) -> &'static str {
-        self.dtype().name()
+        self.dtype().keyword()
     }
 
     /// The number of elements.

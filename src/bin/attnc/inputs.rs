@@ -240,21 +240,14 @@ fn load_inputs(
 
 /// Stores a tensor in its parameter's storage type (f32 data for an f16 parameter is rounded).
 fn to_param_dtype(tensor: Tensor, dtype: DType) -> Tensor {
-    let Tensor { shape, data } = tensor;
-    let data = match (dtype, data) {
-        (DType::F32, TensorData::F32(v)) => TensorData::F32(v),
-        (DType::F16, TensorData::F16(v)) => TensorData::F16(v),
-        (DType::Bf16, TensorData::Bf16(v)) => TensorData::Bf16(v),
-        (dtype, other) => {
-            let values = Tensor {
-                shape: shape.clone(),
-                data: other,
-            }
-            .to_f32_vec();
-            store(values, dtype)
-        }
-    };
-    Tensor { shape, data }
+    if tensor.dtype() == dtype {
+        return tensor;
+    }
+    let data = store(tensor.to_f32_vec(), dtype);
+    Tensor {
+        shape: tensor.shape,
+        data,
+    }
 }
 
 fn store(values: Vec<f32>, dtype: DType) -> TensorData {
