@@ -134,9 +134,13 @@ pub fn execute(
 /// Stores f32 results in the kernel's return type: f16 stays f16, bf16 is written as f32
 /// (values already rounded by the kernel's final cast).
 fn output_tensor(shape: Vec<usize>, data: Vec<f32>, ret: DType) -> Tensor {
-    let data = match ret {
-        DType::F16 => TensorData::F16(data.into_iter().map(half::f16::from_f32).collect()),
-        DType::F32 | DType::Bf16 => TensorData::F32(data),
+    let stored = if ret == DType::F16 {
+        DType::F16
+    } else {
+        DType::F32
     };
-    Tensor { shape, data }
+    Tensor {
+        shape,
+        data: TensorData::from_f32_as(data, stored),
+    }
 }

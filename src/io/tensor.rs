@@ -28,6 +28,15 @@ pub enum TensorData {
 }
 
 impl TensorData {
+    /// `values` stored as `dtype` (rounded to nearest even for f16 and bf16).
+    pub fn from_f32_as(values: Vec<f32>, dtype: DType) -> TensorData {
+        match dtype {
+            DType::F32 => TensorData::F32(values),
+            DType::F16 => TensorData::F16(values.into_iter().map(f16::from_f32).collect()),
+            DType::Bf16 => TensorData::Bf16(values.into_iter().map(bf16::from_f32).collect()),
+        }
+    }
+
     /// The number of elements.
     pub fn len(&self) -> usize {
         match self {

@@ -243,18 +243,10 @@ fn to_param_dtype(tensor: Tensor, dtype: DType) -> Tensor {
     if tensor.dtype() == dtype {
         return tensor;
     }
-    let data = store(tensor.to_f32_vec(), dtype);
+    let data = TensorData::from_f32_as(tensor.to_f32_vec(), dtype);
     Tensor {
         shape: tensor.shape,
         data,
-    }
-}
-
-fn store(values: Vec<f32>, dtype: DType) -> TensorData {
-    match dtype {
-        DType::F32 => TensorData::F32(values),
-        DType::F16 => TensorData::F16(values.into_iter().map(half::f16::from_f32).collect()),
-        DType::Bf16 => TensorData::Bf16(values.into_iter().map(half::bf16::from_f32).collect()),
     }
 }
 
@@ -297,7 +289,7 @@ fn fill_missing(
         let values = io::standard_normal(seed, index as u64, count);
         *slot = Some(Tensor {
             shape,
-            data: store(values, param.dtype),
+            data: TensorData::from_f32_as(values, param.dtype),
         });
     }
     Ok(())
