@@ -17,14 +17,13 @@ pub mod atomic;
 pub mod error;
 pub mod file;
 pub mod npy;
-pub mod random;
 pub mod safetensors_io;
 pub mod tensor;
 
 pub use atomic::{remove_pending_temp_files, write_atomically, write_atomically_with};
+pub use attnc_ir::random::{standard_normal, Rng};
 pub use error::{FileFormat, IoError};
 pub use file::read_input_file;
 pub use npy::{encode_npy, parse_npy, parse_npy_from, read_npy, write_npy};
-pub use random::{standard_normal, Rng};
 pub use safetensors_io::{parse_safetensors, parse_safetensors_from, read_safetensors};
 pub use tensor::{element_size, shape_product, DType, Tensor, TensorData};

@@ -13,8 +13,9 @@ pub mod lower;
 pub mod op;
 pub mod pattern;
 pub mod print;
+pub mod random;
 
 pub use dim::{Bindings, Dim, Shape};
 pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};
-pub use op::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
+pub use op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
 pub use pattern::MaskPattern;

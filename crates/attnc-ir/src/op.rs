@@ -2,6 +2,7 @@
 
 use crate::dim::Dim;
 use crate::pattern::MaskPattern;
+pub use crate::random::RandomKind;
 use serde::Serialize;
 use std::fmt;
 
@@ -109,18 +110,37 @@ pub enum Op {
         /// The value of masked-out entries.
         fill: f64,
     },
-    /// Round to a storage type and widen back (one operand): f16/bf16 return types.
+    /// Round to a storage type and widen back (one operand): f16/bf16 return types, and the
+    /// bf16/f16 precision lowering of attention inputs.
     Cast {
         /// The storage type rounded to.
         to: DType,
     },
+    /// A seeded random `[rows, cols]` matrix (no operands) that an approximation introduced
+    /// (Performer features, Linformer projections); see [`crate::random::random_matrix`].
+    Random {
+        /// What the matrix holds.
+        kind: RandomKind,
+        /// Its seed.
+        seed: u64,
+    },
+    /// Marks a fused attention `softmax(..) @ v` (one operand) whose score and value products
+    /// may run on int8 operands. Its value is the operand's: the interpreter evaluates it
+    /// exactly, and the quantization error of machine code is measured against the policy's
+    /// tolerance before a plan that uses it is accepted.
+    Int8Products,
 }
 
 impl Op {
     /// How many operands the op takes.
     pub fn arity(&self) -> usize {
         match self {
-            Op::Input { .. } | Op::Const(_) | Op::DimValue(_) | Op::Fill { .. } | Op::RelPos => 0,
+            Op::Input { .. }
+            | Op::Const(_)
+            | Op::DimValue(_)
+            | Op::Fill { .. }
+            | Op::RelPos
+            | Op::Random { .. } => 0,
             Op::Binary(_) | Op::MatMul => 2,
             _ => 1,
         }
@@ -186,6 +206,8 @@ impl fmt::Display for Op {
             Op::Softmax { axis } => write!(f, "softmax axis={axis}"),
             Op::Mask { pattern, fill } => write!(f, "mask {pattern} fill={fill:?}"),
             Op::Cast { to } => write!(f, "cast {}", to.keyword()),
+            Op::Random { kind, seed } => write!(f, "random {} seed={seed}", kind.name()),
+            Op::Int8Products => f.write_str("int8-products"),
         }
     }
 }

@@ -107,6 +107,8 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
         Op::Softmax { .. } => "softmax".to_string(),
         Op::Mask { .. } => "mask".to_string(),
         Op::Cast { .. } => "cast".to_string(),
+        Op::Random { .. } => "random".to_string(),
+        Op::Int8Products => "int8-products".to_string(),
     };
     let mut args: Vec<String> = operands.iter().map(|o| format!("%{}", o.index())).collect();
     match op {
@@ -119,11 +121,15 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
             args.push(format!("fill={fill:?}"));
         }
         Op::Cast { to } => args.push(format!("to={}", to.keyword())),
+        Op::Random { kind, seed } => {
+            args.push(kind.name().to_string());
+            args.push(format!("seed={seed}"));
+        }
         _ => {}
     }
     match op {
         // Attributes of nullary ops read as one phrase: `input q #0`, `const 0.125`.
-        Op::Input { .. } | Op::Const(_) | Op::DimValue(_) | Op::Fill { .. } => {
+        Op::Input { .. } | Op::Const(_) | Op::DimValue(_) | Op::Fill { .. } | Op::Random { .. } => {
             format!("{mnemonic} {}", args.join(" "))
         }
         _ if args.is_empty() => mnemonic,

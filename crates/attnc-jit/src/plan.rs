@@ -18,6 +18,7 @@ use crate::kernels::elementwise::{Coord, ElementwiseSpec, Expr};
 use crate::kernels::matmul::MatMulSpec;
 use crate::kernels::reduce::AxisSpec;
 use attnc_ir::{Bindings, DType, Kernel, NodeId, Op, ReduceOp};
+use std::sync::Arc;
 
 /// Where a buffer's contents come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +51,9 @@ pub enum StepKind {
     Softmax(AxisSpec),
     /// Rounding to a storage type and back, done by the host (f16/bf16 returns).
     Cast(DType),
+    /// A constant computed at compile time (the seeded matrices of approximations), copied
+    /// into the output by the host.
+    Constant(Arc<[f32]>),
     /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads every kernel input (f32, widened).
     Attention(Box<AttentionSpec>),
 }
@@ -74,7 +78,7 @@ impl Step {
             StepKind::Elementwise(s) => s.work(),
             StepKind::MatMul(s) => s.work(),
             StepKind::Reduce(_, s) | StepKind::Softmax(s) => s.work(),
-            StepKind::Cast(_) => (1, 1),
+            StepKind::Cast(_) | StepKind::Constant(_) => (1, 1),
             StepKind::Attention(s) => (s.batch_count(), s.m),
         }
     }
@@ -139,6 +143,9 @@ impl std::fmt::Display for Plan {
                         "{op} [{} x {} x {}] along the middle axis",
                         s.outer, s.len, s.inner
                     )
+                }
+                StepKind::Constant(data) => {
+                    format!("constant ({} f32, computed at compile time)", data.len())
                 }
                 StepKind::Softmax(s) => {
                     format!(
@@ -217,6 +224,7 @@ impl Planner<'_> {
             StepKind::Reduce(..) => "reduce",
             StepKind::Softmax(_) => "softmax",
             StepKind::Cast(_) => "cast",
+            StepKind::Constant(_) => "const",
             StepKind::Attention(_) => "attention",
         };
         let name = format!("{}_s{}_{tag}", self.kernel.name, self.steps.len());
@@ -471,6 +479,20 @@ fn plan_node(
             map.swap(rank - 2, rank - 1);
             val(x.expr.remap(&map, rank))
         }
+        Op::Random { kind, seed } => {
+            let &[rows, cols] = shape.as_slice() else {
+                return Err(plan_error(&node.op, "a random matrix needs two axes"));
+            };
+            let data: Arc<[f32]> = attnc_ir::random::random_matrix(*kind, *seed, rows, cols)
+                .into_iter()
+                .map(|x| x as f32)
+                .collect();
+            let out = p.new_buffer(data.len());
+            p.push(StepKind::Constant(data), Vec::new(), out);
+            Planner::leaf(out, &shape)
+        }
+        // Exact here: only the fused attention kernel has an int8 form.
+        Op::Int8Products => operand(vals, ops[0])?,
         Op::Cast { to } => {
             let x = operand(vals, ops[0])?;
             let src = p.contiguous_buffer(&x);

@@ -108,7 +108,7 @@ impl CompiledKernel {
         let mut ids = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             let id = match &step.kind {
-                StepKind::Cast(_) => None,
+                StepKind::Cast(_) | StepKind::Constant(_) => None,
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
                 })?),
@@ -275,6 +275,7 @@ impl CompiledKernel {
                     .collect();
                 match (&step.kind, handle) {
                     (StepKind::Cast(to), _) => cast(views[0], &mut out, *to),
+                    (StepKind::Constant(data), _) => out.copy_from_slice(data),
                     (_, Some(h)) => {
                         let t = if step.cost(&self.plan.buffers) >= self.options.parallel_threshold
                         {

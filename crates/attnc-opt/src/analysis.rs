@@ -171,8 +171,16 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             });
             array(s)
         }
-        Attn::Softmax([x, _]) | Attn::Mask([x, _, _]) | Attn::Cast([x, _]) => array(shape(*x)),
+        Attn::Softmax([x, _])
+        | Attn::Mask([x, _, _])
+        | Attn::Cast([x, _])
+        | Attn::Int8Products(x) => array(shape(*x)),
+        Attn::Random([_, _, rows, cols]) => {
+            let dims = an.resolve(atom(*rows)).zip(an.resolve(atom(*cols)));
+            array(dims.map(|(r, c)| vec![r as usize, c as usize]))
+        }
         Attn::Attention([q, k, v, _, _])
+        | Attn::AttentionInt8([q, k, v, _, _])
         | Attn::AttentionScored([q, k, v, _, _])
         | Attn::LinearAttention([q, k, v, ..]) => {
             let s = match (shape(*q), shape(*k), shape(*v)) {

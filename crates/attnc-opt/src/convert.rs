@@ -11,7 +11,7 @@ use crate::analysis::AttnGraph;
 use crate::lang::{Atom, Attn};
 use crate::OptError;
 use attnc_ir::{BinaryOp, DType, Dim, Graph, Kernel, MaskPattern, Node, NodeId, Op, ReduceOp};
-use attnc_ir::{Shape, UnaryOp};
+use attnc_ir::{RandomKind, Shape, UnaryOp};
 use attnc_syntax::Span;
 use egg::{Id, Language, RecExpr, Symbol};
 use std::collections::HashMap;
@@ -138,6 +138,16 @@ fn add_op(expr: &mut RecExpr<Attn>, op: &Op, shape: &Shape, args: &[Id]) -> Opti
             let name = leaf(expr, Atom::Name(Symbol::from(to.keyword())));
             Attn::Cast([one(0)?, name])
         }
+        Op::Random { kind, seed } => match shape.as_slice() {
+            [rows, cols] => Attn::Random([
+                leaf(expr, Atom::Name(Symbol::from(kind.name()))),
+                leaf(expr, Atom::num(*seed as f64)),
+                dim_leaf(expr, rows),
+                dim_leaf(expr, cols),
+            ]),
+            _ => return None,
+        },
+        Op::Int8Products => Attn::Int8Products(one(0)?),
     };
     Some(expr.add(node))
 }
@@ -159,10 +169,15 @@ impl Builder<'_> {
             .collect();
         let shape = match (&op, shapes.as_slice()) {
             (Op::Const(_) | Op::DimValue(_), []) => vec![],
-            (Op::Fill { .. } | Op::RelPos, []) => fill_shape?,
-            (Op::Unary(_) | Op::Softmax { .. } | Op::Mask { .. } | Op::Cast { .. }, [x]) => {
-                (*x).clone()
-            }
+            (Op::Fill { .. } | Op::RelPos | Op::Random { .. }, []) => fill_shape?,
+            (
+                Op::Unary(_)
+                | Op::Softmax { .. }
+                | Op::Mask { .. }
+                | Op::Cast { .. }
+                | Op::Int8Products,
+                [x],
+            ) => (*x).clone(),
             (Op::Binary(_), [a, b]) => broadcast(a, b)?,
             (Op::MatMul, [a, b]) => matmul(a, b)?,
             (Op::Transpose, [x]) => transpose(x)?,
@@ -423,13 +438,30 @@ fn build_node(
             };
             b.add(Op::Cast { to }, &[value(*x)?], None)
         }
-        Attn::Attention([q, k, v, s, p]) => {
+        Attn::Random([kind, seed, rows, cols]) => {
+            let kind = atom(*kind)?
+                .as_name()
+                .and_then(RandomKind::from_name)
+                .ok_or_else(|| bad("an unknown random matrix"))?;
+            let seed = atom(*seed)?
+                .as_index()
+                .ok_or_else(|| bad("a seed is not an integer"))?;
+            let shape = vec![dim(*rows)?, dim(*cols)?];
+            b.add(Op::Random { kind, seed }, &[], Some(shape))
+        }
+        Attn::Int8Products(x) => b.add(Op::Int8Products, &[value(*x)?], None),
+        Attn::Attention([q, k, v, s, p]) | Attn::AttentionInt8([q, k, v, s, p]) => {
             let scale = match expr[*s] {
                 Attn::Const(c) if atom(c)?.as_num() == Some(1.0) => None,
                 _ => Some(value(*s)?),
             };
             let pattern = pattern_of(expr, *p)?;
-            expand_attention(b, [value(*q)?, value(*k)?, value(*v)?], scale, pattern)
+            let attention =
+                expand_attention(b, [value(*q)?, value(*k)?, value(*v)?], scale, pattern);
+            match (node, attention) {
+                (Attn::AttentionInt8(_), Some(a)) => b.add(Op::Int8Products, &[a], None),
+                (_, a) => a,
+            }
         }
         Attn::AttentionScored([q, k, v, s, p]) => {
             let node_of = |id: Id| Some(&expr[id]);

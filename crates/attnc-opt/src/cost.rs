@@ -34,6 +34,12 @@ pub const SOFTMAX_FLOPS: f64 = 12.0;
 /// FLOPs per kept score element for the elementwise score of `attention-scored` (a bias
 /// add, a scale, a polynomial tanh), computed in registers.
 pub const SCORE_FLOPS: f64 = 8.0;
+/// How many more multiply-adds per cycle int8 products (`vpdpbusd`: 16 per 128-bit lane
+/// group) run than f32x4 FMA (4), as measured on the target (DESIGN.md: about 190 G int-ops/s
+/// against 50 GFLOP/s).
+pub const INT8_PRODUCT_SPEEDUP: f64 = 3.5;
+/// FLOPs per kept score element to quantize a probability to u8 for the int8 `p · v` product.
+pub const QUANTIZE_FLOPS: f64 = 3.0;
 /// Query rows sampled to estimate the kept fraction of a mask pattern.
 pub const SAMPLED_ROWS: usize = 32;
 
@@ -123,7 +129,9 @@ impl<'a> CycleCost<'a> {
             // Scalar subtrees (`1 / sqrt(d)`) are folded to one constant at compile time.
             _ if out.is_empty() => (0.0, 0.0),
             n if n.is_pattern() => (0.0, 0.0),
-            Attn::Fill(_) | Attn::RelPos(_) => (0.0, out_elems * ELEMENT_BYTES),
+            Attn::Fill(_) | Attn::RelPos(_) | Attn::Random(_) => (0.0, out_elems * ELEMENT_BYTES),
+            // A marker: the work is in its operand.
+            Attn::Int8Products(_) => (0.0, 0.0),
             Attn::Transpose(_) => (0.0, streamed),
             Attn::MatMul([a, _]) => {
                 let inner = shape(*a).last().copied().unwrap_or(0) as f64;
@@ -133,7 +141,9 @@ impl<'a> CycleCost<'a> {
             Attn::Sum([x, _]) | Attn::Max([x, _]) | Attn::Mean([x, _]) => {
                 (elements(&shape(*x)), streamed)
             }
-            Attn::Attention([q, k, v, _, p]) | Attn::AttentionScored([q, k, v, _, p]) => {
+            Attn::Attention([q, k, v, _, p])
+            | Attn::AttentionScored([q, k, v, _, p])
+            | Attn::AttentionInt8([q, k, v, _, p]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let m = qs.iter().rev().nth(1).copied().unwrap_or(0);
                 let d = qs.last().copied().unwrap_or(0) as f64;
@@ -149,7 +159,15 @@ impl<'a> CycleCost<'a> {
                     Attn::AttentionScored(_) => SCORE_FLOPS,
                     _ => 0.0,
                 };
-                let flops = pairs * (2.0 * d + 2.0 * dv + SOFTMAX_FLOPS + score);
+                let flops = match enode {
+                    Attn::AttentionInt8(_) => {
+                        pairs
+                            * ((2.0 * d + 2.0 * dv) / INT8_PRODUCT_SPEEDUP
+                                + SOFTMAX_FLOPS
+                                + QUANTIZE_FLOPS)
+                    }
+                    _ => pairs * (2.0 * d + 2.0 * dv + SOFTMAX_FLOPS + score),
+                };
                 let bytes =
                     (elements(&qs) + elements(&ks) + elements(&vs) + out_elems) * ELEMENT_BYTES;
                 (flops, bytes)

@@ -133,6 +133,10 @@ define_language! {
         "softmax" = Softmax([Id; 2]),
         "mask" = Mask([Id; 3]),
         "cast" = Cast([Id; 2]),
+        // a seeded random matrix: kind name, seed, rows, cols (approximations only)
+        "random" = Random([Id; 4]),
+        // the operand, an attention, may run with int8 products (approximations only)
+        "int8-products" = Int8Products(Id),
         // ---- mask patterns ----
         "all" = All,
         "causal" = Causal,
@@ -150,6 +154,8 @@ define_language! {
         "attention-scored" = AttentionScored([Id; 5]),
         // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1)): linear attention through the [d, dv] key-value state
         "linear-attention" = LinearAttention([Id; 3]),
+        // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
+        "attention-int8" = AttentionInt8([Id; 5]),
         // ---- data ----
         Leaf(Atom),
     }

@@ -1,4 +1,4 @@
-//! Reproducible pseudo-random inputs for `--random SEED`.
+//! Reproducible pseudo-random numbers: `--random SEED` inputs and the seeded matrices of approximations.
 //!
 //! xoshiro256** seeded through SplitMix64, and standard-normal samples by Marsaglia's polar
 //! method. Everything is integer arithmetic plus IEEE `+ - * /` and `sqrt` (all correctly rounded)
@@ -97,6 +97,98 @@ pub fn standard_normal(seed: u64, stream: u64, len: usize) -> Vec<f32> {
     out
 }
 
+/// The seeded random matrices that approximations introduce ([`crate::Op::Random`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum RandomKind {
+    /// Performer FAVOR+ projections `[m, d]`: blocks of `d` mutually orthogonal Gaussian
+    /// directions, each row rescaled to the norm of an independent Gaussian `d`-vector, so
+    /// every row is marginally `N(0, I_d)` while rows of a block stay orthogonal.
+    OrthogonalFeatures,
+    /// Linformer projections `[r, n]` with independent `N(0, 1/r)` entries, so that
+    /// `E[Eᵀ E] = I_n`.
+    Gaussian,
+}
+
+impl RandomKind {
+    /// The name used by printers and the e-graph language.
+    pub fn name(self) -> &'static str {
+        match self {
+            RandomKind::OrthogonalFeatures => "orthogonal-features",
+            RandomKind::Gaussian => "gaussian",
+        }
+    }
+
+    /// The kind called `name` by [`RandomKind::name`].
+    pub fn from_name(name: &str) -> Option<RandomKind> {
+        [RandomKind::OrthogonalFeatures, RandomKind::Gaussian]
+            .into_iter()
+            .find(|kind| kind.name() == name)
+    }
+}
+
+/// The row-major `[rows, cols]` matrix of `kind` drawn from `seed`: the same on every platform
+/// and in every build, so the interpreter and the JIT see identical projections.
+pub fn random_matrix(kind: RandomKind, seed: u64, rows: usize, cols: usize) -> Vec<f64> {
+    // Stream numbers far from the per-parameter streams of `--random`.
+    let mut rng = Rng::new(seed, 0x5eed_0000 + kind as u64);
+    let mut normals = move |len: usize| -> Vec<f64> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let (a, b) = rng.normal_pair();
+            out.push(a);
+            if out.len() < len {
+                out.push(b);
+            }
+        }
+        out
+    };
+    match kind {
+        RandomKind::Gaussian => {
+            let scale = 1.0 / (rows.max(1) as f64).sqrt();
+            normals(rows * cols)
+                .into_iter()
+                .map(|x| x * scale)
+                .collect()
+        }
+        RandomKind::OrthogonalFeatures => {
+            let mut out = Vec::with_capacity(rows * cols);
+            while out.len() < rows * cols {
+                let block_rows = (rows - out.len() / cols.max(1)).min(cols);
+                let block = orthonormal_rows(&normals(cols * cols), cols);
+                for row in block.chunks(cols.max(1)).take(block_rows) {
+                    let norm = normals(cols).iter().map(|x| x * x).sum::<f64>().sqrt();
+                    out.extend(row.iter().map(|x| x * norm));
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Gram-Schmidt (modified, twice for stability) on the rows of a square `[d, d]` Gaussian
+/// matrix; a row that collapses (probability 0) is replaced by a unit basis vector.
+fn orthonormal_rows(gaussian: &[f64], d: usize) -> Vec<f64> {
+    let mut q = gaussian.to_vec();
+    for i in 0..d {
+        for _pass in 0..2 {
+            for j in 0..i {
+                let dot: f64 = (0..d).map(|c| q[i * d + c] * q[j * d + c]).sum();
+                for c in 0..d {
+                    q[i * d + c] -= dot * q[j * d + c];
+                }
+            }
+        }
+        let norm = (0..d).map(|c| q[i * d + c].powi(2)).sum::<f64>().sqrt();
+        if norm > 1e-12 {
+            q[i * d..(i + 1) * d].iter_mut().for_each(|x| *x /= norm);
+        } else {
+            q[i * d..(i + 1) * d].fill(0.0);
+            q[i * d + i] = 1.0;
+        }
+    }
+    q
+}
+
 /// The natural logarithm of a positive, finite, normal `x`, from IEEE arithmetic only (so it is
 /// the same on every platform). Accurate to a few ulps, which is plenty for sampling.
 fn ln(x: f64) -> f64 {
@@ -129,6 +221,39 @@ fn ln(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn orthogonal_features_are_orthogonal_within_a_block() {
+        let d = 8;
+        let w = super::random_matrix(super::RandomKind::OrthogonalFeatures, 3, 12, d);
+        assert_eq!(w.len(), 12 * d);
+        for a in 0..d {
+            for b in 0..a {
+                let dot: f64 = (0..d).map(|c| w[a * d + c] * w[b * d + c]).sum();
+                assert!(dot.abs() < 1e-9, "rows {a} and {b}: {dot}");
+            }
+        }
+        // Norms are chi(d)-distributed, not 1.
+        let norms: Vec<f64> = w
+            .chunks(d)
+            .map(|r| r.iter().map(|x| x * x).sum::<f64>().sqrt())
+            .collect();
+        assert!(norms.iter().any(|n| (n - 1.0).abs() > 0.05), "{norms:?}");
+        assert_eq!(
+            w,
+            super::random_matrix(super::RandomKind::OrthogonalFeatures, 3, 12, d)
+        );
+    }
+
+    #[test]
+    fn gaussian_projections_have_variance_one_over_rows() {
+        let (r, n) = (64, 512);
+        let e = super::random_matrix(super::RandomKind::Gaussian, 1, r, n);
+        let variance = e.iter().map(|x| x * x).sum::<f64>() / e.len() as f64;
+        assert!((variance * r as f64 - 1.0).abs() < 0.05, "{variance}");
+        assert!(super::random_matrix(super::RandomKind::Gaussian, 1, 0, 5).is_empty());
+        assert!(super::random_matrix(super::RandomKind::OrthogonalFeatures, 1, 4, 0).is_empty());
+    }
 
     #[test]
     fn ln_matches_std() {
