@@ -39,6 +39,9 @@ pub enum RunError {
     /// Code generation or the compiled kernel failed.
     #[error(transparent)]
     Jit(#[from] JitError),
+    /// The calibration sample of an approximation could not be built.
+    #[error("calibration: {0}")]
+    Calibration(String),
     /// One tensor per parameter is needed.
     #[error("expected {expected} inputs, got {got}")]
     InputCount {
@@ -91,7 +94,8 @@ pub fn run_compiled(
     Ok(output_tensor(output.shape, output.data, ret))
 }
 
-fn input_view(tensor: &Tensor) -> Input<'_> {
+/// A tensor as the JIT's input view.
+pub fn input_view(tensor: &Tensor) -> Input<'_> {
     match &tensor.data {
         TensorData::F32(v) => Input::F32(v),
         TensorData::F16(v) => Input::F16(v),

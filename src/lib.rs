@@ -15,6 +15,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod approx;
 pub mod baseline;
 pub mod engine;
 pub mod io;

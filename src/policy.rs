@@ -36,6 +36,18 @@ impl Policy {
         policy
     }
 
+    /// The seed of random matrices and calibration samples: the first `random_features`
+    /// seed given, else 0.
+    pub fn seed(&self) -> u64 {
+        self.allowed
+            .iter()
+            .find_map(|kind| match kind {
+                ApproxKind::RandomFeatures { seed, .. } => *seed,
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
     /// True when no approximation is allowed.
     pub fn is_exact(&self) -> bool {
         self.allowed.is_empty()

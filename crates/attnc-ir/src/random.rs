@@ -104,8 +104,9 @@ pub enum RandomKind {
     /// directions, each row rescaled to the norm of an independent Gaussian `d`-vector, so
     /// every row is marginally `N(0, I_d)` while rows of a block stay orthogonal.
     OrthogonalFeatures,
-    /// Linformer projections `[r, n]` with independent `N(0, 1/r)` entries, so that
-    /// `E[Eᵀ E] = I_n`.
+    /// Linformer projections `[r, n]` with independent `N(0, 1/n)` entries: each projected
+    /// row is a random mixture of the `n` rows with unit total variance, so projected keys
+    /// and values keep the scale of the originals.
     Gaussian,
 }
 
@@ -144,7 +145,7 @@ pub fn random_matrix(kind: RandomKind, seed: u64, rows: usize, cols: usize) -> V
     };
     match kind {
         RandomKind::Gaussian => {
-            let scale = 1.0 / (rows.max(1) as f64).sqrt();
+            let scale = 1.0 / (cols.max(1) as f64).sqrt();
             normals(rows * cols)
                 .into_iter()
                 .map(|x| x * scale)
@@ -246,11 +247,11 @@ mod tests {
     }
 
     #[test]
-    fn gaussian_projections_have_variance_one_over_rows() {
+    fn gaussian_projections_have_variance_one_over_columns() {
         let (r, n) = (64, 512);
         let e = super::random_matrix(super::RandomKind::Gaussian, 1, r, n);
         let variance = e.iter().map(|x| x * x).sum::<f64>() / e.len() as f64;
-        assert!((variance * r as f64 - 1.0).abs() < 0.05, "{variance}");
+        assert!((variance * n as f64 - 1.0).abs() < 0.05, "{variance}");
         assert!(super::random_matrix(super::RandomKind::Gaussian, 1, 0, 5).is_empty());
         assert!(super::random_matrix(super::RandomKind::OrthogonalFeatures, 1, 4, 0).is_empty());
     }

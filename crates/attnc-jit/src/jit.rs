@@ -343,34 +343,7 @@ impl KernelHandle {
     /// over up to `threads` threads. Every output element is computed by exactly one call, so
     /// the result does not depend on `threads`.
     pub fn run(&self, inputs: &[&[f32]], output: &mut [f32], threads: usize) -> Result<()> {
-        if inputs.len() != self.input_lens.len() {
-            return Err(JitError::Buffer {
-                input: self.name.clone(),
-                detail: format!(
-                    "kernel takes {} buffers, got {}",
-                    self.input_lens.len(),
-                    inputs.len()
-                ),
-            });
-        }
-        for (k, (buf, &len)) in inputs.iter().zip(&self.input_lens).enumerate() {
-            if buf.len() != len {
-                return Err(JitError::Buffer {
-                    input: format!("{} operand {k}", self.name),
-                    detail: format!("expected {len} elements, got {}", buf.len()),
-                });
-            }
-        }
-        if output.len() != self.output_len {
-            return Err(JitError::Buffer {
-                input: format!("{} output", self.name),
-                detail: format!(
-                    "expected {} elements, got {}",
-                    self.output_len,
-                    output.len()
-                ),
-            });
-        }
+        self.check_buffers(inputs, output)?;
         let units = self.batches.saturating_mul(self.rows);
         if units == 0 {
             return Ok(());
@@ -414,6 +387,67 @@ impl KernelHandle {
                     }
                 }
                 run_units(0, chunk.min(units));
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the kernel on the rows `rows` of batch entry `batch` only, on the calling thread
+    /// (calibration samples). Rows outside the range are left as they are.
+    pub fn run_rows(
+        &self,
+        inputs: &[&[f32]],
+        output: &mut [f32],
+        batch: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Result<()> {
+        self.check_buffers(inputs, output)?;
+        if batch >= self.batches || rows.start >= rows.end.min(self.rows) {
+            return Ok(());
+        }
+        let ins: Vec<*const f32> = inputs.iter().map(|s| s.as_ptr()).collect();
+        // SAFETY: buffer counts and lengths were checked against what the code was generated
+        // for; `batch < batches` and `rows.start < row_end <= rows`.
+        unsafe {
+            (self.func)(
+                ins.as_ptr(),
+                output.as_mut_ptr(),
+                batch as u64,
+                rows.start as u64,
+                rows.end.min(self.rows) as u64,
+            )
+        };
+        Ok(())
+    }
+
+    /// Checks the buffer count and every length against what the code was generated for.
+    fn check_buffers(&self, inputs: &[&[f32]], output: &[f32]) -> Result<()> {
+        if inputs.len() != self.input_lens.len() {
+            return Err(JitError::Buffer {
+                input: self.name.clone(),
+                detail: format!(
+                    "kernel takes {} buffers, got {}",
+                    self.input_lens.len(),
+                    inputs.len()
+                ),
+            });
+        }
+        for (k, (buf, &len)) in inputs.iter().zip(&self.input_lens).enumerate() {
+            if buf.len() != len {
+                return Err(JitError::Buffer {
+                    input: format!("{} operand {k}", self.name),
+                    detail: format!("expected {len} elements, got {}", buf.len()),
+                });
+            }
+        }
+        if output.len() != self.output_len {
+            return Err(JitError::Buffer {
+                input: format!("{} output", self.name),
+                detail: format!(
+                    "expected {} elements, got {}",
+                    self.output_len,
+                    output.len()
+                ),
             });
         }
         Ok(())

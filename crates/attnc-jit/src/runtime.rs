@@ -14,6 +14,7 @@ use crate::jit::{Code, FunctionText, Jit, KernelHandle};
 use crate::kernels::{self, KernelArgs};
 use crate::plan::{plan, BufferSource, Plan, StepKind};
 use attnc_ir::{Bindings, DType, Kernel};
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,6 +241,42 @@ impl CompiledKernel {
     /// Runs the kernel on `inputs` with up to `threads` threads (0 counts as 1). Results are
     /// bit-identical for every thread count.
     pub fn run(&self, inputs: &[Input<'_>], threads: usize) -> Result<Output> {
+        self.run_steps(inputs, threads, None)
+    }
+
+    /// The rows `sample` of the output's first batch entry (the output read as
+    /// `[batch, m, width]`), computing as little as the plan allows: when its last step is the
+    /// fused attention kernel, only the sampled rows of that step run. Used to measure an
+    /// approximation on a calibration sample at a small fraction of a run's cost.
+    pub fn run_sample(
+        &self,
+        inputs: &[Input<'_>],
+        threads: usize,
+        sample: &[Range<usize>],
+    ) -> Result<Vec<f32>> {
+        let output = self.run_steps(inputs, threads, Some(sample))?;
+        let shape = &output.shape;
+        let (m, width) = match shape.len() {
+            0 => (1, 1),
+            1 => (1, shape[0]),
+            r => (shape[r - 2], shape[r - 1]),
+        };
+        let mut rows = Vec::new();
+        for range in sample {
+            let (r0, r1) = (range.start.min(m), range.end.min(m));
+            rows.extend_from_slice(&output.data[r0 * width..r1 * width]);
+        }
+        Ok(rows)
+    }
+
+    /// Runs every step; with `sample`, a final attention step computes only those rows of its
+    /// first batch entry.
+    fn run_steps(
+        &self,
+        inputs: &[Input<'_>],
+        threads: usize,
+        sample: Option<&[Range<usize>]>,
+    ) -> Result<Output> {
         self.check_inputs(inputs)?;
         let threads = threads.max(1);
         let widened: Vec<Option<Vec<f32>>> = inputs
@@ -276,6 +313,13 @@ impl CompiledKernel {
                 match (&step.kind, handle) {
                     (StepKind::Cast(to), _) => cast(views[0], &mut out, *to),
                     (StepKind::Constant(data), _) => out.copy_from_slice(data),
+                    (StepKind::Attention(_), Some(h))
+                        if sample.is_some() && index + 1 == self.plan.steps.len() =>
+                    {
+                        for range in sample.unwrap_or_default() {
+                            h.run_rows(&views, &mut out, 0, range.clone())?;
+                        }
+                    }
                     (_, Some(h)) => {
                         let t = if step.cost(&self.plan.buffers) >= self.options.parallel_threshold
                         {

@@ -175,6 +175,21 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
         | Attn::Mask([x, _, _])
         | Attn::Cast([x, _])
         | Attn::Int8Products(x) => array(shape(*x)),
+        Attn::FavorQuery([x, _, m]) | Attn::FavorKey([x, _, m]) => {
+            let m = atom(*m).and_then(|a| a.as_index());
+            array(shape(*x).zip(m).and_then(|(mut s, m)| {
+                *s.last_mut()? = m as usize;
+                Some(s)
+            }))
+        }
+        Attn::ProjectRows([x, _, r]) => {
+            let r = atom(*r).and_then(|a| a.as_index());
+            array(shape(*x).zip(r).and_then(|(mut s, r)| {
+                let rows = s.len().checked_sub(2)?;
+                s[rows] = r as usize;
+                Some(s)
+            }))
+        }
         Attn::Random([_, _, rows, cols]) => {
             let dims = an.resolve(atom(*rows)).zip(an.resolve(atom(*cols)));
             array(dims.map(|(r, c)| vec![r as usize, c as usize]))

@@ -450,6 +450,13 @@ fn build_node(
             b.add(Op::Random { kind, seed }, &[], Some(shape))
         }
         Attn::Int8Products(x) => b.add(Op::Int8Products, &[value(*x)?], None),
+        Attn::FavorQuery([x, seed, m]) | Attn::FavorKey([x, seed, m]) => {
+            let keys = matches!(node, Attn::FavorKey(_));
+            expand_favor(b, value(*x)?, index(*seed)? as u64, index(*m)? as u64, keys)
+        }
+        Attn::ProjectRows([x, seed, r]) => {
+            expand_projection(b, value(*x)?, index(*seed)? as u64, index(*r)? as u64)
+        }
         Attn::Attention([q, k, v, s, p]) | Attn::AttentionInt8([q, k, v, s, p]) => {
             let scale = match expr[*s] {
                 Attn::Const(c) if atom(c)?.as_num() == Some(1.0) => None,
@@ -496,6 +503,62 @@ fn expand_attention(
     let axis = b.rank(s).checked_sub(1)?;
     let p = b.add(Op::Softmax { axis }, &[s], None)?;
     b.add(Op::MatMul, &[p, v], None)
+}
+
+/// FAVOR+ features `exp(x wᵀ - |x|²/2 - c)` of `x: [.., n, d]` with `w` the seeded
+/// `[m, d]` orthogonal features; `c` is the row maximum of `x wᵀ` for queries and its maximum
+/// over all rows for keys. Both shifts (and the usual `1/√m`) scale numerator and
+/// denominator of linear attention alike, so they cancel; they only keep `exp` in range.
+fn expand_favor(b: &mut Builder<'_>, x: NodeId, seed: u64, m: u64, keys: bool) -> Option<NodeId> {
+    let rank = b.rank(x);
+    let d = b.graph.node(x).shape.last()?.clone();
+    let kind = RandomKind::OrthogonalFeatures;
+    let w = b.add(Op::Random { kind, seed }, &[], Some(vec![Dim::Const(m), d]))?;
+    let wt = b.add(Op::Transpose, &[w], None)?;
+    let proj = b.add(Op::MatMul, &[x, wt], None)?;
+    let squares = b.add(Op::Binary(BinaryOp::Mul), &[x, x], None)?;
+    let last = rank.checked_sub(1)?;
+    let norm = b.add(
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axis: last,
+        },
+        &[squares],
+        None,
+    )?;
+    let half = b.add(Op::Const(0.5), &[], None)?;
+    let half_norm = b.add(Op::Binary(BinaryOp::Mul), &[norm, half], None)?;
+    let mut shift = b.add(
+        Op::Reduce {
+            op: ReduceOp::Max,
+            axis: last,
+        },
+        &[proj],
+        None,
+    )?;
+    if keys {
+        let rows = rank.checked_sub(2)?;
+        shift = b.add(
+            Op::Reduce {
+                op: ReduceOp::Max,
+                axis: rows,
+            },
+            &[shift],
+            None,
+        )?;
+    }
+    let centered = b.add(Op::Binary(BinaryOp::Sub), &[proj, half_norm], None)?;
+    let shifted = b.add(Op::Binary(BinaryOp::Sub), &[centered, shift], None)?;
+    b.add(Op::Unary(UnaryOp::Exp), &[shifted], None)
+}
+
+/// Linformer's `e @ x` for `x: [.., n, d]` with `e` the seeded `[r, n]` Gaussian projection.
+fn expand_projection(b: &mut Builder<'_>, x: NodeId, seed: u64, r: u64) -> Option<NodeId> {
+    let shape = &b.graph.node(x).shape;
+    let n = shape.get(shape.len().checked_sub(2)?)?.clone();
+    let kind = RandomKind::Gaussian;
+    let e = b.add(Op::Random { kind, seed }, &[], Some(vec![Dim::Const(r), n]))?;
+    b.add(Op::MatMul, &[e, x], None)
 }
 
 /// `softmax(mask(score, pattern)) @ v` as plain IR (the score already built).

@@ -130,6 +130,16 @@ impl<'a> CycleCost<'a> {
             _ if out.is_empty() => (0.0, 0.0),
             n if n.is_pattern() => (0.0, 0.0),
             Attn::Fill(_) | Attn::RelPos(_) | Attn::Random(_) => (0.0, out_elems * ELEMENT_BYTES),
+            // x wᵀ, the squared norm, the maximum, the shifted exponential.
+            Attn::FavorQuery([x, _, _]) | Attn::FavorKey([x, _, _]) => {
+                let d = shape(*x).last().copied().unwrap_or(0) as f64;
+                (out_elems * (2.0 * d + SOFTMAX_FLOPS), streamed)
+            }
+            // e @ x with e: [r, n].
+            Attn::ProjectRows([x, _, _]) => {
+                let n = shape(*x).iter().rev().nth(1).copied().unwrap_or(0) as f64;
+                (2.0 * out_elems * n, streamed)
+            }
             // A marker: the work is in its operand.
             Attn::Int8Products(_) => (0.0, 0.0),
             Attn::Transpose(_) => (0.0, streamed),

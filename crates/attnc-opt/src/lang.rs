@@ -156,6 +156,13 @@ define_language! {
         "linear-attention" = LinearAttention([Id; 3]),
         // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
         "attention-int8" = AttentionInt8([Id; 5]),
+        // Performer FAVOR+ positive random features of queries (x, seed, m): exp(x wᵀ - |x|²/2)
+        // shifted by its row maximum (a per-query factor the normalization cancels)
+        "favor-query" = FavorQuery([Id; 3]),
+        // the same features of keys, shifted by one maximum over all keys (cancelled likewise)
+        "favor-key" = FavorKey([Id; 3]),
+        // Linformer: e @ x with e a seeded [r, n] Gaussian projection along the rows (x, seed, r)
+        "project-rows" = ProjectRows([Id; 3]),
         // ---- data ----
         Leaf(Atom),
     }

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod analysis;
+pub mod approx;
 pub mod convert;
 pub mod cost;
 pub mod extract;
@@ -38,6 +39,7 @@ pub mod rules;
 pub mod saturate;
 pub mod trace;
 
+pub use approx::{Approx, ApproxOutcome, ApproxPolicy};
 pub use saturate::{Limits, StopReason};
 pub use trace::{optimize, Decision, DerivationStep, OptimizeOptions, Optimized, Trace};
 

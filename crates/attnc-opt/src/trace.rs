@@ -6,6 +6,7 @@
 //! convert back) it returns the input kernel unchanged and the trace says why.
 
 use crate::analysis::ShapeAnalysis;
+use crate::approx::{ApproxOutcome, ApproxPolicy};
 use crate::convert::{to_kernel, to_recexpr};
 use crate::cost::CycleCost;
 use crate::extract::{extract, render_term, tree_size};
@@ -27,6 +28,8 @@ pub struct OptimizeOptions {
     pub limits: Limits,
     /// Record the derivation (egg explanations) in the trace.
     pub explain: bool,
+    /// The approximations allowed (none by default: every rewrite is exact).
+    pub approx: ApproxPolicy,
 }
 
 impl Default for OptimizeOptions {
@@ -34,6 +37,7 @@ impl Default for OptimizeOptions {
         OptimizeOptions {
             limits: Limits::default(),
             explain: true,
+            approx: ApproxPolicy::default(),
         }
     }
 }
@@ -106,6 +110,8 @@ pub struct Trace {
     pub extract_seconds: f64,
     /// Seconds building the explanation.
     pub explain_seconds: f64,
+    /// What became of each allowed approximation (empty under the exact policy).
+    pub approximations: Vec<ApproxOutcome>,
 }
 
 impl Trace {
@@ -131,6 +137,7 @@ impl Trace {
             saturate_seconds: 0.0,
             extract_seconds: 0.0,
             explain_seconds: 0.0,
+            approximations: vec![],
         }
     }
 
@@ -236,6 +243,25 @@ impl Trace {
                 );
             }
         }
+        if !self.approximations.is_empty() {
+            let _ = writeln!(out, "\napproximations:");
+            for a in &self.approximations {
+                let status = match (&a.reason, a.applied) {
+                    (_, true) => "applied".to_string(),
+                    (Some(why), false) => format!("not applied: {why}"),
+                    (None, false) => "not applied".to_string(),
+                };
+                let measured = a
+                    .measured_error
+                    .map(|e| format!(", measured {e:.2e}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {}: estimated error {:.1e}{measured}, {status}",
+                    a.name, a.estimated_error
+                );
+            }
+        }
         if let Some(why) = &self.derivation_omitted {
             let _ = writeln!(out, "\nderivation omitted: {why}");
         }
@@ -295,7 +321,31 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
         );
         return unchanged(kernel, why);
     }
-    let rules = all_rules();
+    let mut rules = all_rules();
+    let mut outcomes = Vec::new();
+    for approx in &options.approx.allowed {
+        if outcomes.iter().any(|o: &ApproxOutcome| o.approx == *approx) {
+            continue;
+        }
+        let estimated_error = approx.estimated_error();
+        let within = estimated_error <= options.approx.tol;
+        if within {
+            rules.extend(crate::rules::approx::rules(approx));
+        }
+        outcomes.push(ApproxOutcome {
+            name: approx.to_string(),
+            approx: *approx,
+            estimated_error,
+            applied: false,
+            measured_error: None,
+            reason: (!within).then(|| {
+                format!(
+                    "its estimated error {estimated_error:.1e} exceeds the tolerance {:.1e}",
+                    options.approx.tol
+                )
+            }),
+        });
+    }
     // egg's explanations cost time exponential in sharing (they work on unfolded terms), so
     // programs whose term is large are saturated without them and get no derivation.
     let explain = options.explain && tree_size(&expr) <= MAX_EXPLAINED_TREE;
@@ -331,6 +381,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
         saturate_seconds: sat.seconds,
         extract_seconds,
         explain_seconds: 0.0,
+        approximations: vec![],
     };
     let cheaper = matches!((cost_before, cost_after), (Some(b), Some(a)) if a < b);
     let chosen = if cheaper {
@@ -351,6 +402,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
         trace.decision = Decision::KeptInput(why.into());
         None
     };
+    let chosen_form = chosen.is_some();
     let result = match chosen {
         Some(k) => {
             trace.output_term = render_term(&best, MAX_TERM_CHARS);
@@ -371,6 +423,15 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
             kernel.clone()
         }
     };
+    for outcome in &mut outcomes {
+        if outcome.reason.is_none() {
+            outcome.applied = chosen_form && outcome.approx.used_in(&best);
+            if !outcome.applied {
+                outcome.reason = Some("no cheaper form uses it".to_string());
+            }
+        }
+    }
+    trace.approximations = outcomes;
     trace.output = print_kernel(&result);
     Optimized {
         kernel: result,

@@ -82,6 +82,10 @@ pub struct SharedArgs {
     /// Forbid every approximation
     #[arg(long, conflicts_with = "approx")]
     pub exact: bool,
+    /// A calibration tensor for validating approximations (NAME=PATH or PATH.safetensors);
+    /// parameters without one are drawn from the policy's seed
+    #[arg(long, value_name = "NAME=PATH|PATH.safetensors")]
+    pub calibrate: Vec<String>,
     /// Worker threads (default: all cores)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,

@@ -19,6 +19,8 @@ pub struct Prepared {
     pub policy: Policy,
     pub engine: Engine,
     pub threads: usize,
+    /// Calibration tensors for validating approximations, by parameter name.
+    pub calibration: Vec<(String, Tensor)>,
     /// Notes printed on stderr in text mode and included in JSON.
     pub notes: Vec<String>,
 }
@@ -63,6 +65,11 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         fill_missing(kernel, &mut slots, &bindings, args.random)?;
     }
     let inputs = slots.into_iter().flatten().collect();
+    let calibration = load_inputs(kernel, &args.calibrate, &mut notes)?
+        .into_iter()
+        .zip(&kernel.params)
+        .filter_map(|(slot, param)| slot.map(|t| (param.name.clone(), t)))
+        .collect();
 
     let policy = cli_policy.unwrap_or_else(|| Policy::from_items(&kernel.approx));
     let engine = match args.engine {
@@ -81,6 +88,7 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         policy,
         engine,
         threads,
+        calibration,
         notes,
     })
 }

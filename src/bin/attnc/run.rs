@@ -4,8 +4,10 @@ use crate::args::RunArgs;
 use crate::failure::Failure;
 use crate::inputs::{prepare, Prepared};
 use crate::CliResult;
+use attnc::approx::{compile_with_policy, PolicyCompiled};
 use attnc::engine::{compile, execute, run_compiled, Engine};
 use attnc::io::Tensor;
+use attnc::policy::Policy;
 use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
@@ -20,13 +22,8 @@ pub fn run(args: &RunArgs) -> CliResult {
     let prepared = prepare(&args.shared, true)?;
     let kernel = prepared.kernel();
     let mut notes = prepared.notes.clone();
-    if !prepared.policy.is_exact() {
-        notes.push(format!(
-            "note: approximations allowed ({}) but none applied: the plan is exact",
-            prepared.policy
-        ));
-    }
     let (output, timing) = execute_timed(&prepared)?;
+    notes.extend(timing.approx_notes.iter().cloned());
     let verification = if args.verify {
         Some(verify(&prepared, &output)?)
     } else {
@@ -53,6 +50,8 @@ pub fn run(args: &RunArgs) -> CliResult {
             "stats": stats.to_json(),
             "output": args.output.as_ref().map(|p| p.display().to_string()),
             "notes": notes,
+            "approximations": timing.approximations,
+            "validations": timing.validations,
         });
         if let Some(v) = &verification {
             doc["verify"] = json!({
@@ -88,6 +87,12 @@ pub fn run(args: &RunArgs) -> CliResult {
 struct Timing {
     compile_ms: Option<f64>,
     run_ms: f64,
+    /// What the policy's approximations became, for people.
+    approx_notes: Vec<String>,
+    /// The optimizer's approximation outcomes, for `--format json`.
+    approximations: serde_json::Value,
+    /// The calibration measurements, for `--format json`.
+    validations: serde_json::Value,
 }
 
 /// Runs the prepared kernel, timing compilation and execution apart for the JIT.
@@ -97,7 +102,24 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
     match prepared.engine {
         Engine::Jit => {
             let start = Instant::now();
-            let compiled = compile(kernel, &prepared.bindings).map_err(fail)?;
+            let (compiled, approx_notes, approximations, validations) =
+                if prepared.policy.is_exact() {
+                    let compiled = compile(kernel, &prepared.bindings).map_err(fail)?;
+                    (compiled, Vec::new(), json!([]), json!([]))
+                } else {
+                    let result = compile_with_policy(
+                        kernel,
+                        &prepared.bindings,
+                        &prepared.policy,
+                        &prepared.calibration,
+                        prepared.threads,
+                    )
+                    .map_err(fail)?;
+                    let notes = approximation_notes(&prepared.policy, &result);
+                    let outcomes = json!(result.trace.approximations);
+                    let validations = json!(result.validations);
+                    (result.compiled, notes, outcomes, validations)
+                };
             let compile_ms = start.elapsed().as_secs_f64() * 1e3;
             let start = Instant::now();
             let output = run_compiled(
@@ -113,6 +135,9 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
                 Timing {
                     compile_ms: Some(compile_ms),
                     run_ms,
+                    approx_notes,
+                    approximations,
+                    validations,
                 },
             ))
         }
@@ -132,6 +157,13 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
                 Timing {
                     compile_ms: None,
                     run_ms,
+                    approx_notes: if prepared.policy.is_exact() {
+                        Vec::new()
+                    } else {
+                        vec!["note: the interpreter is exact: no approximation applied".to_string()]
+                    },
+                    approximations: json!([]),
+                    validations: json!([]),
                 },
             ))
         }
@@ -304,4 +336,22 @@ impl Stats {
             "min": self.min, "max": self.max, "mean": self.mean, "l2": self.l2, "nan": self.nan,
         })
     }
+}
+
+/// What became of each allowed approximation, one note per line.
+fn approximation_notes(policy: &Policy, result: &PolicyCompiled) -> Vec<String> {
+    let mut notes: Vec<String> = result
+        .summary(policy.tol)
+        .into_iter()
+        .map(|line| format!("note: {line}"))
+        .collect();
+    for outcome in &result.trace.approximations {
+        if let (false, Some(why)) = (outcome.applied, &outcome.reason) {
+            notes.push(format!("note: {} not applied: {why}", outcome.name));
+        }
+    }
+    if result.trace.approximations.iter().all(|o| !o.applied) {
+        notes.push("note: the plan is exact".to_string());
+    }
+    notes
 }

@@ -5,6 +5,7 @@
 //! evaluate both sides with the interpreter (see `testkit`, used by each family's tests).
 
 pub mod algebra;
+pub mod approx;
 pub mod linear;
 pub mod masking;
 pub mod softmax;

@@ -1,0 +1,102 @@
+//! The accuracy table of docs/PERFORMANCE.md: the relative L2 error of each approximation
+//! against the exact plan, over sequence lengths, input scales and feature counts / ranks.
+//!
+//! ```text
+//! cargo run --release --example accuracy            # the full table (n = 1024, 4096)
+//! cargo run --release --example accuracy -- 256     # a quick one at n = 256
+//! cargo run --release --example accuracy -- 4096 0.25,0.5   # other input scales
+//! ```
+//!
+//! Each row compiles the dense attention kernel below twice — exact, and with one
+//! approximation allowed under an unbounded tolerance so that it is always applied — runs
+//! both on the same standard-normal inputs times the scale (one head, d = 64), and compares
+//! the whole outputs.
+
+use attnc::approx::{compile_with_policy, relative_l2};
+use attnc::engine::{compile, input_view};
+use attnc::io::{standard_normal, Tensor, TensorData};
+use attnc::policy::Policy;
+use attnc::syntax::ast::ApproxKind;
+
+const SOURCE: &str =
+    "kernel dense(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    return softmax(q @ k.T / sqrt(d)) @ v;
+}";
+
+fn main() {
+    let lengths: Vec<usize> = match std::env::args().nth(1) {
+        Some(n) => vec![n.parse().expect("a sequence length")],
+        None => vec![1024, 4096],
+    };
+    let scales: Vec<f32> = match std::env::args().nth(2) {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.parse().expect("a scale"))
+            .collect(),
+        None => vec![0.5, 1.0],
+    };
+    let module = attnc::source::compile_text(SOURCE).expect("the kernel checks");
+    let kernel = &module.kernels[0];
+    let approximations = |size: u64| {
+        vec![
+            ("bf16".to_string(), ApproxKind::Bf16),
+            ("f16".to_string(), ApproxKind::F16),
+            ("int8".to_string(), ApproxKind::Int8),
+            (
+                format!("random_features(m={size})"),
+                ApproxKind::RandomFeatures {
+                    m: size,
+                    seed: Some(7),
+                },
+            ),
+            (
+                format!("lowrank(r={size})"),
+                ApproxKind::Lowrank { r: size },
+            ),
+        ]
+    };
+    println!("| approximation | n | scale | relative L2 error | applied |");
+    println!("|---|---|---|---|---|");
+    let mut seen = std::collections::HashSet::new();
+    for &n in &lengths {
+        let bindings = [("h", 1u64), ("n", n as u64), ("d", 64)]
+            .into_iter()
+            .map(|(s, v)| (s.to_string(), v))
+            .collect();
+        for &scale in &scales {
+            let inputs: Vec<Tensor> = (0..3)
+                .map(|stream| {
+                    let values = standard_normal(11, stream, n * 64)
+                        .into_iter()
+                        .map(|x| x * scale)
+                        .collect();
+                    Tensor {
+                        shape: vec![1, n, 64],
+                        data: TensorData::F32(values),
+                    }
+                })
+                .collect();
+            let views: Vec<_> = inputs.iter().map(input_view).collect();
+            let exact = compile(kernel, &bindings).expect("compiles");
+            let reference = exact.run(&views, 2).expect("runs").data;
+            for size in [64u64, 256, 1024] {
+                for (name, kind) in approximations(size) {
+                    if !seen.insert((name.clone(), n, scale.to_bits())) {
+                        continue;
+                    }
+                    let policy = Policy {
+                        allowed: vec![kind],
+                        tol: f64::INFINITY,
+                    };
+                    let result =
+                        compile_with_policy(kernel, &bindings, &policy, &[], 2).expect("compiles");
+                    let applied = result.trace.approximations.iter().any(|o| o.applied);
+                    let output = result.compiled.run(&views, 2).expect("runs").data;
+                    let error = relative_l2(&output, &reference);
+                    let applied = if applied { "yes" } else { "no (not cheaper)" };
+                    println!("| {name} | {n} | {scale} | {error:.2e} | {applied} |");
+                }
+            }
+        }
+    }
+}
