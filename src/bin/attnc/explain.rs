@@ -54,7 +54,20 @@ fn emit(json: bool, key: &str, text: String) {
 fn report(prepared: &Prepared, json: bool) -> CliResult {
     let kernel = prepared.kernel();
     let ir_text = attnc::ir::print::print_kernel(kernel);
-    let compiled = attnc::engine::compile_with_trace(kernel, &prepared.bindings).ok();
+    let compiled = if prepared.policy.is_exact() {
+        attnc::engine::compile_with_trace(kernel, &prepared.bindings).ok()
+    } else {
+        // Approximations are chosen and validated exactly as `run` does.
+        attnc::approx::compile_with_policy(
+            kernel,
+            &prepared.bindings,
+            &prepared.policy,
+            &prepared.calibration,
+            prepared.threads,
+        )
+        .ok()
+        .map(|result| (result.compiled, result.trace))
+    };
     let plan = compiled.as_ref().map(|(code, _)| {
         (
             code.plan().to_string(),

@@ -1,0 +1,113 @@
+//! The approximate rule families: each enters only when the policy allows it, and the form it
+//! produces, evaluated by the interpreter, stays within the error its approximation admits.
+
+mod common;
+
+use attnc_ir::interp::evaluate;
+use attnc_opt::{optimize, Approx, ApproxPolicy, OptimizeOptions};
+use ndarray::ArrayD;
+
+const DENSE: &str = "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    return softmax(q @ k.T / sqrt(d)) @ v; }";
+
+fn relative_l2(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    (diff / norm).sqrt()
+}
+
+/// The optimized kernel under `allowed`, and its relative error against the exact result on
+/// inputs in [-scale, scale).
+fn approximate(allowed: Approx, n: u64, scale: f64) -> (Vec<String>, f64) {
+    let kernel = common::kernel(DENSE);
+    let bindings = common::bindings(&[("h", 2), ("n", n), ("d", 16)]);
+    let options = OptimizeOptions {
+        approx: ApproxPolicy {
+            allowed: vec![allowed],
+            tol: 1.0,
+        },
+        ..OptimizeOptions::default()
+    };
+    let result = optimize(&kernel, &bindings, &options);
+    let inputs: Vec<_> = common::inputs(&kernel, &bindings, 5)
+        .into_iter()
+        .map(|a| a * scale)
+        .collect();
+    let exact = evaluate(&kernel, &bindings, &inputs).expect("exact");
+    let approx = evaluate(&result.kernel, &bindings, &inputs).expect("approximate");
+    let applied = result
+        .trace
+        .approximations
+        .iter()
+        .filter(|o| o.applied)
+        .map(|o| o.name.clone())
+        .collect();
+    (applied, relative_l2(&approx, &exact))
+}
+
+#[test]
+fn exact_policy_adds_no_approximate_rule() {
+    let kernel = common::kernel(DENSE);
+    let bindings = common::bindings(&[("h", 2), ("n", 512), ("d", 16)]);
+    let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+    assert!(result.trace.approximations.is_empty());
+    assert!(result
+        .trace
+        .applied
+        .iter()
+        .all(|r| !r.rule.starts_with("approx-")));
+}
+
+#[test]
+fn favor_features_approximate_softmax_attention_at_small_scale() {
+    let (applied, error) = approximate(Approx::RandomFeatures { m: 128, seed: 3 }, 512, 0.2);
+    assert_eq!(applied, ["random_features(m = 128, seed = 3)"]);
+    // Monte Carlo: about 1/sqrt(m) at small scales.
+    assert!(error < 0.15, "{error}");
+}
+
+#[test]
+fn favor_error_grows_with_the_input_scale() {
+    let (_, small) = approximate(Approx::RandomFeatures { m: 64, seed: 3 }, 512, 0.2);
+    let (_, large) = approximate(Approx::RandomFeatures { m: 64, seed: 3 }, 512, 2.0);
+    assert!(large > 2.0 * small, "{small} vs {large}");
+}
+
+#[test]
+fn int8_marks_the_fused_attention_and_is_exact_in_the_interpreter() {
+    let (applied, error) = approximate(Approx::Int8, 64, 1.0);
+    assert_eq!(applied, ["int8"]);
+    assert!(error < 1e-12, "{error}");
+}
+
+#[test]
+fn linformer_projects_long_sequences_only() {
+    let (applied, error) = approximate(Approx::LowRank { r: 32, seed: 1 }, 512, 1.0);
+    assert_eq!(applied, ["lowrank(r = 32)"]);
+    assert!(error.is_finite());
+    // A projection to at least as many rows as there are keys is not a reduction.
+    let (applied, _) = approximate(Approx::LowRank { r: 512, seed: 1 }, 512, 1.0);
+    assert!(applied.is_empty());
+}
+
+#[test]
+fn an_estimate_above_the_tolerance_keeps_the_rule_out() {
+    let kernel = common::kernel(DENSE);
+    let bindings = common::bindings(&[("h", 1), ("n", 512), ("d", 16)]);
+    let options = OptimizeOptions {
+        approx: ApproxPolicy {
+            allowed: vec![Approx::RandomFeatures { m: 16, seed: 0 }],
+            tol: 0.1,
+        },
+        ..OptimizeOptions::default()
+    };
+    let result = optimize(&kernel, &bindings, &options);
+    let outcome = &result.trace.approximations[0];
+    assert!(!outcome.applied);
+    assert!(outcome
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .contains("exceeds the tolerance"));
+    assert!(result.trace.render_text().contains("approximations:"));
+}

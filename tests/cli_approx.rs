@@ -1,0 +1,92 @@
+//! `attnc run` under an approximation policy: validation on a calibration sample, fallback to
+//! the exact plan with a clear message, and the report in `--format json`.
+
+mod common;
+
+use common::{attnc, json, status, stderr};
+
+#[test]
+fn an_approximation_above_tol_falls_back_to_the_exact_plan_with_a_message() {
+    let out = attnc(&[
+        "run",
+        "examples/performer.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=2048,d=64",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("measured error"), "{err}");
+    assert!(err.contains("rejected"), "{err}");
+    assert!(err.contains("the plan is exact"), "{err}");
+}
+
+#[test]
+fn json_reports_estimated_and_measured_errors() {
+    let out = attnc(&[
+        "run",
+        "examples/performer.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=512,d=64",
+        "--approx",
+        "random_features(m=64,seed=1)",
+        "--tol",
+        "100",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let validation = &doc["validations"][0];
+    assert_eq!(validation["accepted"], true);
+    assert!(validation["measured_error"]
+        .as_f64()
+        .is_some_and(|e| e > 0.0));
+    let outcome = &doc["approximations"][0];
+    assert_eq!(outcome["applied"], true);
+    assert!(outcome["estimated_error"].as_f64().is_some());
+    assert!(outcome["measured_error"].as_f64().is_some());
+}
+
+#[test]
+fn exact_forbids_what_the_kernel_allows() {
+    let out = attnc(&[
+        "run",
+        "examples/performer.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=512,d=64",
+        "--exact",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    assert_eq!(doc["policy"], "exact");
+    assert_eq!(doc["validations"], serde_json::json!([]));
+}
+
+#[test]
+fn a_calibration_tensor_of_the_wrong_shape_is_an_input_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.npy");
+    let tensor = attnc::io::Tensor::from_f32(vec![2, 2], vec![0.0; 4]).expect("tensor");
+    attnc::io::write_npy(&path, &tensor).expect("write");
+    let calibrate = format!("q={}", path.display());
+    let out = attnc(&[
+        "run",
+        "examples/performer.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=2048,d=64",
+        "--calibrate",
+        &calibrate,
+    ]);
+    assert_eq!(status(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("calibration"), "{}", stderr(&out));
+}
