@@ -172,7 +172,8 @@ impl<'a> CycleCost<'a> {
                     (elements(&qs) + elements(&ks) + elements(&vs) + out_elems) * ELEMENT_BYTES;
                 (flops, bytes)
             }
-            Attn::LinearAttention([q, k, v]) => {
+            // The causal form runs the same products through a running prefix state.
+            Attn::LinearAttention([q, k, v]) | Attn::LinearAttentionCausal([q, k, v]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let dv = vs.last().copied().unwrap_or(0) as f64;
                 // kᵀ v and sum(kᵀ): per key row; q state and q ksum: per query row.

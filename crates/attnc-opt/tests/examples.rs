@@ -403,3 +403,25 @@ fn returning_a_parameter_is_fine() {
     let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
     assert!(common::compare(&kernel, &result.kernel, &bindings, 1) == 0.0);
 }
+
+#[test]
+fn causal_linear_attention_extracts_the_prefix_form() {
+    let (_, kernel) = examples()
+        .into_iter()
+        .find(|(n, _)| n == "linear_causal")
+        .expect("linear_causal");
+    // m = n, and chunked shapes are covered by the rule's property test.
+    let bindings = common::bindings(&[("h", 2), ("n", 64), ("d", 4)]);
+    let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+    assert_eq!(result.trace.decision, Decision::Rewritten);
+    assert!(
+        result
+            .trace
+            .output_term
+            .contains("(linear-attention-causal "),
+        "{}",
+        result.trace.render_text()
+    );
+    assert_eq!(result.trace.derivation_rules(), ["linear-causal-fuse"]);
+    assert!(result.trace.cost_after < result.trace.cost_before / 4.0);
+}

@@ -21,6 +21,14 @@ const LINEAR: &str =
     return (qf @ kf.T @ v) / sum(qf @ kf.T, -1);
 }";
 
+const LINEAR_CAUSAL: &str =
+    "kernel linear_causal(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    let qf = elu(q) + 1;
+    let kf = elu(k) + 1;
+    let a = mask(qf @ kf.T, causal, 0);
+    return (a @ v) / sum(a, -1);
+}";
+
 const ALIBI: &str = "kernel alibi(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], slope: f32[h, 1, 1]) -> f32[h, n, d] {
     let s = q @ k.T / sqrt(d) + slope * relpos(n, n);
     return softmax(mask(s, causal)) @ v;
@@ -91,4 +99,11 @@ fn linear_derivation() {
     );
     insta::assert_snapshot!("linear", result.trace.render_derivation());
     insta::assert_snapshot!("linear_output", result.trace.output);
+}
+
+#[test]
+fn linear_causal_trace() {
+    let trace = trace(LINEAR_CAUSAL);
+    insta::assert_snapshot!("linear_causal", trace.render_derivation());
+    insta::assert_snapshot!("linear_causal_text", trace.render_text_without_timings());
 }
