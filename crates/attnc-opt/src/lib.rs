@@ -10,6 +10,7 @@
 //! - [`analysis`]: concrete shapes at the bound dimensions and scalar constants per e-class;
 //! - [`rules`]: the exact rule families (algebra, softmax, masking, linear), as tables;
 //! - [`saturate`]: the runner with limits, backoff scheduling and explanations;
+//! - [`schedule`]: the backoff scheduler, timed per rule;
 //! - [`cost`]: estimated cycles from FLOPs and bytes;
 //! - [`extract`]: a worklist extractor under that model, and bounded term rendering;
 //! - [`trace`]: [`optimize`], the one entry point, and its [`Trace`].
@@ -36,6 +37,7 @@ pub mod extract;
 pub mod lang;
 pub mod rules;
 pub mod saturate;
+pub mod schedule;
 pub mod trace;
 
 pub use saturate::{Limits, StopReason};

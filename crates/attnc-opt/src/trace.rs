@@ -12,6 +12,7 @@ use crate::extract::{extract, render_term, tree_size};
 use crate::lang::Attn;
 use crate::rules::all_rules;
 use crate::saturate::{saturate, total_applied, IterationStats, Limits, RuleCount, StopReason};
+use crate::schedule::RuleTime;
 use attnc_ir::dim::resolve_shape;
 use attnc_ir::print::print_kernel;
 use attnc_ir::{Bindings, Kernel};
@@ -199,6 +200,9 @@ impl Trace {
                     rules.join(", ")
                 }
             );
+            if timings {
+                let _ = writeln!(out, "{}", slowest_rules(&it.rule_times));
+            }
         }
         let _ = writeln!(
             out,
@@ -242,6 +246,41 @@ impl Trace {
         let _ = writeln!(out, "\noutput:\n{}", self.output.trim_end());
         out
     }
+}
+
+/// How many rules the text trace names per iteration, slowest first.
+pub const SLOWEST_RULES: usize = 5;
+
+/// One line naming the slowest rules of an iteration (search + apply time, with counts).
+fn slowest_rules(times: &[RuleTime]) -> String {
+    let mut sorted: Vec<&RuleTime> = times.iter().collect();
+    let total = |t: &RuleTime| t.search_seconds + t.apply_seconds;
+    sorted.sort_by(|a, b| total(b).total_cmp(&total(a)));
+    let named: Vec<String> = sorted
+        .iter()
+        .take(SLOWEST_RULES)
+        .map(|t| {
+            format!(
+                "{} {:.3} ms (search {:.3}, apply {:.3}) ×{}",
+                t.rule,
+                total(t) * 1e3,
+                t.search_seconds * 1e3,
+                t.apply_seconds * 1e3,
+                t.count
+            )
+        })
+        .collect();
+    let all: f64 = times.iter().map(total).sum();
+    format!(
+        "      rules: {:.3} ms in {} rules; slowest: {}",
+        all * 1e3,
+        times.len(),
+        if named.is_empty() {
+            "-".to_string()
+        } else {
+            named.join(", ")
+        }
+    )
 }
 
 /// Shortens very long terms in the text rendering.
