@@ -11,7 +11,8 @@
 //! - [`rules`]: the exact rule families (algebra, softmax, masking, linear), as tables;
 //! - [`saturate`]: the runner with limits, backoff scheduling and explanations;
 //! - [`schedule`]: the backoff scheduler, timed per rule;
-//! - [`cost`]: estimated cycles from FLOPs and bytes;
+//! - [`cost`]: estimated cycles from FLOPs and bytes, against [`ceilings`] (this machine's or
+//!   the documented defaults);
 //! - [`extract`]: a worklist extractor under that model, and bounded term rendering;
 //! - [`trace`]: [`optimize`], the one entry point, and its [`Trace`].
 //!
@@ -31,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod analysis;
+pub mod ceilings;
 pub mod convert;
 pub mod cost;
 pub mod extract;
@@ -40,6 +42,7 @@ pub mod saturate;
 pub mod schedule;
 pub mod trace;
 
+pub use ceilings::Ceilings;
 pub use saturate::{Limits, StopReason};
 pub use trace::{optimize, Decision, DerivationStep, OptimizeOptions, Optimized, Trace};
 

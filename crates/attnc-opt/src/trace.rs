@@ -6,6 +6,7 @@
 //! convert back) it returns the input kernel unchanged and the trace says why.
 
 use crate::analysis::ShapeAnalysis;
+use crate::ceilings::Ceilings;
 use crate::convert::{to_kernel, to_recexpr};
 use crate::cost::CycleCost;
 use crate::extract::{extract, render_term, tree_size};
@@ -28,6 +29,8 @@ pub struct OptimizeOptions {
     pub limits: Limits,
     /// Record the derivation (egg explanations) in the trace.
     pub explain: bool,
+    /// The machine ceilings the cost model uses (default: the documented constants).
+    pub ceilings: Ceilings,
 }
 
 impl Default for OptimizeOptions {
@@ -35,6 +38,7 @@ impl Default for OptimizeOptions {
         OptimizeOptions {
             limits: Limits::default(),
             explain: true,
+            ceilings: Ceilings::default(),
         }
     }
 }
@@ -107,6 +111,8 @@ pub struct Trace {
     pub extract_seconds: f64,
     /// Seconds building the explanation.
     pub explain_seconds: f64,
+    /// The machine ceilings the cost model used.
+    pub ceilings: Ceilings,
 }
 
 impl Trace {
@@ -132,6 +138,7 @@ impl Trace {
             saturate_seconds: 0.0,
             extract_seconds: 0.0,
             explain_seconds: 0.0,
+            ceilings: Ceilings::default(),
         }
     }
 
@@ -305,6 +312,13 @@ pub const MAX_EXPLAINED_TREE: u64 = 10_000;
 
 /// Optimizes `kernel` at `bindings` with the exact rule families; see the module docs.
 pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions) -> Optimized {
+    let mut result = optimize_kernel(kernel, bindings, options);
+    result.trace.ceilings = options.ceilings;
+    result
+}
+
+/// [`optimize`], less recording the ceilings in the trace.
+fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions) -> Optimized {
     let expr = match to_recexpr(kernel) {
         Ok(expr) => expr,
         Err(e) => return unchanged(kernel, format!("the kernel does not convert: {e}")),
@@ -343,7 +357,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
     let extract_start = Instant::now();
     let (best, cost_before, cost_after) = {
         let egraph = sat.egraph();
-        let mut model = CycleCost::new(egraph);
+        let mut model = CycleCost::new(egraph).with_ceilings(&options.ceilings);
         let best = extract(egraph, sat.root, &mut model).map(|e| e.expr);
         let before = model.dag_cycles(&expr);
         let after = best.as_ref().and_then(|b| model.dag_cycles(b));
@@ -370,6 +384,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
         saturate_seconds: sat.seconds,
         extract_seconds,
         explain_seconds: 0.0,
+        ceilings: options.ceilings,
     };
     let cheaper = matches!((cost_before, cost_after), (Some(b), Some(a)) if a < b);
     let chosen = if cheaper {

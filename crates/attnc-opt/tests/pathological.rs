@@ -33,6 +33,7 @@ fn a_long_matmul_chain_stops_on_a_limit_and_stays_correct() {
             match_limit: 1_000,
         },
         explain: true,
+        ..OptimizeOptions::default()
     };
     let result = optimize(&kernel, &bindings, &options);
     let trace = &result.trace;
@@ -68,6 +69,7 @@ fn an_iteration_limit_is_reported() {
             ..Limits::default()
         },
         explain: true,
+        ..OptimizeOptions::default()
     };
     let result = optimize(&kernel, &common::bindings(&[("n", 3)]), &options);
     assert_eq!(result.trace.stop_reason, StopReason::IterationLimit(1));
