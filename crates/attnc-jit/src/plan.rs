@@ -16,8 +16,9 @@ use crate::error::{JitError, Result};
 use crate::kernels::attention::{match_attention, AttentionSpec};
 use crate::kernels::elementwise::{Coord, ElementwiseSpec, Expr};
 use crate::kernels::matmul::MatMulSpec;
+use crate::kernels::prefix::{match_prefix, PrefixMatch, PrefixSpec};
 use crate::kernels::reduce::AxisSpec;
-use attnc_ir::{Bindings, DType, Kernel, NodeId, Op, ReduceOp};
+use attnc_ir::{BinaryOp, Bindings, DType, Kernel, NodeId, Op, ReduceOp};
 use std::sync::Arc;
 
 /// Where a buffer's contents come from.
@@ -56,6 +57,8 @@ pub enum StepKind {
     Constant(Arc<[f32]>),
     /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads every kernel input (f32, widened).
     Attention(Box<AttentionSpec>),
+    /// Causal linear attention through a running prefix state; reads `φQ`, `φK`, `V`.
+    Prefix(PrefixSpec),
 }
 
 /// One step: reads `inputs`, writes all of `output`.
@@ -80,6 +83,7 @@ impl Step {
             StepKind::Reduce(_, s) | StepKind::Softmax(s) => s.work(),
             StepKind::Cast(_) | StepKind::Constant(_) => (1, 1),
             StepKind::Attention(s) => (s.batch_count(), s.m),
+            StepKind::Prefix(s) => s.work(),
         }
     }
 
@@ -87,6 +91,7 @@ impl Step {
     pub fn cost(&self, buffers: &[BufferInfo]) -> usize {
         match &self.kind {
             StepKind::MatMul(s) => s.flops(),
+            StepKind::Prefix(s) => s.flops(),
             StepKind::Attention(s) => 4usize
                 .saturating_mul(s.batch_count())
                 .saturating_mul(s.m)
@@ -165,6 +170,10 @@ impl std::fmt::Display for Plan {
                         .as_ref()
                         .map_or("none".to_string(), |m| m.to_string())
                 ),
+                StepKind::Prefix(s) => format!(
+                    "causal linear attention (prefix state) batch {:?} m={} n={} d={} dv={}",
+                    s.batch, s.m, s.n, s.d, s.dv
+                ),
             };
             let ins: Vec<String> = step.inputs.iter().map(|b| format!("buf{b}")).collect();
             writeln!(
@@ -226,6 +235,7 @@ impl Planner<'_> {
             StepKind::Cast(_) => "cast",
             StepKind::Constant(_) => "const",
             StepKind::Attention(_) => "attention",
+            StepKind::Prefix(_) => "prefix",
         };
         let name = format!("{}_s{}_{tag}", self.kernel.name, self.steps.len());
         self.steps.push(Step {
@@ -308,7 +318,8 @@ fn plan_error(op: &Op, detail: impl Into<String>) -> JitError {
 }
 
 /// Lowers `kernel` at `bindings` to a plan; `fuse_attention` lets the fused attention kernel
-/// replace every subgraph [`match_attention`] recognizes.
+/// replace every subgraph [`match_attention`] recognizes, and the prefix-state kernel every
+/// one [`match_prefix`] recognizes.
 pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Result<Plan> {
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;
@@ -338,10 +349,16 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
     // Fused attention first: a matched MatMul reads only kernel inputs, so the nodes of its
     // subgraph are needed only if something else uses them.
     let mut fused: Vec<Option<AttentionSpec>> = vec![None; kernel.graph.len()];
+    // Causal linear attention: only its three operands are needed, not its n×n inner nodes.
+    let mut prefix: Vec<Option<PrefixMatch>> = vec![None; kernel.graph.len()];
     if fuse_attention {
         for &id in &order {
-            if matches!(kernel.graph.node(id).op, Op::MatMul) {
-                fused[id.index()] = match_attention(kernel, id, &p.shapes);
+            match kernel.graph.node(id).op {
+                Op::MatMul => fused[id.index()] = match_attention(kernel, id, &p.shapes),
+                Op::Binary(BinaryOp::Div) => {
+                    prefix[id.index()] = match_prefix(kernel, id, &p.shapes)
+                }
+                _ => {}
             }
         }
     }
@@ -352,7 +369,11 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
         if !live[id.index()] || fused[id.index()].is_some() {
             continue;
         }
-        for op in kernel.graph.operands(id) {
+        let operands = match &prefix[id.index()] {
+            Some(pm) => pm.operands.to_vec(),
+            None => kernel.graph.operands(id),
+        };
+        for op in operands {
             live[op.index()] = true;
             users[op.index()] += 1;
         }
@@ -362,9 +383,10 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
         if !live[id.index()] {
             continue;
         }
-        let v = match fused[id.index()].take() {
-            Some(spec) => plan_attention(&mut p, spec, &input_shapes),
-            None => plan_node(&mut p, id, &vals, &input_shapes)?,
+        let v = match (fused[id.index()].take(), prefix[id.index()].take()) {
+            (Some(spec), _) => plan_attention(&mut p, spec, &input_shapes),
+            (None, Some(pm)) => plan_prefix(&mut p, pm, &vals)?,
+            (None, None) => plan_node(&mut p, id, &vals, &input_shapes)?,
         };
         let users = users[id.index()];
         let trivial = matches!(v.expr, Expr::Leaf { .. } | Expr::Const(_));
@@ -542,6 +564,21 @@ fn plan_attention(
     let inputs = (0..input_shapes.len()).collect();
     p.push(StepKind::Attention(Box::new(spec)), inputs, out);
     Planner::leaf(out, &shape)
+}
+
+/// The prefix-state step over contiguous `φQ`, `φK`, `V` buffers (materialized when they are
+/// computed values or strided views).
+fn plan_prefix(p: &mut Planner<'_>, pm: PrefixMatch, vals: &[Option<Val>]) -> Result<Val> {
+    let mut inputs = Vec::with_capacity(3);
+    for id in pm.operands {
+        let v = operand(vals, id)?;
+        inputs.push(p.contiguous_buffer(&v));
+    }
+    let mut shape = pm.spec.batch.clone();
+    shape.extend([pm.spec.m, pm.spec.dv]);
+    let out = p.new_buffer(shape.iter().product());
+    p.push(StepKind::Prefix(pm.spec), inputs, out);
+    Ok(Planner::leaf(out, &shape))
 }
 
 fn plan_matmul(p: &mut Planner<'_>, op: &Op, a: &Val, b: &Val, shape: &[usize]) -> Result<Val> {

@@ -125,6 +125,9 @@ impl CompiledKernel {
                     jit.record_text(&step.name, clif);
                     Some(id)
                 }
+                StepKind::Prefix(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
+                    kernels::prefix::emit(b, KernelArgs::new(p), spec)
+                })?),
                 StepKind::Softmax(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::reduce::emit_softmax(b, KernelArgs::new(p), *spec)
                 })?),

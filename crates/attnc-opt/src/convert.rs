@@ -479,6 +479,9 @@ fn build_node(
             expand_scored(b, value(*s)?, value(*v)?, pattern)
         }
         Attn::LinearAttention([q, k, v]) => expand_linear(b, [value(*q)?, value(*k)?, value(*v)?]),
+        Attn::LinearAttentionCausal([q, k, v]) => {
+            expand_linear_causal(b, [value(*q)?, value(*k)?, value(*v)?])
+        }
         _ => return Err(bad("an unexpected node")),
     };
     Ok(Some(id.ok_or_else(fail)?))
@@ -672,6 +675,29 @@ fn expand_linear(b: &mut Builder<'_>, [q, k, v]: [NodeId; 3]) -> Option<NodeId> 
         None,
     )?;
     let den = b.add(Op::MatMul, &[q, ksum], None)?;
+    b.add(Op::Binary(BinaryOp::Div), &[num, den], None)
+}
+
+/// `mask(q kᵀ, causal, 0) v / sum(mask(q kᵀ, causal, 0), -1)` as plain IR, the masked
+/// scores built once (the form the JIT's prefix-state matcher recognizes).
+fn expand_linear_causal(b: &mut Builder<'_>, [q, k, v]: [NodeId; 3]) -> Option<NodeId> {
+    let kt = b.add(Op::Transpose, &[k], None)?;
+    let s = b.add(Op::MatMul, &[q, kt], None)?;
+    let mask = Op::Mask {
+        pattern: MaskPattern::Causal,
+        fill: 0.0,
+    };
+    let a = b.add(mask, &[s], None)?;
+    let num = b.add(Op::MatMul, &[a, v], None)?;
+    let axis = b.rank(a).checked_sub(1)?;
+    let den = b.add(
+        Op::Reduce {
+            op: ReduceOp::Sum,
+            axis,
+        },
+        &[a],
+        None,
+    )?;
     b.add(Op::Binary(BinaryOp::Div), &[num, den], None)
 }
 

@@ -1,8 +1,9 @@
 //! The cost model: estimated cycles from FLOPs and DRAM bytes at the bound shapes.
 //!
-//! Constants (DESIGN.md, measured on the target machine): about 50 GFLOP/s per core for f32x4
-//! FMA code and about 12 GB/s of DRAM bandwidth, at an assumed 3 GHz clock: 50/3 ≈ 16.7 FLOP
-//! and 12/3 = 4 bytes per cycle. A node costs `flops / 16.7 + bytes / 4` cycles, where bytes
+//! The ceilings are a [`Ceilings`] value: by default the target machine of DESIGN.md, about
+//! 50 GFLOP/s per core for f32x4 FMA code and about 12 GB/s of DRAM bandwidth, at an assumed
+//! 3 GHz clock: 50/3 ≈ 16.7 FLOP and 12/3 = 4 bytes per cycle; the facade passes this
+//! machine's measured figures instead. A node costs `flops / 16.7 + bytes / 4` cycles, where bytes
 //! count reading its array operands and writing its result in f32. Compute and traffic are
 //! added rather than overlapped: the model ranks forms, it does not predict run time.
 //!
@@ -15,6 +16,7 @@
 //! `(q c) kᵀ` over `(q kᵀ) c`: the latter is the score form the JIT fuses.
 
 use crate::analysis::{facts_of, AttnGraph};
+use crate::ceilings::Ceilings;
 use crate::convert;
 use crate::lang::Attn;
 use attnc_ir::MaskPattern;
@@ -23,10 +25,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// FLOPs per cycle: 50 GFLOP/s (f32x4 FMA, one core) at 3 GHz.
-pub const FLOPS_PER_CYCLE: f64 = 50.0 / 3.0;
-/// DRAM bytes per cycle: 12 GB/s at 3 GHz.
-pub const BYTES_PER_CYCLE: f64 = 12.0 / 3.0;
 /// Bytes per element (f32).
 pub const ELEMENT_BYTES: f64 = 4.0;
 /// FLOPs per softmax element: max, subtract, exp (as a polynomial), sum, divide.
@@ -62,6 +60,12 @@ fn elements(shape: &[usize]) -> f64 {
     shape.iter().map(|&s| s as f64).product()
 }
 
+/// FLOPs and bytes per cycle of `ceilings` (the defaults when they are not valid).
+fn rates(ceilings: &Ceilings) -> (f64, f64) {
+    let c = ceilings.or_default();
+    (c.flops_per_cycle(), c.bytes_per_cycle())
+}
+
 /// Kept fractions by (pattern, m, n), shared between the cost functions of one optimization.
 type FractionCache = Rc<RefCell<HashMap<(MaskPattern, usize, usize), f64>>>;
 
@@ -69,6 +73,8 @@ type FractionCache = Rc<RefCell<HashMap<(MaskPattern, usize, usize), f64>>>;
 pub struct CycleCost<'a> {
     egraph: &'a AttnGraph,
     fractions: FractionCache,
+    /// FLOPs and bytes per cycle, from the ceilings.
+    rates: (f64, f64),
 }
 
 impl<'a> CycleCost<'a> {
@@ -77,7 +83,14 @@ impl<'a> CycleCost<'a> {
         CycleCost {
             egraph,
             fractions: Rc::default(),
+            rates: rates(&Ceilings::default()),
         }
+    }
+
+    /// This cost function with the rates of `ceilings` (invalid figures: the defaults).
+    pub fn with_ceilings(mut self, ceilings: &Ceilings) -> CycleCost<'a> {
+        self.rates = rates(ceilings);
+        self
     }
 
     /// A second cost function over the same e-graph sharing this one's cache of mask
@@ -86,6 +99,7 @@ impl<'a> CycleCost<'a> {
         CycleCost {
             egraph: self.egraph,
             fractions: Rc::clone(&self.fractions),
+            rates: self.rates,
         }
     }
 
@@ -182,7 +196,8 @@ impl<'a> CycleCost<'a> {
                     (elements(&qs) + elements(&ks) + elements(&vs) + out_elems) * ELEMENT_BYTES;
                 (flops, bytes)
             }
-            Attn::LinearAttention([q, k, v]) => {
+            // The causal form runs the same products through a running prefix state.
+            Attn::LinearAttention([q, k, v]) | Attn::LinearAttentionCausal([q, k, v]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let dv = vs.last().copied().unwrap_or(0) as f64;
                 // kᵀ v and sum(kᵀ): per key row; q state and q ksum: per query row.
@@ -201,7 +216,7 @@ impl<'a> CycleCost<'a> {
             // Elementwise ops, masks and casts: one operation per output element.
             _ => (out_elems, streamed),
         };
-        flops / FLOPS_PER_CYCLE + bytes / BYTES_PER_CYCLE
+        flops / self.rates.0 + bytes / self.rates.1
     }
 
     /// The cost of `expr` as a DAG (each distinct node counted once), with shapes from this

@@ -154,6 +154,9 @@ define_language! {
         "attention-scored" = AttentionScored([Id; 5]),
         // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1)): linear attention through the [d, dv] key-value state
         "linear-attention" = LinearAttention([Id; 3]),
+        // mask(q kᵀ, causal, 0) v / sum(mask(q kᵀ, causal, 0), -1): causal linear attention
+        // through a running [d, dv] prefix state (queries end-aligned to the keys)
+        "linear-attention-causal" = LinearAttentionCausal([Id; 3]),
         // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
         "attention-int8" = AttentionInt8([Id; 5]),
         // Performer FAVOR+ positive random features of queries (x, seed, m): exp(x wᵀ - |x|²/2)

@@ -10,7 +10,9 @@
 //! - [`analysis`]: concrete shapes at the bound dimensions and scalar constants per e-class;
 //! - [`rules`]: the exact rule families (algebra, softmax, masking, linear), as tables;
 //! - [`saturate`]: the runner with limits, backoff scheduling and explanations;
-//! - [`cost`]: estimated cycles from FLOPs and bytes;
+//! - [`schedule`]: the backoff scheduler, timed per rule;
+//! - [`cost`]: estimated cycles from FLOPs and bytes, against [`ceilings`] (this machine's or
+//!   the documented defaults);
 //! - [`extract`]: a worklist extractor under that model, and bounded term rendering;
 //! - [`trace`]: [`optimize`], the one entry point, and its [`Trace`].
 //!
@@ -31,15 +33,18 @@
 
 pub mod analysis;
 pub mod approx;
+pub mod ceilings;
 pub mod convert;
 pub mod cost;
 pub mod extract;
 pub mod lang;
 pub mod rules;
 pub mod saturate;
+pub mod schedule;
 pub mod trace;
 
 pub use approx::{Approx, ApproxOutcome, ApproxPolicy};
+pub use ceilings::Ceilings;
 pub use saturate::{Limits, StopReason};
 pub use trace::{optimize, Decision, DerivationStep, OptimizeOptions, Optimized, Trace};
 

@@ -11,6 +11,7 @@
 use crate::analysis::{AttnGraph, ShapeAnalysis};
 use crate::lang::Attn;
 use crate::rules::AttnRewrite;
+use crate::schedule::{RuleClock, RuleTime, TimedScheduler};
 use egg::{BackoffScheduler, Id, RecExpr, Runner};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -104,8 +105,10 @@ pub struct IterationStats {
     pub egraph_nodes: usize,
     /// E-classes at the start of the iteration.
     pub egraph_classes: usize,
-    /// The rules that applied, with counts (egg measures time per phase, not per rule).
+    /// The rules that applied, with counts.
     pub applied: Vec<RuleCount>,
+    /// Every rule searched, with its count and its own search and apply time.
+    pub rule_times: Vec<RuleTime>,
     /// Seconds searching for matches.
     pub search_seconds: f64,
     /// Seconds applying matches.
@@ -150,6 +153,8 @@ pub fn saturate(
     let start = Instant::now();
     // Every limit and the scheduler are set before `run`, and explanations before the
     // expression is added.
+    let clock = RuleClock::default();
+    let scheduler = BackoffScheduler::default().with_initial_match_limit(limits.match_limit);
     let runner = Runner::new(analysis);
     let runner = if explain {
         runner.with_explanations_enabled()
@@ -160,7 +165,7 @@ pub fn saturate(
         .with_iter_limit(limits.iterations)
         .with_node_limit(limits.nodes)
         .with_time_limit(limits.time)
-        .with_scheduler(BackoffScheduler::default().with_initial_match_limit(limits.match_limit))
+        .with_scheduler(TimedScheduler::new(scheduler, clock.clone()))
         .with_expr(expr)
         .run(rules);
     let seconds = start.elapsed().as_secs_f64();
@@ -180,6 +185,7 @@ pub fn saturate(
                     count,
                 })
                 .collect(),
+            rule_times: clock.iteration(index),
             search_seconds: it.search_time,
             apply_seconds: it.apply_time,
             rebuild_seconds: it.rebuild_time,

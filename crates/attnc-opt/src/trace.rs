@@ -7,12 +7,14 @@
 
 use crate::analysis::ShapeAnalysis;
 use crate::approx::{ApproxOutcome, ApproxPolicy};
+use crate::ceilings::Ceilings;
 use crate::convert::{to_kernel, to_recexpr};
 use crate::cost::CycleCost;
 use crate::extract::{extract, render_term, tree_size};
 use crate::lang::Attn;
 use crate::rules::all_rules;
 use crate::saturate::{saturate, total_applied, IterationStats, Limits, RuleCount, StopReason};
+use crate::schedule::RuleTime;
 use attnc_ir::dim::resolve_shape;
 use attnc_ir::print::print_kernel;
 use attnc_ir::{Bindings, Kernel};
@@ -30,6 +32,8 @@ pub struct OptimizeOptions {
     pub explain: bool,
     /// The approximations allowed (none by default: every rewrite is exact).
     pub approx: ApproxPolicy,
+    /// The machine ceilings the cost model uses (default: the documented constants).
+    pub ceilings: Ceilings,
 }
 
 impl Default for OptimizeOptions {
@@ -38,6 +42,7 @@ impl Default for OptimizeOptions {
             limits: Limits::default(),
             explain: true,
             approx: ApproxPolicy::default(),
+            ceilings: Ceilings::default(),
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct Trace {
     pub explain_seconds: f64,
     /// What became of each allowed approximation (empty under the exact policy).
     pub approximations: Vec<ApproxOutcome>,
+    /// The machine ceilings the cost model used.
+    pub ceilings: Ceilings,
 }
 
 impl Trace {
@@ -138,6 +145,7 @@ impl Trace {
             extract_seconds: 0.0,
             explain_seconds: 0.0,
             approximations: vec![],
+            ceilings: Ceilings::default(),
         }
     }
 
@@ -206,6 +214,9 @@ impl Trace {
                     rules.join(", ")
                 }
             );
+            if timings {
+                let _ = writeln!(out, "{}", slowest_rules(&it.rule_times));
+            }
         }
         let _ = writeln!(
             out,
@@ -270,6 +281,41 @@ impl Trace {
     }
 }
 
+/// How many rules the text trace names per iteration, slowest first.
+pub const SLOWEST_RULES: usize = 5;
+
+/// One line naming the slowest rules of an iteration (search + apply time, with counts).
+fn slowest_rules(times: &[RuleTime]) -> String {
+    let mut sorted: Vec<&RuleTime> = times.iter().collect();
+    let total = |t: &RuleTime| t.search_seconds + t.apply_seconds;
+    sorted.sort_by(|a, b| total(b).total_cmp(&total(a)));
+    let named: Vec<String> = sorted
+        .iter()
+        .take(SLOWEST_RULES)
+        .map(|t| {
+            format!(
+                "{} {:.3} ms (search {:.3}, apply {:.3}) ×{}",
+                t.rule,
+                total(t) * 1e3,
+                t.search_seconds * 1e3,
+                t.apply_seconds * 1e3,
+                t.count
+            )
+        })
+        .collect();
+    let all: f64 = times.iter().map(total).sum();
+    format!(
+        "      rules: {:.3} ms in {} rules; slowest: {}",
+        all * 1e3,
+        times.len(),
+        if named.is_empty() {
+            "-".to_string()
+        } else {
+            named.join(", ")
+        }
+    )
+}
+
 /// Shortens very long terms in the text rendering.
 fn clip(term: &str) -> String {
     const MAX: usize = 400;
@@ -292,6 +338,13 @@ pub const MAX_EXPLAINED_TREE: u64 = 10_000;
 
 /// Optimizes `kernel` at `bindings` with the exact rule families; see the module docs.
 pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions) -> Optimized {
+    let mut result = optimize_kernel(kernel, bindings, options);
+    result.trace.ceilings = options.ceilings;
+    result
+}
+
+/// [`optimize`], less recording the ceilings in the trace.
+fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions) -> Optimized {
     let expr = match to_recexpr(kernel) {
         Ok(expr) => expr,
         Err(e) => return unchanged(kernel, format!("the kernel does not convert: {e}")),
@@ -354,7 +407,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
     let extract_start = Instant::now();
     let (best, cost_before, cost_after) = {
         let egraph = sat.egraph();
-        let mut model = CycleCost::new(egraph);
+        let mut model = CycleCost::new(egraph).with_ceilings(&options.ceilings);
         let best = extract(egraph, sat.root, &mut model).map(|e| e.expr);
         let before = model.dag_cycles(&expr);
         let after = best.as_ref().and_then(|b| model.dag_cycles(b));
@@ -382,6 +435,7 @@ pub fn optimize(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptions)
         extract_seconds,
         explain_seconds: 0.0,
         approximations: vec![],
+        ceilings: options.ceilings,
     };
     let cheaper = matches!((cost_before, cost_after), (Some(b), Some(a)) if a < b);
     let chosen = if cheaper {

@@ -111,3 +111,33 @@ fn an_estimate_above_the_tolerance_keeps_the_rule_out() {
         .contains("exceeds the tolerance"));
     assert!(result.trace.render_text().contains("approximations:"));
 }
+
+#[test]
+fn favor_features_also_approximate_causal_attention_through_a_prefix_state() {
+    let kernel = common::kernel(
+        "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+            return softmax(mask(q @ k.T / sqrt(d), causal)) @ v; }",
+    );
+    let bindings = common::bindings(&[("h", 1), ("n", 2048), ("d", 16)]);
+    let options = OptimizeOptions {
+        approx: ApproxPolicy {
+            allowed: vec![Approx::RandomFeatures { m: 64, seed: 3 }],
+            tol: 1.0,
+        },
+        ..OptimizeOptions::default()
+    };
+    let result = optimize(&kernel, &bindings, &options);
+    assert!(result.trace.approximations[0].applied);
+    assert!(
+        result.trace.output_term.contains("linear-attention-causal")
+            || result.trace.output.contains("mask")
+    );
+    let inputs: Vec<_> = common::inputs(&kernel, &bindings, 5)
+        .into_iter()
+        .map(|a| a * 0.2)
+        .collect();
+    let exact = evaluate(&kernel, &bindings, &inputs).expect("exact");
+    let approx = evaluate(&result.kernel, &bindings, &inputs).expect("approximate");
+    let error = relative_l2(&approx, &exact);
+    assert!(error < 0.2, "{error}");
+}

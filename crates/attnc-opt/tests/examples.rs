@@ -403,3 +403,50 @@ fn returning_a_parameter_is_fine() {
     let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
     assert!(common::compare(&kernel, &result.kernel, &bindings, 1) == 0.0);
 }
+
+#[test]
+fn causal_linear_attention_extracts_the_prefix_form() {
+    let (_, kernel) = examples()
+        .into_iter()
+        .find(|(n, _)| n == "linear_causal")
+        .expect("linear_causal");
+    // m = n, and chunked shapes are covered by the rule's property test.
+    let bindings = common::bindings(&[("h", 2), ("n", 64), ("d", 4)]);
+    let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+    assert_eq!(result.trace.decision, Decision::Rewritten);
+    assert!(
+        result
+            .trace
+            .output_term
+            .contains("(linear-attention-causal "),
+        "{}",
+        result.trace.render_text()
+    );
+    assert_eq!(result.trace.derivation_rules(), ["linear-causal-fuse"]);
+    assert!(result.trace.cost_after < result.trace.cost_before / 4.0);
+}
+
+#[test]
+fn the_cost_model_uses_the_ceilings_it_is_given() {
+    let (_, kernel) = examples()
+        .into_iter()
+        .find(|(n, _)| n == "linear_causal")
+        .expect("linear_causal");
+    let bindings = common::bindings(&[("h", 2), ("n", 64), ("d", 4)]);
+    let base = optimize(&kernel, &bindings, &OptimizeOptions::default()).trace;
+    assert_eq!(base.ceilings, attnc_opt::Ceilings::default());
+    // Twice the compute and twice the bandwidth: every cost halves, the choice stays.
+    let fast = attnc_opt::Ceilings {
+        gflops: 100.0,
+        gbytes_per_second: 24.0,
+        ghz: 3.0,
+    };
+    let options = OptimizeOptions {
+        ceilings: fast,
+        ..OptimizeOptions::default()
+    };
+    let trace = optimize(&kernel, &bindings, &options).trace;
+    assert_eq!(trace.ceilings, fast);
+    assert!((trace.cost_before * 2.0 - base.cost_before).abs() <= 1e-6 * base.cost_before);
+    assert_eq!(trace.output_term, base.output_term);
+}

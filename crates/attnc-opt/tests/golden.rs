@@ -21,6 +21,14 @@ const LINEAR: &str =
     return (qf @ kf.T @ v) / sum(qf @ kf.T, -1);
 }";
 
+const LINEAR_CAUSAL: &str =
+    "kernel linear_causal(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    let qf = elu(q) + 1;
+    let kf = elu(k) + 1;
+    let a = mask(qf @ kf.T, causal, 0);
+    return (a @ v) / sum(a, -1);
+}";
+
 const ALIBI: &str = "kernel alibi(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], slope: f32[h, 1, 1]) -> f32[h, n, d] {
     let s = q @ k.T / sqrt(d) + slope * relpos(n, n);
     return softmax(mask(s, causal)) @ v;
@@ -91,4 +99,37 @@ fn linear_derivation() {
     );
     insta::assert_snapshot!("linear", result.trace.render_derivation());
     insta::assert_snapshot!("linear_output", result.trace.output);
+}
+
+#[test]
+fn linear_causal_trace() {
+    let trace = trace(LINEAR_CAUSAL);
+    insta::assert_snapshot!("linear_causal", trace.render_derivation());
+    insta::assert_snapshot!("linear_causal_text", trace.render_text_without_timings());
+}
+
+#[test]
+fn per_rule_times_are_in_the_text_and_json_but_not_in_the_golden_text() {
+    let trace = trace(LINEAR_CAUSAL);
+    let first = &trace.iterations[0];
+    let fuse = first
+        .rule_times
+        .iter()
+        .find(|t| t.rule == "linear-causal-fuse")
+        .expect("timed");
+    assert_eq!(fuse.count, 1);
+    assert!(first.rule_times.len() > 10, "every rule searched is timed");
+    let text = trace.render_text();
+    assert!(text.contains("slowest: "), "{text}");
+    assert!(text.contains("(search "), "{text}");
+    assert!(!trace.render_text_without_timings().contains("slowest: "));
+    let json = serde_json::to_value(&trace).expect("serializes");
+    let times = &json["iterations"][0]["rule_times"];
+    assert!(times
+        .as_array()
+        .expect("array")
+        .iter()
+        .any(|t| t["rule"] == "linear-causal-fuse"
+            && t["count"] == 1
+            && t["search_seconds"].is_f64()));
 }

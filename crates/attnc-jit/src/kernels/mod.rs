@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod matmul;
+pub mod prefix;
 pub mod reduce;
 
 use crate::error::Result;

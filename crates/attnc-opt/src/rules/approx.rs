@@ -6,7 +6,8 @@
 //! - int8: `attention(q, k, v, s, p) ≈ attention-int8(q, k, v, s, p)`;
 //! - Performer FAVOR+: `attention(q, k, v, s, all) ≈ linear-attention(φ(q√s), φ(k√s), v)`
 //!   with `φ(x) = exp(x wᵀ - |x|²/2)` for `m` orthogonal Gaussian features `w`, since
-//!   `exp(q·k) = E_w[exp(w·q - |q|²/2) exp(w·k - |k|²/2)]`;
+//!   `exp(q·k) = E_w[exp(w·q - |q|²/2) exp(w·k - |k|²/2)]`; with a causal mask, the same
+//!   features feed `linear-attention-causal` (a running prefix state);
 //! - Linformer: `attention(q, k, v, s, all) ≈ attention(q, e k, e v, s, all)` with `e` a seeded
 //!   `[r, n]` Gaussian projection along the sequence (one matrix for keys and values).
 
@@ -27,15 +28,26 @@ pub fn rules(approx: &Approx) -> Vec<AttnRewrite> {
             "(attention-int8 ?q ?k ?v ?s ?p)",
             Check::Always,
         )],
-        Approx::RandomFeatures { m, seed } => vec![rewrite(
-            "approx-favor",
-            "(attention ?q ?k ?v ?s all)",
-            &format!(
-                "(linear-attention (favor-query (mul ?q (sqrt ?s)) {seed} {m}) \
-                 (favor-key (mul ?k (sqrt ?s)) {seed} {m}) ?v)"
-            ),
-            Check::PositiveScale,
-        )],
+        Approx::RandomFeatures { m, seed } => {
+            let features = format!(
+                "(favor-query (mul ?q (sqrt ?s)) {seed} {m}) (favor-key (mul ?k (sqrt ?s)) {seed} {m})"
+            );
+            vec![
+                rewrite(
+                    "approx-favor",
+                    "(attention ?q ?k ?v ?s all)",
+                    &format!("(linear-attention {features} ?v)"),
+                    Check::PositiveScale,
+                ),
+                // The causal form runs as a prefix state (FAVOR+'s unidirectional variant).
+                rewrite(
+                    "approx-favor-causal",
+                    "(attention ?q ?k ?v ?s causal)",
+                    &format!("(linear-attention-causal {features} ?v)"),
+                    Check::PositiveScale,
+                ),
+            ]
+        }
         Approx::LowRank { r, seed } => vec![rewrite(
             "approx-linformer",
             "(attention ?q ?k ?v ?s all)",

@@ -8,6 +8,7 @@ pub mod algebra;
 pub mod approx;
 pub mod linear;
 pub mod masking;
+pub mod prefix;
 pub mod softmax;
 #[cfg(test)]
 mod testkit;
@@ -165,6 +166,7 @@ pub fn all_specs() -> Vec<RuleSpec> {
     specs.extend(softmax::specs());
     specs.extend(masking::specs());
     specs.extend(linear::specs());
+    specs.extend(prefix::specs());
     specs
 }
 
