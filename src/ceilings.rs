@@ -1,8 +1,9 @@
 //! This machine's ceilings for the cost model, measured once per machine and cached.
 //!
 //! The f32x4 FMA ceiling comes from `attnc_jit::ceiling` (a register-resident FMA loop, the
-//! figure `attnc bench` reports) and the memory bandwidth from summing a 64 MiB buffer (best
-//! of three passes); the clock stays the assumed 3 GHz (it only scales cycles). The result is
+//! figure `attnc bench` reports) and the memory bandwidth from `attnc_jit::bandwidth` (generated
+//! code summing a 64 MiB buffer, best of three passes), so a debug build measures the same as a
+//! release build; the clock stays the assumed 3 GHz (it only scales cycles). The result is
 //! cached as JSON in `$XDG_CACHE_HOME/attnc/` (or `~/.cache/attnc/`), one file per CPU feature
 //! string (the string Cranelift compiles for, also stored in the file and checked on reading),
 //! written atomically. Any failure to read or write the cache falls back to measuring; nothing
@@ -17,7 +18,6 @@ use attnc_opt::Ceilings;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Instant;
 
 /// The environment variable that chooses the ceilings' source.
 pub const ENV: &str = "ATTNC_CEILINGS";
@@ -166,30 +166,10 @@ pub fn measure() -> Option<Ceilings> {
         .gflops_per_thread;
     let ceilings = Ceilings {
         gflops,
-        gbytes_per_second: measure_bandwidth(PROBE_BYTES)?,
+        gbytes_per_second: attnc_jit::bandwidth::measure_bandwidth(PROBE_BYTES).ok()?,
         ..Ceilings::default()
     };
     ceilings.is_valid().then_some(ceilings)
-}
-
-/// GB/s of summing `bytes` of f32 (best of three passes, after one pass that faults the
-/// pages in); eight independent partial sums keep it bound by memory, not by add latency.
-pub fn measure_bandwidth(bytes: usize) -> Option<f64> {
-    let len = bytes / 4;
-    let data: Vec<f32> = (0..len).map(|i| (i % 7) as f32).collect();
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let mut acc = [0.0f32; 8];
-        for chunk in data.chunks_exact(8) {
-            for (a, x) in acc.iter_mut().zip(chunk) {
-                *a += x;
-            }
-        }
-        std::hint::black_box(acc);
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    (best > 0.0).then(|| (len * 4) as f64 / best / 1e9)
 }
 
 #[cfg(test)]
@@ -241,11 +221,5 @@ mod tests {
         let file = cache_file(&blocker, "f");
         store(&file, "f", Ceilings::default());
         assert_eq!(load(&file, "f"), None);
-    }
-
-    #[test]
-    fn the_bandwidth_probe_gives_a_positive_figure() {
-        let gbs = measure_bandwidth(1 << 20).expect("measured");
-        assert!(gbs.is_finite() && gbs > 0.0);
     }
 }
