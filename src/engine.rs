@@ -62,8 +62,13 @@ pub fn bind(kernel: &Kernel, inputs: &[Tensor], given: &Bindings) -> Result<Bind
 ///
 /// Every rule is exact; when nothing cheaper is found the input comes back unchanged, and the
 /// trace says why.
+/// The cost model uses this machine's ceilings ([`crate::ceilings`]).
 pub fn optimize(kernel: &Kernel, bindings: &Bindings) -> Optimized {
-    attnc_opt::optimize(kernel, bindings, &OptimizeOptions::default())
+    let options = OptimizeOptions {
+        ceilings: crate::ceilings::machine_ceilings().ceilings,
+        ..OptimizeOptions::default()
+    };
+    attnc_opt::optimize(kernel, bindings, &options)
 }
 
 /// Optimizes `kernel` at `bindings` and compiles the chosen form to machine code.

@@ -1,8 +1,9 @@
 //! attnc: a compiler for attention.
 //!
 //! The facade over the stages: [`source`] turns `.attn` text into checked IR, [`io`] reads and
-//! writes tensors, [`policy`] holds the approximation policy and [`engine`] runs a kernel on
-//! the reference interpreter or as machine code.
+//! writes tensors, [`policy`] holds the approximation policy, [`ceilings`] measures (once per
+//! machine) the figures the cost model divides by, and [`engine`] runs a kernel on the
+//! reference interpreter or as machine code.
 //!
 //! ```
 //! let module = attnc::source::compile_text(
@@ -17,6 +18,7 @@
 
 pub mod approx;
 pub mod baseline;
+pub mod ceilings;
 pub mod engine;
 pub mod io;
 pub mod policy;

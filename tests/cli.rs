@@ -647,6 +647,7 @@ fn closed_stdout_pipe_is_not_a_panic() {
     let file = examples_dir().join("gated.attn");
     // Far more than a pipe buffer of CLIF, read one byte of it and hang up.
     let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .env("ATTNC_CEILINGS", "default")
         .args([
             "explain",
             p(&file),
@@ -678,6 +679,7 @@ fn full_stdout_is_exit_1_with_a_message() {
         return;
     };
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .env("ATTNC_CEILINGS", "default")
         .args(["check", p(&examples_dir().join("local.attn"))])
         .stdout(full)
         .output()

@@ -12,6 +12,7 @@ fn ctrl_c_during_a_long_run_exits_130_without_output() {
     let file = common::examples_dir().join("local.attn");
     // The interpreter on this shape runs for many seconds: long enough to be interrupted.
     let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .env("ATTNC_CEILINGS", "default")
         .args([
             "run",
             file.to_str().expect("utf-8 path"),

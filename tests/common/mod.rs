@@ -5,10 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Runs the built `attnc` binary with `args` and no standard input.
+/// Runs the built `attnc` binary with `args`, no standard input and the default ceilings.
 pub fn attnc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_attnc"))
         .args(args)
+        // Deterministic cost model: the documented ceilings, not this machine's.
+        .env("ATTNC_CEILINGS", "default")
         .stdin(std::process::Stdio::null())
         .output()
         .expect("the attnc binary runs")

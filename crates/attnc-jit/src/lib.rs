@@ -2,7 +2,8 @@
 //!
 //! A [`plan`] lowers an IR graph at bound shapes to kernels over buffers; [`kernels`] generate
 //! one Cranelift function each; [`jit`] owns the compiled code; [`runtime`] checks buffers and
-//! runs the plan across threads; [`cache`] keeps compiled kernels by (IR, shapes, options, CPU).
+//! runs the plan across threads; [`cache`] keeps compiled kernels by (IR, shapes, options, CPU);
+//! [`ceiling`] and [`bandwidth`] measure this machine's FMA and memory ceilings.
 //! Only [`jit`] contains `unsafe`.
 //!
 //! ```no_run
@@ -17,6 +18,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bandwidth;
 pub mod cache;
 pub mod ceiling;
 pub mod error;

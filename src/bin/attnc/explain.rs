@@ -89,6 +89,7 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
             "trace": trace,
             "plan": plan.as_ref().map(|(text, _)| text),
             "compile_ms": plan.as_ref().map(|(_, ms)| ms),
+            "ceilings": attnc::ceilings::machine_ceilings(),
         }));
         return Ok(());
     }
@@ -115,6 +116,7 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
     out!("{ir_text}");
     outln!();
     outln!("== optimizer ==");
+    outln!("ceilings: {}", attnc::ceilings::machine_ceilings());
     out!("{}", trace.render_text());
     outln!();
     match plan {
