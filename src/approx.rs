@@ -208,7 +208,7 @@ fn sample_rows(output_shape: &[usize]) -> Vec<Range<usize>> {
         r => output_shape[r - 2],
     };
     if m <= SAMPLE_RUN * SAMPLE_RANGES {
-        return vec![0..m];
+        return std::iter::once(0..m).collect();
     }
     (0..SAMPLE_RANGES)
         .map(|i| {
