@@ -13,7 +13,7 @@ use crate::policy::Policy;
 use attnc_ir::dim::resolve_shape;
 use attnc_ir::{Bindings, Kernel};
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
-use attnc_opt::{Approx, ApproxPolicy, OptimizeOptions, Trace};
+use attnc_opt::{Approx, ApproxPolicy, Trace};
 use serde::Serialize;
 use std::ops::Range;
 use std::time::Instant;
@@ -118,11 +118,7 @@ pub fn compile_with_policy(
     let mut rejected = Vec::new();
     let mut exact: Option<(CompiledKernel, Vec<Tensor>)> = None;
     loop {
-        let options = OptimizeOptions {
-            approx: approx.clone(),
-            ..OptimizeOptions::default()
-        };
-        let mut optimized = attnc_opt::optimize(kernel, bindings, &options);
+        let mut optimized = crate::engine::optimize_with(kernel, bindings, approx.clone());
         let compiled =
             CompiledKernel::compile(&optimized.kernel, bindings, &CompileOptions::default())?;
         let applied: Vec<Approx> = optimized

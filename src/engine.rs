@@ -5,7 +5,7 @@ use attnc_ir::bind::{bind_shapes, BindError};
 use attnc_ir::interp::{evaluate, EvalError};
 use attnc_ir::{Bindings, DType, Kernel};
 use attnc_jit::{CompileOptions, CompiledKernel, Input, JitError};
-use attnc_opt::{OptimizeOptions, Optimized, Trace};
+use attnc_opt::{ApproxPolicy, OptimizeOptions, Optimized, Trace};
 use thiserror::Error;
 
 /// Which engine executes a kernel.
@@ -64,8 +64,14 @@ pub fn bind(kernel: &Kernel, inputs: &[Tensor], given: &Bindings) -> Result<Bind
 /// trace says why.
 /// The cost model uses this machine's ceilings ([`crate::ceilings`]).
 pub fn optimize(kernel: &Kernel, bindings: &Bindings) -> Optimized {
+    optimize_with(kernel, bindings, ApproxPolicy::default())
+}
+
+/// [`optimize`], with the approximate rules `approx` allows added to the exact ones.
+pub fn optimize_with(kernel: &Kernel, bindings: &Bindings, approx: ApproxPolicy) -> Optimized {
     let options = OptimizeOptions {
         ceilings: crate::ceilings::machine_ceilings().ceilings,
+        approx,
         ..OptimizeOptions::default()
     };
     attnc_opt::optimize(kernel, bindings, &options)

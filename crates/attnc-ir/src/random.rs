@@ -85,13 +85,20 @@ impl Rng {
 /// `len` standard-normal f32 values for stream `stream` of seed `seed`, reproducible across runs
 /// and platforms.
 pub fn standard_normal(seed: u64, stream: u64, len: usize) -> Vec<f32> {
-    let mut rng = Rng::new(seed, stream);
+    normals(&mut Rng::new(seed, stream), len)
+        .into_iter()
+        .map(|x| x as f32)
+        .collect()
+}
+
+/// The next `len` standard-normal values of `rng`, drawn in pairs.
+fn normals(rng: &mut Rng, len: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(len);
     while out.len() < len {
         let (a, b) = rng.normal_pair();
-        out.push(a as f32);
+        out.push(a);
         if out.len() < len {
-            out.push(b as f32);
+            out.push(b);
         }
     }
     out
@@ -132,32 +139,19 @@ impl RandomKind {
 pub fn random_matrix(kind: RandomKind, seed: u64, rows: usize, cols: usize) -> Vec<f64> {
     // Stream numbers far from the per-parameter streams of `--random`.
     let mut rng = Rng::new(seed, 0x5eed_0000 + kind as u64);
-    let mut normals = move |len: usize| -> Vec<f64> {
-        let mut out = Vec::with_capacity(len);
-        while out.len() < len {
-            let (a, b) = rng.normal_pair();
-            out.push(a);
-            if out.len() < len {
-                out.push(b);
-            }
-        }
-        out
-    };
+    let mut draw = move |len: usize| normals(&mut rng, len);
     match kind {
         RandomKind::Gaussian => {
             let scale = 1.0 / (cols.max(1) as f64).sqrt();
-            normals(rows * cols)
-                .into_iter()
-                .map(|x| x * scale)
-                .collect()
+            draw(rows * cols).into_iter().map(|x| x * scale).collect()
         }
         RandomKind::OrthogonalFeatures => {
             let mut out = Vec::with_capacity(rows * cols);
             while out.len() < rows * cols {
                 let block_rows = (rows - out.len() / cols.max(1)).min(cols);
-                let block = orthonormal_rows(&normals(cols * cols), cols);
+                let block = orthonormal_rows(&draw(cols * cols), cols);
                 for row in block.chunks(cols.max(1)).take(block_rows) {
-                    let norm = normals(cols).iter().map(|x| x * x).sum::<f64>().sqrt();
+                    let norm = draw(cols).iter().map(|x| x * x).sum::<f64>().sqrt();
                     out.extend(row.iter().map(|x| x * norm));
                 }
             }
