@@ -238,7 +238,8 @@ pub struct FlopCount {
 }
 
 /// Useful FLOPs of one run of `plan`: `2·(d + dv)` per kept pair of every fused attention
-/// step, `2·m·n·k` per matrix product (elementwise work is not counted).
+/// step, `2·m·n·k` per matrix product, `2·d·dv·(m + n)` per causal linear attention (prefix)
+/// step, counted as matrix work (elementwise work is not counted).
 pub fn useful_flops(plan: &Plan) -> FlopCount {
     let (mut flops, mut pairs) = (0.0f64, 0u64);
     let (mut attention, mut matmul) = (false, false);
@@ -253,6 +254,14 @@ pub fn useful_flops(plan: &Plan) -> FlopCount {
             }
             StepKind::MatMul(spec) => {
                 flops += spec.flops() as f64;
+                matmul = true;
+            }
+            // Causal linear attention: one d × dv multiply-add per key (state) and per row.
+            StepKind::Prefix(spec) => {
+                flops += 2.0
+                    * (spec.d * spec.dv) as f64
+                    * (spec.m + spec.n) as f64
+                    * spec.batch_count() as f64;
                 matmul = true;
             }
             _ => {}

@@ -128,7 +128,7 @@ fn interp_estimate(prepared: &Prepared, plan: &Plan, flops: &FlopCount) -> (f64,
     (seconds, 3.0 * largest * 8.0)
 }
 
-/// FLOPs the interpreter spends on fused attention steps: it computes every pair.
+/// FLOPs the interpreter spends on fused attention and prefix steps: it computes every pair.
 fn dense_pair_flops(plan: &Plan) -> f64 {
     plan.steps
         .iter()
@@ -136,6 +136,10 @@ fn dense_pair_flops(plan: &Plan) -> f64 {
             StepKind::Attention(a) => {
                 Some(2.0 * (a.d + a.dv) as f64 * a.batch_count() as f64 * a.m as f64 * a.n as f64)
             }
+            // The interpreter runs the quadratic form the prefix kernel replaces.
+            StepKind::Prefix(p) => Some(
+                2.0 * (p.d + p.dv + 1) as f64 * p.batch_count() as f64 * p.m as f64 * p.n as f64,
+            ),
             _ => None,
         })
         .sum()
