@@ -253,22 +253,6 @@ fn plot_into_a_missing_directory_fails_before_benchmarking() {
         .is_some_and(|m| m.contains("/no/such/dir")));
 }
 
-/// A directory this process cannot create files in: a read-only one, or, for root (who
-/// ignores permissions), `/sys` when it refuses new files.
-fn unwritable_dir(scratch: &Path) -> Option<std::path::PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let ro = scratch.join("ro");
-    std::fs::create_dir(&ro).expect("mkdir");
-    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
-    let refuses = |dir: &Path| std::fs::write(dir.join("probe.svg"), b"").is_err();
-    if refuses(&ro) {
-        return Some(ro);
-    }
-    let _ = std::fs::remove_file(ro.join("probe.svg"));
-    let sys = Path::new("/sys");
-    (sys.is_dir() && refuses(sys)).then(|| sys.to_path_buf())
-}
-
 #[cfg(unix)]
 #[test]
 fn plot_into_an_unwritable_directory_is_exit_1_and_leaves_nothing() {
