@@ -309,3 +309,29 @@ fn sweeping_a_dimension_no_kernel_has_is_exit_1() {
     assert_eq!(status(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("no kernel"), "{}", stderr(&out));
 }
+
+#[test]
+fn progress_bar_is_drawn_when_stderr_is_a_terminal() {
+    // util-linux `script` runs the command on a pseudo-terminal and copies what it shows.
+    let file = examples_dir().join("local.attn");
+    let command = format!(
+        "'{}' bench '{}' --shape h=1,d=4 --sweep n=8,16 --runs 1 --warmup 0 --no-interp",
+        env!("CARGO_BIN_EXE_attnc"),
+        p(&file)
+    );
+    let shown = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output();
+    let Some(shown) = shown.ok().filter(|o| o.status.success()) else {
+        eprintln!("note: no usable `script` (util-linux) to provide a terminal; skipped");
+        return;
+    };
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("2/2"), "the bar counts the points: {text}");
+    assert!(
+        text.contains("local n=16"),
+        "the bar names the point: {text}"
+    );
+    assert!(text.contains("bench sweep n = 8, 16"), "{text}");
+}
