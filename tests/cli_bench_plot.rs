@@ -113,6 +113,7 @@ fn sweep_of_every_kernel_writes_a_well_formed_svg_plot() {
     assert_eq!(doc["sweep"]["values"], serde_json::json!([12, 24]));
     assert_eq!(doc["kernels"], serde_json::json!(["full", "masked"]));
     assert_eq!(doc["plot"], p(&plot));
+    assert_eq!(doc["seed"], 0, "the default seed is recorded");
     let notes = doc["notes"].as_array().expect("notes");
     assert!(
         notes.iter().any(|n| n

@@ -336,6 +336,7 @@ fn print_json(
         "ok": true,
         "sweep": { "symbol": sweep.symbol, "values": sweep.values },
         "kernels": kernels,
+        "seed": args.shared.random.unwrap_or(0),
         "threads": ceilings.threads,
         "runs": args.runs.max(1),
         "warmup": args.warmup,
