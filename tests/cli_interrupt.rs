@@ -46,3 +46,87 @@ fn ctrl_c_during_a_long_run_exits_130_without_output() {
         .collect();
     assert!(leftovers.is_empty(), "no temporary files: {leftovers:?}");
 }
+
+/// Sends SIGINT to `child` after `delay` and returns its exit status and how long it took to
+/// exit after the signal.
+fn interrupt_after(child: &mut std::process::Child, delay: Duration) -> (Option<i32>, Duration) {
+    std::thread::sleep(delay);
+    assert!(
+        child.try_wait().expect("attnc is waitable").is_none(),
+        "attnc finished before the interrupt: the workload is too small"
+    );
+    let sent = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let status = child.wait().expect("attnc exits");
+    (status.code(), sent.elapsed())
+}
+
+#[test]
+fn ctrl_c_during_a_long_compile_exits_130_without_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Thousands of dependent statements: parsing takes milliseconds, optimizing and generating
+    // code for them takes seconds.
+    let mut src = String::from("kernel big(x: f32[n, d], w: f32[d, d]) -> f32[n, d] {\n");
+    for _ in 0..4000 {
+        src.push_str("    let x = tanh(x @ w) + x * 0.5;\n");
+    }
+    src.push_str("    return x;\n}\n");
+    let file = common::write(dir.path(), "big.attn", src);
+    let out_path = dir.path().join("out.npy");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .arg("run")
+        .arg(&file)
+        .args(["--random", "0", "--shape", "n=4,d=4", "--output"])
+        .arg(&out_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("attnc starts");
+    let (code, took) = interrupt_after(&mut child, Duration::from_millis(300));
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert_eq!(code, Some(130));
+    assert!(!out_path.exists(), "no output file after an interrupt");
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("tempdir readable")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["big.attn"], "no temporary files");
+}
+
+#[test]
+fn ctrl_c_during_a_long_benchmark_exits_130_without_a_plot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let plot = dir.path().join("plot.svg");
+    let file = common::examples_dir().join("local.attn");
+    // The naive baseline and the interpreter at these sizes run for many seconds.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .arg("bench")
+        .arg(&file)
+        .args([
+            "--shape",
+            "h=8,d=64",
+            "--sweep",
+            "n=1024,2048,4096",
+            "--plot",
+        ])
+        .arg(&plot)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("attnc starts");
+    let (code, took) = interrupt_after(&mut child, Duration::from_millis(500));
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert_eq!(code, Some(130));
+    assert!(!plot.exists(), "no plot after an interrupt");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("tempdir readable")
+        .collect();
+    assert!(left.is_empty(), "no temporary files: {left:?}");
+}

@@ -64,3 +64,20 @@ pub fn example_files() -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+/// A directory this process cannot create files in: a read-only one, or, for root (who
+/// ignores permissions), `/sys` when it refuses new files.
+#[cfg(unix)]
+pub fn unwritable_dir(scratch: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let ro = scratch.join("ro");
+    std::fs::create_dir(&ro).expect("mkdir");
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let refuses = |dir: &Path| std::fs::write(dir.join("probe.svg"), b"").is_err();
+    if refuses(&ro) {
+        return Some(ro);
+    }
+    let _ = std::fs::remove_file(ro.join("probe.svg"));
+    let sys = Path::new("/sys");
+    (sys.is_dir() && refuses(sys)).then(|| sys.to_path_buf())
+}

@@ -148,4 +148,10 @@ pub struct BenchArgs {
     /// Do not time the naive Rust baseline
     #[arg(long)]
     pub no_naive: bool,
+    /// Time every kernel of the file at each value of one dimension, e.g. n=1024,2048,4096
+    #[arg(long, value_name = "SYM=V1,V2,...")]
+    pub sweep: Option<String>,
+    /// Draw time against the swept dimension as an SVG plot (sweeps n when --sweep is absent)
+    #[arg(long, value_name = "PATH.svg")]
+    pub plot: Option<PathBuf>,
 }

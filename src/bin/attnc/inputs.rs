@@ -94,7 +94,7 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
 }
 
 /// `--shape h=8,n=4096 --shape d=64` → bindings; malformed text is a usage error.
-fn parse_shape_args(values: &[String]) -> Result<Bindings, Failure> {
+pub fn parse_shape_args(values: &[String]) -> Result<Bindings, Failure> {
     let mut out = BTreeMap::new();
     for item in values.iter().flat_map(|v| v.split(',')) {
         let item = item.trim();

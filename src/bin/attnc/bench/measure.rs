@@ -1,5 +1,5 @@
-//! `attnc bench FILE`: time the compiled kernel against the reference interpreter and a naive
-//! Rust implementation, in one run, next to the f32x4 FMA ceiling measured in the same run.
+//! Timing one kernel at one shape: the compiled kernel, the reference interpreter and a naive
+//! Rust implementation, next to the f32x4 FMA ceiling measured in the same run.
 //!
 //! Every engine gets `--warmup` untimed runs and then `--runs` timed ones; the median and the
 //! minimum are reported. The slow baselines (interpreter, naive) run once first; when that
@@ -9,13 +9,11 @@
 
 use crate::args::BenchArgs;
 use crate::failure::Failure;
-use crate::inputs::{prepare, Prepared};
-use crate::CliResult;
+use crate::inputs::Prepared;
 use attnc::baseline::{naive_attention, plain_attention, useful_flops, FlopCount};
 use attnc::engine::{compile, execute, run_compiled, Engine};
 use attnc_jit::ceiling::{measure_f32x4_ceiling, Ceiling};
 use attnc_jit::plan::{Plan, StepKind};
-use serde_json::json;
 use std::time::Instant;
 
 /// A baseline run slower than this is not repeated.
@@ -27,20 +25,25 @@ const INTERP_MAX_ESTIMATE_SECONDS: f64 = 120.0;
 /// … or its estimated peak memory this many bytes.
 const INTERP_MAX_BYTES: f64 = 4.0 * (1u64 << 30) as f64;
 /// Compilations timed per kernel (the first one includes one-time ISA setup).
-const COMPILES: usize = 3;
+pub const COMPILES: usize = 3;
 
 /// Timings of one engine at one thread count.
-struct Row {
-    engine: &'static str,
-    threads: usize,
-    samples: Vec<f64>,
+pub struct Row {
+    /// `jit`, `interp` or `naive`.
+    pub engine: &'static str,
+    /// Worker threads it ran on.
+    pub threads: usize,
+    /// Seconds per call, one per timed run.
+    pub samples: Vec<f64>,
 }
 
 impl Row {
-    fn median_ms(&self) -> f64 {
+    /// Median milliseconds per call.
+    pub fn median_ms(&self) -> f64 {
         median(&self.samples) * 1e3
     }
-    fn min_ms(&self) -> f64 {
+    /// Fastest call in milliseconds.
+    pub fn min_ms(&self) -> f64 {
         self.samples.iter().copied().fold(f64::INFINITY, f64::min) * 1e3
     }
 }
@@ -145,25 +148,109 @@ fn dense_pair_flops(plan: &Plan) -> f64 {
         .sum()
 }
 
-pub fn bench(args: &BenchArgs) -> CliResult {
-    let mut shared = args.shared.clone();
-    if shared.input.is_empty() && shared.random.is_none() {
-        shared.random = Some(0);
+/// The f32x4 FMA ceiling at 1 thread and at the benchmark's thread count, measured once per
+/// command and shared by every kernel and shape it times.
+#[derive(Clone, Copy)]
+pub struct Ceilings {
+    /// At 1 thread.
+    pub one: Ceiling,
+    /// At `threads` (the same as `one` when `threads` is 1).
+    pub at_threads: Ceiling,
+    /// The benchmark's thread count.
+    pub threads: usize,
+}
+
+impl Ceilings {
+    /// Measures the ceiling at 1 thread and at `threads`.
+    pub fn measure(threads: usize) -> Result<Ceilings, Failure> {
+        let err = |e: attnc_jit::JitError| Failure::input("run", e.to_string());
+        let one = measure_f32x4_ceiling(1).map_err(err)?;
+        let at_threads = if threads > 1 {
+            measure_f32x4_ceiling(threads).map_err(err)?
+        } else {
+            one
+        };
+        Ok(Ceilings {
+            one,
+            at_threads,
+            threads,
+        })
     }
-    let prepared = prepare(&shared, true)?;
+
+    /// The ceiling at `t` threads, when it was measured.
+    pub fn at(&self, t: usize) -> Option<Ceiling> {
+        if t == 1 {
+            Some(self.one)
+        } else if t == self.threads {
+            Some(self.at_threads)
+        } else {
+            None
+        }
+    }
+}
+
+/// Everything timed for one kernel at one shape.
+pub struct Measurement {
+    /// Planning and code generation of each compile, in ms (`CompiledKernel::compile_time`).
+    pub compile_ms: Vec<f64>,
+    /// The whole `engine::compile` of each compile, optimizer included, in ms.
+    pub total_ms: Vec<f64>,
+    /// Steps of the kernel plan.
+    pub steps: usize,
+    /// Useful work of one call.
+    pub flops: FlopCount,
+    /// One row per engine and thread count, the JIT first (at `threads`, then at 1).
+    pub rows: Vec<Row>,
+    /// Why the interpreter was not timed, if it was not.
+    pub interp_skip: Option<String>,
+    /// Why the naive baseline was not timed, if it was not.
+    pub naive_skip: Option<String>,
+    /// Notes for stderr (text) or the JSON document.
+    pub notes: Vec<String>,
+}
+
+impl Measurement {
+    /// The median of the first row of `engine`, in ms.
+    pub fn median_ms(&self, engine: &str) -> Option<f64> {
+        self.rows
+            .iter()
+            .find(|r| r.engine == engine)
+            .map(Row::median_ms)
+    }
+
+    /// GFLOP/s of a call taking `ms` milliseconds.
+    pub fn gflops(&self, ms: f64) -> f64 {
+        self.flops.flops / (ms * 1e-3) / 1e9
+    }
+
+    /// How much faster the JIT is at `threads` than at 1 thread.
+    pub fn jit_scaling(&self) -> Option<f64> {
+        match (self.rows.first(), self.rows.get(1)) {
+            (Some(a), Some(b)) if a.engine == "jit" && b.engine == "jit" && a.threads != 1 => {
+                Some(b.median_ms() / a.median_ms())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Compiles the prepared kernel and times every engine on its inputs.
+///
+/// `on_phase` is told what is being timed next (for a progress display).
+pub fn measure(
+    prepared: &Prepared,
+    args: &BenchArgs,
+    mut on_phase: impl FnMut(&str),
+) -> Result<Measurement, Failure> {
     let kernel = prepared.kernel();
-    let mut notes = prepared.notes.clone();
-    if args.shared.engine.is_some() {
-        notes.push("note: --engine is ignored by bench: every engine is timed".to_string());
-    }
+    let mut notes = Vec::new();
     let runs = args.runs.max(1) as usize;
     let warmup = args.warmup as usize;
     let threads = prepared.threads;
     let fail = |e: attnc::engine::RunError| Failure::input("run", e.to_string());
 
     // Compile (timed a few times; the first includes one-time setup).
-    // `compile_ms`: planning and code generation (`CompiledKernel::compile_time`);
-    // `total_ms`: the whole `engine::compile`, optimizer included.
+    on_phase("compile");
     let mut compile_ms = Vec::with_capacity(COMPILES);
     let mut total_ms = Vec::with_capacity(COMPILES);
     let mut compiled = None;
@@ -178,25 +265,8 @@ pub fn bench(args: &BenchArgs) -> CliResult {
     let flops = useful_flops(compiled.plan());
     let steps = compiled.plan().steps.len();
 
-    // The ceiling, in this run, at 1 thread and at `threads`.
-    let ceiling_err = |e: attnc_jit::JitError| Failure::input("run", e.to_string());
-    let ceiling_1 = measure_f32x4_ceiling(1).map_err(ceiling_err)?;
-    let ceiling_t = if threads > 1 {
-        measure_f32x4_ceiling(threads).map_err(ceiling_err)?
-    } else {
-        ceiling_1
-    };
-    let ceiling_at = |t: usize| -> Option<Ceiling> {
-        if t == 1 {
-            Some(ceiling_1)
-        } else if t == threads {
-            Some(ceiling_t)
-        } else {
-            None
-        }
-    };
-
     // The JIT at `threads` and at 1 thread.
+    on_phase("jit");
     let mut rows = Vec::new();
     let mut thread_counts = vec![threads];
     if threads != 1 {
@@ -216,7 +286,7 @@ pub fn bench(args: &BenchArgs) -> CliResult {
     }
 
     // The interpreter.
-    let (estimate_s, estimate_bytes) = interp_estimate(&prepared, compiled.plan(), &flops);
+    let (estimate_s, estimate_bytes) = interp_estimate(prepared, compiled.plan(), &flops);
     let interp_skip = if args.no_interp {
         Some("--no-interp".to_string())
     } else if estimate_s > INTERP_MAX_ESTIMATE_SECONDS {
@@ -232,6 +302,7 @@ pub fn bench(args: &BenchArgs) -> CliResult {
     match &interp_skip {
         Some(why) => notes.push(format!("note: interpreter skipped ({why})")),
         None => {
+            on_phase("interp");
             let samples = time_slow(
                 runs,
                 || {
@@ -264,6 +335,7 @@ pub fn bench(args: &BenchArgs) -> CliResult {
         Some(_) => None,
     };
     if let (Some(plain), None) = (&plain, &naive_skip) {
+        on_phase("naive");
         let values: Vec<Vec<f32>> = prepared.inputs.iter().map(|t| t.to_f32_vec()).collect();
         let [q, k, v] = plain
             .gather(&values)
@@ -286,159 +358,14 @@ pub fn bench(args: &BenchArgs) -> CliResult {
         });
     }
 
-    let interp_ms = rows
-        .iter()
-        .find(|r| r.engine == "interp")
-        .map(Row::median_ms);
-    let naive_ms = rows
-        .iter()
-        .find(|r| r.engine == "naive")
-        .map(Row::median_ms);
-    let gflops = |ms: f64| flops.flops / (ms * 1e-3) / 1e9;
-    let row_json: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|r| {
-            let ms = r.median_ms();
-            let g = gflops(ms);
-            json!({
-                "engine": r.engine,
-                "threads": r.threads,
-                "samples": r.samples.len(),
-                "median_ms": ms,
-                "min_ms": r.min_ms(),
-                "gflops": g,
-                "pct_of_ceiling": ceiling_at(r.threads).map(|c| 100.0 * g / c.gflops_total),
-                "speedup_vs_interp": interp_ms.map(|i| i / ms),
-                "speedup_vs_naive": naive_ms.map(|n| n / ms),
-            })
-        })
-        .collect();
-    let jit_scaling = match (rows.first(), rows.get(1)) {
-        (Some(a), Some(b)) if a.engine == "jit" && b.engine == "jit" && a.threads != 1 => {
-            Some(b.median_ms() / a.median_ms())
-        }
-        _ => None,
-    };
-
-    if args.shared.format.is_json() {
-        let doc = json!({
-            "ok": true,
-            "kernel": kernel.name,
-            "bindings": prepared.bindings,
-            "policy": prepared.policy.to_string(),
-            "threads": threads,
-            "runs": runs,
-            "warmup": warmup,
-            "steps": steps,
-            "compile_ms": compile_ms[0],
-            "compile_ms_all": compile_ms,
-            "compile_total_ms": total_ms[0],
-            "compile_total_ms_all": total_ms,
-            "flops": flops.flops,
-            "flops_basis": flops.basis,
-            "attended_pairs": flops.attended_pairs,
-            "ceiling": {
-                "gflops_per_thread_1": ceiling_1.gflops_per_thread,
-                "threads": ceiling_t.threads,
-                "gflops_total": ceiling_t.gflops_total,
-                "gflops_per_thread": ceiling_t.gflops_per_thread,
-            },
-            "results": row_json,
-            "jit_speedup_threads_vs_1": jit_scaling,
-            "interp": interp_skip.as_ref().map_or(json!("timed"), |w| json!(format!("skipped: {w}"))),
-            "naive": naive_skip.as_ref().map_or(json!("timed"), |w| json!(w)),
-            "notes": notes,
-        });
-        crate::print_json(&doc);
-        return Ok(());
-    }
-
-    for note in &notes {
-        eprintln!("{note}");
-    }
-    let bindings: Vec<String> = prepared
-        .bindings
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    outln!("bench {} [{}]", kernel.name, bindings.join(", "));
-    let list = |v: &[f64]| {
-        v.iter()
-            .map(|c| format!("{c:.2}"))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
-    outln!(
-        "compile: {:.2} ms codegen, {:.2} ms with the optimizer ({steps} steps; {COMPILES} compiles: {} ms codegen, {} ms total)",
-        compile_ms[0],
-        total_ms[0],
-        list(&compile_ms),
-        list(&total_ms),
-    );
-    outln!(
-        "useful work: {:.3} GFLOP ({}; {} attended pairs)",
-        flops.flops / 1e9,
-        flops.basis,
-        flops.attended_pairs
-    );
-    let ceiling_line = if threads > 1 {
-        format!(
-            "f32x4 FMA ceiling (this run): {:.1} GFLOP/s at 1 thread, {:.1} at {threads} ({:.1} per thread)",
-            ceiling_1.gflops_total, ceiling_t.gflops_total, ceiling_t.gflops_per_thread
-        )
-    } else {
-        format!(
-            "f32x4 FMA ceiling (this run): {:.1} GFLOP/s at 1 thread",
-            ceiling_1.gflops_total
-        )
-    };
-    outln!("{ceiling_line}");
-    outln!("runs: {runs} timed after {warmup} warm-up (median, min)");
-    outln!();
-    outln!(
-        "{:<8} {:>7} {:>12} {:>12} {:>9} {:>10} {:>10} {:>10}",
-        "engine",
-        "threads",
-        "median ms",
-        "min ms",
-        "GFLOP/s",
-        "% ceiling",
-        "vs interp",
-        "vs naive"
-    );
-    let opt =
-        |x: Option<f64>, suffix: &str| x.map_or("-".to_string(), |v| format!("{v:.2}{suffix}"));
-    for r in &rows {
-        let ms = r.median_ms();
-        let g = gflops(ms);
-        outln!(
-            "{:<8} {:>7} {:>12.3} {:>12.3} {:>9.2} {:>10} {:>10} {:>10}",
-            r.engine,
-            r.threads,
-            ms,
-            r.min_ms(),
-            g,
-            opt(
-                ceiling_at(r.threads).map(|c| 100.0 * g / c.gflops_total),
-                "%"
-            ),
-            opt(interp_ms.map(|i| i / ms), "x"),
-            opt(naive_ms.map(|n| n / ms), "x"),
-        );
-    }
-    if let Some(why) = &interp_skip {
-        outln!(
-            "{:<8} {:>7} {:>12}",
-            "interp",
-            1,
-            format!("skipped ({why})")
-        );
-    }
-    if let Some(why) = &naive_skip {
-        outln!("{:<8} {:>7} {:>12}", "naive", 1, why);
-    }
-    if let Some(s) = jit_scaling {
-        outln!("jit {threads} threads vs 1: {s:.2}x");
-    }
-    Ok(())
+    Ok(Measurement {
+        compile_ms,
+        total_ms,
+        steps,
+        flops,
+        rows,
+        interp_skip,
+        naive_skip,
+        notes,
+    })
 }
