@@ -17,6 +17,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod buffer;
 pub mod cache;
 pub mod ceiling;
 pub mod error;
