@@ -244,3 +244,36 @@ fn int8_uses_the_dot_product_instruction_when_allowed() {
         eprintln!("skipped: this CPU has no VNNI, only the plain lowering was checked");
     }
 }
+
+/// Standard-normal values (Box–Muller over the shared xorshift stream).
+fn standard_normal(len: usize, seed: u64) -> Vec<f32> {
+    let u = common::data(2 * len, seed);
+    (0..len)
+        .map(|i| {
+            // data() is uniform in [-2, 2): map to (0, 1].
+            let u1 = 1.0 - f64::from(u[2 * i] + 2.0) / 4.0;
+            let u2 = f64::from(u[2 * i + 1] + 2.0) / 4.0;
+            ((-2.0 * u1.max(1e-12).ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn int8_error_on_standard_normal_inputs_at_the_benchmark_depth() {
+    let k = with_low_precision(&kernel(DENSE), &[], true);
+    let dims = [("h", 1), ("m", 64), ("n", 4096), ("d", 64), ("e", 64)];
+    let b = bindings(&dims);
+    let ins: Vec<(Vec<usize>, Vec<f32>)> = inputs(&k, &b, 1)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (shape, v))| {
+            let data = standard_normal(v.len(), 100 + i as u64);
+            (shape, data)
+        })
+        .collect();
+    let want = reference(&k, &b, &ins);
+    let c = CompiledKernel::compile(&k, &b, &options(true)).expect("compile");
+    let err = rel_l2(&run_jit(&c, &k, &ins, 2).data, &want);
+    eprintln!("int8 relative L2 error on standard-normal inputs: {err:.5}");
+    assert!(err <= INT8_REL_L2, "{err}");
+}
