@@ -8,6 +8,7 @@
 //! println!("{gbs:.1} GB/s");
 //! ```
 
+use crate::buffer::{BufferView, Elem};
 use crate::error::Result;
 use crate::jit::{Jit, KernelHandle};
 use crate::kernels::{counted_loop, elem_addr, mem, KernelArgs};
@@ -57,7 +58,14 @@ fn compile_sum(rows: usize) -> Result<KernelHandle> {
         Ok(())
     })?;
     let code = jit.finish()?;
-    code.handle(id, "bandwidth_sum", vec![rows * ROW_FLOATS], 4, 1, rows)
+    code.handle(
+        id,
+        "bandwidth_sum",
+        vec![(rows * ROW_FLOATS, Elem::F32)],
+        4,
+        1,
+        rows,
+    )
 }
 
 /// GB/s (10⁹ bytes per second) of one thread summing about `bytes` bytes of f32 (rounded
@@ -70,7 +78,7 @@ pub fn measure_bandwidth(bytes: usize) -> Result<f64> {
     let mut best = f64::INFINITY;
     for _ in 0..PASSES {
         let start = Instant::now();
-        handle.run(&[&data], &mut out, 1)?;
+        handle.run(&[BufferView::F32(&data)], &mut out, 1)?;
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok((data.len() * 4) as f64 / best.max(f64::MIN_POSITIVE) / 1e9)
@@ -86,7 +94,9 @@ mod tests {
         let handle = compile_sum(rows).expect("compiles");
         let data: Vec<f32> = (0..rows * ROW_FLOATS).map(|i| (i % 5) as f32).collect();
         let mut out = [0.0f32; 4];
-        handle.run(&[&data], &mut out, 1).expect("runs");
+        handle
+            .run(&[BufferView::F32(&data)], &mut out, 1)
+            .expect("runs");
         let total: f32 = out.iter().sum();
         assert_eq!(total, data.iter().sum::<f32>());
     }

@@ -4,10 +4,11 @@
 //! Every generated kernel has ONE extern "C" ABI ([`KERNEL_ABI`]):
 //!
 //! ```text
-//! fn(inputs: *const *const f32, output: *mut f32, batch: u64, begin: u64, end: u64)
+//! fn(inputs: *const *const u8, output: *mut f32, batch: u64, begin: u64, end: u64)
 //! ```
 //!
-//! `inputs` points at one pointer per operand buffer, `batch` is a flat batch index in
+//! `inputs` points at one pointer per operand buffer (each in its element type, see
+//! [`crate::buffer::Elem`]), `batch` is a flat batch index in
 //! `0..batches`, and `[begin, end)` a range of rows in `0..rows`. A kernel writes exactly the
 //! output elements that belong to its (batch, rows) and reads only within the buffer lengths
 //! it was generated for. This module is the only one with `unsafe`: [`KernelHandle::run`]
@@ -18,6 +19,7 @@
 //! A [`KernelHandle`] holds an `Arc` of the [`Code`] that owns its machine code, so the code
 //! cannot be freed while a handle exists.
 
+use crate::buffer::{BufferView, Elem};
 use crate::error::{JitError, Result};
 use cranelift_codegen::ir::{types, AbiParam, Signature};
 use cranelift_codegen::isa::OwnedTargetIsa;
@@ -30,10 +32,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 /// The ABI every kernel shares, as text (for documentation and `explain`).
 pub const KERNEL_ABI: &str =
-    "extern \"C\" fn(inputs: *const *const f32, output: *mut f32, batch: u64, begin: u64, end: u64)";
+    "extern \"C\" fn(inputs: *const *const u8, output: *mut f32, batch: u64, begin: u64, end: u64)";
 
 /// The function-pointer type of [`KERNEL_ABI`].
-type RawKernel = unsafe extern "C" fn(*const *const f32, *mut f32, u64, u64, u64);
+type RawKernel = unsafe extern "C" fn(*const *const u8, *mut f32, u64, u64, u64);
 
 /// The host ISA, built once per process from `cranelift_native::builder()` (so `has_fma`,
 /// `has_avx` … reflect this CPU), opt level `speed`, verifier on in debug and test builds.
@@ -180,12 +182,13 @@ impl Jit {
         &mut self.module
     }
 
-    /// Records the CLIF of a function defined directly through [`Jit::module_mut`].
-    pub fn record_text(&mut self, name: &str, clif: String) {
+    /// Records the CLIF (and VCode listing) of a function defined directly through
+    /// [`Jit::module_mut`].
+    pub fn record_text(&mut self, name: &str, clif: String, vcode: Option<String>) {
         self.texts.push(FunctionText {
             name: name.to_string(),
             clif,
-            vcode: None,
+            vcode,
         });
     }
 
@@ -219,7 +222,7 @@ impl Code {
     }
 
     /// A typed handle to kernel `id` that was generated for inputs of exactly `input_lens`
-    /// elements, an output of `output_len` elements, and a work space of `batches × rows`.
+    /// (elements, element type), an output of `output_len` elements, and a work space of `batches × rows`.
     ///
     /// The caller (the plan) vouches that the generated code, given buffers of these lengths
     /// and a (batch, rows) range inside the work space, stays in bounds and writes only the
@@ -228,7 +231,7 @@ impl Code {
         self: &Arc<Code>,
         id: FuncId,
         name: &str,
-        input_lens: Vec<usize>,
+        input_lens: Vec<(usize, Elem)>,
         output_len: usize,
         batches: usize,
         rows: usize,
@@ -282,7 +285,7 @@ pub struct KernelHandle {
     code: Arc<Code>,
     func: RawKernel,
     name: String,
-    input_lens: Vec<usize>,
+    input_lens: Vec<(usize, Elem)>,
     output_len: usize,
     batches: usize,
     rows: usize,
@@ -315,14 +318,14 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 /// The input pointer table, shared read-only by the threads of one run.
-struct SharedIns(Vec<*const f32>);
+struct SharedIns(Vec<*const u8>);
 
 impl SharedIns {
-    fn table(&self) -> *const *const f32 {
+    fn table(&self) -> *const *const u8 {
         self.0.as_ptr()
     }
 }
-// SAFETY: the pointers come from live `&[f32]` borrows held for the whole run; kernels
+// SAFETY: the pointers come from live slice borrows held for the whole run; kernels
 // only read through them.
 unsafe impl Send for SharedIns {}
 // SAFETY: as above.
@@ -342,7 +345,7 @@ impl KernelHandle {
     /// Runs the kernel over its whole work space, split into contiguous (batch, row) chunks
     /// over up to `threads` threads. Every output element is computed by exactly one call, so
     /// the result does not depend on `threads`.
-    pub fn run(&self, inputs: &[&[f32]], output: &mut [f32], threads: usize) -> Result<()> {
+    pub fn run(&self, inputs: &[BufferView<'_>], output: &mut [f32], threads: usize) -> Result<()> {
         self.check_buffers(inputs, output)?;
         let units = self.batches.saturating_mul(self.rows);
         if units == 0 {
@@ -358,7 +361,7 @@ impl KernelHandle {
                 let batch = u / self.rows;
                 let row = u % self.rows;
                 let row_end = self.rows.min(row + (u1 - u));
-                // SAFETY: buffer counts and lengths were checked above against what the code
+                // SAFETY: buffer counts, element types and lengths were checked above against what the code
                 // was generated for; `batch < batches` and `row < row_end <= rows`; the
                 // (batch, row) ranges of different threads are disjoint, so no element is
                 // written twice or read while written (inputs never alias the output: they
@@ -396,7 +399,7 @@ impl KernelHandle {
     /// (calibration samples). Rows outside the range are left as they are.
     pub fn run_rows(
         &self,
-        inputs: &[&[f32]],
+        inputs: &[BufferView<'_>],
         output: &mut [f32],
         batch: usize,
         rows: std::ops::Range<usize>,
@@ -405,7 +408,7 @@ impl KernelHandle {
         if batch >= self.batches || rows.start >= rows.end.min(self.rows) {
             return Ok(());
         }
-        let ins: Vec<*const f32> = inputs.iter().map(|s| s.as_ptr()).collect();
+        let ins: Vec<*const u8> = inputs.iter().map(|s| s.as_ptr()).collect();
         // SAFETY: buffer counts and lengths were checked against what the code was generated
         // for; `batch < batches` and `rows.start < row_end <= rows`.
         unsafe {
@@ -421,7 +424,7 @@ impl KernelHandle {
     }
 
     /// Checks the buffer count and every length against what the code was generated for.
-    fn check_buffers(&self, inputs: &[&[f32]], output: &[f32]) -> Result<()> {
+    fn check_buffers(&self, inputs: &[BufferView<'_>], output: &[f32]) -> Result<()> {
         if inputs.len() != self.input_lens.len() {
             return Err(JitError::Buffer {
                 input: self.name.clone(),
@@ -432,11 +435,16 @@ impl KernelHandle {
                 ),
             });
         }
-        for (k, (buf, &len)) in inputs.iter().zip(&self.input_lens).enumerate() {
-            if buf.len() != len {
+        for (k, (buf, &(len, elem))) in inputs.iter().zip(&self.input_lens).enumerate() {
+            if buf.len() != len || buf.elem() != elem {
                 return Err(JitError::Buffer {
                     input: format!("{} operand {k}", self.name),
-                    detail: format!("expected {len} elements, got {}", buf.len()),
+                    detail: format!(
+                        "expected {len} {} elements, got {} {}",
+                        elem.keyword(),
+                        buf.len(),
+                        buf.elem().keyword()
+                    ),
                 });
             }
         }

@@ -8,12 +8,21 @@
 //! when it is the kernel's result. Matrix products read both operands through strides, so
 //! `k.T` is never copied.
 //!
+//! Buffers have an element type ([`Elem`]): inputs keep their storage type. Steps that compute
+//! in f32 read an f16/bf16 input through one host [`StepKind::Convert`] step (planned only when
+//! such a step uses the input); the fused attention kernel loads f16/bf16 lanes natively, and a
+//! `cast(x, bf16)` operand of its Q, K or V becomes one conversion of `x` to a bf16 buffer.
+//!
 //! # Architecture invariant
-//! Buffers `0..params.len()` are the kernel inputs (widened to f32 by the runtime); every
-//! other buffer is written by exactly one step, before any step that reads it.
+//! Buffers `0..params.len()` are the kernel inputs in their storage types; every other buffer
+//! is written by exactly one step, before any step that reads it. Every step but
+//! [`StepKind::Convert`], [`StepKind::Quantize`] and [`StepKind::Attention`] reads and writes
+//! f32 buffers only.
 
+use crate::buffer::Elem;
 use crate::error::{JitError, Result};
-use crate::kernels::attention::{match_attention, AttentionSpec};
+use crate::kernels::attention::quant::QuantLayout;
+use crate::kernels::attention::{match_attention, AttentionSpec, Precision};
 use crate::kernels::elementwise::{Coord, ElementwiseSpec, Expr};
 use crate::kernels::matmul::MatMulSpec;
 use crate::kernels::prefix::{match_prefix, PrefixMatch, PrefixSpec};
@@ -30,11 +39,13 @@ pub enum BufferSource {
     Temp,
 }
 
-/// One f32 buffer of the plan.
+/// One buffer of the plan.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BufferInfo {
-    /// Number of f32 elements.
+    /// Number of elements.
     pub len: usize,
+    /// Element type.
+    pub elem: Elem,
     /// Its origin.
     pub source: BufferSource,
 }
@@ -55,7 +66,15 @@ pub enum StepKind {
     /// A constant computed at compile time (the seeded matrices of approximations), copied
     /// into the output by the host.
     Constant(Arc<[f32]>),
-    /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads every kernel input (f32, widened).
+    /// Conversion of one buffer to another element type, done by the host (f16/bf16 inputs
+    /// widened for f32 steps, f32 operands rounded for the fused attention kernel).
+    Convert(Elem),
+    /// The int8 attention pre-pass, done by the host: reads Q, K, V (in this order, any of
+    /// f32/f16/bf16) and writes the packed quantized operands (a byte buffer).
+    Quantize(Box<QuantLayout>),
+    /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads the buffers its [`TensorRef`] slots name
+    /// (`crate::kernels::attention::TensorRef`), in their element types (int8: the packed
+    /// buffer first, then the biases).
     Attention(Box<AttentionSpec>),
     /// Causal linear attention through a running prefix state; reads `φQ`, `φK`, `V`.
     Prefix(PrefixSpec),
@@ -81,7 +100,10 @@ impl Step {
             StepKind::Elementwise(s) => s.work(),
             StepKind::MatMul(s) => s.work(),
             StepKind::Reduce(_, s) | StepKind::Softmax(s) => s.work(),
-            StepKind::Cast(_) | StepKind::Constant(_) => (1, 1),
+            StepKind::Cast(_)
+            | StepKind::Constant(_)
+            | StepKind::Convert(_)
+            | StepKind::Quantize(_) => (1, 1),
             StepKind::Attention(s) => (s.batch_count(), s.m),
             StepKind::Prefix(s) => s.work(),
         }
@@ -92,6 +114,11 @@ impl Step {
         match &self.kind {
             StepKind::MatMul(s) => s.flops(),
             StepKind::Prefix(s) => s.flops(),
+            StepKind::Attention(s) if s.precision == Precision::Int8 => 2usize
+                .saturating_mul(s.batch_count())
+                .saturating_mul(s.m)
+                .saturating_mul(s.n)
+                .saturating_mul(s.d.max(s.dv).max(1)),
             StepKind::Attention(s) => 4usize
                 .saturating_mul(s.batch_count())
                 .saturating_mul(s.m)
@@ -130,8 +157,12 @@ impl std::fmt::Display for Plan {
         writeln!(f, "plan {} ({} steps)", self.kernel, self.steps.len())?;
         for (i, b) in self.buffers.iter().enumerate() {
             match b.source {
-                BufferSource::Input(p) => writeln!(f, "  buf{i}: input #{p}, {} f32", b.len)?,
-                BufferSource::Temp => writeln!(f, "  buf{i}: temp, {} f32", b.len)?,
+                BufferSource::Input(p) => {
+                    writeln!(f, "  buf{i}: input #{p}, {} {}", b.len, b.elem.keyword())?
+                }
+                BufferSource::Temp => {
+                    writeln!(f, "  buf{i}: temp, {} {}", b.len, b.elem.keyword())?
+                }
             }
         }
         for step in &self.steps {
@@ -159,8 +190,17 @@ impl std::fmt::Display for Plan {
                     )
                 }
                 StepKind::Cast(to) => format!("round to {}", to.keyword()),
+                StepKind::Convert(to) => format!("convert to {} (host)", to.keyword()),
+                StepKind::Quantize(l) => format!(
+                    "quantize Q, K, V to int8 (host; K smoothed, {} bytes per batch entry)",
+                    l.entry_bytes()
+                ),
                 StepKind::Attention(s) => format!(
-                    "fused attention batch {:?} m={} n={} d={} dv={} mask {}",
+                    "fused attention{} batch {:?} m={} n={} d={} dv={} mask {}",
+                    match s.precision {
+                        Precision::Exact => "",
+                        Precision::Int8 => " int8",
+                    },
                     s.batch,
                     s.m,
                     s.n,
@@ -219,8 +259,13 @@ struct Planner<'k> {
 
 impl Planner<'_> {
     fn new_buffer(&mut self, len: usize) -> usize {
+        self.new_typed_buffer(len, Elem::F32)
+    }
+
+    fn new_typed_buffer(&mut self, len: usize, elem: Elem) -> usize {
         self.buffers.push(BufferInfo {
             len,
+            elem,
             source: BufferSource::Temp,
         });
         self.buffers.len() - 1
@@ -234,6 +279,8 @@ impl Planner<'_> {
             StepKind::Softmax(_) => "softmax",
             StepKind::Cast(_) => "cast",
             StepKind::Constant(_) => "const",
+            StepKind::Convert(_) => "convert",
+            StepKind::Quantize(_) => "quantize",
             StepKind::Attention(_) => "attention",
             StepKind::Prefix(_) => "prefix",
         };
@@ -335,6 +382,7 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
         .enumerate()
         .map(|(i, s)| BufferInfo {
             len: s.iter().product(),
+            elem: Elem::of(kernel.params[i].dtype),
             source: BufferSource::Input(i),
         })
         .collect();
@@ -362,6 +410,25 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
             }
         }
     }
+    // `int8-products(P @ V)` selects the int8 kernel when `P @ V` fused and has no other user
+    // (another user expects the exact product).
+    let mut all_users = vec![0usize; kernel.graph.len()];
+    for &id in &order {
+        for op in kernel.graph.operands(id) {
+            all_users[op.index()] += 1;
+        }
+    }
+    for &id in &order {
+        if matches!(kernel.graph.node(id).op, Op::Int8Products) {
+            if let Some(&inner) = kernel.graph.operands(id).first() {
+                if let Some(spec) = fused[inner.index()].as_mut() {
+                    if all_users[inner.index()] == 1 && kernel.output != inner {
+                        spec.precision = Precision::Int8;
+                    }
+                }
+            }
+        }
+    }
     let mut live = vec![false; kernel.graph.len()];
     live[kernel.output.index()] = true;
     let mut users = vec![0usize; kernel.graph.len()];
@@ -384,7 +451,7 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
             continue;
         }
         let v = match (fused[id.index()].take(), prefix[id.index()].take()) {
-            (Some(spec), _) => plan_attention(&mut p, spec, &input_shapes),
+            (Some(spec), _) => plan_attention(&mut p, spec),
             (None, Some(pm)) => plan_prefix(&mut p, pm, &vals)?,
             (None, None) => plan_node(&mut p, id, &vals, &input_shapes)?,
         };
@@ -449,7 +516,14 @@ fn plan_node(
             let s = input_shapes
                 .get(*index)
                 .ok_or_else(|| plan_error(&node.op, "no such parameter"))?;
-            Planner::leaf(*index, s)
+            if p.buffers[*index].elem == Elem::F32 {
+                Planner::leaf(*index, s)
+            } else {
+                // f32 steps read half-precision inputs through one widened copy.
+                let out = p.new_buffer(p.buffers[*index].len);
+                p.push(StepKind::Convert(Elem::F32), vec![*index], out);
+                Planner::leaf(out, s)
+            }
         }
         Op::Const(v) => val(Expr::Const(*v as f32)),
         Op::DimValue(d) => match d.resolve(p.bindings) {
@@ -546,22 +620,72 @@ fn plan_node(
     })
 }
 
-/// The fused attention step; the kernel reads the inputs as the runtime passes them (f32).
-fn plan_attention(
-    p: &mut Planner<'_>,
-    mut spec: AttentionSpec,
-    input_shapes: &[Vec<usize>],
-) -> Val {
-    for t in [&mut spec.q, &mut spec.k, &mut spec.v]
-        .into_iter()
-        .chain(spec.biases.iter_mut())
-    {
-        t.dtype = DType::F32;
-    }
+/// The fused attention step. Q, K, V and the biases are read in their storage types; a cast
+/// operand (`TensorRef::convert`) reads a copy of its parameter rounded once by a host step.
+/// The int8 kernel reads the packed buffer of a host [`StepKind::Quantize`] step instead of
+/// Q, K and V.
+fn plan_attention(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
+    let mut inputs: Vec<usize> = Vec::new();
+    let mut converted: Vec<(usize, DType, usize)> = Vec::new();
+    // Resolves a tensor to its buffer and points its slot at the step's operand list.
+    let mut bind = |p: &mut Planner<'_>,
+                    t: &mut crate::kernels::attention::TensorRef,
+                    inputs: &mut Vec<usize>| {
+        let param = t.slot;
+        let buf = match t.convert.take() {
+            Some(to) => match converted.iter().find(|c| c.0 == param && c.1 == to) {
+                Some(c) => c.2,
+                None => {
+                    let out = p.new_typed_buffer(p.buffers[param].len, Elem::of(to));
+                    p.push(StepKind::Convert(Elem::of(to)), vec![param], out);
+                    converted.push((param, to, out));
+                    out
+                }
+            },
+            None => param,
+        };
+        t.dtype = match p.buffers[buf].elem {
+            Elem::F16 => DType::F16,
+            Elem::Bf16 => DType::Bf16,
+            Elem::F32 | Elem::U8 => DType::F32,
+        };
+        t.slot = match inputs.iter().position(|&b| b == buf) {
+            Some(k) => k,
+            None => {
+                inputs.push(buf);
+                inputs.len() - 1
+            }
+        };
+    };
     let mut shape = spec.batch.clone();
     shape.extend([spec.m, spec.dv]);
     let out = p.new_buffer(shape.iter().product());
-    let inputs = (0..input_shapes.len()).collect();
+    match spec.precision {
+        Precision::Exact => {
+            for t in [&mut spec.q, &mut spec.k, &mut spec.v]
+                .into_iter()
+                .chain(spec.biases.iter_mut())
+            {
+                bind(p, t, &mut inputs);
+            }
+        }
+        Precision::Int8 => {
+            let mut qkv = Vec::new();
+            for t in [&mut spec.q, &mut spec.k, &mut spec.v] {
+                let mut own = Vec::new();
+                bind(p, t, &mut own);
+                qkv.push(own[0]);
+                t.slot = qkv.len() - 1;
+            }
+            let layout = QuantLayout::new(&spec);
+            let packed = p.new_typed_buffer(layout.total_bytes(), Elem::U8);
+            p.push(StepKind::Quantize(Box::new(layout)), qkv, packed);
+            inputs.push(packed);
+            for t in spec.biases.iter_mut() {
+                bind(p, t, &mut inputs);
+            }
+        }
+    }
     p.push(StepKind::Attention(Box::new(spec)), inputs, out);
     Planner::leaf(out, &shape)
 }

@@ -9,8 +9,10 @@
 //! # Ok(()) }
 //! ```
 
+use crate::buffer::{convert, BufferView, Elem, Storage};
 use crate::error::{JitError, Result};
 use crate::jit::{Code, FunctionText, Jit, KernelHandle};
+use crate::kernels::attention::quant;
 use crate::kernels::{self, KernelArgs};
 use crate::plan::{plan, BufferSource, Plan, StepKind};
 use attnc_ir::{Bindings, DType, Kernel};
@@ -21,17 +23,24 @@ use std::time::{Duration, Instant};
 /// Options of [`CompiledKernel::compile`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CompileOptions {
-    /// Steps with fewer estimated operations than this run on one thread.
+    /// Estimated operations each thread must get: a step runs on at most
+    /// `cost / parallel_threshold` threads (at least one; 0 lets every step use all threads).
+    /// Starting a thread costs tens of microseconds, so small steps stay on one.
     pub parallel_threshold: usize,
     /// Whether recognized attention subgraphs run as one fused kernel.
     pub fuse_attention: bool,
+    /// Whether the int8 attention kernel may use the CPU's u8·i8 dot-product instruction
+    /// (`vpdpbusd`, AVX-VNNI); without it the same integer tree is lowered to plain SIMD
+    /// (same results, slower).
+    pub dot_product_instructions: bool,
 }
 
 impl Default for CompileOptions {
     fn default() -> CompileOptions {
         CompileOptions {
-            parallel_threshold: 1 << 16,
+            parallel_threshold: 1 << 22,
             fuse_attention: true,
+            dot_product_instructions: true,
         }
     }
 }
@@ -41,9 +50,10 @@ impl Default for CompileOptions {
 pub enum Input<'a> {
     /// f32 data.
     F32(&'a [f32]),
-    /// IEEE half data, widened to f32 before the kernels run.
+    /// IEEE half data (read natively by the fused attention kernel, widened once for steps
+    /// that compute in f32).
     F16(&'a [half::f16]),
-    /// bfloat16 data, widened to f32 before the kernels run.
+    /// bfloat16 data (as for f16).
     Bf16(&'a [half::bf16]),
 }
 
@@ -57,10 +67,14 @@ impl Input<'_> {
     }
 
     fn len(&self) -> usize {
-        match self {
-            Input::F32(s) => s.len(),
-            Input::F16(s) => s.len(),
-            Input::Bf16(s) => s.len(),
+        self.view().len()
+    }
+
+    fn view(&self) -> BufferView<'_> {
+        match *self {
+            Input::F32(s) => BufferView::F32(s),
+            Input::F16(s) => BufferView::F16(s),
+            Input::Bf16(s) => BufferView::Bf16(s),
         }
     }
 }
@@ -109,7 +123,10 @@ impl CompiledKernel {
         let mut ids = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             let id = match &step.kind {
-                StepKind::Cast(_) | StepKind::Constant(_) => None,
+                StepKind::Cast(_)
+                | StepKind::Constant(_)
+                | StepKind::Convert(_)
+                | StepKind::Quantize(_) => None,
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
                 })?),
@@ -120,10 +137,14 @@ impl CompiledKernel {
                     kernels::reduce::emit_reduce(b, KernelArgs::new(p), *op, *spec)
                 })?),
                 StepKind::Attention(spec) => {
-                    let (id, clif) =
-                        kernels::attention::define_attention(jit.module_mut(), spec, &step.name)?;
-                    jit.record_text(&step.name, clif);
-                    Some(id)
+                    let defined = kernels::attention::define_attention_with(
+                        jit.module_mut(),
+                        spec,
+                        &step.name,
+                        options.dot_product_instructions,
+                    )?;
+                    jit.record_text(&step.name, defined.clif, defined.vcode);
+                    Some(defined.id)
                 }
                 StepKind::Prefix(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::prefix::emit(b, KernelArgs::new(p), spec)
@@ -141,7 +162,11 @@ impl CompiledKernel {
                 None => None,
                 Some(id) => {
                     let (batches, rows) = step.work();
-                    let lens = step.inputs.iter().map(|&b| plan.buffers[b].len).collect();
+                    let lens = step
+                        .inputs
+                        .iter()
+                        .map(|&b| (plan.buffers[b].len, plan.buffers[b].elem))
+                        .collect();
                     Some(code.handle(
                         id,
                         &step.name,
@@ -282,14 +307,6 @@ impl CompiledKernel {
     ) -> Result<Output> {
         self.check_inputs(inputs)?;
         let threads = threads.max(1);
-        let widened: Vec<Option<Vec<f32>>> = inputs
-            .iter()
-            .map(|input| match input {
-                Input::F32(_) => None,
-                Input::F16(s) => Some(s.iter().map(|x| x.to_f32()).collect()),
-                Input::Bf16(s) => Some(s.iter().map(|x| x.to_f32()).collect()),
-            })
-            .collect();
         // Temporaries live from the step that writes them to the last step that reads them.
         let mut last_use = vec![0usize; self.plan.buffers.len()];
         for (index, step) in self.plan.steps.iter().enumerate() {
@@ -297,60 +314,104 @@ impl CompiledKernel {
                 last_use[b] = index;
             }
         }
-        let mut temps: Vec<Vec<f32>> = vec![Vec::new(); self.plan.buffers.len()];
+        let mut temps: Vec<Storage> = vec![Storage::default(); self.plan.buffers.len()];
         for (index, (step, handle)) in self.plan.steps.iter().zip(&self.handles).enumerate() {
-            let mut out = vec![0.0f32; self.plan.buffers[step.output].len];
-            {
-                let views: Vec<&[f32]> = step
+            let out = {
+                let views: Vec<BufferView<'_>> = step
                     .inputs
                     .iter()
                     .map(|&b| match self.plan.buffers[b].source {
-                        BufferSource::Input(i) => match (&widened[i], &inputs[i]) {
-                            (Some(w), _) => w.as_slice(),
-                            (None, Input::F32(s)) => s,
-                            (None, _) => &[],
-                        },
-                        BufferSource::Temp => temps[b].as_slice(),
+                        BufferSource::Input(i) => inputs[i].view(),
+                        BufferSource::Temp => temps[b].view(),
                     })
                     .collect();
-                match (&step.kind, handle) {
-                    (StepKind::Cast(to), _) => cast(views[0], &mut out, *to),
-                    (StepKind::Constant(data), _) => out.copy_from_slice(data),
-                    (StepKind::Attention(_), Some(h))
-                        if sample.is_some() && index + 1 == self.plan.steps.len() =>
-                    {
-                        for range in sample.unwrap_or_default() {
-                            h.run_rows(&views, &mut out, 0, range.clone())?;
-                        }
-                    }
-                    (_, Some(h)) => {
-                        let t = if step.cost(&self.plan.buffers) >= self.options.parallel_threshold
-                        {
-                            threads
-                        } else {
-                            1
-                        };
-                        h.run(&views, &mut out, t)?;
-                    }
-                    (_, None) => {
-                        return Err(JitError::Plan {
-                            op: step.name.clone(),
-                            detail: "step has no compiled kernel".to_string(),
-                        })
-                    }
-                }
-            }
+                let cost = step.cost(&self.plan.buffers);
+                let t = match self.options.parallel_threshold {
+                    0 => threads,
+                    per => (cost / per).clamp(1, threads),
+                };
+                // Only a final attention step can compute just the sampled rows.
+                let rows = sample.filter(|_| index + 1 == self.plan.steps.len());
+                self.run_step(step, handle.as_ref(), &views, t, rows)?
+            };
             temps[step.output] = out;
             for &b in &step.inputs {
                 if last_use[b] == index && b != self.plan.output {
-                    temps[b] = Vec::new();
+                    temps[b] = Storage::default();
                 }
             }
         }
-        let data = std::mem::take(&mut temps[self.plan.output]);
+        let data = match std::mem::take(&mut temps[self.plan.output]) {
+            Storage::F32(v) => v,
+            other => match convert(other.view(), Elem::F32) {
+                Storage::F32(v) => v,
+                _ => Vec::new(),
+            },
+        };
         Ok(Output {
             shape: self.plan.output_shape.clone(),
             data,
+        })
+    }
+}
+
+impl CompiledKernel {
+    /// Runs one step on `views` (its input buffers) with up to `threads` threads and returns
+    /// the buffer it writes. With `rows`, an attention step computes only those rows of its
+    /// first batch entry (the rest of its output stays zero).
+    fn run_step(
+        &self,
+        step: &crate::plan::Step,
+        handle: Option<&KernelHandle>,
+        views: &[BufferView<'_>],
+        threads: usize,
+        rows: Option<&[Range<usize>]>,
+    ) -> Result<Storage> {
+        let len = self.plan.buffers[step.output].len;
+        let host_input = |k: usize| -> Result<BufferView<'_>> {
+            views.get(k).copied().ok_or_else(|| JitError::Plan {
+                op: step.name.clone(),
+                detail: format!("host step has no operand {k}"),
+            })
+        };
+        Ok(match (&step.kind, handle) {
+            (StepKind::Cast(to), _) => {
+                let mut out = vec![0.0f32; len];
+                // Plans cast f32 buffers; anything else is widened first.
+                match host_input(0)? {
+                    BufferView::F32(src) => cast(src, &mut out, *to),
+                    other => {
+                        if let Storage::F32(src) = convert(other, Elem::F32) {
+                            cast(&src, &mut out, *to);
+                        }
+                    }
+                }
+                Storage::F32(out)
+            }
+            (StepKind::Constant(data), _) => Storage::F32(data.to_vec()),
+            (StepKind::Convert(to), _) => convert(host_input(0)?, *to),
+            (StepKind::Quantize(layout), _) => {
+                let ins = [host_input(0)?, host_input(1)?, host_input(2)?];
+                Storage::U8(quant::pack(layout, &ins, threads)?)
+            }
+            (StepKind::Attention(_), Some(h)) if rows.is_some() => {
+                let mut out = vec![0.0f32; len];
+                for range in rows.unwrap_or_default() {
+                    h.run_rows(views, &mut out, 0, range.clone())?;
+                }
+                Storage::F32(out)
+            }
+            (_, Some(h)) => {
+                let mut out = vec![0.0f32; len];
+                h.run(views, &mut out, threads)?;
+                Storage::F32(out)
+            }
+            (_, None) => {
+                return Err(JitError::Plan {
+                    op: step.name.clone(),
+                    detail: "step has no compiled kernel".to_string(),
+                })
+            }
         })
     }
 }

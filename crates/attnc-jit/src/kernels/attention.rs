@@ -20,7 +20,12 @@
 //! scalar constants and dimension values (folded to one constant per scalar subtree),
 //! `relpos` (of shape exactly `[m, n]`), `ones`/`zeros` fills, and bias inputs broadcast to
 //! `[..., m, n]`. `Q`, `K`, `V` and the biases must be kernel parameters (any of f32, f16,
-//! bf16, widened on load); K and V may broadcast over leading axes (MQA/GQA).
+//! bf16, widened on load); `Q`, `K` and `V` may also be `cast(param, bf16|f16)` (the plan rounds
+//! the parameter once and the kernel loads the rounded copy). K and V may broadcast over
+//! leading axes (MQA/GQA).
+//!
+//! `int8-products(P @ V)` around a matched `P @ V` (its only user) selects
+//! [`Precision::Int8`]: the kernel of [`int8`] on operands packed by [`quant`].
 //!
 //! Declined (the plan falls back to separate kernels):
 //! - a mask with a finite or NaN fill: a skipped tile would have to contribute
@@ -32,14 +37,18 @@
 //! - more than 2^29 rows or keys (2^24 with `dilated`, whose stride test runs in f32).
 
 mod codegen;
+pub mod int8;
 mod mask;
+pub mod quant;
 
-pub use codegen::{define_attention, KEY_TILE, QUERY_TILE};
+pub use codegen::{
+    define_attention, define_attention_with, DefinedAttention, KEY_TILE, QUERY_TILE,
+};
 
 use crate::tiles::{classify, TileKind, TileRun};
 use attnc_ir::interp::{binary_scalar, unary};
 use attnc_ir::{BinaryOp, Bindings, DType, Dim, Kernel, MaskPattern, NodeId, Op, UnaryOp};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A tensor the kernel reads: where its pointer is and how its elements are laid out.
 ///
@@ -54,6 +63,9 @@ pub struct TensorRef {
     pub name: String,
     /// Storage type; f16/bf16 are widened to f32 on load.
     pub dtype: DType,
+    /// `Some(to)` when the operand is `cast(param, to)`: the kernel must read the parameter
+    /// rounded to `to` (the plan converts it once and clears this).
+    pub convert: Option<DType>,
     /// Element stride per leading output axis (0 where the tensor broadcasts).
     pub batch_strides: Vec<usize>,
     /// Element stride between rows (0 where broadcast).
@@ -78,6 +90,16 @@ pub enum ScoreExpr {
     Unary(UnaryOp, Box<ScoreExpr>),
     /// An elementwise function of two operands.
     Binary(BinaryOp, Box<ScoreExpr>, Box<ScoreExpr>),
+}
+
+/// The arithmetic of the fused kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Precision {
+    /// f32 arithmetic on the operands as stored (exact up to f32 rounding).
+    #[default]
+    Exact,
+    /// Integer Q·Kᵀ and P·V on int8-quantized operands (approximate, see [`int8`]).
+    Int8,
 }
 
 /// Everything the fused attention kernel is specialized to (all shapes bound).
@@ -105,6 +127,8 @@ pub struct AttentionSpec {
     pub score: ScoreExpr,
     /// The kept positions (`None`: dense). Masked scores are `-inf` (the only fill matched).
     pub mask: Option<MaskPattern>,
+    /// The arithmetic ([`Precision::Exact`] unless the plan saw `int8-products`).
+    pub precision: Precision,
 }
 
 impl AttentionSpec {
@@ -272,6 +296,21 @@ impl Matcher<'_> {
         }
     }
 
+    /// The [`TensorRef`] of an input or of `cast(input, f16|bf16)` at `id` (see
+    /// [`Matcher::tensor`]).
+    fn operand(&self, id: NodeId, batch: &[usize], rows: usize, cols: usize) -> Option<TensorRef> {
+        if let Op::Cast { to } = self.node(id).op {
+            if to == DType::F32 {
+                return None;
+            }
+            let x = *self.operands(id).first()?;
+            let mut t = self.tensor(x, batch, rows, cols)?;
+            t.convert = Some(to);
+            return Some(t);
+        }
+        self.tensor(id, batch, rows, cols)
+    }
+
     /// The [`TensorRef`] of input node `id` whose last two axes are `(rows, cols)` under the
     /// output batch shape `batch`.
     fn tensor(&self, id: NodeId, batch: &[usize], rows: usize, cols: usize) -> Option<TensorRef> {
@@ -302,6 +341,7 @@ impl Matcher<'_> {
             slot: *index,
             name: name.clone(),
             dtype: param.dtype,
+            convert: None,
             batch_strides: strides[..rank - 2].to_vec(),
             row_stride: strides[rank - 2],
             col_stride: strides[rank - 1],
@@ -413,9 +453,9 @@ pub fn match_attention(
     if m >= 1 << 29 || n >= 1 << 29 {
         return None;
     }
-    let q_ref = mt.tensor(q, &batch, m, d)?;
-    let k_ref = mt.tensor(k, &batch, n, d)?;
-    let v_ref = mt.tensor(v, &batch, n, dv)?;
+    let q_ref = mt.operand(q, &batch, m, d)?;
+    let k_ref = mt.operand(k, &batch, n, d)?;
+    let v_ref = mt.operand(v, &batch, n, dv)?;
     // Rows of Q, K, V must be contiguous for vector loads.
     if (d > 1 && (q_ref.col_stride != 1 || k_ref.col_stride != 1))
         || (dv > 1 && v_ref.col_stride != 1)
@@ -464,7 +504,49 @@ pub fn match_attention(
         biases,
         score,
         mask,
+        precision: Precision::Exact,
     })
+}
+
+/// A copy of `kernel` with the operands of the parameters in `casts` wrapped in
+/// `cast(param, to)` and, when `int8`, the output wrapped in `int8-products` — the IR forms the
+/// optimizer emits for `@approx(bf16)`, `@approx(f16)` and `@approx(int8)`, for tests and
+/// benchmarks that exercise the kernels without it.
+pub fn with_low_precision(kernel: &Kernel, casts: &[(usize, DType)], int8: bool) -> Kernel {
+    let old = &kernel.graph;
+    let mut graph = attnc_ir::Graph::new();
+    let mut map: HashMap<NodeId, NodeId> = HashMap::new();
+    for id in old.topo_order() {
+        let node = old.node(id).clone();
+        let ops: Vec<NodeId> = old.operands(id).iter().map(|o| map[o]).collect();
+        let cast = match node.op {
+            Op::Input { index, .. } => casts.iter().find(|c| c.0 == index).map(|c| c.1),
+            _ => None,
+        };
+        let mut new = graph.add(node.clone(), &ops);
+        if let Some(to) = cast {
+            let wrapped = attnc_ir::Node {
+                op: Op::Cast { to },
+                dtype: to,
+                ..node
+            };
+            new = graph.add(wrapped, &[new]);
+        }
+        map.insert(id, new);
+    }
+    let mut output = map[&kernel.output];
+    if int8 {
+        let node = attnc_ir::Node {
+            op: Op::Int8Products,
+            ..graph.node(output).clone()
+        };
+        output = graph.add(node, &[output]);
+    }
+    Kernel {
+        graph,
+        output,
+        ..kernel.clone()
+    }
 }
 
 /// Whether a pattern uses `dilated` (whose stride test runs in f32 and needs sizes < 2^24).

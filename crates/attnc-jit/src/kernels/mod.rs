@@ -16,7 +16,7 @@ use cranelift_frontend::FunctionBuilder;
 /// The five parameters of every kernel, as SSA values of its entry block.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelArgs {
-    /// `*const *const f32`: one pointer per operand buffer.
+    /// `*const *const u8`: one pointer per operand buffer (in its element type).
     pub inputs: Value,
     /// `*mut f32`: the output buffer.
     pub output: Value,

@@ -145,6 +145,7 @@ pub fn check(src: &str, dims: &[(&str, u64)], seed: u64) -> f64 {
         let options = CompileOptions {
             parallel_threshold: 0,
             fuse_attention,
+            ..CompileOptions::default()
         };
         let compiled =
             CompiledKernel::compile(&k, &b, &options).unwrap_or_else(|e| panic!("compile: {e}"));

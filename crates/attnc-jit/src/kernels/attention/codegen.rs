@@ -38,6 +38,7 @@ use crate::simd::{
     as_float, const_i32x4, emit_elu, emit_exp, emit_exp_nonpos, emit_log, emit_sigmoid, emit_tanh,
     hsum4, select_f32, shuffle_f32x4, splat_f32, splat_i32, transpose4, widen_f16,
 };
+use crate::tiles::classify;
 use attnc_ir::{BinaryOp, DType, UnaryOp};
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
@@ -67,18 +68,18 @@ pub const QUERY_TILE: usize = 4;
 const PV_VECS: usize = 3;
 
 /// Memory flags of buffer accesses: the runtime checked every buffer before the call.
-fn mem() -> MemFlagsData {
+pub(super) fn mem() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
 
-fn codegen_err(name: &str, detail: impl ToString) -> JitError {
+pub(super) fn codegen_err(name: &str, detail: impl ToString) -> JitError {
     JitError::Codegen {
         kernel: name.to_string(),
         detail: detail.to_string(),
     }
 }
 
-fn elem_size(dtype: DType) -> i64 {
+pub(super) fn elem_size(dtype: DType) -> i64 {
     match dtype {
         DType::F32 => 4,
         DType::F16 | DType::Bf16 => 2,
@@ -89,14 +90,15 @@ fn elem_size(dtype: DType) -> i64 {
 /// tile a `(first run, run count)` pair of u32, then the runs as `(first key tile, end key
 /// tile, kind)` u32 triples (kind 0 full, 1 partial, 2 tail full, 3 tail partial). Query tiles
 /// with equal run lists share their runs, so dense attention stores one run.
-struct TileTable {
-    bytes: Vec<u8>,
-    kinds: BTreeSet<u32>,
+pub(super) struct TileTable {
+    pub(super) bytes: Vec<u8>,
+    pub(super) kinds: BTreeSet<u32>,
 }
 
-fn tile_table(spec: &AttentionSpec) -> Result<TileTable> {
-    let tiles = spec.n.div_ceil(KEY_TILE);
-    let tail = !spec.n.is_multiple_of(KEY_TILE);
+/// The tile table of `spec` for key tiles of `key_tile` keys.
+pub(super) fn tile_table(spec: &AttentionSpec, key_tile: usize) -> Result<TileTable> {
+    let tiles = spec.n.div_ceil(key_tile);
+    let tail = !spec.n.is_multiple_of(key_tile);
     let mut rows: Vec<(u32, u32)> = Vec::with_capacity(spec.m);
     let mut runs: Vec<[u32; 3]> = Vec::new();
     let mut seen: HashMap<Vec<[u32; 3]>, u32> = HashMap::new();
@@ -104,7 +106,8 @@ fn tile_table(spec: &AttentionSpec) -> Result<TileTable> {
     let too_big = || JitError::Shape("attention tile table exceeds u32 indices".to_string());
     for g in 0..spec.m.div_ceil(QUERY_TILE) {
         let mut list: Vec<[u32; 3]> = Vec::new();
-        for r in spec.query_tile_runs(g) {
+        let (i0, i1) = spec.query_tile_rows(g);
+        for r in classify(spec.mask.as_ref(), spec.m, spec.n, i0, i1, key_tile) {
             let first = u32::try_from(r.first).map_err(|_| too_big())?;
             let end = u32::try_from(r.end).map_err(|_| too_big())?;
             if tail && r.end == tiles {
@@ -146,20 +149,20 @@ fn tile_table(spec: &AttentionSpec) -> Result<TileTable> {
 }
 
 /// Tensor base pointers of the call's batch entry.
-struct Bases {
-    q: Value,
-    k: Value,
-    v: Value,
-    biases: Vec<Value>,
+pub(super) struct Bases {
+    pub(super) q: Value,
+    pub(super) k: Value,
+    pub(super) v: Value,
+    pub(super) biases: Vec<Value>,
 }
 
 /// Per-row state visible to the tile bodies.
-struct Row {
+pub(super) struct Row {
     /// Pointer to the row of Q (its chunks are loaded in every key tile).
     q: Value,
     /// The aligned row index `i + n - m` as i32x4.
     ia_v: Value,
-    mask: Option<RowMask>,
+    pub(super) mask: Option<RowMask>,
     /// Per bias: the pointer to its row `i` (or the splatted value when it is constant along j).
     bias_rows: Vec<BiasRow>,
 }
@@ -170,28 +173,34 @@ enum BiasRow {
     Splat(Value),
 }
 
-struct Emitter<'s> {
-    spec: &'s AttentionSpec,
-    d4: usize,
-    dv4: usize,
+pub(super) struct Emitter<'s> {
+    pub(super) spec: &'s AttentionSpec,
+    pub(super) d4: usize,
+    pub(super) dv4: usize,
     /// Rows computed per query tile: `min(QUERY_TILE, m)` (lanes past it repeat the last).
-    qrows: usize,
+    pub(super) qrows: usize,
     /// Running maximum and running sum, one lane per row of the query tile.
-    m_var: Variable,
-    l_var: Variable,
+    pub(super) m_var: Variable,
+    pub(super) l_var: Variable,
     /// The output accumulators: `QUERY_TILE × dv4` f32x4, row-major.
-    o_slot: StackSlot,
+    pub(super) o_slot: StackSlot,
     /// The probabilities of the current key tile: `KEY_TILE` f32x4, one per key (lane = row).
-    p_slot: StackSlot,
+    pub(super) p_slot: StackSlot,
 }
 
 impl Emitter<'_> {
-    fn iconst(&self, b: &mut FunctionBuilder, v: i64) -> Value {
+    pub(super) fn iconst(&self, b: &mut FunctionBuilder, v: i64) -> Value {
         b.ins().iconst(I64, v)
     }
 
     /// `ptr + index * scale` (bytes), i64 arithmetic.
-    fn offset(&self, b: &mut FunctionBuilder, ptr: Value, index: Value, scale: i64) -> Value {
+    pub(super) fn offset(
+        &self,
+        b: &mut FunctionBuilder,
+        ptr: Value,
+        index: Value,
+        scale: i64,
+    ) -> Value {
         if scale == 0 {
             return ptr;
         }
@@ -257,7 +266,7 @@ impl Emitter<'_> {
 
     /// Evaluates the score expression on one key tile.
     #[allow(clippy::too_many_arguments)]
-    fn score(
+    pub(super) fn score(
         &self,
         b: &mut FunctionBuilder,
         e: &ScoreExpr,
@@ -609,7 +618,7 @@ fn tree(
 /// `fmax`. The online softmax only needs a shift near the row maximum: a NaN score makes its
 /// own `p = e^(NaN - m)` NaN, so the row still comes out NaN (QUALITY.md's max policy holds
 /// for the output) whether or not the shift saw the NaN.
-fn max_shift(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
+pub(super) fn max_shift(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
     let gt = b.ins().fcmp(FloatCC::GreaterThan, x, y);
     select_f32(b, gt, x, y)
 }
@@ -651,13 +660,82 @@ pub fn define_attention(
     spec: &AttentionSpec,
     name: &str,
 ) -> Result<(FuncId, String)> {
+    let defined = define_attention_with(module, spec, name, true)?;
+    Ok((defined.id, defined.clif))
+}
+
+/// A fused attention function defined in a module.
+#[derive(Clone, Debug)]
+pub struct DefinedAttention {
+    /// The function.
+    pub id: FuncId,
+    /// Its CLIF before compilation.
+    pub clif: String,
+    /// Cranelift's VCode listing of the machine code, when available.
+    pub vcode: Option<String>,
+}
+
+/// [`define_attention`] with a choice: `dot_product` lets the int8 kernel use the CPU's u8·i8
+/// dot-product instruction (`vpdpbusd`) where the ISA has it; without it the same integer
+/// tree is lowered to plain SIMD (identical results).
+///
+/// For [`super::Precision::Int8`] the ABI differs: `inputs[0]` is the packed buffer of
+/// [`super::quant::pack`] and the spec's bias slots index the same array (see
+/// [`super::int8`]).
+pub fn define_attention_with(
+    module: &mut JITModule,
+    spec: &AttentionSpec,
+    name: &str,
+    dot_product: bool,
+) -> Result<DefinedAttention> {
     if spec.m >= 1 << 29 || spec.n >= 1 << 29 {
         return Err(JitError::Shape(format!(
             "attention of {} × {} exceeds the fused kernel's 2^29 limit",
             spec.m, spec.n
         )));
     }
-    let table = tile_table(spec)?;
+    if let Some(t) = [&spec.q, &spec.k, &spec.v]
+        .into_iter()
+        .find(|t| t.convert.is_some())
+    {
+        return Err(codegen_err(
+            name,
+            format!(
+                "operand `{}` must be converted before the kernel reads it",
+                t.name
+            ),
+        ));
+    }
+    if spec.precision == super::Precision::Int8 {
+        return super::int8::define_int8(module, spec, name, dot_product);
+    }
+    let table = tile_table(spec, KEY_TILE)?;
+    let (func_id, mut ctx, table_gv) = declare(module, name, &table)?;
+    let ptr = module.target_config().pointer_type();
+    let mut fctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        emit_body(&mut b, spec, ptr, table_gv, &table.kinds);
+        b.seal_all_blocks();
+        b.finalize(module.target_config());
+    }
+    let clif = ctx.func.display().to_string();
+    let vcode = define_in_order(module, func_id, &mut ctx, name, dot_product)?;
+    Ok(DefinedAttention {
+        id: func_id,
+        clif,
+        vcode,
+    })
+}
+
+/// Declares function `name` with the kernel signature and the read-only data object
+/// `{name}.tiles` holding `table`; returns the function id, a context whose function has the
+/// signature and name set, and the table's global value in it.
+pub(super) fn declare(
+    module: &mut JITModule,
+    name: &str,
+    table: &TileTable,
+) -> Result<(FuncId, Context, cranelift_codegen::ir::GlobalValue)> {
     let ptr = module.target_config().pointer_type();
     let mut sig = module.make_signature();
     sig.params.push(AbiParam::new(ptr));
@@ -677,25 +755,15 @@ pub fn define_attention(
     module
         .define_data(data_id, &desc)
         .map_err(|e| codegen_err(name, e))?;
-
     let mut ctx = Context::new();
     ctx.func.signature = sig;
     ctx.func.name = UserFuncName::user(0, func_id.as_u32());
     let table_gv = module.declare_data_in_func(data_id, &mut ctx.func);
-    let mut fctx = FunctionBuilderContext::new();
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        emit_body(&mut b, spec, ptr, table_gv, &table.kinds);
-        b.seal_all_blocks();
-        b.finalize(module.target_config());
-    }
-    let clif = ctx.func.display().to_string();
-    define_in_order(module, func_id, &mut ctx, name)?;
-    Ok((func_id, clif))
+    Ok((func_id, ctx, table_gv))
 }
 
 /// The module's ISA with the same flags except `opt_level = none`.
-fn in_order_isa(module: &JITModule, name: &str) -> Result<OwnedTargetIsa> {
+fn in_order_isa(module: &JITModule, name: &str, dot_product: bool) -> Result<OwnedTargetIsa> {
     let host = module.isa();
     let mut shared = settings::builder();
     for v in host.flags().iter() {
@@ -713,24 +781,33 @@ fn in_order_isa(module: &JITModule, name: &str) -> Result<OwnedTargetIsa> {
         isa.set(v.name, &v.value_string())
             .map_err(|e| codegen_err(name, e))?;
     }
+    if !dot_product {
+        // Same integer tree, lowered without the `vpdpbusd` fold.
+        for flag in ["has_avx_vnni", "has_avx512vnni"] {
+            isa.set(flag, "false").map_err(|e| codegen_err(name, e))?;
+        }
+    }
     isa.finish(settings::Flags::new(shared))
         .map_err(|e| codegen_err(name, e))
 }
 
-/// Compiles `ctx` without Cranelift's mid-end optimizer and defines it as `func_id`.
+/// Compiles `ctx` without Cranelift's mid-end optimizer and defines it as `func_id`; returns
+/// the VCode listing.
 ///
 /// The tile bodies are emitted in the order they should run: per step a few loads and the
 /// FMAs that consume them, with at most 16 vector values live. The e-graph pass would place
 /// every pure instruction (the FMAs) at its first use and keep loads in program order, so
 /// an unrolled tile would load everything first and spill most of it. Constants are shared
 /// by construction, so the optimizer has little else to do here.
-fn define_in_order(
+pub(super) fn define_in_order(
     module: &mut JITModule,
     func_id: FuncId,
     ctx: &mut Context,
     name: &str,
-) -> Result<()> {
-    let isa = in_order_isa(module, name)?;
+    dot_product: bool,
+) -> Result<Option<String>> {
+    let isa = in_order_isa(module, name, dot_product)?;
+    ctx.set_disasm(true);
     ctx.compile(&*isa, &mut ControlPlane::default())
         .map_err(|e| codegen_err(name, format!("{:?}", e.inner)))?;
     let code = ctx
@@ -746,9 +823,11 @@ fn define_in_order(
         .map(|r| ModuleReloc::from_mach_reloc(r, &ctx.func, func_id))
         .collect();
     let bytes = code.code_buffer().to_vec();
+    let vcode = code.vcode.clone();
     module
         .define_function_bytes(func_id, align, &bytes, &relocs)
-        .map_err(|e| codegen_err(name, e))
+        .map_err(|e| codegen_err(name, e))?;
+    Ok(vcode)
 }
 
 fn emit_body(
@@ -946,7 +1025,7 @@ fn emit_body(
 impl Emitter<'_> {
     /// The per-row state of query row `i` (i64): its q chunks (widened), aligned index, mask
     /// bounds and bias row pointers.
-    fn row(&self, b: &mut FunctionBuilder, bases: &Bases, i: Value) -> Row {
+    pub(super) fn row(&self, b: &mut FunctionBuilder, bases: &Bases, i: Value) -> Row {
         let spec = self.spec;
         let q = self.row_ptr(b, &spec.q, bases.q, i);
         let ia = b.ins().iadd_imm_s(i, spec.n as i64 - spec.m as i64);

@@ -1,0 +1,711 @@
+//! The int8 fused attention kernel ([`super::Precision::Int8`]): integer Q·Kᵀ and P·V with
+//! `vpdpbusd`, online softmax in f32.
+//!
+//! It reads the packed buffer of [`super::quant`] (`inputs[0]`; biases follow at their slots)
+//! and has the ABI of [`super::define_attention`]. Per query tile of [`QUERY_TILE`] rows and per
+//! block of [`KEY_BLOCK`] keys (only the blocks the mask pattern reaches, from the same kind of
+//! compile-time table as the exact kernel):
+//!
+//! 1. **Scores.** Per group of 4 keys, per 4 depths: one 16-byte K operand `[key][depth]` and,
+//!    per row, the row's 4 shifted Q bytes broadcast to all lanes; [`dot_u8i8`] adds the four
+//!    exact u8·i8 dot products into an i32x4 with one lane per key. Adding the per-key
+//!    correction gives `q̂·k̂` exactly; `s = (q̂·k̂) s_q s_k` in f32, then the score expression,
+//!    the element mask (partial blocks) and `-inf` past the last key.
+//! 2. **Softmax.** Per row: block maximum, new running maximum `m`, `α = e^(m_old − m)`,
+//!    `p = e^(s − m)` (summed in f32 into `l`), `p' = p s_v` (the key's V scale folded in),
+//!    and `P = round(255 p' / max p')` as u8 — one scale per (row, block), so small weights
+//!    keep more levels than with a scale fixed at the running maximum.
+//! 3. **P·V.** Per group of 4 keys, per 4 value columns: the 16-byte V operand
+//!    `[column][key]` against the row's 4 P bytes broadcast, into i32x4 accumulators (4 rows ×
+//!    3 column vectors); at the end of the block `O = α O + f32(A) (max p' / 255)`.
+//!
+//! At the end `out = O / l` (zeros where `l = 0`). Every integer is exact and every float
+//! operation runs in a fixed order per row, whatever row range a call covers, so results are
+//! bit-identical across thread counts and between the `vpdpbusd` and the plain-SIMD lowering
+//! of [`dot_u8i8`].
+//!
+//! Error sources (all relative to the element scale of the operand): Q, K and V rounding to
+//! 255 levels of their row's maximum (about 0.55 % each for Gaussian rows of 64), P rounding
+//! per block, and nothing else: the i32 sums are exact and the softmax runs in f32.
+
+use super::codegen::{
+    declare, define_in_order, max_shift, mem, tile_table, Bases, DefinedAttention, Emitter, Row,
+};
+use super::quant::{QuantLayout, KEY_BLOCK};
+use super::{AttentionSpec, TensorRef, QUERY_TILE};
+use crate::error::Result;
+use crate::kernels::counted_loop;
+use crate::simd::{
+    as_float, as_int, const_f32x4, const_i32x4, select_f32, shuffle_f32x4, splat_f32, splat_i32,
+};
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
+use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
+use cranelift_codegen::ir::{
+    Block, Endianness, GlobalValue, InstBuilder, MemFlagsData, StackSlot, StackSlotData,
+    StackSlotKind, Type, Value,
+};
+use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_jit::JITModule;
+use cranelift_module::Module;
+use std::collections::BTreeSet;
+
+/// i32x4 column vectors per P·V chunk (`QUERY_TILE × PV_VECS` accumulators).
+const PV_VECS: usize = 3;
+
+/// Lane reinterpretation flags.
+fn lanes() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
+/// `acc + dot4(a, u)`: lane `l` adds `Σ_t a[4l+t] · u[4l+t]` with `a` signed and `u` unsigned
+/// bytes (i8x16 both), exactly (products fit i16, sums wrap like the instruction's).
+///
+/// This is the tree Cranelift's x64 backend folds into one `vpdpbusd` when the ISA has
+/// AVX-VNNI (or AVX512-VNNI); instruction selection matches it, so it folds with the mid-end
+/// optimizer off too. Without VNNI it lowers to widening multiplies and pairwise adds.
+pub fn dot_u8i8(b: &mut FunctionBuilder, a: Value, u: Value, acc: Value) -> Value {
+    let al = b.ins().swiden_low(a);
+    let ul = b.ins().uwiden_low(u);
+    let lo = b.ins().imul(al, ul);
+    let ah = b.ins().swiden_high(a);
+    let uh = b.ins().uwiden_high(u);
+    let hi = b.ins().imul(ah, uh);
+    let lo0 = b.ins().swiden_low(lo);
+    let lo1 = b.ins().swiden_high(lo);
+    let x = b.ins().iadd_pairwise(lo0, lo1);
+    let hi0 = b.ins().swiden_low(hi);
+    let hi1 = b.ins().swiden_high(hi);
+    let y = b.ins().iadd_pairwise(hi0, hi1);
+    let s = b.ins().iadd_pairwise(x, y);
+    b.ins().iadd(s, acc)
+}
+
+/// `e^x` for f32x4 `x ≤ 0` (or `-inf`) to about 4e-5 relative, in 14 instructions: plenty for
+/// weights that are rounded to 8 bits next. `2^t` with `t = x log2 e` split as `k + f`
+/// (`|f| ≤ 1/2`, `k` by the `1.5 · 2^23` rounding trick), `2^f` by its degree-4 Taylor
+/// polynomial, `2^k` from exponent bits; `t < -126` (and `-inf`) gives exactly 0.
+fn exp_nonpos_fast(b: &mut FunctionBuilder, x: Value) -> Value {
+    const MAGIC: f32 = 12_582_912.0;
+    let ln2 = std::f32::consts::LN_2;
+    let log2e = const_f32x4(b, std::f32::consts::LOG2_E);
+    let t = b.ins().fmul(x, log2e);
+    let low = const_f32x4(b, -126.0);
+    let under = b.ins().fcmp(FloatCC::LessThan, t, low);
+    let tc = select_f32(b, under, low, t);
+    let magic = const_f32x4(b, MAGIC);
+    let tm = b.ins().fadd(tc, magic);
+    let kf = b.ins().fsub(tm, magic);
+    let f = b.ins().fsub(tc, kf);
+    let mut p = const_f32x4(b, ln2.powi(4) / 24.0);
+    for c in [ln2.powi(3) / 6.0, ln2 * ln2 / 2.0, ln2, 1.0] {
+        let cv = const_f32x4(b, c);
+        p = b.ins().fma(p, f, cv);
+    }
+    // bits(tm) - bits(MAGIC) = k; (k + 127) << 23 = 2^k.
+    let bias = const_i32x4(b, [(MAGIC.to_bits() as i32).wrapping_sub(127); 4]);
+    let tb = as_int(b, tm);
+    let e = b.ins().isub(tb, bias);
+    let e = b.ins().ishl_imm_u(e, 23);
+    let scale = as_float(b, e);
+    let y = b.ins().fmul(p, scale);
+    let zero = const_f32x4(b, 0.0);
+    select_f32(b, under, zero, y)
+}
+
+/// The 4 bytes at `p + off` in every 32-bit lane, as i8x16. Loaded as an f32 (only moved,
+/// never computed on) so that the load folds into one `vbroadcastss` from memory; an i32
+/// splat of a load takes three instructions.
+fn broadcast4(b: &mut FunctionBuilder, p: Value, off: i32) -> Value {
+    let w = b.ins().load(F32, mem(), p, off);
+    let v = b.ins().splat(F32X4, w);
+    b.ins().bitcast(I8X16, lanes(), v)
+}
+
+/// The maximum of the four lanes (`max_shift` order), as a scalar.
+fn hmax(b: &mut FunctionBuilder, v: Value) -> Value {
+    let s = shuffle_f32x4(b, v, v, [2, 3, 0, 1]);
+    let m = max_shift(b, v, s);
+    let s = shuffle_f32x4(b, m, m, [1, 0, 3, 2]);
+    let m = max_shift(b, m, s);
+    b.ins().extractlane(m, 0)
+}
+
+/// The sum of the four lanes `(x0 + x1) + (x2 + x3)`, as a scalar.
+fn hsum(b: &mut FunctionBuilder, v: Value) -> Value {
+    let x: Vec<Value> = (0..4).map(|l| b.ins().extractlane(v, l as u8)).collect();
+    let s01 = b.ins().fadd(x[0], x[1]);
+    let s23 = b.ins().fadd(x[2], x[3]);
+    b.ins().fadd(s01, s23)
+}
+
+/// Per-row state of a query tile.
+struct RowState {
+    row: Row,
+    /// Shifted Q bytes of the row.
+    q: Value,
+    /// The row's Q scale (scalar f32).
+    q_scale: Value,
+}
+
+struct Int8Emitter<'s> {
+    em: Emitter<'s>,
+    layout: &'s QuantLayout,
+    /// Scores, then scaled probabilities, of the block: `[QUERY_TILE][KEY_BLOCK]` f32.
+    s_slot: StackSlot,
+    /// Quantized probabilities: `[QUERY_TILE][KEY_BLOCK]` u8.
+    p_slot: StackSlot,
+    /// Per row `(α, max p' / 255)` of the block: `[QUERY_TILE][2]` f32.
+    af_slot: StackSlot,
+    /// Running maximum (f32) and partial sums (f32x4) per row.
+    m_vars: Vec<Variable>,
+    /// Per row, the lane-wise maximum of the block's scores (f32x4).
+    bmax_vars: Vec<Variable>,
+    l_vars: Vec<Variable>,
+    /// P·V accumulators `[row][vec]`, reused by every chunk.
+    a_vars: Vec<Vec<Variable>>,
+}
+
+impl Int8Emitter<'_> {
+    fn spec(&self) -> &AttentionSpec {
+        self.em.spec
+    }
+
+    fn o_off(&self, r: usize, c: usize) -> i32 {
+        (16 * (r * self.em.dv4 + c)) as i32
+    }
+
+    /// Stage 1 for `valid.len()` (1 or 2) consecutive groups of 4 keys from key `j` (i64):
+    /// raw scores, score expression, masks, stored to the `S` slot from group offset
+    /// `gbytes` (i64). Group `k` has `valid[k]` real keys. Two groups share every Q
+    /// broadcast (8 accumulators, 2 K operands and a broadcast stay in registers).
+    #[allow(clippy::too_many_arguments)]
+    fn score_group(
+        &self,
+        b: &mut FunctionBuilder,
+        rows: &[RowState],
+        entry: Value,
+        kg: Value,
+        j: Value,
+        gbytes: Value,
+        masked: bool,
+        valid: &[usize],
+    ) {
+        let qrows = self.em.qrows;
+        let d4 = self.layout.d4;
+        let zero = splat_i32(b, 0);
+        let mut accs = vec![vec![zero; qrows]; valid.len()];
+        for c in 0..d4 {
+            let kv: Vec<Value> = (0..valid.len())
+                .map(|k| b.ins().load(I8X16, mem(), kg, (16 * (k * d4 + c)) as i32))
+                .collect();
+            for (r, state) in rows.iter().enumerate() {
+                let qb = broadcast4(b, state.q, (4 * c) as i32);
+                for (acc, &k) in accs.iter_mut().zip(&kv) {
+                    acc[r] = dot_u8i8(b, k, qb, acc[r]);
+                }
+            }
+        }
+        for (k, (acc, &valid)) in accs.iter().zip(valid).enumerate() {
+            let j = b.ins().iadd_imm_s(j, 4 * k as i64);
+            let gbytes = b.ins().iadd_imm_s(gbytes, 16 * k as i64);
+            self.score_epilogue(b, rows, entry, acc, j, gbytes, masked, valid);
+        }
+    }
+
+    /// The scores of one group from its integer dot products `acc` (one per row).
+    #[allow(clippy::too_many_arguments)]
+    fn score_epilogue(
+        &self,
+        b: &mut FunctionBuilder,
+        rows: &[RowState],
+        entry: Value,
+        acc: &[Value],
+        j: Value,
+        gbytes: Value,
+        masked: bool,
+        valid: usize,
+    ) {
+        let at = |b: &mut FunctionBuilder, off: usize, ty: Type| {
+            let p = b.ins().iadd_imm_s(entry, off as i64);
+            let o = b.ins().ishl_imm_s(j, 2);
+            let p = b.ins().iadd(p, o);
+            b.ins().load(ty, mem(), p, 0)
+        };
+        let corr = at(b, self.layout.k_corr, I32X4);
+        let k_scale = at(b, self.layout.k_scale, F32X4);
+        let j32 = b.ins().ireduce(I32, j);
+        let jv = b.ins().splat(I32X4, j32);
+        let steps = const_i32x4(b, [0, 1, 2, 3]);
+        let jv = b.ins().iadd(jv, steps);
+        let s_base = b.ins().stack_addr(I64, self.s_slot, 0);
+        let s_at = b.ins().iadd(s_base, gbytes);
+        let ninf = splat_f32(b, f32::NEG_INFINITY);
+        for (r, state) in rows.iter().enumerate() {
+            let x = b.ins().iadd(acc[r], corr);
+            let f = b.ins().fcvt_from_sint(F32X4, x);
+            let qs = b.ins().splat(F32X4, state.q_scale);
+            let scale = b.ins().fmul(k_scale, qs);
+            let raw = b.ins().fmul(f, scale);
+            let mut s = self
+                .em
+                .score(b, &self.spec().score, raw, &state.row, j, jv, valid);
+            if masked {
+                if let Some(rm) = &state.row.mask {
+                    let keep = rm.keep(b, jv);
+                    s = select_f32(b, keep, s, ninf);
+                }
+            }
+            if valid < 4 {
+                let keep = const_i32x4(b, std::array::from_fn(|l| -i32::from(l < valid)));
+                s = select_f32(b, keep, s, ninf);
+            }
+            b.ins().store(mem(), s, s_at, (4 * r * KEY_BLOCK) as i32);
+            let m = b.use_var(self.bmax_vars[r]);
+            let m = max_shift(b, s, m);
+            b.def_var(self.bmax_vars[r], m);
+        }
+    }
+
+    /// One block `t` (i64) of `count` keys (`masked`: evaluate the element mask).
+    fn block(
+        &self,
+        b: &mut FunctionBuilder,
+        rows: &[RowState],
+        entry: Value,
+        t: Value,
+        masked: bool,
+        count: usize,
+    ) -> Result<()> {
+        let layout = self.layout;
+        let d4 = layout.d4;
+        let j0 = b.ins().imul_imm_s(t, KEY_BLOCK as i64);
+        let k_block = b.ins().imul_imm_s(t, (KEY_BLOCK / 4 * d4 * 16) as i64);
+        let k_block = b.ins().iadd(entry, k_block);
+        let k_block = b.ins().iadd_imm_s(k_block, layout.k as i64);
+        let full = count / 4;
+        let zero = self.em.iconst(b, 0);
+        let ninf = splat_f32(b, f32::NEG_INFINITY);
+        for &v in &self.bmax_vars {
+            b.def_var(v, ninf);
+        }
+        // Stage 1: pairs of full groups in a loop, then what is left (an odd full group, a
+        // short last group of a tail block) unrolled.
+        let pairs_c = self.em.iconst(b, (full / 2 * 2) as i64);
+        counted_loop(b, zero, pairs_c, 2, |b, g| {
+            let kg = self.em.offset(b, k_block, g, (d4 * 16) as i64);
+            let j4 = b.ins().ishl_imm_s(g, 2);
+            let j = b.ins().iadd(j0, j4);
+            let gbytes = b.ins().ishl_imm_s(g, 4);
+            self.score_group(b, rows, entry, kg, j, gbytes, masked, &[4, 4]);
+            Ok(())
+        })?;
+        let groups = count.div_ceil(4);
+        let mut rest: Vec<usize> = Vec::new();
+        if full % 2 == 1 {
+            rest.push(4);
+        }
+        if groups > full {
+            rest.push(count % 4);
+        }
+        if !rest.is_empty() {
+            let g = full / 2 * 2;
+            let kg = b.ins().iadd_imm_s(k_block, (g * d4 * 16) as i64);
+            let j = b.ins().iadd_imm_s(j0, 4 * g as i64);
+            let gbytes = self.em.iconst(b, 16 * g as i64);
+            self.score_group(b, rows, entry, kg, j, gbytes, masked, &rest);
+        }
+        let groups_c = self.em.iconst(b, groups as i64);
+        // Stage 2: softmax and P quantization, per row, in one pass over the block.
+        let s_base = b.ins().stack_addr(I64, self.s_slot, 0);
+        let p_base = b.ins().stack_addr(I64, self.p_slot, 0);
+        let v_scales = b.ins().iadd_imm_s(entry, layout.v_scale as i64);
+        let v_scales = self.em.offset(b, v_scales, j0, 4);
+        let vmax_p = b.ins().iadd_imm_s(entry, layout.v_scale_max as i64);
+        let vmax_p = self.em.offset(b, vmax_p, t, 4);
+        let v_max = b.ins().load(F32, mem(), vmax_p, 0);
+        for r in 0..self.em.qrows {
+            let s_row = b.ins().iadd_imm_s(s_base, (4 * r * KEY_BLOCK) as i64);
+            let mv = b.use_var(self.bmax_vars[r]);
+            let block_max = hmax(b, mv);
+            let m_old = b.use_var(self.m_vars[r]);
+            let gt = b.ins().fcmp(FloatCC::GreaterThan, block_max, m_old);
+            let m_new = b.ins().select(gt, block_max, m_old);
+            b.def_var(self.m_vars[r], m_new);
+            // While every score so far is -inf, subtract 0 instead (no NaN from -inf - -inf).
+            let ninf_s = b.ins().f32const(f32::NEG_INFINITY);
+            let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf_s);
+            let zero_s = b.ins().f32const(0.0);
+            let m_use = b.ins().select(none, zero_s, m_new);
+            // α and the bound e^(block max − m) · max s_v ≥ every p s_v of the block, which
+            // sets P's scale (lane 0: α, lane 1: the bound).
+            let da = b.ins().fsub(m_old, m_use);
+            let db = b.ins().fsub(block_max, m_use);
+            let zero_v = splat_f32(b, 0.0);
+            let ab = b.ins().insertlane(zero_v, da, 0);
+            let ab = b.ins().insertlane(ab, db, 1);
+            let e = exp_nonpos_fast(b, ab);
+            let alpha = b.ins().extractlane(e, 0);
+            let bound = b.ins().extractlane(e, 1);
+            let bound = b.ins().fmul(bound, v_max);
+            let alpha_v = b.ins().splat(F32X4, alpha);
+            let l = b.use_var(self.l_vars[r]);
+            let l = b.ins().fmul(l, alpha_v);
+            b.def_var(self.l_vars[r], l);
+            let positive = b.ins().fcmp(FloatCC::GreaterThan, bound, zero_s);
+            let c255 = b.ins().f32const(255.0);
+            let inv = b.ins().fdiv(c255, bound);
+            let inv = b.ins().select(positive, inv, zero_s);
+            let unit = b.ins().fdiv(bound, c255);
+            b.ins()
+                .stack_store(I64, alpha, self.af_slot, (8 * r) as i32);
+            b.ins()
+                .stack_store(I64, unit, self.af_slot, (8 * r + 4) as i32);
+            let inv = b.ins().splat(F32X4, inv);
+            let mu = b.ins().splat(F32X4, m_use);
+            let p_row = b.ins().iadd_imm_s(p_base, (r * KEY_BLOCK) as i64);
+            counted_loop(b, zero, groups_c, 1, |b, g| {
+                let p = self.em.offset(b, s_row, g, 16);
+                let s = b.ins().load(F32X4, mem(), p, 0);
+                let x = b.ins().fsub(s, mu);
+                let e = exp_nonpos_fast(b, x);
+                let l = b.use_var(self.l_vars[r]);
+                let l = b.ins().fadd(l, e);
+                b.def_var(self.l_vars[r], l);
+                let vs = self.em.offset(b, v_scales, g, 16);
+                let vs = b.ins().load(F32X4, mem(), vs, 0);
+                let pv = b.ins().fmul(e, vs);
+                // round(p' · inv) in [0, 255]: adding 1.5 · 2^23 rounds to nearest even and
+                // leaves the integer in the low mantissa bits (cheaper than a saturating
+                // conversion; NaN lanes give garbage bytes, never a fault).
+                let magic = const_f32x4(b, 12_582_912.0);
+                let x = b.ins().fma(pv, inv, magic);
+                let xb = as_int(b, x);
+                let mb = const_i32x4(b, [12_582_912.0f32.to_bits() as i32; 4]);
+                let u = b.ins().isub(xb, mb);
+                let h = b.ins().snarrow(u, u);
+                let bytes = b.ins().unarrow(h, h);
+                let w = b.ins().bitcast(I32X4, lanes(), bytes);
+                let w0 = b.ins().extractlane(w, 0);
+                let dst = self.em.offset(b, p_row, g, 4);
+                b.ins().store(mem(), w0, dst, 0);
+                Ok(())
+            })?;
+        }
+        // Stage 3: P·V in chunks of PV_VECS column vectors.
+        let v_group = (layout.dv_pad * 4) as i64;
+        let v_block = b.ins().imul_imm_s(t, KEY_BLOCK as i64 / 4 * v_group);
+        let v_block = b.ins().iadd(entry, v_block);
+        let v_block = b.ins().iadd_imm_s(v_block, layout.v as i64);
+        let dv4 = self.em.dv4;
+        for ch in 0..dv4.div_ceil(PV_VECS) {
+            let vecs: Vec<usize> = (PV_VECS * ch..(PV_VECS * ch + PV_VECS).min(dv4)).collect();
+            let zero_i = splat_i32(b, 0);
+            for r in 0..self.em.qrows {
+                for k in 0..vecs.len() {
+                    b.def_var(self.a_vars[r][k], zero_i);
+                }
+            }
+            counted_loop(b, zero, groups_c, 1, |b, g| {
+                let vg = self.em.offset(b, v_block, g, v_group);
+                let vv: Vec<Value> = vecs
+                    .iter()
+                    .map(|&c| b.ins().load(I8X16, mem(), vg, (16 * c) as i32))
+                    .collect();
+                let pg = b.ins().ishl_imm_s(g, 2);
+                let pg = b.ins().iadd(p_base, pg);
+                for r in 0..self.em.qrows {
+                    let pb = broadcast4(b, pg, (r * KEY_BLOCK) as i32);
+                    for (k, &v) in vv.iter().enumerate() {
+                        let a = b.use_var(self.a_vars[r][k]);
+                        let a = dot_u8i8(b, v, pb, a);
+                        b.def_var(self.a_vars[r][k], a);
+                    }
+                }
+                Ok(())
+            })?;
+            for r in 0..self.em.qrows {
+                let alpha = b.ins().stack_load(I64, F32, self.af_slot, (8 * r) as i32);
+                let alpha = b.ins().splat(F32X4, alpha);
+                let unit = b
+                    .ins()
+                    .stack_load(I64, F32, self.af_slot, (8 * r + 4) as i32);
+                let unit = b.ins().splat(F32X4, unit);
+                for (k, &c) in vecs.iter().enumerate() {
+                    let a = b.use_var(self.a_vars[r][k]);
+                    let af = b.ins().fcvt_from_sint(F32X4, a);
+                    let o = b
+                        .ins()
+                        .stack_load(I64, F32X4, self.em.o_slot, self.o_off(r, c));
+                    let o = b.ins().fmul(o, alpha);
+                    let o = b.ins().fma(af, unit, o);
+                    b.ins()
+                        .stack_store(I64, o, self.em.o_slot, self.o_off(r, c));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `O / l` of query-tile row `r` to output row `i` (zeros where `l = 0`).
+    fn store_row(&self, b: &mut FunctionBuilder, r: usize, out_row0: Value, i: Value) {
+        let spec = self.spec();
+        let l = b.use_var(self.l_vars[r]);
+        let l = hsum(b, l);
+        let lv = b.ins().splat(F32X4, l);
+        let zero = splat_f32(b, 0.0);
+        let empty = b.ins().fcmp(FloatCC::Equal, lv, zero);
+        let op = self.em.offset(b, out_row0, i, (spec.dv * 4) as i64);
+        for c in 0..self.em.dv4 {
+            let acc = b
+                .ins()
+                .stack_load(I64, F32X4, self.em.o_slot, self.o_off(r, c));
+            let y = b.ins().fdiv(acc, lv);
+            let y = select_f32(b, empty, zero, y);
+            let cnt = (spec.dv - 4 * c).min(4);
+            if cnt == 4 {
+                b.ins().store(mem(), y, op, (16 * c) as i32);
+            } else {
+                for lane in 0..cnt {
+                    let x = b.ins().extractlane(y, lane as u8);
+                    b.ins().store(mem(), x, op, (16 * c + 4 * lane) as i32);
+                }
+            }
+        }
+    }
+}
+
+/// Defines the int8 kernel of `spec` as function `name` (see the module docs and
+/// [`super::define_attention_with`]).
+pub(super) fn define_int8(
+    module: &mut JITModule,
+    spec: &AttentionSpec,
+    name: &str,
+    dot_product: bool,
+) -> Result<DefinedAttention> {
+    let layout = QuantLayout::new(spec);
+    let table = tile_table(spec, KEY_BLOCK)?;
+    let (func_id, mut ctx, table_gv) = declare(module, name, &table)?;
+    let ptr = module.target_config().pointer_type();
+    let mut fctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        emit_body(&mut b, spec, &layout, ptr, table_gv, &table.kinds)?;
+        b.seal_all_blocks();
+        b.finalize(module.target_config());
+    }
+    let clif = ctx.func.display().to_string();
+    let vcode = define_in_order(module, func_id, &mut ctx, name, dot_product)?;
+    Ok(DefinedAttention {
+        id: func_id,
+        clif,
+        vcode,
+    })
+}
+
+fn emit_body(
+    b: &mut FunctionBuilder,
+    spec: &AttentionSpec,
+    layout: &QuantLayout,
+    ptr: Type,
+    table_gv: GlobalValue,
+    kinds: &BTreeSet<u32>,
+) -> Result<()> {
+    let dv4 = spec.dv.div_ceil(4);
+    let slot = |b: &mut FunctionBuilder, bytes: usize| {
+        let size = u32::try_from(bytes.max(16)).unwrap_or(u32::MAX);
+        b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, size, 4))
+    };
+    let qrows = QUERY_TILE.min(spec.m).max(1);
+    let em = Emitter {
+        spec,
+        d4: layout.d4,
+        dv4,
+        qrows,
+        m_var: b.declare_var(F32X4),
+        l_var: b.declare_var(F32X4),
+        o_slot: slot(b, 16 * QUERY_TILE * dv4),
+        p_slot: slot(b, 16),
+    };
+    let ie = Int8Emitter {
+        s_slot: slot(b, 4 * QUERY_TILE * KEY_BLOCK),
+        p_slot: slot(b, QUERY_TILE * KEY_BLOCK),
+        af_slot: slot(b, 8 * QUERY_TILE),
+        m_vars: (0..qrows).map(|_| b.declare_var(F32)).collect(),
+        bmax_vars: (0..qrows).map(|_| b.declare_var(F32X4)).collect(),
+        l_vars: (0..qrows).map(|_| b.declare_var(F32X4)).collect(),
+        a_vars: (0..qrows)
+            .map(|_| (0..PV_VECS).map(|_| b.declare_var(I32X4)).collect())
+            .collect(),
+        em,
+        layout,
+    };
+    let em = &ie.em;
+    let entry_block = b.create_block();
+    let group_head = b.create_block();
+    let run_head = b.create_block();
+    let run_body = b.create_block();
+    let run_next = b.create_block();
+    let group_fin = b.create_block();
+    let exit = b.create_block();
+    b.append_block_params_for_function_params(entry_block);
+    b.append_block_param(group_head, I64);
+    b.append_block_param(run_head, I64);
+
+    b.switch_to_block(entry_block);
+    let params = b.block_params(entry_block).to_vec();
+    let (inputs, out, bidx, rb, re) = (params[0], params[1], params[2], params[3], params[4]);
+    let m_c = em.iconst(b, spec.m as i64);
+    let re = b.ins().umin(re, m_c);
+    let mut idx = vec![None; spec.batch.len()];
+    let mut rest = bidx;
+    for a in (0..spec.batch.len()).rev() {
+        let size = spec.batch[a] as i64;
+        if size > 1 {
+            let s = em.iconst(b, size);
+            idx[a] = Some(b.ins().urem(rest, s));
+            rest = b.ins().udiv(rest, s);
+        }
+    }
+    let base_of = |b: &mut FunctionBuilder, t: &TensorRef| {
+        let mut p = b.ins().load(ptr, mem(), inputs, (t.slot * 8) as i32);
+        let es = super::codegen::elem_size(t.dtype);
+        for (a, &stride) in t.batch_strides.iter().enumerate() {
+            if let (Some(i), true) = (idx.get(a).copied().flatten(), stride > 0) {
+                let s = b.ins().iconst(I64, stride as i64 * es);
+                let o = b.ins().imul(i, s);
+                p = b.ins().iadd(p, o);
+            }
+        }
+        p
+    };
+    let packed = b.ins().load(ptr, mem(), inputs, 0);
+    let entry = em.offset(b, packed, bidx, layout.entry as i64);
+    let bases = Bases {
+        q: entry,
+        k: entry,
+        v: entry,
+        biases: spec.biases.iter().map(|t| base_of(b, t)).collect(),
+    };
+    let out_row0 = em.offset(b, out, bidx, (spec.m * spec.dv * 4) as i64);
+    let table = b.ins().symbol_value(ptr, table_gv);
+    let groups = spec.m.div_ceil(QUERY_TILE) as i64;
+    let runs_base = b.ins().iadd_imm_s(table, 8 * groups);
+    let any = b.ins().icmp(IntCC::UnsignedLessThan, rb, re);
+    let qt = em.iconst(b, QUERY_TILE as i64);
+    let g0 = b.ins().udiv(rb, qt);
+    b.ins().brif(any, group_head, &[g0.into()], exit, &[]);
+
+    // group_head(g): the query tile's rows (clamped to m - 1, computed but not stored).
+    b.switch_to_block(group_head);
+    let g = b.block_params(group_head)[0];
+    let i0 = b.ins().imul_imm_s(g, QUERY_TILE as i64);
+    let last = em.iconst(b, spec.m as i64 - 1);
+    let q_rows = b.ins().iadd_imm_s(entry, layout.q as i64);
+    let q_scales = b.ins().iadd_imm_s(entry, layout.q_scale as i64);
+    let rows: Vec<RowState> = (0..qrows)
+        .map(|k| {
+            let i = b.ins().iadd_imm_s(i0, k as i64);
+            let i = b.ins().umin(i, last);
+            let row = em.row(b, &bases, i);
+            let q = em.offset(b, q_rows, i, (4 * layout.d4) as i64);
+            let sp = em.offset(b, q_scales, i, 4);
+            let q_scale = b.ins().load(F32, mem(), sp, 0);
+            RowState { row, q, q_scale }
+        })
+        .collect();
+    let ninf = b.ins().f32const(f32::NEG_INFINITY);
+    let zero = splat_f32(b, 0.0);
+    for r in 0..qrows {
+        b.def_var(ie.m_vars[r], ninf);
+        b.def_var(ie.l_vars[r], zero);
+        for c in 0..dv4 {
+            b.ins().stack_store(I64, zero, em.o_slot, ie.o_off(r, c));
+        }
+    }
+    let entry_p = em.offset(b, table, g, 8);
+    let r0 = b.ins().uload32(mem().with_readonly(), entry_p, 0);
+    let rc = b.ins().uload32(mem().with_readonly(), entry_p, 4);
+    let r_end = b.ins().iadd(r0, rc);
+    b.ins().jump(run_head, &[r0.into()]);
+
+    b.switch_to_block(run_head);
+    let r = b.block_params(run_head)[0];
+    let more = b.ins().icmp(IntCC::UnsignedLessThan, r, r_end);
+    b.ins().brif(more, run_body, &[], group_fin, &[]);
+
+    // run_body: dispatch on the kind of run r (0 full, 1 partial, 2/3 their tails).
+    b.switch_to_block(run_body);
+    let rp = em.offset(b, runs_base, r, 12);
+    let first = b.ins().uload32(mem().with_readonly(), rp, 0);
+    let end = b.ins().uload32(mem().with_readonly(), rp, 4);
+    let kind = b.ins().load(I32, mem().with_readonly(), rp, 8);
+    let kinds: Vec<u32> = kinds.iter().copied().collect();
+    let targets: Vec<Block> = kinds
+        .iter()
+        .map(|_| {
+            let blk = b.create_block();
+            b.append_block_param(blk, I64);
+            blk
+        })
+        .collect();
+    if kinds.is_empty() {
+        b.ins().jump(run_next, &[]);
+    }
+    for (n, &k) in kinds.iter().enumerate() {
+        if n + 1 == kinds.len() {
+            b.ins().jump(targets[n], &[first.into()]);
+        } else {
+            let is_k = b.ins().icmp_imm_s(IntCC::Equal, kind, i64::from(k));
+            let next = b.create_block();
+            b.ins().brif(is_k, targets[n], &[first.into()], next, &[]);
+            b.switch_to_block(next);
+        }
+    }
+    let tail_count = spec.n % KEY_BLOCK;
+    for (n, &k) in kinds.iter().enumerate() {
+        let blk = targets[n];
+        b.switch_to_block(blk);
+        let t = b.block_params(blk)[0];
+        let (masked, tail) = (k == 1 || k == 3, k >= 2);
+        let count = if tail { tail_count } else { KEY_BLOCK };
+        ie.block(b, &rows, entry, t, masked, count)?;
+        if tail {
+            b.ins().jump(run_next, &[]);
+        } else {
+            let t1 = b.ins().iadd_imm_s(t, 1);
+            let again = b.ins().icmp(IntCC::UnsignedLessThan, t1, end);
+            let cont = b.create_block();
+            b.ins().brif(again, cont, &[], run_next, &[]);
+            b.switch_to_block(cont);
+            b.ins().jump(blk, &[t1.into()]);
+        }
+    }
+
+    b.switch_to_block(run_next);
+    let r1 = b.ins().iadd_imm_s(r, 1);
+    b.ins().jump(run_head, &[r1.into()]);
+
+    // group_fin: rows inside [row_begin, row_end) are stored.
+    b.switch_to_block(group_fin);
+    for r in 0..qrows {
+        let i = b.ins().iadd_imm_s(i0, r as i64);
+        let lo = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, rb);
+        let hi = b.ins().icmp(IntCC::UnsignedLessThan, i, re);
+        let mine = b.ins().band(lo, hi);
+        let store = b.create_block();
+        let next = b.create_block();
+        b.ins().brif(mine, store, &[], next, &[]);
+        b.switch_to_block(store);
+        ie.store_row(b, r, out_row0, i);
+        b.ins().jump(next, &[]);
+        b.switch_to_block(next);
+    }
+    let g1 = b.ins().iadd_imm_s(g, 1);
+    let next_i0 = b.ins().imul_imm_s(g1, QUERY_TILE as i64);
+    let again = b.ins().icmp(IntCC::UnsignedLessThan, next_i0, re);
+    b.ins().brif(again, group_head, &[g1.into()], exit, &[]);
+
+    b.switch_to_block(exit);
+    b.ins().return_(&[]);
+    Ok(())
+}
