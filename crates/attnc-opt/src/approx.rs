@@ -55,6 +55,24 @@ impl Approx {
         }
     }
 
+    /// Where the approximation's rules apply, said when none of them found a place.
+    pub fn fits(&self) -> String {
+        match *self {
+            Approx::Bf16 | Approx::F16 => {
+                "it rounds Q, K and V of a fused softmax attention that are not already cast"
+                    .to_string()
+            }
+            Approx::Int8 => "it needs a fused softmax attention".to_string(),
+            Approx::LowRank { r, .. } => format!(
+                "it needs an unmasked softmax attention over more than r = {r} keys \
+                 (projecting to as many rows as there are keys reduces nothing)"
+            ),
+            Approx::RandomFeatures { .. } => "it needs an unmasked or causal softmax attention \
+                 whose scores are scaled by a positive constant"
+                .to_string(),
+        }
+    }
+
     /// Whether the chosen term uses this approximation.
     pub fn used_in(&self, expr: &RecExpr<Attn>) -> bool {
         let nodes = expr.as_ref();

@@ -481,7 +481,19 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
         if outcome.reason.is_none() {
             outcome.applied = chosen_form && outcome.approx.used_in(&best);
             if !outcome.applied {
-                outcome.reason = Some("no cheaper form uses it".to_string());
+                let fired = crate::rules::approx::rules(&outcome.approx)
+                    .iter()
+                    .any(|rule| {
+                        trace
+                            .applied
+                            .iter()
+                            .any(|c| c.rule == rule.name.as_str() && c.count > 0)
+                    });
+                outcome.reason = Some(if fired {
+                    "no cheaper form uses it".to_string()
+                } else {
+                    format!("nothing in this program fits it: {}", outcome.approx.fits())
+                });
             }
         }
     }

@@ -141,3 +141,45 @@ fn favor_features_also_approximate_causal_attention_through_a_prefix_state() {
     let error = relative_l2(&approx, &exact);
     assert!(error < 0.2, "{error}");
 }
+
+#[test]
+fn an_approximation_that_fits_nowhere_says_why() {
+    let kernel = common::kernel(DENSE);
+    let bindings = common::bindings(&[("h", 1), ("n", 256), ("d", 16)]);
+    // A rank at least the sequence length, and features for a masked (windowed) softmax.
+    let cases = [
+        (
+            DENSE,
+            Approx::LowRank { r: 256, seed: 0 },
+            "more than r = 256 keys",
+        ),
+        (
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+                return softmax(mask(q @ k.T / sqrt(d), window(8))) @ v; }",
+            Approx::RandomFeatures { m: 64, seed: 0 },
+            "unmasked or causal",
+        ),
+    ];
+    for (source, approx, expected) in cases {
+        let kernel = if source == DENSE {
+            kernel.clone()
+        } else {
+            common::kernel(source)
+        };
+        let options = OptimizeOptions {
+            approx: ApproxPolicy {
+                allowed: vec![approx],
+                tol: 1.0,
+            },
+            ..OptimizeOptions::default()
+        };
+        let result = optimize(&kernel, &bindings, &options);
+        let outcome = &result.trace.approximations[0];
+        assert!(!outcome.applied, "{approx} must not apply");
+        let reason = outcome.reason.as_deref().unwrap_or("");
+        assert!(
+            reason.contains("nothing in this program fits it") && reason.contains(expected),
+            "{approx}: {reason}"
+        );
+    }
+}

@@ -1,0 +1,51 @@
+//! QUALITY.md item 12 at the command line: an approximation that cannot meet `tol` or that
+//! fits nowhere is not applied, the run stays exact, and a note says why.
+
+mod common;
+
+use common::attnc;
+
+#[test]
+fn a_rank_not_below_the_sequence_length_is_refused_with_a_reason() {
+    let out = attnc(&[
+        "run",
+        "benches/kernels/dense.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=256,d=16",
+        "--approx",
+        "lowrank(r=512)",
+        "--tol",
+        "0.5",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("lowrank(r = 512) not applied: nothing in this program fits it")
+            && stderr.contains("more than r = 512 keys")
+            && stderr.contains("the plan is exact"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn too_few_features_for_the_tolerance_are_refused_with_a_reason() {
+    let out = attnc(&[
+        "run",
+        "benches/kernels/dense.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=256,d=16",
+        "--approx",
+        "random_features(m=4)",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("random_features(m = 4, seed = 0) not applied")
+            && stderr.contains("exceeds the tolerance"),
+        "{stderr}"
+    );
+}
