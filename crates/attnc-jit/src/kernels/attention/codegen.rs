@@ -7,9 +7,10 @@
 //! group_head:  a query tile of QUERY_TILE rows: Q row pointers, per-row mask bounds and
 //!              bias rows; m = -inf, l = 0 (one lane per row), O = 0 (stack slot)
 //! run_head:    for each run of key tiles listed for this query tile in the compile-time table
-//!   full:        loop over the run's key tiles, no element mask
-//!   partial:     loop over the run's key tiles, element mask from the pattern
-//!   tail_*:      the last, short key tile (n mod 8 keys), full or partial
+//!   body:        loop over the run's key tiles; the element mask from the pattern applies
+//!                only in partial runs (a runtime flag when the table has both kinds, so the
+//!                tile code is generated once)
+//!   tail:        the last, short key tile (n mod 8 keys), full or partial
 //! group_fin:   out_i = O_i / l_i (0 where l_i = 0) for the rows inside [row_begin, row_end)
 //! ```
 //!
@@ -44,8 +45,8 @@ use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    AbiParam, Block, InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind, Type,
-    UserFuncName, Value,
+    AbiParam, Block, BlockArg, InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind,
+    Type, UserFuncName, Value,
 };
 use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
@@ -186,6 +187,19 @@ pub(super) struct Emitter<'s> {
     pub(super) o_slot: StackSlot,
     /// The probabilities of the current key tile: `KEY_TILE` f32x4, one per key (lane = row).
     pub(super) p_slot: StackSlot,
+}
+
+/// How a tile step applies the element mask.
+#[derive(Clone, Copy)]
+enum Masking {
+    /// Never: the body serves only full tiles.
+    Off,
+    /// Always: the body serves only partial tiles.
+    On,
+    /// When the i32 flag is nonzero: one body serves both full and partial runs, so the
+    /// tile code is generated once instead of twice (half the compile time for masked
+    /// kernels) at the price of one predictable branch per tile.
+    Flag(Value),
 }
 
 impl Emitter<'_> {
@@ -352,7 +366,7 @@ impl Emitter<'_> {
     }
 
     /// One key tile `t` (i64) with `count` valid keys for every row of the query tile;
-    /// `masked` applies the element mask.
+    /// `masking` says whether the element mask applies.
     ///
     /// Scores: rows in pairs, keys in fours; per depth chunk two q chunks and four K chunks
     /// are loaded into registers and feed eight f32x4 accumulators (each a partial dot
@@ -370,7 +384,7 @@ impl Emitter<'_> {
         bases: &Bases,
         rows: &[Row],
         t: Value,
-        masked: bool,
+        masking: Masking,
         count: usize,
     ) {
         let spec = self.spec;
@@ -433,10 +447,12 @@ impl Emitter<'_> {
         }
         let j32 = b.ins().ireduce(I32, j0);
         let jv = b.ins().splat(I32X4, j32);
-        // Score expression and element mask, row layout.
+        // Score expression, row layout; `keys[r][h]` are the key indices of `scores[r][h]`.
         let mut scores: Vec<Vec<Value>> = Vec::with_capacity(QUERY_TILE);
+        let mut keys: Vec<Vec<Value>> = Vec::with_capacity(QUERY_TILE);
         for (r, row) in rows.iter().enumerate().take(qrows) {
             let mut list = Vec::with_capacity(KEY_VECS);
+            let mut js = Vec::with_capacity(KEY_VECS);
             for (h, &raw) in dots[r].iter().enumerate() {
                 let cnt = count.saturating_sub(4 * h).min(4);
                 if cnt == 0 {
@@ -445,18 +461,13 @@ impl Emitter<'_> {
                 let lanes = const_i32x4(b, std::array::from_fn(|l| (4 * h + l) as i32));
                 let jh = b.ins().iadd(jv, lanes);
                 let j0h = b.ins().iadd_imm_s(j0, 4 * h as i64);
-                let mut s = self.score(b, &spec.score, raw, row, j0h, jh, cnt);
-                if masked {
-                    if let Some(rm) = &row.mask {
-                        let keep = rm.keep(b, jh);
-                        let ninf = splat_f32(b, f32::NEG_INFINITY);
-                        s = select_f32(b, keep, s, ninf);
-                    }
-                }
-                list.push(s);
+                list.push(self.score(b, &spec.score, raw, row, j0h, jh, cnt));
+                js.push(jh);
             }
             scores.push(list);
+            keys.push(js);
         }
+        self.apply_mask(b, rows, &keys, &mut scores, masking);
         // Rows past the tile's real rows (m < QUERY_TILE) repeat the last one.
         while scores.len() < QUERY_TILE {
             let last = scores[qrows - 1].clone();
@@ -510,6 +521,57 @@ impl Emitter<'_> {
             for (r, a) in acc.iter().enumerate() {
                 for (&c, &v) in vecs.iter().zip(a) {
                     b.ins().stack_store(I64, v, self.o_slot, self.o_off(r, c));
+                }
+            }
+        }
+    }
+
+    /// The element mask on the row-layout scores: masked keys become `-inf`. Under
+    /// [`Masking::Flag`] the masked scores are computed on a side path and joined back.
+    fn apply_mask(
+        &self,
+        b: &mut FunctionBuilder,
+        rows: &[Row],
+        keys: &[Vec<Value>],
+        scores: &mut [Vec<Value>],
+        masking: Masking,
+    ) {
+        let has_mask = rows.iter().take(self.qrows).any(|row| row.mask.is_some());
+        let masked = |b: &mut FunctionBuilder, scores: &mut [Vec<Value>]| {
+            for ((row, js), list) in rows.iter().zip(keys).zip(scores.iter_mut()) {
+                if let Some(rm) = &row.mask {
+                    for (s, &jh) in list.iter_mut().zip(js) {
+                        let keep = rm.keep(b, jh);
+                        let ninf = splat_f32(b, f32::NEG_INFINITY);
+                        *s = select_f32(b, keep, *s, ninf);
+                    }
+                }
+            }
+        };
+        match masking {
+            Masking::Off => {}
+            Masking::On => masked(b, scores),
+            Masking::Flag(_) if !has_mask => {}
+            Masking::Flag(flag) => {
+                let apply = b.create_block();
+                let join = b.create_block();
+                let flat: Vec<Value> = scores.iter().flatten().copied().collect();
+                for _ in &flat {
+                    b.append_block_param(join, F32X4);
+                }
+                let plain: Vec<BlockArg> = flat.iter().map(|&v| v.into()).collect();
+                b.ins().brif(flag, apply, &[], join, &plain);
+                b.switch_to_block(apply);
+                masked(b, scores);
+                let with_mask: Vec<BlockArg> = scores.iter().flatten().map(|&v| v.into()).collect();
+                b.ins().jump(join, &with_mask);
+                b.switch_to_block(join);
+                let joined = b.block_params(join).to_vec();
+                let mut it = joined.into_iter();
+                for list in scores.iter_mut() {
+                    for s in list.iter_mut() {
+                        *s = it.next().unwrap_or(*s);
+                    }
                 }
             }
         }
@@ -947,40 +1009,54 @@ fn emit_body(
     let first = b.ins().uload32(mem().with_readonly(), rp, 0);
     let end = b.ins().uload32(mem().with_readonly(), rp, 4);
     let kind = b.ins().load(I32, mem().with_readonly(), rp, 8);
-    let kinds: Vec<u32> = kinds.iter().copied().collect();
-    let mut targets: Vec<Block> = Vec::new();
-    for _ in &kinds {
-        let blk = b.create_block();
-        b.append_block_param(blk, I64);
-        targets.push(blk);
-    }
-    if kinds.is_empty() {
-        b.ins().jump(run_next, &[]);
-    } else {
-        for (n, &k) in kinds.iter().enumerate() {
-            if n + 1 == kinds.len() {
-                b.ins().jump(targets[n], &[first.into()]);
-            } else {
-                let is_k = b.ins().icmp_imm_s(IntCC::Equal, kind, i64::from(k));
-                let next = b.create_block();
-                b.ins().brif(is_k, targets[n], &[first.into()], next, &[]);
-                b.switch_to_block(next);
-            }
+    // One tile body per key-tile length (full tiles, the short last tile); a body serves
+    // both its full and its partial runs through a runtime flag when the table has both.
+    let tail_count = spec.n % KEY_TILE;
+    let bodies: Vec<(bool, Masking, Block)> = [false, true]
+        .into_iter()
+        .filter_map(|tail| {
+            let kind = |masked: bool| u32::from(masked) + 2 * u32::from(tail);
+            let (full, partial) = (kinds.contains(&kind(false)), kinds.contains(&kind(true)));
+            let blk = b.create_block();
+            b.append_block_param(blk, I64);
+            b.append_block_param(blk, I32);
+            let masking = match (full, partial) {
+                (false, false) => return None,
+                (true, false) => Masking::Off,
+                (false, true) => Masking::On,
+                (true, true) => Masking::Flag(b.block_params(blk)[1]),
+            };
+            Some((tail, masking, blk))
+        })
+        .collect();
+    // Kinds: bit 0 = partial (the mask applies), bit 1 = the short last tile.
+    let flag = b.ins().band_imm_s(kind, 1);
+    match bodies.as_slice() {
+        [] => {
+            b.ins().jump(run_next, &[]);
+        }
+        [(_, _, only)] => {
+            b.ins().jump(*only, &[first.into(), flag.into()]);
+        }
+        [(_, _, full), (_, _, tail), ..] => {
+            let is_tail = b
+                .ins()
+                .icmp_imm_s(IntCC::UnsignedGreaterThanOrEqual, kind, 2);
+            b.ins().brif(
+                is_tail,
+                *tail,
+                &[first.into(), flag.into()],
+                *full,
+                &[first.into(), flag.into()],
+            );
         }
     }
-    let tail_count = spec.n % KEY_TILE;
-    for (n, &k) in kinds.iter().enumerate() {
-        let blk = targets[n];
+    for &(tail, masking, blk) in &bodies {
         b.switch_to_block(blk);
         let t = b.block_params(blk)[0];
-        let (masked, tail) = match k {
-            0 => (false, false),
-            1 => (true, false),
-            2 => (false, true),
-            _ => (true, true),
-        };
+        let flag = b.block_params(blk)[1];
         let count = if tail { tail_count } else { KEY_TILE };
-        em.tile(b, &bases, &rows, t, masked, count);
+        em.tile(b, &bases, &rows, t, masking, count);
         if tail {
             b.ins().jump(run_next, &[]);
         } else {
@@ -989,7 +1065,7 @@ fn emit_body(
             let cont = b.create_block();
             b.ins().brif(again, cont, &[], run_next, &[]);
             b.switch_to_block(cont);
-            b.ins().jump(blk, &[t1.into()]);
+            b.ins().jump(blk, &[t1.into(), flag.into()]);
         }
     }
 
