@@ -316,9 +316,10 @@ fn pack_entry(layout: &QuantLayout, ins: &[BufferView<'_>; 3], b: usize, out: &m
         }
         let scale = quantize(&row[..d], &mut qrow[..d]);
         put_f32(out, layout.k_scale + 4 * j, scale);
+        // Wraps for d > 516 like the kernel's i32 sums; their total `q̂·k̂` still fits.
         let sum: i32 = qrow.iter().map(|&x| i32::from(x)).sum();
         out[layout.k_corr + 4 * j..layout.k_corr + 4 * j + 4]
-            .copy_from_slice(&(-Q_OFFSET * sum).to_le_bytes());
+            .copy_from_slice(&sum.wrapping_mul(-Q_OFFSET).to_le_bytes());
         let (g, l) = (j / 4, j % 4);
         for (c, q) in qrow.chunks_exact(4).enumerate() {
             let at = layout.k + 16 * (g * d4 + c) + 4 * l;
