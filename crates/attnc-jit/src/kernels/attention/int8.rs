@@ -6,27 +6,35 @@
 //! block of [`KEY_BLOCK`] keys (only the blocks the mask pattern reaches, from the same kind of
 //! compile-time table as the exact kernel):
 //!
-//! 1. **Scores.** Per group of 4 keys, per 4 depths: one 16-byte K operand `[key][depth]` and,
-//!    per row, the row's 4 shifted Q bytes broadcast to all lanes; [`dot_u8i8`] adds the four
-//!    exact u8·i8 dot products into an i32x4 with one lane per key. Adding the per-key
-//!    correction gives `q̂·k̂` exactly; `s = (q̂·k̂) s_q s_k` in f32, then the score expression,
-//!    the element mask (partial blocks) and `-inf` past the last key.
-//! 2. **Softmax.** Per row: block maximum, new running maximum `m`, `α = e^(m_old − m)`,
-//!    `p = e^(s − m)` (summed in f32 into `l`), `p' = p s_v` (the key's V scale folded in),
-//!    and `P = round(255 p' / max p')` as u8 — one scale per (row, block), so small weights
-//!    keep more levels than with a scale fixed at the running maximum.
+//! 1. **Scores.** Per pair of groups of 4 keys, per 4 depths: one 16-byte K operand
+//!    `[key][depth]` and, per row, a pre-broadcast Q operand (the 4 depths' bytes in every
+//!    lane); [`dot_u8i8`] adds the four exact u8·i8 dot products into an i32x4 with one lane
+//!    per key. Q has 16 bits in two bytes: the high bytes are summed over all depths, the sum
+//!    shifted left by 8, then the low bytes added, so Q costs two `vpdpbusd` per operand of
+//!    K. Adding the per-key correction gives `q̂·k̂` exactly; `s = (q̂·k̂) s_q s_k` in f32,
+//!    then the score expression, the element mask (partial blocks) and `-inf` past the last
+//!    key. The rows' block maxima are kept in memory, not in registers: the 8 accumulators,
+//!    2 K operands and a Q operand then fit the 16 vector registers with no spills.
+//! 2. **Softmax.** Per row: block maximum `b`, new running maximum `m`, `α = e^(m_old − m)`
+//!    (O and `l` are rescaled only when `α ≠ 1`, a few blocks per row), `e = e^(s − b)` and
+//!    `P = round(255 e)` as u8, written pre-broadcast (16 bytes per 4 keys) for stage 3;
+//!    `l += e^(b − m) Σ e` in f32. P's scale is the block's exact maximum (255 is reached),
+//!    which per-column V scales make possible: no V factor is folded into P.
 //! 3. **P·V.** Per group of 4 keys, per 4 value columns: the 16-byte V operand
-//!    `[column][key]` against the row's 4 P bytes broadcast, into i32x4 accumulators (4 rows ×
-//!    3 column vectors); at the end of the block `O = α O + f32(A) (max p' / 255)`.
+//!    `[column][key]` against the row's P operand, into i32x4 accumulators (4 rows × 3 column
+//!    vectors); at the end of the block `O += f32(A) (s_v e^(b − m) / 255)` with `s_v` the
+//!    column vector's V scales of the block.
 //!
 //! At the end `out = O / l` (zeros where `l = 0`). Every integer is exact and every float
 //! operation runs in a fixed order per row, whatever row range a call covers, so results are
 //! bit-identical across thread counts and between the `vpdpbusd` and the plain-SIMD lowering
 //! of [`dot_u8i8`].
 //!
-//! Error sources (all relative to the element scale of the operand): Q, K and V rounding to
-//! 255 levels of their row's maximum (about 0.55 % each for Gaussian rows of 64), P rounding
-//! per block, and nothing else: the i32 sums are exact and the softmax runs in f32.
+//! Error sources (all relative to the element scale of the operand): K rounded to 255 levels
+//! of its row's maximum, V to 255 levels of its (block, column) maximum, P to 256 levels of
+//! its (row, block) maximum (about 0.5 % each for standard-normal inputs at d = 64, with
+//! 32-key blocks), Q to 65535 levels (negligible); nothing else: the i32 sums are exact and
+//! the softmax runs in f32. Together about 0.9 % relative L2 on standard-normal inputs.
 
 use super::codegen::{
     declare, define_in_order, max_shift, mem, tile_table, Bases, DefinedAttention, Emitter, Row,
@@ -41,8 +49,7 @@ use crate::simd::{
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    Block, Endianness, GlobalValue, InstBuilder, MemFlagsData, StackSlot, StackSlotData,
-    StackSlotKind, Type, Value,
+    Block, GlobalValue, InstBuilder, StackSlot, StackSlotData, StackSlotKind, Type, Value,
 };
 use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
 use cranelift_jit::JITModule;
@@ -51,11 +58,6 @@ use std::collections::BTreeSet;
 
 /// i32x4 column vectors per P·V chunk (`QUERY_TILE × PV_VECS` accumulators).
 const PV_VECS: usize = 3;
-
-/// Lane reinterpretation flags.
-fn lanes() -> MemFlagsData {
-    MemFlagsData::new().with_endianness(Endianness::Little)
-}
 
 /// `acc + dot4(a, u)`: lane `l` adds `Σ_t a[4l+t] · u[4l+t]` with `a` signed and `u` unsigned
 /// bytes (i8x16 both), exactly (products fit i16, sums wrap like the instruction's).
@@ -80,47 +82,6 @@ pub fn dot_u8i8(b: &mut FunctionBuilder, a: Value, u: Value, acc: Value) -> Valu
     b.ins().iadd(s, acc)
 }
 
-/// `e^x` for f32x4 `x ≤ 0` (or `-inf`) to about 4e-5 relative, in 14 instructions: plenty for
-/// weights that are rounded to 8 bits next. `2^t` with `t = x log2 e` split as `k + f`
-/// (`|f| ≤ 1/2`, `k` by the `1.5 · 2^23` rounding trick), `2^f` by its degree-4 Taylor
-/// polynomial, `2^k` from exponent bits; `t < -126` (and `-inf`) gives exactly 0.
-fn exp_nonpos_fast(b: &mut FunctionBuilder, x: Value) -> Value {
-    const MAGIC: f32 = 12_582_912.0;
-    let ln2 = std::f32::consts::LN_2;
-    let log2e = const_f32x4(b, std::f32::consts::LOG2_E);
-    let t = b.ins().fmul(x, log2e);
-    let low = const_f32x4(b, -126.0);
-    let under = b.ins().fcmp(FloatCC::LessThan, t, low);
-    let tc = select_f32(b, under, low, t);
-    let magic = const_f32x4(b, MAGIC);
-    let tm = b.ins().fadd(tc, magic);
-    let kf = b.ins().fsub(tm, magic);
-    let f = b.ins().fsub(tc, kf);
-    let mut p = const_f32x4(b, ln2.powi(4) / 24.0);
-    for c in [ln2.powi(3) / 6.0, ln2 * ln2 / 2.0, ln2, 1.0] {
-        let cv = const_f32x4(b, c);
-        p = b.ins().fma(p, f, cv);
-    }
-    // bits(tm) - bits(MAGIC) = k; (k + 127) << 23 = 2^k.
-    let bias = const_i32x4(b, [(MAGIC.to_bits() as i32).wrapping_sub(127); 4]);
-    let tb = as_int(b, tm);
-    let e = b.ins().isub(tb, bias);
-    let e = b.ins().ishl_imm_u(e, 23);
-    let scale = as_float(b, e);
-    let y = b.ins().fmul(p, scale);
-    let zero = const_f32x4(b, 0.0);
-    select_f32(b, under, zero, y)
-}
-
-/// The 4 bytes at `p + off` in every 32-bit lane, as i8x16. Loaded as an f32 (only moved,
-/// never computed on) so that the load folds into one `vbroadcastss` from memory; an i32
-/// splat of a load takes three instructions.
-fn broadcast4(b: &mut FunctionBuilder, p: Value, off: i32) -> Value {
-    let w = b.ins().load(F32, mem(), p, off);
-    let v = b.ins().splat(F32X4, w);
-    b.ins().bitcast(I8X16, lanes(), v)
-}
-
 /// The maximum of the four lanes (`max_shift` order), as a scalar.
 fn hmax(b: &mut FunctionBuilder, v: Value) -> Value {
     let s = shuffle_f32x4(b, v, v, [2, 3, 0, 1]);
@@ -141,26 +102,88 @@ fn hsum(b: &mut FunctionBuilder, v: Value) -> Value {
 /// Per-row state of a query tile.
 struct RowState {
     row: Row,
-    /// Shifted Q bytes of the row.
+    /// The row's pre-broadcast Q operands (high bytes, then low bytes 16·d4 further).
     q: Value,
-    /// The row's Q scale (scalar f32).
+    /// Address of the row's Q scale (f32).
     q_scale: Value,
+}
+
+/// Constants of [`exp_nonpos_fast`] and of P's rounding, materialized once per block so that
+/// the softmax loop does not reload them.
+struct ExpConsts {
+    log2e: Value,
+    low: Value,
+    magic: Value,
+    poly: [Value; 5],
+    bias: Value,
+    magic_bits: Value,
+    c255: Value,
+}
+
+impl ExpConsts {
+    fn new(b: &mut FunctionBuilder) -> ExpConsts {
+        const MAGIC: f32 = 12_582_912.0;
+        let ln2 = std::f32::consts::LN_2;
+        let poly = [
+            ln2.powi(4) / 24.0,
+            ln2.powi(3) / 6.0,
+            ln2 * ln2 / 2.0,
+            ln2,
+            1.0,
+        ];
+        ExpConsts {
+            log2e: const_f32x4(b, std::f32::consts::LOG2_E),
+            low: const_f32x4(b, -127.0),
+            magic: const_f32x4(b, MAGIC),
+            poly: poly.map(|c| const_f32x4(b, c)),
+            bias: const_i32x4(b, [(MAGIC.to_bits() as i32).wrapping_sub(127); 4]),
+            magic_bits: const_i32x4(b, [MAGIC.to_bits() as i32; 4]),
+            c255: const_f32x4(b, 255.0),
+        }
+    }
+}
+
+/// `e^x` for f32x4 `x ≤ 0` (or `-inf`) to about 4e-5 relative, in 13 instructions: plenty for
+/// weights that are rounded to 8 bits next. `2^t` with `t = x log2 e` split as `k + f`
+/// (`|f| ≤ 1/2`, `k` by the `1.5 · 2^23` rounding trick), `2^f` by its degree-4 Taylor
+/// polynomial, `2^k` from exponent bits. `t` is clamped to `-127` first, where `k = -127`
+/// gives the exponent field 0 and so exactly 0 (also for `-inf`), with no select.
+fn exp_nonpos_fast(b: &mut FunctionBuilder, c: &ExpConsts, x: Value) -> Value {
+    let t = b.ins().fmul(x, c.log2e);
+    let under = b.ins().fcmp(FloatCC::LessThan, t, c.low);
+    let tc = select_f32(b, under, c.low, t);
+    let tm = b.ins().fadd(tc, c.magic);
+    let kf = b.ins().fsub(tm, c.magic);
+    let f = b.ins().fsub(tc, kf);
+    let mut p = c.poly[0];
+    for &cv in &c.poly[1..] {
+        p = b.ins().fma(p, f, cv);
+    }
+    // bits(tm) - bits(MAGIC) = k; (k + 127) << 23 = 2^k.
+    let tb = as_int(b, tm);
+    let e = b.ins().isub(tb, c.bias);
+    let e = b.ins().ishl_imm_u(e, 23);
+    let scale = as_float(b, e);
+    b.ins().fmul(p, scale)
 }
 
 struct Int8Emitter<'s> {
     em: Emitter<'s>,
     layout: &'s QuantLayout,
-    /// Scores, then scaled probabilities, of the block: `[QUERY_TILE][KEY_BLOCK]` f32.
+    /// Scores of the block: `[QUERY_TILE][KEY_BLOCK]` f32.
     s_slot: StackSlot,
-    /// Quantized probabilities: `[QUERY_TILE][KEY_BLOCK]` u8.
+    /// Quantized probabilities, each group of 4 keys pre-broadcast to 16 bytes:
+    /// `[QUERY_TILE][KEY_BLOCK / 4][16]` u8.
     p_slot: StackSlot,
-    /// Per row `(α, max p' / 255)` of the block: `[QUERY_TILE][2]` f32.
-    af_slot: StackSlot,
-    /// Running maximum (f32) and partial sums (f32x4) per row.
+    /// Per row, `e^(block max − m) / 255` (the unit of P) of the block: `[QUERY_TILE]` f32.
+    unit_slot: StackSlot,
+    /// Per row, the lane-wise maximum of the block's scores: `[QUERY_TILE]` f32x4. In memory
+    /// rather than in variables so that stage 1 keeps all 16 vector registers.
+    bmax_slot: StackSlot,
+    /// Per row, the partial sums of `e^(s − m)`: `[QUERY_TILE]` f32x4 (also in memory).
+    l_slot: StackSlot,
+    /// Running maximum (f32) per row.
     m_vars: Vec<Variable>,
-    /// Per row, the lane-wise maximum of the block's scores (f32x4).
-    bmax_vars: Vec<Variable>,
-    l_vars: Vec<Variable>,
     /// P·V accumulators `[row][vec]`, reused by every chunk.
     a_vars: Vec<Vec<Variable>>,
 }
@@ -176,8 +199,10 @@ impl Int8Emitter<'_> {
 
     /// Stage 1 for `valid.len()` (1 or 2) consecutive groups of 4 keys from key `j` (i64):
     /// raw scores, score expression, masks, stored to the `S` slot from group offset
-    /// `gbytes` (i64). Group `k` has `valid[k]` real keys. Two groups share every Q
-    /// broadcast (8 accumulators, 2 K operands and a broadcast stay in registers).
+    /// `gbytes` (i64), and the rows' block maxima. Group `k` has `valid[k]` real keys.
+    /// The high bytes of Q are summed first, the accumulators shifted by 8 bits, then the
+    /// low bytes added: two groups share every Q load (8 accumulators, 2 K operands and a
+    /// Q operand in registers).
     #[allow(clippy::too_many_arguments)]
     fn score_group(
         &self,
@@ -194,21 +219,44 @@ impl Int8Emitter<'_> {
         let d4 = self.layout.d4;
         let zero = splat_i32(b, 0);
         let mut accs = vec![vec![zero; qrows]; valid.len()];
-        for c in 0..d4 {
-            let kv: Vec<Value> = (0..valid.len())
-                .map(|k| b.ins().load(I8X16, mem(), kg, (16 * (k * d4 + c)) as i32))
-                .collect();
-            for (r, state) in rows.iter().enumerate() {
-                let qb = broadcast4(b, state.q, (4 * c) as i32);
-                for (acc, &k) in accs.iter_mut().zip(&kv) {
-                    acc[r] = dot_u8i8(b, k, qb, acc[r]);
+        for half in 0..2 {
+            if half == 1 {
+                for acc in accs.iter_mut().flatten() {
+                    *acc = b.ins().ishl_imm_u(*acc, 8);
+                }
+            }
+            for c in 0..d4 {
+                let kv: Vec<Value> = (0..valid.len())
+                    .map(|k| b.ins().load(I8X16, mem(), kg, (16 * (k * d4 + c)) as i32))
+                    .collect();
+                for (r, state) in rows.iter().enumerate() {
+                    let off = (16 * (half * d4 + c)) as i32;
+                    let qb = b.ins().load(I8X16, mem(), state.q, off);
+                    for (acc, &k) in accs.iter_mut().zip(&kv) {
+                        acc[r] = dot_u8i8(b, k, qb, acc[r]);
+                    }
                 }
             }
         }
+        let mut smax: Vec<Option<Value>> = vec![None; qrows];
         for (k, (acc, &valid)) in accs.iter().zip(valid).enumerate() {
             let j = b.ins().iadd_imm_s(j, 4 * k as i64);
             let gbytes = b.ins().iadd_imm_s(gbytes, 16 * k as i64);
-            self.score_epilogue(b, rows, entry, acc, j, gbytes, masked, valid);
+            let s = self.score_epilogue(b, rows, entry, acc, j, gbytes, masked, valid);
+            for (m, s) in smax.iter_mut().zip(s) {
+                *m = Some(match *m {
+                    Some(m) => max_shift(b, s, m),
+                    None => s,
+                });
+            }
+        }
+        for (r, m) in smax.into_iter().enumerate() {
+            let m = m.expect("invariant: at least one group");
+            let old = b
+                .ins()
+                .stack_load(I64, F32X4, self.bmax_slot, (16 * r) as i32);
+            let m = max_shift(b, m, old);
+            b.ins().stack_store(I64, m, self.bmax_slot, (16 * r) as i32);
         }
     }
 
@@ -224,7 +272,7 @@ impl Int8Emitter<'_> {
         gbytes: Value,
         masked: bool,
         valid: usize,
-    ) {
+    ) -> Vec<Value> {
         let at = |b: &mut FunctionBuilder, off: usize, ty: Type| {
             let p = b.ins().iadd_imm_s(entry, off as i64);
             let o = b.ins().ishl_imm_s(j, 2);
@@ -240,10 +288,13 @@ impl Int8Emitter<'_> {
         let s_base = b.ins().stack_addr(I64, self.s_slot, 0);
         let s_at = b.ins().iadd(s_base, gbytes);
         let ninf = splat_f32(b, f32::NEG_INFINITY);
+        let mut out = Vec::with_capacity(rows.len());
         for (r, state) in rows.iter().enumerate() {
             let x = b.ins().iadd(acc[r], corr);
             let f = b.ins().fcvt_from_sint(F32X4, x);
-            let qs = b.ins().splat(F32X4, state.q_scale);
+            // Loaded where used so that it folds into one broadcast from memory.
+            let qs = b.ins().load(F32, mem(), state.q_scale, 0);
+            let qs = b.ins().splat(F32X4, qs);
             let scale = b.ins().fmul(k_scale, qs);
             let raw = b.ins().fmul(f, scale);
             let mut s = self
@@ -260,10 +311,9 @@ impl Int8Emitter<'_> {
                 s = select_f32(b, keep, s, ninf);
             }
             b.ins().store(mem(), s, s_at, (4 * r * KEY_BLOCK) as i32);
-            let m = b.use_var(self.bmax_vars[r]);
-            let m = max_shift(b, s, m);
-            b.def_var(self.bmax_vars[r], m);
+            out.push(s);
         }
+        out
     }
 
     /// One block `t` (i64) of `count` keys (`masked`: evaluate the element mask).
@@ -278,6 +328,7 @@ impl Int8Emitter<'_> {
     ) -> Result<()> {
         let layout = self.layout;
         let d4 = layout.d4;
+        let qrows = self.em.qrows;
         let j0 = b.ins().imul_imm_s(t, KEY_BLOCK as i64);
         let k_block = b.ins().imul_imm_s(t, (KEY_BLOCK / 4 * d4 * 16) as i64);
         let k_block = b.ins().iadd(entry, k_block);
@@ -285,8 +336,9 @@ impl Int8Emitter<'_> {
         let full = count / 4;
         let zero = self.em.iconst(b, 0);
         let ninf = splat_f32(b, f32::NEG_INFINITY);
-        for &v in &self.bmax_vars {
-            b.def_var(v, ninf);
+        for r in 0..qrows {
+            b.ins()
+                .stack_store(I64, ninf, self.bmax_slot, (16 * r) as i32);
         }
         // Stage 1: pairs of full groups in a loop, then what is left (an odd full group, a
         // short last group of a tail block) unrolled.
@@ -318,89 +370,107 @@ impl Int8Emitter<'_> {
         // Stage 2: softmax and P quantization, per row, in one pass over the block.
         let s_base = b.ins().stack_addr(I64, self.s_slot, 0);
         let p_base = b.ins().stack_addr(I64, self.p_slot, 0);
-        let v_scales = b.ins().iadd_imm_s(entry, layout.v_scale as i64);
-        let v_scales = self.em.offset(b, v_scales, j0, 4);
-        let vmax_p = b.ins().iadd_imm_s(entry, layout.v_scale_max as i64);
-        let vmax_p = self.em.offset(b, vmax_p, t, 4);
-        let v_max = b.ins().load(F32, mem(), vmax_p, 0);
-        for r in 0..self.em.qrows {
+        let ec = ExpConsts::new(b);
+        for r in 0..qrows {
             let s_row = b.ins().iadd_imm_s(s_base, (4 * r * KEY_BLOCK) as i64);
-            let mv = b.use_var(self.bmax_vars[r]);
+            let mv = b
+                .ins()
+                .stack_load(I64, F32X4, self.bmax_slot, (16 * r) as i32);
             let block_max = hmax(b, mv);
             let m_old = b.use_var(self.m_vars[r]);
             let gt = b.ins().fcmp(FloatCC::GreaterThan, block_max, m_old);
             let m_new = b.ins().select(gt, block_max, m_old);
             b.def_var(self.m_vars[r], m_new);
-            // While every score so far is -inf, subtract 0 instead (no NaN from -inf - -inf).
+            // While every score so far is -inf, subtract 0 instead (no NaN from -inf - -inf);
+            // the same for a block whose scores are all -inf.
             let ninf_s = b.ins().f32const(f32::NEG_INFINITY);
-            let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf_s);
             let zero_s = b.ins().f32const(0.0);
+            let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf_s);
             let m_use = b.ins().select(none, zero_s, m_new);
-            // α and the bound e^(block max − m) · max s_v ≥ every p s_v of the block, which
-            // sets P's scale (lane 0: α, lane 1: the bound).
+            let empty = b.ins().fcmp(FloatCC::Equal, block_max, ninf_s);
+            let b_use = b.ins().select(empty, zero_s, block_max);
+            // Lane 0: α = e^(m_old − m), lane 1: c = e^(block max − m), the factor from
+            // the block's own scale (P relative to the block maximum) to the running one.
             let da = b.ins().fsub(m_old, m_use);
             let db = b.ins().fsub(block_max, m_use);
             let zero_v = splat_f32(b, 0.0);
             let ab = b.ins().insertlane(zero_v, da, 0);
             let ab = b.ins().insertlane(ab, db, 1);
-            let e = exp_nonpos_fast(b, ab);
+            let e = exp_nonpos_fast(b, &ec, ab);
             let alpha = b.ins().extractlane(e, 0);
-            let bound = b.ins().extractlane(e, 1);
-            let bound = b.ins().fmul(bound, v_max);
+            let c = b.ins().extractlane(e, 1);
+            let inv255 = b.ins().f32const(1.0 / 255.0);
+            let unit = b.ins().fmul(c, inv255);
+            b.ins()
+                .stack_store(I64, unit, self.unit_slot, (4 * r) as i32);
+            // O and l are rescaled only when the running maximum moved (α < 1): a few
+            // blocks per row, so the other blocks skip 4·dv/4 + 1 multiplications.
+            let one = b.ins().f32const(1.0);
+            let moved = b.ins().fcmp(FloatCC::NotEqual, alpha, one);
+            let rescale = b.create_block();
+            let go_on = b.create_block();
+            b.ins().brif(moved, rescale, &[], go_on, &[]);
+            b.switch_to_block(rescale);
             let alpha_v = b.ins().splat(F32X4, alpha);
-            let l = b.use_var(self.l_vars[r]);
+            let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
             let l = b.ins().fmul(l, alpha_v);
-            b.def_var(self.l_vars[r], l);
-            let positive = b.ins().fcmp(FloatCC::GreaterThan, bound, zero_s);
-            let c255 = b.ins().f32const(255.0);
-            let inv = b.ins().fdiv(c255, bound);
-            let inv = b.ins().select(positive, inv, zero_s);
-            let unit = b.ins().fdiv(bound, c255);
-            b.ins()
-                .stack_store(I64, alpha, self.af_slot, (8 * r) as i32);
-            b.ins()
-                .stack_store(I64, unit, self.af_slot, (8 * r + 4) as i32);
-            let inv = b.ins().splat(F32X4, inv);
-            let mu = b.ins().splat(F32X4, m_use);
-            let p_row = b.ins().iadd_imm_s(p_base, (r * KEY_BLOCK) as i64);
+            b.ins().stack_store(I64, l, self.l_slot, (16 * r) as i32);
+            for cv in 0..self.em.dv4 {
+                let o = b
+                    .ins()
+                    .stack_load(I64, F32X4, self.em.o_slot, self.o_off(r, cv));
+                let o = b.ins().fmul(o, alpha_v);
+                b.ins()
+                    .stack_store(I64, o, self.em.o_slot, self.o_off(r, cv));
+            }
+            b.ins().jump(go_on, &[]);
+            b.switch_to_block(go_on);
+            let bu = b.ins().splat(F32X4, b_use);
+            let p_row = b.ins().iadd_imm_s(p_base, (r * KEY_BLOCK * 4) as i64);
+            let sum = b.declare_var(F32X4);
+            let zero_f = splat_f32(b, 0.0);
+            b.def_var(sum, zero_f);
             counted_loop(b, zero, groups_c, 1, |b, g| {
                 let p = self.em.offset(b, s_row, g, 16);
                 let s = b.ins().load(F32X4, mem(), p, 0);
-                let x = b.ins().fsub(s, mu);
-                let e = exp_nonpos_fast(b, x);
-                let l = b.use_var(self.l_vars[r]);
-                let l = b.ins().fadd(l, e);
-                b.def_var(self.l_vars[r], l);
-                let vs = self.em.offset(b, v_scales, g, 16);
-                let vs = b.ins().load(F32X4, mem(), vs, 0);
-                let pv = b.ins().fmul(e, vs);
-                // round(p' · inv) in [0, 255]: adding 1.5 · 2^23 rounds to nearest even and
+                let x = b.ins().fsub(s, bu);
+                let e = exp_nonpos_fast(b, &ec, x);
+                let acc = b.use_var(sum);
+                let acc = b.ins().fadd(acc, e);
+                b.def_var(sum, acc);
+                // round(255 e) in [0, 255]: adding 1.5 · 2^23 rounds to nearest even and
                 // leaves the integer in the low mantissa bits (cheaper than a saturating
-                // conversion; NaN lanes give garbage bytes, never a fault).
-                let magic = const_f32x4(b, 12_582_912.0);
-                let x = b.ins().fma(pv, inv, magic);
+                // conversion; NaN lanes give garbage bytes, never a fault). The packs leave
+                // the 4 bytes in every 32-bit lane: the broadcast operand of stage 3.
+                let x = b.ins().fma(e, ec.c255, ec.magic);
                 let xb = as_int(b, x);
-                let mb = const_i32x4(b, [12_582_912.0f32.to_bits() as i32; 4]);
-                let u = b.ins().isub(xb, mb);
+                let u = b.ins().isub(xb, ec.magic_bits);
                 let h = b.ins().snarrow(u, u);
                 let bytes = b.ins().unarrow(h, h);
-                let w = b.ins().bitcast(I32X4, lanes(), bytes);
-                let w0 = b.ins().extractlane(w, 0);
-                let dst = self.em.offset(b, p_row, g, 4);
-                b.ins().store(mem(), w0, dst, 0);
+                let dst = self.em.offset(b, p_row, g, 16);
+                b.ins().store(mem(), bytes, dst, 0);
                 Ok(())
             })?;
+            // l += c Σ e^(s − block max), lane-wise.
+            let acc = b.use_var(sum);
+            let cv = b.ins().splat(F32X4, c);
+            let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
+            let l = b.ins().fma(acc, cv, l);
+            b.ins().stack_store(I64, l, self.l_slot, (16 * r) as i32);
         }
         // Stage 3: P·V in chunks of PV_VECS column vectors.
         let v_group = (layout.dv_pad * 4) as i64;
         let v_block = b.ins().imul_imm_s(t, KEY_BLOCK as i64 / 4 * v_group);
         let v_block = b.ins().iadd(entry, v_block);
         let v_block = b.ins().iadd_imm_s(v_block, layout.v as i64);
+        let vs_block = b.ins().imul_imm_s(t, (4 * layout.dv_pad) as i64);
+        let vs_block = b.ins().iadd(entry, vs_block);
+        let vs_block = b.ins().iadd_imm_s(vs_block, layout.v_scale as i64);
         let dv4 = self.em.dv4;
         for ch in 0..dv4.div_ceil(PV_VECS) {
             let vecs: Vec<usize> = (PV_VECS * ch..(PV_VECS * ch + PV_VECS).min(dv4)).collect();
             let zero_i = splat_i32(b, 0);
-            for r in 0..self.em.qrows {
+            for r in 0..qrows {
                 for k in 0..vecs.len() {
                     b.def_var(self.a_vars[r][k], zero_i);
                 }
@@ -411,10 +481,10 @@ impl Int8Emitter<'_> {
                     .iter()
                     .map(|&c| b.ins().load(I8X16, mem(), vg, (16 * c) as i32))
                     .collect();
-                let pg = b.ins().ishl_imm_s(g, 2);
+                let pg = b.ins().ishl_imm_s(g, 4);
                 let pg = b.ins().iadd(p_base, pg);
-                for r in 0..self.em.qrows {
-                    let pb = broadcast4(b, pg, (r * KEY_BLOCK) as i32);
+                for r in 0..qrows {
+                    let pb = b.ins().load(I8X16, mem(), pg, (r * KEY_BLOCK * 4) as i32);
                     for (k, &v) in vv.iter().enumerate() {
                         let a = b.use_var(self.a_vars[r][k]);
                         let a = dot_u8i8(b, v, pb, a);
@@ -423,21 +493,22 @@ impl Int8Emitter<'_> {
                 }
                 Ok(())
             })?;
-            for r in 0..self.em.qrows {
-                let alpha = b.ins().stack_load(I64, F32, self.af_slot, (8 * r) as i32);
-                let alpha = b.ins().splat(F32X4, alpha);
-                let unit = b
-                    .ins()
-                    .stack_load(I64, F32, self.af_slot, (8 * r + 4) as i32);
+            // O += f32(A) · (column scales · unit of the row).
+            let scales: Vec<Value> = vecs
+                .iter()
+                .map(|&c| b.ins().load(F32X4, mem(), vs_block, (16 * c) as i32))
+                .collect();
+            for r in 0..qrows {
+                let unit = b.ins().stack_load(I64, F32, self.unit_slot, (4 * r) as i32);
                 let unit = b.ins().splat(F32X4, unit);
                 for (k, &c) in vecs.iter().enumerate() {
                     let a = b.use_var(self.a_vars[r][k]);
                     let af = b.ins().fcvt_from_sint(F32X4, a);
+                    let w = b.ins().fmul(scales[k], unit);
                     let o = b
                         .ins()
                         .stack_load(I64, F32X4, self.em.o_slot, self.o_off(r, c));
-                    let o = b.ins().fmul(o, alpha);
-                    let o = b.ins().fma(af, unit, o);
+                    let o = b.ins().fma(af, w, o);
                     b.ins()
                         .stack_store(I64, o, self.em.o_slot, self.o_off(r, c));
                 }
@@ -449,7 +520,7 @@ impl Int8Emitter<'_> {
     /// Writes `O / l` of query-tile row `r` to output row `i` (zeros where `l = 0`).
     fn store_row(&self, b: &mut FunctionBuilder, r: usize, out_row0: Value, i: Value) {
         let spec = self.spec();
-        let l = b.use_var(self.l_vars[r]);
+        let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
         let l = hsum(b, l);
         let lv = b.ins().splat(F32X4, l);
         let zero = splat_f32(b, 0.0);
@@ -528,11 +599,11 @@ fn emit_body(
     };
     let ie = Int8Emitter {
         s_slot: slot(b, 4 * QUERY_TILE * KEY_BLOCK),
-        p_slot: slot(b, QUERY_TILE * KEY_BLOCK),
-        af_slot: slot(b, 8 * QUERY_TILE),
+        p_slot: slot(b, 4 * QUERY_TILE * KEY_BLOCK),
+        unit_slot: slot(b, 4 * QUERY_TILE),
+        bmax_slot: slot(b, 16 * QUERY_TILE),
+        l_slot: slot(b, 16 * QUERY_TILE),
         m_vars: (0..qrows).map(|_| b.declare_var(F32)).collect(),
-        bmax_vars: (0..qrows).map(|_| b.declare_var(F32X4)).collect(),
-        l_vars: (0..qrows).map(|_| b.declare_var(F32X4)).collect(),
         a_vars: (0..qrows)
             .map(|_| (0..PV_VECS).map(|_| b.declare_var(I32X4)).collect())
             .collect(),
@@ -607,9 +678,8 @@ fn emit_body(
             let i = b.ins().iadd_imm_s(i0, k as i64);
             let i = b.ins().umin(i, last);
             let row = em.row(b, &bases, i);
-            let q = em.offset(b, q_rows, i, (4 * layout.d4) as i64);
-            let sp = em.offset(b, q_scales, i, 4);
-            let q_scale = b.ins().load(F32, mem(), sp, 0);
+            let q = em.offset(b, q_rows, i, (2 * 16 * layout.d4) as i64);
+            let q_scale = em.offset(b, q_scales, i, 4);
             RowState { row, q, q_scale }
         })
         .collect();
@@ -617,7 +687,7 @@ fn emit_body(
     let zero = splat_f32(b, 0.0);
     for r in 0..qrows {
         b.def_var(ie.m_vars[r], ninf);
-        b.def_var(ie.l_vars[r], zero);
+        b.ins().stack_store(I64, zero, ie.l_slot, (16 * r) as i32);
         for c in 0..dv4 {
             b.ins().stack_store(I64, zero, em.o_slot, ie.o_off(r, c));
         }
