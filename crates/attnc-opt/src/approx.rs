@@ -41,7 +41,8 @@ impl Approx {
     /// approximation is worth trying under a tolerance.
     ///
     /// Storage rounding: bf16 keeps 8 significant bits (unit roundoff 2⁻⁹ ≈ 2e-3 per input,
-    /// a few of them per output), f16 11 bits. int8: 7 bits per operand plus 8 for p.
+    /// a few of them per output), f16 11 bits. int8: the JIT's int8 kernel (16-bit Q, 8-bit K, V and
+    /// P) measures 0.9 % on standard-normal inputs at d = 64.
     /// Random features and projections: Monte Carlo estimates whose error falls as `1/√m`
     /// (resp. `1/√r`) at unit-scale inputs, and grows fast with the input scale — which is
     /// why the measured error decides in the end.
@@ -49,7 +50,7 @@ impl Approx {
         match *self {
             Approx::Bf16 => 4e-3,
             Approx::F16 => 5e-4,
-            Approx::Int8 => 5e-3,
+            Approx::Int8 => 9e-3,
             Approx::LowRank { r, .. } => 1.0 / (r.max(1) as f64).sqrt(),
             Approx::RandomFeatures { m, .. } => 1.0 / (m.max(1) as f64).sqrt(),
         }
