@@ -4,7 +4,7 @@ use crate::args::{EngineArg, SharedArgs};
 use crate::check::load_module;
 use crate::failure::Failure;
 use attnc::engine::Engine;
-use attnc::io::{self, Tensor, TensorData};
+use attnc::io::{self, NormalStream, Tensor, TensorData};
 use attnc::ir::{Bindings, DType, Kernel, Module};
 use attnc::policy::{parse_approx_list, Policy};
 use std::collections::BTreeMap;
@@ -61,8 +61,12 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         Err(e) => return Err(Failure::input("shape", e.to_string())),
     };
 
+    let threads = args
+        .threads
+        .map(|t| t as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if need_inputs || args.random.is_some() {
-        fill_missing(kernel, &mut slots, &bindings, args.random)?;
+        fill_missing(kernel, &mut slots, &bindings, args.random, threads)?;
     }
     let inputs = slots.into_iter().flatten().collect();
     let calibration = load_inputs(kernel, &args.calibrate, &mut notes)?
@@ -76,10 +80,6 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         Some(EngineArg::Interp) => Engine::Interp,
         Some(EngineArg::Jit) | None => Engine::Jit,
     };
-    let threads = args
-        .threads
-        .map(|t| t as usize)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(Prepared {
         module,
         kernel_index,
@@ -258,13 +258,17 @@ fn to_param_dtype(tensor: Tensor, dtype: DType) -> Tensor {
     }
 }
 
+/// Fills every unbound input with standard-normal values from `seed` (stream = parameter
+/// index), drawing the streams on up to `threads` threads.
 fn fill_missing(
     kernel: &Kernel,
     slots: &mut [Option<Tensor>],
     bindings: &Bindings,
     seed: Option<u64>,
+    threads: usize,
 ) -> Result<(), Failure> {
-    for (index, slot) in slots.iter_mut().enumerate() {
+    let mut wanted = Vec::new();
+    for (index, slot) in slots.iter().enumerate() {
         if slot.is_some() {
             continue;
         }
@@ -294,10 +298,19 @@ fn fill_missing(
                     format!("input `{}` would have too many elements", param.name),
                 )
             })?;
-        let values = io::standard_normal(seed, index as u64, count);
-        *slot = Some(Tensor {
+        let stream = NormalStream {
+            seed,
+            stream: index as u64,
+            len: count,
+        };
+        wanted.push((index, shape, stream));
+    }
+    let streams: Vec<NormalStream> = wanted.iter().map(|(_, _, s)| *s).collect();
+    let drawn = io::standard_normal_streams(&streams, threads);
+    for ((index, shape, _), values) in wanted.into_iter().zip(drawn) {
+        slots[index] = Some(Tensor {
             shape,
-            data: TensorData::from_f32_as(values, param.dtype),
+            data: TensorData::from_f32_as(values, kernel.params[index].dtype),
         });
     }
     Ok(())
