@@ -13,7 +13,7 @@
 //! computed once however many plans are measured, and a fallback to the exact plan reuses its
 //! machine code.
 
-use crate::calibration::{calibration_inputs, sample_rows};
+use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs};
 use crate::engine::RunError;
 use crate::io::Tensor;
 use crate::policy::Policy;
@@ -143,6 +143,20 @@ pub fn compile_with_policy(
     calibration: &[(String, Tensor)],
     threads: usize,
 ) -> Result<PolicyCompiled, RunError> {
+    let none = DrawnInputs::default();
+    compile_with_policy_reusing(kernel, bindings, policy, calibration, none, threads)
+}
+
+/// [`compile_with_policy`], copying the calibration blocks from inputs a `--random` run has
+/// drawn already with the policy's seed instead of drawing them again (same values).
+pub fn compile_with_policy_reusing(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    policy: &Policy,
+    calibration: &[(String, Tensor)],
+    drawn: DrawnInputs<'_>,
+    threads: usize,
+) -> Result<PolicyCompiled, RunError> {
     let mut approx = optimizer_policy(policy);
     let mut validations = Vec::new();
     let mut rejected = Vec::new();
@@ -181,7 +195,14 @@ pub fn compile_with_policy(
                     let compiled = compile_plan(&optimized.kernel, bindings);
                     let ready = Instant::now();
                     let inputs = timed(|| {
-                        calibration_inputs(kernel, bindings, policy.seed(), calibration, threads)
+                        calibration_inputs(
+                            kernel,
+                            bindings,
+                            policy.seed(),
+                            calibration,
+                            drawn,
+                            threads,
+                        )
                     });
                     let exact = exact
                         .join()
@@ -204,14 +225,26 @@ pub fn compile_with_policy(
         let r = reference.as_mut().expect("invariant: built above");
         let views: Vec<Input<'_>> = r.inputs.iter().map(crate::engine::input_view).collect();
         let rows = sample_rows(compiled.output_shape());
-        if r.rows.is_none() {
-            let (exact_rows, time) = timed(|| r.code.run_sample(&views, threads, &rows));
+        let ((approximate, approximate_time), exact) = std::thread::scope(|scope| {
+            // The first time, the exact rows are computed beside the approximate ones (the
+            // int8 plan's pre-pass runs on one thread).
+            let exact = r
+                .rows
+                .is_none()
+                .then(|| scope.spawn(|| timed(|| r.code.run_sample(&views, threads, &rows))));
+            let approximate = timed(|| compiled.run_sample(&views, threads, &rows));
+            let exact = exact.map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+            (approximate, exact)
+        });
+        if let Some((exact_rows, time)) = exact {
             cost.exact_sample_ms = millis(time);
             r.rows = Some(exact_rows?);
         }
         let expected = r.rows.as_deref().unwrap_or_default();
-        let (approximate, time) = timed(|| compiled.run_sample(&views, threads, &rows));
-        cost.approximate_sample_ms = millis(time);
+        cost.approximate_sample_ms = millis(approximate_time);
         let measured = relative_l2(&approximate?, expected);
         let accepted = measured <= approx.tol;
         let width = compiled.output_shape().last().copied().unwrap_or(1).max(1);

@@ -46,8 +46,20 @@ pub fn sample_rows_with(output_shape: &[usize], ranges: usize, run: usize) -> Ve
         .collect()
 }
 
+/// Inputs a `--random SEED` run has drawn already: `tensors[i]`, when present, is parameter
+/// `i` drawn from stream `i` of `seed` (so its first `[rows, cols]` block is the calibration
+/// block of that parameter, value for value).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DrawnInputs<'a> {
+    /// The seed they were drawn from.
+    pub seed: u64,
+    /// One slot per parameter.
+    pub tensors: &'a [Option<&'a Tensor>],
+}
+
 /// The calibration inputs: the given tensors, and standard-normal values elsewhere, drawn on
-/// up to `threads` threads.
+/// up to `threads` threads, or copied from `drawn` where it holds the same stream (drawing is
+/// the costly part; copying a block gives the same values).
 ///
 /// A random input of shape `[.., rows, cols]` holds one drawn `[rows, cols]` block (stream
 /// `index` of `seed`, as `--random seed` would start it) repeated over its leading axes. The
@@ -59,12 +71,25 @@ pub fn calibration_inputs(
     bindings: &Bindings,
     seed: u64,
     given: &[(String, Tensor)],
+    drawn: DrawnInputs<'_>,
     threads: usize,
 ) -> Result<Vec<Tensor>, RunError> {
-    enum Slot {
+    enum Slot<'t> {
         Given(Tensor),
-        Drawn { shape: Vec<usize>, stream: usize },
+        Copied {
+            from: &'t Tensor,
+            shape: Vec<usize>,
+            block: usize,
+        },
+        Drawn {
+            shape: Vec<usize>,
+            stream: usize,
+        },
     }
+    let reusable = |index: usize, shape: &[usize]| {
+        let tensor = drawn.tensors.get(index).copied().flatten()?;
+        (drawn.seed == seed && tensor.shape == shape).then_some(tensor)
+    };
     let mut slots = Vec::with_capacity(kernel.params.len());
     let mut streams = Vec::new();
     for (index, param) in kernel.params.iter().enumerate() {
@@ -84,7 +109,16 @@ pub fn calibration_inputs(
         let len = crate::io::shape_product(&shape).ok_or_else(|| {
             RunError::Calibration(format!("`{}` has too many elements", param.name))
         })?;
-        let block: usize = shape.iter().rev().take(2).product::<usize>().max(1);
+        let block = shape
+            .iter()
+            .rev()
+            .take(2)
+            .product::<usize>()
+            .clamp(1, len.max(1));
+        if let Some(from) = reusable(index, &shape) {
+            slots.push(Slot::Copied { from, shape, block });
+            continue;
+        }
         streams.push(NormalStream {
             seed,
             stream: index as u64,
@@ -96,26 +130,53 @@ pub fn calibration_inputs(
         });
     }
     let mut drawn = standard_normal_streams(&streams, threads);
-    let inputs = slots
-        .into_iter()
-        .zip(&kernel.params)
-        .map(|(slot, param)| match slot {
-            Slot::Given(tensor) => tensor,
-            Slot::Drawn { shape, stream } => {
-                let block = std::mem::take(&mut drawn[stream]);
-                let values = repeat_block(block, shape.iter().product());
-                Tensor {
-                    shape,
-                    data: TensorData::from_f32_as(values, param.dtype),
-                }
-            }
-        })
-        .collect();
+    // Repeating a block writes the whole tensor: one thread per tensor.
+    let inputs = std::thread::scope(|scope| {
+        let handles: Vec<_> = slots
+            .into_iter()
+            .zip(&kernel.params)
+            .map(|(slot, param)| {
+                let values = match &slot {
+                    Slot::Drawn { stream, .. } => std::mem::take(&mut drawn[*stream]),
+                    _ => Vec::new(),
+                };
+                scope.spawn(move || match slot {
+                    Slot::Given(tensor) => tensor,
+                    Slot::Copied { from, shape, block } => {
+                        let len = from.data.len();
+                        let data = match &from.data {
+                            TensorData::F32(v) => {
+                                TensorData::F32(repeat_block(v[..block.min(len)].to_vec(), len))
+                            }
+                            TensorData::F16(v) => {
+                                TensorData::F16(repeat_block(v[..block.min(len)].to_vec(), len))
+                            }
+                            TensorData::Bf16(v) => {
+                                TensorData::Bf16(repeat_block(v[..block.min(len)].to_vec(), len))
+                            }
+                        };
+                        Tensor { shape, data }
+                    }
+                    Slot::Drawn { shape, .. } => {
+                        let values = repeat_block(values, shape.iter().product());
+                        Tensor {
+                            shape,
+                            data: TensorData::from_f32_as(values, param.dtype),
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
     Ok(inputs)
 }
 
 /// `block` repeated (by memory copies) up to `len` values.
-fn repeat_block(mut block: Vec<f32>, len: usize) -> Vec<f32> {
+fn repeat_block<T: Copy>(mut block: Vec<T>, len: usize) -> Vec<T> {
     if block.is_empty() || block.len() >= len {
         block.truncate(len);
         return block;
@@ -152,6 +213,6 @@ mod tests {
             [1., 2., 3., 1., 2., 3., 1.]
         );
         assert_eq!(repeat_block(vec![1.0, 2.0], 1), [1.0]);
-        assert!(repeat_block(Vec::new(), 0).is_empty());
+        assert!(repeat_block(Vec::<f32>::new(), 0).is_empty());
     }
 }

@@ -2,7 +2,7 @@
 //! full run would on the same rows, and a plan above the tolerance falls back to exact code.
 
 use attnc::approx::{compile_with_policy, relative_l2};
-use attnc::calibration::{calibration_inputs, sample_rows};
+use attnc::calibration::{calibration_inputs, sample_rows, DrawnInputs};
 use attnc::engine::{compile, input_view, optimize_with};
 use attnc::io::{standard_normal, Tensor, TensorData};
 use attnc::ir::{Bindings, Kernel};
@@ -60,7 +60,7 @@ fn the_sampled_error_equals_the_error_of_full_runs_on_the_same_rows() {
     let approximate =
         CompiledKernel::compile(&int8.kernel, &bindings, &CompileOptions::default()).unwrap();
     let exact = compile(&kernel, &bindings).unwrap();
-    let inputs = calibration_inputs(&kernel, &bindings, 0, &[], 2).unwrap();
+    let inputs = calibration_inputs(&kernel, &bindings, 0, &[], DrawnInputs::default(), 2).unwrap();
     let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
     let rows = sample_rows(approximate.output_shape());
     assert!(rows.len() > 1, "{rows:?}");
@@ -103,6 +103,7 @@ fn random_calibration_inputs_repeat_the_first_entry_of_the_seeded_stream() {
         &bindings,
         9,
         &[("v".to_string(), given.clone())],
+        DrawnInputs::default(),
         2,
     )
     .unwrap();
@@ -119,7 +120,14 @@ fn random_calibration_inputs_repeat_the_first_entry_of_the_seeded_stream() {
         shape: vec![5, 7],
         data: TensorData::F32(vec![0.0; 35]),
     };
-    let err = calibration_inputs(&kernel, &bindings, 9, &[("v".to_string(), wrong)], 1);
+    let err = calibration_inputs(
+        &kernel,
+        &bindings,
+        9,
+        &[("v".to_string(), wrong)],
+        DrawnInputs::default(),
+        1,
+    );
     assert!(err.is_err());
 }
 
@@ -157,4 +165,39 @@ fn an_approximation_above_tol_falls_back_to_the_exact_code() {
     let approximate = loose.compiled.run(&views, 2).unwrap().data;
     assert_ne!(approximate, exact.data);
     assert!(relative_l2(&approximate, &exact.data) < 0.05);
+}
+
+#[test]
+fn calibration_blocks_copied_from_a_random_run_equal_drawn_ones() {
+    let kernel = kernel(
+        "kernel mixed(q: f32[h, n, d], k: f16[h, n, d], v: bf16[h, n, d]) -> f32[h, n, d] {
+            return softmax(q @ k.T / sqrt(d)) @ v;
+        }",
+    );
+    let bindings = bindings(&[("h", 3), ("n", 6), ("d", 5)]);
+    let drawn_fresh = calibration_inputs(&kernel, &bindings, 2, &[], DrawnInputs::default(), 2);
+    let fresh = drawn_fresh.unwrap();
+    // What `--random 2` draws: every entry of every parameter from the parameter's stream.
+    let run: Vec<Tensor> = kernel
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Tensor {
+            shape: vec![3, 6, 5],
+            data: TensorData::from_f32_as(standard_normal(2, i as u64, 90), p.dtype),
+        })
+        .collect();
+    let slots: Vec<Option<&Tensor>> = vec![Some(&run[0]), None, Some(&run[2])];
+    let drawn = DrawnInputs {
+        seed: 2,
+        tensors: &slots,
+    };
+    let copied = calibration_inputs(&kernel, &bindings, 2, &[], drawn, 2).unwrap();
+    assert_eq!(copied, fresh);
+    assert_ne!(run[0], fresh[0], "the run's later heads are not repeats");
+    // A policy with another seed does not reuse them.
+    let seed5 = calibration_inputs(&kernel, &bindings, 5, &[], drawn, 1).unwrap();
+    let fresh5 = calibration_inputs(&kernel, &bindings, 5, &[], DrawnInputs::default(), 1);
+    assert_eq!(seed5, fresh5.unwrap());
+    assert_ne!(seed5, fresh);
 }

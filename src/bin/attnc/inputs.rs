@@ -23,11 +23,25 @@ pub struct Prepared {
     pub calibration: Vec<(String, Tensor)>,
     /// Notes printed on stderr in text mode and included in JSON.
     pub notes: Vec<String>,
+    /// The `--random` seed and, per parameter, whether its input was drawn from it.
+    pub random: Option<(u64, Vec<bool>)>,
 }
 
 impl Prepared {
     pub fn kernel(&self) -> &Kernel {
         &self.module.kernels[self.kernel_index]
+    }
+
+    /// The inputs drawn by `--random`, for calibration blocks to be copied from.
+    pub fn drawn_inputs(&self) -> Vec<Option<&Tensor>> {
+        let Some((_, drawn)) = &self.random else {
+            return Vec::new();
+        };
+        self.inputs
+            .iter()
+            .zip(drawn)
+            .map(|(tensor, &was_drawn)| was_drawn.then_some(tensor))
+            .collect()
     }
 }
 
@@ -65,8 +79,10 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         .threads
         .map(|t| t as usize)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut random = None;
     if need_inputs || args.random.is_some() {
-        fill_missing(kernel, &mut slots, &bindings, args.random, threads)?;
+        let drawn = fill_missing(kernel, &mut slots, &bindings, args.random, threads)?;
+        random = args.random.map(|seed| (seed, drawn));
     }
     let inputs = slots.into_iter().flatten().collect();
     let calibration = load_inputs(kernel, &args.calibrate, &mut notes)?
@@ -90,6 +106,7 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         threads,
         calibration,
         notes,
+        random,
     })
 }
 
@@ -259,14 +276,14 @@ fn to_param_dtype(tensor: Tensor, dtype: DType) -> Tensor {
 }
 
 /// Fills every unbound input with standard-normal values from `seed` (stream = parameter
-/// index), drawing the streams on up to `threads` threads.
+/// index), drawing the streams on up to `threads` threads; says which parameters it drew.
 fn fill_missing(
     kernel: &Kernel,
     slots: &mut [Option<Tensor>],
     bindings: &Bindings,
     seed: Option<u64>,
     threads: usize,
-) -> Result<(), Failure> {
+) -> Result<Vec<bool>, Failure> {
     let mut wanted = Vec::new();
     for (index, slot) in slots.iter().enumerate() {
         if slot.is_some() {
@@ -306,12 +323,14 @@ fn fill_missing(
         wanted.push((index, shape, stream));
     }
     let streams: Vec<NormalStream> = wanted.iter().map(|(_, _, s)| *s).collect();
-    let drawn = io::standard_normal_streams(&streams, threads);
-    for ((index, shape, _), values) in wanted.into_iter().zip(drawn) {
+    let values = io::standard_normal_streams(&streams, threads);
+    let mut drawn = vec![false; slots.len()];
+    for ((index, shape, _), values) in wanted.into_iter().zip(values) {
         slots[index] = Some(Tensor {
             shape,
             data: TensorData::from_f32_as(values, kernel.params[index].dtype),
         });
+        drawn[index] = true;
     }
-    Ok(())
+    Ok(drawn)
 }

@@ -4,7 +4,8 @@ use crate::args::RunArgs;
 use crate::failure::Failure;
 use crate::inputs::{prepare, Prepared};
 use crate::CliResult;
-use attnc::approx::{compile_with_policy, PolicyCompiled};
+use attnc::approx::{compile_with_policy_reusing, PolicyCompiled};
+use attnc::calibration::DrawnInputs;
 use attnc::engine::{compile, execute, run_compiled, Engine};
 use attnc::io::Tensor;
 use attnc::policy::Policy;
@@ -114,11 +115,17 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
                     let compiled = compile(kernel, &prepared.bindings).map_err(fail)?;
                     (compiled, Vec::new(), json!([]), json!([]), 0.0)
                 } else {
-                    let result = compile_with_policy(
+                    let slots = prepared.drawn_inputs();
+                    let drawn = DrawnInputs {
+                        seed: prepared.random.as_ref().map_or(0, |(seed, _)| *seed),
+                        tensors: &slots,
+                    };
+                    let result = compile_with_policy_reusing(
                         kernel,
                         &prepared.bindings,
                         &prepared.policy,
                         &prepared.calibration,
+                        drawn,
                         prepared.threads,
                     )
                     .map_err(fail)?;
