@@ -2,27 +2,27 @@
 //! measure the chosen plan against the exact plan on a calibration sample, and fall back to
 //! a plan without an approximation whose measured error exceeds the tolerance.
 //!
-//! The calibration sample is small: inputs are standard-normal values from the policy's seed
-//! (or the tensors given with `--calibrate`), and only a few hundred query rows of the first
-//! batch entry are compared. When a plan ends in the fused attention kernel (the exact plan
-//! of softmax attention, the int8 plan, Linformer), only those rows are computed.
+//! The calibration sample is small ([`crate::calibration`]): inputs are standard-normal values
+//! from the policy's seed (or the tensors given with `--calibrate`), and only a few hundred
+//! query rows of the first batch entry are compared. When a plan ends in the fused attention
+//! kernel (the exact plan of softmax attention, the int8 plan, Linformer), only those rows are
+//! computed.
+//!
+//! Validation is on the critical path of `attnc run`, so the exact plan is optimized and
+//! compiled on a second thread while the approximate plan compiles, the exact rows are
+//! computed once however many plans are measured, and a fallback to the exact plan reuses its
+//! machine code.
 
+use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs};
 use crate::engine::RunError;
-use crate::io::{standard_normal, Tensor, TensorData};
+use crate::io::Tensor;
 use crate::policy::Policy;
-use attnc_ir::dim::resolve_shape;
 use attnc_ir::{Bindings, Kernel};
+use attnc_jit::cache::fingerprint;
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
 use attnc_opt::{Approx, ApproxPolicy, Trace};
 use serde::Serialize;
-use std::ops::Range;
-use std::time::Instant;
-
-/// Query rows compared per calibration: `SAMPLE_RANGES` evenly spaced runs of
-/// `SAMPLE_RUN` rows of the first batch entry (all rows when there are fewer).
-pub const SAMPLE_RUN: usize = 64;
-/// See [`SAMPLE_RUN`].
-pub const SAMPLE_RANGES: usize = 4;
+use std::time::{Duration, Instant};
 
 /// One measurement of a plan's approximations on the calibration sample.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -39,8 +39,26 @@ pub struct Validation {
     pub sample_rows: usize,
     /// Where the sample came from: `random(seed = S)` or the calibration files.
     pub sample: String,
-    /// Wall time of the measurement (exact plan compilation included), in milliseconds.
+    /// Wall time this measurement added to compilation, in milliseconds: from the approximate
+    /// plan's machine code being ready to the verdict (waiting for the exact plan, which
+    /// compiles beside the approximate one, included).
     pub millis: f64,
+    /// Where that time went.
+    pub cost: ValidationCost,
+}
+
+/// The work of one measurement, in milliseconds of wall time on the thread that did it (the
+/// exact plan compiles on its own thread, so these may add up to more than `millis`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ValidationCost {
+    /// Optimizing and compiling the exact plan (0 when an earlier measurement did it).
+    pub exact_compile_ms: f64,
+    /// Drawing the calibration inputs (0 when an earlier measurement did it).
+    pub inputs_ms: f64,
+    /// Running the exact plan on the sample (0 when an earlier measurement did it).
+    pub exact_sample_ms: f64,
+    /// Running the approximate plan on the sample.
+    pub approximate_sample_ms: f64,
 }
 
 /// A kernel compiled under a policy.
@@ -103,6 +121,18 @@ pub fn optimizer_policy(policy: &Policy) -> ApproxPolicy {
     }
 }
 
+/// The exact plan's side of every measurement: built once, on the first approximate plan.
+struct Reference {
+    /// The exact plan (to recognise a fallback that arrives at it).
+    kernel: Kernel,
+    /// Its machine code.
+    code: CompiledKernel,
+    /// The calibration inputs.
+    inputs: Vec<Tensor>,
+    /// The exact plan's sampled rows, computed on the first measurement.
+    rows: Option<Vec<f32>>,
+}
+
 /// Optimizes and compiles `kernel` under `policy`, validating every approximation the
 /// optimizer chose on a calibration sample (`calibration`: tensors by parameter name; the
 /// others are drawn from the policy's seed), with `threads` workers.
@@ -113,14 +143,26 @@ pub fn compile_with_policy(
     calibration: &[(String, Tensor)],
     threads: usize,
 ) -> Result<PolicyCompiled, RunError> {
+    let none = DrawnInputs::default();
+    compile_with_policy_reusing(kernel, bindings, policy, calibration, none, threads)
+}
+
+/// [`compile_with_policy`], copying the calibration blocks from inputs a `--random` run has
+/// drawn already with the policy's seed instead of drawing them again (same values).
+pub fn compile_with_policy_reusing(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    policy: &Policy,
+    calibration: &[(String, Tensor)],
+    drawn: DrawnInputs<'_>,
+    threads: usize,
+) -> Result<PolicyCompiled, RunError> {
     let mut approx = optimizer_policy(policy);
     let mut validations = Vec::new();
     let mut rejected = Vec::new();
-    let mut exact: Option<(CompiledKernel, Vec<Tensor>)> = None;
+    let mut reference: Option<Reference> = None;
     loop {
         let mut optimized = crate::engine::optimize_with(kernel, bindings, approx.clone());
-        let compiled =
-            CompiledKernel::compile(&optimized.kernel, bindings, &CompileOptions::default())?;
         let applied: Vec<Approx> = optimized
             .trace
             .approximations
@@ -129,6 +171,11 @@ pub fn compile_with_policy(
             .map(|o| o.approx)
             .collect();
         if applied.is_empty() {
+            let compiled = match reference.take() {
+                // Falling back to the exact plan: its code is already compiled.
+                Some(r) if fingerprint(&r.kernel) == fingerprint(&optimized.kernel) => r.code,
+                _ => compile_plan(&optimized.kernel, bindings)?,
+            };
             optimized.trace.approximations.extend(rejected);
             return Ok(PolicyCompiled {
                 compiled,
@@ -136,20 +183,69 @@ pub fn compile_with_policy(
                 validations,
             });
         }
-        let start = Instant::now();
-        if exact.is_none() {
-            let exact_kernel = crate::engine::optimize(kernel, bindings).kernel;
-            let code =
-                CompiledKernel::compile(&exact_kernel, bindings, &CompileOptions::default())?;
-            let inputs = calibration_inputs(kernel, bindings, policy.seed(), calibration)?;
-            exact = Some((code, inputs));
-        }
-        let (exact_code, inputs) = exact.as_ref().expect("set above");
-        let views: Vec<Input<'_>> = inputs.iter().map(crate::engine::input_view).collect();
+        let mut cost = ValidationCost::default();
+        let (compiled, ready) = match &reference {
+            Some(_) => {
+                let compiled = compile_plan(&optimized.kernel, bindings)?;
+                (compiled, Instant::now())
+            }
+            None => {
+                let (compiled, ready, built) = std::thread::scope(|scope| {
+                    let exact = scope.spawn(|| timed(|| exact_plan(kernel, bindings)));
+                    let compiled = compile_plan(&optimized.kernel, bindings);
+                    let ready = Instant::now();
+                    let inputs = timed(|| {
+                        calibration_inputs(
+                            kernel,
+                            bindings,
+                            policy.seed(),
+                            calibration,
+                            drawn,
+                            threads,
+                        )
+                    });
+                    let exact = exact
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    (compiled, ready, (exact, inputs))
+                });
+                let ((exact, exact_time), (inputs, inputs_time)) = built;
+                let (exact_kernel, code) = exact?;
+                cost.exact_compile_ms = millis(exact_time);
+                cost.inputs_ms = millis(inputs_time);
+                reference = Some(Reference {
+                    kernel: exact_kernel,
+                    code,
+                    inputs: inputs?,
+                    rows: None,
+                });
+                (compiled?, ready)
+            }
+        };
+        let r = reference.as_mut().expect("invariant: built above");
+        let views: Vec<Input<'_>> = r.inputs.iter().map(crate::engine::input_view).collect();
         let rows = sample_rows(compiled.output_shape());
-        let reference = exact_code.run_sample(&views, threads, &rows)?;
-        let approximate = compiled.run_sample(&views, threads, &rows)?;
-        let measured = relative_l2(&approximate, &reference);
+        let ((approximate, approximate_time), exact) = std::thread::scope(|scope| {
+            // The first time, the exact rows are computed beside the approximate ones (the
+            // int8 plan's pre-pass runs on one thread).
+            let exact = r
+                .rows
+                .is_none()
+                .then(|| scope.spawn(|| timed(|| r.code.run_sample(&views, threads, &rows))));
+            let approximate = timed(|| compiled.run_sample(&views, threads, &rows));
+            let exact = exact.map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+            (approximate, exact)
+        });
+        if let Some((exact_rows, time)) = exact {
+            cost.exact_sample_ms = millis(time);
+            r.rows = Some(exact_rows?);
+        }
+        let expected = r.rows.as_deref().unwrap_or_default();
+        cost.approximate_sample_ms = millis(approximate_time);
+        let measured = relative_l2(&approximate?, expected);
         let accepted = measured <= approx.tol;
         let width = compiled.output_shape().last().copied().unwrap_or(1).max(1);
         let sample = if calibration.is_empty() {
@@ -165,9 +261,10 @@ pub fn compile_with_policy(
                 .fold(0.0, f64::max),
             measured_error: measured,
             accepted,
-            sample_rows: reference.len() / width,
+            sample_rows: expected.len() / width,
             sample,
-            millis: start.elapsed().as_secs_f64() * 1e3,
+            millis: millis(ready.elapsed()),
+            cost,
         });
         for outcome in &mut optimized.trace.approximations {
             if outcome.applied {
@@ -197,58 +294,30 @@ pub fn compile_with_policy(
     }
 }
 
-/// The output rows compared: a few evenly spaced runs of the first batch entry.
-fn sample_rows(output_shape: &[usize]) -> Vec<Range<usize>> {
-    let m = match output_shape.len() {
-        0 | 1 => 1,
-        r => output_shape[r - 2],
-    };
-    if m <= SAMPLE_RUN * SAMPLE_RANGES {
-        return std::iter::once(0..m).collect();
-    }
-    (0..SAMPLE_RANGES)
-        .map(|i| {
-            // Spread over [0, m): the first run starts at 0, the last one ends at m.
-            let start = i * (m - SAMPLE_RUN) / (SAMPLE_RANGES - 1);
-            start..start + SAMPLE_RUN
-        })
-        .collect()
+/// The exact plan of `kernel` and its machine code.
+fn exact_plan(kernel: &Kernel, bindings: &Bindings) -> Result<(Kernel, CompiledKernel), RunError> {
+    let plan = crate::engine::optimize(kernel, bindings).kernel;
+    let code = compile_plan(&plan, bindings)?;
+    Ok((plan, code))
 }
 
-/// The calibration inputs: the given tensors, and standard-normal values elsewhere. Random
-/// inputs repeat one drawn `[rows, cols]` block over their leading axes, so drawing them costs
-/// a fraction of a run however many heads there are.
-fn calibration_inputs(
-    kernel: &Kernel,
-    bindings: &Bindings,
-    seed: u64,
-    given: &[(String, Tensor)],
-) -> Result<Vec<Tensor>, RunError> {
-    let mut inputs = Vec::with_capacity(kernel.params.len());
-    for (index, param) in kernel.params.iter().enumerate() {
-        let shape = resolve_shape(&param.shape, bindings).ok_or_else(|| {
-            RunError::Calibration(format!("the shape of `{}` is not bound", param.name))
-        })?;
-        if let Some((_, tensor)) = given.iter().find(|(name, _)| *name == param.name) {
-            if tensor.shape != shape {
-                return Err(RunError::Calibration(format!(
-                    "calibration tensor `{}` has shape {:?}, the kernel needs {:?}",
-                    param.name, tensor.shape, shape
-                )));
-            }
-            inputs.push(tensor.clone());
-            continue;
-        }
-        let len: usize = shape.iter().product();
-        let block: usize = shape.iter().rev().take(2).product::<usize>().max(1);
-        let drawn = standard_normal(seed, index as u64, block.min(len));
-        let values: Vec<f32> = drawn.iter().copied().cycle().take(len).collect();
-        inputs.push(Tensor {
-            shape,
-            data: TensorData::from_f32_as(values, param.dtype),
-        });
-    }
-    Ok(inputs)
+fn compile_plan(plan: &Kernel, bindings: &Bindings) -> Result<CompiledKernel, RunError> {
+    Ok(CompiledKernel::compile(
+        plan,
+        bindings,
+        &CompileOptions::default(),
+    )?)
+}
+
+/// `f()` and how long it took.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let value = f();
+    (value, start.elapsed())
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// `‖a − b‖₂ / ‖b‖₂` (the absolute norm when `b` is zero; infinite on a NaN or a length
@@ -277,16 +346,6 @@ pub fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sample_rows_cover_small_outputs_and_spread_over_large_ones() {
-        assert_eq!(sample_rows(&[2, 100, 8]), vec![0..100]);
-        assert_eq!(sample_rows(&[8]), vec![0..1]);
-        let rows = sample_rows(&[8, 4096, 64]);
-        assert_eq!(rows.len(), SAMPLE_RANGES);
-        assert_eq!(rows[0], 0..SAMPLE_RUN);
-        assert_eq!(rows[SAMPLE_RANGES - 1].end, 4096);
-    }
 
     #[test]
     fn relative_error_is_infinite_for_nan_and_mismatched_lengths() {

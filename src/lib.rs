@@ -18,6 +18,7 @@
 
 pub mod approx;
 pub mod baseline;
+pub mod calibration;
 pub mod ceilings;
 pub mod engine;
 pub mod io;

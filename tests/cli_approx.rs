@@ -45,6 +45,29 @@ fn json_reports_estimated_and_measured_errors() {
     assert!(validation["measured_error"]
         .as_f64()
         .is_some_and(|e| e > 0.0));
+    // The report splits the compile step: `validation_ms` is what the measurements added.
+    let millis = validation["millis"].as_f64().unwrap_or(-1.0);
+    assert!(millis >= 0.0, "{validation}");
+    assert_eq!(doc["validation_ms"].as_f64(), Some(millis));
+    assert!(
+        doc["compile_ms"].as_f64().is_some_and(|c| c >= millis),
+        "{doc}"
+    );
+    assert!(
+        doc["prepare_ms"].as_f64().is_some_and(|p| p >= 0.0),
+        "{doc}"
+    );
+    for phase in [
+        "exact_compile_ms",
+        "inputs_ms",
+        "exact_sample_ms",
+        "approximate_sample_ms",
+    ] {
+        assert!(
+            validation["cost"][phase].as_f64().is_some_and(|p| p >= 0.0),
+            "{phase}"
+        );
+    }
     let outcome = &doc["approximations"][0];
     assert_eq!(outcome["applied"], true);
     assert!(outcome["estimated_error"].as_f64().is_some());

@@ -11,11 +11,13 @@
 //!   3.0; little-endian float32 `<f4` and float16 `<f2`).
 //! - [`read_safetensors`], [`parse_safetensors`]: safetensors files of F32, F16 and BF16 tensors.
 //! - [`write_atomically`], [`write_atomically_with`], [`remove_pending_temp_files`].
-//! - [`standard_normal`]: reproducible standard-normal inputs for `--random SEED`.
+//! - [`standard_normal`]: reproducible standard-normal inputs for `--random SEED`;
+//!   [`standard_normal_streams`] draws several streams in parallel.
 
 pub mod atomic;
 pub mod error;
 pub mod file;
+pub mod normal;
 pub mod npy;
 pub mod safetensors_io;
 pub mod tensor;
@@ -24,6 +26,7 @@ pub use atomic::{remove_pending_temp_files, write_atomically, write_atomically_w
 pub use attnc_ir::random::{standard_normal, Rng};
 pub use error::{FileFormat, IoError};
 pub use file::read_input_file;
+pub use normal::{standard_normal_streams, NormalStream};
 pub use npy::{encode_npy, parse_npy, parse_npy_from, read_npy, write_npy};
 pub use safetensors_io::{parse_safetensors, parse_safetensors_from, read_safetensors};
 pub use tensor::{element_size, shape_product, DType, Tensor, TensorData};

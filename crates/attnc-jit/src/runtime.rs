@@ -330,9 +330,16 @@ impl CompiledKernel {
                     0 => threads,
                     per => (cost / per).clamp(1, threads),
                 };
-                // Only a final attention step can compute just the sampled rows.
-                let rows = sample.filter(|_| index + 1 == self.plan.steps.len());
-                self.run_step(step, handle.as_ref(), &views, t, rows)?
+                let needed = match sample {
+                    Some(rows) if index + 1 == self.plan.steps.len() => {
+                        Needed::FirstEntryRows(rows)
+                    }
+                    Some(_) if self.read_only_by_sampled_attention(step.output) => {
+                        Needed::FirstEntry
+                    }
+                    _ => Needed::All,
+                };
+                self.run_step(step, handle.as_ref(), &views, t, needed)?
             };
             temps[step.output] = out;
             for &b in &step.inputs {
@@ -356,16 +363,29 @@ impl CompiledKernel {
 }
 
 impl CompiledKernel {
+    /// Whether buffer `b` is read by the last step only, and that step is an attention step
+    /// (which, sampled, reads batch entry 0 only: attention kernels index every operand by
+    /// the entry they compute).
+    fn read_only_by_sampled_attention(&self, b: usize) -> bool {
+        let Some((last, earlier)) = self.plan.steps.split_last() else {
+            return false;
+        };
+        matches!(last.kind, StepKind::Attention(_))
+            && b != self.plan.output
+            && last.inputs.contains(&b)
+            && earlier.iter().all(|s| !s.inputs.contains(&b))
+    }
+
     /// Runs one step on `views` (its input buffers) with up to `threads` threads and returns
-    /// the buffer it writes. With `rows`, an attention step computes only those rows of its
-    /// first batch entry (the rest of its output stays zero).
+    /// the buffer it writes, all of it or only what `needed` says is read afterwards (the rest
+    /// stays zero).
     fn run_step(
         &self,
         step: &crate::plan::Step,
         handle: Option<&KernelHandle>,
         views: &[BufferView<'_>],
         threads: usize,
-        rows: Option<&[Range<usize>]>,
+        needed: Needed<'_>,
     ) -> Result<Storage> {
         let len = self.plan.buffers[step.output].len;
         let host_input = |k: usize| -> Result<BufferView<'_>> {
@@ -392,15 +412,23 @@ impl CompiledKernel {
             (StepKind::Convert(to), _) => convert(host_input(0)?, *to),
             (StepKind::Quantize(layout), _) => {
                 let ins = [host_input(0)?, host_input(1)?, host_input(2)?];
-                Storage::U8(quant::pack(layout, &ins, threads)?)
-            }
-            (StepKind::Attention(_), Some(h)) if rows.is_some() => {
-                let mut out = vec![0.0f32; len];
-                for range in rows.unwrap_or_default() {
-                    h.run_rows(views, &mut out, 0, range.clone())?;
+                if needed == Needed::All {
+                    Storage::U8(quant::pack(layout, &ins, threads)?)
+                } else {
+                    Storage::U8(pack_first_entry(layout, &ins)?)
                 }
-                Storage::F32(out)
             }
+            (StepKind::Attention(spec), Some(h)) => match needed {
+                Needed::FirstEntryRows(rows) => {
+                    let width = spec.dv;
+                    Storage::F32(run_sampled_rows(h, views, (len, width), rows, threads)?)
+                }
+                _ => {
+                    let mut out = vec![0.0f32; len];
+                    h.run(views, &mut out, threads)?;
+                    Storage::F32(out)
+                }
+            },
             (_, Some(h)) => {
                 let mut out = vec![0.0f32; len];
                 h.run(views, &mut out, threads)?;
@@ -414,6 +442,85 @@ impl CompiledKernel {
             }
         })
     }
+}
+
+/// What of a step's output the later steps read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Needed<'a> {
+    /// Everything.
+    All,
+    /// Batch entry 0 (the step feeds only a sampled attention step).
+    FirstEntry,
+    /// These rows of batch entry 0 (the sampled last step).
+    FirstEntryRows(&'a [Range<usize>]),
+}
+
+/// The int8 pre-pass of batch entry 0 only, in a buffer of the full length (the kernel checks
+/// lengths; the other entries stay zero and a sampled run never reads them). Entry 0 sits at
+/// offset 0 of every operand, so a one-entry layout packs exactly the bytes of entry 0.
+fn pack_first_entry(layout: &quant::QuantLayout, ins: &[BufferView<'_>; 3]) -> Result<Vec<u8>> {
+    let mut first = layout.clone();
+    first.spec.batch = vec![1; layout.spec.batch.len()];
+    if layout.spec.batch_count() == 0 {
+        return quant::pack(layout, ins, 1);
+    }
+    let entry = quant::pack(&first, ins, 1)?;
+    let mut out = vec![0u8; layout.total_bytes()];
+    out[..entry.len()].copy_from_slice(&entry);
+    Ok(out)
+}
+
+/// Runs the rows `rows` of batch entry 0 (rows of `width` values) into an output of `len`
+/// zeros, the row ranges spread over up to `threads` threads (each writes its own copy of the
+/// output, untouched pages stay unmapped; the rows are then gathered).
+fn run_sampled_rows(
+    h: &KernelHandle,
+    views: &[BufferView<'_>],
+    (len, width): (usize, usize),
+    rows: &[Range<usize>],
+    threads: usize,
+) -> Result<Vec<f32>> {
+    let workers = threads.clamp(1, rows.len().max(1));
+    let mut out = vec![0.0f32; len];
+    if workers == 1 {
+        for range in rows {
+            h.run_rows(views, &mut out, 0, range.clone())?;
+        }
+        return Ok(out);
+    }
+    let per = rows.len().div_ceil(workers);
+    let parts: Vec<Result<Vec<f32>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks(per)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut part = vec![0.0f32; len];
+                    for range in chunk {
+                        h.run_rows(views, &mut part, 0, range.clone())?;
+                    }
+                    Ok(part)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| {
+                handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    for (chunk, part) in rows.chunks(per).zip(parts) {
+        let part = part?;
+        for range in chunk {
+            let span = range.start * width..(range.end * width).min(len);
+            if span.start < span.end {
+                out[span.clone()].copy_from_slice(&part[span]);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Rounds `src` to `to` and widens back into `dst` (round to nearest even, NaN kept).

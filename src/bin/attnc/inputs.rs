@@ -4,7 +4,7 @@ use crate::args::{EngineArg, SharedArgs};
 use crate::check::load_module;
 use crate::failure::Failure;
 use attnc::engine::Engine;
-use attnc::io::{self, Tensor, TensorData};
+use attnc::io::{self, NormalStream, Tensor, TensorData};
 use attnc::ir::{Bindings, DType, Kernel, Module};
 use attnc::policy::{parse_approx_list, Policy};
 use std::collections::BTreeMap;
@@ -23,11 +23,25 @@ pub struct Prepared {
     pub calibration: Vec<(String, Tensor)>,
     /// Notes printed on stderr in text mode and included in JSON.
     pub notes: Vec<String>,
+    /// The `--random` seed and, per parameter, whether its input was drawn from it.
+    pub random: Option<(u64, Vec<bool>)>,
 }
 
 impl Prepared {
     pub fn kernel(&self) -> &Kernel {
         &self.module.kernels[self.kernel_index]
+    }
+
+    /// The inputs drawn by `--random`, for calibration blocks to be copied from.
+    pub fn drawn_inputs(&self) -> Vec<Option<&Tensor>> {
+        let Some((_, drawn)) = &self.random else {
+            return Vec::new();
+        };
+        self.inputs
+            .iter()
+            .zip(drawn)
+            .map(|(tensor, &was_drawn)| was_drawn.then_some(tensor))
+            .collect()
     }
 }
 
@@ -61,8 +75,14 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         Err(e) => return Err(Failure::input("shape", e.to_string())),
     };
 
+    let threads = args
+        .threads
+        .map(|t| t as usize)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut random = None;
     if need_inputs || args.random.is_some() {
-        fill_missing(kernel, &mut slots, &bindings, args.random)?;
+        let drawn = fill_missing(kernel, &mut slots, &bindings, args.random, threads)?;
+        random = args.random.map(|seed| (seed, drawn));
     }
     let inputs = slots.into_iter().flatten().collect();
     let calibration = load_inputs(kernel, &args.calibrate, &mut notes)?
@@ -76,10 +96,6 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         Some(EngineArg::Interp) => Engine::Interp,
         Some(EngineArg::Jit) | None => Engine::Jit,
     };
-    let threads = args
-        .threads
-        .map(|t| t as usize)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     Ok(Prepared {
         module,
         kernel_index,
@@ -90,6 +106,7 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         threads,
         calibration,
         notes,
+        random,
     })
 }
 
@@ -258,13 +275,17 @@ fn to_param_dtype(tensor: Tensor, dtype: DType) -> Tensor {
     }
 }
 
+/// Fills every unbound input with standard-normal values from `seed` (stream = parameter
+/// index), drawing the streams on up to `threads` threads; says which parameters it drew.
 fn fill_missing(
     kernel: &Kernel,
     slots: &mut [Option<Tensor>],
     bindings: &Bindings,
     seed: Option<u64>,
-) -> Result<(), Failure> {
-    for (index, slot) in slots.iter_mut().enumerate() {
+    threads: usize,
+) -> Result<Vec<bool>, Failure> {
+    let mut wanted = Vec::new();
+    for (index, slot) in slots.iter().enumerate() {
         if slot.is_some() {
             continue;
         }
@@ -294,11 +315,22 @@ fn fill_missing(
                     format!("input `{}` would have too many elements", param.name),
                 )
             })?;
-        let values = io::standard_normal(seed, index as u64, count);
-        *slot = Some(Tensor {
-            shape,
-            data: TensorData::from_f32_as(values, param.dtype),
-        });
+        let stream = NormalStream {
+            seed,
+            stream: index as u64,
+            len: count,
+        };
+        wanted.push((index, shape, stream));
     }
-    Ok(())
+    let streams: Vec<NormalStream> = wanted.iter().map(|(_, _, s)| *s).collect();
+    let values = io::standard_normal_streams(&streams, threads);
+    let mut drawn = vec![false; slots.len()];
+    for ((index, shape, _), values) in wanted.into_iter().zip(values) {
+        slots[index] = Some(Tensor {
+            shape,
+            data: TensorData::from_f32_as(values, kernel.params[index].dtype),
+        });
+        drawn[index] = true;
+    }
+    Ok(drawn)
 }

@@ -4,7 +4,8 @@ use crate::args::RunArgs;
 use crate::failure::Failure;
 use crate::inputs::{prepare, Prepared};
 use crate::CliResult;
-use attnc::approx::{compile_with_policy, PolicyCompiled};
+use attnc::approx::{compile_with_policy_reusing, PolicyCompiled};
+use attnc::calibration::DrawnInputs;
 use attnc::engine::{compile, execute, run_compiled, Engine};
 use attnc::io::Tensor;
 use attnc::policy::Policy;
@@ -19,7 +20,9 @@ pub fn run(args: &RunArgs) -> CliResult {
     if let Some(path) = &args.output {
         check_output_path(path)?;
     }
+    let start = Instant::now();
     let prepared = prepare(&args.shared, true)?;
+    let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
     let kernel = prepared.kernel();
     let mut notes = prepared.notes.clone();
     let (output, timing) = execute_timed(&prepared)?;
@@ -47,6 +50,8 @@ pub fn run(args: &RunArgs) -> CliResult {
             "dtype": output.dtype_name(),
             "time_ms": timing.run_ms,
             "compile_ms": timing.compile_ms,
+            "prepare_ms": prepare_ms,
+            "validation_ms": timing.validation_ms,
             "stats": stats.to_json(),
             "output": args.output.as_ref().map(|p| p.display().to_string()),
             "notes": notes,
@@ -85,7 +90,10 @@ pub fn run(args: &RunArgs) -> CliResult {
 
 /// Wall-clock times of one run, in milliseconds.
 struct Timing {
+    /// The whole compile step, validation included.
     compile_ms: Option<f64>,
+    /// What validating approximations added to `compile_ms`.
+    validation_ms: f64,
     run_ms: f64,
     /// What the policy's approximations became, for people.
     approx_notes: Vec<String>,
@@ -102,23 +110,30 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
     match prepared.engine {
         Engine::Jit => {
             let start = Instant::now();
-            let (compiled, approx_notes, approximations, validations) =
+            let (compiled, approx_notes, approximations, validations, validation_ms) =
                 if prepared.policy.is_exact() {
                     let compiled = compile(kernel, &prepared.bindings).map_err(fail)?;
-                    (compiled, Vec::new(), json!([]), json!([]))
+                    (compiled, Vec::new(), json!([]), json!([]), 0.0)
                 } else {
-                    let result = compile_with_policy(
+                    let slots = prepared.drawn_inputs();
+                    let drawn = DrawnInputs {
+                        seed: prepared.random.as_ref().map_or(0, |(seed, _)| *seed),
+                        tensors: &slots,
+                    };
+                    let result = compile_with_policy_reusing(
                         kernel,
                         &prepared.bindings,
                         &prepared.policy,
                         &prepared.calibration,
+                        drawn,
                         prepared.threads,
                     )
                     .map_err(fail)?;
                     let notes = approximation_notes(&prepared.policy, &result);
                     let outcomes = json!(result.trace.approximations);
+                    let validation_ms = result.validations.iter().map(|v| v.millis).sum();
                     let validations = json!(result.validations);
-                    (result.compiled, notes, outcomes, validations)
+                    (result.compiled, notes, outcomes, validations, validation_ms)
                 };
             let compile_ms = start.elapsed().as_secs_f64() * 1e3;
             let start = Instant::now();
@@ -134,6 +149,7 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
                 output,
                 Timing {
                     compile_ms: Some(compile_ms),
+                    validation_ms,
                     run_ms,
                     approx_notes,
                     approximations,
@@ -156,6 +172,7 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
                 output,
                 Timing {
                     compile_ms: None,
+                    validation_ms: 0.0,
                     run_ms,
                     approx_notes: if prepared.policy.is_exact() {
                         Vec::new()
@@ -250,9 +267,14 @@ fn print_text(
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    let validation = if timing.validation_ms > 0.0 {
+        format!(" (validation {:.3} ms)", timing.validation_ms)
+    } else {
+        String::new()
+    };
     let timing = match timing.compile_ms {
         Some(compile_ms) => format!(
-            "{} engine, {} threads, compile {compile_ms:.3} ms, run {:.3} ms",
+            "{} engine, {} threads, compile {compile_ms:.3} ms{validation}, run {:.3} ms",
             prepared.engine.name(),
             prepared.threads,
             timing.run_ms

@@ -1,0 +1,203 @@
+//! Validation of approximations through the library: the calibration sample measures what a
+//! full run would on the same rows, and a plan above the tolerance falls back to exact code.
+
+use attnc::approx::{compile_with_policy, relative_l2};
+use attnc::calibration::{calibration_inputs, sample_rows, DrawnInputs};
+use attnc::engine::{compile, input_view, optimize_with};
+use attnc::io::{standard_normal, Tensor, TensorData};
+use attnc::ir::{Bindings, Kernel};
+use attnc::policy::Policy;
+use attnc::syntax::ast::ApproxKind;
+use attnc_jit::{CompileOptions, CompiledKernel, Input};
+use attnc_opt::{Approx, ApproxPolicy};
+
+const DENSE: &str =
+    "kernel dense(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    return softmax(q @ k.T / sqrt(d)) @ v;
+}";
+
+fn kernel(src: &str) -> Kernel {
+    let module = attnc::source::compile_text(src).expect("the program checks");
+    module.kernels[0].clone()
+}
+
+fn bindings(pairs: &[(&str, u64)]) -> Bindings {
+    pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect()
+}
+
+fn int8_policy(tol: f64) -> Policy {
+    Policy {
+        allowed: vec![ApproxKind::Int8],
+        tol,
+    }
+}
+
+/// The rows `rows` of batch entry 0 of a `[.., m, width]` output.
+fn gather(data: &[f32], width: usize, rows: &[std::ops::Range<usize>]) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|r| data[r.start * width..r.end * width].iter().copied())
+        .collect()
+}
+
+#[test]
+fn the_sampled_error_equals_the_error_of_full_runs_on_the_same_rows() {
+    let kernel = kernel(DENSE);
+    let (m, d) = (1023, 40);
+    let bindings = bindings(&[("h", 3), ("n", m), ("d", d)]);
+    let int8 = optimize_with(
+        &kernel,
+        &bindings,
+        ApproxPolicy {
+            allowed: vec![Approx::Int8],
+            tol: 1.0,
+        },
+    );
+    assert!(
+        int8.trace.approximations.iter().any(|o| o.applied),
+        "the int8 plan is chosen: {:?}",
+        int8.trace.approximations
+    );
+    let approximate =
+        CompiledKernel::compile(&int8.kernel, &bindings, &CompileOptions::default()).unwrap();
+    let exact = compile(&kernel, &bindings).unwrap();
+    let inputs = calibration_inputs(&kernel, &bindings, 0, &[], DrawnInputs::default(), 2).unwrap();
+    let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+    let rows = sample_rows(approximate.output_shape());
+    assert!(rows.len() > 1, "{rows:?}");
+
+    for threads in [1, 2] {
+        let sampled_approx = approximate.run_sample(&views, threads, &rows).unwrap();
+        let sampled_exact = exact.run_sample(&views, threads, &rows).unwrap();
+        let full_approx = approximate.run(&views, threads).unwrap().data;
+        let full_exact = exact.run(&views, threads).unwrap().data;
+        // The sampled rows are the rows of a full run, bit for bit (the int8 pre-pass of
+        // batch entry 0 alone packs the same bytes), so the errors are equal.
+        assert_eq!(sampled_approx, gather(&full_approx, d as usize, &rows));
+        assert_eq!(sampled_exact, gather(&full_exact, d as usize, &rows));
+        let sampled = relative_l2(&sampled_approx, &sampled_exact);
+        assert!(sampled > 0.0 && sampled < 0.05, "{sampled}");
+        let whole = relative_l2(&full_approx, &full_exact);
+        // Three identical heads: the whole-output error is that of entry 0, which the
+        // sample estimates within a factor of two.
+        assert!(
+            sampled < 2.0 * whole && whole < 2.0 * sampled,
+            "{sampled} vs {whole}"
+        );
+    }
+}
+
+#[test]
+fn random_calibration_inputs_repeat_the_first_entry_of_the_seeded_stream() {
+    let kernel = kernel(
+        "kernel gqa(q: f32[h, n, d], k: f32[1, n, d], v: f32[1, n, d]) -> f32[h, n, d] {
+            return softmax(q @ k.T / sqrt(d)) @ v;
+        }",
+    );
+    let bindings = bindings(&[("h", 3), ("n", 5), ("d", 7)]);
+    let given = Tensor {
+        shape: vec![1, 5, 7],
+        data: TensorData::F32((0..35).map(|x| x as f32).collect()),
+    };
+    let inputs = calibration_inputs(
+        &kernel,
+        &bindings,
+        9,
+        &[("v".to_string(), given.clone())],
+        DrawnInputs::default(),
+        2,
+    )
+    .unwrap();
+    let q = inputs[0].to_f32_vec();
+    assert_eq!(inputs[0].shape, [3, 5, 7]);
+    let block = standard_normal(9, 0, 35);
+    for entry in q.chunks(35) {
+        assert_eq!(entry, &block[..]);
+    }
+    assert_eq!(inputs[1].to_f32_vec(), standard_normal(9, 1, 35));
+    assert_eq!(inputs[2], given);
+
+    let wrong = Tensor {
+        shape: vec![5, 7],
+        data: TensorData::F32(vec![0.0; 35]),
+    };
+    let err = calibration_inputs(
+        &kernel,
+        &bindings,
+        9,
+        &[("v".to_string(), wrong)],
+        DrawnInputs::default(),
+        1,
+    );
+    assert!(err.is_err());
+}
+
+#[test]
+fn an_approximation_above_tol_falls_back_to_the_exact_code() {
+    let kernel = kernel(DENSE);
+    let bindings = bindings(&[("h", 2), ("n", 300), ("d", 59)]);
+    let inputs: Vec<Tensor> = (0..3)
+        .map(|i| Tensor {
+            shape: vec![2, 300, 59],
+            data: TensorData::F32(standard_normal(4, i, 2 * 300 * 59)),
+        })
+        .collect();
+    let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+    let exact = compile(&kernel, &bindings).unwrap().run(&views, 2).unwrap();
+
+    // Above int8's estimated error (5e-3, so it is tried), below its measured error.
+    let strict = compile_with_policy(&kernel, &bindings, &int8_policy(6e-3), &[], 2).unwrap();
+    assert_eq!(strict.validations.len(), 1);
+    let v = &strict.validations[0];
+    assert!(!v.accepted && v.measured_error > 6e-3, "{v:?}");
+    assert_eq!(v.sample_rows, 256);
+    assert!(v.cost.exact_compile_ms > 0.0 && v.millis >= 0.0, "{v:?}");
+    assert!(strict.trace.approximations.iter().all(|o| !o.applied));
+    let outcome = &strict.trace.approximations[0];
+    assert_eq!(outcome.measured_error, Some(v.measured_error));
+    assert!(outcome.reason.as_deref().unwrap_or("").contains("exceeds"));
+    // The fallback runs the exact plan: the same bits as compiling without a policy.
+    assert_eq!(strict.compiled.run(&views, 2).unwrap().data, exact.data);
+
+    let loose = compile_with_policy(&kernel, &bindings, &int8_policy(0.05), &[], 2).unwrap();
+    let v = &loose.validations[0];
+    assert!(v.accepted && v.measured_error <= 0.05, "{v:?}");
+    assert_eq!(v.measured_error, strict.validations[0].measured_error);
+    let approximate = loose.compiled.run(&views, 2).unwrap().data;
+    assert_ne!(approximate, exact.data);
+    assert!(relative_l2(&approximate, &exact.data) < 0.05);
+}
+
+#[test]
+fn calibration_blocks_copied_from_a_random_run_equal_drawn_ones() {
+    let kernel = kernel(
+        "kernel mixed(q: f32[h, n, d], k: f16[h, n, d], v: bf16[h, n, d]) -> f32[h, n, d] {
+            return softmax(q @ k.T / sqrt(d)) @ v;
+        }",
+    );
+    let bindings = bindings(&[("h", 3), ("n", 6), ("d", 5)]);
+    let drawn_fresh = calibration_inputs(&kernel, &bindings, 2, &[], DrawnInputs::default(), 2);
+    let fresh = drawn_fresh.unwrap();
+    // What `--random 2` draws: every entry of every parameter from the parameter's stream.
+    let run: Vec<Tensor> = kernel
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Tensor {
+            shape: vec![3, 6, 5],
+            data: TensorData::from_f32_as(standard_normal(2, i as u64, 90), p.dtype),
+        })
+        .collect();
+    let slots: Vec<Option<&Tensor>> = vec![Some(&run[0]), None, Some(&run[2])];
+    let drawn = DrawnInputs {
+        seed: 2,
+        tensors: &slots,
+    };
+    let copied = calibration_inputs(&kernel, &bindings, 2, &[], drawn, 2).unwrap();
+    assert_eq!(copied, fresh);
+    assert_ne!(run[0], fresh[0], "the run's later heads are not repeats");
+    // A policy with another seed does not reuse them.
+    let seed5 = calibration_inputs(&kernel, &bindings, 5, &[], drawn, 1).unwrap();
+    let fresh5 = calibration_inputs(&kernel, &bindings, 5, &[], DrawnInputs::default(), 1);
+    assert_eq!(seed5, fresh5.unwrap());
+    assert_ne!(seed5, fresh);
+}
