@@ -144,11 +144,32 @@ fn an_approximation_above_tol_falls_back_to_the_exact_code() {
     let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
     let exact = compile(&kernel, &bindings).unwrap().run(&views, 2).unwrap();
 
-    // Above int8's estimated error (5e-3, so it is tried), below its measured error.
-    let strict = compile_with_policy(&kernel, &bindings, &int8_policy(6e-3), &[], 2).unwrap();
+    // Calibration data int8 handles badly: every key has a large channel 0 that the queries
+    // ignore (q[.., 0] = 0), so the exact scores do not see it, but it sets each key's int8
+    // scale and leaves the other channels a few levels.
+    let spiky: Vec<(String, Tensor)> = ["q", "k", "v"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mut values = standard_normal(8, i as u64, 2 * 300 * 59);
+            for row in values.chunks_mut(59) {
+                row[0] = match *name {
+                    "q" => 0.0,
+                    "k" => 200.0 * row[0].signum(),
+                    _ => row[0],
+                };
+            }
+            let tensor = Tensor {
+                shape: vec![2, 300, 59],
+                data: TensorData::F32(values),
+            };
+            (name.to_string(), tensor)
+        })
+        .collect();
+    let strict = compile_with_policy(&kernel, &bindings, &int8_policy(0.05), &spiky, 2).unwrap();
     assert_eq!(strict.validations.len(), 1);
     let v = &strict.validations[0];
-    assert!(!v.accepted && v.measured_error > 6e-3, "{v:?}");
+    assert!(!v.accepted && v.measured_error > 0.05, "{v:?}");
     assert_eq!(v.sample_rows, 256);
     assert!(v.cost.exact_compile_ms > 0.0 && v.millis >= 0.0, "{v:?}");
     assert!(strict.trace.approximations.iter().all(|o| !o.applied));
@@ -158,10 +179,10 @@ fn an_approximation_above_tol_falls_back_to_the_exact_code() {
     // The fallback runs the exact plan: the same bits as compiling without a policy.
     assert_eq!(strict.compiled.run(&views, 2).unwrap().data, exact.data);
 
+    // On standard-normal calibration data the same approximation is accepted.
     let loose = compile_with_policy(&kernel, &bindings, &int8_policy(0.05), &[], 2).unwrap();
     let v = &loose.validations[0];
     assert!(v.accepted && v.measured_error <= 0.05, "{v:?}");
-    assert_eq!(v.measured_error, strict.validations[0].measured_error);
     let approximate = loose.compiled.run(&views, 2).unwrap().data;
     assert_ne!(approximate, exact.data);
     assert!(relative_l2(&approximate, &exact.data) < 0.05);
