@@ -34,10 +34,17 @@ pub const SOFTMAX_FLOPS: f64 = 12.0;
 pub const SCORE_FLOPS: f64 = 8.0;
 /// How many more multiply-adds per cycle int8 products (`vpdpbusd`: 16 per 128-bit lane
 /// group) run than f32x4 FMA (4), as measured on the target (DESIGN.md: about 190 G int-ops/s
-/// against 50 GFLOP/s).
+/// against 50 GFLOP/s). The int8 kernel's Q is 16-bit (two `vpdpbusd` per product), so its
+/// `q · k` products gain half of this; `p · v` gains all of it.
 pub const INT8_PRODUCT_SPEEDUP: f64 = 3.5;
 /// FLOPs per kept score element to quantize a probability to u8 for the int8 `p · v` product.
 pub const QUANTIZE_FLOPS: f64 = 3.0;
+/// FLOP-equivalents per element of Q, K and V for the int8 kernel's host pre-pass (scales,
+/// rounding, packing: about 2.7 ns per element measured, against 50 GFLOP/s of FMA). It is
+/// what keeps int8 from paying on narrow windows, where each key is used by few queries.
+pub const INT8_PREPASS_FLOPS: f64 = 128.0;
+/// Keys per block of the int8 kernel: a block the mask reaches is computed whole.
+pub const INT8_KEY_BLOCK: usize = 32;
 /// Query rows sampled to estimate the kept fraction of a mask pattern.
 pub const SAMPLED_ROWS: usize = 32;
 
@@ -55,6 +62,27 @@ pub fn kept_fraction(pattern: &MaskPattern, m: usize, n: usize) -> f64 {
     kept as f64 / (rows * n) as f64
 }
 
+/// The fraction of the `m × n` positions a kernel computes when it visits `pattern` in key
+/// blocks of `block`: every block holding a kept position counts whole.
+pub fn kept_block_fraction(pattern: &MaskPattern, m: usize, n: usize, block: usize) -> f64 {
+    if m == 0 || n == 0 {
+        return 0.0;
+    }
+    let block = block.max(1);
+    let rows = m.min(SAMPLED_ROWS);
+    let mut computed = 0usize;
+    for r in 0..rows {
+        let i = r * m / rows;
+        for j0 in (0..n).step_by(block) {
+            let j1 = (j0 + block).min(n);
+            if (j0..j1).any(|j| pattern.keeps(i, j, m, n)) {
+                computed += j1 - j0;
+            }
+        }
+    }
+    computed as f64 / (rows * n) as f64
+}
+
 /// The number of elements of a shape.
 fn elements(shape: &[usize]) -> f64 {
     shape.iter().map(|&s| s as f64).product()
@@ -66,8 +94,9 @@ fn rates(ceilings: &Ceilings) -> (f64, f64) {
     (c.flops_per_cycle(), c.bytes_per_cycle())
 }
 
-/// Kept fractions by (pattern, m, n), shared between the cost functions of one optimization.
-type FractionCache = Rc<RefCell<HashMap<(MaskPattern, usize, usize), f64>>>;
+/// Kept fractions by (pattern, m, n, key block; 1 for single positions), shared between the
+/// cost functions of one optimization.
+type FractionCache = Rc<RefCell<HashMap<(MaskPattern, usize, usize, usize), f64>>>;
 
 /// The cycle cost model as an egg cost function over one e-graph.
 pub struct CycleCost<'a> {
@@ -105,14 +134,23 @@ impl<'a> CycleCost<'a> {
 
     /// The kept fraction of the pattern class `id` (cached by pattern and size).
     fn fraction(&mut self, id: Id, m: usize, n: usize) -> f64 {
+        self.block_fraction(id, m, n, 1)
+    }
+
+    /// [`kept_block_fraction`] of the pattern of class `id` (cached).
+    fn block_fraction(&mut self, id: Id, m: usize, n: usize, block: usize) -> f64 {
         let Some(Some(pattern)) = convert::pattern_from_class(self.egraph, id) else {
             return 1.0;
         };
-        let key = (pattern, m, n);
+        let key = (pattern, m, n, block);
         if let Some(&f) = self.fractions.borrow().get(&key) {
             return f;
         }
-        let f = kept_fraction(&key.0, m, n);
+        let f = if block <= 1 {
+            kept_fraction(&key.0, m, n)
+        } else {
+            kept_block_fraction(&key.0, m, n, block)
+        };
         self.fractions.borrow_mut().insert(key, f);
         f
     }
@@ -178,19 +216,27 @@ impl<'a> CycleCost<'a> {
                 } else {
                     out_elems / (m as f64 * dv.max(1.0))
                 };
-                let pairs = batch * m as f64 * n as f64 * self.fraction(*p, m, n);
                 let score = match enode {
                     Attn::AttentionScored(_) => SCORE_FLOPS,
                     _ => 0.0,
                 };
                 let flops = match enode {
                     Attn::AttentionInt8(_) => {
+                        let fraction = self.block_fraction(*p, m, n, INT8_KEY_BLOCK);
+                        let pairs = batch * m as f64 * n as f64 * fraction;
+                        let prepass =
+                            (elements(&qs) + elements(&ks) + elements(&vs)) * INT8_PREPASS_FLOPS;
                         pairs
-                            * ((2.0 * d + 2.0 * dv) / INT8_PRODUCT_SPEEDUP
+                            * (2.0 * d / (INT8_PRODUCT_SPEEDUP / 2.0)
+                                + 2.0 * dv / INT8_PRODUCT_SPEEDUP
                                 + SOFTMAX_FLOPS
                                 + QUANTIZE_FLOPS)
+                            + prepass
                     }
-                    _ => pairs * (2.0 * d + 2.0 * dv + SOFTMAX_FLOPS + score),
+                    _ => {
+                        let pairs = batch * m as f64 * n as f64 * self.fraction(*p, m, n);
+                        pairs * (2.0 * d + 2.0 * dv + SOFTMAX_FLOPS + score)
+                    }
                 };
                 let bytes =
                     (elements(&qs) + elements(&ks) + elements(&vs) + out_elems) * ELEMENT_BYTES;
@@ -271,5 +317,30 @@ impl CostFunction<Attn> for CycleCost<'_> {
         charged_children(enode)
             .iter()
             .fold(own, |sum, &id| sum + costs(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_fractions_count_every_block_the_pattern_reaches() {
+        let window = MaskPattern::And(
+            Box::new(MaskPattern::Causal),
+            Box::new(MaskPattern::Window(256)),
+        );
+        let (m, n) = (4096, 4096);
+        let kept = kept_fraction(&window, m, n);
+        let blocks = kept_block_fraction(&window, m, n, INT8_KEY_BLOCK);
+        // About 257 kept keys per row, computed in 32-key blocks: 9 or 10 blocks.
+        assert!(blocks > kept && blocks < kept * 1.25, "{kept} {blocks}");
+        assert_eq!(kept_block_fraction(&window, m, n, 1), kept);
+        // A dense pattern computes everything at any block size; nothing, nothing.
+        assert_eq!(
+            kept_block_fraction(&MaskPattern::Window(n as u64), m, n, 32),
+            1.0
+        );
+        assert_eq!(kept_block_fraction(&window, 0, n, 32), 0.0);
     }
 }

@@ -75,9 +75,12 @@ fn favor_error_grows_with_the_input_scale() {
 
 #[test]
 fn int8_marks_the_fused_attention_and_is_exact_in_the_interpreter() {
-    let (applied, error) = approximate(Approx::Int8, 64, 1.0);
+    let (applied, error) = approximate(Approx::Int8, 512, 1.0);
     assert_eq!(applied, ["int8"]);
     assert!(error < 1e-12, "{error}");
+    // With few queries per key the quantization pre-pass costs more than the products save.
+    let (applied, _) = approximate(Approx::Int8, 32, 1.0);
+    assert!(applied.is_empty());
 }
 
 #[test]
