@@ -10,8 +10,10 @@
 //!
 //! Buffers have an element type ([`Elem`]): inputs keep their storage type. Steps that compute
 //! in f32 read an f16/bf16 input through one host [`StepKind::Convert`] step (planned only when
-//! such a step uses the input); the fused attention kernel loads f16/bf16 lanes natively, and a
-//! `cast(x, bf16)` operand of its Q, K or V becomes one conversion of `x` to a bf16 buffer.
+//! such a step uses the input); the fused attention kernel loads bf16 lanes natively, and f16
+//! lanes while fewer than 16 queries share each key (else one host conversion to f32 is cheaper
+//! than widening in every tile); a `cast(x, bf16)` operand of its Q, K or V becomes one
+//! conversion of `x` to a bf16 buffer.
 //!
 //! # Architecture invariant
 //! Buffers `0..params.len()` are the kernel inputs in their storage types; every other buffer
@@ -227,6 +229,11 @@ impl std::fmt::Display for Plan {
         writeln!(f, "  result: buf{} {:?}", self.output, self.output_shape)
     }
 }
+
+/// Queries per key from which the fused attention kernel reads f16 operands through a host
+/// conversion to f32 instead of widening them natively (decode-like shapes stay native: they
+/// are bound by memory, where half the bytes pay).
+const F16_NATIVE_MAX_ROWS: usize = 16;
 
 /// Fused expressions larger than this are materialized (bounds code size).
 const MAX_FUSED_NODES: usize = 48;
@@ -662,10 +669,18 @@ fn plan_attention(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
     let out = p.new_buffer(shape.iter().product());
     match spec.precision {
         Precision::Exact => {
+            let reused = spec.m >= F16_NATIVE_MAX_ROWS;
             for t in [&mut spec.q, &mut spec.k, &mut spec.v]
                 .into_iter()
                 .chain(spec.biases.iter_mut())
             {
+                // f16 lanes widen in ~15 instructions (no F16C through Cranelift): when every
+                // key row serves many queries, one host conversion costs less than widening
+                // in every tile, and keeps the tile code (and its compile time) small.
+                // (A `cast(x, f16)` operand keeps its one conversion, to f16.)
+                if reused && t.convert.is_none() && p.buffers[t.slot].elem == Elem::F16 {
+                    t.convert = Some(DType::F32);
+                }
                 bind(p, t, &mut inputs);
             }
         }

@@ -59,7 +59,7 @@ fn run_checked(
 }
 
 #[test]
-fn half_precision_parameters_are_read_natively() {
+fn half_precision_parameters_are_read_natively_or_widened_once() {
     for dt in ["bf16", "f16"] {
         let src = format!(
             "kernel a(q: {dt}[h, m, d], k: {dt}[h, n, d], v: {dt}[h, n, e], bias: {dt}[m, n]) \
@@ -69,15 +69,14 @@ fn half_precision_parameters_are_read_natively() {
         for (m, n, d, e) in [(1, 1, 1, 1), (3, 113, 40, 59), (17, 9, 3, 8)] {
             let dims = [("h", 2), ("m", m), ("n", n), ("d", d), ("e", e)];
             let c = CompiledKernel::compile(&k, &bindings(&dims), &options(true)).expect("compile");
-            // No conversion step: the kernel loads the half-precision lanes itself.
-            assert!(
-                !c.plan()
-                    .steps
-                    .iter()
-                    .any(|s| matches!(s.kind, StepKind::Convert(_))),
-                "{}",
-                c.plan()
-            );
+            // The kernel loads bf16 lanes itself, and f16 lanes while few queries share a key
+            // (m < 16); with more, f16 operands are widened once on the host.
+            let converts = c
+                .plan()
+                .steps
+                .iter()
+                .any(|s| matches!(s.kind, StepKind::Convert(_)));
+            assert_eq!(converts, dt == "f16" && m >= 16, "{}", c.plan());
             let (err, _) = run_checked(&k, &dims, m + n, &options(true));
             assert!(err <= REL_L2, "{dt} {dims:?}: {err}");
         }
