@@ -21,6 +21,7 @@ mod check;
 mod explain;
 mod failure;
 mod inputs;
+mod output_path;
 mod run;
 mod stdout;
 

@@ -10,7 +10,6 @@ use attnc::engine::{compile, execute, run_compiled, Engine};
 use attnc::io::Tensor;
 use attnc::policy::Policy;
 use serde_json::json;
-use std::path::Path;
 use std::time::Instant;
 
 /// Outputs with at most this many elements are included whole in `--format json`.
@@ -18,7 +17,7 @@ const JSON_VALUES_LIMIT: usize = 65_536;
 
 pub fn run(args: &RunArgs) -> CliResult {
     if let Some(path) = &args.output {
-        check_output_path(path)?;
+        crate::output_path::check("--output", path)?;
     }
     let start = Instant::now();
     let prepared = prepare(&args.shared, true)?;
@@ -227,31 +226,6 @@ fn verify(prepared: &Prepared, output: &Tensor) -> Result<Verification, Failure>
         num.sqrt()
     };
     Ok(v)
-}
-
-/// Fails early, before a long run, when the output cannot possibly be written.
-fn check_output_path(path: &Path) -> CliResult {
-    if path.is_dir() {
-        return Err(Failure::input(
-            "output",
-            format!("--output `{}` is a directory", path.display()),
-        ));
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        return Err(Failure::input(
-            "output",
-            format!(
-                "--output `{}`: directory `{}` does not exist",
-                path.display(),
-                parent.display()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn print_text(

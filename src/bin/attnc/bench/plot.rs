@@ -23,32 +23,6 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// Fails early, before a long sweep, when the plot cannot possibly be written. The file is
-/// SVG whatever its name; writing it atomically catches the rest (devices, full disks).
-pub fn check_plot_path(path: &Path) -> CliResult {
-    if path.is_dir() {
-        return Err(Failure::input(
-            "output",
-            format!("--plot `{}` is a directory", path.display()),
-        ));
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !parent.is_dir() {
-        return Err(Failure::input(
-            "output",
-            format!(
-                "--plot `{}`: directory `{}` does not exist",
-                path.display(),
-                parent.display()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Writes the SVG text to `path` atomically.
 pub fn write(path: &Path, svg: &str) -> CliResult {
     attnc::io::write_atomically(path, svg.as_bytes())

@@ -56,7 +56,7 @@ pub fn bench_sweep(args: &BenchArgs) -> CliResult {
         ));
     }
     if let Some(path) = &args.plot {
-        plot::check_plot_path(path)?;
+        crate::output_path::check("--plot", path)?;
     }
     let mut given = parse_shape_args(&args.shared.shape)?;
     let sweep = match &args.sweep {

@@ -150,6 +150,59 @@ pub(super) fn tile_table(spec: &AttentionSpec, key_tile: usize) -> Result<TileTa
 }
 
 /// Tensor base pointers of the call's batch entry.
+/// The parameters of one call of a fused attention function (the kernel ABI of `jit.rs`),
+/// read in its entry block: the row range clamped to `m`, and the batch multi-index of the
+/// call's batch entry (last axis fastest) for [`CallParams::base_of`].
+pub(super) struct CallParams {
+    pub(super) inputs: Value,
+    pub(super) out: Value,
+    pub(super) bidx: Value,
+    pub(super) rb: Value,
+    pub(super) re: Value,
+    idx: Vec<Option<Value>>,
+}
+
+impl CallParams {
+    pub(super) fn read(b: &mut FunctionBuilder, spec: &AttentionSpec, entry: Block) -> CallParams {
+        let params = b.block_params(entry).to_vec();
+        let (inputs, out, bidx, rb, re) = (params[0], params[1], params[2], params[3], params[4]);
+        let m_c = b.ins().iconst(I64, spec.m as i64);
+        let re = b.ins().umin(re, m_c);
+        let mut idx = vec![None; spec.batch.len()];
+        let mut rest = bidx;
+        for a in (0..spec.batch.len()).rev() {
+            let size = spec.batch[a] as i64;
+            if size > 1 {
+                let s = b.ins().iconst(I64, size);
+                idx[a] = Some(b.ins().urem(rest, s));
+                rest = b.ins().udiv(rest, s);
+            }
+        }
+        CallParams {
+            inputs,
+            out,
+            bidx,
+            rb,
+            re,
+            idx,
+        }
+    }
+
+    /// The address of operand `t` (buffer slot, batch strides) for this call's batch entry.
+    pub(super) fn base_of(&self, b: &mut FunctionBuilder, ptr: Type, t: &TensorRef) -> Value {
+        let mut p = b.ins().load(ptr, mem(), self.inputs, (t.slot * 8) as i32);
+        let es = elem_size(t.dtype);
+        for (a, &stride) in t.batch_strides.iter().enumerate() {
+            if let (Some(i), true) = (self.idx.get(a).copied().flatten(), stride > 0) {
+                let s = b.ins().iconst(I64, stride as i64 * es);
+                let o = b.ins().imul(i, s);
+                p = b.ins().iadd(p, o);
+            }
+        }
+        p
+    }
+}
+
 pub(super) struct Bases {
     pub(super) q: Value,
     pub(super) k: Value,
@@ -927,38 +980,17 @@ fn emit_body(
 
     // entry: bases and row range.
     b.switch_to_block(entry);
-    let params = b.block_params(entry).to_vec();
-    let (inputs, out, bidx, rb, re) = (params[0], params[1], params[2], params[3], params[4]);
-    let m_c = em.iconst(b, spec.m as i64);
-    let re = b.ins().umin(re, m_c);
-    // Batch multi-index, last axis fastest.
-    let mut idx = vec![None; spec.batch.len()];
-    let mut rest = bidx;
-    for a in (0..spec.batch.len()).rev() {
-        let size = spec.batch[a] as i64;
-        if size > 1 {
-            let s = em.iconst(b, size);
-            idx[a] = Some(b.ins().urem(rest, s));
-            rest = b.ins().udiv(rest, s);
-        }
-    }
-    let base_of = |b: &mut FunctionBuilder, t: &TensorRef| {
-        let mut p = b.ins().load(ptr, mem(), inputs, (t.slot * 8) as i32);
-        let es = elem_size(t.dtype);
-        for (a, &stride) in t.batch_strides.iter().enumerate() {
-            if let (Some(i), true) = (idx.get(a).copied().flatten(), stride > 0) {
-                let s = b.ins().iconst(I64, stride as i64 * es);
-                let o = b.ins().imul(i, s);
-                p = b.ins().iadd(p, o);
-            }
-        }
-        p
-    };
+    let call = CallParams::read(b, spec, entry);
+    let (out, bidx, rb, re) = (call.out, call.bidx, call.rb, call.re);
     let bases = Bases {
-        q: base_of(b, &spec.q),
-        k: base_of(b, &spec.k),
-        v: base_of(b, &spec.v),
-        biases: spec.biases.iter().map(|t| base_of(b, t)).collect(),
+        q: call.base_of(b, ptr, &spec.q),
+        k: call.base_of(b, ptr, &spec.k),
+        v: call.base_of(b, ptr, &spec.v),
+        biases: spec
+            .biases
+            .iter()
+            .map(|t| call.base_of(b, ptr, t))
+            .collect(),
     };
     let out_row0 = em.offset(b, out, bidx, (spec.m * spec.dv * 4) as i64);
     let table = b.ins().symbol_value(ptr, table_gv);

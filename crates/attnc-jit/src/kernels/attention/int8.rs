@@ -37,10 +37,11 @@
 //! the softmax runs in f32. Together about 0.9 % relative L2 on standard-normal inputs.
 
 use super::codegen::{
-    declare, define_in_order, max_shift, mem, tile_table, Bases, DefinedAttention, Emitter, Row,
+    declare, define_in_order, max_shift, mem, tile_table, Bases, CallParams, DefinedAttention,
+    Emitter, Row,
 };
 use super::quant::{QuantLayout, KEY_BLOCK};
-use super::{AttentionSpec, TensorRef, QUERY_TILE};
+use super::{AttentionSpec, QUERY_TILE};
 use crate::error::Result;
 use crate::kernels::counted_loop;
 use crate::simd::{
@@ -623,39 +624,19 @@ fn emit_body(
     b.append_block_param(run_head, I64);
 
     b.switch_to_block(entry_block);
-    let params = b.block_params(entry_block).to_vec();
-    let (inputs, out, bidx, rb, re) = (params[0], params[1], params[2], params[3], params[4]);
-    let m_c = em.iconst(b, spec.m as i64);
-    let re = b.ins().umin(re, m_c);
-    let mut idx = vec![None; spec.batch.len()];
-    let mut rest = bidx;
-    for a in (0..spec.batch.len()).rev() {
-        let size = spec.batch[a] as i64;
-        if size > 1 {
-            let s = em.iconst(b, size);
-            idx[a] = Some(b.ins().urem(rest, s));
-            rest = b.ins().udiv(rest, s);
-        }
-    }
-    let base_of = |b: &mut FunctionBuilder, t: &TensorRef| {
-        let mut p = b.ins().load(ptr, mem(), inputs, (t.slot * 8) as i32);
-        let es = super::codegen::elem_size(t.dtype);
-        for (a, &stride) in t.batch_strides.iter().enumerate() {
-            if let (Some(i), true) = (idx.get(a).copied().flatten(), stride > 0) {
-                let s = b.ins().iconst(I64, stride as i64 * es);
-                let o = b.ins().imul(i, s);
-                p = b.ins().iadd(p, o);
-            }
-        }
-        p
-    };
+    let call = CallParams::read(b, spec, entry_block);
+    let (inputs, out, bidx, rb, re) = (call.inputs, call.out, call.bidx, call.rb, call.re);
     let packed = b.ins().load(ptr, mem(), inputs, 0);
     let entry = em.offset(b, packed, bidx, layout.entry as i64);
     let bases = Bases {
         q: entry,
         k: entry,
         v: entry,
-        biases: spec.biases.iter().map(|t| base_of(b, t)).collect(),
+        biases: spec
+            .biases
+            .iter()
+            .map(|t| call.base_of(b, ptr, t))
+            .collect(),
     };
     let out_row0 = em.offset(b, out, bidx, (spec.m * spec.dv * 4) as i64);
     let table = b.ins().symbol_value(ptr, table_gv);
