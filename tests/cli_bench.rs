@@ -106,3 +106,63 @@ fn bench_non_attention_kernel_has_no_naive_baseline() {
     let results = doc["results"].as_array().expect("results");
     assert!(results.iter().all(|r| r["engine"] == "jit"));
 }
+
+#[test]
+fn bench_under_an_approximation_times_the_exact_plan_beside_it() {
+    let out = attnc(&[
+        "bench",
+        "benches/kernels/dense.attn",
+        "--shape",
+        "h=1,n=512,d=64",
+        "--approx",
+        "int8",
+        "--tol",
+        "0.05",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--no-interp",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    assert_eq!(doc["policy"], "int8 (tol 0.05)");
+    let rows = doc["results"].as_array().expect("results");
+    let exact = rows
+        .iter()
+        .find(|r| r["engine"] == "exact")
+        .unwrap_or_else(|| panic!("an exact row: {doc}"));
+    positive(&exact["median_ms"], "exact median");
+    let jit = rows.iter().find(|r| r["engine"] == "jit").expect("jit row");
+    positive(&jit["speedup_vs_exact"], "jit vs exact");
+    // The naive baseline still runs: the exact plan is plain attention.
+    assert!(rows.iter().any(|r| r["engine"] == "naive"), "{doc}");
+    let notes = doc["notes"].to_string();
+    assert!(notes.contains("approximations applied: int8"), "{notes}");
+
+    // Without an approximation there is no exact row.
+    let out = attnc(&[
+        "bench",
+        "benches/kernels/dense.attn",
+        "--shape",
+        "h=1,n=64,d=16",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--no-interp",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let engines: Vec<String> = doc["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| r["engine"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(!engines.contains(&"exact".to_string()), "{engines:?}");
+}

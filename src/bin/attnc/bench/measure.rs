@@ -10,6 +10,7 @@
 use crate::args::BenchArgs;
 use crate::failure::Failure;
 use crate::inputs::Prepared;
+use attnc::approx::compile_with_policy;
 use attnc::baseline::{naive_attention, plain_attention, useful_flops, FlopCount};
 use attnc::engine::{compile, execute, run_compiled, Engine};
 use attnc_jit::ceiling::{measure_f32x4_ceiling, Ceiling};
@@ -29,7 +30,7 @@ pub const COMPILES: usize = 3;
 
 /// Timings of one engine at one thread count.
 pub struct Row {
-    /// `jit`, `interp` or `naive`.
+    /// `jit`, `exact` (the exact plan, when the JIT row is approximate), `interp` or `naive`.
     pub engine: &'static str,
     /// Worker threads it ran on.
     pub threads: usize,
@@ -249,20 +250,56 @@ pub fn measure(
     let threads = prepared.threads;
     let fail = |e: attnc::engine::RunError| Failure::input("run", e.to_string());
 
-    // Compile (timed a few times; the first includes one-time setup).
+    // Compile (timed a few times; the first includes one-time setup). Under an approximation
+    // policy this is `run`'s compile: optimize with the allowed approximations and validate.
     on_phase("compile");
     let mut compile_ms = Vec::with_capacity(COMPILES);
     let mut total_ms = Vec::with_capacity(COMPILES);
     let mut compiled = None;
+    let mut applied: Vec<String> = Vec::new();
     for _ in 0..COMPILES {
         let start = Instant::now();
-        let c = compile(kernel, &prepared.bindings).map_err(fail)?;
+        let c = if prepared.policy.is_exact() {
+            compile(kernel, &prepared.bindings).map_err(fail)?
+        } else {
+            let result = compile_with_policy(
+                kernel,
+                &prepared.bindings,
+                &prepared.policy,
+                &prepared.calibration,
+                threads,
+            )
+            .map_err(fail)?;
+            applied = result
+                .trace
+                .approximations
+                .iter()
+                .filter(|o| o.applied)
+                .map(|o| match o.measured_error {
+                    Some(e) => format!("{} (measured error {e:.2e})", o.name),
+                    None => o.name.clone(),
+                })
+                .collect();
+            result.compiled
+        };
         total_ms.push(start.elapsed().as_secs_f64() * 1e3);
         compile_ms.push(c.compile_time().as_secs_f64() * 1e3);
         compiled = Some(c);
     }
     let compiled = compiled.ok_or_else(|| Failure::input("run", "nothing compiled"))?;
-    let flops = useful_flops(compiled.plan());
+    // With an approximation applied, the exact plan is timed too (row `exact`), and the useful
+    // work and the baselines are those of the exact computation.
+    let exact = if applied.is_empty() {
+        None
+    } else {
+        notes.push(format!(
+            "note: approximations applied: {}; row `exact` times the exact plan",
+            applied.join(", ")
+        ));
+        Some(compile(kernel, &prepared.bindings).map_err(fail)?)
+    };
+    let reference = exact.as_ref().unwrap_or(&compiled);
+    let flops = useful_flops(reference.plan());
     let steps = compiled.plan().steps.len();
 
     // The JIT at `threads` and at 1 thread.
@@ -284,9 +321,22 @@ pub fn measure(
             samples,
         });
     }
+    if let Some(exact) = &exact {
+        on_phase("exact");
+        let samples = time_runs(runs, warmup, || {
+            run_compiled(exact, kernel.ret_dtype, &prepared.inputs, threads)
+                .map(drop)
+                .map_err(fail)
+        })?;
+        rows.push(Row {
+            engine: "exact",
+            threads,
+            samples,
+        });
+    }
 
     // The interpreter.
-    let (estimate_s, estimate_bytes) = interp_estimate(prepared, compiled.plan(), &flops);
+    let (estimate_s, estimate_bytes) = interp_estimate(prepared, reference.plan(), &flops);
     let interp_skip = if args.no_interp {
         Some("--no-interp".to_string())
     } else if estimate_s > INTERP_MAX_ESTIMATE_SECONDS {
@@ -328,7 +378,7 @@ pub fn measure(
     }
 
     // The naive Rust baseline, for plain attention only.
-    let plain = plain_attention(compiled.plan());
+    let plain = plain_attention(reference.plan());
     let naive_skip = match &plain {
         None => Some("n/a: not plain attention".to_string()),
         Some(_) if args.no_naive => Some("--no-naive".to_string()),

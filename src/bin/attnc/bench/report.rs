@@ -1,6 +1,6 @@
 //! The report of a one-shape benchmark: a table on stdout, or one JSON document.
 
-use super::measure::{Ceilings, Measurement, COMPILES};
+use super::measure::{Ceilings, Measurement, Row, COMPILES};
 use crate::args::BenchArgs;
 use crate::inputs::Prepared;
 use serde_json::json;
@@ -9,6 +9,7 @@ use serde_json::json;
 pub fn rows_json(m: &Measurement, ceilings: &Ceilings) -> Vec<serde_json::Value> {
     let interp_ms = m.median_ms("interp");
     let naive_ms = m.median_ms("naive");
+    let exact_ms = m.median_ms("exact");
     m.rows
         .iter()
         .map(|r| {
@@ -24,6 +25,7 @@ pub fn rows_json(m: &Measurement, ceilings: &Ceilings) -> Vec<serde_json::Value>
                 "pct_of_ceiling": ceilings.at(r.threads).map(|c| 100.0 * g / c.gflops_total),
                 "speedup_vs_interp": interp_ms.map(|i| i / ms),
                 "speedup_vs_naive": naive_ms.map(|n| n / ms),
+                "speedup_vs_exact": exact_ms.map(|e| e / ms),
             })
         })
         .collect()
@@ -179,6 +181,17 @@ pub fn single(
     }
     if let Some(s) = m.jit_scaling() {
         outln!("jit {threads} threads vs 1: {s:.2}x");
+    }
+    let jit_ms = m
+        .rows
+        .iter()
+        .find(|r| r.engine == "jit" && r.threads == threads)
+        .map(Row::median_ms);
+    if let (Some(jit), Some(exact)) = (jit_ms, m.median_ms("exact")) {
+        outln!(
+            "jit (approximate) vs exact at {threads} threads: {:.2}x",
+            exact / jit
+        );
     }
 }
 

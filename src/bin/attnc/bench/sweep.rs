@@ -379,8 +379,17 @@ fn print_text(
     );
     outln!();
     let jit_t = format!("jit {threads}t");
+    // An approximate JIT row comes with the exact plan's time at the same thread count.
+    let has_exact = points
+        .iter()
+        .any(|p| p.measurement.median_ms("exact").is_some());
+    let exact_header = if has_exact {
+        format!(" {:>11}", format!("exact {threads}t"))
+    } else {
+        String::new()
+    };
     outln!(
-        "{:<16} {:>8} {:>11} {:>11} {:>11} {:>11} {:>9} {:>9}",
+        "{:<16} {:>8} {:>11}{exact_header} {:>11} {:>11} {:>11} {:>9} {:>9}",
         "kernel",
         sweep.symbol,
         jit_t,
@@ -404,8 +413,13 @@ fn print_text(
             .map(|r| r.median_ms());
         let ms = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
         let naive = m.median_ms("naive");
+        let exact = if has_exact {
+            format!(" {:>11}", ms(m.median_ms("exact")))
+        } else {
+            String::new()
+        };
         outln!(
-            "{:<16} {:>8} {:>11} {:>11} {:>11} {:>11} {:>9} {:>9}",
+            "{:<16} {:>8} {:>11}{exact} {:>11} {:>11} {:>11} {:>9} {:>9}",
             p.kernel,
             p.value,
             ms(jit_ms),
