@@ -1108,26 +1108,54 @@ fn emit_body(
 
     // group_fin: out_i = acc / l (zeros where l = 0) for the rows in [row_begin, row_end).
     b.switch_to_block(group_fin);
-    for r in 0..em.qrows {
-        let i = b.ins().iadd_imm_s(i0, r as i64);
-        let lo = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, rb);
-        let hi = b.ins().icmp(IntCC::UnsignedLessThan, i, re);
-        let mine = b.ins().band(lo, hi);
-        let store = b.create_block();
-        let next = b.create_block();
-        b.ins().brif(mine, store, &[], next, &[]);
-        b.switch_to_block(store);
-        em.store_row(b, r, out_row0, i);
-        b.ins().jump(next, &[]);
-        b.switch_to_block(next);
-    }
-    let g1 = b.ins().iadd_imm_s(g, 1);
-    let next_i0 = b.ins().imul_imm_s(g1, QUERY_TILE as i64);
-    let again = b.ins().icmp(IntCC::UnsignedLessThan, next_i0, re);
-    b.ins().brif(again, group_head, &[g1.into()], exit, &[]);
+    let tile = QueryTile {
+        g,
+        i0,
+        rows: em.qrows,
+    };
+    tile.finish(b, (rb, re), (group_head, exit), |b, r, i| {
+        em.store_row(b, r, out_row0, i)
+    });
+}
 
-    b.switch_to_block(exit);
-    b.ins().return_(&[]);
+/// Query tile `g` (rows `i0 .. i0 + rows`) of a fused attention function, at its end.
+pub(super) struct QueryTile {
+    pub(super) g: Value,
+    pub(super) i0: Value,
+    pub(super) rows: usize,
+}
+
+impl QueryTile {
+    /// Stores the tile's rows that lie in the call's row range `[rb, re)` with `store(b, r,
+    /// i)` (row `r` of the tile is row `i`; the others were computed but belong to another
+    /// call), then jumps to `group_head` with the next tile, or to `exit` past the range.
+    pub(super) fn finish(
+        &self,
+        b: &mut FunctionBuilder,
+        (rb, re): (Value, Value),
+        (group_head, exit): (Block, Block),
+        mut store: impl FnMut(&mut FunctionBuilder, usize, Value),
+    ) {
+        for r in 0..self.rows {
+            let i = b.ins().iadd_imm_s(self.i0, r as i64);
+            let lo = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, rb);
+            let hi = b.ins().icmp(IntCC::UnsignedLessThan, i, re);
+            let mine = b.ins().band(lo, hi);
+            let store_block = b.create_block();
+            let next = b.create_block();
+            b.ins().brif(mine, store_block, &[], next, &[]);
+            b.switch_to_block(store_block);
+            store(b, r, i);
+            b.ins().jump(next, &[]);
+            b.switch_to_block(next);
+        }
+        let g1 = b.ins().iadd_imm_s(self.g, 1);
+        let next_i0 = b.ins().imul_imm_s(g1, QUERY_TILE as i64);
+        let again = b.ins().icmp(IntCC::UnsignedLessThan, next_i0, re);
+        b.ins().brif(again, group_head, &[g1.into()], exit, &[]);
+        b.switch_to_block(exit);
+        b.ins().return_(&[]);
+    }
 }
 
 impl Emitter<'_> {

@@ -38,7 +38,7 @@
 
 use super::codegen::{
     declare, define_in_order, max_shift, mem, tile_table, Bases, CallParams, DefinedAttention,
-    Emitter, Row,
+    Emitter, QueryTile, Row,
 };
 use super::quant::{QuantLayout, KEY_BLOCK};
 use super::{AttentionSpec, QUERY_TILE};
@@ -738,25 +738,9 @@ fn emit_body(
 
     // group_fin: rows inside [row_begin, row_end) are stored.
     b.switch_to_block(group_fin);
-    for r in 0..qrows {
-        let i = b.ins().iadd_imm_s(i0, r as i64);
-        let lo = b.ins().icmp(IntCC::UnsignedGreaterThanOrEqual, i, rb);
-        let hi = b.ins().icmp(IntCC::UnsignedLessThan, i, re);
-        let mine = b.ins().band(lo, hi);
-        let store = b.create_block();
-        let next = b.create_block();
-        b.ins().brif(mine, store, &[], next, &[]);
-        b.switch_to_block(store);
-        ie.store_row(b, r, out_row0, i);
-        b.ins().jump(next, &[]);
-        b.switch_to_block(next);
-    }
-    let g1 = b.ins().iadd_imm_s(g, 1);
-    let next_i0 = b.ins().imul_imm_s(g1, QUERY_TILE as i64);
-    let again = b.ins().icmp(IntCC::UnsignedLessThan, next_i0, re);
-    b.ins().brif(again, group_head, &[g1.into()], exit, &[]);
-
-    b.switch_to_block(exit);
-    b.ins().return_(&[]);
+    let tile = QueryTile { g, i0, rows: qrows };
+    tile.finish(b, (rb, re), (group_head, exit), |b, r, i| {
+        ie.store_row(b, r, out_row0, i)
+    });
     Ok(())
 }
