@@ -1023,24 +1023,9 @@ fn emit_body(
             b.ins().stack_store(I64, zero, em.o_slot, em.o_off(r, c));
         }
     }
-    let entry_p = em.offset(b, table, g, 8);
-    let r0 = b.ins().uload32(mem().with_readonly(), entry_p, 0);
-    let rc = b.ins().uload32(mem().with_readonly(), entry_p, 4);
-    let r_end = b.ins().iadd(r0, rc);
-    b.ins().jump(run_head, &[r0.into()]);
-
-    // run_head(r): while r < r_end
-    b.switch_to_block(run_head);
-    let r = b.block_params(run_head)[0];
-    let more = b.ins().icmp(IntCC::UnsignedLessThan, r, r_end);
-    b.ins().brif(more, run_body, &[], group_fin, &[]);
-
-    // run_body: dispatch on the kind of run r.
-    b.switch_to_block(run_body);
-    let rp = em.offset(b, runs_base, r, 12);
-    let first = b.ins().uload32(mem().with_readonly(), rp, 0);
-    let end = b.ins().uload32(mem().with_readonly(), rp, 4);
-    let kind = b.ins().load(I32, mem().with_readonly(), rp, 8);
+    // run_head(r): while r < r_end; run_body: dispatch on the kind of run r.
+    let run = em.iterate_runs(b, (table, runs_base), g, (run_head, run_body, group_fin));
+    let (r, first, end, kind) = (run.index, run.first, run.end, run.kind);
     // One tile body per key-tile length (full tiles, the short last tile); a body serves
     // both its full and its partial runs through a runtime flag when the table has both.
     let tail_count = spec.n % KEY_TILE;
@@ -1116,6 +1101,49 @@ fn emit_body(
     tile.finish(b, (rb, re), (group_head, exit), |b, r, i| {
         em.store_row(b, r, out_row0, i)
     });
+}
+
+/// One run of key tiles of the compile-time table (see [`Emitter::iterate_runs`]).
+pub(super) struct Run {
+    /// The run's index in the table (the `run_head` block parameter).
+    pub(super) index: Value,
+    /// Its first key tile and one past its last (i64).
+    pub(super) first: Value,
+    pub(super) end: Value,
+    /// Its kind (i32): bit 0 partial, bit 1 the short last tile.
+    pub(super) kind: Value,
+}
+
+impl Emitter<'_> {
+    /// Loops over the runs the table lists for query tile `g`: jumps from the current block
+    /// to `run_head`, which goes on to `run_body` while runs remain and to `group_fin` after
+    /// the last; returns with the builder in `run_body`, where the run has been read. (The
+    /// table is `[groups] (first run, run count)` u32 pairs, then `(first, end, kind)` runs.)
+    pub(super) fn iterate_runs(
+        &self,
+        b: &mut FunctionBuilder,
+        (table, runs_base): (Value, Value),
+        g: Value,
+        (run_head, run_body, group_fin): (Block, Block, Block),
+    ) -> Run {
+        let entry_p = self.offset(b, table, g, 8);
+        let r0 = b.ins().uload32(mem().with_readonly(), entry_p, 0);
+        let rc = b.ins().uload32(mem().with_readonly(), entry_p, 4);
+        let r_end = b.ins().iadd(r0, rc);
+        b.ins().jump(run_head, &[r0.into()]);
+        b.switch_to_block(run_head);
+        let r = b.block_params(run_head)[0];
+        let more = b.ins().icmp(IntCC::UnsignedLessThan, r, r_end);
+        b.ins().brif(more, run_body, &[], group_fin, &[]);
+        b.switch_to_block(run_body);
+        let rp = self.offset(b, runs_base, r, 12);
+        Run {
+            index: r,
+            first: b.ins().uload32(mem().with_readonly(), rp, 0),
+            end: b.ins().uload32(mem().with_readonly(), rp, 4),
+            kind: b.ins().load(I32, mem().with_readonly(), rp, 8),
+        }
+    }
 }
 
 /// Query tile `g` (rows `i0 .. i0 + rows`) of a fused attention function, at its end.

@@ -673,23 +673,9 @@ fn emit_body(
             b.ins().stack_store(I64, zero, em.o_slot, ie.o_off(r, c));
         }
     }
-    let entry_p = em.offset(b, table, g, 8);
-    let r0 = b.ins().uload32(mem().with_readonly(), entry_p, 0);
-    let rc = b.ins().uload32(mem().with_readonly(), entry_p, 4);
-    let r_end = b.ins().iadd(r0, rc);
-    b.ins().jump(run_head, &[r0.into()]);
-
-    b.switch_to_block(run_head);
-    let r = b.block_params(run_head)[0];
-    let more = b.ins().icmp(IntCC::UnsignedLessThan, r, r_end);
-    b.ins().brif(more, run_body, &[], group_fin, &[]);
-
     // run_body: dispatch on the kind of run r (0 full, 1 partial, 2/3 their tails).
-    b.switch_to_block(run_body);
-    let rp = em.offset(b, runs_base, r, 12);
-    let first = b.ins().uload32(mem().with_readonly(), rp, 0);
-    let end = b.ins().uload32(mem().with_readonly(), rp, 4);
-    let kind = b.ins().load(I32, mem().with_readonly(), rp, 8);
+    let run = em.iterate_runs(b, (table, runs_base), g, (run_head, run_body, group_fin));
+    let (r, first, end, kind) = (run.index, run.first, run.end, run.kind);
     let kinds: Vec<u32> = kinds.iter().copied().collect();
     let targets: Vec<Block> = kinds
         .iter()
