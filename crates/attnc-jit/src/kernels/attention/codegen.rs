@@ -45,8 +45,8 @@ use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64};
 use cranelift_codegen::ir::{
-    AbiParam, Block, BlockArg, InstBuilder, MemFlagsData, StackSlot, StackSlotData, StackSlotKind,
-    Type, UserFuncName, Value,
+    AbiParam, Block, BlockArg, GlobalValue, InstBuilder, MemFlagsData, StackSlot, StackSlotData,
+    StackSlotKind, Type, UserFuncName, Value,
 };
 use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
@@ -824,23 +824,16 @@ pub fn define_attention_with(
     if spec.precision == super::Precision::Int8 {
         return super::int8::define_int8(module, spec, name, dot_product);
     }
-    let table = tile_table(spec, KEY_TILE)?;
-    let (func_id, mut ctx, table_gv) = declare(module, name, &table)?;
-    let ptr = module.target_config().pointer_type();
-    let mut fctx = FunctionBuilderContext::new();
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        emit_body(&mut b, spec, ptr, table_gv, &table.kinds);
-        b.seal_all_blocks();
-        b.finalize(module.target_config());
-    }
-    let clif = ctx.func.display().to_string();
-    let vcode = define_in_order(module, func_id, &mut ctx, name, dot_product)?;
-    Ok(DefinedAttention {
-        id: func_id,
-        clif,
-        vcode,
-    })
+    define_with_table(
+        module,
+        spec,
+        name,
+        (KEY_TILE, dot_product),
+        |b, ptr, table_gv, kinds| {
+            emit_body(b, spec, ptr, table_gv, kinds);
+            Ok(())
+        },
+    )
 }
 
 /// Declares function `name` with the kernel signature and the read-only data object
@@ -949,7 +942,7 @@ fn emit_body(
     b: &mut FunctionBuilder,
     spec: &AttentionSpec,
     ptr: Type,
-    table_gv: cranelift_codegen::ir::GlobalValue,
+    table_gv: GlobalValue,
     kinds: &BTreeSet<u32>,
 ) {
     let dv4 = spec.dv.div_ceil(4);
@@ -967,20 +960,19 @@ fn emit_body(
         o_slot: slot(b, 16 * QUERY_TILE * dv4),
         p_slot: slot(b, 16 * KEY_TILE),
     };
-    let entry = b.create_block();
-    let group_head = b.create_block();
-    let run_head = b.create_block();
-    let run_body = b.create_block();
-    let run_next = b.create_block();
-    let group_fin = b.create_block();
-    let exit = b.create_block();
-    b.append_block_params_for_function_params(entry);
-    b.append_block_param(group_head, I64);
-    b.append_block_param(run_head, I64);
+    let k = Skeleton::new(b);
+    let (group_head, run_head, run_body, run_next, group_fin, exit) = (
+        k.group_head,
+        k.run_head,
+        k.run_body,
+        k.run_next,
+        k.group_fin,
+        k.exit,
+    );
 
     // entry: bases and row range.
-    b.switch_to_block(entry);
-    let call = CallParams::read(b, spec, entry);
+    b.switch_to_block(k.entry);
+    let call = CallParams::read(b, spec, k.entry);
     let (out, bidx, rb, re) = (call.out, call.bidx, call.rb, call.re);
     let bases = Bases {
         q: call.base_of(b, ptr, &spec.q),
@@ -993,20 +985,11 @@ fn emit_body(
             .collect(),
     };
     let out_row0 = em.offset(b, out, bidx, (spec.m * spec.dv * 4) as i64);
-    let table = b.ins().symbol_value(ptr, table_gv);
-    let groups = spec.m.div_ceil(QUERY_TILE) as i64;
-    let runs_base = b.ins().iadd_imm_s(table, 8 * groups);
-    let any = b.ins().icmp(IntCC::UnsignedLessThan, rb, re);
-    let qt = em.iconst(b, QUERY_TILE as i64);
-    let g0 = b.ins().udiv(rb, qt);
-    b.ins().brif(any, group_head, &[g0.into()], exit, &[]);
+    let (table, runs_base) = k.enter_groups(b, spec, (ptr, table_gv), (rb, re));
 
     // group_head(g): rows i0 .. i0 + QUERY_TILE, clamped to m - 1 (a duplicate row is
     // computed but not stored), so every row is computed the same way whatever the range.
-    b.switch_to_block(group_head);
-    let g = b.block_params(group_head)[0];
-    let i0 = b.ins().imul_imm_s(g, QUERY_TILE as i64);
-    let last = em.iconst(b, spec.m as i64 - 1);
+    let (g, i0, last) = k.group_head(b, spec);
     let rows: Vec<Row> = (0..em.qrows)
         .map(|k| {
             let i = b.ins().iadd_imm_s(i0, k as i64);
@@ -1101,6 +1084,100 @@ fn emit_body(
     tile.finish(b, (rb, re), (group_head, exit), |b, r, i| {
         em.store_row(b, r, out_row0, i)
     });
+}
+
+/// The blocks of a fused attention function (the layout in the module docs), shared by the
+/// exact and the int8 kernel.
+pub(super) struct Skeleton {
+    pub(super) entry: Block,
+    pub(super) group_head: Block,
+    pub(super) run_head: Block,
+    pub(super) run_body: Block,
+    pub(super) run_next: Block,
+    pub(super) group_fin: Block,
+    pub(super) exit: Block,
+}
+
+impl Skeleton {
+    /// Creates the blocks: `entry` takes the function's parameters, `group_head` the query
+    /// tile and `run_head` the run index (i64).
+    pub(super) fn new(b: &mut FunctionBuilder) -> Skeleton {
+        let k = Skeleton {
+            entry: b.create_block(),
+            group_head: b.create_block(),
+            run_head: b.create_block(),
+            run_body: b.create_block(),
+            run_next: b.create_block(),
+            group_fin: b.create_block(),
+            exit: b.create_block(),
+        };
+        b.append_block_params_for_function_params(k.entry);
+        b.append_block_param(k.group_head, I64);
+        b.append_block_param(k.run_head, I64);
+        k
+    }
+
+    /// Ends the entry block: jumps to the query tile holding row `rb` (or exits when
+    /// `[rb, re)` is empty). Returns the table's address and that of its runs.
+    pub(super) fn enter_groups(
+        &self,
+        b: &mut FunctionBuilder,
+        spec: &AttentionSpec,
+        (ptr, table_gv): (Type, GlobalValue),
+        (rb, re): (Value, Value),
+    ) -> (Value, Value) {
+        let table = b.ins().symbol_value(ptr, table_gv);
+        let groups = spec.m.div_ceil(QUERY_TILE) as i64;
+        let runs_base = b.ins().iadd_imm_s(table, 8 * groups);
+        let any = b.ins().icmp(IntCC::UnsignedLessThan, rb, re);
+        let qt = b.ins().iconst(I64, QUERY_TILE as i64);
+        let g0 = b.ins().udiv(rb, qt);
+        b.ins()
+            .brif(any, self.group_head, &[g0.into()], self.exit, &[]);
+        (table, runs_base)
+    }
+
+    /// Starts `group_head`: the query tile `g`, its first row `i0` and the last row `m - 1`
+    /// (rows past it are clamped to it: computed, not stored).
+    pub(super) fn group_head(
+        &self,
+        b: &mut FunctionBuilder,
+        spec: &AttentionSpec,
+    ) -> (Value, Value, Value) {
+        b.switch_to_block(self.group_head);
+        let g = b.block_params(self.group_head)[0];
+        let i0 = b.ins().imul_imm_s(g, QUERY_TILE as i64);
+        let last = b.ins().iconst(I64, spec.m as i64 - 1);
+        (g, i0, last)
+    }
+}
+
+/// Declares a fused attention function over the tile table of `key_tile` keys, builds its
+/// body with `emit(b, pointer type, table)` and defines it in source order.
+pub(super) fn define_with_table(
+    module: &mut JITModule,
+    spec: &AttentionSpec,
+    name: &str,
+    (key_tile, dot_product): (usize, bool),
+    emit: impl FnOnce(&mut FunctionBuilder, Type, GlobalValue, &BTreeSet<u32>) -> Result<()>,
+) -> Result<DefinedAttention> {
+    let table = tile_table(spec, key_tile)?;
+    let (func_id, mut ctx, table_gv) = declare(module, name, &table)?;
+    let ptr = module.target_config().pointer_type();
+    let mut fctx = FunctionBuilderContext::new();
+    {
+        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
+        emit(&mut b, ptr, table_gv, &table.kinds)?;
+        b.seal_all_blocks();
+        b.finalize(module.target_config());
+    }
+    let clif = ctx.func.display().to_string();
+    let vcode = define_in_order(module, func_id, &mut ctx, name, dot_product)?;
+    Ok(DefinedAttention {
+        id: func_id,
+        clif,
+        vcode,
+    })
 }
 
 /// One run of key tiles of the compile-time table (see [`Emitter::iterate_runs`]).

@@ -37,8 +37,8 @@
 //! the softmax runs in f32. Together about 0.9 % relative L2 on standard-normal inputs.
 
 use super::codegen::{
-    declare, define_in_order, max_shift, mem, tile_table, Bases, CallParams, DefinedAttention,
-    Emitter, QueryTile, Row,
+    define_with_table, max_shift, mem, Bases, CallParams, DefinedAttention, Emitter, QueryTile,
+    Row, Skeleton,
 };
 use super::quant::{QuantLayout, KEY_BLOCK};
 use super::{AttentionSpec, QUERY_TILE};
@@ -52,9 +52,8 @@ use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
     Block, GlobalValue, InstBuilder, StackSlot, StackSlotData, StackSlotKind, Type, Value,
 };
-use cranelift_frontend::{FunctionBuilder, FunctionBuilderContext, Variable};
+use cranelift_frontend::{FunctionBuilder, Variable};
 use cranelift_jit::JITModule;
-use cranelift_module::Module;
 use std::collections::BTreeSet;
 
 /// i32x4 column vectors per P·V chunk (`QUERY_TILE × PV_VECS` accumulators).
@@ -555,23 +554,13 @@ pub(super) fn define_int8(
     dot_product: bool,
 ) -> Result<DefinedAttention> {
     let layout = QuantLayout::new(spec);
-    let table = tile_table(spec, KEY_BLOCK)?;
-    let (func_id, mut ctx, table_gv) = declare(module, name, &table)?;
-    let ptr = module.target_config().pointer_type();
-    let mut fctx = FunctionBuilderContext::new();
-    {
-        let mut b = FunctionBuilder::new(&mut ctx.func, &mut fctx);
-        emit_body(&mut b, spec, &layout, ptr, table_gv, &table.kinds)?;
-        b.seal_all_blocks();
-        b.finalize(module.target_config());
-    }
-    let clif = ctx.func.display().to_string();
-    let vcode = define_in_order(module, func_id, &mut ctx, name, dot_product)?;
-    Ok(DefinedAttention {
-        id: func_id,
-        clif,
-        vcode,
-    })
+    define_with_table(
+        module,
+        spec,
+        name,
+        (KEY_BLOCK, dot_product),
+        |b, ptr, table_gv, kinds| emit_body(b, spec, &layout, ptr, table_gv, kinds),
+    )
 }
 
 fn emit_body(
@@ -612,19 +601,18 @@ fn emit_body(
         layout,
     };
     let em = &ie.em;
-    let entry_block = b.create_block();
-    let group_head = b.create_block();
-    let run_head = b.create_block();
-    let run_body = b.create_block();
-    let run_next = b.create_block();
-    let group_fin = b.create_block();
-    let exit = b.create_block();
-    b.append_block_params_for_function_params(entry_block);
-    b.append_block_param(group_head, I64);
-    b.append_block_param(run_head, I64);
+    let k = Skeleton::new(b);
+    let (group_head, run_head, run_body, run_next, group_fin, exit) = (
+        k.group_head,
+        k.run_head,
+        k.run_body,
+        k.run_next,
+        k.group_fin,
+        k.exit,
+    );
 
-    b.switch_to_block(entry_block);
-    let call = CallParams::read(b, spec, entry_block);
+    b.switch_to_block(k.entry);
+    let call = CallParams::read(b, spec, k.entry);
     let (inputs, out, bidx, rb, re) = (call.inputs, call.out, call.bidx, call.rb, call.re);
     let packed = b.ins().load(ptr, mem(), inputs, 0);
     let entry = em.offset(b, packed, bidx, layout.entry as i64);
@@ -639,19 +627,10 @@ fn emit_body(
             .collect(),
     };
     let out_row0 = em.offset(b, out, bidx, (spec.m * spec.dv * 4) as i64);
-    let table = b.ins().symbol_value(ptr, table_gv);
-    let groups = spec.m.div_ceil(QUERY_TILE) as i64;
-    let runs_base = b.ins().iadd_imm_s(table, 8 * groups);
-    let any = b.ins().icmp(IntCC::UnsignedLessThan, rb, re);
-    let qt = em.iconst(b, QUERY_TILE as i64);
-    let g0 = b.ins().udiv(rb, qt);
-    b.ins().brif(any, group_head, &[g0.into()], exit, &[]);
+    let (table, runs_base) = k.enter_groups(b, spec, (ptr, table_gv), (rb, re));
 
     // group_head(g): the query tile's rows (clamped to m - 1, computed but not stored).
-    b.switch_to_block(group_head);
-    let g = b.block_params(group_head)[0];
-    let i0 = b.ins().imul_imm_s(g, QUERY_TILE as i64);
-    let last = em.iconst(b, spec.m as i64 - 1);
+    let (g, i0, last) = k.group_head(b, spec);
     let q_rows = b.ins().iadd_imm_s(entry, layout.q as i64);
     let q_scales = b.ins().iadd_imm_s(entry, layout.q_scale as i64);
     let rows: Vec<RowState> = (0..qrows)
