@@ -5,22 +5,26 @@ mod common;
 
 use common::attnc;
 
-#[test]
-fn a_rank_not_below_the_sequence_length_is_refused_with_a_reason() {
-    let out = attnc(&[
+/// Runs the dense benchmark kernel at a small shape with `policy` (extra arguments) and
+/// returns its stderr, after checking that the run succeeded.
+fn dense_run_notes(policy: &[&str]) -> String {
+    let mut args = vec![
         "run",
         "benches/kernels/dense.attn",
         "--random",
         "0",
         "--shape",
         "h=1,n=256,d=16",
-        "--approx",
-        "lowrank(r=512)",
-        "--tol",
-        "0.5",
-    ]);
+    ];
+    args.extend_from_slice(policy);
+    let out = attnc(&args);
     assert_eq!(out.status.code(), Some(0));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_rank_not_below_the_sequence_length_is_refused_with_a_reason() {
+    let stderr = dense_run_notes(&["--approx", "lowrank(r=512)", "--tol", "0.5"]);
     assert!(
         stderr.contains("lowrank(r = 512) not applied: nothing in this program fits it")
             && stderr.contains("more than r = 512 keys")
@@ -31,18 +35,7 @@ fn a_rank_not_below_the_sequence_length_is_refused_with_a_reason() {
 
 #[test]
 fn too_few_features_for_the_tolerance_are_refused_with_a_reason() {
-    let out = attnc(&[
-        "run",
-        "benches/kernels/dense.attn",
-        "--random",
-        "0",
-        "--shape",
-        "h=1,n=256,d=16",
-        "--approx",
-        "random_features(m=4)",
-    ]);
-    assert_eq!(out.status.code(), Some(0));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = dense_run_notes(&["--approx", "random_features(m=4)"]);
     assert!(
         stderr.contains("random_features(m = 4, seed = 0) not applied")
             && stderr.contains("exceeds the tolerance"),
