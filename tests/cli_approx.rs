@@ -113,3 +113,28 @@ fn a_calibration_tensor_of_the_wrong_shape_is_an_input_error() {
     assert_eq!(status(&out), 1, "{}", stderr(&out));
     assert!(stderr(&out).contains("calibration"), "{}", stderr(&out));
 }
+
+#[test]
+fn explain_emits_the_code_of_the_validated_approximate_plan() {
+    let listing = |policy: &[&str]| {
+        let mut args = vec![
+            "explain",
+            "benches/kernels/dense.attn",
+            "--shape",
+            "h=1,n=256,d=64",
+            "--emit",
+            "clif",
+        ];
+        args.extend_from_slice(policy);
+        let out = attnc(&args);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let exact = listing(&["--exact"]);
+    let int8 = listing(&["--approx", "int8", "--tol", "1"]);
+    // The int8 plan quantizes on the host first, so its kernel is step 1 and reads bytes.
+    assert!(exact.contains("; kernel dense_s0_attention"), "{exact}");
+    assert!(int8.contains("; kernel dense_s1_attention"), "{int8}");
+    assert!(int8.contains("load.i8x16"), "{int8}");
+    assert!(!exact.contains("load.i8x16"), "{exact}");
+}

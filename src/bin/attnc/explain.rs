@@ -142,12 +142,26 @@ mod attnc_jit_text {
 
     pub fn generated_code(prepared: &Prepared, kind: CodeKind) -> Result<String, Failure> {
         let kernel = prepared.kernel();
-        let compiled = attnc::engine::compile(kernel, &prepared.bindings).map_err(|e| {
+        let shape_failure = |e: attnc::engine::RunError| {
             Failure::input(
                 "shape",
                 format!("{e} (generated code is specialized to bound shapes: pass --shape)"),
             )
-        })?;
+        };
+        // The code `run` would execute: under an approximation policy, the validated plan.
+        let compiled = if prepared.policy.is_exact() {
+            attnc::engine::compile(kernel, &prepared.bindings).map_err(shape_failure)?
+        } else {
+            attnc::approx::compile_with_policy(
+                kernel,
+                &prepared.bindings,
+                &prepared.policy,
+                &prepared.calibration,
+                prepared.threads,
+            )
+            .map_err(shape_failure)?
+            .compiled
+        };
         let mut out = String::new();
         for text in compiled.texts() {
             let body = match kind {

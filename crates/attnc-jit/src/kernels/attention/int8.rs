@@ -9,17 +9,21 @@
 //! 1. **Scores.** Per pair of groups of 4 keys, per 4 depths: one 16-byte K operand
 //!    `[key][depth]` and, per row, a pre-broadcast Q operand (the 4 depths' bytes in every
 //!    lane); [`dot_u8i8`] adds the four exact u8·i8 dot products into an i32x4 with one lane
-//!    per key. Q has 16 bits in two bytes: the high bytes are summed over all depths, the sum
-//!    shifted left by 8, then the low bytes added, so Q costs two `vpdpbusd` per operand of
-//!    K. Adding the per-key correction gives `q̂·k̂` exactly; `s = (q̂·k̂) s_q s_k` in f32,
-//!    then the score expression, the element mask (partial blocks) and `-inf` past the last
-//!    key. The rows' block maxima are kept in memory, not in registers: the 8 accumulators,
-//!    2 K operands and a Q operand then fit the 16 vector registers with no spills.
-//! 2. **Softmax.** Per row: block maximum `b`, new running maximum `m`, `α = e^(m_old − m)`
-//!    (O and `l` are rescaled only when `α ≠ 1`, a few blocks per row), `e = e^(s − b)` and
-//!    `P = round(255 e)` as u8, written pre-broadcast (16 bytes per 4 keys) for stage 3;
-//!    `l += e^(b − m) Σ e` in f32. P's scale is the block's exact maximum (255 is reached),
-//!    which per-column V scales make possible: no V factor is folded into P.
+//!    per key. Q has 16 bits in two bytes: the sums start at the keys' correction, the high
+//!    bytes are summed over all depths, the sum shifted left by 8, then the low bytes added,
+//!    which gives `q̂·k̂` exactly for two `vpdpbusd` per operand of K. When the score is
+//!    `c · S` ([`linear_scale`]) the kernel stores `(q̂·k̂) s_k` and leaves `s_q c` to the
+//!    exponential; otherwise it stores the score expression of `(q̂·k̂) s_q s_k`. Then the
+//!    element mask (partial blocks) and `-inf` past the last key. The rows' block maxima are
+//!    kept in memory, not in registers: the 8 accumulators, 2 K operands and a Q operand then
+//!    fit the 16 vector registers with no spills.
+//! 2. **Softmax.** For the 4 rows at once (one lane each): block maximum `b`, new running
+//!    maximum `m`, `α = e^(m_old − m)` (O and `l` are rescaled only when some row's maximum
+//!    moved, a few blocks per row) and `c = e^(b − m)`. Then, in one loop over the block's
+//!    groups for all rows, `e = e^(s − b)` with one FMA into log2 units and
+//!    [`exp2_nonpos_fast`], and `P = round(255 e)` as u8, written pre-broadcast (16 bytes per
+//!    4 keys) for stage 3; `l += c Σ e` in f32. P's scale is the block's exact maximum (255
+//!    is reached), which per-column V scales make possible: no V factor is folded into P.
 //! 3. **P·V.** Per group of 4 keys, per 4 value columns: the 16-byte V operand
 //!    `[column][key]` against the row's P operand, into i32x4 accumulators (4 rows × 3 column
 //!    vectors); at the end of the block `O += f32(A) (s_v e^(b − m) / 255)` with `s_v` the
@@ -41,16 +45,19 @@ use super::codegen::{
     Row, Skeleton,
 };
 use super::quant::{QuantLayout, KEY_BLOCK};
-use super::{AttentionSpec, QUERY_TILE};
+use super::{AttentionSpec, ScoreExpr, QUERY_TILE};
 use crate::error::Result;
 use crate::kernels::counted_loop;
 use crate::simd::{
     as_float, as_int, const_f32x4, const_i32x4, select_f32, shuffle_f32x4, splat_f32, splat_i32,
+    transpose4,
 };
+use attnc_ir::{BinaryOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    Block, GlobalValue, InstBuilder, StackSlot, StackSlotData, StackSlotKind, Type, Value,
+    Block, ConstantData, Endianness, GlobalValue, InstBuilder, MemFlagsData, StackSlot,
+    StackSlotData, StackSlotKind, Type, Value,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
 use cranelift_jit::JITModule;
@@ -82,21 +89,22 @@ pub fn dot_u8i8(b: &mut FunctionBuilder, a: Value, u: Value, acc: Value) -> Valu
     b.ins().iadd(s, acc)
 }
 
-/// The maximum of the four lanes (`max_shift` order), as a scalar.
-fn hmax(b: &mut FunctionBuilder, v: Value) -> Value {
-    let s = shuffle_f32x4(b, v, v, [2, 3, 0, 1]);
-    let m = max_shift(b, v, s);
-    let s = shuffle_f32x4(b, m, m, [1, 0, 3, 2]);
-    let m = max_shift(b, m, s);
-    b.ins().extractlane(m, 0)
-}
-
 /// The sum of the four lanes `(x0 + x1) + (x2 + x3)`, as a scalar.
 fn hsum(b: &mut FunctionBuilder, v: Value) -> Value {
     let x: Vec<Value> = (0..4).map(|l| b.ins().extractlane(v, l as u8)).collect();
     let s01 = b.ins().fadd(x[0], x[1]);
     let s23 = b.ins().fadd(x[2], x[3]);
     b.ins().fadd(s01, s23)
+}
+
+/// The low byte of each 32-bit lane of `x`, all four in every lane (`[b0 b1 b2 b3] × 4`):
+/// one `pshufb`.
+fn low_bytes_broadcast(b: &mut FunctionBuilder, x: Value) -> Value {
+    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+    let xb = b.ins().bitcast(I8X16, flags, x);
+    let sel: Vec<u8> = (0..16).map(|k| 4 * (k % 4)).collect();
+    let imm = b.func.dfg.immediates.push(ConstantData::from(sel));
+    b.ins().shuffle(xb, xb, imm)
 }
 
 /// Per-row state of a query tile.
@@ -108,68 +116,95 @@ struct RowState {
     q_scale: Value,
 }
 
-/// Constants of [`exp_nonpos_fast`] and of P's rounding, materialized once per block so that
+/// `2^f` on `[-1/2, 1/2]` to 7.5e-5 relative: a degree-3 polynomial fitted to the relative
+/// error (coefficients of `f³, f², f, 1`). P is rounded to 8 bits next, and every factor it
+/// contributes to O also scales `l`, so this accuracy is plenty; one FMA fewer than the
+/// degree-4 Taylor polynomial.
+const EXP2_POLY: [f32; 4] = [0.055_171_62, 0.242_611_17, 0.693_261, 0.999_928_06];
+
+/// Constants of [`exp2_nonpos_fast`] and of P's rounding, materialized once per block so that
 /// the softmax loop does not reload them.
 struct ExpConsts {
-    log2e: Value,
     low: Value,
+    /// `1.5 · 2^23 + 127`: rounds to an integer and adds the exponent bias in one addition.
+    magic_biased: Value,
+    poly: [Value; 4],
+    /// `1.5 · 2^23`: rounds `255 e` and leaves it in the low byte of the bits.
     magic: Value,
-    poly: [Value; 5],
-    bias: Value,
-    magic_bits: Value,
     c255: Value,
 }
 
+/// `1.5 · 2^23`: adding it to a float of magnitude below `2^22` rounds to an integer (ties
+/// to even) and leaves that integer in the low mantissa bits, since its own low 22 bits are 0.
+const MAGIC: f32 = 12_582_912.0;
+
 impl ExpConsts {
     fn new(b: &mut FunctionBuilder) -> ExpConsts {
-        const MAGIC: f32 = 12_582_912.0;
-        let ln2 = std::f32::consts::LN_2;
-        let poly = [
-            ln2.powi(4) / 24.0,
-            ln2.powi(3) / 6.0,
-            ln2 * ln2 / 2.0,
-            ln2,
-            1.0,
-        ];
         ExpConsts {
-            log2e: const_f32x4(b, std::f32::consts::LOG2_E),
             low: const_f32x4(b, -127.0),
+            magic_biased: const_f32x4(b, MAGIC + 127.0),
+            poly: EXP2_POLY.map(|c| const_f32x4(b, c)),
             magic: const_f32x4(b, MAGIC),
-            poly: poly.map(|c| const_f32x4(b, c)),
-            bias: const_i32x4(b, [(MAGIC.to_bits() as i32).wrapping_sub(127); 4]),
-            magic_bits: const_i32x4(b, [MAGIC.to_bits() as i32; 4]),
             c255: const_f32x4(b, 255.0),
         }
     }
 }
 
-/// `e^x` for f32x4 `x ≤ 0` (or `-inf`) to about 4e-5 relative, in 13 instructions: plenty for
-/// weights that are rounded to 8 bits next. `2^t` with `t = x log2 e` split as `k + f`
-/// (`|f| ≤ 1/2`, `k` by the `1.5 · 2^23` rounding trick), `2^f` by its degree-4 Taylor
-/// polynomial, `2^k` from exponent bits. `t` is clamped to `-127` first, where `k = -127`
-/// gives the exponent field 0 and so exactly 0 (also for `-inf`), with no select.
-fn exp_nonpos_fast(b: &mut FunctionBuilder, c: &ExpConsts, x: Value) -> Value {
-    let t = b.ins().fmul(x, c.log2e);
+/// `2^t` for f32x4 `t ≤ 0` (or `-inf`) to about 1e-4 relative, in 9 instructions: plenty for
+/// weights that are rounded to 8 bits next. `t` split as `k + f` (`|f| ≤ 1/2`, `k` by the
+/// [`MAGIC`] rounding trick with the exponent bias 127 added in the same addition), `2^f` by
+/// [`EXP2_POLY`], `2^k` from the low bits of that sum shifted into the exponent field (the
+/// magic number's own bits shift out). `t` is clamped to `-127` first, where `k + 127 = 0`
+/// gives the exponent field 0 and so exactly 0 (also for `-inf`), with no select. Callers
+/// fold `log2 e` into the factor that makes `t`.
+fn exp2_nonpos_fast(b: &mut FunctionBuilder, c: &ExpConsts, t: Value) -> Value {
     let under = b.ins().fcmp(FloatCC::LessThan, t, c.low);
     let tc = select_f32(b, under, c.low, t);
-    let tm = b.ins().fadd(tc, c.magic);
-    let kf = b.ins().fsub(tm, c.magic);
+    let tm = b.ins().fadd(tc, c.magic_biased);
+    // tm = MAGIC + 127 + k exactly (k = round(t)), so kf = k and f = t - k.
+    let kf = b.ins().fsub(tm, c.magic_biased);
     let f = b.ins().fsub(tc, kf);
     let mut p = c.poly[0];
     for &cv in &c.poly[1..] {
         p = b.ins().fma(p, f, cv);
     }
-    // bits(tm) - bits(MAGIC) = k; (k + 127) << 23 = 2^k.
+    // bits(tm) = bits(MAGIC) + k + 127, and bits(MAGIC) << 23 = 0 (mod 2^32).
     let tb = as_int(b, tm);
-    let e = b.ins().isub(tb, c.bias);
-    let e = b.ins().ishl_imm_u(e, 23);
+    let e = b.ins().ishl_imm_u(tb, 23);
     let scale = as_float(b, e);
     b.ins().fmul(p, scale)
+}
+
+/// `c` when the score expression is `c · S` with `c` a positive finite constant (the plain
+/// `q·kᵀ / sqrt(d)`): then the kernel keeps scores in units of `1 / (c s_q log2 e)` and
+/// applies that factor inside the exponential, where the softmax multiplies by `log2 e`
+/// anyway (a positive factor changes no maximum).
+fn linear_scale(e: &ScoreExpr) -> Option<f64> {
+    fn scale(e: &ScoreExpr) -> Option<f64> {
+        match e {
+            ScoreExpr::Scores => Some(1.0),
+            ScoreExpr::Unary(UnaryOp::Neg, a) => scale(a).map(|c| -c),
+            ScoreExpr::Binary(BinaryOp::Mul, a, b) => match (&**a, &**b) {
+                (x, ScoreExpr::Const(c)) | (ScoreExpr::Const(c), x) => scale(x).map(|s| s * c),
+                _ => None,
+            },
+            ScoreExpr::Binary(BinaryOp::Div, a, b) => match &**b {
+                ScoreExpr::Const(c) => scale(a).map(|s| s / c),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+    scale(e).filter(|&c| c > 0.0 && (c * std::f64::consts::LOG2_E) as f32 > f32::MIN_POSITIVE)
 }
 
 struct Int8Emitter<'s> {
     em: Emitter<'s>,
     layout: &'s QuantLayout,
+    /// `c log2 e` when the score expression is `c · S` ([`linear_scale`]): stage 1 then
+    /// stores `(q̂·k̂) s_k` and stage 2 multiplies by `s_q c log2 e`. `None`: stage 1 stores
+    /// the scores themselves and stage 2 multiplies by `log2 e`.
+    linear_gain: Option<f32>,
     /// Scores of the block: `[QUERY_TILE][KEY_BLOCK]` f32.
     s_slot: StackSlot,
     /// Quantized probabilities, each group of 4 keys pre-broadcast to 16 bytes:
@@ -177,13 +212,20 @@ struct Int8Emitter<'s> {
     p_slot: StackSlot,
     /// Per row, `e^(block max − m) / 255` (the unit of P) of the block: `[QUERY_TILE]` f32.
     unit_slot: StackSlot,
+    /// Per row, the factor from stored scores to log2 units (`[QUERY_TILE]` f32, one
+    /// query tile): `s_q c log2 e` or `log2 e`, see [`Int8Emitter::linear_gain`].
+    gain_slot: StackSlot,
+    /// The same factors, each broadcast: `[QUERY_TILE]` f32x4.
+    gain_bcast_slot: StackSlot,
+    /// Per row, `−(block max) · gain`, broadcast: `[QUERY_TILE]` f32x4.
+    nbg_slot: StackSlot,
     /// Per row, the lane-wise maximum of the block's scores: `[QUERY_TILE]` f32x4. In memory
     /// rather than in variables so that stage 1 keeps all 16 vector registers.
     bmax_slot: StackSlot,
     /// Per row, the partial sums of `e^(s − m)`: `[QUERY_TILE]` f32x4 (also in memory).
     l_slot: StackSlot,
-    /// Running maximum (f32) per row.
-    m_vars: Vec<Variable>,
+    /// Running maxima, lane `r` for row `r` (f32x4).
+    m_var: Variable,
     /// P·V accumulators `[row][vec]`, reused by every chunk.
     a_vars: Vec<Vec<Variable>>,
 }
@@ -217,8 +259,15 @@ impl Int8Emitter<'_> {
     ) {
         let qrows = self.em.qrows;
         let d4 = self.layout.d4;
-        let zero = splat_i32(b, 0);
-        let mut accs = vec![vec![zero; qrows]; valid.len()];
+        // Each group's sums start at its keys' correction, which the shift by 8 turns into
+        // the full `-Q_OFFSET Σ k̂`: no per-row addition later.
+        let mut accs: Vec<Vec<Value>> = (0..valid.len())
+            .map(|k| {
+                let jk = b.ins().iadd_imm_s(j, 4 * k as i64);
+                let corr = self.key_lanes(b, entry, self.layout.k_corr, jk, I32X4);
+                vec![corr; qrows]
+            })
+            .collect();
         for half in 0..2 {
             if half == 1 {
                 for acc in accs.iter_mut().flatten() {
@@ -260,6 +309,21 @@ impl Int8Emitter<'_> {
         }
     }
 
+    /// The 4 lanes of type `ty` at byte offset `section + 4 j` of the entry (a per-key array).
+    fn key_lanes(
+        &self,
+        b: &mut FunctionBuilder,
+        entry: Value,
+        section: usize,
+        j: Value,
+        ty: Type,
+    ) -> Value {
+        let p = b.ins().iadd_imm_s(entry, section as i64);
+        let o = b.ins().ishl_imm_s(j, 2);
+        let p = b.ins().iadd(p, o);
+        b.ins().load(ty, mem(), p, 0)
+    }
+
     /// The scores of one group from its integer dot products `acc` (one per row).
     #[allow(clippy::too_many_arguments)]
     fn score_epilogue(
@@ -273,14 +337,7 @@ impl Int8Emitter<'_> {
         masked: bool,
         valid: usize,
     ) -> Vec<Value> {
-        let at = |b: &mut FunctionBuilder, off: usize, ty: Type| {
-            let p = b.ins().iadd_imm_s(entry, off as i64);
-            let o = b.ins().ishl_imm_s(j, 2);
-            let p = b.ins().iadd(p, o);
-            b.ins().load(ty, mem(), p, 0)
-        };
-        let corr = at(b, self.layout.k_corr, I32X4);
-        let k_scale = at(b, self.layout.k_scale, F32X4);
+        let k_scale = self.key_lanes(b, entry, self.layout.k_scale, j, F32X4);
         let j32 = b.ins().ireduce(I32, j);
         let jv = b.ins().splat(I32X4, j32);
         let steps = const_i32x4(b, [0, 1, 2, 3]);
@@ -290,16 +347,18 @@ impl Int8Emitter<'_> {
         let ninf = splat_f32(b, f32::NEG_INFINITY);
         let mut out = Vec::with_capacity(rows.len());
         for (r, state) in rows.iter().enumerate() {
-            let x = b.ins().iadd(acc[r], corr);
-            let f = b.ins().fcvt_from_sint(F32X4, x);
-            // Loaded where used so that it folds into one broadcast from memory.
-            let qs = b.ins().load(F32, mem(), state.q_scale, 0);
-            let qs = b.ins().splat(F32X4, qs);
-            let scale = b.ins().fmul(k_scale, qs);
-            let raw = b.ins().fmul(f, scale);
-            let mut s = self
-                .em
-                .score(b, &self.spec().score, raw, &state.row, j, jv, valid);
+            let f = b.ins().fcvt_from_sint(F32X4, acc[r]);
+            let mut s = if self.linear_gain.is_some() {
+                b.ins().fmul(f, k_scale)
+            } else {
+                // Loaded where used so that it folds into one broadcast from memory.
+                let qs = b.ins().load(F32, mem(), state.q_scale, 0);
+                let qs = b.ins().splat(F32X4, qs);
+                let scale = b.ins().fmul(k_scale, qs);
+                let raw = b.ins().fmul(f, scale);
+                self.em
+                    .score(b, &self.spec().score, raw, &state.row, j, jv, valid)
+            };
             if masked {
                 if let Some(rm) = &state.row.mask {
                     let keep = rm.keep(b, jv);
@@ -336,7 +395,8 @@ impl Int8Emitter<'_> {
         let full = count / 4;
         let zero = self.em.iconst(b, 0);
         let ninf = splat_f32(b, f32::NEG_INFINITY);
-        for r in 0..qrows {
+        // All QUERY_TILE rows: stage 2 reads them as one 4 × 4 block.
+        for r in 0..QUERY_TILE {
             b.ins()
                 .stack_store(I64, ninf, self.bmax_slot, (16 * r) as i32);
         }
@@ -367,97 +427,10 @@ impl Int8Emitter<'_> {
             self.score_group(b, rows, entry, kg, j, gbytes, masked, &rest);
         }
         let groups_c = self.em.iconst(b, groups as i64);
-        // Stage 2: softmax and P quantization, per row, in one pass over the block.
-        let s_base = b.ins().stack_addr(I64, self.s_slot, 0);
+        // Stage 2: softmax and P quantization.
         let p_base = b.ins().stack_addr(I64, self.p_slot, 0);
-        let ec = ExpConsts::new(b);
-        for r in 0..qrows {
-            let s_row = b.ins().iadd_imm_s(s_base, (4 * r * KEY_BLOCK) as i64);
-            let mv = b
-                .ins()
-                .stack_load(I64, F32X4, self.bmax_slot, (16 * r) as i32);
-            let block_max = hmax(b, mv);
-            let m_old = b.use_var(self.m_vars[r]);
-            let gt = b.ins().fcmp(FloatCC::GreaterThan, block_max, m_old);
-            let m_new = b.ins().select(gt, block_max, m_old);
-            b.def_var(self.m_vars[r], m_new);
-            // While every score so far is -inf, subtract 0 instead (no NaN from -inf - -inf);
-            // the same for a block whose scores are all -inf.
-            let ninf_s = b.ins().f32const(f32::NEG_INFINITY);
-            let zero_s = b.ins().f32const(0.0);
-            let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf_s);
-            let m_use = b.ins().select(none, zero_s, m_new);
-            let empty = b.ins().fcmp(FloatCC::Equal, block_max, ninf_s);
-            let b_use = b.ins().select(empty, zero_s, block_max);
-            // Lane 0: α = e^(m_old − m), lane 1: c = e^(block max − m), the factor from
-            // the block's own scale (P relative to the block maximum) to the running one.
-            let da = b.ins().fsub(m_old, m_use);
-            let db = b.ins().fsub(block_max, m_use);
-            let zero_v = splat_f32(b, 0.0);
-            let ab = b.ins().insertlane(zero_v, da, 0);
-            let ab = b.ins().insertlane(ab, db, 1);
-            let e = exp_nonpos_fast(b, &ec, ab);
-            let alpha = b.ins().extractlane(e, 0);
-            let c = b.ins().extractlane(e, 1);
-            let inv255 = b.ins().f32const(1.0 / 255.0);
-            let unit = b.ins().fmul(c, inv255);
-            b.ins()
-                .stack_store(I64, unit, self.unit_slot, (4 * r) as i32);
-            // O and l are rescaled only when the running maximum moved (α < 1): a few
-            // blocks per row, so the other blocks skip 4·dv/4 + 1 multiplications.
-            let one = b.ins().f32const(1.0);
-            let moved = b.ins().fcmp(FloatCC::NotEqual, alpha, one);
-            let rescale = b.create_block();
-            let go_on = b.create_block();
-            b.ins().brif(moved, rescale, &[], go_on, &[]);
-            b.switch_to_block(rescale);
-            let alpha_v = b.ins().splat(F32X4, alpha);
-            let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
-            let l = b.ins().fmul(l, alpha_v);
-            b.ins().stack_store(I64, l, self.l_slot, (16 * r) as i32);
-            for cv in 0..self.em.dv4 {
-                let o = b
-                    .ins()
-                    .stack_load(I64, F32X4, self.em.o_slot, self.o_off(r, cv));
-                let o = b.ins().fmul(o, alpha_v);
-                b.ins()
-                    .stack_store(I64, o, self.em.o_slot, self.o_off(r, cv));
-            }
-            b.ins().jump(go_on, &[]);
-            b.switch_to_block(go_on);
-            let bu = b.ins().splat(F32X4, b_use);
-            let p_row = b.ins().iadd_imm_s(p_base, (r * KEY_BLOCK * 4) as i64);
-            let sum = b.declare_var(F32X4);
-            let zero_f = splat_f32(b, 0.0);
-            b.def_var(sum, zero_f);
-            counted_loop(b, zero, groups_c, 1, |b, g| {
-                let p = self.em.offset(b, s_row, g, 16);
-                let s = b.ins().load(F32X4, mem(), p, 0);
-                let x = b.ins().fsub(s, bu);
-                let e = exp_nonpos_fast(b, &ec, x);
-                let acc = b.use_var(sum);
-                let acc = b.ins().fadd(acc, e);
-                b.def_var(sum, acc);
-                // round(255 e) in [0, 255]: adding 1.5 · 2^23 rounds to nearest even and
-                // leaves the integer in the low mantissa bits (cheaper than a saturating
-                // conversion; NaN lanes give garbage bytes, never a fault). The packs leave
-                // the 4 bytes in every 32-bit lane: the broadcast operand of stage 3.
-                let x = b.ins().fma(e, ec.c255, ec.magic);
-                let xb = as_int(b, x);
-                let u = b.ins().isub(xb, ec.magic_bits);
-                let h = b.ins().snarrow(u, u);
-                let bytes = b.ins().unarrow(h, h);
-                let dst = self.em.offset(b, p_row, g, 16);
-                b.ins().store(mem(), bytes, dst, 0);
-                Ok(())
-            })?;
-            // l += c Σ e^(s − block max), lane-wise.
-            let acc = b.use_var(sum);
-            let cv = b.ins().splat(F32X4, c);
-            let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
-            let l = b.ins().fma(acc, cv, l);
-            b.ins().stack_store(I64, l, self.l_slot, (16 * r) as i32);
-        }
+        let c = self.softmax_update(b);
+        self.quantize_probabilities(b, groups_c, p_base, c)?;
         // Stage 3: P·V in chunks of PV_VECS column vectors.
         let v_group = (layout.dv_pad * 4) as i64;
         let v_block = b.ins().imul_imm_s(t, KEY_BLOCK as i64 / 4 * v_group);
@@ -498,21 +471,183 @@ impl Int8Emitter<'_> {
                 .iter()
                 .map(|&c| b.ins().load(F32X4, mem(), vs_block, (16 * c) as i32))
                 .collect();
+            // Through one base address: stack_load/stack_store would each recompute it.
+            let o_base = b.ins().stack_addr(I64, self.em.o_slot, 0);
+            let unit_base = b.ins().stack_addr(I64, self.unit_slot, 0);
             for r in 0..qrows {
-                let unit = b.ins().stack_load(I64, F32, self.unit_slot, (4 * r) as i32);
+                let unit = b.ins().load(F32, mem(), unit_base, (4 * r) as i32);
                 let unit = b.ins().splat(F32X4, unit);
                 for (k, &c) in vecs.iter().enumerate() {
                     let a = b.use_var(self.a_vars[r][k]);
                     let af = b.ins().fcvt_from_sint(F32X4, a);
                     let w = b.ins().fmul(scales[k], unit);
-                    let o = b
-                        .ins()
-                        .stack_load(I64, F32X4, self.em.o_slot, self.o_off(r, c));
+                    let o = b.ins().load(F32X4, mem(), o_base, self.o_off(r, c));
                     let o = b.ins().fma(af, w, o);
-                    b.ins()
-                        .stack_store(I64, o, self.em.o_slot, self.o_off(r, c));
+                    b.ins().store(mem(), o, o_base, self.o_off(r, c));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Stores the rows' gains (see `gain_slot`) for the query tile. A gain that is 0 (an
+    /// all-zero Q row, all its scores 0) is raised to the least normal f32 so that -inf
+    /// scores stay -inf.
+    fn store_gains(&self, b: &mut FunctionBuilder, rows: &[RowState]) {
+        let gain = match self.linear_gain {
+            Some(g) => {
+                let mut v = splat_f32(b, 0.0);
+                for (r, state) in rows.iter().enumerate() {
+                    let qs = b.ins().load(F32, mem(), state.q_scale, 0);
+                    v = b.ins().insertlane(v, qs, r as u8);
+                }
+                let g = const_f32x4(b, g);
+                let gain = b.ins().fmul(v, g);
+                let tiny = const_f32x4(b, f32::MIN_POSITIVE);
+                let ok = b.ins().fcmp(FloatCC::GreaterThan, gain, tiny);
+                select_f32(b, ok, gain, tiny)
+            }
+            None => const_f32x4(b, std::f32::consts::LOG2_E),
+        };
+        b.ins().stack_store(I64, gain, self.gain_slot, 0);
+        for r in 0..rows.len() {
+            let lane = r as u8;
+            let v = shuffle_f32x4(b, gain, gain, [lane; 4]);
+            b.ins()
+                .stack_store(I64, v, self.gain_bcast_slot, (16 * r) as i32);
+        }
+    }
+
+    /// The per-block softmax bookkeeping of all rows at once (lane `r` is row `r`): the new
+    /// running maxima, `O` and `l` rescaled where a row's maximum moved, the unit of P
+    /// (`unit_slot`) and each row's `−(block max) · gain` (`nbg_slot`, pre-broadcast).
+    /// Returns `c = e^(block max − m)` per row, the factor from P's block scale to the
+    /// running one.
+    fn softmax_update(&self, b: &mut FunctionBuilder) -> Value {
+        let ec = ExpConsts::new(b);
+        let lane_max: Vec<Value> = (0..QUERY_TILE)
+            .map(|r| {
+                b.ins()
+                    .stack_load(I64, F32X4, self.bmax_slot, (16 * r) as i32)
+            })
+            .collect();
+        let [t0, t1, t2, t3] = transpose4(b, lane_max[0], lane_max[1], lane_max[2], lane_max[3]);
+        let x = max_shift(b, t0, t1);
+        let y = max_shift(b, t2, t3);
+        let block_max = max_shift(b, x, y);
+        let m_old = b.use_var(self.m_var);
+        let m_new = max_shift(b, block_max, m_old);
+        b.def_var(self.m_var, m_new);
+        // While every score so far is -inf, subtract 0 instead (no NaN from -inf - -inf);
+        // the same for a block whose scores are all -inf.
+        let ninf = splat_f32(b, f32::NEG_INFINITY);
+        let zero = splat_f32(b, 0.0);
+        let none = b.ins().fcmp(FloatCC::Equal, m_new, ninf);
+        let m_use = select_f32(b, none, zero, m_new);
+        let empty = b.ins().fcmp(FloatCC::Equal, block_max, ninf);
+        let b_use = select_f32(b, empty, zero, block_max);
+        let gain = b.ins().stack_load(I64, F32X4, self.gain_slot, 0);
+        // α = e^(m_old − m) and c = e^(block max − m), in log2 units.
+        let da = b.ins().fsub(m_old, m_use);
+        let da = b.ins().fmul(da, gain);
+        let alpha = exp2_nonpos_fast(b, &ec, da);
+        let db = b.ins().fsub(block_max, m_use);
+        let db = b.ins().fmul(db, gain);
+        let c = exp2_nonpos_fast(b, &ec, db);
+        let inv255 = const_f32x4(b, 1.0 / 255.0);
+        let unit = b.ins().fmul(c, inv255);
+        b.ins().stack_store(I64, unit, self.unit_slot, 0);
+        // e^(s − block max) = 2^(s·gain − block max·gain): one FMA per 4 keys.
+        let nbg = b.ins().fmul(b_use, gain);
+        let nbg = b.ins().fneg(nbg);
+        for r in 0..self.em.qrows {
+            let lane = r as u8;
+            let v = shuffle_f32x4(b, nbg, nbg, [lane; 4]);
+            b.ins().stack_store(I64, v, self.nbg_slot, (16 * r) as i32);
+        }
+        // O and l are rescaled only when some row's running maximum moved: a few blocks
+        // per row. Rows whose maximum stayed are multiplied by exactly 1.
+        let moved = b.ins().fcmp(FloatCC::NotEqual, m_old, m_new);
+        let any = b.ins().vany_true(moved);
+        let rescale = b.create_block();
+        let go_on = b.create_block();
+        b.ins().brif(any, rescale, &[], go_on, &[]);
+        b.switch_to_block(rescale);
+        let one = splat_f32(b, 1.0);
+        let alpha = select_f32(b, moved, alpha, one);
+        for r in 0..self.em.qrows {
+            let lane = r as u8;
+            let alpha_r = shuffle_f32x4(b, alpha, alpha, [lane; 4]);
+            let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
+            let l = b.ins().fmul(l, alpha_r);
+            b.ins().stack_store(I64, l, self.l_slot, (16 * r) as i32);
+            for cv in 0..self.em.dv4 {
+                let o = b
+                    .ins()
+                    .stack_load(I64, F32X4, self.em.o_slot, self.o_off(r, cv));
+                let o = b.ins().fmul(o, alpha_r);
+                b.ins()
+                    .stack_store(I64, o, self.em.o_slot, self.o_off(r, cv));
+            }
+        }
+        b.ins().jump(go_on, &[]);
+        b.switch_to_block(go_on);
+        c
+    }
+
+    /// `P = round(255 e^(s − block max))` for every row and group of the block (`groups_c`
+    /// groups of 4 keys), written pre-broadcast to the P slot at `p_base`; `l += c Σ e`.
+    /// The rows share one loop, so the constants are loaded once per group.
+    fn quantize_probabilities(
+        &self,
+        b: &mut FunctionBuilder,
+        groups_c: Value,
+        p_base: Value,
+        c: Value,
+    ) -> Result<()> {
+        let qrows = self.em.qrows;
+        let ec = ExpConsts::new(b);
+        let s_base = b.ins().stack_addr(I64, self.s_slot, 0);
+        let gb_base = b.ins().stack_addr(I64, self.gain_bcast_slot, 0);
+        let nbg_base = b.ins().stack_addr(I64, self.nbg_slot, 0);
+        let sums: Vec<Variable> = (0..qrows).map(|_| b.declare_var(F32X4)).collect();
+        let zero_f = splat_f32(b, 0.0);
+        for &sum in &sums {
+            b.def_var(sum, zero_f);
+        }
+        let zero = self.em.iconst(b, 0);
+        counted_loop(b, zero, groups_c, 1, |b, g| {
+            let g16 = b.ins().ishl_imm_s(g, 4);
+            let s_at = b.ins().iadd(s_base, g16);
+            let p_at = b.ins().iadd(p_base, g16);
+            for (r, &sum) in sums.iter().enumerate() {
+                let off = (4 * r * KEY_BLOCK) as i32;
+                let s = b.ins().load(F32X4, mem(), s_at, off);
+                let gain = b.ins().load(F32X4, mem(), gb_base, (16 * r) as i32);
+                let nbg = b.ins().load(F32X4, mem(), nbg_base, (16 * r) as i32);
+                let t = b.ins().fma(s, gain, nbg);
+                let e = exp2_nonpos_fast(b, &ec, t);
+                let acc = b.use_var(sum);
+                let acc = b.ins().fadd(acc, e);
+                b.def_var(sum, acc);
+                // round(255 e) in [0, 255]: adding MAGIC rounds to nearest even and leaves
+                // the integer in the low byte (cheaper than a saturating conversion; NaN
+                // lanes give garbage bytes, never a fault). One byte shuffle gathers the 4
+                // bytes into every 32-bit lane: the broadcast operand of stage 3.
+                let x = b.ins().fma(e, ec.c255, ec.magic);
+                let bytes = low_bytes_broadcast(b, x);
+                b.ins().store(mem(), bytes, p_at, off);
+            }
+            Ok(())
+        })?;
+        // l += c Σ e^(s − block max), lane-wise.
+        for (r, &sum) in sums.iter().enumerate() {
+            let lane = r as u8;
+            let acc = b.use_var(sum);
+            let cv = shuffle_f32x4(b, c, c, [lane; 4]);
+            let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
+            let l = b.ins().fma(acc, cv, l);
+            b.ins().stack_store(I64, l, self.l_slot, (16 * r) as i32);
         }
         Ok(())
     }
@@ -588,12 +723,16 @@ fn emit_body(
         p_slot: slot(b, 16),
     };
     let ie = Int8Emitter {
+        linear_gain: linear_scale(&spec.score).map(|c| (c * std::f64::consts::LOG2_E) as f32),
         s_slot: slot(b, 4 * QUERY_TILE * KEY_BLOCK),
         p_slot: slot(b, 4 * QUERY_TILE * KEY_BLOCK),
         unit_slot: slot(b, 4 * QUERY_TILE),
         bmax_slot: slot(b, 16 * QUERY_TILE),
         l_slot: slot(b, 16 * QUERY_TILE),
-        m_vars: (0..qrows).map(|_| b.declare_var(F32)).collect(),
+        gain_slot: slot(b, 16),
+        gain_bcast_slot: slot(b, 16 * QUERY_TILE),
+        nbg_slot: slot(b, 16 * QUERY_TILE),
+        m_var: b.declare_var(F32X4),
         a_vars: (0..qrows)
             .map(|_| (0..PV_VECS).map(|_| b.declare_var(I32X4)).collect())
             .collect(),
@@ -643,10 +782,11 @@ fn emit_body(
             RowState { row, q, q_scale }
         })
         .collect();
-    let ninf = b.ins().f32const(f32::NEG_INFINITY);
+    let ninf = splat_f32(b, f32::NEG_INFINITY);
+    b.def_var(ie.m_var, ninf);
+    ie.store_gains(b, &rows);
     let zero = splat_f32(b, 0.0);
     for r in 0..qrows {
-        b.def_var(ie.m_vars[r], ninf);
         b.ins().stack_store(I64, zero, ie.l_slot, (16 * r) as i32);
         for c in 0..dv4 {
             b.ins().stack_store(I64, zero, em.o_slot, ie.o_off(r, c));

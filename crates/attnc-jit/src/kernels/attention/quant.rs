@@ -17,7 +17,7 @@
 //!   broadcasting. 8-bit Q alone costs about 0.6 % relative error on standard-normal inputs;
 //!   16 bits remove it for one more `vpdpbusd` per K operand.
 //! - **K** per key `j`: scale `s_k = max_c |k_jc| / 127`, `k̂` in [-127, 127], with the
-//!   correction `c_j = −32768 Σ_c k̂_jc`, so `256 Σ_c h_c k̂_jc + Σ_c l_c k̂_jc + c_j = q̂·k̂_j`
+//!   correction `c_j = −128 Σ_c k̂_jc`, so `256 (c_j + Σ_c h_c k̂_jc) + Σ_c l_c k̂_jc = q̂·k̂_j`
 //!   exactly (in i32 for d ≤ 516; beyond, `L` shrinks so the sums still fit).
 //!   Packed per group of 4 keys and 4 depths: 16 bytes `[key][depth]`, one `vpdpbusd` operand
 //!   whose four i32 lanes are the four keys.
@@ -66,7 +66,8 @@ pub struct QuantLayout {
     pub k: usize,
     /// `[n_pad]` f32: K scales.
     pub k_scale: usize,
-    /// `[n_pad]` i32: K corrections `−32768 Σ_c k̂_jc`.
+    /// `[n_pad]` i32: K corrections `−128 Σ_c k̂_jc` (the high bytes' share of
+    /// `−Q_OFFSET Σ_c k̂_jc`; the kernel's sums start there).
     pub k_corr: usize,
     /// `[n_pad / 4][dv_pad][4 keys]` i8: quantized V.
     pub v: usize,
@@ -319,7 +320,7 @@ fn pack_entry(layout: &QuantLayout, ins: &[BufferView<'_>; 3], b: usize, out: &m
         // Wraps for d > 516 like the kernel's i32 sums; their total `q̂·k̂` still fits.
         let sum: i32 = qrow.iter().map(|&x| i32::from(x)).sum();
         out[layout.k_corr + 4 * j..layout.k_corr + 4 * j + 4]
-            .copy_from_slice(&sum.wrapping_mul(-Q_OFFSET).to_le_bytes());
+            .copy_from_slice(&sum.wrapping_mul(-(Q_OFFSET >> 8)).to_le_bytes());
         let (g, l) = (j / 4, j % 4);
         for (c, q) in qrow.chunks_exact(4).enumerate() {
             let at = layout.k + 16 * (g * d4 + c) + 4 * l;
