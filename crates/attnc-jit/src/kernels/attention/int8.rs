@@ -66,6 +66,13 @@ use std::collections::BTreeSet;
 /// i32x4 column vectors per P·V chunk (`QUERY_TILE × PV_VECS` accumulators).
 const PV_VECS: usize = 3;
 
+/// Groups of 4 keys per step of stage 1: `QUERY_TILE × SCORE_GROUPS` = 12 independent
+/// accumulator chains. `vpdpbusd` has a latency of 5 cycles and issues 2 per cycle, so
+/// fewer than 10 chains leave it waiting on its own results (8 chains ran stage 1 at
+/// 80 % of the instruction's throughput); 12 accumulators, 3 K operands and a Q operand
+/// fill the 16 vector registers.
+const SCORE_GROUPS: usize = 3;
+
 /// `acc + dot4(a, u)`: lane `l` adds `Σ_t a[4l+t] · u[4l+t]` with `a` signed and `u` unsigned
 /// bytes (i8x16 both), exactly (products fit i16, sums wrap like the instruction's).
 ///
@@ -107,6 +114,67 @@ fn low_bytes_broadcast(b: &mut FunctionBuilder, x: Value) -> Value {
     b.ins().shuffle(xb, xb, imm)
 }
 
+/// Each i32 lane of `x` shifted left by 8 bits, as a byte shuffle: on x86-64 one `pshufb`
+/// (mask bytes with the high bit set give 0), which unlike a vector shift does not compete
+/// with `vpdpbusd` for execution ports.
+fn shift_lanes_left_8(b: &mut FunctionBuilder, x: Value) -> Value {
+    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+    let xb = b.ins().bitcast(I8X16, flags, x);
+    let r = if cfg!(target_arch = "x86_64") {
+        // Byte 4l + t takes byte 4l + t - 1 for t > 0; 0x80 clears byte 4l.
+        let sel: Vec<u8> = (0..16u8)
+            .map(|k| if k % 4 == 0 { 0x80 } else { k - 1 })
+            .collect();
+        let c = b.func.dfg.constants.insert(ConstantData::from(sel));
+        let mask = b.ins().vconst(I8X16, c);
+        b.ins().x86_pshufb(xb, mask)
+    } else {
+        return b.ins().ishl_imm_u(x, 8);
+    };
+    b.ins().bitcast(I32X4, flags, r)
+}
+
+/// The index of a group of 4 keys in its block: a constant in unrolled code, or a loop
+/// counter. The attention kernels compile without the mid-end optimizer (see
+/// `define_in_order`), so constant address arithmetic must be folded here.
+#[derive(Clone, Copy)]
+enum Group {
+    Const(usize),
+    Counter(Value),
+}
+
+impl Group {
+    /// `base + g · scale` (bytes).
+    fn addr(self, b: &mut FunctionBuilder, base: Value, scale: i64) -> Value {
+        match self {
+            Group::Const(0) => base,
+            Group::Const(g) => b.ins().iadd_imm_s(base, g as i64 * scale),
+            Group::Counter(g) => {
+                let o = b.ins().imul_imm_s(g, scale);
+                b.ins().iadd(base, o)
+            }
+        }
+    }
+}
+
+/// Largest `|A|` of a P·V accumulator: `KEY_BLOCK` products of `P ≤ 255` and `|V| ≤ 127`.
+const PV_SUM_BOUND: usize = KEY_BLOCK * 255 * 127;
+const _: () = assert!(
+    PV_SUM_BOUND < 1 << 22,
+    "P·V sums must convert by the MAGIC trick"
+);
+
+/// `f32(a)` for i32 lanes with `|a| < 2^22` (the P·V sums, [`PV_SUM_BOUND`]), exactly: `a`
+/// added to the bits of [`MAGIC`] as an integer, then `MAGIC` subtracted. An integer and a
+/// float addition, which unlike `cvtdq2ps` do not compete with `vpdpbusd` for ports.
+fn small_int_to_f32(b: &mut FunctionBuilder, a: Value) -> Value {
+    let magic_bits = const_i32x4(b, [MAGIC.to_bits() as i32; 4]);
+    let x = b.ins().iadd(a, magic_bits);
+    let x = as_float(b, x);
+    let magic = const_f32x4(b, MAGIC);
+    b.ins().fsub(x, magic)
+}
+
 /// Per-row state of a query tile.
 struct RowState {
     row: Row,
@@ -122,57 +190,62 @@ struct RowState {
 /// degree-4 Taylor polynomial.
 const EXP2_POLY: [f32; 4] = [0.055_171_62, 0.242_611_17, 0.693_261, 0.999_928_06];
 
-/// Constants of [`exp2_nonpos_fast`] and of P's rounding, materialized once per block so that
-/// the softmax loop does not reload them.
+/// Constants of [`exp2_nonpos_fast`] (and of P's rounding), materialized once per block so
+/// that the softmax loop does not reload them.
 struct ExpConsts {
     low: Value,
-    /// `1.5 · 2^23 + 127`: rounds to an integer and adds the exponent bias in one addition.
-    magic_biased: Value,
-    poly: [Value; 4],
-    /// `1.5 · 2^23`: rounds `255 e` and leaves it in the low byte of the bits.
     magic: Value,
-    c255: Value,
+    /// [`EXP2_POLY`] times the result's scale.
+    poly: [Value; 4],
 }
 
 /// `1.5 · 2^23`: adding it to a float of magnitude below `2^22` rounds to an integer (ties
 /// to even) and leaves that integer in the low mantissa bits, since its own low 22 bits are 0.
 const MAGIC: f32 = 12_582_912.0;
 
+/// The least `t` [`exp2_nonpos_fast`] evaluates: `2^-125` times the polynomial is still a
+/// normal f32 (no slow subnormal arithmetic), and far below anything 8-bit P resolves.
+const EXP2_FLOOR: f32 = -125.0;
+
 impl ExpConsts {
-    fn new(b: &mut FunctionBuilder) -> ExpConsts {
+    /// The constants of `scale · 2^t`, `scale ≥ 1`: the exponent field of `scale · 2^f` is
+    /// then at least 126, so adding `k ≥ -125` leaves a normal number.
+    fn new(b: &mut FunctionBuilder, scale: f32) -> ExpConsts {
+        debug_assert!(scale >= 1.0);
         ExpConsts {
-            low: const_f32x4(b, -127.0),
-            magic_biased: const_f32x4(b, MAGIC + 127.0),
-            poly: EXP2_POLY.map(|c| const_f32x4(b, c)),
+            low: const_f32x4(b, EXP2_FLOOR),
             magic: const_f32x4(b, MAGIC),
-            c255: const_f32x4(b, 255.0),
+            poly: EXP2_POLY.map(|c| const_f32x4(b, c * scale)),
         }
     }
 }
 
-/// `2^t` for f32x4 `t ≤ 0` (or `-inf`) to about 1e-4 relative, in 9 instructions: plenty for
-/// weights that are rounded to 8 bits next. `t` split as `k + f` (`|f| ≤ 1/2`, `k` by the
-/// [`MAGIC`] rounding trick with the exponent bias 127 added in the same addition), `2^f` by
-/// [`EXP2_POLY`], `2^k` from the low bits of that sum shifted into the exponent field (the
-/// magic number's own bits shift out). `t` is clamped to `-127` first, where `k + 127 = 0`
-/// gives the exponent field 0 and so exactly 0 (also for `-inf`), with no select. Callers
-/// fold `log2 e` into the factor that makes `t`.
+/// `scale · 2^t` (the scale of [`ExpConsts::new`]) for f32x4 `t ≤ 0` (or `-inf`) to about
+/// 1e-4 relative: plenty for weights that are rounded to 8 bits next. `t` is clamped to
+/// [`EXP2_FLOOR`], split as `k + f` (`|f| ≤ 1/2`, `k` by the [`MAGIC`] rounding trick),
+/// `2^f` by [`EXP2_POLY`], and `k` added to the exponent field of the polynomial as an
+/// integer (the low bits of the rounding sum shifted up; the magic number's own bits shift
+/// out). Below the floor (and for `-inf`) the result is about `scale · 2^-125`, not 0.
+/// Of its 9 instructions only the FMAs, the clamp and the shift compete with `vpdpbusd`
+/// for execution ports; the additions and the integer add do not. Callers fold `log2 e`
+/// into the factor that makes `t`.
 fn exp2_nonpos_fast(b: &mut FunctionBuilder, c: &ExpConsts, t: Value) -> Value {
     let under = b.ins().fcmp(FloatCC::LessThan, t, c.low);
     let tc = select_f32(b, under, c.low, t);
-    let tm = b.ins().fadd(tc, c.magic_biased);
-    // tm = MAGIC + 127 + k exactly (k = round(t)), so kf = k and f = t - k.
-    let kf = b.ins().fsub(tm, c.magic_biased);
+    let tm = b.ins().fadd(tc, c.magic);
+    // tm = MAGIC + k exactly (k = round(t)), so kf = k and f = t - k.
+    let kf = b.ins().fsub(tm, c.magic);
     let f = b.ins().fsub(tc, kf);
     let mut p = c.poly[0];
     for &cv in &c.poly[1..] {
         p = b.ins().fma(p, f, cv);
     }
-    // bits(tm) = bits(MAGIC) + k + 127, and bits(MAGIC) << 23 = 0 (mod 2^32).
-    let tb = as_int(b, tm);
-    let e = b.ins().ishl_imm_u(tb, 23);
-    let scale = as_float(b, e);
-    b.ins().fmul(p, scale)
+    // bits(tm) = bits(MAGIC) + k, and bits(MAGIC) << 23 = 0 (mod 2^32): k in the exponent.
+    let k = as_int(b, tm);
+    let k = b.ins().ishl_imm_u(k, 23);
+    let pb = as_int(b, p);
+    let e = b.ins().iadd(pb, k);
+    as_float(b, e)
 }
 
 /// `c` when the score expression is `c · S` with `c` a positive finite constant (the plain
@@ -239,12 +312,11 @@ impl Int8Emitter<'_> {
         (16 * (r * self.em.dv4 + c)) as i32
     }
 
-    /// Stage 1 for `valid.len()` (1 or 2) consecutive groups of 4 keys from key `j` (i64):
-    /// raw scores, score expression, masks, stored to the `S` slot from group offset
-    /// `gbytes` (i64), and the rows' block maxima. Group `k` has `valid[k]` real keys.
+    /// Stage 1 for `valid.len()` (1 to [`SCORE_GROUPS`]) consecutive groups of 4 keys from
+    /// key `j` (i64): raw scores, score expression, masks, stored to the `S` slot from group
+    /// offset `gbytes` (i64), and the rows' block maxima. Group `k` has `valid[k]` real keys.
     /// The high bytes of Q are summed first, the accumulators shifted by 8 bits, then the
-    /// low bytes added: two groups share every Q load (8 accumulators, 2 K operands and a
-    /// Q operand in registers).
+    /// low bytes added: the groups share every Q load.
     #[allow(clippy::too_many_arguments)]
     fn score_group(
         &self,
@@ -271,7 +343,7 @@ impl Int8Emitter<'_> {
         for half in 0..2 {
             if half == 1 {
                 for acc in accs.iter_mut().flatten() {
-                    *acc = b.ins().ishl_imm_u(*acc, 8);
+                    *acc = shift_lanes_left_8(b, *acc);
                 }
             }
             for c in 0..d4 {
@@ -400,37 +472,36 @@ impl Int8Emitter<'_> {
             b.ins()
                 .stack_store(I64, ninf, self.bmax_slot, (16 * r) as i32);
         }
-        // Stage 1: pairs of full groups in a loop, then what is left (an odd full group, a
-        // short last group of a tail block) unrolled.
-        let pairs_c = self.em.iconst(b, (full / 2 * 2) as i64);
-        counted_loop(b, zero, pairs_c, 2, |b, g| {
+        // Stage 1: SCORE_GROUPS full groups at a time in a loop, then what is left (full
+        // groups, a short last group of a tail block) unrolled.
+        let step = SCORE_GROUPS;
+        let looped = full / step * step;
+        let looped_c = self.em.iconst(b, looped as i64);
+        counted_loop(b, zero, looped_c, step as i64, |b, g| {
             let kg = self.em.offset(b, k_block, g, (d4 * 16) as i64);
             let j4 = b.ins().ishl_imm_s(g, 2);
             let j = b.ins().iadd(j0, j4);
             let gbytes = b.ins().ishl_imm_s(g, 4);
-            self.score_group(b, rows, entry, kg, j, gbytes, masked, &[4, 4]);
+            self.score_group(b, rows, entry, kg, j, gbytes, masked, &[4; SCORE_GROUPS]);
             Ok(())
         })?;
         let groups = count.div_ceil(4);
-        let mut rest: Vec<usize> = Vec::new();
-        if full % 2 == 1 {
-            rest.push(4);
-        }
+        let mut rest: Vec<usize> = vec![4; full - looped];
         if groups > full {
             rest.push(count % 4);
         }
+        // At most SCORE_GROUPS - 1 full groups and a short one: one more call.
         if !rest.is_empty() {
-            let g = full / 2 * 2;
+            let g = looped;
             let kg = b.ins().iadd_imm_s(k_block, (g * d4 * 16) as i64);
             let j = b.ins().iadd_imm_s(j0, 4 * g as i64);
             let gbytes = self.em.iconst(b, 16 * g as i64);
             self.score_group(b, rows, entry, kg, j, gbytes, masked, &rest);
         }
-        let groups_c = self.em.iconst(b, groups as i64);
         // Stage 2: softmax and P quantization.
         let p_base = b.ins().stack_addr(I64, self.p_slot, 0);
-        let c = self.softmax_update(b);
-        self.quantize_probabilities(b, groups_c, p_base, c)?;
+        let unit = self.softmax_update(b);
+        self.quantize_probabilities(b, groups, p_base, unit)?;
         // Stage 3: P·V in chunks of PV_VECS column vectors.
         let v_group = (layout.dv_pad * 4) as i64;
         let v_block = b.ins().imul_imm_s(t, KEY_BLOCK as i64 / 4 * v_group);
@@ -448,14 +519,13 @@ impl Int8Emitter<'_> {
                     b.def_var(self.a_vars[r][k], zero_i);
                 }
             }
-            counted_loop(b, zero, groups_c, 1, |b, g| {
-                let vg = self.em.offset(b, v_block, g, v_group);
+            self.for_each_group(b, groups, |b, g| {
+                let vg = g.addr(b, v_block, v_group);
                 let vv: Vec<Value> = vecs
                     .iter()
                     .map(|&c| b.ins().load(I8X16, mem(), vg, (16 * c) as i32))
                     .collect();
-                let pg = b.ins().ishl_imm_s(g, 4);
-                let pg = b.ins().iadd(p_base, pg);
+                let pg = g.addr(b, p_base, 16);
                 for r in 0..qrows {
                     let pb = b.ins().load(I8X16, mem(), pg, (r * KEY_BLOCK * 4) as i32);
                     for (k, &v) in vv.iter().enumerate() {
@@ -479,7 +549,7 @@ impl Int8Emitter<'_> {
                 let unit = b.ins().splat(F32X4, unit);
                 for (k, &c) in vecs.iter().enumerate() {
                     let a = b.use_var(self.a_vars[r][k]);
-                    let af = b.ins().fcvt_from_sint(F32X4, a);
+                    let af = small_int_to_f32(b, a);
                     let w = b.ins().fmul(scales[k], unit);
                     let o = b.ins().load(F32X4, mem(), o_base, self.o_off(r, c));
                     let o = b.ins().fma(af, w, o);
@@ -488,6 +558,27 @@ impl Int8Emitter<'_> {
             }
         }
         Ok(())
+    }
+
+    /// `body(g)` for the groups `0..groups` of a block: straight-line code for a whole block
+    /// (constant offsets, no loop counter: the loop overhead was a fifth of the P·V loop's
+    /// instructions), a counted loop for a tail block.
+    fn for_each_group(
+        &self,
+        b: &mut FunctionBuilder,
+        groups: usize,
+        mut body: impl FnMut(&mut FunctionBuilder, Group) -> Result<()>,
+    ) -> Result<()> {
+        if groups == KEY_BLOCK / 4 {
+            for g in 0..groups {
+                body(b, Group::Const(g))?;
+            }
+            Ok(())
+        } else {
+            let zero = self.em.iconst(b, 0);
+            let end = self.em.iconst(b, groups as i64);
+            counted_loop(b, zero, end, 1, |b, g| body(b, Group::Counter(g)))
+        }
     }
 
     /// Stores the rows' gains (see `gain_slot`) for the query tile. A gain that is 0 (an
@@ -521,10 +612,10 @@ impl Int8Emitter<'_> {
     /// The per-block softmax bookkeeping of all rows at once (lane `r` is row `r`): the new
     /// running maxima, `O` and `l` rescaled where a row's maximum moved, the unit of P
     /// (`unit_slot`) and each row's `−(block max) · gain` (`nbg_slot`, pre-broadcast).
-    /// Returns `c = e^(block max − m)` per row, the factor from P's block scale to the
-    /// running one.
+    /// Returns the unit `e^(block max − m) / 255` per row: the factor from P's block scale
+    /// to the running one.
     fn softmax_update(&self, b: &mut FunctionBuilder) -> Value {
-        let ec = ExpConsts::new(b);
+        let ec = ExpConsts::new(b, 1.0);
         let lane_max: Vec<Value> = (0..QUERY_TILE)
             .map(|r| {
                 b.ins()
@@ -592,21 +683,22 @@ impl Int8Emitter<'_> {
         }
         b.ins().jump(go_on, &[]);
         b.switch_to_block(go_on);
-        c
+        unit
     }
 
-    /// `P = round(255 e^(s − block max))` for every row and group of the block (`groups_c`
+    /// `P = round(255 e^(s − block max))` for every row and group of the block (`groups`
     /// groups of 4 keys), written pre-broadcast to the P slot at `p_base`; `l += c Σ e`.
     /// The rows share one loop, so the constants are loaded once per group.
     fn quantize_probabilities(
         &self,
         b: &mut FunctionBuilder,
-        groups_c: Value,
+        groups: usize,
         p_base: Value,
-        c: Value,
+        unit: Value,
     ) -> Result<()> {
         let qrows = self.em.qrows;
-        let ec = ExpConsts::new(b);
+        // e is computed as 255 e^(s − block max) directly: P = round(e) needs no product.
+        let ec = ExpConsts::new(b, 255.0);
         let s_base = b.ins().stack_addr(I64, self.s_slot, 0);
         let gb_base = b.ins().stack_addr(I64, self.gain_bcast_slot, 0);
         let nbg_base = b.ins().stack_addr(I64, self.nbg_slot, 0);
@@ -615,11 +707,9 @@ impl Int8Emitter<'_> {
         for &sum in &sums {
             b.def_var(sum, zero_f);
         }
-        let zero = self.em.iconst(b, 0);
-        counted_loop(b, zero, groups_c, 1, |b, g| {
-            let g16 = b.ins().ishl_imm_s(g, 4);
-            let s_at = b.ins().iadd(s_base, g16);
-            let p_at = b.ins().iadd(p_base, g16);
+        self.for_each_group(b, groups, |b, g| {
+            let s_at = g.addr(b, s_base, 16);
+            let p_at = g.addr(b, p_base, 16);
             for (r, &sum) in sums.iter().enumerate() {
                 let off = (4 * r * KEY_BLOCK) as i32;
                 let s = b.ins().load(F32X4, mem(), s_at, off);
@@ -630,21 +720,21 @@ impl Int8Emitter<'_> {
                 let acc = b.use_var(sum);
                 let acc = b.ins().fadd(acc, e);
                 b.def_var(sum, acc);
-                // round(255 e) in [0, 255]: adding MAGIC rounds to nearest even and leaves
-                // the integer in the low byte (cheaper than a saturating conversion; NaN
-                // lanes give garbage bytes, never a fault). One byte shuffle gathers the 4
-                // bytes into every 32-bit lane: the broadcast operand of stage 3.
-                let x = b.ins().fma(e, ec.c255, ec.magic);
+                // round(e) in [0, 255]: adding MAGIC rounds to nearest even and leaves the
+                // integer in the low byte (cheaper than a saturating conversion; NaN lanes
+                // give garbage bytes, never a fault). One byte shuffle gathers the 4 bytes
+                // into every 32-bit lane: the broadcast operand of stage 3.
+                let x = b.ins().fadd(e, ec.magic);
                 let bytes = low_bytes_broadcast(b, x);
                 b.ins().store(mem(), bytes, p_at, off);
             }
             Ok(())
         })?;
-        // l += c Σ e^(s − block max), lane-wise.
+        // l += unit Σ 255 e^(s − block max), lane-wise.
         for (r, &sum) in sums.iter().enumerate() {
             let lane = r as u8;
             let acc = b.use_var(sum);
-            let cv = shuffle_f32x4(b, c, c, [lane; 4]);
+            let cv = shuffle_f32x4(b, unit, unit, [lane; 4]);
             let l = b.ins().stack_load(I64, F32X4, self.l_slot, (16 * r) as i32);
             let l = b.ins().fma(acc, cv, l);
             b.ins().stack_store(I64, l, self.l_slot, (16 * r) as i32);
