@@ -175,6 +175,13 @@ fn small_int_to_f32(b: &mut FunctionBuilder, a: Value) -> Value {
     b.ins().fsub(x, magic)
 }
 
+/// The lane-wise maximum `x < y ? y : x`, the form x86-64 lowers to one `maxps` (a NaN in
+/// `x` is kept, one in `y` dropped; either way the row's result is NaN-tainted garbage).
+fn lane_max(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
+    let less = b.ins().fcmp(FloatCC::LessThan, x, y);
+    select_f32(b, less, y, x)
+}
+
 /// Per-row state of a query tile.
 struct RowState {
     row: Row,
@@ -366,7 +373,7 @@ impl Int8Emitter<'_> {
             let s = self.score_epilogue(b, rows, entry, acc, j, gbytes, masked, valid);
             for (m, s) in smax.iter_mut().zip(s) {
                 *m = Some(match *m {
-                    Some(m) => max_shift(b, s, m),
+                    Some(m) => lane_max(b, s, m),
                     None => s,
                 });
             }
@@ -376,7 +383,7 @@ impl Int8Emitter<'_> {
             let old = b
                 .ins()
                 .stack_load(I64, F32X4, self.bmax_slot, (16 * r) as i32);
-            let m = max_shift(b, m, old);
+            let m = lane_max(b, m, old);
             b.ins().stack_store(I64, m, self.bmax_slot, (16 * r) as i32);
         }
     }
