@@ -1,18 +1,22 @@
-//! Several seeded standard-normal streams drawn at once, one stream per thread.
+//! Several seeded standard-normal streams drawn at once, on several threads.
 //!
-//! Drawing is the slowest part of `--random` at attention sizes (tens of nanoseconds a value:
-//! the polar method with a portable logarithm), and one stream cannot be split without
-//! changing its values, so the streams themselves run in parallel. Each stream is drawn by one
-//! thread from its start, so the values do not depend on the thread count.
+//! Drawing is the slowest part of `--random` at attention sizes (the polar method with a
+//! portable logarithm). A stream's accepted polar points must come from its generator in
+//! order, but that is the cheap half; turning points into values is independent per point.
+//! So the points of every stream are drawn first (the streams in parallel), then the values
+//! of all streams in equal chunks spread over the threads. Every value is computed exactly
+//! as one call of [`standard_normal`] computes it, whatever the thread count.
 
+#[cfg(test)]
 use attnc_ir::random::standard_normal;
+use attnc_ir::random::{polar_normals_f32, polar_points};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// One stream to draw: `len` values of stream `stream` of seed `seed`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NormalStream {
-    /// The seed ([`standard_normal`]'s first argument).
+    /// The seed ([`attnc_ir::random::standard_normal`]'s first argument).
     pub seed: u64,
     /// The stream (by convention the parameter's index).
     pub stream: u64,
@@ -20,35 +24,71 @@ pub struct NormalStream {
     pub len: usize,
 }
 
+/// Values per work item of the second phase (an even number: items split at point pairs).
+const CHUNK: usize = 1 << 15;
+
 /// Draws every stream, on up to `threads` threads; the result is in the order of `streams` and
 /// equals `standard_normal(seed, stream, len)` for each.
 pub fn standard_normal_streams(streams: &[NormalStream], threads: usize) -> Vec<Vec<f32>> {
-    let workers = threads.clamp(1, streams.len().max(1));
+    let threads = threads.max(1);
+    let points: Vec<Vec<[f64; 2]>> = for_each_parallel(streams.len(), threads, |i| {
+        let s = streams[i];
+        polar_points(s.seed, s.stream, s.len)
+    });
+    let mut out: Vec<Vec<f32>> = streams.iter().map(|s| vec![0.0; s.len]).collect();
+    let items: Vec<Mutex<(&[[f64; 2]], &mut [f32])>> = out
+        .iter_mut()
+        .zip(&points)
+        .flat_map(|(values, points)| {
+            values
+                .chunks_mut(CHUNK)
+                .zip(points.chunks(CHUNK / 2))
+                .map(|(v, p)| Mutex::new((p, v)))
+        })
+        .collect();
+    for_each_parallel(items.len(), threads, |i| {
+        if let Ok(mut item) = items[i].lock() {
+            let (points, values) = &mut *item;
+            polar_normals_f32(points, values);
+        }
+    });
+    drop(items);
+    out
+}
+
+/// `[f(0), …, f(count - 1)]`, the calls spread over up to `threads` threads, each taking
+/// the next index when it is free.
+fn for_each_parallel<T: Send>(
+    count: usize,
+    threads: usize,
+    f: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    let workers = threads.clamp(1, count.max(1));
     if workers == 1 {
-        return streams
-            .iter()
-            .map(|s| standard_normal(s.seed, s.stream, s.len))
-            .collect();
+        return (0..count).map(f).collect();
     }
-    // Longest streams first, so that a long one does not start last.
-    let mut order: Vec<usize> = (0..streams.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(streams[i].len));
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Vec<f32>>> = Mutex::new(vec![Vec::new(); streams.len()]);
+    let results: Mutex<Vec<Option<T>>> = Mutex::new((0..count).map(|_| None).collect());
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            scope.spawn(|| {
-                while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let s = streams[i];
-                    let values = standard_normal(s.seed, s.stream, s.len);
-                    if let Ok(mut slots) = results.lock() {
-                        slots[i] = values;
-                    }
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let value = f(i);
+                if let Ok(mut slots) = results.lock() {
+                    slots[i] = Some(value);
                 }
             });
         }
     });
-    results.into_inner().unwrap_or_else(|e| e.into_inner())
+    results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .map(|v| v.expect("invariant: every index was computed"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -84,6 +84,27 @@ fn time_runs(
     Ok(samples)
 }
 
+/// Warm-up and `runs` timed calls of two engines, alternating (`a`, `b`, `a`, `b`, …), so
+/// that both see the same machine: on a shared host a slow minute then slows both samples
+/// of a round instead of one engine's whole series. Returns `(a's, b's)` samples.
+fn time_interleaved(
+    runs: usize,
+    warmup: usize,
+    mut a: impl FnMut() -> Result<(), Failure>,
+    mut b: impl FnMut() -> Result<(), Failure>,
+) -> Result<(Vec<f64>, Vec<f64>), Failure> {
+    for _ in 0..warmup {
+        a()?;
+        b()?;
+    }
+    let mut samples = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        samples.0.push(time(&mut a)?);
+        samples.1.push(time(&mut b)?);
+    }
+    Ok(samples)
+}
+
 /// A slow baseline: one run, then repeats within the budget (none after a slow first run).
 fn time_slow(
     runs: usize,
@@ -302,38 +323,49 @@ pub fn measure(
     let flops = useful_flops(reference.plan());
     let steps = compiled.plan().steps.len();
 
-    // The JIT at `threads` and at 1 thread.
+    // The JIT at `threads` and at 1 thread; with an exact plan beside an approximate one,
+    // the two alternate at `threads`, so that their ratio compares like with like.
     on_phase("jit");
-    let mut rows = Vec::new();
-    let mut thread_counts = vec![threads];
-    if threads != 1 {
-        thread_counts.push(1);
-    }
-    for &t in &thread_counts {
-        let samples = time_runs(runs, warmup, || {
-            run_compiled(&compiled, kernel.ret_dtype, &prepared.inputs, t)
+    let compiled = &compiled;
+    let run_jit = |t: usize| {
+        move || {
+            run_compiled(compiled, kernel.ret_dtype, &prepared.inputs, t)
                 .map(drop)
                 .map_err(fail)
-        })?;
+        }
+    };
+    let mut rows = Vec::new();
+    let mut exact_row = None;
+    let first = match &exact {
+        Some(exact) => {
+            let run_exact = || {
+                run_compiled(exact, kernel.ret_dtype, &prepared.inputs, threads)
+                    .map(drop)
+                    .map_err(fail)
+            };
+            let (jit, exact) = time_interleaved(runs, warmup, run_jit(threads), run_exact)?;
+            exact_row = Some(Row {
+                engine: "exact",
+                threads,
+                samples: exact,
+            });
+            jit
+        }
+        None => time_runs(runs, warmup, run_jit(threads))?,
+    };
+    rows.push(Row {
+        engine: "jit",
+        threads,
+        samples: first,
+    });
+    if threads != 1 {
         rows.push(Row {
             engine: "jit",
-            threads: t,
-            samples,
+            threads: 1,
+            samples: time_runs(runs, warmup, run_jit(1))?,
         });
     }
-    if let Some(exact) = &exact {
-        on_phase("exact");
-        let samples = time_runs(runs, warmup, || {
-            run_compiled(exact, kernel.ret_dtype, &prepared.inputs, threads)
-                .map(drop)
-                .map_err(fail)
-        })?;
-        rows.push(Row {
-            engine: "exact",
-            threads,
-            samples,
-        });
-    }
+    rows.extend(exact_row);
 
     // The interpreter.
     let (estimate_s, estimate_bytes) = interp_estimate(prepared, reference.plan(), &flops);
