@@ -27,6 +27,9 @@ pub struct NormalStream {
 /// Values per work item of the second phase (an even number: items split at point pairs).
 const CHUNK: usize = 1 << 15;
 
+/// One work item of the second phase: points and the values they become.
+type Chunk<'a> = Mutex<(&'a [[f64; 2]], &'a mut [f32])>;
+
 /// Draws every stream, on up to `threads` threads; the result is in the order of `streams` and
 /// equals `standard_normal(seed, stream, len)` for each.
 pub fn standard_normal_streams(streams: &[NormalStream], threads: usize) -> Vec<Vec<f32>> {
@@ -36,7 +39,7 @@ pub fn standard_normal_streams(streams: &[NormalStream], threads: usize) -> Vec<
         polar_points(s.seed, s.stream, s.len)
     });
     let mut out: Vec<Vec<f32>> = streams.iter().map(|s| vec![0.0; s.len]).collect();
-    let items: Vec<Mutex<(&[[f64; 2]], &mut [f32])>> = out
+    let items: Vec<Chunk<'_>> = out
         .iter_mut()
         .zip(&points)
         .flat_map(|(values, points)| {
