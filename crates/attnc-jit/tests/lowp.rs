@@ -204,6 +204,20 @@ fn int8_scored_forms() {
 }
 
 #[test]
+fn int8_scores_far_from_zero_keep_the_largest_weight() {
+    // Scores near 6e4 round to 1/128 in f32. Had the exponent's argument come out slightly
+    // positive at a block's maximum, P would round to 256 there and wrap to 0 as a byte,
+    // dropping the heaviest key of every block: an error of order 1, not of 1 %.
+    let far = "kernel a(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] \
+               { return softmax(q @ k.T / sqrt(d) + 60000) @ v; }";
+    let k = with_low_precision(&kernel(far), &[], true);
+    let dims = [("h", 2), ("m", 40), ("n", 256), ("d", 64), ("e", 32)];
+    let (err, _) = run_checked(&k, &dims, 12, &options(true));
+    // The f32 scores themselves are off by up to 1/256 here, on top of int8's rounding.
+    assert!(err <= 2.0 * INT8_REL_L2, "{err}");
+}
+
+#[test]
 fn int8_requires_the_marker_on_the_product_alone() {
     // `int8-products` of something that is not a fused attention changes nothing.
     let k = with_low_precision(
