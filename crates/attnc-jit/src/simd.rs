@@ -46,7 +46,7 @@ const EXP_POLY: [f32; 6] = [
 ];
 
 /// Memory flags for lane reinterpretation (`bitcast` between f32x4 and i32x4).
-fn lanes() -> MemFlagsData {
+pub(crate) fn lanes() -> MemFlagsData {
     MemFlagsData::new().with_endianness(Endianness::Little)
 }
 

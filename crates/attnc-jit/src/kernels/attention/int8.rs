@@ -49,15 +49,15 @@ use super::{AttentionSpec, ScoreExpr, QUERY_TILE};
 use crate::error::Result;
 use crate::kernels::counted_loop;
 use crate::simd::{
-    as_float, as_int, const_f32x4, const_i32x4, select_f32, shuffle_f32x4, splat_f32, splat_i32,
-    transpose4,
+    as_float, as_int, const_f32x4, const_i32x4, lanes, select_f32, shuffle_f32x4, splat_f32,
+    splat_i32, transpose4,
 };
 use attnc_ir::{BinaryOp, UnaryOp};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::types::{F32, F32X4, I32, I32X4, I64, I8X16};
 use cranelift_codegen::ir::{
-    Block, ConstantData, Endianness, GlobalValue, InstBuilder, MemFlagsData, StackSlot,
-    StackSlotData, StackSlotKind, Type, Value,
+    Block, ConstantData, GlobalValue, InstBuilder, StackSlot, StackSlotData, StackSlotKind, Type,
+    Value,
 };
 use cranelift_frontend::{FunctionBuilder, Variable};
 use cranelift_jit::JITModule;
@@ -107,7 +107,7 @@ fn hsum(b: &mut FunctionBuilder, v: Value) -> Value {
 /// The low byte of each 32-bit lane of `x`, all four in every lane (`[b0 b1 b2 b3] × 4`):
 /// one `pshufb`.
 fn low_bytes_broadcast(b: &mut FunctionBuilder, x: Value) -> Value {
-    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+    let flags = lanes();
     let xb = b.ins().bitcast(I8X16, flags, x);
     let sel: Vec<u8> = (0..16).map(|k| 4 * (k % 4)).collect();
     let imm = b.func.dfg.immediates.push(ConstantData::from(sel));
@@ -118,7 +118,7 @@ fn low_bytes_broadcast(b: &mut FunctionBuilder, x: Value) -> Value {
 /// (mask bytes with the high bit set give 0), which unlike a vector shift does not compete
 /// with `vpdpbusd` for execution ports.
 fn shift_lanes_left_8(b: &mut FunctionBuilder, x: Value) -> Value {
-    let flags = MemFlagsData::new().with_endianness(Endianness::Little);
+    let flags = lanes();
     let xb = b.ins().bitcast(I8X16, flags, x);
     let r = if cfg!(target_arch = "x86_64") {
         // Byte 4l + t takes byte 4l + t - 1 for t > 0; 0x80 clears byte 4l.
@@ -359,6 +359,9 @@ impl Int8Emitter<'_> {
                     .map(|k| b.ins().load(I8X16, mem(), kg, (16 * (k * d4 + c)) as i32))
                     .collect();
                 for (r, state) in rows.iter().enumerate() {
+                    // Pre-broadcast in memory: a broadcast here would take a load into a
+                    // general register and two shuffles (Cranelift folds a load into a
+                    // splat only when the splat has a single use).
                     let off = (16 * (half * d4 + c)) as i32;
                     let qb = b.ins().load(I8X16, mem(), state.q, off);
                     for (acc, &k) in accs.iter_mut().zip(&kv) {
