@@ -10,7 +10,7 @@
 //! Timing shows what the sampled run of the int8 plan costs at each size (one thread).
 
 use attnc::approx::relative_l2;
-use attnc::calibration::{calibration_inputs, sample_rows_with, DrawnInputs, SAMPLE_RUN};
+use attnc::calibration::{calibration_inputs, sample_rows_with, DrawnInputs, Fill, SAMPLE_RUN};
 use attnc::engine::{compile, input_view, optimize_with};
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
 use attnc_opt::{Approx, ApproxPolicy};
@@ -56,8 +56,16 @@ fn main() {
     println!("|---:|---:|{}", "---:|".repeat(runs.len()));
     let mut millis = vec![0.0; runs.len()];
     for seed in 0..seeds {
-        let inputs = calibration_inputs(kernel, &bindings, seed, &[], DrawnInputs::default(), 2)
-            .expect("inputs");
+        let inputs = calibration_inputs(
+            kernel,
+            &bindings,
+            seed,
+            &[],
+            DrawnInputs::default(),
+            Fill::Repeat,
+            2,
+        )
+        .expect("inputs");
         let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
         let whole = relative_l2(
             &int8.run(&views, 2).expect("runs").data,

@@ -13,7 +13,7 @@
 //! computed once however many plans are measured, and a fallback to the exact plan reuses its
 //! machine code.
 
-use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs};
+use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
 use crate::engine::RunError;
 use crate::io::Tensor;
 use crate::policy::Policy;
@@ -194,6 +194,10 @@ pub fn compile_with_policy_reusing(
                     let exact = scope.spawn(|| timed(|| exact_plan(kernel, bindings)));
                     let compiled = compile_plan(&optimized.kernel, bindings);
                     let ready = Instant::now();
+                    let fill = match &compiled {
+                        Ok(code) => Fill::for_plan(code.plan()),
+                        Err(_) => Fill::Repeat,
+                    };
                     let inputs = timed(|| {
                         calibration_inputs(
                             kernel,
@@ -201,6 +205,7 @@ pub fn compile_with_policy_reusing(
                             policy.seed(),
                             calibration,
                             drawn,
+                            fill,
                             threads,
                         )
                     });

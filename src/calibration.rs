@@ -10,6 +10,7 @@ use crate::engine::RunError;
 use crate::io::{standard_normal_streams, NormalStream, Tensor, TensorData};
 use attnc_ir::dim::resolve_shape;
 use attnc_ir::{Bindings, Kernel};
+use attnc_jit::plan::{Plan, StepKind};
 use std::ops::Range;
 
 /// Query rows compared per calibration: `SAMPLE_RANGES` evenly spaced runs of
@@ -65,13 +66,17 @@ pub struct DrawnInputs<'a> {
 /// `index` of `seed`, as `--random seed` would start it) repeated over its leading axes. The
 /// sampled rows belong to the first batch entry, so for per-head programs only that block is
 /// read; repeating it (a memory copy) rather than leaving zeros keeps every entry a typical
-/// input for programs that mix batch entries (broadcasts, reductions over heads).
+/// input for programs that mix batch entries (broadcasts, reductions over heads). With
+/// [`Fill::FirstBlock`] (for plans that provably read only the first block for the sampled
+/// rows, [`Fill::for_plan`]) the rest stays zero: untouched zero pages cost nothing, where
+/// repeating wrote every byte of every input.
 pub fn calibration_inputs(
     kernel: &Kernel,
     bindings: &Bindings,
     seed: u64,
     given: &[(String, Tensor)],
     drawn: DrawnInputs<'_>,
+    fill: Fill,
     threads: usize,
 ) -> Result<Vec<Tensor>, RunError> {
     enum Slot<'t> {
@@ -146,19 +151,19 @@ pub fn calibration_inputs(
                         let len = from.data.len();
                         let data = match &from.data {
                             TensorData::F32(v) => {
-                                TensorData::F32(repeat_block(v[..block.min(len)].to_vec(), len))
+                                TensorData::F32(fill.apply(&v[..block.min(len)], len))
                             }
                             TensorData::F16(v) => {
-                                TensorData::F16(repeat_block(v[..block.min(len)].to_vec(), len))
+                                TensorData::F16(fill.apply(&v[..block.min(len)], len))
                             }
                             TensorData::Bf16(v) => {
-                                TensorData::Bf16(repeat_block(v[..block.min(len)].to_vec(), len))
+                                TensorData::Bf16(fill.apply(&v[..block.min(len)], len))
                             }
                         };
                         Tensor { shape, data }
                     }
                     Slot::Drawn { shape, .. } => {
-                        let values = repeat_block(values, shape.iter().product());
+                        let values = fill.apply(&values, shape.iter().product());
                         Tensor {
                             shape,
                             data: TensorData::from_f32_as(values, param.dtype),
@@ -173,6 +178,50 @@ pub fn calibration_inputs(
             .collect()
     });
     Ok(inputs)
+}
+
+/// What a calibration input holds past its first `[rows, cols]` block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// The block again, entry after entry.
+    Repeat,
+    /// Zeros (never read by the sampled rows, see [`Fill::for_plan`]).
+    FirstBlock,
+}
+
+impl Fill {
+    /// [`Fill::FirstBlock`] when the sampled rows of `plan` (the first batch entry of its
+    /// output) read only the first block of each input: the plan is one fused attention
+    /// step, after host conversions or the int8 pre-pass of its inputs. Output entry 0 of a
+    /// fused attention reads entry 0 of every batched operand (a shared or grouped K or V
+    /// maps entry 0 to entry 0 too), and those host steps work element by element (the
+    /// pre-pass of a sampled run quantizes entry 0 only).
+    pub fn for_plan(plan: &Plan) -> Fill {
+        let Some((last, before)) = plan.steps.split_last() else {
+            return Fill::Repeat;
+        };
+        let host_conversions = before
+            .iter()
+            .all(|s| matches!(s.kind, StepKind::Convert(_) | StepKind::Quantize(_)));
+        if host_conversions && matches!(last.kind, StepKind::Attention(_)) {
+            Fill::FirstBlock
+        } else {
+            Fill::Repeat
+        }
+    }
+
+    /// `block`, then up to `len` values as this fill says.
+    fn apply<T: Copy + Default>(self, block: &[T], len: usize) -> Vec<T> {
+        match self {
+            Fill::Repeat => repeat_block(block.to_vec(), len),
+            Fill::FirstBlock => {
+                let mut out = vec![T::default(); len];
+                let n = block.len().min(len);
+                out[..n].copy_from_slice(&block[..n]);
+                out
+            }
+        }
+    }
 }
 
 /// `block` repeated (by memory copies) up to `len` values.

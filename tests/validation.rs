@@ -2,7 +2,7 @@
 //! full run would on the same rows, and a plan above the tolerance falls back to exact code.
 
 use attnc::approx::{compile_with_policy, relative_l2};
-use attnc::calibration::{calibration_inputs, sample_rows, DrawnInputs};
+use attnc::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
 use attnc::engine::{compile, input_view, optimize_with};
 use attnc::io::{standard_normal, Tensor, TensorData};
 use attnc::ir::{Bindings, Kernel};
@@ -60,7 +60,16 @@ fn the_sampled_error_equals_the_error_of_full_runs_on_the_same_rows() {
     let approximate =
         CompiledKernel::compile(&int8.kernel, &bindings, &CompileOptions::default()).unwrap();
     let exact = compile(&kernel, &bindings).unwrap();
-    let inputs = calibration_inputs(&kernel, &bindings, 0, &[], DrawnInputs::default(), 2).unwrap();
+    let inputs = calibration_inputs(
+        &kernel,
+        &bindings,
+        0,
+        &[],
+        DrawnInputs::default(),
+        Fill::Repeat,
+        2,
+    )
+    .unwrap();
     let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
     let rows = sample_rows(approximate.output_shape());
     assert!(rows.len() > 1, "{rows:?}");
@@ -104,6 +113,7 @@ fn random_calibration_inputs_repeat_the_first_entry_of_the_seeded_stream() {
         9,
         &[("v".to_string(), given.clone())],
         DrawnInputs::default(),
+        Fill::Repeat,
         2,
     )
     .unwrap();
@@ -115,6 +125,22 @@ fn random_calibration_inputs_repeat_the_first_entry_of_the_seeded_stream() {
     }
     assert_eq!(inputs[1].to_f32_vec(), standard_normal(9, 1, 35));
     assert_eq!(inputs[2], given);
+    // Filling only the first block leaves the other entries zero.
+    let first = calibration_inputs(
+        &kernel,
+        &bindings,
+        9,
+        &[("v".to_string(), given.clone())],
+        DrawnInputs::default(),
+        Fill::FirstBlock,
+        2,
+    )
+    .unwrap();
+    let q = first[0].to_f32_vec();
+    assert_eq!(&q[..35], &block[..]);
+    assert!(q[35..].iter().all(|&x| x == 0.0));
+    assert_eq!(first[1], inputs[1]);
+    assert_eq!(first[2], given);
 
     let wrong = Tensor {
         shape: vec![5, 7],
@@ -126,6 +152,7 @@ fn random_calibration_inputs_repeat_the_first_entry_of_the_seeded_stream() {
         9,
         &[("v".to_string(), wrong)],
         DrawnInputs::default(),
+        Fill::Repeat,
         1,
     );
     assert!(err.is_err());
@@ -196,7 +223,15 @@ fn calibration_blocks_copied_from_a_random_run_equal_drawn_ones() {
         }",
     );
     let bindings = bindings(&[("h", 3), ("n", 6), ("d", 5)]);
-    let drawn_fresh = calibration_inputs(&kernel, &bindings, 2, &[], DrawnInputs::default(), 2);
+    let drawn_fresh = calibration_inputs(
+        &kernel,
+        &bindings,
+        2,
+        &[],
+        DrawnInputs::default(),
+        Fill::Repeat,
+        2,
+    );
     let fresh = drawn_fresh.unwrap();
     // What `--random 2` draws: every entry of every parameter from the parameter's stream.
     let run: Vec<Tensor> = kernel
@@ -213,12 +248,61 @@ fn calibration_blocks_copied_from_a_random_run_equal_drawn_ones() {
         seed: 2,
         tensors: &slots,
     };
-    let copied = calibration_inputs(&kernel, &bindings, 2, &[], drawn, 2).unwrap();
+    let copied = calibration_inputs(&kernel, &bindings, 2, &[], drawn, Fill::Repeat, 2).unwrap();
     assert_eq!(copied, fresh);
     assert_ne!(run[0], fresh[0], "the run's later heads are not repeats");
     // A policy with another seed does not reuse them.
-    let seed5 = calibration_inputs(&kernel, &bindings, 5, &[], drawn, 1).unwrap();
-    let fresh5 = calibration_inputs(&kernel, &bindings, 5, &[], DrawnInputs::default(), 1);
+    let seed5 = calibration_inputs(&kernel, &bindings, 5, &[], drawn, Fill::Repeat, 1).unwrap();
+    let fresh5 = calibration_inputs(
+        &kernel,
+        &bindings,
+        5,
+        &[],
+        DrawnInputs::default(),
+        Fill::Repeat,
+        1,
+    );
     assert_eq!(seed5, fresh5.unwrap());
     assert_ne!(seed5, fresh);
+}
+
+#[test]
+fn only_plans_that_read_the_first_block_leave_the_rest_zero() {
+    let dense = kernel(
+        "kernel a(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+            return softmax(q @ k.T / sqrt(d)) @ v;
+        }",
+    );
+    let b = bindings(&[("h", 2), ("n", 512), ("d", 64)]);
+    let exact = compile(&dense, &b).unwrap();
+    assert_eq!(Fill::for_plan(exact.plan()), Fill::FirstBlock);
+    let int8 = compile_with_policy(&dense, &b, &int8_policy(1.0), &[], 2).unwrap();
+    assert!(
+        int8.validations.iter().any(|v| v.accepted),
+        "int8 not applied"
+    );
+    assert_eq!(Fill::for_plan(int8.compiled.plan()), Fill::FirstBlock);
+    // The sampled rows read nothing past the first block: either fill gives the same rows.
+    for code in [&exact, &int8.compiled] {
+        let rows = sample_rows(code.output_shape());
+        let sample = |fill| {
+            let inputs =
+                calibration_inputs(&dense, &b, 4, &[], DrawnInputs::default(), fill, 2).unwrap();
+            let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+            code.run_sample(&views, 2, &rows).unwrap()
+        };
+        assert_eq!(sample(Fill::Repeat), sample(Fill::FirstBlock));
+    }
+    // A plan with steps before the attention keeps repeating the block.
+    let projected = kernel(
+        "kernel g(x: f32[n, e], w: f32[e, d]) -> f32[n, d] {
+            let y = x @ w;
+            return softmax(y @ y.T) @ y;
+        }",
+    );
+    let pb = bindings(&[("n", 20), ("e", 8), ("d", 4)]);
+    assert_eq!(
+        Fill::for_plan(compile(&projected, &pb).unwrap().plan()),
+        Fill::Repeat
+    );
 }

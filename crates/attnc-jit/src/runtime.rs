@@ -334,8 +334,8 @@ impl CompiledKernel {
                     Some(rows) if index + 1 == self.plan.steps.len() => {
                         Needed::FirstEntryRows(rows)
                     }
-                    Some(_) if self.read_only_by_sampled_attention(step.output) => {
-                        Needed::FirstEntry
+                    Some(rows) if self.read_only_by_sampled_attention(step.output) => {
+                        Needed::FirstEntry(rows)
                     }
                     _ => Needed::All,
                 };
@@ -412,10 +412,11 @@ impl CompiledKernel {
             (StepKind::Convert(to), _) => convert(host_input(0)?, *to),
             (StepKind::Quantize(layout), _) => {
                 let ins = [host_input(0)?, host_input(1)?, host_input(2)?];
-                if needed == Needed::All {
-                    Storage::U8(quant::pack(layout, &ins, threads)?)
-                } else {
-                    Storage::U8(pack_first_entry(layout, &ins)?)
+                match needed {
+                    Needed::FirstEntry(rows) => {
+                        Storage::U8(quant::pack_sampled(layout, &ins, rows)?)
+                    }
+                    _ => Storage::U8(quant::pack(layout, &ins, threads)?),
                 }
             }
             (StepKind::Attention(spec), Some(h)) => match needed {
@@ -449,25 +450,11 @@ impl CompiledKernel {
 enum Needed<'a> {
     /// Everything.
     All,
-    /// Batch entry 0 (the step feeds only a sampled attention step).
-    FirstEntry,
+    /// Batch entry 0 (the step feeds only a sampled attention step, which computes these
+    /// rows of it).
+    FirstEntry(&'a [Range<usize>]),
     /// These rows of batch entry 0 (the sampled last step).
     FirstEntryRows(&'a [Range<usize>]),
-}
-
-/// The int8 pre-pass of batch entry 0 only, in a buffer of the full length (the kernel checks
-/// lengths; the other entries stay zero and a sampled run never reads them). Entry 0 sits at
-/// offset 0 of every operand, so a one-entry layout packs exactly the bytes of entry 0.
-fn pack_first_entry(layout: &quant::QuantLayout, ins: &[BufferView<'_>; 3]) -> Result<Vec<u8>> {
-    let mut first = layout.clone();
-    first.spec.batch = vec![1; layout.spec.batch.len()];
-    if layout.spec.batch_count() == 0 {
-        return quant::pack(layout, ins, 1);
-    }
-    let entry = quant::pack(&first, ins, 1)?;
-    let mut out = vec![0u8; layout.total_bytes()];
-    out[..entry.len()].copy_from_slice(&entry);
-    Ok(out)
 }
 
 /// Runs the rows `rows` of batch entry 0 (rows of `width` values) into an output of `len`

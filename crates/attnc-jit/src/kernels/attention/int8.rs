@@ -134,6 +134,16 @@ fn shift_lanes_left_8(b: &mut FunctionBuilder, x: Value) -> Value {
     b.ins().bitcast(I32X4, flags, r)
 }
 
+/// Whether [`Int8Emitter::for_each_group`] unrolls a whole block. The softmax loop is
+/// unrolled (its body is short, and its loop overhead was a large share of it); the P·V loop
+/// is not: unrolled, each of its chunks is 96 `vpdpbusd` trees, which made masked kernels
+/// (two kinds of whole blocks) take about 50 ms to compile for a few percent of run time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Unroll {
+    WholeBlock,
+    No,
+}
+
 /// The index of a group of 4 keys in its block: a constant in unrolled code, or a loop
 /// counter. The attention kernels compile without the mid-end optimizer (see
 /// `define_in_order`), so constant address arithmetic must be folded here.
@@ -150,7 +160,13 @@ impl Group {
             Group::Const(0) => base,
             Group::Const(g) => b.ins().iadd_imm_s(base, g as i64 * scale),
             Group::Counter(g) => {
-                let o = b.ins().imul_imm_s(g, scale);
+                // A shift rather than a multiply where it can: `imul` would take a port
+                // the dot products need.
+                let o = if scale > 0 && (scale as u64).is_power_of_two() {
+                    b.ins().ishl_imm_s(g, i64::from(scale.trailing_zeros()))
+                } else {
+                    b.ins().imul_imm_s(g, scale)
+                };
                 b.ins().iadd(base, o)
             }
         }
@@ -485,7 +501,9 @@ impl Int8Emitter<'_> {
         }
         // Stage 1: SCORE_GROUPS full groups at a time in a loop, then what is left (full
         // groups, a short last group of a tail block) unrolled.
-        let step = SCORE_GROUPS;
+        // Masked blocks (the few a mask cuts through) take the smaller step: its loop needs
+        // no remainder code for a whole block, which keeps masked kernels quick to compile.
+        let step = if masked { 2 } else { SCORE_GROUPS };
         let looped = full / step * step;
         let looped_c = self.em.iconst(b, looped as i64);
         counted_loop(b, zero, looped_c, step as i64, |b, g| {
@@ -493,7 +511,7 @@ impl Int8Emitter<'_> {
             let j4 = b.ins().ishl_imm_s(g, 2);
             let j = b.ins().iadd(j0, j4);
             let gbytes = b.ins().ishl_imm_s(g, 4);
-            self.score_group(b, rows, entry, kg, j, gbytes, masked, &[4; SCORE_GROUPS]);
+            self.score_group(b, rows, entry, kg, j, gbytes, masked, &vec![4; step]);
             Ok(())
         })?;
         let groups = count.div_ceil(4);
@@ -501,7 +519,7 @@ impl Int8Emitter<'_> {
         if groups > full {
             rest.push(count % 4);
         }
-        // At most SCORE_GROUPS - 1 full groups and a short one: one more call.
+        // At most step - 1 full groups and a short one: one more call.
         if !rest.is_empty() {
             let g = looped;
             let kg = b.ins().iadd_imm_s(k_block, (g * d4 * 16) as i64);
@@ -530,7 +548,7 @@ impl Int8Emitter<'_> {
                     b.def_var(self.a_vars[r][k], zero_i);
                 }
             }
-            self.for_each_group(b, groups, |b, g| {
+            self.for_each_group(b, groups, Unroll::No, |b, g| {
                 let vg = g.addr(b, v_block, v_group);
                 let vv: Vec<Value> = vecs
                     .iter()
@@ -572,15 +590,15 @@ impl Int8Emitter<'_> {
     }
 
     /// `body(g)` for the groups `0..groups` of a block: straight-line code for a whole block
-    /// (constant offsets, no loop counter: the loop overhead was a fifth of the P·V loop's
-    /// instructions), a counted loop for a tail block.
+    /// when `unroll` says so (constant offsets, no loop counter), else a counted loop.
     fn for_each_group(
         &self,
         b: &mut FunctionBuilder,
         groups: usize,
+        unroll: Unroll,
         mut body: impl FnMut(&mut FunctionBuilder, Group) -> Result<()>,
     ) -> Result<()> {
-        if groups == KEY_BLOCK / 4 {
+        if unroll == Unroll::WholeBlock && groups == KEY_BLOCK / 4 {
             for g in 0..groups {
                 body(b, Group::Const(g))?;
             }
@@ -716,7 +734,7 @@ impl Int8Emitter<'_> {
         for &sum in &sums {
             b.def_var(sum, zero_f);
         }
-        self.for_each_group(b, groups, |b, g| {
+        self.for_each_group(b, groups, Unroll::WholeBlock, |b, g| {
             let s_at = g.addr(b, s_base, 16);
             let p_at = g.addr(b, p_base, 16);
             for (r, &sum) in sums.iter().enumerate() {

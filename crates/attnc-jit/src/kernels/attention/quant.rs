@@ -35,6 +35,7 @@ use super::{AttentionSpec, ScoreExpr, TensorRef};
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use attnc_ir::BinaryOp;
+use std::ops::Range;
 
 /// Keys per block of the int8 kernel (one online-softmax step, one P scale per row, one V
 /// scale per column). 32 rather than 64: the maxima of 32 values are smaller, which takes
@@ -264,8 +265,15 @@ fn put_f32(buf: &mut [u8], at: usize, x: f32) {
     buf[at..at + 4].copy_from_slice(&x.to_le_bytes());
 }
 
-/// Packs one batch entry into `out` (`layout.entry` bytes, zeroed).
-fn pack_entry(layout: &QuantLayout, ins: &[BufferView<'_>; 3], b: usize, out: &mut [u8]) {
+/// Packs one batch entry into `out` (`layout.entry` bytes, zeroed); of Q only the rows in
+/// `q_rows` when given (the others stay zero).
+fn pack_entry(
+    layout: &QuantLayout,
+    ins: &[BufferView<'_>; 3],
+    b: usize,
+    q_rows: Option<&[Range<usize>]>,
+    out: &mut [u8],
+) {
     let s = &layout.spec;
     let (m, n, d, dv) = (s.m, s.n, s.d, s.dv);
     let (d4, dv_pad) = (layout.d4, layout.dv_pad);
@@ -275,7 +283,12 @@ fn pack_entry(layout: &QuantLayout, ins: &[BufferView<'_>; 3], b: usize, out: &m
     // Q rows: 16 bits, offset to unsigned, high and low bytes as pre-broadcast operands.
     let mut q16 = vec![0i32; 4 * d4];
     let qb = batch_offset(&s.q, &s.batch, b);
-    for i in 0..m {
+    let every_row = 0..m;
+    let rows = q_rows
+        .unwrap_or(std::slice::from_ref(&every_row))
+        .iter()
+        .flat_map(|r| r.start.min(m)..r.end.min(m));
+    for i in rows {
         read_row(&ins[0], &s.q, qb, i, &mut row[..d]);
         let scale = quantize16(&row[..d], layout.q_levels, &mut q16[..d]);
         put_f32(out, layout.q_scale + 4 * i, scale);
@@ -384,11 +397,31 @@ pub fn pack(layout: &QuantLayout, ins: &[BufferView<'_>; 3], threads: usize) -> 
         for (t, chunk) in out.chunks_mut(per * layout.entry).enumerate() {
             scope.spawn(move || {
                 for (k, entry) in chunk.chunks_mut(layout.entry).enumerate() {
-                    pack_entry(layout, ins, t * per + k, entry);
+                    pack_entry(layout, ins, t * per + k, None, entry);
                 }
             });
         }
     });
+    Ok(out)
+}
+
+/// The pre-pass of batch entry 0 only, and of its Q rows only `q_rows` (what a sampled run
+/// reads), in a buffer of the full length: the kernel checks lengths, and the other entries
+/// and rows stay zero. A sampled run of dense attention quantizes all keys but a few hundred
+/// queries instead of every query.
+pub fn pack_sampled(
+    layout: &QuantLayout,
+    ins: &[BufferView<'_>; 3],
+    q_rows: &[Range<usize>],
+) -> Result<Vec<u8>> {
+    let s = &layout.spec;
+    check_extent(&s.q, &s.batch, s.m, s.d, ins[0].len())?;
+    check_extent(&s.k, &s.batch, s.n, s.d, ins[1].len())?;
+    check_extent(&s.v, &s.batch, s.n, s.dv, ins[2].len())?;
+    let mut out = vec![0u8; layout.total_bytes()];
+    if layout.entry > 0 && s.batch_count() > 0 {
+        pack_entry(layout, ins, 0, Some(q_rows), &mut out[..layout.entry]);
+    }
     Ok(out)
 }
 
