@@ -1,15 +1,16 @@
 //! Several seeded standard-normal streams drawn at once, on several threads.
 //!
 //! Drawing is the slowest part of `--random` at attention sizes (the polar method with a
-//! portable logarithm). A stream's accepted polar points must come from its generator in
-//! order, but that is the cheap half; turning points into values is independent per point.
-//! So the points of every stream are drawn first (the streams in parallel), then the values
-//! of all streams in equal chunks spread over the threads. Every value is computed exactly
-//! as one call of [`standard_normal`] computes it, whatever the thread count.
+//! portable logarithm). Which candidates a stream accepts must be found in order, but that is
+//! the cheap half; turning points into values can start anywhere the generator's state is
+//! known. So each stream is first walked once, keeping only its state at every chunk (the
+//! streams in parallel), then the chunks of all streams are drawn and turned into values,
+//! spread over the threads. Every value is computed exactly as one call of
+//! [`standard_normal`] computes it, whatever the thread count.
 
 #[cfg(test)]
 use attnc_ir::random::standard_normal;
-use attnc_ir::random::{polar_normals_f32, polar_points};
+use attnc_ir::random::{polar_checkpoints, polar_normals_from, Rng};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -27,32 +28,32 @@ pub struct NormalStream {
 /// Values per work item of the second phase (an even number: items split at point pairs).
 const CHUNK: usize = 1 << 15;
 
-/// One work item of the second phase: points and the values they become.
-type Chunk<'a> = Mutex<(&'a [[f64; 2]], &'a mut [f32])>;
+/// One work item of the second phase: the generator where a chunk starts, and its values.
+type Chunk<'a> = Mutex<(Rng, &'a mut [f32])>;
 
 /// Draws every stream, on up to `threads` threads; the result is in the order of `streams` and
 /// equals `standard_normal(seed, stream, len)` for each.
 pub fn standard_normal_streams(streams: &[NormalStream], threads: usize) -> Vec<Vec<f32>> {
     let threads = threads.max(1);
-    let points: Vec<Vec<[f64; 2]>> = for_each_parallel(streams.len(), threads, |i| {
+    let states: Vec<Vec<Rng>> = for_each_parallel(streams.len(), threads, |i| {
         let s = streams[i];
-        polar_points(s.seed, s.stream, s.len)
+        polar_checkpoints(s.seed, s.stream, s.len, CHUNK / 2)
     });
     let mut out: Vec<Vec<f32>> = streams.iter().map(|s| vec![0.0; s.len]).collect();
     let items: Vec<Chunk<'_>> = out
         .iter_mut()
-        .zip(&points)
-        .flat_map(|(values, points)| {
-            values
-                .chunks_mut(CHUNK)
-                .zip(points.chunks(CHUNK / 2))
-                .map(|(v, p)| Mutex::new((p, v)))
+        .zip(states)
+        .flat_map(|(values, states)| {
+            states
+                .into_iter()
+                .zip(values.chunks_mut(CHUNK))
+                .map(|(rng, v)| Mutex::new((rng, v)))
         })
         .collect();
     for_each_parallel(items.len(), threads, |i| {
         if let Ok(mut item) = items[i].lock() {
-            let (points, values) = &mut *item;
-            polar_normals_f32(points, values);
+            let (rng, values) = &mut *item;
+            polar_normals_from(rng, values);
         }
     });
     drop(items);

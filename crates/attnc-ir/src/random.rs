@@ -68,6 +68,32 @@ impl Rng {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// The next `points.len()` points of the polar method. Every candidate is written and the
+    /// count advanced only past accepted ones: no branch on the (random) outcome, which would
+    /// mispredict about once in five candidates.
+    fn fill_polar_points(&mut self, points: &mut [[f64; 2]]) {
+        let mut n = 0;
+        while n < points.len() {
+            let u = 2.0 * self.next_f64() - 1.0;
+            let v = 2.0 * self.next_f64() - 1.0;
+            let s = u * u + v * v;
+            points[n] = [u, v];
+            n += usize::from(s > 0.0 && s < 1.0);
+        }
+    }
+
+    /// Advances past the next `count` points of the polar method, exactly as
+    /// [`Rng::fill_polar_points`] would.
+    fn skip_polar_points(&mut self, count: usize) {
+        let mut n = 0;
+        while n < count {
+            let u = 2.0 * self.next_f64() - 1.0;
+            let v = 2.0 * self.next_f64() - 1.0;
+            let s = u * u + v * v;
+            n += usize::from(s > 0.0 && s < 1.0);
+        }
+    }
+
     /// The next point of the polar method: `(u, v)` uniform in the unit disc without its
     /// centre (candidates outside are drawn again).
     fn polar_point(&mut self) -> [f64; 2] {
@@ -92,44 +118,44 @@ impl Rng {
 /// `len` standard-normal f32 values for stream `stream` of seed `seed`, reproducible across runs
 /// and platforms.
 pub fn standard_normal(seed: u64, stream: u64, len: usize) -> Vec<f32> {
-    let points = polar_points(seed, stream, len);
     let mut out = vec![0.0f32; len];
-    polar_normals_f32(&points, &mut out);
+    polar_normals_from(&mut Rng::new(seed, stream), &mut out);
     out
 }
 
-/// The accepted polar-method points behind the first `len` values of stream `stream` of
-/// seed `seed` (one point per two values).
+/// The generator of stream `stream` of seed `seed` at the start of every `chunk` points of
+/// the polar method (two values each) that its first `len` values use: state `k` draws
+/// values `2 k chunk ..` ([`polar_normals_from`]).
 ///
-/// Drawing is split in two so that the expensive half can run in parallel without changing
-/// a value: these points come from the generator one after another (cheap: two random
-/// numbers and a comparison each), and [`polar_normals_f32`] turns any slice of them into
-/// values independently.
-pub fn polar_points(seed: u64, stream: u64, len: usize) -> Vec<[f64; 2]> {
-    let pairs = len.div_ceil(2);
+/// Drawing is split in two so that the expensive half runs in parallel without changing a
+/// value: which candidates are accepted must be found in order, but that is cheap (two
+/// random numbers and a comparison each) and stores nothing but these states; turning the
+/// points into values (a logarithm, a square root) can then start at any state.
+pub fn polar_checkpoints(seed: u64, stream: u64, len: usize, chunk: usize) -> Vec<Rng> {
+    let chunk = chunk.max(1);
+    let points = len.div_ceil(2);
     let mut rng = Rng::new(seed, stream);
-    // Every candidate is written and the count advanced only past accepted ones: no branch
-    // on the (random) outcome, which would mispredict about once in five candidates.
-    let mut out = vec![[0.0; 2]; pairs + 1];
-    let mut n = 0;
-    while n < pairs {
-        let u = 2.0 * rng.next_f64() - 1.0;
-        let v = 2.0 * rng.next_f64() - 1.0;
-        let s = u * u + v * v;
-        out[n] = [u, v];
-        n += usize::from(s > 0.0 && s < 1.0);
+    let mut states = Vec::with_capacity(points.div_ceil(chunk));
+    let mut done = 0;
+    while done < points {
+        states.push(rng.clone());
+        let count = chunk.min(points - done);
+        rng.skip_polar_points(count);
+        done += count;
     }
-    out.truncate(pairs);
-    out
+    states
 }
 
-/// The standard-normal values of `points` ([`polar_points`]), two per point, as f32, into
-/// `out` (which may end half way through the last point's pair).
-pub fn polar_normals_f32(points: &[[f64; 2]], out: &mut [f32]) {
-    let mut pairs = [0.0f64; 2 * LANES];
-    for (chunk, dst) in points.chunks(LANES).zip(out.chunks_mut(2 * LANES)) {
-        polar_normals(chunk, &mut pairs[..2 * chunk.len()]);
-        for (o, &x) in dst.iter_mut().zip(&pairs) {
+/// The next `out.len()` standard-normal values of `rng` as f32 (an odd length drops the
+/// second value of the last pair, and leaves `rng` after that pair).
+pub fn polar_normals_from(rng: &mut Rng, out: &mut [f32]) {
+    let mut points = [[0.0f64; 2]; LANES];
+    let mut values = [0.0f64; 2 * LANES];
+    for dst in out.chunks_mut(2 * LANES) {
+        let count = dst.len().div_ceil(2);
+        rng.fill_polar_points(&mut points[..count]);
+        polar_normals(&points[..count], &mut values[..2 * count]);
+        for (o, &x) in dst.iter_mut().zip(&values) {
             *o = x as f32;
         }
     }
@@ -402,14 +428,20 @@ mod tests {
             let want = one_pair_at_a_time(seed, stream, len);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{seed} {stream} {len}");
-            // Any split of the points gives the same values.
-            let points = polar_points(seed, stream, len);
-            let mut split = vec![0.0f32; len];
-            let cut = points.len() / 3;
-            let (a, b) = split.split_at_mut((2 * cut).min(len));
-            polar_normals_f32(&points[..cut], a);
-            polar_normals_f32(&points[cut..], b);
-            assert_eq!(bits(&split), bits(&want), "{seed} {stream} {len} split");
+            // Drawing from the checkpoints, chunk by chunk, gives the same values.
+            for chunk in [1, 3, 64] {
+                let states = polar_checkpoints(seed, stream, len, chunk);
+                assert_eq!(states.len(), len.div_ceil(2).div_ceil(chunk));
+                let mut split = vec![0.0f32; len];
+                for (mut rng, dst) in states.into_iter().zip(split.chunks_mut(2 * chunk)) {
+                    polar_normals_from(&mut rng, dst);
+                }
+                assert_eq!(
+                    bits(&split),
+                    bits(&want),
+                    "{seed} {stream} {len} chunk {chunk}"
+                );
+            }
         }
         assert!(standard_normal(3, 4, 0).is_empty());
     }
