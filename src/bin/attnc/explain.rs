@@ -50,24 +50,30 @@ fn emit(json: bool, key: &str, text: String) {
     }
 }
 
+/// The code `run` would execute and the optimizer's record of it: under an approximation
+/// policy, the plan chosen and validated exactly as `run` does.
+fn compile_as_run(
+    prepared: &Prepared,
+) -> Result<(attnc_jit::CompiledKernel, attnc_opt::Trace), attnc::engine::RunError> {
+    let kernel = prepared.kernel();
+    if prepared.policy.is_exact() {
+        return attnc::engine::compile_with_trace(kernel, &prepared.bindings);
+    }
+    attnc::approx::compile_with_policy(
+        kernel,
+        &prepared.bindings,
+        &prepared.policy,
+        &prepared.calibration,
+        prepared.threads,
+    )
+    .map(|result| (result.compiled, result.trace))
+}
+
 /// The whole report: signature, policy, bindings, IR and (when shapes are bound) the plan.
 fn report(prepared: &Prepared, json: bool) -> CliResult {
     let kernel = prepared.kernel();
     let ir_text = attnc::ir::print::print_kernel(kernel);
-    let compiled = if prepared.policy.is_exact() {
-        attnc::engine::compile_with_trace(kernel, &prepared.bindings).ok()
-    } else {
-        // Approximations are chosen and validated exactly as `run` does.
-        attnc::approx::compile_with_policy(
-            kernel,
-            &prepared.bindings,
-            &prepared.policy,
-            &prepared.calibration,
-            prepared.threads,
-        )
-        .ok()
-        .map(|result| (result.compiled, result.trace))
-    };
+    let compiled = compile_as_run(prepared).ok();
     let plan = compiled.as_ref().map(|(code, _)| {
         (
             code.plan().to_string(),
@@ -141,27 +147,12 @@ mod attnc_jit_text {
     }
 
     pub fn generated_code(prepared: &Prepared, kind: CodeKind) -> Result<String, Failure> {
-        let kernel = prepared.kernel();
-        let shape_failure = |e: attnc::engine::RunError| {
+        let (compiled, _) = compile_as_run(prepared).map_err(|e| {
             Failure::input(
                 "shape",
                 format!("{e} (generated code is specialized to bound shapes: pass --shape)"),
             )
-        };
-        // The code `run` would execute: under an approximation policy, the validated plan.
-        let compiled = if prepared.policy.is_exact() {
-            attnc::engine::compile(kernel, &prepared.bindings).map_err(shape_failure)?
-        } else {
-            attnc::approx::compile_with_policy(
-                kernel,
-                &prepared.bindings,
-                &prepared.policy,
-                &prepared.calibration,
-                prepared.threads,
-            )
-            .map_err(shape_failure)?
-            .compiled
-        };
+        })?;
         let mut out = String::new();
         for text in compiled.texts() {
             let body = match kind {
