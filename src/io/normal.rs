@@ -6,7 +6,7 @@
 //! known. So each stream is first walked once, keeping only its state at every chunk (the
 //! streams in parallel), then the chunks of all streams are drawn and turned into values,
 //! spread over the threads. Every value is computed exactly as one call of
-//! [`standard_normal`] computes it, whatever the thread count.
+//! [`standard_normal`](attnc_ir::random::standard_normal) computes it, whatever the thread count.
 
 #[cfg(test)]
 use attnc_ir::random::standard_normal;

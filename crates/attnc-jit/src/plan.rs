@@ -74,9 +74,9 @@ pub enum StepKind {
     /// The int8 attention pre-pass, done by the host: reads Q, K, V (in this order, any of
     /// f32/f16/bf16) and writes the packed quantized operands (a byte buffer).
     Quantize(Box<QuantLayout>),
-    /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads the buffers its [`TensorRef`] slots name
-    /// (`crate::kernels::attention::TensorRef`), in their element types (int8: the packed
-    /// buffer first, then the biases).
+    /// Fused `softmax(mask?(score(Q Kᵀ))) V`; reads the buffers its
+    /// [`TensorRef`](crate::kernels::attention::TensorRef) slots name, in their element types
+    /// (int8: the packed buffer first, then the biases).
     Attention(Box<AttentionSpec>),
     /// Causal linear attention through a running prefix state; reads `φQ`, `φK`, `V`.
     Prefix(PrefixSpec),

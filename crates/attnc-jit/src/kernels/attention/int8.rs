@@ -6,22 +6,23 @@
 //! block of [`KEY_BLOCK`] keys (only the blocks the mask pattern reaches, from the same kind of
 //! compile-time table as the exact kernel):
 //!
-//! 1. **Scores.** Per pair of groups of 4 keys, per 4 depths: one 16-byte K operand
+//! 1. **Scores.** Per step of `SCORE_GROUPS` groups of 4 keys (two in masked blocks), per
+//!    4 depths: one 16-byte K operand
 //!    `[key][depth]` and, per row, a pre-broadcast Q operand (the 4 depths' bytes in every
 //!    lane); [`dot_u8i8`] adds the four exact u8·i8 dot products into an i32x4 with one lane
 //!    per key. Q has 16 bits in two bytes: the sums start at the keys' correction, the high
 //!    bytes are summed over all depths, the sum shifted left by 8, then the low bytes added,
 //!    which gives `q̂·k̂` exactly for two `vpdpbusd` per operand of K. When the score is
-//!    `c · S` ([`linear_scale`]) the kernel stores `(q̂·k̂) s_k` and leaves `s_q c` to the
+//!    `c · S` (`linear_scale`) the kernel stores `(q̂·k̂) s_k` and leaves `s_q c` to the
 //!    exponential; otherwise it stores the score expression of `(q̂·k̂) s_q s_k`. Then the
 //!    element mask (partial blocks) and `-inf` past the last key. The rows' block maxima are
-//!    kept in memory, not in registers: the 8 accumulators, 2 K operands and a Q operand then
+//!    kept in memory, not in registers: the 12 accumulators, 3 K operands and a Q operand then
 //!    fit the 16 vector registers with no spills.
 //! 2. **Softmax.** For the 4 rows at once (one lane each): block maximum `b`, new running
 //!    maximum `m`, `α = e^(m_old − m)` (O and `l` are rescaled only when some row's maximum
 //!    moved, a few blocks per row) and `c = e^(b − m)`. Then, in one loop over the block's
 //!    groups for all rows, `e = e^(s − b)` as `2^((s − b) · gain)` with
-//!    [`exp2_nonpos_fast`], and `P = round(255 e)` as u8, written pre-broadcast (16 bytes per
+//!    `exp2_nonpos_fast`, and `P = round(255 e)` as u8, written pre-broadcast (16 bytes per
 //!    4 keys) for stage 3; `l += c Σ e` in f32. P's scale is the block's exact maximum (255
 //!    is reached), which per-column V scales make possible: no V factor is folded into P.
 //! 3. **P·V.** Per group of 4 keys, per 4 value columns: the 16-byte V operand
