@@ -74,11 +74,9 @@ impl Rng {
     fn fill_polar_points(&mut self, points: &mut [[f64; 2]]) {
         let mut n = 0;
         while n < points.len() {
-            let u = 2.0 * self.next_f64() - 1.0;
-            let v = 2.0 * self.next_f64() - 1.0;
-            let s = u * u + v * v;
-            points[n] = [u, v];
-            n += usize::from(s > 0.0 && s < 1.0);
+            let (point, accepted) = self.polar_candidate();
+            points[n] = point;
+            n += usize::from(accepted);
         }
     }
 
@@ -87,30 +85,25 @@ impl Rng {
     fn skip_polar_points(&mut self, count: usize) {
         let mut n = 0;
         while n < count {
-            let u = 2.0 * self.next_f64() - 1.0;
-            let v = 2.0 * self.next_f64() - 1.0;
-            let s = u * u + v * v;
-            n += usize::from(s > 0.0 && s < 1.0);
+            n += usize::from(self.polar_candidate().1);
         }
     }
 
-    /// The next point of the polar method: `(u, v)` uniform in the unit disc without its
-    /// centre (candidates outside are drawn again).
-    fn polar_point(&mut self) -> [f64; 2] {
-        loop {
-            let u = 2.0 * self.next_f64() - 1.0;
-            let v = 2.0 * self.next_f64() - 1.0;
-            let s = u * u + v * v;
-            if s > 0.0 && s < 1.0 {
-                return [u, v];
-            }
-        }
+    /// The next candidate `(u, v)` of the polar method, uniform in the square `[-1, 1)²`, and
+    /// whether it is a point: inside the unit disc, not its centre.
+    fn polar_candidate(&mut self) -> ([f64; 2], bool) {
+        let u = 2.0 * self.next_f64() - 1.0;
+        let v = 2.0 * self.next_f64() - 1.0;
+        let s = u * u + v * v;
+        ([u, v], s > 0.0 && s < 1.0)
     }
 
     /// A pair of independent standard-normal values (Marsaglia's polar method).
     pub fn normal_pair(&mut self) -> (f64, f64) {
+        let mut point = [[0.0; 2]];
+        self.fill_polar_points(&mut point);
         let mut out = [0.0; 2];
-        polar_normals(&[self.polar_point()], &mut out);
+        polar_normals(&point, &mut out);
         (out[0], out[1])
     }
 }
@@ -163,8 +156,8 @@ pub fn polar_normals_from(rng: &mut Rng, out: &mut [f32]) {
 
 /// The next `len` standard-normal values of `rng`, drawn in pairs.
 fn normals(rng: &mut Rng, len: usize) -> Vec<f64> {
-    let points: Vec<[f64; 2]> = (0..len.div_ceil(2)).map(|_| rng.polar_point()).collect();
-
+    let mut points = vec![[0.0; 2]; len.div_ceil(2)];
+    rng.fill_polar_points(&mut points);
     let mut out = vec![0.0; 2 * points.len()];
     for (chunk, dst) in points.chunks(LANES).zip(out.chunks_mut(2 * LANES)) {
         polar_normals(chunk, dst);

@@ -169,6 +169,14 @@ pub fn shift_invariant(e: &ScoreExpr) -> bool {
     affine(e)
 }
 
+/// Checks that Q, K and V (`ins`, in this order) hold every element the pre-pass reads.
+fn check_operands(layout: &QuantLayout, ins: &[BufferView<'_>; 3]) -> Result<()> {
+    let s = &layout.spec;
+    check_extent(&s.q, &s.batch, s.m, s.d, ins[0].len())?;
+    check_extent(&s.k, &s.batch, s.n, s.d, ins[1].len())?;
+    check_extent(&s.v, &s.batch, s.n, s.dv, ins[2].len())
+}
+
 /// Checks that every element `t` addresses lies inside a buffer of `len` elements.
 fn check_extent(
     t: &TensorRef,
@@ -383,9 +391,7 @@ fn pack_entry(
 /// [`JitError::Buffer`] when a buffer is too short for the tensors of the layout.
 pub fn pack(layout: &QuantLayout, ins: &[BufferView<'_>; 3], threads: usize) -> Result<Vec<u8>> {
     let s = &layout.spec;
-    check_extent(&s.q, &s.batch, s.m, s.d, ins[0].len())?;
-    check_extent(&s.k, &s.batch, s.n, s.d, ins[1].len())?;
-    check_extent(&s.v, &s.batch, s.n, s.dv, ins[2].len())?;
+    check_operands(layout, ins)?;
     let mut out = vec![0u8; layout.total_bytes()];
     let entries = s.batch_count();
     if layout.entry == 0 || entries == 0 {
@@ -415,9 +421,7 @@ pub fn pack_sampled(
     q_rows: &[Range<usize>],
 ) -> Result<Vec<u8>> {
     let s = &layout.spec;
-    check_extent(&s.q, &s.batch, s.m, s.d, ins[0].len())?;
-    check_extent(&s.k, &s.batch, s.n, s.d, ins[1].len())?;
-    check_extent(&s.v, &s.batch, s.n, s.dv, ins[2].len())?;
+    check_operands(layout, ins)?;
     let mut out = vec![0u8; layout.total_bytes()];
     if layout.entry > 0 && s.batch_count() > 0 {
         pack_entry(layout, ins, 0, Some(q_rows), &mut out[..layout.entry]);
