@@ -1,0 +1,1 @@
+//! f32 flash attention on AVX-512 (being built).

@@ -1,0 +1,22 @@
+//! Full-width CPU kernels: the arithmetic tier under attnc's JIT.
+//!
+//! Cranelift lowers no vector wider than 128 bits on x86-64, so the compiler keeps deciding and
+//! specializing (tile tables from the pattern algebra, score forms, shapes) while the tile
+//! products and online-softmax epilogues of the common score forms run here, on 512-bit
+//! vectors (AVX-512) and on AMX tiles, dispatched at run time by CPU features.
+//!
+//! - [`cpu`]: which tiers this CPU has, and the one-time AMX permission request;
+//! - [`problem`]: what one attention call computes (operands, score form, mask, tile table)
+//!   and its scalar reference;
+//! - [`attention`]: f32 flash attention on AVX-512 (block-sparse, tile tables given by the
+//!   caller);
+//! - [`amx`]: bf16 and int8 attention products on AMX tiles (approximate tiers).
+//!
+//! Every kernel here is tested against a plain scalar reference; the 128-bit Cranelift kernels
+//! of `attnc-jit` remain the portable path.
+#![warn(missing_docs)]
+
+pub mod amx;
+pub mod attention;
+pub mod cpu;
+pub mod problem;
