@@ -328,6 +328,95 @@ pub struct Output<'a> {
     pub lse: Option<&'a mut [f32]>,
 }
 
+/// Why a full-width kernel refused a call (before touching any memory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// This CPU (or this process) lacks the tier's instructions.
+    Unsupported(&'static str),
+    /// The operands, tile table, rows or output do not fit together.
+    Shape(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Unsupported(what) => write!(f, "this cpu has no {what}"),
+            CallError::Shape(detail) => write!(f, "attention call: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// Checks that `call` is well formed and that `out` can hold rows `rows` (which start at a
+/// query-tile boundary): every element any kernel may read or write lies inside its slice.
+pub fn check(
+    call: &Call<'_>,
+    rows: &std::ops::Range<usize>,
+    out: &Output<'_>,
+) -> Result<(), CallError> {
+    let bad = |detail: String| Err(CallError::Shape(detail));
+    let (m, n) = (call.m(), call.n());
+    let (d, dv) = (call.q.cols, call.v.cols);
+    if call.k.cols != d || call.v.rows != n {
+        return bad(format!(
+            "q is [{m}, {d}], k [{n}, {}], v [{}, {dv}]",
+            call.k.cols, call.v.rows
+        ));
+    }
+    for (name, op) in [("q", &call.q), ("k", &call.k), ("v", &call.v)] {
+        if !op.in_bounds() {
+            return bad(format!(
+                "{name} reaches past its {} elements",
+                op.data.len()
+            ));
+        }
+    }
+    if let Some(b) = call.score.bias {
+        if m > 0 && n > 0 {
+            let last = (m - 1)
+                .checked_mul(b.row_stride)
+                .zip((n - 1).checked_mul(b.col_stride))
+                .and_then(|(r, c)| r.checked_add(c));
+            if last.is_none_or(|l| l >= b.data.len()) {
+                return bad(format!(
+                    "the bias reaches past its {} elements",
+                    b.data.len()
+                ));
+            }
+        }
+    }
+    let t = call.tiles;
+    if t.query_tiles() != m.div_ceil(t.query_tile) {
+        return bad(format!(
+            "the tile table has {} query tiles for {m} rows of {}",
+            t.query_tiles(),
+            t.query_tile
+        ));
+    }
+    if rows.start > rows.end || rows.end > m || rows.start % t.query_tile != 0 {
+        return bad(format!("rows {rows:?} of {m} do not start a query tile"));
+    }
+    let count = rows.end - rows.start;
+    if count > 0 && dv > 0 {
+        let need = (count - 1)
+            .checked_mul(out.row_stride)
+            .and_then(|x| x.checked_add(dv));
+        if out.row_stride < dv || need.is_none_or(|need| need > out.o.len()) {
+            return bad(format!(
+                "the output holds {} elements for {count} rows of {dv}",
+                out.o.len()
+            ));
+        }
+    }
+    if out.lse.as_ref().is_some_and(|l| l.len() < count) {
+        return bad(format!(
+            "the log-sum-exp output holds fewer than {count} rows"
+        ));
+    }
+    Ok(())
+}
+
 /// The scalar f64 reference of one call, every row: `(O [m, dv] row-major, lse [m])`.
 pub fn reference(call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
     let (m, n) = (call.m(), call.n());
