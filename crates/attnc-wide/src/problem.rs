@@ -394,7 +394,7 @@ pub fn check(
             t.query_tile
         ));
     }
-    if rows.start > rows.end || rows.end > m || rows.start % t.query_tile != 0 {
+    if rows.start > rows.end || rows.end > m || !rows.start.is_multiple_of(t.query_tile) {
         return bad(format!("rows {rows:?} of {m} do not start a query tile"));
     }
     let count = rows.end - rows.start;
