@@ -1,0 +1,428 @@
+//! Element masks of partial tiles, sixteen positions per compare.
+//!
+//! A [`KeyMask`] tree is compiled once per call into a postfix program of leaves and `And`/`Or`
+//! steps. Every leaf keeps, for one fixed coordinate on one axis, an interval of the other axis
+//! (and for `Dilated` one residue class): `Causal` keeps `i' ≥ j`, `Window(w)` keeps
+//! `|i' − j| ≤ w`, and so on. A leaf's interval is computed once per fixed coordinate in
+//! saturating 64-bit integers, moved to lane-relative coordinates (clamped to the lanes, which
+//! keeps every comparison exact) and compared with the lane indices by AVX-512 integer compares
+//! into one `__mmask16` per 16 lanes; `And`/`Or` combine whole mask buffers.
+
+use std::arch::x86_64::*;
+
+use crate::problem::KeyMask;
+
+/// Lanes of one vector.
+const LANES: usize = 16;
+
+/// Vectors of lanes one evaluation covers at most (64 positions on the lane axis).
+pub(super) const VECTORS: usize = 4;
+
+/// A leaf of the mask tree, parameters saturated to `i64`.
+#[derive(Clone, Copy, Debug)]
+enum Leaf {
+    Causal,
+    Window(i64),
+    Dilated { reach: i64, stride: i64 },
+    Global(i64),
+    Block(i64),
+}
+
+/// One step of the postfix program.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Push the leaf's mask; a `Dilated` leaf names its residue table.
+    Leaf(Leaf, Option<usize>),
+    And,
+    Or,
+}
+
+/// Which axis lies in the lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LaneAxis {
+    /// Lanes are query rows (`i'`); one mask per key.
+    Rows,
+    /// Lanes are keys (`j`); one mask per query row.
+    Keys,
+}
+
+/// Positions `lo ≤ x ≤ hi` on the lane axis, and `x ≡ residue (mod stride)` when `stride > 0`.
+#[derive(Clone, Copy, Debug)]
+struct Kept {
+    lo: i64,
+    hi: i64,
+    stride: i64,
+    residue: i64,
+}
+
+impl Kept {
+    const ALL: Kept = Kept {
+        lo: i64::MIN,
+        hi: i64::MAX,
+        stride: 0,
+        residue: 0,
+    };
+
+    fn interval(lo: i64, hi: i64) -> Kept {
+        Kept {
+            lo,
+            hi,
+            stride: 0,
+            residue: 0,
+        }
+    }
+}
+
+fn saturate(x: u64) -> i64 {
+    x.min(i64::MAX as u64) as i64
+}
+
+impl Leaf {
+    fn of(mask: &KeyMask) -> Option<Leaf> {
+        Some(match mask {
+            KeyMask::Causal => Leaf::Causal,
+            KeyMask::Window(w) => Leaf::Window(saturate(*w)),
+            KeyMask::Dilated { w, r } => {
+                let stride = saturate((*r).max(1));
+                Leaf::Dilated {
+                    reach: saturate(*w).saturating_mul(stride),
+                    stride,
+                }
+            }
+            KeyMask::Global(g) => Leaf::Global(saturate(*g)),
+            KeyMask::Block(b) => Leaf::Block(saturate((*b).max(1))),
+            KeyMask::And(..) | KeyMask::Or(..) => return None,
+        })
+    }
+
+    /// The kept positions on the lane axis when the other axis is at `at`.
+    fn kept(self, axis: LaneAxis, at: i64) -> Kept {
+        match self {
+            Leaf::Causal => match axis {
+                // j ≤ i'
+                LaneAxis::Rows => Kept::interval(at, i64::MAX),
+                LaneAxis::Keys => Kept::interval(i64::MIN, at),
+            },
+            // |i' − j| ≤ w
+            Leaf::Window(w) => Kept::interval(at.saturating_sub(w), at.saturating_add(w)),
+            // |i' − j| ≤ w·r and i' ≡ j (mod r)
+            Leaf::Dilated { reach, stride } => Kept {
+                lo: at.saturating_sub(reach),
+                hi: at.saturating_add(reach),
+                stride,
+                residue: at.rem_euclid(stride),
+            },
+            // i' < g or j < g: symmetric in the two axes
+            Leaf::Global(g) => {
+                if at < g {
+                    Kept::ALL
+                } else {
+                    Kept::interval(i64::MIN, g - 1)
+                }
+            }
+            // ⌊i'/b⌋ = ⌊j/b⌋
+            Leaf::Block(b) => {
+                let start = at.div_euclid(b) * b;
+                Kept::interval(start, start.saturating_add(b - 1))
+            }
+        }
+    }
+}
+
+/// A compiled [`KeyMask`].
+#[derive(Clone, Debug)]
+pub(super) struct MaskProgram {
+    steps: Vec<Step>,
+    /// Per `Dilated` leaf, `x mod stride` of lane indices `0..64` (the lane-relative residues).
+    residues: Vec<[i32; LANES * VECTORS]>,
+    /// Mask buffers the program needs at once.
+    depth: usize,
+}
+
+impl MaskProgram {
+    /// Compiles `mask` without recursion (a deep tree cannot overflow the stack here),
+    /// evaluating the child that needs more buffers first so a chain of `And`s needs two.
+    pub(super) fn compile(mask: &KeyMask) -> MaskProgram {
+        // Flatten breadth-first: children always come after their parent.
+        let mut nodes = vec![mask];
+        let mut children = vec![None];
+        let mut i = 0;
+        while i < nodes.len() {
+            if let KeyMask::And(a, b) | KeyMask::Or(a, b) = nodes[i] {
+                children[i] = Some([nodes.len(), nodes.len() + 1]);
+                nodes.extend([&**a, &**b]);
+                children.extend([None, None]);
+            }
+            i += 1;
+        }
+        // Buffers each subtree needs (Sethi–Ullman), bottom-up.
+        let mut need = vec![1usize; nodes.len()];
+        for i in (0..nodes.len()).rev() {
+            if let Some([a, b]) = children[i] {
+                need[i] = if need[a] == need[b] {
+                    need[a] + 1
+                } else {
+                    need[a].max(need[b])
+                };
+            }
+        }
+        let mut steps = Vec::new();
+        let mut residues = Vec::new();
+        let mut pending = vec![(0usize, false)];
+        while let Some((i, expanded)) = pending.pop() {
+            match (children[i], expanded) {
+                (Some([a, b]), false) => {
+                    // And and Or commute: the bigger child runs first.
+                    let (first, second) = if need[a] >= need[b] { (a, b) } else { (b, a) };
+                    pending.extend([(i, true), (second, false), (first, false)]);
+                }
+                (Some(_), true) => steps.push(match nodes[i] {
+                    KeyMask::And(..) => Step::And,
+                    _ => Step::Or,
+                }),
+                (None, _) => {
+                    let leaf = Leaf::of(nodes[i]).expect("invariant: only And/Or have children");
+                    let table = match leaf {
+                        Leaf::Dilated { stride, .. } => {
+                            let mut lanes = [0i32; LANES * VECTORS];
+                            for (x, r) in lanes.iter_mut().enumerate() {
+                                *r = (x as i64 % stride) as i32;
+                            }
+                            residues.push(lanes);
+                            Some(residues.len() - 1)
+                        }
+                        _ => None,
+                    };
+                    steps.push(Step::Leaf(leaf, table));
+                }
+            }
+        }
+        MaskProgram {
+            steps,
+            residues,
+            depth: need[0],
+        }
+    }
+
+    /// Mask buffers of `len` masks each, enough for this program.
+    pub(super) fn buffers(&self, len: usize) -> MaskBuffers {
+        MaskBuffers {
+            stack: vec![vec![0u16; len]; self.depth.max(1)],
+        }
+    }
+
+    /// The masks of a block: for each fixed coordinate `at(f)`, `f < count`, and each of
+    /// `vectors` lane vectors, the kept lanes among lane coordinates `base + 16·v + l`. Mask
+    /// `(f, v)` lands at `f · VECTORS + v` of the returned slice.
+    ///
+    /// # Safety
+    /// AVX-512 is present; `count · VECTORS` fits the buffers and `vectors ≤ VECTORS`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    pub(super) unsafe fn eval<'b>(
+        &self,
+        buffers: &'b mut MaskBuffers,
+        axis: LaneAxis,
+        at: impl Fn(usize) -> i64,
+        count: usize,
+        base: i64,
+        vectors: usize,
+    ) -> &'b [u16] {
+        let mut live = 0;
+        for step in &self.steps {
+            match *step {
+                Step::Leaf(leaf, table) => {
+                    let residues = table.and_then(|t| self.residues.get(t));
+                    fill(
+                        &mut buffers.stack[live],
+                        leaf,
+                        residues,
+                        axis,
+                        &at,
+                        count,
+                        base,
+                        vectors,
+                    );
+                    live += 1;
+                }
+                Step::And | Step::Or => {
+                    let (lower, upper) = buffers.stack.split_at_mut(live - 1);
+                    let (a, b) = (&mut lower[live - 2], &upper[0]);
+                    let and = matches!(step, Step::And);
+                    for (x, y) in a[..count * VECTORS].iter_mut().zip(&b[..count * VECTORS]) {
+                        *x = if and { *x & *y } else { *x | *y };
+                    }
+                    live -= 1;
+                }
+            }
+        }
+        &buffers.stack[0][..count * VECTORS]
+    }
+}
+
+/// Scratch mask buffers of one call.
+#[derive(Clone, Debug)]
+pub(super) struct MaskBuffers {
+    stack: Vec<Vec<u16>>,
+}
+
+/// `x − base` clamped to `[−1, 64]`: comparisons with lane indices `0..64` are unchanged.
+fn relative(x: i64, base: i64) -> i32 {
+    let lanes = (LANES * VECTORS) as i128;
+    (x as i128 - base as i128).clamp(-1, lanes) as i32
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    out: &mut [u16],
+    leaf: Leaf,
+    residues: Option<&[i32; LANES * VECTORS]>,
+    axis: LaneAxis,
+    at: &impl Fn(usize) -> i64,
+    count: usize,
+    base: i64,
+    vectors: usize,
+) {
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let lane_index: [__m512i; VECTORS] = [
+        iota,
+        _mm512_add_epi32(iota, _mm512_set1_epi32(16)),
+        _mm512_add_epi32(iota, _mm512_set1_epi32(32)),
+        _mm512_add_epi32(iota, _mm512_set1_epi32(48)),
+    ];
+    let mut lane_residue = [_mm512_setzero_si512(); VECTORS];
+    if let Some(table) = residues {
+        for (v, r) in lane_residue.iter_mut().enumerate() {
+            // SAFETY: the table holds 64 i32, v < 4.
+            *r = unsafe { _mm512_loadu_si512(table.as_ptr().add(v * LANES).cast()) };
+        }
+    }
+    for f in 0..count {
+        let kept = leaf.kept(axis, at(f));
+        let lo = _mm512_set1_epi32(relative(kept.lo, base));
+        let hi = _mm512_set1_epi32(relative(kept.hi, base));
+        // x ≡ residue (mod stride) with x = base + index: index ≡ residue − base.
+        let residue = if kept.stride > 0 {
+            let r = (kept.residue as i128 - base as i128).rem_euclid(kept.stride as i128);
+            _mm512_set1_epi32(if r < (LANES * VECTORS) as i128 {
+                r as i32
+            } else {
+                -1
+            })
+        } else {
+            _mm512_setzero_si512()
+        };
+        for v in 0..vectors {
+            let mut k = _mm512_cmpge_epi32_mask(lane_index[v], lo);
+            k = _mm512_mask_cmple_epi32_mask(k, lane_index[v], hi);
+            if kept.stride > 0 {
+                k = _mm512_mask_cmpeq_epi32_mask(k, lane_residue[v], residue);
+            }
+            out[f * VECTORS + v] = k;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::Features;
+
+    fn masks() -> Vec<KeyMask> {
+        use KeyMask::*;
+        let b = Box::new;
+        vec![
+            Causal,
+            Window(5),
+            Window(0),
+            Dilated { w: 3, r: 4 },
+            Dilated { w: 2, r: 0 },
+            Dilated { w: u64::MAX, r: 3 },
+            Global(7),
+            Block(8),
+            Block(u64::MAX),
+            And(b(Causal), b(Window(9))),
+            Or(b(And(b(Causal), b(Block(16)))), b(Global(3))),
+            And(b(Or(b(Window(2)), b(Global(1)))), b(Dilated { w: 5, r: 2 })),
+        ]
+    }
+
+    /// Every leaf and combination against `KeyMask::keeps`, on both lane axes, with lane
+    /// bases below, inside and past the matrix (queries end-aligned, m ≠ n).
+    #[test]
+    fn programs_match_keeps() {
+        if !Features::detect().avx512 {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let (m, n) = (70usize, 90usize);
+        let shift = n as i64 - m as i64;
+        for mask in masks() {
+            let program = MaskProgram::compile(&mask);
+            let mut buffers = program.buffers(m.max(64) * VECTORS);
+            for base in [-70i64, -3, 0, 17, 64] {
+                // Lanes are rows: row i' = base + lane, keys fixed.
+                // SAFETY: AVX-512 was detected; 64 fixed positions fit the buffers.
+                let got = unsafe {
+                    program.eval(&mut buffers, LaneAxis::Rows, |f| f as i64, 64, base, 4)
+                }
+                .to_vec();
+                for j in 0..64usize.min(n) {
+                    for lane in 0..64 {
+                        let ia = base + lane as i64;
+                        let i = ia - shift;
+                        if i < 0 || i >= m as i64 {
+                            continue;
+                        }
+                        let want = mask.keeps(i as usize, j, m, n);
+                        let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                        assert_eq!(bit, want, "{mask:?} rows base {base} j {j} lane {lane}");
+                    }
+                }
+                // Lanes are keys: key j = base + lane, rows fixed.
+                // SAFETY: as above.
+                let got = unsafe {
+                    program.eval(
+                        &mut buffers,
+                        LaneAxis::Keys,
+                        |f| f as i64 + shift,
+                        m,
+                        base,
+                        4,
+                    )
+                }
+                .to_vec();
+                for i in 0..m {
+                    for lane in 0..64 {
+                        let j = base + lane as i64;
+                        if j < 0 || j >= n as i64 {
+                            continue;
+                        }
+                        let want = mask.keeps(i, j as usize, m, n);
+                        let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                        assert_eq!(bit, want, "{mask:?} keys base {base} i {i} lane {lane}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn deep_trees_compile_without_recursion() {
+        let mut mask = KeyMask::Causal;
+        for _ in 0..100_000 {
+            mask = KeyMask::And(Box::new(KeyMask::Window(3)), Box::new(mask));
+        }
+        let program = MaskProgram::compile(&mask);
+        assert_eq!(program.steps.len(), 200_001);
+        assert_eq!(program.depth, 2);
+        // Dropping the tree recursively would overflow; leak-free iterative drop instead.
+        let mut pending = vec![mask];
+        while let Some(node) = pending.pop() {
+            if let KeyMask::And(a, b) | KeyMask::Or(a, b) = node {
+                pending.push(*a);
+                pending.push(*b);
+            }
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The row kernel: one query row at a time, keys and value columns in the lanes.
+//!
+//! For calls with very few queries (decode: `m = 1`) the tile kernel would leave most lanes
+//! empty and widen f16/bf16 operands into scratch first. Here K and V are read once, straight
+//! from the operand, widened in registers: `q·K[j]` accumulates 16 partial sums per key over
+//! `d` (16 keys at a time), one transposing reduction tree turns the 16 keys' partial sums into
+//! one vector of 16 scores, and `P·V` accumulates a row of O (up to 128 columns) in registers.
+//! This is the memory-bound path: per key, K and V are each read exactly once.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::mask::{LaneAxis, MaskProgram, VECTORS};
+use super::math::exp2;
+use super::score::ScoreForm;
+use super::widen::{first_lanes, widen_row, Widen};
+use super::{KEY_TILE, QUERY_TILE};
+use crate::problem::{Call, Elements, Output};
+
+const LANES: usize = 16;
+
+/// Value columns held in registers per pass over a key tile (8 vectors).
+const O_BLOCK: usize = 8 * LANES;
+
+/// Computes rows `rows` of `call` into `out`, each row on its own.
+///
+/// # Safety
+/// AVX-512 is present, `problem::check(call, &rows, out)` passed and the tile table has this
+/// kernel's tile sizes.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn run(
+    call: &Call<'_>,
+    rows: Range<usize>,
+    out: &mut Output<'_>,
+    form: ScoreForm<'_>,
+    program: Option<&MaskProgram>,
+) {
+    // SAFETY (all nine): the caller's contract, passed on with the operands' element types.
+    unsafe {
+        match (call.k.data, call.v.data) {
+            (Elements::F32(k), Elements::F32(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::F32(k), Elements::F16(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::F32(k), Elements::Bf16(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::F16(k), Elements::F32(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::F16(k), Elements::F16(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::F16(k), Elements::Bf16(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::Bf16(k), Elements::F32(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::Bf16(k), Elements::F16(v)) => typed(call, k, v, rows, out, form, program),
+            (Elements::Bf16(k), Elements::Bf16(v)) => typed(call, k, v, rows, out, form, program),
+        }
+    }
+}
+
+/// One row's running state.
+struct State {
+    /// `q · scale · log2 e`, padded with zeros to whole vectors.
+    q: Vec<f32>,
+    /// O's row (not yet divided by the sum), padded to whole vectors.
+    o: Vec<f32>,
+    /// Scores, then weights, of one key tile.
+    p: [f32; KEY_TILE],
+    max: f32,
+    /// Per-lane partial sums of the weights.
+    sum: __m512,
+}
+
+/// The operands in their element types.
+struct Typed<'a, K, V> {
+    k: &'a [K],
+    k_stride: usize,
+    v: &'a [V],
+    v_stride: usize,
+    d: usize,
+    dv: usize,
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[allow(clippy::needless_range_loop)] // key tiles index the per-tile cache and give key offsets
+unsafe fn typed<K: Widen, V: Widen>(
+    call: &Call<'_>,
+    k: &[K],
+    v: &[V],
+    rows: Range<usize>,
+    out: &mut Output<'_>,
+    form: ScoreForm<'_>,
+    program: Option<&MaskProgram>,
+) {
+    let (m, n) = (call.m(), call.n());
+    let (d, dv) = (call.q.cols, call.v.cols);
+    let ops = Typed {
+        k,
+        k_stride: call.k.row_stride,
+        v,
+        v_stride: call.v.row_stride,
+        d,
+        dv,
+    };
+    let mut masks = program.map(|p| p.buffers(VECTORS));
+    let mut finite = vec![None; n.div_ceil(KEY_TILE)];
+    let mut st = State {
+        q: vec![0.0; d.div_ceil(LANES) * LANES],
+        o: vec![0.0; dv.div_ceil(LANES) * LANES],
+        p: [0.0; KEY_TILE],
+        max: f32::NEG_INFINITY,
+        sum: _mm512_setzero_ps(),
+    };
+    let shift = n as i64 - m as i64;
+    for i in rows.clone() {
+        // SAFETY: AVX-512 is present; row i < m lies inside Q.
+        unsafe {
+            widen_row(
+                call.q.data,
+                i,
+                call.q.row_stride,
+                &mut st.q[..d],
+                form.q_scale,
+            )
+        };
+        st.o.fill(0.0);
+        st.max = f32::NEG_INFINITY;
+        st.sum = _mm512_setzero_ps();
+        let ia = i as i64 + shift;
+        for run in call.tiles.runs(i / QUERY_TILE) {
+            for tile in run.first as usize..run.end as usize {
+                let j0 = tile * KEY_TILE;
+                let kn = KEY_TILE.min(n - j0);
+                let groups = kn.div_ceil(LANES);
+                let keep = match (run.partial, program, masks.as_mut()) {
+                    (true, Some(program), Some(buffers)) => {
+                        // SAFETY: AVX-512 is present; one row of ≤ 4 masks fits.
+                        let k = unsafe {
+                            program.eval(buffers, LaneAxis::Keys, |_| ia, 1, j0 as i64, groups)
+                        };
+                        let mut keep = [0u16; VECTORS];
+                        keep.copy_from_slice(k);
+                        Some(keep)
+                    }
+                    _ => None,
+                };
+                let finite_v = keep.is_none()
+                    || *finite[tile].get_or_insert_with(|| {
+                        (j0..j0 + kn).all(|j| {
+                            let row = &v[j * ops.v_stride..j * ops.v_stride + dv];
+                            row.iter().all(|x| x.get().is_finite())
+                        })
+                    });
+                // SAFETY: the caller's contract; tile lies inside n.
+                unsafe {
+                    key_tile(&ops, &mut st, &form, i, ia, j0, kn, keep, finite_v);
+                }
+            }
+        }
+        // Finish the row.
+        let sum = _mm512_reduce_add_ps(st.sum);
+        let empty = st.max == f32::NEG_INFINITY && sum == 0.0;
+        if dv > 0 {
+            let row = (i - rows.start) * out.row_stride;
+            for (x, &o) in out.o[row..row + dv].iter_mut().zip(&st.o) {
+                *x = if empty { 0.0 } else { o / sum };
+            }
+        }
+        if let Some(lse) = out.lse.as_deref_mut() {
+            lse[i - rows.start] = if empty {
+                f32::NEG_INFINITY
+            } else {
+                ((st.max as f64 + (sum as f64).log2()) * std::f64::consts::LN_2) as f32
+            };
+        }
+    }
+}
+
+/// One key tile of one row: scores, online softmax, `o += p · V`.
+///
+/// # Safety
+/// AVX-512 is present; the operands passed `problem::check`; keys `j0..j0 + kn` lie inside n.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn key_tile<K: Widen, V: Widen>(
+    ops: &Typed<'_, K, V>,
+    st: &mut State,
+    form: &ScoreForm<'_>,
+    i: usize,
+    ia: i64,
+    j0: usize,
+    kn: usize,
+    keep: Option<[u16; VECTORS]>,
+    finite_v: bool,
+) {
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let (row_stride, col_stride) = form.bias_strides();
+    let mut tmax = neg_inf;
+    let mut scores = [neg_inf; VECTORS];
+    for (g, score) in scores.iter_mut().enumerate().take(kn.div_ceil(LANES)) {
+        let jg = j0 + g * LANES;
+        let count = LANES.min(kn - g * LANES);
+        // SAFETY: keys jg..jg + count are rows < n of K.
+        let mut s = unsafe { dots(ops, &st.q, jg, count) };
+        let valid = first_lanes(count);
+        if form.has_options() {
+            // SAFETY: valid lanes are keys < n of row i < m: inside the checked bias.
+            s = unsafe {
+                form.apply(
+                    s,
+                    i * row_stride + jg * col_stride,
+                    col_stride,
+                    valid,
+                    jg as i64 - ia,
+                    1,
+                )
+            };
+        }
+        let kept = keep.map_or(valid, |k| k[g] & valid);
+        s = _mm512_mask_blend_ps(kept, neg_inf, s);
+        tmax = _mm512_max_ps(tmax, s);
+        *score = s;
+    }
+    // Online softmax on one row: every lane holds the row's values.
+    let old = _mm512_set1_ps(st.max);
+    let new = _mm512_max_ps(old, _mm512_set1_ps(_mm512_reduce_max_ps(tmax)));
+    let same = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(new, old) != 0;
+    let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(new, neg_inf);
+    let shift = _mm512_mask_blend_ps(empty, new, _mm512_setzero_ps());
+    let alpha = if same {
+        None
+    } else {
+        Some(exp2(_mm512_sub_ps(old, shift)))
+    };
+    if let Some(a) = alpha {
+        st.sum = _mm512_mul_ps(st.sum, a);
+    }
+    st.max = _mm512_cvtss_f32(new);
+    for (g, &s) in scores.iter().enumerate().take(kn.div_ceil(LANES)) {
+        let p = exp2(_mm512_sub_ps(s, shift));
+        st.sum = _mm512_add_ps(st.sum, p);
+        // SAFETY: g < 4: inside the 64 weights.
+        unsafe { _mm512_storeu_ps(st.p.as_mut_ptr().add(g * LANES), p) };
+    }
+    // o = o·alpha + Σ p_j V[j]; masked keys of a value tile with non-finite elements are
+    // skipped so that their 0·∞ stays out.
+    let skip = if finite_v { None } else { keep };
+    let mut c0 = 0;
+    while c0 < ops.dv {
+        let width = (ops.dv - c0).min(O_BLOCK);
+        // SAFETY: columns c0..c0 + width of keys j0..j0 + kn lie inside V; `o` is padded.
+        unsafe {
+            match width.div_ceil(LANES) {
+                1 => pv_row::<V, 1>(ops, st, j0, kn, c0, width, alpha, skip),
+                2 => pv_row::<V, 2>(ops, st, j0, kn, c0, width, alpha, skip),
+                3 => pv_row::<V, 3>(ops, st, j0, kn, c0, width, alpha, skip),
+                4 => pv_row::<V, 4>(ops, st, j0, kn, c0, width, alpha, skip),
+                5 => pv_row::<V, 5>(ops, st, j0, kn, c0, width, alpha, skip),
+                6 => pv_row::<V, 6>(ops, st, j0, kn, c0, width, alpha, skip),
+                7 => pv_row::<V, 7>(ops, st, j0, kn, c0, width, alpha, skip),
+                _ => pv_row::<V, 8>(ops, st, j0, kn, c0, width, alpha, skip),
+            }
+        }
+        c0 += O_BLOCK;
+    }
+}
+
+/// Scores `q·K[jg + l]` for lanes `l < count` (other lanes repeat the last key).
+///
+/// # Safety
+/// AVX-512 is present; keys `jg..jg + count` (count ≥ 1) lie inside K; `q` holds `d` rounded
+/// up to whole vectors.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn dots<K: Widen, V>(ops: &Typed<'_, K, V>, q: &[f32], jg: usize, count: usize) -> __m512 {
+    let d = ops.d;
+    let full = d / LANES;
+    let tail = first_lanes(d % LANES);
+    let mut acc = [_mm512_setzero_ps(); LANES];
+    for (slot, a) in acc.iter_mut().enumerate() {
+        // The reduction tree leaves slot s's sum in lane 4·(s mod 4) + s/4.
+        let key = (4 * (slot % 4) + slot / 4).min(count - 1);
+        let row = ops.k.as_ptr().wrapping_add((jg + key) * ops.k_stride);
+        let mut x = _mm512_setzero_ps();
+        for c in 0..full {
+            // SAFETY: whole vector c of the row lies inside K; q holds it too.
+            unsafe {
+                let kv = K::load(row.add(c * LANES));
+                x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c * LANES)), kv, x);
+            }
+        }
+        if tail != 0 {
+            // SAFETY: the tail lanes of the row lie inside K; q is padded.
+            unsafe {
+                let kv = K::load_masked(row.add(full * LANES), tail);
+                x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(full * LANES)), kv, x);
+            }
+        }
+        *a = x;
+    }
+    reduce16(&acc)
+}
+
+/// The 16 lane sums of `a`: lane `4q + e` holds the sum of `a[4e + q]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+fn reduce16(a: &[__m512; 16]) -> __m512 {
+    // Halves: lanes 0-7 of w[i] sum a[2i], lanes 8-15 sum a[2i + 1].
+    let mut w = [_mm512_setzero_ps(); 8];
+    for (i, w) in w.iter_mut().enumerate() {
+        let (x, y) = (a[2 * i], a[2 * i + 1]);
+        *w = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(x, y),
+            _mm512_shuffle_f32x4::<0xee>(x, y),
+        );
+    }
+    // Quarters: 128-bit lane q of u[i] sums a[4i + q].
+    let mut u = [_mm512_setzero_ps(); 4];
+    for (i, u) in u.iter_mut().enumerate() {
+        let (x, y) = (w[2 * i], w[2 * i + 1]);
+        *u = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(x, y),
+            _mm512_shuffle_f32x4::<0xdd>(x, y),
+        );
+    }
+    // Pairs within 128-bit lanes, then singles.
+    let z0 = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(u[0], u[1]),
+        _mm512_shuffle_ps::<0xee>(u[0], u[1]),
+    );
+    let z1 = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(u[2], u[3]),
+        _mm512_shuffle_ps::<0xee>(u[2], u[3]),
+    );
+    _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(z0, z1),
+        _mm512_shuffle_ps::<0xdd>(z0, z1),
+    )
+}
+
+/// `o[c0..c0 + width] = o·alpha + Σ_j p_j V[j0 + j][c0..]` with `NV` vectors in registers.
+///
+/// # Safety
+/// AVX-512 is present; columns `c0..c0 + width` (`width ≤ 16·NV`, `> 16·(NV − 1)`) of keys
+/// `j0..j0 + kn` lie inside V; `st.o` holds `c0 + 16·NV` f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_row<V: Widen, const NV: usize>(
+    ops: &Typed<'_, impl Sized, V>,
+    st: &mut State,
+    j0: usize,
+    kn: usize,
+    c0: usize,
+    width: usize,
+    alpha: Option<__m512>,
+    skip: Option<[u16; VECTORS]>,
+) {
+    let tail = first_lanes(width - (NV - 1) * LANES);
+    let o = st.o.as_mut_ptr().wrapping_add(c0);
+    let mut acc = [_mm512_setzero_ps(); NV];
+    for (x, a) in acc.iter_mut().enumerate() {
+        // SAFETY: st.o holds c0 + 16·NV f32.
+        *a = unsafe { _mm512_loadu_ps(o.add(x * LANES)) };
+        if let Some(alpha) = alpha {
+            *a = _mm512_mul_ps(*a, alpha);
+        }
+    }
+    for j in 0..kn {
+        if let Some(keep) = skip {
+            if keep[j / LANES] >> (j % LANES) & 1 == 0 {
+                continue;
+            }
+        }
+        let p = _mm512_set1_ps(st.p[j]);
+        let row = ops.v.as_ptr().wrapping_add((j0 + j) * ops.v_stride + c0);
+        for (x, a) in acc.iter_mut().enumerate() {
+            // SAFETY: columns c0 + 16x.. (the last vector masked to `width`) lie inside V.
+            let v = unsafe {
+                if x + 1 < NV {
+                    V::load(row.add(x * LANES))
+                } else {
+                    V::load_masked(row.add(x * LANES), tail)
+                }
+            };
+            *a = _mm512_fmadd_ps(p, v, *a);
+        }
+    }
+    for (x, a) in acc.iter().enumerate() {
+        // SAFETY: as for the loads of `o`.
+        unsafe { _mm512_storeu_ps(o.add(x * LANES), *a) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::Features;
+
+    #[test]
+    fn reduction_tree_puts_each_sum_in_its_lane() {
+        if !Features::detect().avx512 {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let mut a = [[0.0f32; 16]; 16];
+        for (s, v) in a.iter_mut().enumerate() {
+            for (l, x) in v.iter_mut().enumerate() {
+                *x = (s * 1000 + l) as f32;
+            }
+        }
+        let mut out = [0.0f32; 16];
+        // SAFETY: AVX-512 was detected; the arrays hold 16·16 and 16 f32.
+        unsafe {
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (s, x) in v.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(a[s].as_ptr());
+            }
+            _mm512_storeu_ps(out.as_mut_ptr(), reduce16(&v));
+        }
+        for (lane, &got) in out.iter().enumerate() {
+            let (q, e) = (lane / 4, lane % 4);
+            let slot = 4 * e + q;
+            let want: f32 = a[slot].iter().sum();
+            assert_eq!(got, want, "lane {lane}");
+        }
+    }
+}

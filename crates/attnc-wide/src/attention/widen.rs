@@ -1,0 +1,144 @@
+//! Operand elements widened to f32 on load: f32 as is, bf16 by a 16-bit shift, f16 by
+//! `vcvtph2ps`.
+
+use std::arch::x86_64::*;
+
+use half::{bf16, f16};
+
+use crate::problem::Elements;
+
+/// An element type the kernels read as f32.
+pub(super) trait Widen: Copy {
+    /// 16 consecutive elements from `p` as f32.
+    ///
+    /// # Safety
+    /// AVX-512 is present and `p` points at 16 readable elements.
+    unsafe fn load(p: *const Self) -> __m512;
+
+    /// The elements of the lanes set in `lanes` (lane `l` at `p + l`), 0 elsewhere; only those
+    /// elements are read.
+    ///
+    /// # Safety
+    /// AVX-512 is present and every element of a set lane is readable.
+    unsafe fn load_masked(p: *const Self, lanes: __mmask16) -> __m512;
+
+    /// One element as f32.
+    fn get(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load(p: *const f32) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable f32 at `p`.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load_masked(p: *const f32, lanes: __mmask16) -> __m512 {
+        // SAFETY: masked lanes are not accessed; the caller guarantees the others.
+        unsafe { _mm512_maskz_loadu_ps(lanes, p) }
+    }
+
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for bf16 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load(p: *const bf16) -> __m512 {
+        // SAFETY: bf16 is a transparent u16; the caller guarantees 16 readable elements.
+        let raw = unsafe { _mm256_loadu_si256(p.cast::<__m256i>()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load_masked(p: *const bf16, lanes: __mmask16) -> __m512 {
+        // SAFETY: masked lanes are not accessed; the caller guarantees the others.
+        let raw = unsafe { _mm256_maskz_loadu_epi16(lanes, p.cast::<i16>()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    }
+
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Widen for f16 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load(p: *const f16) -> __m512 {
+        // SAFETY: f16 is a transparent u16; the caller guarantees 16 readable elements.
+        let raw = unsafe { _mm256_loadu_si256(p.cast::<__m256i>()) };
+        _mm512_cvtph_ps(raw)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load_masked(p: *const f16, lanes: __mmask16) -> __m512 {
+        // SAFETY: masked lanes are not accessed; the caller guarantees the others.
+        let raw = unsafe { _mm256_maskz_loadu_epi16(lanes, p.cast::<i16>()) };
+        _mm512_cvtph_ps(raw)
+    }
+
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// The lanes `0..count` (all 16 for `count ≥ 16`).
+#[inline]
+pub(super) fn first_lanes(count: usize) -> __mmask16 {
+    if count >= 16 {
+        0xffff
+    } else {
+        ((1u32 << count) - 1) as __mmask16
+    }
+}
+
+/// `dst[c] = src[c] · scale` for `c < dst.len()`, widened.
+///
+/// # Safety
+/// AVX-512 is present.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn widen_scaled<E: Widen>(src: &[E], dst: &mut [f32], scale: f32) {
+    let len = dst.len().min(src.len());
+    let s = _mm512_set1_ps(scale);
+    let mut c = 0;
+    while c < len {
+        let lanes = first_lanes(len - c);
+        // SAFETY: lanes cover `c..min(c + 16, len)`, inside both slices.
+        unsafe {
+            let x = E::load_masked(src.as_ptr().add(c), lanes);
+            _mm512_mask_storeu_ps(dst.as_mut_ptr().add(c), lanes, _mm512_mul_ps(x, s));
+        }
+        c += 16;
+    }
+}
+
+/// Row `row` of a row-major operand (`cols` elements, rows `stride` apart), widened and
+/// scaled into `dst` (`cols` long).
+///
+/// # Safety
+/// AVX-512 is present and the row lies inside `data`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn widen_row(
+    data: Elements<'_>,
+    row: usize,
+    stride: usize,
+    dst: &mut [f32],
+    scale: f32,
+) {
+    let start = row * stride;
+    let end = start + dst.len();
+    // SAFETY (all three): AVX-512 is present (the caller's contract).
+    match data {
+        Elements::F32(x) => unsafe { widen_scaled(&x[start..end], dst, scale) },
+        Elements::F16(x) => unsafe { widen_scaled(&x[start..end], dst, scale) },
+        Elements::Bf16(x) => unsafe { widen_scaled(&x[start..end], dst, scale) },
+    }
+}
