@@ -1,0 +1,447 @@
+//! K and V of one batch entry in the tile layouts of the products (once per batch entry).
+//!
+//! Keys are padded with zeros to whole key tiles ([`KEY_TILE`]), head dimensions to whole tile
+//! rows; each stored tile is 1024 contiguous bytes (16 rows of 64).
+//!
+//! - bf16, K: tile `(g, c)` = keys `16g..16g+16`, dims `32c..32c+32` as `[16 dim pairs][16 keys][2]`
+//!   at `(g·d_chunks + c)·1024`; `hi` and `lo` bf16 parts (`k ≈ hi + lo`; no `lo` when every
+//!   remainder is 0, e.g. bf16 inputs).
+//! - bf16, V: tile `(h, c)` = keys `32h..32h+32`, columns `16c..16c+16` as `[16 key pairs][16
+//!   columns][2]` at `(h·dv_groups + c)·1024`; `hi` and optionally `lo`.
+//! - int8, K: smoothed `k − μ` (μ the mean of the finite keys) in two signed digits per key,
+//!   `k − μ ≈ s·(hi + lo/254)` with `s = max|k − μ| / 127`; tile `(g, c)` = keys `16g..16g+16`,
+//!   dims `64c..64c+64` as `[16 dim quads][16 keys][4]`. A key with a NaN or ∞ has `s = NaN`.
+//! - int8, V: per key tile `t` and column, `v ≈ s·(hi + lo/254)` with `s = max|v| / 127` over
+//!   the tile's 64 keys; tile `(t, c)` as `[16 key quads][16 columns][4]` with the key quads in
+//!   the order the kernel's byte packing of P leaves them ([`p_key`]).
+//!
+//! V values that are NaN or ∞ are stored as 0 and listed ([`BadValues`]); the kernels add them
+//! back to the rows that keep their key, so a masked key's NaN never reaches a row.
+
+use std::arch::x86_64::*;
+
+use super::simd::{first, join, load, non_finite, split_bf16};
+use super::tile::TILE_BYTES;
+use super::{Products, KEY_TILE};
+use crate::problem::{Call, CallError, Operand};
+
+/// 64 bytes, 64-byte aligned: the unit of every buffer handed to tile loads and stores.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub(crate) struct Line(pub(crate) [u8; 64]);
+
+/// A zeroed, 64-byte aligned buffer.
+pub(crate) struct Lines(Vec<Line>);
+
+impl Lines {
+    /// At least `bytes` zero bytes; an error instead of an abort when memory runs out.
+    pub(crate) fn zeroed(bytes: usize) -> Result<Lines, CallError> {
+        let lines = bytes.div_ceil(64);
+        let mut v = Vec::new();
+        v.try_reserve_exact(lines).map_err(|_| {
+            CallError::Shape(format!("cannot allocate {bytes} bytes of packed operands"))
+        })?;
+        v.resize(lines, Line([0; 64]));
+        Ok(Lines(v))
+    }
+
+    /// The first byte.
+    pub(crate) fn ptr(&self) -> *const u8 {
+        self.0.as_ptr().cast()
+    }
+
+    /// The first byte, writable.
+    pub(crate) fn ptr_mut(&mut self) -> *mut u8 {
+        self.0.as_mut_ptr().cast()
+    }
+
+    /// The length in bytes.
+    pub(crate) fn bytes(&self) -> usize {
+        self.0.len() * 64
+    }
+}
+
+/// NaN and ∞ of V, by key: `entries[offsets[t]..offsets[t + 1]]` lie in key tile `t`.
+pub(crate) struct BadValues {
+    offsets: Vec<usize>,
+    /// (key, column, value), sorted by key.
+    entries: Vec<(usize, usize, f32)>,
+}
+
+impl BadValues {
+    /// The non-finite values of key tile `t`.
+    pub(crate) fn of_tile(&self, t: usize) -> &[(usize, usize, f32)] {
+        match (self.offsets.get(t), self.offsets.get(t + 1)) {
+            (Some(&a), Some(&b)) => &self.entries[a..b],
+            _ => &[],
+        }
+    }
+
+    fn from_entries(mut entries: Vec<(usize, usize, f32)>, key_tiles: usize) -> BadValues {
+        entries.sort_by_key(|e| (e.0, e.1));
+        let offsets = (0..=key_tiles)
+            .map(|t| entries.partition_point(|e| e.0 < t * KEY_TILE))
+            .collect();
+        BadValues { offsets, entries }
+    }
+}
+
+/// K and V of one batch entry in tile layout.
+pub(crate) struct Data {
+    /// Key tiles of [`KEY_TILE`] keys.
+    pub(crate) key_tiles: usize,
+    /// Tile-row chunks of the head dimension (32 bf16 or 64 int8 per chunk).
+    pub(crate) d_chunks: usize,
+    /// Groups of 16 value columns.
+    pub(crate) dv_groups: usize,
+    pub(crate) k_hi: Lines,
+    pub(crate) k_lo: Option<Lines>,
+    pub(crate) v_hi: Lines,
+    pub(crate) v_lo: Option<Lines>,
+    /// int8: the scale of each key (padded keys 0).
+    pub(crate) k_scale: Vec<f32>,
+    /// int8: the subtracted mean key μ (`d` values).
+    pub(crate) k_mean: Vec<f32>,
+    /// int8: `[key tile][dv_groups·16]` scales of V's `hi` digit.
+    pub(crate) v_scale: Vec<f32>,
+    pub(crate) bad_v: BadValues,
+}
+
+/// Whether int8 V keeps a second digit (`lo`): halves V's share of the error (about 0.5 % →
+/// 0 of relative L2 on standard-normal data) for a second `tdpbusd` per output tile.
+pub(crate) const INT8_V_DIGITS: usize = 2;
+
+/// The key of byte `pos` (0..64) of a row of P after the kernel packs four vectors of 16 keys
+/// with `vpackusdw` + `vpackuswb` (which interleave 128-bit lanes): lane `pos / 16`, source
+/// vector `(pos / 4) % 4`, element `pos % 4`.
+pub(crate) fn p_key(pos: usize) -> usize {
+    16 * ((pos / 4) % 4) + 4 * (pos / 16) + pos % 4
+}
+
+fn bytes(parts: &[usize]) -> Result<usize, CallError> {
+    parts
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or_else(|| CallError::Shape("packed operands overflow usize".into()))
+}
+
+/// Packs K and V of `call` for `products` (the caller checked the call and the CPU).
+pub(crate) fn pack(products: Products, call: &Call<'_>) -> Result<Data, CallError> {
+    // SAFETY (both arms): the caller checked `available(products)` (AMX, AVX-512 and, for bf16,
+    // AVX-512 BF16) and `problem::check(call)` (every row of K and V lies inside its slice).
+    match products {
+        Products::Bf16 => unsafe { pack_bf16(call) },
+        Products::Int8 => unsafe { pack_int8(call) },
+    }
+}
+
+/// Row `r` of `op` in vectors of 16 columns from `c0` (`count ≤ 16` of them).
+///
+/// # Safety
+/// `op` is in bounds (`problem::check`), `r < op.rows`, `c0 + count ≤ op.cols`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn row16(op: &Operand<'_>, r: usize, c0: usize, count: usize) -> __m512 {
+    // SAFETY: by the caller, `r·stride + c0 + count ≤ data.len()`.
+    unsafe { load(&op.data, r * op.row_stride + c0, count) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
+    let (n, d, dv) = (call.n(), call.q.cols, call.v.cols);
+    let key_tiles = n.div_ceil(KEY_TILE);
+    let d_chunks = d.div_ceil(32);
+    let dv_groups = dv.div_ceil(16);
+    let k_bytes = bytes(&[key_tiles, 4, d_chunks, TILE_BYTES])?;
+    let v_bytes = bytes(&[key_tiles, 2, dv_groups, TILE_BYTES])?;
+    let mut k_hi = Lines::zeroed(k_bytes)?;
+    let mut k_lo = Lines::zeroed(k_bytes)?;
+    let mut lo_any = _mm512_setzero_si512();
+    // Lane `p` of a 32-dim chunk (dims 2p, 2p+1) goes to row p of the key's column.
+    let rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(16),
+    );
+    for j in 0..n {
+        for c in 0..d_chunks {
+            let c0 = 32 * c;
+            // SAFETY: j < n, columns c0..c0 + count < d.
+            let (a, b) = unsafe {
+                (
+                    row16(&call.k, j, c0, (d - c0).min(16)),
+                    row16(&call.k, j, (c0 + 16).min(d), d.saturating_sub(c0 + 16).min(16)),
+                )
+            };
+            let (ah, al) = split_bf16(a);
+            let (bh, bl) = split_bf16(b);
+            let (hi, lo) = (join(ah, bh), join(al, bl));
+            lo_any = _mm512_or_si512(lo_any, lo);
+            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 4;
+            // SAFETY: `at` + row 15 · 64 + 4 ≤ k_bytes: tile (j/16, c) exists for j < n.
+            unsafe {
+                _mm512_i32scatter_epi32::<4>(k_hi.ptr_mut().add(at).cast(), rows, hi);
+                _mm512_i32scatter_epi32::<4>(k_lo.ptr_mut().add(at).cast(), rows, lo);
+            }
+        }
+    }
+    let k_lo = (_mm512_test_epi32_mask(lo_any, lo_any) != 0).then_some(k_lo);
+
+    let mut v_hi = Lines::zeroed(v_bytes)?;
+    let mut v_lo = Lines::zeroed(v_bytes)?;
+    let mut v_lo_any = _mm512_setzero_si512();
+    let mut bad = Vec::new();
+    for j in (0..n).step_by(2) {
+        let (h, pair) = (j / 32, (j % 32) / 2);
+        for g in 0..dv_groups {
+            let (c0, count) = (16 * g, (dv - 16 * g).min(16));
+            let mut parts = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 2];
+            for (e, part) in parts.iter_mut().enumerate() {
+                if j + e < n {
+                    // SAFETY: key j + e < n, columns c0..c0 + count ≤ dv.
+                    let x = unsafe { row16(&call.v, j + e, c0, count) };
+                    let x = sanitize(x, j + e, c0, &mut bad);
+                    *part = split_bf16(x);
+                }
+            }
+            let interleave = |a: __m256i, b: __m256i| {
+                _mm512_or_si512(
+                    _mm512_cvtepu16_epi32(a),
+                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
+                )
+            };
+            let hi = interleave(parts[0].0, parts[1].0);
+            let lo = interleave(parts[0].1, parts[1].1);
+            v_lo_any = _mm512_or_si512(v_lo_any, lo);
+            let at = (h * dv_groups + g) * TILE_BYTES + pair * 64;
+            // SAFETY: tile (h, g) exists for key j < n and group g < dv_groups.
+            unsafe {
+                _mm512_store_si512(v_hi.ptr_mut().add(at).cast(), hi);
+                _mm512_store_si512(v_lo.ptr_mut().add(at).cast(), lo);
+            }
+        }
+    }
+    let v_lo = (_mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0).then_some(v_lo);
+    Ok(Data {
+        key_tiles,
+        d_chunks,
+        dv_groups,
+        k_hi,
+        k_lo,
+        v_hi,
+        v_lo,
+        k_scale: Vec::new(),
+        k_mean: Vec::new(),
+        v_scale: Vec::new(),
+        bad_v: BadValues::from_entries(bad, key_tiles),
+    })
+}
+
+/// `x` with its non-finite lanes set to 0, recorded as (key, column, value).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn sanitize(x: __m512, key: usize, c0: usize, bad: &mut Vec<(usize, usize, f32)>) -> __m512 {
+    let k = non_finite(x);
+    if k == 0 {
+        return x;
+    }
+    // SAFETY: __m512 is 16 plain f32.
+    let lanes: [f32; 16] = unsafe { std::mem::transmute(x) };
+    for (l, v) in lanes.iter().enumerate() {
+        if k >> l & 1 == 1 {
+            bad.push((key, c0 + l, *v));
+        }
+    }
+    _mm512_mask_mov_ps(x, k, _mm512_setzero_ps())
+}
+
+/// Signed digits of `x·inv`: `hi = round(x·inv)`, `lo = round((x·inv − hi)·254)`, both in
+/// `[−127, 127]`, as i32 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(crate) fn digits(x: __m512, inv: __m512) -> (__m512i, __m512i) {
+    let y = _mm512_mul_ps(x, inv);
+    let h = _mm512_roundscale_ps::<0x08>(y); // nearest even, no exceptions
+    let l = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(_mm512_sub_ps(y, h), _mm512_set1_ps(254.0)));
+    let clamp = |v: __m512| {
+        _mm512_cvtps_epi32(_mm512_min_ps(
+            _mm512_max_ps(v, _mm512_set1_ps(-127.0)),
+            _mm512_set1_ps(127.0),
+        ))
+    };
+    (clamp(h), clamp(l))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
+    let (n, d, dv) = (call.n(), call.q.cols, call.v.cols);
+    let key_tiles = n.div_ceil(KEY_TILE);
+    let d_chunks = d.div_ceil(64);
+    let dv_groups = dv.div_ceil(16);
+    let padded = bytes(&[key_tiles, KEY_TILE])?;
+    let k_bytes = bytes(&[key_tiles, 4, d_chunks, TILE_BYTES])?;
+    let v_bytes = bytes(&[key_tiles, dv_groups, TILE_BYTES])?;
+    let d16 = d.div_ceil(16);
+
+    // μ: the mean of the finite keys, accumulated in f64.
+    let mut sum = vec![0.0f64; d16 * 16];
+    let mut finite = vec![true; n];
+    let mut count = 0usize;
+    let mut row = vec![_mm512_setzero_ps(); d16];
+    for j in 0..n {
+        let mut bad = 0;
+        for (b, r) in row.iter_mut().enumerate() {
+            // SAFETY: key j < n, columns 16b..16b + count ≤ d.
+            *r = unsafe { row16(&call.k, j, 16 * b, (d - 16 * b).min(16)) };
+            bad |= non_finite(*r);
+        }
+        finite[j] = bad == 0;
+        if finite[j] {
+            count += 1;
+            for (b, r) in row.iter().enumerate() {
+                // SAFETY: __m512 is 16 plain f32.
+                let lanes: [f32; 16] = unsafe { std::mem::transmute(*r) };
+                for (s, x) in sum[16 * b..16 * b + 16].iter_mut().zip(lanes) {
+                    *s += x as f64;
+                }
+            }
+        }
+    }
+    let k_mean: Vec<f32> = sum
+        .iter()
+        .map(|s| if count > 0 { (s / count as f64) as f32 } else { 0.0 })
+        .collect();
+
+    let mut k_hi = Lines::zeroed(k_bytes)?;
+    let mut k_lo = Lines::zeroed(k_bytes)?;
+    let mut k_scale = vec![0.0f32; padded];
+    let rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(16),
+    );
+    for j in 0..n {
+        if !finite[j] {
+            k_scale[j] = f32::NAN;
+            continue;
+        }
+        let mut amax = _mm512_setzero_ps();
+        for (b, r) in row.iter_mut().enumerate() {
+            // SAFETY: as above; μ has d16·16 entries.
+            *r = unsafe {
+                let x = row16(&call.k, j, 16 * b, (d - 16 * b).min(16));
+                let mu = _mm512_maskz_loadu_ps(first(d - 16 * b), k_mean.as_ptr().add(16 * b));
+                _mm512_sub_ps(x, mu)
+            };
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(*r));
+        }
+        let amax = _mm512_reduce_max_ps(amax);
+        k_scale[j] = amax / 127.0;
+        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        for c in 0..d_chunks {
+            let mut hi = [0u8; 64];
+            let mut lo = [0u8; 64];
+            for q in 0..4 {
+                let b = 4 * c + q;
+                if b < d16 {
+                    let (h, l) = digits(row[b], inv);
+                    // SAFETY: 16 bytes at 16q of 64-byte arrays.
+                    unsafe {
+                        _mm_storeu_si128(hi.as_mut_ptr().add(16 * q).cast(), _mm512_cvtepi32_epi8(h));
+                        _mm_storeu_si128(lo.as_mut_ptr().add(16 * q).cast(), _mm512_cvtepi32_epi8(l));
+                    }
+                }
+            }
+            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 4;
+            // SAFETY: tile (j/16, c) exists for j < n; the arrays hold 64 bytes.
+            unsafe {
+                let (h, l) = (
+                    _mm512_loadu_si512(hi.as_ptr().cast()),
+                    _mm512_loadu_si512(lo.as_ptr().cast()),
+                );
+                _mm512_i32scatter_epi32::<4>(k_hi.ptr_mut().add(at).cast(), rows, h);
+                _mm512_i32scatter_epi32::<4>(k_lo.ptr_mut().add(at).cast(), rows, l);
+            }
+        }
+    }
+
+    let mut v_hi = Lines::zeroed(v_bytes)?;
+    let mut v_lo = Lines::zeroed(if INT8_V_DIGITS == 2 { v_bytes } else { 0 })?;
+    let mut v_scale = vec![0.0f32; bytes(&[key_tiles, dv_groups, 16])?];
+    let mut bad = Vec::new();
+    let mut tile = vec![_mm512_setzero_ps(); KEY_TILE];
+    for t in 0..key_tiles {
+        let keys = (n - t * KEY_TILE).min(KEY_TILE);
+        for g in 0..dv_groups {
+            let (c0, cols) = (16 * g, (dv - 16 * g).min(16));
+            let mut amax = _mm512_setzero_ps();
+            for (e, x) in tile.iter_mut().enumerate() {
+                *x = if e < keys {
+                    let j = t * KEY_TILE + e;
+                    // SAFETY: key j < n, columns c0..c0 + cols ≤ dv.
+                    sanitize(unsafe { row16(&call.v, j, c0, cols) }, j, c0, &mut bad)
+                } else {
+                    _mm512_setzero_ps()
+                };
+                amax = _mm512_max_ps(amax, _mm512_abs_ps(*x));
+            }
+            let scale = _mm512_div_ps(amax, _mm512_set1_ps(127.0));
+            let inv = _mm512_maskz_div_ps(
+                _mm512_cmp_ps_mask::<_CMP_GT_OQ>(amax, _mm512_setzero_ps()),
+                _mm512_set1_ps(127.0),
+                amax,
+            );
+            // SAFETY: 16 scales of (t, g) lie inside v_scale.
+            unsafe { _mm512_storeu_ps(v_scale.as_mut_ptr().add((t * dv_groups + g) * 16), scale) };
+            let base = (t * dv_groups + g) * TILE_BYTES;
+            for kq in 0..16 {
+                // Row kq pairs with P bytes 4kq..4kq+4, keys p_key(4kq) + e.
+                let k0 = p_key(4 * kq);
+                let mut h = _mm512_setzero_si512();
+                let mut l = _mm512_setzero_si512();
+                for e in 0..4 {
+                    let (dh, dl) = digits(tile[k0 + e], inv);
+                    let byte = _mm512_set1_epi32(0xFF);
+                    let shift = _mm512_set1_epi32(8 * e as i32);
+                    h = _mm512_or_si512(h, _mm512_sllv_epi32(_mm512_and_si512(dh, byte), shift));
+                    l = _mm512_or_si512(l, _mm512_sllv_epi32(_mm512_and_si512(dl, byte), shift));
+                }
+                // SAFETY: row kq of tile (t, g) lies inside v_hi (and v_lo when it exists).
+                unsafe {
+                    _mm512_store_si512(v_hi.ptr_mut().add(base + kq * 64).cast(), h);
+                    if INT8_V_DIGITS == 2 {
+                        _mm512_store_si512(v_lo.ptr_mut().add(base + kq * 64).cast(), l);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Data {
+        key_tiles,
+        d_chunks,
+        dv_groups,
+        k_hi,
+        k_lo: Some(k_lo),
+        v_hi,
+        v_lo: (INT8_V_DIGITS == 2).then_some(v_lo),
+        k_scale,
+        k_mean,
+        v_scale,
+        bad_v: BadValues::from_entries(bad, key_tiles),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p_key_is_a_permutation_of_whole_quads() {
+        let mut seen = [false; 64];
+        for pos in 0..64 {
+            let k = p_key(pos);
+            assert!(!seen[k]);
+            seen[k] = true;
+            // Four consecutive bytes hold four consecutive keys.
+            assert_eq!(p_key(pos - pos % 4) + pos % 4, k);
+        }
+    }
+}
