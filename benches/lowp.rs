@@ -3,13 +3,14 @@
 //!
 //! - `decode` (m = 1, h = 8, n = 32768, d = 128): f32 K/V against bf16 K/V (read natively);
 //! - `int8` (dense, h = 8, n = 4096, d = 64): the exact f32 kernel against the int8 kernel
-//!   (the IR wrapped in `int8-products`, the form the optimizer emits for `@approx(int8)`).
+//!   (the fused attention op with int8 precision, the form the optimizer emits for
+//!   `@approx(int8)`).
 //!
 //! `cargo bench --bench lowp` (about two minutes on 2 cores).
 
 use attnc::io::standard_normal;
-use attnc::ir::{Bindings, DType, Kernel};
-use attnc_jit::kernels::attention::with_low_precision;
+use attnc::ir::fused::expand::with_precision;
+use attnc::ir::{Bindings, DType, Kernel, Precision};
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::hint::black_box;
@@ -75,6 +76,7 @@ fn bench_pair(c: &mut Criterion, group: &str, cases: [(&str, Kernel); 2], b: &Bi
         .measurement_time(Duration::from_secs(4));
     for (name, k) in &cases {
         let compiled = CompiledKernel::compile(k, b, &CompileOptions::default()).expect("compiles");
+        assert!(compiled.plan().to_string().contains("fused attention"));
         let inputs = Inputs::new(k, b);
         for t in [1, threads] {
             g.bench_with_input(BenchmarkId::new(*name, format!("t{t}")), &t, |bench, &t| {
@@ -89,19 +91,25 @@ fn bench_pair(c: &mut Criterion, group: &str, cases: [(&str, Kernel); 2], b: &Bi
 }
 
 fn lowp(c: &mut Criterion) {
+    let decode = bindings(8, 32768, 128);
+    let fused = |text: &str, b: &Bindings| attnc::engine::optimize(&kernel(text), b).kernel;
     bench_pair(
         c,
         "decode_h8_n32768_d128",
-        [("f32", kernel(DECODE_F32)), ("bf16", kernel(DECODE_BF16))],
-        &bindings(8, 32768, 128),
+        [
+            ("f32", fused(DECODE_F32, &decode)),
+            ("bf16", fused(DECODE_BF16, &decode)),
+        ],
+        &decode,
     );
-    let dense = kernel(DENSE);
-    let int8 = with_low_precision(&dense, &[], true);
+    let b = bindings(8, 4096, 64);
+    let dense = fused(DENSE, &b);
+    let int8 = with_precision(&dense, &[], Precision::Int8);
     bench_pair(
         c,
         "dense_h8_n4096_d64",
         [("exact", dense), ("int8", int8)],
-        &bindings(8, 4096, 64),
+        &b,
     );
 }
 

@@ -26,6 +26,8 @@
 //! - `Cast { to }` rounds each value to the storage type the way an f32 engine stores it
 //!   (f64 → f32 → f16/bf16, round to nearest even) and widens it back.
 //! - Dimensions may be 0: empty in, empty out; a product over zero keys is 0.
+//! - Fused ops mean their plain form (`interp/fused.rs`); causal linear attention sums each
+//!   row's prefix only.
 
 use crate::bind::{resolve_checked, resolve_node_shapes, BindError};
 use crate::dim::Bindings;
@@ -33,6 +35,8 @@ use crate::graph::{Kernel, NodeId};
 use crate::op::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
 use crate::pattern::MaskPattern;
 use ndarray::{ArrayD, ArrayView1, ArrayViewMut1, Axis, IxDyn, Zip};
+
+mod fused;
 
 /// Why a kernel could not be evaluated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -283,7 +287,8 @@ fn eval_node(
             let data = crate::random::random_matrix(*kind, *seed, rows, cols);
             ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| e.to_string())?
         }
-        Op::Int8Products => args[0].clone(),
+        Op::Attention(a) => fused::attention(a, args, bindings)?,
+        Op::LinearAttention(l) => fused::linear(l, args)?,
     })
 }
 

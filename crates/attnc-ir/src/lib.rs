@@ -5,8 +5,10 @@
 #![warn(missing_docs)]
 
 pub mod bind;
+pub mod build;
 pub mod dim;
 pub mod dot;
+pub mod fused;
 pub mod graph;
 pub mod interp;
 pub mod lower;
@@ -16,6 +18,7 @@ pub mod print;
 pub mod random;
 
 pub use dim::{Bindings, Dim, Shape};
+pub use fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
 pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};
 pub use op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
 pub use pattern::MaskPattern;

@@ -1,6 +1,7 @@
 //! The operations of the IR.
 
 use crate::dim::Dim;
+use crate::fused::{Attention, LinearAttention};
 use crate::pattern::MaskPattern;
 pub use crate::random::RandomKind;
 use serde::Serialize;
@@ -124,11 +125,10 @@ pub enum Op {
         /// Its seed.
         seed: u64,
     },
-    /// Marks a fused attention `softmax(..) @ v` (one operand) whose score and value products
-    /// may run on int8 operands. Its value is the operand's: the interpreter evaluates it
-    /// exactly, and the quantization error of machine code is measured against the policy's
-    /// tolerance before a plan that uses it is accepted.
-    Int8Products,
+    /// Fused softmax attention over `[q, k, v, biases..]` (see [`crate::fused`]).
+    Attention(Box<Attention>),
+    /// Linear attention through its key-value state over `[q, k, v]` (see [`crate::fused`]).
+    LinearAttention(LinearAttention),
 }
 
 impl Op {
@@ -142,6 +142,8 @@ impl Op {
             | Op::RelPos
             | Op::Random { .. } => 0,
             Op::Binary(_) | Op::MatMul => 2,
+            Op::Attention(a) => a.arity(),
+            Op::LinearAttention(_) => 3,
             _ => 1,
         }
     }
@@ -207,7 +209,8 @@ impl fmt::Display for Op {
             Op::Mask { pattern, fill } => write!(f, "mask {pattern} fill={fill:?}"),
             Op::Cast { to } => write!(f, "cast {}", to.keyword()),
             Op::Random { kind, seed } => write!(f, "random {} seed={seed}", kind.name()),
-            Op::Int8Products => f.write_str("int8-products"),
+            Op::Attention(a) => write!(f, "attention {a}"),
+            Op::LinearAttention(l) => write!(f, "linear-attention {l}"),
         }
     }
 }

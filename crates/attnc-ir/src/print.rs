@@ -108,7 +108,8 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
         Op::Mask { .. } => "mask".to_string(),
         Op::Cast { .. } => "cast".to_string(),
         Op::Random { .. } => "random".to_string(),
-        Op::Int8Products => "int8-products".to_string(),
+        Op::Attention(_) => "attention".to_string(),
+        Op::LinearAttention(_) => "linear-attention".to_string(),
     };
     let mut args: Vec<String> = operands.iter().map(|o| format!("%{}", o.index())).collect();
     match op {
@@ -125,6 +126,8 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
             args.push(kind.name().to_string());
             args.push(format!("seed={seed}"));
         }
+        Op::Attention(a) => args.push(a.to_string()),
+        Op::LinearAttention(l) => args.push(l.to_string()),
         _ => {}
     }
     match op {

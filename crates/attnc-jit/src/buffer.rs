@@ -31,6 +31,16 @@ impl Elem {
         }
     }
 
+    /// The IR type a kernel reads this element as (bytes are packed operands, read as f32
+    /// tensors nowhere).
+    pub fn dtype(self) -> DType {
+        match self {
+            Elem::F16 => DType::F16,
+            Elem::Bf16 => DType::Bf16,
+            Elem::F32 | Elem::U8 => DType::F32,
+        }
+    }
+
     /// The word used in plans and messages.
     pub fn keyword(self) -> &'static str {
         match self {

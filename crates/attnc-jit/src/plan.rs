@@ -1,5 +1,12 @@
 //! Lowering an IR graph at bound shapes to a list of steps over buffers.
 //!
+//! The planner dispatches on ops: a fused attention op becomes one fused attention step, a
+//! causal linear attention one prefix-state step (`plan/fused.rs`); it never searches the
+//! graph for fusable subgraphs — that is the optimizer's choice, made once. Fused ops this
+//! engine cannot run at the bound shapes (linear attention without a causal mask, states or
+//! sizes past the kernels' limits) are planned by their plain form
+//! ([`attnc_ir::fused::expand`]).
+//!
 //! Every node becomes a lazy [`Expr`] over the coordinates of its own shape: inputs and
 //! materialized results are strided leaves, and elementwise ops, constants, fills, masks,
 //! relpos and transposes only build bigger expressions (broadcasting and transposition are
@@ -21,15 +28,20 @@
 //! [`StepKind::Convert`], [`StepKind::Quantize`] and [`StepKind::Attention`] reads and writes
 //! f32 buffers only.
 
+mod fused;
+mod nodes;
+
+pub use fused::parameter_attention_spec;
+
 use crate::buffer::Elem;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::quant::QuantLayout;
-use crate::kernels::attention::{match_attention, AttentionSpec, Precision};
-use crate::kernels::elementwise::{Coord, ElementwiseSpec, Expr};
+use crate::kernels::attention::{AttentionSpec, Precision};
+use crate::kernels::elementwise::{ElementwiseSpec, Expr};
 use crate::kernels::matmul::MatMulSpec;
-use crate::kernels::prefix::{match_prefix, PrefixMatch, PrefixSpec};
+use crate::kernels::prefix::PrefixSpec;
 use crate::kernels::reduce::AxisSpec;
-use attnc_ir::{BinaryOp, Bindings, DType, Kernel, NodeId, Op, ReduceOp};
+use attnc_ir::{Bindings, DType, Kernel, NodeId, Op, ReduceOp};
 use std::sync::Arc;
 
 /// Where a buffer's contents come from.
@@ -197,24 +209,36 @@ impl std::fmt::Display for Plan {
                     "quantize Q, K, V to int8 (host; K smoothed, {} bytes per batch entry)",
                     l.entry_bytes()
                 ),
-                StepKind::Attention(s) => format!(
-                    "fused attention{} batch {:?} m={} n={} d={} dv={} mask {}",
-                    match s.precision {
-                        Precision::Exact => "",
-                        Precision::Int8 => " int8",
+                StepKind::Attention(s) => {
+                    let (visited, total) = s.key_tiles();
+                    format!(
+                        "fused attention{} batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles",
+                        match s.precision {
+                            Precision::Exact => "",
+                            Precision::Int8 => " int8",
+                        },
+                        s.batch,
+                        s.m,
+                        s.n,
+                        s.d,
+                        s.dv,
+                        s.mask
+                            .as_ref()
+                            .map_or("none".to_string(), |m| m.to_string())
+                    )
+                }
+                StepKind::Prefix(s) => format!(
+                    "causal linear attention (prefix state{}) batch {:?} m={} n={} d={} dv={}",
+                    match s.normalizer {
+                        attnc_ir::Normalizer::None => ", unnormalized".to_string(),
+                        attnc_ir::Normalizer::Sum { eps: 0.0 } => String::new(),
+                        attnc_ir::Normalizer::Sum { eps } => format!(", eps {eps:e}"),
                     },
                     s.batch,
                     s.m,
                     s.n,
                     s.d,
-                    s.dv,
-                    s.mask
-                        .as_ref()
-                        .map_or("none".to_string(), |m| m.to_string())
-                ),
-                StepKind::Prefix(s) => format!(
-                    "causal linear attention (prefix state) batch {:?} m={} n={} d={} dv={}",
-                    s.batch, s.m, s.n, s.d, s.dv
+                    s.dv
                 ),
             };
             let ins: Vec<String> = step.inputs.iter().map(|b| format!("buf{b}")).collect();
@@ -371,10 +395,25 @@ fn plan_error(op: &Op, detail: impl Into<String>) -> JitError {
     }
 }
 
-/// Lowers `kernel` at `bindings` to a plan; `fuse_attention` lets the fused attention kernel
-/// replace every subgraph [`match_attention`] recognizes, and the prefix-state kernel every
-/// one [`match_prefix`] recognizes.
-pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Result<Plan> {
+/// Lowers `kernel` at `bindings` to a plan. With `fuse` false every fused op is planned by
+/// its plain form (tests compare the two); else only those this engine cannot run.
+pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse: bool) -> Result<Plan> {
+    let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
+        .map_err(|e| JitError::Shape(e.to_string()))?;
+    let unsupported = |id: NodeId| !fuse || fused::unsupported(kernel, id, &shapes).is_some();
+    let expanded;
+    let kernel = if kernel
+        .graph
+        .topo_order()
+        .into_iter()
+        .any(|id| fused::is_fused(&kernel.graph.node(id).op) && unsupported(id))
+    {
+        expanded = attnc_ir::fused::expand::expand_where(kernel, unsupported)
+            .map_err(|e| JitError::Shape(format!("a fused op does not expand: {e}")))?;
+        &expanded
+    } else {
+        kernel
+    };
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;
     let mut input_shapes = Vec::with_capacity(kernel.params.len());
@@ -401,53 +440,20 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
         steps: Vec::new(),
     };
     let order = kernel.graph.topo_order();
-    // Fused attention first: a matched MatMul reads only kernel inputs, so the nodes of its
-    // subgraph are needed only if something else uses them.
-    let mut fused: Vec<Option<AttentionSpec>> = vec![None; kernel.graph.len()];
-    // Causal linear attention: only its three operands are needed, not its n×n inner nodes.
-    let mut prefix: Vec<Option<PrefixMatch>> = vec![None; kernel.graph.len()];
-    if fuse_attention {
-        for &id in &order {
-            match kernel.graph.node(id).op {
-                Op::MatMul => fused[id.index()] = match_attention(kernel, id, &p.shapes),
-                Op::Binary(BinaryOp::Div) => {
-                    prefix[id.index()] = match_prefix(kernel, id, &p.shapes)
-                }
-                _ => {}
-            }
-        }
-    }
-    // `int8-products(P @ V)` selects the int8 kernel when `P @ V` fused and has no other user
-    // (another user expects the exact product).
-    let mut all_users = vec![0usize; kernel.graph.len()];
-    for &id in &order {
-        for op in kernel.graph.operands(id) {
-            all_users[op.index()] += 1;
-        }
-    }
-    for &id in &order {
-        if matches!(kernel.graph.node(id).op, Op::Int8Products) {
-            if let Some(&inner) = kernel.graph.operands(id).first() {
-                if let Some(spec) = fused[inner.index()].as_mut() {
-                    if all_users[inner.index()] == 1 && kernel.output != inner {
-                        spec.precision = Precision::Int8;
-                    }
-                }
-            }
-        }
-    }
+    // Liveness and user counts. A fused attention reads parameters (and 16-bit casts of
+    // them) directly in their storage types, so those edges need no planned value.
     let mut live = vec![false; kernel.graph.len()];
     live[kernel.output.index()] = true;
     let mut users = vec![0usize; kernel.graph.len()];
     for &id in order.iter().rev() {
-        if !live[id.index()] || fused[id.index()].is_some() {
+        if !live[id.index()] {
             continue;
         }
-        let operands = match &prefix[id.index()] {
-            Some(pm) => pm.operands.to_vec(),
-            None => kernel.graph.operands(id),
-        };
-        for op in operands {
+        let direct = matches!(kernel.graph.node(id).op, Op::Attention(_));
+        for op in kernel.graph.operands(id) {
+            if direct && fused::direct_operand(kernel, op).is_some() {
+                continue;
+            }
             live[op.index()] = true;
             users[op.index()] += 1;
         }
@@ -457,10 +463,10 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse_attention: bool) -> Resul
         if !live[id.index()] {
             continue;
         }
-        let v = match (fused[id.index()].take(), prefix[id.index()].take()) {
-            (Some(spec), _) => plan_attention(&mut p, spec),
-            (None, Some(pm)) => plan_prefix(&mut p, pm, &vals)?,
-            (None, None) => plan_node(&mut p, id, &vals, &input_shapes)?,
+        let v = match &kernel.graph.node(id).op {
+            Op::Attention(a) => fused::plan_attention(&mut p, id, a, &vals)?,
+            Op::LinearAttention(l) => fused::plan_prefix(&mut p, id, l, &vals)?,
+            _ => nodes::plan_node(&mut p, id, &vals, &input_shapes)?,
         };
         let users = users[id.index()];
         let trivial = matches!(v.expr, Expr::Leaf { .. } | Expr::Const(_));
@@ -498,272 +504,6 @@ fn operand(vals: &[Option<Val>], id: NodeId) -> Result<Val> {
     vals[id.index()]
         .clone()
         .ok_or_else(|| JitError::Shape(format!("node %{} used before definition", id.index())))
-}
-
-fn plan_node(
-    p: &mut Planner<'_>,
-    id: NodeId,
-    vals: &[Option<Val>],
-    input_shapes: &[Vec<usize>],
-) -> Result<Val> {
-    let node = p.kernel.graph.node(id);
-    let shape = p.shapes[id.index()].clone();
-    let ops = p.kernel.graph.operands(id);
-    if ops.len() != node.op.arity() {
-        return Err(plan_error(&node.op, "wrong number of operands"));
-    }
-    let rank = shape.len();
-    let same = |v: &Val| v.expr.remap(&broadcast_map(&v.shape, &shape), rank);
-    let val = |expr: Expr| Val {
-        expr,
-        shape: shape.clone(),
-    };
-    Ok(match &node.op {
-        Op::Input { index, .. } => {
-            let s = input_shapes
-                .get(*index)
-                .ok_or_else(|| plan_error(&node.op, "no such parameter"))?;
-            if p.buffers[*index].elem == Elem::F32 {
-                Planner::leaf(*index, s)
-            } else {
-                // f32 steps read half-precision inputs through one widened copy.
-                let out = p.new_buffer(p.buffers[*index].len);
-                p.push(StepKind::Convert(Elem::F32), vec![*index], out);
-                Planner::leaf(out, s)
-            }
-        }
-        Op::Const(v) => val(Expr::Const(*v as f32)),
-        Op::DimValue(d) => match d.resolve(p.bindings) {
-            Some(v) => val(Expr::Const(v as f32)),
-            None => return Err(plan_error(&node.op, "unbound dimension")),
-        },
-        Op::Fill { value } => val(Expr::Const(*value as f32)),
-        Op::RelPos => {
-            if rank < 2 {
-                return Err(plan_error(&node.op, "relpos needs two axes"));
-            }
-            val(Expr::RelPos {
-                i: Coord::Axis(rank - 2),
-                j: Coord::Axis(rank - 1),
-                m: shape[rank - 2],
-                n: shape[rank - 1],
-            })
-        }
-        Op::Unary(u) => {
-            let x = operand(vals, ops[0])?;
-            val(Expr::Unary(*u, Box::new(same(&x))))
-        }
-        Op::Binary(bop) => {
-            let x = operand(vals, ops[0])?;
-            let y = operand(vals, ops[1])?;
-            val(Expr::Binary(*bop, Box::new(same(&x)), Box::new(same(&y))))
-        }
-        Op::Mask { pattern, fill } => {
-            if rank < 2 {
-                return Err(plan_error(&node.op, "mask needs two axes"));
-            }
-            let x = operand(vals, ops[0])?;
-            val(Expr::Mask {
-                pattern: pattern.clone(),
-                fill: *fill as f32,
-                i: Coord::Axis(rank - 2),
-                j: Coord::Axis(rank - 1),
-                m: shape[rank - 2],
-                n: shape[rank - 1],
-                x: Box::new(same(&x)),
-            })
-        }
-        Op::Transpose => {
-            let x = operand(vals, ops[0])?;
-            if rank < 2 {
-                return Err(plan_error(&node.op, "transpose needs two axes"));
-            }
-            let mut map: Vec<Option<usize>> = (0..rank).map(Some).collect();
-            map.swap(rank - 2, rank - 1);
-            val(x.expr.remap(&map, rank))
-        }
-        Op::Random { kind, seed } => {
-            let &[rows, cols] = shape.as_slice() else {
-                return Err(plan_error(&node.op, "a random matrix needs two axes"));
-            };
-            let data: Arc<[f32]> = attnc_ir::random::random_matrix(*kind, *seed, rows, cols)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect();
-            let out = p.new_buffer(data.len());
-            p.push(StepKind::Constant(data), Vec::new(), out);
-            Planner::leaf(out, &shape)
-        }
-        // Exact here: only the fused attention kernel has an int8 form.
-        Op::Int8Products => operand(vals, ops[0])?,
-        Op::Cast { to } => {
-            let x = operand(vals, ops[0])?;
-            let src = p.contiguous_buffer(&x);
-            let out = p.new_buffer(shape.iter().product());
-            p.push(StepKind::Cast(*to), vec![src], out);
-            Planner::leaf(out, &shape)
-        }
-        Op::Reduce { op, axis } => {
-            let x = operand(vals, ops[0])?;
-            let src = p.contiguous_buffer(&x);
-            let spec = AxisSpec::new(&x.shape, *axis);
-            let out = p.new_buffer(shape.iter().product());
-            p.push(StepKind::Reduce(*op, spec), vec![src], out);
-            Planner::leaf(out, &shape)
-        }
-        Op::Softmax { axis } => {
-            let x = operand(vals, ops[0])?;
-            let src = p.contiguous_buffer(&x);
-            let spec = AxisSpec::new(&x.shape, *axis);
-            let out = p.new_buffer(shape.iter().product());
-            p.push(StepKind::Softmax(spec), vec![src], out);
-            Planner::leaf(out, &shape)
-        }
-        Op::MatMul => {
-            let a = operand(vals, ops[0])?;
-            let b = operand(vals, ops[1])?;
-            plan_matmul(p, &node.op, &a, &b, &shape)?
-        }
-    })
-}
-
-/// The fused attention step. Q, K, V and the biases are read in their storage types; a cast
-/// operand (`TensorRef::convert`) reads a copy of its parameter rounded once by a host step.
-/// The int8 kernel reads the packed buffer of a host [`StepKind::Quantize`] step instead of
-/// Q, K and V.
-fn plan_attention(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
-    let mut inputs: Vec<usize> = Vec::new();
-    let mut converted: Vec<(usize, DType, usize)> = Vec::new();
-    // Resolves a tensor to its buffer and points its slot at the step's operand list.
-    let mut bind = |p: &mut Planner<'_>,
-                    t: &mut crate::kernels::attention::TensorRef,
-                    inputs: &mut Vec<usize>| {
-        let param = t.slot;
-        let buf = match t.convert.take() {
-            Some(to) => match converted.iter().find(|c| c.0 == param && c.1 == to) {
-                Some(c) => c.2,
-                None => {
-                    let out = p.new_typed_buffer(p.buffers[param].len, Elem::of(to));
-                    p.push(StepKind::Convert(Elem::of(to)), vec![param], out);
-                    converted.push((param, to, out));
-                    out
-                }
-            },
-            None => param,
-        };
-        t.dtype = match p.buffers[buf].elem {
-            Elem::F16 => DType::F16,
-            Elem::Bf16 => DType::Bf16,
-            Elem::F32 | Elem::U8 => DType::F32,
-        };
-        t.slot = match inputs.iter().position(|&b| b == buf) {
-            Some(k) => k,
-            None => {
-                inputs.push(buf);
-                inputs.len() - 1
-            }
-        };
-    };
-    let mut shape = spec.batch.clone();
-    shape.extend([spec.m, spec.dv]);
-    let out = p.new_buffer(shape.iter().product());
-    match spec.precision {
-        Precision::Exact => {
-            let reused = spec.m >= F16_NATIVE_MAX_ROWS;
-            for t in [&mut spec.q, &mut spec.k, &mut spec.v]
-                .into_iter()
-                .chain(spec.biases.iter_mut())
-            {
-                // f16 lanes widen in ~15 instructions (no F16C through Cranelift): when every
-                // key row serves many queries, one host conversion costs less than widening
-                // in every tile, and keeps the tile code (and its compile time) small.
-                // (A `cast(x, f16)` operand keeps its one conversion, to f16.)
-                if reused && t.convert.is_none() && p.buffers[t.slot].elem == Elem::F16 {
-                    t.convert = Some(DType::F32);
-                }
-                bind(p, t, &mut inputs);
-            }
-        }
-        Precision::Int8 => {
-            let mut qkv = Vec::new();
-            for t in [&mut spec.q, &mut spec.k, &mut spec.v] {
-                let mut own = Vec::new();
-                bind(p, t, &mut own);
-                qkv.push(own[0]);
-                t.slot = qkv.len() - 1;
-            }
-            let layout = QuantLayout::new(&spec);
-            let packed = p.new_typed_buffer(layout.total_bytes(), Elem::U8);
-            p.push(StepKind::Quantize(Box::new(layout)), qkv, packed);
-            inputs.push(packed);
-            for t in spec.biases.iter_mut() {
-                bind(p, t, &mut inputs);
-            }
-        }
-    }
-    p.push(StepKind::Attention(Box::new(spec)), inputs, out);
-    Planner::leaf(out, &shape)
-}
-
-/// The prefix-state step over contiguous `φQ`, `φK`, `V` buffers (materialized when they are
-/// computed values or strided views).
-fn plan_prefix(p: &mut Planner<'_>, pm: PrefixMatch, vals: &[Option<Val>]) -> Result<Val> {
-    let mut inputs = Vec::with_capacity(3);
-    for id in pm.operands {
-        let v = operand(vals, id)?;
-        inputs.push(p.contiguous_buffer(&v));
-    }
-    let mut shape = pm.spec.batch.clone();
-    shape.extend([pm.spec.m, pm.spec.dv]);
-    let out = p.new_buffer(shape.iter().product());
-    p.push(StepKind::Prefix(pm.spec), inputs, out);
-    Ok(Planner::leaf(out, &shape))
-}
-
-fn plan_matmul(p: &mut Planner<'_>, op: &Op, a: &Val, b: &Val, shape: &[usize]) -> Result<Val> {
-    let (ra, rb, r) = (a.shape.len(), b.shape.len(), shape.len());
-    if ra < 2 || rb < 2 || r < 2 {
-        return Err(plan_error(op, "matmul needs two axes on both operands"));
-    }
-    let (abuf, astr) = p.strided(a);
-    let (bbuf, bstr) = p.strided(b);
-    let batch = shape[..r - 2].to_vec();
-    let batch_strides = |shape_x: &[usize], strides: &[usize]| -> Vec<usize> {
-        let lead = shape_x.len() - 2;
-        (0..r - 2)
-            .map(|t| {
-                let offset = (r - 2) - lead;
-                if t < offset {
-                    0
-                } else {
-                    let k = t - offset;
-                    if shape_x[k] == 1 {
-                        0
-                    } else {
-                        strides[k]
-                    }
-                }
-            })
-            .collect()
-    };
-    let spec = MatMulSpec {
-        a_batch_strides: batch_strides(&a.shape, &astr),
-        b_batch_strides: batch_strides(&b.shape, &bstr),
-        batch,
-        m: a.shape[ra - 2],
-        k: a.shape[ra - 1],
-        n: b.shape[rb - 1],
-        a_rs: astr[ra - 2],
-        a_cs: astr[ra - 1],
-        b_rs: bstr[rb - 2],
-        b_cs: bstr[rb - 1],
-    };
-    if spec.k != b.shape[rb - 2] || spec.m != shape[r - 2] || spec.n != shape[r - 1] {
-        return Err(plan_error(op, "operand shapes do not agree"));
-    }
-    let out = p.new_buffer(shape.iter().product());
-    p.push(StepKind::MatMul(spec), vec![abuf, bbuf], out);
-    Ok(Planner::leaf(out, shape))
 }
 
 #[cfg(test)]

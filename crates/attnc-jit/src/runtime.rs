@@ -27,7 +27,8 @@ pub struct CompileOptions {
     /// `cost / parallel_threshold` threads (at least one; 0 lets every step use all threads).
     /// Starting a thread costs tens of microseconds, so small steps stay on one.
     pub parallel_threshold: usize,
-    /// Whether recognized attention subgraphs run as one fused kernel.
+    /// Whether the IR's fused ops run as fused kernels (else they are planned by their plain
+    /// form, which tests compare against).
     pub fuse_attention: bool,
     /// Whether the int8 attention kernel may use the CPU's u8·i8 dot-product instruction
     /// (`vpdpbusd`, AVX-VNNI); without it the same integer tree is lowered to plain SIMD

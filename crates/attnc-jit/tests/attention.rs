@@ -1,15 +1,15 @@
 //! The fused attention kernel against the f64 interpreter.
 //!
-//! Each case parses a `.attn` program, lowers it, matches the fused form at the output node,
-//! JIT-compiles only that kernel (its own JITModule with the host's ISA flags, FMA included)
+//! Each case parses a `.attn` program, lowers it, lets the optimizer choose the fused attention
+//! op, builds the kernel's spec from that op, JIT-compiles only that kernel (its own JITModule with the host's ISA flags, FMA included)
 //! and runs it over every batch entry and row. Bound: relative L2 error ≤ 1e-5 against the
 //! interpreter (f16/bf16 inputs are rounded once and fed to both engines). Every case is also
 //! run with several row splits, which must give bit-identical outputs.
 
-use attnc_ir::bind::resolve_node_shapes;
 use attnc_ir::interp::evaluate;
-use attnc_ir::{Bindings, DType, Kernel};
-use attnc_jit::kernels::attention::{define_attention, match_attention, AttentionSpec};
+use attnc_ir::{Bindings, DType, Kernel, NodeId, Op};
+use attnc_jit::kernels::attention::{define_attention, AttentionSpec};
+use attnc_jit::plan::parameter_attention_spec;
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::default_libcall_names;
@@ -100,8 +100,21 @@ struct Compiled {
     clif: String,
 }
 
-fn compile(kernel: &Kernel, shapes: &[Vec<usize>]) -> Compiled {
-    let spec = match_attention(kernel, kernel.output, shapes).expect("attention pattern matches");
+/// The optimizer's form of `kernel` and its fused attention node, if it chose one.
+fn fused(kernel: &Kernel, b: &Bindings) -> (Kernel, Option<NodeId>) {
+    let optimized = attnc_opt::optimize(kernel, b, &Default::default()).kernel;
+    let graph = &optimized.graph;
+    let id = graph
+        .topo_order()
+        .into_iter()
+        .find(|&id| matches!(graph.node(id).op, Op::Attention(_)));
+    (optimized, id)
+}
+
+fn compile(kernel: &Kernel, b: &Bindings) -> Compiled {
+    let (optimized, id) = fused(kernel, b);
+    let id = id.expect("the optimizer chose a fused attention");
+    let spec = parameter_attention_spec(&optimized, id, b).expect("spec");
     let mut module = host_module();
     let (id, clif) = define_attention(&mut module, &spec, "attn").expect("define");
     module.finalize_definitions().expect("finalize");
@@ -160,7 +173,6 @@ fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
 fn check_with(src: &str, dims: &[(&str, u64)], seed: u64, scale: f64) -> Compiled {
     let kernel = kernel_of(src);
     let b = bindings(dims);
-    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
     let mut rng = Rng(seed | 1);
     let inputs: Vec<Input> = kernel
         .params
@@ -172,7 +184,7 @@ fn check_with(src: &str, dims: &[(&str, u64)], seed: u64, scale: f64) -> Compile
         .collect();
     let values: Vec<ArrayD<f64>> = inputs.iter().map(|i| i.values.clone()).collect();
     let want = evaluate(&kernel, &b, &values).expect("interpreter");
-    let c = compile(&kernel, &shapes);
+    let c = compile(&kernel, &b);
     assert_eq!(want.len(), c.spec.batch_count() * c.spec.m * c.spec.dv);
     let got = run(&c, &inputs, &[]);
     let err = rel_l2(&got, &want);
@@ -324,8 +336,7 @@ fn mask_inside_the_scale_is_hoisted() {
     }";
     let kernel = kernel_of(src);
     let b = bindings(&[("h", 1), ("m", 4), ("n", 4), ("d", 4), ("e", 4)]);
-    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
-    assert!(match_attention(&kernel, kernel.output, &shapes).is_none());
+    assert!(fused(&kernel, &b).1.is_none());
 }
 
 #[test]
@@ -355,7 +366,8 @@ fn bias_tensors() {
         return softmax(q @ k.T * 0.3 + b1 - b2 * 2 + b3) @ v;
     }";
     let c = check(src, &[("h", 2), ("m", 9), ("n", 11), ("d", 5), ("e", 3)]);
-    assert_eq!(c.spec.biases.len(), 3);
+    // b3 is constant along each row, which softmax ignores: the optimizer drops it.
+    assert_eq!(c.spec.biases.len(), 2);
 }
 
 #[test]
@@ -435,8 +447,7 @@ fn nan_semantics() {
     let src = masked_src("causal");
     let kernel = kernel_of(&src);
     let b = bindings(&[("h", 1), ("m", 9), ("n", 9), ("d", 4), ("e", 4)]);
-    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
-    let c = compile(&kernel, &shapes);
+    let c = compile(&kernel, &b);
     let mut rng = Rng(11);
     let mut inputs: Vec<Input> = [vec![1, 9, 4], vec![1, 9, 4], vec![1, 9, 4]]
         .iter()
@@ -456,47 +467,27 @@ fn nan_semantics() {
 }
 
 #[test]
-fn declines_what_it_cannot_fuse() {
+fn fuses_only_what_the_optimizer_proves() {
     let b = bindings(&[("h", 1), ("m", 4), ("n", 4), ("d", 4), ("e", 4)]);
-    // A finite fill.
+    // A finite fill: skipped tiles would have to contribute exp(fill - max).
     let src = "kernel f(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] {
         return softmax(mask(q @ k.T, causal, -1000)) @ v;
     }";
-    let kernel = kernel_of(src);
-    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
-    assert!(match_attention(&kernel, kernel.output, &shapes).is_none());
-    // The probabilities are used twice (once outside the pattern).
-    let src = "kernel g(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] {
-        let p = softmax(q @ k.T);
-        return p @ v + sum(p, -1);
-    }";
-    let kernel = kernel_of(src);
-    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
-    let ids = kernel.graph.topo_order();
-    let matmuls: Vec<_> = ids
-        .iter()
-        .filter(|&&id| {
-            matches!(kernel.graph.node(id).op, attnc_ir::Op::MatMul)
-                && kernel.graph.operands(id).first().is_some_and(|&p| {
-                    matches!(kernel.graph.node(p).op, attnc_ir::Op::Softmax { .. })
-                })
-        })
-        .collect();
-    assert_eq!(matmuls.len(), 1);
-    assert!(match_attention(&kernel, *matmuls[0], &shapes).is_none());
-    // relpos broadcast over rows is not the aligned relpos of the score.
+    assert!(fused(&kernel_of(src), &b).1.is_none());
+    // relpos broadcast over rows is not the aligned relpos of the score: a computed bias.
     let src = "kernel rp(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] {
         return softmax(q @ k.T + relpos(1, n)) @ v;
     }";
-    let kernel = kernel_of(src);
-    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
-    assert!(match_attention(&kernel, kernel.output, &shapes).is_none());
+    let b5 = bindings(&[("h", 2), ("m", 5), ("n", 7), ("d", 4), ("e", 3)]);
+    let (optimized, id) = fused(&kernel_of(src), &b5);
+    let id = id.expect("fused");
+    let operands = optimized.graph.operands(id);
+    assert_eq!(operands.len(), 4);
+    assert!(matches!(optimized.graph.node(operands[3]).op, Op::RelPos));
     // Not an attention at all.
     let src = "kernel h(q: f32[m, d], k: f32[d, n]) -> f32[m, n] { return q @ k; }";
-    let kernel = kernel_of(src);
     let b = bindings(&[("m", 2), ("n", 3), ("d", 4)]);
-    let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
-    assert!(match_attention(&kernel, kernel.output, &shapes).is_none());
+    assert!(fused(&kernel_of(src), &b).1.is_none());
 }
 
 #[test]
@@ -610,8 +601,7 @@ fn timing() {
         };
         let kernel = kernel_of(&src);
         let b = bindings(&[("h", 1), ("m", n), ("n", n), ("d", d), ("e", d)]);
-        let shapes = resolve_node_shapes(&kernel, &b).expect("shapes");
-        let c = compile(&kernel, &shapes);
+        let c = compile(&kernel, &b);
         let mut rng = Rng(3);
         let inputs: Vec<Input> = vec![vec![1, n as usize, d as usize]; 3]
             .iter()

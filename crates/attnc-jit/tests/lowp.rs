@@ -1,12 +1,12 @@
 //! Low-precision fused attention: native f16/bf16 operands, `cast` operands rounded once by
-//! the plan, and the int8 kernel selected by `int8-products`. Each is compared with the f64
+//! the plan, and the int8 kernel selected by the fused op's int8 precision. Each is compared with the f64
 //! interpreter under its named bound, across thread counts, and (int8) between the
 //! `vpdpbusd` and the plain-SIMD lowering.
 
 mod common;
 
-use attnc_ir::{DType, Kernel};
-use attnc_jit::kernels::attention::with_low_precision;
+use attnc_ir::fused::expand::with_precision;
+use attnc_ir::{Bindings, DType, Kernel, Precision};
 use attnc_jit::plan::StepKind;
 use attnc_jit::{CompileOptions, CompiledKernel};
 use common::{bindings, inputs, kernel, reference, rel_l2, run_jit, REL_L2};
@@ -16,6 +16,17 @@ use common::{bindings, inputs, kernel, reference, rel_l2, run_jit, REL_L2};
 /// block) maximum; Q has 16 bits) add in quadrature to about 0.9 % on standard-normal inputs
 /// at d = 64 (see docs/PERFORMANCE.md).
 const INT8_REL_L2: f64 = 1e-2;
+
+/// `src`'s kernel as the optimizer fuses it at `b`, with `casts` and int8 products as asked.
+fn with_low_precision(src: &str, b: &Bindings, casts: &[(usize, DType)], int8: bool) -> Kernel {
+    let fused = common::optimized(&kernel(src), b);
+    let precision = if int8 {
+        Precision::Int8
+    } else {
+        Precision::Exact
+    };
+    with_precision(&fused, casts, precision)
+}
 
 const DENSE: &str = "kernel a(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] \
                      { return softmax(q @ k.T / sqrt(d)) @ v; }";
@@ -65,9 +76,9 @@ fn half_precision_parameters_are_read_natively_or_widened_once() {
             "kernel a(q: {dt}[h, m, d], k: {dt}[h, n, d], v: {dt}[h, n, e], bias: {dt}[m, n]) \
              -> f32[h, m, e] {{ return softmax(mask(q @ k.T / sqrt(d) + bias, causal)) @ v; }}"
         );
-        let k = kernel(&src);
         for (m, n, d, e) in [(1, 1, 1, 1), (3, 113, 40, 59), (17, 9, 3, 8)] {
             let dims = [("h", 2), ("m", m), ("n", n), ("d", d), ("e", e)];
+            let k = common::optimized(&kernel(&src), &bindings(&dims));
             let c = CompiledKernel::compile(&k, &bindings(&dims), &options(true)).expect("compile");
             // The kernel loads bf16 lanes itself, and f16 lanes while few queries share a key
             // (m < 16); with more, f16 operands are widened once on the host.
@@ -103,14 +114,13 @@ fn half_precision_inputs_of_unfused_steps_are_widened_once() {
 
 #[test]
 fn cast_operands_are_rounded_once_like_the_interpreter() {
-    let base = kernel(DENSE);
     for to in [DType::Bf16, DType::F16] {
         // Q, K and V rounded; K and V share nothing, Q alone, all three.
         for casts in [vec![0, 1, 2], vec![1, 2], vec![0]] {
             let list: Vec<(usize, DType)> = casts.iter().map(|&p| (p, to)).collect();
-            let k = with_low_precision(&base, &list, false);
             for (m, n, d, e) in [(1, 1, 1, 1), (7, 113, 40, 59), (33, 3, 64, 64)] {
                 let dims = [("h", 2), ("m", m), ("n", n), ("d", d), ("e", e)];
+                let k = with_low_precision(DENSE, &bindings(&dims), &list, false);
                 let (err, _) = run_checked(&k, &dims, 5, &options(true));
                 assert!(err <= REL_L2, "{to:?} {casts:?} {dims:?}: {err}");
             }
@@ -119,7 +129,7 @@ fn cast_operands_are_rounded_once_like_the_interpreter() {
 }
 
 fn int8_case(src: &str, dims: &[(&str, u64)], seed: u64) -> f64 {
-    let k = with_low_precision(&kernel(src), &[], true);
+    let k = with_low_precision(src, &bindings(dims), &[], true);
     let (err, vnni) = run_checked(&k, dims, seed, &options(true));
     let (_, plain) = run_checked(&k, dims, seed, &options(false));
     assert_eq!(
@@ -151,8 +161,8 @@ fn int8_dense_odd_shapes() {
 #[test]
 fn int8_empty_dimensions_give_empty_or_zero_results() {
     for (m, n) in [(0, 5), (5, 0)] {
-        let k = with_low_precision(&kernel(DENSE), &[], true);
         let dims = [("h", 2), ("m", m), ("n", n), ("d", 8), ("e", 4)];
+        let k = with_low_precision(DENSE, &bindings(&dims), &[], true);
         let (err, data) = run_checked(&k, &dims, 1, &options(true));
         assert!(data.iter().all(|&x| x == 0.0));
         assert!(err == 0.0, "{err}");
@@ -210,20 +220,20 @@ fn int8_scores_far_from_zero_keep_the_largest_weight() {
     // dropping the heaviest key of every block: an error of order 1, not of 1 %.
     let far = "kernel a(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] \
                { return softmax(q @ k.T / sqrt(d) + 60000) @ v; }";
-    let k = with_low_precision(&kernel(far), &[], true);
     let dims = [("h", 2), ("m", 40), ("n", 256), ("d", 64), ("e", 32)];
+    let k = with_low_precision(far, &bindings(&dims), &[], true);
     let (err, _) = run_checked(&k, &dims, 12, &options(true));
     // The f32 scores themselves are off by up to 1/256 here, on top of int8's rounding.
     assert!(err <= 2.0 * INT8_REL_L2, "{err}");
 }
 
 #[test]
-fn int8_requires_the_marker_on_the_product_alone() {
-    // `int8-products` of something that is not a fused attention changes nothing.
-    let k = with_low_precision(
+fn int8_precision_applies_to_fused_attention_only() {
+    // Int8 precision asked of a program without a fused attention changes nothing.
+    let k = with_precision(
         &kernel("kernel a(x: f32[n, d], y: f32[d, n]) -> f32[n, n] { return x @ y; }"),
         &[],
-        true,
+        Precision::Int8,
     );
     let b = bindings(&[("n", 9), ("d", 5)]);
     let c = CompiledKernel::compile(&k, &b, &options(true)).expect("compile");
@@ -234,8 +244,8 @@ fn int8_requires_the_marker_on_the_product_alone() {
 
 #[test]
 fn int8_uses_the_dot_product_instruction_when_allowed() {
-    let k = with_low_precision(&kernel(DENSE), &[], true);
     let b = bindings(&[("h", 1), ("m", 4), ("n", 64), ("d", 16), ("e", 16)]);
+    let k = with_low_precision(DENSE, &b, &[], true);
     let on = CompiledKernel::compile(&k, &b, &options(true)).expect("compile");
     let off = CompiledKernel::compile(&k, &b, &options(false)).expect("compile");
     let vnni =
@@ -273,9 +283,9 @@ fn standard_normal(len: usize, seed: u64) -> Vec<f32> {
 
 #[test]
 fn int8_error_on_standard_normal_inputs_at_the_benchmark_depth() {
-    let k = with_low_precision(&kernel(DENSE), &[], true);
     let dims = [("h", 1), ("m", 64), ("n", 4096), ("d", 64), ("e", 64)];
     let b = bindings(&dims);
+    let k = with_low_precision(DENSE, &b, &[], true);
     let ins: Vec<(Vec<usize>, Vec<f32>)> = inputs(&k, &b, 1)
         .into_iter()
         .enumerate()

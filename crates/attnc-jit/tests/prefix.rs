@@ -5,7 +5,7 @@
 mod common;
 
 use attnc_jit::plan::{plan, StepKind};
-use common::{bindings, check, kernel, REL_L2};
+use common::{bindings, check, kernel, optimized, REL_L2};
 use proptest::prelude::*;
 
 /// Causal linear attention with the elu+1 feature map, queries `m` end-aligned to keys `n`.
@@ -16,9 +16,11 @@ const CAUSAL: &str = "kernel c(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]
     return (a @ v) / sum(a, -1);
 }";
 
-/// Whether the plan of `src` at `dims` uses the prefix kernel, and its largest buffer.
+/// Whether the plan of `src` as the optimizer rewrites it at `dims` uses the prefix kernel,
+/// and its largest buffer.
 fn planned(src: &str, dims: &[(&str, u64)]) -> (bool, usize) {
-    let p = plan(&kernel(src), &bindings(dims), true).expect("plans");
+    let b = bindings(dims);
+    let p = plan(&optimized(&kernel(src), &b), &b, true).expect("plans");
     let prefix = p
         .steps
         .iter()
@@ -51,10 +53,11 @@ fn odd_shapes_match_the_interpreter() {
 #[test]
 fn chunked_shapes_are_end_aligned() {
     // m < n (chunked prefill, decoding with m = 1) and m > n (leading rows keep no key: 0/0).
+    // At m = n = 1 the quadratic form costs less and is kept.
     for &(m, n) in &[(1, 113), (5, 113), (113, 5), (3, 0), (1, 1)] {
         let dims = [("h", 2), ("m", m), ("n", n), ("d", 6), ("e", 9)];
         assert!(
-            planned(CAUSAL, &dims).0,
+            planned(CAUSAL, &dims).0 || m * n == 1,
             "prefix kernel not used at {dims:?}"
         );
         check(CAUSAL, &dims, 11);

@@ -6,8 +6,8 @@ use attnc_jit::plan::StepKind;
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
 use common::{bindings, check, kernel, reference, rel_l2};
 
-/// Runs `src` on explicit f32 inputs with fusion on and off and compares with the interpreter
-/// (NaN positions must agree).
+/// Runs `src` on explicit f32 inputs as written and as optimized (fused ops run fused and by
+/// their plain form) and compares with the interpreter (NaN positions must agree).
 fn check_values(src: &str, dims: &[(&str, u64)], values: &[Vec<f32>]) -> Vec<f32> {
     let k = kernel(src);
     let b = bindings(dims);
@@ -23,13 +23,14 @@ fn check_values(src: &str, dims: &[(&str, u64)], values: &[Vec<f32>]) -> Vec<f32
         })
         .collect();
     let want = reference(&k, &b, &ins);
+    let fused = common::optimized(&k, &b);
     let mut last = Vec::new();
-    for fuse_attention in [true, false] {
+    for (program, fuse_attention) in [(&k, true), (&fused, false), (&fused, true)] {
         let options = CompileOptions {
             fuse_attention,
             ..CompileOptions::default()
         };
-        let compiled = CompiledKernel::compile(&k, &b, &options).expect("compile");
+        let compiled = CompiledKernel::compile(program, &b, &options).expect("compile");
         let inputs: Vec<Input<'_>> = ins.iter().map(|(_, v)| Input::F32(v)).collect();
         let got = compiled.run(&inputs, 2).expect("run");
         let err = rel_l2(&got.data, &want);
@@ -157,8 +158,8 @@ fn half_precision_inputs_and_outputs() {
 fn attention_is_fused_and_score_matrix_not_materialized() {
     let src = "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] \
         { return softmax(mask(q @ k.T / sqrt(d), causal)) @ v; }";
-    let k = kernel(src);
     let b = bindings(&[("h", 2), ("n", 64), ("d", 8)]);
+    let k = common::optimized(&kernel(src), &b);
     let compiled = CompiledKernel::compile(&k, &b, &CompileOptions::default()).expect("compile");
     let plan = compiled.plan();
     assert_eq!(plan.steps.len(), 1, "{:?}", plan.steps);

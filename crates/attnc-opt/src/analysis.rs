@@ -197,8 +197,9 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
         Attn::Attention([q, k, v, _, _])
         | Attn::AttentionInt8([q, k, v, _, _])
         | Attn::AttentionScored([q, k, v, _, _])
-        | Attn::LinearAttention([q, k, v, ..])
-        | Attn::LinearAttentionCausal([q, k, v]) => {
+        | Attn::LinearAttention([q, k, v, _])
+        | Attn::LinearAttentionCausal([q, k, v, _])
+        | Attn::CausalPrefixProduct([q, k, v]) => {
             let s = match (shape(*q), shape(*k), shape(*v)) {
                 (Some(q), Some(k), Some(v)) => attention_shape(&q, &k, &v),
                 _ => None,

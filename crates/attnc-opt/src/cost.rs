@@ -245,7 +245,9 @@ impl<'a> CycleCost<'a> {
                 (flops, bytes)
             }
             // The causal form runs the same products through a running prefix state.
-            Attn::LinearAttention([q, k, v]) | Attn::LinearAttentionCausal([q, k, v]) => {
+            Attn::LinearAttention([q, k, v, _])
+            | Attn::LinearAttentionCausal([q, k, v, _])
+            | Attn::CausalPrefixProduct([q, k, v]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let dv = vs.last().copied().unwrap_or(0) as f64;
                 // kᵀ v and sum(kᵀ): per key row; q state and q ksum: per query row.

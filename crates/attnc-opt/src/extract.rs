@@ -11,6 +11,9 @@
 use crate::analysis::AttnGraph;
 use crate::cost::CycleCost;
 use crate::lang::Attn;
+use crate::score::{score_form, TermView};
+use attnc_ir::fused::Fused;
+use attnc_ir::{Attention, Precision};
 use egg::{Id, Language, RecExpr};
 use std::collections::{HashMap, VecDeque};
 
@@ -48,19 +51,25 @@ pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Optio
             .entry((class, index))
             .or_insert_with(|| model.node_cycles(node));
         let mut priced = true;
-        if let Attn::AttentionScored([q, k, _, score, _]) = node {
-            // Never pick a fused score the JIT's matcher would not fuse back.
-            let chosen = |id: Id| {
-                let id = egraph.find(id);
-                let (_, index) = best.get(&id)?;
-                egraph[id].nodes.get(*index)
-            };
-            let same = |a: Id, b: Id| egraph.find(a) == egraph.find(b);
-            if !crate::convert::score_is_fusable(*score, *q, *k, chosen, same) {
-                continue;
+        if let Attn::AttentionScored([q, k, v, score, _]) = node {
+            // Only a score the IR's fused op takes; its bias leaves are computed before the
+            // kernel, so their costs are charged here (the rest of the score is in registers).
+            match fused_score_biases(egraph, &best, [*q, *k, *v], *score) {
+                Some(biases) => {
+                    for bias in biases {
+                        match best.get(&egraph.find(bias)) {
+                            Some(&(cost, _)) => total += cost,
+                            None => priced = false,
+                        }
+                    }
+                }
+                None => continue,
             }
         }
         for &child in crate::cost::charged_children(node).iter() {
+            if !priced {
+                break;
+            }
             match best.get(&egraph.find(child)) {
                 Some(&(cost, _)) => total += cost,
                 None => {
@@ -81,6 +90,43 @@ pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Optio
     let &(tree_cost, _) = best.get(&root)?;
     let expr = build(egraph, root, &best)?;
     Some(Extraction { tree_cost, expr })
+}
+
+/// The bias classes of an `attention-scored` node's score under the current choices, when the
+/// score is one the IR's fused attention takes (checked by its validator at the classes'
+/// shapes); `None` otherwise.
+fn fused_score_biases(
+    egraph: &AttnGraph,
+    best: &HashMap<Id, (f64, usize)>,
+    [q, k, v]: [Id; 3],
+    score: Id,
+) -> Option<Vec<Id>> {
+    let shape = |id: Id| egraph[egraph.find(id)].data.shape.clone();
+    let (qs, ks) = (shape(q)?, shape(k)?);
+    let rows = |s: &[usize]| s.len().checked_sub(2).map(|r| s[r]);
+    let scores = [rows(&qs)?, rows(&ks)?];
+    let view = TermView {
+        node: |id: Id| {
+            let id = egraph.find(id);
+            let (_, index) = best.get(&id)?;
+            egraph[id].nodes.get(*index)
+        },
+        same: |a: Id, b: Id| egraph.find(a) == egraph.find(b),
+        relpos_fits: |id: Id| shape(id).as_deref() == Some(&scores[..]),
+    };
+    let form = score_form(score, q, k, &view).ok()?;
+    let op = Attention {
+        score: form.expr,
+        mask: None,
+        precision: Precision::Exact,
+    };
+    let mut shapes = vec![qs, ks, shape(v)?];
+    for &b in &form.biases {
+        shapes.push(shape(b)?);
+    }
+    let slices: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+    Fused::Attention(&op).check(&slices).ok()?;
+    Some(form.biases)
 }
 
 /// Builds the chosen term of `root` children-first, without recursion; `None` on a cycle.

@@ -152,11 +152,14 @@ define_language! {
         // softmax(mask(score, pattern)) @ v where score is an elementwise tree over one q @ kᵀ
         // (scalars, relpos and broadcast bias parameters at the other leaves), computed online
         "attention-scored" = AttentionScored([Id; 5]),
-        // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1)): linear attention through the [d, dv] key-value state
-        "linear-attention" = LinearAttention([Id; 3]),
-        // mask(q kᵀ, causal, 0) v / sum(mask(q kᵀ, causal, 0), -1): causal linear attention
-        // through a running [d, dv] prefix state (queries end-aligned to the keys)
-        "linear-attention-causal" = LinearAttentionCausal([Id; 3]),
+        // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1) + eps): linear attention through the [d, dv] key-value
+        // state (q k v eps, eps a scalar)
+        "linear-attention" = LinearAttention([Id; 4]),
+        // mask(q kᵀ, causal, 0) v / (sum(mask(q kᵀ, causal, 0), -1) + eps): causal linear
+        // attention through a running [d, dv] prefix state (queries end-aligned to the keys)
+        "linear-attention-causal" = LinearAttentionCausal([Id; 4]),
+        // mask(q kᵀ, causal, 0) v: the unnormalized causal form, through the same prefix state
+        "causal-prefix-product" = CausalPrefixProduct([Id; 3]),
         // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
         "attention-int8" = AttentionInt8([Id; 5]),
         // Performer FAVOR+ positive random features of queries (x, seed, m): exp(x wᵀ - |x|²/2)

@@ -41,6 +41,7 @@ pub mod lang;
 pub mod rules;
 pub mod saturate;
 pub mod schedule;
+pub mod score;
 pub mod trace;
 
 pub use approx::{Approx, ApproxOutcome, ApproxPolicy};

@@ -439,7 +439,7 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
     };
     let cheaper = matches!((cost_before, cost_after), (Some(b), Some(a)) if a < b);
     let chosen = if cheaper {
-        match to_kernel(&best, kernel) {
+        match to_kernel(&best, kernel, bindings) {
             Ok(k) => Some(k),
             Err(e) => {
                 trace.decision =

@@ -17,6 +17,11 @@ pub fn kernel(src: &str) -> Kernel {
     module.kernels[0].clone()
 }
 
+/// `kernel` as the optimizer rewrites it at `b` (fused ops chosen).
+pub fn optimized(kernel: &Kernel, b: &Bindings) -> Kernel {
+    attnc_opt::optimize(kernel, b, &Default::default()).kernel
+}
+
 /// Binds `kernel`'s symbols from `dims`.
 pub fn bindings(dims: &[(&str, u64)]) -> Bindings {
     dims.iter().map(|(k, v)| (k.to_string(), *v)).collect()
@@ -132,25 +137,26 @@ pub fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
     }
 }
 
-/// Compiles `src` at `dims` (with and without attention fusion), runs JIT (1 and 2 threads)
-/// and interpreter on random inputs, asserts the bound and bit-identical thread results;
-/// returns the larger error.
+/// Compiles `src` at `dims` as written and as the optimizer rewrites it (its fused ops run
+/// fused and by their plain form), runs JIT (1 and 2 threads) and interpreter on random
+/// inputs, asserts the bound and bit-identical thread results; returns the larger error.
 pub fn check(src: &str, dims: &[(&str, u64)], seed: u64) -> f64 {
     let k = kernel(src);
     let b = bindings(dims);
     let ins = inputs(&k, &b, seed);
     let want = reference(&k, &b, &ins);
+    let fused = optimized(&k, &b);
     let mut worst = 0.0f64;
-    for fuse_attention in [true, false] {
+    for (program, fuse_attention) in [(&fused, true), (&fused, false), (&k, true)] {
         let options = CompileOptions {
             parallel_threshold: 0,
             fuse_attention,
             ..CompileOptions::default()
         };
-        let compiled =
-            CompiledKernel::compile(&k, &b, &options).unwrap_or_else(|e| panic!("compile: {e}"));
-        let one = run_jit(&compiled, &k, &ins, 1);
-        let two = run_jit(&compiled, &k, &ins, 2);
+        let compiled = CompiledKernel::compile(program, &b, &options)
+            .unwrap_or_else(|e| panic!("compile: {e}"));
+        let one = run_jit(&compiled, program, &ins, 1);
+        let two = run_jit(&compiled, program, &ins, 2);
         assert_eq!(one.shape, want.shape(), "shapes differ");
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&one.data), bits(&two.data), "threads 1 vs 2 differ");

@@ -36,14 +36,14 @@ pub fn rules(approx: &Approx) -> Vec<AttnRewrite> {
                 rewrite(
                     "approx-favor",
                     "(attention ?q ?k ?v ?s all)",
-                    &format!("(linear-attention {features} ?v)"),
+                    &format!("(linear-attention {features} ?v (const 0))"),
                     Check::PositiveScale,
                 ),
                 // The causal form runs as a prefix state (FAVOR+'s unidirectional variant).
                 rewrite(
                     "approx-favor-causal",
                     "(attention ?q ?k ?v ?s causal)",
-                    &format!("(linear-attention-causal {features} ?v)"),
+                    &format!("(linear-attention-causal {features} ?v (const 0))"),
                     Check::PositiveScale,
                 ),
             ]

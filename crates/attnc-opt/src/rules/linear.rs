@@ -32,7 +32,7 @@ pub fn specs() -> Vec<RuleSpec> {
         RuleSpec::guarded(
             "linear-attention-fuse",
             "(div (matmul ?q (matmul (transpose ?k) ?v)) (matmul ?q (sum (transpose ?k) ?ax)))",
-            "(linear-attention ?q ?k ?v)",
+            "(linear-attention ?q ?k ?v (const 0))",
             Guard::SumThroughProduct {
                 a: "?q",
                 b: "?k",

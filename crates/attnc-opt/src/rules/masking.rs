@@ -4,9 +4,10 @@
 //! Scores that are more than a scaled `q @ kᵀ` (an ALiBi bias, a tanh softcap) fuse into
 //! `(attention-scored q k v score pattern)`, whose `score` child is the score's own e-class:
 //! the rule's right side repeats the score pattern, so it adds only the fused node. The
-//! extractor takes that node only when the chosen score term is one the JIT's matcher fuses
-//! back (`convert::score_is_fusable`: an elementwise tree over `q @ kᵀ` of parameters, never
-//! `(q c) @ kᵀ`), and the cost model does not charge the score child (computed in registers).
+//! extractor takes that node only when the chosen score term is one the IR's fused attention
+//! takes (`score::score_form`, checked by `attnc_ir::fused::Fused::check`: an elementwise tree
+//! over the one product `q @ kᵀ`, never `(q c) @ kᵀ`), and the cost model charges its bias
+//! leaves but not the rest of the score (computed in registers).
 
 use super::{Guard, RuleSpec};
 

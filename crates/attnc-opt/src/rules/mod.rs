@@ -9,6 +9,7 @@ pub mod approx;
 pub mod linear;
 pub mod masking;
 pub mod prefix;
+pub mod scored;
 pub mod softmax;
 #[cfg(test)]
 mod testkit;
@@ -104,6 +105,23 @@ pub enum Guard {
         /// Right factor.
         b: &'static str,
     },
+    /// A scalar known to be positive and finite.
+    PositiveScalar(&'static str),
+    /// A scalar known to be finite.
+    FiniteScalar(&'static str),
+    /// `q` and `k` (bound by the scored searcher inside `s`) multiply as `q @ kᵀ` into exactly
+    /// the shape of `s`, and `axis` is its last axis: the score is elementwise over that
+    /// product without enlarging it.
+    ScoredProduct {
+        /// The score.
+        s: &'static str,
+        /// The softmax axis atom.
+        axis: &'static str,
+        /// The query.
+        q: &'static str,
+        /// The key.
+        k: &'static str,
+    },
     /// `c` is constant along `axis` of `x` and does not enlarge `x` by broadcasting, and, if it
     /// is a known scalar, finite.
     RowConstant {
@@ -144,6 +162,9 @@ impl RuleSpec {
 
     /// The egg rewrite.
     pub fn to_rewrite(&self) -> AttnRewrite {
+        if let Guard::ScoredProduct { s, q, k, .. } = self.guard {
+            return scored::scored_rewrite(self, s, q, k);
+        }
         let lhs: Pattern<Attn> = self
             .lhs
             .parse()
@@ -167,6 +188,7 @@ pub fn all_specs() -> Vec<RuleSpec> {
     specs.extend(masking::specs());
     specs.extend(linear::specs());
     specs.extend(prefix::specs());
+    specs.extend(scored::specs());
     specs
 }
 
@@ -219,6 +241,11 @@ impl GuardCheck {
                 scale,
                 cap,
             } => (7, [Some(a), Some(b), Some(axis), Some(scale), Some(cap)]),
+            Guard::PositiveScalar(c) => (8, [Some(c), None, None, None, None]),
+            Guard::FiniteScalar(c) => (9, [Some(c), None, None, None, None]),
+            Guard::ScoredProduct { s, axis, q, k } => {
+                (10, [Some(q), Some(k), Some(axis), None, Some(s)])
+            }
         };
         GuardCheck {
             kind,
@@ -279,6 +306,22 @@ impl Condition<Attn, ShapeAnalysis> for GuardCheck {
             4 => s0()
                 .zip(s1())
                 .is_some_and(|(a, b)| matmul_shape(&a, &b).is_some()),
+            8 | 9 => {
+                let konst = v0
+                    .and_then(|v| subst.get(v))
+                    .and_then(|&id| egraph[id].data.konst);
+                s0().is_some_and(|s| s.is_empty())
+                    && konst.is_some_and(|c| c.is_finite() && (self.kind == 9 || c > 0.0))
+            }
+            10 => {
+                let (Some(q), Some(k), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
+                else {
+                    return false;
+                };
+                let product = transposed_last(&k).and_then(|kt| matmul_shape(&q, &kt));
+                let score = shape_of(egraph, subst, v4);
+                product.is_some() && product == score && axis + 1 == score.map_or(0, |s| s.len())
+            }
             5 => {
                 let (Some(x), Some(c), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
                 else {

@@ -18,7 +18,7 @@ pub fn specs() -> Vec<RuleSpec> {
             "linear-causal-fuse",
             "(div (matmul (mask (matmul ?q (transpose ?k)) causal 0) ?v) \
                   (sum (mask (matmul ?q (transpose ?k)) causal 0) ?ax))",
-            "(linear-attention-causal ?q ?k ?v)",
+            "(linear-attention-causal ?q ?k ?v (const 0))",
             // the sum runs along the key axis, the last axis of the scores
             Guard::LastAxisOfProduct {
                 a: "?q",

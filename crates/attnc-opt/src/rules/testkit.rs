@@ -161,8 +161,8 @@ pub fn check(
         "{name} did not fire on {lhs} at {dims:?}"
     );
 
-    let left = to_kernel(&lhs, &shell).expect("lhs converts");
-    let right = to_kernel(&rhs, &shell).expect("rhs converts");
+    let left = to_kernel(&lhs, &shell, &bindings).expect("lhs converts");
+    let right = to_kernel(&rhs, &shell, &bindings).expect("rhs converts");
     let xs = inputs(&shell, &bindings, seed);
     let ya = attnc_ir::interp::evaluate(&left, &bindings, &xs).expect("lhs evaluates");
     let yb = attnc_ir::interp::evaluate(&right, &bindings, &xs).expect("rhs evaluates");

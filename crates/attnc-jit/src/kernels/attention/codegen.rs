@@ -346,6 +346,9 @@ impl Emitter<'_> {
         match e {
             ScoreExpr::Scores => s,
             ScoreExpr::Const(c) => splat_f32(b, *c as f32),
+            ScoreExpr::Dim(d) => {
+                unreachable!("invariant: the planner folds dimension `{d}` into a constant")
+            }
             ScoreExpr::RelPos => {
                 let d = b.ins().isub(jv, row.ia_v);
                 b.ins().fcvt_from_sint(F32X4, d)

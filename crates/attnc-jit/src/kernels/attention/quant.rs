@@ -142,7 +142,9 @@ pub fn shift_invariant(e: &ScoreExpr) -> bool {
     fn uses_s(e: &ScoreExpr) -> bool {
         match e {
             ScoreExpr::Scores => true,
-            ScoreExpr::Const(_) | ScoreExpr::RelPos | ScoreExpr::Bias(_) => false,
+            ScoreExpr::Const(_) | ScoreExpr::Dim(_) | ScoreExpr::RelPos | ScoreExpr::Bias(_) => {
+                false
+            }
             ScoreExpr::Unary(_, a) => uses_s(a),
             ScoreExpr::Binary(_, a, b) => uses_s(a) || uses_s(b),
         }
@@ -150,7 +152,9 @@ pub fn shift_invariant(e: &ScoreExpr) -> bool {
     fn affine(e: &ScoreExpr) -> bool {
         match e {
             ScoreExpr::Scores => true,
-            ScoreExpr::Const(_) | ScoreExpr::RelPos | ScoreExpr::Bias(_) => false,
+            ScoreExpr::Const(_) | ScoreExpr::Dim(_) | ScoreExpr::RelPos | ScoreExpr::Bias(_) => {
+                false
+            }
             ScoreExpr::Unary(attnc_ir::UnaryOp::Neg, a) => affine(a),
             ScoreExpr::Unary(..) => false,
             ScoreExpr::Binary(op, a, b) => match op {

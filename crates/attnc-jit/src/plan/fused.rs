@@ -1,0 +1,404 @@
+//! Planning the fused ops: one fused attention step per `attention` op, one prefix-state step
+//! per causal `linear-attention` op. Their operands are whatever the graph computes: kernel
+//! parameters are read in their storage types, other values through the buffers earlier steps
+//! write (materialized when they are lazy expressions or views without contiguous rows).
+
+use super::{contiguous, operand, plan_error, Planner, StepKind, Val, F16_NATIVE_MAX_ROWS};
+use crate::buffer::Elem;
+use crate::error::Result;
+use crate::kernels::attention::quant::QuantLayout;
+use crate::kernels::attention::{contains_dilated, AttentionSpec, Precision, TensorRef};
+use crate::kernels::elementwise::Expr;
+use crate::kernels::prefix::PrefixSpec;
+use attnc_ir::fused::{Fused, FusedShape};
+use attnc_ir::{Attention, DType, Kernel, LinearAttention, NodeId, Op};
+
+/// The largest number of rows or keys the fused attention kernel takes (its row arithmetic is
+/// 32-bit).
+const MAX_ATTENTION_ROWS: usize = 1 << 29;
+
+/// The largest `m + n` with a `dilated` mask (its stride test runs in f32).
+const MAX_DILATED_ROWS: usize = 1 << 24;
+
+/// Whether `op` is one of the fused ops.
+pub(super) fn is_fused(op: &Op) -> bool {
+    matches!(op, Op::Attention(_) | Op::LinearAttention(_))
+}
+
+/// Why this engine cannot run fused node `id` at the bound `shapes` (it is then planned by its
+/// plain form), or `None`.
+pub(super) fn unsupported(kernel: &Kernel, id: NodeId, shapes: &[Vec<usize>]) -> Option<String> {
+    let node = kernel.graph.node(id);
+    let operands: Vec<&[usize]> = kernel
+        .graph
+        .operands(id)
+        .iter()
+        .map(|o| shapes[o.index()].as_slice())
+        .collect();
+    match &node.op {
+        Op::Attention(a) => {
+            let fs = match Fused::Attention(a).check(&operands) {
+                Ok(fs) => fs,
+                Err(e) => return Some(e),
+            };
+            if fs.m >= MAX_ATTENTION_ROWS || fs.n >= MAX_ATTENTION_ROWS {
+                return Some(format!("more than {MAX_ATTENTION_ROWS} rows or keys"));
+            }
+            let dilated = a.mask.as_ref().is_some_and(contains_dilated);
+            if dilated && fs.m + fs.n + 2 >= MAX_DILATED_ROWS {
+                return Some(format!(
+                    "a dilated mask over more than {MAX_DILATED_ROWS} rows and keys"
+                ));
+            }
+            None
+        }
+        Op::LinearAttention(l) => {
+            if !l.causal {
+                return Some("dense linear attention runs as matrix products".to_string());
+            }
+            let fs = match Fused::Linear(l).check(&operands) {
+                Ok(fs) => fs,
+                Err(e) => return Some(e),
+            };
+            prefix_spec(&fs, l, [vec![], vec![], vec![]])
+                .unsupported()
+                .map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
+/// A kernel parameter the attention kernel reads in its storage type: `input` itself, or
+/// `cast(input, f16|bf16)` (read from one converted copy). `(parameter, conversion)`.
+pub(super) fn direct_operand(kernel: &Kernel, id: NodeId) -> Option<(usize, Option<DType>)> {
+    match &kernel.graph.node(id).op {
+        Op::Input { index, .. } => Some((*index, None)),
+        Op::Cast { to } if *to != DType::F32 => {
+            let x = *kernel.graph.operands(id).first()?;
+            match kernel.graph.node(x).op {
+                Op::Input { index, .. } => Some((index, Some(*to))),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Where one operand of a fused step lives: a buffer, its element strides per axis of the
+/// operand's own shape, and a conversion to apply first.
+struct Placed {
+    buf: usize,
+    strides: Vec<usize>,
+    convert: Option<DType>,
+    name: String,
+}
+
+/// Places operand `id` of a fused step (read with contiguous rows when `rows_contiguous`).
+fn place(
+    p: &mut Planner<'_>,
+    id: NodeId,
+    vals: &[Option<Val>],
+    rows_contiguous: bool,
+) -> Result<Placed> {
+    let shape = p.shapes[id.index()].clone();
+    let name = match &p.kernel.graph.node(id).op {
+        Op::Input { name, .. } => name.clone(),
+        _ => format!("%{}", id.index()),
+    };
+    if let Some((param, convert)) = direct_operand(p.kernel, id) {
+        return Ok(Placed {
+            buf: param,
+            strides: contiguous(&shape),
+            convert,
+            name: p.kernel.params[param].name.clone(),
+        });
+    }
+    let v = operand(vals, id)?;
+    if let Expr::Leaf { buf, strides } = &v.expr {
+        let cols = shape.last().copied().unwrap_or(1);
+        let rows_ok = !rows_contiguous || cols <= 1 || strides.last() == Some(&1);
+        if rows_ok && p.buffers[*buf].elem == Elem::F32 {
+            return Ok(Placed {
+                buf: *buf,
+                strides: strides.clone(),
+                convert: None,
+                name,
+            });
+        }
+    }
+    let buf = p.materialize(&v);
+    Ok(Placed {
+        buf,
+        strides: contiguous(&shape),
+        convert: None,
+        name,
+    })
+}
+
+/// The [`TensorRef`] of a placed operand of `shape` broadcast into `batch ++ [rows, cols]`
+/// (its slot is the buffer, renumbered by the caller).
+fn tensor_ref(p: &Planner<'_>, placed: &Placed, shape: &[usize], batch: &[usize]) -> TensorRef {
+    broadcast_ref(placed, p.buffers[placed.buf].elem.dtype(), shape, batch)
+}
+
+/// [`tensor_ref`] with the element type given.
+fn broadcast_ref(placed: &Placed, dtype: DType, shape: &[usize], batch: &[usize]) -> TensorRef {
+    let rank = batch.len() + 2;
+    let pad = rank - shape.len().min(rank);
+    let mut strides = vec![0usize; rank];
+    for (axis, (&size, &stride)) in shape.iter().zip(&placed.strides).enumerate() {
+        if size != 1 {
+            strides[axis + pad] = stride;
+        }
+    }
+    TensorRef {
+        slot: placed.buf,
+        name: placed.name.clone(),
+        dtype,
+        convert: placed.convert,
+        batch_strides: strides[..rank - 2].to_vec(),
+        row_stride: strides[rank - 2],
+        col_stride: strides[rank - 1],
+    }
+}
+
+/// The fused attention step of node `id`. Q, K, V and the biases are read in their storage
+/// types; a cast operand reads a copy of its parameter rounded once by a host step. The int8
+/// kernel reads the packed buffer of a host [`StepKind::Quantize`] step instead of Q, K, V.
+pub(super) fn plan_attention(
+    p: &mut Planner<'_>,
+    id: NodeId,
+    a: &Attention,
+    vals: &[Option<Val>],
+) -> Result<Val> {
+    let op = &p.kernel.graph.node(id).op;
+    let operands = p.kernel.graph.operands(id);
+    let shapes: Vec<Vec<usize>> = operands
+        .iter()
+        .map(|o| p.shapes[o.index()].clone())
+        .collect();
+    let slices: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+    let fs = Fused::Attention(a)
+        .check(&slices)
+        .map_err(|e| plan_error(op, e))?;
+    let mut refs = Vec::with_capacity(operands.len());
+    for (index, &o) in operands.iter().enumerate() {
+        // Q, K, V are loaded as vectors along their rows; biases may have any strides.
+        let placed = place(p, o, vals, index < 3)?;
+        refs.push(tensor_ref(p, &placed, &shapes[index], &fs.batch));
+    }
+    let mut refs = refs.into_iter();
+    let (Some(q), Some(k), Some(v)) = (refs.next(), refs.next(), refs.next()) else {
+        return Err(plan_error(op, "fewer than three operands"));
+    };
+    let spec = AttentionSpec {
+        batch: fs.batch,
+        m: fs.m,
+        n: fs.n,
+        d: fs.d,
+        dv: fs.dv,
+        q,
+        k,
+        v,
+        biases: refs.collect(),
+        score: a.score.folded(p.bindings),
+        mask: a.mask.clone(),
+        precision: a.precision,
+    };
+    Ok(attention_step(p, spec))
+}
+
+/// The fused attention kernel's spec for node `id` of `kernel` when every operand is a kernel
+/// parameter read as stored: tensor slots are parameter indices. For tests and tools that run
+/// the kernel alone (the planner builds specs over its buffers instead).
+pub fn parameter_attention_spec(
+    kernel: &Kernel,
+    id: NodeId,
+    bindings: &attnc_ir::Bindings,
+) -> Result<AttentionSpec> {
+    let node = kernel.graph.node(id);
+    let Op::Attention(a) = &node.op else {
+        return Err(plan_error(&node.op, "not a fused attention"));
+    };
+    let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
+        .map_err(|e| crate::error::JitError::Shape(e.to_string()))?;
+    let operands = kernel.graph.operands(id);
+    let slices: Vec<&[usize]> = operands
+        .iter()
+        .map(|o| shapes[o.index()].as_slice())
+        .collect();
+    let fs = Fused::Attention(a)
+        .check(&slices)
+        .map_err(|e| plan_error(&node.op, e))?;
+    let mut refs = Vec::new();
+    for (&o, shape) in operands.iter().zip(&slices) {
+        let Some((param, None)) = direct_operand(kernel, o) else {
+            return Err(plan_error(&node.op, "an operand is not a parameter"));
+        };
+        let placed = Placed {
+            buf: param,
+            strides: contiguous(shape),
+            convert: None,
+            name: kernel.params[param].name.clone(),
+        };
+        refs.push(broadcast_ref(
+            &placed,
+            kernel.params[param].dtype,
+            shape,
+            &fs.batch,
+        ));
+    }
+    let mut refs = refs.into_iter();
+    let (Some(q), Some(k), Some(v)) = (refs.next(), refs.next(), refs.next()) else {
+        return Err(plan_error(&node.op, "fewer than three operands"));
+    };
+    Ok(AttentionSpec {
+        batch: fs.batch,
+        m: fs.m,
+        n: fs.n,
+        d: fs.d,
+        dv: fs.dv,
+        q,
+        k,
+        v,
+        biases: refs.collect(),
+        score: a.score.folded(bindings),
+        mask: a.mask.clone(),
+        precision: a.precision,
+    })
+}
+
+/// Binds the spec's tensors to step inputs (converting where asked) and pushes the step.
+fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
+    let mut inputs: Vec<usize> = Vec::new();
+    let mut converted: Vec<(usize, DType, usize)> = Vec::new();
+    // Resolves a tensor to its buffer and points its slot at the step's operand list.
+    let mut bind = |p: &mut Planner<'_>, t: &mut TensorRef, inputs: &mut Vec<usize>| {
+        let source = t.slot;
+        let buf = match t.convert.take() {
+            Some(to) => match converted.iter().find(|c| c.0 == source && c.1 == to) {
+                Some(c) => c.2,
+                None => {
+                    let out = p.new_typed_buffer(p.buffers[source].len, Elem::of(to));
+                    p.push(StepKind::Convert(Elem::of(to)), vec![source], out);
+                    converted.push((source, to, out));
+                    out
+                }
+            },
+            None => source,
+        };
+        t.dtype = p.buffers[buf].elem.dtype();
+        t.slot = match inputs.iter().position(|&b| b == buf) {
+            Some(k) => k,
+            None => {
+                inputs.push(buf);
+                inputs.len() - 1
+            }
+        };
+    };
+    let mut shape = spec.batch.clone();
+    shape.extend([spec.m, spec.dv]);
+    let out = p.new_buffer(shape.iter().product());
+    match spec.precision {
+        Precision::Exact => {
+            let reused = spec.m >= F16_NATIVE_MAX_ROWS;
+            for t in [&mut spec.q, &mut spec.k, &mut spec.v]
+                .into_iter()
+                .chain(spec.biases.iter_mut())
+            {
+                // f16 lanes widen in ~15 instructions (no F16C through Cranelift): when every
+                // key row serves many queries, one host conversion costs less than widening
+                // in every tile, and keeps the tile code (and its compile time) small.
+                // (A `cast(x, f16)` operand keeps its one conversion, to f16.)
+                if reused && t.convert.is_none() && p.buffers[t.slot].elem == Elem::F16 {
+                    t.convert = Some(DType::F32);
+                }
+                bind(p, t, &mut inputs);
+            }
+        }
+        Precision::Int8 => {
+            let mut qkv = Vec::new();
+            for t in [&mut spec.q, &mut spec.k, &mut spec.v] {
+                let mut own = Vec::new();
+                bind(p, t, &mut own);
+                qkv.push(own[0]);
+                t.slot = qkv.len() - 1;
+            }
+            let layout = QuantLayout::new(&spec);
+            let packed = p.new_typed_buffer(layout.total_bytes(), Elem::U8);
+            p.push(StepKind::Quantize(Box::new(layout)), qkv, packed);
+            inputs.push(packed);
+            for t in spec.biases.iter_mut() {
+                bind(p, t, &mut inputs);
+            }
+        }
+    }
+    p.push(StepKind::Attention(Box::new(spec)), inputs, out);
+    Planner::leaf(out, &shape)
+}
+
+/// The prefix-state kernel's spec for a checked causal linear attention (`batch_strides`
+/// of φQ, φK, V).
+fn prefix_spec(
+    fs: &FusedShape<usize>,
+    l: &LinearAttention,
+    batch_strides: [Vec<usize>; 3],
+) -> PrefixSpec {
+    PrefixSpec {
+        batch: fs.batch.clone(),
+        batch_strides,
+        m: fs.m,
+        n: fs.n,
+        d: fs.d,
+        dv: fs.dv,
+        normalizer: l.normalizer,
+    }
+}
+
+/// The prefix-state step of a causal linear attention over contiguous `φQ`, `φK`, `V`
+/// buffers (materialized when they are computed values or strided views).
+pub(super) fn plan_prefix(
+    p: &mut Planner<'_>,
+    id: NodeId,
+    l: &LinearAttention,
+    vals: &[Option<Val>],
+) -> Result<Val> {
+    let op = &p.kernel.graph.node(id).op;
+    let operands = p.kernel.graph.operands(id);
+    let shapes: Vec<Vec<usize>> = operands
+        .iter()
+        .map(|o| p.shapes[o.index()].clone())
+        .collect();
+    let slices: Vec<&[usize]> = shapes.iter().map(Vec::as_slice).collect();
+    let fs = Fused::Linear(l)
+        .check(&slices)
+        .map_err(|e| plan_error(op, e))?;
+    let mut inputs = Vec::with_capacity(3);
+    let mut strides: [Vec<usize>; 3] = Default::default();
+    for (index, &o) in operands.iter().enumerate() {
+        let v = operand(vals, o)?;
+        inputs.push(p.contiguous_buffer(&v));
+        strides[index] = batch_strides(&shapes[index], &fs.batch);
+    }
+    let spec = prefix_spec(&fs, l, strides);
+    let mut shape = fs.batch.clone();
+    shape.extend([fs.m, fs.dv]);
+    let out = p.new_buffer(shape.iter().product());
+    p.push(StepKind::Prefix(spec), inputs, out);
+    Ok(Planner::leaf(out, &shape))
+}
+
+/// Element strides per output batch axis of a contiguous tensor of shape `s` broadcast into
+/// `batch` (0 on broadcast axes).
+fn batch_strides(s: &[usize], batch: &[usize]) -> Vec<usize> {
+    let full = contiguous(s);
+    let lead = s.len() - 2;
+    let offset = batch.len() - lead;
+    let mut strides = vec![0; batch.len()];
+    for axis in 0..lead {
+        if s[axis] != 1 {
+            strides[offset + axis] = full[axis];
+        }
+    }
+    strides
+}
