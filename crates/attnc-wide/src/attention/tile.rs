@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::mask::{LaneAxis, MaskBuffers, MaskProgram, VECTORS};
-use super::math::exp2;
+use super::math::{exp2, exp2_below, exp2_below_constants, EXP2_BELOW_LIMIT};
 use super::score::ScoreForm;
 use super::widen::{first_lanes, widen_row};
 use super::{KEY_TILE, QUERY_TILE};
@@ -269,17 +269,26 @@ unsafe fn query_tile<const RV: usize>(
         sum: [_mm512_setzero_ps(); RV],
     };
     let tile = rows.start / QUERY_TILE;
-    for run in env.call.tiles.runs(tile) {
-        for key_tile in run.first as usize..run.end as usize {
-            // SAFETY: the caller's contract; the table lists only key tiles inside n.
-            unsafe { key_step::<RV>(env, scratch, &mut softmax, &rows, key_tile, run.partial) };
-        }
+    let mut visits = env
+        .call
+        .tiles
+        .runs(tile)
+        .iter()
+        .flat_map(|run| (run.first as usize..run.end as usize).map(move |t| (t, run.partial)))
+        .peekable();
+    while let Some((key_tile, partial)) = visits.next() {
+        let next = visits.peek().map(|&(t, _)| t);
+        // SAFETY: the caller's contract; the table lists only key tiles inside n.
+        unsafe { key_step::<RV>(env, scratch, &mut softmax, &rows, key_tile, partial, next) };
     }
     // SAFETY: the caller's contract.
     unsafe { finish::<RV>(env, scratch, &softmax, rows, out_start, out) };
 }
 
-/// One key tile of one query tile.
+/// One key tile of one query tile; `next` is the key tile visited after it, whose K and V
+/// rows are hinted towards L2 a few at a time while this one computes (in-place operands are
+/// streamed from L3 once per query tile; the hardware prefetchers miss the strided column
+/// passes of P·V).
 ///
 /// # Safety
 /// As [`query_tile`]; `key_tile` lies inside n.
@@ -291,6 +300,7 @@ unsafe fn key_step<const RV: usize>(
     rows: &Range<usize>,
     key_tile: usize,
     partial: bool,
+    next: Option<usize>,
 ) {
     let (d, dv, n) = (env.d, env.dv, env.n);
     let j0 = key_tile * KEY_TILE;
@@ -305,6 +315,14 @@ unsafe fn key_step<const RV: usize>(
         let k = unsafe { scratch.k.rows(key_tile) };
         let mut jc = 0;
         while jc < kn {
+            if let Some(next) = next {
+                prefetch_rows(
+                    k,
+                    n,
+                    next * KEY_TILE + jc..next * KEY_TILE + jc + QK_KEYS,
+                    d,
+                );
+            }
             let at = k.data.as_ptr().wrapping_add((j0 + jc) * k.stride);
             let st = s.wrapping_add(jc * QUERY_TILE);
             // SAFETY: keys j0 + jc.. (at most kn − jc of them) are rows < n of K, each with d
@@ -340,34 +358,69 @@ unsafe fn key_step<const RV: usize>(
         tmax = unsafe { score_pass::<RV>(env, s, rows, j0, kn, masks) };
     }
 
-    // 3. Online softmax.
+    // 3. Online softmax. The running maximum is kept as an integer (the ceiling of the true
+    // one, base 2): weights stay in (½, 1] at the top, the rescale factor 2^(old − new) is an
+    // exact power of two, it changes only when the maximum crosses an integer, and the
+    // exponential folds the subtraction into its rounding constant (`exp2_below`).
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
     let one = _mm512_set1_ps(1.0);
+    let mut low = [_mm512_setzero_ps(); RV];
+    let mut magic = [_mm512_setzero_ps(); RV];
     let mut shift = [_mm512_setzero_ps(); RV];
     let mut alpha = [one; RV];
     let mut grew = 0u32;
+    let mut general = 0u32;
     for r in 0..RV {
         let old = softmax.max[r];
+        let top = _mm512_roundscale_ps::<{ _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC }>(tmax[r]);
         // `max` returns its second operand if either is NaN: a NaN tile maximum sticks.
-        let new = _mm512_max_ps(old, tmax[r]);
+        let new = _mm512_max_ps(old, top);
         let same = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(new, old);
         let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(new, neg_inf);
         // A row whose maximum is still −∞ has only zero weights: subtract 0, not −∞.
         shift[r] = _mm512_mask_blend_ps(empty, new, _mm512_setzero_ps());
-        alpha[r] = _mm512_mask_blend_ps(same, exp2(_mm512_sub_ps(old, shift[r])), one);
+        alpha[r] = _mm512_mask_blend_ps(
+            same,
+            _mm512_scalef_ps(one, _mm512_sub_ps(old, shift[r])),
+            one,
+        );
         grew |= u32::from(!same);
+        (low[r], magic[r]) = exp2_below_constants(shift[r]);
+        // Beyond ±2²¹ (finite) the rounding-constant form does not hold: take `exp2`.
+        let huge = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+            _mm512_abs_ps(shift[r]),
+            _mm512_set1_ps(EXP2_BELOW_LIMIT),
+        ) & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(
+            _mm512_abs_ps(shift[r]),
+            _mm512_set1_ps(f32::INFINITY),
+        );
+        general |= u32::from(huge);
         softmax.sum[r] = _mm512_mul_ps(softmax.sum[r], alpha[r]);
         softmax.max[r] = new;
     }
     let mut sum = softmax.sum;
-    for jj in 0..kn {
-        for r in 0..RV {
-            let at = s.wrapping_add(jj * QUERY_TILE + r * LANES);
-            // SAFETY: jj < kn ≤ 64 and r < 4: inside Sᵀ.
-            unsafe {
-                let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(at), shift[r]));
-                sum[r] = _mm512_add_ps(sum[r], p);
-                _mm512_storeu_ps(at, p);
+    if general == 0 {
+        for jj in 0..kn {
+            for r in 0..RV {
+                let at = s.wrapping_add(jj * QUERY_TILE + r * LANES);
+                // SAFETY: jj < kn ≤ 64 and r < 4: inside Sᵀ.
+                unsafe {
+                    let p = exp2_below(_mm512_loadu_ps(at), low[r], magic[r]);
+                    sum[r] = _mm512_add_ps(sum[r], p);
+                    _mm512_storeu_ps(at, p);
+                }
+            }
+        }
+    } else {
+        for jj in 0..kn {
+            for r in 0..RV {
+                let at = s.wrapping_add(jj * QUERY_TILE + r * LANES);
+                // SAFETY: as above.
+                unsafe {
+                    let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(at), shift[r]));
+                    sum[r] = _mm512_add_ps(sum[r], p);
+                    _mm512_storeu_ps(at, p);
+                }
             }
         }
     }
@@ -385,8 +438,14 @@ unsafe fn key_step<const RV: usize>(
         _ => None,
     };
     let o = scratch.o.get_mut().as_mut_ptr();
+    let steps = dv.div_ceil(PV_COLUMNS);
+    let per_step = KEY_TILE.div_ceil(steps);
     let mut c0 = 0;
     while c0 < dv {
+        if let Some(next) = next {
+            let first = next * KEY_TILE + c0 / PV_COLUMNS * per_step;
+            prefetch_rows(v, n, first..first + per_step, dv);
+        }
         let at = v.data.as_ptr().wrapping_add(j0 * v.stride + c0);
         let ot = o.wrapping_add(c0 * QUERY_TILE);
         // SAFETY: keys j0..j0 + kn are rows < n of V, columns c0.. (at most dv − c0 of them)
@@ -404,6 +463,25 @@ unsafe fn key_step<const RV: usize>(
             }
         }
         c0 += PV_COLUMNS;
+    }
+}
+
+/// Hints the cache lines of rows `keys` (those below `n`, `cols` f32 each) towards L2.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+fn prefetch_rows(rows: Rows<'_>, n: usize, keys: Range<usize>, cols: usize) {
+    if cols == 0 {
+        return;
+    }
+    for j in keys.start..keys.end.min(n) {
+        let row = rows.data[j * rows.stride..j * rows.stride + cols].as_ptr();
+        let mut c = 0;
+        while c < cols {
+            // A prefetch reads nothing and cannot fault.
+            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(c).cast());
+            c += 16;
+        }
+        _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(cols - 1).cast());
     }
 }
 
