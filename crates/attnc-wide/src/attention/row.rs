@@ -75,7 +75,6 @@ struct Typed<'a, K, V> {
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-#[allow(clippy::needless_range_loop)] // key tiles index the per-tile cache and give key offsets
 unsafe fn typed<K: Widen, V: Widen>(
     call: &Call<'_>,
     k: &[K],
@@ -96,7 +95,6 @@ unsafe fn typed<K: Widen, V: Widen>(
         dv,
     };
     let mut masks = program.map(|p| p.buffers(VECTORS));
-    let mut finite = vec![None; n.div_ceil(KEY_TILE)];
     let mut st = State {
         q: vec![0.0; d.div_ceil(LANES) * LANES],
         o: vec![0.0; dv.div_ceil(LANES) * LANES],
@@ -137,16 +135,9 @@ unsafe fn typed<K: Widen, V: Widen>(
                     }
                     _ => None,
                 };
-                let finite_v = keep.is_none()
-                    || *finite[tile].get_or_insert_with(|| {
-                        (j0..j0 + kn).all(|j| {
-                            let row = &v[j * ops.v_stride..j * ops.v_stride + dv];
-                            row.iter().all(|x| x.get().is_finite())
-                        })
-                    });
                 // SAFETY: the caller's contract; tile lies inside n.
                 unsafe {
-                    key_tile(&ops, &mut st, &form, i, ia, j0, kn, keep, finite_v);
+                    key_tile(&ops, &mut st, &form, i, ia, j0, kn, keep);
                 }
             }
         }
@@ -184,7 +175,6 @@ unsafe fn key_tile<K: Widen, V: Widen>(
     j0: usize,
     kn: usize,
     keep: Option<[u16; VECTORS]>,
-    finite_v: bool,
 ) {
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
     let (row_stride, col_stride) = form.bias_strides();
@@ -235,9 +225,9 @@ unsafe fn key_tile<K: Widen, V: Widen>(
         // SAFETY: g < 4: inside the 64 weights.
         unsafe { _mm512_storeu_ps(st.p.as_mut_ptr().add(g * LANES), p) };
     }
-    // o = o·alpha + Σ p_j V[j]; masked keys of a value tile with non-finite elements are
-    // skipped so that their 0·∞ stays out.
-    let skip = if finite_v { None } else { keep };
+    // o = o·alpha + Σ p_j V[j]; masked keys are skipped: their weight is 0, but 0·∞ or 0·NaN
+    // from their value row must not reach the output.
+    let skip = keep;
     let mut c0 = 0;
     while c0 < ops.dv {
         let width = (ops.dv - c0).min(O_BLOCK);

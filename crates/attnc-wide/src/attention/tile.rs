@@ -7,37 +7,44 @@
 //! Per query tile, Q is packed transposed (`Qᵀ[c][row]`, scaled by `scale·log2 e`); per key
 //! tile of 64 keys:
 //!
-//! 1. `Sᵀ[key][row] = Σ_c Qᵀ[c][row]·K[key][c]`: 4 keys × 4 row vectors of accumulators, one
-//!    key element broadcast per 4 FMAs, the tile maximum folded into the stores;
+//! 1. `Sᵀ[key][row] = Σ_c Qᵀ[c][row]·K[key][c]` ([`micro::qk`]: 4 keys × 4 row vectors of
+//!    accumulators, one key element broadcast per 4 FMAs), the tile maximum folded in;
 //! 2. bias, ALiBi, softcap and element masks (partial tiles only) in one pass over `Sᵀ`;
-//! 3. online softmax: new maximum, rescale factor (O is rescaled only when some row's maximum
-//!    grew), `Pᵀ = exp2(Sᵀ − max)` in place, row sums;
-//! 4. `Oᵀ[c][row] += Σ_key Pᵀ[key][row]·V[key][c]`: 4 columns × 4 row vectors, one value
-//!    broadcast per 4 FMAs.
+//! 3. online softmax with an integer running maximum (base 2): `Pᵀ = 2^(Sᵀ − max)` in place,
+//!    row sums, a power-of-two rescale of O when some row's maximum grew;
+//! 4. `Oᵀ[c][row] += Σ_key Pᵀ[key][row]·V[key][c]` ([`micro::pv`]: 4 columns × 4 row
+//!    vectors, one value broadcast per 4 FMAs; masked FMAs on partial tiles).
 //!
-//! K and V are read as rows of f32 with a stride, broadcast one element at a time, so f32
-//! operands are read in place whatever their stride; f16/bf16 operands are widened once per
-//! call and key tile (lazily, only tiles the table visits) into call scratch. Each row's
-//! arithmetic is the same sequence whatever the other lanes hold, so any split of rows gives
-//! bit-identical results.
+//! K and V are only ever broadcast one element at a time, so f32 operands are read in place
+//! whatever their row stride; f16/bf16 key tiles are widened into an L1-sized buffer right
+//! before use. While a key tile computes, the next one's rows are hinted towards L2 a few at a
+//! time (the operands stream from L3 once per query tile; the hardware prefetchers miss the
+//! strided column passes of P·V). Each row's arithmetic is the same sequence whatever the
+//! other lanes hold, so any split of rows gives bit-identical results.
 
-// The micro-kernels index 2-D register arrays by constant loop bounds; iterator forms would
-// hide which accumulator meets which operand.
+// Register arrays indexed by constant loop bounds.
 #![allow(clippy::needless_range_loop)]
 
+mod layout;
+mod micro;
+
 use std::arch::x86_64::*;
+use std::cell::Cell;
 use std::ops::Range;
 
-use super::mask::{LaneAxis, MaskBuffers, MaskProgram, VECTORS};
+use half::{bf16, f16};
+
+use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::{exp2, exp2_below, exp2_below_constants, EXP2_BELOW_LIMIT};
 use super::score::ScoreForm;
 use super::widen::{first_lanes, widen_row};
 use super::{KEY_TILE, QUERY_TILE};
-use crate::problem::{Call, Operand, Output};
+use crate::problem::{Call, Elements, Operand, Output};
 
 const LANES: usize = 16;
 
-/// Keys per QK micro-kernel step (4 keys × 4 row vectors = 16 accumulators).
+/// Keys per QK micro-kernel step (4 keys × 4 row vectors = 16 accumulators; 24-accumulator
+/// shapes measured no faster).
 const QK_KEYS: usize = 4;
 
 /// Value columns per PV micro-kernel step (4 columns × 4 row vectors = 16 accumulators).
@@ -46,8 +53,9 @@ const PV_COLUMNS: usize = 4;
 const _: () = assert!(QUERY_TILE == LANES * VECTORS);
 const _: () = assert!(KEY_TILE <= LANES * VECTORS);
 
-/// A zeroed f32 buffer whose start is 64-byte aligned (unaligned vector loads are used
-/// anyway; alignment only keeps them from splitting cache lines).
+/// An f32 buffer whose start is 64-byte aligned (loads are unaligned anyway; alignment only
+/// keeps them from splitting cache lines).
+#[derive(Default)]
 struct Aligned {
     buf: Vec<f32>,
     start: usize,
@@ -55,10 +63,13 @@ struct Aligned {
 }
 
 impl Aligned {
-    fn zeros(len: usize) -> Aligned {
-        let buf = vec![0.0f32; len + LANES];
-        let start = buf.as_ptr().align_offset(64).min(LANES);
-        Aligned { buf, start, len }
+    /// Makes room for `len` elements (contents unspecified).
+    fn reserve(&mut self, len: usize) {
+        if self.buf.len() < len + LANES {
+            self.buf = vec![0.0f32; len + LANES];
+            self.start = self.buf.as_ptr().align_offset(64).min(LANES);
+        }
+        self.len = len;
     }
 
     fn get(&self) -> &[f32] {
@@ -70,6 +81,21 @@ impl Aligned {
     }
 }
 
+/// Scratch reused by every call on one thread: `Qᵀ` (`d × 64`), `Sᵀ`/`Pᵀ` (`64 × 64`), `Oᵀ`
+/// (`dv × 64`) and widened K and V tiles (`64 × d`, `64 × dv`, f16/bf16 operands only).
+#[derive(Default)]
+struct Buffers {
+    qt: Aligned,
+    s: Aligned,
+    o: Aligned,
+    k: Aligned,
+    v: Aligned,
+}
+
+thread_local! {
+    static BUFFERS: Cell<Option<Box<Buffers>>> = const { Cell::new(None) };
+}
+
 /// Rows of f32 the micro-kernels read.
 #[derive(Clone, Copy)]
 struct Rows<'a> {
@@ -77,75 +103,31 @@ struct Rows<'a> {
     stride: usize,
 }
 
-/// K or V as f32 rows: the operand itself, or a copy widened tile by tile on first use.
-enum Source<'a> {
-    InPlace(Rows<'a>),
-    Widened {
-        operand: Operand<'a>,
-        data: Vec<f32>,
-        done: Vec<bool>,
-    },
-}
-
-impl<'a> Source<'a> {
-    fn new(operand: Operand<'a>) -> Source<'a> {
-        match operand.data {
-            crate::problem::Elements::F32(data) => Source::InPlace(Rows {
-                data,
-                stride: operand.row_stride,
-            }),
-            _ => Source::Widened {
-                operand,
-                data: vec![0.0; operand.rows * operand.cols],
-                done: vec![false; operand.rows.div_ceil(KEY_TILE)],
-            },
-        }
+/// Key tile `tile` of an operand as f32 rows: in place (row `j` at `j·stride`), or widened
+/// into `buffer` (row `j0 + r` at `r·stride`).
+///
+/// # Safety
+/// AVX-512 is present and the operand passed `problem::check`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn tile_rows<'a>(operand: &Operand<'a>, tile: usize, buffer: &'a mut Aligned) -> Rows<'a> {
+    let (j0, cols) = (tile * KEY_TILE, operand.cols);
+    if let Elements::F32(data) = operand.data {
+        return Rows {
+            data,
+            stride: operand.row_stride,
+        };
     }
-
-    /// The rows, with key tile `tile` readable.
-    ///
-    /// # Safety
-    /// AVX-512 is present and the operand passed `problem::check`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn rows(&mut self, tile: usize) -> Rows<'_> {
-        match self {
-            Source::InPlace(rows) => *rows,
-            Source::Widened {
-                operand,
-                data,
-                done,
-            } => {
-                let cols = operand.cols;
-                if !done[tile] && cols > 0 {
-                    let end = ((tile + 1) * KEY_TILE).min(operand.rows);
-                    for j in tile * KEY_TILE..end {
-                        let dst = &mut data[j * cols..(j + 1) * cols];
-                        // SAFETY: AVX-512 is present; row j < rows lies inside the operand.
-                        unsafe { widen_row(operand.data, j, operand.row_stride, dst, 1.0) };
-                    }
-                }
-                done[tile] = true;
-                Rows { data, stride: cols }
-            }
-        }
+    let end = (j0 + KEY_TILE).min(operand.rows);
+    let out = buffer.get_mut();
+    for j in j0..end {
+        let dst = &mut out[(j - j0) * cols..(j - j0 + 1) * cols];
+        // SAFETY: AVX-512 is present; row j < rows lies inside the operand.
+        unsafe { widen_row(operand.data, j, operand.row_stride, dst, 1.0) };
     }
-}
-
-/// Whether key tile `tile` of V holds only finite values (asked for partial tiles only, where
-/// a masked key's `0 · ∞` must not reach the output); cached per call.
-struct Finite {
-    known: Vec<Option<bool>>,
-}
-
-impl Finite {
-    fn of(&mut self, v: Rows<'_>, tile: usize, keys: Range<usize>, dv: usize) -> bool {
-        *self.known[tile].get_or_insert_with(|| {
-            keys.clone().all(|j| {
-                v.data[j * v.stride..j * v.stride + dv]
-                    .iter()
-                    .all(|x| x.is_finite())
-            })
-        })
+    // Row j0 + r of the operand is row r of the buffer.
+    Rows {
+        data: &buffer.get()[..(end - j0) * cols],
+        stride: cols,
     }
 }
 
@@ -160,23 +142,7 @@ struct Env<'a, 'c> {
     dv: usize,
 }
 
-/// One call's scratch.
-struct Scratch<'a> {
-    /// `Qᵀ[c][row]`, `d × QUERY_TILE`.
-    qt: Aligned,
-    /// `Sᵀ`, then `Pᵀ`, `[key][row]`, `KEY_TILE × QUERY_TILE`.
-    s: Aligned,
-    /// `Oᵀ[c][row]`, `dv × QUERY_TILE`.
-    o: Aligned,
-    /// One widened Q row.
-    row: Vec<f32>,
-    k: Source<'a>,
-    v: Source<'a>,
-    finite: Finite,
-    masks: Option<MaskBuffers>,
-}
-
-/// Per 16 rows of a query tile: running maximum (base 2) and sum.
+/// Per 16 rows of a query tile: running maximum (an integer, base 2) and sum.
 struct Softmax<const RV: usize> {
     max: [__m512; RV],
     sum: [__m512; RV],
@@ -204,146 +170,206 @@ pub(super) unsafe fn run(
         d: call.q.cols,
         dv: call.v.cols,
     };
-    let mut scratch = Scratch {
-        qt: Aligned::zeros(env.d * QUERY_TILE),
-        s: Aligned::zeros(KEY_TILE * QUERY_TILE),
-        o: Aligned::zeros(env.dv * QUERY_TILE),
-        row: vec![0.0; env.d],
-        k: Source::new(call.k),
-        v: Source::new(call.v),
-        finite: Finite {
-            known: vec![None; env.n.div_ceil(KEY_TILE)],
-        },
-        masks: program.map(|p| p.buffers(KEY_TILE * VECTORS)),
-    };
+    let mut buffers = BUFFERS.with(|b| b.take()).unwrap_or_default();
+    buffers.qt.reserve(env.d * QUERY_TILE);
+    buffers.s.reserve(KEY_TILE * QUERY_TILE);
+    buffers.o.reserve(env.dv * QUERY_TILE);
+    buffers.k.reserve(KEY_TILE * env.d);
+    buffers.v.reserve(KEY_TILE * env.dv);
+    let mut masks = program.map(|p| p.buffers(KEY_TILE * VECTORS));
     let mut r0 = rows.start;
     while r0 < rows.end {
         let r1 = (r0 + QUERY_TILE).min(rows.end);
-        let vectors = (r1 - r0).div_ceil(LANES);
+        let tile = Tile {
+            rows: r0..r1,
+            out_start: rows.start,
+        };
+        let b = &mut buffers;
+        let mk = masks.as_mut();
         // SAFETY (all four): the caller's contract, passed on; r0 starts a query tile.
-        match vectors {
-            1 => unsafe { query_tile::<1>(&env, &mut scratch, r0..r1, rows.start, out) },
-            2 => unsafe { query_tile::<2>(&env, &mut scratch, r0..r1, rows.start, out) },
-            3 => unsafe { query_tile::<3>(&env, &mut scratch, r0..r1, rows.start, out) },
-            _ => unsafe { query_tile::<4>(&env, &mut scratch, r0..r1, rows.start, out) },
+        match (r1 - r0).div_ceil(LANES) {
+            1 => unsafe { query_tile::<1>(&env, b, mk, &tile, out) },
+            2 => unsafe { query_tile::<2>(&env, b, mk, &tile, out) },
+            3 => unsafe { query_tile::<3>(&env, b, mk, &tile, out) },
+            _ => unsafe { query_tile::<4>(&env, b, mk, &tile, out) },
         }
         r0 = r1;
     }
+    BUFFERS.with(|b| b.set(Some(buffers)));
 }
 
-/// Rows `rows` (one query tile, `RV` vectors of lanes) into `out`, whose first row is
-/// `out_start`.
+/// The rows of one query tile a call computes.
+struct Tile {
+    rows: Range<usize>,
+    /// The call's first row (row `out_start` is row 0 of the output).
+    out_start: usize,
+}
+
+/// One query tile (`RV` vectors of lanes).
 ///
 /// # Safety
-/// As [`run`]; `rows` lie in one query tile and in the checked range.
+/// As [`run`]; the tile's rows lie in one query tile and in the checked range.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 unsafe fn query_tile<const RV: usize>(
     env: &Env<'_, '_>,
-    scratch: &mut Scratch<'_>,
-    rows: Range<usize>,
-    out_start: usize,
+    buffers: &mut Buffers,
+    mut masks: Option<&mut super::mask::MaskBuffers>,
+    tile: &Tile,
     out: &mut Output<'_>,
 ) {
-    // Qᵀ, scaled; lanes past the rows stay zero.
-    let qt = scratch.qt.get_mut();
-    qt.fill(0.0);
-    for (lane, i) in rows.clone().enumerate() {
-        let row = &mut scratch.row;
-        // SAFETY: AVX-512 is present; row i < m lies inside Q.
-        unsafe {
-            widen_row(
-                env.call.q.data,
-                i,
-                env.call.q.row_stride,
-                row,
-                env.form.q_scale,
-            )
-        };
-        for (c, &x) in row.iter().enumerate() {
-            qt[c * QUERY_TILE + lane] = x;
-        }
+    let (q, d) = (env.call.q, env.d);
+    let qt = buffers.qt.get_mut();
+    let (scale, rows) = (env.form.q_scale, tile.rows.clone());
+    // SAFETY (all three): AVX-512 is present; the rows lie inside the checked Q.
+    match q.data {
+        Elements::F32(x) => unsafe { layout::pack_q(x.as_ptr(), q.row_stride, rows, d, scale, qt) },
+        Elements::F16(x) => unsafe {
+            layout::pack_q::<f16>(x.as_ptr(), q.row_stride, rows, d, scale, qt)
+        },
+        Elements::Bf16(x) => unsafe {
+            layout::pack_q::<bf16>(x.as_ptr(), q.row_stride, rows, d, scale, qt)
+        },
     }
-    scratch.o.get_mut().fill(0.0);
+    buffers.o.get_mut().fill(0.0);
     let mut softmax = Softmax::<RV> {
         max: [_mm512_set1_ps(f32::NEG_INFINITY); RV],
         sum: [_mm512_setzero_ps(); RV],
     };
-    let tile = rows.start / QUERY_TILE;
     let mut visits = env
         .call
         .tiles
-        .runs(tile)
+        .runs(tile.rows.start / QUERY_TILE)
         .iter()
         .flat_map(|run| (run.first as usize..run.end as usize).map(move |t| (t, run.partial)))
         .peekable();
     while let Some((key_tile, partial)) = visits.next() {
         let next = visits.peek().map(|&(t, _)| t);
+        let step = Step {
+            key_tile,
+            partial,
+            next,
+        };
         // SAFETY: the caller's contract; the table lists only key tiles inside n.
-        unsafe { key_step::<RV>(env, scratch, &mut softmax, &rows, key_tile, partial, next) };
+        unsafe {
+            key_step::<RV>(
+                env,
+                buffers,
+                masks.as_deref_mut(),
+                &mut softmax,
+                &tile.rows,
+                &step,
+            )
+        };
     }
-    // SAFETY: the caller's contract.
-    unsafe { finish::<RV>(env, scratch, &softmax, rows, out_start, out) };
+    // O = Oᵀ / sum, zeros for rows that kept nothing (maximum −∞ and no NaN in the sum).
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut empty = [0 as __mmask16; RV];
+    for r in 0..RV {
+        let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(softmax.max[r], neg_inf);
+        empty[r] = _mm512_mask_cmp_ps_mask::<_CMP_EQ_OQ>(none, softmax.sum[r], _mm512_setzero_ps());
+    }
+    if env.dv > 0 {
+        let (o, row_stride) = (&mut *out.o, out.row_stride);
+        // SAFETY: AVX-512 is present; check() sized the output for every row and dv columns.
+        unsafe {
+            layout::write_rows(
+                buffers.o.get(),
+                env.dv,
+                &softmax.sum,
+                &empty,
+                tile.rows.clone(),
+                tile.out_start,
+                o,
+                row_stride,
+            )
+        };
+    }
+    if let Some(lse) = out.lse.as_deref_mut() {
+        let mut max = [0.0f32; QUERY_TILE];
+        let mut sum = [0.0f32; QUERY_TILE];
+        for r in 0..RV {
+            // SAFETY: r < 4: inside the 64-lane arrays.
+            unsafe {
+                _mm512_storeu_ps(max.as_mut_ptr().add(r * LANES), softmax.max[r]);
+                _mm512_storeu_ps(sum.as_mut_ptr().add(r * LANES), softmax.sum[r]);
+            }
+        }
+        for (lane, i) in tile.rows.clone().enumerate() {
+            let kept_none = empty[lane / LANES] >> (lane % LANES) & 1 == 1;
+            lse[i - tile.out_start] = if kept_none {
+                f32::NEG_INFINITY
+            } else {
+                ((max[lane] as f64 + (sum[lane] as f64).log2()) * std::f64::consts::LN_2) as f32
+            };
+        }
+    }
 }
 
-/// One key tile of one query tile; `next` is the key tile visited after it, whose K and V
-/// rows are hinted towards L2 a few at a time while this one computes (in-place operands are
-/// streamed from L3 once per query tile; the hardware prefetchers miss the strided column
-/// passes of P·V).
-///
-/// # Safety
-/// As [`query_tile`]; `key_tile` lies inside n.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn key_step<const RV: usize>(
-    env: &Env<'_, '_>,
-    scratch: &mut Scratch<'_>,
-    softmax: &mut Softmax<RV>,
-    rows: &Range<usize>,
+/// One visit of a key tile: which, whether element masks apply, and the tile visited next
+/// (whose rows are prefetched meanwhile).
+struct Step {
     key_tile: usize,
     partial: bool,
     next: Option<usize>,
+}
+
+/// One key tile of one query tile.
+///
+/// # Safety
+/// As [`query_tile`]; the key tile lies inside n.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn key_step<const RV: usize>(
+    env: &Env<'_, '_>,
+    buffers: &mut Buffers,
+    masks: Option<&mut super::mask::MaskBuffers>,
+    softmax: &mut Softmax<RV>,
+    rows: &Range<usize>,
+    step: &Step,
 ) {
     let (d, dv, n) = (env.d, env.dv, env.n);
-    let j0 = key_tile * KEY_TILE;
+    let j0 = step.key_tile * KEY_TILE;
     let kn = KEY_TILE.min(n - j0);
-    let s = scratch.s.get_mut().as_mut_ptr();
-    let qt = scratch.qt.get().as_ptr();
+    let s = buffers.s.get_mut().as_mut_ptr();
+    let qt = buffers.qt.get().as_ptr();
+    let next = step.next.map(|t| t * KEY_TILE);
 
     // 1. Sᵀ and its maximum.
     let mut tmax = [_mm512_set1_ps(f32::NEG_INFINITY); RV];
     if d > 0 {
-        // SAFETY: AVX-512 is present.
-        let k = unsafe { scratch.k.rows(key_tile) };
+        // SAFETY: AVX-512 is present; K passed check().
+        let k = unsafe { tile_rows(&env.call.k, step.key_tile, &mut buffers.k) };
+        let base = if matches!(env.call.k.data, Elements::F32(_)) {
+            j0
+        } else {
+            0
+        };
         let mut jc = 0;
         while jc < kn {
             if let Some(next) = next {
-                prefetch_rows(
-                    k,
-                    n,
-                    next * KEY_TILE + jc..next * KEY_TILE + jc + QK_KEYS,
-                    d,
-                );
+                prefetch_rows(&env.call.k, next + jc..next + jc + QK_KEYS);
             }
-            let at = k.data.as_ptr().wrapping_add((j0 + jc) * k.stride);
+            let at = k.data.as_ptr().wrapping_add((base + jc) * k.stride);
             let st = s.wrapping_add(jc * QUERY_TILE);
-            // SAFETY: keys j0 + jc.. (at most kn − jc of them) are rows < n of K, each with d
-            // readable f32 `k.stride` apart; Qᵀ holds d·64 f32, Sᵀ 64·64 from row jc on.
+            // SAFETY: keys j0 + jc.. (at most kn − jc of them) are rows of K (or of its
+            // widened tile), each with d readable f32 `k.stride` apart; Qᵀ holds d·64 f32,
+            // Sᵀ 64·64 from row jc on.
             unsafe {
                 match kn - jc {
-                    1 => qk::<1, RV>(d, qt, at, k.stride, st, &mut tmax),
-                    2 => qk::<2, RV>(d, qt, at, k.stride, st, &mut tmax),
-                    3 => qk::<3, RV>(d, qt, at, k.stride, st, &mut tmax),
-                    _ => qk::<QK_KEYS, RV>(d, qt, at, k.stride, st, &mut tmax),
+                    1 => micro::qk::<1, RV>(d, qt, at, k.stride, st, &mut tmax),
+                    2 => micro::qk::<2, RV>(d, qt, at, k.stride, st, &mut tmax),
+                    3 => micro::qk::<3, RV>(d, qt, at, k.stride, st, &mut tmax),
+                    _ => micro::qk::<QK_KEYS, RV>(d, qt, at, k.stride, st, &mut tmax),
                 }
             }
             jc += QK_KEYS;
         }
     } else {
-        scratch.s.get_mut()[..kn * QUERY_TILE].fill(0.0);
+        buffers.s.get_mut()[..kn * QUERY_TILE].fill(0.0);
         tmax = [_mm512_setzero_ps(); RV];
     }
 
     // 2. Score options and element masks.
-    let masks = match (partial, env.program, scratch.masks.as_mut()) {
+    let keep = match (step.partial, env.program, masks) {
         (true, Some(program), Some(buffers)) => {
             let ibase = rows.start as i64 + n as i64 - env.m as i64;
             // SAFETY: AVX-512 is present; kn ≤ KEY_TILE masks fit the buffers.
@@ -353,9 +379,9 @@ unsafe fn key_step<const RV: usize>(
         }
         _ => None,
     };
-    if masks.is_some() || env.form.has_options() {
+    if keep.is_some() || env.form.has_options() {
         // SAFETY: the caller's contract; Sᵀ holds kn·64 f32.
-        tmax = unsafe { score_pass::<RV>(env, s, rows, j0, kn, masks) };
+        tmax = unsafe { score_pass::<RV>(env, s, rows, j0, kn, keep) };
     }
 
     // 3. Online softmax. The running maximum is kept as an integer (the ceiling of the true
@@ -387,40 +413,27 @@ unsafe fn key_step<const RV: usize>(
         grew |= u32::from(!same);
         (low[r], magic[r]) = exp2_below_constants(shift[r]);
         // Beyond ±2²¹ (finite) the rounding-constant form does not hold: take `exp2`.
-        let huge = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
-            _mm512_abs_ps(shift[r]),
-            _mm512_set1_ps(EXP2_BELOW_LIMIT),
-        ) & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(
-            _mm512_abs_ps(shift[r]),
-            _mm512_set1_ps(f32::INFINITY),
-        );
+        let size = _mm512_abs_ps(shift[r]);
+        let huge = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(size, _mm512_set1_ps(EXP2_BELOW_LIMIT))
+            & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(size, _mm512_set1_ps(f32::INFINITY));
         general |= u32::from(huge);
         softmax.sum[r] = _mm512_mul_ps(softmax.sum[r], alpha[r]);
         softmax.max[r] = new;
     }
     let mut sum = softmax.sum;
-    if general == 0 {
-        for jj in 0..kn {
-            for r in 0..RV {
-                let at = s.wrapping_add(jj * QUERY_TILE + r * LANES);
-                // SAFETY: jj < kn ≤ 64 and r < 4: inside Sᵀ.
-                unsafe {
-                    let p = exp2_below(_mm512_loadu_ps(at), low[r], magic[r]);
-                    sum[r] = _mm512_add_ps(sum[r], p);
-                    _mm512_storeu_ps(at, p);
-                }
-            }
-        }
-    } else {
-        for jj in 0..kn {
-            for r in 0..RV {
-                let at = s.wrapping_add(jj * QUERY_TILE + r * LANES);
-                // SAFETY: as above.
-                unsafe {
-                    let p = exp2(_mm512_sub_ps(_mm512_loadu_ps(at), shift[r]));
-                    sum[r] = _mm512_add_ps(sum[r], p);
-                    _mm512_storeu_ps(at, p);
-                }
+    for jj in 0..kn {
+        for r in 0..RV {
+            let at = s.wrapping_add(jj * QUERY_TILE + r * LANES);
+            // SAFETY: jj < kn ≤ 64 and r < 4: inside Sᵀ.
+            unsafe {
+                let x = _mm512_loadu_ps(at);
+                let p = if general == 0 {
+                    exp2_below(x, low[r], magic[r])
+                } else {
+                    exp2(_mm512_sub_ps(x, shift[r]))
+                };
+                sum[r] = _mm512_add_ps(sum[r], p);
+                _mm512_storeu_ps(at, p);
             }
         }
     }
@@ -431,198 +444,66 @@ unsafe fn key_step<const RV: usize>(
         return;
     }
     let rescale = (grew != 0).then_some(&alpha);
-    // SAFETY: AVX-512 is present.
-    let v = unsafe { scratch.v.rows(key_tile) };
-    let keep = match masks {
-        Some(masks) if !scratch.finite.of(v, key_tile, j0..j0 + kn, dv) => Some(masks),
-        _ => None,
+    // SAFETY: AVX-512 is present; V passed check().
+    let v = unsafe { tile_rows(&env.call.v, step.key_tile, &mut buffers.v) };
+    let base = if matches!(env.call.v.data, Elements::F32(_)) {
+        j0
+    } else {
+        0
     };
-    let o = scratch.o.get_mut().as_mut_ptr();
-    let steps = dv.div_ceil(PV_COLUMNS);
-    let per_step = KEY_TILE.div_ceil(steps);
+    let keep = keep.unwrap_or(&[]);
+    let o = buffers.o.get_mut().as_mut_ptr();
+    let per_step = KEY_TILE.div_ceil(dv.div_ceil(PV_COLUMNS));
     let mut c0 = 0;
     while c0 < dv {
         if let Some(next) = next {
-            let first = next * KEY_TILE + c0 / PV_COLUMNS * per_step;
-            prefetch_rows(v, n, first..first + per_step, dv);
+            let first = next + c0 / PV_COLUMNS * per_step;
+            prefetch_rows(&env.call.v, first..first + per_step);
         }
-        let at = v.data.as_ptr().wrapping_add(j0 * v.stride + c0);
+        let at = v.data.as_ptr().wrapping_add(base * v.stride + c0);
         let ot = o.wrapping_add(c0 * QUERY_TILE);
-        // SAFETY: keys j0..j0 + kn are rows < n of V, columns c0.. (at most dv − c0 of them)
-        // readable; Pᵀ holds kn·64 f32, Oᵀ dv·64 from column c0 on.
+        let vs = v.stride;
+        // SAFETY: keys j0..j0 + kn are rows of V (or of its widened tile), columns c0..
+        // (at most dv − c0 of them) readable; Pᵀ holds kn·64 f32, Oᵀ dv·64 from column c0
+        // on; a partial tile's masks cover its kn keys.
         unsafe {
-            match (dv - c0, keep) {
-                (1, None) => pv::<1, RV>(kn, s, at, v.stride, ot, rescale),
-                (2, None) => pv::<2, RV>(kn, s, at, v.stride, ot, rescale),
-                (3, None) => pv::<3, RV>(kn, s, at, v.stride, ot, rescale),
-                (_, None) => pv::<PV_COLUMNS, RV>(kn, s, at, v.stride, ot, rescale),
-                (1, Some(k)) => pv_kept::<1, RV>(kn, s, at, v.stride, ot, rescale, k),
-                (2, Some(k)) => pv_kept::<2, RV>(kn, s, at, v.stride, ot, rescale, k),
-                (3, Some(k)) => pv_kept::<3, RV>(kn, s, at, v.stride, ot, rescale, k),
-                (_, Some(k)) => pv_kept::<PV_COLUMNS, RV>(kn, s, at, v.stride, ot, rescale, k),
+            match (dv - c0, keep.is_empty()) {
+                (1, true) => micro::pv::<1, RV, false>(kn, s, at, vs, ot, rescale, keep),
+                (2, true) => micro::pv::<2, RV, false>(kn, s, at, vs, ot, rescale, keep),
+                (3, true) => micro::pv::<3, RV, false>(kn, s, at, vs, ot, rescale, keep),
+                (_, true) => micro::pv::<PV_COLUMNS, RV, false>(kn, s, at, vs, ot, rescale, keep),
+                (1, false) => micro::pv::<1, RV, true>(kn, s, at, vs, ot, rescale, keep),
+                (2, false) => micro::pv::<2, RV, true>(kn, s, at, vs, ot, rescale, keep),
+                (3, false) => micro::pv::<3, RV, true>(kn, s, at, vs, ot, rescale, keep),
+                (_, false) => micro::pv::<PV_COLUMNS, RV, true>(kn, s, at, vs, ot, rescale, keep),
             }
         }
         c0 += PV_COLUMNS;
     }
 }
 
-/// Hints the cache lines of rows `keys` (those below `n`, `cols` f32 each) towards L2.
+/// Hints the cache lines of rows `keys` (those inside the operand) towards L2.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-fn prefetch_rows(rows: Rows<'_>, n: usize, keys: Range<usize>, cols: usize) {
-    if cols == 0 {
+fn prefetch_rows(operand: &Operand<'_>, keys: Range<usize>) {
+    let (ptr, size): (*const u8, usize) = match operand.data {
+        Elements::F32(x) => (x.as_ptr().cast(), 4),
+        Elements::F16(x) => (x.as_ptr().cast(), 2),
+        Elements::Bf16(x) => (x.as_ptr().cast(), 2),
+    };
+    let bytes = operand.cols * size;
+    if bytes == 0 {
         return;
     }
-    for j in keys.start..keys.end.min(n) {
-        let row = rows.data[j * rows.stride..j * rows.stride + cols].as_ptr();
-        let mut c = 0;
-        while c < cols {
+    for j in keys.start..keys.end.min(operand.rows) {
+        let row = ptr.wrapping_add(j * operand.row_stride * size);
+        let mut at = 0;
+        while at < bytes {
             // A prefetch reads nothing and cannot fault.
-            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(c).cast());
-            c += 16;
+            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(at).cast());
+            at += 64;
         }
-        _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(cols - 1).cast());
-    }
-}
-
-/// `Sᵀ[jj][rows] = Qᵀ·K[jj]` for `J` keys, and `tmax = max(tmax, Sᵀ)`.
-///
-/// # Safety
-/// AVX-512 is present; `qt` holds `d·QUERY_TILE` f32; `k` points at `J` rows `stride` apart
-/// with `d` readable f32 each; `s` holds `J·QUERY_TILE` writable f32.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-#[inline]
-unsafe fn qk<const J: usize, const RV: usize>(
-    d: usize,
-    qt: *const f32,
-    k: *const f32,
-    stride: usize,
-    s: *mut f32,
-    tmax: &mut [__m512; RV],
-) {
-    let mut acc = [[_mm512_setzero_ps(); RV]; J];
-    let mut key = [k; J];
-    for (jj, p) in key.iter_mut().enumerate() {
-        *p = k.wrapping_add(jj * stride);
-    }
-    let mut q = qt;
-    for c in 0..d {
-        // SAFETY: c < d: Qᵀ row c and element c of each key row are readable.
-        unsafe {
-            let mut qv = [_mm512_setzero_ps(); RV];
-            for (r, v) in qv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(q.add(r * LANES));
-            }
-            for jj in 0..J {
-                let b = _mm512_set1_ps(*key[jj].add(c));
-                for r in 0..RV {
-                    acc[jj][r] = _mm512_fmadd_ps(qv[r], b, acc[jj][r]);
-                }
-            }
-            q = q.add(QUERY_TILE);
-        }
-    }
-    for jj in 0..J {
-        for r in 0..RV {
-            tmax[r] = _mm512_max_ps(tmax[r], acc[jj][r]);
-            // SAFETY: jj < J, r < RV ≤ 4: inside the J·64 f32 of `s`.
-            unsafe { _mm512_storeu_ps(s.add(jj * QUERY_TILE + r * LANES), acc[jj][r]) };
-        }
-    }
-}
-
-/// `Oᵀ[cc][rows] = Oᵀ[cc][rows]·alpha + Σ_key Pᵀ[key][rows]·V[key][cc]` for `C` columns.
-///
-/// # Safety
-/// AVX-512 is present; `p` holds `keys·QUERY_TILE` f32; `v` points at `keys` rows `stride`
-/// apart with `C` readable f32 each; `o` holds `C·QUERY_TILE` f32.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-#[inline]
-unsafe fn pv<const C: usize, const RV: usize>(
-    keys: usize,
-    p: *const f32,
-    v: *const f32,
-    stride: usize,
-    o: *mut f32,
-    alpha: Option<&[__m512; RV]>,
-) {
-    let mut acc = [[_mm512_setzero_ps(); RV]; C];
-    for cc in 0..C {
-        for r in 0..RV {
-            // SAFETY: cc < C, r < RV: inside `o`.
-            acc[cc][r] = unsafe { _mm512_loadu_ps(o.add(cc * QUERY_TILE + r * LANES)) };
-            if let Some(alpha) = alpha {
-                acc[cc][r] = _mm512_mul_ps(acc[cc][r], alpha[r]);
-            }
-        }
-    }
-    let (mut pp, mut vp) = (p, v);
-    for _ in 0..keys {
-        // SAFETY: fewer than `keys` rows of Pᵀ and V were passed.
-        unsafe {
-            let mut pv = [_mm512_setzero_ps(); RV];
-            for (r, x) in pv.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(pp.add(r * LANES));
-            }
-            for cc in 0..C {
-                let b = _mm512_set1_ps(*vp.add(cc));
-                for r in 0..RV {
-                    acc[cc][r] = _mm512_fmadd_ps(pv[r], b, acc[cc][r]);
-                }
-            }
-            pp = pp.add(QUERY_TILE);
-        }
-        vp = vp.wrapping_add(stride);
-    }
-    for cc in 0..C {
-        for r in 0..RV {
-            // SAFETY: as for the loads.
-            unsafe { _mm512_storeu_ps(o.add(cc * QUERY_TILE + r * LANES), acc[cc][r]) };
-        }
-    }
-}
-
-/// [`pv`] adding only the kept positions of a partial tile (`keep[key · 4 + r]`), for value
-/// tiles with non-finite elements: a masked key's `0 · ∞` must not reach the output.
-///
-/// # Safety
-/// As [`pv`]; `keep` holds `keys · 4` masks.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn pv_kept<const C: usize, const RV: usize>(
-    keys: usize,
-    p: *const f32,
-    v: *const f32,
-    stride: usize,
-    o: *mut f32,
-    alpha: Option<&[__m512; RV]>,
-    keep: &[u16],
-) {
-    let mut acc = [[_mm512_setzero_ps(); RV]; C];
-    for cc in 0..C {
-        for r in 0..RV {
-            // SAFETY: cc < C, r < RV: inside `o`.
-            acc[cc][r] = unsafe { _mm512_loadu_ps(o.add(cc * QUERY_TILE + r * LANES)) };
-            if let Some(alpha) = alpha {
-                acc[cc][r] = _mm512_mul_ps(acc[cc][r], alpha[r]);
-            }
-        }
-    }
-    for key in 0..keys {
-        for cc in 0..C {
-            // SAFETY: key < keys, cc < C: inside the rows passed.
-            let b = _mm512_set1_ps(unsafe { *v.wrapping_add(key * stride).add(cc) });
-            for r in 0..RV {
-                // SAFETY: key < keys, r < RV: inside Pᵀ.
-                let pr = unsafe { _mm512_loadu_ps(p.add(key * QUERY_TILE + r * LANES)) };
-                acc[cc][r] = _mm512_mask3_fmadd_ps(pr, b, acc[cc][r], keep[key * VECTORS + r]);
-            }
-        }
-    }
-    for cc in 0..C {
-        for r in 0..RV {
-            // SAFETY: as for the loads.
-            unsafe { _mm512_storeu_ps(o.add(cc * QUERY_TILE + r * LANES), acc[cc][r]) };
-        }
+        _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(bytes - 1).cast());
     }
 }
 
@@ -679,63 +560,4 @@ unsafe fn score_pass<const RV: usize>(
         }
     }
     tmax
-}
-
-/// `O = Oᵀ / sum` and the log-sum-exp, written to the caller's rows.
-///
-/// # Safety
-/// As [`query_tile`].
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn finish<const RV: usize>(
-    env: &Env<'_, '_>,
-    scratch: &mut Scratch<'_>,
-    softmax: &Softmax<RV>,
-    rows: Range<usize>,
-    out_start: usize,
-    out: &mut Output<'_>,
-) {
-    let dv = env.dv;
-    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut max = [0.0f32; QUERY_TILE];
-    let mut sum = [0.0f32; QUERY_TILE];
-    let mut empty = [0 as __mmask16; RV];
-    for r in 0..RV {
-        // A row that kept no key (maximum −∞, no NaN in the sum) gives zeros.
-        let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(softmax.max[r], neg_inf);
-        empty[r] = _mm512_mask_cmp_ps_mask::<_CMP_EQ_OQ>(none, softmax.sum[r], _mm512_setzero_ps());
-        // SAFETY: r < 4: inside the 64-lane arrays.
-        unsafe {
-            _mm512_storeu_ps(max.as_mut_ptr().add(r * LANES), softmax.max[r]);
-            _mm512_storeu_ps(sum.as_mut_ptr().add(r * LANES), softmax.sum[r]);
-        }
-    }
-    let o = scratch.o.get_mut();
-    for c in 0..dv {
-        for r in 0..RV {
-            let at = c * QUERY_TILE + r * LANES;
-            // SAFETY: c < dv, r < 4: inside Oᵀ.
-            unsafe {
-                let x = _mm512_div_ps(_mm512_loadu_ps(o.as_ptr().add(at)), softmax.sum[r]);
-                let x = _mm512_mask_blend_ps(empty[r], x, _mm512_setzero_ps());
-                _mm512_storeu_ps(o.as_mut_ptr().add(at), x);
-            }
-        }
-    }
-    for (lane, i) in rows.enumerate() {
-        if dv > 0 {
-            let row = (i - out_start) * out.row_stride;
-            let dst = &mut out.o[row..row + dv];
-            for (c, x) in dst.iter_mut().enumerate() {
-                *x = o[c * QUERY_TILE + lane];
-            }
-        }
-        if let Some(lse) = out.lse.as_deref_mut() {
-            let kept_none = empty[lane / LANES] >> (lane % LANES) & 1 == 1;
-            lse[i - out_start] = if kept_none {
-                f32::NEG_INFINITY
-            } else {
-                ((max[lane] as f64 + (sum[lane] as f64).log2()) * std::f64::consts::LN_2) as f32
-            };
-        }
-    }
 }

@@ -21,9 +21,6 @@ pub(super) trait Widen: Copy {
     /// # Safety
     /// AVX-512 is present and every element of a set lane is readable.
     unsafe fn load_masked(p: *const Self, lanes: __mmask16) -> __m512;
-
-    /// One element as f32.
-    fn get(self) -> f32;
 }
 
 impl Widen for f32 {
@@ -39,10 +36,6 @@ impl Widen for f32 {
     unsafe fn load_masked(p: *const f32, lanes: __mmask16) -> __m512 {
         // SAFETY: masked lanes are not accessed; the caller guarantees the others.
         unsafe { _mm512_maskz_loadu_ps(lanes, p) }
-    }
-
-    fn get(self) -> f32 {
-        self
     }
 }
 
@@ -62,10 +55,6 @@ impl Widen for bf16 {
         let raw = unsafe { _mm256_maskz_loadu_epi16(lanes, p.cast::<i16>()) };
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
     }
-
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
 }
 
 impl Widen for f16 {
@@ -83,10 +72,6 @@ impl Widen for f16 {
         // SAFETY: masked lanes are not accessed; the caller guarantees the others.
         let raw = unsafe { _mm256_maskz_loadu_epi16(lanes, p.cast::<i16>()) };
         _mm512_cvtph_ps(raw)
-    }
-
-    fn get(self) -> f32 {
-        self.to_f32()
     }
 }
 
