@@ -98,6 +98,8 @@ pub(in super::super) unsafe fn write_rows(
     row_stride: usize,
 ) {
     for (block, (&sum, &empty)) in sum.iter().zip(empty).enumerate() {
+        // One division per row, then products: at most one more rounding than O/sum.
+        let inverse = _mm512_div_ps(_mm512_set1_ps(1.0), sum);
         let first = rows.start + block * LANES;
         let count = rows.end.saturating_sub(first).min(LANES);
         let mut c0 = 0;
@@ -108,7 +110,7 @@ pub(in super::super) unsafe fn write_rows(
                 let at = (c0 + c) * QUERY_TILE + block * LANES;
                 // SAFETY: c0 + c < dv: inside the dv·64 f32 of Oᵀ.
                 let y = unsafe { _mm512_loadu_ps(ot[at..at + LANES].as_ptr()) };
-                *v = _mm512_maskz_div_ps(!empty, y, sum);
+                *v = _mm512_maskz_mul_ps(!empty, y, inverse);
             }
             transpose16(&mut x);
             for (r, v) in x.iter().enumerate().take(count) {

@@ -94,9 +94,15 @@ pub(super) unsafe fn pv<const C: usize, const RV: usize, const KEPT: bool>(
             }
         }
     }
-    let (mut pp, mut vp) = (p, v);
-    for key in 0..keys {
-        // SAFETY: key < keys: row `key` of Pᵀ and of V (C elements) are readable.
+    if KEPT {
+        assert!(
+            keep.len() >= keys * VECTORS,
+            "invariant: a mask per key and row vector"
+        );
+    }
+    let (mut pp, mut vp, mut kp) = (p, v, keep.as_ptr());
+    for _ in 0..keys {
+        // SAFETY: fewer than `keys` rows of Pᵀ, V (C elements each) and `keep` were passed.
         unsafe {
             let mut pv = [_mm512_setzero_ps(); RV];
             for (r, x) in pv.iter_mut().enumerate() {
@@ -104,9 +110,11 @@ pub(super) unsafe fn pv<const C: usize, const RV: usize, const KEPT: bool>(
             }
             let mut kept = [0xffff as __mmask16; RV];
             if KEPT {
+                // Checked above: this key's masks lie inside `keep`.
                 for (r, k) in kept.iter_mut().enumerate() {
-                    *k = keep[key * VECTORS + r];
+                    *k = *kp.add(r);
                 }
+                kp = kp.add(VECTORS);
             }
             for cc in 0..C {
                 let b = _mm512_set1_ps(*vp.add(cc));
