@@ -4,9 +4,9 @@
 //! cargo run --release -p attnc-wide --example attention_bench -- [dense|causal|window|decode]... [--runs N] [--threads 1,2]
 //! ```
 //!
-//! Work is split over threads by (head, query tile): thread t takes every query tile whose
-//! index is t modulo the thread count, one `attention::run` call per tile, so causal work
-//! balances. Each workload runs once to warm up, then `--runs` times (default 7); the median
+//! Work is split over threads by (head, query tile): thread t takes every item (head, tile)
+//! whose index `head · tiles + tile` is t modulo the thread count, one `attention::run` call
+//! per tile, so causal work balances. Each workload runs once to warm up, then `--runs` times (default 7); the median
 //! and the range are printed. GFLOP/s counts 4·d per kept (query, key) pair (dense: 4·m·n·d
 //! per head); "tile GFLOP/s" counts every pair of every visited tile, the kernel's own rate.
 //! "on-CPU" divides by the time the threads actually held a CPU (Linux schedstat), a steadier
@@ -191,7 +191,7 @@ fn run_workload(w: &Workload, threads: &[usize], runs: usize) {
                     (0..t).map(|_| Vec::new()).collect();
                 for (head, o_head) in o.chunks_mut(m * d).enumerate() {
                     for (tile, o_tile) in o_head.chunks_mut(QUERY_TILE * d).enumerate() {
-                        parts[tile % t].push((head, tile, o_tile));
+                        parts[(head * q_tiles + tile) % t].push((head, tile, o_tile));
                     }
                 }
                 for part in parts {
@@ -266,7 +266,8 @@ fn on_cpu_ns() -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
-/// Median seconds to read K and V once (summing them as u16), split over `t` threads.
+/// Median seconds to read K and V once with 512-bit loads (XOR-folded, so the loads are the
+/// only work), split over `t` threads: the memory roof of decode.
 fn stream_read(k: &Kv, v: &Kv, t: usize, runs: usize) -> f64 {
     let slices: Vec<&[u8]> = [k, v]
         .iter()
@@ -275,6 +276,33 @@ fn stream_read(k: &Kv, v: &Kv, t: usize, runs: usize) -> f64 {
             Kv::Bf16(x) => bytes_of_bf16(x),
         })
         .collect();
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn fold(bytes: &[u8]) -> u64 {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_si512(); 4];
+        let mut blocks = bytes.chunks_exact(256);
+        for block in &mut blocks {
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: the block holds 256 bytes; 64-byte part i lies inside it.
+                let x = unsafe { _mm512_loadu_si512(block.as_ptr().add(64 * i).cast()) };
+                *a = _mm512_xor_si512(*a, x);
+            }
+        }
+        let tail: u64 = blocks.remainder().iter().map(|&b| b as u64).sum();
+        let mut lanes = [0u64; 8];
+        let all = _mm512_xor_si512(
+            _mm512_xor_si512(acc[0], acc[1]),
+            _mm512_xor_si512(acc[2], acc[3]),
+        );
+        // SAFETY: `lanes` holds 64 bytes.
+        unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), all) };
+        lanes.iter().fold(tail, |x, &y| x ^ y)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    fn fold(bytes: &[u8]) -> u64 {
+        bytes.iter().map(|&b| b as u64).sum()
+    }
     let once = || {
         let start = Instant::now();
         let total: u64 = std::thread::scope(|scope| {
@@ -286,12 +314,8 @@ fn stream_read(k: &Kv, v: &Kv, t: usize, runs: usize) -> f64 {
                         for s in slices {
                             let chunk = s.len().div_ceil(t);
                             let part = &s[(i * chunk).min(s.len())..((i + 1) * chunk).min(s.len())];
-                            for c in part.chunks_exact(64) {
-                                sum = sum.wrapping_add(u64::from_le_bytes(
-                                    c[..8].try_into().unwrap_or([0; 8]),
-                                ));
-                                sum = sum.wrapping_add(c.iter().map(|&b| b as u64).sum::<u64>());
-                            }
+                            // SAFETY: main checked AVX-512 before any workload runs.
+                            sum ^= unsafe { fold(part) };
                         }
                         sum
                     })

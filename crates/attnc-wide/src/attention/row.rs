@@ -259,18 +259,46 @@ unsafe fn dots<K: Widen, V>(ops: &Typed<'_, K, V>, q: &[f32], jg: usize, count: 
     let full = d / LANES;
     let tail = first_lanes(d % LANES);
     let mut acc = [_mm512_setzero_ps(); LANES];
+    // The next 16 keys' rows, towards L1, while these compute (beyond K the hint is dropped).
+    let row_bytes = d * std::mem::size_of::<K>();
+    for key in 0..LANES {
+        let next = ops
+            .k
+            .as_ptr()
+            .wrapping_add((jg + LANES + key) * ops.k_stride)
+            .cast::<u8>();
+        let mut at = 0;
+        while at < row_bytes {
+            // A prefetch reads nothing and cannot fault.
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(at).cast());
+            at += 64;
+        }
+    }
     for (slot, a) in acc.iter_mut().enumerate() {
         // The reduction tree leaves slot s's sum in lane 4·(s mod 4) + s/4.
         let key = (4 * (slot % 4) + slot / 4).min(count - 1);
         let row = ops.k.as_ptr().wrapping_add((jg + key) * ops.k_stride);
-        let mut x = _mm512_setzero_ps();
-        for c in 0..full {
+        // Two chains (even and odd vectors) halve the FMA latency per key.
+        let (mut x, mut y) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut c = 0;
+        while c + 1 < full {
+            // SAFETY: whole vectors c and c + 1 of the row lie inside K; q holds them too.
+            unsafe {
+                let kv = K::load(row.add(c * LANES));
+                x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c * LANES)), kv, x);
+                let kv = K::load(row.add((c + 1) * LANES));
+                y = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add((c + 1) * LANES)), kv, y);
+            }
+            c += 2;
+        }
+        if c < full {
             // SAFETY: whole vector c of the row lies inside K; q holds it too.
             unsafe {
                 let kv = K::load(row.add(c * LANES));
                 x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c * LANES)), kv, x);
             }
         }
+        x = _mm512_add_ps(x, y);
         if tail != 0 {
             // SAFETY: the tail lanes of the row lie inside K; q is padded.
             unsafe {
@@ -355,6 +383,13 @@ unsafe fn pv_row<V: Widen, const NV: usize>(
         }
         let p = _mm512_set1_ps(st.p[j]);
         let row = ops.v.as_ptr().wrapping_add((j0 + j) * ops.v_stride + c0);
+        let ahead = row.wrapping_add(8 * ops.v_stride).cast::<u8>();
+        let mut at = 0;
+        while at < width * std::mem::size_of::<V>() {
+            // A prefetch reads nothing and cannot fault.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(at).cast());
+            at += 64;
+        }
         for (x, a) in acc.iter_mut().enumerate() {
             // SAFETY: columns c0 + 16x.. (the last vector masked to `width`) lie inside V.
             let v = unsafe {
