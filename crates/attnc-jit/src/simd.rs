@@ -32,6 +32,11 @@ const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// Below this, `exp` is exactly 0 (e^-104 is under half the smallest subnormal).
 const EXP_LOW: f32 = -104.0;
+/// Below this, softmax weights are flushed to 0: `e^-87` is the smallest power of e above
+/// the smallest normal f32 (`2^-126 = e^-87.34`), and a subnormal weight would make every FMA
+/// that reads it take a microcode assist (measured: 15× slower attention on scores with a
+/// spread of a few hundred). Next to the row's largest weight, 1, it is below f32's resolution.
+const EXP_WEIGHT_LOW: f32 = -87.0;
 /// Above this, `exp` overflows to +inf (ln of f32::MAX is 88.7228).
 const EXP_HIGH: f32 = 89.0;
 /// `1/k!` for k = 7 down to 2: Taylor coefficients of `(e^r - 1 - r) / r^2`. Truncation error
@@ -158,17 +163,18 @@ pub fn const_f32x4(b: &mut FunctionBuilder, c: f32) -> Value {
 }
 
 /// Emits `e^x` for an f32x4 `x ≤ 0` (or NaN), the case of softmax weights `e^(s - max)`:
-/// bit-identical to [`emit_exp`] there, in fewer instructions (no upper clamp, a compare and
-/// select instead of the NaN-propagating `fmax`, rounding by adding and subtracting
-/// `1.5 · 2^23`, whose bit pattern also gives the integer `k`, and pool constants).
+/// bit-identical to [`emit_exp`] on `[-87, 0]`, exactly 0 below (no subnormal weights, see
+/// [`EXP_WEIGHT_LOW`]), in fewer instructions (no upper clamp, a compare and select instead of
+/// the NaN-propagating `fmax`, rounding by adding and subtracting `1.5 · 2^23`, whose bit
+/// pattern also gives the integer `k`, and pool constants).
 pub fn emit_exp_nonpos(b: &mut FunctionBuilder, x: Value) -> Value {
-    let low = const_f32x4(b, EXP_LOW);
+    let low = const_f32x4(b, EXP_WEIGHT_LOW);
     // NaN compares false and passes through.
     let below = b.ins().fcmp(FloatCC::LessThan, x, low);
     let xc = select_f32(b, below, low, x);
     let log2e = const_f32x4(b, LOG2_E);
     let t = b.ins().fmul(xc, log2e);
-    // t in [-151, 0]: adding 1.5 · 2^23 rounds to an integer (ties to even, like `nearest`).
+    // t in [-126, 0]: adding 1.5 · 2^23 rounds to an integer (ties to even, like `nearest`).
     const MAGIC: f32 = 12_582_912.0;
     let magic = const_f32x4(b, MAGIC);
     let tm = b.ins().fadd(t, magic);
@@ -595,6 +601,7 @@ mod tests {
         assert!(got[11] >= 0.0 && got[11] < 1e-44);
     }
 
+    /// Equal to `exp` down to -87, then exactly 0: no weight is ever subnormal.
     #[test]
     fn exp_nonpos_matches_exp() {
         let (_m, f) = compile(emit_exp);
@@ -615,8 +622,14 @@ mod tests {
         for ((&x, &w), &y) in xs.iter().zip(&want).zip(&got) {
             if w.is_nan() {
                 assert!(y.is_nan(), "exp_nonpos({x}) = {y}");
+            } else if x <= EXP_WEIGHT_LOW {
+                assert_eq!(y, 0.0, "exp_nonpos({x}) = {y}");
             } else {
                 assert_eq!(y.to_bits(), w.to_bits(), "exp_nonpos({x}) = {y}, exp = {w}");
+                assert!(
+                    y == 0.0 || y.is_normal(),
+                    "exp_nonpos({x}) = {y} is subnormal"
+                );
             }
         }
     }

@@ -170,7 +170,14 @@ impl<'a> CycleCost<'a> {
     /// The cycles of one e-node, excluding its children.
     pub fn node_cycles(&mut self, enode: &Attn) -> f64 {
         let shape = |id: Id| self.egraph[id].data.shape.clone().unwrap_or_default();
-        let out = facts_of(self.egraph, enode).shape.unwrap_or_default();
+        let facts = facts_of(self.egraph, enode);
+        // A value whose shape does not resolve (a product a rule built over operands that do
+        // not multiply) is never a choice.
+        let value = !matches!(enode, Attn::Leaf(_)) && !enode.is_pattern();
+        if value && facts.shape.is_none() {
+            return f64::INFINITY;
+        }
+        let out = facts.shape.unwrap_or_default();
         let out_elems = elements(&out);
         let operand_bytes: f64 = enode
             .children()

@@ -44,6 +44,36 @@ pub fn specs() -> Vec<RuleSpec> {
             "(matmul (matmul ?a ?b) ?c)",
             Guard::ProductDefined { a: "?a", b: "?b" },
         ),
+        // (A − B) V = A V − B V (linear in its left factor; broadcasting commutes with it)
+        // when both products are well-formed (a scalar or vector term has no product)
+        RuleSpec::guarded(
+            "matmul-distribute-sub",
+            "(matmul (sub ?a ?b) ?v)",
+            "(sub (matmul ?a ?v) (matmul ?b ?v))",
+            Guard::ProductsDefined {
+                a: "?a",
+                b: "?b",
+                v: "?v",
+            },
+        ),
+        // (A + B) V = A V + B V, when both products are well-formed
+        RuleSpec::guarded(
+            "matmul-distribute-add",
+            "(matmul (add ?a ?b) ?v)",
+            "(add (matmul ?a ?v) (matmul ?b ?v))",
+            Guard::ProductsDefined {
+                a: "?a",
+                b: "?b",
+                v: "?v",
+            },
+        ),
+        // (c A) V = c (A V) for c constant along A's last axis (a per-row or scalar factor)
+        RuleSpec::guarded(
+            "matmul-row-scale",
+            "(matmul (mul ?c ?a) ?v)",
+            "(mul ?c (matmul ?a ?v))",
+            Guard::RowScale { c: "?c", a: "?a" },
+        ),
         // sum(A B, -1) = A sum(B, -1), the axis being the last of A B and of B
         RuleSpec::guarded(
             "sum-matmul",
@@ -76,6 +106,9 @@ mod tests {
                 "matmul-assoc",
                 "matmul-assoc-rev",
                 "sum-matmul",
+                "matmul-distribute-sub",
+                "matmul-distribute-add",
+                "matmul-row-scale",
             ],
         );
     }
@@ -151,6 +184,29 @@ mod tests {
             check(&rule(&specs(), "sum-matmul"), "x: f32[m, k], y: f32[b, k, n]",
                   &[("?a", "(input x)"), ("?b", "(input y)"), ("?ax", "2")],
                   &[("b", b), ("m", m), ("k", k), ("n", n)], seed);
+        }
+
+        #[test]
+        fn matmul_distribute_sub(b in dim(), m in dim(), n in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "matmul-distribute-sub"), "x: f32[b, m, n], y: f32[m, n], v: f32[b, n, e]",
+                  &[("?a", "(softmax (input x) 2)"), ("?b", "(mul (input y) (const 0.3))"), ("?v", "(input v)")],
+                  &[("b", b), ("m", m), ("n", n), ("e", e)], seed);
+        }
+
+        #[test]
+        fn matmul_distribute_add(b in dim(), m in dim(), n in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "matmul-distribute-add"), "x: f32[b, m, n], y: f32[b, 1, n], v: f32[n, e]",
+                  &[("?a", "(input x)"), ("?b", "(input y)"), ("?v", "(input v)")],
+                  &[("b", b), ("m", m), ("n", n), ("e", e)], seed);
+        }
+
+        #[test]
+        fn matmul_row_scale(b in dim(), m in dim(), n in dim(), e in dim(), row in any::<bool>(),
+                            seed in any::<u64>()) {
+            let c = if row { "f32[b, m, 1]" } else { "f32[b, 1, 1]" };
+            check(&rule(&specs(), "matmul-row-scale"), &format!("c: {c}, x: f32[m, n], v: f32[n, e]"),
+                  &[("?c", "(input c)"), ("?a", "(input x)"), ("?v", "(input v)")],
+                  &[("b", b), ("m", m), ("n", n), ("e", e)], seed);
         }
     }
 }

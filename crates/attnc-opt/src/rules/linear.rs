@@ -39,6 +39,19 @@ pub fn specs() -> Vec<RuleSpec> {
                 axis: "?ax",
             },
         ),
+        // (q (kᵀ v)) / (q sum(kᵀ, -1) + eps) = linear-attention(q, k, v, eps), eps a finite
+        // scalar
+        RuleSpec::guarded(
+            "linear-attention-fuse-eps",
+            "(div (matmul ?q (matmul (transpose ?k) ?v)) (add (matmul ?q (sum (transpose ?k) ?ax)) ?e))",
+            "(linear-attention ?q ?k ?v ?e)",
+            Guard::EpsNormalizer {
+                a: "?q",
+                b: "?k",
+                axis: "?ax",
+                eps: "?e",
+            },
+        ),
     ]
 }
 
@@ -52,7 +65,12 @@ mod tests {
     fn every_rule_has_a_property_test() {
         assert_covered(
             &specs(),
-            &["linear-state", "linear-normalizer", "linear-attention-fuse"],
+            &[
+                "linear-state",
+                "linear-normalizer",
+                "linear-attention-fuse",
+                "linear-attention-fuse-eps",
+            ],
         );
     }
 
@@ -80,6 +98,14 @@ mod tests {
             check(&rule(&specs(), "linear-attention-fuse"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e]",
                   &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
                     ("?v", "(input v)"), ("?ax", "2")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
+        }
+
+        #[test]
+        fn linear_attention_fuse_eps(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "linear-attention-fuse-eps"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e]",
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?v", "(input v)"), ("?ax", "2"), ("?e", "(const 0.01)")],
                   &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
         }
     }

@@ -105,6 +105,35 @@ pub enum Guard {
         /// Right factor.
         b: &'static str,
     },
+    /// `c` is a scalar or has size 1 along its last axis, so `c ⊙ A` scales whole rows of
+    /// `A` and commutes with a product on the right.
+    RowScale {
+        /// The factor.
+        c: &'static str,
+        /// The scaled matrix.
+        a: &'static str,
+    },
+    /// As `LastAxisOfProduct`, and `eps` is a finite scalar: a linear-attention normalizer
+    /// `sum(·) + eps`.
+    EpsNormalizer {
+        /// Left factor.
+        a: &'static str,
+        /// Right factor.
+        b: &'static str,
+        /// The axis atom.
+        axis: &'static str,
+        /// The epsilon.
+        eps: &'static str,
+    },
+    /// `a @ v` and `b @ v` are both well-formed (for distributing a product over a sum).
+    ProductsDefined {
+        /// The first term.
+        a: &'static str,
+        /// The second term.
+        b: &'static str,
+        /// The right factor.
+        v: &'static str,
+    },
     /// A scalar known to be positive and finite.
     PositiveScalar(&'static str),
     /// A scalar known to be finite.
@@ -242,6 +271,11 @@ impl GuardCheck {
                 cap,
             } => (7, [Some(a), Some(b), Some(axis), Some(scale), Some(cap)]),
             Guard::PositiveScalar(c) => (8, [Some(c), None, None, None, None]),
+            Guard::RowScale { c, a } => (11, [Some(c), Some(a), None, None, None]),
+            Guard::ProductsDefined { a, b, v } => (13, [Some(a), Some(b), None, None, Some(v)]),
+            Guard::EpsNormalizer { a, b, axis, eps } => {
+                (12, [Some(a), Some(b), Some(axis), None, Some(eps)])
+            }
             Guard::FiniteScalar(c) => (9, [Some(c), None, None, None, None]),
             Guard::ScoredProduct { s, axis, q, k } => {
                 (10, [Some(q), Some(k), Some(axis), None, Some(s)])
@@ -312,6 +346,30 @@ impl Condition<Attn, ShapeAnalysis> for GuardCheck {
                     .and_then(|&id| egraph[id].data.konst);
                 s0().is_some_and(|s| s.is_empty())
                     && konst.is_some_and(|c| c.is_finite() && (self.kind == 9 || c > 0.0))
+            }
+            13 => {
+                let v = shape_of(egraph, subst, v4);
+                let both = s0().zip(s1()).zip(v);
+                both.is_some_and(|((a, b), v)| {
+                    matmul_shape(&a, &v).is_some() && matmul_shape(&b, &v).is_some()
+                })
+            }
+            11 => {
+                let (Some(c), Some(a)) = (s0(), s1()) else {
+                    return false;
+                };
+                a.len() >= 2 && c.last().is_none_or(|&last| last == 1)
+            }
+            12 => {
+                let (Some(a), Some(b), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))
+                else {
+                    return false;
+                };
+                let eps = v4.and_then(|v| subst.get(v)).map(|&id| &egraph[id].data);
+                let finite = eps.is_some_and(|e| {
+                    e.shape.as_deref() == Some(&[]) && e.konst.is_some_and(f64::is_finite)
+                });
+                axis + 1 == a.len().max(b.len()) && finite
             }
             10 => {
                 let (Some(q), Some(k), Some(axis)) = (s0(), s1(), index_of(egraph, subst, v2))

@@ -26,6 +26,27 @@ pub fn specs() -> Vec<RuleSpec> {
                 axis: "?ax",
             },
         ),
+        // (A v) / (sum(A, -1) + eps) = linear-attention-causal(q, k, v, eps) for a finite
+        // scalar eps, A = mask(q kᵀ, causal, 0)
+        RuleSpec::guarded(
+            "linear-causal-fuse-eps",
+            "(div (matmul (mask (matmul ?q (transpose ?k)) causal 0) ?v) \
+                  (add (sum (mask (matmul ?q (transpose ?k)) causal 0) ?ax) ?e))",
+            "(linear-attention-causal ?q ?k ?v ?e)",
+            Guard::EpsNormalizer {
+                a: "?q",
+                b: "?k",
+                axis: "?ax",
+                eps: "?e",
+            },
+        ),
+        // A v = causal-prefix-product(q, k, v), A = mask(q kᵀ, causal, 0): the unnormalized
+        // form through the same prefix state
+        RuleSpec::plain(
+            "linear-causal-unnormalized",
+            "(matmul (mask (matmul ?q (transpose ?k)) causal 0) ?v)",
+            "(causal-prefix-product ?q ?k ?v)",
+        ),
     ]
 }
 
@@ -37,7 +58,14 @@ mod tests {
 
     #[test]
     fn every_rule_has_a_property_test() {
-        assert_covered(&specs(), &["linear-causal-fuse"]);
+        assert_covered(
+            &specs(),
+            &[
+                "linear-causal-fuse",
+                "linear-causal-fuse-eps",
+                "linear-causal-unnormalized",
+            ],
+        );
     }
 
     proptest! {
@@ -58,6 +86,21 @@ mod tests {
             check(&rule(&specs(), "linear-causal-fuse"), "q: f32[m, d], k: f32[n, d], v: f32[n, e]",
                   &[("?q", "(input q)"), ("?k", "(tanh (input k))"), ("?v", "(input v)"), ("?ax", "1")],
                   &[("m", m), ("n", n), ("d", d), ("e", e)], seed);
+        }
+
+        #[test]
+        fn linear_causal_fuse_eps(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "linear-causal-fuse-eps"), "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e]",
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?v", "(input v)"), ("?ax", "2"), ("?e", "(const 0.001)")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
+        }
+
+        #[test]
+        fn linear_causal_unnormalized(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "linear-causal-unnormalized"), "q: f32[b, m, d], k: f32[n, d], v: f32[b, n, e]",
+                  &[("?q", "(input q)"), ("?k", "(tanh (input k))"), ("?v", "(input v)")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
         }
     }
 }
