@@ -1,57 +1,60 @@
-//! bf16 products: `S = Q·Kᵀ` and `O += P·V` on `tdpbf16ps` (f32 sums), the score form and the
-//! online softmax in f32 on AVX-512.
+//! bf16 products: `Sᵀ = K·Qᵀ` and `Oᵀ += Vᵀ·Pᵀ` on `tdpbf16ps` (f32 sums), the score form and
+//! the online softmax in f32 on AVX-512, 16 query rows per vector.
 //!
-//! Per query tile (32 rows) and visited key tile (64 keys):
-//! 1. S (AMX): 2 × 2 accumulators of 16 × 16 per half tile; Q and K enter as bf16 pairs
-//!    `hi + lo` when their inputs have more than 8 significant bits (f32, f16), as three
-//!    products `Qlo·Khi + Qhi·Khi + Qhi·Klo` into the same f32 accumulator: Q·Kᵀ with about 16
-//!    significant bits per operand, which keeps the score error (the largest share of the total
-//!    with plain bf16) near f32's. bf16 inputs have no `lo` part and take one product.
-//! 2. softmax (AVX-512), per row: `t = x₂ − m` for the 64 keys, `P = 2^t` rounded to bf16, sums
-//!    in f32. The running maximum `m` moves only when a score exceeds it by more than
-//!    [`SLACK`] (so `P ≤ 2^SLACK`; bf16 and f32 have the range), which skips the
-//!    horizontal maximum and the rescale of `O` on almost every tile after the first.
-//! 3. P·V (AMX): `O` is loaded into the accumulators, `P·V` (V as `hi` and, when packed, `lo`)
-//!    added, and stored back.
+//! Precision: Q and P are rounded to bf16; K and V enter as bf16 pairs `hi + lo` (16
+//! significant bits) when their inputs have more than bf16's 8 (f32, f16): a second product
+//! with the same resident Qᵀ or Pᵀ tiles, into the same accumulators. With every operand
+//! rounded the error on standard-normal data at d = 64 is about 3.5e-3 (the bf16 rounding of
+//! the scores dominates); this keeps it near 2.4e-3 at the cost of tile products, which have
+//! room to spare.
+//!
+//! Per query tile (32 rows, two groups of 16 lanes) and visited key tile (64 keys):
+//! 1. Sᵀ (AMX): Qᵀ resident in 4 B tiles (two 32-dim chunks × two row groups), K streaming
+//!    through 2 A tiles, 2 accumulators of 16 keys × 16 rows.
+//! 2. softmax (AVX-512), per row group and 16 keys: `t = x₂ − m`, `P = 2^t` rounded to bf16 and
+//!    interleaved in pairs of keys (the B layout of `tdpbf16ps`), sums in f32. The running
+//!    maximum `m` moves only when a score exceeds it by more than [`SLACK`] (so `P ≤ 2^SLACK`;
+//!    bf16 and f32 have the range), which makes rescaling rare.
+//! 3. Oᵀ += Vᵀ·Pᵀ (AMX): Pᵀ resident in 4 B tiles, Vᵀ streaming, Oᵀ loaded and stored per
+//!    group of 16 value columns.
+//!
+//! The tile work of step 1 (next key tile) and step 3 (previous key tile) is issued in small
+//! steps between the vectors of step 2, so the tile unit and the vector units overlap.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::pack::{Data, Lines};
-use super::score::{finalize_row, Form, RowState};
-use super::simd::{hmax, join, load, nan_max, rebase, split_bf16, Exp2};
+use super::score::{finalize, Form, RowState};
+use super::simd::{finite_or_zero, join, load, nan_max_v, to_bf16, Exp2, Weights};
 use super::tile::{self, Session, TILE_BYTES};
 use super::{KEY_TILE, QUERY_TILE};
 use crate::problem::{Call, CallError, Output};
 
 /// How far (base 2) a score may exceed the row's maximum before the maximum moves.
 const SLACK: f32 = 8.0;
+static NOAVX: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("NOAVX").is_ok());
+static COARSE: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("COARSE").is_ok());
+static NOAMX: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("NOAMX").is_ok());
+/// Bytes of one Sᵀ slot (`[2 row groups][64 keys][16 rows]` f32) and one Pᵀ slot (4 tiles).
+const S_SLOT: usize = 2 * KEY_TILE * 64;
+const P_SLOT: usize = 4 * TILE_BYTES;
 
-/// One call's scratch: Q of the tile, S, P, O and the row sums.
+/// One call's scratch.
 struct Scratch {
-    q_hi: Lines,
-    q_lo: Lines,
-    /// Two slots of `[32][64]` f32.
+    /// Qᵀ tiles `(c, rg)` at `(2c + rg)·1024`.
+    qt: Lines,
+    /// Two Sᵀ slots.
     s: Lines,
-    /// Two slots of `[32][64]` bf16.
+    /// Two Pᵀ slots of tiles `(h, rg)` at `(2h + rg)·1024`.
     p: Lines,
-    /// `[32][dv_pad]` f32.
+    /// Oᵀ: `[rg][dv_pad][16]` f32.
     o: Lines,
-    /// `[32][16]` f32 partial row sums.
-    l: Lines,
-    /// Pending rescales of O rows (1 when none).
-    alpha: [f32; 32],
-    /// Bytes between rows of `q_hi`/`q_lo`.
-    q_stride: usize,
-    /// f32 between rows of `o`.
+    /// Per slot and row: the rescale of O recorded by that slot's softmax (1 when the maximum
+    /// did not move), applied before the slot's P·V.
+    alpha: [[f32; 32]; 2],
     dv_pad: usize,
 }
-
-const S_STRIDE: usize = KEY_TILE * 4;
-const P_STRIDE: usize = KEY_TILE * 2;
-/// Bytes of one S and one P buffer (two of each alternate between key tiles).
-const S_SLOT: usize = QUERY_TILE * S_STRIDE;
-const P_SLOT: usize = QUERY_TILE * P_STRIDE;
 
 /// Rows `rows` of `call` on packed K/V.
 ///
@@ -67,20 +70,16 @@ pub(crate) unsafe fn run(
     out: &mut Output<'_>,
 ) -> Result<(), CallError> {
     let form = Form::new(call)?;
-    let q_stride = data.d_chunks * 64;
     let dv_pad = data.dv_groups * 16;
     let mut sc = Scratch {
-        q_hi: Lines::zeroed(QUERY_TILE * q_stride)?,
-        q_lo: Lines::zeroed(QUERY_TILE * q_stride)?,
+        qt: Lines::zeroed(data.d_chunks * 2 * TILE_BYTES)?,
         s: Lines::zeroed(2 * S_SLOT)?,
         p: Lines::zeroed(2 * P_SLOT)?,
-        o: Lines::zeroed(QUERY_TILE * dv_pad * 4)?,
-        l: Lines::zeroed(QUERY_TILE * 64)?,
-        alpha: [1.0; 32],
-        q_stride,
+        o: Lines::zeroed(2 * dv_pad * 64)?,
+        alpha: [[1.0; 32]; 2],
         dv_pad,
     };
-    let exp2 = Exp2::weights(1.0);
+    let exp2 = Weights::weights(1.0);
     // SAFETY: AMX is usable by the caller's contract.
     let _tiles = unsafe { Session::start() };
     for qt in rows.start / QUERY_TILE..rows.end.div_ceil(QUERY_TILE) {
@@ -96,7 +95,7 @@ unsafe fn query_tile(
     call: &Call<'_>,
     data: &Data,
     form: &Form<'_>,
-    exp2: &Exp2,
+    exp2: &Weights,
     qt: usize,
     sc: &mut Scratch,
     rows: &Range<usize>,
@@ -104,13 +103,12 @@ unsafe fn query_tile(
 ) {
     let r0 = qt * QUERY_TILE;
     let valid = (call.m() - r0).min(QUERY_TILE);
+    let groups = valid.div_ceil(16);
     debug_assert!(call.tiles.runs(qt).iter().all(|r| r.end as usize <= data.key_tiles));
-    // SAFETY: rows r0..r0 + valid exist; the buffers hold 32 rows.
-    let q_lo = unsafe { convert_q(call, r0, valid, sc) };
-    // SAFETY: both buffers are at least as long as written.
+    // SAFETY: rows r0..r0 + valid exist; the buffers were sized for the call.
     unsafe {
+        convert_q(call, r0, valid, sc);
         std::ptr::write_bytes(sc.o.ptr_mut(), 0, sc.o.bytes());
-        std::ptr::write_bytes(sc.l.ptr_mut(), 0, sc.l.bytes());
     }
     let mut st = RowState::new();
     let masked = form.masked();
@@ -118,15 +116,10 @@ unsafe fn query_tile(
         (run.first as usize..run.end as usize).map(move |kt| (kt, run.partial && masked))
     });
     let mut cur = tiles.next();
-    let k_lo = data.k_lo.is_some();
     if let Some((kt, _)) = cur {
-        let fill = Work::new(data, None, Some((kt, 0)), q_lo, k_lo);
         // SAFETY: the tile state is live; kt < key_tiles (the table is clipped to n).
-        unsafe { fill.finish(0, data, sc) };
+        unsafe { Work::new(data, None, Some((kt, 0))).finish(0, data, sc) };
     }
-    // Pipeline: while the vector units run the softmax of tile `kt`, the tile unit runs, step
-    // by step between rows, P·V of the previous tile and S of the next (fine interleaving keeps
-    // both busy; a long run of either stalls the other).
     let mut slot = 0;
     let mut prev: Option<(usize, bool, usize)> = None;
     while let Some((kt, partial)) = cur {
@@ -135,67 +128,77 @@ unsafe fn query_tile(
             data,
             prev.map(|(k, _, s)| (k, s)),
             following.map(|(k, _)| (k, slot ^ 1)),
-            q_lo,
-            k_lo,
         );
         let j0 = kt * KEY_TILE;
-        let plain = form.plain && !partial && j0 + KEY_TILE <= form.n;
+        let plain = form.plain_tile(j0, partial);
+        sc.alpha[slot] = [1.0; 32];
         let mut done = 0;
-        for r in 0..valid {
-            // SAFETY: r < valid ≤ 32 rows of the tile; the tile state is live and every tile
-            // index lies below key_tiles.
-            unsafe {
-                if plain {
-                    softmax_row::<true>(form, exp2, sc, slot, &mut st.max[r], r, r0 + r, j0, false);
-                } else {
-                    softmax_row::<false>(form, exp2, sc, slot, &mut st.max[r], r, r0 + r, j0, partial);
+        if *COARSE { done = unsafe { work.until(work.steps, 0, data, sc) }; }
+        for rg in 0..groups {
+            let i0 = r0 + 16 * rg;
+            for sb in 0..4 {
+                // SAFETY: rows i0.. < m, keys of tile kt; the tile state is live and every
+                // tile index lies below key_tiles.
+                unsafe {
+                    if *NOAVX {} else if plain {
+                        softmax::<true>(form, exp2, sc, &mut st, slot, rg, i0, j0, sb, false);
+                    } else {
+                        softmax::<false>(form, exp2, sc, &mut st, slot, rg, i0, j0, sb, partial);
+                    }
+                    let step = (rg * 4 + sb + 1) * work.steps / (4 * groups);
+                    if !*NOAMX { done = work.until(step, done, data, sc); }
                 }
-                done = work.until((r + 1) * work.steps / valid, done, data, sc);
             }
         }
         // SAFETY: as above.
-        unsafe { work.finish(done, data, sc) };
+        if !*NOAMX { unsafe { work.finish(done, data, sc) }; }
         if let Some((k, p, _)) = prev {
             poison(form, data, sc, k, p, r0, valid);
         }
-        rescale(sc, valid);
+        rescale(sc, slot, groups);
         prev = Some((kt, partial, slot));
         slot ^= 1;
         cur = following;
     }
     if let Some((k, p, s)) = prev {
-        let drain = Work::new(data, Some((k, s)), None, q_lo, k_lo);
         // SAFETY: as above.
-        unsafe { drain.finish(0, data, sc) };
+        unsafe { Work::new(data, Some((k, s)), None).finish(0, data, sc) };
         poison(form, data, sc, k, p, r0, valid);
     }
-    for r in 0..valid.min(rows.end - r0) {
-        // SAFETY: row r of O and l; output row r0 + r − rows.start exists (check).
-        unsafe {
-            finalize_row(
-                sc.o.ptr().cast::<f32>().add(r * sc.dv_pad),
-                sc.l.ptr().cast::<f32>().add(r * 16),
-                st.max[r],
-                call.v.cols,
-                r0 + r - rows.start,
-                out,
-            )
-        };
+    for rg in 0..groups {
+        let i0 = r0 + 16 * rg;
+        if i0 < rows.end {
+            let count = (rows.end.min(r0 + valid) - i0).min(16);
+            // SAFETY: Oᵀ of row group rg; output rows i0 − rows.start.. exist (check).
+            unsafe {
+                let ot = sc.o.ptr().cast::<f32>().add(rg * sc.dv_pad * 16);
+                finalize(ot, call.v.cols, &st, rg, count, i0 - rows.start, out);
+            }
+        }
     }
 }
 
-/// Q rows `r0..r0 + valid` as bf16 `hi` and `lo`; whether any `lo` is nonzero.
+/// Qᵀ of rows `r0..r0 + valid` rounded to bf16, in the B layout `[16 dim pairs][16 rows][2]`
+/// per (32-dim chunk, row group); rows past `valid` are zero.
 ///
 /// # Safety
 /// `r0 + valid ≤ m`, `valid ≤ 32`; Q passed `problem::check`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn convert_q(call: &Call<'_>, r0: usize, valid: usize, sc: &mut Scratch) -> bool {
+unsafe fn convert_q(call: &Call<'_>, r0: usize, valid: usize, sc: &mut Scratch) {
     let q = &call.q;
     let d = q.cols;
-    let mut any = _mm512_setzero_si512();
+    if valid < QUERY_TILE {
+        // SAFETY: the whole buffer.
+        unsafe { std::ptr::write_bytes(sc.qt.ptr_mut(), 0, sc.qt.bytes()) };
+    }
+    // Lane p (dims 2p, 2p + 1 of the chunk) goes to tile row p.
+    let pairs = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(16),
+    );
     for r in 0..valid {
         let at = (r0 + r) * q.row_stride;
-        for c in 0..sc.q_stride / 64 {
+        for c in 0..sc.qt.bytes() / (2 * TILE_BYTES) {
             let c0 = 32 * c;
             // SAFETY: columns c0.. of row r0 + r, masked to d.
             let (a, b) = unsafe {
@@ -204,61 +207,39 @@ unsafe fn convert_q(call: &Call<'_>, r0: usize, valid: usize, sc: &mut Scratch) 
                     load(&q.data, at + (c0 + 16).min(d), d.saturating_sub(c0 + 16).min(16)),
                 )
             };
-            let (ah, al) = split_bf16(a);
-            let (bh, bl) = split_bf16(b);
-            let lo = join(al, bl);
-            any = _mm512_or_si512(any, lo);
-            let dst = r * sc.q_stride + c * 64;
-            // SAFETY: row r < 32 of the Q buffers, 64 bytes at chunk c.
-            unsafe {
-                _mm512_store_si512(sc.q_hi.ptr_mut().add(dst).cast(), join(ah, bh));
-                _mm512_store_si512(sc.q_lo.ptr_mut().add(dst).cast(), lo);
-            }
+            let v = join(to_bf16(a), to_bf16(b));
+            let tile = (2 * c + r / 16) * TILE_BYTES + (r % 16) * 4;
+            // SAFETY: column r % 16 of tile (c, r / 16): rows 0..16 at stride 64.
+            unsafe { _mm512_i32scatter_epi32::<4>(sc.qt.ptr_mut().add(tile).cast(), pairs, v) };
         }
     }
-    _mm512_test_epi32_mask(any, any) != 0
 }
 
-/// The tile-unit work issued between the softmax rows of one key tile: P·V of the previous
-/// tile (`prev`: key tile, P slot), then S of the next (`next`: key tile, S slot), as a linear
-/// program of steps of 2–4 products. Tiles 0–3 accumulate (2 × 2 blocks of 16 × 16), 4–5 hold
-/// the A rows (Q or P), 6–7 the B columns (K or V); each block runs whole before the next
-/// reuses the tiles.
+/// The tile-unit work issued between the softmax vectors of one key tile: `Oᵀ += Vᵀ·Pᵀ` of the
+/// previous tile (`prev`: key tile, P slot), then `Sᵀ` of the next (`next`: key tile, S slot),
+/// as a linear program of steps. Tiles 0–1 accumulate (row groups 0, 1), 2–3 stream the A
+/// operand (K or Vᵀ), 4–7 hold the resident B operand (Qᵀ or Pᵀ).
 struct Work {
     prev: Option<(usize, usize)>,
     next: Option<(usize, usize)>,
-    q_lo: bool,
-    k_lo: bool,
-    /// Products per S chunk: `Qlo·Khi`, `Qhi·Khi`, `Qhi·Klo` as present.
-    terms: usize,
     pv_steps: usize,
     /// All steps.
     steps: usize,
 }
 
 impl Work {
-    fn new(
-        data: &Data,
-        prev: Option<(usize, usize)>,
-        next: Option<(usize, usize)>,
-        q_lo: bool,
-        k_lo: bool,
-    ) -> Work {
-        let terms = 1 + q_lo as usize + k_lo as usize;
-        let pv_steps = if prev.is_some() { data.dv_groups.div_ceil(2) * 2 } else { 0 };
-        let s_steps = if next.is_some() { 2 * data.d_chunks * terms } else { 0 };
+    fn new(data: &Data, prev: Option<(usize, usize)>, next: Option<(usize, usize)>) -> Work {
+        let pv_steps = if prev.is_some() { data.dv_groups } else { 0 };
+        let s_steps = if next.is_some() { data.d_chunks.div_ceil(2) * 4 } else { 0 };
         Work {
             prev,
             next,
-            q_lo,
-            k_lo,
-            terms,
             pv_steps,
             steps: pv_steps + s_steps,
         }
     }
 
-    /// Runs steps `done..want`; returns `want`.
+    /// Runs steps `done..want`; returns how many are done.
     ///
     /// # Safety
     /// A tile session is live; the key tiles lie below `data.key_tiles`; `sc` was sized for
@@ -289,58 +270,47 @@ impl Work {
         unsafe { self.until(self.steps, done, data, sc) };
     }
 
-    /// Step `k` of `O += P·V`: column groups `g, g + 1` (loaded from O at the first key chunk,
-    /// stored after the second), key chunk `h` of 32 keys.
+    /// Value-column group `g` of `Oᵀ += Vᵀ·Pᵀ` (Pᵀ loaded at the first group).
     ///
     /// # Safety
     /// As [`Work::until`].
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-    unsafe fn pv_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
+    unsafe fn pv_step(&self, g: usize, data: &Data, sc: &mut Scratch) {
         let Some((kt, slot)) = self.prev else { return };
         let groups = data.dv_groups;
-        let os = sc.dv_pad * 4;
-        let (g, h) = (k / 2 * 2, k % 2);
-        let two = g + 1 < groups;
-        // SAFETY: O tiles (rows 0..32, groups g, g + 1 < groups), P rows 0..32 of key chunk
-        // h in slot `slot`, and V tiles (2kt + h, g) lie inside their buffers.
+        // SAFETY: Pᵀ tiles of the slot, Oᵀ tiles (g, rg) and Vᵀ tiles (2kt + h, g) lie inside
+        // their buffers.
         unsafe {
-            let o0 = sc.o.ptr_mut().add(g * 64);
-            if h == 0 {
-                tile::load::<0>(o0, os);
-                tile::load::<1>(o0.add(16 * os), os);
-                if two {
-                    tile::load::<2>(o0.add(64), os);
-                    tile::load::<3>(o0.add(64 + 16 * os), os);
-                }
+            if g == 0 {
+                let p = sc.p.ptr().add(slot * P_SLOT);
+                tile::load::<4>(p, 64);
+                tile::load::<5>(p.add(TILE_BYTES), 64);
+                tile::load::<6>(p.add(2 * TILE_BYTES), 64);
+                tile::load::<7>(p.add(3 * TILE_BYTES), 64);
             }
-            let p = sc.p.ptr().add(slot * P_SLOT + h * 64);
-            tile::load::<4>(p, P_STRIDE);
-            tile::load::<5>(p.add(16 * P_STRIDE), P_STRIDE);
-            let v = ((2 * kt + h) * groups + g) * TILE_BYTES;
+            let o0 = sc.o.ptr_mut().add(g * TILE_BYTES);
+            let o1 = o0.add(sc.dv_pad * 64);
+            tile::load::<0>(o0, 64);
+            tile::load::<1>(o1, 64);
+            let v0 = (2 * kt * groups + g) * TILE_BYTES;
+            let v1 = v0 + groups * TILE_BYTES;
             for part in [Some(&data.v_hi), data.v_lo.as_ref()].into_iter().flatten() {
-                tile::load::<6>(part.ptr().add(v), 64);
-                tile::dp_bf16::<0, 4, 6>();
-                tile::dp_bf16::<1, 5, 6>();
-                if two {
-                    tile::load::<7>(part.ptr().add(v + TILE_BYTES), 64);
-                    tile::dp_bf16::<2, 4, 7>();
-                    tile::dp_bf16::<3, 5, 7>();
-                }
+                tile::load::<2>(part.ptr().add(v0), 64);
+                tile::dp_bf16::<0, 2, 4>();
+                tile::dp_bf16::<1, 2, 5>();
+                tile::load::<3>(part.ptr().add(v1), 64);
+                tile::dp_bf16::<0, 3, 6>();
+                tile::dp_bf16::<1, 3, 7>();
             }
-            if h == 1 {
-                tile::store::<0>(o0, os);
-                tile::store::<1>(o0.add(16 * os), os);
-                if two {
-                    tile::store::<2>(o0.add(64), os);
-                    tile::store::<3>(o0.add(64 + 16 * os), os);
-                }
-            }
+            tile::store::<0>(o0, 64);
+            tile::store::<1>(o1, 64);
         }
     }
 
-    /// Step `k` of `S = Q·Kᵀ`: half `h` of the key tile (key groups 2h, 2h + 1; zeroed at its
-    /// first step, stored at its last), head-dimension chunk `c`, one product term.
+    /// Step `k` of `Sᵀ = K·Qᵀ`: dimension chunks `2p, 2p + 1` (Qᵀ loaded at the pair's first
+    /// step) for key group `g`; the accumulators start at 0 for the first pair and continue
+    /// from the stored partial sums after it (heads wider than 64).
     ///
     /// # Safety
     /// As [`Work::until`].
@@ -349,57 +319,43 @@ impl Work {
     unsafe fn s_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
         let Some((kt, slot)) = self.next else { return };
         let ch = data.d_chunks;
-        let qs = sc.q_stride;
-        let per_half = ch * self.terms;
-        let (half, rest) = (k / per_half, k % per_half);
-        let (c, term) = (rest / self.terms, rest % self.terms);
-        // 0: Qlo·Khi, 1: Qhi·Khi, 2: Qhi·Klo (A and B carried over between terms).
-        let kind = term + !self.q_lo as usize;
-        // SAFETY: K tiles (4kt + 2half + {0, 1}, c), Q rows 0..32 of chunk c and S rows 0..32
-        // of key groups 2half, 2half + 1 in slot `slot` lie inside their buffers.
+        let (pair, g) = (k / 4, k % 4);
+        let c0 = 2 * pair;
+        let two = c0 + 1 < ch;
+        // SAFETY: Qᵀ tiles (c0, c0 + 1), K tiles (4kt + g, c0..), Sᵀ tiles of the slot lie
+        // inside their buffers.
         unsafe {
-            if rest == 0 {
+            if g == 0 {
+                let q = sc.qt.ptr().add(2 * c0 * TILE_BYTES);
+                tile::load::<4>(q, 64);
+                tile::load::<5>(q.add(TILE_BYTES), 64);
+                if two {
+                    tile::load::<6>(q.add(2 * TILE_BYTES), 64);
+                    tile::load::<7>(q.add(3 * TILE_BYTES), 64);
+                }
+            }
+            let s0 = sc.s.ptr_mut().add(slot * S_SLOT + g * TILE_BYTES);
+            let s1 = s0.add(KEY_TILE * 64);
+            if pair == 0 {
                 tile::zero::<0>();
                 tile::zero::<1>();
-                tile::zero::<2>();
-                tile::zero::<3>();
+            } else {
+                tile::load::<0>(s0, 64);
+                tile::load::<1>(s1, 64);
             }
-            let k0 = ((4 * kt + 2 * half) * ch + c) * TILE_BYTES;
-            let k1 = k0 + ch * TILE_BYTES;
-            let (q0, q1) = (c * 64, c * 64 + 16 * qs);
-            match kind {
-                0 => {
-                    tile::load::<4>(sc.q_lo.ptr().add(q0), qs);
-                    tile::load::<5>(sc.q_lo.ptr().add(q1), qs);
-                    tile::load::<6>(data.k_hi.ptr().add(k0), 64);
-                    tile::load::<7>(data.k_hi.ptr().add(k1), 64);
-                }
-                1 => {
-                    tile::load::<4>(sc.q_hi.ptr().add(q0), qs);
-                    tile::load::<5>(sc.q_hi.ptr().add(q1), qs);
-                    if !self.q_lo {
-                        tile::load::<6>(data.k_hi.ptr().add(k0), 64);
-                        tile::load::<7>(data.k_hi.ptr().add(k1), 64);
-                    }
-                }
-                _ => {
-                    if let (true, Some(k_lo)) = (self.k_lo, &data.k_lo) {
-                        tile::load::<6>(k_lo.ptr().add(k0), 64);
-                        tile::load::<7>(k_lo.ptr().add(k1), 64);
-                    }
+            let k0 = ((4 * kt + g) * ch + c0) * TILE_BYTES;
+            for part in [Some(&data.k_hi), data.k_lo.as_ref()].into_iter().flatten() {
+                tile::load::<2>(part.ptr().add(k0), 64);
+                tile::dp_bf16::<0, 2, 4>();
+                tile::dp_bf16::<1, 2, 5>();
+                if two {
+                    tile::load::<3>(part.ptr().add(k0 + TILE_BYTES), 64);
+                    tile::dp_bf16::<0, 3, 6>();
+                    tile::dp_bf16::<1, 3, 7>();
                 }
             }
-            tile::dp_bf16::<0, 4, 6>();
-            tile::dp_bf16::<1, 5, 6>();
-            tile::dp_bf16::<2, 4, 7>();
-            tile::dp_bf16::<3, 5, 7>();
-            if rest + 1 == per_half {
-                let s = sc.s.ptr_mut().add(slot * S_SLOT + half * 2 * 64);
-                tile::store::<0>(s, S_STRIDE);
-                tile::store::<1>(s.add(16 * S_STRIDE), S_STRIDE);
-                tile::store::<2>(s.add(64), S_STRIDE);
-                tile::store::<3>(s.add(64 + 16 * S_STRIDE), S_STRIDE);
-            }
+            tile::store::<0>(s0, 64);
+            tile::store::<1>(s1, 64);
         }
     }
 }
@@ -418,106 +374,138 @@ fn poison(
     for &(j, c, v) in data.bad_v.of_tile(kt) {
         for r in 0..valid {
             if form.keeps(r0 + r, j, partial) {
-                // SAFETY: r < 32, c < dv ≤ dv_pad: inside O.
-                unsafe { *sc.o.ptr_mut().cast::<f32>().add(r * sc.dv_pad + c) += v };
+                let at = ((r / 16) * sc.dv_pad + c) * 16 + r % 16;
+                // SAFETY: row group r / 16, column c < dv ≤ dv_pad, lane r % 16: inside Oᵀ.
+                unsafe { *sc.o.ptr_mut().cast::<f32>().add(at) += v };
             }
         }
     }
 }
 
-/// Applies the pending rescales of O (rows whose maximum moved), before their next P·V.
+/// Applies the rescales of O recorded by the softmax of slot `slot` (rows whose maximum
+/// moved), after the previous key tile's P·V and before this one's.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-fn rescale(sc: &mut Scratch, valid: usize) {
-    for r in 0..valid {
-        let a = sc.alpha[r];
-        if a != 1.0 {
-            sc.alpha[r] = 1.0;
-            let a = _mm512_set1_ps(a);
-            for c in (0..sc.dv_pad).step_by(16) {
-                // SAFETY: row r of O, 16 f32 at column c < dv_pad.
-                unsafe {
-                    let o = sc.o.ptr_mut().cast::<f32>().add(r * sc.dv_pad + c);
-                    _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), a));
-                }
+fn rescale(sc: &mut Scratch, slot: usize, groups: usize) {
+    let dv_pad = sc.dv_pad;
+    for rg in 0..groups {
+        // SAFETY: 16 of the 32 factors.
+        let a = unsafe { _mm512_loadu_ps(sc.alpha[slot].as_ptr().add(16 * rg)) };
+        if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(a, _mm512_set1_ps(1.0)) == 0 {
+            continue;
+        }
+        for c in 0..dv_pad {
+            // SAFETY: vector (rg, c) of Oᵀ.
+            unsafe {
+                let o = sc.o.ptr_mut().cast::<f32>().add((rg * dv_pad + c) * 16);
+                _mm512_store_ps(o, _mm512_mul_ps(_mm512_load_ps(o), a));
             }
         }
     }
 }
 
-/// The softmax of row `r` of S (query row `i`, keys from `j0`): P in bf16, the row sums, and
-/// `O` rescaled when the maximum moves.
+/// Moves the maxima of the lanes in `over` to `max(m, mx + μ)` (to the block maximum in
+/// `first` lanes, which had none): shifts `t` to the new reference, rescales `l` and the
+/// pending O factors. Returns the new `(m, l)`.
 ///
 /// # Safety
-/// `r < 32`; `i < m`; the call passed `problem::check`.
+/// `pending` points at the row group's 16 pending factors.
+#[allow(clippy::too_many_arguments)]
+#[inline(never)]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn rebase(
+    t: &mut [__m512; 16],
+    m: __m512,
+    l: __m512,
+    mu: __m512,
+    mx: __m512,
+    over: __mmask16,
+    first: __mmask16,
+    pending: *mut f32,
+) -> (__m512, __m512) {
+    let new = _mm512_mask_mov_ps(m, over, nan_max_v(m, _mm512_add_ps(mx, mu)));
+    let shift = _mm512_sub_ps(mu, finite_or_zero(new));
+    for t in t.iter_mut() {
+        *t = _mm512_add_ps(*t, shift);
+    }
+    // α = 2^(m − m_new) where the maximum moved (0 from −∞), 1 elsewhere.
+    let a = Exp2::accurate().eval(_mm512_sub_ps(m, new));
+    let a = _mm512_mask_mov_ps(_mm512_set1_ps(1.0), over & !first, a);
+    let a = _mm512_mask_mov_ps(a, first, _mm512_setzero_ps());
+    // SAFETY: by the caller.
+    unsafe { _mm512_storeu_ps(pending, _mm512_mul_ps(_mm512_loadu_ps(pending), a)) };
+    (new, _mm512_mul_ps(l, a))
+}
+
+/// The softmax of keys `16sb..16sb + 16` of key tile `j0` for row group `rg` (rows `i0..`):
+/// weights into the Pᵀ slot, sums and maxima into `st`, O's rescale into `sc.alpha[slot]`.
+///
+/// # Safety
+/// `i0 < m`; the Sᵀ slot holds this tile's scores; the call passed `problem::check`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn softmax_row<const PLAIN: bool>(
+unsafe fn softmax<const PLAIN: bool>(
     form: &Form<'_>,
-    exp2: &Exp2,
+    exp2: &Weights,
     sc: &mut Scratch,
+    st: &mut RowState,
     slot: usize,
-    max: &mut f32,
-    r: usize,
-    i: usize,
+    rg: usize,
+    i0: usize,
     j0: usize,
+    sb: usize,
     partial: bool,
 ) {
-    let old = *max;
-    let mu = if old == f32::NEG_INFINITY { 0.0 } else { old };
-    let muv = _mm512_set1_ps(mu);
-    // SAFETY: row r of S (64 f32), P (64 bf16), l (16 f32).
-    let (srow, prow, lrow) = unsafe {
-        (
-            sc.s.ptr().add(slot * S_SLOT).cast::<f32>().add(r * KEY_TILE),
-            sc.p.ptr_mut().add(slot * P_SLOT + r * P_STRIDE),
-            sc.l.ptr_mut().cast::<f32>().add(r * 16),
-        )
-    };
-    let mut t = [_mm512_setzero_ps(); 4];
-    for (q, t) in t.iter_mut().enumerate() {
-        // SAFETY: 16 f32 at 16q of the row.
-        let s = unsafe { _mm512_load_ps(srow.add(16 * q)) };
-        *t = if PLAIN {
-            let c = _mm512_set1_ps(form.scale * std::f32::consts::LOG2_E);
-            _mm512_fmsub_ps(s, c, muv)
-        } else {
-            let x = _mm512_mul_ps(s, _mm512_set1_ps(form.scale));
-            // SAFETY: i < m, by the caller.
-            _mm512_sub_ps(unsafe { form.finish(x, i, j0 + 16 * q, partial) }, muv)
-        };
-    }
-    let mx = _mm512_max_ps(_mm512_max_ps(t[0], t[1]), _mm512_max_ps(t[2], t[3]));
-    let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mx, _mm512_set1_ps(SLACK));
-    if old == f32::NEG_INFINITY || over != 0 {
-        let new = nan_max(old, hmax(mx) + mu);
-        if new != old {
-            let mu2 = if new == f32::NEG_INFINITY { 0.0 } else { new };
-            let shift = _mm512_set1_ps(mu - mu2);
-            for t in t.iter_mut() {
-                *t = _mm512_add_ps(*t, shift);
-            }
-            if old != f32::NEG_INFINITY {
-                // O is rescaled after the previous tile's P·V (`rescale`); l now.
-                let a = rebase(old, new);
-                sc.alpha[r] = a;
-                // SAFETY: the l row as above.
-                unsafe { _mm512_storeu_ps(lrow, _mm512_mul_ps(_mm512_loadu_ps(lrow), _mm512_set1_ps(a))) };
-            }
-            *max = new;
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut m = st.max_v(rg);
+    let mut l = st.sum_v(rg);
+    let mu = finite_or_zero(m);
+    let c = _mm512_set1_ps(form.scale * std::f32::consts::LOG2_E);
+    // SAFETY: keys 16sb.. of row group rg in the slot.
+    let src = unsafe { sc.s.ptr().add(slot * S_SLOT + (rg * KEY_TILE + sb * 16) * 64) }.cast::<f32>();
+    let mut t = [_mm512_setzero_ps(); 16];
+    if PLAIN {
+        for (e, t) in t.iter_mut().enumerate() {
+            // SAFETY: vector (rg, 16sb + e) of the slot.
+            *t = _mm512_fmsub_ps(unsafe { _mm512_load_ps(src.add(16 * e)) }, c, mu);
+        }
+    } else {
+        let scale = _mm512_set1_ps(form.scale);
+        for (e, t) in t.iter_mut().enumerate() {
+            // SAFETY: as above; i0 < m by the caller.
+            let x = _mm512_mul_ps(unsafe { _mm512_load_ps(src.add(16 * e)) }, scale);
+            *t = _mm512_sub_ps(unsafe { form.finish(x, i0, j0 + 16 * sb + e, partial) }, mu);
         }
     }
-    let mut p = t;
-    for p in p.iter_mut() {
-        *p = exp2.eval(*p);
+    let m8: [__m512; 8] = std::array::from_fn(|e| _mm512_max_ps(t[e], t[e + 8]));
+    let m4: [__m512; 4] = std::array::from_fn(|e| _mm512_max_ps(m8[e], m8[e + 4]));
+    let mx = _mm512_max_ps(_mm512_max_ps(m4[0], m4[2]), _mm512_max_ps(m4[1], m4[3]));
+    let first = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m, ninf) & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mx, ninf);
+    let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(mx, _mm512_set1_ps(SLACK)) | first;
+    if over != 0 {
+        // SAFETY: 16 of the 32 pending factors.
+        let pending = unsafe { sc.alpha[slot].as_mut_ptr().add(16 * rg) };
+        (m, l) = unsafe { rebase(&mut t, m, l, mu, mx, over, first, pending) };
     }
-    let sum = _mm512_add_ps(_mm512_add_ps(p[0], p[1]), _mm512_add_ps(p[2], p[3]));
-    // SAFETY: l row (16 f32) and P row (128 bytes), 64-byte aligned.
-    unsafe {
-        _mm512_storeu_ps(lrow, _mm512_add_ps(_mm512_loadu_ps(lrow), sum));
-        let lo: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(p[1], p[0]));
-        let hi: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(p[3], p[2]));
-        _mm512_store_si512(prow.cast(), lo);
-        _mm512_store_si512(prow.add(64).cast(), hi);
+    let p: [__m512; 16] = std::array::from_fn(|e| exp2.eval(t[e]));
+    let s8: [__m512; 8] = std::array::from_fn(|e| _mm512_add_ps(p[e], p[e + 8]));
+    let s4: [__m512; 4] = std::array::from_fn(|e| _mm512_add_ps(s8[e], s8[e + 4]));
+    let sum = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
+    st.set(rg, m, _mm512_add_ps(l, sum));
+    // Pairs of keys interleaved per row: the B layout [keys/2][rows][2].
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+        4, 19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let h = sb / 2;
+    // SAFETY: rows 8(sb % 2).. of tile (h, rg) of the slot.
+    let dst = unsafe { sc.p.ptr_mut().add(slot * P_SLOT + (2 * h + rg) * TILE_BYTES + (sb % 2) * 8 * 64) };
+    for e in 0..8 {
+        // SAFETY: __m512bh and __m512i are the same 64 plain bytes; row 8(sb % 2) + e of
+        // tile (h, rg) of the slot.
+        unsafe {
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(p[2 * e + 1], p[2 * e]));
+            _mm512_store_si512(dst.add(e * 64).cast(), _mm512_permutexvar_epi16(idx, v));
+        }
     }
 }

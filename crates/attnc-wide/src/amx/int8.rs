@@ -1,57 +1,62 @@
-//! int8 products: `S = Q·Kᵀ` on `tdpbssd`, `P·V` on `tdpbusd` (i32 sums), the score form,
-//! softmax and quantization of P in f32 on AVX-512.
+//! int8 products: `Sᵀ = K·Qᵀ` on `tdpbssd`, `Oᵀ = Vᵀ·Pᵀ` on `tdpbsud` (signed V, unsigned P;
+//! i32 sums), the score form, softmax and quantization of P in f32 on AVX-512, 16 query rows
+//! per vector.
 //!
-//! Per query tile (32 rows) and visited key tile (64 keys):
-//! 1. S (AMX): Q in two signed digits per row (`q ≈ s_q·(hi + lo/254)`, `s_q = max|q|/127`),
+//! Per query tile (32 rows, two groups of 16 lanes) and visited key tile (64 keys):
+//! 1. Sᵀ (AMX): Q in two signed digits per row (`q ≈ s_q·(hi + lo/254)`, `s_q = max|q|/127`),
 //!    K smoothed and in two digits per key (see [`super::pack`]); two i32 accumulators per
-//!    16 × 16 block: `Qhi·Khi` and `Qhi·Klo + Qlo·Khi` (the `lo·lo` term is below the
+//!    16 × 16 block: `Khi·Qhiᵀ` and `Klo·Qhiᵀ + Khi·Qloᵀ` (the `lo·lo` term is below the
 //!    rounding). The scaled score is `x = s_q·scale·s_k·(hh + cross/254) + scale·q·μ` — the
 //!    smoothing's `q·μ` added back, so it is exact under any mask, bias or softcap.
-//! 2. softmax (AVX-512), per row: pass 1 forms `x` (stored over S) and the tile maximum `b`;
-//!    pass 2 quantizes `P = round(255·2^(x₂ − b))` to u8 — its block maximum maps to 255 —
-//!    and sums `2^(x₂ − b)` in f32 (NaN-propagating).
-//! 3. P·V (AMX): `P (u8) · V (i8 digits)` into i32 tiles, then per row
-//!    `O ← α·O + β·(s_v·PVhi + s_v/254·PVlo)` with `α = 2^(m_old − m)`,
-//!    `β = 2^(b − m)/255`.
+//! 2. softmax (AVX-512), per row group: pass 1 forms `x` for the 64 keys (stored over S) and
+//!    the tile maximum `b` of each row; pass 2 quantizes `P = round(255·2^(x₂ − b))` to u8 —
+//!    each row's tile maximum maps to 255 — in the B layout `[keys/4][rows][4]`, and sums
+//!    `255·2^(x₂ − b)` in f32 (NaN-propagating).
+//! 3. Oᵀ (AMX): `Vᵀ (i8 digits) · Pᵀ (u8)` into fresh i32 tiles, then on AVX-512
+//!    `Oᵀ ← α·Oᵀ + β·(s_v·PVhi + s_v/254·PVlo)` with `α = 2^(m_old − m)`, `β = 2^(b − m)/255`.
+//!
+//! The tile work of step 1 (next key tile) and step 3 (previous key tile) is issued in small
+//! steps between the vectors of step 2; the combination of step 3 runs after its products.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::pack::{digits, Data, Lines};
-use super::score::{finalize_row, Form, RowState};
-use super::simd::{first, hmax, load, nan_max, non_finite, rebase, Exp2};
+use super::score::{finalize, Form, RowState};
+use super::simd::{finite_or_zero, first, hsum, load, nan_max_v, non_finite, Exp2, Weights};
 use super::tile::{self, Session, TILE_BYTES};
 use super::{KEY_TILE, QUERY_TILE};
 use crate::problem::{Call, CallError, Output};
 
+/// Bytes of one S slot (`hh` then `cross`, each `[2 row groups][64 keys][16 rows]`) and one
+/// Pᵀ slot (2 tiles).
+static NOAVX: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("NOAVX").is_ok());
+static NOAMX: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("NOAMX").is_ok());
+const S_PART: usize = 2 * KEY_TILE * 64;
+const S_SLOT: usize = 2 * S_PART;
+const P_SLOT: usize = 2 * TILE_BYTES;
+
 /// One call's scratch.
 struct Scratch {
+    /// Qᵀ digit tiles `(c, rg)` at `(2c + rg)·1024`.
     q_hi: Lines,
     q_lo: Lines,
     /// Per row: `s_q·scale` and `scale·q·μ`.
     q_factor: [f32; 32],
     q_shift: [f32; 32],
-    /// `[32][64]` i32 `Qhi·Khi`, overwritten by the f32 scores of pass 1.
-    s_hh: Lines,
-    /// `[32][64]` i32 `Qhi·Klo + Qlo·Khi`.
-    s_x: Lines,
-    /// `[32][64]` u8.
+    /// Two S slots.
+    s: Lines,
+    /// Two Pᵀ slots.
     p: Lines,
-    /// `[32][dv_pad]` i32 `P·Vhi` and `P·Vlo`.
-    pv_hi: Lines,
-    pv_lo: Lines,
-    /// `[32][dv_pad]` f32.
+    /// `[part][rg][dv_pad][16]` i32 products of the previous key tile.
+    pv: Lines,
+    /// Oᵀ: `[rg][dv_pad][16]` f32.
     o: Lines,
-    /// `[32][16]` f32 partial row sums.
-    l: Lines,
-    /// Per row of the current key tile: `α` and `β`.
-    alpha: [f32; 32],
-    beta: [f32; 32],
-    q_stride: usize,
+    /// Per slot and row: `α`, `β` of that slot's key tile.
+    alpha: [[f32; 32]; 2],
+    beta: [[f32; 32]; 2],
     dv_pad: usize,
 }
-
-const S_STRIDE: usize = KEY_TILE * 4;
 
 /// Rows `rows` of `call` on packed K/V.
 ///
@@ -67,26 +72,22 @@ pub(crate) unsafe fn run(
     out: &mut Output<'_>,
 ) -> Result<(), CallError> {
     let form = Form::new(call)?;
-    let q_stride = data.d_chunks * 64;
     let dv_pad = data.dv_groups * 16;
+    let q_bytes = data.d_chunks * 2 * TILE_BYTES;
     let mut sc = Scratch {
-        q_hi: Lines::zeroed(QUERY_TILE * q_stride)?,
-        q_lo: Lines::zeroed(QUERY_TILE * q_stride)?,
+        q_hi: Lines::zeroed(q_bytes)?,
+        q_lo: Lines::zeroed(q_bytes)?,
         q_factor: [0.0; 32],
         q_shift: [0.0; 32],
-        s_hh: Lines::zeroed(QUERY_TILE * S_STRIDE)?,
-        s_x: Lines::zeroed(QUERY_TILE * S_STRIDE)?,
-        p: Lines::zeroed(QUERY_TILE * KEY_TILE)?,
-        pv_hi: Lines::zeroed(QUERY_TILE * dv_pad * 4)?,
-        pv_lo: Lines::zeroed(QUERY_TILE * dv_pad * 4)?,
-        o: Lines::zeroed(QUERY_TILE * dv_pad * 4)?,
-        l: Lines::zeroed(QUERY_TILE * 64)?,
-        alpha: [0.0; 32],
-        beta: [0.0; 32],
-        q_stride,
+        s: Lines::zeroed(2 * S_SLOT)?,
+        p: Lines::zeroed(2 * P_SLOT)?,
+        pv: Lines::zeroed(2 * 2 * dv_pad * 64)?,
+        o: Lines::zeroed(2 * dv_pad * 64)?,
+        alpha: [[1.0; 32]; 2],
+        beta: [[0.0; 32]; 2],
         dv_pad,
     };
-    let exp2 = Exp2::weights(255.0);
+    let exp2 = Weights::weights(255.0);
     // SAFETY: AMX is usable by the caller's contract.
     let _tiles = unsafe { Session::start() };
     for qt in rows.start / QUERY_TILE..rows.end.div_ceil(QUERY_TILE) {
@@ -102,7 +103,7 @@ unsafe fn query_tile(
     call: &Call<'_>,
     data: &Data,
     form: &Form<'_>,
-    exp2: &Exp2,
+    exp2: &Weights,
     qt: usize,
     sc: &mut Scratch,
     rows: &Range<usize>,
@@ -110,63 +111,119 @@ unsafe fn query_tile(
 ) {
     let r0 = qt * QUERY_TILE;
     let valid = (call.m() - r0).min(QUERY_TILE);
+    let groups = valid.div_ceil(16);
     debug_assert!(call.tiles.runs(qt).iter().all(|r| r.end as usize <= data.key_tiles));
-    // SAFETY: rows r0..r0 + valid exist; the buffers hold 32 rows.
-    unsafe { convert_q(call, data, form.scale, r0, valid, sc) };
-    // SAFETY: both buffers are at least as long as written.
+    // SAFETY: rows r0..r0 + valid exist; the buffers were sized for the call.
     unsafe {
+        convert_q(call, data, form.scale, r0, valid, sc);
         std::ptr::write_bytes(sc.o.ptr_mut(), 0, sc.o.bytes());
-        std::ptr::write_bytes(sc.l.ptr_mut(), 0, sc.l.bytes());
     }
     let mut st = RowState::new();
-    for run in call.tiles.runs(qt) {
-        let partial = run.partial && form.masked();
-        for kt in run.first as usize..run.end as usize {
-            let j0 = kt * KEY_TILE;
-            let plain = form.plain && !partial && j0 + KEY_TILE <= form.n;
-            // SAFETY: the tile state is live; kt < key_tiles (the table is clipped to n).
-            unsafe {
-                scores(data, kt, sc);
-                let ks: [__m512; 4] = std::array::from_fn(|q| {
-                    _mm512_loadu_ps(data.k_scale.as_ptr().add(j0 + 16 * q))
-                });
-                for r in 0..valid {
-                    if plain {
-                        softmax_row::<true>(form, exp2, sc, &ks, &mut st.max[r], r, r0 + r, j0, false);
+    let masked = form.masked();
+    let mut tiles = call.tiles.runs(qt).iter().flat_map(|run| {
+        (run.first as usize..run.end as usize).map(move |kt| (kt, run.partial && masked))
+    });
+    let mut cur = tiles.next();
+    if let Some((kt, _)) = cur {
+        // SAFETY: the tile state is live; kt < key_tiles (the table is clipped to n).
+        unsafe { Work::new(data, None, Some((kt, 0))).finish(0, data, sc) };
+    }
+    let mut slot = 0;
+    let mut prev: Option<(usize, bool, usize)> = None;
+    while let Some((kt, partial)) = cur {
+        let following = tiles.next();
+        let work = Work::new(
+            data,
+            prev.map(|(k, _, s)| (k, s)),
+            following.map(|(k, _)| (k, slot ^ 1)),
+        );
+        let j0 = kt * KEY_TILE;
+        let plain = form.plain_tile(j0, partial);
+        // SAFETY (both passes): rows i0.. < m, keys of tile kt (scales padded to whole
+        // tiles); the tile state is live and every tile index lies below key_tiles.
+        let mut done = 0;
+        let ks = data.k_scale.as_ptr().wrapping_add(j0);
+        for rg in 0..groups {
+            let i0 = r0 + 16 * rg;
+            let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+            for sb in 0..4 {
+                unsafe {
+                    let m = if *NOAVX { _mm512_setzero_ps() } else if plain {
+                        scores::<true>(form, sc, ks, slot, rg, i0, j0, sb, false)
                     } else {
-                        softmax_row::<false>(form, exp2, sc, &ks, &mut st.max[r], r, r0 + r, j0, partial);
-                    }
+                        scores::<false>(form, sc, ks, slot, rg, i0, j0, sb, partial)
+                    };
+                    mx[sb] = m;
+                    let step = (rg * 8 + sb + 1) * work.steps / (8 * groups);
+                    if !*NOAMX { done = work.until(step, done, data, sc); }
                 }
-                products(data, kt, sc);
-                combine(data, kt, valid, sc);
             }
-            for &(j, c, v) in data.bad_v.of_tile(kt) {
-                for r in 0..valid {
-                    if form.keeps(r0 + r, j, partial) {
-                        // SAFETY: r < 32, c < dv ≤ dv_pad.
-                        unsafe { *sc.o.ptr_mut().cast::<f32>().add(r * sc.dv_pad + c) += v };
-                    }
+            let mx = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
+            let (block, (f2, s2)) = if plain {
+                let (f2, s2) = row_factors(sc, rg);
+                (_mm512_fmadd_ps(mx, f2, s2), (f2, s2))
+            } else {
+                (mx, (_mm512_setzero_ps(), _mm512_setzero_ps()))
+            };
+            let bu = finite_or_zero(block);
+            let mut sum = _mm512_setzero_ps();
+            for sb in 0..4 {
+                unsafe {
+                    let s = if *NOAVX { _mm512_setzero_ps() } else { weights(exp2, sc, slot, rg, sb, plain, f2, _mm512_sub_ps(s2, bu), bu) };
+                    sum = _mm512_add_ps(sum, s);
+                    let step = (rg * 8 + 4 + sb + 1) * work.steps / (8 * groups);
+                    if !*NOAMX { done = work.until(step, done, data, sc); }
                 }
+            }
+            update(sc, &mut st, slot, rg, block, sum);
+        }
+        // SAFETY: as above.
+        if !*NOAMX { unsafe { work.finish(done, data, sc) }; }
+        if let Some((k, p, s)) = prev {
+            if !*NOAVX { combine(data, sc, k, s, groups); }
+            poison(form, data, sc, k, p, r0, valid);
+        }
+        prev = Some((kt, partial, slot));
+        slot ^= 1;
+        cur = following;
+    }
+    if let Some((k, p, s)) = prev {
+        // SAFETY: as above.
+        unsafe { Work::new(data, Some((k, s)), None).finish(0, data, sc) };
+        combine(data, sc, k, s, groups);
+        poison(form, data, sc, k, p, r0, valid);
+    }
+    for rg in 0..groups {
+        let i0 = r0 + 16 * rg;
+        if i0 < rows.end {
+            let count = (rows.end.min(r0 + valid) - i0).min(16);
+            // SAFETY: Oᵀ of row group rg; output rows i0 − rows.start.. exist (check).
+            unsafe {
+                let ot = sc.o.ptr().cast::<f32>().add(rg * sc.dv_pad * 16);
+                finalize(ot, call.v.cols, &st, rg, count, i0 - rows.start, out);
             }
         }
     }
-    for r in 0..valid.min(rows.end - r0) {
-        // SAFETY: row r of O and l; output row r0 + r − rows.start exists (check).
-        unsafe {
-            finalize_row(
-                sc.o.ptr().cast::<f32>().add(r * sc.dv_pad),
-                sc.l.ptr().cast::<f32>().add(r * 16),
-                st.max[r],
-                call.v.cols,
-                r0 + r - rows.start,
-                out,
-            )
-        };
+}
+
+/// The plain path's per-row factors of row group `rg` in base 2: `s_q·scale·log₂e` and
+/// `scale·q·μ·log₂e`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn row_factors(sc: &Scratch, rg: usize) -> (__m512, __m512) {
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    // SAFETY: 16 of the 32 factors each.
+    unsafe {
+        (
+            _mm512_mul_ps(_mm512_loadu_ps(sc.q_factor.as_ptr().add(16 * rg)), log2e),
+            _mm512_mul_ps(_mm512_loadu_ps(sc.q_shift.as_ptr().add(16 * rg)), log2e),
+        )
     }
 }
 
-/// Q rows `r0..r0 + valid` as two signed digits with their row factors; a row with a NaN or
-/// ∞ gets the factor NaN.
+/// Qᵀ of rows `r0..r0 + valid` in two signed digits, in the B layout `[16 dim quads][16
+/// rows][4]` per (64-dim chunk, row group), with the row factors; a row with a NaN or ∞ gets
+/// the factor NaN; rows past `valid` are zero.
 ///
 /// # Safety
 /// `r0 + valid ≤ m`, `valid ≤ 32`; Q passed `problem::check`; `data` is int8.
@@ -181,6 +238,20 @@ unsafe fn convert_q(
 ) {
     let q = &call.q;
     let d = q.cols;
+    if valid < QUERY_TILE {
+        // SAFETY: the whole buffers.
+        unsafe {
+            std::ptr::write_bytes(sc.q_hi.ptr_mut(), 0, sc.q_hi.bytes());
+            std::ptr::write_bytes(sc.q_lo.ptr_mut(), 0, sc.q_lo.bytes());
+        }
+        sc.q_factor = [0.0; 32];
+        sc.q_shift = [0.0; 32];
+    }
+    // Lane p (dims 4p..4p + 4 of the chunk) goes to tile row p.
+    let quads = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(16),
+    );
     for r in 0..valid {
         let at = (r0 + r) * q.row_stride;
         let mut amax = _mm512_setzero_ps();
@@ -198,235 +269,376 @@ unsafe fn convert_q(
             amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
             dot = _mm512_fmadd_ps(x, mu, dot);
         }
-        let dst = r * sc.q_stride;
-        let amax = hmax(amax);
+        let amax = _mm512_reduce_max_ps(amax);
         let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
         for c in 0..data.d_chunks {
+            let mut hi = [0u8; 64];
+            let mut lo = [0u8; 64];
             for b in 0..4 {
                 let c0 = 64 * c + 16 * b;
-                // SAFETY: as above (zeros past d).
-                let x = unsafe { load(&q.data, at + c0.min(d), d.saturating_sub(c0).min(16)) };
-                let (h, l) = digits(x, inv);
-                // SAFETY: 16 bytes at chunk c, block b of row r.
+                // SAFETY: as above (zeros past d); 16 bytes at 16b of the arrays.
                 unsafe {
-                    let o = dst + c * 64 + b * 16;
-                    _mm_store_si128(sc.q_hi.ptr_mut().add(o).cast(), _mm512_cvtepi32_epi8(h));
-                    _mm_store_si128(sc.q_lo.ptr_mut().add(o).cast(), _mm512_cvtepi32_epi8(l));
+                    let x = load(&q.data, at + c0.min(d), d.saturating_sub(c0).min(16));
+                    let (h, l) = digits(x, inv);
+                    _mm_storeu_si128(hi.as_mut_ptr().add(16 * b).cast(), _mm512_cvtepi32_epi8(h));
+                    _mm_storeu_si128(lo.as_mut_ptr().add(16 * b).cast(), _mm512_cvtepi32_epi8(l));
                 }
+            }
+            let tile = (2 * c + r / 16) * TILE_BYTES + (r % 16) * 4;
+            // SAFETY: column r % 16 of tile (c, r / 16): rows 0..16 at stride 64.
+            unsafe {
+                let h = _mm512_loadu_si512(hi.as_ptr().cast());
+                let l = _mm512_loadu_si512(lo.as_ptr().cast());
+                _mm512_i32scatter_epi32::<4>(sc.q_hi.ptr_mut().add(tile).cast(), quads, h);
+                _mm512_i32scatter_epi32::<4>(sc.q_lo.ptr_mut().add(tile).cast(), quads, l);
             }
         }
         let finite = bad == 0;
         sc.q_factor[r] = if finite { amax / 127.0 * scale } else { f32::NAN };
-        sc.q_shift[r] = if finite {
-            scale * super::simd::hsum(dot)
-        } else {
-            f32::NAN
-        };
+        sc.q_shift[r] = if finite { scale * hsum(dot) } else { f32::NAN };
     }
 }
 
-/// `Qhi·Khi` and `Qhi·Klo + Qlo·Khi` of key tile `kt` (tiles 0–1 and 2–3 accumulate rows
-/// 0–15 and 16–31, 4–5 hold Q, 6–7 K).
+/// Pass 1 on keys `16sb..16sb + 16`: the scores of row group `rg` from the two i32 products,
+/// stored over `hh` (plain: `y = s_k·(hh + cross/254)`; else `x₂` of the full form); returns
+/// their lane-wise maximum.
 ///
 /// # Safety
-/// A tile session is live; `kt < data.key_tiles`; `data` is int8.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn scores(data: &Data, kt: usize, sc: &mut Scratch) {
-    let ch = data.d_chunks;
-    let qs = sc.q_stride;
-    let Some(k_lo) = &data.k_lo else { return };
-    // SAFETY: K tiles (4kt + g, c), Q rows 0..32 of chunk c and S columns of group g lie
-    // inside their buffers.
-    unsafe {
-        for g in 0..4 {
-            tile::zero::<0>();
-            tile::zero::<1>();
-            tile::zero::<2>();
-            tile::zero::<3>();
-            for c in 0..ch {
-                let k = ((4 * kt + g) * ch + c) * TILE_BYTES;
-                tile::load::<4>(sc.q_hi.ptr().add(c * 64), qs);
-                tile::load::<5>(sc.q_hi.ptr().add(c * 64 + 16 * qs), qs);
-                tile::load::<6>(data.k_hi.ptr().add(k), 64);
-                tile::load::<7>(k_lo.ptr().add(k), 64);
-                tile::dp_i8i8::<0, 4, 6>();
-                tile::dp_i8i8::<1, 5, 6>();
-                tile::dp_i8i8::<2, 4, 7>();
-                tile::dp_i8i8::<3, 5, 7>();
-                tile::load::<4>(sc.q_lo.ptr().add(c * 64), qs);
-                tile::load::<5>(sc.q_lo.ptr().add(c * 64 + 16 * qs), qs);
-                tile::dp_i8i8::<2, 4, 6>();
-                tile::dp_i8i8::<3, 5, 6>();
-            }
-            let hh = sc.s_hh.ptr_mut().add(g * 64);
-            let x = sc.s_x.ptr_mut().add(g * 64);
-            tile::store::<0>(hh, S_STRIDE);
-            tile::store::<1>(hh.add(16 * S_STRIDE), S_STRIDE);
-            tile::store::<2>(x, S_STRIDE);
-            tile::store::<3>(x.add(16 * S_STRIDE), S_STRIDE);
-        }
-    }
-}
-
-/// Pass 1 and 2 of row `r`: P in u8, `α`, `β`, the row sums.
-///
-/// # Safety
-/// `r < 32`, `i < m`; the call passed `problem::check`.
+/// `i0 < m`; `ks` points at the key tile's 64 scales; the S slot holds this tile's products.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn softmax_row<const PLAIN: bool>(
+unsafe fn scores<const PLAIN: bool>(
     form: &Form<'_>,
-    exp2: &Exp2,
     sc: &mut Scratch,
-    ks: &[__m512; 4],
-    max: &mut f32,
-    r: usize,
-    i: usize,
+    ks: *const f32,
+    slot: usize,
+    rg: usize,
+    i0: usize,
     j0: usize,
+    sb: usize,
     partial: bool,
-) {
-    let log2e = std::f32::consts::LOG2_E;
-    let (factor, shift) = (sc.q_factor[r], sc.q_shift[r]);
-    // SAFETY: row r of both S buffers (64 values each).
-    let (hh, xx) = unsafe {
+) -> __m512 {
+    let inv254 = _mm512_set1_ps(1.0 / 254.0);
+    // SAFETY: keys 16sb.. of row group rg in the slot's two parts.
+    let hh = unsafe { sc.s.ptr_mut().add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64) };
+    let xx = unsafe { hh.add(S_PART) };
+    let (factor, shift) = if PLAIN {
+        (_mm512_setzero_ps(), _mm512_setzero_ps())
+    } else {
+        // SAFETY: 16 of the 32 factors each.
+        unsafe {
+            (
+                _mm512_loadu_ps(sc.q_factor.as_ptr().add(16 * rg)),
+                _mm512_loadu_ps(sc.q_shift.as_ptr().add(16 * rg)),
+            )
+        }
+    };
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    for e in 0..16 {
+        // SAFETY: vector e of both parts; the scale of key 16sb + e.
+        unsafe {
+            let h = _mm512_cvtepi32_ps(_mm512_load_si512(hh.add(64 * e).cast()));
+            let c = _mm512_cvtepi32_ps(_mm512_load_si512(xx.add(64 * e).cast()));
+            let y = _mm512_mul_ps(_mm512_fmadd_ps(c, inv254, h), _mm512_set1_ps(*ks.add(16 * sb + e)));
+            let x = if PLAIN {
+                y
+            } else {
+                let s = _mm512_fmadd_ps(y, factor, shift);
+                form.finish(s, i0, j0 + 16 * sb + e, partial)
+            };
+            _mm512_store_ps(hh.add(64 * e).cast(), x);
+            mx = _mm512_max_ps(mx, x);
+        }
+    }
+    mx
+}
+
+/// Pass 2 on keys `16sb..16sb + 16` of row group `rg`: `e = 255·2^t` with
+/// `t = y·f₂ + (s₂ − b)` (plain) or `x₂ − b`, quantized to u8 into the Pᵀ slot (4 keys per
+/// row in a 32-bit lane); returns the lane-wise sum of `e`.
+///
+/// # Safety
+/// The S slot holds pass 1's scores of these keys.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn weights(
+    exp2: &Weights,
+    sc: &mut Scratch,
+    slot: usize,
+    rg: usize,
+    sb: usize,
+    plain: bool,
+    f2: __m512,
+    offset: __m512,
+    block: __m512,
+) -> __m512 {
+    // SAFETY: keys 16sb.. of row group rg in the slot; rows 4sb.. of Pᵀ tile rg.
+    let (src, dst) = unsafe {
         (
-            sc.s_hh.ptr_mut().cast::<f32>().add(r * KEY_TILE),
-            sc.s_x.ptr().cast::<i32>().add(r * KEY_TILE),
+            sc.s.ptr().add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64).cast::<f32>(),
+            sc.p.ptr_mut().add(slot * P_SLOT + rg * TILE_BYTES + 4 * sb * 64),
         )
     };
-    let inv254 = _mm512_set1_ps(1.0 / 254.0);
-    let mut x = [_mm512_setzero_ps(); 4];
-    for (q, x) in x.iter_mut().enumerate() {
-        // SAFETY: 16 values at 16q of the rows.
-        let (h, c) = unsafe {
-            (
-                _mm512_cvtepi32_ps(_mm512_load_si512(hh.add(16 * q).cast())),
-                _mm512_cvtepi32_ps(_mm512_load_si512(xx.add(16 * q).cast())),
-            )
-        };
-        // y = s_k·(hh + cross/254): the score over s_q.
-        let y = _mm512_mul_ps(_mm512_fmadd_ps(c, inv254, h), ks[q]);
-        *x = if PLAIN {
-            y
-        } else {
-            let s = _mm512_fmadd_ps(y, _mm512_set1_ps(factor), _mm512_set1_ps(shift));
-            // SAFETY: i < m, by the caller.
-            unsafe { form.finish(s, i, j0 + 16 * q, partial) }
-        };
+    // Within each 128-bit block, bytes [k0 r0..r3, k1 r0..r3, k2 …, k3 …] → [r0 k0..k3, r1 …].
+    let transpose4 = _mm512_set4_epi32(0x0f0b0703, 0x0e0a0602, 0x0d090501, 0x0c080400);
+    let mut sum = _mm512_setzero_ps();
+    for quad in 0..4 {
+        let mut n = [_mm512_setzero_si512(); 4];
+        for (k, n) in n.iter_mut().enumerate() {
+            // SAFETY: vector 4·quad + k of the keys.
+            let x = unsafe { _mm512_load_ps(src.add(16 * (4 * quad + k))) };
+            let t = if plain {
+                _mm512_fmadd_ps(x, f2, offset)
+            } else {
+                _mm512_sub_ps(x, block)
+            };
+            let e = exp2.eval(t);
+            sum = _mm512_add_ps(sum, e);
+            *n = _mm512_cvtps_epi32(e);
+        }
+        let bytes = _mm512_packus_epi16(
+            _mm512_packus_epi32(n[0], n[1]),
+            _mm512_packus_epi32(n[2], n[3]),
+        );
+        // SAFETY: row 4sb + quad of the Pᵀ tile.
+        unsafe {
+            _mm512_store_si512(dst.add(quad * 64).cast(), _mm512_shuffle_epi8(bytes, transpose4));
+        }
     }
-    let mx = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
-    let (f2, s2) = (factor * log2e, shift * log2e);
-    let block = if PLAIN { hmax(mx) * f2 + s2 } else { hmax(mx) };
-    let old = *max;
-    let new = nan_max(old, block);
-    let mu = if new == f32::NEG_INFINITY { 0.0 } else { new };
-    let bu = if block == f32::NEG_INFINITY { 0.0 } else { block };
-    sc.alpha[r] = rebase(old, new);
-    sc.beta[r] = if block == f32::NEG_INFINITY {
-        0.0
-    } else {
-        (block - mu).exp2() / 255.0
-    };
-    *max = new;
-    let mut e = [_mm512_setzero_ps(); 4];
-    for q in 0..4 {
-        let t = if PLAIN {
-            _mm512_fmadd_ps(x[q], _mm512_set1_ps(f2), _mm512_set1_ps(s2 - bu))
-        } else {
-            _mm512_sub_ps(x[q], _mm512_set1_ps(bu))
-        };
-        e[q] = exp2.eval(t);
-    }
-    let sum = _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3]));
-    let n: [__m512i; 4] = e.map(|e| _mm512_cvtps_epi32(e));
-    let bytes = _mm512_packus_epi16(
-        _mm512_packus_epi32(n[0], n[1]),
-        _mm512_packus_epi32(n[2], n[3]),
+    sum
+}
+
+/// The row bookkeeping of row group `rg` after a key tile with maxima `block` and weight sums
+/// `sum`: the running maximum and sum, and `α`, `β` of the tile's slot.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn update(sc: &mut Scratch, st: &mut RowState, slot: usize, rg: usize, block: __m512, sum: __m512) {
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let old = st.max_v(rg);
+    let new = nan_max_v(old, block);
+    let mu = finite_or_zero(new);
+    let exp2 = Exp2::accurate();
+    let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old, ninf);
+    let alpha = _mm512_mask_mov_ps(exp2.eval(_mm512_sub_ps(old, new)), none, _mm512_setzero_ps());
+    let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(block, ninf);
+    let beta = _mm512_mul_ps(
+        exp2.eval(_mm512_sub_ps(block, mu)),
+        _mm512_set1_ps(1.0 / 255.0),
     );
-    // SAFETY: row r of l (16 f32) and P (64 bytes, aligned).
+    let beta = _mm512_mask_mov_ps(beta, empty, _mm512_setzero_ps());
+    let l = _mm512_fmadd_ps(sum, beta, _mm512_mul_ps(st.sum_v(rg), alpha));
+    st.set(rg, new, l);
+    // SAFETY: 16 of the 32 factors each.
     unsafe {
-        let l = sc.l.ptr_mut().cast::<f32>().add(r * 16);
-        let b = _mm512_set1_ps(sc.beta[r]);
-        let a = _mm512_set1_ps(sc.alpha[r]);
-        let keep = _mm512_mul_ps(_mm512_loadu_ps(l), a);
-        _mm512_storeu_ps(l, _mm512_fmadd_ps(sum, b, keep));
-        _mm512_store_si512(sc.p.ptr_mut().add(r * KEY_TILE).cast(), bytes);
+        _mm512_storeu_ps(sc.alpha[slot].as_mut_ptr().add(16 * rg), alpha);
+        _mm512_storeu_ps(sc.beta[slot].as_mut_ptr().add(16 * rg), beta);
     }
 }
 
-/// `P·Vhi` and `P·Vlo` of key tile `kt` into `pv_hi`, `pv_lo` (tiles 4–5 hold P, 6–7 V).
-///
-/// # Safety
-/// A tile session is live; `kt < data.key_tiles`; `data` is int8.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn products(data: &Data, kt: usize, sc: &mut Scratch) {
-    let os = sc.dv_pad * 4;
-    // SAFETY: P rows 0..32, V tiles (kt, g) and PV column groups g < dv_groups lie inside
-    // their buffers.
-    unsafe {
-        tile::load::<4>(sc.p.ptr(), KEY_TILE);
-        tile::load::<5>(sc.p.ptr().add(16 * KEY_TILE), KEY_TILE);
-        for g in 0..data.dv_groups {
+/// The tile-unit work issued between the softmax vectors of one key tile: `Vᵀ·Pᵀ` of the
+/// previous tile (`prev`: key tile, P slot), then `Sᵀ` of the next (`next`: key tile, S slot).
+/// S: tiles 0–1 accumulate, 2–3 stream K, 4–7 hold Qᵀ (hi and lo of both row groups). P·V:
+/// tiles 0–3 accumulate (hi and lo of both row groups), 6–7 stream Vᵀ, 4–5 hold Pᵀ.
+struct Work {
+    prev: Option<(usize, usize)>,
+    next: Option<(usize, usize)>,
+    pv_steps: usize,
+    steps: usize,
+}
+
+impl Work {
+    fn new(data: &Data, prev: Option<(usize, usize)>, next: Option<(usize, usize)>) -> Work {
+        let pv_steps = if prev.is_some() { data.dv_groups } else { 0 };
+        let s_steps = if next.is_some() { data.d_chunks * 4 } else { 0 };
+        Work {
+            prev,
+            next,
+            pv_steps,
+            steps: pv_steps + s_steps,
+        }
+    }
+
+    /// Runs steps `done..want`; returns how many are done.
+    ///
+    /// # Safety
+    /// A tile session is live; the key tiles lie below `data.key_tiles`; `sc` was sized for
+    /// `data`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    unsafe fn until(&self, want: usize, done: usize, data: &Data, sc: &mut Scratch) -> usize {
+        for k in done..want {
+            // SAFETY: the caller's contract.
+            unsafe {
+                if k < self.pv_steps {
+                    self.pv_step(k, data, sc);
+                } else {
+                    self.s_step(k - self.pv_steps, data, sc);
+                }
+            }
+        }
+        want.max(done)
+    }
+
+    /// Runs the remaining steps.
+    ///
+    /// # Safety
+    /// As [`Work::until`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    unsafe fn finish(&self, done: usize, data: &Data, sc: &mut Scratch) {
+        // SAFETY: the caller's contract.
+        unsafe { self.until(self.steps, done, data, sc) };
+    }
+
+    /// Value-column group `g` of `Vᵀ·Pᵀ` into the PV buffer (Pᵀ loaded at the first group).
+    ///
+    /// # Safety
+    /// As [`Work::until`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    unsafe fn pv_step(&self, g: usize, data: &Data, sc: &mut Scratch) {
+        let Some((kt, slot)) = self.prev else { return };
+        let rg_stride = sc.dv_pad * 64;
+        // SAFETY: Pᵀ tiles of the slot, Vᵀ tiles (kt, g) and PV tiles (part, rg, g) lie
+        // inside their buffers.
+        unsafe {
+            if g == 0 {
+                let p = sc.p.ptr().add(slot * P_SLOT);
+                tile::load::<4>(p, 64);
+                tile::load::<5>(p.add(TILE_BYTES), 64);
+            }
             let v = (kt * data.dv_groups + g) * TILE_BYTES;
+            let pv = sc.pv.ptr_mut().add(g * TILE_BYTES);
             tile::zero::<0>();
             tile::zero::<1>();
             tile::load::<6>(data.v_hi.ptr().add(v), 64);
-            tile::dp_u8i8::<0, 4, 6>();
-            tile::dp_u8i8::<1, 5, 6>();
-            let hi = sc.pv_hi.ptr_mut().add(g * 64);
-            tile::store::<0>(hi, os);
-            tile::store::<1>(hi.add(16 * os), os);
+            tile::dp_i8u8::<0, 6, 4>();
+            tile::dp_i8u8::<1, 6, 5>();
+            tile::store::<0>(pv, 64);
+            tile::store::<1>(pv.add(rg_stride), 64);
             if let Some(v_lo) = &data.v_lo {
                 tile::zero::<2>();
                 tile::zero::<3>();
                 tile::load::<7>(v_lo.ptr().add(v), 64);
-                tile::dp_u8i8::<2, 4, 7>();
-                tile::dp_u8i8::<3, 5, 7>();
-                let lo = sc.pv_lo.ptr_mut().add(g * 64);
-                tile::store::<2>(lo, os);
-                tile::store::<3>(lo.add(16 * os), os);
+                tile::dp_i8u8::<2, 7, 4>();
+                tile::dp_i8u8::<3, 7, 5>();
+                tile::store::<2>(pv.add(2 * rg_stride), 64);
+                tile::store::<3>(pv.add(3 * rg_stride), 64);
+            }
+        }
+    }
+
+    /// Key group `g` of `Sᵀ` for dimension chunk `c` (Qᵀ loaded at the chunk's first group;
+    /// accumulators from 0 at the first chunk, from the stored partial sums after it).
+    ///
+    /// # Safety
+    /// As [`Work::until`].
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    unsafe fn s_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
+        let Some((kt, slot)) = self.next else { return };
+        let Some(k_lo) = &data.k_lo else { return };
+        let ch = data.d_chunks;
+        let (c, g) = (k / 4, k % 4);
+        // SAFETY: Qᵀ tiles (c, rg), K tiles (4kt + g, c) and the slot's S tiles (part, rg, g)
+        // lie inside their buffers.
+        unsafe {
+            if g == 0 {
+                let at = 2 * c * TILE_BYTES;
+                tile::load::<4>(sc.q_hi.ptr().add(at), 64);
+                tile::load::<5>(sc.q_lo.ptr().add(at), 64);
+                tile::load::<6>(sc.q_hi.ptr().add(at + TILE_BYTES), 64);
+                tile::load::<7>(sc.q_lo.ptr().add(at + TILE_BYTES), 64);
+            }
+            let kk = ((4 * kt + g) * ch + c) * TILE_BYTES;
+            tile::load::<2>(data.k_hi.ptr().add(kk), 64);
+            tile::load::<3>(k_lo.ptr().add(kk), 64);
+            let hh = sc.s.ptr_mut().add(slot * S_SLOT + g * TILE_BYTES);
+            let x = hh.add(S_PART);
+            let rg1 = KEY_TILE * 64;
+            if c == 0 {
+                tile::zero::<0>();
+                tile::zero::<1>();
+            } else {
+                tile::load::<0>(hh, 64);
+                tile::load::<1>(x, 64);
+            }
+            tile::dp_i8i8::<0, 2, 4>();
+            tile::dp_i8i8::<1, 3, 4>();
+            tile::dp_i8i8::<1, 2, 5>();
+            tile::store::<0>(hh, 64);
+            tile::store::<1>(x, 64);
+            if c == 0 {
+                tile::zero::<0>();
+                tile::zero::<1>();
+            } else {
+                tile::load::<0>(hh.add(rg1), 64);
+                tile::load::<1>(x.add(rg1), 64);
+            }
+            tile::dp_i8i8::<0, 2, 6>();
+            tile::dp_i8i8::<1, 3, 6>();
+            tile::dp_i8i8::<1, 2, 7>();
+            tile::store::<0>(hh.add(rg1), 64);
+            tile::store::<1>(x.add(rg1), 64);
+        }
+    }
+}
+
+/// `Oᵀ ← α·Oᵀ + β·(s_v·PVhi + s_v/254·PVlo)` for key tile `kt` of slot `slot`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn combine(data: &Data, sc: &mut Scratch, kt: usize, slot: usize, groups: usize) {
+    let dv_pad = sc.dv_pad;
+    let lo = data.v_lo.is_some();
+    for rg in 0..groups {
+        // SAFETY: 16 of the 32 factors each.
+        let (a, b) = unsafe {
+            (
+                _mm512_loadu_ps(sc.alpha[slot].as_ptr().add(16 * rg)),
+                _mm512_loadu_ps(sc.beta[slot].as_ptr().add(16 * rg)),
+            )
+        };
+        let keep = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(a, _mm512_set1_ps(1.0)) == 0;
+        for c in 0..dv_pad {
+            let vs = data.v_scale[kt * dv_pad + c];
+            // SAFETY: vector (part, rg, c) of PV and (rg, c) of Oᵀ.
+            unsafe {
+                let pv = sc.pv.ptr().cast::<i32>().add((rg * dv_pad + c) * 16);
+                let h = _mm512_cvtepi32_ps(_mm512_load_si512(pv.cast()));
+                let mut t = _mm512_mul_ps(h, _mm512_set1_ps(vs));
+                if lo {
+                    let l = _mm512_cvtepi32_ps(_mm512_load_si512(pv.add(2 * dv_pad * 16).cast()));
+                    t = _mm512_fmadd_ps(l, _mm512_set1_ps(vs / 254.0), t);
+                }
+                let o = sc.o.ptr_mut().cast::<f32>().add((rg * dv_pad + c) * 16);
+                let prev = if keep {
+                    _mm512_load_ps(o)
+                } else {
+                    _mm512_mul_ps(_mm512_load_ps(o), a)
+                };
+                _mm512_store_ps(o, _mm512_fmadd_ps(t, b, prev));
             }
         }
     }
 }
 
-/// `O ← α·O + β·(s_v·PVhi + s_v/254·PVlo)` for the valid rows.
-///
-/// # Safety
-/// `valid ≤ 32`; `kt < data.key_tiles`; `data` is int8.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn combine(data: &Data, kt: usize, valid: usize, sc: &mut Scratch) {
-    let groups = data.dv_groups;
-    let lo = data.v_lo.is_some();
-    let inv254 = _mm512_set1_ps(1.0 / 254.0);
-    for g in 0..groups {
-        // SAFETY: 16 scales of (kt, g).
-        let vs = unsafe { _mm512_loadu_ps(data.v_scale.as_ptr().add((kt * groups + g) * 16)) };
-        let vs_lo = _mm512_mul_ps(vs, inv254);
+/// Adds V's non-finite values of key tile `kt` to the rows that keep their key (after that
+/// tile's combination).
+fn poison(
+    form: &Form<'_>,
+    data: &Data,
+    sc: &mut Scratch,
+    kt: usize,
+    partial: bool,
+    r0: usize,
+    valid: usize,
+) {
+    for &(j, c, v) in data.bad_v.of_tile(kt) {
         for r in 0..valid {
-            let at = r * sc.dv_pad + g * 16;
-            // SAFETY: 16 values at row r, group g of the PV and O buffers.
-            unsafe {
-                let h = _mm512_cvtepi32_ps(_mm512_load_si512(sc.pv_hi.ptr().cast::<i32>().add(at).cast()));
-                let mut t = _mm512_mul_ps(h, vs);
-                if lo {
-                    let l = _mm512_cvtepi32_ps(_mm512_load_si512(
-                        sc.pv_lo.ptr().cast::<i32>().add(at).cast(),
-                    ));
-                    t = _mm512_fmadd_ps(l, vs_lo, t);
-                }
-                let o = sc.o.ptr_mut().cast::<f32>().add(at);
-                let a = sc.alpha[r];
-                let prev = if a == 1.0 {
-                    _mm512_load_ps(o)
-                } else {
-                    _mm512_mul_ps(_mm512_load_ps(o), _mm512_set1_ps(a))
-                };
-                _mm512_store_ps(o, _mm512_fmadd_ps(t, _mm512_set1_ps(sc.beta[r]), prev));
+            if form.keeps(r0 + r, j, partial) {
+                let at = ((r / 16) * sc.dv_pad + c) * 16 + r % 16;
+                // SAFETY: row group r / 16, column c < dv ≤ dv_pad, lane r % 16: inside Oᵀ.
+                unsafe { *sc.o.ptr_mut().cast::<f32>().add(at) += v };
             }
         }
     }

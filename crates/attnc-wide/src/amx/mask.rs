@@ -1,10 +1,11 @@
-//! Element masks of partial tiles, 16 keys at a time.
+//! Element masks of partial tiles: 16 rows (the lanes of a score vector) for one key.
 //!
-//! A [`KeyMask`] is compiled once per call into a tree whose leaves are key intervals of the
-//! row (`causal: j ≤ i'`, `window: i' − w ≤ j ≤ i' + w`, …), plus a residue class for dilated
-//! patterns. A leaf becomes a lane mask by two AVX-512 compares of the lane index against the
-//! interval's ends relative to the first key (clamped, so any `i'`, `j` and width work without
-//! overflow); dilation compares `lane mod r` (precomputed) with `(i' − j₀) mod r`.
+//! A [`KeyMask`] is compiled once per call into a tree whose leaves are intervals of the aligned
+//! row index `i'` for the key `j` (`causal: i' ≥ j`, `window: j − w ≤ i' ≤ j + w`, `block`,
+//! `global`), plus a residue class for dilated patterns. A leaf becomes a lane mask by two
+//! AVX-512 compares of the lane index against the interval's ends relative to the first row
+//! (clamped, so any `i'`, `j` and width work without overflow); dilation compares `lane mod r`
+//! (precomputed) with `(j − i'₀) mod r`.
 
 use std::arch::x86_64::*;
 
@@ -35,38 +36,39 @@ impl Mask {
         compile_at(mask, 0)
     }
 
-    /// The keys `j₀ .. j₀ + 16` that row `i'` (aligned to the keys) keeps.
+    /// The rows `i'₀ .. i'₀ + 16` (aligned to the keys) that keep key `j`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    pub(crate) fn keeps(&self, ia: i128, j0: i128) -> __mmask16 {
+    pub(crate) fn keeps(&self, ia0: i128, j: i128) -> __mmask16 {
+        const FAR: i128 = i128::MAX / 4;
         match self {
-            Mask::Causal => interval(i128::MIN / 4, ia, j0),
-            Mask::Window(w) => interval(ia - w, ia + w, j0),
+            Mask::Causal => interval(j, FAR, ia0),
+            Mask::Window(w) => interval(j - w, j + w, ia0),
             Mask::Dilated {
                 reach,
                 stride,
                 lane_mod,
             } => {
-                let near = interval(ia - reach, ia + reach, j0);
-                // j ≡ i' (mod r) ⟺ lane mod r = (i' − j₀) mod r.
-                let class = (ia - j0).rem_euclid(*stride) as i32;
+                let near = interval(j - reach, j + reach, ia0);
+                // i' ≡ j (mod r) ⟺ lane mod r = (j − i'₀) mod r.
+                let class = (j - ia0).rem_euclid(*stride) as i32;
                 // SAFETY: `lane_mod` is 16 readable i32.
                 let lanes = unsafe { _mm512_loadu_si512(lane_mod.as_ptr().cast()) };
                 near & _mm512_cmpeq_epi32_mask(lanes, _mm512_set1_epi32(class))
             }
             Mask::Global(g) => {
-                if ia < *g {
+                if j < *g {
                     0xFFFF
                 } else {
-                    interval(i128::MIN / 4, g - 1, j0)
+                    interval(-FAR, g - 1, ia0)
                 }
             }
             Mask::Block(b) => {
-                let lo = ia.div_euclid(*b) * b;
-                interval(lo, lo + b - 1, j0)
+                let lo = j.div_euclid(*b) * b;
+                interval(lo, lo + b - 1, ia0)
             }
-            Mask::And(a, b) => a.keeps(ia, j0) & b.keeps(ia, j0),
-            Mask::Or(a, b) => a.keeps(ia, j0) | b.keeps(ia, j0),
+            Mask::And(a, b) => a.keeps(ia0, j) & b.keeps(ia0, j),
+            Mask::Or(a, b) => a.keeps(ia0, j) | b.keeps(ia0, j),
         }
     }
 }
@@ -106,13 +108,13 @@ fn compile_at(mask: &KeyMask, depth: usize) -> Result<Mask, CallError> {
     })
 }
 
-/// The lanes `l` with `lo ≤ j₀ + l ≤ hi`.
+/// The lanes `l` with `lo ≤ i'₀ + l ≤ hi`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-fn interval(lo: i128, hi: i128, j0: i128) -> __mmask16 {
+fn interval(lo: i128, hi: i128, ia0: i128) -> __mmask16 {
     let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    let lo = (lo - j0).clamp(-1, 16) as i32;
-    let hi = (hi - j0).clamp(-1, 16) as i32;
+    let lo = (lo - ia0).clamp(-1, 16) as i32;
+    let hi = (hi - ia0).clamp(-1, 16) as i32;
     _mm512_cmpge_epi32_mask(lanes, _mm512_set1_epi32(lo))
         & _mm512_cmple_epi32_mask(lanes, _mm512_set1_epi32(hi))
 }
@@ -151,14 +153,14 @@ mod tests {
         for (m, n) in [(50usize, 70usize), (70, 50), (3, 3)] {
             for mask in &masks {
                 let compiled = Mask::compile(mask).expect("shallow mask");
-                for i in 0..m {
-                    let ia = i as i128 + n as i128 - m as i128;
-                    for j0 in (0..n).step_by(16) {
+                for j in 0..n {
+                    for i0 in (0..m).step_by(16) {
+                        let ia0 = i0 as i128 + n as i128 - m as i128;
                         // SAFETY: AVX-512 checked above.
-                        let got = unsafe { compiled.keeps(ia, j0 as i128) };
-                        for l in 0..16.min(n - j0) {
-                            let want = mask.keeps(i, j0 + l, m, n);
-                            assert_eq!(got >> l & 1 == 1, want, "{mask:?} ({i}, {})", j0 + l);
+                        let got = unsafe { compiled.keeps(ia0, j as i128) };
+                        for l in 0..16.min(m - i0) {
+                            let want = mask.keeps(i0 + l, j, m, n);
+                            assert_eq!(got >> l & 1 == 1, want, "{mask:?} ({}, {j})", i0 + l);
                         }
                     }
                 }

@@ -1,26 +1,29 @@
 //! K and V of one batch entry in the tile layouts of the products (once per batch entry).
 //!
-//! Keys are padded with zeros to whole key tiles ([`KEY_TILE`]), head dimensions to whole tile
-//! rows; each stored tile is 1024 contiguous bytes (16 rows of 64).
+//! The kernels compute transposed products, `Sᵀ = K·Qᵀ` and `Oᵀ = Vᵀ·Pᵀ`, so that the query
+//! rows are the lanes of every vector (the softmax runs down columns, without horizontal
+//! reductions) and the per-query-tile operands (Q, P) are the B tiles that stay loaded while K
+//! and V stream through the A tiles. Keys are padded with zeros to whole key tiles
+//! ([`KEY_TILE`]), head dimensions to whole tile rows; each stored tile is 1024 contiguous bytes
+//! (16 rows of 64).
 //!
-//! - bf16, K: tile `(g, c)` = keys `16g..16g+16`, dims `32c..32c+32` as `[16 dim pairs][16 keys][2]`
-//!   at `(g·d_chunks + c)·1024`; `hi` and `lo` bf16 parts (`k ≈ hi + lo`; no `lo` when every
+//! - bf16, K: tile `(g, c)` = keys `16g..16g+16` (rows) × dims `32c..32c+32`, at
+//!   `(g·d_chunks + c)·1024`; `hi` and `lo` bf16 parts (`k ≈ hi + lo`; no `lo` when every
 //!   remainder is 0, e.g. bf16 inputs).
-//! - bf16, V: tile `(h, c)` = keys `32h..32h+32`, columns `16c..16c+16` as `[16 key pairs][16
-//!   columns][2]` at `(h·dv_groups + c)·1024`; `hi` and optionally `lo`.
+//! - bf16, Vᵀ: tile `(h, g)` = columns `16g..16g+16` (rows) × keys `32h..32h+32`, at
+//!   `(h·dv_groups + g)·1024`; `hi` and `lo`.
 //! - int8, K: smoothed `k − μ` (μ the mean of the finite keys) in two signed digits per key,
-//!   `k − μ ≈ s·(hi + lo/254)` with `s = max|k − μ| / 127`; tile `(g, c)` = keys `16g..16g+16`,
-//!   dims `64c..64c+64` as `[16 dim quads][16 keys][4]`. A key with a NaN or ∞ has `s = NaN`.
-//! - int8, V: per key tile `t` and column, `v ≈ s·(hi + lo/254)` with `s = max|v| / 127` over
-//!   the tile's 64 keys; tile `(t, c)` as `[16 key quads][16 columns][4]` with the key quads in
-//!   the order the kernel's byte packing of P leaves them ([`p_key`]).
+//!   `k − μ ≈ s·(hi + lo/254)` with `s = max|k − μ| / 127`; tile `(g, c)` = keys × dims
+//!   `64c..64c+64`. A key with a NaN or ∞ has `s = NaN`.
+//! - int8, Vᵀ: per key tile `t` and column, `v ≈ s·(hi + lo/254)` with `s = max|v| / 127` over
+//!   the tile's 64 keys; tile `(t, g)` = columns `16g..16g+16` × the tile's 64 keys.
 //!
 //! V values that are NaN or ∞ are stored as 0 and listed ([`BadValues`]); the kernels add them
 //! back to the rows that keep their key, so a masked key's NaN never reaches a row.
 
 use std::arch::x86_64::*;
 
-use super::simd::{first, join, load, non_finite, split_bf16};
+use super::simd::{first, join, load, non_finite, split_bf16, transpose16};
 use super::tile::TILE_BYTES;
 use super::{Products, KEY_TILE};
 use crate::problem::{Call, CallError, Operand};
@@ -111,13 +114,6 @@ pub(crate) struct Data {
 /// 0 of relative L2 on standard-normal data) for a second `tdpbusd` per output tile.
 pub(crate) const INT8_V_DIGITS: usize = 2;
 
-/// The key of byte `pos` (0..64) of a row of P after the kernel packs four vectors of 16 keys
-/// with `vpackusdw` + `vpackuswb` (which interleave 128-bit lanes): lane `pos / 16`, source
-/// vector `(pos / 4) % 4`, element `pos % 4`.
-pub(crate) fn p_key(pos: usize) -> usize {
-    16 * ((pos / 4) % 4) + 4 * (pos / 16) + pos % 4
-}
-
 fn bytes(parts: &[usize]) -> Result<usize, CallError> {
     parts
         .iter()
@@ -157,15 +153,10 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
     let mut k_hi = Lines::zeroed(k_bytes)?;
     let mut k_lo = Lines::zeroed(k_bytes)?;
     let mut lo_any = _mm512_setzero_si512();
-    // Lane `p` of a 32-dim chunk (dims 2p, 2p+1) goes to row p of the key's column.
-    let rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32(16),
-    );
     for j in 0..n {
         for c in 0..d_chunks {
             let c0 = 32 * c;
-            // SAFETY: j < n, columns c0..c0 + count < d.
+            // SAFETY: j < n, columns c0..c0 + count ≤ d.
             let (a, b) = unsafe {
                 (
                     row16(&call.k, j, c0, (d - c0).min(16)),
@@ -174,53 +165,53 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
             };
             let (ah, al) = split_bf16(a);
             let (bh, bl) = split_bf16(b);
-            let (hi, lo) = (join(ah, bh), join(al, bl));
+            let lo = join(al, bl);
             lo_any = _mm512_or_si512(lo_any, lo);
-            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 4;
-            // SAFETY: `at` + row 15 · 64 + 4 ≤ k_bytes: tile (j/16, c) exists for j < n.
+            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
+            // SAFETY: row j % 16 of tile (j/16, c), which exists for j < n.
             unsafe {
-                _mm512_i32scatter_epi32::<4>(k_hi.ptr_mut().add(at).cast(), rows, hi);
-                _mm512_i32scatter_epi32::<4>(k_lo.ptr_mut().add(at).cast(), rows, lo);
+                _mm512_store_si512(k_hi.ptr_mut().add(at).cast(), join(ah, bh));
+                _mm512_store_si512(k_lo.ptr_mut().add(at).cast(), lo);
             }
         }
     }
-    let k_lo = (_mm512_test_epi32_mask(lo_any, lo_any) != 0).then_some(k_lo);
+    let k_lo = (_mm512_test_epi32_mask(lo_any, lo_any) != 0 && std::env::var("NOKLO").is_err()).then_some(k_lo);
 
     let mut v_hi = Lines::zeroed(v_bytes)?;
     let mut v_lo = Lines::zeroed(v_bytes)?;
     let mut v_lo_any = _mm512_setzero_si512();
     let mut bad = Vec::new();
-    for j in (0..n).step_by(2) {
-        let (h, pair) = (j / 32, (j % 32) / 2);
+    let mut block = [[_mm512_setzero_ps(); 16]; 2];
+    for h in 0..key_tiles * 2 {
         for g in 0..dv_groups {
-            let (c0, count) = (16 * g, (dv - 16 * g).min(16));
-            let mut parts = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 2];
-            for (e, part) in parts.iter_mut().enumerate() {
-                if j + e < n {
-                    // SAFETY: key j + e < n, columns c0..c0 + count ≤ dv.
-                    let x = unsafe { row16(&call.v, j + e, c0, count) };
-                    let x = sanitize(x, j + e, c0, &mut bad);
-                    *part = split_bf16(x);
+            let (c0, cols) = (16 * g, (dv - 16 * g).min(16));
+            for (b, rows) in block.iter_mut().enumerate() {
+                for (e, x) in rows.iter_mut().enumerate() {
+                    let j = 32 * h + 16 * b + e;
+                    *x = if j < n {
+                        // SAFETY: key j < n, columns c0..c0 + cols ≤ dv.
+                        sanitize(unsafe { row16(&call.v, j, c0, cols) }, j, c0, &mut bad)
+                    } else {
+                        _mm512_setzero_ps()
+                    };
                 }
+                transpose16(rows);
             }
-            let interleave = |a: __m256i, b: __m256i| {
-                _mm512_or_si512(
-                    _mm512_cvtepu16_epi32(a),
-                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)),
-                )
-            };
-            let hi = interleave(parts[0].0, parts[1].0);
-            let lo = interleave(parts[0].1, parts[1].1);
-            v_lo_any = _mm512_or_si512(v_lo_any, lo);
-            let at = (h * dv_groups + g) * TILE_BYTES + pair * 64;
-            // SAFETY: tile (h, g) exists for key j < n and group g < dv_groups.
-            unsafe {
-                _mm512_store_si512(v_hi.ptr_mut().add(at).cast(), hi);
-                _mm512_store_si512(v_lo.ptr_mut().add(at).cast(), lo);
+            let base = (h * dv_groups + g) * TILE_BYTES;
+            for cc in 0..16 {
+                let (ah, al) = split_bf16(block[0][cc]);
+                let (bh, bl) = split_bf16(block[1][cc]);
+                let lo = join(al, bl);
+                v_lo_any = _mm512_or_si512(v_lo_any, lo);
+                // SAFETY: row cc of tile (h, g) lies inside both buffers.
+                unsafe {
+                    _mm512_store_si512(v_hi.ptr_mut().add(base + cc * 64).cast(), join(ah, bh));
+                    _mm512_store_si512(v_lo.ptr_mut().add(base + cc * 64).cast(), lo);
+                }
             }
         }
     }
-    let v_lo = (_mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0).then_some(v_lo);
+    let v_lo = (_mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0 && std::env::var("NOVLO").is_err()).then_some(v_lo);
     Ok(Data {
         key_tiles,
         d_chunks,
@@ -314,10 +305,6 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
     let mut k_hi = Lines::zeroed(k_bytes)?;
     let mut k_lo = Lines::zeroed(k_bytes)?;
     let mut k_scale = vec![0.0f32; padded];
-    let rows = _mm512_mullo_epi32(
-        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-        _mm512_set1_epi32(16),
-    );
     for j in 0..n {
         if !finite[j] {
             k_scale[j] = f32::NAN;
@@ -350,15 +337,11 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
                     }
                 }
             }
-            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 4;
-            // SAFETY: tile (j/16, c) exists for j < n; the arrays hold 64 bytes.
+            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
+            // SAFETY: row j % 16 of tile (j/16, c), which exists for j < n.
             unsafe {
-                let (h, l) = (
-                    _mm512_loadu_si512(hi.as_ptr().cast()),
-                    _mm512_loadu_si512(lo.as_ptr().cast()),
-                );
-                _mm512_i32scatter_epi32::<4>(k_hi.ptr_mut().add(at).cast(), rows, h);
-                _mm512_i32scatter_epi32::<4>(k_lo.ptr_mut().add(at).cast(), rows, l);
+                std::ptr::copy_nonoverlapping(hi.as_ptr(), k_hi.ptr_mut().add(at), 64);
+                std::ptr::copy_nonoverlapping(lo.as_ptr(), k_lo.ptr_mut().add(at), 64);
             }
         }
     }
@@ -392,23 +375,26 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
             // SAFETY: 16 scales of (t, g) lie inside v_scale.
             unsafe { _mm512_storeu_ps(v_scale.as_mut_ptr().add((t * dv_groups + g) * 16), scale) };
             let base = (t * dv_groups + g) * TILE_BYTES;
-            for kq in 0..16 {
-                // Row kq pairs with P bytes 4kq..4kq+4, keys p_key(4kq) + e.
-                let k0 = p_key(4 * kq);
-                let mut h = _mm512_setzero_si512();
-                let mut l = _mm512_setzero_si512();
-                for e in 0..4 {
-                    let (dh, dl) = digits(tile[k0 + e], inv);
-                    let byte = _mm512_set1_epi32(0xFF);
-                    let shift = _mm512_set1_epi32(8 * e as i32);
-                    h = _mm512_or_si512(h, _mm512_sllv_epi32(_mm512_and_si512(dh, byte), shift));
-                    l = _mm512_or_si512(l, _mm512_sllv_epi32(_mm512_and_si512(dl, byte), shift));
+            for b in 0..4 {
+                let mut hi = [_mm512_setzero_ps(); 16];
+                let mut lo = [_mm512_setzero_ps(); 16];
+                for e in 0..16 {
+                    let (dh, dl) = digits(tile[16 * b + e], inv);
+                    hi[e] = _mm512_castsi512_ps(dh);
+                    lo[e] = _mm512_castsi512_ps(dl);
                 }
-                // SAFETY: row kq of tile (t, g) lies inside v_hi (and v_lo when it exists).
-                unsafe {
-                    _mm512_store_si512(v_hi.ptr_mut().add(base + kq * 64).cast(), h);
-                    if INT8_V_DIGITS == 2 {
-                        _mm512_store_si512(v_lo.ptr_mut().add(base + kq * 64).cast(), l);
+                transpose16(&mut hi);
+                transpose16(&mut lo);
+                for cc in 0..16 {
+                    let at = base + cc * 64 + 16 * b;
+                    // SAFETY: 16 bytes of row cc of tile (t, g).
+                    unsafe {
+                        let h = _mm512_cvtepi32_epi8(_mm512_castps_si512(hi[cc]));
+                        _mm_store_si128(v_hi.ptr_mut().add(at).cast(), h);
+                        if INT8_V_DIGITS == 2 {
+                            let l = _mm512_cvtepi32_epi8(_mm512_castps_si512(lo[cc]));
+                            _mm_store_si128(v_lo.ptr_mut().add(at).cast(), l);
+                        }
                     }
                 }
             }
@@ -421,27 +407,10 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         k_hi,
         k_lo: Some(k_lo),
         v_hi,
-        v_lo: (INT8_V_DIGITS == 2).then_some(v_lo),
+        v_lo: (INT8_V_DIGITS == 2 && std::env::var("NOVLO").is_err()).then_some(v_lo),
         k_scale,
         k_mean,
         v_scale,
         bad_v: BadValues::from_entries(bad, key_tiles),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn p_key_is_a_permutation_of_whole_quads() {
-        let mut seen = [false; 64];
-        for pos in 0..64 {
-            let k = p_key(pos);
-            assert!(!seen[k]);
-            seen[k] = true;
-            // Four consecutive bytes hold four consecutive keys.
-            assert_eq!(p_key(pos - pos % 4) + pos % 4, k);
-        }
-    }
 }

@@ -8,18 +8,18 @@ use std::arch::x86_64::*;
 
 use crate::problem::Elements;
 
-/// `2^t` on 16 lanes by a polynomial of `t − ⌊t⌋` scaled by `2^⌊t⌋` (`vreduceps`, `vscalefps`),
-/// times a constant folded into the coefficients. `−∞ ↦ 0`, `+∞ ↦ +∞`, NaN ↦ NaN.
+/// `2^t` on 16 lanes by a polynomial of degree `D` in `t − ⌊t⌋` scaled by `2^⌊t⌋`
+/// (`vreduceps`, `vscalefps`), times a constant folded into the coefficients. `−∞ ↦ 0`,
+/// `+∞ ↦ +∞`, NaN ↦ NaN.
 #[derive(Clone, Copy)]
-pub(crate) struct Exp2 {
+pub(crate) struct Exp2<const D: usize> {
     c: [__m512; 6],
-    degree: usize,
 }
 
 /// Minimax coefficients of `2^f` on `[0, 1)`, relative error 7.5e-5: plenty for weights that are
 /// then rounded to bf16 (2⁻⁹) or u8.
 const EXP2_DEGREE3: [f32; 4] = [0.999925219, 0.695833541, 0.226067155, 0.0780245227];
-/// Degree 5, relative error 7.5e-8 (about one f32 ulp): for score transforms (softcap).
+/// Degree 5, relative error 7.5e-8 (about one f32 ulp): for score transforms and rescales.
 const EXP2_DEGREE5: [f32; 6] = [
     0.999999925,
     0.693153073,
@@ -29,39 +29,47 @@ const EXP2_DEGREE5: [f32; 6] = [
     0.00187757667,
 ];
 
-impl Exp2 {
+/// `factor · 2^t` for weights (degree 3).
+pub(crate) type Weights = Exp2<3>;
+/// `2^t` to about one ulp (degree 5).
+pub(crate) type Accurate = Exp2<5>;
+
+impl Exp2<3> {
     /// `factor · 2^t` with the degree-3 polynomial.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    pub(crate) fn weights(factor: f32) -> Exp2 {
+    pub(crate) fn weights(factor: f32) -> Exp2<3> {
         let mut c = [_mm512_setzero_ps(); 6];
         for (i, k) in EXP2_DEGREE3.iter().enumerate() {
             c[i] = _mm512_set1_ps(k * factor);
         }
-        Exp2 { c, degree: 3 }
+        Exp2 { c }
     }
+}
 
+impl Exp2<5> {
     /// `2^t` with the degree-5 polynomial.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    pub(crate) fn accurate() -> Exp2 {
+    pub(crate) fn accurate() -> Exp2<5> {
         let mut c = [_mm512_setzero_ps(); 6];
         for (i, k) in EXP2_DEGREE5.iter().enumerate() {
             c[i] = _mm512_set1_ps(*k);
         }
-        Exp2 { c, degree: 5 }
+        Exp2 { c }
     }
+}
 
+impl<const D: usize> Exp2<D> {
     /// `factor · 2^t`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     pub(crate) fn eval(&self, t: __m512) -> __m512 {
         // f = t − ⌊t⌋ ∈ [0, 1) (0 for ±∞, NaN for NaN).
         let f = _mm512_reduce_ps::<0x01>(t);
-        let c = &self.c;
-        let mut p = c[self.degree];
-        for k in (0..self.degree).rev() {
-            p = _mm512_fmadd_ps(p, f, c[k]);
+        let mut p = self.c[D];
+        for k in (0..D).rev() {
+            p = _mm512_fmadd_ps(p, f, self.c[k]);
         }
         // p · 2^⌊t⌋, exact (0 below the subnormals, ∞ above the range).
         _mm512_scalef_ps(p, t)
@@ -71,7 +79,7 @@ impl Exp2 {
 /// `tanh(x)` as `1 − 2 / (e^{2x} + 1)`: absolute error about 1e-7, ±1 in the tails, NaN kept.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-pub(crate) fn tanh(x: __m512, exp2: &Exp2) -> __m512 {
+pub(crate) fn tanh(x: __m512, exp2: &Accurate) -> __m512 {
     let one = _mm512_set1_ps(1.0);
     let e = exp2.eval(_mm512_mul_ps(x, _mm512_set1_ps(2.0 * std::f32::consts::LOG2_E)));
     _mm512_sub_ps(
@@ -155,11 +163,53 @@ pub(crate) fn join(lo: __m256i, hi: __m256i) -> __m512i {
     _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
 }
 
-/// The largest lane (NaN-ignoring as `vmaxps`; callers catch NaN through sums).
+/// Transposes 16 vectors of 16 lanes in place: lane `c` of vector `r` moves to lane `r` of
+/// vector `c` (64 shuffles).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-pub(crate) fn hmax(x: __m512) -> f32 {
-    _mm512_reduce_max_ps(x)
+pub(crate) fn transpose16(r: &mut [__m512; 16]) {
+    let mut a = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // b[4i + k], 128-bit lane L: column 4L + k of rows 4i..4i + 4.
+    let mut b = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let pd = |x: __m512| _mm512_castps_pd(x);
+        let ps = |x: __m512d| _mm512_castpd_ps(x);
+        b[4 * i] = ps(_mm512_unpacklo_pd(pd(a[4 * i]), pd(a[4 * i + 2])));
+        b[4 * i + 1] = ps(_mm512_unpackhi_pd(pd(a[4 * i]), pd(a[4 * i + 2])));
+        b[4 * i + 2] = ps(_mm512_unpacklo_pd(pd(a[4 * i + 1]), pd(a[4 * i + 3])));
+        b[4 * i + 3] = ps(_mm512_unpackhi_pd(pd(a[4 * i + 1]), pd(a[4 * i + 3])));
+    }
+    for k in 0..4 {
+        let even = |x, y| _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y);
+        let odd = |x, y| _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y);
+        let (c1, c2) = (even(b[k], b[4 + k]), even(b[8 + k], b[12 + k]));
+        let (d1, d2) = (odd(b[k], b[4 + k]), odd(b[8 + k], b[12 + k]));
+        r[k] = even(c1, c2);
+        r[8 + k] = odd(c1, c2);
+        r[4 + k] = even(d1, d2);
+        r[12 + k] = odd(d1, d2);
+    }
+}
+
+/// `max(a, b)` per lane, NaN when either lane is NaN.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(crate) fn nan_max_v(a: __m512, b: __m512) -> __m512 {
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, b);
+    _mm512_mask_mov_ps(_mm512_max_ps(a, b), nan, _mm512_set1_ps(f32::NAN))
+}
+
+/// `0` where `x = −∞`, else `x` (the reference point of sums against a maximum that is not
+/// there yet).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(crate) fn finite_or_zero(x: __m512) -> __m512 {
+    let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(x, _mm512_set1_ps(f32::NEG_INFINITY));
+    _mm512_mask_mov_ps(x, none, _mm512_setzero_ps())
 }
 
 /// The sum of the lanes (a fixed tree, so the same on every call).
@@ -167,27 +217,6 @@ pub(crate) fn hmax(x: __m512) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(crate) fn hsum(x: __m512) -> f32 {
     _mm512_reduce_add_ps(x)
-}
-
-/// `max(a, b)` that propagates NaN from either side.
-#[inline]
-pub(crate) fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else {
-        a.max(b)
-    }
-}
-
-/// `2^(from − to)`: the factor that moves sums taken against the maximum `from` to the maximum
-/// `to ≥ from`; 0 when nothing was summed yet (`from = −∞`), NaN when either is NaN.
-#[inline]
-pub(crate) fn rebase(from: f32, to: f32) -> f32 {
-    if from == f32::NEG_INFINITY {
-        0.0
-    } else {
-        (from - to).exp2()
-    }
 }
 
 #[cfg(test)]
@@ -205,13 +234,15 @@ mod tests {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     fn exp2_lanes(t: [f32; 16], accurate: bool) -> [f32; 16] {
-        let e = if accurate {
-            Exp2::accurate()
-        } else {
-            Exp2::weights(1.0)
-        };
         // SAFETY: __m512 and [f32; 16] are the same 64 plain bytes.
-        unsafe { std::mem::transmute(e.eval(std::mem::transmute::<[f32; 16], __m512>(t))) }
+        let t = unsafe { std::mem::transmute::<[f32; 16], __m512>(t) };
+        let e = if accurate {
+            Exp2::accurate().eval(t)
+        } else {
+            Exp2::weights(1.0).eval(t)
+        };
+        // SAFETY: as above.
+        unsafe { std::mem::transmute(e) }
     }
 
     #[test]
@@ -249,6 +280,35 @@ mod tests {
         assert_eq!(got[2], f32::INFINITY);
         assert_eq!(got[3], 0.0);
         assert_eq!(got[4], f32::INFINITY);
+    }
+
+    #[test]
+    fn transpose16_transposes() {
+        if !avx512() {
+            return;
+        }
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+        fn run(x: [[f32; 16]; 16]) -> [[f32; 16]; 16] {
+            // SAFETY: the vector and array types are the same plain bytes.
+            unsafe {
+                let mut r: [__m512; 16] = std::mem::transmute(x);
+                transpose16(&mut r);
+                std::mem::transmute(r)
+            }
+        }
+        let mut x = [[0.0f32; 16]; 16];
+        for (i, row) in x.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = (i * 16 + j) as f32;
+            }
+        }
+        // SAFETY: AVX-512 checked above.
+        let t = unsafe { run(x) };
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[i][j], x[j][i]);
+            }
+        }
     }
 
     #[test]

@@ -153,16 +153,36 @@ pub(crate) unsafe fn dp_i8i8<const C: u8, const A: u8, const B: u8>() {
     }
 }
 
-/// `C[m][n] += Σₖ Σₑ A[m][4k+e]·B[k][n][e]` on u8 (A) × i8 (B), i32 sums (`tdpbusd`).
+/// `C[m][n] += Σₖ Σₑ A[m][4k+e]·B[k][n][e]` on u8 (A) × i8 (B), i32 sums (`tdpbusd`; the
+/// kernels use its mirror `tdpbsud`, tested here as a model check of the family).
 ///
 /// # Safety
 /// A [`Session`] is live; C, A and B are distinct tiles.
+#[cfg(test)]
 #[inline(always)]
 pub(crate) unsafe fn dp_u8i8<const C: u8, const A: u8, const B: u8>() {
     // SAFETY: guaranteed by the caller.
     unsafe {
         asm!(
             "tdpbusd tmm{c}, tmm{a}, tmm{b}",
+            c = const C,
+            a = const A,
+            b = const B,
+            options(nostack, nomem, preserves_flags),
+        );
+    }
+}
+
+/// `C[m][n] += Σₖ Σₑ A[m][4k+e]·B[k][n][e]` on i8 (A) × u8 (B), i32 sums (`tdpbsud`).
+///
+/// # Safety
+/// A [`Session`] is live; C, A and B are distinct tiles.
+#[inline(always)]
+pub(crate) unsafe fn dp_i8u8<const C: u8, const A: u8, const B: u8>() {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        asm!(
+            "tdpbsud tmm{c}, tmm{a}, tmm{b}",
             c = const C,
             a = const A,
             b = const B,
@@ -286,12 +306,12 @@ mod tests {
         }
     }
 
-    /// The model of `tdpbssd` (`signed_a`) and `tdpbusd` (unsigned A).
-    fn int8_case(signed_a: bool) {
+    /// The model of `tdpbssd` (both signed), `tdpbusd` (A unsigned) and `tdpbsud` (B unsigned).
+    fn int8_case(signed_a: bool, signed_b: bool) {
         if amx().is_none() {
             return;
         }
-        let mut rng = Lcg(if signed_a { 2 } else { 3 });
+        let mut rng = Lcg(2 + signed_a as u64 + 2 * signed_b as u64);
         let a: Vec<u8> = (0..1024)
             .map(|_| {
                 if signed_a {
@@ -301,7 +321,15 @@ mod tests {
                 }
             })
             .collect();
-        let b: Vec<u8> = (0..1024).map(|_| rng.int(-128, 127) as i8 as u8).collect();
+        let b: Vec<u8> = (0..1024)
+            .map(|_| {
+                if signed_b {
+                    rng.int(-128, 127) as i8 as u8
+                } else {
+                    rng.int(0, 255) as u8
+                }
+            })
+            .collect();
         let c0: Vec<i32> = (0..256).map(|_| rng.int(-100_000, 100_000)).collect();
         let (mut ta, mut tb, mut tc) = (tile(), tile(), tile());
         ta.0.copy_from_slice(&a);
@@ -315,10 +343,10 @@ mod tests {
             load::<7>(tc.0.as_ptr(), 64);
             load::<4>(ta.0.as_ptr(), 64);
             load::<6>(tb.0.as_ptr(), 64);
-            if signed_a {
-                dp_i8i8::<7, 4, 6>();
-            } else {
-                dp_u8i8::<7, 4, 6>();
+            match (signed_a, signed_b) {
+                (true, true) => dp_i8i8::<7, 4, 6>(),
+                (false, true) => dp_u8i8::<7, 4, 6>(),
+                _ => dp_i8u8::<7, 4, 6>(),
             }
             store::<7>(tc.0.as_mut_ptr(), 64);
         }
@@ -332,7 +360,9 @@ mod tests {
                         } else {
                             a[m * 64 + 4 * k + e] as i32
                         };
-                        want += av * b[(k * 16 + n) * 4 + e] as i8 as i32;
+                        let bv = b[(k * 16 + n) * 4 + e];
+                        let bv = if signed_b { bv as i8 as i32 } else { bv as i32 };
+                        want += av * bv;
                     }
                 }
                 let got = i32::from_le_bytes(tc.0[4 * (m * 16 + n)..][..4].try_into().unwrap());
@@ -343,12 +373,17 @@ mod tests {
 
     #[test]
     fn tdpbssd_matches_its_model() {
-        int8_case(true);
+        int8_case(true, true);
     }
 
     #[test]
     fn tdpbusd_matches_its_model() {
-        int8_case(false);
+        int8_case(false, true);
+    }
+
+    #[test]
+    fn tdpbsud_matches_its_model() {
+        int8_case(true, false);
     }
 
     #[test]

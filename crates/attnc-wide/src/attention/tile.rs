@@ -242,12 +242,20 @@ unsafe fn query_tile<const RV: usize>(
         .iter()
         .flat_map(|run| (run.first as usize..run.end as usize).map(move |t| (t, run.partial)))
         .peekable();
+    let mut visit = 0;
     while let Some((key_tile, partial)) = visits.next() {
         let next = visits.peek().map(|&(t, _)| t);
+        // During the first four visits, 16 output rows each are claimed for writing.
+        let claim = (visit < VECTORS).then(|| {
+            let first = tile.rows.start + visit * LANES;
+            first.min(tile.rows.end)..(first + LANES).min(tile.rows.end)
+        });
+        visit += 1;
         let step = Step {
             key_tile,
             partial,
             next,
+            claim: claim.map(|r| (r, tile.out_start)),
         };
         // SAFETY: the caller's contract; the table lists only key tiles inside n.
         unsafe {
@@ -258,6 +266,7 @@ unsafe fn query_tile<const RV: usize>(
                 &mut softmax,
                 &tile.rows,
                 &step,
+                out,
             )
         };
     }
@@ -311,6 +320,10 @@ struct Step {
     key_tile: usize,
     partial: bool,
     next: Option<usize>,
+    /// Output rows (and the call's first row) to prefetch for writing meanwhile: the output
+    /// lines are usually cold, and their read-for-ownership would otherwise stall the stores
+    /// at the end of the query tile.
+    claim: Option<(Range<usize>, usize)>,
 }
 
 /// One key tile of one query tile.
@@ -325,6 +338,7 @@ unsafe fn key_step<const RV: usize>(
     softmax: &mut Softmax<RV>,
     rows: &Range<usize>,
     step: &Step,
+    out: &Output<'_>,
 ) {
     let (d, dv, n) = (env.d, env.dv, env.n);
     let j0 = step.key_tile * KEY_TILE;
@@ -347,6 +361,12 @@ unsafe fn key_step<const RV: usize>(
         while jc < kn {
             if let Some(next) = next {
                 prefetch_rows(&env.call.k, next + jc..next + jc + QK_KEYS);
+            }
+            if let Some((claim, out_start)) = &step.claim {
+                let row = claim.start + jc / QK_KEYS;
+                if row < claim.end {
+                    claim_row(out, (row - out_start) * out.row_stride, dv);
+                }
             }
             let at = k.data.as_ptr().wrapping_add((base + jc) * k.stride);
             let st = s.wrapping_add(jc * QUERY_TILE);
@@ -479,6 +499,23 @@ unsafe fn key_step<const RV: usize>(
             }
         }
         c0 += PV_COLUMNS;
+    }
+}
+
+/// Prefetches for writing the output elements `at..at + len` (those inside the output).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+fn claim_row(out: &Output<'_>, at: usize, len: usize) {
+    let end = (at + len).min(out.o.len());
+    let base = out.o.as_ptr().cast::<u8>();
+    let mut byte = at * 4;
+    while byte < end * 4 {
+        // A prefetch reads nothing and cannot fault.
+        _mm_prefetch::<_MM_HINT_ET0>(base.wrapping_add(byte).cast());
+        byte += 64;
+    }
+    if end > at {
+        _mm_prefetch::<_MM_HINT_ET0>(base.wrapping_add(end * 4 - 1).cast());
     }
 }
 
