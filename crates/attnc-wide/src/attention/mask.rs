@@ -247,9 +247,11 @@ impl MaskProgram {
                 Step::And | Step::Or => {
                     let (lower, upper) = buffers.stack.split_at_mut(live - 1);
                     let (a, b) = (&mut lower[live - 2], &upper[0]);
-                    let and = matches!(step, Step::And);
-                    for (x, y) in a[..count * VECTORS].iter_mut().zip(&b[..count * VECTORS]) {
-                        *x = if and { *x & *y } else { *x | *y };
+                    let pairs = a[..count * VECTORS].iter_mut().zip(&b[..count * VECTORS]);
+                    if matches!(step, Step::And) {
+                        pairs.for_each(|(x, y)| *x &= *y);
+                    } else {
+                        pairs.for_each(|(x, y)| *x |= *y);
                     }
                     live -= 1;
                 }
@@ -297,7 +299,7 @@ fn fill(
             *r = unsafe { _mm512_loadu_si512(table.as_ptr().add(v * LANES).cast()) };
         }
     }
-    for f in 0..count {
+    for (f, out) in out.chunks_exact_mut(VECTORS).take(count).enumerate() {
         let kept = leaf.kept(axis, at(f));
         let lo = _mm512_set1_epi32(relative(kept.lo, base));
         let hi = _mm512_set1_epi32(relative(kept.hi, base));
@@ -312,13 +314,18 @@ fn fill(
         } else {
             _mm512_setzero_si512()
         };
-        for v in 0..vectors {
-            let mut k = _mm512_cmpge_epi32_mask(lane_index[v], lo);
-            k = _mm512_mask_cmple_epi32_mask(k, lane_index[v], hi);
+        for ((o, &index), &lane_residue) in out
+            .iter_mut()
+            .zip(&lane_index)
+            .zip(&lane_residue)
+            .take(vectors)
+        {
+            let mut k = _mm512_cmpge_epi32_mask(index, lo);
+            k = _mm512_mask_cmple_epi32_mask(k, index, hi);
             if kept.stride > 0 {
-                k = _mm512_mask_cmpeq_epi32_mask(k, lane_residue[v], residue);
+                k = _mm512_mask_cmpeq_epi32_mask(k, lane_residue, residue);
             }
-            out[f * VECTORS + v] = k;
+            *o = k;
         }
     }
 }

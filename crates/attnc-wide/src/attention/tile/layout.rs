@@ -57,6 +57,18 @@ pub(in super::super) unsafe fn pack_q<E: Widen>(
     qt: &mut [f32],
 ) {
     let s = _mm512_set1_ps(scale);
+    // Every line of the rows first, in address order: the transposes below read them in
+    // column blocks, which the hardware prefetchers do not follow.
+    let row_bytes = d * std::mem::size_of::<E>();
+    for i in rows.clone() {
+        let row = q.wrapping_add(i * stride).cast::<u8>();
+        let mut at = 0;
+        while at < row_bytes {
+            // A prefetch reads nothing and cannot fault.
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(at).cast());
+            at += 64;
+        }
+    }
     for block in 0..QUERY_TILE / LANES {
         let first = rows.start + block * LANES;
         let count = rows.end.saturating_sub(first).min(LANES);
