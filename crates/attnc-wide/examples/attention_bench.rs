@@ -300,7 +300,7 @@ fn stream_read(k: &Kv, v: &Kv, t: usize, runs: usize) -> f64 {
         lanes.iter().fold(tail, |x, &y| x ^ y)
     }
     #[cfg(not(target_arch = "x86_64"))]
-    fn fold(bytes: &[u8]) -> u64 {
+    unsafe fn fold(bytes: &[u8]) -> u64 {
         bytes.iter().map(|&b| b as u64).sum()
     }
     let once = || {
