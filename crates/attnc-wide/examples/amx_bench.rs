@@ -122,7 +122,8 @@ fn once(
         all.into_iter().map(|e| e.1).collect()
     });
     let tiles_per_head = n.div_ceil(QUERY_TILE);
-    let mut items: Vec<Vec<(usize, usize, &mut [f32])>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut items: Vec<Vec<(usize, usize, &mut [f32])>> =
+        (0..threads).map(|_| Vec::new()).collect();
     for (idx, chunk) in o.chunks_mut(QUERY_TILE * D).enumerate() {
         let (h, t) = (idx / tiles_per_head, idx % tiles_per_head);
         items[idx % threads].push((h, t, chunk));
@@ -212,7 +213,13 @@ fn main() {
             // Error of the last run on head 0, rows 0..64, against the f64 reference.
             let sample = 64;
             let sub = match w.window {
-                Some(_) => TileTable::enumerate(w.mask.as_ref().expect("mask"), sample, n, QUERY_TILE, KEY_TILE),
+                Some(_) => TileTable::enumerate(
+                    w.mask.as_ref().expect("mask"),
+                    sample,
+                    n,
+                    QUERY_TILE,
+                    KEY_TILE,
+                ),
                 None => TileTable::dense(sample, n, QUERY_TILE, KEY_TILE),
             };
             let mut c = call(w, 0, &q, &k, &v, &tiles);
@@ -227,9 +234,16 @@ fn main() {
             c.tiles = &sub;
             let (want, _) = reference(&c);
             let got = &o[(n - sample) * D..n * D];
-            let num: f64 = got.iter().zip(&want).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+            let num: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum();
             let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
-            println!("{label:<40} relative L2 error (head 0, last {sample} rows): {:.2e}", (num / den).sqrt());
+            println!(
+                "{label:<40} relative L2 error (head 0, last {sample} rows): {:.2e}",
+                (num / den).sqrt()
+            );
         }
     }
 }

@@ -30,8 +30,6 @@ use crate::problem::{Call, CallError, Output};
 
 /// Bytes of one S slot (`hh` then `cross`, each `[2 row groups][64 keys][16 rows]`) and one
 /// Pᵀ slot (2 tiles).
-static NOAVX: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("NOAVX").is_ok());
-static NOAMX: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| std::env::var("NOAMX").is_ok());
 const S_PART: usize = 2 * KEY_TILE * 64;
 const S_SLOT: usize = 2 * S_PART;
 const P_SLOT: usize = 2 * TILE_BYTES;
@@ -112,7 +110,11 @@ unsafe fn query_tile(
     let r0 = qt * QUERY_TILE;
     let valid = (call.m() - r0).min(QUERY_TILE);
     let groups = valid.div_ceil(16);
-    debug_assert!(call.tiles.runs(qt).iter().all(|r| r.end as usize <= data.key_tiles));
+    debug_assert!(call
+        .tiles
+        .runs(qt)
+        .iter()
+        .all(|r| r.end as usize <= data.key_tiles));
     // SAFETY: rows r0..r0 + valid exist; the buffers were sized for the call.
     unsafe {
         convert_q(call, data, form.scale, r0, valid, sc);
@@ -146,16 +148,15 @@ unsafe fn query_tile(
         for rg in 0..groups {
             let i0 = r0 + 16 * rg;
             let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
-            for sb in 0..4 {
+            for (sb, mx) in mx.iter_mut().enumerate() {
                 unsafe {
-                    let m = if *NOAVX { _mm512_setzero_ps() } else if plain {
+                    *mx = if plain {
                         scores::<true>(form, sc, ks, slot, rg, i0, j0, sb, false)
                     } else {
                         scores::<false>(form, sc, ks, slot, rg, i0, j0, sb, partial)
                     };
-                    mx[sb] = m;
                     let step = (rg * 8 + sb + 1) * work.steps / (8 * groups);
-                    if !*NOAMX { done = work.until(step, done, data, sc); }
+                    done = work.until(step, done, data, sc);
                 }
             }
             let mx = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
@@ -169,18 +170,18 @@ unsafe fn query_tile(
             let mut sum = _mm512_setzero_ps();
             for sb in 0..4 {
                 unsafe {
-                    let s = if *NOAVX { _mm512_setzero_ps() } else { weights(exp2, sc, slot, rg, sb, plain, f2, _mm512_sub_ps(s2, bu), bu) };
+                    let s = weights(exp2, sc, slot, rg, sb, plain, f2, _mm512_sub_ps(s2, bu), bu);
                     sum = _mm512_add_ps(sum, s);
                     let step = (rg * 8 + 4 + sb + 1) * work.steps / (8 * groups);
-                    if !*NOAMX { done = work.until(step, done, data, sc); }
+                    done = work.until(step, done, data, sc);
                 }
             }
             update(sc, &mut st, slot, rg, block, sum);
         }
         // SAFETY: as above.
-        if !*NOAMX { unsafe { work.finish(done, data, sc) }; }
+        unsafe { work.finish(done, data, sc) };
         if let Some((k, p, s)) = prev {
-            if !*NOAVX { combine(data, sc, k, s, groups); }
+            combine(data, sc, k, s, groups);
             poison(form, data, sc, k, p, r0, valid);
         }
         prev = Some((kt, partial, slot));
@@ -294,7 +295,11 @@ unsafe fn convert_q(
             }
         }
         let finite = bad == 0;
-        sc.q_factor[r] = if finite { amax / 127.0 * scale } else { f32::NAN };
+        sc.q_factor[r] = if finite {
+            amax / 127.0 * scale
+        } else {
+            f32::NAN
+        };
         sc.q_shift[r] = if finite { scale * hsum(dot) } else { f32::NAN };
     }
 }
@@ -321,7 +326,10 @@ unsafe fn scores<const PLAIN: bool>(
 ) -> __m512 {
     let inv254 = _mm512_set1_ps(1.0 / 254.0);
     // SAFETY: keys 16sb.. of row group rg in the slot's two parts.
-    let hh = unsafe { sc.s.ptr_mut().add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64) };
+    let hh = unsafe {
+        sc.s.ptr_mut()
+            .add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64)
+    };
     let xx = unsafe { hh.add(S_PART) };
     let (factor, shift) = if PLAIN {
         (_mm512_setzero_ps(), _mm512_setzero_ps())
@@ -340,7 +348,10 @@ unsafe fn scores<const PLAIN: bool>(
         unsafe {
             let h = _mm512_cvtepi32_ps(_mm512_load_si512(hh.add(64 * e).cast()));
             let c = _mm512_cvtepi32_ps(_mm512_load_si512(xx.add(64 * e).cast()));
-            let y = _mm512_mul_ps(_mm512_fmadd_ps(c, inv254, h), _mm512_set1_ps(*ks.add(16 * sb + e)));
+            let y = _mm512_mul_ps(
+                _mm512_fmadd_ps(c, inv254, h),
+                _mm512_set1_ps(*ks.add(16 * sb + e)),
+            );
             let x = if PLAIN {
                 y
             } else {
@@ -377,8 +388,11 @@ unsafe fn weights(
     // SAFETY: keys 16sb.. of row group rg in the slot; rows 4sb.. of Pᵀ tile rg.
     let (src, dst) = unsafe {
         (
-            sc.s.ptr().add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64).cast::<f32>(),
-            sc.p.ptr_mut().add(slot * P_SLOT + rg * TILE_BYTES + 4 * sb * 64),
+            sc.s.ptr()
+                .add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64)
+                .cast::<f32>(),
+            sc.p.ptr_mut()
+                .add(slot * P_SLOT + rg * TILE_BYTES + 4 * sb * 64),
         )
     };
     // Within each 128-bit block, bytes [k0 r0..r3, k1 r0..r3, k2 …, k3 …] → [r0 k0..k3, r1 …].
@@ -404,7 +418,10 @@ unsafe fn weights(
         );
         // SAFETY: row 4sb + quad of the Pᵀ tile.
         unsafe {
-            _mm512_store_si512(dst.add(quad * 64).cast(), _mm512_shuffle_epi8(bytes, transpose4));
+            _mm512_store_si512(
+                dst.add(quad * 64).cast(),
+                _mm512_shuffle_epi8(bytes, transpose4),
+            );
         }
     }
     sum
@@ -421,7 +438,11 @@ fn update(sc: &mut Scratch, st: &mut RowState, slot: usize, rg: usize, block: __
     let mu = finite_or_zero(new);
     let exp2 = Exp2::accurate();
     let none = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old, ninf);
-    let alpha = _mm512_mask_mov_ps(exp2.eval(_mm512_sub_ps(old, new)), none, _mm512_setzero_ps());
+    let alpha = _mm512_mask_mov_ps(
+        exp2.eval(_mm512_sub_ps(old, new)),
+        none,
+        _mm512_setzero_ps(),
+    );
     let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(block, ninf);
     let beta = _mm512_mul_ps(
         exp2.eval(_mm512_sub_ps(block, mu)),

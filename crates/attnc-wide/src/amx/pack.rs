@@ -160,7 +160,12 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
             let (a, b) = unsafe {
                 (
                     row16(&call.k, j, c0, (d - c0).min(16)),
-                    row16(&call.k, j, (c0 + 16).min(d), d.saturating_sub(c0 + 16).min(16)),
+                    row16(
+                        &call.k,
+                        j,
+                        (c0 + 16).min(d),
+                        d.saturating_sub(c0 + 16).min(16),
+                    ),
                 )
             };
             let (ah, al) = split_bf16(a);
@@ -175,7 +180,7 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
             }
         }
     }
-    let k_lo = (_mm512_test_epi32_mask(lo_any, lo_any) != 0 && std::env::var("NOKLO").is_err()).then_some(k_lo);
+    let k_lo = (_mm512_test_epi32_mask(lo_any, lo_any) != 0).then_some(k_lo);
 
     let mut v_hi = Lines::zeroed(v_bytes)?;
     let mut v_lo = Lines::zeroed(v_bytes)?;
@@ -198,9 +203,9 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
                 transpose16(rows);
             }
             let base = (h * dv_groups + g) * TILE_BYTES;
-            for cc in 0..16 {
-                let (ah, al) = split_bf16(block[0][cc]);
-                let (bh, bl) = split_bf16(block[1][cc]);
+            for (cc, (a, b)) in block[0].iter().zip(&block[1]).enumerate() {
+                let (ah, al) = split_bf16(*a);
+                let (bh, bl) = split_bf16(*b);
                 let lo = join(al, bl);
                 v_lo_any = _mm512_or_si512(v_lo_any, lo);
                 // SAFETY: row cc of tile (h, g) lies inside both buffers.
@@ -211,7 +216,7 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
             }
         }
     }
-    let v_lo = (_mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0 && std::env::var("NOVLO").is_err()).then_some(v_lo);
+    let v_lo = (_mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0).then_some(v_lo);
     Ok(Data {
         key_tiles,
         d_chunks,
@@ -278,15 +283,15 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
     let mut finite = vec![true; n];
     let mut count = 0usize;
     let mut row = vec![_mm512_setzero_ps(); d16];
-    for j in 0..n {
+    for (j, finite) in finite.iter_mut().enumerate() {
         let mut bad = 0;
         for (b, r) in row.iter_mut().enumerate() {
             // SAFETY: key j < n, columns 16b..16b + count ≤ d.
             *r = unsafe { row16(&call.k, j, 16 * b, (d - 16 * b).min(16)) };
             bad |= non_finite(*r);
         }
-        finite[j] = bad == 0;
-        if finite[j] {
+        *finite = bad == 0;
+        if *finite {
             count += 1;
             for (b, r) in row.iter().enumerate() {
                 // SAFETY: __m512 is 16 plain f32.
@@ -299,7 +304,13 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
     }
     let k_mean: Vec<f32> = sum
         .iter()
-        .map(|s| if count > 0 { (s / count as f64) as f32 } else { 0.0 })
+        .map(|s| {
+            if count > 0 {
+                (s / count as f64) as f32
+            } else {
+                0.0
+            }
+        })
         .collect();
 
     let mut k_hi = Lines::zeroed(k_bytes)?;
@@ -332,8 +343,14 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
                     let (h, l) = digits(row[b], inv);
                     // SAFETY: 16 bytes at 16q of 64-byte arrays.
                     unsafe {
-                        _mm_storeu_si128(hi.as_mut_ptr().add(16 * q).cast(), _mm512_cvtepi32_epi8(h));
-                        _mm_storeu_si128(lo.as_mut_ptr().add(16 * q).cast(), _mm512_cvtepi32_epi8(l));
+                        _mm_storeu_si128(
+                            hi.as_mut_ptr().add(16 * q).cast(),
+                            _mm512_cvtepi32_epi8(h),
+                        );
+                        _mm_storeu_si128(
+                            lo.as_mut_ptr().add(16 * q).cast(),
+                            _mm512_cvtepi32_epi8(l),
+                        );
                     }
                 }
             }
@@ -407,7 +424,7 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         k_hi,
         k_lo: Some(k_lo),
         v_hi,
-        v_lo: (INT8_V_DIGITS == 2 && std::env::var("NOVLO").is_err()).then_some(v_lo),
+        v_lo: (INT8_V_DIGITS == 2).then_some(v_lo),
         k_scale,
         k_mean,
         v_scale,
