@@ -478,20 +478,20 @@ fn main() {
             run_workload(w, &threads, runs);
         }
     }
-    // Any other shape: `dense:h,m,n,d`.
+    // Any other shape: `dense:h,m,n,d` (f32) or `decode:h,m,n,d` (bf16 K and V).
     for name in &names {
-        let Some(dims) = name.strip_prefix("dense:") else {
+        let Some((kind, dims)) = name.split_once(':') else {
             continue;
         };
         let dims: Vec<usize> = dims.split(',').filter_map(|x| x.parse().ok()).collect();
-        if let [heads, m, n, d] = dims[..] {
+        if let ([heads, m, n, d], "dense" | "decode") = (&dims[..], kind) {
             let w = Workload {
-                name: "dense",
-                heads,
-                m,
-                n,
-                d,
-                bf16_kv: false,
+                name: if kind == "dense" { "dense" } else { "decode" },
+                heads: *heads,
+                m: *m,
+                n: *n,
+                d: *d,
+                bf16_kv: kind == "decode",
                 band: None,
             };
             run_workload(&w, &threads, runs);

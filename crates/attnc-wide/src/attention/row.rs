@@ -274,9 +274,12 @@ unsafe fn dots<K: Widen, V>(ops: &Typed<'_, K, V>, q: &[f32], jg: usize, count: 
             at += 64;
         }
     }
-    for (slot, a) in acc.iter_mut().enumerate() {
-        // The reduction tree leaves slot s's sum in lane 4·(s mod 4) + s/4.
-        let key = (4 * (slot % 4) + slot / 4).min(count - 1);
+    for lane in 0..LANES {
+        // Keys in address order (what the hardware prefetchers follow); the reduction tree
+        // leaves slot s's sum in lane 4·(s mod 4) + s/4, so key `lane` goes to the slot that
+        // lands in lane `lane` (the map is its own inverse).
+        let a = &mut acc[4 * (lane % 4) + lane / 4];
+        let key = lane.min(count - 1);
         let row = ops.k.as_ptr().wrapping_add((jg + key) * ops.k_stride);
         // Two chains (even and odd vectors) halve the FMA latency per key.
         let (mut x, mut y) = (_mm512_setzero_ps(), _mm512_setzero_ps());
