@@ -6,7 +6,7 @@
 //! `cargo bench --bench attention` (about two minutes on 2 cores).
 
 use attnc::baseline::{naive_attention, plain_attention, useful_flops};
-use attnc::engine::{compile, run_compiled};
+use attnc::engine::run_compiled;
 use attnc::io::{standard_normal, Tensor, TensorData};
 use attnc::ir::Bindings;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -65,7 +65,10 @@ fn attention(c: &mut Criterion) {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3));
     for case in &cases {
-        let compiled = compile(&case.kernel, &case.bindings).expect("compiles");
+        let compiled = attnc::Compiler::new()
+            .compile(&case.kernel, &case.bindings)
+            .expect("compiles")
+            .code;
         let flops = useful_flops(compiled.plan()).flops;
         group.throughput(Throughput::Elements(flops as u64));
         let shape = format!("h{h}_n{}_d{d}", case.inputs[1].shape[1]);

@@ -92,7 +92,11 @@ fn bench_pair(c: &mut Criterion, group: &str, cases: [(&str, Kernel); 2], b: &Bi
 
 fn lowp(c: &mut Criterion) {
     let decode = bindings(8, 32768, 128);
-    let fused = |text: &str, b: &Bindings| attnc::engine::optimize(&kernel(text), b).kernel;
+    let fused = |text: &str, b: &Bindings| {
+        attnc::Compiler::new()
+            .optimize_exact(&kernel(text), b)
+            .kernel
+    };
     bench_pair(
         c,
         "decode_h8_n32768_d128",

@@ -15,11 +15,13 @@
 //! also has a "declared" row: the same kernel with `bf16`/`f16` parameters, run on the rounded
 //! inputs — the error that storing Q, K and V in that type costs.
 
-use attnc::approx::{compile_with_policy, relative_l2};
-use attnc::engine::{compile, input_view};
+use attnc::approx::relative_l2;
+use attnc::engine::input_view;
 use attnc::io::{standard_normal, Tensor, TensorData};
+use attnc::ir::{Bindings, Kernel};
 use attnc::policy::Policy;
 use attnc::syntax::ast::ApproxKind;
+use attnc_jit::CompiledKernel;
 use half::{bf16, f16};
 
 const SOURCE: &str =
@@ -53,6 +55,32 @@ fn rounded(inputs: &[Tensor], dtype: &str) -> Vec<Tensor> {
             }
         })
         .collect()
+}
+
+/// Compiles `kernel` under `policy`, validating on `calibration` (else the policy's seed).
+fn compile_with_policy(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    policy: &Policy,
+    calibration: &[(String, Tensor)],
+    threads: usize,
+) -> Result<attnc::Compiled, attnc::engine::RunError> {
+    let calibration = attnc::Calibration {
+        tensors: calibration,
+        ..Default::default()
+    };
+    attnc::Compiler::new()
+        .with_policy(policy.clone())
+        .with_threads(threads)
+        .compile_calibrated(kernel, bindings, calibration)
+}
+
+/// The exact plan's machine code.
+fn compile(
+    kernel: &Kernel,
+    bindings: &Bindings,
+) -> Result<CompiledKernel, attnc::engine::RunError> {
+    Ok(attnc::Compiler::new().compile(kernel, bindings)?.code)
 }
 
 fn main() {
@@ -132,7 +160,7 @@ fn main() {
                     let result =
                         compile_with_policy(kernel, &bindings, &policy, &[], 2).expect("compiles");
                     let applied = result.trace.approximations.iter().any(|o| o.applied);
-                    let output = result.compiled.run(&views, 2).expect("runs").data;
+                    let output = result.code.run(&views, 2).expect("runs").data;
                     let error = relative_l2(&output, &reference);
                     let applied = if applied { "yes" } else { "no (not cheaper)" };
                     println!("| {name} | {n} | {scale} | {error:.2e} | {applied} |");

@@ -11,9 +11,10 @@
 
 use attnc::approx::relative_l2;
 use attnc::calibration::{calibration_inputs, sample_rows_with, DrawnInputs, Fill, SAMPLE_RUN};
-use attnc::engine::{compile, input_view, optimize_with};
+use attnc::engine::input_view;
+use attnc::policy::Policy;
+use attnc::syntax::ast::ApproxKind;
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
-use attnc_opt::{Approx, ApproxPolicy};
 use std::time::Instant;
 
 const SOURCE: &str =
@@ -34,14 +35,18 @@ fn main() {
         .iter()
         .map(|&(k, v)| (k.to_string(), v))
         .collect();
-    let policy = ApproxPolicy {
-        allowed: vec![Approx::Int8],
+    let policy = Policy {
+        allowed: vec![ApproxKind::Int8],
         tol: 1.0,
     };
-    let plan = optimize_with(kernel, &bindings, policy).kernel;
+    let compiler = attnc::Compiler::new().with_policy(policy);
+    let plan = compiler.optimize(kernel, &bindings).kernel;
     let int8 = CompiledKernel::compile(&plan, &bindings, &CompileOptions::default())
         .expect("the int8 plan compiles");
-    let exact = compile(kernel, &bindings).expect("the exact plan compiles");
+    let exact = attnc::Compiler::new()
+        .compile(kernel, &bindings)
+        .expect("the exact plan compiles")
+        .code;
     let runs: Vec<usize> = [1, 2, 4, 8, 16, 64]
         .into_iter()
         .filter(|&r| r * SAMPLE_RUN <= n as usize)

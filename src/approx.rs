@@ -13,13 +13,14 @@
 //! computed once however many plans are measured, and a fallback to the exact plan reuses its
 //! machine code.
 
-use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
+use crate::calibration::{calibration_inputs, sample_rows, Fill};
+use crate::compiler::{Calibration, Compiler};
 use crate::engine::RunError;
 use crate::io::Tensor;
 use crate::policy::Policy;
 use attnc_ir::{Bindings, Kernel};
 use attnc_jit::cache::fingerprint;
-use attnc_jit::{CompileOptions, CompiledKernel, Input};
+use attnc_jit::{CompiledKernel, Input};
 use attnc_opt::{Approx, ApproxPolicy, Trace};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -61,6 +62,25 @@ pub struct ValidationCost {
     pub approximate_sample_ms: f64,
 }
 
+impl Validation {
+    /// The measurement in one line, for people.
+    pub fn summary(&self, tol: f64) -> String {
+        let verdict = if self.accepted {
+            "accepted".to_string()
+        } else {
+            format!("rejected (above tol {tol}), falling back")
+        };
+        format!(
+            "approximation {}: measured error {:.2e} (estimated {:.1e}) on {} rows of {}, {verdict}",
+            self.approximations.join(" + "),
+            self.measured_error,
+            self.estimated_error,
+            self.sample_rows,
+            self.sample
+        )
+    }
+}
+
 /// A kernel compiled under a policy.
 pub struct PolicyCompiled {
     /// The machine code of the accepted plan.
@@ -70,30 +90,6 @@ pub struct PolicyCompiled {
     pub trace: Trace,
     /// Every measurement, in order (empty when the plan is exact).
     pub validations: Vec<Validation>,
-}
-
-impl PolicyCompiled {
-    /// One line per measurement for people.
-    pub fn summary(&self, tol: f64) -> Vec<String> {
-        self.validations
-            .iter()
-            .map(|v| {
-                let verdict = if v.accepted {
-                    "accepted".to_string()
-                } else {
-                    format!("rejected (above tol {tol}), falling back")
-                };
-                format!(
-                    "approximation {}: measured error {:.2e} (estimated {:.1e}) on {} rows of {}, {verdict}",
-                    v.approximations.join(" + "),
-                    v.measured_error,
-                    v.estimated_error,
-                    v.sample_rows,
-                    v.sample
-                )
-            })
-            .collect()
-    }
 }
 
 /// The approximations of `policy` as the optimizer sees them (seeded).
@@ -133,36 +129,26 @@ struct Reference {
     rows: Option<Vec<f32>>,
 }
 
-/// Optimizes and compiles `kernel` under `policy`, validating every approximation the
-/// optimizer chose on a calibration sample (`calibration`: tensors by parameter name; the
-/// others are drawn from the policy's seed), with `threads` workers.
-pub fn compile_with_policy(
+/// Optimizes and compiles `kernel` under the compiler's policy, validating every
+/// approximation the optimizer chose on a calibration sample (`calibration`: tensors by
+/// parameter name and inputs a `--random` run drew already; the others are drawn from the
+/// policy's seed) with the compiler's threads.
+pub(crate) fn compile_with_policy(
+    compiler: &Compiler,
     kernel: &Kernel,
     bindings: &Bindings,
-    policy: &Policy,
-    calibration: &[(String, Tensor)],
-    threads: usize,
+    calibration: Calibration<'_>,
 ) -> Result<PolicyCompiled, RunError> {
-    let none = DrawnInputs::default();
-    compile_with_policy_reusing(kernel, bindings, policy, calibration, none, threads)
-}
-
-/// [`compile_with_policy`], copying the calibration blocks from inputs a `--random` run has
-/// drawn already with the policy's seed instead of drawing them again (same values).
-pub fn compile_with_policy_reusing(
-    kernel: &Kernel,
-    bindings: &Bindings,
-    policy: &Policy,
-    calibration: &[(String, Tensor)],
-    drawn: DrawnInputs<'_>,
-    threads: usize,
-) -> Result<PolicyCompiled, RunError> {
+    let policy = compiler.policy();
+    let threads = compiler.threads();
+    let drawn = calibration.drawn;
+    let calibration = calibration.tensors;
     let mut approx = optimizer_policy(policy);
     let mut validations = Vec::new();
     let mut rejected = Vec::new();
     let mut reference: Option<Reference> = None;
     loop {
-        let mut optimized = crate::engine::optimize_with(kernel, bindings, approx.clone());
+        let mut optimized = compiler.optimize_with(kernel, bindings, approx.clone());
         let applied: Vec<Approx> = optimized
             .trace
             .approximations
@@ -174,7 +160,7 @@ pub fn compile_with_policy_reusing(
             let compiled = match reference.take() {
                 // Falling back to the exact plan: its code is already compiled.
                 Some(r) if fingerprint(&r.kernel) == fingerprint(&optimized.kernel) => r.code,
-                _ => compile_plan(&optimized.kernel, bindings)?,
+                _ => compiler.compile_plan(&optimized.kernel, bindings)?,
             };
             optimized.trace.approximations.extend(rejected);
             return Ok(PolicyCompiled {
@@ -186,13 +172,13 @@ pub fn compile_with_policy_reusing(
         let mut cost = ValidationCost::default();
         let (compiled, ready) = match &reference {
             Some(_) => {
-                let compiled = compile_plan(&optimized.kernel, bindings)?;
+                let compiled = compiler.compile_plan(&optimized.kernel, bindings)?;
                 (compiled, Instant::now())
             }
             None => {
                 let (compiled, ready, built) = std::thread::scope(|scope| {
-                    let exact = scope.spawn(|| timed(|| exact_plan(kernel, bindings)));
-                    let compiled = compile_plan(&optimized.kernel, bindings);
+                    let exact = scope.spawn(|| timed(|| exact_plan(compiler, kernel, bindings)));
+                    let compiled = compiler.compile_plan(&optimized.kernel, bindings);
                     let ready = Instant::now();
                     let fill = match &compiled {
                         Ok(code) => Fill::for_plan(code.plan()),
@@ -300,18 +286,14 @@ pub fn compile_with_policy_reusing(
 }
 
 /// The exact plan of `kernel` and its machine code.
-fn exact_plan(kernel: &Kernel, bindings: &Bindings) -> Result<(Kernel, CompiledKernel), RunError> {
-    let plan = crate::engine::optimize(kernel, bindings).kernel;
-    let code = compile_plan(&plan, bindings)?;
+fn exact_plan(
+    compiler: &Compiler,
+    kernel: &Kernel,
+    bindings: &Bindings,
+) -> Result<(Kernel, CompiledKernel), RunError> {
+    let plan = compiler.optimize_exact(kernel, bindings).kernel;
+    let code = compiler.compile_plan(&plan, bindings)?;
     Ok((plan, code))
-}
-
-fn compile_plan(plan: &Kernel, bindings: &Bindings) -> Result<CompiledKernel, RunError> {
-    Ok(CompiledKernel::compile(
-        plan,
-        bindings,
-        &CompileOptions::default(),
-    )?)
 }
 
 /// `f()` and how long it took.

@@ -456,7 +456,9 @@ mod tests {
                 .collect();
             let want = evaluate(kernel, &b, &arrays).expect("interprets");
 
-            let compiled = crate::engine::compile(kernel, &b).expect("compiles");
+            let compiled = crate::Compiler::new()
+                .compile(kernel, &b)
+                .expect("compiles");
             let plain = plain_attention(compiled.plan()).expect("plain attention");
             assert_eq!(plain.slots, [0, 1, 2]);
             let [gq, gk, gv] = plain
@@ -503,7 +505,9 @@ mod tests {
     fn non_attention_plans_are_not_plain() {
         let module = compile("kernel g(a: f32[n, k], b: f32[k, m]) -> f32[n, m] { return a @ b; }");
         let b = bindings(&[("n", 3), ("k", 4), ("m", 5)]);
-        let compiled = crate::engine::compile(&module.kernels[0], &b).expect("compiles");
+        let compiled = crate::Compiler::new()
+            .compile(&module.kernels[0], &b)
+            .expect("compiles");
         assert!(plain_attention(compiled.plan()).is_none());
         let flops = useful_flops(compiled.plan());
         assert_eq!(flops.flops, 2.0 * 3.0 * 4.0 * 5.0);

@@ -1,11 +1,11 @@
-//! Running one checked kernel on bound inputs, on the reference interpreter or as machine code.
+//! Running one checked kernel on bound inputs, on the reference interpreter or as machine code
+//! (through [`crate::Compiler`]).
 
 use crate::io::{Tensor, TensorData};
 use attnc_ir::bind::{bind_shapes, BindError};
 use attnc_ir::interp::{evaluate, EvalError};
 use attnc_ir::{Bindings, DType, Kernel};
-use attnc_jit::{CompileOptions, CompiledKernel, Input, JitError};
-use attnc_opt::{ApproxPolicy, OptimizeOptions, Optimized, Trace};
+use attnc_jit::{CompiledKernel, Input, JitError};
 use thiserror::Error;
 
 /// Which engine executes a kernel.
@@ -42,6 +42,21 @@ pub enum RunError {
     /// The calibration sample of an approximation could not be built.
     #[error("calibration: {0}")]
     Calibration(String),
+    /// The plan's buffers do not fit in the memory budget.
+    #[error(
+        "the plan needs {} of buffers at once but {} are available; its largest buffer is {largest} \
+         (use smaller shapes, or raise --memory-limit)",
+        crate::compiler::format_bytes(*needed),
+        crate::compiler::format_bytes(*budget)
+    )]
+    Memory {
+        /// Bytes the plan's temporaries need at their peak.
+        needed: u64,
+        /// Bytes allowed.
+        budget: u64,
+        /// The largest buffer, described.
+        largest: String,
+    },
     /// One tensor per parameter is needed.
     #[error("expected {expected} inputs, got {got}")]
     InputCount {
@@ -56,41 +71,6 @@ pub enum RunError {
 pub fn bind(kernel: &Kernel, inputs: &[Tensor], given: &Bindings) -> Result<Bindings, RunError> {
     let shapes: Vec<Option<Vec<usize>>> = inputs.iter().map(|t| Some(t.shape.clone())).collect();
     Ok(bind_shapes(kernel, &shapes, given)?)
-}
-
-/// Rewrites `kernel` into its cheapest equivalent form at `bindings` (equality saturation).
-///
-/// Every rule is exact; when nothing cheaper is found the input comes back unchanged, and the
-/// trace says why.
-/// The cost model uses this machine's ceilings ([`crate::ceilings`]).
-pub fn optimize(kernel: &Kernel, bindings: &Bindings) -> Optimized {
-    optimize_with(kernel, bindings, ApproxPolicy::default())
-}
-
-/// [`optimize`], with the approximate rules `approx` allows added to the exact ones.
-pub fn optimize_with(kernel: &Kernel, bindings: &Bindings, approx: ApproxPolicy) -> Optimized {
-    let options = OptimizeOptions {
-        ceilings: crate::ceilings::machine_ceilings().ceilings,
-        approx,
-        ..OptimizeOptions::default()
-    };
-    attnc_opt::optimize(kernel, bindings, &options)
-}
-
-/// Optimizes `kernel` at `bindings` and compiles the chosen form to machine code.
-pub fn compile(kernel: &Kernel, bindings: &Bindings) -> Result<CompiledKernel, RunError> {
-    Ok(compile_with_trace(kernel, bindings)?.0)
-}
-
-/// [`compile`], also returning the optimizer's trace.
-pub fn compile_with_trace(
-    kernel: &Kernel,
-    bindings: &Bindings,
-) -> Result<(CompiledKernel, Trace), RunError> {
-    let optimized = optimize(kernel, bindings);
-    let compiled =
-        CompiledKernel::compile(&optimized.kernel, bindings, &CompileOptions::default())?;
-    Ok((compiled, optimized.trace))
 }
 
 /// Runs a compiled kernel on `inputs` (one per parameter) with `threads` workers.
@@ -133,8 +113,10 @@ pub fn execute(
     }
     match engine {
         Engine::Jit => {
-            let compiled = compile(kernel, bindings)?;
-            run_compiled(&compiled, kernel.ret_dtype, inputs, threads)
+            let compiled = crate::Compiler::new()
+                .with_threads(threads)
+                .compile(kernel, bindings)?;
+            compiled.run(inputs, threads)
         }
         Engine::Interp => {
             let arrays: Vec<_> = inputs.iter().map(Tensor::to_f64_array).collect();

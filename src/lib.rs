@@ -1,9 +1,11 @@
 //! attnc: a compiler for attention.
 //!
 //! The facade over the stages: [`source`] turns `.attn` text into checked IR, [`io`] reads and
-//! writes tensors, [`policy`] holds the approximation policy, [`ceilings`] measures (once per
-//! machine) the figures the cost model divides by, and [`engine`] runs a kernel on the
-//! reference interpreter or as machine code.
+//! writes tensors, [`policy`] holds the approximation policy, [`Compiler`] is the one
+//! pipeline (optimize → validate → compile → run) with its settings, and [`engine`] runs a
+//! kernel on the reference interpreter or as machine code. The library never measures the
+//! machine or writes a file: the ceilings the cost model divides by are handed to the
+//! [`Compiler`] (the `attnc` binary measures and caches them).
 //!
 //! ```
 //! let module = attnc::source::compile_text(
@@ -19,7 +21,7 @@
 pub mod approx;
 pub mod baseline;
 pub mod calibration;
-pub mod ceilings;
+pub mod compiler;
 pub mod engine;
 pub mod io;
 pub mod policy;
@@ -27,3 +29,4 @@ pub mod source;
 
 pub use attnc_ir as ir;
 pub use attnc_syntax as syntax;
+pub use compiler::{Calibration, Compiled, Compiler};

@@ -1,15 +1,14 @@
 //! Validation of approximations through the library: the calibration sample measures what a
 //! full run would on the same rows, and a plan above the tolerance falls back to exact code.
 
-use attnc::approx::{compile_with_policy, relative_l2};
+use attnc::approx::relative_l2;
 use attnc::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
-use attnc::engine::{compile, input_view, optimize_with};
+use attnc::engine::input_view;
 use attnc::io::{standard_normal, Tensor, TensorData};
 use attnc::ir::{Bindings, Kernel};
 use attnc::policy::Policy;
 use attnc::syntax::ast::ApproxKind;
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
-use attnc_opt::{Approx, ApproxPolicy};
 
 const DENSE: &str =
     "kernel dense(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
@@ -23,6 +22,32 @@ fn kernel(src: &str) -> Kernel {
 
 fn bindings(pairs: &[(&str, u64)]) -> Bindings {
     pairs.iter().map(|&(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Compiles `kernel` under `policy`, validating on `calibration` (else the policy's seed).
+fn compile_with_policy(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    policy: &Policy,
+    calibration: &[(String, Tensor)],
+    threads: usize,
+) -> Result<attnc::Compiled, attnc::engine::RunError> {
+    let calibration = attnc::Calibration {
+        tensors: calibration,
+        ..Default::default()
+    };
+    attnc::Compiler::new()
+        .with_policy(policy.clone())
+        .with_threads(threads)
+        .compile_calibrated(kernel, bindings, calibration)
+}
+
+/// The exact plan's machine code.
+fn compile(
+    kernel: &Kernel,
+    bindings: &Bindings,
+) -> Result<CompiledKernel, attnc::engine::RunError> {
+    Ok(attnc::Compiler::new().compile(kernel, bindings)?.code)
 }
 
 fn int8_policy(tol: f64) -> Policy {
@@ -44,14 +69,9 @@ fn the_sampled_error_equals_the_error_of_full_runs_on_the_same_rows() {
     let kernel = kernel(DENSE);
     let (m, d) = (1023, 40);
     let bindings = bindings(&[("h", 3), ("n", m), ("d", d)]);
-    let int8 = optimize_with(
-        &kernel,
-        &bindings,
-        ApproxPolicy {
-            allowed: vec![Approx::Int8],
-            tol: 1.0,
-        },
-    );
+    let int8 = attnc::Compiler::new()
+        .with_policy(int8_policy(1.0))
+        .optimize(&kernel, &bindings);
     assert!(
         int8.trace.approximations.iter().any(|o| o.applied),
         "the int8 plan is chosen: {:?}",
@@ -204,13 +224,13 @@ fn an_approximation_above_tol_falls_back_to_the_exact_code() {
     assert_eq!(outcome.measured_error, Some(v.measured_error));
     assert!(outcome.reason.as_deref().unwrap_or("").contains("exceeds"));
     // The fallback runs the exact plan: the same bits as compiling without a policy.
-    assert_eq!(strict.compiled.run(&views, 2).unwrap().data, exact.data);
+    assert_eq!(strict.code.run(&views, 2).unwrap().data, exact.data);
 
     // On standard-normal calibration data the same approximation is accepted.
     let loose = compile_with_policy(&kernel, &bindings, &int8_policy(0.05), &[], 2).unwrap();
     let v = &loose.validations[0];
     assert!(v.accepted && v.measured_error <= 0.05, "{v:?}");
-    let approximate = loose.compiled.run(&views, 2).unwrap().data;
+    let approximate = loose.code.run(&views, 2).unwrap().data;
     assert_ne!(approximate, exact.data);
     assert!(relative_l2(&approximate, &exact.data) < 0.05);
 }
@@ -281,9 +301,9 @@ fn only_plans_that_read_the_first_block_leave_the_rest_zero() {
         int8.validations.iter().any(|v| v.accepted),
         "int8 not applied"
     );
-    assert_eq!(Fill::for_plan(int8.compiled.plan()), Fill::FirstBlock);
+    assert_eq!(Fill::for_plan(int8.code.plan()), Fill::FirstBlock);
     // The sampled rows read nothing past the first block: either fill gives the same rows.
-    for code in [&exact, &int8.compiled] {
+    for code in [&exact, &int8.code] {
         let rows = sample_rows(code.output_shape());
         let sample = |fill| {
             let inputs =

@@ -33,6 +33,39 @@ pub fn read_input_file(path: &Path) -> Result<Vec<u8>, IoError> {
     read_rest(path, file, len)
 }
 
+/// Reads the regular file `path`, refusing one of more than `max` bytes: for files that are
+/// small by nature (sources, caches, `/proc` entries), so that a wrong path — `/dev/zero`, a
+/// FIFO, a huge file — is an error instead of a hang or an exhausted memory.
+pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, IoError> {
+    let (file, len) = open_regular(path)?;
+    let too_large = |size: u64| {
+        IoError::read_msg(
+            path,
+            format!("is {size} bytes, more than the {max} bytes allowed"),
+            "",
+        )
+    };
+    if len > max {
+        return Err(too_large(len));
+    }
+    let mut bytes = Vec::new();
+    // The file may grow after the check: read one byte past the bound to notice.
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| IoError::read(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// [`read_bounded`] as UTF-8 text.
+pub fn read_small_text(path: impl AsRef<Path>, max: u64) -> Result<String, IoError> {
+    let path = path.as_ref();
+    let bytes = read_bounded(path, max)?;
+    String::from_utf8(bytes).map_err(|_| IoError::read_msg(path, "is not UTF-8 text", ""))
+}
+
 /// Reads everything left in `file` (expected to be about `len_hint` bytes).
 pub(crate) fn read_rest(path: &Path, mut file: File, len_hint: u64) -> Result<Vec<u8>, IoError> {
     // The hint only sizes the first allocation; cap it so a lying size cannot exhaust memory.

@@ -25,7 +25,7 @@ pub mod tensor;
 pub use atomic::{remove_pending_temp_files, write_atomically, write_atomically_with};
 pub use attnc_ir::random::{standard_normal, Rng};
 pub use error::{FileFormat, IoError};
-pub use file::read_input_file;
+pub use file::{read_bounded, read_input_file, read_small_text};
 pub use normal::{standard_normal_streams, NormalStream};
 pub use npy::{encode_npy, parse_npy, parse_npy_from, read_npy, write_npy};
 pub use safetensors_io::{parse_safetensors, parse_safetensors_from, read_safetensors};

@@ -41,6 +41,15 @@ impl Elem {
         }
     }
 
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::F16 | Elem::Bf16 => 2,
+            Elem::U8 => 1,
+        }
+    }
+
     /// The word used in plans and messages.
     pub fn keyword(self) -> &'static str {
         match self {

@@ -165,6 +165,60 @@ pub struct Plan {
     pub input_shapes: Vec<Vec<usize>>,
 }
 
+/// The most memory a plan's temporary buffers hold at once, and its largest buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanMemory {
+    /// Bytes of the temporaries alive together at the fullest point (each lives from the step
+    /// that writes it to the last step that reads it; the result lives to the end).
+    pub peak_bytes: u64,
+    /// The largest temporary: its buffer index and bytes.
+    pub largest: Option<(usize, u64)>,
+}
+
+impl Plan {
+    /// Bytes of buffer `b`.
+    pub fn buffer_bytes(&self, b: usize) -> u64 {
+        let info = &self.buffers[b];
+        (info.len as u64).saturating_mul(info.elem.size() as u64)
+    }
+
+    /// The memory the plan's temporaries need (inputs are the caller's), computed from the
+    /// bound shapes before anything is allocated.
+    pub fn memory(&self) -> PlanMemory {
+        let mut last_use = vec![None; self.buffers.len()];
+        for (index, step) in self.steps.iter().enumerate() {
+            for &b in &step.inputs {
+                last_use[b] = Some(index);
+            }
+        }
+        let (mut live, mut peak) = (0u64, 0u64);
+        let mut largest: Option<(usize, u64)> = None;
+        for (index, step) in self.steps.iter().enumerate() {
+            let bytes = self.buffer_bytes(step.output);
+            live = live.saturating_add(bytes);
+            peak = peak.max(live);
+            if largest.is_none_or(|(_, l)| bytes > l) {
+                largest = Some((step.output, bytes));
+            }
+            for &b in &step.inputs {
+                let temp = self.buffers[b].source == BufferSource::Temp;
+                if temp && last_use[b] == Some(index) && b != self.output {
+                    live = live.saturating_sub(self.buffer_bytes(b));
+                }
+            }
+        }
+        PlanMemory {
+            peak_bytes: peak,
+            largest,
+        }
+    }
+
+    /// The step that writes buffer `b`, if any.
+    pub fn writer(&self, b: usize) -> Option<&Step> {
+        self.steps.iter().find(|s| s.output == b)
+    }
+}
+
 impl std::fmt::Display for Plan {
     /// One line per buffer and step, for `attnc explain`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

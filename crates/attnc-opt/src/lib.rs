@@ -14,6 +14,7 @@
 //! - [`cost`]: estimated cycles from FLOPs and bytes, against [`ceilings`] (this machine's or
 //!   the documented defaults);
 //! - [`extract`]: a worklist extractor under that model, and bounded term rendering;
+//! - [`fusion`]: which attentions of the chosen form are fused, and why the others are not;
 //! - [`trace`]: [`optimize`], the one entry point, and its [`Trace`].
 //!
 //! Architecture invariant: the unoptimized kernel is always a valid answer — `optimize` never
@@ -37,6 +38,7 @@ pub mod ceilings;
 pub mod convert;
 pub mod cost;
 pub mod extract;
+pub mod fusion;
 pub mod lang;
 pub mod rules;
 pub mod saturate;

@@ -119,6 +119,8 @@ pub struct Trace {
     pub approximations: Vec<ApproxOutcome>,
     /// The machine ceilings the cost model used.
     pub ceilings: Ceilings,
+    /// Each attention of the chosen form: fused, or why not.
+    pub fusion: Vec<crate::fusion::FusionNote>,
 }
 
 impl Trace {
@@ -146,6 +148,7 @@ impl Trace {
             explain_seconds: 0.0,
             approximations: vec![],
             ceilings: Ceilings::default(),
+            fusion: crate::fusion::notes(kernel),
         }
     }
 
@@ -271,6 +274,12 @@ impl Trace {
                     "  {}: estimated error {:.1e}{measured}, {status}",
                     a.name, a.estimated_error
                 );
+            }
+        }
+        if !self.fusion.is_empty() {
+            let _ = writeln!(out, "\nfusion:");
+            for note in &self.fusion {
+                let _ = writeln!(out, "  {note}");
             }
         }
         if let Some(why) = &self.derivation_omitted {
@@ -436,6 +445,7 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
         explain_seconds: 0.0,
         approximations: vec![],
         ceilings: options.ceilings,
+        fusion: vec![],
     };
     let cheaper = matches!((cost_before, cost_after), (Some(b), Some(a)) if a < b);
     let chosen = if cheaper {
@@ -499,6 +509,7 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
     }
     trace.approximations = outcomes;
     trace.output = print_kernel(&result);
+    trace.fusion = crate::fusion::notes(&result);
     Optimized {
         kernel: result,
         trace,

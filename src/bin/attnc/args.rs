@@ -92,6 +92,10 @@ pub struct SharedArgs {
     /// `interp` runs the reference interpreter instead of machine code
     #[arg(long, value_enum)]
     pub engine: Option<EngineArg>,
+    /// The most memory a plan's buffers may take, e.g. 2G, 512M, 100000 (default: the memory
+    /// available); a plan that needs more is refused before anything is allocated
+    #[arg(long, value_name = "BYTES", value_parser = crate::memory::parse_size)]
+    pub memory_limit: Option<u64>,
     /// Human text or one JSON document on stdout
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,

@@ -29,6 +29,10 @@ pub fn check(args: &CheckArgs) -> CliResult {
 }
 
 /// Reads, parses and checks a source file; every problem becomes a [`Failure`].
+/// The largest `.attn` file read (programs are a few kilobytes; the bound turns a wrong path
+/// such as `/dev/zero` into an error instead of an exhausted memory).
+pub const MAX_SOURCE_BYTES: u64 = 16 << 20;
+
 pub fn load_module(path: &Path) -> Result<Module, Failure> {
     let file = path.display().to_string();
     if path.is_dir() {
@@ -37,8 +41,8 @@ pub fn load_module(path: &Path) -> Result<Module, Failure> {
             format!("`{file}` is a directory, not a .attn file"),
         ));
     }
-    let bytes = std::fs::read(path)
-        .map_err(|e| Failure::input("io", format!("cannot read `{file}`: {e}")))?;
+    let bytes = attnc::io::read_bounded(path, MAX_SOURCE_BYTES)
+        .map_err(|e| Failure::input("io", e.to_string()))?;
     let (text, result) = attnc::source::compile_bytes(&bytes);
     result.map_err(|diagnostics| Failure::Source {
         file,

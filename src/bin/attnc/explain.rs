@@ -20,7 +20,9 @@ pub fn explain(args: &ExplainArgs) -> CliResult {
         Some(Emit::Egraph) => emit(
             json,
             "egraph",
-            attnc::engine::optimize(kernel, &prepared.bindings)
+            prepared
+                .compiler
+                .optimize(kernel, &prepared.bindings)
                 .trace
                 .render_text(),
         ),
@@ -32,7 +34,7 @@ pub fn explain(args: &ExplainArgs) -> CliResult {
 /// Two Graphviz graphs: the IR as written and the form the optimizer chose.
 fn dot_before_and_after(prepared: &Prepared) -> String {
     let kernel = prepared.kernel();
-    let optimized = attnc::engine::optimize(kernel, &prepared.bindings);
+    let optimized = prepared.compiler.optimize(kernel, &prepared.bindings);
     format!(
         "// {} as written\n{}\n// {} after optimization\n{}",
         kernel.name,
@@ -50,39 +52,30 @@ fn emit(json: bool, key: &str, text: String) {
     }
 }
 
-/// The code `run` would execute and the optimizer's record of it: under an approximation
-/// policy, the plan chosen and validated exactly as `run` does.
-fn compile_as_run(
-    prepared: &Prepared,
-) -> Result<(attnc_jit::CompiledKernel, attnc_opt::Trace), attnc::engine::RunError> {
-    let kernel = prepared.kernel();
-    if prepared.policy.is_exact() {
-        return attnc::engine::compile_with_trace(kernel, &prepared.bindings);
-    }
-    attnc::approx::compile_with_policy(
-        kernel,
-        &prepared.bindings,
-        &prepared.policy,
-        &prepared.calibration,
-        prepared.threads,
-    )
-    .map(|result| (result.compiled, result.trace))
-}
-
 /// The whole report: signature, policy, bindings, IR and (when shapes are bound) the plan.
 fn report(prepared: &Prepared, json: bool) -> CliResult {
     let kernel = prepared.kernel();
     let ir_text = attnc::ir::print::print_kernel(kernel);
-    let compiled = compile_as_run(prepared).ok();
-    let plan = compiled.as_ref().map(|(code, _)| {
+    // The code `run` would execute and the optimizer's record of it: under an approximation
+    // policy, the plan chosen and validated exactly as `run` does.
+    let compiled = prepared.compile();
+    let unbound = attnc::ir::bind::kernel_symbols(kernel)
+        .iter()
+        .any(|s| !prepared.bindings.contains_key(s));
+    let plan_error = match &compiled {
+        Err(e) if !unbound => Some(e.to_string()),
+        _ => None,
+    };
+    let compiled = compiled.ok();
+    let plan = compiled.as_ref().map(|c| {
         (
-            code.plan().to_string(),
-            code.compile_time().as_secs_f64() * 1e3,
+            c.plan().to_string(),
+            c.code.compile_time().as_secs_f64() * 1e3,
         )
     });
     let trace = match &compiled {
-        Some((_, trace)) => trace.clone(),
-        None => attnc::engine::optimize(kernel, &prepared.bindings).trace,
+        Some(c) => c.trace.clone(),
+        None => prepared.compiler.optimize(kernel, &prepared.bindings).trace,
     };
     if json {
         crate::print_json(&json!({
@@ -94,8 +87,9 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
             "ir": ir_text,
             "trace": trace,
             "plan": plan.as_ref().map(|(text, _)| text),
+            "plan_error": plan_error,
             "compile_ms": plan.as_ref().map(|(_, ms)| ms),
-            "ceilings": attnc::ceilings::machine_ceilings(),
+            "ceilings": crate::ceilings::machine_ceilings(),
         }));
         return Ok(());
     }
@@ -122,7 +116,7 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
     out!("{ir_text}");
     outln!();
     outln!("== optimizer ==");
-    outln!("ceilings: {}", attnc::ceilings::machine_ceilings());
+    outln!("ceilings: {}", crate::ceilings::machine_ceilings());
     out!("{}", trace.render_text());
     outln!();
     match plan {
@@ -130,9 +124,12 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
             outln!("== plan (compiled in {ms:.1} ms) ==");
             out!("{text}");
         }
-        None => {
-            outln!("== plan ==\n(bind every dimension with --shape or inputs to see the plan)")
-        }
+        None => match plan_error {
+            Some(e) => outln!("== plan ==\n(not compiled: {e})"),
+            None => {
+                outln!("== plan ==\n(bind every dimension with --shape or inputs to see the plan)")
+            }
+        },
     }
     Ok(())
 }
@@ -147,14 +144,14 @@ mod attnc_jit_text {
     }
 
     pub fn generated_code(prepared: &Prepared, kind: CodeKind) -> Result<String, Failure> {
-        let (compiled, _) = compile_as_run(prepared).map_err(|e| {
+        let compiled = prepared.compile().map_err(|e| {
             Failure::input(
                 "shape",
                 format!("{e} (generated code is specialized to bound shapes: pass --shape)"),
             )
         })?;
         let mut out = String::new();
-        for text in compiled.texts() {
+        for text in compiled.code.texts() {
             let body = match kind {
                 CodeKind::Clif => Some(text.clif.as_str()),
                 CodeKind::Asm => text.vcode.as_deref(),

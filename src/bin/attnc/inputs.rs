@@ -7,6 +7,7 @@ use attnc::engine::Engine;
 use attnc::io::{self, NormalStream, Tensor, TensorData};
 use attnc::ir::{Bindings, DType, Kernel, Module};
 use attnc::policy::{parse_approx_list, Policy};
+use attnc::{Calibration, Compiler};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -17,6 +18,9 @@ pub struct Prepared {
     pub bindings: Bindings,
     pub inputs: Vec<Tensor>,
     pub policy: Policy,
+    /// The pipeline every subcommand compiles through: policy, threads, this machine's
+    /// ceilings and the memory budget.
+    pub compiler: Compiler,
     pub engine: Engine,
     pub threads: usize,
     /// Calibration tensors for validating approximations, by parameter name.
@@ -30,6 +34,21 @@ pub struct Prepared {
 impl Prepared {
     pub fn kernel(&self) -> &Kernel {
         &self.module.kernels[self.kernel_index]
+    }
+
+    /// Compiles the kernel as `run` does: optimized under the policy, approximations validated
+    /// on the calibration tensors (or on blocks of the `--random` inputs).
+    pub fn compile(&self) -> Result<attnc::Compiled, attnc::engine::RunError> {
+        let slots = self.drawn_inputs();
+        let calibration = Calibration {
+            tensors: &self.calibration,
+            drawn: attnc::calibration::DrawnInputs {
+                seed: self.random.as_ref().map_or(0, |(seed, _)| *seed),
+                tensors: &slots,
+            },
+        };
+        self.compiler
+            .compile_calibrated(self.kernel(), &self.bindings, calibration)
     }
 
     /// The inputs drawn by `--random`, for calibration blocks to be copied from.
@@ -96,12 +115,18 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         Some(EngineArg::Interp) => Engine::Interp,
         Some(EngineArg::Jit) | None => Engine::Jit,
     };
+    let compiler = Compiler::new()
+        .with_policy(policy.clone())
+        .with_threads(threads)
+        .with_ceilings(crate::ceilings::machine_ceilings().ceilings)
+        .with_memory_budget(crate::memory::budget(args.memory_limit));
     Ok(Prepared {
         module,
         kernel_index,
         bindings,
         inputs,
         policy,
+        compiler,
         engine,
         threads,
         calibration,

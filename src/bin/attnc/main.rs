@@ -17,10 +17,12 @@ macro_rules! out {
 
 mod args;
 mod bench;
+mod ceilings;
 mod check;
 mod explain;
 mod failure;
 mod inputs;
+mod memory;
 mod output_path;
 mod run;
 mod stdout;

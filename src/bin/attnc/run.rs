@@ -4,11 +4,10 @@ use crate::args::RunArgs;
 use crate::failure::Failure;
 use crate::inputs::{prepare, Prepared};
 use crate::CliResult;
-use attnc::approx::{compile_with_policy_reusing, PolicyCompiled};
-use attnc::calibration::DrawnInputs;
-use attnc::engine::{compile, execute, run_compiled, Engine};
+use attnc::engine::{execute, Engine};
 use attnc::io::Tensor;
 use attnc::policy::Policy;
+use attnc::Compiled;
 use serde_json::json;
 use std::time::Instant;
 
@@ -108,47 +107,26 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
     let fail = |e: attnc::engine::RunError| Failure::input("run", e.to_string());
     match prepared.engine {
         Engine::Jit => {
+            let compiled = prepared.compile().map_err(fail)?;
+            let (approx_notes, approximations, validations) = if prepared.policy.is_exact() {
+                (Vec::new(), json!([]), json!([]))
+            } else {
+                (
+                    approximation_notes(&prepared.policy, &compiled),
+                    json!(compiled.trace.approximations),
+                    json!(compiled.validations),
+                )
+            };
             let start = Instant::now();
-            let (compiled, approx_notes, approximations, validations, validation_ms) =
-                if prepared.policy.is_exact() {
-                    let compiled = compile(kernel, &prepared.bindings).map_err(fail)?;
-                    (compiled, Vec::new(), json!([]), json!([]), 0.0)
-                } else {
-                    let slots = prepared.drawn_inputs();
-                    let drawn = DrawnInputs {
-                        seed: prepared.random.as_ref().map_or(0, |(seed, _)| *seed),
-                        tensors: &slots,
-                    };
-                    let result = compile_with_policy_reusing(
-                        kernel,
-                        &prepared.bindings,
-                        &prepared.policy,
-                        &prepared.calibration,
-                        drawn,
-                        prepared.threads,
-                    )
-                    .map_err(fail)?;
-                    let notes = approximation_notes(&prepared.policy, &result);
-                    let outcomes = json!(result.trace.approximations);
-                    let validation_ms = result.validations.iter().map(|v| v.millis).sum();
-                    let validations = json!(result.validations);
-                    (result.compiled, notes, outcomes, validations, validation_ms)
-                };
-            let compile_ms = start.elapsed().as_secs_f64() * 1e3;
-            let start = Instant::now();
-            let output = run_compiled(
-                &compiled,
-                kernel.ret_dtype,
-                &prepared.inputs,
-                prepared.threads,
-            )
-            .map_err(fail)?;
+            let output = compiled
+                .run(&prepared.inputs, prepared.threads)
+                .map_err(fail)?;
             let run_ms = start.elapsed().as_secs_f64() * 1e3;
             Ok((
                 output,
                 Timing {
-                    compile_ms: Some(compile_ms),
-                    validation_ms,
+                    compile_ms: Some(compiled.elapsed.as_secs_f64() * 1e3),
+                    validation_ms: compiled.validation_ms(),
                     run_ms,
                     approx_notes,
                     approximations,
@@ -335,7 +313,7 @@ impl Stats {
 }
 
 /// What became of each allowed approximation, one note per line.
-fn approximation_notes(policy: &Policy, result: &PolicyCompiled) -> Vec<String> {
+fn approximation_notes(policy: &Policy, result: &Compiled) -> Vec<String> {
     let mut notes: Vec<String> = result
         .summary(policy.tol)
         .into_iter()

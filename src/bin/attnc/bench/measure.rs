@@ -10,9 +10,9 @@
 use crate::args::BenchArgs;
 use crate::failure::Failure;
 use crate::inputs::Prepared;
-use attnc::approx::compile_with_policy;
 use attnc::baseline::{naive_attention, plain_attention, useful_flops, FlopCount};
-use attnc::engine::{compile, execute, run_compiled, Engine};
+use attnc::engine::{execute, run_compiled, Engine};
+use attnc::policy::Policy;
 use attnc_jit::ceiling::{measure_f32x4_ceiling, Ceiling};
 use attnc_jit::plan::{Plan, StepKind};
 use std::time::Instant;
@@ -280,29 +280,18 @@ pub fn measure(
     let mut applied: Vec<String> = Vec::new();
     for _ in 0..COMPILES {
         let start = Instant::now();
-        let c = if prepared.policy.is_exact() {
-            compile(kernel, &prepared.bindings).map_err(fail)?
-        } else {
-            let result = compile_with_policy(
-                kernel,
-                &prepared.bindings,
-                &prepared.policy,
-                &prepared.calibration,
-                threads,
-            )
-            .map_err(fail)?;
-            applied = result
-                .trace
-                .approximations
-                .iter()
-                .filter(|o| o.applied)
-                .map(|o| match o.measured_error {
-                    Some(e) => format!("{} (measured error {e:.2e})", o.name),
-                    None => o.name.clone(),
-                })
-                .collect();
-            result.compiled
-        };
+        let result = prepared.compile().map_err(fail)?;
+        applied = result
+            .trace
+            .approximations
+            .iter()
+            .filter(|o| o.applied)
+            .map(|o| match o.measured_error {
+                Some(e) => format!("{} (measured error {e:.2e})", o.name),
+                None => o.name.clone(),
+            })
+            .collect();
+        let c = result.code;
         total_ms.push(start.elapsed().as_secs_f64() * 1e3);
         compile_ms.push(c.compile_time().as_secs_f64() * 1e3);
         compiled = Some(c);
@@ -317,7 +306,13 @@ pub fn measure(
             "note: approximations applied: {}; row `exact` times the exact plan",
             applied.join(", ")
         ));
-        Some(compile(kernel, &prepared.bindings).map_err(fail)?)
+        let exact = prepared.compiler.clone().with_policy(Policy::exact());
+        Some(
+            exact
+                .compile(kernel, &prepared.bindings)
+                .map_err(fail)?
+                .code,
+        )
     };
     let reference = exact.as_ref().unwrap_or(&compiled);
     let flops = useful_flops(reference.plan());

@@ -13,7 +13,7 @@
 //! `ATTNC_CEILINGS=measure` measures again and rewrites the cache. Within one process the
 //! answer is computed once.
 
-use crate::io::write_atomically;
+use attnc::io::write_atomically;
 use attnc_opt::Ceilings;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -135,7 +135,9 @@ fn fnv1a(text: &str) -> u64 {
 
 /// The cached ceilings in `file` when it holds valid ones for `features`.
 pub fn load(file: &Path, features: &str) -> Option<Ceilings> {
-    let bytes = std::fs::read(file).ok()?;
+    // A cache is a few hundred bytes; anything else (a FIFO, a device, a huge file) is ignored
+    // and the machine measured again.
+    let bytes = attnc::io::read_bounded(file, 64 << 10).ok()?;
     let entry: CacheEntry = serde_json::from_slice(&bytes).ok()?;
     (entry.version == CACHE_VERSION && entry.features == features && entry.ceilings.is_valid())
         .then_some(entry.ceilings)

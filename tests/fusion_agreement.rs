@@ -1,0 +1,118 @@
+//! The optimizer's choice is the plan: for every kernel of every example, at small shapes, the
+//! fused ops the optimizer chose are exactly the fused kernels the planner runs (one fused
+//! attention step per attention op, one prefix-state step per causal linear attention), and
+//! the compiled kernel matches the interpreter on the program as written.
+
+mod common;
+
+use attnc::engine::{execute, Engine};
+use attnc::io::{standard_normal, Tensor};
+use attnc::ir::{Bindings, DType, Op};
+use attnc_jit::plan::StepKind;
+
+/// Every symbol of the kernel at a small odd size (window and block sizes in the examples are
+/// larger, so masks are dense or near-dense here; the tile tests cover sparsity).
+fn small(kernel: &attnc::ir::Kernel) -> Bindings {
+    attnc::ir::bind::kernel_symbols(kernel)
+        .into_iter()
+        .map(|s| (s, 7))
+        .collect()
+}
+
+fn inputs(kernel: &attnc::ir::Kernel, b: &Bindings) -> Vec<Tensor> {
+    kernel
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let shape = attnc::ir::dim::resolve_shape(&p.shape, b).expect("bound");
+            let values = standard_normal(3, i as u64, shape.iter().product());
+            match p.dtype {
+                DType::F32 => Tensor::from_f32(shape, values),
+                DType::F16 => {
+                    Tensor::from_f16(shape, values.into_iter().map(half::f16::from_f32).collect())
+                }
+                DType::Bf16 => Tensor::from_bf16(
+                    shape,
+                    values.into_iter().map(half::bf16::from_f32).collect(),
+                ),
+            }
+            .expect("shape")
+        })
+        .collect()
+}
+
+#[test]
+fn chosen_fused_ops_are_the_planned_fused_kernels_for_every_example() {
+    let mut fused_total = 0;
+    for file in common::example_files() {
+        let text = std::fs::read_to_string(&file).expect("example reads");
+        let module = attnc::source::compile_text(&text).expect("example checks");
+        for kernel in &module.kernels {
+            let name = format!("{}::{}", file.display(), kernel.name);
+            let b = small(kernel);
+            let compiled = attnc::Compiler::new()
+                .compile(kernel, &b)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            // The optimizer's chosen form, as the compiled plan was built from it.
+            let chosen = attnc::Compiler::new().optimize_exact(kernel, &b).kernel;
+            let graph = &chosen.graph;
+            let count = |f: &dyn Fn(&Op) -> bool| {
+                graph
+                    .topo_order()
+                    .into_iter()
+                    .filter(|&id| f(&graph.node(id).op))
+                    .count()
+            };
+            let attention_ops = count(&|op| matches!(op, Op::Attention(_)));
+            let prefix_ops = count(&|op| matches!(op, Op::LinearAttention(l) if l.causal));
+            let steps = &compiled.plan().steps;
+            let attention_steps = steps
+                .iter()
+                .filter(|s| matches!(s.kind, StepKind::Attention(_)))
+                .count();
+            let prefix_steps = steps
+                .iter()
+                .filter(|s| matches!(s.kind, StepKind::Prefix(_)))
+                .count();
+            if kernel.approx.is_empty() {
+                assert_eq!(
+                    attention_ops,
+                    attention_steps,
+                    "{name}:\n{}",
+                    compiled.plan()
+                );
+                assert_eq!(prefix_ops, prefix_steps, "{name}:\n{}", compiled.plan());
+            }
+            fused_total += attention_steps + prefix_steps;
+            // The trace's fusion notes list the same fused ops.
+            let noted = compiled.trace.fusion.iter().filter(|n| n.fused).count();
+            assert_eq!(
+                noted,
+                attention_ops + count(&|op| matches!(op, Op::LinearAttention(_)))
+            );
+
+            let xs = inputs(kernel, &b);
+            let got = compiled.run(&xs, 2).expect("runs").to_f64_vec();
+            let want = execute(kernel, &b, &xs, Engine::Interp, 1)
+                .expect("interprets")
+                .to_f64_vec();
+            let (mut num, mut den) = (0.0, 0.0);
+            for (g, w) in got.iter().zip(&want) {
+                num += (g - w) * (g - w);
+                den += w * w;
+            }
+            let err = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+            let bound = if kernel.ret_dtype == DType::F32 {
+                1e-5
+            } else {
+                1e-2
+            };
+            assert!(err <= bound, "{name}: relative L2 {err:e}");
+        }
+    }
+    assert!(
+        fused_total >= 15,
+        "only {fused_total} fused kernels over the examples"
+    );
+}
