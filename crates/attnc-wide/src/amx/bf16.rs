@@ -68,11 +68,18 @@ pub(crate) unsafe fn run(
 ) -> Result<(), CallError> {
     let form = Form::new(call)?;
     let dv_pad = data.dv_groups * 16;
+    // Every buffer is written before it is read (Q and O per query tile, S and P per key tile;
+    // the lanes of rows past m hold stale but finite values that reach no output).
     let mut sc = Scratch {
-        qt: Lines::zeroed(data.d_chunks * 2 * TILE_BYTES)?,
-        s: Lines::zeroed(2 * S_SLOT)?,
-        p: Lines::zeroed(2 * P_SLOT)?,
-        o: Lines::zeroed(2 * dv_pad * 64)?,
+        qt: Lines::overwritten(data.d_chunks * 2 * TILE_BYTES)?,
+        // With no head dimension no product writes S: scores of 0.
+        s: if data.d_chunks == 0 {
+            Lines::zeroed(2 * S_SLOT)?
+        } else {
+            Lines::overwritten(2 * S_SLOT)?
+        },
+        p: Lines::overwritten(2 * P_SLOT)?,
+        o: Lines::overwritten(2 * dv_pad * 64)?,
         alpha: [[1.0; 32]; 2],
         dv_pad,
     };

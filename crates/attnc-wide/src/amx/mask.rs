@@ -16,8 +16,12 @@ const MAX_DEPTH: usize = 64;
 
 /// A compiled [`KeyMask`].
 pub(crate) enum Mask {
-    Causal,
-    Window(i128),
+    /// `lo ≤ i' − j ≤ hi`: causal (`0..∞`), window (`−w..w`) and their intersections, the
+    /// common patterns, evaluated without recursion.
+    Band {
+        lo: i128,
+        hi: i128,
+    },
     Dilated {
         reach: i128,
         stride: i128,
@@ -42,8 +46,7 @@ impl Mask {
     pub(crate) fn keeps(&self, ia0: i128, j: i128) -> __mmask16 {
         const FAR: i128 = i128::MAX / 4;
         match self {
-            Mask::Causal => interval(j, FAR, ia0),
-            Mask::Window(w) => interval(j - w, j + w, ia0),
+            Mask::Band { lo, hi } => interval(j + lo, j + hi, ia0),
             Mask::Dilated {
                 reach,
                 stride,
@@ -79,9 +82,14 @@ fn compile_at(mask: &KeyMask, depth: usize) -> Result<Mask, CallError> {
             "the key mask nests deeper than {MAX_DEPTH}"
         )));
     }
+    // Keys lie within ±2^64 of any row: wider offsets change nothing.
+    const FAR: i128 = 1 << 100;
     Ok(match mask {
-        KeyMask::Causal => Mask::Causal,
-        KeyMask::Window(w) => Mask::Window(*w as i128),
+        KeyMask::Causal => Mask::Band { lo: 0, hi: FAR },
+        KeyMask::Window(w) => Mask::Band {
+            lo: -(*w as i128),
+            hi: *w as i128,
+        },
         KeyMask::Dilated { w, r } => {
             let stride = (*r).max(1) as i128;
             let mut lane_mod = [0i32; 16];
@@ -97,10 +105,13 @@ fn compile_at(mask: &KeyMask, depth: usize) -> Result<Mask, CallError> {
         }
         KeyMask::Global(g) => Mask::Global(*g as i128),
         KeyMask::Block(b) => Mask::Block((*b).max(1) as i128),
-        KeyMask::And(a, b) => Mask::And(
-            Box::new(compile_at(a, depth + 1)?),
-            Box::new(compile_at(b, depth + 1)?),
-        ),
+        KeyMask::And(a, b) => match (compile_at(a, depth + 1)?, compile_at(b, depth + 1)?) {
+            (Mask::Band { lo: a0, hi: a1 }, Mask::Band { lo: b0, hi: b1 }) => Mask::Band {
+                lo: a0.max(b0),
+                hi: a1.min(b1),
+            },
+            (a, b) => Mask::And(Box::new(a), Box::new(b)),
+        },
         KeyMask::Or(a, b) => Mask::Or(
             Box::new(compile_at(a, depth + 1)?),
             Box::new(compile_at(b, depth + 1)?),

@@ -22,6 +22,7 @@
 //! back to the rows that keep their key, so a masked key's NaN never reaches a row.
 
 use std::arch::x86_64::*;
+use std::sync::Mutex;
 
 use super::simd::{first, join, load, non_finite, split_bf16, transpose16};
 use super::tile::TILE_BYTES;
@@ -33,17 +34,53 @@ use crate::problem::{Call, CallError, Operand};
 #[derive(Clone, Copy)]
 pub(crate) struct Line(pub(crate) [u8; 64]);
 
-/// A zeroed, 64-byte aligned buffer.
+/// A zeroed, 64-byte aligned buffer. Large buffers go back to a process-wide pool when
+/// dropped and are reused by the next packing or call, so that repeated calls do not fault in
+/// fresh pages (about half of packing's time otherwise).
 pub(crate) struct Lines(Vec<Line>);
+
+/// Buffers of at least this many bytes are pooled (the scratch of a call too).
+const POOLED: usize = 4 << 10;
+/// The pool keeps at most this many bytes.
+const POOL_BYTES: usize = 256 << 20;
+
+static POOL: Mutex<Vec<Vec<Line>>> = Mutex::new(Vec::new());
 
 impl Lines {
     /// At least `bytes` zero bytes; an error instead of an abort when memory runs out.
     pub(crate) fn zeroed(bytes: usize) -> Result<Lines, CallError> {
+        Lines::take(bytes, true)
+    }
+
+    /// At least `bytes` bytes of unspecified (initialized) content, for a caller that writes
+    /// all of them: a pooled buffer is not cleared first.
+    pub(crate) fn overwritten(bytes: usize) -> Result<Lines, CallError> {
+        Lines::take(bytes, false)
+    }
+
+    fn take(bytes: usize, zero: bool) -> Result<Lines, CallError> {
         let lines = bytes.div_ceil(64);
-        let mut v = Vec::new();
-        v.try_reserve_exact(lines).map_err(|_| {
-            CallError::Shape(format!("cannot allocate {bytes} bytes of packed operands"))
-        })?;
+        let mut v = if bytes >= POOLED {
+            // The smallest pooled buffer that fits (a poisoned pool is just not used).
+            POOL.lock().ok().and_then(|mut pool| {
+                let best = (0..pool.len())
+                    .filter(|&i| pool[i].capacity() >= lines)
+                    .min_by_key(|&i| pool[i].capacity())?;
+                Some(pool.swap_remove(best))
+            })
+        } else {
+            None
+        }
+        .unwrap_or_default();
+        if zero {
+            v.clear();
+        } else {
+            v.truncate(lines);
+        }
+        v.try_reserve_exact(lines.saturating_sub(v.len()))
+            .map_err(|_| {
+                CallError::Shape(format!("cannot allocate {bytes} bytes of packed operands"))
+            })?;
         v.resize(lines, Line([0; 64]));
         Ok(Lines(v))
     }
@@ -61,6 +98,21 @@ impl Lines {
     /// The length in bytes.
     pub(crate) fn bytes(&self) -> usize {
         self.0.len() * 64
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let bytes = self.0.capacity() * 64;
+        if bytes < POOLED {
+            return;
+        }
+        if let Ok(mut pool) = POOL.lock() {
+            let held: usize = pool.iter().map(|v| v.capacity() * 64).sum();
+            if held + bytes <= POOL_BYTES {
+                pool.push(std::mem::take(&mut self.0));
+            }
+        }
     }
 }
 
@@ -150,8 +202,10 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
     let dv_groups = dv.div_ceil(16);
     let k_bytes = bytes(&[key_tiles, 4, d_chunks, TILE_BYTES])?;
     let v_bytes = bytes(&[key_tiles, 2, dv_groups, TILE_BYTES])?;
-    let mut k_hi = Lines::zeroed(k_bytes)?;
-    let mut k_lo = Lines::zeroed(k_bytes)?;
+    let mut k_hi = Lines::overwritten(k_bytes)?;
+    let mut k_lo = Lines::overwritten(k_bytes)?;
+    zero_padding(&mut k_hi, n, key_tiles, d_chunks);
+    zero_padding(&mut k_lo, n, key_tiles, d_chunks);
     let mut lo_any = _mm512_setzero_si512();
     for j in 0..n {
         for c in 0..d_chunks {
@@ -182,8 +236,9 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
     }
     let k_lo = (_mm512_test_epi32_mask(lo_any, lo_any) != 0).then_some(k_lo);
 
-    let mut v_hi = Lines::zeroed(v_bytes)?;
-    let mut v_lo = Lines::zeroed(v_bytes)?;
+    // Every row of every Vᵀ tile is written below (zeros past n).
+    let mut v_hi = Lines::overwritten(v_bytes)?;
+    let mut v_lo = Lines::overwritten(v_bytes)?;
     let mut v_lo_any = _mm512_setzero_si512();
     let mut bad = Vec::new();
     let mut block = [[_mm512_setzero_ps(); 16]; 2];
@@ -232,6 +287,18 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
     })
 }
 
+/// Zeros the K rows of the padding keys `n..key_tiles·64`, the only rows of K that the loops
+/// over keys do not write.
+fn zero_padding(k: &mut Lines, n: usize, key_tiles: usize, d_chunks: usize) {
+    for j in n..key_tiles * KEY_TILE {
+        for c in 0..d_chunks {
+            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
+            // SAFETY: row j % 16 of tile (j / 16, c) lies inside the buffer.
+            unsafe { std::ptr::write_bytes(k.ptr_mut().add(at), 0, 64) };
+        }
+    }
+}
+
 /// `x` with its non-finite lanes set to 0, recorded as (key, column, value).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
@@ -278,8 +345,8 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
     let v_bytes = bytes(&[key_tiles, dv_groups, TILE_BYTES])?;
     let d16 = d.div_ceil(16);
 
-    // μ: the mean of the finite keys, accumulated in f64.
-    let mut sum = vec![0.0f64; d16 * 16];
+    // μ: the mean of the finite keys, accumulated in f64 (two 8-lane halves per 16 columns).
+    let mut sum = vec![_mm512_setzero_pd(); 2 * d16];
     let mut finite = vec![true; n];
     let mut count = 0usize;
     let mut row = vec![_mm512_setzero_ps(); d16];
@@ -293,15 +360,21 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         *finite = bad == 0;
         if *finite {
             count += 1;
-            for (b, r) in row.iter().enumerate() {
-                // SAFETY: __m512 is 16 plain f32.
-                let lanes: [f32; 16] = unsafe { std::mem::transmute(*r) };
-                for (s, x) in sum[16 * b..16 * b + 16].iter_mut().zip(lanes) {
-                    *s += x as f64;
-                }
+            for (r, s) in row.iter().zip(sum.chunks_exact_mut(2)) {
+                let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(*r));
+                let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                    _mm512_castps_pd(*r),
+                )));
+                s[0] = _mm512_add_pd(s[0], lo);
+                s[1] = _mm512_add_pd(s[1], hi);
             }
         }
     }
+    let sum: Vec<f64> = sum
+        .iter()
+        // SAFETY: __m512d is 8 plain f64.
+        .flat_map(|v| unsafe { std::mem::transmute::<__m512d, [f64; 8]>(*v) })
+        .collect();
     let k_mean: Vec<f32> = sum
         .iter()
         .map(|s| {
@@ -313,12 +386,23 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         })
         .collect();
 
-    let mut k_hi = Lines::zeroed(k_bytes)?;
-    let mut k_lo = Lines::zeroed(k_bytes)?;
+    let mut k_hi = Lines::overwritten(k_bytes)?;
+    let mut k_lo = Lines::overwritten(k_bytes)?;
+    zero_padding(&mut k_hi, n, key_tiles, d_chunks);
+    zero_padding(&mut k_lo, n, key_tiles, d_chunks);
     let mut k_scale = vec![0.0f32; padded];
     for j in 0..n {
         if !finite[j] {
+            // The scale carries the NaN; the digits are zero.
             k_scale[j] = f32::NAN;
+            for c in 0..d_chunks {
+                let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
+                // SAFETY: row j % 16 of tile (j / 16, c), which exists for j < n.
+                unsafe {
+                    std::ptr::write_bytes(k_hi.ptr_mut().add(at), 0, 64);
+                    std::ptr::write_bytes(k_lo.ptr_mut().add(at), 0, 64);
+                }
+            }
             continue;
         }
         let mut amax = _mm512_setzero_ps();
@@ -363,8 +447,9 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         }
     }
 
-    let mut v_hi = Lines::zeroed(v_bytes)?;
-    let mut v_lo = Lines::zeroed(if INT8_V_DIGITS == 2 { v_bytes } else { 0 })?;
+    // Every row of every Vᵀ tile is written below (zeros past n).
+    let mut v_hi = Lines::overwritten(v_bytes)?;
+    let mut v_lo = Lines::overwritten(if INT8_V_DIGITS == 2 { v_bytes } else { 0 })?;
     let mut v_scale = vec![0.0f32; bytes(&[key_tiles, dv_groups, 16])?];
     let mut bad = Vec::new();
     let mut tile = vec![_mm512_setzero_ps(); KEY_TILE];
