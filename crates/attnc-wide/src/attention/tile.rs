@@ -37,7 +37,7 @@ use half::{bf16, f16};
 use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::{exp2, exp2_below, exp2_below_constants, EXP2_BELOW_LIMIT};
 use super::score::ScoreForm;
-use super::widen::{first_lanes, widen_row};
+use super::widen::{first_lanes, widen_rows};
 use super::{KEY_TILE, QUERY_TILE};
 use crate::problem::{Call, Elements, Operand, Output};
 
@@ -118,11 +118,13 @@ unsafe fn tile_rows<'a>(operand: &Operand<'a>, tile: usize, buffer: &'a mut Alig
         };
     }
     let end = (j0 + KEY_TILE).min(operand.rows);
-    let out = buffer.get_mut();
-    for j in j0..end {
-        let dst = &mut out[(j - j0) * cols..(j - j0 + 1) * cols];
-        // SAFETY: AVX-512 is present; row j < rows lies inside the operand.
-        unsafe { widen_row(operand.data, j, operand.row_stride, dst, 1.0) };
+    let (out, stride) = (buffer.get_mut(), operand.row_stride);
+    // SAFETY (both): AVX-512 is present; rows j0..end < rows lie inside the checked operand
+    // and the buffer holds KEY_TILE rows of `cols`.
+    match operand.data {
+        Elements::F16(x) => unsafe { widen_rows(x.as_ptr(), stride, j0..end, cols, out) },
+        Elements::Bf16(x) => unsafe { widen_rows(x.as_ptr(), stride, j0..end, cols, out) },
+        Elements::F32(_) => {}
     }
     // Row j0 + r of the operand is row r of the buffer.
     Rows {

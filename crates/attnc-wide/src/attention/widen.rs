@@ -127,3 +127,39 @@ pub(super) unsafe fn widen_row(
         Elements::Bf16(x) => unsafe { widen_scaled(&x[start..end], dst, scale) },
     }
 }
+
+/// Rows `rows` of a row-major operand (`cols` elements, rows `stride` apart, from `src`)
+/// widened into `dst`, row `rows.start + r` at `r · cols`: one typed loop for a whole key tile.
+///
+/// # Safety
+/// AVX-512 is present, the rows lie inside the operand and `dst` holds `rows.len() · cols`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn widen_rows<E: Widen>(
+    src: *const E,
+    stride: usize,
+    rows: std::ops::Range<usize>,
+    cols: usize,
+    dst: &mut [f32],
+) {
+    assert!(
+        dst.len() >= rows.len() * cols,
+        "invariant: the tile buffer holds the rows"
+    );
+    let (full, tail) = (cols / 16, first_lanes(cols % 16));
+    let mut out = dst.as_mut_ptr();
+    for j in rows {
+        let row = src.wrapping_add(j * stride);
+        // SAFETY: row j's `cols` elements are readable (the caller's contract); `out` stays
+        // inside `dst` (checked above).
+        unsafe {
+            for c in 0..full {
+                _mm512_storeu_ps(out.add(c * 16), E::load(row.add(c * 16)));
+            }
+            if tail != 0 {
+                let x = E::load_masked(row.add(full * 16), tail);
+                _mm512_mask_storeu_ps(out.add(full * 16), tail, x);
+            }
+            out = out.add(cols);
+        }
+    }
+}
