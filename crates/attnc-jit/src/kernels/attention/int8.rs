@@ -41,12 +41,12 @@
 //! 32-key blocks), Q to 65535 levels (negligible); nothing else: the i32 sums are exact and
 //! the softmax runs in f32. Together about 0.9 % relative L2 on standard-normal inputs.
 
-use super::codegen::{
+use super::quant::{QuantLayout, KEY_BLOCK};
+use super::skeleton::{
     define_with_table, max_shift, mem, Bases, CallParams, DefinedAttention, Emitter, QueryTile,
     Row, Skeleton,
 };
-use super::quant::{QuantLayout, KEY_BLOCK};
-use super::{AttentionSpec, ScoreExpr, QUERY_TILE};
+use super::spec::{AttentionSpec, ScoreExpr, QUERY_TILE};
 use crate::error::Result;
 use crate::kernels::counted_loop;
 use crate::simd::{

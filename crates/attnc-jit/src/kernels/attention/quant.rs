@@ -31,7 +31,7 @@
 //! multiple of 4. Rounding is to nearest, ties to even; non-finite inputs give non-finite
 //! scales and never panic.
 
-use super::{AttentionSpec, ScoreExpr, TensorRef};
+use super::spec::{AttentionSpec, ScoreExpr, TensorRef};
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use attnc_ir::BinaryOp;
