@@ -8,6 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::mask::Mask;
+use super::pack::{Data, Lines};
 use super::simd::{first, tanh, transpose16, Accurate, Exp2};
 use crate::problem::{Bias, Call, CallError, KeyMask, Output};
 
@@ -223,6 +224,32 @@ pub(crate) unsafe fn finalize(
             } else {
                 ((m as f64) * std::f64::consts::LN_2 + (s as f64).ln()) as f32
             };
+        }
+    }
+}
+
+/// Adds V's non-finite values of key tile `kt` to the rows `r0..r0 + valid` that keep their
+/// key, in the transposed accumulator `o` (`[row group][dv_pad][16]` f32), after that tile's
+/// products were added.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn poison(
+    form: &Form<'_>,
+    data: &Data,
+    o: &mut Lines,
+    dv_pad: usize,
+    kt: usize,
+    partial: bool,
+    r0: usize,
+    valid: usize,
+) {
+    for &(j, c, v) in data.bad_v.of_tile(kt) {
+        for r in 0..valid {
+            if form.keeps(r0 + r, j, partial) {
+                let at = ((r / 16) * dv_pad + c) * 16 + r % 16;
+                // SAFETY: row group r / 16 < 2, column c < dv ≤ dv_pad, lane r % 16: inside o,
+                // which holds 2·dv_pad·16 f32.
+                unsafe { *o.ptr_mut().cast::<f32>().add(at) += v };
+            }
         }
     }
 }

@@ -21,10 +21,16 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+mod softmax;
+mod tiles;
+
+use softmax::{scores, weights};
+use tiles::Work;
+
 use super::pack::{digits, Data, Lines};
-use super::score::{finalize, Form, RowState};
+use super::score::{finalize, poison, Form, RowState};
 use super::simd::{finite_or_zero, first, hsum, load, nan_max_v, non_finite, Exp2, Weights};
-use super::tile::{self, Session, TILE_BYTES};
+use super::tile::{Session, TILE_BYTES};
 use super::{KEY_TILE, QUERY_TILE};
 use crate::problem::{Call, CallError, Output};
 
@@ -148,14 +154,14 @@ unsafe fn query_tile(
         );
         let j0 = kt * KEY_TILE;
         let plain = form.plain_tile(j0, partial);
-        // SAFETY (both passes): rows i0.. < m, keys of tile kt (scales padded to whole
-        // tiles); the tile state is live and every tile index lies below key_tiles.
         let mut done = 0;
         let ks = data.k_scale.as_ptr().wrapping_add(j0);
         for rg in 0..groups {
             let i0 = r0 + 16 * rg;
             let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
             for (sb, mx) in mx.iter_mut().enumerate() {
+                // SAFETY: rows i0.. < m, keys of tile kt (scales padded to whole tiles); the
+                // tile state is live and every tile index lies below key_tiles.
                 unsafe {
                     *mx = if plain {
                         scores::<true>(form, sc, ks, slot, rg, i0, j0, sb, false)
@@ -176,6 +182,7 @@ unsafe fn query_tile(
             let bu = finite_or_zero(block);
             let mut sum = _mm512_setzero_ps();
             for sb in 0..4 {
+                // SAFETY: pass 1 stored these keys' scores; as above for the tile steps.
                 unsafe {
                     let s = weights(exp2, sc, slot, rg, sb, plain, f2, _mm512_sub_ps(s2, bu), bu);
                     sum = _mm512_add_ps(sum, s);
@@ -189,7 +196,7 @@ unsafe fn query_tile(
         unsafe { work.finish(done, data, sc) };
         if let Some((k, p, s)) = prev {
             combine(data, sc, k, s, groups);
-            poison(form, data, sc, k, p, r0, valid);
+            poison(form, data, &mut sc.o, sc.dv_pad, k, p, r0, valid);
         }
         prev = Some((kt, partial, slot));
         slot ^= 1;
@@ -199,7 +206,7 @@ unsafe fn query_tile(
         // SAFETY: as above.
         unsafe { Work::new(data, Some((k, s)), None).finish(0, data, sc) };
         combine(data, sc, k, s, groups);
-        poison(form, data, sc, k, p, r0, valid);
+        poison(form, data, &mut sc.o, sc.dv_pad, k, p, r0, valid);
     }
     for rg in 0..groups {
         let i0 = r0 + 16 * rg;
@@ -311,129 +318,6 @@ unsafe fn convert_q(
     }
 }
 
-/// Pass 1 on keys `16sb..16sb + 16`: the scores of row group `rg` from the two i32 products,
-/// stored over `hh` (plain: `y = s_k·(hh + cross/254)`; else `x₂` of the full form); returns
-/// their lane-wise maximum.
-///
-/// # Safety
-/// `i0 < m`; `ks` points at the key tile's 64 scales; the S slot holds this tile's products.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn scores<const PLAIN: bool>(
-    form: &Form<'_>,
-    sc: &mut Scratch,
-    ks: *const f32,
-    slot: usize,
-    rg: usize,
-    i0: usize,
-    j0: usize,
-    sb: usize,
-    partial: bool,
-) -> __m512 {
-    let inv254 = _mm512_set1_ps(1.0 / 254.0);
-    // SAFETY: keys 16sb.. of row group rg in the slot's two parts.
-    let hh = unsafe {
-        sc.s.ptr_mut()
-            .add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64)
-    };
-    let xx = unsafe { hh.add(S_PART) };
-    let (factor, shift) = if PLAIN {
-        (_mm512_setzero_ps(), _mm512_setzero_ps())
-    } else {
-        // SAFETY: 16 of the 32 factors each.
-        unsafe {
-            (
-                _mm512_loadu_ps(sc.q_factor.as_ptr().add(16 * rg)),
-                _mm512_loadu_ps(sc.q_shift.as_ptr().add(16 * rg)),
-            )
-        }
-    };
-    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-    for e in 0..16 {
-        // SAFETY: vector e of both parts; the scale of key 16sb + e.
-        unsafe {
-            let h = _mm512_cvtepi32_ps(_mm512_load_si512(hh.add(64 * e).cast()));
-            let c = _mm512_cvtepi32_ps(_mm512_load_si512(xx.add(64 * e).cast()));
-            let y = _mm512_mul_ps(
-                _mm512_fmadd_ps(c, inv254, h),
-                _mm512_set1_ps(*ks.add(16 * sb + e)),
-            );
-            let x = if PLAIN {
-                y
-            } else {
-                let s = _mm512_fmadd_ps(y, factor, shift);
-                form.finish(s, i0, j0 + 16 * sb + e, partial)
-            };
-            _mm512_store_ps(hh.add(64 * e).cast(), x);
-            mx = _mm512_max_ps(mx, x);
-        }
-    }
-    mx
-}
-
-/// Pass 2 on keys `16sb..16sb + 16` of row group `rg`: `e = 255·2^t` with
-/// `t = y·f₂ + (s₂ − b)` (plain) or `x₂ − b`, quantized to u8 into the Pᵀ slot (4 keys per
-/// row in a 32-bit lane); returns the lane-wise sum of `e`.
-///
-/// # Safety
-/// The S slot holds pass 1's scores of these keys.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn weights(
-    exp2: &Weights,
-    sc: &mut Scratch,
-    slot: usize,
-    rg: usize,
-    sb: usize,
-    plain: bool,
-    f2: __m512,
-    offset: __m512,
-    block: __m512,
-) -> __m512 {
-    // SAFETY: keys 16sb.. of row group rg in the slot; rows 4sb.. of Pᵀ tile rg.
-    let (src, dst) = unsafe {
-        (
-            sc.s.ptr()
-                .add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64)
-                .cast::<f32>(),
-            sc.p.ptr_mut()
-                .add(slot * P_SLOT + rg * TILE_BYTES + 4 * sb * 64),
-        )
-    };
-    // Within each 128-bit block, bytes [k0 r0..r3, k1 r0..r3, k2 …, k3 …] → [r0 k0..k3, r1 …].
-    let transpose4 = _mm512_set4_epi32(0x0f0b0703, 0x0e0a0602, 0x0d090501, 0x0c080400);
-    let mut sum = _mm512_setzero_ps();
-    for quad in 0..4 {
-        let mut n = [_mm512_setzero_si512(); 4];
-        for (k, n) in n.iter_mut().enumerate() {
-            // SAFETY: vector 4·quad + k of the keys.
-            let x = unsafe { _mm512_load_ps(src.add(16 * (4 * quad + k))) };
-            let t = if plain {
-                _mm512_fmadd_ps(x, f2, offset)
-            } else {
-                _mm512_sub_ps(x, block)
-            };
-            let e = exp2.eval(t);
-            sum = _mm512_add_ps(sum, e);
-            *n = _mm512_cvtps_epi32(e);
-        }
-        let bytes = _mm512_packus_epi16(
-            _mm512_packus_epi32(n[0], n[1]),
-            _mm512_packus_epi32(n[2], n[3]),
-        );
-        // SAFETY: row 4sb + quad of the Pᵀ tile.
-        unsafe {
-            _mm512_store_si512(
-                dst.add(quad * 64).cast(),
-                _mm512_shuffle_epi8(bytes, transpose4),
-            );
-        }
-    }
-    sum
-}
-
 /// The row bookkeeping of row group `rg` after a key tile with maxima `block` and weight sums
 /// `sum`: the running maximum and sum, and `α`, `β` of the tile's slot.
 #[inline]
@@ -465,154 +349,6 @@ fn update(sc: &mut Scratch, st: &mut RowState, slot: usize, rg: usize, block: __
     }
 }
 
-/// The tile-unit work issued between the softmax vectors of one key tile: `Vᵀ·Pᵀ` of the
-/// previous tile (`prev`: key tile, P slot), then `Sᵀ` of the next (`next`: key tile, S slot).
-/// S: tiles 0–1 accumulate, 2–3 stream K, 4–7 hold Qᵀ (hi and lo of both row groups). P·V:
-/// tiles 0–3 accumulate (hi and lo of both row groups), 6–7 stream Vᵀ, 4–5 hold Pᵀ.
-struct Work {
-    prev: Option<(usize, usize)>,
-    next: Option<(usize, usize)>,
-    pv_steps: usize,
-    steps: usize,
-}
-
-impl Work {
-    fn new(data: &Data, prev: Option<(usize, usize)>, next: Option<(usize, usize)>) -> Work {
-        let pv_steps = if prev.is_some() { data.dv_groups } else { 0 };
-        let s_steps = if next.is_some() { data.d_chunks * 4 } else { 0 };
-        Work {
-            prev,
-            next,
-            pv_steps,
-            steps: pv_steps + s_steps,
-        }
-    }
-
-    /// Runs steps `done..want`; returns how many are done.
-    ///
-    /// # Safety
-    /// A tile session is live; the key tiles lie below `data.key_tiles`; `sc` was sized for
-    /// `data`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn until(&self, want: usize, done: usize, data: &Data, sc: &mut Scratch) -> usize {
-        for k in done..want {
-            // SAFETY: the caller's contract.
-            unsafe {
-                if k < self.pv_steps {
-                    self.pv_step(k, data, sc);
-                } else {
-                    self.s_step(k - self.pv_steps, data, sc);
-                }
-            }
-        }
-        want.max(done)
-    }
-
-    /// Runs the remaining steps.
-    ///
-    /// # Safety
-    /// As [`Work::until`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn finish(&self, done: usize, data: &Data, sc: &mut Scratch) {
-        // SAFETY: the caller's contract.
-        unsafe { self.until(self.steps, done, data, sc) };
-    }
-
-    /// Value-column group `g` of `Vᵀ·Pᵀ` into the PV buffer (Pᵀ loaded at the first group).
-    ///
-    /// # Safety
-    /// As [`Work::until`].
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn pv_step(&self, g: usize, data: &Data, sc: &mut Scratch) {
-        let Some((kt, slot)) = self.prev else { return };
-        let rg_stride = sc.dv_pad * 64;
-        // SAFETY: Pᵀ tiles of the slot, Vᵀ tiles (kt, g) and PV tiles (part, rg, g) lie
-        // inside their buffers.
-        unsafe {
-            if g == 0 {
-                let p = sc.p.ptr().add(slot * P_SLOT);
-                tile::load::<4>(p, 64);
-                tile::load::<5>(p.add(TILE_BYTES), 64);
-            }
-            let v = (kt * data.dv_groups + g) * TILE_BYTES;
-            let pv = sc.pv.ptr_mut().add(g * TILE_BYTES);
-            tile::zero::<0>();
-            tile::zero::<1>();
-            tile::load::<6>(data.v_hi.ptr().add(v), 64);
-            tile::dp_i8u8::<0, 6, 4>();
-            tile::dp_i8u8::<1, 6, 5>();
-            tile::store::<0>(pv, 64);
-            tile::store::<1>(pv.add(rg_stride), 64);
-            if let Some(v_lo) = &data.v_lo {
-                tile::zero::<2>();
-                tile::zero::<3>();
-                tile::load::<7>(v_lo.ptr().add(v), 64);
-                tile::dp_i8u8::<2, 7, 4>();
-                tile::dp_i8u8::<3, 7, 5>();
-                tile::store::<2>(pv.add(2 * rg_stride), 64);
-                tile::store::<3>(pv.add(3 * rg_stride), 64);
-            }
-        }
-    }
-
-    /// Key group `g` of `Sᵀ` for dimension chunk `c` (Qᵀ loaded at the chunk's first group;
-    /// accumulators from 0 at the first chunk, from the stored partial sums after it).
-    ///
-    /// # Safety
-    /// As [`Work::until`].
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn s_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
-        let Some((kt, slot)) = self.next else { return };
-        let Some(k_lo) = &data.k_lo else { return };
-        let ch = data.d_chunks;
-        let (c, g) = (k / 4, k % 4);
-        // SAFETY: Qᵀ tiles (c, rg), K tiles (4kt + g, c) and the slot's S tiles (part, rg, g)
-        // lie inside their buffers.
-        unsafe {
-            if g == 0 {
-                let at = 2 * c * TILE_BYTES;
-                tile::load::<4>(sc.q_hi.ptr().add(at), 64);
-                tile::load::<5>(sc.q_lo.ptr().add(at), 64);
-                tile::load::<6>(sc.q_hi.ptr().add(at + TILE_BYTES), 64);
-                tile::load::<7>(sc.q_lo.ptr().add(at + TILE_BYTES), 64);
-            }
-            let kk = ((4 * kt + g) * ch + c) * TILE_BYTES;
-            tile::load::<2>(data.k_hi.ptr().add(kk), 64);
-            tile::load::<3>(k_lo.ptr().add(kk), 64);
-            let hh = sc.s.ptr_mut().add(slot * S_SLOT + g * TILE_BYTES);
-            let x = hh.add(S_PART);
-            let rg1 = KEY_TILE * 64;
-            if c == 0 {
-                tile::zero::<0>();
-                tile::zero::<1>();
-            } else {
-                tile::load::<0>(hh, 64);
-                tile::load::<1>(x, 64);
-            }
-            tile::dp_i8i8::<0, 2, 4>();
-            tile::dp_i8i8::<1, 3, 4>();
-            tile::dp_i8i8::<1, 2, 5>();
-            tile::store::<0>(hh, 64);
-            tile::store::<1>(x, 64);
-            if c == 0 {
-                tile::zero::<0>();
-                tile::zero::<1>();
-            } else {
-                tile::load::<0>(hh.add(rg1), 64);
-                tile::load::<1>(x.add(rg1), 64);
-            }
-            tile::dp_i8i8::<0, 2, 6>();
-            tile::dp_i8i8::<1, 3, 6>();
-            tile::dp_i8i8::<1, 2, 7>();
-            tile::store::<0>(hh.add(rg1), 64);
-            tile::store::<1>(x.add(rg1), 64);
-        }
-    }
-}
-
 /// `Oᵀ ← α·Oᵀ + β·(s_v·PVhi + s_v/254·PVlo)` for key tile `kt` of slot `slot`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 fn combine(data: &Data, sc: &mut Scratch, kt: usize, slot: usize, groups: usize) {
@@ -627,17 +363,18 @@ fn combine(data: &Data, sc: &mut Scratch, kt: usize, slot: usize, groups: usize)
             )
         };
         let keep = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(a, _mm512_set1_ps(1.0)) == 0;
+        let inv254 = _mm512_set1_ps(1.0 / 254.0);
         for c in 0..dv_pad {
-            let vs = data.v_scale[kt * dv_pad + c];
+            let vs = _mm512_set1_ps(data.v_scale[kt * dv_pad + c]);
             // SAFETY: vector (part, rg, c) of PV and (rg, c) of Oᵀ.
             unsafe {
                 let pv = sc.pv.ptr().cast::<i32>().add((rg * dv_pad + c) * 16);
-                let h = _mm512_cvtepi32_ps(_mm512_load_si512(pv.cast()));
-                let mut t = _mm512_mul_ps(h, _mm512_set1_ps(vs));
+                let mut t = _mm512_cvtepi32_ps(_mm512_load_si512(pv.cast()));
                 if lo {
-                    let l = _mm512_cvtepi32_ps(_mm512_load_si512(pv.add(2 * dv_pad * 16).cast()));
-                    t = _mm512_fmadd_ps(l, _mm512_set1_ps(vs / 254.0), t);
+                    let l = _mm512_load_si512(pv.add(2 * dv_pad * 16).cast());
+                    t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(l), inv254, t);
                 }
+                let t = _mm512_mul_ps(t, vs);
                 let o = sc.o.ptr_mut().cast::<f32>().add((rg * dv_pad + c) * 16);
                 let prev = if keep {
                     _mm512_load_ps(o)
@@ -645,28 +382,6 @@ fn combine(data: &Data, sc: &mut Scratch, kt: usize, slot: usize, groups: usize)
                     _mm512_mul_ps(_mm512_load_ps(o), a)
                 };
                 _mm512_store_ps(o, _mm512_fmadd_ps(t, b, prev));
-            }
-        }
-    }
-}
-
-/// Adds V's non-finite values of key tile `kt` to the rows that keep their key (after that
-/// tile's combination).
-fn poison(
-    form: &Form<'_>,
-    data: &Data,
-    sc: &mut Scratch,
-    kt: usize,
-    partial: bool,
-    r0: usize,
-    valid: usize,
-) {
-    for &(j, c, v) in data.bad_v.of_tile(kt) {
-        for r in 0..valid {
-            if form.keeps(r0 + r, j, partial) {
-                let at = ((r / 16) * sc.dv_pad + c) * 16 + r % 16;
-                // SAFETY: row group r / 16, column c < dv ≤ dv_pad, lane r % 16: inside Oᵀ.
-                unsafe { *sc.o.ptr_mut().cast::<f32>().add(at) += v };
             }
         }
     }
