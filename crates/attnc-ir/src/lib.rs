@@ -6,6 +6,7 @@
 
 pub mod bind;
 pub mod build;
+pub mod compare;
 pub mod dim;
 pub mod dot;
 pub mod fused;

@@ -156,16 +156,7 @@ fn run(c: &Compiled, inputs: &[Input], cuts: &[usize]) -> Vec<f32> {
 }
 
 fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (&g, &w) in got.iter().zip(want.iter()) {
-        num += (f64::from(g) - w).powi(2);
-        den += w * w;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
+    attnc_ir::compare::compare(got.iter().map(|&g| f64::from(g)), want.iter().copied()).error()
 }
 
 /// Compiles `src` at `dims`, runs it on random inputs and compares with the interpreter.

@@ -11,9 +11,7 @@ const DENSE: &str = "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d])
     return softmax(q @ k.T / sqrt(d)) @ v; }";
 
 fn relative_l2(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
-    let norm: f64 = b.iter().map(|y| y * y).sum();
-    (diff / norm).sqrt()
+    attnc_ir::compare::compare(a.iter().copied(), b.iter().copied()).error()
 }
 
 /// The optimized kernel under `allowed`, and its relative error against the exact result on

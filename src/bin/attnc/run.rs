@@ -181,27 +181,11 @@ fn verify(prepared: &Prepared, output: &Tensor) -> Result<Verification, Failure>
         1,
     )
     .map_err(|e| Failure::input("run", e.to_string()))?;
-    let (got, want) = (output.to_f64_vec(), reference.to_f64_vec());
-    let mut v = Verification {
-        relative_l2: 0.0,
-        max_abs: 0.0,
-        nan_mismatches: 0,
-    };
-    let (mut num, mut den) = (0.0, 0.0);
-    for (&g, &w) in got.iter().zip(&want) {
-        if g.is_nan() || w.is_nan() {
-            v.nan_mismatches += usize::from(g.is_nan() != w.is_nan());
-            continue;
-        }
-        let diff = if g == w { 0.0 } else { g - w };
-        num += diff * diff;
-        den += w * w;
-        v.max_abs = v.max_abs.max(diff.abs());
-    }
-    v.relative_l2 = if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
+    let c = attnc::ir::compare::compare(output.to_f64_vec(), reference.to_f64_vec());
+    let v = Verification {
+        relative_l2: c.relative_l2,
+        max_abs: c.max_abs,
+        nan_mismatches: c.nan_mismatches,
     };
     Ok(v)
 }

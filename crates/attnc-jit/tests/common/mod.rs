@@ -110,31 +110,20 @@ pub fn run_jit(
     compiled.run(&inputs, threads).expect("jit run")
 }
 
-/// Relative L2 error of `got` against `want`, with NaN positions required to agree.
+/// Relative L2 error of `got` against `want` ([`attnc_ir::compare`]), with NaN and infinite
+/// positions required to agree.
 pub fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
     assert_eq!(got.len(), want.len(), "element counts differ");
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want.iter()) {
-        let g = *g as f64;
-        if w.is_nan() || g.is_nan() {
-            assert!(
-                w.is_nan() && g.is_nan(),
-                "NaN mismatch: jit {g}, interpreter {w}"
-            );
-            continue;
-        }
-        if w.is_infinite() || g.is_infinite() {
-            assert_eq!(g, *w, "infinity mismatch");
-            continue;
-        }
-        num += (g - w) * (g - w);
-        den += w * w;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
+    let c = attnc_ir::compare::compare(got.iter().map(|&g| f64::from(g)), want.iter().copied());
+    assert_eq!(
+        c.nan_mismatches, 0,
+        "NaN mismatch between the jit and the interpreter"
+    );
+    assert_eq!(
+        c.inf_mismatches, 0,
+        "infinity mismatch between the jit and the interpreter"
+    );
+    c.relative_l2
 }
 
 /// Compiles `src` at `dims` as written and as the optimizer rewrites it (its fused ops run

@@ -98,27 +98,17 @@ fn inputs(kernel: &Kernel, bindings: &Bindings, mut seed: u64) -> Vec<ArrayD<f64
         .collect()
 }
 
-/// `||a - b|| / ||a||`, with NaN and infinite positions required to agree exactly.
+/// The relative L2 error of `b` against `a` ([`attnc_ir::compare`]); NaN and infinite
+/// positions must agree.
 pub fn rel_l2(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
-    let (mut num, mut den) = (0.0, 0.0);
-    for (x, y) in a.iter().zip(b.iter()) {
-        assert_eq!(x.is_nan(), y.is_nan(), "NaN positions differ: {x} vs {y}");
-        if x.is_nan() {
-            continue;
-        }
-        if x.is_infinite() || y.is_infinite() {
-            assert_eq!(x, y, "infinities differ");
-            continue;
-        }
-        num += (x - y) * (x - y);
-        den += x * x;
-    }
-    if num == 0.0 {
-        0.0
-    } else {
-        (num / den.max(f64::MIN_POSITIVE)).sqrt()
-    }
+    let c = attnc_ir::compare::compare(b.iter().copied(), a.iter().copied());
+    assert_eq!(
+        (c.nan_mismatches, c.inf_mismatches),
+        (0, 0),
+        "NaN or infinite positions differ"
+    );
+    c.relative_l2
 }
 
 /// Checks `spec` on one case: `params` is a kernel parameter list, `vars` the pattern
