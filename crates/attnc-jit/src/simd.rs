@@ -164,7 +164,7 @@ pub fn const_f32x4(b: &mut FunctionBuilder, c: f32) -> Value {
 
 /// Emits `e^x` for an f32x4 `x ≤ 0` (or NaN), the case of softmax weights `e^(s - max)`:
 /// bit-identical to [`emit_exp`] on `[-87, 0]`, exactly 0 below (no subnormal weights, see
-/// [`EXP_WEIGHT_LOW`]), in fewer instructions (no upper clamp, a compare and select instead of
+/// `EXP_WEIGHT_LOW`), in fewer instructions (no upper clamp, a compare and select instead of
 /// the NaN-propagating `fmax`, rounding by adding and subtracting `1.5 · 2^23`, whose bit
 /// pattern also gives the integer `k`, and pool constants).
 pub fn emit_exp_nonpos(b: &mut FunctionBuilder, x: Value) -> Value {

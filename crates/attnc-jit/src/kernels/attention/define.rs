@@ -18,7 +18,7 @@ use cranelift_module::FuncId;
 /// ```
 ///
 /// - `inputs[k]` is the raw data pointer of the IR kernel's parameter `k` (the
-///   [`TensorRef::slot`]s of the spec index this array), each a row-major contiguous buffer of
+///   [`TensorRef::slot`](super::TensorRef::slot)s of the spec index this array), each a row-major contiguous buffer of
 ///   its parameter's bound shape and storage dtype (f32, f16 or bf16). The same array can be
 ///   passed to every kernel of a plan.
 /// - `output` is the start of the whole f32 output `[batch..., m, dv]`, row-major; the call
@@ -28,7 +28,7 @@ use cranelift_module::FuncId;
 /// - Shapes are constants in the code; the caller has checked every buffer (the kernel reads
 ///   only inside them). Calls on disjoint row ranges may run concurrently; each row's result
 ///   is independent of the range it was computed in (bit-identical under any split). A range
-///   that starts or ends inside a [`QUERY_TILE`]-row tile recomputes, but does not write, the
+///   that starts or ends inside a [`QUERY_TILE`](super::QUERY_TILE)-row tile recomputes, but does not write, the
 ///   tile's other rows. An empty range writes nothing.
 ///
 /// Besides the function, this declares and defines a read-only data object `{name}.tiles`
