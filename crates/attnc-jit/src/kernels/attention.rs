@@ -18,6 +18,7 @@
 mod define;
 mod exact;
 pub mod int8;
+mod int8_ops;
 mod mask;
 pub mod quant;
 mod score;
