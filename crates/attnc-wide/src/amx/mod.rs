@@ -1,31 +1,47 @@
 //! bf16 and int8 attention products on AMX tiles: opt-in approximations of the exact
 //! attention of [`crate::problem`], validated by their measured error.
 //!
-//! Both compute one batch entry's [`Call`] with reduced-precision products and everything else
-//! (score form, masks, online softmax) in f32 on AVX-512:
+//! Both compute one batch entry's [`Call`] with reduced-precision tile products and everything
+//! else (score form, masks, online softmax, quantization of P) in f32 on AVX-512. The products
+//! are transposed, `Sᵀ = K·Qᵀ` and `Oᵀ = Vᵀ·Pᵀ`: the query rows are the 16 lanes of every
+//! vector (the softmax needs no horizontal reduction) and Q and P, which stay the same across a
+//! key tile, are the B tiles that stay loaded while K and V stream through the A tiles.
 //!
-//! - [`Products::Bf16`]: `Q·Kᵀ` and `P·V` on `tdpbf16ps` with f32 sums; P rounded to bf16.
-//!   f32 and f16 Q/K enter as bf16 pairs (`hi + lo`, three products), V as one bf16 (or a pair
-//!   when [`pack`] is asked for the V split — see [`bf16`]). Relative L2 error about 2e-3 on
-//!   standard-normal data at d = 64 (bound 3e-3).
-//! - [`Products::Int8`]: `Q·Kᵀ` on `tdpbssd` with Q and the smoothed K (mean key subtracted,
-//!   its effect added back per row) in two signed digits per row/key; P quantized to u8 per
-//!   (row, key tile) against its tile maximum, V in signed digits per (key tile, column);
-//!   `P·V` on `tdpbusd`. Relative L2 error about 0.6 % (bound 1 %).
+//! - [`Products::Bf16`]: `tdpbf16ps` with f32 sums. Q and P are rounded to bf16; K and V enter
+//!   as bf16 pairs `hi + lo` (16 significant bits) unless their inputs are bf16 already: a
+//!   second product with the same resident tiles. With every operand rounded, the error on
+//!   standard-normal data (d = 64, scale 1/8) is about 3.5e-3; with the pairs it is 2.45e-3
+//!   (bound 3e-3). The row maximum moves only when a score exceeds it by 2⁸ (rescales are
+//!   rare), and weights already written in that tile are rescaled with it.
+//! - [`Products::Int8`]: `Sᵀ` on `tdpbssd` with Q and the smoothed K (mean key subtracted, its
+//!   effect `scale·q·μ` added back per row — exact under any mask, bias or softcap) in two
+//!   signed digits per row / key (`x ≈ s·(hi + lo/254)`, two i32 planes); P quantized to u8
+//!   per (row, key tile) against its tile maximum (which maps to 255); V in two signed digits
+//!   per (key tile, column); `Oᵀ` on `tdpbsud` (signed V, unsigned P). Error 0.57 % (bound
+//!   1 %); with one V digit it would be 0.82 % for about 30 % less time.
 //!
 //! Usage: [`pack`] K and V once per batch entry, then [`run`] any rows (split at query-tile
 //! boundaries, on any threads: results are bit-identical whatever the split). The caller builds
 //! the [`TileTable`](crate::problem::TileTable) at [`QUERY_TILE`] × [`KEY_TILE`]; key tiles not in
-//! the table are never touched, partial ones apply the mask element-wise (AVX-512 compares),
-//! full ones none.
+//! the table are never touched, partial ones apply the mask element-wise (AVX-512 compares of
+//! the 16 rows against intervals of the key), full ones none.
 //!
 //! Semantics follow [`crate::problem::reference`]: masked scores are replaced, a row that keeps
-//! no key gives zeros and a log-sum-exp of `−∞`, a NaN in a kept score makes its row NaN (the
-//! packing finds NaN before quantization can hide it; a NaN or ∞ in V reaches exactly the rows
-//! that keep its key). Deviation: an ∞ in Q or K of the int8 products counts as NaN.
+//! no key gives zeros and a log-sum-exp of `−∞`, a NaN in a kept score makes its row NaN (int8
+//! carries a NaN of Q or K in the row's or key's scale, so quantization cannot hide it); a NaN
+//! or ∞ in V is taken out before the products and added back to exactly the rows that keep its
+//! key. Deviation: an ∞ in Q or K of the int8 products counts as NaN.
 //!
-//! Layouts: [`pack`] (module `pack`) documents the tile layouts; module `tile` the AMX
-//! instructions and their scalar models (tested).
+//! Cost: on the machine this was built on, a tile load or store (1 KiB) costs about three
+//! times a tile product, so the kernels are bound by tile traffic (about 60 loads and stores per
+//! 32 × 64 key tile) more than by products, and the AVX-512 softmax slows down while the tile
+//! unit runs; the tile work of the next and previous key tiles is issued in small steps between
+//! the softmax vectors of the current one. int8 needs more traffic than bf16 (two score planes
+//! and fresh i32 tiles per key tile for its per-tile V scales), so it is not faster here.
+//!
+//! Modules: `tile` (the AMX instructions, each tested against a scalar model), `pack` (tile
+//! layouts of K and V), `score` (score form, row state, output), `mask` (element masks),
+//! `simd` (AVX-512 helpers), `bf16` and `int8` (the kernels: driver, softmax, tile programs).
 
 use std::ops::Range;
 

@@ -5,8 +5,8 @@
 //! significant bits) when their inputs have more than bf16's 8 (f32, f16): a second product
 //! with the same resident Qᵀ or Pᵀ tiles, into the same accumulators. With every operand
 //! rounded the error on standard-normal data at d = 64 is about 3.5e-3 (the bf16 rounding of
-//! the scores dominates); this keeps it near 2.4e-3 at the cost of tile products, which have
-//! room to spare.
+//! the scores dominates); the pairs keep it near 2.45e-3 at the cost of twice the K and V tile
+//! loads. (Q cannot be split the same way: its pairs would need 8 resident tiles.)
 //!
 //! Per query tile (32 rows, two groups of 16 lanes) and visited key tile (64 keys):
 //! 1. Sᵀ (AMX): Qᵀ resident in 4 B tiles (two 32-dim chunks × two row groups), K streaming
@@ -14,12 +14,15 @@
 //! 2. softmax (AVX-512), per row group and 16 keys: `t = x₂ − m`, `P = 2^t` rounded to bf16 and
 //!    interleaved in pairs of keys (the B layout of `tdpbf16ps`), sums in f32. The running
 //!    maximum `m` moves only when a score exceeds it by more than [`SLACK`] (so `P ≤ 2^SLACK`;
-//!    bf16 and f32 have the range), which makes rescaling rare.
+//!    bf16 and f32 have the range), which makes rescaling rare; a sum of 16 weights within
+//!    `2^SLACK` proves no score did, so the maximum itself is formed only then. When it moves
+//!    mid-tile, the weights already written for that tile are rescaled too.
 //! 3. Oᵀ += Vᵀ·Pᵀ (AMX): Pᵀ resident in 4 B tiles, Vᵀ streaming, Oᵀ loaded and stored per
 //!    group of 16 value columns.
 //!
-//! The tile work of step 1 (next key tile) and step 3 (previous key tile) is issued in small
-//! steps between the vectors of step 2, so the tile unit and the vector units overlap.
+//! The tile work of step 1 (next key tile) and step 3 (previous key tile) is issued in half
+//! steps (a key or column group's `hi` products; its `lo` products and stores) between every
+//! 8 vectors of step 2, so the tile unit and the vector units overlap.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -153,13 +156,17 @@ unsafe fn query_tile(
                 // SAFETY: rows i0.. < m, keys of tile kt; the tile state is live and every
                 // tile index lies below key_tiles.
                 unsafe {
+                    // Two steps of tile work per 16 keys: one between the halves, one after.
+                    let at = |h: usize| (rg * 8 + 2 * sb + h) * work.steps / (8 * groups);
+                    let mid = |sc: &mut Scratch| done = work.until(at(1), done, data, sc);
                     if plain {
-                        softmax::<true>(form, exp2, sc, &mut st, slot, rg, i0, j0, sb, false);
+                        softmax::<true>(form, exp2, sc, &mut st, slot, rg, i0, j0, sb, false, mid);
                     } else {
-                        softmax::<false>(form, exp2, sc, &mut st, slot, rg, i0, j0, sb, partial);
+                        softmax::<false>(
+                            form, exp2, sc, &mut st, slot, rg, i0, j0, sb, partial, mid,
+                        );
                     }
-                    let step = (rg * 4 + sb + 1) * work.steps / (4 * groups);
-                    done = work.until(step, done, data, sc);
+                    done = work.until(at(2), done, data, sc);
                 }
             }
         }

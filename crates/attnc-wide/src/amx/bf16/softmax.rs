@@ -48,7 +48,7 @@ unsafe fn scores<const PLAIN: bool>(
     })
 }
 
-/// `2^t` of [`scores`], without keeping `t`.
+/// `2^t` of [`scores`] for the 8 keys from `16sb + 8half`, without keeping `t`.
 ///
 /// # Safety
 /// As [`scores`].
@@ -63,10 +63,10 @@ unsafe fn exponents<const PLAIN: bool>(
     rg: usize,
     i0: usize,
     j0: usize,
-    sb: usize,
+    (sb, half): (usize, usize),
     partial: bool,
     mu: __m512,
-) -> [__m512; 16] {
+) -> [__m512; 8] {
     // SAFETY: keys 16sb.. of row group rg in the slot.
     let src = unsafe {
         sc.s.ptr()
@@ -76,6 +76,7 @@ unsafe fn exponents<const PLAIN: bool>(
     let c = _mm512_set1_ps(form.scale * std::f32::consts::LOG2_E);
     let scale = _mm512_set1_ps(form.scale);
     std::array::from_fn(|e| {
+        let e = 8 * half + e;
         // SAFETY: as in `scores`.
         let t = unsafe {
             let s = _mm512_load_ps(src.add(16 * e));
@@ -180,13 +181,18 @@ pub(super) unsafe fn softmax<const PLAIN: bool>(
     j0: usize,
     sb: usize,
     partial: bool,
+    mut between: impl FnMut(&mut Scratch),
 ) {
     let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut m = st.max_v(rg);
     let mut l = st.sum_v(rg);
     let mu = finite_or_zero(m);
-    // SAFETY (both calls): the caller's contract.
-    let mut p = unsafe { exponents::<PLAIN>(form, exp2, sc, slot, rg, i0, j0, sb, partial, mu) };
+    // SAFETY (all calls): the caller's contract. The tile unit gets its next step between the
+    // two halves.
+    let lo = unsafe { exponents::<PLAIN>(form, exp2, sc, slot, rg, i0, j0, (sb, 0), partial, mu) };
+    between(sc);
+    let hi = unsafe { exponents::<PLAIN>(form, exp2, sc, slot, rg, i0, j0, (sb, 1), partial, mu) };
+    let mut p: [__m512; 16] = std::array::from_fn(|e| if e < 8 { lo[e] } else { hi[e - 8] });
     let mut sum = sum16(&p);
     // Every weight is at most the sum, so a sum within 2^SLACK needs no new maximum; a row
     // without one yet (m = −∞) takes it from its first kept score. Otherwise the scores are

@@ -23,9 +23,15 @@ impl Work {
         prev: Option<(usize, usize)>,
         next: Option<(usize, usize)>,
     ) -> Work {
-        let pv_steps = if prev.is_some() { data.dv_groups } else { 0 };
+        // Each unit of work (a value-column group, a key group) in two halves: the `hi`
+        // products, then the `lo` products and the stores.
+        let pv_steps = if prev.is_some() {
+            2 * data.dv_groups
+        } else {
+            0
+        };
         let s_steps = if next.is_some() {
-            data.d_chunks.div_ceil(2) * 4
+            2 * data.d_chunks.div_ceil(2) * 4
         } else {
             0
         };
@@ -74,32 +80,39 @@ impl Work {
         unsafe { self.until(self.steps, done, data, sc) };
     }
 
-    /// Value-column group `g` of `Oᵀ += Vᵀ·Pᵀ` (Pᵀ loaded at the first group).
+    /// Half `k % 2` of value-column group `g = k / 2` of `Oᵀ += Vᵀ·Pᵀ` (Pᵀ loaded at the first
+    /// group).
     ///
     /// # Safety
     /// As [`Work::until`].
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-    unsafe fn pv_step(&self, g: usize, data: &Data, sc: &mut Scratch) {
+    unsafe fn pv_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
         let Some((kt, slot)) = self.prev else { return };
         let groups = data.dv_groups;
+        let (g, half) = (k / 2, k % 2);
         // SAFETY: Pᵀ tiles of the slot, Oᵀ tiles (g, rg) and Vᵀ tiles (2kt + h, g) lie inside
         // their buffers.
         unsafe {
-            if g == 0 {
-                let p = sc.p.ptr().add(slot * P_SLOT);
-                tile::load::<4>(p, 64);
-                tile::load::<5>(p.add(TILE_BYTES), 64);
-                tile::load::<6>(p.add(2 * TILE_BYTES), 64);
-                tile::load::<7>(p.add(3 * TILE_BYTES), 64);
-            }
             let o0 = sc.o.ptr_mut().add(g * TILE_BYTES);
             let o1 = o0.add(sc.dv_pad * 64);
-            tile::load::<0>(o0, 64);
-            tile::load::<1>(o1, 64);
             let v0 = (2 * kt * groups + g) * TILE_BYTES;
             let v1 = v0 + groups * TILE_BYTES;
-            for part in [Some(&data.v_hi), data.v_lo.as_ref()].into_iter().flatten() {
+            let part = if half == 0 {
+                if g == 0 {
+                    let p = sc.p.ptr().add(slot * P_SLOT);
+                    tile::load::<4>(p, 64);
+                    tile::load::<5>(p.add(TILE_BYTES), 64);
+                    tile::load::<6>(p.add(2 * TILE_BYTES), 64);
+                    tile::load::<7>(p.add(3 * TILE_BYTES), 64);
+                }
+                tile::load::<0>(o0, 64);
+                tile::load::<1>(o1, 64);
+                Some(&data.v_hi)
+            } else {
+                data.v_lo.as_ref()
+            };
+            if let Some(part) = part {
                 tile::load::<2>(part.ptr().add(v0), 64);
                 tile::dp_bf16::<0, 2, 4>();
                 tile::dp_bf16::<1, 2, 5>();
@@ -107,14 +120,16 @@ impl Work {
                 tile::dp_bf16::<0, 3, 6>();
                 tile::dp_bf16::<1, 3, 7>();
             }
-            tile::store::<0>(o0, 64);
-            tile::store::<1>(o1, 64);
+            if half == 1 {
+                tile::store::<0>(o0, 64);
+                tile::store::<1>(o1, 64);
+            }
         }
     }
 
-    /// Step `k` of `Sᵀ = K·Qᵀ`: dimension chunks `2p, 2p + 1` (Qᵀ loaded at the pair's first
-    /// step) for key group `g`; the accumulators start at 0 for the first pair and continue
-    /// from the stored partial sums after it (heads wider than 64).
+    /// Half `k % 2` of step `k / 2` of `Sᵀ = K·Qᵀ`: dimension chunks `2p, 2p + 1` (Qᵀ loaded
+    /// at the pair's first step) for key group `g`; the accumulators start at 0 for the first
+    /// pair and continue from the stored partial sums after it (heads wider than 64).
     ///
     /// # Safety
     /// As [`Work::until`].
@@ -123,32 +138,38 @@ impl Work {
     unsafe fn s_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
         let Some((kt, slot)) = self.next else { return };
         let ch = data.d_chunks;
+        let (k, half) = (k / 2, k % 2);
         let (pair, g) = (k / 4, k % 4);
         let c0 = 2 * pair;
         let two = c0 + 1 < ch;
         // SAFETY: Qᵀ tiles (c0, c0 + 1), K tiles (4kt + g, c0..), Sᵀ tiles of the slot lie
         // inside their buffers.
         unsafe {
-            if g == 0 {
-                let q = sc.qt.ptr().add(2 * c0 * TILE_BYTES);
-                tile::load::<4>(q, 64);
-                tile::load::<5>(q.add(TILE_BYTES), 64);
-                if two {
-                    tile::load::<6>(q.add(2 * TILE_BYTES), 64);
-                    tile::load::<7>(q.add(3 * TILE_BYTES), 64);
-                }
-            }
             let s0 = sc.s.ptr_mut().add(slot * S_SLOT + g * TILE_BYTES);
             let s1 = s0.add(KEY_TILE * 64);
-            if pair == 0 {
-                tile::zero::<0>();
-                tile::zero::<1>();
+            let part = if half == 0 {
+                if g == 0 {
+                    let q = sc.qt.ptr().add(2 * c0 * TILE_BYTES);
+                    tile::load::<4>(q, 64);
+                    tile::load::<5>(q.add(TILE_BYTES), 64);
+                    if two {
+                        tile::load::<6>(q.add(2 * TILE_BYTES), 64);
+                        tile::load::<7>(q.add(3 * TILE_BYTES), 64);
+                    }
+                }
+                if pair == 0 {
+                    tile::zero::<0>();
+                    tile::zero::<1>();
+                } else {
+                    tile::load::<0>(s0, 64);
+                    tile::load::<1>(s1, 64);
+                }
+                Some(&data.k_hi)
             } else {
-                tile::load::<0>(s0, 64);
-                tile::load::<1>(s1, 64);
-            }
+                data.k_lo.as_ref()
+            };
             let k0 = ((4 * kt + g) * ch + c0) * TILE_BYTES;
-            for part in [Some(&data.k_hi), data.k_lo.as_ref()].into_iter().flatten() {
+            if let Some(part) = part {
                 tile::load::<2>(part.ptr().add(k0), 64);
                 tile::dp_bf16::<0, 2, 4>();
                 tile::dp_bf16::<1, 2, 5>();
@@ -158,8 +179,10 @@ impl Work {
                     tile::dp_bf16::<1, 3, 7>();
                 }
             }
-            tile::store::<0>(s0, 64);
-            tile::store::<1>(s1, 64);
+            if half == 1 {
+                tile::store::<0>(s0, 64);
+                tile::store::<1>(s1, 64);
+            }
         }
     }
 }

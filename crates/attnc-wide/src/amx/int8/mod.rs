@@ -24,7 +24,7 @@ use std::ops::Range;
 mod softmax;
 mod tiles;
 
-use softmax::{scores, weights};
+use softmax::{scores, weights, SUB};
 use tiles::Work;
 
 use super::pack::{digits, Data, Lines};
@@ -158,7 +158,8 @@ unsafe fn query_tile(
         let ks = data.k_scale.as_ptr().wrapping_add(j0);
         for rg in 0..groups {
             let i0 = r0 + 16 * rg;
-            let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); 4];
+            const SUBS: usize = KEY_TILE / SUB;
+            let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); SUBS];
             for (sb, mx) in mx.iter_mut().enumerate() {
                 // SAFETY: rows i0.. < m, keys of tile kt (scales padded to whole tiles); the
                 // tile state is live and every tile index lies below key_tiles.
@@ -168,11 +169,11 @@ unsafe fn query_tile(
                     } else {
                         scores::<false>(form, sc, ks, slot, rg, i0, j0, sb, partial)
                     };
-                    let step = (rg * 8 + sb + 1) * work.steps / (8 * groups);
+                    let step = (rg * 2 * SUBS + sb + 1) * work.steps / (2 * SUBS * groups);
                     done = work.until(step, done, data, sc);
                 }
             }
-            let mx = _mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3]));
+            let mx = mx.iter().fold(mx[0], |a, b| _mm512_max_ps(a, *b));
             let (block, (f2, s2)) = if plain {
                 let (f2, s2) = row_factors(sc, rg);
                 (_mm512_fmadd_ps(mx, f2, s2), (f2, s2))
@@ -181,12 +182,12 @@ unsafe fn query_tile(
             };
             let bu = finite_or_zero(block);
             let mut sum = _mm512_setzero_ps();
-            for sb in 0..4 {
+            for sb in 0..SUBS {
                 // SAFETY: pass 1 stored these keys' scores; as above for the tile steps.
                 unsafe {
                     let s = weights(exp2, sc, slot, rg, sb, plain, f2, _mm512_sub_ps(s2, bu), bu);
                     sum = _mm512_add_ps(sum, s);
-                    let step = (rg * 8 + 4 + sb + 1) * work.steps / (8 * groups);
+                    let step = (rg * 2 * SUBS + SUBS + sb + 1) * work.steps / (2 * SUBS * groups);
                     done = work.until(step, done, data, sc);
                 }
             }

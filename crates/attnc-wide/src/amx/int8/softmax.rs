@@ -9,7 +9,10 @@ use crate::amx::simd::Weights;
 use crate::amx::tile::TILE_BYTES;
 use crate::amx::KEY_TILE;
 
-/// Pass 1 on keys `16sb..16sb + 16`: the scores of row group `rg` from the two i32 products,
+/// Keys per sub-block of either pass: the tile unit gets a step after each.
+pub(super) const SUB: usize = 16;
+
+/// Pass 1 on keys `SUB·sb..SUB·(sb + 1)`: the scores of row group `rg` from the two i32 products,
 /// stored over `hh` (plain: `y = s_k·(hh + cross/254)`; else `x₂` of the full form); returns
 /// their lane-wise maximum.
 ///
@@ -33,7 +36,7 @@ pub(super) unsafe fn scores<const PLAIN: bool>(
     // SAFETY: keys 16sb.. of row group rg in the slot's two parts.
     let hh = unsafe {
         sc.s.ptr_mut()
-            .add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64)
+            .add(slot * S_SLOT + (rg * KEY_TILE + SUB * sb) * 64)
     };
     // SAFETY: the same keys in the cross part, S_PART bytes further.
     let xx = unsafe { hh.add(S_PART) };
@@ -49,20 +52,20 @@ pub(super) unsafe fn scores<const PLAIN: bool>(
         }
     };
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-    for e in 0..16 {
+    for e in 0..SUB {
         // SAFETY: vector e of both parts; the scale of key 16sb + e.
         unsafe {
             let h = _mm512_cvtepi32_ps(_mm512_load_si512(hh.add(64 * e).cast()));
             let c = _mm512_cvtepi32_ps(_mm512_load_si512(xx.add(64 * e).cast()));
             let y = _mm512_mul_ps(
                 _mm512_fmadd_ps(c, inv254, h),
-                _mm512_set1_ps(*ks.add(16 * sb + e)),
+                _mm512_set1_ps(*ks.add(SUB * sb + e)),
             );
             let x = if PLAIN {
                 y
             } else {
                 let s = _mm512_fmadd_ps(y, factor, shift);
-                form.finish(s, i0, j0 + 16 * sb + e, partial)
+                form.finish(s, i0, j0 + SUB * sb + e, partial)
             };
             _mm512_store_ps(hh.add(64 * e).cast(), x);
             mx = _mm512_max_ps(mx, x);
@@ -71,7 +74,7 @@ pub(super) unsafe fn scores<const PLAIN: bool>(
     mx
 }
 
-/// Pass 2 on keys `16sb..16sb + 16` of row group `rg`: `e = 255·2^t` with
+/// Pass 2 on keys `SUB·sb..SUB·(sb + 1)` of row group `rg`: `e = 255·2^t` with
 /// `t = y·f₂ + (s₂ − b)` (plain) or `x₂ − b`, quantized to u8 into the Pᵀ slot (4 keys per
 /// row in a 32-bit lane); returns the lane-wise sum of `e`.
 ///
@@ -95,16 +98,16 @@ pub(super) unsafe fn weights(
     let (src, dst) = unsafe {
         (
             sc.s.ptr()
-                .add(slot * S_SLOT + (rg * KEY_TILE + 16 * sb) * 64)
+                .add(slot * S_SLOT + (rg * KEY_TILE + SUB * sb) * 64)
                 .cast::<f32>(),
             sc.p.ptr_mut()
-                .add(slot * P_SLOT + rg * TILE_BYTES + 4 * sb * 64),
+                .add(slot * P_SLOT + rg * TILE_BYTES + SUB / 4 * sb * 64),
         )
     };
     // Within each 128-bit block, bytes [k0 r0..r3, k1 r0..r3, k2 …, k3 …] → [r0 k0..k3, r1 …].
     let transpose4 = _mm512_set4_epi32(0x0f0b0703, 0x0e0a0602, 0x0d090501, 0x0c080400);
     let mut sum = _mm512_setzero_ps();
-    for quad in 0..4 {
+    for quad in 0..SUB / 4 {
         let mut n = [_mm512_setzero_si512(); 4];
         for (k, n) in n.iter_mut().enumerate() {
             // SAFETY: vector 4·quad + k of the keys.

@@ -23,8 +23,18 @@ impl Work {
         prev: Option<(usize, usize)>,
         next: Option<(usize, usize)>,
     ) -> Work {
-        let pv_steps = if prev.is_some() { data.dv_groups } else { 0 };
-        let s_steps = if next.is_some() { data.d_chunks * 4 } else { 0 };
+        // Each unit of work in four steps: the products, then the stores, of the `hi` and `lo`
+        // digits of a value-column group; of row group 0 and 1 of a key group.
+        let pv_steps = if prev.is_some() {
+            4 * data.dv_groups
+        } else {
+            0
+        };
+        let s_steps = if next.is_some() {
+            4 * data.d_chunks * 4
+        } else {
+            0
+        };
         Work {
             prev,
             next,
@@ -70,45 +80,57 @@ impl Work {
         unsafe { self.until(self.steps, done, data, sc) };
     }
 
-    /// Value-column group `g` of `Vᵀ·Pᵀ` into the PV buffer (Pᵀ loaded at the first group).
+    /// Step `k % 4` (`hi` products, their stores, `lo` products, their stores) of value-column
+    /// group `g = k / 4` of `Vᵀ·Pᵀ` into the PV buffer (Pᵀ loaded at the first group).
     ///
     /// # Safety
     /// As [`Work::until`].
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    unsafe fn pv_step(&self, g: usize, data: &Data, sc: &mut Scratch) {
+    unsafe fn pv_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
         let Some((kt, slot)) = self.prev else { return };
+        let (g, half, store) = (k / 4, k / 2 % 2, k % 2 == 1);
         let rg_stride = sc.dv_pad * 64;
         // SAFETY: Pᵀ tiles of the slot, Vᵀ tiles (kt, g) and PV tiles (part, rg, g) lie
         // inside their buffers.
         unsafe {
-            if g == 0 {
-                let p = sc.p.ptr().add(slot * P_SLOT);
-                tile::load::<4>(p, 64);
-                tile::load::<5>(p.add(TILE_BYTES), 64);
-            }
             let v = (kt * data.dv_groups + g) * TILE_BYTES;
             let pv = sc.pv.ptr_mut().add(g * TILE_BYTES);
-            tile::zero::<0>();
-            tile::zero::<1>();
-            tile::load::<6>(data.v_hi.ptr().add(v), 64);
-            tile::dp_i8u8::<0, 6, 4>();
-            tile::dp_i8u8::<1, 6, 5>();
-            tile::store::<0>(pv, 64);
-            tile::store::<1>(pv.add(rg_stride), 64);
-            if let Some(v_lo) = &data.v_lo {
-                tile::zero::<2>();
-                tile::zero::<3>();
-                tile::load::<7>(v_lo.ptr().add(v), 64);
-                tile::dp_i8u8::<2, 7, 4>();
-                tile::dp_i8u8::<3, 7, 5>();
-                tile::store::<2>(pv.add(2 * rg_stride), 64);
-                tile::store::<3>(pv.add(3 * rg_stride), 64);
+            match (half, store, &data.v_lo) {
+                (0, false, _) => {
+                    if g == 0 {
+                        let p = sc.p.ptr().add(slot * P_SLOT);
+                        tile::load::<4>(p, 64);
+                        tile::load::<5>(p.add(TILE_BYTES), 64);
+                    }
+                    tile::zero::<0>();
+                    tile::zero::<1>();
+                    tile::load::<6>(data.v_hi.ptr().add(v), 64);
+                    tile::dp_i8u8::<0, 6, 4>();
+                    tile::dp_i8u8::<1, 6, 5>();
+                }
+                (0, true, _) => {
+                    tile::store::<0>(pv, 64);
+                    tile::store::<1>(pv.add(rg_stride), 64);
+                }
+                (_, false, Some(v_lo)) => {
+                    tile::zero::<2>();
+                    tile::zero::<3>();
+                    tile::load::<7>(v_lo.ptr().add(v), 64);
+                    tile::dp_i8u8::<2, 7, 4>();
+                    tile::dp_i8u8::<3, 7, 5>();
+                }
+                (_, true, Some(_)) => {
+                    tile::store::<2>(pv.add(2 * rg_stride), 64);
+                    tile::store::<3>(pv.add(3 * rg_stride), 64);
+                }
+                (_, _, None) => {}
             }
         }
     }
 
-    /// Key group `g` of `Sᵀ` for dimension chunk `c` (Qᵀ loaded at the chunk's first group;
+    /// Products (`k` even) or stores (`k` odd) of row group `k / 2 % 2` of key group `g` of `Sᵀ`
+    /// for dimension chunk `c` (`k / 4 = 4c + g`; Qᵀ loaded at the chunk's first group;
     /// accumulators from 0 at the first chunk, from the stored partial sums after it).
     ///
     /// # Safety
@@ -119,23 +141,32 @@ impl Work {
         let Some((kt, slot)) = self.next else { return };
         let Some(k_lo) = &data.k_lo else { return };
         let ch = data.d_chunks;
+        let (k, rg, store) = (k / 4, k / 2 % 2, k % 2 == 1);
         let (c, g) = (k / 4, k % 4);
         // SAFETY: Qᵀ tiles (c, rg), K tiles (4kt + g, c) and the slot's S tiles (part, rg, g)
         // lie inside their buffers.
         unsafe {
-            if g == 0 {
-                let at = 2 * c * TILE_BYTES;
-                tile::load::<4>(sc.q_hi.ptr().add(at), 64);
-                tile::load::<5>(sc.q_lo.ptr().add(at), 64);
-                tile::load::<6>(sc.q_hi.ptr().add(at + TILE_BYTES), 64);
-                tile::load::<7>(sc.q_lo.ptr().add(at + TILE_BYTES), 64);
-            }
             let kk = ((4 * kt + g) * ch + c) * TILE_BYTES;
-            tile::load::<2>(data.k_hi.ptr().add(kk), 64);
-            tile::load::<3>(k_lo.ptr().add(kk), 64);
-            let hh = sc.s.ptr_mut().add(slot * S_SLOT + g * TILE_BYTES);
+            if rg == 0 && !store {
+                if g == 0 {
+                    let at = 2 * c * TILE_BYTES;
+                    tile::load::<4>(sc.q_hi.ptr().add(at), 64);
+                    tile::load::<5>(sc.q_lo.ptr().add(at), 64);
+                    tile::load::<6>(sc.q_hi.ptr().add(at + TILE_BYTES), 64);
+                    tile::load::<7>(sc.q_lo.ptr().add(at + TILE_BYTES), 64);
+                }
+                tile::load::<2>(data.k_hi.ptr().add(kk), 64);
+                tile::load::<3>(k_lo.ptr().add(kk), 64);
+            }
+            let hh =
+                sc.s.ptr_mut()
+                    .add(slot * S_SLOT + g * TILE_BYTES + rg * KEY_TILE * 64);
             let x = hh.add(S_PART);
-            let rg1 = KEY_TILE * 64;
+            if store {
+                tile::store::<0>(hh, 64);
+                tile::store::<1>(x, 64);
+                return;
+            }
             if c == 0 {
                 tile::zero::<0>();
                 tile::zero::<1>();
@@ -143,23 +174,15 @@ impl Work {
                 tile::load::<0>(hh, 64);
                 tile::load::<1>(x, 64);
             }
-            tile::dp_i8i8::<0, 2, 4>();
-            tile::dp_i8i8::<1, 3, 4>();
-            tile::dp_i8i8::<1, 2, 5>();
-            tile::store::<0>(hh, 64);
-            tile::store::<1>(x, 64);
-            if c == 0 {
-                tile::zero::<0>();
-                tile::zero::<1>();
+            if rg == 0 {
+                tile::dp_i8i8::<0, 2, 4>();
+                tile::dp_i8i8::<1, 3, 4>();
+                tile::dp_i8i8::<1, 2, 5>();
             } else {
-                tile::load::<0>(hh.add(rg1), 64);
-                tile::load::<1>(x.add(rg1), 64);
+                tile::dp_i8i8::<0, 2, 6>();
+                tile::dp_i8i8::<1, 3, 6>();
+                tile::dp_i8i8::<1, 2, 7>();
             }
-            tile::dp_i8i8::<0, 2, 6>();
-            tile::dp_i8i8::<1, 3, 6>();
-            tile::dp_i8i8::<1, 2, 7>();
-            tile::store::<0>(hh.add(rg1), 64);
-            tile::store::<1>(x.add(rg1), 64);
         }
     }
 }
