@@ -658,3 +658,42 @@ fn misfit_calls_are_refused() {
     };
     assert!(amx::run(Products::Bf16, &call, &packed, 0..40, &mut out).is_err());
 }
+
+/// Key tiles off the table are never read: with a table that lists only key tile 0, the
+/// result is attention over those keys even though the call has no mask, and NaN in the
+/// other tiles' K and V changes nothing.
+#[test]
+fn tiles_off_the_table_are_never_read() {
+    if skip() {
+        return;
+    }
+    let (m, n) = (64, 192);
+    let case = Case::new(m, n, 32, 16);
+    let mut inputs = Inputs::new(&case);
+    for j in KEY_TILE..n {
+        inputs.k.f32[j * (32 + 3)] = f32::NAN;
+        inputs.v.f32[j * (16 + 1)] = f32::NAN;
+    }
+    let inputs = Inputs {
+        q: Data::new(inputs.q.f32),
+        k: Data::new(inputs.k.f32),
+        v: Data::new(inputs.v.f32),
+        ..inputs
+    };
+    // i' = i + 128 ≥ 64: the global pattern keeps keys 0..64 only, i.e. key tile 0, in full.
+    let first = KeyMask::Global(KEY_TILE as u64);
+    let tiles = TileTable::enumerate(&first, m, n, QUERY_TILE, KEY_TILE);
+    assert!((0..tiles.query_tiles()).all(|t| tiles.runs(t).len() == 1 && !tiles.runs(t)[0].partial));
+    let mut call = inputs.call(&case);
+    call.tiles = &tiles;
+    call.mask = None;
+    let want = reference(&Call {
+        mask: Some(&first),
+        ..call
+    });
+    for p in BOTH {
+        let got = run_all(p, &call);
+        let (o, _) = errors(&got, &want);
+        assert!(o <= bound(p), "{p:?}: {o:.2e}");
+    }
+}
