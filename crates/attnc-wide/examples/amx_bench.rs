@@ -1,8 +1,10 @@
 //! Times the AMX products on the benchmark shapes: dense (h = 8, n = 4096, d = 64) and causal
 //! window(256) (h = 8, n = 16384, d = 64), bf16 and int8, on 1 and 2 threads (work split by
 //! (head, query tile), threads interleaved), packing included. Prints the median of the runs
-//! and GFLOP/s (4·m·n·d per head for dense, 4·kept·d for the window) and each run's error
-//! against the exact form on a sample of rows.
+//! and GFLOP/s (4·m·n·d per head for dense; 4·kept·d for the window, with the dense-equivalent
+//! 4·m·n·d beside it), the packing time and the kernels' on-CPU time (summed over threads: the
+//! machine is shared, so wall time alone mixes in other load), and the error of the last run
+//! against the f64 reference on a sample of rows.
 //!
 //! `cargo run --release -p attnc-wide --example amx_bench [-- runs [filter]]`
 
@@ -239,8 +241,14 @@ fn main() {
                     .collect();
                 times.sort_by(|a, b| a.0.total_cmp(&b.0));
                 let (med, pack, cpu) = times[times.len() / 2];
+                let dense = 4.0 * (n * n) as f64 * D as f64 * H as f64;
+                let equivalent = if w.window.is_some() {
+                    format!(" ({:.0} dense-equivalent)", dense / med / 1e9)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{label:<40} {threads} thread(s): median {:.4} s [{:.4} .. {:.4}] {:>7.1} GFLOP/s (packing {:.4} s; kernels on CPU {:.4} s)",
+                    "{label:<40} {threads} thread(s): median {:.4} s [{:.4} .. {:.4}] {:>7.1} GFLOP/s{equivalent} (packing {:.4} s; kernels on CPU {:.4} s)",
                     med,
                     times[0].0,
                     times[times.len() - 1].0,
