@@ -17,6 +17,7 @@ pub mod op;
 pub mod pattern;
 pub mod print;
 pub mod random;
+pub mod text;
 
 pub use dim::{Bindings, Dim, Shape};
 pub use fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};

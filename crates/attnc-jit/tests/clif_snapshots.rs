@@ -31,3 +31,22 @@ fn matmul_clif() {
         &[("m", 5), ("k", 3), ("n", 9)],
     ));
 }
+
+/// The exact fused attention kernel at a small shape: causal window, scaled scores, depth and
+/// width not multiples of the vector width (tails), two query tiles.
+#[test]
+fn fused_attention_clif() {
+    let src = "kernel f(q: f32[m, d], k: f32[n, d], v: f32[n, e]) -> f32[m, e] \
+               { return softmax(mask(q @ k.T / sqrt(d), causal & window(6))) @ v; }";
+    let b = bindings(&[("m", 7), ("n", 11), ("d", 5), ("e", 6)]);
+    let fused = attnc_opt::optimize(&kernel(src), &b, &Default::default()).kernel;
+    let compiled =
+        CompiledKernel::compile(&fused, &b, &CompileOptions::default()).expect("compile");
+    assert_eq!(compiled.plan().steps.len(), 1, "{}", compiled.plan());
+    let text: String = compiled
+        .clif()
+        .into_iter()
+        .map(|(name, text)| format!(";; {name}\n{text}"))
+        .collect();
+    insta::assert_snapshot!(text);
+}

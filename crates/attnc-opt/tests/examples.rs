@@ -10,28 +10,9 @@ use attnc_opt::cost::CycleCost;
 use attnc_opt::rules::all_rules;
 use attnc_opt::saturate::saturate;
 use attnc_opt::{optimize, Decision, Limits, OptimizeOptions};
-use std::path::PathBuf;
 use std::time::Instant;
 
 /// Every example kernel with its file name.
-fn examples() -> Vec<(String, Kernel)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .expect("examples dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 10, "examples missing in {dir:?}");
-    files
-        .into_iter()
-        .map(|p| {
-            let src = std::fs::read_to_string(&p).expect("readable");
-            let name = p.file_stem().expect("stem").to_string_lossy().to_string();
-            (name, common::kernel(&src))
-        })
-        .collect()
-}
 
 /// Small odd bindings for every symbol the examples use (m ≤ n for chunked prefill).
 fn small() -> Bindings {
@@ -41,7 +22,7 @@ fn small() -> Bindings {
 #[test]
 fn optimize_preserves_semantics_on_every_example() {
     let bindings = small();
-    for (name, kernel) in examples() {
+    for (name, kernel) in common::examples() {
         let start = Instant::now();
         let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -86,7 +67,7 @@ fn saturation_time_at_realistic_shapes_is_printed() {
         xs.sort_by(f64::total_cmp);
         xs[xs.len() / 2] * 1e3
     };
-    for (name, kernel) in examples() {
+    for (name, kernel) in common::examples() {
         let runs: Vec<_> = (0..TIMING_RUNS)
             .map(|_| optimize(&kernel, &bindings, &OptimizeOptions::default()).trace)
             .collect();
@@ -112,7 +93,7 @@ fn node_shapes(kernel: &Kernel, bindings: &Bindings) -> Vec<Vec<usize>> {
 
 #[test]
 fn linear_attention_extracts_without_an_n_by_n_node() {
-    let (_, kernel) = examples()
+    let (_, kernel) = common::examples()
         .into_iter()
         .find(|(n, _)| n == "linear")
         .expect("linear");
@@ -151,7 +132,7 @@ fn masked_softmax_examples_extract_to_fused_attention() {
         "bigbird",
         "blocksparse",
     ] {
-        let (_, kernel) = examples()
+        let (_, kernel) = common::examples()
             .into_iter()
             .find(|(n, _)| n == name)
             .expect("example");
@@ -198,7 +179,7 @@ fn scored_masked_softmax_examples_extract_to_fused_attention() {
             ("alibi", "mask-attention-fuse-bias"),
             ("gqa_softcap", "mask-attention-fuse-softcap"),
         ] {
-            let (_, kernel) = examples()
+            let (_, kernel) = common::examples()
                 .into_iter()
                 .find(|(n, _)| n == name)
                 .expect("example");
@@ -260,7 +241,7 @@ fn computed_operands_and_biases_stay_in_the_fused_attention() {
 fn unmasked_softmax_examples_extract_to_fused_attention() {
     let bindings = small();
     for name in ["decode", "gated", "linformer", "performer"] {
-        let (_, kernel) = examples()
+        let (_, kernel) = common::examples()
             .into_iter()
             .find(|(n, _)| n == name)
             .expect("example");
@@ -278,7 +259,7 @@ fn unmasked_softmax_examples_extract_to_fused_attention() {
 fn explanations_pass_check_proof() {
     let bindings = small();
     let rules = all_rules();
-    for (name, kernel) in examples() {
+    for (name, kernel) in common::examples() {
         let expr = to_recexpr(&kernel).expect("converts");
         let mut analysis = ShapeAnalysis {
             bindings: bindings.clone(),
@@ -307,7 +288,7 @@ fn explanations_pass_check_proof() {
 
 #[test]
 fn trace_is_deterministic_apart_from_timings() {
-    let (_, kernel) = examples()
+    let (_, kernel) = common::examples()
         .into_iter()
         .find(|(n, _)| n == "local")
         .expect("local");
@@ -332,7 +313,7 @@ fn score_forms_the_jit_fuses_are_left_in_place() {
     // long as the score stays `q @ kᵀ` of the parameters: no scale folding into q.
     let bindings = small();
     for name in ["alibi", "gqa_softcap"] {
-        let (_, kernel) = examples()
+        let (_, kernel) = common::examples()
             .into_iter()
             .find(|(n, _)| n == name)
             .expect("example");
@@ -350,7 +331,7 @@ fn score_forms_the_jit_fuses_are_left_in_place() {
 
 #[test]
 fn trace_serializes_to_json() {
-    let (_, kernel) = examples()
+    let (_, kernel) = common::examples()
         .into_iter()
         .find(|(n, _)| n == "local")
         .expect("local");
@@ -364,7 +345,7 @@ fn trace_serializes_to_json() {
 #[test]
 fn every_example_round_trips_through_the_egraph_language() {
     let bindings = small();
-    for (name, kernel) in examples() {
+    for (name, kernel) in common::examples() {
         let expr = to_recexpr(&kernel).expect("converts");
         let back = attnc_opt::convert::to_kernel(&expr, &kernel, &bindings).expect("converts back");
         assert_eq!(
@@ -406,7 +387,7 @@ fn returning_a_parameter_is_fine() {
 
 #[test]
 fn causal_linear_attention_extracts_the_prefix_form() {
-    let (_, kernel) = examples()
+    let (_, kernel) = common::examples()
         .into_iter()
         .find(|(n, _)| n == "linear_causal")
         .expect("linear_causal");
@@ -428,7 +409,7 @@ fn causal_linear_attention_extracts_the_prefix_form() {
 
 #[test]
 fn the_cost_model_uses_the_ceilings_it_is_given() {
-    let (_, kernel) = examples()
+    let (_, kernel) = common::examples()
         .into_iter()
         .find(|(n, _)| n == "linear_causal")
         .expect("linear_causal");

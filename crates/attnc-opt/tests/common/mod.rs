@@ -4,6 +4,7 @@
 
 use attnc_ir::{Bindings, Kernel};
 use ndarray::{ArrayD, IxDyn};
+use std::path::PathBuf;
 
 /// The one kernel of `src`, lowered.
 pub fn kernel(src: &str) -> Kernel {
@@ -67,4 +68,24 @@ pub fn compare(a: &Kernel, b: &Kernel, bindings: &Bindings, seed: u64) -> f64 {
     let ya = attnc_ir::interp::evaluate(a, bindings, &xs).expect("left side evaluates");
     let yb = attnc_ir::interp::evaluate(b, bindings, &xs).expect("right side evaluates");
     rel_l2(&ya, &yb)
+}
+
+/// Every `.attn` example of the repository, by file stem (each file's first kernel).
+pub fn examples() -> Vec<(String, Kernel)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("examples dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "examples missing in {dir:?}");
+    files
+        .into_iter()
+        .map(|p| {
+            let src = std::fs::read_to_string(&p).expect("readable");
+            let name = p.file_stem().expect("stem").to_string_lossy().to_string();
+            (name, kernel(&src))
+        })
+        .collect()
 }
