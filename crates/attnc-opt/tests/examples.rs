@@ -12,8 +12,6 @@ use attnc_opt::saturate::saturate;
 use attnc_opt::{optimize, Decision, Limits, OptimizeOptions};
 use std::time::Instant;
 
-/// Every example kernel with its file name.
-
 /// Small odd bindings for every symbol the examples use (m ≤ n for chunked prefill).
 fn small() -> Bindings {
     common::bindings(&[("h", 2), ("n", 13), ("m", 5), ("d", 3), ("e", 7), ("r", 4)])
