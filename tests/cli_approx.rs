@@ -116,7 +116,7 @@ fn a_calibration_tensor_of_the_wrong_shape_is_an_input_error() {
 
 #[test]
 fn explain_emits_the_code_of_the_validated_approximate_plan() {
-    let listing = |policy: &[&str]| {
+    let listing = |policy: &[&str], tiers: &str| {
         let mut args = vec![
             "explain",
             "benches/kernels/dense.attn",
@@ -126,15 +126,21 @@ fn explain_emits_the_code_of_the_validated_approximate_plan() {
             "clif",
         ];
         args.extend_from_slice(policy);
-        let out = attnc(&args);
+        let out = common::attnc_with_env(&args, &[("ATTNC_TIERS", tiers)]);
         assert_eq!(status(&out), 0, "{}", stderr(&out));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let exact = listing(&["--exact"]);
-    let int8 = listing(&["--approx", "int8", "--tol", "1"]);
-    // The int8 plan quantizes on the host first, so its kernel is step 1 and reads bytes.
+    // On the portable tier the int8 plan quantizes on the host first, so its kernel is step 1
+    // and reads bytes.
+    let exact = listing(&["--exact"], "cranelift");
+    let int8 = listing(&["--approx", "int8", "--tol", "1"], "cranelift");
     assert!(exact.contains("; kernel dense_s0_attention"), "{exact}");
     assert!(int8.contains("; kernel dense_s1_attention"), "{int8}");
     assert!(int8.contains("load.i8x16"), "{int8}");
     assert!(!exact.contains("load.i8x16"), "{exact}");
+    // With AMX, the validated int8 plan is the AMX kernel (packing its own operands).
+    if attnc_wide::amx::available(attnc_wide::amx::Products::Int8) {
+        let amx = listing(&["--approx", "int8", "--tol", "1"], "amx,avx512");
+        assert!(amx.contains("amx int8 tier"), "{amx}");
+    }
 }

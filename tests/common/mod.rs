@@ -7,10 +7,16 @@ use std::process::{Command, Output};
 
 /// Runs the built `attnc` binary with `args`, no standard input and the default ceilings.
 pub fn attnc(args: &[&str]) -> Output {
+    attnc_with_env(args, &[])
+}
+
+/// [`attnc`] with extra environment variables.
+pub fn attnc_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_attnc"))
         .args(args)
         // Deterministic cost model: the documented ceilings, not this machine's.
         .env("ATTNC_CEILINGS", "default")
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .output()
         .expect("the attnc binary runs")

@@ -4,7 +4,8 @@
 //! one Cranelift function each; [`jit`] owns the compiled code; [`runtime`] checks buffers and
 //! runs the plan across threads; [`cache`] keeps compiled kernels by (IR, shapes, options, CPU);
 //! [`ceiling`] and [`bandwidth`] measure this machine's FMA and memory ceilings.
-//! Only [`jit`] contains `unsafe`.
+//! [`wide`] runs fused attention on the full-width AVX-512 and AMX kernels of `attnc-wide`
+//! where the CPU has them. Only [`jit`] contains `unsafe`.
 //!
 //! ```no_run
 //! # fn demo(kernel: &attnc_ir::Kernel, bindings: &attnc_ir::Bindings, x: &[f32]) -> attnc_jit::Result<()> {
@@ -29,6 +30,7 @@ pub mod plan;
 pub mod runtime;
 pub mod simd;
 pub mod tiles;
+pub mod wide;
 
 pub use error::{JitError, Result};
 pub use runtime::{CompileOptions, CompiledKernel, Input, Output};

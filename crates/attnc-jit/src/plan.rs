@@ -266,11 +266,12 @@ impl std::fmt::Display for Plan {
                 StepKind::Attention(s) => {
                     let (visited, total) = s.key_tiles();
                     format!(
-                        "fused attention{} batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles",
+                        "fused attention{} [{}] batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles",
                         match s.precision {
                             Precision::Exact => "",
                             Precision::Int8 => " int8",
                         },
+                        s.tier.name(),
                         s.batch,
                         s.m,
                         s.n,
@@ -337,6 +338,7 @@ struct Val {
 struct Planner<'k> {
     kernel: &'k Kernel,
     bindings: &'k Bindings,
+    tiers: crate::wide::Tiers,
     shapes: Vec<Vec<usize>>,
     buffers: Vec<BufferInfo>,
     steps: Vec<Step>,
@@ -449,9 +451,29 @@ fn plan_error(op: &Op, detail: impl Into<String>) -> JitError {
     }
 }
 
-/// Lowers `kernel` at `bindings` to a plan. With `fuse` false every fused op is planned by
-/// its plain form (tests compare the two); else only those this engine cannot run.
+/// How a kernel is planned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlanOptions {
+    /// Whether fused ops run as fused kernels (else they are planned by their plain form).
+    pub fuse: bool,
+    /// The full-width tiers fused attention steps may run on.
+    pub tiers: crate::wide::Tiers,
+}
+
+/// Lowers `kernel` at `bindings` to a plan on the portable tier. With `fuse` false every fused
+/// op is planned by its plain form (tests compare the two); else only those this engine
+/// cannot run.
 pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse: bool) -> Result<Plan> {
+    let options = PlanOptions {
+        fuse,
+        tiers: crate::wide::Tiers::NONE,
+    };
+    plan_with(kernel, bindings, &options)
+}
+
+/// [`plan`] with the full-width tiers `options` allow.
+pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) -> Result<Plan> {
+    let fuse = options.fuse;
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;
     let unsupported = |id: NodeId| !fuse || fused::unsupported(kernel, id, &shapes).is_some();
@@ -489,6 +511,7 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse: bool) -> Result<Plan> {
     let mut p = Planner {
         kernel,
         bindings,
+        tiers: options.tiers,
         shapes,
         buffers,
         steps: Vec::new(),

@@ -14,7 +14,8 @@ use crate::error::{JitError, Result};
 use crate::jit::{Code, FunctionText, Jit, KernelHandle};
 use crate::kernels::attention::quant;
 use crate::kernels::{self, KernelArgs};
-use crate::plan::{plan, BufferSource, Plan, StepKind};
+use crate::plan::{plan_with, BufferSource, Plan, PlanOptions, StepKind};
+use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::{Bindings, DType, Kernel};
 use std::ops::Range;
 use std::sync::Arc;
@@ -34,6 +35,11 @@ pub struct CompileOptions {
     /// (`vpdpbusd`, AVX-VNNI); without it the same integer tree is lowered to plain SIMD
     /// (same results, slower).
     pub dot_product_instructions: bool,
+    /// The full-width tiers fused attention may run on (where the CPU has them). The default
+    /// allows every tier, narrowed by the environment variable `ATTNC_TIERS` (a comma list of
+    /// `avx512`, `amx`; `cranelift` or an empty list for none), so tests can run every tier
+    /// and the portable path on one machine.
+    pub tiers: Tiers,
 }
 
 impl Default for CompileOptions {
@@ -42,6 +48,7 @@ impl Default for CompileOptions {
             parallel_threshold: 1 << 22,
             fuse_attention: true,
             dot_product_instructions: true,
+            tiers: Tiers::from_env(),
         }
     }
 }
@@ -93,8 +100,10 @@ pub struct Output {
 /// A kernel compiled to machine code at bound shapes.
 pub struct CompiledKernel {
     plan: Plan,
-    /// One handle per step (`None` for host steps).
+    /// One handle per step (`None` for host steps and full-width attention).
     handles: Vec<Option<KernelHandle>>,
+    /// The full-width attention steps, by step index.
+    wide: Vec<Option<WideAttention>>,
     code: Arc<Code>,
     params: Vec<(String, DType)>,
     ret_dtype: DType,
@@ -119,7 +128,15 @@ impl CompiledKernel {
         options: &CompileOptions,
     ) -> Result<CompiledKernel> {
         let start = Instant::now();
-        let plan = plan(kernel, bindings, options.fuse_attention)?;
+        let tiers = Tiers::available(options.tiers);
+        let plan = plan_with(
+            kernel,
+            bindings,
+            &PlanOptions {
+                fuse: options.fuse_attention,
+                tiers,
+            },
+        )?;
         let mut jit = Jit::new()?;
         let mut ids = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
@@ -137,6 +154,7 @@ impl CompiledKernel {
                 StepKind::Reduce(op, spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::reduce::emit_reduce(b, KernelArgs::new(p), *op, *spec)
                 })?),
+                StepKind::Attention(spec) if spec.tier != Tier::Cranelift => None,
                 StepKind::Attention(spec) => {
                     let defined = kernels::attention::define_attention_with(
                         jit.module_mut(),
@@ -179,7 +197,23 @@ impl CompiledKernel {
                 }
             });
         }
+        let wide = plan
+            .steps
+            .iter()
+            .map(|step| match &step.kind {
+                StepKind::Attention(spec) if spec.tier != Tier::Cranelift => {
+                    WideAttention::new(spec, spec.tier)
+                        .map(Some)
+                        .ok_or_else(|| JitError::Plan {
+                            op: step.name.clone(),
+                            detail: format!("the {} tier cannot run it", spec.tier.name()),
+                        })
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(CompiledKernel {
+            wide,
             params: kernel
                 .params
                 .iter()
@@ -316,7 +350,14 @@ impl CompiledKernel {
             }
         }
         let mut temps: Vec<Storage> = vec![Storage::default(); self.plan.buffers.len()];
-        for (index, (step, handle)) in self.plan.steps.iter().zip(&self.handles).enumerate() {
+        for (index, ((step, handle), wide)) in self
+            .plan
+            .steps
+            .iter()
+            .zip(&self.handles)
+            .zip(&self.wide)
+            .enumerate()
+        {
             let out = {
                 let views: Vec<BufferView<'_>> = step
                     .inputs
@@ -340,7 +381,7 @@ impl CompiledKernel {
                     }
                     _ => Needed::All,
                 };
-                self.run_step(step, handle.as_ref(), &views, t, needed)?
+                self.run_step(step, (handle.as_ref(), wide.as_ref()), &views, t, needed)?
             };
             temps[step.output] = out;
             for &b in &step.inputs {
@@ -383,7 +424,7 @@ impl CompiledKernel {
     fn run_step(
         &self,
         step: &crate::plan::Step,
-        handle: Option<&KernelHandle>,
+        (handle, wide): (Option<&KernelHandle>, Option<&WideAttention>),
         views: &[BufferView<'_>],
         threads: usize,
         needed: Needed<'_>,
@@ -418,6 +459,19 @@ impl CompiledKernel {
                         Storage::U8(quant::pack_sampled(layout, &ins, rows)?)
                     }
                     _ => Storage::U8(quant::pack(layout, &ins, threads)?),
+                }
+            }
+            (StepKind::Attention(spec), _) if wide.is_some() => {
+                let w = wide.expect("invariant: checked by the guard");
+                match needed {
+                    Needed::FirstEntryRows(rows) => {
+                        Storage::F32(run_sampled_rows(w, views, (len, spec.dv), rows, threads)?)
+                    }
+                    _ => {
+                        let mut out = vec![0.0f32; len];
+                        w.run(views, &mut out, threads)?;
+                        Storage::F32(out)
+                    }
                 }
             }
             (StepKind::Attention(spec), Some(h)) => match needed {
@@ -462,7 +516,7 @@ enum Needed<'a> {
 /// zeros, the row ranges spread over up to `threads` threads (each writes its own copy of the
 /// output, untouched pages stay unmapped; the rows are then gathered).
 fn run_sampled_rows(
-    h: &KernelHandle,
+    h: &(impl RowKernel + Sync),
     views: &[BufferView<'_>],
     (len, width): (usize, usize),
     rows: &[Range<usize>],
@@ -509,6 +563,42 @@ fn run_sampled_rows(
         }
     }
     Ok(out)
+}
+
+/// A kernel that computes chosen rows of one batch entry.
+trait RowKernel {
+    /// Rows `rows` of batch entry `batch` into `out` (the whole output's layout).
+    fn run_rows(
+        &self,
+        inputs: &[BufferView<'_>],
+        out: &mut [f32],
+        batch: usize,
+        rows: Range<usize>,
+    ) -> Result<()>;
+}
+
+impl RowKernel for KernelHandle {
+    fn run_rows(
+        &self,
+        inputs: &[BufferView<'_>],
+        out: &mut [f32],
+        batch: usize,
+        rows: Range<usize>,
+    ) -> Result<()> {
+        KernelHandle::run_rows(self, inputs, out, batch, rows)
+    }
+}
+
+impl RowKernel for WideAttention {
+    fn run_rows(
+        &self,
+        inputs: &[BufferView<'_>],
+        out: &mut [f32],
+        batch: usize,
+        rows: Range<usize>,
+    ) -> Result<()> {
+        WideAttention::run_rows(self, inputs, out, batch, rows)
+    }
 }
 
 /// Rounds `src` to `to` and widens back into `dst` (round to nearest even, NaN kept).

@@ -151,6 +151,17 @@ mod attnc_jit_text {
             )
         })?;
         let mut out = String::new();
+        for step in &compiled.plan().steps {
+            if let attnc_jit::plan::StepKind::Attention(spec) = &step.kind {
+                if spec.tier != attnc_jit::wide::Tier::Cranelift {
+                    out.push_str(&format!(
+                        "; kernel {}: runs on the {} tier (ahead-of-time code, no CLIF)\n\n",
+                        step.name,
+                        spec.tier.name()
+                    ));
+                }
+            }
+        }
         for text in compiled.code.texts() {
             let body = match kind {
                 CodeKind::Clif => Some(text.clif.as_str()),

@@ -10,8 +10,10 @@ use crate::kernels::attention::quant::QuantLayout;
 use crate::kernels::attention::{contains_dilated, AttentionSpec, Precision, TensorRef};
 use crate::kernels::elementwise::Expr;
 use crate::kernels::prefix::PrefixSpec;
+use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::fused::{Fused, FusedShape};
 use attnc_ir::{Attention, DType, Kernel, LinearAttention, NodeId, Op};
+use attnc_wide::amx::Products;
 
 /// The largest number of rows or keys the fused attention kernel takes (its row arithmetic is
 /// 32-bit).
@@ -204,6 +206,7 @@ pub(super) fn plan_attention(
         score: a.score.folded(p.bindings),
         mask: a.mask.clone(),
         precision: a.precision,
+        tier: Tier::Cranelift,
     };
     Ok(attention_step(p, spec))
 }
@@ -265,6 +268,7 @@ pub fn parameter_attention_spec(
         score: a.score.folded(bindings),
         mask: a.mask.clone(),
         precision: a.precision,
+        tier: Tier::Cranelift,
     })
 }
 
@@ -299,7 +303,18 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
     let mut shape = spec.batch.clone();
     shape.extend([spec.m, spec.dv]);
     let out = p.new_buffer(shape.iter().product());
+    spec.tier = tier_of(&spec, p.tiers);
     match spec.precision {
+        Precision::Int8 | Precision::Exact if spec.tier != Tier::Cranelift => {
+            // The full-width kernels read every operand in its storage type and pack what
+            // they need themselves.
+            for t in [&mut spec.q, &mut spec.k, &mut spec.v]
+                .into_iter()
+                .chain(spec.biases.iter_mut())
+            {
+                bind(p, t, &mut inputs);
+            }
+        }
         Precision::Exact => {
             let reused = spec.m >= F16_NATIVE_MAX_ROWS;
             for t in [&mut spec.q, &mut spec.k, &mut spec.v]
@@ -335,6 +350,21 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
     }
     p.push(StepKind::Attention(Box::new(spec)), inputs, out);
     Planner::leaf(out, &shape)
+}
+
+/// The tier a fused attention runs on: the full-width kernels when they are allowed and
+/// evaluate its score form, else Cranelift's.
+fn tier_of(spec: &AttentionSpec, tiers: Tiers) -> Tier {
+    let tier = match spec.precision {
+        Precision::Exact if tiers.avx512 => Tier::Avx512,
+        Precision::Int8 if tiers.amx => Tier::Amx(Products::Int8),
+        _ => return Tier::Cranelift,
+    };
+    if WideAttention::supports(spec) {
+        tier
+    } else {
+        Tier::Cranelift
+    }
 }
 
 /// The prefix-state kernel's spec for a checked causal linear attention (`batch_strides`

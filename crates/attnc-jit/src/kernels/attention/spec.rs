@@ -66,6 +66,8 @@ pub struct AttentionSpec {
     pub mask: Option<MaskPattern>,
     /// The arithmetic.
     pub precision: Precision,
+    /// Which kernels compute it.
+    pub tier: crate::wide::Tier,
 }
 
 impl AttentionSpec {

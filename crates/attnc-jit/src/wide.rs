@@ -1,0 +1,497 @@
+//! The full-width tier: fused attention steps whose arithmetic runs on the ahead-of-time
+//! AVX-512 and AMX kernels of `attnc-wide`, with every decision still made here — the tile
+//! table comes from the pattern algebra ([`crate::tiles`]) at the tier's tile sizes, the score
+//! form from the fused op, the operands from the plan's buffers.
+//!
+//! A fused attention runs on this tier when the CPU has it, the compile options allow it, and
+//! its score is one the kernels evaluate ([`WideScore`]: `s·scale`, plus at most one f32 bias
+//! tensor, plus an ALiBi slope `slope · relpos` with one slope per batch entry, then an
+//! optional softcap `cap · tanh(x / cap)`); every other score form stays on the 128-bit
+//! Cranelift kernels, which remain complete. Work is split over (batch entry, query tile)
+//! pairs, dealt round-robin to the threads (causal masks make later tiles heavier); every
+//! row is computed the same way whichever thread computes it, so results are bit-identical
+//! across thread counts.
+
+use crate::buffer::BufferView;
+use crate::error::{JitError, Result};
+use crate::kernels::attention::{AttentionSpec, ScoreExpr, TensorRef};
+use crate::tiles::{classify, TileKind};
+use attnc_ir::{BinaryOp, MaskPattern, UnaryOp};
+use attnc_wide::amx::{self, Products};
+use attnc_wide::attention;
+use attnc_wide::problem::{
+    Bias, Call, CallError, Elements, KeyMask, Operand, Output, Score, TileRun, TileTable,
+};
+use std::ops::Range;
+
+/// Which kernels compute a fused attention step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// Cranelift's 128-bit code (the portable path).
+    #[default]
+    Cranelift,
+    /// f32 products on AVX-512 (exact).
+    Avx512,
+    /// AMX tile products of the given precision (an approximation the policy allowed).
+    Amx(Products),
+}
+
+impl Tier {
+    /// The tier's name in plans and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Cranelift => "cranelift f32x4",
+            Tier::Avx512 => "avx-512",
+            Tier::Amx(Products::Bf16) => "amx bf16",
+            Tier::Amx(Products::Int8) => "amx int8",
+        }
+    }
+}
+
+/// The full-width tiers a compilation may use: the CPU's, narrowed by the compile options
+/// (and `ATTNC_TIERS`, see [`crate::CompileOptions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiers {
+    /// AVX-512 f32 attention.
+    pub avx512: bool,
+    /// AMX bf16 and int8 attention products.
+    pub amx: bool,
+}
+
+impl Tiers {
+    /// Every tier.
+    pub const ALL: Tiers = Tiers {
+        avx512: true,
+        amx: true,
+    };
+
+    /// The tiers `ATTNC_TIERS` allows (a comma list of `avx512`, `amx`; `cranelift` or empty
+    /// for none); every tier when it is unset or unreadable.
+    pub fn from_env() -> Tiers {
+        match std::env::var("ATTNC_TIERS") {
+            Ok(list) => {
+                let has = |name: &str| list.split(',').any(|t| t.trim() == name);
+                Tiers {
+                    avx512: has("avx512") || has("all"),
+                    amx: has("amx") || has("all"),
+                }
+            }
+            Err(_) => Tiers::ALL,
+        }
+    }
+
+    /// No full-width tier: every kernel is Cranelift's.
+    pub const NONE: Tiers = Tiers {
+        avx512: false,
+        amx: false,
+    };
+
+    /// What this CPU and process can run, within `allowed`.
+    pub fn available(allowed: Tiers) -> Tiers {
+        Tiers {
+            avx512: allowed.avx512 && attention::available(),
+            amx: allowed.amx && amx::available(Products::Int8),
+        }
+    }
+}
+
+/// The score form the full-width kernels evaluate, read off a folded score expression.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WideScore {
+    /// Multiplies `s`.
+    pub scale: f32,
+    /// The bias operand added (an index into [`AttentionSpec::biases`]).
+    pub bias: Option<usize>,
+    /// The bias operand holding one ALiBi slope per batch entry.
+    pub slope: Option<usize>,
+    /// The softcap.
+    pub softcap: Option<f32>,
+}
+
+impl WideScore {
+    /// The form of `spec`'s score, when the kernels evaluate it.
+    pub fn of(spec: &AttentionSpec) -> Option<WideScore> {
+        let (inner, softcap) = match capped(&spec.score) {
+            Some((x, cap)) => (x, Some(cap)),
+            None => (&spec.score, None),
+        };
+        let mut form = WideScore {
+            scale: 1.0,
+            bias: None,
+            slope: None,
+            softcap,
+        };
+        let mut terms = Vec::new();
+        sum_terms(inner, &mut terms)?;
+        let mut scaled = false;
+        for term in terms {
+            if let Some(scale) = scale_of(term) {
+                if scaled {
+                    return None;
+                }
+                (scaled, form.scale) = (true, scale);
+            } else if let ScoreExpr::Bias(k) = term {
+                let t = &spec.biases[*k];
+                if form.bias.is_some() || t.dtype != attnc_ir::DType::F32 {
+                    return None;
+                }
+                form.bias = Some(*k);
+            } else {
+                let k = slope_of(term)?;
+                let t = &spec.biases[k];
+                let per_entry = t.row_stride == 0 && t.col_stride == 0;
+                if form.slope.is_some() || !per_entry || t.dtype != attnc_ir::DType::F32 {
+                    return None;
+                }
+                form.slope = Some(k);
+            }
+        }
+        (scaled && form.scale.is_finite() && form.softcap.is_none_or(|c| c.is_finite() && c != 0.0))
+            .then_some(form)
+    }
+}
+
+/// `cap · tanh(x / cap)` (either factor order): `(x, cap)`.
+fn capped(e: &ScoreExpr) -> Option<(&ScoreExpr, f32)> {
+    let ScoreExpr::Binary(BinaryOp::Mul, a, b) = e else {
+        return None;
+    };
+    let (c, t) = match (&**a, &**b) {
+        (ScoreExpr::Const(c), t) | (t, ScoreExpr::Const(c)) => (*c, t),
+        _ => return None,
+    };
+    let ScoreExpr::Unary(UnaryOp::Tanh, inner) = t else {
+        return None;
+    };
+    let ScoreExpr::Binary(BinaryOp::Div, x, d) = &**inner else {
+        return None;
+    };
+    (**d == ScoreExpr::Const(c)).then_some((&**x, c as f32))
+}
+
+/// The terms of a sum (additions only).
+fn sum_terms<'e>(e: &'e ScoreExpr, out: &mut Vec<&'e ScoreExpr>) -> Option<()> {
+    if out.len() > 8 {
+        return None;
+    }
+    match e {
+        ScoreExpr::Binary(BinaryOp::Add, x, y) => {
+            sum_terms(x, out)?;
+            sum_terms(y, out)
+        }
+        other => {
+            out.push(other);
+            Some(())
+        }
+    }
+}
+
+/// `s`, `s · c`, `c · s` or `s / c`: the scale.
+fn scale_of(e: &ScoreExpr) -> Option<f32> {
+    match e {
+        ScoreExpr::Scores => Some(1.0),
+        ScoreExpr::Binary(BinaryOp::Mul, x, y) => match (&**x, &**y) {
+            (ScoreExpr::Scores, ScoreExpr::Const(c)) | (ScoreExpr::Const(c), ScoreExpr::Scores) => {
+                Some(*c as f32)
+            }
+            _ => None,
+        },
+        ScoreExpr::Binary(BinaryOp::Div, x, y) => match (&**x, &**y) {
+            (ScoreExpr::Scores, ScoreExpr::Const(c)) => Some((1.0 / c) as f32),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `b · relpos` (either order): the bias index of the slope.
+fn slope_of(e: &ScoreExpr) -> Option<usize> {
+    match e {
+        ScoreExpr::Binary(BinaryOp::Mul, x, y) => match (&**x, &**y) {
+            (ScoreExpr::Bias(k), ScoreExpr::RelPos) | (ScoreExpr::RelPos, ScoreExpr::Bias(k)) => {
+                Some(*k)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The mask as the full-width kernels read it.
+pub fn key_mask(p: &MaskPattern) -> KeyMask {
+    match p {
+        MaskPattern::Causal => KeyMask::Causal,
+        MaskPattern::Window(w) => KeyMask::Window(*w),
+        MaskPattern::Dilated { w, r } => KeyMask::Dilated { w: *w, r: *r },
+        MaskPattern::Global(g) => KeyMask::Global(*g),
+        MaskPattern::Block(b) => KeyMask::Block(*b),
+        MaskPattern::And(a, b) => KeyMask::And(Box::new(key_mask(a)), Box::new(key_mask(b))),
+        MaskPattern::Or(a, b) => KeyMask::Or(Box::new(key_mask(a)), Box::new(key_mask(b))),
+    }
+}
+
+/// A fused attention step on the full-width tier, ready to run.
+#[derive(Clone, Debug)]
+pub struct WideAttention {
+    spec: AttentionSpec,
+    tier: Tier,
+    score: WideScore,
+    mask: Option<KeyMask>,
+    tiles: TileTable,
+}
+
+impl WideAttention {
+    /// Whether the full-width kernels compute `spec`: its score form is one they evaluate and
+    /// the rows of Q, K and V are contiguous.
+    pub fn supports(spec: &AttentionSpec) -> bool {
+        let operands_fit = [&spec.q, &spec.k, &spec.v]
+            .iter()
+            .zip([spec.d, spec.d, spec.dv])
+            .all(|(t, cols)| t.col_stride == 1 || cols <= 1);
+        operands_fit && WideScore::of(spec).is_some()
+    }
+
+    /// The step of `spec` on `tier` (not [`Tier::Cranelift`]), with its tile table built from
+    /// the pattern algebra at the tier's tile sizes; `None` when the tier cannot run it.
+    pub fn new(spec: &AttentionSpec, tier: Tier) -> Option<WideAttention> {
+        let score = WideScore::of(spec)?;
+        let (qt, kt) = match tier {
+            Tier::Cranelift => return None,
+            Tier::Avx512 => (attention::QUERY_TILE, attention::KEY_TILE),
+            Tier::Amx(_) => (amx::QUERY_TILE, amx::KEY_TILE),
+        };
+        if !WideAttention::supports(spec) {
+            return None;
+        }
+        let (m, n) = (spec.m, spec.n);
+        let tiles = TileTable::from_fn(m, n, qt, kt, |t| {
+            let (i0, i1) = ((t * qt).min(m), ((t + 1) * qt).min(m));
+            classify(spec.mask.as_ref(), m, n, i0, i1, kt)
+                .into_iter()
+                .map(|r| TileRun {
+                    first: r.first as u32,
+                    end: r.end as u32,
+                    partial: r.kind == TileKind::Partial,
+                })
+                .collect()
+        });
+        Some(WideAttention {
+            spec: spec.clone(),
+            tier,
+            score,
+            mask: spec.mask.as_ref().map(key_mask),
+            tiles,
+        })
+    }
+
+    /// The tier it runs on.
+    pub fn tier(&self) -> Tier {
+        self.tier
+    }
+
+    /// The rows per query tile of its kernels.
+    fn query_tile(&self) -> usize {
+        self.tiles.query_tile
+    }
+
+    /// Every row of every batch entry into `out` (`[batch.., m, dv]`), on up to `threads`
+    /// threads.
+    pub fn run(&self, inputs: &[BufferView<'_>], out: &mut [f32], threads: usize) -> Result<()> {
+        let (m, dv) = (self.spec.m, self.spec.dv);
+        let entries = self.spec.batch_count();
+        self.check_output(out.len())?;
+        if m == 0 || dv == 0 || entries == 0 {
+            return Ok(());
+        }
+        let qt = self.query_tile();
+        // Work items: (batch entry, query tile, its output rows), dealt round-robin.
+        let mut items: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (b, entry) in out.chunks_mut(m * dv).enumerate() {
+            for (t, rows) in entry.chunks_mut(qt * dv).enumerate() {
+                items.push((b, t, rows));
+            }
+        }
+        let threads = threads.clamp(1, items.len().max(1));
+        let mut shares: Vec<Vec<(usize, usize, &mut [f32])>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (k, item) in items.into_iter().enumerate() {
+            shares[k % threads].push(item);
+        }
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = shares
+                .into_iter()
+                .map(|share| scope.spawn(move || self.run_items(inputs, share)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+
+    /// Rows `rows` of batch entry `batch` into `out` (the whole output's layout; nothing else
+    /// is written). Query tiles the range only partly covers are computed whole into scratch
+    /// and the asked rows copied.
+    pub fn run_rows(
+        &self,
+        inputs: &[BufferView<'_>],
+        out: &mut [f32],
+        batch: usize,
+        rows: Range<usize>,
+    ) -> Result<()> {
+        self.check_output(out.len())?;
+        let (m, dv, qt) = (self.spec.m, self.spec.dv, self.query_tile());
+        let rows = rows.start.min(m)..rows.end.min(m);
+        if batch >= self.spec.batch_count() || rows.is_empty() || dv == 0 {
+            return Ok(());
+        }
+        for t in rows.start / qt..rows.end.div_ceil(qt) {
+            let tile = t * qt..((t + 1) * qt).min(m);
+            let mut scratch = vec![0.0f32; tile.len() * dv];
+            self.run_items(inputs, vec![(batch, t, &mut scratch[..])])?;
+            let keep = tile.start.max(rows.start)..tile.end.min(rows.end);
+            let from = (keep.start - tile.start) * dv..(keep.end - tile.start) * dv;
+            let to = (batch * m + keep.start) * dv..(batch * m + keep.end) * dv;
+            out[to].copy_from_slice(&scratch[from]);
+        }
+        Ok(())
+    }
+
+    fn check_output(&self, len: usize) -> Result<()> {
+        let want = self.spec.batch_count() * self.spec.m * self.spec.dv;
+        if len != want {
+            return Err(JitError::Buffer {
+                input: "output".to_string(),
+                detail: format!("holds {len} elements, the attention writes {want}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Computes work items `(batch entry, query tile, its output rows)` in order; the AMX
+    /// tiers pack an entry's keys and values once per run of items of that entry.
+    fn run_items(
+        &self,
+        inputs: &[BufferView<'_>],
+        items: Vec<(usize, usize, &mut [f32])>,
+    ) -> Result<()> {
+        let qt = self.query_tile();
+        let mut packed: Option<(usize, amx::Packed)> = None;
+        for (b, t, rows) in items {
+            let call = self.call(inputs, b)?;
+            let range = (t * qt)..((t + 1) * qt).min(self.spec.m);
+            let mut output = Output {
+                o: rows,
+                row_stride: self.spec.dv,
+                lse: None,
+            };
+            let result = match self.tier {
+                Tier::Amx(products) => {
+                    if packed.as_ref().is_none_or(|(entry, _)| *entry != b) {
+                        packed = Some((b, amx::pack(products, &call).map_err(wide_err)?));
+                    }
+                    let (_, p) = packed.as_ref().expect("invariant: packed just above");
+                    amx::run(products, &call, p, range, &mut output)
+                }
+                _ => attention::run(&call, range, &mut output),
+            };
+            result.map_err(wide_err)?;
+        }
+        Ok(())
+    }
+
+    /// The call of batch entry `b` over the step's input buffers.
+    fn call<'a>(&'a self, inputs: &[BufferView<'a>], b: usize) -> Result<Call<'a>> {
+        let spec = &self.spec;
+        let index = batch_index(&spec.batch, b);
+        let operand = |t: &TensorRef, rows: usize, cols: usize| -> Result<Operand<'a>> {
+            let offset = offset_of(t, &index);
+            let data = match inputs.get(t.slot) {
+                Some(BufferView::F32(x)) => Elements::F32(x.get(offset..).unwrap_or_default()),
+                Some(BufferView::F16(x)) => Elements::F16(x.get(offset..).unwrap_or_default()),
+                Some(BufferView::Bf16(x)) => Elements::Bf16(x.get(offset..).unwrap_or_default()),
+                _ => return Err(buffer_err(&t.name, "is not a float buffer")),
+            };
+            Ok(Operand {
+                data,
+                rows,
+                cols,
+                row_stride: t.row_stride,
+            })
+        };
+        let f32_of = |k: usize| -> Result<(&'a [f32], &TensorRef)> {
+            let t = &spec.biases[k];
+            match inputs.get(t.slot) {
+                Some(BufferView::F32(x)) => {
+                    Ok((x.get(offset_of(t, &index)..).unwrap_or_default(), t))
+                }
+                _ => Err(buffer_err(&t.name, "is not an f32 buffer")),
+            }
+        };
+        let bias = match self.score.bias {
+            Some(k) => {
+                let (data, t) = f32_of(k)?;
+                Some(Bias {
+                    data,
+                    row_stride: t.row_stride,
+                    col_stride: t.col_stride,
+                })
+            }
+            None => None,
+        };
+        let alibi_slope = match self.score.slope {
+            Some(k) => Some(
+                *f32_of(k)?
+                    .0
+                    .first()
+                    .ok_or_else(|| buffer_err(&spec.biases[k].name, "is empty"))?,
+            ),
+            None => None,
+        };
+        Ok(Call {
+            q: operand(&spec.q, spec.m, spec.d)?,
+            k: operand(&spec.k, spec.n, spec.d)?,
+            v: operand(&spec.v, spec.n, spec.dv)?,
+            score: Score {
+                scale: self.score.scale,
+                bias,
+                alibi_slope,
+                softcap: self.score.softcap,
+            },
+            mask: self.mask.as_ref(),
+            tiles: &self.tiles,
+        })
+    }
+}
+
+/// The multi-index of batch entry `b` over `batch` (last axis fastest).
+fn batch_index(batch: &[usize], mut b: usize) -> Vec<usize> {
+    let mut index = vec![0; batch.len()];
+    for (a, &size) in batch.iter().enumerate().rev() {
+        if size > 0 {
+            index[a] = b % size;
+            b /= size;
+        }
+    }
+    index
+}
+
+/// The element offset of batch entry `index` in tensor `t`.
+fn offset_of(t: &TensorRef, index: &[usize]) -> usize {
+    t.batch_strides.iter().zip(index).map(|(s, i)| s * i).sum()
+}
+
+fn buffer_err(name: &str, detail: &str) -> JitError {
+    JitError::Buffer {
+        input: name.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+fn wide_err(e: CallError) -> JitError {
+    JitError::Plan {
+        op: "attention".to_string(),
+        detail: e.to_string(),
+    }
+}
