@@ -92,6 +92,10 @@ pub enum StepKind {
     Attention(Box<AttentionSpec>),
     /// Causal linear attention through a running prefix state; reads `φQ`, `φK`, `V`.
     Prefix(PrefixSpec),
+    /// Linear attention without a mask through its `[d, dv]` key-value state on the
+    /// full-width tier ([`crate::wide::run_linear`]); reads `φQ`, `φK`, `V` (the prefix
+    /// kernel's spec, without its causal order).
+    Linear(PrefixSpec),
 }
 
 /// One step: reads `inputs`, writes all of `output`.
@@ -120,6 +124,7 @@ impl Step {
             | StepKind::Quantize(_) => (1, 1),
             StepKind::Attention(s) => (s.batch_count(), s.m),
             StepKind::Prefix(s) => s.work(),
+            StepKind::Linear(s) => (s.batch_count(), s.m),
         }
     }
 
@@ -127,7 +132,7 @@ impl Step {
     pub fn cost(&self, buffers: &[BufferInfo]) -> usize {
         match &self.kind {
             StepKind::MatMul(s) => s.flops(),
-            StepKind::Prefix(s) => s.flops(),
+            StepKind::Prefix(s) | StepKind::Linear(s) => s.flops(),
             StepKind::Attention(s) if s.precision == Precision::Int8 => 2usize
                 .saturating_mul(s.batch_count())
                 .saturating_mul(s.m)
@@ -239,8 +244,16 @@ impl std::fmt::Display for Plan {
                     format!("elementwise {:?} ({} nodes, fused)", s.shape, s.expr.size())
                 }
                 StepKind::MatMul(s) => format!(
-                    "matmul batch {:?} {}x{}x{} (a strides {}/{}, b strides {}/{})",
-                    s.batch, s.m, s.k, s.n, s.a_rs, s.a_cs, s.b_rs, s.b_cs
+                    "matmul{} batch {:?} {}x{}x{} (a strides {}/{}, b strides {}/{})",
+                    if s.wide { " [avx-512 gemm]" } else { "" },
+                    s.batch,
+                    s.m,
+                    s.k,
+                    s.n,
+                    s.a_rs,
+                    s.a_cs,
+                    s.b_rs,
+                    s.b_cs
                 ),
                 StepKind::Reduce(op, s) => {
                     format!(
@@ -284,6 +297,19 @@ impl std::fmt::Display for Plan {
                 }
                 StepKind::Prefix(s) => format!(
                     "causal linear attention (prefix state{}) batch {:?} m={} n={} d={} dv={}",
+                    match s.normalizer {
+                        attnc_ir::Normalizer::None => ", unnormalized".to_string(),
+                        attnc_ir::Normalizer::Sum { eps: 0.0 } => String::new(),
+                        attnc_ir::Normalizer::Sum { eps } => format!(", eps {eps:e}"),
+                    },
+                    s.batch,
+                    s.m,
+                    s.n,
+                    s.d,
+                    s.dv
+                ),
+                StepKind::Linear(s) => format!(
+                    "linear attention (key-value state [avx-512 gemm]{}) batch {:?} m={} n={} d={} dv={}",
                     match s.normalizer {
                         attnc_ir::Normalizer::None => ", unnormalized".to_string(),
                         attnc_ir::Normalizer::Sum { eps: 0.0 } => String::new(),
@@ -370,6 +396,7 @@ impl Planner<'_> {
             StepKind::Quantize(_) => "quantize",
             StepKind::Attention(_) => "attention",
             StepKind::Prefix(_) => "prefix",
+            StepKind::Linear(_) => "linear",
         };
         let name = format!("{}_s{}_{tag}", self.kernel.name, self.steps.len());
         self.steps.push(Step {
@@ -476,7 +503,8 @@ pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) ->
     let fuse = options.fuse;
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;
-    let unsupported = |id: NodeId| !fuse || fused::unsupported(kernel, id, &shapes).is_some();
+    let unsupported =
+        |id: NodeId| !fuse || fused::unsupported(kernel, id, &shapes, options.tiers).is_some();
     let expanded;
     let kernel = if kernel
         .graph

@@ -148,6 +148,8 @@ impl CompiledKernel {
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
                 })?),
+                StepKind::MatMul(spec) if spec.wide => None,
+                StepKind::Linear(_) => None,
                 StepKind::MatMul(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::matmul::emit(b, KernelArgs::new(p), spec)
                 })?),
@@ -460,6 +462,16 @@ impl CompiledKernel {
                     }
                     _ => Storage::U8(quant::pack(layout, &ins, threads)?),
                 }
+            }
+            (StepKind::Linear(spec), _) => {
+                let mut out = vec![0.0f32; len];
+                crate::wide::run_linear(spec, views, &mut out, threads)?;
+                Storage::F32(out)
+            }
+            (StepKind::MatMul(spec), None) if spec.wide => {
+                let mut out = vec![0.0f32; len];
+                crate::wide::run_matmul(spec, views, &mut out, threads)?;
+                Storage::F32(out)
             }
             (StepKind::Attention(spec), _) if wide.is_some() => {
                 let w = wide.expect("invariant: checked by the guard");

@@ -11,14 +11,21 @@
 //! pairs, dealt round-robin to the threads (causal masks make later tiles heavier); every
 //! row is computed the same way whichever thread computes it, so results are bit-identical
 //! across thread counts.
+//!
+//! Plain matrix product steps run on the same tier through [`run_matmul`] (`attnc-wide`'s
+//! bounds-checked front to the `gemm` crate), split in fixed chunks of output rows.
 
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::{AttentionSpec, ScoreExpr, TensorRef};
+use crate::kernels::matmul::MatMulSpec;
+use crate::kernels::prefix::PrefixSpec;
 use crate::tiles::{classify, TileKind};
+use attnc_ir::Normalizer;
 use attnc_ir::{BinaryOp, MaskPattern, UnaryOp};
 use attnc_wide::amx::{self, Products};
 use attnc_wide::attention;
+use attnc_wide::gemm::{sgemm, Matrix};
 use attnc_wide::problem::{
     Bias, Call, CallError, Elements, KeyMask, Operand, Output, Score, TileRun, TileTable,
 };
@@ -463,6 +470,221 @@ impl WideAttention {
             tiles: &self.tiles,
         })
     }
+}
+
+/// Output rows per work item of [`run_matmul`]: a fixed split, so each output element is
+/// computed by the same product call whatever the thread count (bit-identical results).
+const MATMUL_ROWS: usize = 128;
+
+/// A planned matrix product on the full-width tier: every batch entry's `A · B` in chunks of
+/// [`MATMUL_ROWS`] output rows, dealt round-robin to up to `threads` threads.
+pub fn run_matmul(
+    spec: &MatMulSpec,
+    inputs: &[BufferView<'_>],
+    out: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    let (m, n, k) = (spec.m, spec.n, spec.k);
+    let entries: usize = spec.batch.iter().product();
+    let want = entries * m * n;
+    if out.len() != want {
+        return Err(buffer_err(
+            "output",
+            &format!("holds {} elements, not {want}", out.len()),
+        ));
+    }
+    let (a, b) = match (inputs.first(), inputs.get(1)) {
+        (Some(BufferView::F32(a)), Some(BufferView::F32(b))) => (*a, *b),
+        _ => return Err(buffer_err("matmul", "takes two f32 buffers")),
+    };
+    if m == 0 || n == 0 || entries == 0 {
+        return Ok(());
+    }
+    let mut items: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (e, entry) in out.chunks_mut(m * n).enumerate() {
+        for (c, rows) in entry.chunks_mut(MATMUL_ROWS * n).enumerate() {
+            items.push((e, c * MATMUL_ROWS, rows));
+        }
+    }
+    let threads = threads.clamp(1, items.len());
+    let mut shares: Vec<Vec<(usize, usize, &mut [f32])>> =
+        (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        shares[i % threads].push(item);
+    }
+    let work = |share: Vec<(usize, usize, &mut [f32])>| -> Result<()> {
+        for (e, r0, rows) in share {
+            let index = batch_index(&spec.batch, e);
+            let dot = |strides: &[usize]| -> usize {
+                strides.iter().zip(&index).map(|(s, i)| s * i).sum()
+            };
+            let count = rows.len() / n;
+            let a_off = dot(&spec.a_batch_strides) + r0 * spec.a_rs;
+            let left = attnc_wide::gemm::Matrix {
+                data: a.get(a_off..).unwrap_or_default(),
+                rows: count,
+                cols: k,
+                row_stride: spec.a_rs,
+                col_stride: spec.a_cs,
+            };
+            let right = attnc_wide::gemm::Matrix {
+                data: b.get(dot(&spec.b_batch_strides)..).unwrap_or_default(),
+                rows: k,
+                cols: n,
+                row_stride: spec.b_rs,
+                col_stride: spec.b_cs,
+            };
+            attnc_wide::gemm::sgemm(&left, &right, rows).map_err(wide_err)?;
+        }
+        Ok(())
+    };
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| scope.spawn(move || work(share)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// Linear attention without a mask (`spec` of a [`crate::plan::StepKind::Linear`] step) over
+/// contiguous `φQ`, `φK`, `V`: per batch entry the `[d, dv]` state `φKᵀ V` and the key sum
+/// `Σ_j φk_j` (one product call each, whatever the threads), then every row
+/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of [`MATMUL_ROWS`] rows; batch entries and
+/// chunks dealt round-robin to up to `threads` threads.
+pub fn run_linear(
+    spec: &PrefixSpec,
+    inputs: &[BufferView<'_>],
+    out: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
+    let entries = spec.batch_count();
+    if out.len() != entries * m * dv {
+        return Err(buffer_err(
+            "output",
+            "does not hold the linear attention's rows",
+        ));
+    }
+    let f32s = |k: usize| match inputs.get(k) {
+        Some(BufferView::F32(x)) => Ok(*x),
+        _ => Err(buffer_err("linear attention", "takes three f32 buffers")),
+    };
+    let (q, k, v) = (f32s(0)?, f32s(1)?, f32s(2)?);
+    if m == 0 || dv == 0 || entries == 0 {
+        return Ok(());
+    }
+    let offset = |e: usize, which: usize| -> usize {
+        let index = batch_index(&spec.batch, e);
+        spec.batch_strides[which]
+            .iter()
+            .zip(&index)
+            .map(|(s, i)| s * i)
+            .sum()
+    };
+    // Phase 1: each entry's state [d, dv + 1]: φKᵀ V beside the key sums.
+    let width = dv + 1;
+    let mut states = vec![0.0f32; entries * d * width];
+    let state_of = |e: usize, state: &mut [f32]| -> Result<()> {
+        let keys = &k.get(offset(e, 1)..).unwrap_or_default();
+        let values = &v.get(offset(e, 2)..).unwrap_or_default();
+        let mut kv = vec![0.0f32; d * dv];
+        let kt = Matrix {
+            data: keys,
+            rows: d,
+            cols: n,
+            row_stride: 1,
+            col_stride: d,
+        };
+        let vm = Matrix {
+            data: values,
+            rows: n,
+            cols: dv,
+            row_stride: dv,
+            col_stride: 1,
+        };
+        sgemm(&kt, &vm, &mut kv).map_err(wide_err)?;
+        for a in 0..d {
+            state[a * width..a * width + dv].copy_from_slice(&kv[a * dv..(a + 1) * dv]);
+            state[a * width + dv] = (0..n).map(|j| keys[j * d + a]).sum();
+        }
+        Ok(())
+    };
+    let mut items: Vec<(usize, &mut [f32])> =
+        states.chunks_mut((d * width).max(1)).enumerate().collect();
+    if d == 0 {
+        items.clear();
+    }
+    deal(items, threads, |(e, state)| state_of(e, state))?;
+    // Phase 2: rows [φq_i S | φq_i z], then the division.
+    let mut rows: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (e, entry) in out.chunks_mut(m * dv).enumerate() {
+        for (c, chunk) in entry.chunks_mut(MATMUL_ROWS * dv).enumerate() {
+            rows.push((e, c * MATMUL_ROWS, chunk));
+        }
+    }
+    let states = &states;
+    deal(rows, threads, |(e, r0, chunk)| {
+        let count = chunk.len() / dv;
+        let mut both = vec![0.0f32; count * width];
+        let qm = Matrix {
+            data: q.get(offset(e, 0) + r0 * d..).unwrap_or_default(),
+            rows: count,
+            cols: d,
+            row_stride: d,
+            col_stride: 1,
+        };
+        let sm = Matrix {
+            data: states.get(e * d * width..).unwrap_or_default(),
+            rows: d,
+            cols: width,
+            row_stride: width,
+            col_stride: 1,
+        };
+        sgemm(&qm, &sm, &mut both).map_err(wide_err)?;
+        for (i, row) in chunk.chunks_mut(dv).enumerate() {
+            let got = &both[i * width..(i + 1) * width];
+            match spec.normalizer {
+                Normalizer::None => row.copy_from_slice(&got[..dv]),
+                Normalizer::Sum { eps } => {
+                    let den = got[dv] + eps as f32;
+                    for (o, x) in row.iter_mut().zip(&got[..dv]) {
+                        *o = x / den;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `work` on every item, the items dealt round-robin to up to `threads` threads.
+fn deal<T: Send>(
+    items: Vec<T>,
+    threads: usize,
+    work: impl Fn(T) -> Result<()> + Sync,
+) -> Result<()> {
+    let threads = threads.clamp(1, items.len().max(1));
+    let mut shares: Vec<Vec<T>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        shares[i % threads].push(item);
+    }
+    let work = &work;
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = shares
+            .into_iter()
+            .map(|share| scope.spawn(move || share.into_iter().try_for_each(work)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 /// The multi-index of batch entry `b` over `batch` (last axis fastest).

@@ -4,10 +4,17 @@ mod common;
 use attnc_jit::{CompileOptions, CompiledKernel};
 use common::{bindings, kernel};
 
+/// Options of the portable tier: the snapshots are Cranelift's code whatever this CPU has.
+fn portable() -> CompileOptions {
+    CompileOptions {
+        tiers: attnc_jit::wide::Tiers::NONE,
+        ..CompileOptions::default()
+    }
+}
+
 fn clif(src: &str, dims: &[(&str, u64)]) -> String {
     let compiled =
-        CompiledKernel::compile(&kernel(src), &bindings(dims), &CompileOptions::default())
-            .expect("compile");
+        CompiledKernel::compile(&kernel(src), &bindings(dims), &portable()).expect("compile");
     compiled
         .clif()
         .into_iter()
@@ -40,12 +47,7 @@ fn fused_attention_clif() {
                { return softmax(mask(q @ k.T / sqrt(d), causal & window(6))) @ v; }";
     let b = bindings(&[("m", 7), ("n", 11), ("d", 5), ("e", 6)]);
     let fused = attnc_opt::optimize(&kernel(src), &b, &Default::default()).kernel;
-    // The Cranelift kernel (the portable tier), whatever this CPU has.
-    let options = CompileOptions {
-        tiers: attnc_jit::wide::Tiers::NONE,
-        ..CompileOptions::default()
-    };
-    let compiled = CompiledKernel::compile(&fused, &b, &options).expect("compile");
+    let compiled = CompiledKernel::compile(&fused, &b, &portable()).expect("compile");
     assert_eq!(compiled.plan().steps.len(), 1, "{}", compiled.plan());
     let text: String = compiled
         .clif()

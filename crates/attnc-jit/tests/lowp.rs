@@ -31,10 +31,13 @@ fn with_low_precision(src: &str, b: &Bindings, casts: &[(usize, DType)], int8: b
 const DENSE: &str = "kernel a(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] \
                      { return softmax(q @ k.T / sqrt(d)) @ v; }";
 
+/// Options of the portable tier (these tests check Cranelift's kernels; the full-width tiers
+/// have their own test below).
 fn options(dot_product_instructions: bool) -> CompileOptions {
     CompileOptions {
         parallel_threshold: 0,
         dot_product_instructions,
+        tiers: attnc_jit::wide::Tiers::NONE,
         ..CompileOptions::default()
     }
 }
@@ -299,4 +302,30 @@ fn int8_error_on_standard_normal_inputs_at_the_benchmark_depth() {
     let err = rel_l2(&run_jit(&c, &k, &ins, 2).data, &want);
     eprintln!("int8 relative L2 error on standard-normal inputs: {err:.5}");
     assert!(err <= INT8_REL_L2, "{err}");
+}
+
+#[test]
+fn int8_on_amx_tiles_holds_the_int8_bound() {
+    if !attnc_wide::amx::available(attnc_wide::amx::Products::Int8) {
+        eprintln!("skipped: this CPU has no AMX-INT8");
+        return;
+    }
+    let amx = CompileOptions {
+        parallel_threshold: 0,
+        tiers: attnc_jit::wide::Tiers::ALL,
+        ..CompileOptions::default()
+    };
+    for (src, dims) in [
+        (
+            DENSE,
+            [("h", 2), ("m", 113), ("n", 203), ("d", 64), ("e", 40)],
+        ),
+        (DENSE, [("h", 1), ("m", 1), ("n", 3), ("d", 3), ("e", 1)]),
+    ] {
+        let k = with_low_precision(src, &bindings(&dims), &[], true);
+        let c = CompiledKernel::compile(&k, &bindings(&dims), &amx).expect("compile");
+        assert!(c.plan().to_string().contains("amx int8"), "{}", c.plan());
+        let (err, _) = run_checked(&k, &dims, 3, &amx);
+        assert!(err <= INT8_REL_L2, "{dims:?}: {err}");
+    }
 }

@@ -40,6 +40,9 @@ pub struct MatMulSpec {
     pub b_rs: usize,
     /// `B`'s stride along j.
     pub b_cs: usize,
+    /// Whether the product runs on the full-width tier ([`crate::wide::run_matmul`]) instead
+    /// of this module's Cranelift kernel.
+    pub wide: bool,
 }
 
 impl MatMulSpec {

@@ -29,7 +29,12 @@ pub(super) fn is_fused(op: &Op) -> bool {
 
 /// Why this engine cannot run fused node `id` at the bound `shapes` (it is then planned by its
 /// plain form), or `None`.
-pub(super) fn unsupported(kernel: &Kernel, id: NodeId, shapes: &[Vec<usize>]) -> Option<String> {
+pub(super) fn unsupported(
+    kernel: &Kernel,
+    id: NodeId,
+    shapes: &[Vec<usize>],
+    tiers: Tiers,
+) -> Option<String> {
     let node = kernel.graph.node(id);
     let operands: Vec<&[usize]> = kernel
         .graph
@@ -55,13 +60,16 @@ pub(super) fn unsupported(kernel: &Kernel, id: NodeId, shapes: &[Vec<usize>]) ->
             None
         }
         Op::LinearAttention(l) => {
-            if !l.causal {
+            if !l.causal && !tiers.avx512 {
                 return Some("dense linear attention runs as matrix products".to_string());
             }
             let fs = match Fused::Linear(l).check(&operands) {
                 Ok(fs) => fs,
                 Err(e) => return Some(e),
             };
+            if !l.causal {
+                return None;
+            }
             prefix_spec(&fs, l, [vec![], vec![], vec![]])
                 .unsupported()
                 .map(str::to_string)
@@ -414,7 +422,12 @@ pub(super) fn plan_prefix(
     let mut shape = fs.batch.clone();
     shape.extend([fs.m, fs.dv]);
     let out = p.new_buffer(shape.iter().product());
-    p.push(StepKind::Prefix(spec), inputs, out);
+    let kind = if l.causal {
+        StepKind::Prefix(spec)
+    } else {
+        StepKind::Linear(spec)
+    };
+    p.push(kind, inputs, out);
     Ok(Planner::leaf(out, &shape))
 }
 

@@ -182,6 +182,7 @@ pub(super) fn plan_matmul(
         a_cs: astr[ra - 1],
         b_rs: bstr[rb - 2],
         b_cs: bstr[rb - 1],
+        wide: p.tiers.avx512,
     };
     if spec.k != b.shape[rb - 2] || spec.m != shape[r - 2] || spec.n != shape[r - 1] {
         return Err(plan_error(op, "operand shapes do not agree"));
