@@ -11,7 +11,8 @@
 //! - [`attention`]: f32 flash attention on AVX-512 (block-sparse, tile tables given by the
 //!   caller);
 //! - [`amx`]: bf16 and int8 attention products on AMX tiles (approximate tiers);
-//! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked.
+//! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked;
+//! - [`peak`]: the measured 512-bit FMA peak benchmarks report against.
 //!
 //! Every kernel here is tested against a plain scalar reference; the 128-bit Cranelift kernels
 //! of `attnc-jit` remain the portable path.
@@ -21,4 +22,5 @@ pub mod amx;
 pub mod attention;
 pub mod cpu;
 pub mod gemm;
+pub mod peak;
 pub mod problem;
