@@ -206,6 +206,35 @@ impl Compiler {
         })
     }
 
+    /// Refuses to run the reference interpreter (`--engine interp`, `--verify`) where its f64
+    /// values of `kernel` at `bindings` exceed the memory budget, naming the largest.
+    pub fn check_interp_memory(
+        &self,
+        kernel: &Kernel,
+        bindings: &Bindings,
+    ) -> Result<(), RunError> {
+        let Some(budget) = self.memory_budget else {
+            return Ok(());
+        };
+        let memory = attnc_ir::interp::interp_memory(kernel, bindings).map_err(RunError::Bind)?;
+        if memory.peak_bytes <= budget {
+            return Ok(());
+        }
+        let largest = memory.largest.map(|(node, bytes)| {
+            format!(
+                "the interpreter's f64 value of `{}` ({})",
+                kernel.graph.node(node).op,
+                format_bytes(bytes)
+            )
+        });
+        Err(RunError::Memory {
+            what: "the interpreter",
+            needed: memory.peak_bytes,
+            budget,
+            largest: largest.unwrap_or_default(),
+        })
+    }
+
     /// Refuses a plan whose temporaries exceed the memory budget, naming its largest buffer.
     fn check_memory(&self, plan: &Plan) -> Result<(), RunError> {
         let Some(budget) = self.memory_budget else {
@@ -228,6 +257,7 @@ impl Compiler {
             )
         });
         Err(RunError::Memory {
+            what: "the plan's buffers",
             needed: memory.peak_bytes,
             budget,
             largest: largest.unwrap_or_default(),

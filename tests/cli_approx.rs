@@ -144,3 +144,78 @@ fn explain_emits_the_code_of_the_validated_approximate_plan() {
         assert!(amx.contains("amx int8 tier"), "{amx}");
     }
 }
+
+#[test]
+fn tol_alone_keeps_the_kernels_own_approximations() {
+    // performer.attn names `@approx random_features(...)`; `--tol` changes only how much
+    // error it may have, so with a loose bound the approximation is applied.
+    let out = attnc(&[
+        "run",
+        "examples/performer.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=2048,d=64",
+        "--tol",
+        "100",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    assert_eq!(
+        doc["validations"][0]["accepted"], true,
+        "{}",
+        doc["approximations"]
+    );
+}
+
+/// `[1, n, d]` values drawn from a fixed generator and multiplied by `scale`.
+fn tensor(seed: u64, n: usize, d: usize, scale: f32) -> attnc::io::Tensor {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let values = (0..n * d)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.46 * scale
+        })
+        .collect();
+    attnc::io::Tensor::from_f32(vec![1, n, d], values).expect("consistent shape")
+}
+
+#[test]
+fn verify_fails_with_status_1_when_calibration_data_misrepresents_the_inputs() {
+    // Random features are accurate where attention is nearly uniform (the small calibration
+    // queries and keys) and poor where it is peaked (the inputs): validation accepts, the
+    // result on the real inputs misses the bound, and `--verify` says so with exit 1.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (n, d) = (2048, 64);
+    let mut args: Vec<String> = ["run", "examples/performer.attn"]
+        .map(String::from)
+        .to_vec();
+    for (index, name) in ["q", "k", "v"].into_iter().enumerate() {
+        let scale = if name == "v" { 1.0 } else { 2.5 };
+        let input = dir.path().join(format!("{name}.npy"));
+        attnc::io::write_npy(&input, &tensor(index as u64 + 1, n, d, scale)).expect("writes");
+        let calibration = dir.path().join(format!("{name}_cal.npy"));
+        let small = if name == "v" { 1.0 } else { 0.01 };
+        attnc::io::write_npy(&calibration, &tensor(index as u64 + 11, n, d, small))
+            .expect("writes");
+        args.extend(["--input".into(), format!("{name}={}", input.display())]);
+        args.extend([
+            "--calibrate".into(),
+            format!("{name}={}", calibration.display()),
+        ]);
+    }
+    args.extend(["--verify", "--format", "json"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = attnc(&args);
+    let doc = json(&out);
+    let report = format!("{} {}", doc["validations"], doc["verify"]);
+    assert_eq!(doc["validations"][0]["accepted"], true, "{report}");
+    assert_eq!(doc["verify"]["passed"], false, "{report}");
+    assert_eq!(doc["ok"], false, "{report}");
+    assert_eq!(doc["error"]["kind"], "verify", "{report}");
+    assert_eq!(status(&out), 1, "{}", stderr(&out));
+}

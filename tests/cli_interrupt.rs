@@ -130,3 +130,40 @@ fn ctrl_c_during_a_long_benchmark_exits_130_without_a_plot() {
         .collect();
     assert!(left.is_empty(), "no temporary files: {left:?}");
 }
+
+#[test]
+fn sigterm_under_json_prints_one_error_document_and_exits_130() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("out.npy");
+    let file = common::examples_dir().join("local.attn");
+    let child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+        .env("ATTNC_CEILINGS", "default")
+        .args([
+            "run",
+            file.to_str().expect("utf-8 path"),
+            "--engine",
+            "interp",
+            "--format",
+            "json",
+        ])
+        .args(["--random", "0", "--shape", "h=8,n=2048,d=64", "--output"])
+        .arg(&out_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("attnc starts");
+    std::thread::sleep(Duration::from_millis(400));
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let out = child.wait_with_output().expect("attnc exits");
+    assert_eq!(out.status.code(), Some(130), "{:?}", out.status);
+    let doc: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["error"]["kind"], "interrupted");
+    assert!(!out_path.exists(), "no output file after SIGTERM");
+}

@@ -37,6 +37,9 @@ use crate::pattern::MaskPattern;
 use ndarray::{ArrayD, ArrayView1, ArrayViewMut1, Axis, IxDyn, Zip};
 
 mod fused;
+mod memory;
+
+pub use memory::{interp_memory, InterpMemory};
 
 /// Why a kernel could not be evaluated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -100,7 +100,8 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut random = None;
     if need_inputs || args.random.is_some() {
-        let drawn = fill_missing(kernel, &mut slots, &bindings, args.random, threads)?;
+        let budget = crate::memory::budget(args.memory_limit);
+        let drawn = fill_missing(kernel, &mut slots, &bindings, args.random, threads, budget)?;
         random = args.random.map(|seed| (seed, drawn));
     }
     let inputs = slots.into_iter().flatten().collect();
@@ -110,7 +111,12 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         .filter_map(|(slot, param)| slot.map(|t| (param.name.clone(), t)))
         .collect();
 
-    let policy = cli_policy.unwrap_or_else(|| Policy::from_items(&kernel.approx));
+    let mut policy = cli_policy
+        .base
+        .unwrap_or_else(|| Policy::from_items(&kernel.approx));
+    if let Some(tol) = cli_policy.tol {
+        policy.tol = tol;
+    }
     let engine = match args.engine {
         Some(EngineArg::Interp) => Engine::Interp,
         Some(EngineArg::Jit) | None => Engine::Jit,
@@ -168,7 +174,14 @@ pub fn parse_shape_args(values: &[String]) -> Result<Bindings, Failure> {
     Ok(out)
 }
 
-fn parse_policy_args(args: &SharedArgs) -> Result<Option<Policy>, Failure> {
+/// The policy the command line asks for: `base` replaces the kernel's own `@approx` list
+/// (`--exact`, `--approx`), `tol` replaces the tolerance of whichever list applies.
+struct PolicyArgs {
+    base: Option<Policy>,
+    tol: Option<f64>,
+}
+
+fn parse_policy_args(args: &SharedArgs) -> Result<PolicyArgs, Failure> {
     if let Some(tol) = args.tol {
         if !(tol.is_finite() && tol > 0.0) {
             return Err(Failure::Usage(format!(
@@ -176,18 +189,20 @@ fn parse_policy_args(args: &SharedArgs) -> Result<Option<Policy>, Failure> {
             )));
         }
     }
-    if args.exact {
-        return Ok(Some(Policy::exact()));
-    }
-    let mut policy = match &args.approx {
-        Some(list) => Policy::from_items(&parse_approx_list(list).map_err(Failure::Usage)?),
-        None if args.tol.is_some() => Policy::exact(),
-        None => return Ok(None),
+    let base = if args.exact {
+        Some(Policy::exact())
+    } else {
+        match &args.approx {
+            Some(list) => Some(Policy::from_items(
+                &parse_approx_list(list).map_err(Failure::Usage)?,
+            )),
+            None => None,
+        }
     };
-    if let Some(tol) = args.tol {
-        policy.tol = tol;
-    }
-    Ok(Some(policy))
+    Ok(PolicyArgs {
+        base,
+        tol: args.tol,
+    })
 }
 
 fn select_kernel(module: &Module, name: Option<&str>, file: &Path) -> Result<usize, Failure> {
@@ -308,8 +323,11 @@ fn fill_missing(
     bindings: &Bindings,
     seed: Option<u64>,
     threads: usize,
+    budget: Option<u64>,
 ) -> Result<Vec<bool>, Failure> {
     let mut wanted = Vec::new();
+    // Drawn values are made as f32 and then stored in the parameter's type.
+    let mut draw_bytes: u64 = 0;
     for (index, slot) in slots.iter().enumerate() {
         if slot.is_some() {
             continue;
@@ -345,7 +363,19 @@ fn fill_missing(
             stream: index as u64,
             len: count,
         };
+        let bytes = (count as u64).saturating_mul(4 + io::element_size(param.dtype) as u64);
+        draw_bytes = draw_bytes.saturating_add(bytes);
         wanted.push((index, shape, stream));
+    }
+    if let Some(budget) = budget.filter(|&b| draw_bytes > b) {
+        return Err(Failure::input(
+            "memory",
+            format!(
+                "--random would draw {} of inputs but {} are available (use smaller shapes, or raise --memory-limit)",
+                attnc::compiler::format_bytes(draw_bytes),
+                attnc::compiler::format_bytes(budget)
+            ),
+        ));
     }
     let streams: Vec<NormalStream> = wanted.iter().map(|(_, _, s)| *s).collect();
     let values = io::standard_normal_streams(&streams, threads);
