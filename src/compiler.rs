@@ -60,6 +60,8 @@ pub struct Calibration<'a> {
     pub tensors: &'a [(String, Tensor)],
     /// Inputs a `--random` run has drawn already with the same seed (copied, not redrawn).
     pub drawn: DrawnInputs<'a>,
+    /// How reports name where `tensors` came from (default: `the calibration files`).
+    pub label: Option<&'a str>,
 }
 
 impl Compiler {

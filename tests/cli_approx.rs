@@ -219,3 +219,83 @@ fn verify_fails_with_status_1_when_calibration_data_misrepresents_the_inputs() {
     assert_eq!(doc["error"]["kind"], "verify", "{report}");
     assert_eq!(status(&out), 1, "{}", stderr(&out));
 }
+
+/// Writes `tensor` as `name.npy` under `dir` and returns the `--input` argument naming it.
+fn input_arg(dir: &std::path::Path, name: &str, tensor: &attnc::io::Tensor) -> String {
+    let path = dir.join(format!("{name}.npy"));
+    attnc::io::write_npy(&path, tensor).expect("writes");
+    format!("{name}={}", path.display())
+}
+
+#[test]
+fn int8_is_validated_on_the_users_inputs_not_on_random_data() {
+    // Keys with one channel 40× the others: the portable tier's int8 scale per key row spends
+    // its range on that channel, and the error on these inputs is about 9 % although random
+    // data passes at 0.4 %. (AMX int8 keeps a second digit and passes both.)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (n, d) = (512, 64);
+    let q = tensor(1, n, d, 1.0);
+    let mut k = tensor(2, n, d, 1.0);
+    if let attnc::io::TensorData::F32(values) = &mut k.data {
+        for row in values.chunks_mut(d) {
+            row[0] *= 40.0;
+        }
+    }
+    let v = tensor(3, n, d, 1.0);
+    let file = "examples/performer.attn";
+    let mut args: Vec<String> = ["run", file, "--approx", "int8", "--tol", "0.01"]
+        .map(String::from)
+        .to_vec();
+    for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+        args.extend(["--input".to_string(), input_arg(dir.path(), name, t)]);
+    }
+    args.extend(["--format", "json"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = common::attnc_with_env(&args, &[("ATTNC_TIERS", "cranelift")]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let validation = &doc["validations"][0];
+    assert_eq!(validation["sample"], "the inputs (q, k, v)", "{validation}");
+    assert_eq!(validation["accepted"], false, "{validation}");
+    assert!(
+        validation["measured_error"]
+            .as_f64()
+            .is_some_and(|e| e > 0.01),
+        "{validation}"
+    );
+}
+
+#[test]
+fn a_nan_in_the_inputs_forbids_approximations_and_stays_in_the_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (n, d) = (256, 64);
+    let mut q = tensor(1, n, d, 1.0);
+    if let attnc::io::TensorData::F32(values) = &mut q.data {
+        values[5 * d + 3] = f32::NAN;
+    }
+    let mut args: Vec<String> = ["run", "examples/performer.attn", "--approx", "int8"]
+        .map(String::from)
+        .to_vec();
+    for (index, name) in ["q", "k", "v"].into_iter().enumerate() {
+        let t = if name == "q" {
+            q.clone()
+        } else {
+            tensor(index as u64 + 1, n, d, 1.0)
+        };
+        args.extend(["--input".to_string(), input_arg(dir.path(), name, &t)]);
+    }
+    args.extend(["--format", "json"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = attnc(&args);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    assert!(
+        doc["notes"].to_string().contains("NaN or infinite"),
+        "{}",
+        doc["notes"]
+    );
+    assert_eq!(
+        doc["stats"]["nan"], 64,
+        "row 5 of the output is NaN, and only it"
+    );
+}
