@@ -259,7 +259,7 @@ impl Compiler {
             )
         });
         Err(RunError::Memory {
-            what: "the plan's buffers",
+            what: "the plan",
             needed: memory.peak_bytes,
             budget,
             largest: largest.unwrap_or_default(),

@@ -29,6 +29,13 @@ pub fn run(args: &RunArgs) -> CliResult {
             "note: measured this machine's ceilings for the cost model in {ms:.0} ms (once: they are cached; not part of compile time)"
         ));
     }
+    if args.verify {
+        // Refused before the run, not after it.
+        prepared
+            .compiler
+            .check_interp_memory(kernel, &prepared.bindings)
+            .map_err(|e| Failure::input("verify", e.to_string()))?;
+    }
     let (output, timing) = execute_timed(&prepared)?;
     notes.extend(timing.approx_notes.iter().cloned());
     let verification = if args.verify {
@@ -219,10 +226,6 @@ impl Verification {
 /// Runs the reference interpreter on the same inputs and measures the error of `output`
 /// against the plan's contract.
 fn verify(prepared: &Prepared, output: &Tensor, timing: &Timing) -> Result<Verification, Failure> {
-    prepared
-        .compiler
-        .check_interp_memory(prepared.kernel(), &prepared.bindings)
-        .map_err(|e| Failure::input("verify", e.to_string()))?;
     let reference = execute(
         prepared.kernel(),
         &prepared.bindings,
