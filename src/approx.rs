@@ -103,6 +103,7 @@ pub fn optimizer_policy(policy: &Policy) -> ApproxPolicy {
             ApproxKind::Bf16 => Some(Approx::Bf16),
             ApproxKind::F16 => Some(Approx::F16),
             ApproxKind::Int8 => Some(Approx::Int8),
+            ApproxKind::Bf16Products => Some(Approx::Bf16Products),
             ApproxKind::Lowrank { r } => Some(Approx::LowRank { r: *r, seed }),
             ApproxKind::RandomFeatures { m, seed: s } => Some(Approx::RandomFeatures {
                 m: *m,

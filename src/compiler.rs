@@ -130,9 +130,11 @@ impl Compiler {
 
     /// The optimizer's options under this compiler's ceilings, with `approx` allowed.
     fn optimize_options(&self, approx: ApproxPolicy) -> OptimizeOptions {
+        let tiers = attnc_jit::wide::Tiers::available(self.options.tiers);
         OptimizeOptions {
             ceilings: self.ceilings,
             approx,
+            tiers: attnc_opt::TierSpeeds::measured_kernels(tiers.avx512, tiers.amx_bf16, tiers.amx),
             ..OptimizeOptions::default()
         }
     }

@@ -30,7 +30,7 @@ fn json_reports_estimated_and_measured_errors() {
         "--random",
         "0",
         "--shape",
-        "h=1,n=512,d=64",
+        "h=1,n=1024,d=64",
         "--approx",
         "random_features(m=64,seed=1)",
         "--tol",
@@ -298,4 +298,51 @@ fn a_nan_in_the_inputs_forbids_approximations_and_stays_in_the_output() {
         doc["stats"]["nan"], 64,
         "row 5 of the output is NaN, and only it"
     );
+}
+
+#[test]
+fn bf16_products_run_on_amx_tiles_within_their_error_or_say_why_not() {
+    let out = attnc(&[
+        "run",
+        "benches/kernels/dense.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=2,n=300,d=64",
+        "--approx",
+        "bf16_products",
+        "--verify",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let outcome = &doc["approximations"][0];
+    if attnc::jit::wide::Tiers::available(attnc::jit::wide::Tiers::ALL).amx_bf16 {
+        assert_eq!(outcome["applied"], true, "{outcome}");
+        let measured = doc["validations"][0]["measured_error"]
+            .as_f64()
+            .unwrap_or(1.0);
+        // Q, K, V and P rounded to bf16: about 2.5e-3 on standard-normal data.
+        assert!(measured < 5e-3, "{measured}");
+        assert!(doc["verify"]["relative_l2_error"].as_f64().unwrap_or(1.0) < 5e-3);
+        let plan = attnc(&[
+            "explain",
+            "benches/kernels/dense.attn",
+            "--shape",
+            "h=2,n=300,d=64",
+            "--approx",
+            "bf16_products",
+            "--format",
+            "json",
+        ]);
+        let text = json(&plan)["plan"].as_str().unwrap_or_default().to_string();
+        assert!(text.contains("amx bf16"), "{text}");
+    } else {
+        assert_eq!(outcome["applied"], false);
+        assert!(outcome["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("AMX"));
+    }
 }

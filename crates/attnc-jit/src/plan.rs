@@ -283,6 +283,7 @@ impl std::fmt::Display for Plan {
                         match s.precision {
                             Precision::Exact => "",
                             Precision::Int8 => " int8",
+                            Precision::Bf16 => " bf16 products",
                         },
                         s.tier.name(),
                         s.batch,

@@ -61,8 +61,10 @@ impl Tier {
 pub struct Tiers {
     /// AVX-512 f32 attention.
     pub avx512: bool,
-    /// AMX bf16 and int8 attention products.
+    /// AMX int8 attention products.
     pub amx: bool,
+    /// AMX bf16 attention products (`ATTNC_TIERS` switches both AMX kinds as `amx`).
+    pub amx_bf16: bool,
 }
 
 impl Tiers {
@@ -70,6 +72,7 @@ impl Tiers {
     pub const ALL: Tiers = Tiers {
         avx512: true,
         amx: true,
+        amx_bf16: true,
     };
 
     /// The tiers `ATTNC_TIERS` allows (a comma list of `avx512`, `amx`; `cranelift` or empty
@@ -81,6 +84,7 @@ impl Tiers {
                 Tiers {
                     avx512: has("avx512") || has("all"),
                     amx: has("amx") || has("all"),
+                    amx_bf16: has("amx") || has("all"),
                 }
             }
             Err(_) => Tiers::ALL,
@@ -91,6 +95,7 @@ impl Tiers {
     pub const NONE: Tiers = Tiers {
         avx512: false,
         amx: false,
+        amx_bf16: false,
     };
 
     /// What this CPU and process can run, within `allowed`.
@@ -98,6 +103,7 @@ impl Tiers {
         Tiers {
             avx512: allowed.avx512 && attention::available(),
             amx: allowed.amx && amx::available(Products::Int8),
+            amx_bf16: allowed.amx_bf16 && amx::available(Products::Bf16),
         }
     }
 }

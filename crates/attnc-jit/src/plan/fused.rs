@@ -313,7 +313,7 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
     let out = p.new_buffer(shape.iter().product());
     spec.tier = tier_of(&spec, p.tiers);
     match spec.precision {
-        Precision::Int8 | Precision::Exact if spec.tier != Tier::Cranelift => {
+        Precision::Int8 | Precision::Bf16 | Precision::Exact if spec.tier != Tier::Cranelift => {
             // The full-width kernels read every operand in its storage type and pack what
             // they need themselves.
             for t in [&mut spec.q, &mut spec.k, &mut spec.v]
@@ -323,7 +323,8 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
                 bind(p, t, &mut inputs);
             }
         }
-        Precision::Exact => {
+        // Without AMX, bf16 products run as the exact f32 kernel: more accurate than asked.
+        Precision::Exact | Precision::Bf16 => {
             let reused = spec.m >= F16_NATIVE_MAX_ROWS;
             for t in [&mut spec.q, &mut spec.k, &mut spec.v]
                 .into_iter()
@@ -366,6 +367,7 @@ fn tier_of(spec: &AttentionSpec, tiers: Tiers) -> Tier {
     let tier = match spec.precision {
         Precision::Exact if tiers.avx512 => Tier::Avx512,
         Precision::Int8 if tiers.amx => Tier::Amx(Products::Int8),
+        Precision::Bf16 if tiers.amx_bf16 => Tier::Amx(Products::Bf16),
         _ => return Tier::Cranelift,
     };
     if WideAttention::supports(spec) {
