@@ -63,7 +63,16 @@ fn an_input_that_is_dev_zero_or_a_fifo_is_refused() {
     for input in ["q=/dev/zero".to_string(), format!("q={}", fifo.display())] {
         for flag in ["--input", "--calibrate"] {
             let (out, _) = attnc_within_10s(
-                &["run", file, "--random", "0", "--shape", "h=1,n=4,d=4", flag, &input],
+                &[
+                    "run",
+                    file,
+                    "--random",
+                    "0",
+                    "--shape",
+                    "h=1,n=4,d=4",
+                    flag,
+                    &input,
+                ],
                 &[("ATTNC_CEILINGS", "default")],
             );
             assert_eq!(out.status.code(), Some(1), "{flag} {input}");
@@ -78,7 +87,12 @@ fn a_ceilings_cache_that_is_a_fifo_or_dev_zero_is_measured_over() {
     let cache = tempfile::tempdir().expect("tempdir");
     let home = cache.path().to_str().expect("utf-8").to_string();
     let file = common::examples_dir().join("local.attn");
-    let args = ["explain", file.to_str().expect("utf-8"), "--shape", "h=1,n=8,d=4"];
+    let args = [
+        "explain",
+        file.to_str().expect("utf-8"),
+        "--shape",
+        "h=1,n=8,d=4",
+    ];
     let env = [("XDG_CACHE_HOME", home.as_str()), ("ATTNC_CEILINGS", "")];
     let (first, _) = attnc_within_10s(&args, &env);
     assert_eq!(first.status.code(), Some(0));
