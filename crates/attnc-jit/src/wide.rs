@@ -254,6 +254,12 @@ pub struct WideAttention {
 }
 
 impl WideAttention {
+    /// The (query tile, key tile) pairs this step visits, all pairs, and the tile sizes.
+    pub fn key_tiles(&self) -> (usize, usize, (usize, usize)) {
+        let (visited, total) = self.tiles.counts();
+        (visited, total, (self.tiles.query_tile, self.tiles.key_tile))
+    }
+
     /// Whether the full-width kernels compute `spec`: its score form is one they evaluate and
     /// the rows of Q, K and V are contiguous.
     pub fn supports(spec: &AttentionSpec) -> bool {
