@@ -19,6 +19,8 @@
 //! gradient (by replacement, so a NaN there reaches no gradient), and a row that keeps no key
 //! contributes nothing.
 
+pub mod expand;
+
 use crate::dim::{Dim, Shape};
 use crate::fused::{Attention, Fused, LinearAttention};
 use serde::Serialize;
@@ -237,8 +239,15 @@ mod tests {
             wrt: 1,
         }));
         assert_eq!(grad.arity(), 5);
-        let (q, k, v, o) = (dims("h, m, d"), dims("1, n, d"), dims("1, n, e"), dims("h, m, e"));
-        let out = grad.output_shape(&[&q, &k, &v, &o, &o], None).expect("fits");
+        let (q, k, v, o) = (
+            dims("h, m, d"),
+            dims("1, n, d"),
+            dims("1, n, e"),
+            dims("h, m, e"),
+        );
+        let out = grad
+            .output_shape(&[&q, &k, &v, &o, &o], None)
+            .expect("fits");
         assert_eq!(out, k);
         assert!(grad.output_shape(&[&q, &k, &v, &o, &q], None).is_err());
         assert_eq!(grad.to_string(), "attention-grad wrt=k, score=(mul s 0.5)");

@@ -196,17 +196,109 @@ fn cotangent_name(params: &[Param]) -> String {
     name
 }
 
+/// Backpropagates `seed`, the gradient of `output`, through the graph of `e` to the nodes
+/// marked in `sources` (indexed by node, covering at least `0..=output`): the gradient of
+/// every node (None where the output does not depend on it through a source) and the rules
+/// applied. Rules are applied from `output` back, to nodes that depend on a source and reach
+/// the output; a source's own rule is not applied (its operands are not differentiated).
+fn backprop(
+    e: &mut Emitter,
+    output: NodeId,
+    seed: NodeId,
+    sources: &[bool],
+) -> Result<(Vec<Option<NodeId>>, Vec<DerivationStep>), GradError> {
+    let count = output.index() + 1;
+    let graph = &e.b.graph;
+    let operands: Vec<Vec<NodeId>> = (0..count).map(|i| graph.operands(NodeId::new(i))).collect();
+    // A node takes part when it depends on a source and the output depends on it.
+    let mut depends = vec![false; count];
+    for index in 0..count {
+        depends[index] = sources.get(index).copied().unwrap_or(false)
+            || operands[index].iter().any(|o| depends[o.index()]);
+    }
+    let mut reaches = vec![false; count];
+    reaches[output.index()] = true;
+    for index in (0..count).rev() {
+        if reaches[index] {
+            for o in &operands[index] {
+                reaches[o.index()] = true;
+            }
+        }
+    }
+    let needs: Vec<bool> = (0..count).map(|i| depends[i] && reaches[i]).collect();
+    let mut grads: Vec<Option<NodeId>> = vec![None; count];
+    grads[output.index()] = Some(seed);
+    let mut derivation = Vec::new();
+    for index in (0..count).rev() {
+        let (true, Some(g)) = (needs[index], grads[index]) else {
+            continue;
+        };
+        if sources.get(index).copied().unwrap_or(false) {
+            continue;
+        }
+        let id = NodeId::new(index);
+        let applied = rules::apply(e, id, g, &needs)?;
+        for &(operand, contribution) in &applied.contributions {
+            let slot = &mut grads[operand.index()];
+            *slot = Some(match *slot {
+                Some(sum) => e.add(sum, contribution)?,
+                None => contribution,
+            });
+        }
+        derivation.push(DerivationStep {
+            node: id,
+            op: e.b.graph.node(id).op.to_string(),
+            rule: applied.rule,
+            gradient: g,
+            contributions: applied.contributions,
+        });
+    }
+    e.at = None;
+    Ok((grads, derivation))
+}
+
+/// The gradient of `source` through `output` for the seed gradient `seed`, added to `b`
+/// (zeros of `source`'s shape when the output does not depend on it). For writing fused
+/// gradient ops out as plain IR.
+pub(crate) fn gradient_of(
+    b: &mut GraphBuilder,
+    output: NodeId,
+    seed: NodeId,
+    source: NodeId,
+) -> Result<NodeId, GradError> {
+    let mut e = Emitter {
+        b: std::mem::take(b),
+        at: None,
+    };
+    let mut sources = vec![false; e.b.graph.len()];
+    sources[source.index()] = true;
+    let result = backprop(&mut e, output, seed, &sources).and_then(|(grads, _)| {
+        match grads.get(source.index()).copied().flatten() {
+            Some(g) => Ok(g),
+            None => {
+                let shape = e.shape(source);
+                e.fill(0.0, &shape)
+            }
+        }
+    });
+    *b = e.b;
+    result
+}
+
 /// The vector-Jacobian product of `kernel` with respect to the parameters `wrt` (indices).
 pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
     if wrt.is_empty() {
         return Err(GradError::Empty);
     }
     for (k, &p) in wrt.iter().enumerate() {
-        let param = kernel.params.get(p).ok_or_else(|| GradError::UnknownParam {
-            kernel: kernel.name.clone(),
-            name: format!("#{p}"),
-            params: kernel.params.len().to_string(),
-        })?;
+        let param = kernel
+            .params
+            .get(p)
+            .ok_or_else(|| GradError::UnknownParam {
+                kernel: kernel.name.clone(),
+                name: format!("#{p}"),
+                params: kernel.params.len().to_string(),
+            })?;
         if wrt[..k].contains(&p) {
             return Err(GradError::Duplicate {
                 name: param.name.clone(),
@@ -223,31 +315,9 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
             detail: format!("not a node of the {count}-node graph"),
         });
     }
-    let operands: Vec<Vec<NodeId>> = forward
-        .topo_order()
-        .into_iter()
-        .map(|id| forward.operands(id))
+    let sources: Vec<bool> = (0..count)
+        .map(|i| matches!(&forward.node(NodeId::new(i)).op, Op::Input { index, .. } if wrt.contains(index)))
         .collect();
-
-    // A node takes part when it depends on a requested parameter and the output depends on it.
-    let mut depends = vec![false; count];
-    for index in 0..count {
-        depends[index] = match &forward.node(NodeId::new(index)).op {
-            Op::Input { index: p, .. } => wrt.contains(p),
-            _ => operands[index].iter().any(|o| depends[o.index()]),
-        };
-    }
-    let mut reaches = vec![false; count];
-    reaches[output.index()] = true;
-    for index in (0..=output.index()).rev() {
-        if reaches[index] {
-            for o in &operands[index] {
-                reaches[o.index()] = true;
-            }
-        }
-    }
-    let needs: Vec<bool> = (0..count).map(|i| depends[i] && reaches[i]).collect();
-
     let mut params = kernel.params.clone();
     let cotangent = Param {
         name: cotangent_name(&params),
@@ -271,31 +341,7 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
         &[],
     );
     params.push(cotangent);
-
-    let mut grads: Vec<Option<NodeId>> = vec![None; count];
-    grads[output.index()] = Some(seed);
-    let mut derivation = Vec::new();
-    for index in (0..=output.index()).rev() {
-        let (true, Some(g)) = (needs[index], grads[index]) else {
-            continue;
-        };
-        let id = NodeId::new(index);
-        let applied = rules::apply(&mut e, id, g, &needs)?;
-        for &(operand, contribution) in &applied.contributions {
-            let slot = &mut grads[operand.index()];
-            *slot = Some(match *slot {
-                Some(sum) => e.add(sum, contribution)?,
-                None => contribution,
-            });
-        }
-        derivation.push(DerivationStep {
-            node: id,
-            op: forward.node(id).op.to_string(),
-            rule: applied.rule,
-            gradient: g,
-            contributions: applied.contributions,
-        });
-    }
+    let (grads, derivation) = backprop(&mut e, output, seed, &sources)?;
 
     e.at = None;
     let mut gradients = Vec::with_capacity(wrt.len());
@@ -305,7 +351,7 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
         for index in 0..count {
             let is_param = matches!(forward.node(NodeId::new(index)).op,
                 Op::Input { index: q, .. } if q == p);
-            if let (true, Some(g)) = (is_param, grads[index]) {
+            if let (true, Some(g)) = (is_param, grads.get(index).copied().flatten()) {
                 total = Some(match total {
                     Some(t) => e.add(t, g)?,
                     None => g,

@@ -24,17 +24,10 @@ fn compile(src: &str) -> Module {
 
 /// Small odd sizes for every dimension symbol the examples use (m ≠ n where both appear).
 fn small_bindings() -> Bindings {
-    [
-        ("h", 2),
-        ("n", 7),
-        ("m", 3),
-        ("d", 3),
-        ("r", 4),
-        ("e", 5),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    [("h", 2), ("n", 7), ("m", 3), ("d", 3), ("r", 4), ("e", 5)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 /// Random inputs of `kernel` at `b`, one stream per parameter.
@@ -169,11 +162,9 @@ fn fully_masked_rows_and_masked_entries_get_zero_gradient() {
 
 #[test]
 fn f16_returns_pass_gradients_straight_through() {
-    let kernel = compile(
-        "kernel f(x: f16[n], w: f32[n]) -> f16[n] { return exp(x) * w; }",
-    )
-    .kernels
-    .remove(0);
+    let kernel = compile("kernel f(x: f16[n], w: f32[n]) -> f16[n] { return exp(x) * w; }")
+        .kernels
+        .remove(0);
     let b: Bindings = [("n".to_string(), 5)].into_iter().collect();
     let grads = vjp(&kernel, &[0, 1]).expect("differentiates");
     let xs = vec![random(&[5], 1), random(&[5], 2), random(&[5], 3)];
@@ -219,7 +210,11 @@ fn parameters_are_named_and_checked() {
 /// A random program over three parameters: a few random ops on a pool of values, then a sum
 /// of the last values (so every parameter tends to reach the output).
 fn random_program(ops: &[(u8, u8, u8)]) -> Kernel {
-    let params = vec![param("a", &[2, 3, 4]), param("b", &[3, 4]), param("c", &[2, 1, 1])];
+    let params = vec![
+        param("a", &[2, 3, 4]),
+        param("b", &[3, 4]),
+        param("c", &[2, 1, 1]),
+    ];
     let mut b = GraphBuilder::with_params(&params);
     let mut pool: Vec<NodeId> = (0..3).map(NodeId::new).collect();
     let shape = |b: &GraphBuilder, id: NodeId| b.graph.node(id).shape.clone();
@@ -244,9 +239,13 @@ fn random_program(ops: &[(u8, u8, u8)]) -> Kernel {
             }
             1 => {
                 // log, sqrt, rsqrt of a positive value.
-                let sq = b.add(Op::Binary(BinaryOp::Mul), &[a, a], None).expect("mul");
+                let sq = b
+                    .add(Op::Binary(BinaryOp::Mul), &[a, a], None)
+                    .expect("mul");
                 let one = b.add(Op::Const(0.5), &[], None).expect("const");
-                let p = b.add(Op::Binary(BinaryOp::Add), &[sq, one], None).expect("add");
+                let p = b
+                    .add(Op::Binary(BinaryOp::Add), &[sq, one], None)
+                    .expect("add");
                 let u = [UnaryOp::Log, UnaryOp::Sqrt, UnaryOp::Rsqrt][y as usize % 3];
                 b.add(Op::Unary(u), &[p], None).ok()
             }
@@ -262,9 +261,13 @@ fn random_program(ops: &[(u8, u8, u8)]) -> Kernel {
             }
             4 => {
                 // Division by a value kept away from 0.
-                let sq = b.add(Op::Binary(BinaryOp::Mul), &[c, c], None).expect("mul");
+                let sq = b
+                    .add(Op::Binary(BinaryOp::Mul), &[c, c], None)
+                    .expect("mul");
                 let one = b.add(Op::Const(1.0), &[], None).expect("const");
-                let den = b.add(Op::Binary(BinaryOp::Add), &[sq, one], None).expect("add");
+                let den = b
+                    .add(Op::Binary(BinaryOp::Add), &[sq, one], None)
+                    .expect("add");
                 b.add(Op::Binary(BinaryOp::Div), &[a, den], None).ok()
             }
             5 => {
@@ -289,9 +292,7 @@ fn random_program(ops: &[(u8, u8, u8)]) -> Kernel {
                 ][y as usize % 3]
                     .clone();
                 let fill = if x % 2 == 0 { f64::NEG_INFINITY } else { -0.5 };
-                let masked = b
-                    .add(Op::Mask { pattern, fill }, &[a], None)
-                    .expect("mask");
+                let masked = b.add(Op::Mask { pattern, fill }, &[a], None).expect("mask");
                 // A -inf fill feeds a softmax, which turns it into zeros.
                 if fill.is_finite() {
                     masked

@@ -37,11 +37,9 @@ pub(super) fn apply(
     let mut out = Vec::new();
     let rule = match &op {
         Op::Input { .. } => "vjp-input",
-        Op::Const(_)
-        | Op::DimValue(_)
-        | Op::Fill { .. }
-        | Op::RelPos
-        | Op::Random { .. } => "vjp-constant",
+        Op::Const(_) | Op::DimValue(_) | Op::Fill { .. } | Op::RelPos | Op::Random { .. } => {
+            "vjp-constant"
+        }
         Op::Unary(u) => {
             let x = args[0];
             out.push((x, unary(e, *u, x, id, g)?));

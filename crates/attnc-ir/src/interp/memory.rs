@@ -56,7 +56,9 @@ pub fn interp_memory(kernel: &Kernel, bindings: &Bindings) -> Result<InterpMemor
                     s.get(s.len().wrapping_sub(2)).copied().unwrap_or(0)
                 };
                 let (m, n) = (ops.first().map_or(0, rows), ops.get(1).map_or(0, rows));
-                let batch = own / bytes(1).max(1) / (m.max(1) as u64)
+                let batch = own
+                    / bytes(1).max(1)
+                    / (m.max(1) as u64)
                     / (*shapes[id.index()].last().unwrap_or(&1)).max(1) as u64;
                 bytes(m.saturating_mul(n)).saturating_mul(batch.max(1))
             }
