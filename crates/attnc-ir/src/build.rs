@@ -81,6 +81,7 @@ pub fn infer_shape(op: &Op, shapes: &[&Shape], given: Option<&Shape>) -> Result<
         }
         (Op::Attention(a), _) => output_shape(Fused::Attention(a), shapes)?,
         (Op::LinearAttention(l), _) => output_shape(Fused::Linear(l), shapes)?,
+        (Op::Backward(b), _) => b.output_shape(shapes, given)?,
         _ => return Err(wrong()),
     })
 }

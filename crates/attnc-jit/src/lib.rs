@@ -20,6 +20,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod backward;
 pub mod bandwidth;
 pub mod buffer;
 pub mod cache;

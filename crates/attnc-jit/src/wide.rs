@@ -420,8 +420,13 @@ impl WideAttention {
         Ok(())
     }
 
+    /// The score form it evaluates.
+    pub(crate) fn score(&self) -> WideScore {
+        self.score
+    }
+
     /// The call of batch entry `b` over the step's input buffers.
-    fn call<'a>(&'a self, inputs: &[BufferView<'a>], b: usize) -> Result<Call<'a>> {
+    pub(crate) fn call<'a>(&'a self, inputs: &[BufferView<'a>], b: usize) -> Result<Call<'a>> {
         let spec = &self.spec;
         let index = batch_index(&spec.batch, b);
         let operand = |t: &TensorRef, rows: usize, cols: usize| -> Result<Operand<'a>> {
@@ -675,7 +680,7 @@ pub fn run_linear(
 }
 
 /// Runs `work` on every item, the items dealt round-robin to up to `threads` threads.
-fn deal<T: Send>(
+pub(crate) fn deal<T: Send>(
     items: Vec<T>,
     threads: usize,
     work: impl Fn(T) -> Result<()> + Sync,

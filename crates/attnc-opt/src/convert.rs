@@ -162,6 +162,8 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
             _ => return None,
         },
         Op::Attention(a) => return add_attention(expr, kernel, id, a, args),
+        // Gradient graphs are planned as derived (from an already optimized forward).
+        Op::Backward(_) => return None,
         Op::LinearAttention(l) => {
             let [q, k, v] = [one(0)?, one(1)?, one(2)?];
             match (l.causal, l.normalizer) {

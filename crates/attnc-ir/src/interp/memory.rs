@@ -62,6 +62,16 @@ pub fn interp_memory(kernel: &Kernel, bindings: &Bindings) -> Result<InterpMemor
                     / (*shapes[id.index()].last().unwrap_or(&1)).max(1) as u64;
                 bytes(m.saturating_mul(n)).saturating_mul(batch.max(1))
             }
+            // The attention gradient holds six [batch.., m, n] arrays (scores, probabilities,
+            // their gradients and partials) while it runs.
+            Op::Backward(crate::backward::BackwardOp::Attention(_)) => {
+                let ops = graph.operands(id);
+                let dims = |o: Option<&NodeId>| o.map_or(&[][..], |o| &shapes[o.index()][..]);
+                let (q, k, d_o) = (dims(ops.first()), dims(ops.get(1)), dims(ops.last()));
+                let rows = |s: &[usize]| s.get(s.len().wrapping_sub(2)).copied().unwrap_or(0);
+                let batch: usize = d_o[..d_o.len().saturating_sub(2)].iter().product();
+                bytes(batch.saturating_mul(rows(q)).saturating_mul(rows(k))).saturating_mul(6)
+            }
             _ => 0,
         };
         live = live.saturating_add(own);

@@ -96,7 +96,7 @@ pub(super) fn direct_operand(kernel: &Kernel, id: NodeId) -> Option<(usize, Opti
 
 /// Where one operand of a fused step lives: a buffer, its element strides per axis of the
 /// operand's own shape, and a conversion to apply first.
-struct Placed {
+pub(super) struct Placed {
     buf: usize,
     strides: Vec<usize>,
     convert: Option<DType>,
@@ -104,7 +104,7 @@ struct Placed {
 }
 
 /// Places operand `id` of a fused step (read with contiguous rows when `rows_contiguous`).
-fn place(
+pub(super) fn place(
     p: &mut Planner<'_>,
     id: NodeId,
     vals: &[Option<Val>],
@@ -147,7 +147,12 @@ fn place(
 
 /// The [`TensorRef`] of a placed operand of `shape` broadcast into `batch ++ [rows, cols]`
 /// (its slot is the buffer, renumbered by the caller).
-fn tensor_ref(p: &Planner<'_>, placed: &Placed, shape: &[usize], batch: &[usize]) -> TensorRef {
+pub(super) fn tensor_ref(
+    p: &Planner<'_>,
+    placed: &Placed,
+    shape: &[usize],
+    batch: &[usize],
+) -> TensorRef {
     broadcast_ref(placed, p.buffers[placed.buf].elem.dtype(), shape, batch)
 }
 
@@ -439,7 +444,7 @@ pub(super) fn plan_prefix(
 
 /// Element strides per output batch axis of a contiguous tensor of shape `s` broadcast into
 /// `batch` (0 on broadcast axes).
-fn batch_strides(s: &[usize], batch: &[usize]) -> Vec<usize> {
+pub(super) fn batch_strides(s: &[usize], batch: &[usize]) -> Vec<usize> {
     let full = contiguous(s);
     let lead = s.len() - 2;
     let offset = batch.len() - lead;
