@@ -494,7 +494,7 @@ impl WideAttention {
 const MATMUL_ROWS: usize = 128;
 
 /// A planned matrix product on the full-width tier: every batch entry's `A · B` in chunks of
-/// [`MATMUL_ROWS`] output rows, dealt round-robin to up to `threads` threads.
+/// `MATMUL_ROWS` output rows, dealt round-robin to up to `threads` threads.
 pub fn run_matmul(
     spec: &MatMulSpec,
     inputs: &[BufferView<'_>],
@@ -571,7 +571,7 @@ pub fn run_matmul(
 /// Linear attention without a mask (`spec` of a [`crate::plan::StepKind::Linear`] step) over
 /// contiguous `φQ`, `φK`, `V`: per batch entry the `[d, dv]` state `φKᵀ V` and the key sum
 /// `Σ_j φk_j` (one product call each, whatever the threads), then every row
-/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of [`MATMUL_ROWS`] rows; batch entries and
+/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of `MATMUL_ROWS` rows; batch entries and
 /// chunks dealt round-robin to up to `threads` threads.
 pub fn run_linear(
     spec: &PrefixSpec,
