@@ -11,7 +11,10 @@
 //!   (each broadcast into `[.., m, n]`).
 //! - [`LinearAttention`]: `(A V) / (sum(A, -1) + eps)` with `A = Q Kᵀ`, or its causal form
 //!   `A = mask(Q Kᵀ, causal, 0)` through a running prefix state, or the causal form without
-//!   the normalizer. Operands `[q, k, v]` (feature maps already applied).
+//!   the normalizer. Operands `[q, k, v]` (feature maps already applied). A causal one may
+//!   decay its scores with distance ([`Decay::Slope`], RetNet's retention):
+//!   `A = mask((Q Kᵀ) ∘ exp(a · relpos(m, n)), causal, 0)` with a per-head slope operand `a`
+//!   (`[batch.., 1, 1]` or a scalar), run as a prefix state that decays by `exp(-a)` per key.
 //!
 //! Shapes: `Q: [.., m, d]`, `K: [.., n, d]`, `V: [.., n, dv]`; the result is
 //! `[batch.., m, dv]` with `batch` the broadcast of every operand's leading axes.
@@ -225,6 +228,18 @@ pub enum Normalizer {
     },
 }
 
+/// How a causal linear attention weighs its scores by distance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Decay {
+    /// No weighting: `A = mask(Q Kᵀ, causal, 0)`.
+    #[default]
+    None,
+    /// `A_ij = (q_i · k_j) · exp(a · (j − i'))` for `j ≤ i'`, with the slope `a` the op's
+    /// operand 3 — a scalar or `[batch.., 1, 1]`, one per batch entry (head). With `a > 0`
+    /// the weight of key `j` in row `i` is `γ^(i' − j)`, `γ = exp(-a)`: RetNet's retention.
+    Slope,
+}
+
 /// Linear attention through the `[d, dv]` key-value state (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct LinearAttention {
@@ -232,6 +247,18 @@ pub struct LinearAttention {
     pub causal: bool,
     /// The row normalization.
     pub normalizer: Normalizer,
+    /// The distance weighting of the scores (causal only).
+    pub decay: Decay,
+}
+
+impl LinearAttention {
+    /// Its operand count: q, k, v and the decay slope when it has one.
+    pub fn arity(&self) -> usize {
+        match self.decay {
+            Decay::None => 3,
+            Decay::Slope => 4,
+        }
+    }
 }
 
 /// Either fused op, for the checks they share.
@@ -290,7 +317,7 @@ impl Fused<'_> {
     pub fn arity(&self) -> usize {
         match self {
             Fused::Attention(a) => a.arity(),
-            Fused::Linear(_) => 3,
+            Fused::Linear(l) => l.arity(),
         }
     }
 
@@ -332,6 +359,23 @@ impl Fused<'_> {
         for (name, s) in [("q", q), ("k", k), ("v", v)] {
             batch = broadcast(&batch, &s[..s.len() - 2])
                 .ok_or_else(|| format!("the leading axes of {name} do not broadcast"))?;
+        }
+        if let Fused::Linear(l) = self {
+            if l.decay != Decay::None && !l.causal {
+                return Err("a decayed linear attention must be causal".to_string());
+            }
+            for slope in &operands[3..] {
+                let rank = slope.len();
+                if slope[rank.saturating_sub(2)..].iter().any(|s| !s.is_one()) {
+                    return Err(
+                        "the decay slope must be a scalar or have size 1 in its last two axes"
+                            .to_string(),
+                    );
+                }
+                batch = broadcast(&batch, &slope[..rank.saturating_sub(2)])
+                    .ok_or("the leading axes of the decay slope do not broadcast")?;
+            }
+            return Ok(FusedShape { batch, m, n, d, dv });
         }
         for (index, bias) in operands[3..].iter().enumerate() {
             let rank = bias.len();
@@ -391,9 +435,12 @@ impl fmt::Display for Attention {
 }
 
 impl fmt::Display for LinearAttention {
-    /// The attributes as IR text prints them: `causal, eps=1e-6`.
+    /// The attributes as IR text prints them: `causal, eps=1e-6`, `causal, decay, unnormalized`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.causal { "causal" } else { "dense" })?;
+        if self.decay == Decay::Slope {
+            f.write_str(", decay")?;
+        }
         match self.normalizer {
             Normalizer::None => f.write_str(", unnormalized"),
             Normalizer::Sum { eps: 0.0 } => Ok(()),
@@ -484,11 +531,40 @@ mod tests {
         let l = LinearAttention {
             causal: true,
             normalizer: Normalizer::Sum { eps: 1e-6 },
+            decay: Decay::None,
         };
         let shape = Fused::Linear(&l)
             .check::<usize>(&[&[2, 5, 3], &[2, 7, 3], &[7, 4]])
             .expect("fits");
         assert_eq!(shape.output(), vec![2, 5, 4]);
         assert_eq!(l.to_string(), "causal, eps=1e-6");
+    }
+
+    #[test]
+    fn decay_slopes_are_per_batch_entry_and_causal_only() {
+        let l = LinearAttention {
+            causal: true,
+            normalizer: Normalizer::None,
+            decay: Decay::Slope,
+        };
+        let linear = Fused::Linear(&l);
+        assert_eq!(linear.arity(), 4);
+        let shape = linear
+            .check::<usize>(&[&[5, 3], &[7, 3], &[7, 4], &[2, 1, 1]])
+            .expect("a per-head slope fits");
+        assert_eq!(shape.output(), vec![2, 5, 4]);
+        assert!(linear
+            .check::<usize>(&[&[5, 3], &[7, 3], &[7, 4], &[]])
+            .is_ok());
+        let err = linear
+            .check::<usize>(&[&[5, 3], &[7, 3], &[7, 4], &[2, 5, 1]])
+            .unwrap_err();
+        assert!(err.contains("slope"), "{err}");
+        let dense = LinearAttention { causal: false, ..l };
+        let err = Fused::Linear(&dense)
+            .check::<usize>(&[&[5, 3], &[7, 3], &[7, 4], &[]])
+            .unwrap_err();
+        assert!(err.contains("causal"), "{err}");
+        assert_eq!(l.to_string(), "causal, decay, unnormalized");
     }
 }

@@ -146,7 +146,7 @@ impl Op {
             | Op::Random { .. } => 0,
             Op::Binary(_) | Op::MatMul => 2,
             Op::Attention(a) => a.arity(),
-            Op::LinearAttention(_) => 3,
+            Op::LinearAttention(l) => l.arity(),
             Op::Backward(b) => b.arity(),
             _ => 1,
         }

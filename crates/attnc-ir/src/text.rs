@@ -17,7 +17,7 @@
 use crate::backward::{AttentionGrad, BackwardOp, LinearGrad};
 use crate::build::GraphBuilder;
 use crate::dim::{Dim, Shape};
-use crate::fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
+use crate::fused::{Attention, Decay, LinearAttention, Normalizer, Precision, ScoreExpr};
 use crate::graph::{Kernel, NodeId, Param};
 use crate::op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
 use crate::pattern::MaskPattern;
@@ -233,7 +233,16 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
                 eps: attr("eps").map(number).transpose()?.unwrap_or(0.0),
             }
         };
-        Ok(LinearAttention { causal, normalizer })
+        let decay = if args.contains(&"decay") {
+            Decay::Slope
+        } else {
+            Decay::None
+        };
+        Ok(LinearAttention {
+            causal,
+            normalizer,
+            decay,
+        })
     };
     let wrt = || -> Result<usize, String> {
         attr("wrt")

@@ -8,8 +8,8 @@ use attnc_ir::build::GraphBuilder;
 use attnc_ir::fused::expand::expand;
 use attnc_ir::interp::evaluate;
 use attnc_ir::{
-    Attention, BinaryOp, Bindings, DType, Dim, Kernel, LinearAttention, MaskPattern, Normalizer,
-    Op, Param, Precision, ScoreExpr, UnaryOp,
+    Attention, BinaryOp, Bindings, DType, Decay, Dim, Kernel, LinearAttention, MaskPattern,
+    Normalizer, Op, Param, Precision, ScoreExpr, UnaryOp,
 };
 use attnc_syntax::Span;
 use interp_support::{assert_close, random, ref_attention};
@@ -171,7 +171,7 @@ proptest! {
             1 => Normalizer::Sum { eps: 0.0 },
             _ => Normalizer::Sum { eps: 0.25 },
         };
-        let op = Op::LinearAttention(LinearAttention { causal, normalizer });
+        let op = Op::LinearAttention(LinearAttention { causal, normalizer, decay: Decay::None });
         // Positive features so the sums stay away from 0.
         let k = kernel(&[("q", "h, m, d"), ("k", "h, n, d"), ("v", "n, e")], op);
         let b = binds(&[("h", h), ("m", m), ("n", n), ("d", d), ("e", e)]);
@@ -188,6 +188,70 @@ proptest! {
         let want = evaluate(&expand(&k).expect("expands"), &b, &inputs).expect("plain");
         assert_close(&fused, &want, 1e-10);
     }
+
+    // Slopes of either sign (growth too), per head, m ≠ n, every normalizer.
+    #[test]
+    fn decayed_linear_attention_is_its_plain_form(
+        h in 0usize..3, m in 0usize..7, n in 0usize..7, d in 1usize..4, e in 0usize..4,
+        normalizer in 0usize..3, seed in any::<u64>(),
+    ) {
+        let normalizer = match normalizer {
+            0 => Normalizer::None,
+            1 => Normalizer::Sum { eps: 0.0 },
+            _ => Normalizer::Sum { eps: 0.25 },
+        };
+        let op = Op::LinearAttention(LinearAttention { causal: true, normalizer, decay: Decay::Slope });
+        let k = kernel(&[("q", "h, m, d"), ("k", "h, n, d"), ("v", "n, e"), ("a", "h, 1, 1")], op);
+        let b = binds(&[("h", h), ("m", m), ("n", n), ("d", d), ("e", e)]);
+        let inputs: Vec<ArrayD<f64>> = k
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let s = attnc_ir::dim::resolve_shape(&p.shape, &b).expect("bound");
+                random(&s, seed.wrapping_mul(7).wrapping_add(i as u64)).mapv(|x| if i < 2 { x.exp() } else { x })
+            })
+            .collect();
+        let fused = evaluate(&k, &b, &inputs).expect("fused evaluates");
+        let want = evaluate(&expand(&k).expect("expands"), &b, &inputs).expect("plain");
+        assert_close(&fused, &want, 1e-10);
+    }
+}
+
+/// Retention against a separately written recurrence: `S_i = γ S_{i−1} + k_i v_iᵀ`,
+/// `out_i = q_i S_i`, with `γ = exp(-a)`.
+#[test]
+fn decayed_linear_attention_is_the_retention_recurrence() {
+    let op = Op::LinearAttention(LinearAttention {
+        causal: true,
+        normalizer: Normalizer::None,
+        decay: Decay::Slope,
+    });
+    let k = kernel(
+        &[("q", "n, 2"), ("k", "n, 2"), ("v", "n, 3"), ("a", "")],
+        op,
+    );
+    let n = 9;
+    let b = binds(&[("n", n)]);
+    let (q, kk, v) = (random(&[n, 2], 1), random(&[n, 2], 2), random(&[n, 3], 3));
+    let a = ndarray::arr0(0.7).into_dyn();
+    let out = evaluate(&k, &b, &[q.clone(), kk.clone(), v.clone(), a]).expect("evaluates");
+    let gamma = (-0.7f64).exp();
+    let mut state = [[0.0; 3]; 2];
+    for i in 0..n {
+        for (r, row) in state.iter_mut().enumerate() {
+            for (c, s) in row.iter_mut().enumerate() {
+                *s = gamma * *s + kk[[i, r]] * v[[i, c]];
+            }
+        }
+        for c in 0..3 {
+            let want = q[[i, 0]] * state[0][c] + q[[i, 1]] * state[1][c];
+            assert!(
+                (out[[i, c]] - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                "row {i}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -195,6 +259,7 @@ fn causal_linear_attention_keeps_later_nan_keys_out_of_earlier_rows() {
     let op = Op::LinearAttention(LinearAttention {
         causal: true,
         normalizer: Normalizer::Sum { eps: 0.0 },
+        decay: Decay::None,
     });
     let k = kernel(&[("q", "n, 1"), ("k", "n, 1"), ("v", "n, 1")], op);
     let b = binds(&[("n", 3)]);

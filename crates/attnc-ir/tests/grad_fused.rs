@@ -299,7 +299,39 @@ proptest! {
         };
         let (k, v) = if layout == 1 { (vec![1, n, d], vec![n, dv]) } else { (vec![g, n, d], vec![g, n, dv]) };
         let params = vec![param("q", &[g, m, d]), param("k", &k), param("v", &v)];
-        let op = Op::LinearAttention(LinearAttention { causal, normalizer });
+        let op = Op::LinearAttention(LinearAttention {
+            causal,
+            normalizer,
+            decay: attnc_ir::Decay::None,
+        });
+        check_fused(&kernel(params, op, 2), seed);
+    }
+
+    // Retention: the gradient of every slot, the per-head slope included, through the plain
+    // form's gradient graph.
+    #[test]
+    fn decayed_linear_attention_gradients_match_central_differences(
+        normalizer in 0u8..3,
+        (g, m, n, d, dv) in (1usize..3, 1usize..6, 1usize..6, 1usize..4, 1usize..4),
+        seed in 0u64..1000,
+    ) {
+        let m = if normalizer == 1 { m.min(n) } else { m };
+        let normalizer = match normalizer {
+            0 => Normalizer::None,
+            1 => Normalizer::Sum { eps: 0.0 },
+            _ => Normalizer::Sum { eps: 0.5 },
+        };
+        let params = vec![
+            param("q", &[g, m, d]),
+            param("k", &[g, n, d]),
+            param("v", &[n, dv]),
+            param("a", &[g, 1, 1]),
+        ];
+        let op = Op::LinearAttention(LinearAttention {
+            causal: true,
+            normalizer,
+            decay: attnc_ir::Decay::Slope,
+        });
         check_fused(&kernel(params, op, 2), seed);
     }
 }

@@ -139,6 +139,7 @@ fn causal_linear_attention_overflows_where_its_plain_form_does() {
     let op = Op::LinearAttention(attnc_ir::LinearAttention {
         causal: true,
         normalizer: attnc_ir::Normalizer::Sum { eps: 0.0 },
+        decay: attnc_ir::Decay::None,
     });
     let output = b.add(op, &args, None).expect("fits");
     let fused = Kernel {

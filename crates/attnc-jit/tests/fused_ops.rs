@@ -181,7 +181,7 @@ proptest! {
             1 => Normalizer::Sum { eps: 0.0 },
             _ => Normalizer::Sum { eps: 0.5 },
         };
-        let op = LinearAttention { causal: true, normalizer };
+        let op = LinearAttention { causal: true, normalizer, decay: attnc_ir::Decay::None };
         let out = b.add(Op::LinearAttention(op), &[fq, fk, arg(2)], None).expect("fits");
         let k = kernel(ps, b, out);
         // Rows that keep no key (m > n) are 0/0 = NaN in both engines.

@@ -6,11 +6,11 @@
 //! after a row's prefix reaches that row there but not in the fused op (which sums the prefix
 //! only); for finite inputs the two agree.
 
-use super::{Attention, LinearAttention, Normalizer, ScoreExpr};
+use super::{Attention, Decay, LinearAttention, Normalizer, ScoreExpr};
 use crate::build::GraphBuilder;
 use crate::dim::Dim;
 use crate::graph::{Kernel, NodeId};
-use crate::op::{BinaryOp, Op, ReduceOp};
+use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::pattern::MaskPattern;
 
 /// `kernel` with every fused op replaced by its plain form (other nodes copied as they are).
@@ -113,16 +113,36 @@ fn score_node(
     }
 }
 
-/// Linear attention over `[q, k, v]` in its plain (quadratic or state) form.
+/// Linear attention over `[q, k, v]` (and the decay slope) in its plain (quadratic or state)
+/// form.
 pub fn linear(
     b: &mut GraphBuilder,
     l: &LinearAttention,
     args: &[NodeId],
 ) -> Result<NodeId, String> {
+    if args.len() != l.arity() {
+        return Err(format!("linear attention takes {} operands", l.arity()));
+    }
     let [q, k, v] = [args[0], args[1], args[2]];
     let kt = b.add(Op::Transpose, &[k], None)?;
     let (num, den) = if l.causal {
-        let s = b.add(Op::MatMul, &[q, kt], None)?;
+        let mut s = b.add(Op::MatMul, &[q, kt], None)?;
+        if l.decay == Decay::Slope {
+            // s ∘ exp(mask(slope · relpos(m, n), causal, 0)): the inner mask changes only
+            // entries the outer one replaces, and keeps exp from overflowing there (an
+            // infinite weight would make their zero gradient NaN)
+            let shape = &b.graph.node(s).shape;
+            let relpos = shape[shape.len() - 2..].to_vec();
+            let r = b.add(Op::RelPos, &[], Some(&relpos))?;
+            let w = b.add(Op::Binary(BinaryOp::Mul), &[args[3], r], None)?;
+            let inner = Op::Mask {
+                pattern: MaskPattern::Causal,
+                fill: 0.0,
+            };
+            let w = b.add(inner, &[w], None)?;
+            let w = b.add(Op::Unary(UnaryOp::Exp), &[w], None)?;
+            s = b.add(Op::Binary(BinaryOp::Mul), &[s, w], None)?;
+        }
         let mask = Op::Mask {
             pattern: MaskPattern::Causal,
             fill: 0.0,

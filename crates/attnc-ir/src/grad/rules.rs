@@ -10,7 +10,7 @@
 use super::emit::Emitter;
 use super::GradError;
 use crate::backward::{AttentionGrad, BackwardOp, LinearGrad};
-use crate::fused::Precision;
+use crate::fused::{Decay, Precision};
 use crate::graph::NodeId;
 use crate::op::{BinaryOp, Op, ReduceOp, UnaryOp};
 
@@ -126,6 +126,26 @@ pub(super) fn apply(
                 out.push((x, e.op(op, &operands, None)?));
             }
             "vjp-attention"
+        }
+        // dslot = vjp of the plain form mask((q kᵀ) ∘ exp(a · relpos), causal, 0) v (/ sum)
+        // with slot `slot` read through an identity, so aliased operands get their own
+        // partial derivative
+        Op::LinearAttention(l) if l.decay != Decay::None => {
+            for (slot, &x) in args.iter().enumerate().filter(|(s, _)| want(*s)) {
+                let shape = e.shape(x);
+                let own = e.op(Op::Backward(BackwardOp::SumTo), &[x], Some(&shape))?;
+                let mut operands = args.clone();
+                operands[slot] = own;
+                let y = crate::fused::expand::linear(&mut e.b, l, &operands).map_err(|detail| {
+                    GradError::Build {
+                        node: id.index(),
+                        op: op.to_string(),
+                        detail,
+                    }
+                })?;
+                out.push((x, crate::grad::gradient_of(&mut e.b, y, g, own)?));
+            }
+            "vjp-decayed-linear-attention"
         }
         // dslot = linear-attention-grad(q, k, v, g)
         Op::LinearAttention(l) => {

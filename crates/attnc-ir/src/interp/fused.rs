@@ -5,6 +5,7 @@
 //! the product with `v`. Its precision is ignored: int8 products are an approximation whose
 //! error is measured against this exact value. Causal linear attention sums each row's prefix
 //! only (keys `j ≤ i'`): keys after the prefix never reach the row, even when they are NaN.
+//! A decayed one weighs the scores by `exp(slope · relpos(m, n))` first, as its plain form.
 //!
 //! Each plain-form step is rounded to the f32 range as a node would be (`range.rs`): the
 //! scores, every step of the score expression, the weights, the state and the sums.
@@ -12,8 +13,8 @@
 use super::range::{round_range, to_f32_range};
 use super::{binary, broadcast_shapes, mask, matmul, relpos, softmax, transpose, unary};
 use crate::dim::Bindings;
-use crate::fused::{Attention, LinearAttention, Normalizer, ScoreExpr, MAX_SCORE_DEPTH};
-use crate::op::BinaryOp;
+use crate::fused::{Attention, Decay, LinearAttention, Normalizer, ScoreExpr, MAX_SCORE_DEPTH};
+use crate::op::{BinaryOp, UnaryOp};
 use ndarray::{ArrayD, IxDyn};
 
 /// `softmax(mask(score(q kᵀ))) @ v` over `args = [q, k, v, biases..]`.
@@ -72,11 +73,12 @@ fn score(
     })
 }
 
-/// Linear attention over `args = [q, k, v]`.
+/// Linear attention over `args = [q, k, v]` (and the decay slope).
 pub(super) fn linear(l: &LinearAttention, args: &[&ArrayD<f64>]) -> Result<ArrayD<f64>, String> {
-    let [q, k, v] = args else {
-        return Err("linear attention takes 3 operands".to_string());
-    };
+    if args.len() != l.arity() {
+        return Err(format!("linear attention takes {} operands", l.arity()));
+    }
+    let (q, k, v) = (args[0], args[1], args[2]);
     let kt = transpose(k)?;
     if !l.causal {
         let state = round_range(matmul(&kt, v)?);
@@ -93,7 +95,15 @@ pub(super) fn linear(l: &LinearAttention, args: &[&ArrayD<f64>]) -> Result<Array
         }
         return binary(BinaryOp::Div, &num, &den);
     }
-    causal_prefix(l.normalizer, &round_range(matmul(q, &kt)?), v)
+    let mut a = round_range(matmul(q, &kt)?);
+    if l.decay == Decay::Slope {
+        // A ∘ exp(slope · relpos(m, n)), each step rounded as its plain-form node.
+        let (m, n) = (a.shape()[a.ndim() - 2], a.shape()[a.ndim() - 1]);
+        let w = round_range(binary(BinaryOp::Mul, args[3], &relpos(&[m, n])?)?);
+        let w = round_range(w.mapv(|x| unary(UnaryOp::Exp, x)));
+        a = round_range(binary(BinaryOp::Mul, &a, &w)?);
+    }
+    causal_prefix(l.normalizer, &a, v)
 }
 
 /// Row `i` of `(A V) / (Σ_j A + eps)` over the prefix `j ≤ i'` of the scores `a`.

@@ -7,8 +7,8 @@ use crate::score::{scalar, score_form, TermView};
 use crate::OptError;
 use attnc_ir::build::GraphBuilder;
 use attnc_ir::{
-    Attention, BinaryOp, Bindings, DType, Dim, Kernel, LinearAttention, NodeId, Normalizer, Op,
-    Precision, RandomKind, ReduceOp, ScoreExpr, UnaryOp,
+    Attention, BinaryOp, Bindings, DType, Decay, Dim, Kernel, LinearAttention, NodeId, Normalizer,
+    Op, Precision, RandomKind, ReduceOp, ScoreExpr, UnaryOp,
 };
 use egg::{Id, Language, RecExpr};
 
@@ -246,6 +246,7 @@ fn build_node(
             let op = LinearAttention {
                 causal: matches!(node, Attn::LinearAttentionCausal(_)),
                 normalizer: Normalizer::Sum { eps },
+                decay: Decay::None,
             };
             b.add(
                 Op::LinearAttention(op),
@@ -257,6 +258,7 @@ fn build_node(
             let op = LinearAttention {
                 causal: true,
                 normalizer: Normalizer::None,
+                decay: Decay::None,
             };
             b.add(
                 Op::LinearAttention(op),
