@@ -339,7 +339,12 @@ impl std::fmt::Display for Plan {
                     )
                 }
                 StepKind::Prefix(s) => format!(
-                    "causal linear attention (prefix state{}) batch {:?} m={} n={} d={} dv={}",
+                    "causal linear attention (prefix state{}{}) batch {:?} m={} n={} d={} dv={}",
+                    if s.slope_strides.is_some() {
+                        ", decayed"
+                    } else {
+                        ""
+                    },
                     match s.normalizer {
                         attnc_ir::Normalizer::None => ", unnormalized".to_string(),
                         attnc_ir::Normalizer::Sum { eps: 0.0 } => String::new(),

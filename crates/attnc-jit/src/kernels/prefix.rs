@@ -20,6 +20,13 @@
 //! op's plain form does. As the op's semantics say, a NaN or infinite key or value *after* a
 //! row's prefix does not reach that row.
 //!
+//! A decayed op ([`attnc_ir::Decay::Slope`], RetNet's retention) weighs key `j` in row `i` by
+//! `exp(a (j − i')) = γ^(i' − j)` with `γ = exp(-a)` and `a` the batch entry's slope (operand
+//! 3): the kernel computes `γ` once per batch entry (the f32 `exp` of [`crate::simd`]) and
+//! scales `S` and `z` by it before adding each key, `S ← γ S + φk_j v_jᵀ`. The weights are thus
+//! products of one rounded `γ`, `γ^t (1 + t·δ)` with `|δ| ≤ 2⁻²⁴`: the relative error of a
+//! key `t` steps back grows with `t` while its weight `γ^t` shrinks.
+//!
 //! The planner runs the op's plain form instead when `dv` is above [`MAX_DV`] (the state
 //! update is unrolled over `dv`) or the state is larger than [`MAX_STATE_BYTES`]
 //! ([`PrefixSpec::unsupported`]).
@@ -56,6 +63,9 @@ pub struct PrefixSpec {
     pub dv: usize,
     /// The row normalization.
     pub normalizer: Normalizer,
+    /// Element strides per batch axis of the decay slope (operand 3), or `None` without
+    /// decay.
+    pub slope_strides: Option<Vec<usize>>,
 }
 
 impl PrefixSpec {
@@ -104,13 +114,15 @@ impl PrefixSpec {
     }
 }
 
-/// Pointers of one batch entry and of its state.
+/// Pointers of one batch entry and of its state, and its decay factor.
 struct Bases {
     q: Value,
     k: Value,
     v: Value,
     out: Value,
     state: Value,
+    /// `γ = exp(-a)` as an f32 and as an f32x4 splat, when the op decays.
+    decay: Option<(Value, Value)>,
 }
 
 /// Generates the body of a prefix kernel for the batch entry `args.batch`.
@@ -119,7 +131,19 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &PrefixSpec) -> Res
     let k_ptr = args.input_ptr(b, 1);
     let v_ptr = args.input_ptr(b, 2);
     let [qs, ks, vs] = &spec.batch_strides;
-    let offs = strided_offsets(b, args.batch, &spec.batch, &[qs, ks, vs]);
+    let none = vec![0; spec.batch.len()];
+    let slope_strides = spec.slope_strides.as_ref().unwrap_or(&none);
+    let offs = strided_offsets(b, args.batch, &spec.batch, &[qs, ks, vs, slope_strides]);
+    let decay = spec.slope_strides.is_some().then(|| {
+        let slope_ptr = args.input_ptr(b, 3);
+        let addr = elem_addr(b, slope_ptr, offs[3]);
+        let a = b.ins().load(types::F32, mem(), addr, 0);
+        let minus = b.ins().fneg(a);
+        let x = b.ins().splat(types::F32X4, minus);
+        let gamma_v = crate::simd::emit_exp(b, x);
+        let gamma = b.ins().extractlane(gamma_v, 0);
+        (gamma, gamma_v)
+    });
     let o_off = b.ins().imul_imm_s(args.batch, (spec.m * spec.dv) as i64);
     let bytes = spec.state_bytes().unwrap_or(16);
     let size = u32::try_from(bytes).unwrap_or(u32::MAX);
@@ -130,6 +154,7 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &PrefixSpec) -> Res
         v: elem_addr(b, v_ptr, offs[2]),
         out: elem_addr(b, args.output, o_off),
         state: b.ins().stack_addr(types::I64, slot, 0),
+        decay,
     };
     // The state starts at zero.
     let zero_v = zero_vector(b);
@@ -173,7 +198,8 @@ fn zero_vector(b: &mut FunctionBuilder) -> Value {
     b.ins().splat(types::F32X4, zero_f)
 }
 
-/// Adds key `j` to the state: `S[a, :] += φk_j[a] · v_j` and `z[a] += φk_j[a]` for every `a`.
+/// Adds key `j` to the state: `S[a, :] = γ S[a, :] + φk_j[a] · v_j` and
+/// `z[a] = γ z[a] + φk_j[a]` for every `a` (`γ = 1`, no multiply, without decay).
 fn add_key(b: &mut FunctionBuilder, spec: &PrefixSpec, bases: &Bases, j: Value) {
     let k_off = b.ins().imul_imm_s(j, spec.d as i64);
     let k_row = elem_addr(b, bases.k, k_off);
@@ -200,19 +226,28 @@ fn add_key(b: &mut FunctionBuilder, spec: &PrefixSpec, bases: &Bases, j: Value) 
                 Some(vs) => vs[c],
                 None => b.ins().load(types::F32X4, mem(), v_row, (16 * c) as i32),
             };
-            let old = b.ins().load(types::F32X4, mem(), s_row, (16 * c) as i32);
+            let mut old = b.ins().load(types::F32X4, mem(), s_row, (16 * c) as i32);
+            if let Some((_, gamma_v)) = bases.decay {
+                old = b.ins().fmul(old, gamma_v);
+            }
             let new = b.ins().fma(kv, vc, old);
             b.ins().store(mem(), new, s_row, (16 * c) as i32);
         }
         for c in 4 * full..spec.dv {
             let vc = b.ins().load(types::F32, mem(), v_row, (4 * c) as i32);
-            let old = b.ins().load(types::F32, mem(), s_row, (4 * c) as i32);
+            let mut old = b.ins().load(types::F32, mem(), s_row, (4 * c) as i32);
+            if let Some((gamma, _)) = bases.decay {
+                old = b.ins().fmul(old, gamma);
+            }
             let new = b.ins().fma(ka, vc, old);
             b.ins().store(mem(), new, s_row, (4 * c) as i32);
         }
         let z_addr = elem_addr(b, bases.state, a);
         let z = b.ins().load(types::F32, mem(), z_addr, z_base);
-        let z = b.ins().fadd(z, ka);
+        let z = match bases.decay {
+            Some((gamma, _)) => b.ins().fma(z, gamma, ka),
+            None => b.ins().fadd(z, ka),
+        };
         b.ins().store(mem(), z, z_addr, z_base);
         Ok(())
     });
@@ -344,6 +379,7 @@ mod tests {
             d: 3,
             dv: 5,
             normalizer: Normalizer::Sum { eps: 0.0 },
+            slope_strides: None,
         };
         assert_eq!(spec.pitch(), 8);
         assert_eq!(spec.state_bytes(), Some(4 * (3 * 8 + 4)));

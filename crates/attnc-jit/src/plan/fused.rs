@@ -12,7 +12,7 @@ use crate::kernels::elementwise::Expr;
 use crate::kernels::prefix::PrefixSpec;
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::fused::{Fused, FusedShape};
-use attnc_ir::{Attention, DType, Kernel, LinearAttention, NodeId, Op};
+use attnc_ir::{Attention, DType, Decay, Kernel, LinearAttention, NodeId, Op};
 use attnc_wide::amx::Products;
 
 /// The largest number of rows or keys the fused attention kernel takes (its row arithmetic is
@@ -70,7 +70,7 @@ pub(super) fn unsupported(
             if !l.causal {
                 return None;
             }
-            prefix_spec(&fs, l, [vec![], vec![], vec![]])
+            prefix_spec(&fs, l, [vec![], vec![], vec![]], None)
                 .unsupported()
                 .map(str::to_string)
         }
@@ -387,11 +387,12 @@ fn tier_of(spec: &AttentionSpec, tiers: Tiers) -> Tier {
 }
 
 /// The prefix-state kernel's spec for a checked causal linear attention (`batch_strides`
-/// of φQ, φK, V).
+/// of φQ, φK, V, and of the decay slope when it decays).
 fn prefix_spec(
     fs: &FusedShape<usize>,
     l: &LinearAttention,
     batch_strides: [Vec<usize>; 3],
+    slope_strides: Option<Vec<usize>>,
 ) -> PrefixSpec {
     PrefixSpec {
         batch: fs.batch.clone(),
@@ -401,6 +402,10 @@ fn prefix_spec(
         d: fs.d,
         dv: fs.dv,
         normalizer: l.normalizer,
+        slope_strides: match l.decay {
+            Decay::None => None,
+            Decay::Slope => Some(slope_strides.unwrap_or_else(|| vec![0; fs.batch.len()])),
+        },
     }
 }
 
@@ -422,14 +427,18 @@ pub(super) fn plan_prefix(
     let fs = Fused::Linear(l)
         .check(&slices)
         .map_err(|e| plan_error(op, e))?;
-    let mut inputs = Vec::with_capacity(3);
+    let mut inputs = Vec::with_capacity(4);
     let mut strides: [Vec<usize>; 3] = Default::default();
+    let mut slope = None;
     for (index, &o) in operands.iter().enumerate() {
         let v = operand(vals, o)?;
         inputs.push(p.contiguous_buffer(&v));
-        strides[index] = batch_strides(&shapes[index], &fs.batch);
+        match index {
+            0..=2 => strides[index] = batch_strides(&shapes[index], &fs.batch),
+            _ => slope = Some(lead_strides(&shapes[index], &fs.batch)),
+        }
     }
-    let spec = prefix_spec(&fs, l, strides);
+    let spec = prefix_spec(&fs, l, strides, slope);
     let mut shape = fs.batch.clone();
     shape.extend([fs.m, fs.dv]);
     let out = p.new_buffer(shape.iter().product());
@@ -440,6 +449,21 @@ pub(super) fn plan_prefix(
     };
     p.push(kind, inputs, out);
     Ok(Planner::leaf(out, &shape))
+}
+
+/// Element strides per output batch axis of a contiguous tensor of shape `s` whose last two
+/// axes (if it has them) have size 1 — a decay slope — broadcast into `batch`.
+fn lead_strides(s: &[usize], batch: &[usize]) -> Vec<usize> {
+    let full = contiguous(s);
+    let lead = s.len().saturating_sub(2);
+    let offset = batch.len() - lead;
+    let mut strides = vec![0; batch.len()];
+    for axis in 0..lead {
+        if s[axis] != 1 {
+            strides[offset + axis] = full[axis];
+        }
+    }
+    strides
 }
 
 /// Element strides per output batch axis of a contiguous tensor of shape `s` broadcast into
