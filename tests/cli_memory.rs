@@ -65,6 +65,7 @@ fn fused_forms_fit_a_small_budget_at_long_lengths() {
         "differential",
         "rope",
         "gated",
+        "retention",
     ] {
         let file = common::examples_dir().join(format!("{example}.attn"));
         let out = attnc(&[

@@ -208,6 +208,22 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             };
             array(s)
         }
+        // The slope's leading axes broadcast into the batch.
+        Attn::Retention([q, k, v, a]) | Attn::RetentionNormalized([q, k, v, a, _]) => {
+            let s = match (shape(*q), shape(*k), shape(*v), shape(*a)) {
+                (Some(q), Some(k), Some(v), Some(a)) => {
+                    attention_shape(&q, &k, &v).and_then(|mut out| {
+                        let rank = out.len();
+                        let lead =
+                            broadcast_shapes(&out[..rank - 2], &a[..a.len().saturating_sub(2)])?;
+                        let tail = out.split_off(rank - 2);
+                        Some(lead.into_iter().chain(tail).collect())
+                    })
+                }
+                _ => None,
+            };
+            array(s)
+        }
         _ => Facts::default(),
     }
 }

@@ -14,8 +14,8 @@ use crate::analysis::AttnGraph;
 use crate::lang::{Atom, Attn};
 use crate::OptError;
 use attnc_ir::{
-    BinaryOp, Dim, Kernel, MaskPattern, NodeId, Normalizer, Op, Precision, ReduceOp, ScoreExpr,
-    UnaryOp,
+    BinaryOp, Decay, Dim, Kernel, MaskPattern, NodeId, Normalizer, Op, Precision, ReduceOp,
+    ScoreExpr, UnaryOp,
 };
 use egg::{Id, RecExpr, Symbol};
 use std::collections::HashMap;
@@ -164,6 +164,17 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
         Op::Attention(a) => return add_attention(expr, kernel, id, a, args),
         // Gradient graphs are planned as derived (from an already optimized forward).
         Op::Backward(_) => return None,
+        Op::LinearAttention(l) if l.decay == Decay::Slope => {
+            let [q, k, v, a] = [one(0)?, one(1)?, one(2)?, one(3)?];
+            match l.normalizer {
+                Normalizer::None => Attn::Retention([q, k, v, a]),
+                Normalizer::Sum { eps } => {
+                    let e = leaf(expr, Atom::num(eps));
+                    let eps = expr.add(Attn::Const(e));
+                    Attn::RetentionNormalized([q, k, v, a, eps])
+                }
+            }
+        }
         Op::LinearAttention(l) => {
             let [q, k, v] = [one(0)?, one(1)?, one(2)?];
             match (l.causal, l.normalizer) {

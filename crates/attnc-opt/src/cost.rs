@@ -295,14 +295,22 @@ impl<'a> CycleCost<'a> {
                 (flops, bytes)
             }
             // The causal form runs the same products through a running prefix state.
+            // A decayed state is scaled once per key as well.
             Attn::LinearAttention([q, k, v, _])
             | Attn::LinearAttentionCausal([q, k, v, _])
-            | Attn::CausalPrefixProduct([q, k, v]) => {
+            | Attn::CausalPrefixProduct([q, k, v])
+            | Attn::Retention([q, k, v, _])
+            | Attn::RetentionNormalized([q, k, v, _, _]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let dv = vs.last().copied().unwrap_or(0) as f64;
+                let decay = match enode {
+                    Attn::Retention(_) | Attn::RetentionNormalized(_) => dv + 1.0,
+                    _ => 0.0,
+                };
                 // kᵀ v and sum(kᵀ): per key row; q state and q ksum: per query row.
-                let flops =
-                    elements(&ks) * (2.0 * dv + 1.0) + elements(&qs) * (2.0 * dv + 2.0) + out_elems;
+                let flops = elements(&ks) * (2.0 * dv + 1.0 + decay)
+                    + elements(&qs) * (2.0 * dv + 2.0)
+                    + out_elems;
                 let state =
                     elements(&ks) / ks.iter().rev().nth(1).copied().unwrap_or(1).max(1) as f64;
                 let bytes =

@@ -162,6 +162,12 @@ define_language! {
         "linear-attention-causal" = LinearAttentionCausal([Id; 4]),
         // mask(q kᵀ, causal, 0) v: the unnormalized causal form, through the same prefix state
         "causal-prefix-product" = CausalPrefixProduct([Id; 3]),
+        // mask((q kᵀ) * exp(a * relpos(m, n)), causal, 0) v: retention, through a prefix state
+        // that decays by exp(-a) per key (q k v a; a a scalar or one per batch entry)
+        "retention" = Retention([Id; 4]),
+        // the same over (sum(mask((q kᵀ) * exp(a * relpos), causal, 0), -1) + eps)
+        // (q k v a eps)
+        "retention-normalized" = RetentionNormalized([Id; 5]),
         // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
         "attention-int8" = AttentionInt8([Id; 5]),
         // `attention` with bf16 q·k and p·v products (f32 accumulation and softmax); approximate

@@ -266,6 +266,32 @@ fn build_node(
                 None,
             )
         }
+        Attn::Retention([q, k, v, a]) | Attn::RetentionNormalized([q, k, v, a, _]) => {
+            let normalizer = match node {
+                Attn::RetentionNormalized([.., e]) => {
+                    let view = TermView {
+                        node: |id: Id| Some(&expr[id]),
+                        same: |a: Id, c: Id| a == c,
+                        relpos_fits: |_: Id| false,
+                    };
+                    let eps = scalar(*e, &view, 0)
+                        .and_then(|s| s.scalar_value(bindings))
+                        .ok_or_else(|| bad("an epsilon that is not a known scalar"))?;
+                    Normalizer::Sum { eps }
+                }
+                _ => Normalizer::None,
+            };
+            let op = LinearAttention {
+                causal: true,
+                normalizer,
+                decay: Decay::Slope,
+            };
+            b.add(
+                Op::LinearAttention(op),
+                &[value(*q)?, value(*k)?, value(*v)?, value(*a)?],
+                None,
+            )
+        }
         _ => return Err(bad("an unexpected node")),
     };
     Ok(Some(shaped(id)?))

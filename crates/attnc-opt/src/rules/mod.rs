@@ -9,6 +9,7 @@ pub mod approx;
 pub mod linear;
 pub mod masking;
 pub mod prefix;
+pub mod retention;
 pub mod scored;
 pub mod softmax;
 #[cfg(test)]
@@ -161,6 +162,26 @@ pub enum Guard {
         /// The softmax axis atom.
         axis: &'static str,
     },
+    /// Decayed causal scores `mask((q kᵀ) * exp(slope * relpos(rows, cols)), causal, 0)`:
+    /// `rows` and `cols` are the scores' last two dimensions, `slope` is a scalar or has size
+    /// 1 in its last two axes and does not enlarge the scores; `axis` (if given) is their last
+    /// axis and `eps` (if given) a finite scalar. Checked by [`retention::DecayCheck`].
+    CausalDecay {
+        /// The query.
+        q: &'static str,
+        /// The key.
+        k: &'static str,
+        /// The log-decay slope.
+        slope: &'static str,
+        /// The `relpos` row count atom.
+        rows: &'static str,
+        /// The `relpos` column count atom.
+        cols: &'static str,
+        /// The normalizer's sum axis atom.
+        axis: Option<&'static str>,
+        /// The normalizer's epsilon.
+        eps: Option<&'static str>,
+    },
 }
 
 impl RuleSpec {
@@ -194,6 +215,9 @@ impl RuleSpec {
         if let Guard::ScoredProduct { s, q, k, .. } = self.guard {
             return scored::scored_rewrite(self, s, q, k);
         }
+        if let Guard::CausalDecay { .. } = self.guard {
+            return retention::rewrite(self);
+        }
         let lhs: Pattern<Attn> = self
             .lhs
             .parse()
@@ -217,6 +241,7 @@ pub fn all_specs() -> Vec<RuleSpec> {
     specs.extend(masking::specs());
     specs.extend(linear::specs());
     specs.extend(prefix::specs());
+    specs.extend(retention::specs());
     specs.extend(scored::specs());
     specs
 }
@@ -280,6 +305,8 @@ impl GuardCheck {
             Guard::ScoredProduct { s, axis, q, k } => {
                 (10, [Some(q), Some(k), Some(axis), None, Some(s)])
             }
+            // Built by `retention::rewrite`; here it fails closed.
+            Guard::CausalDecay { .. } => (u8::MAX, [None; 5]),
         };
         GuardCheck {
             kind,
