@@ -24,7 +24,24 @@ pub struct Extraction {
     pub tree_cost: f64,
     /// The term.
     pub expr: RecExpr<Attn>,
+    /// Every priced e-node of the root class with the cheapest term under it, in e-node
+    /// order (the chosen one among them), for the trace's account of the choice.
+    pub alternatives: Vec<Alternative>,
 }
+
+/// One priced e-node of the root class.
+#[derive(Clone, Debug)]
+pub struct Alternative {
+    /// Its tree cost.
+    pub tree_cost: f64,
+    /// Whether it is the chosen term.
+    pub chosen: bool,
+    /// The cheapest term with this e-node at the root.
+    pub expr: RecExpr<Attn>,
+}
+
+/// At most this many alternatives of the root class are built for the trace.
+const MAX_ALTERNATIVES: usize = 16;
 
 /// The cheapest term of class `root`, or `None` when no finite choice exists.
 pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Option<Extraction> {
@@ -45,6 +62,9 @@ pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Optio
     }
     let mut own: HashMap<(Id, usize), f64> = HashMap::new();
     let mut best: HashMap<Id, (f64, usize)> = HashMap::new();
+    let root = egraph.find(root);
+    // The last price of each e-node of the root class (its children's final choices).
+    let mut at_root: HashMap<usize, f64> = HashMap::new();
     while let Some((class, index)) = queue.pop_front() {
         let node = &egraph[class].nodes[index];
         let mut total = *own
@@ -78,6 +98,9 @@ pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Optio
                 }
             }
         }
+        if priced && class == root {
+            at_root.insert(index, total);
+        }
         let improves = best.get(&class).is_none_or(|&(old, _)| total < old);
         if priced && improves {
             best.insert(class, (total, index));
@@ -86,10 +109,28 @@ pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Optio
             }
         }
     }
-    let root = egraph.find(root);
-    let &(tree_cost, _) = best.get(&root)?;
+    let &(tree_cost, chosen) = best.get(&root)?;
     let expr = build(egraph, root, &best)?;
-    Some(Extraction { tree_cost, expr })
+    let mut priced: Vec<(usize, f64)> = at_root.into_iter().collect();
+    priced.sort_by_key(|&(index, _)| index);
+    let alternatives = priced
+        .into_iter()
+        .take(MAX_ALTERNATIVES)
+        .filter_map(|(index, cost)| {
+            let mut choice = best.clone();
+            choice.insert(root, (cost, index));
+            Some(Alternative {
+                tree_cost: cost,
+                chosen: index == chosen,
+                expr: build(egraph, root, &choice)?,
+            })
+        })
+        .collect();
+    Some(Extraction {
+        tree_cost,
+        expr,
+        alternatives,
+    })
 }
 
 /// The bias classes of an `attention-scored` node's score under the current choices, when the

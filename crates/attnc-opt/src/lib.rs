@@ -15,6 +15,7 @@
 //!   the documented defaults);
 //! - [`extract`]: a worklist extractor under that model, and bounded term rendering;
 //! - [`fusion`]: which attentions of the chosen form are fused, and why the others are not;
+//! - [`phase`]: latent attention by phase — absorbed or materialized keys, with their costs;
 //! - [`trace`]: [`optimize`], the one entry point, and its [`Trace`].
 //!
 //! Architecture invariant: the unoptimized kernel is always a valid answer — `optimize` never
@@ -40,6 +41,7 @@ pub mod cost;
 pub mod extract;
 pub mod fusion;
 pub mod lang;
+pub mod phase;
 pub mod rules;
 pub mod saturate;
 pub mod schedule;

@@ -124,6 +124,10 @@ pub struct Trace {
     pub ceilings: Ceilings,
     /// Each attention of the chosen form: fused, or why not.
     pub fusion: Vec<crate::fusion::FusionNote>,
+    /// Latent attention: the absorbed and materialized forms of the output priced, cheapest
+    /// first (empty unless both were).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub latent: Vec<crate::phase::LatentForm>,
 }
 
 impl Trace {
@@ -152,6 +156,7 @@ impl Trace {
             approximations: vec![],
             ceilings: Ceilings::default(),
             fusion: crate::fusion::notes(kernel),
+            latent: vec![],
         }
     }
 
@@ -283,6 +288,15 @@ impl Trace {
             let _ = writeln!(out, "\nfusion:");
             for note in &self.fusion {
                 let _ = writeln!(out, "  {note}");
+            }
+        }
+        if !self.latent.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nlatent attention (keys as up-projections; the cheaper form for this phase):"
+            );
+            for form in &self.latent {
+                let _ = writeln!(out, "  {form}");
             }
         }
         if let Some(why) = &self.derivation_omitted {
@@ -423,12 +437,18 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
     let mut sat = saturate(&expr, analysis, &rules, &options.limits, explain);
 
     let extract_start = Instant::now();
+    let latent;
     let (best, cost_before, cost_after) = {
         let egraph = sat.egraph();
         let mut model = CycleCost::new(egraph)
             .with_ceilings(&options.ceilings)
             .with_tiers(options.tiers);
-        let best = extract(egraph, sat.root, &mut model).map(|e| e.expr);
+        let extraction = extract(egraph, sat.root, &mut model);
+        latent = extraction
+            .as_ref()
+            .map(|e| crate::phase::latent_forms(egraph, &e.alternatives))
+            .unwrap_or_default();
+        let best = extraction.map(|e| e.expr);
         let before = model.dag_cycles(&expr);
         let after = best.as_ref().and_then(|b| model.dag_cycles(b));
         (best.unwrap_or_else(|| expr.clone()), before, after)
@@ -457,6 +477,7 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
         approximations: vec![],
         ceilings: options.ceilings,
         fusion: vec![],
+        latent,
     };
     let cheaper = matches!((cost_before, cost_after), (Some(b), Some(a)) if a < b);
     let chosen = if cheaper {

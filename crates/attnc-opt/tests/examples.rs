@@ -429,3 +429,38 @@ fn the_cost_model_uses_the_ceilings_it_is_given() {
     assert!((trace.cost_before * 2.0 - base.cost_before).abs() <= 1e-6 * base.cost_before);
     assert_eq!(trace.output_term, base.output_term);
 }
+
+/// MLA by phase: decoding attends over the latent cache itself (absorbed), prefill over
+/// materialized keys, and the trace names the choice with both costs.
+#[test]
+fn latent_attention_is_absorbed_for_decoding_and_materialized_for_prefill() {
+    let (_, kernel) = common::examples()
+        .into_iter()
+        .find(|(n, _)| n == "mla")
+        .expect("mla");
+    for (m, n, want) in [(1, 65536, "absorbed"), (4096, 4096, "materialized")] {
+        let bindings = common::bindings(&[("h", 16), ("m", m), ("n", n), ("r", 512), ("e", 128)]);
+        let result = optimize(&kernel, &bindings, &OptimizeOptions::default());
+        let latent = &result.trace.latent;
+        assert_eq!(latent.len(), 2, "{}", result.trace.render_text());
+        let chosen: Vec<_> = latent.iter().filter(|f| f.chosen).collect();
+        assert_eq!(chosen.len(), 1);
+        assert_eq!(chosen[0].form, want, "m={m} n={n}");
+        assert_eq!(latent[0].form, want, "the chosen form is the cheaper");
+        let depth = if want == "absorbed" { 512 } else { 128 };
+        assert_eq!(chosen[0].depth, depth);
+        let text = result.trace.render_text();
+        assert!(text.contains("latent attention"), "{text}");
+        assert!(text.contains(&format!("{want}: depth {depth}")), "{text}");
+    }
+    // A program without latent keys has no such section.
+    let (_, local) = common::examples()
+        .into_iter()
+        .find(|(n, _)| n == "local")
+        .expect("local");
+    let bindings = common::bindings(&[("h", 2), ("n", 256), ("d", 16)]);
+    assert!(optimize(&local, &bindings, &OptimizeOptions::default())
+        .trace
+        .latent
+        .is_empty());
+}
