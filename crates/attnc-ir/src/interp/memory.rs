@@ -60,7 +60,15 @@ pub fn interp_memory(kernel: &Kernel, bindings: &Bindings) -> Result<InterpMemor
                     / bytes(1).max(1)
                     / (m.max(1) as u64)
                     / (*shapes[id.index()].last().unwrap_or(&1)).max(1) as u64;
-                bytes(m.saturating_mul(n)).saturating_mul(batch.max(1))
+                // A decayed linear attention also holds `slope · relpos`, its exponential
+                // and the weighted scores (four [batch.., m, n] arrays in all).
+                let arrays = match &graph.node(id).op {
+                    Op::LinearAttention(l) if l.decay != crate::fused::Decay::None => 4,
+                    _ => 1,
+                };
+                bytes(m.saturating_mul(n))
+                    .saturating_mul(batch.max(1))
+                    .saturating_mul(arrays)
             }
             // The attention gradient holds six [batch.., m, n] arrays (scores, probabilities,
             // their gradients and partials) while it runs.
