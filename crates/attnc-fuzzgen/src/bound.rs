@@ -41,6 +41,11 @@ const NORMAL: f64 = 1.175_494_350_822_287_5e-38;
 pub const LIMIT: f64 = 3.402_823_567_797_336_6e38;
 const INF: f64 = f64::INFINITY;
 
+/// Whether a bound specifies its element (is neither `+inf` nor NaN).
+pub fn specified(e: f64) -> bool {
+    e < INF
+}
+
 /// A value with the bound of every element (`+inf`: unspecified).
 #[derive(Clone, Debug)]
 pub struct Bounded {
@@ -728,7 +733,7 @@ fn weightless_values_unspecified(
             let bad: Vec<usize> = (0..n)
                 .filter(|&j| {
                     let at = (b * n + j) * dv + c;
-                    !vx[at].is_finite() || !(ve[at] < INF)
+                    !vx[at].is_finite() || !specified(ve[at])
                 })
                 .collect();
             if bad.is_empty() {
@@ -738,7 +743,10 @@ fn weightless_values_unspecified(
                 // A weight that may be 0 (or is not known).
                 let weightless = |j: usize| {
                     let at = (b * m + i) * n + j;
-                    !(px[at] - pe[at] > 0.0)
+                    {
+                        let low = px[at] - pe[at];
+                        low.is_nan() || low <= 0.0
+                    }
                 };
                 if bad.iter().any(|&j| weightless(j)) {
                     flat[(b * m + i) * dv + c] = INF;
@@ -818,7 +826,7 @@ fn either_form(form: Bounded, other: &Bounded) -> Bounded {
         .and(&other.x)
         .and(&other.e)
         .for_each(|e, &x, &y, &ey| {
-            if !(*e < INF) || !(ey < INF) || class(x) != class(y) {
+            if !specified(*e) || !specified(ey) || class(x) != class(y) {
                 *e = INF;
             } else if x.is_finite() {
                 *e = e.max((x - y).abs() + ey);
@@ -879,7 +887,8 @@ fn causal_linear(
             let q_infinite = (0..d).any(|p| qx[(b * m + i) * d + p].is_infinite());
             // A score of the prefix beyond the f32 range (or not known): the plain form
             // multiplies it by v, the prefix state never forms it.
-            let score_overflow = (0..end).any(|j| ax[row(j)].is_infinite() || !(ae[row(j)] < INF));
+            let score_overflow =
+                (0..end).any(|j| ax[row(j)].is_infinite() || !specified(ae[row(j)]));
             let reassociated = end > 0 && (q_infinite || k_infinite || score_overflow);
             // The state's own magnitudes: past the limit, the prefix kernel overflows.
             let reach = |s: &dyn Fn(usize) -> f64| -> (f64, bool) {
@@ -926,7 +935,7 @@ fn causal_linear(
                 // Values after the prefix: the plain form multiplies them by 0.
                 let after = (end..n).any(|j| {
                     let at = (b * n + j) * dv + c;
-                    !vx[at].is_finite() || !(ve[at] < INF)
+                    !vx[at].is_finite() || !specified(ve[at])
                 });
                 let infinite = reassociated || end > 0 && v_infinite[c];
                 let o = (b * m + i) * dv + c;

@@ -258,7 +258,7 @@ fn reference(
         .zip(bound.e.iter())
         .enumerate()
     {
-        if !(e < f64::INFINITY) {
+        if !bound::specified(e) {
             continue;
         }
         let same_class = if v.is_nan() {
