@@ -126,6 +126,9 @@ pub enum BindError {
         /// The shape with its bound values (`[65536, 65536, 65536]`).
         shape: String,
     },
+    /// A mask pattern's size does not resolve (a stride or block size bound to 0).
+    #[error(transparent)]
+    Pattern(#[from] crate::pattern::PatternError),
     /// A dimension symbol used as a number (`sqrt(d)`) is bound to 0.
     #[error("dimension `{symbol}` is 0 but is used as a number (e.g. sqrt({symbol}))")]
     ZeroDimAsNumber {
@@ -137,8 +140,8 @@ pub enum BindError {
 /// The largest element count any array may have: its f64 buffer must fit in `isize` bytes.
 pub const MAX_ELEMENTS: usize = (isize::MAX as usize) / std::mem::size_of::<f64>();
 
-/// Every dimension symbol the kernel uses (in parameter shapes, node shapes and as numbers), in
-/// order of first appearance.
+/// Every dimension symbol the kernel uses (in parameter shapes, node shapes, as numbers and as
+/// mask pattern sizes), in order of first appearance.
 pub fn kernel_symbols(kernel: &Kernel) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let mut order = Vec::new();
@@ -158,8 +161,22 @@ pub fn kernel_symbols(kernel: &Kernel) -> Vec<String> {
         if let Op::DimValue(dim) = &node.op {
             note(dim);
         }
+        if let Some(pattern) = node_pattern(&node.op) {
+            for symbol in pattern.symbols() {
+                note(&Dim::Sym(symbol));
+            }
+        }
     }
     order
+}
+
+/// The mask pattern an op carries, if any.
+pub fn node_pattern(op: &Op) -> Option<&crate::pattern::SymbolicPattern> {
+    match op {
+        Op::Mask { pattern, .. } => Some(pattern),
+        Op::Attention(a) => a.mask.as_ref(),
+        _ => None,
+    }
 }
 
 /// The symbols in `given` (from `--shape`) that `kernel` does not use, sorted; the command line
@@ -312,8 +329,9 @@ pub fn resolve_checked(
 }
 
 /// Resolves the shape of every node of `kernel` (indexed by node index) and of every
-/// parameter, checking that each element count fits and that no dimension used as a number is
-/// 0 (it would divide by zero in `q @ k.T / sqrt(d)`).
+/// parameter, checking that each element count fits, that no dimension used as a number is
+/// 0 (it would divide by zero in `q @ k.T / sqrt(d)`) and that every mask pattern's sizes
+/// resolve.
 pub fn resolve_node_shapes(
     kernel: &Kernel,
     bindings: &Bindings,
@@ -338,6 +356,9 @@ pub fn resolve_node_shapes(
                 }
                 Some(_) => {}
             }
+        }
+        if let Some(pattern) = node_pattern(&node.op) {
+            pattern.resolve(bindings)?;
         }
         let shape = resolve_checked(&node.shape, bindings, || {
             format!("node %{} ({})", id.index(), node.op)

@@ -276,7 +276,10 @@ fn eval_node(
         Op::Transpose => transpose(args[0])?,
         Op::Reduce { op, axis } => reduce(*op, *axis, args[0])?,
         Op::Softmax { axis } => softmax(*axis, args[0])?,
-        Op::Mask { pattern, fill } => mask(pattern, *fill, args[0])?,
+        Op::Mask { pattern, fill } => {
+            let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
+            mask(&pattern, *fill, args[0])?
+        }
         Op::Cast { to } => args[0].mapv(|x| round_to(*to, x)),
         Op::Random { kind, seed } => {
             let &[rows, cols] = shape else {

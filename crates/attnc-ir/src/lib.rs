@@ -23,4 +23,4 @@ pub use dim::{Bindings, Dim, Shape};
 pub use fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
 pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};
 pub use op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
-pub use pattern::MaskPattern;
+pub use pattern::{MaskPattern, SymbolicPattern};

@@ -2,7 +2,7 @@
 
 use crate::dim::Dim;
 use crate::fused::{Attention, LinearAttention};
-use crate::pattern::MaskPattern;
+use crate::pattern::SymbolicPattern;
 pub use crate::random::RandomKind;
 use serde::Serialize;
 use std::fmt;
@@ -106,8 +106,8 @@ pub enum Op {
     },
     /// Entries (i, j) of the last two axes outside `pattern` become `fill` (one operand).
     Mask {
-        /// The kept positions.
-        pattern: MaskPattern,
+        /// The kept positions (sizes may be dimension symbols).
+        pattern: SymbolicPattern,
         /// The value of masked-out entries.
         fill: f64,
     },

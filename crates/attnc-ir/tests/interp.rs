@@ -101,7 +101,7 @@ fn attention_kernel(pattern: Option<MaskPattern>) -> Kernel {
     if let Some(pattern) = pattern {
         s = b.node(
             Op::Mask {
-                pattern,
+                pattern: pattern.into(),
                 fill: f64::NEG_INFINITY,
             },
             "h,m,n",

@@ -503,8 +503,9 @@ pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) ->
     let fuse = options.fuse;
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;
-    let unsupported =
-        |id: NodeId| !fuse || fused::unsupported(kernel, id, &shapes, options.tiers).is_some();
+    let unsupported = |id: NodeId| {
+        !fuse || fused::unsupported(kernel, id, (&shapes, bindings), options.tiers).is_some()
+    };
     let expanded;
     let kernel = if kernel
         .graph

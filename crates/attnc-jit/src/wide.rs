@@ -224,17 +224,19 @@ fn slope_of(e: &ScoreExpr) -> Option<usize> {
     }
 }
 
-/// The mask as the full-width kernels read it.
-pub fn key_mask(p: &MaskPattern) -> KeyMask {
-    match p {
+/// The mask as the full-width kernels read it; `None` for a pattern that reads segment ids
+/// (their masks evaluate positions only).
+pub fn key_mask(p: &MaskPattern) -> Option<KeyMask> {
+    Some(match p {
         MaskPattern::Causal => KeyMask::Causal,
         MaskPattern::Window(w) => KeyMask::Window(*w),
         MaskPattern::Dilated { w, r } => KeyMask::Dilated { w: *w, r: *r },
         MaskPattern::Global(g) => KeyMask::Global(*g),
         MaskPattern::Block(b) => KeyMask::Block(*b),
-        MaskPattern::And(a, b) => KeyMask::And(Box::new(key_mask(a)), Box::new(key_mask(b))),
-        MaskPattern::Or(a, b) => KeyMask::Or(Box::new(key_mask(a)), Box::new(key_mask(b))),
-    }
+        MaskPattern::Document { .. } => return None,
+        MaskPattern::And(a, b) => KeyMask::And(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
+        MaskPattern::Or(a, b) => KeyMask::Or(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
+    })
 }
 
 /// A fused attention step on the full-width tier, ready to run.
@@ -255,7 +257,8 @@ impl WideAttention {
             .iter()
             .zip([spec.d, spec.d, spec.dv])
             .all(|(t, cols)| t.col_stride == 1 || cols <= 1);
-        operands_fit && WideScore::of(spec).is_some()
+        let mask_fits = spec.mask.as_ref().is_none_or(|m| key_mask(m).is_some());
+        operands_fit && mask_fits && WideScore::of(spec).is_some()
     }
 
     /// The step of `spec` on `tier` (not [`Tier::Cranelift`]), with its tile table built from
@@ -286,7 +289,7 @@ impl WideAttention {
             spec: spec.clone(),
             tier,
             score,
-            mask: spec.mask.as_ref().map(key_mask),
+            mask: spec.mask.as_ref().and_then(key_mask),
             tiles,
         })
     }
@@ -477,7 +480,7 @@ impl WideAttention {
 const MATMUL_ROWS: usize = 128;
 
 /// A planned matrix product on the full-width tier: every batch entry's `A · B` in chunks of
-/// [`MATMUL_ROWS`] output rows, dealt round-robin to up to `threads` threads.
+/// `MATMUL_ROWS` output rows, dealt round-robin to up to `threads` threads.
 pub fn run_matmul(
     spec: &MatMulSpec,
     inputs: &[BufferView<'_>],
@@ -554,7 +557,7 @@ pub fn run_matmul(
 /// Linear attention without a mask (`spec` of a [`crate::plan::StepKind::Linear`] step) over
 /// contiguous `φQ`, `φK`, `V`: per batch entry the `[d, dv]` state `φKᵀ V` and the key sum
 /// `Σ_j φk_j` (one product call each, whatever the threads), then every row
-/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of [`MATMUL_ROWS`] rows; batch entries and
+/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of `MATMUL_ROWS` rows; batch entries and
 /// chunks dealt round-robin to up to `threads` threads.
 pub fn run_linear(
     spec: &PrefixSpec,

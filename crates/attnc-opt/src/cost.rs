@@ -145,6 +145,10 @@ impl<'a> CycleCost<'a> {
         let Some(Some(pattern)) = convert::pattern_from_class(self.egraph, id) else {
             return 1.0;
         };
+        // Sizes from dimension symbols at the bound values (an unbound one prices as dense).
+        let Ok(pattern) = pattern.resolve(&self.egraph.analysis.bindings) else {
+            return 1.0;
+        };
         let key = (pattern, m, n, block);
         if let Some(&f) = self.fractions.borrow().get(&key) {
             return f;

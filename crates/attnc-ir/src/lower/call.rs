@@ -83,7 +83,7 @@ pub(crate) fn finish_call(
                 .with_note("the pattern applies to the last two axes (query i, key j)"));
             }
             let pattern = match &args[1] {
-                Arg::Pattern(p) => mask_pattern(p)?,
+                Arg::Pattern(p) => mask_pattern(p, &|name| scope.names.contains_key(name))?,
                 Arg::Expr(x) => {
                     return Err(Diagnostic::error("expected a mask pattern", x.span));
                 }

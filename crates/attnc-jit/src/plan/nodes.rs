@@ -75,7 +75,9 @@ pub(super) fn plan_node(
             }
             let x = operand(vals, ops[0])?;
             val(Expr::Mask {
-                pattern: pattern.clone(),
+                pattern: pattern
+                    .resolve(p.bindings)
+                    .map_err(|e| plan_error(&node.op, e.to_string()))?,
                 fill: *fill as f32,
                 i: Coord::Axis(rank - 2),
                 j: Coord::Axis(rank - 1),

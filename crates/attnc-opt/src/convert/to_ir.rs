@@ -181,11 +181,16 @@ fn build_node(
                 same: |a: Id, b: Id| same_term(expr, a, b),
                 relpos_fits: |_: Id| false,
             };
-            let scale = scalar(*s, &view, 0).ok_or_else(|| bad("a scale that is not a scalar"))?;
-            let score = if scale == ScoreExpr::Const(1.0) {
-                ScoreExpr::Scores
-            } else {
-                ScoreExpr::scaled(scale)
+            let mut args = vec![value(*q)?, value(*k)?, value(*v)?];
+            // A scale known at compile time folds into the score; a scalar computed at run
+            // time (an `f32[]` parameter) is read as a bias of shape [].
+            let score = match scalar(*s, &view, 0) {
+                Some(ScoreExpr::Const(1.0)) => ScoreExpr::Scores,
+                Some(scale) => ScoreExpr::scaled(scale),
+                None => {
+                    args.push(value(*s)?);
+                    ScoreExpr::scaled(ScoreExpr::Bias(0))
+                }
             };
             let precision = match node {
                 Attn::AttentionInt8(_) => Precision::Int8,
@@ -196,7 +201,6 @@ fn build_node(
                 mask: pattern_of(expr, *p)?,
                 precision,
             };
-            let args = [value(*q)?, value(*k)?, value(*v)?];
             b.add(Op::Attention(Box::new(op)), &args, None)
         }
         Attn::AttentionScored([q, k, v, s, p]) => {
