@@ -126,6 +126,14 @@ pub enum BindError {
         /// The shape with its bound values (`[65536, 65536, 65536]`).
         shape: String,
     },
+    /// The block size of a pooling is bound to 0.
+    #[error("the block size `{symbol}` of `{pool}` is 0; it must be at least 1")]
+    ZeroPool {
+        /// `mean-pool` or `max-pool`.
+        pool: String,
+        /// The symbol that gave it.
+        symbol: String,
+    },
     /// A mask pattern's size does not resolve (a stride or block size bound to 0).
     #[error(transparent)]
     Pattern(#[from] crate::pattern::PatternError),
@@ -146,9 +154,9 @@ pub fn kernel_symbols(kernel: &Kernel) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let mut order = Vec::new();
     let mut note = |dim: &Dim| {
-        if let Dim::Sym(name) = dim {
-            if seen.insert(name.clone()) {
-                order.push(name.clone());
+        for name in dim.symbols() {
+            if seen.insert(name.to_string()) {
+                order.push(name.to_string());
             }
         }
     };
@@ -240,6 +248,8 @@ pub fn bind_shapes(
                         });
                     }
                 }
+                // Parameter types never hold a pooled size.
+                Dim::CeilDiv(..) => {}
                 Dim::Sym(symbol) => match bound.get(symbol) {
                     Some((
                         value,
@@ -359,6 +369,14 @@ pub fn resolve_node_shapes(
         }
         if let Some(pattern) = node_pattern(&node.op) {
             pattern.resolve(bindings)?;
+        }
+        if let Op::Pool { op, size } = &node.op {
+            if size.resolve(bindings) == Some(0) {
+                return Err(BindError::ZeroPool {
+                    pool: op.name().to_string(),
+                    symbol: size.to_string(),
+                });
+            }
         }
         let shape = resolve_checked(&node.shape, bindings, || {
             format!("node %{} ({})", id.index(), node.op)

@@ -37,6 +37,7 @@ use crate::pattern::MaskPattern;
 use ndarray::{ArrayD, ArrayView1, ArrayViewMut1, Axis, IxDyn, Zip};
 
 mod fused;
+mod reduction;
 
 /// Why a kernel could not be evaluated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -276,6 +277,15 @@ fn eval_node(
         Op::Transpose => transpose(args[0])?,
         Op::Reduce { op, axis } => reduce(*op, *axis, args[0])?,
         Op::Softmax { axis } => softmax(*axis, args[0])?,
+        Op::SoftmaxSink => reduction::softmax_sink(args[0], args[1])?,
+        Op::Pool { op, size } => {
+            let size = size
+                .resolve(bindings)
+                .ok_or_else(|| format!("the pool size `{size}` is not bound"))?;
+            let size = usize::try_from(size).map_err(|e| e.to_string())?;
+            reduction::pool(*op, size, args[0])?
+        }
+        Op::Cumsum { axis } => reduction::cumsum(*axis, args[0])?,
         Op::Mask { pattern, fill } => {
             let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
             mask(&pattern, *fill, args[0])?
@@ -509,6 +519,7 @@ fn reduce(op: ReduceOp, axis: usize, x: &ArrayD<f64>) -> Result<ArrayD<f64>, Str
         ReduceOp::Sum => lane.iter().sum::<f64>(),
         ReduceOp::Mean => lane.iter().sum::<f64>() / lane.len() as f64,
         ReduceOp::Max => lane.iter().fold(f64::NEG_INFINITY, |m, &v| max_nan(m, v)),
+        ReduceOp::LogSumExp => reduction::logsumexp_lane(lane),
     });
     Ok(reduced.insert_axis(Axis(axis)))
 }

@@ -22,5 +22,5 @@ pub mod text;
 pub use dim::{Bindings, Dim, Shape};
 pub use fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
 pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};
-pub use op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
+pub use op::{BinaryOp, DType, Op, PoolOp, RandomKind, ReduceOp, UnaryOp};
 pub use pattern::{MaskPattern, SymbolicPattern};

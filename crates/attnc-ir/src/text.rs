@@ -18,7 +18,7 @@ use crate::build::GraphBuilder;
 use crate::dim::{Dim, Shape};
 use crate::fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
 use crate::graph::{Kernel, NodeId, Param};
-use crate::op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
+use crate::op::{BinaryOp, DType, Op, PoolOp, RandomKind, ReduceOp, UnaryOp};
 use crate::pattern::{MaskPattern, SymbolicPattern};
 use attnc_syntax::Span;
 
@@ -135,6 +135,20 @@ fn parse_type(text: &str) -> Result<(DType, Shape), String> {
 }
 
 fn dim(text: &str) -> Dim {
+    if let Some(inner) = text.strip_prefix("ceil(").and_then(|t| t.strip_suffix(')')) {
+        // `ceil(n/b)`: split at the `/` outside parentheses.
+        let mut depth = 0i32;
+        for (i, c) in inner.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                '/' if depth == 0 => {
+                    return Dim::CeilDiv(Box::new(dim(&inner[..i])), Box::new(dim(&inner[i + 1..])))
+                }
+                _ => {}
+            }
+        }
+    }
     match text.parse::<u64>() {
         Ok(v) => Dim::Const(v),
         Err(_) => Dim::Sym(text.to_string()),
@@ -248,15 +262,26 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
         "relpos" => Op::RelPos,
         "matmul" => Op::MatMul,
         "transpose" => Op::Transpose,
-        "sum" | "max" | "mean" => Op::Reduce {
+        "sum" | "max" | "mean" | "logsumexp" => Op::Reduce {
             op: match mnemonic {
                 "sum" => ReduceOp::Sum,
                 "max" => ReduceOp::Max,
-                _ => ReduceOp::Mean,
+                "mean" => ReduceOp::Mean,
+                _ => ReduceOp::LogSumExp,
             },
             axis: axis()?,
         },
         "softmax" => Op::Softmax { axis: axis()? },
+        "softmax-sink" => Op::SoftmaxSink,
+        "cumsum" => Op::Cumsum { axis: axis()? },
+        "mean-pool" | "max-pool" => Op::Pool {
+            op: if mnemonic == "mean-pool" {
+                PoolOp::Mean
+            } else {
+                PoolOp::Max
+            },
+            size: dim(attr("size").ok_or("expected `size=B`")?),
+        },
         "mask" => {
             let pattern = args.get(1).ok_or("a mask needs a pattern")?;
             Op::Mask {
@@ -422,7 +447,7 @@ fn pattern_atom(t: &[String], at: &mut usize) -> Result<SymbolicPattern, String>
     // `document(g0)` / `document(g0, g1)`: segment operands by index.
     let segment = |d: &Dim| match d {
         Dim::Sym(s) => s.strip_prefix('g').and_then(|k| k.parse::<usize>().ok()),
-        Dim::Const(_) => None,
+        Dim::Const(_) | Dim::CeilDiv(..) => None,
     };
     Ok(match (token.as_str(), args.as_slice()) {
         ("causal", []) => MaskPattern::Causal,

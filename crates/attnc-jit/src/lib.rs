@@ -24,6 +24,7 @@ pub mod buffer;
 pub mod cache;
 pub mod ceiling;
 pub mod error;
+pub mod host;
 pub mod jit;
 pub mod kernels;
 pub mod plan;

@@ -14,8 +14,8 @@ use crate::analysis::AttnGraph;
 use crate::lang::{Atom, Attn};
 use crate::OptError;
 use attnc_ir::{
-    BinaryOp, Dim, Kernel, MaskPattern, NodeId, Normalizer, Op, Precision, ReduceOp, ScoreExpr,
-    SymbolicPattern, UnaryOp,
+    BinaryOp, Dim, Kernel, MaskPattern, NodeId, Normalizer, Op, PoolOp, Precision, ReduceOp,
+    ScoreExpr, SymbolicPattern, UnaryOp,
 };
 use egg::{Id, RecExpr, Symbol};
 use std::collections::HashMap;
@@ -56,12 +56,14 @@ fn leaf(expr: &mut RecExpr<Attn>, atom: Atom) -> Id {
     expr.add(Attn::Leaf(atom))
 }
 
-/// Adds a dimension as an atom: a name for a symbol, a number for a literal size.
-fn dim_leaf(expr: &mut RecExpr<Attn>, dim: &Dim) -> Id {
-    match dim {
+/// Adds a dimension as an atom: a name for a symbol, a number for a literal size. A pooled
+/// size (`ceil(n/b)`) is not an atom: the shapes that hold one are recomputed, never spelled.
+fn dim_leaf(expr: &mut RecExpr<Attn>, dim: &Dim) -> Option<Id> {
+    Some(match dim {
         Dim::Sym(s) => leaf(expr, Atom::Name(Symbol::from(s.as_str()))),
         Dim::Const(c) => leaf(expr, Atom::num(*c as f64)),
-    }
+        Dim::CeilDiv(..) => return None,
+    })
 }
 
 /// Adds a mask pattern tree (`all` for none); sizes are numbers or dimension names. `None`
@@ -70,12 +72,12 @@ fn add_pattern(expr: &mut RecExpr<Attn>, pattern: Option<&SymbolicPattern>) -> O
     let node = match pattern {
         None => Attn::All,
         Some(MaskPattern::Causal) => Attn::Causal,
-        Some(MaskPattern::Window(w)) => Attn::Window(dim_leaf(expr, w)),
+        Some(MaskPattern::Window(w)) => Attn::Window(dim_leaf(expr, w)?),
         Some(MaskPattern::Dilated { w, r }) => {
-            Attn::Dilated([dim_leaf(expr, w), dim_leaf(expr, r)])
+            Attn::Dilated([dim_leaf(expr, w)?, dim_leaf(expr, r)?])
         }
-        Some(MaskPattern::Global(g)) => Attn::Global(dim_leaf(expr, g)),
-        Some(MaskPattern::Block(b)) => Attn::Block(dim_leaf(expr, b)),
+        Some(MaskPattern::Global(g)) => Attn::Global(dim_leaf(expr, g)?),
+        Some(MaskPattern::Block(b)) => Attn::Block(dim_leaf(expr, b)?),
         Some(MaskPattern::Document { .. }) => return None,
         Some(MaskPattern::And(a, b)) => {
             Attn::And([add_pattern(expr, Some(a))?, add_pattern(expr, Some(b))?])
@@ -123,14 +125,16 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
     let node = match &node.op {
         Op::Input { name, .. } => Attn::Input(leaf(expr, Atom::Name(Symbol::from(name.as_str())))),
         Op::Const(v) => Attn::Const(leaf(expr, Atom::num(*v))),
-        Op::DimValue(d) => Attn::DimValue(dim_leaf(expr, d)),
+        Op::DimValue(d) => Attn::DimValue(dim_leaf(expr, d)?),
         Op::Fill { value } => {
             let mut ids = vec![leaf(expr, Atom::num(*value))];
-            ids.extend(shape.iter().map(|d| dim_leaf(expr, d)));
+            for d in shape {
+                ids.push(dim_leaf(expr, d)?);
+            }
             Attn::Fill(ids.into_boxed_slice())
         }
         Op::RelPos => match shape.as_slice() {
-            [m, n] => Attn::RelPos([dim_leaf(expr, m), dim_leaf(expr, n)]),
+            [m, n] => Attn::RelPos([dim_leaf(expr, m)?, dim_leaf(expr, n)?]),
             _ => return None,
         },
         Op::Unary(u) => unary_node(*u, one(0)?),
@@ -143,9 +147,19 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
                 ReduceOp::Sum => Attn::Sum(pair),
                 ReduceOp::Max => Attn::Max(pair),
                 ReduceOp::Mean => Attn::Mean(pair),
+                ReduceOp::LogSumExp => Attn::LogSumExp(pair),
             }
         }
         Op::Softmax { axis } => Attn::Softmax([one(0)?, leaf(expr, Atom::num(*axis as f64))]),
+        Op::SoftmaxSink => Attn::SoftmaxSink([one(0)?, one(1)?]),
+        Op::Pool { op, size } => {
+            let pair = [one(0)?, dim_leaf(expr, size)?];
+            match op {
+                PoolOp::Mean => Attn::MeanPool(pair),
+                PoolOp::Max => Attn::MaxPool(pair),
+            }
+        }
+        Op::Cumsum { axis } => Attn::Cumsum([one(0)?, leaf(expr, Atom::num(*axis as f64))]),
         Op::Mask { pattern, fill } => {
             let x = one(0)?;
             let p = add_pattern(expr, Some(pattern))?;
@@ -159,8 +173,8 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
             [rows, cols] => Attn::Random([
                 leaf(expr, Atom::Name(Symbol::from(kind.name()))),
                 leaf(expr, Atom::num(*seed as f64)),
-                dim_leaf(expr, rows),
-                dim_leaf(expr, cols),
+                dim_leaf(expr, rows)?,
+                dim_leaf(expr, cols)?,
             ]),
             _ => return None,
         },
@@ -256,10 +270,10 @@ fn add_score(
         ScoreExpr::Scores => return s,
         ScoreExpr::Bias(i) => return biases.get(*i).copied(),
         ScoreExpr::Const(c) => Attn::Const(leaf(expr, Atom::num(*c))),
-        ScoreExpr::Dim(d) => Attn::DimValue(dim_leaf(expr, d)),
+        ScoreExpr::Dim(d) => Attn::DimValue(dim_leaf(expr, d)?),
         ScoreExpr::RelPos => {
             let (m, n) = relpos.clone()?;
-            Attn::RelPos([dim_leaf(expr, &m), dim_leaf(expr, &n)])
+            Attn::RelPos([dim_leaf(expr, &m)?, dim_leaf(expr, &n)?])
         }
         ScoreExpr::Unary(u, x) => {
             let x = add_score(expr, x, s, biases, relpos)?;

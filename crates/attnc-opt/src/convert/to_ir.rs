@@ -8,7 +8,7 @@ use crate::OptError;
 use attnc_ir::build::GraphBuilder;
 use attnc_ir::{
     Attention, BinaryOp, Bindings, DType, Dim, Kernel, LinearAttention, NodeId, Normalizer, Op,
-    Precision, RandomKind, ReduceOp, ScoreExpr, UnaryOp,
+    PoolOp, Precision, RandomKind, ReduceOp, ScoreExpr, UnaryOp,
 };
 use egg::{Id, Language, RecExpr};
 
@@ -115,11 +115,12 @@ fn build_node(
         Attn::RelPos([m, n]) => b.add(Op::RelPos, &[], Some(&vec![dim(*m)?, dim(*n)?])),
         Attn::MatMul([x, y]) => b.add(Op::MatMul, &[value(*x)?, value(*y)?], None),
         Attn::Transpose(x) => b.add(Op::Transpose, &[value(*x)?], None),
-        Attn::Sum([x, a]) | Attn::Max([x, a]) | Attn::Mean([x, a]) => {
+        Attn::Sum([x, a]) | Attn::Max([x, a]) | Attn::Mean([x, a]) | Attn::LogSumExp([x, a]) => {
             let op = match node {
                 Attn::Sum(_) => ReduceOp::Sum,
                 Attn::Max(_) => ReduceOp::Max,
-                _ => ReduceOp::Mean,
+                Attn::Mean(_) => ReduceOp::Mean,
+                _ => ReduceOp::LogSumExp,
             };
             let reduce = Op::Reduce {
                 op,
@@ -128,6 +129,19 @@ fn build_node(
             b.add(reduce, &[value(*x)?], None)
         }
         Attn::Softmax([x, a]) => b.add(Op::Softmax { axis: index(*a)? }, &[value(*x)?], None),
+        Attn::SoftmaxSink([x, s]) => b.add(Op::SoftmaxSink, &[value(*x)?, value(*s)?], None),
+        Attn::Cumsum([x, a]) => b.add(Op::Cumsum { axis: index(*a)? }, &[value(*x)?], None),
+        Attn::MeanPool([x, size]) | Attn::MaxPool([x, size]) => {
+            let op = match node {
+                Attn::MeanPool(_) => PoolOp::Mean,
+                _ => PoolOp::Max,
+            };
+            let pool = Op::Pool {
+                op,
+                size: dim(*size)?,
+            };
+            b.add(pool, &[value(*x)?], None)
+        }
         Attn::Mask([x, p, f]) => {
             let fill = atom(*f)?.as_num().ok_or_else(|| bad("a mask fill"))?;
             match pattern_of(expr, *p)? {
