@@ -60,6 +60,8 @@ pub struct Calibration<'a> {
     pub tensors: &'a [(String, Tensor)],
     /// Inputs a `--random` run has drawn already with the same seed (copied, not redrawn).
     pub drawn: DrawnInputs<'a>,
+    /// How reports name where `tensors` came from (default: `the calibration files`).
+    pub label: Option<&'a str>,
 }
 
 impl Compiler {
@@ -128,9 +130,11 @@ impl Compiler {
 
     /// The optimizer's options under this compiler's ceilings, with `approx` allowed.
     fn optimize_options(&self, approx: ApproxPolicy) -> OptimizeOptions {
+        let tiers = attnc_jit::wide::Tiers::available(self.options.tiers);
         OptimizeOptions {
             ceilings: self.ceilings,
             approx,
+            tiers: attnc_opt::TierSpeeds::measured_kernels(tiers.avx512, tiers.amx_bf16, tiers.amx),
             ..OptimizeOptions::default()
         }
     }
@@ -206,6 +210,35 @@ impl Compiler {
         })
     }
 
+    /// Refuses to run the reference interpreter (`--engine interp`, `--verify`) where its f64
+    /// values of `kernel` at `bindings` exceed the memory budget, naming the largest.
+    pub fn check_interp_memory(
+        &self,
+        kernel: &Kernel,
+        bindings: &Bindings,
+    ) -> Result<(), RunError> {
+        let Some(budget) = self.memory_budget else {
+            return Ok(());
+        };
+        let memory = attnc_ir::interp::interp_memory(kernel, bindings).map_err(RunError::Bind)?;
+        if memory.peak_bytes <= budget {
+            return Ok(());
+        }
+        let largest = memory.largest.map(|(node, bytes)| {
+            format!(
+                "the interpreter's f64 value of `{}` ({})",
+                kernel.graph.node(node).op,
+                format_bytes(bytes)
+            )
+        });
+        Err(RunError::Memory {
+            what: "the interpreter",
+            needed: memory.peak_bytes,
+            budget,
+            largest: largest.unwrap_or_default(),
+        })
+    }
+
     /// Refuses a plan whose temporaries exceed the memory budget, naming its largest buffer.
     fn check_memory(&self, plan: &Plan) -> Result<(), RunError> {
         let Some(budget) = self.memory_budget else {
@@ -228,6 +261,7 @@ impl Compiler {
             )
         });
         Err(RunError::Memory {
+            what: "the plan",
             needed: memory.peak_bytes,
             budget,
             largest: largest.unwrap_or_default(),

@@ -42,15 +42,17 @@ pub enum RunError {
     /// The calibration sample of an approximation could not be built.
     #[error("calibration: {0}")]
     Calibration(String),
-    /// The plan's buffers do not fit in the memory budget.
+    /// The plan's buffers, or the interpreter's values, do not fit in the memory budget.
     #[error(
-        "the plan needs {} of buffers at once but {} are available; its largest buffer is {largest} \
+        "{what} needs {} at once but {} are available; its largest buffer is {largest} \
          (use smaller shapes, or raise --memory-limit)",
         crate::compiler::format_bytes(*needed),
         crate::compiler::format_bytes(*budget)
     )]
     Memory {
-        /// Bytes the plan's temporaries need at their peak.
+        /// What needs the memory: `the plan`, `the interpreter`.
+        what: &'static str,
+        /// Bytes needed at the peak.
         needed: u64,
         /// Bytes allowed.
         budget: u64,

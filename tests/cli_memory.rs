@@ -85,3 +85,46 @@ fn fused_forms_fit_a_small_budget_at_long_lengths() {
         );
     }
 }
+
+#[test]
+fn the_interpreter_is_refused_when_its_f64_values_cannot_fit() {
+    let file = common::examples_dir().join("local.attn");
+    let file = file.to_str().expect("utf-8 path");
+    let shape = ["--random", "0", "--shape", "h=2,n=4096,d=16"];
+    for extra in [&["--engine", "interp"][..], &["--verify"][..]] {
+        let mut args = vec!["run", file];
+        args.extend(shape);
+        args.extend(extra);
+        args.extend(["--memory-limit", "64M"]);
+        let start = Instant::now();
+        let out = attnc(&args);
+        assert_eq!(status(&out), 1, "{extra:?}: {}", stderr(&out));
+        let message = stderr(&out);
+        assert!(message.contains("the interpreter needs"), "{message}");
+        assert!(message.contains("--memory-limit"), "{message}");
+        assert!(
+            start.elapsed().as_secs_f64() < 2.0,
+            "{extra:?} was not refused up front"
+        );
+    }
+}
+
+#[test]
+fn random_inputs_past_the_memory_limit_are_refused_before_they_are_drawn() {
+    let file = common::examples_dir().join("local.attn");
+    let start = Instant::now();
+    let out = attnc(&[
+        "run",
+        file.to_str().expect("utf-8 path"),
+        "--random",
+        "0",
+        "--shape",
+        "h=4096,n=65536,d=64",
+        "--memory-limit",
+        "1G",
+    ]);
+    assert_eq!(status(&out), 1, "{}", stderr(&out));
+    let message = stderr(&out);
+    assert!(message.contains("--random would draw"), "{message}");
+    assert!(start.elapsed().as_secs_f64() < 1.0);
+}

@@ -105,6 +105,7 @@ pub fn infer_shape(op: &Op, shapes: &[&Shape], given: Option<&Shape>) -> Result<
         (Op::Pool { size, .. }, [x]) => pooled(x, size).ok_or_else(|| bad("rank below 2"))?,
         (Op::Attention(a), _) => output_shape(Fused::Attention(a), shapes)?,
         (Op::LinearAttention(l), _) => output_shape(Fused::Linear(l), shapes)?,
+        (Op::Backward(b), _) => b.output_shape(shapes, given)?,
         _ => return Err(wrong()),
     })
 }

@@ -28,6 +28,9 @@
 //! - Dimensions may be 0: empty in, empty out; a product over zero keys is 0.
 //! - Fused ops mean their plain form (`interp/fused.rs`); causal linear attention sums each
 //!   row's prefix only.
+//! - **Beyond the f32 range** (`interp/range.rs`): every node's value, and every plain-form
+//!   step of a fused op, is rounded to the f32 range (±inf past it, ±0 below the smallest
+//!   subnormal) and otherwise keeps f64 precision.
 
 use crate::bind::{resolve_checked, resolve_node_shapes, BindError};
 use crate::dim::Bindings;
@@ -36,8 +39,14 @@ use crate::op::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
 use crate::pattern::MaskPattern;
 use ndarray::{ArrayD, ArrayView1, ArrayViewMut1, Axis, IxDyn, Zip};
 
+mod backward;
 mod fused;
+mod memory;
+mod range;
 mod reduction;
+
+pub use memory::{interp_memory, InterpMemory};
+pub use range::to_f32_range;
 
 /// Why a kernel could not be evaluated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -104,29 +113,50 @@ pub fn evaluate(
     bindings: &Bindings,
     inputs: &[ArrayD<f64>],
 ) -> Result<ArrayD<f64>, EvalError> {
+    let mut values = evaluate_outputs(kernel, bindings, inputs, &[kernel.output])?;
+    values
+        .pop()
+        .ok_or_else(|| malformed(kernel, kernel.output.index(), "the output was not computed"))
+}
+
+/// [`evaluate`] for several nodes of `kernel`'s graph at once (a gradient graph's gradients):
+/// each node is computed once, and every value is kept until its last user among the asked
+/// nodes has run. Values come back in the order of `outputs`.
+pub fn evaluate_outputs(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    inputs: &[ArrayD<f64>],
+    outputs: &[NodeId],
+) -> Result<Vec<ArrayD<f64>>, EvalError> {
     check_inputs(kernel, bindings, inputs)?;
     let shapes = resolve_node_shapes(kernel, bindings)?;
     let graph = &kernel.graph;
     let count = graph.len();
-    let output = kernel.output.index();
-    if output >= count {
-        return Err(EvalError::Malformed {
-            node: output,
-            op: "output".to_string(),
-            detail: format!("the output node is not in the graph of {count} nodes"),
-        });
+    let mut wanted = vec![false; count];
+    for output in outputs {
+        let index = output.index();
+        if index >= count {
+            return Err(EvalError::Malformed {
+                node: index,
+                op: "output".to_string(),
+                detail: format!("the output node is not in the graph of {count} nodes"),
+            });
+        }
+        wanted[index] = true;
     }
+    let Some(last) = outputs.iter().map(|o| o.index()).max() else {
+        return Ok(Vec::new());
+    };
 
-    // Operands of every node, and which nodes the output depends on (one backward sweep,
+    // Operands of every node, and which nodes the outputs depend on (one backward sweep,
     // since operands precede their users).
     let operands: Vec<Vec<NodeId>> = graph
         .topo_order()
         .into_iter()
         .map(|id| graph.operands(id))
         .collect();
-    let mut live = vec![false; count];
-    live[output] = true;
-    for index in (0..=output).rev() {
+    let mut live = wanted.clone();
+    for index in (0..=last).rev() {
         if !live[index] {
             continue;
         }
@@ -142,14 +172,14 @@ pub fn evaluate(
         }
     }
     let mut uses = vec![0usize; count];
-    for index in (0..=output).filter(|&i| live[i]) {
+    for index in (0..=last).filter(|&i| live[i]) {
         for operand in &operands[index] {
             uses[operand.index()] += 1;
         }
     }
 
     let mut values: Vec<Option<ArrayD<f64>>> = vec![None; count];
-    for index in (0..=output).filter(|&i| live[i]) {
+    for index in (0..=last).filter(|&i| live[i]) {
         let id = NodeId::new(index);
         let node = graph.node(id);
         if operands[index].len() != node.op.arity() {
@@ -173,6 +203,7 @@ pub fn evaluate(
                 })
                 .collect::<Result<_, _>>()?;
             eval_node(kernel, bindings, &node.op, &shapes[index], &args, inputs)
+                .map(range::round_range)
                 .map_err(|detail| malformed(kernel, index, &detail))?
         };
         if value.shape() != shapes[index].as_slice() {
@@ -189,15 +220,26 @@ pub fn evaluate(
         for operand in &operands[index] {
             let o = operand.index();
             uses[o] -= 1;
-            if uses[o] == 0 && o != output {
+            if uses[o] == 0 && !wanted[o] {
                 values[o] = None;
             }
         }
         values[index] = Some(value);
     }
-    values[output]
-        .take()
-        .ok_or_else(|| malformed(kernel, output, "the output was not computed"))
+    let mut result = Vec::with_capacity(outputs.len());
+    for (k, o) in outputs.iter().enumerate() {
+        // Moved out, unless the same node is asked for again later.
+        let slot = &mut values[o.index()];
+        let value = if outputs[k + 1..].contains(o) {
+            slot.clone()
+        } else {
+            slot.take()
+        };
+        result.push(
+            value.ok_or_else(|| malformed(kernel, o.index(), "the output was not computed"))?,
+        );
+    }
+    Ok(result)
 }
 
 /// A [`EvalError::Malformed`] for node `index`.
@@ -302,6 +344,7 @@ fn eval_node(
         }
         Op::Attention(a) => fused::attention(a, args, bindings)?,
         Op::LinearAttention(l) => fused::linear(l, args)?,
+        Op::Backward(b) => backward::evaluate(b, args, shape, bindings)?,
     })
 }
 

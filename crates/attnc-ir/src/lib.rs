@@ -4,12 +4,14 @@
 //! This crate knows nothing of egg or Cranelift.
 #![warn(missing_docs)]
 
+pub mod backward;
 pub mod bind;
 pub mod build;
 pub mod compare;
 pub mod dim;
 pub mod dot;
 pub mod fused;
+pub mod grad;
 pub mod graph;
 pub mod interp;
 pub mod lower;
@@ -19,6 +21,7 @@ pub mod print;
 pub mod random;
 pub mod text;
 
+pub use backward::BackwardOp;
 pub use dim::{Bindings, Dim, Shape};
 pub use fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
 pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};

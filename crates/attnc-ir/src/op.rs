@@ -1,5 +1,6 @@
 //! The operations of the IR.
 
+use crate::backward::BackwardOp;
 use crate::dim::Dim;
 use crate::fused::{Attention, LinearAttention};
 use crate::pattern::SymbolicPattern;
@@ -158,6 +159,8 @@ pub enum Op {
     Attention(Box<Attention>),
     /// Linear attention through its key-value state over `[q, k, v]` (see [`crate::fused`]).
     LinearAttention(LinearAttention),
+    /// An op of gradient graphs (see [`crate::backward`]).
+    Backward(BackwardOp),
 }
 
 impl Op {
@@ -173,6 +176,7 @@ impl Op {
             Op::Binary(_) | Op::MatMul | Op::SoftmaxSink => 2,
             Op::Attention(a) => a.arity(),
             Op::LinearAttention(_) => 3,
+            Op::Backward(b) => b.arity(),
             _ => 1,
         }
     }
@@ -254,6 +258,7 @@ impl fmt::Display for Op {
             Op::Random { kind, seed } => write!(f, "random {} seed={seed}", kind.name()),
             Op::Attention(a) => write!(f, "attention {a}"),
             Op::LinearAttention(l) => write!(f, "linear-attention {l}"),
+            Op::Backward(b) => write!(f, "{b}"),
         }
     }
 }

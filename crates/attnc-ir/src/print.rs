@@ -113,6 +113,7 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
         Op::Random { .. } => "random".to_string(),
         Op::Attention(_) => "attention".to_string(),
         Op::LinearAttention(_) => "linear-attention".to_string(),
+        Op::Backward(b) => crate::backward::mnemonic(b).to_string(),
     };
     let mut args: Vec<String> = operands.iter().map(|o| format!("%{}", o.index())).collect();
     match op {
@@ -134,6 +135,7 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
         }
         Op::Attention(a) => args.push(a.to_string()),
         Op::LinearAttention(l) => args.push(l.to_string()),
+        Op::Backward(b) => args.extend(crate::backward::attributes(b)),
         _ => {}
     }
     match op {

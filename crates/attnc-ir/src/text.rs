@@ -14,6 +14,7 @@
 //! Node numbers must be `0, 1, 2, …` in order; the type after ` : ` is checked against the
 //! shape the node's op gives its operands. Spans are not part of the text (they default).
 
+use crate::backward::{AttentionGrad, BackwardOp, LinearGrad};
 use crate::build::GraphBuilder;
 use crate::dim::{Dim, Shape};
 use crate::fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
@@ -225,6 +226,34 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| "expected `axis=N`".to_string())
     };
+    let attention = || -> Result<Attention, String> {
+        Ok(Attention {
+            score: parse_score(attr("score").ok_or("expected `score=...`")?)?,
+            mask: attr("mask").map(parse_pattern).transpose()?,
+            precision: match attr("precision") {
+                None | Some("exact") => Precision::Exact,
+                Some("int8") => Precision::Int8,
+                Some("bf16") => Precision::Bf16,
+                Some(p) => return Err(format!("unknown precision `{p}`")),
+            },
+        })
+    };
+    let linear = || -> Result<LinearAttention, String> {
+        let causal = args.contains(&"causal");
+        let normalizer = if args.contains(&"unnormalized") {
+            Normalizer::None
+        } else {
+            Normalizer::Sum {
+                eps: attr("eps").map(number).transpose()?.unwrap_or(0.0),
+            }
+        };
+        Ok(LinearAttention { causal, normalizer })
+    };
+    let wrt = || -> Result<usize, String> {
+        attr("wrt")
+            .and_then(crate::backward::parse_slot)
+            .ok_or_else(|| "expected `wrt=q|k|v|bN`".to_string())
+    };
     let ops = operands(&args)?;
     let op = match mnemonic {
         "input" => {
@@ -305,33 +334,29 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
                     .ok_or("expected `seed=S`")?,
             }
         }
-        "attention" => Op::Attention(Box::new(Attention {
-            score: parse_score(attr("score").ok_or("expected `score=...`")?)?,
-            mask: attr("mask").map(parse_pattern).transpose()?,
-            precision: match attr("precision") {
-                None | Some("exact") => Precision::Exact,
-                Some("int8") => Precision::Int8,
-                Some(p) => return Err(format!("unknown precision `{p}`")),
-            },
+        "attention" => Op::Attention(Box::new(attention()?)),
+        "linear-attention" => Op::LinearAttention(linear()?),
+        "sum-to" => Op::Backward(BackwardOp::SumTo),
+        "greater" => Op::Backward(BackwardOp::Greater),
+        "attention-grad" => Op::Backward(BackwardOp::Attention(Box::new(AttentionGrad {
+            attention: attention()?,
+            wrt: wrt()?,
+        }))),
+        "linear-attention-grad" => Op::Backward(BackwardOp::Linear(LinearGrad {
+            linear: linear()?,
+            wrt: wrt()?,
         })),
-        "linear-attention" => {
-            let causal = args.contains(&"causal");
-            let normalizer = if args.contains(&"unnormalized") {
-                Normalizer::None
-            } else {
-                Normalizer::Sum {
-                    eps: attr("eps").map(number).transpose()?.unwrap_or(0.0),
-                }
-            };
-            Op::LinearAttention(LinearAttention { causal, normalizer })
-        }
         other => match (unary_op(other), binary_op(other)) {
             (Some(u), _) => Op::Unary(u),
             (_, Some(bop)) => Op::Binary(bop),
             _ => return Err(format!("unknown op `{other}`")),
         },
     };
-    let given = matches!(op, Op::Fill { .. } | Op::RelPos | Op::Random { .. }).then_some(&shape);
+    let given = matches!(
+        op,
+        Op::Fill { .. } | Op::RelPos | Op::Random { .. } | Op::Backward(BackwardOp::SumTo)
+    )
+    .then_some(&shape);
     let id = b.add(op, &ops, given)?;
     let node = b.graph.node(id);
     if node.shape != shape || node.dtype != dtype {

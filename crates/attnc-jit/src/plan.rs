@@ -28,11 +28,13 @@
 //! [`StepKind::Convert`], [`StepKind::Quantize`] and [`StepKind::Attention`] reads and writes
 //! f32 buffers only.
 
+mod backward;
 mod fused;
 mod nodes;
 
 pub use fused::parameter_attention_spec;
 
+use crate::backward::BackwardStep;
 use crate::buffer::Elem;
 use crate::error::{JitError, Result};
 use crate::host::PoolSpec;
@@ -105,6 +107,20 @@ pub enum StepKind {
     /// full-width tier ([`crate::wide::run_linear`]); reads `φQ`, `φK`, `V` (the prefix
     /// kernel's spec, without its causal order).
     Linear(PrefixSpec),
+    /// Gradients of a fused op, several at once ([`crate::backward`]): writes the step's
+    /// output and the other buffers its [`BackwardStep::outputs`] list.
+    Backward(Box<BackwardStep>),
+}
+
+impl StepKind {
+    /// The buffers a step writes besides its own output (a backward step's other
+    /// gradients).
+    pub fn extra_outputs(&self) -> &[usize] {
+        match self {
+            StepKind::Backward(b) => b.outputs.get(1..).unwrap_or_default(),
+            _ => &[],
+        }
+    }
 }
 
 /// One step: reads `inputs`, writes all of `output`.
@@ -136,6 +152,7 @@ impl Step {
             StepKind::Attention(s) => (s.batch_count(), s.m),
             StepKind::Prefix(s) => s.work(),
             StepKind::Linear(s) => (s.batch_count(), s.m),
+            StepKind::Backward(b) => b.work(),
         }
     }
 
@@ -144,6 +161,7 @@ impl Step {
         match &self.kind {
             StepKind::MatMul(s) => s.flops(),
             StepKind::Prefix(s) | StepKind::Linear(s) => s.flops(),
+            StepKind::Backward(b) => b.cost(),
             StepKind::Attention(s) if s.precision == Precision::Int8 => 2usize
                 .saturating_mul(s.batch_count())
                 .saturating_mul(s.m)
@@ -177,6 +195,9 @@ pub struct Plan {
     pub output: usize,
     /// The result's shape.
     pub output_shape: Vec<usize>,
+    /// Every result of a plan with several ([`plan_outputs`]): buffer and shape, the first
+    /// being `output` and `output_shape`.
+    pub outputs: Vec<(usize, Vec<usize>)>,
     /// The bound shape of each parameter.
     pub input_shapes: Vec<Vec<usize>>,
 }
@@ -210,15 +231,17 @@ impl Plan {
         let (mut live, mut peak) = (0u64, 0u64);
         let mut largest: Option<(usize, u64)> = None;
         for (index, step) in self.steps.iter().enumerate() {
-            let bytes = self.buffer_bytes(step.output);
-            live = live.saturating_add(bytes);
-            peak = peak.max(live);
-            if largest.is_none_or(|(_, l)| bytes > l) {
-                largest = Some((step.output, bytes));
+            for &out in std::iter::once(&step.output).chain(step.kind.extra_outputs()) {
+                let bytes = self.buffer_bytes(out);
+                live = live.saturating_add(bytes);
+                if largest.is_none_or(|(_, l)| bytes > l) {
+                    largest = Some((out, bytes));
+                }
             }
+            peak = peak.max(live);
             for &b in &step.inputs {
                 let temp = self.buffers[b].source == BufferSource::Temp;
-                if temp && last_use[b] == Some(index) && b != self.output {
+                if temp && last_use[b] == Some(index) && !self.is_output(b) {
                     live = live.saturating_sub(self.buffer_bytes(b));
                 }
             }
@@ -229,9 +252,16 @@ impl Plan {
         }
     }
 
+    /// Whether buffer `b` holds a result.
+    pub fn is_output(&self, b: usize) -> bool {
+        b == self.output || self.outputs.iter().any(|(o, _)| *o == b)
+    }
+
     /// The step that writes buffer `b`, if any.
     pub fn writer(&self, b: usize) -> Option<&Step> {
-        self.steps.iter().find(|s| s.output == b)
+        self.steps
+            .iter()
+            .find(|s| s.output == b || s.kind.extra_outputs().contains(&b))
     }
 }
 
@@ -303,12 +333,25 @@ impl std::fmt::Display for Plan {
                     l.entry_bytes()
                 ),
                 StepKind::Attention(s) => {
-                    let (visited, total) = s.key_tiles();
+                    let wide = (s.tier != crate::wide::Tier::Cranelift)
+                        .then(|| crate::wide::WideAttention::new(s, s.tier))
+                        .flatten();
+                    let (visited, total, (qt, kt)) = match wide {
+                        Some(w) => w.key_tiles(),
+                        None => {
+                            let (v, t) = s.key_tiles();
+                            (v, t, (
+                                crate::kernels::attention::QUERY_TILE,
+                                crate::kernels::attention::KEY_TILE,
+                            ))
+                        }
+                    };
                     format!(
-                        "fused attention{} [{}] batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles",
+                        "fused attention{} [{}] batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles ({qt} × {kt})",
                         match s.precision {
                             Precision::Exact => "",
                             Precision::Int8 => " int8",
+                            Precision::Bf16 => " bf16 products",
                         },
                         s.tier.name(),
                         s.batch,
@@ -334,6 +377,7 @@ impl std::fmt::Display for Plan {
                     s.d,
                     s.dv
                 ),
+                StepKind::Backward(b) => b.describe(),
                 StepKind::Linear(s) => format!(
                     "linear attention (key-value state [avx-512 gemm]{}) batch {:?} m={} n={} d={} dv={}",
                     match s.normalizer {
@@ -349,13 +393,23 @@ impl std::fmt::Display for Plan {
                 ),
             };
             let ins: Vec<String> = step.inputs.iter().map(|b| format!("buf{b}")).collect();
+            let outs: Vec<String> = std::iter::once(&step.output)
+                .chain(step.kind.extra_outputs())
+                .map(|b| format!("buf{b}"))
+                .collect();
             writeln!(
                 f,
-                "  {}: buf{} = {what} <- {}",
+                "  {}: {} = {what} <- {}",
                 step.name,
-                step.output,
+                outs.join(", "),
                 ins.join(", ")
             )?;
+        }
+        if self.outputs.len() > 1 {
+            for (k, (buf, shape)) in self.outputs.iter().enumerate() {
+                writeln!(f, "  result {k}: buf{buf} {shape:?}")?;
+            }
+            return Ok(());
         }
         writeln!(f, "  result: buf{} {:?}", self.output, self.output_shape)
     }
@@ -426,6 +480,7 @@ impl Planner<'_> {
             StepKind::Attention(_) => "attention",
             StepKind::Prefix(_) => "prefix",
             StepKind::Linear(_) => "linear",
+            StepKind::Backward(_) => "backward",
         };
         let name = format!("{}_s{}_{tag}", self.kernel.name, self.steps.len());
         self.steps.push(Step {
@@ -529,21 +584,43 @@ pub fn plan(kernel: &Kernel, bindings: &Bindings, fuse: bool) -> Result<Plan> {
 
 /// [`plan`] with the full-width tiers `options` allow.
 pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) -> Result<Plan> {
+    plan_outputs(kernel, &[kernel.output], bindings, options)
+}
+
+/// [`plan_with`] for several nodes of `kernel`'s graph at once (`kernel.output` is ignored):
+/// each node is computed once, the results are [`Plan::outputs`] in the order given.
+pub fn plan_outputs(
+    kernel: &Kernel,
+    outputs: &[NodeId],
+    bindings: &Bindings,
+    options: &PlanOptions,
+) -> Result<Plan> {
+    if outputs.is_empty() || outputs.iter().any(|o| o.index() >= kernel.graph.len()) {
+        return Err(JitError::Shape(
+            "a plan needs results that are nodes of the graph".to_string(),
+        ));
+    }
     let fuse = options.fuse;
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;
+    // Fused ops (and fused gradients) this engine cannot run are planned by their plain form.
     let unsupported = |id: NodeId| {
-        !fuse || fused::unsupported(kernel, id, (&shapes, bindings), options.tiers).is_some()
+        let op = &kernel.graph.node(id).op;
+        if fused::is_fused(op) {
+            !fuse || fused::unsupported(kernel, id, (&shapes, bindings), options.tiers).is_some()
+        } else if backward::is_fused_grad(op) {
+            !fuse || backward::unsupported(kernel, id, &shapes, bindings).is_some()
+        } else {
+            false
+        }
     };
     let expanded;
-    let kernel = if kernel
-        .graph
-        .topo_order()
-        .into_iter()
-        .any(|id| fused::is_fused(&kernel.graph.node(id).op) && unsupported(id))
-    {
-        expanded = attnc_ir::fused::expand::expand_where(kernel, unsupported)
+    let mut outputs = outputs.to_vec();
+    let kernel = if kernel.graph.topo_order().into_iter().any(unsupported) {
+        let (k, map) = attnc_ir::fused::expand::expand_map(kernel, unsupported)
             .map_err(|e| JitError::Shape(format!("a fused op does not expand: {e}")))?;
+        expanded = k;
+        outputs.iter_mut().for_each(|o| *o = map[o.index()]);
         &expanded
     } else {
         kernel
@@ -578,15 +655,18 @@ pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) ->
     // Liveness and user counts. A fused attention reads parameters (and 16-bit casts of
     // them) directly in their storage types, so those edges need no planned value.
     let mut live = vec![false; kernel.graph.len()];
-    live[kernel.output.index()] = true;
+    for o in &outputs {
+        live[o.index()] = true;
+    }
     let mut users = vec![0usize; kernel.graph.len()];
     for &id in order.iter().rev() {
         if !live[id.index()] {
             continue;
         }
         let direct = matches!(kernel.graph.node(id).op, Op::Attention(_));
-        for op in kernel.graph.operands(id) {
-            if direct && fused::direct_operand(kernel, op).is_some() {
+        let unread = backward::unread_operand(&kernel.graph.node(id).op);
+        for (slot, op) in kernel.graph.operands(id).into_iter().enumerate() {
+            if direct && fused::direct_operand(kernel, op).is_some() || unread == Some(slot) {
                 continue;
             }
             live[op.index()] = true;
@@ -601,6 +681,7 @@ pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) ->
         let v = match &kernel.graph.node(id).op {
             Op::Attention(a) => fused::plan_attention(&mut p, id, a, &vals)?,
             Op::LinearAttention(l) => fused::plan_prefix(&mut p, id, l, &vals)?,
+            Op::Backward(b) => backward::plan_backward(&mut p, id, b, &mut vals)?,
             _ => nodes::plan_node(&mut p, id, &vals, &input_shapes)?,
         };
         let users = users[id.index()];
@@ -613,24 +694,32 @@ pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) ->
         };
         vals[id.index()] = Some(v);
     }
-    let out_val = vals[kernel.output.index()]
-        .clone()
-        .ok_or_else(|| JitError::Shape("output node has no value".to_string()))?;
-    let output = match &out_val.expr {
-        Expr::Leaf { buf, strides }
-            if is_contiguous(strides, &out_val.shape)
-                && p.buffers[*buf].source == BufferSource::Temp =>
-        {
-            *buf
-        }
-        _ => p.materialize(&out_val),
-    };
+    let mut results: Vec<(usize, Vec<usize>)> = Vec::with_capacity(outputs.len());
+    for o in &outputs {
+        let out_val = vals[o.index()]
+            .clone()
+            .ok_or_else(|| JitError::Shape("output node has no value".to_string()))?;
+        // A result is a buffer of its own: never an input, never another result's.
+        let buf = match &out_val.expr {
+            Expr::Leaf { buf, strides }
+                if is_contiguous(strides, &out_val.shape)
+                    && p.buffers[*buf].source == BufferSource::Temp
+                    && results.iter().all(|(b, _)| b != buf) =>
+            {
+                *buf
+            }
+            _ => p.materialize(&out_val),
+        };
+        results.push((buf, out_val.shape));
+    }
+    let (output, output_shape) = results[0].clone();
     Ok(Plan {
         kernel: kernel.name.clone(),
         buffers: p.buffers,
         steps: p.steps,
         output,
-        output_shape: out_val.shape,
+        output_shape,
+        outputs: results,
         input_shapes,
     })
 }

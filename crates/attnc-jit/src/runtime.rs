@@ -14,7 +14,7 @@ use crate::error::{JitError, Result};
 use crate::jit::{Code, FunctionText, Jit, KernelHandle};
 use crate::kernels::attention::quant;
 use crate::kernels::{self, KernelArgs};
-use crate::plan::{plan_with, BufferSource, Plan, PlanOptions, StepKind};
+use crate::plan::{plan_outputs, BufferSource, Plan, PlanOptions, StepKind};
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::{Bindings, DType, Kernel};
 use std::ops::Range;
@@ -127,10 +127,23 @@ impl CompiledKernel {
         bindings: &Bindings,
         options: &CompileOptions,
     ) -> Result<CompiledKernel> {
+        CompiledKernel::compile_outputs(kernel, &[kernel.output], bindings, options)
+    }
+
+    /// [`CompiledKernel::compile`] for several nodes of `kernel`'s graph at once (a gradient
+    /// graph's gradients; `kernel.output` is ignored): [`CompiledKernel::run_outputs`] returns
+    /// each, every node computed once.
+    pub fn compile_outputs(
+        kernel: &Kernel,
+        outputs: &[attnc_ir::NodeId],
+        bindings: &Bindings,
+        options: &CompileOptions,
+    ) -> Result<CompiledKernel> {
         let start = Instant::now();
         let tiers = Tiers::available(options.tiers);
-        let plan = plan_with(
+        let plan = plan_outputs(
             kernel,
+            outputs,
             bindings,
             &PlanOptions {
                 fuse: options.fuse_attention,
@@ -151,7 +164,7 @@ impl CompiledKernel {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
                 })?),
                 StepKind::MatMul(spec) if spec.wide => None,
-                StepKind::Linear(_) => None,
+                StepKind::Linear(_) | StepKind::Backward(_) => None,
                 StepKind::MatMul(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::matmul::emit(b, KernelArgs::new(p), spec)
                 })?),
@@ -311,7 +324,12 @@ impl CompiledKernel {
     /// Runs the kernel on `inputs` with up to `threads` threads (0 counts as 1). Results are
     /// bit-identical for every thread count.
     pub fn run(&self, inputs: &[Input<'_>], threads: usize) -> Result<Output> {
-        self.run_steps(inputs, threads, None)
+        Ok(self.run_all(inputs, threads, None)?.swap_remove(0))
+    }
+
+    /// Every result of a kernel compiled by [`CompiledKernel::compile_outputs`], in order.
+    pub fn run_outputs(&self, inputs: &[Input<'_>], threads: usize) -> Result<Vec<Output>> {
+        self.run_all(inputs, threads, None)
     }
 
     /// The rows `sample` of the output's first batch entry (the output read as
@@ -324,7 +342,7 @@ impl CompiledKernel {
         threads: usize,
         sample: &[Range<usize>],
     ) -> Result<Vec<f32>> {
-        let output = self.run_steps(inputs, threads, Some(sample))?;
+        let output = self.run_all(inputs, threads, Some(sample))?.swap_remove(0);
         let shape = &output.shape;
         let (m, width) = match shape.len() {
             0 => (1, 1),
@@ -340,13 +358,13 @@ impl CompiledKernel {
     }
 
     /// Runs every step; with `sample`, a final attention step computes only those rows of its
-    /// first batch entry.
-    fn run_steps(
+    /// first batch entry. Returns every result of the plan.
+    fn run_all(
         &self,
         inputs: &[Input<'_>],
         threads: usize,
         sample: Option<&[Range<usize>]>,
-    ) -> Result<Output> {
+    ) -> Result<Vec<Output>> {
         self.check_inputs(inputs)?;
         let threads = threads.max(1);
         // Temporaries live from the step that writes them to the last step that reads them.
@@ -388,26 +406,57 @@ impl CompiledKernel {
                     }
                     _ => Needed::All,
                 };
-                self.run_step(step, (handle.as_ref(), wide.as_ref()), &views, t, needed)?
+                if let StepKind::Backward(b) = &step.kind {
+                    // Several gradients at once: each into its own buffer.
+                    for (buf, data) in b.outputs.iter().zip(b.run(&views, t)?) {
+                        temps[*buf] = Storage::F32(data);
+                    }
+                    None
+                } else {
+                    Some(self.run_step(
+                        step,
+                        (handle.as_ref(), wide.as_ref()),
+                        &views,
+                        t,
+                        needed,
+                    )?)
+                }
             };
-            temps[step.output] = out;
+            if let Some(out) = out {
+                temps[step.output] = out;
+            }
             for &b in &step.inputs {
-                if last_use[b] == index && b != self.plan.output {
+                if last_use[b] == index && !self.plan.is_output(b) {
                     temps[b] = Storage::default();
                 }
             }
         }
-        let data = match std::mem::take(&mut temps[self.plan.output]) {
-            Storage::F32(v) => v,
-            other => match convert(other.view(), Elem::F32) {
-                Storage::F32(v) => v,
-                _ => Vec::new(),
-            },
+        let mut results = Vec::with_capacity(self.plan.outputs.len().max(1));
+        let outputs = if self.plan.outputs.is_empty() {
+            vec![(self.plan.output, self.plan.output_shape.clone())]
+        } else {
+            self.plan.outputs.clone()
         };
-        Ok(Output {
-            shape: self.plan.output_shape.clone(),
-            data,
-        })
+        for (k, (buf, shape)) in outputs.iter().enumerate() {
+            // Moved out, unless a later result is the same buffer.
+            let storage = if outputs[k + 1..].iter().any(|(b, _)| b == buf) {
+                temps[*buf].clone()
+            } else {
+                std::mem::take(&mut temps[*buf])
+            };
+            let data = match storage {
+                Storage::F32(v) => v,
+                other => match convert(other.view(), Elem::F32) {
+                    Storage::F32(v) => v,
+                    _ => Vec::new(),
+                },
+            };
+            results.push(Output {
+                shape: shape.clone(),
+                data,
+            });
+        }
+        Ok(results)
     }
 }
 
@@ -490,28 +539,37 @@ impl CompiledKernel {
             }
             (StepKind::Attention(spec), _) if wide.is_some() => {
                 let w = wide.expect("invariant: checked by the guard");
-                match needed {
+                let mut out = match needed {
                     Needed::FirstEntryRows(rows) => {
-                        Storage::F32(run_sampled_rows(w, views, (len, spec.dv), rows, threads)?)
+                        run_sampled_rows(w, views, (len, spec.dv), rows, threads)?
                     }
                     _ => {
                         let mut out = vec![0.0f32; len];
                         w.run(views, &mut out, threads)?;
-                        Storage::F32(out)
+                        out
                     }
-                }
+                };
+                crate::finite::keep_finite(spec, views, &mut out, |v, o, e| {
+                    w.run_rows(v, o, e, 0..spec.m)
+                })?;
+                Storage::F32(out)
             }
-            (StepKind::Attention(spec), Some(h)) => match needed {
-                Needed::FirstEntryRows(rows) => {
-                    let width = spec.dv;
-                    Storage::F32(run_sampled_rows(h, views, (len, width), rows, threads)?)
-                }
-                _ => {
-                    let mut out = vec![0.0f32; len];
-                    h.run(views, &mut out, threads)?;
-                    Storage::F32(out)
-                }
-            },
+            (StepKind::Attention(spec), Some(h)) => {
+                let mut out = match needed {
+                    Needed::FirstEntryRows(rows) => {
+                        run_sampled_rows(h, views, (len, spec.dv), rows, threads)?
+                    }
+                    _ => {
+                        let mut out = vec![0.0f32; len];
+                        h.run(views, &mut out, threads)?;
+                        out
+                    }
+                };
+                crate::finite::keep_finite(spec, views, &mut out, |v, o, e| {
+                    h.run_rows(v, o, e, 0..spec.m)
+                })?;
+                Storage::F32(out)
+            }
             (_, Some(h)) => {
                 let mut out = vec![0.0f32; len];
                 h.run(views, &mut out, threads)?;

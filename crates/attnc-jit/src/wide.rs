@@ -61,8 +61,10 @@ impl Tier {
 pub struct Tiers {
     /// AVX-512 f32 attention.
     pub avx512: bool,
-    /// AMX bf16 and int8 attention products.
+    /// AMX int8 attention products.
     pub amx: bool,
+    /// AMX bf16 attention products (`ATTNC_TIERS` switches both AMX kinds as `amx`).
+    pub amx_bf16: bool,
 }
 
 impl Tiers {
@@ -70,6 +72,7 @@ impl Tiers {
     pub const ALL: Tiers = Tiers {
         avx512: true,
         amx: true,
+        amx_bf16: true,
     };
 
     /// The tiers `ATTNC_TIERS` allows (a comma list of `avx512`, `amx`; `cranelift` or empty
@@ -81,6 +84,7 @@ impl Tiers {
                 Tiers {
                     avx512: has("avx512") || has("all"),
                     amx: has("amx") || has("all"),
+                    amx_bf16: has("amx") || has("all"),
                 }
             }
             Err(_) => Tiers::ALL,
@@ -91,6 +95,7 @@ impl Tiers {
     pub const NONE: Tiers = Tiers {
         avx512: false,
         amx: false,
+        amx_bf16: false,
     };
 
     /// What this CPU and process can run, within `allowed`.
@@ -98,6 +103,7 @@ impl Tiers {
         Tiers {
             avx512: allowed.avx512 && attention::available(),
             amx: allowed.amx && amx::available(Products::Int8),
+            amx_bf16: allowed.amx_bf16 && amx::available(Products::Bf16),
         }
     }
 }
@@ -250,6 +256,12 @@ pub struct WideAttention {
 }
 
 impl WideAttention {
+    /// The (query tile, key tile) pairs this step visits, all pairs, and the tile sizes.
+    pub fn key_tiles(&self) -> (usize, usize, (usize, usize)) {
+        let (visited, total) = self.tiles.counts();
+        (visited, total, (self.tiles.query_tile, self.tiles.key_tile))
+    }
+
     /// Whether the full-width kernels compute `spec`: its score form is one they evaluate and
     /// the rows of Q, K and V are contiguous.
     pub fn supports(spec: &AttentionSpec) -> bool {
@@ -411,8 +423,13 @@ impl WideAttention {
         Ok(())
     }
 
+    /// The score form it evaluates.
+    pub(crate) fn score(&self) -> WideScore {
+        self.score
+    }
+
     /// The call of batch entry `b` over the step's input buffers.
-    fn call<'a>(&'a self, inputs: &[BufferView<'a>], b: usize) -> Result<Call<'a>> {
+    pub(crate) fn call<'a>(&'a self, inputs: &[BufferView<'a>], b: usize) -> Result<Call<'a>> {
         let spec = &self.spec;
         let index = batch_index(&spec.batch, b);
         let operand = |t: &TensorRef, rows: usize, cols: usize| -> Result<Operand<'a>> {
@@ -666,7 +683,7 @@ pub fn run_linear(
 }
 
 /// Runs `work` on every item, the items dealt round-robin to up to `threads` threads.
-fn deal<T: Send>(
+pub(crate) fn deal<T: Send>(
     items: Vec<T>,
     threads: usize,
     work: impl Fn(T) -> Result<()> + Sync,

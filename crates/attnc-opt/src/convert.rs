@@ -179,6 +179,8 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
             _ => return None,
         },
         Op::Attention(a) => return add_attention(expr, kernel, id, a, args),
+        // Gradient graphs are planned as derived (from an already optimized forward).
+        Op::Backward(_) => return None,
         Op::LinearAttention(l) => {
             let [q, k, v] = [one(0)?, one(1)?, one(2)?];
             match (l.causal, l.normalizer) {
@@ -226,6 +228,7 @@ fn add_attention(
         let node = match a.precision {
             Precision::Exact => Attn::Attention([q, k, v, c, pattern]),
             Precision::Int8 => Attn::AttentionInt8([q, k, v, c, pattern]),
+            Precision::Bf16 => Attn::AttentionBf16([q, k, v, c, pattern]),
         };
         return Some(expr.add(node));
     }
@@ -242,6 +245,7 @@ fn add_attention(
     Some(match a.precision {
         Precision::Exact => fused,
         Precision::Int8 => expr.add(Attn::Int8Products(fused)),
+        Precision::Bf16 => expr.add(Attn::Bf16Products(fused)),
     })
 }
 

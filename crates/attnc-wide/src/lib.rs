@@ -11,7 +11,10 @@
 //! - [`attention`]: f32 flash attention on AVX-512 (block-sparse, tile tables given by the
 //!   caller);
 //! - [`amx`]: bf16 and int8 attention products on AMX tiles (approximate tiers);
-//! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked.
+//! - [`backward`]: the gradients of one attention call (FlashAttention-2 from the saved
+//!   output and log-sum-exp), block-sparse by the same tile tables, portable and AVX-512;
+//! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked;
+//! - [`peak`]: the measured 512-bit FMA peak benchmarks report against.
 //!
 //! Every kernel here is tested against a plain scalar reference; the 128-bit Cranelift kernels
 //! of `attnc-jit` remain the portable path.
@@ -19,6 +22,8 @@
 
 pub mod amx;
 pub mod attention;
+pub mod backward;
 pub mod cpu;
 pub mod gemm;
+pub mod peak;
 pub mod problem;

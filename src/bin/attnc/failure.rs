@@ -26,6 +26,9 @@ pub enum Failure {
         /// The message, naming the file, input or dimension at fault.
         message: String,
     },
+    /// A check failed after the command printed its full report, which already says why
+    /// (exit status 1; nothing more is printed, so `--format json` stays one document).
+    Reported,
 }
 
 impl Failure {
@@ -40,13 +43,16 @@ impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
             Failure::Usage(_) => 2,
-            Failure::Source { .. } | Failure::Input { .. } => 1,
+            Failure::Source { .. } | Failure::Input { .. } | Failure::Reported => 1,
         }
     }
 
     /// Prints the failure in `format` and returns its exit status.
     pub fn report(self, format: Format) -> ExitCode {
         let code = self.exit_code();
+        if matches!(self, Failure::Reported) {
+            return ExitCode::from(code);
+        }
         if format.is_json() {
             crate::print_json(&self.to_json());
         } else {
@@ -76,6 +82,7 @@ impl Failure {
                 out
             }
             Failure::Input { message, .. } => format!("error: {message}\n"),
+            Failure::Reported => String::new(),
         }
     }
 
@@ -109,6 +116,7 @@ impl Failure {
                 "ok": false,
                 "error": { "kind": kind, "message": message },
             }),
+            Failure::Reported => json!({ "ok": false }),
         }
     }
 }

@@ -36,8 +36,8 @@ use std::process::ExitCode;
 const INTERRUPTED: i32 = 130;
 
 fn main() -> ExitCode {
-    install_interrupt_handler();
     let raw: Vec<String> = std::env::args().collect();
+    install_interrupt_handler(wants_json(&raw));
     let cli = match Cli::try_parse_from(&raw) {
         Ok(cli) => cli,
         Err(err) => return failure::report_clap_error(err, wants_json(&raw)),
@@ -57,12 +57,32 @@ fn main() -> ExitCode {
     code
 }
 
-/// Ctrl-C exits promptly, even mid-compile or mid-benchmark, and removes the temporary file of
-/// any output being written, so no partial file is ever left behind.
-fn install_interrupt_handler() {
-    let installed = ctrlc::set_handler(|| {
+/// Whether the command's output file is in place, held locked for the whole write: an
+/// interrupt during the write waits for it to fail (its temporary file removed) or finish, so
+/// the exit status says truthfully whether the output was written.
+pub static OUTPUT_WRITTEN: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// Ctrl-C, SIGTERM and SIGHUP exit promptly, even mid-compile or mid-benchmark, and remove the
+/// temporary file of any output being written, so no partial file is ever left behind; under
+/// `--format json` the interruption is one JSON error on stdout. Exit status 130 unless the
+/// outputs were already written.
+fn install_interrupt_handler(json: bool) {
+    let installed = ctrlc::set_handler(move || {
         attnc::io::remove_pending_temp_files();
-        eprintln!("interrupted");
+        let written = OUTPUT_WRITTEN.lock().is_ok_and(|w| *w);
+        if written {
+            stdout::flush();
+            std::process::exit(0);
+        }
+        if json {
+            print_json(&serde_json::json!({
+                "ok": false,
+                "error": { "kind": "interrupted", "message": "interrupted by a signal" },
+            }));
+            stdout::flush();
+        } else {
+            eprintln!("interrupted");
+        }
         std::process::exit(INTERRUPTED);
     });
     if let Err(err) = installed {

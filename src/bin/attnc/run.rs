@@ -23,16 +23,33 @@ pub fn run(args: &RunArgs) -> CliResult {
     let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
     let kernel = prepared.kernel();
     let mut notes = prepared.notes.clone();
+    let ceilings = crate::ceilings::machine_ceilings();
+    if let Some(ms) = ceilings.measure_ms {
+        notes.push(format!(
+            "note: measured this machine's ceilings for the cost model in {ms:.0} ms (once: they are cached; not part of compile time)"
+        ));
+    }
+    if args.verify {
+        // Refused before the run, not after it.
+        prepared
+            .compiler
+            .check_interp_memory(kernel, &prepared.bindings)
+            .map_err(|e| Failure::input("verify", e.to_string()))?;
+    }
     let (output, timing) = execute_timed(&prepared)?;
     notes.extend(timing.approx_notes.iter().cloned());
     let verification = if args.verify {
-        Some(verify(&prepared, &output)?)
+        Some(verify(&prepared, &output, &timing)?)
     } else {
         None
     };
 
     if let Some(path) = &args.output {
+        let mut written = crate::OUTPUT_WRITTEN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         attnc::io::write_npy(path, &output).map_err(|e| Failure::input("output", e.to_string()))?;
+        *written = true;
     }
     let values = output.to_f32_vec();
     let stats = Stats::of(&values);
@@ -49,6 +66,7 @@ pub fn run(args: &RunArgs) -> CliResult {
             "time_ms": timing.run_ms,
             "compile_ms": timing.compile_ms,
             "prepare_ms": prepare_ms,
+            "ceilings_measure_ms": ceilings.measure_ms,
             "validation_ms": timing.validation_ms,
             "stats": stats.to_json(),
             "output": args.output.as_ref().map(|p| p.display().to_string()),
@@ -62,7 +80,13 @@ pub fn run(args: &RunArgs) -> CliResult {
                 "relative_l2_error": v.relative_l2,
                 "max_abs_error": v.max_abs,
                 "nan_mismatches": v.nan_mismatches,
+                "bound": v.bound,
+                "passed": v.passed(),
             });
+            if !v.passed() {
+                doc["ok"] = json!(false);
+                doc["error"] = json!({ "kind": "verify", "message": v.failure() });
+            }
         }
         if values.len() <= JSON_VALUES_LIMIT {
             doc["values"] = json!(values);
@@ -75,15 +99,21 @@ pub fn run(args: &RunArgs) -> CliResult {
         print_text(&prepared, &output, &values, &stats, &timing);
         if let Some(v) = &verification {
             outln!(
-                "verify: relative L2 error {:.3e} against the interpreter (max abs {:.3e}, {} NaN mismatches)",
-                v.relative_l2, v.max_abs, v.nan_mismatches
+                "verify: relative L2 error {:.3e} against the interpreter (max abs {:.3e}, {} NaN mismatches; bound {:.0e})",
+                v.relative_l2, v.max_abs, v.nan_mismatches, v.bound
             );
         }
         if let Some(path) = &args.output {
             outln!("wrote {}", path.display());
         }
+        if let Some(v) = verification.as_ref().filter(|v| !v.passed()) {
+            eprintln!("error: {}", v.failure());
+        }
     }
-    Ok(())
+    match verification {
+        Some(v) if !v.passed() => Err(Failure::Reported),
+        _ => Ok(()),
+    }
 }
 
 /// Wall-clock times of one run, in milliseconds.
@@ -135,6 +165,10 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
             ))
         }
         Engine::Interp => {
+            prepared
+                .compiler
+                .check_interp_memory(kernel, &prepared.bindings)
+                .map_err(fail)?;
             let start = Instant::now();
             let output = execute(
                 kernel,
@@ -164,15 +198,34 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
     }
 }
 
-/// How far a result is from the interpreter's on the same inputs.
+/// How far a result is from the interpreter's on the same inputs, and the bound it is held to.
 struct Verification {
     relative_l2: f64,
     max_abs: f64,
     nan_mismatches: usize,
+    /// The judged error ([`attnc::ir::compare::Comparison::error`]).
+    error: f64,
+    /// The plan's contract: the language's bound for exact plans, the policy's `tol` when an
+    /// approximation was applied.
+    bound: f64,
 }
 
-/// Runs the reference interpreter on the same inputs and measures the error of `output`.
-fn verify(prepared: &Prepared, output: &Tensor) -> Result<Verification, Failure> {
+impl Verification {
+    fn passed(&self) -> bool {
+        self.error <= self.bound
+    }
+
+    fn failure(&self) -> String {
+        format!(
+            "--verify: the error {:.3e} against the interpreter exceeds the plan's bound {:.0e}",
+            self.error, self.bound
+        )
+    }
+}
+
+/// Runs the reference interpreter on the same inputs and measures the error of `output`
+/// against the plan's contract.
+fn verify(prepared: &Prepared, output: &Tensor, timing: &Timing) -> Result<Verification, Failure> {
     let reference = execute(
         prepared.kernel(),
         &prepared.bindings,
@@ -182,12 +235,27 @@ fn verify(prepared: &Prepared, output: &Tensor) -> Result<Verification, Failure>
     )
     .map_err(|e| Failure::input("run", e.to_string()))?;
     let c = attnc::ir::compare::compare(output.to_f64_vec(), reference.to_f64_vec());
-    let v = Verification {
+    let approximated = timing
+        .approximations
+        .as_array()
+        .is_some_and(|list| list.iter().any(|o| o["applied"] == json!(true)));
+    let exact_bound = match prepared.kernel().ret_dtype {
+        // A half-precision result is rounded once on store: its own rounding error.
+        attnc::ir::DType::F16 => 1e-3,
+        attnc::ir::DType::Bf16 => 1e-2,
+        attnc::ir::DType::F32 => attnc::ir::compare::tol::EXACT_CONTRACT,
+    };
+    Ok(Verification {
         relative_l2: c.relative_l2,
         max_abs: c.max_abs,
         nan_mismatches: c.nan_mismatches,
-    };
-    Ok(v)
+        error: c.error(),
+        bound: if approximated {
+            prepared.policy.tol.max(exact_bound)
+        } else {
+            exact_bound
+        },
+    })
 }
 
 fn print_text(

@@ -20,6 +20,16 @@ pub fn expand(kernel: &Kernel) -> Result<Kernel, String> {
 
 /// `kernel` with the fused ops for which `which` holds replaced by their plain form.
 pub fn expand_where(kernel: &Kernel, which: impl Fn(NodeId) -> bool) -> Result<Kernel, String> {
+    Ok(expand_map(kernel, which)?.0)
+}
+
+/// [`expand_where`], with the new node of every old node (a node's value is the same in
+/// both graphs). The fused gradient ops of [`crate::backward`] expand too, to the gradient
+/// graph of their plain form.
+pub fn expand_map(
+    kernel: &Kernel,
+    which: impl Fn(NodeId) -> bool,
+) -> Result<(Kernel, Vec<NodeId>), String> {
     let old = &kernel.graph;
     let mut b = GraphBuilder::default();
     let mut map: Vec<NodeId> = Vec::with_capacity(old.len());
@@ -29,15 +39,22 @@ pub fn expand_where(kernel: &Kernel, which: impl Fn(NodeId) -> bool) -> Result<K
         let new = match &node.op {
             Op::Attention(a) if which(id) => attention(&mut b, a, &args)?,
             Op::LinearAttention(l) if which(id) => linear(&mut b, l, &args)?,
+            Op::Backward(op) if which(id) => {
+                match crate::backward::expand::expand(&mut b, op, &args)? {
+                    Some(new) => new,
+                    None => b.graph.add(node.clone(), &args),
+                }
+            }
             _ => b.graph.add(node.clone(), &args),
         };
         map.push(new);
     }
-    Ok(Kernel {
+    let kernel = Kernel {
         graph: b.graph,
         output: map[kernel.output.index()],
         ..kernel.clone()
-    })
+    };
+    Ok((kernel, map))
 }
 
 /// `softmax(mask(score(q kᵀ), pattern, -inf)) @ v` over operands `[q, k, v, biases..]`.

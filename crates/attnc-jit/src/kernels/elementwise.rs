@@ -57,6 +57,9 @@ pub enum Expr {
         /// The masked value.
         x: Box<Expr>,
     },
+    /// `1` where `x > y`, `0` where not, NaN where either is NaN (gradient graphs'
+    /// comparisons).
+    Greater(Box<Expr>, Box<Expr>),
     /// `j - (i + n - m)` as f32.
     RelPos {
         /// Query coordinate.
@@ -98,6 +101,9 @@ impl Expr {
                 Box::new(x.remap(map, rank)),
                 Box::new(y.remap(map, rank)),
             ),
+            Expr::Greater(x, y) => {
+                Expr::Greater(Box::new(x.remap(map, rank)), Box::new(y.remap(map, rank)))
+            }
             Expr::Mask {
                 pattern,
                 fill,
@@ -134,7 +140,7 @@ impl Expr {
             }
             Expr::Const(_) | Expr::RelPos { .. } => {}
             Expr::Unary(_, x) | Expr::Mask { x, .. } => x.buffers(out),
-            Expr::Binary(_, x, y) => {
+            Expr::Binary(_, x, y) | Expr::Greater(x, y) => {
                 x.buffers(out);
                 y.buffers(out);
             }
@@ -146,7 +152,7 @@ impl Expr {
         match self {
             Expr::Leaf { .. } | Expr::Const(_) | Expr::RelPos { .. } => 1,
             Expr::Unary(_, x) | Expr::Mask { x, .. } => 1 + x.size(),
-            Expr::Binary(_, x, y) => 1 + x.size() + y.size(),
+            Expr::Binary(_, x, y) | Expr::Greater(x, y) => 1 + x.size() + y.size(),
         }
     }
 
@@ -157,7 +163,7 @@ impl Expr {
             Expr::Leaf { strides, .. } => strides[axis] <= 1,
             Expr::Const(_) => true,
             Expr::Unary(_, x) => x.vectorizes(axis),
-            Expr::Binary(_, x, y) => x.vectorizes(axis) && y.vectorizes(axis),
+            Expr::Binary(_, x, y) | Expr::Greater(x, y) => x.vectorizes(axis) && y.vectorizes(axis),
             Expr::Mask { .. } | Expr::RelPos { .. } => false,
         }
     }
@@ -375,6 +381,23 @@ fn eval(
                 BinaryOp::Div => b.ins().fdiv(x, y),
                 BinaryOp::Max => b.ins().fmax(x, y),
                 BinaryOp::Min => b.ins().fmin(x, y),
+            }
+        }
+        Expr::Greater(x, y) => {
+            let x = eval(b, x, ctx, j, spec, vector)?;
+            let y = eval(b, y, ctx, j, spec, vector)?;
+            let one = b.ins().f32const(1.0);
+            let zero = b.ins().f32const(0.0);
+            let nan = b.ins().f32const(f32::NAN);
+            let (one, zero, nan) = (splat(b, one), splat(b, zero), splat(b, nan));
+            let above = b.ins().fcmp(FloatCC::GreaterThan, x, y);
+            let unordered = b.ins().fcmp(FloatCC::Unordered, x, y);
+            if vector {
+                let step = simd::select_f32(b, above, one, zero);
+                simd::select_f32(b, unordered, nan, step)
+            } else {
+                let step = b.ins().select(above, one, zero);
+                b.ins().select(unordered, nan, step)
             }
         }
         Expr::Mask {

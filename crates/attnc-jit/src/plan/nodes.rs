@@ -186,7 +186,7 @@ pub(super) fn plan_node(
             let b = operand(vals, ops[1])?;
             plan_matmul(p, &node.op, &a, &b, &shape)?
         }
-        Op::Attention(_) | Op::LinearAttention(_) => {
+        Op::Attention(_) | Op::LinearAttention(_) | Op::Backward(_) => {
             return Err(plan_error(&node.op, "a fused op reached the plain planner"))
         }
     })

@@ -170,8 +170,10 @@ fn dense_pair_flops(plan: &Plan) -> f64 {
         .sum()
 }
 
-/// The f32x4 FMA ceiling at 1 thread and at the benchmark's thread count, measured once per
-/// command and shared by every kernel and shape it times.
+/// The f32x4 FMA ceiling of the portable tier and the machine's 512-bit FMA peak, at 1 thread
+/// and at the benchmark's thread count, measured once per command and shared by every kernel
+/// and shape it times. Rates are reported against the peak, so a kernel's "percent" never
+/// hides the gap to the hardware.
 #[derive(Clone, Copy)]
 pub struct Ceilings {
     /// At 1 thread.
@@ -180,6 +182,8 @@ pub struct Ceilings {
     pub at_threads: Ceiling,
     /// The benchmark's thread count.
     pub threads: usize,
+    /// The 512-bit FMA peak at 1 thread and at `threads` (GFLOP/s; `None` without AVX-512).
+    pub peak: Option<(f64, f64)>,
 }
 
 impl Ceilings {
@@ -192,11 +196,31 @@ impl Ceilings {
         } else {
             one
         };
+        let peak = attnc_wide::peak::f32_fma_peak(1).map(|one| {
+            let at = if threads > 1 {
+                attnc_wide::peak::f32_fma_peak(threads).unwrap_or(one)
+            } else {
+                one
+            };
+            (one, at)
+        });
         Ok(Ceilings {
             one,
             at_threads,
             threads,
+            peak,
         })
+    }
+
+    /// The widest-vector peak at `t` threads (the f32x4 ceiling where no wider vector
+    /// exists), when it was measured.
+    pub fn peak_at(&self, t: usize) -> Option<f64> {
+        match self.peak {
+            Some((one, _)) if t == 1 => Some(one),
+            Some((_, at)) if t == self.threads => Some(at),
+            Some(_) => None,
+            None => self.at(t).map(|c| c.gflops_total),
+        }
     }
 
     /// The ceiling at `t` threads, when it was measured.

@@ -23,6 +23,7 @@ pub fn rows_json(m: &Measurement, ceilings: &Ceilings) -> Vec<serde_json::Value>
                 "min_ms": r.min_ms(),
                 "gflops": g,
                 "pct_of_ceiling": ceilings.at(r.threads).map(|c| 100.0 * g / c.gflops_total),
+                "pct_of_peak": ceilings.peak_at(r.threads).map(|p| 100.0 * g / p),
                 "speedup_vs_interp": interp_ms.map(|i| i / ms),
                 "speedup_vs_naive": naive_ms.map(|n| n / ms),
                 "speedup_vs_exact": exact_ms.map(|e| e / ms),
@@ -38,6 +39,8 @@ pub fn ceiling_json(ceilings: &Ceilings) -> serde_json::Value {
         "threads": ceilings.at_threads.threads,
         "gflops_total": ceilings.at_threads.gflops_total,
         "gflops_per_thread": ceilings.at_threads.gflops_per_thread,
+        "peak_512_gflops_1": ceilings.peak.map(|p| p.0),
+        "peak_512_gflops_total": ceilings.peak.map(|p| p.1),
     })
 }
 
@@ -135,16 +138,23 @@ pub fn single(
         )
     };
     outln!("{ceiling_line}");
+    if let Some((one, at)) = ceilings.peak {
+        outln!(
+            "512-bit FMA peak (this run): {one:.1} GFLOP/s at 1 thread, {at:.1} at {threads}; \
+             `% peak` is against it"
+        );
+    }
     outln!("runs: {runs} timed after {warmup} warm-up (median, min)");
     outln!();
     outln!(
-        "{:<8} {:>7} {:>12} {:>12} {:>9} {:>10} {:>10} {:>10}",
+        "{:<8} {:>7} {:>12} {:>12} {:>9} {:>8} {:>10} {:>10} {:>10}",
         "engine",
         "threads",
         "median ms",
         "min ms",
         "GFLOP/s",
-        "% ceiling",
+        "% peak",
+        "% f32x4",
         "vs interp",
         "vs naive"
     );
@@ -154,12 +164,13 @@ pub fn single(
         let ms = r.median_ms();
         let g = m.gflops(ms);
         outln!(
-            "{:<8} {:>7} {:>12.3} {:>12.3} {:>9.2} {:>10} {:>10} {:>10}",
+            "{:<8} {:>7} {:>12.3} {:>12.3} {:>9.2} {:>8} {:>10} {:>10} {:>10}",
             r.engine,
             r.threads,
             ms,
             r.min_ms(),
             g,
+            optional(ceilings.peak_at(r.threads).map(|p| 100.0 * g / p), "%"),
             optional(
                 ceilings.at(r.threads).map(|c| 100.0 * g / c.gflops_total),
                 "%"

@@ -1,0 +1,428 @@
+//! Backward steps: the gradients of a fused attention (or linear attention) with respect to
+//! several of its operands at once, one step writing one buffer per gradient.
+//!
+//! A fused attention's gradient step recomputes the forward with its row log-sum-exp
+//! (`attnc_wide::backward::forward`: the AVX-512 kernel where the CPU has it, else the
+//! portable one) and then runs the backward kernel (`attnc_wide::backward`: FlashAttention-2
+//! from the saved output and log-sum-exp), per batch entry, visiting only the key tiles of the
+//! tile table the pattern algebra gives ([`crate::tiles`]); no `m × n` buffer is allocated.
+//! Batch entries are dealt round-robin to the threads; each entry is computed by one thread in
+//! a fixed order, and gradients of operands broadcast over batch entries (grouped-query keys,
+//! a per-head slope) are summed over the entries in entry order afterwards, so results are
+//! bit-identical for any thread count.
+//!
+//! Linear attention's gradient step ([`crate::backward::linear`]) runs through its key-value
+//! state in O(n): the causal form with a running prefix state for `dq` and a reverse one for
+//! `dk` and `dv`.
+
+pub mod linear;
+
+pub use linear::LinearBackward;
+
+use crate::buffer::BufferView;
+use crate::error::{JitError, Result};
+use crate::kernels::attention::{AttentionSpec, TensorRef};
+use crate::wide::{Tier, WideAttention};
+use attnc_wide::backward::{self as kernel, BiasGrad, Gradients, Saved};
+
+/// Where one gradient goes: an operand's shape broadcast into the batch, contiguous.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GradLayout {
+    /// The operand slot (0 q, 1 k, 2 v, `3 + k` bias `k`).
+    pub slot: usize,
+    /// The gradient's (the operand's) bound shape.
+    pub shape: Vec<usize>,
+    /// Element strides of the gradient per batch axis (0 where the operand is broadcast).
+    pub batch_strides: Vec<usize>,
+    /// Element strides between rows and between columns of one batch entry (0 where
+    /// broadcast: a bias over keys only has row stride 0).
+    pub row_stride: usize,
+    /// See `row_stride`.
+    pub col_stride: usize,
+}
+
+impl GradLayout {
+    /// Elements of the gradient.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the gradient has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether batch entries map one to one onto consecutive blocks of the gradient (no
+    /// broadcast over the batch), so each entry's block can be written in place.
+    fn identity(&self, batch: &[usize], block: usize) -> bool {
+        let mut expect = block;
+        for (&size, &stride) in batch.iter().zip(&self.batch_strides).rev() {
+            if size > 1 && stride != expect {
+                return false;
+            }
+            expect *= size;
+        }
+        expect == self.len()
+    }
+}
+
+/// The gradients of one fused attention: its forward (operands read as the fused step reads
+/// them), the cotangent of its output, and one layout per gradient.
+#[derive(Clone, Debug)]
+pub struct AttentionBackward {
+    /// The forward on the full-width path's terms (tile table at its tile sizes), used for
+    /// its calls and table whichever kernel runs.
+    forward: WideAttention,
+    spec: AttentionSpec,
+    /// The cotangent `dO` (`[batch.., m, dv]`, contiguous rows).
+    d_o: TensorRef,
+    /// The gradients computed, in output order.
+    pub grads: Vec<GradLayout>,
+    /// Whether the AVX-512 kernels may run (else the portable ones).
+    pub wide: bool,
+}
+
+impl AttentionBackward {
+    /// The backward of `spec` with cotangent `d_o`, or `None` when the backward kernels do
+    /// not evaluate its score form (one bias, one per-entry slope, a softcap) or its operands'
+    /// rows are not contiguous.
+    pub fn new(
+        spec: &AttentionSpec,
+        d_o: TensorRef,
+        grads: Vec<GradLayout>,
+        wide: bool,
+    ) -> Option<AttentionBackward> {
+        let forward = WideAttention::new(spec, Tier::Avx512)?;
+        let rows_ok = d_o.col_stride == 1 || spec.dv <= 1;
+        let slots_ok = grads.iter().all(|g| match g.slot {
+            0..=2 => true,
+            k => {
+                let score = forward.score();
+                score.bias == Some(k - 3) || score.slope == Some(k - 3)
+            }
+        });
+        (rows_ok && slots_ok).then(|| AttentionBackward {
+            forward,
+            spec: spec.clone(),
+            d_o,
+            grads,
+            wide,
+        })
+    }
+
+    /// The tier the kernels run on.
+    pub fn tier_name(&self) -> &'static str {
+        if self.wide && attnc_wide::attention::available() {
+            "avx-512"
+        } else {
+            "portable"
+        }
+    }
+
+    /// The forward's shape and mask (for plans).
+    pub fn spec(&self) -> &AttentionSpec {
+        &self.spec
+    }
+
+    /// Every gradient, in output order, over the step's input buffers.
+    pub fn run(&self, inputs: &[BufferView<'_>], threads: usize) -> Result<Vec<Vec<f32>>> {
+        let spec = &self.spec;
+        let entries = spec.batch_count();
+        let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
+        let blocks: Vec<usize> = self.grads.iter().map(|g| self.block_len(g)).collect();
+        let mut outputs: Vec<Vec<f32>> = self.grads.iter().map(|g| vec![0.0; g.len()]).collect();
+        if entries == 0 || m == 0 || n == 0 {
+            return Ok(outputs);
+        }
+        let d_o = match inputs.get(self.d_o.slot) {
+            Some(BufferView::F32(x)) => *x,
+            _ => return Err(buffer_err(&self.d_o.name, "is not an f32 buffer")),
+        };
+        // Gradients written in place per entry where the batch maps one to one, else
+        // computed per entry and summed in entry order afterwards.
+        let direct: Vec<bool> = self
+            .grads
+            .iter()
+            .zip(&blocks)
+            .map(|(g, &b)| g.identity(&spec.batch, b))
+            .collect();
+        let mut scratch: Vec<Vec<f32>> = self
+            .grads
+            .iter()
+            .zip(&direct)
+            .zip(&blocks)
+            .map(|((_, &dir), &b)| {
+                if dir {
+                    Vec::new()
+                } else {
+                    vec![0.0; entries * b]
+                }
+            })
+            .collect();
+        {
+            // Per entry, one block of each gradient.
+            let mut per_entry: Vec<Vec<&mut [f32]>> = (0..entries).map(|_| Vec::new()).collect();
+            for ((out, s), (&dir, &b)) in outputs
+                .iter_mut()
+                .zip(scratch.iter_mut())
+                .zip(direct.iter().zip(&blocks))
+            {
+                let target = if dir { out } else { s };
+                if b == 0 {
+                    per_entry.iter_mut().for_each(|e| e.push(&mut []));
+                    continue;
+                }
+                for (e, chunk) in target.chunks_mut(b).enumerate() {
+                    per_entry[e].push(chunk);
+                }
+            }
+            let items: Vec<(usize, Vec<&mut [f32]>)> = per_entry.into_iter().enumerate().collect();
+            crate::wide::deal(items, threads, |(e, blocks)| {
+                self.entry(inputs, d_o, e, blocks, (m, n, d, dv))
+            })?;
+        }
+        // Broadcast operands: the entries' blocks summed into the gradient in entry order.
+        for (k, g) in self.grads.iter().enumerate() {
+            if direct[k] || blocks[k] == 0 {
+                continue;
+            }
+            let (rows, cols) = self.block_dims(g);
+            for e in 0..entries {
+                let index = batch_index(&spec.batch, e);
+                let base: usize = g.batch_strides.iter().zip(&index).map(|(s, i)| s * i).sum();
+                let block = &scratch[k][e * blocks[k]..(e + 1) * blocks[k]];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        outputs[k][base + r * g.row_stride + c * g.col_stride] +=
+                            block[r * cols + c];
+                    }
+                }
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// The rows and columns of one batch entry's block of gradient `g` (a broadcast bias
+    /// keeps only its own extent: `[1, n]`, `[m, 1]`, `[1, 1]`).
+    fn block_dims(&self, g: &GradLayout) -> (usize, usize) {
+        let s = &self.spec;
+        match g.slot {
+            0 => (s.m, s.d),
+            1 => (s.n, s.d),
+            2 => (s.n, s.dv),
+            _ => {
+                let rows = if g.row_stride == 0 { 1 } else { s.m };
+                let cols = if g.col_stride == 0 { 1 } else { s.n };
+                (rows, cols)
+            }
+        }
+    }
+
+    fn block_len(&self, g: &GradLayout) -> usize {
+        let (r, c) = self.block_dims(g);
+        r * c
+    }
+
+    /// One batch entry: forward with log-sum-exp, then the backward into `blocks` (one per
+    /// gradient, each zeroed and `block_dims` in row-major order).
+    fn entry(
+        &self,
+        inputs: &[BufferView<'_>],
+        d_o: &[f32],
+        e: usize,
+        mut blocks: Vec<&mut [f32]>,
+        (m, _n, _d, dv): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let call = self.forward.call(inputs, e)?;
+        let mut o = vec![0.0f32; m * dv];
+        let mut lse = vec![0.0f32; m];
+        kernel::forward_with(&call, &mut o, &mut lse, self.wide).map_err(wide_err)?;
+        let index = batch_index(&self.spec.batch, e);
+        let at: usize = self
+            .d_o
+            .batch_strides
+            .iter()
+            .zip(&index)
+            .map(|(s, i)| s * i)
+            .sum();
+        let d_o = d_o
+            .get(at..at + m * dv)
+            .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
+        let mut grads = Gradients::default();
+        let mut slope = 0.0f32;
+        let mut slope_at = None;
+        for (k, (g, block)) in self.grads.iter().zip(blocks.iter_mut()).enumerate() {
+            let block: &mut [f32] = block;
+            match g.slot {
+                0 => grads.dq = Some(block),
+                1 => grads.dk = Some(block),
+                2 => grads.dv = Some(block),
+                _ if self.forward.score().slope == Some(g.slot - 3) => slope_at = Some(k),
+                _ => {
+                    let (rows, cols) = self.block_dims(g);
+                    grads.dbias = Some(BiasGrad {
+                        data: block,
+                        row_stride: if rows > 1 { cols } else { 0 },
+                        col_stride: usize::from(cols > 1),
+                    });
+                }
+            }
+        }
+        if slope_at.is_some() {
+            grads.dslope = Some(&mut slope);
+        }
+        let saved = Saved { o: &o, lse: &lse };
+        kernel::run_with(&call, &saved, d_o, &mut grads, self.wide).map_err(wide_err)?;
+        if let Some(k) = slope_at {
+            if let Some(x) = blocks[k].first_mut() {
+                *x = slope;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a backward step computes.
+#[derive(Clone, Debug)]
+pub enum BackwardKernel {
+    /// A fused attention's gradients.
+    Attention(Box<AttentionBackward>),
+    /// A linear attention's gradients.
+    Linear(LinearBackward),
+}
+
+/// A step that writes several gradients: `outputs[k]` receives gradient `k` (the step's own
+/// output buffer is `outputs[0]`).
+#[derive(Clone, Debug)]
+pub struct BackwardStep {
+    /// The kernel.
+    pub kernel: BackwardKernel,
+    /// The buffers written, one per gradient.
+    pub outputs: Vec<usize>,
+}
+
+impl BackwardStep {
+    /// Every gradient, in the order of `outputs`.
+    pub fn run(&self, inputs: &[BufferView<'_>], threads: usize) -> Result<Vec<Vec<f32>>> {
+        match &self.kernel {
+            BackwardKernel::Attention(a) => a.run(inputs, threads),
+            BackwardKernel::Linear(l) => l.run(inputs, threads),
+        }
+    }
+
+    /// The work space (batch entries, rows), to decide whether threads pay off.
+    pub fn work(&self) -> (usize, usize) {
+        match &self.kernel {
+            BackwardKernel::Attention(a) => (a.spec.batch_count(), a.spec.m),
+            BackwardKernel::Linear(l) => (l.batch.iter().product(), l.m),
+        }
+    }
+
+    /// A rough operation count: the forward and five products per visited score.
+    pub fn cost(&self) -> usize {
+        match &self.kernel {
+            BackwardKernel::Attention(a) => {
+                let s = &a.spec;
+                let (visited, total) = s.key_tiles();
+                let dense = s.m.saturating_mul(s.n).saturating_mul(s.d.max(s.dv).max(1));
+                let share = dense / total.max(1) * visited.max(1);
+                14usize
+                    .saturating_mul(s.batch_count())
+                    .saturating_mul(share)
+            }
+            BackwardKernel::Linear(l) => 8usize
+                .saturating_mul(l.batch.iter().product())
+                .saturating_mul(l.m + l.n)
+                .saturating_mul(l.d.max(1) * l.dv.max(1)),
+        }
+    }
+
+    /// One line for plans.
+    pub fn describe(&self) -> String {
+        let slots: Vec<String> = match &self.kernel {
+            BackwardKernel::Attention(a) => a.grads.iter(),
+            BackwardKernel::Linear(l) => l.grads.iter(),
+        }
+        .map(|g| format!("d{}", attnc_ir::backward::slot_name(g.slot)))
+        .collect();
+        match &self.kernel {
+            BackwardKernel::Attention(a) => {
+                let s = &a.spec;
+                let (visited, total) = s.key_tiles();
+                format!(
+                    "attention backward [{}] {} batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles (forward recomputed with its log-sum-exp)",
+                    a.tier_name(),
+                    slots.join(", "),
+                    s.batch,
+                    s.m,
+                    s.n,
+                    s.d,
+                    s.dv,
+                    s.mask.as_ref().map_or("none".to_string(), |m| m.to_string())
+                )
+            }
+            BackwardKernel::Linear(l) => format!(
+                "linear attention backward ({}key-value state{}) {} batch {:?} m={} n={} d={} dv={}",
+                if l.causal { "causal prefix " } else { "" },
+                if l.causal { " and its reverse" } else { "" },
+                slots.join(", "),
+                l.batch,
+                l.m,
+                l.n,
+                l.d,
+                l.dv
+            ),
+        }
+    }
+}
+
+/// The multi-index of batch entry `b` over `batch` (last axis fastest).
+pub(crate) fn batch_index(batch: &[usize], mut b: usize) -> Vec<usize> {
+    let mut index = vec![0; batch.len()];
+    for (a, &size) in batch.iter().enumerate().rev() {
+        if size > 0 {
+            index[a] = b % size;
+            b /= size;
+        }
+    }
+    index
+}
+
+fn buffer_err(name: &str, detail: &str) -> JitError {
+    JitError::Buffer {
+        input: name.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+fn wide_err(e: attnc_wide::problem::CallError) -> JitError {
+    JitError::Plan {
+        op: "attention backward".to_string(),
+        detail: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_layouts_are_recognized() {
+        let g = GradLayout {
+            slot: 1,
+            shape: vec![2, 3, 4, 5],
+            batch_strides: vec![60, 20],
+            row_stride: 5,
+            col_stride: 1,
+        };
+        assert!(g.identity(&[2, 3], 20));
+        // Keys shared by the second batch axis (grouped-query attention).
+        let shared = GradLayout {
+            shape: vec![2, 1, 4, 5],
+            batch_strides: vec![20, 0],
+            ..g
+        };
+        assert!(!shared.identity(&[2, 3], 20));
+        assert_eq!(batch_index(&[2, 3], 4), vec![1, 1]);
+    }
+}

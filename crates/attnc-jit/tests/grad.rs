@@ -1,0 +1,213 @@
+//! Gradient graphs compiled to machine code against the f64 interpreter: every example (its
+//! optimized form differentiated, so fused attentions get the fused backward step), and
+//! fused attention gradients over masks with fully masked rows, m ≠ n, grouped-query
+//! broadcasting, biases, softcaps and ALiBi slopes; on the full-width tier, on the portable
+//! tier, with fused ops planned by their plain form, and at one and two threads (bit-identical).
+
+mod common;
+
+use attnc_ir::grad::{vjp, Vjp};
+use attnc_ir::interp::evaluate_outputs;
+use attnc_ir::{Bindings, DType, Kernel};
+use attnc_jit::wide::Tiers;
+use attnc_jit::{CompileOptions, CompiledKernel, Input};
+use common::{bindings, inputs, kernel, optimized, REL_L2};
+use ndarray::{ArrayD, IxDyn};
+
+/// Every gradient of `g` compiled with `options`, run on `ins` with `threads`.
+fn run(
+    g: &Vjp,
+    b: &Bindings,
+    ins: &[(Vec<usize>, Vec<f32>)],
+    options: &CompileOptions,
+    threads: usize,
+) -> Vec<Vec<f32>> {
+    let k = g.kernel(0);
+    let compiled = CompiledKernel::compile_outputs(&k, &g.outputs(), b, options)
+        .unwrap_or_else(|e| panic!("compile: {e}"));
+    let f16: Vec<Vec<half::f16>> = ins
+        .iter()
+        .map(|(_, v)| v.iter().map(|&x| half::f16::from_f32(x)).collect())
+        .collect();
+    let bf16: Vec<Vec<half::bf16>> = ins
+        .iter()
+        .map(|(_, v)| v.iter().map(|&x| half::bf16::from_f32(x)).collect())
+        .collect();
+    let views: Vec<Input<'_>> = k
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match p.dtype {
+            DType::F32 => Input::F32(&ins[i].1),
+            DType::F16 => Input::F16(&f16[i]),
+            DType::Bf16 => Input::Bf16(&bf16[i]),
+        })
+        .collect();
+    compiled
+        .run_outputs(&views, threads)
+        .unwrap_or_else(|e| panic!("run: {e}"))
+        .into_iter()
+        .map(|o| o.data)
+        .collect()
+}
+
+/// Differentiates `k` with respect to every parameter: the interpreter on the plain form's
+/// gradient graph is the reference; the JIT runs the optimized form's gradient graph on
+/// every tier, fused and plain, at 1 and 2 threads. Returns the largest error.
+fn check(k: &Kernel, b: &Bindings, seed: u64) -> f64 {
+    let all: Vec<usize> = (0..k.params.len()).collect();
+    let plain = vjp(k, &all).expect("differentiates");
+    let fused = vjp(&optimized(k, b), &all).expect("differentiates");
+    let mut ins = inputs(&plain.kernel(0), b, seed);
+    // ALiBi slopes as models use them (2^-1, 2^-2, …): random ones up to ±2 over distances of
+    // a hundred keys make scores of hundreds, whose f32 rounding alone moves the slope's
+    // gradient (a cancelling sum over every score) by 1e-3 in any f32 evaluation.
+    for (p, (_, values)) in k.params.iter().zip(ins.iter_mut()) {
+        if p.name == "slope" {
+            for (h, x) in values.iter_mut().enumerate() {
+                *x = 0.5f32.powi(h as i32 + 1);
+            }
+        }
+    }
+    let arrays: Vec<ArrayD<f64>> = ins
+        .iter()
+        .map(|(s, v)| {
+            ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| f64::from(x)).collect())
+                .expect("shape")
+        })
+        .collect();
+    let want = evaluate_outputs(&plain.kernel(0), b, &arrays, &plain.outputs()).expect("interp");
+    let mut worst = 0.0f64;
+    let cases = [
+        (&fused, true, Tiers::ALL),
+        (&fused, true, Tiers::NONE),
+        (&fused, false, Tiers::ALL),
+        (&plain, true, Tiers::ALL),
+    ];
+    for (g, fuse_attention, tiers) in cases {
+        let options = CompileOptions {
+            parallel_threshold: 0,
+            fuse_attention,
+            tiers,
+            ..CompileOptions::default()
+        };
+        let one = run(g, b, &ins, &options, 1);
+        let two = run(g, b, &ins, &options, 2);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (((a, c), w), grad) in one.iter().zip(&two).zip(&want).zip(&g.gradients) {
+            assert_eq!(bits(a), bits(c), "d{}: threads 1 and 2 differ", grad.name);
+            let err = common::rel_l2(a, w);
+            assert!(
+                err <= REL_L2,
+                "d{}: relative L2 error {err:e} (fused {fuse_attention}, tiers {tiers:?})\n{}",
+                grad.name,
+                attnc_ir::print::print_kernel(k)
+            );
+            worst = worst.max(err);
+        }
+    }
+    worst
+}
+
+/// Whether `k` pools rows (`mean_pool`, `max_pool`).
+fn pools(k: &Kernel) -> bool {
+    k.graph
+        .topo_order()
+        .into_iter()
+        .any(|id| matches!(k.graph.node(id).op, attnc_ir::Op::Pool { .. }))
+}
+
+#[test]
+fn every_example_matches_the_interpreter() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("examples directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
+        .collect();
+    files.sort();
+    for path in files {
+        let src = std::fs::read_to_string(&path).expect("readable");
+        let k = kernel(&src);
+        if pools(&k) {
+            // Pooling has no derivative rule yet; the refusal is tested in attnc-ir.
+            continue;
+        }
+        let symbols = attnc_ir::bind::kernel_symbols(&k);
+        let dims = [
+            ("h", 2),
+            ("n", 70),
+            ("m", 23),
+            ("d", 9),
+            ("r", 5),
+            ("e", 7),
+            ("w", 3),
+        ];
+        let dims: Bindings = dims
+            .into_iter()
+            .filter(|(s, _)| symbols.iter().any(|x| x == s))
+            .map(|(s, v)| (s.to_string(), v))
+            .collect();
+        let shapes = vec![None; k.params.len()];
+        let b = attnc_ir::bind::bind_shapes(&k, &shapes, &dims).expect("binds");
+        let err = check(&k, &b, 3);
+        eprintln!("{}: worst relative L2 error {err:e}", path.display());
+    }
+}
+
+#[test]
+fn fused_attention_gradients_over_masks_biases_and_broadcasts() {
+    let cases: &[(&str, &[(&str, u64)])] = &[
+        // Sliding window with rows past the window, m ≠ n (queries aligned to the end).
+        (
+            "kernel f(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] {
+                return softmax(mask(q @ k.T / sqrt(d), causal & window(37))) @ v;
+            }",
+            &[("h", 2), ("m", 150), ("n", 131), ("d", 19), ("e", 7)],
+        ),
+        // More queries than keys under a causal mask: the first rows keep nothing.
+        (
+            "kernel f(q: f32[m, d], k: f32[n, d], v: f32[n, d]) -> f32[m, d] {
+                return softmax(mask(q @ k.T * 0.3, causal)) @ v;
+            }",
+            &[("m", 97), ("n", 40), ("d", 16)],
+        ),
+        // Grouped-query keys and values, a softcap.
+        (
+            "kernel f(q: f32[g, r, n, d], k: f32[g, 1, n, d], v: f32[g, 1, n, d]) -> f32[g, r, n, d] {
+                let s = q @ k.T / sqrt(d);
+                return softmax(mask(20 * tanh(s / 20), causal)) @ v;
+            }",
+            &[("g", 2), ("r", 3), ("n", 77), ("d", 12)],
+        ),
+        // ALiBi slopes and a causal mask with a global band.
+        (
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], slope: f32[h, 1, 1]) -> f32[h, n, d] {
+                let s = q @ k.T / sqrt(d) + slope * relpos(n, n);
+                return softmax(mask(s, causal & (window(20) | global(3)))) @ v;
+            }",
+            &[("h", 3), ("n", 140), ("d", 8)],
+        ),
+        // A bias over keys, broadcast over heads and queries.
+        (
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], b: f32[1, n]) -> f32[h, n, d] {
+                return softmax(mask(q @ k.T / sqrt(d) + b, block(32) | dilated(4, 9))) @ v;
+            }",
+            &[("h", 2), ("n", 100), ("d", 10)],
+        ),
+        // Causal linear attention: the reverse prefix state.
+        (
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, n, e] {
+                let a = mask((elu(q) + 1) @ (elu(k) + 1).T, causal, 0);
+                return (a @ v) / (sum(a, -1) + 0.5);
+            }",
+            &[("h", 2), ("n", 90), ("d", 6), ("e", 5)],
+        ),
+    ];
+    for (i, (src, dims)) in cases.iter().enumerate() {
+        let k = kernel(src);
+        let b = bindings(dims);
+        let err = check(&k, &b, 10 + i as u64);
+        eprintln!("case {i}: worst relative L2 error {err:e}");
+    }
+}

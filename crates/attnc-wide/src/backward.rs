@@ -1,0 +1,171 @@
+//! The backward of one attention call: the gradients of `O = softmax(mask(score(Q Kᵀ))) V`
+//! with respect to Q, K, V, the bias and the ALiBi slope, given the cotangent `dO` and what
+//! the forward saved (`O` and the row log-sum-exp), FlashAttention-2's way:
+//!
+//! ```text
+//! D_i  = Σ_c dO_ic O_ic                     P_ij = exp(x_ij − lse_i)   (kept positions)
+//! dP_ij = dO_i · v_j                        dX_ij = P_ij (dP_ij − D_i)
+//! dY_ij = dX_ij (1 − (x_ij / cap)²)          (softcap; dX without one)
+//! dS_ij = dY_ij · scale                     dbias_ij += dY_ij   dslope += dY_ij (j − i')
+//! dV_j += P_ij dO_i     dQ_i += dS_ij k_j   dK_j += dS_ij q_i
+//! ```
+//!
+//! where `x = cap·tanh(y / cap)`, `y = s·scale + bias + slope·(j − i')`. Only the key tiles
+//! the call's tile table lists are visited, element masks are evaluated on partial tiles only,
+//! and no `m × n` value is ever held: per tile pair a few scalars or one tile of scores. A
+//! masked position contributes nothing (it is skipped, never multiplied by 0), and a row that
+//! keeps no key (`lse = −∞`) contributes nothing.
+//!
+//! [`run`] takes the AVX-512 kernel where the CPU has it, else the portable one (plain Rust,
+//! any CPU); [`forward`] computes the saved `O` and log-sum-exp the same way. Both are tested
+//! against the f64 [`reference`](mod@reference).
+
+pub mod portable;
+pub mod reference;
+
+use crate::problem::{Call, CallError};
+
+/// What the forward saved for the backward, for one batch entry: `O` (`m × dv`, row-major)
+/// and the natural log-sum-exp of each row's masked scores (`−∞` for a row that keeps no key).
+#[derive(Clone, Copy, Debug)]
+pub struct Saved<'a> {
+    /// The output rows.
+    pub o: &'a [f32],
+    /// One log-sum-exp per row.
+    pub lse: &'a [f32],
+}
+
+/// The gradient of a broadcast bias: element `(i, j)` of the scores adds into
+/// `data[i·row_stride + j·col_stride]` (a stride of 0 sums over that axis).
+#[derive(Debug)]
+pub struct BiasGrad<'a> {
+    /// The gradient, accumulated into (the caller zeroes it).
+    pub data: &'a mut [f32],
+    /// Elements between query rows.
+    pub row_stride: usize,
+    /// Elements between keys.
+    pub col_stride: usize,
+}
+
+/// Where one call's gradients go. `dq`, `dk`, `dv` (row-major `m × d`, `n × d`, `n × dv`) are
+/// written whole; the bias and slope gradients are added into.
+#[derive(Debug, Default)]
+pub struct Gradients<'a> {
+    /// `dQ`.
+    pub dq: Option<&'a mut [f32]>,
+    /// `dK`.
+    pub dk: Option<&'a mut [f32]>,
+    /// `dV`.
+    pub dv: Option<&'a mut [f32]>,
+    /// The bias gradient.
+    pub dbias: Option<BiasGrad<'a>>,
+    /// The ALiBi slope gradient.
+    pub dslope: Option<&'a mut f32>,
+}
+
+/// Checks a backward call before anything is read: the forward call itself (as
+/// [`crate::problem::check`] does for all rows), the saved rows, `dO` and every gradient's
+/// size.
+pub fn check(
+    call: &Call<'_>,
+    saved: &Saved<'_>,
+    d_o: &[f32],
+    grads: &Gradients<'_>,
+) -> Result<(), CallError> {
+    let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
+    let mut scratch = [];
+    let out = crate::problem::Output {
+        o: &mut scratch,
+        row_stride: dv,
+        lse: None,
+    };
+    // Rows 0..0 check the operands and the table without an output.
+    crate::problem::check(call, &(0..0), &out)?;
+    let bad = |what: &str| Err(CallError::Shape(format!("backward: {what}")));
+    let rows = m.checked_mul(dv);
+    if rows.is_none_or(|r| saved.o.len() < r || d_o.len() < r) {
+        return bad("o or dO holds fewer than m × dv elements");
+    }
+    if saved.lse.len() < m {
+        return bad("the log-sum-exp holds fewer than m rows");
+    }
+    let fits = |g: &Option<&mut [f32]>, rows: usize, cols: usize| {
+        g.as_ref()
+            .is_none_or(|g| rows.checked_mul(cols).is_some_and(|len| g.len() == len))
+    };
+    if !fits(&grads.dq, m, d) || !fits(&grads.dk, n, d) || !fits(&grads.dv, n, dv) {
+        return bad("a gradient of q, k or v has the wrong size");
+    }
+    if let Some(b) = &grads.dbias {
+        if m > 0 && n > 0 {
+            let last = (m - 1)
+                .checked_mul(b.row_stride)
+                .zip((n - 1).checked_mul(b.col_stride))
+                .and_then(|(r, c)| r.checked_add(c));
+            if last.is_none_or(|l| l >= b.data.len()) {
+                return bad("the bias gradient reaches past its elements");
+            }
+        }
+        if call.score.bias.is_none() {
+            return bad("a bias gradient without a bias");
+        }
+    }
+    if grads.dslope.is_some() && call.score.alibi_slope.is_none() {
+        return bad("a slope gradient without a slope");
+    }
+    Ok(())
+}
+
+/// The gradients of one batch entry (see the module docs), on AVX-512 where available.
+pub fn run(
+    call: &Call<'_>,
+    saved: &Saved<'_>,
+    d_o: &[f32],
+    grads: &mut Gradients<'_>,
+) -> Result<(), CallError> {
+    run_with(call, saved, d_o, grads, true)
+}
+
+/// [`run`], on the portable kernel unless `wide` allows AVX-512.
+pub fn run_with(
+    call: &Call<'_>,
+    saved: &Saved<'_>,
+    d_o: &[f32],
+    grads: &mut Gradients<'_>,
+    wide: bool,
+) -> Result<(), CallError> {
+    check(call, saved, d_o, grads)?;
+    let _ = wide;
+    portable::backward(call, saved, d_o, grads);
+    Ok(())
+}
+
+/// The forward of one batch entry with its log-sum-exp, every row: on the AVX-512 kernel where
+/// available (and the table has its tile sizes), else the portable one.
+pub fn forward(call: &Call<'_>, o: &mut [f32], lse: &mut [f32]) -> Result<(), CallError> {
+    forward_with(call, o, lse, true)
+}
+
+/// [`forward`], on the portable kernel unless `wide` allows AVX-512.
+pub fn forward_with(
+    call: &Call<'_>,
+    o: &mut [f32],
+    lse: &mut [f32],
+    wide: bool,
+) -> Result<(), CallError> {
+    let (m, dv) = (call.m(), call.v.cols);
+    let wide_tiles = call.tiles.query_tile == crate::attention::QUERY_TILE
+        && call.tiles.key_tile == crate::attention::KEY_TILE;
+    let mut out = crate::problem::Output {
+        o,
+        row_stride: dv,
+        lse: Some(lse),
+    };
+    if wide && crate::attention::available() && wide_tiles {
+        return crate::attention::run(call, 0..m, &mut out);
+    }
+    crate::problem::check(call, &(0..m), &out)?;
+    let lse = out.lse.take().unwrap_or_default();
+    portable::forward(call, out.o, lse);
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! The backward kernels (and the forward with log-sum-exp they start from) against the f64
+//! reference, on odd shapes (m ≠ n, rows that keep nothing), every mask family, biases with
+//! every broadcast, ALiBi slopes and softcaps; tile tables at the AVX-512 sizes and at small
+//! odd sizes (the portable kernel takes any).
+//!
+//! Tolerance: relative L2 error ≤ 1e-5 per gradient on standard-normal data (f32 arithmetic
+//! against f64), measured over the gradient's elements; |Δlse| ≤ 1e-5·max(1, |lse|).
+
+use attnc_wide::attention::{KEY_TILE, QUERY_TILE};
+use attnc_wide::backward::{self, reference::reference, BiasGrad, Gradients, Saved};
+use attnc_wide::problem::{Bias, Call, Elements, KeyMask, Operand, Score, TileTable};
+use proptest::prelude::*;
+
+/// splitmix64 → Box–Muller standard normals.
+struct Normal(u64);
+
+impl Normal {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn sample(&mut self) -> f32 {
+        let u = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let v = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+
+    fn vec(&mut self, len: usize) -> Vec<f32> {
+        (0..len).map(|_| self.sample()).collect()
+    }
+}
+
+fn relative_l2(got: &[f32], want: &[f64]) -> f64 {
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        diff += (f64::from(*g) - w).powi(2);
+        norm += w * w;
+    }
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+fn op(x: &[f32], rows: usize, cols: usize) -> Operand<'_> {
+    Operand {
+        data: Elements::F32(x),
+        rows,
+        cols,
+        row_stride: cols,
+    }
+}
+
+fn mask_of(k: u8) -> Option<KeyMask> {
+    match k % 7 {
+        0 => None,
+        1 => Some(KeyMask::Causal),
+        2 => Some(KeyMask::And(
+            Box::new(KeyMask::Causal),
+            Box::new(KeyMask::Window(40)),
+        )),
+        3 => Some(KeyMask::Window(3)),
+        4 => Some(KeyMask::Or(
+            Box::new(KeyMask::Block(16)),
+            Box::new(KeyMask::Global(5)),
+        )),
+        5 => Some(KeyMask::Dilated { w: 6, r: 3 }),
+        _ => Some(KeyMask::Causal),
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    m: usize,
+    n: usize,
+    d: usize,
+    dv: usize,
+    mask: u8,
+    /// 0 none, 1 [m, n], 2 [1, n], 3 [m, 1].
+    bias: u8,
+    slope: bool,
+    softcap: bool,
+    small_tiles: bool,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        (1usize..150, 1usize..150, 1usize..70, 1usize..40),
+        (
+            any::<u8>(),
+            0u8..4,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+        any::<u64>(),
+    )
+        .prop_map(
+            |((m, n, d, dv), (mask, bias, slope, softcap, small_tiles), seed)| Case {
+                m,
+                n,
+                d,
+                dv,
+                mask,
+                bias,
+                slope,
+                softcap,
+                small_tiles,
+                seed,
+            },
+        )
+}
+
+fn check(c: &Case) {
+    let Case { m, n, d, dv, .. } = *c;
+    let mut rng = Normal(c.seed);
+    let (q, k, v, d_o) = (
+        rng.vec(m * d),
+        rng.vec(n * d),
+        rng.vec(n * dv),
+        rng.vec(m * dv),
+    );
+    let bias_data = rng.vec(m * n);
+    let (brs, bcs) = match c.bias {
+        1 => (n, 1),
+        2 => (0, 1),
+        _ => (1, 0),
+    };
+    let mask = mask_of(c.mask);
+    let (qt, kt) = if c.small_tiles {
+        (5, 7)
+    } else {
+        (QUERY_TILE, KEY_TILE)
+    };
+    let tiles = match &mask {
+        Some(p) => TileTable::enumerate(p, m, n, qt, kt),
+        None => TileTable::dense(m, n, qt, kt),
+    };
+    let call = Call {
+        q: op(&q, m, d),
+        k: op(&k, n, d),
+        v: op(&v, n, dv),
+        score: Score {
+            scale: 1.0 / (d as f32).sqrt(),
+            bias: (c.bias > 0).then_some(Bias {
+                data: &bias_data,
+                row_stride: brs,
+                col_stride: bcs,
+            }),
+            alibi_slope: c.slope.then_some(-0.3),
+            softcap: c.softcap.then_some(2.5),
+        },
+        mask: mask.as_ref(),
+        tiles: &tiles,
+    };
+    let mut o = vec![0.0f32; m * dv];
+    let mut lse = vec![0.0f32; m];
+    backward::forward(&call, &mut o, &mut lse).expect("forward runs");
+    let (want_o, want_lse) = attnc_wide::problem::reference(&call);
+    for (g, w) in lse.iter().zip(&want_lse) {
+        let ok = (g == w) || (g - w).abs() <= 1e-5 * w.abs().max(1.0);
+        assert!(ok, "lse {g} vs {w}");
+    }
+    let want_o: Vec<f64> = want_o.iter().map(|&x| f64::from(x)).collect();
+    assert!(relative_l2(&o, &want_o) <= 1e-5, "forward O");
+
+    let (mut dq, mut dk, mut dvv) = (
+        vec![0.0f32; m * d],
+        vec![0.0f32; n * d],
+        vec![0.0f32; n * dv],
+    );
+    let bias_len = match c.bias {
+        1 => m * n,
+        2 => n,
+        _ => m,
+    };
+    let mut dbias = vec![0.0f32; bias_len];
+    let mut dslope = 0.0f32;
+    let mut grads = Gradients {
+        dq: Some(&mut dq),
+        dk: Some(&mut dk),
+        dv: Some(&mut dvv),
+        dbias: (c.bias > 0).then_some(BiasGrad {
+            data: &mut dbias,
+            row_stride: brs,
+            col_stride: bcs,
+        }),
+        dslope: c.slope.then_some(&mut dslope),
+    };
+    let saved = Saved { o: &o, lse: &lse };
+    backward::run(&call, &saved, &d_o, &mut grads).expect("backward runs");
+    let r = reference(&call, &d_o);
+    for (name, got, want) in [("dq", &dq, &r.dq), ("dk", &dk, &r.dk), ("dv", &dvv, &r.dv)] {
+        let e = relative_l2(got, want);
+        assert!(e <= 1e-5, "{name}: relative L2 error {e:e} ({c:?})");
+    }
+    if c.bias > 0 {
+        let mut want = vec![0.0f64; bias_len];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * brs + j * bcs] += r.dbias[i * n + j];
+            }
+        }
+        // A bias per row gets exactly 0 (softmax ignores a per-row shift): the sums cancel,
+        // so the error is measured against the size of the terms summed.
+        let terms: f64 = r.magnitude.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let e = relative_l2(&dbias, &want) * norm.max(f64::MIN_POSITIVE) / norm.max(terms);
+        assert!(e <= 1e-5, "dbias: relative L2 error {e:e} ({c:?})");
+    }
+    if c.slope {
+        // The slope gradient Σ dY·(j − i') cancels (each row's dY sums to 0) while the scores
+        // carry an f32 error growing with their size, |x| up to |slope|·n: held to the size
+        // of the terms times that conditioning.
+        let mut terms = 0.0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let rel = j as f64 - (i + n) as f64 + m as f64;
+                terms += r.magnitude[i * n + j] * rel.abs().max(1.0);
+            }
+        }
+        let cond = 1.0 + 0.3 * n as f64 + 4.0;
+        let e = (f64::from(dslope) - r.dslope).abs();
+        assert!(
+            e <= 1e-6 * terms * cond,
+            "dslope {dslope} vs {} ({c:?})",
+            r.dslope
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn backward_matches_the_f64_reference(c in case()) {
+        check(&c);
+    }
+}
+
+#[test]
+fn rows_that_keep_nothing_get_zero_gradients() {
+    // m = 6 queries against n = 3 keys, causal: queries 0..3 (i' < 0) keep nothing.
+    let c = Case {
+        m: 6,
+        n: 3,
+        d: 4,
+        dv: 2,
+        mask: 1,
+        bias: 0,
+        slope: false,
+        softcap: false,
+        small_tiles: true,
+        seed: 5,
+    };
+    check(&c);
+}
+
+#[test]
+fn calls_that_do_not_fit_are_refused() {
+    let x = vec![0.0f32; 12];
+    let op = |rows: usize, cols: usize| Operand {
+        data: Elements::F32(&x),
+        rows,
+        cols,
+        row_stride: cols,
+    };
+    let tiles = TileTable::dense(3, 3, 4, 4);
+    let call = Call {
+        q: op(3, 2),
+        k: op(3, 2),
+        v: op(3, 2),
+        score: Score::scaled(1.0),
+        mask: None,
+        tiles: &tiles,
+    };
+    let saved = Saved {
+        o: &x[..6],
+        lse: &x[..3],
+    };
+    let mut short = vec![0.0f32; 5];
+    let mut grads = Gradients {
+        dq: Some(&mut short),
+        ..Gradients::default()
+    };
+    assert!(backward::run(&call, &saved, &x[..6], &mut grads).is_err());
+    let mut grads = Gradients::default();
+    assert!(backward::run(&call, &saved, &x[..5], &mut grads).is_err());
+    let mut slope = 0.0f32;
+    let mut grads = Gradients {
+        dslope: Some(&mut slope),
+        ..Gradients::default()
+    };
+    assert!(backward::run(&call, &saved, &x[..6], &mut grads).is_err());
+}
