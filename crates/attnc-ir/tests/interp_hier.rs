@@ -65,7 +65,11 @@ fn logsumexp_matches_the_formula_with_its_corner_cases() {
     let kernel = only("kernel f(x: f32[r, n]) -> f32[r, 1] { return logsumexp(x, -1); }");
     for (rows, n, seed) in [(3, 5, 1), (1, 1, 2), (4, 0, 3), (0, 3, 4), (2, 113, 5)] {
         let x = random(&[rows, n], seed).mapv(|v| v * 30.0);
-        assert_close(&run(&kernel, &[x.clone()]), &ref_logsumexp(&x), 1e-12);
+        assert_close(
+            &run(&kernel, std::slice::from_ref(&x)),
+            &ref_logsumexp(&x),
+            1e-12,
+        );
     }
     let ninf = f64::NEG_INFINITY;
     let x = arr(
@@ -85,7 +89,11 @@ fn logsumexp_matches_the_formula_with_its_corner_cases() {
             1.0, // NaN propagates
         ],
     );
-    assert_close(&run(&kernel, &[x.clone()]), &ref_logsumexp(&x), 1e-12);
+    assert_close(
+        &run(&kernel, std::slice::from_ref(&x)),
+        &ref_logsumexp(&x),
+        1e-12,
+    );
     // Huge logits stay finite (the maximum is subtracted first; exp(1e30) alone overflows).
     let big = arr(&[1, 2], vec![1e30, 1e30]);
     let got = run(&kernel, &[big]);
@@ -93,7 +101,7 @@ fn logsumexp_matches_the_formula_with_its_corner_cases() {
     // Along another axis, keeping it.
     let kernel = only("kernel f(x: f32[r, n]) -> f32[1, n] { return logsumexp(x, 0); }");
     let x = random(&[3, 4], 9);
-    let got = run(&kernel, &[x.clone()]);
+    let got = run(&kernel, std::slice::from_ref(&x));
     let want = ref_logsumexp(&x.t().to_owned().into_dyn());
     for j in 0..4 {
         assert!((got[[0, j]] - want[[j, 0]]).abs() < 1e-12);
@@ -170,7 +178,7 @@ fn softmax_sink_adds_one_logit_to_every_denominator() {
 /// Blocks of `b` rows of `[h, n, d]`: mean or max of each (the last block over its own rows).
 fn ref_pool(x: &ArrayD<f64>, b: usize, max: bool) -> ArrayD<f64> {
     let (h, n, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    let blocks = (n + b - 1) / b;
+    let blocks = n.div_ceil(b);
     let mut out = ArrayD::zeros(IxDyn(&[h, blocks, d]));
     for a in 0..h {
         for t in 0..blocks {
@@ -199,8 +207,16 @@ fn pooling_covers_every_row_once_and_the_last_block_is_shorter() {
         let (mean, max) = (only(&src("mean_pool")), only(&src("max_pool")));
         for (h, n, d, seed) in [(2, 7, 3, 1), (1, 1, 1, 2), (1, 0, 4, 3), (3, 13, 2, 4)] {
             let x = random(&[h, n, d], seed);
-            assert_close(&run(&mean, &[x.clone()]), &ref_pool(&x, b, false), 1e-12);
-            assert_close(&run(&max, &[x.clone()]), &ref_pool(&x, b, true), 0.0);
+            assert_close(
+                &run(&mean, std::slice::from_ref(&x)),
+                &ref_pool(&x, b, false),
+                1e-12,
+            );
+            assert_close(
+                &run(&max, std::slice::from_ref(&x)),
+                &ref_pool(&x, b, true),
+                0.0,
+            );
         }
     }
     // A block size from `--shape`, the pooled rows as `ceil(n/b)` in the type.
@@ -284,7 +300,7 @@ fn cumsum_is_the_inclusive_running_sum() {
                 }
             }
         }
-        assert_close(&run(&last, &[x.clone()]), &want_last, 1e-12);
+        assert_close(&run(&last, std::slice::from_ref(&x)), &want_last, 1e-12);
         assert_close(&run(&middle, &[x]), &want_mid, 1e-12);
     }
 }
