@@ -3,13 +3,14 @@
 use crate::dim::Dim;
 use crate::pattern::{MaskPattern, SymbolicPattern};
 use attnc_syntax::ast::{DimExpr, Pattern, PatternKind};
-use attnc_syntax::Diagnostic;
+use attnc_syntax::{Diagnostic, Span};
 
 /// Converts a pattern, rejecting `dilated(w, 0)` and `block(0)`. A size written as a name is a
 /// dimension symbol (bound by an input's shape or `--shape`); `is_value` says which names are
 /// arrays (parameters, `let`s), which cannot be sizes.
 ///
-/// Recurses once per nested `&`/`|`, so no deeper than the AST itself.
+/// Recurses once per nested chain (as deep as the AST) and `⌈log₂ k⌉` times within a chain
+/// of `k` operands.
 pub(crate) fn mask_pattern(
     p: &Pattern,
     is_value: &dyn Fn(&str) -> bool,
@@ -52,21 +53,37 @@ pub(crate) fn mask_pattern(
             )
         }
         PatternKind::Block(b) => MaskPattern::Block(size(b)?),
-        PatternKind::And(a, b) => MaskPattern::And(
-            Box::new(mask_pattern(a, is_value)?),
-            Box::new(mask_pattern(b, is_value)?),
-        ),
-        PatternKind::Or(a, b) => MaskPattern::Or(
-            Box::new(mask_pattern(a, is_value)?),
-            Box::new(mask_pattern(b, is_value)?),
-        ),
+        PatternKind::And(operands) => balanced(operands, p.span, is_value, MaskPattern::And)?,
+        PatternKind::Or(operands) => balanced(operands, p.span, is_value, MaskPattern::Or)?,
     })
+}
+
+/// A chain `p₁ ∘ … ∘ pₖ` of an associative `∘` (`&` or `|`) as a balanced tree of depth
+/// `⌈log₂ k⌉`: `(p₁ ∘ p₂) ∘ p₃` for three, `(p₁ ∘ p₂) ∘ (p₃ ∘ p₄)` for four. A chain of any
+/// length stays shallow, so the code that walks patterns by recursion needs no deep stack.
+/// (The parser's chains have two or more operands; an empty one is an error.)
+fn balanced(
+    operands: &[Pattern],
+    span: Span,
+    is_value: &dyn Fn(&str) -> bool,
+    node: fn(Box<SymbolicPattern>, Box<SymbolicPattern>) -> SymbolicPattern,
+) -> Result<SymbolicPattern, Diagnostic> {
+    match operands {
+        [] => Err(Diagnostic::error("an empty chain of mask patterns", span)),
+        [one] => mask_pattern(one, is_value),
+        _ => {
+            let (left, right) = operands.split_at(operands.len().div_ceil(2));
+            Ok(node(
+                Box::new(balanced(left, span, is_value, node)?),
+                Box::new(balanced(right, span, is_value, node)?),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use attnc_syntax::Span;
 
     fn lit(value: u64) -> DimExpr {
         DimExpr::Lit {
@@ -88,13 +105,13 @@ mod tests {
 
     #[test]
     fn converts_combinations() {
-        let pat = p(PatternKind::And(
-            Box::new(p(PatternKind::Causal)),
-            Box::new(p(PatternKind::Or(
-                Box::new(p(PatternKind::Window(lit(4)))),
-                Box::new(p(PatternKind::Dilated(lit(2), lit(3)))),
-            ))),
-        ));
+        let pat = p(PatternKind::And(vec![
+            p(PatternKind::Causal),
+            p(PatternKind::Or(vec![
+                p(PatternKind::Window(lit(4))),
+                p(PatternKind::Dilated(lit(2), lit(3))),
+            ])),
+        ]));
         let got = convert(&pat).map(|m| m.to_string());
         assert_eq!(
             got.ok().as_deref(),
