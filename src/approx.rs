@@ -38,7 +38,7 @@ pub struct Validation {
     pub accepted: bool,
     /// The number of output rows compared.
     pub sample_rows: usize,
-    /// Where the sample came from: `random(seed = S)` or the calibration files.
+    /// Where the sample came from: `random(seed = S)`, the calibration files, the inputs.
     pub sample: String,
     /// Wall time this measurement added to compilation, in milliseconds: from the approximate
     /// plan's machine code being ready to the verdict (waiting for the exact plan, which
@@ -103,6 +103,7 @@ pub fn optimizer_policy(policy: &Policy) -> ApproxPolicy {
             ApproxKind::Bf16 => Some(Approx::Bf16),
             ApproxKind::F16 => Some(Approx::F16),
             ApproxKind::Int8 => Some(Approx::Int8),
+            ApproxKind::Bf16Products => Some(Approx::Bf16Products),
             ApproxKind::Lowrank { r } => Some(Approx::LowRank { r: *r, seed }),
             ApproxKind::RandomFeatures { m, seed: s } => Some(Approx::RandomFeatures {
                 m: *m,
@@ -142,6 +143,7 @@ pub(crate) fn compile_with_policy(
     let policy = compiler.policy();
     let threads = compiler.threads();
     let drawn = calibration.drawn;
+    let label = calibration.label.unwrap_or("the calibration files");
     let calibration = calibration.tensors;
     let mut approx = optimizer_policy(policy);
     let mut validations = Vec::new();
@@ -242,7 +244,7 @@ pub(crate) fn compile_with_policy(
         let sample = if calibration.is_empty() {
             format!("random(seed = {})", policy.seed())
         } else {
-            "the calibration files".to_string()
+            label.to_string()
         };
         validations.push(Validation {
             approximations: applied.iter().map(Approx::to_string).collect(),

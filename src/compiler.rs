@@ -60,6 +60,8 @@ pub struct Calibration<'a> {
     pub tensors: &'a [(String, Tensor)],
     /// Inputs a `--random` run has drawn already with the same seed (copied, not redrawn).
     pub drawn: DrawnInputs<'a>,
+    /// How reports name where `tensors` came from (default: `the calibration files`).
+    pub label: Option<&'a str>,
 }
 
 impl Compiler {
@@ -128,9 +130,11 @@ impl Compiler {
 
     /// The optimizer's options under this compiler's ceilings, with `approx` allowed.
     fn optimize_options(&self, approx: ApproxPolicy) -> OptimizeOptions {
+        let tiers = attnc_jit::wide::Tiers::available(self.options.tiers);
         OptimizeOptions {
             ceilings: self.ceilings,
             approx,
+            tiers: attnc_opt::TierSpeeds::measured_kernels(tiers.avx512, tiers.amx_bf16, tiers.amx),
             ..OptimizeOptions::default()
         }
     }
@@ -257,7 +261,7 @@ impl Compiler {
             )
         });
         Err(RunError::Memory {
-            what: "the plan's buffers",
+            what: "the plan",
             needed: memory.peak_bytes,
             budget,
             largest: largest.unwrap_or_default(),

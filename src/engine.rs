@@ -53,7 +53,7 @@ pub enum RunError {
         crate::compiler::format_bytes(*budget)
     )]
     Memory {
-        /// What needs the memory: `the plan's buffers`, `the interpreter`.
+        /// What needs the memory: `the plan`, `the interpreter`.
         what: &'static str,
         /// Bytes needed at the peak.
         needed: u64,

@@ -30,5 +30,6 @@ pub mod policy;
 pub mod source;
 
 pub use attnc_ir as ir;
+pub use attnc_jit as jit;
 pub use attnc_syntax as syntax;
 pub use compiler::{Calibration, Compiled, Compiler};

@@ -114,6 +114,7 @@ fn parse_item(item: &str) -> Result<ApproxKind, String> {
         "bf16" => return Ok(ApproxKind::Bf16),
         "f16" => return Ok(ApproxKind::F16),
         "int8" => return Ok(ApproxKind::Int8),
+        "bf16_products" => return Ok(ApproxKind::Bf16Products),
         _ => {}
     }
     if let Some(value) = item.strip_prefix("tol=") {

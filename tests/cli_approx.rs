@@ -30,7 +30,7 @@ fn json_reports_estimated_and_measured_errors() {
         "--random",
         "0",
         "--shape",
-        "h=1,n=512,d=64",
+        "h=1,n=1024,d=64",
         "--approx",
         "random_features(m=64,seed=1)",
         "--tol",
@@ -218,4 +218,131 @@ fn verify_fails_with_status_1_when_calibration_data_misrepresents_the_inputs() {
     assert_eq!(doc["ok"], false, "{report}");
     assert_eq!(doc["error"]["kind"], "verify", "{report}");
     assert_eq!(status(&out), 1, "{}", stderr(&out));
+}
+
+/// Writes `tensor` as `name.npy` under `dir` and returns the `--input` argument naming it.
+fn input_arg(dir: &std::path::Path, name: &str, tensor: &attnc::io::Tensor) -> String {
+    let path = dir.join(format!("{name}.npy"));
+    attnc::io::write_npy(&path, tensor).expect("writes");
+    format!("{name}={}", path.display())
+}
+
+#[test]
+fn int8_is_validated_on_the_users_inputs_not_on_random_data() {
+    // Keys with one channel 40× the others: the portable tier's int8 scale per key row spends
+    // its range on that channel, and the error on these inputs is about 9 % although random
+    // data passes at 0.4 %. (AMX int8 keeps a second digit and passes both.)
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (n, d) = (512, 64);
+    let q = tensor(1, n, d, 1.0);
+    let mut k = tensor(2, n, d, 1.0);
+    if let attnc::io::TensorData::F32(values) = &mut k.data {
+        for row in values.chunks_mut(d) {
+            row[0] *= 40.0;
+        }
+    }
+    let v = tensor(3, n, d, 1.0);
+    let file = "examples/performer.attn";
+    let mut args: Vec<String> = ["run", file, "--approx", "int8", "--tol", "0.01"]
+        .map(String::from)
+        .to_vec();
+    for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+        args.extend(["--input".to_string(), input_arg(dir.path(), name, t)]);
+    }
+    args.extend(["--format", "json"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = common::attnc_with_env(&args, &[("ATTNC_TIERS", "cranelift")]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let validation = &doc["validations"][0];
+    assert_eq!(validation["sample"], "the inputs (q, k, v)", "{validation}");
+    assert_eq!(validation["accepted"], false, "{validation}");
+    assert!(
+        validation["measured_error"]
+            .as_f64()
+            .is_some_and(|e| e > 0.01),
+        "{validation}"
+    );
+}
+
+#[test]
+fn a_nan_in_the_inputs_forbids_approximations_and_stays_in_the_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (n, d) = (256, 64);
+    let mut q = tensor(1, n, d, 1.0);
+    if let attnc::io::TensorData::F32(values) = &mut q.data {
+        values[5 * d + 3] = f32::NAN;
+    }
+    let mut args: Vec<String> = ["run", "examples/performer.attn", "--approx", "int8"]
+        .map(String::from)
+        .to_vec();
+    for (index, name) in ["q", "k", "v"].into_iter().enumerate() {
+        let t = if name == "q" {
+            q.clone()
+        } else {
+            tensor(index as u64 + 1, n, d, 1.0)
+        };
+        args.extend(["--input".to_string(), input_arg(dir.path(), name, &t)]);
+    }
+    args.extend(["--format", "json"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = attnc(&args);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    assert!(
+        doc["notes"].to_string().contains("NaN or infinite"),
+        "{}",
+        doc["notes"]
+    );
+    assert_eq!(
+        doc["stats"]["nan"], 64,
+        "row 5 of the output is NaN, and only it"
+    );
+}
+
+#[test]
+fn bf16_products_run_on_amx_tiles_within_their_error_or_say_why_not() {
+    let out = attnc(&[
+        "run",
+        "benches/kernels/dense.attn",
+        "--random",
+        "0",
+        "--shape",
+        "h=2,n=300,d=64",
+        "--approx",
+        "bf16_products",
+        "--verify",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let outcome = &doc["approximations"][0];
+    if attnc::jit::wide::Tiers::available(attnc::jit::wide::Tiers::ALL).amx_bf16 {
+        assert_eq!(outcome["applied"], true, "{outcome}");
+        let measured = doc["validations"][0]["measured_error"]
+            .as_f64()
+            .unwrap_or(1.0);
+        // Q, K, V and P rounded to bf16: about 2.5e-3 on standard-normal data.
+        assert!(measured < 5e-3, "{measured}");
+        assert!(doc["verify"]["relative_l2_error"].as_f64().unwrap_or(1.0) < 5e-3);
+        let plan = attnc(&[
+            "explain",
+            "benches/kernels/dense.attn",
+            "--shape",
+            "h=2,n=300,d=64",
+            "--approx",
+            "bf16_products",
+            "--format",
+            "json",
+        ]);
+        let text = json(&plan)["plan"].as_str().unwrap_or_default().to_string();
+        assert!(text.contains("amx bf16"), "{text}");
+    } else {
+        assert_eq!(outcome["applied"], false);
+        assert!(outcome["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("AMX"));
+    }
 }

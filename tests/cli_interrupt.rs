@@ -167,3 +167,51 @@ fn sigterm_under_json_prints_one_error_document_and_exits_130() {
     assert_eq!(doc["error"]["kind"], "interrupted");
     assert!(!out_path.exists(), "no output file after SIGTERM");
 }
+
+#[test]
+fn sigterm_or_sighup_at_any_moment_leaves_the_complete_output_or_none() {
+    // A 64 MiB output: the signal lands before, during or after its write depending on the
+    // delay. Whatever the moment, exit 0 comes with the complete file, exit 130 with none, and
+    // no temporary file is ever left.
+    let file = common::examples_dir().join("local.attn");
+    let expected_len = 8 * 32768 * 64 * 4;
+    for (round, delay_ms) in [200u64, 500, 800, 1100, 1400, 1700, 2000, 2600]
+        .into_iter()
+        .enumerate()
+    {
+        let signal = if round % 2 == 0 { "-TERM" } else { "-HUP" };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out_path = dir.path().join("out.npy");
+        let child = Command::new(env!("CARGO_BIN_EXE_attnc"))
+            .env("ATTNC_CEILINGS", "default")
+            .arg("run")
+            .arg(&file)
+            .args(["--random", "0", "--shape", "h=8,n=32768,d=64", "--output"])
+            .arg(&out_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("attnc starts");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        // The process may have finished: then `kill` fails and the run must be complete.
+        let _ = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let status = child.wait_with_output().expect("attnc exits").status;
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("tempdir readable")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        match status.code() {
+            Some(0) => {
+                assert_eq!(names, ["out.npy"], "{signal} at {delay_ms} ms");
+                let len = std::fs::metadata(&out_path).expect("output").len();
+                assert!(len > expected_len, "{signal} at {delay_ms} ms: {len} bytes");
+            }
+            Some(130) => assert!(names.is_empty(), "{signal} at {delay_ms} ms: {names:?}"),
+            other => panic!("{signal} at {delay_ms} ms: exit {other:?}"),
+        }
+    }
+}

@@ -119,12 +119,16 @@ pub enum BindError {
         symbol: String,
     },
     /// A shape's element count overflows (checked multiplication).
-    #[error("{place} has shape {shape} whose element count is too large")]
+    #[error("{place} would have shape {symbolic} = {shape}: too many elements to hold{}", dims_hint(.dims))]
     Overflow {
         /// What has the shape: ``input `q` `` or `node %7 (matmul)`.
         place: String,
+        /// The shape as written (`[h, n, n]`).
+        symbolic: String,
         /// The shape with its bound values (`[65536, 65536, 65536]`).
         shape: String,
+        /// The dimension symbols of the shape and their values, largest first.
+        dims: Vec<(String, u64)>,
     },
     /// A dimension symbol used as a number (`sqrt(d)`) is bound to 0.
     #[error("dimension `{symbol}` is 0 but is used as a number (e.g. sqrt({symbol}))")]
@@ -276,6 +280,13 @@ pub fn bind_shapes(
     Ok(bindings)
 }
 
+/// `; the dimension n = 99999 is too large` for the largest symbol of an overflowing shape.
+fn dims_hint(dims: &[(String, u64)]) -> String {
+    dims.first()
+        .map(|(name, value)| format!("; the dimension {name} = {value} is too large"))
+        .unwrap_or_default()
+}
+
 /// Resolves one symbolic shape to sizes, checking that its element count fits
 /// ([`MAX_ELEMENTS`]); `place` names the shape's owner in errors.
 ///
@@ -303,9 +314,19 @@ pub fn resolve_checked(
         (Some(sizes), Some(count)) if count <= MAX_ELEMENTS => Ok(sizes),
         _ => {
             let shown: Vec<Dim> = values.iter().map(|&v| Dim::Const(v)).collect();
+            let mut dims: Vec<(String, u64)> = shape
+                .iter()
+                .zip(&values)
+                .filter(|(dim, _)| matches!(dim, Dim::Sym(_)))
+                .map(|(dim, &value)| (dim.to_string(), value))
+                .collect();
+            dims.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            dims.dedup();
             Err(BindError::Overflow {
                 place: place(),
+                symbolic: format_shape(shape),
                 shape: format_shape(&shown),
+                dims,
             })
         }
     }

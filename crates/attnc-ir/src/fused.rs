@@ -170,6 +170,9 @@ pub enum Precision {
     /// allow. The interpreter evaluates it exactly; its error is measured before a plan that
     /// uses it is accepted.
     Int8,
+    /// Q·Kᵀ and P·V on bfloat16 operands with f32 accumulation and an f32 softmax (AMX tile
+    /// products): an approximation, evaluated exactly by the interpreter like `Int8`.
+    Bf16,
 }
 
 impl Precision {
@@ -178,6 +181,7 @@ impl Precision {
         match self {
             Precision::Exact => "exact",
             Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
         }
     }
 }

@@ -28,6 +28,9 @@
 //! - Dimensions may be 0: empty in, empty out; a product over zero keys is 0.
 //! - Fused ops mean their plain form (`interp/fused.rs`); causal linear attention sums each
 //!   row's prefix only.
+//! - **Beyond the f32 range** (`interp/range.rs`): every node's value, and every plain-form
+//!   step of a fused op, is rounded to the f32 range (±inf past it, ±0 below the smallest
+//!   subnormal) and otherwise keeps f64 precision.
 
 use crate::bind::{resolve_checked, resolve_node_shapes, BindError};
 use crate::dim::Bindings;
@@ -39,8 +42,10 @@ use ndarray::{ArrayD, ArrayView1, ArrayViewMut1, Axis, IxDyn, Zip};
 mod backward;
 mod fused;
 mod memory;
+mod range;
 
 pub use memory::{interp_memory, InterpMemory};
+pub use range::to_f32_range;
 
 /// Why a kernel could not be evaluated.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -197,6 +202,7 @@ pub fn evaluate_outputs(
                 })
                 .collect::<Result<_, _>>()?;
             eval_node(kernel, bindings, &node.op, &shapes[index], &args, inputs)
+                .map(range::round_range)
                 .map_err(|detail| malformed(kernel, index, &detail))?
         };
         if value.shape() != shapes[index].as_slice() {

@@ -219,6 +219,7 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
             precision: match attr("precision") {
                 None | Some("exact") => Precision::Exact,
                 Some("int8") => Precision::Int8,
+                Some("bf16") => Precision::Bf16,
                 Some(p) => return Err(format!("unknown precision `{p}`")),
             },
         })

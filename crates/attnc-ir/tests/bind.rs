@@ -239,7 +239,8 @@ fn shape_product_overflow() {
     assert!(matches!(err, BindError::Overflow { .. }), "{err}");
     assert_eq!(
         err.to_string(),
-        "input `q` has shape [4194304, 4194304, 4194304] whose element count is too large"
+        "input `q` would have shape [h, m, d] = [4194304, 4194304, 4194304]: too many elements \
+         to hold; the dimension d = 4194304 is too large"
     );
     // Overflow in an intermediate node only: q @ k.T is [n, n].
     let mut k = kernel(&[("q", "n,d")], None);
@@ -250,7 +251,8 @@ fn shape_product_overflow() {
     let err = bind_shapes(&k, &[None], &binds(&[("n", 1 << 33), ("d", 1)])).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "node %1 (matmul) has shape [8589934592, 8589934592] whose element count is too large"
+        "node %1 (matmul) would have shape [n, n] = [8589934592, 8589934592]: too many elements \
+         to hold; the dimension n = 8589934592 is too large"
     );
     // u64::MAX and a zero: still rejected (ndarray refuses such shapes), never a panic.
     let err = bind_shapes(&k, &[None], &binds(&[("n", u64::MAX), ("d", 0)])).unwrap_err();

@@ -273,7 +273,6 @@ impl AttentionBackward {
         }
         let saved = Saved { o: &o, lse: &lse };
         kernel::run_with(&call, &saved, d_o, &mut grads, self.wide).map_err(wide_err)?;
-        drop(grads);
         if let Some(k) = slope_at {
             if let Some(x) = blocks[k].first_mut() {
                 *x = slope;
@@ -287,7 +286,7 @@ impl AttentionBackward {
 #[derive(Clone, Debug)]
 pub enum BackwardKernel {
     /// A fused attention's gradients.
-    Attention(AttentionBackward),
+    Attention(Box<AttentionBackward>),
     /// A linear attention's gradients.
     Linear(LinearBackward),
 }

@@ -5,7 +5,8 @@
 //! runs the plan across threads; [`cache`] keeps compiled kernels by (IR, shapes, options, CPU);
 //! [`ceiling`] and [`bandwidth`] measure this machine's FMA and memory ceilings.
 //! [`wide`] runs fused attention on the full-width AVX-512 and AMX kernels of `attnc-wide`
-//! where the CPU has them. Only [`jit`] contains `unsafe`.
+//! where the CPU has them. After a fused attention step, `finite` recomputes the batch entries
+//! whose accumulator overflowed from a scaled copy of V. Only [`jit`] contains `unsafe`.
 //!
 //! ```no_run
 //! # fn demo(kernel: &attnc_ir::Kernel, bindings: &attnc_ir::Bindings, x: &[f32]) -> attnc_jit::Result<()> {
@@ -25,6 +26,7 @@ pub mod buffer;
 pub mod cache;
 pub mod ceiling;
 pub mod error;
+mod finite;
 pub mod jit;
 pub mod kernels;
 pub mod plan;

@@ -307,12 +307,25 @@ impl std::fmt::Display for Plan {
                     l.entry_bytes()
                 ),
                 StepKind::Attention(s) => {
-                    let (visited, total) = s.key_tiles();
+                    let wide = (s.tier != crate::wide::Tier::Cranelift)
+                        .then(|| crate::wide::WideAttention::new(s, s.tier))
+                        .flatten();
+                    let (visited, total, (qt, kt)) = match wide {
+                        Some(w) => w.key_tiles(),
+                        None => {
+                            let (v, t) = s.key_tiles();
+                            (v, t, (
+                                crate::kernels::attention::QUERY_TILE,
+                                crate::kernels::attention::KEY_TILE,
+                            ))
+                        }
+                    };
                     format!(
-                        "fused attention{} [{}] batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles",
+                        "fused attention{} [{}] batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles ({qt} × {kt})",
                         match s.precision {
                             Precision::Exact => "",
                             Precision::Int8 => " int8",
+                            Precision::Bf16 => " bf16 products",
                         },
                         s.tier.name(),
                         s.batch,

@@ -524,28 +524,37 @@ impl CompiledKernel {
             }
             (StepKind::Attention(spec), _) if wide.is_some() => {
                 let w = wide.expect("invariant: checked by the guard");
-                match needed {
+                let mut out = match needed {
                     Needed::FirstEntryRows(rows) => {
-                        Storage::F32(run_sampled_rows(w, views, (len, spec.dv), rows, threads)?)
+                        run_sampled_rows(w, views, (len, spec.dv), rows, threads)?
                     }
                     _ => {
                         let mut out = vec![0.0f32; len];
                         w.run(views, &mut out, threads)?;
-                        Storage::F32(out)
+                        out
                     }
-                }
+                };
+                crate::finite::keep_finite(spec, views, &mut out, |v, o, e| {
+                    w.run_rows(v, o, e, 0..spec.m)
+                })?;
+                Storage::F32(out)
             }
-            (StepKind::Attention(spec), Some(h)) => match needed {
-                Needed::FirstEntryRows(rows) => {
-                    let width = spec.dv;
-                    Storage::F32(run_sampled_rows(h, views, (len, width), rows, threads)?)
-                }
-                _ => {
-                    let mut out = vec![0.0f32; len];
-                    h.run(views, &mut out, threads)?;
-                    Storage::F32(out)
-                }
-            },
+            (StepKind::Attention(spec), Some(h)) => {
+                let mut out = match needed {
+                    Needed::FirstEntryRows(rows) => {
+                        run_sampled_rows(h, views, (len, spec.dv), rows, threads)?
+                    }
+                    _ => {
+                        let mut out = vec![0.0f32; len];
+                        h.run(views, &mut out, threads)?;
+                        out
+                    }
+                };
+                crate::finite::keep_finite(spec, views, &mut out, |v, o, e| {
+                    h.run_rows(v, o, e, 0..spec.m)
+                })?;
+                Storage::F32(out)
+            }
             (_, Some(h)) => {
                 let mut out = vec![0.0f32; len];
                 h.run(views, &mut out, threads)?;

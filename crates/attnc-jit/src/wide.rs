@@ -61,8 +61,10 @@ impl Tier {
 pub struct Tiers {
     /// AVX-512 f32 attention.
     pub avx512: bool,
-    /// AMX bf16 and int8 attention products.
+    /// AMX int8 attention products.
     pub amx: bool,
+    /// AMX bf16 attention products (`ATTNC_TIERS` switches both AMX kinds as `amx`).
+    pub amx_bf16: bool,
 }
 
 impl Tiers {
@@ -70,6 +72,7 @@ impl Tiers {
     pub const ALL: Tiers = Tiers {
         avx512: true,
         amx: true,
+        amx_bf16: true,
     };
 
     /// The tiers `ATTNC_TIERS` allows (a comma list of `avx512`, `amx`; `cranelift` or empty
@@ -81,6 +84,7 @@ impl Tiers {
                 Tiers {
                     avx512: has("avx512") || has("all"),
                     amx: has("amx") || has("all"),
+                    amx_bf16: has("amx") || has("all"),
                 }
             }
             Err(_) => Tiers::ALL,
@@ -91,6 +95,7 @@ impl Tiers {
     pub const NONE: Tiers = Tiers {
         avx512: false,
         amx: false,
+        amx_bf16: false,
     };
 
     /// What this CPU and process can run, within `allowed`.
@@ -98,6 +103,7 @@ impl Tiers {
         Tiers {
             avx512: allowed.avx512 && attention::available(),
             amx: allowed.amx && amx::available(Products::Int8),
+            amx_bf16: allowed.amx_bf16 && amx::available(Products::Bf16),
         }
     }
 }
@@ -248,6 +254,12 @@ pub struct WideAttention {
 }
 
 impl WideAttention {
+    /// The (query tile, key tile) pairs this step visits, all pairs, and the tile sizes.
+    pub fn key_tiles(&self) -> (usize, usize, (usize, usize)) {
+        let (visited, total) = self.tiles.counts();
+        (visited, total, (self.tiles.query_tile, self.tiles.key_tile))
+    }
+
     /// Whether the full-width kernels compute `spec`: its score form is one they evaluate and
     /// the rows of Q, K and V are contiguous.
     pub fn supports(spec: &AttentionSpec) -> bool {
@@ -482,7 +494,7 @@ impl WideAttention {
 const MATMUL_ROWS: usize = 128;
 
 /// A planned matrix product on the full-width tier: every batch entry's `A · B` in chunks of
-/// [`MATMUL_ROWS`] output rows, dealt round-robin to up to `threads` threads.
+/// `MATMUL_ROWS` output rows, dealt round-robin to up to `threads` threads.
 pub fn run_matmul(
     spec: &MatMulSpec,
     inputs: &[BufferView<'_>],
@@ -559,7 +571,7 @@ pub fn run_matmul(
 /// Linear attention without a mask (`spec` of a [`crate::plan::StepKind::Linear`] step) over
 /// contiguous `φQ`, `φK`, `V`: per batch entry the `[d, dv]` state `φKᵀ V` and the key sum
 /// `Σ_j φk_j` (one product call each, whatever the threads), then every row
-/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of [`MATMUL_ROWS`] rows; batch entries and
+/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of `MATMUL_ROWS` rows; batch entries and
 /// chunks dealt round-robin to up to `threads` threads.
 pub fn run_linear(
     spec: &PrefixSpec,

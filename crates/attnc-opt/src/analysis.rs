@@ -174,7 +174,8 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
         Attn::Softmax([x, _])
         | Attn::Mask([x, _, _])
         | Attn::Cast([x, _])
-        | Attn::Int8Products(x) => array(shape(*x)),
+        | Attn::Int8Products(x)
+        | Attn::Bf16Products(x) => array(shape(*x)),
         Attn::FavorQuery([x, _, m]) | Attn::FavorKey([x, _, m]) => {
             let m = atom(*m).and_then(|a| a.as_index());
             array(shape(*x).zip(m).and_then(|(mut s, m)| {
@@ -196,6 +197,7 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
         }
         Attn::Attention([q, k, v, _, _])
         | Attn::AttentionInt8([q, k, v, _, _])
+        | Attn::AttentionBf16([q, k, v, _, _])
         | Attn::AttentionScored([q, k, v, _, _])
         | Attn::LinearAttention([q, k, v, _])
         | Attn::LinearAttentionCausal([q, k, v, _])

@@ -211,6 +211,7 @@ fn add_attention(
         let node = match a.precision {
             Precision::Exact => Attn::Attention([q, k, v, c, pattern]),
             Precision::Int8 => Attn::AttentionInt8([q, k, v, c, pattern]),
+            Precision::Bf16 => Attn::AttentionBf16([q, k, v, c, pattern]),
         };
         return Some(expr.add(node));
     }
@@ -227,6 +228,7 @@ fn add_attention(
     Some(match a.precision {
         Precision::Exact => fused,
         Precision::Int8 => expr.add(Attn::Int8Products(fused)),
+        Precision::Bf16 => expr.add(Attn::Bf16Products(fused)),
     })
 }
 

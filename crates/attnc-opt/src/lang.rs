@@ -137,6 +137,8 @@ define_language! {
         "random" = Random([Id; 4]),
         // the operand, an attention, may run with int8 products (approximations only)
         "int8-products" = Int8Products(Id),
+        // the operand, an attention, may run with bf16 products (approximations only)
+        "bf16-products" = Bf16Products(Id),
         // ---- mask patterns ----
         "all" = All,
         "causal" = Causal,
@@ -162,6 +164,8 @@ define_language! {
         "causal-prefix-product" = CausalPrefixProduct([Id; 3]),
         // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
         "attention-int8" = AttentionInt8([Id; 5]),
+        // `attention` with bf16 q·k and p·v products (f32 accumulation and softmax); approximate
+        "attention-bf16" = AttentionBf16([Id; 5]),
         // Performer FAVOR+ positive random features of queries (x, seed, m): exp(x wᵀ - |x|²/2)
         // shifted by its row maximum (a per-query factor the normalization cancels)
         "favor-query" = FavorQuery([Id; 3]),

@@ -47,7 +47,7 @@ pub mod score;
 pub mod trace;
 
 pub use approx::{Approx, ApproxOutcome, ApproxPolicy};
-pub use ceilings::Ceilings;
+pub use ceilings::{Ceilings, TierSpeeds};
 pub use saturate::{Limits, StopReason};
 pub use trace::{optimize, Decision, DerivationStep, OptimizeOptions, Optimized, Trace};
 

@@ -6,8 +6,8 @@
 //! convert back) it returns the input kernel unchanged and the trace says why.
 
 use crate::analysis::ShapeAnalysis;
-use crate::approx::{ApproxOutcome, ApproxPolicy};
-use crate::ceilings::Ceilings;
+use crate::approx::{Approx, ApproxOutcome, ApproxPolicy};
+use crate::ceilings::{Ceilings, TierSpeeds};
 use crate::convert::{to_kernel, to_recexpr};
 use crate::cost::CycleCost;
 use crate::extract::{extract, render_term, tree_size};
@@ -34,6 +34,8 @@ pub struct OptimizeOptions {
     pub approx: ApproxPolicy,
     /// The machine ceilings the cost model uses (default: the documented constants).
     pub ceilings: Ceilings,
+    /// The full-width tiers' speeds (default: none, portable code only).
+    pub tiers: TierSpeeds,
 }
 
 impl Default for OptimizeOptions {
@@ -43,6 +45,7 @@ impl Default for OptimizeOptions {
             explain: true,
             approx: ApproxPolicy::default(),
             ceilings: Ceilings::default(),
+            tiers: TierSpeeds::default(),
         }
     }
 }
@@ -391,7 +394,9 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
         }
         let estimated_error = approx.estimated_error();
         let within = estimated_error <= options.approx.tol;
-        if within {
+        // bf16 products pay only on AMX tiles; elsewhere the exact kernel would run instead.
+        let runnable = *approx != Approx::Bf16Products || options.tiers.amx_bf16 > 0.0;
+        if within && runnable {
             rules.extend(crate::rules::approx::rules(approx));
         }
         outcomes.push(ApproxOutcome {
@@ -400,12 +405,16 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
             estimated_error,
             applied: false,
             measured_error: None,
-            reason: (!within).then(|| {
-                format!(
+            reason: if !within {
+                Some(format!(
                     "its estimated error {estimated_error:.1e} exceeds the tolerance {:.1e}",
                     options.approx.tol
-                )
-            }),
+                ))
+            } else if !runnable {
+                Some("it needs AMX bf16 tile products, which this CPU lacks or ATTNC_TIERS switched off".to_string())
+            } else {
+                None
+            },
         });
     }
     // egg's explanations cost time exponential in sharing (they work on unfolded terms), so
@@ -416,7 +425,9 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
     let extract_start = Instant::now();
     let (best, cost_before, cost_after) = {
         let egraph = sat.egraph();
-        let mut model = CycleCost::new(egraph).with_ceilings(&options.ceilings);
+        let mut model = CycleCost::new(egraph)
+            .with_ceilings(&options.ceilings)
+            .with_tiers(options.tiers);
         let best = extract(egraph, sat.root, &mut model).map(|e| e.expr);
         let before = model.dag_cycles(&expr);
         let after = best.as_ref().and_then(|b| model.dag_cycles(b));

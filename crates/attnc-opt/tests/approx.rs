@@ -184,3 +184,68 @@ fn an_approximation_that_fits_nowhere_says_why() {
         );
     }
 }
+
+#[test]
+fn bf16_products_apply_only_where_amx_bf16_tiles_run() {
+    let kernel = common::kernel(DENSE);
+    let bindings = common::bindings(&[("h", 2), ("n", 512), ("d", 16)]);
+    let policy = ApproxPolicy {
+        allowed: vec![Approx::Bf16Products],
+        tol: 1e-2,
+    };
+    let without = optimize(
+        &kernel,
+        &bindings,
+        &OptimizeOptions {
+            approx: policy.clone(),
+            ..OptimizeOptions::default()
+        },
+    );
+    let outcome = &without.trace.approximations[0];
+    assert!(!outcome.applied);
+    assert!(
+        outcome.reason.as_deref().is_some_and(|r| r.contains("AMX")),
+        "{outcome:?}"
+    );
+    let with = optimize(
+        &kernel,
+        &bindings,
+        &OptimizeOptions {
+            approx: policy,
+            tiers: attnc_opt::TierSpeeds::measured_kernels(true, true, true),
+            ..OptimizeOptions::default()
+        },
+    );
+    assert!(with.trace.approximations[0].applied, "{:?}", with.trace);
+    let printed = attnc_ir::print::print_kernel(&with.kernel);
+    assert!(printed.contains("precision=bf16"), "{printed}");
+    // The interpreter evaluates the precision exactly: the plan's value is the exact one.
+    let inputs = common::inputs(&kernel, &bindings, 3);
+    let exact = evaluate(&kernel, &bindings, &inputs).expect("exact");
+    let marked = evaluate(&with.kernel, &bindings, &inputs).expect("bf16 plan");
+    assert!(relative_l2(&marked, &exact) < 1e-12);
+}
+
+#[test]
+fn tier_speeds_move_the_choice_between_quadratic_and_linear_forms() {
+    // Performer features at m = 64 replace an n = 512 attention only while the exact kernel
+    // is the portable one: on the full-width tier the exact form is cheaper.
+    let kernel = common::kernel(DENSE);
+    let bindings = common::bindings(&[("h", 1), ("n", 512), ("d", 64)]);
+    let approx = ApproxPolicy {
+        allowed: vec![Approx::RandomFeatures { m: 64, seed: 1 }],
+        tol: 100.0,
+    };
+    let applied = |tiers| {
+        let options = OptimizeOptions {
+            approx: approx.clone(),
+            tiers,
+            ..OptimizeOptions::default()
+        };
+        optimize(&kernel, &bindings, &options).trace.approximations[0].applied
+    };
+    assert!(applied(attnc_opt::TierSpeeds::default()));
+    assert!(!applied(attnc_opt::TierSpeeds::measured_kernels(
+        true, false, false
+    )));
+}

@@ -59,6 +59,9 @@ pub enum ApproxKind {
     F16,
     /// `int8`: quantized score and value products.
     Int8,
+    /// `bf16_products`: score and value products of bfloat16 operands (AMX tiles) with f32
+    /// accumulation and an f32 softmax.
+    Bf16Products,
     /// `lowrank(r = R)`: Linformer projections of rank R.
     Lowrank {
         /// The rank.

@@ -63,6 +63,7 @@ pub fn print_approx_kind(kind: &ApproxKind) -> String {
         ApproxKind::Bf16 => "bf16".to_string(),
         ApproxKind::F16 => "f16".to_string(),
         ApproxKind::Int8 => "int8".to_string(),
+        ApproxKind::Bf16Products => "bf16_products".to_string(),
         ApproxKind::Lowrank { r } => format!("lowrank(r = {r})"),
         ApproxKind::RandomFeatures { m, seed: None } => format!("random_features(m = {m})"),
         ApproxKind::RandomFeatures { m, seed: Some(s) } => {

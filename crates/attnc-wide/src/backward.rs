@@ -18,7 +18,8 @@
 //!
 //! [`run`] takes the AVX-512 kernel where the CPU has it (and the call's tile table has its
 //! 64 × 64 tiles), else the portable one (plain Rust, any CPU); [`forward`] computes the saved
-//! `O` and log-sum-exp the same way. Both are tested against the f64 [`reference`].
+//! `O` and log-sum-exp the same way. Both are tested against the f64
+//! [`reference`](mod@reference).
 
 pub mod portable;
 pub mod reference;

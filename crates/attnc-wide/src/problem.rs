@@ -181,6 +181,8 @@ pub struct TileTable {
     pub query_tile: usize,
     /// Keys per key tile.
     pub key_tile: usize,
+    /// Key tiles per row of tiles (`ceil(n / key_tile)`).
+    key_tiles: usize,
     /// `runs[offsets[t]..offsets[t + 1]]` are query tile `t`'s runs.
     offsets: Vec<usize>,
     runs: Vec<TileRun>,
@@ -216,9 +218,17 @@ impl TileTable {
         TileTable {
             query_tile,
             key_tile,
+            key_tiles: key_tiles as usize,
             offsets,
             runs,
         }
+    }
+
+    /// The (query tile, key tile) pairs visited, and all pairs.
+    pub fn counts(&self) -> (usize, usize) {
+        let visited = self.runs.iter().map(|r| (r.end - r.first) as usize).sum();
+        let query_tiles = self.offsets.len().saturating_sub(1);
+        (visited, query_tiles * self.key_tiles)
     }
 
     /// Every key tile, none partial (dense attention).

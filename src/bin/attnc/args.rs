@@ -74,13 +74,13 @@ pub struct SharedArgs {
     #[arg(long, value_name = "NAME=PATH|PATH.safetensors")]
     pub input: Vec<String>,
     /// Fill every unbound input with standard-normal values from this seed
-    #[arg(long, value_name = "SEED")]
+    #[arg(long, value_name = "SEED", allow_negative_numbers = true)]
     pub random: Option<u64>,
     /// Allowed approximations, overriding the kernel's @approx (e.g. bf16,lowrank(r=64))
     #[arg(long, value_name = "LIST")]
     pub approx: Option<String>,
     /// Largest accepted relative L2 error of an approximation
-    #[arg(long, value_name = "X")]
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
     pub tol: Option<f64>,
     /// Forbid every approximation
     #[arg(long, conflicts_with = "approx")]
@@ -90,7 +90,7 @@ pub struct SharedArgs {
     #[arg(long, value_name = "NAME=PATH|PATH.safetensors")]
     pub calibrate: Vec<String>,
     /// Worker threads (default: all cores)
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,
     /// `interp` runs the reference interpreter instead of machine code
     #[arg(long, value_enum)]

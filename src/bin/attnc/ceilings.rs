@@ -45,6 +45,9 @@ pub struct MachineCeilings {
     pub ceilings: Ceilings,
     /// Where they came from.
     pub source: Source,
+    /// How long measuring them took, when this process measured them (once per machine: the
+    /// result is cached), so that a first run reports it apart from compile time.
+    pub measure_ms: Option<f64>,
 }
 
 impl std::fmt::Display for MachineCeilings {
@@ -75,6 +78,7 @@ pub fn machine_ceilings() -> MachineCeilings {
             return MachineCeilings {
                 ceilings: Ceilings::default(),
                 source: Source::Default,
+                measure_ms: None,
             };
         }
         let features = attnc_jit::jit::cpu_features();
@@ -84,10 +88,14 @@ pub fn machine_ceilings() -> MachineCeilings {
                 return MachineCeilings {
                     ceilings,
                     source: Source::Cached,
+                    measure_ms: None,
                 };
             }
         }
-        match measure() {
+        let start = std::time::Instant::now();
+        let measured = measure();
+        let measure_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+        match measured {
             Some(ceilings) => {
                 if let Some(f) = &file {
                     store(f, &features, ceilings);
@@ -95,11 +103,13 @@ pub fn machine_ceilings() -> MachineCeilings {
                 MachineCeilings {
                     ceilings,
                     source: Source::Measured,
+                    measure_ms,
                 }
             }
             None => MachineCeilings {
                 ceilings: Ceilings::default(),
                 source: Source::Default,
+                measure_ms,
             },
         }
     })

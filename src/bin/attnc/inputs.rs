@@ -37,18 +37,50 @@ impl Prepared {
     }
 
     /// Compiles the kernel as `run` does: optimized under the policy, approximations validated
-    /// on the calibration tensors (or on blocks of the `--random` inputs).
+    /// on the `--calibrate` tensors, else on the inputs the user gave, else on blocks of the
+    /// `--random` inputs.
     pub fn compile(&self) -> Result<attnc::Compiled, attnc::engine::RunError> {
         let slots = self.drawn_inputs();
+        let (tensors, label) = self.calibration_tensors();
         let calibration = Calibration {
-            tensors: &self.calibration,
+            tensors: &tensors,
             drawn: attnc::calibration::DrawnInputs {
                 seed: self.random.as_ref().map_or(0, |(seed, _)| *seed),
                 tensors: &slots,
             },
+            label: label.as_deref(),
         };
         self.compiler
             .compile_calibrated(self.kernel(), &self.bindings, calibration)
+    }
+
+    /// The tensors approximations are validated on: `--calibrate` files, and the user's own
+    /// inputs for the other parameters (only when the policy approximates: they are copied),
+    /// with how the report names them.
+    fn calibration_tensors(&self) -> (Vec<(String, Tensor)>, Option<String>) {
+        let mut tensors = self.calibration.clone();
+        if self.policy.is_exact() {
+            return (tensors, None);
+        }
+        let drawn = self.random.as_ref().map(|(_, drawn)| drawn.as_slice());
+        let mut from_inputs = Vec::new();
+        for (index, (param, tensor)) in self.kernel().params.iter().zip(&self.inputs).enumerate() {
+            let was_drawn = drawn.is_some_and(|d| d.get(index).copied().unwrap_or(false));
+            if was_drawn || tensors.iter().any(|(name, _)| *name == param.name) {
+                continue;
+            }
+            tensors.push((param.name.clone(), tensor.clone()));
+            from_inputs.push(param.name.as_str());
+        }
+        let label = match (from_inputs.is_empty(), self.calibration.is_empty()) {
+            (true, _) => None,
+            (false, true) => Some(format!("the inputs ({})", from_inputs.join(", "))),
+            (false, false) => Some(format!(
+                "the calibration files and the inputs ({})",
+                from_inputs.join(", ")
+            )),
+        };
+        (tensors, label)
     }
 
     /// The inputs drawn by `--random`, for calibration blocks to be copied from.
@@ -79,7 +111,8 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
             kernel.name
         ));
     }
-    let mut slots = load_inputs(kernel, &args.input, &mut notes)?;
+    let budget = crate::memory::budget(args.memory_limit);
+    let mut slots = load_inputs(kernel, Flag::Input, &args.input, budget, &mut notes)?;
     let shapes: Vec<Option<Vec<usize>>> = slots
         .iter()
         .map(|s| s.as_ref().map(|t| t.shape.clone()))
@@ -100,12 +133,11 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut random = None;
     if need_inputs || args.random.is_some() {
-        let budget = crate::memory::budget(args.memory_limit);
         let drawn = fill_missing(kernel, &mut slots, &bindings, args.random, threads, budget)?;
         random = args.random.map(|seed| (seed, drawn));
     }
-    let inputs = slots.into_iter().flatten().collect();
-    let calibration = load_inputs(kernel, &args.calibrate, &mut notes)?
+    let inputs: Vec<Tensor> = slots.into_iter().flatten().collect();
+    let calibration = load_inputs(kernel, Flag::Calibrate, &args.calibrate, budget, &mut notes)?
         .into_iter()
         .zip(&kernel.params)
         .filter_map(|(slot, param)| slot.map(|t| (param.name.clone(), t)))
@@ -117,6 +149,15 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
     if let Some(tol) = cli_policy.tol {
         policy.tol = tol;
     }
+    if !policy.is_exact() {
+        if let Some(name) = non_finite_input(kernel, &inputs) {
+            notes.push(format!(
+                "note: input `{name}` holds NaN or infinite values: no approximation is applied \
+                 (one could hide them, or spread them differently from the exact plan)"
+            ));
+            policy = Policy::exact();
+        }
+    }
     let engine = match args.engine {
         Some(EngineArg::Interp) => Engine::Interp,
         Some(EngineArg::Jit) | None => Engine::Jit,
@@ -125,7 +166,7 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         .with_policy(policy.clone())
         .with_threads(threads)
         .with_ceilings(crate::ceilings::machine_ceilings().ceilings)
-        .with_memory_budget(crate::memory::budget(args.memory_limit));
+        .with_memory_budget(budget);
     Ok(Prepared {
         module,
         kernel_index,
@@ -139,6 +180,21 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         notes,
         random,
     })
+}
+
+/// The first parameter whose input holds a NaN or an infinity.
+fn non_finite_input<'k>(kernel: &'k Kernel, inputs: &[Tensor]) -> Option<&'k str> {
+    let finite = |t: &Tensor| match &t.data {
+        TensorData::F32(v) => v.iter().all(|x| x.is_finite()),
+        TensorData::F16(v) => v.iter().all(|x| x.is_finite()),
+        TensorData::Bf16(v) => v.iter().all(|x| x.is_finite()),
+    };
+    kernel
+        .params
+        .iter()
+        .zip(inputs)
+        .find(|(_, tensor)| !finite(tensor))
+        .map(|(param, _)| param.name.as_str())
 }
 
 /// `--shape h=8,n=4096 --shape d=64` → bindings; malformed text is a usage error.
@@ -242,11 +298,50 @@ fn list_or_none(names: &[&str]) -> String {
 }
 
 /// Reads every `--input`; returns one slot per parameter (None where not given).
+/// The option tensors come from, for messages.
+#[derive(Clone, Copy)]
+enum Flag {
+    Input,
+    Calibrate,
+}
+
+impl Flag {
+    fn spelling(self) -> &'static str {
+        match self {
+            Flag::Input => "--input",
+            Flag::Calibrate => "--calibrate",
+        }
+    }
+}
+
+/// Refuses a tensor file larger than the memory budget before reading it: it is read whole.
+fn check_file_size(flag: Flag, path: &Path, budget: Option<u64>) -> Result<(), Failure> {
+    let (Some(budget), Ok(meta)) = (budget, std::fs::metadata(path)) else {
+        return Ok(());
+    };
+    if meta.is_file() && meta.len() > budget {
+        return Err(Failure::input(
+            "memory",
+            format!(
+                "{} {}: the file is {} but {} are available (raise --memory-limit)",
+                flag.spelling(),
+                path.display(),
+                attnc::compiler::format_bytes(meta.len()),
+                attnc::compiler::format_bytes(budget)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn load_inputs(
     kernel: &Kernel,
+    flag: Flag,
     specs: &[String],
+    budget: Option<u64>,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Option<Tensor>>, Failure> {
+    let option = flag.spelling();
     let mut slots: Vec<Option<Tensor>> = vec![None; kernel.params.len()];
     let param_index = |name: &str| kernel.params.iter().position(|p| p.name == name);
     let param_names: Vec<&str> = kernel.params.iter().map(|p| p.name.as_str()).collect();
@@ -258,17 +353,19 @@ fn load_inputs(
                     return Err(Failure::input(
                         "input",
                         format!(
-                            "--input {spec}: kernel `{}` has no parameter `{name}` (parameters: {})",
+                            "{option} {spec}: kernel `{}` has no parameter `{name}` (parameters: {})",
                             kernel.name,
                             list_or_none(&param_names)
                         ),
                     ));
                 }
+                check_file_size(flag, Path::new(path), budget)?;
                 let tensor = io::read_npy(Path::new(path))
                     .map_err(|e| Failure::input("io", e.to_string()))?;
                 vec![(name.to_string(), tensor)]
             }
             None if spec.ends_with(".safetensors") => {
+                check_file_size(flag, Path::new(spec), budget)?;
                 let tensors = io::read_safetensors(Path::new(spec))
                     .map_err(|e| Failure::input("io", e.to_string()))?;
                 let mut matched = Vec::new();
@@ -285,7 +382,7 @@ fn load_inputs(
             }
             None => {
                 return Err(Failure::Usage(format!(
-                    "--input expects NAME=PATH.npy or PATH.safetensors, got `{spec}`"
+                    "{option} expects NAME=PATH.npy or PATH.safetensors, got `{spec}`"
                 )))
             }
         };
@@ -294,7 +391,7 @@ fn load_inputs(
             if slots[index].is_some() {
                 return Err(Failure::input(
                     "input",
-                    format!("input `{name}` is given twice"),
+                    format!("{option}: `{name}` is given twice"),
                 ));
             }
             slots[index] = Some(to_param_dtype(tensor, kernel.params[index].dtype));

@@ -59,10 +59,10 @@ fn main() -> ExitCode {
     code
 }
 
-/// Set once every output file of the command is in place: an interrupt after that point
-/// leaves a finished result, so the command succeeds.
-pub static OUTPUTS_WRITTEN: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+/// Whether the command's output file is in place, held locked for the whole write: an
+/// interrupt during the write waits for it to fail (its temporary file removed) or finish, so
+/// the exit status says truthfully whether the output was written.
+pub static OUTPUT_WRITTEN: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 
 /// Ctrl-C, SIGTERM and SIGHUP exit promptly, even mid-compile or mid-benchmark, and remove the
 /// temporary file of any output being written, so no partial file is ever left behind; under
@@ -71,7 +71,8 @@ pub static OUTPUTS_WRITTEN: std::sync::atomic::AtomicBool =
 fn install_interrupt_handler(json: bool) {
     let installed = ctrlc::set_handler(move || {
         attnc::io::remove_pending_temp_files();
-        if OUTPUTS_WRITTEN.load(std::sync::atomic::Ordering::SeqCst) {
+        let written = OUTPUT_WRITTEN.lock().is_ok_and(|w| *w);
+        if written {
             stdout::flush();
             std::process::exit(0);
         }

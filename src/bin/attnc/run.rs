@@ -23,6 +23,19 @@ pub fn run(args: &RunArgs) -> CliResult {
     let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
     let kernel = prepared.kernel();
     let mut notes = prepared.notes.clone();
+    let ceilings = crate::ceilings::machine_ceilings();
+    if let Some(ms) = ceilings.measure_ms {
+        notes.push(format!(
+            "note: measured this machine's ceilings for the cost model in {ms:.0} ms (once: they are cached; not part of compile time)"
+        ));
+    }
+    if args.verify {
+        // Refused before the run, not after it.
+        prepared
+            .compiler
+            .check_interp_memory(kernel, &prepared.bindings)
+            .map_err(|e| Failure::input("verify", e.to_string()))?;
+    }
     let (output, timing) = execute_timed(&prepared)?;
     notes.extend(timing.approx_notes.iter().cloned());
     let verification = if args.verify {
@@ -32,8 +45,11 @@ pub fn run(args: &RunArgs) -> CliResult {
     };
 
     if let Some(path) = &args.output {
+        let mut written = crate::OUTPUT_WRITTEN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         attnc::io::write_npy(path, &output).map_err(|e| Failure::input("output", e.to_string()))?;
-        crate::OUTPUTS_WRITTEN.store(true, std::sync::atomic::Ordering::SeqCst);
+        *written = true;
     }
     let values = output.to_f32_vec();
     let stats = Stats::of(&values);
@@ -50,6 +66,7 @@ pub fn run(args: &RunArgs) -> CliResult {
             "time_ms": timing.run_ms,
             "compile_ms": timing.compile_ms,
             "prepare_ms": prepare_ms,
+            "ceilings_measure_ms": ceilings.measure_ms,
             "validation_ms": timing.validation_ms,
             "stats": stats.to_json(),
             "output": args.output.as_ref().map(|p| p.display().to_string()),
@@ -209,10 +226,6 @@ impl Verification {
 /// Runs the reference interpreter on the same inputs and measures the error of `output`
 /// against the plan's contract.
 fn verify(prepared: &Prepared, output: &Tensor, timing: &Timing) -> Result<Verification, Failure> {
-    prepared
-        .compiler
-        .check_interp_memory(prepared.kernel(), &prepared.bindings)
-        .map_err(|e| Failure::input("verify", e.to_string()))?;
     let reference = execute(
         prepared.kernel(),
         &prepared.bindings,

@@ -5,7 +5,11 @@
 //! the product with `v`. Its precision is ignored: int8 products are an approximation whose
 //! error is measured against this exact value. Causal linear attention sums each row's prefix
 //! only (keys `j ≤ i'`): keys after the prefix never reach the row, even when they are NaN.
+//!
+//! Each plain-form step is rounded to the f32 range as a node would be (`range.rs`): the
+//! scores, every step of the score expression, the weights, the state and the sums.
 
+use super::range::{round_range, to_f32_range};
 use super::{binary, broadcast_shapes, mask, matmul, relpos, softmax, transpose, unary};
 use crate::dim::Bindings;
 use crate::fused::{Attention, LinearAttention, Normalizer, ScoreExpr, MAX_SCORE_DEPTH};
@@ -22,13 +26,13 @@ pub(super) fn attention(
         return Err(format!("attention takes {} operands", a.arity()));
     }
     let (q, k, v) = (args[0], args[1], args[2]);
-    let s = matmul(q, &transpose(k)?)?;
+    let s = round_range(matmul(q, &transpose(k)?)?);
     let (m, n) = (s.shape()[s.ndim() - 2], s.shape()[s.ndim() - 1]);
     let mut x = score(&a.score, &s, &args[3..], (m, n), bindings, 0)?;
     if let Some(pattern) = &a.mask {
         x = mask(pattern, f64::NEG_INFINITY, &x)?;
     }
-    let p = softmax(x.ndim() - 1, &x)?;
+    let p = round_range(softmax(x.ndim() - 1, &x)?);
     matmul(&p, v)
 }
 
@@ -47,7 +51,7 @@ fn score(
     let scalar = |v: f64| ArrayD::from_elem(IxDyn(&[]), v);
     Ok(match e {
         ScoreExpr::Scores => s.clone(),
-        ScoreExpr::Const(c) => scalar(*c),
+        ScoreExpr::Const(c) => round_range(scalar(*c)),
         ScoreExpr::Dim(d) => scalar(
             d.resolve(bindings)
                 .ok_or_else(|| format!("dimension `{d}` is not bound"))? as f64,
@@ -58,12 +62,12 @@ fn score(
             .ok_or_else(|| format!("bias b{i} is not an operand"))?)
         .clone(),
         ScoreExpr::Unary(u, x) => {
-            score(x, s, biases, (m, n), bindings, depth + 1)?.mapv(|x| unary(*u, x))
+            round_range(score(x, s, biases, (m, n), bindings, depth + 1)?.mapv(|x| unary(*u, x)))
         }
         ScoreExpr::Binary(op, x, y) => {
             let x = score(x, s, biases, (m, n), bindings, depth + 1)?;
             let y = score(y, s, biases, (m, n), bindings, depth + 1)?;
-            binary(*op, &x, &y)?
+            round_range(binary(*op, &x, &y)?)
         }
     })
 }
@@ -75,16 +79,21 @@ pub(super) fn linear(l: &LinearAttention, args: &[&ArrayD<f64>]) -> Result<Array
     };
     let kt = transpose(k)?;
     if !l.causal {
-        let num = matmul(q, &matmul(&kt, v)?)?;
+        let state = round_range(matmul(&kt, v)?);
+        let num = round_range(matmul(q, &state)?);
         let Normalizer::Sum { eps } = l.normalizer else {
             return Ok(num);
         };
         let rank = kt.ndim();
-        let ksum = super::reduce(crate::op::ReduceOp::Sum, rank - 1, &kt)?;
-        let den = matmul(q, &ksum)?.mapv(|x| x + eps);
+        let ksum = round_range(super::reduce(crate::op::ReduceOp::Sum, rank - 1, &kt)?);
+        let mut den = round_range(matmul(q, &ksum)?);
+        if eps != 0.0 {
+            // As the plain form: the sum of `eps` is a node of its own (absent when eps = 0).
+            den = round_range(den.mapv(|x| x + eps));
+        }
         return binary(BinaryOp::Div, &num, &den);
     }
-    causal_prefix(l.normalizer, &matmul(q, &kt)?, v)
+    causal_prefix(l.normalizer, &round_range(matmul(q, &kt)?), v)
 }
 
 /// Row `i` of `(A V) / (Σ_j A + eps)` over the prefix `j ≤ i'` of the scores `a`.
@@ -123,8 +132,14 @@ fn causal_prefix(
                     *o += row[j] * x;
                 }
             }
+            // The numerator `A @ V` and the denominator `sum(A) (+ eps)` are plain-form nodes.
+            o.iter_mut().for_each(|x| *x = to_f32_range(*x));
             if let Normalizer::Sum { eps } = normalizer {
-                o.iter_mut().for_each(|x| *x /= sum + eps);
+                let mut den = to_f32_range(sum);
+                if eps != 0.0 {
+                    den = to_f32_range(den + eps);
+                }
+                o.iter_mut().for_each(|x| *x /= den);
             }
         }
     }

@@ -53,6 +53,7 @@ fn approx_name(kind: &ApproxKind) -> &'static str {
         ApproxKind::Bf16 => "bf16",
         ApproxKind::F16 => "f16",
         ApproxKind::Int8 => "int8",
+        ApproxKind::Bf16Products => "bf16_products",
         ApproxKind::Lowrank { .. } => "lowrank",
         ApproxKind::RandomFeatures { .. } => "random_features",
         ApproxKind::Tol(_) => "tol",

@@ -282,7 +282,7 @@ fn attention_grad(
         .ok_or_else(|| plan_error(&op, "the backward kernels do not evaluate its score"))?;
     let outputs: Vec<usize> = layouts.iter().map(|g| p.new_buffer(g.len())).collect();
     let step = BackwardStep {
-        kernel: BackwardKernel::Attention(backward),
+        kernel: BackwardKernel::Attention(Box::new(backward)),
         outputs: outputs.clone(),
     };
     p.push(StepKind::Backward(Box::new(step)), inputs, outputs[0]);

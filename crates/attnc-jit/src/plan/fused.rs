@@ -289,8 +289,9 @@ pub fn parameter_attention_spec(
 fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
     let mut inputs: Vec<usize> = Vec::new();
     let mut converted: Vec<(usize, DType, usize)> = Vec::new();
-    // Resolves a tensor to its buffer and points its slot at the step's operand list.
-    let mut bind = |p: &mut Planner<'_>, t: &mut TensorRef, inputs: &mut Vec<usize>| {
+    // Resolves a tensor to its buffer and points its slot at the step's operand list (a slot
+    // of its own when `own`, else shared with an operand reading the same buffer).
+    let mut bind = |p: &mut Planner<'_>, t: &mut TensorRef, inputs: &mut Vec<usize>, own: bool| {
         let source = t.slot;
         let buf = match t.convert.take() {
             Some(to) => match converted.iter().find(|c| c.0 == source && c.1 == to) {
@@ -306,8 +307,8 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
         };
         t.dtype = p.buffers[buf].elem.dtype();
         t.slot = match inputs.iter().position(|&b| b == buf) {
-            Some(k) => k,
-            None => {
+            Some(k) if !own => k,
+            _ => {
                 inputs.push(buf);
                 inputs.len() - 1
             }
@@ -318,21 +319,25 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
     let out = p.new_buffer(shape.iter().product());
     spec.tier = tier_of(&spec, p.tiers);
     match spec.precision {
-        Precision::Int8 | Precision::Exact if spec.tier != Tier::Cranelift => {
+        Precision::Int8 | Precision::Bf16 | Precision::Exact if spec.tier != Tier::Cranelift => {
             // The full-width kernels read every operand in its storage type and pack what
-            // they need themselves.
-            for t in [&mut spec.q, &mut spec.k, &mut spec.v]
+            // they need themselves. V has a slot of its own, so a rerun can read a scaled copy
+            // of it alone (`crate::finite`).
+            for (index, t) in [&mut spec.q, &mut spec.k, &mut spec.v]
                 .into_iter()
                 .chain(spec.biases.iter_mut())
+                .enumerate()
             {
-                bind(p, t, &mut inputs);
+                bind(p, t, &mut inputs, index == 2);
             }
         }
-        Precision::Exact => {
+        // Without AMX, bf16 products run as the exact f32 kernel: more accurate than asked.
+        Precision::Exact | Precision::Bf16 => {
             let reused = spec.m >= F16_NATIVE_MAX_ROWS;
-            for t in [&mut spec.q, &mut spec.k, &mut spec.v]
+            for (index, t) in [&mut spec.q, &mut spec.k, &mut spec.v]
                 .into_iter()
                 .chain(spec.biases.iter_mut())
+                .enumerate()
             {
                 // f16 lanes widen in ~15 instructions (no F16C through Cranelift): when every
                 // key row serves many queries, one host conversion costs less than widening
@@ -341,14 +346,14 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
                 if reused && t.convert.is_none() && p.buffers[t.slot].elem == Elem::F16 {
                     t.convert = Some(DType::F32);
                 }
-                bind(p, t, &mut inputs);
+                bind(p, t, &mut inputs, index == 2);
             }
         }
         Precision::Int8 => {
             let mut qkv = Vec::new();
             for t in [&mut spec.q, &mut spec.k, &mut spec.v] {
                 let mut own = Vec::new();
-                bind(p, t, &mut own);
+                bind(p, t, &mut own, false);
                 qkv.push(own[0]);
                 t.slot = qkv.len() - 1;
             }
@@ -357,7 +362,7 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
             p.push(StepKind::Quantize(Box::new(layout)), qkv, packed);
             inputs.push(packed);
             for t in spec.biases.iter_mut() {
-                bind(p, t, &mut inputs);
+                bind(p, t, &mut inputs, false);
             }
         }
     }
@@ -371,6 +376,7 @@ fn tier_of(spec: &AttentionSpec, tiers: Tiers) -> Tier {
     let tier = match spec.precision {
         Precision::Exact if tiers.avx512 => Tier::Avx512,
         Precision::Int8 if tiers.amx => Tier::Amx(Products::Int8),
+        Precision::Bf16 if tiers.amx_bf16 => Tier::Amx(Products::Bf16),
         _ => return Tier::Cranelift,
     };
     if WideAttention::supports(spec) {

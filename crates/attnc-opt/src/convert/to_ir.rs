@@ -155,16 +155,19 @@ fn build_node(
             let shape = vec![dim(*rows)?, dim(*cols)?];
             b.add(Op::Random { kind, seed }, &[], Some(&shape))
         }
-        Attn::Int8Products(x) => {
+        Attn::Int8Products(x) | Attn::Bf16Products(x) => {
             let inner = value(*x)?;
-            let node = b.graph.dag[inner].clone();
-            match node.op {
+            let node_ir = b.graph.dag[inner].clone();
+            match node_ir.op {
                 Op::Attention(mut a) => {
-                    a.precision = Precision::Int8;
+                    a.precision = match node {
+                        Attn::Int8Products(_) => Precision::Int8,
+                        _ => Precision::Bf16,
+                    };
                     b.graph.dag[inner].op = Op::Attention(a);
                     Ok(inner)
                 }
-                // Int8 products mark a fused attention only; elsewhere the value is exact.
+                // Product precisions mark a fused attention only; elsewhere the value is exact.
                 _ => Ok(inner),
             }
         }
@@ -175,7 +178,9 @@ fn build_node(
         Attn::ProjectRows([x, seed, r]) => {
             expand_projection(b, value(*x)?, index(*seed)? as u64, index(*r)? as u64)
         }
-        Attn::Attention([q, k, v, s, p]) | Attn::AttentionInt8([q, k, v, s, p]) => {
+        Attn::Attention([q, k, v, s, p])
+        | Attn::AttentionInt8([q, k, v, s, p])
+        | Attn::AttentionBf16([q, k, v, s, p]) => {
             let view = TermView {
                 node: |id: Id| Some(&expr[id]),
                 same: |a: Id, b: Id| same_term(expr, a, b),
@@ -189,6 +194,7 @@ fn build_node(
             };
             let precision = match node {
                 Attn::AttentionInt8(_) => Precision::Int8,
+                Attn::AttentionBf16(_) => Precision::Bf16,
                 _ => Precision::Exact,
             };
             let op = Attention {

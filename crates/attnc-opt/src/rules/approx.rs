@@ -28,6 +28,12 @@ pub fn rules(approx: &Approx) -> Vec<AttnRewrite> {
             "(attention-int8 ?q ?k ?v ?s ?p)",
             Check::Always,
         )],
+        Approx::Bf16Products => vec![rewrite(
+            "approx-bf16-products",
+            "(attention ?q ?k ?v ?s ?p)",
+            "(attention-bf16 ?q ?k ?v ?s ?p)",
+            Check::Always,
+        )],
         Approx::RandomFeatures { m, seed } => {
             let features = format!(
                 "(favor-query (mul ?q (sqrt ?s)) {seed} {m}) (favor-key (mul ?k (sqrt ?s)) {seed} {m})"

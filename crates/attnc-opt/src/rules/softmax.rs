@@ -47,14 +47,15 @@ pub fn specs() -> Vec<RuleSpec> {
                 axis: "?ax",
             },
         ),
-        // softmax(S) v = (exp(S - m) v) / max(rowsum(exp(S - m)), 1), m = max(rowmax(S), -MAX):
+        // softmax(S) v = (exp(S - m) v) / max(rowsum(exp(S - m)), 1), m = max(rowmax(S), f32::MIN)
+        // (the most negative finite f32: values are rounded to the f32 range, so -f64::MAX is -inf):
         // the clamps make an all -inf row give zeros (m finite, sum 0) exactly as softmax does,
         // and change nothing elsewhere (a row with a finite max has a sum of at least 1)
         RuleSpec::guarded(
             "softmax-defer",
             "(matmul (softmax ?s ?ax) ?v)",
-            "(div (matmul (exp (sub ?s (maximum (max ?s ?ax) (const -1.7976931348623157e308)))) ?v) \
-             (maximum (sum (exp (sub ?s (maximum (max ?s ?ax) (const -1.7976931348623157e308)))) ?ax) (const 1)))",
+            "(div (matmul (exp (sub ?s (maximum (max ?s ?ax) (const -3.4028234663852886e38)))) ?v) \
+             (maximum (sum (exp (sub ?s (maximum (max ?s ?ax) (const -3.4028234663852886e38)))) ?ax) (const 1)))",
             Guard::LastAxisOfProduct {
                 a: "?s",
                 b: "?s",

@@ -7,7 +7,7 @@ use crate::span::Span;
 use crate::token::{Token, TokenKind};
 
 const KNOWN_APPROX: &str =
-    "known approximations: `bf16`, `f16`, `int8`, `lowrank(r = R)`, `random_features(m = M, seed = S)`, `tol = X`";
+    "known approximations: `bf16`, `f16`, `int8`, `bf16_products`, `lowrank(r = R)`, `random_features(m = M, seed = S)`, `tol = X`";
 
 impl Parser<'_> {
     /// `attr* 'kernel' IDENT '(' params ')' ('->' type)? '{' stmt* ret '}'`
@@ -279,6 +279,7 @@ impl Parser<'_> {
             "bf16" => ApproxKind::Bf16,
             "f16" => ApproxKind::F16,
             "int8" => ApproxKind::Int8,
+            "bf16_products" => ApproxKind::Bf16Products,
             "lowrank" => {
                 let open = self.expect(TokenKind::LParen, "after `lowrank`")?;
                 let r = self.key_int("r")?;

@@ -13,14 +13,17 @@ use std::ops::Range;
 use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::exp2;
 use super::score::ScoreForm;
-use super::widen::{first_lanes, widen_row, Widen};
+use super::widen::{first_lanes, first_lanes32, natural_order, pair_order, widen_row, Widen};
 use super::{KEY_TILE, QUERY_TILE};
 use crate::problem::{Call, Elements, Output};
 
 const LANES: usize = 16;
 
-/// Value columns held in registers per pass over a key tile (8 vectors).
-const O_BLOCK: usize = 8 * LANES;
+/// Elements one [`Widen::load_pair`] reads.
+const PAIR: usize = 2 * LANES;
+
+/// Value columns held in registers per pass over a key tile (4 pairs of vectors).
+const O_BLOCK: usize = 4 * PAIR;
 
 /// Computes rows `rows` of `call` into `out`, each row on its own.
 ///
@@ -53,9 +56,10 @@ pub(super) unsafe fn run(
 
 /// One row's running state.
 struct State {
-    /// `q · scale · log2 e`, padded with zeros to whole vectors.
+    /// `q · scale · log2 e`, padded with zeros to whole pairs of vectors, in K's pair order.
     q: Vec<f32>,
-    /// O's row (not yet divided by the sum), padded to whole vectors.
+    /// O's row (not yet divided by the sum), padded to whole pairs of vectors, in V's pair
+    /// order.
     o: Vec<f32>,
     /// Scores, then weights, of one key tile.
     p: [f32; KEY_TILE],
@@ -96,8 +100,8 @@ unsafe fn typed<K: Widen, V: Widen>(
     };
     let mut masks = program.map(|p| p.buffers(VECTORS));
     let mut st = State {
-        q: vec![0.0; d.div_ceil(LANES) * LANES],
-        o: vec![0.0; dv.div_ceil(LANES) * LANES],
+        q: vec![0.0; d.div_ceil(PAIR) * PAIR],
+        o: vec![0.0; dv.div_ceil(PAIR) * PAIR],
         p: [0.0; KEY_TILE],
         max: f32::NEG_INFINITY,
         sum: _mm512_setzero_ps(),
@@ -114,6 +118,7 @@ unsafe fn typed<K: Widen, V: Widen>(
                 form.q_scale,
             )
         };
+        pair_order::<K>(&mut st.q);
         st.o.fill(0.0);
         st.max = f32::NEG_INFINITY;
         st.sum = _mm512_setzero_ps();
@@ -146,8 +151,12 @@ unsafe fn typed<K: Widen, V: Widen>(
         let empty = st.max == f32::NEG_INFINITY && sum == 0.0;
         if dv > 0 {
             let row = (i - rows.start) * out.row_stride;
-            for (x, &o) in out.o[row..row + dv].iter_mut().zip(&st.o) {
-                *x = if empty { 0.0 } else { o / sum };
+            let dst = &mut out.o[row..row + dv];
+            for (block, dst) in st.o.chunks_exact(PAIR).zip(dst.chunks_mut(PAIR)) {
+                natural_order::<V>(block, dst);
+            }
+            for x in dst.iter_mut() {
+                *x = if empty { 0.0 } else { *x / sum };
             }
         }
         if let Some(lse) = out.lse.as_deref_mut() {
@@ -233,15 +242,11 @@ unsafe fn key_tile<K: Widen, V: Widen>(
         let width = (ops.dv - c0).min(O_BLOCK);
         // SAFETY: columns c0..c0 + width of keys j0..j0 + kn lie inside V; `o` is padded.
         unsafe {
-            match width.div_ceil(LANES) {
+            match width.div_ceil(PAIR) {
                 1 => pv_row::<V, 1>(ops, st, j0, kn, c0, width, alpha, skip),
                 2 => pv_row::<V, 2>(ops, st, j0, kn, c0, width, alpha, skip),
                 3 => pv_row::<V, 3>(ops, st, j0, kn, c0, width, alpha, skip),
-                4 => pv_row::<V, 4>(ops, st, j0, kn, c0, width, alpha, skip),
-                5 => pv_row::<V, 5>(ops, st, j0, kn, c0, width, alpha, skip),
-                6 => pv_row::<V, 6>(ops, st, j0, kn, c0, width, alpha, skip),
-                7 => pv_row::<V, 7>(ops, st, j0, kn, c0, width, alpha, skip),
-                _ => pv_row::<V, 8>(ops, st, j0, kn, c0, width, alpha, skip),
+                _ => pv_row::<V, 4>(ops, st, j0, kn, c0, width, alpha, skip),
             }
         }
         c0 += O_BLOCK;
@@ -256,8 +261,6 @@ unsafe fn key_tile<K: Widen, V: Widen>(
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 unsafe fn dots<K: Widen, V>(ops: &Typed<'_, K, V>, q: &[f32], jg: usize, count: usize) -> __m512 {
     let d = ops.d;
-    let full = d / LANES;
-    let tail = first_lanes(d % LANES);
     let mut acc = [_mm512_setzero_ps(); LANES];
     // The next 16 keys' rows, towards L1, while these compute (beyond K the hint is dropped).
     let row_bytes = d * std::mem::size_of::<K>();
@@ -281,35 +284,20 @@ unsafe fn dots<K: Widen, V>(ops: &Typed<'_, K, V>, q: &[f32], jg: usize, count: 
         let a = &mut acc[4 * (lane % 4) + lane / 4];
         let key = lane.min(count - 1);
         let row = ops.k.as_ptr().wrapping_add((jg + key) * ops.k_stride);
-        // Two chains (even and odd vectors) halve the FMA latency per key.
+        // Two chains (the two halves of each pair) halve the FMA latency per key.
         let (mut x, mut y) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut c = 0;
-        while c + 1 < full {
-            // SAFETY: whole vectors c and c + 1 of the row lie inside K; q holds them too.
+        while c < d {
+            // SAFETY: the lanes read are columns c.. of the row (< d), inside K; q holds
+            // the pair (padded with zeros).
             unsafe {
-                let kv = K::load(row.add(c * LANES));
-                x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c * LANES)), kv, x);
-                let kv = K::load(row.add((c + 1) * LANES));
-                y = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add((c + 1) * LANES)), kv, y);
+                let (first, second) = K::load_pair(row.add(c), first_lanes32(d - c));
+                x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c)), first, x);
+                y = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c + LANES)), second, y);
             }
-            c += 2;
+            c += PAIR;
         }
-        if c < full {
-            // SAFETY: whole vector c of the row lies inside K; q holds it too.
-            unsafe {
-                let kv = K::load(row.add(c * LANES));
-                x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(c * LANES)), kv, x);
-            }
-        }
-        x = _mm512_add_ps(x, y);
-        if tail != 0 {
-            // SAFETY: the tail lanes of the row lie inside K; q is padded.
-            unsafe {
-                let kv = K::load_masked(row.add(full * LANES), tail);
-                x = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(full * LANES)), kv, x);
-            }
-        }
-        *a = x;
+        *a = _mm512_add_ps(x, y);
     }
     reduce16(&acc)
 }
@@ -351,14 +339,15 @@ fn reduce16(a: &[__m512; 16]) -> __m512 {
     )
 }
 
-/// `o[c0..c0 + width] = o·alpha + Σ_j p_j V[j0 + j][c0..]` with `NV` vectors in registers.
+/// `o[c0..c0 + width] = o·alpha + Σ_j p_j V[j0 + j][c0..]` with `NP` pairs of vectors in
+/// registers (V's pair order).
 ///
 /// # Safety
-/// AVX-512 is present; columns `c0..c0 + width` (`width ≤ 16·NV`, `> 16·(NV − 1)`) of keys
-/// `j0..j0 + kn` lie inside V; `st.o` holds `c0 + 16·NV` f32.
+/// AVX-512 is present; columns `c0..c0 + width` (`width ≤ 32·NP`, `> 32·(NP − 1)`) of keys
+/// `j0..j0 + kn` lie inside V; `st.o` holds `c0 + 32·NP` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv_row<V: Widen, const NV: usize>(
+unsafe fn pv_row<V: Widen, const NP: usize>(
     ops: &Typed<'_, impl Sized, V>,
     st: &mut State,
     j0: usize,
@@ -368,14 +357,16 @@ unsafe fn pv_row<V: Widen, const NV: usize>(
     alpha: Option<__m512>,
     skip: Option<[u16; VECTORS]>,
 ) {
-    let tail = first_lanes(width - (NV - 1) * LANES);
+    let tail = first_lanes32(width - (NP - 1) * PAIR);
     let o = st.o.as_mut_ptr().wrapping_add(c0);
-    let mut acc = [_mm512_setzero_ps(); NV];
+    let mut acc = [[_mm512_setzero_ps(); 2]; NP];
     for (x, a) in acc.iter_mut().enumerate() {
-        // SAFETY: st.o holds c0 + 16·NV f32.
-        *a = unsafe { _mm512_loadu_ps(o.add(x * LANES)) };
-        if let Some(alpha) = alpha {
-            *a = _mm512_mul_ps(*a, alpha);
+        for (h, a) in a.iter_mut().enumerate() {
+            // SAFETY: st.o holds c0 + 32·NP f32.
+            *a = unsafe { _mm512_loadu_ps(o.add(x * PAIR + h * LANES)) };
+            if let Some(alpha) = alpha {
+                *a = _mm512_mul_ps(*a, alpha);
+            }
         }
     }
     for j in 0..kn {
@@ -394,20 +385,18 @@ unsafe fn pv_row<V: Widen, const NV: usize>(
             at += 64;
         }
         for (x, a) in acc.iter_mut().enumerate() {
-            // SAFETY: columns c0 + 16x.. (the last vector masked to `width`) lie inside V.
-            let v = unsafe {
-                if x + 1 < NV {
-                    V::load(row.add(x * LANES))
-                } else {
-                    V::load_masked(row.add(x * LANES), tail)
-                }
-            };
-            *a = _mm512_fmadd_ps(p, v, *a);
+            let lanes = if x + 1 < NP { u32::MAX } else { tail };
+            // SAFETY: the lanes read are columns c0 + 32x.. (< c0 + width) inside V.
+            let (first, second) = unsafe { V::load_pair(row.add(x * PAIR), lanes) };
+            a[0] = _mm512_fmadd_ps(p, first, a[0]);
+            a[1] = _mm512_fmadd_ps(p, second, a[1]);
         }
     }
     for (x, a) in acc.iter().enumerate() {
-        // SAFETY: as for the loads of `o`.
-        unsafe { _mm512_storeu_ps(o.add(x * LANES), *a) };
+        for (h, a) in a.iter().enumerate() {
+            // SAFETY: as for the loads of `o`.
+            unsafe { _mm512_storeu_ps(o.add(x * PAIR + h * LANES), *a) };
+        }
     }
 }
 

@@ -21,6 +21,17 @@ pub(super) trait Widen: Copy {
     /// # Safety
     /// AVX-512 is present and every element of a set lane is readable.
     unsafe fn load_masked(p: *const Self, lanes: __mmask16) -> __m512;
+
+    /// Whether [`Widen::load_pair`] returns even and odd elements (else first and last 16).
+    const INTERLEAVED: bool;
+
+    /// 32 consecutive elements from `p` as two f32 vectors, the elements of `lanes` (the
+    /// others 0, not read): even and odd elements for bf16 (one load, a shift and a mask: half
+    /// the work of two widening loads), first and last 16 otherwise.
+    ///
+    /// # Safety
+    /// AVX-512 is present and every element of a set lane is readable.
+    unsafe fn load_pair(p: *const Self, lanes: __mmask32) -> (__m512, __m512);
 }
 
 impl Widen for f32 {
@@ -36,6 +47,20 @@ impl Widen for f32 {
     unsafe fn load_masked(p: *const f32, lanes: __mmask16) -> __m512 {
         // SAFETY: masked lanes are not accessed; the caller guarantees the others.
         unsafe { _mm512_maskz_loadu_ps(lanes, p) }
+    }
+
+    const INTERLEAVED: bool = false;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load_pair(p: *const f32, lanes: __mmask32) -> (__m512, __m512) {
+        // SAFETY: masked lanes are not accessed; the caller guarantees the others.
+        unsafe {
+            (
+                _mm512_maskz_loadu_ps(lanes as __mmask16, p),
+                _mm512_maskz_loadu_ps((lanes >> 16) as __mmask16, p.add(16)),
+            )
+        }
     }
 }
 
@@ -55,6 +80,19 @@ impl Widen for bf16 {
         let raw = unsafe { _mm256_maskz_loadu_epi16(lanes, p.cast::<i16>()) };
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
     }
+
+    const INTERLEAVED: bool = true;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load_pair(p: *const bf16, lanes: __mmask32) -> (__m512, __m512) {
+        // SAFETY: masked lanes are not accessed; the caller guarantees the others.
+        let raw = unsafe { _mm512_maskz_loadu_epi16(lanes, p.cast::<i16>()) };
+        // 32-bit lane l holds elements 2l (low half) and 2l + 1 (high half).
+        let even = _mm512_slli_epi32::<16>(raw);
+        let odd = _mm512_and_si512(raw, _mm512_set1_epi32(0xffff_0000u32 as i32));
+        (_mm512_castsi512_ps(even), _mm512_castsi512_ps(odd))
+    }
 }
 
 impl Widen for f16 {
@@ -72,6 +110,57 @@ impl Widen for f16 {
         // SAFETY: masked lanes are not accessed; the caller guarantees the others.
         let raw = unsafe { _mm256_maskz_loadu_epi16(lanes, p.cast::<i16>()) };
         _mm512_cvtph_ps(raw)
+    }
+
+    const INTERLEAVED: bool = false;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn load_pair(p: *const f16, lanes: __mmask32) -> (__m512, __m512) {
+        // SAFETY: masked lanes are not accessed; the caller guarantees the others.
+        unsafe {
+            (
+                Self::load_masked(p, lanes as __mmask16),
+                Self::load_masked(p.add(16), (lanes >> 16) as __mmask16),
+            )
+        }
+    }
+}
+
+/// The 16-bit lanes `0..count` of a 32-lane mask (all for `count ≥ 32`).
+#[inline]
+pub(super) fn first_lanes32(count: usize) -> __mmask32 {
+    if count >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << count) - 1
+    }
+}
+
+/// Reorders 32-element blocks of `x` (the last one padded with zeros) into the pair order of
+/// [`Widen::load_pair`] for `E`: for interleaved types, even elements then odd ones.
+pub(super) fn pair_order<E: Widen>(x: &mut [f32]) {
+    if !E::INTERLEAVED {
+        return;
+    }
+    for block in x.chunks_exact_mut(32) {
+        let mut y = [0.0f32; 32];
+        for l in 0..16 {
+            y[l] = block[2 * l];
+            y[16 + l] = block[2 * l + 1];
+        }
+        block.copy_from_slice(&y);
+    }
+}
+
+/// Undoes [`pair_order`] on one 32-element block into `out` (`out.len() ≤ 32`).
+pub(super) fn natural_order<E: Widen>(block: &[f32], out: &mut [f32]) {
+    for (c, x) in out.iter_mut().enumerate() {
+        *x = if E::INTERLEAVED {
+            block[(c % 2) * 16 + c / 2]
+        } else {
+            block[c]
+        };
     }
 }
 

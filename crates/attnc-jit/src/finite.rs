@@ -1,0 +1,146 @@
+//! Keeping finite attention results finite where the fused kernels' accumulator overflows.
+//!
+//! The fused attention kernels (Cranelift's and the full-width ones) accumulate
+//! `Σ_j e^(s_j − m) v_j` and divide by the row sum `l` at the end. Every weight `e^(s_j − m)`
+//! is at most 1, so the accumulator of a row is at most `n · max|v|`: with values near the f32
+//! limit it overflows (q = k = 0, v = 1e38 gives `n · 1e38`) although the result, a weighted
+//! mean of V's rows, is finite — as it is in the interpreter, where the weights are normalized
+//! first (docs/language.md, "Values beyond the f32 range").
+//!
+//! Scaling the accumulator per tile would cost every tile a test. Instead, after the step its
+//! output is scanned (O(m · dv) per batch entry, nothing next to the step's O(m · n · d)), and
+//! only batch entries holding a non-finite value that V's magnitude can explain
+//! (`n · max|v|` near the f32 limit) are computed again from a copy of V scaled by an exact
+//! power of two `2^-k`; the second result times `2^k` replaces the non-finite values where it
+//! is finite. Genuine infinities and NaNs (from the inputs, or from scores beyond the f32
+//! range) come out of the second computation the same, so they stay.
+//!
+//! Only exact attention is rescued: the int8 kernel's V is quantized by an earlier step (its
+//! error is measured on the data, so an overflow there fails validation and the exact plan
+//! runs), and linear attention's numerator `A @ V` is a value of its plain form that leaves
+//! the f32 range in every engine alike.
+
+use crate::buffer::{BufferView, Storage};
+use crate::error::Result;
+use crate::kernels::attention::{AttentionSpec, Precision, TensorRef};
+
+/// The most `n · max|v|` may be before an accumulator can overflow: a quarter of `f32::MAX`
+/// leaves room for the rounding of the sums and the rescaling by `e^(m_old − m_new)`.
+const HEADROOM: f64 = f32::MAX as f64 / 4.0;
+
+/// Recomputes, from a scaled copy of V, the batch entries of the exact attention `spec` whose
+/// output (`out`, `[batch.., m, dv]`, computed from `views`) holds a non-finite value that V's
+/// magnitude explains. `rows(views, out, entry)` computes every row of batch entry `entry`
+/// into `out` (the whole output's layout), as the step's kernel does.
+pub(crate) fn keep_finite(
+    spec: &AttentionSpec,
+    views: &[BufferView<'_>],
+    out: &mut [f32],
+    rows: impl Fn(&[BufferView<'_>], &mut [f32], usize) -> Result<()>,
+) -> Result<()> {
+    let per = spec.m * spec.dv;
+    if spec.precision != Precision::Exact || per == 0 || out.len() != per * spec.batch_count() {
+        return Ok(());
+    }
+    let bad: Vec<usize> = out
+        .chunks(per)
+        .enumerate()
+        .filter(|(_, entry)| entry.iter().any(|x| !x.is_finite()))
+        .map(|(e, _)| e)
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let Some(&v) = views.get(spec.v.slot) else {
+        return Ok(());
+    };
+    // One power of two for every entry that needs one (a larger shift than an entry needs
+    // only rounds V's smallest values, far below the entry's largest).
+    let mut shift = 0i32;
+    let mut entries = Vec::new();
+    for e in bad {
+        let reach = spec.n as f64 * max_abs(v, &spec.v, spec, e);
+        if reach > HEADROOM {
+            entries.push(e);
+            shift = shift.max((reach / HEADROOM).log2().ceil() as i32);
+        }
+    }
+    let Some(scaled) = (!entries.is_empty()).then(|| scale(v, shift)).flatten() else {
+        return Ok(());
+    };
+    let mut views = views.to_vec();
+    views[spec.v.slot] = scaled.view();
+    let mut again = vec![0.0f32; out.len()];
+    let back = 2f64.powi(shift);
+    for e in entries {
+        rows(&views, &mut again, e)?;
+        let span = e * per..(e + 1) * per;
+        for (o, &a) in out[span.clone()].iter_mut().zip(&again[span]) {
+            let y = (f64::from(a) * back) as f32;
+            if !o.is_finite() && y.is_finite() {
+                *o = y;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest finite magnitude of V's `n × dv` rows in batch entry `entry` (0 when none).
+fn max_abs(v: BufferView<'_>, t: &TensorRef, spec: &AttentionSpec, entry: usize) -> f64 {
+    let mut offset = 0;
+    let mut rest = entry;
+    for (&size, &stride) in spec.batch.iter().zip(&t.batch_strides).rev() {
+        if size > 0 {
+            offset += (rest % size) * stride;
+            rest /= size;
+        }
+    }
+    let mut max = 0.0f32;
+    for j in 0..spec.n {
+        for c in 0..spec.dv {
+            let i = offset + j * t.row_stride + c * t.col_stride;
+            if i < v.len() {
+                let x = v.get_f32(i).abs();
+                if x.is_finite() {
+                    max = max.max(x);
+                }
+            }
+        }
+    }
+    f64::from(max)
+}
+
+/// `v · 2^-shift` in v's own element type (exact, but for values that become subnormal);
+/// `None` for element types whose range cannot overflow an accumulator (f16) or that are not
+/// values.
+fn scale(v: BufferView<'_>, shift: i32) -> Option<Storage> {
+    // shift ≤ log2(4 · n) < 40, so the factor is a normal f32.
+    let factor = 2f32.powi(-shift);
+    match v {
+        BufferView::F32(x) => Some(Storage::F32(x.iter().map(|&a| a * factor).collect())),
+        BufferView::Bf16(x) => Some(Storage::Bf16(
+            x.iter()
+                .map(|&a| half::bf16::from_f32(a.to_f32() * factor))
+                .collect(),
+        )),
+        BufferView::F16(_) | BufferView::U8(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaling_is_exact_by_a_power_of_two() {
+        let s = scale(BufferView::F32(&[3e38, -1.5, 0.0]), 3).expect("f32 scales");
+        assert_eq!(s, Storage::F32(vec![3e38 / 8.0, -1.5 / 8.0, 0.0]));
+        let big = half::bf16::from_f32(3.3e38);
+        let s = scale(BufferView::Bf16(&[big]), 1).expect("bf16 scales");
+        assert_eq!(
+            s,
+            Storage::Bf16(vec![half::bf16::from_f32(big.to_f32() / 2.0)])
+        );
+        assert!(scale(BufferView::F16(&[half::f16::ONE]), 1).is_none());
+    }
+}

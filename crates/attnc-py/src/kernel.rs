@@ -1,0 +1,576 @@
+//! The Python `attnc.Kernel`: a checked kernel that compiles per input shape and runs on
+//! NumPy arrays with the interpreter lock released.
+
+use crate::errors::{input_error, jit_error, specialize_error, Kind};
+use crate::inputs::{stage, Given, StagedInput};
+use crate::program::{OutputDim, Program, Specialized};
+use attnc::io::DType;
+use attnc::ir::dim::Dim;
+use attnc::ir::Kernel as IrKernel;
+use attnc::policy::approx_to_string;
+use half::f16;
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::PyArray;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple};
+use std::sync::Arc;
+
+/// A compiled kernel: call it on arrays (positionally or by parameter name).
+#[pyclass(module = "attnc", name = "Kernel", frozen)]
+pub struct PyKernel {
+    program: Program,
+    file: String,
+    signature: String,
+    recipe: Recipe,
+}
+
+/// What `attnc.compile` was given, to compile the same kernel again (pickling, copying).
+#[derive(Clone, Debug)]
+pub struct Recipe {
+    /// The program's text.
+    pub source: String,
+    /// The options as given (`None` where not given).
+    pub approx: Option<String>,
+    /// The tolerance as given.
+    pub tol: Option<f64>,
+}
+
+impl PyKernel {
+    /// A kernel of `file` (a path, or `<string>`), ready to compile per shape.
+    pub fn new(program: Program, file: String, recipe: Recipe) -> PyKernel {
+        let signature = signature(program.kernel());
+        PyKernel {
+            program,
+            file,
+            signature,
+            recipe,
+        }
+    }
+
+    fn declared(&self) -> &[attnc::ir::Param] {
+        &self.program.kernel().params
+    }
+
+    fn param_list(&self) -> String {
+        let names: Vec<&str> = self.declared().iter().map(|p| p.name.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// The call's arguments, one per parameter in order.
+    fn arguments<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let params = self.declared();
+        let kernel = &self.program.kernel().name;
+        if args.len() > params.len() {
+            return Err(input_error(
+                py,
+                None,
+                None,
+                format!(
+                    "kernel `{kernel}` takes {} inputs ({}) but {} were given",
+                    params.len(),
+                    self.param_list(),
+                    args.len()
+                ),
+            ));
+        }
+        let mut slots: Vec<Option<Bound<'py, PyAny>>> = vec![None; params.len()];
+        for (slot, arg) in slots.iter_mut().zip(args.iter()) {
+            *slot = Some(arg);
+        }
+        if let Some(kwargs) = kwargs {
+            for (key, value) in kwargs.iter() {
+                let key: String = key.extract()?;
+                let Some(index) = params.iter().position(|p| p.name == key) else {
+                    return Err(input_error(
+                        py,
+                        Some(&key),
+                        None,
+                        format!(
+                            "kernel `{kernel}` has no parameter `{key}` (parameters: {})",
+                            self.param_list()
+                        ),
+                    ));
+                };
+                if slots[index].is_some() {
+                    return Err(input_error(
+                        py,
+                        Some(&key),
+                        None,
+                        format!("input `{key}` is given twice (by position and by name)"),
+                    ));
+                }
+                slots[index] = Some(value);
+            }
+        }
+        slots
+            .into_iter()
+            .zip(params)
+            .map(|(slot, p)| {
+                slot.ok_or_else(|| {
+                    input_error(
+                        py,
+                        Some(&p.name),
+                        None,
+                        format!(
+                            "input `{}` of kernel `{kernel}` is missing (parameters: {})",
+                            p.name,
+                            self.param_list()
+                        ),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Holds every argument as an input view: NumPy float32/float16 arrays directly, anything
+    /// else through `attnc._inputs.coerce` (torch tensors, DLPack, bfloat16, lists, float64).
+    fn stage_all<'py>(
+        &self,
+        py: Python<'py>,
+        arguments: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<Vec<StagedInput<'py>>> {
+        static COERCE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let mut staged = Vec::with_capacity(arguments.len());
+        for (object, param) in arguments.iter().zip(self.declared()) {
+            let given = match Given::float(object) {
+                Some(given) => given,
+                None => {
+                    let coerce = COERCE.import(py, "attnc._inputs", "coerce")?;
+                    let result = coerce.call1((object, &param.name))?;
+                    let (array, bits): (Bound<'py, PyAny>, bool) = result.extract()?;
+                    let given = if bits {
+                        Given::bf16_bits(&array)
+                    } else {
+                        Given::float(&array)
+                    };
+                    given.ok_or_else(|| {
+                        input_error(
+                            py,
+                            Some(&param.name),
+                            None,
+                            format!("input `{}`: not a float array after conversion", param.name),
+                        )
+                    })?
+                }
+            };
+            staged.push(stage(py, &param.name, param.dtype, given)?);
+        }
+        Ok(staged)
+    }
+
+    /// Runs on staged inputs: the plan for their shapes (compiled now if new), then the machine
+    /// code, both without the interpreter lock.
+    fn run_staged<'py>(
+        &self,
+        py: Python<'py>,
+        staged: &[StagedInput<'py>],
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let shapes: Vec<&[usize]> = staged.iter().map(|s| s.shape.as_slice()).collect();
+        let specialized = match self.program.cached(&shapes) {
+            Some(hit) => hit,
+            None => {
+                let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
+                py.detach(|| self.program.specialize(&owned))
+                    .map_err(|e| specialize_error(py, &e))?
+            }
+        };
+        let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
+        let threads = self.program.threads();
+        let ret = self.program.kernel().ret_dtype;
+        let result = py.detach(|| {
+            specialized.run(&inputs, threads).map(|out| {
+                let data = if ret == DType::F16 {
+                    Values::F16(out.data.into_iter().map(f16::from_f32).collect())
+                } else {
+                    Values::F32(out.data)
+                };
+                (out.shape, data)
+            })
+        });
+        let (shape, values) = result.map_err(|e| jit_error(py, &e))?;
+        let array = match values {
+            Values::F32(v) => PyArray::from_owned_array(py, to_array(py, shape, v)?).into_any(),
+            Values::F16(v) => PyArray::from_owned_array(py, to_array(py, shape, v)?).into_any(),
+        };
+        Ok(array)
+    }
+
+    /// The plan of the most recent call, else of the `shapes=` values when they bind every
+    /// symbol (compiled now).
+    fn current(&self, py: Python<'_>) -> PyResult<Arc<Specialized>> {
+        if let Some(latest) = self.program.latest() {
+            return Ok(latest);
+        }
+        let Some(shapes) = self.program.given_input_shapes() else {
+            let symbols = attnc::ir::bind::kernel_symbols(self.program.kernel());
+            let unbound: Vec<String> = symbols
+                .into_iter()
+                .filter(|s| !self.program.given().contains_key(s))
+                .collect();
+            return Err(crate::errors::raise(
+                py,
+                Kind::Shape,
+                format!(
+                    "kernel `{}` has no plan yet: plans are specialized to bound shapes; call it \
+                     on inputs, or compile with shapes= binding {}",
+                    self.program.kernel().name,
+                    unbound.join(", ")
+                ),
+                &[
+                    ("input", crate::errors::Field::Text(None)),
+                    (
+                        "dimension",
+                        crate::errors::Field::Text(unbound.first().cloned()),
+                    ),
+                    ("axis", crate::errors::Field::Number(None)),
+                ],
+            ));
+        };
+        py.detach(|| self.program.specialize(&shapes))
+            .map_err(|e| specialize_error(py, &e))
+    }
+}
+
+/// A result's elements in its NumPy type.
+enum Values {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+fn to_array<T>(py: Python<'_>, shape: Vec<usize>, values: Vec<T>) -> PyResult<ArrayD<T>> {
+    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| {
+        crate::errors::run_error(py, format!("the result does not have its shape: {e}"))
+    })
+}
+
+#[pymethods]
+impl PyKernel {
+    /// Runs the kernel: inputs by position or by parameter name; returns a NumPy array.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let arguments = self.arguments(py, args, kwargs)?;
+        let staged = self.stage_all(py, arguments)?;
+        self.run_staged(py, &staged)
+    }
+
+    /// Which inputs a call with these arguments would copy (`True`) rather than read in place;
+    /// nothing is compiled or run. Conversions made before the native side sees an input
+    /// (float64 rounded to float32, lists made arrays) are copies by nature and not counted.
+    #[pyo3(signature = (*args, **kwargs))]
+    fn _copies<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Vec<bool>> {
+        let arguments = self.arguments(py, args, kwargs)?;
+        Ok(self
+            .stage_all(py, arguments)?
+            .iter()
+            .map(|s| s.copied)
+            .collect())
+    }
+
+    /// Runs on arrays already converted (one per parameter, in order): float32 or float16
+    /// NumPy arrays, or uint16 arrays of bfloat16 bit patterns where `bf16` says so. The path
+    /// of `attnc.torch`.
+    fn _run<'py>(
+        &self,
+        py: Python<'py>,
+        arrays: Vec<Bound<'py, PyAny>>,
+        bf16: Vec<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let params = self.declared();
+        if arrays.len() != params.len() || bf16.len() != params.len() {
+            return Err(input_error(
+                py,
+                None,
+                None,
+                format!(
+                    "kernel `{}` takes {} inputs, got {}",
+                    self.program.kernel().name,
+                    params.len(),
+                    arrays.len()
+                ),
+            ));
+        }
+        let mut staged = Vec::with_capacity(arrays.len());
+        for ((array, bits), param) in arrays.iter().zip(bf16).zip(params) {
+            let given = if bits {
+                Given::bf16_bits(array)
+            } else {
+                Given::float(array)
+            };
+            let given = given.ok_or_else(|| {
+                input_error(
+                    py,
+                    Some(&param.name),
+                    None,
+                    format!("input `{}`: expected a converted array", param.name),
+                )
+            })?;
+            staged.push(stage(py, &param.name, param.dtype, given)?);
+        }
+        self.run_staged(py, &staged)
+    }
+
+    /// The median and the least microseconds of `calls` runs of the compiled code on these
+    /// converted arrays (as for `_run`), timed in Rust around the library call alone: the
+    /// baseline the Python call overhead is measured against in the same process
+    /// (`python/bench/overhead.py`).
+    fn _time_native(
+        &self,
+        py: Python<'_>,
+        arrays: Vec<Bound<'_, PyAny>>,
+        bf16: Vec<bool>,
+        calls: usize,
+    ) -> PyResult<(f64, f64)> {
+        let mut staged = Vec::with_capacity(arrays.len());
+        for ((array, bits), param) in arrays.iter().zip(bf16).zip(self.declared()) {
+            let given = if bits {
+                Given::bf16_bits(array)
+            } else {
+                Given::float(array)
+            };
+            let given = given.ok_or_else(|| {
+                input_error(
+                    py,
+                    Some(&param.name),
+                    None,
+                    "expected a converted array".into(),
+                )
+            })?;
+            staged.push(stage(py, &param.name, param.dtype, given)?);
+        }
+        let shapes: Vec<Vec<usize>> = staged.iter().map(|s| s.shape.clone()).collect();
+        let specialized = py
+            .detach(|| self.program.specialize(&shapes))
+            .map_err(|e| specialize_error(py, &e))?;
+        let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
+        let threads = self.program.threads();
+        let times = py.detach(|| {
+            let mut times = Vec::with_capacity(calls);
+            for _ in 0..calls.max(1) {
+                let start = std::time::Instant::now();
+                let out = specialized.run(&inputs, threads)?;
+                times.push(start.elapsed().as_secs_f64() * 1e6);
+                std::hint::black_box(out);
+            }
+            Ok::<_, attnc_jit::JitError>(times)
+        });
+        let mut times = times.map_err(|e| jit_error(py, &e))?;
+        times.sort_by(f64::total_cmp);
+        let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+        Ok((median, times.first().copied().unwrap_or(f64::NAN)))
+    }
+
+    /// The kernel's name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.program.kernel().name
+    }
+
+    /// `name(q: f32[h, n, d], ...) -> f32[h, n, d]`, with `@approx(...)` in front when the
+    /// kernel has it (as `attnc check` prints it).
+    #[getter]
+    fn signature(&self) -> &str {
+        &self.signature
+    }
+
+    /// The file the kernel was read from (`<string>` for source text).
+    #[getter]
+    fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// The parameters: `(name, dtype, shape)` with each axis a symbol (str) or a size (int).
+    #[getter]
+    fn params<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        self.declared()
+            .iter()
+            .map(|p| {
+                let shape: Vec<Bound<'py, PyAny>> = p
+                    .shape
+                    .iter()
+                    .map(|d| dim_object(py, d))
+                    .collect::<PyResult<_>>()?;
+                PyTuple::new(
+                    py,
+                    [
+                        p.name.as_str().into_pyobject(py)?.into_any(),
+                        p.dtype.keyword().into_pyobject(py)?.into_any(),
+                        PyTuple::new(py, shape)?.into_any(),
+                    ],
+                )
+            })
+            .collect()
+    }
+
+    /// The declared return type: `f32`, `f16` or `bf16` (results are NumPy float32 for f32 and
+    /// bf16, whose values are rounded to bf16, and float16 for f16).
+    #[getter]
+    fn return_dtype(&self) -> &'static str {
+        self.program.kernel().ret_dtype.keyword()
+    }
+
+    /// The approximation policy (`exact`, or the allowed approximations and the tolerance).
+    #[getter]
+    fn policy(&self) -> String {
+        self.program.policy().to_string()
+    }
+
+    /// Worker threads of each call.
+    #[getter]
+    fn threads(&self) -> usize {
+        self.program.threads()
+    }
+
+    /// The `shapes=` values given at compile time.
+    #[getter]
+    fn shapes(&self) -> std::collections::BTreeMap<String, u64> {
+        self.program.given().clone()
+    }
+
+    /// Every dimension's value in the most recent plan (`None` before the first).
+    #[getter]
+    fn bindings(&self) -> Option<std::collections::BTreeMap<String, u64>> {
+        self.program.latest().map(|s| s.bindings.clone())
+    }
+
+    /// The kernel plan (text) of the most recent call, else of the `shapes=` values when they
+    /// bind every dimension; a `ShapeError` before either.
+    #[getter]
+    fn plan(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(self.current(py)?.compiled.plan().to_string())
+    }
+
+    /// The optimizer's trace as a dict (`attnc explain --format json`'s `trace`): of the most
+    /// recent call's plan, else at the `shapes=` values, else of the program with its
+    /// dimensions unbound.
+    fn explain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let trace = py
+            .detach(|| self.program.trace())
+            .map_err(|e| specialize_error(py, &e))?;
+        crate::json::record_to_python(py, &trace)
+    }
+
+    /// Where each axis of the result gets its size: `("const", size)`, `("input", parameter
+    /// index, axis)`, `("given", size)` or `("unbound", symbol)`.
+    fn output_dims<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        self.program
+            .output_dims()
+            .into_iter()
+            .map(|d| {
+                let items = match d {
+                    OutputDim::Const(c) => vec![
+                        "const".into_pyobject(py)?.into_any(),
+                        c.into_pyobject(py)?.into_any(),
+                    ],
+                    OutputDim::Input { param, axis } => vec![
+                        "input".into_pyobject(py)?.into_any(),
+                        param.into_pyobject(py)?.into_any(),
+                        axis.into_pyobject(py)?.into_any(),
+                    ],
+                    OutputDim::Given(v) => vec![
+                        "given".into_pyobject(py)?.into_any(),
+                        v.into_pyobject(py)?.into_any(),
+                    ],
+                    OutputDim::Unbound(s) => vec![
+                        "unbound".into_pyobject(py)?.into_any(),
+                        s.into_pyobject(py)?.into_any(),
+                    ],
+                };
+                PyTuple::new(py, items)
+            })
+            .collect()
+    }
+
+    /// The result's shape for inputs of these shapes (bound and checked; nothing compiled).
+    fn output_shape(&self, py: Python<'_>, shapes: Vec<Vec<usize>>) -> PyResult<Vec<usize>> {
+        let params = self.declared();
+        if shapes.len() != params.len() {
+            return Err(input_error(
+                py,
+                None,
+                None,
+                format!(
+                    "kernel `{}` takes {} inputs, got {} shapes",
+                    self.program.kernel().name,
+                    params.len(),
+                    shapes.len()
+                ),
+            ));
+        }
+        let bindings = self
+            .program
+            .bind(&shapes)
+            .map_err(|e| crate::errors::bind_error(py, &e))?;
+        let kernel = self.program.kernel();
+        attnc::ir::dim::resolve_shape(&kernel.graph.node(kernel.output).shape, &bindings)
+            .ok_or_else(|| crate::errors::run_error(py, "the result's shape is unbound".into()))
+    }
+
+    /// The number of compiled plans held (one per input shape, most recent 32).
+    #[getter]
+    fn cache_size(&self) -> usize {
+        self.program.cached_count()
+    }
+
+    /// Drops every compiled plan (the next call compiles again).
+    fn clear_cache(&self) {
+        self.program.clear_cache();
+    }
+
+    /// Pickles as the program's text and options: unpickling compiles the kernel again
+    /// (compiled code is specialized to this process and is not carried).
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyTuple>)> {
+        let rebuild = py.import("attnc")?.getattr("_rebuild")?;
+        let args = (
+            self.recipe.source.as_str(),
+            self.program.kernel().name.as_str(),
+            self.program.given().clone(),
+            self.recipe.approx.clone(),
+            self.recipe.tol,
+            self.program.threads(),
+            self.file.as_str(),
+        )
+            .into_pyobject(py)?;
+        Ok((rebuild, args))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<attnc.Kernel {}>", self.signature)
+    }
+}
+
+fn dim_object<'py>(py: Python<'py>, dim: &Dim) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match dim {
+        Dim::Sym(s) => s.as_str().into_pyobject(py)?.into_any(),
+        Dim::Const(c) => c.into_pyobject(py)?.into_any(),
+    })
+}
+
+/// `name(q: f32[h, n, d], ...) -> f32[h, n, d]`, with the `@approx` items in front.
+pub fn signature(kernel: &IrKernel) -> String {
+    let approx = if kernel.approx.is_empty() {
+        String::new()
+    } else {
+        let items: Vec<String> = kernel.approx.iter().map(approx_to_string).collect();
+        format!("@approx({}) ", items.join(", "))
+    };
+    format!("{approx}{}", attnc::ir::print::signature(kernel))
+}

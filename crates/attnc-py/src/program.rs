@@ -1,0 +1,337 @@
+//! One checked kernel with its compile settings and its compiled code per shape: everything
+//! the Python `Kernel` does that needs no interpreter.
+//!
+//! A [`Program`] binds the inputs' shapes (with the `shapes=` values given at compile time),
+//! compiles through the same [`Compiler`] pipeline as `attnc run` — same ceilings, policy,
+//! calibration (none given: the policy's seed, as `run --input` does) — and keeps the result
+//! in a [`ShapeCache`]. It is shared between Python threads: the cache sits behind a mutex
+//! that is held only to look up or insert, never while compiling or running.
+
+use crate::shape_cache::ShapeCache;
+use attnc::engine::RunError;
+use attnc::ir::bind::{bind_shapes, kernel_symbols, BindError};
+use attnc::ir::dim::{resolve_shape, Dim};
+use attnc::ir::{Bindings, Kernel};
+use attnc::policy::Policy;
+use attnc::{Compiled, Compiler};
+use attnc_jit::{Input, JitError, Output};
+use attnc_opt::{Ceilings, Trace};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+/// Compiled plans kept per kernel (see [`ShapeCache`]).
+pub const CACHE_CAPACITY: usize = 32;
+
+/// A kernel compiled at one set of input shapes.
+pub struct Specialized {
+    /// The inputs' shapes it was compiled for.
+    pub input_shapes: Vec<Vec<usize>>,
+    /// Every dimension symbol's value.
+    pub bindings: Bindings,
+    /// The machine code and the optimizer's record.
+    pub compiled: Compiled,
+}
+
+impl Specialized {
+    /// Runs on `inputs` (one per parameter, in its declared storage type) with `threads`
+    /// workers; the buffers are checked against the bound shapes before any machine code runs.
+    pub fn run(&self, inputs: &[Input<'_>], threads: usize) -> Result<Output, JitError> {
+        self.compiled.code.run(inputs, threads)
+    }
+}
+
+/// Why a kernel could not be specialized to some shapes.
+#[derive(Debug)]
+pub enum SpecializeError {
+    /// The shapes do not fit the kernel's parameters (or each other).
+    Bind(BindError),
+    /// Optimizing, validating or compiling failed.
+    Compile(RunError),
+}
+
+/// Where one axis of the result gets its size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputDim {
+    /// A literal size.
+    Const(u64),
+    /// The size of axis `axis` of input `param`.
+    Input {
+        /// The parameter's index.
+        param: usize,
+        /// Its axis.
+        axis: usize,
+    },
+    /// A size given at compile time (`shapes=`), bound by no input.
+    Given(u64),
+    /// A symbol no input and no `shapes=` value binds.
+    Unbound(String),
+}
+
+/// A checked kernel, its settings and its compiled plans.
+pub struct Program {
+    kernel: Kernel,
+    given: Bindings,
+    compiler: Compiler,
+    threads: usize,
+    cache: Mutex<ShapeCache<Arc<Specialized>>>,
+}
+
+impl Program {
+    /// `kernel` under `policy`, with `given` binding symbols no input binds, running on
+    /// `threads` workers, planned with `ceilings`.
+    pub fn new(
+        kernel: Kernel,
+        given: Bindings,
+        policy: Policy,
+        threads: usize,
+        ceilings: Ceilings,
+    ) -> Program {
+        let threads = threads.max(1);
+        let compiler = Compiler::new()
+            .with_policy(policy)
+            .with_threads(threads)
+            .with_ceilings(ceilings);
+        Program {
+            kernel,
+            given,
+            compiler,
+            threads,
+            cache: Mutex::new(ShapeCache::new(CACHE_CAPACITY)),
+        }
+    }
+
+    /// The checked kernel.
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// The `shapes=` values.
+    pub fn given(&self) -> &Bindings {
+        &self.given
+    }
+
+    /// The approximation policy.
+    pub fn policy(&self) -> &Policy {
+        self.compiler.policy()
+    }
+
+    /// Worker threads of every run.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn cache(&self) -> MutexGuard<'_, ShapeCache<Arc<Specialized>>> {
+        // The cache is consistent after any panic (entries are whole values).
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The plan compiled for exactly these input shapes, if there is one.
+    pub fn cached<S: AsRef<[usize]>>(&self, shapes: &[S]) -> Option<Arc<Specialized>> {
+        self.cache().get(shapes)
+    }
+
+    /// The most recently used plan.
+    pub fn latest(&self) -> Option<Arc<Specialized>> {
+        self.cache().latest().cloned()
+    }
+
+    /// The number of plans held.
+    pub fn cached_count(&self) -> usize {
+        self.cache().len()
+    }
+
+    /// Drops every compiled plan.
+    pub fn clear_cache(&self) {
+        self.cache().clear();
+    }
+
+    /// Binds every symbol from the inputs' shapes and the `shapes=` values.
+    pub fn bind(&self, shapes: &[Vec<usize>]) -> Result<Bindings, BindError> {
+        let slots: Vec<Option<Vec<usize>>> = shapes.iter().cloned().map(Some).collect();
+        bind_shapes(&self.kernel, &slots, &self.given)
+    }
+
+    /// The plan for these input shapes: from the cache, else bound and compiled (slow: call
+    /// without the interpreter lock).
+    pub fn specialize(&self, shapes: &[Vec<usize>]) -> Result<Arc<Specialized>, SpecializeError> {
+        if let Some(hit) = self.cached(shapes) {
+            return Ok(hit);
+        }
+        let bindings = self.bind(shapes).map_err(SpecializeError::Bind)?;
+        let compiler = self.compiler.clone().with_memory_budget(available_memory());
+        let compiled = compiler
+            .compile(&self.kernel, &bindings)
+            .map_err(SpecializeError::Compile)?;
+        let specialized = Arc::new(Specialized {
+            input_shapes: shapes.to_vec(),
+            bindings,
+            compiled,
+        });
+        Ok(self.cache().insert(shapes.to_vec(), specialized))
+    }
+
+    /// The inputs' shapes the `shapes=` values alone fix, when they bind every symbol of every
+    /// parameter.
+    pub fn given_input_shapes(&self) -> Option<Vec<Vec<usize>>> {
+        self.kernel
+            .params
+            .iter()
+            .map(|p| resolve_shape(&p.shape, &self.given))
+            .collect()
+    }
+
+    /// The optimizer's record: of the most recent plan when there is one (the plan calls run),
+    /// else of the plan at the `shapes=` values when they bind everything, else of the program
+    /// optimized with the symbols it has (as `attnc explain` does without `--shape`).
+    pub fn trace(&self) -> Result<Trace, SpecializeError> {
+        if let Some(latest) = self.latest() {
+            return Ok(latest.compiled.trace.clone());
+        }
+        if let Some(shapes) = self.given_input_shapes() {
+            return Ok(self.specialize(&shapes)?.compiled.trace.clone());
+        }
+        let symbols = kernel_symbols(&self.kernel);
+        let partial: Bindings = self
+            .given
+            .iter()
+            .filter(|(s, _)| symbols.contains(s))
+            .map(|(s, v)| (s.clone(), *v))
+            .collect();
+        Ok(self.compiler.optimize(&self.kernel, &partial).trace)
+    }
+
+    /// Where each axis of the result gets its size: from the first input axis declared with
+    /// its symbol, else the `shapes=` value.
+    pub fn output_dims(&self) -> Vec<OutputDim> {
+        let shape = &self.kernel.graph.node(self.kernel.output).shape;
+        shape
+            .iter()
+            .map(|dim| match dim {
+                Dim::Const(c) => OutputDim::Const(*c),
+                Dim::Sym(symbol) => {
+                    let from_input =
+                        self.kernel
+                            .params
+                            .iter()
+                            .enumerate()
+                            .find_map(|(p, param)| {
+                                param
+                                    .shape
+                                    .iter()
+                                    .position(|d| matches!(d, Dim::Sym(s) if s == symbol))
+                                    .map(|axis| OutputDim::Input { param: p, axis })
+                            });
+                    from_input
+                        .or_else(|| self.given.get(symbol).map(|v| OutputDim::Given(*v)))
+                        .unwrap_or_else(|| OutputDim::Unbound(symbol.clone()))
+                }
+            })
+            .collect()
+    }
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes, the budget a plan's buffers must fit in (as for
+/// the binary); `None` where the system does not say.
+pub fn available_memory() -> Option<u64> {
+    let text = attnc::io::read_small_text("/proc/meminfo", 1 << 20).ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn program(source: &str, given: &[(&str, u64)]) -> Program {
+        let module = attnc::source::compile_text(source).expect("checks");
+        let kernel = module.kernels.into_iter().next().expect("one kernel");
+        let given = given.iter().map(|(s, v)| (s.to_string(), *v)).collect();
+        Program::new(kernel, given, Policy::exact(), 1, Ceilings::default())
+    }
+
+    const DECODE: &str = "kernel decode(q: f32[h, 1, d], k: f32[h, n, d], v: f32[h, n, d]) \
+                          -> f32[h, 1, d] { return softmax(q @ k.T / sqrt(d)) @ v; }";
+
+    #[test]
+    fn compiles_once_per_shape_and_runs() {
+        let p = program(DECODE, &[]);
+        let shapes = vec![vec![2, 1, 3], vec![2, 5, 3], vec![2, 5, 3]];
+        let a = p.specialize(&shapes).expect("compiles");
+        let b = p.specialize(&shapes).expect("cached");
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.bindings.get("n"), Some(&5));
+        let q = vec![0.5f32; 6];
+        let kv = vec![1.0f32; 30];
+        let out = a
+            .run(&[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)], 1)
+            .expect("runs");
+        assert_eq!(out.shape, vec![2, 1, 3]);
+        assert!(out.data.iter().all(|&x| (x - 1.0).abs() < 1e-6));
+        p.specialize(&[vec![2, 1, 3], vec![2, 7, 3], vec![2, 7, 3]])
+            .expect("another shape");
+        assert_eq!(p.cached_count(), 2);
+        assert_eq!(p.latest().expect("latest").bindings.get("n"), Some(&7));
+    }
+
+    #[test]
+    fn shape_conflicts_are_bind_errors() {
+        let p = program(DECODE, &[]);
+        let err = p
+            .specialize(&[vec![2, 1, 3], vec![2, 5, 3], vec![2, 6, 3]])
+            .err()
+            .expect("conflict");
+        assert!(matches!(
+            err,
+            SpecializeError::Bind(BindError::DimConflict { .. })
+        ));
+        let err = p
+            .specialize(&[vec![2, 1, 3], vec![2, 5, 3], vec![2, 5, 3, 1]])
+            .err()
+            .expect("rank");
+        assert!(matches!(
+            err,
+            SpecializeError::Bind(BindError::RankMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn output_dims_name_their_input_axis_or_given_value() {
+        let p = program(
+            "kernel f(x: f32[n, e]) -> f32[n, 4] { return x @ ones(e, 4); }",
+            &[],
+        );
+        assert_eq!(
+            p.output_dims(),
+            vec![OutputDim::Input { param: 0, axis: 0 }, OutputDim::Const(4)]
+        );
+        let p = program(DECODE, &[("h", 2)]);
+        assert_eq!(
+            p.output_dims(),
+            vec![
+                OutputDim::Input { param: 0, axis: 0 },
+                OutputDim::Const(1),
+                OutputDim::Input { param: 0, axis: 2 }
+            ]
+        );
+    }
+
+    #[test]
+    fn traces_with_and_without_bound_shapes() {
+        let p = program(DECODE, &[("h", 2)]);
+        assert!(p.given_input_shapes().is_none());
+        let symbolic = p
+            .trace()
+            .map_err(|e| format!("{e:?}"))
+            .expect("optimizes unbound");
+        assert_eq!(symbolic.kernel, "decode");
+        let p = program(DECODE, &[("h", 2), ("n", 8), ("d", 4)]);
+        assert_eq!(
+            p.given_input_shapes(),
+            Some(vec![vec![2, 1, 4], vec![2, 8, 4], vec![2, 8, 4]])
+        );
+        p.trace()
+            .map_err(|e| format!("{e:?}"))
+            .expect("compiles at the given shapes");
+        assert_eq!(p.cached_count(), 1);
+    }
+}

@@ -1,0 +1,273 @@
+"""attnc kernels as torch operators.
+
+    >>> import attnc.torch
+    >>> f = attnc.torch.kernel("examples/local.attn")
+    >>> o = f(q, k, v)                      # CPU tensors in, a tensor out
+
+:func:`kernel` compiles a kernel and registers it as a ``torch.library.custom_op`` with a fake
+(meta) implementation, so ``torch.compile`` traces through it as one opaque node, and an
+autograd formula, so it sits in a model like any other op. Each call converts the tensors
+without copying where their layout allows (float32/float16 in place, bfloat16 as its bit
+patterns) and runs the compiled kernel with the interpreter lock released.
+
+Dtypes: any floating-point tensor is accepted for any parameter and converted to the
+parameter's declared type (widened exactly, or rounded to nearest-even as ``attnc run`` stores
+an input of another type), so the op runs under ``torch.autocast`` whatever dtypes the
+surrounding ops produce. The result has the kernel's declared type when that is f16 or bf16,
+and otherwise the promoted dtype of the inputs (float32 inputs give float32; under autocast,
+bfloat16 or float16 inputs give that dtype, like ``scaled_dot_product_attention``).
+
+Gradients: attnc does not compile backward kernels yet (the gradients issue), so the op's
+backward raises :class:`attnc.GradientUnavailableError`. Forward passes work with inputs that
+require grad (outputs then require grad too); call ``backward()`` only through parts of a
+graph that do not reach an attnc op, or run the op under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import keyword
+import os
+import re
+import threading
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+import attnc
+from ._errors import GradientUnavailableError, InputError, ShapeError
+from ._inputs import from_torch
+
+__all__ = ["kernel", "KernelOp"]
+
+_DECLARED = {"f16": torch.float16, "bf16": torch.bfloat16}
+_ops: Dict[Tuple[Any, ...], "KernelOp"] = {}
+_ops_lock = threading.Lock()
+_serial = itertools.count()
+
+
+class KernelOp:
+    """A compiled attnc kernel as a torch operator: call it on tensors, positionally or by
+    parameter name. ``op`` is the registered ``torch.library`` operator (for
+    ``torch.library.opcheck``), ``kernel`` the :class:`attnc.Kernel` it runs."""
+
+    def __init__(self, compiled: attnc.Kernel, op: Any) -> None:
+        self.kernel = compiled
+        self.op = op
+        self._names = [name for name, _, _ in compiled.params]
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        if not kwargs and len(args) == len(self._names):
+            return self.op(*args)
+        return self.op(*_positional(self.kernel, self._names, args, kwargs))
+
+    @property
+    def signature(self) -> str:
+        """The kernel's signature."""
+        return self.kernel.signature
+
+    @property
+    def plan(self) -> str:
+        """The plan of the most recent call (see :attr:`attnc.Kernel.plan`)."""
+        return self.kernel.plan
+
+    def explain(self) -> dict:
+        """The optimizer's trace (see :meth:`attnc.Kernel.explain`)."""
+        return self.kernel.explain()
+
+    def __reduce__(self):
+        # The kernel pickles as its program and options; the op is registered again (or found
+        # registered) where it is unpickled.
+        return (_op_for, (self.kernel,))
+
+    def __repr__(self) -> str:
+        return f"<attnc.torch.KernelOp {self.op._qualname}: {self.kernel.signature}>"
+
+
+def _op_for(compiled: attnc.Kernel) -> KernelOp:
+    """The op of an unpickled kernel: one per program and options."""
+    _, (source, name, shapes, approx, tol, threads, _) = compiled.__reduce__()
+    key = ("kernel", source, name, tuple(sorted(shapes.items())), approx, tol, threads)
+    with _ops_lock:
+        cached = _ops.get(key)
+        if cached is None:
+            cached = _ops[key] = KernelOp(compiled, _define(compiled))
+        return cached
+
+
+def kernel(
+    source_or_path: attnc.Source,
+    kernel: Optional[str] = None,
+    shapes: Optional[Dict[str, int]] = None,
+    approx: Any = None,
+    tol: Optional[float] = None,
+    threads: Optional[int] = None,
+) -> KernelOp:
+    """Compiles a kernel (arguments as :func:`attnc.compile`) and returns it as a torch op.
+
+    The same arguments (and, for a path, the same file contents' modification time) return the
+    same op, so building a model twice does not register operators twice.
+    """
+    key = _cache_key(source_or_path, kernel, shapes, approx, tol, threads)
+    with _ops_lock:
+        cached = _ops.get(key) if key is not None else None
+        if cached is not None:
+            return cached
+        compiled = attnc.compile(
+            source_or_path, kernel=kernel, shapes=shapes, approx=approx, tol=tol, threads=threads
+        )
+        wrapped = KernelOp(compiled, _define(compiled))
+        if key is not None:
+            _ops[key] = wrapped
+        return wrapped
+
+
+def _cache_key(source_or_path, kernel, shapes, approx, tol, threads) -> Optional[Tuple[Any, ...]]:
+    if isinstance(source_or_path, (str, bytes)) and (
+        isinstance(source_or_path, bytes) or "{" in source_or_path or "\n" in source_or_path
+    ):
+        source: Any = ("text", source_or_path)
+    else:
+        try:
+            path = os.path.abspath(os.fspath(source_or_path))
+            stat = os.stat(path)
+        except (OSError, TypeError):
+            return None  # attnc.compile says what is wrong
+        source = ("file", path, stat.st_mtime_ns, stat.st_size)
+    try:
+        shapes_key = tuple(sorted(dict(shapes).items())) if shapes is not None else None
+        approx_key = approx if approx is None or isinstance(approx, str) else tuple(approx)
+        key = (source, kernel, shapes_key, approx_key, tol, threads)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _define(compiled: attnc.Kernel) -> Any:
+    """Registers ``compiled`` as a custom op with its fake and autograd implementations."""
+    params = compiled.params
+    names = [_schema_name(name, i) for i, (name, _, _) in enumerate(params)]
+    schema = "(" + ", ".join(f"Tensor {n}" for n in names) + ") -> Tensor"
+    qualname = f"attnc::{_op_name(compiled.name)}_{next(_serial)}"
+
+    def forward(*tensors: torch.Tensor) -> torch.Tensor:
+        arrays, bits = [], []
+        for tensor, (name, _, _) in zip(tensors, params):
+            array, is_bf16 = from_torch(tensor, name)
+            arrays.append(array)
+            bits.append(is_bf16)
+        result = torch.from_numpy(compiled._run(arrays, bits))
+        dtype = _result_dtype(compiled, tensors)
+        return result if result.dtype == dtype else result.to(dtype)
+
+    op = torch.library.custom_op(qualname, forward, mutates_args=(), schema=schema)
+
+    def fake(*tensors: torch.Tensor) -> torch.Tensor:
+        first = tensors[0].device if tensors else None
+        for tensor, (name, _, shape) in zip(tensors, params):
+            if tensor.device.type not in ("cpu", "meta") or tensor.device != first:
+                raise InputError(
+                    f"input `{name}` is on {tensor.device} (input `{params[0][0]}` on {first}); "
+                    "attnc runs on the CPU",
+                    input=name,
+                )
+            if tensor.dim() != len(shape):
+                raise ShapeError(
+                    f"input `{name}` has rank {tensor.dim()} but is declared "
+                    f"[{', '.join(map(str, shape))}] with rank {len(shape)}",
+                    input=name,
+                )
+        sizes = [tuple(t.shape) for t in tensors]
+        if all(isinstance(s, int) for shape in sizes for s in shape):
+            out_shape = compiled.output_shape([list(s) for s in sizes])
+        else:
+            out_shape = _symbolic_output_shape(compiled, tensors)
+        return tensors[0].new_empty(out_shape, dtype=_result_dtype(compiled, tensors))
+
+    op.register_fake(fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+    return op
+
+
+def _symbolic_output_shape(compiled: attnc.Kernel, tensors: Sequence[torch.Tensor]) -> list:
+    shape = []
+    for dim in compiled.output_dims():
+        if dim[0] in ("const", "given"):
+            shape.append(dim[1])
+        elif dim[0] == "input":
+            shape.append(tensors[dim[1]].shape[dim[2]])
+        else:
+            raise ShapeError(
+                f"dimension `{dim[1]}` of the result is not bound: pass shapes={{'{dim[1]}': ...}}",
+                dimension=dim[1],
+            )
+    return shape
+
+
+def _result_dtype(compiled: attnc.Kernel, tensors: Sequence[torch.Tensor]) -> torch.dtype:
+    declared = _DECLARED.get(compiled.return_dtype)
+    if declared is not None:
+        return declared
+    dtype = torch.float32
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    if floats:
+        dtype = floats[0]
+        for other in floats[1:]:
+            dtype = torch.promote_types(dtype, other)
+    return dtype
+
+
+def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+    ctx.kernel_name = None  # nothing to save: there is no backward to use it yet
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> Any:
+    raise GradientUnavailableError(
+        "attnc: gradients of this kernel are not available yet (attnc does not compile "
+        "backward kernels until the gradients issue lands); run the attnc op under "
+        "torch.no_grad(), or detach its inputs, when calling backward()"
+    )
+
+
+def _positional(
+    compiled: attnc.Kernel,
+    names: Sequence[str],
+    args: Sequence[Any],
+    kwargs: Dict[str, Any],
+) -> list:
+    if len(args) > len(names):
+        raise InputError(
+            f"kernel `{compiled.name}` takes {len(names)} inputs ({', '.join(names)}) "
+            f"but {len(args)} were given"
+        )
+    slots: list = list(args) + [None] * (len(names) - len(args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise InputError(
+                f"kernel `{compiled.name}` has no parameter `{key}` (parameters: "
+                f"{', '.join(names)})",
+                input=key,
+            )
+        index = names.index(key)
+        if index < len(args):
+            raise InputError(f"input `{key}` is given twice (by position and by name)", input=key)
+        slots[index] = value
+    for name, value in zip(names, slots):
+        if value is None:
+            raise InputError(f"input `{name}` of kernel `{compiled.name}` is missing", input=name)
+    return slots
+
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _schema_name(name: str, index: int) -> str:
+    if _IDENT.match(name) and not keyword.iskeyword(name) and name not in ("self", "out"):
+        return name
+    return f"arg{index}"
+
+
+def _op_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return cleaned if _IDENT.match(cleaned) else f"kernel_{cleaned}"

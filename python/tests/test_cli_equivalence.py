@@ -1,0 +1,108 @@
+"""The package computes what `attnc run` computes: every example, the same `.npy` inputs, the
+same threads, bit for bit; and `Kernel.explain()` is the trace `attnc explain` reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import attnc
+
+from conftest import EXAMPLES
+
+# Odd sizes (not multiples of any tile), small enough for the whole suite to take seconds.
+SIZES = {"h": 2, "n": 203, "m": 37, "d": 24, "e": 20, "r": 8}
+STORED = {"f32": np.float32, "f16": np.float16, "bf16": np.float32}  # .npy has no bfloat16
+
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.attn"))
+
+
+def inputs_for(kernel: attnc.Kernel, seed: int) -> dict:
+    """Standard-normal inputs at SIZES in each parameter's `.npy` type (bf16 parameters get
+    float32 files, which `attnc run` and the package both round to bf16 the same way)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, dtype, shape in kernel.params:
+        dims = [d if isinstance(d, int) else SIZES[d] for d in shape]
+        arrays[name] = rng.standard_normal(dims).astype(STORED[dtype])
+    return arrays
+
+
+def run_cli(cli: Path, example: Path, arrays: dict, tmp: Path, threads: int) -> np.ndarray:
+    args = [str(cli), "run", str(example), "--threads", str(threads)]
+    for name, array in arrays.items():
+        path = tmp / f"{name}.npy"
+        np.save(path, array)
+        args += ["--input", f"{name}={path}"]
+    out = tmp / "out.npy"
+    done = subprocess.run(args + ["--output", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return np.load(out)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def test_every_example_is_covered():
+    assert len(EXAMPLE_FILES) >= 19, [p.name for p in EXAMPLE_FILES]
+
+
+@pytest.mark.parametrize("example", EXAMPLE_FILES, ids=lambda p: p.stem)
+def test_results_equal_the_clis_bit_for_bit(cli, tmp_path, example):
+    kernel = attnc.compile(example, threads=2)
+    arrays = inputs_for(kernel, seed=11)
+    expected = run_cli(cli, example, arrays, tmp_path, threads=2)
+    got = kernel(**arrays)
+    assert same_bits(got, expected), (
+        f"{example.name}: max abs difference "
+        f"{np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)))}"
+    )
+    # Positional arguments and another thread count give the same bits.
+    one_thread = attnc.compile(example, threads=1)
+    assert same_bits(one_thread(*arrays.values()), expected)
+
+
+def test_an_f16_kernel_returns_float16_like_the_cli(cli, tmp_path):
+    example = EXAMPLES / "blocksparse.attn"
+    kernel = attnc.compile(example, threads=2)
+    arrays = inputs_for(kernel, seed=3)
+    got = kernel(**arrays)
+    assert got.dtype == np.float16
+    assert same_bits(got, run_cli(cli, example, arrays, tmp_path, threads=2))
+
+
+# Wall-clock fields differ between any two runs; everything else is the same record.
+def is_timing(key: str) -> bool:
+    return key.endswith(("seconds", "_ms", "millis"))
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not is_timing(k)}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("name", ["local", "linear", "decode"])
+def test_explain_is_the_clis_trace(cli, name):
+    example = EXAMPLES / f"{name}.attn"
+    shapes = {"h": 2, "n": 64, "d": 16}
+    done = subprocess.run(
+        [str(cli), "explain", str(example), "--format", "json", "--shape",
+         ",".join(f"{k}={v}" for k, v in shapes.items())],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = json.loads(done.stdout)["trace"]
+    kernel = attnc.compile(example, shapes=shapes)
+    trace = kernel.explain()
+    assert without_timings(trace) == without_timings(expected)
+    assert trace["kernel"] == name and trace["decision"]
+    # The plan the trace describes is the one `explain` prints.
+    assert kernel.plan == json.loads(done.stdout)["plan"]

@@ -1,0 +1,227 @@
+"""attnc kernels as torch operators: the op, opcheck, torch.compile, autocast, GradScaler,
+a transformer block against scaled_dot_product_attention, and what needs the backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch integration needs torch installed")
+import torch.nn.functional as F  # noqa: E402
+
+import attnc  # noqa: E402
+import attnc.torch  # noqa: E402
+
+from blocks import CAUSAL, NO_BACKWARD, VOCAB, synthetic_batch, train, twin_models  # noqa: E402
+from conftest import EXAMPLES  # noqa: E402
+
+
+def normal(*shape, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+
+# --- the op -------------------------------------------------------------------------------
+
+
+def test_the_op_computes_what_the_numpy_api_computes():
+    op = attnc.torch.kernel(EXAMPLES / "local.attn", threads=2)
+    q, k, v = (normal(2, 97, 24, seed=s) for s in range(3))
+    out = op(q, k, v)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    expected = attnc.compile(EXAMPLES / "local.attn", threads=2)(q.numpy(), k.numpy(), v.numpy())
+    assert np.array_equal(out.numpy(), expected)
+    assert torch.equal(op(q=q, k=k, v=v), out)
+    assert op.signature.startswith("local(") and "fused attention" in op.plan
+
+
+def test_the_same_arguments_give_the_same_op():
+    a = attnc.torch.kernel(CAUSAL)
+    assert attnc.torch.kernel(CAUSAL) is a
+    assert attnc.torch.kernel(CAUSAL, threads=1) is not a
+
+
+def test_a_model_with_the_op_pickles():
+    import io
+    import pickle
+
+    ours, _ = twin_models(seed=5)
+    tokens, _ = synthetic_batch(3)
+    with torch.no_grad():
+        expected = ours(tokens)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), expected)
+    op = ours.block.attend
+    assert pickle.loads(pickle.dumps(op)) is pickle.loads(pickle.dumps(op))
+
+
+def test_bfloat16_tensors_match_rounded_float32_arrays():
+    """bf16 key/value caches (decode.attn) read in place from torch: the same values as the
+    float32 arrays `attnc run` rounds to bf16."""
+    op = attnc.torch.kernel(EXAMPLES / "decode.attn")
+    q, kv = normal(4, 1, 32, seed=1), normal(4, 300, 32, seed=2)
+    kv16 = kv.to(torch.bfloat16)
+    out = op(q, kv16, kv16)
+    assert out.dtype == torch.float32  # promoted over (f32, bf16, bf16), the declared f32
+    expected = attnc.compile(EXAMPLES / "decode.attn")(q.numpy(), kv.numpy(), kv.numpy())
+    assert np.array_equal(out.numpy(), expected)
+    numpy_api = attnc.compile(EXAMPLES / "decode.attn")
+    assert numpy_api._copies(q, kv16, kv16) == [False, False, False]
+    assert np.array_equal(numpy_api(q, kv16, kv16), expected)
+
+
+def test_dlpack_objects_including_bfloat16():
+    class OnlyDlpack:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def __dlpack__(self, **kwargs):
+            return self.tensor.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.tensor.__dlpack_device__()
+
+    kernel = attnc.compile(EXAMPLES / "decode.attn")
+    q, kv = normal(2, 1, 8, seed=3), normal(2, 40, 8, seed=4).to(torch.bfloat16)
+    expected = kernel(q, kv, kv)
+    assert np.array_equal(kernel(OnlyDlpack(q), OnlyDlpack(kv), OnlyDlpack(kv)), expected)
+
+
+def test_strided_and_half_tensors():
+    op = attnc.torch.kernel(CAUSAL)
+    q = normal(3, 40, 8, seed=5)
+    t = normal(3, 8, 40, seed=6).transpose(1, 2)
+    assert torch.equal(op(q, t, t), op(q, t.contiguous(), t.contiguous()))
+    half = op(q.half(), q.half(), q.half())
+    assert half.dtype == torch.float16
+    assert torch.allclose(half.float(), op(q, q, q), atol=2e-2)
+    assert op(q.double(), q, q).dtype == torch.float64
+
+
+def test_bad_tensors_are_input_errors():
+    op = attnc.torch.kernel(CAUSAL)
+    q = normal(2, 10, 4)
+    with pytest.raises(attnc.InputError, match="input `k`.*not a floating-point"):
+        op(q, q.to(torch.int32), q)
+    with pytest.raises(attnc.InputError, match="input `v` is on meta"):
+        op(q, q, torch.empty(2, 10, 4, device="meta"))
+    meta = torch.empty(2, 10, 4, device="meta")
+    assert op(meta, meta, meta).shape == (2, 10, 4)  # shape inference, as torch ops do
+    freed = q.clone()
+    freed.untyped_storage().resize_(0)
+    with pytest.raises(attnc.InputError, match="input `q`: its storage holds 0 bytes"):
+        op(freed, q, q)
+    with pytest.raises(attnc.ShapeError, match="rank"):
+        op(q[0], q, q)
+    with pytest.raises(attnc.InputError, match="missing"):
+        op(q, q)
+
+
+# --- torch.library ------------------------------------------------------------------------
+
+
+def test_opcheck_passes():
+    op = attnc.torch.kernel(CAUSAL)
+    for shape in [(2, 13, 8), (1, 1, 3), (3, 0, 4)]:
+        args = tuple(normal(*shape, seed=s) for s in range(3))
+        result = torch.library.opcheck(op.op, args)
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_opcheck_passes_on_bfloat16_and_float16_inputs():
+    decode = attnc.torch.kernel(EXAMPLES / "decode.attn")
+    q, kv = normal(2, 1, 8, seed=1), normal(2, 33, 8, seed=2).to(torch.bfloat16)
+    result = torch.library.opcheck(decode.op, (q, kv, kv))
+    assert set(result.values()) == {"SUCCESS"}, result
+    half = attnc.torch.kernel(EXAMPLES / "blocksparse.attn")
+    x = normal(2, 70, 16, seed=3).half()
+    result = torch.library.opcheck(half.op, (x, x, x))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.skip(reason=f"opcheck's autograd checks run backward; {NO_BACKWARD}")
+def test_opcheck_passes_with_gradients():
+    op = attnc.torch.kernel(CAUSAL)
+    args = tuple(normal(2, 13, 8, seed=s).requires_grad_() for s in range(3))
+    torch.library.opcheck(op.op, args)
+
+
+def test_backward_raises_a_clear_error():
+    op = attnc.torch.kernel(CAUSAL)
+    q = normal(2, 10, 4).requires_grad_()
+    out = op(q, q, q)
+    assert out.requires_grad
+    with pytest.raises(attnc.GradientUnavailableError, match="^attnc: gradients of this kernel are not available yet"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not op(q, q, q).requires_grad
+
+
+# --- a transformer block ------------------------------------------------------------------
+
+
+def test_the_block_computes_what_sdpa_computes():
+    ours, theirs = twin_models()
+    tokens, _ = synthetic_batch(0)
+    with torch.no_grad():
+        a, b = ours(tokens), theirs(tokens)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+def test_torch_compile_of_a_model_with_the_op_matches_eager():
+    torch._dynamo.reset()
+    ours, _ = twin_models(seed=1)
+    compiled = torch.compile(ours)
+    for step in range(2):
+        tokens, _ = synthetic_batch(step)
+        with torch.no_grad():
+            eager, traced = ours(tokens), compiled(tokens)
+        assert torch.allclose(eager, traced, rtol=1e-5, atol=1e-5), (eager - traced).abs().max()
+    # Another sequence length: traced again (symbolic sizes through the fake implementation).
+    tokens, _ = synthetic_batch(5, n=17)
+    with torch.no_grad():
+        assert torch.allclose(ours(tokens), compiled(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_autocast_forward(dtype):
+    ours, theirs = twin_models(seed=2)
+    tokens, _ = synthetic_batch(1)
+    with torch.no_grad():
+        full = ours(tokens)
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = ours(tokens)
+            reference = theirs(tokens)
+    assert mixed.dtype == dtype
+    error = (mixed.float() - full).norm() / full.norm()
+    reference_error = (reference.float() - full).norm() / full.norm()
+    assert error < max(3e-2, 2 * reference_error), (error, reference_error)
+
+
+def test_grad_scaler_scales_the_forward_loss_and_stops_at_the_backward():
+    ours, _ = twin_models(seed=3)
+    tokens, targets = synthetic_batch(2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ours(tokens)
+        loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), targets.reshape(-1))
+    scaled = scaler.scale(loss)
+    assert torch.isfinite(scaled) and torch.allclose(scaled, loss * 1024.0)
+    with pytest.raises(attnc.GradientUnavailableError):
+        scaled.backward()
+
+
+@pytest.mark.xfail(raises=attnc.GradientUnavailableError, strict=True, reason=NO_BACKWARD)
+def test_the_block_trains_like_sdpa():
+    """Issue 15's training criterion: a few hundred steps on the synthetic task, the final loss
+    within 1 % of the same block with SDPA (same init, same data)."""
+    ours, theirs = twin_models(seed=4)
+    ours_loss = train(ours, 300)  # first: until the backward exists this stops at step 0
+    reference = train(theirs, 300)
+    # Two of the 24 targets are random (loss ln 16 each): 0.23 is all there is to learn.
+    assert reference < 0.5, f"the task is not learned even with SDPA: {reference}"
+    assert abs(ours_loss - reference) <= 0.01 * reference, (ours_loss, reference)
