@@ -30,6 +30,8 @@ pub enum Kind {
     Shape,
     /// `attnc.RunError`: compiling or running failed although the inputs were right.
     Run,
+    /// `attnc.GradientUnavailableError`: the kernel holds an op whose gradient is not derived.
+    Gradient,
 }
 
 impl Kind {
@@ -39,6 +41,7 @@ impl Kind {
             Kind::Input => "InputError",
             Kind::Shape => "ShapeError",
             Kind::Run => "RunError",
+            Kind::Gradient => "GradientUnavailableError",
         }
     }
 
@@ -47,11 +50,13 @@ impl Kind {
         static INPUT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
         static SHAPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
         static RUN: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+        static GRADIENT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
         let cell = match self {
             Kind::Compile => &COMPILE,
             Kind::Input => &INPUT,
             Kind::Shape => &SHAPE,
             Kind::Run => &RUN,
+            Kind::Gradient => &GRADIENT,
         };
         cell.import(py, MODULE, self.class_name())
     }
@@ -201,7 +206,7 @@ pub fn compile_run_error(py: Python<'_>, error: &RunError) -> PyErr {
 }
 
 /// A gradient that cannot be built: a wrong `wrt` list is the caller's input, an op without
-/// a derived gradient a run failure.
+/// a derived gradient `attnc.GradientUnavailableError`.
 pub fn grad_error(py: Python<'_>, error: &GradError) -> PyErr {
     match error {
         GradError::UnknownParam { name, .. } | GradError::Duplicate { name } => {
