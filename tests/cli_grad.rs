@@ -215,3 +215,120 @@ fn explain_shows_the_backward_graph_and_its_derivation() {
         .expect("ir text")
         .contains("attention-grad"));
 }
+
+#[test]
+fn npy_inputs_give_gradients_that_match_central_differences() {
+    // A biased, masked kernel with m != n and a broadcast slope: the JIT's gradients from .npy
+    // inputs, as directional derivatives, against central differences of the f64 interpreter.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src_text = "kernel f(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, d], slope: f32[h, 1, 1]) -> f32[h, m, d] {
+        let s = q @ k.T / sqrt(d) + slope * relpos(m, n);
+        return softmax(mask(s, causal & window(6))) @ v;
+    }";
+    let src = write(dir.path(), "k.attn", src_text);
+    let shapes: [(&str, Vec<usize>); 5] = [
+        ("q", vec![2, 5, 3]),
+        ("k", vec![2, 11, 3]),
+        ("v", vec![2, 11, 3]),
+        ("slope", vec![2, 1, 1]),
+        ("cot", vec![2, 5, 3]),
+    ];
+    let mut tensors = Vec::new();
+    for (i, (name, shape)) in shapes.iter().enumerate() {
+        let len = shape.iter().product();
+        let data = attnc::io::standard_normal(9, i as u64, len);
+        let t = attnc::io::Tensor::from_f32(shape.clone(), data).expect("shape");
+        attnc::io::write_npy(&dir.path().join(format!("{name}.npy")), &t).expect("writes");
+        tensors.push(t);
+    }
+    let out_dir = dir.path().join("grads");
+    let input = |n: &str| format!("{n}={}", p(&dir.path().join(format!("{n}.npy"))));
+    let (iq, ik, iv, is) = (input("q"), input("k"), input("v"), input("slope"));
+    let out = attnc(&[
+        "grad",
+        p(&src),
+        "--wrt",
+        "slope,q,k,v",
+        "--input",
+        &iq,
+        "--input",
+        &ik,
+        "--input",
+        &iv,
+        "--input",
+        &is,
+        "--cotangent",
+        p(&dir.path().join("cot.npy")),
+        "--output-dir",
+        p(&out_dir),
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+
+    let module = attnc::source::compile_text(src_text).expect("checks");
+    let kernel = &module.kernels[0];
+    let bindings: attnc::ir::Bindings = [("h", 2), ("m", 5), ("n", 11), ("d", 3)]
+        .into_iter()
+        .map(|(s, v)| (s.to_string(), v))
+        .collect();
+    let cot = tensors[4].to_f64_vec();
+    let f = |inputs: &[ndarray::ArrayD<f64>]| -> f64 {
+        let y = attnc::ir::interp::evaluate(kernel, &bindings, inputs).expect("evaluates");
+        y.iter().zip(&cot).map(|(a, b)| a * b).sum()
+    };
+    let base: Vec<ndarray::ArrayD<f64>> = tensors[..4].iter().map(|t| t.to_f64_array()).collect();
+    let eps = 1e-6;
+    for (i, name) in ["q", "k", "v", "slope"].iter().enumerate() {
+        let grad = attnc::io::read_npy(&out_dir.join(format!("{name}.npy"))).expect("npy");
+        let u = attnc::io::standard_normal(77, i as u64, base[i].len());
+        let shifted = |sign: f64| {
+            let mut x = base.clone();
+            for (a, du) in x[i].iter_mut().zip(&u) {
+                *a += sign * eps * f64::from(*du);
+            }
+            f(&x)
+        };
+        let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps);
+        let analytic: f64 = grad
+            .to_f64_vec()
+            .iter()
+            .zip(&u)
+            .map(|(g, du)| g * f64::from(*du))
+            .sum();
+        assert!(
+            (analytic - numeric).abs() <= 1e-4 * numeric.abs().max(1.0),
+            "d{name}: {analytic} vs {numeric}"
+        );
+    }
+}
+
+#[test]
+fn a_failed_run_leaves_existing_gradient_files_untouched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = examples_dir().join("local.attn");
+    let out_dir = dir.path().join("g");
+    std::fs::create_dir(&out_dir).expect("mkdir");
+    let old = write(&out_dir, "q.npy", "not an npy file, kept as it is");
+    let cot = write(dir.path(), "cot.npy", "garbage");
+    let out = attnc(&[
+        "grad",
+        p(&file),
+        "--wrt",
+        "q",
+        "--random",
+        "0",
+        "--shape",
+        "h=1,n=8,d=4",
+        "--cotangent",
+        p(&cot),
+        "--output-dir",
+        p(&out_dir),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 1, "{}", stderr(&out));
+    assert_eq!(json(&out)["ok"], false);
+    assert_eq!(
+        std::fs::read_to_string(&old).expect("kept"),
+        "not an npy file, kept as it is"
+    );
+}

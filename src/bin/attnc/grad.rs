@@ -89,8 +89,14 @@ pub fn grad(args: &GradArgs) -> CliResult {
         .is_none_or(|v| v.iter().all(|c| c.error() <= bound));
 
     let paths: Vec<PathBuf> = names.iter().map(|n| dir.join(format!("{n}.npy"))).collect();
-    write_all(dir, &paths, &grads)?;
-    crate::OUTPUTS_WRITTEN.store(true, std::sync::atomic::Ordering::SeqCst);
+    {
+        // Held for the whole write: an interrupt waits for the files to be in place or gone.
+        let mut written = crate::OUTPUT_WRITTEN
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        write_all(dir, &paths, &grads)?;
+        *written = true;
+    }
 
     let stats: Vec<Stats> = grads.iter().map(|g| Stats::of(&g.to_f32_vec())).collect();
     if args.shared.format.is_json() {
