@@ -347,6 +347,45 @@ mod tests {
     }
 
     #[test]
+    fn gradients_compile_once_per_shape_and_list_and_match_the_reference() {
+        let p = program(DECODE, &[]);
+        let shapes = vec![vec![2, 1, 3], vec![2, 5, 3], vec![2, 5, 3]];
+        let a = p.specialize_grad(&shapes, &[2, 0]).expect("compiles");
+        assert!(Arc::ptr_eq(
+            &a,
+            &p.specialize_grad(&shapes, &[2, 0]).expect("cached")
+        ));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &p.specialize_grad(&shapes, &[0]).expect("another list")
+        ));
+        assert_eq!(a.output_shape, vec![2, 1, 3]);
+        let q: Vec<f32> = (0..6).map(|i| (i as f32 * 0.37).sin()).collect();
+        let kv: Vec<f32> = (0..30).map(|i| (i as f32 * 0.61).cos()).collect();
+        let dy = vec![1.0f32; 6];
+        let grads = a
+            .run(&[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)], &dy, 1)
+            .expect("runs");
+        assert_eq!(grads.len(), 2);
+        assert_eq!(grads[0].shape, vec![2, 5, 3]);
+        assert_eq!(grads[1].shape, vec![2, 1, 3]);
+        // dV of softmax(...) @ V with a cotangent of ones: each key's attention weight, so
+        // every head's dV column sums to 1.
+        for h in 0..2 {
+            let sum: f32 = (0..5).map(|j| grads[0].data[h * 15 + j * 3]).sum();
+            assert!((sum - 1.0).abs() < 1e-5, "head {h}: {sum}");
+        }
+        // A cotangent of the wrong length is refused before anything runs.
+        assert!(a
+            .run(
+                &[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)],
+                &dy[..5],
+                1
+            )
+            .is_err());
+    }
+
+    #[test]
     fn shape_conflicts_are_bind_errors() {
         let p = program(DECODE, &[]);
         let err = p
