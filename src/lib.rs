@@ -4,9 +4,10 @@
 //! writes tensors, [`policy`] holds the approximation policy, [`Compiler`] is the one
 //! pipeline (optimize → validate → compile → run) with its settings, and [`engine`] runs a
 //! kernel on the reference interpreter or as machine code. [`grad`] compiles a kernel's
-//! gradients beside its forward. The library never measures the
-//! machine or writes a file: the ceilings the cost model divides by are handed to the
-//! [`Compiler`] (the `attnc` binary measures and caches them).
+//! gradients beside its forward; [`train`] has the mixed-precision pieces of a training loop
+//! (storage rounding with underflow counts, f32 master weights, a dynamic loss scaler). The
+//! library never measures the machine or writes a file: the ceilings the cost model divides by
+//! are handed to the [`Compiler`] (the `attnc` binary measures and caches them).
 //!
 //! ```
 //! let module = attnc::source::compile_text(
@@ -28,6 +29,7 @@ pub mod grad;
 pub mod io;
 pub mod policy;
 pub mod source;
+pub mod train;
 
 pub use attnc_ir as ir;
 pub use attnc_jit as jit;
