@@ -56,6 +56,8 @@ else
 fi
 
 section "pip install ."
+# The build backend runs the `maturin` executable by name: the environment's bin/ comes first.
+export PATH="$venv/bin:$PATH"
 # maturin (installed above) builds the extension in release mode into $target; without build
 # isolation pip uses that maturin instead of downloading another.
 CARGO_TARGET_DIR="$target" "$venv/bin/python" "${pip_install[@]}" --no-build-isolation --force-reinstall --no-deps .

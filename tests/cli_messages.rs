@@ -140,3 +140,57 @@ fn a_first_run_reports_the_ceiling_measurement_apart_from_compile_time() {
     assert_eq!(status(&text), 0);
     assert!(!stderr(&text).contains("measured this machine"));
 }
+
+#[test]
+fn a_flat_union_of_300_patterns_runs_and_deep_nesting_gets_a_note_that_fits_patterns() {
+    // A chain of `|` cannot be split with `let` (patterns have no names), so its length is not
+    // nesting: 300 patterns check, run on the JIT and agree with the interpreter.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let union: Vec<String> = (0..300)
+        .map(|k| match k % 3 {
+            0 => format!("dilated({}, {})", k % 4, 7 + k % 5),
+            1 => format!("block({})", 3 + k % 7),
+            _ => format!("global({})", k % 3),
+        })
+        .collect();
+    let src = format!(
+        "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {{\n    \
+         return softmax(mask(q @ k.T / sqrt(d), causal & ({}))) @ v;\n}}\n",
+        union.join(" | ")
+    );
+    let file = common::write(dir.path(), "union.attn", &src);
+    let path = file.to_str().expect("utf-8 path");
+    let out = attnc(&["check", path]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let out = attnc(&[
+        "run",
+        path,
+        "--random",
+        "3",
+        "--shape",
+        "h=2,n=70,d=5",
+        "--verify",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let doc = json(&out);
+    let err = doc["verify"]["relative_l2_error"]
+        .as_f64()
+        .expect("verified");
+    assert!(err <= 1e-5, "relative error {err}");
+    // Genuinely nested patterns still stop at the limit, with a note that does not offer `let`.
+    let deep = format!("{}causal{}", "(window(1) | ".repeat(300), ")".repeat(300));
+    let src =
+        format!("kernel f(s: f32[n, n]) -> f32[n, n] {{ return mask(s, causal & {deep}); }}\n");
+    let file = common::write(dir.path(), "deep.attn", &src);
+    let out = attnc(&["check", file.to_str().expect("utf-8 path")]);
+    assert_eq!(status(&out), 1);
+    let message = stderr(&out);
+    assert!(
+        message.contains("pattern nests deeper than 256 levels"),
+        "{message}"
+    );
+    assert!(message.contains("cannot be named with `let`"), "{message}");
+    assert!(!message.contains("split it with `let`"), "{message}");
+}

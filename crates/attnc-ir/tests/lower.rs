@@ -5,7 +5,7 @@ use attnc_ir::dim::format_shape;
 use attnc_ir::dot::dot_kernel;
 use attnc_ir::lower::lower_file;
 use attnc_ir::print::{print_kernel, print_module};
-use attnc_ir::{DType, Dim, Kernel, Module, Op, UnaryOp};
+use attnc_ir::{DType, Dim, Kernel, MaskPattern, Module, Op, UnaryOp};
 use attnc_syntax::{parse, Diagnostic, Span};
 
 /// Parses `src` (which must be free of syntax errors) and lowers it.
@@ -606,6 +606,76 @@ fn deep_expressions_lower_on_a_small_stack() {
     assert!(diagnostics.is_empty(), "{diagnostics:#?}");
     let len = on_small_stack(move || lower_file(&file).map(|m| m.kernels[0].graph.len()));
     assert_eq!(len.ok(), Some(depth + 1));
+}
+
+#[test]
+fn a_long_pattern_union_lowers_to_a_shallow_tree_keeping_the_same_positions() {
+    // A chain of `|` (or `&`) is one parser node of any length; lowering makes it a balanced
+    // tree, so the JIT, the optimizer and the printers walk `⌈log₂ k⌉` levels.
+    fn depth(p: &MaskPattern) -> usize {
+        match p {
+            MaskPattern::And(a, b) | MaskPattern::Or(a, b) => 1 + depth(a).max(depth(b)),
+            _ => 0,
+        }
+    }
+    fn pattern_of(src: String) -> MaskPattern {
+        let (file, diagnostics) = parse(&src);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        on_small_stack(move || {
+            let module = lower_file(&file).expect("valid");
+            let k = &module.kernels[0];
+            let pattern =
+                k.graph
+                    .topo_order()
+                    .into_iter()
+                    .find_map(|id| match &k.graph.node(id).op {
+                        Op::Mask { pattern, .. } => Some(pattern.clone()),
+                        _ => None,
+                    });
+            pattern.expect("a mask")
+        })
+    }
+    let kernel =
+        |p: &str| format!("kernel f(s: f32[n, n]) -> f32[n, n] {{ return mask(s, {p}); }}");
+    let union: Vec<String> = (0..100_000u64)
+        .map(|k| match k % 4 {
+            0 => format!("dilated({}, {})", k % 3, 5 + k % 7),
+            1 => format!("block({})", 2 + k % 9),
+            2 => format!("global({})", k % 2),
+            _ => format!("window({})", k % 2),
+        })
+        .collect();
+    let intersection: Vec<String> = (0..100_000u64)
+        .map(|k| match k % 3 {
+            0 => "causal".to_string(),
+            _ => format!("window({})", 1 + k % 11),
+        })
+        .collect();
+    for (operands, op) in [(union, " | "), (intersection, " & ")] {
+        let pattern = pattern_of(kernel(&operands.join(op)));
+        assert_eq!(depth(&pattern), 17, "⌈log₂ 100000⌉ levels for{op}");
+        // The same positions as the distinct operands one at a time: any of them (`|`), or
+        // all of them (`&`).
+        let distinct: std::collections::BTreeSet<&String> = operands.iter().collect();
+        let leaves: Vec<MaskPattern> = distinct
+            .into_iter()
+            .map(|o| pattern_of(kernel(o)))
+            .collect();
+        let mut kept = 0;
+        for i in 0..24 {
+            for j in 0..24 {
+                let keeps = |l: &MaskPattern| l.keeps(i, j, 24, 24);
+                let want = if op == " | " {
+                    leaves.iter().any(keeps)
+                } else {
+                    leaves.iter().all(keeps)
+                };
+                assert_eq!(pattern.keeps(i, j, 24, 24), want, "{op} at ({i}, {j})");
+                kept += usize::from(want);
+            }
+        }
+        assert!(kept > 24 && kept < 24 * 24, "{kept} positions kept for{op}");
+    }
 }
 
 // ---- printers -----------------------------------------------------------------------------

@@ -15,6 +15,12 @@
 //! is finite. Genuine infinities and NaNs (from the inputs, or from scores beyond the f32
 //! range) come out of the second computation the same, so they stay.
 //!
+//! The full-width kernels keep their scores in base 2 (`x · log2 e`, the scale folded into Q),
+//! so a score, bias or ALiBi term within the f32 range but beyond `f32::MAX / log2 e` overflows
+//! there and makes its row NaN. Their batch entries with a non-finite value whose Q, K and
+//! bias magnitudes reach that far ([`beyond_base_two`]) are computed again by the portable
+//! kernel (compiled on first need) and take its values where theirs are not finite.
+//!
 //! Only exact attention is rescued: the int8 kernel's V is quantized by an earlier step (its
 //! error is measured on the data, so an overflow there fails validation and the exact plan
 //! runs), and linear attention's numerator `A @ V` is a value of its plain form that leaves
@@ -23,6 +29,7 @@
 use crate::buffer::{BufferView, Storage};
 use crate::error::Result;
 use crate::kernels::attention::{AttentionSpec, Precision, TensorRef};
+use crate::wide::WideScore;
 
 /// The most `n · max|v|` may be before an accumulator can overflow: a quarter of `f32::MAX`
 /// leaves room for the rounding of the sums and the rescaling by `e^(m_old − m_new)`.
@@ -36,7 +43,7 @@ pub(crate) fn keep_finite(
     spec: &AttentionSpec,
     views: &[BufferView<'_>],
     out: &mut [f32],
-    rows: impl Fn(&[BufferView<'_>], &mut [f32], usize) -> Result<()>,
+    rows: &impl Fn(&[BufferView<'_>], &mut [f32], usize) -> Result<()>,
 ) -> Result<()> {
     let per = spec.m * spec.dv;
     if spec.precision != Precision::Exact || per == 0 || out.len() != per * spec.batch_count() {
@@ -59,7 +66,7 @@ pub(crate) fn keep_finite(
     let mut shift = 0i32;
     let mut entries = Vec::new();
     for e in bad {
-        let reach = spec.n as f64 * max_abs(v, &spec.v, spec, e);
+        let reach = spec.n as f64 * max_abs(v, &spec.v, spec, e, (spec.n, spec.dv));
         if reach > HEADROOM {
             entries.push(e);
             shift = shift.max((reach / HEADROOM).log2().ceil() as i32);
@@ -85,8 +92,81 @@ pub(crate) fn keep_finite(
     Ok(())
 }
 
-/// The largest finite magnitude of V's `n × dv` rows in batch entry `entry` (0 when none).
-fn max_abs(v: BufferView<'_>, t: &TensorRef, spec: &AttentionSpec, entry: usize) -> f64 {
+/// The batch entries of a full-width step's output `out` holding a non-finite value that its
+/// base-2 scores can explain: `d · max|q| · max|k| · |scale|`, `max|bias|` or
+/// `|slope| · (m + n)`, times `log2 e`, reaches a quarter of `f32::MAX`.
+pub(crate) fn beyond_base_two(
+    spec: &AttentionSpec,
+    score: WideScore,
+    views: &[BufferView<'_>],
+    out: &[f32],
+) -> Vec<usize> {
+    let per = spec.m * spec.dv;
+    if spec.precision != Precision::Exact || per == 0 || out.len() != per * spec.batch_count() {
+        return Vec::new();
+    }
+    let magnitude = |t: &TensorRef, rows: usize, cols: usize, e: usize| -> f64 {
+        views
+            .get(t.slot)
+            .map_or(0.0, |&v| max_abs(v, t, spec, e, (rows, cols)))
+    };
+    out.chunks(per)
+        .enumerate()
+        .filter(|(_, entry)| entry.iter().any(|x| !x.is_finite()))
+        .map(|(e, _)| e)
+        .filter(|&e| {
+            let scores = spec.d as f64
+                * magnitude(&spec.q, spec.m, spec.d, e)
+                * magnitude(&spec.k, spec.n, spec.d, e)
+                * f64::from(score.scale).abs();
+            let bias = score
+                .bias
+                .map_or(0.0, |b| magnitude(&spec.biases[b], spec.m, spec.n, e));
+            let slope = score.slope.map_or(0.0, |b| {
+                magnitude(&spec.biases[b], 1, 1, e) * (spec.m + spec.n) as f64
+            });
+            let reach = scores.max(bias).max(slope) * std::f64::consts::LOG2_E;
+            reach > HEADROOM
+        })
+        .collect()
+}
+
+/// Replaces the non-finite values of batch entries `entries` of `out` by those of a second
+/// computation, `rows(views, out, entry)` (every row of one entry, as the step's layout),
+/// rescued by [`keep_finite`] in turn.
+pub(crate) fn recompute(
+    spec: &AttentionSpec,
+    views: &[BufferView<'_>],
+    out: &mut [f32],
+    entries: &[usize],
+    rows: impl Fn(&[BufferView<'_>], &mut [f32], usize) -> Result<()>,
+) -> Result<()> {
+    let per = spec.m * spec.dv;
+    let mut again = vec![0.0f32; out.len()];
+    for &e in entries {
+        rows(views, &mut again, e)?;
+    }
+    keep_finite(spec, views, &mut again, &rows)?;
+    for &e in entries {
+        let span = e * per..(e + 1) * per;
+        for (o, &a) in out[span.clone()].iter_mut().zip(&again[span]) {
+            if !o.is_finite() {
+                *o = a;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest finite magnitude of the `rows × cols` matrix of `t` in batch entry `entry`
+/// (0 when none).
+fn max_abs(
+    v: BufferView<'_>,
+    t: &TensorRef,
+    spec: &AttentionSpec,
+    entry: usize,
+    (rows, cols): (usize, usize),
+) -> f64 {
     let mut offset = 0;
     let mut rest = entry;
     for (&size, &stride) in spec.batch.iter().zip(&t.batch_strides).rev() {
@@ -96,8 +176,8 @@ fn max_abs(v: BufferView<'_>, t: &TensorRef, spec: &AttentionSpec, entry: usize)
         }
     }
     let mut max = 0.0f32;
-    for j in 0..spec.n {
-        for c in 0..spec.dv {
+    for j in 0..rows {
+        for c in 0..cols {
             let i = offset + j * t.row_stride + c * t.col_stride;
             if i < v.len() {
                 let x = v.get_f32(i).abs();

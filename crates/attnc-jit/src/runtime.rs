@@ -18,7 +18,7 @@ use crate::plan::{plan_outputs, BufferSource, Plan, PlanOptions, StepKind};
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::{Bindings, DType, Kernel};
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Options of [`CompiledKernel::compile`].
@@ -104,6 +104,9 @@ pub struct CompiledKernel {
     handles: Vec<Option<KernelHandle>>,
     /// The full-width attention steps, by step index.
     wide: Vec<Option<WideAttention>>,
+    /// The portable kernel of each full-width attention step, compiled on first need (see
+    /// `crate::finite`).
+    portable: Vec<OnceLock<std::result::Result<KernelHandle, String>>>,
     code: Arc<Code>,
     params: Vec<(String, DType)>,
     ret_dtype: DType,
@@ -228,6 +231,7 @@ impl CompiledKernel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(CompiledKernel {
+            portable: plan.steps.iter().map(|_| OnceLock::new()).collect(),
             wide,
             params: kernel
                 .params
@@ -370,12 +374,13 @@ impl CompiledKernel {
             }
         }
         let mut temps: Vec<Storage> = vec![Storage::default(); self.plan.buffers.len()];
-        for (index, ((step, handle), wide)) in self
+        for (index, (((step, handle), wide), portable)) in self
             .plan
             .steps
             .iter()
             .zip(&self.handles)
             .zip(&self.wide)
+            .zip(&self.portable)
             .enumerate()
         {
             let out = {
@@ -408,13 +413,8 @@ impl CompiledKernel {
                     }
                     None
                 } else {
-                    Some(self.run_step(
-                        step,
-                        (handle.as_ref(), wide.as_ref()),
-                        &views,
-                        t,
-                        needed,
-                    )?)
+                    let kernels = (handle.as_ref(), wide.as_ref(), portable);
+                    Some(self.run_step(step, kernels, &views, t, needed)?)
                 }
             };
             if let Some(out) = out {
@@ -475,7 +475,7 @@ impl CompiledKernel {
     fn run_step(
         &self,
         step: &crate::plan::Step,
-        (handle, wide): (Option<&KernelHandle>, Option<&WideAttention>),
+        (handle, wide, portable): (Option<&KernelHandle>, Option<&WideAttention>, &PortableCell),
         views: &[BufferView<'_>],
         threads: usize,
         needed: Needed<'_>,
@@ -534,9 +534,16 @@ impl CompiledKernel {
                         out
                     }
                 };
-                crate::finite::keep_finite(spec, views, &mut out, |v, o, e| {
+                crate::finite::keep_finite(spec, views, &mut out, &|v, o, e| {
                     w.run_rows(v, o, e, 0..spec.m)
                 })?;
+                let entries = crate::finite::beyond_base_two(spec, w.score(), views, &out);
+                if !entries.is_empty() {
+                    let h = self.portable_attention(step, spec, portable)?;
+                    crate::finite::recompute(spec, views, &mut out, &entries, |v, o, e| {
+                        h.run_rows(v, o, e, 0..spec.m)
+                    })?;
+                }
                 Storage::F32(out)
             }
             (StepKind::Attention(spec), Some(h)) => {
@@ -550,7 +557,7 @@ impl CompiledKernel {
                         out
                     }
                 };
-                crate::finite::keep_finite(spec, views, &mut out, |v, o, e| {
+                crate::finite::keep_finite(spec, views, &mut out, &|v, o, e| {
                     h.run_rows(v, o, e, 0..spec.m)
                 })?;
                 Storage::F32(out)
@@ -567,6 +574,48 @@ impl CompiledKernel {
                 })
             }
         })
+    }
+}
+
+/// A lazily compiled portable kernel (or why it could not be compiled).
+type PortableCell = OnceLock<std::result::Result<KernelHandle, String>>;
+
+impl CompiledKernel {
+    /// The portable (Cranelift) kernel of the full-width attention `step`, compiled the first
+    /// time a run needs it.
+    fn portable_attention<'c>(
+        &self,
+        step: &crate::plan::Step,
+        spec: &crate::kernels::attention::AttentionSpec,
+        cell: &'c PortableCell,
+    ) -> Result<&'c KernelHandle> {
+        let build = || -> Result<KernelHandle> {
+            let mut spec = spec.clone();
+            spec.tier = Tier::Cranelift;
+            let name = format!("{}_portable", step.name);
+            let mut jit = Jit::new()?;
+            let defined = kernels::attention::define_attention_with(
+                jit.module_mut(),
+                &spec,
+                &name,
+                self.options.dot_product_instructions,
+            )?;
+            let code = jit.finish()?;
+            let lens = step
+                .inputs
+                .iter()
+                .map(|&b| (self.plan.buffers[b].len, self.plan.buffers[b].elem))
+                .collect();
+            let (batches, rows) = step.work();
+            let out = self.plan.buffers[step.output].len;
+            code.handle(defined.id, &name, lens, out, batches, rows)
+        };
+        cell.get_or_init(|| build().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|detail| JitError::Codegen {
+                kernel: step.name.clone(),
+                detail: detail.clone(),
+            })
     }
 }
 

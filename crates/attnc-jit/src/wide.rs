@@ -260,14 +260,16 @@ impl WideAttention {
         (visited, total, (self.tiles.query_tile, self.tiles.key_tile))
     }
 
-    /// Whether the full-width kernels compute `spec`: its score form is one they evaluate and
-    /// the rows of Q, K and V are contiguous.
+    /// Whether the full-width kernels compute `spec`: its score form is one they evaluate, the
+    /// rows of Q, K and V are contiguous, and the depth is not 0 (their row reads assume a
+    /// row inside its buffer, which an empty row of a transposed operand is not; every score
+    /// is 0 then and the portable kernel is as fast).
     pub fn supports(spec: &AttentionSpec) -> bool {
         let operands_fit = [&spec.q, &spec.k, &spec.v]
             .iter()
             .zip([spec.d, spec.d, spec.dv])
             .all(|(t, cols)| t.col_stride == 1 || cols <= 1);
-        operands_fit && WideScore::of(spec).is_some()
+        spec.d > 0 && operands_fit && WideScore::of(spec).is_some()
     }
 
     /// The step of `spec` on `tier` (not [`Tier::Cranelift`]), with its tile table built from

@@ -5,80 +5,8 @@
 mod common;
 
 use attnc_ir::DType;
-use attnc_jit::plan::StepKind;
-use attnc_jit::wide::{Tier, Tiers};
-use attnc_jit::{CompileOptions, CompiledKernel};
-use common::{bindings, kernel, optimized, reference, rel_l2, run_jit, REL_L2};
-
-/// The tiers to run: the portable one, and every full-width tier this CPU has (said when
-/// there is none).
-fn tiers() -> Vec<Tiers> {
-    let all = Tiers::available(Tiers::ALL);
-    if all == Tiers::NONE {
-        eprintln!("no full-width tier on this CPU: only the portable tier is tested");
-        vec![Tiers::NONE]
-    } else {
-        vec![Tiers::NONE, all]
-    }
-}
-
-/// Runs `src` on `values` (f32, already representable in each parameter's storage type) as
-/// optimized (fused, and by the plain form) and as written, on every tier, against the
-/// interpreter: NaN and infinity positions equal, relative L2 within the exact bound, 1 and 3
-/// threads bit-identical. Returns the fused results, one per tier.
-fn check(src: &str, dims: &[(&str, u64)], values: &[Vec<f32>]) -> Vec<Vec<f32>> {
-    let k = kernel(src);
-    let b = bindings(dims);
-    let ins: Vec<(Vec<usize>, Vec<f32>)> = k
-        .params
-        .iter()
-        .zip(values)
-        .map(|(p, v)| {
-            let shape = attnc_ir::dim::resolve_shape(&p.shape, &b).expect("bound");
-            assert_eq!(shape.iter().product::<usize>(), v.len(), "{}", p.name);
-            (shape, v.clone())
-        })
-        .collect();
-    let want = reference(&k, &b, &ins);
-    let fused = optimized(&k, &b);
-    let mut results = Vec::new();
-    for tiers in tiers() {
-        for (index, (program, fuse_attention)) in [(&fused, true), (&fused, false), (&k, true)]
-            .into_iter()
-            .enumerate()
-        {
-            let options = CompileOptions {
-                fuse_attention,
-                tiers,
-                parallel_threshold: 0,
-                ..CompileOptions::default()
-            };
-            let compiled = CompiledKernel::compile(program, &b, &options).expect("compile");
-            let one = run_jit(&compiled, program, &ins, 1);
-            let three = run_jit(&compiled, program, &ins, 3);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&one.data), bits(&three.data), "threads 1 vs 3 differ");
-            let err = rel_l2(&one.data, &want);
-            assert!(
-                err <= REL_L2,
-                "error {err} on {tiers:?} (fused: {fuse_attention}) for {src} at {dims:?}"
-            );
-            if index == 0 {
-                let tier = attention_tier(&compiled).expect("the attention is fused");
-                assert_eq!(tier == Tier::Cranelift, tiers == Tiers::NONE, "{tier:?}");
-                results.push(one.data);
-            }
-        }
-    }
-    results
-}
-
-fn attention_tier(compiled: &CompiledKernel) -> Option<Tier> {
-    compiled.plan().steps.iter().find_map(|s| match &s.kind {
-        StepKind::Attention(spec) => Some(spec.tier),
-        _ => None,
-    })
-}
+use common::kernel;
+use common::tiers::{check, on_every_tier};
 
 const ATTENTION: &str =
     "kernel f(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, m, e] \
@@ -110,7 +38,7 @@ fn attention_over_values_near_the_f32_limit_stays_finite() {
                 .map(|i| 1e38 + (i % 7) as f32 * 3e37)
                 .collect(),
         ];
-        for out in check(ATTENTION, &dims(h, m, n, d, e), &values) {
+        for out in on_every_tier(check(ATTENTION, &dims(h, m, n, d, e), &values)) {
             assert!(out.iter().all(|x| x.is_finite() && *x >= 1e38), "{out:?}");
         }
     }
@@ -127,7 +55,7 @@ fn masked_attention_over_values_of_both_signs_near_the_limit_stays_finite() {
     let v: Vec<f32> = (0..h * n * e)
         .map(|i| if i % 2 == 0 { 3.3e38 } else { -2.9e38 } * (1.0 - (i % 5) as f32 * 0.01))
         .collect();
-    for out in check(src, &dims(h, m, n, d, e), &[q, k, v]) {
+    for out in on_every_tier(check(src, &dims(h, m, n, d, e), &[q, k, v])) {
         assert!(out.iter().all(|x| x.is_finite()), "{out:?}");
     }
 }
@@ -139,7 +67,11 @@ fn attention_over_a_value_buffer_shared_with_the_keys_stays_finite() {
         { return softmax(q @ k.T) @ k; }";
     let (h, m, n, d) = (2, 7, 64, 4);
     let values = [vec![0.0; h * m * d], vec![2e38; h * n * d]];
-    for out in check(src, &[("h", 2), ("m", 7), ("n", 64), ("d", 4)], &values) {
+    for out in on_every_tier(check(
+        src,
+        &[("h", 2), ("m", 7), ("n", 64), ("d", 4)],
+        &values,
+    )) {
         assert!(
             out.iter().all(|&x| (x - 2e38).abs() <= 2e38 * 1e-6),
             "{out:?}"
@@ -160,7 +92,11 @@ fn bf16_values_at_the_bf16_limit_stay_finite() {
     ];
     let k = kernel(src);
     assert!(k.params.iter().all(|p| p.dtype == DType::Bf16));
-    for out in check(src, &[("h", 3), ("m", 9), ("n", 41), ("d", 6)], &values) {
+    for out in on_every_tier(check(
+        src,
+        &[("h", 3), ("m", 9), ("n", 41), ("d", 6)],
+        &values,
+    )) {
         assert!(out.iter().all(|&x| x.is_finite()), "{out:?}");
     }
 }
@@ -178,11 +114,8 @@ fn infinities_and_nans_from_the_inputs_stay_after_the_rerun() {
     q[0] = f32::NAN;
     let mut v = vec![2e38; h * n * e];
     v[3 * e + 1] = f32::INFINITY;
-    let outs = check(
-        ATTENTION,
-        &dims(h, m, n, d, e),
-        &[q, vec![0.0; h * n * d], v],
-    );
+    let values = [q, vec![0.0; h * n * d], v];
+    let outs = on_every_tier(check(ATTENTION, &dims(h, m, n, d, e), &values));
     for out in outs {
         assert!(out[..e].iter().all(|x| x.is_nan()), "{out:?}");
         for row in out[e..].chunks(e) {
@@ -201,7 +134,7 @@ fn scores_beyond_the_f32_range_give_the_interpreters_rows() {
             .map(|i| if (i / d) % 2 == 0 { 1e20 } else { -1e20 })
             .collect();
         let values = [q, vec![1e20; h * n * d], common::data(h * n * e, 3)];
-        for out in check(ATTENTION, &dims(h, m, n, d, e), &values) {
+        for out in on_every_tier(check(ATTENTION, &dims(h, m, n, d, e), &values)) {
             for (r, row) in out.chunks(e).enumerate() {
                 if r % 2 == 0 {
                     assert!(row.iter().all(|x| x.is_nan()), "row {r}: {row:?}");

@@ -270,8 +270,9 @@ pub enum PatternKind {
     Global(u64),
     /// `block(b)`
     Block(u64),
-    /// `p & q`
-    And(Box<Pattern>, Box<Pattern>),
-    /// `p | q`
-    Or(Box<Pattern>, Box<Pattern>),
+    /// `p & q & …`: two or more operands, in order. A chain of `&` is one node, so its
+    /// length is not nesting; an operand that is itself an `And` was written in parentheses.
+    And(Vec<Pattern>),
+    /// `p | q | …`: two or more operands, in order, as [`PatternKind::And`].
+    Or(Vec<Pattern>),
 }

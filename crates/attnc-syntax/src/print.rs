@@ -4,8 +4,9 @@
 //! around the right operand of an operator of the same precedence (`a - (b - c)`; operators are
 //! left-associative), around a binary operand of unary `-` (`-(a + b)`) and around a binary or
 //! negated operand of `.T` (`(a @ b).T`, `(-a).T`). Patterns likewise: `&` binds tighter than
-//! `|`. Numbers are printed with Rust's `{:?}` for `f64` (`1.0`, `0.1`, `1e-7`, `1e20`), which
-//! the lexer reads back to the same value.
+//! `|`, and an operand of a chain that is a chain of the same operator (or of `|` under `&`)
+//! is parenthesized. Numbers are printed with Rust's `{:?}` for `f64` (`1.0`, `0.1`, `1e-7`,
+//! `1e20`), which the lexer reads back to the same value.
 //!
 //! Recursion follows the tree; trees from the parser are at most
 //! [`MAX_DEPTH`](crate::MAX_DEPTH) deep.
@@ -174,16 +175,22 @@ fn write_pattern(out: &mut String, pattern: &Pattern) {
         PatternKind::Block(b) => {
             let _ = write!(out, "block({b})");
         }
-        PatternKind::Or(lhs, rhs) => {
-            write_pattern_wrapped(out, lhs, false);
-            out.push_str(" | ");
-            write_pattern_wrapped(out, rhs, matches!(rhs.kind, PatternKind::Or(..)));
+        PatternKind::Or(operands) => {
+            for (i, operand) in operands.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(" | ");
+                }
+                write_pattern_wrapped(out, operand, matches!(operand.kind, PatternKind::Or(..)));
+            }
         }
-        PatternKind::And(lhs, rhs) => {
-            write_pattern_wrapped(out, lhs, matches!(lhs.kind, PatternKind::Or(..)));
-            out.push_str(" & ");
-            let parens = matches!(rhs.kind, PatternKind::Or(..) | PatternKind::And(..));
-            write_pattern_wrapped(out, rhs, parens);
+        PatternKind::And(operands) => {
+            for (i, operand) in operands.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(" & ");
+                }
+                let parens = matches!(operand.kind, PatternKind::Or(..) | PatternKind::And(..));
+                write_pattern_wrapped(out, operand, parens);
+            }
         }
     }
 }

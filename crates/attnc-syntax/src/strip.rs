@@ -108,11 +108,11 @@ impl Pattern {
     /// A copy of the pattern with every span set to `Span::default()`.
     pub fn without_spans(&self) -> Pattern {
         let kind = match &self.kind {
-            PatternKind::And(a, b) => {
-                PatternKind::And(Box::new(a.without_spans()), Box::new(b.without_spans()))
+            PatternKind::And(operands) => {
+                PatternKind::And(operands.iter().map(Pattern::without_spans).collect())
             }
-            PatternKind::Or(a, b) => {
-                PatternKind::Or(Box::new(a.without_spans()), Box::new(b.without_spans()))
+            PatternKind::Or(operands) => {
+                PatternKind::Or(operands.iter().map(Pattern::without_spans).collect())
             }
             other => other.clone(),
         };

@@ -89,10 +89,59 @@ fn nested_patterns() {
         ")".repeat(N)
     ));
     assert_depth_error(&parse_on_small_stack(src), "pattern");
-    let src = kernel(&format!("mask(q, {})", vec!["causal"; N].join(" & ")));
+    // `|` and `&` alternating, each operand in parentheses: genuinely nested.
+    let src = kernel(&format!(
+        "mask(q, {}causal{})",
+        "causal & (window(1) | (".repeat(N / 2),
+        "))".repeat(N / 2)
+    ));
     assert_depth_error(&parse_on_small_stack(src), "pattern");
-    let src = kernel(&format!("mask(q, {})", vec!["window(1)"; N].join(" | ")));
-    assert_depth_error(&parse_on_small_stack(src), "pattern");
+}
+
+#[test]
+fn flat_pattern_chains_of_any_length_are_not_nesting() {
+    // A union (or intersection) of many patterns cannot be split with `let`: a chain is one
+    // level, whatever its length.
+    for op in [" | ", " & "] {
+        let src = kernel(&format!("mask(q, {})", vec!["window(1)"; N].join(op)));
+        assert!(parse_on_small_stack(src).is_empty(), "{op}");
+        let (file, _) = parse(&kernel(&format!(
+            "mask(q, {})",
+            vec!["window(1)"; 300].join(op)
+        )));
+        let printed = print_file(&file);
+        assert_eq!(parse(&printed).0.without_spans(), file.without_spans());
+    }
+    // Chains inside chains nest once per level.
+    let mixed = vec!["causal & window(2) & block(3)"; 1000].join(" | ");
+    assert!(parse_on_small_stack(kernel(&format!("mask(q, {mixed})"))).is_empty());
+}
+
+#[test]
+fn the_pattern_depth_note_does_not_suggest_let() {
+    let src = kernel(&format!(
+        "mask(q, {}causal{})",
+        "(".repeat(MAX_DEPTH + 1),
+        ")".repeat(MAX_DEPTH + 1)
+    ));
+    let (_, diagnostics) = parse(&src);
+    assert_eq!(diagnostics.len(), 1, "{diagnostics:?}");
+    let rendered = diagnostics[0].render("deep.attn", &src);
+    assert!(
+        rendered.contains("pattern nests deeper than 256 levels"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("cannot be named with `let`"),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("of any length is one level"),
+        "{rendered}"
+    );
+    // Expressions can be split with `let`, and the note says so.
+    let (_, diagnostics) = parse(&kernel(&vec!["q"; MAX_DEPTH + 1].join(" + ")));
+    assert_eq!(diagnostics[0].notes, ["split it with `let` statements"]);
 }
 
 #[test]

@@ -45,12 +45,12 @@ fn pattern() -> impl Strategy<Value = Pattern> {
         size().prop_map(PatternKind::Block),
     ]
     .prop_map(pat);
-    leaf.prop_recursive(4, 16, 2, |inner| {
+    // Chains of two to four operands, any of which may be a chain of the same operator
+    // (printed in parentheses).
+    leaf.prop_recursive(4, 24, 4, |inner| {
         prop_oneof![
-            (inner.clone(), inner.clone())
-                .prop_map(|(a, b)| pat(PatternKind::And(Box::new(a), Box::new(b)))),
-            (inner.clone(), inner)
-                .prop_map(|(a, b)| pat(PatternKind::Or(Box::new(a), Box::new(b)))),
+            prop::collection::vec(inner.clone(), 2..5).prop_map(|v| pat(PatternKind::And(v))),
+            prop::collection::vec(inner, 2..5).prop_map(|v| pat(PatternKind::Or(v))),
         ]
     })
 }

@@ -2,11 +2,12 @@
 
 use crate::pattern::MaskPattern;
 use attnc_syntax::ast::{Pattern, PatternKind};
-use attnc_syntax::Diagnostic;
+use attnc_syntax::{Diagnostic, Span};
 
 /// Converts a pattern, rejecting `dilated(w, 0)` and `block(0)`.
 ///
-/// Recurses once per nested `&`/`|`, so no deeper than the AST itself.
+/// Recurses once per nested chain (as deep as the AST) and `⌈log₂ k⌉` times within a chain
+/// of `k` operands.
 pub(crate) fn mask_pattern(p: &Pattern) -> Result<MaskPattern, Diagnostic> {
     Ok(match &p.kind {
         PatternKind::Causal => MaskPattern::Causal,
@@ -27,19 +28,36 @@ pub(crate) fn mask_pattern(p: &Pattern) -> Result<MaskPattern, Diagnostic> {
             )
         }
         PatternKind::Block(b) => MaskPattern::Block(*b),
-        PatternKind::And(a, b) => {
-            MaskPattern::And(Box::new(mask_pattern(a)?), Box::new(mask_pattern(b)?))
-        }
-        PatternKind::Or(a, b) => {
-            MaskPattern::Or(Box::new(mask_pattern(a)?), Box::new(mask_pattern(b)?))
-        }
+        PatternKind::And(operands) => balanced(operands, p.span, MaskPattern::And)?,
+        PatternKind::Or(operands) => balanced(operands, p.span, MaskPattern::Or)?,
     })
+}
+
+/// A chain `p₁ ∘ … ∘ pₖ` of an associative `∘` (`&` or `|`) as a balanced tree of depth
+/// `⌈log₂ k⌉`: `(p₁ ∘ p₂) ∘ p₃` for three, `(p₁ ∘ p₂) ∘ (p₃ ∘ p₄)` for four. A chain of any
+/// length stays shallow, so the code that walks patterns by recursion needs no deep stack.
+/// (The parser's chains have two or more operands; an empty one is an error.)
+fn balanced(
+    operands: &[Pattern],
+    span: Span,
+    node: fn(Box<MaskPattern>, Box<MaskPattern>) -> MaskPattern,
+) -> Result<MaskPattern, Diagnostic> {
+    match operands {
+        [] => Err(Diagnostic::error("an empty chain of mask patterns", span)),
+        [one] => mask_pattern(one),
+        _ => {
+            let (left, right) = operands.split_at(operands.len().div_ceil(2));
+            Ok(node(
+                Box::new(balanced(left, span, node)?),
+                Box::new(balanced(right, span, node)?),
+            ))
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use attnc_syntax::Span;
 
     fn p(kind: PatternKind) -> Pattern {
         Pattern {
@@ -50,13 +68,13 @@ mod tests {
 
     #[test]
     fn converts_combinations() {
-        let pat = p(PatternKind::And(
-            Box::new(p(PatternKind::Causal)),
-            Box::new(p(PatternKind::Or(
-                Box::new(p(PatternKind::Window(4))),
-                Box::new(p(PatternKind::Dilated(2, 3))),
-            ))),
-        ));
+        let pat = p(PatternKind::And(vec![
+            p(PatternKind::Causal),
+            p(PatternKind::Or(vec![
+                p(PatternKind::Window(4)),
+                p(PatternKind::Dilated(2, 3)),
+            ])),
+        ]));
         let got = mask_pattern(&pat).map(|m| m.to_string());
         assert_eq!(
             got.ok().as_deref(),

@@ -153,7 +153,7 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &PrefixSpec) -> Res
     }
     let first_v = iconst(b, first);
     counted_loop(b, zero, first_v, 1, |b, i| {
-        emit_row(b, spec, &bases, i);
+        emit_empty_row(b, spec, &bases, i);
         Ok(())
     })?;
     let m = iconst(b, spec.m as i64);
@@ -216,6 +216,27 @@ fn add_key(b: &mut FunctionBuilder, spec: &PrefixSpec, bases: &Bases, j: Value) 
         b.ins().store(mem(), z, z_addr, z_base);
         Ok(())
     });
+}
+
+/// Writes output row `i` of a row that keeps no key: its numerator is the empty sum, 0, whatever
+/// `φq_i` holds (a NaN or infinite query never meets a key), so the row is `0 / (0 + eps)`:
+/// zeros, or NaN for `eps = 0`, as the plain form's `0 / sum(∅)`.
+fn emit_empty_row(b: &mut FunctionBuilder, spec: &PrefixSpec, bases: &Bases, i: Value) {
+    let value = match spec.normalizer {
+        Normalizer::None => 0.0f32,
+        Normalizer::Sum { eps } => 0.0f32 / (0.0f32 + eps as f32),
+    };
+    let o_off = b.ins().imul_imm_s(i, spec.dv as i64);
+    let o_row = elem_addr(b, bases.out, o_off);
+    let x = b.ins().f32const(value);
+    let xv = b.ins().splat(types::F32X4, x);
+    let full = spec.dv / 4;
+    for c in 0..full {
+        b.ins().store(mem(), xv, o_row, (16 * c) as i32);
+    }
+    for c in 4 * full..spec.dv {
+        b.ins().store(mem(), x, o_row, (4 * c) as i32);
+    }
 }
 
 /// Writes output row `i`: `(φq_i · S) / (φq_i · z + eps)` (or `φq_i · S` unnormalized), in

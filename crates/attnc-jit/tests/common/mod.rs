@@ -6,6 +6,8 @@ use attnc_ir::{Bindings, DType, Kernel};
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
 use ndarray::{ArrayD, IxDyn};
 
+pub mod tiers;
+
 /// The relative L2 bound the JIT holds against the f64 interpreter on exact f32 plans.
 pub const REL_L2: f64 = 1e-5;
 

@@ -10,9 +10,10 @@
 //!
 //! The grammar is LANGUAGE.md §2, with these choices where it is silent:
 //!
-//! - `&` binds tighter than `|` in mask patterns (like boolean and/or); both are
-//!   left-associative. A call argument is a pattern when it starts with a pattern keyword, or
-//!   with `(`s followed by one.
+//! - `&` binds tighter than `|` in mask patterns (like boolean and/or); a chain of either is
+//!   one n-ary node ([`PatternKind::Or`](crate::ast::PatternKind::Or)), so a union of any
+//!   number of patterns is not deep. A call argument is a pattern when it starts with a
+//!   pattern keyword, or with `(`s followed by one.
 //! - Reserved words ([`KEYWORDS`](crate::token::KEYWORDS)) never name anything; `f32`, `T`,
 //!   `approx`, `tol` and the other words with a meaning are contextual.
 //! - As written in the grammar: a kernel has at least one parameter (a trailing `,` is allowed
@@ -35,7 +36,8 @@ use crate::token::{is_keyword, Token, TokenKind};
 
 /// The deepest tree the parser builds: nested parentheses, unary and postfix chains, long
 /// left-associative chains of binary operators (`a + a + … + a` is a left-deep tree) and nested
-/// mask patterns all count. Anything deeper is an error, never a stack overflow.
+/// mask patterns all count (a flat chain `p | q | …` of patterns is one level). Anything deeper
+/// is an error, never a stack overflow.
 pub const MAX_DEPTH: usize = 256;
 
 /// Parses a token stream (ending in [`TokenKind::Eof`]) of `src`.
@@ -297,10 +299,17 @@ impl<'a> Parser<'a> {
     #[inline(never)]
     fn depth_error(&mut self, what: &str) -> Reported {
         let span = self.peek().span;
+        // Expressions can be named; patterns cannot, but their chains do not nest.
+        let note = if what == pattern::WHAT {
+            "patterns cannot be named with `let`: write them with fewer parentheses \
+             (a chain `p | q | …` or `p & q & …` of any length is one level)"
+        } else {
+            "split it with `let` statements"
+        };
         self.report(
             Diagnostic::error(format!("{what} nests deeper than {MAX_DEPTH} levels"), span)
                 .with_primary_message("too deep here")
-                .with_note("split it with `let` statements"),
+                .with_note(note),
         )
     }
 

@@ -1,43 +1,53 @@
-//! Mask patterns: `|` binds less tightly than `&` (as boolean or/and), both left-associative,
-//! then parentheses and the pattern atoms `causal`, `window(w)`, `dilated(w, r)`, `global(g)`,
-//! `block(b)`.
+//! Mask patterns: `|` binds less tightly than `&` (as boolean or/and), each chain one n-ary
+//! node, then parentheses and the pattern atoms `causal`, `window(w)`, `dilated(w, r)`,
+//! `global(g)`, `block(b)`.
 
 use super::{PResult, Parser};
 use crate::ast::{Pattern, PatternKind};
 use crate::token::TokenKind;
 
-const WHAT: &str = "pattern";
+/// What the depth limit's message calls a pattern.
+pub(super) const WHAT: &str = "pattern";
 
 impl Parser<'_> {
-    /// `pattern ('|' pattern)*` with `&` binding tighter; returns the tree height too.
+    /// `pattern ('|' pattern)*` with `&` binding tighter; returns the tree height too. A chain
+    /// of `|` (or `&`) is one node of the tree whatever its length, so only parentheses and
+    /// the alternation of `|` and `&` nest.
     pub(super) fn pattern(&mut self) -> PResult<(Pattern, usize)> {
-        let (mut lhs, mut height) = self.pattern_and()?;
-        while self.eat(TokenKind::Pipe).is_some() {
-            let (rhs, rhs_height) = self.pattern_and()?;
-            height = 1 + height.max(rhs_height);
-            self.check_height(height, WHAT)?;
-            let span = lhs.span.to(rhs.span);
-            lhs = Pattern {
-                kind: PatternKind::Or(Box::new(lhs), Box::new(rhs)),
-                span,
-            };
-        }
-        Ok((lhs, height))
+        self.chain(TokenKind::Pipe, Self::pattern_and, PatternKind::Or)
     }
 
     fn pattern_and(&mut self) -> PResult<(Pattern, usize)> {
-        let (mut lhs, mut height) = self.pattern_atom()?;
-        while self.eat(TokenKind::Amp).is_some() {
-            let (rhs, rhs_height) = self.pattern_atom()?;
-            height = 1 + height.max(rhs_height);
-            self.check_height(height, WHAT)?;
-            let span = lhs.span.to(rhs.span);
-            lhs = Pattern {
-                kind: PatternKind::And(Box::new(lhs), Box::new(rhs)),
-                span,
-            };
+        self.chain(TokenKind::Amp, Self::pattern_atom, PatternKind::And)
+    }
+
+    /// `operand (op operand)*`: the operand alone, or one node of every operand.
+    fn chain(
+        &mut self,
+        op: TokenKind,
+        mut operand: impl FnMut(&mut Self) -> PResult<(Pattern, usize)>,
+        node: fn(Vec<Pattern>) -> PatternKind,
+    ) -> PResult<(Pattern, usize)> {
+        let (first, mut height) = operand(self)?;
+        if self.peek().kind != op {
+            return Ok((first, height));
         }
-        Ok((lhs, height))
+        let mut operands = vec![first];
+        while self.eat(op).is_some() {
+            let (next, next_height) = operand(self)?;
+            height = height.max(next_height);
+            operands.push(next);
+        }
+        let height = height + 1;
+        self.check_height(height, WHAT)?;
+        let span = operands[0].span.to(operands[operands.len() - 1].span);
+        Ok((
+            Pattern {
+                kind: node(operands),
+                span,
+            },
+            height,
+        ))
     }
 
     fn pattern_atom(&mut self) -> PResult<(Pattern, usize)> {
