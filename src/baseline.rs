@@ -195,6 +195,8 @@ fn candidates(p: &MaskPattern, ia: i64, n: i64) -> Vec<(i64, i64)> {
             let start = ia.div_euclid(b).saturating_mul(b);
             clip(start, start.saturating_add(b))
         }
+        // Every key may share the row's segment (plans with documents have no baseline).
+        MaskPattern::Document { .. } => clip(0, n),
         MaskPattern::And(a, b) => intersect(&candidates(a, ia, n), &candidates(b, ia, n)),
         MaskPattern::Or(a, b) => union(&candidates(a, ia, n), &candidates(b, ia, n)),
     }
@@ -360,7 +362,7 @@ pub fn plain_attention(plan: &Plan) -> Option<PlainAttention> {
         }
     }
     let spec = spec?;
-    if !spec.biases.is_empty() {
+    if !spec.biases.is_empty() || spec.mask.as_ref().is_some_and(|m| !m.is_static()) {
         return None;
     }
     let scale = score_scale(&spec.score)?;

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 /// Small shapes binding every symbol any example uses.
-const SMALL: &str = "h=2,n=7,d=5,m=3,r=4,e=6";
+const SMALL: &str = "h=2,n=7,d=5,m=3,r=4,e=6,w=2";
 
 fn p(path: &std::path::Path) -> &str {
     path.to_str().expect("utf-8 path")
@@ -696,4 +696,51 @@ fn full_stdout_is_exit_1_with_a_message() {
         .expect("attnc runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot write to stdout"));
+}
+
+#[test]
+fn pattern_sizes_come_from_shape_and_scalar_parameters_run() {
+    let file = examples_dir().join("window_param.attn");
+    let out = attnc(&["run", p(&file), "--random", "1", "--shape", "h=2,n=9,d=4"]);
+    assert_eq!(status(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--shape w=<size>"),
+        "{}",
+        stderr(&out)
+    );
+    // A scalar parameter read from a 0-d .npy.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = "kernel f(x: f32[n], s: f32[]) -> f32[n] { return x * s; }\n";
+    let kernel = write(dir.path(), "s.attn", src);
+    let out = attnc(&["check", p(&kernel)]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert!(stdout(&out).contains("s: f32[]"), "{}", stdout(&out));
+    let scalar = dir.path().join("s.npy");
+    let xs = dir.path().join("x.npy");
+    let tensor = attnc::io::Tensor::from_f32(vec![], vec![2.5]).expect("a scalar");
+    attnc::io::write_npy(&scalar, &tensor).expect("written");
+    let tensor = attnc::io::Tensor::from_f32(vec![3], vec![1.0, 2.0, -4.0]).expect("a vector");
+    attnc::io::write_npy(&xs, &tensor).expect("written");
+    let (s_arg, x_arg) = (format!("s={}", p(&scalar)), format!("x={}", p(&xs)));
+    for engine in ["jit", "interp"] {
+        let out = attnc(&[
+            "run",
+            p(&kernel),
+            "--input",
+            &s_arg,
+            "--input",
+            &x_arg,
+            "--engine",
+            engine,
+            "--format",
+            "json",
+        ]);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        let doc = json(&out);
+        assert_eq!(
+            doc["values"],
+            serde_json::json!([2.5, 5.0, -10.0]),
+            "{engine}"
+        );
+    }
 }

@@ -20,6 +20,10 @@ STORED = {"f32": np.float32, "f16": np.float16, "bf16": np.float32}  # .npy has 
 
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.attn"))
 
+# Symbols no input's shape binds (pattern and pool sizes), per example: the CLI gets them as
+# `--shape`, the package as `shapes=`.
+UNBOUND = {"window_param": {"w": 16}, "hierarchical": {"w": 16}}
+
 
 def inputs_for(kernel: attnc.Kernel, seed: int) -> dict:
     """Standard-normal inputs at SIZES in each parameter's `.npy` type (bf16 parameters get
@@ -34,6 +38,8 @@ def inputs_for(kernel: attnc.Kernel, seed: int) -> dict:
 
 def run_cli(cli: Path, example: Path, arrays: dict, tmp: Path, threads: int) -> np.ndarray:
     args = [str(cli), "run", str(example), "--threads", str(threads)]
+    if example.stem in UNBOUND:
+        args += ["--shape", ",".join(f"{k}={v}" for k, v in UNBOUND[example.stem].items())]
     for name, array in arrays.items():
         path = tmp / f"{name}.npy"
         np.save(path, array)
@@ -54,7 +60,8 @@ def test_every_example_is_covered():
 
 @pytest.mark.parametrize("example", EXAMPLE_FILES, ids=lambda p: p.stem)
 def test_results_equal_the_clis_bit_for_bit(cli, tmp_path, example):
-    kernel = attnc.compile(example, threads=2)
+    shapes = UNBOUND.get(example.stem)
+    kernel = attnc.compile(example, shapes=shapes, threads=2)
     arrays = inputs_for(kernel, seed=11)
     expected = run_cli(cli, example, arrays, tmp_path, threads=2)
     got = kernel(**arrays)
@@ -63,7 +70,7 @@ def test_results_equal_the_clis_bit_for_bit(cli, tmp_path, example):
         f"{np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)))}"
     )
     # Positional arguments and another thread count give the same bits.
-    one_thread = attnc.compile(example, threads=1)
+    one_thread = attnc.compile(example, shapes=shapes, threads=1)
     assert same_bits(one_thread(*arrays.values()), expected)
 
 

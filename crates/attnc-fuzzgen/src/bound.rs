@@ -139,7 +139,10 @@ pub fn evaluate(
             Op::Transpose => transpose(args[0]),
             Op::Reduce { op, axis } => reduce(*op, *axis, args[0]),
             Op::Softmax { axis } => softmax(*axis, args[0]),
-            Op::Mask { pattern, fill } => mask(pattern, *fill, args[0]),
+            Op::Mask { pattern, fill } => {
+                let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
+                mask(&pattern, *fill, args[0])
+            }
             Op::Cast { to } => map(args[0], |x, e| cast_bound(*to, x, e)),
             Op::Attention(a) => attention(a, &args, bindings)?,
             Op::LinearAttention(l) => linear(l, &args)?,
@@ -567,6 +570,17 @@ fn reduce(op: ReduceOp, axis: usize, a: &Bounded) -> Bounded {
                     .fold(0.0f64, |m, &v| if v.is_nan() { INF } else { m.max(v) });
                 settle(y, worst)
             }
+            // The generator writes no log-sum-exp (its tests are in attnc-ir and attnc-jit);
+            // no error bound is derived for it, so its value is left unspecified.
+            ReduceOp::LogSumExp => {
+                let m = x.iter().fold(-INF, |m, &v| max_nan(m, v));
+                let y = if m.is_finite() {
+                    m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+                } else {
+                    m
+                };
+                (y, INF)
+            }
         }
     };
     let mut shape = a.x.shape().to_vec();
@@ -685,7 +699,8 @@ fn attention(a: &Attention, args: &[&Bounded], bindings: &Bindings) -> Result<Bo
     let (m, n) = (s.x.shape()[rank - 2], s.x.shape()[rank - 1]);
     let mut x = score(&a.score, &s, &args[3..], (m, n), bindings, 0)?;
     if let Some(pattern) = &a.mask {
-        x = mask(pattern, -INF, &x);
+        let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
+        x = mask(&pattern, -INF, &x);
     }
     let p = softmax(x.x.ndim() - 1, &x);
     let mut out = matmul(&p, v)?;

@@ -130,6 +130,17 @@ pub enum BindError {
         /// The dimension symbols of the shape and their values, largest first.
         dims: Vec<(String, u64)>,
     },
+    /// The block size of a pooling is bound to 0.
+    #[error("the block size `{symbol}` of `{pool}` is 0; it must be at least 1")]
+    ZeroPool {
+        /// `mean-pool` or `max-pool`.
+        pool: String,
+        /// The symbol that gave it.
+        symbol: String,
+    },
+    /// A mask pattern's size does not resolve (a stride or block size bound to 0).
+    #[error(transparent)]
+    Pattern(#[from] crate::pattern::PatternError),
     /// A dimension symbol used as a number (`sqrt(d)`) is bound to 0.
     #[error("dimension `{symbol}` is 0 but is used as a number (e.g. sqrt({symbol}))")]
     ZeroDimAsNumber {
@@ -141,15 +152,15 @@ pub enum BindError {
 /// The largest element count any array may have: its f64 buffer must fit in `isize` bytes.
 pub const MAX_ELEMENTS: usize = (isize::MAX as usize) / std::mem::size_of::<f64>();
 
-/// Every dimension symbol the kernel uses (in parameter shapes, node shapes and as numbers), in
-/// order of first appearance.
+/// Every dimension symbol the kernel uses (in parameter shapes, node shapes, as numbers and as
+/// mask pattern sizes), in order of first appearance.
 pub fn kernel_symbols(kernel: &Kernel) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let mut order = Vec::new();
     let mut note = |dim: &Dim| {
-        if let Dim::Sym(name) = dim {
-            if seen.insert(name.clone()) {
-                order.push(name.clone());
+        for name in dim.symbols() {
+            if seen.insert(name.to_string()) {
+                order.push(name.to_string());
             }
         }
     };
@@ -162,8 +173,22 @@ pub fn kernel_symbols(kernel: &Kernel) -> Vec<String> {
         if let Op::DimValue(dim) = &node.op {
             note(dim);
         }
+        if let Some(pattern) = node_pattern(&node.op) {
+            for symbol in pattern.symbols() {
+                note(&Dim::Sym(symbol));
+            }
+        }
     }
     order
+}
+
+/// The mask pattern an op carries, if any.
+pub fn node_pattern(op: &Op) -> Option<&crate::pattern::SymbolicPattern> {
+    match op {
+        Op::Mask { pattern, .. } => Some(pattern),
+        Op::Attention(a) => a.mask.as_ref(),
+        _ => None,
+    }
 }
 
 /// The symbols in `given` (from `--shape`) that `kernel` does not use, sorted; the command line
@@ -227,6 +252,8 @@ pub fn bind_shapes(
                         });
                     }
                 }
+                // Parameter types never hold a pooled size.
+                Dim::CeilDiv(..) => {}
                 Dim::Sym(symbol) => match bound.get(symbol) {
                     Some((
                         value,
@@ -333,8 +360,9 @@ pub fn resolve_checked(
 }
 
 /// Resolves the shape of every node of `kernel` (indexed by node index) and of every
-/// parameter, checking that each element count fits and that no dimension used as a number is
-/// 0 (it would divide by zero in `q @ k.T / sqrt(d)`).
+/// parameter, checking that each element count fits, that no dimension used as a number is
+/// 0 (it would divide by zero in `q @ k.T / sqrt(d)`) and that every mask pattern's sizes
+/// resolve.
 pub fn resolve_node_shapes(
     kernel: &Kernel,
     bindings: &Bindings,
@@ -358,6 +386,17 @@ pub fn resolve_node_shapes(
                     })
                 }
                 Some(_) => {}
+            }
+        }
+        if let Some(pattern) = node_pattern(&node.op) {
+            pattern.resolve(bindings)?;
+        }
+        if let Op::Pool { op, size } = &node.op {
+            if size.resolve(bindings) == Some(0) {
+                return Err(BindError::ZeroPool {
+                    pool: op.name().to_string(),
+                    symbol: size.to_string(),
+                });
             }
         }
         let shape = resolve_checked(&node.shape, bindings, || {

@@ -42,6 +42,25 @@ pub fn matmul(a: &[Dim], b: &[Dim]) -> Option<Shape> {
     Some(out)
 }
 
+/// The shape of `softmax_sink(x, s)`: `x`'s, when `s` broadcasts into `x`'s rows `[.., 1]`.
+pub fn sink_shape(x: &[Dim], s: &[Dim]) -> Option<Shape> {
+    let mut rows = x.to_vec();
+    *rows.last_mut()? = Dim::Const(1);
+    (broadcast(&rows, s)? == rows).then(|| x.to_vec())
+}
+
+/// The shape of `x` pooled in blocks of `size` rows: `[.., ceil(n / size), d]`.
+pub fn pooled(x: &[Dim], size: &Dim) -> Option<Shape> {
+    let rows = x.len().checked_sub(2)?;
+    let mut out = x.to_vec();
+    out[rows] = match (&x[rows], size) {
+        (Dim::Const(n), Dim::Const(b)) if *b > 0 => Dim::Const(n.div_ceil(*b)),
+        (_, Dim::Const(1)) => x[rows].clone(),
+        (n, b) => Dim::CeilDiv(Box::new(n.clone()), Box::new(b.clone())),
+    };
+    Some(out)
+}
+
 /// The symbolic shape of `x.T`.
 pub fn transpose(x: &[Dim]) -> Option<Shape> {
     let rank = x.len();
@@ -79,6 +98,11 @@ pub fn infer_shape(op: &Op, shapes: &[&Shape], given: Option<&Shape>) -> Result<
             *s.get_mut(*axis).ok_or_else(|| bad("no such axis"))? = Dim::Const(1);
             s
         }
+        (Op::Cumsum { axis }, [x]) if *axis < x.len() => (*x).clone(),
+        (Op::SoftmaxSink, [x, s]) => {
+            sink_shape(x, s).ok_or_else(|| bad("the sink does not broadcast to the rows"))?
+        }
+        (Op::Pool { size, .. }, [x]) => pooled(x, size).ok_or_else(|| bad("rank below 2"))?,
         (Op::Attention(a), _) => output_shape(Fused::Attention(a), shapes)?,
         (Op::LinearAttention(l), _) => output_shape(Fused::Linear(l), shapes)?,
         (Op::Backward(b), _) => b.output_shape(shapes, given)?,

@@ -4,13 +4,17 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// One dimension of a shape: a symbol bound when the kernel runs, or a known size.
+/// One dimension of a shape: a symbol bound when the kernel runs, a known size, or the number
+/// of blocks of a pooled axis.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Dim {
     /// A dimension symbol (`n`), bound at run time.
     Sym(String),
     /// A size known at compile time.
     Const(u64),
+    /// `ceil(n / b)`: the blocks of `b` rows that `mean_pool(x, b)` and `max_pool(x, b)` make
+    /// of `n` rows (`b ≥ 1`).
+    CeilDiv(Box<Dim>, Box<Dim>),
 }
 
 /// A symbolic shape: one [`Dim`] per axis, row-major.
@@ -25,6 +29,23 @@ impl Dim {
         match self {
             Dim::Sym(name) => bindings.get(name).copied(),
             Dim::Const(v) => Some(*v),
+            Dim::CeilDiv(n, b) => {
+                let b = b.resolve(bindings)?;
+                (b > 0).then_some(n.resolve(bindings)?.div_ceil(b))
+            }
+        }
+    }
+
+    /// The dimension symbols it reads, in order.
+    pub fn symbols(&self) -> Vec<&str> {
+        match self {
+            Dim::Sym(name) => vec![name.as_str()],
+            Dim::Const(_) => Vec::new(),
+            Dim::CeilDiv(n, b) => {
+                let mut out = n.symbols();
+                out.extend(b.symbols());
+                out
+            }
         }
     }
 
@@ -39,6 +60,7 @@ impl fmt::Display for Dim {
         match self {
             Dim::Sym(name) => f.write_str(name),
             Dim::Const(v) => write!(f, "{v}"),
+            Dim::CeilDiv(n, b) => write!(f, "ceil({n}/{b})"),
         }
     }
 }

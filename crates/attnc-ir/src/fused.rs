@@ -22,7 +22,7 @@ pub mod expand;
 
 use crate::dim::{Bindings, Dim, Shape};
 use crate::op::{BinaryOp, UnaryOp};
-use crate::pattern::MaskPattern;
+use crate::pattern::SymbolicPattern;
 use serde::Serialize;
 use std::fmt;
 
@@ -192,14 +192,14 @@ pub struct Attention {
     /// The score over `S = Q Kᵀ`.
     pub score: ScoreExpr,
     /// The kept positions (`None`: all); masked scores are `-inf`.
-    pub mask: Option<MaskPattern>,
+    pub mask: Option<SymbolicPattern>,
     /// The arithmetic.
     pub precision: Precision,
 }
 
 impl Attention {
     /// Plain scaled dot-product attention, `softmax(mask(S · c)) V`.
-    pub fn scaled(c: ScoreExpr, mask: Option<MaskPattern>) -> Attention {
+    pub fn scaled(c: ScoreExpr, mask: Option<SymbolicPattern>) -> Attention {
         Attention {
             score: ScoreExpr::scaled(c),
             mask,
@@ -440,7 +440,7 @@ mod tests {
         );
         let a = Attention {
             score,
-            mask: Some(MaskPattern::Causal),
+            mask: Some(crate::MaskPattern::Causal),
             precision: Precision::Exact,
         };
         assert_eq!(a.arity(), 4);

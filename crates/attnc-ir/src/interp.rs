@@ -43,6 +43,7 @@ mod backward;
 mod fused;
 mod memory;
 mod range;
+mod reduction;
 
 pub use memory::{interp_memory, InterpMemory};
 pub use range::to_f32_range;
@@ -318,7 +319,19 @@ fn eval_node(
         Op::Transpose => transpose(args[0])?,
         Op::Reduce { op, axis } => reduce(*op, *axis, args[0])?,
         Op::Softmax { axis } => softmax(*axis, args[0])?,
-        Op::Mask { pattern, fill } => mask(pattern, *fill, args[0])?,
+        Op::SoftmaxSink => reduction::softmax_sink(args[0], args[1])?,
+        Op::Pool { op, size } => {
+            let size = size
+                .resolve(bindings)
+                .ok_or_else(|| format!("the pool size `{size}` is not bound"))?;
+            let size = usize::try_from(size).map_err(|e| e.to_string())?;
+            reduction::pool(*op, size, args[0])?
+        }
+        Op::Cumsum { axis } => reduction::cumsum(*axis, args[0])?,
+        Op::Mask { pattern, fill } => {
+            let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
+            mask(&pattern, *fill, args[0])?
+        }
         Op::Cast { to } => args[0].mapv(|x| round_to(*to, x)),
         Op::Random { kind, seed } => {
             let &[rows, cols] = shape else {
@@ -549,6 +562,7 @@ fn reduce(op: ReduceOp, axis: usize, x: &ArrayD<f64>) -> Result<ArrayD<f64>, Str
         ReduceOp::Sum => lane.iter().sum::<f64>(),
         ReduceOp::Mean => lane.iter().sum::<f64>() / lane.len() as f64,
         ReduceOp::Max => lane.iter().fold(f64::NEG_INFINITY, |m, &v| max_nan(m, v)),
+        ReduceOp::LogSumExp => reduction::logsumexp_lane(lane),
     });
     Ok(reduced.insert_axis(Axis(axis)))
 }

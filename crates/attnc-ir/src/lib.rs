@@ -25,5 +25,5 @@ pub use backward::BackwardOp;
 pub use dim::{Bindings, Dim, Shape};
 pub use fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
 pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};
-pub use op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
-pub use pattern::MaskPattern;
+pub use op::{BinaryOp, DType, Op, PoolOp, RandomKind, ReduceOp, UnaryOp};
+pub use pattern::{MaskPattern, SymbolicPattern};

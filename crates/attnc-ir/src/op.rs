@@ -3,7 +3,7 @@
 use crate::backward::BackwardOp;
 use crate::dim::Dim;
 use crate::fused::{Attention, LinearAttention};
-use crate::pattern::MaskPattern;
+use crate::pattern::SymbolicPattern;
 pub use crate::random::RandomKind;
 use serde::Serialize;
 use std::fmt;
@@ -62,6 +62,18 @@ pub enum ReduceOp {
     Max,
     /// `mean(x, axis)`
     Mean,
+    /// `logsumexp(x, axis)`: `log(sum(exp(x)))` computed from the maximum (`-inf` for an
+    /// all `-inf` or empty axis, `+inf` when an entry is `+inf`, NaN when one is NaN).
+    LogSumExp,
+}
+
+/// Pooling of blocks of consecutive rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum PoolOp {
+    /// `mean_pool(x, b)`: the mean of each block (the last one over its own rows).
+    Mean,
+    /// `max_pool(x, b)`: the maximum of each block (NaN propagates).
+    Max,
 }
 
 /// One IR operation. Operands are the node's incoming edges, ordered by slot.
@@ -105,10 +117,27 @@ pub enum Op {
         /// The normalized axis.
         axis: usize,
     },
+    /// `softmax_sink(x, s)`: softmax over the last axis with one extra logit `s` (operand 1,
+    /// broadcast to `[.., 1]`) in the denominator, `exp(x_j) / (exp(s) + Σ_k exp(x_k))`,
+    /// computed from `max(s, max_k x_k)`; a row and sink all `-inf` give zeros (two operands).
+    SoftmaxSink,
+    /// `mean_pool(x, b)` / `max_pool(x, b)` over the second-to-last axis: `[.., n, d]` to
+    /// `[.., ceil(n / b), d]` (one operand).
+    Pool {
+        /// Mean or maximum.
+        op: PoolOp,
+        /// Rows per block (≥ 1 once bound).
+        size: Dim,
+    },
+    /// `cumsum(x, axis)`: the inclusive running sum along `axis`, in index order (one operand).
+    Cumsum {
+        /// The summed axis.
+        axis: usize,
+    },
     /// Entries (i, j) of the last two axes outside `pattern` become `fill` (one operand).
     Mask {
-        /// The kept positions.
-        pattern: MaskPattern,
+        /// The kept positions (sizes may be dimension symbols).
+        pattern: SymbolicPattern,
         /// The value of masked-out entries.
         fill: f64,
     },
@@ -144,11 +173,21 @@ impl Op {
             | Op::Fill { .. }
             | Op::RelPos
             | Op::Random { .. } => 0,
-            Op::Binary(_) | Op::MatMul => 2,
+            Op::Binary(_) | Op::MatMul | Op::SoftmaxSink => 2,
             Op::Attention(a) => a.arity(),
             Op::LinearAttention(_) => 3,
             Op::Backward(b) => b.arity(),
             _ => 1,
+        }
+    }
+}
+
+impl PoolOp {
+    /// The op's name in IR text: `mean-pool`, `max-pool`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolOp::Mean => "mean-pool",
+            PoolOp::Max => "max-pool",
         }
     }
 }
@@ -191,6 +230,7 @@ impl fmt::Display for ReduceOp {
             ReduceOp::Sum => "sum",
             ReduceOp::Max => "max",
             ReduceOp::Mean => "mean",
+            ReduceOp::LogSumExp => "logsumexp",
         };
         f.write_str(s)
     }
@@ -210,6 +250,9 @@ impl fmt::Display for Op {
             Op::Transpose => f.write_str("transpose"),
             Op::Reduce { op, axis } => write!(f, "{op} axis={axis}"),
             Op::Softmax { axis } => write!(f, "softmax axis={axis}"),
+            Op::SoftmaxSink => f.write_str("softmax-sink"),
+            Op::Pool { op, size } => write!(f, "{} size={size}", op.name()),
+            Op::Cumsum { axis } => write!(f, "cumsum axis={axis}"),
             Op::Mask { pattern, fill } => write!(f, "mask {pattern} fill={fill:?}"),
             Op::Cast { to } => write!(f, "cast {}", to.keyword()),
             Op::Random { kind, seed } => write!(f, "random {} seed={seed}", kind.name()),

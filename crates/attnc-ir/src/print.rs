@@ -105,6 +105,9 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
         Op::Transpose => "transpose".to_string(),
         Op::Reduce { op, .. } => op.to_string(),
         Op::Softmax { .. } => "softmax".to_string(),
+        Op::SoftmaxSink => "softmax-sink".to_string(),
+        Op::Pool { op, .. } => op.name().to_string(),
+        Op::Cumsum { .. } => "cumsum".to_string(),
         Op::Mask { .. } => "mask".to_string(),
         Op::Cast { .. } => "cast".to_string(),
         Op::Random { .. } => "random".to_string(),
@@ -117,7 +120,10 @@ fn instruction(op: &Op, operands: &[NodeId]) -> String {
         Op::Input { index, name } => args.push(format!("{name} #{index}")),
         Op::Const(v) | Op::Fill { value: v } => args.push(format!("{v:?}")),
         Op::DimValue(d) => args.push(d.to_string()),
-        Op::Reduce { axis, .. } | Op::Softmax { axis } => args.push(format!("axis={axis}")),
+        Op::Reduce { axis, .. } | Op::Softmax { axis } | Op::Cumsum { axis } => {
+            args.push(format!("axis={axis}"))
+        }
+        Op::Pool { size, .. } => args.push(format!("size={size}")),
         Op::Mask { pattern, fill } => {
             args.push(pattern.to_string());
             args.push(format!("fill={fill:?}"));

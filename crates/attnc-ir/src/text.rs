@@ -19,8 +19,8 @@ use crate::build::GraphBuilder;
 use crate::dim::{Dim, Shape};
 use crate::fused::{Attention, LinearAttention, Normalizer, Precision, ScoreExpr};
 use crate::graph::{Kernel, NodeId, Param};
-use crate::op::{BinaryOp, DType, Op, RandomKind, ReduceOp, UnaryOp};
-use crate::pattern::MaskPattern;
+use crate::op::{BinaryOp, DType, Op, PoolOp, RandomKind, ReduceOp, UnaryOp};
+use crate::pattern::{MaskPattern, SymbolicPattern};
 use attnc_syntax::Span;
 
 /// A line of IR text that does not read, with its 1-based line number.
@@ -136,6 +136,20 @@ fn parse_type(text: &str) -> Result<(DType, Shape), String> {
 }
 
 fn dim(text: &str) -> Dim {
+    if let Some(inner) = text.strip_prefix("ceil(").and_then(|t| t.strip_suffix(')')) {
+        // `ceil(n/b)`: split at the `/` outside parentheses.
+        let mut depth = 0i32;
+        for (i, c) in inner.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                '/' if depth == 0 => {
+                    return Dim::CeilDiv(Box::new(dim(&inner[..i])), Box::new(dim(&inner[i + 1..])))
+                }
+                _ => {}
+            }
+        }
+    }
     match text.parse::<u64>() {
         Ok(v) => Dim::Const(v),
         Err(_) => Dim::Sym(text.to_string()),
@@ -277,15 +291,26 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
         "relpos" => Op::RelPos,
         "matmul" => Op::MatMul,
         "transpose" => Op::Transpose,
-        "sum" | "max" | "mean" => Op::Reduce {
+        "sum" | "max" | "mean" | "logsumexp" => Op::Reduce {
             op: match mnemonic {
                 "sum" => ReduceOp::Sum,
                 "max" => ReduceOp::Max,
-                _ => ReduceOp::Mean,
+                "mean" => ReduceOp::Mean,
+                _ => ReduceOp::LogSumExp,
             },
             axis: axis()?,
         },
         "softmax" => Op::Softmax { axis: axis()? },
+        "softmax-sink" => Op::SoftmaxSink,
+        "cumsum" => Op::Cumsum { axis: axis()? },
+        "mean-pool" | "max-pool" => Op::Pool {
+            op: if mnemonic == "mean-pool" {
+                PoolOp::Mean
+            } else {
+                PoolOp::Max
+            },
+            size: dim(attr("size").ok_or("expected `size=B`")?),
+        },
         "mask" => {
             let pattern = args.get(1).ok_or("a mask needs a pattern")?;
             Op::Mask {
@@ -360,8 +385,9 @@ fn binary_op(name: &str) -> Option<BinaryOp> {
         .find(|b| b.to_string() == name)
 }
 
-/// A mask pattern as [`MaskPattern`]'s `Display` writes it: `(causal & window(256))`.
-pub fn parse_pattern(text: &str) -> Result<MaskPattern, String> {
+/// A mask pattern as [`MaskPattern`]'s `Display` writes it: `(causal & window(256))`,
+/// `window(w)`, `(document(g0) | global(4))`.
+pub fn parse_pattern(text: &str) -> Result<SymbolicPattern, String> {
     let tokens = tokenize(text);
     let mut at = 0;
     let p = pattern_or(&tokens, &mut at)?;
@@ -395,7 +421,7 @@ fn tokenize(text: &str) -> Vec<String> {
     tokens
 }
 
-fn pattern_or(t: &[String], at: &mut usize) -> Result<MaskPattern, String> {
+fn pattern_or(t: &[String], at: &mut usize) -> Result<SymbolicPattern, String> {
     let mut p = pattern_and(t, at)?;
     while t.get(*at).map(String::as_str) == Some("|") {
         *at += 1;
@@ -404,7 +430,7 @@ fn pattern_or(t: &[String], at: &mut usize) -> Result<MaskPattern, String> {
     Ok(p)
 }
 
-fn pattern_and(t: &[String], at: &mut usize) -> Result<MaskPattern, String> {
+fn pattern_and(t: &[String], at: &mut usize) -> Result<SymbolicPattern, String> {
     let mut p = pattern_atom(t, at)?;
     while t.get(*at).map(String::as_str) == Some("&") {
         *at += 1;
@@ -413,7 +439,7 @@ fn pattern_and(t: &[String], at: &mut usize) -> Result<MaskPattern, String> {
     Ok(p)
 }
 
-fn pattern_atom(t: &[String], at: &mut usize) -> Result<MaskPattern, String> {
+fn pattern_atom(t: &[String], at: &mut usize) -> Result<SymbolicPattern, String> {
     let token = t.get(*at).ok_or("a pattern ends early")?.clone();
     *at += 1;
     if token == "(" {
@@ -425,11 +451,15 @@ fn pattern_atom(t: &[String], at: &mut usize) -> Result<MaskPattern, String> {
     if token != "causal" {
         expect(t, at, "(")?;
         loop {
-            let v: u64 = t
-                .get(*at)
-                .and_then(|x| x.parse().ok())
-                .ok_or("expected a size")?;
-            args.push(v);
+            let word = t.get(*at).ok_or("expected a size")?;
+            let arg = match word.parse::<u64>() {
+                Ok(v) => Dim::Const(v),
+                Err(_) if word.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                    Dim::Sym(word.clone())
+                }
+                Err(_) => return Err(format!("expected a size, found `{word}`")),
+            };
+            args.push(arg);
             *at += 1;
             if t.get(*at).map(String::as_str) == Some(",") {
                 *at += 1;
@@ -439,12 +469,28 @@ fn pattern_atom(t: &[String], at: &mut usize) -> Result<MaskPattern, String> {
         }
         expect(t, at, ")")?;
     }
+    // `document(g0)` / `document(g0, g1)`: segment operands by index.
+    let segment = |d: &Dim| match d {
+        Dim::Sym(s) => s.strip_prefix('g').and_then(|k| k.parse::<usize>().ok()),
+        Dim::Const(_) | Dim::CeilDiv(..) => None,
+    };
     Ok(match (token.as_str(), args.as_slice()) {
         ("causal", []) => MaskPattern::Causal,
-        ("window", [w]) => MaskPattern::Window(*w),
-        ("dilated", [w, r]) => MaskPattern::Dilated { w: *w, r: *r },
-        ("global", [g]) => MaskPattern::Global(*g),
-        ("block", [b]) => MaskPattern::Block(*b),
+        ("window", [w]) => MaskPattern::Window(w.clone()),
+        ("dilated", [w, r]) => MaskPattern::Dilated {
+            w: w.clone(),
+            r: r.clone(),
+        },
+        ("global", [g]) => MaskPattern::Global(g.clone()),
+        ("block", [b]) => MaskPattern::Block(b.clone()),
+        ("document", [g]) => {
+            let g = segment(g).ok_or("a document segment is `g<index>`")?;
+            MaskPattern::Document { q: g, k: g }
+        }
+        ("document", [q, k]) => MaskPattern::Document {
+            q: segment(q).ok_or("a document segment is `g<index>`")?,
+            k: segment(k).ok_or("a document segment is `g<index>`")?,
+        },
         _ => return Err(format!("unknown pattern `{token}`")),
     })
 }

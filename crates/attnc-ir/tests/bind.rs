@@ -293,3 +293,24 @@ fn node_shapes_by_index() {
     let shapes = resolve_node_shapes(&k, &binds(&[("n", 3), ("d", 2)])).expect("resolve");
     assert_eq!(shapes, vec![vec![3, 2], vec![2, 3], vec![1, 3], vec![2, 3]]);
 }
+
+#[test]
+fn pattern_sizes_bind_from_given_values_or_say_they_are_unbound() {
+    let src = "kernel f(x: f32[n, n]) -> f32[n, n] { return mask(x, causal & window(w) | dilated(2, r)); }";
+    let (file, diagnostics) = attnc_syntax::parse(src);
+    assert!(diagnostics.is_empty(), "{diagnostics:?}");
+    let module = attnc_ir::lower::lower_file(&file).expect("checks");
+    let k = &module.kernels[0];
+    let bound = bind_shapes(k, &[Some(vec![5, 5])], &binds(&[("w", 2), ("r", 3)])).expect("binds");
+    assert_eq!(bound["w"], 2);
+    let err = bind_shapes(k, &[Some(vec![5, 5])], &binds(&[("r", 3)])).unwrap_err();
+    assert_eq!(err, BindError::Unbound { symbol: "w".into() });
+    let err = bind_shapes(k, &[Some(vec![5, 5])], &binds(&[("w", 1), ("r", 0)])).unwrap_err();
+    assert!(err.to_string().contains("stride"), "{err}");
+    // Evaluated with the bound window: row 4 keeps keys 2..=4 of `window(2)` & causal.
+    let x = ndarray::ArrayD::from_elem(ndarray::IxDyn(&[5, 5]), 1.0);
+    let out = attnc_ir::interp::evaluate(k, &bound, &[x]).expect("runs");
+    let row: Vec<bool> = (0..5).map(|j| out[[4, j]] == 1.0).collect();
+    // dilated(2, 3) also keeps j = 4 - 3 = 1.
+    assert_eq!(row, [false, true, true, true, true]);
+}

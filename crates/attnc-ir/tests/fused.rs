@@ -117,7 +117,7 @@ proptest! {
         h in 0usize..3, m in 0usize..7, n in 0usize..7, d in 1usize..5, e in 0usize..4,
         p in 0usize..5, seed in any::<u64>(),
     ) {
-        let op = Op::Attention(Box::new(Attention::scaled(inv_sqrt_d(), patterns()[p].clone())));
+        let op = Op::Attention(Box::new(Attention::scaled(inv_sqrt_d(), patterns()[p].clone().map(Into::into))));
         let k = kernel(&[("q", "h, m, d"), ("k", "h, n, d"), ("v", "h, n, e")], op);
         let b = binds(&[("h", h), ("m", m), ("n", n), ("d", d), ("e", e)]);
         let (inputs, fused) = both(&k, &b, seed);
@@ -150,7 +150,7 @@ proptest! {
         );
         let op = Op::Attention(Box::new(Attention {
             score: capped,
-            mask: patterns()[p].clone(),
+            mask: patterns()[p].clone().map(Into::into),
             precision: Precision::Int8,
         }));
         let k = kernel(

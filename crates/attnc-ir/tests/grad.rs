@@ -24,10 +24,18 @@ fn compile(src: &str) -> Module {
 
 /// Small odd sizes for every dimension symbol the examples use (m ≠ n where both appear).
 fn small_bindings() -> Bindings {
-    [("h", 2), ("n", 7), ("m", 3), ("d", 3), ("r", 4), ("e", 5)]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+    [
+        ("h", 2),
+        ("n", 7),
+        ("m", 3),
+        ("d", 3),
+        ("r", 4),
+        ("e", 5),
+        ("w", 2),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 /// Random inputs of `kernel` at `b`, one stream per parameter.
@@ -57,6 +65,9 @@ fn every_example_matches_central_differences() {
         let src = std::fs::read_to_string(&path).expect("readable");
         for kernel in compile(&src).kernels {
             let kernel = without_casts(&kernel);
+            if refuses_pooling(&kernel) {
+                continue;
+            }
             let given = small_bindings();
             let symbols = attnc_ir::bind::kernel_symbols(&kernel);
             let b: Bindings = given
@@ -70,6 +81,27 @@ fn every_example_matches_central_differences() {
             check(&kernel, &b, &xs, &all, 5);
         }
     }
+}
+
+/// Whether `kernel` pools rows, which has no derivative rule yet: such a kernel must be
+/// refused with `GradError::Unsupported` (checked here), never differentiated wrongly.
+fn refuses_pooling(kernel: &Kernel) -> bool {
+    let pools = kernel
+        .graph
+        .topo_order()
+        .into_iter()
+        .any(|id| matches!(kernel.graph.node(id).op, Op::Pool { .. }));
+    if pools {
+        let all: Vec<usize> = (0..kernel.params.len()).collect();
+        let refused = vjp(kernel, &all);
+        assert!(
+            matches!(refused, Err(GradError::Unsupported { .. })),
+            "{}: {:?}",
+            kernel.name,
+            refused.err()
+        );
+    }
+    pools
 }
 
 fn param(name: &str, shape: &[u64]) -> Param {
@@ -115,6 +147,11 @@ fn source_corner_cases_match_central_differences() {
         // Matrix products with broadcast batches: the shared operand sums over the heads.
         "kernel f(x: f32[h, n, e], w: f32[e, d], k: f32[1, n, d]) -> f32[h, n, n] {
             return softmax((x @ w) @ k.T);
+        }",
+        // The hierarchical forms: a per-head sink (its gradient summed over the rows), the
+        // log-sum-exp (a softmax), running sums along the rows.
+        "kernel f(x: f32[h, n, d], s: f32[h, 1, 1]) -> f32[h, n, d] {
+            return softmax_sink(x * 2, s) + logsumexp(x, -1) * x + cumsum(x * x, 1);
         }",
     ];
     let b: Bindings = [("h", 2), ("n", 2), ("m", 3), ("d", 3), ("e", 4)]
@@ -173,6 +210,20 @@ fn f16_returns_pass_gradients_straight_through() {
         let (x, w, g) = (xs[0][[i]], xs[1][[i]], xs[2][[i]]);
         assert!((got[0][[i]] - g * w * x.exp()).abs() < 1e-12);
         assert!((got[1][[i]] - g * x.exp()).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn pooling_is_refused_by_name_not_differentiated() {
+    let kernel = compile("kernel f(x: f32[n, d]) { return mean_pool(x, 2) * 3; }")
+        .kernels
+        .remove(0);
+    match vjp(&kernel, &[0]) {
+        Err(e @ GradError::Unsupported { .. }) => {
+            assert!(e.to_string().contains("mean-pool"), "{e}")
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("pooling differentiated"),
     }
 }
 
@@ -292,7 +343,16 @@ fn random_program(ops: &[(u8, u8, u8)]) -> Kernel {
                 ][y as usize % 3]
                     .clone();
                 let fill = if x % 2 == 0 { f64::NEG_INFINITY } else { -0.5 };
-                let masked = b.add(Op::Mask { pattern, fill }, &[a], None).expect("mask");
+                let masked = b
+                    .add(
+                        Op::Mask {
+                            pattern: pattern.into(),
+                            fill,
+                        },
+                        &[a],
+                        None,
+                    )
+                    .expect("mask");
                 // A -inf fill feeds a softmax, which turns it into zeros.
                 if fill.is_finite() {
                     masked

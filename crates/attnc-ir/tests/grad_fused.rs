@@ -206,7 +206,7 @@ impl Case {
         };
         let op = Op::Attention(Box::new(Attention {
             score,
-            mask: pattern(self.mask),
+            mask: pattern(self.mask).map(Into::into),
             precision: Precision::Exact,
         }));
         (params, op)
@@ -223,7 +223,7 @@ fn inputs(params: &[Param], seed: u64) -> Vec<ArrayD<f64>> {
                 .iter()
                 .map(|d| match d {
                     Dim::Const(c) => *c as usize,
-                    Dim::Sym(_) => unreachable!("constant shapes"),
+                    Dim::Sym(_) | Dim::CeilDiv(..) => unreachable!("constant shapes"),
                 })
                 .collect();
             random(&shape, seed * 31 + i as u64)

@@ -101,7 +101,7 @@ fn attention_kernel(pattern: Option<MaskPattern>) -> Kernel {
     if let Some(pattern) = pattern {
         s = b.node(
             Op::Mask {
-                pattern,
+                pattern: pattern.into(),
                 fill: f64::NEG_INFINITY,
             },
             "h,m,n",
@@ -510,7 +510,12 @@ fn reductions_keep_the_axis() {
     let x = random(&[a, bb, c], 7);
     let outs = ["1,b,c", "a,1,c", "a,b,1"];
     for axis in 0..3 {
-        for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Mean] {
+        for op in [
+            ReduceOp::Sum,
+            ReduceOp::Max,
+            ReduceOp::Mean,
+            ReduceOp::LogSumExp,
+        ] {
             let got = run(
                 &reduce_kernel(op, axis, outs[axis]),
                 std::slice::from_ref(&x),
@@ -533,6 +538,7 @@ fn reductions_keep_the_axis() {
                     ReduceOp::Sum => lane.iter().sum::<f64>(),
                     ReduceOp::Mean => lane.iter().sum::<f64>() / lane.len() as f64,
                     ReduceOp::Max => lane.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                    ReduceOp::LogSumExp => lane.iter().map(|v| v.exp()).sum::<f64>().ln(),
                 };
                 assert!((g - want).abs() < 1e-12, "{op} axis {axis}");
             }

@@ -476,10 +476,13 @@ fn bad_approximation_arguments() {
 
 #[test]
 fn patterns_and_expressions_in_the_wrong_place() {
+    // Outside `mask`, a pattern word is a name: unknown here, with a note.
     let src = "kernel f(x: f32[n, n]) -> f32[n, n] { return softmax(causal); }";
     let d = error(src);
-    assert!(d.message.contains("found a mask pattern"), "{}", d.message);
-    assert_eq!(label_texts(src, &d), ["causal", "softmax"]);
+    assert_eq!(d.message, "unknown name `causal`");
+    assert!(d.notes.iter().any(|n| n.contains("mask pattern")), "{d:?}");
+    let d = error("kernel f(x: f32[n, n]) -> f32[n, n] { return relu(window(3)); }");
+    assert_eq!(d.message, "`window` is a mask pattern, not a function");
 
     let src = "kernel f(x: f32[n, n]) -> f32[n, n] { return mask(x, x); }";
     let d = error(src);
@@ -489,8 +492,45 @@ fn patterns_and_expressions_in_the_wrong_place() {
         d.message
     );
 
+    // The fill is a constant expression: `causal` there is a name, not a number.
     let d = error("kernel f(x: f32[n, n]) -> f32[n, n] { return mask(x, causal, causal); }");
-    assert!(d.message.contains("found a mask pattern"));
+    assert_eq!(
+        d.message,
+        "the fill value of `mask` must be a constant number"
+    );
+}
+
+#[test]
+fn pattern_words_name_kernels_parameters_and_lets() {
+    let module = lower(
+        "kernel window(causal: f32[n, n], block: f32[]) -> f32[n, n] {\n\
+         let global = causal * block;\n\
+         return mask(global, causal & window(2), -inf); }",
+    );
+    let k = &module.kernels[0];
+    assert_eq!(k.name, "window");
+    assert_eq!(k.params[1].shape, Vec::<Dim>::new());
+    let masks: Vec<String> = k
+        .graph
+        .topo_order()
+        .into_iter()
+        .filter_map(|id| match &k.graph.node(id).op {
+            Op::Mask { pattern, fill } => Some(format!("{pattern} {fill}")),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(masks, ["(causal & window(2)) -inf"]);
+}
+
+#[test]
+fn pattern_sizes_from_dimension_symbols() {
+    let module =
+        lower("kernel f(x: f32[n, n]) -> f32[n, n] { return mask(x, window(w) | block(n)); }");
+    let k = &module.kernels[0];
+    let symbols = attnc_ir::bind::kernel_symbols(k);
+    assert_eq!(symbols, ["n", "w"]);
+    let d = error("kernel f(x: f32[n, n]) -> f32[n, n] { return mask(x, window(x)); }");
+    assert!(d.message.contains("size `x`"), "{}", d.message);
 }
 
 #[test]
@@ -632,7 +672,12 @@ fn a_long_pattern_union_lowers_to_a_shallow_tree_keeping_the_same_positions() {
                         Op::Mask { pattern, .. } => Some(pattern.clone()),
                         _ => None,
                     });
-            pattern.expect("a mask")
+            // Literal sizes only: the pattern resolves without bindings.
+            let bindings = attnc_ir::Bindings::new();
+            pattern
+                .expect("a mask")
+                .resolve(&bindings)
+                .expect("literal sizes")
         })
     }
     let kernel =

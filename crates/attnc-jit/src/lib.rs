@@ -27,6 +27,7 @@ pub mod cache;
 pub mod ceiling;
 pub mod error;
 mod finite;
+pub mod host;
 pub mod jit;
 pub mod kernels;
 pub mod plan;

@@ -37,6 +37,7 @@ pub use fused::parameter_attention_spec;
 use crate::backward::BackwardStep;
 use crate::buffer::Elem;
 use crate::error::{JitError, Result};
+use crate::host::PoolSpec;
 use crate::kernels::attention::quant::QuantLayout;
 use crate::kernels::attention::{AttentionSpec, Precision};
 use crate::kernels::elementwise::{ElementwiseSpec, Expr};
@@ -77,6 +78,14 @@ pub enum StepKind {
     Reduce(ReduceOp, AxisSpec),
     /// A softmax of a contiguous `[outer, len, inner]` input along `len`.
     Softmax(AxisSpec),
+    /// A softmax with one sink logit per lane: reads the contiguous `[outer, len, 1]` input
+    /// and the `[outer]` sinks.
+    SoftmaxSink(AxisSpec),
+    /// Pooling of row blocks, done by the host ([`crate::host::pool`]).
+    Pool(PoolSpec),
+    /// The running sum of a contiguous `[outer, len, inner]` input along `len`, done by the
+    /// host ([`crate::host::cumsum`]).
+    Cumsum(AxisSpec),
     /// Rounding to a storage type and back, done by the host (f16/bf16 returns).
     Cast(DType),
     /// A constant computed at compile time (the seeded matrices of approximations), copied
@@ -133,8 +142,10 @@ impl Step {
         match &self.kind {
             StepKind::Elementwise(s) => s.work(),
             StepKind::MatMul(s) => s.work(),
-            StepKind::Reduce(_, s) | StepKind::Softmax(s) => s.work(),
+            StepKind::Reduce(_, s) | StepKind::Softmax(s) | StepKind::SoftmaxSink(s) => s.work(),
             StepKind::Cast(_)
+            | StepKind::Pool(_)
+            | StepKind::Cumsum(_)
             | StepKind::Constant(_)
             | StepKind::Convert(_)
             | StepKind::Quantize(_) => (1, 1),
@@ -300,6 +311,21 @@ impl std::fmt::Display for Plan {
                         s.outer, s.len, s.inner
                     )
                 }
+                StepKind::SoftmaxSink(s) => {
+                    format!("softmax with a sink logit per row [{} x {}]", s.outer, s.len)
+                }
+                StepKind::Pool(s) => format!(
+                    "{} [{} x {} x {}] in blocks of {} rows (host)",
+                    s.op.name(),
+                    s.outer,
+                    s.n,
+                    s.width,
+                    s.size
+                ),
+                StepKind::Cumsum(s) => format!(
+                    "cumsum [{} x {} x {}] along the middle axis (host)",
+                    s.outer, s.len, s.inner
+                ),
                 StepKind::Cast(to) => format!("round to {}", to.keyword()),
                 StepKind::Convert(to) => format!("convert to {} (host)", to.keyword()),
                 StepKind::Quantize(l) => format!(
@@ -444,6 +470,9 @@ impl Planner<'_> {
             StepKind::MatMul(_) => "matmul",
             StepKind::Reduce(..) => "reduce",
             StepKind::Softmax(_) => "softmax",
+            StepKind::SoftmaxSink(_) => "softmax_sink",
+            StepKind::Pool(_) => "pool",
+            StepKind::Cumsum(_) => "cumsum",
             StepKind::Cast(_) => "cast",
             StepKind::Constant(_) => "const",
             StepKind::Convert(_) => "convert",
@@ -578,7 +607,7 @@ pub fn plan_outputs(
     let unsupported = |id: NodeId| {
         let op = &kernel.graph.node(id).op;
         if fused::is_fused(op) {
-            !fuse || fused::unsupported(kernel, id, &shapes, options.tiers).is_some()
+            !fuse || fused::unsupported(kernel, id, (&shapes, bindings), options.tiers).is_some()
         } else if backward::is_fused_grad(op) {
             !fuse || backward::unsupported(kernel, id, &shapes, bindings).is_some()
         } else {

@@ -160,6 +160,8 @@ impl CompiledKernel {
                 StepKind::Cast(_)
                 | StepKind::Constant(_)
                 | StepKind::Convert(_)
+                | StepKind::Pool(_)
+                | StepKind::Cumsum(_)
                 | StepKind::Quantize(_) => None,
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
@@ -187,7 +189,10 @@ impl CompiledKernel {
                     kernels::prefix::emit(b, KernelArgs::new(p), spec)
                 })?),
                 StepKind::Softmax(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
-                    kernels::reduce::emit_softmax(b, KernelArgs::new(p), *spec)
+                    kernels::reduce::emit_softmax(b, KernelArgs::new(p), *spec, false)
+                })?),
+                StepKind::SoftmaxSink(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
+                    kernels::reduce::emit_softmax(b, KernelArgs::new(p), *spec, true)
                 })?),
             };
             ids.push(id);
@@ -502,6 +507,16 @@ impl CompiledKernel {
                 Storage::F32(out)
             }
             (StepKind::Constant(data), _) => Storage::F32(data.to_vec()),
+            (StepKind::Pool(spec), _) => {
+                let mut out = vec![0.0f32; len];
+                crate::host::pool(spec, views, &mut out)?;
+                Storage::F32(out)
+            }
+            (StepKind::Cumsum(spec), _) => {
+                let mut out = vec![0.0f32; len];
+                crate::host::cumsum(spec, views, &mut out)?;
+                Storage::F32(out)
+            }
             (StepKind::Convert(to), _) => convert(host_input(0)?, *to),
             (StepKind::Quantize(layout), _) => {
                 let ins = [host_input(0)?, host_input(1)?, host_input(2)?];

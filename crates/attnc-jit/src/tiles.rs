@@ -156,6 +156,11 @@ pub fn row_keys(pattern: &MaskPattern, ia: i64, n: i64) -> RowKeys {
             let lo = ia.div_euclid(b).saturating_mul(b);
             exact(IntervalSet::span(lo, lo.saturating_add(b), n))
         }
+        // Without the segment ids, a document may keep any key and surely keeps none.
+        MaskPattern::Document { .. } => RowKeys {
+            sure: IntervalSet::empty(),
+            maybe: IntervalSet::span(0, n, n),
+        },
         MaskPattern::And(a, b) => {
             let (a, b) = (row_keys(a, ia, n), row_keys(b, ia, n));
             RowKeys {

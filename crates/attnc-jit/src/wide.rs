@@ -230,17 +230,19 @@ fn slope_of(e: &ScoreExpr) -> Option<usize> {
     }
 }
 
-/// The mask as the full-width kernels read it.
-pub fn key_mask(p: &MaskPattern) -> KeyMask {
-    match p {
+/// The mask as the full-width kernels read it; `None` for a pattern that reads segment ids
+/// (their masks evaluate positions only).
+pub fn key_mask(p: &MaskPattern) -> Option<KeyMask> {
+    Some(match p {
         MaskPattern::Causal => KeyMask::Causal,
         MaskPattern::Window(w) => KeyMask::Window(*w),
         MaskPattern::Dilated { w, r } => KeyMask::Dilated { w: *w, r: *r },
         MaskPattern::Global(g) => KeyMask::Global(*g),
         MaskPattern::Block(b) => KeyMask::Block(*b),
-        MaskPattern::And(a, b) => KeyMask::And(Box::new(key_mask(a)), Box::new(key_mask(b))),
-        MaskPattern::Or(a, b) => KeyMask::Or(Box::new(key_mask(a)), Box::new(key_mask(b))),
-    }
+        MaskPattern::Document { .. } => return None,
+        MaskPattern::And(a, b) => KeyMask::And(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
+        MaskPattern::Or(a, b) => KeyMask::Or(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
+    })
 }
 
 /// A fused attention step on the full-width tier, ready to run.
@@ -269,7 +271,8 @@ impl WideAttention {
             .iter()
             .zip([spec.d, spec.d, spec.dv])
             .all(|(t, cols)| t.col_stride == 1 || cols <= 1);
-        spec.d > 0 && operands_fit && WideScore::of(spec).is_some()
+        let mask_fits = spec.mask.as_ref().is_none_or(|m| key_mask(m).is_some());
+        spec.d > 0 && operands_fit && mask_fits && WideScore::of(spec).is_some()
     }
 
     /// The step of `spec` on `tier` (not [`Tier::Cranelift`]), with its tile table built from
@@ -300,7 +303,7 @@ impl WideAttention {
             spec: spec.clone(),
             tier,
             score,
-            mask: spec.mask.as_ref().map(key_mask),
+            mask: spec.mask.as_ref().and_then(key_mask),
             tiles,
         })
     }

@@ -163,7 +163,10 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
                 .and_then(|(a, b)| matmul_shape(&a, &b)),
         ),
         Attn::Transpose(x) => array(shape(*x).and_then(|s| transposed(&s))),
-        Attn::Sum([x, axis]) | Attn::Max([x, axis]) | Attn::Mean([x, axis]) => {
+        Attn::Sum([x, axis])
+        | Attn::Max([x, axis])
+        | Attn::Mean([x, axis])
+        | Attn::LogSumExp([x, axis]) => {
             let axis = atom(*axis).and_then(|a| a.as_index());
             let s = shape(*x).zip(axis).and_then(|(mut s, axis)| {
                 *s.get_mut(axis as usize)? = 1;
@@ -171,7 +174,26 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             });
             array(s)
         }
-        Attn::Softmax([x, _])
+        Attn::MeanPool([x, b]) | Attn::MaxPool([x, b]) => {
+            let b = an.resolve(atom(*b)).filter(|&b| b > 0);
+            array(shape(*x).zip(b).and_then(|(mut s, b)| {
+                let rows = s.len().checked_sub(2)?;
+                s[rows] = s[rows].div_ceil(b as usize);
+                Some(s)
+            }))
+        }
+        Attn::SoftmaxSink([x, sink]) => {
+            let fits = shape(*x).zip(shape(*sink)).is_some_and(|(x, s)| {
+                let mut rows = x.clone();
+                rows.last_mut().is_some_and(|l| {
+                    *l = 1;
+                    true
+                }) && broadcast_shapes(&rows, &s).as_deref() == Some(rows.as_slice())
+            });
+            array(if fits { shape(*x) } else { None })
+        }
+        Attn::Cumsum([x, _])
+        | Attn::Softmax([x, _])
         | Attn::Mask([x, _, _])
         | Attn::Cast([x, _])
         | Attn::Int8Products(x)

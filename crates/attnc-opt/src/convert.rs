@@ -14,8 +14,8 @@ use crate::analysis::AttnGraph;
 use crate::lang::{Atom, Attn};
 use crate::OptError;
 use attnc_ir::{
-    BinaryOp, Dim, Kernel, MaskPattern, NodeId, Normalizer, Op, Precision, ReduceOp, ScoreExpr,
-    UnaryOp,
+    BinaryOp, Dim, Kernel, MaskPattern, NodeId, Normalizer, Op, PoolOp, Precision, ReduceOp,
+    ScoreExpr, SymbolicPattern, UnaryOp,
 };
 use egg::{Id, RecExpr, Symbol};
 use std::collections::HashMap;
@@ -56,32 +56,37 @@ fn leaf(expr: &mut RecExpr<Attn>, atom: Atom) -> Id {
     expr.add(Attn::Leaf(atom))
 }
 
-/// Adds a dimension as an atom: a name for a symbol, a number for a literal size.
-fn dim_leaf(expr: &mut RecExpr<Attn>, dim: &Dim) -> Id {
-    match dim {
+/// Adds a dimension as an atom: a name for a symbol, a number for a literal size. A pooled
+/// size (`ceil(n/b)`) is not an atom: the shapes that hold one are recomputed, never spelled.
+fn dim_leaf(expr: &mut RecExpr<Attn>, dim: &Dim) -> Option<Id> {
+    Some(match dim {
         Dim::Sym(s) => leaf(expr, Atom::Name(Symbol::from(s.as_str()))),
         Dim::Const(c) => leaf(expr, Atom::num(*c as f64)),
-    }
+        Dim::CeilDiv(..) => return None,
+    })
 }
 
-/// Adds a mask pattern tree (`all` for none).
-fn add_pattern(expr: &mut RecExpr<Attn>, pattern: Option<&MaskPattern>) -> Id {
-    let num = |expr: &mut RecExpr<Attn>, v: u64| leaf(expr, Atom::num(v as f64));
+/// Adds a mask pattern tree (`all` for none); sizes are numbers or dimension names. `None`
+/// for a pattern the language does not spell.
+fn add_pattern(expr: &mut RecExpr<Attn>, pattern: Option<&SymbolicPattern>) -> Option<Id> {
     let node = match pattern {
         None => Attn::All,
         Some(MaskPattern::Causal) => Attn::Causal,
-        Some(MaskPattern::Window(w)) => Attn::Window(num(expr, *w)),
-        Some(MaskPattern::Dilated { w, r }) => Attn::Dilated([num(expr, *w), num(expr, *r)]),
-        Some(MaskPattern::Global(g)) => Attn::Global(num(expr, *g)),
-        Some(MaskPattern::Block(b)) => Attn::Block(num(expr, *b)),
+        Some(MaskPattern::Window(w)) => Attn::Window(dim_leaf(expr, w)?),
+        Some(MaskPattern::Dilated { w, r }) => {
+            Attn::Dilated([dim_leaf(expr, w)?, dim_leaf(expr, r)?])
+        }
+        Some(MaskPattern::Global(g)) => Attn::Global(dim_leaf(expr, g)?),
+        Some(MaskPattern::Block(b)) => Attn::Block(dim_leaf(expr, b)?),
+        Some(MaskPattern::Document { .. }) => return None,
         Some(MaskPattern::And(a, b)) => {
-            Attn::And([add_pattern(expr, Some(a)), add_pattern(expr, Some(b))])
+            Attn::And([add_pattern(expr, Some(a))?, add_pattern(expr, Some(b))?])
         }
         Some(MaskPattern::Or(a, b)) => {
-            Attn::Or([add_pattern(expr, Some(a)), add_pattern(expr, Some(b))])
+            Attn::Or([add_pattern(expr, Some(a))?, add_pattern(expr, Some(b))?])
         }
     };
-    expr.add(node)
+    Some(expr.add(node))
 }
 
 /// The e-node of an elementwise unary op.
@@ -120,14 +125,16 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
     let node = match &node.op {
         Op::Input { name, .. } => Attn::Input(leaf(expr, Atom::Name(Symbol::from(name.as_str())))),
         Op::Const(v) => Attn::Const(leaf(expr, Atom::num(*v))),
-        Op::DimValue(d) => Attn::DimValue(dim_leaf(expr, d)),
+        Op::DimValue(d) => Attn::DimValue(dim_leaf(expr, d)?),
         Op::Fill { value } => {
             let mut ids = vec![leaf(expr, Atom::num(*value))];
-            ids.extend(shape.iter().map(|d| dim_leaf(expr, d)));
+            for d in shape {
+                ids.push(dim_leaf(expr, d)?);
+            }
             Attn::Fill(ids.into_boxed_slice())
         }
         Op::RelPos => match shape.as_slice() {
-            [m, n] => Attn::RelPos([dim_leaf(expr, m), dim_leaf(expr, n)]),
+            [m, n] => Attn::RelPos([dim_leaf(expr, m)?, dim_leaf(expr, n)?]),
             _ => return None,
         },
         Op::Unary(u) => unary_node(*u, one(0)?),
@@ -140,12 +147,22 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
                 ReduceOp::Sum => Attn::Sum(pair),
                 ReduceOp::Max => Attn::Max(pair),
                 ReduceOp::Mean => Attn::Mean(pair),
+                ReduceOp::LogSumExp => Attn::LogSumExp(pair),
             }
         }
         Op::Softmax { axis } => Attn::Softmax([one(0)?, leaf(expr, Atom::num(*axis as f64))]),
+        Op::SoftmaxSink => Attn::SoftmaxSink([one(0)?, one(1)?]),
+        Op::Pool { op, size } => {
+            let pair = [one(0)?, dim_leaf(expr, size)?];
+            match op {
+                PoolOp::Mean => Attn::MeanPool(pair),
+                PoolOp::Max => Attn::MaxPool(pair),
+            }
+        }
+        Op::Cumsum { axis } => Attn::Cumsum([one(0)?, leaf(expr, Atom::num(*axis as f64))]),
         Op::Mask { pattern, fill } => {
             let x = one(0)?;
-            let p = add_pattern(expr, Some(pattern));
+            let p = add_pattern(expr, Some(pattern))?;
             Attn::Mask([x, p, leaf(expr, Atom::num(*fill))])
         }
         Op::Cast { to } => {
@@ -156,8 +173,8 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
             [rows, cols] => Attn::Random([
                 leaf(expr, Atom::Name(Symbol::from(kind.name()))),
                 leaf(expr, Atom::num(*seed as f64)),
-                dim_leaf(expr, rows),
-                dim_leaf(expr, cols),
+                dim_leaf(expr, rows)?,
+                dim_leaf(expr, cols)?,
             ]),
             _ => return None,
         },
@@ -198,7 +215,7 @@ fn add_attention(
     args: &[Id],
 ) -> Option<Id> {
     let (q, k, v) = (*args.first()?, *args.get(1)?, *args.get(2)?);
-    let pattern = add_pattern(expr, a.mask.as_ref());
+    let pattern = add_pattern(expr, a.mask.as_ref())?;
     let scale = match &a.score {
         ScoreExpr::Scores => Some(ScoreExpr::Const(1.0)),
         ScoreExpr::Binary(BinaryOp::Mul, x, c) if **x == ScoreExpr::Scores && is_scalar(c) => {
@@ -257,10 +274,10 @@ fn add_score(
         ScoreExpr::Scores => return s,
         ScoreExpr::Bias(i) => return biases.get(*i).copied(),
         ScoreExpr::Const(c) => Attn::Const(leaf(expr, Atom::num(*c))),
-        ScoreExpr::Dim(d) => Attn::DimValue(dim_leaf(expr, d)),
+        ScoreExpr::Dim(d) => Attn::DimValue(dim_leaf(expr, d)?),
         ScoreExpr::RelPos => {
             let (m, n) = relpos.clone()?;
-            Attn::RelPos([dim_leaf(expr, &m), dim_leaf(expr, &n)])
+            Attn::RelPos([dim_leaf(expr, &m)?, dim_leaf(expr, &n)?])
         }
         ScoreExpr::Unary(u, x) => {
             let x = add_score(expr, x, s, biases, relpos)?;
@@ -275,9 +292,22 @@ fn add_score(
     Some(expr.add(node))
 }
 
-/// Converts a pattern subtree of `expr` back to a [`MaskPattern`]; `None` for `all`.
-pub(crate) fn pattern_of(expr: &RecExpr<Attn>, id: Id) -> Result<Option<MaskPattern>, OptError> {
-    let num = |i: Id| expr[i].atom().and_then(|a| a.as_index());
+/// A size atom as a dimension: a name is a symbol, a number a size.
+fn atom_dim(atom: Option<Atom>) -> Option<Dim> {
+    let atom = atom?;
+    match (atom.as_name(), atom.as_index()) {
+        (Some(name), _) => Some(Dim::Sym(name.to_string())),
+        (None, Some(v)) => Some(Dim::Const(v)),
+        _ => None,
+    }
+}
+
+/// Converts a pattern subtree of `expr` back to a [`SymbolicPattern`]; `None` for `all`.
+pub(crate) fn pattern_of(
+    expr: &RecExpr<Attn>,
+    id: Id,
+) -> Result<Option<SymbolicPattern>, OptError> {
+    let num = |i: Id| atom_dim(expr[i].atom());
     let sub = |i: Id| pattern_of(expr, i).ok().flatten();
     pattern_node(&expr[id], num, sub)
         .ok_or_else(|| OptError::Extracted(format!("not a mask pattern: {}", expr[id])))
@@ -285,9 +315,9 @@ pub(crate) fn pattern_of(expr: &RecExpr<Attn>, id: Id) -> Result<Option<MaskPatt
 
 /// The mask pattern an e-class of `egraph` describes (its first pattern node, recursively);
 /// `Some(None)` for `all`, `None` when the class is not a pattern.
-pub fn pattern_from_class(egraph: &AttnGraph, id: Id) -> Option<Option<MaskPattern>> {
+pub fn pattern_from_class(egraph: &AttnGraph, id: Id) -> Option<Option<SymbolicPattern>> {
     let node = egraph[id].nodes.iter().find(|n| n.is_pattern())?;
-    let num = |i: Id| egraph[i].data.atom.and_then(|a| a.as_index());
+    let num = |i: Id| atom_dim(egraph[i].data.atom);
     let sub = |i: Id| pattern_from_class(egraph, i).flatten();
     pattern_node(node, num, sub)
 }
@@ -297,9 +327,9 @@ pub fn pattern_from_class(egraph: &AttnGraph, id: Id) -> Option<Option<MaskPatte
 /// malformed operand). `Some(None)` for `all`; `None` when `node` is not a well-formed pattern.
 fn pattern_node(
     node: &Attn,
-    num: impl Fn(Id) -> Option<u64>,
-    sub: impl Fn(Id) -> Option<MaskPattern>,
-) -> Option<Option<MaskPattern>> {
+    num: impl Fn(Id) -> Option<Dim>,
+    sub: impl Fn(Id) -> Option<SymbolicPattern>,
+) -> Option<Option<SymbolicPattern>> {
     let pair = |a: Id, b: Id| Some((Box::new(sub(a)?), Box::new(sub(b)?)));
     Some(Some(match *node {
         Attn::All => return Some(None),

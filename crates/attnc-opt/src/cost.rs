@@ -183,6 +183,10 @@ impl<'a> CycleCost<'a> {
         let Some(Some(pattern)) = convert::pattern_from_class(self.egraph, id) else {
             return 1.0;
         };
+        // Sizes from dimension symbols at the bound values (an unbound one prices as dense).
+        let Ok(pattern) = pattern.resolve(&self.egraph.analysis.bindings) else {
+            return 1.0;
+        };
         let key = (pattern, m, n, block);
         if let Some(&f) = self.fractions.borrow().get(&key) {
             return f;
@@ -247,10 +251,12 @@ impl<'a> CycleCost<'a> {
                 let inner = shape(*a).last().copied().unwrap_or(0) as f64;
                 (2.0 * out_elems * inner, streamed)
             }
-            Attn::Softmax(_) => (SOFTMAX_FLOPS * out_elems, 2.0 * streamed),
+            Attn::Softmax(_) | Attn::SoftmaxSink(_) => (SOFTMAX_FLOPS * out_elems, 2.0 * streamed),
             Attn::Sum([x, _]) | Attn::Max([x, _]) | Attn::Mean([x, _]) => {
                 (elements(&shape(*x)), streamed)
             }
+            // A maximum, then an exponential and a sum per element.
+            Attn::LogSumExp([x, _]) => (SOFTMAX_FLOPS * elements(&shape(*x)), 2.0 * streamed),
             Attn::Attention([q, k, v, _, p])
             | Attn::AttentionScored([q, k, v, _, p])
             | Attn::AttentionInt8([q, k, v, _, p])

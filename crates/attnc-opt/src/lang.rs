@@ -131,6 +131,15 @@ define_language! {
         "max" = Max([Id; 2]),
         "mean" = Mean([Id; 2]),
         "softmax" = Softmax([Id; 2]),
+        // log(sum(exp(x), axis)), stable, keeping the axis (x, axis)
+        "logsumexp" = LogSumExp([Id; 2]),
+        // softmax over the last axis with one extra logit s in the denominator (x, s)
+        "softmax-sink" = SoftmaxSink([Id; 2]),
+        // blocks of b consecutive rows pooled by mean / maximum (x, b: a size atom)
+        "mean-pool" = MeanPool([Id; 2]),
+        "max-pool" = MaxPool([Id; 2]),
+        // inclusive running sum along an axis (x, axis)
+        "cumsum" = Cumsum([Id; 2]),
         "mask" = Mask([Id; 3]),
         "cast" = Cast([Id; 2]),
         // a seeded random matrix: kind name, seed, rows, cols (approximations only)

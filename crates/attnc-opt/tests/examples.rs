@@ -14,7 +14,15 @@ use std::time::Instant;
 
 /// Small odd bindings for every symbol the examples use (m ≤ n for chunked prefill).
 fn small() -> Bindings {
-    common::bindings(&[("h", 2), ("n", 13), ("m", 5), ("d", 3), ("e", 7), ("r", 4)])
+    common::bindings(&[
+        ("h", 2),
+        ("n", 13),
+        ("m", 5),
+        ("d", 3),
+        ("e", 7),
+        ("r", 4),
+        ("w", 2),
+    ])
 }
 
 #[test]
@@ -57,6 +65,7 @@ fn saturation_time_at_realistic_shapes_is_printed() {
         ("d", 64),
         ("e", 512),
         ("r", 256),
+        ("w", 256),
     ]);
     println!("h=8, n=4096, d=64, m=512, r=256, e=512; median of {TIMING_RUNS} runs\n");
     println!("| example | saturation (ms) | extraction (ms) | explanation (ms) | e-nodes | iterations | stop | rules on the derivation |");

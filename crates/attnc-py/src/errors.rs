@@ -173,9 +173,10 @@ pub fn bind_error(py: Python<'_>, error: &BindError) -> PyErr {
             Some(symbol.clone()),
             None,
         ),
-        BindError::ZeroDimAsNumber { symbol } => {
+        BindError::ZeroDimAsNumber { symbol } | BindError::ZeroPool { symbol, .. } => {
             (error.to_string(), None, Some(symbol.clone()), None)
         }
+        BindError::Pattern(_) => (error.to_string(), None, None, None),
     };
     raise(
         py,

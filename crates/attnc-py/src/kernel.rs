@@ -755,6 +755,8 @@ fn dim_object<'py>(py: Python<'py>, dim: &Dim) -> PyResult<Bound<'py, PyAny>> {
     Ok(match dim {
         Dim::Sym(s) => s.as_str().into_pyobject(py)?.into_any(),
         Dim::Const(c) => c.into_pyobject(py)?.into_any(),
+        // A pooled axis, `ceil(n/b)`, is shown as written.
+        Dim::CeilDiv(..) => dim.to_string().into_pyobject(py)?.into_any(),
     })
 }
 

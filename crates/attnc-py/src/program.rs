@@ -297,6 +297,9 @@ impl Program {
                         .or_else(|| self.given.get(symbol).map(|v| OutputDim::Given(*v)))
                         .unwrap_or_else(|| OutputDim::Unbound(symbol.clone()))
                 }
+                // A pooled axis (`ceil(n/b)`) is no one input's axis: it is known only once
+                // the kernel is bound, so it is reported as unbound, spelled as written.
+                Dim::CeilDiv(..) => OutputDim::Unbound(dim.to_string()),
             })
             .collect()
     }

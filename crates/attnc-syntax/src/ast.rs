@@ -203,7 +203,7 @@ impl BinOp {
 /// The forms an expression takes.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum ExprKind {
-    /// A numeric literal (always finite and non-negative as written).
+    /// A numeric literal (non-negative as written; `inf` is the only non-finite one).
     Number(f64),
     /// A variable, parameter or dimension symbol.
     Name(String),
@@ -257,19 +257,20 @@ pub struct Pattern {
     pub span: Span,
 }
 
-/// The mask patterns of LANGUAGE.md §3.
+/// The mask patterns of LANGUAGE.md §3. Sizes are literals or dimension symbols
+/// (`window(w)` with `w` bound when the kernel runs).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum PatternKind {
     /// `causal`
     Causal,
     /// `window(w)`
-    Window(u64),
+    Window(DimExpr),
     /// `dilated(w, r)`
-    Dilated(u64, u64),
+    Dilated(DimExpr, DimExpr),
     /// `global(g)`
-    Global(u64),
+    Global(DimExpr),
     /// `block(b)`
-    Block(u64),
+    Block(DimExpr),
     /// `p & q & …`: two or more operands, in order. A chain of `&` is one node, so its
     /// length is not nesting; an operand that is itself an `And` was written in parentheses.
     And(Vec<Pattern>),

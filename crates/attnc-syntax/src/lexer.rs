@@ -162,6 +162,11 @@ impl Lexer<'_> {
             '.' => TokenKind::Dot,
             '&' => TokenKind::Amp,
             '|' => TokenKind::Pipe,
+            '<' | '>' | '=' | '!' if self.peek_byte_at(1) == Some(b'=') => {
+                self.pos += 2;
+                return Some(TokenKind::Compare);
+            }
+            '<' | '>' => TokenKind::Compare,
             '=' => TokenKind::Eq,
             _ => return None,
         };
@@ -281,7 +286,7 @@ fn is_known(c: char) -> bool {
         || c == '_'
         || c == '#'
         || (c.is_ascii() && c.is_whitespace())
-        || "()[]{},;:+-*/@.&|=".contains(c)
+        || "()[]{},;:+-*/@.&|=<>".contains(c)
 }
 
 /// Characters that render as nothing (zero-width spaces and joiners, BOM, bidi controls).
@@ -333,6 +338,25 @@ mod tests {
             kinds("-> -"),
             vec![TokenKind::Arrow, TokenKind::Minus, TokenKind::Eof]
         );
+    }
+
+    #[test]
+    fn comparisons_are_tokens_so_the_parser_can_name_them() {
+        assert_eq!(
+            kinds("< <= > >= == != ="),
+            vec![
+                TokenKind::Compare,
+                TokenKind::Compare,
+                TokenKind::Compare,
+                TokenKind::Compare,
+                TokenKind::Compare,
+                TokenKind::Compare,
+                TokenKind::Eq,
+                TokenKind::Eof
+            ]
+        );
+        // A lone `!` is outside the language.
+        assert_eq!(lex("!").1.len(), 1);
     }
 
     #[test]

@@ -76,21 +76,22 @@ pub fn print_approx_kind(kind: &ApproxKind) -> String {
 
 /// Prints a type: `f32[h, n, d]`.
 pub fn print_type(ty: &TypeExpr) -> String {
-    let dims: Vec<String> = ty
-        .dims
-        .iter()
-        .map(|d| match d {
-            DimExpr::Sym(id) => id.name.clone(),
-            DimExpr::Lit { value, .. } => value.to_string(),
-        })
-        .collect();
+    let dims: Vec<String> = ty.dims.iter().map(print_dim).collect();
     format!("{}[{}]", ty.elem.keyword(), dims.join(", "))
+}
+
+/// Prints a dimension: its symbol or its size.
+pub fn print_dim(d: &DimExpr) -> String {
+    match d {
+        DimExpr::Sym(id) => id.name.clone(),
+        DimExpr::Lit { value, .. } => value.to_string(),
+    }
 }
 
 /// Prints a number so that it lexes back to the same `f64`.
 ///
-/// Non-finite or negative values cannot be written as literals; they are printed as `{:?}`
-/// anyway (the parser never produces them).
+/// Infinity prints as `inf`, which parses back. NaN and negative values cannot be written as
+/// literals; they are printed as `{:?}` anyway (the parser never produces them).
 pub fn print_number(x: f64) -> String {
     format!("{x:?}")
 }
@@ -164,16 +165,16 @@ fn write_pattern(out: &mut String, pattern: &Pattern) {
     match &pattern.kind {
         PatternKind::Causal => out.push_str("causal"),
         PatternKind::Window(w) => {
-            let _ = write!(out, "window({w})");
+            let _ = write!(out, "window({})", print_dim(w));
         }
         PatternKind::Dilated(w, r) => {
-            let _ = write!(out, "dilated({w}, {r})");
+            let _ = write!(out, "dilated({}, {})", print_dim(w), print_dim(r));
         }
         PatternKind::Global(g) => {
-            let _ = write!(out, "global({g})");
+            let _ = write!(out, "global({})", print_dim(g));
         }
         PatternKind::Block(b) => {
-            let _ = write!(out, "block({b})");
+            let _ = write!(out, "block({})", print_dim(b));
         }
         PatternKind::Or(operands) => {
             for (i, operand) in operands.iter().enumerate() {

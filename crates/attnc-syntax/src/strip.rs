@@ -57,17 +57,7 @@ impl TypeExpr {
     pub fn without_spans(&self) -> TypeExpr {
         TypeExpr {
             elem: self.elem,
-            dims: self
-                .dims
-                .iter()
-                .map(|d| match d {
-                    DimExpr::Sym(id) => DimExpr::Sym(ident(id)),
-                    DimExpr::Lit { value, .. } => DimExpr::Lit {
-                        value: *value,
-                        span: Span::default(),
-                    },
-                })
-                .collect(),
+            dims: self.dims.iter().map(dim).collect(),
             span: Span::default(),
         }
     }
@@ -114,12 +104,26 @@ impl Pattern {
             PatternKind::Or(operands) => {
                 PatternKind::Or(operands.iter().map(Pattern::without_spans).collect())
             }
-            other => other.clone(),
+            PatternKind::Causal => PatternKind::Causal,
+            PatternKind::Window(w) => PatternKind::Window(dim(w)),
+            PatternKind::Dilated(w, r) => PatternKind::Dilated(dim(w), dim(r)),
+            PatternKind::Global(g) => PatternKind::Global(dim(g)),
+            PatternKind::Block(b) => PatternKind::Block(dim(b)),
         };
         Pattern {
             kind,
             span: Span::default(),
         }
+    }
+}
+
+fn dim(d: &DimExpr) -> DimExpr {
+    match d {
+        DimExpr::Sym(id) => DimExpr::Sym(ident(id)),
+        DimExpr::Lit { value, .. } => DimExpr::Lit {
+            value: *value,
+            span: Span::default(),
+        },
     }
 }
 

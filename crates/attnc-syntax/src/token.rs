@@ -52,6 +52,9 @@ pub enum TokenKind {
     Eq,
     /// `->`
     Arrow,
+    /// `<`, `<=`, `>`, `>=`, `==` or `!=`: not part of the language, lexed so that the parser
+    /// can say so.
+    Compare,
     /// The end of the input (its span is empty and sits just after the last token).
     Eof,
 }
@@ -82,6 +85,7 @@ impl TokenKind {
             TokenKind::Pipe => "`|`",
             TokenKind::Eq => "`=`",
             TokenKind::Arrow => "`->`",
+            TokenKind::Compare => "comparison",
             TokenKind::Eof => "end of file",
         }
     }
@@ -98,16 +102,15 @@ pub struct Token {
 
 /// Reserved words: they can never name a kernel, parameter, `let` binding, call or variable.
 ///
-/// `kernel`, `let`, `return` structure a file; the pattern words start a mask pattern in call
-/// arguments (`mask(s, causal)`), so a variable with one of those names would be ambiguous.
-/// Other words with a meaning (`f32`, `f16`, `bf16`, `approx`, `T`, `int8`, `lowrank`,
-/// `random_features`, `tol`, `r`, `m`, `seed`) are contextual: they are ordinary names outside
-/// the one place where they have their meaning.
-pub const KEYWORDS: &[&str] = &[
-    "kernel", "let", "return", "causal", "window", "dilated", "global", "block",
-];
+/// `kernel`, `let`, `return` structure a file; `inf` is the literal infinity (`-inf` is its
+/// negation). Every other word with a meaning is contextual: the pattern words
+/// ([`PATTERN_KEYWORDS`]) start a mask pattern only where a pattern is expected (the second
+/// argument of `mask`), so `kernel window(...)` and a parameter named `causal` are fine; `f32`,
+/// `i32`, `approx`, `T`, `int8`, `lowrank`, `random_features`, `tol`, `r`, `m`, `seed` are
+/// ordinary names outside the one place where they have their meaning.
+pub const KEYWORDS: &[&str] = &["kernel", "let", "return", "inf"];
 
-/// Words that start a mask pattern.
+/// Words that start a mask pattern where one is expected.
 pub const PATTERN_KEYWORDS: &[&str] = &["causal", "window", "dilated", "global", "block"];
 
 /// Whether `name` is reserved (see [`KEYWORDS`]).

@@ -151,8 +151,102 @@ fn keywords_are_not_names() {
         error.message,
         "expected a parameter name, found keyword `let`"
     );
-    let error = one_error("kernel f(q: f32[n]) { return causal; }");
-    assert_eq!(error.message, "mask pattern `causal` used as an expression");
+    let error = one_error("kernel f(inf: f32[n]) { return q; }");
+    assert_eq!(
+        error.message,
+        "expected a parameter name, found keyword `inf`"
+    );
+}
+
+#[test]
+fn pattern_words_are_names_outside_patterns() {
+    let src = "kernel window(causal: f32[n, n], block: f32[n, n]) -> f32[n, n] {\n\
+               let global = causal + block;\n\
+               return mask(global, causal & window(3));\n}";
+    let (file, diagnostics) = parse(src);
+    assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+    assert_eq!(file.kernels[0].name.name, "window");
+    let printed = attnc_syntax::print_file(&file);
+    assert_eq!(parse(&printed).0.without_spans(), file.without_spans());
+    // Outside `mask`, `window(3)` is a call (which the checker rejects), not a pattern.
+    let (file, diagnostics) = parse("kernel f(q: f32[n]) { return relu(window(3)); }");
+    assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+    assert_eq!(file.kernels.len(), 1);
+}
+
+#[test]
+fn infinity_and_scalar_types() {
+    let src =
+        "kernel f(x: f32[n, n], s: f32[]) -> f32[n, n] { return mask(x, causal, -inf) * s + inf; }";
+    let (file, diagnostics) = parse(src);
+    assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+    assert!(file.kernels[0].params[1].ty.dims.is_empty());
+    let printed = attnc_syntax::print_file(&file);
+    assert!(
+        printed.contains("-inf") && printed.contains("f32[]"),
+        "{printed}"
+    );
+    assert_eq!(parse(&printed).0.without_spans(), file.without_spans());
+}
+
+#[test]
+fn comparisons_and_keyword_arguments_are_named_as_such() {
+    for (src, needle) in [
+        ("kernel f(a: f32[n], b: f32[n]) { return a < b; }", "<"),
+        (
+            "kernel f(a: f32[n], b: f32[n]) { let m = a * 2 >= b; return m; }",
+            ">=",
+        ),
+        (
+            "kernel f(a: f32[n], b: f32[n]) { return mask(a, a == b); }",
+            "==",
+        ),
+        (
+            "kernel f(a: f32[n], b: f32[n]) { return relu(a != b); }",
+            "!=",
+        ),
+    ] {
+        let error = one_error(src);
+        assert_eq!(
+            error.message,
+            format!("comparisons (`{needle}`) are not part of the language"),
+            "{src}"
+        );
+        assert_eq!(error.primary_span().map(|s| s.start), Some(at(src, needle)));
+    }
+    for (src, callee) in [
+        (
+            "kernel f(s: f32[n, n]) { return mask(s, window(w = 3)); }",
+            "window",
+        ),
+        (
+            "kernel f(s: f32[n, n]) { return softmax(s, axis = -1); }",
+            "softmax",
+        ),
+        (
+            "kernel f(s: f32[n, n]) { return mask(s, causal, fill = 0); }",
+            "mask",
+        ),
+    ] {
+        let error = one_error(src);
+        assert_eq!(
+            error.message,
+            format!("keyword arguments are not part of the language (in `{callee}`)"),
+            "{src}"
+        );
+    }
+}
+
+#[test]
+fn pattern_sizes_may_be_dimension_symbols() {
+    let src = "kernel f(s: f32[n, n]) -> f32[n, n] { return mask(s, window(w) | dilated(w, r) & block(64)); }";
+    let (file, diagnostics) = parse(src);
+    assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+    let printed = attnc_syntax::print_file(&file);
+    assert!(
+        printed.contains("window(w) | dilated(w, r) & block(64)"),
+        "{printed}"
+    );
 }
 
 #[test]

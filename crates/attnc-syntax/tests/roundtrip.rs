@@ -36,13 +36,23 @@ fn size() -> impl Strategy<Value = u64> {
     prop_oneof![0u64..300, any::<u64>()]
 }
 
+fn pattern_size() -> impl Strategy<Value = DimExpr> {
+    prop_oneof![
+        size().prop_map(|value| DimExpr::Lit {
+            value,
+            span: Span::default()
+        }),
+        ident().prop_map(DimExpr::Sym),
+    ]
+}
+
 fn pattern() -> impl Strategy<Value = Pattern> {
     let leaf = prop_oneof![
         Just(PatternKind::Causal),
-        size().prop_map(PatternKind::Window),
-        (size(), size()).prop_map(|(w, r)| PatternKind::Dilated(w, r)),
-        size().prop_map(PatternKind::Global),
-        size().prop_map(PatternKind::Block),
+        pattern_size().prop_map(PatternKind::Window),
+        (pattern_size(), pattern_size()).prop_map(|(w, r)| PatternKind::Dilated(w, r)),
+        pattern_size().prop_map(PatternKind::Global),
+        pattern_size().prop_map(PatternKind::Block),
     ]
     .prop_map(pat);
     // Chains of two to four operands, any of which may be a chain of the same operator
@@ -65,6 +75,7 @@ fn pat(kind: PatternKind) -> Pattern {
 fn expr() -> impl Strategy<Value = Expr> {
     let leaf = prop_oneof![
         number().prop_map(ExprKind::Number),
+        Just(ExprKind::Number(f64::INFINITY)),
         name().prop_map(ExprKind::Name)
     ]
     .prop_map(ex);
@@ -76,7 +87,19 @@ fn expr() -> impl Strategy<Value = Expr> {
             Just(BinOp::Div),
             Just(BinOp::MatMul)
         ];
-        let arg = prop_oneof![3 => inner.clone().prop_map(Arg::Expr), 1 => pattern().prop_map(Arg::Pattern)];
+        // Patterns are read only as the second argument of `mask`; other calls take
+        // expressions (whose names may be pattern words).
+        let callee = ident().prop_filter("not mask", |c| c.name != "mask");
+        let mask =
+            (inner.clone(), pattern(), prop::option::of(inner.clone())).prop_map(|(x, p, fill)| {
+                let mut args = vec![Arg::Expr(x), Arg::Pattern(p)];
+                args.extend(fill.map(Arg::Expr));
+                let callee = Ident {
+                    name: "mask".to_string(),
+                    span: Span::default(),
+                };
+                ex(ExprKind::Call { callee, args })
+            });
         prop_oneof![
             (op, inner.clone(), inner.clone()).prop_map(|(op, lhs, rhs)| ex(ExprKind::Binary {
                 op,
@@ -84,9 +107,15 @@ fn expr() -> impl Strategy<Value = Expr> {
                 rhs: Box::new(rhs)
             })),
             inner.clone().prop_map(|e| ex(ExprKind::Neg(Box::new(e)))),
-            inner.prop_map(|e| ex(ExprKind::Transpose(Box::new(e)))),
-            (ident(), prop::collection::vec(arg, 1..4))
+            inner
+                .clone()
+                .prop_map(|e| ex(ExprKind::Transpose(Box::new(e)))),
+            (
+                callee,
+                prop::collection::vec(inner.prop_map(Arg::Expr), 1..4)
+            )
                 .prop_map(|(callee, args)| ex(ExprKind::Call { callee, args })),
+            mask,
         ]
     })
 }
@@ -111,7 +140,7 @@ fn type_expr() -> impl Strategy<Value = TypeExpr> {
             span: Span::default()
         }),
     ];
-    (elem, prop::collection::vec(dim, 1..4)).prop_map(|(elem, dims)| TypeExpr {
+    (elem, prop::collection::vec(dim, 0..4)).prop_map(|(elem, dims)| TypeExpr {
         elem,
         dims,
         span: Span::default(),

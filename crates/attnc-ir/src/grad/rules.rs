@@ -87,7 +87,44 @@ pub(super) fn apply(
                 ReduceOp::Sum => "vjp-sum",
                 ReduceOp::Mean => "vjp-mean",
                 ReduceOp::Max => "vjp-max",
+                ReduceOp::LogSumExp => "vjp-logsumexp",
             }
+        }
+        // dx = y ∘ (g − sum(g ∘ y)); ds = sum-to(−sum(g ∘ y) ∘ (1 − sum(y))): the sink's own
+        // probability is what the row leaves over, so no exponential is recomputed
+        Op::SoftmaxSink => {
+            let (x, s) = (args[0], args[1]);
+            let last = e.shape(x).len().saturating_sub(1);
+            let gy = e.mul(g, id)?;
+            let total = e.sum(gy, last)?;
+            if want(0) {
+                let centered = e.sub(g, total)?;
+                out.push((x, e.mul(id, centered)?));
+            }
+            if want(1) {
+                let kept = e.sum(id, last)?;
+                let sink = e.one_minus(kept)?;
+                let weighted = e.mul(total, sink)?;
+                let full = e.scale(weighted, -1.0)?;
+                let shape = e.shape(s);
+                out.push((s, e.sum_to(full, &shape)?));
+            }
+            "vjp-softmax-sink"
+        }
+        // dx_i = Σ_{k ≥ i} g_k = sum(g) − cumsum(g)_i + g_i
+        Op::Cumsum { axis } => {
+            let total = e.sum(g, *axis)?;
+            let running = e.op(Op::Cumsum { axis: *axis }, &[g], None)?;
+            let after = e.sub(total, running)?;
+            out.push((args[0], e.add(after, g)?));
+            "vjp-cumsum"
+        }
+        // Spreading a block's gradient back over its rows needs an op the IR does not have.
+        Op::Pool { .. } => {
+            return Err(GradError::Unsupported {
+                op: op.to_string(),
+                why: "pooling is not differentiable yet".to_string(),
+            })
         }
         // dx = y ∘ (g − sum(g ∘ y, axis)): zero for a row of zeros (fully masked)
         Op::Softmax { axis } => {
@@ -343,6 +380,11 @@ fn reduce(
             let ties = e.sum(tie, axis)?;
             let each = e.div(g, ties)?;
             e.mul(each, tie)
+        }
+        // dx = g ∘ softmax(x, axis): zero for an all −inf lane, where exp(x − y) would be NaN
+        ReduceOp::LogSumExp => {
+            let p = e.op(Op::Softmax { axis }, &[x], None)?;
+            e.mul(g, p)
         }
     }
 }

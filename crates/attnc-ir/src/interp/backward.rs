@@ -278,7 +278,11 @@ fn attention_grad(
     };
     let tree = eval_tree(&a.attention.score, &leaves, bindings, 0)?;
     let x = &tree.value;
-    let masked = |x: &ArrayD<f64>, fill: f64| match &a.attention.mask {
+    let pattern = match &a.attention.mask {
+        Some(p) => Some(p.resolve(bindings).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let masked = |x: &ArrayD<f64>, fill: f64| match &pattern {
         Some(pattern) => mask(pattern, fill, x),
         None => Ok(x.clone()),
     };

@@ -30,7 +30,8 @@ pub(super) fn attention(
     let (m, n) = (s.shape()[s.ndim() - 2], s.shape()[s.ndim() - 1]);
     let mut x = score(&a.score, &s, &args[3..], (m, n), bindings, 0)?;
     if let Some(pattern) = &a.mask {
-        x = mask(pattern, f64::NEG_INFINITY, &x)?;
+        let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
+        x = mask(&pattern, f64::NEG_INFINITY, &x)?;
     }
     let p = round_range(softmax(x.ndim() - 1, &x)?);
     matmul(&p, v)

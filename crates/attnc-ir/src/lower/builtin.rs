@@ -1,6 +1,6 @@
 //! The table of builtin functions: names, arities and which arguments are array values.
 
-use crate::op::{BinaryOp, ReduceOp, UnaryOp};
+use crate::op::{BinaryOp, PoolOp, ReduceOp, UnaryOp};
 
 /// A builtin function of the language (LANGUAGE.md §3).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -13,6 +13,12 @@ pub(crate) enum Builtin {
     Reduce(ReduceOp),
     /// `softmax(x)` / `softmax(x, axis)`.
     Softmax,
+    /// `softmax_sink(x, s)`.
+    SoftmaxSink,
+    /// `mean_pool(x, b)`, `max_pool(x, b)`.
+    Pool(PoolOp),
+    /// `cumsum(x, axis)`.
+    Cumsum,
     /// `mask(x, pattern)` / `mask(x, pattern, fill)`.
     Mask,
     /// `ones(dims..)` (1.0) and `zeros(dims..)` (0.0).
@@ -37,7 +43,12 @@ const TABLE: &[(&str, Builtin)] = &[
     ("sum", Builtin::Reduce(ReduceOp::Sum)),
     ("max", Builtin::Reduce(ReduceOp::Max)),
     ("mean", Builtin::Reduce(ReduceOp::Mean)),
+    ("logsumexp", Builtin::Reduce(ReduceOp::LogSumExp)),
     ("softmax", Builtin::Softmax),
+    ("softmax_sink", Builtin::SoftmaxSink),
+    ("mean_pool", Builtin::Pool(PoolOp::Mean)),
+    ("max_pool", Builtin::Pool(PoolOp::Max)),
+    ("cumsum", Builtin::Cumsum),
     ("mask", Builtin::Mask),
     ("ones", Builtin::Fill(1.0)),
     ("zeros", Builtin::Fill(0.0)),
@@ -88,7 +99,12 @@ impl Builtin {
     pub fn arity(self) -> Arity {
         let (min, max) = match self {
             Builtin::Unary(_) => (1, Some(1)),
-            Builtin::Binary(_) | Builtin::Reduce(_) | Builtin::RelPos => (2, Some(2)),
+            Builtin::Binary(_)
+            | Builtin::Reduce(_)
+            | Builtin::RelPos
+            | Builtin::SoftmaxSink
+            | Builtin::Pool(_)
+            | Builtin::Cumsum => (2, Some(2)),
             Builtin::Softmax => (1, Some(2)),
             Builtin::Mask => (2, Some(3)),
             Builtin::Fill(_) => (1, None),
@@ -100,8 +116,13 @@ impl Builtin {
     /// compile-time arguments (axes, patterns, fill values, dimensions).
     pub fn value_args(self) -> usize {
         match self {
-            Builtin::Unary(_) | Builtin::Reduce(_) | Builtin::Softmax | Builtin::Mask => 1,
-            Builtin::Binary(_) => 2,
+            Builtin::Unary(_)
+            | Builtin::Reduce(_)
+            | Builtin::Softmax
+            | Builtin::Mask
+            | Builtin::Pool(_)
+            | Builtin::Cumsum => 1,
+            Builtin::Binary(_) | Builtin::SoftmaxSink => 2,
             Builtin::Fill(_) | Builtin::RelPos => 0,
         }
     }

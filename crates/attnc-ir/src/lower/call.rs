@@ -68,6 +68,63 @@ pub(crate) fn finish_call(
             let shape = scope.shape(x).clone();
             Ok(scope.add(Op::Softmax { axis }, shape, e.span, &[x]))
         }
+        Builtin::Cumsum => {
+            let x = first()?;
+            let axis = axis_arg(scope, name, args, x, None)?;
+            let shape = scope.shape(x).clone();
+            Ok(scope.add(Op::Cumsum { axis }, shape, e.span, &[x]))
+        }
+        Builtin::SoftmaxSink => {
+            let (&[x, s], [Arg::Expr(ex), Arg::Expr(es)]) = (operands, args) else {
+                return Err(Diagnostic::error(
+                    "internal error: softmax_sink call out of step",
+                    e.span,
+                ));
+            };
+            let (xs, ss) = (scope.shape(x).clone(), scope.shape(s).clone());
+            if xs.is_empty() {
+                return Err(Diagnostic::error(
+                    "`softmax_sink` needs an array of rank at least 1, but it has rank 0",
+                    ex.span,
+                )
+                .with_primary_message(has_shape(&xs)));
+            }
+            let Some(shape) = crate::build::sink_shape(&xs, &ss) else {
+                let mut rows = xs.clone();
+                if let Some(last) = rows.last_mut() {
+                    *last = Dim::Const(1);
+                }
+                return Err(Diagnostic::error(
+                    format!(
+                        "the sink of `softmax_sink` must broadcast to the rows {} of its first argument",
+                        crate::dim::format_shape(&rows)
+                    ),
+                    es.span,
+                )
+                .with_primary_message(has_shape(&ss))
+                .with_label(ex.span, has_shape(&xs))
+                .with_note("one sink logit per row: a scalar, or a shape like [h, 1, 1] or [h, n, 1]"));
+            };
+            Ok(scope.add(Op::SoftmaxSink, shape, e.span, &[x, s]))
+        }
+        Builtin::Pool(op) => {
+            let x = first()?;
+            let xs = scope.shape(x).clone();
+            if xs.len() < 2 {
+                return Err(Diagnostic::error(
+                    format!(
+                        "`{name}` needs an array of rank at least 2 (rows, columns), but it has rank {}",
+                        xs.len()
+                    ),
+                    args[0].span(),
+                )
+                .with_primary_message(has_shape(&xs))
+                .with_note("blocks of consecutive rows (the second-to-last axis) are pooled"));
+            }
+            let size = pool_size(scope, name, &args[1])?;
+            let shape = crate::build::pooled(&xs, &size).unwrap_or(xs);
+            Ok(scope.add(Op::Pool { op, size }, shape, e.span, &[x]))
+        }
         Builtin::Mask => {
             let x = first()?;
             let shape = scope.shape(x).clone();
@@ -83,7 +140,7 @@ pub(crate) fn finish_call(
                 .with_note("the pattern applies to the last two axes (query i, key j)"));
             }
             let pattern = match &args[1] {
-                Arg::Pattern(p) => mask_pattern(p)?,
+                Arg::Pattern(p) => mask_pattern(p, &|name| scope.names.contains_key(name))?,
                 Arg::Expr(x) => {
                     return Err(Diagnostic::error("expected a mask pattern", x.span));
                 }
@@ -151,6 +208,35 @@ fn axis_arg(
         .with_label(operand_span, has_shape(shape))
         .with_note(valid)
     })
+}
+
+/// The block size of `mean_pool` / `max_pool`: a positive integer literal or a dimension
+/// symbol (bound by an input's shape or `--shape`).
+fn pool_size(scope: &Scope, name: &str, arg: &Arg) -> Result<Dim, Diagnostic> {
+    let expr = arg_expr(arg);
+    if let Some(Expr {
+        kind: attnc_syntax::ast::ExprKind::Name(n),
+        ..
+    }) = expr
+    {
+        if !scope.names.contains_key(n) {
+            return Ok(Dim::Sym(n.clone()));
+        }
+    }
+    match expr.map(|x| dim_arg(x, |s| scope.is_dim(s))) {
+        Some(DimArg::Dim(Dim::Const(0))) => Err(Diagnostic::error(
+            format!("the block size of `{name}` is 0"),
+            arg.span(),
+        )
+        .with_primary_message("pool size 0")
+        .with_note("blocks hold at least one row")),
+        Some(DimArg::Dim(d)) => Ok(d),
+        _ => Err(Diagnostic::error(
+            format!("the block size of `{name}` must be a positive integer or a dimension symbol"),
+            arg.span(),
+        )
+        .with_primary_message("not a size")),
+    }
 }
 
 /// The constant fill value of `mask`.

@@ -493,6 +493,9 @@ pub fn keeps(b: &mut FunctionBuilder, pattern: &MaskPattern, ia: Value, j: Value
             let qj = floor_div(b, j, size);
             b.ins().icmp(IntCC::Equal, qi, qj)
         }
+        MaskPattern::Document { .. } => {
+            unreachable!("invariant: the planner runs masks that read segment ids as host steps")
+        }
         MaskPattern::And(p, q) => {
             let x = keeps(b, p, ia, j);
             let y = keeps(b, q, ia, j);

@@ -4,7 +4,10 @@
 //! middle). The work space is (1, outer). Sums run sequentially along the axis, so results
 //! do not depend on threads. `max` propagates NaN (Cranelift `fmax`), as the interpreter does.
 //! Softmax subtracts the row max; a row whose max is `-inf` (every entry `-inf`, or no
-//! entries) gives zeros; NaN propagates.
+//! entries) gives zeros; NaN propagates. A softmax with a sink (`softmax_sink`) reads one sink
+//! logit per lane from its second input and starts the maximum and the sum from it. The
+//! log-sum-exp is `m + log Σ exp(x - m)` for a finite maximum `m`, else `m` itself (`-inf`,
+//! `+inf` or NaN), as the interpreter defines it.
 
 use super::{counted_loop, elem_addr, iconst, mem, KernelArgs};
 use crate::error::Result;
@@ -99,13 +102,18 @@ pub fn emit_reduce(
     let ptr = args.input_ptr(b, 0);
     each_lane(b, args, spec, |b, base, flat| {
         let init = match op {
-            ReduceOp::Max => b.ins().f32const(f32::NEG_INFINITY),
+            ReduceOp::Max | ReduceOp::LogSumExp => b.ins().f32const(f32::NEG_INFINITY),
             ReduceOp::Sum | ReduceOp::Mean => b.ins().f32const(0.0),
         };
         let r = fold(b, ptr, base, spec, init, |b, acc, x| match op {
-            ReduceOp::Max => b.ins().fmax(acc, x),
+            ReduceOp::Max | ReduceOp::LogSumExp => b.ins().fmax(acc, x),
             ReduceOp::Sum | ReduceOp::Mean => b.ins().fadd(acc, x),
         })?;
+        let r = if op == ReduceOp::LogSumExp {
+            logsumexp_from_max(b, ptr, base, spec, r)?
+        } else {
+            r
+        };
         let r = if op == ReduceOp::Mean {
             let n = b.ins().f32const(spec.len as f32);
             b.ins().fdiv(r, n)
@@ -120,21 +128,73 @@ pub fn emit_reduce(
     Ok(())
 }
 
-/// Generates the body of a softmax kernel: output `[outer, len, inner]`.
-pub fn emit_softmax(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) -> Result<()> {
+/// `m + log Σ exp(x - m)` of the lane at `base` with maximum `m`, or `m` when it is not finite.
+fn logsumexp_from_max(
+    b: &mut FunctionBuilder,
+    ptr: Value,
+    base: Value,
+    spec: AxisSpec,
+    m: Value,
+) -> Result<Value> {
+    let inf = b.ins().f32const(f32::INFINITY);
+    let abs = b.ins().fabs(m);
+    let finite = b.ins().fcmp(FloatCC::LessThan, abs, inf);
+    let zero = b.ins().f32const(0.0);
+    let shift = b.ins().select(finite, m, zero);
+    let sum = fold(b, ptr, base, spec, zero, |b, acc, x| {
+        let d = b.ins().fsub(x, shift);
+        let e = scalar_exp(b, d);
+        b.ins().fadd(acc, e)
+    })?;
+    let sv = b.ins().splat(types::F32X4, sum);
+    let lv = simd::emit_log(b, sv);
+    let l = b.ins().extractlane(lv, 0);
+    let r = b.ins().fadd(shift, l);
+    Ok(b.ins().select(finite, r, m))
+}
+
+/// `exp(x)` of one f32 through the vector routine.
+fn scalar_exp(b: &mut FunctionBuilder, x: Value) -> Value {
+    let v = b.ins().splat(types::F32X4, x);
+    let e = simd::emit_exp(b, v);
+    b.ins().extractlane(e, 0)
+}
+
+/// Generates the body of a softmax kernel: output `[outer, len, inner]`. With `sink`, input 1
+/// holds one sink logit per lane (`[outer, inner]`), counted in the maximum and the sum.
+pub fn emit_softmax(
+    b: &mut FunctionBuilder,
+    args: KernelArgs,
+    spec: AxisSpec,
+    sink: bool,
+) -> Result<()> {
     if spec.inner == 1 && spec.len >= 4 {
-        return emit_softmax_rows(b, args, spec);
+        return emit_softmax_rows(b, args, spec, sink);
     }
     let ptr = args.input_ptr(b, 0);
-    each_lane(b, args, spec, |b, base, _| {
+    let sinks = sink.then(|| args.input_ptr(b, 1));
+    each_lane(b, args, spec, |b, base, flat| {
         let ninf = b.ins().f32const(f32::NEG_INFINITY);
-        let m = fold(b, ptr, base, spec, ninf, |b, acc, x| b.ins().fmax(acc, x))?;
+        let s = sinks.map(|p| {
+            let addr = elem_addr(b, p, flat);
+            b.ins().load(types::F32, mem(), addr, 0)
+        });
+        let m = fold(b, ptr, base, spec, s.unwrap_or(ninf), |b, acc, x| {
+            b.ins().fmax(acc, x)
+        })?;
         // A max of -inf means every entry is -inf: shift by 0 so exp gives exact zeros.
         let all_masked = b.ins().fcmp(FloatCC::Equal, m, ninf);
         let zero_f = b.ins().f32const(0.0);
         let shift = b.ins().select(all_masked, zero_f, m);
         let sum = b.declare_var(types::F32);
-        b.def_var(sum, zero_f);
+        let start = match s {
+            Some(s) => {
+                let d = b.ins().fsub(s, shift);
+                scalar_exp(b, d)
+            }
+            None => zero_f,
+        };
+        b.def_var(sum, start);
         let zero = iconst(b, 0);
         let len = iconst(b, spec.len as i64);
         counted_loop(b, zero, len, 1, |b, k| {
@@ -174,9 +234,16 @@ pub fn emit_softmax(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) -
 
 /// Softmax of contiguous rows (`inner == 1`) with f32x4 passes: max (lanes, then pairwise, then
 /// the tail: `fmax` gives the same result in any order), `exp` and sum (four lane sums added
-/// pairwise, then the tail in order), and the division.
-fn emit_softmax_rows(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) -> Result<()> {
+/// pairwise, then the tail in order), and the division. With `sink`, the row's sink logit
+/// joins the maximum and its exponential starts the sum.
+fn emit_softmax_rows(
+    b: &mut FunctionBuilder,
+    args: KernelArgs,
+    spec: AxisSpec,
+    sink: bool,
+) -> Result<()> {
     let ptr = args.input_ptr(b, 0);
+    let sinks = sink.then(|| args.input_ptr(b, 1));
     let len = spec.len as i64;
     let len4 = (spec.len / 4 * 4) as i64;
     counted_loop(b, args.begin, args.end, 1, |b, o| {
@@ -214,6 +281,14 @@ fn emit_softmax_rows(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) 
             Ok(())
         })?;
         let m = b.use_var(ms);
+        let s = sinks.map(|p| {
+            let addr = elem_addr(b, p, o);
+            b.ins().load(types::F32, mem(), addr, 0)
+        });
+        let m = match s {
+            Some(s) => b.ins().fmax(m, s),
+            None => m,
+        };
         // A max of -inf means every entry is -inf: shift by 0 so exp gives exact zeros.
         let all_masked = b.ins().fcmp(FloatCC::Equal, m, ninf);
         let zero_f = b.ins().f32const(0.0);
@@ -238,9 +313,17 @@ fn emit_softmax_rows(b: &mut FunctionBuilder, args: KernelArgs, spec: AxisSpec) 
         let l: Vec<Value> = (0..4u8).map(|l| b.ins().extractlane(v, l)).collect();
         let s01 = b.ins().fadd(l[0], l[1]);
         let s23 = b.ins().fadd(l[2], l[3]);
-        let s = b.ins().fadd(s01, s23);
+        let total = b.ins().fadd(s01, s23);
+        let total = match s {
+            Some(s) => {
+                let d = b.ins().fsub(s, shift);
+                let e = scalar_exp(b, d);
+                b.ins().fadd(e, total)
+            }
+            None => total,
+        };
         let ss = b.declare_var(types::F32);
-        b.def_var(ss, s);
+        b.def_var(ss, total);
         counted_loop(b, end4, end, 1, |b, k| {
             let p = elem_addr(b, src, k);
             let x = b.ins().load(types::F32, mem(), p, 0);

@@ -72,7 +72,10 @@ pub(super) fn unsupported(
             contiguous_ref(o.index(), shape, &fs.batch, dtype)
         })
         .collect();
-    let mut spec = spec_of(&fs, a, refs);
+    let mut spec = match spec_of(&fs, a, refs, bindings) {
+        Ok(spec) => spec,
+        Err(e) => return Some(e),
+    };
     spec.score = a.attention.score.folded(bindings);
     let d_o = contiguous_ref(0, &fs.output(), &fs.batch, DType::F32);
     let layouts = vec![layout(a.wrt, slices[a.wrt], &fs.batch)];
@@ -119,7 +122,21 @@ fn layout(slot: usize, shape: &[usize], batch: &[usize]) -> GradLayout {
     }
 }
 
-fn spec_of(fs: &FusedShape<usize>, a: &AttentionGrad, mut refs: Vec<TensorRef>) -> AttentionSpec {
+/// The forward attention's spec over `refs`; its mask's sizes resolved at `bindings` (the
+/// error says which size does not resolve).
+fn spec_of(
+    fs: &FusedShape<usize>,
+    a: &AttentionGrad,
+    mut refs: Vec<TensorRef>,
+    bindings: &attnc_ir::Bindings,
+) -> std::result::Result<AttentionSpec, String> {
+    let mask = a
+        .attention
+        .mask
+        .as_ref()
+        .map(|m| m.resolve(bindings))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let biases = refs.split_off(3.min(refs.len()));
     let mut qkv = refs.into_iter();
     let (q, k, v) = (
@@ -130,7 +147,7 @@ fn spec_of(fs: &FusedShape<usize>, a: &AttentionGrad, mut refs: Vec<TensorRef>) 
         qkv.next()
             .unwrap_or_else(|| contiguous_ref(0, &[0, 0], &[], DType::F32)),
     );
-    AttentionSpec {
+    Ok(AttentionSpec {
         batch: fs.batch.clone(),
         m: fs.m,
         n: fs.n,
@@ -141,10 +158,10 @@ fn spec_of(fs: &FusedShape<usize>, a: &AttentionGrad, mut refs: Vec<TensorRef>) 
         v,
         biases,
         score: a.attention.score.clone(),
-        mask: a.attention.mask.clone(),
+        mask,
         precision: attnc_ir::Precision::Exact,
         tier: Tier::Avx512,
-    }
+    })
 }
 
 /// Plans backward op node `id`; `vals` may already hold its value (planned with a sibling).
@@ -247,7 +264,7 @@ fn attention_grad(
     let d_o_node = operands[forward + 1];
     let placed = place(p, d_o_node, vals, true)?;
     let d_o = tensor_ref(p, &placed, &shapes[forward + 1], &fs.batch);
-    let mut spec = spec_of(&fs, a, refs);
+    let mut spec = spec_of(&fs, a, refs, p.bindings).map_err(|e| plan_error(&op, e))?;
     spec.score = a.attention.score.folded(p.bindings);
     // Step inputs: each tensor's buffer once (converted first where it is a 16-bit cast).
     let mut inputs: Vec<usize> = Vec::new();

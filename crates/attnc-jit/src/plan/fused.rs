@@ -32,7 +32,7 @@ pub(super) fn is_fused(op: &Op) -> bool {
 pub(super) fn unsupported(
     kernel: &Kernel,
     id: NodeId,
-    shapes: &[Vec<usize>],
+    (shapes, bindings): (&[Vec<usize>], &attnc_ir::Bindings),
     tiers: Tiers,
 ) -> Option<String> {
     let node = kernel.graph.node(id);
@@ -51,7 +51,10 @@ pub(super) fn unsupported(
             if fs.m >= MAX_ATTENTION_ROWS || fs.n >= MAX_ATTENTION_ROWS {
                 return Some(format!("more than {MAX_ATTENTION_ROWS} rows or keys"));
             }
-            let dilated = a.mask.as_ref().is_some_and(contains_dilated);
+            let dilated = a.mask.as_ref().is_some_and(|p| {
+                p.try_map(&mut |d: &attnc_ir::Dim| d.resolve(bindings).ok_or(()))
+                    .is_ok_and(|p| contains_dilated(&p))
+            });
             if dilated && fs.m + fs.n + 2 >= MAX_DILATED_ROWS {
                 return Some(format!(
                     "a dilated mask over more than {MAX_DILATED_ROWS} rows and keys"
@@ -217,7 +220,7 @@ pub(super) fn plan_attention(
         v,
         biases: refs.collect(),
         score: a.score.folded(p.bindings),
-        mask: a.mask.clone(),
+        mask: resolved_mask(a, p.bindings, op)?,
         precision: a.precision,
         tier: Tier::Cranelift,
     };
@@ -279,10 +282,23 @@ pub fn parameter_attention_spec(
         v,
         biases: refs.collect(),
         score: a.score.folded(bindings),
-        mask: a.mask.clone(),
+        mask: resolved_mask(a, bindings, &node.op)?,
         precision: a.precision,
         tier: Tier::Cranelift,
     })
+}
+
+/// The mask of `a` with its sizes resolved at `bindings`.
+fn resolved_mask(
+    a: &Attention,
+    bindings: &attnc_ir::Bindings,
+    op: &Op,
+) -> Result<Option<attnc_ir::MaskPattern>> {
+    a.mask
+        .as_ref()
+        .map(|m| m.resolve(bindings))
+        .transpose()
+        .map_err(|e| plan_error(op, e.to_string()))
 }
 
 /// Binds the spec's tensors to step inputs (converting where asked) and pushes the step.

@@ -5,6 +5,7 @@
 use super::{broadcast_map, operand, plan_error, Planner, StepKind, Val};
 use crate::buffer::Elem;
 use crate::error::Result;
+use crate::host::PoolSpec;
 use crate::kernels::elementwise::{Coord, Expr};
 use crate::kernels::matmul::MatMulSpec;
 use crate::kernels::reduce::AxisSpec;
@@ -75,7 +76,9 @@ pub(super) fn plan_node(
             }
             let x = operand(vals, ops[0])?;
             val(Expr::Mask {
-                pattern: pattern.clone(),
+                pattern: pattern
+                    .resolve(p.bindings)
+                    .map_err(|e| plan_error(&node.op, e.to_string()))?,
                 fill: *fill as f32,
                 i: Coord::Axis(rank - 2),
                 j: Coord::Axis(rank - 1),
@@ -126,6 +129,56 @@ pub(super) fn plan_node(
             let spec = AxisSpec::new(&x.shape, *axis);
             let out = p.new_buffer(shape.iter().product());
             p.push(StepKind::Softmax(spec), vec![src], out);
+            Planner::leaf(out, &shape)
+        }
+        Op::SoftmaxSink => {
+            let x = operand(vals, ops[0])?;
+            let s = operand(vals, ops[1])?;
+            if rank == 0 {
+                return Err(plan_error(&node.op, "softmax_sink needs an axis"));
+            }
+            let src = p.contiguous_buffer(&x);
+            // One sink per row: the sink broadcast into `[.., 1]`, contiguous.
+            let mut rows = shape.clone();
+            rows[rank - 1] = 1;
+            let sinks = Val {
+                expr: s.expr.remap(&broadcast_map(&s.shape, &rows), rank),
+                shape: rows,
+            };
+            let sinks = p.contiguous_buffer(&sinks);
+            let spec = AxisSpec::new(&x.shape, rank - 1);
+            let out = p.new_buffer(shape.iter().product());
+            p.push(StepKind::SoftmaxSink(spec), vec![src, sinks], out);
+            Planner::leaf(out, &shape)
+        }
+        Op::Pool { op, size } => {
+            let x = operand(vals, ops[0])?;
+            if rank < 2 {
+                return Err(plan_error(&node.op, "pooling needs two axes"));
+            }
+            let size = size
+                .resolve(p.bindings)
+                .and_then(|s| usize::try_from(s).ok())
+                .filter(|&s| s > 0)
+                .ok_or_else(|| plan_error(&node.op, "the block size is not a bound size"))?;
+            let src = p.contiguous_buffer(&x);
+            let spec = PoolSpec {
+                op: *op,
+                outer: x.shape[..rank - 2].iter().product(),
+                n: x.shape[rank - 2],
+                width: x.shape[rank - 1],
+                size,
+            };
+            let out = p.new_buffer(shape.iter().product());
+            p.push(StepKind::Pool(spec), vec![src], out);
+            Planner::leaf(out, &shape)
+        }
+        Op::Cumsum { axis } => {
+            let x = operand(vals, ops[0])?;
+            let src = p.contiguous_buffer(&x);
+            let spec = AxisSpec::new(&x.shape, *axis);
+            let out = p.new_buffer(shape.iter().product());
+            p.push(StepKind::Cumsum(spec), vec![src], out);
             Planner::leaf(out, &shape)
         }
         Op::MatMul => {

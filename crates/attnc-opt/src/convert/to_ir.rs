@@ -8,7 +8,7 @@ use crate::OptError;
 use attnc_ir::build::GraphBuilder;
 use attnc_ir::{
     Attention, BinaryOp, Bindings, DType, Dim, Kernel, LinearAttention, NodeId, Normalizer, Op,
-    Precision, RandomKind, ReduceOp, ScoreExpr, UnaryOp,
+    PoolOp, Precision, RandomKind, ReduceOp, ScoreExpr, UnaryOp,
 };
 use egg::{Id, Language, RecExpr};
 
@@ -115,11 +115,12 @@ fn build_node(
         Attn::RelPos([m, n]) => b.add(Op::RelPos, &[], Some(&vec![dim(*m)?, dim(*n)?])),
         Attn::MatMul([x, y]) => b.add(Op::MatMul, &[value(*x)?, value(*y)?], None),
         Attn::Transpose(x) => b.add(Op::Transpose, &[value(*x)?], None),
-        Attn::Sum([x, a]) | Attn::Max([x, a]) | Attn::Mean([x, a]) => {
+        Attn::Sum([x, a]) | Attn::Max([x, a]) | Attn::Mean([x, a]) | Attn::LogSumExp([x, a]) => {
             let op = match node {
                 Attn::Sum(_) => ReduceOp::Sum,
                 Attn::Max(_) => ReduceOp::Max,
-                _ => ReduceOp::Mean,
+                Attn::Mean(_) => ReduceOp::Mean,
+                _ => ReduceOp::LogSumExp,
             };
             let reduce = Op::Reduce {
                 op,
@@ -128,6 +129,19 @@ fn build_node(
             b.add(reduce, &[value(*x)?], None)
         }
         Attn::Softmax([x, a]) => b.add(Op::Softmax { axis: index(*a)? }, &[value(*x)?], None),
+        Attn::SoftmaxSink([x, s]) => b.add(Op::SoftmaxSink, &[value(*x)?, value(*s)?], None),
+        Attn::Cumsum([x, a]) => b.add(Op::Cumsum { axis: index(*a)? }, &[value(*x)?], None),
+        Attn::MeanPool([x, size]) | Attn::MaxPool([x, size]) => {
+            let op = match node {
+                Attn::MeanPool(_) => PoolOp::Mean,
+                _ => PoolOp::Max,
+            };
+            let pool = Op::Pool {
+                op,
+                size: dim(*size)?,
+            };
+            b.add(pool, &[value(*x)?], None)
+        }
         Attn::Mask([x, p, f]) => {
             let fill = atom(*f)?.as_num().ok_or_else(|| bad("a mask fill"))?;
             match pattern_of(expr, *p)? {
@@ -186,11 +200,16 @@ fn build_node(
                 same: |a: Id, b: Id| same_term(expr, a, b),
                 relpos_fits: |_: Id| false,
             };
-            let scale = scalar(*s, &view, 0).ok_or_else(|| bad("a scale that is not a scalar"))?;
-            let score = if scale == ScoreExpr::Const(1.0) {
-                ScoreExpr::Scores
-            } else {
-                ScoreExpr::scaled(scale)
+            let mut args = vec![value(*q)?, value(*k)?, value(*v)?];
+            // A scale known at compile time folds into the score; a scalar computed at run
+            // time (an `f32[]` parameter) is read as a bias of shape [].
+            let score = match scalar(*s, &view, 0) {
+                Some(ScoreExpr::Const(1.0)) => ScoreExpr::Scores,
+                Some(scale) => ScoreExpr::scaled(scale),
+                None => {
+                    args.push(value(*s)?);
+                    ScoreExpr::scaled(ScoreExpr::Bias(0))
+                }
             };
             let precision = match node {
                 Attn::AttentionInt8(_) => Precision::Int8,
@@ -202,7 +221,6 @@ fn build_node(
                 mask: pattern_of(expr, *p)?,
                 precision,
             };
-            let args = [value(*q)?, value(*k)?, value(*v)?];
             b.add(Op::Attention(Box::new(op)), &args, None)
         }
         Attn::AttentionScored([q, k, v, s, p]) => {

@@ -8,7 +8,7 @@
 use super::{PResult, Parser, Reported};
 use crate::ast::{Arg, BinOp, Expr, ExprKind, Ident};
 use crate::diagnostic::Diagnostic;
-use crate::token::{is_keyword, Token, TokenKind, PATTERN_KEYWORDS};
+use crate::token::{is_keyword, TokenKind, PATTERN_KEYWORDS};
 
 const WHAT: &str = "expression";
 
@@ -24,6 +24,7 @@ impl Parser<'_> {
             let op = match self.peek().kind {
                 TokenKind::Plus => BinOp::Add,
                 TokenKind::Minus => BinOp::Sub,
+                TokenKind::Compare => return Err(self.comparison()),
                 _ => return Ok((lhs, height)),
             };
             self.bump();
@@ -120,11 +121,9 @@ impl Parser<'_> {
                 expr.span = token.span.to(close.span);
                 return Ok((expr, height));
             }
+            TokenKind::Ident if self.text(token) == "inf" => ExprKind::Number(f64::INFINITY),
             TokenKind::Ident => {
                 let name = self.text(token);
-                if PATTERN_KEYWORDS.contains(&name) {
-                    return Err(self.pattern_as_expression(token));
-                }
                 if is_keyword(name) {
                     return Err(self.error_expected("an expression"));
                 }
@@ -160,15 +159,38 @@ impl Parser<'_> {
         )
     }
 
+    /// Reports a comparison operator (`a < b`), which the language does not have.
     #[cold]
     #[inline(never)]
-    fn pattern_as_expression(&mut self, token: Token) -> Reported {
-        let name = self.text(token);
-        let message = format!("mask pattern `{name}` used as an expression");
+    fn comparison(&mut self) -> Reported {
+        let token = self.peek();
+        let op = self.text(token);
+        let message = format!("comparisons (`{op}`) are not part of the language");
         self.report(
             Diagnostic::error(message, token.span)
-                .with_primary_message("not an expression")
-                .with_note("patterns are call arguments only, as in `mask(s, causal)`"),
+                .with_primary_message("not an operator of `.attn`")
+                .with_note(
+                    "positions are kept or dropped by mask patterns, as in \
+                     `mask(s, causal & window(256))`; `maximum(a, b)` and `minimum(a, b)` \
+                     compare values elementwise",
+                ),
+        )
+    }
+
+    /// Reports `name = value` inside a call's parentheses (`softmax(x, axis = -1)`,
+    /// `window(w = 3)`): arguments are positional.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn keyword_argument(&mut self, callee: &str) -> Reported {
+        let eq = self.peek();
+        let message = format!("keyword arguments are not part of the language (in `{callee}`)");
+        self.report(
+            Diagnostic::error(message, eq.span)
+                .with_primary_message("`name = value` is not an argument")
+                .with_note(format!(
+                    "arguments are positional: write the value alone, as in `{callee}(3)` \
+                     rather than `{callee}(w = 3)`"
+                )),
         )
     }
 
@@ -184,9 +206,14 @@ impl Parser<'_> {
             let mut args = Vec::new();
             let mut height = 0;
             loop {
-                let (arg, arg_height) = p.arg()?;
+                // A pattern is expected only as the second argument of `mask`.
+                let pattern_slot = callee.name == "mask" && args.len() == 1;
+                let (arg, arg_height) = p.arg(pattern_slot)?;
                 args.push(arg);
                 height = height.max(arg_height);
+                if p.at(TokenKind::Eq) {
+                    return Err(p.keyword_argument(&callee.name));
+                }
                 if p.eat(TokenKind::Comma).is_none() {
                     return Ok((args, height));
                 }
@@ -200,15 +227,19 @@ impl Parser<'_> {
         Ok((Expr { kind, span }, height))
     }
 
-    /// An expression, or a pattern when the argument starts with a pattern keyword (possibly
-    /// after some `(`).
-    fn arg(&mut self) -> PResult<(Arg, usize)> {
+    /// An expression, or — where a pattern is expected (`pattern_slot`) — a pattern when the
+    /// argument starts with a pattern keyword (possibly after some `(`). Elsewhere pattern
+    /// words are ordinary names.
+    fn arg(&mut self, pattern_slot: bool) -> PResult<(Arg, usize)> {
         let mut i = 0;
         while self.peek_at(i).kind == TokenKind::LParen {
             i += 1;
         }
         let first = self.peek_at(i);
-        if first.kind == TokenKind::Ident && PATTERN_KEYWORDS.contains(&self.text(first)) {
+        if pattern_slot
+            && first.kind == TokenKind::Ident
+            && PATTERN_KEYWORDS.contains(&self.text(first))
+        {
             let (pattern, height) = self.pattern()?;
             return Ok((Arg::Pattern(pattern), height));
         }

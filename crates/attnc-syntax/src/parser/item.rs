@@ -176,7 +176,7 @@ impl Parser<'_> {
         Ok(Param { name, ty })
     }
 
-    /// `('f32' | 'f16' | 'bf16') '[' dim (',' dim)* ']'`
+    /// `('f32' | 'f16' | 'bf16') '[' (dim (',' dim)*)? ']'`
     pub(super) fn type_expr(&mut self) -> PResult<TypeExpr> {
         let token = self.peek();
         let elem = match (token.kind, self.text(token)) {
@@ -188,7 +188,8 @@ impl Parser<'_> {
         self.bump();
         let open = self.expect(TokenKind::LBracket, "after the element type")?;
         let mut dims = Vec::new();
-        loop {
+        // `f32[]` is a scalar.
+        while !self.at(TokenKind::RBracket) {
             dims.push(self.dim()?);
             if self.eat(TokenKind::Comma).is_none() {
                 break;

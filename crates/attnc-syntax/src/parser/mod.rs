@@ -12,15 +12,20 @@
 //!
 //! - `&` binds tighter than `|` in mask patterns (like boolean and/or); a chain of either is
 //!   one n-ary node ([`PatternKind::Or`](crate::ast::PatternKind::Or)), so a union of any
-//!   number of patterns is not deep. A call argument is a pattern when it starts with a
-//!   pattern keyword, or with `(`s followed by one.
+//!   number of patterns is not deep. The second argument of `mask` is a pattern when it starts
+//!   with a pattern keyword, or with `(`s followed by one; everywhere else pattern words are
+//!   names.
 //! - Reserved words ([`KEYWORDS`](crate::token::KEYWORDS)) never name anything; `f32`, `T`,
-//!   `approx`, `tol` and the other words with a meaning are contextual.
+//!   `approx`, `tol`, the pattern words and the other words with a meaning are contextual.
+//!   `inf` is the literal infinity.
 //! - As written in the grammar: a kernel has at least one parameter (a trailing `,` is allowed
-//!   there), a call at least one argument (no trailing `,`), a type at least one dimension.
+//!   there), a call at least one argument (no trailing `,`); a type may have no dimension
+//!   (`f32[]`, a scalar).
+//! - Comparisons (`a < b`) and keyword arguments (`window(w = 3)`) are not part of the
+//!   language; they are reported as such rather than as a missing `)`.
 //! - Several `@approx(...)` attributes are flattened into [`Kernel::approx`](crate::ast::Kernel).
-//! - Sizes (dimensions, pattern widths, `r`, `m`, `seed`) are non-negative integers that fit in
-//!   a `u64`; `tol` is any number.
+//! - Sizes (dimensions, `r`, `m`, `seed`) are non-negative integers that fit in a `u64`;
+//!   pattern sizes may also be dimension symbols; `tol` is any number.
 //!
 //! The pieces live in `item` (kernels, attributes, types),
 //! `expr` (expressions and calls) and `pattern` (mask patterns).

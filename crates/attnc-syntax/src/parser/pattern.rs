@@ -1,9 +1,9 @@
 //! Mask patterns: `|` binds less tightly than `&` (as boolean or/and), each chain one n-ary
 //! node, then parentheses and the pattern atoms `causal`, `window(w)`, `dilated(w, r)`,
-//! `global(g)`, `block(b)`.
+//! `global(g)`, `block(b)`. Sizes are non-negative integers or dimension symbols (`window(w)`).
 
 use super::{PResult, Parser};
-use crate::ast::{Pattern, PatternKind};
+use crate::ast::{DimExpr, Pattern, PatternKind};
 use crate::token::TokenKind;
 
 /// What the depth limit's message calls a pattern.
@@ -64,12 +64,10 @@ impl Parser<'_> {
         } else {
             ""
         };
-        let (kind, arity) = match word {
-            "causal" => (PatternKind::Causal, 0),
-            "window" => (PatternKind::Window(0), 1),
-            "dilated" => (PatternKind::Dilated(0, 0), 2),
-            "global" => (PatternKind::Global(0), 1),
-            "block" => (PatternKind::Block(0), 1),
+        let arity = match word {
+            "causal" => 0,
+            "window" | "global" | "block" => 1,
+            "dilated" => 2,
             _ => return Err(self.error_expected(
                 "a mask pattern (`causal`, `window(w)`, `dilated(w, r)`, `global(g)`, `block(b)`)",
             )),
@@ -78,26 +76,27 @@ impl Parser<'_> {
         if arity == 0 {
             return Ok((
                 Pattern {
-                    kind,
+                    kind: PatternKind::Causal,
                     span: token.span,
                 },
                 1,
             ));
         }
         let open = self.expect(TokenKind::LParen, &format!("after `{word}`"))?;
-        let first = self.int("an integer size")?;
+        let first = self.pattern_size(word)?;
         let second = if arity == 2 {
             self.expect(TokenKind::Comma, "between the two sizes")?;
-            self.int("an integer size")?
+            Some(self.pattern_size(word)?)
         } else {
-            0
+            None
         };
         let close = self.expect_close(TokenKind::RParen, open)?;
-        let kind = match kind {
-            PatternKind::Window(_) => PatternKind::Window(first),
-            PatternKind::Dilated(..) => PatternKind::Dilated(first, second),
-            PatternKind::Global(_) => PatternKind::Global(first),
-            _ => PatternKind::Block(first),
+        let kind = match (word, second) {
+            ("window", _) => PatternKind::Window(first),
+            ("global", _) => PatternKind::Global(first),
+            ("block", _) => PatternKind::Block(first),
+            (_, Some(second)) => PatternKind::Dilated(first, second),
+            (_, None) => return Err(self.error_expected("a second size")),
         };
         Ok((
             Pattern {
@@ -106,5 +105,24 @@ impl Parser<'_> {
             },
             1,
         ))
+    }
+}
+
+impl Parser<'_> {
+    /// A size argument of pattern `word`: an integer or a dimension symbol.
+    fn pattern_size(&mut self, word: &str) -> PResult<DimExpr> {
+        let token = self.peek();
+        if token.kind == TokenKind::Ident {
+            let name = self.expect_name("a size")?;
+            if self.at(TokenKind::Eq) {
+                return Err(self.keyword_argument(word));
+            }
+            return Ok(DimExpr::Sym(name));
+        }
+        let value = self.int("a size (an integer or a dimension symbol)")?;
+        Ok(DimExpr::Lit {
+            value,
+            span: token.span,
+        })
     }
 }

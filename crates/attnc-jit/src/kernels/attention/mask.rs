@@ -95,6 +95,9 @@ impl RowMask {
                 let hi = b.ins().iadd_imm_s(lo, bs - 1);
                 RowMask::Between(splat32(b, lo), splat32(b, hi))
             }
+            MaskPattern::Document { .. } => {
+                unreachable!("invariant: document masks are planned with their segment ids")
+            }
             MaskPattern::And(x, y) => {
                 let x = RowMask::new(b, x, ia, m, n);
                 let y = RowMask::new(b, y, ia, m, n);
