@@ -240,7 +240,7 @@ impl Compiler {
     }
 
     /// Refuses a plan whose temporaries exceed the memory budget, naming its largest buffer.
-    fn check_memory(&self, plan: &Plan) -> Result<(), RunError> {
+    pub(crate) fn check_memory(&self, plan: &Plan) -> Result<(), RunError> {
         let Some(budget) = self.memory_budget else {
             return Ok(());
         };

@@ -42,6 +42,9 @@ pub enum RunError {
     /// The calibration sample of an approximation could not be built.
     #[error("calibration: {0}")]
     Calibration(String),
+    /// The gradient graph could not be built.
+    #[error(transparent)]
+    Grad(#[from] attnc_ir::grad::GradError),
     /// The plan's buffers, or the interpreter's values, do not fit in the memory budget.
     #[error(
         "{what} needs {} at once but {} are available; its largest buffer is {largest} \

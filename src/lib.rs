@@ -3,9 +3,11 @@
 //! The facade over the stages: [`source`] turns `.attn` text into checked IR, [`io`] reads and
 //! writes tensors, [`policy`] holds the approximation policy, [`Compiler`] is the one
 //! pipeline (optimize → validate → compile → run) with its settings, and [`engine`] runs a
-//! kernel on the reference interpreter or as machine code. The library never measures the
-//! machine or writes a file: the ceilings the cost model divides by are handed to the
-//! [`Compiler`] (the `attnc` binary measures and caches them).
+//! kernel on the reference interpreter or as machine code. [`grad`] compiles a kernel's
+//! gradients beside its forward; [`train`] has the mixed-precision pieces of a training loop
+//! (storage rounding with underflow counts, f32 master weights, a dynamic loss scaler). The
+//! library never measures the machine or writes a file: the ceilings the cost model divides by
+//! are handed to the [`Compiler`] (the `attnc` binary measures and caches them).
 //!
 //! ```
 //! let module = attnc::source::compile_text(
@@ -23,9 +25,11 @@ pub mod baseline;
 pub mod calibration;
 pub mod compiler;
 pub mod engine;
+pub mod grad;
 pub mod io;
 pub mod policy;
 pub mod source;
+pub mod train;
 
 pub use attnc_ir as ir;
 pub use attnc_jit as jit;

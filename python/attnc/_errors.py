@@ -2,8 +2,8 @@
 
 Every error is an :class:`AttncError`. Problems with what the caller passed are also
 ``ValueError``s (:class:`CompileError`, :class:`InputError` and its :class:`ShapeError`);
-failures of a right call are ``RuntimeError``s (:class:`RunError`); a gradient that does
-not exist yet is a ``NotImplementedError`` (:class:`GradientUnavailableError`).
+failures of a right call are ``RuntimeError``s (:class:`RunError`); a gradient attnc does not
+derive is a ``NotImplementedError`` (:class:`GradientUnavailableError`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class RunError(AttncError, RuntimeError):
 
 
 class GradientUnavailableError(AttncError, NotImplementedError):
-    """Autograd reached an attnc kernel whose gradient attnc cannot compute yet."""
+    """A gradient was asked of a kernel holding an op whose gradient attnc does not derive
+    (from :meth:`Kernel.grad` or from autograd's ``backward()`` through ``attnc.torch``)."""
 
 
 for _class in (AttncError, CompileError, InputError, ShapeError, RunError, GradientUnavailableError):

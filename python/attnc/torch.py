@@ -17,10 +17,14 @@ surrounding ops produce. The result has the kernel's declared type when that is 
 and otherwise the promoted dtype of the inputs (float32 inputs give float32; under autocast,
 bfloat16 or float16 inputs give that dtype, like ``scaled_dot_product_attention``).
 
-Gradients: attnc does not compile backward kernels yet (the gradients issue), so the op's
-backward raises :class:`attnc.GradientUnavailableError`. Forward passes work with inputs that
-require grad (outputs then require grad too); call ``backward()`` only through parts of a
-graph that do not reach an attnc op, or run the op under ``torch.no_grad()``.
+Gradients: the op's backward runs attnc's compiled gradients (:meth:`attnc.Kernel.grad`: the
+exact form of the kernel differentiated, a fused attention's gradients in one FlashAttention-2
+step that visits only the tiles its mask reaches, the forward recomputed as it needs), for the
+inputs that require grad only. The backward is a custom op of its own (``<op>_grad``, with a
+fake implementation), so ``torch.compile`` traces training steps too. Each gradient is computed
+in float32 and returned in its input's dtype. The backward is not itself differentiable
+(no double backward). A kernel holding an op whose gradient attnc does not derive raises
+:class:`attnc.GradientUnavailableError` from ``backward()``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 import attnc
-from ._errors import GradientUnavailableError, InputError, ShapeError
+from ._errors import InputError, ShapeError
 from ._inputs import from_torch
 
 __all__ = ["kernel", "KernelOp"]
@@ -186,8 +190,55 @@ def _define(compiled: attnc.Kernel) -> Any:
         return tensors[0].new_empty(out_shape, dtype=_result_dtype(compiled, tensors))
 
     op.register_fake(fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
+    grad_op = _define_grad(compiled, names, qualname)
+
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        inputs = ctx.saved_tensors
+        wanted = [bool(w) for w in ctx.needs_input_grad[: len(inputs)]]
+        if not any(wanted):
+            return tuple(None for _ in inputs)
+        grads = iter(grad_op(*inputs, grad, wanted))
+        return tuple(next(grads) if w else None for w in wanted)
+
+    op.register_autograd(backward, setup_context=setup_context)
     return op
+
+
+def _define_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: str) -> Any:
+    """Registers the backward of ``qualname`` as a custom op: the inputs, the output's
+    gradient and which inputs to differentiate (``wrt``) in, those gradients out, in order."""
+    params = compiled.params
+    schema = (
+        "(" + ", ".join(f"Tensor {n}" for n in names) + ", Tensor grad, bool[] wrt) -> Tensor[]"
+    )
+
+    def backward(*args: Any) -> list:
+        *tensors, grad, wrt = args
+        arrays, bits = [], []
+        for tensor, (name, _, _) in zip(tensors, params):
+            array, is_bf16 = from_torch(tensor, name)
+            arrays.append(array)
+            bits.append(is_bf16)
+        cotangent, cotangent_bf16 = from_torch(grad, "cotangent")
+        chosen = [name for w, (name, _, _) in zip(wrt, params) if w]
+        results = compiled._grad(arrays, bits, cotangent, cotangent_bf16, chosen)
+        out = []
+        for result, tensor in zip(results, (t for w, t in zip(wrt, tensors) if w)):
+            g = torch.from_numpy(result)
+            out.append(g if g.dtype == tensor.dtype else g.to(tensor.dtype))
+        return out
+
+    grad_op = torch.library.custom_op(qualname + "_grad", backward, mutates_args=(), schema=schema)
+
+    def fake(*args: Any) -> list:
+        *tensors, _grad, wrt = args
+        return [t.new_empty(t.shape) for w, t in zip(wrt, tensors) if w]
+
+    grad_op.register_fake(fake)
+    return grad_op
 
 
 def _symbolic_output_shape(compiled: attnc.Kernel, tensors: Sequence[torch.Tensor]) -> list:
@@ -216,18 +267,6 @@ def _result_dtype(compiled: attnc.Kernel, tensors: Sequence[torch.Tensor]) -> to
         for other in floats[1:]:
             dtype = torch.promote_types(dtype, other)
     return dtype
-
-
-def _setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
-    ctx.kernel_name = None  # nothing to save: there is no backward to use it yet
-
-
-def _backward(ctx: Any, grad: torch.Tensor) -> Any:
-    raise GradientUnavailableError(
-        "attnc: gradients of this kernel are not available yet (attnc does not compile "
-        "backward kernels until the gradients issue lands); run the attnc op under "
-        "torch.no_grad(), or detach its inputs, when calling backward()"
-    )
 
 
 def _positional(

@@ -14,10 +14,6 @@ kernel attend(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d]
     return softmax(mask(q @ k.T / sqrt(d), causal)) @ v;
 }
 """
-NO_BACKWARD = (
-    "attnc compiles no backward kernels yet (the gradients issue): the op's backward raises "
-    "attnc.GradientUnavailableError"
-)
 VOCAB = 16
 
 

@@ -140,6 +140,13 @@ impl Vjp {
         }
     }
 
+    /// The whole gradient graph as one kernel named `<kernel>_grad` (its output is the
+    /// first gradient; [`Vjp::outputs`] lists them all).
+    pub fn combined(&self) -> Kernel {
+        let first = self.gradients.first().map_or(self.output, |g| g.node);
+        self.kernel_of(format!("{}_grad", self.name), first)
+    }
+
     /// Gradient `index` as an ordinary kernel named `<kernel>_grad_<param>`.
     pub fn kernel(&self, index: usize) -> Kernel {
         let g = &self.gradients[index];

@@ -8,6 +8,7 @@
 use crate::program::SpecializeError;
 use attnc::engine::RunError;
 use attnc::ir::bind::BindError;
+use attnc::ir::grad::GradError;
 use attnc_jit::JitError;
 use attnc_syntax::Diagnostic;
 use pyo3::exceptions::PyRuntimeError;
@@ -29,6 +30,8 @@ pub enum Kind {
     Shape,
     /// `attnc.RunError`: compiling or running failed although the inputs were right.
     Run,
+    /// `attnc.GradientUnavailableError`: the kernel holds an op whose gradient is not derived.
+    Gradient,
 }
 
 impl Kind {
@@ -38,6 +41,7 @@ impl Kind {
             Kind::Input => "InputError",
             Kind::Shape => "ShapeError",
             Kind::Run => "RunError",
+            Kind::Gradient => "GradientUnavailableError",
         }
     }
 
@@ -46,11 +50,13 @@ impl Kind {
         static INPUT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
         static SHAPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
         static RUN: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+        static GRADIENT: PyOnceLock<Py<PyType>> = PyOnceLock::new();
         let cell = match self {
             Kind::Compile => &COMPILE,
             Kind::Input => &INPUT,
             Kind::Shape => &SHAPE,
             Kind::Run => &RUN,
+            Kind::Gradient => &GRADIENT,
         };
         cell.import(py, MODULE, self.class_name())
     }
@@ -196,6 +202,19 @@ pub fn compile_run_error(py: Python<'_>, error: &RunError) -> PyErr {
             error.to_string().replace(", or raise --memory-limit", ""),
         ),
         RunError::Eval(_) | RunError::Calibration(_) => run_error(py, error.to_string()),
+        RunError::Grad(grad) => grad_error(py, grad),
+    }
+}
+
+/// A gradient that cannot be built: a wrong `wrt` list is the caller's input, an op without
+/// a derived gradient `attnc.GradientUnavailableError`.
+pub fn grad_error(py: Python<'_>, error: &GradError) -> PyErr {
+    match error {
+        GradError::UnknownParam { name, .. } | GradError::Duplicate { name } => {
+            input_error(py, Some(name), None, error.to_string())
+        }
+        GradError::Empty => input_error(py, None, None, error.to_string()),
+        GradError::Unsupported { .. } | GradError::Build { .. } => run_error(py, error.to_string()),
     }
 }
 

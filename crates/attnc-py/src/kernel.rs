@@ -1,7 +1,7 @@
 //! The Python `attnc.Kernel`: a checked kernel that compiles per input shape and runs on
 //! NumPy arrays with the interpreter lock released.
 
-use crate::errors::{input_error, jit_error, specialize_error, Kind};
+use crate::errors::{grad_error, input_error, jit_error, specialize_error, Kind};
 use crate::inputs::{stage, Given, StagedInput};
 use crate::program::{OutputDim, Program, Specialized};
 use attnc::io::DType;
@@ -235,6 +235,183 @@ impl PyKernel {
         py.detach(|| self.program.specialize(&shapes))
             .map_err(|e| specialize_error(py, &e))
     }
+
+    /// The parameter indices of `wrt` (names, in the order wanted); every parameter when
+    /// `None`.
+    fn wrt_indices(&self, py: Python<'_>, wrt: Option<Vec<String>>) -> PyResult<Vec<usize>> {
+        let kernel = self.program.kernel();
+        let Some(names) = wrt else {
+            return Ok((0..kernel.params.len()).collect());
+        };
+        if let Some(bad) = names
+            .iter()
+            .find(|n| n.contains(',') || n.trim() != n.as_str())
+        {
+            return Err(input_error(
+                py,
+                Some(bad),
+                None,
+                format!(
+                    "wrt: `{bad}` is not a parameter name (parameters: {})",
+                    self.param_list()
+                ),
+            ));
+        }
+        attnc::ir::grad::parse_wrt(kernel, &names.join(",")).map_err(|e| grad_error(py, &e))
+    }
+
+    /// The cotangent as an f32 input of the output's shape (ones when not given).
+    fn stage_cotangent<'py>(
+        &self,
+        py: Python<'py>,
+        cotangent: Option<Bound<'py, PyAny>>,
+        bf16_bits: bool,
+        shape: &[usize],
+    ) -> PyResult<Cotangent<'py>> {
+        let Some(object) = cotangent.filter(|c| !c.is_none()) else {
+            let len = attnc::io::shape_product(shape).ok_or_else(|| {
+                crate::errors::run_error(py, "the output's size overflows".into())
+            })?;
+            return Ok(Cotangent::Ones(vec![1.0; len]));
+        };
+        static COERCE: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+        let given = if bf16_bits {
+            Given::bf16_bits(&object)
+        } else {
+            Given::float(&object)
+        };
+        let given = match given {
+            Some(given) => given,
+            None => {
+                let coerce = COERCE.import(py, "attnc._inputs", "coerce")?;
+                let (array, bits): (Bound<'py, PyAny>, bool) =
+                    coerce.call1((&object, "cotangent"))?.extract()?;
+                let given = if bits {
+                    Given::bf16_bits(&array)
+                } else {
+                    Given::float(&array)
+                };
+                given.ok_or_else(|| {
+                    input_error(
+                        py,
+                        Some("cotangent"),
+                        None,
+                        "cotangent: not a float array after conversion".into(),
+                    )
+                })?
+            }
+        };
+        let staged = stage(py, "cotangent", DType::F32, given)?;
+        if staged.shape != shape {
+            return Err(crate::errors::raise(
+                py,
+                Kind::Shape,
+                format!(
+                    "cotangent has shape {:?} but the output has shape {:?}",
+                    staged.shape, shape
+                ),
+                &[
+                    (
+                        "input",
+                        crate::errors::Field::Text(Some("cotangent".into())),
+                    ),
+                    ("dimension", crate::errors::Field::Text(None)),
+                    ("axis", crate::errors::Field::Number(None)),
+                ],
+            ));
+        }
+        Ok(Cotangent::Given(staged))
+    }
+
+    /// The gradients for staged inputs: the gradient plan for their shapes and `wrt`
+    /// (compiled now if new), then its machine code, both without the interpreter lock.
+    /// One float32 array per parameter of `wrt`, in that order.
+    fn grad_staged<'py>(
+        &self,
+        py: Python<'py>,
+        staged: &[StagedInput<'py>],
+        cotangent: Option<Bound<'py, PyAny>>,
+        cotangent_bf16: bool,
+        wrt: &[usize],
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let shapes: Vec<Vec<usize>> = staged.iter().map(|s| s.shape.clone()).collect();
+        let specialized = py
+            .detach(|| self.program.specialize_grad(&shapes, wrt))
+            .map_err(|e| specialize_error(py, &e))?;
+        let cotangent =
+            self.stage_cotangent(py, cotangent, cotangent_bf16, &specialized.output_shape)?;
+        let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
+        let threads = self.program.threads();
+        let outputs = {
+            let dy: &[f32] = match &cotangent {
+                Cotangent::Ones(v) => v,
+                Cotangent::Given(s) => match s.input() {
+                    attnc_jit::Input::F32(x) => x,
+                    _ => {
+                        return Err(crate::errors::run_error(
+                            py,
+                            "the cotangent was not staged as float32".into(),
+                        ))
+                    }
+                },
+            };
+            py.detach(|| specialized.run(&inputs, dy, threads))
+                .map_err(|e| jit_error(py, &e))?
+        };
+        outputs
+            .into_iter()
+            .map(|o| Ok(PyArray::from_owned_array(py, to_array(py, o.shape, o.data)?).into_any()))
+            .collect()
+    }
+
+    /// Converted arrays (as `_run` takes them) staged for the declared parameters.
+    fn stage_converted<'py>(
+        &self,
+        py: Python<'py>,
+        arrays: &[Bound<'py, PyAny>],
+        bf16: &[bool],
+    ) -> PyResult<Vec<StagedInput<'py>>> {
+        let params = self.declared();
+        if arrays.len() != params.len() || bf16.len() != params.len() {
+            return Err(input_error(
+                py,
+                None,
+                None,
+                format!(
+                    "kernel `{}` takes {} inputs, got {}",
+                    self.program.kernel().name,
+                    params.len(),
+                    arrays.len()
+                ),
+            ));
+        }
+        let mut staged = Vec::with_capacity(arrays.len());
+        for ((array, &bits), param) in arrays.iter().zip(bf16).zip(params) {
+            let given = if bits {
+                Given::bf16_bits(array)
+            } else {
+                Given::float(array)
+            };
+            let given = given.ok_or_else(|| {
+                input_error(
+                    py,
+                    Some(&param.name),
+                    None,
+                    format!("input `{}`: expected a converted array", param.name),
+                )
+            })?;
+            staged.push(stage(py, &param.name, param.dtype, given)?);
+        }
+        Ok(staged)
+    }
+}
+
+/// The cotangent of one gradient call.
+enum Cotangent<'py> {
+    /// Ones (the gradient of the output's sum).
+    Ones(Vec<f32>),
+    /// The caller's, as f32.
+    Given(StagedInput<'py>),
 }
 
 /// A result's elements in its NumPy type.
@@ -291,38 +468,55 @@ impl PyKernel {
         arrays: Vec<Bound<'py, PyAny>>,
         bf16: Vec<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let params = self.declared();
-        if arrays.len() != params.len() || bf16.len() != params.len() {
-            return Err(input_error(
-                py,
-                None,
-                None,
-                format!(
-                    "kernel `{}` takes {} inputs, got {}",
-                    self.program.kernel().name,
-                    params.len(),
-                    arrays.len()
-                ),
-            ));
-        }
-        let mut staged = Vec::with_capacity(arrays.len());
-        for ((array, bits), param) in arrays.iter().zip(bf16).zip(params) {
-            let given = if bits {
-                Given::bf16_bits(array)
-            } else {
-                Given::float(array)
-            };
-            let given = given.ok_or_else(|| {
-                input_error(
-                    py,
-                    Some(&param.name),
-                    None,
-                    format!("input `{}`: expected a converted array", param.name),
-                )
-            })?;
-            staged.push(stage(py, &param.name, param.dtype, given)?);
-        }
+        let staged = self.stage_converted(py, &arrays, &bf16)?;
         self.run_staged(py, &staged)
+    }
+
+    /// The gradients of the output with respect to the parameters in `wrt` (names; default:
+    /// every parameter), for these inputs (by position or by parameter name, as for a call)
+    /// and `cotangent`, the gradient of the output (an array of the output's shape; default:
+    /// ones, the gradient of the output's sum): a dict from each name in `wrt`, in order, to
+    /// a float32 array of its parameter's shape.
+    ///
+    /// The gradients are those of the exact form (approximations apply to calls only),
+    /// compiled once per input shapes and `wrt` list (the forward is recomputed as the
+    /// backward needs it: nothing is kept between calls). A parameter named `wrt` or
+    /// `cotangent` is passed by position.
+    #[pyo3(signature = (*args, wrt=None, cotangent=None, **kwargs))]
+    fn grad<'py>(
+        &self,
+        py: Python<'py>,
+        args: &Bound<'py, PyTuple>,
+        wrt: Option<Vec<String>>,
+        cotangent: Option<Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let indices = self.wrt_indices(py, wrt)?;
+        let arguments = self.arguments(py, args, kwargs)?;
+        let staged = self.stage_all(py, arguments)?;
+        let grads = self.grad_staged(py, &staged, cotangent, false, &indices)?;
+        let out = PyDict::new(py);
+        for (&index, grad) in indices.iter().zip(grads) {
+            out.set_item(&self.declared()[index].name, grad)?;
+        }
+        Ok(out)
+    }
+
+    /// [`grad`](Self::grad) on converted arrays (as `_run` takes them, the cotangent too, with
+    /// `cotangent_bf16` for bfloat16 bits): one float32 array per name of `wrt`, in order.
+    /// The path of `attnc.torch`'s backward.
+    fn _grad<'py>(
+        &self,
+        py: Python<'py>,
+        arrays: Vec<Bound<'py, PyAny>>,
+        bf16: Vec<bool>,
+        cotangent: Bound<'py, PyAny>,
+        cotangent_bf16: bool,
+        wrt: Vec<String>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let indices = self.wrt_indices(py, Some(wrt))?;
+        let staged = self.stage_converted(py, &arrays, &bf16)?;
+        self.grad_staged(py, &staged, Some(cotangent), cotangent_bf16, &indices)
     }
 
     /// The median and the least microseconds of `calls` runs of the compiled code on these

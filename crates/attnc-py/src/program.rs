@@ -6,9 +6,14 @@
 //! calibration (none given: the policy's seed, as `run --input` does) — and keeps the result
 //! in a [`ShapeCache`]. It is shared between Python threads: the cache sits behind a mutex
 //! that is held only to look up or insert, never while compiling or running.
+//!
+//! Gradients ([`Program::specialize_grad`]) are compiled the same way by
+//! [`Compiler::compile_grad`] (the exact optimized form, differentiated, its gradients one
+//! plan) and cached per input shapes and parameter list in a cache of their own.
 
 use crate::shape_cache::ShapeCache;
 use attnc::engine::RunError;
+use attnc::grad::CompiledGrad;
 use attnc::ir::bind::{bind_shapes, kernel_symbols, BindError};
 use attnc::ir::dim::{resolve_shape, Dim};
 use attnc::ir::{Bindings, Kernel};
@@ -36,6 +41,33 @@ impl Specialized {
     /// workers; the buffers are checked against the bound shapes before any machine code runs.
     pub fn run(&self, inputs: &[Input<'_>], threads: usize) -> Result<Output, JitError> {
         self.compiled.code.run(inputs, threads)
+    }
+}
+
+/// A kernel's gradients compiled at one set of input shapes, for one list of parameters.
+pub struct SpecializedGrad {
+    /// Every dimension symbol's value.
+    pub bindings: Bindings,
+    /// The output's shape (the cotangent's).
+    pub output_shape: Vec<usize>,
+    /// The forward and the gradients' machine code.
+    pub compiled: CompiledGrad,
+}
+
+impl SpecializedGrad {
+    /// The gradients (one per parameter asked for, in that order, f32 in the parameter's
+    /// shape) for `inputs` (one per parameter, in its declared storage type) and `cotangent`
+    /// (f32, the output's shape), with `threads` workers; every buffer is checked against the
+    /// bound shapes before any machine code runs.
+    pub fn run(
+        &self,
+        inputs: &[Input<'_>],
+        cotangent: &[f32],
+        threads: usize,
+    ) -> Result<Vec<Output>, JitError> {
+        let mut views = inputs.to_vec();
+        views.push(Input::F32(cotangent));
+        self.compiled.backward.run_outputs(&views, threads)
     }
 }
 
@@ -73,6 +105,7 @@ pub struct Program {
     compiler: Compiler,
     threads: usize,
     cache: Mutex<ShapeCache<Arc<Specialized>>>,
+    grad_cache: Mutex<ShapeCache<Arc<SpecializedGrad>>>,
 }
 
 impl Program {
@@ -96,6 +129,7 @@ impl Program {
             compiler,
             threads,
             cache: Mutex::new(ShapeCache::new(CACHE_CAPACITY)),
+            grad_cache: Mutex::new(ShapeCache::new(CACHE_CAPACITY)),
         }
     }
 
@@ -139,9 +173,48 @@ impl Program {
         self.cache().len()
     }
 
-    /// Drops every compiled plan.
+    /// Drops every compiled plan (forward and gradients).
     pub fn clear_cache(&self) {
         self.cache().clear();
+        self.grad_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The gradients with respect to the parameters `wrt` (indices, in the order wanted) for
+    /// these input shapes: from the cache, else bound and compiled (slow: call without the
+    /// interpreter lock).
+    pub fn specialize_grad(
+        &self,
+        shapes: &[Vec<usize>],
+        wrt: &[usize],
+    ) -> Result<Arc<SpecializedGrad>, SpecializeError> {
+        // The parameter list is one more entry of the key (the forward's cache is apart).
+        let mut key = shapes.to_vec();
+        key.push(wrt.to_vec());
+        let cache = || {
+            self.grad_cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        if let Some(hit) = cache().get(&key) {
+            return Ok(hit);
+        }
+        let bindings = self.bind(shapes).map_err(SpecializeError::Bind)?;
+        let output = &self.kernel.graph.node(self.kernel.output).shape;
+        let output_shape = resolve_shape(output, &bindings)
+            .expect("invariant: bind_shapes binds and checks every node's shape");
+        let compiler = self.compiler.clone().with_memory_budget(available_memory());
+        let compiled = compiler
+            .compile_grad(&self.kernel, &bindings, wrt)
+            .map_err(SpecializeError::Compile)?;
+        let specialized = Arc::new(SpecializedGrad {
+            bindings,
+            output_shape,
+            compiled,
+        });
+        Ok(cache().insert(key, specialized))
     }
 
     /// Binds every symbol from the inputs' shapes and the `shapes=` values.
@@ -274,6 +347,45 @@ mod tests {
             .expect("another shape");
         assert_eq!(p.cached_count(), 2);
         assert_eq!(p.latest().expect("latest").bindings.get("n"), Some(&7));
+    }
+
+    #[test]
+    fn gradients_compile_once_per_shape_and_list_and_match_the_reference() {
+        let p = program(DECODE, &[]);
+        let shapes = vec![vec![2, 1, 3], vec![2, 5, 3], vec![2, 5, 3]];
+        let a = p.specialize_grad(&shapes, &[2, 0]).expect("compiles");
+        assert!(Arc::ptr_eq(
+            &a,
+            &p.specialize_grad(&shapes, &[2, 0]).expect("cached")
+        ));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &p.specialize_grad(&shapes, &[0]).expect("another list")
+        ));
+        assert_eq!(a.output_shape, vec![2, 1, 3]);
+        let q: Vec<f32> = (0..6).map(|i| (i as f32 * 0.37).sin()).collect();
+        let kv: Vec<f32> = (0..30).map(|i| (i as f32 * 0.61).cos()).collect();
+        let dy = vec![1.0f32; 6];
+        let grads = a
+            .run(&[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)], &dy, 1)
+            .expect("runs");
+        assert_eq!(grads.len(), 2);
+        assert_eq!(grads[0].shape, vec![2, 5, 3]);
+        assert_eq!(grads[1].shape, vec![2, 1, 3]);
+        // dV of softmax(...) @ V with a cotangent of ones: each key's attention weight, so
+        // every head's dV column sums to 1.
+        for h in 0..2 {
+            let sum: f32 = (0..5).map(|j| grads[0].data[h * 15 + j * 3]).sum();
+            assert!((sum - 1.0).abs() < 1e-5, "head {h}: {sum}");
+        }
+        // A cotangent of the wrong length is refused before anything runs.
+        assert!(a
+            .run(
+                &[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)],
+                &dy[..5],
+                1
+            )
+            .is_err());
     }
 
     #[test]

@@ -67,6 +67,8 @@ use crate::cpu::Features;
 use crate::problem::{check, Call, CallError, Output};
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod backward;
+#[cfg(target_arch = "x86_64")]
 mod mask;
 #[cfg(target_arch = "x86_64")]
 mod math;

@@ -16,9 +16,10 @@
 //! masked position contributes nothing (it is skipped, never multiplied by 0), and a row that
 //! keeps no key (`lse = −∞`) contributes nothing.
 //!
-//! [`run`] takes the AVX-512 kernel where the CPU has it, else the portable one (plain Rust,
-//! any CPU); [`forward`] computes the saved `O` and log-sum-exp the same way. Both are tested
-//! against the f64 [`reference`](mod@reference).
+//! [`run`] takes the AVX-512 kernel where the CPU has it (and the call's tile table has its
+//! 64 × 64 tiles), else the portable one (plain Rust, any CPU); [`forward`] computes the saved
+//! `O` and log-sum-exp the same way. Both are tested against the f64
+//! [`reference`](mod@reference).
 
 pub mod portable;
 pub mod reference;
@@ -135,7 +136,15 @@ pub fn run_with(
     wide: bool,
 ) -> Result<(), CallError> {
     check(call, saved, d_o, grads)?;
-    let _ = wide;
+    let wide_tiles = call.tiles.query_tile == crate::attention::QUERY_TILE
+        && call.tiles.key_tile == crate::attention::KEY_TILE;
+    #[cfg(target_arch = "x86_64")]
+    if wide && wide_tiles && crate::attention::available() {
+        // SAFETY: AVX-512 was detected, `check` passed and the table has the kernel's tiles.
+        unsafe { crate::attention::backward::run(call, saved, d_o, grads) };
+        return Ok(());
+    }
+    let _ = (wide, wide_tiles);
     portable::backward(call, saved, d_o, grads);
     Ok(())
 }

@@ -21,6 +21,8 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Time the compiled kernel against baselines
     Bench(BenchArgs),
+    /// Compute gradients: the vector-Jacobian product of the kernel's output
+    Grad(GradArgs),
 }
 
 impl Command {
@@ -31,6 +33,7 @@ impl Command {
             Command::Run(a) => a.shared.format,
             Command::Explain(a) => a.shared.format,
             Command::Bench(a) => a.shared.format,
+            Command::Grad(a) => a.shared.format,
         }
     }
 }
@@ -134,6 +137,29 @@ pub struct ExplainArgs {
     /// Print one stage instead of the whole report
     #[arg(long, value_enum)]
     pub emit: Option<Emit>,
+    /// Explain the gradients with respect to these parameters instead (e.g. q,k,v): the
+    /// backward graph and how it was derived
+    #[arg(long, value_name = "LIST")]
+    pub grad: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GradArgs {
+    #[command(flatten)]
+    pub shared: SharedArgs,
+    /// The parameters to differentiate with respect to, e.g. q,k,v
+    #[arg(long, value_name = "LIST")]
+    pub wrt: String,
+    /// The gradient of the output (a .npy file of the output's shape; default: ones)
+    #[arg(long, value_name = "PATH.npy")]
+    pub cotangent: Option<PathBuf>,
+    /// Write each gradient to DIR/<parameter>.npy (float32), created if missing
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Also compute the gradients with the reference interpreter and report the relative L2
+    /// errors (fails past 1e-4)
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,9 @@ use serde_json::json;
 
 pub fn explain(args: &ExplainArgs) -> CliResult {
     let prepared = prepare(&args.shared, false)?;
+    if let Some(list) = &args.grad {
+        return crate::grad::explain(&prepared, list, args.emit, args.shared.format.is_json());
+    }
     let kernel = prepared.kernel();
     let json = args.shared.format.is_json();
     match args.emit {
@@ -44,7 +47,7 @@ fn dot_before_and_after(prepared: &Prepared) -> String {
     )
 }
 
-fn emit(json: bool, key: &str, text: String) {
+pub(crate) fn emit(json: bool, key: &str, text: String) {
     if json {
         crate::print_json(&json!({ "ok": true, key: text }));
     } else {

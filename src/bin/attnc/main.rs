@@ -1,4 +1,4 @@
-//! The `attnc` command line (LANGUAGE.md §4): `check`, `run`, `explain`, `bench`.
+//! The `attnc` command line (LANGUAGE.md §4, §5): `check`, `run`, `explain`, `bench`, `grad`.
 //!
 //! Results go to stdout, diagnostics and notes to stderr; `--format json` makes both results
 //! and errors one JSON document on stdout. Exit status: 0 success, 1 the program or inputs are
@@ -21,6 +21,7 @@ mod ceilings;
 mod check;
 mod explain;
 mod failure;
+mod grad;
 mod inputs;
 mod memory;
 mod output_path;
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Explain(a) => explain::explain(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Grad(a) => grad::grad(a),
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,

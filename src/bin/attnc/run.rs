@@ -314,7 +314,7 @@ fn print_text(
 }
 
 /// Summary statistics of an output, over its finite and non-finite values alike.
-struct Stats {
+pub(crate) struct Stats {
     min: f64,
     max: f64,
     mean: f64,
@@ -323,7 +323,15 @@ struct Stats {
 }
 
 impl Stats {
-    fn of(values: &[f32]) -> Stats {
+    /// `min … max … mean … l2 … nan …`, for people.
+    pub(crate) fn line(&self) -> String {
+        format!(
+            "min {:.6} max {:.6} mean {:.6} l2 {:.6} nan {}",
+            self.min, self.max, self.mean, self.l2, self.nan
+        )
+    }
+
+    pub(crate) fn of(values: &[f32]) -> Stats {
         let mut stats = Stats {
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
@@ -357,7 +365,7 @@ impl Stats {
         stats
     }
 
-    fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         json!({
             "min": self.min, "max": self.max, "mean": self.mean, "l2": self.l2, "nan": self.nan,
         })

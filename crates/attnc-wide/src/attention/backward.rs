@@ -1,0 +1,670 @@
+//! The backward of one attention call on AVX-512 (see [`crate::backward`] for the math).
+//!
+//! Keys lie in the lanes: a key tile of 64 keys is four vectors, so per query row the
+//! scores, probabilities and their gradients of one key tile are four vectors and every
+//! per-row quantity (log-sum-exp, `D`) is one broadcast. The loop runs over key tiles, and
+//! for each over the query tiles that visit it (the call's tile table, transposed): `dKᵀ` and
+//! `dVᵀ` of the key tile (keys in the lanes) stay in a small accumulator until its last query
+//! tile, `dQ` rows accumulate in the output. Per (query tile, key tile) pair:
+//!
+//! 1. `S = Q Kᵀ` and `dP = dO Vᵀ` (4 rows × 4 key vectors of accumulators, one element of Q or
+//!    dO broadcast per 4 FMAs, `Kᵀ`/`Vᵀ` packed once per key tile);
+//! 2. per row: `x` (scale, bias, ALiBi, softcap), `P = 2^(x₂ − lse₂)`, `dY = P (dP − D)` (times
+//!    the softcap's derivative), `dS = dY · scale`, zero where masked (element masks on partial
+//!    tiles only); bias and slope gradients accumulated;
+//! 3. `dVᵀ += dOᵀ P` and `dKᵀ += Qᵀ dS` (4 columns × 4 key vectors, one element of dO or Q
+//!    broadcast per 4 FMAs), `dQ += dS K` (4 rows × 4 column vectors, one element of dS
+//!    broadcast per 4 FMAs). On partial tiles these products skip masked positions (masked
+//!    FMAs), so a NaN or infinity there reaches no gradient.
+//!
+//! Every sum runs in a fixed order per batch entry.
+
+// Register arrays indexed by constant loop bounds.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::borrow::Cow;
+
+use super::mask::{LaneAxis, MaskProgram, VECTORS};
+use super::math::exp2;
+use super::score::{ScoreForm, LOG2_E};
+use super::widen::first_lanes;
+use super::{KEY_TILE, QUERY_TILE};
+use crate::backward::{Gradients, Saved};
+use crate::problem::{Call, Elements, Operand};
+
+const LANES: usize = 16;
+const KT: usize = KEY_TILE;
+const QT: usize = QUERY_TILE;
+
+const _: () = assert!(KT == LANES * VECTORS);
+
+/// An operand's rows as f32: in place (with its row stride) or widened into a contiguous copy.
+fn rows_f32<'a>(op: &Operand<'a>) -> (Cow<'a, [f32]>, usize) {
+    if let Elements::F32(x) = op.data {
+        return (Cow::Borrowed(x), op.row_stride);
+    }
+    let mut out = Vec::with_capacity(op.rows * op.cols);
+    for r in 0..op.rows {
+        out.extend((0..op.cols).map(|c| op.data.get(r * op.row_stride + c)));
+    }
+    (Cow::Owned(out), op.cols)
+}
+
+/// Per key tile, the query tiles that visit it and whether the visit is partial.
+fn by_key_tile(call: &Call<'_>) -> Vec<Vec<(usize, bool)>> {
+    let tiles = call.tiles;
+    let mut out = vec![Vec::new(); call.n().div_ceil(KT)];
+    for t in 0..tiles.query_tiles() {
+        for run in tiles.runs(t) {
+            for k in run.first as usize..run.end as usize {
+                if let Some(list) = out.get_mut(k) {
+                    list.push((t, run.partial));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What every tile pair of one call shares.
+struct Env<'a> {
+    m: usize,
+    n: usize,
+    d: usize,
+    dv: usize,
+    q: (Cow<'a, [f32]>, usize),
+    k: (Cow<'a, [f32]>, usize),
+    d_o: &'a [f32],
+    form: ScoreForm<'a>,
+    scale: f32,
+    /// `(cap₂, 1/cap₂)` of the softcap in base 2.
+    cap: Option<(f32, f32)>,
+    /// Row log-sum-exps in base 2.
+    lse2: Vec<f32>,
+    /// `D_i = dO_i · O_i`.
+    dd: Vec<f32>,
+    program: Option<MaskProgram>,
+}
+
+/// Scratch of one call: packed `Kᵀ`, `Vᵀ` of a key tile, the key tile's `dKᵀ`, `dVᵀ`, and the
+/// score-sized tiles of one pair.
+struct Scratch {
+    kt: Vec<f32>,
+    vt: Vec<f32>,
+    dkt: Vec<f32>,
+    dvt: Vec<f32>,
+    s: Vec<f32>,
+    dp: Vec<f32>,
+    ds: Vec<f32>,
+    kept: Vec<u16>,
+    slope: __m512,
+}
+
+/// The gradients of `call`.
+///
+/// # Safety
+/// AVX-512 is present, `crate::backward::check` passed and the tile table has 64 × 64 tiles.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(crate) unsafe fn run(
+    call: &Call<'_>,
+    saved: &Saved<'_>,
+    d_o: &[f32],
+    grads: &mut Gradients<'_>,
+) {
+    let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
+    let dd: Vec<f32> = (0..m)
+        .map(|i| {
+            let (g, o) = (&d_o[i * dv..(i + 1) * dv], &saved.o[i * dv..(i + 1) * dv]);
+            g.iter().zip(o).map(|(a, b)| a * b).sum()
+        })
+        .collect();
+    let env = Env {
+        m,
+        n,
+        d,
+        dv,
+        q: rows_f32(&call.q),
+        k: rows_f32(&call.k),
+        d_o,
+        form: ScoreForm::new(&call.score),
+        scale: call.score.scale,
+        cap: call.score.softcap.map(|c| (c * LOG2_E, 1.0 / (c * LOG2_E))),
+        lse2: saved.lse[..m].iter().map(|l| l * LOG2_E).collect(),
+        dd,
+        program: call.mask.map(MaskProgram::compile),
+    };
+    let (v, v_stride) = rows_f32(&call.v);
+    for g in [
+        grads.dq.as_deref_mut(),
+        grads.dk.as_deref_mut(),
+        grads.dv.as_deref_mut(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        g.fill(0.0);
+    }
+    let mut masks = env.program.as_ref().map(|p| p.buffers(QT * VECTORS));
+    let mut scratch = Scratch {
+        kt: vec![0.0; d.max(1) * KT],
+        vt: vec![0.0; dv.max(1) * KT],
+        dkt: vec![0.0; d.max(1) * KT],
+        dvt: vec![0.0; dv.max(1) * KT],
+        s: vec![0.0; QT * KT],
+        dp: vec![0.0; QT * KT],
+        ds: vec![0.0; QT * KT],
+        kept: vec![0; QT * VECTORS],
+        slope: _mm512_setzero_ps(),
+    };
+    for (t, visits) in by_key_tile(call).into_iter().enumerate() {
+        if visits.is_empty() {
+            continue;
+        }
+        let j0 = t * KT;
+        let kn = KT.min(n - j0);
+        // Kᵀ and Vᵀ of the tile, keys past n zero.
+        pack_t(&env.k.0, env.k.1, j0, kn, d, &mut scratch.kt);
+        pack_t(&v, v_stride, j0, kn, dv, &mut scratch.vt);
+        scratch.dkt.fill(0.0);
+        scratch.dvt.fill(0.0);
+        for (qtile, partial) in visits {
+            // SAFETY: the caller's contract; the table lists tiles inside m and n.
+            unsafe {
+                pair(
+                    &env,
+                    &mut scratch,
+                    masks.as_mut(),
+                    grads,
+                    (qtile * QT, j0, kn),
+                    partial,
+                )
+            };
+        }
+        // The tile's dK and dV rows, transposed back.
+        for (g, acc, cols) in [
+            (grads.dk.as_deref_mut(), &scratch.dkt, d),
+            (grads.dv.as_deref_mut(), &scratch.dvt, dv),
+        ] {
+            if let Some(g) = g {
+                for jj in 0..kn {
+                    for c in 0..cols {
+                        g[(j0 + jj) * cols + c] = acc[c * KT + jj];
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = grads.dslope.as_deref_mut() {
+        *s += _mm512_reduce_add_ps(scratch.slope);
+    }
+}
+
+/// `out[c·64 + jj] = x[(j0 + jj)·stride + c]` for `jj < kn`, 0 for `kn ≤ jj < 64`.
+fn pack_t(x: &[f32], stride: usize, j0: usize, kn: usize, cols: usize, out: &mut [f32]) {
+    for c in 0..cols {
+        let row = &mut out[c * KT..(c + 1) * KT];
+        for (jj, o) in row.iter_mut().enumerate() {
+            *o = if jj < kn {
+                x[(j0 + jj) * stride + c]
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// One (query tile, key tile) pair: rows from `i0`, keys `j0..j0 + kn`.
+///
+/// # Safety
+/// AVX-512 is present; the rows and keys lie inside the call.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn pair(
+    env: &Env<'_>,
+    scratch: &mut Scratch,
+    masks: Option<&mut super::mask::MaskBuffers>,
+    grads: &mut Gradients<'_>,
+    (i0, j0, kn): (usize, usize, usize),
+    partial: bool,
+) {
+    let (m, n, d, dv) = (env.m, env.n, env.d, env.dv);
+    let qn = QT.min(m - i0);
+    let (q, qs) = (&env.q.0, env.q.1);
+    let (k, ks) = (&env.k.0, env.k.1);
+    let need_ds =
+        grads.dq.is_some() || grads.dk.is_some() || grads.dbias.is_some() || grads.dslope.is_some();
+    // 1. S and dP.
+    // SAFETY (both): rows i0.. of Q (d each) and dO (dv each) lie inside them; the packed
+    // tiles hold d·64 and dv·64; the output tiles 64·64.
+    unsafe {
+        products(
+            q.as_ptr().add(i0 * qs),
+            qs,
+            &scratch.kt,
+            d,
+            qn,
+            &mut scratch.s,
+        );
+        if need_ds {
+            products(
+                env.d_o.as_ptr().add(i0 * dv),
+                dv,
+                &scratch.vt,
+                dv,
+                qn,
+                &mut scratch.dp,
+            );
+        }
+    }
+    // 2. Element masks: the table's (partial tiles) and rows that keep nothing.
+    let empty_rows = (0..qn).any(|r| env.lse2[i0 + r] == f32::NEG_INFINITY);
+    let masked = partial || empty_rows;
+    let element = match (partial, env.program.as_ref(), masks) {
+        (true, Some(p), Some(buffers)) => {
+            let at = |f: usize| (i0 + f) as i64 + n as i64 - m as i64;
+            // SAFETY: qn ≤ 64 rows fit the buffers of 64·4 masks.
+            Some(unsafe { p.eval(buffers, LaneAxis::Keys, at, qn, j0 as i64, VECTORS) })
+        }
+        _ => None,
+    };
+    let valid: [__mmask16; VECTORS] =
+        std::array::from_fn(|v| first_lanes(kn.saturating_sub(v * LANES)));
+    let (brs, bcs) = env.form.bias_strides();
+    let (qscale, scale) = (_mm512_set1_ps(env.form.q_scale), _mm512_set1_ps(env.scale));
+    for r in 0..qn {
+        let i = i0 + r;
+        let ia = i as i64 + n as i64 - m as i64;
+        let lse = env.lse2[i];
+        let row_ok: __mmask16 = if lse == f32::NEG_INFINITY { 0 } else { 0xffff };
+        let (lse, dd) = (_mm512_set1_ps(lse), _mm512_set1_ps(env.dd[i]));
+        for v in 0..VECTORS {
+            let mut kept = valid[v] & row_ok;
+            if let Some(e) = element {
+                kept &= e[r * VECTORS + v];
+            }
+            scratch.kept[r * VECTORS + v] = kept;
+            let at = r * KT + v * LANES;
+            let j = j0 + v * LANES;
+            // SAFETY: `at + 16 ≤ 64·64`; bias elements are read for valid keys only.
+            unsafe {
+                let mut x = _mm512_mul_ps(_mm512_loadu_ps(scratch.s.as_ptr().add(at)), qscale);
+                if env.form.has_options() {
+                    x = env
+                        .form
+                        .apply(x, i * brs + j * bcs, bcs, valid[v], j as i64 - ia, 1);
+                }
+                let p = _mm512_maskz_mov_ps(kept, exp2(_mm512_sub_ps(x, lse)));
+                // P replaces S in place (dV reads it); dS goes to its own tile.
+                _mm512_storeu_ps(scratch.s.as_mut_ptr().add(at), p);
+                if !need_ds {
+                    continue;
+                }
+                let dp = _mm512_loadu_ps(scratch.dp.as_ptr().add(at));
+                let mut dy = _mm512_mul_ps(p, _mm512_sub_ps(dp, dd));
+                if let Some((_, inv)) = env.cap {
+                    let t = _mm512_mul_ps(x, _mm512_set1_ps(inv));
+                    dy = _mm512_mul_ps(dy, _mm512_fnmadd_ps(t, t, _mm512_set1_ps(1.0)));
+                }
+                let dy = _mm512_maskz_mov_ps(kept, dy);
+                if let Some(b) = grads.dbias.as_mut() {
+                    add_bias(b, i, j, kept, dy);
+                }
+                if grads.dslope.is_some() {
+                    let iota =
+                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                    let dist = _mm512_add_ps(
+                        _mm512_set1_ps((j as i64 - ia) as f32),
+                        _mm512_cvtepi32_ps(iota),
+                    );
+                    scratch.slope = _mm512_fmadd_ps(dy, dist, scratch.slope);
+                }
+                _mm512_storeu_ps(scratch.ds.as_mut_ptr().add(at), _mm512_mul_ps(dy, scale));
+            }
+        }
+    }
+    // 3. The three accumulating products.
+    let kept = &scratch.kept[..qn * VECTORS];
+    if grads.dv.is_some() {
+        // SAFETY: dO rows i0..i0+qn (dv each); dVᵀ holds dv·64; P holds qn·64.
+        unsafe {
+            accumulate_t(
+                &mut scratch.dvt,
+                env.d_o.as_ptr().add(i0 * dv),
+                dv,
+                dv,
+                &scratch.s,
+                qn,
+                masked.then_some(kept),
+            )
+        };
+    }
+    if grads.dk.is_some() {
+        // SAFETY: Q rows i0..i0+qn (d each); dKᵀ holds d·64; dS holds qn·64.
+        unsafe {
+            accumulate_t(
+                &mut scratch.dkt,
+                q.as_ptr().add(i0 * qs),
+                qs,
+                d,
+                &scratch.ds,
+                qn,
+                masked.then_some(kept),
+            )
+        };
+    }
+    if let Some(dq) = grads.dq.as_deref_mut() {
+        // SAFETY: dQ rows i0..i0+qn lie inside dq (m·d); K rows j0..j0+kn inside K.
+        unsafe {
+            accumulate_dq(
+                &mut dq[i0 * d..(i0 + qn) * d],
+                d,
+                &scratch.ds,
+                k.as_ptr().add(j0 * ks),
+                ks,
+                kn,
+                masked.then_some(kept),
+            )
+        };
+    }
+}
+
+/// Adds `dy` (the kept lanes, keys `j..j + 16` of row `i`) into the bias gradient.
+///
+/// # Safety
+/// AVX-512 is present; the kept lanes' elements lie inside the gradient (checked by
+/// `crate::backward::check` for every position of the call).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn add_bias(
+    b: &mut crate::backward::BiasGrad<'_>,
+    i: usize,
+    j: usize,
+    kept: __mmask16,
+    dy: __m512,
+) {
+    if kept == 0 {
+        return;
+    }
+    let at = i * b.row_stride + j * b.col_stride;
+    match b.col_stride {
+        0 => b.data[at] += _mm512_reduce_add_ps(dy),
+        1 => {
+            // SAFETY: the kept lanes' elements lie inside the gradient.
+            unsafe {
+                let p = b.data.as_mut_ptr().add(at);
+                let old = _mm512_maskz_loadu_ps(kept, p);
+                _mm512_mask_storeu_ps(p, kept, _mm512_add_ps(old, dy));
+            }
+        }
+        cs => {
+            let mut lanes = [0.0f32; LANES];
+            // SAFETY: 16 f32.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), dy) };
+            for (l, x) in lanes.iter().enumerate() {
+                if kept >> l & 1 == 1 {
+                    b.data[at + l * cs] += x;
+                }
+            }
+        }
+    }
+}
+
+/// `out[r·64 + key] = Σ_c a[r·stride + c] · bt[c·64 + key]` for `r < rows`, four rows at a
+/// time.
+///
+/// # Safety
+/// AVX-512 is present; `a` has `rows` rows of `depth` readable f32, `stride` apart; `bt` holds
+/// `depth·64` and `out` `rows·64`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn products(
+    a: *const f32,
+    stride: usize,
+    bt: &[f32],
+    depth: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    assert!(
+        bt.len() >= depth * KT && out.len() >= rows * KT,
+        "invariant: tile sizes"
+    );
+    let mut r = 0;
+    while r < rows {
+        let (a, o) = (a.wrapping_add(r * stride), out[r * KT..].as_mut_ptr());
+        // SAFETY (all four): rows r.. exist in `a`; `o` holds (rows − r)·64.
+        unsafe {
+            match rows - r {
+                1 => rows_by_keys::<1>(a, stride, bt.as_ptr(), depth, o),
+                2 => rows_by_keys::<2>(a, stride, bt.as_ptr(), depth, o),
+                3 => rows_by_keys::<3>(a, stride, bt.as_ptr(), depth, o),
+                _ => rows_by_keys::<4>(a, stride, bt.as_ptr(), depth, o),
+            }
+        }
+        r += 4;
+    }
+}
+
+/// `R` rows of [`products`].
+///
+/// # Safety
+/// As [`products`] for `R` rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn rows_by_keys<const R: usize>(
+    a: *const f32,
+    stride: usize,
+    bt: *const f32,
+    depth: usize,
+    out: *mut f32,
+) {
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+    for c in 0..depth {
+        // SAFETY: c < depth: row c of the packed tile and element c of each row exist.
+        unsafe {
+            let b: [__m512; VECTORS] =
+                std::array::from_fn(|v| _mm512_loadu_ps(bt.add(c * KT + v * LANES)));
+            for r in 0..R {
+                let x = _mm512_set1_ps(*a.add(r * stride + c));
+                for v in 0..VECTORS {
+                    acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for v in 0..VECTORS {
+            // SAFETY: r < R, v < 4: inside the R·64 of `out`.
+            unsafe { _mm512_storeu_ps(out.add(r * KT + v * LANES), acc[r][v]) };
+        }
+    }
+}
+
+/// `acc_t[c·64 + key] += Σ_r a[r·stride + c] · p[r·64 + key]` for `c < cols`, `r < rows`;
+/// with `kept`, only kept positions (`kept[r·4 + v]`) are added.
+///
+/// # Safety
+/// AVX-512 is present; `a` has `rows` rows of `cols` readable f32, `stride` apart; `acc_t`
+/// holds `cols·64`, `p` `rows·64`, `kept` (when given) `rows·4`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn accumulate_t(
+    acc_t: &mut [f32],
+    a: *const f32,
+    stride: usize,
+    cols: usize,
+    p: &[f32],
+    rows: usize,
+    kept: Option<&[u16]>,
+) {
+    assert!(
+        acc_t.len() >= cols * KT && p.len() >= rows * KT,
+        "invariant: tile sizes"
+    );
+    assert!(
+        kept.is_none_or(|k| k.len() >= rows * VECTORS),
+        "invariant: masks"
+    );
+    let mut c = 0;
+    while c < cols {
+        let (a, out) = (a.wrapping_add(c), acc_t[c * KT..].as_mut_ptr());
+        // SAFETY (all): columns c.. exist; `out` holds (cols − c)·64.
+        unsafe {
+            match (cols - c, kept) {
+                (1, None) => columns::<1, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (2, None) => columns::<2, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (3, None) => columns::<3, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (_, None) => columns::<4, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (1, Some(k)) => columns::<1, true>(out, a, stride, p.as_ptr(), rows, k),
+                (2, Some(k)) => columns::<2, true>(out, a, stride, p.as_ptr(), rows, k),
+                (3, Some(k)) => columns::<3, true>(out, a, stride, p.as_ptr(), rows, k),
+                (_, Some(k)) => columns::<4, true>(out, a, stride, p.as_ptr(), rows, k),
+            }
+        }
+        c += 4;
+    }
+}
+
+/// `C` columns of [`accumulate_t`].
+///
+/// # Safety
+/// As [`accumulate_t`] for `C` columns.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn columns<const C: usize, const KEPT: bool>(
+    out: *mut f32,
+    a: *const f32,
+    stride: usize,
+    p: *const f32,
+    rows: usize,
+    kept: &[u16],
+) {
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
+    for cc in 0..C {
+        for v in 0..VECTORS {
+            // SAFETY: cc < C, v < 4: inside `out`.
+            acc[cc][v] = unsafe { _mm512_loadu_ps(out.add(cc * KT + v * LANES)) };
+        }
+    }
+    for r in 0..rows {
+        // SAFETY: r < rows: row r of P and of `a` (C columns) exist.
+        unsafe {
+            let pv: [__m512; VECTORS] =
+                std::array::from_fn(|v| _mm512_loadu_ps(p.add(r * KT + v * LANES)));
+            for cc in 0..C {
+                let x = _mm512_set1_ps(*a.add(r * stride + cc));
+                for v in 0..VECTORS {
+                    acc[cc][v] = if KEPT {
+                        _mm512_mask3_fmadd_ps(x, pv[v], acc[cc][v], kept[r * VECTORS + v])
+                    } else {
+                        _mm512_fmadd_ps(x, pv[v], acc[cc][v])
+                    };
+                }
+            }
+        }
+    }
+    for cc in 0..C {
+        for v in 0..VECTORS {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_storeu_ps(out.add(cc * KT + v * LANES), acc[cc][v]) };
+        }
+    }
+}
+
+/// `dq[r·cols + c] += Σ_key ds[r·64 + key] · k[key·stride + c]` for the rows of `dq`
+/// (`cols` each) and `key < keys`; with `kept`, only kept positions are added.
+///
+/// # Safety
+/// AVX-512 is present; `k` has `keys` rows of `cols` readable f32, `stride` apart; `ds` holds
+/// `rows·64` and `kept` (when given) `rows·4`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn accumulate_dq(
+    dq: &mut [f32],
+    cols: usize,
+    ds: &[f32],
+    k: *const f32,
+    stride: usize,
+    keys: usize,
+    kept: Option<&[u16]>,
+) {
+    let rows = dq.len() / cols.max(1);
+    assert!(ds.len() >= rows * KT, "invariant: tile sizes");
+    assert!(
+        kept.is_none_or(|m| m.len() >= rows * VECTORS),
+        "invariant: masks"
+    );
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(4);
+        let (out, d) = (dq[r * cols..].as_mut_ptr(), ds[r * KT..].as_ptr());
+        let kept = kept.map(|m| &m[r * VECTORS..]);
+        let mut c = 0;
+        while c < cols {
+            let lanes: [__mmask16; VECTORS] =
+                std::array::from_fn(|v| first_lanes((cols - c).saturating_sub(v * LANES)));
+            let (o, kc) = (out.wrapping_add(c), k.wrapping_add(c));
+            // SAFETY (all): n rows of dq from `out`; columns c.. under `lanes`; keys < keys.
+            unsafe {
+                match (n, kept) {
+                    (1, None) => dq_block::<1, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (2, None) => dq_block::<2, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (3, None) => dq_block::<3, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (_, None) => dq_block::<4, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (1, Some(m)) => dq_block::<1, true>(o, cols, d, kc, stride, keys, lanes, m),
+                    (2, Some(m)) => dq_block::<2, true>(o, cols, d, kc, stride, keys, lanes, m),
+                    (3, Some(m)) => dq_block::<3, true>(o, cols, d, kc, stride, keys, lanes, m),
+                    (_, Some(m)) => dq_block::<4, true>(o, cols, d, kc, stride, keys, lanes, m),
+                }
+            }
+            c += KT;
+        }
+        r += 4;
+    }
+}
+
+/// `R` rows × up to 64 columns (the lanes in `lanes`) of [`accumulate_dq`].
+///
+/// # Safety
+/// As [`accumulate_dq`] for `R` rows; the lanes of `lanes` are the readable columns.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dq_block<const R: usize, const KEPT: bool>(
+    out: *mut f32,
+    cols: usize,
+    ds: *const f32,
+    k: *const f32,
+    stride: usize,
+    keys: usize,
+    lanes: [__mmask16; VECTORS],
+    kept: &[u16],
+) {
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+    for r in 0..R {
+        for v in 0..VECTORS {
+            // SAFETY: only the readable columns of row r load.
+            acc[r][v] = unsafe { _mm512_maskz_loadu_ps(lanes[v], out.add(r * cols + v * LANES)) };
+        }
+    }
+    for key in 0..keys {
+        // SAFETY: key < keys: its row's columns under `lanes` are readable.
+        unsafe {
+            let kv: [__m512; VECTORS] = std::array::from_fn(|v| {
+                _mm512_maskz_loadu_ps(lanes[v], k.add(key * stride + v * LANES))
+            });
+            for r in 0..R {
+                if KEPT && kept[r * VECTORS + key / LANES] >> (key % LANES) & 1 == 0 {
+                    continue;
+                }
+                let x = _mm512_set1_ps(*ds.add(r * KT + key));
+                for v in 0..VECTORS {
+                    acc[r][v] = _mm512_fmadd_ps(x, kv[v], acc[r][v]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for v in 0..VECTORS {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_mask_storeu_ps(out.add(r * cols + v * LANES), lanes[v], acc[r][v]) };
+        }
+    }
+}

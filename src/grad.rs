@@ -1,0 +1,178 @@
+//! Gradients: a kernel's forward compiled beside the machine code of its vector-Jacobian
+//! product, and the f64 reference gradients.
+//!
+//! [`Compiler::compile_grad`] optimizes the kernel with the exact rules (so attention is
+//! fused where the optimizer finds it), differentiates THAT form ([`attnc_ir::grad`]: fused
+//! attentions get the fused backward, masks and block sparsity carry over), and compiles the
+//! gradient graph with every requested gradient as one result of one plan. The forward is
+//! compiled from the same optimized form. [`CompiledGrad::backward`] takes the inputs and the
+//! cotangent (the gradient of the output) and returns one gradient per requested parameter,
+//! in the parameter's shape, f32; it recomputes what it needs of the forward.
+//!
+//! [`reference_gradients`] evaluates the gradient graph of the kernel AS WRITTEN (plain ops)
+//! with the f64 interpreter: the oracle `--verify` and the tests compare with.
+//!
+//! ```
+//! let module = attnc::source::compile_text(
+//!     "kernel f(q: f32[n, d], k: f32[n, d], v: f32[n, d]) -> f32[n, d] {
+//!          return softmax(mask(q @ k.T / sqrt(d), causal)) @ v;
+//!      }",
+//! )
+//! .expect("the program checks");
+//! let kernel = &module.kernels[0];
+//! let bindings = [("n".to_string(), 64), ("d".to_string(), 16)].into_iter().collect();
+//! let wrt = attnc::ir::grad::parse_wrt(kernel, "q,v").expect("parameters");
+//! let grad = attnc::Compiler::new().with_threads(2).compile_grad(kernel, &bindings, &wrt)
+//!     .expect("compiles");
+//! assert!(grad.plan().to_string().contains("attention backward"));
+//! let x = attnc::io::Tensor::from_f32(vec![64, 16], vec![0.25; 64 * 16]).expect("shape");
+//! let inputs = [x.clone(), x.clone(), x.clone()];
+//! let out = grad.forward(&inputs, 2).expect("runs");
+//! let ones = attnc::grad::ones(&out.shape);
+//! let grads = grad.backward(&inputs, &ones, 2).expect("runs");
+//! assert_eq!(grads.len(), 2);
+//! assert_eq!(grads[1].shape, vec![64, 16]);
+//! ```
+
+use crate::compiler::Compiler;
+use crate::engine::{input_view, run_compiled, RunError};
+use crate::io::{Tensor, TensorData};
+use attnc_ir::grad::{vjp, Vjp};
+use attnc_ir::interp::evaluate_outputs;
+use attnc_ir::{Bindings, DType, Kernel};
+use attnc_jit::plan::Plan;
+use attnc_jit::{CompiledKernel, Input};
+use attnc_opt::Trace;
+use std::time::{Duration, Instant};
+
+/// A kernel's forward and the machine code of its gradients.
+pub struct CompiledGrad {
+    /// The forward's machine code (of the optimized form the gradients differentiate).
+    pub forward: CompiledKernel,
+    /// The gradient graph: the optimized forward's nodes, then the gradient nodes.
+    pub vjp: Vjp,
+    /// The machine code of every requested gradient, one result each.
+    pub backward: CompiledKernel,
+    /// The optimizer's record of the forward form.
+    pub trace: Trace,
+    /// The forward's return type.
+    pub ret: DType,
+    /// Wall time of the whole compilation.
+    pub elapsed: Duration,
+}
+
+impl Compiler {
+    /// Optimizes `kernel` with the exact rules, differentiates the optimized form with
+    /// respect to the parameters `wrt` (indices) and compiles both the forward and the
+    /// gradients. The plan of the gradients is checked against the memory budget.
+    pub fn compile_grad(
+        &self,
+        kernel: &Kernel,
+        bindings: &Bindings,
+        wrt: &[usize],
+    ) -> Result<CompiledGrad, RunError> {
+        let start = Instant::now();
+        let optimized = self.optimize_exact(kernel, bindings);
+        let forward = self.compile_plan(&optimized.kernel, bindings)?;
+        let vjp = vjp(&optimized.kernel, wrt)?;
+        let backward = CompiledKernel::compile_outputs(
+            &vjp.combined(),
+            &vjp.outputs(),
+            bindings,
+            self.options(),
+        )?;
+        self.check_memory(backward.plan())?;
+        Ok(CompiledGrad {
+            forward,
+            vjp,
+            backward,
+            trace: optimized.trace,
+            ret: kernel.ret_dtype,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+impl CompiledGrad {
+    /// The forward on `inputs` (one per parameter).
+    pub fn forward(&self, inputs: &[Tensor], threads: usize) -> Result<Tensor, RunError> {
+        run_compiled(&self.forward, self.ret, inputs, threads)
+    }
+
+    /// The gradients of every requested parameter (in the order asked, f32, each of its
+    /// parameter's shape) for the cotangent `cotangent` (the output's shape, any stored
+    /// type).
+    pub fn backward(
+        &self,
+        inputs: &[Tensor],
+        cotangent: &Tensor,
+        threads: usize,
+    ) -> Result<Vec<Tensor>, RunError> {
+        let expected = self.vjp.params.len() - 1;
+        if inputs.len() != expected {
+            return Err(RunError::InputCount {
+                expected,
+                got: inputs.len(),
+            });
+        }
+        let dy: Vec<f32> = cotangent.to_f32_vec();
+        let mut views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+        views.push(Input::F32(&dy));
+        let outputs = self.backward.run_outputs(&views, threads)?;
+        Ok(outputs
+            .into_iter()
+            .map(|o| Tensor {
+                shape: o.shape,
+                data: TensorData::F32(o.data),
+            })
+            .collect())
+    }
+
+    /// The plan of the gradients.
+    pub fn plan(&self) -> &Plan {
+        self.backward.plan()
+    }
+
+    /// The names of the requested parameters, in order.
+    pub fn names(&self) -> Vec<&str> {
+        self.vjp.gradients.iter().map(|g| g.name.as_str()).collect()
+    }
+}
+
+/// A cotangent of ones (the gradient of the sum of the outputs).
+pub fn ones(shape: &[usize]) -> Tensor {
+    Tensor {
+        shape: shape.to_vec(),
+        data: TensorData::F32(vec![1.0; shape.iter().product()]),
+    }
+}
+
+/// The gradients of `kernel` as written with respect to `wrt`, by the f64 interpreter on its
+/// plain gradient graph (the reference; results rounded to f32).
+pub fn reference_gradients(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    inputs: &[Tensor],
+    cotangent: &Tensor,
+    wrt: &[usize],
+) -> Result<Vec<Tensor>, RunError> {
+    let g = vjp(kernel, wrt)?;
+    if inputs.len() != kernel.params.len() {
+        return Err(RunError::InputCount {
+            expected: kernel.params.len(),
+            got: inputs.len(),
+        });
+    }
+    let mut arrays: Vec<_> = inputs.iter().map(Tensor::to_f64_array).collect();
+    arrays.push(cotangent.to_f64_array());
+    let values = evaluate_outputs(&g.combined(), bindings, &arrays, &g.outputs())?;
+    Ok(values
+        .into_iter()
+        .map(|a| Tensor::from_f64_array(&a, DType::F32))
+        .collect())
+}
+
+/// The gradient graph the reference evaluates (for memory checks before evaluating it).
+pub fn reference_graph(kernel: &Kernel, wrt: &[usize]) -> Result<Kernel, RunError> {
+    Ok(vjp(kernel, wrt)?.combined())
+}
