@@ -101,19 +101,7 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
     }
     outln!("kernel {}", signature(kernel));
     outln!("policy: {}", prepared.policy);
-    let bound: Vec<String> = prepared
-        .bindings
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    outln!(
-        "bindings: {}",
-        if bound.is_empty() {
-            "(none)".into()
-        } else {
-            bound.join(", ")
-        }
-    );
+    outln!("bindings: {}", prepared.bindings_line());
     outln!();
     outln!("== IR ({} nodes) ==", kernel.graph.len());
     out!("{ir_text}");

@@ -397,19 +397,7 @@ pub fn explain(prepared: &Prepared, list: &str, emit: Option<Emit>, json: bool) 
         "gradients of {} (cotangent: the output's shape)",
         names.join(", ")
     );
-    let bound: Vec<String> = prepared
-        .bindings
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    outln!(
-        "bindings: {}",
-        if bound.is_empty() {
-            "(none)".into()
-        } else {
-            bound.join(", ")
-        }
-    );
+    outln!("bindings: {}", prepared.bindings_line());
     outln!();
     match &trace {
         Some(t) => {

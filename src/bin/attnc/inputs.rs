@@ -32,6 +32,19 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The bound symbols as `d=64, h=8`, or `(none)`: the `bindings:` line of a report.
+    pub fn bindings_line(&self) -> String {
+        if self.bindings.is_empty() {
+            return "(none)".into();
+        }
+        let bound: Vec<String> = self
+            .bindings
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        bound.join(", ")
+    }
+
     pub fn kernel(&self) -> &Kernel {
         &self.module.kernels[self.kernel_index]
     }
