@@ -17,10 +17,14 @@ fn tensor(shape: &[usize], values: Vec<f32>) -> Tensor {
 }
 
 fn run(src: &str, inputs: Vec<Tensor>) -> Vec<f32> {
+    run_on(Engine::Interp, src, inputs)
+}
+
+fn run_on(engine: Engine, src: &str, inputs: Vec<Tensor>) -> Vec<f32> {
     let module = attnc::source::compile_text(src).expect("program checks");
     let kernel = &module.kernels[0];
     let bindings = bind(kernel, &inputs, &Bindings::new()).expect("shapes bind");
-    execute(kernel, &bindings, &inputs, Engine::Interp, 1)
+    execute(kernel, &bindings, &inputs, engine, 1)
         .expect("runs")
         .to_f32_vec()
 }
@@ -91,4 +95,31 @@ fn fully_masked_rows_are_zero() {
     let k = tensor(&[4, 1], vec![1.0, 1.0, 1.0, 1.0]);
     let v = tensor(&[4, 1], vec![5.0, 6.0, 7.0, 8.0]);
     assert_eq!(run(src, vec![q, k, v]), vec![0.0, 0.0]);
+}
+
+#[test]
+fn a_non_finite_row_bias_reaches_its_row_after_optimization() {
+    // softmax(x + c) = softmax(x) only for a finite c: the optimizer must keep an input shift,
+    // so a NaN or +inf bias makes its row NaN and a -inf bias masks the whole row (zeros).
+    let src = "kernel a(q: f32[m, d], k: f32[n, d], v: f32[n, d], c: f32[m, 1]) -> f32[m, d] {
+        return softmax(q @ k.T + c) @ v;
+    }";
+    let q = tensor(&[4, 1], vec![1.0, 2.0, 3.0, 4.0]);
+    let k = tensor(&[3, 1], vec![0.5, -0.5, 1.0]);
+    let v = tensor(&[3, 1], vec![1.0, 2.0, 3.0]);
+    let c = tensor(
+        &[4, 1],
+        vec![f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 1.0],
+    );
+    for engine in [Engine::Interp, Engine::Jit] {
+        let out = run_on(
+            engine,
+            src,
+            vec![q.clone(), k.clone(), v.clone(), c.clone()],
+        );
+        assert!(out[0].is_nan(), "{engine:?}: {out:?}");
+        assert_eq!(out[1], 0.0, "{engine:?}: {out:?}");
+        assert!(out[2].is_nan(), "{engine:?}: {out:?}");
+        assert!(out[3].is_finite(), "{engine:?}: {out:?}");
+    }
 }

@@ -152,8 +152,8 @@ pub enum Guard {
         /// The key.
         k: &'static str,
     },
-    /// `c` is constant along `axis` of `x` and does not enlarge `x` by broadcasting, and, if it
-    /// is a known scalar, finite.
+    /// `c` is constant along `axis` of `x`, does not enlarge `x` by broadcasting, and is a finite
+    /// constant or `max(x, axis)` (see `shift_is_safe`).
     RowConstant {
         /// The array.
         x: &'static str,
@@ -412,11 +412,7 @@ impl Condition<Attn, ShapeAnalysis> for GuardCheck {
                 else {
                     return false;
                 };
-                let finite = v1
-                    .and_then(|v| subst.get(v))
-                    .map(|&id| egraph[id].data.konst.is_none_or(f64::is_finite))
-                    .unwrap_or(false);
-                row_constant(&x, &c, axis) && finite
+                row_constant(&x, &c, axis) && shift_is_safe(egraph, subst, v0, v1, v2)
             }
             _ => false,
         }
@@ -425,6 +421,31 @@ impl Condition<Attn, ShapeAnalysis> for GuardCheck {
     fn vars(&self) -> Vec<Var> {
         self.vars.iter().flatten().copied().collect()
     }
+}
+
+/// Whether the row shift `c` of `softmax(x ± c)` may be dropped without changing which values
+/// are NaN or infinite: a finite constant, or `max(x, axis)` itself, the stable-softmax idiom
+/// (equal except on a row that is entirely `-inf`, where `-inf - -inf` makes the written form
+/// NaN and `softmax` gives zeros: docs/language.md, "Rewrites"). Any other shift may be an
+/// input holding NaN or ±inf, which the written form propagates and `softmax(x)` would drop.
+fn shift_is_safe(
+    egraph: &AttnGraph,
+    subst: &Subst,
+    x: Option<Var>,
+    c: Option<Var>,
+    axis: Option<Var>,
+) -> bool {
+    let class = |v: Option<Var>| v.and_then(|v| subst.get(v)).map(|&id| egraph.find(id));
+    let (Some(x), Some(c), Some(axis)) = (class(x), class(c), class(axis)) else {
+        return false;
+    };
+    if let Some(k) = egraph[c].data.konst {
+        return k.is_finite();
+    }
+    egraph[c].nodes.iter().any(|node| match node {
+        Attn::Max([a, ax]) => egraph.find(*a) == x && egraph.find(*ax) == axis,
+        _ => false,
+    })
 }
 
 /// `s` with its last two axes swapped.

@@ -111,6 +111,19 @@ pub fn rel_l2(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
     c.relative_l2
 }
 
+/// The shape analysis of `shell`'s parameters at `bindings`.
+fn analysis_for(shell: &Kernel, bindings: &Bindings) -> ShapeAnalysis {
+    let mut analysis = ShapeAnalysis {
+        bindings: bindings.clone(),
+        ..ShapeAnalysis::default()
+    };
+    for p in &shell.params {
+        let shape = attnc_ir::dim::resolve_shape(&p.shape, bindings).expect("bound");
+        analysis.params.insert(p.name.as_str().into(), shape);
+    }
+    analysis
+}
+
 /// Checks `spec` on one case: `params` is a kernel parameter list, `vars` the pattern
 /// variables' expressions, `dims` the bound dimensions, `seed` the inputs' seed.
 pub fn check(
@@ -127,14 +140,7 @@ pub fn check(
     let rhs: RecExpr<Attn> = instantiate(spec.rhs, vars).parse().expect("rhs parses");
     let bindings: Bindings = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
 
-    let mut analysis = ShapeAnalysis {
-        bindings: bindings.clone(),
-        ..ShapeAnalysis::default()
-    };
-    for p in &shell.params {
-        let shape = attnc_ir::dim::resolve_shape(&p.shape, &bindings).expect("bound");
-        analysis.params.insert(p.name.as_str().into(), shape);
-    }
+    let analysis = analysis_for(&shell, &bindings);
     let rules = [spec.to_rewrite()];
     let runner: Runner<Attn, ShapeAnalysis> = Runner::new(analysis)
         .with_iter_limit(1)
@@ -161,6 +167,26 @@ pub fn check(
         err <= 1e-9,
         "{name}: relative L2 {err} at {dims:?}\n{lhs}\n{rhs}"
     );
+}
+
+/// Checks that `spec`'s guard keeps it from firing on `expr` (a term of the kernel parameters
+/// `params` at the bound `dims`).
+pub fn refuses(spec: &RuleSpec, params: &str, expr: &str, dims: &[(&str, u64)]) {
+    let first = params.split(':').next().expect("a parameter").trim();
+    let shell = kernel(&format!("kernel t({params}) {{ return {first}; }}"));
+    let bindings: Bindings = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let analysis = analysis_for(&shell, &bindings);
+    let term: RecExpr<Attn> = expr.parse().expect("term parses");
+    let runner: Runner<Attn, ShapeAnalysis> = Runner::new(analysis)
+        .with_iter_limit(1)
+        .with_node_limit(10_000)
+        .with_expr(&term)
+        .run(&[spec.to_rewrite()]);
+    let fired = runner
+        .iterations
+        .iter()
+        .any(|i| i.applied.keys().any(|name| name.as_str() == spec.name));
+    assert!(!fired, "{} fired on {expr} at {dims:?}", spec.name);
 }
 
 /// The rule called `name` in `family`.
