@@ -6,8 +6,9 @@
 //! kernel on the reference interpreter or as machine code. [`grad`] compiles a kernel's
 //! gradients beside its forward; [`train`] has the mixed-precision pieces of a training loop
 //! (storage rounding with underflow counts, f32 master weights, a dynamic loss scaler). The
-//! library never measures the machine or writes a file: the ceilings the cost model divides by
-//! are handed to the [`Compiler`] (the `attnc` binary measures and caches them).
+//! pipeline never measures the machine or writes a file on its own: the ceilings the cost model
+//! divides by are handed to the [`Compiler`], and [`machine`] (called by the front ends: the
+//! `attnc` binary and the Python package) measures and caches them.
 //!
 //! ```
 //! let module = attnc::source::compile_text(
@@ -27,6 +28,7 @@ pub mod compiler;
 pub mod engine;
 pub mod grad;
 pub mod io;
+pub mod machine;
 pub mod policy;
 pub mod source;
 pub mod train;

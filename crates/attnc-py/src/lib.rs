@@ -9,8 +9,6 @@
 //! - [`kernel`]: the `attnc.Kernel` class: call mapping, plan, trace, signature;
 //! - [`inputs`]: NumPy arrays as the JIT's input slices, in place when they can be;
 //! - [`errors`]: Rust errors as the exception classes of `attnc._errors`;
-//! - [`ceilings`]: this machine's cost-model ceilings, from the cache the `attnc` binary
-//!   writes, so both hosts choose the same plan;
 //! - [`shape_cache`], [`json`]: the per-shape cache and JSON → Python objects.
 //!
 //! ```no_run
@@ -29,7 +27,6 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod ceilings;
 pub mod errors;
 pub mod inputs;
 pub mod json;
@@ -163,7 +160,8 @@ fn _compile(
     let threads = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let ceilings = py.detach(ceilings::machine_ceilings);
+    // The cache `attnc run` reads and writes too, so both front ends choose the same plan.
+    let ceilings = py.detach(|| attnc::machine::machine_ceilings().ceilings);
     let program = Program::new(checked, given, policy, threads, ceilings);
     let recipe = kernel::Recipe {
         source: text,

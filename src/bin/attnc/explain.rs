@@ -92,7 +92,7 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
             "plan": plan.as_ref().map(|(text, _)| text),
             "plan_error": plan_error,
             "compile_ms": plan.as_ref().map(|(_, ms)| ms),
-            "ceilings": crate::ceilings::machine_ceilings(),
+            "ceilings": attnc::machine::machine_ceilings(),
         }));
         return Ok(());
     }
@@ -107,7 +107,7 @@ fn report(prepared: &Prepared, json: bool) -> CliResult {
     out!("{ir_text}");
     outln!();
     outln!("== optimizer ==");
-    outln!("ceilings: {}", crate::ceilings::machine_ceilings());
+    outln!("ceilings: {}", attnc::machine::machine_ceilings());
     out!("{}", trace.render_text());
     outln!();
     match plan {

@@ -178,7 +178,7 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
     let compiler = Compiler::new()
         .with_policy(policy.clone())
         .with_threads(threads)
-        .with_ceilings(crate::ceilings::machine_ceilings().ceilings)
+        .with_ceilings(attnc::machine::machine_ceilings().ceilings)
         .with_memory_budget(budget);
     Ok(Prepared {
         module,

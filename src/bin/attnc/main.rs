@@ -17,7 +17,6 @@ macro_rules! out {
 
 mod args;
 mod bench;
-mod ceilings;
 mod check;
 mod explain;
 mod failure;

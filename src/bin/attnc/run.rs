@@ -23,7 +23,7 @@ pub fn run(args: &RunArgs) -> CliResult {
     let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
     let kernel = prepared.kernel();
     let mut notes = prepared.notes.clone();
-    let ceilings = crate::ceilings::machine_ceilings();
+    let ceilings = attnc::machine::machine_ceilings();
     if let Some(ms) = ceilings.measure_ms {
         notes.push(format!(
             "note: measured this machine's ceilings for the cost model in {ms:.0} ms (once: they are cached; not part of compile time)"

@@ -1,4 +1,7 @@
-//! This machine's ceilings for the cost model, measured once per machine and cached.
+//! This machine's ceilings for the cost model, measured once per machine and cached: the one
+//! module of the library that measures the machine and writes a file, for the front ends (the
+//! `attnc` binary and the Python package) to call, so both read and write the same cache and a
+//! kernel compiled from Python gets the plan `attnc run` chooses on the same machine.
 //!
 //! The f32x4 FMA ceiling comes from `attnc_jit::ceiling` (a register-resident FMA loop, the
 //! figure `attnc bench` reports) and the memory bandwidth from `attnc_jit::bandwidth` (generated
@@ -13,7 +16,7 @@
 //! `ATTNC_CEILINGS=measure` measures again and rewrites the cache. Within one process the
 //! answer is computed once.
 
-use attnc::io::write_atomically;
+use crate::io::{read_bounded, write_atomically};
 use attnc_opt::Ceilings;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -147,7 +150,7 @@ fn fnv1a(text: &str) -> u64 {
 pub fn load(file: &Path, features: &str) -> Option<Ceilings> {
     // A cache is a few hundred bytes; anything else (a FIFO, a device, a huge file) is ignored
     // and the machine measured again.
-    let bytes = attnc::io::read_bounded(file, 64 << 10).ok()?;
+    let bytes = read_bounded(file, 64 << 10).ok()?;
     let entry: CacheEntry = serde_json::from_slice(&bytes).ok()?;
     (entry.version == CACHE_VERSION && entry.features == features && entry.ceilings.is_valid())
         .then_some(entry.ceilings)
@@ -201,6 +204,14 @@ mod tests {
         assert_eq!(load(&file, "x86_64 has_avx,has_fma"), Some(c));
         assert_eq!(load(&file, "x86_64 has_avx"), None);
         assert_ne!(file, cache_file(dir.path(), "x86_64 has_avx"));
+    }
+
+    #[test]
+    fn the_file_name_is_stable() {
+        // FNV-1a of "f" is the published test vector 0xaf63db4c8601ead9: the name must not
+        // change between releases, or every machine would measure again.
+        let file = cache_file(Path::new("/c"), "f");
+        assert_eq!(file, Path::new("/c/ceilings-af63db4c8601ead9.json"));
     }
 
     #[test]
