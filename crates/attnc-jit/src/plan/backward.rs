@@ -238,15 +238,10 @@ fn attention_grad(
     let graph = &p.kernel.graph;
     let op = graph.node(id).op.clone();
     let operands = graph.operands(id);
-    // Siblings: the same attention's gradients over the same operands, later in the graph.
-    let mut group: Vec<(NodeId, usize)> = vec![(id, a.wrt)];
-    for other in graph.topo_order().into_iter().skip(id.index() + 1) {
-        if let Op::Backward(BackwardOp::Attention(b)) = &graph.node(other).op {
-            if b.attention == a.attention && graph.operands(other) == operands {
-                group.push((other, b.wrt));
-            }
-        }
-    }
+    let group = siblings(graph, id, a.wrt, |op| match op {
+        Op::Backward(BackwardOp::Attention(b)) if b.attention == a.attention => Some(b.wrt),
+        _ => None,
+    });
     let forward = a.attention.arity();
     let shapes: Vec<Vec<usize>> = operands
         .iter()
@@ -288,13 +283,7 @@ fn attention_grad(
             }
         };
     }
-    let mut slots: Vec<usize> = group.iter().map(|g| g.1).collect();
-    slots.sort_unstable();
-    slots.dedup();
-    let layouts: Vec<GradLayout> = slots
-        .iter()
-        .map(|&s| layout(s, &shapes[s], &fs.batch))
-        .collect();
+    let (slots, layouts) = grad_layouts(&group, &shapes, &fs.batch);
     let backward = AttentionBackward::new(&spec, d_o, layouts.clone(), p.tiers.avx512)
         .ok_or_else(|| plan_error(&op, "the backward kernels do not evaluate its score"))?;
     let outputs: Vec<usize> = layouts.iter().map(|g| p.new_buffer(g.len())).collect();
@@ -304,6 +293,43 @@ fn attention_grad(
     };
     p.push(StepKind::Backward(Box::new(step)), inputs, outputs[0]);
     finish(group, &slots, &outputs, &layouts, id, vals)
+}
+
+/// Node `id` (the gradient with respect to operand `wrt`) and its siblings: later nodes over the
+/// same operands for which `sibling_wrt` gives the operand (the same fused op's gradients, so
+/// one backward step computes them all).
+fn siblings(
+    graph: &attnc_ir::Graph,
+    id: NodeId,
+    wrt: usize,
+    sibling_wrt: impl Fn(&Op) -> Option<usize>,
+) -> Vec<(NodeId, usize)> {
+    let operands = graph.operands(id);
+    let mut group = vec![(id, wrt)];
+    for other in graph.topo_order().into_iter().skip(id.index() + 1) {
+        if let Some(w) = sibling_wrt(&graph.node(other).op) {
+            if graph.operands(other) == operands {
+                group.push((other, w));
+            }
+        }
+    }
+    group
+}
+
+/// The distinct operands the group differentiates, in order, with their gradients' layouts.
+fn grad_layouts(
+    group: &[(NodeId, usize)],
+    shapes: &[Vec<usize>],
+    batch: &[usize],
+) -> (Vec<usize>, Vec<GradLayout>) {
+    let mut slots: Vec<usize> = group.iter().map(|g| g.1).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let layouts = slots
+        .iter()
+        .map(|&s| layout(s, &shapes[s], batch))
+        .collect();
+    (slots, layouts)
 }
 
 /// Sets every sibling's value to its gradient buffer and returns node `id`'s.
@@ -339,14 +365,10 @@ fn linear_grad(
     let graph = &p.kernel.graph;
     let op = graph.node(id).op.clone();
     let operands = graph.operands(id);
-    let mut group: Vec<(NodeId, usize)> = vec![(id, l.wrt)];
-    for other in graph.topo_order().into_iter().skip(id.index() + 1) {
-        if let Op::Backward(BackwardOp::Linear(b)) = &graph.node(other).op {
-            if b.linear == l.linear && graph.operands(other) == operands {
-                group.push((other, b.wrt));
-            }
-        }
-    }
+    let group = siblings(graph, id, l.wrt, |op| match op {
+        Op::Backward(BackwardOp::Linear(b)) if b.linear == l.linear => Some(b.wrt),
+        _ => None,
+    });
     let shapes: Vec<Vec<usize>> = operands
         .iter()
         .map(|o| p.shapes[o.index()].clone())
@@ -362,13 +384,7 @@ fn linear_grad(
         inputs.push(p.contiguous_buffer(&v));
         strides[index] = batch_strides(&shapes[index], &fs.batch);
     }
-    let mut slots: Vec<usize> = group.iter().map(|g| g.1).collect();
-    slots.sort_unstable();
-    slots.dedup();
-    let layouts: Vec<GradLayout> = slots
-        .iter()
-        .map(|&s| layout(s, &shapes[s], &fs.batch))
-        .collect();
+    let (slots, layouts) = grad_layouts(&group, &shapes, &fs.batch);
     let backward = LinearBackward {
         batch: fs.batch.clone(),
         batch_strides: strides,
