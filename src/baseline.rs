@@ -259,7 +259,7 @@ pub fn useful_flops(plan: &Plan) -> FlopCount {
                 matmul = true;
             }
             // Causal linear attention: one d × dv multiply-add per key (state) and per row.
-            StepKind::Prefix(spec) => {
+            StepKind::Prefix(spec) | StepKind::Chunked(spec) => {
                 flops += 2.0
                     * (spec.d * spec.dv) as f64
                     * (spec.m + spec.n) as f64

@@ -25,6 +25,7 @@ pub mod bandwidth;
 pub mod buffer;
 pub mod cache;
 pub mod ceiling;
+pub mod chunkwise;
 pub mod error;
 mod finite;
 pub mod host;

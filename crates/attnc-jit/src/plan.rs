@@ -103,6 +103,9 @@ pub enum StepKind {
     Attention(Box<AttentionSpec>),
     /// Causal linear attention through a running prefix state; reads `φQ`, `φK`, `V`.
     Prefix(PrefixSpec),
+    /// The same op in chunks of keys on full-width matrix products ([`crate::chunkwise`]),
+    /// chosen for long sequences on the full-width tier; reads what `Prefix` reads.
+    Chunked(PrefixSpec),
     /// Linear attention without a mask through its `[d, dv]` key-value state on the
     /// full-width tier ([`crate::wide::run_linear`]); reads `φQ`, `φK`, `V` (the prefix
     /// kernel's spec, without its causal order).
@@ -150,7 +153,7 @@ impl Step {
             | StepKind::Convert(_)
             | StepKind::Quantize(_) => (1, 1),
             StepKind::Attention(s) => (s.batch_count(), s.m),
-            StepKind::Prefix(s) => s.work(),
+            StepKind::Prefix(s) | StepKind::Chunked(s) => s.work(),
             StepKind::Linear(s) => (s.batch_count(), s.m),
             StepKind::Backward(b) => b.work(),
         }
@@ -160,7 +163,7 @@ impl Step {
     pub fn cost(&self, buffers: &[BufferInfo]) -> usize {
         match &self.kind {
             StepKind::MatMul(s) => s.flops(),
-            StepKind::Prefix(s) | StepKind::Linear(s) => s.flops(),
+            StepKind::Prefix(s) | StepKind::Chunked(s) | StepKind::Linear(s) => s.flops(),
             StepKind::Backward(b) => b.cost(),
             StepKind::Attention(s) if s.precision == Precision::Int8 => 2usize
                 .saturating_mul(s.batch_count())
@@ -364,8 +367,13 @@ impl std::fmt::Display for Plan {
                             .map_or("none".to_string(), |m| m.to_string())
                     )
                 }
-                StepKind::Prefix(s) => format!(
-                    "causal linear attention (prefix state{}{}) batch {:?} m={} n={} d={} dv={}",
+                StepKind::Prefix(s) | StepKind::Chunked(s) => format!(
+                    "causal linear attention ({}{}{}) batch {:?} m={} n={} d={} dv={}",
+                    if matches!(step.kind, StepKind::Chunked(_)) {
+                        "chunks of 64 keys [avx-512 gemm]"
+                    } else {
+                        "prefix state"
+                    },
                     if s.slope_strides.is_some() {
                         ", decayed"
                     } else {
@@ -484,6 +492,7 @@ impl Planner<'_> {
             StepKind::Quantize(_) => "quantize",
             StepKind::Attention(_) => "attention",
             StepKind::Prefix(_) => "prefix",
+            StepKind::Chunked(_) => "chunked",
             StepKind::Linear(_) => "linear",
             StepKind::Backward(_) => "backward",
         };

@@ -167,7 +167,7 @@ impl CompiledKernel {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
                 })?),
                 StepKind::MatMul(spec) if spec.wide => None,
-                StepKind::Linear(_) | StepKind::Backward(_) => None,
+                StepKind::Linear(_) | StepKind::Chunked(_) | StepKind::Backward(_) => None,
                 StepKind::MatMul(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::matmul::emit(b, KernelArgs::new(p), spec)
                 })?),
@@ -530,6 +530,11 @@ impl CompiledKernel {
             (StepKind::Linear(spec), _) => {
                 let mut out = vec![0.0f32; len];
                 crate::wide::run_linear(spec, views, &mut out, threads)?;
+                Storage::F32(out)
+            }
+            (StepKind::Chunked(spec), _) => {
+                let mut out = vec![0.0f32; len];
+                crate::chunkwise::run(spec, views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::MatMul(spec), None) if spec.wide => {

@@ -710,7 +710,7 @@ pub(crate) fn deal<T: Send>(
 }
 
 /// The multi-index of batch entry `b` over `batch` (last axis fastest).
-fn batch_index(batch: &[usize], mut b: usize) -> Vec<usize> {
+pub(crate) fn batch_index(batch: &[usize], mut b: usize) -> Vec<usize> {
     let mut index = vec![0; batch.len()];
     for (a, &size) in batch.iter().enumerate().rev() {
         if size > 0 {
@@ -726,14 +726,14 @@ fn offset_of(t: &TensorRef, index: &[usize]) -> usize {
     t.batch_strides.iter().zip(index).map(|(s, i)| s * i).sum()
 }
 
-fn buffer_err(name: &str, detail: &str) -> JitError {
+pub(crate) fn buffer_err(name: &str, detail: &str) -> JitError {
     JitError::Buffer {
         input: name.to_string(),
         detail: detail.to_string(),
     }
 }
 
-fn wide_err(e: CallError) -> JitError {
+pub(crate) fn wide_err(e: CallError) -> JitError {
     JitError::Plan {
         op: "attention".to_string(),
         detail: e.to_string(),

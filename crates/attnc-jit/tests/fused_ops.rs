@@ -186,6 +186,6 @@ proptest! {
         let k = kernel(ps, b, out);
         // Rows that keep no key (m > n) are 0/0 = NaN in both engines.
         check(&k, &[("h", h), ("m", m), ("n", n), ("d", d), ("e", e)], seed % 1000,
-              |s| matches!(s, StepKind::Prefix(_)));
+              |s| matches!(s, StepKind::Prefix(_) | StepKind::Chunked(_)));
     }
 }

@@ -24,7 +24,7 @@ fn planned(src: &str, dims: &[(&str, u64)]) -> (bool, usize) {
     let prefix = p
         .steps
         .iter()
-        .any(|s| matches!(s.kind, StepKind::Prefix(_)));
+        .any(|s| matches!(s.kind, StepKind::Prefix(_) | StepKind::Chunked(_)));
     let largest = p.buffers.iter().map(|b| b.len).max().unwrap_or(0);
     (prefix, largest)
 }

@@ -2,7 +2,7 @@
 //! optimizer fuses the plain quadratic form into the decayed prefix state and the kernel
 //! matches at odd lengths (1, 3, 113), around vector and tile edges (63, 64, 65, 127, 128, 129),
 //! m ≠ n both ways, slopes from strongly decaying to ≈ 0, per head or one scalar, with and
-//! without the normalizer; threads 1 and 2 bit-identical (`common::check` on every case), and
+//! without the normalizer, recurrent and (from 128 keys, on the full-width tier) in chunks; threads 1 and 2 bit-identical (`common::check` on every case), and
 //! no `n × n` buffer is planned.
 mod common;
 
@@ -46,6 +46,10 @@ fn the_op_runs_at_every_length() {
             (113, 113),
             (4, 129),
             (64, 64),
+            (128, 128),
+            (193, 193),
+            (1, 300),
+            (300, 130),
         ] {
             let dims = [("h", 2), ("m", m), ("n", n), ("d", 5), ("e", 6)];
             let b = bindings(&dims);
@@ -58,7 +62,7 @@ fn the_op_runs_at_every_length() {
                 .plan()
                 .steps
                 .iter()
-                .any(|s| matches!(&s.kind, StepKind::Prefix(p) if p.slope_strides.is_some())));
+                .any(|s| matches!(&s.kind, StepKind::Prefix(p) | StepKind::Chunked(p) if p.slope_strides.is_some())));
             let ins = inputs(&k, &b, m * 7 + n);
             let want = reference(&k, &b, &ins);
             let one = run_jit(&compiled, &k, &ins, 1);
@@ -140,6 +144,32 @@ fn chunked_shapes_are_end_aligned() {
                 "the decayed prefix kernel is not used at {dims:?}"
             );
             check(&src, &dims, 11);
+        }
+    }
+}
+
+#[test]
+fn long_sequences_in_chunks_match_the_interpreter() {
+    // From two chunks of 64 keys on, the full-width tier runs the op in chunks: lengths at and
+    // around chunk edges, m ≠ n both ways, strong and weak decays.
+    for &(m, n) in &[
+        (128, 128),
+        (129, 129),
+        (191, 191),
+        (257, 257),
+        (1, 200),
+        (70, 200),
+        (200, 130),
+    ] {
+        for src in [
+            retention(0.5),
+            retention(16.0),
+            retention(2e-4),
+            NORMALIZED.to_string(),
+        ] {
+            let dims = [("h", 2), ("m", m), ("n", n), ("d", 8), ("e", 5)];
+            let err = check(&src, &dims, m + n);
+            assert!(err <= REL_L2, "{err:e} at {dims:?}");
         }
     }
 }

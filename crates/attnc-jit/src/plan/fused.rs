@@ -459,7 +459,13 @@ pub(super) fn plan_prefix(
     shape.extend([fs.m, fs.dv]);
     let out = p.new_buffer(shape.iter().product());
     let kind = if l.causal {
-        StepKind::Prefix(spec)
+        // Long sequences run in chunks on the full-width products; short ones and the
+        // portable tier keep the recurrent kernel.
+        if p.tiers.avx512 && crate::chunkwise::worth_chunking(&spec) {
+            StepKind::Chunked(spec)
+        } else {
+            StepKind::Prefix(spec)
+        }
     } else {
         StepKind::Linear(spec)
     };

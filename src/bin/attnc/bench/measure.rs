@@ -162,7 +162,7 @@ fn dense_pair_flops(plan: &Plan) -> f64 {
                 Some(2.0 * (a.d + a.dv) as f64 * a.batch_count() as f64 * a.m as f64 * a.n as f64)
             }
             // The interpreter runs the quadratic form the prefix kernel replaces.
-            StepKind::Prefix(p) => Some(
+            StepKind::Prefix(p) | StepKind::Chunked(p) => Some(
                 2.0 * (p.d + p.dv + 1) as f64 * p.batch_count() as f64 * p.m as f64 * p.n as f64,
             ),
             _ => None,
