@@ -14,7 +14,9 @@
 //!   the normalizer. Operands `[q, k, v]` (feature maps already applied). A causal one may
 //!   decay its scores with distance ([`Decay::Slope`], RetNet's retention):
 //!   `A = mask((Q Kᵀ) ∘ exp(a · relpos(m, n)), causal, 0)` with a per-head slope operand `a`
-//!   (`[batch.., 1, 1]` or a scalar), run as a prefix state that decays by `exp(-a)` per key.
+//!   (`[batch.., 1, 1]` or a scalar), run as a prefix state that decays by `exp(-a)` per key;
+//!   or by data ([`Decay::Gate`]): `A = mask((Q Kᵀ) ∘ exp(c − cᵀ), causal, 0)` with `c`
+//!   `[batch.., n, 1]`.
 //!
 //! Shapes: `Q: [.., m, d]`, `K: [.., n, d]`, `V: [.., n, dv]`; the result is
 //! `[batch.., m, dv]` with `batch` the broadcast of every operand's leading axes.
@@ -238,6 +240,12 @@ pub enum Decay {
     /// operand 3 — a scalar or `[batch.., 1, 1]`, one per batch entry (head). With `a > 0`
     /// the weight of key `j` in row `i` is `γ^(i' − j)`, `γ = exp(-a)`: RetNet's retention.
     Slope,
+    /// `A_ij = (q_i · k_j) · exp(c_i − c_j)` for `j ≤ i`, with `c` the op's operand 3,
+    /// `[batch.., n, 1]`, and as many queries as keys: data-dependent (gated) decay, `c` the
+    /// running sum of log gates (gated linear attention, Mamba-2's scalar decay). The weights
+    /// are computed from differences of `c`, never as products, so no gate value overflows
+    /// them where the plain form does not.
+    Gate,
 }
 
 /// Linear attention through the `[d, dv]` key-value state (see the module docs).
@@ -256,7 +264,7 @@ impl LinearAttention {
     pub fn arity(&self) -> usize {
         match self.decay {
             Decay::None => 3,
-            Decay::Slope => 4,
+            Decay::Slope | Decay::Gate => 4,
         }
     }
 }
@@ -364,6 +372,23 @@ impl Fused<'_> {
             if l.decay != Decay::None && !l.causal {
                 return Err("a decayed linear attention must be causal".to_string());
             }
+            if l.decay == Decay::Gate {
+                let c = operands
+                    .get(3)
+                    .ok_or("a gated decay takes its log decay c")?;
+                let rank = c.len();
+                if m != n {
+                    return Err(format!(
+                        "a gated decay needs as many queries as keys (m = {m}, n = {n})"
+                    ));
+                }
+                if rank < 2 || !c[rank - 1].is_one() || c[rank - 2] != n {
+                    return Err(format!("the log decay c must be [.., {n}, 1]"));
+                }
+                batch = broadcast(&batch, &c[..rank - 2])
+                    .ok_or("the leading axes of the log decay do not broadcast")?;
+                return Ok(FusedShape { batch, m, n, d, dv });
+            }
             for slope in &operands[3..] {
                 let rank = slope.len();
                 if slope[rank.saturating_sub(2)..].iter().any(|s| !s.is_one()) {
@@ -438,8 +463,10 @@ impl fmt::Display for LinearAttention {
     /// The attributes as IR text prints them: `causal, eps=1e-6`, `causal, decay, unnormalized`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(if self.causal { "causal" } else { "dense" })?;
-        if self.decay == Decay::Slope {
-            f.write_str(", decay")?;
+        match self.decay {
+            Decay::None => {}
+            Decay::Slope => f.write_str(", decay")?,
+            Decay::Gate => f.write_str(", gate")?,
         }
         match self.normalizer {
             Normalizer::None => f.write_str(", unnormalized"),

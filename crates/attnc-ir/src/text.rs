@@ -249,6 +249,8 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
         };
         let decay = if args.contains(&"decay") {
             Decay::Slope
+        } else if args.contains(&"gate") {
+            Decay::Gate
         } else {
             Decay::None
         };

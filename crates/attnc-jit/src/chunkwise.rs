@@ -14,8 +14,10 @@
 //! ```
 //!
 //! with a column of ones beside `V` when rows are normalized (its products are the sums the
-//! row divides by). The powers of `γ` are computed from `a` in f64, not multiplied up, so a
-//! weight is `γ^t` rounded once. A product of a masked score with a NaN or infinite value
+//! row divides by). A gated decay ([`attnc_ir::Decay::Gate`]) is the same with `γ^(i'−j)`
+//! replaced by `exp(c_i' − c_j)`: each weight is computed from its log weight in f64, never
+//! multiplied up, so it is rounded once and no gate value makes it overflow where the plain
+//! form does not. A product of a masked score with a NaN or infinite value
 //! would reach rows the op's semantics keep it from (`0 · NaN`), so a batch entry with any
 //! non-finite input runs the exact recurrence instead ([`recurrence`]).
 
@@ -36,12 +38,47 @@ pub fn worth_chunking(spec: &PrefixSpec) -> bool {
 }
 
 /// One batch entry's operands: `φQ` `[m, d]`, `φK` `[n, d]`, `V` `[n, dv]` (contiguous rows)
-/// and the decay's `a` (0 without decay).
+/// and its decay.
 struct Entry<'a> {
     q: &'a [f32],
     k: &'a [f32],
     v: &'a [f32],
-    a: f32,
+    decay: Weights<'a>,
+}
+
+/// How a batch entry weighs key `j` in the row at key position `i` (`j ≤ i`).
+enum Weights<'a> {
+    /// Weight 1.
+    One,
+    /// `exp(-a (i − j))`.
+    Slope(f32),
+    /// `exp(c_i − c_j)`, `c` one number per key.
+    Gate(&'a [f32]),
+}
+
+impl Weights<'_> {
+    /// The weight of key `j` in the row at key position `i`, rounded once to f32.
+    fn weight(&self, i: usize, j: usize) -> f32 {
+        match self {
+            Weights::One => 1.0,
+            Weights::Slope(a) => (-(*a as f64) * (i - j) as f64).exp() as f32,
+            Weights::Gate(c) => (c[i] as f64 - c[j] as f64).exp() as f32,
+        }
+    }
+
+    /// Whether every weight is 1.
+    fn is_one(&self) -> bool {
+        matches!(self, Weights::One)
+    }
+
+    /// Whether the decay's inputs are finite.
+    fn is_finite(&self) -> bool {
+        match self {
+            Weights::One => true,
+            Weights::Slope(a) => a.is_finite(),
+            Weights::Gate(c) => c.iter().all(|x| x.is_finite()),
+        }
+    }
 }
 
 /// Runs the prefix-state op `spec` on `inputs` (`φQ`, `φK`, `V`, and the slope when it
@@ -80,20 +117,24 @@ pub fn run(
             q: part(q, at(qs), m * d),
             k: part(k, at(ks), n * d),
             v: part(v, at(vs), n * dv),
-            a: match (slope, &spec.slope_strides) {
-                (Some(s), Some(strides)) => s.get(at(strides)).copied().unwrap_or(f32::NAN),
-                _ => 0.0,
+            decay: match (slope, &spec.slope_strides) {
+                (Some(c), Some(strides)) if spec.gated => Weights::Gate(part(c, at(strides), n)),
+                (Some(s), Some(strides)) => {
+                    Weights::Slope(s.get(at(strides)).copied().unwrap_or(f32::NAN))
+                }
+                _ => Weights::One,
             },
         }
     };
     let items: Vec<(usize, &mut [f32])> = out.chunks_mut(m * dv).enumerate().collect();
     deal(items, threads, |(e, rows)| {
         let x = entry(e);
-        if x.q.len() != m * d || x.k.len() != n * d || x.v.len() != n * dv {
+        let gate_short = matches!(x.decay, Weights::Gate(c) if c.len() != n);
+        if x.q.len() != m * d || x.k.len() != n * d || x.v.len() != n * dv || gate_short {
             return Err(buffer_err("causal linear attention", "an operand is short"));
         }
         let finite = |s: &[f32]| s.iter().all(|t| t.is_finite());
-        if x.a.is_finite() && finite(x.q) && finite(x.k) && finite(x.v) {
+        if x.decay.is_finite() && finite(x.q) && finite(x.k) && finite(x.v) {
             chunked(spec, &x, rows)
         } else {
             recurrence(spec, &x, rows);
@@ -106,11 +147,6 @@ pub fn run(
 fn part(data: &[f32], start: usize, len: usize) -> &[f32] {
     data.get(start..start.saturating_add(len))
         .unwrap_or_default()
-}
-
-/// `γ^t = exp(-a t)`, rounded once to f32.
-fn power(a: f32, t: usize) -> f32 {
-    (-(a as f64) * t as f64).exp() as f32
 }
 
 /// One batch entry in chunks (all inputs finite).
@@ -129,7 +165,11 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
     let mut carried = vec![0.0f32; CHUNK * w];
     let mut keys = vec![0.0f32; CHUNK * d];
     let mut update = vec![0.0f32; d * w];
-    let decays = x.a != 0.0;
+    // A slope's weights depend on the distance only: γ^t for t < CHUNK, once per entry.
+    let powers: Vec<f32> = match x.decay {
+        Weights::Slope(_) => (0..CHUNK).map(|t| x.decay.weight(t, 0)).collect(),
+        _ => Vec::new(),
+    };
     for c in (0..n).step_by(CHUNK) {
         let len = CHUNK.min(n - c);
         // V of the chunk, beside a column of ones when rows are normalized.
@@ -169,15 +209,8 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
             let a = &mut scores[..count * len];
             sgemm(&qm, &kt, a).map_err(wide_err)?;
             for i in 0..count {
-                let back = (first + i) as isize + off - c as isize; // i' − c
-                for (j, s) in a[i * len..(i + 1) * len].iter_mut().enumerate() {
-                    let t = back - j as isize;
-                    *s = match t {
-                        t if t < 0 => 0.0,
-                        _ if !decays => *s,
-                        t => *s * power(x.a, t as usize),
-                    };
-                }
+                let row = ((first + i) as isize + off) as usize; // i'
+                weigh_row(&x.decay, &powers, row, c, &mut a[i * len..(i + 1) * len]);
             }
             let am = Matrix {
                 data: a,
@@ -195,28 +228,30 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
                 row_stride: w,
                 col_stride: 1,
             };
+            // The keys before the chunk, through the state (none before the first).
             let t = &mut carried[..count * w];
-            sgemm(&qm, &sm, t).map_err(wide_err)?;
+            if c > 0 {
+                sgemm(&qm, &sm, t).map_err(wide_err)?;
+            }
             for i in 0..count {
-                let back = (first + i) as isize + off - c as isize;
-                let g = if decays {
-                    power(x.a, back as usize + 1)
-                } else {
-                    1.0
-                };
                 let row = &mut o[i * w..(i + 1) * w];
-                for (y, s) in row.iter_mut().zip(&t[i * w..(i + 1) * w]) {
-                    *y += g * s;
+                if c > 0 {
+                    let g = x.decay.weight(((first + i) as isize + off) as usize, c - 1);
+                    for (y, s) in row.iter_mut().zip(&t[i * w..(i + 1) * w]) {
+                        *y += g * s;
+                    }
                 }
                 finish_row(spec.normalizer, row, &mut out[(first + i) * dv..][..dv]);
             }
         }
-        // S ← γ^L S + (γ^(L−1−j) k_j)ᵀ V.
+        // S ← w(last, c−1) S + (w(last, j) k_j)ᵀ V, `last` the chunk's last key: the state
+        // holds the keys before it weighed as seen from its last key.
+        let last = c + len - 1;
         let kd = &mut keys[..len * d];
         kd.copy_from_slice(&x.k[c * d..(c + len) * d]);
-        if decays {
+        if !x.decay.is_one() {
             for (j, row) in kd.chunks_mut(d).enumerate() {
-                let g = power(x.a, len - 1 - j);
+                let g = x.decay.weight(last, c + j);
                 row.iter_mut().for_each(|t| *t *= g);
             }
         }
@@ -228,12 +263,67 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
             col_stride: d,
         };
         sgemm(&kdt, &vc, &mut update).map_err(wide_err)?;
-        let g = if decays { power(x.a, len) } else { 1.0 };
-        for (s, u) in state.iter_mut().zip(&update) {
-            *s = g * *s + u;
+        if c == 0 {
+            state.copy_from_slice(&update);
+        } else {
+            let g = x.decay.weight(last, c - 1);
+            for (s, u) in state.iter_mut().zip(&update) {
+                *s = g * *s + u;
+            }
         }
     }
     Ok(())
+}
+
+/// Weighs the scores `s` of the row at key position `row` against the keys from `first` on:
+/// keys after `row` get 0, the others their decay weight (from `powers` for a slope, by
+/// [`exp_f32`] of the log weight for a gate; branch-free, so the loop vectorizes).
+fn weigh_row(decay: &Weights<'_>, powers: &[f32], row: usize, first: usize, s: &mut [f32]) {
+    match decay {
+        Weights::One => {
+            for (j, t) in s.iter_mut().enumerate() {
+                *t = if first + j > row { 0.0 } else { *t };
+            }
+        }
+        Weights::Slope(_) => {
+            for (j, t) in s.iter_mut().enumerate() {
+                let back = row.wrapping_sub(first + j);
+                *t = if first + j > row {
+                    0.0
+                } else {
+                    *t * powers[back]
+                };
+            }
+        }
+        Weights::Gate(c) => {
+            let ci = c[row];
+            let keys = &c[first..first + s.len()];
+            for (j, (t, &cj)) in s.iter_mut().zip(keys).enumerate() {
+                let w = exp_f32(ci - cj);
+                *t = if first + j > row { 0.0 } else { *t * w };
+            }
+        }
+    }
+}
+
+/// `e^x` in f32 to within about 2 ulp, without branches (it vectorizes): `x = n ln 2 + r`
+/// with `|r| ≤ ln 2 / 2`, a degree-6 polynomial for `e^r`, and `2^n` applied in two halves so
+/// results down to the subnormals come out; +inf above the range, NaN for NaN.
+fn exp_f32(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-104.0, 89.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let n = n as i32;
+    let half = n / 2;
+    let scale = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
+    p * scale(half) * scale(n - half)
 }
 
 /// The value of every element of a row that keeps no key: `0 / (0 + eps)` (NaN for `eps = 0`,
@@ -259,15 +349,14 @@ fn finish_row(normalizer: Normalizer, got: &[f32], row: &mut [f32]) {
     }
 }
 
-/// One batch entry by the exact recurrence `S ← γ S + k_j v_jᵀ`, row by row as the prefix
-/// kernel computes it: the form whose non-finite values follow the op's semantics (a key or
-/// value after a row's prefix never reaches it).
+/// One batch entry by the recurrence `S ← w(j, j−1) S + w(j, j) k_j v_jᵀ`, row by row as the
+/// prefix kernel computes it: the form whose non-finite values follow the op's semantics (a
+/// key or value after a row's prefix never reaches it; a NaN or infinite slope, or a log decay
+/// whose differences are NaN, makes the rows NaN as the plain form's weights do).
 fn recurrence(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) {
     let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
     let normalized = matches!(spec.normalizer, Normalizer::Sum { .. });
     let w = dv + usize::from(normalized);
-    let gamma = power(x.a, 1);
-    let decays = spec.slope_strides.is_some();
     let off = n as isize - m as isize;
     let mut state = vec![0.0f32; d * w];
     let mut got = vec![0.0f32; w];
@@ -281,15 +370,24 @@ fn recurrence(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) {
         }
         while next as isize <= last {
             let (k, v) = (&x.k[next * d..][..d], &x.v[next * dv..][..dv]);
+            // The step from key next − 1 to key next (the state is zero before key 0).
+            let step = match next {
+                0 => 1.0,
+                j => x.decay.weight(j, j - 1),
+            };
+            // The key's own weight: 1, or NaN where the decay's input is not finite (as the
+            // plain form's exp(c_j − c_j) or exp(-a · 0)).
+            let own = x.decay.weight(next, next);
             for (a, s) in state.chunks_mut(w).enumerate() {
-                if decays {
-                    s.iter_mut().for_each(|t| *t *= gamma);
+                if !x.decay.is_one() {
+                    s.iter_mut().for_each(|t| *t *= step);
                 }
+                let ka = k[a] * own;
                 for (t, y) in s[..dv].iter_mut().zip(v) {
-                    *t += k[a] * y;
+                    *t += ka * y;
                 }
                 if normalized {
-                    s[dv] += k[a];
+                    s[dv] += ka;
                 }
             }
             next += 1;
@@ -369,16 +467,22 @@ mod tests {
                         dv,
                         normalizer,
                         slope_strides: Some(vec![]),
+                        gated: false,
                     };
                     let (q, k, v) = (values(m * d, 1), values(n * d, 2), values(n * dv, 3));
                     // Positive scores keep the normalized sums away from 0.
                     let k: Vec<f32> = k.iter().map(|t| t.abs()).collect();
                     let q: Vec<f32> = q.iter().map(|t| t.abs()).collect();
+                    let decay = if a == 0.0 {
+                        Weights::One
+                    } else {
+                        Weights::Slope(a)
+                    };
                     let x = Entry {
                         q: &q,
                         k: &k,
                         v: &v,
-                        a,
+                        decay,
                     };
                     let want = plain(&spec, &q, &k, &v, a);
                     for form in 0..2 {
@@ -403,6 +507,38 @@ mod tests {
     }
 
     #[test]
+    fn the_fast_exponential_is_within_a_few_ulp() {
+        let mut x = -104.0f32;
+        while x < 89.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            if want >= f32::MAX as f64 {
+                assert!(
+                    got == f64::INFINITY || got >= 0.999_999 * want,
+                    "{x}: {got}"
+                );
+            } else if want > f32::MIN_POSITIVE as f64 {
+                let err = (got - want).abs();
+                assert!(
+                    err <= 4.0 * f32::EPSILON as f64 * want,
+                    "{x}: {got} vs {want}"
+                );
+            } else {
+                let err = (got - want).abs();
+                assert!(
+                    err <= 2.0 * f32::MIN_POSITIVE as f64,
+                    "{x}: {got} vs {want}"
+                );
+            }
+            x += 0.001_3;
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
     fn a_nan_value_after_a_rows_prefix_does_not_reach_it() {
         let (n, d, dv) = (200, 3, 2);
         let spec = PrefixSpec {
@@ -414,6 +550,7 @@ mod tests {
             dv,
             normalizer: Normalizer::None,
             slope_strides: None,
+            gated: false,
         };
         let q = values(n * d, 4);
         let k = values(n * d, 5);

@@ -370,14 +370,14 @@ impl std::fmt::Display for Plan {
                 StepKind::Prefix(s) | StepKind::Chunked(s) => format!(
                     "causal linear attention ({}{}{}) batch {:?} m={} n={} d={} dv={}",
                     if matches!(step.kind, StepKind::Chunked(_)) {
-                        "chunks of 64 keys [avx-512 gemm]"
+                        "chunks of 64 keys [gemm]"
                     } else {
                         "prefix state"
                     },
-                    if s.slope_strides.is_some() {
-                        ", decayed"
-                    } else {
-                        ""
+                    match (s.gated, s.slope_strides.is_some()) {
+                        (true, _) => ", gated decay",
+                        (false, true) => ", decayed",
+                        (false, false) => "",
                     },
                     match s.normalizer {
                         attnc_ir::Normalizer::None => ", unnormalized".to_string(),

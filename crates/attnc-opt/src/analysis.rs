@@ -230,8 +230,11 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             };
             array(s)
         }
-        // The slope's leading axes broadcast into the batch.
-        Attn::Retention([q, k, v, a]) | Attn::RetentionNormalized([q, k, v, a, _]) => {
+        // The slope's (or log decay's) leading axes broadcast into the batch.
+        Attn::Retention([q, k, v, a])
+        | Attn::RetentionNormalized([q, k, v, a, _])
+        | Attn::GatedRetention([q, k, v, a])
+        | Attn::GatedRetentionNormalized([q, k, v, a, _]) => {
             let s = match (shape(*q), shape(*k), shape(*v), shape(*a)) {
                 (Some(q), Some(k), Some(v), Some(a)) => {
                     attention_shape(&q, &k, &v).and_then(|mut out| {

@@ -181,14 +181,20 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
         Op::Attention(a) => return add_attention(expr, kernel, id, a, args),
         // Gradient graphs are planned as derived (from an already optimized forward).
         Op::Backward(_) => return None,
-        Op::LinearAttention(l) if l.decay == Decay::Slope => {
+        Op::LinearAttention(l) if l.decay != Decay::None => {
             let [q, k, v, a] = [one(0)?, one(1)?, one(2)?, one(3)?];
+            let gated = l.decay == Decay::Gate;
             match l.normalizer {
+                Normalizer::None if gated => Attn::GatedRetention([q, k, v, a]),
                 Normalizer::None => Attn::Retention([q, k, v, a]),
                 Normalizer::Sum { eps } => {
                     let e = leaf(expr, Atom::num(eps));
                     let eps = expr.add(Attn::Const(e));
-                    Attn::RetentionNormalized([q, k, v, a, eps])
+                    if gated {
+                        Attn::GatedRetentionNormalized([q, k, v, a, eps])
+                    } else {
+                        Attn::RetentionNormalized([q, k, v, a, eps])
+                    }
                 }
             }
         }

@@ -306,11 +306,16 @@ impl<'a> CycleCost<'a> {
             | Attn::LinearAttentionCausal([q, k, v, _])
             | Attn::CausalPrefixProduct([q, k, v])
             | Attn::Retention([q, k, v, _])
-            | Attn::RetentionNormalized([q, k, v, _, _]) => {
+            | Attn::RetentionNormalized([q, k, v, _, _])
+            | Attn::GatedRetention([q, k, v, _])
+            | Attn::GatedRetentionNormalized([q, k, v, _, _]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let dv = vs.last().copied().unwrap_or(0) as f64;
                 let decay = match enode {
-                    Attn::Retention(_) | Attn::RetentionNormalized(_) => dv + 1.0,
+                    Attn::Retention(_)
+                    | Attn::RetentionNormalized(_)
+                    | Attn::GatedRetention(_)
+                    | Attn::GatedRetentionNormalized(_) => dv + 1.0,
                     _ => 0.0,
                 };
                 // kᵀ v and sum(kᵀ): per key row; q state and q ksum: per query row.

@@ -177,6 +177,12 @@ define_language! {
         // the same over (sum(mask((q kᵀ) * exp(a * relpos), causal, 0), -1) + eps)
         // (q k v a eps)
         "retention-normalized" = RetentionNormalized([Id; 5]),
+        // mask((q kᵀ) * exp(c - cᵀ), causal, 0) v: gated decay, c = [.., n, 1] the running
+        // sum of log gates, through a prefix state decaying by exp(c_j - c_{j-1}) at key j
+        // (q k v c)
+        "gated-retention" = GatedRetention([Id; 4]),
+        // the same over (sum(mask((q kᵀ) * exp(c - cᵀ), causal, 0), -1) + eps) (q k v c eps)
+        "gated-retention-normalized" = GatedRetentionNormalized([Id; 5]),
         // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
         "attention-int8" = AttentionInt8([Id; 5]),
         // `attention` with bf16 q·k and p·v products (f32 accumulation and softmax); approximate

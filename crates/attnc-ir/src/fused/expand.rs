@@ -143,6 +143,18 @@ pub fn linear(
             let w = b.add(Op::Unary(UnaryOp::Exp), &[w], None)?;
             s = b.add(Op::Binary(BinaryOp::Mul), &[s, w], None)?;
         }
+        if l.decay == Decay::Gate {
+            // s ∘ exp(mask(c − cᵀ, causal, 0)), the inner mask for the same reason
+            let ct = b.add(Op::Transpose, &[args[3]], None)?;
+            let w = b.add(Op::Binary(BinaryOp::Sub), &[args[3], ct], None)?;
+            let inner = Op::Mask {
+                pattern: MaskPattern::Causal,
+                fill: 0.0,
+            };
+            let w = b.add(inner, &[w], None)?;
+            let w = b.add(Op::Unary(UnaryOp::Exp), &[w], None)?;
+            s = b.add(Op::Binary(BinaryOp::Mul), &[s, w], None)?;
+        }
         let mask = Op::Mask {
             pattern: MaskPattern::Causal,
             fill: 0.0,

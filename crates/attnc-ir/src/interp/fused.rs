@@ -74,7 +74,7 @@ fn score(
     })
 }
 
-/// Linear attention over `args = [q, k, v]` (and the decay slope).
+/// Linear attention over `args = [q, k, v]` (and the decay slope or log decay).
 pub(super) fn linear(l: &LinearAttention, args: &[&ArrayD<f64>]) -> Result<ArrayD<f64>, String> {
     if args.len() != l.arity() {
         return Err(format!("linear attention takes {} operands", l.arity()));
@@ -101,6 +101,13 @@ pub(super) fn linear(l: &LinearAttention, args: &[&ArrayD<f64>]) -> Result<Array
         // A ∘ exp(slope · relpos(m, n)), each step rounded as its plain-form node.
         let (m, n) = (a.shape()[a.ndim() - 2], a.shape()[a.ndim() - 1]);
         let w = round_range(binary(BinaryOp::Mul, args[3], &relpos(&[m, n])?)?);
+        let w = round_range(w.mapv(|x| unary(UnaryOp::Exp, x)));
+        a = round_range(binary(BinaryOp::Mul, &a, &w)?);
+    }
+    if l.decay == Decay::Gate {
+        // A ∘ exp(c − cᵀ), each step rounded as its plain-form node.
+        let ct = transpose(args[3])?;
+        let w = round_range(binary(BinaryOp::Sub, args[3], &ct)?);
         let w = round_range(w.mapv(|x| unary(UnaryOp::Exp, x)));
         a = round_range(binary(BinaryOp::Mul, &a, &w)?);
     }

@@ -66,11 +66,18 @@ pub struct PrefixSpec {
     /// Element strides per batch axis of the decay slope (operand 3), or `None` without
     /// decay.
     pub slope_strides: Option<Vec<usize>>,
+    /// Whether operand 3 is a gated decay's log decay `c` (`[.., n, 1]`, key `j` weighed by
+    /// `exp(c_i' − c_j)` in row `i`) rather than a slope: run in chunks only
+    /// ([`crate::chunkwise`]), never by this kernel.
+    pub gated: bool,
 }
 
 impl PrefixSpec {
     /// Why the kernel cannot run this spec, or `None`.
     pub fn unsupported(&self) -> Option<&'static str> {
+        if self.gated {
+            return Some("a gated decay runs in chunks, not through this kernel");
+        }
         if self.dv > MAX_DV {
             return Some("the value width is above the prefix kernel's limit");
         }
@@ -401,6 +408,7 @@ mod tests {
             dv: 5,
             normalizer: Normalizer::Sum { eps: 0.0 },
             slope_strides: None,
+            gated: false,
         };
         assert_eq!(spec.pitch(), 8);
         assert_eq!(spec.state_bytes(), Some(4 * (3 * 8 + 4)));

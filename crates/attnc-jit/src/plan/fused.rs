@@ -73,8 +73,11 @@ pub(super) fn unsupported(
             if !l.causal {
                 return None;
             }
-            prefix_spec(&fs, l, [vec![], vec![], vec![]], None)
-                .unsupported()
+            let spec = prefix_spec(&fs, l, [vec![], vec![], vec![]], None);
+            // A gated decay always runs in chunks (on any tier).
+            (!spec.gated)
+                .then(|| spec.unsupported())
+                .flatten()
                 .map(str::to_string)
         }
         _ => None,
@@ -420,8 +423,11 @@ fn prefix_spec(
         normalizer: l.normalizer,
         slope_strides: match l.decay {
             Decay::None => None,
-            Decay::Slope => Some(slope_strides.unwrap_or_else(|| vec![0; fs.batch.len()])),
+            Decay::Slope | Decay::Gate => {
+                Some(slope_strides.unwrap_or_else(|| vec![0; fs.batch.len()]))
+            }
         },
+        gated: l.decay == Decay::Gate,
     }
 }
 
@@ -460,8 +466,8 @@ pub(super) fn plan_prefix(
     let out = p.new_buffer(shape.iter().product());
     let kind = if l.causal {
         // Long sequences run in chunks on the full-width products; short ones and the
-        // portable tier keep the recurrent kernel.
-        if p.tiers.avx512 && crate::chunkwise::worth_chunking(&spec) {
+        // portable tier keep the recurrent kernel. A gated decay always runs in chunks.
+        if spec.gated || (p.tiers.avx512 && crate::chunkwise::worth_chunking(&spec)) {
             StepKind::Chunked(spec)
         } else {
             StepKind::Prefix(spec)

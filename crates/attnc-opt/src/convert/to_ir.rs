@@ -284,9 +284,12 @@ fn build_node(
                 None,
             )
         }
-        Attn::Retention([q, k, v, a]) | Attn::RetentionNormalized([q, k, v, a, _]) => {
+        Attn::Retention([q, k, v, a])
+        | Attn::RetentionNormalized([q, k, v, a, _])
+        | Attn::GatedRetention([q, k, v, a])
+        | Attn::GatedRetentionNormalized([q, k, v, a, _]) => {
             let normalizer = match node {
-                Attn::RetentionNormalized([.., e]) => {
+                Attn::RetentionNormalized([.., e]) | Attn::GatedRetentionNormalized([.., e]) => {
                     let view = TermView {
                         node: |id: Id| Some(&expr[id]),
                         same: |a: Id, c: Id| a == c,
@@ -299,10 +302,14 @@ fn build_node(
                 }
                 _ => Normalizer::None,
             };
+            let decay = match node {
+                Attn::GatedRetention(_) | Attn::GatedRetentionNormalized(_) => Decay::Gate,
+                _ => Decay::Slope,
+            };
             let op = LinearAttention {
                 causal: true,
                 normalizer,
-                decay: Decay::Slope,
+                decay,
             };
             b.add(
                 Op::LinearAttention(op),

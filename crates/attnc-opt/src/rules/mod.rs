@@ -164,7 +164,9 @@ pub enum Guard {
     },
     /// Decayed causal scores `mask((q kᵀ) * exp(slope * relpos(rows, cols)), causal, 0)`:
     /// `rows` and `cols` are the scores' last two dimensions, `slope` is a scalar or has size
-    /// 1 in its last two axes and does not enlarge the scores; `axis` (if given) is their last
+    /// 1 in its last two axes and does not enlarge the scores; or, without `rows` and `cols`,
+    /// gated scores `mask((q kᵀ) * exp(c - cᵀ), causal, 0)` (`slope` is `c`): square scores
+    /// `[.., n, n]` and `c` `[.., n, 1]`, not enlarging them. `axis` (if given) is their last
     /// axis and `eps` (if given) a finite scalar. Checked by [`retention::DecayCheck`].
     CausalDecay {
         /// The query.
@@ -173,10 +175,10 @@ pub enum Guard {
         k: &'static str,
         /// The log-decay slope.
         slope: &'static str,
-        /// The `relpos` row count atom.
-        rows: &'static str,
-        /// The `relpos` column count atom.
-        cols: &'static str,
+        /// The `relpos` row count atom (`None` for gated scores).
+        rows: Option<&'static str>,
+        /// The `relpos` column count atom (`None` for gated scores).
+        cols: Option<&'static str>,
         /// The normalizer's sum axis atom.
         axis: Option<&'static str>,
         /// The normalizer's epsilon.

@@ -15,6 +15,12 @@
 //! does not enlarge the scores. Queries are end-aligned to the keys as everywhere
 //! (`i' = i + n − m`, `relpos` and `causal` agree), so the rules hold for `m ≠ n`. Only fill 0
 //! is matched, as for the undecayed prefix rules.
+//!
+//! Gated (data-dependent) decay, `A = mask((q kᵀ) * exp(c - cᵀ), causal, 0)` with `c`
+//! `[.., n, 1]` (the running sum of log gates: gated linear attention, Mamba-2's scalar decay),
+//! weighs key `j` in row `i` by `exp(c_i − c_j)`: the rules `gated-retention-fuse*` make it
+//! [`attnc_ir::Decay::Gate`], a prefix state decaying by `exp(c_j − c_{j−1})` at key `j`.
+//! `c − cᵀ` is square, so these need `m = n`.
 
 use super::{broadcasts_into, var, AttnRewrite, Guard, RuleSpec};
 use crate::analysis::{matmul_shape, transposed, AttnGraph, ShapeAnalysis};
@@ -28,14 +34,30 @@ macro_rules! decayed {
     };
 }
 
+/// The gated (data-dependent) decayed scores the rules match.
+macro_rules! gated {
+    () => {
+        "(mask (mul (matmul ?q (transpose ?k)) (exp (sub ?c (transpose ?c)))) causal 0)"
+    };
+}
+
 /// The retention family.
 pub fn specs() -> Vec<RuleSpec> {
     let guard = |axis, eps| Guard::CausalDecay {
         q: "?q",
         k: "?k",
         slope: "?a",
-        rows: "?m",
-        cols: "?n",
+        rows: Some("?m"),
+        cols: Some("?n"),
+        axis,
+        eps,
+    };
+    let gated = |axis, eps| Guard::CausalDecay {
+        q: "?q",
+        k: "?k",
+        slope: "?c",
+        rows: None,
+        cols: None,
         axis,
         eps,
     };
@@ -75,6 +97,35 @@ pub fn specs() -> Vec<RuleSpec> {
             "(retention-normalized ?q ?k ?v ?a ?e)",
             guard(Some("?ax"), Some("?e")),
         ),
+        // A v = gated-retention(q, k, v, c), A = mask((q kᵀ) ∘ exp(c − cᵀ), causal, 0),
+        // c [.., n, 1] per position (the running sum of log gates)
+        RuleSpec::guarded(
+            "gated-retention-fuse",
+            concat!("(matmul ", gated!(), " ?v)"),
+            "(gated-retention ?q ?k ?v ?c)",
+            gated(None, None),
+        ),
+        // (A v) / sum(A, -1) = gated-retention-normalized(q, k, v, c, 0), A as above
+        RuleSpec::guarded(
+            "gated-retention-fuse-normalized",
+            concat!("(div (matmul ", gated!(), " ?v) (sum ", gated!(), " ?ax))"),
+            "(gated-retention-normalized ?q ?k ?v ?c (const 0))",
+            gated(Some("?ax"), None),
+        ),
+        // (A v) / (sum(A, -1) + eps) = gated-retention-normalized(q, k, v, c, eps) for a
+        // finite scalar eps, A as above
+        RuleSpec::guarded(
+            "gated-retention-fuse-eps",
+            concat!(
+                "(div (matmul ",
+                gated!(),
+                " ?v) (add (sum ",
+                gated!(),
+                " ?ax) ?e))"
+            ),
+            "(gated-retention-normalized ?q ?k ?v ?c ?e)",
+            gated(Some("?ax"), Some("?e")),
+        ),
     ]
 }
 
@@ -104,8 +155,8 @@ pub(super) fn rewrite(spec: &RuleSpec) -> AttnRewrite {
         q: var(q),
         k: var(k),
         slope: var(slope),
-        rows: var(rows),
-        cols: var(cols),
+        rows: rows.map(var),
+        cols: cols.map(var),
         axis: axis.map(var),
         eps: eps.map(var),
     };
@@ -124,8 +175,8 @@ pub struct DecayCheck {
     q: Var,
     k: Var,
     slope: Var,
-    rows: Var,
-    cols: Var,
+    rows: Option<Var>,
+    cols: Option<Var>,
     axis: Option<Var>,
     eps: Option<Var>,
 }
@@ -138,13 +189,26 @@ impl DecayCheck {
         let rank = scores.len();
         let (m, n) = (scores[rank - 2] as u64, scores[rank - 1] as u64);
         let an: &ShapeAnalysis = &egraph.analysis;
-        let rows = an.resolve(data(self.rows)?.atom)?;
-        let cols = an.resolve(data(self.cols)?.atom)?;
         let slope = shape(self.slope)?;
-        let per_entry = slope[slope.len().saturating_sub(2)..]
-            .iter()
-            .all(|&s| s == 1);
-        let mut ok = rows == m && cols == n && per_entry && broadcasts_into(&scores, &slope);
+        let mut ok = match (self.rows, self.cols) {
+            (Some(rows), Some(cols)) => {
+                let rows = an.resolve(data(rows)?.atom)?;
+                let cols = an.resolve(data(cols)?.atom)?;
+                let per_entry = slope[slope.len().saturating_sub(2)..]
+                    .iter()
+                    .all(|&s| s == 1);
+                rows == m && cols == n && per_entry && broadcasts_into(&scores, &slope)
+            }
+            // Gated: c is [.., n, 1] over square scores (its transpose spans the keys).
+            _ => {
+                let r = slope.len();
+                m == n
+                    && r >= 2
+                    && slope[r - 1] == 1
+                    && slope[r - 2] as u64 == n
+                    && broadcasts_into(&scores, &slope)
+            }
+        };
         if let Some(axis) = self.axis {
             let axis = data(axis)?.atom?.as_index()?;
             ok &= axis as usize + 1 == rank;
@@ -164,7 +228,9 @@ impl Condition<Attn, ShapeAnalysis> for DecayCheck {
     }
 
     fn vars(&self) -> Vec<Var> {
-        let mut vars = vec![self.q, self.k, self.slope, self.rows, self.cols];
+        let mut vars = vec![self.q, self.k, self.slope];
+        vars.extend(self.rows);
+        vars.extend(self.cols);
         vars.extend(self.axis);
         vars.extend(self.eps);
         vars
@@ -185,9 +251,14 @@ mod tests {
                 "retention-fuse",
                 "retention-fuse-normalized",
                 "retention-fuse-eps",
+                "gated-retention-fuse",
+                "gated-retention-fuse-normalized",
+                "gated-retention-fuse-eps",
             ],
         );
     }
+
+    const GATED: &str = "q: f32[b, n, d], k: f32[b, n, d], v: f32[b, n, e], g: f32[b, n, 1]";
 
     const PARAMS: &str = "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e], a: f32[b, 1, 1]";
 
@@ -228,6 +299,35 @@ mod tests {
                     ("?v", "(input v)"), ("?a", "(input a)"), ("?m", "m"), ("?n", "n"), ("?ax", "2"),
                     ("?e", "(const 0.001)")],
                   &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        // c the running sum of log gates in (0, 1): strongly decaying to ≈ 1.
+        #[test]
+        fn gated_retention_fuse(b in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "gated-retention-fuse"), GATED,
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?c", "(cumsum (log (sigmoid (input g))) 1)")],
+                  &[("b", b), ("n", n), ("d", d), ("e", e)], seed);
+        }
+
+        #[test]
+        fn gated_retention_fuse_normalized(b in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "gated-retention-fuse-normalized"), GATED,
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?v", "(input v)"), ("?c", "(cumsum (log (sigmoid (input g))) 1)"), ("?ax", "2")],
+                  &[("b", b), ("n", n), ("d", d), ("e", e)], seed);
+        }
+
+        #[test]
+        fn gated_retention_fuse_eps(b in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "gated-retention-fuse-eps"), GATED,
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?v", "(input v)"), ("?c", "(input g)"), ("?ax", "2"), ("?e", "(const 0.001)")],
+                  &[("b", b), ("n", n), ("d", d), ("e", e)], seed);
         }
     }
 
