@@ -73,7 +73,7 @@ fn chosen_fused_ops_are_the_planned_fused_kernels_for_every_example() {
                 .count();
             let prefix_steps = steps
                 .iter()
-                .filter(|s| matches!(s.kind, StepKind::Prefix(_)))
+                .filter(|s| matches!(s.kind, StepKind::Prefix(_) | StepKind::Chunked(_)))
                 .count();
             if kernel.approx.is_empty() {
                 assert_eq!(
