@@ -37,7 +37,7 @@ fn every_example_differentiates_and_verifies() {
             "--format",
             "json",
         ]);
-        // Ops whose gradient is not derived (pooling) are refused with exit 1, never a panic.
+        // An op whose gradient is not derived would be refused with exit 1, never a panic.
         if status(&out) == 1 && stdout(&out).contains("cannot differentiate") {
             eprintln!("skipped {}: {}", file.display(), stdout(&out).trim());
             continue;

@@ -91,7 +91,7 @@ fn optimized_examples_match_central_differences() {
         let all: Vec<usize> = (0..kernel.params.len()).collect();
         let g = match vjp(&optimized, &all) {
             Ok(g) => g,
-            // Ops whose gradient is not derived yet (pooling) are refused, never a panic.
+            // An op whose gradient is not derived would be refused, never a panic.
             Err(e @ attnc::ir::grad::GradError::Unsupported { .. }) => {
                 eprintln!("skipped {}: {e}", path.display());
                 continue;

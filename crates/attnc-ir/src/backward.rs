@@ -14,6 +14,10 @@
 //!   that share them, and a per-head ALiBi slope the sum over its scores).
 //! - [`BackwardOp::Linear`]: one gradient of a linear attention, over `[q, k, v, dO]`, summed
 //!   down to the operand's shape the same way.
+//! - [`BackwardOp::Unpool`]: the gradient of `mean_pool` / `max_pool` over `[x, dy]`: each
+//!   block's gradient spread back over its rows, divided by the block's row count (mean), or
+//!   given whole to the block's first row that attains the maximum in each column (max; a NaN
+//!   maximum goes to the first NaN), zeros elsewhere.
 //!
 //! The fused gradients share the forward's masking rules: a masked-out score gets a zero
 //! gradient (by replacement, so a NaN there reaches no gradient), and a row that keeps no key
@@ -23,6 +27,7 @@ pub mod expand;
 
 use crate::dim::{Dim, Shape};
 use crate::fused::{Attention, Fused, LinearAttention};
+use crate::op::PoolOp;
 use serde::Serialize;
 use std::fmt;
 
@@ -37,6 +42,13 @@ pub enum BackwardOp {
     Attention(Box<AttentionGrad>),
     /// One gradient of a linear attention over `[q, k, v, dO]`.
     Linear(LinearGrad),
+    /// The gradient of a pooling over `[x, dy]` (see the module docs).
+    Unpool {
+        /// The forward pooling.
+        op: PoolOp,
+        /// Its rows per block.
+        size: Dim,
+    },
 }
 
 /// The gradient of a fused attention with respect to one of its operands.
@@ -72,7 +84,7 @@ impl BackwardOp {
     pub fn arity(&self) -> usize {
         match self {
             BackwardOp::SumTo => 1,
-            BackwardOp::Greater => 2,
+            BackwardOp::Greater | BackwardOp::Unpool { .. } => 2,
             BackwardOp::Attention(a) => a.attention.arity() + 2,
             BackwardOp::Linear(_) => 4,
         }
@@ -103,6 +115,23 @@ impl BackwardOp {
             }
             BackwardOp::Greater => crate::build::broadcast(shapes[0], shapes[1])
                 .ok_or_else(|| "greater: the shapes do not broadcast".to_string()),
+            BackwardOp::Unpool { .. } => {
+                let (x, dy) = (shapes[0], shapes[1]);
+                let rank = x.len();
+                if rank < 2
+                    || dy.len() != rank
+                    || x[..rank - 2] != dy[..rank - 2]
+                    || x[rank - 1] != dy[rank - 1]
+                {
+                    return Err(format!(
+                        "{}: the gradient {} is not a pooling of {}",
+                        mnemonic(self),
+                        crate::dim::format_shape(dy),
+                        crate::dim::format_shape(x)
+                    ));
+                }
+                Ok(x.clone())
+            }
             BackwardOp::Attention(a) => {
                 let forward = &shapes[..a.attention.arity()];
                 let out = crate::fused::output_shape(Fused::Attention(&a.attention), forward)?;
@@ -152,6 +181,12 @@ pub fn mnemonic(op: &BackwardOp) -> &'static str {
     match op {
         BackwardOp::SumTo => "sum-to",
         BackwardOp::Greater => "greater",
+        BackwardOp::Unpool {
+            op: PoolOp::Mean, ..
+        } => "mean-unpool",
+        BackwardOp::Unpool {
+            op: PoolOp::Max, ..
+        } => "max-unpool",
         BackwardOp::Attention(_) => "attention-grad",
         BackwardOp::Linear(_) => "linear-attention-grad",
     }
@@ -161,6 +196,7 @@ pub fn mnemonic(op: &BackwardOp) -> &'static str {
 pub fn attributes(op: &BackwardOp) -> Vec<String> {
     match op {
         BackwardOp::SumTo | BackwardOp::Greater => Vec::new(),
+        BackwardOp::Unpool { size, .. } => vec![format!("size={size}")],
         BackwardOp::Attention(a) => vec![a.to_string()],
         BackwardOp::Linear(l) => vec![l.to_string()],
     }
@@ -181,6 +217,7 @@ impl fmt::Display for BackwardOp {
         match self {
             BackwardOp::SumTo => f.write_str("sum-to"),
             BackwardOp::Greater => f.write_str("greater"),
+            BackwardOp::Unpool { size, .. } => write!(f, "{} size={size}", mnemonic(self)),
             BackwardOp::Attention(a) => write!(f, "attention-grad {a}"),
             BackwardOp::Linear(l) => write!(f, "linear-attention-grad {l}"),
         }

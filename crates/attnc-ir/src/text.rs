@@ -349,6 +349,14 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
         "linear-attention" => Op::LinearAttention(linear()?),
         "sum-to" => Op::Backward(BackwardOp::SumTo),
         "greater" => Op::Backward(BackwardOp::Greater),
+        "mean-unpool" | "max-unpool" => Op::Backward(BackwardOp::Unpool {
+            op: if mnemonic == "mean-unpool" {
+                PoolOp::Mean
+            } else {
+                PoolOp::Max
+            },
+            size: dim(attr("size").ok_or("expected `size=B`")?),
+        }),
         "attention-grad" => Op::Backward(BackwardOp::Attention(Box::new(AttentionGrad {
             attention: attention()?,
             wrt: wrt()?,

@@ -14,6 +14,7 @@ use attnc_ir::{
 };
 use attnc_syntax::Span;
 use grad_support::{check, random, without_casts};
+use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 
 fn compile(src: &str) -> Module {
@@ -65,9 +66,6 @@ fn every_example_matches_central_differences() {
         let src = std::fs::read_to_string(&path).expect("readable");
         for kernel in compile(&src).kernels {
             let kernel = without_casts(&kernel);
-            if refuses_pooling(&kernel) {
-                continue;
-            }
             let given = small_bindings();
             let symbols = attnc_ir::bind::kernel_symbols(&kernel);
             let b: Bindings = given
@@ -81,27 +79,6 @@ fn every_example_matches_central_differences() {
             check(&kernel, &b, &xs, &all, 5);
         }
     }
-}
-
-/// Whether `kernel` pools rows, which has no derivative rule yet: such a kernel must be
-/// refused with `GradError::Unsupported` (checked here), never differentiated wrongly.
-fn refuses_pooling(kernel: &Kernel) -> bool {
-    let pools = kernel
-        .graph
-        .topo_order()
-        .into_iter()
-        .any(|id| matches!(kernel.graph.node(id).op, Op::Pool { .. }));
-    if pools {
-        let all: Vec<usize> = (0..kernel.params.len()).collect();
-        let refused = vjp(kernel, &all);
-        assert!(
-            matches!(refused, Err(GradError::Unsupported { .. })),
-            "{}: {:?}",
-            kernel.name,
-            refused.err()
-        );
-    }
-    pools
 }
 
 fn param(name: &str, shape: &[u64]) -> Param {
@@ -173,6 +150,47 @@ fn source_corner_cases_match_central_differences() {
 }
 
 #[test]
+fn pooling_matches_central_differences() {
+    // Blocks of 2 over 5 rows (the last block has one row), pooled keys and values in an
+    // attention and a max-pool (distinct values: its maximum is unique, so differentiable).
+    let kernel = compile(
+        "kernel f(q: f32[m, d], k: f32[n, d], v: f32[n, d]) -> f32[m, d] {
+            let s = q @ mean_pool(k, 2).T;
+            return softmax(s) @ max_pool(v * 3, 2) + softmax(s) @ mean_pool(v * v, 2);
+        }",
+    )
+    .kernels
+    .remove(0);
+    let b: Bindings = [("m", 3), ("n", 5), ("d", 3)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let xs = inputs(&kernel, &b, 77);
+    check(&kernel, &b, &xs, &[0, 1, 2], 7);
+}
+
+#[test]
+fn max_pool_gives_the_block_gradient_to_its_first_maximum() {
+    let kernel = compile(
+        "kernel f(x: f32[n, d]) {
+            return max_pool(x, 2);
+        }",
+    )
+    .kernels
+    .remove(0);
+    let b: Bindings = [("n", 3), ("d", 1)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let grads = vjp(&kernel, &[0]).expect("differentiates");
+    // Rows 0 and 1 tie in block 0: the first gets the gradient; row 2 is block 1 alone.
+    let x = ArrayD::from_shape_vec(IxDyn(&[3, 1]), vec![4.0, 4.0, -1.0]).expect("shape");
+    let cotangent = ArrayD::from_elem(IxDyn(&[2, 1]), 1.0);
+    let dx = evaluate(&grads.kernel(0), &b, &[x, cotangent]).expect("evaluates");
+    assert_eq!(dx.iter().copied().collect::<Vec<_>>(), vec![1.0, 0.0, 1.0]);
+}
+
+#[test]
 fn fully_masked_rows_and_masked_entries_get_zero_gradient() {
     let kernel = compile(
         "kernel f(q: f32[m, d], k: f32[n, d]) -> f32[m, n] {
@@ -210,20 +228,6 @@ fn f16_returns_pass_gradients_straight_through() {
         let (x, w, g) = (xs[0][[i]], xs[1][[i]], xs[2][[i]]);
         assert!((got[0][[i]] - g * w * x.exp()).abs() < 1e-12);
         assert!((got[1][[i]] - g * x.exp()).abs() < 1e-12);
-    }
-}
-
-#[test]
-fn pooling_is_refused_by_name_not_differentiated() {
-    let kernel = compile("kernel f(x: f32[n, d]) { return mean_pool(x, 2) * 3; }")
-        .kernels
-        .remove(0);
-    match vjp(&kernel, &[0]) {
-        Err(e @ GradError::Unsupported { .. }) => {
-            assert!(e.to_string().contains("mean-pool"), "{e}")
-        }
-        Err(e) => panic!("unexpected error {e}"),
-        Ok(_) => panic!("pooling differentiated"),
     }
 }
 

@@ -89,6 +89,57 @@ pub fn pool(spec: &PoolSpec, views: &[BufferView<'_>], out: &mut [f32]) -> Resul
     Ok(())
 }
 
+/// The gradient of [`pool`]: `views[0]` the pooled input `x` (`[outer, n, width]`),
+/// `views[1]` the gradient of the pooled value (`[outer, blocks, width]`); writes `x`'s shape.
+/// A mean's block gradient is divided over its rows; a maximum's goes to the first row of the
+/// block that attains it in each column (the first NaN when the maximum is NaN).
+pub fn unpool(spec: &PoolSpec, views: &[BufferView<'_>], out: &mut [f32]) -> Result<()> {
+    let what = spec.op.name();
+    let x = f32_input(views, 0, what)?;
+    let dy = f32_input(views, 1, what)?;
+    let (n, w, blocks) = (spec.n, spec.width, spec.blocks());
+    check_len(what, x.len(), spec.outer * n * w)?;
+    check_len(what, dy.len(), spec.outer * blocks * w)?;
+    check_len("output", out.len(), spec.outer * n * w)?;
+    out.fill(0.0);
+    for o in 0..spec.outer {
+        for t in 0..blocks {
+            let (r0, r1) = (t * spec.size, ((t + 1) * spec.size).min(n));
+            let g = &dy[(o * blocks + t) * w..][..w];
+            let at = |r: usize, c: usize| (o * n + r) * w + c;
+            for c in 0..w {
+                match spec.op {
+                    PoolOp::Mean => {
+                        let share = g[c] / (r1 - r0) as f32;
+                        for r in r0..r1 {
+                            out[at(r, c)] = share;
+                        }
+                    }
+                    PoolOp::Max => {
+                        let top = (r0..r1)
+                            .map(|r| x[at(r, c)])
+                            .fold(f32::NEG_INFINITY, |a, v| {
+                                if a.is_nan() || v.is_nan() {
+                                    f32::NAN
+                                } else {
+                                    a.max(v)
+                                }
+                            });
+                        let first = (r0..r1).find(|&r| {
+                            let v = x[at(r, c)];
+                            v == top || (v.is_nan() && top.is_nan())
+                        });
+                        if let Some(r) = first {
+                            out[at(r, c)] = g[c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The inclusive running sum of `views[0]` (`[outer, len, inner]`) along its middle axis.
 pub fn cumsum(spec: &AxisSpec, views: &[BufferView<'_>], out: &mut [f32]) -> Result<()> {
     let x = f32_input(views, 0, "cumsum")?;

@@ -83,6 +83,9 @@ pub enum StepKind {
     SoftmaxSink(AxisSpec),
     /// Pooling of row blocks, done by the host ([`crate::host::pool`]).
     Pool(PoolSpec),
+    /// The gradient of a pooling, done by the host ([`crate::host::unpool`]): reads the
+    /// pooled input `x` and the pooled gradient, writes `x`'s shape.
+    Unpool(PoolSpec),
     /// The running sum of a contiguous `[outer, len, inner]` input along `len`, done by the
     /// host ([`crate::host::cumsum`]).
     Cumsum(AxisSpec),
@@ -148,6 +151,7 @@ impl Step {
             StepKind::Reduce(_, s) | StepKind::Softmax(s) | StepKind::SoftmaxSink(s) => s.work(),
             StepKind::Cast(_)
             | StepKind::Pool(_)
+            | StepKind::Unpool(_)
             | StepKind::Cumsum(_)
             | StepKind::Constant(_)
             | StepKind::Convert(_)
@@ -325,6 +329,14 @@ impl std::fmt::Display for Plan {
                     s.width,
                     s.size
                 ),
+                StepKind::Unpool(s) => format!(
+                    "{} gradient [{} x {} x {}] in blocks of {} rows (host)",
+                    s.op.name(),
+                    s.outer,
+                    s.n,
+                    s.width,
+                    s.size
+                ),
                 StepKind::Cumsum(s) => format!(
                     "cumsum [{} x {} x {}] along the middle axis (host)",
                     s.outer, s.len, s.inner
@@ -485,6 +497,7 @@ impl Planner<'_> {
             StepKind::Softmax(_) => "softmax",
             StepKind::SoftmaxSink(_) => "softmax_sink",
             StepKind::Pool(_) => "pool",
+            StepKind::Unpool(_) => "unpool",
             StepKind::Cumsum(_) => "cumsum",
             StepKind::Cast(_) => "cast",
             StepKind::Constant(_) => "const",

@@ -161,6 +161,7 @@ impl CompiledKernel {
                 | StepKind::Constant(_)
                 | StepKind::Convert(_)
                 | StepKind::Pool(_)
+                | StepKind::Unpool(_)
                 | StepKind::Cumsum(_)
                 | StepKind::Quantize(_) => None,
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
@@ -507,6 +508,11 @@ impl CompiledKernel {
                 Storage::F32(out)
             }
             (StepKind::Constant(data), _) => Storage::F32(data.to_vec()),
+            (StepKind::Unpool(spec), _) => {
+                let mut out = vec![0.0f32; len];
+                crate::host::unpool(spec, views, &mut out)?;
+                Storage::F32(out)
+            }
             (StepKind::Pool(spec), _) => {
                 let mut out = vec![0.0f32; len];
                 crate::host::pool(spec, views, &mut out)?;

@@ -17,7 +17,7 @@ pub fn expand(
     args: &[NodeId],
 ) -> Result<Option<NodeId>, String> {
     match op {
-        BackwardOp::SumTo | BackwardOp::Greater => Ok(None),
+        BackwardOp::SumTo | BackwardOp::Greater | BackwardOp::Unpool { .. } => Ok(None),
         BackwardOp::Attention(a) => attention(b, a, args).map(Some),
         BackwardOp::Linear(l) => linear(b, l, args).map(Some),
     }

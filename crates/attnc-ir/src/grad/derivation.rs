@@ -78,6 +78,9 @@ pub fn rule_math(rule: &str) -> &'static str {
         }
         "vjp-sum-to" => "dx = broadcast(g)",
         "vjp-greater" => "piecewise constant: no gradient",
+        "vjp-pool" => {
+            "dx = each block's g over its rows: / rows (mean), to the first row at the maximum (max)"
+        }
         _ => "",
     }
 }

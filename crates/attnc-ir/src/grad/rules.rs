@@ -119,12 +119,15 @@ pub(super) fn apply(
             out.push((args[0], e.add(after, g)?));
             "vjp-cumsum"
         }
-        // Spreading a block's gradient back over its rows needs an op the IR does not have.
-        Op::Pool { .. } => {
-            return Err(GradError::Unsupported {
-                op: op.to_string(),
-                why: "pooling is not differentiable yet".to_string(),
-            })
+        // dx: each block's gradient spread over its rows (mean: divided by its row count;
+        // max: to the first row attaining the maximum)
+        Op::Pool { op: pool, size } => {
+            let unpool = BackwardOp::Unpool {
+                op: *pool,
+                size: size.clone(),
+            };
+            out.push((args[0], e.op(Op::Backward(unpool), &[args[0], g], None)?));
+            "vjp-pool"
         }
         // dx = y ∘ (g − sum(g ∘ y, axis)): zero for a row of zeros (fully masked)
         Op::Softmax { axis } => {

@@ -26,9 +26,75 @@ pub(super) fn evaluate(
     match op {
         BackwardOp::SumTo => sum_to(args[0], shape),
         BackwardOp::Greater => greater(args[0], args[1]),
+        BackwardOp::Unpool { op, size } => {
+            let size = size
+                .resolve(bindings)
+                .and_then(|s| usize::try_from(s).ok())
+                .filter(|&s| s > 0)
+                .ok_or_else(|| format!("the pool size `{size}` is not a bound size"))?;
+            unpool(*op, size, args[0], args[1])
+        }
         BackwardOp::Attention(a) => attention_grad(a, args, bindings),
         BackwardOp::Linear(l) => linear_grad(l, args),
     }
+}
+
+/// The gradient of pooling `x` by blocks of `size` rows, from the pooled gradient `dy`.
+fn unpool(
+    op: crate::op::PoolOp,
+    size: usize,
+    x: &ArrayD<f64>,
+    dy: &ArrayD<f64>,
+) -> Result<ArrayD<f64>, String> {
+    let shape = x.shape().to_vec();
+    let rank = shape.len();
+    let (n, d) = (shape[rank - 2], shape[rank - 1]);
+    let blocks = n.div_ceil(size);
+    let outer: usize = shape[..rank - 2].iter().product();
+    let (x, dy) = (x.as_standard_layout(), dy.as_standard_layout());
+    let (x, dy) = (
+        x.as_slice()
+            .ok_or("a standard-layout array is contiguous")?,
+        dy.as_slice()
+            .ok_or("a standard-layout array is contiguous")?,
+    );
+    if dy.len() != outer * blocks * d {
+        return Err("unpool: the gradient is not the pooled shape".to_string());
+    }
+    let mut out = vec![0.0; outer * n * d];
+    for o in 0..outer {
+        for t in 0..blocks {
+            let (r0, r1) = (t * size, ((t + 1) * size).min(n));
+            for c in 0..d {
+                let g = dy[(o * blocks + t) * d + c];
+                let at = |r: usize| (o * n + r) * d + c;
+                match op {
+                    crate::op::PoolOp::Mean => {
+                        for r in r0..r1 {
+                            out[at(r)] = g / (r1 - r0) as f64;
+                        }
+                    }
+                    crate::op::PoolOp::Max => {
+                        let top = (r0..r1).map(|r| x[at(r)]).fold(f64::NEG_INFINITY, |a, b| {
+                            if a.is_nan() || b.is_nan() {
+                                f64::NAN
+                            } else {
+                                a.max(b)
+                            }
+                        });
+                        let first = (r0..r1).find(|&r| {
+                            let v = x[at(r)];
+                            v == top || (v.is_nan() && top.is_nan())
+                        });
+                        if let Some(r) = first {
+                            out[at(r)] = g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| e.to_string())
 }
 
 /// `a > b` as 1 or 0; NaN where either side is NaN.

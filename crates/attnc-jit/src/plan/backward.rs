@@ -12,6 +12,7 @@ use crate::backward::{
 };
 use crate::buffer::Elem;
 use crate::error::Result;
+use crate::host::PoolSpec;
 use crate::kernels::attention::{AttentionSpec, TensorRef};
 use crate::kernels::elementwise::Expr;
 use crate::kernels::reduce::AxisSpec;
@@ -189,6 +190,33 @@ pub(super) fn plan_backward(
         }
         BackwardOp::Attention(a) => attention_grad(p, id, a, vals),
         BackwardOp::Linear(l) => linear_grad(p, id, l, vals),
+        BackwardOp::Unpool { op, size } => {
+            let graph = &p.kernel.graph;
+            let ops = graph.operands(id);
+            let node_op = graph.node(id).op.clone();
+            let shape = p.shapes[id.index()].clone();
+            let rank = shape.len();
+            let size = size
+                .resolve(p.bindings)
+                .and_then(|s| usize::try_from(s).ok())
+                .filter(|&s| s > 0)
+                .ok_or_else(|| plan_error(&node_op, "the block size is not a bound size"))?;
+            if rank < 2 {
+                return Err(plan_error(&node_op, "pooling needs two axes"));
+            }
+            let (x, dy) = (operand(vals, ops[0])?, operand(vals, ops[1])?);
+            let inputs = vec![p.contiguous_buffer(&x), p.contiguous_buffer(&dy)];
+            let spec = PoolSpec {
+                op: *op,
+                outer: shape[..rank - 2].iter().product(),
+                n: shape[rank - 2],
+                width: shape[rank - 1],
+                size,
+            };
+            let out = p.new_buffer(shape.iter().product());
+            p.push(StepKind::Unpool(spec), inputs, out);
+            Ok(Planner::leaf(out, &shape))
+        }
     }
 }
 
