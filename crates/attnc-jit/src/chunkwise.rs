@@ -24,7 +24,7 @@
 use crate::buffer::BufferView;
 use crate::error::Result;
 use crate::kernels::prefix::PrefixSpec;
-use crate::wide::{batch_index, buffer_err, deal, wide_err};
+use crate::wide::{batch_index, buffer_err, deal, linear_operands, wide_err};
 use attnc_ir::Normalizer;
 use attnc_wide::gemm::{sgemm, Matrix};
 
@@ -90,20 +90,12 @@ pub fn run(
     threads: usize,
 ) -> Result<()> {
     let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
-    if out.len() != spec.batch_count() * m * dv {
-        return Err(buffer_err(
-            "output",
-            "does not hold the prefix state's rows",
-        ));
-    }
-    let f32s = |k: usize| match inputs.get(k) {
-        Some(BufferView::F32(x)) => Ok(*x),
-        _ => Err(buffer_err("causal linear attention", "takes f32 buffers")),
-    };
-    let (q, k, v) = (f32s(0)?, f32s(1)?, f32s(2)?);
-    let slope = match spec.slope_strides {
-        Some(_) => Some(f32s(3)?),
-        None => None,
+    let what = "causal linear attention";
+    let [q, k, v] = linear_operands(spec, inputs, out.len(), what)?;
+    let slope = match (&spec.slope_strides, inputs.get(3)) {
+        (None, _) => None,
+        (Some(_), Some(BufferView::F32(x))) => Some(*x),
+        (Some(_), _) => return Err(buffer_err(what, "takes an f32 decay")),
     };
     if m == 0 || dv == 0 {
         return Ok(());

@@ -321,17 +321,14 @@ impl std::fmt::Display for Plan {
                 StepKind::SoftmaxSink(s) => {
                     format!("softmax with a sink logit per row [{} x {}]", s.outer, s.len)
                 }
-                StepKind::Pool(s) => format!(
-                    "{} [{} x {} x {}] in blocks of {} rows (host)",
+                StepKind::Pool(s) | StepKind::Unpool(s) => format!(
+                    "{}{} [{} x {} x {}] in blocks of {} rows (host)",
                     s.op.name(),
-                    s.outer,
-                    s.n,
-                    s.width,
-                    s.size
-                ),
-                StepKind::Unpool(s) => format!(
-                    "{} gradient [{} x {} x {}] in blocks of {} rows (host)",
-                    s.op.name(),
+                    if matches!(step.kind, StepKind::Unpool(_)) {
+                        " gradient"
+                    } else {
+                        ""
+                    },
                     s.outer,
                     s.n,
                     s.width,

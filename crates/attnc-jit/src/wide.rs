@@ -586,17 +586,7 @@ pub fn run_linear(
 ) -> Result<()> {
     let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
     let entries = spec.batch_count();
-    if out.len() != entries * m * dv {
-        return Err(buffer_err(
-            "output",
-            "does not hold the linear attention's rows",
-        ));
-    }
-    let f32s = |k: usize| match inputs.get(k) {
-        Some(BufferView::F32(x)) => Ok(*x),
-        _ => Err(buffer_err("linear attention", "takes three f32 buffers")),
-    };
-    let (q, k, v) = (f32s(0)?, f32s(1)?, f32s(2)?);
+    let [q, k, v] = linear_operands(spec, inputs, out.len(), "linear attention")?;
     if m == 0 || dv == 0 || entries == 0 {
         return Ok(());
     }
@@ -682,6 +672,27 @@ pub fn run_linear(
         }
         Ok(())
     })
+}
+
+/// The f32 buffers `φQ`, `φK`, `V` of a linear attention step `what`, after checking that the
+/// output (`out_len` elements) holds its `[batch.., m, dv]` rows.
+pub(crate) fn linear_operands<'a>(
+    spec: &PrefixSpec,
+    inputs: &[BufferView<'a>],
+    out_len: usize,
+    what: &str,
+) -> Result<[&'a [f32]; 3]> {
+    if out_len != spec.batch_count() * spec.m * spec.dv {
+        return Err(buffer_err(
+            "output",
+            &format!("does not hold the {what}'s rows"),
+        ));
+    }
+    let f32s = |k: usize| match inputs.get(k) {
+        Some(BufferView::F32(x)) => Ok(*x),
+        _ => Err(buffer_err(what, "takes f32 buffers")),
+    };
+    Ok([f32s(0)?, f32s(1)?, f32s(2)?])
 }
 
 /// Runs `work` on every item, the items dealt round-robin to up to `threads` threads.

@@ -127,26 +127,23 @@ pub fn linear(
     let kt = b.add(Op::Transpose, &[k], None)?;
     let (num, den) = if l.causal {
         let mut s = b.add(Op::MatMul, &[q, kt], None)?;
-        if l.decay == Decay::Slope {
-            // s ∘ exp(mask(slope · relpos(m, n), causal, 0)): the inner mask changes only
-            // entries the outer one replaces, and keeps exp from overflowing there (an
-            // infinite weight would make their zero gradient NaN)
-            let shape = &b.graph.node(s).shape;
-            let relpos = shape[shape.len() - 2..].to_vec();
-            let r = b.add(Op::RelPos, &[], Some(&relpos))?;
-            let w = b.add(Op::Binary(BinaryOp::Mul), &[args[3], r], None)?;
-            let inner = Op::Mask {
-                pattern: MaskPattern::Causal,
-                fill: 0.0,
-            };
-            let w = b.add(inner, &[w], None)?;
-            let w = b.add(Op::Unary(UnaryOp::Exp), &[w], None)?;
-            s = b.add(Op::Binary(BinaryOp::Mul), &[s, w], None)?;
-        }
-        if l.decay == Decay::Gate {
-            // s ∘ exp(mask(c − cᵀ, causal, 0)), the inner mask for the same reason
-            let ct = b.add(Op::Transpose, &[args[3]], None)?;
-            let w = b.add(Op::Binary(BinaryOp::Sub), &[args[3], ct], None)?;
+        // s ∘ exp(mask(log w, causal, 0)) with the log weight a · relpos(m, n) (slope) or
+        // c − cᵀ (gate): the inner mask changes only entries the outer one replaces, and keeps
+        // exp from overflowing there (an infinite weight would make their zero gradient NaN)
+        let log_weight = match l.decay {
+            Decay::None => None,
+            Decay::Slope => {
+                let shape = &b.graph.node(s).shape;
+                let relpos = shape[shape.len() - 2..].to_vec();
+                let r = b.add(Op::RelPos, &[], Some(&relpos))?;
+                Some(b.add(Op::Binary(BinaryOp::Mul), &[args[3], r], None)?)
+            }
+            Decay::Gate => {
+                let ct = b.add(Op::Transpose, &[args[3]], None)?;
+                Some(b.add(Op::Binary(BinaryOp::Sub), &[args[3], ct], None)?)
+            }
+        };
+        if let Some(w) = log_weight {
             let inner = Op::Mask {
                 pattern: MaskPattern::Causal,
                 fill: 0.0,
