@@ -41,6 +41,7 @@ fn run(
             DType::F32 => Input::F32(&ins[i].1),
             DType::F16 => Input::F16(&f16[i]),
             DType::Bf16 => Input::Bf16(&bf16[i]),
+            DType::I32 => unreachable!("no i32 parameters here"),
         })
         .collect();
     compiled

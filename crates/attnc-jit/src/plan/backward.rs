@@ -157,6 +157,7 @@ fn spec_of(
         k,
         v,
         biases,
+        segments: Vec::new(),
         score: a.attention.score.clone(),
         mask,
         precision: attnc_ir::Precision::Exact,
