@@ -29,6 +29,7 @@
 //! f32 buffers only.
 
 mod backward;
+mod documents;
 mod fused;
 mod nodes;
 
@@ -592,46 +593,6 @@ pub fn plan_with(kernel: &Kernel, bindings: &Bindings, options: &PlanOptions) ->
     plan_outputs(kernel, &[kernel.output], bindings, options)
 }
 
-/// Masks that read segment ids (`document(...)`) compile only inside a fused exact attention
-/// on the AVX-512 tier (which builds its tile table from the ids per call); anything else
-/// that reads them (a plain mask, a fused gradient, the portable tier) is refused here, with
-/// a message pointing at the interpreter, before any kernel could read an i32 buffer.
-fn refuse_segments(kernel: &Kernel, options: &PlanOptions) -> Result<()> {
-    let graph = &kernel.graph;
-    for id in graph.topo_order() {
-        let op = &graph.node(id).op;
-        let why = match op {
-            Op::Attention(a) if a.segments() > 0 => {
-                if !options.fuse {
-                    Some("fused attention is off")
-                } else if !options.tiers.avx512 {
-                    Some("the AVX-512 tier is not available")
-                } else if a.precision != attnc_ir::Precision::Exact {
-                    Some("it runs with approximate products")
-                } else {
-                    None
-                }
-            }
-            Op::Backward(attnc_ir::BackwardOp::Attention(g)) if g.attention.segments() > 0 => {
-                Some("gradients through document masks are not compiled")
-            }
-            Op::Mask { pattern, .. } if !pattern.is_static() => {
-                Some("only a mask fused into an attention reads segment ids")
-            }
-            _ => None,
-        };
-        if let Some(why) = why {
-            return Err(JitError::Plan {
-                op: op.to_string(),
-                detail: format!(
-                    "document(...) masks compile only fused into an exact attention on the AVX-512 tier ({why}); run with --engine interp"
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// [`plan_with`] for several nodes of `kernel`'s graph at once (`kernel.output` is ignored):
 /// each node is computed once, the results are [`Plan::outputs`] in the order given.
 pub fn plan_outputs(
@@ -645,7 +606,7 @@ pub fn plan_outputs(
             "a plan needs results that are nodes of the graph".to_string(),
         ));
     }
-    refuse_segments(kernel, options)?;
+    documents::refuse_segments(kernel, options)?;
     let fuse = options.fuse;
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;

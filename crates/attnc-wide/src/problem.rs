@@ -620,6 +620,41 @@ pub fn reference(call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
 mod tests {
     use super::*;
 
+    /// Refined tables keep every tile holding a kept pair (any ids) and, for sorted ids, only
+    /// the tiles along the documents' diagonal blocks.
+    #[test]
+    fn refined_tables_cover_every_kept_pair() {
+        let (m, n, t) = (100usize, 130usize, 8usize);
+        let sorted: Vec<i32> = (0..n).map(|j| (j / 40) as i32).collect();
+        let unsorted: Vec<i32> = (0..n).map(|j| ((j * 31) % 7) as i32).collect();
+        for ids in [&sorted, &unsorted] {
+            let seg = Segments {
+                queries: ids,
+                keys: ids,
+                shift: (n - m) as i64,
+            };
+            let dense = TileTable::dense(m, n, t, t);
+            let table = seg.refine(&dense, m, n);
+            for i in 0..m {
+                for j in (0..n).filter(|&j| seg.same(i, j)) {
+                    let tile = (j / t) as u32;
+                    let runs = table.runs(i / t);
+                    assert!(
+                        runs.iter().any(|r| r.first <= tile && tile < r.end),
+                        "{i} {j}"
+                    );
+                }
+            }
+        }
+        let seg = Segments {
+            queries: &sorted,
+            keys: &sorted,
+            shift: (n - m) as i64,
+        };
+        let (visited, total) = seg.refine(&TileTable::dense(m, n, t, t), m, n).counts();
+        assert!(visited * 2 < total, "{visited} of {total}");
+    }
+
     #[test]
     fn enumerated_tables_list_only_reached_tiles() {
         let mask = KeyMask::Causal;

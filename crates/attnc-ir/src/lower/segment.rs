@@ -70,7 +70,7 @@ impl Segments {
                 .with_note("declare the segment ids as a parameter like `seg: i32[n]`"))
             }
         };
-        self.check_shape(scope, name, role, &scope.graph.node(id).shape)?;
+        self.check_shape(name, role, &scope.graph.node(id).shape)?;
         if let Some(index) = self.nodes.iter().position(|&(n, r)| n == id && r == role) {
             return Ok(index);
         }
@@ -78,18 +78,12 @@ impl Segments {
         Ok(self.nodes.len() - 1)
     }
 
-    fn check_shape(
-        &self,
-        _scope: &Scope,
-        name: &Ident,
-        role: Role,
-        seg: &[Dim],
-    ) -> Result<(), Diagnostic> {
+    fn check_shape(&self, name: &Ident, role: Role, seg: &[Dim]) -> Result<(), Diagnostic> {
         let rank = self.shape.len();
         let (batch, mn) = self.shape.split_at(rank - 2);
         let (want, what) = match role {
-            Role::Queries => (&mn[0], "queries (m)"),
-            Role::Aligned | Role::Keys => (&mn[1], "keys (n)"),
+            Role::Queries => (&mn[0], "queries"),
+            Role::Aligned | Role::Keys => (&mn[1], "keys"),
         };
         let shown = format_shape(seg);
         let Some((len, lead)) = seg.split_last() else {

@@ -520,6 +520,78 @@ mod tests {
         }
     }
 
+    /// Document leaves (alone and combined) against `KeyMask::keeps_with`, on both lane axes,
+    /// with unsorted ids, m ≠ n both ways and lane bases past either end.
+    #[test]
+    fn document_programs_compare_segment_ids() {
+        if !Features::detect().avx512 {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let ids: Vec<i32> = (0..90).map(|x| ((x * 7919) % 13 / 3) as i32).collect();
+        let b = Box::new;
+        let masks = [
+            KeyMask::Document,
+            KeyMask::And(b(KeyMask::Causal), b(KeyMask::Document)),
+            KeyMask::Or(b(KeyMask::Document), b(KeyMask::Window(2))),
+        ];
+        for (m, n) in [(70usize, 90usize), (90, 60), (1, 90)] {
+            let seg = Segments {
+                queries: &ids[..n],
+                keys: &ids[..n],
+                shift: n as i64 - m as i64,
+            };
+            let align = n as i64 - m as i64;
+            for mask in &masks {
+                let mut program = MaskProgram::compile(mask);
+                program.segments = Some(seg);
+                program.align = align;
+                let mut buffers = program.buffers(m.max(n).max(64) * VECTORS);
+                for base in [-70i64, -3, 0, 17, 64] {
+                    // SAFETY: AVX-512 was detected; the buffers hold every fixed position.
+                    let got = unsafe {
+                        program.eval(
+                            &mut buffers,
+                            LaneAxis::Keys,
+                            |f| f as i64 + align,
+                            m,
+                            base,
+                            4,
+                        )
+                    }
+                    .to_vec();
+                    for i in 0..m {
+                        for lane in 0..64 {
+                            let j = base + lane as i64;
+                            if j < 0 || j >= n as i64 {
+                                continue;
+                            }
+                            let want = mask.keeps_with(i, j as usize, m, n, Some(&seg));
+                            let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                            assert_eq!(bit, want, "{mask:?} keys {m}x{n} base {base} i {i} j {j}");
+                        }
+                    }
+                    // SAFETY: as above.
+                    let got = unsafe {
+                        program.eval(&mut buffers, LaneAxis::Rows, |f| f as i64, n, base, 4)
+                    }
+                    .to_vec();
+                    for j in 0..n {
+                        for lane in 0..64 {
+                            let i = base + lane as i64 - align;
+                            if i < 0 || i >= m as i64 {
+                                continue;
+                            }
+                            let want = mask.keeps_with(i as usize, j, m, n, Some(&seg));
+                            let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                            assert_eq!(bit, want, "{mask:?} rows {m}x{n} base {base} i {i} j {j}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn deep_trees_compile_without_recursion() {
         let mut mask = KeyMask::Causal;
