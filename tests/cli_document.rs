@@ -35,9 +35,10 @@ fn jit_and_interpreter_agree_on_packed_documents() {
     let dir = tempfile::tempdir().expect("tempdir");
     let seg = ids_npy(dir.path(), "seg.npy", &IDS);
     let input = format!("seg={}", p(&seg));
+    let file = example();
     let base = [
         "run",
-        p(&example()),
+        p(&file),
         "--random",
         "3",
         "--shape",
@@ -77,9 +78,10 @@ fn safetensors_i32_binds_segment_ids() {
     file.extend(header.as_bytes());
     file.extend(&bytes);
     let path = write(dir.path(), "seg.safetensors", file);
+    let example = example();
     let doc = run(&[
         "run",
-        p(&example()),
+        p(&example),
         "--random",
         "3",
         "--shape",
@@ -104,24 +106,29 @@ fn misuse_is_an_error_naming_the_input_or_the_place() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         // float data for an i32 parameter
         (
-            vec!["--input".into(), format!("seg={}", p(&floats))],
+            vec![
+                "--shape".into(),
+                "h=1,d=2".into(),
+                "--input".into(),
+                format!("seg={}", p(&floats)),
+            ],
             "input `seg` is i32",
         ),
         // ids of the wrong length: names the input and the dimension
         (
             vec![
                 "--shape".into(),
-                "n=4".into(),
+                "h=1,d=2,n=4".into(),
                 "--input".into(),
                 format!("seg={}", p(&short)),
             ],
             "seg",
         ),
         // --random does not draw segment ids
-        (vec![], "--input seg="),
+        (vec!["--shape".into(), "h=1,d=2,n=4".into()], "--input seg="),
     ];
     for (extra, want) in cases {
-        let mut args: Vec<String> = ["run", p(&file), "--random", "1", "--shape", "h=1,d=2"]
+        let mut args: Vec<String> = ["run", p(&file), "--random", "1"]
             .iter()
             .map(|s| s.to_string())
             .collect();

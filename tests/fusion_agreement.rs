@@ -28,7 +28,8 @@ fn inputs(kernel: &attnc::ir::Kernel, b: &Bindings) -> Vec<Tensor> {
             let shape = attnc::ir::dim::resolve_shape(&p.shape, b).expect("bound");
             let values = standard_normal(3, i as u64, shape.iter().product());
             match p.dtype {
-                DType::F32 => Tensor::from_f32(shape, values),
+                // (The examples run here have no i32 parameters.)
+                DType::F32 | DType::I32 => Tensor::from_f32(shape, values),
                 DType::F16 => {
                     Tensor::from_f16(shape, values.into_iter().map(half::f16::from_f32).collect())
                 }

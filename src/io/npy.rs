@@ -1,7 +1,7 @@
 //! NumPy `.npy` files: a reader for format versions 1.0, 2.0 and 3.0 and a writer that produces
 //! exactly the bytes `numpy.save` writes.
 //!
-//! Only little-endian float32 (`<f4`) and float16 (`<f2`) arrays in C order are read. The header
+//! Only little-endian float32 (`<f4`), float16 (`<f2`) and int32 (`<i4`) arrays in C order are read. The header
 //! is a Python dict literal, parsed here by a small literal parser (never evaluated, and object
 //! arrays, which hold pickles, are refused). Every size in the file is checked against the file's
 //! length before anything is allocated.
@@ -35,7 +35,7 @@ const MAX_NESTING: usize = 16;
 /// The path shown in errors from [`parse_npy`], which has no file.
 const MEMORY: &str = "<memory>";
 
-const EXPECTED_DTYPES: &str = "float32 `<f4` or float16 `<f2` (int32 `<i4` for i32 inputs)";
+const EXPECTED_DTYPES: &str = "float32 `<f4`, float16 `<f2` or int32 `<i4`";
 
 /// Reads the `.npy` file at `path`.
 pub fn read_npy(path: &Path) -> Result<Tensor, IoError> {
