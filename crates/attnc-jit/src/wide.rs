@@ -292,9 +292,19 @@ impl WideAttention {
             return None;
         }
         let (m, n) = (spec.m, spec.n);
+        let mask = spec.mask.as_ref().and_then(key_mask);
+        // A mask that requires equal ids is classified with its documents taken as kept: the
+        // per-call refinement drops tiles by their ids and keeps this table's full tiles
+        // full where both tiles hold one and the same id.
+        let relaxed = spec
+            .mask
+            .as_ref()
+            .filter(|_| mask.as_ref().is_some_and(KeyMask::requires_document))
+            .map(document::relaxed);
+        let pattern = relaxed.as_ref().or(spec.mask.as_ref());
         let tiles = TileTable::from_fn(m, n, qt, kt, |t| {
             let (i0, i1) = ((t * qt).min(m), ((t + 1) * qt).min(m));
-            classify(spec.mask.as_ref(), m, n, i0, i1, kt)
+            classify(pattern, m, n, i0, i1, kt)
                 .into_iter()
                 .map(|r| TileRun {
                     first: r.first as u32,
@@ -307,7 +317,7 @@ impl WideAttention {
             spec: spec.clone(),
             tier,
             score,
-            mask: spec.mask.as_ref().and_then(key_mask),
+            mask,
             tiles,
         })
     }
@@ -411,7 +421,8 @@ impl WideAttention {
         let mut refined: Option<(usize, attnc_wide::problem::TileTable)> = None;
         for (b, t, rows) in items {
             let mut call = self.call(inputs, b)?;
-            if let Some(segments) = call.segments {
+            let required = self.mask.as_ref().is_some_and(KeyMask::requires_document);
+            if let Some(segments) = call.segments.filter(|_| required) {
                 if refined.as_ref().is_none_or(|(entry, _)| *entry != b) {
                     let table = segments.refine(&self.tiles, self.spec.m, self.spec.n);
                     refined = Some((b, table));

@@ -157,6 +157,18 @@ fn batched_ids_and_the_two_operand_form() {
     );
 }
 
+/// A union with a document keeps pairs whose ids differ: no tile may be dropped by its ids
+/// (the window here reaches across documents, and across 64-key tiles).
+#[test]
+fn a_union_with_a_document_keeps_tiles_of_other_documents() {
+    let src =
+        "kernel k(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], seg: i32[n]) -> f32[h, n, d] {
+        return softmax(mask(q @ k.T, document(seg) | window(70))) @ v;
+    }";
+    let seg = layout(&[100, 100, 60], 0);
+    check(src, &[("h", 1), ("n", 260), ("d", 4)], &[seg], 6);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 

@@ -163,6 +163,17 @@ impl KeyMask {
         }
     }
 
+    /// Whether every kept pair must have equal segment ids (a document part on every path
+    /// through `|`): only then may [`Segments::refine`] drop tiles by their ids.
+    pub fn requires_document(&self) -> bool {
+        match self {
+            KeyMask::Document => true,
+            KeyMask::And(a, b) => a.requires_document() || b.requires_document(),
+            KeyMask::Or(a, b) => a.requires_document() && b.requires_document(),
+            _ => false,
+        }
+    }
+
     /// Whether the mask reads segment ids.
     pub fn is_document(&self) -> bool {
         match self {
@@ -224,7 +235,10 @@ impl Segments<'_> {
         }
     }
 
-    /// `table` with the key tiles whose id range cannot meet the query tile's dropped: per
+    /// `table` (classified with the documents taken as kept) with the key tiles whose id range
+    /// cannot meet the query tile's dropped (valid for a mask that
+    /// [requires](KeyMask::requires_document) equal ids), and a visited tile partial unless
+    /// every row and key of the pair has one and the same id (then the table's kind holds): per
     /// tile the minimum and maximum id (O(m + n) to collect), a pair visited only when the two
     /// ranges overlap. Sorted ids leave the tiles along the diagonal blocks; unsorted ids
     /// stay exact, since visited tiles compare ids per element.
@@ -240,26 +254,27 @@ impl Segments<'_> {
             .collect();
         TileTable::from_fn(m, n, qt, kt, |t| {
             let rows = t * qt..((t + 1) * qt).min(m);
+            let every_row = rows.clone().all(|i| self.query(i).is_some());
             let Some((lo, hi)) = range(&mut rows.filter_map(|i| self.query(i))) else {
                 return Vec::new();
             };
             let mut runs: Vec<TileRun> = Vec::new();
             for run in table.runs(t) {
                 for u in run.first..run.end {
-                    let meets = keys
-                        .get(u as usize)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|(a, b)| a <= hi && lo <= b);
-                    if !meets {
+                    let Some((a, b)) = keys.get(u as usize).copied().flatten() else {
+                        continue;
+                    };
+                    if a > hi || lo > b {
                         continue;
                     }
+                    let one_id = every_row && lo == hi && a == b && a == lo;
+                    let partial = run.partial || !one_id;
                     match runs.last_mut() {
-                        Some(r) if r.end == u && r.partial == run.partial => r.end += 1,
+                        Some(r) if r.end == u && r.partial == partial => r.end += 1,
                         _ => runs.push(TileRun {
                             first: u,
                             end: u + 1,
-                            partial: run.partial,
+                            partial,
                         }),
                     }
                 }
@@ -643,6 +658,12 @@ mod tests {
                         runs.iter().any(|r| r.first <= tile && tile < r.end),
                         "{i} {j}"
                     );
+                }
+                // A full tile keeps every pair of its rows and keys.
+                for run in table.runs(i / t).iter().filter(|r| !r.partial) {
+                    for j in run.first as usize * t..(run.end as usize * t).min(n) {
+                        assert!(seg.same(i, j), "full tile at {i} {j}");
+                    }
                 }
             }
         }

@@ -34,6 +34,17 @@ fn collect(p: &MaskPattern, out: &mut Vec<(usize, usize)>) {
     }
 }
 
+/// `pattern` with every document part taken as keeping every pair (`global(∞)`): where all
+/// the ids of a tile pair are one and the same, the pattern keeps there exactly what this keeps.
+pub(super) fn relaxed(pattern: &MaskPattern) -> MaskPattern {
+    match pattern {
+        MaskPattern::Document { .. } => MaskPattern::Global(u64::MAX),
+        MaskPattern::And(a, b) => MaskPattern::And(Box::new(relaxed(a)), Box::new(relaxed(b))),
+        MaskPattern::Or(a, b) => MaskPattern::Or(Box::new(relaxed(a)), Box::new(relaxed(b))),
+        other => other.clone(),
+    }
+}
+
 /// The segment ids of batch entry `index` (its multi-index over the spec's batch axes).
 pub(super) fn segments<'a>(
     spec: &AttentionSpec,
