@@ -528,7 +528,7 @@ mod tests {
             eprintln!("skipped: no AVX-512");
             return;
         }
-        let ids: Vec<i32> = (0..90).map(|x| ((x * 7919) % 13 / 3) as i32).collect();
+        let ids: Vec<i32> = (0..90).map(|x: i32| (x * 7919) % 13 / 3).collect();
         let b = Box::new;
         let masks = [
             KeyMask::Document,
