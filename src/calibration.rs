@@ -159,6 +159,9 @@ pub fn calibration_inputs(
                             TensorData::Bf16(v) => {
                                 TensorData::Bf16(fill.apply(&v[..block.min(len)], len))
                             }
+                            TensorData::I32(v) => {
+                                TensorData::I32(fill.apply(&v[..block.min(len)], len))
+                            }
                         };
                         Tensor { shape, data }
                     }

@@ -96,6 +96,7 @@ pub fn input_view(tensor: &Tensor) -> Input<'_> {
         TensorData::F32(v) => Input::F32(v),
         TensorData::F16(v) => Input::F16(v),
         TensorData::Bf16(v) => Input::Bf16(v),
+        TensorData::I32(v) => Input::I32(v),
     }
 }
 

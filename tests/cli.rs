@@ -32,7 +32,7 @@ fn every_example_checks() {
 
 #[test]
 fn every_example_runs_on_the_interpreter() {
-    for file in example_files() {
+    for file in random_example_files() {
         let out = attnc(&[
             "run",
             p(&file),
@@ -550,7 +550,7 @@ fn explain_emits_clif_for_bound_shapes_and_explains_why_not_otherwise() {
 
 #[test]
 fn jit_is_the_default_engine_and_agrees_with_the_interpreter() {
-    for file in example_files() {
+    for file in random_example_files() {
         let run = |engine: &str| {
             let out = attnc(&[
                 "run",

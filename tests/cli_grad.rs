@@ -13,7 +13,7 @@ fn p(path: &std::path::Path) -> &str {
 #[test]
 fn every_example_differentiates_and_verifies() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for file in example_files() {
+    for file in random_example_files() {
         let src = std::fs::read_to_string(&file).expect("readable");
         let module = attnc::source::compile_text(&src).expect("checks");
         let names: Vec<&str> = module.kernels[0]

@@ -82,7 +82,7 @@ fn uncast(kernel: &Kernel) -> Kernel {
 
 #[test]
 fn optimized_examples_match_central_differences() {
-    for path in common::example_files() {
+    for path in common::random_example_files() {
         let src = std::fs::read_to_string(&path).expect("readable");
         let module = attnc::source::compile_text(&src).expect("checks");
         let kernel = uncast(&module.kernels[0]);

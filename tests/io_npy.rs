@@ -286,7 +286,7 @@ fn rejects_int64_with_exact_message() {
     assert_eq!(
         err,
         format!(
-            "input `{}`: unsupported dtype `<i8` (expected float32 `<f4` or float16 `<f2`)",
+            "input `{}`: unsupported dtype `<i8` (expected float32 `<f4`, float16 `<f2` or int32 `<i4`)",
             path.display()
         )
     );
@@ -296,7 +296,9 @@ fn rejects_int64_with_exact_message() {
 fn rejects_float64() {
     let err = read_npy(&fixture("f64.npy")).unwrap_err().to_string();
     assert!(
-        err.contains("unsupported dtype `<f8` (expected float32 `<f4` or float16 `<f2`"),
+        err.contains(
+            "unsupported dtype `<f8` (expected float32 `<f4`, float16 `<f2` or int32 `<i4`"
+        ),
         "{err}"
     );
 }

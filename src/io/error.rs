@@ -1,7 +1,7 @@
 //! The error type of the tensor-file layer.
 //!
 //! Every message is lowercase, has no final dot and names the file it is about, for example
-//! ``input `q.npy`: unsupported dtype `<i8` (expected float32 `<f4` or float16 `<f2`)``.
+//! ``input `q.npy`: unsupported dtype `<i8` (expected float32 `<f4`, float16 `<f2` or int32 `<i4`)``.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

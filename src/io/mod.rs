@@ -8,7 +8,7 @@
 //!
 //! - [`Tensor`] / [`TensorData`] / [`DType`]: an owned row-major f32, f16 or bf16 tensor.
 //! - [`read_npy`], [`parse_npy`], [`write_npy`], [`encode_npy`]: NumPy `.npy` (format 1.0, 2.0,
-//!   3.0; little-endian float32 `<f4` and float16 `<f2`).
+//!   3.0; little-endian float32 `<f4`, float16 `<f2` and int32 `<i4`).
 //! - [`read_safetensors`], [`parse_safetensors`]: safetensors files of F32, F16 and BF16 tensors.
 //! - [`write_atomically`], [`write_atomically_with`], [`remove_pending_temp_files`].
 //! - [`standard_normal`]: reproducible standard-normal inputs for `--random SEED`;

@@ -1,7 +1,7 @@
 //! NumPy `.npy` files: a reader for format versions 1.0, 2.0 and 3.0 and a writer that produces
 //! exactly the bytes `numpy.save` writes.
 //!
-//! Only little-endian float32 (`<f4`) and float16 (`<f2`) arrays in C order are read. The header
+//! Only little-endian float32 (`<f4`), float16 (`<f2`) and int32 (`<i4`) arrays in C order are read. The header
 //! is a Python dict literal, parsed here by a small literal parser (never evaluated, and object
 //! arrays, which hold pickles, are refused). Every size in the file is checked against the file's
 //! length before anything is allocated.
@@ -35,7 +35,7 @@ const MAX_NESTING: usize = 16;
 /// The path shown in errors from [`parse_npy`], which has no file.
 const MEMORY: &str = "<memory>";
 
-const EXPECTED_DTYPES: &str = "float32 `<f4` or float16 `<f2`";
+const EXPECTED_DTYPES: &str = "float32 `<f4`, float16 `<f2` or int32 `<i4`";
 
 /// Reads the `.npy` file at `path`.
 pub fn read_npy(path: &Path) -> Result<Tensor, IoError> {
@@ -171,6 +171,11 @@ pub fn parse_npy_from(bytes: &[u8], path: &Path) -> Result<Tensor, IoError> {
         DType::F16 => TensorData::F16(
             data.chunks_exact(2)
                 .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+        DType::I32 => TensorData::I32(
+            data.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
         ),
         DType::Bf16 => {
@@ -529,18 +534,21 @@ fn header_dtype(header: &Header, path: &Path) -> Result<DType, IoError> {
     let dtype = match kind {
         "f4" | "f" | "float32" => Some(DType::F32),
         "f2" | "e" | "float16" => Some(DType::F16),
+        "i4" | "i" | "int32" => Some(DType::I32),
         _ => None,
     };
     match (order, dtype) {
-        (Some('>' | '!'), Some(_)) => {
-            Err(unsupported(
-                descr.to_string(),
-                format!(
+        (Some('>' | '!'), Some(_)) => Err(unsupported(
+            descr.to_string(),
+            format!(
                 "little-endian {EXPECTED_DTYPES}; this array is big-endian, save `a.astype('<{}')`",
-                if dtype == Some(DType::F32) { "f4" } else { "f2" }
+                match dtype {
+                    Some(DType::F32) => "f4",
+                    Some(DType::I32) => "i4",
+                    _ => "f2",
+                }
             ),
-            ))
-        }
+        )),
         (_, Some(dtype)) => Ok(dtype),
         (_, None) if kind == "O" || kind.starts_with("O") => Err(unsupported(
             short(descr),
@@ -646,6 +654,7 @@ fn npy_prefix(tensor: &Tensor) -> Result<Vec<u8>, IoError> {
     let descr = match tensor.dtype() {
         DType::F32 => "<f4",
         DType::F16 => "<f2",
+        DType::I32 => "<i4",
         DType::Bf16 => {
             return Err(IoError::invalid_tensor(
                 "bf16 cannot be stored in a .npy file",
@@ -677,6 +686,11 @@ fn write_elements<W: Write>(w: &mut W, data: &TensorData) -> std::io::Result<()>
         TensorData::Bf16(v) => {
             for x in v {
                 w.write_all(&x.to_bits().to_le_bytes())?;
+            }
+        }
+        TensorData::I32(v) => {
+            for x in v {
+                w.write_all(&x.to_le_bytes())?;
             }
         }
     }

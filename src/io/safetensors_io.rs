@@ -207,6 +207,11 @@ pub fn parse_safetensors_from(bytes: &[u8], path: &Path) -> Result<Vec<(String, 
                     .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
                     .collect(),
             ),
+            DType::I32 => TensorData::I32(
+                raw.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
         };
         let tensor = Tensor::new(e.shape, data)
             .map_err(|err| bad(path, format!("tensor `{}`: {err}", e.name), ""))?;
@@ -258,6 +263,7 @@ fn check_entry(
         "F32" => DType::F32,
         "F16" => DType::F16,
         "BF16" => DType::Bf16,
+        "I32" => DType::I32,
         other => {
             let mut dtype: String = other.chars().take(40).collect();
             if other.chars().count() > 40 {

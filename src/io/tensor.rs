@@ -11,7 +11,7 @@ pub use attnc_ir::DType;
 /// Bytes per element of `dtype`.
 pub fn element_size(dtype: DType) -> usize {
     match dtype {
-        DType::F32 => 4,
+        DType::F32 | DType::I32 => 4,
         DType::F16 | DType::Bf16 => 2,
     }
 }
@@ -25,6 +25,8 @@ pub enum TensorData {
     F16(Vec<f16>),
     /// bf16 elements.
     Bf16(Vec<bf16>),
+    /// i32 elements (segment ids).
+    I32(Vec<i32>),
 }
 
 impl TensorData {
@@ -34,6 +36,8 @@ impl TensorData {
             DType::F32 => TensorData::F32(values),
             DType::F16 => TensorData::F16(values.into_iter().map(f16::from_f32).collect()),
             DType::Bf16 => TensorData::Bf16(values.into_iter().map(bf16::from_f32).collect()),
+            // Saturating and truncating toward zero, as `as` does: ids are integers already.
+            DType::I32 => TensorData::I32(values.into_iter().map(|x| x as i32).collect()),
         }
     }
 
@@ -43,6 +47,7 @@ impl TensorData {
             TensorData::F32(v) => v.len(),
             TensorData::F16(v) => v.len(),
             TensorData::Bf16(v) => v.len(),
+            TensorData::I32(v) => v.len(),
         }
     }
 
@@ -57,6 +62,7 @@ impl TensorData {
             TensorData::F32(_) => DType::F32,
             TensorData::F16(_) => DType::F16,
             TensorData::Bf16(_) => DType::Bf16,
+            TensorData::I32(_) => DType::I32,
         }
     }
 }
@@ -125,6 +131,7 @@ impl Tensor {
             DType::F32 => TensorData::F32(array.iter().map(|&x| x as f32).collect()),
             DType::F16 => TensorData::F16(array.iter().map(|&x| f16::from_f64(x)).collect()),
             DType::Bf16 => TensorData::Bf16(array.iter().map(|&x| bf16::from_f64(x)).collect()),
+            DType::I32 => TensorData::I32(array.iter().map(|&x| x as i32).collect()),
         };
         Tensor {
             shape: array.shape().to_vec(),
@@ -179,6 +186,7 @@ impl Tensor {
             TensorData::F32(v) => v.clone(),
             TensorData::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             TensorData::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            TensorData::I32(v) => v.iter().map(|&x| x as f32).collect(),
         }
     }
 
@@ -188,6 +196,7 @@ impl Tensor {
             TensorData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
             TensorData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
             TensorData::Bf16(v) => v.iter().map(|x| x.to_f64()).collect(),
+            TensorData::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
         }
     }
 

@@ -71,6 +71,15 @@ pub fn example_files() -> Vec<PathBuf> {
     files
 }
 
+/// The examples `--random` can fill: every one but those with `i32` segment-id parameters
+/// (which `--random` refuses to draw; `tests/cli_document.rs` runs them with their ids).
+pub fn random_example_files() -> Vec<PathBuf> {
+    example_files()
+        .into_iter()
+        .filter(|p| !std::fs::read_to_string(p).is_ok_and(|s| s.contains("i32[")))
+        .collect()
+}
+
 /// A directory this process cannot create files in: a read-only one, or, for root (who
 /// ignores permissions), `/sys` when it refuses new files.
 #[cfg(unix)]

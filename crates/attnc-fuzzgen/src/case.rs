@@ -331,7 +331,8 @@ fn run_jit(
         .iter()
         .enumerate()
         .map(|(i, p)| match p.dtype {
-            DType::F32 => Input::F32(&inputs[i].1),
+            // (Generated programs declare no i32 parameters.)
+            DType::F32 | DType::I32 => Input::F32(&inputs[i].1),
             DType::F16 => Input::F16(&f16[i]),
             DType::Bf16 => Input::Bf16(&bf16[i]),
         })

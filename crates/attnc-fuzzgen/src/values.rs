@@ -54,7 +54,7 @@ pub fn draw(rng: &mut Rng, len: usize, dtype: DType) -> Vec<f32> {
 /// `x` rounded to the storage type `dtype` (as the JIT reads it).
 pub fn stored(x: f32, dtype: DType) -> f32 {
     match dtype {
-        DType::F32 => x,
+        DType::F32 | DType::I32 => x,
         DType::F16 => half::f16::from_f32(x).to_f32(),
         DType::Bf16 => half::bf16::from_f32(x).to_f32(),
     }

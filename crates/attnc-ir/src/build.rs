@@ -85,7 +85,10 @@ pub fn infer_shape(op: &Op, shapes: &[&Shape], given: Option<&Shape>) -> Result<
         (Op::Input { .. } | Op::Fill { .. } | Op::RelPos | Op::Random { .. }, []) => given
             .cloned()
             .ok_or_else(|| format!("{op} needs an explicit shape"))?,
-        (Op::Unary(_) | Op::Softmax { .. } | Op::Mask { .. } | Op::Cast { .. }, [x]) => {
+        (Op::Unary(_) | Op::Softmax { .. } | Op::Cast { .. }, [x]) => (*x).clone(),
+        (Op::Mask { pattern, .. }, [x, segments @ ..]) if segments.len() == pattern.segments() => {
+            let segments: Vec<&[Dim]> = segments.iter().map(|s| s.as_slice()).collect();
+            crate::segments::check_mask(pattern, x.as_slice(), &segments).map_err(|e| bad(&e))?;
             (*x).clone()
         }
         (Op::Binary(_), [a, b]) => {

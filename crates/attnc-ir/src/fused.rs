@@ -212,9 +212,14 @@ impl Attention {
         }
     }
 
-    /// Its operand count: q, k, v and the biases.
+    /// Its operand count: q, k, v, the biases, then the mask's segment operands (i32 ids).
     pub fn arity(&self) -> usize {
-        3 + self.score.biases()
+        3 + self.score.biases() + self.segments()
+    }
+
+    /// How many segment operands its mask reads (after the biases).
+    pub fn segments(&self) -> usize {
+        self.mask.as_ref().map_or(0, |m| m.segments())
     }
 }
 
@@ -402,7 +407,11 @@ impl Fused<'_> {
             }
             return Ok(FusedShape { batch, m, n, d, dv });
         }
-        for (index, bias) in operands[3..].iter().enumerate() {
+        let (biases, segments) = match self {
+            Fused::Attention(a) => operands[3..].split_at(a.score.biases()),
+            Fused::Linear(_) => (&operands[3..], &operands[..0]),
+        };
+        for (index, bias) in biases.iter().enumerate() {
             let rank = bias.len();
             let row = (rank >= 2).then(|| &bias[rank - 2]);
             let col = bias.last();
@@ -416,6 +425,13 @@ impl Fused<'_> {
             let lead = &bias[..rank.saturating_sub(2)];
             batch = broadcast(&batch, lead)
                 .ok_or_else(|| format!("the leading axes of bias b{index} do not broadcast"))?;
+        }
+        if let Fused::Attention(Attention {
+            mask: Some(mask), ..
+        }) = self
+        {
+            let roles = crate::segments::roles(mask);
+            crate::segments::check(&roles, &batch, &m, &n, segments)?;
         }
         Ok(FusedShape { batch, m, n, d, dv })
     }

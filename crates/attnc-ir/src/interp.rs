@@ -36,11 +36,12 @@ use crate::bind::{resolve_checked, resolve_node_shapes, BindError};
 use crate::dim::Bindings;
 use crate::graph::{Kernel, NodeId};
 use crate::op::{BinaryOp, DType, Op, ReduceOp, UnaryOp};
-use crate::pattern::MaskPattern;
+use masking::mask;
 use ndarray::{ArrayD, ArrayView1, ArrayViewMut1, Axis, IxDyn, Zip};
 
 mod backward;
 mod fused;
+mod masking;
 mod memory;
 mod range;
 mod reduction;
@@ -330,7 +331,7 @@ fn eval_node(
         Op::Cumsum { axis } => reduction::cumsum(*axis, args[0])?,
         Op::Mask { pattern, fill } => {
             let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
-            mask(&pattern, *fill, args[0])?
+            mask(&pattern, *fill, args[0], &args[1..])?
         }
         Op::Cast { to } => args[0].mapv(|x| round_to(*to, x)),
         Op::Random { kind, seed } => {
@@ -598,28 +599,6 @@ fn softmax_row(mut row: ArrayViewMut1<'_, f64>) {
     row.mapv_inplace(|v| v / total);
 }
 
-/// Replaces entries (i, j) of the last two axes outside `pattern` by `fill`.
-fn mask(pattern: &MaskPattern, fill: f64, x: &ArrayD<f64>) -> Result<ArrayD<f64>, String> {
-    let rank = x.ndim();
-    if rank < 2 {
-        return Err(format!("mask of shape {:?} (rank < 2)", x.shape()));
-    }
-    if x.is_empty() {
-        return Ok(x.clone());
-    }
-    let (m, n) = (x.shape()[rank - 2], x.shape()[rank - 1]);
-    let keep: Vec<bool> = (0..m * n)
-        .map(|e| pattern.keeps(e / n, e % n, m, n))
-        .collect();
-    let mut out = x.as_standard_layout().into_owned();
-    for (e, v) in out.iter_mut().enumerate() {
-        if !keep[e % (m * n)] {
-            *v = fill;
-        }
-    }
-    Ok(out)
-}
-
 /// Rounds `x` to the storage type `to` (through f32, as an f32 engine stores it) and widens it.
 pub fn round_to(to: DType, x: f64) -> f64 {
     let single = x as f32;
@@ -627,6 +606,8 @@ pub fn round_to(to: DType, x: f64) -> f64 {
         DType::F32 => f64::from(single),
         DType::F16 => half::f16::from_f32(single).to_f64(),
         DType::Bf16 => half::bf16::from_f32(single).to_f64(),
+        // Segment ids are never rounded (every engine compares them as integers).
+        DType::I32 => x,
     }
 }
 

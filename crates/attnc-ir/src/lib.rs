@@ -19,6 +19,7 @@ pub mod op;
 pub mod pattern;
 pub mod print;
 pub mod random;
+pub mod segments;
 pub mod text;
 
 pub use backward::BackwardOp;

@@ -22,6 +22,7 @@ mod expr;
 mod mask;
 mod prune;
 mod scope;
+mod segment;
 mod shape;
 mod signature;
 mod suggest;
@@ -137,6 +138,14 @@ fn lower_kernel(k: &ast::Kernel, errors: &mut Errors) -> Option<Kernel> {
         return None;
     }
     let ret_dtype = k.ret_type.as_ref().map_or(DType::F32, |t| t.elem);
+    if let (Some(ty), DType::I32) = (&k.ret_type, ret_dtype) {
+        errors.push(
+            Diagnostic::error("a kernel cannot return i32", ty.span)
+                .with_primary_message("i32 is for segment-id inputs")
+                .with_note("return f32, f16 or bf16"),
+        );
+        return None;
+    }
     if let (Some(ty), DType::F16 | DType::Bf16) = (&k.ret_type, ret_dtype) {
         let node = Node {
             op: Op::Cast { to: ret_dtype },

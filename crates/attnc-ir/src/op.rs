@@ -174,6 +174,7 @@ impl Op {
             | Op::RelPos
             | Op::Random { .. } => 0,
             Op::Binary(_) | Op::MatMul | Op::SoftmaxSink => 2,
+            Op::Mask { pattern, .. } => 1 + pattern.segments(),
             Op::Attention(a) => a.arity(),
             Op::LinearAttention(l) => l.arity(),
             Op::Backward(b) => b.arity(),

@@ -121,6 +121,7 @@ fn parse_type(text: &str) -> Result<(DType, Shape), String> {
         "f32" => DType::F32,
         "f16" => DType::F16,
         "bf16" => DType::Bf16,
+        "i32" => DType::I32,
         other => return Err(format!("unknown element type `{other}`")),
     };
     let dims = text[open + 1..]
@@ -323,7 +324,8 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
             size: dim(attr("size").ok_or("expected `size=B`")?),
         },
         "mask" => {
-            let pattern = args.get(1).ok_or("a mask needs a pattern")?;
+            // After the operands: the scores and any segment ids.
+            let pattern = args.get(ops.len()).ok_or("a mask needs a pattern")?;
             Op::Mask {
                 pattern: parse_pattern(pattern)?,
                 fill: number(attr("fill").ok_or("expected `fill=X`")?)?,

@@ -25,7 +25,8 @@ impl Elem {
     /// The element type that stores `dtype`.
     pub fn of(dtype: DType) -> Elem {
         match dtype {
-            DType::F32 => Elem::F32,
+            // Segment ids reach no compiled kernel (the compiler refuses document masks).
+            DType::F32 | DType::I32 => Elem::F32,
             DType::F16 => Elem::F16,
             DType::Bf16 => Elem::Bf16,
         }

@@ -29,6 +29,7 @@
 //! f32 buffers only.
 
 mod backward;
+mod documents;
 mod fused;
 mod nodes;
 
@@ -624,6 +625,7 @@ pub fn plan_outputs(
             "a plan needs results that are nodes of the graph".to_string(),
         ));
     }
+    documents::refuse_segments(kernel, options)?;
     let fuse = options.fuse;
     let shapes = attnc_ir::bind::resolve_node_shapes(kernel, bindings)
         .map_err(|e| JitError::Shape(e.to_string()))?;

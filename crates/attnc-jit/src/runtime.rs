@@ -63,6 +63,9 @@ pub enum Input<'a> {
     F16(&'a [half::f16]),
     /// bfloat16 data (as for f16).
     Bf16(&'a [half::bf16]),
+    /// i32 segment ids, read only by document masks (carried in an f32-sized buffer, bits
+    /// unchanged).
+    I32(&'a [i32]),
 }
 
 impl Input<'_> {
@@ -71,6 +74,7 @@ impl Input<'_> {
             Input::F32(_) => DType::F32,
             Input::F16(_) => DType::F16,
             Input::Bf16(_) => DType::Bf16,
+            Input::I32(_) => DType::I32,
         }
     }
 
@@ -83,8 +87,23 @@ impl Input<'_> {
             Input::F32(s) => BufferView::F32(s),
             Input::F16(s) => BufferView::F16(s),
             Input::Bf16(s) => BufferView::Bf16(s),
+            Input::I32(s) => BufferView::F32(ids_as_f32(s)),
         }
     }
+}
+
+/// Segment ids viewed as the f32 buffer that carries them: the same bytes, read back as ids
+/// by [`f32_as_ids`]. No kernel does arithmetic on them.
+pub(crate) fn ids_as_f32(ids: &[i32]) -> &[f32] {
+    // SAFETY: i32 and f32 have the same size and alignment and every bit pattern is a valid
+    // f32; the slice borrows `ids` for its lifetime.
+    unsafe { std::slice::from_raw_parts(ids.as_ptr().cast::<f32>(), ids.len()) }
+}
+
+/// The inverse of [`ids_as_f32`].
+pub(crate) fn f32_as_ids(x: &[f32]) -> &[i32] {
+    // SAFETY: as in `ids_as_f32`; every bit pattern is a valid i32.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<i32>(), x.len()) }
 }
 
 /// A kernel's result: row-major f32 data (already rounded to f16/bf16 values when the
@@ -616,6 +635,13 @@ impl CompiledKernel {
         cell: &'c PortableCell,
     ) -> Result<&'c KernelHandle> {
         let build = || -> Result<KernelHandle> {
+            // The portable kernel evaluates positions only.
+            if !spec.segments.is_empty() {
+                return Err(JitError::Plan {
+                    op: "attention".to_string(),
+                    detail: "a document mask has no portable kernel".to_string(),
+                });
+            }
             let mut spec = spec.clone();
             spec.tier = Tier::Cranelift;
             let name = format!("{}_portable", step.name);
@@ -750,7 +776,7 @@ impl RowKernel for WideAttention {
 fn cast(src: &[f32], dst: &mut [f32], to: DType) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d = match to {
-            DType::F32 => *s,
+            DType::F32 | DType::I32 => *s,
             DType::F16 => half::f16::from_f32(*s).to_f32(),
             DType::Bf16 => half::bf16::from_f32(*s).to_f32(),
         };

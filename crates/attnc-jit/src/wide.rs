@@ -15,6 +15,8 @@
 //! Plain matrix product steps run on the same tier through [`run_matmul`] (`attnc-wide`'s
 //! bounds-checked front to the `gemm` crate), split in fixed chunks of output rows.
 
+mod document;
+
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::{AttentionSpec, ScoreExpr, TensorRef};
@@ -230,8 +232,7 @@ fn slope_of(e: &ScoreExpr) -> Option<usize> {
     }
 }
 
-/// The mask as the full-width kernels read it; `None` for a pattern that reads segment ids
-/// (their masks evaluate positions only).
+/// The mask as the full-width kernels read it (a document part reads the call's segment ids).
 pub fn key_mask(p: &MaskPattern) -> Option<KeyMask> {
     Some(match p {
         MaskPattern::Causal => KeyMask::Causal,
@@ -239,7 +240,7 @@ pub fn key_mask(p: &MaskPattern) -> Option<KeyMask> {
         MaskPattern::Dilated { w, r } => KeyMask::Dilated { w: *w, r: *r },
         MaskPattern::Global(g) => KeyMask::Global(*g),
         MaskPattern::Block(b) => KeyMask::Block(*b),
-        MaskPattern::Document { .. } => return None,
+        MaskPattern::Document { .. } => KeyMask::Document,
         MaskPattern::And(a, b) => KeyMask::And(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
         MaskPattern::Or(a, b) => KeyMask::Or(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
     })
@@ -271,7 +272,10 @@ impl WideAttention {
             .iter()
             .zip([spec.d, spec.d, spec.dv])
             .all(|(t, cols)| t.col_stride == 1 || cols <= 1);
-        let mask_fits = spec.mask.as_ref().is_none_or(|m| key_mask(m).is_some());
+        // One document pair at most: a call carries one set of segment ids.
+        let mask_fits = spec.mask.as_ref().is_none_or(|m| {
+            key_mask(m).is_some() && (m.is_static() || document::one_pair(m).is_some())
+        });
         spec.d > 0 && operands_fit && mask_fits && WideScore::of(spec).is_some()
     }
 
@@ -288,9 +292,19 @@ impl WideAttention {
             return None;
         }
         let (m, n) = (spec.m, spec.n);
+        let mask = spec.mask.as_ref().and_then(key_mask);
+        // A mask that requires equal ids is classified with its documents taken as kept: the
+        // per-call refinement drops tiles by their ids and keeps this table's full tiles
+        // full where both tiles hold one and the same id.
+        let relaxed = spec
+            .mask
+            .as_ref()
+            .filter(|_| mask.as_ref().is_some_and(KeyMask::requires_document))
+            .map(document::relaxed);
+        let pattern = relaxed.as_ref().or(spec.mask.as_ref());
         let tiles = TileTable::from_fn(m, n, qt, kt, |t| {
             let (i0, i1) = ((t * qt).min(m), ((t + 1) * qt).min(m));
-            classify(spec.mask.as_ref(), m, n, i0, i1, kt)
+            classify(pattern, m, n, i0, i1, kt)
                 .into_iter()
                 .map(|r| TileRun {
                     first: r.first as u32,
@@ -303,7 +317,7 @@ impl WideAttention {
             spec: spec.clone(),
             tier,
             score,
-            mask: spec.mask.as_ref().and_then(key_mask),
+            mask,
             tiles,
         })
     }
@@ -402,8 +416,21 @@ impl WideAttention {
     ) -> Result<()> {
         let qt = self.query_tile();
         let mut packed: Option<(usize, amx::Packed)> = None;
+        // A document mask's tile table, refined from one batch entry's ids (items come in
+        // entry order, so each entry's table is built once per thread).
+        let mut refined: Option<(usize, attnc_wide::problem::TileTable)> = None;
         for (b, t, rows) in items {
-            let call = self.call(inputs, b)?;
+            let mut call = self.call(inputs, b)?;
+            let required = self.mask.as_ref().is_some_and(KeyMask::requires_document);
+            if let Some(segments) = call.segments.filter(|_| required) {
+                if refined.as_ref().is_none_or(|(entry, _)| *entry != b) {
+                    let table = segments.refine(&self.tiles, self.spec.m, self.spec.n);
+                    refined = Some((b, table));
+                }
+                if let Some((_, table)) = &refined {
+                    call.tiles = table;
+                }
+            }
             let range = (t * qt)..((t + 1) * qt).min(self.spec.m);
             let mut output = Output {
                 o: rows,
@@ -490,6 +517,7 @@ impl WideAttention {
             },
             mask: self.mask.as_ref(),
             tiles: &self.tiles,
+            segments: document::segments(spec, inputs, &index)?,
         })
     }
 }

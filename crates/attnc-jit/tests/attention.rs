@@ -57,7 +57,7 @@ fn make_input(shape: &[usize], dtype: DType, rng: &mut Rng, scale: f64) -> Input
     for _ in 0..count {
         let x = (rng.next() * scale) as f32;
         match dtype {
-            DType::F32 => {
+            DType::F32 | DType::I32 => {
                 bytes.extend_from_slice(&x.to_le_bytes());
                 values.push(f64::from(x));
             }

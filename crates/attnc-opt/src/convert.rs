@@ -66,9 +66,14 @@ fn dim_leaf(expr: &mut RecExpr<Attn>, dim: &Dim) -> Option<Id> {
     })
 }
 
-/// Adds a mask pattern tree (`all` for none); sizes are numbers or dimension names. `None`
+/// Adds a mask pattern tree (`all` for none); sizes are numbers or dimension names, and a
+/// document's children are its segment operands (`segments`, the node's ids of them). `None`
 /// for a pattern the language does not spell.
-fn add_pattern(expr: &mut RecExpr<Attn>, pattern: Option<&SymbolicPattern>) -> Option<Id> {
+fn add_pattern(
+    expr: &mut RecExpr<Attn>,
+    pattern: Option<&SymbolicPattern>,
+    segments: &[Id],
+) -> Option<Id> {
     let node = match pattern {
         None => Attn::All,
         Some(MaskPattern::Causal) => Attn::Causal,
@@ -78,13 +83,17 @@ fn add_pattern(expr: &mut RecExpr<Attn>, pattern: Option<&SymbolicPattern>) -> O
         }
         Some(MaskPattern::Global(g)) => Attn::Global(dim_leaf(expr, g)?),
         Some(MaskPattern::Block(b)) => Attn::Block(dim_leaf(expr, b)?),
-        Some(MaskPattern::Document { .. }) => return None,
-        Some(MaskPattern::And(a, b)) => {
-            Attn::And([add_pattern(expr, Some(a))?, add_pattern(expr, Some(b))?])
+        Some(MaskPattern::Document { q, k }) => {
+            Attn::Document([*segments.get(*q)?, *segments.get(*k)?])
         }
-        Some(MaskPattern::Or(a, b)) => {
-            Attn::Or([add_pattern(expr, Some(a))?, add_pattern(expr, Some(b))?])
-        }
+        Some(MaskPattern::And(a, b)) => Attn::And([
+            add_pattern(expr, Some(a), segments)?,
+            add_pattern(expr, Some(b), segments)?,
+        ]),
+        Some(MaskPattern::Or(a, b)) => Attn::Or([
+            add_pattern(expr, Some(a), segments)?,
+            add_pattern(expr, Some(b), segments)?,
+        ]),
     };
     Some(expr.add(node))
 }
@@ -162,7 +171,7 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
         Op::Cumsum { axis } => Attn::Cumsum([one(0)?, leaf(expr, Atom::num(*axis as f64))]),
         Op::Mask { pattern, fill } => {
             let x = one(0)?;
-            let p = add_pattern(expr, Some(pattern))?;
+            let p = add_pattern(expr, Some(pattern), args.get(1..)?)?;
             Attn::Mask([x, p, leaf(expr, Atom::num(*fill))])
         }
         Op::Cast { to } => {
@@ -232,7 +241,7 @@ fn add_attention(
     args: &[Id],
 ) -> Option<Id> {
     let (q, k, v) = (*args.first()?, *args.get(1)?, *args.get(2)?);
-    let pattern = add_pattern(expr, a.mask.as_ref())?;
+    let pattern = add_pattern(expr, a.mask.as_ref(), args.get(3 + a.score.biases()..)?)?;
     let scale = match &a.score {
         ScoreExpr::Scores => Some(ScoreExpr::Const(1.0)),
         ScoreExpr::Binary(BinaryOp::Mul, x, c) if **x == ScoreExpr::Scores && is_scalar(c) => {
@@ -257,7 +266,8 @@ fn add_attention(
     let relpos = Some((rows(0)?, rows(1)?));
     let kt = expr.add(Attn::Transpose(k));
     let s = expr.add(Attn::MatMul([q, kt]));
-    let score = add_score(expr, &a.score, Some(s), &args[3..], relpos)?;
+    let biases = args.get(3..3 + a.score.biases())?;
+    let score = add_score(expr, &a.score, Some(s), biases, relpos)?;
     let fused = expr.add(Attn::AttentionScored([q, k, v, score, pattern]));
     Some(match a.precision {
         Precision::Exact => fused,
@@ -320,14 +330,37 @@ fn atom_dim(atom: Option<Atom>) -> Option<Dim> {
 }
 
 /// Converts a pattern subtree of `expr` back to a [`SymbolicPattern`]; `None` for `all`.
+/// The segment operands a document reads are appended to `segments` (once each), and the
+/// pattern indexes them there.
 pub(crate) fn pattern_of(
     expr: &RecExpr<Attn>,
     id: Id,
+    segments: &mut Vec<Id>,
 ) -> Result<Option<SymbolicPattern>, OptError> {
+    let found = std::cell::RefCell::new(std::mem::take(segments));
+    let result = pattern_in(expr, id, &found);
+    *segments = found.into_inner();
+    result.ok_or_else(|| OptError::Extracted(format!("not a mask pattern: {}", expr[id])))
+}
+
+fn pattern_in(
+    expr: &RecExpr<Attn>,
+    id: Id,
+    found: &std::cell::RefCell<Vec<Id>>,
+) -> Option<Option<SymbolicPattern>> {
     let num = |i: Id| atom_dim(expr[i].atom());
-    let sub = |i: Id| pattern_of(expr, i).ok().flatten();
-    pattern_node(&expr[id], num, sub)
-        .ok_or_else(|| OptError::Extracted(format!("not a mask pattern: {}", expr[id])))
+    let sub = |i: Id| pattern_in(expr, i, found).flatten();
+    let segment = |i: Id| {
+        let mut found = found.borrow_mut();
+        Some(match found.iter().position(|&s| s == i) {
+            Some(k) => k,
+            None => {
+                found.push(i);
+                found.len() - 1
+            }
+        })
+    };
+    pattern_node(&expr[id], num, sub, segment)
 }
 
 /// The mask pattern an e-class of `egraph` describes (its first pattern node, recursively);
@@ -336,7 +369,9 @@ pub fn pattern_from_class(egraph: &AttnGraph, id: Id) -> Option<Option<SymbolicP
     let node = egraph[id].nodes.iter().find(|n| n.is_pattern())?;
     let num = |i: Id| atom_dim(egraph[i].data.atom);
     let sub = |i: Id| pattern_from_class(egraph, i).flatten();
-    pattern_node(node, num, sub)
+    // The cost model reads positions only; which operand a document reads does not matter.
+    let segment = |_: Id| Some(0);
+    pattern_node(node, num, sub, segment)
 }
 
 /// The one mapping from pattern nodes to [`MaskPattern`], shared by extracted terms and e-classes:
@@ -346,6 +381,7 @@ fn pattern_node(
     node: &Attn,
     num: impl Fn(Id) -> Option<Dim>,
     sub: impl Fn(Id) -> Option<SymbolicPattern>,
+    segment: impl Fn(Id) -> Option<usize>,
 ) -> Option<Option<SymbolicPattern>> {
     let pair = |a: Id, b: Id| Some((Box::new(sub(a)?), Box::new(sub(b)?)));
     Some(Some(match *node {
@@ -358,6 +394,14 @@ fn pattern_node(
         },
         Attn::Global(g) => MaskPattern::Global(num(g)?),
         Attn::Block(b) => MaskPattern::Block(num(b)?),
+        Attn::Document([q, k]) => {
+            // `document(seg)` has one array at both ends: one operand, queries aligned (the
+            // same array twice as `document(s, s)` needs m = n, where both read alike).
+            MaskPattern::Document {
+                q: segment(q)?,
+                k: segment(k)?,
+            }
+        }
         Attn::And([a, b]) => {
             let (a, b) = pair(a, b)?;
             MaskPattern::And(a, b)

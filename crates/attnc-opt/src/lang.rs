@@ -155,6 +155,9 @@ define_language! {
         "dilated" = Dilated([Id; 2]),
         "global" = Global(Id),
         "block" = Block(Id),
+        // document(qseg, kseg): the children are the i32 segment-id arrays (one array twice
+        // for `document(seg)`), so fusing a mask carries them along as values
+        "document" = Document([Id; 2]),
         "and" = And([Id; 2]),
         "or" = Or([Id; 2]),
         // ---- kernel forms ----
@@ -218,6 +221,7 @@ impl Attn {
                 | Attn::Dilated(_)
                 | Attn::Global(_)
                 | Attn::Block(_)
+                | Attn::Document(_)
                 | Attn::And(_)
                 | Attn::Or(_)
         )

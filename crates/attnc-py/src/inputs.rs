@@ -137,6 +137,15 @@ pub fn stage<'py>(
             format!("input `{name}`: the array is being written by other code ({e})"),
         )
     };
+    // Segment ids (i32 parameters) are not staged from Python yet.
+    if declared == DType::I32 {
+        return Err(input_error(
+            py,
+            Some(name),
+            None,
+            format!("input `{name}`: i32 segment ids are not accepted from Python yet; use the attnc command line"),
+        ));
+    }
     // `as_slice` accepts Fortran order too; only row-major memory is the logical order.
     if given.dtype() == declared && given.is_c_contiguous() {
         let data = match &given {
@@ -178,6 +187,8 @@ pub fn stage<'py>(
         DType::F32 => Staged::OwnedF32(values),
         DType::F16 => Staged::OwnedF16(values.into_iter().map(f16::from_f32).collect()),
         DType::Bf16 => Staged::OwnedBf16(values.into_iter().map(bf16::from_f32).collect()),
+        // Refused above.
+        DType::I32 => Staged::OwnedF32(values),
     };
     Ok(StagedInput {
         shape,

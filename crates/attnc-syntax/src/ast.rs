@@ -96,6 +96,8 @@ pub enum ElemType {
     F16,
     /// bfloat16.
     Bf16,
+    /// 32-bit signed integer: segment ids read by `document(...)` patterns, never arithmetic.
+    I32,
 }
 
 impl ElemType {
@@ -105,6 +107,7 @@ impl ElemType {
             ElemType::F32 => "f32",
             ElemType::F16 => "f16",
             ElemType::Bf16 => "bf16",
+            ElemType::I32 => "i32",
         }
     }
 }
@@ -271,6 +274,9 @@ pub enum PatternKind {
     Global(DimExpr),
     /// `block(b)`
     Block(DimExpr),
+    /// `document(seg)` (one name: key segment ids, queries end-aligned) or
+    /// `document(qseg, kseg)`: names of i32 parameters holding segment ids.
+    Document(Ident, Option<Ident>),
     /// `p & q & …`: two or more operands, in order. A chain of `&` is one node, so its
     /// length is not nesting; an operand that is itself an `And` was written in parentheses.
     And(Vec<Pattern>),

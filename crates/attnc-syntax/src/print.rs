@@ -176,6 +176,12 @@ fn write_pattern(out: &mut String, pattern: &Pattern) {
         PatternKind::Block(b) => {
             let _ = write!(out, "block({})", print_dim(b));
         }
+        PatternKind::Document(q, k) => {
+            let _ = match k {
+                Some(k) => write!(out, "document({}, {})", q.name, k.name),
+                None => write!(out, "document({})", q.name),
+            };
+        }
         PatternKind::Or(operands) => {
             for (i, operand) in operands.iter().enumerate() {
                 if i > 0 {

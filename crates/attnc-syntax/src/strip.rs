@@ -109,6 +109,7 @@ impl Pattern {
             PatternKind::Dilated(w, r) => PatternKind::Dilated(dim(w), dim(r)),
             PatternKind::Global(g) => PatternKind::Global(dim(g)),
             PatternKind::Block(b) => PatternKind::Block(dim(b)),
+            PatternKind::Document(q, k) => PatternKind::Document(ident(q), k.as_ref().map(ident)),
         };
         Pattern {
             kind,

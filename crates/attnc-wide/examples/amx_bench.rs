@@ -117,6 +117,7 @@ fn call<'a>(
         score: Score::scaled(1.0 / (D as f32).sqrt()),
         mask: w.mask.as_ref(),
         tiles,
+        segments: None,
     }
 }
 

@@ -179,6 +179,7 @@ fn run_workload(w: &Workload, threads: &[usize], runs: usize) {
         score: Score::scaled(scale),
         mask: mask.as_ref(),
         tiles: &tiles,
+        segments: None,
     };
     // Nanoseconds on the CPU, summed over the threads of one run.
     let cpu = std::sync::atomic::AtomicU64::new(0);

@@ -49,7 +49,7 @@
 //!     score: Score::scaled(0.5),
 //!     mask: None,
 //!     tiles: &tiles,
-//! };
+//!  segments: None, };
 //! let mut o = vec![0.0f32; m * d];
 //! let mut out = Output { o: &mut o, row_stride: d, lse: None };
 //! if attention::available() {
@@ -121,7 +121,7 @@ pub fn run(call: &Call<'_>, rows: Range<usize>, out: &mut Output<'_>) -> Result<
     #[cfg(target_arch = "x86_64")]
     {
         let form = score::ScoreForm::new(&call.score);
-        let program = call.mask.map(mask::MaskProgram::compile);
+        let program = call.mask.map(|m| mask::MaskProgram::for_call(m, call));
         if call.m() <= ROW_KERNEL_MAX_M {
             // SAFETY: AVX-512 was detected, `check` passed and the tile sizes match.
             unsafe { row::run(call, rows, out, form, program.as_ref()) };

@@ -132,6 +132,8 @@ pub enum KeyMask {
     Global(u64),
     /// `⌊i'/b⌋ = ⌊j/b⌋`.
     Block(u64),
+    /// Query `i` and key `j` have equal segment ids ([`Call::segments`]).
+    Document,
     /// Both.
     And(Box<KeyMask>, Box<KeyMask>),
     /// Either.
@@ -139,7 +141,50 @@ pub enum KeyMask {
 }
 
 impl KeyMask {
-    /// Whether `(i, j)` is kept in an `m × n` score matrix (the reference semantics).
+    /// Whether `(i, j)` is kept in an `m × n` score matrix (the reference semantics); a
+    /// document part reads `segments` (without them it may keep every pair).
+    pub fn keeps_with(
+        &self,
+        i: usize,
+        j: usize,
+        m: usize,
+        n: usize,
+        segments: Option<&Segments<'_>>,
+    ) -> bool {
+        match self {
+            KeyMask::Document => segments.is_none_or(|s| s.same(i, j)),
+            KeyMask::And(a, b) => {
+                a.keeps_with(i, j, m, n, segments) && b.keeps_with(i, j, m, n, segments)
+            }
+            KeyMask::Or(a, b) => {
+                a.keeps_with(i, j, m, n, segments) || b.keeps_with(i, j, m, n, segments)
+            }
+            other => other.keeps(i, j, m, n),
+        }
+    }
+
+    /// Whether every kept pair must have equal segment ids (a document part on every path
+    /// through `|`): only then may [`Segments::refine`] drop tiles by their ids.
+    pub fn requires_document(&self) -> bool {
+        match self {
+            KeyMask::Document => true,
+            KeyMask::And(a, b) => a.requires_document() || b.requires_document(),
+            KeyMask::Or(a, b) => a.requires_document() && b.requires_document(),
+            _ => false,
+        }
+    }
+
+    /// Whether the mask reads segment ids.
+    pub fn is_document(&self) -> bool {
+        match self {
+            KeyMask::Document => true,
+            KeyMask::And(a, b) | KeyMask::Or(a, b) => a.is_document() || b.is_document(),
+            _ => false,
+        }
+    }
+
+    /// Whether `(i, j)` is kept in an `m × n` score matrix (the reference semantics); a
+    /// document part counts as keeping every pair (see [`KeyMask::keeps_with`]).
     pub fn keeps(&self, i: usize, j: usize, m: usize, n: usize) -> bool {
         let ia = i as i128 + n as i128 - m as i128;
         let jj = j as i128;
@@ -155,9 +200,87 @@ impl KeyMask {
                 let b = (*b).max(1) as i128;
                 ia.div_euclid(b) == jj.div_euclid(b)
             }
+            KeyMask::Document => true,
             KeyMask::And(a, b) => a.keeps(i, j, m, n) && b.keeps(i, j, m, n),
             KeyMask::Or(a, b) => a.keeps(i, j, m, n) || b.keeps(i, j, m, n),
         }
+    }
+}
+
+/// The segment ids of one batch entry's [`KeyMask::Document`]: query row `i` has id
+/// `queries[i + shift]` (no id, and so no kept key, outside the slice), key `j` has `keys[j]`.
+/// `document(seg)` is `queries = keys = seg` with `shift = n − m` (queries end-aligned).
+#[derive(Clone, Copy, Debug)]
+pub struct Segments<'a> {
+    /// Ids read by the query rows.
+    pub queries: &'a [i32],
+    /// Ids of the keys (`n` of them).
+    pub keys: &'a [i32],
+    /// Row `i` reads `queries[i + shift]`.
+    pub shift: i64,
+}
+
+impl Segments<'_> {
+    /// The id of query row `i`, if it has one.
+    pub fn query(&self, i: usize) -> Option<i32> {
+        let at = usize::try_from(i as i64 + self.shift).ok()?;
+        self.queries.get(at).copied()
+    }
+
+    /// Whether query row `i` and key `j` have the same id.
+    pub fn same(&self, i: usize, j: usize) -> bool {
+        match (self.query(i), self.keys.get(j)) {
+            (Some(a), Some(&b)) => a == b,
+            _ => false,
+        }
+    }
+
+    /// `table` (classified with the documents taken as kept) with the key tiles whose id range
+    /// cannot meet the query tile's dropped (valid for a mask that
+    /// [requires](KeyMask::requires_document) equal ids), and a visited tile partial unless
+    /// every row and key of the pair has one and the same id (then the table's kind holds): per
+    /// tile the minimum and maximum id (O(m + n) to collect), a pair visited only when the two
+    /// ranges overlap. Sorted ids leave the tiles along the diagonal blocks; unsorted ids
+    /// stay exact, since visited tiles compare ids per element.
+    pub fn refine(&self, table: &TileTable, m: usize, n: usize) -> TileTable {
+        let range = |ids: &mut dyn Iterator<Item = i32>| {
+            ids.fold(None, |r: Option<(i32, i32)>, x| {
+                Some(r.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
+            })
+        };
+        let (qt, kt) = (table.query_tile, table.key_tile);
+        let keys: Vec<Option<(i32, i32)>> = (0..n.div_ceil(kt))
+            .map(|u| range(&mut self.keys[u * kt..((u + 1) * kt).min(n)].iter().copied()))
+            .collect();
+        TileTable::from_fn(m, n, qt, kt, |t| {
+            let rows = t * qt..((t + 1) * qt).min(m);
+            let every_row = rows.clone().all(|i| self.query(i).is_some());
+            let Some((lo, hi)) = range(&mut rows.filter_map(|i| self.query(i))) else {
+                return Vec::new();
+            };
+            let mut runs: Vec<TileRun> = Vec::new();
+            for run in table.runs(t) {
+                for u in run.first..run.end {
+                    let Some((a, b)) = keys.get(u as usize).copied().flatten() else {
+                        continue;
+                    };
+                    if a > hi || lo > b {
+                        continue;
+                    }
+                    let one_id = every_row && lo == hi && a == b && a == lo;
+                    let partial = run.partial || !one_id;
+                    match runs.last_mut() {
+                        Some(r) if r.end == u && r.partial == partial => r.end += 1,
+                        _ => runs.push(TileRun {
+                            first: u,
+                            end: u + 1,
+                            partial,
+                        }),
+                    }
+                }
+            }
+            runs
+        })
     }
 }
 
@@ -312,6 +435,17 @@ pub struct Call<'a> {
     pub mask: Option<&'a KeyMask>,
     /// The key tiles each query tile visits, at the tier's tile sizes.
     pub tiles: &'a TileTable,
+    /// The segment ids a [`KeyMask::Document`] reads (`None` without one).
+    pub segments: Option<Segments<'a>>,
+}
+
+impl Call<'_> {
+    /// Whether `(i, j)` is kept (the reference semantics of [`Call::mask`]).
+    pub fn keeps(&self, i: usize, j: usize) -> bool {
+        let (m, n) = (self.m(), self.n());
+        self.mask
+            .is_none_or(|mask| mask.keeps_with(i, j, m, n, self.segments.as_ref()))
+    }
 }
 
 impl Call<'_> {
@@ -373,6 +507,18 @@ pub fn check(
             "q is [{m}, {d}], k [{n}, {}], v [{}, {dv}]",
             call.k.cols, call.v.rows
         ));
+    }
+    if call.mask.is_some_and(KeyMask::is_document) {
+        match call.segments {
+            Some(s) if s.keys.len() == n => {}
+            Some(s) => {
+                return bad(format!(
+                    "the key segment ids hold {}, there are {n} keys",
+                    s.keys.len()
+                ))
+            }
+            None => return bad("a document mask without segment ids".to_string()),
+        }
     }
     for (name, op) in [("q", &call.q), ("k", &call.k), ("v", &call.v)] {
         if !op.in_bounds() {
@@ -438,7 +584,7 @@ pub fn reference(call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
         let ia = i as f64 + n as f64 - m as f64;
         let mut kept = vec![false; n];
         for j in 0..n {
-            kept[j] = call.mask.is_none_or(|mask| mask.keeps(i, j, m, n));
+            kept[j] = call.keeps(i, j);
             let mut s = 0.0f64;
             for c in 0..d {
                 s += call.q.data.get(i * call.q.row_stride + c) as f64
@@ -488,6 +634,47 @@ pub fn reference(call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refined tables keep every tile holding a kept pair (any ids) and, for sorted ids, only
+    /// the tiles along the documents' diagonal blocks.
+    #[test]
+    fn refined_tables_cover_every_kept_pair() {
+        let (m, n, t) = (100usize, 130usize, 8usize);
+        let sorted: Vec<i32> = (0..n).map(|j| (j / 40) as i32).collect();
+        let unsorted: Vec<i32> = (0..n).map(|j| ((j * 31) % 7) as i32).collect();
+        for ids in [&sorted, &unsorted] {
+            let seg = Segments {
+                queries: ids,
+                keys: ids,
+                shift: (n - m) as i64,
+            };
+            let dense = TileTable::dense(m, n, t, t);
+            let table = seg.refine(&dense, m, n);
+            for i in 0..m {
+                for j in (0..n).filter(|&j| seg.same(i, j)) {
+                    let tile = (j / t) as u32;
+                    let runs = table.runs(i / t);
+                    assert!(
+                        runs.iter().any(|r| r.first <= tile && tile < r.end),
+                        "{i} {j}"
+                    );
+                }
+                // A full tile keeps every pair of its rows and keys.
+                for run in table.runs(i / t).iter().filter(|r| !r.partial) {
+                    for j in run.first as usize * t..(run.end as usize * t).min(n) {
+                        assert!(seg.same(i, j), "full tile at {i} {j}");
+                    }
+                }
+            }
+        }
+        let seg = Segments {
+            queries: &sorted,
+            keys: &sorted,
+            shift: (n - m) as i64,
+        };
+        let (visited, total) = seg.refine(&TileTable::dense(m, n, t, t), m, n).counts();
+        assert!(visited * 2 < total, "{visited} of {total}");
+    }
 
     #[test]
     fn enumerated_tables_list_only_reached_tiles() {
@@ -543,6 +730,7 @@ mod tests {
             score: Score::scaled(1.0),
             mask: Some(&mask),
             tiles: &tiles,
+            segments: None,
         };
         let (o, lse) = reference(&call);
         assert_eq!(o, vec![0.0, 0.0, 0.0, 2.0, 2.0, 2.0]);

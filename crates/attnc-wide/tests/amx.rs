@@ -176,6 +176,7 @@ impl Inputs {
             },
             mask: c.mask.as_ref(),
             tiles: &self.tiles,
+            segments: None,
         }
     }
 }

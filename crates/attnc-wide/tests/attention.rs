@@ -179,6 +179,7 @@ impl Problem {
             },
             mask: self.mask.as_ref(),
             tiles: &self.tiles,
+            segments: None,
         }
     }
 

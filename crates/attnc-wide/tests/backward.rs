@@ -162,6 +162,7 @@ fn check(c: &Case) {
         },
         mask: mask.as_ref(),
         tiles: &tiles,
+        segments: None,
     };
     let mut o = vec![0.0f32; m * dv];
     let mut lse = vec![0.0f32; m];
@@ -369,6 +370,7 @@ fn calls_that_do_not_fit_are_refused() {
         score: Score::scaled(1.0),
         mask: None,
         tiles: &tiles,
+        segments: None,
     };
     let saved = Saved {
         o: &x[..6],
@@ -483,6 +485,7 @@ fn nan_at_masked_positions_reaches_no_gradient() {
         },
         mask: Some(&mask),
         tiles: &tiles,
+        segments: None,
     };
     let mut o = vec![0.0f32; m * dv];
     let mut lse = vec![0.0f32; m];

@@ -201,6 +201,7 @@ fn non_finite_input<'k>(kernel: &'k Kernel, inputs: &[Tensor]) -> Option<&'k str
         TensorData::F32(v) => v.iter().all(|x| x.is_finite()),
         TensorData::F16(v) => v.iter().all(|x| x.is_finite()),
         TensorData::Bf16(v) => v.iter().all(|x| x.is_finite()),
+        TensorData::I32(_) => true,
     };
     kernel
         .params
@@ -407,7 +408,24 @@ fn load_inputs(
                     format!("{option}: `{name}` is given twice"),
                 ));
             }
-            slots[index] = Some(to_param_dtype(tensor, kernel.params[index].dtype));
+            let param = &kernel.params[index];
+            // Segment ids are integers and values are floats: neither converts to the other.
+            if (param.dtype == DType::I32) != (tensor.dtype() == DType::I32) {
+                return Err(Failure::input(
+                    "input",
+                    format!(
+                        "input `{name}` is {} but {option} gives {} data{}",
+                        param.dtype.keyword(),
+                        tensor.dtype().keyword(),
+                        if param.dtype == DType::I32 {
+                            " (save segment ids with `a.astype(np.int32)`)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+            slots[index] = Some(to_param_dtype(tensor, param.dtype));
         }
     }
     Ok(slots)
@@ -452,6 +470,16 @@ fn fill_missing(
                 ),
             ));
         };
+        // Random segment ids would be a meaningless layout: the user passes them.
+        if param.dtype == DType::I32 {
+            return Err(Failure::input(
+                "input",
+                format!(
+                    "input `{}` of kernel `{}` holds i32 segment ids, which --random does not draw: pass --input {}=PATH.npy (int32)",
+                    param.name, kernel.name, param.name
+                ),
+            ));
+        }
         let shape = attnc::ir::dim::resolve_shape(&param.shape, bindings).ok_or_else(|| {
             Failure::input(
                 "shape",

@@ -143,7 +143,10 @@ pub(super) fn apply(
                 pattern: pattern.clone(),
                 fill: 0.0,
             };
-            out.push((args[0], e.op(op, &[g], None)?));
+            // The segment ids (operands 1..) are read again; they get no gradient.
+            let mut operands = vec![g];
+            operands.extend_from_slice(&args[1..]);
+            out.push((args[0], e.op(op, &operands, None)?));
             "vjp-mask"
         }
         // dx = g: rounding to a storage type passes gradients straight through
@@ -157,7 +160,13 @@ pub(super) fn apply(
             attention.precision = Precision::Exact;
             let mut operands = args.clone();
             operands.extend([id, g]);
-            for (slot, &x) in args.iter().enumerate().filter(|(s, _)| want(*s)) {
+            // Segment ids (the last operands) are labels: no gradient flows to them.
+            let values = args.len() - a.segments();
+            for (slot, &x) in args
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| *s < values && want(*s))
+            {
                 let grad = AttentionGrad {
                     attention: attention.clone(),
                     wrt: slot,

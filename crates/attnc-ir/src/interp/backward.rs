@@ -329,7 +329,9 @@ fn attention_grad(
         return Err(format!("attention-grad takes {} operands", forward + 2));
     }
     let (q, k, v) = (args[0], args[1], args[2]);
-    let biases = &args[3..forward];
+    let segment_start = forward - a.attention.segments();
+    let biases = &args[3..segment_start];
+    let segments = &args[segment_start..forward];
     let (o, d_o) = (args[forward], args[forward + 1]);
     let s = matmul(q, &transpose(k)?)?;
     let mut full = s.shape().to_vec();
@@ -349,7 +351,7 @@ fn attention_grad(
         None => None,
     };
     let masked = |x: &ArrayD<f64>, fill: f64| match &pattern {
-        Some(pattern) => mask(pattern, fill, x),
+        Some(pattern) => mask(pattern, fill, x, segments),
         None => Ok(x.clone()),
     };
     let p = softmax(x.ndim() - 1, &masked(x, f64::NEG_INFINITY)?)?;

@@ -29,10 +29,11 @@ pub(super) fn attention(
     let (q, k, v) = (args[0], args[1], args[2]);
     let s = round_range(matmul(q, &transpose(k)?)?);
     let (m, n) = (s.shape()[s.ndim() - 2], s.shape()[s.ndim() - 1]);
-    let mut x = score(&a.score, &s, &args[3..], (m, n), bindings, 0)?;
+    let biases = 3 + a.score.biases();
+    let mut x = score(&a.score, &s, &args[3..biases], (m, n), bindings, 0)?;
     if let Some(pattern) = &a.mask {
         let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
-        x = mask(&pattern, f64::NEG_INFINITY, &x)?;
+        x = mask(&pattern, f64::NEG_INFINITY, &x, &args[biases..])?;
     }
     let p = round_range(softmax(x.ndim() - 1, &x)?);
     matmul(&p, v)

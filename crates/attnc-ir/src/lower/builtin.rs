@@ -56,7 +56,8 @@ const TABLE: &[(&str, Builtin)] = &[
 ];
 
 /// Names of the mask patterns, which are not functions.
-pub(crate) const PATTERN_NAMES: &[&str] = &["causal", "window", "dilated", "global", "block"];
+pub(crate) const PATTERN_NAMES: &[&str] =
+    &["causal", "window", "dilated", "global", "block", "document"];
 
 /// How many arguments a builtin accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use crate::lower::consts::{as_integer, const_value, dim_arg, DimArg};
 use crate::lower::expr::has_shape;
 use crate::lower::mask::mask_pattern;
 use crate::lower::scope::Scope;
+use crate::lower::segment::Segments;
 use crate::lower::shape::{self, Operand};
 use crate::op::{Op, ReduceOp};
 use attnc_syntax::ast::{Arg, Expr, Ident};
@@ -139,8 +140,15 @@ pub(crate) fn finish_call(
                 .with_primary_message(has_shape(&shape))
                 .with_note("the pattern applies to the last two axes (query i, key j)"));
             }
+            let mut segments = Segments::new(x, &shape);
             let pattern = match &args[1] {
-                Arg::Pattern(p) => mask_pattern(p, &|name| scope.names.contains_key(name))?,
+                Arg::Pattern(p) => {
+                    let names: Vec<String> = scope.names.keys().cloned().collect();
+                    let is_value = |name: &str| names.iter().any(|n| n == name);
+                    mask_pattern(p, &is_value, &mut |id, role| {
+                        segments.resolve(scope, id, role)
+                    })?
+                }
                 Arg::Expr(x) => {
                     return Err(Diagnostic::error("expected a mask pattern", x.span));
                 }
@@ -149,7 +157,8 @@ pub(crate) fn finish_call(
                 Some(arg) => fill_arg(arg)?,
                 None => f64::NEG_INFINITY,
             };
-            Ok(scope.add(Op::Mask { pattern, fill }, shape, e.span, &[x]))
+            let operands = segments.operands();
+            Ok(scope.add(Op::Mask { pattern, fill }, shape, e.span, &operands))
         }
         Builtin::Fill(value) => {
             let shape = dim_args(scope, name, args)?;

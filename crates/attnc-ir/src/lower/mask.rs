@@ -2,18 +2,23 @@
 
 use crate::dim::Dim;
 use crate::pattern::{MaskPattern, SymbolicPattern};
-use attnc_syntax::ast::{DimExpr, Pattern, PatternKind};
+use crate::segments::Role;
+use attnc_syntax::ast::{DimExpr, Ident, Pattern, PatternKind};
 use attnc_syntax::{Diagnostic, Span};
 
 /// Converts a pattern, rejecting `dilated(w, 0)` and `block(0)`. A size written as a name is a
 /// dimension symbol (bound by an input's shape or `--shape`); `is_value` says which names are
 /// arrays (parameters, `let`s), which cannot be sizes.
 ///
+/// `segment(name, role)` resolves a name of `document(...)` to the index of its segment
+/// operand (checking that it is an i32 parameter of the right length).
+///
 /// Recurses once per nested chain (as deep as the AST) and `⌈log₂ k⌉` times within a chain
 /// of `k` operands.
 pub(crate) fn mask_pattern(
     p: &Pattern,
     is_value: &dyn Fn(&str) -> bool,
+    segment: &mut dyn FnMut(&Ident, Role) -> Result<usize, Diagnostic>,
 ) -> Result<SymbolicPattern, Diagnostic> {
     let size = |d: &DimExpr| -> Result<Dim, Diagnostic> {
         match d {
@@ -53,8 +58,20 @@ pub(crate) fn mask_pattern(
             )
         }
         PatternKind::Block(b) => MaskPattern::Block(size(b)?),
-        PatternKind::And(operands) => balanced(operands, p.span, is_value, MaskPattern::And)?,
-        PatternKind::Or(operands) => balanced(operands, p.span, is_value, MaskPattern::Or)?,
+        PatternKind::Document(seg, None) => {
+            let g = segment(seg, Role::Aligned)?;
+            MaskPattern::Document { q: g, k: g }
+        }
+        PatternKind::Document(qseg, Some(kseg)) => MaskPattern::Document {
+            q: segment(qseg, Role::Queries)?,
+            k: segment(kseg, Role::Keys)?,
+        },
+        PatternKind::And(operands) => {
+            balanced(operands, p.span, is_value, segment, MaskPattern::And)?
+        }
+        PatternKind::Or(operands) => {
+            balanced(operands, p.span, is_value, segment, MaskPattern::Or)?
+        }
     })
 }
 
@@ -66,17 +83,17 @@ fn balanced(
     operands: &[Pattern],
     span: Span,
     is_value: &dyn Fn(&str) -> bool,
+    segment: &mut dyn FnMut(&Ident, Role) -> Result<usize, Diagnostic>,
     node: fn(Box<SymbolicPattern>, Box<SymbolicPattern>) -> SymbolicPattern,
 ) -> Result<SymbolicPattern, Diagnostic> {
     match operands {
         [] => Err(Diagnostic::error("an empty chain of mask patterns", span)),
-        [one] => mask_pattern(one, is_value),
+        [one] => mask_pattern(one, is_value, segment),
         _ => {
             let (left, right) = operands.split_at(operands.len().div_ceil(2));
-            Ok(node(
-                Box::new(balanced(left, span, is_value, node)?),
-                Box::new(balanced(right, span, is_value, node)?),
-            ))
+            let left = balanced(left, span, is_value, segment, node)?;
+            let right = balanced(right, span, is_value, segment, node)?;
+            Ok(node(Box::new(left), Box::new(right)))
         }
     }
 }
@@ -93,7 +110,9 @@ mod tests {
     }
 
     fn convert(p: &Pattern) -> Result<SymbolicPattern, Diagnostic> {
-        mask_pattern(p, &|name| name == "q")
+        mask_pattern(p, &|name| name == "q", &mut |id, _| {
+            Err(Diagnostic::error("no segments here", id.span))
+        })
     }
 
     fn p(kind: PatternKind) -> Pattern {

@@ -70,6 +70,18 @@ impl Scope {
     /// Resolves a name used as a value: a binding, or a dimension symbol used as a number.
     pub fn resolve(&mut self, name: &str, span: Span) -> Result<NodeId, Failure> {
         match self.names.get(name) {
+            // Segment ids are labels, not numbers: only `document(...)` reads them.
+            Some(Binding::Node(id)) if self.graph.node(*id).dtype == DType::I32 => {
+                return Err(Diagnostic::error(
+                    format!("`{name}` is an i32 array of segment ids; it cannot be used as a value"),
+                    span,
+                )
+                .with_primary_message("i32, not a number array")
+                .with_note(format!(
+                    "i32 parameters can only be named in a mask pattern: `mask(s, document({name}))`"
+                ))
+                .into())
+            }
             Some(Binding::Node(id)) => return Ok(*id),
             Some(Binding::Poisoned) => return Err(Failure::Poisoned),
             None => {}

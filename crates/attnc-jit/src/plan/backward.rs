@@ -158,6 +158,7 @@ fn spec_of(
         k,
         v,
         biases,
+        segments: Vec::new(),
         score: a.attention.score.clone(),
         mask,
         precision: attnc_ir::Precision::Exact,

@@ -5,7 +5,7 @@
 
 use super::{contiguous, operand, plan_error, Planner, StepKind, Val, F16_NATIVE_MAX_ROWS};
 use crate::buffer::Elem;
-use crate::error::Result;
+use crate::error::{JitError, Result};
 use crate::kernels::attention::quant::QuantLayout;
 use crate::kernels::attention::{contains_dilated, AttentionSpec, Precision, TensorRef};
 use crate::kernels::elementwise::Expr;
@@ -48,6 +48,11 @@ pub(super) fn unsupported(
                 Ok(fs) => fs,
                 Err(e) => return Some(e),
             };
+            // The full-width tier runs document masks at any size (the portable limits below
+            // do not apply), and their plain form is not compiled.
+            if a.segments() > 0 {
+                return None;
+            }
             if fs.m >= MAX_ATTENTION_ROWS || fs.n >= MAX_ATTENTION_ROWS {
                 return Some(format!("more than {MAX_ATTENTION_ROWS} rows or keys"));
             }
@@ -183,6 +188,27 @@ fn broadcast_ref(placed: &Placed, dtype: DType, shape: &[usize], batch: &[usize]
     }
 }
 
+/// The [`TensorRef`] of a segment operand `[lead.., len]`: one row of ids per batch entry,
+/// its leading axes matched to the batch axes from the left (size 1 broadcasts).
+fn segment_ref(placed: &Placed, shape: &[usize], batch: &[usize]) -> TensorRef {
+    let lead = shape.len().saturating_sub(1);
+    let batch_strides = (0..batch.len())
+        .map(|axis| match shape.get(axis) {
+            Some(&size) if axis < lead && size != 1 => placed.strides[axis],
+            _ => 0,
+        })
+        .collect();
+    TensorRef {
+        slot: placed.buf,
+        name: placed.name.clone(),
+        dtype: DType::I32,
+        convert: None,
+        batch_strides,
+        row_stride: 0,
+        col_stride: placed.strides.last().copied().unwrap_or(1),
+    }
+}
+
 /// The fused attention step of node `id`. Q, K, V and the biases are read in their storage
 /// types; a cast operand reads a copy of its parameter rounded once by a host step. The int8
 /// kernel reads the packed buffer of a host [`StepKind::Quantize`] step instead of Q, K, V.
@@ -203,10 +229,16 @@ pub(super) fn plan_attention(
         .check(&slices)
         .map_err(|e| plan_error(op, e))?;
     let mut refs = Vec::with_capacity(operands.len());
+    let mut segments = Vec::new();
+    let first_segment = 3 + a.score.biases();
     for (index, &o) in operands.iter().enumerate() {
         // Q, K, V are loaded as vectors along their rows; biases may have any strides.
         let placed = place(p, o, vals, index < 3)?;
-        refs.push(tensor_ref(p, &placed, &shapes[index], &fs.batch));
+        if index >= first_segment {
+            segments.push(segment_ref(&placed, &shapes[index], &fs.batch));
+        } else {
+            refs.push(tensor_ref(p, &placed, &shapes[index], &fs.batch));
+        }
     }
     let mut refs = refs.into_iter();
     let (Some(q), Some(k), Some(v)) = (refs.next(), refs.next(), refs.next()) else {
@@ -222,12 +254,13 @@ pub(super) fn plan_attention(
         k,
         v,
         biases: refs.collect(),
+        segments,
         score: a.score.folded(p.bindings),
         mask: resolved_mask(a, p.bindings, op)?,
         precision: a.precision,
         tier: Tier::Cranelift,
     };
-    Ok(attention_step(p, spec))
+    attention_step(p, spec)
 }
 
 /// The fused attention kernel's spec for node `id` of `kernel` when every operand is a kernel
@@ -284,6 +317,7 @@ pub fn parameter_attention_spec(
         k,
         v,
         biases: refs.collect(),
+        segments: Vec::new(),
         score: a.score.folded(bindings),
         mask: resolved_mask(a, bindings, &node.op)?,
         precision: a.precision,
@@ -305,7 +339,7 @@ fn resolved_mask(
 }
 
 /// Binds the spec's tensors to step inputs (converting where asked) and pushes the step.
-fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
+fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Result<Val> {
     let mut inputs: Vec<usize> = Vec::new();
     let mut converted: Vec<(usize, DType, usize)> = Vec::new();
     // Resolves a tensor to its buffer and points its slot at the step's operand list (a slot
@@ -337,6 +371,14 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
     shape.extend([spec.m, spec.dv]);
     let out = p.new_buffer(shape.iter().product());
     spec.tier = tier_of(&spec, p.tiers);
+    if !spec.segments.is_empty() && spec.tier != Tier::Avx512 {
+        return Err(JitError::Plan {
+            op: "attention".to_string(),
+            detail: "a document mask runs on the AVX-512 tier only, which cannot run this \
+                     attention (its operands' layout or score form); run with --engine interp"
+                .to_string(),
+        });
+    }
     match spec.precision {
         Precision::Int8 | Precision::Bf16 | Precision::Exact if spec.tier != Tier::Cranelift => {
             // The full-width kernels read every operand in its storage type and pack what
@@ -385,8 +427,12 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Val {
             }
         }
     }
+    // Segment ids are read as stored, after every other operand's slot.
+    for t in spec.segments.iter_mut() {
+        bind(p, t, &mut inputs, false);
+    }
     p.push(StepKind::Attention(Box::new(spec)), inputs, out);
-    Planner::leaf(out, &shape)
+    Ok(Planner::leaf(out, &shape))
 }
 
 /// The tier a fused attention runs on: the full-width kernels when they are allowed and

@@ -74,6 +74,13 @@ pub(super) fn plan_node(
             if rank < 2 {
                 return Err(plan_error(&node.op, "mask needs two axes"));
             }
+            // The elementwise kernel evaluates positions only.
+            if !pattern.is_static() {
+                return Err(plan_error(
+                    &node.op,
+                    "a document mask outside a fused attention is not compiled; run with --engine interp",
+                ));
+            }
             let x = operand(vals, ops[0])?;
             val(Expr::Mask {
                 pattern: pattern

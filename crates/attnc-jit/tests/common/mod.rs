@@ -55,7 +55,7 @@ pub fn inputs(kernel: &Kernel, b: &Bindings, seed: u64) -> Vec<(Vec<usize>, Vec<
             let mut v = data(len, seed * 31 + i as u64);
             for x in &mut v {
                 *x = match p.dtype {
-                    DType::F32 => *x,
+                    DType::F32 | DType::I32 => *x,
                     DType::F16 => half::f16::from_f32(*x).to_f32(),
                     DType::Bf16 => half::bf16::from_f32(*x).to_f32(),
                 };
@@ -107,6 +107,7 @@ pub fn run_jit(
             DType::F32 => Input::F32(&ins[i].1),
             DType::F16 => Input::F16(&typed.f16[i]),
             DType::Bf16 => Input::Bf16(&typed.bf16[i]),
+            DType::I32 => unreachable!("these tests declare no i32 parameters"),
         })
         .collect();
     compiled.run(&inputs, threads).expect("jit run")

@@ -144,8 +144,15 @@ fn build_node(
         }
         Attn::Mask([x, p, f]) => {
             let fill = atom(*f)?.as_num().ok_or_else(|| bad("a mask fill"))?;
-            match pattern_of(expr, *p)? {
-                Some(pattern) => b.add(Op::Mask { pattern, fill }, &[value(*x)?], None),
+            let mut segments = Vec::new();
+            match pattern_of(expr, *p, &mut segments)? {
+                Some(pattern) => {
+                    let mut operands = vec![value(*x)?];
+                    for s in segments {
+                        operands.push(value(s)?);
+                    }
+                    b.add(Op::Mask { pattern, fill }, &operands, None)
+                }
                 None => Ok(value(*x)?),
             }
         }
@@ -216,11 +223,15 @@ fn build_node(
                 Attn::AttentionBf16(_) => Precision::Bf16,
                 _ => Precision::Exact,
             };
+            let mut segments = Vec::new();
             let op = Attention {
                 score,
-                mask: pattern_of(expr, *p)?,
+                mask: pattern_of(expr, *p, &mut segments)?,
                 precision,
             };
+            for s in segments {
+                args.push(value(s)?);
+            }
             b.add(Op::Attention(Box::new(op)), &args, None)
         }
         Attn::AttentionScored([q, k, v, s, p]) => {
@@ -245,11 +256,15 @@ fn build_node(
             for bias in &form.biases {
                 args.push(value(*bias)?);
             }
+            let mut segments = Vec::new();
             let op = Attention {
                 score: form.expr,
-                mask: pattern_of(expr, *p)?,
+                mask: pattern_of(expr, *p, &mut segments)?,
                 precision: Precision::Exact,
             };
+            for s in segments {
+                args.push(value(s)?);
+            }
             b.add(Op::Attention(Box::new(op)), &args, None)
         }
         Attn::LinearAttention([q, k, v, e]) | Attn::LinearAttentionCausal([q, k, v, e]) => {

@@ -176,14 +176,15 @@ impl Parser<'_> {
         Ok(Param { name, ty })
     }
 
-    /// `('f32' | 'f16' | 'bf16') '[' (dim (',' dim)*)? ']'`
+    /// `('f32' | 'f16' | 'bf16' | 'i32') '[' (dim (',' dim)*)? ']'`
     pub(super) fn type_expr(&mut self) -> PResult<TypeExpr> {
         let token = self.peek();
         let elem = match (token.kind, self.text(token)) {
             (TokenKind::Ident, "f32") => ElemType::F32,
             (TokenKind::Ident, "f16") => ElemType::F16,
             (TokenKind::Ident, "bf16") => ElemType::Bf16,
-            _ => return Err(self.error_expected("an element type (`f32`, `f16` or `bf16`)")),
+            (TokenKind::Ident, "i32") => ElemType::I32,
+            _ => return Err(self.error_expected("an element type (`f32`, `f16`, `bf16` or `i32`)")),
         };
         self.bump();
         let open = self.expect(TokenKind::LBracket, "after the element type")?;

@@ -64,12 +64,15 @@ impl Parser<'_> {
         } else {
             ""
         };
+        if word == "document" {
+            return self.document(token);
+        }
         let arity = match word {
             "causal" => 0,
             "window" | "global" | "block" => 1,
             "dilated" => 2,
             _ => return Err(self.error_expected(
-                "a mask pattern (`causal`, `window(w)`, `dilated(w, r)`, `global(g)`, `block(b)`)",
+                "a mask pattern (`causal`, `window(w)`, `dilated(w, r)`, `global(g)`, `block(b)`, `document(seg)`)",
             )),
         };
         self.bump();
@@ -109,6 +112,27 @@ impl Parser<'_> {
 }
 
 impl Parser<'_> {
+    /// `document(seg)` or `document(qseg, kseg)` after the word `document` (`token`): names
+    /// of segment-id parameters, checked when the kernel is lowered.
+    fn document(&mut self, token: crate::token::Token) -> PResult<(Pattern, usize)> {
+        self.bump();
+        let open = self.expect(TokenKind::LParen, "after `document`")?;
+        let first = self.expect_name("the name of an i32 parameter of segment ids")?;
+        let second = if self.eat(TokenKind::Comma).is_some() {
+            Some(self.expect_name("the name of an i32 parameter of key segment ids")?)
+        } else {
+            None
+        };
+        let close = self.expect_close(TokenKind::RParen, open)?;
+        Ok((
+            Pattern {
+                kind: PatternKind::Document(first, second),
+                span: token.span.to(close.span),
+            },
+            1,
+        ))
+    }
+
     /// A size argument of pattern `word`: an integer or a dimension symbol.
     fn pattern_size(&mut self, word: &str) -> PResult<DimExpr> {
         let token = self.peek();

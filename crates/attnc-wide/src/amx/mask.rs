@@ -85,6 +85,12 @@ fn compile_at(mask: &KeyMask, depth: usize) -> Result<Mask, CallError> {
     // Keys lie within ±2^64 of any row: wider offsets change nothing.
     const FAR: i128 = 1 << 100;
     Ok(match mask {
+        // The planner runs document masks on the AVX-512 tier only.
+        KeyMask::Document => {
+            return Err(CallError::Shape(
+                "document masks run on the avx-512 tier, not amx".to_string(),
+            ))
+        }
         KeyMask::Causal => Mask::Band { lo: 0, hi: FAR },
         KeyMask::Window(w) => Mask::Band {
             lo: -(*w as i128),

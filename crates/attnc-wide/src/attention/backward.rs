@@ -84,7 +84,7 @@ struct Env<'a> {
     lse2: Vec<f32>,
     /// `D_i = dO_i · O_i`.
     dd: Vec<f32>,
-    program: Option<MaskProgram>,
+    program: Option<MaskProgram<'a>>,
 }
 
 /// Scratch of one call: packed `Kᵀ`, `Vᵀ` of a key tile, the key tile's `dKᵀ`, `dVᵀ`, and the
@@ -132,7 +132,7 @@ pub(crate) unsafe fn run(
         cap: call.score.softcap.map(|c| (c * LOG2_E, 1.0 / (c * LOG2_E))),
         lse2: saved.lse[..m].iter().map(|l| l * LOG2_E).collect(),
         dd,
-        program: call.mask.map(MaskProgram::compile),
+        program: call.mask.map(|m| MaskProgram::for_call(m, call)),
     };
     let (v, v_stride) = rows_f32(&call.v);
     for g in [

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::problem::KeyMask;
+use crate::problem::{Call, KeyMask, Segments};
 
 /// Lanes of one vector.
 const LANES: usize = 16;
@@ -23,9 +23,14 @@ pub(super) const VECTORS: usize = 4;
 enum Leaf {
     Causal,
     Window(i64),
-    Dilated { reach: i64, stride: i64 },
+    Dilated {
+        reach: i64,
+        stride: i64,
+    },
     Global(i64),
     Block(i64),
+    /// Equal segment ids ([`MaskProgram::segments`]).
+    Document,
 }
 
 /// One step of the postfix program.
@@ -91,6 +96,7 @@ impl Leaf {
             }
             KeyMask::Global(g) => Leaf::Global(saturate(*g)),
             KeyMask::Block(b) => Leaf::Block(saturate((*b).max(1))),
+            KeyMask::Document => Leaf::Document,
             KeyMask::And(..) | KeyMask::Or(..) => return None,
         })
     }
@@ -125,24 +131,38 @@ impl Leaf {
                 let start = at.div_euclid(b) * b;
                 Kept::interval(start, start.saturating_add(b - 1))
             }
+            // Evaluated from the ids by `fill_document`; as an interval, it may keep anything.
+            Leaf::Document => Kept::ALL,
         }
     }
 }
 
 /// A compiled [`KeyMask`].
 #[derive(Clone, Debug)]
-pub(super) struct MaskProgram {
+pub(super) struct MaskProgram<'a> {
     steps: Vec<Step>,
     /// Per `Dilated` leaf, `x mod stride` of lane indices `0..64` (the lane-relative residues).
     residues: Vec<[i32; LANES * VECTORS]>,
     /// Mask buffers the program needs at once.
     depth: usize,
+    /// The ids a `Document` leaf compares (none: it keeps everything).
+    segments: Option<Segments<'a>>,
+    /// `n − m`: aligned row `i'` is query row `i' − align`.
+    align: i64,
 }
 
-impl MaskProgram {
+impl<'a> MaskProgram<'a> {
+    /// The program of `call`'s mask, reading its segment ids.
+    pub(super) fn for_call(mask: &KeyMask, call: &Call<'a>) -> MaskProgram<'a> {
+        let mut program = MaskProgram::compile(mask);
+        program.segments = call.segments;
+        program.align = call.n() as i64 - call.m() as i64;
+        program
+    }
+
     /// Compiles `mask` without recursion (a deep tree cannot overflow the stack here),
     /// evaluating the child that needs more buffers first so a chain of `And`s needs two.
-    pub(super) fn compile(mask: &KeyMask) -> MaskProgram {
+    pub(super) fn compile(mask: &KeyMask) -> MaskProgram<'a> {
         // Flatten breadth-first: children always come after their parent.
         let mut nodes = vec![mask];
         let mut children = vec![None];
@@ -201,6 +221,8 @@ impl MaskProgram {
             steps,
             residues,
             depth: need[0],
+            segments: None,
+            align: 0,
         }
     }
 
@@ -230,6 +252,17 @@ impl MaskProgram {
         let mut live = 0;
         for step in &self.steps {
             match *step {
+                Step::Leaf(Leaf::Document, _) => {
+                    let out = &mut buffers.stack[live];
+                    match &self.segments {
+                        Some(s) => {
+                            let ids = Lanes::of(s, self.align, axis, base);
+                            fill_document(out, s, self.align, &ids, axis, &at, count, vectors);
+                        }
+                        None => out[..count * VECTORS].fill(u16::MAX),
+                    }
+                    live += 1;
+                }
                 Step::Leaf(leaf, table) => {
                     let residues = table.and_then(|t| self.residues.get(t));
                     fill(
@@ -265,6 +298,79 @@ impl MaskProgram {
 #[derive(Clone, Debug)]
 pub(super) struct MaskBuffers {
     stack: Vec<Vec<u16>>,
+}
+
+/// The segment ids of the 64 lane positions `base + lane`, and which lanes have one.
+struct Lanes {
+    ids: [i32; LANES * VECTORS],
+    valid: [u16; VECTORS],
+}
+
+impl Lanes {
+    fn of(s: &Segments<'_>, align: i64, axis: LaneAxis, base: i64) -> Lanes {
+        let mut lanes = Lanes {
+            ids: [0; LANES * VECTORS],
+            valid: [0; VECTORS],
+        };
+        for lane in 0..LANES * VECTORS {
+            let x = base.saturating_add(lane as i64);
+            if let Some(id) = id_at(s, align, axis, x) {
+                lanes.ids[lane] = id;
+                lanes.valid[lane / LANES] |= 1 << (lane % LANES);
+            }
+        }
+        lanes
+    }
+}
+
+impl LaneAxis {
+    /// The axis of the fixed coordinate when the lanes lie on `self`.
+    fn other(self) -> LaneAxis {
+        match self {
+            LaneAxis::Rows => LaneAxis::Keys,
+            LaneAxis::Keys => LaneAxis::Rows,
+        }
+    }
+}
+
+/// The id at position `x` of axis `on`: an aligned row `i'` (query row `i' − align`) or a
+/// key `j`.
+fn id_at(s: &Segments<'_>, align: i64, on: LaneAxis, x: i64) -> Option<i32> {
+    match on {
+        LaneAxis::Rows => s.query(usize::try_from(x.checked_sub(align)?).ok()?),
+        LaneAxis::Keys => s.keys.get(usize::try_from(x).ok()?).copied(),
+    }
+}
+
+/// A `Document` leaf: per fixed coordinate `at(f)`, the lanes whose id equals its id.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+fn fill_document(
+    out: &mut [u16],
+    s: &Segments<'_>,
+    align: i64,
+    lanes: &Lanes,
+    axis: LaneAxis,
+    at: &impl Fn(usize) -> i64,
+    count: usize,
+    vectors: usize,
+) {
+    let mut ids = [_mm512_setzero_si512(); VECTORS];
+    for (v, x) in ids.iter_mut().enumerate() {
+        // SAFETY: the table holds 64 i32, v < 4.
+        *x = unsafe { _mm512_loadu_si512(lanes.ids.as_ptr().add(v * LANES).cast()) };
+    }
+    for (f, out) in out.chunks_exact_mut(VECTORS).take(count).enumerate() {
+        let id = id_at(s, align, axis.other(), at(f));
+        for (v, o) in out.iter_mut().enumerate().take(vectors) {
+            *o = match id {
+                Some(id) => {
+                    _mm512_mask_cmpeq_epi32_mask(lanes.valid[v], ids[v], _mm512_set1_epi32(id))
+                }
+                None => 0,
+            };
+        }
+    }
 }
 
 /// `x − base` clamped to `[−1, 64]`: comparisons with lane indices `0..64` are unchanged.
@@ -408,6 +514,78 @@ mod tests {
                         let want = mask.keeps(i, j as usize, m, n);
                         let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
                         assert_eq!(bit, want, "{mask:?} keys base {base} i {i} lane {lane}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Document leaves (alone and combined) against `KeyMask::keeps_with`, on both lane axes,
+    /// with unsorted ids, m ≠ n both ways and lane bases past either end.
+    #[test]
+    fn document_programs_compare_segment_ids() {
+        if !Features::detect().avx512 {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let ids: Vec<i32> = (0..90).map(|x: i32| (x * 7919) % 13 / 3).collect();
+        let b = Box::new;
+        let masks = [
+            KeyMask::Document,
+            KeyMask::And(b(KeyMask::Causal), b(KeyMask::Document)),
+            KeyMask::Or(b(KeyMask::Document), b(KeyMask::Window(2))),
+        ];
+        for (m, n) in [(70usize, 90usize), (90, 60), (1, 90)] {
+            let seg = Segments {
+                queries: &ids[..n],
+                keys: &ids[..n],
+                shift: n as i64 - m as i64,
+            };
+            let align = n as i64 - m as i64;
+            for mask in &masks {
+                let mut program = MaskProgram::compile(mask);
+                program.segments = Some(seg);
+                program.align = align;
+                let mut buffers = program.buffers(m.max(n).max(64) * VECTORS);
+                for base in [-70i64, -3, 0, 17, 64] {
+                    // SAFETY: AVX-512 was detected; the buffers hold every fixed position.
+                    let got = unsafe {
+                        program.eval(
+                            &mut buffers,
+                            LaneAxis::Keys,
+                            |f| f as i64 + align,
+                            m,
+                            base,
+                            4,
+                        )
+                    }
+                    .to_vec();
+                    for i in 0..m {
+                        for lane in 0..64 {
+                            let j = base + lane as i64;
+                            if j < 0 || j >= n as i64 {
+                                continue;
+                            }
+                            let want = mask.keeps_with(i, j as usize, m, n, Some(&seg));
+                            let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                            assert_eq!(bit, want, "{mask:?} keys {m}x{n} base {base} i {i} j {j}");
+                        }
+                    }
+                    // SAFETY: as above.
+                    let got = unsafe {
+                        program.eval(&mut buffers, LaneAxis::Rows, |f| f as i64, n, base, 4)
+                    }
+                    .to_vec();
+                    for j in 0..n {
+                        for lane in 0..64 {
+                            let i = base + lane as i64 - align;
+                            if i < 0 || i >= m as i64 {
+                                continue;
+                            }
+                            let want = mask.keeps_with(i as usize, j, m, n, Some(&seg));
+                            let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                            assert_eq!(bit, want, "{mask:?} rows {m}x{n} base {base} i {i} j {j}");
+                        }
                     }
                 }
             }

@@ -137,7 +137,7 @@ unsafe fn tile_rows<'a>(operand: &Operand<'a>, tile: usize, buffer: &'a mut Alig
 struct Env<'a, 'c> {
     call: &'c Call<'a>,
     form: ScoreForm<'a>,
-    program: Option<&'c MaskProgram>,
+    program: Option<&'c MaskProgram<'a>>,
     m: usize,
     n: usize,
     d: usize,

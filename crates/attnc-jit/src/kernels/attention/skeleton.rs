@@ -49,7 +49,7 @@ pub(super) fn codegen_err(name: &str, detail: impl ToString) -> JitError {
 
 pub(super) fn elem_size(dtype: DType) -> i64 {
     match dtype {
-        DType::F32 => 4,
+        DType::F32 | DType::I32 => 4,
         DType::F16 | DType::Bf16 => 2,
     }
 }
@@ -244,8 +244,9 @@ impl Emitter<'_> {
             return zero;
         }
         match dtype {
-            DType::F32 if count == 4 => b.ins().load(F32X4, mem(), p, 0),
-            DType::F32 => {
+            // (i32 segment ids never reach this kernel: they load as f32 bits if asked.)
+            DType::F32 | DType::I32 if count == 4 => b.ins().load(F32X4, mem(), p, 0),
+            DType::F32 | DType::I32 => {
                 let mut v = zero;
                 for l in 0..count {
                     let x = b.ins().load(F32, mem(), p, (4 * l) as i32);

@@ -60,6 +60,11 @@ pub struct AttentionSpec {
     pub v: TensorRef,
     /// Bias tensors read by the score expression (rows queries, columns keys).
     pub biases: Vec<TensorRef>,
+    /// The segment ids a document mask reads, in the order its `Document` parts index them:
+    /// i32 ids in f32-sized buffers, one row of `col_stride`-spaced ids per batch entry
+    /// (batch strides matched to the batch axes from the left; see `attnc_ir::segments`).
+    /// Only the full-width tier reads them.
+    pub segments: Vec<TensorRef>,
     /// The score expression over `S`, folded at the bound shapes (no dimension symbols).
     pub score: ScoreExpr,
     /// The kept positions (`None`: dense). Masked scores are `-inf` (the only fill matched).

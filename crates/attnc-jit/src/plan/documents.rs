@@ -1,0 +1,45 @@
+//! Which document masks (`document(...)`, masks that read segment ids) the planner compiles.
+
+use super::PlanOptions;
+use crate::error::{JitError, Result};
+use attnc_ir::{Kernel, Op};
+
+/// Masks that read segment ids (`document(...)`) compile only inside a fused exact attention
+/// on the AVX-512 tier (which builds its tile table from the ids per call); anything else
+/// that reads them (a plain mask, a fused gradient, the portable tier) is refused here, with
+/// a message pointing at the interpreter, before any kernel could read an i32 buffer.
+pub(super) fn refuse_segments(kernel: &Kernel, options: &PlanOptions) -> Result<()> {
+    let graph = &kernel.graph;
+    for id in graph.topo_order() {
+        let op = &graph.node(id).op;
+        let why = match op {
+            Op::Attention(a) if a.segments() > 0 => {
+                if !options.fuse {
+                    Some("fused attention is off")
+                } else if !options.tiers.avx512 {
+                    Some("the AVX-512 tier is not available")
+                } else if a.precision != attnc_ir::Precision::Exact {
+                    Some("it runs with approximate products")
+                } else {
+                    None
+                }
+            }
+            Op::Backward(attnc_ir::BackwardOp::Attention(g)) if g.attention.segments() > 0 => {
+                Some("gradients through document masks are not compiled")
+            }
+            Op::Mask { pattern, .. } if !pattern.is_static() => {
+                Some("only a mask fused into an attention reads segment ids")
+            }
+            _ => None,
+        };
+        if let Some(why) = why {
+            return Err(JitError::Plan {
+                op: op.to_string(),
+                detail: format!(
+                    "document(...) masks compile only fused into an exact attention on the AVX-512 tier ({why}); run with --engine interp"
+                ),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! Document masks compiled (fused attention on the AVX-512 tier, tile tables built per call
+//! from the segment ids) against the f64 interpreter: random segment layouts with empty and
+//! single-token documents, sorted and unsorted ids, m ≠ n, n not a multiple of the tile,
+//! batched ids, and the two-operand form. Without AVX-512 the compiler refuses document
+//! masks (checked here too).
+
+mod common;
+
+use attnc_ir::{Bindings, Kernel};
+use attnc_jit::wide::Tiers;
+use attnc_jit::{CompileOptions, CompiledKernel, Input};
+use common::{bindings, data, kernel, optimized, rel_l2, REL_L2};
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+
+const SINGLE: &str =
+    "kernel k(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, d], seg: i32[n]) -> f32[h, m, d] {
+    return softmax(mask(q @ k.T / sqrt(d), causal & document(seg))) @ v;
+}";
+
+const PAIR: &str = "kernel k(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, d], qs: i32[m], ks: i32[n]) -> f32[h, m, d] {
+    return softmax(mask(q @ k.T * 0.25, document(qs, ks) | window(2))) @ v;
+}";
+
+const BATCHED: &str = "kernel k(q: f32[b, h, n, d], k: f32[b, h, n, d], v: f32[b, h, n, d], seg: i32[b, n]) -> f32[b, h, n, d] {
+    return softmax(mask(q @ k.T / sqrt(d), document(seg))) @ v;
+}";
+
+/// Runs `src` optimized (the fused attention must carry the document) on the JIT and on the
+/// interpreter; float inputs are random, `ids` the i32 inputs in parameter order.
+fn check(src: &str, dims: &[(&str, u64)], ids: &[Vec<i32>], seed: u64) -> Option<f64> {
+    let k = kernel(src);
+    let b = bindings(dims);
+    let fused = optimized(&k, &b);
+    let options = CompileOptions {
+        parallel_threshold: 0,
+        ..CompileOptions::default()
+    };
+    if !Tiers::available(options.tiers).avx512 {
+        let err = CompiledKernel::compile(&fused, &b, &options)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("--engine interp"), "{err}");
+        return None;
+    }
+    let (floats, arrays) = inputs(&k, &b, ids, seed);
+    let want = attnc_ir::interp::evaluate(&k, &b, &arrays).expect("interpreter");
+    let compiled = CompiledKernel::compile(&fused, &b, &options).expect("compile");
+    let mut views = Vec::new();
+    let mut next_ids = ids.iter();
+    for (p, f) in k.params.iter().zip(&floats) {
+        views.push(match p.dtype {
+            attnc_ir::DType::I32 => Input::I32(next_ids.next().expect("ids")),
+            _ => Input::F32(f),
+        });
+    }
+    let one = compiled.run(&views, 1).expect("run");
+    let three = compiled.run(&views, 3).expect("run");
+    assert_eq!(one.data, three.data, "threads 1 vs 3 differ");
+    let err = rel_l2(&one.data, &want);
+    assert!(err <= REL_L2, "relative L2 {err} for {src} at {dims:?}");
+    Some(err)
+}
+
+fn inputs(
+    k: &Kernel,
+    b: &Bindings,
+    ids: &[Vec<i32>],
+    seed: u64,
+) -> (Vec<Vec<f32>>, Vec<ArrayD<f64>>) {
+    let mut next_ids = ids.iter();
+    let mut floats = Vec::new();
+    let mut arrays = Vec::new();
+    for (index, p) in k.params.iter().enumerate() {
+        let shape = attnc_ir::dim::resolve_shape(&p.shape, b).expect("bound");
+        let len: usize = shape.iter().product();
+        let values: Vec<f64> = if p.dtype == attnc_ir::DType::I32 {
+            let v = next_ids.next().expect("ids");
+            assert_eq!(v.len(), len, "{}", p.name);
+            floats.push(Vec::new());
+            v.iter().map(|&x| f64::from(x)).collect()
+        } else {
+            let v = data(len, seed * 7 + index as u64);
+            let out = v.iter().map(|&x| f64::from(x)).collect();
+            floats.push(v);
+            out
+        };
+        arrays.push(ArrayD::from_shape_vec(IxDyn(&shape), values).expect("shape"));
+    }
+    (floats, arrays)
+}
+
+/// A packed layout: `docs` documents with the given lengths (0 allowed), ids in order, or
+/// permuted when `shuffle`.
+fn layout(lengths: &[usize], shuffle: u64) -> Vec<i32> {
+    let mut ids: Vec<i32> = lengths
+        .iter()
+        .enumerate()
+        .flat_map(|(doc, &len)| std::iter::repeat_n(doc as i32 * 3 - 5, len))
+        .collect();
+    if shuffle > 0 {
+        let mut s = shuffle | 1;
+        for i in (1..ids.len()).rev() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ids.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+    }
+    ids
+}
+
+#[test]
+fn sixteen_sorted_documents_over_several_tiles() {
+    let lengths = [64, 1, 0, 130, 7, 200, 1, 33, 0, 65, 64, 2, 90, 1, 40, 3];
+    let seg = layout(&lengths, 0);
+    let n = seg.len() as u64;
+    for m in [n, 1, 70, n - 17] {
+        check(
+            SINGLE,
+            &[("h", 2), ("m", m), ("n", n), ("d", 16)],
+            std::slice::from_ref(&seg),
+            m,
+        );
+    }
+}
+
+#[test]
+fn more_queries_than_keys_keep_nothing_before_the_first_key() {
+    let seg = layout(&[3, 5, 2], 0);
+    check(
+        SINGLE,
+        &[("h", 1), ("m", 14), ("n", 10), ("d", 8)],
+        &[seg],
+        1,
+    );
+}
+
+#[test]
+fn batched_ids_and_the_two_operand_form() {
+    let (b, n) = (2usize, 77usize);
+    let mut seg = layout(&[20, 0, 40, 17], 0);
+    seg.extend(layout(&[1, 70, 6], 9));
+    check(
+        BATCHED,
+        &[("b", b as u64), ("h", 3), ("n", n as u64), ("d", 8)],
+        &[seg],
+        2,
+    );
+    let qs = layout(&[10, 20, 3], 4);
+    let ks = layout(&[40, 1, 30], 5);
+    check(
+        PAIR,
+        &[("h", 2), ("m", 33), ("n", 71), ("d", 8)],
+        &[qs, ks],
+        3,
+    );
+}
+
+/// A union with a document keeps pairs whose ids differ: no tile may be dropped by its ids
+/// (the window here reaches across documents, and across 64-key tiles).
+#[test]
+fn a_union_with_a_document_keeps_tiles_of_other_documents() {
+    let src =
+        "kernel k(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], seg: i32[n]) -> f32[h, n, d] {
+        return softmax(mask(q @ k.T, document(seg) | window(70))) @ v;
+    }";
+    let seg = layout(&[100, 100, 60], 0);
+    check(src, &[("h", 1), ("n", 260), ("d", 4)], &[seg], 6);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn random_layouts_match_the_interpreter(
+        lengths in prop::collection::vec(prop_oneof![Just(0usize), Just(1), 0usize..90], 1..8),
+        shuffle in prop_oneof![Just(0u64), 1u64..1000],
+        fewer in 0usize..40,
+        d in 1u64..20,
+        seed in 0u64..1000,
+    ) {
+        let seg = layout(&lengths, shuffle);
+        let n = seg.len();
+        prop_assume!(n > 0);
+        let m = n.saturating_sub(fewer).max(1) as u64;
+        check(SINGLE, &[("h", 2), ("m", m), ("n", n as u64), ("d", d)], &[seg], seed);
+    }
+}

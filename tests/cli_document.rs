@@ -1,0 +1,170 @@
+//! `i32` segment ids and `document(...)` masks on the command line: int32 `.npy` and I32
+//! safetensors inputs, the JIT against the interpreter, and every misuse an exit 1 that names
+//! the input (and dimension) or the file, line and column.
+
+mod common;
+
+use attnc::io::{encode_npy, Tensor, TensorData};
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+fn example() -> PathBuf {
+    examples_dir().join("document.attn")
+}
+
+fn ids_npy(dir: &Path, name: &str, ids: &[i32]) -> PathBuf {
+    let t = Tensor::new(vec![ids.len()], TensorData::I32(ids.to_vec())).expect("tensor");
+    write(dir, name, encode_npy(&t).expect("encodes"))
+}
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let out = attnc(args);
+    assert_eq!(status(&out), 0, "{args:?}: {}", stderr(&out));
+    json(&out)
+}
+
+/// Unsorted ids with a single-token document and an id that never repeats.
+const IDS: [i32; 13] = [4, 4, 1, 4, 7, 1, 1, 9, 4, 4, 2, 2, 2];
+
+#[test]
+fn jit_and_interpreter_agree_on_packed_documents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seg = ids_npy(dir.path(), "seg.npy", &IDS);
+    let input = format!("seg={}", p(&seg));
+    let file = example();
+    let base = [
+        "run",
+        p(&file),
+        "--random",
+        "3",
+        "--shape",
+        "h=2,d=5",
+        "--input",
+        &input,
+        "--format",
+        "json",
+    ];
+    let mut jit = base.to_vec();
+    jit.extend(["--engine", "jit"]);
+    let mut interp = base.to_vec();
+    interp.extend(["--engine", "interp"]);
+    if !attnc::jit::wide::Tiers::available(attnc::jit::wide::Tiers::ALL).avx512 {
+        // Document masks compile on the AVX-512 tier only; elsewhere the refusal says what
+        // runs them.
+        let out = attnc(&jit);
+        assert_eq!(status(&out), 1, "{}", stderr(&out));
+        assert!(stdout(&out).contains("--engine interp"), "{}", stdout(&out));
+        run(&interp);
+        return;
+    }
+    let (a, b) = (run(&jit), run(&interp));
+    assert_eq!(a["shape"], serde_json::json!([2, 13, 5]));
+    let (x, y) = (
+        a["values"].as_array().unwrap(),
+        b["values"].as_array().unwrap(),
+    );
+    assert_eq!(x.len(), y.len());
+    for (x, y) in x.iter().zip(y) {
+        let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+}
+
+#[test]
+fn safetensors_i32_binds_segment_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = IDS.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let header = format!(
+        r#"{{"seg":{{"dtype":"I32","shape":[{}],"data_offsets":[0,{}]}}}}"#,
+        IDS.len(),
+        bytes.len()
+    );
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(header.as_bytes());
+    file.extend(&bytes);
+    let path = write(dir.path(), "seg.safetensors", file);
+    let example = example();
+    let doc = run(&[
+        "run",
+        p(&example),
+        "--random",
+        "3",
+        "--shape",
+        "h=1,d=4",
+        "--input",
+        p(&path),
+        "--engine",
+        "interp",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(doc["shape"], serde_json::json!([1, 13, 4]));
+}
+
+#[test]
+fn misuse_is_an_error_naming_the_input_or_the_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = example();
+    let floats = Tensor::new(vec![4], TensorData::F32(vec![0.0; 4])).expect("tensor");
+    let floats = write(dir.path(), "f.npy", encode_npy(&floats).expect("encodes"));
+    let short = ids_npy(dir.path(), "short.npy", &[0, 0, 1]);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        // float data for an i32 parameter
+        (
+            vec![
+                "--shape".into(),
+                "h=1,d=2".into(),
+                "--input".into(),
+                format!("seg={}", p(&floats)),
+            ],
+            "input `seg` is i32",
+        ),
+        // ids of the wrong length: names the input and the dimension
+        (
+            vec![
+                "--shape".into(),
+                "h=1,d=2,n=4".into(),
+                "--input".into(),
+                format!("seg={}", p(&short)),
+            ],
+            "seg",
+        ),
+        // --random does not draw segment ids
+        (vec!["--shape".into(), "h=1,d=2,n=4".into()], "--input seg="),
+    ];
+    for (extra, want) in cases {
+        let mut args: Vec<String> = ["run", p(&file), "--random", "1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = attnc(&refs);
+        assert_eq!(status(&out), 1, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+    let bad = write(
+        dir.path(),
+        "bad.attn",
+        "kernel k(x: f32[n, n], seg: i32[n]) -> f32[n, n] {\n    return x * seg;\n}\n",
+    );
+    let out = attnc(&["check", p(&bad)]);
+    assert_eq!(status(&out), 1);
+    assert!(stderr(&out).contains("bad.attn:2:16"), "{}", stderr(&out));
+    let wrong_len = write(
+        dir.path(),
+        "len.attn",
+        "kernel k(x: f32[m, n], seg: i32[m]) -> f32[m, n] {\n    return mask(x, document(seg));\n}\n",
+    );
+    let out = attnc(&["check", p(&wrong_len)]);
+    assert_eq!(status(&out), 1);
+    let err = stderr(&out);
+    assert!(
+        err.contains("len.attn:2:29") && err.contains("`seg`"),
+        "{err}"
+    );
+}
