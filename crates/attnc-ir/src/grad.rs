@@ -135,6 +135,7 @@ impl Vjp {
             graph: self.graph.clone(),
             output,
             ret_dtype: DType::F32,
+            extra_outputs: Vec::new(),
             approx: Vec::new(),
             span: Span::default(),
         }

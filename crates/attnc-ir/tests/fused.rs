@@ -48,6 +48,7 @@ fn kernel(params: &[(&str, &str)], op: Op) -> Kernel {
         graph: b.graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }

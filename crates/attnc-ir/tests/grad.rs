@@ -120,6 +120,7 @@ fn kernel_of(params: Vec<Param>, b: GraphBuilder, output: NodeId) -> Kernel {
         graph: b.graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }

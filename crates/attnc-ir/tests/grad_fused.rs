@@ -49,6 +49,7 @@ fn kernel(params: Vec<Param>, op: Op, features: usize) -> Kernel {
         graph: b.graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }
@@ -352,6 +353,7 @@ fn self_attention_differentiates_every_slot() {
         graph: b.graph,
         output: out,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     };

@@ -44,6 +44,7 @@ fn kernel(params: Vec<Param>, b: GraphBuilder, output: NodeId) -> Kernel {
         graph: b.graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }

@@ -36,6 +36,7 @@ pub fn to_kernel(
         graph: b.graph,
         output: root,
         ret_dtype: original.ret_dtype,
+        extra_outputs: Vec::new(),
         approx: original.approx.clone(),
         span: original.span,
     };
