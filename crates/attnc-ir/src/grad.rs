@@ -313,6 +313,15 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
             });
         }
     }
+    if kernel.has_several_outputs() {
+        return Err(GradError::Unsupported {
+            op: "return".to_string(),
+            why: format!(
+                "the kernel returns {} values; gradients are derived for a kernel with one output",
+                kernel.outputs().len()
+            ),
+        });
+    }
     let forward = &kernel.graph;
     let count = forward.len();
     let output = kernel.output;

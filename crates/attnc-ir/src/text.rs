@@ -260,6 +260,7 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
                 Some("bf16") => Precision::Bf16,
                 Some(p) => return Err(format!("unknown precision `{p}`")),
             },
+            lse: args.contains(&"lse"),
         })
     };
     let linear = || -> Result<LinearAttention, String> {

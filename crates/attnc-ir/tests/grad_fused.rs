@@ -209,6 +209,7 @@ impl Case {
             score,
             mask: pattern(self.mask).map(Into::into),
             precision: Precision::Exact,
+            lse: false,
         }));
         (params, op)
     }
@@ -385,6 +386,7 @@ fn nan_at_masked_positions_reaches_no_gradient() {
         score,
         mask: Some(MaskPattern::Causal),
         precision: Precision::Exact,
+        lse: false,
     }));
     let kernel = kernel(params, op, 0);
     let mut xs = inputs(&kernel.params, 9);

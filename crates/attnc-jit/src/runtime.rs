@@ -162,6 +162,7 @@ impl CompiledKernel {
                 | StepKind::Convert(_)
                 | StepKind::Pool(_)
                 | StepKind::Cumsum(_)
+                | StepKind::Stats(_)
                 | StepKind::Quantize(_) => None,
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
@@ -507,6 +508,16 @@ impl CompiledKernel {
                 Storage::F32(out)
             }
             (StepKind::Constant(data), _) => Storage::F32(data.to_vec()),
+            (StepKind::Stats(part), _) => {
+                let part = match host_input(0)? {
+                    BufferView::F32(src) => part.run(src),
+                    _ => None,
+                };
+                Storage::F32(part.ok_or_else(|| JitError::Plan {
+                    op: step.name.clone(),
+                    detail: "the attention output is shorter than its statistics".to_string(),
+                })?)
+            }
             (StepKind::Pool(spec), _) => {
                 let mut out = vec![0.0f32; len];
                 crate::host::pool(spec, views, &mut out)?;

@@ -149,6 +149,12 @@ pub(super) fn apply(
             "vjp-cast"
         }
         // dslot = attention-grad(q, k, v, b.., y, g) for each operand that needs one
+        Op::Attention(a) if a.lse => {
+            return Err(GradError::Unsupported {
+                op: "attention (log-sum-exp)".to_string(),
+                why: "the gradient of a fused log-sum-exp is not derived".to_string(),
+            })
+        }
         Op::Attention(a) => {
             let mut attention = (**a).clone();
             attention.precision = Precision::Exact;
