@@ -129,8 +129,9 @@ fn every_example_matches_the_interpreter() {
     for path in files {
         let src = std::fs::read_to_string(&path).expect("readable");
         let k = kernel(&src);
-        if pools(&k) {
-            // Pooling has no derivative rule yet; the refusal is tested in attnc-ir.
+        if pools(&k) || k.has_several_outputs() {
+            // Pooling has no derivative rule yet, and gradients are derived for one output;
+            // the refusals are tested in attnc-ir and the CLI.
             continue;
         }
         let symbols = attnc_ir::bind::kernel_symbols(&k);
