@@ -174,7 +174,10 @@ impl Compiler {
         plan: &Kernel,
         bindings: &Bindings,
     ) -> Result<CompiledKernel, RunError> {
-        let code = CompiledKernel::compile(plan, bindings, &self.options)?;
+        // Every output of the kernel, each node computed once (a fused attention and the
+        // log-sum-exp beside it share one step).
+        let outputs = plan.output_nodes();
+        let code = CompiledKernel::compile_outputs(plan, &outputs, bindings, &self.options)?;
         self.check_memory(code.plan())?;
         Ok(code)
     }
@@ -206,6 +209,7 @@ impl Compiler {
             trace,
             validations,
             ret: kernel.ret_dtype,
+            rets: kernel.outputs().iter().map(|o| o.dtype).collect(),
             elapsed: start.elapsed(),
         })
     }
@@ -294,16 +298,24 @@ pub struct Compiled {
     pub trace: Trace,
     /// Every validation measurement, in order (empty when the plan is exact).
     pub validations: Vec<Validation>,
-    /// The kernel's return type (results are rounded to it).
+    /// The kernel's (first) return type (results are rounded to it).
     pub ret: DType,
+    /// The return type of every output, in order.
+    pub rets: Vec<DType>,
     /// Wall time of the whole compilation, validation included.
     pub elapsed: Duration,
 }
 
 impl Compiled {
-    /// Stage 4: runs on `inputs` (one per parameter) with `threads` workers.
+    /// Stage 4: runs on `inputs` (one per parameter) with `threads` workers; the first
+    /// output.
     pub fn run(&self, inputs: &[Tensor], threads: usize) -> Result<Tensor, RunError> {
         run_compiled(&self.code, self.ret, inputs, threads)
+    }
+
+    /// Stage 4 for every output of the kernel, in order.
+    pub fn run_all(&self, inputs: &[Tensor], threads: usize) -> Result<Vec<Tensor>, RunError> {
+        crate::engine::run_compiled_all(&self.code, &self.rets, inputs, threads)
     }
 
     /// The plan the machine code runs.

@@ -3,7 +3,7 @@
 
 use crate::io::{Tensor, TensorData};
 use attnc_ir::bind::{bind_shapes, BindError};
-use attnc_ir::interp::{evaluate, EvalError};
+use attnc_ir::interp::{evaluate_all, EvalError};
 use attnc_ir::{Bindings, DType, Kernel};
 use attnc_jit::{CompiledKernel, Input, JitError};
 use thiserror::Error;
@@ -90,6 +90,23 @@ pub fn run_compiled(
     Ok(output_tensor(output.shape, output.data, ret))
 }
 
+/// Runs a compiled kernel on `inputs` and returns every output, in order (`rets`: their
+/// return types).
+pub fn run_compiled_all(
+    compiled: &CompiledKernel,
+    rets: &[DType],
+    inputs: &[Tensor],
+    threads: usize,
+) -> Result<Vec<Tensor>, RunError> {
+    let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+    let outputs = compiled.run_outputs(&views, threads)?;
+    Ok(outputs
+        .into_iter()
+        .zip(rets.iter().copied().chain(std::iter::repeat(DType::F32)))
+        .map(|(o, ret)| output_tensor(o.shape, o.data, ret))
+        .collect())
+}
+
 /// A tensor as the JIT's input view.
 pub fn input_view(tensor: &Tensor) -> Input<'_> {
     match &tensor.data {
@@ -103,7 +120,8 @@ pub fn input_view(tensor: &Tensor) -> Input<'_> {
 /// Runs `kernel` on `inputs` (one per parameter, in order) with `engine`.
 ///
 /// The result is f32, rounded through f16/bf16 first when the kernel returns that type.
-/// `threads` applies to the JIT; the interpreter runs on the calling thread.
+/// `threads` applies to the JIT; the interpreter runs on the calling thread. A kernel with
+/// several outputs gives its first ([`execute_all`] gives every one).
 pub fn execute(
     kernel: &Kernel,
     bindings: &Bindings,
@@ -111,6 +129,20 @@ pub fn execute(
     engine: Engine,
     threads: usize,
 ) -> Result<Tensor, RunError> {
+    let all = execute_all(kernel, bindings, inputs, engine, threads)?;
+    all.into_iter()
+        .next()
+        .ok_or_else(|| RunError::Jit(JitError::Shape("the kernel returned no value".into())))
+}
+
+/// [`execute`] for every output of `kernel`, in order (never empty).
+pub fn execute_all(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    inputs: &[Tensor],
+    engine: Engine,
+    threads: usize,
+) -> Result<Vec<Tensor>, RunError> {
     if inputs.len() != kernel.params.len() {
         return Err(RunError::InputCount {
             expected: kernel.params.len(),
@@ -122,14 +154,20 @@ pub fn execute(
             let compiled = crate::Compiler::new()
                 .with_threads(threads)
                 .compile(kernel, bindings)?;
-            compiled.run(inputs, threads)
+            compiled.run_all(inputs, threads)
         }
         Engine::Interp => {
             let arrays: Vec<_> = inputs.iter().map(Tensor::to_f64_array).collect();
-            let result = evaluate(kernel, bindings, &arrays)?;
-            let shape = result.shape().to_vec();
-            let data: Vec<f32> = result.iter().map(|&x| x as f32).collect();
-            Ok(output_tensor(shape, data, kernel.ret_dtype))
+            let results = evaluate_all(kernel, bindings, &arrays)?;
+            Ok(results
+                .iter()
+                .zip(kernel.outputs())
+                .map(|(result, o)| {
+                    let shape = result.shape().to_vec();
+                    let data: Vec<f32> = result.iter().map(|&x| x as f32).collect();
+                    output_tensor(shape, data, o.dtype)
+                })
+                .collect())
         }
     }
 }

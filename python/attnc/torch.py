@@ -39,7 +39,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 import attnc
-from ._errors import InputError, ShapeError
+from ._errors import CompileError, InputError, ShapeError
 from ._inputs import from_torch
 
 __all__ = ["kernel", "KernelOp"]
@@ -150,6 +150,12 @@ def _cache_key(source_or_path, kernel, shapes, approx, tol, threads) -> Optional
 
 def _define(compiled: attnc.Kernel) -> Any:
     """Registers ``compiled`` as a custom op with its fake and autograd implementations."""
+    # The op's schema returns one tensor; a kernel returning a tuple is called directly.
+    if ") -> (" in compiled.signature:
+        raise CompileError(
+            f"attnc.torch: kernel `{compiled.name}` returns several values, and the torch op "
+            "supports one output; call the attnc.Kernel itself (it returns a tuple of arrays)"
+        )
     params = compiled.params
     names = [_schema_name(name, i) for i, (name, _, _) in enumerate(params)]
     schema = "(" + ", ".join(f"Tensor {n}" for n in names) + ") -> Tensor"

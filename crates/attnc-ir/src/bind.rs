@@ -20,7 +20,8 @@
 //! let kernel = Kernel {
 //!     name: "id".into(),
 //!     params: vec![Param { name: "q".into(), dtype: DType::F32, shape, span: Span::default() }],
-//!     graph, output: q, ret_dtype: DType::F32, approx: vec![], span: Span::default(),
+//!     graph, output: q, ret_dtype: DType::F32, extra_outputs: vec![], approx: vec![],
+//!     span: Span::default(),
 //! };
 //! let bound = bind_shapes(&kernel, &[Some(vec![3, 4])], &Bindings::new()).unwrap();
 //! assert_eq!(bound["n"], 3);

@@ -200,6 +200,12 @@ pub struct Attention {
     pub mask: Option<SymbolicPattern>,
     /// The arithmetic.
     pub precision: Precision,
+    /// When set, the node's value is not `O` but the natural log-sum-exp of each row of the
+    /// masked scores, `logsumexp(mask(score(Q Kᵀ)), -1)` (`[batch.., m, 1]`, `-inf` for a
+    /// fully masked row). The optimizer makes one only beside an attention with the same
+    /// operands, so the planner can write both from one pass (the running maximum and sum of
+    /// the online softmax); `v` stays an operand for that pairing.
+    pub lse: bool,
 }
 
 impl Attention {
@@ -209,6 +215,7 @@ impl Attention {
             score: ScoreExpr::scaled(c),
             mask,
             precision: Precision::Exact,
+            lse: false,
         }
     }
 
@@ -458,7 +465,16 @@ fn broadcast<D: Extent>(a: &[D], b: &[D]) -> Option<Vec<D>> {
 /// The symbolic output shape of a fused op over operands of `shapes`.
 pub fn output_shape(op: Fused<'_>, shapes: &[&Shape]) -> Result<Shape, String> {
     let slices: Vec<&[Dim]> = shapes.iter().map(|s| s.as_slice()).collect();
-    Ok(op.check(&slices)?.output())
+    let fs = op.check(&slices)?;
+    Ok(match op {
+        // The log-sum-exp of each query row keeps the reduced key axis with size 1.
+        Fused::Attention(a) if a.lse => {
+            let mut out = fs.batch;
+            out.extend([fs.m, Dim::Const(1)]);
+            out
+        }
+        _ => fs.output(),
+    })
 }
 
 impl fmt::Display for Attention {
@@ -470,6 +486,9 @@ impl fmt::Display for Attention {
         }
         if self.precision != Precision::Exact {
             write!(f, ", precision={}", self.precision.name())?;
+        }
+        if self.lse {
+            f.write_str(", lse")?;
         }
         Ok(())
     }
@@ -532,6 +551,7 @@ mod tests {
             score,
             mask: Some(crate::MaskPattern::Causal),
             precision: Precision::Exact,
+            lse: false,
         };
         assert_eq!(a.arity(), 4);
         let (q, k, v) = (dims("h, m, d"), dims("h, n, d"), dims("h, n, d"));

@@ -135,6 +135,7 @@ impl Vjp {
             graph: self.graph.clone(),
             output,
             ret_dtype: DType::F32,
+            extra_outputs: Vec::new(),
             approx: Vec::new(),
             span: Span::default(),
         }
@@ -311,6 +312,15 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
                 name: param.name.clone(),
             });
         }
+    }
+    if kernel.has_several_outputs() {
+        return Err(GradError::Unsupported {
+            op: "return".to_string(),
+            why: format!(
+                "the kernel returns {} values; gradients are derived for a kernel with one output",
+                kernel.outputs().len()
+            ),
+        });
     }
     let forward = &kernel.graph;
     let count = forward.len();

@@ -94,7 +94,20 @@ pub struct Param {
     pub span: Span,
 }
 
-/// One checked kernel: parameters, graph, output node and declared return type.
+/// One result of a kernel: its node and storage type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOutput {
+    /// The node whose value is returned (a `Cast` node for f16/bf16 types).
+    pub node: NodeId,
+    /// The storage type.
+    pub dtype: DType,
+}
+
+/// One checked kernel: parameters, graph, output nodes and declared return types.
+///
+/// The first output is `output`/`ret_dtype` (what single-output code reads); a kernel that
+/// returns `(a, b, ..)` lists the others in `extra_outputs`. [`Kernel::outputs`] gives them
+/// all in order.
 #[derive(Clone, Debug)]
 pub struct Kernel {
     /// The kernel's name.
@@ -107,10 +120,34 @@ pub struct Kernel {
     pub output: NodeId,
     /// The return storage type.
     pub ret_dtype: DType,
+    /// The outputs after the first of a kernel returning a tuple (empty for one output).
+    pub extra_outputs: Vec<KernelOutput>,
     /// Approximations the kernel's `@approx` attribute allows (consumed by the optimizer).
     pub approx: Vec<attnc_syntax::ast::ApproxKind>,
     /// Where the kernel was declared.
     pub span: Span,
+}
+
+impl Kernel {
+    /// Every output, in order (the first is `output`/`ret_dtype`).
+    pub fn outputs(&self) -> Vec<KernelOutput> {
+        std::iter::once(KernelOutput {
+            node: self.output,
+            dtype: self.ret_dtype,
+        })
+        .chain(self.extra_outputs.iter().copied())
+        .collect()
+    }
+
+    /// The output nodes, in order.
+    pub fn output_nodes(&self) -> Vec<NodeId> {
+        self.outputs().iter().map(|o| o.node).collect()
+    }
+
+    /// Whether the kernel returns several values.
+    pub fn has_several_outputs(&self) -> bool {
+        !self.extra_outputs.is_empty()
+    }
 }
 
 /// Every kernel of a checked file.

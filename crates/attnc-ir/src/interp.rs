@@ -120,6 +120,16 @@ pub fn evaluate(
         .ok_or_else(|| malformed(kernel, kernel.output.index(), "the output was not computed"))
 }
 
+/// Every output of `kernel` (one value for a single-output kernel), in order, each node
+/// computed once: what a kernel returning `(a, b)` means.
+pub fn evaluate_all(
+    kernel: &Kernel,
+    bindings: &Bindings,
+    inputs: &[ArrayD<f64>],
+) -> Result<Vec<ArrayD<f64>>, EvalError> {
+    evaluate_outputs(kernel, bindings, inputs, &kernel.output_nodes())
+}
+
 /// [`evaluate`] for several nodes of `kernel`'s graph at once (a gradient graph's gradients):
 /// each node is computed once, and every value is kept until its last user among the asked
 /// nodes has run. Values come back in the order of `outputs`.

@@ -25,6 +25,6 @@ pub mod text;
 pub use backward::BackwardOp;
 pub use dim::{Bindings, Dim, Shape};
 pub use fused::{Attention, Decay, LinearAttention, Normalizer, Precision, ScoreExpr};
-pub use graph::{Graph, Kernel, Module, Node, NodeId, Param};
+pub use graph::{Graph, Kernel, KernelOutput, Module, Node, NodeId, Param};
 pub use op::{BinaryOp, DType, Op, PoolOp, RandomKind, ReduceOp, UnaryOp};
 pub use pattern::{MaskPattern, SymbolicPattern};

@@ -10,7 +10,8 @@
 //!   node, used or not); every other node feeds the output;
 //! - nodes are added operands-first, so index order is topological;
 //! - every node but an input has dtype f32; an f16/bf16 return type ends in `Op::Cast`;
-//! - every node's span is the source expression it came from (for a cast, the return type).
+//! - every node's span is the source expression it came from (for a cast, the return type);
+//! - a kernel returning `(a, b, ..)` keeps one node per value, in order ([`Kernel::outputs`]).
 //!
 //! Expressions are lowered with an explicit task stack (no recursion); statements are a loop,
 //! so 100,000 `let`s cost no native stack. Only mask patterns recurse, once per `&`/`|`.
@@ -27,7 +28,7 @@ mod shape;
 mod signature;
 mod suggest;
 
-use crate::graph::{Kernel, Module, Node};
+use crate::graph::{Kernel, KernelOutput, Module, Node};
 use crate::op::{DType, Op};
 use attnc_syntax::ast::{self, File};
 use attnc_syntax::{Diagnostic, Span};
@@ -49,8 +50,10 @@ pub const MAX_ERRORS: usize = 100;
 ///     name: id("f"),
 ///     params: vec![Param { name: id("x"), ty: ty.clone() }],
 ///     ret_type: Some(ty),
+///     extra_ret_types: vec![],
 ///     stmts: vec![],
 ///     ret: Expr { kind: ExprKind::Name("x".into()), span: Span::default() },
+///     extra_rets: vec![],
 ///     span: Span::default(),
 /// };
 /// let module = attnc_ir::lower::lower_file(&File { kernels: vec![kernel] }).expect("valid");
@@ -91,10 +94,11 @@ fn lower_kernel(k: &ast::Kernel, errors: &mut Errors) -> Option<Kernel> {
     let approx = signature::check_approx(&k.approx, errors);
     let mut scope = Scope::default();
     let params = signature::declare_params(&k.params, &mut scope, errors);
-    let ret_shape = k
-        .ret_type
-        .as_ref()
-        .map(|ty| signature::return_shape(ty, &scope, errors));
+    let types: Vec<&ast::TypeExpr> = k.ret_type.iter().chain(&k.extra_ret_types).collect();
+    let ret_shapes: Vec<Option<_>> = types
+        .iter()
+        .map(|ty| signature::return_shape(ty, &scope, errors))
+        .collect();
     for stmt in &k.stmts {
         if errors.is_full() {
             return None;
@@ -121,47 +125,85 @@ fn lower_kernel(k: &ast::Kernel, errors: &mut Errors) -> Option<Kernel> {
         };
         scope.names.insert(name.clone(), binding);
     }
-    let mut output = match scope.lower_expr(&k.ret) {
-        Ok(id) => id,
-        Err(failure) => {
-            errors.report(failure);
-            return None;
-        }
-    };
-    if let (Some(ty), Some(Some(declared))) = (&k.ret_type, &ret_shape) {
-        let got = scope.shape(output);
-        if let Err(d) = signature::check_return(ty, declared, got, k.ret.span) {
-            errors.push(d);
-        }
-    }
-    if errors.list.len() > before {
-        return None;
-    }
-    let ret_dtype = k.ret_type.as_ref().map_or(DType::F32, |t| t.elem);
-    if let (Some(ty), DType::I32) = (&k.ret_type, ret_dtype) {
+    let values: Vec<&ast::Expr> = std::iter::once(&k.ret).chain(&k.extra_rets).collect();
+    if !types.is_empty() && types.len() != values.len() {
+        let span = values
+            .last()
+            .map_or(k.ret.span, |last| k.ret.span.to(last.span));
+        let declared = types
+            .first()
+            .zip(types.last())
+            .map_or(span, |(a, b)| a.span.to(b.span));
         errors.push(
-            Diagnostic::error("a kernel cannot return i32", ty.span)
-                .with_primary_message("i32 is for segment-id inputs")
-                .with_note("return f32, f16 or bf16"),
+            Diagnostic::error(
+                format!(
+                    "the kernel returns {} value{} but its return type lists {}",
+                    values.len(),
+                    if values.len() == 1 { "" } else { "s" },
+                    types.len()
+                ),
+                span,
+            )
+            .with_primary_message(format!("{} returned here", values.len()))
+            .with_label(declared, format!("{} declared here", types.len())),
         );
         return None;
     }
-    if let (Some(ty), DType::F16 | DType::Bf16) = (&k.ret_type, ret_dtype) {
-        let node = Node {
-            op: Op::Cast { to: ret_dtype },
-            shape: scope.shape(output).clone(),
-            dtype: ret_dtype,
-            span: ty.span,
-        };
-        output = scope.graph.add(node, &[output]);
+    let several = values.len() > 1;
+    let mut outputs = Vec::with_capacity(values.len());
+    for (k_out, value) in values.iter().enumerate() {
+        match scope.lower_expr(value) {
+            Ok(id) => outputs.push(id),
+            Err(failure) => errors.report(failure),
+        }
+        if let (Some(ty), Some(&id)) = (types.get(k_out), outputs.get(k_out)) {
+            if let Some(Some(declared)) = ret_shapes.get(k_out) {
+                let got = scope.shape(id);
+                let which = several.then_some(k_out);
+                if let Err(d) = signature::check_return(ty, declared, got, value.span, which) {
+                    errors.push(d);
+                }
+            }
+        }
     }
-    let (graph, output) = prune::prune(scope.graph, output);
+    if errors.list.len() > before || outputs.len() != values.len() {
+        return None;
+    }
+    let mut dtypes = Vec::with_capacity(outputs.len());
+    for (k_out, output) in outputs.iter_mut().enumerate() {
+        let dtype = types.get(k_out).map_or(DType::F32, |t| t.elem);
+        if let (Some(ty), DType::I32) = (types.get(k_out), dtype) {
+            errors.push(
+                Diagnostic::error("a kernel cannot return i32", ty.span)
+                    .with_primary_message("i32 is for segment-id inputs")
+                    .with_note("return f32, f16 or bf16"),
+            );
+            return None;
+        }
+        if let (Some(ty), DType::F16 | DType::Bf16) = (types.get(k_out), dtype) {
+            let node = Node {
+                op: Op::Cast { to: dtype },
+                shape: scope.shape(*output).clone(),
+                dtype,
+                span: ty.span,
+            };
+            *output = scope.graph.add(node, &[*output]);
+        }
+        dtypes.push(dtype);
+    }
+    let (graph, outputs) = prune::prune_all(scope.graph, &outputs);
+    let mut listed = outputs
+        .into_iter()
+        .zip(dtypes)
+        .map(|(node, dtype)| KernelOutput { node, dtype });
+    let first = listed.next()?;
     Some(Kernel {
         name: k.name.name.clone(),
         params,
         graph,
-        output,
-        ret_dtype,
+        output: first.node,
+        ret_dtype: first.dtype,
+        extra_outputs: listed.collect(),
         approx,
         span: k.span,
     })

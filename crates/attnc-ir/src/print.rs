@@ -43,14 +43,24 @@ pub fn signature(k: &Kernel) -> String {
             )
         })
         .collect();
-    let ret_shape = format_shape(&k.graph.node(k.output).shape);
-    format!(
-        "{}({}) -> {}{}",
-        k.name,
-        params.join(", "),
-        k.ret_dtype.keyword(),
-        ret_shape
-    )
+    let types: Vec<String> = k
+        .outputs()
+        .iter()
+        .map(|o| {
+            let shape = if o.node.index() < k.graph.len() {
+                format_shape(&k.graph.node(o.node).shape)
+            } else {
+                "[?]".to_string()
+            };
+            format!("{}{}", o.dtype.keyword(), shape)
+        })
+        .collect();
+    let ret = if types.len() == 1 {
+        types.join("")
+    } else {
+        format!("({})", types.join(", "))
+    };
+    format!("{}({}) -> {}", k.name, params.join(", "), ret)
 }
 
 /// Prints one kernel: an `@approx` line when it allows approximations, its signature, one
@@ -87,7 +97,12 @@ pub fn print_kernel(k: &Kernel) -> String {
     for (left, ty) in &lines {
         let _ = writeln!(out, "  {left:<column$} : {ty}");
     }
-    let _ = writeln!(out, "  return %{}", k.output.index());
+    let returned: Vec<String> = k
+        .output_nodes()
+        .iter()
+        .map(|o| format!("%{}", o.index()))
+        .collect();
+    let _ = writeln!(out, "  return {}", returned.join(", "));
     out
 }
 

@@ -18,7 +18,7 @@ use crate::backward::{AttentionGrad, BackwardOp, LinearGrad};
 use crate::build::GraphBuilder;
 use crate::dim::{Dim, Shape};
 use crate::fused::{Attention, Decay, LinearAttention, Normalizer, Precision, ScoreExpr};
-use crate::graph::{Kernel, NodeId, Param};
+use crate::graph::{Kernel, KernelOutput, NodeId, Param};
 use crate::op::{BinaryOp, DType, Op, PoolOp, RandomKind, ReduceOp, UnaryOp};
 use crate::pattern::{MaskPattern, SymbolicPattern};
 use attnc_syntax::Span;
@@ -53,10 +53,19 @@ pub fn parse_kernel(text: &str) -> Result<Kernel, TextError> {
     };
     let (name, params, ret) = parse_signature(line).map_err(|m| err(no, m))?;
     let mut b = GraphBuilder::default();
-    let mut output = None;
+    let mut output: Option<Vec<NodeId>> = None;
     for (no, line) in lines {
         if let Some(rest) = line.strip_prefix("return ") {
-            output = Some(node_ref(rest.trim(), b.graph.len()).map_err(|m| err(no, m))?);
+            let nodes = rest
+                .split(',')
+                .map(|r| node_ref(r.trim(), b.graph.len()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| err(no, m))?;
+            if nodes.len() != ret.len() {
+                let m = format!("{} returned values for {} types", nodes.len(), ret.len());
+                return Err(err(no, m));
+            }
+            output = Some(nodes);
             continue;
         }
         if output.is_some() {
@@ -65,12 +74,20 @@ pub fn parse_kernel(text: &str) -> Result<Kernel, TextError> {
         parse_node(&mut b, &params, line).map_err(|m| err(no, m))?;
     }
     let output = output.ok_or_else(|| err(0, "no `return` line".into()))?;
+    let mut outputs = output
+        .into_iter()
+        .zip(ret)
+        .map(|(node, dtype)| KernelOutput { node, dtype });
+    let first = outputs
+        .next()
+        .ok_or_else(|| err(0, "no returned value".into()))?;
     Ok(Kernel {
         name,
         params,
         graph: b.graph,
-        output,
-        ret_dtype: ret,
+        output: first.node,
+        ret_dtype: first.dtype,
+        extra_outputs: outputs.collect(),
         approx,
         span: Span::default(),
     })
@@ -87,8 +104,8 @@ fn parse_approx(line: &str) -> Result<Vec<attnc_syntax::ast::ApproxKind>, String
     Ok(kernel.approx.iter().map(|a| a.kind.clone()).collect())
 }
 
-/// `kernel NAME(p: f32[a, b], ...) -> f32[...]`.
-fn parse_signature(line: &str) -> Result<(String, Vec<Param>, DType), String> {
+/// `kernel NAME(p: f32[a, b], ...) -> f32[...]` or `-> (f32[...], f32[...])`.
+fn parse_signature(line: &str) -> Result<(String, Vec<Param>, Vec<DType>), String> {
     let rest = line
         .strip_prefix("kernel ")
         .ok_or("expected `kernel NAME(...) -> TYPE`")?;
@@ -108,7 +125,14 @@ fn parse_signature(line: &str) -> Result<(String, Vec<Param>, DType), String> {
             span: Span::default(),
         });
     }
-    let (ret, _) = parse_type(rest[close + 5..].trim())?;
+    let ret_text = rest[close + 5..].trim();
+    let ret = match ret_text.strip_prefix('(').and_then(|r| r.strip_suffix(')')) {
+        Some(inner) => split_top(inner)
+            .into_iter()
+            .map(|t| parse_type(t.trim()).map(|(dtype, _)| dtype))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => vec![parse_type(ret_text)?.0],
+    };
     Ok((name, params, ret))
 }
 
@@ -237,6 +261,7 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
                 Some("bf16") => Precision::Bf16,
                 Some(p) => return Err(format!("unknown precision `{p}`")),
             },
+            lse: args.contains(&"lse"),
         })
     };
     let linear = || -> Result<LinearAttention, String> {

@@ -49,6 +49,7 @@ fn kernel(params: &[(&str, &str)], extra: Option<(&str, Op)>) -> Kernel {
         graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }

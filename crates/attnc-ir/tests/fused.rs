@@ -48,6 +48,7 @@ fn kernel(params: &[(&str, &str)], op: Op) -> Kernel {
         graph: b.graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }
@@ -152,6 +153,7 @@ proptest! {
             score: capped,
             mask: patterns()[p].clone().map(Into::into),
             precision: Precision::Int8,
+            lse: false,
         }));
         let k = kernel(
             &[("q", "h, m, d"), ("k", "n, d"), ("v", "1, n, d"), ("slope", "h, 1, 1"), ("bias", "m, n")],

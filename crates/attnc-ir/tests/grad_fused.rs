@@ -49,6 +49,7 @@ fn kernel(params: Vec<Param>, op: Op, features: usize) -> Kernel {
         graph: b.graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }
@@ -208,6 +209,7 @@ impl Case {
             score,
             mask: pattern(self.mask).map(Into::into),
             precision: Precision::Exact,
+            lse: false,
         }));
         (params, op)
     }
@@ -352,6 +354,7 @@ fn self_attention_differentiates_every_slot() {
         graph: b.graph,
         output: out,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     };
@@ -383,6 +386,7 @@ fn nan_at_masked_positions_reaches_no_gradient() {
         score,
         mask: Some(MaskPattern::Causal),
         precision: Precision::Exact,
+        lse: false,
     }));
     let kernel = kernel(params, op, 0);
     let mut xs = inputs(&kernel.params, 9);

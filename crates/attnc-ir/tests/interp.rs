@@ -70,6 +70,7 @@ impl Builder {
             graph: self.graph,
             output,
             ret_dtype: DType::F32,
+            extra_outputs: Vec::new(),
             approx: vec![],
             span: Span::default(),
         }

@@ -36,6 +36,7 @@ fn fused_attention(kernel: &Kernel, scale: f64) -> Kernel {
         score: ScoreExpr::scaled(ScoreExpr::Const(scale)),
         mask: None,
         precision: Precision::Exact,
+        lse: false,
     }));
     let output = b.add(op, &args, None).expect("fits");
     Kernel {

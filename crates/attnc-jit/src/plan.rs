@@ -31,9 +31,11 @@
 mod backward;
 mod documents;
 mod fused;
+mod lse;
 mod nodes;
 
 pub use fused::parameter_attention_spec;
+pub use lse::StatsPart;
 
 use crate::backward::BackwardStep;
 use crate::buffer::Elem;
@@ -117,6 +119,8 @@ pub enum StepKind {
     /// Gradients of a fused op, several at once ([`crate::backward`]): writes the step's
     /// output and the other buffers its [`BackwardStep::outputs`] list.
     Backward(Box<BackwardStep>),
+    /// One part of a fused attention's output with row statistics, done by the host.
+    Stats(StatsPart),
 }
 
 impl StepKind {
@@ -156,6 +160,7 @@ impl Step {
             | StepKind::Cumsum(_)
             | StepKind::Constant(_)
             | StepKind::Convert(_)
+            | StepKind::Stats(_)
             | StepKind::Quantize(_) => (1, 1),
             StepKind::Attention(s) => (s.batch_count(), s.m),
             StepKind::Prefix(s) | StepKind::Chunked(s) => s.work(),
@@ -340,6 +345,7 @@ impl std::fmt::Display for Plan {
                     s.outer, s.len, s.inner
                 ),
                 StepKind::Cast(to) => format!("round to {}", to.keyword()),
+                StepKind::Stats(part) => part.describe(),
                 StepKind::Convert(to) => format!("convert to {} (host)", to.keyword()),
                 StepKind::Quantize(l) => format!(
                     "quantize Q, K, V to int8 (host; K smoothed, {} bytes per batch entry)",
@@ -506,6 +512,7 @@ impl Planner<'_> {
             StepKind::Chunked(_) => "chunked",
             StepKind::Linear(_) => "linear",
             StepKind::Backward(_) => "backward",
+            StepKind::Stats(_) => "stats",
         };
         let name = format!("{}_s{}_{tag}", self.kernel.name, self.steps.len());
         self.steps.push(Step {
@@ -700,11 +707,13 @@ pub fn plan_outputs(
         }
     }
     let mut vals: Vec<Option<Val>> = vec![None; kernel.graph.len()];
+    let mut pairs = lse::Pairs::find(kernel, &live);
     for &id in &order {
         if !live[id.index()] {
             continue;
         }
         let v = match &kernel.graph.node(id).op {
+            Op::Attention(a) if pairs.involves(id) => pairs.plan(&mut p, id, a, &vals)?,
             Op::Attention(a) => fused::plan_attention(&mut p, id, a, &vals)?,
             Op::LinearAttention(l) => fused::plan_prefix(&mut p, id, l, &vals)?,
             Op::Backward(b) => backward::plan_backward(&mut p, id, b, &mut vals)?,

@@ -182,6 +182,7 @@ impl CompiledKernel {
                 | StepKind::Pool(_)
                 | StepKind::Unpool(_)
                 | StepKind::Cumsum(_)
+                | StepKind::Stats(_)
                 | StepKind::Quantize(_) => None,
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
@@ -531,6 +532,16 @@ impl CompiledKernel {
                 let mut out = vec![0.0f32; len];
                 crate::host::unpool(spec, views, &mut out)?;
                 Storage::F32(out)
+            }
+            (StepKind::Stats(part), _) => {
+                let part = match host_input(0)? {
+                    BufferView::F32(src) => part.run(src),
+                    _ => None,
+                };
+                Storage::F32(part.ok_or_else(|| JitError::Plan {
+                    op: step.name.clone(),
+                    detail: "the attention output is shorter than its statistics".to_string(),
+                })?)
             }
             (StepKind::Pool(spec), _) => {
                 let mut out = vec![0.0f32; len];

@@ -44,6 +44,7 @@ fn kernel(params: Vec<Param>, b: GraphBuilder, output: NodeId) -> Kernel {
         graph: b.graph,
         output,
         ret_dtype: DType::F32,
+        extra_outputs: Vec::new(),
         approx: vec![],
         span: Span::default(),
     }
@@ -155,7 +156,7 @@ proptest! {
         let q = b.add(Op::Binary(BinaryOp::Mul), &[arg(0), two], None).expect("q");
         let v = b.add(Op::MatMul, &[arg(2), arg(3)], None).expect("v");
         let score = if rich { rich_score() } else { ScoreExpr::scaled(ScoreExpr::Const(0.3)) };
-        let op = Attention { score, mask: masks()[mask].clone().map(Into::into), precision: Precision::Exact };
+        let op = Attention { score, mask: masks()[mask].clone().map(Into::into), precision: Precision::Exact, lse: false };
         let mut operands = vec![q, arg(1), v];
         if rich {
             operands.extend([arg(4), arg(5)]);

@@ -230,6 +230,15 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             };
             array(s)
         }
+        // Attention's shape with k for v, the value axis reduced to 1.
+        Attn::AttentionLse([q, k, _, _]) => {
+            let s = shape(*q).zip(shape(*k)).and_then(|(q, k)| {
+                let mut out = attention_shape(&q, &k, &k)?;
+                *out.last_mut()? = 1;
+                Some(out)
+            });
+            array(s)
+        }
         // The slope's (or log decay's) leading axes broadcast into the batch.
         Attn::Retention([q, k, v, a])
         | Attn::RetentionNormalized([q, k, v, a, _])

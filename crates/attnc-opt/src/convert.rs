@@ -6,6 +6,7 @@
 //! Both directions walk nodes in topological order; only mask patterns and score expressions
 //! (bounded depth) are converted recursively.
 
+mod lse;
 mod to_ir;
 
 pub use to_ir::to_kernel;
@@ -20,7 +21,9 @@ use attnc_ir::{
 use egg::{Id, RecExpr, Symbol};
 use std::collections::HashMap;
 
-/// Converts the graph of `kernel` to an expression whose root is the kernel's output.
+/// Converts the graph of `kernel` to an expression whose root is the kernel's output, or an
+/// `outputs` node listing them for a kernel with several (one e-graph, so shared subterms
+/// such as the scores are chosen once for all of them).
 pub fn to_recexpr(kernel: &Kernel) -> Result<RecExpr<Attn>, OptError> {
     let mut expr = RecExpr::default();
     let mut ids: HashMap<NodeId, Id> = HashMap::new();
@@ -39,8 +42,14 @@ pub fn to_recexpr(kernel: &Kernel) -> Result<RecExpr<Attn>, OptError> {
             .ok_or(OptError::Malformed(node_id.index()))?;
         ids.insert(node_id, id);
     }
-    if !ids.contains_key(&kernel.output) {
-        return Err(OptError::Malformed(kernel.output.index()));
+    let outputs = kernel
+        .output_nodes()
+        .iter()
+        .map(|o| ids.get(o).copied().ok_or(OptError::Malformed(o.index())))
+        .collect::<Result<Vec<Id>, _>>()?;
+    if outputs.len() > 1 {
+        expr.add(Attn::Outputs(outputs.into_boxed_slice()));
+        return Ok(expr);
     }
     // The output must be the root (the last node): re-add it when it is not already last.
     let root = ids[&kernel.output];
@@ -187,6 +196,8 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
             ]),
             _ => return None,
         },
+        // The language spells a log-sum-exp over a plain score only (`attention-lse`).
+        Op::Attention(a) if a.lse => return None,
         Op::Attention(a) => return add_attention(expr, kernel, id, a, args),
         // Gradient graphs are planned as derived (from an already optimized forward).
         Op::Backward(_) => return None,

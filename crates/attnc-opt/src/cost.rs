@@ -215,6 +215,10 @@ impl<'a> CycleCost<'a> {
         let facts = facts_of(self.egraph, enode);
         // A value whose shape does not resolve (a product a rule built over operands that do
         // not multiply) is never a choice.
+        // A kernel's list of results costs nothing beyond them.
+        if matches!(enode, Attn::Outputs(_)) {
+            return 0.0;
+        }
         let value = !matches!(enode, Attn::Leaf(_)) && !enode.is_pattern();
         if value && facts.shape.is_none() {
             return f64::INFINITY;
@@ -257,6 +261,12 @@ impl<'a> CycleCost<'a> {
             }
             // A maximum, then an exponential and a sum per element.
             Attn::LogSumExp([x, _]) => (SOFTMAX_FLOPS * elements(&shape(*x)), 2.0 * streamed),
+            // Written from the running maximum and sum of the attention beside it (one more
+            // store per row); the rows are read once more when it runs alone.
+            Attn::AttentionLse([q, k, _, _]) => (
+                out_elems,
+                (elements(&shape(*q)) + elements(&shape(*k))) * ELEMENT_BYTES,
+            ),
             Attn::Attention([q, k, v, _, p])
             | Attn::AttentionScored([q, k, v, _, p])
             | Attn::AttentionInt8([q, k, v, _, p])

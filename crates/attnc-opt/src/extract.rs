@@ -160,6 +160,7 @@ fn fused_score_biases(
         score: form.expr,
         mask: None,
         precision: Precision::Exact,
+        lse: false,
     };
     let mut shapes = vec![qs, ks, shape(v)?];
     for &b in &form.biases {

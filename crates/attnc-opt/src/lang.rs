@@ -166,6 +166,11 @@ define_language! {
         // softmax(mask(score, pattern)) @ v where score is an elementwise tree over one q @ kᵀ
         // (scalars, relpos and broadcast bias parameters at the other leaves), computed online
         "attention-scored" = AttentionScored([Id; 5]),
+        // logsumexp(mask((q @ kᵀ) * scale, pattern), -1): the log-sum-exp an `attention` over
+        // the same q, k, scale and pattern computes from its running maximum and sum
+        "attention-lse" = AttentionLse([Id; 4]),
+        // a kernel's several results, in order (the root of a kernel returning a tuple)
+        "outputs" = Outputs(Box<[Id]>),
         // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1) + eps): linear attention through the [d, dv] key-value
         // state (q k v eps, eps a scalar)
         "linear-attention" = LinearAttention([Id; 4]),

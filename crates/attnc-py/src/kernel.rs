@@ -182,23 +182,43 @@ impl PyKernel {
         };
         let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
         let threads = self.program.threads();
-        let ret = self.program.kernel().ret_dtype;
+        let rets: Vec<DType> = self
+            .program
+            .kernel()
+            .outputs()
+            .iter()
+            .map(|o| o.dtype)
+            .collect();
         let result = py.detach(|| {
-            specialized.run(&inputs, threads).map(|out| {
-                let data = if ret == DType::F16 {
-                    Values::F16(out.data.into_iter().map(f16::from_f32).collect())
-                } else {
-                    Values::F32(out.data)
-                };
-                (out.shape, data)
+            specialized.run_all(&inputs, threads).map(|outs| {
+                outs.into_iter()
+                    .zip(rets.iter().copied().chain(std::iter::repeat(DType::F32)))
+                    .map(|(out, ret)| {
+                        let data = if ret == DType::F16 {
+                            Values::F16(out.data.into_iter().map(f16::from_f32).collect())
+                        } else {
+                            Values::F32(out.data)
+                        };
+                        (out.shape, data)
+                    })
+                    .collect::<Vec<_>>()
             })
         });
-        let (shape, values) = result.map_err(|e| jit_error(py, &e))?;
-        let array = match values {
-            Values::F32(v) => PyArray::from_owned_array(py, to_array(py, shape, v)?).into_any(),
-            Values::F16(v) => PyArray::from_owned_array(py, to_array(py, shape, v)?).into_any(),
-        };
-        Ok(array)
+        let results = result.map_err(|e| jit_error(py, &e))?;
+        let mut arrays = Vec::with_capacity(results.len());
+        for (shape, values) in results {
+            arrays.push(match values {
+                Values::F32(v) => PyArray::from_owned_array(py, to_array(py, shape, v)?).into_any(),
+                Values::F16(v) => PyArray::from_owned_array(py, to_array(py, shape, v)?).into_any(),
+            });
+        }
+        // One output is an array; several are a tuple of arrays, in order.
+        if arrays.len() == 1 {
+            if let Some(array) = arrays.pop() {
+                return Ok(array);
+            }
+        }
+        Ok(PyTuple::new(py, arrays)?.into_any())
     }
 
     /// The plan of the most recent call, else of the `shapes=` values when they bind every
@@ -428,7 +448,8 @@ fn to_array<T>(py: Python<'_>, shape: Vec<usize>, values: Vec<T>) -> PyResult<Ar
 
 #[pymethods]
 impl PyKernel {
-    /// Runs the kernel: inputs by position or by parameter name; returns a NumPy array.
+    /// Runs the kernel: inputs by position or by parameter name; returns a NumPy array, or a
+    /// tuple of arrays for a kernel returning several values.
     #[pyo3(signature = (*args, **kwargs))]
     fn __call__<'py>(
         &self,

@@ -42,6 +42,11 @@ impl Specialized {
     pub fn run(&self, inputs: &[Input<'_>], threads: usize) -> Result<Output, JitError> {
         self.compiled.code.run(inputs, threads)
     }
+
+    /// [`Specialized::run`] for every output of the kernel, in order.
+    pub fn run_all(&self, inputs: &[Input<'_>], threads: usize) -> Result<Vec<Output>, JitError> {
+        self.compiled.code.run_outputs(inputs, threads)
+    }
 }
 
 /// A kernel's gradients compiled at one set of input shapes, for one list of parameters.

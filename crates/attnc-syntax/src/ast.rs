@@ -22,7 +22,8 @@ pub struct Ident {
     pub span: Span,
 }
 
-/// `attr* kernel NAME(params) -> type { stmts return expr; }`
+/// `attr* kernel NAME(params) -> type { stmts return expr; }`; a kernel with several outputs
+/// writes `-> (type, type)` and `return (a, b);`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Kernel {
     /// Every `@approx(...)` item of every attribute, in source order.
@@ -31,12 +32,16 @@ pub struct Kernel {
     pub name: Ident,
     /// The parameters, in order.
     pub params: Vec<Param>,
-    /// The declared return type, if any.
+    /// The declared return type, if any (the first one of a tuple `-> (T, U)`).
     pub ret_type: Option<TypeExpr>,
+    /// The types after the first of a tuple return type (empty for one type).
+    pub extra_ret_types: Vec<TypeExpr>,
     /// The `let` statements before the `return`.
     pub stmts: Vec<Let>,
-    /// The returned expression.
+    /// The returned expression (the first one of `return (a, b);`).
     pub ret: Expr,
+    /// The returned expressions after the first of `return (a, b);` (empty for one output).
+    pub extra_rets: Vec<Expr>,
     /// From the first attribute (or `kernel`) to the closing brace.
     pub span: Span,
 }

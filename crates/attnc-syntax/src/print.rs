@@ -37,7 +37,15 @@ pub fn print_kernel(kernel: &Kernel) -> String {
         .collect();
     let _ = write!(out, "kernel {}({})", kernel.name.name, params.join(", "));
     if let Some(ty) = &kernel.ret_type {
-        let _ = write!(out, " -> {}", print_type(ty));
+        if kernel.extra_ret_types.is_empty() {
+            let _ = write!(out, " -> {}", print_type(ty));
+        } else {
+            let types: Vec<String> = std::iter::once(ty)
+                .chain(&kernel.extra_ret_types)
+                .map(print_type)
+                .collect();
+            let _ = write!(out, " -> ({})", types.join(", "));
+        }
     }
     out.push_str(" {\n");
     for stmt in &kernel.stmts {
@@ -48,7 +56,15 @@ pub fn print_kernel(kernel: &Kernel) -> String {
             print_expr(&stmt.value)
         );
     }
-    let _ = writeln!(out, "    return {};", print_expr(&kernel.ret));
+    if kernel.extra_rets.is_empty() {
+        let _ = writeln!(out, "    return {};", print_expr(&kernel.ret));
+    } else {
+        let values: Vec<String> = std::iter::once(&kernel.ret)
+            .chain(&kernel.extra_rets)
+            .map(print_expr)
+            .collect();
+        let _ = writeln!(out, "    return ({});", values.join(", "));
+    }
     out.push_str("}\n");
     out
 }

@@ -37,6 +37,11 @@ impl Kernel {
                 })
                 .collect(),
             ret_type: self.ret_type.as_ref().map(TypeExpr::without_spans),
+            extra_ret_types: self
+                .extra_ret_types
+                .iter()
+                .map(TypeExpr::without_spans)
+                .collect(),
             stmts: self
                 .stmts
                 .iter()
@@ -47,6 +52,7 @@ impl Kernel {
                 })
                 .collect(),
             ret: self.ret.without_spans(),
+            extra_rets: self.extra_rets.iter().map(Expr::without_spans).collect(),
             span: Span::default(),
         }
     }

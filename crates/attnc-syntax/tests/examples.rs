@@ -173,3 +173,24 @@ fn empty_and_comment_only_files_have_no_kernels_and_no_errors() {
         assert!(diagnostics.is_empty(), "{src:?}: {diagnostics:?}");
     }
 }
+
+#[test]
+fn a_tuple_return_parses_and_prints_back() {
+    let src = "kernel f(q: f32[n, d], k: f32[n, d], v: f32[n, d]) -> (f32[n, d], f32[n, 1]) {\n    let s = q @ k.T;\n    return (softmax(s, -1.0) @ v, logsumexp(s, -1.0));\n}\n";
+    let (file, diagnostics) = attnc_syntax::parse(src);
+    assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+    let k = &file.kernels[0];
+    assert_eq!(k.extra_ret_types.len(), 1);
+    assert_eq!(k.extra_rets.len(), 1);
+    let printed = attnc_syntax::print::print_kernel(k);
+    assert_eq!(printed, src);
+    // A parenthesized single value stays one value; commas inside calls are not a tuple.
+    let (file, diagnostics) =
+        attnc_syntax::parse("kernel g(x: f32[n]) -> (f32[n]) { return (softmax(x, -1) + 1) * 2; }");
+    assert!(diagnostics.is_empty(), "{diagnostics:#?}");
+    assert!(file.kernels[0].extra_rets.is_empty());
+    assert!(file.kernels[0].extra_ret_types.is_empty());
+    // An unclosed tuple is a diagnostic, not a panic.
+    let (_, diagnostics) = attnc_syntax::parse("kernel g(x: f32[n]) { return (x, x; }");
+    assert!(!diagnostics.is_empty());
+}

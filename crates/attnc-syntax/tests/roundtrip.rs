@@ -183,8 +183,10 @@ fn kernel() -> impl Strategy<Value = Kernel> {
             name,
             params,
             ret_type,
+            extra_ret_types: Vec::new(),
             stmts,
             ret,
+            extra_rets: Vec::new(),
             span: Span::default(),
         })
 }

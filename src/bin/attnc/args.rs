@@ -108,9 +108,10 @@ pub struct SharedArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub shared: SharedArgs,
-    /// Write the result to this .npy file (float32 unless the return type is f16)
+    /// Write the result to this .npy file (float32 unless the return type is f16); repeat it
+    /// once per output, in order, for a kernel returning several
     #[arg(long, value_name = "PATH.npy")]
-    pub output: Option<PathBuf>,
+    pub output: Vec<PathBuf>,
     /// Also run the reference interpreter on the same inputs and report the relative L2 error
     #[arg(long)]
     pub verify: bool,

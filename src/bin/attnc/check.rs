@@ -74,15 +74,27 @@ fn kernel_json(kernel: &Kernel) -> serde_json::Value {
             })
         })
         .collect();
-    let out = kernel.graph.node(kernel.output);
-    json!({
+    let returns: Vec<_> = kernel
+        .outputs()
+        .iter()
+        .map(|o| {
+            let shape = &kernel.graph.node(o.node).shape;
+            json!({
+                "dtype": o.dtype.keyword(),
+                "shape": shape.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let mut doc = json!({
         "name": kernel.name,
         "signature": signature(kernel),
         "params": params,
-        "returns": {
-            "dtype": kernel.ret_dtype.keyword(),
-            "shape": out.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-        },
+        "returns": returns.first(),
         "approx": kernel.approx.iter().map(approx_to_string).collect::<Vec<_>>(),
-    })
+    });
+    // A kernel returning several values lists every one (`returns` is the first).
+    if returns.len() > 1 {
+        doc["outputs"] = json!(returns);
+    }
+    doc
 }

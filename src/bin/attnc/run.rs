@@ -1,10 +1,11 @@
-//! `attnc run FILE`: compile and run one kernel, print a summary, optionally write `--output`.
+//! `attnc run FILE`: compile and run one kernel, print a summary, optionally write `--output`
+//! (once per output, in order, for a kernel returning several).
 
 use crate::args::RunArgs;
 use crate::failure::Failure;
 use crate::inputs::{prepare, Prepared};
 use crate::CliResult;
-use attnc::engine::{execute, Engine};
+use attnc::engine::{execute_all, Engine};
 use attnc::io::Tensor;
 use attnc::policy::Policy;
 use attnc::Compiled;
@@ -15,13 +16,23 @@ use std::time::Instant;
 const JSON_VALUES_LIMIT: usize = 65_536;
 
 pub fn run(args: &RunArgs) -> CliResult {
-    if let Some(path) = &args.output {
+    for path in &args.output {
         crate::output_path::check("--output", path)?;
     }
     let start = Instant::now();
     let prepared = prepare(&args.shared, true)?;
     let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
     let kernel = prepared.kernel();
+    let count = kernel.outputs().len();
+    if !args.output.is_empty() && args.output.len() != count {
+        return Err(Failure::Usage(format!(
+            "kernel `{}` returns {count} value{} but --output was given {} time{}: give it once per output, in order",
+            kernel.name,
+            if count == 1 { "" } else { "s" },
+            args.output.len(),
+            if args.output.len() == 1 { "" } else { "s" },
+        )));
+    }
     let mut notes = prepared.notes.clone();
     let ceilings = attnc::machine::machine_ceilings();
     if let Some(ms) = ceilings.measure_ms {
@@ -36,21 +47,25 @@ pub fn run(args: &RunArgs) -> CliResult {
             .check_interp_memory(kernel, &prepared.bindings)
             .map_err(|e| Failure::input("verify", e.to_string()))?;
     }
-    let (output, timing) = execute_timed(&prepared)?;
+    let (outputs, timing) = execute_timed(&prepared)?;
     notes.extend(timing.approx_notes.iter().cloned());
-    let verification = if args.verify {
-        Some(verify(&prepared, &output, &timing)?)
+    let verifications = if args.verify {
+        verify(&prepared, &outputs, &timing)?
     } else {
-        None
+        Vec::new()
     };
-
-    if let Some(path) = &args.output {
-        let mut written = crate::OUTPUT_WRITTEN
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        attnc::io::write_npy(path, &output).map_err(|e| Failure::input("output", e.to_string()))?;
-        *written = true;
-    }
+    // The first output is reported as before; the others are listed after it.
+    let output = outputs
+        .first()
+        .ok_or_else(|| Failure::input("run", "the kernel returned no value"))?;
+    let verification =
+        verifications
+            .iter()
+            .fold(None, |worst: Option<&Verification>, v| match worst {
+                Some(w) if w.error - w.bound >= v.error - v.bound => Some(w),
+                _ => Some(v),
+            });
+    write_outputs(&args.output, &outputs)?;
     let values = output.to_f32_vec();
     let stats = Stats::of(&values);
     if args.shared.format.is_json() {
@@ -69,20 +84,13 @@ pub fn run(args: &RunArgs) -> CliResult {
             "ceilings_measure_ms": ceilings.measure_ms,
             "validation_ms": timing.validation_ms,
             "stats": stats.to_json(),
-            "output": args.output.as_ref().map(|p| p.display().to_string()),
+            "output": args.output.first().map(|p| p.display().to_string()),
             "notes": notes,
             "approximations": timing.approximations,
             "validations": timing.validations,
         });
-        if let Some(v) = &verification {
-            doc["verify"] = json!({
-                "engine": "interp",
-                "relative_l2_error": v.relative_l2,
-                "max_abs_error": v.max_abs,
-                "nan_mismatches": v.nan_mismatches,
-                "bound": v.bound,
-                "passed": v.passed(),
-            });
+        if let Some(v) = verification {
+            doc["verify"] = v.to_json();
             if !v.passed() {
                 doc["ok"] = json!(false);
                 doc["error"] = json!({ "kind": "verify", "message": v.failure() });
@@ -91,19 +99,40 @@ pub fn run(args: &RunArgs) -> CliResult {
         if values.len() <= JSON_VALUES_LIMIT {
             doc["values"] = json!(values);
         }
+        if outputs.len() > 1 {
+            doc["outputs"] = json!(outputs
+                .iter()
+                .enumerate()
+                .map(|(k, o)| output_json(k, o, args.output.get(k), verifications.get(k)))
+                .collect::<Vec<_>>());
+        }
         crate::print_json(&doc);
     } else {
         for note in &notes {
             eprintln!("{note}");
         }
-        print_text(&prepared, &output, &values, &stats, &timing);
-        if let Some(v) = &verification {
+        print_text(&prepared, output, &values, &stats, &timing);
+        for (k, extra) in outputs.iter().enumerate().skip(1) {
+            let values = extra.to_f32_vec();
             outln!(
-                "verify: relative L2 error {:.3e} against the interpreter (max abs {:.3e}, {} NaN mismatches; bound {:.0e})",
+                "output {k}: {}{:?}  stats: {}",
+                extra.dtype_name(),
+                extra.shape,
+                Stats::of(&values).line()
+            );
+        }
+        for (k, v) in verifications.iter().enumerate() {
+            let which = if outputs.len() > 1 {
+                format!(" (output {k})")
+            } else {
+                String::new()
+            };
+            outln!(
+                "verify{which}: relative L2 error {:.3e} against the interpreter (max abs {:.3e}, {} NaN mismatches; bound {:.0e})",
                 v.relative_l2, v.max_abs, v.nan_mismatches, v.bound
             );
         }
-        if let Some(path) = &args.output {
+        for path in &args.output {
             outln!("wrote {}", path.display());
         }
         if let Some(v) = verification.as_ref().filter(|v| !v.passed()) {
@@ -114,6 +143,52 @@ pub fn run(args: &RunArgs) -> CliResult {
         Some(v) if !v.passed() => Err(Failure::Reported),
         _ => Ok(()),
     }
+}
+
+/// Writes each output to its path (each atomically, as one file is), holding the interrupt
+/// handler's lock for the whole set; if one write fails, the files already written are
+/// removed, so a failed run leaves none of its outputs behind.
+fn write_outputs(paths: &[std::path::PathBuf], outputs: &[Tensor]) -> Result<(), Failure> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let mut written = crate::OUTPUT_WRITTEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for (k, (path, output)) in paths.iter().zip(outputs).enumerate() {
+        if let Err(e) = attnc::io::write_npy(path, output) {
+            for done in &paths[..k] {
+                let _ = std::fs::remove_file(done);
+            }
+            return Err(Failure::input("output", e.to_string()));
+        }
+    }
+    *written = true;
+    Ok(())
+}
+
+/// One output of a kernel returning several, for `--format json`.
+fn output_json(
+    k: usize,
+    output: &Tensor,
+    path: Option<&std::path::PathBuf>,
+    verification: Option<&Verification>,
+) -> serde_json::Value {
+    let values = output.to_f32_vec();
+    let mut doc = json!({
+        "index": k,
+        "shape": output.shape,
+        "dtype": output.dtype_name(),
+        "stats": Stats::of(&values).to_json(),
+        "output": path.map(|p| p.display().to_string()),
+    });
+    if let Some(v) = verification {
+        doc["verify"] = v.to_json();
+    }
+    if values.len() <= JSON_VALUES_LIMIT {
+        doc["values"] = json!(values);
+    }
+    doc
 }
 
 /// Wall-clock times of one run, in milliseconds.
@@ -131,8 +206,9 @@ struct Timing {
     validations: serde_json::Value,
 }
 
-/// Runs the prepared kernel, timing compilation and execution apart for the JIT.
-fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
+/// Runs the prepared kernel, timing compilation and execution apart for the JIT; every
+/// output, in order.
+fn execute_timed(prepared: &Prepared) -> Result<(Vec<Tensor>, Timing), Failure> {
     let kernel = prepared.kernel();
     let fail = |e: attnc::engine::RunError| Failure::input("run", e.to_string());
     match prepared.engine {
@@ -149,7 +225,7 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
             };
             let start = Instant::now();
             let output = compiled
-                .run(&prepared.inputs, prepared.threads)
+                .run_all(&prepared.inputs, prepared.threads)
                 .map_err(fail)?;
             let run_ms = start.elapsed().as_secs_f64() * 1e3;
             Ok((
@@ -170,7 +246,7 @@ fn execute_timed(prepared: &Prepared) -> Result<(Tensor, Timing), Failure> {
                 .check_interp_memory(kernel, &prepared.bindings)
                 .map_err(fail)?;
             let start = Instant::now();
-            let output = execute(
+            let output = execute_all(
                 kernel,
                 &prepared.bindings,
                 &prepared.inputs,
@@ -215,6 +291,17 @@ impl Verification {
         self.error <= self.bound
     }
 
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "engine": "interp",
+            "relative_l2_error": self.relative_l2,
+            "max_abs_error": self.max_abs,
+            "nan_mismatches": self.nan_mismatches,
+            "bound": self.bound,
+            "passed": self.passed(),
+        })
+    }
+
     fn failure(&self) -> String {
         format!(
             "--verify: the error {:.3e} against the interpreter exceeds the plan's bound {:.0e}",
@@ -223,10 +310,14 @@ impl Verification {
     }
 }
 
-/// Runs the reference interpreter on the same inputs and measures the error of `output`
+/// Runs the reference interpreter on the same inputs and measures the error of every output
 /// against the plan's contract.
-fn verify(prepared: &Prepared, output: &Tensor, timing: &Timing) -> Result<Verification, Failure> {
-    let reference = execute(
+fn verify(
+    prepared: &Prepared,
+    outputs: &[Tensor],
+    timing: &Timing,
+) -> Result<Vec<Verification>, Failure> {
+    let references = execute_all(
         prepared.kernel(),
         &prepared.bindings,
         &prepared.inputs,
@@ -234,19 +325,37 @@ fn verify(prepared: &Prepared, output: &Tensor, timing: &Timing) -> Result<Verif
         1,
     )
     .map_err(|e| Failure::input("run", e.to_string()))?;
-    let c = attnc::ir::compare::compare(output.to_f64_vec(), reference.to_f64_vec());
     let approximated = timing
         .approximations
         .as_array()
         .is_some_and(|list| list.iter().any(|o| o["applied"] == json!(true)));
-    let exact_bound = match prepared.kernel().ret_dtype {
+    Ok(outputs
+        .iter()
+        .zip(&references)
+        .zip(prepared.kernel().outputs())
+        .map(|((output, reference), o)| {
+            verify_one(prepared, output, reference, o.dtype, approximated)
+        })
+        .collect())
+}
+
+/// The error of one output against the interpreter's value of it.
+fn verify_one(
+    prepared: &Prepared,
+    output: &Tensor,
+    reference: &Tensor,
+    dtype: attnc::ir::DType,
+    approximated: bool,
+) -> Verification {
+    let c = attnc::ir::compare::compare(output.to_f64_vec(), reference.to_f64_vec());
+    let exact_bound = match dtype {
         // A half-precision result is rounded once on store: its own rounding error.
         attnc::ir::DType::F16 => 1e-3,
         attnc::ir::DType::Bf16 => 1e-2,
         // (No kernel returns i32: the checker refuses it.)
         attnc::ir::DType::F32 | attnc::ir::DType::I32 => attnc::ir::compare::tol::EXACT_CONTRACT,
     };
-    Ok(Verification {
+    Verification {
         relative_l2: c.relative_l2,
         max_abs: c.max_abs,
         nan_mismatches: c.nan_mismatches,
@@ -256,7 +365,7 @@ fn verify(prepared: &Prepared, output: &Tensor, timing: &Timing) -> Result<Verif
         } else {
             exact_bound
         },
-    })
+    }
 }
 
 fn print_text(

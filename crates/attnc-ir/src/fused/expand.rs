@@ -76,6 +76,13 @@ pub fn attention(b: &mut GraphBuilder, a: &Attention, args: &[NodeId]) -> Result
         score = b.add(mask, &[score], None)?;
     }
     let axis = b.rank(score) - 1;
+    if a.lse {
+        let op = Op::Reduce {
+            op: ReduceOp::LogSumExp,
+            axis,
+        };
+        return b.add(op, &[score], None);
+    }
     let p = b.add(Op::Softmax { axis }, &[score], None)?;
     b.add(Op::MatMul, &[p, v], None)
 }

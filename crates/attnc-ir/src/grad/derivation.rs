@@ -78,6 +78,7 @@ pub fn rule_math(rule: &str) -> &'static str {
         }
         "vjp-sum-to" => "dx = broadcast(g)",
         "vjp-greater" => "piecewise constant: no gradient",
+        "vjp-attention-lse" => "through the plain form: dscores = g ∘ softmax(mask(scores))",
         "vjp-pool" => {
             "dx = each block's g over its rows: / rows (mean), to the first row at the maximum (max)"
         }

@@ -155,6 +155,33 @@ pub(super) fn apply(
             "vjp-cast"
         }
         // dslot = attention-grad(q, k, v, b.., y, g) for each operand that needs one
+        // dslot = vjp of the plain form logsumexp(mask(score(q kᵀ), pattern, -inf), -1) with
+        // slot `slot` read through an identity (as the decayed linear attention's)
+        Op::Attention(a) if a.lse && a.segments() == 0 => {
+            for (slot, &x) in args.iter().enumerate().filter(|(s, _)| want(*s)) {
+                let shape = e.shape(x);
+                let own = e.op(Op::Backward(BackwardOp::SumTo), &[x], Some(&shape))?;
+                let mut operands = args.clone();
+                operands[slot] = own;
+                let y =
+                    crate::fused::expand::attention(&mut e.b, a, &operands).map_err(|detail| {
+                        GradError::Build {
+                            node: id.index(),
+                            op: op.to_string(),
+                            detail,
+                        }
+                    })?;
+                out.push((x, crate::grad::gradient_of(&mut e.b, y, g, own)?));
+            }
+            "vjp-attention-lse"
+        }
+        Op::Attention(a) if a.lse => {
+            return Err(GradError::Unsupported {
+                op: "attention (log-sum-exp)".to_string(),
+                why: "the gradient of a log-sum-exp over a document mask is not derived"
+                    .to_string(),
+            })
+        }
         Op::Attention(a) => {
             let mut attention = (**a).clone();
             attention.precision = Precision::Exact;

@@ -35,6 +35,10 @@ pub(super) fn attention(
         let pattern = pattern.resolve(bindings).map_err(|e| e.to_string())?;
         x = mask(&pattern, f64::NEG_INFINITY, &x, &args[biases..])?;
     }
+    if a.lse {
+        // The log-sum-exp of the masked scores (its own plain form: `logsumexp(x, -1)`).
+        return super::reduce(crate::op::ReduceOp::LogSumExp, x.ndim() - 1, &x);
+    }
     let p = round_range(softmax(x.ndim() - 1, &x)?);
     matmul(&p, v)
 }

@@ -5,10 +5,18 @@ use crate::op::Op;
 
 /// Returns `graph` without the nodes that neither feed `output` nor are inputs, and the id of
 /// `output` in the result. Index order (and so topological order) is preserved.
+#[cfg(test)]
 pub(crate) fn prune(graph: Graph, output: NodeId) -> (Graph, NodeId) {
+    let (graph, outputs) = prune_all(graph, &[output]);
+    (graph, outputs.first().copied().unwrap_or(output))
+}
+
+/// [`prune`] for several outputs: the nodes none of `outputs` depends on go, and the result
+/// holds the new id of each output, in order.
+pub(crate) fn prune_all(graph: Graph, outputs: &[NodeId]) -> (Graph, Vec<NodeId>) {
     let len = graph.len();
     let mut live = vec![false; len];
-    let mut stack = vec![output];
+    let mut stack = outputs.to_vec();
     while let Some(id) = stack.pop() {
         let Some(seen) = live.get_mut(id.index()) else {
             continue;
@@ -25,7 +33,7 @@ pub(crate) fn prune(graph: Graph, output: NodeId) -> (Graph, NodeId) {
         }
     }
     if live.iter().all(|&l| l) {
-        return (graph, output);
+        return (graph, outputs.to_vec());
     }
     let mut pruned = Graph::new();
     let mut remap: Vec<Option<NodeId>> = vec![None; len];
@@ -40,8 +48,11 @@ pub(crate) fn prune(graph: Graph, output: NodeId) -> (Graph, NodeId) {
             .collect();
         remap[id.index()] = Some(pruned.add(graph.node(id).clone(), &operands));
     }
-    let new_output = remap[output.index()].unwrap_or(output);
-    (pruned, new_output)
+    let new_outputs = outputs
+        .iter()
+        .map(|o| remap[o.index()].unwrap_or(*o))
+        .collect();
+    (pruned, new_outputs)
 }
 
 #[cfg(test)]

@@ -159,8 +159,24 @@ pub(crate) fn return_shape(ty: &TypeExpr, scope: &Scope, errors: &mut Errors) ->
     ok.then(|| type_shape(ty))
 }
 
-/// Checks that the returned value has exactly the declared shape.
+/// Checks that the returned value has exactly the declared shape; `which` names the output
+/// of a kernel with several (`Some(k)`, counted from 0), so the message says which one.
 pub(crate) fn check_return(
+    ty: &TypeExpr,
+    declared: &[Dim],
+    got: &[Dim],
+    ret_span: Span,
+    which: Option<usize>,
+) -> Result<(), Diagnostic> {
+    check_return_one(ty, declared, got, ret_span).map_err(|mut d| {
+        if let Some(k) = which {
+            d.message = format!("output {k}: {}", d.message);
+        }
+        d
+    })
+}
+
+fn check_return_one(
     ty: &TypeExpr,
     declared: &[Dim],
     got: &[Dim],

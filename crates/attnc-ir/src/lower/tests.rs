@@ -47,8 +47,10 @@ fn kernel_returning(ret: Expr) -> File {
                 ty,
             }],
             ret_type: None,
+            extra_ret_types: vec![],
             stmts: vec![],
             ret,
+            extra_rets: vec![],
             span: Span::new(0, 10),
         }],
     }

@@ -163,6 +163,7 @@ fn spec_of(
         mask,
         precision: attnc_ir::Precision::Exact,
         tier: Tier::Avx512,
+        lse: false,
     })
 }
 

@@ -218,6 +218,18 @@ pub(super) fn plan_attention(
     a: &Attention,
     vals: &[Option<Val>],
 ) -> Result<Val> {
+    let spec = attention_spec(p, id, a, vals)?;
+    let (out, shape) = attention_step(p, spec)?;
+    Ok(Planner::leaf(out, &shape))
+}
+
+/// The kernel spec of fused attention `id` over the planned values of its operands.
+pub(super) fn attention_spec(
+    p: &mut Planner<'_>,
+    id: NodeId,
+    a: &Attention,
+    vals: &[Option<Val>],
+) -> Result<AttentionSpec> {
     let op = &p.kernel.graph.node(id).op;
     let operands = p.kernel.graph.operands(id);
     let shapes: Vec<Vec<usize>> = operands
@@ -259,8 +271,9 @@ pub(super) fn plan_attention(
         mask: resolved_mask(a, p.bindings, op)?,
         precision: a.precision,
         tier: Tier::Cranelift,
+        lse: false,
     };
-    attention_step(p, spec)
+    Ok(spec)
 }
 
 /// The fused attention kernel's spec for node `id` of `kernel` when every operand is a kernel
@@ -322,6 +335,7 @@ pub fn parameter_attention_spec(
         mask: resolved_mask(a, bindings, &node.op)?,
         precision: a.precision,
         tier: Tier::Cranelift,
+        lse: false,
     })
 }
 
@@ -338,8 +352,12 @@ fn resolved_mask(
         .map_err(|e| plan_error(op, e.to_string()))
 }
 
-/// Binds the spec's tensors to step inputs (converting where asked) and pushes the step.
-fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Result<Val> {
+/// Binds the spec's tensors to step inputs (converting where asked) and pushes the step;
+/// returns its output buffer ([`AttentionSpec::output_len`] long) and the shape of its rows.
+pub(super) fn attention_step(
+    p: &mut Planner<'_>,
+    mut spec: AttentionSpec,
+) -> Result<(usize, Vec<usize>)> {
     let mut inputs: Vec<usize> = Vec::new();
     let mut converted: Vec<(usize, DType, usize)> = Vec::new();
     // Resolves a tensor to its buffer and points its slot at the step's operand list (a slot
@@ -369,16 +387,22 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Result<Val> {
     };
     let mut shape = spec.batch.clone();
     shape.extend([spec.m, spec.dv]);
-    let out = p.new_buffer(shape.iter().product());
-    spec.tier = tier_of(&spec, p.tiers);
+    // Only the portable exact kernel writes the row statistics of a log-sum-exp.
+    spec.tier = if spec.lse {
+        Tier::Cranelift
+    } else {
+        tier_of(&spec, p.tiers)
+    };
     if !spec.segments.is_empty() && spec.tier != Tier::Avx512 {
         return Err(JitError::Plan {
             op: "attention".to_string(),
             detail: "a document mask runs on the AVX-512 tier only, which cannot run this \
-                     attention (its operands' layout or score form); run with --engine interp"
+                     attention (its operands' layout or score form, or a log-sum-exp beside \
+                     it); run with --engine interp"
                 .to_string(),
         });
     }
+    let out = p.new_buffer(spec.output_len());
     match spec.precision {
         Precision::Int8 | Precision::Bf16 | Precision::Exact if spec.tier != Tier::Cranelift => {
             // The full-width kernels read every operand in its storage type and pack what
@@ -432,7 +456,7 @@ fn attention_step(p: &mut Planner<'_>, mut spec: AttentionSpec) -> Result<Val> {
         bind(p, t, &mut inputs, false);
     }
     p.push(StepKind::Attention(Box::new(spec)), inputs, out);
-    Ok(Planner::leaf(out, &shape))
+    Ok((out, shape))
 }
 
 /// The tier a fused attention runs on: the full-width kernels when they are allowed and

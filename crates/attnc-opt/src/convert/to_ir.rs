@@ -25,17 +25,39 @@ pub fn to_kernel(
     for (index, node) in nodes.iter().enumerate() {
         built[index] = build_node(&mut b, expr, node, &built, bindings)?;
     }
-    let root = nodes
-        .len()
-        .checked_sub(1)
-        .and_then(|r| built[r])
-        .ok_or_else(|| OptError::Extracted("the root is not a value".into()))?;
+    let not_value = || OptError::Extracted("the root is not a value".into());
+    let roots: Vec<NodeId> = match nodes.last() {
+        Some(Attn::Outputs(list)) => list
+            .iter()
+            .map(|&id| built[usize::from(id)].ok_or_else(not_value))
+            .collect::<Result<_, _>>()?,
+        _ => vec![nodes
+            .len()
+            .checked_sub(1)
+            .and_then(|r| built[r])
+            .ok_or_else(not_value)?],
+    };
+    let wanted = original.outputs();
+    if roots.len() != wanted.len() {
+        let why = format!("{} results for {} outputs", roots.len(), wanted.len());
+        return Err(OptError::Extracted(why));
+    }
+    let extra = roots
+        .iter()
+        .zip(&wanted)
+        .skip(1)
+        .map(|(&node, o)| attnc_ir::KernelOutput {
+            node,
+            dtype: o.dtype,
+        })
+        .collect();
     let mut kernel = Kernel {
         name: original.name.clone(),
         params: original.params.clone(),
         graph: b.graph,
-        output: root,
+        output: roots[0],
         ret_dtype: original.ret_dtype,
+        extra_outputs: extra,
         approx: original.approx.clone(),
         span: original.span,
     };
@@ -228,12 +250,16 @@ fn build_node(
                 score,
                 mask: pattern_of(expr, *p, &mut segments)?,
                 precision,
+                lse: false,
             };
             for s in segments {
                 args.push(value(s)?);
             }
             b.add(Op::Attention(Box::new(op)), &args, None)
         }
+        Attn::AttentionLse([q, k, s, p]) => super::lse::build(b, expr, [*q, *k, *s, *p], built),
+        // The list of a kernel's results is read by `to_kernel`.
+        Attn::Outputs(_) => return Ok(None),
         Attn::AttentionScored([q, k, v, s, p]) => {
             let (qv, kv) = (value(*q)?, value(*k)?);
             let rows = |id: NodeId| {
@@ -261,6 +287,7 @@ fn build_node(
                 score: form.expr,
                 mask: pattern_of(expr, *p, &mut segments)?,
                 precision: Precision::Exact,
+                lse: false,
             };
             for s in segments {
                 args.push(value(s)?);
@@ -436,8 +463,10 @@ fn prune(kernel: &mut Kernel) {
     let graph = &kernel.graph;
     let count = graph.len();
     let mut live = vec![false; count];
-    if kernel.output.index() < count {
-        live[kernel.output.index()] = true;
+    for o in kernel.output_nodes() {
+        if o.index() < count {
+            live[o.index()] = true;
+        }
     }
     live.iter_mut()
         .take(kernel.params.len())
@@ -465,6 +494,11 @@ fn prune(kernel: &mut Kernel) {
     }
     if let Some(out) = map.get(kernel.output.index()).copied().flatten() {
         kernel.output = out;
+    }
+    for extra in &mut kernel.extra_outputs {
+        if let Some(out) = map.get(extra.node.index()).copied().flatten() {
+            extra.node = out;
+        }
     }
     kernel.graph = fresh;
 }

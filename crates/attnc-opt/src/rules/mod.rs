@@ -7,6 +7,7 @@
 pub mod algebra;
 pub mod approx;
 pub mod linear;
+pub mod lse;
 pub mod masking;
 pub mod prefix;
 pub mod retention;
@@ -245,6 +246,7 @@ pub fn all_specs() -> Vec<RuleSpec> {
     specs.extend(prefix::specs());
     specs.extend(retention::specs());
     specs.extend(scored::specs());
+    specs.extend(lse::specs());
     specs
 }
 

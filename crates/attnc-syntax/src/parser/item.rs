@@ -6,11 +6,15 @@ use crate::diagnostic::Diagnostic;
 use crate::span::Span;
 use crate::token::{Token, TokenKind};
 
+/// The returned values: the first and the others of `return (a, b);`.
+type Returned = (Expr, Vec<Expr>);
+
 const KNOWN_APPROX: &str =
     "known approximations: `bf16`, `f16`, `int8`, `bf16_products`, `lowrank(r = R)`, `random_features(m = M, seed = S)`, `tol = X`";
 
 impl Parser<'_> {
-    /// `attr* 'kernel' IDENT '(' params ')' ('->' type)? '{' stmt* ret '}'`
+    /// `attr* 'kernel' IDENT '(' params ')' ('->' (type | '(' type (',' type)* ')'))?
+    /// '{' stmt* ret '}'`
     pub(super) fn kernel(&mut self) -> PResult<Kernel> {
         let start = self.peek().span;
         let mut approx = Vec::new();
@@ -48,27 +52,71 @@ impl Parser<'_> {
             }
         }
         self.expect_close(TokenKind::RParen, open)?;
-        let ret_type = if self.eat(TokenKind::Arrow).is_some() {
-            Some(self.type_expr()?)
+        let (ret_type, extra_ret_types) = if self.eat(TokenKind::Arrow).is_some() {
+            let (first, rest) = self.return_types()?;
+            (Some(first), rest)
         } else {
-            None
+            (None, Vec::new())
         };
         let open = self.expect(TokenKind::LBrace, "to start the kernel body")?;
-        let (stmts, ret, end) = self.body(open, &name.name)?;
+        let (stmts, (ret, extra_rets), end) = self.body(open, &name.name)?;
         Ok(Kernel {
             approx,
             name,
             params,
             ret_type,
+            extra_ret_types,
             stmts,
             ret,
+            extra_rets,
             span: start.to(end),
         })
     }
 
+    /// `type | '(' type (',' type)* ')'` after `->`: the first type and the others.
+    fn return_types(&mut self) -> PResult<(TypeExpr, Vec<TypeExpr>)> {
+        let Some(open) = self.eat(TokenKind::LParen) else {
+            return Ok((self.type_expr()?, Vec::new()));
+        };
+        let first = self.type_expr()?;
+        let mut rest = Vec::new();
+        while self.eat(TokenKind::Comma).is_some() && !self.at(TokenKind::RParen) {
+            rest.push(self.type_expr()?);
+        }
+        self.expect_close(TokenKind::RParen, open)?;
+        Ok((first, rest))
+    }
+
+    /// Whether the next tokens are `'(' … ',' … ')'` with the comma directly inside the first
+    /// parenthesis: a tuple of return values rather than a parenthesized expression (whose
+    /// commas are all inside calls).
+    fn at_tuple(&self) -> bool {
+        if !self.at(TokenKind::LParen) {
+            return false;
+        }
+        let mut depth = 0usize;
+        for token in self.tokens.iter().skip(self.pos) {
+            match token.kind {
+                TokenKind::LParen | TokenKind::LBracket => depth += 1,
+                TokenKind::RParen | TokenKind::RBracket => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        return false;
+                    }
+                }
+                TokenKind::Comma if depth == 1 => return true,
+                TokenKind::Semi | TokenKind::LBrace | TokenKind::RBrace | TokenKind::Eof => {
+                    return false
+                }
+                _ => {}
+            }
+        }
+        false
+    }
+
     /// `stmt* ret '}'` after the `{`; returns the span of the closing brace (or of the last
     /// token when the brace is missing).
-    fn body(&mut self, open: Token, kernel: &str) -> PResult<(Vec<Let>, Expr, Span)> {
+    fn body(&mut self, open: Token, kernel: &str) -> PResult<(Vec<Let>, Returned, Span)> {
         let mut stmts = Vec::new();
         let ret = loop {
             let token = self.peek();
@@ -161,11 +209,22 @@ impl Parser<'_> {
         })
     }
 
-    /// `expr ';'` after `return`.
-    fn return_value(&mut self) -> PResult<Expr> {
-        let value = self.expr()?;
-        self.expect(TokenKind::Semi, "after expression")?;
-        Ok(value)
+    /// `expr ';'` or `'(' expr (',' expr)* ')' ';'` after `return`.
+    fn return_value(&mut self) -> PResult<Returned> {
+        if !self.at_tuple() {
+            let value = self.expr()?;
+            self.expect(TokenKind::Semi, "after expression")?;
+            return Ok((value, Vec::new()));
+        }
+        let open = self.bump();
+        let first = self.expr()?;
+        let mut rest = Vec::new();
+        while self.eat(TokenKind::Comma).is_some() && !self.at(TokenKind::RParen) {
+            rest.push(self.expr()?);
+        }
+        self.expect_close(TokenKind::RParen, open)?;
+        self.expect(TokenKind::Semi, "after the returned values")?;
+        Ok((first, rest))
     }
 
     /// `IDENT ':' type`

@@ -300,7 +300,19 @@ impl Emitter<'_> {
         }
     }
 
-    /// Writes `acc / l` of query-tile row `r` to output row `i` (zeros where `l = 0`).
+    /// Writes the running maximum and sum of query-tile row `r` as the f32 pair `i` at
+    /// `stats_row0`: the log-sum-exp is `m + ln(l)` (the host forms it; `l = 0` marks a
+    /// fully masked row), so it costs no pass over the scores.
+    fn store_stats(&self, b: &mut FunctionBuilder, r: usize, stats_row0: Value, i: Value) {
+        let m = b.use_var(self.m_var);
+        let l = b.use_var(self.l_var);
+        let m = b.ins().extractlane(m, r as u8);
+        let l = b.ins().extractlane(l, r as u8);
+        let p = self.offset(b, stats_row0, i, 8);
+        b.ins().store(mem(), m, p, 0);
+        b.ins().store(mem(), l, p, 4);
+    }
+
     /// Writes `acc / l` of query-tile row `r` to output row `i` (zeros where `l = 0`).
     fn store_row(&self, b: &mut FunctionBuilder, r: usize, out_row0: Value, i: Value) {
         let spec = self.spec;
@@ -396,6 +408,11 @@ fn emit_body(
             .collect(),
     };
     let out_row0 = em.offset(b, out, bidx, (spec.m * spec.dv * 4) as i64);
+    // The row statistics (max, sum) of this batch entry, after every output row.
+    let stats_row0 = spec.lse.then(|| {
+        let base = b.ins().iadd_imm_s(out, (spec.stats_offset() * 4) as i64);
+        em.offset(b, base, bidx, (spec.m * 8) as i64)
+    });
     let (table, runs_base) = k.enter_groups(b, spec, (ptr, table_gv), (rb, re));
 
     // group_head(g): rows i0 .. i0 + QUERY_TILE, clamped to m - 1 (a duplicate row is
@@ -493,6 +510,9 @@ fn emit_body(
         rows: em.qrows,
     };
     tile.finish(b, (rb, re), (group_head, exit), |b, r, i| {
-        em.store_row(b, r, out_row0, i)
+        em.store_row(b, r, out_row0, i);
+        if let Some(stats) = stats_row0 {
+            em.store_stats(b, r, stats, i);
+        }
     });
 }

@@ -73,9 +73,31 @@ pub struct AttentionSpec {
     pub precision: Precision,
     /// Which kernels compute it.
     pub tier: crate::wide::Tier,
+    /// Whether the kernel also writes each row's softmax statistics for the log-sum-exp:
+    /// after the `[batch.., m, dv]` output rows, one `(running max, running sum)` f32 pair
+    /// per row (`[batch.., m, 2]`), from which the host forms `max + ln(sum)` (exact f32
+    /// Cranelift kernel only; see [`AttentionSpec::stats_offset`]).
+    pub lse: bool,
 }
 
 impl AttentionSpec {
+    /// Where the row statistics of [`AttentionSpec::lse`] start in the output buffer, in
+    /// f32 elements: right after the output rows.
+    pub fn stats_offset(&self) -> usize {
+        self.batch_count() * self.m * self.dv
+    }
+
+    /// The output buffer's length in f32 elements: the rows, and the row statistics when
+    /// [`AttentionSpec::lse`] asks for them.
+    pub fn output_len(&self) -> usize {
+        self.stats_offset()
+            + if self.lse {
+                2 * self.batch_count() * self.m
+            } else {
+                0
+            }
+    }
+
     /// The number of batch entries (product of [`AttentionSpec::batch`]).
     pub fn batch_count(&self) -> usize {
         self.batch.iter().product()
