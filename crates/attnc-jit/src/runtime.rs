@@ -578,6 +578,37 @@ impl CompiledKernel {
                 crate::wide::run_matmul(spec, views, &mut out, threads)?;
                 Storage::F32(out)
             }
+            (StepKind::Attention(spec), _) if wide.is_some() && spec.lse => {
+                let w = wide.expect("invariant: checked by the guard");
+                let rows = spec.stats_offset();
+                let mut out = vec![0.0f32; len];
+                let mut lse = vec![0.0f32; spec.batch_count() * spec.m];
+                let (o, stats) = out.split_at_mut(rows);
+                w.run_with_lse(views, o, Some(&mut lse), threads)?;
+                // The statistics the log-sum-exp step reads, as (m, l) pairs: (lse, 1).
+                for (pair, &l) in stats.chunks_exact_mut(2).zip(&lse) {
+                    pair[0] = l;
+                    pair[1] = 1.0;
+                }
+                // Rescaling V changes O, never the log-sum-exp of the scores.
+                crate::finite::keep_finite(spec, views, o, &|v, o, e| {
+                    w.run_rows(v, o, e, 0..spec.m)
+                })?;
+                let entries = crate::finite::beyond_base_two(spec, w.score(), views, o);
+                if !entries.is_empty() {
+                    // Those entries' rows and statistics from the portable kernel instead.
+                    let h = self.portable_attention(step, spec, portable)?;
+                    let mut again = vec![0.0f32; len];
+                    let (per, m) = (spec.m * spec.dv, spec.m);
+                    for &e in &entries {
+                        h.run_rows(views, &mut again, e, 0..m)?;
+                        out[e * per..(e + 1) * per].copy_from_slice(&again[e * per..(e + 1) * per]);
+                        let at = rows + 2 * e * m..rows + 2 * (e + 1) * m;
+                        out[at.clone()].copy_from_slice(&again[at]);
+                    }
+                }
+                Storage::F32(out)
+            }
             (StepKind::Attention(spec), _) if wide.is_some() => {
                 let w = wide.expect("invariant: checked by the guard");
                 let mut out = match needed {

@@ -246,6 +246,10 @@ pub fn key_mask(p: &MaskPattern) -> Option<KeyMask> {
     })
 }
 
+/// A work item of [`WideAttention`]: (batch entry, query tile, its output rows, and their
+/// log-sum-exps when asked).
+type Item<'o> = (usize, usize, &'o mut [f32], Option<&'o mut [f32]>);
+
 /// A fused attention step on the full-width tier, ready to run.
 #[derive(Clone, Debug)]
 pub struct WideAttention {
@@ -335,23 +339,50 @@ impl WideAttention {
     /// Every row of every batch entry into `out` (`[batch.., m, dv]`), on up to `threads`
     /// threads.
     pub fn run(&self, inputs: &[BufferView<'_>], out: &mut [f32], threads: usize) -> Result<()> {
+        self.run_with_lse(inputs, out, None, threads)
+    }
+
+    /// [`WideAttention::run`], and with `lse` (`[batch.., m]`) each row's log-sum-exp of its
+    /// kept scores (`-inf` for a row that keeps none) from the same pass.
+    pub fn run_with_lse(
+        &self,
+        inputs: &[BufferView<'_>],
+        out: &mut [f32],
+        lse: Option<&mut [f32]>,
+        threads: usize,
+    ) -> Result<()> {
         let (m, dv) = (self.spec.m, self.spec.dv);
         let entries = self.spec.batch_count();
         self.check_output(out.len())?;
+        if lse.as_ref().is_some_and(|l| l.len() != entries * m) {
+            return Err(JitError::Buffer {
+                input: "log-sum-exp".to_string(),
+                detail: "does not hold one value per row".to_string(),
+            });
+        }
         if m == 0 || dv == 0 || entries == 0 {
             return Ok(());
         }
         let qt = self.query_tile();
-        // Work items: (batch entry, query tile, its output rows), dealt round-robin.
-        let mut items: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        // Work items: (batch entry, query tile, its output rows, their log-sum-exps), dealt
+        // round-robin.
+        let mut lse_tiles: Vec<Option<&mut [f32]>> = match lse {
+            Some(l) => l
+                .chunks_mut(m)
+                .flat_map(|e| e.chunks_mut(qt))
+                .map(Some)
+                .collect(),
+            None => Vec::new(),
+        };
+        lse_tiles.reverse();
+        let mut items: Vec<Item<'_>> = Vec::new();
         for (b, entry) in out.chunks_mut(m * dv).enumerate() {
             for (t, rows) in entry.chunks_mut(qt * dv).enumerate() {
-                items.push((b, t, rows));
+                items.push((b, t, rows, lse_tiles.pop().flatten()));
             }
         }
         let threads = threads.clamp(1, items.len().max(1));
-        let mut shares: Vec<Vec<(usize, usize, &mut [f32])>> =
-            (0..threads).map(|_| Vec::new()).collect();
+        let mut shares: Vec<Vec<Item<'_>>> = (0..threads).map(|_| Vec::new()).collect();
         for (k, item) in items.into_iter().enumerate() {
             shares[k % threads].push(item);
         }
@@ -387,7 +418,7 @@ impl WideAttention {
         for t in rows.start / qt..rows.end.div_ceil(qt) {
             let tile = t * qt..((t + 1) * qt).min(m);
             let mut scratch = vec![0.0f32; tile.len() * dv];
-            self.run_items(inputs, vec![(batch, t, &mut scratch[..])])?;
+            self.run_items(inputs, vec![(batch, t, &mut scratch[..], None)])?;
             let keep = tile.start.max(rows.start)..tile.end.min(rows.end);
             let from = (keep.start - tile.start) * dv..(keep.end - tile.start) * dv;
             let to = (batch * m + keep.start) * dv..(batch * m + keep.end) * dv;
@@ -409,17 +440,13 @@ impl WideAttention {
 
     /// Computes work items `(batch entry, query tile, its output rows)` in order; the AMX
     /// tiers pack an entry's keys and values once per run of items of that entry.
-    fn run_items(
-        &self,
-        inputs: &[BufferView<'_>],
-        items: Vec<(usize, usize, &mut [f32])>,
-    ) -> Result<()> {
+    fn run_items(&self, inputs: &[BufferView<'_>], items: Vec<Item<'_>>) -> Result<()> {
         let qt = self.query_tile();
         let mut packed: Option<(usize, amx::Packed)> = None;
         // A document mask's tile table, refined from one batch entry's ids (items come in
         // entry order, so each entry's table is built once per thread).
         let mut refined: Option<(usize, attnc_wide::problem::TileTable)> = None;
-        for (b, t, rows) in items {
+        for (b, t, rows, lse) in items {
             let mut call = self.call(inputs, b)?;
             let required = self.mask.as_ref().is_some_and(KeyMask::requires_document);
             if let Some(segments) = call.segments.filter(|_| required) {
@@ -435,7 +462,7 @@ impl WideAttention {
             let mut output = Output {
                 o: rows,
                 row_stride: self.spec.dv,
-                lse: None,
+                lse,
             };
             let result = match self.tier {
                 Tier::Amx(products) => {

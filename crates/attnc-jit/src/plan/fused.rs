@@ -387,11 +387,11 @@ pub(super) fn attention_step(
     };
     let mut shape = spec.batch.clone();
     shape.extend([spec.m, spec.dv]);
-    // Only the portable exact kernel writes the row statistics of a log-sum-exp.
-    spec.tier = if spec.lse {
-        Tier::Cranelift
-    } else {
-        tier_of(&spec, p.tiers)
+    // The portable exact kernel and the AVX-512 one write the row statistics of a
+    // log-sum-exp; the AMX kernels (approximate products) never see one.
+    spec.tier = match tier_of(&spec, p.tiers) {
+        Tier::Amx(_) if spec.lse => Tier::Cranelift,
+        tier => tier,
     };
     if !spec.segments.is_empty() && spec.tier != Tier::Avx512 {
         return Err(JitError::Plan {
