@@ -19,7 +19,7 @@
 //! multiplied up, so it is rounded once and no gate value makes it overflow where the plain
 //! form does not. A product of a masked score with a NaN or infinite value
 //! would reach rows the op's semantics keep it from (`0 · NaN`), so a batch entry with any
-//! non-finite input runs the exact recurrence instead ([`recurrence`]).
+//! non-finite input runs the exact recurrence instead (`recurrence`).
 
 use crate::buffer::BufferView;
 use crate::error::Result;
