@@ -154,25 +154,12 @@ pub(super) fn apply(
             out.push((args[0], g));
             "vjp-cast"
         }
-        // dslot = attention-grad(q, k, v, b.., y, g) for each operand that needs one
-        // dslot = vjp of the plain form logsumexp(mask(score(q kᵀ), pattern, -inf), -1) with
-        // slot `slot` read through an identity (as the decayed linear attention's)
+        // dslot = vjp of the plain form logsumexp(mask(score(q kᵀ), pattern, -inf), -1)
         Op::Attention(a) if a.lse && a.segments() == 0 => {
-            for (slot, &x) in args.iter().enumerate().filter(|(s, _)| want(*s)) {
-                let shape = e.shape(x);
-                let own = e.op(Op::Backward(BackwardOp::SumTo), &[x], Some(&shape))?;
-                let mut operands = args.clone();
-                operands[slot] = own;
-                let y =
-                    crate::fused::expand::attention(&mut e.b, a, &operands).map_err(|detail| {
-                        GradError::Build {
-                            node: id.index(),
-                            op: op.to_string(),
-                            detail,
-                        }
-                    })?;
-                out.push((x, crate::grad::gradient_of(&mut e.b, y, g, own)?));
-            }
+            let slots: Vec<usize> = (0..args.len()).filter(|&s| want(s)).collect();
+            out = through_plain_form(e, (id, &op), &args, &slots, g, |b, operands| {
+                crate::fused::expand::attention(b, a, operands)
+            })?;
             "vjp-attention-lse"
         }
         Op::Attention(a) if a.lse => {
@@ -182,6 +169,7 @@ pub(super) fn apply(
                     .to_string(),
             })
         }
+        // dslot = attention-grad(q, k, v, b.., y, g) for each operand that needs one
         Op::Attention(a) => {
             let mut attention = (**a).clone();
             attention.precision = Precision::Exact;
@@ -203,24 +191,12 @@ pub(super) fn apply(
             }
             "vjp-attention"
         }
-        // dslot = vjp of the plain form mask((q kᵀ) ∘ exp(a · relpos), causal, 0) v (/ sum)
-        // with slot `slot` read through an identity, so aliased operands get their own
-        // partial derivative
+        // dslot = vjp of the plain form mask((q kᵀ) ∘ decay weights, causal, 0) v (/ sum)
         Op::LinearAttention(l) if l.decay != Decay::None => {
-            for (slot, &x) in args.iter().enumerate().filter(|(s, _)| want(*s)) {
-                let shape = e.shape(x);
-                let own = e.op(Op::Backward(BackwardOp::SumTo), &[x], Some(&shape))?;
-                let mut operands = args.clone();
-                operands[slot] = own;
-                let y = crate::fused::expand::linear(&mut e.b, l, &operands).map_err(|detail| {
-                    GradError::Build {
-                        node: id.index(),
-                        op: op.to_string(),
-                        detail,
-                    }
-                })?;
-                out.push((x, crate::grad::gradient_of(&mut e.b, y, g, own)?));
-            }
+            let slots: Vec<usize> = (0..args.len()).filter(|&s| want(s)).collect();
+            out = through_plain_form(e, (id, &op), &args, &slots, g, |b, operands| {
+                crate::fused::expand::linear(b, l, operands)
+            })?;
             "vjp-decayed-linear-attention"
         }
         // dslot = linear-attention-grad(q, k, v, g)
@@ -256,6 +232,34 @@ pub(super) fn apply(
         rule,
         contributions: out,
     })
+}
+
+/// The gradients of fused node `id` (op `op`) with respect to operand `slots`, by reverse mode
+/// through its plain form `expand(operands)`: each slot is read through an identity of its
+/// own, so operands that alias (the same node in two slots) get their own partial derivative.
+fn through_plain_form(
+    e: &mut Emitter,
+    (id, op): (NodeId, &Op),
+    args: &[NodeId],
+    slots: &[usize],
+    g: NodeId,
+    expand: impl Fn(&mut crate::build::GraphBuilder, &[NodeId]) -> Result<NodeId, String>,
+) -> Result<Vec<(NodeId, NodeId)>, GradError> {
+    let mut out = Vec::with_capacity(slots.len());
+    for &slot in slots {
+        let x = args[slot];
+        let shape = e.shape(x);
+        let own = e.op(Op::Backward(BackwardOp::SumTo), &[x], Some(&shape))?;
+        let mut operands = args.to_vec();
+        operands[slot] = own;
+        let y = expand(&mut e.b, &operands).map_err(|detail| GradError::Build {
+            node: id.index(),
+            op: op.to_string(),
+            detail,
+        })?;
+        out.push((x, crate::grad::gradient_of(&mut e.b, y, g, own)?));
+    }
+    Ok(out)
 }
 
 fn unary_rule(u: UnaryOp) -> &'static str {
