@@ -527,7 +527,7 @@ pub(super) fn plan_prefix(
         inputs.push(p.contiguous_buffer(&v));
         match index {
             0..=2 => strides[index] = batch_strides(&shapes[index], &fs.batch),
-            _ => slope = Some(lead_strides(&shapes[index], &fs.batch)),
+            _ => slope = Some(batch_strides(&shapes[index], &fs.batch)),
         }
     }
     let spec = prefix_spec(&fs, l, strides, slope);
@@ -549,26 +549,11 @@ pub(super) fn plan_prefix(
     Ok(Planner::leaf(out, &shape))
 }
 
-/// Element strides per output batch axis of a contiguous tensor of shape `s` whose last two
-/// axes (if it has them) have size 1 — a decay slope — broadcast into `batch`.
-fn lead_strides(s: &[usize], batch: &[usize]) -> Vec<usize> {
-    let full = contiguous(s);
-    let lead = s.len().saturating_sub(2);
-    let offset = batch.len() - lead;
-    let mut strides = vec![0; batch.len()];
-    for axis in 0..lead {
-        if s[axis] != 1 {
-            strides[offset + axis] = full[axis];
-        }
-    }
-    strides
-}
-
 /// Element strides per output batch axis of a contiguous tensor of shape `s` broadcast into
-/// `batch` (0 on broadcast axes).
+/// `batch` (0 on broadcast axes): its axes before the last two (none for a scalar slope).
 pub(super) fn batch_strides(s: &[usize], batch: &[usize]) -> Vec<usize> {
     let full = contiguous(s);
-    let lead = s.len() - 2;
+    let lead = s.len().saturating_sub(2);
     let offset = batch.len() - lead;
     let mut strides = vec![0; batch.len()];
     for axis in 0..lead {
