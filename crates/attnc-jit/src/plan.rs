@@ -390,7 +390,7 @@ impl std::fmt::Display for Plan {
                     } else {
                         "prefix state"
                     },
-                    match (s.gated, s.slope_strides.is_some()) {
+                    match (s.is_gated(), s.slope_strides.is_some()) {
                         (true, _) => ", gated decay",
                         (false, true) => ", decayed",
                         (false, false) => "",
