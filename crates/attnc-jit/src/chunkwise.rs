@@ -3,7 +3,7 @@
 //!
 //! The recurrent kernel ([`crate::kernels::prefix`]) reads and writes the whole `[d, dv]` state
 //! for every key, so it runs at the speed of that traffic, a few GFLOP/s. Here the keys go in
-//! chunks of [`CHUNK`]: inside a chunk the decayed quadratic form, across chunks the state,
+//! chunks ([`chunk_size`]): inside a chunk the decayed quadratic form, across chunks the state,
 //! each a small matrix product (the form flash-linear-attention writes for GPUs). With `γ =
 //! exp(-a)` and queries end-aligned (`i' = i + n − m`), for the rows `i'` of the chunk that
 //! starts at key `c`:
@@ -27,15 +27,62 @@ use crate::error::Result;
 use crate::kernels::prefix::PrefixSpec;
 use crate::wide::{batch_index, buffer_err, deal, linear_operands, wide_err};
 use attnc_ir::Normalizer;
+use attnc_wide::flush::FlushToZero;
 use attnc_wide::gemm::{sgemm, Matrix};
 
-/// Keys per chunk: large enough that each product runs at the micro-kernels' speed, small
-/// enough that the `[C, C]` score block and the chunk's rows stay in the L2 cache.
+/// The smallest chunk the chunked form is worth its set-up for two of (the set-up of a chunk:
+/// four products and the state's decay, paid per chunk of keys).
 pub const CHUNK: usize = 64;
+
+/// The chunk sizes the cost model chooses from: the `[C, C]` score block of the largest is
+/// 256 KiB, still inside the L2 cache.
+const CHUNK_SIZES: [usize; 4] = [32, 64, 128, 256];
+
+/// A product with a dimension of `C` runs at about `C / (C + SMALL_PRODUCT)` of the
+/// micro-kernels' speed (half speed at 32).
+const SMALL_PRODUCT: f64 = 32.0;
+
+/// The fixed cost of one chunk (four product calls, packing) in multiply-adds.
+const CHUNK_OVERHEAD: f64 = 32_768.0;
 
 /// Whether the chunked form is worth its set-up: at least two chunks of keys.
 pub fn worth_chunking(spec: &PrefixSpec) -> bool {
     spec.n >= 2 * CHUNK && spec.d > 0 && spec.dv > 0
+}
+
+/// Keys per chunk for `spec`: the size in [`CHUNK_SIZES`] of least estimated cost (in
+/// multiply-adds per batch entry). Each query row computes the quadratic form against the
+/// keys of its own chunk, `C·(d + w)` at the small-product speed, and weighs `C` scores (an
+/// exponential each for a gate); every chunk decays the `[d, w]` state and pays its fixed
+/// cost. The products with the state cost the same at any size. So chunks stay small when
+/// every key has its query (prefill) and grow when few rows share many keys (decoding,
+/// `m ≪ n`).
+/// `ATTNC_CHUNK=N` (a positive count) overrides the choice, for measuring the model.
+pub fn chunk_size(spec: &PrefixSpec) -> usize {
+    if let Some(c) = std::env::var("ATTNC_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&c| c > 0)
+    {
+        return c;
+    }
+    let w = spec.dv + usize::from(matches!(spec.normalizer, Normalizer::Sum { .. }));
+    let (m, n, d, w) = (spec.m as f64, spec.n as f64, spec.d as f64, w as f64);
+    let weight = match (spec.is_gated(), spec.slope_strides.is_some()) {
+        (true, _) => 8.0,
+        (false, true) => 1.0,
+        (false, false) => 0.0,
+    };
+    let cost = |c: usize| {
+        let c = c as f64;
+        let rows = m * (c * (d + w) * (1.0 + SMALL_PRODUCT / c) + c * weight);
+        let chunks = (n / c).ceil() * (d * w + CHUNK_OVERHEAD);
+        rows + chunks
+    };
+    CHUNK_SIZES
+        .into_iter()
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(CHUNK)
 }
 
 /// One batch entry's operands: `φQ` `[m, d]`, `φK` `[n, d]`, `V` `[n, dv]` (contiguous rows)
@@ -162,8 +209,11 @@ fn part(data: &[f32], start: usize, len: usize) -> &[f32] {
         .unwrap_or_default()
 }
 
-/// One batch entry in chunks (all inputs finite).
+/// One batch entry in chunks (all inputs finite), subnormal results flushed to zero: decayed
+/// weights far below 2⁻¹²⁶ otherwise make nearly every product take a microcode assist
+/// ([`attnc_wide::flush`]), and the error is below 2⁻¹²⁶ per operation.
 fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
+    let _flush = FlushToZero::new();
     let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
     let normalized = matches!(spec.normalizer, Normalizer::Sum { .. });
     let w = dv + usize::from(normalized);
@@ -172,19 +222,20 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
     let empty_rows = usize::try_from(-off).unwrap_or(0).min(m);
     out[..empty_rows * dv].fill(empty_row_value(spec.normalizer));
     let mut state = vec![0.0f32; d * w];
-    let mut values = vec![0.0f32; CHUNK * w];
-    let mut scores = vec![0.0f32; CHUNK * CHUNK];
-    let mut rows_out = vec![0.0f32; CHUNK * w];
-    let mut carried = vec![0.0f32; CHUNK * w];
-    let mut keys = vec![0.0f32; CHUNK * d];
+    let chunk = chunk_size(spec);
+    let mut values = vec![0.0f32; chunk * w];
+    let mut scores = vec![0.0f32; chunk * chunk];
+    let mut rows_out = vec![0.0f32; chunk * w];
+    let mut carried = vec![0.0f32; chunk * w];
+    let mut keys = vec![0.0f32; chunk * d];
     let mut update = vec![0.0f32; d * w];
-    // A slope's weights depend on the distance only: γ^t for t < CHUNK, once per entry.
+    // A slope's weights depend on the distance only: γ^t for t < chunk, once per entry.
     let powers: Vec<f32> = match x.decay {
-        Weights::Slope(_) => (0..CHUNK).map(|t| x.decay.weight(t, 0)).collect(),
+        Weights::Slope(_) => (0..chunk).map(|t| x.decay.weight(t, 0)).collect(),
         _ => Vec::new(),
     };
-    for c in (0..n).step_by(CHUNK) {
-        let len = CHUNK.min(n - c);
+    for c in (0..n).step_by(chunk) {
+        let len = chunk.min(n - c);
         // V of the chunk, beside a column of ones when rows are normalized.
         for j in 0..len {
             let row = &mut values[j * w..(j + 1) * w];

@@ -386,9 +386,12 @@ impl std::fmt::Display for Plan {
                 StepKind::Prefix(s) | StepKind::Chunked(s) => format!(
                     "causal linear attention ({}{}{}) batch {:?} m={} n={} d={} dv={}",
                     if matches!(step.kind, StepKind::Chunked(_)) {
-                        "chunks of 64 keys [gemm]"
+                        format!(
+                            "chunks of {} keys [gemm]",
+                            crate::chunkwise::chunk_size(s)
+                        )
                     } else {
-                        "prefix state"
+                        "prefix state".to_string()
                     },
                     match (s.is_gated(), s.slope_strides.is_some()) {
                         (true, _) => ", gated decay",

@@ -151,7 +151,8 @@ fn chunked_shapes_are_end_aligned() {
 
 #[test]
 fn long_sequences_in_chunks_match_the_interpreter() {
-    // From two chunks of 64 keys on, the full-width tier runs the op in chunks: lengths at and
+    // From 128 keys on, the full-width tier runs the op in chunks (of 32 to 256 keys, as the
+    // cost model chooses): lengths at and
     // around chunk edges, m ≠ n both ways, strong and weak decays.
     for &(m, n) in &[
         (128, 128),
