@@ -50,7 +50,7 @@ pub fn worth_chunking(spec: &PrefixSpec) -> bool {
     spec.n >= 2 * CHUNK && spec.d > 0 && spec.dv > 0
 }
 
-/// Keys per chunk for `spec`: the size in [`CHUNK_SIZES`] of least estimated cost (in
+/// Keys per chunk for `spec`: the size among 32, 64, 128 and 256 of least estimated cost (in
 /// multiply-adds per batch entry). Each query row computes the quadratic form against the
 /// keys of its own chunk, `C·(d + w)` at the small-product speed, and weighs `C` scores (an
 /// exponential each for a gate); every chunk decays the `[d, w]` state and pays its fixed
