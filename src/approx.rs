@@ -109,6 +109,7 @@ pub fn optimizer_policy(policy: &Policy) -> ApproxPolicy {
                 m: *m,
                 seed: s.unwrap_or(seed),
             }),
+            ApproxKind::Nystrom { m } => Some(Approx::Nystrom { m: *m }),
             ApproxKind::Tol(_) => None,
         })
         .collect();

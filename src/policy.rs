@@ -67,7 +67,8 @@ impl fmt::Display for Policy {
 /// Writes one approximation as it is spelled in `@approx(...)` and `--approx`.
 pub use attnc_syntax::print::print_approx_kind as approx_to_string;
 
-/// Parses a `--approx` list such as `bf16,lowrank(r=64),random_features(m=256,seed=7)`.
+/// Parses a `--approx` list such as `bf16,lowrank(r=64),random_features(m=256,seed=7)` or
+/// `nystrom(m=64)`.
 ///
 /// The items are those of `@approx(...)`; `tol = X` is accepted too.
 pub fn parse_approx_list(list: &str) -> Result<Vec<ApproxKind>, String> {
@@ -137,6 +138,7 @@ fn parse_item(item: &str) -> Result<ApproxKind, String> {
     let allowed: &[&str] = match name {
         "lowrank" => &["r"],
         "random_features" => &["m", "seed"],
+        "nystrom" => &["m"],
         _ => return Err(unknown_item(item)),
     };
     if let Some((key, _)) = args.iter().find(|(k, _)| !allowed.contains(&k.as_str())) {
@@ -149,6 +151,7 @@ fn parse_item(item: &str) -> Result<ApproxKind, String> {
     };
     match name {
         "lowrank" => Ok(ApproxKind::Lowrank { r: required("r")? }),
+        "nystrom" => Ok(ApproxKind::Nystrom { m: required("m")? }),
         _ => Ok(ApproxKind::RandomFeatures {
             m: required("m")?,
             seed: get("seed"),
@@ -173,7 +176,7 @@ fn parse_named_args(args: &str, item: &str) -> Result<Vec<(String, u64)>, String
 fn unknown_item(item: &str) -> String {
     format!(
         "unknown approximation `{item}` (expected bf16, f16, int8, lowrank(r=N), \
-         random_features(m=N, seed=S) or tol=X)"
+         random_features(m=N, seed=S), nystrom(m=N) or tol=X)"
     )
 }
 
@@ -184,7 +187,7 @@ mod tests {
     #[test]
     fn parses_every_item_form() {
         let items = parse_approx_list(
-            "bf16, f16,int8,lowrank(r = 64),random_features(m=256,seed=7),tol=0.1",
+            "bf16, f16,int8,lowrank(r = 64),random_features(m=256,seed=7),nystrom(m = 64),tol=0.1",
         )
         .expect("valid list");
         assert_eq!(
@@ -198,6 +201,7 @@ mod tests {
                     m: 256,
                     seed: Some(7)
                 },
+                ApproxKind::Nystrom { m: 64 },
                 ApproxKind::Tol(0.1),
             ]
         );
@@ -211,6 +215,9 @@ mod tests {
             "lowrank(r=0)",
             "lowrank(k=3)",
             "random_features(seed=1)",
+            "nystrom(m=0)",
+            "nystrom(r=8)",
+            "nystrom",
             "tol=-1",
             "tol=nan",
             "lowrank(r=3",

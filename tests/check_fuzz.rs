@@ -74,6 +74,7 @@ const VOCABULARY: &[&str] = &[
     "seed",
     "tol",
     "random_features",
+    "nystrom",
     "#",
     "\n",
     "é",

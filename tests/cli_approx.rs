@@ -346,3 +346,66 @@ fn bf16_products_run_on_amx_tiles_within_their_error_or_say_why_not() {
             .contains("AMX"));
     }
 }
+
+/// `[1, n, d]` queries or keys around 4 centres in 8 contiguous runs (a low-rank attention
+/// matrix), or standard-normal-like values when `clusters` is false.
+fn runs_of_centres(seed: u64, n: usize, d: usize, clusters: bool) -> attnc::io::Tensor {
+    let centres = tensor(seed, 4, d, 2.0);
+    let noise = tensor(seed + 100, n, d, if clusters { 0.05 } else { 1.0 });
+    let (attnc::io::TensorData::F32(c), attnc::io::TensorData::F32(e)) =
+        (&centres.data, &noise.data)
+    else {
+        unreachable!("tensor() makes f32 data")
+    };
+    let values = (0..n * d)
+        .map(|i| {
+            let (row, col) = (i / d, i % d);
+            let centre = (row * 8 / n * 3) % 4;
+            let mean = if clusters { c[centre * d + col] } else { 0.0 };
+            mean + e[i]
+        })
+        .collect();
+    attnc::io::Tensor::from_f32(vec![1, n, d], values).expect("consistent shape")
+}
+
+#[test]
+fn nystrom_is_validated_on_the_users_inputs() {
+    // Accepted on inputs whose attention is of low rank; rejected (the plan exact) on
+    // unstructured ones, where the landmarks summarise nothing.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (n, d) = (1024, 32);
+    for clusters in [true, false] {
+        let mut args: Vec<String> = ["run", "examples/nystrom.attn", "--format", "json"]
+            .map(String::from)
+            .to_vec();
+        for (index, name) in ["q", "k", "v"].into_iter().enumerate() {
+            let t = if name == "v" {
+                tensor(7, n, d, 1.0)
+            } else {
+                // Queries and keys share the centres (seed 1) and differ in their noise.
+                let mut t = runs_of_centres(1, n, d, clusters);
+                let jitter = tensor(index as u64 + 20, n, d, 0.01);
+                if let (attnc::io::TensorData::F32(a), attnc::io::TensorData::F32(b)) =
+                    (&mut t.data, &jitter.data)
+                {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                }
+                t
+            };
+            args.extend(["--input".into(), input_arg(dir.path(), name, &t)]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = attnc(&args);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        let doc = json(&out);
+        let validation = &doc["validations"][0];
+        assert_eq!(validation["approximations"][0], "nystrom(m = 64)", "{doc}");
+        let measured = validation["measured_error"].as_f64().expect("a number");
+        assert_eq!(validation["accepted"], clusters, "{validation}");
+        if clusters {
+            assert!(measured < 0.05, "{validation}");
+        } else {
+            assert!(measured > 0.05, "{validation}");
+        }
+    }
+}

@@ -455,6 +455,7 @@ fn bad_approximation_arguments() {
     let cases = [
         ("lowrank(r = 0)", "rank"),
         ("random_features(m = 0)", "features"),
+        ("nystrom(m = 0)", "landmarks"),
         ("tol = 0", "tol"),
         ("tol = 2e6", "tol"),
     ];

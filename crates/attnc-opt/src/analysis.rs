@@ -162,7 +162,7 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
                 .zip(shape(*b))
                 .and_then(|(a, b)| matmul_shape(&a, &b)),
         ),
-        Attn::Transpose(x) => array(shape(*x).and_then(|s| transposed(&s))),
+        Attn::Transpose(x) | Attn::NystromPinv(x) => array(shape(*x).and_then(|s| transposed(&s))),
         Attn::Sum([x, axis])
         | Attn::Max([x, axis])
         | Attn::Mean([x, axis])

@@ -7,6 +7,7 @@
 //! (bounded depth) are converted recursively.
 
 mod lse;
+mod pinv;
 mod to_ir;
 
 pub use to_ir::to_kernel;

@@ -248,6 +248,15 @@ impl<'a> CycleCost<'a> {
                 let n = shape(*x).iter().rev().nth(1).copied().unwrap_or(0) as f64;
                 (2.0 * out_elems * n, streamed)
             }
+            // Per Newton–Schulz iteration, four products of [a, c] and [c, a] matrices.
+            Attn::NystromPinv(x) => {
+                let s = shape(*x);
+                let c = s.last().copied().unwrap_or(0) as f64;
+                let a = s.iter().rev().nth(1).copied().unwrap_or(0) as f64;
+                let per_iteration = 8.0 * out_elems * a.max(c);
+                let iterations = crate::rules::approx::PINV_ITERATIONS as f64;
+                (iterations * per_iteration, iterations * 6.0 * streamed)
+            }
             // A marker: the work is in its operand.
             Attn::Int8Products(_) | Attn::Bf16Products(_) => (0.0, 0.0),
             Attn::Transpose(_) => (0.0, streamed),

@@ -203,6 +203,9 @@ define_language! {
         "favor-key" = FavorKey([Id; 3]),
         // Linformer: e @ x with e a seeded [r, n] Gaussian projection along the rows (x, seed, r)
         "project-rows" = ProjectRows([Id; 3]),
+        // Nyström: the pseudo-inverse of each [.., a, c] matrix x, as a fixed number of
+        // Newton–Schulz iterations (x); written out as plain IR products
+        "nystrom-pinv" = NystromPinv(Id),
         // ---- data ----
         Leaf(Atom),
     }

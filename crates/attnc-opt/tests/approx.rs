@@ -160,6 +160,20 @@ fn an_approximation_that_fits_nowhere_says_why() {
             Approx::RandomFeatures { m: 64, seed: 0 },
             "unmasked or causal",
         ),
+        // Nyström: as many landmarks as keys, a causal mask, a score with a bias.
+        (DENSE, Approx::Nystrom { m: 256 }, "more than m = 256"),
+        (
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+                return softmax(mask(q @ k.T / sqrt(d), causal)) @ v; }",
+            Approx::Nystrom { m: 16 },
+            "unmasked softmax attention",
+        ),
+        (
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+                return softmax(q @ k.T / sqrt(d) + relpos(n, n)) @ v; }",
+            Approx::Nystrom { m: 16 },
+            "no mask, pattern or bias",
+        ),
     ];
     for (source, approx, expected) in cases {
         let kernel = if source == DENSE {
@@ -248,4 +262,59 @@ fn tier_speeds_move_the_choice_between_quadratic_and_linear_forms() {
     assert!(!applied(attnc_opt::TierSpeeds::measured_kernels(
         true, false, false
     )));
+}
+
+/// `[h, n, d]` rows drawn around `centres` in contiguous runs (queries and keys of a sequence
+/// whose content comes in a few stretches: a softmax attention matrix of low rank), plus
+/// `noise` times uniform values in [-1, 1).
+fn clustered(h: u64, n: u64, d: u64, centres: usize, noise: f64, seed: u64) -> ArrayD<f64> {
+    let mut rng = common::Rng(seed);
+    let means: Vec<f64> = (0..centres * d as usize)
+        .map(|_| 2.0 * rng.next())
+        .collect();
+    let run = (n as usize).div_ceil(2 * centres).max(1);
+    let shape = [h, n, d].map(|s| s as usize);
+    ArrayD::from_shape_fn(ndarray::IxDyn(&shape), |i| {
+        // Runs visit the centres twice, in a shuffled order (7 is coprime to the counts used).
+        let centre = (i[1] / run * 7 + i[0]) % centres;
+        means[centre * d as usize + i[2]] + noise * rng.next()
+    })
+}
+
+#[test]
+fn nystrom_factors_unmasked_attention_with_a_small_error_on_clustered_rows() {
+    let kernel = common::kernel(DENSE);
+    // n a multiple of m, and not.
+    for n in [256, 203] {
+        let bindings = common::bindings(&[("h", 2), ("n", n), ("d", 16)]);
+        let options = OptimizeOptions {
+            approx: ApproxPolicy {
+                allowed: vec![Approx::Nystrom { m: 16 }],
+                tol: 0.1,
+            },
+            explain: true,
+            ..OptimizeOptions::default()
+        };
+        let result = optimize(&kernel, &bindings, &options);
+        let outcome = &result.trace.approximations[0];
+        assert!(outcome.applied, "n = {n}: {outcome:?}");
+        assert_eq!(outcome.name, "nystrom(m = 16)");
+        assert!(result.trace.output_term.contains("nystrom-pinv"));
+        assert!(result
+            .trace
+            .applied
+            .iter()
+            .any(|r| r.rule == "approx-nystrom" && r.count > 0));
+        let text = result.trace.render_text();
+        assert!(text.contains("approx-nystrom"), "{text}");
+        let inputs = vec![
+            clustered(2, n, 16, 4, 0.05, 1),
+            clustered(2, n, 16, 4, 0.05, 2),
+            common::inputs(&kernel, &bindings, 3).remove(2),
+        ];
+        let exact = evaluate(&kernel, &bindings, &inputs).expect("exact");
+        let approx = evaluate(&result.kernel, &bindings, &inputs).expect("approximate");
+        let error = relative_l2(&approx, &exact);
+        assert!(error < 0.03, "n = {n}: {error}");
+    }
 }

@@ -79,6 +79,11 @@ pub enum ApproxKind {
         /// Seed of the feature matrix, if given.
         seed: Option<u64>,
     },
+    /// `nystrom(m = M)`: Nyström factoring of a softmax attention matrix with M landmarks.
+    Nystrom {
+        /// The number of landmarks (mean-pooled segments of queries and keys).
+        m: u64,
+    },
     /// `tol = X`: the largest accepted relative L2 error.
     Tol(f64),
 }

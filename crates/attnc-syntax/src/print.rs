@@ -86,6 +86,7 @@ pub fn print_approx_kind(kind: &ApproxKind) -> String {
         ApproxKind::RandomFeatures { m, seed: Some(s) } => {
             format!("random_features(m = {m}, seed = {s})")
         }
+        ApproxKind::Nystrom { m } => format!("nystrom(m = {m})"),
         ApproxKind::Tol(x) => format!("tol = {}", print_number(*x)),
     }
 }

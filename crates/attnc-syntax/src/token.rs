@@ -106,7 +106,7 @@ pub struct Token {
 /// negation). Every other word with a meaning is contextual: the pattern words
 /// ([`PATTERN_KEYWORDS`]) start a mask pattern only where a pattern is expected (the second
 /// argument of `mask`), so `kernel window(...)` and a parameter named `causal` are fine; `f32`,
-/// `i32`, `approx`, `T`, `int8`, `lowrank`, `random_features`, `tol`, `r`, `m`, `seed` are
+/// `i32`, `approx`, `T`, `int8`, `lowrank`, `random_features`, `nystrom`, `tol`, `r`, `m`, `seed` are
 /// ordinary names outside the one place where they have their meaning.
 pub const KEYWORDS: &[&str] = &["kernel", "let", "return", "inf"];
 

@@ -132,6 +132,21 @@ fn several_attributes_are_flattened() {
 }
 
 #[test]
+fn nystrom_parses_and_prints_as_written() {
+    let src = "@approx(nystrom(m = 64), tol = 0.05)\n\
+kernel nys(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    return softmax(q @ k.T / sqrt(d)) @ v;
+}
+";
+    let file = parses_clean(src);
+    assert_eq!(
+        file.kernels[0].approx[0].kind,
+        ApproxKind::Nystrom { m: 64 }
+    );
+    assert_eq!(print_file(&file), src);
+}
+
+#[test]
 fn minimal_parentheses() {
     for (src, printed) in [
         ("a - (b - c)", "a - (b - c)"),

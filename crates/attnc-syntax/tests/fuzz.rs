@@ -20,6 +20,7 @@ const VOCABULARY: &[&str] = &[
     "T",
     "lowrank",
     "random_features",
+    "nystrom",
     "tol",
     "r",
     "m",

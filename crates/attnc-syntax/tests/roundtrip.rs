@@ -155,6 +155,7 @@ fn approx() -> impl Strategy<Value = Approx> {
         size().prop_map(|r| ApproxKind::Lowrank { r }),
         (size(), prop::option::of(size()))
             .prop_map(|(m, seed)| ApproxKind::RandomFeatures { m, seed }),
+        size().prop_map(|m| ApproxKind::Nystrom { m }),
         number().prop_map(ApproxKind::Tol),
     ]
     .prop_map(|kind| Approx {

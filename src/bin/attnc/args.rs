@@ -76,7 +76,8 @@ pub struct SharedArgs {
     /// Fill every unbound input with standard-normal values from this seed
     #[arg(long, value_name = "SEED", allow_negative_numbers = true)]
     pub random: Option<u64>,
-    /// Allowed approximations, overriding the kernel's @approx (e.g. bf16,lowrank(r=64))
+    /// Allowed approximations, overriding the kernel's @approx (e.g. bf16,lowrank(r=64),
+    /// nystrom(m=64))
     #[arg(long, value_name = "LIST")]
     pub approx: Option<String>,
     /// Largest accepted relative L2 error of an approximation

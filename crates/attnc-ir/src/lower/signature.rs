@@ -35,6 +35,9 @@ pub(crate) fn check_approx(items: &[Approx], errors: &mut Errors) -> Vec<ApproxK
             ApproxKind::RandomFeatures { m: 0, .. } => {
                 Some("the number of features of `random_features(m)` must be at least 1")
             }
+            ApproxKind::Nystrom { m: 0 } => {
+                Some("the number of landmarks of `nystrom(m)` must be at least 1")
+            }
             ApproxKind::Tol(t) if !(t.is_finite() && t > 0.0 && t <= MAX_TOL) => {
                 Some("`tol` must be a finite number greater than 0 and at most 1e6")
             }
@@ -56,6 +59,7 @@ fn approx_name(kind: &ApproxKind) -> &'static str {
         ApproxKind::Bf16Products => "bf16_products",
         ApproxKind::Lowrank { .. } => "lowrank",
         ApproxKind::RandomFeatures { .. } => "random_features",
+        ApproxKind::Nystrom { .. } => "nystrom",
         ApproxKind::Tol(_) => "tol",
     }
 }

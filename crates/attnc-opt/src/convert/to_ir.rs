@@ -218,6 +218,7 @@ fn build_node(
             let keys = matches!(node, Attn::FavorKey(_));
             expand_favor(b, value(*x)?, index(*seed)? as u64, index(*m)? as u64, keys)
         }
+        Attn::NystromPinv(x) => super::pinv::build(b, value(*x)?),
         Attn::ProjectRows([x, seed, r]) => {
             expand_projection(b, value(*x)?, index(*seed)? as u64, index(*r)? as u64)
         }

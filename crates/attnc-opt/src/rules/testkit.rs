@@ -112,7 +112,7 @@ pub fn rel_l2(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
 }
 
 /// The shape analysis of `shell`'s parameters at `bindings`.
-fn analysis_for(shell: &Kernel, bindings: &Bindings) -> ShapeAnalysis {
+pub fn analysis_for(shell: &Kernel, bindings: &Bindings) -> ShapeAnalysis {
     let mut analysis = ShapeAnalysis {
         bindings: bindings.clone(),
         ..ShapeAnalysis::default()

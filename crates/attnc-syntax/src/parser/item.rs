@@ -10,7 +10,7 @@ use crate::token::{Token, TokenKind};
 type Returned = (Expr, Vec<Expr>);
 
 const KNOWN_APPROX: &str =
-    "known approximations: `bf16`, `f16`, `int8`, `bf16_products`, `lowrank(r = R)`, `random_features(m = M, seed = S)`, `tol = X`";
+    "known approximations: `bf16`, `f16`, `int8`, `bf16_products`, `lowrank(r = R)`, `random_features(m = M, seed = S)`, `nystrom(m = M)`, `tol = X`";
 
 impl Parser<'_> {
     /// `attr* 'kernel' IDENT '(' params ')' ('->' (type | '(' type (',' type)* ')'))?
@@ -357,6 +357,12 @@ impl Parser<'_> {
                 };
                 self.expect_close(TokenKind::RParen, open)?;
                 ApproxKind::RandomFeatures { m, seed }
+            }
+            "nystrom" => {
+                let open = self.expect(TokenKind::LParen, "after `nystrom`")?;
+                let m = self.key_int("m")?;
+                self.expect_close(TokenKind::RParen, open)?;
+                ApproxKind::Nystrom { m }
             }
             "tol" => {
                 self.expect(TokenKind::Eq, "after `tol`")?;
