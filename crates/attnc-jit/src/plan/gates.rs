@@ -94,9 +94,12 @@ impl Gates {
             return order;
         }
         let mut done = vec![false; kernel.graph.len()];
+        let mut started = vec![false; kernel.graph.len()];
         let mut out = Vec::with_capacity(order.len());
         for &root in &order {
-            // Depth first, without recursion: (node, its dependencies already pushed).
+            // Depth first, without recursion: (node, its dependencies already pushed). A
+            // node met again while its dependencies are pending would close a cycle, which
+            // `find` rules out; it is not expanded twice.
             let mut stack = vec![(root, false)];
             while let Some((id, expanded)) = stack.pop() {
                 if done[id.index()] {
@@ -105,6 +108,9 @@ impl Gates {
                 if expanded {
                     done[id.index()] = true;
                     out.push(id);
+                    continue;
+                }
+                if std::mem::replace(&mut started[id.index()], true) {
                     continue;
                 }
                 stack.push((id, true));
