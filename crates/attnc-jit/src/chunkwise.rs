@@ -3,7 +3,7 @@
 //!
 //! The recurrent kernel ([`crate::kernels::prefix`]) reads and writes the whole `[d, dv]` state
 //! for every key, so it runs at the speed of that traffic, a few GFLOP/s. Here the keys go in
-//! chunks of [`CHUNK`]: inside a chunk the decayed quadratic form, across chunks the state,
+//! chunks ([`chunk_size`]): inside a chunk the decayed quadratic form, across chunks the state,
 //! each a small matrix product (the form flash-linear-attention writes for GPUs). With `γ =
 //! exp(-a)` and queries end-aligned (`i' = i + n − m`), for the rows `i'` of the chunk that
 //! starts at key `c`:
@@ -15,9 +15,10 @@
 //!
 //! with a column of ones beside `V` when rows are normalized (its products are the sums the
 //! row divides by). A gated decay ([`attnc_ir::Decay::Gate`]) is the same with `γ^(i'−j)`
-//! replaced by `exp(c_i' − c_j)`: each weight is computed from its log weight in f64, never
-//! multiplied up, so it is rounded once and no gate value makes it overflow where the plain
-//! form does not. A product of a masked score with a NaN or infinite value
+//! replaced by `exp(cq_i − ck_j)` in the rows and `exp(ck_last − ck_j)` in the state (the
+//! queries' and the keys' log decays; `cq_i = ck_i'` when one `c` serves both): each weight
+//! is computed from its log weight, never multiplied up, so it is rounded once and no gate
+//! value makes it overflow where the plain form does not. A product of a masked score with a NaN or infinite value
 //! would reach rows the op's semantics keep it from (`0 · NaN`), so a batch entry with any
 //! non-finite input runs the exact recurrence instead (`recurrence`).
 
@@ -26,15 +27,62 @@ use crate::error::Result;
 use crate::kernels::prefix::PrefixSpec;
 use crate::wide::{batch_index, buffer_err, deal, linear_operands, wide_err};
 use attnc_ir::Normalizer;
+use attnc_wide::flush::FlushToZero;
 use attnc_wide::gemm::{sgemm, Matrix};
 
-/// Keys per chunk: large enough that each product runs at the micro-kernels' speed, small
-/// enough that the `[C, C]` score block and the chunk's rows stay in the L2 cache.
+/// The smallest chunk the chunked form is worth its set-up for two of (the set-up of a chunk:
+/// four products and the state's decay, paid per chunk of keys).
 pub const CHUNK: usize = 64;
+
+/// The chunk sizes the cost model chooses from: the `[C, C]` score block of the largest is
+/// 256 KiB, still inside the L2 cache.
+const CHUNK_SIZES: [usize; 4] = [32, 64, 128, 256];
+
+/// A product with a dimension of `C` runs at about `C / (C + SMALL_PRODUCT)` of the
+/// micro-kernels' speed (half speed at 32).
+const SMALL_PRODUCT: f64 = 32.0;
+
+/// The fixed cost of one chunk (four product calls, packing) in multiply-adds.
+const CHUNK_OVERHEAD: f64 = 32_768.0;
 
 /// Whether the chunked form is worth its set-up: at least two chunks of keys.
 pub fn worth_chunking(spec: &PrefixSpec) -> bool {
     spec.n >= 2 * CHUNK && spec.d > 0 && spec.dv > 0
+}
+
+/// Keys per chunk for `spec`: the size in [`CHUNK_SIZES`] of least estimated cost (in
+/// multiply-adds per batch entry). Each query row computes the quadratic form against the
+/// keys of its own chunk, `C·(d + w)` at the small-product speed, and weighs `C` scores (an
+/// exponential each for a gate); every chunk decays the `[d, w]` state and pays its fixed
+/// cost. The products with the state cost the same at any size. So chunks stay small when
+/// every key has its query (prefill) and grow when few rows share many keys (decoding,
+/// `m ≪ n`).
+/// `ATTNC_CHUNK=N` (a positive count) overrides the choice, for measuring the model.
+pub fn chunk_size(spec: &PrefixSpec) -> usize {
+    if let Some(c) = std::env::var("ATTNC_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&c| c > 0)
+    {
+        return c;
+    }
+    let w = spec.dv + usize::from(matches!(spec.normalizer, Normalizer::Sum { .. }));
+    let (m, n, d, w) = (spec.m as f64, spec.n as f64, spec.d as f64, w as f64);
+    let weight = match (spec.is_gated(), spec.slope_strides.is_some()) {
+        (true, _) => 8.0,
+        (false, true) => 1.0,
+        (false, false) => 0.0,
+    };
+    let cost = |c: usize| {
+        let c = c as f64;
+        let rows = m * (c * (d + w) * (1.0 + SMALL_PRODUCT / c) + c * weight);
+        let chunks = (n / c).ceil() * (d * w + CHUNK_OVERHEAD);
+        rows + chunks
+    };
+    CHUNK_SIZES
+        .into_iter()
+        .min_by(|&a, &b| cost(a).total_cmp(&cost(b)))
+        .unwrap_or(CHUNK)
 }
 
 /// One batch entry's operands: `φQ` `[m, d]`, `φK` `[n, d]`, `V` `[n, dv]` (contiguous rows)
@@ -52,17 +100,27 @@ enum Weights<'a> {
     One,
     /// `exp(-a (i − j))`.
     Slope(f32),
-    /// `exp(c_i − c_j)`, `c` one number per key.
-    Gate(&'a [f32]),
+    /// `exp(cq_i − ck_j)` in query row `i`, and `exp(ck_i − ck_j)` between keys: `rows` (`cq`)
+    /// one number per query, `keys` (`ck`) one per key.
+    Gate { rows: &'a [f32], keys: &'a [f32] },
 }
 
 impl Weights<'_> {
-    /// The weight of key `j` in the row at key position `i`, rounded once to f32.
+    /// The weight of key `j` as seen from key `i` (the state's weighing), rounded once to f32.
     fn weight(&self, i: usize, j: usize) -> f32 {
         match self {
             Weights::One => 1.0,
             Weights::Slope(a) => (-(*a as f64) * (i - j) as f64).exp() as f32,
-            Weights::Gate(c) => (c[i] as f64 - c[j] as f64).exp() as f32,
+            Weights::Gate { keys: c, .. } => (c[i] as f64 - c[j] as f64).exp() as f32,
+        }
+    }
+
+    /// The weight of key `j` in query row `query`, whose key position is `at` (`i'`), rounded
+    /// once to f32.
+    fn row_weight(&self, query: usize, at: usize, j: usize) -> f32 {
+        match self {
+            Weights::Gate { rows, keys } => (rows[query] as f64 - keys[j] as f64).exp() as f32,
+            _ => self.weight(at, j),
         }
     }
 
@@ -76,7 +134,7 @@ impl Weights<'_> {
         match self {
             Weights::One => true,
             Weights::Slope(a) => a.is_finite(),
-            Weights::Gate(c) => c.iter().all(|x| x.is_finite()),
+            Weights::Gate { rows, keys } => rows.iter().chain(*keys).all(|x| x.is_finite()),
         }
     }
 }
@@ -92,11 +150,13 @@ pub fn run(
     let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
     let what = "causal linear attention";
     let [q, k, v] = linear_operands(spec, inputs, out.len(), what)?;
-    let slope = match (&spec.slope_strides, inputs.get(3)) {
-        (None, _) => None,
-        (Some(_), Some(BufferView::F32(x))) => Some(*x),
-        (Some(_), _) => return Err(buffer_err(what, "takes an f32 decay")),
+    let decay = |at: usize, strides: &Option<Vec<usize>>| match (strides, inputs.get(at)) {
+        (None, _) => Ok(None),
+        (Some(_), Some(BufferView::F32(x))) => Ok(Some(*x)),
+        (Some(_), _) => Err(buffer_err(what, "takes an f32 decay")),
     };
+    let slope = decay(3, &spec.slope_strides)?;
+    let key_decay = decay(4, &spec.key_decay_strides)?;
     if m == 0 || dv == 0 {
         return Ok(());
     }
@@ -110,7 +170,14 @@ pub fn run(
             k: part(k, at(ks), n * d),
             v: part(v, at(vs), n * dv),
             decay: match (slope, &spec.slope_strides) {
-                (Some(c), Some(strides)) if spec.gated => Weights::Gate(part(c, at(strides), n)),
+                (Some(cq), Some(strides)) if spec.is_gated() => {
+                    let ck = key_decay.unwrap_or_default();
+                    let key_strides = spec.key_decay_strides.as_deref().unwrap_or_default();
+                    Weights::Gate {
+                        rows: part(cq, at(strides), m),
+                        keys: part(ck, at(key_strides), n),
+                    }
+                }
                 (Some(s), Some(strides)) => {
                     Weights::Slope(s.get(at(strides)).copied().unwrap_or(f32::NAN))
                 }
@@ -121,7 +188,8 @@ pub fn run(
     let items: Vec<(usize, &mut [f32])> = out.chunks_mut(m * dv).enumerate().collect();
     deal(items, threads, |(e, rows)| {
         let x = entry(e);
-        let gate_short = matches!(x.decay, Weights::Gate(c) if c.len() != n);
+        let gate_short =
+            matches!(x.decay, Weights::Gate { rows, keys } if rows.len() != m || keys.len() != n);
         if x.q.len() != m * d || x.k.len() != n * d || x.v.len() != n * dv || gate_short {
             return Err(buffer_err("causal linear attention", "an operand is short"));
         }
@@ -141,8 +209,11 @@ fn part(data: &[f32], start: usize, len: usize) -> &[f32] {
         .unwrap_or_default()
 }
 
-/// One batch entry in chunks (all inputs finite).
+/// One batch entry in chunks (all inputs finite), subnormal results flushed to zero: decayed
+/// weights far below 2⁻¹²⁶ otherwise make nearly every product take a microcode assist
+/// ([`attnc_wide::flush`]), and the error is below 2⁻¹²⁶ per operation.
 fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
+    let _flush = FlushToZero::new();
     let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
     let normalized = matches!(spec.normalizer, Normalizer::Sum { .. });
     let w = dv + usize::from(normalized);
@@ -151,19 +222,20 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
     let empty_rows = usize::try_from(-off).unwrap_or(0).min(m);
     out[..empty_rows * dv].fill(empty_row_value(spec.normalizer));
     let mut state = vec![0.0f32; d * w];
-    let mut values = vec![0.0f32; CHUNK * w];
-    let mut scores = vec![0.0f32; CHUNK * CHUNK];
-    let mut rows_out = vec![0.0f32; CHUNK * w];
-    let mut carried = vec![0.0f32; CHUNK * w];
-    let mut keys = vec![0.0f32; CHUNK * d];
+    let chunk = chunk_size(spec);
+    let mut values = vec![0.0f32; chunk * w];
+    let mut scores = vec![0.0f32; chunk * chunk];
+    let mut rows_out = vec![0.0f32; chunk * w];
+    let mut carried = vec![0.0f32; chunk * w];
+    let mut keys = vec![0.0f32; chunk * d];
     let mut update = vec![0.0f32; d * w];
-    // A slope's weights depend on the distance only: γ^t for t < CHUNK, once per entry.
+    // A slope's weights depend on the distance only: γ^t for t < chunk, once per entry.
     let powers: Vec<f32> = match x.decay {
-        Weights::Slope(_) => (0..CHUNK).map(|t| x.decay.weight(t, 0)).collect(),
+        Weights::Slope(_) => (0..chunk).map(|t| x.decay.weight(t, 0)).collect(),
         _ => Vec::new(),
     };
-    for c in (0..n).step_by(CHUNK) {
-        let len = CHUNK.min(n - c);
+    for c in (0..n).step_by(chunk) {
+        let len = chunk.min(n - c);
         // V of the chunk, beside a column of ones when rows are normalized.
         for j in 0..len {
             let row = &mut values[j * w..(j + 1) * w];
@@ -201,8 +273,9 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
             let a = &mut scores[..count * len];
             sgemm(&qm, &kt, a).map_err(wide_err)?;
             for i in 0..count {
-                let row = ((first + i) as isize + off) as usize; // i'
-                weigh_row(&x.decay, &powers, row, c, &mut a[i * len..(i + 1) * len]);
+                let at = ((first + i) as isize + off) as usize; // i'
+                let s = &mut a[i * len..(i + 1) * len];
+                weigh_row(&x.decay, &powers, (first + i, at), c, s);
             }
             let am = Matrix {
                 data: a,
@@ -228,7 +301,8 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
             for i in 0..count {
                 let row = &mut o[i * w..(i + 1) * w];
                 if c > 0 {
-                    let g = x.decay.weight(((first + i) as isize + off) as usize, c - 1);
+                    let at = ((first + i) as isize + off) as usize; // i'
+                    let g = x.decay.row_weight(first + i, at, c - 1);
                     for (y, s) in row.iter_mut().zip(&t[i * w..(i + 1) * w]) {
                         *y += g * s;
                     }
@@ -267,10 +341,16 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// Weighs the scores `s` of the row at key position `row` against the keys from `first` on:
-/// keys after `row` get 0, the others their decay weight (from `powers` for a slope, by
-/// [`exp_f32`] of the log weight for a gate; branch-free, so the loop vectorizes).
-fn weigh_row(decay: &Weights<'_>, powers: &[f32], row: usize, first: usize, s: &mut [f32]) {
+/// Weighs the scores `s` of query row `query` at key position `row` (`i'`) against the keys
+/// from `first` on: keys after `row` get 0, the others their decay weight (from `powers` for a
+/// slope, by [`exp_f32`] of the log weight for a gate; branch-free, so the loop vectorizes).
+fn weigh_row(
+    decay: &Weights<'_>,
+    powers: &[f32],
+    (query, row): (usize, usize),
+    first: usize,
+    s: &mut [f32],
+) {
     match decay {
         Weights::One => {
             for (j, t) in s.iter_mut().enumerate() {
@@ -287,9 +367,9 @@ fn weigh_row(decay: &Weights<'_>, powers: &[f32], row: usize, first: usize, s: &
                 };
             }
         }
-        Weights::Gate(c) => {
-            let ci = c[row];
-            let keys = &c[first..first + s.len()];
+        Weights::Gate { rows, keys } => {
+            let ci = rows[query];
+            let keys = &keys[first..first + s.len()];
             for (j, (t, &cj)) in s.iter_mut().zip(keys).enumerate() {
                 let w = exp_f32(ci - cj);
                 *t = if first + j > row { 0.0 } else { *t * w };
@@ -390,6 +470,12 @@ fn recurrence(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) {
                 *g += qa * t;
             }
         }
+        if let Weights::Gate { .. } = x.decay {
+            // The state weighs keys as seen from key i'; the row sees them from cq_i.
+            let at = last as usize;
+            let r = x.decay.row_weight(i, at, at);
+            got.iter_mut().for_each(|g| *g *= r);
+        }
         finish_row(spec.normalizer, &got, row);
     }
 }
@@ -459,7 +545,7 @@ mod tests {
                         dv,
                         normalizer,
                         slope_strides: Some(vec![]),
-                        gated: false,
+                        key_decay_strides: None,
                     };
                     let (q, k, v) = (values(m * d, 1), values(n * d, 2), values(n * dv, 3));
                     // Positive scores keep the normalized sums away from 0.
@@ -542,7 +628,7 @@ mod tests {
             dv,
             normalizer: Normalizer::None,
             slope_strides: None,
-            gated: false,
+            key_decay_strides: None,
         };
         let q = values(n * d, 4);
         let k = values(n * d, 5);

@@ -390,11 +390,14 @@ impl std::fmt::Display for Plan {
                 StepKind::Prefix(s) | StepKind::Chunked(s) => format!(
                     "causal linear attention ({}{}{}) batch {:?} m={} n={} d={} dv={}",
                     if matches!(step.kind, StepKind::Chunked(_)) {
-                        "chunks of 64 keys [gemm]"
+                        format!(
+                            "chunks of {} keys [gemm]",
+                            crate::chunkwise::chunk_size(s)
+                        )
                     } else {
-                        "prefix state"
+                        "prefix state".to_string()
                     },
-                    match (s.gated, s.slope_strides.is_some()) {
+                    match (s.is_gated(), s.slope_strides.is_some()) {
                         (true, _) => ", gated decay",
                         (false, true) => ", decayed",
                         (false, false) => "",

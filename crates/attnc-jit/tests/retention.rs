@@ -151,7 +151,8 @@ fn chunked_shapes_are_end_aligned() {
 
 #[test]
 fn long_sequences_in_chunks_match_the_interpreter() {
-    // From two chunks of 64 keys on, the full-width tier runs the op in chunks: lengths at and
+    // From 128 keys on, the full-width tier runs the op in chunks (of 32 to 256 keys, as the
+    // cost model chooses): lengths at and
     // around chunk edges, m ≠ n both ways, strong and weak decays.
     for &(m, n) in &[
         (128, 128),
@@ -236,7 +237,7 @@ fn gated_decay_fuses_and_matches_the_interpreter() {
                 let chunked = p
                     .steps
                     .iter()
-                    .any(|s| matches!(&s.kind, StepKind::Chunked(spec) if spec.gated));
+                    .any(|s| matches!(&s.kind, StepKind::Chunked(spec) if spec.is_gated()));
                 // Below a few rows the quadratic form costs less and is kept.
                 assert!(chunked || n <= 3, "not fused at {dims:?}: {p}");
                 let err = check(&src, &dims, n + 7);
@@ -256,4 +257,47 @@ fn gated_decay_plans_no_n_by_n_buffer() {
     let p = plan(&optimized(&kernel(&gated(0.0, false)), &b), &b, true).expect("plans");
     let largest = p.buffers.iter().map(|b| b.len).max().unwrap_or(0);
     assert!(largest <= 2 * 4096 * 8, "largest buffer {largest}");
+}
+
+/// Gated decay with the queries' and the keys' log decays apart (`exp(cq − ckᵀ)`): decoding
+/// (`m < n`, queries end-aligned), rows that keep no key (`m > n`), and `m = n` with `cq ≠ ck`.
+fn gated_apart(normalized: bool) -> String {
+    let body = if normalized {
+        "let w = mask((elu(q) + 1) @ (elu(k) + 1).T * exp(cq - ck.T), causal, 0);
+    return (w @ v) / (sum(w, -1) + 0.000001);"
+    } else {
+        "return mask(q @ k.T * exp(cq - ck.T), causal, 0) @ v;"
+    };
+    format!(
+        "kernel r(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e], cq: f32[h, m, 1], ck: f32[h, n, 1]) -> f32[h, m, e] {{
+    {body}
+}}"
+    )
+}
+
+#[test]
+fn gated_decay_with_rows_apart_matches_the_interpreter() {
+    for (m, n) in [
+        (1u64, 1u64),
+        (1, 300),
+        (3, 129),
+        (64, 200),
+        (113, 113),
+        (130, 70),
+        (2, 0),
+    ] {
+        for normalized in [false, true] {
+            let src = gated_apart(normalized);
+            let dims = [("h", 2), ("m", m), ("n", n), ("d", 6), ("e", 5)];
+            let b = bindings(&dims);
+            let p = plan(&optimized(&kernel(&src), &b), &b, true).expect("plans");
+            let chunked = p
+                .steps
+                .iter()
+                .any(|s| matches!(&s.kind, StepKind::Chunked(spec) if spec.is_gated()));
+            assert!(chunked || m.max(n) <= 3, "not fused at {dims:?}: {p}");
+            let err = check(&src, &dims, m * 31 + n);
+            assert!(err <= REL_L2, "{err:e} at {dims:?} {normalized}");
+        }
+    }
 }

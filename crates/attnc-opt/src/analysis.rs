@@ -239,17 +239,26 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             });
             array(s)
         }
-        // The slope's (or log decay's) leading axes broadcast into the batch.
+        // The slope's (or log decays') leading axes broadcast into the batch.
         Attn::Retention([q, k, v, a])
         | Attn::RetentionNormalized([q, k, v, a, _])
-        | Attn::GatedRetention([q, k, v, a])
-        | Attn::GatedRetentionNormalized([q, k, v, a, _]) => {
+        | Attn::GatedRetention([q, k, v, a, _])
+        | Attn::GatedRetentionNormalized([q, k, v, a, _, _]) => {
+            let keys = match enode {
+                Attn::GatedRetention([.., c]) | Attn::GatedRetentionNormalized([.., c, _]) => {
+                    Some(*c)
+                }
+                _ => None,
+            };
             let s = match (shape(*q), shape(*k), shape(*v), shape(*a)) {
                 (Some(q), Some(k), Some(v), Some(a)) => {
                     attention_shape(&q, &k, &v).and_then(|mut out| {
                         let rank = out.len();
-                        let lead =
-                            broadcast_shapes(&out[..rank - 2], &a[..a.len().saturating_sub(2)])?;
+                        let lead_of = |x: &[usize]| x[..x.len().saturating_sub(2)].to_vec();
+                        let mut lead = broadcast_shapes(&out[..rank - 2], &lead_of(&a))?;
+                        if let Some(c) = keys {
+                            lead = broadcast_shapes(&lead, &lead_of(&shape(c)?))?;
+                        }
                         let tail = out.split_off(rank - 2);
                         Some(lead.into_iter().chain(tail).collect())
                     })

@@ -203,17 +203,21 @@ fn add_op(expr: &mut RecExpr<Attn>, kernel: &Kernel, id: NodeId, args: &[Id]) ->
         Op::Backward(_) => return None,
         Op::LinearAttention(l) if l.decay != Decay::None => {
             let [q, k, v, a] = [one(0)?, one(1)?, one(2)?, one(3)?];
-            let gated = l.decay == Decay::Gate;
-            match l.normalizer {
-                Normalizer::None if gated => Attn::GatedRetention([q, k, v, a]),
-                Normalizer::None => Attn::Retention([q, k, v, a]),
-                Normalizer::Sum { eps } => {
+            // A gate's keys' log decay (operand 4); a slope has none.
+            let keys = if l.decay == Decay::Gate {
+                Some(one(4)?)
+            } else {
+                None
+            };
+            match (l.normalizer, keys) {
+                (Normalizer::None, Some(c)) => Attn::GatedRetention([q, k, v, a, c]),
+                (Normalizer::None, None) => Attn::Retention([q, k, v, a]),
+                (Normalizer::Sum { eps }, keys) => {
                     let e = leaf(expr, Atom::num(eps));
                     let eps = expr.add(Attn::Const(e));
-                    if gated {
-                        Attn::GatedRetentionNormalized([q, k, v, a, eps])
-                    } else {
-                        Attn::RetentionNormalized([q, k, v, a, eps])
+                    match keys {
+                        Some(c) => Attn::GatedRetentionNormalized([q, k, v, a, c, eps]),
+                        None => Attn::RetentionNormalized([q, k, v, a, eps]),
                     }
                 }
             }

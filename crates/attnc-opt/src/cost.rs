@@ -317,8 +317,8 @@ impl<'a> CycleCost<'a> {
             | Attn::CausalPrefixProduct([q, k, v])
             | Attn::Retention([q, k, v, _])
             | Attn::RetentionNormalized([q, k, v, _, _])
-            | Attn::GatedRetention([q, k, v, _])
-            | Attn::GatedRetentionNormalized([q, k, v, _, _]) => {
+            | Attn::GatedRetention([q, k, v, _, _])
+            | Attn::GatedRetentionNormalized([q, k, v, _, _, _]) => {
                 let (qs, ks, vs) = (shape(*q), shape(*k), shape(*v));
                 let dv = vs.last().copied().unwrap_or(0) as f64;
                 let decay = match enode {

@@ -185,12 +185,13 @@ define_language! {
         // the same over (sum(mask((q kᵀ) * exp(a * relpos), causal, 0), -1) + eps)
         // (q k v a eps)
         "retention-normalized" = RetentionNormalized([Id; 5]),
-        // mask((q kᵀ) * exp(c - cᵀ), causal, 0) v: gated decay, c = [.., n, 1] the running
-        // sum of log gates, through a prefix state decaying by exp(c_j - c_{j-1}) at key j
-        // (q k v c)
-        "gated-retention" = GatedRetention([Id; 4]),
-        // the same over (sum(mask((q kᵀ) * exp(c - cᵀ), causal, 0), -1) + eps) (q k v c eps)
-        "gated-retention-normalized" = GatedRetentionNormalized([Id; 5]),
+        // mask((q kᵀ) * exp(cq - ckᵀ), causal, 0) v: gated decay, cq = [.., m, 1] and
+        // ck = [.., n, 1] running sums of log gates (one c twice when m = n), through a prefix
+        // state decaying by exp(ck_j - ck_{j-1}) at key j (q k v cq ck)
+        "gated-retention" = GatedRetention([Id; 5]),
+        // the same over (sum(mask((q kᵀ) * exp(cq - ckᵀ), causal, 0), -1) + eps)
+        // (q k v cq ck eps)
+        "gated-retention-normalized" = GatedRetentionNormalized([Id; 6]),
         // `attention` with int8 q·k and p·v products (per-block scales, f32 softmax); approximate
         "attention-int8" = AttentionInt8([Id; 5]),
         // `attention` with bf16 q·k and p·v products (f32 accumulation and softmax); approximate

@@ -14,6 +14,7 @@
 //! - [`backward`]: the gradients of one attention call (FlashAttention-2 from the saved
 //!   output and log-sum-exp), block-sparse by the same tile tables, portable and AVX-512;
 //! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked;
+//! - [`flush`]: flush-to-zero for the span of a kernel (no subnormal results);
 //! - [`peak`]: the measured 512-bit FMA peak benchmarks report against.
 //!
 //! Every kernel here is tested against a plain scalar reference; the 128-bit Cranelift kernels
@@ -24,6 +25,7 @@ pub mod amx;
 pub mod attention;
 pub mod backward;
 pub mod cpu;
+pub mod flush;
 pub mod gemm;
 pub mod peak;
 pub mod problem;

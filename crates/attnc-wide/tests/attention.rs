@@ -95,6 +95,14 @@ impl Store {
         }
     }
 
+    fn get(&self, index: usize) -> f32 {
+        match self {
+            Store::F32(x) => x[index],
+            Store::F16(x) => x[index].to_f32(),
+            Store::Bf16(x) => x[index].to_f32(),
+        }
+    }
+
     fn set(&mut self, index: usize, value: f32) {
         match self {
             Store::F32(x) => x[index] = value,
@@ -141,6 +149,10 @@ impl Matrix {
 
     fn set(&mut self, r: usize, c: usize, value: f32) {
         self.store.set(r * self.stride + c, value);
+    }
+
+    fn get(&self, r: usize, c: usize) -> f32 {
+        self.store.get(r * self.stride + c)
     }
 }
 
@@ -813,5 +825,36 @@ fn calls_ending_inside_a_tile_give_the_same_bits() {
             }
             assert_eq!(lse[i - start].to_bits(), whole_lse[i].to_bits());
         }
+    }
+}
+
+/// Scores spread over hundreds of nats (peaked attention: most weights far below 2⁻¹²⁶ of
+/// the row's largest) with values of every magnitude: the kernel scales its weights by a
+/// power of two to keep their products out of the subnormal range, which must change nothing
+/// against the reference, nor between splits, nor overflow where the reference is finite.
+#[test]
+fn peaked_scores_match_the_reference_at_every_value_magnitude() {
+    if skip() {
+        return;
+    }
+    for (types, value_scale) in [
+        ([Ty::F32; 3], 1.0f32),
+        ([Ty::F32; 3], 1e-30),
+        ([Ty::F32; 3], 1e35),
+        ([Ty::F32; 3], 3e37),
+        ([Ty::F32, Ty::F32, Ty::Bf16], 1e30),
+        ([Ty::F32, Ty::F32, Ty::F16], 1e4),
+    ] {
+        let shape = dense_shape(130, 300, 32, 20, types);
+        let mut p = problem(&shape, 17, Some(KeyMask::Causal));
+        p.scale = 40.0 / (shape.d as f32).sqrt();
+        for r in 0..shape.n {
+            for c in 0..shape.dv {
+                let x = p.v.get(r, c);
+                p.v.set(r, c, x * value_scale);
+            }
+        }
+        check_problem(&p, &[1, 2])
+            .unwrap_or_else(|e| panic!("{types:?}, values × {value_scale:e}: {e}"));
     }
 }

@@ -135,7 +135,7 @@ pub fn linear(
     let (num, den) = if l.causal {
         let mut s = b.add(Op::MatMul, &[q, kt], None)?;
         // s ∘ exp(mask(log w, causal, 0)) with the log weight a · relpos(m, n) (slope) or
-        // c − cᵀ (gate): the inner mask changes only entries the outer one replaces, and keeps
+        // cq − ckᵀ (gate): the inner mask changes only entries the outer one replaces, and keeps
         // exp from overflowing there (an infinite weight would make their zero gradient NaN)
         let log_weight = match l.decay {
             Decay::None => None,
@@ -146,7 +146,7 @@ pub fn linear(
                 Some(b.add(Op::Binary(BinaryOp::Mul), &[args[3], r], None)?)
             }
             Decay::Gate => {
-                let ct = b.add(Op::Transpose, &[args[3]], None)?;
+                let ct = b.add(Op::Transpose, &[args[4]], None)?;
                 Some(b.add(Op::Binary(BinaryOp::Sub), &[args[3], ct], None)?)
             }
         };

@@ -110,8 +110,8 @@ pub(super) fn linear(l: &LinearAttention, args: &[&ArrayD<f64>]) -> Result<Array
         a = round_range(binary(BinaryOp::Mul, &a, &w)?);
     }
     if l.decay == Decay::Gate {
-        // A ∘ exp(c − cᵀ), each step rounded as its plain-form node.
-        let ct = transpose(args[3])?;
+        // A ∘ exp(cq − ckᵀ), each step rounded as its plain-form node.
+        let ct = transpose(args[4])?;
         let w = round_range(binary(BinaryOp::Sub, args[3], &ct)?);
         let w = round_range(w.mapv(|x| unary(UnaryOp::Exp, x)));
         a = round_range(binary(BinaryOp::Mul, &a, &w)?);

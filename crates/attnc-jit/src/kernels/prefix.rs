@@ -63,19 +63,20 @@ pub struct PrefixSpec {
     pub dv: usize,
     /// The row normalization.
     pub normalizer: Normalizer,
-    /// Element strides per batch axis of the decay slope (operand 3), or `None` without
-    /// decay.
+    /// Element strides per batch axis of the decay slope, or of a gated decay's queries' log
+    /// decay `cq` (operand 3), or `None` without decay.
     pub slope_strides: Option<Vec<usize>>,
-    /// Whether operand 3 is a gated decay's log decay `c` (`[.., n, 1]`, key `j` weighed by
-    /// `exp(c_i' − c_j)` in row `i`) rather than a slope: run in chunks only
+    /// For a gated decay (`[.., m, 1]` queries' and `[.., n, 1]` keys' log decays, key `j`
+    /// weighed by `exp(cq_i − ck_j)` in row `i`) rather than a slope: the element strides per
+    /// batch axis of the keys' log decay `ck` (operand 4). Gated decays run in chunks only
     /// ([`crate::chunkwise`]), never by this kernel.
-    pub gated: bool,
+    pub key_decay_strides: Option<Vec<usize>>,
 }
 
 impl PrefixSpec {
     /// Why the kernel cannot run this spec, or `None`.
     pub fn unsupported(&self) -> Option<&'static str> {
-        if self.gated {
+        if self.is_gated() {
             return Some("a gated decay runs in chunks, not through this kernel");
         }
         if self.dv > MAX_DV {
@@ -85,6 +86,11 @@ impl PrefixSpec {
             Some(bytes) if bytes <= MAX_STATE_BYTES => None,
             _ => Some("the prefix state is larger than the kernel's stack limit"),
         }
+    }
+
+    /// Whether its decay is gated (by the data) rather than by a slope.
+    pub fn is_gated(&self) -> bool {
+        self.key_decay_strides.is_some()
     }
 
     /// The number of batch entries.
@@ -408,7 +414,7 @@ mod tests {
             dv: 5,
             normalizer: Normalizer::Sum { eps: 0.0 },
             slope_strides: None,
-            gated: false,
+            key_decay_strides: None,
         };
         assert_eq!(spec.pitch(), 8);
         assert_eq!(spec.state_bytes(), Some(4 * (3 * 8 + 4)));

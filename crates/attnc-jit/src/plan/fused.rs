@@ -78,9 +78,9 @@ pub(super) fn unsupported(
             if !l.causal {
                 return None;
             }
-            let spec = prefix_spec(&fs, l, [vec![], vec![], vec![]], None);
+            let spec = prefix_spec(&fs, l, [vec![], vec![], vec![]], [None, None]);
             // A gated decay always runs in chunks (on any tier).
-            (!spec.gated)
+            (!spec.is_gated())
                 .then(|| spec.unsupported())
                 .flatten()
                 .map(str::to_string)
@@ -476,13 +476,15 @@ fn tier_of(spec: &AttentionSpec, tiers: Tiers) -> Tier {
 }
 
 /// The prefix-state kernel's spec for a checked causal linear attention (`batch_strides`
-/// of φQ, φK, V, and of the decay slope when it decays).
+/// of φQ, φK, V, and `decay_strides` of the decay slope or of a gate's two log decays).
 fn prefix_spec(
     fs: &FusedShape<usize>,
     l: &LinearAttention,
     batch_strides: [Vec<usize>; 3],
-    slope_strides: Option<Vec<usize>>,
+    decay_strides: [Option<Vec<usize>>; 2],
 ) -> PrefixSpec {
+    let [slope_strides, key_strides] = decay_strides;
+    let or_broadcast = |s: Option<Vec<usize>>| s.unwrap_or_else(|| vec![0; fs.batch.len()]);
     PrefixSpec {
         batch: fs.batch.clone(),
         batch_strides,
@@ -493,11 +495,9 @@ fn prefix_spec(
         normalizer: l.normalizer,
         slope_strides: match l.decay {
             Decay::None => None,
-            Decay::Slope | Decay::Gate => {
-                Some(slope_strides.unwrap_or_else(|| vec![0; fs.batch.len()]))
-            }
+            Decay::Slope | Decay::Gate => Some(or_broadcast(slope_strides)),
         },
-        gated: l.decay == Decay::Gate,
+        key_decay_strides: (l.decay == Decay::Gate).then(|| or_broadcast(key_strides)),
     }
 }
 
@@ -519,25 +519,27 @@ pub(super) fn plan_prefix(
     let fs = Fused::Linear(l)
         .check(&slices)
         .map_err(|e| plan_error(op, e))?;
-    let mut inputs = Vec::with_capacity(4);
+    let mut inputs = Vec::with_capacity(5);
     let mut strides: [Vec<usize>; 3] = Default::default();
-    let mut slope = None;
+    let mut decay: [Option<Vec<usize>>; 2] = Default::default();
     for (index, &o) in operands.iter().enumerate() {
         let v = operand(vals, o)?;
         inputs.push(p.contiguous_buffer(&v));
+        let s = batch_strides(&shapes[index], &fs.batch);
         match index {
-            0..=2 => strides[index] = batch_strides(&shapes[index], &fs.batch),
-            _ => slope = Some(batch_strides(&shapes[index], &fs.batch)),
+            0..=2 => strides[index] = s,
+            3 => decay[0] = Some(s),
+            _ => decay[1] = Some(s),
         }
     }
-    let spec = prefix_spec(&fs, l, strides, slope);
+    let spec = prefix_spec(&fs, l, strides, decay);
     let mut shape = fs.batch.clone();
     shape.extend([fs.m, fs.dv]);
     let out = p.new_buffer(shape.iter().product());
     let kind = if l.causal {
         // Long sequences run in chunks on the full-width products; short ones and the
         // portable tier keep the recurrent kernel. A gated decay always runs in chunks.
-        if spec.gated || (p.tiers.avx512 && crate::chunkwise::worth_chunking(&spec)) {
+        if spec.is_gated() || (p.tiers.avx512 && crate::chunkwise::worth_chunking(&spec)) {
             StepKind::Chunked(spec)
         } else {
             StepKind::Prefix(spec)

@@ -328,8 +328,8 @@ fn build_node(
         }
         Attn::Retention([q, k, v, a])
         | Attn::RetentionNormalized([q, k, v, a, _])
-        | Attn::GatedRetention([q, k, v, a])
-        | Attn::GatedRetentionNormalized([q, k, v, a, _]) => {
+        | Attn::GatedRetention([q, k, v, a, _])
+        | Attn::GatedRetentionNormalized([q, k, v, a, _, _]) => {
             let normalizer = match node {
                 Attn::RetentionNormalized([.., e]) | Attn::GatedRetentionNormalized([.., e]) => {
                     let view = TermView {
@@ -353,11 +353,12 @@ fn build_node(
                 normalizer,
                 decay,
             };
-            b.add(
-                Op::LinearAttention(op),
-                &[value(*q)?, value(*k)?, value(*v)?, value(*a)?],
-                None,
-            )
+            let mut operands = vec![value(*q)?, value(*k)?, value(*v)?, value(*a)?];
+            if let Attn::GatedRetention([.., c]) | Attn::GatedRetentionNormalized([.., c, _]) = node
+            {
+                operands.push(value(*c)?);
+            }
+            b.add(Op::LinearAttention(op), &operands, None)
         }
         _ => return Err(bad("an unexpected node")),
     };

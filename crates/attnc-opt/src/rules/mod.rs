@@ -165,25 +165,41 @@ pub enum Guard {
     },
     /// Decayed causal scores `mask((q kᵀ) * exp(slope * relpos(rows, cols)), causal, 0)`:
     /// `rows` and `cols` are the scores' last two dimensions, `slope` is a scalar or has size
-    /// 1 in its last two axes and does not enlarge the scores; or, without `rows` and `cols`,
-    /// gated scores `mask((q kᵀ) * exp(c - cᵀ), causal, 0)` (`slope` is `c`): square scores
-    /// `[.., n, n]` and `c` `[.., n, 1]`, not enlarging them. `axis` (if given) is their last
-    /// axis and `eps` (if given) a finite scalar. Checked by [`retention::DecayCheck`].
+    /// 1 in its last two axes and does not enlarge the scores; or gated scores
+    /// `mask((q kᵀ) * exp(cq - ckᵀ), causal, 0)` (`slope` is `cq`): `cq` `[.., m, 1]` and
+    /// `ck` `[.., n, 1]` over scores `[.., m, n]`, not enlarging them. `axis` (if given) is
+    /// their last axis and `eps` (if given) a finite scalar. Checked by
+    /// [`retention::DecayCheck`].
     CausalDecay {
         /// The query.
         q: &'static str,
         /// The key.
         k: &'static str,
-        /// The log-decay slope.
+        /// The log-decay slope, or the queries' log decay `cq`.
         slope: &'static str,
-        /// The `relpos` row count atom (`None` for gated scores).
-        rows: Option<&'static str>,
-        /// The `relpos` column count atom (`None` for gated scores).
-        cols: Option<&'static str>,
+        /// How the log weight is formed.
+        form: DecayForm,
         /// The normalizer's sum axis atom.
         axis: Option<&'static str>,
         /// The normalizer's epsilon.
         eps: Option<&'static str>,
+    },
+}
+
+/// How the log weight of [`Guard::CausalDecay`] scores is formed.
+#[derive(Clone, Copy, Debug)]
+pub enum DecayForm {
+    /// `slope * relpos(rows, cols)`, with the `relpos` row and column count atoms.
+    Relpos {
+        /// The `relpos` row count atom.
+        rows: &'static str,
+        /// The `relpos` column count atom.
+        cols: &'static str,
+    },
+    /// `cq - ckᵀ` (`cq` is the guard's `slope`), with the keys' log decay `ck`.
+    Gate {
+        /// The keys' log decay.
+        keys: &'static str,
     },
 }
 

@@ -20,9 +20,11 @@
 //! `[.., n, 1]` (the running sum of log gates: gated linear attention, Mamba-2's scalar decay),
 //! weighs key `j` in row `i` by `exp(c_i − c_j)`: the rules `gated-retention-fuse*` make it
 //! [`attnc_ir::Decay::Gate`], a prefix state decaying by `exp(c_j − c_{j−1})` at key `j`.
-//! `c − cᵀ` is square, so these need `m = n`.
+//! Written `exp(cq − ckᵀ)` with the queries' and the keys' log decays apart (`cq` `[.., m, 1]`,
+//! e.g. the last `m` entries of `ck` when decoding), the same holds for `m ≠ n`: row `i`
+//! weighs key `j ≤ i'` by `exp(cq_i − ck_j)`.
 
-use super::{broadcasts_into, var, AttnRewrite, Guard, RuleSpec};
+use super::{broadcasts_into, var, AttnRewrite, DecayForm, Guard, RuleSpec};
 use crate::analysis::{matmul_shape, transposed, AttnGraph, ShapeAnalysis};
 use crate::lang::Attn;
 use egg::{Condition, ConditionalApplier, Id, Pattern, Rewrite, Subst, Var};
@@ -37,7 +39,7 @@ macro_rules! decayed {
 /// The gated (data-dependent) decayed scores the rules match.
 macro_rules! gated {
     () => {
-        "(mask (mul (matmul ?q (transpose ?k)) (exp (sub ?c (transpose ?c)))) causal 0)"
+        "(mask (mul (matmul ?q (transpose ?k)) (exp (sub ?cq (transpose ?ck)))) causal 0)"
     };
 }
 
@@ -47,17 +49,18 @@ pub fn specs() -> Vec<RuleSpec> {
         q: "?q",
         k: "?k",
         slope: "?a",
-        rows: Some("?m"),
-        cols: Some("?n"),
+        form: DecayForm::Relpos {
+            rows: "?m",
+            cols: "?n",
+        },
         axis,
         eps,
     };
     let gated = |axis, eps| Guard::CausalDecay {
         q: "?q",
         k: "?k",
-        slope: "?c",
-        rows: None,
-        cols: None,
+        slope: "?cq",
+        form: DecayForm::Gate { keys: "?ck" },
         axis,
         eps,
     };
@@ -97,22 +100,22 @@ pub fn specs() -> Vec<RuleSpec> {
             "(retention-normalized ?q ?k ?v ?a ?e)",
             guard(Some("?ax"), Some("?e")),
         ),
-        // A v = gated-retention(q, k, v, c), A = mask((q kᵀ) ∘ exp(c − cᵀ), causal, 0),
-        // c [.., n, 1] per position (the running sum of log gates)
+        // A v = gated-retention(q, k, v, cq, ck), A = mask((q kᵀ) ∘ exp(cq − ckᵀ), causal, 0),
+        // cq [.., m, 1] and ck [.., n, 1] per position (running sums of log gates)
         RuleSpec::guarded(
             "gated-retention-fuse",
             concat!("(matmul ", gated!(), " ?v)"),
-            "(gated-retention ?q ?k ?v ?c)",
+            "(gated-retention ?q ?k ?v ?cq ?ck)",
             gated(None, None),
         ),
-        // (A v) / sum(A, -1) = gated-retention-normalized(q, k, v, c, 0), A as above
+        // (A v) / sum(A, -1) = gated-retention-normalized(q, k, v, cq, ck, 0), A as above
         RuleSpec::guarded(
             "gated-retention-fuse-normalized",
             concat!("(div (matmul ", gated!(), " ?v) (sum ", gated!(), " ?ax))"),
-            "(gated-retention-normalized ?q ?k ?v ?c (const 0))",
+            "(gated-retention-normalized ?q ?k ?v ?cq ?ck (const 0))",
             gated(Some("?ax"), None),
         ),
-        // (A v) / (sum(A, -1) + eps) = gated-retention-normalized(q, k, v, c, eps) for a
+        // (A v) / (sum(A, -1) + eps) = gated-retention-normalized(q, k, v, cq, ck, eps) for a
         // finite scalar eps, A as above
         RuleSpec::guarded(
             "gated-retention-fuse-eps",
@@ -123,7 +126,7 @@ pub fn specs() -> Vec<RuleSpec> {
                 gated!(),
                 " ?ax) ?e))"
             ),
-            "(gated-retention-normalized ?q ?k ?v ?c ?e)",
+            "(gated-retention-normalized ?q ?k ?v ?cq ?ck ?e)",
             gated(Some("?ax"), Some("?e")),
         ),
     ]
@@ -135,8 +138,7 @@ pub(super) fn rewrite(spec: &RuleSpec) -> AttnRewrite {
         q,
         k,
         slope,
-        rows,
-        cols,
+        form,
         axis,
         eps,
     } = spec.guard
@@ -155,8 +157,13 @@ pub(super) fn rewrite(spec: &RuleSpec) -> AttnRewrite {
         q: var(q),
         k: var(k),
         slope: var(slope),
-        rows: rows.map(var),
-        cols: cols.map(var),
+        form: match form {
+            DecayForm::Relpos { rows, cols } => CheckForm::Relpos {
+                rows: var(rows),
+                cols: var(cols),
+            },
+            DecayForm::Gate { keys } => CheckForm::Gate { keys: var(keys) },
+        },
         axis: axis.map(var),
         eps: eps.map(var),
     };
@@ -168,17 +175,24 @@ pub(super) fn rewrite(spec: &RuleSpec) -> AttnRewrite {
 }
 
 /// [`Guard::CausalDecay`] as an egg [`Condition`]: the scores `q kᵀ` are `[.., m, n]`, the
-/// `relpos` dimensions are `m` and `n`, the slope is one number per batch entry and fits in
-/// the scores, the sum (if any) runs along the keys and `eps` (if any) is a finite scalar.
+/// `relpos` dimensions are `m` and `n` and the slope is one number per batch entry, or the
+/// log decays are `[.., m, 1]` and `[.., n, 1]`; either fits in the scores; the sum (if any)
+/// runs along the keys and `eps` (if any) is a finite scalar.
 #[derive(Clone, Debug)]
 pub struct DecayCheck {
     q: Var,
     k: Var,
     slope: Var,
-    rows: Option<Var>,
-    cols: Option<Var>,
+    form: CheckForm,
     axis: Option<Var>,
     eps: Option<Var>,
+}
+
+/// [`DecayForm`] with its variables parsed.
+#[derive(Clone, Copy, Debug)]
+enum CheckForm {
+    Relpos { rows: Var, cols: Var },
+    Gate { keys: Var },
 }
 
 impl DecayCheck {
@@ -190,8 +204,8 @@ impl DecayCheck {
         let (m, n) = (scores[rank - 2] as u64, scores[rank - 1] as u64);
         let an: &ShapeAnalysis = &egraph.analysis;
         let slope = shape(self.slope)?;
-        let mut ok = match (self.rows, self.cols) {
-            (Some(rows), Some(cols)) => {
+        let mut ok = match self.form {
+            CheckForm::Relpos { rows, cols } => {
                 let rows = an.resolve(data(rows)?.atom)?;
                 let cols = an.resolve(data(cols)?.atom)?;
                 let per_entry = slope[slope.len().saturating_sub(2)..]
@@ -199,14 +213,17 @@ impl DecayCheck {
                     .all(|&s| s == 1);
                 rows == m && cols == n && per_entry && broadcasts_into(&scores, &slope)
             }
-            // Gated: c is [.., n, 1] over square scores (its transpose spans the keys).
-            _ => {
-                let r = slope.len();
-                m == n
-                    && r >= 2
-                    && slope[r - 1] == 1
-                    && slope[r - 2] as u64 == n
+            // Gated: cq is [.., m, 1] and ck [.., n, 1] (its transpose spans the keys).
+            CheckForm::Gate { keys } => {
+                let column = |c: &[usize], len: u64| {
+                    let r = c.len();
+                    r >= 2 && c[r - 1] == 1 && c[r - 2] as u64 == len
+                };
+                let ck = shape(keys)?;
+                column(&slope, m)
+                    && column(&ck, n)
                     && broadcasts_into(&scores, &slope)
+                    && broadcasts_into(&scores, &transposed(&ck)?)
             }
         };
         if let Some(axis) = self.axis {
@@ -229,8 +246,10 @@ impl Condition<Attn, ShapeAnalysis> for DecayCheck {
 
     fn vars(&self) -> Vec<Var> {
         let mut vars = vec![self.q, self.k, self.slope];
-        vars.extend(self.rows);
-        vars.extend(self.cols);
+        match self.form {
+            CheckForm::Relpos { rows, cols } => vars.extend([rows, cols]),
+            CheckForm::Gate { keys } => vars.push(keys),
+        }
         vars.extend(self.axis);
         vars.extend(self.eps);
         vars
@@ -259,6 +278,9 @@ mod tests {
     }
 
     const GATED: &str = "q: f32[b, n, d], k: f32[b, n, d], v: f32[b, n, e], g: f32[b, n, 1]";
+
+    const GATED_APART: &str =
+        "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e], cq: f32[b, m, 1], ck: f32[b, n, 1]";
 
     const PARAMS: &str = "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, e], a: f32[b, 1, 1]";
 
@@ -310,15 +332,27 @@ mod tests {
         fn gated_retention_fuse(b in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
             check(&rule(&specs(), "gated-retention-fuse"), GATED,
                   &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
-                    ("?c", "(cumsum (log (sigmoid (input g))) 1)")],
+                    ("?cq", "(cumsum (log (sigmoid (input g))) 1)"),
+                    ("?ck", "(cumsum (log (sigmoid (input g))) 1)")],
                   &[("b", b), ("n", n), ("d", d), ("e", e)], seed);
+        }
+
+        // The queries' and the keys' log decays apart, m and n drawn independently (decoding:
+        // m < n; rows keeping no key: m > n).
+        #[test]
+        fn gated_retention_fuse_rows_apart(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "gated-retention-fuse"), GATED_APART,
+                  &[("?q", "(input q)"), ("?k", "(input k)"), ("?v", "(input v)"),
+                    ("?cq", "(input cq)"), ("?ck", "(input ck)")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
         }
 
         #[test]
         fn gated_retention_fuse_normalized(b in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
             check(&rule(&specs(), "gated-retention-fuse-normalized"), GATED,
                   &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
-                    ("?v", "(input v)"), ("?c", "(cumsum (log (sigmoid (input g))) 1)"), ("?ax", "2")],
+                    ("?v", "(input v)"), ("?cq", "(cumsum (log (sigmoid (input g))) 1)"),
+                    ("?ck", "(cumsum (log (sigmoid (input g))) 1)"), ("?ax", "2")],
                   &[("b", b), ("n", n), ("d", d), ("e", e)], seed);
         }
 
@@ -326,8 +360,18 @@ mod tests {
         fn gated_retention_fuse_eps(b in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
             check(&rule(&specs(), "gated-retention-fuse-eps"), GATED,
                   &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
-                    ("?v", "(input v)"), ("?c", "(input g)"), ("?ax", "2"), ("?e", "(const 0.001)")],
+                    ("?v", "(input v)"), ("?cq", "(input g)"), ("?ck", "(input g)"), ("?ax", "2"),
+                    ("?e", "(const 0.001)")],
                   &[("b", b), ("n", n), ("d", d), ("e", e)], seed);
+        }
+
+        #[test]
+        fn gated_retention_fuse_eps_rows_apart(b in dim(), m in dim(), n in dim(), d in dim(), e in dim(), seed in any::<u64>()) {
+            check(&rule(&specs(), "gated-retention-fuse-eps"), GATED_APART,
+                  &[("?q", "(add (elu (input q)) (const 1))"), ("?k", "(add (elu (input k)) (const 1))"),
+                    ("?v", "(input v)"), ("?cq", "(input cq)"), ("?ck", "(input ck)"), ("?ax", "2"),
+                    ("?e", "(const 0.001)")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d), ("e", e)], seed);
         }
     }
 

@@ -62,26 +62,30 @@ pub(super) fn exp2(t: __m512) -> __m512 {
 pub(super) const EXP2_BELOW_LIMIT: f32 = 2_097_152.0; // 2²¹
 
 /// The per-row constants of [`exp2_below`] for an integer maximum `max` (`|max| ≤ 2²¹`, or
-/// ±∞/NaN): `(max − 127, EXP2_MAGIC − max)`, both exact.
+/// ±∞/NaN) and an integer `offset` in `0..=64`: `(max − 127, EXP2_MAGIC − (max − offset))`,
+/// both exact.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-pub(super) fn exp2_below_constants(max: __m512) -> (__m512, __m512) {
+pub(super) fn exp2_below_constants(max: __m512, offset: __m512) -> (__m512, __m512) {
     (
         _mm512_sub_ps(max, _mm512_set1_ps(127.0)),
-        _mm512_sub_ps(_mm512_set1_ps(EXP2_MAGIC), max),
+        _mm512_sub_ps(_mm512_set1_ps(EXP2_MAGIC), _mm512_sub_ps(max, offset)),
     )
 }
 
-/// `2^(s − max)` for an integer `max ≥ s` given its [`exp2_below_constants`] `(low, magic)`:
-/// the same values as `exp2(s − max)` up to rounding, one operation fewer, because with an
-/// integer `max` the magic constant absorbs the subtraction exactly (`s + (M − max)` rounds
-/// `s − max` to an integer in one step, and `s − round(s)` is exact by Sterbenz' lemma).
-/// 0 when `s − max < −127` (masked scores: −∞), NaN for NaN in `s` or `max`.
+/// `2^(s − max + offset)` for an integer `max ≥ s` given its [`exp2_below_constants`]
+/// `(cut, magic)`: the same values as `exp2(s − max + offset)` up to rounding, one operation
+/// fewer, because with an integer `max` the magic constant absorbs the subtraction exactly
+/// (`s + (M − max + offset)` rounds `s − max + offset` to an integer in one step, and
+/// `s − round(s)` is exact by Sterbenz' lemma). Exactly 0 when `s − max < −127` (masked
+/// scores: −∞), whatever the offset, so with an offset no weight is subnormal; NaN for NaN in
+/// `s` or `max`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-pub(super) fn exp2_below(s: __m512, low: __m512, magic: __m512) -> __m512 {
-    // `max` returns its second operand when either is NaN: a NaN score survives.
-    let s = _mm512_max_ps(low, s);
+pub(super) fn exp2_below(s: __m512, cut: __m512, magic: __m512) -> __m512 {
+    // `not less than` holds for NaN: a NaN score survives. Lanes below the cut compute
+    // garbage that the masked product discards.
+    let kept = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(s, cut);
     let y = _mm512_add_ps(s, magic);
     let k = _mm512_sub_ps(y, magic);
     let f = _mm512_sub_ps(s, k);
@@ -91,9 +95,9 @@ pub(super) fn exp2_below(s: __m512, low: __m512, magic: __m512) -> __m512 {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[2]));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[1]));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_POLY[0]));
-    // y holds round(s − max) + 127 in its low mantissa bits, as in `exp2`.
+    // y holds round(s − max + offset) + 127 in its low mantissa bits, as in `exp2`.
     let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_castps_si512(y)));
-    _mm512_mul_ps(p, scale)
+    _mm512_maskz_mul_ps(kept, p, scale)
 }
 
 /// `tanh(y)` per lane, relative error about 1.5e-7; ±1 for ±∞, NaN for NaN.
@@ -180,27 +184,36 @@ mod tests {
             return;
         }
         let mut worst = 0.0f64;
-        for max in [0.0f32, 1.0, -3.0, 117.0, -2_000_000.0, EXP2_BELOW_LIMIT] {
-            for step in 0..20_000 {
-                let mut x = [0.0f32; 16];
-                for (l, v) in x.iter_mut().enumerate() {
-                    *v = max
-                        - (step * 16 + l) as f32 * (130.0 / 320_000.0) * (1.0 + max.abs() / 1e6);
-                }
-                let mut got = [0.0f32; 16];
-                // SAFETY: AVX-512 was detected above; both arrays hold 16 f32.
-                unsafe {
-                    let (low, magic) = exp2_below_constants(_mm512_set1_ps(max));
-                    let p = exp2_below(_mm512_loadu_ps(x.as_ptr()), low, magic);
-                    _mm512_storeu_ps(got.as_mut_ptr(), p);
-                }
-                for l in 0..16 {
-                    let t = x[l] as f64 - max as f64;
-                    let want = t.exp2();
-                    if t < -126.0 {
-                        assert!(got[l] == 0.0 || t > -127.5, "{} at t {t}", got[l]);
-                    } else {
-                        worst = worst.max((got[l] as f64 - want).abs() / want);
+        for offset in [0.0f32, 1.0, 64.0] {
+            for max in [0.0f32, 1.0, -3.0, 117.0, -2_000_000.0, EXP2_BELOW_LIMIT] {
+                for step in 0..20_000 {
+                    let mut x = [0.0f32; 16];
+                    for (l, v) in x.iter_mut().enumerate() {
+                        *v = max
+                            - (step * 16 + l) as f32
+                                * (130.0 / 320_000.0)
+                                * (1.0 + max.abs() / 1e6);
+                    }
+                    let mut got = [0.0f32; 16];
+                    // SAFETY: AVX-512 was detected above; both arrays hold 16 f32.
+                    unsafe {
+                        let (cut, magic) =
+                            exp2_below_constants(_mm512_set1_ps(max), _mm512_set1_ps(offset));
+                        let p = exp2_below(_mm512_loadu_ps(x.as_ptr()), cut, magic);
+                        _mm512_storeu_ps(got.as_mut_ptr(), p);
+                    }
+                    for l in 0..16 {
+                        let t = x[l] as f64 - max as f64;
+                        let want = (t + offset as f64).exp2();
+                        if t < -127.0 {
+                            assert_eq!(got[l], 0.0, "at t {t}, offset {offset}");
+                        } else if t + (offset as f64) < -126.0 {
+                            // Without an offset, 2^k·p for k = −127 is 0: off by < 2⁻¹²⁶.
+                            assert!((got[l] as f64 - want).abs() < 2f64.powi(-126));
+                        } else {
+                            assert!(got[l] >= f32::MIN_POSITIVE, "{} at t {t}", got[l]);
+                            worst = worst.max((got[l] as f64 - want).abs() / want);
+                        }
                     }
                 }
             }
@@ -209,18 +222,20 @@ mod tests {
         let mut x = [0.0f32; 16];
         x[0] = f32::NEG_INFINITY;
         x[1] = f32::NAN;
+        x[3] = -1e30;
         let mut got = [0.0f32; 16];
         // SAFETY: AVX-512 was detected above.
         unsafe {
-            let (low, magic) = exp2_below_constants(_mm512_set1_ps(3.0));
+            let (cut, magic) = exp2_below_constants(_mm512_set1_ps(3.0), _mm512_set1_ps(64.0));
             _mm512_storeu_ps(
                 got.as_mut_ptr(),
-                exp2_below(_mm512_loadu_ps(x.as_ptr()), low, magic),
+                exp2_below(_mm512_loadu_ps(x.as_ptr()), cut, magic),
             );
         }
         assert_eq!(got[0], 0.0);
         assert!(got[1].is_nan());
-        assert!((got[2] - 0.125).abs() < 1e-7);
+        assert!((got[2] as f64 - 2f64.powi(61)).abs() < 2.5e-7 * 2f64.powi(61));
+        assert_eq!(got[3], 0.0);
     }
 
     #[test]

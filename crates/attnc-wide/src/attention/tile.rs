@@ -10,7 +10,8 @@
 //! 1. `Sᵀ[key][row] = Σ_c Qᵀ[c][row]·K[key][c]` ([`micro::qk`]: 4 keys × 4 row vectors of
 //!    accumulators, one key element broadcast per 4 FMAs), the tile maximum folded in;
 //! 2. bias, ALiBi, softcap and element masks (partial tiles only) in one pass over `Sᵀ`;
-//! 3. online softmax with an integer running maximum (base 2): `Pᵀ = 2^(Sᵀ − max)` in place,
+//! 3. online softmax with an integer running maximum (base 2): `Pᵀ = 2^(Sᵀ − max + B)` in place
+//!    (`B` from [`headroom`]: no subnormal products),
 //!    row sums, a power-of-two rescale of O when some row's maximum grew;
 //! 4. `Oᵀ[c][row] += Σ_key Pᵀ[key][row]·V[key][c]` ([`micro::pv`]: 4 columns × 4 row
 //!    vectors, one value broadcast per 4 FMAs; masked FMAs on partial tiles).
@@ -25,6 +26,7 @@
 // Register arrays indexed by constant loop bounds.
 #![allow(clippy::needless_range_loop)]
 
+mod headroom;
 mod layout;
 mod micro;
 
@@ -144,10 +146,12 @@ struct Env<'a, 'c> {
     dv: usize,
 }
 
-/// Per 16 rows of a query tile: running maximum (an integer, base 2) and sum.
+/// Per 16 rows of a query tile: running maximum (an integer, base 2) and sum; the weights
+/// (and with them the sum and O) are `2^(s − max + offset)`, see [`headroom`].
 struct Softmax<const RV: usize> {
     max: [__m512; RV],
     sum: [__m512; RV],
+    offset: i32,
 }
 
 /// Computes rows `rows` of `call` into `out`.
@@ -236,6 +240,8 @@ unsafe fn query_tile<const RV: usize>(
     let mut softmax = Softmax::<RV> {
         max: [_mm512_set1_ps(f32::NEG_INFINITY); RV],
         sum: [_mm512_setzero_ps(); RV],
+        // SAFETY: the caller's contract.
+        offset: unsafe { headroom::weight_offset(env.call, tile.rows.start / QUERY_TILE) },
     };
     let mut visits = env
         .call
@@ -310,7 +316,9 @@ unsafe fn query_tile<const RV: usize>(
             lse[i - tile.out_start] = if kept_none {
                 f32::NEG_INFINITY
             } else {
-                ((max[lane] as f64 + (sum[lane] as f64).log2()) * std::f64::consts::LN_2) as f32
+                let offset = f64::from(softmax.offset);
+                ((max[lane] as f64 + (sum[lane] as f64).log2() - offset) * std::f64::consts::LN_2)
+                    as f32
             };
         }
     }
@@ -412,12 +420,13 @@ unsafe fn key_step<const RV: usize>(
     // exponential folds the subtraction into its rounding constant (`exp2_below`).
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
     let one = _mm512_set1_ps(1.0);
-    let mut low = [_mm512_setzero_ps(); RV];
     let mut magic = [_mm512_setzero_ps(); RV];
     let mut shift = [_mm512_setzero_ps(); RV];
+    let mut cut = [_mm512_setzero_ps(); RV];
     let mut alpha = [one; RV];
     let mut grew = 0u32;
     let mut general = 0u32;
+    let offset = _mm512_set1_ps(softmax.offset as f32);
     for r in 0..RV {
         let old = softmax.max[r];
         let top = _mm512_roundscale_ps::<{ _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC }>(tmax[r]);
@@ -433,7 +442,8 @@ unsafe fn key_step<const RV: usize>(
             one,
         );
         grew |= u32::from(!same);
-        (low[r], magic[r]) = exp2_below_constants(shift[r]);
+        // The weights are 2^(s − shift + offset), 0 where s − shift < −127.
+        (cut[r], magic[r]) = exp2_below_constants(shift[r], offset);
         // Beyond ±2²¹ (finite) the rounding-constant form does not hold: take `exp2`.
         let size = _mm512_abs_ps(shift[r]);
         let huge = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(size, _mm512_set1_ps(EXP2_BELOW_LIMIT))
@@ -450,9 +460,14 @@ unsafe fn key_step<const RV: usize>(
             unsafe {
                 let x = _mm512_loadu_ps(at);
                 let p = if general == 0 {
-                    exp2_below(x, low[r], magic[r])
+                    exp2_below(x, cut[r], magic[r])
                 } else {
-                    exp2(_mm512_sub_ps(x, shift[r]))
+                    // `not less than` holds for NaN: a NaN weight stays.
+                    let kept = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, cut[r]);
+                    _mm512_maskz_mov_ps(
+                        kept,
+                        exp2(_mm512_add_ps(_mm512_sub_ps(x, shift[r]), offset)),
+                    )
                 };
                 sum[r] = _mm512_add_ps(sum[r], p);
                 _mm512_storeu_ps(at, p);
