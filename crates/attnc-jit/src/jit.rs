@@ -395,6 +395,46 @@ impl KernelHandle {
         Ok(())
     }
 
+    /// Runs the kernel on the (batch entry, rows) `units` only, spread over up to `threads`
+    /// threads; other rows are left as they are. Units must not overlap (each row is then
+    /// written by one call).
+    pub fn run_units(
+        &self,
+        inputs: &[BufferView<'_>],
+        output: &mut [f32],
+        units: &[(usize, std::ops::Range<usize>)],
+        threads: usize,
+    ) -> Result<()> {
+        self.check_buffers(inputs, output)?;
+        let units: Vec<(usize, usize, usize)> = units
+            .iter()
+            .map(|(b, r)| (*b, r.start, r.end.min(self.rows)))
+            .filter(|&(b, r0, r1)| b < self.batches && r0 < r1)
+            .collect();
+        if units.is_empty() {
+            return Ok(());
+        }
+        let ins = SharedIns(inputs.iter().map(|s| s.as_ptr()).collect());
+        let out = SharedOut(output.as_mut_ptr());
+        let threads = threads.clamp(1, units.len());
+        let run_share = |share: usize| {
+            for &(batch, r0, r1) in units.iter().skip(share).step_by(threads) {
+                // SAFETY: buffer counts, element types and lengths were checked above;
+                // `batch < batches` and `r0 < r1 <= rows`; units do not overlap and each is
+                // run by one thread, so no element is written twice or read while written.
+                unsafe { (self.func)(ins.table(), out.get(), batch as u64, r0 as u64, r1 as u64) };
+            }
+        };
+        std::thread::scope(|s| {
+            for share in 1..threads {
+                let run_share = &run_share;
+                s.spawn(move || run_share(share));
+            }
+            run_share(0);
+        });
+        Ok(())
+    }
+
     /// Runs the kernel on the rows `rows` of batch entry `batch` only, on the calling thread
     /// (calibration samples). Rows outside the range are left as they are.
     pub fn run_rows(

@@ -28,6 +28,7 @@ pub mod ceiling;
 pub mod chunkwise;
 pub mod error;
 mod finite;
+mod gate;
 pub mod host;
 pub mod jit;
 pub mod kernels;

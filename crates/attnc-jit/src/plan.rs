@@ -31,10 +31,12 @@
 mod backward;
 mod documents;
 mod fused;
+mod gates;
 mod lse;
 mod nodes;
 
 pub use fused::parameter_attention_spec;
+pub use gates::StepGate;
 pub use lse::StatsPart;
 
 use crate::backward::BackwardStep;
@@ -145,6 +147,8 @@ pub struct Step {
     pub inputs: Vec<usize>,
     /// The buffer written.
     pub output: usize,
+    /// An attention step's gate, read to skip query tiles it zeroes ([`StepGate`]).
+    pub gate: Option<StepGate>,
 }
 
 impl Step {
@@ -424,6 +428,10 @@ impl std::fmt::Display for Plan {
                     s.dv
                 ),
             };
+            let what = match &step.gate {
+                Some(g) => format!("{what}, {}", g.describe(&step.inputs)),
+                None => what,
+            };
             let ins: Vec<String> = step.inputs.iter().map(|b| format!("buf{b}")).collect();
             let outs: Vec<String> = std::iter::once(&step.output)
                 .chain(step.kind.extra_outputs())
@@ -523,6 +531,7 @@ impl Planner<'_> {
             kind,
             inputs,
             output,
+            gate: None,
         });
     }
 
@@ -711,15 +720,23 @@ pub fn plan_outputs(
     }
     let mut vals: Vec<Option<Val>> = vec![None; kernel.graph.len()];
     let mut pairs = lse::Pairs::find(kernel, &live);
-    for &id in &order {
+    let gates = gates::Gates::find(kernel, (&live, &users), &p.shapes, &|id| {
+        pairs.involves(id) || outputs.contains(&id)
+    });
+    for id in gates.order(kernel, order) {
         if !live[id.index()] {
             continue;
         }
-        let v = match &kernel.graph.node(id).op {
-            Op::Attention(a) if pairs.involves(id) => pairs.plan(&mut p, id, a, &vals)?,
-            Op::Attention(a) => fused::plan_attention(&mut p, id, a, &vals)?,
-            Op::LinearAttention(l) => fused::plan_prefix(&mut p, id, l, &vals)?,
-            Op::Backward(b) => backward::plan_backward(&mut p, id, b, &mut vals)?,
+        let gated = match (&kernel.graph.node(id).op, gates.of(id)) {
+            (Op::Attention(a), Some(g)) => gates::plan_gated(&mut p, (id, g), a, &mut vals)?,
+            _ => None,
+        };
+        let v = match (&kernel.graph.node(id).op, gated) {
+            (_, Some(v)) => v,
+            (Op::Attention(a), _) if pairs.involves(id) => pairs.plan(&mut p, id, a, &vals)?,
+            (Op::Attention(a), _) => fused::plan_attention(&mut p, id, a, &vals)?,
+            (Op::LinearAttention(l), _) => fused::plan_prefix(&mut p, id, l, &vals)?,
+            (Op::Backward(b), _) => backward::plan_backward(&mut p, id, b, &mut vals)?,
             _ => nodes::plan_node(&mut p, id, &vals, &input_shapes)?,
         };
         let users = users[id.index()];

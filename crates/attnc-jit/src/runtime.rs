@@ -131,6 +131,8 @@ pub struct CompiledKernel {
     ret_dtype: DType,
     options: CompileOptions,
     compile_time: Duration,
+    /// The query-key pairs gates skipped in the last run.
+    skipped: crate::gate::Skipped,
 }
 
 impl std::fmt::Debug for CompiledKernel {
@@ -270,6 +272,7 @@ impl CompiledKernel {
             code,
             options: options.clone(),
             compile_time: start.elapsed(),
+            skipped: Default::default(),
         })
     }
 
@@ -300,6 +303,25 @@ impl CompiledKernel {
             .iter()
             .map(|t| (t.name.clone(), t.clif.clone()))
             .collect()
+    }
+
+    /// The fraction of the fused attention steps' query-key pairs that the last run skipped
+    /// because a gate multiplying the attention was zero on their query tiles (0 when the
+    /// plan has no attention step).
+    pub fn skipped_fraction(&self) -> f64 {
+        let total: u64 = self
+            .plan
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                StepKind::Attention(a) => Some((a.batch_count() * a.m) as u64 * a.n as u64),
+                _ => None,
+            })
+            .sum();
+        match total {
+            0 => 0.0,
+            t => self.skipped.get() as f64 / t as f64,
+        }
     }
 
     /// The text forms (CLIF and Cranelift's VCode listing of the machine code).
@@ -391,6 +413,7 @@ impl CompiledKernel {
         sample: Option<&[Range<usize>]>,
     ) -> Result<Vec<Output>> {
         self.check_inputs(inputs)?;
+        self.skipped.reset();
         let threads = threads.max(1);
         // Temporaries live from the step that writes them to the last step that reads them.
         let mut last_use = vec![0usize; self.plan.buffers.len()];
@@ -617,7 +640,13 @@ impl CompiledKernel {
                     }
                     _ => {
                         let mut out = vec![0.0f32; len];
-                        w.run(views, &mut out, threads)?;
+                        match &step.gate {
+                            Some(g) => {
+                                let io = (views, &mut out[..]);
+                                crate::gate::run(g, spec, w, io, threads, &self.skipped)?
+                            }
+                            None => w.run(views, &mut out, threads)?,
+                        }
                         out
                     }
                 };
@@ -640,7 +669,13 @@ impl CompiledKernel {
                     }
                     _ => {
                         let mut out = vec![0.0f32; len];
-                        h.run(views, &mut out, threads)?;
+                        match &step.gate {
+                            Some(g) => {
+                                let io = (views, &mut out[..]);
+                                crate::gate::run(g, spec, h, io, threads, &self.skipped)?
+                            }
+                            None => h.run(views, &mut out, threads)?,
+                        }
                         out
                     }
                 };

@@ -332,7 +332,7 @@ impl WideAttention {
     }
 
     /// The rows per query tile of its kernels.
-    fn query_tile(&self) -> usize {
+    pub(crate) fn query_tile(&self) -> usize {
         self.tiles.query_tile
     }
 
@@ -349,6 +349,18 @@ impl WideAttention {
         inputs: &[BufferView<'_>],
         out: &mut [f32],
         lse: Option<&mut [f32]>,
+        threads: usize,
+    ) -> Result<()> {
+        self.run_tiles(inputs, (out, lse), &|_, _| true, threads)
+    }
+
+    /// The query tiles `(batch entry, rows)` that `keep` accepts into `out` (and their
+    /// log-sum-exps into `lse`), on up to `threads` threads; other rows are left as they are.
+    pub fn run_tiles(
+        &self,
+        inputs: &[BufferView<'_>],
+        (out, lse): (&mut [f32], Option<&mut [f32]>),
+        keep: &(dyn Fn(usize, Range<usize>) -> bool + Sync),
         threads: usize,
     ) -> Result<()> {
         let (m, dv) = (self.spec.m, self.spec.dv);
@@ -378,7 +390,10 @@ impl WideAttention {
         let mut items: Vec<Item<'_>> = Vec::new();
         for (b, entry) in out.chunks_mut(m * dv).enumerate() {
             for (t, rows) in entry.chunks_mut(qt * dv).enumerate() {
-                items.push((b, t, rows, lse_tiles.pop().flatten()));
+                let lse = lse_tiles.pop().flatten();
+                if keep(b, t * qt..((t + 1) * qt).min(m)) {
+                    items.push((b, t, rows, lse));
+                }
             }
         }
         let threads = threads.clamp(1, items.len().max(1));

@@ -83,6 +83,7 @@ pub fn run(args: &RunArgs) -> CliResult {
             "prepare_ms": prepare_ms,
             "ceilings_measure_ms": ceilings.measure_ms,
             "validation_ms": timing.validation_ms,
+            "skipped_fraction": timing.skipped_fraction,
             "stats": stats.to_json(),
             "output": args.output.first().map(|p| p.display().to_string()),
             "notes": notes,
@@ -198,6 +199,9 @@ struct Timing {
     /// What validating approximations added to `compile_ms`.
     validation_ms: f64,
     run_ms: f64,
+    /// The fraction of the fused attention work that zero gates skipped (`None`: the
+    /// interpreter, which has no fused kernel).
+    skipped_fraction: Option<f64>,
     /// What the policy's approximations became, for people.
     approx_notes: Vec<String>,
     /// The optimizer's approximation outcomes, for `--format json`.
@@ -234,6 +238,7 @@ fn execute_timed(prepared: &Prepared) -> Result<(Vec<Tensor>, Timing), Failure> 
                     compile_ms: Some(compiled.elapsed.as_secs_f64() * 1e3),
                     validation_ms: compiled.validation_ms(),
                     run_ms,
+                    skipped_fraction: Some(compiled.code.skipped_fraction()),
                     approx_notes,
                     approximations,
                     validations,
@@ -261,6 +266,7 @@ fn execute_timed(prepared: &Prepared) -> Result<(Vec<Tensor>, Timing), Failure> 
                     compile_ms: None,
                     validation_ms: 0.0,
                     run_ms,
+                    skipped_fraction: None,
                     approx_notes: if prepared.policy.is_exact() {
                         Vec::new()
                     } else {
