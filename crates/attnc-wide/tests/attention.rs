@@ -180,6 +180,7 @@ impl Problem {
             mask: self.mask.as_ref(),
             tiles: &self.tiles,
             segments: None,
+            blocks: None,
         }
     }
 
