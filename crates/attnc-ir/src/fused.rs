@@ -320,6 +320,8 @@ pub trait Extent: Clone + PartialEq + fmt::Display {
     fn is_one(&self) -> bool;
     /// `ceil(self / b)`, the number of blocks of `b` (`b ≥ 1`).
     fn blocks(&self, b: u64) -> Self;
+    /// Whether the size is known (no symbols): only known sizes can be told apart.
+    fn known(&self) -> bool;
 }
 
 impl Extent for Dim {
@@ -331,6 +333,9 @@ impl Extent for Dim {
         crate::build::pooled(&rows, &Dim::Const(b))
             .map_or_else(|| self.clone(), |mut s| s.swap_remove(0))
     }
+    fn known(&self) -> bool {
+        self.symbols().is_empty()
+    }
 }
 
 impl Extent for usize {
@@ -339,6 +344,9 @@ impl Extent for usize {
     }
     fn blocks(&self, b: u64) -> usize {
         self.div_ceil(usize::try_from(b.max(1)).unwrap_or(usize::MAX))
+    }
+    fn known(&self) -> bool {
+        true
     }
 }
 

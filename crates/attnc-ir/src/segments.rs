@@ -109,7 +109,9 @@ fn check_gate<D: Extent>(
         ));
     };
     let (want_rows, want_cols) = (m.blocks(b), n.blocks(b));
-    if *rows != want_rows || *cols != want_cols {
+    // A gate `[.., r, c]` binds symbols of its own: it is checked again once they are bound.
+    let differ = |a: &D, b: &D| a != b && a.known() && b.known();
+    if differ(rows, &want_rows) || differ(cols, &want_cols) {
         return Err(format!(
             "gate operand g{index} is {rows} × {cols}, but {m} queries and {n} keys in blocks of {b} make {want_rows} × {want_cols}"
         ));

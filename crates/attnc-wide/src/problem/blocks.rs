@@ -121,7 +121,7 @@ mod tests {
     /// The refined table against every position of the mask with the selection.
     #[test]
     fn refined_tables_visit_exactly_the_reached_tiles() {
-        let (m, n, b) = (37, 53, 5);
+        let (m, n, b) = (37usize, 53usize, 5usize);
         let (rows, cols) = (m.div_ceil(b), n.div_ceil(b));
         // A fixed pseudo-random selection.
         let keep: Vec<bool> = (0..rows * cols).map(|x| (x * 7 + 3) % 5 < 2).collect();
