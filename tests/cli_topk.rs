@@ -120,25 +120,25 @@ fn misuse_is_an_error_naming_the_input_or_the_place() {
         (
             "zero.attn",
             "kernel k(x: f32[8, 8], g: f32[4, 4]) -> f32[8, 8] {\n    return mask(x, topk_blocks(g, 1, 0));\n}\n",
-            "zero.attn:2:35",
+            "zero.attn:2:38",
             "block size",
         ),
         (
             "shape.attn",
             "kernel k(x: f32[8, 8], g: f32[4, 3]) -> f32[8, 8] {\n    return mask(x, topk_blocks(g, 1, 2));\n}\n",
-            "shape.attn:2:29",
+            "shape.attn:2:32",
             "dimension 1 of the gate `g`",
         ),
         (
             "ids.attn",
             "kernel k(x: f32[8, 8], g: i32[4, 4]) -> f32[8, 8] {\n    return mask(x, topk_blocks(g, 1, 2));\n}\n",
-            "ids.attn:2:29",
+            "ids.attn:2:32",
             "float gate",
         ),
         (
             "name.attn",
             "kernel k(x: f32[8, 8]) -> f32[8, 8] {\n    return mask(x, topk_blocks(g, 1, 2));\n}\n",
-            "name.attn:2:29",
+            "name.attn:2:32",
             "`g`",
         ),
     ];

@@ -400,7 +400,7 @@ fn fill_blocks(
     base: i64,
 ) {
     let lanes = (LANES * VECTORS) as i64;
-    let b = s.b.max(1) as i64;
+    let b = i64::try_from(s.b.max(1)).unwrap_or(i64::MAX);
     // The lane axis in block coordinates: query rows `i = i' − align`, or keys.
     let shift = match axis {
         LaneAxis::Rows => align,
@@ -427,8 +427,10 @@ fn fill_blocks(
                     continue;
                 }
                 // Lanes of this block: positions block·b .. block·b + b − 1, relative to `first`.
-                let lo = (block * b - first).clamp(0, lanes);
-                let hi = (block.saturating_mul(b).saturating_add(b) - first).clamp(0, lanes);
+                // In i128: a block of up to 2^63 positions, `first` down to −2^63.
+                let start = i128::from(block) * i128::from(b) - i128::from(first);
+                let lo = start.clamp(0, lanes.into()) as i64;
+                let hi = (start + i128::from(b)).clamp(0, lanes.into()) as i64;
                 if hi > lo {
                     let width = (hi - lo) as u32;
                     let ones = if width >= 64 {
@@ -685,6 +687,7 @@ mod tests {
             (90, 60, 16),
             (1, 90, 3),
             (65, 65, 1),
+            (20, 30, usize::MAX),
         ] {
             let (rows, cols) = (m.div_ceil(b), n.div_ceil(b));
             let keep: Vec<bool> = (0..rows * cols).map(|x| (x * 7919) % 5 < 2).collect();
