@@ -196,7 +196,7 @@ fn candidates(p: &MaskPattern, ia: i64, n: i64) -> Vec<(i64, i64)> {
             clip(start, start.saturating_add(b))
         }
         // Every key may share the row's segment (plans with documents have no baseline).
-        MaskPattern::Document { .. } => clip(0, n),
+        MaskPattern::Document { .. } | MaskPattern::TopkBlocks { .. } => clip(0, n),
         MaskPattern::And(a, b) => intersect(&candidates(a, ia, n), &candidates(b, ia, n)),
         MaskPattern::Or(a, b) => union(&candidates(a, ia, n), &candidates(b, ia, n)),
     }

@@ -72,11 +72,16 @@ pub fn example_files() -> Vec<PathBuf> {
 }
 
 /// The examples `--random` can fill: every one but those with `i32` segment-id parameters
-/// (which `--random` refuses to draw; `tests/cli_document.rs` runs them with their ids).
+/// (which `--random` refuses to draw; `tests/cli_document.rs` runs them with their ids) and
+/// those with `topk_blocks` (compiled on the AVX-512 tier only, and piecewise constant in
+/// their gate: `tests/cli_topk.rs` runs them).
 pub fn random_example_files() -> Vec<PathBuf> {
     example_files()
         .into_iter()
-        .filter(|p| !std::fs::read_to_string(p).is_ok_and(|s| s.contains("i32[")))
+        .filter(|p| {
+            !std::fs::read_to_string(p)
+                .is_ok_and(|s| s.contains("i32[") || s.contains("topk_blocks("))
+        })
         .collect()
 }
 

@@ -30,6 +30,8 @@
 //! assert!(matches!(err, BindError::Unbound { .. }));
 //! ```
 
+mod gates;
+
 use crate::dim::{format_shape, Bindings, Dim};
 use crate::graph::Kernel;
 use crate::op::Op;
@@ -142,6 +144,28 @@ pub enum BindError {
     /// A mask pattern's size does not resolve (a stride or block size bound to 0).
     #[error(transparent)]
     Pattern(#[from] crate::pattern::PatternError),
+    /// The gate of a `topk_blocks` pattern does not have one entry per pair of blocks.
+    #[error(
+        "{gate} axis {axis} has size {got}, but `{pattern}` over {count} {what} needs {expected} there (ceil({count}/{b}) blocks)"
+    )]
+    Gate {
+        /// ``input `g` `` or the node that computes the gate.
+        gate: String,
+        /// The axis.
+        axis: usize,
+        /// Its size.
+        got: usize,
+        /// The number of blocks.
+        expected: usize,
+        /// The pattern, with its k and b.
+        pattern: String,
+        /// Queries or keys.
+        count: usize,
+        /// "queries" or "keys".
+        what: &'static str,
+        /// The block size.
+        b: u64,
+    },
     /// A dimension symbol used as a number (`sqrt(d)`) is bound to 0.
     #[error("dimension `{symbol}` is 0 but is used as a number (e.g. sqrt({symbol}))")]
     ZeroDimAsNumber {
@@ -405,5 +429,6 @@ pub fn resolve_node_shapes(
         })?;
         shapes.push(shape);
     }
+    gates::check(kernel, &shapes)?;
     Ok(shapes)
 }

@@ -322,17 +322,35 @@ impl<D: Clone> FusedShape<D> {
 pub trait Extent: Clone + PartialEq + fmt::Display {
     /// Whether this is the size 1 (which broadcasts).
     fn is_one(&self) -> bool;
+    /// `ceil(self / b)`, the number of blocks of `b` (`b ≥ 1`).
+    fn blocks(&self, b: u64) -> Self;
+    /// Whether the size is known (no symbols): only known sizes can be told apart.
+    fn known(&self) -> bool;
 }
 
 impl Extent for Dim {
     fn is_one(&self) -> bool {
         Dim::is_one(self)
     }
+    fn blocks(&self, b: u64) -> Dim {
+        let rows = [self.clone(), Dim::Const(1)];
+        crate::build::pooled(&rows, &Dim::Const(b))
+            .map_or_else(|| self.clone(), |mut s| s.swap_remove(0))
+    }
+    fn known(&self) -> bool {
+        self.symbols().is_empty()
+    }
 }
 
 impl Extent for usize {
     fn is_one(&self) -> bool {
         *self == 1
+    }
+    fn blocks(&self, b: u64) -> usize {
+        self.div_ceil(usize::try_from(b.max(1)).unwrap_or(usize::MAX))
+    }
+    fn known(&self) -> bool {
+        true
     }
 }
 

@@ -21,6 +21,7 @@ pub mod print;
 pub mod random;
 pub mod segments;
 pub mod text;
+pub mod topk;
 
 pub use backward::BackwardOp;
 pub use dim::{Bindings, Dim, Shape};

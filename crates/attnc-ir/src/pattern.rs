@@ -41,10 +41,42 @@ pub enum MaskPattern<S = u64> {
         /// The segment operand of the keys.
         k: usize,
     },
+    /// keeps `(i, j)` when key block `floor(j / b)` is among the `k` largest entries of row
+    /// `floor(i / b)` of the gate, segment operand `g` (a float tensor
+    /// `[.., ceil(m/b), ceil(n/b)]`): ties go to the lower index, NaN is never selected.
+    TopkBlocks {
+        /// The gate's segment operand.
+        g: usize,
+        /// Key blocks kept per row block.
+        k: u64,
+        /// The block size (≥ 1).
+        b: u64,
+    },
     /// intersection
     And(Box<MaskPattern<S>>, Box<MaskPattern<S>>),
     /// union
     Or(Box<MaskPattern<S>>, Box<MaskPattern<S>>),
+}
+
+/// What the data-dependent parts of a pattern read, for [`MaskPattern::contains_with`].
+pub trait PatternData {
+    /// The segment id at `index` of segment operand `operand` (`None` outside it).
+    fn segment(&self, operand: usize, index: i64) -> Option<i64>;
+    /// Whether row block `row` of gate operand `operand`, keeping its `k` largest, selects key
+    /// block `col`.
+    fn selected(&self, operand: usize, k: u64, row: i64, col: i64) -> bool;
+}
+
+/// No data: a static pattern reads none.
+struct NoData;
+
+impl PatternData for NoData {
+    fn segment(&self, _: usize, _: i64) -> Option<i64> {
+        None
+    }
+    fn selected(&self, _: usize, _: u64, _: i64, _: i64) -> bool {
+        false
+    }
 }
 
 /// A pattern whose sizes may be dimension symbols, as the IR's ops hold it.
@@ -80,6 +112,7 @@ impl<S> MaskPattern<S> {
     pub fn segments(&self) -> usize {
         match self {
             MaskPattern::Document { q, k } => 1 + (*q).max(*k),
+            MaskPattern::TopkBlocks { g, .. } => 1 + *g,
             MaskPattern::And(a, b) | MaskPattern::Or(a, b) => a.segments().max(b.segments()),
             _ => 0,
         }
@@ -102,6 +135,11 @@ impl<S> MaskPattern<S> {
             MaskPattern::Global(g) => MaskPattern::Global(f(g)?),
             MaskPattern::Block(b) => MaskPattern::Block(f(b)?),
             MaskPattern::Document { q, k } => MaskPattern::Document { q: *q, k: *k },
+            MaskPattern::TopkBlocks { g, k, b } => MaskPattern::TopkBlocks {
+                g: *g,
+                k: *k,
+                b: *b,
+            },
             MaskPattern::And(a, b) => {
                 MaskPattern::And(Box::new(a.try_map(f)?), Box::new(b.try_map(f)?))
             }
@@ -118,6 +156,11 @@ impl<S> MaskPattern<S> {
     {
         match self {
             MaskPattern::Document { q, k } => MaskPattern::Document { q: f(*q), k: f(*k) },
+            MaskPattern::TopkBlocks { g, k, b } => MaskPattern::TopkBlocks {
+                g: f(*g),
+                k: *k,
+                b: *b,
+            },
             MaskPattern::And(a, b) => {
                 MaskPattern::And(Box::new(a.map_segments(f)), Box::new(b.map_segments(f)))
             }
@@ -185,7 +228,8 @@ impl SymbolicPattern {
                 a.visit_sizes(f);
                 b.visit_sizes(f);
             }
-            MaskPattern::Causal | MaskPattern::Document { .. } => {}
+            MaskPattern::Causal | MaskPattern::Document { .. } | MaskPattern::TopkBlocks { .. } => {
+            }
         }
     }
 }
@@ -216,31 +260,26 @@ impl MaskPattern {
     /// `i_aligned` may be negative when there are more queries than keys.
     pub fn contains(&self, i_aligned: i64, j: i64) -> bool {
         if self.is_static() {
-            self.contains_with(i_aligned, i_aligned, j, &|_, _| None)
+            self.contains_with(i_aligned, i_aligned, j, &NoData)
         } else {
             self.maybe(i_aligned, j)
         }
     }
 
-    /// The pairs a pattern may keep whatever its segment ids (documents keep everything).
+    /// The pairs a pattern may keep whatever its segment ids and gates (documents and
+    /// block selections keep everything).
     fn maybe(&self, ia: i64, j: i64) -> bool {
         match self {
-            MaskPattern::Document { .. } => true,
+            MaskPattern::Document { .. } | MaskPattern::TopkBlocks { .. } => true,
             MaskPattern::And(a, b) => a.maybe(ia, j) && b.maybe(ia, j),
             MaskPattern::Or(a, b) => a.maybe(ia, j) || b.maybe(ia, j),
             other => other.contains(ia, j),
         }
     }
 
-    /// Whether row `i` (aligned `i_aligned`) keeps key `j`, with `segment(operand, index)`
-    /// the segment id at `index` of segment operand `operand` (`None` outside it).
-    pub fn contains_with(
-        &self,
-        i: i64,
-        i_aligned: i64,
-        j: i64,
-        segment: &dyn Fn(usize, i64) -> Option<i64>,
-    ) -> bool {
+    /// Whether row `i` (aligned `i_aligned`) keeps key `j`, with `data` reading the segment
+    /// operands: segment ids of `document` parts, block selections of `topk_blocks` parts.
+    pub fn contains_with(&self, i: i64, i_aligned: i64, j: i64, data: &dyn PatternData) -> bool {
         match self {
             MaskPattern::Causal => j <= i_aligned,
             MaskPattern::Window(w) => (i_aligned - j).unsigned_abs() <= *w,
@@ -260,18 +299,20 @@ impl MaskPattern {
             }
             MaskPattern::Document { q, k } => {
                 let qi = if q == k { i_aligned } else { i };
-                match (segment(*q, qi), segment(*k, j)) {
+                match (data.segment(*q, qi), data.segment(*k, j)) {
                     (Some(a), Some(b)) => a == b,
                     _ => false,
                 }
             }
+            MaskPattern::TopkBlocks { g, k, b } => {
+                let b = i64::try_from((*b).max(1)).unwrap_or(i64::MAX);
+                i >= 0 && j >= 0 && data.selected(*g, *k, i / b, j / b)
+            }
             MaskPattern::And(a, b) => {
-                a.contains_with(i, i_aligned, j, segment)
-                    && b.contains_with(i, i_aligned, j, segment)
+                a.contains_with(i, i_aligned, j, data) && b.contains_with(i, i_aligned, j, data)
             }
             MaskPattern::Or(a, b) => {
-                a.contains_with(i, i_aligned, j, segment)
-                    || b.contains_with(i, i_aligned, j, segment)
+                a.contains_with(i, i_aligned, j, data) || b.contains_with(i, i_aligned, j, data)
             }
         }
     }
@@ -294,6 +335,7 @@ impl<S: fmt::Display> fmt::Display for MaskPattern<S> {
             MaskPattern::Block(b) => write!(f, "block({b})"),
             MaskPattern::Document { q, k } if q == k => write!(f, "document(g{q})"),
             MaskPattern::Document { q, k } => write!(f, "document(g{q}, g{k})"),
+            MaskPattern::TopkBlocks { g, k, b } => write!(f, "topk_blocks(g{g}, {k}, {b})"),
             MaskPattern::And(a, b) => write!(f, "({a} & {b})"),
             MaskPattern::Or(a, b) => write!(f, "({a} | {b})"),
         }
@@ -334,8 +376,16 @@ mod tests {
     #[test]
     fn documents_compare_segment_ids() {
         // seg = [0, 0, 1, 1]; document(seg) & causal over 4 × 4.
-        let seg = [0i64, 0, 1, 1];
-        let lookup = |_: usize, i: i64| usize::try_from(i).ok().and_then(|i| seg.get(i).copied());
+        struct Ids([i64; 4]);
+        impl PatternData for Ids {
+            fn segment(&self, _: usize, i: i64) -> Option<i64> {
+                usize::try_from(i).ok().and_then(|i| self.0.get(i).copied())
+            }
+            fn selected(&self, _: usize, _: u64, _: i64, _: i64) -> bool {
+                false
+            }
+        }
+        let lookup = Ids([0, 0, 1, 1]);
         let p = MaskPattern::And(
             Box::new(MaskPattern::Document { q: 0, k: 0 }),
             Box::new(MaskPattern::Causal),

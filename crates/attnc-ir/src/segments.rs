@@ -1,5 +1,5 @@
-//! Segment operands of `document(...)` patterns: their shape rule and how a batch entry of
-//! the scores finds its row of segment ids.
+//! Segment operands of `document(...)` and `topk_blocks(...)` patterns: their shape rule and
+//! how a batch entry of the scores finds its row of segment ids (or its gate matrix).
 //!
 //! A segment operand is `i32[lead.., len]`: `len` is `n` (keys; also the queries of
 //! `document(seg)`, read at `i' = i + n - m`) or `m` (the queries of `document(qseg, kseg)`).
@@ -19,30 +19,34 @@ pub enum Role {
     Queries,
     /// The second operand of `document(qseg, kseg)`: length `n`.
     Keys,
+    /// The gate of `topk_blocks(g, k, b)` with this block size: a float tensor
+    /// `[.., ceil(m/b), ceil(n/b)]`.
+    Gate(u64),
 }
 
 /// The role each segment operand of `pattern` plays, by index (`None`: not read).
 pub fn roles<S>(pattern: &MaskPattern<S>) -> Vec<Option<Role>> {
     let mut out = vec![None; pattern.segments()];
-    visit(pattern, &mut |q, k| {
-        if q == k {
-            out[q] = Some(Role::Aligned);
-        } else {
+    visit(pattern, &mut |p| match *p {
+        MaskPattern::Document { q, k } if q == k => out[q] = Some(Role::Aligned),
+        MaskPattern::Document { q, k } => {
             out[q] = Some(Role::Queries);
             out[k] = Some(Role::Keys);
         }
+        MaskPattern::TopkBlocks { g, b, .. } => out[g] = Some(Role::Gate(b)),
+        _ => {}
     });
     out
 }
 
-fn visit<S>(p: &MaskPattern<S>, f: &mut impl FnMut(usize, usize)) {
+/// Calls `f` on every leaf of `p`.
+pub fn visit<S>(p: &MaskPattern<S>, f: &mut impl FnMut(&MaskPattern<S>)) {
     match p {
-        MaskPattern::Document { q, k } => f(*q, *k),
         MaskPattern::And(a, b) | MaskPattern::Or(a, b) => {
             visit(a, f);
             visit(b, f);
         }
-        _ => {}
+        leaf => f(leaf),
     }
 }
 
@@ -62,6 +66,10 @@ pub fn check<D: Extent>(
         ));
     }
     for (index, (role, shape)) in roles.iter().zip(segments).enumerate() {
+        if let Some(Role::Gate(b)) = role {
+            check_gate(index, *b, batch, m, n, shape)?;
+            continue;
+        }
         let Some((len, lead)) = shape.split_last() else {
             return Err(format!(
                 "segment operand g{index} has rank 0, not at least 1"
@@ -81,6 +89,37 @@ pub fn check<D: Extent>(
                 "the leading axes of segment operand g{index} do not match the leading batch axes"
             ));
         }
+    }
+    Ok(())
+}
+
+/// The gate operand `g{index}` of block size `b` has shape `[lead.., ceil(m/b), ceil(n/b)]`.
+fn check_gate<D: Extent>(
+    index: usize,
+    b: u64,
+    batch: &[D],
+    m: &D,
+    n: &D,
+    shape: &[D],
+) -> Result<(), String> {
+    let Some((lead, [rows, cols])) = shape.len().checked_sub(2).map(|r| shape.split_at(r)) else {
+        return Err(format!(
+            "gate operand g{index} has rank {}, not at least 2",
+            shape.len()
+        ));
+    };
+    let (want_rows, want_cols) = (m.blocks(b), n.blocks(b));
+    // A gate `[.., r, c]` binds symbols of its own: it is checked again once they are bound.
+    let differ = |a: &D, b: &D| a != b && a.known() && b.known();
+    if differ(rows, &want_rows) || differ(cols, &want_cols) {
+        return Err(format!(
+            "gate operand g{index} is {rows} × {cols}, but {m} queries and {n} keys in blocks of {b} make {want_rows} × {want_cols}"
+        ));
+    }
+    if !prefix_fits(lead, batch) {
+        return Err(format!(
+            "the leading axes of gate operand g{index} do not match the leading batch axes"
+        ));
     }
     Ok(())
 }
@@ -145,5 +184,11 @@ mod tests {
         assert_eq!(row_offset(&[2], 5, &[1, 5]), 5);
         assert_eq!(row_offset(&[1], 5, &[1, 5]), 0);
         assert_eq!(unflatten(&[2, 8], 13), vec![1, 5]);
+        // A gate of blocks of 4 over 5 queries and 9 keys is [.., 2, 3].
+        let topk = MaskPattern::<u64>::TopkBlocks { g: 0, k: 1, b: 4 };
+        assert!(check_mask(&topk, &[2usize, 5, 9], &[&[2, 2, 3]]).is_ok());
+        assert!(check_mask(&topk, &[2usize, 5, 9], &[&[2, 3]]).is_ok());
+        assert!(check_mask(&topk, &[2usize, 5, 9], &[&[2, 3, 3]]).is_err());
+        assert!(check_mask(&topk, &[2usize, 5, 9], &[&[3]]).is_err());
     }
 }

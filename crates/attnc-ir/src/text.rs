@@ -515,7 +515,7 @@ fn pattern_atom(t: &[String], at: &mut usize) -> Result<SymbolicPattern, String>
         }
         expect(t, at, ")")?;
     }
-    // `document(g0)` / `document(g0, g1)`: segment operands by index.
+    // `document(g0)` / `document(g0, g1)` / `topk_blocks(g0, k, b)`: segment operands by index.
     let segment = |d: &Dim| match d {
         Dim::Sym(s) => s.strip_prefix('g').and_then(|k| k.parse::<usize>().ok()),
         Dim::Const(_) | Dim::CeilDiv(..) => None,
@@ -536,6 +536,11 @@ fn pattern_atom(t: &[String], at: &mut usize) -> Result<SymbolicPattern, String>
         ("document", [q, k]) => MaskPattern::Document {
             q: segment(q).ok_or("a document segment is `g<index>`")?,
             k: segment(k).ok_or("a document segment is `g<index>`")?,
+        },
+        ("topk_blocks", [g, Dim::Const(k), Dim::Const(b)]) => MaskPattern::TopkBlocks {
+            g: segment(g).ok_or("a topk_blocks gate is `g<index>`")?,
+            k: *k,
+            b: *b,
         },
         _ => return Err(format!("unknown pattern `{token}`")),
     })

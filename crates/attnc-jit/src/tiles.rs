@@ -156,8 +156,9 @@ pub fn row_keys(pattern: &MaskPattern, ia: i64, n: i64) -> RowKeys {
             let lo = ia.div_euclid(b).saturating_mul(b);
             exact(IntervalSet::span(lo, lo.saturating_add(b), n))
         }
-        // Without the segment ids, a document may keep any key and surely keeps none.
-        MaskPattern::Document { .. } => RowKeys {
+        // Without the segment ids (or the gate), a document (or a block selection) may keep
+        // any key and surely keeps none.
+        MaskPattern::Document { .. } | MaskPattern::TopkBlocks { .. } => RowKeys {
             sure: IntervalSet::empty(),
             maybe: IntervalSet::span(0, n, n),
         },

@@ -16,6 +16,7 @@
 //! bounds-checked front to the `gemm` crate), split in fixed chunks of output rows.
 
 mod document;
+mod topk;
 
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
@@ -241,6 +242,7 @@ pub fn key_mask(p: &MaskPattern) -> Option<KeyMask> {
         MaskPattern::Global(g) => KeyMask::Global(*g),
         MaskPattern::Block(b) => KeyMask::Block(*b),
         MaskPattern::Document { .. } => KeyMask::Document,
+        MaskPattern::TopkBlocks { .. } => KeyMask::TopkBlocks,
         MaskPattern::And(a, b) => KeyMask::And(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
         MaskPattern::Or(a, b) => KeyMask::Or(Box::new(key_mask(a)?), Box::new(key_mask(b)?)),
     })
@@ -258,6 +260,9 @@ pub struct WideAttention {
     score: WideScore,
     mask: Option<KeyMask>,
     tiles: TileTable,
+    /// A `topk_blocks` part and the table of the mask with it keeping nothing (`tiles` has
+    /// it keeping everything); each call's table lies between the two.
+    topk: Option<(topk::Leaf, TileTable)>,
 }
 
 impl WideAttention {
@@ -276,9 +281,11 @@ impl WideAttention {
             .iter()
             .zip([spec.d, spec.d, spec.dv])
             .all(|(t, cols)| t.col_stride == 1 || cols <= 1);
-        // One document pair at most: a call carries one set of segment ids.
+        // One document pair and one block selection at most: a call carries one of each.
         let mask_fits = spec.mask.as_ref().is_none_or(|m| {
-            key_mask(m).is_some() && (m.is_static() || document::one_pair(m).is_some())
+            let documents = document::one_pair(m).is_some() || document::relaxed(m) == *m;
+            let blocks = topk::one_leaf(m).is_some() || !topk::has_leaf(m);
+            key_mask(m).is_some() && documents && blocks
         });
         spec.d > 0 && operands_fit && mask_fits && WideScore::of(spec).is_some()
     }
@@ -297,25 +304,39 @@ impl WideAttention {
         }
         let (m, n) = (spec.m, spec.n);
         let mask = spec.mask.as_ref().and_then(key_mask);
+        // A block selection bounds the mask between keeping everything there (`tiles`) and
+        // nothing (`unselected`); each call's table is refined between the two.
+        let leaf = spec.mask.as_ref().and_then(topk::one_leaf);
+        let selected = match (&spec.mask, leaf) {
+            (Some(p), Some(_)) => topk::substituted(p, true),
+            (p, _) => p.clone(),
+        };
         // A mask that requires equal ids is classified with its documents taken as kept: the
         // per-call refinement drops tiles by their ids and keeps this table's full tiles
         // full where both tiles hold one and the same id.
-        let relaxed = spec
-            .mask
-            .as_ref()
-            .filter(|_| mask.as_ref().is_some_and(KeyMask::requires_document))
-            .map(document::relaxed);
-        let pattern = relaxed.as_ref().or(spec.mask.as_ref());
-        let tiles = TileTable::from_fn(m, n, qt, kt, |t| {
-            let (i0, i1) = ((t * qt).min(m), ((t + 1) * qt).min(m));
-            classify(pattern, m, n, i0, i1, kt)
-                .into_iter()
-                .map(|r| TileRun {
-                    first: r.first as u32,
-                    end: r.end as u32,
-                    partial: r.kind == TileKind::Partial,
-                })
-                .collect()
+        let required = mask.as_ref().is_some_and(KeyMask::requires_document);
+        let table = |pattern: Option<&MaskPattern>| {
+            let relaxed = pattern.filter(|_| required).map(document::relaxed);
+            let pattern = relaxed.as_ref().or(pattern);
+            TileTable::from_fn(m, n, qt, kt, |t| {
+                let (i0, i1) = ((t * qt).min(m), ((t + 1) * qt).min(m));
+                classify(pattern, m, n, i0, i1, kt)
+                    .into_iter()
+                    .map(|r| TileRun {
+                        first: r.first as u32,
+                        end: r.end as u32,
+                        partial: r.kind == TileKind::Partial,
+                    })
+                    .collect()
+            })
+        };
+        let tiles = table(selected.as_ref());
+        let topk = leaf.zip(spec.mask.as_ref()).map(|(leaf, p)| {
+            let unselected = match topk::substituted(p, false) {
+                Some(rest) => table(Some(&rest)),
+                None => TileTable::from_fn(m, n, qt, kt, |_| Vec::new()),
+            };
+            (leaf, unselected)
         });
         Some(WideAttention {
             spec: spec.clone(),
@@ -323,6 +344,7 @@ impl WideAttention {
             score,
             mask,
             tiles,
+            topk,
         })
     }
 
@@ -458,19 +480,21 @@ impl WideAttention {
     fn run_items(&self, inputs: &[BufferView<'_>], items: Vec<Item<'_>>) -> Result<()> {
         let qt = self.query_tile();
         let mut packed: Option<(usize, amx::Packed)> = None;
-        // A document mask's tile table, refined from one batch entry's ids (items come in
-        // entry order, so each entry's table is built once per thread).
-        let mut refined: Option<(usize, attnc_wide::problem::TileTable)> = None;
+        // A data-dependent mask's tile table (and block selection), built from one batch
+        // entry's ids and gate (items come in entry order, so each entry's is built once per
+        // thread).
+        let mut refined: Option<(usize, TileTable, Vec<bool>)> = None;
         for (b, t, rows, lse) in items {
             let mut call = self.call(inputs, b)?;
             let required = self.mask.as_ref().is_some_and(KeyMask::requires_document);
-            if let Some(segments) = call.segments.filter(|_| required) {
-                if refined.as_ref().is_none_or(|(entry, _)| *entry != b) {
-                    let table = segments.refine(&self.tiles, self.spec.m, self.spec.n);
-                    refined = Some((b, table));
+            let segments = call.segments.filter(|_| required);
+            if segments.is_some() || self.topk.is_some() {
+                if refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
+                    refined = Some(self.refine(inputs, b, segments)?);
                 }
-                if let Some((_, table)) = &refined {
+                if let Some((_, table, keep)) = &refined {
                     call.tiles = table;
+                    call.blocks = self.topk.as_ref().map(|(leaf, _)| self.blocks(leaf, keep));
                 }
             }
             let range = (t * qt)..((t + 1) * qt).min(self.spec.m);
@@ -492,6 +516,44 @@ impl WideAttention {
             result.map_err(wide_err)?;
         }
         Ok(())
+    }
+
+    /// Batch entry `b`'s tile table and block selection (empty without one): the selection
+    /// refines the static bounds, then the segment ids (when every kept pair needs equal ids)
+    /// drop what their ranges cannot reach.
+    fn refine(
+        &self,
+        inputs: &[BufferView<'_>],
+        b: usize,
+        segments: Option<attnc_wide::problem::Segments<'_>>,
+    ) -> Result<(usize, TileTable, Vec<bool>)> {
+        let (m, n) = (self.spec.m, self.spec.n);
+        let (mut table, keep) = match &self.topk {
+            Some((leaf, unselected)) => {
+                let index = batch_index(&self.spec.batch, b);
+                let keep = topk::selection(&self.spec, inputs, &index, *leaf)?;
+                let table = self
+                    .blocks(leaf, &keep)
+                    .refine(&self.tiles, unselected, m, n);
+                (table, keep)
+            }
+            None => (self.tiles.clone(), Vec::new()),
+        };
+        if let Some(segments) = segments {
+            table = segments.refine(&table, m, n);
+        }
+        Ok((b, table, keep))
+    }
+
+    /// The selection `keep` of `leaf` as the kernels read it.
+    fn blocks<'k>(&self, leaf: &topk::Leaf, keep: &'k [bool]) -> attnc_wide::problem::Blocks<'k> {
+        let b = usize::try_from(leaf.b.max(1)).unwrap_or(usize::MAX);
+        attnc_wide::problem::Blocks {
+            keep,
+            rows: self.spec.m.div_ceil(b),
+            cols: self.spec.n.div_ceil(b),
+            b,
+        }
     }
 
     /// The score form it evaluates.
@@ -560,6 +622,7 @@ impl WideAttention {
             mask: self.mask.as_ref(),
             tiles: &self.tiles,
             segments: document::segments(spec, inputs, &index)?,
+            blocks: None,
         })
     }
 }

@@ -96,6 +96,12 @@ fn add_pattern(
         Some(MaskPattern::Document { q, k }) => {
             Attn::Document([*segments.get(*q)?, *segments.get(*k)?])
         }
+        Some(MaskPattern::TopkBlocks { g, k, b }) => Attn::TopkBlocks([
+            *segments.get(*g)?,
+            // Beyond 2^52 blocks every k selects all: clamp so the number stays exact.
+            leaf(expr, Atom::num((*k).min(1 << 52) as f64)),
+            leaf(expr, Atom::num(*b as f64)),
+        ]),
         Some(MaskPattern::And(a, b)) => Attn::And([
             add_pattern(expr, Some(a), segments)?,
             add_pattern(expr, Some(b), segments)?,
@@ -416,6 +422,17 @@ fn pattern_node(
             MaskPattern::Document {
                 q: segment(q)?,
                 k: segment(k)?,
+            }
+        }
+        Attn::TopkBlocks([g, k, b]) => {
+            let count = |i: Id| match num(i)? {
+                Dim::Const(c) => Some(c),
+                _ => None,
+            };
+            MaskPattern::TopkBlocks {
+                g: segment(g)?,
+                k: count(k)?,
+                b: count(b)?,
             }
         }
         Attn::And([a, b]) => {

@@ -158,6 +158,9 @@ define_language! {
         // document(qseg, kseg): the children are the i32 segment-id arrays (one array twice
         // for `document(seg)`), so fusing a mask carries them along as values
         "document" = Document([Id; 2]),
+        // topk_blocks(g, k, b): the gate array (a value, carried along like segment ids), then
+        // the numbers k and b
+        "topk-blocks" = TopkBlocks([Id; 3]),
         "and" = And([Id; 2]),
         "or" = Or([Id; 2]),
         // ---- kernel forms ----
@@ -231,6 +234,7 @@ impl Attn {
                 | Attn::Global(_)
                 | Attn::Block(_)
                 | Attn::Document(_)
+                | Attn::TopkBlocks(_)
                 | Attn::And(_)
                 | Attn::Or(_)
         )

@@ -177,6 +177,7 @@ pub fn bind_error(py: Python<'_>, error: &BindError) -> PyErr {
             (error.to_string(), None, Some(symbol.clone()), None)
         }
         BindError::Pattern(_) => (error.to_string(), None, None, None),
+        BindError::Gate { axis, .. } => (error.to_string(), None, None, Some(*axis)),
     };
     raise(
         py,

@@ -287,6 +287,18 @@ pub enum PatternKind {
     /// `document(seg)` (one name: key segment ids, queries end-aligned) or
     /// `document(qseg, kseg)`: names of i32 parameters holding segment ids.
     Document(Ident, Option<Ident>),
+    /// `topk_blocks(g, k, b)`: the name of a gate (a float parameter or `let`) of shape
+    /// `[.., ceil(m/b), ceil(n/b)]`, how many key blocks each row block keeps, the block size.
+    TopkBlocks {
+        /// The gate.
+        gate: Ident,
+        /// Key blocks kept per row block.
+        k: u64,
+        /// The block size.
+        b: u64,
+        /// Where `b` was written.
+        b_span: Span,
+    },
     /// `p & q & …`: two or more operands, in order. A chain of `&` is one node, so its
     /// length is not nesting; an operand that is itself an `And` was written in parentheses.
     And(Vec<Pattern>),

@@ -199,6 +199,9 @@ fn write_pattern(out: &mut String, pattern: &Pattern) {
                 None => write!(out, "document({})", q.name),
             };
         }
+        PatternKind::TopkBlocks { gate, k, b, .. } => {
+            let _ = write!(out, "topk_blocks({}, {k}, {b})", gate.name);
+        }
         PatternKind::Or(operands) => {
             for (i, operand) in operands.iter().enumerate() {
                 if i > 0 {

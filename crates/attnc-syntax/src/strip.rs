@@ -116,6 +116,12 @@ impl Pattern {
             PatternKind::Global(g) => PatternKind::Global(dim(g)),
             PatternKind::Block(b) => PatternKind::Block(dim(b)),
             PatternKind::Document(q, k) => PatternKind::Document(ident(q), k.as_ref().map(ident)),
+            PatternKind::TopkBlocks { gate, k, b, .. } => PatternKind::TopkBlocks {
+                gate: ident(gate),
+                k: *k,
+                b: *b,
+                b_span: Span::default(),
+            },
         };
         Pattern {
             kind,

@@ -111,8 +111,15 @@ pub struct Token {
 pub const KEYWORDS: &[&str] = &["kernel", "let", "return", "inf"];
 
 /// Words that start a mask pattern where one is expected.
-pub const PATTERN_KEYWORDS: &[&str] =
-    &["causal", "window", "dilated", "global", "block", "document"];
+pub const PATTERN_KEYWORDS: &[&str] = &[
+    "causal",
+    "window",
+    "dilated",
+    "global",
+    "block",
+    "document",
+    "topk_blocks",
+];
 
 /// Whether `name` is reserved (see [`KEYWORDS`]).
 pub fn is_keyword(name: &str) -> bool {

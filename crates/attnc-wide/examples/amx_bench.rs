@@ -118,6 +118,7 @@ fn call<'a>(
         mask: w.mask.as_ref(),
         tiles,
         segments: None,
+        blocks: None,
     }
 }
 

@@ -180,6 +180,7 @@ fn run_workload(w: &Workload, threads: &[usize], runs: usize) {
         mask: mask.as_ref(),
         tiles: &tiles,
         segments: None,
+        blocks: None,
     };
     // Nanoseconds on the CPU, summed over the threads of one run.
     let cpu = std::sync::atomic::AtomicU64::new(0);

@@ -49,7 +49,7 @@
 //!     score: Score::scaled(0.5),
 //!     mask: None,
 //!     tiles: &tiles,
-//!  segments: None, };
+//!  segments: None, blocks: None, };
 //! let mut o = vec![0.0f32; m * d];
 //! let mut out = Output { o: &mut o, row_stride: d, lse: None };
 //! if attention::available() {

@@ -13,6 +13,10 @@
 
 use half::{bf16, f16};
 
+mod blocks;
+
+pub use blocks::Blocks;
+
 /// The elements of an operand, in their storage type (widened to f32 on load).
 #[derive(Clone, Copy, Debug)]
 pub enum Elements<'a> {
@@ -134,6 +138,8 @@ pub enum KeyMask {
     Block(u64),
     /// Query `i` and key `j` have equal segment ids ([`Call::segments`]).
     Document,
+    /// Row block `⌊i/b⌋` selects key block `⌊j/b⌋` ([`Call::blocks`], which holds `b`).
+    TopkBlocks,
     /// Both.
     And(Box<KeyMask>, Box<KeyMask>),
     /// Either.
@@ -150,14 +156,18 @@ impl KeyMask {
         m: usize,
         n: usize,
         segments: Option<&Segments<'_>>,
+        blocks: Option<&Blocks<'_>>,
     ) -> bool {
         match self {
             KeyMask::Document => segments.is_none_or(|s| s.same(i, j)),
+            KeyMask::TopkBlocks => blocks.is_none_or(|s| s.selected(i, j)),
             KeyMask::And(a, b) => {
-                a.keeps_with(i, j, m, n, segments) && b.keeps_with(i, j, m, n, segments)
+                a.keeps_with(i, j, m, n, segments, blocks)
+                    && b.keeps_with(i, j, m, n, segments, blocks)
             }
             KeyMask::Or(a, b) => {
-                a.keeps_with(i, j, m, n, segments) || b.keeps_with(i, j, m, n, segments)
+                a.keeps_with(i, j, m, n, segments, blocks)
+                    || b.keeps_with(i, j, m, n, segments, blocks)
             }
             other => other.keeps(i, j, m, n),
         }
@@ -170,6 +180,15 @@ impl KeyMask {
             KeyMask::Document => true,
             KeyMask::And(a, b) => a.requires_document() || b.requires_document(),
             KeyMask::Or(a, b) => a.requires_document() && b.requires_document(),
+            _ => false,
+        }
+    }
+
+    /// Whether the mask reads a block selection.
+    pub fn is_topk(&self) -> bool {
+        match self {
+            KeyMask::TopkBlocks => true,
+            KeyMask::And(a, b) | KeyMask::Or(a, b) => a.is_topk() || b.is_topk(),
             _ => false,
         }
     }
@@ -200,7 +219,7 @@ impl KeyMask {
                 let b = (*b).max(1) as i128;
                 ia.div_euclid(b) == jj.div_euclid(b)
             }
-            KeyMask::Document => true,
+            KeyMask::Document | KeyMask::TopkBlocks => true,
             KeyMask::And(a, b) => a.keeps(i, j, m, n) && b.keeps(i, j, m, n),
             KeyMask::Or(a, b) => a.keeps(i, j, m, n) || b.keeps(i, j, m, n),
         }
@@ -437,14 +456,17 @@ pub struct Call<'a> {
     pub tiles: &'a TileTable,
     /// The segment ids a [`KeyMask::Document`] reads (`None` without one).
     pub segments: Option<Segments<'a>>,
+    /// The block selection a [`KeyMask::TopkBlocks`] reads (`None` without one).
+    pub blocks: Option<Blocks<'a>>,
 }
 
 impl Call<'_> {
     /// Whether `(i, j)` is kept (the reference semantics of [`Call::mask`]).
     pub fn keeps(&self, i: usize, j: usize) -> bool {
         let (m, n) = (self.m(), self.n());
-        self.mask
-            .is_none_or(|mask| mask.keeps_with(i, j, m, n, self.segments.as_ref()))
+        self.mask.is_none_or(|mask| {
+            mask.keeps_with(i, j, m, n, self.segments.as_ref(), self.blocks.as_ref())
+        })
     }
 }
 
@@ -507,6 +529,18 @@ pub fn check(
             "q is [{m}, {d}], k [{n}, {}], v [{}, {dv}]",
             call.k.cols, call.v.rows
         ));
+    }
+    if call.mask.is_some_and(KeyMask::is_topk) {
+        match call.blocks {
+            Some(s) if s.fits(m, n) => {}
+            Some(s) => {
+                return bad(format!(
+                    "the block selection is {} × {} blocks of {}, not right for {m} × {n}",
+                    s.rows, s.cols, s.b
+                ))
+            }
+            None => return bad("a topk_blocks mask without its selection".to_string()),
+        }
     }
     if call.mask.is_some_and(KeyMask::is_document) {
         match call.segments {
@@ -731,6 +765,7 @@ mod tests {
             mask: Some(&mask),
             tiles: &tiles,
             segments: None,
+            blocks: None,
         };
         let (o, lse) = reference(&call);
         assert_eq!(o, vec![0.0, 0.0, 0.0, 2.0, 2.0, 2.0]);

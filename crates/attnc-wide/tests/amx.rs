@@ -177,6 +177,7 @@ impl Inputs {
             mask: c.mask.as_ref(),
             tiles: &self.tiles,
             segments: None,
+            blocks: None,
         }
     }
 }

@@ -192,6 +192,7 @@ impl Problem {
             mask: self.mask.as_ref(),
             tiles: &self.tiles,
             segments: None,
+            blocks: None,
         }
     }
 

@@ -163,6 +163,7 @@ fn check(c: &Case) {
         mask: mask.as_ref(),
         tiles: &tiles,
         segments: None,
+        blocks: None,
     };
     let mut o = vec![0.0f32; m * dv];
     let mut lse = vec![0.0f32; m];
@@ -371,6 +372,7 @@ fn calls_that_do_not_fit_are_refused() {
         mask: None,
         tiles: &tiles,
         segments: None,
+        blocks: None,
     };
     let saved = Saved {
         o: &x[..6],
@@ -486,6 +488,7 @@ fn nan_at_masked_positions_reaches_no_gradient() {
         mask: Some(&mask),
         tiles: &tiles,
         segments: None,
+        blocks: None,
     };
     let mut o = vec![0.0f32; m * dv];
     let mut lse = vec![0.0f32; m];

@@ -10,8 +10,8 @@ use attnc_syntax::{Diagnostic, Span};
 /// dimension symbol (bound by an input's shape or `--shape`); `is_value` says which names are
 /// arrays (parameters, `let`s), which cannot be sizes.
 ///
-/// `segment(name, role)` resolves a name of `document(...)` to the index of its segment
-/// operand (checking that it is an i32 parameter of the right length).
+/// `segment(name, role)` resolves a name of `document(...)` or the gate of `topk_blocks(...)`
+/// to the index of its segment operand (checking its dtype and shape).
 ///
 /// Recurses once per nested chain (as deep as the AST) and `⌈log₂ k⌉` times within a chain
 /// of `k` operands.
@@ -65,6 +65,18 @@ pub(crate) fn mask_pattern(
         PatternKind::Document(qseg, Some(kseg)) => MaskPattern::Document {
             q: segment(qseg, Role::Queries)?,
             k: segment(kseg, Role::Keys)?,
+        },
+        PatternKind::TopkBlocks { b: 0, b_span, .. } => {
+            return Err(Diagnostic::error(
+                "the block size of `topk_blocks(g, k, b)` must be at least 1",
+                *b_span,
+            )
+            .with_primary_message("block size 0"))
+        }
+        PatternKind::TopkBlocks { gate, k, b, .. } => MaskPattern::TopkBlocks {
+            g: segment(gate, Role::Gate(*b))?,
+            k: *k,
+            b: *b,
         },
         PatternKind::And(operands) => {
             balanced(operands, p.span, is_value, segment, MaskPattern::And)?

@@ -1,9 +1,12 @@
 //! The names of `document(...)` patterns: each must be an `i32` parameter whose last axis has
 //! the scores' key count `n` (or query count `m` for the first name of
 //! `document(qseg, kseg)`), with leading axes that match the scores' batch axes from the left
-//! (see [`crate::segments`]). Each distinct parameter becomes one segment operand of the mask.
+//! (see [`crate::segments`]). The gate of `topk_blocks(g, k, b)` is a float parameter or `let`
+//! of shape `[batch.., ceil(m/b), ceil(n/b)]`. Each distinct name (and role) becomes one segment
+//! operand of the mask.
 
 use crate::dim::{format_shape, Dim, Shape};
+use crate::fused::Extent;
 use crate::graph::NodeId;
 use crate::lower::scope::{Binding, Scope};
 use crate::op::DType;
@@ -45,6 +48,9 @@ impl Segments {
         name: &Ident,
         role: Role,
     ) -> Result<usize, Diagnostic> {
+        if let Role::Gate(b) = role {
+            return self.resolve_gate(scope, name, b);
+        }
         let id = match scope.names.get(&name.name) {
             Some(Binding::Node(id)) if scope.graph.node(*id).dtype == DType::I32 => *id,
             Some(Binding::Node(id)) => {
@@ -78,12 +84,90 @@ impl Segments {
         Ok(self.nodes.len() - 1)
     }
 
+    /// The gate of `topk_blocks(name, k, b)`: a float array `[batch.., ceil(m/b), ceil(n/b)]`.
+    fn resolve_gate(&mut self, scope: &Scope, name: &Ident, b: u64) -> Result<usize, Diagnostic> {
+        let note = "the gate scores key blocks per query block, e.g. `let g = mean_pool(q, 64) @ mean_pool(k, 64).T;`";
+        let id = match scope.names.get(&name.name) {
+            Some(Binding::Node(id)) if scope.graph.node(*id).dtype != DType::I32 => *id,
+            Some(Binding::Node(id)) => {
+                let node = scope.graph.node(*id);
+                return Err(Diagnostic::error(
+                    format!(
+                        "`topk_blocks` needs a float gate, but `{}` is {}{}",
+                        name.name,
+                        node.dtype.keyword(),
+                        format_shape(&node.shape)
+                    ),
+                    name.span,
+                )
+                .with_primary_message("not a float array")
+                .with_note(note));
+            }
+            Some(Binding::Poisoned) | None => {
+                return Err(Diagnostic::error(
+                    format!("`{}` is not a parameter or `let` of this kernel", name.name),
+                    name.span,
+                )
+                .with_primary_message("unknown gate")
+                .with_note(note))
+            }
+        };
+        let gate = &scope.graph.node(id).shape;
+        let rank = self.shape.len();
+        let (batch, mn) = self.shape.split_at(rank - 2);
+        let want = [mn[0].blocks(b), mn[1].blocks(b)];
+        let shown = format_shape(gate);
+        let wrong = |what: String| {
+            Diagnostic::error(what, name.span)
+                .with_primary_message(format!("this has shape {shown}"))
+                .with_note(format!(
+                    "the masked scores have shape {}; in blocks of {b} the gate is {} (leading dimensions match the scores' first batch dimensions, each equal or 1)",
+                    format_shape(&self.shape),
+                    format_shape(&want),
+                ))
+        };
+        let Some(lead) = gate.len().checked_sub(2).map(|r| &gate[..r]) else {
+            return Err(wrong(format!(
+                "the gate `{}` of `topk_blocks` must have rank at least 2, not {}",
+                name.name,
+                gate.len()
+            )));
+        };
+        for (axis, (got, want), what) in [
+            (gate.len() - 2, (&gate[gate.len() - 2], &want[0]), "query"),
+            (gate.len() - 1, (&gate[gate.len() - 1], &want[1]), "key"),
+        ] {
+            // Sizes with symbols are compared once bound (`bind::resolve_node_shapes`): a
+            // gate parameter `f32[h, r, c]` binds its own symbols.
+            let constant = |d: &Dim| d.symbols().is_empty();
+            if got != want && constant(got) && constant(want) {
+                return Err(wrong(format!(
+                    "dimension {axis} of the gate `{}` is `{got}`, but blocks of {b} make `{want}` {what} blocks",
+                    name.name
+                )));
+            }
+        }
+        if !prefix_fits(lead, batch) {
+            return Err(wrong(format!(
+                "the leading dimensions of the gate `{}` do not match the scores' batch dimensions {}",
+                name.name,
+                format_shape(batch)
+            )));
+        }
+        let role = Role::Gate(b);
+        if let Some(index) = self.nodes.iter().position(|&(n, r)| n == id && r == role) {
+            return Ok(index);
+        }
+        self.nodes.push((id, role));
+        Ok(self.nodes.len() - 1)
+    }
+
     fn check_shape(&self, name: &Ident, role: Role, seg: &[Dim]) -> Result<(), Diagnostic> {
         let rank = self.shape.len();
         let (batch, mn) = self.shape.split_at(rank - 2);
         let (want, what) = match role {
             Role::Queries => (&mn[0], "queries"),
-            Role::Aligned | Role::Keys => (&mn[1], "keys"),
+            Role::Aligned | Role::Keys | Role::Gate(_) => (&mn[1], "keys"),
         };
         let shown = format_shape(seg);
         let Some((len, lead)) = seg.split_last() else {

@@ -42,7 +42,9 @@ pub fn ref_keeps(p: &MaskPattern, i: usize, j: usize, m: usize, n: usize) -> boo
         MaskPattern::Block(b) => {
             ((ip as f64) / (*b as f64)).floor() == ((jj as f64) / (*b as f64)).floor()
         }
-        MaskPattern::Document { .. } => panic!("a document pattern needs segment ids"),
+        MaskPattern::Document { .. } | MaskPattern::TopkBlocks { .. } => {
+            panic!("a data-dependent pattern needs its data")
+        }
         MaskPattern::And(a, b) => ref_keeps(a, i, j, m, n) && ref_keeps(b, i, j, m, n),
         MaskPattern::Or(a, b) => ref_keeps(a, i, j, m, n) || ref_keeps(b, i, j, m, n),
     }

@@ -493,7 +493,7 @@ pub fn keeps(b: &mut FunctionBuilder, pattern: &MaskPattern, ia: Value, j: Value
             let qj = floor_div(b, j, size);
             b.ins().icmp(IntCC::Equal, qi, qj)
         }
-        MaskPattern::Document { .. } => {
+        MaskPattern::Document { .. } | MaskPattern::TopkBlocks { .. } => {
             unreachable!("invariant: the planner runs masks that read segment ids as host steps")
         }
         MaskPattern::And(p, q) => {

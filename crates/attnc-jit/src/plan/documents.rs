@@ -1,4 +1,5 @@
-//! Which document masks (`document(...)`, masks that read segment ids) the planner compiles.
+//! Which data-dependent masks (`document(...)` and `topk_blocks(...)`, masks that read segment
+//! operands) the planner compiles.
 
 use super::PlanOptions;
 use crate::error::{JitError, Result};
@@ -36,7 +37,7 @@ pub(super) fn refuse_segments(kernel: &Kernel, options: &PlanOptions) -> Result<
             return Err(JitError::Plan {
                 op: op.to_string(),
                 detail: format!(
-                    "document(...) masks compile only fused into an exact attention on the AVX-512 tier ({why}); run with --engine interp"
+                    "document(...) and topk_blocks(...) masks compile only fused into an exact attention on the AVX-512 tier ({why}); run with --engine interp"
                 ),
             });
         }

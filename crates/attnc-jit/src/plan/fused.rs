@@ -189,9 +189,10 @@ fn broadcast_ref(placed: &Placed, dtype: DType, shape: &[usize], batch: &[usize]
 }
 
 /// The [`TensorRef`] of a segment operand `[lead.., len]`: one row of ids per batch entry,
-/// its leading axes matched to the batch axes from the left (size 1 broadcasts).
-fn segment_ref(placed: &Placed, shape: &[usize], batch: &[usize]) -> TensorRef {
-    let lead = shape.len().saturating_sub(1);
+/// its leading axes matched to the batch axes from the left (size 1 broadcasts). A gate of
+/// `topk_blocks` (`gate`) is `[lead.., rows, cols]` of floats: one matrix per batch entry.
+fn segment_ref(placed: &Placed, shape: &[usize], batch: &[usize], gate: bool) -> TensorRef {
+    let lead = shape.len().saturating_sub(1 + usize::from(gate));
     let batch_strides = (0..batch.len())
         .map(|axis| match shape.get(axis) {
             Some(&size) if axis < lead && size != 1 => placed.strides[axis],
@@ -201,10 +202,13 @@ fn segment_ref(placed: &Placed, shape: &[usize], batch: &[usize]) -> TensorRef {
     TensorRef {
         slot: placed.buf,
         name: placed.name.clone(),
-        dtype: DType::I32,
-        convert: None,
+        dtype: if gate { DType::F32 } else { DType::I32 },
+        convert: if gate { placed.convert } else { None },
         batch_strides,
-        row_stride: 0,
+        row_stride: match placed.strides.len().checked_sub(2) {
+            Some(axis) if gate => placed.strides[axis],
+            _ => 0,
+        },
         col_stride: placed.strides.last().copied().unwrap_or(1),
     }
 }
@@ -243,11 +247,18 @@ pub(super) fn attention_spec(
     let mut refs = Vec::with_capacity(operands.len());
     let mut segments = Vec::new();
     let first_segment = 3 + a.score.biases();
+    let roles = a
+        .mask
+        .as_ref()
+        .map(attnc_ir::segments::roles)
+        .unwrap_or_default();
     for (index, &o) in operands.iter().enumerate() {
         // Q, K, V are loaded as vectors along their rows; biases may have any strides.
         let placed = place(p, o, vals, index < 3)?;
         if index >= first_segment {
-            segments.push(segment_ref(&placed, &shapes[index], &fs.batch));
+            let role = roles.get(index - first_segment).copied().flatten();
+            let gate = matches!(role, Some(attnc_ir::segments::Role::Gate(_)));
+            segments.push(segment_ref(&placed, &shapes[index], &fs.batch, gate));
         } else {
             refs.push(tensor_ref(p, &placed, &shapes[index], &fs.batch));
         }

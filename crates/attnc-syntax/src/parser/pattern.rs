@@ -67,12 +67,15 @@ impl Parser<'_> {
         if word == "document" {
             return self.document(token);
         }
+        if word == "topk_blocks" {
+            return self.topk_blocks(token);
+        }
         let arity = match word {
             "causal" => 0,
             "window" | "global" | "block" => 1,
             "dilated" => 2,
             _ => return Err(self.error_expected(
-                "a mask pattern (`causal`, `window(w)`, `dilated(w, r)`, `global(g)`, `block(b)`, `document(seg)`)",
+                "a mask pattern (`causal`, `window(w)`, `dilated(w, r)`, `global(g)`, `block(b)`, `document(seg)`, `topk_blocks(g, k, b)`)",
             )),
         };
         self.bump();
@@ -127,6 +130,27 @@ impl Parser<'_> {
         Ok((
             Pattern {
                 kind: PatternKind::Document(first, second),
+                span: token.span.to(close.span),
+            },
+            1,
+        ))
+    }
+
+    /// `topk_blocks(g, k, b)` after the word `topk_blocks` (`token`): the gate's name (checked
+    /// when the kernel is lowered) and two integer literals.
+    fn topk_blocks(&mut self, token: crate::token::Token) -> PResult<(Pattern, usize)> {
+        self.bump();
+        let open = self.expect(TokenKind::LParen, "after `topk_blocks`")?;
+        let gate = self.expect_name("the name of a gate (a float parameter or `let`)")?;
+        self.expect(TokenKind::Comma, "after the gate")?;
+        let k = self.int("the number of key blocks kept per row block (an integer)")?;
+        self.expect(TokenKind::Comma, "after the number of blocks")?;
+        let b_span = self.peek().span;
+        let b = self.int("the block size (an integer)")?;
+        let close = self.expect_close(TokenKind::RParen, open)?;
+        Ok((
+            Pattern {
+                kind: PatternKind::TopkBlocks { gate, k, b, b_span },
                 span: token.span.to(close.span),
             },
             1,

@@ -86,9 +86,9 @@ fn compile_at(mask: &KeyMask, depth: usize) -> Result<Mask, CallError> {
     const FAR: i128 = 1 << 100;
     Ok(match mask {
         // The planner runs document masks on the AVX-512 tier only.
-        KeyMask::Document => {
+        KeyMask::Document | KeyMask::TopkBlocks => {
             return Err(CallError::Shape(
-                "document masks run on the avx-512 tier, not amx".to_string(),
+                "document and topk_blocks masks run on the avx-512 tier, not amx".to_string(),
             ))
         }
         KeyMask::Causal => Mask::Band { lo: 0, hi: FAR },

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::problem::{Call, KeyMask, Segments};
+use crate::problem::{Blocks, Call, KeyMask, Segments};
 
 /// Lanes of one vector.
 const LANES: usize = 16;
@@ -31,6 +31,8 @@ enum Leaf {
     Block(i64),
     /// Equal segment ids ([`MaskProgram::segments`]).
     Document,
+    /// A selected block ([`MaskProgram::blocks`]).
+    TopkBlocks,
 }
 
 /// One step of the postfix program.
@@ -97,6 +99,7 @@ impl Leaf {
             KeyMask::Global(g) => Leaf::Global(saturate(*g)),
             KeyMask::Block(b) => Leaf::Block(saturate((*b).max(1))),
             KeyMask::Document => Leaf::Document,
+            KeyMask::TopkBlocks => Leaf::TopkBlocks,
             KeyMask::And(..) | KeyMask::Or(..) => return None,
         })
     }
@@ -132,7 +135,7 @@ impl Leaf {
                 Kept::interval(start, start.saturating_add(b - 1))
             }
             // Evaluated from the ids by `fill_document`; as an interval, it may keep anything.
-            Leaf::Document => Kept::ALL,
+            Leaf::Document | Leaf::TopkBlocks => Kept::ALL,
         }
     }
 }
@@ -147,6 +150,8 @@ pub(super) struct MaskProgram<'a> {
     depth: usize,
     /// The ids a `Document` leaf compares (none: it keeps everything).
     segments: Option<Segments<'a>>,
+    /// The block selection a `TopkBlocks` leaf reads (none: it keeps everything).
+    blocks: Option<Blocks<'a>>,
     /// `n − m`: aligned row `i'` is query row `i' − align`.
     align: i64,
 }
@@ -156,6 +161,7 @@ impl<'a> MaskProgram<'a> {
     pub(super) fn for_call(mask: &KeyMask, call: &Call<'a>) -> MaskProgram<'a> {
         let mut program = MaskProgram::compile(mask);
         program.segments = call.segments;
+        program.blocks = call.blocks;
         program.align = call.n() as i64 - call.m() as i64;
         program
     }
@@ -222,6 +228,7 @@ impl<'a> MaskProgram<'a> {
             residues,
             depth: need[0],
             segments: None,
+            blocks: None,
             align: 0,
         }
     }
@@ -259,6 +266,14 @@ impl<'a> MaskProgram<'a> {
                             let ids = Lanes::of(s, self.align, axis, base);
                             fill_document(out, s, self.align, &ids, axis, &at, count, vectors);
                         }
+                        None => out[..count * VECTORS].fill(u16::MAX),
+                    }
+                    live += 1;
+                }
+                Step::Leaf(Leaf::TopkBlocks, _) => {
+                    let out = &mut buffers.stack[live];
+                    match &self.blocks {
+                        Some(s) => fill_blocks(out, s, self.align, axis, &at, count, base),
                         None => out[..count * VECTORS].fill(u16::MAX),
                     }
                     live += 1;
@@ -369,6 +384,66 @@ fn fill_document(
                 }
                 None => 0,
             };
+        }
+    }
+}
+
+/// A `TopkBlocks` leaf: per fixed coordinate `at(f)`, the lanes whose block pair is selected,
+/// one interval of lanes per block that meets them (a block holds `b` consecutive positions).
+fn fill_blocks(
+    out: &mut [u16],
+    s: &Blocks<'_>,
+    align: i64,
+    axis: LaneAxis,
+    at: &impl Fn(usize) -> i64,
+    count: usize,
+    base: i64,
+) {
+    let lanes = (LANES * VECTORS) as i64;
+    let b = i64::try_from(s.b.max(1)).unwrap_or(i64::MAX);
+    // The lane axis in block coordinates: query rows `i = i' − align`, or keys.
+    let shift = match axis {
+        LaneAxis::Rows => align,
+        LaneAxis::Keys => 0,
+    };
+    let first = base.saturating_sub(shift);
+    let blocks = (first.max(0) / b)..=(first.saturating_add(lanes - 1).max(0) / b);
+    for (f, out) in out.chunks_exact_mut(VECTORS).take(count).enumerate() {
+        let fixed = match axis {
+            LaneAxis::Rows => at(f),
+            LaneAxis::Keys => at(f).saturating_sub(align),
+        };
+        let mut bits = 0u64;
+        if fixed >= 0 {
+            for block in blocks.clone() {
+                let (row, col) = match axis {
+                    LaneAxis::Rows => (block, fixed / b),
+                    LaneAxis::Keys => (fixed / b, block),
+                };
+                let (Ok(row), Ok(col)) = (usize::try_from(row), usize::try_from(col)) else {
+                    continue;
+                };
+                if row >= s.rows || col >= s.cols || !s.keep[row * s.cols + col] {
+                    continue;
+                }
+                // Lanes of this block: positions block·b .. block·b + b − 1, relative to `first`.
+                // In i128: a block of up to 2^63 positions, `first` down to −2^63.
+                let start = i128::from(block) * i128::from(b) - i128::from(first);
+                let lo = start.clamp(0, lanes.into()) as i64;
+                let hi = (start + i128::from(b)).clamp(0, lanes.into()) as i64;
+                if hi > lo {
+                    let width = (hi - lo) as u32;
+                    let ones = if width >= 64 {
+                        u64::MAX
+                    } else {
+                        (1u64 << width) - 1
+                    };
+                    bits |= ones << lo;
+                }
+            }
+        }
+        for (v, o) in out.iter_mut().enumerate() {
+            *o = (bits >> (v * LANES)) as u16;
         }
     }
 }
@@ -566,7 +641,7 @@ mod tests {
                             if j < 0 || j >= n as i64 {
                                 continue;
                             }
-                            let want = mask.keeps_with(i, j as usize, m, n, Some(&seg));
+                            let want = mask.keeps_with(i, j as usize, m, n, Some(&seg), None);
                             let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
                             assert_eq!(bit, want, "{mask:?} keys {m}x{n} base {base} i {i} j {j}");
                         }
@@ -582,7 +657,88 @@ mod tests {
                             if i < 0 || i >= m as i64 {
                                 continue;
                             }
-                            let want = mask.keeps_with(i as usize, j, m, n, Some(&seg));
+                            let want = mask.keeps_with(i as usize, j, m, n, Some(&seg), None);
+                            let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                            assert_eq!(bit, want, "{mask:?} rows {m}x{n} base {base} i {i} j {j}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Block-selection leaves (alone and combined) against `KeyMask::keeps_with`, on both lane
+    /// axes, with m ≠ n both ways, a block size that does not divide them and lane bases past
+    /// either end.
+    #[test]
+    fn topk_programs_read_the_selection() {
+        if !Features::detect().avx512 {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let bx = Box::new;
+        let masks = [
+            KeyMask::TopkBlocks,
+            KeyMask::And(bx(KeyMask::Causal), bx(KeyMask::TopkBlocks)),
+            KeyMask::Or(bx(KeyMask::TopkBlocks), bx(KeyMask::Block(16))),
+        ];
+        for (m, n, b) in [
+            (70usize, 90usize, 7usize),
+            (90, 60, 16),
+            (1, 90, 3),
+            (65, 65, 1),
+            (20, 30, usize::MAX),
+        ] {
+            let (rows, cols) = (m.div_ceil(b), n.div_ceil(b));
+            let keep: Vec<bool> = (0..rows * cols).map(|x| (x * 7919) % 5 < 2).collect();
+            let blocks = Blocks {
+                keep: &keep,
+                rows,
+                cols,
+                b,
+            };
+            let align = n as i64 - m as i64;
+            for mask in &masks {
+                let mut program = MaskProgram::compile(mask);
+                program.blocks = Some(blocks);
+                program.align = align;
+                let mut buffers = program.buffers(m.max(n).max(64) * VECTORS);
+                for base in [-70i64, -3, 0, 17, 64] {
+                    // SAFETY: AVX-512 was detected; the buffers hold every fixed position.
+                    let got = unsafe {
+                        program.eval(
+                            &mut buffers,
+                            LaneAxis::Keys,
+                            |f| f as i64 + align,
+                            m,
+                            base,
+                            4,
+                        )
+                    }
+                    .to_vec();
+                    for i in 0..m {
+                        for lane in 0..64 {
+                            let j = base + lane as i64;
+                            if j < 0 || j >= n as i64 {
+                                continue;
+                            }
+                            let want = mask.keeps_with(i, j as usize, m, n, None, Some(&blocks));
+                            let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                            assert_eq!(bit, want, "{mask:?} keys {m}x{n} base {base} i {i} j {j}");
+                        }
+                    }
+                    // SAFETY: as above.
+                    let got = unsafe {
+                        program.eval(&mut buffers, LaneAxis::Rows, |f| f as i64, n, base, 4)
+                    }
+                    .to_vec();
+                    for j in 0..n {
+                        for lane in 0..64 {
+                            let i = base + lane as i64 - align;
+                            if i < 0 || i >= m as i64 {
+                                continue;
+                            }
+                            let want = mask.keeps_with(i as usize, j, m, n, None, Some(&blocks));
                             let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
                             assert_eq!(bit, want, "{mask:?} rows {m}x{n} base {base} i {i} j {j}");
                         }

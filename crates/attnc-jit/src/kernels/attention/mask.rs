@@ -95,7 +95,7 @@ impl RowMask {
                 let hi = b.ins().iadd_imm_s(lo, bs - 1);
                 RowMask::Between(splat32(b, lo), splat32(b, hi))
             }
-            MaskPattern::Document { .. } => {
+            MaskPattern::Document { .. } | MaskPattern::TopkBlocks { .. } => {
                 unreachable!("invariant: document masks are planned with their segment ids")
             }
             MaskPattern::And(x, y) => {
