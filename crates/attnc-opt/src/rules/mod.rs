@@ -12,6 +12,7 @@ pub mod masking;
 pub mod prefix;
 pub mod retention;
 pub mod scored;
+pub mod sink;
 pub mod softmax;
 #[cfg(test)]
 mod testkit;
@@ -184,6 +185,16 @@ pub enum Guard {
         /// The normalizer's epsilon.
         eps: Option<&'static str>,
     },
+    /// `x` has exactly `rank` axes and the sink `s` broadcasts into its rows (`x`'s shape
+    /// with the last axis 1) without enlarging them. Checked by `sink::rewrite`'s condition.
+    SinkRows {
+        /// The scores.
+        x: &'static str,
+        /// The sink logit.
+        s: &'static str,
+        /// The rank of `x` the rule's axis atom is written for.
+        rank: usize,
+    },
 }
 
 /// How the log weight of [`Guard::CausalDecay`] scores is formed.
@@ -237,6 +248,9 @@ impl RuleSpec {
         if let Guard::CausalDecay { .. } = self.guard {
             return retention::rewrite(self);
         }
+        if let Guard::SinkRows { .. } = self.guard {
+            return sink::rewrite(self);
+        }
         let lhs: Pattern<Attn> = self
             .lhs
             .parse()
@@ -263,6 +277,7 @@ pub fn all_specs() -> Vec<RuleSpec> {
     specs.extend(retention::specs());
     specs.extend(scored::specs());
     specs.extend(lse::specs());
+    specs.extend(sink::specs());
     specs
 }
 
@@ -327,6 +342,8 @@ impl GuardCheck {
             }
             // Built by `retention::rewrite`; here it fails closed.
             Guard::CausalDecay { .. } => (u8::MAX, [None; 5]),
+            // Built by `sink::rewrite`; here it fails closed.
+            Guard::SinkRows { .. } => (u8::MAX, [None; 5]),
         };
         GuardCheck {
             kind,

@@ -133,6 +133,20 @@ pub fn check(
     dims: &[(&str, u64)],
     seed: u64,
 ) {
+    let (ya, yb) = evaluate_both(spec, params, vars, dims, seed);
+    let err = rel_l2(&ya, &yb);
+    assert!(err <= 1e-9, "{}: relative L2 {err} at {dims:?}", spec.name);
+}
+
+/// Asserts that `spec` fires on its left side instantiated with `vars` (arguments as for
+/// [`check`]) and returns both sides' values from the interpreter.
+pub fn evaluate_both(
+    spec: &RuleSpec,
+    params: &str,
+    vars: &[(&str, &str)],
+    dims: &[(&str, u64)],
+    seed: u64,
+) -> (ArrayD<f64>, ArrayD<f64>) {
     let name = spec.name;
     let first = params.split(':').next().expect("a parameter").trim();
     let shell = kernel(&format!("kernel t({params}) {{ return {first}; }}"));
@@ -162,11 +176,7 @@ pub fn check(
     let xs = inputs(&shell, &bindings, seed);
     let ya = attnc_ir::interp::evaluate(&left, &bindings, &xs).expect("lhs evaluates");
     let yb = attnc_ir::interp::evaluate(&right, &bindings, &xs).expect("rhs evaluates");
-    let err = rel_l2(&ya, &yb);
-    assert!(
-        err <= 1e-9,
-        "{name}: relative L2 {err} at {dims:?}\n{lhs}\n{rhs}"
-    );
+    (ya, yb)
 }
 
 /// Checks that `spec`'s guard keeps it from firing on `expr` (a term of the kernel parameters
