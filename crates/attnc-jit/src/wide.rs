@@ -484,6 +484,7 @@ impl WideAttention {
         // entry's ids and gate (items come in entry order, so each entry's is built once per
         // thread).
         let mut refined: Option<(usize, TileTable, Vec<bool>)> = None;
+        let mut bound: Option<(usize, Option<attention::ValueBound>)> = None;
         for (b, t, rows, lse) in items {
             let mut call = self.call(inputs, b)?;
             let required = self.mask.as_ref().is_some_and(KeyMask::requires_document);
@@ -511,7 +512,15 @@ impl WideAttention {
                     let (_, p) = packed.as_ref().expect("invariant: packed just above");
                     amx::run(products, &call, p, range, &mut output)
                 }
-                _ => attention::run(&call, range, &mut output),
+                _ => {
+                    // The values' magnitude, read once per entry and thread rather than by
+                    // every query tile.
+                    if bound.as_ref().is_none_or(|(entry, _)| *entry != b) {
+                        bound = Some((b, attention::ValueBound::of(&call)));
+                    }
+                    let value_bound = bound.and_then(|(_, v)| v);
+                    attention::run_with_bound(&call, range, &mut output, value_bound)
+                }
             };
             result.map_err(wide_err)?;
         }

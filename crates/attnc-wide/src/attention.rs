@@ -104,6 +104,40 @@ pub fn available() -> bool {
 /// Errors (before any memory is touched): [`CallError::Shape`] when [`check`] fails or the
 /// tile sizes differ, [`CallError::Unsupported`] without AVX-512.
 pub fn run(call: &Call<'_>, rows: Range<usize>, out: &mut Output<'_>) -> Result<(), CallError> {
+    run_with_bound(call, rows, out, None)
+}
+
+/// The largest magnitude among a call's values (`V`), as [`run_with_bound`] takes it: the
+/// tile kernel scales its weights by a power of two chosen from it (see
+/// `attention/tile/headroom.rs`) so that no product is subnormal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueBound(u32);
+
+impl ValueBound {
+    /// Reads every value of `call` once (a caller running many query tiles of one call
+    /// computes it once and passes it to each). `None` without AVX-512.
+    pub fn of(call: &Call<'_>) -> Option<ValueBound> {
+        if !available() || !call.v.in_bounds() {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: AVX-512 was detected; every row of V lies inside its elements.
+            Some(ValueBound(unsafe { tile::value_magnitude_bits(&call.v) }))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    }
+}
+
+/// [`run`] with the values' magnitude computed beforehand ([`ValueBound::of`] of the same
+/// call); without one, each query tile reads the values it visits for it.
+pub fn run_with_bound(
+    call: &Call<'_>,
+    rows: Range<usize>,
+    out: &mut Output<'_>,
+    bound: Option<ValueBound>,
+) -> Result<(), CallError> {
     check(call, &rows, out)?;
     let tiles = call.tiles;
     if tiles.query_tile != QUERY_TILE || tiles.key_tile != KEY_TILE {
@@ -127,7 +161,7 @@ pub fn run(call: &Call<'_>, rows: Range<usize>, out: &mut Output<'_>) -> Result<
             unsafe { row::run(call, rows, out, form, program.as_ref()) };
         } else {
             // SAFETY: as above.
-            unsafe { tile::run(call, rows, out, form, program.as_ref()) };
+            unsafe { tile::run(call, rows, out, form, program.as_ref(), bound.map(|b| b.0)) };
         }
         Ok(())
     }

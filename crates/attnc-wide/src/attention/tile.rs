@@ -28,6 +28,8 @@
 
 mod headroom;
 mod layout;
+
+pub(super) use headroom::value_magnitude_bits;
 mod micro;
 
 use std::arch::x86_64::*;
@@ -140,6 +142,8 @@ struct Env<'a, 'c> {
     call: &'c Call<'a>,
     form: ScoreForm<'a>,
     program: Option<&'c MaskProgram<'a>>,
+    /// The largest `|v|` bit pattern of the whole call, when the caller computed it.
+    value_bound: Option<u32>,
     m: usize,
     n: usize,
     d: usize,
@@ -166,11 +170,13 @@ pub(super) unsafe fn run(
     out: &mut Output<'_>,
     form: ScoreForm<'_>,
     program: Option<&MaskProgram>,
+    value_bound: Option<u32>,
 ) {
     let env = Env {
         call,
         form,
         program,
+        value_bound,
         m: call.m(),
         n: call.n(),
         d: call.q.cols,
@@ -241,7 +247,9 @@ unsafe fn query_tile<const RV: usize>(
         max: [_mm512_set1_ps(f32::NEG_INFINITY); RV],
         sum: [_mm512_setzero_ps(); RV],
         // SAFETY: the caller's contract.
-        offset: unsafe { headroom::weight_offset(env.call, tile.rows.start / QUERY_TILE) },
+        offset: unsafe {
+            headroom::weight_offset(env.call, tile.rows.start / QUERY_TILE, env.value_bound)
+        },
     };
     let mut visits = env
         .call

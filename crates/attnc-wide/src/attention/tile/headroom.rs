@@ -21,20 +21,28 @@ const MAX_OFFSET: i32 = 64;
 /// Bit pattern of `|x|` above which `x` is not finite.
 const INFINITY_BITS: u32 = 0x7f80_0000;
 
+/// f16 holds nothing beyond 65504 < 2¹⁶ but ±∞, which leaves no finite value to overflow:
+/// its bound needs no pass over the data.
+const F16_LARGEST_BITS: u32 = 0x477f_e000; // 65504.0
+
 /// The exponent `B` for query tile `query_tile` of `call`: from the largest magnitude among
-/// the value rows its key tiles hold; 0 when any of them is NaN or infinite (scaling cannot
-/// change a non-finite result, but keeps no finite one from overflowing either).
+/// the values (`value_bound`, the whole call's, when the caller computed it once; else the
+/// value rows this tile's key tiles hold); 0 when any of them is NaN or infinite (scaling
+/// cannot change a non-finite result, but keeps no finite one from overflowing either).
 ///
 /// # Safety
 /// AVX-512 is present and `call` passed `problem::check`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-pub(super) unsafe fn weight_offset(call: &Call<'_>, query_tile: usize) -> i32 {
+pub(super) unsafe fn weight_offset(
+    call: &Call<'_>,
+    query_tile: usize,
+    value_bound: Option<u32>,
+) -> i32 {
     let v = &call.v;
-    let largest = match v.data {
-        // f16 holds nothing beyond 65504 < 2¹⁶ but ±∞, which leaves no finite value to
-        // overflow: its bound needs no pass over the data.
-        Elements::F16(_) => 0x477f_e000, // 65504.0
-        _ => {
+    let largest = match (v.data, value_bound) {
+        (Elements::F16(_), _) => F16_LARGEST_BITS,
+        (_, Some(bits)) => bits,
+        (_, None) => {
             let mut bits = 0u32;
             for run in call.tiles.runs(query_tile) {
                 let keys = run.first as usize * KEY_TILE..(run.end as usize * KEY_TILE).min(v.rows);
@@ -51,6 +59,19 @@ pub(super) unsafe fn weight_offset(call: &Call<'_>, query_tile: usize) -> i32 {
     let exponent = (largest >> 23) as i32 - 127;
     let terms = call.n().max(1).next_power_of_two().trailing_zeros() as i32;
     (125 - terms - exponent - 1).clamp(0, MAX_OFFSET)
+}
+
+/// The largest `|x|` bit pattern over every row of `v` (NaN above ∞ above every finite).
+///
+/// # Safety
+/// AVX-512 is present; every row lies inside the operand's elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(in super::super) unsafe fn value_magnitude_bits(v: &Operand<'_>) -> u32 {
+    match v.data {
+        Elements::F16(_) => F16_LARGEST_BITS,
+        // SAFETY: the caller's contract.
+        _ => unsafe { largest_magnitude_bits(v, 0..v.rows) },
+    }
 }
 
 /// The largest `|x|` bit pattern over rows `rows` of `v` (NaN above ∞ above every finite).
@@ -112,8 +133,9 @@ mod tests {
             mask: None,
             tiles: &tiles,
             segments: None,
+            blocks: None,
         };
-        unsafe { weight_offset(&call, 0) }
+        unsafe { weight_offset(&call, 0, None) }
     }
 
     #[test]
