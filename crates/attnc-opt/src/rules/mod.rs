@@ -251,6 +251,14 @@ impl RuleSpec {
         if let Guard::SinkRows { .. } = self.guard {
             return sink::rewrite(self);
         }
+        self.guarded_by(GuardCheck::new(&self.guard))
+    }
+
+    /// Its patterns as a rewrite whose applier holds only where `condition` does.
+    fn guarded_by<C>(&self, condition: C) -> AttnRewrite
+    where
+        C: Condition<Attn, ShapeAnalysis> + Send + Sync + 'static,
+    {
         let lhs: Pattern<Attn> = self
             .lhs
             .parse()
@@ -260,7 +268,7 @@ impl RuleSpec {
             .parse()
             .expect("invariant: rule patterns in the tables are valid");
         let applier = ConditionalApplier {
-            condition: GuardCheck::new(&self.guard),
+            condition,
             applier: rhs,
         };
         Rewrite::new(self.name, lhs, applier).expect("invariant: rule variables are bound")

@@ -27,7 +27,7 @@
 use super::{broadcasts_into, var, AttnRewrite, DecayForm, Guard, RuleSpec};
 use crate::analysis::{matmul_shape, transposed, AttnGraph, ShapeAnalysis};
 use crate::lang::Attn;
-use egg::{Condition, ConditionalApplier, Id, Pattern, Rewrite, Subst, Var};
+use egg::{Condition, Id, Subst, Var};
 
 /// The decayed causal scores the rules match.
 macro_rules! decayed {
@@ -145,15 +145,7 @@ pub(super) fn rewrite(spec: &RuleSpec) -> AttnRewrite {
     else {
         unreachable!("invariant: only CausalDecay rules are built here")
     };
-    let lhs: Pattern<Attn> = spec
-        .lhs
-        .parse()
-        .expect("invariant: rule patterns in the tables are valid");
-    let rhs: Pattern<Attn> = spec
-        .rhs
-        .parse()
-        .expect("invariant: rule patterns in the tables are valid");
-    let condition = DecayCheck {
+    spec.guarded_by(DecayCheck {
         q: var(q),
         k: var(k),
         slope: var(slope),
@@ -166,12 +158,7 @@ pub(super) fn rewrite(spec: &RuleSpec) -> AttnRewrite {
         },
         axis: axis.map(var),
         eps: eps.map(var),
-    };
-    let applier = ConditionalApplier {
-        condition,
-        applier: rhs,
-    };
-    Rewrite::new(spec.name, lhs, applier).expect("invariant: rule variables are bound")
+    })
 }
 
 /// [`Guard::CausalDecay`] as an egg [`Condition`]: the scores `q kᵀ` are `[.., m, n]`, the

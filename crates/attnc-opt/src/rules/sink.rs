@@ -19,7 +19,7 @@
 use super::{broadcasts_into, var, AttnRewrite, Guard, RuleSpec};
 use crate::analysis::ShapeAnalysis;
 use crate::lang::Attn;
-use egg::{Condition, ConditionalApplier, Id, Pattern, Rewrite, Subst, Var};
+use egg::{Condition, Id, Subst, Var};
 
 /// The sink family.
 pub fn specs() -> Vec<RuleSpec> {
@@ -59,23 +59,11 @@ pub(super) fn rewrite(spec: &RuleSpec) -> AttnRewrite {
     let Guard::SinkRows { x, s, rank } = spec.guard else {
         unreachable!("invariant: only SinkRows rules are built here")
     };
-    let lhs: Pattern<Attn> = spec
-        .lhs
-        .parse()
-        .expect("invariant: rule patterns in the tables are valid");
-    let rhs: Pattern<Attn> = spec
-        .rhs
-        .parse()
-        .expect("invariant: rule patterns in the tables are valid");
-    let applier = ConditionalApplier {
-        condition: SinkCheck {
-            x: var(x),
-            s: var(s),
-            rank,
-        },
-        applier: rhs,
-    };
-    Rewrite::new(spec.name, lhs, applier).expect("invariant: rule variables are bound")
+    spec.guarded_by(SinkCheck {
+        x: var(x),
+        s: var(s),
+        rank,
+    })
 }
 
 /// [`Guard::SinkRows`] as an egg [`Condition`].
