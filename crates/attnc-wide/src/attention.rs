@@ -131,7 +131,7 @@ impl ValueBound {
 }
 
 /// [`run`] with the values' magnitude computed beforehand ([`ValueBound::of`] of the same
-/// call); without one, each query tile reads the values it visits for it.
+/// call); without one, this call reads every value once for it.
 pub fn run_with_bound(
     call: &Call<'_>,
     rows: Range<usize>,
@@ -160,8 +160,11 @@ pub fn run_with_bound(
             // SAFETY: AVX-512 was detected, `check` passed and the tile sizes match.
             unsafe { row::run(call, rows, out, form, program.as_ref()) };
         } else {
-            // SAFETY: as above.
-            unsafe { tile::run(call, rows, out, form, program.as_ref(), bound.map(|b| b.0)) };
+            // The values' magnitude, read once per call when the caller did not. SAFETY (both):
+            // as above; `check` bounded V.
+            let bound =
+                bound.map_or_else(|| unsafe { tile::value_magnitude_bits(&call.v) }, |b| b.0);
+            unsafe { tile::run(call, rows, out, form, program.as_ref(), bound) };
         }
         Ok(())
     }

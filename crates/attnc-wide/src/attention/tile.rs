@@ -142,8 +142,8 @@ struct Env<'a, 'c> {
     call: &'c Call<'a>,
     form: ScoreForm<'a>,
     program: Option<&'c MaskProgram<'a>>,
-    /// The largest `|v|` bit pattern of the whole call, when the caller computed it.
-    value_bound: Option<u32>,
+    /// The largest `|v|` bit pattern of the whole call.
+    value_bound: u32,
     m: usize,
     n: usize,
     d: usize,
@@ -170,7 +170,7 @@ pub(super) unsafe fn run(
     out: &mut Output<'_>,
     form: ScoreForm<'_>,
     program: Option<&MaskProgram>,
-    value_bound: Option<u32>,
+    value_bound: u32,
 ) {
     let env = Env {
         call,
@@ -246,10 +246,7 @@ unsafe fn query_tile<const RV: usize>(
     let mut softmax = Softmax::<RV> {
         max: [_mm512_set1_ps(f32::NEG_INFINITY); RV],
         sum: [_mm512_setzero_ps(); RV],
-        // SAFETY: the caller's contract.
-        offset: unsafe {
-            headroom::weight_offset(env.call, tile.rows.start / QUERY_TILE, env.value_bound)
-        },
+        offset: headroom::weight_offset(env.call, env.value_bound),
     };
     let mut visits = env
         .call

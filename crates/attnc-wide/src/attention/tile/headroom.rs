@@ -6,13 +6,11 @@
 //! of the subnormal range. Rows whose scores spread over more than ~87 nats (peaked attention,
 //! large logits) otherwise produce subnormal products in `P·V` on every key tile, and each
 //! one costs a microcode assist: measured 5–7× slower at h=4, n=4096, d=128 with scores of
-//! standard deviation 30. `B` is chosen from the largest `|v|` the tile reads so that
+//! standard deviation 30. `B` is chosen from the largest `|v|` of the call so that
 //! `n · 2^B · max|v|` stays below the f32 range: nothing that was finite overflows.
 
 use std::arch::x86_64::*;
-use std::ops::Range;
 
-use super::super::KEY_TILE;
 use crate::problem::{Call, Elements, Operand};
 
 /// The largest offset: weights down to `2⁻¹²⁷` (the kernel's cut) become `2⁻⁶³` and more.
@@ -25,33 +23,11 @@ const INFINITY_BITS: u32 = 0x7f80_0000;
 /// its bound needs no pass over the data.
 const F16_LARGEST_BITS: u32 = 0x477f_e000; // 65504.0
 
-/// The exponent `B` for query tile `query_tile` of `call`: from the largest magnitude among
-/// the values (`value_bound`, the whole call's, when the caller computed it once; else the
-/// value rows this tile's key tiles hold); 0 when any of them is NaN or infinite (scaling
-/// cannot change a non-finite result, but keeps no finite one from overflowing either).
-///
-/// # Safety
-/// AVX-512 is present and `call` passed `problem::check`.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-pub(super) unsafe fn weight_offset(
-    call: &Call<'_>,
-    query_tile: usize,
-    value_bound: Option<u32>,
-) -> i32 {
-    let v = &call.v;
-    let largest = match (v.data, value_bound) {
-        (Elements::F16(_), _) => F16_LARGEST_BITS,
-        (_, Some(bits)) => bits,
-        (_, None) => {
-            let mut bits = 0u32;
-            for run in call.tiles.runs(query_tile) {
-                let keys = run.first as usize * KEY_TILE..(run.end as usize * KEY_TILE).min(v.rows);
-                // SAFETY: the runs list key tiles inside n; the caller's contract.
-                bits = bits.max(unsafe { largest_magnitude_bits(v, keys) });
-            }
-            bits
-        }
-    };
+/// The exponent `B` for `call` from `largest`, the [`value_magnitude_bits`] of its values; 0
+/// when any of them is NaN or infinite (scaling cannot change a non-finite result, but keeps
+/// no finite one from overflowing either). It depends on the values only, so every split of
+/// the rows gets the same bits.
+pub(super) fn weight_offset(call: &Call<'_>, largest: u32) -> i32 {
     if largest >= INFINITY_BITS {
         return 0;
     }
@@ -67,30 +43,23 @@ pub(super) unsafe fn weight_offset(
 /// AVX-512 is present; every row lies inside the operand's elements.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(in super::super) unsafe fn value_magnitude_bits(v: &Operand<'_>) -> u32 {
-    match v.data {
-        Elements::F16(_) => F16_LARGEST_BITS,
-        // SAFETY: the caller's contract.
-        _ => unsafe { largest_magnitude_bits(v, 0..v.rows) },
+    if let Elements::F16(_) = v.data {
+        return F16_LARGEST_BITS;
     }
-}
-
-/// The largest `|x|` bit pattern over rows `rows` of `v` (NaN above ∞ above every finite).
-///
-/// # Safety
-/// AVX-512 is present; the rows lie inside the checked operand.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn largest_magnitude_bits(v: &Operand<'_>, rows: Range<usize>) -> u32 {
     let magnitude = _mm512_set1_epi32(0x7fff_ffff);
     let mut acc = _mm512_setzero_si512();
-    for r in rows {
+    for r in 0..v.rows {
         let at = r * v.row_stride;
         let mut c = 0;
         while c < v.cols {
             let lanes = (v.cols - c).min(16);
-            let mask = (((1u32 << lanes) - 1) & 0xffff) as __mmask16;
-            let mask = if lanes == 16 { 0xffff } else { mask };
-            // SAFETY: columns c..c + lanes of row r lie inside the checked operand; masked
-            // lanes are not read.
+            let mask = if lanes == 16 {
+                0xffff
+            } else {
+                ((1u32 << lanes) - 1) as __mmask16
+            };
+            // SAFETY: columns c..c + lanes of row r lie inside the operand; masked lanes are
+            // not read.
             let x = unsafe {
                 match v.data {
                     Elements::F32(d) => {
@@ -135,7 +104,7 @@ mod tests {
             segments: None,
             blocks: None,
         };
-        unsafe { weight_offset(&call, 0, None) }
+        weight_offset(&call, unsafe { value_magnitude_bits(&call.v) })
     }
 
     #[test]
