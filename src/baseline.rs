@@ -9,9 +9,13 @@
 //! pair of every attention step (`4·d` when `dv = d`; kept pairs counted exactly with the
 //! mask at the bound shapes) plus `2·m·n·k` per matrix product.
 
+use std::collections::HashMap;
+
 use attnc_ir::{BinaryOp, MaskPattern};
 use attnc_jit::kernels::attention::{AttentionSpec, ScoreExpr, TensorRef};
-use attnc_jit::plan::{Plan, StepKind};
+use attnc_jit::plan::{BufferSource, Plan, Step, StepKind};
+
+mod documents;
 
 /// The sizes of one batched attention `[batch, m, d] × [batch, n, d] × [batch, n, dv]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,19 +241,35 @@ pub struct FlopCount {
     pub attended_pairs: u64,
     /// `attention`, `matmul`, `attention+matmul` or `none`.
     pub basis: &'static str,
+    /// Whether the counts are upper bounds: some mask keeps pairs chosen by data the count
+    /// did not see (`topk_blocks`, or segment ids not among the inputs), counted as kept.
+    pub at_most: bool,
 }
 
 /// Useful FLOPs of one run of `plan`: `2·(d + dv)` per kept pair of every fused attention
-/// step, `2·m·n·k` per matrix product, `2·d·dv·(m + n)` per causal linear attention (prefix)
-/// step, counted as matrix work (elementwise work is not counted).
+/// step, `2·m·n·k` per matrix product, `2·d·dv·(m + n)` per linear attention step through its
+/// state (causal or not), counted as matrix work (elementwise work is not counted). Pairs
+/// of data-dependent masks count as kept ([`FlopCount::at_most`]); see [`useful_flops_on`].
 pub fn useful_flops(plan: &Plan) -> FlopCount {
+    useful_flops_on(plan, &|_| None)
+}
+
+/// [`useful_flops`] with the pairs of `document(...)` masks counted from the segment ids the
+/// kernel runs on: `ids(p)` is kernel parameter `p`'s i32 values, if it has them.
+pub fn useful_flops_on<'a>(plan: &Plan, ids: &dyn Fn(usize) -> Option<&'a [i32]>) -> FlopCount {
     let (mut flops, mut pairs) = (0.0f64, 0u64);
-    let (mut attention, mut matmul) = (false, false);
+    let (mut attention, mut matmul, mut at_most) = (false, false, false);
     for step in &plan.steps {
         match &step.kind {
             StepKind::Attention(spec) => {
-                let kept = kept_pairs(spec.mask.as_ref(), spec.m, spec.n)
-                    .saturating_mul(spec.batch_count() as u64);
+                let kept = match document_pairs(plan, step, spec, ids) {
+                    Some(kept) => kept,
+                    None => {
+                        at_most |= spec.mask.as_ref().is_some_and(|p| !p.is_static());
+                        kept_pairs(spec.mask.as_ref(), spec.m, spec.n)
+                            .saturating_mul(spec.batch_count() as u64)
+                    }
+                };
                 pairs = pairs.saturating_add(kept);
                 flops += 2.0 * (spec.d + spec.dv) as f64 * kept as f64;
                 attention = true;
@@ -258,8 +278,8 @@ pub fn useful_flops(plan: &Plan) -> FlopCount {
                 flops += spec.flops() as f64;
                 matmul = true;
             }
-            // Causal linear attention: one d × dv multiply-add per key (state) and per row.
-            StepKind::Prefix(spec) | StepKind::Chunked(spec) => {
+            // Linear attention: one d × dv multiply-add per key (state) and per row.
+            StepKind::Prefix(spec) | StepKind::Chunked(spec) | StepKind::Linear(spec) => {
                 flops += 2.0
                     * (spec.d * spec.dv) as f64
                     * (spec.m + spec.n) as f64
@@ -279,7 +299,85 @@ pub fn useful_flops(plan: &Plan) -> FlopCount {
         flops,
         attended_pairs: pairs,
         basis,
+        at_most,
     }
+}
+
+/// The kept pairs of a fused attention step with a `document(...)` mask, over every batch
+/// entry, from the segment ids of the kernel parameters it reads (`None` when the mask has
+/// no document, a part the ids cannot count, or ids not among the parameters).
+fn document_pairs<'a>(
+    plan: &Plan,
+    step: &Step,
+    spec: &AttentionSpec,
+    ids: &dyn Fn(usize) -> Option<&'a [i32]>,
+) -> Option<u64> {
+    let pattern = spec.mask.as_ref()?;
+    let (q, k) = document_pair(pattern)?;
+    let operand = |which: usize| -> Option<(&TensorRef, &'a [i32])> {
+        let t = spec.segments.get(which)?;
+        let buffer = *step.inputs.get(t.slot)?;
+        match plan.buffers.get(buffer)?.source {
+            BufferSource::Input(p) => Some((t, ids(p)?)),
+            BufferSource::Temp => None,
+        }
+    };
+    let ((tq, query_ids), (tk, key_ids)) = (operand(q)?, operand(k)?);
+    // document(seg): queries read the keys' ids end-aligned; document(qseg, kseg): row i.
+    let (query_len, shift) = if q == k {
+        (spec.n, spec.n as i64 - spec.m as i64)
+    } else {
+        (spec.m, 0)
+    };
+    let mut counted: HashMap<(usize, usize), u64> = HashMap::new();
+    let mut total = 0u64;
+    for entry in 0..spec.batch_count() {
+        let at = (
+            offset(tq, &spec.batch, entry),
+            offset(tk, &spec.batch, entry),
+        );
+        let kept = match counted.get(&at) {
+            Some(&kept) => kept,
+            None => {
+                let entry_ids = documents::Ids {
+                    queries: query_ids.get(at.0..at.0.checked_add(query_len)?)?,
+                    keys: key_ids.get(at.1..at.1.checked_add(spec.n)?)?,
+                    shift,
+                };
+                let kept = documents::kept_pairs(pattern, spec.m, spec.n, &entry_ids)?;
+                counted.insert(at, kept);
+                kept
+            }
+        };
+        total = total.saturating_add(kept);
+    }
+    Some(total)
+}
+
+/// The one `(q, k)` segment-operand pair a pattern's documents compare.
+fn document_pair(p: &MaskPattern) -> Option<(usize, usize)> {
+    match p {
+        MaskPattern::Document { q, k } => Some((*q, *k)),
+        MaskPattern::And(a, b) | MaskPattern::Or(a, b) => {
+            match (document_pair(a), document_pair(b)) {
+                (Some(x), Some(y)) if x != y => None,
+                (x, y) => x.or(y),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The element offset of batch entry `entry` (last batch axis fastest) in tensor `t`.
+fn offset(t: &TensorRef, batch: &[usize], mut entry: usize) -> usize {
+    let mut at = 0;
+    for (axis, &size) in batch.iter().enumerate().rev() {
+        if size > 0 {
+            at += (entry % size) * t.batch_strides.get(axis).copied().unwrap_or(0);
+            entry /= size;
+        }
+    }
+    at
 }
 
 /// A plan that is plain attention, in the terms [`naive_attention`] takes.
@@ -514,5 +612,30 @@ mod tests {
         let flops = useful_flops(compiled.plan());
         assert_eq!(flops.flops, 2.0 * 3.0 * 4.0 * 5.0);
         assert_eq!(flops.basis, "matmul");
+    }
+
+    #[test]
+    fn document_pairs_count_from_the_segment_ids() {
+        let module = compile(
+            "kernel p(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], seg: i32[n]) -> f32[h, n, d] {
+                 return softmax(mask(q @ k.T, causal & document(seg))) @ v;
+             }",
+        );
+        let b = bindings(&[("h", 3), ("n", 100), ("d", 4)]);
+        let Ok(compiled) = crate::Compiler::new().compile(&module.kernels[0], &b) else {
+            // Without the AVX-512 tier a document mask does not compile.
+            return;
+        };
+        // Documents of 30, 30, 30 and 10 tokens: causal within each.
+        let seg: Vec<i32> = (0..100).map(|j| j / 30).collect();
+        let per_head = 3 * (30 * 31 / 2) + 10 * 11 / 2;
+        let counted = useful_flops_on(compiled.plan(), &|p| (p == 3).then_some(seg.as_slice()));
+        assert_eq!(counted.attended_pairs, 3 * per_head);
+        assert!(!counted.at_most);
+        assert_eq!(counted.flops, 3.0 * per_head as f64 * 2.0 * 8.0);
+        // Without the ids, every pair the causal part keeps is counted, as an upper bound.
+        let bound = useful_flops(compiled.plan());
+        assert_eq!(bound.attended_pairs, 3 * 100 * 101 / 2);
+        assert!(bound.at_most);
     }
 }

@@ -10,7 +10,7 @@
 use crate::args::BenchArgs;
 use crate::failure::Failure;
 use crate::inputs::Prepared;
-use attnc::baseline::{naive_attention, plain_attention, useful_flops, FlopCount};
+use attnc::baseline::{naive_attention, plain_attention, useful_flops_on, FlopCount};
 use attnc::engine::{execute, run_compiled, Engine};
 use attnc::policy::Policy;
 use attnc_jit::ceiling::{measure_f32x4_ceiling, Ceiling};
@@ -162,7 +162,7 @@ fn dense_pair_flops(plan: &Plan) -> f64 {
                 Some(2.0 * (a.d + a.dv) as f64 * a.batch_count() as f64 * a.m as f64 * a.n as f64)
             }
             // The interpreter runs the quadratic form the prefix kernel replaces.
-            StepKind::Prefix(p) | StepKind::Chunked(p) => Some(
+            StepKind::Prefix(p) | StepKind::Chunked(p) | StepKind::Linear(p) => Some(
                 2.0 * (p.d + p.dv + 1) as f64 * p.batch_count() as f64 * p.m as f64 * p.n as f64,
             ),
             _ => None,
@@ -339,7 +339,11 @@ pub fn measure(
         )
     };
     let reference = exact.as_ref().unwrap_or(&compiled);
-    let flops = useful_flops(reference.plan());
+    let ids = |p: usize| match prepared.inputs.get(p).map(|t| &t.data) {
+        Some(attnc::io::TensorData::I32(ids)) => Some(ids.as_slice()),
+        _ => None,
+    };
+    let flops = useful_flops_on(reference.plan(), &ids);
     let steps = compiled.plan().steps.len();
 
     // The JIT at `threads` and at 1 thread; with an exact plan beside an approximate one,

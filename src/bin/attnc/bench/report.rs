@@ -83,6 +83,7 @@ pub fn single(
             "compile_total_ms_all": m.total_ms,
             "flops": m.flops.flops,
             "flops_basis": m.flops.basis,
+            "flops_at_most": m.flops.at_most,
             "attended_pairs": m.flops.attended_pairs,
             "ceiling": ceiling_json(ceilings),
             "results": rows_json(m, ceilings),
@@ -119,11 +120,17 @@ pub fn single(
         list(&m.total_ms),
     );
     outln!(
-        "useful work: {:.3} GFLOP ({}; {} attended pairs)",
+        "useful work: {}{:.3} GFLOP ({}; {} attended pairs)",
+        if m.flops.at_most { "at most " } else { "" },
         m.flops.flops / 1e9,
         m.flops.basis,
         m.flops.attended_pairs
     );
+    if m.flops.at_most {
+        outln!(
+            "(a mask keeps pairs chosen at run time: they count as kept, so GFLOP/s are upper bounds)"
+        );
+    }
     let ceiling_line = if threads > 1 {
         format!(
             "f32x4 FMA ceiling (this run): {:.1} GFLOP/s at 1 thread, {:.1} at {threads} ({:.1} per thread)",

@@ -324,6 +324,7 @@ fn print_json(
                 "compile_total_ms": m.total_ms[0],
                 "flops": m.flops.flops,
                 "flops_basis": m.flops.basis,
+                "flops_at_most": m.flops.at_most,
                 "attended_pairs": m.flops.attended_pairs,
                 "results": rows_json(m, ceilings),
                 "jit_speedup_threads_vs_1": m.jit_scaling(),
