@@ -12,12 +12,8 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
-fn avx512() -> bool {
-    attnc::jit::wide::Tiers::available(attnc::jit::wide::Tiers::ALL).avx512
-}
-
-/// Runs `args` on both engines and compares them (or, without AVX-512, checks that the JIT
-/// refuses with a pointer to the interpreter, which runs it).
+/// Runs `args` on both engines and compares them (without AVX-512 the JIT runs the portable
+/// tier).
 fn agree(args: &[&str]) {
     let run = |engine: &str| {
         let mut all = args.to_vec();
@@ -27,11 +23,6 @@ fn agree(args: &[&str]) {
     let interp = run("interp");
     assert_eq!(status(&interp), 0, "{args:?}: {}", stderr(&interp));
     let jit = run("jit");
-    if !avx512() {
-        assert_eq!(status(&jit), 1, "{}", stderr(&jit));
-        assert!(stdout(&jit).contains("--engine interp"), "{}", stdout(&jit));
-        return;
-    }
     assert_eq!(status(&jit), 0, "{args:?}: {}", stderr(&jit));
     let (a, b) = (json(&jit), json(&interp));
     assert_eq!(a["shape"], b["shape"]);

@@ -102,7 +102,12 @@ pub(crate) fn beyond_base_two(
     out: &[f32],
 ) -> Vec<usize> {
     let per = spec.m * spec.dv;
-    if spec.precision != Precision::Exact || per == 0 || out.len() != per * spec.batch_count() {
+    // The portable tier exponentiates in base e: nothing to explain.
+    if spec.precision != Precision::Exact
+        || spec.tier == crate::wide::Tier::Portable
+        || per == 0
+        || out.len() != per * spec.batch_count()
+    {
         return Vec::new();
     }
     let magnitude = |t: &TensorRef, rows: usize, cols: usize, e: usize| -> f64 {

@@ -44,6 +44,10 @@ pub enum Tier {
     Avx512,
     /// AMX tile products of the given precision (an approximation the policy allowed).
     Amx(Products),
+    /// Plain Rust on any CPU (`attnc_wide::portable`): the exact attentions whose masks read
+    /// data (`document(...)`, `topk_blocks(...)`), which the Cranelift kernels cannot compile,
+    /// where AVX-512 is missing or switched off.
+    Portable,
 }
 
 impl Tier {
@@ -54,6 +58,7 @@ impl Tier {
             Tier::Avx512 => "avx-512",
             Tier::Amx(Products::Bf16) => "amx bf16",
             Tier::Amx(Products::Int8) => "amx int8",
+            Tier::Portable => "portable",
         }
     }
 }
@@ -296,7 +301,7 @@ impl WideAttention {
         let score = WideScore::of(spec)?;
         let (qt, kt) = match tier {
             Tier::Cranelift => return None,
-            Tier::Avx512 => (attention::QUERY_TILE, attention::KEY_TILE),
+            Tier::Avx512 | Tier::Portable => (attention::QUERY_TILE, attention::KEY_TILE),
             Tier::Amx(_) => (amx::QUERY_TILE, amx::KEY_TILE),
         };
         if !WideAttention::supports(spec) {
@@ -512,6 +517,7 @@ impl WideAttention {
                     let (_, p) = packed.as_ref().expect("invariant: packed just above");
                     amx::run(products, &call, p, range, &mut output)
                 }
+                Tier::Portable => attnc_wide::portable::run(&call, range, &mut output),
                 _ => {
                     // The values' magnitude, read once per entry and thread rather than by
                     // every query tile.

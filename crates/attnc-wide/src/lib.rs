@@ -15,7 +15,9 @@
 //!   output and log-sum-exp), block-sparse by the same tile tables, portable and AVX-512;
 //! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked;
 //! - [`flush`]: flush-to-zero for the span of a kernel (no subnormal results);
-//! - [`peak`]: the measured 512-bit FMA peak benchmarks report against.
+//! - [`peak`]: the measured 512-bit FMA peak benchmarks report against;
+//! - [`portable`]: the same attention in plain Rust on any CPU, for the calls whose tile
+//!   tables come from data (the 128-bit generated kernels compile static masks only).
 //!
 //! Every kernel here is tested against a plain scalar reference; the 128-bit Cranelift kernels
 //! of `attnc-jit` remain the portable path.
@@ -28,4 +30,5 @@ pub mod cpu;
 pub mod flush;
 pub mod gemm;
 pub mod peak;
+pub mod portable;
 pub mod problem;

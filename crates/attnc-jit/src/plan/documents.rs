@@ -5,10 +5,11 @@ use super::PlanOptions;
 use crate::error::{JitError, Result};
 use attnc_ir::{Kernel, Op};
 
-/// Masks that read segment ids (`document(...)`) compile only inside a fused exact attention
-/// on the AVX-512 tier (which builds its tile table from the ids per call); anything else
-/// that reads them (a plain mask, a fused gradient, the portable tier) is refused here, with
-/// a message pointing at the interpreter, before any kernel could read an i32 buffer.
+/// Masks that read segment ids (`document(...)`) or a block selection compile only inside a
+/// fused exact attention, on the AVX-512 tier or, without it, the portable one (both build
+/// their tile table from the data per call); anything else that reads them (a plain mask, a
+/// fused gradient) is refused here, with a message pointing at the interpreter, before any
+/// kernel could read an i32 buffer.
 pub(super) fn refuse_segments(kernel: &Kernel, options: &PlanOptions) -> Result<()> {
     let graph = &kernel.graph;
     for id in graph.topo_order() {
@@ -17,8 +18,6 @@ pub(super) fn refuse_segments(kernel: &Kernel, options: &PlanOptions) -> Result<
             Op::Attention(a) if a.segments() > 0 => {
                 if !options.fuse {
                     Some("fused attention is off")
-                } else if !options.tiers.avx512 {
-                    Some("the AVX-512 tier is not available")
                 } else if a.precision != attnc_ir::Precision::Exact {
                     Some("it runs with approximate products")
                 } else {
@@ -37,7 +36,7 @@ pub(super) fn refuse_segments(kernel: &Kernel, options: &PlanOptions) -> Result<
             return Err(JitError::Plan {
                 op: op.to_string(),
                 detail: format!(
-                    "document(...) and topk_blocks(...) masks compile only fused into an exact attention on the AVX-512 tier ({why}); run with --engine interp"
+                    "document(...) and topk_blocks(...) masks compile only fused into an exact attention ({why}); run with --engine interp"
                 ),
             });
         }

@@ -404,12 +404,12 @@ pub(super) fn attention_step(
         Tier::Amx(_) if spec.lse => Tier::Cranelift,
         tier => tier,
     };
-    if !spec.segments.is_empty() && spec.tier != Tier::Avx512 {
+    if !spec.segments.is_empty() && !matches!(spec.tier, Tier::Avx512 | Tier::Portable) {
         return Err(JitError::Plan {
             op: "attention".to_string(),
-            detail: "a document mask runs on the AVX-512 tier only, which cannot run this \
-                     attention (its operands' layout or score form, or a log-sum-exp beside \
-                     it); run with --engine interp"
+            detail: "a document or top-k block mask runs on the AVX-512 or the portable tier \
+                     only, which cannot run this attention (its operands' layout or score \
+                     form); run with --engine interp"
                 .to_string(),
         });
     }
@@ -475,6 +475,8 @@ pub(super) fn attention_step(
 fn tier_of(spec: &AttentionSpec, tiers: Tiers) -> Tier {
     let tier = match spec.precision {
         Precision::Exact if tiers.avx512 => Tier::Avx512,
+        // Masks that read data have no Cranelift kernel: plain Rust instead.
+        Precision::Exact if !spec.segments.is_empty() => Tier::Portable,
         Precision::Int8 if tiers.amx => Tier::Amx(Products::Int8),
         Precision::Bf16 if tiers.amx_bf16 => Tier::Amx(Products::Bf16),
         _ => return Tier::Cranelift,

@@ -25,7 +25,7 @@ fn rows_f32<'a>(op: &Operand<'a>) -> Cow<'a, [f32]> {
 }
 
 /// `a · b` in 8 interleaved partial sums (a fixed order the compiler can vectorize).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -43,7 +43,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a · x`.
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
@@ -52,7 +52,7 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// The score of position `(i, j)` from `s = q_i · k_j`: `(x, dx/dy)` with the softcap's
 /// derivative (1 without one).
 #[inline]
-fn score(call: &Call<'_>, s: f32, i: usize, j: usize, ia: i64) -> (f32, f32) {
+pub(crate) fn score(call: &Call<'_>, s: f32, i: usize, j: usize, ia: i64) -> (f32, f32) {
     let sc = &call.score;
     let mut y = s * sc.scale;
     if let Some(b) = sc.bias {
