@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 /// Small shapes binding every symbol any example uses.
-const SMALL: &str = "h=2,n=7,d=5,m=3,r=4,e=6,w=2";
+const SMALL: &str = "h=2,n=7,d=5,m=3,r=4,e=6,w=2,p=3";
 
 fn p(path: &std::path::Path) -> &str {
     path.to_str().expect("utf-8 path")

@@ -30,7 +30,7 @@ fn every_example_differentiates_and_verifies() {
             "--random",
             "2",
             "--shape",
-            "h=2,n=33,d=5,m=7,r=4,e=6,w=4",
+            "h=2,n=33,d=5,m=7,r=4,e=6,w=4,p=5",
             "--output-dir",
             p(&out_dir),
             "--verify",

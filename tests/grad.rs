@@ -23,6 +23,7 @@ fn small(kernel: &Kernel) -> Bindings {
         ("r", 5),
         ("e", 4),
         ("w", 3),
+        ("p", 4),
     ]
     .into_iter()
     .filter(|(s, _)| symbols.iter().any(|x| x == s))

@@ -33,6 +33,7 @@ fn small_bindings() -> Bindings {
         ("r", 4),
         ("e", 5),
         ("w", 2),
+        ("p", 3),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -139,6 +139,7 @@ fn every_example_matches_the_interpreter() {
             ("r", 5),
             ("e", 7),
             ("w", 3),
+            ("p", 4),
         ];
         let dims: Bindings = dims
             .into_iter()

@@ -1,7 +1,7 @@
 //! A fused attention and the log-sum-exp of its scores (an attention node with `lse` set and
 //! the same operands) run as one attention step and match the interpreter: dense, causal,
 //! windowed (rows whose keys are all masked: LSE = -inf, O = 0), m ≠ n, sizes off the tiles;
-//! a log-sum-exp without its attention runs alone.
+//! a log-sum-exp without its attention runs alone; biased, ALiBi and soft-capped scores too.
 
 mod common;
 
@@ -199,5 +199,45 @@ fn the_optimizer_pairs_the_lse_with_its_attention() {
             attnc_ir::print::print_kernel(&fused)
         );
         check(&fused, &b, 5, true);
+    }
+}
+
+/// Scores with a bias, an ALiBi slope and a softcap (`attention-scored`): the log-sum-exp is
+/// fused beside its attention as for a plain scaled score, one step for both outputs, and
+/// alone it is one attention step too — no `m × n` scores anywhere.
+#[test]
+fn the_log_sum_exp_of_scored_attention_fuses() {
+    let scores = [
+        ("b: f32[m, n]", "q @ k.T / sqrt(d) + b"),
+        (
+            "b: f32[h, 1, 1]",
+            "20 * tanh((q @ k.T / sqrt(d) + b * relpos(m, n)) / 20)",
+        ),
+    ];
+    for (bias, score) in scores {
+        for pair in [true, false] {
+            let ret = if pair {
+                "(f32[h, m, e], f32[h, m, 1]) { return (softmax(s, -1) @ v, logsumexp(s, -1)); }"
+            } else {
+                "f32[h, m, 1] { return logsumexp(s, -1); }"
+            };
+            let src = format!(
+                "kernel f(q: f32[h, m, d], k: f32[h, n, d], v: f32[h, n, e], {bias}) -> {}",
+                ret.replace(
+                    "{ return",
+                    &format!("{{ let s = mask({score}, causal); return")
+                )
+            );
+            let k = common::kernel(&src);
+            let b = bindings(&[("h", 2), ("m", 9), ("n", 70), ("d", 5), ("e", 3)]);
+            let fused = common::optimized(&k, &b);
+            let lse_node = *fused.output_nodes().last().expect("an output");
+            assert!(
+                matches!(&fused.graph.node(lse_node).op, Op::Attention(a) if a.lse),
+                "{}",
+                attnc_ir::print::print_kernel(&fused)
+            );
+            check(&fused, &b, 11, true);
+        }
     }
 }

@@ -231,7 +231,7 @@ pub fn facts_of(egraph: &AttnGraph, enode: &Attn) -> Facts {
             array(s)
         }
         // Attention's shape with k for v, the value axis reduced to 1.
-        Attn::AttentionLse([q, k, _, _]) => {
+        Attn::AttentionLse([q, k, _, _]) | Attn::AttentionLseScored([q, k, _, _]) => {
             let s = shape(*q).zip(shape(*k)).and_then(|(q, k)| {
                 let mut out = attention_shape(&q, &k, &k)?;
                 *out.last_mut()? = 1;

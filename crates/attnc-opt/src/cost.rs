@@ -276,6 +276,12 @@ impl<'a> CycleCost<'a> {
                 out_elems,
                 (elements(&shape(*q)) + elements(&shape(*k))) * ELEMENT_BYTES,
             ),
+            // As `attention-lse`, and its score's few operations per row (so a plain scaled
+            // score keeps the plain node).
+            Attn::AttentionLseScored([q, k, _, _]) => (
+                out_elems * (1.0 + SCORE_FLOPS),
+                (elements(&shape(*q)) + elements(&shape(*k))) * ELEMENT_BYTES,
+            ),
             Attn::Attention([q, k, v, _, p])
             | Attn::AttentionScored([q, k, v, _, p])
             | Attn::AttentionInt8([q, k, v, _, p])
@@ -394,6 +400,7 @@ impl<'a> CycleCost<'a> {
 pub fn charged_children(enode: &Attn) -> Vec<Id> {
     match enode {
         Attn::AttentionScored([q, k, v, _, p]) => vec![*q, *k, *v, *p],
+        Attn::AttentionLseScored([q, k, _, p]) => vec![*q, *k, *p],
         _ => enode.children().to_vec(),
     }
 }

@@ -71,10 +71,16 @@ pub fn extract(egraph: &AttnGraph, root: Id, model: &mut CycleCost<'_>) -> Optio
             .entry((class, index))
             .or_insert_with(|| model.node_cycles(node));
         let mut priced = true;
-        if let Attn::AttentionScored([q, k, v, score, _]) = node {
+        let scored = match node {
+            Attn::AttentionScored([q, k, v, score, _]) => Some(([*q, *k, *v], *score)),
+            // The log-sum-exp alone has no values: k stands in for v's shape.
+            Attn::AttentionLseScored([q, k, score, _]) => Some(([*q, *k, *k], *score)),
+            _ => None,
+        };
+        if let Some((qkv, score)) = scored {
             // Only a score the IR's fused op takes; its bias leaves are computed before the
             // kernel, so their costs are charged here (the rest of the score is in registers).
-            match fused_score_biases(egraph, &best, [*q, *k, *v], *score) {
+            match fused_score_biases(egraph, &best, qkv, score) {
                 Some(biases) => {
                     for bias in biases {
                         match best.get(&egraph.find(bias)) {

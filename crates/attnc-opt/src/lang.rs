@@ -172,6 +172,9 @@ define_language! {
         // logsumexp(mask((q @ kᵀ) * scale, pattern), -1): the log-sum-exp an `attention` over
         // the same q, k, scale and pattern computes from its running maximum and sum
         "attention-lse" = AttentionLse([Id; 4]),
+        // logsumexp(mask(score, pattern), -1) for a score `attention-scored` takes (q k score
+        // pattern): computed beside that attention, or online alone, without the score matrix
+        "attention-lse-scored" = AttentionLseScored([Id; 4]),
         // a kernel's several results, in order (the root of a kernel returning a tuple)
         "outputs" = Outputs(Box<[Id]>),
         // (φq (φkᵀ v)) / (φq sum(φkᵀ, -1) + eps): linear attention through the [d, dv] key-value

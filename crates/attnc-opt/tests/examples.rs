@@ -22,6 +22,7 @@ fn small() -> Bindings {
         ("e", 7),
         ("r", 4),
         ("w", 2),
+        ("p", 3),
     ])
 }
 
@@ -66,8 +67,9 @@ fn saturation_time_at_realistic_shapes_is_printed() {
         ("e", 512),
         ("r", 256),
         ("w", 256),
+        ("p", 32),
     ]);
-    println!("h=8, n=4096, d=64, m=512, r=256, e=512; median of {TIMING_RUNS} runs\n");
+    println!("h=8, n=4096, d=64, m=512, r=256, e=512, w=256, p=32; median of {TIMING_RUNS} runs\n");
     println!("| example | saturation (ms) | extraction (ms) | explanation (ms) | e-nodes | iterations | stop | rules on the derivation |");
     println!("|---|---:|---:|---:|---:|---:|---|---|");
     let median = |mut xs: Vec<f64>| {

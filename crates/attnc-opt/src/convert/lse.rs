@@ -25,28 +25,7 @@ pub(super) fn build(
             .ok_or_else(|| "an operand is not a value".to_string())
     };
     let same = |a: Id, c: Id| same_term(expr, a, c);
-    // A parameter is a node of the graph from the start, whatever the term's order.
-    let param = |id: Id| match &expr[id] {
-        Attn::Input(name) => {
-            let atom = expr[*name].atom()?;
-            let name = atom.as_name()?;
-            b.graph.topo_order().into_iter().find(
-                |&n| matches!(&b.graph.node(n).op, Op::Input { name: p, .. } if p.as_str() == name),
-            )
-        }
-        _ => None,
-    };
-    // The partner's v, when it is a parameter or built already; else k stands in for v (its
-    // shape fits) and the kernel's rows are dropped.
-    let partner_v = expr.as_ref().iter().find_map(|n| match n {
-        Attn::Attention([q2, k2, v2, s2, p2])
-            if same(*q2, q) && same(*k2, k) && same(*s2, s) && same(*p2, p) =>
-        {
-            value(*v2).ok().or_else(|| param(*v2))
-        }
-        _ => None,
-    });
-    let v = match partner_v {
+    let v = match partner_values(b, expr, [q, k, s, p], built, false) {
         Some(v) => v,
         None => value(k)?,
     };
@@ -78,4 +57,41 @@ pub(super) fn build(
         args.push(value(s)?);
     }
     b.add(Op::Attention(Box::new(op)), &args, None)
+}
+
+/// The values of the attention beside a log-sum-exp `[q, k, s, p]` (an `attention`, or an
+/// `attention-scored` when `scored`, over the same q, k, score and pattern), when they are a
+/// parameter or built already: the log-sum-exp node then takes the same operands, so the
+/// planner pairs the two. `None` without a partner (k then stands in for v, its shape fits,
+/// and the kernel's rows are dropped).
+pub(super) fn partner_values(
+    b: &GraphBuilder,
+    expr: &RecExpr<Attn>,
+    [q, k, s, p]: [Id; 4],
+    built: &[Option<NodeId>],
+    scored: bool,
+) -> Option<NodeId> {
+    let same = |a: Id, c: Id| same_term(expr, a, c);
+    let built_value = |id: Id| built.get(usize::from(id)).copied().flatten();
+    // A parameter is a node of the graph from the start, whatever the term's order.
+    let param = |id: Id| match &expr[id] {
+        Attn::Input(name) => {
+            let atom = expr[*name].atom()?;
+            let name = atom.as_name()?;
+            b.graph.topo_order().into_iter().find(
+                |&n| matches!(&b.graph.node(n).op, Op::Input { name: p, .. } if p.as_str() == name),
+            )
+        }
+        _ => None,
+    };
+    expr.as_ref().iter().find_map(|n| {
+        let [q2, k2, v2, s2, p2] = match n {
+            Attn::Attention(c) if !scored => *c,
+            Attn::AttentionScored(c) if scored => *c,
+            _ => return None,
+        };
+        (same(q2, q) && same(k2, k) && same(s2, s) && same(p2, p))
+            .then(|| built_value(v2).or_else(|| param(v2)))
+            .flatten()
+    })
 }

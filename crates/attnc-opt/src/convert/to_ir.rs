@@ -259,10 +259,20 @@ fn build_node(
             b.add(Op::Attention(Box::new(op)), &args, None)
         }
         Attn::AttentionLse([q, k, s, p]) => super::lse::build(b, expr, [*q, *k, *s, *p], built),
+
         // The list of a kernel's results is read by `to_kernel`.
         Attn::Outputs(_) => return Ok(None),
-        Attn::AttentionScored([q, k, v, s, p]) => {
+        Attn::AttentionScored([q, k, _, s, p]) | Attn::AttentionLseScored([q, k, s, p]) => {
             let (qv, kv) = (value(*q)?, value(*k)?);
+            // The log-sum-exp alone reads the values of the attention beside it (so the
+            // planner pairs the two), or k in their place.
+            let (vv, lse) = match node {
+                Attn::AttentionScored([_, _, v, _, _]) => (value(*v)?, false),
+                _ => {
+                    let beside = super::lse::partner_values(b, expr, [*q, *k, *s, *p], built, true);
+                    (beside.unwrap_or(kv), true)
+                }
+            };
             let rows = |id: NodeId| {
                 let shape = &b.graph.node(id).shape;
                 shape.len().checked_sub(2).map(|r| shape[r].clone())
@@ -279,7 +289,7 @@ fn build_node(
                 },
             };
             let form = score_form(*s, *q, *k, &view).map_err(|e| bad(&e))?;
-            let mut args = vec![qv, kv, value(*v)?];
+            let mut args = vec![qv, kv, vv];
             for bias in &form.biases {
                 args.push(value(*bias)?);
             }
@@ -288,7 +298,7 @@ fn build_node(
                 score: form.expr,
                 mask: pattern_of(expr, *p, &mut segments)?,
                 precision: Precision::Exact,
-                lse: false,
+                lse,
             };
             for s in segments {
                 args.push(value(s)?);

@@ -6,7 +6,8 @@
 //! `(softmax(S) @ v, logsumexp(S, -1))`), the planner runs both from one pass of the fused
 //! kernel: its online softmax already keeps each row's maximum and sum. The scale and pattern
 //! children are the same e-classes the attention fusion rules build, so the pair is found by
-//! comparing children.
+//! comparing children. Scores beyond a scale (biases, ALiBi, softcaps) take the scored form,
+//! `attention-lse-scored` (`rules/scored.rs`), paired the same way with `attention-scored`.
 
 use super::{Guard, RuleSpec};
 

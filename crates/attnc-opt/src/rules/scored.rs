@@ -51,6 +51,20 @@ pub fn specs() -> Vec<RuleSpec> {
             "(attention-scored ?q ?k ?v ?s ?p)",
             SCORED,
         ),
+        // logsumexp(f(q kᵀ)) = attention-lse-scored(q, k, f(q kᵀ), all), f elementwise
+        RuleSpec::guarded(
+            "lse-fuse-scored",
+            "(logsumexp ?s ?ax)",
+            "(attention-lse-scored ?q ?k ?s all)",
+            SCORED,
+        ),
+        // logsumexp(mask(f(q kᵀ), p)) = attention-lse-scored(q, k, f(q kᵀ), p) for fill -inf
+        RuleSpec::guarded(
+            "mask-lse-fuse-scored",
+            "(logsumexp (mask ?s ?p -inf) ?ax)",
+            "(attention-lse-scored ?q ?k ?s ?p)",
+            SCORED,
+        ),
         // mask(x, p, -inf) c = mask(x c, p, -inf) for a scalar c > 0 (−inf · c = −inf)
         RuleSpec::guarded(
             "mask-hoist-mul",
@@ -334,19 +348,22 @@ impl Applier<Attn, ShapeAnalysis> for ScoredApplier {
 }
 
 impl ScoredApplier {
-    /// `(attention-scored ?q ?k ?v S P)` from a left side `(matmul (softmax X ?ax) ?v)` with
-    /// `X = S` or `X = (mask S P -inf)`.
+    /// `(attention-scored ?q ?k ?v S P)` from a left side `(matmul (softmax X ?ax) ?v)`, or
+    /// `(attention-lse-scored ?q ?k S P)` from `(logsumexp X ?ax)`, with `X = S` or
+    /// `X = (mask S P -inf)`.
     fn right_side(&self, lhs: &PatternAst<Attn>) -> Option<PatternAst<Attn>> {
         let node = |id: Id| match &lhs[id] {
             ENodeOrVar::ENode(n) => Some(n),
             ENodeOrVar::Var(_) => None,
         };
         let root = Id::from(lhs.as_ref().len().checked_sub(1)?);
-        let Attn::MatMul([p, v]) = node(root)? else {
-            return None;
-        };
-        let Attn::Softmax([x, _]) = node(*p)? else {
-            return None;
+        let (x, v) = match node(root)? {
+            Attn::MatMul([p, v]) => match node(*p)? {
+                Attn::Softmax([x, _]) => (x, Some(*v)),
+                _ => return None,
+            },
+            Attn::LogSumExp([x, _]) => (x, None),
+            _ => return None,
         };
         let (score, pattern) = match node(*x) {
             Some(Attn::Mask([s, pattern, _])) => (*s, Some(*pattern)),
@@ -355,15 +372,16 @@ impl ScoredApplier {
         let mut out: PatternAst<Attn> = RecExpr::default();
         let q = out.add(ENodeOrVar::Var(self.q));
         let k = out.add(ENodeOrVar::Var(self.k));
-        let v = copy_subtree(lhs, *v, &mut out);
+        let v = v.map(|v| copy_subtree(lhs, v, &mut out));
         let s = copy_subtree(lhs, score, &mut out);
         let pattern = match pattern {
             Some(p) => copy_subtree(lhs, p, &mut out),
             None => out.add(ENodeOrVar::ENode(Attn::All)),
         };
-        out.add(ENodeOrVar::ENode(Attn::AttentionScored([
-            q, k, v, s, pattern,
-        ])));
+        out.add(ENodeOrVar::ENode(match v {
+            Some(v) => Attn::AttentionScored([q, k, v, s, pattern]),
+            None => Attn::AttentionLseScored([q, k, s, pattern]),
+        }));
         Some(out)
     }
 }
@@ -435,6 +453,8 @@ mod tests {
             &[
                 "attention-fuse-scored",
                 "mask-attention-fuse-scored",
+                "lse-fuse-scored",
+                "mask-lse-fuse-scored",
                 "mask-hoist-mul",
                 "mask-hoist-div",
                 "mask-hoist-add",
@@ -471,6 +491,26 @@ mod tests {
             check(&rule(&specs(), "mask-attention-fuse-scored"),
                   "q: f32[b, m, d], k: f32[b, n, d], v: f32[b, n, d], bias: f32[m, n], c: f32[b, 1, n]",
                   &[("?s", SCORES[score]), ("?ax", "2"), ("?v", "(input v)"), ("?p", PATTERNS[p]),
+                    ("?q", "(input q)"), ("?k", "(input k)")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
+
+        #[test]
+        fn lse_fuse_scored(b in dim(), m in dim(), n in dim(), d in dim(),
+                           score in 0..SCORES.len(), seed in any::<u64>()) {
+            check(&rule(&specs(), "lse-fuse-scored"),
+                  "q: f32[b, m, d], k: f32[b, n, d], bias: f32[m, n], c: f32[b, 1, n]",
+                  &[("?s", SCORES[score]), ("?ax", "2"), ("?q", "(input q)"), ("?k", "(input k)")],
+                  &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
+        }
+
+        #[test]
+        fn mask_lse_fuse_scored(b in dim(), m in dim(), n in dim(), d in dim(),
+                                score in 0..SCORES.len(), p in 0..PATTERNS.len(),
+                                seed in any::<u64>()) {
+            check(&rule(&specs(), "mask-lse-fuse-scored"),
+                  "q: f32[b, m, d], k: f32[b, n, d], bias: f32[m, n], c: f32[b, 1, n]",
+                  &[("?s", SCORES[score]), ("?ax", "2"), ("?p", PATTERNS[p]),
                     ("?q", "(input q)"), ("?k", "(input k)")],
                   &[("b", b), ("m", m), ("n", n), ("d", d)], seed);
         }
