@@ -6,9 +6,8 @@
 mod common;
 
 use attnc_ir::{Bindings, Kernel};
-use attnc_jit::wide::Tiers;
-use attnc_jit::{CompileOptions, CompiledKernel, Input};
-use common::{bindings, data, kernel, optimized, rel_l2, REL_L2};
+use attnc_jit::Input;
+use common::{bindings, data, kernel, on_every_tier, optimized};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 
@@ -41,26 +40,13 @@ fn check(src: &str, dims: &[(&str, u64)], ids: &[Vec<i32>], seed: u64) -> Option
             _ => Input::F32(f),
         });
     }
-    let mut worst = None;
-    // The tiers this run allows (AVX-512 where the CPU has it), then the portable tier alone.
-    for tiers in [CompileOptions::default().tiers, Tiers::NONE] {
-        let options = CompileOptions {
-            parallel_threshold: 0,
-            tiers,
-            ..CompileOptions::default()
-        };
-        let compiled = CompiledKernel::compile(&fused, &b, &options).expect("compile");
-        let one = compiled.run(&views, 1).expect("run");
-        let three = compiled.run(&views, 3).expect("run");
-        assert_eq!(one.data, three.data, "threads 1 vs 3 differ");
-        let err = rel_l2(&one.data, &want);
-        assert!(
-            err <= REL_L2,
-            "relative L2 {err} for {src} at {dims:?} ({tiers:?})"
-        );
-        worst = Some(err.max(worst.unwrap_or(0.0)));
-    }
-    worst
+    Some(on_every_tier(
+        &fused,
+        &b,
+        &views,
+        &want,
+        &format!("{src} at {dims:?}"),
+    ))
 }
 
 fn inputs(

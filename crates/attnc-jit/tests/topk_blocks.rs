@@ -7,9 +7,8 @@
 mod common;
 
 use attnc_ir::{Bindings, Kernel, Op};
-use attnc_jit::wide::Tiers;
-use attnc_jit::{CompileOptions, CompiledKernel, Input};
-use common::{bindings, data, kernel, optimized, rel_l2, REL_L2};
+use attnc_jit::Input;
+use common::{bindings, data, kernel, on_every_tier, optimized};
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 
@@ -68,26 +67,8 @@ fn check(src: &str, dims: &[(&str, u64)], gate: Option<Gate>, seed: u64) -> Opti
     let (floats, arrays) = inputs(&k, &b, gate, seed);
     let want = attnc_ir::interp::evaluate(&k, &b, &arrays).expect("interpreter");
     let views: Vec<Input<'_>> = floats.iter().map(|f| Input::F32(f)).collect();
-    let mut worst = None;
-    // The tiers this run allows (AVX-512 where the CPU has it), then the portable tier alone.
-    for tiers in [CompileOptions::default().tiers, Tiers::NONE] {
-        let options = CompileOptions {
-            parallel_threshold: 0,
-            tiers,
-            ..CompileOptions::default()
-        };
-        let compiled = CompiledKernel::compile(&fused, &b, &options).expect("compile");
-        let one = compiled.run(&views, 1).expect("run");
-        let three = compiled.run(&views, 3).expect("run");
-        assert_eq!(one.data, three.data, "threads 1 vs 3 differ");
-        let err = rel_l2(&one.data, &want);
-        assert!(
-            err <= REL_L2,
-            "relative L2 {err} for {src} at {dims:?}, {gate:?} ({tiers:?})"
-        );
-        worst = Some(err.max(worst.unwrap_or(0.0)));
-    }
-    worst
+    let what = format!("{src} at {dims:?}, {gate:?}");
+    Some(on_every_tier(&fused, &b, &views, &want, &what))
 }
 
 fn inputs(

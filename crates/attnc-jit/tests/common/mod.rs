@@ -129,6 +129,37 @@ pub fn rel_l2(got: &[f32], want: &ArrayD<f64>) -> f64 {
     c.relative_l2
 }
 
+/// Compiles `kernel` on the tiers this run allows (AVX-512 where the CPU has it) and on the
+/// portable tier alone, runs each at 1 and 3 threads (which must agree bit for bit) and
+/// checks it against `want`; returns the larger error. `what` names the case in failures.
+pub fn on_every_tier(
+    kernel: &Kernel,
+    b: &Bindings,
+    views: &[Input<'_>],
+    want: &ArrayD<f64>,
+    what: &str,
+) -> f64 {
+    let mut worst: f64 = 0.0;
+    for tiers in [
+        CompileOptions::default().tiers,
+        attnc_jit::wide::Tiers::NONE,
+    ] {
+        let options = CompileOptions {
+            parallel_threshold: 0,
+            tiers,
+            ..CompileOptions::default()
+        };
+        let compiled = CompiledKernel::compile(kernel, b, &options).expect("compile");
+        let one = compiled.run(views, 1).expect("run");
+        let three = compiled.run(views, 3).expect("run");
+        assert_eq!(one.data, three.data, "threads 1 vs 3 differ: {what}");
+        let err = rel_l2(&one.data, want);
+        assert!(err <= REL_L2, "relative L2 {err} for {what} ({tiers:?})");
+        worst = worst.max(err);
+    }
+    worst
+}
+
 /// Compiles `src` at `dims` as written and as the optimizer rewrites it (its fused ops run
 /// fused and by their plain form), runs JIT (1 and 2 threads) and interpreter on random
 /// inputs, asserts the bound and bit-identical thread results; returns the larger error.
