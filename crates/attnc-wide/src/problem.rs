@@ -288,14 +288,7 @@ impl Segments<'_> {
                     }
                     let one_id = every_row && lo == hi && a == b && a == lo;
                     let partial = run.partial || !one_id;
-                    match runs.last_mut() {
-                        Some(r) if r.end == u && r.partial == partial => r.end += 1,
-                        _ => runs.push(TileRun {
-                            first: u,
-                            end: u + 1,
-                            partial,
-                        }),
-                    }
+                    TileRun::append(&mut runs, u, partial);
                 }
             }
             runs
@@ -313,6 +306,21 @@ pub struct TileRun {
     pub end: u32,
     /// Whether element masks are needed.
     pub partial: bool,
+}
+
+impl TileRun {
+    /// Appends key tile `tile` to `runs`: it extends the last run when it follows it with the
+    /// same kind, else starts a run of its own.
+    pub fn append(runs: &mut Vec<TileRun>, tile: u32, partial: bool) {
+        match runs.last_mut() {
+            Some(r) if r.end == tile && r.partial == partial => r.end += 1,
+            _ => runs.push(TileRun {
+                first: tile,
+                end: tile + 1,
+                partial,
+            }),
+        }
+    }
 }
 
 /// Per query tile (of `query_tile` rows), the runs of key tiles (of `key_tile` keys) it visits.
@@ -412,14 +420,7 @@ impl TileTable {
                     continue;
                 }
                 let partial = !all;
-                match runs.last_mut() {
-                    Some(r) if r.end == tile as u32 && r.partial == partial => r.end += 1,
-                    _ => runs.push(TileRun {
-                        first: tile as u32,
-                        end: tile as u32 + 1,
-                        partial,
-                    }),
-                }
+                TileRun::append(&mut runs, tile as u32, partial);
             }
             runs
         })

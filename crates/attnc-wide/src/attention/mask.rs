@@ -621,48 +621,8 @@ mod tests {
                 let mut program = MaskProgram::compile(mask);
                 program.segments = Some(seg);
                 program.align = align;
-                let mut buffers = program.buffers(m.max(n).max(64) * VECTORS);
-                for base in [-70i64, -3, 0, 17, 64] {
-                    // SAFETY: AVX-512 was detected; the buffers hold every fixed position.
-                    let got = unsafe {
-                        program.eval(
-                            &mut buffers,
-                            LaneAxis::Keys,
-                            |f| f as i64 + align,
-                            m,
-                            base,
-                            4,
-                        )
-                    }
-                    .to_vec();
-                    for i in 0..m {
-                        for lane in 0..64 {
-                            let j = base + lane as i64;
-                            if j < 0 || j >= n as i64 {
-                                continue;
-                            }
-                            let want = mask.keeps_with(i, j as usize, m, n, Some(&seg), None);
-                            let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
-                            assert_eq!(bit, want, "{mask:?} keys {m}x{n} base {base} i {i} j {j}");
-                        }
-                    }
-                    // SAFETY: as above.
-                    let got = unsafe {
-                        program.eval(&mut buffers, LaneAxis::Rows, |f| f as i64, n, base, 4)
-                    }
-                    .to_vec();
-                    for j in 0..n {
-                        for lane in 0..64 {
-                            let i = base + lane as i64 - align;
-                            if i < 0 || i >= m as i64 {
-                                continue;
-                            }
-                            let want = mask.keeps_with(i as usize, j, m, n, Some(&seg), None);
-                            let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
-                            assert_eq!(bit, want, "{mask:?} rows {m}x{n} base {base} i {i} j {j}");
-                        }
-                    }
-                }
+                // SAFETY: AVX-512 was detected.
+                unsafe { assert_program_keeps(&program, mask, m, n, Some(&seg), None) };
             }
         }
     }
@@ -702,47 +662,65 @@ mod tests {
                 let mut program = MaskProgram::compile(mask);
                 program.blocks = Some(blocks);
                 program.align = align;
-                let mut buffers = program.buffers(m.max(n).max(64) * VECTORS);
-                for base in [-70i64, -3, 0, 17, 64] {
-                    // SAFETY: AVX-512 was detected; the buffers hold every fixed position.
-                    let got = unsafe {
-                        program.eval(
-                            &mut buffers,
-                            LaneAxis::Keys,
-                            |f| f as i64 + align,
-                            m,
-                            base,
-                            4,
-                        )
+                // SAFETY: AVX-512 was detected.
+                unsafe { assert_program_keeps(&program, mask, m, n, None, Some(&blocks)) };
+            }
+        }
+    }
+
+    /// `program` (compiled from `mask`, with its data set) against `KeyMask::keeps_with` on
+    /// both lane axes, at lane bases before, inside and past an `m × n` score matrix.
+    ///
+    /// # Safety
+    /// AVX-512 is present.
+    unsafe fn assert_program_keeps(
+        program: &MaskProgram<'_>,
+        mask: &KeyMask,
+        m: usize,
+        n: usize,
+        seg: Option<&Segments<'_>>,
+        blocks: Option<&Blocks<'_>>,
+    ) {
+        let align = n as i64 - m as i64;
+        let mut buffers = program.buffers(m.max(n).max(64) * VECTORS);
+        for base in [-70i64, -3, 0, 17, 64] {
+            // SAFETY: AVX-512 is present (the caller's contract); the buffers hold every
+            // fixed position.
+            let got = unsafe {
+                program.eval(
+                    &mut buffers,
+                    LaneAxis::Keys,
+                    |f| f as i64 + align,
+                    m,
+                    base,
+                    4,
+                )
+            }
+            .to_vec();
+            for i in 0..m {
+                for lane in 0..64 {
+                    let j = base + lane as i64;
+                    if j < 0 || j >= n as i64 {
+                        continue;
                     }
+                    let want = mask.keeps_with(i, j as usize, m, n, seg, blocks);
+                    let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                    assert_eq!(bit, want, "{mask:?} keys {m}x{n} base {base} i {i} j {j}");
+                }
+            }
+            // SAFETY: as above.
+            let got =
+                unsafe { program.eval(&mut buffers, LaneAxis::Rows, |f| f as i64, n, base, 4) }
                     .to_vec();
-                    for i in 0..m {
-                        for lane in 0..64 {
-                            let j = base + lane as i64;
-                            if j < 0 || j >= n as i64 {
-                                continue;
-                            }
-                            let want = mask.keeps_with(i, j as usize, m, n, None, Some(&blocks));
-                            let bit = got[i * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
-                            assert_eq!(bit, want, "{mask:?} keys {m}x{n} base {base} i {i} j {j}");
-                        }
+            for j in 0..n {
+                for lane in 0..64 {
+                    let i = base + lane as i64 - align;
+                    if i < 0 || i >= m as i64 {
+                        continue;
                     }
-                    // SAFETY: as above.
-                    let got = unsafe {
-                        program.eval(&mut buffers, LaneAxis::Rows, |f| f as i64, n, base, 4)
-                    }
-                    .to_vec();
-                    for j in 0..n {
-                        for lane in 0..64 {
-                            let i = base + lane as i64 - align;
-                            if i < 0 || i >= m as i64 {
-                                continue;
-                            }
-                            let want = mask.keeps_with(i as usize, j, m, n, None, Some(&blocks));
-                            let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
-                            assert_eq!(bit, want, "{mask:?} rows {m}x{n} base {base} i {i} j {j}");
-                        }
-                    }
+                    let want = mask.keeps_with(i as usize, j, m, n, seg, blocks);
+                    let bit = got[j * VECTORS + lane / 16] >> (lane % 16) & 1 == 1;
+                    assert_eq!(bit, want, "{mask:?} rows {m}x{n} base {base} i {i} j {j}");
                 }
             }
         }

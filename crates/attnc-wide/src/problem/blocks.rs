@@ -68,14 +68,7 @@ impl Blocks<'_> {
                     } else {
                         true
                     };
-                    match runs.last_mut() {
-                        Some(r) if r.end == u && r.partial == partial => r.end += 1,
-                        _ => runs.push(TileRun {
-                            first: u,
-                            end: u + 1,
-                            partial,
-                        }),
-                    }
+                    TileRun::append(&mut runs, u, partial);
                 }
             }
             runs
