@@ -22,7 +22,11 @@ EXAMPLE_FILES = sorted(EXAMPLES.glob("*.attn"))
 
 # Symbols no input's shape binds (pattern and pool sizes), per example: the CLI gets them as
 # `--shape`, the package as `shapes=`.
-UNBOUND = {"window_param": {"w": 16}, "hierarchical": {"w": 16}}
+UNBOUND = {
+    "window_param": {"w": 16},
+    "hierarchical": {"w": 16},
+    "hierarchical_summaries": {"w": 16, "p": 24},
+}
 
 
 def inputs_for(kernel: attnc.Kernel, seed: int) -> dict:
