@@ -7,6 +7,8 @@
 //! compiled as a row-block kernel ([`RowBlockKernel`]) and run on a few rows at a time into
 //! a scratch block that stays in cache, right before the products read them, so the features
 //! are never written to memory whole. The step then reads Q, K and V once and writes O once.
+//! The common map `elu(x) + 1` of an input runs on `attnc-wide`'s 16-lane code instead
+//! ([`Features::EluPlusOne`]).
 //!
 //! Blocks are fixed (`KEY_BLOCK` keys for the state, `ROW_BLOCK` rows for the output), so
 //! every value is computed by the same calls in the same order whatever the thread count
@@ -17,10 +19,11 @@
 use crate::buffer::BufferView;
 use crate::error::Result;
 use crate::jit::RowBlockKernel;
-use crate::kernels::elementwise::ElementwiseSpec;
+use crate::kernels::elementwise::{ElementwiseSpec, Expr};
 use crate::kernels::prefix::PrefixSpec;
 use crate::wide::{batch_index, buffer_err, deal, wide_err};
-use attnc_ir::Normalizer;
+use attnc_ir::{BinaryOp, Normalizer, UnaryOp};
+use attnc_wide::features::elu_plus_one;
 use attnc_wide::gemm::{sgemm, sgemm_add, Matrix};
 
 /// Keys per block of the state's products (a block of `φK` and of `V` fit in L2 at `d = 64`).
@@ -36,6 +39,36 @@ pub enum Features {
     Buffer(usize),
     /// Computed on row blocks by a fused elementwise kernel.
     Mapped(FeatureMap),
+    /// `elu(x) + 1` of the step's input at this position (contiguous rows), computed on row
+    /// blocks by `attnc-wide`'s 16-lane map rather than a 128-bit kernel.
+    EluPlusOne(usize),
+}
+
+impl Features {
+    /// The features a chain computes: `elu(x) + 1` of a buffer `x` read with contiguous rows
+    /// (`contiguous` says whether a leaf's strides are) is [`Features::EluPlusOne`] (`slot`
+    /// places its buffer among the step's inputs); any other chain a [`FeatureMap`].
+    pub(crate) fn of_chain(
+        spec: ElementwiseSpec,
+        contiguous: impl Fn(&[usize]) -> bool,
+        mut slot: impl FnMut(usize) -> usize,
+    ) -> Features {
+        if let Expr::Binary(BinaryOp::Add, x, y) = &spec.expr {
+            let elu = match (&**x, &**y) {
+                (e, Expr::Const(c)) | (Expr::Const(c), e) if *c == 1.0 => Some(e),
+                _ => None,
+            };
+            if let Some(Expr::Unary(UnaryOp::Elu, leaf)) = elu {
+                if let Expr::Leaf { buf, strides } = &**leaf {
+                    if contiguous(strides) {
+                        return Features::EluPlusOne(slot(*buf));
+                    }
+                }
+            }
+        }
+        let slots = spec.inputs.iter().map(|&b| slot(b)).collect();
+        Features::Mapped(FeatureMap { spec, slots })
+    }
 }
 
 /// An elementwise chain computing features, fused into the step that reads them.
@@ -74,6 +107,7 @@ impl LinearStep {
             .zip(&self.features)
             .filter_map(|(name, f)| match f {
                 Features::Mapped(map) => Some(format!("{name} ({} nodes)", map.spec.expr.size())),
+                Features::EluPlusOne(_) => Some(format!("{name} (elu+1 on avx-512)")),
                 Features::Buffer(_) => None,
             })
             .collect();
@@ -97,7 +131,7 @@ impl LinearStep {
             .enumerate()
             .filter_map(|(k, f)| match f {
                 Features::Mapped(map) => Some((k, map)),
-                Features::Buffer(_) => None,
+                Features::Buffer(_) | Features::EluPlusOne(_) => None,
             })
     }
 }
@@ -235,11 +269,13 @@ impl LinearKernel {
 
     /// Where feature `k` (0: `φQ`, 1: `φK`) comes from among `inputs`.
     fn rows_of<'a>(&'a self, k: usize, inputs: &[BufferView<'a>]) -> Result<FeatureRows<'a>> {
+        let f32s = |slot: usize| match inputs.get(slot) {
+            Some(BufferView::F32(x)) => Ok(*x),
+            _ => Err(buffer_err("linear attention", "takes f32 features")),
+        };
         match (&self.step.features[k], &self.maps[k]) {
-            (Features::Buffer(slot), _) => match inputs.get(*slot) {
-                Some(BufferView::F32(x)) => Ok(FeatureRows::Buffer(x)),
-                _ => Err(buffer_err("linear attention", "takes f32 features")),
-            },
+            (Features::Buffer(slot), _) => Ok(FeatureRows::Buffer(f32s(*slot)?)),
+            (Features::EluPlusOne(slot), _) => Ok(FeatureRows::EluPlusOne(f32s(*slot)?)),
             (Features::Mapped(map), Some(kernel)) => {
                 let views = map
                     .slots
@@ -260,6 +296,7 @@ impl LinearKernel {
 /// The rows of `φQ` or `φK`: read from a buffer, or computed block by block.
 enum FeatureRows<'a> {
     Buffer(&'a [f32]),
+    EluPlusOne(&'a [f32]),
     Mapped {
         kernel: &'a RowBlockKernel,
         views: Vec<BufferView<'a>>,
@@ -281,6 +318,14 @@ impl FeatureRows<'_> {
             FeatureRows::Buffer(x) => x
                 .get(start..start + len)
                 .ok_or_else(|| buffer_err("linear attention", "features end early")),
+            FeatureRows::EluPlusOne(x) => {
+                let src = x
+                    .get(start..start + len)
+                    .ok_or_else(|| buffer_err("linear attention", "features end early"))?;
+                scratch.resize(len, 0.0);
+                elu_plus_one(src, scratch).map_err(wide_err)?;
+                Ok(scratch)
+            }
             FeatureRows::Mapped { kernel, views } => {
                 scratch.resize(len, 0.0);
                 if len > 0 {

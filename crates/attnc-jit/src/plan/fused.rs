@@ -10,7 +10,7 @@ use crate::kernels::attention::quant::QuantLayout;
 use crate::kernels::attention::{contains_dilated, AttentionSpec, Precision, TensorRef};
 use crate::kernels::elementwise::{ElementwiseSpec, Expr};
 use crate::kernels::prefix::PrefixSpec;
-use crate::linear::{FeatureMap, Features, LinearStep};
+use crate::linear::{Features, LinearStep};
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::fused::{Fused, FusedShape};
 use attnc_ir::{Attention, DType, Decay, Kernel, LinearAttention, NodeId, Op};
@@ -592,15 +592,12 @@ fn plan_linear(
         } else {
             let mut bufs = Vec::new();
             v.expr.buffers(&mut bufs);
-            let slots = bufs.iter().map(|&b| slot(b)).collect();
-            Features::Mapped(FeatureMap {
-                spec: ElementwiseSpec {
-                    expr: v.expr.clone(),
-                    shape: shape.clone(),
-                    inputs: bufs,
-                },
-                slots,
-            })
+            let spec = ElementwiseSpec {
+                expr: v.expr.clone(),
+                shape: shape.clone(),
+                inputs: bufs,
+            };
+            Features::of_chain(spec, |s| super::is_contiguous(s, shape), &mut slot)
         });
     }
     let values = operand(vals, operands[2])?;
