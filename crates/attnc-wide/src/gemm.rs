@@ -165,6 +165,33 @@ mod tests {
     }
 
     #[test]
+    fn sgemm_add_accumulates_blocks_of_the_inner_dimension() {
+        // [1 2 3] · [4 5 6]ᵀ in two blocks of the inner dimension: 1·4 + (2·5 + 3·6).
+        let (a, b) = ([1.0f32, 2.0, 3.0], [4.0f32, 5.0, 6.0]);
+        let row = |data: &[f32]| Matrix {
+            data,
+            rows: 1,
+            cols: data.len(),
+            row_stride: data.len(),
+            col_stride: 1,
+        };
+        let col = |data: &[f32]| Matrix {
+            data,
+            rows: data.len(),
+            cols: 1,
+            row_stride: 1,
+            col_stride: 1,
+        };
+        let mut out = [0.0f32];
+        sgemm(&row(&a[..1]), &col(&b[..1]), &mut out).expect("multiplies");
+        sgemm_add(&row(&a[1..]), &col(&b[1..]), &mut out).expect("multiplies");
+        assert_eq!(out, [32.0]);
+        // An empty inner dimension adds nothing (and `sgemm` would write zeros).
+        sgemm_add(&row(&[]), &col(&[]), &mut out).expect("multiplies");
+        assert_eq!(out, [32.0]);
+    }
+
+    #[test]
     fn out_of_bounds_operands_are_refused() {
         let x = [1.0f32; 4];
         let a = Matrix {
