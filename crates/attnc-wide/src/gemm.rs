@@ -168,20 +168,24 @@ mod tests {
     fn sgemm_add_accumulates_blocks_of_the_inner_dimension() {
         // [1 2 3] · [4 5 6]ᵀ in two blocks of the inner dimension: 1·4 + (2·5 + 3·6).
         let (a, b) = ([1.0f32, 2.0, 3.0], [4.0f32, 5.0, 6.0]);
-        let row = |data: &[f32]| Matrix {
-            data,
-            rows: 1,
-            cols: data.len(),
-            row_stride: data.len(),
-            col_stride: 1,
-        };
-        let col = |data: &[f32]| Matrix {
-            data,
-            rows: data.len(),
-            cols: 1,
-            row_stride: 1,
-            col_stride: 1,
-        };
+        fn row(data: &[f32]) -> Matrix<'_> {
+            Matrix {
+                data,
+                rows: 1,
+                cols: data.len(),
+                row_stride: data.len(),
+                col_stride: 1,
+            }
+        }
+        fn col(data: &[f32]) -> Matrix<'_> {
+            Matrix {
+                data,
+                rows: data.len(),
+                cols: 1,
+                row_stride: 1,
+                col_stride: 1,
+            }
+        }
         let mut out = [0.0f32];
         sgemm(&row(&a[..1]), &col(&b[..1]), &mut out).expect("multiplies");
         sgemm_add(&row(&a[1..]), &col(&b[1..]), &mut out).expect("multiplies");
