@@ -279,11 +279,12 @@ pub fn useful_flops_on<'a>(plan: &Plan, ids: &dyn Fn(usize) -> Option<&'a [i32]>
                 matmul = true;
             }
             // Linear attention: one d × dv multiply-add per key (state) and per row.
-            StepKind::Prefix(spec) | StepKind::Chunked(spec) | StepKind::Linear(spec) => {
-                flops += 2.0
-                    * (spec.d * spec.dv) as f64
-                    * (spec.m + spec.n) as f64
-                    * spec.batch_count() as f64;
+            StepKind::Prefix(spec) | StepKind::Chunked(spec) => {
+                flops += state_flops(spec);
+                matmul = true;
+            }
+            StepKind::Linear(step) => {
+                flops += state_flops(&step.spec);
                 matmul = true;
             }
             _ => {}
@@ -301,6 +302,11 @@ pub fn useful_flops_on<'a>(plan: &Plan, ids: &dyn Fn(usize) -> Option<&'a [i32]>
         basis,
         at_most,
     }
+}
+
+/// One d × dv multiply-add per key (state) and per row of a linear attention step.
+fn state_flops(spec: &attnc_jit::kernels::prefix::PrefixSpec) -> f64 {
+    2.0 * (spec.d * spec.dv) as f64 * (spec.m + spec.n) as f64 * spec.batch_count() as f64
 }
 
 /// The kept pairs of a fused attention step with a `document(...)` mask, over every batch

@@ -5,7 +5,8 @@
 //! runs the plan across threads; [`cache`] keeps compiled kernels by (IR, shapes, options, CPU);
 //! [`ceiling`] and [`bandwidth`] measure this machine's FMA and memory ceilings.
 //! [`wide`] runs fused attention on the full-width AVX-512 and AMX kernels of `attnc-wide`
-//! where the CPU has them. After a fused attention step, `finite` recomputes the batch entries
+//! where the CPU has them, and [`linear`] linear attention without a mask, its feature maps
+//! fused on row blocks. After a fused attention step, `finite` recomputes the batch entries
 //! whose accumulator overflowed from a scaled copy of V. Only [`jit`] contains `unsafe`.
 //!
 //! ```no_run
@@ -32,6 +33,7 @@ mod gate;
 pub mod host;
 pub mod jit;
 pub mod kernels;
+pub mod linear;
 pub mod plan;
 pub mod runtime;
 pub mod simd;

@@ -49,6 +49,7 @@ use crate::kernels::elementwise::{ElementwiseSpec, Expr};
 use crate::kernels::matmul::MatMulSpec;
 use crate::kernels::prefix::PrefixSpec;
 use crate::kernels::reduce::AxisSpec;
+use crate::linear::LinearStep;
 use attnc_ir::{Bindings, DType, Kernel, NodeId, Op, ReduceOp};
 use std::sync::Arc;
 
@@ -115,9 +116,9 @@ pub enum StepKind {
     /// chosen for long sequences on the full-width tier; reads what `Prefix` reads.
     Chunked(PrefixSpec),
     /// Linear attention without a mask through its `[d, dv]` key-value state on the
-    /// full-width tier ([`crate::wide::run_linear`]); reads `φQ`, `φK`, `V` (the prefix
-    /// kernel's spec, without its causal order).
-    Linear(PrefixSpec),
+    /// full-width tier ([`crate::linear`]); reads `V` and `φQ`, `φK` or the buffers of the
+    /// feature maps that compute them, as its [`LinearStep`] places them.
+    Linear(Box<LinearStep>),
     /// Gradients of a fused op, several at once ([`crate::backward`]): writes the step's
     /// output and the other buffers its [`BackwardStep::outputs`] list.
     Backward(Box<BackwardStep>),
@@ -168,7 +169,7 @@ impl Step {
             | StepKind::Quantize(_) => (1, 1),
             StepKind::Attention(s) => (s.batch_count(), s.m),
             StepKind::Prefix(s) | StepKind::Chunked(s) => s.work(),
-            StepKind::Linear(s) => (s.batch_count(), s.m),
+            StepKind::Linear(s) => (s.spec.batch_count(), s.spec.m),
             StepKind::Backward(b) => b.work(),
         }
     }
@@ -177,7 +178,8 @@ impl Step {
     pub fn cost(&self, buffers: &[BufferInfo]) -> usize {
         match &self.kind {
             StepKind::MatMul(s) => s.flops(),
-            StepKind::Prefix(s) | StepKind::Chunked(s) | StepKind::Linear(s) => s.flops(),
+            StepKind::Prefix(s) | StepKind::Chunked(s) => s.flops(),
+            StepKind::Linear(s) => s.spec.flops(),
             StepKind::Backward(b) => b.cost(),
             StepKind::Attention(s) if s.precision == Precision::Int8 => 2usize
                 .saturating_mul(s.batch_count())
@@ -329,7 +331,10 @@ impl std::fmt::Display for Plan {
                     )
                 }
                 StepKind::SoftmaxSink(s) => {
-                    format!("softmax with a sink logit per row [{} x {}]", s.outer, s.len)
+                    format!(
+                        "softmax with a sink logit per row [{} x {}]",
+                        s.outer, s.len
+                    )
                 }
                 StepKind::Pool(s) | StepKind::Unpool(s) => format!(
                     "{}{} [{} x {} x {}] in blocks of {} rows (host)",
@@ -363,10 +368,14 @@ impl std::fmt::Display for Plan {
                         Some(w) => w.key_tiles(),
                         None => {
                             let (v, t) = s.key_tiles();
-                            (v, t, (
-                                crate::kernels::attention::QUERY_TILE,
-                                crate::kernels::attention::KEY_TILE,
-                            ))
+                            (
+                                v,
+                                t,
+                                (
+                                    crate::kernels::attention::QUERY_TILE,
+                                    crate::kernels::attention::KEY_TILE,
+                                ),
+                            )
                         }
                     };
                     format!(
@@ -390,10 +399,7 @@ impl std::fmt::Display for Plan {
                 StepKind::Prefix(s) | StepKind::Chunked(s) => format!(
                     "causal linear attention ({}{}{}) batch {:?} m={} n={} d={} dv={}",
                     if matches!(step.kind, StepKind::Chunked(_)) {
-                        format!(
-                            "chunks of {} keys [gemm]",
-                            crate::chunkwise::chunk_size(s)
-                        )
+                        format!("chunks of {} keys [gemm]", crate::chunkwise::chunk_size(s))
                     } else {
                         "prefix state".to_string()
                     },
@@ -414,19 +420,7 @@ impl std::fmt::Display for Plan {
                     s.dv
                 ),
                 StepKind::Backward(b) => b.describe(),
-                StepKind::Linear(s) => format!(
-                    "linear attention (key-value state [avx-512 gemm]{}) batch {:?} m={} n={} d={} dv={}",
-                    match s.normalizer {
-                        attnc_ir::Normalizer::None => ", unnormalized".to_string(),
-                        attnc_ir::Normalizer::Sum { eps: 0.0 } => String::new(),
-                        attnc_ir::Normalizer::Sum { eps } => format!(", eps {eps:e}"),
-                    },
-                    s.batch,
-                    s.m,
-                    s.n,
-                    s.d,
-                    s.dv
-                ),
+                StepKind::Linear(s) => s.describe(),
             };
             let what = match &step.gate {
                 Some(g) => format!("{what}, {}", g.describe(&step.inputs)),

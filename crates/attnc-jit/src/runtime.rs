@@ -14,6 +14,7 @@ use crate::error::{JitError, Result};
 use crate::jit::{Code, FunctionText, Jit, KernelHandle};
 use crate::kernels::attention::quant;
 use crate::kernels::{self, KernelArgs};
+use crate::linear::LinearKernel;
 use crate::plan::{plan_outputs, BufferSource, Plan, PlanOptions, StepKind};
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::{Bindings, DType, Kernel};
@@ -123,6 +124,8 @@ pub struct CompiledKernel {
     handles: Vec<Option<KernelHandle>>,
     /// The full-width attention steps, by step index.
     wide: Vec<Option<WideAttention>>,
+    /// The linear attention steps with their compiled feature maps, by step index.
+    linear: Vec<Option<LinearKernel>>,
     /// The portable kernel of each full-width attention step, compiled on first need (see
     /// `crate::finite`).
     portable: Vec<OnceLock<std::result::Result<KernelHandle, String>>>,
@@ -176,7 +179,18 @@ impl CompiledKernel {
         )?;
         let mut jit = Jit::new()?;
         let mut ids = Vec::with_capacity(plan.steps.len());
+        let mut map_ids = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
+            let mut maps = [None, None];
+            if let StepKind::Linear(linear) = &step.kind {
+                for (k, map) in linear.maps() {
+                    let name = format!("{}_{}", step.name, ["phi_q", "phi_k"][k]);
+                    maps[k] = Some(jit.define_kernel(&name, |b, _, p| {
+                        kernels::elementwise::emit_block(b, KernelArgs::new(p), &map.spec)
+                    })?);
+                }
+            }
+            map_ids.push(maps);
             let id = match &step.kind {
                 StepKind::Cast(_)
                 | StepKind::Constant(_)
@@ -243,6 +257,31 @@ impl CompiledKernel {
                 }
             });
         }
+        let mut linear = Vec::with_capacity(plan.steps.len());
+        for (step, ids) in plan.steps.iter().zip(map_ids) {
+            linear.push(match &step.kind {
+                StepKind::Linear(l) => {
+                    let mut maps = [None, None];
+                    for (k, map) in l.maps() {
+                        let Some(id) = ids[k] else { continue };
+                        let lens = map
+                            .spec
+                            .inputs
+                            .iter()
+                            .map(|&b| (plan.buffers[b].len, plan.buffers[b].elem))
+                            .collect();
+                        let work = (
+                            map.spec.work().1,
+                            map.spec.shape.last().copied().unwrap_or(1),
+                        );
+                        let name = format!("{}_{}", step.name, ["phi_q", "phi_k"][k]);
+                        maps[k] = Some(code.block_handle(id, &name, lens, work)?);
+                    }
+                    Some(LinearKernel::new((**l).clone(), maps))
+                }
+                _ => None,
+            });
+        }
         let wide = plan
             .steps
             .iter()
@@ -261,6 +300,7 @@ impl CompiledKernel {
         Ok(CompiledKernel {
             portable: plan.steps.iter().map(|_| OnceLock::new()).collect(),
             wide,
+            linear,
             params: kernel
                 .params
                 .iter()
@@ -423,13 +463,14 @@ impl CompiledKernel {
             }
         }
         let mut temps: Vec<Storage> = vec![Storage::default(); self.plan.buffers.len()];
-        for (index, (((step, handle), wide), portable)) in self
+        for (index, ((((step, handle), wide), portable), linear)) in self
             .plan
             .steps
             .iter()
             .zip(&self.handles)
             .zip(&self.wide)
             .zip(&self.portable)
+            .zip(&self.linear)
             .enumerate()
         {
             let out = {
@@ -462,7 +503,7 @@ impl CompiledKernel {
                     }
                     None
                 } else {
-                    let kernels = (handle.as_ref(), wide.as_ref(), portable);
+                    let kernels = (handle.as_ref(), wide.as_ref(), portable, linear.as_ref());
                     Some(self.run_step(step, kernels, &views, t, needed)?)
                 }
             };
@@ -524,7 +565,7 @@ impl CompiledKernel {
     fn run_step(
         &self,
         step: &crate::plan::Step,
-        (handle, wide, portable): (Option<&KernelHandle>, Option<&WideAttention>, &PortableCell),
+        (handle, wide, portable, linear): StepKernels<'_>,
         views: &[BufferView<'_>],
         threads: usize,
         needed: Needed<'_>,
@@ -586,9 +627,13 @@ impl CompiledKernel {
                     _ => Storage::U8(quant::pack(layout, &ins, threads)?),
                 }
             }
-            (StepKind::Linear(spec), _) => {
+            (StepKind::Linear(_), _) => {
+                let kernel = linear.ok_or_else(|| JitError::Plan {
+                    op: step.name.clone(),
+                    detail: "linear attention step has no kernel".to_string(),
+                })?;
                 let mut out = vec![0.0f32; len];
-                crate::wide::run_linear(spec, views, &mut out, threads)?;
+                kernel.run(views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::Chunked(spec), _) => {
@@ -701,6 +746,15 @@ impl CompiledKernel {
 
 /// A lazily compiled portable kernel (or why it could not be compiled).
 type PortableCell = OnceLock<std::result::Result<KernelHandle, String>>;
+
+/// What runs one step: its generated kernel, full-width attention, lazily compiled portable
+/// attention, or linear attention with its feature maps.
+type StepKernels<'k> = (
+    Option<&'k KernelHandle>,
+    Option<&'k WideAttention>,
+    &'k PortableCell,
+    Option<&'k LinearKernel>,
+);
 
 impl CompiledKernel {
     /// The portable (Cranelift) kernel of the full-width attention `step`, compiled the first

@@ -24,11 +24,9 @@ use crate::kernels::attention::{AttentionSpec, ScoreExpr, TensorRef};
 use crate::kernels::matmul::MatMulSpec;
 use crate::kernels::prefix::PrefixSpec;
 use crate::tiles::{classify, TileKind};
-use attnc_ir::Normalizer;
 use attnc_ir::{BinaryOp, MaskPattern, UnaryOp};
 use attnc_wide::amx::{self, Products};
 use attnc_wide::attention;
-use attnc_wide::gemm::{sgemm, Matrix};
 use attnc_wide::problem::{
     Bias, Call, CallError, Elements, KeyMask, Operand, Output, Score, TileRun, TileTable,
 };
@@ -719,107 +717,6 @@ pub fn run_matmul(
             .collect()
     });
     results.into_iter().collect()
-}
-
-/// Linear attention without a mask (`spec` of a [`crate::plan::StepKind::Linear`] step) over
-/// contiguous `φQ`, `φK`, `V`: per batch entry the `[d, dv]` state `φKᵀ V` and the key sum
-/// `Σ_j φk_j` (one product call each, whatever the threads), then every row
-/// `(φq_i · S) / (φq_i · z + eps)` in fixed chunks of `MATMUL_ROWS` rows; batch entries and
-/// chunks dealt round-robin to up to `threads` threads.
-pub fn run_linear(
-    spec: &PrefixSpec,
-    inputs: &[BufferView<'_>],
-    out: &mut [f32],
-    threads: usize,
-) -> Result<()> {
-    let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
-    let entries = spec.batch_count();
-    let [q, k, v] = linear_operands(spec, inputs, out.len(), "linear attention")?;
-    if m == 0 || dv == 0 || entries == 0 {
-        return Ok(());
-    }
-    let offset = |e: usize, which: usize| -> usize {
-        let index = batch_index(&spec.batch, e);
-        spec.batch_strides[which]
-            .iter()
-            .zip(&index)
-            .map(|(s, i)| s * i)
-            .sum()
-    };
-    // Phase 1: each entry's state [d, dv + 1]: φKᵀ V beside the key sums.
-    let width = dv + 1;
-    let mut states = vec![0.0f32; entries * d * width];
-    let state_of = |e: usize, state: &mut [f32]| -> Result<()> {
-        let keys = &k.get(offset(e, 1)..).unwrap_or_default();
-        let values = &v.get(offset(e, 2)..).unwrap_or_default();
-        let mut kv = vec![0.0f32; d * dv];
-        let kt = Matrix {
-            data: keys,
-            rows: d,
-            cols: n,
-            row_stride: 1,
-            col_stride: d,
-        };
-        let vm = Matrix {
-            data: values,
-            rows: n,
-            cols: dv,
-            row_stride: dv,
-            col_stride: 1,
-        };
-        sgemm(&kt, &vm, &mut kv).map_err(wide_err)?;
-        for a in 0..d {
-            state[a * width..a * width + dv].copy_from_slice(&kv[a * dv..(a + 1) * dv]);
-            state[a * width + dv] = (0..n).map(|j| keys[j * d + a]).sum();
-        }
-        Ok(())
-    };
-    let mut items: Vec<(usize, &mut [f32])> =
-        states.chunks_mut((d * width).max(1)).enumerate().collect();
-    if d == 0 {
-        items.clear();
-    }
-    deal(items, threads, |(e, state)| state_of(e, state))?;
-    // Phase 2: rows [φq_i S | φq_i z], then the division.
-    let mut rows: Vec<(usize, usize, &mut [f32])> = Vec::new();
-    for (e, entry) in out.chunks_mut(m * dv).enumerate() {
-        for (c, chunk) in entry.chunks_mut(MATMUL_ROWS * dv).enumerate() {
-            rows.push((e, c * MATMUL_ROWS, chunk));
-        }
-    }
-    let states = &states;
-    deal(rows, threads, |(e, r0, chunk)| {
-        let count = chunk.len() / dv;
-        let mut both = vec![0.0f32; count * width];
-        let qm = Matrix {
-            data: q.get(offset(e, 0) + r0 * d..).unwrap_or_default(),
-            rows: count,
-            cols: d,
-            row_stride: d,
-            col_stride: 1,
-        };
-        let sm = Matrix {
-            data: states.get(e * d * width..).unwrap_or_default(),
-            rows: d,
-            cols: width,
-            row_stride: width,
-            col_stride: 1,
-        };
-        sgemm(&qm, &sm, &mut both).map_err(wide_err)?;
-        for (i, row) in chunk.chunks_mut(dv).enumerate() {
-            let got = &both[i * width..(i + 1) * width];
-            match spec.normalizer {
-                Normalizer::None => row.copy_from_slice(&got[..dv]),
-                Normalizer::Sum { eps } => {
-                    let den = got[dv] + eps as f32;
-                    for (o, x) in row.iter_mut().zip(&got[..dv]) {
-                        *o = x / den;
-                    }
-                }
-            }
-        }
-        Ok(())
-    })
 }
 
 /// The f32 buffers `φQ`, `φK`, `V` of a linear attention step `what`, after checking that the

@@ -43,6 +43,22 @@ impl Matrix<'_> {
 /// Errors, before anything is computed, when the shapes do not multiply or an operand reaches
 /// past its slice.
 pub fn sgemm(a: &Matrix<'_>, b: &Matrix<'_>, out: &mut [f32]) -> Result<(), CallError> {
+    product(a, b, out, false)
+}
+
+/// `out += a · b` (as [`sgemm`], adding to `out`'s values instead of replacing them): sums
+/// of products over blocks of the inner dimension, one block at a time.
+pub fn sgemm_add(a: &Matrix<'_>, b: &Matrix<'_>, out: &mut [f32]) -> Result<(), CallError> {
+    product(a, b, out, true)
+}
+
+/// `out = a · b`, or `out += a · b` when `accumulate`.
+fn product(
+    a: &Matrix<'_>,
+    b: &Matrix<'_>,
+    out: &mut [f32],
+    accumulate: bool,
+) -> Result<(), CallError> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
         return Err(CallError::Shape(format!(
@@ -65,14 +81,15 @@ pub fn sgemm(a: &Matrix<'_>, b: &Matrix<'_>, out: &mut [f32]) -> Result<(), Call
         return Ok(());
     }
     if k == 0 {
-        out.fill(0.0);
+        if !accumulate {
+            out.fill(0.0);
+        }
         return Ok(());
     }
     // SAFETY: every element `gemm` reads — (r, c) of `a` for r < m, c < k and of `b` for
-    // r < k, c < n — lies inside its slice (checked above, strides fit isize), and it writes
-    // exactly the m × n elements of `out` (row stride n, column stride 1), which is borrowed
-    // mutably and aliases neither operand. `read_dst` is false, so `out`'s old values are
-    // never read.
+    // r < k, c < n — lies inside its slice (checked above, strides fit isize), and it reads
+    // (when `accumulate`) and writes exactly the m × n elements of `out` (row stride n,
+    // column stride 1), which is borrowed mutably and aliases neither operand.
     unsafe {
         gemm::gemm(
             m,
@@ -81,14 +98,14 @@ pub fn sgemm(a: &Matrix<'_>, b: &Matrix<'_>, out: &mut [f32]) -> Result<(), Call
             out.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
             a.row_stride as isize,
             b.data.as_ptr(),
             b.col_stride as isize,
             b.row_stride as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -145,6 +162,37 @@ mod tests {
                 prop_assert!((f64::from(*g) - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
             }
         }
+    }
+
+    #[test]
+    fn sgemm_add_accumulates_blocks_of_the_inner_dimension() {
+        // [1 2 3] · [4 5 6]ᵀ in two blocks of the inner dimension: 1·4 + (2·5 + 3·6).
+        let (a, b) = ([1.0f32, 2.0, 3.0], [4.0f32, 5.0, 6.0]);
+        fn row(data: &[f32]) -> Matrix<'_> {
+            Matrix {
+                data,
+                rows: 1,
+                cols: data.len(),
+                row_stride: data.len(),
+                col_stride: 1,
+            }
+        }
+        fn col(data: &[f32]) -> Matrix<'_> {
+            Matrix {
+                data,
+                rows: data.len(),
+                cols: 1,
+                row_stride: 1,
+                col_stride: 1,
+            }
+        }
+        let mut out = [0.0f32];
+        sgemm(&row(&a[..1]), &col(&b[..1]), &mut out).expect("multiplies");
+        sgemm_add(&row(&a[1..]), &col(&b[1..]), &mut out).expect("multiplies");
+        assert_eq!(out, [32.0]);
+        // An empty inner dimension adds nothing (and `sgemm` would write zeros).
+        sgemm_add(&row(&[]), &col(&[]), &mut out).expect("multiplies");
+        assert_eq!(out, [32.0]);
     }
 
     #[test]

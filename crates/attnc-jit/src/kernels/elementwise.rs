@@ -237,8 +237,26 @@ struct RowCtx {
     coords: Vec<Value>,
 }
 
-/// Generates the body of an elementwise kernel.
+/// Generates the body of an elementwise kernel: row `r` of a call is written at row `r` of
+/// the output (which holds every row).
 pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &ElementwiseSpec) -> Result<()> {
+    emit_rows(b, args, spec, false)
+}
+
+/// Generates the body of a row-block kernel ([`crate::jit::RowBlockKernel`]): row `r` of a
+/// call over `begin..end` is written at row `r - begin` of the output, which holds only
+/// that block. The values are those [`emit`]'s code computes, bit for bit.
+pub fn emit_block(b: &mut FunctionBuilder, args: KernelArgs, spec: &ElementwiseSpec) -> Result<()> {
+    emit_rows(b, args, spec, true)
+}
+
+/// [`emit`], or [`emit_block`] when `relative`.
+fn emit_rows(
+    b: &mut FunctionBuilder,
+    args: KernelArgs,
+    spec: &ElementwiseSpec,
+    relative: bool,
+) -> Result<()> {
     let rank = spec.shape.len();
     let len = spec.row_len();
     let lead: Vec<usize> = if rank == 0 {
@@ -265,7 +283,12 @@ pub fn emit(b: &mut FunctionBuilder, args: KernelArgs, spec: &ElementwiseSpec) -
             ptrs: ptrs.clone(),
             coords,
         };
-        let row_base = b.ins().imul_imm_s(row, len as i64);
+        let out_row = if relative {
+            b.ins().isub(row, args.begin)
+        } else {
+            row
+        };
+        let row_base = b.ins().imul_imm_s(out_row, len as i64);
         let mut tail_start = iconst(b, 0);
         if vector && len >= 4 * UNROLL {
             // Independent vectors per iteration, so long chains (exp, tanh) overlap.

@@ -8,8 +8,9 @@ use crate::buffer::Elem;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::quant::QuantLayout;
 use crate::kernels::attention::{contains_dilated, AttentionSpec, Precision, TensorRef};
-use crate::kernels::elementwise::Expr;
+use crate::kernels::elementwise::{ElementwiseSpec, Expr};
 use crate::kernels::prefix::PrefixSpec;
+use crate::linear::{Features, LinearStep};
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::fused::{Fused, FusedShape};
 use attnc_ir::{Attention, DType, Decay, Kernel, LinearAttention, NodeId, Op};
@@ -532,6 +533,9 @@ pub(super) fn plan_prefix(
     let fs = Fused::Linear(l)
         .check(&slices)
         .map_err(|e| plan_error(op, e))?;
+    if !l.causal {
+        return plan_linear(p, (&fs, l), (&operands, &shapes), vals);
+    }
     let mut inputs = Vec::with_capacity(5);
     let mut strides: [Vec<usize>; 3] = Default::default();
     let mut decay: [Option<Vec<usize>>; 2] = Default::default();
@@ -549,18 +553,71 @@ pub(super) fn plan_prefix(
     let mut shape = fs.batch.clone();
     shape.extend([fs.m, fs.dv]);
     let out = p.new_buffer(shape.iter().product());
-    let kind = if l.causal {
-        // Long sequences run in chunks on the full-width products; short ones and the
-        // portable tier keep the recurrent kernel. A gated decay always runs in chunks.
-        if spec.is_gated() || (p.tiers.avx512 && crate::chunkwise::worth_chunking(&spec)) {
-            StepKind::Chunked(spec)
-        } else {
-            StepKind::Prefix(spec)
-        }
+    // Long sequences run in chunks on the full-width products; short ones and the portable
+    // tier keep the recurrent kernel. A gated decay always runs in chunks.
+    let kind = if spec.is_gated() || (p.tiers.avx512 && crate::chunkwise::worth_chunking(&spec)) {
+        StepKind::Chunked(spec)
     } else {
-        StepKind::Linear(spec)
+        StepKind::Prefix(spec)
     };
     p.push(kind, inputs, out);
+    Ok(Planner::leaf(out, &shape))
+}
+
+/// Plans a linear attention without a mask as one [`LinearStep`]: a feature operand that is
+/// still a lazy elementwise chain (no other step reads it, else it would be a buffer) or a
+/// view without contiguous rows is computed on row blocks inside the step instead of being
+/// materialized whole.
+fn plan_linear(
+    p: &mut Planner<'_>,
+    (fs, l): (&FusedShape<usize>, &LinearAttention),
+    (operands, shapes): (&[NodeId], &[Vec<usize>]),
+    vals: &[Option<Val>],
+) -> Result<Val> {
+    let mut inputs: Vec<usize> = Vec::new();
+    let mut slot = |buf: usize| match inputs.iter().position(|&b| b == buf) {
+        Some(at) => at,
+        None => {
+            inputs.push(buf);
+            inputs.len() - 1
+        }
+    };
+    let mut features = Vec::with_capacity(2);
+    for (&o, shape) in operands.iter().zip(shapes).take(2) {
+        let v = operand(vals, o)?;
+        let whole = match &v.expr {
+            Expr::Leaf { strides, .. } => super::is_contiguous(strides, &v.shape),
+            _ => false,
+        };
+        features.push(if whole {
+            Features::Buffer(slot(p.contiguous_buffer(&v)))
+        } else {
+            let mut bufs = Vec::new();
+            v.expr.buffers(&mut bufs);
+            let spec = ElementwiseSpec {
+                expr: v.expr.clone(),
+                shape: shape.clone(),
+                inputs: bufs,
+            };
+            Features::of_chain(spec, |s| super::is_contiguous(s, shape), &mut slot)
+        });
+    }
+    let values = operand(vals, operands[2])?;
+    let values = slot(p.contiguous_buffer(&values));
+    let strides = [0, 1, 2].map(|k| batch_strides(&shapes[k], &fs.batch));
+    let spec = prefix_spec(fs, l, strides, [None, None]);
+    let [queries, keys]: [Features; 2] = features
+        .try_into()
+        .map_err(|_| plan_error(&p.kernel.graph.node(operands[0]).op, "takes three operands"))?;
+    let mut shape = fs.batch.clone();
+    shape.extend([fs.m, fs.dv]);
+    let out = p.new_buffer(shape.iter().product());
+    let step = LinearStep {
+        spec,
+        features: [queries, keys],
+        values,
+    };
+    p.push(StepKind::Linear(Box::new(step)), inputs, out);
     Ok(Planner::leaf(out, &shape))
 }
 

@@ -162,12 +162,16 @@ fn dense_pair_flops(plan: &Plan) -> f64 {
                 Some(2.0 * (a.d + a.dv) as f64 * a.batch_count() as f64 * a.m as f64 * a.n as f64)
             }
             // The interpreter runs the quadratic form the prefix kernel replaces.
-            StepKind::Prefix(p) | StepKind::Chunked(p) | StepKind::Linear(p) => Some(
-                2.0 * (p.d + p.dv + 1) as f64 * p.batch_count() as f64 * p.m as f64 * p.n as f64,
-            ),
+            StepKind::Prefix(p) | StepKind::Chunked(p) => Some(quadratic_flops(p)),
+            StepKind::Linear(step) => Some(quadratic_flops(&step.spec)),
             _ => None,
         })
         .sum()
+}
+
+/// The quadratic form's FLOPs of a linear attention step, which the interpreter computes.
+fn quadratic_flops(p: &attnc_jit::kernels::prefix::PrefixSpec) -> f64 {
+    2.0 * (p.d + p.dv + 1) as f64 * p.batch_count() as f64 * p.m as f64 * p.n as f64
 }
 
 /// The f32x4 FMA ceiling of the portable tier and the machine's 512-bit FMA peak, at 1 thread
