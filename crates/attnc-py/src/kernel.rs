@@ -426,6 +426,14 @@ impl PyKernel {
     }
 }
 
+/// A staged input's elements when they are f32.
+fn f32_of<'a>(s: &'a StagedInput<'_>) -> Option<&'a [f32]> {
+    match s.input() {
+        attnc_jit::Input::F32(x) => Some(x),
+        _ => None,
+    }
+}
+
 /// The cotangent of one gradient call.
 enum Cotangent<'py> {
     /// Ones (the gradient of the output's sum).
@@ -619,10 +627,6 @@ impl PyKernel {
             cotangent_bf16,
             &specialized.output_shape,
         )?;
-        let f32_of = |s: &'_ StagedInput<'py>| match s.input() {
-            attnc_jit::Input::F32(x) => Some(x),
-            _ => None,
-        };
         let dy = match &cotangent {
             Cotangent::Ones(v) => Some(v.as_slice()),
             Cotangent::Given(s) => f32_of(s),
