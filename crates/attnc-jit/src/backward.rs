@@ -140,7 +140,7 @@ impl AttentionBackward {
         if entries == 0 || m == 0 || spec.n == 0 {
             return Ok(saved);
         }
-        let items: Vec<(usize, (&mut [f32], &mut [f32]))> = saved
+        let items: Vec<_> = saved
             .o
             .chunks_mut((m * dv).max(1))
             .zip(saved.lse.chunks_mut(m))

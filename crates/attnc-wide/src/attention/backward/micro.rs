@@ -75,7 +75,7 @@ pub(super) unsafe fn products(
     let mut r = 0;
     while r < rows {
         let (a, o) = (a.wrapping_add(r * stride), out[r * KT..].as_mut_ptr());
-        let from = epilogue.from_row(r);
+        let from = epilogue.rows_from(r);
         // SAFETY (all four): rows r.. exist in `a`; `o` holds (rows − r)·64; the epilogue's
         // rows from r exist (checked above).
         unsafe {
@@ -92,7 +92,7 @@ pub(super) unsafe fn products(
 
 impl Epilogue<'_> {
     /// The epilogue of the rows from `r` on.
-    fn from_row(self, r: usize) -> Self {
+    fn rows_from(self, r: usize) -> Self {
         match self {
             Epilogue::Raw => Epilogue::Raw,
             Epilogue::Probabilities { q_scale, lse2 } => Epilogue::Probabilities {
