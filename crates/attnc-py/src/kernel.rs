@@ -561,7 +561,12 @@ impl PyKernel {
         bf16: Vec<bool>,
     ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
         let staged = self.stage_converted(py, &arrays, &bf16)?;
-        let every: Vec<usize> = (0..self.declared().len()).collect();
+        // The float parameters (segment ids have no gradient): the log-sum-exps do not depend
+        // on which of them the backward differentiates.
+        let every: Vec<usize> = (self.declared().iter().enumerate())
+            .filter(|(_, p)| p.dtype != DType::I32)
+            .map(|(i, _)| i)
+            .collect();
         let shapes: Vec<Vec<usize>> = staged.iter().map(|s| s.shape.clone()).collect();
         let specialized = if self.program.policy().is_exact() {
             // A kernel whose gradients do not compile still runs its forward.
