@@ -127,9 +127,9 @@ fn dense_saves_at_odd_shapes() {
 
 #[test]
 fn empty_shapes_save_nothing_to_fail_on() {
-    for (h, m, n) in [(0, 5, 5), (2, 0, 5), (2, 5, 0)] {
+    for (h, m, n, e) in [(0, 5, 5, 2), (2, 0, 5, 2), (2, 5, 0, 2), (2, 5, 7, 0)] {
         let k = kernel(DENSE);
-        let b = bindings(&[("h", h), ("m", m), ("n", n), ("d", 3), ("e", 2)]);
+        let b = bindings(&[("h", h), ("m", m), ("n", n), ("d", 3), ("e", e)]);
         let compiled = compile(&k, &b, "q,k,v");
         let x = inputs(&k, &b);
         let (y, lse) = compiled.forward_saving(&x, 2).expect("forward saving");

@@ -4,9 +4,10 @@
 //! A fused attention's gradient step recomputes the forward with its row log-sum-exp
 //! (`attnc_wide::backward::forward`: the AVX-512 kernel where the CPU has it, else the
 //! portable one), unless the caller kept them from the forward ([`Residuals`], from
-//! [`AttentionBackward::forward`]), and then runs the backward kernel (`attnc_wide::backward`: FlashAttention-2
-//! from the saved output and log-sum-exp), per batch entry, visiting only the key tiles of the
-//! tile table the pattern algebra gives ([`crate::tiles`]); no `m × n` buffer is allocated.
+//! [`AttentionBackward::forward`]), and then runs the backward kernel
+//! (`attnc_wide::backward`: FlashAttention-2 from the saved output and log-sum-exp), per batch
+//! entry, visiting only the key tiles of the tile table the pattern algebra gives
+//! ([`crate::tiles`]); no `m × n` buffer is allocated.
 //! Batch entries are dealt round-robin to the threads; each entry is computed by one thread in
 //! a fixed order, and gradients of operands broadcast over batch entries (grouped-query keys,
 //! a per-head slope) are summed over the entries in entry order afterwards, so results are
@@ -140,12 +141,15 @@ impl AttentionBackward {
         if entries == 0 || m == 0 || spec.n == 0 {
             return Ok(saved);
         }
-        let items: Vec<_> = saved
-            .o
-            .chunks_mut((m * dv).max(1))
-            .zip(saved.lse.chunks_mut(m))
-            .enumerate()
-            .collect();
+        // One block of rows per entry (empty blocks too: with dv = 0 the log-sum-exps are
+        // still computed).
+        let mut rows: &mut [f32] = &mut saved.o;
+        let mut items = Vec::with_capacity(entries);
+        for (e, lse) in saved.lse.chunks_mut(m).enumerate() {
+            let (o, rest) = std::mem::take(&mut rows).split_at_mut(m * dv);
+            rows = rest;
+            items.push((e, (o, lse)));
+        }
         crate::wide::deal(items, threads, |(e, (o, lse))| {
             let call = self.forward.call(inputs, e)?;
             kernel::forward_with(&call, o, lse, self.wide).map_err(wide_err)
