@@ -9,6 +9,13 @@
 //! cotangent (the gradient of the output) and returns one gradient per requested parameter,
 //! in the parameter's shape, f32; it recomputes what it needs of the forward.
 //!
+//! Training keeps the forward instead: where the gradients are one fused attention's
+//! backward and the kernel returns that attention's output (f32),
+//! [`CompiledGrad::forward_saving`] also returns the row log-sum-exps the fused forward
+//! writes beside its output, and [`CompiledGrad::backward_saved`] starts from the output and
+//! those instead of recomputing the forward. Elsewhere the pair falls back to
+//! [`CompiledGrad::forward`] and [`CompiledGrad::backward`].
+//!
 //! [`reference_gradients`] evaluates the gradient graph of the kernel AS WRITTEN (plain ops)
 //! with the f64 interpreter: the oracle `--verify` and the tests compare with.
 //!
@@ -37,9 +44,11 @@
 use crate::compiler::Compiler;
 use crate::engine::{input_view, run_compiled, RunError};
 use crate::io::{Tensor, TensorData};
+use attnc_ir::backward::BackwardOp;
 use attnc_ir::grad::{vjp, Vjp};
 use attnc_ir::interp::evaluate_outputs;
-use attnc_ir::{Bindings, DType, Kernel};
+use attnc_ir::{Bindings, DType, Kernel, Op};
+use attnc_jit::backward::Saved;
 use attnc_jit::plan::Plan;
 use attnc_jit::{CompiledKernel, Input};
 use attnc_opt::Trace;
@@ -137,6 +146,113 @@ impl CompiledGrad {
     pub fn names(&self) -> Vec<&str> {
         self.vjp.gradients.iter().map(|g| g.name.as_str()).collect()
     }
+}
+
+impl CompiledGrad {
+    /// Whether [`CompiledGrad::forward_saving`] keeps the log-sum-exps: the gradient plan is
+    /// one fused attention's backward over the inputs, that attention (its output the `o`
+    /// operand of every gradient node, its cotangent the cotangent itself) is the forward's
+    /// f32 result.
+    pub fn saves_forward(&self) -> bool {
+        self.ret == DType::F32
+            && self.backward.saved_attention().is_some()
+            && output_is_fused_attention(&self.vjp)
+    }
+
+    /// The forward on `inputs` and, where [`CompiledGrad::saves_forward`], the row
+    /// log-sum-exps of its attention for [`CompiledGrad::backward_saved`] (`None`
+    /// elsewhere). The output is the fused forward's with its statistics (exact, as
+    /// [`CompiledGrad::forward`]'s, not necessarily in the same bits).
+    pub fn forward_saving(
+        &self,
+        inputs: &[Tensor],
+        threads: usize,
+    ) -> Result<(Tensor, Option<Vec<f32>>), RunError> {
+        if !self.saves_forward() {
+            return Ok((self.forward(inputs, threads)?, None));
+        }
+        let expected = self.vjp.params.len() - 1;
+        if inputs.len() != expected {
+            return Err(RunError::InputCount {
+                expected,
+                got: inputs.len(),
+            });
+        }
+        let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+        match self.backward.run_forward_saving(&views, threads)? {
+            Some(saved) => {
+                let shape = self.forward.output_shape().to_vec();
+                let output = Tensor {
+                    shape,
+                    data: TensorData::F32(saved.o),
+                };
+                Ok((output, Some(saved.lse)))
+            }
+            None => Ok((self.forward(inputs, threads)?, None)),
+        }
+    }
+
+    /// [`CompiledGrad::backward`] from the forward's `output` and `lse` (as
+    /// [`CompiledGrad::forward_saving`] returned them for the same inputs) instead of a
+    /// recomputed forward; recomputes where the plan cannot start from them (or `output` is
+    /// not f32).
+    pub fn backward_saved(
+        &self,
+        inputs: &[Tensor],
+        output: &Tensor,
+        lse: &[f32],
+        cotangent: &Tensor,
+        threads: usize,
+    ) -> Result<Vec<Tensor>, RunError> {
+        let TensorData::F32(o) = &output.data else {
+            return self.backward(inputs, cotangent, threads);
+        };
+        if !self.saves_forward() {
+            return self.backward(inputs, cotangent, threads);
+        }
+        let expected = self.vjp.params.len() - 1;
+        if inputs.len() != expected {
+            return Err(RunError::InputCount {
+                expected,
+                got: inputs.len(),
+            });
+        }
+        let dy: Vec<f32> = cotangent.to_f32_vec();
+        let mut views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+        views.push(Input::F32(&dy));
+        let saved = Saved { o, lse };
+        match self.backward.run_outputs_saved(&views, saved, threads)? {
+            Some(outputs) => Ok(outputs
+                .into_iter()
+                .map(|o| Tensor {
+                    shape: o.shape,
+                    data: TensorData::F32(o.data),
+                })
+                .collect()),
+            None => self.backward(inputs, cotangent, threads),
+        }
+    }
+}
+
+/// Whether every fused attention gradient of `vjp` differentiates the forward's output node
+/// with the cotangent itself as `dO` (so the forward's output is the `O` the backward reads).
+fn output_is_fused_attention(vjp: &Vjp) -> bool {
+    let graph = &vjp.graph;
+    let mut any = false;
+    for id in graph.topo_order() {
+        if let Op::Backward(BackwardOp::Attention(a)) = &graph.node(id).op {
+            let operands = graph.operands(id);
+            let arity = a.attention.arity();
+            let cotangent = operands.get(arity + 1).map(|&c| &graph.node(c).op);
+            let direct =
+                matches!(cotangent, Some(Op::Input { index, .. }) if *index == vjp.cotangent());
+            if operands.get(arity) != Some(&vjp.output) || !direct {
+                return false;
+            }
+            any = true;
+        }
+    }
+    any
 }
 
 /// A cotangent of ones (the gradient of the sum of the outputs).

@@ -19,8 +19,11 @@ bfloat16 or float16 inputs give that dtype, like ``scaled_dot_product_attention`
 
 Gradients: the op's backward runs attnc's compiled gradients (:meth:`attnc.Kernel.grad`: the
 exact form of the kernel differentiated, a fused attention's gradients in one FlashAttention-2
-step that visits only the tiles its mask reaches, the forward recomputed as it needs), for the
-inputs that require grad only. The backward is a custom op of its own (``<op>_grad``, with a
+step that visits only the tiles its mask reaches), for the inputs that require grad only. When
+an input requires grad, a call runs the training op (``<op>_train``): where the kernel's result
+is a fused attention (exact, float32) its forward also returns the rows' log-sum-exps, and the
+backward starts from the saved output and those instead of recomputing the forward; for any
+other kernel it is the plain forward, and the backward recomputes what it needs. The backward is a custom op of its own (``<op>_grad``, with a
 fake implementation), so ``torch.compile`` traces training steps too. Each gradient is computed
 in float32 and returned in its input's dtype. The backward is not itself differentiable
 (no double backward). A kernel holding an op whose gradient attnc does not derive raises
@@ -55,15 +58,20 @@ class KernelOp:
     parameter name. ``op`` is the registered ``torch.library`` operator (for
     ``torch.library.opcheck``), ``kernel`` the :class:`attnc.Kernel` it runs."""
 
-    def __init__(self, compiled: attnc.Kernel, op: Any) -> None:
+    def __init__(self, compiled: attnc.Kernel, ops: Tuple[Any, Any]) -> None:
         self.kernel = compiled
-        self.op = op
+        self.op, self.train_op = ops
         self._names = [name for name, _, _ in compiled.params]
 
     def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        if not kwargs and len(args) == len(self._names):
-            return self.op(*args)
-        return self.op(*_positional(self.kernel, self._names, args, kwargs))
+        if kwargs or len(args) != len(self._names):
+            args = tuple(_positional(self.kernel, self._names, args, kwargs))
+        if torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            # Under autograd: the forward that keeps what the backward needs.
+            return self.train_op(*args)[0]
+        return self.op(*args)
 
     @property
     def signature(self) -> str:
@@ -148,8 +156,9 @@ def _cache_key(source_or_path, kernel, shapes, approx, tol, threads) -> Optional
     return key
 
 
-def _define(compiled: attnc.Kernel) -> Any:
-    """Registers ``compiled`` as a custom op with its fake and autograd implementations."""
+def _define(compiled: attnc.Kernel) -> Tuple[Any, Any]:
+    """Registers ``compiled`` as a custom op with its fake and autograd implementations, and
+    its training op (the same result and the saved log-sum-exps); returns both."""
     # The op's schema returns one tensor; a kernel returning a tuple is called directly.
     if ") -> (" in compiled.signature:
         raise CompileError(
@@ -162,11 +171,7 @@ def _define(compiled: attnc.Kernel) -> Any:
     qualname = f"attnc::{_op_name(compiled.name)}_{next(_serial)}"
 
     def forward(*tensors: torch.Tensor) -> torch.Tensor:
-        arrays, bits = [], []
-        for tensor, (name, _, _) in zip(tensors, params):
-            array, is_bf16 = from_torch(tensor, name)
-            arrays.append(array)
-            bits.append(is_bf16)
+        arrays, bits = _converted(params, tensors)
         result = torch.from_numpy(compiled._run(arrays, bits))
         dtype = _result_dtype(compiled, tensors)
         return result if result.dtype == dtype else result.to(dtype)
@@ -210,7 +215,103 @@ def _define(compiled: attnc.Kernel) -> Any:
         return tuple(next(grads) if w else None for w in wanted)
 
     op.register_autograd(backward, setup_context=setup_context)
+    return op, _define_train(compiled, names, qualname, fake, grad_op)
+
+
+def _define_train(
+    compiled: attnc.Kernel, names: Sequence[str], qualname: str, fake_forward: Any, grad_op: Any
+) -> Any:
+    """Registers the training op of ``qualname``: the result and the row log-sum-exps of its
+    fused attention (float32, the result's shape without its last axis; NaN where the kernel
+    keeps none), with an autograd formula whose backward starts from them."""
+    params = compiled.params
+    schema = "(" + ", ".join(f"Tensor {n}" for n in names) + ") -> (Tensor, Tensor)"
+
+    def forward(*tensors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        arrays, bits = _converted(params, tensors)
+        out, lse = compiled._forward_saving(arrays, bits)
+        result = torch.from_numpy(out)
+        dtype = _result_dtype(compiled, tensors)
+        if result.dtype != dtype:
+            result = result.to(dtype)
+        if lse is None or dtype != torch.float32:
+            # Nothing kept (or a rounded result): the backward recomputes the forward.
+            return result, torch.full(result.shape[:-1], float("nan"))
+        return result, torch.from_numpy(lse)
+
+    train = torch.library.custom_op(qualname + "_train", forward, mutates_args=(), schema=schema)
+
+    def fake(*tensors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = fake_forward(*tensors)
+        return out, out.new_empty(out.shape[:-1], dtype=torch.float32)
+
+    train.register_fake(fake)
+    saved_grad_op = _define_saved_grad(compiled, names, qualname)
+
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs, *output)
+
+    def backward(ctx: Any, grad: torch.Tensor, _grad_lse: Any) -> Any:
+        *inputs, out, lse = ctx.saved_tensors
+        wanted = [bool(w) for w in ctx.needs_input_grad[: len(inputs)]]
+        if not any(wanted):
+            return tuple(None for _ in inputs)
+        grads = iter(saved_grad_op(*inputs, out, lse, grad, wanted))
+        return tuple(next(grads) if w else None for w in wanted)
+
+    train.register_autograd(backward, setup_context=setup_context)
+    return train
+
+
+def _define_saved_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: str) -> Any:
+    """Registers the backward of the training op of ``qualname`` as a custom op: the inputs,
+    the saved result and log-sum-exps, the output's gradient and ``wrt`` in, those gradients
+    out. It starts from the saved forward where the training op kept one (float32, no NaN in
+    the log-sum-exps), else recomputes it."""
+    params = compiled.params
+    schema = (
+        "("
+        + ", ".join(f"Tensor {n}" for n in names)
+        + ", Tensor out, Tensor lse, Tensor grad, bool[] wrt) -> Tensor[]"
+    )
+
+    def backward(*args: Any) -> list:
+        *tensors, out, lse, grad, wrt = args
+        arrays, bits = _converted(params, tensors)
+        cotangent, cotangent_bf16 = from_torch(grad, "cotangent")
+        chosen = [name for w, (name, _, _) in zip(wrt, params) if w]
+        if out.dtype == torch.float32 and not bool(torch.isnan(lse).any()):
+            saved_out = out.detach().contiguous().numpy()
+            saved_lse = lse.detach().contiguous().numpy()
+            results = compiled._grad_saved(
+                arrays, bits, saved_out, saved_lse, cotangent, cotangent_bf16, chosen
+            )
+        else:
+            results = compiled._grad(arrays, bits, cotangent, cotangent_bf16, chosen)
+        out_grads = []
+        for result, tensor in zip(results, (t for w, t in zip(wrt, tensors) if w)):
+            g = torch.from_numpy(result)
+            out_grads.append(g if g.dtype == tensor.dtype else g.to(tensor.dtype))
+        return out_grads
+
+    op = torch.library.custom_op(qualname + "_grad_saved", backward, mutates_args=(), schema=schema)
+
+    def fake(*args: Any) -> list:
+        *tensors, _out, _lse, _grad, wrt = args
+        return [t.new_empty(t.shape) for w, t in zip(wrt, tensors) if w]
+
+    op.register_fake(fake)
     return op
+
+
+def _converted(params: Sequence[Any], tensors: Sequence[torch.Tensor]) -> Tuple[list, list]:
+    """The tensors as the arrays ``attnc.Kernel._run`` takes, and which hold bfloat16 bits."""
+    arrays, bits = [], []
+    for tensor, (name, _, _) in zip(tensors, params):
+        array, is_bf16 = from_torch(tensor, name)
+        arrays.append(array)
+        bits.append(is_bf16)
+    return arrays, bits
 
 
 def _define_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: str) -> Any:
@@ -223,11 +324,7 @@ def _define_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: str) ->
 
     def backward(*args: Any) -> list:
         *tensors, grad, wrt = args
-        arrays, bits = [], []
-        for tensor, (name, _, _) in zip(tensors, params):
-            array, is_bf16 = from_torch(tensor, name)
-            arrays.append(array)
-            bits.append(is_bf16)
+        arrays, bits = _converted(params, tensors)
         cotangent, cotangent_bf16 = from_torch(grad, "cotangent")
         chosen = [name for w, (name, _, _) in zip(wrt, params) if w]
         results = compiled._grad(arrays, bits, cotangent, cotangent_bf16, chosen)

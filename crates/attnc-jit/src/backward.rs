@@ -3,9 +3,11 @@
 //!
 //! A fused attention's gradient step recomputes the forward with its row log-sum-exp
 //! (`attnc_wide::backward::forward`: the AVX-512 kernel where the CPU has it, else the
-//! portable one) and then runs the backward kernel (`attnc_wide::backward`: FlashAttention-2
-//! from the saved output and log-sum-exp), per batch entry, visiting only the key tiles of the
-//! tile table the pattern algebra gives ([`crate::tiles`]); no `m × n` buffer is allocated.
+//! portable one), unless the caller kept them from the forward ([`Residuals`], from
+//! [`AttentionBackward::forward`]), and then runs the backward kernel
+//! (`attnc_wide::backward`: FlashAttention-2 from the saved output and log-sum-exp), per batch
+//! entry, visiting only the key tiles of the tile table the pattern algebra gives
+//! ([`crate::tiles`]); no `m × n` buffer is allocated.
 //! Batch entries are dealt round-robin to the threads; each entry is computed by one thread in
 //! a fixed order, and gradients of operands broadcast over batch entries (grouped-query keys,
 //! a per-head slope) are summed over the entries in entry order afterwards, so results are
@@ -23,7 +25,9 @@ use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::{AttentionSpec, TensorRef};
 use crate::wide::{Tier, WideAttention};
-use attnc_wide::backward::{self as kernel, BiasGrad, Gradients, Saved};
+pub use attnc_wide::backward::Saved;
+
+use attnc_wide::backward::{self as kernel, BiasGrad, Gradients};
 
 /// Where one gradient goes: an operand's shape broadcast into the batch, contiguous.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,8 +128,48 @@ impl AttentionBackward {
         &self.spec
     }
 
+    /// The forward's output and row log-sum-exp over the step's input buffers (the
+    /// cotangent's is not read), batch entries dealt to `threads` threads: what
+    /// [`AttentionBackward::run_saved`] takes instead of recomputing them.
+    pub fn forward(&self, inputs: &[BufferView<'_>], threads: usize) -> Result<Residuals> {
+        let spec = &self.spec;
+        let (entries, m, dv) = (spec.batch_count(), spec.m, spec.dv);
+        let mut saved = Residuals {
+            o: vec![0.0; entries * m * dv],
+            lse: vec![f32::NEG_INFINITY; entries * m],
+        };
+        if entries == 0 || m == 0 || spec.n == 0 {
+            return Ok(saved);
+        }
+        // One block of rows per entry (empty blocks too: with dv = 0 the log-sum-exps are
+        // still computed).
+        let mut rows: &mut [f32] = &mut saved.o;
+        let mut items = Vec::with_capacity(entries);
+        for (e, lse) in saved.lse.chunks_mut(m).enumerate() {
+            let (o, rest) = std::mem::take(&mut rows).split_at_mut(m * dv);
+            rows = rest;
+            items.push((e, (o, lse)));
+        }
+        crate::wide::deal(items, threads, |(e, (o, lse))| {
+            let call = self.forward.call(inputs, e)?;
+            kernel::forward_with(&call, o, lse, self.wide).map_err(wide_err)
+        })?;
+        Ok(saved)
+    }
+
     /// Every gradient, in output order, over the step's input buffers.
     pub fn run(&self, inputs: &[BufferView<'_>], threads: usize) -> Result<Vec<Vec<f32>>> {
+        self.run_saved(inputs, None, threads)
+    }
+
+    /// [`AttentionBackward::run`] from the forward's `saved` output and log-sum-exp of every
+    /// batch entry (laid out as [`Residuals`]) where given, else recomputing them.
+    pub fn run_saved(
+        &self,
+        inputs: &[BufferView<'_>],
+        saved: Option<Saved<'_>>,
+        threads: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let spec = &self.spec;
         let entries = spec.batch_count();
         let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
@@ -138,6 +182,14 @@ impl AttentionBackward {
             Some(BufferView::F32(x)) => *x,
             _ => return Err(buffer_err(&self.d_o.name, "is not an f32 buffer")),
         };
+        if let Some(s) = saved {
+            if s.o.len() != entries * m * dv || s.lse.len() != entries * m {
+                return Err(buffer_err(
+                    "saved forward",
+                    "does not hold the output and log-sum-exp of every row",
+                ));
+            }
+        }
         // Gradients written in place per entry where the batch maps one to one, else
         // computed per entry and summed in entry order afterwards.
         let direct: Vec<bool> = self
@@ -178,7 +230,13 @@ impl AttentionBackward {
             }
             let items: Vec<(usize, Vec<&mut [f32]>)> = per_entry.into_iter().enumerate().collect();
             crate::wide::deal(items, threads, |(e, blocks)| {
-                self.entry(inputs, d_o, e, blocks, (m, n, d, dv))
+                let kept = saved.map(|s| {
+                    (
+                        &s.o[e * m * dv..(e + 1) * m * dv],
+                        &s.lse[e * m..(e + 1) * m],
+                    )
+                });
+                self.entry(inputs, d_o, e, blocks, kept, (m, n, d, dv))
             })?;
         }
         // Broadcast operands: the entries' blocks summed into the gradient in entry order.
@@ -223,20 +281,30 @@ impl AttentionBackward {
         r * c
     }
 
-    /// One batch entry: forward with log-sum-exp, then the backward into `blocks` (one per
-    /// gradient, each zeroed and `block_dims` in row-major order).
+    /// One batch entry: the forward's output and log-sum-exp (`kept`, else computed now),
+    /// then the backward into `blocks` (one per gradient, each zeroed and `block_dims` in
+    /// row-major order).
     fn entry(
         &self,
         inputs: &[BufferView<'_>],
         d_o: &[f32],
         e: usize,
         mut blocks: Vec<&mut [f32]>,
+        kept: Option<(&[f32], &[f32])>,
         (m, _n, _d, dv): (usize, usize, usize, usize),
     ) -> Result<()> {
         let call = self.forward.call(inputs, e)?;
-        let mut o = vec![0.0f32; m * dv];
-        let mut lse = vec![0.0f32; m];
-        kernel::forward_with(&call, &mut o, &mut lse, self.wide).map_err(wide_err)?;
+        let computed;
+        let (o, lse) = match kept {
+            Some(kept) => kept,
+            None => {
+                let mut o = vec![0.0f32; m * dv];
+                let mut lse = vec![0.0f32; m];
+                kernel::forward_with(&call, &mut o, &mut lse, self.wide).map_err(wide_err)?;
+                computed = (o, lse);
+                (computed.0.as_slice(), computed.1.as_slice())
+            }
+        };
         let index = batch_index(&self.spec.batch, e);
         let at: usize = self
             .d_o
@@ -271,7 +339,7 @@ impl AttentionBackward {
         if slope_at.is_some() {
             grads.dslope = Some(&mut slope);
         }
-        let saved = Saved { o: &o, lse: &lse };
+        let saved = Saved { o, lse };
         kernel::run_with(&call, &saved, d_o, &mut grads, self.wide).map_err(wide_err)?;
         if let Some(k) = slope_at {
             if let Some(x) = blocks[k].first_mut() {
@@ -279,6 +347,28 @@ impl AttentionBackward {
             }
         }
         Ok(())
+    }
+}
+
+/// What a fused attention's forward keeps for its backward: the output `O` and the row
+/// log-sum-exp of every batch entry, entry after entry (`O` as `[batch.., m, dv]`, contiguous:
+/// the attention's output itself; the log-sum-exp as `[batch.., m]`, `-inf` for a row that
+/// keeps no key).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Residuals {
+    /// The output rows.
+    pub o: Vec<f32>,
+    /// One natural log-sum-exp per row.
+    pub lse: Vec<f32>,
+}
+
+impl Residuals {
+    /// The residuals borrowed, as [`AttentionBackward::run_saved`] takes them.
+    pub fn saved(&self) -> Saved<'_> {
+        Saved {
+            o: &self.o,
+            lse: &self.lse,
+        }
     }
 }
 

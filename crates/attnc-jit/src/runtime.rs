@@ -22,6 +22,8 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+mod saved;
+
 /// Options of [`CompiledKernel::compile`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CompileOptions {
@@ -382,6 +384,11 @@ impl CompiledKernel {
                 ),
             });
         }
+        self.check_some(inputs)
+    }
+
+    /// Checks the first `inputs.len()` parameters' inputs: dtype and element count.
+    fn check_some(&self, inputs: &[Input<'_>]) -> Result<()> {
         for (k, (input, (name, dtype))) in inputs.iter().zip(&self.params).enumerate() {
             if input.dtype() != *dtype {
                 return Err(JitError::Buffer {
@@ -482,11 +489,7 @@ impl CompiledKernel {
                         BufferSource::Temp => temps[b].view(),
                     })
                     .collect();
-                let cost = step.cost(&self.plan.buffers);
-                let t = match self.options.parallel_threshold {
-                    0 => threads,
-                    per => (cost / per).clamp(1, threads),
-                };
+                let t = self.step_threads(index, threads);
                 let needed = match sample {
                     Some(rows) if index + 1 == self.plan.steps.len() => {
                         Needed::FirstEntryRows(rows)
@@ -546,6 +549,15 @@ impl CompiledKernel {
 }
 
 impl CompiledKernel {
+    /// The threads step `index` runs on, of `threads`: fewer where its work is small.
+    fn step_threads(&self, index: usize, threads: usize) -> usize {
+        let cost = self.plan.steps[index].cost(&self.plan.buffers);
+        match self.options.parallel_threshold {
+            0 => threads,
+            per => (cost / per).clamp(1, threads),
+        }
+    }
+
     /// Whether buffer `b` is read by the last step only, and that step is an attention step
     /// (which, sampled, reads batch entry 0 only: attention kernels index every operand by
     /// the entry they compute).

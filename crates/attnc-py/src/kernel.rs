@@ -426,6 +426,14 @@ impl PyKernel {
     }
 }
 
+/// A staged input's elements when they are f32.
+fn f32_of<'a>(s: &'a StagedInput<'_>) -> Option<&'a [f32]> {
+    match s.input() {
+        attnc_jit::Input::F32(x) => Some(x),
+        _ => None,
+    }
+}
+
 /// The cotangent of one gradient call.
 enum Cotangent<'py> {
     /// Ones (the gradient of the output's sum).
@@ -538,6 +546,115 @@ impl PyKernel {
         let indices = self.wrt_indices(py, Some(wrt))?;
         let staged = self.stage_converted(py, &arrays, &bf16)?;
         self.grad_staged(py, &staged, Some(cotangent), cotangent_bf16, &indices)
+    }
+
+    /// The forward for training on converted arrays (as `_run` takes them): `(output, lse)`,
+    /// where `lse` holds the row log-sum-exps of the kernel's fused attention (float32, the
+    /// output's shape without its last axis) when the gradients can start from them
+    /// (`_grad_saved`), and `None` otherwise (the output is then `_run`'s). The path of
+    /// `attnc.torch`'s forward under autograd; exact kernels only (an approximating kernel's
+    /// forward is not the form its gradients differentiate).
+    fn _forward_saving<'py>(
+        &self,
+        py: Python<'py>,
+        arrays: Vec<Bound<'py, PyAny>>,
+        bf16: Vec<bool>,
+    ) -> PyResult<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+        let staged = self.stage_converted(py, &arrays, &bf16)?;
+        // The float parameters (segment ids have no gradient): the log-sum-exps do not depend
+        // on which of them the backward differentiates.
+        let every: Vec<usize> = (self.declared().iter().enumerate())
+            .filter(|(_, p)| p.dtype != DType::I32)
+            .map(|(i, _)| i)
+            .collect();
+        let shapes: Vec<Vec<usize>> = staged.iter().map(|s| s.shape.clone()).collect();
+        let specialized = if self.program.policy().is_exact() {
+            // A kernel whose gradients do not compile still runs its forward.
+            py.detach(|| self.program.specialize_grad(&shapes, &every))
+                .ok()
+        } else {
+            None
+        };
+        if let Some(specialized) = specialized {
+            let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
+            let threads = self.program.threads();
+            let saved = py
+                .detach(|| specialized.forward_saving(&inputs, threads))
+                .map_err(|e| jit_error(py, &e))?;
+            if let Some(saved) = saved {
+                let shape = specialized.output_shape.clone();
+                let rows = shape[..shape.len().saturating_sub(1)].to_vec();
+                let output = PyArray::from_owned_array(py, to_array(py, shape, saved.o)?);
+                let lse = PyArray::from_owned_array(py, to_array(py, rows, saved.lse)?);
+                return Ok((output.into_any(), Some(lse.into_any())));
+            }
+        }
+        Ok((self.run_staged(py, &staged)?, None))
+    }
+
+    /// `_grad` from the forward's `output` and `lse` (as `_forward_saving` returned them for
+    /// these arrays) instead of a recomputed forward; recomputes where the gradients cannot
+    /// start from them. The path of `attnc.torch`'s backward after a saving forward.
+    #[allow(clippy::too_many_arguments)]
+    fn _grad_saved<'py>(
+        &self,
+        py: Python<'py>,
+        arrays: Vec<Bound<'py, PyAny>>,
+        bf16: Vec<bool>,
+        output: Bound<'py, PyAny>,
+        lse: Bound<'py, PyAny>,
+        cotangent: Bound<'py, PyAny>,
+        cotangent_bf16: bool,
+        wrt: Vec<String>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let indices = self.wrt_indices(py, Some(wrt))?;
+        let staged = self.stage_converted(py, &arrays, &bf16)?;
+        let shapes: Vec<Vec<usize>> = staged.iter().map(|s| s.shape.clone()).collect();
+        let specialized = py
+            .detach(|| self.program.specialize_grad(&shapes, &indices))
+            .map_err(|e| specialize_error(py, &e))?;
+        let residual = |object: &Bound<'py, PyAny>, name: &str| -> PyResult<StagedInput<'py>> {
+            let given = Given::float(object).ok_or_else(|| {
+                input_error(
+                    py,
+                    Some(name),
+                    None,
+                    format!("{name}: expected a float32 array"),
+                )
+            })?;
+            stage(py, name, DType::F32, given)
+        };
+        let (output, lse) = (residual(&output, "output")?, residual(&lse, "lse")?);
+        let given = cotangent.clone();
+        let cotangent = self.stage_cotangent(
+            py,
+            Some(cotangent),
+            cotangent_bf16,
+            &specialized.output_shape,
+        )?;
+        let dy = match &cotangent {
+            Cotangent::Ones(v) => Some(v.as_slice()),
+            Cotangent::Given(s) => f32_of(s),
+        };
+        let (Some(o), Some(l), Some(dy)) = (f32_of(&output), f32_of(&lse), dy) else {
+            return Err(crate::errors::run_error(
+                py,
+                "the saved forward or the cotangent was not staged as float32".into(),
+            ));
+        };
+        let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
+        let threads = self.program.threads();
+        let saved = attnc_jit::backward::Saved { o, lse: l };
+        let outputs = py
+            .detach(|| specialized.run_saved(&inputs, saved, dy, threads))
+            .map_err(|e| jit_error(py, &e))?;
+        let Some(outputs) = outputs else {
+            return self.grad_staged(py, &staged, Some(given), cotangent_bf16, &indices);
+        };
+        outputs
+            .into_iter()
+            .map(|o| Ok(PyArray::from_owned_array(py, to_array(py, o.shape, o.data)?).into_any()))
+            .collect()
     }
 
     /// The median and the least microseconds of `calls` runs of the compiled code on these

@@ -19,6 +19,7 @@ use attnc::ir::dim::{resolve_shape, Dim};
 use attnc::ir::{Bindings, Kernel};
 use attnc::policy::Policy;
 use attnc::{Compiled, Compiler};
+use attnc_jit::backward::{Residuals, Saved};
 use attnc_jit::{Input, JitError, Output};
 use attnc_opt::{Ceilings, Trace};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -73,6 +74,42 @@ impl SpecializedGrad {
         let mut views = inputs.to_vec();
         views.push(Input::F32(cotangent));
         self.compiled.backward.run_outputs(&views, threads)
+    }
+}
+
+impl SpecializedGrad {
+    /// The forward's output and its attention's row log-sum-exps, where the gradients are
+    /// one fused attention's backward that can start from them
+    /// ([`CompiledGrad::saves_forward`]); `None` elsewhere. `inputs`: one per parameter.
+    pub fn forward_saving(
+        &self,
+        inputs: &[Input<'_>],
+        threads: usize,
+    ) -> Result<Option<Residuals>, JitError> {
+        if !self.compiled.saves_forward() {
+            return Ok(None);
+        }
+        self.compiled.backward.run_forward_saving(inputs, threads)
+    }
+
+    /// [`SpecializedGrad::run`] from the forward's output `o` and log-sum-exps `lse` (as
+    /// [`SpecializedGrad::forward_saving`] gave them for the same inputs), or `None` where the
+    /// gradients cannot start from them.
+    pub fn run_saved(
+        &self,
+        inputs: &[Input<'_>],
+        saved: Saved<'_>,
+        cotangent: &[f32],
+        threads: usize,
+    ) -> Result<Option<Vec<Output>>, JitError> {
+        if !self.compiled.saves_forward() {
+            return Ok(None);
+        }
+        let mut views = inputs.to_vec();
+        views.push(Input::F32(cotangent));
+        self.compiled
+            .backward
+            .run_outputs_saved(&views, saved, threads)
     }
 }
 

@@ -22,6 +22,8 @@
 // Register arrays indexed by constant loop bounds.
 #![allow(clippy::needless_range_loop)]
 
+mod micro;
+
 use std::arch::x86_64::*;
 use std::borrow::Cow;
 
@@ -32,6 +34,7 @@ use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
 use crate::backward::{Gradients, Saved};
 use crate::problem::{Call, Elements, Operand};
+use micro::{accumulate_dq, accumulate_t, products, Epilogue};
 
 const LANES: usize = 16;
 const KT: usize = KEY_TILE;
@@ -227,15 +230,32 @@ unsafe fn pair(
     (i0, j0, kn): (usize, usize, usize),
     partial: bool,
 ) {
-    let (m, n, d, dv) = (env.m, env.n, env.d, env.dv);
+    let (m, d, dv) = (env.m, env.d, env.dv);
     let qn = QT.min(m - i0);
     let (q, qs) = (&env.q.0, env.q.1);
     let (k, ks) = (&env.k.0, env.k.1);
     let need_ds =
         grads.dq.is_some() || grads.dk.is_some() || grads.dbias.is_some() || grads.dslope.is_some();
-    // 1. S and dP.
+    // Element masks: the table's (partial tiles) and rows that keep nothing.
+    let empty_rows = (0..qn).any(|r| env.lse2[i0 + r] == f32::NEG_INFINITY);
+    let masked = partial || empty_rows;
+    // A full tile without score options or bias and slope gradients computes P and dS as the
+    // products leave the registers (steps 1 and 2 in one).
+    let fused = !masked
+        && kn == KT
+        && !env.form.has_options()
+        && grads.dbias.is_none()
+        && grads.dslope.is_none();
+    let p_end = match fused {
+        true => Epilogue::Probabilities {
+            q_scale: env.form.q_scale,
+            lse2: &env.lse2[i0..i0 + qn],
+        },
+        false => Epilogue::Raw,
+    };
+    // 1. S and dP (or P and dS).
     // SAFETY (both): rows i0.. of Q (d each) and dO (dv each) lie inside them; the packed
-    // tiles hold d·64 and dv·64; the output tiles 64·64.
+    // tiles hold d·64 and dv·64; the output tiles 64·64; the epilogues' rows are qn.
     unsafe {
         products(
             q.as_ptr().add(i0 * qs),
@@ -244,21 +264,99 @@ unsafe fn pair(
             d,
             qn,
             &mut scratch.s,
+            p_end,
         );
         if need_ds {
+            let (out, ds_end) = match fused {
+                true => (
+                    &mut scratch.ds,
+                    Epilogue::ScoreGrads {
+                        p: &scratch.s,
+                        dd: &env.dd[i0..i0 + qn],
+                        scale: env.scale,
+                    },
+                ),
+                false => (&mut scratch.dp, Epilogue::Raw),
+            };
             products(
                 env.d_o.as_ptr().add(i0 * dv),
                 dv,
                 &scratch.vt,
                 dv,
                 qn,
-                &mut scratch.dp,
+                out,
+                ds_end,
             );
         }
     }
-    // 2. Element masks: the table's (partial tiles) and rows that keep nothing.
-    let empty_rows = (0..qn).any(|r| env.lse2[i0 + r] == f32::NEG_INFINITY);
-    let masked = partial || empty_rows;
+    if !fused {
+        // SAFETY: the caller's contract.
+        unsafe { elementwise(env, scratch, masks, grads, (i0, j0, kn), partial, need_ds) };
+    }
+    // 3. The three accumulating products.
+    let kept = &scratch.kept[..qn * VECTORS];
+    if grads.dv.is_some() {
+        // SAFETY: dO rows i0..i0+qn (dv each); dVᵀ holds dv·64; P holds qn·64.
+        unsafe {
+            accumulate_t(
+                &mut scratch.dvt,
+                env.d_o.as_ptr().add(i0 * dv),
+                dv,
+                dv,
+                &scratch.s,
+                qn,
+                masked.then_some(kept),
+            )
+        };
+    }
+    if grads.dk.is_some() {
+        // SAFETY: Q rows i0..i0+qn (d each); dKᵀ holds d·64; dS holds qn·64.
+        unsafe {
+            accumulate_t(
+                &mut scratch.dkt,
+                q.as_ptr().add(i0 * qs),
+                qs,
+                d,
+                &scratch.ds,
+                qn,
+                masked.then_some(kept),
+            )
+        };
+    }
+    if let Some(dq) = grads.dq.as_deref_mut() {
+        // SAFETY: dQ rows i0..i0+qn lie inside dq (m·d); K rows j0..j0+kn inside K.
+        unsafe {
+            accumulate_dq(
+                &mut dq[i0 * d..(i0 + qn) * d],
+                d,
+                &scratch.ds,
+                k.as_ptr().add(j0 * ks),
+                ks,
+                kn,
+                masked.then_some(kept),
+            )
+        };
+    }
+}
+
+/// Step 2 of a pair where it is not fused into the products: per row, `x` (scale, bias,
+/// ALiBi, softcap) from `S`, `P` in place of `S`, `dS` from `dP`, zero where masked; bias and
+/// slope gradients accumulated; the kept lanes recorded in `scratch.kept`.
+///
+/// # Safety
+/// AVX-512 is present; the rows and keys lie inside the call.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn elementwise(
+    env: &Env<'_>,
+    scratch: &mut Scratch,
+    masks: Option<&mut super::mask::MaskBuffers>,
+    grads: &mut Gradients<'_>,
+    (i0, j0, kn): (usize, usize, usize),
+    partial: bool,
+    need_ds: bool,
+) {
+    let (m, n) = (env.m, env.n);
+    let qn = QT.min(m - i0);
     let element = match (partial, env.program.as_ref(), masks) {
         (true, Some(p), Some(buffers)) => {
             let at = |f: usize| (i0 + f) as i64 + n as i64 - m as i64;
@@ -322,50 +420,6 @@ unsafe fn pair(
             }
         }
     }
-    // 3. The three accumulating products.
-    let kept = &scratch.kept[..qn * VECTORS];
-    if grads.dv.is_some() {
-        // SAFETY: dO rows i0..i0+qn (dv each); dVᵀ holds dv·64; P holds qn·64.
-        unsafe {
-            accumulate_t(
-                &mut scratch.dvt,
-                env.d_o.as_ptr().add(i0 * dv),
-                dv,
-                dv,
-                &scratch.s,
-                qn,
-                masked.then_some(kept),
-            )
-        };
-    }
-    if grads.dk.is_some() {
-        // SAFETY: Q rows i0..i0+qn (d each); dKᵀ holds d·64; dS holds qn·64.
-        unsafe {
-            accumulate_t(
-                &mut scratch.dkt,
-                q.as_ptr().add(i0 * qs),
-                qs,
-                d,
-                &scratch.ds,
-                qn,
-                masked.then_some(kept),
-            )
-        };
-    }
-    if let Some(dq) = grads.dq.as_deref_mut() {
-        // SAFETY: dQ rows i0..i0+qn lie inside dq (m·d); K rows j0..j0+kn inside K.
-        unsafe {
-            accumulate_dq(
-                &mut dq[i0 * d..(i0 + qn) * d],
-                d,
-                &scratch.ds,
-                k.as_ptr().add(j0 * ks),
-                ks,
-                kn,
-                masked.then_some(kept),
-            )
-        };
-    }
 }
 
 /// Adds `dy` (the kept lanes, keys `j..j + 16` of row `i`) into the bias gradient.
@@ -405,266 +459,6 @@ unsafe fn add_bias(
                     b.data[at + l * cs] += x;
                 }
             }
-        }
-    }
-}
-
-/// `out[r·64 + key] = Σ_c a[r·stride + c] · bt[c·64 + key]` for `r < rows`, four rows at a
-/// time.
-///
-/// # Safety
-/// AVX-512 is present; `a` has `rows` rows of `depth` readable f32, `stride` apart; `bt` holds
-/// `depth·64` and `out` `rows·64`.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn products(
-    a: *const f32,
-    stride: usize,
-    bt: &[f32],
-    depth: usize,
-    rows: usize,
-    out: &mut [f32],
-) {
-    assert!(
-        bt.len() >= depth * KT && out.len() >= rows * KT,
-        "invariant: tile sizes"
-    );
-    let mut r = 0;
-    while r < rows {
-        let (a, o) = (a.wrapping_add(r * stride), out[r * KT..].as_mut_ptr());
-        // SAFETY (all four): rows r.. exist in `a`; `o` holds (rows − r)·64.
-        unsafe {
-            match rows - r {
-                1 => rows_by_keys::<1>(a, stride, bt.as_ptr(), depth, o),
-                2 => rows_by_keys::<2>(a, stride, bt.as_ptr(), depth, o),
-                3 => rows_by_keys::<3>(a, stride, bt.as_ptr(), depth, o),
-                _ => rows_by_keys::<4>(a, stride, bt.as_ptr(), depth, o),
-            }
-        }
-        r += 4;
-    }
-}
-
-/// `R` rows of [`products`].
-///
-/// # Safety
-/// As [`products`] for `R` rows.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-#[inline]
-unsafe fn rows_by_keys<const R: usize>(
-    a: *const f32,
-    stride: usize,
-    bt: *const f32,
-    depth: usize,
-    out: *mut f32,
-) {
-    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
-    for c in 0..depth {
-        // SAFETY: c < depth: row c of the packed tile and element c of each row exist.
-        unsafe {
-            let b: [__m512; VECTORS] =
-                std::array::from_fn(|v| _mm512_loadu_ps(bt.add(c * KT + v * LANES)));
-            for r in 0..R {
-                let x = _mm512_set1_ps(*a.add(r * stride + c));
-                for v in 0..VECTORS {
-                    acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
-                }
-            }
-        }
-    }
-    for r in 0..R {
-        for v in 0..VECTORS {
-            // SAFETY: r < R, v < 4: inside the R·64 of `out`.
-            unsafe { _mm512_storeu_ps(out.add(r * KT + v * LANES), acc[r][v]) };
-        }
-    }
-}
-
-/// `acc_t[c·64 + key] += Σ_r a[r·stride + c] · p[r·64 + key]` for `c < cols`, `r < rows`;
-/// with `kept`, only kept positions (`kept[r·4 + v]`) are added.
-///
-/// # Safety
-/// AVX-512 is present; `a` has `rows` rows of `cols` readable f32, `stride` apart; `acc_t`
-/// holds `cols·64`, `p` `rows·64`, `kept` (when given) `rows·4`.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn accumulate_t(
-    acc_t: &mut [f32],
-    a: *const f32,
-    stride: usize,
-    cols: usize,
-    p: &[f32],
-    rows: usize,
-    kept: Option<&[u16]>,
-) {
-    assert!(
-        acc_t.len() >= cols * KT && p.len() >= rows * KT,
-        "invariant: tile sizes"
-    );
-    assert!(
-        kept.is_none_or(|k| k.len() >= rows * VECTORS),
-        "invariant: masks"
-    );
-    let mut c = 0;
-    while c < cols {
-        let (a, out) = (a.wrapping_add(c), acc_t[c * KT..].as_mut_ptr());
-        // SAFETY (all): columns c.. exist; `out` holds (cols − c)·64.
-        unsafe {
-            match (cols - c, kept) {
-                (1, None) => columns::<1, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (2, None) => columns::<2, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (3, None) => columns::<3, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (_, None) => columns::<4, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (1, Some(k)) => columns::<1, true>(out, a, stride, p.as_ptr(), rows, k),
-                (2, Some(k)) => columns::<2, true>(out, a, stride, p.as_ptr(), rows, k),
-                (3, Some(k)) => columns::<3, true>(out, a, stride, p.as_ptr(), rows, k),
-                (_, Some(k)) => columns::<4, true>(out, a, stride, p.as_ptr(), rows, k),
-            }
-        }
-        c += 4;
-    }
-}
-
-/// `C` columns of [`accumulate_t`].
-///
-/// # Safety
-/// As [`accumulate_t`] for `C` columns.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-#[inline]
-unsafe fn columns<const C: usize, const KEPT: bool>(
-    out: *mut f32,
-    a: *const f32,
-    stride: usize,
-    p: *const f32,
-    rows: usize,
-    kept: &[u16],
-) {
-    let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
-    for cc in 0..C {
-        for v in 0..VECTORS {
-            // SAFETY: cc < C, v < 4: inside `out`.
-            acc[cc][v] = unsafe { _mm512_loadu_ps(out.add(cc * KT + v * LANES)) };
-        }
-    }
-    for r in 0..rows {
-        // SAFETY: r < rows: row r of P and of `a` (C columns) exist.
-        unsafe {
-            let pv: [__m512; VECTORS] =
-                std::array::from_fn(|v| _mm512_loadu_ps(p.add(r * KT + v * LANES)));
-            for cc in 0..C {
-                let x = _mm512_set1_ps(*a.add(r * stride + cc));
-                for v in 0..VECTORS {
-                    acc[cc][v] = if KEPT {
-                        _mm512_mask3_fmadd_ps(x, pv[v], acc[cc][v], kept[r * VECTORS + v])
-                    } else {
-                        _mm512_fmadd_ps(x, pv[v], acc[cc][v])
-                    };
-                }
-            }
-        }
-    }
-    for cc in 0..C {
-        for v in 0..VECTORS {
-            // SAFETY: as for the loads.
-            unsafe { _mm512_storeu_ps(out.add(cc * KT + v * LANES), acc[cc][v]) };
-        }
-    }
-}
-
-/// `dq[r·cols + c] += Σ_key ds[r·64 + key] · k[key·stride + c]` for the rows of `dq`
-/// (`cols` each) and `key < keys`; with `kept`, only kept positions are added.
-///
-/// # Safety
-/// AVX-512 is present; `k` has `keys` rows of `cols` readable f32, `stride` apart; `ds` holds
-/// `rows·64` and `kept` (when given) `rows·4`.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn accumulate_dq(
-    dq: &mut [f32],
-    cols: usize,
-    ds: &[f32],
-    k: *const f32,
-    stride: usize,
-    keys: usize,
-    kept: Option<&[u16]>,
-) {
-    let rows = dq.len() / cols.max(1);
-    assert!(ds.len() >= rows * KT, "invariant: tile sizes");
-    assert!(
-        kept.is_none_or(|m| m.len() >= rows * VECTORS),
-        "invariant: masks"
-    );
-    let mut r = 0;
-    while r < rows {
-        let n = (rows - r).min(4);
-        let (out, d) = (dq[r * cols..].as_mut_ptr(), ds[r * KT..].as_ptr());
-        let kept = kept.map(|m| &m[r * VECTORS..]);
-        let mut c = 0;
-        while c < cols {
-            let lanes: [__mmask16; VECTORS] =
-                std::array::from_fn(|v| first_lanes((cols - c).saturating_sub(v * LANES)));
-            let (o, kc) = (out.wrapping_add(c), k.wrapping_add(c));
-            // SAFETY (all): n rows of dq from `out`; columns c.. under `lanes`; keys < keys.
-            unsafe {
-                match (n, kept) {
-                    (1, None) => dq_block::<1, false>(o, cols, d, kc, stride, keys, lanes, &[]),
-                    (2, None) => dq_block::<2, false>(o, cols, d, kc, stride, keys, lanes, &[]),
-                    (3, None) => dq_block::<3, false>(o, cols, d, kc, stride, keys, lanes, &[]),
-                    (_, None) => dq_block::<4, false>(o, cols, d, kc, stride, keys, lanes, &[]),
-                    (1, Some(m)) => dq_block::<1, true>(o, cols, d, kc, stride, keys, lanes, m),
-                    (2, Some(m)) => dq_block::<2, true>(o, cols, d, kc, stride, keys, lanes, m),
-                    (3, Some(m)) => dq_block::<3, true>(o, cols, d, kc, stride, keys, lanes, m),
-                    (_, Some(m)) => dq_block::<4, true>(o, cols, d, kc, stride, keys, lanes, m),
-                }
-            }
-            c += KT;
-        }
-        r += 4;
-    }
-}
-
-/// `R` rows × up to 64 columns (the lanes in `lanes`) of [`accumulate_dq`].
-///
-/// # Safety
-/// As [`accumulate_dq`] for `R` rows; the lanes of `lanes` are the readable columns.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-#[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dq_block<const R: usize, const KEPT: bool>(
-    out: *mut f32,
-    cols: usize,
-    ds: *const f32,
-    k: *const f32,
-    stride: usize,
-    keys: usize,
-    lanes: [__mmask16; VECTORS],
-    kept: &[u16],
-) {
-    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
-    for r in 0..R {
-        for v in 0..VECTORS {
-            // SAFETY: only the readable columns of row r load.
-            acc[r][v] = unsafe { _mm512_maskz_loadu_ps(lanes[v], out.add(r * cols + v * LANES)) };
-        }
-    }
-    for key in 0..keys {
-        // SAFETY: key < keys: its row's columns under `lanes` are readable.
-        unsafe {
-            let kv: [__m512; VECTORS] = std::array::from_fn(|v| {
-                _mm512_maskz_loadu_ps(lanes[v], k.add(key * stride + v * LANES))
-            });
-            for r in 0..R {
-                if KEPT && kept[r * VECTORS + key / LANES] >> (key % LANES) & 1 == 0 {
-                    continue;
-                }
-                let x = _mm512_set1_ps(*ds.add(r * KT + key));
-                for v in 0..VECTORS {
-                    acc[r][v] = _mm512_fmadd_ps(x, kv[v], acc[r][v]);
-                }
-            }
-        }
-    }
-    for r in 0..R {
-        for v in 0..VECTORS {
-            // SAFETY: as for the loads.
-            unsafe { _mm512_mask_storeu_ps(out.add(r * cols + v * LANES), lanes[v], acc[r][v]) };
         }
     }
 }

@@ -1,0 +1,360 @@
+//! The register-blocked FMA micro-kernels of the backward (see [`super`]): each keeps 16
+//! accumulators (4 rows or columns × 4 vectors of 16 keys or columns), broadcasts one element
+//! per 4 FMAs and loads each vector of the other operand once per step.
+//!
+//! The score products can finish in registers ([`Epilogue`]): on a full tile without score
+//! options the probabilities `P` and the score gradients `dS` are computed from the
+//! accumulators as they leave, so no tile of raw scores or of `dP` is stored and read back.
+
+// Register arrays indexed by constant loop bounds.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::super::mask::VECTORS;
+use super::super::math::exp2;
+use super::super::widen::first_lanes;
+use super::super::KEY_TILE;
+
+const LANES: usize = 16;
+const KT: usize = KEY_TILE;
+
+/// What [`products`] stores of each finished accumulator `x` of row `r` (rows counted from
+/// the first row given).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Epilogue<'a> {
+    /// `x` itself.
+    Raw,
+    /// The probability `P = 2^(x·q_scale − lse₂[r])` (scores without options).
+    Probabilities {
+        /// The scale of the raw scores in base 2.
+        q_scale: f32,
+        /// Each row's log-sum-exp in base 2.
+        lse2: &'a [f32],
+    },
+    /// The score gradient `dS = P (x − D[r]) · scale` of `x = dP`, `P` read from `p` (the
+    /// same layout as the output).
+    ScoreGrads {
+        /// The probabilities.
+        p: &'a [f32],
+        /// Each row's `D = dO · O`.
+        dd: &'a [f32],
+        /// The score scale.
+        scale: f32,
+    },
+}
+
+/// `out[r·64 + key] = Σ_c a[r·stride + c] · bt[c·64 + key]` for `r < rows` (as `epilogue`
+/// transforms it), four rows at a time.
+///
+/// # Safety
+/// AVX-512 is present; `a` has `rows` rows of `depth` readable f32, `stride` apart; `bt` holds
+/// `depth·64` and `out` `rows·64`; the epilogue's slices hold `rows` rows (`p` `rows·64`).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn products(
+    a: *const f32,
+    stride: usize,
+    bt: &[f32],
+    depth: usize,
+    rows: usize,
+    out: &mut [f32],
+    epilogue: Epilogue<'_>,
+) {
+    assert!(
+        bt.len() >= depth * KT && out.len() >= rows * KT,
+        "invariant: tile sizes"
+    );
+    assert!(
+        match epilogue {
+            Epilogue::Raw => true,
+            Epilogue::Probabilities { lse2, .. } => lse2.len() >= rows,
+            Epilogue::ScoreGrads { p, dd, .. } => p.len() >= rows * KT && dd.len() >= rows,
+        },
+        "invariant: a statistic per row"
+    );
+    let mut r = 0;
+    while r < rows {
+        let (a, o) = (a.wrapping_add(r * stride), out[r * KT..].as_mut_ptr());
+        let from = epilogue.rows_from(r);
+        // SAFETY (all four): rows r.. exist in `a`; `o` holds (rows − r)·64; the epilogue's
+        // rows from r exist (checked above).
+        unsafe {
+            match rows - r {
+                1 => rows_by_keys::<1>(a, stride, bt.as_ptr(), depth, o, from),
+                2 => rows_by_keys::<2>(a, stride, bt.as_ptr(), depth, o, from),
+                3 => rows_by_keys::<3>(a, stride, bt.as_ptr(), depth, o, from),
+                _ => rows_by_keys::<4>(a, stride, bt.as_ptr(), depth, o, from),
+            }
+        }
+        r += 4;
+    }
+}
+
+impl Epilogue<'_> {
+    /// The epilogue of the rows from `r` on.
+    fn rows_from(self, r: usize) -> Self {
+        match self {
+            Epilogue::Raw => Epilogue::Raw,
+            Epilogue::Probabilities { q_scale, lse2 } => Epilogue::Probabilities {
+                q_scale,
+                lse2: &lse2[r..],
+            },
+            Epilogue::ScoreGrads { p, dd, scale } => Epilogue::ScoreGrads {
+                p: &p[r * KT..],
+                dd: &dd[r..],
+                scale,
+            },
+        }
+    }
+}
+
+/// `R` rows of [`products`].
+///
+/// # Safety
+/// As [`products`] for `R` rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn rows_by_keys<const R: usize>(
+    a: *const f32,
+    stride: usize,
+    bt: *const f32,
+    depth: usize,
+    out: *mut f32,
+    epilogue: Epilogue<'_>,
+) {
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+    for c in 0..depth {
+        // SAFETY: c < depth: row c of the packed tile and element c of each row exist.
+        unsafe {
+            let b: [__m512; VECTORS] =
+                std::array::from_fn(|v| _mm512_loadu_ps(bt.add(c * KT + v * LANES)));
+            for r in 0..R {
+                let x = _mm512_set1_ps(*a.add(r * stride + c));
+                for v in 0..VECTORS {
+                    acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
+                }
+            }
+        }
+    }
+    // The same operations, in the same order, as the per-element pass of partial tiles.
+    match epilogue {
+        Epilogue::Raw => {}
+        Epilogue::Probabilities { q_scale, lse2 } => {
+            let q_scale = _mm512_set1_ps(q_scale);
+            for r in 0..R {
+                let lse = _mm512_set1_ps(lse2[r]);
+                for v in 0..VECTORS {
+                    acc[r][v] = exp2(_mm512_sub_ps(_mm512_mul_ps(acc[r][v], q_scale), lse));
+                }
+            }
+        }
+        Epilogue::ScoreGrads { p, dd, scale } => {
+            let scale = _mm512_set1_ps(scale);
+            for r in 0..R {
+                let d = _mm512_set1_ps(dd[r]);
+                for v in 0..VECTORS {
+                    // SAFETY: row r < R of `p` holds 64 (checked by `products`).
+                    let pv = unsafe { _mm512_loadu_ps(p.as_ptr().add(r * KT + v * LANES)) };
+                    let dy = _mm512_mul_ps(pv, _mm512_sub_ps(acc[r][v], d));
+                    acc[r][v] = _mm512_mul_ps(dy, scale);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for v in 0..VECTORS {
+            // SAFETY: r < R, v < 4: inside the R·64 of `out`.
+            unsafe { _mm512_storeu_ps(out.add(r * KT + v * LANES), acc[r][v]) };
+        }
+    }
+}
+
+/// `acc_t[c·64 + key] += Σ_r a[r·stride + c] · p[r·64 + key]` for `c < cols`, `r < rows`;
+/// with `kept`, only kept positions (`kept[r·4 + v]`) are added.
+///
+/// # Safety
+/// AVX-512 is present; `a` has `rows` rows of `cols` readable f32, `stride` apart; `acc_t`
+/// holds `cols·64`, `p` `rows·64`, `kept` (when given) `rows·4`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn accumulate_t(
+    acc_t: &mut [f32],
+    a: *const f32,
+    stride: usize,
+    cols: usize,
+    p: &[f32],
+    rows: usize,
+    kept: Option<&[u16]>,
+) {
+    assert!(
+        acc_t.len() >= cols * KT && p.len() >= rows * KT,
+        "invariant: tile sizes"
+    );
+    assert!(
+        kept.is_none_or(|k| k.len() >= rows * VECTORS),
+        "invariant: masks"
+    );
+    let mut c = 0;
+    while c < cols {
+        let (a, out) = (a.wrapping_add(c), acc_t[c * KT..].as_mut_ptr());
+        // SAFETY (all): columns c.. exist; `out` holds (cols − c)·64.
+        unsafe {
+            match (cols - c, kept) {
+                (1, None) => columns::<1, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (2, None) => columns::<2, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (3, None) => columns::<3, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (_, None) => columns::<4, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (1, Some(k)) => columns::<1, true>(out, a, stride, p.as_ptr(), rows, k),
+                (2, Some(k)) => columns::<2, true>(out, a, stride, p.as_ptr(), rows, k),
+                (3, Some(k)) => columns::<3, true>(out, a, stride, p.as_ptr(), rows, k),
+                (_, Some(k)) => columns::<4, true>(out, a, stride, p.as_ptr(), rows, k),
+            }
+        }
+        c += 4;
+    }
+}
+
+/// `C` columns of [`accumulate_t`].
+///
+/// # Safety
+/// As [`accumulate_t`] for `C` columns.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn columns<const C: usize, const KEPT: bool>(
+    out: *mut f32,
+    a: *const f32,
+    stride: usize,
+    p: *const f32,
+    rows: usize,
+    kept: &[u16],
+) {
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
+    for cc in 0..C {
+        for v in 0..VECTORS {
+            // SAFETY: cc < C, v < 4: inside `out`.
+            acc[cc][v] = unsafe { _mm512_loadu_ps(out.add(cc * KT + v * LANES)) };
+        }
+    }
+    for r in 0..rows {
+        // SAFETY: r < rows: row r of P and of `a` (C columns) exist.
+        unsafe {
+            let pv: [__m512; VECTORS] =
+                std::array::from_fn(|v| _mm512_loadu_ps(p.add(r * KT + v * LANES)));
+            for cc in 0..C {
+                let x = _mm512_set1_ps(*a.add(r * stride + cc));
+                for v in 0..VECTORS {
+                    acc[cc][v] = if KEPT {
+                        _mm512_mask3_fmadd_ps(x, pv[v], acc[cc][v], kept[r * VECTORS + v])
+                    } else {
+                        _mm512_fmadd_ps(x, pv[v], acc[cc][v])
+                    };
+                }
+            }
+        }
+    }
+    for cc in 0..C {
+        for v in 0..VECTORS {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_storeu_ps(out.add(cc * KT + v * LANES), acc[cc][v]) };
+        }
+    }
+}
+
+/// `dq[r·cols + c] += Σ_key ds[r·64 + key] · k[key·stride + c]` for the rows of `dq`
+/// (`cols` each) and `key < keys`; with `kept`, only kept positions are added.
+///
+/// # Safety
+/// AVX-512 is present; `k` has `keys` rows of `cols` readable f32, `stride` apart; `ds` holds
+/// `rows·64` and `kept` (when given) `rows·4`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn accumulate_dq(
+    dq: &mut [f32],
+    cols: usize,
+    ds: &[f32],
+    k: *const f32,
+    stride: usize,
+    keys: usize,
+    kept: Option<&[u16]>,
+) {
+    let rows = dq.len() / cols.max(1);
+    assert!(ds.len() >= rows * KT, "invariant: tile sizes");
+    assert!(
+        kept.is_none_or(|m| m.len() >= rows * VECTORS),
+        "invariant: masks"
+    );
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(4);
+        let (out, d) = (dq[r * cols..].as_mut_ptr(), ds[r * KT..].as_ptr());
+        let kept = kept.map(|m| &m[r * VECTORS..]);
+        let mut c = 0;
+        while c < cols {
+            let lanes: [__mmask16; VECTORS] =
+                std::array::from_fn(|v| first_lanes((cols - c).saturating_sub(v * LANES)));
+            let (o, kc) = (out.wrapping_add(c), k.wrapping_add(c));
+            // SAFETY (all): n rows of dq from `out`; columns c.. under `lanes`; keys < keys.
+            unsafe {
+                match (n, kept) {
+                    (1, None) => dq_block::<1, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (2, None) => dq_block::<2, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (3, None) => dq_block::<3, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (_, None) => dq_block::<4, false>(o, cols, d, kc, stride, keys, lanes, &[]),
+                    (1, Some(m)) => dq_block::<1, true>(o, cols, d, kc, stride, keys, lanes, m),
+                    (2, Some(m)) => dq_block::<2, true>(o, cols, d, kc, stride, keys, lanes, m),
+                    (3, Some(m)) => dq_block::<3, true>(o, cols, d, kc, stride, keys, lanes, m),
+                    (_, Some(m)) => dq_block::<4, true>(o, cols, d, kc, stride, keys, lanes, m),
+                }
+            }
+            c += KT;
+        }
+        r += 4;
+    }
+}
+
+/// `R` rows × up to 64 columns (the lanes in `lanes`) of [`accumulate_dq`].
+///
+/// # Safety
+/// As [`accumulate_dq`] for `R` rows; the lanes of `lanes` are the readable columns.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dq_block<const R: usize, const KEPT: bool>(
+    out: *mut f32,
+    cols: usize,
+    ds: *const f32,
+    k: *const f32,
+    stride: usize,
+    keys: usize,
+    lanes: [__mmask16; VECTORS],
+    kept: &[u16],
+) {
+    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+    for r in 0..R {
+        for v in 0..VECTORS {
+            // SAFETY: only the readable columns of row r load.
+            acc[r][v] = unsafe { _mm512_maskz_loadu_ps(lanes[v], out.add(r * cols + v * LANES)) };
+        }
+    }
+    for key in 0..keys {
+        // SAFETY: key < keys: its row's columns under `lanes` are readable.
+        unsafe {
+            let kv: [__m512; VECTORS] = std::array::from_fn(|v| {
+                _mm512_maskz_loadu_ps(lanes[v], k.add(key * stride + v * LANES))
+            });
+            for r in 0..R {
+                if KEPT && kept[r * VECTORS + key / LANES] >> (key % LANES) & 1 == 0 {
+                    continue;
+                }
+                let x = _mm512_set1_ps(*ds.add(r * KT + key));
+                for v in 0..VECTORS {
+                    acc[r][v] = _mm512_fmadd_ps(x, kv[v], acc[r][v]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for v in 0..VECTORS {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_mask_storeu_ps(out.add(r * cols + v * LANES), lanes[v], acc[r][v]) };
+        }
+    }
+}
