@@ -516,6 +516,11 @@ impl WideAttention {
                     amx::run(products, &call, p, range, &mut output)
                 }
                 Tier::Portable => attnc_wide::portable::run(&call, range, &mut output),
+                // The row kernel (decode) reads V once anyway and needs no bound: a pass over
+                // the values to find one would double its memory traffic.
+                _ if self.spec.m <= attention::ROW_KERNEL_MAX_M => {
+                    attention::run(&call, range, &mut output)
+                }
                 _ => {
                     // The values' magnitude, read once per entry and thread rather than by
                     // every query tile.
