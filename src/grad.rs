@@ -108,6 +108,18 @@ impl CompiledGrad {
         run_compiled(&self.forward, self.ret, inputs, threads)
     }
 
+    /// Errors unless `inputs` holds one tensor per parameter of the kernel.
+    fn check_input_count(&self, inputs: &[Tensor]) -> Result<(), RunError> {
+        let expected = self.vjp.params.len() - 1;
+        if inputs.len() != expected {
+            return Err(RunError::InputCount {
+                expected,
+                got: inputs.len(),
+            });
+        }
+        Ok(())
+    }
+
     /// The gradients of every requested parameter (in the order asked, f32, each of its
     /// parameter's shape) for the cotangent `cotangent` (the output's shape, any stored
     /// type).
@@ -117,16 +129,9 @@ impl CompiledGrad {
         cotangent: &Tensor,
         threads: usize,
     ) -> Result<Vec<Tensor>, RunError> {
-        let expected = self.vjp.params.len() - 1;
-        if inputs.len() != expected {
-            return Err(RunError::InputCount {
-                expected,
-                got: inputs.len(),
-            });
-        }
+        self.check_input_count(inputs)?;
         let dy: Vec<f32> = cotangent.to_f32_vec();
-        let mut views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
-        views.push(Input::F32(&dy));
+        let views = views_with_cotangent(inputs, &dy);
         let outputs = self.backward.run_outputs(&views, threads)?;
         Ok(outputs
             .into_iter()
@@ -210,16 +215,9 @@ impl CompiledGrad {
         if !self.saves_forward() {
             return self.backward(inputs, cotangent, threads);
         }
-        let expected = self.vjp.params.len() - 1;
-        if inputs.len() != expected {
-            return Err(RunError::InputCount {
-                expected,
-                got: inputs.len(),
-            });
-        }
+        self.check_input_count(inputs)?;
         let dy: Vec<f32> = cotangent.to_f32_vec();
-        let mut views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
-        views.push(Input::F32(&dy));
+        let views = views_with_cotangent(inputs, &dy);
         let saved = Saved { o, lse };
         match self.backward.run_outputs_saved(&views, saved, threads)? {
             Some(outputs) => Ok(outputs
@@ -291,4 +289,11 @@ pub fn reference_gradients(
 /// The gradient graph the reference evaluates (for memory checks before evaluating it).
 pub fn reference_graph(kernel: &Kernel, wrt: &[usize]) -> Result<Kernel, RunError> {
     Ok(vjp(kernel, wrt)?.combined())
+}
+
+/// The gradient plan's inputs: the kernel's, then the cotangent `dy`.
+fn views_with_cotangent<'a>(inputs: &'a [Tensor], dy: &'a [f32]) -> Vec<Input<'a>> {
+    let mut views: Vec<Input<'a>> = inputs.iter().map(input_view).collect();
+    views.push(Input::F32(dy));
+    views
 }
