@@ -159,3 +159,48 @@ fn misuse_is_an_error_naming_the_input_or_the_place() {
         "{err}"
     );
 }
+
+/// Gradients through a document mask (unsorted ids, a single-token document, m = n = 13 so
+/// tiles are partial) and through a top-k block mask, on the tiers this machine has and on
+/// the portable tier alone: `attnc grad --verify` compares each with the interpreter's.
+#[test]
+fn gradients_through_data_dependent_masks_match_the_interpreter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seg = ids_npy(dir.path(), "seg.npy", &IDS);
+    let input = format!("seg={}", p(&seg));
+    let out_dir = dir.path().join("grads");
+    let document = example();
+    let topk = examples_dir().join("topk_blocks.attn");
+    let cases: [(&Path, &str, Vec<&str>); 2] = [
+        (&document, "h=2,d=5", vec!["--input", &input]),
+        (&topk, "h=2,n=150,d=8", vec![]),
+    ];
+    for (file, shape, extra) in &cases {
+        for tiers in ["all", "cranelift"] {
+            let mut args = vec![
+                "grad",
+                p(file),
+                "--wrt",
+                "q,k,v",
+                "--random",
+                "2",
+                "--shape",
+                shape,
+                "--output-dir",
+                p(&out_dir),
+                "--verify",
+                "--format",
+                "json",
+            ];
+            args.extend(extra.iter().copied());
+            let out = attnc_with_env(&args, &[("ATTNC_TIERS", tiers)]);
+            assert_eq!(status(&out), 0, "{args:?} ({tiers}): {}", stderr(&out));
+            let doc = json(&out);
+            assert_eq!(doc["verify"]["passed"], true, "{doc}");
+            for g in doc["verify"]["gradients"].as_array().expect("gradients") {
+                let err = g["relative_l2_error"].as_f64().expect("an error");
+                assert!(err <= 1e-5, "{} d{}: {err} ({tiers})", p(file), g["param"]);
+            }
+        }
+    }
+}

@@ -151,7 +151,13 @@ impl AttentionBackward {
             items.push((e, (o, lse)));
         }
         crate::wide::deal(items, threads, |(e, (o, lse))| {
-            let call = self.forward.call(inputs, e)?;
+            // A mask that reads data: the entry's tile table and selection, refined from it.
+            let refined = self.forward.refinement(inputs, e)?;
+            let mut call = self.forward.call(inputs, e)?;
+            if let Some((table, keep)) = &refined {
+                call.tiles = table;
+                call.blocks = self.forward.selection(keep);
+            }
             kernel::forward_with(&call, o, lse, self.wide).map_err(wide_err)
         })?;
         Ok(saved)
@@ -293,7 +299,13 @@ impl AttentionBackward {
         kept: Option<(&[f32], &[f32])>,
         (m, _n, _d, dv): (usize, usize, usize, usize),
     ) -> Result<()> {
-        let call = self.forward.call(inputs, e)?;
+        // A mask that reads data: the entry's tile table and selection, refined from it.
+        let refined = self.forward.refinement(inputs, e)?;
+        let mut call = self.forward.call(inputs, e)?;
+        if let Some((table, keep)) = &refined {
+            call.tiles = table;
+            call.blocks = self.forward.selection(keep);
+        }
         let computed;
         let (o, lse) = match kept {
             Some(kept) => kept,

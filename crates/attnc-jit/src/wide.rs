@@ -490,16 +490,12 @@ impl WideAttention {
         let mut bound: Option<(usize, Option<attention::ValueBound>)> = None;
         for (b, t, rows, lse) in items {
             let mut call = self.call(inputs, b)?;
-            let required = self.mask.as_ref().is_some_and(KeyMask::requires_document);
-            let segments = call.segments.filter(|_| required);
-            if segments.is_some() || self.topk.is_some() {
-                if refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
-                    refined = Some(self.refine(inputs, b, segments)?);
-                }
-                if let Some((_, table, keep)) = &refined {
-                    call.tiles = table;
-                    call.blocks = self.topk.as_ref().map(|(leaf, _)| self.blocks(leaf, keep));
-                }
+            if self.reads_data() && refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
+                refined = Some(self.refine(inputs, b, self.required_segments(&call))?);
+            }
+            if let Some((_, table, keep)) = refined.as_ref().filter(|_| self.reads_data()) {
+                call.tiles = table;
+                call.blocks = self.selection(keep);
             }
             let range = (t * qt)..((t + 1) * qt).min(self.spec.m);
             let mut output = Output {
@@ -534,6 +530,43 @@ impl WideAttention {
             result.map_err(wide_err)?;
         }
         Ok(())
+    }
+
+    /// Whether the mask reads data (segment ids or a block selection), so that each batch
+    /// entry's tile table is refined from it.
+    pub(crate) fn reads_data(&self) -> bool {
+        self.topk.is_some() || self.mask.as_ref().is_some_and(KeyMask::requires_document)
+    }
+
+    /// The segment ids of `call` when every kept pair needs equal ids (only then may tiles be
+    /// dropped by their ids).
+    fn required_segments<'c>(&self, call: &Call<'c>) -> Option<attnc_wide::problem::Segments<'c>> {
+        let required = self.mask.as_ref().is_some_and(KeyMask::requires_document);
+        call.segments.filter(|_| required)
+    }
+
+    /// Batch entry `b`'s tile table refined by its data and its block selection (`None`
+    /// when the mask reads no data); a caller sets them on the entry's call
+    /// (`call.tiles = &table`, `call.blocks = self.selection(&keep)`).
+    pub(crate) fn refinement(
+        &self,
+        inputs: &[BufferView<'_>],
+        b: usize,
+    ) -> Result<Option<(TileTable, Vec<bool>)>> {
+        if !self.reads_data() {
+            return Ok(None);
+        }
+        let call = self.call(inputs, b)?;
+        let (_, table, keep) = self.refine(inputs, b, self.required_segments(&call))?;
+        Ok(Some((table, keep)))
+    }
+
+    /// The block selection `keep` as the kernels read it (`None` without `topk_blocks`).
+    pub(crate) fn selection<'k>(
+        &self,
+        keep: &'k [bool],
+    ) -> Option<attnc_wide::problem::Blocks<'k>> {
+        self.topk.as_ref().map(|(leaf, _)| self.blocks(leaf, keep))
     }
 
     /// Batch entry `b`'s tile table and block selection (empty without one): the selection

@@ -282,21 +282,43 @@ fn attention_grad(
         .check(&slices)
         .map_err(|e| plan_error(&op, e))?;
     let mut refs = Vec::with_capacity(forward);
+    // A mask's data (segment ids, a block gate) follows the score's operands.
+    let first_segment = 3 + a.attention.score.biases();
+    let roles = a
+        .attention
+        .mask
+        .as_ref()
+        .map(attnc_ir::segments::roles)
+        .unwrap_or_default();
+    let mut segments = Vec::new();
     for (index, &o) in operands[..forward].iter().enumerate() {
         let placed = place(p, o, vals, index < 3)?;
-        refs.push(tensor_ref(p, &placed, &shapes[index], &fs.batch));
+        if index >= first_segment {
+            let role = roles.get(index - first_segment).copied().flatten();
+            let gate = matches!(role, Some(attnc_ir::segments::Role::Gate(_)));
+            segments.push(super::fused::segment_ref(
+                &placed,
+                &shapes[index],
+                &fs.batch,
+                gate,
+            ));
+        } else {
+            refs.push(tensor_ref(p, &placed, &shapes[index], &fs.batch));
+        }
     }
     let d_o_node = operands[forward + 1];
     let placed = place(p, d_o_node, vals, true)?;
     let d_o = tensor_ref(p, &placed, &shapes[forward + 1], &fs.batch);
     let mut spec = spec_of(&fs, a, refs, p.bindings).map_err(|e| plan_error(&op, e))?;
     spec.score = a.attention.score.folded(p.bindings);
+    spec.segments = segments;
     // Step inputs: each tensor's buffer once (converted first where it is a 16-bit cast).
     let mut inputs: Vec<usize> = Vec::new();
     let mut tensors: Vec<&mut TensorRef> = vec![&mut spec.q, &mut spec.k, &mut spec.v];
     tensors.extend(spec.biases.iter_mut());
     let mut d_o = d_o;
     tensors.push(&mut d_o);
+    tensors.extend(spec.segments.iter_mut());
     for t in tensors {
         let mut buf = t.slot;
         if let Some(to) = t.convert.take() {

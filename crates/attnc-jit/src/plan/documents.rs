@@ -24,9 +24,6 @@ pub(super) fn refuse_segments(kernel: &Kernel, options: &PlanOptions) -> Result<
                     None
                 }
             }
-            Op::Backward(attnc_ir::BackwardOp::Attention(g)) if g.attention.segments() > 0 => {
-                Some("gradients through document masks are not compiled")
-            }
             Op::Mask { pattern, .. } if !pattern.is_static() => {
                 Some("only a mask fused into an attention reads segment ids")
             }

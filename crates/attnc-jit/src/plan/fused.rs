@@ -192,7 +192,12 @@ fn broadcast_ref(placed: &Placed, dtype: DType, shape: &[usize], batch: &[usize]
 /// The [`TensorRef`] of a segment operand `[lead.., len]`: one row of ids per batch entry,
 /// its leading axes matched to the batch axes from the left (size 1 broadcasts). A gate of
 /// `topk_blocks` (`gate`) is `[lead.., rows, cols]` of floats: one matrix per batch entry.
-fn segment_ref(placed: &Placed, shape: &[usize], batch: &[usize], gate: bool) -> TensorRef {
+pub(super) fn segment_ref(
+    placed: &Placed,
+    shape: &[usize],
+    batch: &[usize],
+    gate: bool,
+) -> TensorRef {
     let lead = shape.len().saturating_sub(1 + usize::from(gate));
     let batch_strides = (0..batch.len())
         .map(|axis| match shape.get(axis) {

@@ -95,7 +95,7 @@ pub fn forward(call: &Call<'_>, o: &mut [f32], lse: &mut [f32]) {
         kept.clear();
         for (keys, partial) in visits(call, i) {
             for j in keys {
-                if partial && call.mask.is_some_and(|p| !p.keeps(i, j, m, n)) {
+                if partial && !call.keeps(i, j) {
                     continue;
                 }
                 let s = dot(&q[i * d..(i + 1) * d], &k[j * d..(j + 1) * d]);
@@ -149,7 +149,7 @@ pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gra
         let qi = &q[i * d..(i + 1) * d];
         for (keys, partial) in visits(call, i) {
             for j in keys {
-                if partial && call.mask.is_some_and(|p| !p.keeps(i, j, m, n)) {
+                if partial && !call.keeps(i, j) {
                     continue;
                 }
                 let kj = &k[j * d..(j + 1) * d];
