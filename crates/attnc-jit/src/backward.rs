@@ -24,7 +24,7 @@ pub use linear::LinearBackward;
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::{AttentionSpec, TensorRef};
-use crate::wide::{Tier, WideAttention};
+use crate::wide::{batch_index, buffer_err, Tier, WideAttention};
 pub use attnc_wide::backward::Saved;
 
 use attnc_wide::backward::{self as kernel, BiasGrad, Gradients};
@@ -151,14 +151,9 @@ impl AttentionBackward {
             items.push((e, (o, lse)));
         }
         crate::wide::deal(items, threads, |(e, (o, lse))| {
-            // A mask that reads data: the entry's tile table and selection, refined from it.
-            let refined = self.forward.refinement(inputs, e)?;
-            let mut call = self.forward.call(inputs, e)?;
-            if let Some((table, keep)) = &refined {
-                call.tiles = table;
-                call.blocks = self.forward.selection(keep);
-            }
-            kernel::forward_with(&call, o, lse, self.wide).map_err(wide_err)
+            self.forward.with_call(inputs, e, |call| {
+                kernel::forward_with(call, o, lse, self.wide).map_err(wide_err)
+            })
         })?;
         Ok(saved)
     }
@@ -299,66 +294,62 @@ impl AttentionBackward {
         kept: Option<(&[f32], &[f32])>,
         (m, _n, _d, dv): (usize, usize, usize, usize),
     ) -> Result<()> {
-        // A mask that reads data: the entry's tile table and selection, refined from it.
-        let refined = self.forward.refinement(inputs, e)?;
-        let mut call = self.forward.call(inputs, e)?;
-        if let Some((table, keep)) = &refined {
-            call.tiles = table;
-            call.blocks = self.forward.selection(keep);
-        }
-        let computed;
-        let (o, lse) = match kept {
-            Some(kept) => kept,
-            None => {
-                let mut o = vec![0.0f32; m * dv];
-                let mut lse = vec![0.0f32; m];
-                kernel::forward_with(&call, &mut o, &mut lse, self.wide).map_err(wide_err)?;
-                computed = (o, lse);
-                (computed.0.as_slice(), computed.1.as_slice())
-            }
-        };
-        let index = batch_index(&self.spec.batch, e);
-        let at: usize = self
-            .d_o
-            .batch_strides
-            .iter()
-            .zip(&index)
-            .map(|(s, i)| s * i)
-            .sum();
-        let d_o = d_o
-            .get(at..at + m * dv)
-            .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
-        let mut grads = Gradients::default();
-        let mut slope = 0.0f32;
-        let mut slope_at = None;
-        for (k, (g, block)) in self.grads.iter().zip(blocks.iter_mut()).enumerate() {
-            let block: &mut [f32] = block;
-            match g.slot {
-                0 => grads.dq = Some(block),
-                1 => grads.dk = Some(block),
-                2 => grads.dv = Some(block),
-                _ if self.forward.score().slope == Some(g.slot - 3) => slope_at = Some(k),
-                _ => {
-                    let (rows, cols) = self.block_dims(g);
-                    grads.dbias = Some(BiasGrad {
-                        data: block,
-                        row_stride: if rows > 1 { cols } else { 0 },
-                        col_stride: usize::from(cols > 1),
-                    });
+        // A mask that reads data: the entry's call has its tile table refined from it.
+        self.forward.with_call(inputs, e, |call| {
+            let computed;
+            let (o, lse) = match kept {
+                Some(kept) => kept,
+                None => {
+                    let mut o = vec![0.0f32; m * dv];
+                    let mut lse = vec![0.0f32; m];
+                    kernel::forward_with(call, &mut o, &mut lse, self.wide).map_err(wide_err)?;
+                    computed = (o, lse);
+                    (computed.0.as_slice(), computed.1.as_slice())
+                }
+            };
+            let index = batch_index(&self.spec.batch, e);
+            let at: usize = self
+                .d_o
+                .batch_strides
+                .iter()
+                .zip(&index)
+                .map(|(s, i)| s * i)
+                .sum();
+            let d_o = d_o
+                .get(at..at + m * dv)
+                .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
+            let mut grads = Gradients::default();
+            let mut slope = 0.0f32;
+            let mut slope_at = None;
+            for (k, (g, block)) in self.grads.iter().zip(blocks.iter_mut()).enumerate() {
+                let block: &mut [f32] = block;
+                match g.slot {
+                    0 => grads.dq = Some(block),
+                    1 => grads.dk = Some(block),
+                    2 => grads.dv = Some(block),
+                    _ if self.forward.score().slope == Some(g.slot - 3) => slope_at = Some(k),
+                    _ => {
+                        let (rows, cols) = self.block_dims(g);
+                        grads.dbias = Some(BiasGrad {
+                            data: block,
+                            row_stride: if rows > 1 { cols } else { 0 },
+                            col_stride: usize::from(cols > 1),
+                        });
+                    }
                 }
             }
-        }
-        if slope_at.is_some() {
-            grads.dslope = Some(&mut slope);
-        }
-        let saved = Saved { o, lse };
-        kernel::run_with(&call, &saved, d_o, &mut grads, self.wide).map_err(wide_err)?;
-        if let Some(k) = slope_at {
-            if let Some(x) = blocks[k].first_mut() {
-                *x = slope;
+            if slope_at.is_some() {
+                grads.dslope = Some(&mut slope);
             }
-        }
-        Ok(())
+            let saved = Saved { o, lse };
+            kernel::run_with(call, &saved, d_o, &mut grads, self.wide).map_err(wide_err)?;
+            if let Some(k) = slope_at {
+                if let Some(x) = blocks[k].first_mut() {
+                    *x = slope;
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -475,25 +466,6 @@ impl BackwardStep {
                 l.dv
             ),
         }
-    }
-}
-
-/// The multi-index of batch entry `b` over `batch` (last axis fastest).
-pub(crate) fn batch_index(batch: &[usize], mut b: usize) -> Vec<usize> {
-    let mut index = vec![0; batch.len()];
-    for (a, &size) in batch.iter().enumerate().rev() {
-        if size > 0 {
-            index[a] = b % size;
-            b /= size;
-        }
-    }
-    index
-}
-
-fn buffer_err(name: &str, detail: &str) -> JitError {
-    JitError::Buffer {
-        input: name.to_string(),
-        detail: detail.to_string(),
     }
 }
 

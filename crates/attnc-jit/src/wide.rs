@@ -493,7 +493,7 @@ impl WideAttention {
             if self.reads_data() && refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
                 refined = Some(self.refine(inputs, b, self.required_segments(&call))?);
             }
-            if let Some((_, table, keep)) = refined.as_ref().filter(|_| self.reads_data()) {
+            if let Some((_, table, keep)) = &refined {
                 call.tiles = table;
                 call.blocks = self.selection(keep);
             }
@@ -534,7 +534,7 @@ impl WideAttention {
 
     /// Whether the mask reads data (segment ids or a block selection), so that each batch
     /// entry's tile table is refined from it.
-    pub(crate) fn reads_data(&self) -> bool {
+    fn reads_data(&self) -> bool {
         self.topk.is_some() || self.mask.as_ref().is_some_and(KeyMask::requires_document)
     }
 
@@ -545,27 +545,28 @@ impl WideAttention {
         call.segments.filter(|_| required)
     }
 
-    /// Batch entry `b`'s tile table refined by its data and its block selection (`None`
-    /// when the mask reads no data); a caller sets them on the entry's call
-    /// (`call.tiles = &table`, `call.blocks = self.selection(&keep)`).
-    pub(crate) fn refinement(
+    /// Runs `f` on batch entry `b`'s call, its tile table (and block selection) refined from
+    /// the entry's data where the mask reads data, as [`WideAttention::run_rows`] computes it.
+    pub(crate) fn with_call<R>(
         &self,
         inputs: &[BufferView<'_>],
         b: usize,
-    ) -> Result<Option<(TileTable, Vec<bool>)>> {
-        if !self.reads_data() {
-            return Ok(None);
+        f: impl FnOnce(&Call<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let mut call = self.call(inputs, b)?;
+        let refined = match self.reads_data() {
+            true => Some(self.refine(inputs, b, self.required_segments(&call))?),
+            false => None,
+        };
+        if let Some((_, table, keep)) = &refined {
+            call.tiles = table;
+            call.blocks = self.selection(keep);
         }
-        let call = self.call(inputs, b)?;
-        let (_, table, keep) = self.refine(inputs, b, self.required_segments(&call))?;
-        Ok(Some((table, keep)))
+        f(&call)
     }
 
     /// The block selection `keep` as the kernels read it (`None` without `topk_blocks`).
-    pub(crate) fn selection<'k>(
-        &self,
-        keep: &'k [bool],
-    ) -> Option<attnc_wide::problem::Blocks<'k>> {
+    fn selection<'k>(&self, keep: &'k [bool]) -> Option<attnc_wide::problem::Blocks<'k>> {
         self.topk.as_ref().map(|(leaf, _)| self.blocks(leaf, keep))
     }
 

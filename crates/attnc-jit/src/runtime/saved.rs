@@ -60,17 +60,11 @@ impl CompiledKernel {
             });
         }
         self.check_some(inputs)?;
-        let step = &self.plan.steps[0];
-        let views: Vec<BufferView<'_>> = step
-            .inputs
-            .iter()
-            .map(|&b| match self.plan.buffers[b].source {
-                BufferSource::Input(i) if i < inputs.len() => inputs[i].view(),
-                _ => BufferView::F32(&[]),
-            })
-            .collect();
         attention
-            .forward(&views, self.step_threads(0, threads))
+            .forward(
+                &self.first_step_views(inputs),
+                self.step_threads(0, threads),
+            )
             .map(Some)
     }
 
@@ -92,14 +86,7 @@ impl CompiledKernel {
         let StepKind::Backward(b) = &step.kind else {
             return Ok(None);
         };
-        let views: Vec<BufferView<'_>> = step
-            .inputs
-            .iter()
-            .map(|&buf| match self.plan.buffers[buf].source {
-                BufferSource::Input(i) => inputs[i].view(),
-                BufferSource::Temp => BufferView::F32(&[]),
-            })
-            .collect();
+        let views = self.first_step_views(inputs);
         let grads = attention.run_saved(&views, Some(saved), self.step_threads(0, threads))?;
         let outputs = if self.plan.outputs.is_empty() {
             vec![(self.plan.output, self.plan.output_shape.clone())]
@@ -119,5 +106,18 @@ impl CompiledKernel {
             })
             .collect::<Result<Vec<Output>>>()?;
         Ok(Some(results))
+    }
+
+    /// The first step's input buffers, every one a kernel input (a parameter past `inputs`,
+    /// the cotangent for the forward, reads as empty).
+    fn first_step_views<'a>(&self, inputs: &'a [Input<'a>]) -> Vec<BufferView<'a>> {
+        self.plan.steps[0]
+            .inputs
+            .iter()
+            .map(|&b| match self.plan.buffers[b].source {
+                BufferSource::Input(i) if i < inputs.len() => inputs[i].view(),
+                _ => BufferView::F32(&[]),
+            })
+            .collect()
     }
 }
