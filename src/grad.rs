@@ -176,13 +176,7 @@ impl CompiledGrad {
         if !self.saves_forward() {
             return Ok((self.forward(inputs, threads)?, None));
         }
-        let expected = self.vjp.params.len() - 1;
-        if inputs.len() != expected {
-            return Err(RunError::InputCount {
-                expected,
-                got: inputs.len(),
-            });
-        }
+        self.check_input_count(inputs)?;
         let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
         match self.backward.run_forward_saving(&views, threads)? {
             Some(saved) => {

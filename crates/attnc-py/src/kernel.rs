@@ -365,23 +365,14 @@ impl PyKernel {
         let outputs = {
             let dy: &[f32] = match &cotangent {
                 Cotangent::Ones(v) => v,
-                Cotangent::Given(s) => match s.input() {
-                    attnc_jit::Input::F32(x) => x,
-                    _ => {
-                        return Err(crate::errors::run_error(
-                            py,
-                            "the cotangent was not staged as float32".into(),
-                        ))
-                    }
-                },
+                Cotangent::Given(s) => f32_of(s).ok_or_else(|| {
+                    crate::errors::run_error(py, "the cotangent was not staged as float32".into())
+                })?,
             };
             py.detach(|| specialized.run(&inputs, dy, threads))
                 .map_err(|e| jit_error(py, &e))?
         };
-        outputs
-            .into_iter()
-            .map(|o| Ok(PyArray::from_owned_array(py, to_array(py, o.shape, o.data)?).into_any()))
-            .collect()
+        gradient_arrays(py, outputs)
     }
 
     /// Converted arrays (as `_run` takes them) staged for the declared parameters.
@@ -424,6 +415,17 @@ impl PyKernel {
         }
         Ok(staged)
     }
+}
+
+/// The gradients as float32 NumPy arrays, in order.
+fn gradient_arrays<'py>(
+    py: Python<'py>,
+    outputs: Vec<attnc_jit::Output>,
+) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    outputs
+        .into_iter()
+        .map(|o| Ok(PyArray::from_owned_array(py, to_array(py, o.shape, o.data)?).into_any()))
+        .collect()
 }
 
 /// A staged input's elements when they are f32.
@@ -651,10 +653,7 @@ impl PyKernel {
         let Some(outputs) = outputs else {
             return self.grad_staged(py, &staged, Some(given), cotangent_bf16, &indices);
         };
-        outputs
-            .into_iter()
-            .map(|o| Ok(PyArray::from_owned_array(py, to_array(py, o.shape, o.data)?).into_any()))
-            .collect()
+        gradient_arrays(py, outputs)
     }
 
     /// The median and the least microseconds of `calls` runs of the compiled code on these
