@@ -793,6 +793,27 @@ fn huge_scores_match_the_reference() {
     }
 }
 
+/// Each key tile's scores sit a fixed step above the previous tile's, so every row's maximum
+/// rises by that step per tile: by 126–150 in base 2 (the earlier weights' rescale factor
+/// would be subnormal; the kernel drops them) and by far more. Nothing of the reference is
+/// lost, and splits give the same bits.
+#[test]
+fn maxima_rising_across_key_tiles_match_the_reference() {
+    if skip() {
+        return;
+    }
+    for step in [88.0f32, 95.0, 103.0, 400.0] {
+        for (m, n) in [(70usize, 300usize), (130, 200)] {
+            let mut p = problem(&dense_shape(m, n, 8, 6, [Ty::F32; 3]), 9, None);
+            let bias: Vec<f32> = (0..m * n)
+                .map(|x| (x % n / KEY_TILE) as f32 * step)
+                .collect();
+            p.bias = Some((bias, n, 1));
+            check_problem(&p, &[1, 2]).unwrap_or_else(|e| panic!("step {step}, {m}×{n}: {e}"));
+        }
+    }
+}
+
 /// A call may end inside a query tile; the rows it computes are those of any other split.
 #[test]
 fn calls_ending_inside_a_tile_give_the_same_bits() {

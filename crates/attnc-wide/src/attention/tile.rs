@@ -51,6 +51,10 @@ const LANES: usize = 16;
 /// shapes measured no faster).
 const QK_KEYS: usize = 4;
 
+/// The fall of a row's maximum (base 2) beyond which the earlier weights are dropped rather
+/// than rescaled: `2^-126` is the smallest normal f32.
+const FADED_BELOW: f32 = -126.0;
+
 /// Value columns per PV micro-kernel step (4 columns × 4 row vectors = 16 accumulators).
 const PV_COLUMNS: usize = 4;
 
@@ -441,11 +445,12 @@ unsafe fn key_step<const RV: usize>(
         let empty = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(new, neg_inf);
         // A row whose maximum is still −∞ has only zero weights: subtract 0, not −∞.
         shift[r] = _mm512_mask_blend_ps(empty, new, _mm512_setzero_ps());
-        alpha[r] = _mm512_mask_blend_ps(
-            same,
-            _mm512_scalef_ps(one, _mm512_sub_ps(old, shift[r])),
-            one,
-        );
+        // An old maximum more than 126 below the new one leaves every earlier weight under
+        // the cut below, and 2^(old − new) would be subnormal (a microcode assist on each of
+        // O's rescale products, several-fold slower where logits spread widely): drop them.
+        let fall = _mm512_sub_ps(old, shift[r]);
+        let faded = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(fall, _mm512_set1_ps(FADED_BELOW));
+        alpha[r] = _mm512_mask_blend_ps(same, _mm512_maskz_scalef_ps(!faded, one, fall), one);
         grew |= u32::from(!same);
         // The weights are 2^(s − shift + offset), 0 where s − shift < −127.
         (cut[r], magic[r]) = exp2_below_constants(shift[r], offset);
