@@ -8,7 +8,8 @@
 //! a scratch block that stays in cache, right before the products read them, so the features
 //! are never written to memory whole. The step then reads Q, K and V once and writes O once.
 //! The common map `elu(x) + 1` of an input runs on `attnc-wide`'s 16-lane code instead
-//! ([`Features::EluPlusOne`]).
+//! ([`Features::EluPlusOne`]), and on the full-width tier any other map of f32 buffers whose
+//! operations `attnc-wide`'s feature programs have runs as one ([`Features::Lanes`]).
 //!
 //! Blocks are fixed (`KEY_BLOCK` keys for the state, `ROW_BLOCK` rows for the output), so
 //! every value is computed by the same calls in the same order whatever the thread count
@@ -24,7 +25,12 @@ use crate::kernels::prefix::PrefixSpec;
 use crate::wide::{batch_index, buffer_err, deal, wide_err};
 use attnc_ir::{BinaryOp, Normalizer, UnaryOp};
 use attnc_wide::features::elu_plus_one;
+use attnc_wide::features::program::Scratch;
 use attnc_wide::gemm::{sgemm, sgemm_add, Matrix};
+
+mod lanes;
+
+pub use lanes::LaneMap;
 
 /// Keys per block of the state's products (a block of `φK` and of `V` fit in L2 at `d = 64`).
 const KEY_BLOCK: usize = 512;
@@ -42,15 +48,20 @@ pub enum Features {
     /// `elu(x) + 1` of the step's input at this position (contiguous rows), computed on row
     /// blocks by `attnc-wide`'s 16-lane map rather than a 128-bit kernel.
     EluPlusOne(usize),
+    /// Computed on row blocks by a 16-lane feature program.
+    Lanes(LaneMap),
 }
 
 impl Features {
     /// The features a chain computes: `elu(x) + 1` of a buffer `x` read with contiguous rows
     /// (`contiguous` says whether a leaf's strides are) is [`Features::EluPlusOne`] (`slot`
-    /// places its buffer among the step's inputs); any other chain a [`FeatureMap`].
+    /// places its buffer among the step's inputs); with `lanes` (the full-width tier, f32
+    /// buffers only) a chain a feature program can run is [`Features::Lanes`]; any other
+    /// chain a [`FeatureMap`].
     pub(crate) fn of_chain(
         spec: ElementwiseSpec,
         contiguous: impl Fn(&[usize]) -> bool,
+        lanes: bool,
         mut slot: impl FnMut(usize) -> usize,
     ) -> Features {
         if let Expr::Binary(BinaryOp::Add, x, y) = &spec.expr {
@@ -64,6 +75,11 @@ impl Features {
                         return Features::EluPlusOne(slot(*buf));
                     }
                 }
+            }
+        }
+        if lanes {
+            if let Some(map) = LaneMap::lower(&spec.expr, &spec.shape, &mut slot) {
+                return Features::Lanes(map);
             }
         }
         let slots = spec.inputs.iter().map(|&b| slot(b)).collect();
@@ -108,6 +124,7 @@ impl LinearStep {
             .filter_map(|(name, f)| match f {
                 Features::Mapped(map) => Some(format!("{name} ({} nodes)", map.spec.expr.size())),
                 Features::EluPlusOne(_) => Some(format!("{name} (elu+1 on avx-512)")),
+                Features::Lanes(map) => Some(format!("{name} ({} nodes on avx-512)", map.size())),
                 Features::Buffer(_) => None,
             })
             .collect();
@@ -131,7 +148,7 @@ impl LinearStep {
             .enumerate()
             .filter_map(|(k, f)| match f {
                 Features::Mapped(map) => Some((k, map)),
-                Features::Buffer(_) | Features::EluPlusOne(_) => None,
+                Features::Buffer(_) | Features::EluPlusOne(_) | Features::Lanes(_) => None,
             })
     }
 }
@@ -276,6 +293,10 @@ impl LinearKernel {
         match (&self.step.features[k], &self.maps[k]) {
             (Features::Buffer(slot), _) => Ok(FeatureRows::Buffer(f32s(*slot)?)),
             (Features::EluPlusOne(slot), _) => Ok(FeatureRows::EluPlusOne(f32s(*slot)?)),
+            (Features::Lanes(map), _) => {
+                let sources = map.slots.iter().map(|&s| f32s(s)).collect::<Result<_>>()?;
+                Ok(FeatureRows::Lanes { map, sources })
+            }
             (Features::Mapped(map), Some(kernel)) => {
                 let views = map
                     .slots
@@ -297,6 +318,10 @@ impl LinearKernel {
 enum FeatureRows<'a> {
     Buffer(&'a [f32]),
     EluPlusOne(&'a [f32]),
+    Lanes {
+        map: &'a LaneMap,
+        sources: Vec<&'a [f32]>,
+    },
     Mapped {
         kernel: &'a RowBlockKernel,
         views: Vec<BufferView<'a>>,
@@ -324,6 +349,13 @@ impl FeatureRows<'_> {
                     .ok_or_else(|| buffer_err("linear attention", "features end early"))?;
                 scratch.resize(len, 0.0);
                 elu_plus_one(src, scratch).map_err(wide_err)?;
+                Ok(scratch)
+            }
+            FeatureRows::Lanes { map, sources } => {
+                scratch.resize(len, 0.0);
+                let first = start / d.max(1);
+                let mut lanes = Scratch::default();
+                map.run_block(sources, first..first + count, scratch, &mut lanes)?;
                 Ok(scratch)
             }
             FeatureRows::Mapped { kernel, views } => {

@@ -675,7 +675,7 @@ impl CompiledKernel {
                     w.run_rows(v, o, e, 0..spec.m)
                 })?;
                 let entries = crate::finite::beyond_base_two(spec, w.score(), views, o);
-                if !entries.is_empty() {
+                if !entries.is_empty() && spec.segments.is_empty() {
                     // Those entries' rows and statistics from the portable kernel instead.
                     let h = self.portable_attention(step, spec, portable)?;
                     let mut again = vec![0.0f32; len];
@@ -685,6 +685,22 @@ impl CompiledKernel {
                         out[e * per..(e + 1) * per].copy_from_slice(&again[e * per..(e + 1) * per]);
                         let at = rows + 2 * e * m..rows + 2 * (e + 1) * m;
                         out[at.clone()].copy_from_slice(&again[at]);
+                    }
+                } else if !entries.is_empty() {
+                    // A mask built from data: every entry again on the plain-Rust kernel
+                    // (base e), those entries' rows and statistics taken from it.
+                    let h = data_mask_fallback(spec)?;
+                    let (per, m) = (spec.m * spec.dv, spec.m);
+                    let mut again = vec![0.0f32; rows];
+                    let mut again_lse = vec![0.0f32; spec.batch_count() * m];
+                    h.run_with_lse(views, &mut again, Some(&mut again_lse), threads)?;
+                    for &e in &entries {
+                        out[e * per..(e + 1) * per].copy_from_slice(&again[e * per..(e + 1) * per]);
+                        let at = rows + 2 * e * m;
+                        for (i, &l) in again_lse[e * m..(e + 1) * m].iter().enumerate() {
+                            out[at + 2 * i] = l;
+                            out[at + 2 * i + 1] = 1.0;
+                        }
                     }
                 }
                 Storage::F32(out)
@@ -711,8 +727,14 @@ impl CompiledKernel {
                     w.run_rows(v, o, e, 0..spec.m)
                 })?;
                 let entries = crate::finite::beyond_base_two(spec, w.score(), views, &out);
-                if !entries.is_empty() {
+                if !entries.is_empty() && spec.segments.is_empty() {
                     let h = self.portable_attention(step, spec, portable)?;
+                    crate::finite::recompute(spec, views, &mut out, &entries, |v, o, e| {
+                        h.run_rows(v, o, e, 0..spec.m)
+                    })?;
+                } else if !entries.is_empty() {
+                    // A mask built from data: the plain-Rust kernel reads its ids in base e.
+                    let h = data_mask_fallback(spec)?;
                     crate::finite::recompute(spec, views, &mut out, &entries, |v, o, e| {
                         h.run_rows(v, o, e, 0..spec.m)
                     })?;
@@ -757,6 +779,17 @@ impl CompiledKernel {
 }
 
 /// A lazily compiled portable kernel (or why it could not be compiled).
+/// The plain-Rust kernel of an attention whose mask is built from data (document ids, a
+/// block selection): it scores in base e, so it rescues the entries whose base-2 scores left
+/// the f32 range on the AVX-512 tier, where the Cranelift kernel cannot read the ids.
+fn data_mask_fallback(spec: &crate::kernels::attention::AttentionSpec) -> Result<WideAttention> {
+    WideAttention::new(spec, Tier::Portable).ok_or_else(|| JitError::Plan {
+        op: "attention".to_string(),
+        detail: "the portable kernel cannot run this attention with a mask built from data"
+            .to_string(),
+    })
+}
+
 type PortableCell = OnceLock<std::result::Result<KernelHandle, String>>;
 
 /// What runs one step: its generated kernel, full-width attention, lazily compiled portable

@@ -27,10 +27,30 @@ const BATCHED: &str = "kernel k(q: f32[b, h, n, d], k: f32[b, h, n, d], v: f32[b
 /// Runs `src` optimized (the fused attention must carry the document) on the JIT and on the
 /// interpreter; float inputs are random, `ids` the i32 inputs in parameter order.
 fn check(src: &str, dims: &[(&str, u64)], ids: &[Vec<i32>], seed: u64) -> Option<f64> {
+    check_scaled(src, dims, ids, seed, |_, x| x)
+}
+
+/// [`check`] with each random float `x` of parameter `p` replaced by `scale(p, x)`.
+fn check_scaled(
+    src: &str,
+    dims: &[(&str, u64)],
+    ids: &[Vec<i32>],
+    seed: u64,
+    scale: fn(usize, f32) -> f32,
+) -> Option<f64> {
     let k = kernel(src);
     let b = bindings(dims);
     let fused = optimized(&k, &b);
-    let (floats, arrays) = inputs(&k, &b, ids, seed);
+    let (mut floats, mut arrays) = inputs(&k, &b, ids, seed);
+    for (p, (f, a)) in floats.iter_mut().zip(&mut arrays).enumerate() {
+        if f.is_empty() {
+            continue;
+        }
+        f.iter_mut().for_each(|x| *x = scale(p, *x));
+        a.iter_mut()
+            .zip(f.iter())
+            .for_each(|(y, &x)| *y = f64::from(x));
+    }
     let want = attnc_ir::interp::evaluate(&k, &b, &arrays).expect("interpreter");
     let mut views = Vec::new();
     let mut next_ids = ids.iter();
@@ -110,6 +130,22 @@ fn sixteen_sorted_documents_over_several_tiles() {
             m,
         );
     }
+}
+
+/// Scores within the f32 range but beyond it in base 2 (|q|, |k| up to 1.8e19, d = 1): the
+/// AVX-512 kernel's rows overflow, and the plain-Rust kernel, which reads the ids in base e,
+/// computes those entries again.
+#[test]
+fn scores_beyond_the_base_two_range_are_computed_again_in_base_e() {
+    let seg = layout(&[40, 1, 60, 29], 0);
+    let n = seg.len() as u64;
+    check_scaled(
+        SINGLE,
+        &[("h", 2), ("m", n), ("n", n), ("d", 1)],
+        &[seg],
+        3,
+        |p, x| if p < 2 { 0.45e19 * (x + 2.0) } else { x },
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Linear attention without a mask (the key-value-state step of the full-width tier) against
-//! the f64 interpreter on every tier: feature maps fused into the step (elu+1 on 16 lanes;
-//! relu, exp, other chains and a transposed view as row-block kernels) and features read from buffers (identity, a map shared with another
+//! the f64 interpreter on every tier: feature maps fused into the step (elu+1 and feature
+//! programs — relu, exp, sqrt, maximum, … — on 16 lanes; other chains and a transposed view
+//! as row-block kernels) and features read from buffers (identity, a map shared with another
 //! reader); odd shapes (0, 1, 3, 113, and lengths past and off the step's key and row
 //! blocks), m ≠ n both ways, broadcast values; threads 1 and 3 bit-identical (checked by
 //! `common::tiers::check` on every case).
@@ -27,20 +28,7 @@ fn source(phi: &str) -> String {
 /// The linear attention step of `src` planned at `dims` with every full-width tier this CPU
 /// has, and whether each feature was fused (`None`: no such step, or no full-width tier).
 fn fused_features(src: &str, dims: &[(&str, u64)]) -> Option<[bool; 2]> {
-    let b = bindings(dims);
-    let options = PlanOptions {
-        fuse: true,
-        tiers: Tiers::available(Tiers::ALL),
-    };
-    let plan = plan_with(&optimized(&kernel(src), &b), &b, &options).expect("plans");
-    plan.steps.iter().find_map(|s| match &s.kind {
-        StepKind::Linear(l) => Some(
-            l.features
-                .clone()
-                .map(|f| !matches!(f, Features::Buffer(_))),
-        ),
-        _ => None,
-    })
+    feature_kinds(src, dims).map(|kinds| kinds.map(|k| k != "buffer"))
 }
 
 /// Runs `src` at `dims` on every tier against the interpreter (inputs in [-2, 2)).
@@ -108,20 +96,47 @@ fn elu_features_are_fused_and_match_at_odd_shapes() {
     }
 }
 
+/// How the linear attention step of `src` at `dims` gets `φQ` and `φK` on the full-width
+/// tier: "buffer", "elu+1", "lanes" (a 16-lane feature program) or "kernel" (a row-block
+/// kernel).
+fn feature_kinds(src: &str, dims: &[(&str, u64)]) -> Option<[&'static str; 2]> {
+    let b = bindings(dims);
+    let options = PlanOptions {
+        fuse: true,
+        tiers: Tiers::available(Tiers::ALL),
+    };
+    let plan = plan_with(&optimized(&kernel(src), &b), &b, &options).expect("plans");
+    plan.steps.iter().find_map(|s| match &s.kind {
+        StepKind::Linear(l) => Some(l.features.clone().map(|f| match f {
+            Features::Buffer(_) => "buffer",
+            Features::EluPlusOne(_) => "elu+1",
+            Features::Lanes(_) => "lanes",
+            Features::Mapped(_) => "kernel",
+        })),
+        _ => None,
+    })
+}
+
 #[test]
 fn other_feature_maps() {
     let dims = [("h", 2), ("m", 130), ("n", 600), ("d", 6), ("e", 5)];
-    for (phi, fused) in [
-        ("relu(X)", true),
-        ("exp(X / 4)", true),
-        ("elu(X * 2 - 1) + 1.5", true),
-        ("X", false),
+    for (phi, kind) in [
+        ("relu(X)", "lanes"),
+        ("exp(X / 4)", "lanes"),
+        ("exp(X - maximum(X, 1.5) / 2) * 0.25", "lanes"),
+        (
+            "sqrt(abs(X)) + minimum(-X, 0.5) + rsqrt(X + 1) + 3",
+            "lanes",
+        ),
+        ("elu(X * 2 - 1) + 1.5", "kernel"),
+        ("tanh(X) + 1.5", "kernel"),
+        ("X", "buffer"),
     ] {
         let src = source(phi);
         if wide() {
             assert_eq!(
-                fused_features(&src, &dims),
-                Some([fused, fused]),
+                feature_kinds(&src, &dims),
+                Some([kind, kind]),
                 "feature map {phi}"
             );
         }
@@ -186,7 +201,7 @@ fn explain_names_the_fused_feature_maps() {
         .expect("plans")
         .to_string();
     assert!(
-        other.contains("feature maps of φQ (2 nodes) and φK (2 nodes) fused"),
+        other.contains("feature maps of φQ (2 nodes on avx-512) and φK (2 nodes on avx-512) fused"),
         "{other}"
     );
     assert!(

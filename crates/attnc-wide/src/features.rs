@@ -1,11 +1,17 @@
 //! Feature maps of linear attention on 16 f32 lanes, applied to a block of features just
 //! before the products read it: `elu(x) + 1`, the map of `examples/linear.attn`, which the
-//! 128-bit portable code evaluates through `expm1` four lanes at a time.
+//! 128-bit portable code evaluates through `expm1` four lanes at a time, and any other map
+//! written as a [`program::Program`].
 //!
 //! `elu(x) + 1` is `x + 1` for `x > 0` and `eˣ` otherwise (the same value as `eˣ − 1 + 1`
 //! without its rounding near 0). A NaN lane stays NaN; `−∞` gives 0.
 
 use crate::problem::CallError;
+
+pub mod program;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use wide::exp_lanes;
 
 /// `dst[i] = elu(src[i]) + 1` for every element; errors before writing when the lengths
 /// differ.
@@ -51,6 +57,9 @@ mod wide {
     /// out of the reduction.
     const LOW: f32 = -104.0;
 
+    /// Above this, `eˣ` is `∞` in f32; clamping keeps `+∞` out of the reduction.
+    const HIGH: f32 = 100.0;
+
     /// `eʳ` on `|r| ≤ ln2 / 2` by its Taylor polynomial of degree 6 (relative error ≤ 1.3e-7),
     /// highest power first.
     const EXP_POLY: [f32; 7] = [
@@ -63,12 +72,13 @@ mod wide {
         1.0,
     ];
 
-    /// `elu(x) + 1` on 16 lanes.
+    /// `eˣ` on 16 lanes: 0 below the subnormals, `∞` above the range, NaN for NaN.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     #[inline]
-    fn lanes(x: __m512) -> __m512 {
-        // `max` returns its second operand when either is NaN: a NaN lane survives the clamp.
-        let xc = _mm512_max_ps(_mm512_set1_ps(LOW), x);
+    pub(crate) fn exp_lanes(x: __m512) -> __m512 {
+        // `max` and `min` return their second operand when either is NaN: a NaN lane
+        // survives both clamps.
+        let xc = _mm512_min_ps(_mm512_set1_ps(HIGH), _mm512_max_ps(_mm512_set1_ps(LOW), x));
         let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
@@ -78,10 +88,17 @@ mod wide {
         for &c in &EXP_POLY[1..] {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
         }
-        // p · 2ᵏ, with the underflow to subnormals and 0 done by the instruction.
-        let e = _mm512_scalef_ps(p, k);
+        // p · 2ᵏ, with the underflow to subnormals and 0 and the overflow to ∞ done by the
+        // instruction.
+        _mm512_scalef_ps(p, k)
+    }
+
+    /// `elu(x) + 1` on 16 lanes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    fn lanes(x: __m512) -> __m512 {
         let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_setzero_ps());
-        _mm512_mask_add_ps(e, positive, x, _mm512_set1_ps(1.0))
+        _mm512_mask_add_ps(exp_lanes(x), positive, x, _mm512_set1_ps(1.0))
     }
 
     /// [`super::elu_plus_one`] on AVX-512.

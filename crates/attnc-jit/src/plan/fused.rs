@@ -604,7 +604,9 @@ fn plan_linear(
                 shape: shape.clone(),
                 inputs: bufs,
             };
-            Features::of_chain(spec, |s| super::is_contiguous(s, shape), &mut slot)
+            let lanes =
+                p.tiers.avx512 && spec.inputs.iter().all(|&b| p.buffers[b].elem == Elem::F32);
+            Features::of_chain(spec, |s| super::is_contiguous(s, shape), lanes, &mut slot)
         });
     }
     let values = operand(vals, operands[2])?;
