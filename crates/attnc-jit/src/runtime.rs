@@ -18,6 +18,7 @@ use crate::linear::LinearKernel;
 use crate::plan::{plan_outputs, BufferSource, Plan, PlanOptions, StepKind};
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::{Bindings, DType, Kernel};
+use attnc_wide::pages::zeroed;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -591,7 +592,7 @@ impl CompiledKernel {
         };
         Ok(match (&step.kind, handle) {
             (StepKind::Cast(to), _) => {
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 // Plans cast f32 buffers; anything else is widened first.
                 match host_input(0)? {
                     BufferView::F32(src) => cast(src, &mut out, *to),
@@ -605,7 +606,7 @@ impl CompiledKernel {
             }
             (StepKind::Constant(data), _) => Storage::F32(data.to_vec()),
             (StepKind::Unpool(spec), _) => {
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 crate::host::unpool(spec, views, &mut out)?;
                 Storage::F32(out)
             }
@@ -620,12 +621,12 @@ impl CompiledKernel {
                 })?)
             }
             (StepKind::Pool(spec), _) => {
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 crate::host::pool(spec, views, &mut out)?;
                 Storage::F32(out)
             }
             (StepKind::Cumsum(spec), _) => {
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 crate::host::cumsum(spec, views, &mut out)?;
                 Storage::F32(out)
             }
@@ -644,24 +645,24 @@ impl CompiledKernel {
                     op: step.name.clone(),
                     detail: "linear attention step has no kernel".to_string(),
                 })?;
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 kernel.run(views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::Chunked(spec), _) => {
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 crate::chunkwise::run(spec, views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::MatMul(spec), None) if spec.wide => {
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 crate::wide::run_matmul(spec, views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::Attention(spec), _) if wide.is_some() && spec.lse => {
                 let w = wide.expect("invariant: checked by the guard");
                 let rows = spec.stats_offset();
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 let mut lse = vec![0.0f32; spec.batch_count() * spec.m];
                 let (o, stats) = out.split_at_mut(rows);
                 w.run_with_lse(views, o, Some(&mut lse), threads)?;
@@ -678,7 +679,7 @@ impl CompiledKernel {
                 if !entries.is_empty() && spec.segments.is_empty() {
                     // Those entries' rows and statistics from the portable kernel instead.
                     let h = self.portable_attention(step, spec, portable)?;
-                    let mut again = vec![0.0f32; len];
+                    let mut again = zeroed(len);
                     let (per, m) = (spec.m * spec.dv, spec.m);
                     for &e in &entries {
                         h.run_rows(views, &mut again, e, 0..m)?;
@@ -712,7 +713,7 @@ impl CompiledKernel {
                         run_sampled_rows(w, views, (len, spec.dv), rows, threads)?
                     }
                     _ => {
-                        let mut out = vec![0.0f32; len];
+                        let mut out = zeroed(len);
                         match &step.gate {
                             Some(g) => {
                                 let io = (views, &mut out[..]);
@@ -747,7 +748,7 @@ impl CompiledKernel {
                         run_sampled_rows(h, views, (len, spec.dv), rows, threads)?
                     }
                     _ => {
-                        let mut out = vec![0.0f32; len];
+                        let mut out = zeroed(len);
                         match &step.gate {
                             Some(g) => {
                                 let io = (views, &mut out[..]);
@@ -764,7 +765,7 @@ impl CompiledKernel {
                 Storage::F32(out)
             }
             (_, Some(h)) => {
-                let mut out = vec![0.0f32; len];
+                let mut out = zeroed(len);
                 h.run(views, &mut out, threads)?;
                 Storage::F32(out)
             }
@@ -870,7 +871,7 @@ fn run_sampled_rows(
     threads: usize,
 ) -> Result<Vec<f32>> {
     let workers = threads.clamp(1, rows.len().max(1));
-    let mut out = vec![0.0f32; len];
+    let mut out = zeroed(len);
     if workers == 1 {
         for range in rows {
             h.run_rows(views, &mut out, 0, range.clone())?;
@@ -883,7 +884,7 @@ fn run_sampled_rows(
             .chunks(per)
             .map(|chunk| {
                 scope.spawn(move || {
-                    let mut part = vec![0.0f32; len];
+                    let mut part = zeroed(len);
                     for range in chunk {
                         h.run_rows(views, &mut part, 0, range.clone())?;
                     }

@@ -13,7 +13,9 @@
 //! - [`amx`]: bf16 and int8 attention products on AMX tiles (approximate tiers);
 //! - [`backward`]: the gradients of one attention call (FlashAttention-2 from the saved
 //!   output and log-sum-exp), block-sparse by the same tile tables, portable and AVX-512;
-//! - [`features`]: linear attention's feature maps (`elu(x) + 1`) on 16 lanes;
+//! - [`features`]: linear attention's feature maps (`elu(x) + 1`, and any elementwise map as a
+//!   [`features::program::Program`]) on 16 lanes;
+//! - [`pages`]: large zeroed buffers on transparent huge pages (fewer page faults);
 //! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked;
 //! - [`flush`]: flush-to-zero for the span of a kernel (no subnormal results);
 //! - [`peak`]: the measured 512-bit FMA peak benchmarks report against;
@@ -31,6 +33,7 @@ pub mod cpu;
 pub mod features;
 pub mod flush;
 pub mod gemm;
+pub mod pages;
 pub mod peak;
 pub mod portable;
 pub mod problem;

@@ -55,7 +55,7 @@ impl LaneMap {
     }
 
     /// Rows `rows` (over the leading axes, flattened) into `out` (`rows.len() · d`), reading
-    /// `sources` (the step's inputs at [`LaneMap::slots`]).
+    /// `sources` (the step's inputs at the map's slots, in order).
     pub fn run_block(
         &self,
         sources: &[&[f32]],

@@ -1,0 +1,78 @@
+//! Large zeroed buffers on transparent huge pages.
+//!
+//! A plan's temporaries are fresh allocations of up to hundreds of megabytes (Performer's
+//! `[8, 16384, 256]` projections take 134 MB each), mapped by the allocator and faulted in a
+//! 4 KiB page at a time by the step that first writes them: about 33,000 faults per such
+//! buffer, each a trip through the kernel's fault and memory-cgroup paths. Where the kernel
+//! offers huge pages on request (`madvise` mode, the common default), asking for them before
+//! the first write takes 512 times fewer faults, and the buffer then costs fewer TLB misses
+//! to stream. Nothing else changes: the memory is the same zeroed `Vec<f32>`.
+
+/// Buffers from this size on are advised (below it a huge page would be mostly slack).
+const HUGE_FROM_BYTES: usize = 4 << 20;
+
+/// A huge page's size on x86-64 and aarch64 Linux with 4 KiB base pages.
+#[cfg(target_os = "linux")]
+const HUGE_PAGE: usize = 2 << 20;
+
+/// `len` zeros, on huge pages where the kernel grants them for buffers this large.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    let buffer = vec![0.0f32; len];
+    if std::mem::size_of_val(buffer.as_slice()) >= HUGE_FROM_BYTES {
+        advise_huge(&buffer);
+    }
+    buffer
+}
+
+/// Asks for huge pages over the whole 2 MiB pages inside `buffer` (a hint: refusals and
+/// errors change nothing).
+#[cfg(target_os = "linux")]
+fn advise_huge(buffer: &[f32]) {
+    let start = buffer.as_ptr() as usize;
+    let end = start + std::mem::size_of_val(buffer);
+    let first = start.next_multiple_of(HUGE_PAGE);
+    let last = end / HUGE_PAGE * HUGE_PAGE;
+    if last <= first {
+        return;
+    }
+    // SAFETY: the range lies inside `buffer`'s allocation, which stays mapped while borrowed;
+    // MADV_HUGEPAGE changes how the range is backed, never its contents or its mapping.
+    unsafe {
+        libc::madvise(
+            first as *mut libc::c_void,
+            last - first,
+            libc::MADV_HUGEPAGE,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_buffer: &[f32]) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_of_every_size_are_zeroed_and_writable() {
+        for len in [
+            0,
+            1,
+            1000,
+            (HUGE_FROM_BYTES / 4) - 1,
+            3 * HUGE_FROM_BYTES / 4 + 17,
+        ] {
+            let mut buffer = zeroed(len);
+            assert_eq!(buffer.len(), len);
+            assert!(buffer.iter().all(|&x| x == 0.0));
+            for (i, x) in buffer.iter_mut().enumerate().step_by(4096) {
+                *x = i as f32;
+            }
+            assert!(buffer
+                .iter()
+                .enumerate()
+                .step_by(4096)
+                .all(|(i, &x)| x == i as f32));
+        }
+    }
+}
