@@ -51,6 +51,7 @@ use crate::kernels::prefix::PrefixSpec;
 use crate::kernels::reduce::AxisSpec;
 use crate::linear::LinearStep;
 use attnc_ir::{Bindings, DType, Kernel, NodeId, Op, ReduceOp};
+use attnc_wide::reduce::RowReduce;
 use std::sync::Arc;
 
 /// Where a buffer's contents come from.
@@ -82,6 +83,9 @@ pub enum StepKind {
     MatMul(MatMulSpec),
     /// A reduction of a contiguous `[outer, len, inner]` input.
     Reduce(ReduceOp, AxisSpec),
+    /// A reduction of each contiguous f32 row of an `[outer, len, 1]` input on 16 lanes
+    /// (`attnc-wide`'s `reduce`, the full-width tier), run by the host.
+    RowReduce(RowReduce, AxisSpec),
     /// A softmax of a contiguous `[outer, len, inner]` input along `len`.
     Softmax(AxisSpec),
     /// A softmax with one sink logit per lane: reads the contiguous `[outer, len, 1]` input
@@ -158,7 +162,10 @@ impl Step {
         match &self.kind {
             StepKind::Elementwise(s) => s.work(),
             StepKind::MatMul(s) => s.work(),
-            StepKind::Reduce(_, s) | StepKind::Softmax(s) | StepKind::SoftmaxSink(s) => s.work(),
+            StepKind::Reduce(_, s)
+            | StepKind::RowReduce(_, s)
+            | StepKind::Softmax(s)
+            | StepKind::SoftmaxSink(s) => s.work(),
             StepKind::Cast(_)
             | StepKind::Pool(_)
             | StepKind::Unpool(_)
@@ -320,6 +327,10 @@ impl std::fmt::Display for Plan {
                         "{op} [{} x {} x {}] along the middle axis",
                         s.outer, s.len, s.inner
                     )
+                }
+                StepKind::RowReduce(op, s) => {
+                    let op = format!("{op:?}").to_lowercase();
+                    format!("{op} [{} x {}] along rows [avx-512]", s.outer, s.len)
                 }
                 StepKind::Constant(data) => {
                     format!("constant ({} f32, computed at compile time)", data.len())
@@ -502,7 +513,7 @@ impl Planner<'_> {
         let tag = match &kind {
             StepKind::Elementwise(_) => "ew",
             StepKind::MatMul(_) => "matmul",
-            StepKind::Reduce(..) => "reduce",
+            StepKind::Reduce(..) | StepKind::RowReduce(..) => "reduce",
             StepKind::Softmax(_) => "softmax",
             StepKind::SoftmaxSink(_) => "softmax_sink",
             StepKind::Pool(_) => "pool",

@@ -202,6 +202,7 @@ impl CompiledKernel {
                 | StepKind::Unpool(_)
                 | StepKind::Cumsum(_)
                 | StepKind::Stats(_)
+                | StepKind::RowReduce(..)
                 | StepKind::Quantize(_) => None,
                 StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
                     kernels::elementwise::emit(b, KernelArgs::new(p), spec)
@@ -625,6 +626,17 @@ impl CompiledKernel {
                 crate::host::pool(spec, views, &mut out)?;
                 Storage::F32(out)
             }
+            (StepKind::RowReduce(op, spec), _) => {
+                let BufferView::F32(src) = host_input(0)? else {
+                    return Err(JitError::Plan {
+                        op: step.name.clone(),
+                        detail: "a row reduction reads f32 rows".to_string(),
+                    });
+                };
+                let mut out = zeroed(len);
+                row_reduce(*op, spec, src, &mut out, threads)?;
+                Storage::F32(out)
+            }
             (StepKind::Cumsum(spec), _) => {
                 let mut out = zeroed(len);
                 crate::host::cumsum(spec, views, &mut out)?;
@@ -780,6 +792,37 @@ impl CompiledKernel {
 }
 
 /// A lazily compiled portable kernel (or why it could not be compiled).
+/// Rows of a reduction per work item of [`row_reduce`].
+const REDUCED_ROWS: usize = 1024;
+
+/// Reduces each `spec.len`-element row of `src` into `out` (one value per row), blocks of
+/// rows dealt to `threads` threads.
+fn row_reduce(
+    op: attnc_wide::reduce::RowReduce,
+    spec: &crate::kernels::reduce::AxisSpec,
+    src: &[f32],
+    out: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    let len = spec.len;
+    if out.len() != spec.outer || src.len() != spec.outer * len {
+        return Err(JitError::Buffer {
+            input: "row reduction".to_string(),
+            detail: format!(
+                "{} elements are not {} rows of {len}",
+                src.len(),
+                spec.outer
+            ),
+        });
+    }
+    let items: Vec<(usize, &mut [f32])> = out.chunks_mut(REDUCED_ROWS).enumerate().collect();
+    crate::wide::deal(items, threads, |(block, rows)| {
+        let first = block * REDUCED_ROWS * len;
+        let part = &src[first..first + rows.len() * len];
+        attnc_wide::reduce::rows(op, part, len, rows).map_err(crate::wide::wide_err)
+    })
+}
+
 /// The plain-Rust kernel of an attention whose mask is built from data (document ids, a
 /// block selection): it scores in base e, so it rescues the entries whose base-2 scores left
 /// the f32 range on the AVX-512 tier, where the Cranelift kernel cannot read the ids.

@@ -15,6 +15,7 @@
 //!   output and log-sum-exp), block-sparse by the same tile tables, portable and AVX-512;
 //! - [`features`]: linear attention's feature maps (`elu(x) + 1`, and any elementwise map as a
 //!   [`features::program::Program`]) on 16 lanes;
+//! - [`reduce`]: sums, means and maxima of contiguous rows on 16 lanes;
 //! - [`pages`]: large zeroed buffers on transparent huge pages (fewer page faults);
 //! - [`gemm`]: plain f32 matrix products (through the `gemm` crate), bounds-checked;
 //! - [`flush`]: flush-to-zero for the span of a kernel (no subnormal results);
@@ -33,7 +34,9 @@ pub mod cpu;
 pub mod features;
 pub mod flush;
 pub mod gemm;
+mod ieee;
 pub mod pages;
 pub mod peak;
 pub mod portable;
 pub mod problem;
+pub mod reduce;

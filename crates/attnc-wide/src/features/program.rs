@@ -268,6 +268,7 @@ mod wide {
 
     use super::{Binary, Node, Program, Unary, STRIP};
     use crate::features::exp_lanes;
+    use crate::ieee::{maximum, minimum};
 
     const LANES: usize = 16;
 
@@ -516,18 +517,8 @@ mod wide {
             Binary::Sub => _mm512_sub_ps(a, b),
             Binary::Mul => _mm512_mul_ps(a, b),
             Binary::Div => _mm512_div_ps(a, b),
-            Binary::Max | Binary::Min => {
-                let (pick, same) = if op == Binary::Max {
-                    (_mm512_max_ps(a, b), _mm512_and_ps(a, b))
-                } else {
-                    (_mm512_min_ps(a, b), _mm512_or_ps(a, b))
-                };
-                // Equal operands (±0 among them) by their bits' AND (OR), NaN if either is.
-                let equal = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(a, b);
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, b);
-                let x = _mm512_mask_blend_ps(equal, pick, same);
-                _mm512_mask_blend_ps(nan, x, _mm512_add_ps(a, b))
-            }
+            Binary::Max => maximum(a, b),
+            Binary::Min => minimum(a, b),
         }
     }
 }
