@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::jit::RowBlockKernel;
 use crate::kernels::elementwise::{ElementwiseSpec, Expr};
 use crate::kernels::prefix::PrefixSpec;
-use crate::wide::{batch_index, buffer_err, deal, wide_err};
+use crate::wide::{batch_index, buffer_err, deal, deal_with, wide_err};
 use attnc_ir::{BinaryOp, Normalizer, UnaryOp};
 use attnc_wide::features::elu_plus_one;
 use attnc_wide::features::program::Scratch;
@@ -203,10 +203,10 @@ impl LinearKernel {
             let (k0, v0) = (offset(e, 1), offset(e, 2));
             let mut kv = vec![0.0f32; d * dv];
             let mut sums = vec![0.0f32; d];
-            let mut scratch = Vec::new();
+            let (mut scratch, mut lanes) = (Vec::new(), Scratch::default());
             for r0 in (0..n).step_by(KEY_BLOCK) {
                 let count = KEY_BLOCK.min(n - r0);
-                let block = keys.block(k0 + r0 * d, count, d, &mut scratch)?;
+                let block = keys.block(k0 + r0 * d, count, d, &mut scratch, &mut lanes)?;
                 let kt = Matrix {
                     data: block,
                     rows: d,
@@ -249,11 +249,17 @@ impl LinearKernel {
             }
         }
         let states = &states;
-        deal(rows, threads, |(e, r0, chunk)| {
+        let scratch = BlockScratch::default;
+        deal_with(rows, threads, scratch, |own, (e, r0, chunk)| {
             let count = chunk.len() / dv;
-            let mut scratch = Vec::new();
-            let block = queries.block(offset(e, 0) + r0 * d, count, d, &mut scratch)?;
-            let mut both = vec![0.0f32; count * width];
+            let BlockScratch {
+                features,
+                lanes,
+                both,
+            } = own;
+            let block = queries.block(offset(e, 0) + r0 * d, count, d, features, lanes)?;
+            both.clear();
+            both.resize(count * width, 0.0);
             let qm = Matrix {
                 data: block,
                 rows: count,
@@ -268,7 +274,7 @@ impl LinearKernel {
                 row_stride: width,
                 col_stride: 1,
             };
-            sgemm(&qm, &sm, &mut both).map_err(wide_err)?;
+            sgemm(&qm, &sm, both).map_err(wide_err)?;
             for (row, got) in chunk.chunks_mut(dv).zip(both.chunks_exact(width)) {
                 match spec.normalizer {
                     Normalizer::None => row.copy_from_slice(&got[..dv]),
@@ -314,6 +320,16 @@ impl LinearKernel {
     }
 }
 
+/// Buffers one thread reuses across the row blocks it computes (allocating them per block
+/// costs a map and a round of page faults each at these sizes).
+#[derive(Default)]
+struct BlockScratch {
+    features: Vec<f32>,
+    lanes: Scratch,
+    /// `[φq_i S | φq_i z]` per row.
+    both: Vec<f32>,
+}
+
 /// The rows of `φQ` or `φK`: read from a buffer, or computed block by block.
 enum FeatureRows<'a> {
     Buffer(&'a [f32]),
@@ -330,13 +346,14 @@ enum FeatureRows<'a> {
 
 impl FeatureRows<'_> {
     /// The `count` rows of `d` features from element `start` (a row boundary), borrowed from
-    /// the buffer or computed into `scratch`.
+    /// the buffer or computed into `scratch` (a feature program's strips in `lanes`).
     fn block<'s>(
         &'s self,
         start: usize,
         count: usize,
         d: usize,
         scratch: &'s mut Vec<f32>,
+        lanes: &mut Scratch,
     ) -> Result<&'s [f32]> {
         let len = count * d;
         match self {
@@ -354,8 +371,7 @@ impl FeatureRows<'_> {
             FeatureRows::Lanes { map, sources } => {
                 scratch.resize(len, 0.0);
                 let first = start / d.max(1);
-                let mut lanes = Scratch::default();
-                map.run_block(sources, first..first + count, scratch, &mut lanes)?;
+                map.run_block(sources, first..first + count, scratch, lanes)?;
                 Ok(scratch)
             }
             FeatureRows::Mapped { kernel, views } => {

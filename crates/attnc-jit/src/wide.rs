@@ -785,16 +785,32 @@ pub(crate) fn deal<T: Send>(
     threads: usize,
     work: impl Fn(T) -> Result<()> + Sync,
 ) -> Result<()> {
+    deal_with(items, threads, || (), |_, item| work(item))
+}
+
+/// [`deal`] with a state per thread, made by `state` once and passed to each of that
+/// thread's items (scratch buffers reused across items instead of allocated per item).
+pub(crate) fn deal_with<T: Send, S>(
+    items: Vec<T>,
+    threads: usize,
+    state: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, T) -> Result<()> + Sync,
+) -> Result<()> {
     let threads = threads.clamp(1, items.len().max(1));
     let mut shares: Vec<Vec<T>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, item) in items.into_iter().enumerate() {
         shares[i % threads].push(item);
     }
-    let work = &work;
+    let (work, state) = (&work, &state);
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = shares
             .into_iter()
-            .map(|share| scope.spawn(move || share.into_iter().try_for_each(work)))
+            .map(|share| {
+                scope.spawn(move || {
+                    let mut own = state();
+                    share.into_iter().try_for_each(|item| work(&mut own, item))
+                })
+            })
             .collect();
         handles
             .into_iter()
