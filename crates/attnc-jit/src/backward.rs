@@ -28,6 +28,7 @@ use crate::wide::{batch_index, buffer_err, Tier, WideAttention};
 pub use attnc_wide::backward::Saved;
 
 use attnc_wide::backward::{self as kernel, BiasGrad, Gradients};
+use attnc_wide::pages::zeroed;
 
 /// Where one gradient goes: an operand's shape broadcast into the batch, contiguous.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,7 +136,7 @@ impl AttentionBackward {
         let spec = &self.spec;
         let (entries, m, dv) = (spec.batch_count(), spec.m, spec.dv);
         let mut saved = Residuals {
-            o: vec![0.0; entries * m * dv],
+            o: zeroed(entries * m * dv),
             lse: vec![f32::NEG_INFINITY; entries * m],
         };
         if entries == 0 || m == 0 || spec.n == 0 {
@@ -175,7 +176,7 @@ impl AttentionBackward {
         let entries = spec.batch_count();
         let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
         let blocks: Vec<usize> = self.grads.iter().map(|g| self.block_len(g)).collect();
-        let mut outputs: Vec<Vec<f32>> = self.grads.iter().map(|g| vec![0.0; g.len()]).collect();
+        let mut outputs: Vec<Vec<f32>> = self.grads.iter().map(|g| zeroed(g.len())).collect();
         if entries == 0 || m == 0 || n == 0 {
             return Ok(outputs);
         }
@@ -204,13 +205,15 @@ impl AttentionBackward {
             .iter()
             .zip(&direct)
             .zip(&blocks)
-            .map(|((_, &dir), &b)| {
-                if dir {
-                    Vec::new()
-                } else {
-                    vec![0.0; entries * b]
-                }
-            })
+            .map(
+                |((_, &dir), &b)| {
+                    if dir {
+                        Vec::new()
+                    } else {
+                        zeroed(entries * b)
+                    }
+                },
+            )
             .collect();
         {
             // Per entry, one block of each gradient.
