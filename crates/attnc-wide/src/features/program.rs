@@ -527,6 +527,11 @@ mod wide {
 mod tests {
     use super::*;
 
+    /// A load of source `source` with column stride `stride`.
+    fn load(source: usize, stride: usize) -> Node {
+        Node::Load { source, stride }
+    }
+
     fn unary_ops() -> [Unary; 6] {
         [
             Unary::Neg,
@@ -592,14 +597,7 @@ mod tests {
         let y: Vec<f32> = x.iter().rev().copied().collect();
         let mut scratch = Scratch::default();
         for op in unary_ops() {
-            let program = Program::new(vec![
-                Node::Load {
-                    source: 0,
-                    stride: 1,
-                },
-                Node::Unary(op, 0),
-            ])
-            .expect("a program");
+            let program = Program::new(vec![load(0, 1), Node::Unary(op, 0)]).expect("a program");
             let mut out = vec![0.0f32; n];
             program
                 .run_row(&[&x], &[0], &mut out, &mut scratch)
@@ -614,18 +612,8 @@ mod tests {
             }
         }
         for op in binary_ops() {
-            let program = Program::new(vec![
-                Node::Load {
-                    source: 0,
-                    stride: 1,
-                },
-                Node::Load {
-                    source: 1,
-                    stride: 1,
-                },
-                Node::Binary(op, 0, 1),
-            ])
-            .expect("a program");
+            let program = Program::new(vec![load(0, 1), load(1, 1), Node::Binary(op, 0, 1)])
+                .expect("a program");
             let mut out = vec![0.0f32; n];
             program
                 .run_row(&[&x, &y], &[0, 0], &mut out, &mut scratch)
@@ -667,21 +655,12 @@ mod tests {
     #[test]
     fn performer_features_match_the_f64_map() {
         let program = Program::new(vec![
-            Node::Load {
-                source: 0,
-                stride: 1,
-            },
-            Node::Load {
-                source: 1,
-                stride: 0,
-            },
+            load(0, 1),
+            load(1, 0),
             Node::Const(0.5),
             Node::Binary(Binary::Mul, 1, 2),
             Node::Binary(Binary::Sub, 0, 3),
-            Node::Load {
-                source: 2,
-                stride: 0,
-            },
+            load(2, 0),
             Node::Binary(Binary::Sub, 4, 5),
             Node::Unary(Unary::Exp, 6),
             Node::Const(0.0625),
@@ -717,11 +696,7 @@ mod tests {
     fn strided_loads_and_uniform_results_fill_every_column() {
         // A gathered load (stride 3) and a program whose result is uniform.
         let x: Vec<f32> = (0..60).map(|i| i as f32).collect();
-        let gathered = Program::new(vec![Node::Load {
-            source: 0,
-            stride: 3,
-        }])
-        .expect("a program");
+        let gathered = Program::new(vec![load(0, 3)]).expect("a program");
         let mut out = vec![0.0f32; 20];
         let mut scratch = Scratch::default();
         gathered
@@ -741,11 +716,7 @@ mod tests {
     fn bad_programs_and_rows_are_refused() {
         assert!(Program::new(Vec::new()).is_err());
         assert!(Program::new(vec![Node::Unary(Unary::Exp, 0)]).is_err());
-        let program = Program::new(vec![Node::Load {
-            source: 0,
-            stride: 2,
-        }])
-        .expect("a program");
+        let program = Program::new(vec![load(0, 2)]).expect("a program");
         let x = [1.0f32; 10];
         let mut scratch = Scratch::default();
         // Columns 0..5 at stride 2 from 1 reach element 9: inside; from 2, element 10: not.
