@@ -148,6 +148,59 @@ fn scores_beyond_the_base_two_range_are_computed_again_in_base_e() {
     );
 }
 
+/// The same scores with the log-sum-exp returned beside O (one attention step writes both):
+/// the rescued entries take the plain-Rust kernel's rows and statistics, on every tier.
+#[test]
+fn the_log_sum_exp_beyond_the_base_two_range_is_computed_again_in_base_e() {
+    let src = "kernel k(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], seg: i32[n]) \
+        -> (f32[h, n, d], f32[h, n, 1]) {
+        let s = mask(q @ k.T / sqrt(d), causal & document(seg));
+        return (softmax(s) @ v, logsumexp(s, -1));
+    }";
+    let seg = layout(&[40, 1, 60, 29], 0);
+    let n = seg.len() as u64;
+    let k = kernel(src);
+    let b = bindings(&[("h", 2), ("n", n), ("d", 1)]);
+    let fused = optimized(&k, &b);
+    let (mut floats, mut arrays) = inputs(&k, &b, std::slice::from_ref(&seg), 4);
+    for (f, a) in floats.iter_mut().zip(&mut arrays).take(2) {
+        f.iter_mut().for_each(|x| *x = 0.45e19 * (*x + 2.0));
+        a.iter_mut()
+            .zip(f.iter())
+            .for_each(|(y, &x)| *y = f64::from(x));
+    }
+    let want = attnc_ir::interp::evaluate_all(&k, &b, &arrays).expect("interpreter");
+    let views = [
+        Input::F32(&floats[0]),
+        Input::F32(&floats[1]),
+        Input::F32(&floats[2]),
+        Input::I32(&seg),
+    ];
+    for tiers in [
+        attnc_jit::CompileOptions::default().tiers,
+        attnc_jit::wide::Tiers::NONE,
+    ] {
+        let options = attnc_jit::CompileOptions {
+            tiers,
+            ..attnc_jit::CompileOptions::default()
+        };
+        let nodes = fused.output_nodes();
+        let compiled = attnc_jit::CompiledKernel::compile_outputs(&fused, &nodes, &b, &options)
+            .expect("compiles");
+        let attention = compiled
+            .plan()
+            .steps
+            .iter()
+            .filter(|s| matches!(&s.kind, attnc_jit::plan::StepKind::Attention(a) if a.lse));
+        assert_eq!(attention.count(), 1, "{}", compiled.plan());
+        let got = compiled.run_outputs(&views, 2).expect("runs");
+        for (got, want) in got.iter().zip(&want) {
+            let err = common::rel_l2(&got.data, want);
+            assert!(err <= common::REL_L2, "{tiers:?}: relative L2 {err:e}");
+        }
+    }
+}
+
 #[test]
 fn more_queries_than_keys_keep_nothing_before_the_first_key() {
     let seg = layout(&[3, 5, 2], 0);
