@@ -432,8 +432,8 @@ fn empty_dimensions_give_empty_or_zero_gradients() {
 
 #[test]
 fn shapes_around_the_tiles_match() {
-    // Lengths at, one under and one past the 64-wide tiles, and past a group of 8 key tiles
-    // (the AVX-512 kernel's unit of work: 512 keys), with every mask family. (ALiBi slopes
+    // Lengths at, one under and one past the 64-wide tiles, and rows of 600 and 700 keys,
+    // with every mask family. (ALiBi slopes
     // only on the short rows: over 700 keys the portable kernel's dV carries ~1e-5 of error
     // from scores as large as |slope|·n.)
     for (s, &(m, n)) in [

@@ -90,21 +90,13 @@ struct Env<'a> {
     program: Option<MaskProgram<'a>>,
 }
 
-/// Key tiles computed together: each query tile that visits any of them is visited for all of
-/// them in a row, so its Q, dO and dQ rows stream through L2 once per group rather than once
-/// per key tile (at n = 4096, d = 64 those rows are 3 MiB per head, more than this CPU's L2).
-/// The group's packed tiles and accumulators take `4 · 8 · 16 KiB` at d = dv = 64. Every sum
-/// keeps its order (dK, dV over query tiles ascending, dQ over key tiles ascending).
-const KEY_GROUP: usize = 8;
-
-/// Scratch of one call: packed `Kᵀ`, `Vᵀ` of a group of key tiles, their `dKᵀ`, `dVᵀ`, which of
-/// them the current pair is (`at`), and the score-sized tiles of one pair.
+/// Scratch of one call: packed `Kᵀ`, `Vᵀ` of a key tile, the key tile's `dKᵀ`, `dVᵀ`, and the
+/// score-sized tiles of one pair.
 struct Scratch {
     kt: Vec<f32>,
     vt: Vec<f32>,
     dkt: Vec<f32>,
     dvt: Vec<f32>,
-    at: usize,
     s: Vec<f32>,
     dp: Vec<f32>,
     ds: Vec<f32>,
@@ -157,54 +149,29 @@ pub(crate) unsafe fn run(
         g.fill(0.0);
     }
     let mut masks = env.program.as_ref().map(|p| p.buffers(QT * VECTORS));
-    let (kd, kdv) = (d.max(1) * KT, dv.max(1) * KT);
     let mut scratch = Scratch {
-        kt: vec![0.0; KEY_GROUP * kd],
-        vt: vec![0.0; KEY_GROUP * kdv],
-        dkt: vec![0.0; KEY_GROUP * kd],
-        dvt: vec![0.0; KEY_GROUP * kdv],
-        at: 0,
+        kt: vec![0.0; d.max(1) * KT],
+        vt: vec![0.0; dv.max(1) * KT],
+        dkt: vec![0.0; d.max(1) * KT],
+        dvt: vec![0.0; dv.max(1) * KT],
         s: vec![0.0; QT * KT],
         dp: vec![0.0; QT * KT],
         ds: vec![0.0; QT * KT],
         kept: vec![0; QT * VECTORS],
         slope: _mm512_setzero_ps(),
     };
-    let visits = by_key_tile(call);
-    for g0 in (0..visits.len()).step_by(KEY_GROUP) {
-        let group = g0..(g0 + KEY_GROUP).min(visits.len());
-        // Kᵀ and Vᵀ of each tile, keys past n zero.
-        for (at, t) in group.clone().enumerate() {
-            let (j0, kn) = (t * KT, KT.min(n - t * KT));
-            pack_t(
-                &env.k.0,
-                env.k.1,
-                j0,
-                kn,
-                d,
-                &mut scratch.kt[at * kd..(at + 1) * kd],
-            );
-            pack_t(
-                &v,
-                v_stride,
-                j0,
-                kn,
-                dv,
-                &mut scratch.vt[at * kdv..(at + 1) * kdv],
-            );
+    for (t, visits) in by_key_tile(call).into_iter().enumerate() {
+        if visits.is_empty() {
+            continue;
         }
+        let j0 = t * KT;
+        let kn = KT.min(n - j0);
+        // Kᵀ and Vᵀ of the tile, keys past n zero.
+        pack_t(&env.k.0, env.k.1, j0, kn, d, &mut scratch.kt);
+        pack_t(&v, v_stride, j0, kn, dv, &mut scratch.vt);
         scratch.dkt.fill(0.0);
         scratch.dvt.fill(0.0);
-        // The group's pairs by query tile, then key tile.
-        let mut pairs: Vec<(usize, usize, bool)> = group
-            .clone()
-            .enumerate()
-            .flat_map(|(at, t)| visits[t].iter().map(move |&(q, partial)| (q, at, partial)))
-            .collect();
-        pairs.sort_unstable_by_key(|&(q, at, _)| (q, at));
-        for (qtile, at, partial) in pairs {
-            let j0 = (g0 + at) * KT;
-            scratch.at = at;
+        for (qtile, partial) in visits {
             // SAFETY: the caller's contract; the table lists tiles inside m and n.
             unsafe {
                 pair(
@@ -212,23 +179,20 @@ pub(crate) unsafe fn run(
                     &mut scratch,
                     masks.as_mut(),
                     grads,
-                    (qtile * QT, j0, KT.min(n - j0)),
+                    (qtile * QT, j0, kn),
                     partial,
                 )
             };
         }
-        // The tiles' dK and dV rows, transposed back.
-        for (at, t) in group.enumerate() {
-            let (j0, kn) = (t * KT, KT.min(n - t * KT));
-            for (g, acc, cols) in [
-                (grads.dk.as_deref_mut(), &scratch.dkt[at * kd..], d),
-                (grads.dv.as_deref_mut(), &scratch.dvt[at * kdv..], dv),
-            ] {
-                if let Some(g) = g {
-                    for jj in 0..kn {
-                        for c in 0..cols {
-                            g[(j0 + jj) * cols + c] = acc[c * KT + jj];
-                        }
+        // The tile's dK and dV rows, transposed back.
+        for (g, acc, cols) in [
+            (grads.dk.as_deref_mut(), &scratch.dkt, d),
+            (grads.dv.as_deref_mut(), &scratch.dvt, dv),
+        ] {
+            if let Some(g) = g {
+                for jj in 0..kn {
+                    for c in 0..cols {
+                        g[(j0 + jj) * cols + c] = acc[c * KT + jj];
                     }
                 }
             }
@@ -296,7 +260,7 @@ unsafe fn pair(
         products(
             q.as_ptr().add(i0 * qs),
             qs,
-            &scratch.kt[scratch.at * d.max(1) * KT..],
+            &scratch.kt,
             d,
             qn,
             &mut scratch.s,
@@ -317,7 +281,7 @@ unsafe fn pair(
             products(
                 env.d_o.as_ptr().add(i0 * dv),
                 dv,
-                &scratch.vt[scratch.at * dv.max(1) * KT..],
+                &scratch.vt,
                 dv,
                 qn,
                 out,
@@ -335,7 +299,7 @@ unsafe fn pair(
         // SAFETY: dO rows i0..i0+qn (dv each); dVᵀ holds dv·64; P holds qn·64.
         unsafe {
             accumulate_t(
-                &mut scratch.dvt[scratch.at * dv.max(1) * KT..],
+                &mut scratch.dvt,
                 env.d_o.as_ptr().add(i0 * dv),
                 dv,
                 dv,
@@ -349,7 +313,7 @@ unsafe fn pair(
         // SAFETY: Q rows i0..i0+qn (d each); dKᵀ holds d·64; dS holds qn·64.
         unsafe {
             accumulate_t(
-                &mut scratch.dkt[scratch.at * d.max(1) * KT..],
+                &mut scratch.dkt,
                 q.as_ptr().add(i0 * qs),
                 qs,
                 d,
