@@ -128,7 +128,7 @@ fn other_feature_maps() {
             "sqrt(abs(X)) + minimum(-X, 0.5) + rsqrt(X + 1) + 3",
             "lanes",
         ),
-        ("elu(X * 2 - 1) + 1.5", "kernel"),
+        ("elu(X * 2 - 1) + 1.5", "lanes"),
         ("tanh(X) + 1.5", "kernel"),
         ("X", "buffer"),
     ] {

@@ -1,6 +1,6 @@
 //! Feature maps evaluated on 16 lanes: an elementwise chain of the operations `attnc-wide`'s
 //! [`Program`] knows (arithmetic, `maximum`/`minimum`, `exp`, `sqrt`, `rsqrt`, `relu`, `abs`,
-//! negation) over f32 buffers, lowered once at plan time and run a row at a time on the
+//! `elu`, negation) over f32 buffers, lowered once at plan time and run a row at a time on the
 //! block the step is about to read. Performer's `exp(xω − |x|²/2 − max)/√m` is the map this
 //! exists for: its 256 exponentials per row dominate the step on 128-bit code.
 
@@ -124,6 +124,7 @@ impl Lowering {
                     UnaryOp::Rsqrt => Unary::Rsqrt,
                     UnaryOp::Relu => Unary::Relu,
                     UnaryOp::Abs => Unary::Abs,
+                    UnaryOp::Elu => Unary::Elu,
                     _ => return None,
                 };
                 Node::Unary(op, self.node(x)?)
