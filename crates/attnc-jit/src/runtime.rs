@@ -740,17 +740,19 @@ impl CompiledKernel {
                     w.run_rows(v, o, e, 0..spec.m)
                 })?;
                 let entries = crate::finite::beyond_base_two(spec, w.score(), views, &out);
-                if !entries.is_empty() && spec.segments.is_empty() {
-                    let h = self.portable_attention(step, spec, portable)?;
-                    crate::finite::recompute(spec, views, &mut out, &entries, |v, o, e| {
-                        h.run_rows(v, o, e, 0..spec.m)
-                    })?;
-                } else if !entries.is_empty() {
-                    // A mask built from data: the plain-Rust kernel reads its ids in base e.
-                    let h = data_mask_fallback(spec)?;
-                    crate::finite::recompute(spec, views, &mut out, &entries, |v, o, e| {
-                        h.run_rows(v, o, e, 0..spec.m)
-                    })?;
+                if !entries.is_empty() {
+                    // A mask built from data: the plain-Rust kernel reads its ids in base e;
+                    // any other, the generated portable kernel.
+                    type Rows<'r> =
+                        Box<dyn Fn(&[BufferView<'_>], &mut [f32], usize) -> Result<()> + 'r>;
+                    let rows: Rows<'_> = if spec.segments.is_empty() {
+                        let h = self.portable_attention(step, spec, portable)?;
+                        Box::new(move |v, o, e| h.run_rows(v, o, e, 0..spec.m))
+                    } else {
+                        let h = data_mask_fallback(spec)?;
+                        Box::new(move |v, o, e| h.run_rows(v, o, e, 0..spec.m))
+                    };
+                    crate::finite::recompute(spec, views, &mut out, &entries, rows)?;
                 }
                 Storage::F32(out)
             }
@@ -791,7 +793,6 @@ impl CompiledKernel {
     }
 }
 
-/// A lazily compiled portable kernel (or why it could not be compiled).
 /// Rows of a reduction per work item of [`row_reduce`].
 const REDUCED_ROWS: usize = 1024;
 
@@ -834,6 +835,7 @@ fn data_mask_fallback(spec: &crate::kernels::attention::AttentionSpec) -> Result
     })
 }
 
+/// A lazily compiled portable kernel (or why it could not be compiled).
 type PortableCell = OnceLock<std::result::Result<KernelHandle, String>>;
 
 /// What runs one step: its generated kernel, full-width attention, lazily compiled portable
