@@ -81,6 +81,10 @@ mod tile;
 #[cfg(target_arch = "x86_64")]
 mod widen;
 
+/// The lane mask of the first `count` of 16 lanes, for the other 16-lane code of the crate.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use widen::first_lanes;
+
 /// Query rows per query tile: four vectors of 16 lanes.
 pub const QUERY_TILE: usize = 64;
 

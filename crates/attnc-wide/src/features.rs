@@ -49,6 +49,8 @@ pub fn scalar(x: f32) -> f32 {
 mod wide {
     use std::arch::x86_64::*;
 
+    use crate::attention::first_lanes;
+
     /// `ln 2` split so that `k · LN2_HI` is exact for the `|k| ≤ 151` used here.
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -145,11 +147,7 @@ mod wide {
         let mut i = 0;
         while i < len {
             let count = (len - i).min(16);
-            let mask: __mmask16 = if count == 16 {
-                u16::MAX
-            } else {
-                (1u16 << count) - 1
-            };
+            let mask = first_lanes(count);
             // SAFETY: lanes i..i + count of both slices exist (count ≤ len − i); the masked
             // load and store touch no other lane.
             unsafe {

@@ -75,6 +75,7 @@ mod wide {
     use std::arch::x86_64::*;
 
     use super::{maximum, RowReduce};
+    use crate::attention::first_lanes;
     use crate::ieee;
 
     const LANES: usize = 16;
@@ -109,11 +110,7 @@ mod wide {
         let mut k = 0;
         while c < row.len() {
             let count = (row.len() - c).min(LANES);
-            let lanes = if count == LANES {
-                u16::MAX
-            } else {
-                (1u16 << count) - 1
-            };
+            let lanes = first_lanes(count);
             // SAFETY: lanes c..c + count are inside the row; the others are not read.
             let x = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes, p.add(c)) };
             acc[k] = combine(acc[k], x);

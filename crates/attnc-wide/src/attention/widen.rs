@@ -166,7 +166,7 @@ pub(super) fn natural_order<E: Widen>(block: &[f32], out: &mut [f32]) {
 
 /// The lanes `0..count` (all 16 for `count ≥ 16`).
 #[inline]
-pub(super) fn first_lanes(count: usize) -> __mmask16 {
+pub(crate) fn first_lanes(count: usize) -> __mmask16 {
     if count >= 16 {
         0xffff
     } else {
