@@ -249,45 +249,49 @@ impl LinearKernel {
             }
         }
         let states = &states;
-        let scratch = BlockScratch::default;
-        deal_with(rows, threads, scratch, |own, (e, r0, chunk)| {
-            let count = chunk.len() / dv;
-            let BlockScratch {
-                features,
-                lanes,
-                both,
-            } = own;
-            let block = queries.block(offset(e, 0) + r0 * d, count, d, features, lanes)?;
-            both.clear();
-            both.resize(count * width, 0.0);
-            let qm = Matrix {
-                data: block,
-                rows: count,
-                cols: d,
-                row_stride: d,
-                col_stride: 1,
-            };
-            let sm = Matrix {
-                data: states.get(e * d * width..).unwrap_or_default(),
-                rows: d,
-                cols: width,
-                row_stride: width,
-                col_stride: 1,
-            };
-            sgemm(&qm, &sm, both).map_err(wide_err)?;
-            for (row, got) in chunk.chunks_mut(dv).zip(both.chunks_exact(width)) {
-                match spec.normalizer {
-                    Normalizer::None => row.copy_from_slice(&got[..dv]),
-                    Normalizer::Sum { eps } => {
-                        let den = got[dv] + eps as f32;
-                        for (o, x) in row.iter_mut().zip(&got[..dv]) {
-                            *o = x / den;
+        deal_with(
+            rows,
+            threads,
+            BlockScratch::default,
+            |own, (e, r0, chunk)| {
+                let count = chunk.len() / dv;
+                let BlockScratch {
+                    features,
+                    lanes,
+                    both,
+                } = own;
+                let block = queries.block(offset(e, 0) + r0 * d, count, d, features, lanes)?;
+                both.clear();
+                both.resize(count * width, 0.0);
+                let qm = Matrix {
+                    data: block,
+                    rows: count,
+                    cols: d,
+                    row_stride: d,
+                    col_stride: 1,
+                };
+                let sm = Matrix {
+                    data: states.get(e * d * width..).unwrap_or_default(),
+                    rows: d,
+                    cols: width,
+                    row_stride: width,
+                    col_stride: 1,
+                };
+                sgemm(&qm, &sm, both).map_err(wide_err)?;
+                for (row, got) in chunk.chunks_mut(dv).zip(both.chunks_exact(width)) {
+                    match spec.normalizer {
+                        Normalizer::None => row.copy_from_slice(&got[..dv]),
+                        Normalizer::Sum { eps } => {
+                            let den = got[dv] + eps as f32;
+                            for (o, x) in row.iter_mut().zip(&got[..dv]) {
+                                *o = x / den;
+                            }
                         }
                     }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
 
     /// Where feature `k` (0: `φQ`, 1: `φK`) comes from among `inputs`.

@@ -92,6 +92,8 @@ pub struct Program {
 #[derive(Default)]
 pub struct Scratch {
     strips: Vec<f32>,
+    /// Per node: its value when it is the same in every column of the row.
+    uniforms: Vec<f32>,
 }
 
 impl Program {
@@ -166,9 +168,10 @@ impl Program {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::Features::detect().avx512 {
             scratch.strips.resize(self.strips * STRIP, 0.0);
+            scratch.uniforms.resize(self.nodes.len(), 0.0);
             // SAFETY: AVX-512 F/BW/DQ/VL were detected; `check` bounded every load of every
-            // column; the scratch holds a strip per non-uniform node.
-            unsafe { wide::run_row(self, sources, starts, out, &mut scratch.strips) };
+            // column; the scratch holds a strip per non-uniform node and a value per node.
+            unsafe { wide::run_row(self, sources, starts, out, scratch) };
             return Ok(());
         }
         for (c, o) in out.iter_mut().enumerate() {
@@ -275,7 +278,8 @@ fn scalar_binary(op: Binary, a: f32, b: f32) -> f32 {
 mod wide {
     use std::arch::x86_64::*;
 
-    use super::{Binary, Node, Program, Unary, STRIP};
+    use super::{Binary, Node, Program, Scratch, Unary, STRIP};
+    use crate::attention::first_lanes;
     use crate::features::{exp_lanes, expm1_lanes};
     use crate::ieee::{maximum, minimum};
 
@@ -294,39 +298,48 @@ mod wide {
     ///
     /// # Safety
     /// AVX-512 F/BW/DQ/VL are present; every load of every column of `out` lies inside its
-    /// source; `scratch` holds `STRIP` elements per non-uniform node.
+    /// source; `scratch` holds `STRIP` strip elements per non-uniform node and a uniform
+    /// value per node.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     pub(super) unsafe fn run_row(
         program: &Program,
         sources: &[&[f32]],
         starts: &[usize],
         out: &mut [f32],
-        scratch: &mut [f32],
+        scratch: &mut Scratch,
     ) {
-        let mut values: Vec<Value> = Vec::with_capacity(program.nodes.len());
-        // Uniform nodes once per row.
+        let uniforms = &mut scratch.uniforms;
+        // Uniform nodes once per row (every lane of their vectors holds the one value).
         for (at, node) in program.nodes.iter().enumerate() {
-            values.push(if program.uniform[at] {
-                let x = match *node {
-                    Node::Load { source, .. } => {
-                        _mm512_set1_ps(sources[source][starts[program.load_of[at]]])
-                    }
-                    Node::Const(x) => _mm512_set1_ps(x),
-                    Node::Unary(op, a) => unary(op, uniform(values[a])),
-                    Node::Binary(op, a, b) => binary(op, uniform(values[a]), uniform(values[b])),
-                };
-                Value::Uniform(x)
+            if !program.uniform[at] {
+                continue;
+            }
+            let x = match *node {
+                Node::Load { source, .. } => sources[source][starts[program.load_of[at]]],
+                Node::Const(x) => x,
+                Node::Unary(op, a) => _mm512_cvtss_f32(unary(op, _mm512_set1_ps(uniforms[a]))),
+                Node::Binary(op, a, b) => _mm512_cvtss_f32(binary(
+                    op,
+                    _mm512_set1_ps(uniforms[a]),
+                    _mm512_set1_ps(uniforms[b]),
+                )),
+            };
+            uniforms[at] = x;
+        }
+        let value = |at: usize| {
+            if program.uniform[at] {
+                Value::Uniform(_mm512_set1_ps(uniforms[at]))
             } else {
                 Value::Strip(program.strip_of[at] * STRIP)
-            });
-        }
+            }
+        };
         let last = program.nodes.len() - 1;
-        let base = scratch.as_mut_ptr();
+        let base = scratch.strips.as_mut_ptr();
         let mut c0 = 0;
         while c0 < out.len() {
             let width = (out.len() - c0).min(STRIP);
             for (at, node) in program.nodes.iter().enumerate() {
-                let Value::Strip(to) = values[at] else {
+                let Value::Strip(to) = value(at) else {
                     continue;
                 };
                 let dst = base.wrapping_add(to);
@@ -339,34 +352,15 @@ mod wide {
                             load(sources[source].as_ptr().add(first), stride, width, dst)
                         }
                         Node::Const(_) => {}
-                        Node::Unary(op, a) => each1(values[a], base, width, dst, op),
-                        Node::Binary(op, a, b) => each2(values[a], values[b], base, width, dst, op),
+                        Node::Unary(op, a) => each1(value(a), base, width, dst, op),
+                        Node::Binary(op, a, b) => each2(value(a), value(b), base, width, dst, op),
                     }
                 }
             }
             // SAFETY: out holds columns c0..c0 + width; the result's strip or vector is
             // readable.
-            unsafe { store(values[last], base, width, out.as_mut_ptr().add(c0)) };
+            unsafe { store(value(last), base, width, out.as_mut_ptr().add(c0)) };
             c0 += width;
-        }
-    }
-
-    fn uniform(v: Value) -> __m512 {
-        match v {
-            Value::Uniform(x) => x,
-            // Unreachable: uniform nodes read uniform nodes only (`Program::new`).
-            Value::Strip(_) => unreachable!("invariant: a uniform node reads uniform nodes"),
-        }
-    }
-
-    /// The lanes of `count ≤ 16` columns.
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-    #[inline]
-    fn lanes(count: usize) -> __mmask16 {
-        if count >= LANES {
-            u16::MAX
-        } else {
-            (1u16 << count) - 1
         }
     }
 
@@ -397,7 +391,9 @@ mod wide {
         match v {
             Value::Uniform(x) => x,
             // SAFETY: the caller's contract; masked lanes are not read.
-            Value::Strip(at) => unsafe { _mm512_maskz_loadu_ps(lanes(count), base.add(at + c)) },
+            Value::Strip(at) => unsafe {
+                _mm512_maskz_loadu_ps(first_lanes(count), base.add(at + c))
+            },
         }
     }
 
@@ -457,7 +453,7 @@ mod wide {
             // SAFETY: the caller's contract; masked lanes are neither read nor written.
             unsafe {
                 let x = get(a, base, c, count);
-                _mm512_mask_storeu_ps(dst.add(c), lanes(count), f(x));
+                _mm512_mask_storeu_ps(dst.add(c), first_lanes(count), f(x));
             }
             c += LANES;
         }
@@ -481,7 +477,7 @@ mod wide {
             // SAFETY: the caller's contract; masked lanes are neither read nor written.
             unsafe {
                 let (x, y) = (get(a, base, c, count), get(b, base, c, count));
-                _mm512_mask_storeu_ps(dst.add(c), lanes(count), f(x, y));
+                _mm512_mask_storeu_ps(dst.add(c), first_lanes(count), f(x, y));
             }
             c += LANES;
         }
@@ -497,7 +493,9 @@ mod wide {
         while c < width {
             let count = (width - c).min(LANES);
             // SAFETY: the caller's contract; masked lanes are neither read nor written.
-            unsafe { _mm512_mask_storeu_ps(out.add(c), lanes(count), get(v, base, c, count)) };
+            unsafe {
+                _mm512_mask_storeu_ps(out.add(c), first_lanes(count), get(v, base, c, count))
+            };
             c += LANES;
         }
     }
