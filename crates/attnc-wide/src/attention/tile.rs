@@ -28,6 +28,7 @@
 
 mod headroom;
 mod layout;
+mod partial;
 
 pub(super) use headroom::value_magnitude_bits;
 mod micro;
@@ -366,6 +367,19 @@ unsafe fn key_step<const RV: usize>(
     let qt = buffers.qt.get().as_ptr();
     let next = step.next.map(|t| t * KEY_TILE);
 
+    // Element masks (partial tiles only), first: the products skip the row vectors a key
+    // group does not reach.
+    let keep = match (step.partial, env.program, masks) {
+        (true, Some(program), Some(buffers)) => {
+            let ibase = rows.start as i64 + n as i64 - env.m as i64;
+            // SAFETY: AVX-512 is present; kn ≤ KEY_TILE masks fit the buffers.
+            Some(unsafe {
+                program.eval(buffers, LaneAxis::Rows, |f| (j0 + f) as i64, kn, ibase, RV)
+            })
+        }
+        _ => None,
+    };
+
     // 1. Sᵀ and its maximum.
     let mut tmax = [_mm512_set1_ps(f32::NEG_INFINITY); RV];
     if d > 0 {
@@ -393,11 +407,18 @@ unsafe fn key_step<const RV: usize>(
             // widened tile), each with d readable f32 `k.stride` apart; Qᵀ holds d·64 f32,
             // Sᵀ 64·64 from row jc on.
             unsafe {
-                match kn - jc {
-                    1 => micro::qk::<1, RV>(d, qt, at, k.stride, st, &mut tmax),
-                    2 => micro::qk::<2, RV>(d, qt, at, k.stride, st, &mut tmax),
-                    3 => micro::qk::<3, RV>(d, qt, at, k.stride, st, &mut tmax),
-                    _ => micro::qk::<QK_KEYS, RV>(d, qt, at, k.stride, st, &mut tmax),
+                match (keep, kn - jc) {
+                    (Some(keep), keys) => {
+                        let group = jc..jc + keys.min(QK_KEYS);
+                        let (band, _) = partial::kept_rows(keep, group, RV);
+                        if !band.is_empty() {
+                            partial::qk_rows(keys, band, d, qt, at, k.stride, st);
+                        }
+                    }
+                    (None, 1) => micro::qk::<1, RV>(d, qt, at, k.stride, st, &mut tmax),
+                    (None, 2) => micro::qk::<2, RV>(d, qt, at, k.stride, st, &mut tmax),
+                    (None, 3) => micro::qk::<3, RV>(d, qt, at, k.stride, st, &mut tmax),
+                    (None, _) => micro::qk::<QK_KEYS, RV>(d, qt, at, k.stride, st, &mut tmax),
                 }
             }
             jc += QK_KEYS;
@@ -408,16 +429,6 @@ unsafe fn key_step<const RV: usize>(
     }
 
     // 2. Score options and element masks.
-    let keep = match (step.partial, env.program, masks) {
-        (true, Some(program), Some(buffers)) => {
-            let ibase = rows.start as i64 + n as i64 - env.m as i64;
-            // SAFETY: AVX-512 is present; kn ≤ KEY_TILE masks fit the buffers.
-            Some(unsafe {
-                program.eval(buffers, LaneAxis::Rows, |f| (j0 + f) as i64, kn, ibase, RV)
-            })
-        }
-        _ => None,
-    };
     if keep.is_some() || env.form.has_options() {
         // SAFETY: the caller's contract; Sᵀ holds kn·64 f32.
         tmax = unsafe { score_pass::<RV>(env, s, rows, j0, kn, keep) };
@@ -498,8 +509,15 @@ unsafe fn key_step<const RV: usize>(
     } else {
         0
     };
-    let keep = keep.unwrap_or(&[]);
     let o = buffers.o.get_mut().as_mut_ptr();
+    if let Some(keep) = keep {
+        // SAFETY: as below, for the masked tile's segments.
+        unsafe { pv_partial::<RV>(env, s, &v, base, o, rescale, keep, kn) };
+        if let Some(next) = next {
+            prefetch_rows(&env.call.v, next..next + KEY_TILE);
+        }
+        return;
+    }
     let per_step = KEY_TILE.div_ceil(dv.div_ceil(PV_COLUMNS));
     let mut c0 = 0;
     while c0 < dv {
@@ -514,18 +532,70 @@ unsafe fn key_step<const RV: usize>(
         // (at most dv − c0 of them) readable; Pᵀ holds kn·64 f32, Oᵀ dv·64 from column c0
         // on; a partial tile's masks cover its kn keys.
         unsafe {
-            match (dv - c0, keep.is_empty()) {
-                (1, true) => micro::pv::<1, RV, false>(kn, s, at, vs, ot, rescale, keep),
-                (2, true) => micro::pv::<2, RV, false>(kn, s, at, vs, ot, rescale, keep),
-                (3, true) => micro::pv::<3, RV, false>(kn, s, at, vs, ot, rescale, keep),
-                (_, true) => micro::pv::<PV_COLUMNS, RV, false>(kn, s, at, vs, ot, rescale, keep),
-                (1, false) => micro::pv::<1, RV, true>(kn, s, at, vs, ot, rescale, keep),
-                (2, false) => micro::pv::<2, RV, true>(kn, s, at, vs, ot, rescale, keep),
-                (3, false) => micro::pv::<3, RV, true>(kn, s, at, vs, ot, rescale, keep),
-                (_, false) => micro::pv::<PV_COLUMNS, RV, true>(kn, s, at, vs, ot, rescale, keep),
+            match dv - c0 {
+                1 => micro::pv::<1, RV, false>(kn, s, at, vs, ot, rescale, &[]),
+                2 => micro::pv::<2, RV, false>(kn, s, at, vs, ot, rescale, &[]),
+                3 => micro::pv::<3, RV, false>(kn, s, at, vs, ot, rescale, &[]),
+                _ => micro::pv::<PV_COLUMNS, RV, false>(kn, s, at, vs, ot, rescale, &[]),
             }
         }
         c0 += PV_COLUMNS;
+    }
+}
+
+/// Step 4 on a masked tile: per segment of 16 keys, `Oᵀ += Pᵀ·V` over the row vectors the
+/// segment's keys reach, with masked FMAs unless those rows keep every key of it.
+///
+/// # Safety
+/// As [`key_step`]: `s` holds `kn·64` weights, `v` the key tile's rows (row `base + key`),
+/// `o` the tile's `dv·64` outputs, `keep` `kn·4` masks.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_partial<const RV: usize>(
+    env: &Env<'_, '_>,
+    s: *const f32,
+    v: &Rows<'_>,
+    base: usize,
+    o: *mut f32,
+    rescale: Option<&[__m512; RV]>,
+    keep: &[u16],
+    kn: usize,
+) {
+    let dv = env.dv;
+    if let Some(alpha) = rescale {
+        // SAFETY: Oᵀ holds dv·64.
+        unsafe { partial::rescale::<RV>(o, dv, alpha) };
+    }
+    let mut k0 = 0;
+    while k0 < kn {
+        let keys = partial::PV_SEGMENT.min(kn - k0);
+        let (band, full) = partial::kept_rows(keep, k0..k0 + keys, RV);
+        if !band.is_empty() {
+            let p = s.wrapping_add(k0 * QUERY_TILE);
+            let mut c0 = 0;
+            while c0 < dv {
+                let at = v.data.as_ptr().wrapping_add((base + k0) * v.stride + c0);
+                let ot = o.wrapping_add(c0 * QUERY_TILE);
+                // SAFETY: keys k0..k0 + keys of the tile are rows of V, columns c0..
+                // readable; Pᵀ from key k0 and Oᵀ from column c0 hold the band's rows; the
+                // masks from key k0 cover the segment.
+                unsafe {
+                    partial::pv_rows(
+                        dv - c0,
+                        band.clone(),
+                        full,
+                        keys,
+                        p,
+                        at,
+                        v.stride,
+                        ot,
+                        &keep[k0 * VECTORS..],
+                    )
+                };
+                c0 += PV_COLUMNS;
+            }
+        }
+        k0 += keys;
     }
 }
 

@@ -71,7 +71,7 @@ pub(super) unsafe fn qk<const J: usize, const RV: usize>(
 /// # Safety
 /// AVX-512 is present; `p` holds `keys·QUERY_TILE` f32; `v` points at `keys` rows `stride`
 /// apart with `C` readable f32 each; `o` holds `C·QUERY_TILE` f32; with `KEPT`, `keep` holds
-/// `keys·4` masks.
+/// the masks of `RV` row vectors for each of `keys` keys (4 apart).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -96,7 +96,7 @@ pub(super) unsafe fn pv<const C: usize, const RV: usize, const KEPT: bool>(
     }
     if KEPT {
         assert!(
-            keep.len() >= keys * VECTORS,
+            keys == 0 || keep.len() >= (keys - 1) * VECTORS + RV,
             "invariant: a mask per key and row vector"
         );
     }
