@@ -8,7 +8,7 @@
 //! (`attnc_wide::backward`: FlashAttention-2 from the saved output and log-sum-exp), per batch
 //! entry, visiting only the key tiles of the tile table the pattern algebra gives
 //! ([`crate::tiles`]); no `m × n` buffer is allocated.
-//! Batch entries are dealt round-robin to the threads; each entry is computed by one thread in
+//! Batch entries are taken by the threads in order as each is free; each entry is computed by one thread in
 //! a fixed order, and gradients of operands broadcast over batch entries (grouped-query keys,
 //! a per-head slope) are summed over the entries in entry order afterwards, so results are
 //! bit-identical for any thread count.

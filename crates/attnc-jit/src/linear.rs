@@ -13,7 +13,8 @@
 //!
 //! Blocks are fixed (`KEY_BLOCK` keys for the state, `ROW_BLOCK` rows for the output), so
 //! every value is computed by the same calls in the same order whatever the thread count
-//! (bit-identical results); batch entries and row blocks are dealt round-robin to the threads.
+//! (bit-identical results); batch entries and row blocks are taken by the threads in order as
+//! each is free.
 //!
 //! [`StepKind::Linear`]: crate::plan::StepKind::Linear
 

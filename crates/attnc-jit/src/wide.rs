@@ -8,9 +8,10 @@
 //! tensor, plus an ALiBi slope `slope · relpos` with one slope per batch entry, then an
 //! optional softcap `cap · tanh(x / cap)`); every other score form stays on the 128-bit
 //! Cranelift kernels, which remain complete. Work is split over (batch entry, query tile)
-//! pairs, dealt round-robin to the threads (causal masks make later tiles heavier); every
-//! row is computed the same way whichever thread computes it, so results are bit-identical
-//! across thread counts.
+//! pairs, each thread taking the next pair as it finishes one (causal masks make later tiles
+//! heavier, packed documents repeat a pattern of light and heavy tiles); every row is
+//! computed the same way whichever thread computes it, so results are bit-identical across
+//! thread counts.
 //!
 //! Plain matrix product steps run on the same tier through [`run_matmul`] (`attnc-wide`'s
 //! bounds-checked front to the `gemm` crate), split in fixed chunks of output rows.
@@ -401,8 +402,8 @@ impl WideAttention {
             return Ok(());
         }
         let qt = self.query_tile();
-        // Work items: (batch entry, query tile, its output rows, their log-sum-exps), dealt
-        // round-robin.
+        // Work items: (batch entry, query tile, its output rows, their log-sum-exps), taken in
+        // order by whichever thread is free.
         let mut lse_tiles: Vec<Option<&mut [f32]>> = match lse {
             Some(l) => l
                 .chunks_mut(m)
@@ -422,21 +423,8 @@ impl WideAttention {
             }
         }
         let threads = threads.clamp(1, items.len().max(1));
-        let mut shares: Vec<Vec<Item<'_>>> = (0..threads).map(|_| Vec::new()).collect();
-        for (k, item) in items.into_iter().enumerate() {
-            shares[k % threads].push(item);
-        }
-        let results: Vec<Result<()>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = shares
-                .into_iter()
-                .map(|share| scope.spawn(move || self.run_items(inputs, share)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        results.into_iter().collect()
+        let queue = Queue::new(items);
+        on_threads(threads, || self.run_items(inputs, || queue.next()))
     }
 
     /// Rows `rows` of batch entry `batch` into `out` (the whole output's layout; nothing else
@@ -458,7 +446,8 @@ impl WideAttention {
         for t in rows.start / qt..rows.end.div_ceil(qt) {
             let tile = t * qt..((t + 1) * qt).min(m);
             let mut scratch = vec![0.0f32; tile.len() * dv];
-            self.run_items(inputs, vec![(batch, t, &mut scratch[..], None)])?;
+            let mut item = Some((batch, t, &mut scratch[..], None));
+            self.run_items(inputs, || item.take())?;
             let keep = tile.start.max(rows.start)..tile.end.min(rows.end);
             let from = (keep.start - tile.start) * dv..(keep.end - tile.start) * dv;
             let to = (batch * m + keep.start) * dv..(batch * m + keep.end) * dv;
@@ -480,7 +469,11 @@ impl WideAttention {
 
     /// Computes work items `(batch entry, query tile, its output rows)` in order; the AMX
     /// tiers pack an entry's keys and values once per run of items of that entry.
-    fn run_items(&self, inputs: &[BufferView<'_>], items: Vec<Item<'_>>) -> Result<()> {
+    fn run_items<'o>(
+        &self,
+        inputs: &[BufferView<'_>],
+        mut items: impl FnMut() -> Option<Item<'o>>,
+    ) -> Result<()> {
         let qt = self.query_tile();
         let mut packed: Option<(usize, amx::Packed)> = None;
         // A data-dependent mask's tile table (and block selection), built from one batch
@@ -488,7 +481,7 @@ impl WideAttention {
         // thread).
         let mut refined: Option<(usize, TileTable, Vec<bool>)> = None;
         let mut bound: Option<(usize, Option<attention::ValueBound>)> = None;
-        for (b, t, rows, lse) in items {
+        while let Some((b, t, rows, lse)) = items() {
             let mut call = self.call(inputs, b)?;
             if self.reads_data() && refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
                 refined = Some(self.refine(inputs, b, self.required_segments(&call))?);
@@ -684,7 +677,7 @@ impl WideAttention {
 const MATMUL_ROWS: usize = 128;
 
 /// A planned matrix product on the full-width tier: every batch entry's `A · B` in chunks of
-/// `MATMUL_ROWS` output rows, dealt round-robin to up to `threads` threads.
+/// `MATMUL_ROWS` output rows, taken by up to `threads` threads as each is free ([`deal`]).
 pub fn run_matmul(
     spec: &MatMulSpec,
     inputs: &[BufferView<'_>],
@@ -713,49 +706,28 @@ pub fn run_matmul(
             items.push((e, c * MATMUL_ROWS, rows));
         }
     }
-    let threads = threads.clamp(1, items.len());
-    let mut shares: Vec<Vec<(usize, usize, &mut [f32])>> =
-        (0..threads).map(|_| Vec::new()).collect();
-    for (i, item) in items.into_iter().enumerate() {
-        shares[i % threads].push(item);
-    }
-    let work = |share: Vec<(usize, usize, &mut [f32])>| -> Result<()> {
-        for (e, r0, rows) in share {
-            let index = batch_index(&spec.batch, e);
-            let dot = |strides: &[usize]| -> usize {
-                strides.iter().zip(&index).map(|(s, i)| s * i).sum()
-            };
-            let count = rows.len() / n;
-            let a_off = dot(&spec.a_batch_strides) + r0 * spec.a_rs;
-            let left = attnc_wide::gemm::Matrix {
-                data: a.get(a_off..).unwrap_or_default(),
-                rows: count,
-                cols: k,
-                row_stride: spec.a_rs,
-                col_stride: spec.a_cs,
-            };
-            let right = attnc_wide::gemm::Matrix {
-                data: b.get(dot(&spec.b_batch_strides)..).unwrap_or_default(),
-                rows: k,
-                cols: n,
-                row_stride: spec.b_rs,
-                col_stride: spec.b_cs,
-            };
-            attnc_wide::gemm::sgemm(&left, &right, rows).map_err(wide_err)?;
-        }
-        Ok(())
-    };
-    let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = shares
-            .into_iter()
-            .map(|share| scope.spawn(move || work(share)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    results.into_iter().collect()
+    deal(items, threads, |(e, r0, rows)| {
+        let index = batch_index(&spec.batch, e);
+        let dot =
+            |strides: &[usize]| -> usize { strides.iter().zip(&index).map(|(s, i)| s * i).sum() };
+        let count = rows.len() / n;
+        let a_off = dot(&spec.a_batch_strides) + r0 * spec.a_rs;
+        let left = attnc_wide::gemm::Matrix {
+            data: a.get(a_off..).unwrap_or_default(),
+            rows: count,
+            cols: k,
+            row_stride: spec.a_rs,
+            col_stride: spec.a_cs,
+        };
+        let right = attnc_wide::gemm::Matrix {
+            data: b.get(dot(&spec.b_batch_strides)..).unwrap_or_default(),
+            rows: k,
+            cols: n,
+            row_stride: spec.b_rs,
+            col_stride: spec.b_cs,
+        };
+        attnc_wide::gemm::sgemm(&left, &right, rows).map_err(wide_err)
+    })
 }
 
 /// The f32 buffers `φQ`, `φK`, `V` of a linear attention step `what`, after checking that the
@@ -779,7 +751,8 @@ pub(crate) fn linear_operands<'a>(
     Ok([f32s(0)?, f32s(1)?, f32s(2)?])
 }
 
-/// Runs `work` on every item, the items dealt round-robin to up to `threads` threads.
+/// Runs `work` on every item on up to `threads` threads, each taking the next item as it
+/// finishes one ([`Queue`]).
 pub(crate) fn deal<T: Send>(
     items: Vec<T>,
     threads: usize,
@@ -797,21 +770,42 @@ pub(crate) fn deal_with<T: Send, S>(
     work: impl Fn(&mut S, T) -> Result<()> + Sync,
 ) -> Result<()> {
     let threads = threads.clamp(1, items.len().max(1));
-    let mut shares: Vec<Vec<T>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, item) in items.into_iter().enumerate() {
-        shares[i % threads].push(item);
+    let queue = Queue::new(items);
+    on_threads(threads, || {
+        let mut own = state();
+        while let Some(item) = queue.next() {
+            work(&mut own, item)?;
+        }
+        Ok(())
+    })
+}
+
+/// Work items handed out in order, one at a time, to whichever thread asks next.
+///
+/// Items differ in cost (a causal query tile's keys grow with its row; a document's tiles
+/// repeat with the document's length), so a fixed deal leaves one thread behind: dealt
+/// round-robin to 2 threads, 16 packed causal documents give one thread 72 key tiles for the
+/// other's 64. Taken on demand, every thread stays busy until the queue is empty. An item's
+/// result does not depend on the thread that computes it.
+pub(crate) struct Queue<T>(std::sync::Mutex<std::vec::IntoIter<T>>);
+
+impl<T> Queue<T> {
+    pub(crate) fn new(items: Vec<T>) -> Queue<T> {
+        Queue(std::sync::Mutex::new(items.into_iter()))
     }
-    let (work, state) = (&work, &state);
+
+    /// The next item, or `None` once all are taken (or a thread panicked while taking one).
+    pub(crate) fn next(&self) -> Option<T> {
+        self.0.lock().ok()?.next()
+    }
+}
+
+/// Runs `work` once on each of `threads` scoped threads; the first error (in thread order)
+/// is returned, a panic is resumed.
+pub(crate) fn on_threads(threads: usize, work: impl Fn() -> Result<()> + Sync) -> Result<()> {
+    let work = &work;
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = shares
-            .into_iter()
-            .map(|share| {
-                scope.spawn(move || {
-                    let mut own = state();
-                    share.into_iter().try_for_each(|item| work(&mut own, item))
-                })
-            })
-            .collect();
+        let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(work)).collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
