@@ -130,17 +130,24 @@ fn bench_under_an_approximation_times_the_exact_plan_beside_it() {
     let doc = json(&out);
     assert_eq!(doc["policy"], "int8 (tol 0.05)");
     let rows = doc["results"].as_array().expect("results");
-    let exact = rows
-        .iter()
-        .find(|r| r["engine"] == "exact")
-        .unwrap_or_else(|| panic!("an exact row: {doc}"));
-    positive(&exact["median_ms"], "exact median");
-    let jit = rows.iter().find(|r| r["engine"] == "jit").expect("jit row");
-    positive(&jit["speedup_vs_exact"], "jit vs exact");
-    // The naive baseline still runs: the exact plan is plain attention.
-    assert!(rows.iter().any(|r| r["engine"] == "naive"), "{doc}");
     let notes = doc["notes"].to_string();
-    assert!(notes.contains("approximations applied: int8"), "{notes}");
+    // Where no int8 kernel beats the exact one (an AVX-512 CPU without AMX), the optimizer
+    // leaves int8 out and bench says so; there is then no second plan to time.
+    if notes.contains("int8 not applied") {
+        assert!(rows.iter().all(|r| r["engine"] != "exact"), "{doc}");
+        assert!(!notes.contains("approximations applied"), "{notes}");
+    } else {
+        let exact = rows
+            .iter()
+            .find(|r| r["engine"] == "exact")
+            .unwrap_or_else(|| panic!("an exact row: {doc}"));
+        positive(&exact["median_ms"], "exact median");
+        let jit = rows.iter().find(|r| r["engine"] == "jit").expect("jit row");
+        positive(&jit["speedup_vs_exact"], "jit vs exact");
+        // The naive baseline still runs: the exact plan is plain attention.
+        assert!(rows.iter().any(|r| r["engine"] == "naive"), "{doc}");
+        assert!(notes.contains("approximations applied: int8"), "{notes}");
+    }
 
     // Without an approximation there is no exact row.
     let out = attnc(&[

@@ -309,6 +309,13 @@ pub fn measure(
     for _ in 0..COMPILES {
         let start = Instant::now();
         let result = prepared.compile().map_err(fail)?;
+        // A named approximation the optimizer left out says why (once, from the first compile).
+        if total_ms.is_empty() {
+            for o in result.trace.approximations.iter().filter(|o| !o.applied) {
+                let why = o.reason.as_deref().unwrap_or("no reason given");
+                notes.push(format!("note: {} not applied: {why}", o.name));
+            }
+        }
         applied = result
             .trace
             .approximations
