@@ -32,6 +32,7 @@ use attnc_wide::problem::{
     Bias, Call, CallError, Elements, KeyMask, Operand, Output, Score, TileRun, TileTable,
 };
 use std::ops::Range;
+use std::sync::OnceLock;
 
 /// Which kernels compute a fused attention step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -424,7 +425,9 @@ impl WideAttention {
         }
         let threads = threads.clamp(1, items.len().max(1));
         let queue = Queue::new(items);
-        on_threads(threads, || self.run_items(inputs, || queue.next()))
+        let bounds: Vec<OnceLock<Option<attention::ValueBound>>> =
+            (0..entries).map(|_| OnceLock::new()).collect();
+        on_threads(threads, || self.run_items(inputs, &bounds, || queue.next()))
     }
 
     /// Rows `rows` of batch entry `batch` into `out` (the whole output's layout; nothing else
@@ -447,7 +450,8 @@ impl WideAttention {
             let tile = t * qt..((t + 1) * qt).min(m);
             let mut scratch = vec![0.0f32; tile.len() * dv];
             let mut item = Some((batch, t, &mut scratch[..], None));
-            self.run_items(inputs, || item.take())?;
+            let bounds: Vec<_> = (0..=batch).map(|_| OnceLock::new()).collect();
+            self.run_items(inputs, &bounds, || item.take())?;
             let keep = tile.start.max(rows.start)..tile.end.min(rows.end);
             let from = (keep.start - tile.start) * dv..(keep.end - tile.start) * dv;
             let to = (batch * m + keep.start) * dv..(batch * m + keep.end) * dv;
@@ -469,9 +473,13 @@ impl WideAttention {
 
     /// Computes work items `(batch entry, query tile, its output rows)` in order; the AMX
     /// tiers pack an entry's keys and values once per run of items of that entry.
+    ///
+    /// `bounds[b]` holds batch entry `b`'s values magnitude, computed by the first thread that
+    /// needs it: V is read once per call, not once per thread.
     fn run_items<'o>(
         &self,
         inputs: &[BufferView<'_>],
+        bounds: &[OnceLock<Option<attention::ValueBound>>],
         mut items: impl FnMut() -> Option<Item<'o>>,
     ) -> Result<()> {
         let qt = self.query_tile();
@@ -480,8 +488,14 @@ impl WideAttention {
         // entry's ids and gate (items come in entry order, so each entry's is built once per
         // thread).
         let mut refined: Option<(usize, TileTable, Vec<bool>)> = None;
-        let mut bound: Option<(usize, Option<attention::ValueBound>)> = None;
-        while let Some((b, t, rows, lse)) = items() {
+        let mut next = items();
+        while let Some((b, t, rows, lse)) = next.take() {
+            // One item ahead: its query rows are hinted towards the cache while this one runs.
+            next = items();
+            if let Some((nb, nt, ..)) = &next {
+                let call = self.call(inputs, *nb)?;
+                attention::prefetch_queries(&call, nt * qt..((nt + 1) * qt).min(self.spec.m));
+            }
             let mut call = self.call(inputs, b)?;
             if self.reads_data() && refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
                 refined = Some(self.refine(inputs, b, self.required_segments(&call))?);
@@ -513,10 +527,9 @@ impl WideAttention {
                 _ => {
                     // The values' magnitude, read once per entry and thread rather than by
                     // every query tile.
-                    if bound.as_ref().is_none_or(|(entry, _)| *entry != b) {
-                        bound = Some((b, attention::ValueBound::of(&call)));
-                    }
-                    let value_bound = bound.and_then(|(_, v)| v);
+                    let value_bound = bounds
+                        .get(b)
+                        .and_then(|slot| *slot.get_or_init(|| attention::ValueBound::of(&call)));
                     attention::run_with_bound(&call, range, &mut output, value_bound)
                 }
             };
