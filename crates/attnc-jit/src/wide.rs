@@ -690,7 +690,7 @@ impl WideAttention {
 const MATMUL_ROWS: usize = 128;
 
 /// A planned matrix product on the full-width tier: every batch entry's `A · B` in chunks of
-/// `MATMUL_ROWS` output rows, taken by up to `threads` threads as each is free ([`deal`]).
+/// `MATMUL_ROWS` output rows, taken by up to `threads` threads as each is free.
 pub fn run_matmul(
     spec: &MatMulSpec,
     inputs: &[BufferView<'_>],
