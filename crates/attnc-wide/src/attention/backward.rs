@@ -17,6 +17,11 @@
 //!    broadcast per 4 FMAs). On partial tiles these products skip masked positions (masked
 //!    FMAs), so a NaN or infinity there reaches no gradient.
 //!
+//! A masked tile's kept positions are known before its products, so the products skip what no
+//! row keeps: `S` and `dP` run per block of 4 rows over the key vectors one of them keeps,
+//! `dVᵀ` and `dKᵀ` per band of 16 rows likewise (a causal diagonal tile, or a window's edge,
+//! does about 6/16 less), with the sums in the same order as over the whole tile.
+//!
 //! Every sum runs in a fixed order per batch entry.
 
 // Register arrays indexed by constant loop bounds.
@@ -34,7 +39,7 @@ use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
 use crate::backward::{Gradients, Saved};
 use crate::problem::{Call, Elements, Operand};
-use micro::{accumulate_dq, accumulate_t, products, Epilogue};
+use micro::{accumulate_dq, accumulate_t, accumulate_t_kept, products, products_kept, Epilogue};
 
 const LANES: usize = 16;
 const KT: usize = KEY_TILE;
@@ -253,74 +258,80 @@ unsafe fn pair(
         },
         false => Epilogue::Raw,
     };
-    // 1. S and dP (or P and dS).
-    // SAFETY (both): rows i0.. of Q (d each) and dO (dv each) lie inside them; the packed
-    // tiles hold d·64 and dv·64; the output tiles 64·64; the epilogues' rows are qn.
+    // 1. S and dP (or P and dS). A masked tile's kept positions come first: its products skip
+    // the key vectors its rows do not reach. SAFETY (all): rows i0.. of Q (d each) and dO (dv
+    // each) lie inside them; the packed tiles hold d·64 and dv·64; the output tiles 64·64;
+    // the epilogues' rows are qn; the masks qn·4.
     unsafe {
-        products(
-            q.as_ptr().add(i0 * qs),
-            qs,
-            &scratch.kt,
-            d,
-            qn,
-            &mut scratch.s,
-            p_end,
-        );
-        if need_ds {
-            let (out, ds_end) = match fused {
-                true => (
-                    &mut scratch.ds,
-                    Epilogue::ScoreGrads {
-                        p: &scratch.s,
-                        dd: &env.dd[i0..i0 + qn],
-                        scale: env.scale,
-                    },
-                ),
-                false => (&mut scratch.dp, Epilogue::Raw),
-            };
+        if masked {
+            kept_positions(env, scratch, masks, (i0, j0, kn), partial);
+            let kept = &scratch.kept[..qn * VECTORS];
+            let (q, d_o) = (q.as_ptr().add(i0 * qs), env.d_o.as_ptr().add(i0 * dv));
+            products_kept(q, qs, &scratch.kt, d, qn, &mut scratch.s, kept);
+            if need_ds {
+                products_kept(d_o, dv, &scratch.vt, dv, qn, &mut scratch.dp, kept);
+            }
+        } else {
+            if !fused {
+                kept_positions(env, scratch, None, (i0, j0, kn), false);
+            }
             products(
-                env.d_o.as_ptr().add(i0 * dv),
-                dv,
-                &scratch.vt,
-                dv,
+                q.as_ptr().add(i0 * qs),
+                qs,
+                &scratch.kt,
+                d,
                 qn,
-                out,
-                ds_end,
+                &mut scratch.s,
+                p_end,
             );
+            if need_ds {
+                let (out, ds_end) = match fused {
+                    true => (
+                        &mut scratch.ds,
+                        Epilogue::ScoreGrads {
+                            p: &scratch.s,
+                            dd: &env.dd[i0..i0 + qn],
+                            scale: env.scale,
+                        },
+                    ),
+                    false => (&mut scratch.dp, Epilogue::Raw),
+                };
+                products(
+                    env.d_o.as_ptr().add(i0 * dv),
+                    dv,
+                    &scratch.vt,
+                    dv,
+                    qn,
+                    out,
+                    ds_end,
+                );
+            }
         }
     }
     if !fused {
         // SAFETY: the caller's contract.
-        unsafe { elementwise(env, scratch, masks, grads, (i0, j0, kn), partial, need_ds) };
+        unsafe { elementwise(env, scratch, grads, (i0, j0, kn), need_ds) };
     }
     // 3. The three accumulating products.
     let kept = &scratch.kept[..qn * VECTORS];
     if grads.dv.is_some() {
         // SAFETY: dO rows i0..i0+qn (dv each); dVᵀ holds dv·64; P holds qn·64.
         unsafe {
-            accumulate_t(
-                &mut scratch.dvt,
-                env.d_o.as_ptr().add(i0 * dv),
-                dv,
-                dv,
-                &scratch.s,
-                qn,
-                masked.then_some(kept),
-            )
+            let d_o = env.d_o.as_ptr().add(i0 * dv);
+            match masked {
+                true => accumulate_t_kept(&mut scratch.dvt, d_o, dv, dv, &scratch.s, qn, kept),
+                false => accumulate_t(&mut scratch.dvt, d_o, dv, dv, &scratch.s, qn, None),
+            }
         };
     }
     if grads.dk.is_some() {
         // SAFETY: Q rows i0..i0+qn (d each); dKᵀ holds d·64; dS holds qn·64.
         unsafe {
-            accumulate_t(
-                &mut scratch.dkt,
-                q.as_ptr().add(i0 * qs),
-                qs,
-                d,
-                &scratch.ds,
-                qn,
-                masked.then_some(kept),
-            )
+            let q = q.as_ptr().add(i0 * qs);
+            match masked {
+                true => accumulate_t_kept(&mut scratch.dkt, q, qs, d, &scratch.ds, qn, kept),
+                false => accumulate_t(&mut scratch.dkt, q, qs, d, &scratch.ds, qn, None),
+            }
         };
     }
     if let Some(dq) = grads.dq.as_deref_mut() {
@@ -339,21 +350,19 @@ unsafe fn pair(
     }
 }
 
-/// Step 2 of a pair where it is not fused into the products: per row, `x` (scale, bias,
-/// ALiBi, softcap) from `S`, `P` in place of `S`, `dS` from `dP`, zero where masked; bias and
-/// slope gradients accumulated; the kept lanes recorded in `scratch.kept`.
+/// The kept positions of a pair into `scratch.kept` (`kept[r·4 + v]`, one bit per key of key
+/// vector `v` of row `r`): keys inside the call, rows that keep some key, and the element
+/// masks on partial tiles.
 ///
 /// # Safety
 /// AVX-512 is present; the rows and keys lie inside the call.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn elementwise(
+unsafe fn kept_positions(
     env: &Env<'_>,
     scratch: &mut Scratch,
     masks: Option<&mut super::mask::MaskBuffers>,
-    grads: &mut Gradients<'_>,
     (i0, j0, kn): (usize, usize, usize),
     partial: bool,
-    need_ds: bool,
 ) {
     let (m, n) = (env.m, env.n);
     let qn = QT.min(m - i0);
@@ -367,20 +376,49 @@ unsafe fn elementwise(
     };
     let valid: [__mmask16; VECTORS] =
         std::array::from_fn(|v| first_lanes(kn.saturating_sub(v * LANES)));
-    let (brs, bcs) = env.form.bias_strides();
-    let (qscale, scale) = (_mm512_set1_ps(env.form.q_scale), _mm512_set1_ps(env.scale));
     for r in 0..qn {
-        let i = i0 + r;
-        let ia = i as i64 + n as i64 - m as i64;
-        let lse = env.lse2[i];
-        let row_ok: __mmask16 = if lse == f32::NEG_INFINITY { 0 } else { 0xffff };
-        let (lse, dd) = (_mm512_set1_ps(lse), _mm512_set1_ps(env.dd[i]));
+        let row_ok: __mmask16 = if env.lse2[i0 + r] == f32::NEG_INFINITY {
+            0
+        } else {
+            0xffff
+        };
         for v in 0..VECTORS {
             let mut kept = valid[v] & row_ok;
             if let Some(e) = element {
                 kept &= e[r * VECTORS + v];
             }
             scratch.kept[r * VECTORS + v] = kept;
+        }
+    }
+}
+
+/// Step 2 of a pair where it is not fused into the products: per row, `x` (scale, bias,
+/// ALiBi, softcap) from `S`, `P` in place of `S`, `dS` from `dP`, zero where not kept
+/// (`scratch.kept`, from [`kept_positions`]); bias and slope gradients accumulated.
+///
+/// # Safety
+/// AVX-512 is present; the rows and keys lie inside the call; `scratch.kept` holds the pair's
+/// kept positions.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn elementwise(
+    env: &Env<'_>,
+    scratch: &mut Scratch,
+    grads: &mut Gradients<'_>,
+    (i0, j0, kn): (usize, usize, usize),
+    need_ds: bool,
+) {
+    let (m, n) = (env.m, env.n);
+    let qn = QT.min(m - i0);
+    let valid: [__mmask16; VECTORS] =
+        std::array::from_fn(|v| first_lanes(kn.saturating_sub(v * LANES)));
+    let (brs, bcs) = env.form.bias_strides();
+    let (qscale, scale) = (_mm512_set1_ps(env.form.q_scale), _mm512_set1_ps(env.scale));
+    for r in 0..qn {
+        let i = i0 + r;
+        let ia = i as i64 + n as i64 - m as i64;
+        let (lse, dd) = (_mm512_set1_ps(env.lse2[i]), _mm512_set1_ps(env.dd[i]));
+        for v in 0..VECTORS {
+            let kept = scratch.kept[r * VECTORS + v];
             let at = r * KT + v * LANES;
             let j = j0 + v * LANES;
             // SAFETY: `at + 16 ≤ 64·64`; bias elements are read for valid keys only.

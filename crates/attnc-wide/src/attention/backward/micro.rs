@@ -10,6 +10,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use super::super::mask::VECTORS;
 use super::super::math::exp2;
@@ -80,10 +81,10 @@ pub(super) unsafe fn products(
         // rows from r exist (checked above).
         unsafe {
             match rows - r {
-                1 => rows_by_keys::<1>(a, stride, bt.as_ptr(), depth, o, from),
-                2 => rows_by_keys::<2>(a, stride, bt.as_ptr(), depth, o, from),
-                3 => rows_by_keys::<3>(a, stride, bt.as_ptr(), depth, o, from),
-                _ => rows_by_keys::<4>(a, stride, bt.as_ptr(), depth, o, from),
+                1 => rows_by_keys::<1, VECTORS>(a, stride, bt.as_ptr(), depth, o, from),
+                2 => rows_by_keys::<2, VECTORS>(a, stride, bt.as_ptr(), depth, o, from),
+                3 => rows_by_keys::<3, VECTORS>(a, stride, bt.as_ptr(), depth, o, from),
+                _ => rows_by_keys::<4, VECTORS>(a, stride, bt.as_ptr(), depth, o, from),
             }
         }
         r += 4;
@@ -114,7 +115,7 @@ impl Epilogue<'_> {
 /// As [`products`] for `R` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-unsafe fn rows_by_keys<const R: usize>(
+unsafe fn rows_by_keys<const R: usize, const KV: usize>(
     a: *const f32,
     stride: usize,
     bt: *const f32,
@@ -122,15 +123,15 @@ unsafe fn rows_by_keys<const R: usize>(
     out: *mut f32,
     epilogue: Epilogue<'_>,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); VECTORS]; R];
+    let mut acc = [[_mm512_setzero_ps(); KV]; R];
     for c in 0..depth {
         // SAFETY: c < depth: row c of the packed tile and element c of each row exist.
         unsafe {
-            let b: [__m512; VECTORS] =
+            let b: [__m512; KV] =
                 std::array::from_fn(|v| _mm512_loadu_ps(bt.add(c * KT + v * LANES)));
             for r in 0..R {
                 let x = _mm512_set1_ps(*a.add(r * stride + c));
-                for v in 0..VECTORS {
+                for v in 0..KV {
                     acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
                 }
             }
@@ -143,7 +144,7 @@ unsafe fn rows_by_keys<const R: usize>(
             let q_scale = _mm512_set1_ps(q_scale);
             for r in 0..R {
                 let lse = _mm512_set1_ps(lse2[r]);
-                for v in 0..VECTORS {
+                for v in 0..KV {
                     acc[r][v] = exp2(_mm512_sub_ps(_mm512_mul_ps(acc[r][v], q_scale), lse));
                 }
             }
@@ -152,7 +153,7 @@ unsafe fn rows_by_keys<const R: usize>(
             let scale = _mm512_set1_ps(scale);
             for r in 0..R {
                 let d = _mm512_set1_ps(dd[r]);
-                for v in 0..VECTORS {
+                for v in 0..KV {
                     // SAFETY: row r < R of `p` holds 64 (checked by `products`).
                     let pv = unsafe { _mm512_loadu_ps(p.as_ptr().add(r * KT + v * LANES)) };
                     let dy = _mm512_mul_ps(pv, _mm512_sub_ps(acc[r][v], d));
@@ -162,8 +163,8 @@ unsafe fn rows_by_keys<const R: usize>(
         }
     }
     for r in 0..R {
-        for v in 0..VECTORS {
-            // SAFETY: r < R, v < 4: inside the R·64 of `out`.
+        for v in 0..KV {
+            // SAFETY: r < R, v < KV ≤ 4: inside the R·64 of `out`.
             unsafe { _mm512_storeu_ps(out.add(r * KT + v * LANES), acc[r][v]) };
         }
     }
@@ -199,14 +200,14 @@ pub(super) unsafe fn accumulate_t(
         // SAFETY (all): columns c.. exist; `out` holds (cols − c)·64.
         unsafe {
             match (cols - c, kept) {
-                (1, None) => columns::<1, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (2, None) => columns::<2, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (3, None) => columns::<3, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (_, None) => columns::<4, false>(out, a, stride, p.as_ptr(), rows, &[]),
-                (1, Some(k)) => columns::<1, true>(out, a, stride, p.as_ptr(), rows, k),
-                (2, Some(k)) => columns::<2, true>(out, a, stride, p.as_ptr(), rows, k),
-                (3, Some(k)) => columns::<3, true>(out, a, stride, p.as_ptr(), rows, k),
-                (_, Some(k)) => columns::<4, true>(out, a, stride, p.as_ptr(), rows, k),
+                (1, None) => columns::<1, VECTORS, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (2, None) => columns::<2, VECTORS, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (3, None) => columns::<3, VECTORS, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (_, None) => columns::<4, VECTORS, false>(out, a, stride, p.as_ptr(), rows, &[]),
+                (1, Some(k)) => columns::<1, VECTORS, true>(out, a, stride, p.as_ptr(), rows, k),
+                (2, Some(k)) => columns::<2, VECTORS, true>(out, a, stride, p.as_ptr(), rows, k),
+                (3, Some(k)) => columns::<3, VECTORS, true>(out, a, stride, p.as_ptr(), rows, k),
+                (_, Some(k)) => columns::<4, VECTORS, true>(out, a, stride, p.as_ptr(), rows, k),
             }
         }
         c += 4;
@@ -219,7 +220,7 @@ pub(super) unsafe fn accumulate_t(
 /// As [`accumulate_t`] for `C` columns.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-unsafe fn columns<const C: usize, const KEPT: bool>(
+unsafe fn columns<const C: usize, const KV: usize, const KEPT: bool>(
     out: *mut f32,
     a: *const f32,
     stride: usize,
@@ -227,9 +228,9 @@ unsafe fn columns<const C: usize, const KEPT: bool>(
     rows: usize,
     kept: &[u16],
 ) {
-    let mut acc = [[_mm512_setzero_ps(); VECTORS]; C];
+    let mut acc = [[_mm512_setzero_ps(); KV]; C];
     for cc in 0..C {
-        for v in 0..VECTORS {
+        for v in 0..KV {
             // SAFETY: cc < C, v < 4: inside `out`.
             acc[cc][v] = unsafe { _mm512_loadu_ps(out.add(cc * KT + v * LANES)) };
         }
@@ -237,11 +238,11 @@ unsafe fn columns<const C: usize, const KEPT: bool>(
     for r in 0..rows {
         // SAFETY: r < rows: row r of P and of `a` (C columns) exist.
         unsafe {
-            let pv: [__m512; VECTORS] =
+            let pv: [__m512; KV] =
                 std::array::from_fn(|v| _mm512_loadu_ps(p.add(r * KT + v * LANES)));
             for cc in 0..C {
                 let x = _mm512_set1_ps(*a.add(r * stride + cc));
-                for v in 0..VECTORS {
+                for v in 0..KV {
                     acc[cc][v] = if KEPT {
                         _mm512_mask3_fmadd_ps(x, pv[v], acc[cc][v], kept[r * VECTORS + v])
                     } else {
@@ -252,7 +253,7 @@ unsafe fn columns<const C: usize, const KEPT: bool>(
         }
     }
     for cc in 0..C {
-        for v in 0..VECTORS {
+        for v in 0..KV {
             // SAFETY: as for the loads.
             unsafe { _mm512_storeu_ps(out.add(cc * KT + v * LANES), acc[cc][v]) };
         }
@@ -356,5 +357,129 @@ unsafe fn dq_block<const R: usize, const KEPT: bool>(
             // SAFETY: as for the loads.
             unsafe { _mm512_mask_storeu_ps(out.add(r * cols + v * LANES), lanes[v], acc[r][v]) };
         }
+    }
+}
+
+/// The key vectors `lo..hi` that some row of `rows` keeps (`kept[r·4 + v]` nonzero); empty
+/// when none does.
+pub(super) fn kept_key_vectors(kept: &[u16], rows: Range<usize>) -> Range<usize> {
+    let mut any = [false; VECTORS];
+    for r in rows {
+        for (v, seen) in any.iter_mut().enumerate() {
+            *seen |= kept[r * VECTORS + v] != 0;
+        }
+    }
+    let lo = any.iter().position(|&x| x).unwrap_or(VECTORS);
+    let hi = any.iter().rposition(|&x| x).map_or(lo, |v| v + 1);
+    lo..hi
+}
+
+/// Calls `$f::<$n, KV>` (then the arguments) for `KV` = `$kv` (1 to 4).
+macro_rules! by_key_vectors {
+    ($kv:expr, $f:ident::<$n:literal $(, $rest:tt)*>($($arg:expr),*)) => {
+        match $kv {
+            1 => $f::<$n, 1 $(, $rest)*>($($arg),*),
+            2 => $f::<$n, 2 $(, $rest)*>($($arg),*),
+            3 => $f::<$n, 3 $(, $rest)*>($($arg),*),
+            _ => $f::<$n, 4 $(, $rest)*>($($arg),*),
+        }
+    };
+}
+
+/// The raw score products ([`products`] with [`Epilogue::Raw`]) of a masked tile: per block of
+/// 4 rows, only the key vectors one of its rows keeps (`kept[r·4 + v]`, `rows·4` of them).
+/// Scores outside are not written; the element pass masks them.
+///
+/// # Safety
+/// As [`products`]; `kept` holds `rows·4` masks.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn products_kept(
+    a: *const f32,
+    stride: usize,
+    bt: &[f32],
+    depth: usize,
+    rows: usize,
+    out: &mut [f32],
+    kept: &[u16],
+) {
+    assert!(
+        bt.len() >= depth * KT && out.len() >= rows * KT && kept.len() >= rows * VECTORS,
+        "invariant: tile sizes"
+    );
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(4);
+        let band = kept_key_vectors(kept, r..r + n);
+        if !band.is_empty() {
+            let at = band.start * LANES;
+            let (a, b) = (a.wrapping_add(r * stride), bt[at..].as_ptr());
+            let o = out[r * KT + at..].as_mut_ptr();
+            let (kv, raw) = (band.len(), Epilogue::Raw);
+            // SAFETY (all): rows r..r + n of `a`; key vectors from band.start of each packed
+            // row and of each output row, band.len() ≤ 4 − band.start of them.
+            unsafe {
+                match n {
+                    1 => by_key_vectors!(kv, rows_by_keys::<1>(a, stride, b, depth, o, raw)),
+                    2 => by_key_vectors!(kv, rows_by_keys::<2>(a, stride, b, depth, o, raw)),
+                    3 => by_key_vectors!(kv, rows_by_keys::<3>(a, stride, b, depth, o, raw)),
+                    _ => by_key_vectors!(kv, rows_by_keys::<4>(a, stride, b, depth, o, raw)),
+                }
+            }
+        }
+        r += 4;
+    }
+}
+
+/// [`accumulate_t`] of a masked tile (`kept` given): rows in bands of 16, each over only the
+/// key vectors one of its rows keeps. The sums are those of [`accumulate_t`], in the same
+/// order.
+///
+/// # Safety
+/// As [`accumulate_t`] with `kept` (`rows·4` masks).
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn accumulate_t_kept(
+    acc_t: &mut [f32],
+    a: *const f32,
+    stride: usize,
+    cols: usize,
+    p: &[f32],
+    rows: usize,
+    kept: &[u16],
+) {
+    assert!(
+        acc_t.len() >= cols * KT && p.len() >= rows * KT && kept.len() >= rows * VECTORS,
+        "invariant: tile sizes"
+    );
+    let mut r0 = 0;
+    while r0 < rows {
+        let r1 = (r0 + LANES).min(rows);
+        let band = kept_key_vectors(kept, r0..r1);
+        if !band.is_empty() {
+            let (at, kv) = (band.start * LANES, band.len());
+            let (p, k) = (
+                p[r0 * KT + at..].as_ptr(),
+                &kept[r0 * VECTORS + band.start..],
+            );
+            let mut c = 0;
+            while c < cols {
+                let (out, a) = (
+                    acc_t[c * KT + at..].as_mut_ptr(),
+                    a.wrapping_add(r0 * stride + c),
+                );
+                let n = r1 - r0;
+                // SAFETY (all): columns c.. (at most 4) of rows r0..r1; key vectors from
+                // band.start of each accumulator, P and mask row.
+                unsafe {
+                    match cols - c {
+                        1 => by_key_vectors!(kv, columns::<1, true>(out, a, stride, p, n, k)),
+                        2 => by_key_vectors!(kv, columns::<2, true>(out, a, stride, p, n, k)),
+                        3 => by_key_vectors!(kv, columns::<3, true>(out, a, stride, p, n, k)),
+                        _ => by_key_vectors!(kv, columns::<4, true>(out, a, stride, p, n, k)),
+                    }
+                }
+                c += 4;
+            }
+        }
+        r0 = r1;
     }
 }
