@@ -9,6 +9,7 @@
 //! into one `__mmask16` per 16 lanes; `And`/`Or` combine whole mask buffers.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
 use crate::problem::{Blocks, Call, KeyMask, Segments};
 
@@ -511,10 +512,57 @@ fn fill(
     }
 }
 
+/// The band of a masked tile a product has to cover: of the first `count` vectors, those
+/// `lo..hi` in which some lane keeps one of `items` (`masks[item·4 + v]`, one bit per lane),
+/// and whether every lane of them keeps every one of those items. The forward's masks have
+/// query rows in the lanes (items are keys), the backward's keys (items are query rows).
+pub(super) fn kept_band(masks: &[u16], items: Range<usize>, count: usize) -> (Range<usize>, bool) {
+    let mut any = [false; VECTORS];
+    let mut full = [true; VECTORS];
+    for item in items {
+        for v in 0..count {
+            let bits = masks[item * VECTORS + v];
+            any[v] |= bits != 0;
+            full[v] &= bits == u16::MAX;
+        }
+    }
+    let lo = (0..count).find(|&v| any[v]).unwrap_or(count);
+    let hi = (lo..count).rfind(|&v| any[v]).map_or(lo, |v| v + 1);
+    (lo..hi, (lo..hi).all(|v| full[v]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::Features;
+
+    #[test]
+    fn a_causal_diagonal_tile_keeps_the_row_vectors_at_and_below_each_key_group() {
+        // keep[key·4 + r]: row 16r + l keeps key `key` when 16r + l ≥ key.
+        let keep: Vec<u16> = (0..64)
+            .flat_map(|key| {
+                (0..VECTORS)
+                    .map(move |r| (0..16).fold(0u16, |m, l| m | u16::from(16 * r + l >= key) << l))
+            })
+            .collect();
+        assert_eq!(kept_band(&keep, 0..16, 4), (0..4, false));
+        assert_eq!(kept_band(&keep, 16..32, 4), (1..4, false));
+        assert_eq!(kept_band(&keep, 48..64, 4), (3..4, false));
+        assert_eq!(kept_band(&keep, 48..64, 3), (3..3, true));
+        // Row vectors past the diagonal block keep every key of the group.
+        assert_eq!(kept_band(&keep, 0..1, 4), (0..4, true));
+        assert_eq!(kept_band(&keep, 17..18, 4), (1..4, false));
+    }
+
+    #[test]
+    fn a_band_in_the_middle_is_found() {
+        let mut keep = vec![0u16; 8 * VECTORS];
+        keep[2 * VECTORS + 1] = 0x00f0;
+        keep[5 * VECTORS + 2] = u16::MAX;
+        assert_eq!(kept_band(&keep, 0..8, 4), (1..3, false));
+        assert_eq!(kept_band(&keep, 5..6, 4), (2..3, true));
+        assert_eq!(kept_band(&keep, 6..8, 4), (4..4, true));
+    }
 
     fn masks() -> Vec<KeyMask> {
         use KeyMask::*;

@@ -39,7 +39,7 @@ use std::ops::Range;
 
 use half::{bf16, f16};
 
-use super::mask::{LaneAxis, MaskProgram, VECTORS};
+use super::mask::{kept_band, LaneAxis, MaskProgram, VECTORS};
 use super::math::{exp2, exp2_below, exp2_below_constants, EXP2_BELOW_LIMIT};
 use super::score::ScoreForm;
 use super::widen::{first_lanes, widen_rows};
@@ -410,7 +410,7 @@ unsafe fn key_step<const RV: usize>(
                 match (keep, kn - jc) {
                     (Some(keep), keys) => {
                         let group = jc..jc + keys.min(QK_KEYS);
-                        let (band, _) = partial::kept_rows(keep, group, RV);
+                        let (band, _) = kept_band(keep, group, RV);
                         if !band.is_empty() {
                             partial::qk_rows(keys, band, d, qt, at, k.stride, st);
                         }
@@ -569,7 +569,7 @@ unsafe fn pv_partial<const RV: usize>(
     let mut k0 = 0;
     while k0 < kn {
         let keys = partial::PV_SEGMENT.min(kn - k0);
-        let (band, full) = partial::kept_rows(keep, k0..k0 + keys, RV);
+        let (band, full) = kept_band(keep, k0..k0 + keys, RV);
         if !band.is_empty() {
             let p = s.wrapping_add(k0 * QUERY_TILE);
             let mut c0 = 0;

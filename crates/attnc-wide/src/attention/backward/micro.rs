@@ -10,9 +10,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
-use std::ops::Range;
 
-use super::super::mask::VECTORS;
+use super::super::mask::{kept_band, VECTORS};
 use super::super::math::exp2;
 use super::super::widen::first_lanes;
 use super::super::KEY_TILE;
@@ -360,20 +359,6 @@ unsafe fn dq_block<const R: usize, const KEPT: bool>(
     }
 }
 
-/// The key vectors `lo..hi` that some row of `rows` keeps (`kept[r·4 + v]` nonzero); empty
-/// when none does.
-pub(super) fn kept_key_vectors(kept: &[u16], rows: Range<usize>) -> Range<usize> {
-    let mut any = [false; VECTORS];
-    for r in rows {
-        for (v, seen) in any.iter_mut().enumerate() {
-            *seen |= kept[r * VECTORS + v] != 0;
-        }
-    }
-    let lo = any.iter().position(|&x| x).unwrap_or(VECTORS);
-    let hi = any.iter().rposition(|&x| x).map_or(lo, |v| v + 1);
-    lo..hi
-}
-
 /// Calls `$f::<$n, KV>` (then the arguments) for `KV` = `$kv` (1 to 4).
 macro_rules! by_key_vectors {
     ($kv:expr, $f:ident::<$n:literal $(, $rest:tt)*>($($arg:expr),*)) => {
@@ -409,7 +394,7 @@ pub(super) unsafe fn products_kept(
     let mut r = 0;
     while r < rows {
         let n = (rows - r).min(4);
-        let band = kept_key_vectors(kept, r..r + n);
+        let (band, _) = kept_band(kept, r..r + n, VECTORS);
         if !band.is_empty() {
             let at = band.start * LANES;
             let (a, b) = (a.wrapping_add(r * stride), bt[at..].as_ptr());
@@ -453,7 +438,7 @@ pub(super) unsafe fn accumulate_t_kept(
     let mut r0 = 0;
     while r0 < rows {
         let r1 = (r0 + LANES).min(rows);
-        let band = kept_key_vectors(kept, r0..r1);
+        let (band, _) = kept_band(kept, r0..r1, VECTORS);
         if !band.is_empty() {
             let (at, kv) = (band.start * LANES, band.len());
             let (p, k) = (

@@ -2,8 +2,9 @@
 //! tile of a causal pattern, a window's edges, a document boundary) run only over the row
 //! vectors (16 query rows each) that some key of a group keeps.
 //!
-//! On a causal diagonal tile the keys `16s..16s + 16` are kept by row vectors `s..4` only, so
-//! 6 of the 16 (key group, row vector) blocks of each product are skipped. What is skipped is
+//! On a causal diagonal tile the keys `16s..16s + 16` are kept by row vectors `s..4` only
+//! (the bands `mask.rs`'s `kept_band` finds), so 6 of the 16 (key group, row vector) blocks
+//! of each product are skipped. What is skipped is
 //! exactly what the masks drop: a skipped score is never written (the score pass replaces
 //! every masked score by −∞ before the softmax reads it) and a skipped `P·V` term would have
 //! been a masked FMA, so results are bit-identical to computing the whole tile.
@@ -19,23 +20,6 @@ const LANES: usize = 16;
 
 /// Keys per `P·V` segment: each segment runs over its own row vectors.
 pub(super) const PV_SEGMENT: usize = 16;
-
-/// The row vectors `lo..hi` (of the first `rv`) that keep some key of `keys` (`keep[key·4 +
-/// r]`, one bit per row), and whether every row of them keeps every one of those keys.
-pub(super) fn kept_rows(keep: &[u16], keys: Range<usize>, rv: usize) -> (Range<usize>, bool) {
-    let mut any = [false; VECTORS];
-    let mut full = [true; VECTORS];
-    for key in keys {
-        for r in 0..rv {
-            let bits = keep[key * VECTORS + r];
-            any[r] |= bits != 0;
-            full[r] &= bits == u16::MAX;
-        }
-    }
-    let lo = (0..rv).find(|&r| any[r]).unwrap_or(rv);
-    let hi = (lo..rv).rfind(|&r| any[r]).map_or(lo, |r| r + 1);
-    (lo..hi, (lo..hi).all(|r| full[r]))
-}
 
 /// `Sᵀ` of `keys` (1 to 4) keys for the row vectors `rows` only ([`micro::qk`] on a band of
 /// rows); the tile maximum it folds is discarded (the score pass recomputes it for masked
@@ -169,38 +153,5 @@ pub(super) unsafe fn rescale<const RV: usize>(o: *mut f32, columns: usize, alpha
             // SAFETY: c < columns, r < RV ≤ 4: inside `o`.
             unsafe { _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), *a)) };
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_causal_diagonal_tile_keeps_the_row_vectors_at_and_below_each_key_group() {
-        // keep[key·4 + r]: row 16r + l keeps key `key` when 16r + l ≥ key.
-        let keep: Vec<u16> = (0..64)
-            .flat_map(|key| {
-                (0..VECTORS)
-                    .map(move |r| (0..16).fold(0u16, |m, l| m | u16::from(16 * r + l >= key) << l))
-            })
-            .collect();
-        assert_eq!(kept_rows(&keep, 0..16, 4), (0..4, false));
-        assert_eq!(kept_rows(&keep, 16..32, 4), (1..4, false));
-        assert_eq!(kept_rows(&keep, 48..64, 4), (3..4, false));
-        assert_eq!(kept_rows(&keep, 48..64, 3), (3..3, true));
-        // Row vectors past the diagonal block keep every key of the group.
-        assert_eq!(kept_rows(&keep, 0..1, 4), (0..4, true));
-        assert_eq!(kept_rows(&keep, 17..18, 4), (1..4, false));
-    }
-
-    #[test]
-    fn a_band_in_the_middle_is_found() {
-        let mut keep = vec![0u16; 8 * VECTORS];
-        keep[2 * VECTORS + 1] = 0x00f0;
-        keep[5 * VECTORS + 2] = u16::MAX;
-        assert_eq!(kept_rows(&keep, 0..8, 4), (1..3, false));
-        assert_eq!(kept_rows(&keep, 5..6, 4), (2..3, true));
-        assert_eq!(kept_rows(&keep, 6..8, 4), (4..4, true));
     }
 }
