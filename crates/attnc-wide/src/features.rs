@@ -74,6 +74,18 @@ mod wide {
         1.0,
     ];
 
+    /// The polynomial with `coefficients` (highest power first, at least one) at `x`, by
+    /// Horner's rule with one FMA per coefficient.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    fn horner(coefficients: &[f32], x: __m512) -> __m512 {
+        let mut p = _mm512_set1_ps(coefficients[0]);
+        for &c in &coefficients[1..] {
+            p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(c));
+        }
+        p
+    }
+
     /// `eˣ` on 16 lanes: 0 below the subnormals, `∞` above the range, NaN for NaN.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     #[inline]
@@ -86,10 +98,7 @@ mod wide {
         );
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_HI), xc);
         let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_LO), r);
-        let mut p = _mm512_set1_ps(EXP_POLY[0]);
-        for &c in &EXP_POLY[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
+        let p = horner(&EXP_POLY, r);
         // p · 2ᵏ, with the underflow to subnormals and 0 and the overflow to ∞ done by the
         // instruction.
         _mm512_scalef_ps(p, k)
@@ -116,11 +125,7 @@ mod wide {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     #[inline]
     pub(crate) fn expm1_lanes(x: __m512) -> __m512 {
-        let mut p = _mm512_set1_ps(EXPM1_POLY[0]);
-        for &c in &EXPM1_POLY[1..] {
-            p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(c));
-        }
-        let small = _mm512_mul_ps(p, x);
+        let small = _mm512_mul_ps(horner(&EXPM1_POLY, x), x);
         let large = _mm512_sub_ps(exp_lanes(x), _mm512_set1_ps(1.0));
         let near = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(
             _mm512_andnot_ps(_mm512_set1_ps(-0.0), x),
