@@ -488,14 +488,7 @@ impl WideAttention {
         // entry's ids and gate (items come in entry order, so each entry's is built once per
         // thread).
         let mut refined: Option<(usize, TileTable, Vec<bool>)> = None;
-        let mut next = items();
-        while let Some((b, t, rows, lse)) = next.take() {
-            // One item ahead: its query rows are hinted towards the cache while this one runs.
-            next = items();
-            if let Some((nb, nt, ..)) = &next {
-                let call = self.call(inputs, *nb)?;
-                attention::prefetch_queries(&call, nt * qt..((nt + 1) * qt).min(self.spec.m));
-            }
+        while let Some((b, t, rows, lse)) = items() {
             let mut call = self.call(inputs, b)?;
             if self.reads_data() && refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
                 refined = Some(self.refine(inputs, b, self.required_segments(&call))?);
@@ -525,8 +518,8 @@ impl WideAttention {
                     attention::run(&call, range, &mut output)
                 }
                 _ => {
-                    // The values' magnitude, read once per entry and thread rather than by
-                    // every query tile.
+                    // The values' magnitude, read once per entry (by whichever thread needs
+                    // it first) rather than by every query tile.
                     let value_bound = bounds
                         .get(b)
                         .and_then(|slot| *slot.get_or_init(|| attention::ValueBound::of(&call)));

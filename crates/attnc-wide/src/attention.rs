@@ -111,18 +111,6 @@ pub fn run(call: &Call<'_>, rows: Range<usize>, out: &mut Output<'_>) -> Result<
     run_with_bound(call, rows, out, None)
 }
 
-/// Hints rows `rows` of the call's queries towards the cache: a caller that knows which
-/// query tile it computes next issues this before the current one, so that the next tile's
-/// packing of Q (which reads those rows once, usually from memory) does not wait on them.
-/// Nothing is read and nothing can fault; without AVX-512 it does nothing.
-pub fn prefetch_queries(call: &Call<'_>, rows: Range<usize>) {
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX-512 was detected; a prefetch reads nothing.
-        unsafe { tile::prefetch_rows(&call.q, rows) }
-    }
-}
-
 /// The largest magnitude among a call's values (`V`), as [`run_with_bound`] takes it: the
 /// tile kernel scales its weights by a power of two chosen from it (see
 /// `attention/tile/headroom.rs`) so that no product is subnormal.

@@ -530,7 +530,7 @@ unsafe fn key_step<const RV: usize>(
         let vs = v.stride;
         // SAFETY: keys j0..j0 + kn are rows of V (or of its widened tile), columns c0..
         // (at most dv − c0 of them) readable; Pᵀ holds kn·64 f32, Oᵀ dv·64 from column c0
-        // on; a partial tile's masks cover its kn keys.
+        // on.
         unsafe {
             match dv - c0 {
                 1 => micro::pv::<1, RV, false>(kn, s, at, vs, ot, rescale, &[]),
@@ -619,7 +619,7 @@ fn claim_row(out: &Output<'_>, at: usize, len: usize) {
 /// Hints the cache lines of rows `keys` (those inside the operand) towards L2.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-pub(super) fn prefetch_rows(operand: &Operand<'_>, keys: Range<usize>) {
+fn prefetch_rows(operand: &Operand<'_>, keys: Range<usize>) {
     let (ptr, size): (*const u8, usize) = match operand.data {
         Elements::F32(x) => (x.as_ptr().cast(), 4),
         Elements::F16(x) => (x.as_ptr().cast(), 2),
