@@ -8,8 +8,8 @@
 //! (`attnc_wide::backward`: FlashAttention-2 from the saved output and log-sum-exp), per batch
 //! entry, visiting only the key tiles of the tile table the pattern algebra gives
 //! ([`crate::tiles`]); no `m × n` buffer is allocated.
-//! Batch entries are taken by the threads in order as each is free; each entry is computed by one thread in
-//! a fixed order, and gradients of operands broadcast over batch entries (grouped-query keys,
+//! Batch entries are taken by the threads in order as each is free; each entry is computed
+//! by one thread in a fixed order, and gradients of operands broadcast over batch entries (grouped-query keys,
 //! a per-head slope) are summed over the entries in entry order afterwards, so results are
 //! bit-identical for any thread count.
 //!
@@ -205,15 +205,10 @@ impl AttentionBackward {
             .iter()
             .zip(&direct)
             .zip(&blocks)
-            .map(
-                |((_, &dir), &b)| {
-                    if dir {
-                        Vec::new()
-                    } else {
-                        zeroed(entries * b)
-                    }
-                },
-            )
+            .map(|((_, &dir), &b)| match dir {
+                true => Vec::new(),
+                false => zeroed(entries * b),
+            })
             .collect();
         {
             // Per entry, one block of each gradient.

@@ -8,11 +8,10 @@
 //! first (docs/language.md, "Values beyond the f32 range").
 //!
 //! Scaling the accumulator per tile would cost every tile a test. Instead, after the step its
-//! output is scanned once ([`any_non_finite`], O(m · dv) per batch entry), and where it holds a
-//! non-finite value only the batch entries holding a non-finite value that V's magnitude can explain
-//! (`n · max|v|` near the f32 limit) are computed again from a copy of V scaled by an exact
-//! power of two `2^-k`; the second result times `2^k` replaces the non-finite values where it
-//! is finite. Genuine infinities and NaNs (from the inputs, or from scores beyond the f32
+//! output is scanned once ([`any_non_finite`], O(m · dv) per batch entry), and only the batch
+//! entries holding a non-finite value that V's magnitude can explain (`n · max|v|` near the
+//! f32 limit) are computed again from a copy of V scaled by an exact power of two `2^-k`; the
+//! second result times `2^k` replaces the non-finite values where it is finite. Genuine infinities and NaNs (from the inputs, or from scores beyond the f32
 //! range) come out of the second computation the same, so they stay.
 //!
 //! The full-width kernels keep their scores in base 2 (`x · log2 e`, the scale folded into Q),
@@ -32,10 +31,10 @@ use crate::kernels::attention::{AttentionSpec, Precision, TensorRef};
 use crate::wide::WideScore;
 
 /// Whether `x` holds an infinity or a NaN. Branch-free within blocks of 1024 (so the scan
-/// runs at full vector width, not an element-wise early exit): every output is scanned once
-/// on the calling thread after its step, where a scalar scan cost a multi-threaded step a few
-/// per cent of its time.
-pub(crate) fn any_non_finite(x: &[f32]) -> bool {
+/// runs at full vector width, not an element-wise early exit): every output is scanned on the
+/// calling thread after its step, where a scalar scan cost a multi-threaded step a few per
+/// cent of its time.
+fn any_non_finite(x: &[f32]) -> bool {
     const EXPONENT: u32 = 0x7f80_0000;
     x.chunks(1024).any(|block| {
         block
@@ -103,6 +102,24 @@ pub(crate) fn keep_finite(
         }
     }
     Ok(())
+}
+
+/// A full-width step's output after its finite values are kept ([`keep_finite`], with `rows`
+/// the step's own kernel): the batch entries its base-2 scores leave non-finite
+/// ([`beyond_base_two`]), for the caller to compute again on another kernel. One scan of
+/// `out` when every value is finite.
+pub(crate) fn rescue_wide(
+    spec: &AttentionSpec,
+    score: WideScore,
+    views: &[BufferView<'_>],
+    out: &mut [f32],
+    rows: &impl Fn(&[BufferView<'_>], &mut [f32], usize) -> Result<()>,
+) -> Result<Vec<usize>> {
+    if !any_non_finite(out) {
+        return Ok(Vec::new());
+    }
+    keep_finite(spec, views, out, rows)?;
+    Ok(beyond_base_two(spec, score, views, out))
 }
 
 /// The batch entries of a full-width step's output `out` holding a non-finite value that its

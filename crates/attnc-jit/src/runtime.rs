@@ -684,16 +684,9 @@ impl CompiledKernel {
                     pair[1] = 1.0;
                 }
                 // Rescaling V changes O, never the log-sum-exp of the scores.
-                let finite = !crate::finite::any_non_finite(o);
-                if !finite {
-                    crate::finite::keep_finite(spec, views, o, &|v, o, e| {
-                        w.run_rows(v, o, e, 0..spec.m)
-                    })?;
-                }
-                let entries = match finite {
-                    true => Vec::new(),
-                    false => crate::finite::beyond_base_two(spec, w.score(), views, o),
-                };
+                let entries = crate::finite::rescue_wide(spec, w.score(), views, o, &|v, o, e| {
+                    w.run_rows(v, o, e, 0..spec.m)
+                })?;
                 if !entries.is_empty() && spec.segments.is_empty() {
                     // Those entries' rows and statistics from the portable kernel instead.
                     let h = self.portable_attention(step, spec, portable)?;
@@ -742,16 +735,10 @@ impl CompiledKernel {
                         out
                     }
                 };
-                let finite = !crate::finite::any_non_finite(&out);
-                if !finite {
-                    crate::finite::keep_finite(spec, views, &mut out, &|v, o, e| {
+                let entries =
+                    crate::finite::rescue_wide(spec, w.score(), views, &mut out, &|v, o, e| {
                         w.run_rows(v, o, e, 0..spec.m)
                     })?;
-                }
-                let entries = match finite {
-                    true => Vec::new(),
-                    false => crate::finite::beyond_base_two(spec, w.score(), views, &out),
-                };
                 if !entries.is_empty() {
                     // A mask built from data: the plain-Rust kernel reads its ids in base e;
                     // any other, the generated portable kernel.
@@ -785,11 +772,9 @@ impl CompiledKernel {
                         out
                     }
                 };
-                if crate::finite::any_non_finite(&out) {
-                    crate::finite::keep_finite(spec, views, &mut out, &|v, o, e| {
-                        h.run_rows(v, o, e, 0..spec.m)
-                    })?;
-                }
+                crate::finite::keep_finite(spec, views, &mut out, &|v, o, e| {
+                    h.run_rows(v, o, e, 0..spec.m)
+                })?;
                 Storage::F32(out)
             }
             (_, Some(h)) => {
