@@ -258,13 +258,15 @@ unsafe fn pair(
         },
         false => Epilogue::Raw,
     };
-    // 1. S and dP (or P and dS). A masked tile's kept positions come first: its products skip
-    // the key vectors its rows do not reach. SAFETY (all): rows i0.. of Q (d each) and dO (dv
-    // each) lie inside them; the packed tiles hold d·64 and dv·64; the output tiles 64·64;
-    // the epilogues' rows are qn; the masks qn·4.
+    // 1. S and dP (or P and dS). The kept positions of a pair not fused come first: a masked
+    // tile's products skip the key vectors its rows do not reach. SAFETY (all): rows i0.. of
+    // Q (d each) and dO (dv each) lie inside them; the packed tiles hold d·64 and dv·64; the
+    // output tiles 64·64; the epilogues' rows are qn; the masks qn·4.
     unsafe {
-        if masked {
+        if !fused {
             kept_positions(env, scratch, masks, (i0, j0, kn), partial);
+        }
+        if masked {
             let kept = &scratch.kept[..qn * VECTORS];
             let (q, d_o) = (q.as_ptr().add(i0 * qs), env.d_o.as_ptr().add(i0 * dv));
             products_kept(q, qs, &scratch.kt, d, qn, &mut scratch.s, kept);
@@ -272,9 +274,6 @@ unsafe fn pair(
                 products_kept(d_o, dv, &scratch.vt, dv, qn, &mut scratch.dp, kept);
             }
         } else {
-            if !fused {
-                kept_positions(env, scratch, None, (i0, j0, kn), false);
-            }
             products(
                 q.as_ptr().add(i0 * qs),
                 qs,
