@@ -502,6 +502,7 @@ impl WideAttention {
                 o: rows,
                 row_stride: self.spec.dv,
                 lse,
+                lse_from_origin: false,
             };
             let result = match self.tier {
                 Tier::Amx(products) => {

@@ -174,6 +174,7 @@ fn once(
                             o: chunk,
                             row_stride: D,
                             lse: None,
+                            lse_from_origin: false,
                         };
                         amx::run(p, &c, &packed[h], rows, &mut out).expect("run");
                     }

@@ -208,6 +208,7 @@ fn run_workload(w: &Workload, threads: &[usize], runs: usize) {
                                 o: o_tile,
                                 row_stride: d,
                                 lse: None,
+                                lse_from_origin: false,
                             };
                             attention::run(&call, rows, &mut out).expect("a valid call");
                         }

@@ -51,7 +51,7 @@
 //!     tiles: &tiles,
 //!  segments: None, blocks: None, };
 //! let mut o = vec![0.0f32; m * d];
-//! let mut out = Output { o: &mut o, row_stride: d, lse: None };
+//! let mut out = Output { o: &mut o, row_stride: d, lse: None, lse_from_origin: false };
 //! if attention::available() {
 //!     attention::run(&call, 0..m, &mut out)?;
 //!     assert!(o.iter().all(|&x| (x - 1.0).abs() < 1e-6));

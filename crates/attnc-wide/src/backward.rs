@@ -6,15 +6,18 @@
 //! D_i  = Σ_c dO_ic O_ic                     P_ij = exp(x_ij − lse_i)   (kept positions)
 //! dP_ij = dO_i · v_j                        dX_ij = P_ij (dP_ij − D_i)
 //! dY_ij = dX_ij (1 − (x_ij / cap)²)          (softcap; dX without one)
-//! dS_ij = dY_ij · scale                     dbias_ij += dY_ij   dslope += dY_ij (j − i')
+//! dS_ij = dY_ij · scale                     dbias_ij += dY_ij   dslope += dY_ij (j − r)
 //! dV_j += P_ij dO_i     dQ_i += dS_ij k_j   dK_j += dS_ij q_i
 //! ```
 //!
-//! where `x = cap·tanh(y / cap)`, `y = s·scale + bias + slope·(j − i')`. Only the key tiles
-//! the call's tile table lists are visited, element masks are evaluated on partial tiles only,
-//! and no `m × n` value is ever held: per tile pair a few scalars or one tile of scores. A
-//! masked position contributes nothing (it is skipped, never multiplied by 0), and a row that
-//! keeps no key (`lse = −∞`) contributes nothing.
+//! where `x = cap·tanh(y / cap)`, `y = s·scale + bias + slope·(j − r)`, `r` the row's ALiBi
+//! origin (`i'` with a softcap, else a key of its query tile: softmax ignores the row's shift
+//! `slope·(r − i')`, and so does the slope's gradient, since each row's `dY` sums to 0; see
+//! [`Call::alibi_origin`]). Only the key tiles the call's tile table lists are
+//! visited, element masks are evaluated on partial tiles only, and no `m × n` value is ever
+//! held: per tile pair a few scalars or one tile of scores. A masked position contributes
+//! nothing (it is skipped, never multiplied by 0), and a row that keeps no key (`lse = −∞`)
+//! contributes nothing.
 //!
 //! [`run`] takes the AVX-512 kernel where the CPU has it (and the call's tile table has its
 //! 64 × 64 tiles), else the portable one (plain Rust, any CPU); [`forward`] computes the saved
@@ -28,7 +31,9 @@ pub mod reference;
 use crate::problem::{Call, CallError};
 
 /// What the forward saved for the backward, for one batch entry: `O` (`m × dv`, row-major)
-/// and the natural log-sum-exp of each row's masked scores (`−∞` for a row that keeps no key).
+/// and the log-sum-exp of each row's masked scores (`−∞` for a row that keeps no key), with
+/// ALiBi distances measured from the row's origin ([`Call::alibi_origin`]; the natural
+/// log-sum-exp without a slope), as [`forward`] writes it.
 #[derive(Clone, Copy, Debug)]
 pub struct Saved<'a> {
     /// The output rows.
@@ -80,6 +85,7 @@ pub fn check(
         o: &mut scratch,
         row_stride: dv,
         lse: None,
+        lse_from_origin: false,
     };
     // Rows 0..0 check the operands and the table without an output.
     crate::problem::check(call, &(0..0), &out)?;
@@ -154,8 +160,9 @@ pub fn run_with(
     Ok(())
 }
 
-/// The forward of one batch entry with its log-sum-exp, every row: on the AVX-512 kernel where
-/// available (and the table has its tile sizes), else the portable one.
+/// The forward of one batch entry with its log-sum-exp as the backward reads it ([`Saved`]),
+/// every row: on the AVX-512 kernel where available (and the table has its tile sizes), else
+/// the portable one.
 pub fn forward(call: &Call<'_>, o: &mut [f32], lse: &mut [f32]) -> Result<(), CallError> {
     forward_with(call, o, lse, true)
 }
@@ -174,6 +181,7 @@ pub fn forward_with(
         o,
         row_stride: dv,
         lse: Some(lse),
+        lse_from_origin: true,
     };
     if wide && crate::attention::available() && wide_tiles {
         return crate::attention::run(call, 0..m, &mut out);

@@ -27,7 +27,7 @@ pub fn run(call: &Call<'_>, rows: Range<usize>, out: &mut Output<'_>) -> Result<
     while t0 < rows.end {
         let t1 = (t0 / qt * qt + qt).min(rows.end);
         tile.compute(call, t0..t1);
-        tile.write(t0..t1, rows.start, out);
+        tile.write(call, t0..t1, rows.start, out);
         t0 = t1;
     }
     Ok(())
@@ -63,7 +63,7 @@ impl TileState {
 
     /// Runs rows `rows` (one query tile) over every key tile the table lists for them.
     fn compute(&mut self, call: &Call<'_>, rows: Range<usize>) {
-        let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
+        let (n, d, dv) = (call.n(), call.q.cols, call.v.cols);
         let (qt, kt) = (call.tiles.query_tile.max(1), call.tiles.key_tile.max(1));
         widen(&call.q, rows.clone(), &mut self.q);
         self.max.fill(f32::NEG_INFINITY);
@@ -75,14 +75,14 @@ impl TileState {
                 widen(&call.k, keys.clone(), &mut self.k);
                 widen(&call.v, keys.clone(), &mut self.v);
                 for (r, i) in rows.clone().enumerate() {
-                    let ia = i as i64 + n as i64 - m as i64;
+                    let from = call.alibi_origin(i);
                     let qi = &self.q[r * d..(r + 1) * d];
                     for (c, j) in keys.clone().enumerate() {
                         // Masked keys are skipped, never read into the sums (0·∞ stays out).
                         self.kept[c] = !run.partial || call.keeps(i, j);
                         if self.kept[c] {
                             let s = dot(qi, &self.k[c * d..(c + 1) * d]);
-                            self.x[c] = score(call, s, i, j, ia).0;
+                            self.x[c] = score(call, s, i, j, from).0;
                         }
                     }
                     self.update(r, keys.len(), dv);
@@ -128,9 +128,9 @@ impl TileState {
         self.max[r] = new;
     }
 
-    /// Writes rows `rows` (the call's rows start at `first`): `acc / sum`, zeros and
-    /// `lse = −∞` for a row that kept nothing.
-    fn write(&self, rows: Range<usize>, first: usize, out: &mut Output<'_>) {
+    /// Writes rows `rows` (one query tile; the call's rows start at `first`): `acc / sum`,
+    /// zeros and `lse = −∞` for a row that kept nothing.
+    fn write(&self, call: &Call<'_>, rows: Range<usize>, first: usize, out: &mut Output<'_>) {
         let dv = self.acc.len() / self.max.len().max(1);
         for (r, i) in rows.enumerate() {
             let at = (i - first) * out.row_stride;
@@ -146,8 +146,10 @@ impl TileState {
             if let Some(lse) = out.lse.as_deref_mut() {
                 lse[i - first] = if max == f32::NEG_INFINITY {
                     f32::NEG_INFINITY
-                } else {
+                } else if out.lse_from_origin {
                     max + sum.ln()
+                } else {
+                    call.natural_lse(i, f64::from(max) + f64::from(sum.ln()))
                 };
             }
         }
@@ -237,6 +239,7 @@ mod tests {
                     o: &mut o,
                     row_stride: dv,
                     lse: Some(&mut lse),
+                    lse_from_origin: false,
                 };
                 run(&call, 0..m, &mut out).expect("runs");
                 assert!(relative_l2(&o, &want) < 1e-5, "{m} {n}");
@@ -250,6 +253,7 @@ mod tests {
                         o: &mut part,
                         row_stride: dv,
                         lse: None,
+                        lse_from_origin: false,
                     };
                     run(&call, qt..m, &mut out).expect("runs");
                     assert_eq!(part, o[qt * dv..]);
@@ -281,6 +285,7 @@ mod tests {
             o: &mut o,
             row_stride: 2,
             lse: None,
+            lse_from_origin: false,
         };
         run(&call, 0..m, &mut out).expect("runs");
         for (a, b) in o.iter().zip(&want) {

@@ -13,6 +13,7 @@
 
 use half::{bf16, f16};
 
+mod alibi;
 mod blocks;
 
 pub use blocks::Blocks;
@@ -493,6 +494,10 @@ pub struct Output<'a> {
     pub row_stride: usize,
     /// The natural log-sum-exp of each row's masked scores (`-inf` for a row that keeps no key).
     pub lse: Option<&'a mut [f32]>,
+    /// Write the log-sum-exp of the scores with ALiBi distances measured from each query
+    /// tile's origin ([`Call::alibi_origin`]) instead: what the backward reads
+    /// (`crate::backward::Saved`). The same as the natural one without a slope.
+    pub lse_from_origin: bool,
 }
 
 /// Why a full-width kernel refused a call (before touching any memory).

@@ -202,6 +202,7 @@ fn run_rows(
             o: &mut o[a * dv..b * dv],
             row_stride: dv,
             lse: Some(&mut lse[a..b]),
+            lse_from_origin: false,
         };
         amx::run(p, call, packed, start..end, &mut out).expect("run");
         start = end;
@@ -531,6 +532,7 @@ fn splits_are_bit_identical() {
                             o,
                             row_stride: dv,
                             lse: Some(lse),
+                            lse_from_origin: false,
                         };
                         amx::run(p, call, packed, rows, &mut out).expect("run");
                     }
@@ -631,6 +633,7 @@ fn misfit_calls_are_refused() {
         o: &mut o,
         row_stride: 8,
         lse: None,
+        lse_from_origin: false,
     };
     // Packed for the other products.
     assert!(matches!(
@@ -657,6 +660,7 @@ fn misfit_calls_are_refused() {
         o: &mut short,
         row_stride: 8,
         lse: None,
+        lse_from_origin: false,
     };
     assert!(amx::run(Products::Bf16, &call, &packed, 0..40, &mut out).is_err());
 }

@@ -256,6 +256,7 @@ fn compute(p: &Problem, splits: &[usize], out_pad: usize) -> (Vec<f32>, Vec<f32>
             o: &mut o[start * stride..],
             row_stride: stride,
             lse: Some(&mut lse[start..]),
+            lse_from_origin: false,
         };
         attention::run(&call, start..end, &mut out).expect("a valid call");
         if m == 0 {
@@ -589,6 +590,7 @@ fn threads_give_the_same_bits() {
                     o: o_now,
                     row_stride: dv,
                     lse: Some(l_now),
+                    lse_from_origin: false,
                 };
                 attention::run(call, start..end, &mut out).expect("a valid call");
             });
@@ -720,6 +722,7 @@ fn bad_calls_are_refused() {
         o: &mut o,
         row_stride: 4,
         lse: None,
+        lse_from_origin: false,
     };
     assert!(matches!(
         attention::run(&call, 1..5, &mut out),
@@ -739,6 +742,7 @@ fn bad_calls_are_refused() {
         o: &mut short,
         row_stride: 4,
         lse: None,
+        lse_from_origin: false,
     };
     assert!(matches!(
         attention::run(&call, 0..70, &mut out),
@@ -834,6 +838,7 @@ fn calls_ending_inside_a_tile_give_the_same_bits() {
             o: &mut o,
             row_stride: 7,
             lse: Some(&mut lse),
+            lse_from_origin: false,
         };
         attention::run(&call, start..end, &mut out).expect("a valid call");
         for i in start..end {
@@ -891,6 +896,7 @@ fn peaked_scores_match_the_reference_at_every_value_magnitude() {
                 o: &mut o[start * dv..],
                 row_stride: dv,
                 lse: Some(&mut lse[start..]),
+                lse_from_origin: false,
             };
             attention::run_with_bound(&call, start..end, &mut out, bound).expect("a valid call");
         }

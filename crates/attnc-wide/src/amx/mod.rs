@@ -139,6 +139,7 @@ pub fn pack(products: Products, call: &Call<'_>) -> Result<Packed, CallError> {
         o: &mut none,
         row_stride: 0,
         lse: None,
+        lse_from_origin: false,
     };
     check(call, &(0..0), &nothing)?;
     #[cfg(target_arch = "x86_64")]
@@ -184,6 +185,13 @@ pub fn run(
             "the tile table is {} × {}, the AMX kernels need {QUERY_TILE} × {KEY_TILE}",
             t.query_tile, t.key_tile
         )));
+    }
+    if out.lse_from_origin && out.lse.is_some() && call.score.alibi_slope.is_some() {
+        // These kernels measure ALiBi distances from each row's own position.
+        return Err(CallError::Shape(
+            "the AMX kernels write the natural log-sum-exp only, not the one from ALiBi origins"
+                .into(),
+        ));
     }
     if rows.is_empty() {
         return Ok(());

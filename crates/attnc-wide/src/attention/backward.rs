@@ -34,7 +34,7 @@ use std::borrow::Cow;
 
 use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::exp2;
-use super::score::{ScoreForm, LOG2_E};
+use super::score::{Distances, ScoreForm, LOG2_E};
 use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
 use crate::backward::{Gradients, Saved};
@@ -93,6 +93,9 @@ struct Env<'a> {
     /// `D_i = dO_i · O_i`.
     dd: Vec<f32>,
     program: Option<MaskProgram<'a>>,
+    /// Per row, the key its ALiBi distances are measured from (as the forward measured them
+    /// for the saved log-sum-exp).
+    origins: Vec<i64>,
 }
 
 /// Scratch of one call: packed `Kᵀ`, `Vᵀ` of a key tile, the key tile's `dKᵀ`, `dVᵀ`, and the
@@ -106,7 +109,10 @@ struct Scratch {
     dp: Vec<f32>,
     ds: Vec<f32>,
     kept: Vec<u16>,
+    /// The slope gradient's lanes over the current pair.
     slope: __m512,
+    /// The slope gradient of the pairs done, summed in f64: a call sums `m·n` terms.
+    slope_sum: f64,
 }
 
 /// The gradients of `call`.
@@ -141,6 +147,10 @@ pub(crate) unsafe fn run(
         lse2: saved.lse[..m].iter().map(|l| l * LOG2_E).collect(),
         dd,
         program: call.mask.map(|m| MaskProgram::for_call(m, call)),
+        origins: match call.score.alibi_slope {
+            Some(_) => (0..m).map(|i| call.alibi_origin(i)).collect(),
+            None => Vec::new(),
+        },
     };
     let (v, v_stride) = rows_f32(&call.v);
     for g in [
@@ -164,6 +174,7 @@ pub(crate) unsafe fn run(
         ds: vec![0.0; QT * KT],
         kept: vec![0; QT * VECTORS],
         slope: _mm512_setzero_ps(),
+        slope_sum: 0.0,
     };
     for (t, visits) in by_key_tile(call).into_iter().enumerate() {
         if visits.is_empty() {
@@ -204,7 +215,7 @@ pub(crate) unsafe fn run(
         }
     }
     if let Some(s) = grads.dslope.as_deref_mut() {
-        *s += _mm512_reduce_add_ps(scratch.slope);
+        *s += scratch.slope_sum as f32;
     }
 }
 
@@ -406,15 +417,14 @@ unsafe fn elementwise(
     (i0, j0, kn): (usize, usize, usize),
     need_ds: bool,
 ) {
-    let (m, n) = (env.m, env.n);
-    let qn = QT.min(m - i0);
+    let qn = QT.min(env.m - i0);
     let valid: [__mmask16; VECTORS] =
         std::array::from_fn(|v| first_lanes(kn.saturating_sub(v * LANES)));
     let (brs, bcs) = env.form.bias_strides();
     let (qscale, scale) = (_mm512_set1_ps(env.form.q_scale), _mm512_set1_ps(env.scale));
     for r in 0..qn {
         let i = i0 + r;
-        let ia = i as i64 + n as i64 - m as i64;
+        let from = env.origins.get(i).copied().unwrap_or(0);
         let (lse, dd) = (_mm512_set1_ps(env.lse2[i]), _mm512_set1_ps(env.dd[i]));
         for v in 0..VECTORS {
             let kept = scratch.kept[r * VECTORS + v];
@@ -424,9 +434,13 @@ unsafe fn elementwise(
             unsafe {
                 let mut x = _mm512_mul_ps(_mm512_loadu_ps(scratch.s.as_ptr().add(at)), qscale);
                 if env.form.has_options() {
+                    let distances = Distances::Along {
+                        start: j as i64 - from,
+                        step: 1,
+                    };
                     x = env
                         .form
-                        .apply(x, i * brs + j * bcs, bcs, valid[v], j as i64 - ia, 1);
+                        .apply(x, i * brs + j * bcs, bcs, valid[v], distances);
                 }
                 let p = _mm512_maskz_mov_ps(kept, exp2(_mm512_sub_ps(x, lse)));
                 // P replaces S in place (dV reads it); dS goes to its own tile.
@@ -448,7 +462,7 @@ unsafe fn elementwise(
                     let iota =
                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
                     let dist = _mm512_add_ps(
-                        _mm512_set1_ps((j as i64 - ia) as f32),
+                        _mm512_set1_ps((j as i64 - from) as f32),
                         _mm512_cvtepi32_ps(iota),
                     );
                     scratch.slope = _mm512_fmadd_ps(dy, dist, scratch.slope);
@@ -456,6 +470,10 @@ unsafe fn elementwise(
                 _mm512_storeu_ps(scratch.ds.as_mut_ptr().add(at), _mm512_mul_ps(dy, scale));
             }
         }
+    }
+    if grads.dslope.is_some() {
+        scratch.slope_sum += f64::from(_mm512_reduce_add_ps(scratch.slope));
+        scratch.slope = _mm512_setzero_ps();
     }
 }
 

@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::exp2;
-use super::score::ScoreForm;
+use super::score::{Distances, ScoreForm};
 use super::widen::{first_lanes, first_lanes32, natural_order, pair_order, widen_row, Widen};
 use super::{KEY_TILE, QUERY_TILE};
 use crate::problem::{Call, Elements, Output};
@@ -123,6 +123,7 @@ unsafe fn typed<K: Widen, V: Widen>(
         st.max = f32::NEG_INFINITY;
         st.sum = _mm512_setzero_ps();
         let ia = i as i64 + shift;
+        let from = call.alibi_origin(i);
         for run in call.tiles.runs(i / QUERY_TILE) {
             for tile in run.first as usize..run.end as usize {
                 let j0 = tile * KEY_TILE;
@@ -142,7 +143,7 @@ unsafe fn typed<K: Widen, V: Widen>(
                 };
                 // SAFETY: the caller's contract; tile lies inside n.
                 unsafe {
-                    key_tile(&ops, &mut st, &form, i, ia, j0, kn, keep);
+                    key_tile(&ops, &mut st, &form, i, from, j0, kn, keep);
                 }
             }
         }
@@ -163,13 +164,18 @@ unsafe fn typed<K: Widen, V: Widen>(
             lse[i - rows.start] = if empty {
                 f32::NEG_INFINITY
             } else {
-                ((st.max as f64 + (sum as f64).log2()) * std::f64::consts::LN_2) as f32
+                let shifted = (st.max as f64 + (sum as f64).log2()) * std::f64::consts::LN_2;
+                match out.lse_from_origin {
+                    true => shifted as f32,
+                    false => call.natural_lse(i, shifted),
+                }
             };
         }
     }
 }
 
-/// One key tile of one row: scores, online softmax, `o += p · V`.
+/// One key tile of one row: scores (ALiBi distances from key `origin`), online softmax,
+/// `o += p · V`.
 ///
 /// # Safety
 /// AVX-512 is present; the operands passed `problem::check`; keys `j0..j0 + kn` lie inside n.
@@ -180,7 +186,7 @@ unsafe fn key_tile<K: Widen, V: Widen>(
     st: &mut State,
     form: &ScoreForm<'_>,
     i: usize,
-    ia: i64,
+    origin: i64,
     j0: usize,
     kn: usize,
     keep: Option<[u16; VECTORS]>,
@@ -203,8 +209,10 @@ unsafe fn key_tile<K: Widen, V: Widen>(
                     i * row_stride + jg * col_stride,
                     col_stride,
                     valid,
-                    jg as i64 - ia,
-                    1,
+                    Distances::Along {
+                        start: jg as i64 - origin,
+                        step: 1,
+                    },
                 )
             };
         }

@@ -14,6 +14,16 @@ use crate::problem::{Bias, Score};
 /// `log2 e` in f32.
 pub(super) const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
+/// The ALiBi distances `j − r` of 16 lanes, `r` the row's origin
+/// ([`Call::alibi_origin`](crate::problem::Call::alibi_origin)).
+#[derive(Clone, Copy)]
+pub(super) enum Distances {
+    /// Lane `l` at `start + l·step` (one row's keys in the lanes: step 1).
+    Along { start: i64, step: i64 },
+    /// Each lane's own (rows in the lanes).
+    Lanes(__m512),
+}
+
 /// One call's score form, ready for the kernels.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ScoreForm<'a> {
@@ -49,8 +59,8 @@ impl<'a> ScoreForm<'a> {
 
     /// Bias, ALiBi and softcap on 16 raw scores `x` (base 2) of one row or one key.
     ///
-    /// Lane `l` reads bias element `bias_at + l · bias_step` and lies at distance
-    /// `j − i' = distance + l · distance_step`; only lanes of `valid` read the bias.
+    /// Lane `l` reads bias element `bias_at + l · bias_step` and lies at ALiBi distance
+    /// `distances` gives it; only lanes of `valid` read the bias.
     ///
     /// # Safety
     /// AVX-512 is present and the bias elements of the `valid` lanes lie inside the bias.
@@ -62,8 +72,7 @@ impl<'a> ScoreForm<'a> {
         bias_at: usize,
         bias_step: usize,
         valid: __mmask16,
-        distance: i64,
-        distance_step: i64,
+        distances: Distances,
     ) -> __m512 {
         let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         if let Some(bias) = self.bias {
@@ -72,15 +81,16 @@ impl<'a> ScoreForm<'a> {
             x = _mm512_fmadd_ps(b, _mm512_set1_ps(LOG2_E), x);
         }
         if let Some(slope) = self.slope {
-            let dist = if distance.unsigned_abs() < 1 << 30 {
-                let step = _mm512_mullo_epi32(iota, _mm512_set1_epi32(distance_step as i32));
-                _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(distance as i32), step))
-            } else {
-                let step = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(iota),
-                    _mm512_set1_ps(distance_step as f32),
-                );
-                _mm512_add_ps(_mm512_set1_ps(distance as f32), step)
+            let dist = match distances {
+                Distances::Lanes(d) => d,
+                Distances::Along { start, step } if start.unsigned_abs() < 1 << 30 => {
+                    let step = _mm512_mullo_epi32(iota, _mm512_set1_epi32(step as i32));
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_set1_epi32(start as i32), step))
+                }
+                Distances::Along { start, step } => {
+                    let step = _mm512_mul_ps(_mm512_cvtepi32_ps(iota), _mm512_set1_ps(step as f32));
+                    _mm512_add_ps(_mm512_set1_ps(start as f32), step)
+                }
             };
             x = _mm512_fmadd_ps(_mm512_set1_ps(slope), dist, x);
         }

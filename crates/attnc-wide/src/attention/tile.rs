@@ -41,7 +41,7 @@ use half::{bf16, f16};
 
 use super::mask::{kept_band, LaneAxis, MaskProgram, VECTORS};
 use super::math::{exp2, exp2_below, exp2_below_constants, EXP2_BELOW_LIMIT};
-use super::score::ScoreForm;
+use super::score::{Distances, ScoreForm};
 use super::widen::{first_lanes, widen_rows};
 use super::{KEY_TILE, QUERY_TILE};
 use crate::problem::{Call, Elements, Operand, Output};
@@ -197,10 +197,7 @@ pub(super) unsafe fn run(
     let mut r0 = rows.start;
     while r0 < rows.end {
         let r1 = (r0 + QUERY_TILE).min(rows.end);
-        let tile = Tile {
-            rows: r0..r1,
-            out_start: rows.start,
-        };
+        let tile = Tile::new(call, r0..r1, rows.start);
         let b = &mut buffers;
         let mk = masks.as_mut();
         // SAFETY (all four): the caller's contract, passed on; r0 starts a query tile.
@@ -220,6 +217,25 @@ struct Tile {
     rows: Range<usize>,
     /// The call's first row (row `out_start` is row 0 of the output).
     out_start: usize,
+    /// Per row, the key its ALiBi distances are measured from ([`Call::alibi_origin`]), as
+    /// f32 (exact below 2²⁴ keys); zeros without a slope.
+    origins: [f32; QUERY_TILE],
+}
+
+impl Tile {
+    fn new(call: &Call<'_>, rows: Range<usize>, out_start: usize) -> Tile {
+        let mut origins = [0.0f32; QUERY_TILE];
+        if call.score.alibi_slope.is_some() {
+            for (o, i) in origins.iter_mut().zip(rows.clone()) {
+                *o = call.alibi_origin(i) as f32;
+            }
+        }
+        Tile {
+            rows,
+            out_start,
+            origins,
+        }
+    }
 }
 
 /// One query tile (`RV` vectors of lanes).
@@ -282,7 +298,7 @@ unsafe fn query_tile<const RV: usize>(
                 buffers,
                 masks.as_deref_mut(),
                 &mut softmax,
-                &tile.rows,
+                tile,
                 &step,
                 out,
             )
@@ -311,6 +327,7 @@ unsafe fn query_tile<const RV: usize>(
             )
         };
     }
+    let from_origin = out.lse_from_origin;
     if let Some(lse) = out.lse.as_deref_mut() {
         let mut max = [0.0f32; QUERY_TILE];
         let mut sum = [0.0f32; QUERY_TILE];
@@ -327,8 +344,12 @@ unsafe fn query_tile<const RV: usize>(
                 f32::NEG_INFINITY
             } else {
                 let offset = f64::from(softmax.offset);
-                ((max[lane] as f64 + (sum[lane] as f64).log2() - offset) * std::f64::consts::LN_2)
-                    as f32
+                let shifted = (max[lane] as f64 + (sum[lane] as f64).log2() - offset)
+                    * std::f64::consts::LN_2;
+                match from_origin {
+                    true => shifted as f32,
+                    false => env.call.natural_lse(i, shifted),
+                }
             };
         }
     }
@@ -356,10 +377,11 @@ unsafe fn key_step<const RV: usize>(
     buffers: &mut Buffers,
     masks: Option<&mut super::mask::MaskBuffers>,
     softmax: &mut Softmax<RV>,
-    rows: &Range<usize>,
+    tile: &Tile,
     step: &Step,
     out: &Output<'_>,
 ) {
+    let rows = &tile.rows;
     let (d, dv, n) = (env.d, env.dv, env.n);
     let j0 = step.key_tile * KEY_TILE;
     let kn = KEY_TILE.min(n - j0);
@@ -431,7 +453,7 @@ unsafe fn key_step<const RV: usize>(
     // 2. Score options and element masks.
     if keep.is_some() || env.form.has_options() {
         // SAFETY: the caller's contract; Sᵀ holds kn·64 f32.
-        tmax = unsafe { score_pass::<RV>(env, s, rows, j0, kn, keep) };
+        tmax = unsafe { score_pass::<RV>(env, s, tile, j0, kn, keep) };
     }
 
     // 3. Online softmax. The running maximum is kept as an integer (the ceiling of the true
@@ -650,15 +672,15 @@ fn prefetch_rows(operand: &Operand<'_>, keys: Range<usize>) {
 unsafe fn score_pass<const RV: usize>(
     env: &Env<'_, '_>,
     s: *mut f32,
-    rows: &Range<usize>,
+    tile: &Tile,
     j0: usize,
     kn: usize,
     masks: Option<&[u16]>,
 ) -> [__m512; RV] {
+    let rows = &tile.rows;
     let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
     let mut tmax = [neg_inf; RV];
     let (row_stride, col_stride) = env.form.bias_strides();
-    let shift = env.n as i64 - env.m as i64;
     let mut valid = [0 as __mmask16; RV];
     for (r, v) in valid.iter_mut().enumerate() {
         *v = first_lanes(env.m.saturating_sub(rows.start + r * LANES));
@@ -672,7 +694,9 @@ unsafe fn score_pass<const RV: usize>(
             let mut x = unsafe { _mm512_loadu_ps(at) };
             if options {
                 let i = rows.start + r * LANES;
-                let distance = j as i64 - (i as i64 + shift);
+                // SAFETY: r < 4: inside the 64 origins.
+                let origins = unsafe { _mm512_loadu_ps(tile.origins.as_ptr().add(r * LANES)) };
+                let distances = Distances::Lanes(_mm512_sub_ps(_mm512_set1_ps(j as f32), origins));
                 // SAFETY: valid lanes are rows < m of key j < n: inside the checked bias.
                 x = unsafe {
                     env.form.apply(
@@ -680,8 +704,7 @@ unsafe fn score_pass<const RV: usize>(
                         i * row_stride + j * col_stride,
                         row_stride,
                         valid[r],
-                        distance,
-                        -1,
+                        distances,
                     )
                 };
             }

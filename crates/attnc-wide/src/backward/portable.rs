@@ -49,17 +49,18 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// The score of position `(i, j)` from `s = q_i · k_j`: `(x, dx/dy)` with the softcap's
+/// The score of position `(i, j)` from `s = q_i · k_j`, ALiBi distances measured from key
+/// `origin` (the row's [`Call::alibi_origin`]): `(x, dx/dy)` with the softcap's
 /// derivative (1 without one).
 #[inline]
-pub(crate) fn score(call: &Call<'_>, s: f32, i: usize, j: usize, ia: i64) -> (f32, f32) {
+pub(crate) fn score(call: &Call<'_>, s: f32, i: usize, j: usize, origin: i64) -> (f32, f32) {
     let sc = &call.score;
     let mut y = s * sc.scale;
     if let Some(b) = sc.bias {
         y += b.data[i * b.row_stride + j * b.col_stride];
     }
     if let Some(slope) = sc.alibi_slope {
-        y += slope * (j as i64 - ia) as f32;
+        y += slope * (j as i64 - origin) as f32;
     }
     match sc.softcap {
         Some(cap) => {
@@ -85,13 +86,14 @@ fn visits<'c>(
         })
 }
 
-/// Every row's `O` (`m × dv`) and log-sum-exp of `call` (checked by the caller).
+/// Every row's `O` (`m × dv`) and log-sum-exp (as [`Saved`] holds it) of `call` (checked by
+/// the caller).
 pub fn forward(call: &Call<'_>, o: &mut [f32], lse: &mut [f32]) {
-    let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
+    let (m, d, dv) = (call.m(), call.q.cols, call.v.cols);
     let (q, k, v) = (rows_f32(&call.q), rows_f32(&call.k), rows_f32(&call.v));
     let mut kept: Vec<(usize, f32)> = Vec::new();
     for i in 0..m {
-        let ia = i as i64 + n as i64 - m as i64;
+        let origin = call.alibi_origin(i);
         kept.clear();
         for (keys, partial) in visits(call, i) {
             for j in keys {
@@ -99,7 +101,7 @@ pub fn forward(call: &Call<'_>, o: &mut [f32], lse: &mut [f32]) {
                     continue;
                 }
                 let s = dot(&q[i * d..(i + 1) * d], &k[j * d..(j + 1) * d]);
-                kept.push((j, score(call, s, i, j, ia).0));
+                kept.push((j, score(call, s, i, j, origin).0));
             }
         }
         let row = &mut o[i * dv..(i + 1) * dv];
@@ -134,7 +136,8 @@ pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gra
     let mut dq = vec![0.0f32; if grads.dq.is_some() { m * d } else { 0 }];
     let mut dk = vec![0.0f32; if grads.dk.is_some() { n * d } else { 0 }];
     let mut dvv = vec![0.0f32; if grads.dv.is_some() { n * dv } else { 0 }];
-    let mut dslope = 0.0f32;
+    // Per row in f32, over the rows in f64: a call sums `m·n` terms.
+    let mut dslope = 0.0f64;
     let scale = call.score.scale;
     let need_ds = grads.dq.is_some() || grads.dk.is_some();
     let need_dx = need_ds || grads.dbias.is_some() || grads.dslope.is_some();
@@ -143,17 +146,18 @@ pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gra
         if lse == f32::NEG_INFINITY {
             continue;
         }
-        let ia = i as i64 + n as i64 - m as i64;
+        let origin = call.alibi_origin(i);
         let g = &d_o[i * dv..(i + 1) * dv];
         let big_d = dot(g, &saved.o[i * dv..(i + 1) * dv]);
         let qi = &q[i * d..(i + 1) * d];
+        let mut row_dslope = 0.0f32;
         for (keys, partial) in visits(call, i) {
             for j in keys {
                 if partial && !call.keeps(i, j) {
                     continue;
                 }
                 let kj = &k[j * d..(j + 1) * d];
-                let (x, cap_slope) = score(call, dot(qi, kj), i, j, ia);
+                let (x, cap_slope) = score(call, dot(qi, kj), i, j, origin);
                 let p = (x - lse).exp();
                 if !dvv.is_empty() {
                     axpy(&mut dvv[j * dv..(j + 1) * dv], p, g);
@@ -166,7 +170,7 @@ pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gra
                 if let Some(b) = grads.dbias.as_mut() {
                     b.data[i * b.row_stride + j * b.col_stride] += dy;
                 }
-                dslope += dy * (j as i64 - ia) as f32;
+                row_dslope += dy * (j as i64 - origin) as f32;
                 if need_ds {
                     let ds = dy * scale;
                     if !dq.is_empty() {
@@ -178,6 +182,7 @@ pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gra
                 }
             }
         }
+        dslope += f64::from(row_dslope);
     }
     for (out, got) in [
         (grads.dq.as_deref_mut(), dq),
@@ -189,6 +194,6 @@ pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gra
         }
     }
     if let Some(s) = grads.dslope.as_deref_mut() {
-        *s += dslope;
+        *s += dslope as f32;
     }
 }
