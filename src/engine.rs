@@ -70,6 +70,14 @@ pub enum RunError {
         /// The number of tensors given.
         got: usize,
     },
+    /// A gradient needs one cotangent per output of the kernel.
+    #[error("the kernel returns {expected} value{}: expected one cotangent per output, got {got}", if *expected == 1 { "" } else { "s" })]
+    CotangentCount {
+        /// The kernel's output count.
+        expected: usize,
+        /// The number of cotangents given.
+        got: usize,
+    },
 }
 
 /// Binds the kernel's dimension symbols from its inputs and `given` values.

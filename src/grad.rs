@@ -7,7 +7,9 @@
 //! gradient graph with every requested gradient as one result of one plan. The forward is
 //! compiled from the same optimized form. [`CompiledGrad::backward`] takes the inputs and the
 //! cotangent (the gradient of the output) and returns one gradient per requested parameter,
-//! in the parameter's shape, f32; it recomputes what it needs of the forward.
+//! in the parameter's shape, f32; it recomputes what it needs of the forward. A kernel that
+//! returns several values takes one cotangent per output ([`CompiledGrad::backward_all`]):
+//! its gradients are those of `Σ_k ⟨cotangent_k, output_k⟩`.
 //!
 //! Training keeps the forward instead: where the gradients are one fused attention's
 //! backward and the kernel returns that attention's output (f32),
@@ -108,9 +110,14 @@ impl CompiledGrad {
         run_compiled(&self.forward, self.ret, inputs, threads)
     }
 
+    /// The number of outputs of the kernel (one cotangent each).
+    pub fn output_count(&self) -> usize {
+        self.vjp.forward_outputs.len()
+    }
+
     /// Errors unless `inputs` holds one tensor per parameter of the kernel.
     fn check_input_count(&self, inputs: &[Tensor]) -> Result<(), RunError> {
-        let expected = self.vjp.params.len() - 1;
+        let expected = self.vjp.params.len() - self.output_count();
         if inputs.len() != expected {
             return Err(RunError::InputCount {
                 expected,
@@ -122,16 +129,26 @@ impl CompiledGrad {
 
     /// The gradients of every requested parameter (in the order asked, f32, each of its
     /// parameter's shape) for the cotangent `cotangent` (the output's shape, any stored
-    /// type).
+    /// type) of a kernel with one output.
     pub fn backward(
         &self,
         inputs: &[Tensor],
         cotangent: &Tensor,
         threads: usize,
     ) -> Result<Vec<Tensor>, RunError> {
+        self.backward_all(inputs, std::slice::from_ref(cotangent), threads)
+    }
+
+    /// [`CompiledGrad::backward`] with one cotangent per output of the kernel, in order.
+    pub fn backward_all(
+        &self,
+        inputs: &[Tensor],
+        cotangents: &[Tensor],
+        threads: usize,
+    ) -> Result<Vec<Tensor>, RunError> {
         self.check_input_count(inputs)?;
-        let dy: Vec<f32> = cotangent.to_f32_vec();
-        let views = views_with_cotangent(inputs, &dy);
+        let dys = self.check_cotangents(cotangents)?;
+        let views = views_with_cotangents(inputs, &dys);
         let outputs = self.backward.run_outputs(&views, threads)?;
         Ok(outputs
             .into_iter()
@@ -140,6 +157,17 @@ impl CompiledGrad {
                 data: TensorData::F32(o.data),
             })
             .collect())
+    }
+
+    /// The cotangents as f32, after checking there is one per output.
+    fn check_cotangents(&self, cotangents: &[Tensor]) -> Result<Vec<Vec<f32>>, RunError> {
+        if cotangents.len() != self.output_count() {
+            return Err(RunError::CotangentCount {
+                expected: self.output_count(),
+                got: cotangents.len(),
+            });
+        }
+        Ok(cotangents.iter().map(Tensor::to_f32_vec).collect())
     }
 
     /// The plan of the gradients.
@@ -160,6 +188,7 @@ impl CompiledGrad {
     /// f32 result.
     pub fn saves_forward(&self) -> bool {
         self.ret == DType::F32
+            && self.output_count() == 1
             && self.backward.saved_attention().is_some()
             && output_is_fused_attention(&self.vjp)
     }
@@ -210,8 +239,8 @@ impl CompiledGrad {
             return self.backward(inputs, cotangent, threads);
         }
         self.check_input_count(inputs)?;
-        let dy: Vec<f32> = cotangent.to_f32_vec();
-        let views = views_with_cotangent(inputs, &dy);
+        let dys = self.check_cotangents(std::slice::from_ref(cotangent))?;
+        let views = views_with_cotangents(inputs, &dys);
         let saved = Saved { o, lse };
         match self.backward.run_outputs_saved(&views, saved, threads)? {
             Some(outputs) => Ok(outputs
@@ -256,12 +285,13 @@ pub fn ones(shape: &[usize]) -> Tensor {
 }
 
 /// The gradients of `kernel` as written with respect to `wrt`, by the f64 interpreter on its
-/// plain gradient graph (the reference; results rounded to f32).
+/// plain gradient graph (the reference; results rounded to f32), for one cotangent per
+/// output.
 pub fn reference_gradients(
     kernel: &Kernel,
     bindings: &Bindings,
     inputs: &[Tensor],
-    cotangent: &Tensor,
+    cotangents: &[Tensor],
     wrt: &[usize],
 ) -> Result<Vec<Tensor>, RunError> {
     let g = vjp(kernel, wrt)?;
@@ -271,8 +301,14 @@ pub fn reference_gradients(
             got: inputs.len(),
         });
     }
+    if cotangents.len() != g.forward_outputs.len() {
+        return Err(RunError::CotangentCount {
+            expected: g.forward_outputs.len(),
+            got: cotangents.len(),
+        });
+    }
     let mut arrays: Vec<_> = inputs.iter().map(Tensor::to_f64_array).collect();
-    arrays.push(cotangent.to_f64_array());
+    arrays.extend(cotangents.iter().map(Tensor::to_f64_array));
     let values = evaluate_outputs(&g.combined(), bindings, &arrays, &g.outputs())?;
     Ok(values
         .into_iter()
@@ -285,9 +321,9 @@ pub fn reference_graph(kernel: &Kernel, wrt: &[usize]) -> Result<Kernel, RunErro
     Ok(vjp(kernel, wrt)?.combined())
 }
 
-/// The gradient plan's inputs: the kernel's, then the cotangent `dy`.
-fn views_with_cotangent<'a>(inputs: &'a [Tensor], dy: &'a [f32]) -> Vec<Input<'a>> {
+/// The gradient plan's inputs: the kernel's, then the cotangents `dys`.
+fn views_with_cotangents<'a>(inputs: &'a [Tensor], dys: &'a [Vec<f32>]) -> Vec<Input<'a>> {
     let mut views: Vec<Input<'a>> = inputs.iter().map(input_view).collect();
-    views.push(Input::F32(dy));
+    views.extend(dys.iter().map(|dy| Input::F32(dy)));
     views
 }

@@ -1,6 +1,6 @@
 //! `attnc run` on a kernel returning several values: `--output` once per output in order
 //! (a count mismatch is exit 2 and writes nothing), every output in the text and JSON
-//! reports, `--verify` per output, and `attnc grad` refusing several outputs.
+//! reports, `--verify` per output, and `attnc grad` taking one `--cotangent` per output.
 
 mod common;
 
@@ -135,24 +135,47 @@ fn json_lists_every_output_with_its_verification() {
 }
 
 #[test]
-fn grad_refuses_several_outputs() {
+fn grad_of_several_outputs_takes_one_cotangent_each() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = examples_dir().join("lse.attn");
-    let out = attnc(&[
-        "grad",
-        p(&file),
-        "--wrt",
-        "q",
-        "--random",
-        "1",
-        "--shape",
-        SHAPE,
-        "--output-dir",
-        p(dir.path()),
-    ]);
+    let grad = |extra: &[&str]| {
+        let mut args = vec![
+            "grad",
+            p(&file),
+            "--wrt",
+            "q,k",
+            "--random",
+            "1",
+            "--shape",
+            SHAPE,
+            "--output-dir",
+            p(dir.path()),
+        ];
+        args.extend_from_slice(extra);
+        attnc(&args)
+    };
+    // Ones for both outputs, checked against the interpreter.
+    let out = grad(&["--verify"]);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).matches("cotangent: ones").count(),
+        2,
+        "{}",
+        stdout(&out)
+    );
+    // One cotangent per output, in order: dq saved above is not the lse's shape.
+    let dq = dir.path().join("q.npy");
+    let out = grad(&["--cotangent", p(&dq)]);
+    assert_eq!(status(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("returns 2 values but --cotangent was given 1 time"),
+        "{}",
+        stderr(&out)
+    );
+    let out = grad(&["--cotangent", p(&dq), "--cotangent", p(&dq)]);
     assert_eq!(status(&out), 1, "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("returns 2 values"),
+        stderr(&out).contains("output 1 of kernel"),
         "{}",
         stderr(&out)
     );

@@ -177,6 +177,30 @@ def test_grad_matches_central_finite_differences():
         assert abs(analytic - numeric) <= 1e-4 * max(1.0, abs(numeric)), (name, analytic, numeric)
 
 
+def test_grad_of_several_outputs_takes_one_cotangent_each():
+    """lse.attn returns (o, lse): the gradients are those of <c_o, o> + <c_lse, lse>."""
+    kernel = attnc.compile(EXAMPLES / "lse.attn", threads=2)
+    q, k, v = normal(2, 23, 8, seed=1), normal(2, 37, 8, seed=2), normal(2, 37, 8, seed=3)
+    c_o, c_lse = normal(2, 23, 8, seed=4), normal(2, 23, 1, seed=5)
+    grads = kernel.grad(q, k, v, cotangent=(c_o, c_lse))
+    leaves = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v)]
+    s = leaves[0] @ leaves[1].transpose(-1, -2) / math.sqrt(8)
+    s = s.masked_fill(~keep(23, 37, causal), float("-inf"))
+    o = torch.softmax(s, -1) @ leaves[2]
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    total = (o * torch.tensor(c_o, dtype=torch.float64)).sum()
+    total = total + (lse * torch.tensor(c_lse, dtype=torch.float64)).sum()
+    total.backward()
+    for name, leaf in zip("qkv", leaves):
+        assert rel_l2(grads[name], leaf.grad) <= 1e-5, name
+    # Default: ones for each output; a single array is refused, naming the count.
+    ones = kernel.grad(q, k, v, cotangent=(np.ones_like(c_o), np.ones_like(c_lse)))
+    for name, g in kernel.grad(q, k, v).items():
+        assert np.array_equal(g, ones[name]), name
+    with pytest.raises(attnc.InputError, match="returns 2 values"):
+        kernel.grad(q, k, v, cotangent=c_o)
+
+
 def test_grad_errors_name_what_is_wrong():
     kernel = attnc.compile(EXAMPLES / "local.attn")
     q = normal(2, 9, 4)

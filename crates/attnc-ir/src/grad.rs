@@ -3,7 +3,8 @@
 //!
 //! [`vjp`] takes a kernel and the parameters to differentiate with respect to, and returns a
 //! [`Vjp`]: the forward graph followed by gradient nodes, over the kernel's parameters plus
-//! one more, the cotangent (the gradient of the output, of the output's shape). Every
+//! one cotangent per output (the gradient of that output, of its shape; a kernel returning
+//! `(a, b)` is differentiated as `Σ ⟨cotangent_a, a⟩ + ⟨cotangent_b, b⟩`). Every
 //! requested parameter gets one gradient node of its own shape; [`Vjp::kernel`] turns each
 //! into a single-output [`Kernel`] that the interpreter evaluates and the planner compiles
 //! like any other.
@@ -108,12 +109,14 @@ pub struct Gradient {
 pub struct Vjp {
     /// The forward kernel's name.
     pub name: String,
-    /// The forward kernel's parameters followed by the cotangent.
+    /// The forward kernel's parameters followed by one cotangent per output.
     pub params: Vec<Param>,
     /// The forward nodes (same ids as in the forward kernel), then the gradient nodes.
     pub graph: Graph,
-    /// The forward output.
+    /// The forward output (the first, for a kernel with several).
     pub output: NodeId,
+    /// Every forward output, in order (one cotangent each).
+    pub forward_outputs: Vec<NodeId>,
     /// The requested gradients, in the order asked.
     pub gradients: Vec<Gradient>,
     /// The rules applied, from the output back.
@@ -121,9 +124,14 @@ pub struct Vjp {
 }
 
 impl Vjp {
-    /// The cotangent's parameter index (the last parameter).
+    /// The first output's cotangent: its parameter index.
     pub fn cotangent(&self) -> usize {
-        self.params.len() - 1
+        self.params.len() - self.forward_outputs.len()
+    }
+
+    /// The cotangents' parameter indices, one per output in order (the last parameters).
+    pub fn cotangents(&self) -> std::ops::Range<usize> {
+        self.cotangent()..self.params.len()
     }
 
     /// The kernel of node `output` of the graph (a gradient, or the forward output), over
@@ -191,31 +199,41 @@ pub fn parse_wrt(kernel: &Kernel, list: &str) -> Result<Vec<usize>, GradError> {
     Ok(out)
 }
 
-/// The name of the cotangent parameter: `cotangent`, or `cotangent_N` when a parameter has
-/// that name.
-fn cotangent_name(params: &[Param]) -> String {
-    let taken = |name: &str| params.iter().any(|p| p.name == name);
-    let mut name = "cotangent".to_string();
-    let mut k = 1;
-    while taken(&name) {
-        name = format!("cotangent_{k}");
-        k += 1;
+/// The names of `count` cotangent parameters: `cotangent` for one output, `cotangent_0`,
+/// `cotangent_1`, … for several; a name a parameter already has gets a `_N` suffix until it
+/// is free.
+fn cotangent_names(params: &[Param], count: usize) -> Vec<String> {
+    let mut names: Vec<String> = Vec::with_capacity(count);
+    for k in 0..count {
+        let base = match count {
+            1 => "cotangent".to_string(),
+            _ => format!("cotangent_{k}"),
+        };
+        let taken =
+            |name: &str| params.iter().any(|p| p.name == name) || names.contains(&name.to_string());
+        let mut name = base.clone();
+        let mut n = 1;
+        while taken(&name) {
+            name = format!("{base}_{n}");
+            n += 1;
+        }
+        names.push(name);
     }
-    name
+    names
 }
 
-/// Backpropagates `seed`, the gradient of `output`, through the graph of `e` to the nodes
-/// marked in `sources` (indexed by node, covering at least `0..=output`): the gradient of
-/// every node (None where the output does not depend on it through a source) and the rules
-/// applied. Rules are applied from `output` back, to nodes that depend on a source and reach
-/// the output; a source's own rule is not applied (its operands are not differentiated).
+/// Backpropagates the seeds `(output, its gradient)` through the graph of `e` to the nodes
+/// marked in `sources` (indexed by node, covering at least every output): the gradient of
+/// every node (None where no output depends on it through a source) and the rules applied.
+/// Rules are applied from the last output back, to nodes that depend on a source and reach
+/// an output; a source's own rule is not applied (its operands are not differentiated).
+/// Seeds of one node (an output returned twice) add up.
 fn backprop(
     e: &mut Emitter,
-    output: NodeId,
-    seed: NodeId,
+    seeds: &[(NodeId, NodeId)],
     sources: &[bool],
 ) -> Result<(Vec<Option<NodeId>>, Vec<DerivationStep>), GradError> {
-    let count = output.index() + 1;
+    let count = seeds.iter().map(|(o, _)| o.index() + 1).max().unwrap_or(0);
     let graph = &e.b.graph;
     let operands: Vec<Vec<NodeId>> = (0..count).map(|i| graph.operands(NodeId::new(i))).collect();
     // A node takes part when it depends on a source and the output depends on it.
@@ -225,7 +243,9 @@ fn backprop(
             || operands[index].iter().any(|o| depends[o.index()]);
     }
     let mut reaches = vec![false; count];
-    reaches[output.index()] = true;
+    for (output, _) in seeds {
+        reaches[output.index()] = true;
+    }
     for index in (0..count).rev() {
         if reaches[index] {
             for o in &operands[index] {
@@ -235,7 +255,13 @@ fn backprop(
     }
     let needs: Vec<bool> = (0..count).map(|i| depends[i] && reaches[i]).collect();
     let mut grads: Vec<Option<NodeId>> = vec![None; count];
-    grads[output.index()] = Some(seed);
+    for &(output, seed) in seeds {
+        let slot = &mut grads[output.index()];
+        *slot = Some(match *slot {
+            Some(sum) => e.add(sum, seed)?,
+            None => seed,
+        });
+    }
     let mut derivation = Vec::new();
     for index in (0..count).rev() {
         let (true, Some(g)) = (needs[index], grads[index]) else {
@@ -280,7 +306,7 @@ pub(crate) fn gradient_of(
     };
     let mut sources = vec![false; e.b.graph.len()];
     sources[source.index()] = true;
-    let result = backprop(&mut e, output, seed, &sources).and_then(|(grads, _)| {
+    let result = backprop(&mut e, &[(output, seed)], &sources).and_then(|(grads, _)| {
         match grads.get(source.index()).copied().flatten() {
             Some(g) => Ok(g),
             None => {
@@ -313,21 +339,12 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
             });
         }
     }
-    if kernel.has_several_outputs() {
-        return Err(GradError::Unsupported {
-            op: "return".to_string(),
-            why: format!(
-                "the kernel returns {} values; gradients are derived for a kernel with one output",
-                kernel.outputs().len()
-            ),
-        });
-    }
     let forward = &kernel.graph;
     let count = forward.len();
-    let output = kernel.output;
-    if output.index() >= count {
+    let outputs = kernel.output_nodes();
+    if let Some(bad) = outputs.iter().find(|o| o.index() >= count) {
         return Err(GradError::Build {
-            node: output.index(),
+            node: bad.index(),
             op: "output".to_string(),
             detail: format!("not a node of the {count}-node graph"),
         });
@@ -336,29 +353,34 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
         .map(|i| matches!(&forward.node(NodeId::new(i)).op, Op::Input { index, .. } if wrt.contains(index)))
         .collect();
     let mut params = kernel.params.clone();
-    let cotangent = Param {
-        name: cotangent_name(&params),
-        dtype: DType::F32,
-        shape: forward.node(output).shape.clone(),
-        span: Span::default(),
-    };
     let mut e = Emitter {
         b: GraphBuilder {
             graph: forward.clone(),
         },
         at: None,
     };
-    let seed = e.b.add_node(
-        Op::Input {
-            index: params.len(),
-            name: cotangent.name.clone(),
-        },
-        cotangent.shape.clone(),
-        DType::F32,
-        &[],
-    );
-    params.push(cotangent);
-    let (grads, derivation) = backprop(&mut e, output, seed, &sources)?;
+    let names = cotangent_names(&params, outputs.len());
+    let mut seeds = Vec::with_capacity(outputs.len());
+    for (&output, name) in outputs.iter().zip(names) {
+        let cotangent = Param {
+            name,
+            dtype: DType::F32,
+            shape: forward.node(output).shape.clone(),
+            span: Span::default(),
+        };
+        let seed = e.b.add_node(
+            Op::Input {
+                index: params.len(),
+                name: cotangent.name.clone(),
+            },
+            cotangent.shape.clone(),
+            DType::F32,
+            &[],
+        );
+        params.push(cotangent);
+        seeds.push((output, seed));
+    }
+    let (grads, derivation) = backprop(&mut e, &seeds, &sources)?;
 
     e.at = None;
     let mut gradients = Vec::with_capacity(wrt.len());
@@ -390,7 +412,8 @@ pub fn vjp(kernel: &Kernel, wrt: &[usize]) -> Result<Vjp, GradError> {
         name: kernel.name.clone(),
         params,
         graph: e.b.graph,
-        output,
+        output: kernel.output,
+        forward_outputs: outputs,
         gradients,
         derivation,
     })

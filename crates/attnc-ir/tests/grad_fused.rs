@@ -247,7 +247,7 @@ fn check_fused(kernel: &Kernel, seed: u64) {
         .any(|id| matches!(grads.graph.node(id).op, Op::Backward(_))));
     let y = evaluate(kernel, &b, &xs).expect("evaluates");
     let cotangent = random(y.shape(), seed ^ 0x5EED);
-    let m = measure(kernel, &grads, &b, &xs, &cotangent);
+    let m = measure(kernel, &grads, &b, &xs, std::slice::from_ref(&cotangent));
     let names: Vec<String> = grads.gradients.iter().map(|g| g.name.clone()).collect();
     assert_matches(&m, &names, 1e-6, &attnc_ir::print::print_kernel(kernel));
     // The same gradients through the plain form of every fused op.

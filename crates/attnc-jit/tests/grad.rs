@@ -124,11 +124,9 @@ fn every_example_matches_the_interpreter() {
         let k = kernel(&src);
         let data_dependent_mask = k.params.iter().any(|p| p.dtype == attnc_ir::DType::I32)
             || src.contains("topk_blocks(");
-        if data_dependent_mask || k.has_several_outputs() {
+        if data_dependent_mask {
             // Document and top-k block masks need ids and a gate, not random inputs: their
             // gradients are checked against the interpreter in `tests/cli_document.rs`.
-            // Gradients are derived for one output (the refusal is tested in attnc-ir and
-            // the CLI).
             continue;
         }
         let symbols = attnc_ir::bind::kernel_symbols(&k);

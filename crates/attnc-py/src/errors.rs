@@ -196,7 +196,9 @@ pub fn compile_run_error(py: Python<'_>, error: &RunError) -> PyErr {
     match error {
         RunError::Bind(bind) => bind_error(py, bind),
         RunError::Jit(jit) => jit_error(py, jit),
-        RunError::InputCount { .. } => input_error(py, None, None, error.to_string()),
+        RunError::InputCount { .. } | RunError::CotangentCount { .. } => {
+            input_error(py, None, None, error.to_string())
+        }
         // The binary's advice names its option; Python has none to raise.
         RunError::Memory { .. } => run_error(
             py,

@@ -13,7 +13,7 @@ use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::PyArray;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 use std::sync::Arc;
 
 /// A compiled kernel: call it on arrays (positionally or by parameter name).
@@ -280,6 +280,44 @@ impl PyKernel {
         attnc::ir::grad::parse_wrt(kernel, &names.join(",")).map_err(|e| grad_error(py, &e))
     }
 
+    /// The cotangents of a kernel with several outputs (`shapes`, in order): ones for each
+    /// when `cotangent` is None, else one array per output in a tuple or list.
+    fn stage_cotangents<'py>(
+        &self,
+        py: Python<'py>,
+        cotangent: Option<Bound<'py, PyAny>>,
+        shapes: &[Vec<usize>],
+    ) -> PyResult<Vec<Cotangent<'py>>> {
+        let Some(object) = cotangent.filter(|c| !c.is_none()) else {
+            return shapes
+                .iter()
+                .map(|shape| self.stage_cotangent(py, None, false, shape))
+                .collect();
+        };
+        let count = shapes.len();
+        let items: Option<Vec<Bound<'py, PyAny>>> =
+            match object.is_instance_of::<PyTuple>() || object.is_instance_of::<PyList>() {
+                true => object.try_iter()?.collect::<PyResult<_>>().ok(),
+                false => None,
+            };
+        let items = items.filter(|i| i.len() == count).ok_or_else(|| {
+            input_error(
+                py,
+                Some("cotangent"),
+                None,
+                format!(
+                    "kernel `{}` returns {count} values: cotangent must be a tuple of {count} arrays, one per output in order",
+                    self.program.kernel().name
+                ),
+            )
+        })?;
+        items
+            .into_iter()
+            .zip(shapes)
+            .map(|(item, shape)| self.stage_cotangent(py, Some(item), false, shape))
+            .collect()
+    }
+
     /// The cotangent as an f32 input of the output's shape (ones when not given).
     fn stage_cotangent<'py>(
         &self,
@@ -358,18 +396,26 @@ impl PyKernel {
         let specialized = py
             .detach(|| self.program.specialize_grad(&shapes, wrt))
             .map_err(|e| specialize_error(py, &e))?;
-        let cotangent =
-            self.stage_cotangent(py, cotangent, cotangent_bf16, &specialized.output_shape)?;
+        let cotangents = match specialized.output_shapes.as_slice() {
+            [shape] => vec![self.stage_cotangent(py, cotangent, cotangent_bf16, shape)?],
+            shapes => self.stage_cotangents(py, cotangent, shapes)?,
+        };
         let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
         let threads = self.program.threads();
         let outputs = {
-            let dy: &[f32] = match &cotangent {
-                Cotangent::Ones(v) => v,
-                Cotangent::Given(s) => f32_of(s).ok_or_else(|| {
-                    crate::errors::run_error(py, "the cotangent was not staged as float32".into())
-                })?,
-            };
-            py.detach(|| specialized.run(&inputs, dy, threads))
+            let dys = cotangents
+                .iter()
+                .map(|c| match c {
+                    Cotangent::Ones(v) => Ok(v.as_slice()),
+                    Cotangent::Given(s) => f32_of(s).ok_or_else(|| {
+                        crate::errors::run_error(
+                            py,
+                            "the cotangent was not staged as float32".into(),
+                        )
+                    }),
+                })
+                .collect::<PyResult<Vec<&[f32]>>>()?;
+            py.detach(|| specialized.run(&inputs, &dys, threads))
                 .map_err(|e| jit_error(py, &e))?
         };
         gradient_arrays(py, outputs)
@@ -506,8 +552,9 @@ impl PyKernel {
     /// The gradients of the output with respect to the parameters in `wrt` (names; default:
     /// every parameter), for these inputs (by position or by parameter name, as for a call)
     /// and `cotangent`, the gradient of the output (an array of the output's shape; default:
-    /// ones, the gradient of the output's sum): a dict from each name in `wrt`, in order, to
-    /// a float32 array of its parameter's shape.
+    /// ones, the gradient of the output's sum; for a kernel returning several values a tuple
+    /// with one array per output, the gradients being those of the sum of their products):
+    /// a dict from each name in `wrt`, in order, to a float32 array of its parameter's shape.
     ///
     /// The gradients are those of the exact form (approximations apply to calls only),
     /// compiled once per input shapes and `wrt` list (the forward is recomputed as the

@@ -54,25 +54,27 @@ impl Specialized {
 pub struct SpecializedGrad {
     /// Every dimension symbol's value.
     pub bindings: Bindings,
-    /// The output's shape (the cotangent's).
+    /// The (first) output's shape (the cotangent's).
     pub output_shape: Vec<usize>,
+    /// Every output's shape, in order (one cotangent each).
+    pub output_shapes: Vec<Vec<usize>>,
     /// The forward and the gradients' machine code.
     pub compiled: CompiledGrad,
 }
 
 impl SpecializedGrad {
     /// The gradients (one per parameter asked for, in that order, f32 in the parameter's
-    /// shape) for `inputs` (one per parameter, in its declared storage type) and `cotangent`
-    /// (f32, the output's shape), with `threads` workers; every buffer is checked against the
-    /// bound shapes before any machine code runs.
+    /// shape) for `inputs` (one per parameter, in its declared storage type) and `cotangents`
+    /// (f32, one per output of its shape), with `threads` workers; every buffer is checked
+    /// against the bound shapes before any machine code runs.
     pub fn run(
         &self,
         inputs: &[Input<'_>],
-        cotangent: &[f32],
+        cotangents: &[&[f32]],
         threads: usize,
     ) -> Result<Vec<Output>, JitError> {
         let mut views = inputs.to_vec();
-        views.push(Input::F32(cotangent));
+        views.extend(cotangents.iter().map(|dy| Input::F32(dy)));
         self.compiled.backward.run_outputs(&views, threads)
     }
 }
@@ -244,9 +246,13 @@ impl Program {
             return Ok(hit);
         }
         let bindings = self.bind(shapes).map_err(SpecializeError::Bind)?;
-        let output = &self.kernel.graph.node(self.kernel.output).shape;
-        let output_shape = resolve_shape(output, &bindings)
-            .expect("invariant: bind_shapes binds and checks every node's shape");
+        let output_shapes: Vec<Vec<usize>> = (self.kernel.output_nodes().iter())
+            .map(|&node| {
+                resolve_shape(&self.kernel.graph.node(node).shape, &bindings)
+                    .expect("invariant: bind_shapes binds and checks every node's shape")
+            })
+            .collect();
+        let output_shape = output_shapes[0].clone();
         let compiler = self.compiler.clone().with_memory_budget(available_memory());
         let compiled = compiler
             .compile_grad(&self.kernel, &bindings, wrt)
@@ -254,6 +260,7 @@ impl Program {
         let specialized = Arc::new(SpecializedGrad {
             bindings,
             output_shape,
+            output_shapes,
             compiled,
         });
         Ok(cache().insert(key, specialized))

@@ -166,7 +166,9 @@ fn check(c: &Case) {
                 col_stride: bcs,
             }),
             // Either sign: a negative slope weighs the first keys most, a positive one the last.
-            alibi_slope: c.slope.then_some(if c.seed.is_multiple_of(2) { -0.3 } else { 0.3 }),
+            alibi_slope: c
+                .slope
+                .then_some(if c.seed.is_multiple_of(2) { -0.3 } else { 0.3 }),
             softcap: c.softcap.then_some(2.5),
         },
         mask: mask.as_ref(),

@@ -152,9 +152,10 @@ pub struct GradArgs {
     /// The parameters to differentiate with respect to, e.g. q,k,v
     #[arg(long, value_name = "LIST")]
     pub wrt: String,
-    /// The gradient of the output (a .npy file of the output's shape; default: ones)
+    /// The gradient of the output (a .npy file of the output's shape; default: ones); once
+    /// per output, in order, for a kernel that returns several
     #[arg(long, value_name = "PATH.npy")]
-    pub cotangent: Option<PathBuf>,
+    pub cotangent: Vec<PathBuf>,
     /// Write each gradient to DIR/<parameter>.npy (float32), created if missing
     #[arg(long, value_name = "DIR")]
     pub output_dir: PathBuf,

@@ -1,5 +1,7 @@
 //! `attnc grad FILE --wrt q,k,v [--cotangent PATH.npy] --output-dir DIR`: the gradients of the
-//! kernel's output with respect to the named parameters, written as `DIR/<param>.npy`; and
+//! kernel's output with respect to the named parameters, written as `DIR/<param>.npy` (for a
+//! kernel returning several values, of `Σ_k ⟨cotangent_k, output_k⟩`, `--cotangent` once per
+//! output in order); and
 //! `attnc explain FILE --grad q,k,v`: the gradient graph and how it was derived.
 
 use crate::args::{Emit, GradArgs};
@@ -31,10 +33,34 @@ pub fn grad(args: &GradArgs) -> CliResult {
     let prepared = prepare(&args.shared, true)?;
     let kernel = prepared.kernel();
     let wrt = wrt_of(&prepared, &args.wrt)?;
-    let out_shape = output_shape(&prepared)?;
-    let cotangent = match &args.cotangent {
-        Some(path) => read_cotangent(path, &out_shape, &kernel.name)?,
-        None => ones(&out_shape),
+    let out_shapes = output_shapes(&prepared)?;
+    let count = out_shapes.len();
+    if !args.cotangent.is_empty() && args.cotangent.len() != count {
+        return Err(Failure::Usage(format!(
+            "kernel `{}` returns {count} value{} but --cotangent was given {} time{}: give it once per output, in order",
+            kernel.name,
+            if count == 1 { "" } else { "s" },
+            args.cotangent.len(),
+            if args.cotangent.len() == 1 { "" } else { "s" },
+        )));
+    }
+    let cotangents: Vec<Tensor> = match args.cotangent.is_empty() {
+        true => out_shapes.iter().map(|s| ones(s)).collect(),
+        false => args
+            .cotangent
+            .iter()
+            .zip(&out_shapes)
+            .enumerate()
+            .map(|(k, (path, shape))| read_cotangent(path, shape, &kernel.name, k, count))
+            .collect::<Result<_, _>>()?,
+    };
+    let cotangent_names: Vec<String> = match args.cotangent.is_empty() {
+        true => vec!["ones".to_string(); count],
+        false => args
+            .cotangent
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
     };
     let prepare_ms = start.elapsed().as_secs_f64() * 1e3;
     let mut notes = prepared.notes.clone();
@@ -53,7 +79,7 @@ pub fn grad(args: &GradArgs) -> CliResult {
                 .map_err(grad_failure)?;
             let start = Instant::now();
             let grads = compiled
-                .backward(&prepared.inputs, &cotangent, prepared.threads)
+                .backward_all(&prepared.inputs, &cotangents, prepared.threads)
                 .map_err(fail)?;
             (
                 grads,
@@ -63,7 +89,7 @@ pub fn grad(args: &GradArgs) -> CliResult {
         }
         Engine::Interp => {
             let start = Instant::now();
-            let grads = reference(&prepared, &cotangent, &wrt)?;
+            let grads = reference(&prepared, &cotangents, &wrt)?;
             (grads, None, start.elapsed().as_secs_f64() * 1e3)
         }
     };
@@ -71,7 +97,7 @@ pub fn grad(args: &GradArgs) -> CliResult {
     let verification = if args.verify {
         let want = match prepared.engine {
             Engine::Interp => grads.clone(),
-            Engine::Jit => reference(&prepared, &cotangent, &wrt)?,
+            Engine::Jit => reference(&prepared, &cotangents, &wrt)?,
         };
         Some(
             grads
@@ -125,8 +151,10 @@ pub fn grad(args: &GradArgs) -> CliResult {
             "threads": prepared.threads,
             "bindings": prepared.bindings,
             "wrt": names,
-            "cotangent": args.cotangent.as_ref().map_or("ones".to_string(), |p| p.display().to_string()),
-            "output_shape": out_shape,
+            "cotangent": cotangent_names[0],
+            "output_shape": out_shapes[0],
+            "cotangents": cotangent_names,
+            "output_shapes": out_shapes,
             "gradients": gradients,
             "compile_ms": compile_ms,
             "time_ms": run_ms,
@@ -174,13 +202,9 @@ pub fn grad(args: &GradArgs) -> CliResult {
             bound_text.join(", "),
             names.join(", ")
         );
-        outln!(
-            "cotangent: {} {:?}",
-            args.cotangent
-                .as_ref()
-                .map_or("ones".to_string(), |p| p.display().to_string()),
-            out_shape
-        );
+        for (name, shape) in cotangent_names.iter().zip(&out_shapes) {
+            outln!("cotangent: {name} {shape:?}");
+        }
         for ((name, g), (s, path)) in names.iter().zip(&grads).zip(stats.iter().zip(&paths)) {
             outln!("d{name} {:?}: {}  -> {}", g.shape, s.line(), path.display());
         }
@@ -221,26 +245,42 @@ fn grad_failure(e: RunError) -> Failure {
     Failure::input("grad", e.to_string())
 }
 
-/// The bound shape of the kernel's output.
-fn output_shape(prepared: &Prepared) -> Result<Vec<usize>, Failure> {
+/// The bound shape of each of the kernel's outputs.
+fn output_shapes(prepared: &Prepared) -> Result<Vec<Vec<usize>>, Failure> {
     let kernel = prepared.kernel();
-    let node = kernel.graph.node(kernel.output);
-    attnc::ir::dim::resolve_shape(&node.shape, &prepared.bindings).ok_or_else(|| {
-        Failure::input(
-            "shape",
-            "the output's shape is not bound (pass --shape)".to_string(),
-        )
-    })
+    kernel
+        .output_nodes()
+        .iter()
+        .map(|&node| {
+            let shape = &kernel.graph.node(node).shape;
+            attnc::ir::dim::resolve_shape(shape, &prepared.bindings).ok_or_else(|| {
+                Failure::input(
+                    "shape",
+                    "the output's shape is not bound (pass --shape)".to_string(),
+                )
+            })
+        })
+        .collect()
 }
 
-/// The cotangent from `path`, which must have the output's shape.
-fn read_cotangent(path: &Path, shape: &[usize], kernel: &str) -> Result<Tensor, Failure> {
+/// The cotangent of output `index` (of `count`) from `path`, which must have its shape.
+fn read_cotangent(
+    path: &Path,
+    shape: &[usize],
+    kernel: &str,
+    index: usize,
+    count: usize,
+) -> Result<Tensor, Failure> {
     let t = attnc::io::read_npy(path).map_err(|e| Failure::input("io", e.to_string()))?;
     if t.shape != shape {
+        let which = match count {
+            1 => "the output".to_string(),
+            _ => format!("output {index}"),
+        };
         return Err(Failure::input(
             "cotangent",
             format!(
-                "--cotangent {}: shape {:?}, but the output of kernel `{kernel}` is {:?}",
+                "--cotangent {}: shape {:?}, but {which} of kernel `{kernel}` is {:?}",
                 path.display(),
                 t.shape,
                 shape
@@ -253,7 +293,7 @@ fn read_cotangent(path: &Path, shape: &[usize], kernel: &str) -> Result<Tensor, 
 /// The reference gradients, refused up front when the interpreter's values would not fit.
 fn reference(
     prepared: &Prepared,
-    cotangent: &Tensor,
+    cotangents: &[Tensor],
     wrt: &[usize],
 ) -> Result<Vec<Tensor>, Failure> {
     let kernel = prepared.kernel();
@@ -263,7 +303,14 @@ fn reference(
         .compiler
         .check_interp_memory(&graph, &prepared.bindings)
         .map_err(fail)?;
-    reference_gradients(kernel, &prepared.bindings, &prepared.inputs, cotangent, wrt).map_err(fail)
+    reference_gradients(
+        kernel,
+        &prepared.bindings,
+        &prepared.inputs,
+        cotangents,
+        wrt,
+    )
+    .map_err(fail)
 }
 
 /// Writes every gradient (each file atomically), creating `dir` when missing.

@@ -24,7 +24,7 @@ pub fn random(shape: &[usize], seed: u64) -> ArrayD<f64> {
 const SAMPLED: usize = 48;
 
 /// The gradients of `wrt` from the VJP graph and from central differences of `kernel` (the
-/// same sampled elements of each), for the cotangent `cotangent`.
+/// same sampled elements of each), for one cotangent per output.
 pub struct Measured {
     /// Per parameter: (VJP values, finite-difference values) at the sampled elements.
     pub pairs: Vec<(Vec<f64>, Vec<f64>)>,
@@ -35,15 +35,27 @@ pub struct Measured {
     pub scale: f64,
 }
 
-/// `Σ kernel(inputs) ∘ cotangent`.
+/// `Σ_k Σ output_k(inputs) ∘ cotangents[k]` over the kernel's outputs; with `absolute`, the
+/// sum of the terms' magnitudes.
 pub fn objective(
     kernel: &Kernel,
     b: &Bindings,
     inputs: &[ArrayD<f64>],
-    cotangent: &ArrayD<f64>,
+    cotangents: &[ArrayD<f64>],
+    absolute: bool,
 ) -> f64 {
-    let y = evaluate(kernel, b, inputs).expect("the forward evaluates");
-    y.iter().zip(cotangent.iter()).map(|(a, c)| a * c).sum()
+    let ys =
+        evaluate_outputs(kernel, b, inputs, &kernel.output_nodes()).expect("the forward evaluates");
+    let term = |a: f64, c: f64| if absolute { (a * c).abs() } else { a * c };
+    ys.iter()
+        .zip(cotangents)
+        .map(|(y, c)| {
+            y.iter()
+                .zip(c.iter())
+                .map(|(&a, &c)| term(a, c))
+                .sum::<f64>()
+        })
+        .sum()
 }
 
 /// The VJP gradients of `kernel` (through `grads`, the VJP of `kernel` or of an equivalent
@@ -53,10 +65,10 @@ pub fn measure(
     grads: &Vjp,
     b: &Bindings,
     inputs: &[ArrayD<f64>],
-    cotangent: &ArrayD<f64>,
+    cotangents: &[ArrayD<f64>],
 ) -> Measured {
     let mut all = inputs.to_vec();
-    all.push(cotangent.clone());
+    all.extend(cotangents.iter().cloned());
     let gk = grads.kernel(0);
     let gradients = evaluate_outputs(&gk, b, &all, &grads.outputs()).expect("the vjp evaluates");
     let mut pairs = Vec::new();
@@ -71,19 +83,14 @@ pub fn measure(
             let at = |delta: f64| {
                 let mut moved = inputs.to_vec();
                 moved[g.param].as_slice_mut().expect("standard layout")[e] = base + delta;
-                objective(kernel, b, &moved, cotangent)
+                objective(kernel, b, &moved, cotangents, false)
             };
             want.push((at(h) - at(-h)) / (2.0 * h));
             got.push(value.as_slice().expect("standard layout")[e]);
         }
         pairs.push((got, want));
     }
-    let y = evaluate(kernel, b, inputs).expect("the forward evaluates");
-    let scale = y
-        .iter()
-        .zip(cotangent.iter())
-        .map(|(a, c)| (a * c).abs())
-        .sum();
+    let scale = objective(kernel, b, inputs, cotangents, true);
     Measured {
         pairs,
         gradients,
@@ -126,15 +133,16 @@ pub fn assert_matches(m: &Measured, names: &[String], tol: f64, what: &str) {
 }
 
 /// Differentiates `kernel` with respect to `wrt` and checks the gradients against central
-/// differences on `inputs` with a random cotangent.
+/// differences on `inputs` with a random cotangent per output.
 pub fn check(kernel: &Kernel, b: &Bindings, inputs: &[ArrayD<f64>], wrt: &[usize], seed: u64) {
     let grads = vjp(kernel, wrt).expect("the kernel differentiates");
-    let out_shape = evaluate(kernel, b, inputs)
-        .expect("evaluates")
-        .shape()
-        .to_vec();
-    let cotangent = random(&out_shape, seed ^ 0xC07A);
-    let m = measure(kernel, &grads, b, inputs, &cotangent);
+    let outputs = evaluate_outputs(kernel, b, inputs, &kernel.output_nodes()).expect("evaluates");
+    let cotangents: Vec<ArrayD<f64>> = outputs
+        .iter()
+        .enumerate()
+        .map(|(k, y)| random(y.shape(), seed ^ 0xC07A ^ (k as u64) << 32))
+        .collect();
+    let m = measure(kernel, &grads, b, inputs, &cotangents);
     let names: Vec<String> = grads.gradients.iter().map(|g| g.name.clone()).collect();
     assert_matches(&m, &names, 1e-6, &kernel.name);
 }
@@ -157,6 +165,14 @@ pub fn without_casts(kernel: &Kernel) -> Kernel {
     Kernel {
         graph: b.graph,
         output: map[kernel.output.index()],
+        extra_outputs: kernel
+            .extra_outputs
+            .iter()
+            .map(|o| attnc_ir::KernelOutput {
+                node: map[o.node.index()],
+                dtype: o.dtype,
+            })
+            .collect(),
         ..kernel.clone()
     }
 }
