@@ -161,7 +161,8 @@ fn misuse_is_an_error_naming_the_input_or_the_place() {
 }
 
 /// Gradients through a document mask (unsorted ids, a single-token document, m = n = 13 so
-/// tiles are partial) and through a top-k block mask, on the tiers this machine has and on
+/// tiles are partial; of the output alone and of the output with its row log-sum-exp) and
+/// through a top-k block mask, on the tiers this machine has and on
 /// the portable tier alone: `attnc grad --verify` compares each with the interpreter's.
 #[test]
 fn gradients_through_data_dependent_masks_match_the_interpreter() {
@@ -171,8 +172,20 @@ fn gradients_through_data_dependent_masks_match_the_interpreter() {
     let out_dir = dir.path().join("grads");
     let document = example();
     let topk = examples_dir().join("topk_blocks.attn");
-    let cases: [(&Path, &str, Vec<&str>); 2] = [
+    // The output and its row log-sum-exp over the documents: both cotangents (ones) reach
+    // the fused backward, the log-sum-exp's as D − dlse.
+    let with_lse = dir.path().join("document_lse.attn");
+    std::fs::write(
+        &with_lse,
+        "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], seg: i32[n]) -> (f32[h, n, d], f32[h, n, 1]) {
+            let s = mask(q @ k.T / sqrt(d), causal & document(seg));
+            return (softmax(s) @ v, logsumexp(s, -1));
+        }",
+    )
+    .expect("writes");
+    let cases: [(&Path, &str, Vec<&str>); 3] = [
         (&document, "h=2,d=5", vec!["--input", &input]),
+        (&with_lse, "h=2,d=5", vec!["--input", &input]),
         (&topk, "h=2,n=150,d=8", vec![]),
     ];
     for (file, shape, extra) in &cases {

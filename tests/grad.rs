@@ -8,7 +8,7 @@ mod common;
 use attnc::grad::{ones, reference_gradients};
 use attnc::io::{Tensor, TensorData};
 use attnc::ir::grad::vjp;
-use attnc::ir::interp::{evaluate, evaluate_outputs};
+use attnc::ir::interp::evaluate_outputs;
 use attnc::ir::{Bindings, Kernel};
 use ndarray::{ArrayD, IxDyn};
 
@@ -77,6 +77,12 @@ fn uncast(kernel: &Kernel) -> Kernel {
     Kernel {
         graph: b.graph,
         output: map[kernel.output.index()],
+        extra_outputs: (kernel.extra_outputs.iter())
+            .map(|o| attnc::ir::KernelOutput {
+                node: map[o.node.index()],
+                dtype: o.dtype,
+            })
+            .collect(),
         ..kernel.clone()
     }
 }
@@ -100,14 +106,22 @@ fn optimized_examples_match_central_differences() {
             Err(e) => panic!("{}: {e}", path.display()),
         };
         let xs = arrays(&kernel, &b, 7);
-        let y = evaluate(&optimized, &b, &xs).expect("evaluates");
-        let cot = ArrayD::from_shape_vec(IxDyn(y.shape()), values(y.len(), 99)).expect("shape");
+        // One cotangent per output: the objective is Σ_k ⟨cot_k, y_k⟩.
+        let ys = evaluate_outputs(&optimized, &b, &xs, &optimized.output_nodes()).expect("runs");
+        let cots: Vec<ArrayD<f64>> = (ys.iter().enumerate())
+            .map(|(k, y)| {
+                let seed = 99 + k as u64;
+                ArrayD::from_shape_vec(IxDyn(y.shape()), values(y.len(), seed)).expect("shape")
+            })
+            .collect();
         let mut with_cot = xs.clone();
-        with_cot.push(cot.clone());
+        with_cot.extend(cots.iter().cloned());
         let grads = evaluate_outputs(&g.combined(), &b, &with_cot, &g.outputs()).expect("vjp");
         let f = |xs: &[ArrayD<f64>]| -> f64 {
-            let y = evaluate(&kernel, &b, xs).expect("evaluates");
-            y.iter().zip(cot.iter()).map(|(a, c)| a * c).sum()
+            let ys = evaluate_outputs(&kernel, &b, xs, &kernel.output_nodes()).expect("runs");
+            (ys.iter().zip(&cots))
+                .map(|(y, c)| y.iter().zip(c.iter()).map(|(a, c)| a * c).sum::<f64>())
+                .sum()
         };
         for (grad, value) in g.gradients.iter().zip(&grads) {
             let len = xs[grad.param].len();

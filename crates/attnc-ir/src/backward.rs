@@ -9,7 +9,10 @@
 //! - [`BackwardOp::Attention`]: one gradient of a fused attention, over operands
 //!   `[q, k, v, bias₀.., o, dO]` where `o` is the attention's own output (the engines use it
 //!   for FlashAttention-2's `D = rowsum(dO ∘ o)` instead of recomputing it) and `dO` the
-//!   gradient of `o`. Its value is the gradient with respect to operand `wrt`, summed over the
+//!   gradient of `o`; with `lse_cotangent`, one more operand `dlse` (`[batch.., m, 1]`), the
+//!   gradient of the attention's row log-sum-exp, so that `D = rowsum(dO ∘ o) − dlse` (the
+//!   log-sum-exp's own gradient is `dX = P ∘ dlse`). Its value is the gradient with respect to
+//!   operand `wrt`, summed over the
 //!   axes that operand was broadcast along (so grouped-query keys get the sum over the heads
 //!   that share them, and a per-head ALiBi slope the sum over its scores).
 //! - [`BackwardOp::Linear`]: one gradient of a linear attention, over `[q, k, v, dO]`, summed
@@ -38,7 +41,7 @@ pub enum BackwardOp {
     SumTo,
     /// `a > b` as `1` or `0`, NaN where either is NaN, with broadcasting (two operands).
     Greater,
-    /// One gradient of a fused attention over `[q, k, v, biases.., o, dO]`.
+    /// One gradient of a fused attention over `[q, k, v, biases.., o, dO]` (and `dlse`).
     Attention(Box<AttentionGrad>),
     /// One gradient of a linear attention over `[q, k, v, dO]`.
     Linear(LinearGrad),
@@ -58,6 +61,15 @@ pub struct AttentionGrad {
     pub attention: Attention,
     /// The operand slot differentiated: 0 q, 1 k, 2 v, `3 + k` bias `k`.
     pub wrt: usize,
+    /// Whether a last operand `dlse`, the gradient of the row log-sum-exp, follows `dO`.
+    pub lse_cotangent: bool,
+}
+
+impl AttentionGrad {
+    /// Its operand count: the attention's, `o`, `dO` (and `dlse`).
+    pub fn arity(&self) -> usize {
+        self.attention.arity() + 2 + usize::from(self.lse_cotangent)
+    }
 }
 
 /// The gradient of a linear attention with respect to one of its operands.
@@ -85,7 +97,7 @@ impl BackwardOp {
         match self {
             BackwardOp::SumTo => 1,
             BackwardOp::Greater | BackwardOp::Unpool { .. } => 2,
-            BackwardOp::Attention(a) => a.attention.arity() + 2,
+            BackwardOp::Attention(a) => a.arity(),
             BackwardOp::Linear(_) => 4,
         }
     }
@@ -141,6 +153,18 @@ impl BackwardOp {
                         "attention-grad: o and dO must have the output's shape {}",
                         crate::dim::format_shape(&out)
                     ));
+                }
+                if a.lse_cotangent {
+                    let mut rows = out.clone();
+                    if let Some(last) = rows.last_mut() {
+                        *last = Dim::Const(1);
+                    }
+                    if *shapes[forward.len() + 2] != rows {
+                        return Err(format!(
+                            "attention-grad: dlse must have the log-sum-exp's shape {}",
+                            crate::dim::format_shape(&rows)
+                        ));
+                    }
                 }
                 forward
                     .get(a.wrt)
@@ -225,9 +249,14 @@ impl fmt::Display for BackwardOp {
 }
 
 impl fmt::Display for AttentionGrad {
-    /// `wrt=k, score=(mul s 0.125), mask=causal`.
+    /// `wrt=k, score=(mul s 0.125), mask=causal` (`wrt=k, lse-cotangent, score=…` with a
+    /// `dlse` operand).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "wrt={}, {}", slot_name(self.wrt), self.attention)
+        write!(f, "wrt={}, ", slot_name(self.wrt))?;
+        if self.lse_cotangent {
+            f.write_str("lse-cotangent, ")?;
+        }
+        write!(f, "{}", self.attention)
     }
 }
 
@@ -274,6 +303,7 @@ mod tests {
         let grad = BackwardOp::Attention(Box::new(AttentionGrad {
             attention: a,
             wrt: 1,
+            lse_cotangent: false,
         }));
         assert_eq!(grad.arity(), 5);
         let (q, k, v, o) = (

@@ -387,6 +387,7 @@ fn parse_node(b: &mut GraphBuilder, params: &[Param], line: &str) -> Result<(), 
         "attention-grad" => Op::Backward(BackwardOp::Attention(Box::new(AttentionGrad {
             attention: attention()?,
             wrt: wrt()?,
+            lse_cotangent: args.contains(&"lse-cotangent"),
         }))),
         "linear-attention-grad" => Op::Backward(BackwardOp::Linear(LinearGrad {
             linear: linear()?,

@@ -1,5 +1,6 @@
-//! Gradients of the fused ops: the fused gradient ops (`attention-grad`,
-//! `linear-attention-grad`) against central differences of the fused forward and against the
+//! Gradients of the fused ops: the fused gradient ops (`attention-grad`, with and without a
+//! log-sum-exp cotangent, `linear-attention-grad`) against central differences of the fused
+//! forward and against the
 //! gradient graph of the plain form, on random shapes (m ≠ n, fully masked rows, 0 and 1
 //! sizes, grouped-query broadcasting), score forms (scale, biases of several broadcasts, ALiBi
 //! slopes, softcaps, a multiplicative bias) and masks; and the masking rules for NaN.
@@ -282,6 +283,20 @@ proptest! {
     fn fused_attention_gradients_match_central_differences(c in case(), seed in 0u64..1000) {
         let (params, op) = c.build();
         check_fused(&kernel(params, op, 0), seed);
+    }
+
+    // The row log-sum-exp of the same attentions: its gradient is attention-grad with a
+    // log-sum-exp cotangent (over a zero value column). Rows that keep no key have a
+    // log-sum-exp of −∞, which central differences cannot take: those cases are skipped.
+    #[test]
+    fn attention_lse_gradients_match_central_differences(c in case(), seed in 0u64..1000) {
+        let (params, op) = c.build();
+        let Op::Attention(mut a) = op else { unreachable!("case() builds attentions") };
+        a.lse = true;
+        let k = kernel(params, Op::Attention(a), 0);
+        let y = evaluate(&k, &Bindings::new(), &inputs(&k.params, seed)).expect("evaluates");
+        prop_assume!(y.iter().all(|x| x.is_finite()));
+        check_fused(&k, seed);
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct AttentionBackward {
     spec: AttentionSpec,
     /// The cotangent `dO` (`[batch.., m, dv]`, contiguous rows).
     d_o: TensorRef,
+    /// The cotangent of the row log-sum-exp (`[batch.., m, 1]`), where it has one.
+    d_lse: Option<TensorRef>,
     /// The gradients computed, in output order.
     pub grads: Vec<GradLayout>,
     /// Whether the AVX-512 kernels may run (else the portable ones).
@@ -88,12 +90,12 @@ pub struct AttentionBackward {
 }
 
 impl AttentionBackward {
-    /// The backward of `spec` with cotangent `d_o`, or `None` when the backward kernels do
-    /// not evaluate its score form (one bias, one per-entry slope, a softcap) or its operands'
-    /// rows are not contiguous.
+    /// The backward of `spec` with cotangents `d_o` and `d_lse` (the row log-sum-exp's, where
+    /// it has one), or `None` when the backward kernels do not evaluate its score form (one
+    /// bias, one per-entry slope, a softcap) or its operands' rows are not contiguous.
     pub fn new(
         spec: &AttentionSpec,
-        d_o: TensorRef,
+        (d_o, d_lse): (TensorRef, Option<TensorRef>),
         grads: Vec<GradLayout>,
         wide: bool,
     ) -> Option<AttentionBackward> {
@@ -110,6 +112,7 @@ impl AttentionBackward {
             forward,
             spec: spec.clone(),
             d_o,
+            d_lse,
             grads,
             wide,
         })
@@ -316,6 +319,10 @@ impl AttentionBackward {
             let d_o = d_o
                 .get(at..at + m * dv)
                 .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
+            let d_lse = match &self.d_lse {
+                Some(t) => Some(rows_of(t, inputs, &index, m)?),
+                None => None,
+            };
             let mut grads = Gradients::default();
             let mut slope = 0.0f32;
             let mut slope_at = None;
@@ -340,7 +347,8 @@ impl AttentionBackward {
                 grads.dslope = Some(&mut slope);
             }
             let saved = Saved { o, lse };
-            kernel::run_with(call, &saved, d_o, &mut grads, self.wide).map_err(wide_err)?;
+            let cotangents = (d_o, d_lse.as_deref());
+            kernel::run_with(call, &saved, cotangents, &mut grads, self.wide).map_err(wide_err)?;
             if let Some(k) = slope_at {
                 if let Some(x) = blocks[k].first_mut() {
                     *x = slope;
@@ -349,6 +357,27 @@ impl AttentionBackward {
             Ok(())
         })
     }
+}
+
+/// The `m` values of one batch entry (at `index`) of `t` (`[batch.., m, 1]`, f32), in row
+/// order.
+fn rows_of(
+    t: &TensorRef,
+    inputs: &[BufferView<'_>],
+    index: &[usize],
+    m: usize,
+) -> Result<Vec<f32>> {
+    let Some(BufferView::F32(x)) = inputs.get(t.slot) else {
+        return Err(buffer_err(&t.name, "is not an f32 buffer"));
+    };
+    let at: usize = t.batch_strides.iter().zip(index).map(|(s, i)| s * i).sum();
+    (0..m)
+        .map(|i| {
+            x.get(at + i * t.row_stride)
+                .copied()
+                .ok_or_else(|| buffer_err(&t.name, "is shorter than its rows"))
+        })
+        .collect()
 }
 
 /// What a fused attention's forward keeps for its backward: the output `O` and the row

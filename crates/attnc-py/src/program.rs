@@ -414,9 +414,13 @@ mod tests {
         assert_eq!(a.output_shape, vec![2, 1, 3]);
         let q: Vec<f32> = (0..6).map(|i| (i as f32 * 0.37).sin()).collect();
         let kv: Vec<f32> = (0..30).map(|i| (i as f32 * 0.61).cos()).collect();
-        let dy = vec![1.0f32; 6];
+        let dy = [1.0f32; 6];
         let grads = a
-            .run(&[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)], &dy, 1)
+            .run(
+                &[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)],
+                &[&dy[..]],
+                1,
+            )
             .expect("runs");
         assert_eq!(grads.len(), 2);
         assert_eq!(grads[0].shape, vec![2, 5, 3]);
@@ -431,7 +435,7 @@ mod tests {
         assert!(a
             .run(
                 &[Input::F32(&q), Input::F32(&kv), Input::F32(&kv)],
-                &dy[..5],
+                &[&dy[..5]],
                 1
             )
             .is_err());

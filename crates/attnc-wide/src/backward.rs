@@ -1,9 +1,10 @@
 //! The backward of one attention call: the gradients of `O = softmax(mask(score(Q Kᵀ))) V`
 //! with respect to Q, K, V, the bias and the ALiBi slope, given the cotangent `dO` and what
-//! the forward saved (`O` and the row log-sum-exp), FlashAttention-2's way:
+//! the forward saved (`O` and the row log-sum-exp), FlashAttention-2's way (`dlse`, where
+//! given, is the cotangent of the row log-sum-exp, whose own gradient is `dX = P ∘ dlse`):
 //!
 //! ```text
-//! D_i  = Σ_c dO_ic O_ic                     P_ij = exp(x_ij − lse_i)   (kept positions)
+//! D_i  = Σ_c dO_ic O_ic (− dlse_i)          P_ij = exp(x_ij − lse_i)   (kept positions)
 //! dP_ij = dO_i · v_j                        dX_ij = P_ij (dP_ij − D_i)
 //! dY_ij = dX_ij (1 − (x_ij / cap)²)          (softcap; dX without one)
 //! dS_ij = dY_ij · scale                     dbias_ij += dY_ij   dslope += dY_ij (j − r)
@@ -131,18 +132,24 @@ pub fn run(
     d_o: &[f32],
     grads: &mut Gradients<'_>,
 ) -> Result<(), CallError> {
-    run_with(call, saved, d_o, grads, true)
+    run_with(call, saved, (d_o, None), grads, true)
 }
 
-/// [`run`], on the portable kernel unless `wide` allows AVX-512.
+/// [`run`] with the cotangents `(dO, dlse)` (`dlse`: one per row, where the log-sum-exp has
+/// one), on the portable kernel unless `wide` allows AVX-512.
 pub fn run_with(
     call: &Call<'_>,
     saved: &Saved<'_>,
-    d_o: &[f32],
+    (d_o, d_lse): (&[f32], Option<&[f32]>),
     grads: &mut Gradients<'_>,
     wide: bool,
 ) -> Result<(), CallError> {
     check(call, saved, d_o, grads)?;
+    if d_lse.is_some_and(|l| l.len() < call.m()) {
+        return Err(CallError::Shape(
+            "backward: the log-sum-exp's cotangent holds fewer than m rows".into(),
+        ));
+    }
     // Peaked rows hold weights far below 2⁻¹²⁶ of their largest; products on them would be
     // subnormal and take microcode assists (5.9× slower at scores of standard deviation 30).
     // Flushed to zero instead: an absolute error below 2⁻¹²⁶ per operation.
@@ -152,11 +159,11 @@ pub fn run_with(
     #[cfg(target_arch = "x86_64")]
     if wide && wide_tiles && crate::attention::available() {
         // SAFETY: AVX-512 was detected, `check` passed and the table has the kernel's tiles.
-        unsafe { crate::attention::backward::run(call, saved, d_o, grads) };
+        unsafe { crate::attention::backward::run(call, saved, (d_o, d_lse), grads) };
         return Ok(());
     }
     let _ = (wide, wide_tiles);
-    portable::backward(call, saved, d_o, grads);
+    portable::backward(call, saved, (d_o, d_lse), grads);
     Ok(())
 }
 

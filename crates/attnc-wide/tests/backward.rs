@@ -236,7 +236,7 @@ fn check(c: &Case) {
             dslope: c.slope.then_some(&mut dslope),
         };
         let saved = Saved { o: &o, lse: &lse };
-        backward::run_with(&call, &saved, &d_o, &mut grads, wide).expect("backward runs");
+        backward::run_with(&call, &saved, (&d_o, None), &mut grads, wide).expect("backward runs");
         compare(
             c,
             &r,
@@ -542,7 +542,7 @@ fn nan_at_masked_positions_reaches_no_gradient() {
             dslope: None,
         };
         let saved = Saved { o: &o, lse: &lse };
-        backward::run_with(&call, &saved, &d_o, &mut grads, wide).expect("backward runs");
+        backward::run_with(&call, &saved, (&d_o, None), &mut grads, wide).expect("backward runs");
         assert!(
             dq[..99 * d].iter().all(|x| x.is_finite()),
             "dq (wide {wide})"

@@ -41,12 +41,29 @@ fn isolate(
 /// form (`o` is not read: the plain form recomputes it).
 fn attention(b: &mut GraphBuilder, a: &AttentionGrad, args: &[NodeId]) -> Result<NodeId, String> {
     let forward = a.attention.arity();
-    if args.len() != forward + 2 {
-        return Err(format!("attention-grad takes {} operands", forward + 2));
+    if args.len() != a.arity() {
+        return Err(format!("attention-grad takes {} operands", a.arity()));
     }
     let (operands, own) = isolate(b, &args[..forward], a.wrt)?;
     let y = crate::fused::expand::attention(b, &a.attention, &operands)?;
-    crate::grad::gradient_of(b, y, args[forward + 1], own).map_err(|e| e.to_string())
+    let through_o =
+        crate::grad::gradient_of(b, y, args[forward + 1], own).map_err(|e| e.to_string())?;
+    if !a.lse_cotangent {
+        return Ok(through_o);
+    }
+    let lse = crate::fused::Attention {
+        lse: true,
+        ..a.attention.clone()
+    };
+    let y = crate::fused::expand::attention(b, &lse, &operands)?;
+    let through_lse =
+        crate::grad::gradient_of(b, y, args[forward + 2], own).map_err(|e| e.to_string())?;
+    b.add(
+        crate::op::Op::Binary(crate::op::BinaryOp::Add),
+        &[through_o, through_lse],
+        None,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// The gradient of a linear attention over `[q, k, v, dO]` through its plain form.

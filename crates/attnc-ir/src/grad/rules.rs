@@ -154,20 +154,40 @@ pub(super) fn apply(
             out.push((args[0], g));
             "vjp-cast"
         }
-        // dslot = vjp of the plain form logsumexp(mask(score(q kᵀ), pattern, -inf), -1)
-        Op::Attention(a) if a.lse && a.segments() == 0 => {
-            let slots: Vec<usize> = (0..args.len()).filter(|&s| want(s)).collect();
-            out = through_plain_form(e, (id, &op), &args, &slots, g, |b, operands| {
-                crate::fused::expand::attention(b, a, operands)
-            })?;
-            "vjp-attention-lse"
-        }
+        // ∂lse_i/∂x_ij = P_ij, so dX = P ∘ g: FlashAttention-2's dX = P ∘ (dP − D) with
+        // dP = 0 and D = −g. Built as attention-grad with a log-sum-exp cotangent over
+        // (q, k, 0 ∈ [.., n, 1], biases.., o = 0, dO = 0, dlse = g): the attention of a zero
+        // column is that zero column, and no m × n value exists. v (an operand for the
+        // pairing only) gets no gradient.
         Op::Attention(a) if a.lse => {
-            return Err(GradError::Unsupported {
-                op: "attention (log-sum-exp)".to_string(),
-                why: "the gradient of a log-sum-exp over a document mask is not derived"
-                    .to_string(),
-            })
+            let mut attention = (**a).clone();
+            attention.lse = false;
+            attention.precision = Precision::Exact;
+            let v = args[2];
+            let mut column = e.shape(v);
+            if let Some(last) = column.last_mut() {
+                *last = crate::dim::Dim::Const(1);
+            }
+            let mut operands = args.clone();
+            operands[2] = e.fill(0.0, &column)?;
+            let rows = e.shape(id);
+            let zeros = e.fill(0.0, &rows)?;
+            operands.extend([zeros, zeros, g]);
+            let values = args.len() - a.segments();
+            for (slot, &x) in args
+                .iter()
+                .enumerate()
+                .filter(|(s, _)| *s < values && *s != 2 && want(*s))
+            {
+                let grad = AttentionGrad {
+                    attention: attention.clone(),
+                    wrt: slot,
+                    lse_cotangent: true,
+                };
+                let op = Op::Backward(BackwardOp::Attention(Box::new(grad)));
+                out.push((x, e.op(op, &operands, None)?));
+            }
+            "vjp-attention-lse"
         }
         // dslot = attention-grad(q, k, v, b.., y, g) for each operand that needs one
         Op::Attention(a) => {
@@ -185,6 +205,7 @@ pub(super) fn apply(
                 let grad = AttentionGrad {
                     attention: attention.clone(),
                     wrt: slot,
+                    lse_cotangent: false,
                 };
                 let op = Op::Backward(BackwardOp::Attention(Box::new(grad)));
                 out.push((x, e.op(op, &operands, None)?));

@@ -325,8 +325,8 @@ fn attention_grad(
     bindings: &Bindings,
 ) -> Result<ArrayD<f64>, String> {
     let forward = a.attention.arity();
-    if args.len() != forward + 2 {
-        return Err(format!("attention-grad takes {} operands", forward + 2));
+    if args.len() != a.arity() {
+        return Err(format!("attention-grad takes {} operands", a.arity()));
     }
     let (q, k, v) = (args[0], args[1], args[2]);
     let segment_start = forward - a.attention.segments();
@@ -359,7 +359,11 @@ fn attention_grad(
         return sum_to(&matmul(&transpose(&p)?, d_o)?, v.shape());
     }
     let dp = matmul(d_o, &transpose(v)?)?;
-    let rows = reduce(ReduceOp::Sum, o.ndim() - 1, &binary(BinaryOp::Mul, d_o, o)?)?;
+    let mut rows = reduce(ReduceOp::Sum, o.ndim() - 1, &binary(BinaryOp::Mul, d_o, o)?)?;
+    if a.lse_cotangent {
+        // D − dlse: the log-sum-exp's gradient is P ∘ dlse.
+        rows = binary(BinaryOp::Sub, &rows, args[forward + 2])?;
+    }
     let dx = binary(BinaryOp::Mul, &p, &binary(BinaryOp::Sub, &dp, &rows)?)?;
     // dX has the output's batch; the score may not depend on every axis of it.
     let root = sum_to(&masked(&dx, 0.0)?, x.shape())?;

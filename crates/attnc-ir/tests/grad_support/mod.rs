@@ -5,7 +5,7 @@
 use attnc_ir::build::GraphBuilder;
 use attnc_ir::compare::compare;
 use attnc_ir::grad::{vjp, Vjp};
-use attnc_ir::interp::{evaluate, evaluate_outputs};
+use attnc_ir::interp::evaluate_outputs;
 use attnc_ir::{Bindings, Kernel, NodeId, Op};
 use ndarray::{ArrayD, IxDyn};
 

@@ -80,7 +80,7 @@ pub(super) fn unsupported(
     spec.score = a.attention.score.folded(bindings);
     let d_o = contiguous_ref(0, &fs.output(), &fs.batch, DType::F32);
     let layouts = vec![layout(a.wrt, slices[a.wrt], &fs.batch)];
-    match AttentionBackward::new(&spec, d_o, layouts, false) {
+    match AttentionBackward::new(&spec, (d_o, None), layouts, false) {
         Some(_) => None,
         None => Some(format!(
             "the backward kernels do not evaluate the score {}",
@@ -269,7 +269,11 @@ fn attention_grad(
     let op = graph.node(id).op.clone();
     let operands = graph.operands(id);
     let group = siblings(graph, id, a.wrt, |op| match op {
-        Op::Backward(BackwardOp::Attention(b)) if b.attention == a.attention => Some(b.wrt),
+        Op::Backward(BackwardOp::Attention(b))
+            if b.attention == a.attention && b.lse_cotangent == a.lse_cotangent =>
+        {
+            Some(b.wrt)
+        }
         _ => None,
     });
     let forward = a.attention.arity();
@@ -309,6 +313,13 @@ fn attention_grad(
     let d_o_node = operands[forward + 1];
     let placed = place(p, d_o_node, vals, true)?;
     let d_o = tensor_ref(p, &placed, &shapes[forward + 1], &fs.batch);
+    let mut d_lse = match a.lse_cotangent {
+        true => {
+            let placed = place(p, operands[forward + 2], vals, true)?;
+            Some(tensor_ref(p, &placed, &shapes[forward + 2], &fs.batch))
+        }
+        false => None,
+    };
     let mut spec = spec_of(&fs, a, refs, p.bindings).map_err(|e| plan_error(&op, e))?;
     spec.score = a.attention.score.folded(p.bindings);
     spec.segments = segments;
@@ -318,6 +329,7 @@ fn attention_grad(
     tensors.extend(spec.biases.iter_mut());
     let mut d_o = d_o;
     tensors.push(&mut d_o);
+    tensors.extend(d_lse.as_mut());
     tensors.extend(spec.segments.iter_mut());
     for t in tensors {
         let mut buf = t.slot;
@@ -336,7 +348,7 @@ fn attention_grad(
         };
     }
     let (slots, layouts) = grad_layouts(&group, &shapes, &fs.batch);
-    let backward = AttentionBackward::new(&spec, d_o, layouts.clone(), p.tiers.avx512)
+    let backward = AttentionBackward::new(&spec, (d_o, d_lse), layouts.clone(), p.tiers.avx512)
         .ok_or_else(|| plan_error(&op, "the backward kernels do not evaluate its score"))?;
     let outputs: Vec<usize> = layouts.iter().map(|g| p.new_buffer(g.len())).collect();
     let step = BackwardStep {

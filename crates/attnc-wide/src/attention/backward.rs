@@ -115,7 +115,7 @@ struct Scratch {
     slope_sum: f64,
 }
 
-/// The gradients of `call`.
+/// The gradients of `call` for the cotangents `dO` and, where given, `dlse`.
 ///
 /// # Safety
 /// AVX-512 is present, `crate::backward::check` passed and the tile table has 64 × 64 tiles.
@@ -123,14 +123,15 @@ struct Scratch {
 pub(crate) unsafe fn run(
     call: &Call<'_>,
     saved: &Saved<'_>,
-    d_o: &[f32],
+    (d_o, d_lse): (&[f32], Option<&[f32]>),
     grads: &mut Gradients<'_>,
 ) {
     let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
     let dd: Vec<f32> = (0..m)
         .map(|i| {
             let (g, o) = (&d_o[i * dv..(i + 1) * dv], &saved.o[i * dv..(i + 1) * dv]);
-            g.iter().zip(o).map(|(a, b)| a * b).sum()
+            let dd: f32 = g.iter().zip(o).map(|(a, b)| a * b).sum();
+            dd - d_lse.map_or(0.0, |l| l[i])
         })
         .collect();
     let env = Env {

@@ -130,7 +130,12 @@ pub fn forward(call: &Call<'_>, o: &mut [f32], lse: &mut [f32]) {
 }
 
 /// The gradients of `call` (checked by the caller; see the module docs of the parent).
-pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gradients<'_>) {
+pub fn backward(
+    call: &Call<'_>,
+    saved: &Saved<'_>,
+    (d_o, d_lse): (&[f32], Option<&[f32]>),
+    grads: &mut Gradients<'_>,
+) {
     let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
     let (q, k, v) = (rows_f32(&call.q), rows_f32(&call.k), rows_f32(&call.v));
     let mut dq = vec![0.0f32; if grads.dq.is_some() { m * d } else { 0 }];
@@ -148,7 +153,7 @@ pub fn backward(call: &Call<'_>, saved: &Saved<'_>, d_o: &[f32], grads: &mut Gra
         }
         let origin = call.alibi_origin(i);
         let g = &d_o[i * dv..(i + 1) * dv];
-        let big_d = dot(g, &saved.o[i * dv..(i + 1) * dv]);
+        let big_d = dot(g, &saved.o[i * dv..(i + 1) * dv]) - d_lse.map_or(0.0, |l| l[i]);
         let qi = &q[i * d..(i + 1) * d];
         let mut row_dslope = 0.0f32;
         for (keys, partial) in visits(call, i) {
