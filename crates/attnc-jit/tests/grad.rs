@@ -12,7 +12,7 @@ use attnc_ir::{Bindings, DType, Kernel};
 use attnc_jit::wide::Tiers;
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
 use common::{bindings, inputs, kernel, optimized, REL_L2};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 /// Every gradient of `g` compiled with `options`, run on `ins` with `threads`.
 fn run(
@@ -52,6 +52,11 @@ fn run(
         .collect()
 }
 
+/// Every gradient of `g` by the f64 interpreter on `ins`.
+fn interpreted(g: &Vjp, b: &Bindings, ins: &[(Vec<usize>, Vec<f32>)]) -> Vec<ArrayD<f64>> {
+    evaluate_outputs(&g.kernel(0), b, &common::arrays(ins), &g.outputs()).expect("interp")
+}
+
 /// Differentiates `k` with respect to every parameter: the interpreter on the plain form's
 /// gradient graph is the reference; the JIT runs the optimized form's gradient graph on
 /// every tier, fused and plain, at 1 and 2 threads. Returns the largest error.
@@ -70,14 +75,7 @@ fn check(k: &Kernel, b: &Bindings, seed: u64) -> f64 {
             }
         }
     }
-    let arrays: Vec<ArrayD<f64>> = ins
-        .iter()
-        .map(|(s, v)| {
-            ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| f64::from(x)).collect())
-                .expect("shape")
-        })
-        .collect();
-    let want = evaluate_outputs(&plain.kernel(0), b, &arrays, &plain.outputs()).expect("interp");
+    let want = interpreted(&plain, b, &ins);
     let mut worst = 0.0f64;
     let cases = [
         (&fused, true, Tiers::ALL),
@@ -228,15 +226,7 @@ fn alibi_over_long_rows_matches_the_interpreter() {
         let plain = vjp(&k, &all).expect("differentiates");
         let mut ins = inputs(&plain.kernel(0), &b, 21);
         ins[3].1 = vec![0.6, -0.6, 0.05, -0.3];
-        let arrays: Vec<ArrayD<f64>> = ins
-            .iter()
-            .map(|(s, v)| {
-                ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| f64::from(x)).collect())
-                    .expect("shape")
-            })
-            .collect();
-        let want =
-            evaluate_outputs(&plain.kernel(0), &b, &arrays, &plain.outputs()).expect("interp");
+        let want = interpreted(&plain, &b, &ins);
         for tiers in [Tiers::ALL, Tiers::NONE] {
             let options = CompileOptions {
                 parallel_threshold: 0,

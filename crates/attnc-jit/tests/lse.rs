@@ -14,7 +14,6 @@ use attnc_jit::plan::StepKind;
 use attnc_jit::{CompileOptions, CompiledKernel, Input};
 use attnc_syntax::Span;
 use common::{bindings, data, rel_l2, REL_L2};
-use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 
 fn param(name: &str, dims: &[&str]) -> Param {
@@ -106,14 +105,7 @@ fn check(k: &Kernel, b: &Bindings, seed: u64, fuse: bool) {
             (shape, data(len, seed * 7 + i as u64))
         })
         .collect();
-    let arrays: Vec<ArrayD<f64>> = ins
-        .iter()
-        .map(|(s, v)| {
-            ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| f64::from(x)).collect())
-                .expect("shape")
-        })
-        .collect();
-    let want = attnc_ir::interp::evaluate_all(k, b, &arrays).expect("interpreter");
+    let want = attnc_ir::interp::evaluate_all(k, b, &common::arrays(&ins)).expect("interpreter");
     let inputs: Vec<Input<'_>> = ins.iter().map(|(_, v)| Input::F32(v)).collect();
     let one = compiled.run_outputs(&inputs, 1).expect("runs");
     let two = compiled.run_outputs(&inputs, 2).expect("runs");

@@ -8,7 +8,7 @@ use crate::args::{Emit, GradArgs};
 use crate::check::signature;
 use crate::failure::Failure;
 use crate::inputs::{prepare, Prepared};
-use crate::run::Stats;
+use crate::run::{per_output_misuse, Stats};
 use crate::CliResult;
 use attnc::engine::{Engine, RunError};
 use attnc::grad::{ones, reference_gradients, reference_graph, CompiledGrad};
@@ -36,13 +36,8 @@ pub fn grad(args: &GradArgs) -> CliResult {
     let out_shapes = output_shapes(&prepared)?;
     let count = out_shapes.len();
     if !args.cotangent.is_empty() && args.cotangent.len() != count {
-        return Err(Failure::Usage(format!(
-            "kernel `{}` returns {count} value{} but --cotangent was given {} time{}: give it once per output, in order",
-            kernel.name,
-            if count == 1 { "" } else { "s" },
-            args.cotangent.len(),
-            if args.cotangent.len() == 1 { "" } else { "s" },
-        )));
+        let given = args.cotangent.len();
+        return Err(per_output_misuse(&kernel.name, count, "--cotangent", given));
     }
     let cotangents: Vec<Tensor> = match args.cotangent.is_empty() {
         true => out_shapes.iter().map(|s| ones(s)).collect(),

@@ -12,6 +12,17 @@ use attnc::Compiled;
 use serde_json::json;
 use std::time::Instant;
 
+/// The misuse of an option that is given once per output of a `count`-output kernel but was
+/// given `given` times.
+pub fn per_output_misuse(kernel: &str, count: usize, option: &str, given: usize) -> Failure {
+    let plural = |k: usize| if k == 1 { "" } else { "s" };
+    Failure::Usage(format!(
+        "kernel `{kernel}` returns {count} value{} but {option} was given {given} time{}: give it once per output, in order",
+        plural(count),
+        plural(given),
+    ))
+}
+
 /// Outputs with at most this many elements are included whole in `--format json`.
 const JSON_VALUES_LIMIT: usize = 65_536;
 
@@ -25,13 +36,12 @@ pub fn run(args: &RunArgs) -> CliResult {
     let kernel = prepared.kernel();
     let count = kernel.outputs().len();
     if !args.output.is_empty() && args.output.len() != count {
-        return Err(Failure::Usage(format!(
-            "kernel `{}` returns {count} value{} but --output was given {} time{}: give it once per output, in order",
-            kernel.name,
-            if count == 1 { "" } else { "s" },
+        return Err(per_output_misuse(
+            &kernel.name,
+            count,
+            "--output",
             args.output.len(),
-            if args.output.len() == 1 { "" } else { "s" },
-        )));
+        ));
     }
     let mut notes = prepared.notes.clone();
     let ceilings = attnc::machine::machine_ceilings();

@@ -160,9 +160,6 @@ pub(super) fn apply(
         // column is that zero column, and no m × n value exists. v (an operand for the
         // pairing only) gets no gradient.
         Op::Attention(a) if a.lse => {
-            let mut attention = (**a).clone();
-            attention.lse = false;
-            attention.precision = Precision::Exact;
             let v = args[2];
             let mut column = e.shape(v);
             if let Some(last) = column.last_mut() {
@@ -173,43 +170,15 @@ pub(super) fn apply(
             let rows = e.shape(id);
             let zeros = e.fill(0.0, &rows)?;
             operands.extend([zeros, zeros, g]);
-            let values = args.len() - a.segments();
-            for (slot, &x) in args
-                .iter()
-                .enumerate()
-                .filter(|(s, _)| *s < values && *s != 2 && want(*s))
-            {
-                let grad = AttentionGrad {
-                    attention: attention.clone(),
-                    wrt: slot,
-                    lse_cotangent: true,
-                };
-                let op = Op::Backward(BackwardOp::Attention(Box::new(grad)));
-                out.push((x, e.op(op, &operands, None)?));
-            }
+            let slots = |s: usize| s != 2 && want(s);
+            out = attention_grads(e, a, &args, &operands, slots, true)?;
             "vjp-attention-lse"
         }
         // dslot = attention-grad(q, k, v, b.., y, g) for each operand that needs one
         Op::Attention(a) => {
-            let mut attention = (**a).clone();
-            attention.precision = Precision::Exact;
             let mut operands = args.clone();
             operands.extend([id, g]);
-            // Segment ids (the last operands) are labels: no gradient flows to them.
-            let values = args.len() - a.segments();
-            for (slot, &x) in args
-                .iter()
-                .enumerate()
-                .filter(|(s, _)| *s < values && want(*s))
-            {
-                let grad = AttentionGrad {
-                    attention: attention.clone(),
-                    wrt: slot,
-                    lse_cotangent: false,
-                };
-                let op = Op::Backward(BackwardOp::Attention(Box::new(grad)));
-                out.push((x, e.op(op, &operands, None)?));
-            }
+            out = attention_grads(e, a, &args, &operands, want, false)?;
             "vjp-attention"
         }
         // dslot = vjp of the plain form mask((q kᵀ) ∘ decay weights, causal, 0) v (/ sum)
@@ -279,6 +248,38 @@ fn through_plain_form(
             detail,
         })?;
         out.push((x, crate::grad::gradient_of(&mut e.b, y, g, own)?));
+    }
+    Ok(out)
+}
+
+/// One `attention-grad` node over `operands` per operand of `a` (its `args`) that `wanted`
+/// accepts; segment ids (the last operands) are labels and get none.
+fn attention_grads(
+    e: &mut Emitter,
+    a: &crate::fused::Attention,
+    args: &[NodeId],
+    operands: &[NodeId],
+    wanted: impl Fn(usize) -> bool,
+    lse_cotangent: bool,
+) -> Result<Vec<(NodeId, NodeId)>, GradError> {
+    let attention = crate::fused::Attention {
+        lse: false,
+        precision: Precision::Exact,
+        ..a.clone()
+    };
+    let values = args.len() - a.segments();
+    let mut out = Vec::new();
+    for (slot, &x) in args.iter().enumerate().take(values) {
+        if !wanted(slot) {
+            continue;
+        }
+        let grad = AttentionGrad {
+            attention: attention.clone(),
+            wrt: slot,
+            lse_cotangent,
+        };
+        let op = Op::Backward(BackwardOp::Attention(Box::new(grad)));
+        out.push((x, e.op(op, operands, None)?));
     }
     Ok(out)
 }

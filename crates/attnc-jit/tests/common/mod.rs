@@ -65,15 +65,19 @@ pub fn inputs(kernel: &Kernel, b: &Bindings, seed: u64) -> Vec<(Vec<usize>, Vec<
         .collect()
 }
 
+/// `ins` as the interpreter's f64 arrays.
+pub fn arrays(ins: &[(Vec<usize>, Vec<f32>)]) -> Vec<ArrayD<f64>> {
+    ins.iter()
+        .map(|(s, v)| {
+            ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| f64::from(x)).collect())
+                .expect("shape")
+        })
+        .collect()
+}
+
 /// The interpreter's result on `ins`.
 pub fn reference(kernel: &Kernel, b: &Bindings, ins: &[(Vec<usize>, Vec<f32>)]) -> ArrayD<f64> {
-    let arrays: Vec<ArrayD<f64>> = ins
-        .iter()
-        .map(|(s, v)| {
-            ArrayD::from_shape_vec(IxDyn(s), v.iter().map(|&x| x as f64).collect()).expect("shape")
-        })
-        .collect();
-    attnc_ir::interp::evaluate(kernel, b, &arrays).expect("interpreter")
+    attnc_ir::interp::evaluate(kernel, b, &arrays(ins)).expect("interpreter")
 }
 
 /// Storage for typed inputs.
