@@ -254,6 +254,12 @@ fn backprop(
         }
     }
     let needs: Vec<bool> = (0..count).map(|i| depends[i] && reaches[i]).collect();
+    // A fused attention and its log-sum-exp partner get one backward (D = rowsum(dO ∘ o) −
+    // dlse): the later node waits, and the earlier one's rule takes both gradients (the
+    // later one's is complete by then, every user of it lying after it).
+    let partners: Vec<Option<NodeId>> = (0..count)
+        .map(|i| rules::lse_partner(graph, NodeId::new(i)).filter(|p| needs[p.index()]))
+        .collect();
     let mut grads: Vec<Option<NodeId>> = vec![None; count];
     for &(output, seed) in seeds {
         let slot = &mut grads[output.index()];
@@ -264,14 +270,22 @@ fn backprop(
     }
     let mut derivation = Vec::new();
     for index in (0..count).rev() {
-        let (true, Some(g)) = (needs[index], grads[index]) else {
-            continue;
-        };
-        if sources.get(index).copied().unwrap_or(false) {
+        if !needs[index] || sources.get(index).copied().unwrap_or(false) {
             continue;
         }
-        let id = NodeId::new(index);
-        let applied = rules::apply(e, id, g, &needs)?;
+        let partner = partners[index];
+        if partner.is_some_and(|p| p.index() < index) {
+            continue;
+        }
+        let own = grads[index].map(|g| (NodeId::new(index), g));
+        let later = partner.and_then(|p| grads[p.index()].map(|g| (p, g)));
+        let ((id, g), applied) = match (own, later) {
+            (Some(own), Some(later)) => (own, rules::apply_paired(e, own, later, &needs)?),
+            (Some((id, g)), None) | (None, Some((id, g))) => {
+                ((id, g), rules::apply(e, id, g, &needs)?)
+            }
+            (None, None) => continue,
+        };
         for &(operand, contribution) in &applied.contributions {
             let slot = &mut grads[operand.index()];
             *slot = Some(match *slot {

@@ -299,6 +299,32 @@ proptest! {
         check_fused(&k, seed);
     }
 
+    // An attention returned with its own log-sum-exp: one attention-grad per operand with
+    // both cotangents (D = rowsum(dO ∘ o) − dlse).
+    #[test]
+    fn attention_with_its_lse_differentiates_in_one_backward(c in case(), seed in 0u64..1000) {
+        let (params, op) = c.build();
+        let Op::Attention(a) = &op else { unreachable!("case() builds attentions") };
+        let lse = Op::Attention(Box::new(Attention { lse: true, ..(**a).clone() }));
+        let mut k = kernel(params, op, 0);
+        let args = k.graph.operands(k.output);
+        let mut b = GraphBuilder { graph: k.graph.clone() };
+        let second = b.add(lse, &args, None).expect("the log-sum-exp fits");
+        k.graph = b.graph;
+        k.extra_outputs = vec![attnc_ir::KernelOutput { node: second, dtype: DType::F32 }];
+        let xs = inputs(&k.params, seed);
+        let ys = evaluate_outputs(&k, &Bindings::new(), &xs, &k.output_nodes()).expect("runs");
+        prop_assume!(ys[1].iter().all(|x| x.is_finite()));
+        let all: Vec<usize> = (0..k.params.len()).collect();
+        let grads = vjp(&k, &all).expect("differentiates");
+        prop_assert!(grads.derivation.iter().any(|d| d.rule == "vjp-attention-and-lse"));
+        let cotangents: Vec<ArrayD<f64>> =
+            ys.iter().enumerate().map(|(i, y)| random(y.shape(), seed ^ (i as u64 + 7))).collect();
+        let m = measure(&k, &grads, &Bindings::new(), &xs, &cotangents);
+        let names: Vec<String> = grads.gradients.iter().map(|g| g.name.clone()).collect();
+        assert_matches(&m, &names, 1e-6, &attnc_ir::print::print_kernel(&k));
+    }
+
     #[test]
     fn linear_attention_gradients_match_central_differences(
         causal in any::<bool>(),

@@ -78,6 +78,7 @@ pub fn rule_math(rule: &str) -> &'static str {
         }
         "vjp-sum-to" => "dx = broadcast(g)",
         "vjp-greater" => "piecewise constant: no gradient",
+        "vjp-attention-and-lse" => "FlashAttention-2 for the attention and its log-sum-exp at once: D = rowsum(dO ∘ o) − dlse, dX = P ∘ (dO vᵀ − D), dq = dS k, dk = dSᵀ q, dv = Pᵀ dO",
         "vjp-attention-lse" => "FlashAttention-2 with dP = 0, D = −g: dX = P ∘ g (as attention-grad over v = 0 with the log-sum-exp cotangent g), dq = dS k, dk = dSᵀ q",
         "vjp-pool" => {
             "dx = each block's g over its rows: / rows (mean), to the first row at the maximum (max)"

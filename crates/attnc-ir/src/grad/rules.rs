@@ -252,6 +252,53 @@ fn through_plain_form(
     Ok(out)
 }
 
+/// The fused attention that pairs with node `id`: its log-sum-exp over the same operands
+/// (or, for a log-sum-exp, the attention), `None` for any other node.
+pub(super) fn lse_partner(graph: &crate::graph::Graph, id: NodeId) -> Option<NodeId> {
+    let Op::Attention(a) = &graph.node(id).op else {
+        return None;
+    };
+    let args = graph.operands(id);
+    let partner = crate::fused::Attention {
+        lse: !a.lse,
+        ..(**a).clone()
+    };
+    graph.topo_order().into_iter().find(|&other| {
+        matches!(&graph.node(other).op, Op::Attention(b) if **b == partner)
+            && graph.operands(other) == args
+    })
+}
+
+/// The rule of a fused attention and its log-sum-exp partner ([`lse_partner`]) together,
+/// `(node, gradient)` each: one `attention-grad` per operand over
+/// `(args.., o, dO, dlse)`, so the backward computes `D = rowsum(dO ∘ o) − dlse` once.
+pub(super) fn apply_paired(
+    e: &mut Emitter,
+    first: (NodeId, NodeId),
+    second: (NodeId, NodeId),
+    needs: &[bool],
+) -> Result<Applied, GradError> {
+    let is_lse =
+        |e: &Emitter, id: NodeId| matches!(&e.b.graph.node(id).op, Op::Attention(a) if a.lse);
+    let ((o, d_o), (_, d_lse)) = match is_lse(e, first.0) {
+        true => (second, first),
+        false => (first, second),
+    };
+    e.at = Some(o);
+    let Op::Attention(a) = e.b.graph.node(o).op.clone() else {
+        unreachable!("lse_partner pairs attentions")
+    };
+    let args = e.b.graph.operands(o);
+    let want = |slot: usize| args.get(slot).is_some_and(|x| needs[x.index()]);
+    let mut operands = args.clone();
+    operands.extend([o, d_o, d_lse]);
+    let contributions = attention_grads(e, &a, &args, &operands, want, true)?;
+    Ok(Applied {
+        rule: "vjp-attention-and-lse",
+        contributions,
+    })
+}
+
 /// One `attention-grad` node over `operands` per operand of `a` (its `args`) that `wanted`
 /// accepts; segment ids (the last operands) are labels and get none.
 fn attention_grads(
