@@ -435,10 +435,11 @@ pub fn explain(prepared: &Prepared, list: &str, emit: Option<Emit>, json: bool) 
         eprintln!("{note}");
     }
     outln!("kernel {}", signature(kernel));
-    outln!(
-        "gradients of {} (cotangent: the output's shape)",
-        names.join(", ")
-    );
+    let cotangents = match kernel.outputs().len() {
+        1 => "cotangent: the output's shape".to_string(),
+        count => format!("cotangents: one per output, {count}"),
+    };
+    outln!("gradients of {} ({cotangents})", names.join(", "));
     outln!("bindings: {}", prepared.bindings_line());
     outln!();
     match &trace {
