@@ -129,11 +129,6 @@ impl Vjp {
         self.params.len() - self.forward_outputs.len()
     }
 
-    /// The cotangents' parameter indices, one per output in order (the last parameters).
-    pub fn cotangents(&self) -> std::ops::Range<usize> {
-        self.cotangent()..self.params.len()
-    }
-
     /// The kernel of node `output` of the graph (a gradient, or the forward output), over
     /// every parameter and the cotangent.
     pub fn kernel_of(&self, name: String, output: NodeId) -> Kernel {

@@ -45,6 +45,8 @@ struct TileState {
     max: Vec<f32>,
     sum: Vec<f32>,
     acc: Vec<f32>,
+    /// Per row, the key its ALiBi distances are measured from ([`Call::alibi_origin`]).
+    origins: Vec<i64>,
 }
 
 impl TileState {
@@ -57,6 +59,7 @@ impl TileState {
             kept: vec![false; kt],
             max: vec![0.0; qt],
             sum: vec![0.0; qt],
+            origins: vec![0; qt],
             acc: vec![0.0; qt * dv],
         }
     }
@@ -69,13 +72,16 @@ impl TileState {
         self.max.fill(f32::NEG_INFINITY);
         self.sum.fill(0.0);
         self.acc.fill(0.0);
+        for (o, i) in self.origins.iter_mut().zip(rows.clone()) {
+            *o = call.alibi_origin(i);
+        }
         for run in call.tiles.runs(rows.start / qt) {
             for t in run.first as usize..run.end as usize {
                 let keys = (t * kt).min(n)..((t + 1) * kt).min(n);
                 widen(&call.k, keys.clone(), &mut self.k);
                 widen(&call.v, keys.clone(), &mut self.v);
                 for (r, i) in rows.clone().enumerate() {
-                    let from = call.alibi_origin(i);
+                    let from = self.origins[r];
                     let qi = &self.q[r * d..(r + 1) * d];
                     for (c, j) in keys.clone().enumerate() {
                         // Masked keys are skipped, never read into the sums (0·∞ stays out).
@@ -149,7 +155,7 @@ impl TileState {
                 } else if out.lse_from_origin {
                     max + sum.ln()
                 } else {
-                    call.natural_lse(i, f64::from(max) + f64::from(sum.ln()))
+                    call.natural_lse(i, self.origins[r], f64::from(max) + f64::from(sum.ln()))
                 };
             }
         }

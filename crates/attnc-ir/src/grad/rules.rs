@@ -263,7 +263,8 @@ pub(super) fn lse_partner(graph: &crate::graph::Graph, id: NodeId) -> Option<Nod
         lse: !a.lse,
         ..(**a).clone()
     };
-    graph.topo_order().into_iter().find(|&other| {
+    // Any node of the graph may be the partner, before or after `id`.
+    (0..graph.len()).map(NodeId::new).find(|&other| {
         matches!(&graph.node(other).op, Op::Attention(b) if **b == partner)
             && graph.operands(other) == args
     })

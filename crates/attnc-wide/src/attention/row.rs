@@ -167,7 +167,7 @@ unsafe fn typed<K: Widen, V: Widen>(
                 let shifted = (st.max as f64 + (sum as f64).log2()) * std::f64::consts::LN_2;
                 match out.lse_from_origin {
                     true => shifted as f32,
-                    false => call.natural_lse(i, shifted),
+                    false => call.natural_lse(i, from, shifted),
                 }
             };
         }

@@ -348,7 +348,8 @@ unsafe fn query_tile<const RV: usize>(
                     * std::f64::consts::LN_2;
                 match from_origin {
                     true => shifted as f32,
-                    false => env.call.natural_lse(i, shifted),
+                    // The origin the scores used (exact below 2²⁴ keys).
+                    false => env.call.natural_lse(i, tile.origins[lane] as i64, shifted),
                 }
             };
         }

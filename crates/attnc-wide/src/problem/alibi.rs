@@ -67,7 +67,7 @@ impl Call<'_> {
 
     /// Row `i`'s aligned position `i' = i + n − m`.
     #[inline]
-    pub fn aligned(&self, i: usize) -> i64 {
+    fn aligned(&self, i: usize) -> i64 {
         i as i64 + self.n() as i64 - self.m() as i64
     }
 
@@ -97,11 +97,12 @@ impl Call<'_> {
     }
 
     /// The natural log-sum-exp of row `i` from `shifted`, that of its scores with distances
-    /// measured from its [`Call::alibi_origin`] (adds back `slope·(r − i')`), rounded once.
-    pub fn natural_lse(&self, i: usize, shifted: f64) -> f32 {
+    /// measured from key `origin` (its [`Call::alibi_origin`], as the kernel used it): adds
+    /// back `slope·(origin − i')`, rounded once.
+    pub fn natural_lse(&self, i: usize, origin: i64, shifted: f64) -> f32 {
         match self.alibi_shifts() {
             Some(slope) if shifted.is_finite() => {
-                let shift = (self.alibi_origin(i) - self.aligned(i)) as f64;
+                let shift = (origin - self.aligned(i)) as f64;
                 (shifted + f64::from(slope) * shift) as f32
             }
             _ => shifted as f32,
@@ -199,7 +200,7 @@ mod tests {
         // Row 1 is aligned to key 7 and, keeping every key, measured from key 9: its scores
         // were lowered by 0.25·(9 − 7).
         assert_eq!(c.alibi_origin(1), 9);
-        assert_eq!(c.natural_lse(1, 3.0), 3.5);
-        assert_eq!(c.natural_lse(1, f64::NEG_INFINITY), f32::NEG_INFINITY);
+        assert_eq!(c.natural_lse(1, 9, 3.0), 3.5);
+        assert_eq!(c.natural_lse(1, 9, f64::NEG_INFINITY), f32::NEG_INFINITY);
     }
 }
