@@ -24,7 +24,7 @@ pub use linear::LinearBackward;
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::{AttentionSpec, TensorRef};
-use crate::wide::{batch_index, buffer_err, Tier, WideAttention};
+use crate::wide::{batch_index, buffer_err, offset_of, Tier, WideAttention};
 pub use attnc_wide::backward::Saved;
 
 use attnc_wide::backward::{self as kernel, BiasGrad, Gradients};
@@ -309,13 +309,7 @@ impl AttentionBackward {
                 }
             };
             let index = batch_index(&self.spec.batch, e);
-            let at: usize = self
-                .d_o
-                .batch_strides
-                .iter()
-                .zip(&index)
-                .map(|(s, i)| s * i)
-                .sum();
+            let at = offset_of(&self.d_o, &index);
             let d_o = d_o
                 .get(at..at + m * dv)
                 .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
@@ -370,7 +364,7 @@ fn rows_of(
     let Some(BufferView::F32(x)) = inputs.get(t.slot) else {
         return Err(buffer_err(&t.name, "is not an f32 buffer"));
     };
-    let at: usize = t.batch_strides.iter().zip(index).map(|(s, i)| s * i).sum();
+    let at = offset_of(t, index);
     (0..m)
         .map(|i| {
             x.get(at + i * t.row_stride)

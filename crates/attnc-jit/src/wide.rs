@@ -834,7 +834,7 @@ pub(crate) fn batch_index(batch: &[usize], mut b: usize) -> Vec<usize> {
 }
 
 /// The element offset of batch entry `index` in tensor `t`.
-fn offset_of(t: &TensorRef, index: &[usize]) -> usize {
+pub(crate) fn offset_of(t: &TensorRef, index: &[usize]) -> usize {
     t.batch_strides.iter().zip(index).map(|(s, i)| s * i).sum()
 }
 

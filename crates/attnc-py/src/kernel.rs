@@ -631,7 +631,7 @@ impl PyKernel {
                 .detach(|| specialized.forward_saving(&inputs, threads))
                 .map_err(|e| jit_error(py, &e))?;
             if let Some(saved) = saved {
-                let shape = specialized.output_shape.clone();
+                let shape = specialized.output_shape().to_vec();
                 let rows = shape[..shape.len().saturating_sub(1)].to_vec();
                 let output = PyArray::from_owned_array(py, to_array(py, shape, saved.o)?);
                 let lse = PyArray::from_owned_array(py, to_array(py, rows, saved.lse)?);
@@ -679,7 +679,7 @@ impl PyKernel {
             py,
             Some(cotangent),
             cotangent_bf16,
-            &specialized.output_shape,
+            specialized.output_shape(),
         )?;
         let dy = match &cotangent {
             Cotangent::Ones(v) => Some(v.as_slice()),

@@ -54,8 +54,6 @@ impl Specialized {
 pub struct SpecializedGrad {
     /// Every dimension symbol's value.
     pub bindings: Bindings,
-    /// The (first) output's shape (the cotangent's).
-    pub output_shape: Vec<usize>,
     /// Every output's shape, in order (one cotangent each).
     pub output_shapes: Vec<Vec<usize>>,
     /// The forward and the gradients' machine code.
@@ -63,6 +61,11 @@ pub struct SpecializedGrad {
 }
 
 impl SpecializedGrad {
+    /// The (first) output's shape: the cotangent's of a kernel with one output.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.output_shapes[0]
+    }
+
     /// The gradients (one per parameter asked for, in that order, f32 in the parameter's
     /// shape) for `inputs` (one per parameter, in its declared storage type) and `cotangents`
     /// (f32, one per output of its shape), with `threads` workers; every buffer is checked
@@ -252,14 +255,12 @@ impl Program {
                     .expect("invariant: bind_shapes binds and checks every node's shape")
             })
             .collect();
-        let output_shape = output_shapes[0].clone();
         let compiler = self.compiler.clone().with_memory_budget(available_memory());
         let compiled = compiler
             .compile_grad(&self.kernel, &bindings, wrt)
             .map_err(SpecializeError::Compile)?;
         let specialized = Arc::new(SpecializedGrad {
             bindings,
-            output_shape,
             output_shapes,
             compiled,
         });
@@ -411,7 +412,7 @@ mod tests {
             &a,
             &p.specialize_grad(&shapes, &[0]).expect("another list")
         ));
-        assert_eq!(a.output_shape, vec![2, 1, 3]);
+        assert_eq!(a.output_shape(), [2, 1, 3]);
         let q: Vec<f32> = (0..6).map(|i| (i as f32 * 0.37).sin()).collect();
         let kv: Vec<f32> = (0..30).map(|i| (i as f32 * 0.61).cos()).collect();
         let dy = [1.0f32; 6];
