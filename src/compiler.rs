@@ -134,7 +134,7 @@ impl Compiler {
         OptimizeOptions {
             ceilings: self.ceilings,
             approx,
-            tiers: attnc_opt::TierSpeeds::measured_kernels(tiers.avx512, tiers.amx_bf16, tiers.amx),
+            tiers: tier_speeds(tiers),
             ..OptimizeOptions::default()
         }
     }
@@ -331,6 +331,17 @@ impl Compiled {
     /// One line per validation measurement, for people.
     pub fn summary(&self, tol: f64) -> Vec<String> {
         self.validations.iter().map(|v| v.summary(tol)).collect()
+    }
+}
+
+/// The optimizer's view of the full-width tiers this compiler may use.
+fn tier_speeds(tiers: attnc_jit::wide::Tiers) -> attnc_opt::TierSpeeds {
+    use attnc_wide::amx::{self, Products, Unit};
+    let speeds = attnc_opt::TierSpeeds::measured_kernels(tiers.avx512, tiers.amx_bf16, tiers.amx);
+    if amx::unit(Products::Int8) == Some(Unit::Vectors) {
+        speeds.int8_on_vectors()
+    } else {
+        speeds
     }
 }
 

@@ -42,7 +42,8 @@ pub enum Tier {
     Cranelift,
     /// f32 products on AVX-512 (exact).
     Avx512,
-    /// AMX tile products of the given precision (an approximation the policy allowed).
+    /// AMX tile products of the given precision (an approximation the policy allowed); int8
+    /// runs the same kernel's products on AVX-512 VNNI where the CPU has no AMX.
     Amx(Products),
     /// Plain Rust on any CPU (`attnc_wide::portable`): the exact attentions whose masks read
     /// data (`document(...)`, `topk_blocks(...)`), which the Cranelift kernels cannot compile,
@@ -57,7 +58,10 @@ impl Tier {
             Tier::Cranelift => "cranelift f32x4",
             Tier::Avx512 => "avx-512",
             Tier::Amx(Products::Bf16) => "amx bf16",
-            Tier::Amx(Products::Int8) => "amx int8",
+            Tier::Amx(Products::Int8) => match amx::unit(Products::Int8) {
+                Some(amx::Unit::Vectors) => "avx-512 vnni int8",
+                _ => "amx int8",
+            },
             Tier::Portable => "portable",
         }
     }
@@ -69,7 +73,7 @@ impl Tier {
 pub struct Tiers {
     /// AVX-512 f32 attention.
     pub avx512: bool,
-    /// AMX int8 attention products.
+    /// int8 attention products (AMX tiles, or AVX-512 VNNI without them).
     pub amx: bool,
     /// AMX bf16 attention products (`ATTNC_TIERS` switches both AMX kinds as `amx`).
     pub amx_bf16: bool,

@@ -1,8 +1,9 @@
-//! The AMX products against the f64 reference (`problem::reference`): measured error under
-//! named bounds on odd shapes, every mask kind, score options and storage types; NaN
-//! propagation; bit-identical results under any split of rows.
+//! The reduced-precision products (AMX tiles, and int8 on AVX-512 VNNI) against the f64
+//! reference (`problem::reference`): measured error under named bounds on odd shapes, every
+//! mask kind, score options and storage types; NaN propagation; bit-identical results under
+//! any split of rows and on either unit. Every test runs each (products, unit) this CPU has.
 
-use attnc_wide::amx::{self, Products, KEY_TILE, QUERY_TILE};
+use attnc_wide::amx::{self, Products, Unit, KEY_TILE, QUERY_TILE};
 use attnc_wide::problem::{
     reference, Bias, Call, CallError, Elements, KeyMask, Operand, Output, Score, TileTable,
 };
@@ -20,14 +21,27 @@ fn bound(p: Products) -> f64 {
     }
 }
 
-const BOTH: [Products; 2] = [Products::Bf16, Products::Int8];
+/// A kernel: its products on one unit.
+type Kernel = (Products, Unit);
+
+/// Every kernel this CPU runs.
+fn kernels() -> Vec<Kernel> {
+    let all = [
+        (Products::Bf16, Unit::Tiles),
+        (Products::Int8, Unit::Tiles),
+        (Products::Int8, Unit::Vectors),
+    ];
+    all.into_iter()
+        .filter(|&(p, u)| amx::runs_on(p, u))
+        .collect()
+}
 
 fn skip() -> bool {
-    let missing = BOTH.iter().any(|&p| !amx::available(p));
-    if missing {
-        eprintln!("skipped: no AMX bf16/int8 on this machine");
+    let none = kernels().is_empty();
+    if none {
+        eprintln!("skipped: neither AMX nor AVX-512 VNNI on this machine");
     }
-    missing
+    none
 }
 
 /// xorshift64* with Box–Muller normals.
@@ -184,7 +198,7 @@ impl Inputs {
 
 /// Rows `rows` of `call`, run in pieces of `step` rows: (O, lse) of those rows.
 fn run_rows(
-    p: Products,
+    (p, unit): Kernel,
     call: &Call<'_>,
     packed: &amx::Packed,
     rows: std::ops::Range<usize>,
@@ -204,16 +218,16 @@ fn run_rows(
             lse: Some(&mut lse[a..b]),
             lse_from_origin: false,
         };
-        amx::run(p, call, packed, start..end, &mut out).expect("run");
+        amx::run_on(p, unit, call, packed, start..end, &mut out).expect("run");
         start = end;
     }
     (o, lse)
 }
 
 /// All rows of `call` in one run: (O, lse).
-fn run_all(p: Products, call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
-    let packed = amx::pack(p, call).expect("pack");
-    run_rows(p, call, &packed, 0..call.m(), usize::MAX)
+fn run_all(kernel: Kernel, call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
+    let packed = amx::pack(kernel.0, call).expect("pack");
+    run_rows(kernel, call, &packed, 0..call.m(), usize::MAX)
 }
 
 /// Relative L2 error of O (absolute when the reference is 0), and the largest lse difference
@@ -287,29 +301,38 @@ fn bounds(p: Products, case: &Case, inputs: &Inputs, want: &(Vec<f32>, Vec<f32>)
     (bound(p).max(2.0 * o), (5.0 * bound(p)).max(2.0 * lse))
 }
 
-/// Runs `case` on both products against the reference; returns the errors (O, lse).
-fn check_case(case: &Case) -> [(f64, f64); 2] {
+/// Runs `case` on every kernel against the reference; prints and returns the errors (O, lse).
+fn check_case(case: &Case) -> Vec<(Kernel, (f64, f64))> {
     let inputs = Inputs::new(case);
     let call = inputs.call(case);
     let want = reference(&call);
-    BOTH.map(|p| {
-        let got = run_all(p, &call);
+    let errors = kernels().into_iter().map(|kernel| {
+        let p = kernel.0;
+        let got = run_all(kernel, &call);
         assert!(
             got.0.iter().chain(&got.1).all(|x| !x.is_nan()),
-            "{p:?} {case:?}: NaN"
+            "{kernel:?} {case:?}: NaN"
         );
         let (o, lse) = errors(&got, &want);
         let (o_bound, lse_bound) = bounds(p, case, &inputs, &want);
         assert!(
             o <= o_bound,
-            "{p:?} {case:?}: relative L2 error {o:.2e} > {o_bound:.2e}"
+            "{kernel:?} {case:?}: relative L2 error {o:.2e} > {o_bound:.2e}"
         );
         assert!(
             lse <= lse_bound,
-            "{p:?} {case:?}: lse error {lse:.2e} > {lse_bound:.2e}"
+            "{kernel:?} {case:?}: lse error {lse:.2e} > {lse_bound:.2e}"
         );
-        (o, lse)
-    })
+        (kernel, (o, lse))
+    });
+    let errors: Vec<_> = errors.collect();
+    for (kernel, (o, lse)) in &errors {
+        eprintln!(
+            "{kernel:?} m={} n={} d={} dv={}: error {o:.2e} (lse {lse:.1e})",
+            case.m, case.n, case.d, case.dv
+        );
+    }
+    errors
 }
 
 #[test]
@@ -322,16 +345,19 @@ fn error_on_standard_normal_inputs_at_d64() {
     let inputs = Inputs::new(&case);
     let call = inputs.call(&case);
     let want = reference(&call);
-    let [b, i] = BOTH.map(|p| {
-        let e = errors(&run_all(p, &call), &want);
+    for kernel in kernels() {
+        let e = errors(&run_all(kernel, &call), &want);
         // The named bounds themselves, no model: this is the benchmark's distribution.
-        assert!(e.0 <= bound(p), "{p:?}: relative L2 error {:.2e}", e.0);
-        e
-    });
-    eprintln!(
-        "m=96 n=4096 d=64: bf16 error {:.2e} (lse {:.1e}), int8 {:.2e} (lse {:.1e})",
-        b.0, b.1, i.0, i.1
-    );
+        assert!(
+            e.0 <= bound(kernel.0),
+            "{kernel:?}: relative L2 error {:.2e}",
+            e.0
+        );
+        eprintln!(
+            "{kernel:?} m=96 n=4096 d=64: error {:.2e} (lse {:.1e})",
+            e.0, e.1
+        );
+    }
 }
 
 /// Shapes that are not multiples of the tiles (and m ≠ n), head dimensions from 1 to 256.
@@ -353,11 +379,7 @@ fn error_on_odd_shapes() {
     for (seed, &(m, n, d, dv)) in shapes.iter().enumerate() {
         let mut case = Case::new(m, n, d, dv);
         case.seed = 100 + seed as u64;
-        let [b, i] = check_case(&case);
-        eprintln!(
-            "m={m} n={n} d={d} dv={dv}: bf16 {:.2e}, int8 {:.2e}",
-            b.0, i.0
-        );
+        check_case(&case);
     }
 }
 
@@ -379,10 +401,10 @@ fn zero_sized_dimensions() {
         let inputs = Inputs::new(&case);
         let call = inputs.call(&case);
         let want = reference(&call);
-        for p in BOTH {
-            let got = run_all(p, &call);
+        for kernel in kernels() {
+            let got = run_all(kernel, &call);
             let (o, _) = errors(&got, &want);
-            assert!(o <= bound(p), "{p:?} {m}x{n}x{d}x{dv}: {o:.2e}");
+            assert!(o <= bound(kernel.0), "{kernel:?} {m}x{n}x{d}x{dv}: {o:.2e}");
             assert_eq!(got.1.len(), m);
         }
     }
@@ -423,7 +445,7 @@ fn rows_that_keep_nothing_give_zeros() {
     let case = Case::new(100, 40, 16, 8).mask(KeyMask::Causal);
     let inputs = Inputs::new(&case);
     let call = inputs.call(&case);
-    for p in BOTH {
+    for p in kernels() {
         let (o, lse) = run_all(p, &call);
         // i' = i + n − m < 0 for the first 60 rows.
         assert!(o[..60 * 8].iter().all(|&x| x == 0.0), "{p:?}");
@@ -493,8 +515,8 @@ fn splits_are_bit_identical() {
     case.bias = Some((170, 1));
     let inputs = Inputs::new(&case);
     let call = inputs.call(&case);
-    for p in BOTH {
-        let packed = amx::pack(p, &call).expect("pack");
+    for p in kernels() {
+        let packed = amx::pack(p.0, &call).expect("pack");
         let whole = run_rows(p, &call, &packed, 0..200, usize::MAX);
         for step in [QUERY_TILE, 2 * QUERY_TILE, 3 * QUERY_TILE] {
             let split = run_rows(p, &call, &packed, 0..200, step);
@@ -534,7 +556,7 @@ fn splits_are_bit_identical() {
                             lse: Some(lse),
                             lse_from_origin: false,
                         };
-                        amx::run(p, call, packed, rows, &mut out).expect("run");
+                        amx::run_on(p.0, p.1, call, packed, rows, &mut out).expect("run");
                     }
                 });
             }
@@ -577,7 +599,7 @@ fn nan_propagates_as_in_the_reference() {
     };
     let call = inputs.call(&case);
     let want = reference(&call);
-    for p in BOTH {
+    for p in kernels() {
         let got = run_all(p, &call);
         for i in 0..m {
             for c in 0..dv {
@@ -609,8 +631,7 @@ fn large_scores_and_maxima_that_move_mid_tile() {
     let mut case = Case::new(40, 130, 16, 8);
     case.scale = Some(40.0);
     case.storage = Storage::Bf16;
-    let [b, i] = check_case(&case);
-    eprintln!("scores of spread ~160: bf16 {:.2e}, int8 {:.2e}", b.0, i.0);
+    check_case(&case);
     // Scores that grow along the keys: the maximum moves in almost every block.
     let mut rising = Case::new(150, 200, 16, 8).mask(KeyMask::Causal);
     rising.alibi = Some(0.7);
@@ -627,42 +648,99 @@ fn misfit_calls_are_refused() {
     let case = Case::new(40, 50, 8, 8);
     let inputs = Inputs::new(&case);
     let call = inputs.call(&case);
-    let packed = amx::pack(Products::Bf16, &call).expect("pack");
-    let mut o = vec![0.0f32; 40 * 8];
-    let mut out = Output {
-        o: &mut o,
-        row_stride: 8,
-        lse: None,
-        lse_from_origin: false,
-    };
-    // Packed for the other products.
-    assert!(matches!(
-        amx::run(Products::Int8, &call, &packed, 0..40, &mut out),
-        Err(CallError::Shape(_))
-    ));
-    // Rows that do not start a query tile.
-    assert!(amx::run(Products::Bf16, &call, &packed, 5..40, &mut out).is_err());
-    // A table at other tile sizes.
-    let other = TileTable::dense(40, 50, 16, 16);
-    let wrong = Call {
-        tiles: &other,
-        ..call
-    };
-    assert!(amx::run(Products::Bf16, &wrong, &packed, 0..40, &mut out).is_err());
-    // Packed operands of another shape.
-    let small = Case::new(40, 20, 8, 8);
-    let small_inputs = Inputs::new(&small);
-    let small_call = small_inputs.call(&small);
-    assert!(amx::run(Products::Bf16, &small_call, &packed, 0..40, &mut out).is_err());
-    // An output too short.
-    let mut short = vec![0.0f32; 10];
-    let mut out = Output {
-        o: &mut short,
-        row_stride: 8,
-        lse: None,
-        lse_from_origin: false,
-    };
-    assert!(amx::run(Products::Bf16, &call, &packed, 0..40, &mut out).is_err());
+    for (p, unit) in kernels() {
+        let packed = amx::pack(p, &call).expect("pack");
+        let mut o = vec![0.0f32; 40 * 8];
+        let mut out = Output {
+            o: &mut o,
+            row_stride: 8,
+            lse: None,
+            lse_from_origin: false,
+        };
+        // Packed for the other products.
+        for (other, other_unit) in kernels().into_iter().filter(|k| k.0 != p) {
+            assert!(matches!(
+                amx::run_on(other, other_unit, &call, &packed, 0..40, &mut out),
+                Err(CallError::Shape(_))
+            ));
+        }
+        // Rows that do not start a query tile.
+        assert!(amx::run_on(p, unit, &call, &packed, 5..40, &mut out).is_err());
+        // A table at other tile sizes.
+        let other = TileTable::dense(40, 50, 16, 16);
+        let wrong = Call {
+            tiles: &other,
+            ..call
+        };
+        assert!(amx::run_on(p, unit, &wrong, &packed, 0..40, &mut out).is_err());
+        // Packed operands of another shape.
+        let small = Case::new(40, 20, 8, 8);
+        let small_inputs = Inputs::new(&small);
+        let small_call = small_inputs.call(&small);
+        assert!(amx::run_on(p, unit, &small_call, &packed, 0..40, &mut out).is_err());
+        // An output too short.
+        let mut short = vec![0.0f32; 10];
+        let mut out = Output {
+            o: &mut short,
+            row_stride: 8,
+            lse: None,
+            lse_from_origin: false,
+        };
+        assert!(amx::run_on(p, unit, &call, &packed, 0..40, &mut out).is_err());
+    }
+    // A unit this CPU lacks, or that has no such products, refuses too.
+    for p in [Products::Bf16, Products::Int8] {
+        for unit in [Unit::Tiles, Unit::Vectors] {
+            if !amx::runs_on(p, unit) {
+                let mut o = vec![0.0f32; 40 * 8];
+                let mut out = Output {
+                    o: &mut o,
+                    row_stride: 8,
+                    lse: None,
+                    lse_from_origin: false,
+                };
+                if let Some((q, _)) = kernels().first() {
+                    let packed = amx::pack(*q, &call).expect("pack");
+                    let got = amx::run_on(p, unit, &call, &packed, 0..40, &mut out);
+                    assert!(
+                        matches!(got, Err(CallError::Unsupported(_))),
+                        "{p:?} {unit:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// int8 on AVX-512 VNNI gives the tile unit's results bit for bit (where a CPU has both), and
+/// `run` picks the tile unit when it has one.
+#[test]
+fn units_agree_bit_for_bit() {
+    if skip() {
+        return;
+    }
+    assert_eq!(
+        amx::unit(Products::Int8),
+        kernels()
+            .into_iter()
+            .find(|k| k.0 == Products::Int8)
+            .map(|k| k.1)
+    );
+    let int8: Vec<Kernel> = kernels()
+        .into_iter()
+        .filter(|k| k.0 == Products::Int8)
+        .collect();
+    if int8.len() < 2 {
+        eprintln!("one int8 unit here: {int8:?}");
+        return;
+    }
+    let mut case = Case::new(100, 300, 130, 40).mask(KeyMask::Causal);
+    case.bias = Some((300, 1));
+    let inputs = Inputs::new(&case);
+    let call = inputs.call(&case);
+    let tiles = run_all(int8[0], &call);
+    let vectors = run_all(int8[1], &call);
+    assert!(bitwise(&tiles, &vectors));
 }
 
 /// Key tiles off the table are never read: with a table that lists only key tile 0, the
@@ -697,9 +775,9 @@ fn tiles_off_the_table_are_never_read() {
         mask: Some(&first),
         ..call
     });
-    for p in BOTH {
+    for p in kernels() {
         let got = run_all(p, &call);
         let (o, _) = errors(&got, &want);
-        assert!(o <= bound(p), "{p:?}: {o:.2e}");
+        assert!(o <= bound(p.0), "{p:?}: {o:.2e}");
     }
 }

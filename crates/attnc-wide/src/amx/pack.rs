@@ -157,6 +157,9 @@ pub(crate) struct Data {
     pub(crate) k_scale: Vec<f32>,
     /// int8: the subtracted mean key μ (`d` values).
     pub(crate) k_mean: Vec<f32>,
+    /// int8: per key (padded keys 0), the sums of its `hi` and `lo` digits over the head
+    /// dimension (the VNNI score product's offset correction).
+    pub(crate) k_digit_sums: Vec<[i32; 2]>,
     /// int8: `[key tile][dv_groups·16]` scales of V's `hi` digit.
     pub(crate) v_scale: Vec<f32>,
     pub(crate) bad_v: BadValues,
@@ -281,6 +284,7 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
         v_hi,
         v_lo,
         k_scale: Vec::new(),
+        k_digit_sums: Vec::new(),
         k_mean: Vec::new(),
         v_scale: Vec::new(),
         bad_v: BadValues::from_entries(bad, key_tiles),
@@ -391,6 +395,7 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
     zero_padding(&mut k_hi, n, key_tiles, d_chunks);
     zero_padding(&mut k_lo, n, key_tiles, d_chunks);
     let mut k_scale = vec![0.0f32; padded];
+    let mut k_digit_sums = vec![[0i32; 2]; padded];
     for j in 0..n {
         if !finite[j] {
             // The scale carries the NaN; the digits are zero.
@@ -444,6 +449,9 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
                 std::ptr::copy_nonoverlapping(hi.as_ptr(), k_hi.ptr_mut().add(at), 64);
                 std::ptr::copy_nonoverlapping(lo.as_ptr(), k_lo.ptr_mut().add(at), 64);
             }
+            let sum = |bytes: &[u8; 64]| bytes.iter().map(|&b| i32::from(b as i8)).sum::<i32>();
+            k_digit_sums[j][0] += sum(&hi);
+            k_digit_sums[j][1] += sum(&lo);
         }
     }
 
@@ -512,6 +520,7 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         v_lo: (INT8_V_DIGITS == 2).then_some(v_lo),
         k_scale,
         k_mean,
+        k_digit_sums,
         v_scale,
         bad_v: BadValues::from_entries(bad, key_tiles),
     })

@@ -17,12 +17,16 @@
 //!
 //! The tile work of step 1 (next key tile) and step 3 (previous key tile) is issued in small
 //! steps between the vectors of step 2; the combination of step 3 runs after its products.
+//!
+//! On a CPU without AMX, steps 1 and 3 run on AVX-512 VNNI instead ([`vectors`]): the same
+//! operands and layouts, the same i32 sums, so results are bit-identical to the tile unit's.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 mod softmax;
 mod tiles;
+mod vectors;
 
 use softmax::{scores, weights, SUB};
 use tiles::Work;
@@ -60,12 +64,15 @@ struct Scratch {
     alpha: [[f32; 32]; 2],
     beta: [[f32; 32]; 2],
     dv_pad: usize,
+    /// The products run on AVX-512 VNNI ([`vectors`]), not on the tile unit.
+    on_vectors: bool,
 }
 
 /// Rows `rows` of `call` on packed K/V.
 ///
 /// # Safety
-/// AMX-INT8 and AVX-512 F/BW/DQ/VL are usable; `problem::check(call, rows, out)` passed;
+/// AVX-512 F/BW/DQ/VL and AMX-INT8 (`on_vectors`: AVX-512 VNNI) are usable;
+/// `problem::check(call, rows, out)` passed;
 /// `data` was packed by [`super::pack::pack`] for int8 from a call with the same K and V shape;
 /// the tile table uses [`QUERY_TILE`] × [`KEY_TILE`].
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
@@ -74,6 +81,7 @@ pub(crate) unsafe fn run(
     data: &Data,
     rows: Range<usize>,
     out: &mut Output<'_>,
+    on_vectors: bool,
 ) -> Result<(), CallError> {
     let form = Form::new(call)?;
     let dv_pad = data.dv_groups * 16;
@@ -97,10 +105,14 @@ pub(crate) unsafe fn run(
         alpha: [[1.0; 32]; 2],
         beta: [[0.0; 32]; 2],
         dv_pad,
+        on_vectors,
     };
     let exp2 = Weights::weights(255.0);
-    // SAFETY: AMX is usable by the caller's contract.
-    let _tiles = unsafe { Session::start() };
+    // SAFETY: AMX is usable by the caller's contract when the products run on tiles.
+    let _tiles = (!on_vectors).then(|| {
+        // SAFETY: as above.
+        unsafe { Session::start() }
+    });
     for qt in rows.start / QUERY_TILE..rows.end.div_ceil(QUERY_TILE) {
         // SAFETY: the caller's contract; qt is a query tile of rows.
         unsafe { query_tile(call, data, &form, &exp2, qt, &mut sc, &rows, out) };

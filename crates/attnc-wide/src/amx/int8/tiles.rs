@@ -1,6 +1,8 @@
-//! The tile-unit programs of the int8 kernel: `Sᵀ = K·Qᵀ` (two planes) and `Vᵀ·Pᵀ` in steps.
+//! The tile-unit programs of the int8 kernel: `Sᵀ = K·Qᵀ` (two planes) and `Vᵀ·Pᵀ` in steps
+//! (on CPUs without AMX each product step runs [`super::vectors`] instead, and each store step
+//! nothing).
 
-use super::{Scratch, P_SLOT, S_PART, S_SLOT};
+use super::{vectors, Scratch, P_SLOT, S_PART, S_SLOT};
 use crate::amx::pack::Data;
 use crate::amx::tile::{self, TILE_BYTES};
 use crate::amx::KEY_TILE;
@@ -46,7 +48,8 @@ impl Work {
     /// Runs steps `done..want`; returns how many are done.
     ///
     /// # Safety
-    /// A tile session is live; the key tiles lie below `data.key_tiles`; `sc` was sized for
+    /// A tile session is live (AVX-512 VNNI is usable instead when `sc.on_vectors`); the key
+    /// tiles lie below `data.key_tiles`; `sc` was sized for
     /// `data`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
@@ -90,6 +93,17 @@ impl Work {
     unsafe fn pv_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
         let Some((kt, slot)) = self.prev else { return };
         let (g, half, store) = (k / 4, k / 2 % 2, k % 2 == 1);
+        if sc.on_vectors {
+            let plane = match half {
+                0 => Some(data.v_hi.ptr()),
+                _ => data.v_lo.as_ref().map(|v| v.ptr()),
+            };
+            if let (Some(v), false) = (plane, store) {
+                // SAFETY: the caller's bounds; VNNI is usable when the kernel runs on vectors.
+                unsafe { vectors::values(data, v, sc, (kt, slot, g, half)) };
+            }
+            return;
+        }
         let rg_stride = sc.dv_pad * 64;
         // SAFETY: Pᵀ tiles of the slot, Vᵀ tiles (kt, g) and PV tiles (part, rg, g) lie
         // inside their buffers.
@@ -143,6 +157,13 @@ impl Work {
         let ch = data.d_chunks;
         let (k, rg, store) = (k / 4, k / 2 % 2, k % 2 == 1);
         let (c, g) = (k / 4, k % 4);
+        if sc.on_vectors {
+            if !store {
+                // SAFETY: the caller's bounds; VNNI is usable when the kernel runs on vectors.
+                unsafe { vectors::scores(data, k_lo.ptr(), sc, (kt, slot, c, g, rg)) };
+            }
+            return;
+        }
         // SAFETY: Qᵀ tiles (c, rg), K tiles (4kt + g, c) and the slot's S tiles (part, rg, g)
         // lie inside their buffers.
         unsafe {
