@@ -34,7 +34,7 @@ use crate::wide::WideScore;
 /// runs at full vector width, not an element-wise early exit): every output is scanned on the
 /// calling thread after its step, where a scalar scan cost a multi-threaded step a few per
 /// cent of its time.
-fn any_non_finite(x: &[f32]) -> bool {
+pub(crate) fn any_non_finite(x: &[f32]) -> bool {
     const EXPONENT: u32 = 0x7f80_0000;
     x.chunks(1024).any(|block| {
         block
@@ -106,16 +106,16 @@ pub(crate) fn keep_finite(
 
 /// A full-width step's output after its finite values are kept ([`keep_finite`], with `rows`
 /// the step's own kernel): the batch entries its base-2 scores leave non-finite
-/// ([`beyond_base_two`]), for the caller to compute again on another kernel. One scan of
-/// `out` when every value is finite.
+/// ([`beyond_base_two`]), for the caller to compute again on another kernel. `non_finite`:
+/// whether the step saw a non-finite value as it wrote `out`; `None` scans `out` for one.
 pub(crate) fn rescue_wide(
     spec: &AttentionSpec,
     score: WideScore,
     views: &[BufferView<'_>],
-    out: &mut [f32],
+    (out, non_finite): (&mut [f32], Option<bool>),
     rows: &impl Fn(&[BufferView<'_>], &mut [f32], usize) -> Result<()>,
 ) -> Result<Vec<usize>> {
-    if !any_non_finite(out) {
+    if !non_finite.unwrap_or_else(|| any_non_finite(out)) {
         return Ok(Vec::new());
     }
     keep_finite(spec, views, out, rows)?;

@@ -84,7 +84,8 @@ impl TileKernel for crate::wide::WideAttention {
         keep: &(dyn Fn(usize, Range<usize>) -> bool + Sync),
         threads: usize,
     ) -> Result<()> {
-        self.run_tiles(inputs, (out, None), keep, threads)
+        self.run_tiles(inputs, (out, None), keep, threads)?;
+        Ok(())
     }
 }
 

@@ -677,16 +677,18 @@ impl CompiledKernel {
                 let mut out = zeroed(len);
                 let mut lse = vec![0.0f32; spec.batch_count() * spec.m];
                 let (o, stats) = out.split_at_mut(rows);
-                w.run_with_lse(views, o, Some(&mut lse), threads)?;
+                let non_finite = w.run_with_lse(views, o, Some(&mut lse), threads)?;
                 // The statistics the log-sum-exp step reads, as (m, l) pairs: (lse, 1).
                 for (pair, &l) in stats.chunks_exact_mut(2).zip(&lse) {
                     pair[0] = l;
                     pair[1] = 1.0;
                 }
                 // Rescaling V changes O, never the log-sum-exp of the scores.
-                let entries = crate::finite::rescue_wide(spec, w.score(), views, o, &|v, o, e| {
-                    w.run_rows(v, o, e, 0..spec.m)
-                })?;
+                let io = (o, Some(non_finite));
+                let entries =
+                    crate::finite::rescue_wide(spec, w.score(), views, io, &|v, o, e| {
+                        w.run_rows(v, o, e, 0..spec.m)
+                    })?;
                 if !entries.is_empty() && spec.segments.is_empty() {
                     // Those entries' rows and statistics from the portable kernel instead.
                     let h = self.portable_attention(step, spec, portable)?;
@@ -719,24 +721,28 @@ impl CompiledKernel {
             }
             (StepKind::Attention(spec), _) if wide.is_some() => {
                 let w = wide.expect("invariant: checked by the guard");
-                let mut out = match needed {
-                    Needed::FirstEntryRows(rows) => {
-                        run_sampled_rows(w, views, (len, spec.dv), rows, threads)?
-                    }
+                // Whether the kernel saw a non-finite value as it wrote (None: scan for one).
+                let (mut out, non_finite) = match needed {
+                    Needed::FirstEntryRows(rows) => (
+                        run_sampled_rows(w, views, (len, spec.dv), rows, threads)?,
+                        None,
+                    ),
                     _ => {
                         let mut out = zeroed(len);
-                        match &step.gate {
+                        let non_finite = match &step.gate {
                             Some(g) => {
                                 let io = (views, &mut out[..]);
-                                crate::gate::run(g, spec, w, io, threads, &self.skipped)?
+                                crate::gate::run(g, spec, w, io, threads, &self.skipped)?;
+                                None
                             }
-                            None => w.run(views, &mut out, threads)?,
-                        }
-                        out
+                            None => Some(w.run(views, &mut out, threads)?),
+                        };
+                        (out, non_finite)
                     }
                 };
+                let io = (&mut out[..], non_finite);
                 let entries =
-                    crate::finite::rescue_wide(spec, w.score(), views, &mut out, &|v, o, e| {
+                    crate::finite::rescue_wide(spec, w.score(), views, io, &|v, o, e| {
                         w.run_rows(v, o, e, 0..spec.m)
                     })?;
                 if !entries.is_empty() {

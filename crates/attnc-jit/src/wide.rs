@@ -32,6 +32,7 @@ use attnc_wide::problem::{
     Bias, Call, CallError, Elements, KeyMask, Operand, Output, Score, TileRun, TileTable,
 };
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 /// Which kernels compute a fused attention step.
@@ -368,8 +369,9 @@ impl WideAttention {
     }
 
     /// Every row of every batch entry into `out` (`[batch.., m, dv]`), on up to `threads`
-    /// threads.
-    pub fn run(&self, inputs: &[BufferView<'_>], out: &mut [f32], threads: usize) -> Result<()> {
+    /// threads. Returns whether some value written is not finite (each query tile's rows are
+    /// checked as they are written, while they are in cache).
+    pub fn run(&self, inputs: &[BufferView<'_>], out: &mut [f32], threads: usize) -> Result<bool> {
         self.run_with_lse(inputs, out, None, threads)
     }
 
@@ -381,19 +383,20 @@ impl WideAttention {
         out: &mut [f32],
         lse: Option<&mut [f32]>,
         threads: usize,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.run_tiles(inputs, (out, lse), &|_, _| true, threads)
     }
 
     /// The query tiles `(batch entry, rows)` that `keep` accepts into `out` (and their
     /// log-sum-exps into `lse`), on up to `threads` threads; other rows are left as they are.
+    /// Returns whether some value written to `out` is not finite.
     pub fn run_tiles(
         &self,
         inputs: &[BufferView<'_>],
         (out, lse): (&mut [f32], Option<&mut [f32]>),
         keep: &(dyn Fn(usize, Range<usize>) -> bool + Sync),
         threads: usize,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (m, dv) = (self.spec.m, self.spec.dv);
         let entries = self.spec.batch_count();
         self.check_output(out.len())?;
@@ -404,9 +407,12 @@ impl WideAttention {
             });
         }
         if m == 0 || dv == 0 || entries == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let qt = self.query_tile();
+        let bounds: Vec<OnceLock<Option<attention::ValueBound>>> =
+            (0..entries).map(|_| OnceLock::new()).collect();
+        self.prepare(inputs, out, &bounds, threads)?;
         // Work items: (batch entry, query tile, its output rows, their log-sum-exps), taken in
         // order by whichever thread is free.
         let mut lse_tiles: Vec<Option<&mut [f32]>> = match lse {
@@ -429,9 +435,51 @@ impl WideAttention {
         }
         let threads = threads.clamp(1, items.len().max(1));
         let queue = Queue::new(items);
-        let bounds: Vec<OnceLock<Option<attention::ValueBound>>> =
-            (0..entries).map(|_| OnceLock::new()).collect();
-        on_threads(threads, || self.run_items(inputs, &bounds, || queue.next()))
+        let non_finite = AtomicBool::new(false);
+        on_threads(threads, || {
+            self.run_items(inputs, &bounds, || queue.next(), &non_finite)
+        })?;
+        Ok(non_finite.into_inner())
+    }
+
+    /// The work before the query tiles, on `threads` threads: `out`'s pages faulted in, each
+    /// thread its own contiguous part (a fresh output's pages are then cleared in parallel,
+    /// not by whichever thread first writes into each while the others wait: see
+    /// [`attnc_wide::pages::fault_in`]), then every batch entry's value bound where the
+    /// kernel reads one (computed on first need instead, an entry's bound would keep the
+    /// other threads waiting at its first query tiles).
+    fn prepare(
+        &self,
+        inputs: &[BufferView<'_>],
+        out: &mut [f32],
+        bounds: &[OnceLock<Option<attention::ValueBound>>],
+        threads: usize,
+    ) -> Result<()> {
+        /// Below this many output values a second thread costs more than it shares.
+        const PARALLEL_FROM: usize = 1 << 20;
+        let with_bounds = self.reads_value_bound();
+        if threads <= 1 || out.len() < PARALLEL_FROM {
+            attnc_wide::pages::fault_in(out);
+            return Ok(());
+        }
+        let parts = Queue::new(out.chunks_mut(out.len().div_ceil(threads)).collect());
+        let entries = Queue::new((0..bounds.len()).filter(|_| with_bounds).collect());
+        on_threads(threads, || {
+            while let Some(part) = parts.next() {
+                attnc_wide::pages::fault_in(part);
+            }
+            while let Some(b) = entries.next() {
+                let call = self.call(inputs, b)?;
+                bounds[b].get_or_init(|| attention::ValueBound::of(&call));
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether [`WideAttention::run_items`] reads each entry's value bound.
+    fn reads_value_bound(&self) -> bool {
+        !matches!(self.tier, Tier::Amx(_) | Tier::Portable)
+            && self.spec.m > attention::ROW_KERNEL_MAX_M
     }
 
     /// Rows `rows` of batch entry `batch` into `out` (the whole output's layout; nothing else
@@ -455,7 +503,7 @@ impl WideAttention {
             let mut scratch = vec![0.0f32; tile.len() * dv];
             let mut item = Some((batch, t, &mut scratch[..], None));
             let bounds: Vec<_> = (0..=batch).map(|_| OnceLock::new()).collect();
-            self.run_items(inputs, &bounds, || item.take())?;
+            self.run_items(inputs, &bounds, || item.take(), &AtomicBool::new(false))?;
             let keep = tile.start.max(rows.start)..tile.end.min(rows.end);
             let from = (keep.start - tile.start) * dv..(keep.end - tile.start) * dv;
             let to = (batch * m + keep.start) * dv..(batch * m + keep.end) * dv;
@@ -479,12 +527,14 @@ impl WideAttention {
     /// tiers pack an entry's keys and values once per run of items of that entry.
     ///
     /// `bounds[b]` holds batch entry `b`'s values magnitude, computed by the first thread that
-    /// needs it: V is read once per call, not once per thread.
+    /// needs it: V is read once per call, not once per thread. `non_finite` is set when an
+    /// item's output holds a value that is not finite.
     fn run_items<'o>(
         &self,
         inputs: &[BufferView<'_>],
         bounds: &[OnceLock<Option<attention::ValueBound>>],
         mut items: impl FnMut() -> Option<Item<'o>>,
+        non_finite: &AtomicBool,
     ) -> Result<()> {
         let qt = self.query_tile();
         let mut packed: Option<(usize, amx::Packed)> = None;
@@ -523,8 +573,8 @@ impl WideAttention {
                     attention::run(&call, range, &mut output)
                 }
                 _ => {
-                    // The values' magnitude, read once per entry (by whichever thread needs
-                    // it first) rather than by every query tile.
+                    // The values' magnitude, read once per entry (by `prepare`, or by whichever
+                    // thread needs it first) rather than by every query tile.
                     let value_bound = bounds
                         .get(b)
                         .and_then(|slot| *slot.get_or_init(|| attention::ValueBound::of(&call)));
@@ -532,6 +582,9 @@ impl WideAttention {
                 }
             };
             result.map_err(wide_err)?;
+            if crate::finite::any_non_finite(output.o) {
+                non_finite.store(true, Ordering::Relaxed);
+            }
         }
         Ok(())
     }
