@@ -23,6 +23,7 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+mod pool;
 mod saved;
 
 /// Options of [`CompiledKernel::compile`].
@@ -139,6 +140,8 @@ pub struct CompiledKernel {
     compile_time: Duration,
     /// The query-key pairs gates skipped in the last run.
     skipped: crate::gate::Skipped,
+    /// Large temporaries kept for later steps and runs.
+    pool: pool::Pool,
 }
 
 impl std::fmt::Debug for CompiledKernel {
@@ -151,6 +154,18 @@ impl std::fmt::Debug for CompiledKernel {
 }
 
 impl CompiledKernel {
+    /// Frees the large temporaries this kernel keeps between runs (see `runtime/pool.rs`:
+    /// each run reuses the last run's instead of faulting fresh memory in); the next run
+    /// allocates them again.
+    pub fn release_buffers(&self) {
+        self.pool.release();
+    }
+
+    /// Bytes of temporaries this kernel keeps between runs.
+    pub fn kept_buffer_bytes(&self) -> usize {
+        self.pool.bytes()
+    }
+
     /// Plans `kernel` at `bindings` and compiles every step.
     pub fn compile(
         kernel: &Kernel,
@@ -317,6 +332,7 @@ impl CompiledKernel {
             options: options.clone(),
             compile_time: start.elapsed(),
             skipped: Default::default(),
+            pool: Default::default(),
         })
     }
 
@@ -517,7 +533,9 @@ impl CompiledKernel {
             }
             for &b in &step.inputs {
                 if last_use[b] == index && !self.plan.is_output(b) {
-                    temps[b] = Storage::default();
+                    if let Storage::F32(dead) = std::mem::take(&mut temps[b]) {
+                        self.pool.give(dead);
+                    }
                 }
             }
         }
@@ -593,7 +611,7 @@ impl CompiledKernel {
         };
         Ok(match (&step.kind, handle) {
             (StepKind::Cast(to), _) => {
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 // Plans cast f32 buffers; anything else is widened first.
                 match host_input(0)? {
                     BufferView::F32(src) => cast(src, &mut out, *to),
@@ -607,7 +625,7 @@ impl CompiledKernel {
             }
             (StepKind::Constant(data), _) => Storage::F32(data.to_vec()),
             (StepKind::Unpool(spec), _) => {
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 crate::host::unpool(spec, views, &mut out)?;
                 Storage::F32(out)
             }
@@ -622,7 +640,7 @@ impl CompiledKernel {
                 })?)
             }
             (StepKind::Pool(spec), _) => {
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 crate::host::pool(spec, views, &mut out)?;
                 Storage::F32(out)
             }
@@ -633,12 +651,12 @@ impl CompiledKernel {
                         detail: "a row reduction reads f32 rows".to_string(),
                     });
                 };
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 row_reduce(*op, spec, src, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::Cumsum(spec), _) => {
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 crate::host::cumsum(spec, views, &mut out)?;
                 Storage::F32(out)
             }
@@ -657,24 +675,24 @@ impl CompiledKernel {
                     op: step.name.clone(),
                     detail: "linear attention step has no kernel".to_string(),
                 })?;
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 kernel.run(views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::Chunked(spec), _) => {
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 crate::chunkwise::run(spec, views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::MatMul(spec), None) if spec.wide => {
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 crate::wide::run_matmul(spec, views, &mut out, threads)?;
                 Storage::F32(out)
             }
             (StepKind::Attention(spec), _) if wide.is_some() && spec.lse => {
                 let w = wide.expect("invariant: checked by the guard");
                 let rows = spec.stats_offset();
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 let mut lse = vec![0.0f32; spec.batch_count() * spec.m];
                 let (o, stats) = out.split_at_mut(rows);
                 let non_finite = w.run_with_lse(views, o, Some(&mut lse), threads)?;
@@ -692,7 +710,7 @@ impl CompiledKernel {
                 if !entries.is_empty() && spec.segments.is_empty() {
                     // Those entries' rows and statistics from the portable kernel instead.
                     let h = self.portable_attention(step, spec, portable)?;
-                    let mut again = zeroed(len);
+                    let mut again = self.pool.zeroed(len, threads);
                     let (per, m) = (spec.m * spec.dv, spec.m);
                     for &e in &entries {
                         h.run_rows(views, &mut again, e, 0..m)?;
@@ -728,7 +746,7 @@ impl CompiledKernel {
                         None,
                     ),
                     _ => {
-                        let mut out = zeroed(len);
+                        let mut out = self.pool.zeroed(len, threads);
                         let non_finite = match &step.gate {
                             Some(g) => {
                                 let io = (views, &mut out[..]);
@@ -767,7 +785,7 @@ impl CompiledKernel {
                         run_sampled_rows(h, views, (len, spec.dv), rows, threads)?
                     }
                     _ => {
-                        let mut out = zeroed(len);
+                        let mut out = self.pool.zeroed(len, threads);
                         match &step.gate {
                             Some(g) => {
                                 let io = (views, &mut out[..]);
@@ -784,7 +802,7 @@ impl CompiledKernel {
                 Storage::F32(out)
             }
             (_, Some(h)) => {
-                let mut out = zeroed(len);
+                let mut out = self.pool.zeroed(len, threads);
                 h.run(views, &mut out, threads)?;
                 Storage::F32(out)
             }

@@ -49,6 +49,38 @@ fn advise_huge(buffer: &[f32]) {
 #[cfg(not(target_os = "linux"))]
 fn advise_huge(_buffer: &[f32]) {}
 
+/// Below this many values a second thread costs more than the clearing it would share.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// [`zeroed`], its pages faulted in on up to `threads` threads, each its own contiguous part:
+/// the kernel's clearing of a fresh buffer runs in parallel, before the step that writes it
+/// ([`fault_in`] says why that matters).
+pub fn zeroed_in_parallel(len: usize, threads: usize) -> Vec<f32> {
+    let mut buffer = zeroed(len);
+    fault_in_parallel(&mut buffer, threads);
+    buffer
+}
+
+/// [`fault_in`] over `buffer` on up to `threads` threads, each its own contiguous part
+/// (one thread below a few megabytes).
+pub fn fault_in_parallel(buffer: &mut [f32], threads: usize) {
+    if threads <= 1 || buffer.len() < PARALLEL_FROM {
+        fault_in(buffer);
+        return;
+    }
+    let part = buffer.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut parts = buffer.chunks_mut(part);
+        let own = parts.next();
+        for p in parts {
+            scope.spawn(move || fault_in(p));
+        }
+        if let Some(p) = own {
+            fault_in(p);
+        }
+    });
+}
+
 /// Faults in every page of `part` for writing, its contents unchanged.
 ///
 /// The kernel clears a page at its first write fault, and a thread that writes into a page
@@ -90,6 +122,20 @@ mod tests {
                 .enumerate()
                 .step_by(4096)
                 .all(|(i, &x)| x == i as f32));
+        }
+    }
+
+    #[test]
+    fn buffers_faulted_in_on_threads_are_zeroed() {
+        for (len, threads) in [
+            (0, 3),
+            (5, 2),
+            (PARALLEL_FROM + 3, 2),
+            (PARALLEL_FROM * 2, 3),
+        ] {
+            let buffer = zeroed_in_parallel(len, threads);
+            assert_eq!(buffer.len(), len);
+            assert!(buffer.iter().all(|&x| x == 0.0));
         }
     }
 
