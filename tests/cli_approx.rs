@@ -140,7 +140,7 @@ fn explain_emits_the_code_of_the_validated_approximate_plan() {
     assert!(int8.contains("load.i8x16"), "{int8}");
     assert!(!exact.contains("load.i8x16"), "{exact}");
     // With AMX, the validated int8 plan is the AMX kernel (packing its own operands); with its
-    // products on AVX-512 VNNI (1.2× the f32 kernel, not 3×) only at a longer sequence.
+    // products on AVX-512 VNNI (1.45× the f32 kernel, not 3×) only at a longer sequence.
     if let Some(unit) = attnc_wide::amx::unit(attnc_wide::amx::Products::Int8) {
         let shape = match unit {
             attnc_wide::amx::Unit::Tiles => "h=1,n=256,d=64",

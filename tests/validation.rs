@@ -17,7 +17,7 @@ const DENSE: &str =
 
 /// The compile options of every test here: int8 must be the cheaper plan for these tests to
 /// validate it. On an AVX-512 CPU without AMX int8 beats the exact AVX-512 kernel only on long
-/// sequences (its products on VNNI vectors, 1.2×; the optimizer leaves it out at these
+/// sequences (its products on VNNI vectors, 1.45×; the optimizer leaves it out at these
 /// shapes), so there the full-width tiers are off and the exact plan is the 128-bit one, which
 /// int8's `vpdpbusd` kernel beats.
 fn options() -> CompileOptions {

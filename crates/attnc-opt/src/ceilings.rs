@@ -48,11 +48,11 @@ impl TierSpeeds {
     }
 
     /// These speeds with the int8 products on AVX-512 VNNI instead of AMX tiles (where int8 is
-    /// present): 1.22× the f32 attention, as measured on an AVX-512 VNNI machine without AMX
-    /// (h = 8, n = 4096, d = 64: 133.6 ms against 162.7 ms, `attnc bench … --approx int8`).
+    /// present): 1.45× the f32 attention, as measured on an AVX-512 VNNI machine without AMX
+    /// (h = 8, n = 4096, d = 64: 111.4 ms against 161.9 ms, `attnc bench … --approx int8`).
     pub fn int8_on_vectors(mut self) -> TierSpeeds {
         if self.amx_int8 > 0.0 {
-            self.amx_int8 = 1.22 * self.wide.max(1.0);
+            self.amx_int8 = 1.45 * self.wide.max(1.0);
         }
         self
     }

@@ -1,7 +1,7 @@
 //! The reduced-precision products (AMX tiles, and int8 on AVX-512 VNNI) against the f64
 //! reference (`problem::reference`): measured error under named bounds on odd shapes, every
 //! mask kind, score options and storage types; NaN propagation; bit-identical results under
-//! any split of rows and on either unit. Every test runs each (products, unit) this CPU has.
+//! any split of rows; the two int8 units within the bound of each other. Every test runs each (products, unit) this CPU has.
 
 use attnc_wide::amx::{self, Products, Unit, KEY_TILE, QUERY_TILE};
 use attnc_wide::problem::{
@@ -712,10 +712,10 @@ fn misfit_calls_are_refused() {
     }
 }
 
-/// int8 on AVX-512 VNNI gives the tile unit's results bit for bit (where a CPU has both), and
-/// `run` picks the tile unit when it has one.
+/// int8 on AVX-512 VNNI (16-bit score products) and on the tile unit (two 8-bit digits) agree
+/// within the int8 bound (where a CPU has both), and `run` picks the tile unit when it has one.
 #[test]
-fn units_agree_bit_for_bit() {
+fn units_agree_within_the_bound() {
     if skip() {
         return;
     }
@@ -740,7 +740,8 @@ fn units_agree_bit_for_bit() {
     let call = inputs.call(&case);
     let tiles = run_all(int8[0], &call);
     let vectors = run_all(int8[1], &call);
-    assert!(bitwise(&tiles, &vectors));
+    let (o, _) = errors(&vectors, &tiles);
+    assert!(o <= INT8_BOUND, "{o:.2e}");
 }
 
 /// Key tiles off the table are never read: with a table that lists only key tile 0, the

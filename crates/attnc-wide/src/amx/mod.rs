@@ -19,9 +19,9 @@
 //!   per (row, key tile) against its tile maximum (which maps to 255); V in two signed digits
 //!   per (key tile, column); `Oᵀ` on `tdpbsud` (signed V, unsigned P). Error 0.57 % (bound
 //!   1 %); with one V digit it would be 0.82 % for about 30 % less time. On a CPU without
-//!   AMX but with AVX-512 VNNI the same kernel runs both products on `vpdpbusd` over the same
-//!   layouts ([`Unit::Vectors`]), bit-identical to the tile unit: 1.22× the f32 AVX-512
-//!   kernel on an AMD EPYC (Zen 4), whose `vpdpbusd` issues at its FMA's rate.
+//!   AMX but with AVX-512 VNNI the same kernel runs its products on vectors
+//!   ([`Unit::Vectors`]): `Sᵀ` on `vpdpwssd` over 16-bit words of Q and K (two depths per
+//!   instruction), `Oᵀ` on `vpdpbusd` over the same P and V as the tile unit.
 //!
 //! Usage: [`pack`] K and V once per batch entry, then [`run`] any rows (split at query-tile
 //! boundaries, on any threads: results are bit-identical whatever the split). The caller builds
@@ -85,7 +85,7 @@ pub const KEY_TILE: usize = 64;
 pub enum Unit {
     /// The AMX tile unit.
     Tiles,
-    /// AVX-512 VNNI `vpdpbusd` on the same layouts (int8 only), with bit-identical results.
+    /// AVX-512 VNNI on vectors (int8 only): 16-bit score products, the tile unit's P·V.
     Vectors,
 }
 

@@ -157,9 +157,16 @@ pub(crate) struct Data {
     pub(crate) k_scale: Vec<f32>,
     /// int8: the subtracted mean key μ (`d` values).
     pub(crate) k_mean: Vec<f32>,
-    /// int8: per key (padded keys 0), the sums of its `hi` and `lo` digits over the head
-    /// dimension (the VNNI score product's offset correction).
-    pub(crate) k_digit_sums: Vec<[i32; 2]>,
+    /// int8 on AVX-512 VNNI: K smoothed in 16-bit words for `vpdpwssd`, in blocks of 16 keys
+    /// by 64 dimensions, `[key / 16][chunk][key % 16][64]` (128 bytes per key and chunk; zeros
+    /// past d and past n); `None` where the CPU has no VNNI.
+    pub(crate) k_words: Option<Lines>,
+    /// Words per key (`64·d_chunks`).
+    pub(crate) d_words: usize,
+    /// The largest word magnitude: `d·level²` fits an i32, so no sum of products overflows.
+    pub(crate) word_level: f32,
+    /// The scale of each key's words (padded keys 0, NaN for a key with a NaN or ∞).
+    pub(crate) k_word_scale: Vec<f32>,
     /// int8: `[key tile][dv_groups·16]` scales of V's `hi` digit.
     pub(crate) v_scale: Vec<f32>,
     pub(crate) bad_v: BadValues,
@@ -284,7 +291,10 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
         v_hi,
         v_lo,
         k_scale: Vec::new(),
-        k_digit_sums: Vec::new(),
+        k_words: None,
+        d_words: 0,
+        word_level: 0.0,
+        k_word_scale: Vec::new(),
         k_mean: Vec::new(),
         v_scale: Vec::new(),
         bad_v: BadValues::from_entries(bad, key_tiles),
@@ -319,6 +329,16 @@ fn sanitize(x: __m512, key: usize, c0: usize, bad: &mut Vec<(usize, usize, f32)>
         }
     }
     _mm512_mask_mov_ps(x, k, _mm512_setzero_ps())
+}
+
+/// The largest magnitude of a 16-bit word for a head dimension of `d`: `d·level² < 2³¹`, so
+/// a `vpdpwssd` sum over the whole dimension cannot overflow its i32 (32767 for d ≤ 2;
+/// 5792 at d = 64, 4096 at 128).
+pub(crate) fn word_level(d: usize) -> f32 {
+    ((i32::MAX as f64) / d.max(1) as f64)
+        .sqrt()
+        .floor()
+        .min(32767.0) as f32
 }
 
 /// Signed digits of `x·inv`: `hi = round(x·inv)`, `lo = round((x·inv − hi)·254)`, both in
@@ -395,11 +415,18 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
     zero_padding(&mut k_hi, n, key_tiles, d_chunks);
     zero_padding(&mut k_lo, n, key_tiles, d_chunks);
     let mut k_scale = vec![0.0f32; padded];
-    let mut k_digit_sums = vec![[0i32; 2]; padded];
+    let d_words = 64 * d_chunks;
+    let word_level = word_level(d);
+    let mut k_words = match crate::cpu::Features::detect().avx512_vnni {
+        true => Some(Lines::zeroed(bytes(&[padded, d_words, 2])?)?),
+        false => None,
+    };
+    let mut k_word_scale = vec![0.0f32; padded];
     for j in 0..n {
         if !finite[j] {
             // The scale carries the NaN; the digits are zero.
             k_scale[j] = f32::NAN;
+            k_word_scale[j] = f32::NAN;
             for c in 0..d_chunks {
                 let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
                 // SAFETY: row j % 16 of tile (j / 16, c), which exists for j < n.
@@ -422,6 +449,21 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         }
         let amax = _mm512_reduce_max_ps(amax);
         k_scale[j] = amax / 127.0;
+        if let Some(words) = k_words.as_mut() {
+            k_word_scale[j] = amax / word_level;
+            let inv = _mm512_set1_ps(if amax > 0.0 { word_level / amax } else { 0.0 });
+            for (b, r) in row.iter().enumerate() {
+                // Rounded to nearest even; |x·inv| ≤ level, so no clamp is needed.
+                let w = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(*r, inv)));
+                // SAFETY: words 16b..16b + 16 of key j lie inside its block of chunk b / 4
+                // (d16·16 ≤ d_words).
+                unsafe {
+                    let block = ((j / 16) * d_chunks + b / 4) * 16 + j % 16;
+                    let at = words.ptr_mut().add(block * 128 + 32 * (b % 4));
+                    _mm256_storeu_si256(at.cast(), _mm512_cvtepi32_epi16(w));
+                }
+            }
+        }
         let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
         for c in 0..d_chunks {
             let mut hi = [0u8; 64];
@@ -449,9 +491,6 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
                 std::ptr::copy_nonoverlapping(hi.as_ptr(), k_hi.ptr_mut().add(at), 64);
                 std::ptr::copy_nonoverlapping(lo.as_ptr(), k_lo.ptr_mut().add(at), 64);
             }
-            let sum = |bytes: &[u8; 64]| bytes.iter().map(|&b| i32::from(b as i8)).sum::<i32>();
-            k_digit_sums[j][0] += sum(&hi);
-            k_digit_sums[j][1] += sum(&lo);
         }
     }
 
@@ -520,7 +559,10 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         v_lo: (INT8_V_DIGITS == 2).then_some(v_lo),
         k_scale,
         k_mean,
-        k_digit_sums,
+        k_words,
+        d_words,
+        word_level,
+        k_word_scale,
         v_scale,
         bad_v: BadValues::from_entries(bad, key_tiles),
     })

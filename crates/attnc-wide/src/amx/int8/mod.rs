@@ -18,8 +18,9 @@
 //! The tile work of step 1 (next key tile) and step 3 (previous key tile) is issued in small
 //! steps between the vectors of step 2; the combination of step 3 runs after its products.
 //!
-//! On a CPU without AMX, steps 1 and 3 run on AVX-512 VNNI instead ([`vectors`]): the same
-//! operands and layouts, the same i32 sums, so results are bit-identical to the tile unit's.
+//! On a CPU without AMX, steps 1 and 3 run on AVX-512 VNNI instead ([`vectors`]): step 1 over
+//! 16-bit words of Q and K ([`convert_q_words`], the packed words and their scales), step 3
+//! over the same P and V digits as the tile unit, into the same buffers.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -49,6 +50,8 @@ struct Scratch {
     /// Qᵀ digit tiles `(c, rg)` at `(2c + rg)·1024`.
     q_hi: Lines,
     q_lo: Lines,
+    /// On vectors: Qᵀ in 16-bit words, `[rg][d_words / 2 pairs][16 rows][2]`.
+    q_words: Lines,
     /// Per row: `s_q·scale` and `scale·q·μ`.
     q_factor: [f32; 32],
     q_shift: [f32; 32],
@@ -89,12 +92,18 @@ pub(crate) unsafe fn run(
     // Every buffer is written before it is read (Q and O per query tile, S, P and PV per key
     // tile; the lanes of rows past m hold stale but finite values that reach no output).
     let mut sc = Scratch {
-        q_hi: Lines::overwritten(q_bytes)?,
-        q_lo: Lines::overwritten(q_bytes)?,
+        q_hi: Lines::overwritten(if on_vectors { 0 } else { q_bytes })?,
+        q_lo: Lines::overwritten(if on_vectors { 0 } else { q_bytes })?,
+        q_words: Lines::overwritten(if on_vectors {
+            2 * data.d_words * 2 * 16
+        } else {
+            0
+        })?,
         q_factor: [0.0; 32],
         q_shift: [0.0; 32],
-        // With no head dimension no product writes S: scores of 0.
-        s: if data.d_chunks == 0 {
+        // With no head dimension no product writes S: scores of 0. On vectors the `cross`
+        // plane is never written: it stays 0.
+        s: if data.d_chunks == 0 || on_vectors {
             Lines::zeroed(2 * S_SLOT)?
         } else {
             Lines::overwritten(2 * S_SLOT)?
@@ -142,7 +151,10 @@ unsafe fn query_tile(
         .all(|r| r.end as usize <= data.key_tiles));
     // SAFETY: rows r0..r0 + valid exist; the buffers were sized for the call.
     unsafe {
-        convert_q(call, data, form.scale, r0, valid, sc);
+        match sc.on_vectors {
+            true => convert_q_words(call, data, form.scale, r0, valid, sc),
+            false => convert_q(call, data, form.scale, r0, valid, sc),
+        }
         std::ptr::write_bytes(sc.o.ptr_mut(), 0, sc.o.bytes());
     }
     let mut st = RowState::new();
@@ -167,7 +179,11 @@ unsafe fn query_tile(
         let j0 = kt * KEY_TILE;
         let plain = form.plain_tile(j0, partial);
         let mut done = 0;
-        let ks = data.k_scale.as_ptr().wrapping_add(j0);
+        let ks = match sc.on_vectors {
+            true => data.k_word_scale.as_ptr(),
+            false => data.k_scale.as_ptr(),
+        }
+        .wrapping_add(j0);
         for rg in 0..groups {
             let i0 = r0 + 16 * rg;
             const SUBS: usize = KEY_TILE / SUB;
@@ -324,6 +340,85 @@ unsafe fn convert_q(
         let finite = bad == 0;
         sc.q_factor[r] = if finite {
             amax / 127.0 * scale
+        } else {
+            f32::NAN
+        };
+        sc.q_shift[r] = if finite { scale * hsum(dot) } else { f32::NAN };
+    }
+}
+
+/// Qᵀ of rows `r0..r0 + valid` in 16-bit words for [`vectors`] (`q ≈ s_q·w`, `s_q =
+/// max|q| / level`), in the layout `[rg][d_words / 2 pairs][16 rows][2]`, with the row factors
+/// as [`convert_q`] sets them; rows past `valid` are zero.
+///
+/// # Safety
+/// As [`convert_q`]; `data` has words.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn convert_q_words(
+    call: &Call<'_>,
+    data: &Data,
+    scale: f32,
+    r0: usize,
+    valid: usize,
+    sc: &mut Scratch,
+) {
+    let q = &call.q;
+    let d = q.cols;
+    let pairs = data.d_words / 2;
+    if valid < QUERY_TILE {
+        // SAFETY: the whole buffer.
+        unsafe { std::ptr::write_bytes(sc.q_words.ptr_mut(), 0, sc.q_words.bytes()) };
+        sc.q_factor = [0.0; 32];
+        sc.q_shift = [0.0; 32];
+    }
+    // Lane p of a vector of 16 pairs goes to line p.
+    let lines = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(64),
+    );
+    let level = data.word_level;
+    for r in 0..valid {
+        let at = (r0 + r) * q.row_stride;
+        let mut amax = _mm512_setzero_ps();
+        let mut dot = _mm512_setzero_ps();
+        let mut bad = 0;
+        for c0 in (0..d).step_by(16) {
+            // SAFETY: columns c0.. of row r0 + r masked to d; μ has d rounded up to 16 entries.
+            let (x, mu) = unsafe {
+                (
+                    load(&q.data, at + c0, (d - c0).min(16)),
+                    _mm512_maskz_loadu_ps(first(d - c0), data.k_mean.as_ptr().add(c0)),
+                )
+            };
+            bad |= non_finite(x);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
+            dot = _mm512_fmadd_ps(x, mu, dot);
+        }
+        let amax = _mm512_reduce_max_ps(amax);
+        let inv = _mm512_set1_ps(if amax > 0.0 { level / amax } else { 0.0 });
+        let base = (r / 16) * pairs * 64 + (r % 16) * 4;
+        // 32 dimensions (16 pairs) at a time.
+        for p0 in (0..pairs).step_by(16) {
+            let c0 = 2 * p0;
+            let mut words = [_mm256_setzero_si256(); 2];
+            for (h, w) in words.iter_mut().enumerate() {
+                let c = c0 + 16 * h;
+                // SAFETY: as above (zeros past d).
+                let x = unsafe { load(&q.data, at + c.min(d), d.saturating_sub(c).min(16)) };
+                let y = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(x, inv));
+                *w = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(y));
+            }
+            let pairs16 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(words[0]), words[1]);
+            // SAFETY: lines p0..p0 + 16 of the row group lie inside q_words (pairs is a
+            // multiple of 32), column r % 16 of each.
+            unsafe {
+                let to = sc.q_words.ptr_mut().add(base + p0 * 64);
+                _mm512_i32scatter_epi32::<1>(to.cast(), lines, pairs16);
+            }
+        }
+        let finite = bad == 0;
+        sc.q_factor[r] = if finite {
+            amax / level * scale
         } else {
             f32::NAN
         };

@@ -158,9 +158,11 @@ impl Work {
         let (k, rg, store) = (k / 4, k / 2 % 2, k % 2 == 1);
         let (c, g) = (k / 4, k % 4);
         if sc.on_vectors {
-            if !store {
-                // SAFETY: the caller's bounds; VNNI is usable when the kernel runs on vectors.
-                unsafe { vectors::scores(data, k_lo.ptr(), sc, (kt, slot, c, g, rg)) };
+            // The whole head dimension at the first chunk's product step.
+            if let (Some(words), 0, false) = (&data.k_words, c, store) {
+                // SAFETY: the caller's bounds; VNNI is usable when the kernel runs on vectors,
+                // and the data was packed with words then.
+                unsafe { vectors::scores(data, words.ptr(), sc, (kt, slot, g, rg)) };
             }
             return;
         }

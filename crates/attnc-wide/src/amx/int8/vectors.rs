@@ -1,28 +1,26 @@
-//! The int8 kernel's two products on AVX-512 VNNI (`vpdpbusd` on zmm), for CPUs without AMX:
-//! the same operands in the same tile layouts, the same i32 sums in the same buffers, so the
-//! softmax, the combination and every rule of the kernel stay as they are.
+//! The int8 kernel's two products on AVX-512 VNNI, for CPUs without AMX: the same buffers and
+//! layouts of S and PV, so the softmax, the combination and every rule of the kernel stay as
+//! they are.
 //!
-//! `vpdpbusd` adds, per i32 lane, four products of an unsigned byte of its first operand and a
-//! signed byte of its second. The lanes are the 16 query rows of a row group, as in the tile
-//! layouts: the first operand is one line of a B tile (Qᵀ or Pᵀ: 4 bytes per row), the second
-//! the 4 bytes of one key (K) or one value column (Vᵀ) broadcast to every lane.
+//! The lanes are the 16 query rows of a row group, as in the tile layouts; the other operand,
+//! one key's (or one value column's) few elements, is broadcast to every lane.
 //!
-//! - `Vᵀ·Pᵀ` is unsigned P times signed V, exactly `tdpbsud`.
-//! - `Sᵀ = K·Qᵀ` is signed times signed (`tdpbssd`). Q's digits enter offset by 128 (a flipped
-//!   sign bit makes `q + 128` unsigned), and each key's accumulators start at `−128·Σk` of its
-//!   digits ([`Data::k_digit_sums`]), which takes the offset back out. i32 sums wrap, so the
-//!   result is the tile unit's exactly whenever the tile unit's fits in i32.
+//! - `Sᵀ = K·Qᵀ` on `vpdpwssd` (pairs of signed 16-bit words, i32 sums): the smoothed keys and
+//!   Q in words of up to [`word_level`](crate::amx::pack::word_level) (5792 at d = 64, where
+//!   the tile unit's two signed digits reach 127·254), two depths per instruction where the
+//!   digits take three `vpdpbusd` per four. The sum goes to the `hh` plane with the words'
+//!   scales; `cross` stays 0. The score's rounding error is then about 1e-4 of a standard
+//!   normal score, below the tile unit's, so results differ from the tile unit's but not in
+//!   their bound.
+//! - `Vᵀ·Pᵀ` on `vpdpbusd`: unsigned P (4 keys per lane) times signed V digits, exactly
+//!   `tdpbsud`.
 
 use std::arch::x86_64::*;
 
-use super::{Scratch, P_SLOT, S_PART, S_SLOT};
+use super::{Scratch, P_SLOT, S_SLOT};
 use crate::amx::pack::Data;
 use crate::amx::tile::TILE_BYTES;
 use crate::amx::KEY_TILE;
-
-/// Keys per pass of the score product: 8 keys × 2 planes = 16 accumulators, plus the two Q
-/// lines, in the 32 vector registers.
-const KEYS_PER_PASS: usize = 8;
 
 /// The 4 bytes at `p` broadcast to every lane (one `{1to16}` operand).
 ///
@@ -34,65 +32,41 @@ unsafe fn broadcast4(p: *const u8) -> __m512i {
     _mm512_set1_epi32(unsafe { p.cast::<i32>().read_unaligned() })
 }
 
-/// `Sᵀ` of row group `rg`, key group `g` (16 keys) of key tile `kt`, dimension chunk `c`, into
-/// S slot `slot`: `hh = Khi·Qhiᵀ`, `cross = Klo·Qhiᵀ + Khi·Qloᵀ`, from the key digits' sums
-/// at the first chunk and from the stored partial sums after it.
+/// `Sᵀ` of row group `rg`, key group `g` (16 keys) of key tile `kt` over the whole head
+/// dimension, into the `hh` plane of S slot `slot`.
 ///
 /// # Safety
-/// AVX-512 F/BW and VNNI are usable; `kt < data.key_tiles`, `c < data.d_chunks`, `g < 4`,
-/// `rg < 2`; `sc` was sized for `data`, whose `k_lo` is `k_lo`.
+/// AVX-512 F/BW and VNNI are usable; `kt < data.key_tiles`, `g < 4`, `rg < 2`; `data` has
+/// words, `k_words`; `sc` was sized for `data` on vectors.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 pub(super) unsafe fn scores(
     data: &Data,
-    k_lo: *const u8,
+    k_words: *const u8,
     sc: &mut Scratch,
-    (kt, slot, c, g, rg): (usize, usize, usize, usize, usize),
+    (kt, slot, g, rg): (usize, usize, usize, usize),
 ) {
-    let q_at = (2 * c + rg) * TILE_BYTES;
-    let k_at = ((4 * kt + g) * data.d_chunks + c) * TILE_BYTES;
-    let offset = _mm512_set1_epi8(-128);
-    // SAFETY (whole body): the tiles named lie inside their buffers by the caller's bounds;
-    // every pointer below stays inside one 1 KiB tile.
+    let pairs = data.d_words / 2;
+    // SAFETY (whole body): the row group's Qᵀ pairs, the 16 keys' word blocks and the slot's
+    // 16 `hh` lines lie inside their buffers by the caller's bounds.
     unsafe {
-        let q_hi = sc.q_hi.ptr().add(q_at);
-        let q_lo = sc.q_lo.ptr().add(q_at);
-        let k_hi = data.k_hi.ptr().add(k_at);
-        let k_lo = k_lo.add(k_at);
-        let hh_out =
+        let q = sc.q_words.ptr().add(rg * pairs * 64);
+        let mut acc = [_mm512_setzero_si512(); 16];
+        for c in 0..data.d_chunks {
+            // 16 keys × 64 words: key e's pair p at a constant offset from one base.
+            let keys = k_words.add(((4 * kt + g) * data.d_chunks + c) * 16 * 128);
+            let q = q.add(c * 32 * 64);
+            for p in 0..32 {
+                let qv = _mm512_load_si512(q.add(64 * p).cast());
+                for (e, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_dpwssd_epi32(*acc, qv, broadcast4(keys.add(128 * e + 4 * p)));
+                }
+            }
+        }
+        let hh =
             sc.s.ptr_mut()
                 .add(slot * S_SLOT + g * TILE_BYTES + rg * KEY_TILE * 64);
-        let cross_out = hh_out.add(S_PART);
-        for pass in 0..16 / KEYS_PER_PASS {
-            let e0 = pass * KEYS_PER_PASS;
-            let mut hh = [_mm512_setzero_si512(); KEYS_PER_PASS];
-            let mut cross = [_mm512_setzero_si512(); KEYS_PER_PASS];
-            for e in 0..KEYS_PER_PASS {
-                let key = e0 + e;
-                if c == 0 {
-                    let [sum_hi, sum_lo] = data.k_digit_sums[kt * KEY_TILE + 16 * g + key];
-                    hh[e] = _mm512_set1_epi32(sum_hi.wrapping_mul(-128));
-                    cross[e] = _mm512_set1_epi32(sum_hi.wrapping_add(sum_lo).wrapping_mul(-128));
-                } else {
-                    hh[e] = _mm512_load_si512(hh_out.add(64 * key).cast());
-                    cross[e] = _mm512_load_si512(cross_out.add(64 * key).cast());
-                }
-            }
-            for quad in 0..16 {
-                let qh = _mm512_xor_si512(_mm512_load_si512(q_hi.add(64 * quad).cast()), offset);
-                let ql = _mm512_xor_si512(_mm512_load_si512(q_lo.add(64 * quad).cast()), offset);
-                for e in 0..KEYS_PER_PASS {
-                    let row = 64 * (e0 + e) + 4 * quad;
-                    let kh = broadcast4(k_hi.add(row));
-                    let kl = broadcast4(k_lo.add(row));
-                    hh[e] = _mm512_dpbusd_epi32(hh[e], qh, kh);
-                    cross[e] = _mm512_dpbusd_epi32(cross[e], qh, kl);
-                    cross[e] = _mm512_dpbusd_epi32(cross[e], ql, kh);
-                }
-            }
-            for e in 0..KEYS_PER_PASS {
-                _mm512_store_si512(hh_out.add(64 * (e0 + e)).cast(), hh[e]);
-                _mm512_store_si512(cross_out.add(64 * (e0 + e)).cast(), cross[e]);
-            }
+        for (e, acc) in acc.iter().enumerate() {
+            _mm512_store_si512(hh.add(64 * e).cast(), *acc);
         }
     }
 }
