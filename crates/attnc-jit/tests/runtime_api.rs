@@ -147,3 +147,51 @@ fn clif_and_machine_code_text_are_kept() {
         .all(|(name, text)| name.starts_with("f_s") && text.contains("function")));
     assert!(c.compile_time().as_nanos() > 0);
 }
+
+#[test]
+fn kept_temporaries_serve_later_runs_and_threads_alike() {
+    // Unoptimized, the plan writes an n × n score matrix and its softmax (4 MiB each at
+    // n = 1024): large temporaries, kept between runs.
+    let src = "kernel f(q: f32[n, d], k: f32[n, d], v: f32[n, d]) -> f32[n, d] \
+        { return softmax(q @ k.T) @ v; }";
+    let (n, d) = (1024usize, 16usize);
+    let c = CompiledKernel::compile(
+        &kernel(src),
+        &bindings(&[("n", n as u64), ("d", d as u64)]),
+        &CompileOptions::default(),
+    )
+    .expect("compile");
+    let (q, k, v) = (
+        common::data(n * d, 1),
+        common::data(n * d, 2),
+        common::data(n * d, 3),
+    );
+    let ins = [Input::F32(&q), Input::F32(&k), Input::F32(&v)];
+    assert_eq!(c.kept_buffer_bytes(), 0);
+    let first = c.run(&ins, 1).expect("run").data;
+    let kept = c.kept_buffer_bytes();
+    assert!(kept >= n * n * 4, "{kept} bytes kept");
+    // Later runs reuse them (zeroed again), on any thread count, with the same results.
+    for threads in [2, 1, 3] {
+        let again = c.run(&ins, threads).expect("run").data;
+        assert!(
+            first
+                .iter()
+                .zip(&again)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{threads} threads"
+        );
+        assert_eq!(
+            c.kept_buffer_bytes(),
+            kept,
+            "never more than one run's worth"
+        );
+    }
+    c.release_buffers();
+    assert_eq!(c.kept_buffer_bytes(), 0);
+    let after = c.run(&ins, 2).expect("run").data;
+    assert!(first
+        .iter()
+        .zip(&after)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}

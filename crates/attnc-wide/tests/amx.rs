@@ -782,3 +782,55 @@ fn tiles_off_the_table_are_never_read() {
         assert!(o <= bound(p.0), "{p:?}: {o:.2e}");
     }
 }
+
+mod random {
+    //! Random problems on every kernel this CPU runs: shapes from 0 and 1 up to a few tiles
+    //! and across their boundaries, every mask kind, score options and storage types.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mask() -> impl Strategy<Value = Option<KeyMask>> {
+        prop_oneof![
+            Just(None),
+            Just(Some(KeyMask::Causal)),
+            (1u64..90).prop_map(|w| Some(KeyMask::Window(w))),
+            (1u64..70).prop_map(|b| Some(KeyMask::Block(b))),
+            (1u64..40).prop_map(|g| Some(KeyMask::Global(g))),
+            (1u64..20).prop_map(|w| Some(KeyMask::And(
+                Box::new(KeyMask::Causal),
+                Box::new(KeyMask::Window(4 * w))
+            ))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_problems_hold_their_bounds(
+            (m, n) in (0usize..140, 0usize..200),
+            d in prop_oneof![Just(0usize), Just(1), 2usize..130],
+            dv in prop_oneof![Just(0usize), Just(1), 2usize..70],
+            mask in mask(),
+            options in 0usize..4,
+            storage in 0usize..3,
+            seed in 0u64..1000,
+        ) {
+            if skip() {
+                return Ok(());
+            }
+            let mut case = Case::new(m, n, d, dv);
+            case.mask = mask;
+            case.seed = seed;
+            case.storage = [Storage::F32, Storage::F16, Storage::Bf16][storage];
+            match options {
+                1 => case.bias = Some((n, 1)),
+                2 => case.softcap = Some(3.0),
+                3 => case.alibi = Some(-0.03),
+                _ => {}
+            }
+            check_case(&case);
+        }
+    }
+}
