@@ -64,19 +64,26 @@ pub fn zeroed_in_parallel(len: usize, threads: usize) -> Vec<f32> {
 /// [`fault_in`] over `buffer` on up to `threads` threads, each its own contiguous part
 /// (one thread below a few megabytes).
 pub fn fault_in_parallel(buffer: &mut [f32], threads: usize) {
+    in_parts(buffer, threads, fault_in);
+}
+
+/// Runs `f` on up to `threads` contiguous parts of `buffer` at once, this thread taking the
+/// first; on the whole buffer here when it is below a few megabytes or `threads ≤ 1`.
+pub fn in_parts(buffer: &mut [f32], threads: usize, f: impl Fn(&mut [f32]) + Sync) {
     if threads <= 1 || buffer.len() < PARALLEL_FROM {
-        fault_in(buffer);
+        f(buffer);
         return;
     }
     let part = buffer.len().div_ceil(threads);
+    let f = &f;
     std::thread::scope(|scope| {
         let mut parts = buffer.chunks_mut(part);
         let own = parts.next();
         for p in parts {
-            scope.spawn(move || fault_in(p));
+            scope.spawn(move || f(p));
         }
         if let Some(p) = own {
-            fault_in(p);
+            f(p);
         }
     });
 }

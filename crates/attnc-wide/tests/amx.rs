@@ -639,6 +639,16 @@ fn large_scores_and_maxima_that_move_mid_tile() {
     check_case(&rising);
 }
 
+/// `o` as an output of rows of 8 values, no log-sum-exp.
+fn rows_of_8(o: &mut [f32]) -> Output<'_> {
+    Output {
+        o,
+        row_stride: 8,
+        lse: None,
+        lse_from_origin: false,
+    }
+}
+
 /// Calls that do not fit are refused before any kernel runs.
 #[test]
 fn misfit_calls_are_refused() {
@@ -651,12 +661,7 @@ fn misfit_calls_are_refused() {
     for (p, unit) in kernels() {
         let packed = amx::pack(p, &call).expect("pack");
         let mut o = vec![0.0f32; 40 * 8];
-        let mut out = Output {
-            o: &mut o,
-            row_stride: 8,
-            lse: None,
-            lse_from_origin: false,
-        };
+        let mut out = rows_of_8(&mut o);
         // Packed for the other products.
         for (other, other_unit) in kernels().into_iter().filter(|k| k.0 != p) {
             assert!(matches!(
@@ -680,12 +685,7 @@ fn misfit_calls_are_refused() {
         assert!(amx::run_on(p, unit, &small_call, &packed, 0..40, &mut out).is_err());
         // An output too short.
         let mut short = vec![0.0f32; 10];
-        let mut out = Output {
-            o: &mut short,
-            row_stride: 8,
-            lse: None,
-            lse_from_origin: false,
-        };
+        let mut out = rows_of_8(&mut short);
         assert!(amx::run_on(p, unit, &call, &packed, 0..40, &mut out).is_err());
     }
     // A unit this CPU lacks, or that has no such products, refuses too.
@@ -693,12 +693,7 @@ fn misfit_calls_are_refused() {
         for unit in [Unit::Tiles, Unit::Vectors] {
             if !amx::runs_on(p, unit) {
                 let mut o = vec![0.0f32; 40 * 8];
-                let mut out = Output {
-                    o: &mut o,
-                    row_stride: 8,
-                    lse: None,
-                    lse_from_origin: false,
-                };
+                let mut out = rows_of_8(&mut o);
                 if let Some((q, _)) = kernels().first() {
                     let packed = amx::pack(*q, &call).expect("pack");
                     let got = amx::run_on(p, unit, &call, &packed, 0..40, &mut out);

@@ -34,7 +34,7 @@ impl Pool {
         if len >= KEEP_FROM {
             if let Some(mut buffer) = self.take(len) {
                 buffer.truncate(len);
-                fill_zero(&mut buffer, threads);
+                pages::in_parts(&mut buffer, threads, |part| part.fill(0.0));
                 // The capacity is there: `resize` writes the missing zeros in place.
                 buffer.resize(len, 0.0);
                 return buffer;
@@ -80,25 +80,6 @@ impl Pool {
             .min_by_key(|(_, b)| b.capacity())?;
         Some(kept.swap_remove(at))
     }
-}
-
-/// Zeros `buffer` on up to `threads` threads, each its own contiguous part.
-fn fill_zero(buffer: &mut [f32], threads: usize) {
-    if threads <= 1 || buffer.len() < KEEP_FROM {
-        buffer.fill(0.0);
-        return;
-    }
-    let part = buffer.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut parts = buffer.chunks_mut(part);
-        let own = parts.next();
-        for p in parts {
-            scope.spawn(move || p.fill(0.0));
-        }
-        if let Some(p) = own {
-            p.fill(0.0);
-        }
-    });
 }
 
 #[cfg(test)]

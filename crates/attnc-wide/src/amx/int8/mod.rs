@@ -37,7 +37,7 @@ use super::score::{finalize, poison, Form, RowState};
 use super::simd::{finite_or_zero, first, hsum, load, nan_max_v, non_finite, Exp2, Weights};
 use super::tile::{Session, TILE_BYTES};
 use super::{KEY_TILE, QUERY_TILE};
-use crate::problem::{Call, CallError, Output};
+use crate::problem::{Call, CallError, Operand, Output};
 
 /// Bytes of one S slot (`hh` then `cross`, each `[2 row groups][64 keys][16 rows]`) and one
 /// Pᵀ slot (2 tiles).
@@ -265,6 +265,33 @@ fn row_factors(sc: &Scratch, rg: usize) -> (__m512, __m512) {
     }
 }
 
+/// A query row's largest magnitude, its product with the mean key `q·μ`, and whether every
+/// value of it is finite.
+///
+/// # Safety
+/// `q` holds `q.cols` values from `at`; `data` is int8 (μ has `q.cols` rounded up to 16).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn row_stats(q: &Operand<'_>, data: &Data, at: usize) -> (f32, f32, bool) {
+    let d = q.cols;
+    let mut amax = _mm512_setzero_ps();
+    let mut dot = _mm512_setzero_ps();
+    let mut bad = 0;
+    for c0 in (0..d).step_by(16) {
+        // SAFETY: columns c0.. of the row masked to d; μ has d rounded up to 16 entries.
+        let (x, mu) = unsafe {
+            (
+                load(&q.data, at + c0, (d - c0).min(16)),
+                _mm512_maskz_loadu_ps(first(d - c0), data.k_mean.as_ptr().add(c0)),
+            )
+        };
+        bad |= non_finite(x);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
+        dot = _mm512_fmadd_ps(x, mu, dot);
+    }
+    (_mm512_reduce_max_ps(amax), hsum(dot), bad == 0)
+}
+
 /// Qᵀ of rows `r0..r0 + valid` in two signed digits, in the B layout `[16 dim quads][16
 /// rows][4]` per (64-dim chunk, row group), with the row factors; a row with a NaN or ∞ gets
 /// the factor NaN; rows past `valid` are zero.
@@ -298,22 +325,8 @@ unsafe fn convert_q(
     );
     for r in 0..valid {
         let at = (r0 + r) * q.row_stride;
-        let mut amax = _mm512_setzero_ps();
-        let mut dot = _mm512_setzero_ps();
-        let mut bad = 0;
-        for c0 in (0..d).step_by(16) {
-            // SAFETY: columns c0.. of row r0 + r masked to d; μ has d rounded up to 16 entries.
-            let (x, mu) = unsafe {
-                (
-                    load(&q.data, at + c0, (d - c0).min(16)),
-                    _mm512_maskz_loadu_ps(first(d - c0), data.k_mean.as_ptr().add(c0)),
-                )
-            };
-            bad |= non_finite(x);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
-            dot = _mm512_fmadd_ps(x, mu, dot);
-        }
-        let amax = _mm512_reduce_max_ps(amax);
+        // SAFETY: row r0 + r < m of Q, which passed `problem::check`.
+        let (amax, dot, finite) = unsafe { row_stats(q, data, at) };
         let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
         for c in 0..data.d_chunks {
             let mut hi = [0u8; 64];
@@ -337,13 +350,10 @@ unsafe fn convert_q(
                 _mm512_i32scatter_epi32::<4>(sc.q_lo.ptr_mut().add(tile).cast(), quads, l);
             }
         }
-        let finite = bad == 0;
-        sc.q_factor[r] = if finite {
-            amax / 127.0 * scale
-        } else {
-            f32::NAN
+        (sc.q_factor[r], sc.q_shift[r]) = match finite {
+            true => (amax / 127.0 * scale, scale * dot),
+            false => (f32::NAN, f32::NAN),
         };
-        sc.q_shift[r] = if finite { scale * hsum(dot) } else { f32::NAN };
     }
 }
 
@@ -379,22 +389,8 @@ unsafe fn convert_q_words(
     let level = data.word_level;
     for r in 0..valid {
         let at = (r0 + r) * q.row_stride;
-        let mut amax = _mm512_setzero_ps();
-        let mut dot = _mm512_setzero_ps();
-        let mut bad = 0;
-        for c0 in (0..d).step_by(16) {
-            // SAFETY: columns c0.. of row r0 + r masked to d; μ has d rounded up to 16 entries.
-            let (x, mu) = unsafe {
-                (
-                    load(&q.data, at + c0, (d - c0).min(16)),
-                    _mm512_maskz_loadu_ps(first(d - c0), data.k_mean.as_ptr().add(c0)),
-                )
-            };
-            bad |= non_finite(x);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
-            dot = _mm512_fmadd_ps(x, mu, dot);
-        }
-        let amax = _mm512_reduce_max_ps(amax);
+        // SAFETY: row r0 + r < m of Q, which passed `problem::check`.
+        let (amax, dot, finite) = unsafe { row_stats(q, data, at) };
         let inv = _mm512_set1_ps(if amax > 0.0 { level / amax } else { 0.0 });
         let base = (r / 16) * pairs * 64 + (r % 16) * 4;
         // 32 dimensions (16 pairs) at a time.
@@ -416,13 +412,10 @@ unsafe fn convert_q_words(
                 _mm512_i32scatter_epi32::<1>(to.cast(), lines, pairs16);
             }
         }
-        let finite = bad == 0;
-        sc.q_factor[r] = if finite {
-            amax / level * scale
-        } else {
-            f32::NAN
+        (sc.q_factor[r], sc.q_shift[r]) = match finite {
+            true => (amax / level * scale, scale * dot),
+            false => (f32::NAN, f32::NAN),
         };
-        sc.q_shift[r] = if finite { scale * hsum(dot) } else { f32::NAN };
     }
 }
 
