@@ -28,6 +28,11 @@ fake implementation), so ``torch.compile`` traces training steps too. Each gradi
 in float32 and returned in its input's dtype. The backward is not itself differentiable
 (no double backward). A kernel holding an op whose gradient attnc does not derive raises
 :class:`attnc.GradientUnavailableError` from ``backward()``.
+
+Several results: a kernel returning a tuple (``examples/lse.attn``'s ``(o, lse)``) becomes an op
+returning a tuple of tensors. Its backward takes one gradient per result (zeros for a result
+the loss does not use) and runs the compiled gradients of all of them in one pass; it
+recomputes the forward (no training op keeps log-sum-exps for it).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 import attnc
-from ._errors import CompileError, InputError, ShapeError
+from ._errors import InputError, ShapeError
 from ._inputs import from_torch
 
 __all__ = ["kernel", "KernelOp"]
@@ -63,11 +68,13 @@ class KernelOp:
         self.op, self.train_op = ops
         self._names = [name for name, _, _ in compiled.params]
 
-    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         if kwargs or len(args) != len(self._names):
             args = tuple(_positional(self.kernel, self._names, args, kwargs))
-        if torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        if (
+            self.train_op is not None
+            and torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         ):
             # Under autograd: the forward that keeps what the backward needs.
             return self.train_op(*args)[0]
@@ -158,13 +165,10 @@ def _cache_key(source_or_path, kernel, shapes, approx, tol, threads) -> Optional
 
 def _define(compiled: attnc.Kernel) -> Tuple[Any, Any]:
     """Registers ``compiled`` as a custom op with its fake and autograd implementations, and
-    its training op (the same result and the saved log-sum-exps); returns both."""
-    # The op's schema returns one tensor; a kernel returning a tuple is called directly.
-    if ") -> (" in compiled.signature:
-        raise CompileError(
-            f"attnc.torch: kernel `{compiled.name}` returns several values, and the torch op "
-            "supports one output; call the attnc.Kernel itself (it returns a tuple of arrays)"
-        )
+    its training op (the same result and the saved log-sum-exps); returns both. A kernel
+    returning several values gets an op returning a tuple, and no training op."""
+    if len(compiled.return_dtypes) > 1:
+        return _define_several(compiled), None
     params = compiled.params
     names = [_schema_name(name, i) for i, (name, _, _) in enumerate(params)]
     schema = "(" + ", ".join(f"Tensor {n}" for n in names) + ") -> Tensor"
@@ -179,20 +183,7 @@ def _define(compiled: attnc.Kernel) -> Tuple[Any, Any]:
     op = torch.library.custom_op(qualname, forward, mutates_args=(), schema=schema)
 
     def fake(*tensors: torch.Tensor) -> torch.Tensor:
-        first = tensors[0].device if tensors else None
-        for tensor, (name, _, shape) in zip(tensors, params):
-            if tensor.device.type not in ("cpu", "meta") or tensor.device != first:
-                raise InputError(
-                    f"input `{name}` is on {tensor.device} (input `{params[0][0]}` on {first}); "
-                    "attnc runs on the CPU",
-                    input=name,
-                )
-            if tensor.dim() != len(shape):
-                raise ShapeError(
-                    f"input `{name}` has rank {tensor.dim()} but is declared "
-                    f"[{', '.join(map(str, shape))}] with rank {len(shape)}",
-                    input=name,
-                )
+        _check_fake_inputs(params, tensors)
         sizes = [tuple(t.shape) for t in tensors]
         if all(isinstance(s, int) for shape in sizes for s in shape):
             out_shape = compiled.output_shape([list(s) for s in sizes])
@@ -344,9 +335,117 @@ def _define_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: str) ->
     return grad_op
 
 
-def _symbolic_output_shape(compiled: attnc.Kernel, tensors: Sequence[torch.Tensor]) -> list:
+def _define_several(compiled: attnc.Kernel) -> Any:
+    """The op of a kernel returning several values: a tuple of tensors, each of its declared
+    dtype (promoted from the inputs where that is f32, as for one result), with a fake
+    implementation and an autograd formula whose backward takes one gradient per result
+    (zeros where a result was not used) and runs attnc's compiled gradients of all of them at
+    once (:meth:`attnc.Kernel.grad` with a tuple of cotangents). The backward recomputes the
+    forward."""
+    params = compiled.params
+    count = len(compiled.return_dtypes)
+    names = [_schema_name(name, i) for i, (name, _, _) in enumerate(params)]
+    schema = (
+        "(" + ", ".join(f"Tensor {n}" for n in names) + ") -> (" + ", ".join(["Tensor"] * count) + ")"
+    )
+    qualname = f"attnc::{_op_name(compiled.name)}_{next(_serial)}"
+
+    def forward(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        arrays, bits = _converted(params, tensors)
+        results = compiled._run(arrays, bits)
+        out = []
+        for k, array in enumerate(results):
+            result = torch.from_numpy(array)
+            dtype = _result_dtype(compiled, tensors, k)
+            out.append(result if result.dtype == dtype else result.to(dtype))
+        return tuple(out)
+
+    op = torch.library.custom_op(qualname, forward, mutates_args=(), schema=schema)
+
+    def fake(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        _check_fake_inputs(params, tensors)
+        sizes = [tuple(t.shape) for t in tensors]
+        if all(isinstance(s, int) for shape in sizes for s in shape):
+            shapes = compiled.output_shapes([list(s) for s in sizes])
+        else:
+            shapes = [_symbolic_output_shape(compiled, tensors, k) for k in range(count)]
+        return tuple(
+            tensors[0].new_empty(shape, dtype=_result_dtype(compiled, tensors, k))
+            for k, shape in enumerate(shapes)
+        )
+
+    op.register_fake(fake)
+    grad_schema = (
+        "(" + ", ".join(f"Tensor {n}" for n in names) + ", Tensor[] grads, bool[] wrt) -> Tensor[]"
+    )
+
+    def gradients(*args: Any) -> list:
+        *tensors, grads, wrt = args
+        arrays, bits = _converted(params, tensors)
+        cotangents = tuple(
+            g.detach().to(torch.float32).contiguous().numpy() for g in grads
+        )
+        chosen = [name for w, (name, _, _) in zip(wrt, params) if w]
+        results = compiled._grad(arrays, bits, cotangents, False, chosen)
+        out = []
+        for result, tensor in zip(results, (t for w, t in zip(wrt, tensors) if w)):
+            g = torch.from_numpy(result)
+            out.append(g if g.dtype == tensor.dtype else g.to(tensor.dtype))
+        return out
+
+    grad_op = torch.library.custom_op(
+        qualname + "_grad", gradients, mutates_args=(), schema=grad_schema
+    )
+
+    def grad_fake(*args: Any) -> list:
+        *tensors, _grads, wrt = args
+        return [t.new_empty(t.shape) for w, t in zip(wrt, tensors) if w]
+
+    grad_op.register_fake(grad_fake)
+
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> Any:
+        inputs = ctx.saved_tensors
+        wanted = [bool(w) for w in ctx.needs_input_grad[: len(inputs)]]
+        if not any(wanted):
+            return tuple(None for _ in inputs)
+        shapes = compiled.output_shapes([list(t.shape) for t in inputs])
+        cotangents = [
+            g if g is not None else torch.zeros(shape, dtype=torch.float32)
+            for g, shape in zip(grads, shapes)
+        ]
+        results = iter(grad_op(*inputs, cotangents, wanted))
+        return tuple(next(results) if w else None for w in wanted)
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def _check_fake_inputs(params: Sequence[Any], tensors: Sequence[torch.Tensor]) -> None:
+    """The device and rank checks of the fake implementations."""
+    first = tensors[0].device if tensors else None
+    for tensor, (name, _, shape) in zip(tensors, params):
+        if tensor.device.type not in ("cpu", "meta") or tensor.device != first:
+            raise InputError(
+                f"input `{name}` is on {tensor.device} (input `{params[0][0]}` on {first}); "
+                "attnc runs on the CPU",
+                input=name,
+            )
+        if tensor.dim() != len(shape):
+            raise ShapeError(
+                f"input `{name}` has rank {tensor.dim()} but is declared "
+                f"[{', '.join(map(str, shape))}] with rank {len(shape)}",
+                input=name,
+            )
+
+
+def _symbolic_output_shape(
+    compiled: attnc.Kernel, tensors: Sequence[torch.Tensor], output: int = 0
+) -> list:
     shape = []
-    for dim in compiled.output_dims():
+    for dim in compiled.output_dims(output):
         if dim[0] in ("const", "given"):
             shape.append(dim[1])
         elif dim[0] == "input":
@@ -359,8 +458,10 @@ def _symbolic_output_shape(compiled: attnc.Kernel, tensors: Sequence[torch.Tenso
     return shape
 
 
-def _result_dtype(compiled: attnc.Kernel, tensors: Sequence[torch.Tensor]) -> torch.dtype:
-    declared = _DECLARED.get(compiled.return_dtype)
+def _result_dtype(
+    compiled: attnc.Kernel, tensors: Sequence[torch.Tensor], output: int = 0
+) -> torch.dtype:
+    declared = _DECLARED.get(compiled.return_dtypes[output])
     if declared is not None:
         return declared
     dtype = torch.float32

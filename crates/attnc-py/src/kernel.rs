@@ -48,6 +48,54 @@ impl PyKernel {
         }
     }
 
+    /// The graph node of result `output` (0: the first), or an input error naming the count.
+    fn output_node(&self, py: Python<'_>, output: usize) -> PyResult<attnc::ir::NodeId> {
+        let outputs = self.program.kernel().outputs();
+        outputs.get(output).map(|o| o.node).ok_or_else(|| {
+            input_error(
+                py,
+                None,
+                None,
+                format!(
+                    "kernel `{}` returns {} value(s); there is no result {output}",
+                    self.program.kernel().name,
+                    outputs.len()
+                ),
+            )
+        })
+    }
+
+    /// The shape of result `output` for inputs of these shapes (bound and checked).
+    fn output_shape_of(
+        &self,
+        py: Python<'_>,
+        shapes: &[Vec<usize>],
+        output: usize,
+    ) -> PyResult<Vec<usize>> {
+        let params = self.declared();
+        if shapes.len() != params.len() {
+            return Err(input_error(
+                py,
+                None,
+                None,
+                format!(
+                    "kernel `{}` takes {} inputs, got {} shapes",
+                    self.program.kernel().name,
+                    params.len(),
+                    shapes.len()
+                ),
+            ));
+        }
+        let node = self.output_node(py, output)?;
+        let bindings = self
+            .program
+            .bind(shapes)
+            .map_err(|e| crate::errors::bind_error(py, &e))?;
+        let kernel = self.program.kernel();
+        attnc::ir::dim::resolve_shape(&kernel.graph.node(node).shape, &bindings)
+            .ok_or_else(|| crate::errors::run_error(py, "the result's shape is unbound".into()))
+    }
+
     fn declared(&self) -> &[attnc::ir::Param] {
         &self.program.kernel().params
     }
@@ -843,11 +891,18 @@ impl PyKernel {
         crate::json::record_to_python(py, &trace)
     }
 
-    /// Where each axis of the result gets its size: `("const", size)`, `("input", parameter
-    /// index, axis)`, `("given", size)` or `("unbound", symbol)`.
-    fn output_dims<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+    /// Where each axis of the result (of result `output`, counting from 0, for a kernel
+    /// returning several) gets its size: `("const", size)`, `("input", parameter index,
+    /// axis)`, `("given", size)` or `("unbound", symbol)`.
+    #[pyo3(signature = (output=0))]
+    fn output_dims<'py>(
+        &self,
+        py: Python<'py>,
+        output: usize,
+    ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        let node = self.output_node(py, output)?;
         self.program
-            .output_dims()
+            .output_dims_of(node)
             .into_iter()
             .map(|d| {
                 let items = match d {
@@ -874,29 +929,24 @@ impl PyKernel {
             .collect()
     }
 
+    /// The shape of every result, in order, for inputs of these shapes (bound and checked;
+    /// nothing compiled).
+    fn output_shapes(&self, py: Python<'_>, shapes: Vec<Vec<usize>>) -> PyResult<Vec<Vec<usize>>> {
+        (0..self.program.kernel().outputs().len())
+            .map(|k| self.output_shape_of(py, &shapes, k))
+            .collect()
+    }
+
+    /// The declared type of every result, in order (`f32`, `f16`, `bf16`).
+    #[getter]
+    fn return_dtypes(&self) -> Vec<&'static str> {
+        let kernel = self.program.kernel();
+        kernel.outputs().iter().map(|o| o.dtype.keyword()).collect()
+    }
+
     /// The result's shape for inputs of these shapes (bound and checked; nothing compiled).
     fn output_shape(&self, py: Python<'_>, shapes: Vec<Vec<usize>>) -> PyResult<Vec<usize>> {
-        let params = self.declared();
-        if shapes.len() != params.len() {
-            return Err(input_error(
-                py,
-                None,
-                None,
-                format!(
-                    "kernel `{}` takes {} inputs, got {} shapes",
-                    self.program.kernel().name,
-                    params.len(),
-                    shapes.len()
-                ),
-            ));
-        }
-        let bindings = self
-            .program
-            .bind(&shapes)
-            .map_err(|e| crate::errors::bind_error(py, &e))?;
-        let kernel = self.program.kernel();
-        attnc::ir::dim::resolve_shape(&kernel.graph.node(kernel.output).shape, &bindings)
-            .ok_or_else(|| crate::errors::run_error(py, "the result's shape is unbound".into()))
+        self.output_shape_of(py, &shapes, 0)
     }
 
     /// The number of compiled plans held (one per input shape, most recent 32).

@@ -325,7 +325,12 @@ impl Program {
     /// Where each axis of the result gets its size: from the first input axis declared with
     /// its symbol, else the `shapes=` value.
     pub fn output_dims(&self) -> Vec<OutputDim> {
-        let shape = &self.kernel.graph.node(self.kernel.output).shape;
+        self.output_dims_of(self.kernel.output)
+    }
+
+    /// [`Program::output_dims`] of the kernel's result `output` (its graph node).
+    pub fn output_dims_of(&self, output: attnc::ir::NodeId) -> Vec<OutputDim> {
+        let shape = &self.kernel.graph.node(output).shape;
         shape
             .iter()
             .map(|dim| match dim {
