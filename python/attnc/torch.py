@@ -279,11 +279,7 @@ def _define_saved_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: s
             )
         else:
             results = compiled._grad(arrays, bits, cotangent, cotangent_bf16, chosen)
-        out_grads = []
-        for result, tensor in zip(results, (t for w, t in zip(wrt, tensors) if w)):
-            g = torch.from_numpy(result)
-            out_grads.append(g if g.dtype == tensor.dtype else g.to(tensor.dtype))
-        return out_grads
+        return _in_input_dtypes(results, wrt, tensors)
 
     op = torch.library.custom_op(qualname + "_grad_saved", backward, mutates_args=(), schema=schema)
 
@@ -293,6 +289,16 @@ def _define_saved_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: s
 
     op.register_fake(fake)
     return op
+
+
+def _in_input_dtypes(results: Sequence[Any], wrt: Sequence[bool], tensors: Sequence[torch.Tensor]) -> list:
+    """The gradient arrays ``results`` (one per input ``wrt`` selects, in order) as tensors of
+    their inputs' dtypes."""
+    out = []
+    for result, tensor in zip(results, (t for w, t in zip(wrt, tensors) if w)):
+        g = torch.from_numpy(result)
+        out.append(g if g.dtype == tensor.dtype else g.to(tensor.dtype))
+    return out
 
 
 def _converted(params: Sequence[Any], tensors: Sequence[torch.Tensor]) -> Tuple[list, list]:
@@ -319,11 +325,7 @@ def _define_grad(compiled: attnc.Kernel, names: Sequence[str], qualname: str) ->
         cotangent, cotangent_bf16 = from_torch(grad, "cotangent")
         chosen = [name for w, (name, _, _) in zip(wrt, params) if w]
         results = compiled._grad(arrays, bits, cotangent, cotangent_bf16, chosen)
-        out = []
-        for result, tensor in zip(results, (t for w, t in zip(wrt, tensors) if w)):
-            g = torch.from_numpy(result)
-            out.append(g if g.dtype == tensor.dtype else g.to(tensor.dtype))
-        return out
+        return _in_input_dtypes(results, wrt, tensors)
 
     grad_op = torch.library.custom_op(qualname + "_grad", backward, mutates_args=(), schema=schema)
 
@@ -387,11 +389,7 @@ def _define_several(compiled: attnc.Kernel) -> Any:
         )
         chosen = [name for w, (name, _, _) in zip(wrt, params) if w]
         results = compiled._grad(arrays, bits, cotangents, False, chosen)
-        out = []
-        for result, tensor in zip(results, (t for w, t in zip(wrt, tensors) if w)):
-            g = torch.from_numpy(result)
-            out.append(g if g.dtype == tensor.dtype else g.to(tensor.dtype))
-        return out
+        return _in_input_dtypes(results, wrt, tensors)
 
     grad_op = torch.library.custom_op(
         qualname + "_grad", gradients, mutates_args=(), schema=grad_schema
