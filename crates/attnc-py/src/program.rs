@@ -27,6 +27,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 /// Compiled plans kept per kernel (see [`ShapeCache`]).
 pub const CACHE_CAPACITY: usize = 32;
 
+/// How many of a kernel's most recently used plans keep their large temporaries between calls
+/// (two: a model alternating prefill and decode shapes keeps both).
+pub const PLANS_KEEPING_BUFFERS: usize = 2;
+
 /// A kernel compiled at one set of input shapes.
 pub struct Specialized {
     /// The inputs' shapes it was compiled for.
@@ -274,8 +278,21 @@ impl Program {
     }
 
     /// The plan for these input shapes: from the cache, else bound and compiled (slow: call
-    /// without the interpreter lock).
+    /// without the interpreter lock). Only the [`PLANS_KEEPING_BUFFERS`] most recently used
+    /// plans keep their large temporaries between calls: a kernel called at many shapes (a
+    /// decoding loop, varied batch sizes) holds one or two runs' worth, not one per shape.
     pub fn specialize(&self, shapes: &[Vec<usize>]) -> Result<Arc<Specialized>, SpecializeError> {
+        let plan = self.specialize_cached(shapes)?;
+        for older in self.cache().older(PLANS_KEEPING_BUFFERS) {
+            older.compiled.code.release_buffers();
+        }
+        Ok(plan)
+    }
+
+    fn specialize_cached(
+        &self,
+        shapes: &[Vec<usize>],
+    ) -> Result<Arc<Specialized>, SpecializeError> {
         if let Some(hit) = self.cached(shapes) {
             return Ok(hit);
         }
@@ -382,6 +399,33 @@ mod tests {
 
     const DECODE: &str = "kernel decode(q: f32[h, 1, d], k: f32[h, n, d], v: f32[h, n, d]) \
                           -> f32[h, 1, d] { return softmax(q @ k.T / sqrt(d)) @ v; }";
+
+    #[test]
+    fn only_the_most_recent_plans_keep_their_temporaries() {
+        // Unfused (a matrix product and an explicit softmax), so every run has large
+        // temporaries: the n × n scores.
+        let p = program(
+            "kernel f(x: f32[n, d]) -> f32[n, n] { let s = x @ x.T; return s / (s * s + 1.0); }",
+            &[],
+        );
+        let run = |n: usize| {
+            let plan = p.specialize(&[vec![n, 4]]).expect("compiles");
+            let x = vec![0.5f32; n * 4];
+            plan.run(&[attnc_jit::Input::F32(&x)], 1).expect("runs");
+            plan
+        };
+        let kept = |plan: &Specialized| plan.compiled.code.kept_buffer_bytes();
+        let (a, b, c) = (run(1024), run(1100), run(1200));
+        assert!(
+            kept(&b) > 0 && kept(&c) > 0,
+            "the two most recent keep theirs"
+        );
+        // Specializing c released a's; using a again releases b's.
+        assert_eq!(kept(&a), 0);
+        run(1024);
+        assert_eq!(kept(&b), 0);
+        assert!(kept(&c) > 0);
+    }
 
     #[test]
     fn compiles_once_per_shape_and_runs() {

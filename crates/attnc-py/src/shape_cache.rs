@@ -45,6 +45,11 @@ impl<T: Clone> ShapeCache<T> {
         value
     }
 
+    /// The plans after the `recent` most recently used, most recent first.
+    pub fn older(&self, recent: usize) -> impl Iterator<Item = &T> {
+        self.entries.iter().skip(recent).map(|(_, v)| v)
+    }
+
     /// The most recently used plan.
     pub fn latest(&self) -> Option<&T> {
         self.entries.first().map(|(_, v)| v)
