@@ -226,7 +226,7 @@ fn run_rows(
 
 /// All rows of `call` in one run: (O, lse).
 fn run_all(kernel: Kernel, call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
-    let packed = amx::pack(kernel.0, call).expect("pack");
+    let packed = amx::pack_on(kernel.0, kernel.1, call).expect("pack");
     run_rows(kernel, call, &packed, 0..call.m(), usize::MAX)
 }
 
@@ -516,7 +516,7 @@ fn splits_are_bit_identical() {
     let inputs = Inputs::new(&case);
     let call = inputs.call(&case);
     for p in kernels() {
-        let packed = amx::pack(p.0, &call).expect("pack");
+        let packed = amx::pack_on(p.0, p.1, &call).expect("pack");
         let whole = run_rows(p, &call, &packed, 0..200, usize::MAX);
         for step in [QUERY_TILE, 2 * QUERY_TILE, 3 * QUERY_TILE] {
             let split = run_rows(p, &call, &packed, 0..200, step);
@@ -659,11 +659,12 @@ fn misfit_calls_are_refused() {
     let inputs = Inputs::new(&case);
     let call = inputs.call(&case);
     for (p, unit) in kernels() {
-        let packed = amx::pack(p, &call).expect("pack");
+        let packed = amx::pack_on(p, unit, &call).expect("pack");
+        assert_eq!((packed.products(), packed.unit()), (p, unit));
         let mut o = vec![0.0f32; 40 * 8];
         let mut out = rows_of_8(&mut o);
-        // Packed for the other products.
-        for (other, other_unit) in kernels().into_iter().filter(|k| k.0 != p) {
+        // Packed for the other products, or for the same products on the other unit.
+        for (other, other_unit) in kernels().into_iter().filter(|&k| k != (p, unit)) {
             assert!(matches!(
                 amx::run_on(other, other_unit, &call, &packed, 0..40, &mut out),
                 Err(CallError::Shape(_))
@@ -694,8 +695,12 @@ fn misfit_calls_are_refused() {
             if !amx::runs_on(p, unit) {
                 let mut o = vec![0.0f32; 40 * 8];
                 let mut out = rows_of_8(&mut o);
-                if let Some((q, _)) = kernels().first() {
-                    let packed = amx::pack(*q, &call).expect("pack");
+                if let Some(&(q, u)) = kernels().first() {
+                    let packed = amx::pack_on(q, u, &call).expect("pack");
+                    assert!(matches!(
+                        amx::pack_on(p, unit, &call),
+                        Err(CallError::Unsupported(_))
+                    ));
                     let got = amx::run_on(p, unit, &call, &packed, 0..40, &mut out);
                     assert!(
                         matches!(got, Err(CallError::Unsupported(_))),

@@ -117,6 +117,7 @@ pub fn available(products: Products) -> bool {
 /// K and V of one batch entry in the tile layouts of one [`Products`].
 pub struct Packed {
     products: Products,
+    unit: Unit,
     keys: usize,
     d: usize,
     dv: usize,
@@ -128,6 +129,7 @@ impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Packed")
             .field("products", &self.products)
+            .field("unit", &self.unit)
             .field("keys", &self.keys)
             .field("d", &self.d)
             .field("dv", &self.dv)
@@ -139,6 +141,11 @@ impl Packed {
     /// The products this was packed for.
     pub fn products(&self) -> Products {
         self.products
+    }
+
+    /// The unit this was packed for.
+    pub fn unit(&self) -> Unit {
+        self.unit
     }
 
     /// Keys, head dimension and value dimension of the packed call.
@@ -154,10 +161,16 @@ fn unsupported(products: Products) -> CallError {
     })
 }
 
-/// Packs K and V of `call` for `products` (once per batch entry; independent calls may run in
-/// parallel). Checks the call first.
+/// Packs K and V of `call` for `products` on the unit [`run`] uses (once per batch entry;
+/// independent calls may run in parallel). Checks the call first.
 pub fn pack(products: Products, call: &Call<'_>) -> Result<Packed, CallError> {
-    if !available(products) {
+    let unit = unit(products).ok_or_else(|| unsupported(products))?;
+    pack_on(products, unit, call)
+}
+
+/// [`pack`] for the products on `unit` (an error where this CPU cannot run them there).
+pub fn pack_on(products: Products, unit: Unit, call: &Call<'_>) -> Result<Packed, CallError> {
+    if !runs_on(products, unit) {
         return Err(unsupported(products));
     }
     let mut none: [f32; 0] = [];
@@ -172,10 +185,11 @@ pub fn pack(products: Products, call: &Call<'_>) -> Result<Packed, CallError> {
     {
         Ok(Packed {
             products,
+            unit,
             keys: call.n(),
             d: call.q.cols,
             dv: call.v.cols,
-            data: pack::pack(products, call)?,
+            data: pack::pack(products, unit, call)?,
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -197,7 +211,8 @@ pub fn run(
     run_on(products, unit, call, packed, rows, out)
 }
 
-/// [`run`] with the products on `unit` (an error where this CPU cannot run them there).
+/// [`run`] with the products on `unit` (an error where this CPU cannot run them there, or
+/// `packed` was packed for another unit).
 pub fn run_on(
     products: Products,
     unit: Unit,
@@ -211,10 +226,12 @@ pub fn run_on(
     }
     check(call, &rows, out)?;
     let shape = (call.n(), call.q.cols, call.v.cols);
-    if packed.products != products || packed.shape() != shape {
+    if (packed.products, packed.unit) != (products, unit) || packed.shape() != shape {
         return Err(CallError::Shape(format!(
-            "packed {:?} operands of (keys, d, dv) = {:?} do not fit a {products:?} call of {shape:?}",
+            "packed {:?} operands on {:?} of (keys, d, dv) = {:?} do not fit a {products:?} call \
+             on {unit:?} of {shape:?}",
             packed.products,
+            packed.unit,
             packed.shape(),
         )));
     }

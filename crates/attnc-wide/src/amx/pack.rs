@@ -26,7 +26,7 @@ use std::sync::Mutex;
 
 use super::simd::{first, join, load, non_finite, split_bf16, transpose16};
 use super::tile::TILE_BYTES;
-use super::{Products, KEY_TILE};
+use super::{Products, Unit, KEY_TILE};
 use crate::problem::{Call, CallError, Operand};
 
 /// 64 bytes, 64-byte aligned: the unit of every buffer handed to tile loads and stores.
@@ -159,7 +159,8 @@ pub(crate) struct Data {
     pub(crate) k_mean: Vec<f32>,
     /// int8 on AVX-512 VNNI: K smoothed in 16-bit words for `vpdpwssd`, in blocks of 16 keys
     /// by 64 dimensions, `[key / 16][chunk][key % 16][64]` (128 bytes per key and chunk; zeros
-    /// past d and past n); `None` where the CPU has no VNNI.
+    /// past d and past n); `None` when packed for the tile unit (whose digits are `k_hi`,
+    /// `k_lo` and `k_scale`, empty when packed for vectors).
     pub(crate) k_words: Option<Lines>,
     /// Words per key (`64·d_chunks`).
     pub(crate) d_words: usize,
@@ -183,13 +184,14 @@ fn bytes(parts: &[usize]) -> Result<usize, CallError> {
         .ok_or_else(|| CallError::Shape("packed operands overflow usize".into()))
 }
 
-/// Packs K and V of `call` for `products` (the caller checked the call and the CPU).
-pub(crate) fn pack(products: Products, call: &Call<'_>) -> Result<Data, CallError> {
-    // SAFETY (both arms): the caller checked `available(products)` (AMX, AVX-512 and, for bf16,
-    // AVX-512 BF16) and `problem::check(call)` (every row of K and V lies inside its slice).
+/// Packs K and V of `call` for `products` on `unit` (the caller checked the call and the CPU).
+pub(crate) fn pack(products: Products, unit: Unit, call: &Call<'_>) -> Result<Data, CallError> {
+    // SAFETY (both arms): the caller checked `runs_on(products, unit)` (AMX or VNNI, AVX-512
+    // and, for bf16, AVX-512 BF16) and `problem::check(call)` (every row of K and V lies
+    // inside its slice).
     match products {
         Products::Bf16 => unsafe { pack_bf16(call) },
-        Products::Int8 => unsafe { pack_int8(call) },
+        Products::Int8 => unsafe { pack_int8(call, unit) },
     }
 }
 
@@ -358,14 +360,166 @@ pub(crate) fn digits(x: __m512, inv: __m512) -> (__m512i, __m512i) {
     (clamp(h), clamp(l))
 }
 
+/// int8 K in the form one unit reads: two signed digits per element for the tile unit, one
+/// 16-bit word for vectors; the other form's planes empty.
+struct Keys {
+    hi: Lines,
+    lo: Option<Lines>,
+    scale: Vec<f32>,
+    words: Option<Lines>,
+    word_scale: Vec<f32>,
+}
+
+/// Key `j`'s row minus the mean key μ in `row` (zeros past d); returns its largest magnitude.
+///
+/// # Safety
+/// `j < n` of a checked call; `row` holds `d.div_ceil(16)` vectors, μ as many times 16 values.
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
+unsafe fn smoothed_key(call: &Call<'_>, k_mean: &[f32], j: usize, row: &mut [__m512]) -> f32 {
+    let d = call.k.cols;
+    let mut amax = _mm512_setzero_ps();
+    for (b, r) in row.iter_mut().enumerate() {
+        // SAFETY: key j < n, columns 16b..16b + count ≤ d; μ has d16·16 entries.
+        *r = unsafe {
+            let x = row16(&call.k, j, 16 * b, (d - 16 * b).min(16));
+            let mu = _mm512_maskz_loadu_ps(first(d - 16 * b), k_mean.as_ptr().add(16 * b));
+            _mm512_sub_ps(x, mu)
+        };
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(*r));
+    }
+    _mm512_reduce_max_ps(amax)
+}
+
+/// K for the tile unit: two signed digits per element in the tile layout, a scale per key.
+///
+/// # Safety
+/// A checked call; `k_mean` and `finite` from [`pack_int8`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn key_digits(
+    call: &Call<'_>,
+    k_mean: &[f32],
+    finite: &[bool],
+    (key_tiles, d_chunks): (usize, usize),
+) -> Result<Keys, CallError> {
+    let (n, d16) = (call.n(), call.k.cols.div_ceil(16));
+    let k_bytes = bytes(&[key_tiles, 4, d_chunks, TILE_BYTES])?;
+    let mut k_hi = Lines::overwritten(k_bytes)?;
+    let mut k_lo = Lines::overwritten(k_bytes)?;
+    zero_padding(&mut k_hi, n, key_tiles, d_chunks);
+    zero_padding(&mut k_lo, n, key_tiles, d_chunks);
+    let mut k_scale = vec![0.0f32; bytes(&[key_tiles, KEY_TILE])?];
+    let mut row = vec![_mm512_setzero_ps(); d16];
+    for j in 0..n {
+        if !finite[j] {
+            // The scale carries the NaN; the digits are zero.
+            k_scale[j] = f32::NAN;
+            for c in 0..d_chunks {
+                let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
+                // SAFETY: row j % 16 of tile (j / 16, c), which exists for j < n.
+                unsafe {
+                    std::ptr::write_bytes(k_hi.ptr_mut().add(at), 0, 64);
+                    std::ptr::write_bytes(k_lo.ptr_mut().add(at), 0, 64);
+                }
+            }
+            continue;
+        }
+        // SAFETY: j < n; `row` holds d16 vectors.
+        let amax = unsafe { smoothed_key(call, k_mean, j, &mut row) };
+        k_scale[j] = amax / 127.0;
+        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        for c in 0..d_chunks {
+            let mut hi = [0u8; 64];
+            let mut lo = [0u8; 64];
+            for q in 0..4 {
+                let b = 4 * c + q;
+                if b < d16 {
+                    let (h, l) = digits(row[b], inv);
+                    // SAFETY: 16 bytes at 16q of 64-byte arrays.
+                    unsafe {
+                        _mm_storeu_si128(
+                            hi.as_mut_ptr().add(16 * q).cast(),
+                            _mm512_cvtepi32_epi8(h),
+                        );
+                        _mm_storeu_si128(
+                            lo.as_mut_ptr().add(16 * q).cast(),
+                            _mm512_cvtepi32_epi8(l),
+                        );
+                    }
+                }
+            }
+            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
+            // SAFETY: row j % 16 of tile (j/16, c), which exists for j < n.
+            unsafe {
+                std::ptr::copy_nonoverlapping(hi.as_ptr(), k_hi.ptr_mut().add(at), 64);
+                std::ptr::copy_nonoverlapping(lo.as_ptr(), k_lo.ptr_mut().add(at), 64);
+            }
+        }
+    }
+    Ok(Keys {
+        hi: k_hi,
+        lo: Some(k_lo),
+        scale: k_scale,
+        words: None,
+        word_scale: Vec::new(),
+    })
+}
+
+/// K for vectors: 16-bit words in blocks of 16 keys by 64 dimensions (see
+/// [`Data::k_words`]), a scale per key.
+///
+/// # Safety
+/// A checked call; `k_mean` and `finite` from [`pack_int8`].
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn key_words(
+    call: &Call<'_>,
+    k_mean: &[f32],
+    finite: &[bool],
+    (key_tiles, d_chunks): (usize, usize),
+) -> Result<Keys, CallError> {
+    let (n, d) = (call.n(), call.k.cols);
+    let padded = bytes(&[key_tiles, KEY_TILE])?;
+    let level = word_level(d);
+    // Zeros past d and n, and for keys with a NaN or ∞.
+    let mut words = Lines::zeroed(bytes(&[padded, 64 * d_chunks, 2])?)?;
+    let mut word_scale = vec![0.0f32; padded];
+    let mut row = vec![_mm512_setzero_ps(); d.div_ceil(16)];
+    for j in 0..n {
+        if !finite[j] {
+            word_scale[j] = f32::NAN;
+            continue;
+        }
+        // SAFETY: j < n; `row` holds d.div_ceil(16) vectors.
+        let amax = unsafe { smoothed_key(call, k_mean, j, &mut row) };
+        word_scale[j] = amax / level;
+        let inv = _mm512_set1_ps(if amax > 0.0 { level / amax } else { 0.0 });
+        for (b, r) in row.iter().enumerate() {
+            // Rounded to nearest even; |x·inv| ≤ level, so no clamp is needed.
+            let w = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(*r, inv)));
+            // SAFETY: words 16b..16b + 16 of key j lie inside its block of chunk b / 4
+            // (d.div_ceil(16)·16 ≤ 64·d_chunks).
+            unsafe {
+                let block = ((j / 16) * d_chunks + b / 4) * 16 + j % 16;
+                let at = words.ptr_mut().add(block * 128 + 32 * (b % 4));
+                _mm256_storeu_si256(at.cast(), _mm512_cvtepi32_epi16(w));
+            }
+        }
+    }
+    Ok(Keys {
+        hi: Lines::overwritten(0)?,
+        lo: None,
+        scale: Vec::new(),
+        words: Some(words),
+        word_scale,
+    })
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn pack_int8(call: &Call<'_>, unit: Unit) -> Result<Data, CallError> {
     let (n, d, dv) = (call.n(), call.q.cols, call.v.cols);
     let key_tiles = n.div_ceil(KEY_TILE);
     let d_chunks = d.div_ceil(64);
     let dv_groups = dv.div_ceil(16);
-    let padded = bytes(&[key_tiles, KEY_TILE])?;
-    let k_bytes = bytes(&[key_tiles, 4, d_chunks, TILE_BYTES])?;
     let v_bytes = bytes(&[key_tiles, dv_groups, TILE_BYTES])?;
     let d16 = d.div_ceil(16);
 
@@ -410,89 +564,10 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         })
         .collect();
 
-    let mut k_hi = Lines::overwritten(k_bytes)?;
-    let mut k_lo = Lines::overwritten(k_bytes)?;
-    zero_padding(&mut k_hi, n, key_tiles, d_chunks);
-    zero_padding(&mut k_lo, n, key_tiles, d_chunks);
-    let mut k_scale = vec![0.0f32; padded];
-    let d_words = 64 * d_chunks;
-    let word_level = word_level(d);
-    let mut k_words = match crate::cpu::Features::detect().avx512_vnni {
-        true => Some(Lines::zeroed(bytes(&[padded, d_words, 2])?)?),
-        false => None,
+    let keys = match unit {
+        Unit::Tiles => key_digits(call, &k_mean, &finite, (key_tiles, d_chunks))?,
+        Unit::Vectors => key_words(call, &k_mean, &finite, (key_tiles, d_chunks))?,
     };
-    let mut k_word_scale = vec![0.0f32; padded];
-    for j in 0..n {
-        if !finite[j] {
-            // The scale carries the NaN; the digits are zero.
-            k_scale[j] = f32::NAN;
-            k_word_scale[j] = f32::NAN;
-            for c in 0..d_chunks {
-                let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
-                // SAFETY: row j % 16 of tile (j / 16, c), which exists for j < n.
-                unsafe {
-                    std::ptr::write_bytes(k_hi.ptr_mut().add(at), 0, 64);
-                    std::ptr::write_bytes(k_lo.ptr_mut().add(at), 0, 64);
-                }
-            }
-            continue;
-        }
-        let mut amax = _mm512_setzero_ps();
-        for (b, r) in row.iter_mut().enumerate() {
-            // SAFETY: as above; μ has d16·16 entries.
-            *r = unsafe {
-                let x = row16(&call.k, j, 16 * b, (d - 16 * b).min(16));
-                let mu = _mm512_maskz_loadu_ps(first(d - 16 * b), k_mean.as_ptr().add(16 * b));
-                _mm512_sub_ps(x, mu)
-            };
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(*r));
-        }
-        let amax = _mm512_reduce_max_ps(amax);
-        k_scale[j] = amax / 127.0;
-        if let Some(words) = k_words.as_mut() {
-            k_word_scale[j] = amax / word_level;
-            let inv = _mm512_set1_ps(if amax > 0.0 { word_level / amax } else { 0.0 });
-            for (b, r) in row.iter().enumerate() {
-                // Rounded to nearest even; |x·inv| ≤ level, so no clamp is needed.
-                let w = _mm512_cvtps_epi32(_mm512_roundscale_ps::<0x08>(_mm512_mul_ps(*r, inv)));
-                // SAFETY: words 16b..16b + 16 of key j lie inside its block of chunk b / 4
-                // (d16·16 ≤ d_words).
-                unsafe {
-                    let block = ((j / 16) * d_chunks + b / 4) * 16 + j % 16;
-                    let at = words.ptr_mut().add(block * 128 + 32 * (b % 4));
-                    _mm256_storeu_si256(at.cast(), _mm512_cvtepi32_epi16(w));
-                }
-            }
-        }
-        let inv = _mm512_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
-        for c in 0..d_chunks {
-            let mut hi = [0u8; 64];
-            let mut lo = [0u8; 64];
-            for q in 0..4 {
-                let b = 4 * c + q;
-                if b < d16 {
-                    let (h, l) = digits(row[b], inv);
-                    // SAFETY: 16 bytes at 16q of 64-byte arrays.
-                    unsafe {
-                        _mm_storeu_si128(
-                            hi.as_mut_ptr().add(16 * q).cast(),
-                            _mm512_cvtepi32_epi8(h),
-                        );
-                        _mm_storeu_si128(
-                            lo.as_mut_ptr().add(16 * q).cast(),
-                            _mm512_cvtepi32_epi8(l),
-                        );
-                    }
-                }
-            }
-            let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
-            // SAFETY: row j % 16 of tile (j/16, c), which exists for j < n.
-            unsafe {
-                std::ptr::copy_nonoverlapping(hi.as_ptr(), k_hi.ptr_mut().add(at), 64);
-                std::ptr::copy_nonoverlapping(lo.as_ptr(), k_lo.ptr_mut().add(at), 64);
-            }
-        }
-    }
 
     // Every row of every Vᵀ tile is written below (zeros past n).
     let mut v_hi = Lines::overwritten(v_bytes)?;
@@ -553,16 +628,16 @@ unsafe fn pack_int8(call: &Call<'_>) -> Result<Data, CallError> {
         key_tiles,
         d_chunks,
         dv_groups,
-        k_hi,
-        k_lo: Some(k_lo),
+        k_hi: keys.hi,
+        k_lo: keys.lo,
         v_hi,
         v_lo: (INT8_V_DIGITS == 2).then_some(v_lo),
-        k_scale,
+        k_scale: keys.scale,
         k_mean,
-        k_words,
-        d_words,
-        word_level,
-        k_word_scale,
+        k_words: keys.words,
+        d_words: 64 * d_chunks,
+        word_level: word_level(d),
+        k_word_scale: keys.word_scale,
         v_scale,
         bad_v: BadValues::from_entries(bad, key_tiles),
     })

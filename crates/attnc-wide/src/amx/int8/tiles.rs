@@ -153,7 +153,6 @@ impl Work {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     unsafe fn s_step(&self, k: usize, data: &Data, sc: &mut Scratch) {
         let Some((kt, slot)) = self.next else { return };
-        let Some(k_lo) = &data.k_lo else { return };
         let ch = data.d_chunks;
         let (k, rg, store) = (k / 4, k / 2 % 2, k % 2 == 1);
         let (c, g) = (k / 4, k % 4);
@@ -161,11 +160,12 @@ impl Work {
             // The whole head dimension at the first chunk's product step.
             if let (Some(words), 0, false) = (&data.k_words, c, store) {
                 // SAFETY: the caller's bounds; VNNI is usable when the kernel runs on vectors,
-                // and the data was packed with words then.
+                // and the data was packed for vectors then (`run_on` checks the unit).
                 unsafe { vectors::scores(data, words.ptr(), sc, (kt, slot, g, rg)) };
             }
             return;
         }
+        let Some(k_lo) = &data.k_lo else { return };
         // SAFETY: Qᵀ tiles (c, rg), K tiles (4kt + g, c) and the slot's S tiles (part, rg, g)
         // lie inside their buffers.
         unsafe {
