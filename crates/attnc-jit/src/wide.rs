@@ -412,7 +412,7 @@ impl WideAttention {
         let qt = self.query_tile();
         let bounds: Vec<OnceLock<Option<attention::ValueBound>>> =
             (0..entries).map(|_| OnceLock::new()).collect();
-        self.prepare(inputs, out, &bounds, threads)?;
+        self.prepare(inputs, &bounds, threads)?;
         // Work items: (batch entry, query tile, its output rows, their log-sum-exps), taken in
         // order by whichever thread is free.
         let mut lse_tiles: Vec<Option<&mut [f32]>> = match lse {
@@ -442,32 +442,22 @@ impl WideAttention {
         Ok(non_finite.into_inner())
     }
 
-    /// The work before the query tiles, on `threads` threads: `out`'s pages faulted in, each
-    /// thread its own contiguous part (a fresh output's pages are then cleared in parallel,
-    /// not by whichever thread first writes into each while the others wait: see
-    /// [`attnc_wide::pages::fault_in`]), then every batch entry's value bound where the
-    /// kernel reads one (computed on first need instead, an entry's bound would keep the
-    /// other threads waiting at its first query tiles).
+    /// Every batch entry's value bound, where the kernel reads one, computed on `threads`
+    /// threads before the query tiles (computed on first need instead, an entry's bound would
+    /// keep the other threads waiting at its first query tiles). The output's pages are the
+    /// caller's to fault in: the runtime's buffers come faulted in on all threads
+    /// (`attnc_wide::pages::zeroed_in_parallel`).
     fn prepare(
         &self,
         inputs: &[BufferView<'_>],
-        out: &mut [f32],
         bounds: &[OnceLock<Option<attention::ValueBound>>],
         threads: usize,
     ) -> Result<()> {
-        /// Below this many output values a second thread costs more than it shares.
-        const PARALLEL_FROM: usize = 1 << 20;
-        let with_bounds = self.reads_value_bound();
-        if threads <= 1 || out.len() < PARALLEL_FROM {
-            attnc_wide::pages::fault_in(out);
+        if threads <= 1 || !self.reads_value_bound() {
             return Ok(());
         }
-        let parts = Queue::new(out.chunks_mut(out.len().div_ceil(threads)).collect());
-        let entries = Queue::new((0..bounds.len()).filter(|_| with_bounds).collect());
+        let entries = Queue::new((0..bounds.len()).collect());
         on_threads(threads, || {
-            while let Some(part) = parts.next() {
-                attnc_wide::pages::fault_in(part);
-            }
             while let Some(b) = entries.next() {
                 let call = self.call(inputs, b)?;
                 bounds[b].get_or_init(|| attention::ValueBound::of(&call));
