@@ -128,13 +128,14 @@ impl Compiler {
         &self.options
     }
 
-    /// The optimizer's options under this compiler's ceilings, with `approx` allowed.
-    fn optimize_options(&self, approx: ApproxPolicy) -> OptimizeOptions {
+    /// The optimizer's options for `kernel` under this compiler's ceilings, with `approx`
+    /// allowed.
+    fn optimize_options(&self, kernel: &Kernel, approx: ApproxPolicy) -> OptimizeOptions {
         let tiers = attnc_jit::wide::Tiers::available(self.options.tiers);
         OptimizeOptions {
             ceilings: self.ceilings,
             approx,
-            tiers: tier_speeds(tiers),
+            tiers: tier_speeds(tiers, kernel),
             ..OptimizeOptions::default()
         }
     }
@@ -144,7 +145,7 @@ impl Compiler {
         attnc_opt::optimize(
             kernel,
             bindings,
-            &self.optimize_options(ApproxPolicy::default()),
+            &self.optimize_options(kernel, ApproxPolicy::default()),
         )
     }
 
@@ -153,7 +154,7 @@ impl Compiler {
         attnc_opt::optimize(
             kernel,
             bindings,
-            &self.optimize_options(optimizer_policy(&self.policy)),
+            &self.optimize_options(kernel, optimizer_policy(&self.policy)),
         )
     }
 
@@ -164,7 +165,7 @@ impl Compiler {
         bindings: &Bindings,
         approx: ApproxPolicy,
     ) -> Optimized {
-        attnc_opt::optimize(kernel, bindings, &self.optimize_options(approx))
+        attnc_opt::optimize(kernel, bindings, &self.optimize_options(kernel, approx))
     }
 
     /// Stage 3 alone: machine code for an already optimized `plan`, checked against the
@@ -334,15 +335,21 @@ impl Compiled {
     }
 }
 
-/// The optimizer's view of the full-width tiers this compiler may use.
-fn tier_speeds(tiers: attnc_jit::wide::Tiers) -> attnc_opt::TierSpeeds {
+/// The optimizer's view of the full-width tiers this compiler may use for `kernel`.
+fn tier_speeds(tiers: attnc_jit::wide::Tiers, kernel: &Kernel) -> attnc_opt::TierSpeeds {
     use attnc_wide::amx::{self, Products, Unit};
-    let speeds = attnc_opt::TierSpeeds::measured_kernels(tiers.avx512, tiers.amx_bf16, tiers.amx);
+    let mut speeds =
+        attnc_opt::TierSpeeds::measured_kernels(tiers.avx512, tiers.amx_bf16, tiers.amx);
     if amx::unit(Products::Int8) == Some(Unit::Vectors) {
-        speeds.int8_on_vectors()
-    } else {
-        speeds
+        speeds = speeds.int8_on_vectors();
     }
+    if amx::unit(Products::Bf16) == Some(Unit::Vectors) {
+        // On vectors only bf16 operands make the products cheaper than the exact kernel's.
+        let mut floats = kernel.params.iter().filter(|p| p.dtype != DType::I32);
+        let bf16_inputs = floats.clone().count() > 0 && floats.all(|p| p.dtype == DType::Bf16);
+        speeds = speeds.bf16_on_vectors(bf16_inputs);
+    }
+    speeds
 }
 
 #[cfg(test)]

@@ -58,7 +58,10 @@ impl Tier {
         match self {
             Tier::Cranelift => "cranelift f32x4",
             Tier::Avx512 => "avx-512",
-            Tier::Amx(Products::Bf16) => "amx bf16",
+            Tier::Amx(Products::Bf16) => match amx::unit(Products::Bf16) {
+                Some(amx::Unit::Vectors) => "avx-512 bf16",
+                _ => "amx bf16",
+            },
             Tier::Amx(Products::Int8) => match amx::unit(Products::Int8) {
                 Some(amx::Unit::Vectors) => "avx-512 vnni int8",
                 _ => "amx int8",
@@ -76,7 +79,8 @@ pub struct Tiers {
     pub avx512: bool,
     /// int8 attention products (AMX tiles, or AVX-512 VNNI without them).
     pub amx: bool,
-    /// AMX bf16 attention products (`ATTNC_TIERS` switches both AMX kinds as `amx`).
+    /// bf16 attention products (AMX tiles, or AVX-512 BF16 without them; `ATTNC_TIERS`
+    /// switches both reduced-precision kinds as `amx`).
     pub amx_bf16: bool,
 }
 

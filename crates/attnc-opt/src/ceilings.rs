@@ -26,7 +26,8 @@ pub struct Ceilings {
 pub struct TierSpeeds {
     /// AVX-512 f32: fused attention, matrix products, dense linear attention.
     pub wide: f64,
-    /// AMX bf16 products of a fused attention (`bf16_products`).
+    /// bf16 products of a fused attention (`bf16_products`): AMX tiles, or AVX-512 BF16
+    /// ([`TierSpeeds::bf16_on_vectors`]).
     pub amx_bf16: f64,
     /// int8 products of a fused attention (`int8`): AMX tiles, or AVX-512 VNNI
     /// ([`TierSpeeds::int8_on_vectors`]).
@@ -53,6 +54,24 @@ impl TierSpeeds {
     pub fn int8_on_vectors(mut self) -> TierSpeeds {
         if self.amx_int8 > 0.0 {
             self.amx_int8 = 1.45 * self.wide.max(1.0);
+        }
+        self
+    }
+
+    /// These speeds with the bf16 products on AVX-512 BF16 instead of AMX tiles (where bf16 is
+    /// present), for a kernel whose floating-point inputs are all bf16 (`bf16_inputs`) or
+    /// not. `vdpbf16ps` does twice the work of an f32 FMA, but K and V with more than bf16's 8
+    /// significant bits enter as `hi + lo` pairs, two products each: measured on an AVX-512
+    /// BF16 machine without AMX (h = 8, n = 4096, d = 64, 2 threads, `attnc bench … --approx
+    /// bf16_products`), 102 ms against the exact kernel's 168 ms on bf16 inputs (1.65×), 183
+    /// ms against 163 ms on f32 inputs (0.9×). Where they are slower they are absent (0).
+    pub fn bf16_on_vectors(mut self, bf16_inputs: bool) -> TierSpeeds {
+        if self.amx_bf16 > 0.0 {
+            self.amx_bf16 = if bf16_inputs {
+                1.65 * self.wide.max(1.0)
+            } else {
+                0.0
+            };
         }
         self
     }

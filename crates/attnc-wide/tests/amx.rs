@@ -1,7 +1,8 @@
-//! The reduced-precision products (AMX tiles, and int8 on AVX-512 VNNI) against the f64
+//! The reduced-precision products (AMX tiles, and AVX-512 BF16 / VNNI vectors) against the f64
 //! reference (`problem::reference`): measured error under named bounds on odd shapes, every
 //! mask kind, score options and storage types; NaN propagation; bit-identical results under
-//! any split of rows; the two int8 units within the bound of each other. Every test runs each (products, unit) this CPU has.
+//! any split of rows; the two units of each product within its bound of each other. Every test
+//! runs each (products, unit) this CPU has.
 
 use attnc_wide::amx::{self, Products, Unit, KEY_TILE, QUERY_TILE};
 use attnc_wide::problem::{
@@ -28,6 +29,7 @@ type Kernel = (Products, Unit);
 fn kernels() -> Vec<Kernel> {
     let all = [
         (Products::Bf16, Unit::Tiles),
+        (Products::Bf16, Unit::Vectors),
         (Products::Int8, Unit::Tiles),
         (Products::Int8, Unit::Vectors),
     ];
@@ -39,7 +41,7 @@ fn kernels() -> Vec<Kernel> {
 fn skip() -> bool {
     let none = kernels().is_empty();
     if none {
-        eprintln!("skipped: neither AMX nor AVX-512 VNNI on this machine");
+        eprintln!("skipped: neither AMX nor AVX-512 BF16 or VNNI on this machine");
     }
     none
 }
@@ -712,36 +714,29 @@ fn misfit_calls_are_refused() {
     }
 }
 
-/// int8 on AVX-512 VNNI (16-bit score products) and on the tile unit (two 8-bit digits) agree
-/// within the int8 bound (where a CPU has both), and `run` picks the tile unit when it has one.
+/// Each product's two units (AMX tiles; AVX-512 BF16 or VNNI vectors) agree within its bound
+/// (where a CPU has both), and `run` picks the tile unit when it has one.
 #[test]
 fn units_agree_within_the_bound() {
     if skip() {
         return;
     }
-    assert_eq!(
-        amx::unit(Products::Int8),
-        kernels()
-            .into_iter()
-            .find(|k| k.0 == Products::Int8)
-            .map(|k| k.1)
-    );
-    let int8: Vec<Kernel> = kernels()
-        .into_iter()
-        .filter(|k| k.0 == Products::Int8)
-        .collect();
-    if int8.len() < 2 {
-        eprintln!("one int8 unit here: {int8:?}");
-        return;
+    for products in [Products::Bf16, Products::Int8] {
+        let units: Vec<Kernel> = kernels().into_iter().filter(|k| k.0 == products).collect();
+        assert_eq!(amx::unit(products), units.first().map(|k| k.1));
+        if units.len() < 2 {
+            eprintln!("one {products:?} unit here: {units:?}");
+            continue;
+        }
+        let mut case = Case::new(100, 300, 130, 40).mask(KeyMask::Causal);
+        case.bias = Some((300, 1));
+        let inputs = Inputs::new(&case);
+        let call = inputs.call(&case);
+        let tiles = run_all(units[0], &call);
+        let vectors = run_all(units[1], &call);
+        let (o, _) = errors(&vectors, &tiles);
+        assert!(o <= bound(products), "{products:?}: {o:.2e}");
     }
-    let mut case = Case::new(100, 300, 130, 40).mask(KeyMask::Causal);
-    case.bias = Some((300, 1));
-    let inputs = Inputs::new(&case);
-    let call = inputs.call(&case);
-    let tiles = run_all(int8[0], &call);
-    let vectors = run_all(int8[1], &call);
-    let (o, _) = errors(&vectors, &tiles);
-    assert!(o <= INT8_BOUND, "{o:.2e}");
 }
 
 /// Key tiles off the table are never read: with a table that lists only key tile 0, the

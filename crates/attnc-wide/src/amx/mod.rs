@@ -18,10 +18,13 @@
 //!   signed digits per row / key (`x ≈ s·(hi + lo/254)`, two i32 planes); P quantized to u8
 //!   per (row, key tile) against its tile maximum (which maps to 255); V in two signed digits
 //!   per (key tile, column); `Oᵀ` on `tdpbsud` (signed V, unsigned P). Error 0.57 % (bound
-//!   1 %); with one V digit it would be 0.82 % for about 30 % less time. On a CPU without
-//!   AMX but with AVX-512 VNNI the same kernel runs its products on vectors
-//!   ([`Unit::Vectors`]): `Sᵀ` on `vpdpwssd` over 16-bit words of Q and K (two depths per
-//!   instruction), `Oᵀ` on `vpdpbusd` over the same P and V as the tile unit.
+//!   1 %); with one V digit it would be 0.82 % for about 30 % less time.
+//!
+//! On a CPU without AMX both kernels run their products on 512-bit vectors ([`Unit::Vectors`])
+//! over the same operands: bf16 on `vdpbf16ps` (AVX-512 BF16), the same sums as `tdpbf16ps`
+//! in another order of f32 additions; int8 with `Sᵀ` on `vpdpwssd` over 16-bit words of Q
+//! and K (two depths per instruction; AVX-512 VNNI) and `Oᵀ` on `vpdpbusd` over the same P
+//! and V as the tile unit.
 //!
 //! Usage: [`pack`] K and V once per batch entry, then [`run`] any rows (split at query-tile
 //! boundaries, on any threads: results are bit-identical whatever the split). The caller builds
@@ -85,7 +88,8 @@ pub const KEY_TILE: usize = 64;
 pub enum Unit {
     /// The AMX tile unit.
     Tiles,
-    /// AVX-512 VNNI on vectors (int8 only): 16-bit score products, the tile unit's P·V.
+    /// AVX-512 on vectors: `vdpbf16ps` (bf16), `vpdpwssd` and `vpdpbusd` (int8: 16-bit
+    /// score products, the tile unit's P·V).
     Vectors,
 }
 
@@ -96,7 +100,7 @@ pub fn runs_on(products: Products, unit: Unit) -> bool {
         && f.avx512
         && match (products, unit) {
             (Products::Bf16, Unit::Tiles) => f.amx_bf16 && f.avx512_bf16,
-            (Products::Bf16, Unit::Vectors) => false,
+            (Products::Bf16, Unit::Vectors) => f.avx512_bf16,
             (Products::Int8, Unit::Tiles) => f.amx_int8,
             (Products::Int8, Unit::Vectors) => f.avx512_vnni,
         }
@@ -156,7 +160,7 @@ impl Packed {
 
 fn unsupported(products: Products) -> CallError {
     CallError::Unsupported(match products {
-        Products::Bf16 => "AMX-BF16 with AVX-512 BF16",
+        Products::Bf16 => "AVX-512 BF16",
         Products::Int8 => "AMX-INT8 or AVX-512 VNNI",
     })
 }
@@ -259,7 +263,7 @@ pub fn run_on(
         // and this (keys, d, dv); the table's tile sizes are the kernels'.
         unsafe {
             match products {
-                Products::Bf16 => bf16::run(call, &packed.data, rows, out),
+                Products::Bf16 => bf16::run(call, &packed.data, rows, out, unit == Unit::Vectors),
                 Products::Int8 => int8::run(call, &packed.data, rows, out, unit == Unit::Vectors),
             }
         }

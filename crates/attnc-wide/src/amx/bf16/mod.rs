@@ -23,12 +23,16 @@
 //! The tile work of step 1 (next key tile) and step 3 (previous key tile) is issued in half
 //! steps (a key or column group's `hi` products; its `lo` products and stores) between every
 //! 8 vectors of step 2, so the tile unit and the vector units overlap.
+//!
+//! On a CPU without AMX but with AVX-512 BF16, steps 1 and 3 run on `vdpbf16ps` instead
+//! ([`vectors`]), over the same packed operands and buffers, in the same steps.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 mod softmax;
 mod tiles;
+mod vectors;
 
 use softmax::softmax;
 use tiles::Work;
@@ -60,12 +64,15 @@ struct Scratch {
     /// did not move), applied before the slot's P·V.
     alpha: [[f32; 32]; 2],
     dv_pad: usize,
+    /// The products run on AVX-512 BF16 ([`vectors`]), not on the tile unit.
+    on_vectors: bool,
 }
 
 /// Rows `rows` of `call` on packed K/V.
 ///
 /// # Safety
-/// AMX-BF16 and AVX-512 F/BW/DQ/VL/BF16 are usable; `problem::check(call, rows, out)` passed;
+/// AVX-512 F/BW/DQ/VL/BF16 and, unless `on_vectors`, AMX-BF16 are usable;
+/// `problem::check(call, rows, out)` passed;
 /// `data` was packed by [`super::pack::pack`] for bf16 from a call with the same K and V shape;
 /// the tile table uses [`QUERY_TILE`] × [`KEY_TILE`].
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
@@ -74,6 +81,7 @@ pub(crate) unsafe fn run(
     data: &Data,
     rows: Range<usize>,
     out: &mut Output<'_>,
+    on_vectors: bool,
 ) -> Result<(), CallError> {
     let form = Form::new(call)?;
     let dv_pad = data.dv_groups * 16;
@@ -91,10 +99,11 @@ pub(crate) unsafe fn run(
         o: Lines::overwritten(2 * dv_pad * 64)?,
         alpha: [[1.0; 32]; 2],
         dv_pad,
+        on_vectors,
     };
     let exp2 = Weights::weights(1.0);
-    // SAFETY: AMX is usable by the caller's contract.
-    let _tiles = unsafe { Session::start() };
+    // SAFETY: AMX is usable by the caller's contract when the products run on tiles.
+    let _tiles = (!on_vectors).then(|| unsafe { Session::start() });
     for qt in rows.start / QUERY_TILE..rows.end.div_ceil(QUERY_TILE) {
         // SAFETY: the caller's contract; qt is a query tile of rows.
         unsafe { query_tile(call, data, &form, &exp2, qt, &mut sc, &rows, out) };

@@ -1,6 +1,7 @@
-//! The tile-unit programs of the bf16 kernel: `Sᵀ = K·Qᵀ` and `Oᵀ += Vᵀ·Pᵀ` in steps.
+//! The tile-unit programs of the bf16 kernel: `Sᵀ = K·Qᵀ` and `Oᵀ += Vᵀ·Pᵀ` in steps (on CPUs
+//! without AMX each step runs the same products on [`super::vectors`] instead).
 
-use super::{Scratch, P_SLOT, S_SLOT};
+use super::{vectors, Scratch, P_SLOT, S_SLOT};
 use crate::amx::pack::Data;
 use crate::amx::tile::{self, TILE_BYTES};
 use crate::amx::KEY_TILE;
@@ -46,8 +47,8 @@ impl Work {
     /// Runs steps `done..want`; returns how many are done.
     ///
     /// # Safety
-    /// A tile session is live; the key tiles lie below `data.key_tiles`; `sc` was sized for
-    /// `data`.
+    /// A tile session is live (AVX-512 BF16 is usable instead when `sc.on_vectors`); the key
+    /// tiles lie below `data.key_tiles`; `sc` was sized for `data`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
     pub(super) unsafe fn until(
@@ -91,6 +92,13 @@ impl Work {
         let Some((kt, slot)) = self.prev else { return };
         let groups = data.dv_groups;
         let (g, half) = (k / 2, k % 2);
+        if sc.on_vectors {
+            // On vectors the halves are the two row groups.
+            // SAFETY: the caller's bounds; AVX-512 BF16 is usable when the kernel runs on
+            // vectors.
+            unsafe { vectors::values(data, sc, (kt, slot, g, half)) };
+            return;
+        }
         // SAFETY: Pᵀ tiles of the slot, Oᵀ tiles (g, rg) and Vᵀ tiles (2kt + h, g) lie inside
         // their buffers.
         unsafe {
@@ -142,6 +150,13 @@ impl Work {
         let (pair, g) = (k / 4, k % 4);
         let c0 = 2 * pair;
         let two = c0 + 1 < ch;
+        if sc.on_vectors {
+            // On vectors the halves are the two row groups.
+            // SAFETY: the caller's bounds; AVX-512 BF16 is usable when the kernel runs on
+            // vectors.
+            unsafe { vectors::scores(data, sc, (kt, slot, g, half), c0..ch.min(c0 + 2)) };
+            return;
+        }
         // SAFETY: Qᵀ tiles (c0, c0 + 1), K tiles (4kt + g, c0..), Sᵀ tiles of the slot lie
         // inside their buffers.
         unsafe {
