@@ -173,3 +173,59 @@ fn bench_under_an_approximation_times_the_exact_plan_beside_it() {
         .collect();
     assert!(!engines.contains(&"exact".to_string()), "{engines:?}");
 }
+
+/// A plan whose attention runs reduced-precision products on vectors reports that tier's
+/// ceiling, measured in the run, and each JIT row's share of it; other plans report none.
+#[test]
+fn bench_reports_the_ceiling_of_a_reduced_precision_tier_on_vectors() {
+    use attnc_wide::amx::{self, Products, Unit};
+    let bench = |program: &str, approx: &[&str]| {
+        let mut args = vec![
+            "bench",
+            program,
+            "--shape",
+            "h=1,n=512,d=64",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--no-interp",
+            "--no-naive",
+            "--format",
+            "json",
+        ];
+        args.extend(approx);
+        let out = attnc(&args);
+        assert_eq!(status(&out), 0, "{}", stderr(&out));
+        json(&out)
+    };
+    let doc = bench(
+        "benches/kernels/dense_bf16.attn",
+        &["--approx", "bf16_products", "--tol", "0.01"],
+    );
+    let applied = doc["notes"]
+        .to_string()
+        .contains("approximations applied: bf16_products");
+    if applied && amx::unit(Products::Bf16) == Some(Unit::Vectors) {
+        let tier = &doc["tier_ceiling"];
+        assert_eq!(tier["tier"], "avx-512 bf16", "{doc}");
+        let one = positive(&tier["gflops_1"], "tier ceiling at 1 thread");
+        assert!(tier["basis"].as_str().unwrap_or("").contains("vdpbf16ps"));
+        for row in doc["results"].as_array().expect("results") {
+            if row["engine"] == "jit" {
+                let share = positive(&row["pct_of_tier_ceiling"], "share of the tier ceiling");
+                let gflops = positive(&row["gflops"], "jit GFLOP/s");
+                if row["threads"] == 1 {
+                    assert!((share - 100.0 * gflops / one).abs() < 1e-6 * share);
+                }
+            } else {
+                assert!(row["pct_of_tier_ceiling"].is_null(), "{row}");
+            }
+        }
+    } else {
+        assert!(doc["tier_ceiling"].is_null(), "{doc}");
+    }
+    // The exact f32 kernel is read against the FMA peak alone.
+    let doc = bench("benches/kernels/dense.attn", &[]);
+    assert!(doc["tier_ceiling"].is_null(), "{doc}");
+}

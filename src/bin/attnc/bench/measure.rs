@@ -255,6 +255,8 @@ pub struct Measurement {
     pub interp_skip: Option<String>,
     /// Why the naive baseline was not timed, if it was not.
     pub naive_skip: Option<String>,
+    /// The ceiling of the reduced-precision tier the JIT rows ran on, if any.
+    pub tier: Option<super::tier::TierCeiling>,
     /// Notes for stderr (text) or the JSON document.
     pub notes: Vec<String>,
 }
@@ -356,6 +358,7 @@ pub fn measure(
     };
     let flops = useful_flops_on(reference.plan(), &ids);
     let steps = compiled.plan().steps.len();
+    let tier = super::tier::measure(compiled.plan(), threads);
 
     // The JIT at `threads` and at 1 thread; with an exact plan beside an approximate one,
     // the two alternate at `threads`, so that their ratio compares like with like.
@@ -482,6 +485,7 @@ pub fn measure(
         rows,
         interp_skip,
         naive_skip,
+        tier,
         notes,
     })
 }

@@ -10,6 +10,7 @@ mod plot;
 mod progress;
 mod report;
 mod sweep;
+mod tier;
 
 use crate::args::BenchArgs;
 use crate::inputs::prepare;

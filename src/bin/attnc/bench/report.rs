@@ -24,12 +24,36 @@ pub fn rows_json(m: &Measurement, ceilings: &Ceilings) -> Vec<serde_json::Value>
                 "gflops": g,
                 "pct_of_ceiling": ceilings.at(r.threads).map(|c| 100.0 * g / c.gflops_total),
                 "pct_of_peak": ceilings.peak_at(r.threads).map(|p| 100.0 * g / p),
+                "pct_of_tier_ceiling": tier_ceiling_at(m, r).map(|c| 100.0 * g / c),
                 "speedup_vs_interp": interp_ms.map(|i| i / ms),
                 "speedup_vs_naive": naive_ms.map(|n| n / ms),
                 "speedup_vs_exact": exact_ms.map(|e| e / ms),
             })
         })
         .collect()
+}
+
+/// The ceiling of the reduced-precision tier a JIT row ran on, at its thread count.
+fn tier_ceiling_at(m: &Measurement, r: &Row) -> Option<f64> {
+    let t = m.tier.as_ref().filter(|_| r.engine == "jit")?;
+    if r.threads == 1 {
+        Some(t.one)
+    } else {
+        Some(t.at)
+    }
+}
+
+/// The reduced-precision tier's ceiling as JSON (`null` when the JIT rows ran none).
+fn tier_json(m: &Measurement) -> serde_json::Value {
+    match &m.tier {
+        Some(t) => json!({
+            "tier": t.tier,
+            "basis": t.basis,
+            "gflops_1": t.one,
+            "gflops_total": t.at,
+        }),
+        None => serde_json::Value::Null,
+    }
 }
 
 /// The ceiling as a JSON object.
@@ -86,6 +110,7 @@ pub fn single(
             "flops_at_most": m.flops.at_most,
             "attended_pairs": m.flops.attended_pairs,
             "ceiling": ceiling_json(ceilings),
+            "tier_ceiling": tier_json(m),
             "results": rows_json(m, ceilings),
             "jit_speedup_threads_vs_1": m.jit_scaling(),
             "interp": interp,
@@ -149,6 +174,29 @@ pub fn single(
         outln!(
             "512-bit FMA peak (this run): {one:.1} GFLOP/s at 1 thread, {at:.1} at {threads}; \
              `% peak` is against it"
+        );
+    }
+    if let Some(t) = &m.tier {
+        let jit: Vec<String> = m
+            .rows
+            .iter()
+            .filter_map(|r| {
+                let c = tier_ceiling_at(m, r)?;
+                Some(format!(
+                    "{:.1} % at {}",
+                    100.0 * m.gflops(r.median_ms()) / c,
+                    r.threads
+                ))
+            })
+            .collect();
+        outln!(
+            "{} tier ceiling (this run): {:.1} GFLOP/s at 1 thread, {:.1} at {threads} ({}); \
+             the jit rows reach {}",
+            t.tier,
+            t.one,
+            t.at,
+            t.basis,
+            jit.join(", ")
         );
     }
     outln!("runs: {runs} timed after {warmup} warm-up (median, min)");
