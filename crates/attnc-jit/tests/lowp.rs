@@ -1,7 +1,7 @@
 //! Low-precision fused attention: native f16/bf16 operands, `cast` operands rounded once by
-//! the plan, and the int8 kernel selected by the fused op's int8 precision. Each is compared with the f64
-//! interpreter under its named bound, across thread counts, and (int8) between the
-//! `vpdpbusd` and the plain-SIMD lowering.
+//! the plan, the int8 kernel selected by the fused op's int8 precision and bf16 products on the
+//! full-width tier. Each is compared with the f64 interpreter under its named bound, across
+//! thread counts, and (int8) between the `vpdpbusd` and the plain-SIMD lowering.
 
 mod common;
 
@@ -328,5 +328,63 @@ fn int8_on_the_wide_tier_holds_the_int8_bound() {
         assert!(c.plan().to_string().contains(tier), "{}", c.plan());
         let (err, _) = run_checked(&k, &dims, 3, &amx);
         assert!(err <= INT8_REL_L2, "{dims:?}: {err}");
+    }
+}
+
+/// The bound bf16 products hold (relative L2 against f64): Q and P rounded to bf16, K and V
+/// as `hi + lo` pairs unless they are bf16 already (about 2.5e-3 on standard-normal inputs).
+const BF16_PRODUCTS_REL_L2: f64 = 3e-3;
+
+#[test]
+fn bf16_products_on_the_wide_tier_hold_their_bound() {
+    if !attnc_wide::amx::available(attnc_wide::amx::Products::Bf16) {
+        eprintln!("skipped: this CPU has neither AMX-BF16 nor AVX-512 BF16");
+        return;
+    }
+    let wide = CompileOptions {
+        parallel_threshold: 0,
+        tiers: attnc_jit::wide::Tiers::ALL,
+        ..CompileOptions::default()
+    };
+    let masked = |dt: &str, pattern: &str| {
+        format!(
+            "kernel a(q: {dt}[h, m, d], k: {dt}[h, n, d], v: {dt}[h, n, e]) -> f32[h, m, e] \
+             {{ return softmax(mask(q @ k.T / sqrt(d), {pattern})) @ v; }}"
+        )
+    };
+    // Keys and values shared by every head (broadcast over the batch).
+    let shared = "kernel a(q: bf16[h, m, d], k: bf16[1, n, d], v: bf16[1, n, e]) -> f32[h, m, e] \
+                  { return softmax(q @ k.T / sqrt(d)) @ v; }";
+    let cases = [
+        (
+            DENSE.to_string(),
+            [("h", 2), ("m", 113), ("n", 203), ("d", 64), ("e", 40)],
+        ),
+        (
+            DENSE.to_string(),
+            [("h", 1), ("m", 1), ("n", 3), ("d", 3), ("e", 1)],
+        ),
+        (
+            masked("bf16", "causal"),
+            [("h", 2), ("m", 130), ("n", 130), ("d", 17), ("e", 8)],
+        ),
+        (
+            masked("f32", "window(40)"),
+            [("h", 1), ("m", 65), ("n", 300), ("d", 96), ("e", 33)],
+        ),
+        (
+            shared.to_string(),
+            [("h", 3), ("m", 64), ("n", 129), ("d", 64), ("e", 64)],
+        ),
+    ];
+    let tier = attnc_jit::wide::Tier::Amx(attnc_wide::amx::Products::Bf16).name();
+    for (seed, (src, dims)) in cases.iter().enumerate() {
+        let b = bindings(dims);
+        let fused = common::optimized(&kernel(src), &b);
+        let k = with_precision(&fused, &[], Precision::Bf16);
+        let c = CompiledKernel::compile(&k, &b, &wide).expect("compile");
+        assert!(c.plan().to_string().contains(tier), "{}", c.plan());
+        let (err, _) = run_checked(&k, dims, 10 + seed as u64, &wide);
+        assert!(err <= BF16_PRODUCTS_REL_L2, "{src} {dims:?}: {err}");
     }
 }
