@@ -75,6 +75,32 @@ def test_bfloat16_tensors_match_rounded_float32_arrays():
     assert np.array_equal(numpy_api(q, kv16, kv16), expected)
 
 
+BF16_DENSE = """kernel a(q: bf16[h, n, d], k: bf16[h, n, d], v: bf16[h, n, d]) -> f32[h, n, d] {
+    return softmax(q @ k.T / sqrt(d)) @ v;
+}"""
+
+
+def test_bf16_products_on_bf16_tensors_hold_torch_bf16_error():
+    """`bf16_products` on bf16 tensors: where the CPU has bf16 products (AMX tiles, or
+    AVX-512 BF16 vectors) the plan uses them, and the result is within torch's own bf16 SDPA
+    error of float64 attention over the same values; elsewhere the report says why not."""
+    op = attnc.torch.kernel(BF16_DENSE, approx="bf16_products", tol=0.01)
+    q, k, v = (normal(2, 200, 64, seed=s, dtype=torch.bfloat16) for s in (11, 12, 13))
+    out = op(q, k, v)
+    assert out.dtype == torch.bfloat16  # the inputs' type, as torch's own result
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch_bf16 = F.scaled_dot_product_attention(q, k, v).double()
+    error = ((out.double() - exact).norm() / exact.norm()).item()
+    torch_error = ((torch_bf16 - exact).norm() / exact.norm()).item()
+    # The result is rounded to bf16 like torch's, whichever kernel ran.
+    assert error <= max(torch_error, 3e-3) * 1.25, (error, torch_error)
+    (outcome,) = op.explain()["approximations"]
+    if outcome["applied"]:
+        assert "bf16 products" in op.plan, op.plan
+    else:
+        assert "AMX" in outcome["reason"], outcome
+
+
 def test_dlpack_objects_including_bfloat16():
     class OnlyDlpack:
         def __init__(self, tensor):
