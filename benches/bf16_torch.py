@@ -16,23 +16,14 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from timing import median_seconds
+
 PROGRAM = "benches/kernels/dense_bf16.attn"
-
-
-def timed(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def reference(q, k, v, rows):
@@ -98,7 +89,7 @@ def main():
         ours = attnc_output(a.attnc, a, inputs, os.path.join(tmp, "o.npy"))[:, -a.rows:]
         torch_s, attnc_s, ratios, notes = [], [], [], []
         for _ in range(a.rounds):
-            t = timed(lambda: F.scaled_dot_product_attention(q, k, v), a.runs)
+            t = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), a.runs)
             x, notes = attnc_bench(a.attnc, a, inputs)
             torch_s.append(t)
             attnc_s.append(x)

@@ -15,22 +15,17 @@ median of each form in ms.
 """
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from timing import median_seconds
+
 
 def timed(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds per call."""
+    return 1e3 * median_seconds(fn, runs)
 
 
 def main():
