@@ -8,12 +8,18 @@
 //! kernel (the exact plan of softmax attention, the int8 plan, Linformer), only those rows are
 //! computed.
 //!
+//! When the kernel computes each entry of its leading batch axis on its own
+//! ([`crate::calibration::entry`]), both plans are compiled a second time for the sample with
+//! that axis bound to 1 and run on the first entry's inputs: the same rows, without the other
+//! entries' work in plans that do not end in a fused attention.
+//!
 //! Validation is on the critical path of `attnc run`, so the exact plan is optimized and
 //! compiled on a second thread while the approximate plan compiles, the exact rows are
 //! computed once however many plans are measured, and a fallback to the exact plan reuses its
 //! machine code.
 
-use crate::calibration::{calibration_inputs, sample_rows, Fill};
+use crate::calibration::entry::{first_entry, one_entry_bindings, separable_along};
+use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
 use crate::compiler::{Calibration, Compiler};
 use crate::engine::RunError;
 use crate::io::Tensor;
@@ -127,6 +133,8 @@ struct Reference {
     code: CompiledKernel,
     /// The calibration inputs.
     inputs: Vec<Tensor>,
+    /// Whether the code and inputs are the first batch entry's only (not the run's shape).
+    one_entry: bool,
     /// The exact plan's sampled rows, computed on the first measurement.
     rows: Option<Vec<f32>>,
 }
@@ -146,6 +154,41 @@ pub(crate) fn compile_with_policy(
     let drawn = calibration.drawn;
     let label = calibration.label.unwrap_or("the calibration files");
     let calibration = calibration.tensors;
+    // The sample on one batch entry where the kernel allows it: the given and drawn inputs cut
+    // to their first entry (a tensor that does not fit keeps the full shape and its errors).
+    let mut one_entry = one_entry_bindings(kernel, bindings);
+    let mut entry_given = Vec::new();
+    let mut entry_drawn: Vec<Option<Tensor>> = Vec::new();
+    if let Some((symbol, _)) = &one_entry {
+        let entries = bindings.get(symbol).copied().unwrap_or(0) as usize;
+        let leads = |name: &str| {
+            kernel.params.iter().any(|p| {
+                p.name == name && p.shape.first() == Some(&attnc_ir::dim::Dim::Sym(symbol.clone()))
+            })
+        };
+        let cut = |name: &str, t: &Tensor| match leads(name) {
+            true => first_entry(t, entries),
+            false => Some(t.clone()),
+        };
+        let given: Option<Vec<(String, Tensor)>> = calibration
+            .iter()
+            .map(|(name, t)| cut(name, t).map(|t| (name.clone(), t)))
+            .collect();
+        let cut_drawn: Option<Vec<Option<Tensor>>> = drawn
+            .tensors
+            .iter()
+            .zip(&kernel.params)
+            .map(|(t, p)| match t {
+                Some(t) => cut(&p.name, t).map(Some),
+                None => Some(None),
+            })
+            .collect();
+        match (given, cut_drawn) {
+            (Some(g), Some(d)) => (entry_given, entry_drawn) = (g, d),
+            _ => one_entry = None,
+        }
+    }
+    let entry_drawn_refs: Vec<Option<&Tensor>> = entry_drawn.iter().map(Option::as_ref).collect();
     let mut approx = optimizer_policy(policy);
     let mut validations = Vec::new();
     let mut rejected = Vec::new();
@@ -161,8 +204,13 @@ pub(crate) fn compile_with_policy(
             .collect();
         if applied.is_empty() {
             let compiled = match reference.take() {
-                // Falling back to the exact plan: its code is already compiled.
-                Some(r) if fingerprint(&r.kernel) == fingerprint(&optimized.kernel) => r.code,
+                // Falling back to the exact plan: its code is already compiled (for the run's
+                // shape unless the sample was one entry's).
+                Some(r)
+                    if !r.one_entry && fingerprint(&r.kernel) == fingerprint(&optimized.kernel) =>
+                {
+                    r.code
+                }
                 _ => compiler.compile_plan(&optimized.kernel, bindings)?,
             };
             optimized.trace.approximations.extend(rejected);
@@ -172,6 +220,27 @@ pub(crate) fn compile_with_policy(
                 validations,
             });
         }
+        // A plan that mixes the entries (or will not compile for one) is measured at the run's
+        // shape, against a reference built for it.
+        let one_entry_plan = match &one_entry {
+            Some((symbol, one)) if separable_along(&optimized.kernel, symbol) => {
+                compiler.compile_plan(&optimized.kernel, one).ok()
+            }
+            _ => None,
+        };
+        if one_entry_plan.is_none() && one_entry.take().is_some() {
+            reference = None;
+        }
+        let (sample_bindings, given, drawn) = match &one_entry {
+            Some((_, one)) => {
+                let drawn = DrawnInputs {
+                    seed: drawn.seed,
+                    tensors: &entry_drawn_refs,
+                };
+                (one, &entry_given[..], drawn)
+            }
+            None => (bindings, calibration, drawn),
+        };
         let mut cost = ValidationCost::default();
         let (compiled, ready) = match &reference {
             Some(_) => {
@@ -180,19 +249,20 @@ pub(crate) fn compile_with_policy(
             }
             None => {
                 let (compiled, ready, built) = std::thread::scope(|scope| {
-                    let exact = scope.spawn(|| timed(|| exact_plan(compiler, kernel, bindings)));
+                    let exact =
+                        scope.spawn(|| timed(|| exact_plan(compiler, kernel, sample_bindings)));
                     let compiled = compiler.compile_plan(&optimized.kernel, bindings);
                     let ready = Instant::now();
-                    let fill = match &compiled {
-                        Ok(code) => Fill::for_plan(code.plan()),
-                        Err(_) => Fill::Repeat,
+                    let fill = match (&one_entry_plan, &compiled) {
+                        (Some(code), _) | (None, Ok(code)) => Fill::for_plan(code.plan()),
+                        (None, Err(_)) => Fill::Repeat,
                     };
                     let inputs = timed(|| {
                         calibration_inputs(
                             kernel,
-                            bindings,
+                            sample_bindings,
                             policy.seed(),
-                            calibration,
+                            given,
                             drawn,
                             fill,
                             threads,
@@ -211,6 +281,7 @@ pub(crate) fn compile_with_policy(
                     kernel: exact_kernel,
                     code,
                     inputs: inputs?,
+                    one_entry: one_entry.is_some(),
                     rows: None,
                 });
                 (compiled?, ready)
@@ -218,7 +289,8 @@ pub(crate) fn compile_with_policy(
         };
         let r = reference.as_mut().expect("invariant: built above");
         let views: Vec<Input<'_>> = r.inputs.iter().map(crate::engine::input_view).collect();
-        let rows = sample_rows(compiled.output_shape());
+        let sampled = one_entry_plan.as_ref().unwrap_or(&compiled);
+        let rows = sample_rows(sampled.output_shape());
         let ((approximate, approximate_time), exact) = std::thread::scope(|scope| {
             // The first time, the exact rows are computed beside the approximate ones (the
             // int8 plan's pre-pass runs on one thread).
@@ -226,7 +298,7 @@ pub(crate) fn compile_with_policy(
                 .rows
                 .is_none()
                 .then(|| scope.spawn(|| timed(|| r.code.run_sample(&views, threads, &rows))));
-            let approximate = timed(|| compiled.run_sample(&views, threads, &rows));
+            let approximate = timed(|| sampled.run_sample(&views, threads, &rows));
             let exact = exact.map(|h| {
                 h.join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))

@@ -6,6 +6,8 @@
 //! plan ends in a fused attention step, and only one batch entry of each random input is drawn
 //! (see [`calibration_inputs`]).
 
+pub mod entry;
+
 use crate::engine::RunError;
 use crate::io::{standard_normal_streams, NormalStream, Tensor, TensorData};
 use attnc_ir::dim::resolve_shape;

@@ -347,3 +347,56 @@ fn only_plans_that_read_the_first_block_leave_the_rest_zero() {
         Fill::Repeat
     );
 }
+
+/// A plan that does not end in a fused attention (Performer's linear attention) is validated
+/// on one batch entry, compiled with the leading dimension bound to 1: the measured error is
+/// the one the run's shape gives on the same rows.
+#[test]
+fn one_entry_samples_measure_what_the_run_shape_measures() {
+    let kernel = kernel(DENSE);
+    let (n, d) = (300, 16);
+    let bindings = bindings(&[("h", 3), ("n", n), ("d", d)]);
+    let policy = Policy {
+        allowed: vec![ApproxKind::RandomFeatures {
+            m: 32,
+            seed: Some(7),
+        }],
+        tol: 1000.0,
+    };
+    let compiled = compile_with_policy(&kernel, &bindings, &policy, &[], 2).unwrap();
+    let [validation] = &compiled.validations[..] else {
+        panic!("one measurement: {:?}", compiled.validations);
+    };
+    assert!(validation.accepted, "{validation:?}");
+    // The same measurement at the run's shape, by hand.
+    let seed = policy.seed();
+    let performer = compiler().with_policy(policy).optimize(&kernel, &bindings);
+    let approximate = CompiledKernel::compile(&performer.kernel, &bindings, &options()).unwrap();
+    assert!(
+        !approximate.plan().to_string().contains("fused attention"),
+        "{}",
+        approximate.plan()
+    );
+    let exact = compile(&kernel, &bindings).unwrap();
+    let inputs = calibration_inputs(
+        &kernel,
+        &bindings,
+        seed,
+        &[],
+        DrawnInputs::default(),
+        Fill::Repeat,
+        2,
+    )
+    .unwrap();
+    let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
+    let rows = sample_rows(approximate.output_shape());
+    let by_hand = relative_l2(
+        &approximate.run_sample(&views, 2, &rows).unwrap(),
+        &exact.run_sample(&views, 2, &rows).unwrap(),
+    );
+    let measured = validation.measured_error;
+    assert!(
+        (measured - by_hand).abs() <= 1e-6 * by_hand,
+        "{measured} vs {by_hand}"
+    );
+}
