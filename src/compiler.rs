@@ -344,7 +344,7 @@ fn tier_speeds(tiers: attnc_jit::wide::Tiers, kernel: &Kernel) -> attnc_opt::Tie
         speeds = speeds.int8_on_vectors();
     }
     if amx::unit(Products::Bf16) == Some(Unit::Vectors) {
-        // On vectors only bf16 operands make the products cheaper than the exact kernel's.
+        // bf16 inputs need no rounding on the way in: the products gain more there.
         let mut floats = kernel.params.iter().filter(|p| p.dtype != DType::I32);
         let bf16_inputs = floats.clone().count() > 0 && floats.all(|p| p.dtype == DType::Bf16);
         speeds = speeds.bf16_on_vectors(bf16_inputs);

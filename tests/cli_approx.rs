@@ -326,43 +326,44 @@ fn bf16_products_on(program: &str) -> (serde_json::Value, String) {
     (json(&out), plan)
 }
 
-/// The report applied bf16 products within their error, on the named tier.
-fn assert_applied(doc: &serde_json::Value, plan: &str, tier: &str) {
+/// The report applied bf16 products within `bound`, on the named tier.
+fn assert_applied(doc: &serde_json::Value, plan: &str, tier: &str, bound: f64) {
     let outcome = &doc["approximations"][0];
     assert_eq!(outcome["applied"], true, "{outcome}");
     let measured = doc["validations"][0]["measured_error"]
         .as_f64()
         .unwrap_or(1.0);
-    // At most Q, K, V and P rounded to bf16: about 2.5e-3 on standard-normal data.
-    assert!(measured < 3e-3, "{measured}");
-    assert!(doc["verify"]["relative_l2_error"].as_f64().unwrap_or(1.0) < 3e-3);
+    assert!(measured < bound, "{measured}");
+    assert!(doc["verify"]["relative_l2_error"].as_f64().unwrap_or(1.0) < bound);
     assert!(plan.contains(tier), "{plan}");
 }
 
 #[test]
-fn bf16_products_run_where_they_beat_the_exact_kernel_or_say_why_not() {
+fn bf16_products_run_where_the_cpu_has_them_or_say_why_not() {
     use attnc_wide::amx::{self, Products, Unit};
     let allowed = attnc::jit::wide::Tiers::available(attnc::jit::wide::Tiers::ALL).amx_bf16;
     let unit = amx::unit(Products::Bf16).filter(|_| allowed);
-    // f32 inputs: only AMX tiles beat the exact kernel (on vectors K and V take two products).
-    let (doc, plan) = bf16_products_on("benches/kernels/dense.attn");
-    if unit == Some(Unit::Tiles) {
-        assert_applied(&doc, &plan, "amx bf16");
-    } else {
-        let outcome = &doc["approximations"][0];
-        assert_eq!(outcome["applied"], false, "{outcome}");
-        let reason = outcome["reason"].as_str().unwrap_or_default();
-        assert!(
-            reason.contains("AMX") && reason.contains("all bf16"),
-            "{reason}"
-        );
-    }
-    // bf16 inputs: AVX-512 BF16 vectors beat it too.
-    let (doc, plan) = bf16_products_on("benches/kernels/dense_bf16.attn");
-    match unit {
-        Some(Unit::Tiles) => assert_applied(&doc, &plan, "amx bf16"),
-        Some(Unit::Vectors) => assert_applied(&doc, &plan, "avx-512 bf16"),
-        None => assert_eq!(doc["approximations"][0]["applied"], false),
+    // Standard-normal data: Q and P rounded to bf16 and K, V as `hi + lo` pairs on AMX tiles
+    // (about 2.5e-3); every operand rounded once on vectors (about 3.6e-3); bf16 inputs need no
+    // rounding of Q, K, V (about 1.7e-3).
+    for (program, bf16_inputs) in [
+        ("benches/kernels/dense.attn", false),
+        ("benches/kernels/dense_bf16.attn", true),
+    ] {
+        let (doc, plan) = bf16_products_on(program);
+        match unit {
+            Some(Unit::Tiles) => assert_applied(&doc, &plan, "amx bf16", 3e-3),
+            Some(Unit::Vectors) => {
+                let bound = if bf16_inputs { 3e-3 } else { 4.5e-3 };
+                assert_applied(&doc, &plan, "avx-512 bf16", bound)
+            }
+            None => {
+                let outcome = &doc["approximations"][0];
+                assert_eq!(outcome["applied"], false, "{outcome}");
+                let reason = outcome["reason"].as_str().unwrap_or_default();
+                assert!(reason.contains("AMX"), "{reason}");
+            }
+        }
     }
 }
 

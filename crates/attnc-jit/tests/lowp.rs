@@ -331,9 +331,15 @@ fn int8_on_the_wide_tier_holds_the_int8_bound() {
     }
 }
 
-/// The bound bf16 products hold (relative L2 against f64): Q and P rounded to bf16, K and V
-/// as `hi + lo` pairs unless they are bf16 already (about 2.5e-3 on standard-normal inputs).
-const BF16_PRODUCTS_REL_L2: f64 = 3e-3;
+/// The bound bf16 products hold (relative L2 against f64): Q and P rounded to bf16, K and V as
+/// `hi + lo` pairs on AMX tiles (about 2.5e-3 on standard-normal inputs) and rounded once on
+/// vectors (about 3.6e-3).
+fn bf16_products_bound() -> f64 {
+    match attnc_wide::amx::unit(attnc_wide::amx::Products::Bf16) {
+        Some(attnc_wide::amx::Unit::Vectors) => 4.5e-3,
+        _ => 3e-3,
+    }
+}
 
 #[test]
 fn bf16_products_on_the_wide_tier_hold_their_bound() {
@@ -385,6 +391,6 @@ fn bf16_products_on_the_wide_tier_hold_their_bound() {
         let c = CompiledKernel::compile(&k, &b, &wide).expect("compile");
         assert!(c.plan().to_string().contains(tier), "{}", c.plan());
         let (err, _) = run_checked(&k, dims, 10 + seed as u64, &wide);
-        assert!(err <= BF16_PRODUCTS_REL_L2, "{src} {dims:?}: {err}");
+        assert!(err <= bf16_products_bound(), "{src} {dims:?}: {err}");
     }
 }

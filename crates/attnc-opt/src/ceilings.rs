@@ -60,18 +60,15 @@ impl TierSpeeds {
 
     /// These speeds with the bf16 products on AVX-512 BF16 instead of AMX tiles (where bf16 is
     /// present), for a kernel whose floating-point inputs are all bf16 (`bf16_inputs`) or
-    /// not. `vdpbf16ps` does twice the work of an f32 FMA, but K and V with more than bf16's 8
-    /// significant bits enter as `hi + lo` pairs, two products each: measured on an AVX-512
-    /// BF16 machine without AMX (h = 8, n = 4096, d = 64, 2 threads, `attnc bench … --approx
-    /// bf16_products`), 102 ms against the exact kernel's 168 ms on bf16 inputs (1.65×), 183
-    /// ms against 163 ms on f32 inputs (0.9×). Where they are slower they are absent (0).
+    /// not: `vdpbf16ps` does twice the work of an f32 FMA, and other inputs are rounded on the
+    /// way in. Measured on an AVX-512 BF16 machine without AMX (h = 8, n = 4096, d = 64, 2
+    /// threads, `attnc bench … --approx bf16_products`, exact kernel in the same run): bf16
+    /// inputs 99–106 ms against 168–171 ms (1.65×), f32 inputs 121–126 ms against 175–178 ms
+    /// (1.4×).
     pub fn bf16_on_vectors(mut self, bf16_inputs: bool) -> TierSpeeds {
         if self.amx_bf16 > 0.0 {
-            self.amx_bf16 = if bf16_inputs {
-                1.65 * self.wide.max(1.0)
-            } else {
-                0.0
-            };
+            let gain = if bf16_inputs { 1.65 } else { 1.4 };
+            self.amx_bf16 = gain * self.wide.max(1.0);
         }
         self
     }

@@ -408,8 +408,8 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
         }
         let estimated_error = approx.estimated_error();
         let within = estimated_error <= options.approx.tol;
-        // bf16 products pay only on AMX tiles, or on AVX-512 BF16 with bf16 inputs; elsewhere
-        // the exact kernel is faster.
+        // bf16 products pay only on AMX tiles or AVX-512 BF16; elsewhere the exact kernel
+        // would run instead.
         let runnable = *approx != Approx::Bf16Products || options.tiers.amx_bf16 > 0.0;
         if within && runnable {
             rules.extend(crate::rules::approx::rules(approx));
@@ -427,9 +427,8 @@ fn optimize_kernel(kernel: &Kernel, bindings: &Bindings, options: &OptimizeOptio
                 ))
             } else if !runnable {
                 Some(
-                    "it needs bf16 products faster than the exact kernel: AMX bf16 tiles, or \
-                     AVX-512 BF16 on a kernel whose inputs are all bf16 (this CPU lacks the \
-                     one, the kernel has other inputs, or ATTNC_TIERS switched them off)"
+                    "it needs bf16 products on AMX tiles or AVX-512 BF16 vectors, which this \
+                     CPU lacks or ATTNC_TIERS switched off"
                         .to_string(),
                 )
             } else {

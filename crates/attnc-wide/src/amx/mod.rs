@@ -11,8 +11,10 @@
 //!   as bf16 pairs `hi + lo` (16 significant bits) unless their inputs are bf16 already: a
 //!   second product with the same resident tiles. With every operand rounded, the error on
 //!   standard-normal data (d = 64, scale 1/8) is about 3.5e-3; with the pairs it is 2.45e-3
-//!   (bound 3e-3). The row maximum moves only when a score exceeds it by 2⁸ (rescales are
-//!   rare), and weights already written in that tile are rescaled with it.
+//!   (bound 3e-3). On vectors ([`Unit::Vectors`]) the second product would cost what the f32
+//!   kernel does, so K and V are rounded once there (3.5e-3). The row maximum moves only when
+//!   a score exceeds it by 2⁸ (rescales are rare), and weights already written in that tile
+//!   are rescaled with it.
 //! - [`Products::Int8`]: `Sᵀ` on `tdpbssd` with Q and the smoothed K (mean key subtracted, its
 //!   effect `scale·q·μ` added back per row — exact under any mask, bias or softcap) in two
 //!   signed digits per row / key (`x ≈ s·(hi + lo/254)`, two i32 planes); P quantized to u8

@@ -190,7 +190,7 @@ pub(crate) fn pack(products: Products, unit: Unit, call: &Call<'_>) -> Result<Da
     // and, for bf16, AVX-512 BF16) and `problem::check(call)` (every row of K and V lies
     // inside its slice).
     match products {
-        Products::Bf16 => unsafe { pack_bf16(call) },
+        Products::Bf16 => unsafe { pack_bf16(call, unit == Unit::Tiles) },
         Products::Int8 => unsafe { pack_int8(call, unit) },
     }
 }
@@ -206,8 +206,12 @@ unsafe fn row16(op: &Operand<'_>, r: usize, c0: usize, count: usize) -> __m512 {
     unsafe { load(&op.data, r * op.row_stride + c0, count) }
 }
 
+/// K and V in bf16 tiles: `hi`, and with `pairs` the rest `lo` where some value has more than
+/// bf16's 8 significant bits. The tile unit takes the pairs (its products are cheap next to
+/// its tile traffic); on vectors a second product per pair would cost what the f32 kernel does,
+/// so K and V are rounded once there.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
+unsafe fn pack_bf16(call: &Call<'_>, pairs: bool) -> Result<Data, CallError> {
     let (n, d, dv) = (call.n(), call.q.cols, call.v.cols);
     let key_tiles = n.div_ceil(KEY_TILE);
     let d_chunks = d.div_ceil(32);
@@ -246,7 +250,7 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
             }
         }
     }
-    let k_lo = (_mm512_test_epi32_mask(lo_any, lo_any) != 0).then_some(k_lo);
+    let k_lo = (pairs && _mm512_test_epi32_mask(lo_any, lo_any) != 0).then_some(k_lo);
 
     // Every row of every Vᵀ tile is written below (zeros past n).
     let mut v_hi = Lines::overwritten(v_bytes)?;
@@ -283,7 +287,7 @@ unsafe fn pack_bf16(call: &Call<'_>) -> Result<Data, CallError> {
             }
         }
     }
-    let v_lo = (_mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0).then_some(v_lo);
+    let v_lo = (pairs && _mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0).then_some(v_lo);
     Ok(Data {
         key_tiles,
         d_chunks,

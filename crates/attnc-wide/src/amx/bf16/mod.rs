@@ -6,7 +6,8 @@
 //! with the same resident Qᵀ or Pᵀ tiles, into the same accumulators. With every operand
 //! rounded the error on standard-normal data at d = 64 is about 3.5e-3 (the bf16 rounding of
 //! the scores dominates); the pairs keep it near 2.45e-3 at the cost of twice the K and V tile
-//! loads. (Q cannot be split the same way: its pairs would need 8 resident tiles.)
+//! loads. (Q cannot be split the same way: its pairs would need 8 resident tiles.) On vectors
+//! the pairs would double the products themselves, so K and V are rounded once there.
 //!
 //! Per query tile (32 rows, two groups of 16 lanes) and visited key tile (64 keys):
 //! 1. Sᵀ (AMX): Qᵀ resident in 4 B tiles (two 32-dim chunks × two row groups), K streaming
