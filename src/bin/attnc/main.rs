@@ -31,6 +31,7 @@ use args::{Cli, Command, Format};
 use clap::Parser;
 use failure::Failure;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Exit status after Ctrl-C, as shells report a SIGINT death.
 const INTERRUPTED: i32 = 130;
@@ -53,6 +54,9 @@ fn main() -> ExitCode {
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
+        // An interrupt removes the temporary file of an output being written, so the write
+        // fails; the handler, not that failure, says how the command ended.
+        Err(_) if INTERRUPTING.load(Ordering::SeqCst) => wait_for_the_interrupt_handler(),
         Err(failure) => failure.report(format),
     };
     stdout::flush();
@@ -83,12 +87,24 @@ fn keep_freed_memory() {
 /// the exit status says truthfully whether the output was written.
 pub static OUTPUT_WRITTEN: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 
+/// Set by the interrupt handler as it starts.
+static INTERRUPTING: AtomicBool = AtomicBool::new(false);
+
+/// Parks the main thread while the interrupt handler finishes and exits the process (with 0
+/// when the outputs were written, else 130).
+fn wait_for_the_interrupt_handler() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
 /// Ctrl-C, SIGTERM and SIGHUP exit promptly, even mid-compile or mid-benchmark, and remove the
 /// temporary file of any output being written, so no partial file is ever left behind; under
 /// `--format json` the interruption is one JSON error on stdout. Exit status 130 unless the
 /// outputs were already written.
 fn install_interrupt_handler(json: bool) {
     let installed = ctrlc::set_handler(move || {
+        INTERRUPTING.store(true, Ordering::SeqCst);
         attnc::io::remove_pending_temp_files();
         let written = OUTPUT_WRITTEN.lock().is_ok_and(|w| *w);
         if written {
