@@ -72,6 +72,13 @@ fn compile(
     Ok(compiler().compile(kernel, bindings)?.code)
 }
 
+/// The calibration inputs of `seed` at `bindings`, each input's first block repeated over its
+/// leading axes.
+fn repeated_inputs(kernel: &Kernel, bindings: &Bindings, seed: u64) -> Vec<Tensor> {
+    let none = DrawnInputs::default();
+    calibration_inputs(kernel, bindings, seed, &[], none, Fill::Repeat, 2).unwrap()
+}
+
 fn int8_policy(tol: f64) -> Policy {
     Policy {
         allowed: vec![ApproxKind::Int8],
@@ -101,16 +108,7 @@ fn the_sampled_error_equals_the_error_of_full_runs_on_the_same_rows() {
     );
     let approximate = CompiledKernel::compile(&int8.kernel, &bindings, &options()).unwrap();
     let exact = compile(&kernel, &bindings).unwrap();
-    let inputs = calibration_inputs(
-        &kernel,
-        &bindings,
-        0,
-        &[],
-        DrawnInputs::default(),
-        Fill::Repeat,
-        2,
-    )
-    .unwrap();
+    let inputs = repeated_inputs(&kernel, &bindings, 0);
     let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
     let rows = sample_rows(approximate.output_shape());
     assert!(rows.len() > 1, "{rows:?}");
@@ -378,16 +376,7 @@ fn one_entry_samples_measure_what_the_run_shape_measures() {
         approximate.plan()
     );
     let exact = compile(&kernel, &bindings).unwrap();
-    let inputs = calibration_inputs(
-        &kernel,
-        &bindings,
-        seed,
-        &[],
-        DrawnInputs::default(),
-        Fill::Repeat,
-        2,
-    )
-    .unwrap();
+    let inputs = repeated_inputs(&kernel, &bindings, seed);
     let views: Vec<Input<'_>> = inputs.iter().map(input_view).collect();
     let rows = sample_rows(approximate.output_shape());
     let by_hand = relative_l2(
