@@ -291,16 +291,29 @@ fn model_q(p: Products, q: &[f32], rows: usize, d: usize, stride: usize) -> Vec<
 /// The bounds for `case` on `kernel`: the named bound, or twice the error of the model
 /// (QUALITY.md's oracle for reduced precision) where the scores spread wider.
 fn bounds(kernel: Kernel, case: &Case, inputs: &Inputs, want: &(Vec<f32>, Vec<f32>)) -> (f64, f64) {
-    let q = model_q(kernel.0, &inputs.q.f32, case.m, case.d, case.d + 3);
+    // The values as stored (what the kernel reads), rounded as the products round them.
+    let stored = |x: &Data| -> Vec<f32> {
+        match case.storage {
+            Storage::F32 => x.f32.clone(),
+            Storage::F16 => x.f16.iter().map(|v| v.to_f32()).collect(),
+            Storage::Bf16 => x.bf16.iter().map(|v| v.to_f32()).collect(),
+        }
+    };
+    let q = model_q(kernel.0, &stored(&inputs.q), case.m, case.d, case.d + 3);
     // On vectors bf16 products round K and V once too.
-    let kv = |x: &[f32]| match kernel {
-        (Products::Bf16, Unit::Vectors) => x.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
-        _ => x.to_vec(),
+    let kv = |x: &Data| -> Vec<f32> {
+        match kernel {
+            (Products::Bf16, Unit::Vectors) => stored(x)
+                .into_iter()
+                .map(|x| bf16::from_f32(x).to_f32())
+                .collect(),
+            _ => stored(x),
+        }
     };
     let model = Inputs {
         q: Data::new(q),
-        k: Data::new(kv(&inputs.k.f32)),
-        v: Data::new(kv(&inputs.v.f32)),
+        k: Data::new(kv(&inputs.k)),
+        v: Data::new(kv(&inputs.v)),
         bias: inputs.bias.clone(),
         tiles: inputs.tiles.clone(),
     };
