@@ -24,7 +24,7 @@
 use std::arch::x86_64::*;
 use std::sync::Mutex;
 
-use super::simd::{first, join, load, non_finite, split_bf16, transpose16};
+use super::simd::{first, join, load, non_finite, split_bf16, to_bf16, transpose16};
 use super::tile::TILE_BYTES;
 use super::{Products, Unit, KEY_TILE};
 use crate::problem::{Call, CallError, Operand};
@@ -218,11 +218,11 @@ unsafe fn pack_bf16(call: &Call<'_>, pairs: bool) -> Result<Data, CallError> {
     let dv_groups = dv.div_ceil(16);
     let k_bytes = bytes(&[key_tiles, 4, d_chunks, TILE_BYTES])?;
     let v_bytes = bytes(&[key_tiles, 2, dv_groups, TILE_BYTES])?;
-    let mut k_hi = Lines::overwritten(k_bytes)?;
-    let mut k_lo = Lines::overwritten(k_bytes)?;
-    zero_padding(&mut k_hi, n, key_tiles, d_chunks);
-    zero_padding(&mut k_lo, n, key_tiles, d_chunks);
-    let mut lo_any = _mm512_setzero_si512();
+    let mut k = Bf16Planes::new(k_bytes, pairs)?;
+    zero_padding(&mut k.hi, n, key_tiles, d_chunks);
+    if let Some((lo, _)) = &mut k.lo {
+        zero_padding(lo, n, key_tiles, d_chunks);
+    }
     for j in 0..n {
         for c in 0..d_chunks {
             let c0 = 32 * c;
@@ -238,24 +238,15 @@ unsafe fn pack_bf16(call: &Call<'_>, pairs: bool) -> Result<Data, CallError> {
                     ),
                 )
             };
-            let (ah, al) = split_bf16(a);
-            let (bh, bl) = split_bf16(b);
-            let lo = join(al, bl);
-            lo_any = _mm512_or_si512(lo_any, lo);
             let at = ((j / 16) * d_chunks + c) * TILE_BYTES + (j % 16) * 64;
             // SAFETY: row j % 16 of tile (j/16, c), which exists for j < n.
-            unsafe {
-                _mm512_store_si512(k_hi.ptr_mut().add(at).cast(), join(ah, bh));
-                _mm512_store_si512(k_lo.ptr_mut().add(at).cast(), lo);
-            }
+            unsafe { k.store(at, a, b) };
         }
     }
-    let k_lo = (pairs && _mm512_test_epi32_mask(lo_any, lo_any) != 0).then_some(k_lo);
+    let (k_hi, k_lo) = k.finish();
 
     // Every row of every Vᵀ tile is written below (zeros past n).
-    let mut v_hi = Lines::overwritten(v_bytes)?;
-    let mut v_lo = Lines::overwritten(v_bytes)?;
-    let mut v_lo_any = _mm512_setzero_si512();
+    let mut v = Bf16Planes::new(v_bytes, pairs)?;
     let mut bad = Vec::new();
     let mut block = [[_mm512_setzero_ps(); 16]; 2];
     for h in 0..key_tiles * 2 {
@@ -275,19 +266,12 @@ unsafe fn pack_bf16(call: &Call<'_>, pairs: bool) -> Result<Data, CallError> {
             }
             let base = (h * dv_groups + g) * TILE_BYTES;
             for (cc, (a, b)) in block[0].iter().zip(&block[1]).enumerate() {
-                let (ah, al) = split_bf16(*a);
-                let (bh, bl) = split_bf16(*b);
-                let lo = join(al, bl);
-                v_lo_any = _mm512_or_si512(v_lo_any, lo);
-                // SAFETY: row cc of tile (h, g) lies inside both buffers.
-                unsafe {
-                    _mm512_store_si512(v_hi.ptr_mut().add(base + cc * 64).cast(), join(ah, bh));
-                    _mm512_store_si512(v_lo.ptr_mut().add(base + cc * 64).cast(), lo);
-                }
+                // SAFETY: row cc of tile (h, g) lies inside the planes.
+                unsafe { v.store(base + cc * 64, *a, *b) };
             }
         }
     }
-    let v_lo = (pairs && _mm512_test_epi32_mask(v_lo_any, v_lo_any) != 0).then_some(v_lo);
+    let (v_hi, v_lo) = v.finish();
     Ok(Data {
         key_tiles,
         d_chunks,
@@ -305,6 +289,65 @@ unsafe fn pack_bf16(call: &Call<'_>, pairs: bool) -> Result<Data, CallError> {
         v_scale: Vec::new(),
         bad_v: BadValues::from_entries(bad, key_tiles),
     })
+}
+
+/// The bf16 planes of one packed operand: `hi`, and with pairs `lo` with whether some value
+/// of it is nonzero (a plane of zeros is dropped: the inputs had no more than bf16's bits).
+struct Bf16Planes {
+    hi: Lines,
+    lo: Option<(Lines, __m512i)>,
+}
+
+impl Bf16Planes {
+    /// Planes of `bytes` each, `lo` only with `pairs`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn new(bytes: usize, pairs: bool) -> Result<Bf16Planes, CallError> {
+        let lo = match pairs {
+            true => Some((Lines::overwritten(bytes)?, _mm512_setzero_si512())),
+            false => None,
+        };
+        Ok(Bf16Planes {
+            hi: Lines::overwritten(bytes)?,
+            lo,
+        })
+    }
+
+    /// Stores the 32 values `a, b` as one 64-byte row at byte `at` of each plane: rounded to
+    /// bf16 in `hi`, their rests in `lo`.
+    ///
+    /// # Safety
+    /// 64 bytes at `at` lie inside the planes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+    unsafe fn store(&mut self, at: usize, a: __m512, b: __m512) {
+        // SAFETY (both arms): by the caller.
+        match &mut self.lo {
+            Some((lo, any)) => {
+                let (ah, al) = split_bf16(a);
+                let (bh, bl) = split_bf16(b);
+                let rest = join(al, bl);
+                *any = _mm512_or_si512(*any, rest);
+                unsafe {
+                    _mm512_store_si512(self.hi.ptr_mut().add(at).cast(), join(ah, bh));
+                    _mm512_store_si512(lo.ptr_mut().add(at).cast(), rest);
+                }
+            }
+            None => unsafe {
+                _mm512_store_si512(
+                    self.hi.ptr_mut().add(at).cast(),
+                    join(to_bf16(a), to_bf16(b)),
+                );
+            },
+        }
+    }
+
+    /// `hi`, and `lo` where some rest is nonzero.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+    fn finish(self) -> (Lines, Option<Lines>) {
+        let lo = self
+            .lo
+            .and_then(|(lo, any)| (_mm512_test_epi32_mask(any, any) != 0).then_some(lo));
+        (self.hi, lo)
+    }
 }
 
 /// Zeros the K rows of the padding keys `n..key_tiles·64`, the only rows of K that the loops

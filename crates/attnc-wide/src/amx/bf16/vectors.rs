@@ -1,6 +1,6 @@
-//! The bf16 kernel's two products on AVX-512 BF16, for CPUs without AMX: the same packed
-//! operands and the same Sᵀ, Pᵀ and Oᵀ buffers as the tile unit's, so the softmax and every
-//! rule of the kernel stay as they are.
+//! The bf16 kernel's two products on AVX-512 BF16, for CPUs without AMX: K and V packed in the
+//! tile unit's layouts (rounded once: packed for vectors they have no `lo` plane) and the same
+//! Sᵀ, Pᵀ and Oᵀ buffers, so the softmax and every rule of the kernel stay as they are.
 //!
 //! The lanes are the 16 query rows of a row group, as in the tile layouts: a row of a resident
 //! B tile (Qᵀ or Pᵀ: one pair of dimensions or keys for 16 rows) is one `__m512bh`, and the
@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::{Scratch, P_SLOT, S_SLOT};
-use crate::amx::pack::{Data, Lines};
+use crate::amx::pack::Data;
 use crate::amx::tile::TILE_BYTES;
 use crate::amx::KEY_TILE;
 
@@ -49,18 +49,13 @@ unsafe fn tile_product(acc: &mut [__m512; 16], b: *const u8, a: *const u8) {
     }
 }
 
-/// The planes of a packed operand: `hi`, and `lo` where the inputs had more than 8 bits.
-fn planes<'a>(hi: &'a Lines, lo: Option<&'a Lines>) -> impl Iterator<Item = &'a Lines> {
-    std::iter::once(hi).chain(lo)
-}
-
 /// `Sᵀ` of row group `rg`, key group `g` (16 keys) of key tile `kt` over dimension chunks
 /// `chunks`, into S slot `slot`: from 0 when `chunks` starts at 0, else added to the partial
 /// sums stored by the previous chunks.
 ///
 /// # Safety
-/// AVX-512 F/BW and BF16 are usable; `kt < data.key_tiles`, `g < 4`, `rg < 2`, `chunks` lies
-/// in `0..data.d_chunks`; `sc` was sized for `data`.
+/// AVX-512 F/BW and BF16 are usable; `data` was packed for vectors; `kt < data.key_tiles`,
+/// `g < 4`, `rg < 2`, `chunks` lies in `0..data.d_chunks`; `sc` was sized for `data`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
 pub(super) unsafe fn scores(
     data: &Data,
@@ -69,6 +64,7 @@ pub(super) unsafe fn scores(
     chunks: std::ops::Range<usize>,
 ) {
     let ch = data.d_chunks;
+    debug_assert!(data.k_lo.is_none(), "packed for vectors: K rounded once");
     // SAFETY (whole body): the slot's 16 lines of (g, rg), the Qᵀ tiles (c, rg) and the K
     // tiles (4kt + g, c) lie inside their buffers by the caller's bounds.
     unsafe {
@@ -84,9 +80,7 @@ pub(super) unsafe fn scores(
         for c in chunks {
             let q = sc.qt.ptr().add((2 * c + rg) * TILE_BYTES);
             let k = ((4 * kt + g) * ch + c) * TILE_BYTES;
-            for plane in planes(&data.k_hi, data.k_lo.as_ref()) {
-                tile_product(&mut acc, q, plane.ptr().add(k));
-            }
+            tile_product(&mut acc, q, data.k_hi.ptr().add(k));
         }
         for (e, acc) in acc.iter().enumerate() {
             _mm512_store_ps(s.add(64 * e).cast(), *acc);
@@ -98,8 +92,8 @@ pub(super) unsafe fn scores(
 /// `slot`.
 ///
 /// # Safety
-/// AVX-512 F/BW and BF16 are usable; `kt < data.key_tiles`, `g < data.dv_groups`, `rg < 2`;
-/// `sc` was sized for `data`.
+/// AVX-512 F/BW and BF16 are usable; `data` was packed for vectors; `kt < data.key_tiles`,
+/// `g < data.dv_groups`, `rg < 2`; `sc` was sized for `data`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
 pub(super) unsafe fn values(
     data: &Data,
@@ -107,6 +101,7 @@ pub(super) unsafe fn values(
     (kt, slot, g, rg): (usize, usize, usize, usize),
 ) {
     let groups = data.dv_groups;
+    debug_assert!(data.v_lo.is_none(), "packed for vectors: V rounded once");
     // SAFETY (whole body): the Oᵀ lines of (g, rg), the slot's Pᵀ tiles (h, rg) and the Vᵀ
     // tiles (2kt + h, g) lie inside their buffers by the caller's bounds.
     unsafe {
@@ -118,9 +113,7 @@ pub(super) unsafe fn values(
         for h in 0..2 {
             let p = sc.p.ptr().add(slot * P_SLOT + (2 * h + rg) * TILE_BYTES);
             let v = ((2 * kt + h) * groups + g) * TILE_BYTES;
-            for plane in planes(&data.v_hi, data.v_lo.as_ref()) {
-                tile_product(&mut acc, p, plane.ptr().add(v));
-            }
+            tile_product(&mut acc, p, data.v_hi.ptr().add(v));
         }
         for (col, acc) in acc.iter().enumerate() {
             _mm512_store_ps(o.add(64 * col).cast(), *acc);
