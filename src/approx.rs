@@ -18,7 +18,7 @@
 //! computed once however many plans are measured, and a fallback to the exact plan reuses its
 //! machine code.
 
-use crate::calibration::entry::{first_entry, one_entry_bindings, separable_along};
+use crate::calibration::entry::{one_entry_bindings, one_entry_input, separable_along};
 use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
 use crate::compiler::{Calibration, Compiler};
 use crate::engine::RunError;
@@ -131,10 +131,9 @@ struct Reference {
     kernel: Kernel,
     /// Its machine code.
     code: CompiledKernel,
-    /// The calibration inputs.
+    /// The calibration inputs (the first batch entry's only while `one_entry` holds: the
+    /// reference is dropped when that ends).
     inputs: Vec<Tensor>,
-    /// Whether the code and inputs are the first batch entry's only (not the run's shape).
-    one_entry: bool,
     /// The exact plan's sampled rows, computed on the first measurement.
     rows: Option<Vec<f32>>,
 }
@@ -161,25 +160,23 @@ pub(crate) fn compile_with_policy(
     let mut entry_drawn: Vec<Option<Tensor>> = Vec::new();
     if let Some((symbol, _)) = &one_entry {
         let entries = bindings.get(symbol).copied().unwrap_or(0) as usize;
-        let leads = |name: &str| {
-            kernel.params.iter().any(|p| {
-                p.name == name && p.shape.first() == Some(&attnc_ir::dim::Dim::Sym(symbol.clone()))
-            })
-        };
-        let cut = |name: &str, t: &Tensor| match leads(name) {
-            true => first_entry(t, entries),
-            false => Some(t.clone()),
-        };
+        let cut = |p: &attnc_ir::Param, t: &Tensor| one_entry_input(p, symbol, entries, t);
         let given: Option<Vec<(String, Tensor)>> = calibration
             .iter()
-            .map(|(name, t)| cut(name, t).map(|t| (name.clone(), t)))
+            .map(|(name, t)| {
+                let cut_t = match kernel.params.iter().find(|p| p.name == *name) {
+                    Some(p) => cut(p, t),
+                    None => Some(t.clone()),
+                };
+                cut_t.map(|t| (name.clone(), t))
+            })
             .collect();
         let cut_drawn: Option<Vec<Option<Tensor>>> = drawn
             .tensors
             .iter()
             .zip(&kernel.params)
             .map(|(t, p)| match t {
-                Some(t) => cut(&p.name, t).map(Some),
+                Some(t) => cut(p, t).map(Some),
                 None => Some(None),
             })
             .collect();
@@ -207,7 +204,8 @@ pub(crate) fn compile_with_policy(
                 // Falling back to the exact plan: its code is already compiled (for the run's
                 // shape unless the sample was one entry's).
                 Some(r)
-                    if !r.one_entry && fingerprint(&r.kernel) == fingerprint(&optimized.kernel) =>
+                    if one_entry.is_none()
+                        && fingerprint(&r.kernel) == fingerprint(&optimized.kernel) =>
                 {
                     r.code
                 }
@@ -281,7 +279,6 @@ pub(crate) fn compile_with_policy(
                     kernel: exact_kernel,
                     code,
                     inputs: inputs?,
-                    one_entry: one_entry.is_some(),
                     rows: None,
                 });
                 (compiled?, ready)

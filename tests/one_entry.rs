@@ -3,10 +3,10 @@
 //! alone (the dimension bound to 1, the inputs cut to their first entry) equals the first
 //! entry of the whole computation, bit for bit, in the f64 interpreter.
 
-use attnc::calibration::entry::{first_entry, one_entry_bindings};
+use attnc::calibration::entry::{first_entry, one_entry_bindings, one_entry_input};
 use attnc::engine::{execute, Engine};
 use attnc::io::{standard_normal, Tensor, TensorData};
-use attnc::ir::dim::{resolve_shape, Dim};
+use attnc::ir::dim::resolve_shape;
 use attnc::ir::{Bindings, DType, Kernel};
 
 /// Distinct standard-normal values per parameter and entry (segment ids 0).
@@ -47,10 +47,7 @@ fn one_entry_equals_the_first_entry_of_the_whole() {
         let cut: Vec<Tensor> = full
             .iter()
             .zip(&kernel.params)
-            .map(|(t, p)| match p.shape.first() {
-                Some(Dim::Sym(s)) if *s == symbol => first_entry(t, entries).expect("fits"),
-                _ => t.clone(),
-            })
+            .map(|(t, p)| one_entry_input(p, &symbol, entries, t).expect("fits"))
             .collect();
         let (Ok(whole), Ok(alone)) = (
             execute(kernel, &bindings, &full, Engine::Interp, 1),

@@ -9,7 +9,7 @@
 
 use crate::io::{Tensor, TensorData};
 use attnc_ir::dim::Dim;
-use attnc_ir::{Bindings, Kernel, Op};
+use attnc_ir::{Bindings, Kernel, Op, Param};
 
 /// `bindings` with the kernel's leading batch dimension bound to 1, when `kernel` computes
 /// each entry along it on its own and it is bound to more than 1; `None` otherwise.
@@ -74,6 +74,21 @@ fn mentions(dim: &Dim, symbol: &str) -> bool {
         Dim::Sym(s) => s == symbol,
         Dim::Const(_) => false,
         Dim::CeilDiv(a, b) => mentions(a, symbol) || mentions(b, symbol),
+    }
+}
+
+/// `tensor`, the input of `param`, as a run on one entry along `symbol` reads it: its first
+/// of `entries` entries where `param`'s first axis is `symbol`, else all of it; `None` when the
+/// tensor does not fit.
+pub fn one_entry_input(
+    param: &Param,
+    symbol: &str,
+    entries: usize,
+    tensor: &Tensor,
+) -> Option<Tensor> {
+    match param.shape.first() {
+        Some(Dim::Sym(s)) if s == symbol => first_entry(tensor, entries),
+        _ => Some(tensor.clone()),
     }
 }
 
