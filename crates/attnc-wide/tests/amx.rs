@@ -328,19 +328,30 @@ fn bounds(kernel: Kernel, case: &Case, inputs: &Inputs, want: &(Vec<f32>, Vec<f3
     )
 }
 
+/// Runs `call` (of `case`) on `kernel`, checks it gives no NaN, and returns its errors against
+/// `want` and their bounds, both as (O, lse).
+fn measured(
+    kernel: Kernel,
+    case: &Case,
+    inputs: &Inputs,
+    call: &Call<'_>,
+    want: &(Vec<f32>, Vec<f32>),
+) -> ((f64, f64), (f64, f64)) {
+    let got = run_all(kernel, call);
+    assert!(
+        got.0.iter().chain(&got.1).all(|x| !x.is_nan()),
+        "{kernel:?} {case:?}: NaN"
+    );
+    (errors(&got, want), bounds(kernel, case, inputs, want))
+}
+
 /// Runs `case` on every kernel against the reference; prints and returns the errors (O, lse).
 fn check_case(case: &Case) -> Vec<(Kernel, (f64, f64))> {
     let inputs = Inputs::new(case);
     let call = inputs.call(case);
     let want = reference(&call);
     let errors = kernels().into_iter().map(|kernel| {
-        let got = run_all(kernel, &call);
-        assert!(
-            got.0.iter().chain(&got.1).all(|x| !x.is_nan()),
-            "{kernel:?} {case:?}: NaN"
-        );
-        let (o, lse) = errors(&got, &want);
-        let (o_bound, lse_bound) = bounds(kernel, case, &inputs, &want);
+        let ((o, lse), (o_bound, lse_bound)) = measured(kernel, case, &inputs, &call, &want);
         assert!(
             o <= o_bound,
             "{kernel:?} {case:?}: relative L2 error {o:.2e} > {o_bound:.2e}"
@@ -874,13 +885,7 @@ mod random {
             .sqrt();
         let scale_norm = v_rms * (want.0.len() as f64).sqrt();
         for kernel in kernels() {
-            let got = run_all(kernel, &call);
-            assert!(
-                got.0.iter().chain(&got.1).all(|x| !x.is_nan()),
-                "{kernel:?} {case:?}: NaN"
-            );
-            let (o, lse) = errors(&got, &want);
-            let (o_bound, lse_bound) = bounds(kernel, case, &inputs, &want);
+            let ((o, lse), (o_bound, lse_bound)) = measured(kernel, case, &inputs, &call, &want);
             // `o` is relative to O's norm where that is positive.
             let o_abs = if o_norm > 0.0 { o * o_norm } else { o };
             assert!(
