@@ -345,8 +345,11 @@ fn tier_speeds(tiers: attnc_jit::wide::Tiers, kernel: &Kernel) -> attnc_opt::Tie
     }
     if amx::unit(Products::Bf16) == Some(Unit::Vectors) {
         // bf16 inputs need no rounding on the way in: the products gain more there.
-        let mut floats = kernel.params.iter().filter(|p| p.dtype != DType::I32);
-        let bf16_inputs = floats.clone().count() > 0 && floats.all(|p| p.dtype == DType::Bf16);
+        let params = &kernel.params;
+        let bf16_inputs = params.iter().any(|p| p.dtype == DType::Bf16)
+            && params
+                .iter()
+                .all(|p| matches!(p.dtype, DType::Bf16 | DType::I32));
         speeds = speeds.bf16_on_vectors(bf16_inputs);
     }
     speeds

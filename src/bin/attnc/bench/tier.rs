@@ -15,7 +15,7 @@ pub struct TierCeiling {
     /// The tier's name in plans.
     pub tier: &'static str,
     /// How the ceiling follows from the instructions' measured rates, for people.
-    pub basis: String,
+    pub basis: &'static str,
     /// At 1 thread.
     pub one: f64,
     /// At the benchmark's thread count.
@@ -46,13 +46,13 @@ pub fn measure(plan: &Plan, threads: usize) -> Option<TierCeiling> {
 }
 
 /// The useful rate of `products` at `threads` threads and how it was formed.
-fn ceiling(products: Products, d: usize, dv: usize, threads: usize) -> Option<(f64, String)> {
+fn ceiling(products: Products, d: usize, dv: usize, threads: usize) -> Option<(f64, &'static str)> {
     match products {
         // One `vdpbf16ps` per pair of depths (bf16 K and V; f32 ones take two, which the
         // cost model avoids on vectors).
         Products::Bf16 => {
             let rate = dot_product_peak(DotProduct::Bf16Pairs, threads)?;
-            Some((rate, "vdpbf16ps at its measured rate".to_string()))
+            Some((rate, "vdpbf16ps at its measured rate"))
         }
         // Scores on `vpdpwssd`, P·V on `vpdpbusd` with two digits of V: each instruction does
         // half its multiply-adds' worth of useful work there. The shares follow d and dv.
@@ -64,8 +64,7 @@ fn ceiling(products: Products, d: usize, dv: usize, threads: usize) -> Option<(f
             Some((
                 rate,
                 "vpdpwssd for Q·Kᵀ, vpdpbusd over two digits of V for P·V, at their measured \
-                 rates"
-                    .to_string(),
+                 rates",
             ))
         }
     }
