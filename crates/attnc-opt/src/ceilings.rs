@@ -63,8 +63,8 @@ impl TierSpeeds {
     /// not: `vdpbf16ps` does twice the work of an f32 FMA, and other inputs are rounded on the
     /// way in. Measured on an AVX-512 BF16 machine without AMX (h = 8, n = 4096, d = 64, 2
     /// threads, `attnc bench … --approx bf16_products`, exact kernel in the same run): bf16
-    /// inputs 99–106 ms against 168–171 ms (1.65×), f32 inputs 118–126 ms against 175–182 ms
-    /// (1.4–1.5×).
+    /// inputs 99–106 ms against 168–171 ms (1.65×), f32 inputs 103–126 ms against 166–182 ms
+    /// (1.4–1.6×; priced at the low end).
     pub fn bf16_on_vectors(mut self, bf16_inputs: bool) -> TierSpeeds {
         if self.amx_bf16 > 0.0 {
             let gain = if bf16_inputs { 1.65 } else { 1.4 };
