@@ -1,8 +1,10 @@
 //! The backward's time against the forward's, in one process: dense attention (h = 8,
-//! n = 4096, d = 64 unless given), gradients of q, k and v for a standard-normal cotangent.
+//! n = 4096, d = 64 unless given; with fewer heads than threads, each head's forward and
+//! backward are split between the threads), gradients of q, k and v for a standard-normal
+//! cotangent.
 //!
 //! ```text
-//! cargo run --release --example backward_ratio -- [--threads 1] [--runs 5] [--n 4096]
+//! cargo run --release --example backward_ratio -- [--threads 1] [--runs 5] [--n 4096] [--h 8]
 //! ```
 //!
 //! Each round times, in this order: the plain forward ([`CompiledGrad::forward`]), the
@@ -39,7 +41,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let (threads, runs, n) = (arg("--threads", 1)?, arg("--runs", 5)?, arg("--n", 4096)?);
-    let (h, d) = (8, 64);
+    let (h, d) = (arg("--h", 8)?, 64);
     let module = attnc::source::compile_text(SOURCE).map_err(|e| format!("{e:?}"))?;
     let kernel = &module.kernels[0];
     let bindings: Bindings = [("h", h), ("n", n), ("d", d)]

@@ -27,7 +27,11 @@ use crate::kernels::attention::{AttentionSpec, TensorRef};
 use crate::wide::{batch_index, buffer_err, offset_of, Tier, WideAttention};
 pub use attnc_wide::backward::Saved;
 
-use attnc_wide::backward::{self as kernel, BiasGrad, Gradients};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use attnc_wide::attention::ValueBound;
+use attnc_wide::backward::{self as kernel, BiasGrad, Gradients, KeyPart, RowStats};
 use attnc_wide::pages::zeroed;
 
 /// Where one gradient goes: an operand's shape broadcast into the batch, contiguous.
@@ -145,18 +149,39 @@ impl AttentionBackward {
         if entries == 0 || m == 0 || spec.n == 0 {
             return Ok(saved);
         }
-        // One block of rows per entry (empty blocks too: with dv = 0 the log-sum-exps are
-        // still computed).
+        // Blocks of FORWARD_ROWS rows where the AVX-512 kernel runs (any split of its rows
+        // gives the same bits), so one entry's forward spreads over the threads; else one
+        // block per entry (empty blocks too: with dv = 0 the log-sum-exps are still computed).
+        let split = self.splits() && dv > 0;
         let mut rows: &mut [f32] = &mut saved.o;
         let mut items = Vec::with_capacity(entries);
         for (e, lse) in saved.lse.chunks_mut(m).enumerate() {
             let (o, rest) = std::mem::take(&mut rows).split_at_mut(m * dv);
             rows = rest;
-            items.push((e, (o, lse)));
+            if !split {
+                items.push((e, 0, o, lse));
+                continue;
+            }
+            let blocks = o
+                .chunks_mut(FORWARD_ROWS * dv)
+                .zip(lse.chunks_mut(FORWARD_ROWS));
+            for (b, (o, lse)) in blocks.enumerate() {
+                items.push((e, b * FORWARD_ROWS, o, lse));
+            }
         }
-        crate::wide::deal(items, threads, |(e, (o, lse))| {
+        // Each entry's value bound, read once for all its blocks.
+        let bounds: Vec<OnceLock<Option<ValueBound>>> =
+            (0..entries).map(|_| OnceLock::new()).collect();
+        crate::wide::deal(items, threads, |(e, first, o, lse)| {
             self.forward.with_call(inputs, e, |call| {
-                kernel::forward_with(call, o, lse, self.wide).map_err(wide_err)
+                match split {
+                    true => {
+                        let bound = *bounds[e].get_or_init(|| ValueBound::of(call));
+                        kernel::forward_rows(call, first..first + lse.len(), o, lse, bound)
+                    }
+                    false => kernel::forward_with(call, o, lse, self.wide),
+                }
+                .map_err(wide_err)
             })
         })?;
         Ok(saved)
@@ -230,16 +255,31 @@ impl AttentionBackward {
                     per_entry[e].push(chunk);
                 }
             }
-            let items: Vec<(usize, Vec<&mut [f32]>)> = per_entry.into_iter().enumerate().collect();
-            crate::wide::deal(items, threads, |(e, blocks)| {
-                let kept = saved.map(|s| {
-                    (
-                        &s.o[e * m * dv..(e + 1) * m * dv],
-                        &s.lse[e * m..(e + 1) * m],
-                    )
-                });
-                self.entry(inputs, d_o, e, blocks, kept, (m, n, d, dv))
-            })?;
+            let parts = self.key_parts();
+            if parts > 1 {
+                // The parts need every entry's forward before they start.
+                let residuals;
+                let saved = match saved {
+                    Some(s) => s,
+                    None => {
+                        residuals = self.forward(inputs, threads)?;
+                        residuals.saved()
+                    }
+                };
+                self.run_parts(inputs, d_o, saved, per_entry, parts, threads)?;
+            } else {
+                let items: Vec<(usize, Vec<&mut [f32]>)> =
+                    per_entry.into_iter().enumerate().collect();
+                crate::wide::deal(items, threads, |(e, blocks)| {
+                    let kept = saved.map(|s| {
+                        (
+                            &s.o[e * m * dv..(e + 1) * m * dv],
+                            &s.lse[e * m..(e + 1) * m],
+                        )
+                    });
+                    self.entry(inputs, d_o, e, blocks, kept, (m, n, d, dv))
+                })?;
+            }
         }
         // Broadcast operands: the entries' blocks summed into the gradient in entry order.
         for (k, g) in self.grads.iter().enumerate() {
@@ -308,15 +348,7 @@ impl AttentionBackward {
                     (computed.0.as_slice(), computed.1.as_slice())
                 }
             };
-            let index = batch_index(&self.spec.batch, e);
-            let at = offset_of(&self.d_o, &index);
-            let d_o = d_o
-                .get(at..at + m * dv)
-                .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
-            let d_lse = match &self.d_lse {
-                Some(t) => Some(rows_of(t, inputs, &index, m)?),
-                None => None,
-            };
+            let (d_o, d_lse) = self.cotangents(inputs, d_o, e)?;
             let mut grads = Gradients::default();
             let mut slope = 0.0f32;
             let mut slope_at = None;
@@ -350,6 +382,208 @@ impl AttentionBackward {
             }
             Ok(())
         })
+    }
+}
+
+/// Keys per part of a batch entry's backward ([`AttentionBackward::run_parts`]). Set by the
+/// shape alone, never by the thread count, so that the sums of dQ over the parts run in the
+/// same order, and results are bit-identical, on any number of threads.
+const PART_KEYS: usize = 1024;
+
+/// Rows per block of an entry's forward ([`AttentionBackward::forward`]), where it splits.
+const FORWARD_ROWS: usize = 4 * attnc_wide::attention::QUERY_TILE;
+
+impl AttentionBackward {
+    /// Into how many parts of [`PART_KEYS`] keys each batch entry's backward splits: several
+    /// on the AVX-512 kernel for gradients of q, k and v (a bias or slope gradient sums over
+    /// every key), else 1 (the entry whole).
+    fn key_parts(&self) -> usize {
+        match self.splits() && self.grads.iter().all(|g| g.slot <= 2) {
+            true => self.spec.n.div_ceil(PART_KEYS).max(1),
+            false => 1,
+        }
+    }
+
+    /// Whether the AVX-512 kernels run, on their own tile sizes: they take an entry's rows
+    /// ([`kernel::forward_rows`]) or keys ([`kernel::run_part`]) in parts.
+    fn splits(&self) -> bool {
+        use attnc_wide::attention::{available, KEY_TILE, QUERY_TILE};
+        self.wide && available() && self.forward.key_tiles().2 == (QUERY_TILE, KEY_TILE)
+    }
+
+    /// The cotangents of batch entry `e`: its rows of `dO` and, where the log-sum-exp has one,
+    /// of `dlse`.
+    fn cotangents<'a>(
+        &self,
+        inputs: &[BufferView<'_>],
+        d_o: &'a [f32],
+        e: usize,
+    ) -> Result<(&'a [f32], Option<Vec<f32>>)> {
+        let (m, dv) = (self.spec.m, self.spec.dv);
+        let index = batch_index(&self.spec.batch, e);
+        let at = offset_of(&self.d_o, &index);
+        let d_o = d_o
+            .get(at..at + m * dv)
+            .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
+        let d_lse = match &self.d_lse {
+            Some(t) => Some(rows_of(t, inputs, &index, m)?),
+            None => None,
+        };
+        Ok((d_o, d_lse))
+    }
+
+    /// The backward with each entry split into `parts` parts of [`PART_KEYS`] keys, every
+    /// (entry, part) pair taken by whichever thread is free: an entry's work spreads over the
+    /// threads even where there are fewer entries than threads, or a slow thread would leave
+    /// the others idle at the end. Each part writes its keys' rows of dK and dV; part 0 writes
+    /// dQ, the others their share of it into a buffer of the rows they reach, which the last
+    /// part of the entry to finish adds into dQ in part order. `blocks`: per entry, one block
+    /// of each gradient (q, k, v only: [`AttentionBackward::key_parts`]).
+    fn run_parts(
+        &self,
+        inputs: &[BufferView<'_>],
+        d_o: &[f32],
+        saved: Saved<'_>,
+        blocks: Vec<Vec<&mut [f32]>>,
+        parts: usize,
+        threads: usize,
+    ) -> Result<()> {
+        let (m, n, d, dv) = (self.spec.m, self.spec.n, self.spec.d, self.spec.dv);
+        let mut entries = Vec::with_capacity(blocks.len());
+        let mut items = Vec::with_capacity(blocks.len() * parts);
+        for (e, entry_blocks) in blocks.into_iter().enumerate() {
+            let mut dq = None;
+            let mut keys: Vec<[Option<&mut [f32]>; 2]> = (0..parts).map(|_| [None, None]).collect();
+            for (g, block) in self.grads.iter().zip(entry_blocks) {
+                let (slot, cols) = match g.slot {
+                    0 => {
+                        dq = Some(block);
+                        continue;
+                    }
+                    1 => (0, d),
+                    2 => (1, dv),
+                    _ => return Err(buffer_err("gradient", "of a bias or slope in key parts")),
+                };
+                // Consecutive blocks of PART_KEYS rows, the last one shorter.
+                for (p, rows) in block.chunks_mut((PART_KEYS * cols).max(1)).enumerate() {
+                    if let Some(k) = keys.get_mut(p) {
+                        k[slot] = Some(rows);
+                    }
+                }
+            }
+            entries.push(EntryParts::new(dq, parts));
+            items.extend(
+                keys.into_iter()
+                    .enumerate()
+                    .map(|(p, [dk, dv])| (e, p, dk, dv)),
+            );
+        }
+        let spare = Mutex::new(Vec::new());
+        crate::wide::deal(items, threads, |(e, p, dk, dv_rows)| {
+            let (d_o, d_lse) = self.cotangents(inputs, d_o, e)?;
+            let short = || buffer_err("saved forward", "is shorter than its entries");
+            let saved = Saved {
+                o: saved
+                    .o
+                    .get(e * m * dv..(e + 1) * m * dv)
+                    .ok_or_else(short)?,
+                lse: saved.lse.get(e * m..(e + 1) * m).ok_or_else(short)?,
+            };
+            let entry = &entries[e];
+            let part_tiles = PART_KEYS / attnc_wide::attention::KEY_TILE;
+            let key_tiles = n.div_ceil(attnc_wide::attention::KEY_TILE);
+            let tiles = p * part_tiles..((p + 1) * part_tiles).min(key_tiles);
+            self.forward.with_call(inputs, e, |call| {
+                let stats = entry
+                    .stats
+                    .get_or_init(|| RowStats::of(&saved, (d_o, d_lse.as_deref()), m, dv));
+                let mut grads = Gradients {
+                    dk,
+                    dv: dv_rows,
+                    ..Gradients::default()
+                };
+                let dq_rows = match p {
+                    0 => 0..m,
+                    _ => kernel::key_part_rows(call, tiles.clone()),
+                };
+                let part = KeyPart { tiles, dq_rows };
+                // Part 0 holds dQ until it finishes; the others write only their share.
+                let mut whole =
+                    (p == 0).then(|| entry.dq.lock().unwrap_or_else(|e| e.into_inner()));
+                let mut share = (p > 0 && entry.has_dq).then(|| {
+                    let mut buffer: Vec<f32> = spare
+                        .lock()
+                        .map(|mut s| s.pop())
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    buffer.clear();
+                    buffer.resize(part.dq_rows.len() * d, 0.0);
+                    buffer
+                });
+                grads.dq = match (&mut share, &mut whole) {
+                    (Some(buffer), _) => Some(buffer.as_mut_slice()),
+                    (None, Some(guard)) => guard.as_deref_mut(),
+                    (None, None) => None,
+                };
+                kernel::run_part(call, &saved, stats, d_o, &mut grads, &part).map_err(wide_err)?;
+                drop(whole);
+                if let Some(buffer) = share {
+                    let mut shares = entry.shares.lock().unwrap_or_else(|e| e.into_inner());
+                    shares[p] = Some((part.dq_rows.start, buffer));
+                }
+                if entry.done.fetch_add(1, Ordering::AcqRel) + 1 == parts {
+                    entry.add_shares(d, &spare);
+                }
+                Ok(())
+            })
+        })
+    }
+}
+
+/// A part's share of dQ: the first row it covers, and the rows.
+type Share = (usize, Vec<f32>);
+
+/// What the parts of one batch entry share: dQ (part 0 writes it; the last part to finish
+/// adds the others' shares), the shares, the row statistics (computed by the first part to
+/// start) and how many parts are done.
+struct EntryParts<'a> {
+    dq: Mutex<Option<&'a mut [f32]>>,
+    has_dq: bool,
+    /// Per part, its share of dQ.
+    shares: Mutex<Vec<Option<Share>>>,
+    stats: OnceLock<RowStats>,
+    done: AtomicUsize,
+}
+
+impl<'a> EntryParts<'a> {
+    fn new(dq: Option<&'a mut [f32]>, parts: usize) -> Self {
+        EntryParts {
+            has_dq: dq.is_some(),
+            dq: Mutex::new(dq),
+            shares: Mutex::new(vec![None; parts]),
+            stats: OnceLock::new(),
+            done: AtomicUsize::new(0),
+        }
+    }
+
+    /// Adds the shares of parts 1.. into dQ in part order (every part is done), and keeps
+    /// their buffers in `spare` for later parts.
+    fn add_shares(&self, d: usize, spare: &Mutex<Vec<Vec<f32>>>) {
+        let mut dq = self.dq.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(dq) = dq.as_deref_mut() else {
+            return;
+        };
+        for (first, share) in shares.iter_mut().filter_map(Option::take) {
+            let rows = &mut dq[first * d..first * d + share.len()];
+            for (x, s) in rows.iter_mut().zip(&share) {
+                *x += s;
+            }
+            if let Ok(mut spare) = spare.lock() {
+                spare.push(share);
+            }
+        }
     }
 }
 

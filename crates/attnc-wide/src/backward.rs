@@ -29,6 +29,9 @@
 pub mod portable;
 pub mod reference;
 
+use std::ops::Range;
+
+use crate::attention::ValueBound;
 use crate::problem::{Call, CallError};
 
 /// What the forward saved for the backward, for one batch entry: `O` (`m × dv`, row-major)
@@ -69,6 +72,74 @@ pub struct Gradients<'a> {
     pub dbias: Option<BiasGrad<'a>>,
     /// The ALiBi slope gradient.
     pub dslope: Option<&'a mut f32>,
+}
+
+/// What every part of one call's backward reads per query row: the log-sum-exp in base 2 and
+/// `D = dO · O − dlse`, computed once per call ([`RowStats::of`]).
+#[derive(Clone, Debug, Default)]
+pub struct RowStats {
+    /// `lse · log₂ e` per row.
+    pub lse2: Vec<f32>,
+    /// `D` per row.
+    pub dd: Vec<f32>,
+}
+
+impl RowStats {
+    /// The statistics of every row of `saved` (`m` rows of `dv`) for the cotangents
+    /// `(dO, dlse)`. Sizes as [`check`] requires them.
+    pub fn of(
+        saved: &Saved<'_>,
+        (d_o, d_lse): (&[f32], Option<&[f32]>),
+        m: usize,
+        dv: usize,
+    ) -> Self {
+        let dd = (0..m)
+            .map(|i| {
+                let (g, o) = (&d_o[i * dv..(i + 1) * dv], &saved.o[i * dv..(i + 1) * dv]);
+                let dd: f32 = g.iter().zip(o).map(|(a, b)| a * b).sum();
+                dd - d_lse.map_or(0.0, |l| l[i])
+            })
+            .collect();
+        let lse2 = saved.lse[..m]
+            .iter()
+            .map(|l| l * std::f32::consts::LOG2_E)
+            .collect();
+        RowStats { lse2, dd }
+    }
+}
+
+/// One part of a call's backward: the key tiles `tiles` (of [`crate::attention::KEY_TILE`]
+/// keys) only. Its `dK` and `dV` hold those keys' rows (from the first key of `tiles`), its
+/// `dQ` the rows `dq_rows`, which must cover every query tile that visits one of the keys
+/// ([`key_part_rows`]): the part's share of `dQ`, which the caller adds over the parts. Parts
+/// of one call run independently, each in the same fixed order as the whole call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyPart {
+    /// Key tiles.
+    pub tiles: Range<usize>,
+    /// The rows `dQ` holds.
+    pub dq_rows: Range<usize>,
+}
+
+/// The query rows whose tiles visit one of the key tiles `tiles` of `call` (an empty range at
+/// 0 when none does): what a [`KeyPart`]'s `dQ` must hold.
+pub fn key_part_rows(call: &Call<'_>, tiles: Range<usize>) -> Range<usize> {
+    let table = call.tiles;
+    let visiting = (0..table.query_tiles()).filter(|&t| {
+        table
+            .runs(t)
+            .iter()
+            .any(|run| (run.first as usize) < tiles.end && tiles.start < run.end as usize)
+    });
+    let (mut first, mut last) = (None, 0);
+    for t in visiting {
+        first.get_or_insert(t);
+        last = t;
+    }
+    match first {
+        Some(first) => first * table.query_tile..((last + 1) * table.query_tile).min(call.m()),
+        None => 0..0,
+    }
 }
 
 /// Checks a backward call before anything is read: the forward call itself (as
@@ -158,13 +229,125 @@ pub fn run_with(
         && call.tiles.key_tile == crate::attention::KEY_TILE;
     #[cfg(target_arch = "x86_64")]
     if wide && wide_tiles && crate::attention::available() {
-        // SAFETY: AVX-512 was detected, `check` passed and the table has the kernel's tiles.
-        unsafe { crate::attention::backward::run(call, saved, (d_o, d_lse), grads) };
+        let (m, dv) = (call.m(), call.v.cols);
+        let stats = RowStats::of(saved, (d_o, d_lse), m, dv);
+        let whole = KeyPart {
+            tiles: 0..call.n().div_ceil(crate::attention::KEY_TILE),
+            dq_rows: 0..m,
+        };
+        // SAFETY: AVX-512 was detected, `check` passed (the whole call is its one part) and
+        // the table has the kernel's tiles.
+        unsafe { crate::attention::backward::run(call, &stats, d_o, grads, &whole) };
         return Ok(());
     }
     let _ = (wide, wide_tiles);
     portable::backward(call, saved, (d_o, d_lse), grads);
     Ok(())
+}
+
+/// Whether [`run_part`] and [`forward_rows`] run on this CPU for `call`: the AVX-512 kernel
+/// is available and the call's tile table has its tiles.
+pub fn parts_run(call: &Call<'_>) -> bool {
+    call.tiles.query_tile == crate::attention::QUERY_TILE
+        && call.tiles.key_tile == crate::attention::KEY_TILE
+        && crate::attention::available()
+}
+
+/// One [`KeyPart`] of a call's backward on the AVX-512 kernel (see [`parts_run`]), with the
+/// row statistics of the whole call: `dK` and `dV` of the part's keys are written, its share
+/// of `dQ` into `grads.dq` (rows `part.dq_rows`). The bias and slope gradients sum over every
+/// key and are not split: a part refuses them.
+pub fn run_part(
+    call: &Call<'_>,
+    saved: &Saved<'_>,
+    stats: &RowStats,
+    d_o: &[f32],
+    grads: &mut Gradients<'_>,
+    part: &KeyPart,
+) -> Result<(), CallError> {
+    check_part(call, saved, stats, d_o, grads, part)?;
+    if !parts_run(call) {
+        return Err(CallError::Shape(
+            "backward: key parts need the AVX-512 kernel and its tiles".into(),
+        ));
+    }
+    let _flush = crate::flush::FlushToZero::new();
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512 was detected, `check_part` passed and the table has the kernel's tiles.
+    unsafe {
+        crate::attention::backward::run(call, stats, d_o, grads, part)
+    };
+    Ok(())
+}
+
+/// [`check`] for one part: the call, `dO` and the saved rows as for the whole call, the row
+/// statistics of every row, gradients sized to the part, and `dq_rows` covering the part.
+fn check_part(
+    call: &Call<'_>,
+    saved: &Saved<'_>,
+    stats: &RowStats,
+    d_o: &[f32],
+    grads: &Gradients<'_>,
+    part: &KeyPart,
+) -> Result<(), CallError> {
+    let bad = |what: &str| Err(CallError::Shape(format!("backward part: {what}")));
+    if grads.dbias.is_some() || grads.dslope.is_some() {
+        return bad("bias and slope gradients sum over every key");
+    }
+    let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
+    // The whole-call checks on gradients of the whole call's size.
+    let whole = Gradients::default();
+    check(call, saved, d_o, &whole)?;
+    if stats.lse2.len() < m || stats.dd.len() < m {
+        return bad("the row statistics hold fewer than m rows");
+    }
+    let key_tile = crate::attention::KEY_TILE;
+    if part.tiles.start > part.tiles.end || part.tiles.end > n.div_ceil(key_tile) {
+        return bad("key tiles outside the call");
+    }
+    let keys = (part.tiles.start * key_tile).min(n)..(part.tiles.end * key_tile).min(n);
+    let needed = key_part_rows(call, part.tiles.clone());
+    let covered =
+        needed.is_empty() || (part.dq_rows.start <= needed.start && needed.end <= part.dq_rows.end);
+    if !covered || part.dq_rows.end > m {
+        return bad("dQ's rows do not cover the query tiles visiting the keys");
+    }
+    let fits = |g: &Option<&mut [f32]>, rows: usize, cols: usize| {
+        g.as_ref()
+            .is_none_or(|g| rows.checked_mul(cols).is_some_and(|len| g.len() == len))
+    };
+    if !fits(&grads.dq, part.dq_rows.len(), d)
+        || !fits(&grads.dk, keys.len(), d)
+        || !fits(&grads.dv, keys.len(), dv)
+    {
+        return bad("a gradient of q, k or v has the wrong size for the part");
+    }
+    Ok(())
+}
+
+/// [`forward`] of the rows `rows` only (`o` and `lse` hold those rows), on the AVX-512 kernel
+/// ([`parts_run`]): the same bits as those rows of the whole call, since any split of its
+/// rows gives them. `bound` is the call's [`ValueBound`] where the caller computed it once
+/// for all its blocks of rows (else each block reads every value for it).
+pub fn forward_rows(
+    call: &Call<'_>,
+    rows: Range<usize>,
+    o: &mut [f32],
+    lse: &mut [f32],
+    bound: Option<ValueBound>,
+) -> Result<(), CallError> {
+    if !parts_run(call) {
+        return Err(CallError::Shape(
+            "forward: row blocks need the AVX-512 kernel and its tiles".into(),
+        ));
+    }
+    let mut out = crate::problem::Output {
+        o,
+        row_stride: call.v.cols,
+        lse: Some(lse),
+        lse_from_origin: true,
+    };
+    crate::attention::run_with_bound(call, rows, &mut out, bound)
 }
 
 /// The forward of one batch entry with its log-sum-exp as the backward reads it ([`Saved`]),

@@ -612,3 +612,113 @@ fn full_tiles_without_options_take_the_fused_products() {
         }
     }
 }
+
+/// A call's backward split into parts of key tiles (`backward::run_part`): each part's dK and
+/// dV rows are bit-identical to the whole call's (the same sums in the same order), and its
+/// share of dQ, over the rows `key_part_rows` gives, adds up to the whole call's dQ within
+/// f32 rounding. A window reaches only some query tiles from each part; m > n leaves rows
+/// that keep nothing.
+#[test]
+fn key_parts_add_up_to_the_whole_call() {
+    if !attnc_wide::attention::available() {
+        eprintln!("no AVX-512 here: key parts not run");
+        return;
+    }
+    let window = KeyMask::And(Box::new(KeyMask::Causal), Box::new(KeyMask::Window(150)));
+    for (m, n, d, dv, mask, part_tiles) in [
+        (700, 900, 16, 12, Some(window), 3),
+        (300, 200, 8, 8, Some(KeyMask::Causal), 1),
+        (257, 513, 5, 3, None, 4),
+    ] {
+        let mut rng = Normal(m as u64 + n as u64);
+        let (q, k, v, d_o) = (
+            rng.vec(m * d),
+            rng.vec(n * d),
+            rng.vec(n * dv),
+            rng.vec(m * dv),
+        );
+        let tiles = match &mask {
+            Some(p) => TileTable::enumerate(p, m, n, QUERY_TILE, KEY_TILE),
+            None => TileTable::dense(m, n, QUERY_TILE, KEY_TILE),
+        };
+        let call = Call {
+            q: op(&q, m, d),
+            k: op(&k, n, d),
+            v: op(&v, n, dv),
+            score: Score::scaled(0.3),
+            mask: mask.as_ref(),
+            tiles: &tiles,
+            segments: None,
+            blocks: None,
+        };
+        let (mut o, mut lse) = (vec![0.0f32; m * dv], vec![0.0f32; m]);
+        backward::forward(&call, &mut o, &mut lse).expect("forward runs");
+        let saved = Saved { o: &o, lse: &lse };
+        let (mut dq, mut dk, mut dv_whole) =
+            (vec![0.0; m * d], vec![0.0; n * d], vec![0.0; n * dv]);
+        let mut grads = Gradients {
+            dq: Some(&mut dq),
+            dk: Some(&mut dk),
+            dv: Some(&mut dv_whole),
+            ..Gradients::default()
+        };
+        backward::run(&call, &saved, &d_o, &mut grads).expect("backward runs");
+
+        let stats = backward::RowStats::of(&saved, (&d_o, None), m, dv);
+        let (mut dq_parts, mut dk_parts, mut dv_parts) =
+            (vec![0.0f64; m * d], Vec::new(), Vec::new());
+        let key_tiles = n.div_ceil(KEY_TILE);
+        for first in (0..key_tiles).step_by(part_tiles) {
+            let part_tiles = first..(first + part_tiles).min(key_tiles);
+            let keys = (part_tiles.start * KEY_TILE)..(part_tiles.end * KEY_TILE).min(n);
+            let dq_rows = backward::key_part_rows(&call, part_tiles.clone());
+            let part = backward::KeyPart {
+                tiles: part_tiles,
+                dq_rows: dq_rows.clone(),
+            };
+            let (mut share, mut dk_p, mut dv_p) = (
+                vec![0.0f32; dq_rows.len() * d],
+                vec![0.0f32; keys.len() * d],
+                vec![0.0f32; keys.len() * dv],
+            );
+            let mut grads = Gradients {
+                dq: Some(&mut share),
+                dk: Some(&mut dk_p),
+                dv: Some(&mut dv_p),
+                ..Gradients::default()
+            };
+            backward::run_part(&call, &saved, &stats, &d_o, &mut grads, &part).expect("part runs");
+            for (x, s) in dq_parts[dq_rows.start * d..].iter_mut().zip(&share) {
+                *x += f64::from(*s);
+            }
+            dk_parts.extend(dk_p);
+            dv_parts.extend(dv_p);
+
+            // A dQ that misses a visiting query tile, a bias gradient: refused.
+            if !dq_rows.is_empty() {
+                let short = backward::KeyPart {
+                    tiles: part.tiles.clone(),
+                    dq_rows: dq_rows.start + 1..dq_rows.end,
+                };
+                let mut buffer = vec![0.0f32; short.dq_rows.len() * d];
+                let mut grads = Gradients {
+                    dq: Some(&mut buffer),
+                    ..Gradients::default()
+                };
+                assert!(
+                    backward::run_part(&call, &saved, &stats, &d_o, &mut grads, &short).is_err()
+                );
+            }
+        }
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&dk_parts), bits(&dk), "dK, m={m} n={n}");
+        assert_eq!(bits(&dv_parts), bits(&dv_whole), "dV, m={m} n={n}");
+        assert!(relative_l2(&dq, &dq_parts) <= 1e-6, "dQ, m={m} n={n}");
+        let outside = backward::KeyPart {
+            tiles: 0..key_tiles + 1,
+            dq_rows: 0..m,
+        };
+        let mut grads = Gradients::default();
+        assert!(backward::run_part(&call, &saved, &stats, &d_o, &mut grads, &outside).is_err());
+    }
+}

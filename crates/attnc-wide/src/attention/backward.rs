@@ -37,7 +37,7 @@ use super::math::exp2;
 use super::score::{Distances, ScoreForm, LOG2_E};
 use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
-use crate::backward::{Gradients, Saved};
+use crate::backward::{Gradients, KeyPart, RowStats};
 use crate::problem::{Call, Elements, Operand};
 use micro::{accumulate_dq, accumulate_t, accumulate_t_kept, products, products_kept, Epilogue};
 
@@ -89,9 +89,11 @@ struct Env<'a> {
     /// `(cap₂, 1/cap₂)` of the softcap in base 2.
     cap: Option<(f32, f32)>,
     /// Row log-sum-exps in base 2.
-    lse2: Vec<f32>,
+    lse2: &'a [f32],
     /// `D_i = dO_i · O_i`.
-    dd: Vec<f32>,
+    dd: &'a [f32],
+    /// The row of the call that `dQ`'s first row is.
+    dq_row0: usize,
     program: Option<MaskProgram<'a>>,
     /// Per row, the key its ALiBi distances are measured from (as the forward measured them
     /// for the saved log-sum-exp).
@@ -115,25 +117,21 @@ struct Scratch {
     slope_sum: f64,
 }
 
-/// The gradients of `call` for the cotangents `dO` and, where given, `dlse`.
+/// The gradients of `call` for the cotangent `dO` (`dlse`, where given, is inside `stats`)
+/// over the key tiles of `part`: dK and dV of those keys, and their share of dQ.
 ///
 /// # Safety
-/// AVX-512 is present, `crate::backward::check` passed and the tile table has 64 × 64 tiles.
+/// AVX-512 is present, `crate::backward::check_part` passed for `part` (the whole call where
+/// it spans every key tile) and the tile table has 64 × 64 tiles.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(crate) unsafe fn run(
     call: &Call<'_>,
-    saved: &Saved<'_>,
-    (d_o, d_lse): (&[f32], Option<&[f32]>),
+    stats: &RowStats,
+    d_o: &[f32],
     grads: &mut Gradients<'_>,
+    part: &KeyPart,
 ) {
     let (m, n, d, dv) = (call.m(), call.n(), call.q.cols, call.v.cols);
-    let dd: Vec<f32> = (0..m)
-        .map(|i| {
-            let (g, o) = (&d_o[i * dv..(i + 1) * dv], &saved.o[i * dv..(i + 1) * dv]);
-            let dd: f32 = g.iter().zip(o).map(|(a, b)| a * b).sum();
-            dd - d_lse.map_or(0.0, |l| l[i])
-        })
-        .collect();
     let env = Env {
         m,
         n,
@@ -145,8 +143,9 @@ pub(crate) unsafe fn run(
         form: ScoreForm::new(&call.score),
         scale: call.score.scale,
         cap: call.score.softcap.map(|c| (c * LOG2_E, 1.0 / (c * LOG2_E))),
-        lse2: saved.lse[..m].iter().map(|l| l * LOG2_E).collect(),
-        dd,
+        lse2: &stats.lse2,
+        dd: &stats.dd,
+        dq_row0: part.dq_rows.start,
         program: call.mask.map(|m| MaskProgram::for_call(m, call)),
         origins: match call.score.alibi_slope {
             Some(_) => (0..m).map(|i| call.alibi_origin(i)).collect(),
@@ -177,8 +176,10 @@ pub(crate) unsafe fn run(
         slope: _mm512_setzero_ps(),
         slope_sum: 0.0,
     };
+    // dK and dV hold the part's keys only.
+    let key_row0 = part.tiles.start * KT;
     for (t, visits) in by_key_tile(call).into_iter().enumerate() {
-        if visits.is_empty() {
+        if visits.is_empty() || !part.tiles.contains(&t) {
             continue;
         }
         let j0 = t * KT;
@@ -209,7 +210,7 @@ pub(crate) unsafe fn run(
             if let Some(g) = g {
                 for jj in 0..kn {
                     for c in 0..cols {
-                        g[(j0 + jj) * cols + c] = acc[c * KT + jj];
+                        g[(j0 - key_row0 + jj) * cols + c] = acc[c * KT + jj];
                     }
                 }
             }
@@ -346,10 +347,13 @@ unsafe fn pair(
         };
     }
     if let Some(dq) = grads.dq.as_deref_mut() {
-        // SAFETY: dQ rows i0..i0+qn lie inside dq (m·d); K rows j0..j0+kn inside K.
+        // SAFETY: dQ rows i0..i0+qn lie inside dq (its rows from `dq_row0`, which cover
+        // every query tile visiting the part's keys: checked by `run_part`); K rows
+        // j0..j0+kn inside K.
+        let at = i0 - env.dq_row0;
         unsafe {
             accumulate_dq(
-                &mut dq[i0 * d..(i0 + qn) * d],
+                &mut dq[at * d..(at + qn) * d],
                 d,
                 &scratch.ds,
                 k.as_ptr().add(j0 * ks),
