@@ -8,9 +8,13 @@
 //! (`attnc_wide::backward`: FlashAttention-2 from the saved output and log-sum-exp), per batch
 //! entry, visiting only the key tiles of the tile table the pattern algebra gives
 //! ([`crate::tiles`]); no `m × n` buffer is allocated.
-//! Batch entries are taken by the threads in order as each is free; each entry is computed
-//! by one thread in a fixed order, and gradients of operands broadcast over batch entries (grouped-query keys,
-//! a per-head slope) are summed over the entries in entry order afterwards, so results are
+//! Work is taken by the threads in order as each is free. On the AVX-512 kernel, for
+//! gradients of q, k and v, each batch entry's keys split into parts of 1,024 (the shape
+//! alone sets them): a part writes its keys' rows of dK and dV, and its share of dQ, which
+//! the entry's last part to finish adds in part order; a recomputed forward splits into
+//! blocks of rows. Otherwise (bias or slope gradients, the portable kernel) each entry is one
+//! item. Gradients of operands broadcast over batch entries (grouped-query keys, a per-head
+//! slope) are summed over the entries in entry order afterwards, so results are
 //! bit-identical for any thread count.
 //!
 //! Linear attention's gradient step ([`crate::backward::linear`]) runs through its key-value
