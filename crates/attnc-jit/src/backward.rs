@@ -153,10 +153,11 @@ impl AttentionBackward {
         if entries == 0 || m == 0 || spec.n == 0 {
             return Ok(saved);
         }
-        // Blocks of FORWARD_ROWS rows where the AVX-512 kernel runs (any split of its rows
-        // gives the same bits), so one entry's forward spreads over the threads; else one
-        // block per entry (empty blocks too: with dv = 0 the log-sum-exps are still computed).
-        let split = self.splits() && dv > 0;
+        // With fewer entries than threads, blocks of FORWARD_ROWS rows where the AVX-512
+        // kernel runs (any split of its rows gives the same bits), so one entry's forward
+        // spreads over the threads; else one block per entry, each call's set-up paid once
+        // (empty blocks too: with dv = 0 the log-sum-exps are still computed).
+        let split = entries < threads && self.splits() && dv > 0;
         let mut rows: &mut [f32] = &mut saved.o;
         let mut items = Vec::with_capacity(entries);
         for (e, lse) in saved.lse.chunks_mut(m).enumerate() {
