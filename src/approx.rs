@@ -220,14 +220,43 @@ pub(crate) fn compile_with_policy(
         }
         // A plan that mixes the entries (or will not compile for one) is measured at the run's
         // shape, against a reference built for it.
-        let one_entry_plan = match &one_entry {
-            Some((symbol, one)) if separable_along(&optimized.kernel, symbol) => {
-                compiler.compile_plan(&optimized.kernel, one).ok()
-            }
+        let sample_one = match &one_entry {
+            Some((symbol, one)) if separable_along(&optimized.kernel, symbol) => Some(one),
             _ => None,
         };
+        // A one-entry sample whose inputs are one block each does not depend on the plan
+        // (`Fill` has nothing to fill): the first time, it is drawn while the plan compiles.
+        let draw_early =
+            reference.is_none() && sample_one.is_some_and(|one| single_blocks(kernel, one));
+        // Everything from here on is the validation's work when the sample is drawn early
+        // (the one-entry plan exists for the sample only).
+        let early_start = Instant::now();
+        let (one_entry_plan, early_inputs) = std::thread::scope(|scope| {
+            let early = sample_one.filter(|_| draw_early).map(|one| {
+                let drawn = DrawnInputs {
+                    seed: drawn.seed,
+                    tensors: &entry_drawn_refs,
+                };
+                let given = &entry_given[..];
+                scope.spawn(move || {
+                    timed(|| {
+                        let seed = policy.seed();
+                        calibration_inputs(kernel, one, seed, given, drawn, Fill::Repeat, threads)
+                    })
+                })
+            });
+            let plan =
+                sample_one.and_then(|one| compiler.compile_plan(&optimized.kernel, one).ok());
+            let early = early.map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+            (plan, early)
+        });
+        let mut early_inputs = early_inputs;
         if one_entry_plan.is_none() && one_entry.take().is_some() {
             reference = None;
+            early_inputs = None;
         }
         let (sample_bindings, given, drawn) = match &one_entry {
             Some((_, one)) => {
@@ -240,31 +269,38 @@ pub(crate) fn compile_with_policy(
             None => (bindings, calibration, drawn),
         };
         let mut cost = ValidationCost::default();
+        // Measured on one entry, the plan is compiled for the run's shape only once accepted.
+        let compile_full = || match one_entry_plan {
+            Some(_) => None,
+            None => Some(compiler.compile_plan(&optimized.kernel, bindings)),
+        };
         let (compiled, ready) = match &reference {
-            Some(_) => {
-                let compiled = compiler.compile_plan(&optimized.kernel, bindings)?;
-                (compiled, Instant::now())
-            }
+            Some(_) => (compile_full().transpose()?, Instant::now()),
             None => {
                 let (compiled, ready, built) = std::thread::scope(|scope| {
                     let exact =
                         scope.spawn(|| timed(|| exact_plan(compiler, kernel, sample_bindings)));
-                    let compiled = compiler.compile_plan(&optimized.kernel, bindings);
-                    let ready = Instant::now();
-                    let fill = match (&one_entry_plan, &compiled) {
-                        (Some(code), _) | (None, Ok(code)) => Fill::for_plan(code.plan()),
-                        (None, Err(_)) => Fill::Repeat,
+                    let compiled = compile_full();
+                    let ready = match early_inputs {
+                        Some(_) => early_start,
+                        None => Instant::now(),
                     };
-                    let inputs = timed(|| {
-                        calibration_inputs(
-                            kernel,
-                            sample_bindings,
-                            policy.seed(),
-                            given,
-                            drawn,
-                            fill,
-                            threads,
-                        )
+                    let fill = match (&one_entry_plan, &compiled) {
+                        (Some(code), _) | (None, Some(Ok(code))) => Fill::for_plan(code.plan()),
+                        _ => Fill::Repeat,
+                    };
+                    let inputs = early_inputs.unwrap_or_else(|| {
+                        timed(|| {
+                            calibration_inputs(
+                                kernel,
+                                sample_bindings,
+                                policy.seed(),
+                                given,
+                                drawn,
+                                fill,
+                                threads,
+                            )
+                        })
                     });
                     let exact = exact
                         .join()
@@ -281,12 +317,17 @@ pub(crate) fn compile_with_policy(
                     inputs: inputs?,
                     rows: None,
                 });
-                (compiled?, ready)
+                (compiled.transpose()?, ready)
             }
         };
         let r = reference.as_mut().expect("invariant: built above");
         let views: Vec<Input<'_>> = r.inputs.iter().map(crate::engine::input_view).collect();
-        let sampled = one_entry_plan.as_ref().unwrap_or(&compiled);
+        let sampled = match (&one_entry_plan, &compiled) {
+            (Some(code), _) | (None, Some(code)) => code,
+            (None, None) => {
+                unreachable!("invariant: compiled for the run's shape without a one-entry plan")
+            }
+        };
         let rows = sample_rows(sampled.output_shape());
         let ((approximate, approximate_time), exact) = std::thread::scope(|scope| {
             // The first time, the exact rows are computed beside the approximate ones (the
@@ -310,7 +351,7 @@ pub(crate) fn compile_with_policy(
         cost.approximate_sample_ms = millis(approximate_time);
         let measured = relative_l2(&approximate?, expected);
         let accepted = measured <= approx.tol;
-        let width = compiled.output_shape().last().copied().unwrap_or(1).max(1);
+        let width = sampled.output_shape().last().copied().unwrap_or(1).max(1);
         let sample = if calibration.is_empty() {
             format!("random(seed = {})", policy.seed())
         } else {
@@ -335,6 +376,10 @@ pub(crate) fn compile_with_policy(
             }
         }
         if accepted {
+            let compiled = match compiled {
+                Some(code) => code,
+                None => compiler.compile_plan(&optimized.kernel, bindings)?,
+            };
             optimized.trace.approximations.extend(rejected);
             return Ok(PolicyCompiled {
                 compiled,
@@ -355,6 +400,17 @@ pub(crate) fn compile_with_policy(
         }
         approx.allowed.retain(|a| !applied.contains(a));
     }
+}
+
+/// Whether every input of `kernel` at `bindings` is one block of calibration values (at most
+/// one entry before its last two axes), so that how the blocks are filled does not matter.
+fn single_blocks(kernel: &Kernel, bindings: &Bindings) -> bool {
+    kernel.params.iter().all(|p| {
+        attnc_ir::dim::resolve_shape(&p.shape, bindings).is_some_and(|shape| {
+            let batch = shape.len().saturating_sub(2);
+            shape[..batch].iter().product::<usize>() <= 1
+        })
+    })
 }
 
 /// The exact plan of `kernel` and its machine code.
