@@ -16,7 +16,9 @@
 //! Validation is on the critical path of `attnc run`, so the exact plan is optimized and
 //! compiled on a second thread while the approximate plan compiles, the exact rows are
 //! computed once however many plans are measured, and a fallback to the exact plan reuses its
-//! machine code.
+//! machine code. Measured on one entry, a sample of one block per input is drawn while the
+//! approximate plan compiles for it, and the plan is compiled for the run's shape only once
+//! accepted.
 
 use crate::calibration::entry::{one_entry_bindings, one_entry_input, separable_along};
 use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
