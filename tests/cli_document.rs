@@ -217,3 +217,54 @@ fn gradients_through_data_dependent_masks_match_the_interpreter() {
         }
     }
 }
+
+/// Rows of more than 1,024 keys split the backward into parts of keys, each refining its
+/// call's tile table from the ids: gradients through packed documents (one of a single
+/// token) match the interpreter, and 1 and 2 threads write the same bytes.
+#[test]
+fn gradients_through_long_document_rows_split_alike() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids: Vec<i32> = [(0, 700), (1, 1), (2, 599), (3, 800)]
+        .iter()
+        .flat_map(|&(id, len)| std::iter::repeat_n(id, len))
+        .collect();
+    let seg = ids_npy(dir.path(), "seg.npy", &ids);
+    let input = format!("seg={}", p(&seg));
+    let mut written = Vec::new();
+    for threads in ["1", "2"] {
+        let out_dir = dir.path().join(format!("grads{threads}"));
+        let doc = run(&[
+            "grad",
+            p(&example()),
+            "--wrt",
+            "q,k,v",
+            "--random",
+            "3",
+            "--shape",
+            "h=2,n=2100,d=8",
+            "--input",
+            &input,
+            "--threads",
+            threads,
+            "--output-dir",
+            p(&out_dir),
+            "--verify",
+            "--format",
+            "json",
+        ]);
+        assert_eq!(doc["verify"]["passed"], true, "{doc}");
+        for g in doc["verify"]["gradients"].as_array().expect("gradients") {
+            let err = g["relative_l2_error"].as_f64().expect("an error");
+            assert!(err <= 1e-5, "d{}: {err} ({threads} threads)", g["param"]);
+        }
+        let files: Vec<Vec<u8>> = ["q", "k", "v"]
+            .iter()
+            .map(|name| std::fs::read(out_dir.join(format!("{name}.npy"))).expect("written"))
+            .collect();
+        written.push(files);
+    }
+    assert_eq!(
+        written[0], written[1],
+        "1 and 2 threads wrote different gradients"
+    );
+}
