@@ -276,12 +276,10 @@ impl AttentionBackward {
                 let items: Vec<(usize, Vec<&mut [f32]>)> =
                     per_entry.into_iter().enumerate().collect();
                 crate::wide::deal(items, threads, |(e, blocks)| {
-                    let kept = saved.map(|s| {
-                        (
-                            &s.o[e * m * dv..(e + 1) * m * dv],
-                            &s.lse[e * m..(e + 1) * m],
-                        )
-                    });
+                    let kept = saved
+                        .map(|s| self.entry_saved(&s, e))
+                        .transpose()?
+                        .map(|s| (s.o, s.lse));
                     self.entry(inputs, d_o, e, blocks, kept, (m, n, d, dv))
                 })?;
             }
@@ -424,17 +422,37 @@ impl AttentionBackward {
         d_o: &'a [f32],
         e: usize,
     ) -> Result<(&'a [f32], Option<Vec<f32>>)> {
+        Ok((self.d_o_rows(d_o, e)?, self.d_lse_rows(inputs, e)?))
+    }
+
+    /// Batch entry `e`'s rows of `dO`.
+    fn d_o_rows<'a>(&self, d_o: &'a [f32], e: usize) -> Result<&'a [f32]> {
         let (m, dv) = (self.spec.m, self.spec.dv);
+        let at = offset_of(&self.d_o, &batch_index(&self.spec.batch, e));
+        d_o.get(at..at + m * dv)
+            .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))
+    }
+
+    /// Batch entry `e`'s rows of `dlse`, where the log-sum-exp has a cotangent.
+    fn d_lse_rows(&self, inputs: &[BufferView<'_>], e: usize) -> Result<Option<Vec<f32>>> {
         let index = batch_index(&self.spec.batch, e);
-        let at = offset_of(&self.d_o, &index);
-        let d_o = d_o
-            .get(at..at + m * dv)
-            .ok_or_else(|| buffer_err(&self.d_o.name, "is shorter than the output"))?;
-        let d_lse = match &self.d_lse {
-            Some(t) => Some(rows_of(t, inputs, &index, m)?),
-            None => None,
-        };
-        Ok((d_o, d_lse))
+        self.d_lse
+            .as_ref()
+            .map(|t| rows_of(t, inputs, &index, self.spec.m))
+            .transpose()
+    }
+
+    /// Batch entry `e`'s output and log-sum-exps in `saved` (laid out as [`Residuals`]).
+    fn entry_saved<'a>(&self, saved: &Saved<'a>, e: usize) -> Result<Saved<'a>> {
+        let (m, dv) = (self.spec.m, self.spec.dv);
+        let short = || buffer_err("saved forward", "is shorter than its entries");
+        Ok(Saved {
+            o: saved
+                .o
+                .get(e * m * dv..(e + 1) * m * dv)
+                .ok_or_else(short)?,
+            lse: saved.lse.get(e * m..(e + 1) * m).ok_or_else(short)?,
+        })
     }
 
     /// The backward with each entry split into `parts` parts of [`PART_KEYS`] keys, every
@@ -485,23 +503,21 @@ impl AttentionBackward {
         }
         let spare = Mutex::new(Vec::new());
         crate::wide::deal(items, threads, |(e, p, dk, dv_rows)| {
-            let (d_o, d_lse) = self.cotangents(inputs, d_o, e)?;
-            let short = || buffer_err("saved forward", "is shorter than its entries");
-            let saved = Saved {
-                o: saved
-                    .o
-                    .get(e * m * dv..(e + 1) * m * dv)
-                    .ok_or_else(short)?,
-                lse: saved.lse.get(e * m..(e + 1) * m).ok_or_else(short)?,
-            };
+            let d_o = self.d_o_rows(d_o, e)?;
+            let saved = self.entry_saved(&saved, e)?;
             let entry = &entries[e];
+            // The first part of the entry computes its row statistics; the others read them.
+            if entry.stats.get().is_none() {
+                let d_lse = self.d_lse_rows(inputs, e)?;
+                entry
+                    .stats
+                    .get_or_init(|| RowStats::of(&saved, (d_o, d_lse.as_deref()), m, dv));
+            }
             let part_tiles = PART_KEYS / attnc_wide::attention::KEY_TILE;
             let key_tiles = n.div_ceil(attnc_wide::attention::KEY_TILE);
             let tiles = p * part_tiles..((p + 1) * part_tiles).min(key_tiles);
             self.forward.with_call(inputs, e, |call| {
-                let stats = entry
-                    .stats
-                    .get_or_init(|| RowStats::of(&saved, (d_o, d_lse.as_deref()), m, dv));
+                let stats = entry.stats.get().expect("invariant: computed above");
                 let mut grads = Gradients {
                     dk,
                     dv: dv_rows,

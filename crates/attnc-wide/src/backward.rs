@@ -142,6 +142,12 @@ pub fn key_part_rows(call: &Call<'_>, tiles: Range<usize>) -> Range<usize> {
     }
 }
 
+/// Whether gradient `g`, where asked for, holds exactly `rows × cols` values.
+fn fits(g: &Option<&mut [f32]>, rows: usize, cols: usize) -> bool {
+    g.as_ref()
+        .is_none_or(|g| rows.checked_mul(cols).is_some_and(|len| g.len() == len))
+}
+
 /// Checks a backward call before anything is read: the forward call itself (as
 /// [`crate::problem::check`] does for all rows), the saved rows, `dO` and every gradient's
 /// size.
@@ -169,10 +175,6 @@ pub fn check(
     if saved.lse.len() < m {
         return bad("the log-sum-exp holds fewer than m rows");
     }
-    let fits = |g: &Option<&mut [f32]>, rows: usize, cols: usize| {
-        g.as_ref()
-            .is_none_or(|g| rows.checked_mul(cols).is_some_and(|len| g.len() == len))
-    };
     if !fits(&grads.dq, m, d) || !fits(&grads.dk, n, d) || !fits(&grads.dv, n, dv) {
         return bad("a gradient of q, k or v has the wrong size");
     }
@@ -225,10 +227,8 @@ pub fn run_with(
     // subnormal and take microcode assists (5.9× slower at scores of standard deviation 30).
     // Flushed to zero instead: an absolute error below 2⁻¹²⁶ per operation.
     let _flush = crate::flush::FlushToZero::new();
-    let wide_tiles = call.tiles.query_tile == crate::attention::QUERY_TILE
-        && call.tiles.key_tile == crate::attention::KEY_TILE;
     #[cfg(target_arch = "x86_64")]
-    if wide && wide_tiles && crate::attention::available() {
+    if wide && parts_run(call) {
         let (m, dv) = (call.m(), call.v.cols);
         let stats = RowStats::of(saved, (d_o, d_lse), m, dv);
         let whole = KeyPart {
@@ -240,13 +240,13 @@ pub fn run_with(
         unsafe { crate::attention::backward::run(call, &stats, d_o, grads, &whole) };
         return Ok(());
     }
-    let _ = (wide, wide_tiles);
+    let _ = wide;
     portable::backward(call, saved, (d_o, d_lse), grads);
     Ok(())
 }
 
-/// Whether [`run_part`] and [`forward_rows`] run on this CPU for `call`: the AVX-512 kernel
-/// is available and the call's tile table has its tiles.
+/// Whether the AVX-512 kernels run on this CPU for `call` (the whole call's, [`run_part`] and
+/// [`forward_rows`]): the kernel is available and the call's tile table has its tiles.
 pub fn parts_run(call: &Call<'_>) -> bool {
     call.tiles.query_tile == crate::attention::QUERY_TILE
         && call.tiles.key_tile == crate::attention::KEY_TILE
@@ -312,10 +312,6 @@ fn check_part(
     if !covered || part.dq_rows.end > m {
         return bad("dQ's rows do not cover the query tiles visiting the keys");
     }
-    let fits = |g: &Option<&mut [f32]>, rows: usize, cols: usize| {
-        g.as_ref()
-            .is_none_or(|g| rows.checked_mul(cols).is_some_and(|len| g.len() == len))
-    };
     if !fits(&grads.dq, part.dq_rows.len(), d)
         || !fits(&grads.dk, keys.len(), d)
         || !fits(&grads.dv, keys.len(), dv)
@@ -365,15 +361,13 @@ pub fn forward_with(
     wide: bool,
 ) -> Result<(), CallError> {
     let (m, dv) = (call.m(), call.v.cols);
-    let wide_tiles = call.tiles.query_tile == crate::attention::QUERY_TILE
-        && call.tiles.key_tile == crate::attention::KEY_TILE;
     let mut out = crate::problem::Output {
         o,
         row_stride: dv,
         lse: Some(lse),
         lse_from_origin: true,
     };
-    if wide && crate::attention::available() && wide_tiles {
+    if wide && parts_run(call) {
         return crate::attention::run(call, 0..m, &mut out);
     }
     crate::problem::check(call, &(0..m), &out)?;
