@@ -21,7 +21,7 @@
 //! accepted.
 
 use crate::calibration::entry::{one_entry_bindings, one_entry_input, separable_along};
-use crate::calibration::{calibration_inputs, sample_rows, DrawnInputs, Fill};
+use crate::calibration::{calibration_inputs, one_block_each, sample_rows, DrawnInputs, Fill};
 use crate::compiler::{Calibration, Compiler};
 use crate::engine::RunError;
 use crate::io::Tensor;
@@ -229,11 +229,11 @@ pub(crate) fn compile_with_policy(
         // A one-entry sample whose inputs are one block each does not depend on the plan
         // (`Fill` has nothing to fill): the first time, it is drawn while the plan compiles.
         let draw_early =
-            reference.is_none() && sample_one.is_some_and(|one| single_blocks(kernel, one));
+            reference.is_none() && sample_one.is_some_and(|one| one_block_each(kernel, one));
         // Everything from here on is the validation's work when the sample is drawn early
         // (the one-entry plan exists for the sample only).
         let early_start = Instant::now();
-        let (one_entry_plan, early_inputs) = std::thread::scope(|scope| {
+        let (one_entry_plan, mut early_inputs) = std::thread::scope(|scope| {
             let early = sample_one.filter(|_| draw_early).map(|one| {
                 let drawn = DrawnInputs {
                     seed: drawn.seed,
@@ -255,7 +255,6 @@ pub(crate) fn compile_with_policy(
             });
             (plan, early)
         });
-        let mut early_inputs = early_inputs;
         if one_entry_plan.is_none() && one_entry.take().is_some() {
             reference = None;
             early_inputs = None;
@@ -324,12 +323,10 @@ pub(crate) fn compile_with_policy(
         };
         let r = reference.as_mut().expect("invariant: built above");
         let views: Vec<Input<'_>> = r.inputs.iter().map(crate::engine::input_view).collect();
-        let sampled = match (&one_entry_plan, &compiled) {
-            (Some(code), _) | (None, Some(code)) => code,
-            (None, None) => {
-                unreachable!("invariant: compiled for the run's shape without a one-entry plan")
-            }
-        };
+        let sampled = one_entry_plan
+            .as_ref()
+            .or(compiled.as_ref())
+            .expect("invariant: compiled for the run's shape without a one-entry plan");
         let rows = sample_rows(sampled.output_shape());
         let ((approximate, approximate_time), exact) = std::thread::scope(|scope| {
             // The first time, the exact rows are computed beside the approximate ones (the
@@ -402,17 +399,6 @@ pub(crate) fn compile_with_policy(
         }
         approx.allowed.retain(|a| !applied.contains(a));
     }
-}
-
-/// Whether every input of `kernel` at `bindings` is one block of calibration values (at most
-/// one entry before its last two axes), so that how the blocks are filled does not matter.
-fn single_blocks(kernel: &Kernel, bindings: &Bindings) -> bool {
-    kernel.params.iter().all(|p| {
-        attnc_ir::dim::resolve_shape(&p.shape, bindings).is_some_and(|shape| {
-            let batch = shape.len().saturating_sub(2);
-            shape[..batch].iter().product::<usize>() <= 1
-        })
-    })
 }
 
 /// The exact plan of `kernel` and its machine code.

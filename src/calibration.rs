@@ -60,6 +60,27 @@ pub struct DrawnInputs<'a> {
     pub tensors: &'a [Option<&'a Tensor>],
 }
 
+/// The values of one block of a calibration input of `shape` (`len` values): one matrix, its
+/// last two axes; the blocks before it are drawn once and repeated (or left zero, [`Fill`]).
+fn block_len(shape: &[usize], len: usize) -> usize {
+    shape
+        .iter()
+        .rev()
+        .take(2)
+        .product::<usize>()
+        .clamp(1, len.max(1))
+}
+
+/// Whether every input of `kernel` at `bindings` is a single block, so that the sample
+/// [`calibration_inputs`] draws is the same whatever its [`Fill`].
+pub fn one_block_each(kernel: &Kernel, bindings: &Bindings) -> bool {
+    kernel.params.iter().all(|p| {
+        resolve_shape(&p.shape, bindings).is_some_and(|shape| {
+            crate::io::shape_product(&shape).is_some_and(|len| len <= block_len(&shape, len))
+        })
+    })
+}
+
 /// The calibration inputs: the given tensors, and standard-normal values elsewhere, drawn on
 /// up to `threads` threads, or copied from `drawn` where it holds the same stream (drawing is
 /// the costly part; copying a block gives the same values).
@@ -116,12 +137,7 @@ pub fn calibration_inputs(
         let len = crate::io::shape_product(&shape).ok_or_else(|| {
             RunError::Calibration(format!("`{}` has too many elements", param.name))
         })?;
-        let block = shape
-            .iter()
-            .rev()
-            .take(2)
-            .product::<usize>()
-            .clamp(1, len.max(1));
+        let block = block_len(&shape, len);
         if let Some(from) = reusable(index, &shape) {
             slots.push(Slot::Copied { from, shape, block });
             continue;
