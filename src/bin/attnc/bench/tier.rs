@@ -48,8 +48,8 @@ pub fn measure(plan: &Plan, threads: usize) -> Option<TierCeiling> {
 /// The useful rate of `products` at `threads` threads and how it was formed.
 fn ceiling(products: Products, d: usize, dv: usize, threads: usize) -> Option<(f64, &'static str)> {
     match products {
-        // One `vdpbf16ps` per pair of depths (bf16 K and V; f32 ones take two, which the
-        // cost model avoids on vectors).
+        // One `vdpbf16ps` per pair of depths (on vectors, f32 K and V are rounded to bf16
+        // once, like bf16 ones).
         Products::Bf16 => {
             let rate = dot_product_peak(DotProduct::Bf16Pairs, threads)?;
             Some((rate, "vdpbf16ps at its measured rate"))
