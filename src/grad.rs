@@ -54,6 +54,7 @@ use attnc_jit::backward::Saved;
 use attnc_jit::plan::Plan;
 use attnc_jit::{CompiledKernel, Input};
 use attnc_opt::Trace;
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 /// A kernel's forward and the machine code of its gradients.
@@ -159,15 +160,25 @@ impl CompiledGrad {
             .collect())
     }
 
-    /// The cotangents as f32, after checking there is one per output.
-    fn check_cotangents(&self, cotangents: &[Tensor]) -> Result<Vec<Vec<f32>>, RunError> {
+    /// The cotangents as f32 (borrowed where they are f32 already: a cotangent is as large as
+    /// the output), after checking there is one per output.
+    fn check_cotangents<'a>(
+        &self,
+        cotangents: &'a [Tensor],
+    ) -> Result<Vec<Cow<'a, [f32]>>, RunError> {
         if cotangents.len() != self.output_count() {
             return Err(RunError::CotangentCount {
                 expected: self.output_count(),
                 got: cotangents.len(),
             });
         }
-        Ok(cotangents.iter().map(Tensor::to_f32_vec).collect())
+        Ok(cotangents
+            .iter()
+            .map(|t| match &t.data {
+                TensorData::F32(v) => Cow::Borrowed(v.as_slice()),
+                _ => Cow::Owned(t.to_f32_vec()),
+            })
+            .collect())
     }
 
     /// The plan of the gradients.
@@ -322,7 +333,7 @@ pub fn reference_graph(kernel: &Kernel, wrt: &[usize]) -> Result<Kernel, RunErro
 }
 
 /// The gradient plan's inputs: the kernel's, then the cotangents `dys`.
-fn views_with_cotangents<'a>(inputs: &'a [Tensor], dys: &'a [Vec<f32>]) -> Vec<Input<'a>> {
+fn views_with_cotangents<'a>(inputs: &'a [Tensor], dys: &'a [Cow<'a, [f32]>]) -> Vec<Input<'a>> {
     let mut views: Vec<Input<'a>> = inputs.iter().map(input_view).collect();
     views.extend(dys.iter().map(|dy| Input::F32(dy)));
     views

@@ -10,9 +10,9 @@
 //! ([`crate::tiles`]); no `m × n` buffer is allocated.
 //! Work is taken by the threads in order as each is free. On the AVX-512 kernel, for
 //! gradients of q, k and v, each batch entry's keys split into parts of 1,024 (the shape
-//! alone sets them): a part writes its keys' rows of dK and dV, and its share of dQ, which
-//! the entry's last part to finish adds in part order; a recomputed forward splits into
-//! blocks of rows. Otherwise (bias or slope gradients, the portable kernel) each entry is one
+//! alone sets them): a part writes its keys' rows of dK and dV, and its share of dQ, which is
+//! added into dQ in part order as soon as the parts before it are in (the share buffers are
+//! kept between calls); a recomputed forward splits into blocks of rows. Otherwise (bias or slope gradients, the portable kernel) each entry is one
 //! item. Gradients of operands broadcast over batch entries (grouped-query keys, a per-head
 //! slope) are summed over the entries in entry order afterwards, so results are
 //! bit-identical for any thread count.
@@ -31,7 +31,6 @@ use crate::kernels::attention::{AttentionSpec, TensorRef};
 use crate::wide::{batch_index, buffer_err, offset_of, Tier, WideAttention};
 pub use attnc_wide::backward::Saved;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use attnc_wide::attention::ValueBound;
@@ -95,6 +94,8 @@ pub struct AttentionBackward {
     pub grads: Vec<GradLayout>,
     /// Whether the AVX-512 kernels may run (else the portable ones).
     pub wide: bool,
+    /// Buffers for the key parts' shares of dQ, kept between calls.
+    spare: SpareShares,
 }
 
 impl AttentionBackward {
@@ -123,7 +124,18 @@ impl AttentionBackward {
             d_lse,
             grads,
             wide,
+            spare: SpareShares::default(),
         })
+    }
+
+    /// Frees the buffers kept for dQ's shares between calls.
+    pub fn release_buffers(&self) {
+        self.spare.release();
+    }
+
+    /// Bytes kept for dQ's shares between calls.
+    pub fn kept_buffer_bytes(&self) -> usize {
+        self.spare.bytes()
     }
 
     /// The tier the kernels run on.
@@ -459,8 +471,8 @@ impl AttentionBackward {
     /// (entry, part) pair taken by whichever thread is free: an entry's work spreads over the
     /// threads even where there are fewer entries than threads, or a slow thread would leave
     /// the others idle at the end. Each part writes its keys' rows of dK and dV; part 0 writes
-    /// dQ, the others their share of it into a buffer of the rows they reach, which the last
-    /// part of the entry to finish adds into dQ in part order. `blocks`: per entry, one block
+    /// dQ, the others their share of it into a buffer of the rows they reach, added into dQ in
+    /// part order once the parts before it are in ([`EntryParts::finish`]). `blocks`: per entry, one block
     /// of each gradient (q, k, v only: [`AttentionBackward::key_parts`]).
     fn run_parts(
         &self,
@@ -501,8 +513,8 @@ impl AttentionBackward {
                     .map(|(p, [dk, dv])| (e, p, dk, dv)),
             );
         }
-        let spare = Mutex::new(Vec::new());
-        crate::wide::deal(items, threads, |(e, p, dk, dv_rows)| {
+        let spare = &self.spare;
+        let result = crate::wide::deal(items, threads, |(e, p, dk, dv_rows)| {
             let d_o = self.d_o_rows(d_o, e)?;
             let saved = self.entry_saved(&saved, e)?;
             let entry = &entries[e];
@@ -531,17 +543,8 @@ impl AttentionBackward {
                 // Part 0 holds dQ until it finishes; the others write only their share.
                 let mut whole =
                     (p == 0).then(|| entry.dq.lock().unwrap_or_else(|e| e.into_inner()));
-                let mut share = (p > 0 && entry.has_dq).then(|| {
-                    let mut buffer: Vec<f32> = spare
-                        .lock()
-                        .map(|mut s| s.pop())
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
-                    buffer.clear();
-                    buffer.resize(part.dq_rows.len() * d, 0.0);
-                    buffer
-                });
+                let mut share =
+                    (p > 0 && entry.has_dq).then(|| spare.zeroed(part.dq_rows.len() * d));
                 grads.dq = match (&mut share, &mut whole) {
                     (Some(buffer), _) => Some(buffer.as_mut_slice()),
                     (None, Some(guard)) => guard.as_deref_mut(),
@@ -549,32 +552,33 @@ impl AttentionBackward {
                 };
                 kernel::run_part(call, &saved, stats, d_o, &mut grads, &part).map_err(wide_err)?;
                 drop(whole);
-                if let Some(buffer) = share {
-                    let mut shares = entry.shares.lock().unwrap_or_else(|e| e.into_inner());
-                    shares[p] = Some((part.dq_rows.start, buffer));
-                }
-                if entry.done.fetch_add(1, Ordering::AcqRel) + 1 == parts {
-                    entry.add_shares(d, &spare);
-                }
+                let share = share.map(|buffer| (part.dq_rows.start, buffer));
+                entry.finish(p, share, d, spare);
                 Ok(())
             })
-        })
+        });
+        spare.trim(threads + 1);
+        result
     }
 }
 
 /// A part's share of dQ: the first row it covers, and the rows.
 type Share = (usize, Vec<f32>);
 
-/// What the parts of one batch entry share: dQ (part 0 writes it; the last part to finish
-/// adds the others' shares), the shares, the row statistics (computed by the first part to
-/// start) and how many parts are done.
+/// What the parts of one batch entry share: dQ (part 0 writes it), the other parts' shares
+/// of it until they are added, and the row statistics (computed by the first part to start).
 struct EntryParts<'a> {
     dq: Mutex<Option<&'a mut [f32]>>,
     has_dq: bool,
-    /// Per part, its share of dQ.
-    shares: Mutex<Vec<Option<Share>>>,
+    shares: Mutex<Shares>,
     stats: OnceLock<RowStats>,
-    done: AtomicUsize,
+}
+
+/// The shares of dQ of finished parts that wait for an earlier part, and how many parts
+/// (0.. in order) dQ holds.
+struct Shares {
+    waiting: Vec<Option<Share>>,
+    added: usize,
 }
 
 impl<'a> EntryParts<'a> {
@@ -582,29 +586,111 @@ impl<'a> EntryParts<'a> {
         EntryParts {
             has_dq: dq.is_some(),
             dq: Mutex::new(dq),
-            shares: Mutex::new(vec![None; parts]),
+            shares: Mutex::new(Shares {
+                waiting: vec![None; parts],
+                added: 0,
+            }),
             stats: OnceLock::new(),
-            done: AtomicUsize::new(0),
         }
     }
 
-    /// Adds the shares of parts 1.. into dQ in part order (every part is done), and keeps
-    /// their buffers in `spare` for later parts.
-    fn add_shares(&self, d: usize, spare: &Mutex<Vec<Vec<f32>>>) {
-        let mut dq = self.dq.lock().unwrap_or_else(|e| e.into_inner());
+    /// Part `p` is done, with its share of dQ (parts after the first): adds into dQ, in part
+    /// order, every share whose earlier parts are in, and gives their buffers to `spare`.
+    /// The threads take parts in order, so a share waits only while an earlier part still
+    /// runs: about one share per thread is held at a time, not one per part.
+    fn finish(&self, p: usize, share: Option<Share>, d: usize, spare: &SpareShares) {
         let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+        match (p, share) {
+            (0, _) => shares.added = 1,
+            (_, Some(share)) => shares.waiting[p] = Some(share),
+            (_, None) => {}
+        }
+        if shares.added == 0 || !self.has_dq {
+            return;
+        }
+        // Part 0 is done: dQ is free.
+        let mut dq = self.dq.lock().unwrap_or_else(|e| e.into_inner());
         let Some(dq) = dq.as_deref_mut() else {
             return;
         };
-        for (first, share) in shares.iter_mut().filter_map(Option::take) {
+        let added = shares.added;
+        let Shares {
+            waiting,
+            added: count,
+        } = &mut *shares;
+        for slot in &mut waiting[added..] {
+            let Some((first, share)) = slot.take() else {
+                break;
+            };
             let rows = &mut dq[first * d..first * d + share.len()];
             for (x, s) in rows.iter_mut().zip(&share) {
                 *x += s;
             }
-            if let Ok(mut spare) = spare.lock() {
-                spare.push(share);
-            }
+            spare.give(share);
+            *count += 1;
         }
+    }
+}
+
+/// Buffers for dQ's shares, kept between calls: a share is as large as the rows its keys
+/// reach (all of them on dense attention), and a fresh one costs its page faults again.
+#[derive(Default)]
+struct SpareShares(Mutex<Vec<Vec<f32>>>);
+
+impl SpareShares {
+    /// `len` zeros, in a kept buffer where one holds them.
+    fn zeroed(&self, len: usize) -> Vec<f32> {
+        let kept = self.0.lock().ok().and_then(|mut kept| {
+            let at = (0..kept.len())
+                .filter(|&i| kept[i].capacity() >= len)
+                .min_by_key(|&i| kept[i].capacity())?;
+            Some(kept.swap_remove(at))
+        });
+        let mut buffer = kept.unwrap_or_default();
+        buffer.clear();
+        buffer.resize(len, 0.0);
+        buffer
+    }
+
+    fn give(&self, buffer: Vec<f32>) {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.push(buffer);
+        }
+    }
+
+    /// Keeps the `count` largest buffers.
+    fn trim(&self, count: usize) {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+            kept.truncate(count);
+        }
+    }
+
+    fn release(&self) {
+        if let Ok(mut kept) = self.0.lock() {
+            *kept = Vec::new();
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.0.lock().map_or(0, |kept| {
+            kept.iter()
+                .map(|b| b.capacity() * std::mem::size_of::<f32>())
+                .sum()
+        })
+    }
+}
+
+/// A copy keeps nothing: kept buffers belong to the kernel that used them.
+impl Clone for SpareShares {
+    fn clone(&self) -> Self {
+        SpareShares::default()
+    }
+}
+
+impl std::fmt::Debug for SpareShares {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SpareShares({} bytes)", self.bytes())
     }
 }
 

@@ -156,14 +156,31 @@ impl std::fmt::Debug for CompiledKernel {
 impl CompiledKernel {
     /// Frees the large temporaries this kernel keeps between runs (see `runtime/pool.rs`:
     /// each run reuses the last run's instead of faulting fresh memory in); the next run
-    /// allocates them again.
+    /// allocates them again. A fused attention's backward step keeps its buffers for dQ's
+    /// shares likewise, and frees them here too.
     pub fn release_buffers(&self) {
         self.pool.release();
+        self.backward_steps().for_each(|a| a.release_buffers());
     }
 
     /// Bytes of temporaries this kernel keeps between runs.
     pub fn kept_buffer_bytes(&self) -> usize {
         self.pool.bytes()
+            + self
+                .backward_steps()
+                .map(|a| a.kept_buffer_bytes())
+                .sum::<usize>()
+    }
+
+    /// The fused attention backward steps of the plan.
+    fn backward_steps(&self) -> impl Iterator<Item = &crate::backward::AttentionBackward> {
+        self.plan.steps.iter().filter_map(|step| match &step.kind {
+            StepKind::Backward(b) => match &b.kernel {
+                crate::backward::BackwardKernel::Attention(a) => Some(&**a),
+                crate::backward::BackwardKernel::Linear(_) => None,
+            },
+            _ => None,
+        })
     }
 
     /// Plans `kernel` at `bindings` and compiles every step.

@@ -280,3 +280,48 @@ fn key_parts_match_the_interpreter() {
         eprintln!("case {i}: worst relative L2 error {err:e}");
     }
 }
+
+/// The key parts' shares of dQ are kept between runs of a gradient kernel (a share is as
+/// large as dQ on dense attention): a later run reuses them and gives the same bits, and
+/// `release_buffers` frees them.
+#[test]
+fn key_part_shares_are_kept_between_runs() {
+    let k = kernel(
+        "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+            return softmax(q @ k.T / sqrt(d)) @ v;
+        }",
+    );
+    let b = bindings(&[("h", 1), ("n", 2600), ("d", 4)]);
+    let all: Vec<usize> = (0..k.params.len()).collect();
+    let g = vjp(&optimized(&k, &b), &all).expect("differentiates");
+    let ins = inputs(&g.kernel(0), &b, 9);
+    let views: Vec<Input<'_>> = ins.iter().map(|(_, v)| Input::F32(v)).collect();
+    let options = CompileOptions {
+        parallel_threshold: 0,
+        ..CompileOptions::default()
+    };
+    let compiled = CompiledKernel::compile_outputs(&g.kernel(0), &g.outputs(), &b, &options)
+        .expect("compiles");
+    let run = |threads| -> Vec<Vec<u32>> {
+        let outputs = compiled.run_outputs(&views, threads).expect("runs");
+        outputs
+            .iter()
+            .map(|o| o.data.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    let first = run(2);
+    // The parts run on the AVX-512 backward only (not where the tiers are switched off).
+    if compiled
+        .plan()
+        .to_string()
+        .contains("attention backward [avx-512]")
+    {
+        // Three parts of keys: two shares, kept after the run.
+        assert!(compiled.kept_buffer_bytes() >= 2 * 2600 * 4 * 4);
+    }
+    assert_eq!(run(2), first, "a run reusing kept shares");
+    assert_eq!(run(1), first, "one thread");
+    compiled.release_buffers();
+    assert_eq!(compiled.kept_buffer_bytes(), 0);
+    assert_eq!(run(2), first, "after release");
+}

@@ -87,7 +87,11 @@ impl CompiledKernel {
             return Ok(None);
         };
         let views = self.first_step_views(inputs);
-        let grads = attention.run_saved(&views, Some(saved), self.step_threads(0, threads))?;
+        let mut grads: Vec<Option<Vec<f32>>> = attention
+            .run_saved(&views, Some(saved), self.step_threads(0, threads))?
+            .into_iter()
+            .map(Some)
+            .collect();
         let outputs = if self.plan.outputs.is_empty() {
             vec![(self.plan.output, self.plan.output_shape.clone())]
         } else {
@@ -95,13 +99,21 @@ impl CompiledKernel {
         };
         let results = outputs
             .iter()
-            .map(|(buf, shape)| {
+            .enumerate()
+            .map(|(i, (buf, shape))| {
                 let k = b.outputs.iter().position(|o| o == buf).ok_or_else(|| {
                     JitError::Shape("a gradient is not written by the backward step".into())
                 })?;
+                // Moved out (a gradient is tens of megabytes), unless a later result is the
+                // same buffer.
+                let again = outputs[i + 1..].iter().any(|(later, _)| later == buf);
+                let data = match again {
+                    true => grads[k].clone(),
+                    false => grads[k].take(),
+                };
                 Ok(Output {
                     shape: shape.clone(),
-                    data: grads[k].clone(),
+                    data: data.expect("invariant: taken by its last result only"),
                 })
             })
             .collect::<Result<Vec<Output>>>()?;
