@@ -252,6 +252,11 @@ unsafe fn pair(
     let qn = QT.min(m - i0);
     let (q, qs) = (&env.q.0, env.q.1);
     let (k, ks) = (&env.k.0, env.k.1);
+    // dQ's first rows, read last (the others are fetched block by block in `accumulate_dq`).
+    if let Some(dq) = grads.dq.as_deref() {
+        let at = (i0 - env.dq_row0) * d;
+        micro::hint_rows(dq.get(at..).unwrap_or_default(), 4, d);
+    }
     let need_ds =
         grads.dq.is_some() || grads.dk.is_some() || grads.dbias.is_some() || grads.dslope.is_some();
     // Element masks: the table's (partial tiles) and rows that keep nothing.

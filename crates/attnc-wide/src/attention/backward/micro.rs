@@ -259,6 +259,23 @@ unsafe fn columns<const C: usize, const KV: usize, const KEPT: bool>(
     }
 }
 
+/// Fetches the cache lines of the first `rows` rows of `cols` values of `x` (those inside it)
+/// into L1.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+pub(super) fn hint_rows(x: &[f32], rows: usize, cols: usize) {
+    let end = (rows * cols).min(x.len());
+    let mut at = 0;
+    while at < end {
+        // A prefetch reads nothing and cannot fault.
+        _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().wrapping_add(at).cast());
+        at += LANES;
+    }
+    if end > 0 {
+        _mm_prefetch::<_MM_HINT_T0>(x.as_ptr().wrapping_add(end - 1).cast());
+    }
+}
+
 /// `dq[r·cols + c] += Σ_key ds[r·64 + key] · k[key·stride + c]` for the rows of `dq`
 /// (`cols` each) and `key < keys`; with `kept`, only kept positions are added.
 ///
@@ -283,6 +300,9 @@ pub(super) unsafe fn accumulate_dq(
     );
     let mut r = 0;
     while r < rows {
+        // dQ's rows come from L3 (a key tile's pairs pass every query tile): the next block's
+        // are fetched while this one computes.
+        hint_rows(&dq[((r + 4) * cols).min(dq.len())..], 4, cols);
         let n = (rows - r).min(4);
         let (out, d) = (dq[r * cols..].as_mut_ptr(), ds[r * KT..].as_ptr());
         let kept = kept.map(|m| &m[r * VECTORS..]);
