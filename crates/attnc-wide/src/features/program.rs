@@ -292,6 +292,9 @@ mod wide {
         Uniform(__m512),
         /// A strip of the scratch (element offset).
         Strip(usize),
+        /// A load's columns read in place (a source row with unit stride, from the strip's
+        /// first column): copying them into a strip first cost as much as the arithmetic.
+        Source(*const f32),
     }
 
     /// [`Program::run_row`] on AVX-512.
@@ -326,12 +329,14 @@ mod wide {
             };
             uniforms[at] = x;
         }
-        let value = |at: usize| {
-            if program.uniform[at] {
-                Value::Uniform(_mm512_set1_ps(uniforms[at]))
-            } else {
-                Value::Strip(program.strip_of[at] * STRIP)
+        // A node's value in the strip from column `c0`.
+        let value = |at: usize, c0: usize| match program.nodes[at] {
+            _ if program.uniform[at] => Value::Uniform(_mm512_set1_ps(uniforms[at])),
+            Node::Load { source, stride: 1 } => {
+                let first = starts[program.load_of[at]] + c0;
+                Value::Source(sources[source].as_ptr().wrapping_add(first))
             }
+            _ => Value::Strip(program.strip_of[at] * STRIP),
         };
         let last = program.nodes.len() - 1;
         let base = scratch.strips.as_mut_ptr();
@@ -339,7 +344,7 @@ mod wide {
         while c0 < out.len() {
             let width = (out.len() - c0).min(STRIP);
             for (at, node) in program.nodes.iter().enumerate() {
-                let Value::Strip(to) = value(at) else {
+                let Value::Strip(to) = value(at, c0) else {
                     continue;
                 };
                 let dst = base.wrapping_add(to);
@@ -352,29 +357,27 @@ mod wide {
                             load(sources[source].as_ptr().add(first), stride, width, dst)
                         }
                         Node::Const(_) => {}
-                        Node::Unary(op, a) => each1(value(a), base, width, dst, op),
-                        Node::Binary(op, a, b) => each2(value(a), value(b), base, width, dst, op),
+                        Node::Unary(op, a) => each1(value(a, c0), base, width, dst, op),
+                        Node::Binary(op, a, b) => {
+                            each2(value(a, c0), value(b, c0), base, width, dst, op)
+                        }
                     }
                 }
             }
             // SAFETY: out holds columns c0..c0 + width; the result's strip or vector is
             // readable.
-            unsafe { store(value(last), base, width, out.as_mut_ptr().add(c0)) };
+            unsafe { store(value(last, c0), base, width, out.as_mut_ptr().add(c0)) };
             c0 += width;
         }
     }
 
-    /// Reads `width` columns `stride` apart from `src` into the strip `dst`.
+    /// Reads `width` columns `stride` apart from `src` into the strip `dst` (unit-stride
+    /// loads are read in place instead: [`Value::Source`]).
     ///
     /// # Safety
     /// As [`run_row`]: the columns lie inside the source, `dst` holds `STRIP` f32.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     unsafe fn load(src: *const f32, stride: usize, width: usize, dst: *mut f32) {
-        if stride == 1 {
-            // SAFETY: the caller's contract; both ranges hold `width` f32.
-            unsafe { std::ptr::copy_nonoverlapping(src, dst, width) };
-            return;
-        }
         for c in 0..width {
             // SAFETY: column c < width lies inside the source and the strip.
             unsafe { *dst.add(c) = *src.add(c * stride) };
@@ -384,7 +387,8 @@ mod wide {
     /// The 16 lanes from column `c` of a value (masked to `count` lanes).
     ///
     /// # Safety
-    /// A strip value's columns `c..c + count` lie inside the scratch at `base`.
+    /// A strip value's columns `c..c + count` lie inside the scratch at `base`, a source
+    /// value's inside its source.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
     #[inline]
     unsafe fn get(v: Value, base: *const f32, c: usize, count: usize) -> __m512 {
@@ -394,6 +398,9 @@ mod wide {
             Value::Strip(at) => unsafe {
                 _mm512_maskz_loadu_ps(first_lanes(count), base.add(at + c))
             },
+            // SAFETY: the caller's contract: the load's columns up to the strip's width lie
+            // inside its source; masked lanes are not read.
+            Value::Source(at) => unsafe { _mm512_maskz_loadu_ps(first_lanes(count), at.add(c)) },
         }
     }
 
@@ -730,6 +737,39 @@ mod tests {
             .run_row(&[], &[], &mut out, &mut scratch)
             .expect("no loads");
         assert!(out.iter().all(|&v| v == 2.0f32.sqrt()));
+    }
+
+    #[test]
+    fn unit_stride_loads_read_in_place() {
+        // Read where they lie (not copied into a strip): a bare load as the result, one load
+        // read twice, and a row ending at the source's last element over several strips.
+        let x: Vec<f32> = (0..700).map(|i| i as f32 * 0.5).collect();
+        let mut scratch = Scratch::default();
+        let bare = Program::new(vec![load(0, 1)]).expect("a program");
+        let mut out = vec![0.0f32; 333];
+        bare.run_row(&[&x], &[367], &mut out, &mut scratch)
+            .expect("in bounds");
+        assert_eq!(out, x[367..].to_vec());
+        let square =
+            Program::new(vec![load(0, 1), Node::Binary(Binary::Mul, 0, 0)]).expect("a program");
+        square
+            .run_row(&[&x], &[367], &mut out, &mut scratch)
+            .expect("in bounds");
+        let want: Vec<f32> = x[367..].iter().map(|v| v * v).collect();
+        assert_eq!(out, want);
+        // Two sources, one in place and one gathered.
+        let y: Vec<f32> = (0..999).map(|i| i as f32).collect();
+        let mixed = Program::new(vec![
+            load(0, 1),
+            load(1, 3),
+            Node::Binary(Binary::Sub, 0, 1),
+        ])
+        .expect("a program");
+        mixed
+            .run_row(&[&x, &y], &[367, 0], &mut out, &mut scratch)
+            .expect("in bounds");
+        let want: Vec<f32> = (0..333).map(|c| x[367 + c] - y[3 * c]).collect();
+        assert_eq!(out, want);
     }
 
     #[test]
