@@ -803,9 +803,10 @@ impl BackwardStep {
         match &self.kernel {
             BackwardKernel::Attention(a) => {
                 let s = &a.spec;
-                let (visited, total) = s.key_tiles();
+                // Both backward kernels visit the full-width forward's tile table.
+                let (visited, total, (qt, kt)) = a.forward.key_tiles();
                 format!(
-                    "attention backward [{}] {} batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles (forward recomputed with its log-sum-exp)",
+                    "attention backward [{}] {} batch {:?} m={} n={} d={} dv={} mask {}, visits {visited} of {total} key tiles ({qt} × {kt}) (forward recomputed with its log-sum-exp)",
                     a.tier_name(),
                     slots.join(", "),
                     s.batch,
