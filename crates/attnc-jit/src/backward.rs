@@ -12,10 +12,10 @@
 //! gradients of q, k and v, each batch entry's keys split into parts of 1,024 (the shape
 //! alone sets them): a part writes its keys' rows of dK and dV, and its share of dQ, which is
 //! added into dQ in part order as soon as the parts before it are in (the share buffers are
-//! kept between calls); a recomputed forward splits into blocks of rows. Otherwise (bias or slope gradients, the portable kernel) each entry is one
-//! item. Gradients of operands broadcast over batch entries (grouped-query keys, a per-head
-//! slope) are summed over the entries in entry order afterwards, so results are
-//! bit-identical for any thread count.
+//! kept between calls); a recomputed forward splits into blocks of rows. Otherwise (bias or
+//! slope gradients, the portable kernel) each entry is one item. Gradients of operands
+//! broadcast over batch entries (grouped-query keys, a per-head slope) are summed over the
+//! entries in entry order afterwards, so results are bit-identical for any thread count.
 //!
 //! Linear attention's gradient step ([`crate::backward::linear`]) runs through its key-value
 //! state in O(n): the causal form with a running prefix state for `dq` and a reverse one for
@@ -472,8 +472,8 @@ impl AttentionBackward {
     /// threads even where there are fewer entries than threads, or a slow thread would leave
     /// the others idle at the end. Each part writes its keys' rows of dK and dV; part 0 writes
     /// dQ, the others their share of it into a buffer of the rows they reach, added into dQ in
-    /// part order once the parts before it are in ([`EntryParts::finish`]). `blocks`: per entry, one block
-    /// of each gradient (q, k, v only: [`AttentionBackward::key_parts`]).
+    /// part order once the parts before it are in ([`EntryParts::finish`]). `blocks`: per
+    /// entry, one block of each gradient (q, k, v only: [`AttentionBackward::key_parts`]).
     fn run_parts(
         &self,
         inputs: &[BufferView<'_>],
