@@ -613,21 +613,14 @@ impl<'a> EntryParts<'a> {
         let Some(dq) = dq.as_deref_mut() else {
             return;
         };
-        let added = shares.added;
-        let Shares {
-            waiting,
-            added: count,
-        } = &mut *shares;
-        for slot in &mut waiting[added..] {
-            let Some((first, share)) = slot.take() else {
-                break;
-            };
+        let Shares { waiting, added } = &mut *shares;
+        while let Some((first, share)) = waiting.get_mut(*added).and_then(Option::take) {
             let rows = &mut dq[first * d..first * d + share.len()];
             for (x, s) in rows.iter_mut().zip(&share) {
                 *x += s;
             }
             spare.give(share);
-            *count += 1;
+            *added += 1;
         }
     }
 }
