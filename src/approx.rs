@@ -153,6 +153,10 @@ pub(crate) fn compile_with_policy(
     let policy = compiler.policy();
     let threads = compiler.threads();
     let drawn = calibration.drawn;
+    // A run that drew its inputs (`--random SEED`) is validated on them: the sample comes
+    // from the run's seed, so its blocks are copied rather than drawn again.
+    let drew = drawn.tensors.iter().any(Option::is_some);
+    let sample_seed = if drew { drawn.seed } else { policy.seed() };
     let label = calibration.label.unwrap_or("the calibration files");
     let calibration = calibration.tensors;
     // The sample on one batch entry where the kernel allows it: the given and drawn inputs cut
@@ -242,8 +246,15 @@ pub(crate) fn compile_with_policy(
                 let given = &entry_given[..];
                 scope.spawn(move || {
                     timed(|| {
-                        let seed = policy.seed();
-                        calibration_inputs(kernel, one, seed, given, drawn, Fill::Repeat, threads)
+                        calibration_inputs(
+                            kernel,
+                            one,
+                            sample_seed,
+                            given,
+                            drawn,
+                            Fill::Repeat,
+                            threads,
+                        )
                     })
                 })
             });
@@ -295,7 +306,7 @@ pub(crate) fn compile_with_policy(
                             calibration_inputs(
                                 kernel,
                                 sample_bindings,
-                                policy.seed(),
+                                sample_seed,
                                 given,
                                 drawn,
                                 fill,
@@ -351,10 +362,11 @@ pub(crate) fn compile_with_policy(
         let measured = relative_l2(&approximate?, expected);
         let accepted = measured <= approx.tol;
         let width = sampled.output_shape().last().copied().unwrap_or(1).max(1);
-        let sample = if calibration.is_empty() {
-            format!("random(seed = {})", policy.seed())
-        } else {
-            label.to_string()
+        let random = format!("random(seed = {sample_seed})");
+        let sample = match (calibration.is_empty(), drew) {
+            (true, _) => random,
+            (false, true) => format!("{label} and {random}"),
+            (false, false) => label.to_string(),
         };
         validations.push(Validation {
             approximations: applied.iter().map(Approx::to_string).collect(),

@@ -56,9 +56,11 @@ impl Default for Compiler {
 /// Inputs that stand in for the real ones when an approximation is validated.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Calibration<'a> {
-    /// Tensors by parameter name (`--calibrate`); the others are drawn from the policy's seed.
+    /// Tensors by parameter name (`--calibrate`); the others are drawn from `drawn`'s seed
+    /// when it holds any tensor, else from the policy's seed.
     pub tensors: &'a [(String, Tensor)],
-    /// Inputs a `--random` run has drawn already with the same seed (copied, not redrawn).
+    /// Inputs a `--random` run has drawn already: the sample is drawn from their seed, so
+    /// their blocks are copied, not redrawn, and the run is validated on its own inputs.
     pub drawn: DrawnInputs<'a>,
     /// How reports name where `tensors` came from (default: `the calibration files`).
     pub label: Option<&'a str>,

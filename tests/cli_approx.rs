@@ -75,6 +75,48 @@ fn json_reports_estimated_and_measured_errors() {
 }
 
 #[test]
+fn a_random_run_is_validated_on_its_own_inputs() {
+    // `--random 3` draws parameter i from stream i of seed 3; handing the same values in as
+    // files must give the same sample and the same measured error, bit for bit.
+    let (h, n, d) = (2, 1024, 64);
+    let common = [
+        "--shape",
+        "h=2,n=1024,d=64",
+        "--approx",
+        "random_features(m=64,seed=1)",
+        "--tol",
+        "100",
+        "--format",
+        "json",
+    ];
+    let mut drawn = vec!["run", "examples/performer.attn", "--random", "3"];
+    drawn.extend(common);
+    let out = attnc(&drawn);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let from_random = json(&out)["validations"][0].clone();
+    assert_eq!(from_random["sample"], "random(seed = 3)", "{from_random}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut given: Vec<String> = ["run", "examples/performer.attn"]
+        .map(String::from)
+        .to_vec();
+    for (index, name) in ["q", "k", "v"].into_iter().enumerate() {
+        let values = attnc::io::standard_normal(3, index as u64, h * n * d);
+        let tensor = attnc::io::Tensor::from_f32(vec![h, n, d], values).expect("shape");
+        given.extend(["--input".into(), input_arg(dir.path(), name, &tensor)]);
+    }
+    given.extend(common.map(String::from));
+    let given: Vec<&str> = given.iter().map(String::as_str).collect();
+    let out = attnc(&given);
+    assert_eq!(status(&out), 0, "{}", stderr(&out));
+    let from_files = &json(&out)["validations"][0];
+    assert_eq!(
+        from_files["measured_error"], from_random["measured_error"],
+        "{from_files} against {from_random}"
+    );
+}
+
+#[test]
 fn exact_forbids_what_the_kernel_allows() {
     let out = attnc(&[
         "run",

@@ -87,7 +87,8 @@ pub struct SharedArgs {
     #[arg(long, conflicts_with = "approx")]
     pub exact: bool,
     /// A calibration tensor for validating approximations (NAME=PATH or PATH.safetensors);
-    /// parameters without one are drawn from the policy's seed
+    /// parameters without one are validated on the run's inputs (those `--random` draws
+    /// included), else drawn from the policy's seed
     #[arg(long, value_name = "NAME=PATH|PATH.safetensors")]
     pub calibrate: Vec<String>,
     /// Worker threads (default: all cores)
