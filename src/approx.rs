@@ -21,11 +21,13 @@
 //! accepted.
 
 use crate::calibration::entry::{one_entry_bindings, one_entry_input, separable_along};
+use crate::calibration::rows::{cut_to_rows, RowCut};
 use crate::calibration::{calibration_inputs, one_block_each, sample_rows, DrawnInputs, Fill};
 use crate::compiler::{Calibration, Compiler};
 use crate::engine::RunError;
 use crate::io::Tensor;
 use crate::policy::Policy;
+use attnc_ir::dim::resolve_shape;
 use attnc_ir::{Bindings, Kernel};
 use attnc_jit::cache::fingerprint;
 use attnc_jit::{CompiledKernel, Input};
@@ -237,7 +239,7 @@ pub(crate) fn compile_with_policy(
         // Everything from here on is the validation's work when the sample is drawn early
         // (the one-entry plan exists for the sample only).
         let early_start = Instant::now();
-        let (one_entry_plan, mut early_inputs) = std::thread::scope(|scope| {
+        let (sample_plan, mut early_inputs) = std::thread::scope(|scope| {
             let early = sample_one.filter(|_| draw_early).map(|one| {
                 let drawn = DrawnInputs {
                     seed: drawn.seed,
@@ -258,14 +260,17 @@ pub(crate) fn compile_with_policy(
                     })
                 })
             });
-            let plan =
-                sample_one.and_then(|one| compiler.compile_plan(&optimized.kernel, one).ok());
+            let plan = sample_one.and_then(|one| sample_plan(compiler, &optimized.kernel, one));
             let early = early.map(|h| {
                 h.join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
             });
             (plan, early)
         });
+        let (one_entry_plan, row_cut) = match sample_plan {
+            Some((code, cut)) => (Some(code), cut),
+            None => (None, None),
+        };
         if one_entry_plan.is_none() && one_entry.take().is_some() {
             reference = None;
             early_inputs = None;
@@ -298,6 +303,7 @@ pub(crate) fn compile_with_policy(
                         None => Instant::now(),
                     };
                     let fill = match (&one_entry_plan, &compiled) {
+                        _ if row_cut.is_some() => Fill::Repeat,
                         (Some(code), _) | (None, Some(Ok(code))) => Fill::for_plan(code.plan()),
                         _ => Fill::Repeat,
                     };
@@ -338,7 +344,21 @@ pub(crate) fn compile_with_policy(
             .as_ref()
             .or(compiled.as_ref())
             .expect("invariant: compiled for the run's shape without a one-entry plan");
-        let rows = sample_rows(sampled.output_shape());
+        let rows = sample_rows(r.code.output_shape());
+        // A plan cut to the sampled rows runs on those rows of its row-wise inputs, all of
+        // its output being the sample.
+        let cut_inputs = row_cut.as_ref().map(|cut| cut.cut_inputs(&r.inputs));
+        let (sampled_views, sampled_rows) = match &cut_inputs {
+            Some(cut) => (
+                r.inputs
+                    .iter()
+                    .zip(cut)
+                    .map(|(whole, cut)| crate::engine::input_view(cut.as_ref().unwrap_or(whole)))
+                    .collect(),
+                sample_rows(sampled.output_shape()),
+            ),
+            None => (views.clone(), rows.clone()),
+        };
         let ((approximate, approximate_time), exact) = std::thread::scope(|scope| {
             // The first time, the exact rows are computed beside the approximate ones (the
             // int8 plan's pre-pass runs on one thread).
@@ -346,7 +366,7 @@ pub(crate) fn compile_with_policy(
                 .rows
                 .is_none()
                 .then(|| scope.spawn(|| timed(|| r.code.run_sample(&views, threads, &rows))));
-            let approximate = timed(|| sampled.run_sample(&views, threads, &rows));
+            let approximate = timed(|| sampled.run_sample(&sampled_views, threads, &sampled_rows));
             let exact = exact.map(|h| {
                 h.join()
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
@@ -411,6 +431,26 @@ pub(crate) fn compile_with_policy(
         }
         approx.allowed.retain(|a| !applied.contains(a));
     }
+}
+
+/// The approximate plan `plan` compiled for the one-entry sample `bindings`: cut to the
+/// sampled rows where its rows allow it ([`cut_to_rows`]), else whole.
+fn sample_plan(
+    compiler: &Compiler,
+    plan: &Kernel,
+    bindings: &Bindings,
+) -> Option<(CompiledKernel, Option<RowCut>)> {
+    let output = resolve_shape(&plan.graph.node(plan.output).shape, bindings);
+    let cut = output.and_then(|shape| cut_to_rows(plan, bindings, &sample_rows(&shape)));
+    if let Some(cut) = cut {
+        if let Ok(code) = compiler.compile_plan(&cut.kernel, &cut.bindings) {
+            return Some((code, Some(cut)));
+        }
+    }
+    compiler
+        .compile_plan(plan, bindings)
+        .ok()
+        .map(|code| (code, None))
 }
 
 /// The exact plan of `kernel` and its machine code.

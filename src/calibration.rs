@@ -7,6 +7,7 @@
 //! (see [`calibration_inputs`]).
 
 pub mod entry;
+pub mod rows;
 
 use crate::engine::RunError;
 use crate::io::{standard_normal_streams, NormalStream, Tensor, TensorData};
