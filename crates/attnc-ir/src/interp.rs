@@ -350,7 +350,7 @@ fn eval_node(
                     "a random matrix has shape {shape:?}, not [rows, cols]"
                 ));
             };
-            let data = crate::random::random_matrix(*kind, *seed, rows, cols);
+            let data = crate::random::shared_random_matrix(*kind, *seed, rows, cols).to_vec();
             ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|e| e.to_string())?
         }
         Op::Attention(a) => fused::attention(a, args, bindings)?,

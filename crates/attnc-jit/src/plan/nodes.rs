@@ -108,9 +108,9 @@ pub(super) fn plan_node(
             let &[rows, cols] = shape.as_slice() else {
                 return Err(plan_error(&node.op, "a random matrix needs two axes"));
             };
-            let data: Arc<[f32]> = attnc_ir::random::random_matrix(*kind, *seed, rows, cols)
-                .into_iter()
-                .map(|x| x as f32)
+            let data: Arc<[f32]> = attnc_ir::random::shared_random_matrix(*kind, *seed, rows, cols)
+                .iter()
+                .map(|&x| x as f32)
                 .collect();
             let out = p.new_buffer(data.len());
             p.push(StepKind::Constant(data), Vec::new(), out);
