@@ -858,15 +858,27 @@ impl<T> Queue<T> {
     }
 }
 
-/// Runs `work` once on each of `threads` scoped threads; the first error (in thread order)
-/// is returned, a panic is resumed.
+/// Runs `work` once on each of `threads` threads: the calling thread and `threads − 1`
+/// scoped ones. The first error (in thread order, the caller first) is returned, a panic is
+/// resumed.
+///
+/// The caller takes a share rather than waiting: its thread-local scratch (the attention
+/// tiles' buffers, the `gemm` crate's packing slab) is then allocated and faulted in once and
+/// kept for the next step and the next run, where a fresh thread starts without it.
 pub(crate) fn on_threads(threads: usize, work: impl Fn() -> Result<()> + Sync) -> Result<()> {
     let work = &work;
+    if threads <= 1 {
+        return work();
+    }
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads.max(1)).map(|_| scope.spawn(work)).collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+        let own = work();
+        std::iter::once(own)
+            .chain(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+            )
             .collect()
     });
     results.into_iter().collect()
