@@ -22,6 +22,16 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// Starts the process's one-time setups on threads of their own, for a front end to call as
+/// it begins (before it parses a program and reads the inputs): the calibration of the clock
+/// the optimizer's e-graph runner reads, and the cache-size table of the matrix products
+/// (`attnc_wide::gemm::prepare_in_background`). Either otherwise runs inside the first
+/// compile that needs it, 1–2 ms each; a compile that starts before one ends waits for it.
+pub fn prepare_in_background() {
+    attnc_opt::saturate::prepare_clock();
+    attnc_wide::gemm::prepare_in_background();
+}
+
 /// The environment variable that chooses the ceilings' source.
 pub const ENV: &str = "ATTNC_CEILINGS";
 /// Bytes summed by the bandwidth probe (far larger than any cache level).

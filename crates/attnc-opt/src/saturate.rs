@@ -16,6 +16,22 @@ use egg::{BackoffScheduler, Id, RecExpr, Runner};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
+/// Starts, once per process and on a thread of its own, the calibration of the clock egg's
+/// runner reads (the `quanta` crate measures the CPU's time-stamp counter against the system
+/// clock for 500 or more rounds of a microsecond before its first reading). Started when a
+/// program begins, it runs beside the reading of the inputs rather than inside the first
+/// saturation; a saturation that starts before it ends waits for it.
+pub fn prepare_clock() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("attnc-clock".into())
+            .spawn(|| std::hint::black_box(quanta::Instant::now()));
+        // Without a thread the first saturation calibrates it itself.
+        drop(spawned);
+    });
+}
+
 /// The limits of one saturation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Limits {

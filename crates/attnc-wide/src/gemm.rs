@@ -39,6 +39,25 @@ impl Matrix<'_> {
     }
 }
 
+/// Starts, once per process and on a thread of its own, the `gemm` crate's one-time setup:
+/// its first product of more than 64 × 64 reads the caches' sizes from sysfs (a directory
+/// walk, about 1.5 ms on this kind of machine). Called when a plan with products
+/// compiles, the setup runs beside code generation instead of inside the first step; a
+/// product that starts before it ends waits for it rather than repeating it.
+pub fn prepare_in_background() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("attnc-gemm-setup".into())
+            .spawn(|| {
+                let caches: &[gemm_common::cache::CacheInfo; 3] = &gemm_common::cache::CACHE_INFO;
+                std::hint::black_box(caches);
+            });
+        // Without a thread the first product does the setup itself.
+        drop(spawned);
+    });
+}
+
 /// `out = a · b` with `out` row-major `a.rows × b.cols` (contiguous), on the calling thread.
 /// Errors, before anything is computed, when the shapes do not multiply or an operand reaches
 /// past its slice.

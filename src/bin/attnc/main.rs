@@ -38,6 +38,7 @@ const INTERRUPTED: i32 = 130;
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    attnc::machine::prepare_in_background();
     let raw: Vec<String> = std::env::args().collect();
     install_interrupt_handler(wants_json(&raw));
     let cli = match Cli::try_parse_from(&raw) {
