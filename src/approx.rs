@@ -22,7 +22,7 @@
 
 use crate::calibration::entry::{one_entry_bindings, one_entry_input, separable_along};
 use crate::calibration::rows::{cut_to_rows, RowCut};
-use crate::calibration::{calibration_inputs, one_block_each, sample_rows, DrawnInputs, Fill};
+use crate::calibration::{calibration_inputs, one_block_each, sample_rows, Fill};
 use crate::compiler::{Calibration, Compiler};
 use crate::engine::RunError;
 use crate::io::Tensor;
@@ -165,7 +165,6 @@ pub(crate) fn compile_with_policy(
     // to their first entry (a tensor that does not fit keeps the full shape and its errors).
     let mut one_entry = one_entry_bindings(kernel, bindings);
     let mut entry_given = Vec::new();
-    let mut entry_drawn: Vec<Option<Tensor>> = Vec::new();
     if let Some((symbol, _)) = &one_entry {
         let entries = bindings.get(symbol).copied().unwrap_or(0) as usize;
         let cut = |p: &attnc_ir::Param, t: &Tensor| one_entry_input(p, symbol, entries, t);
@@ -179,21 +178,12 @@ pub(crate) fn compile_with_policy(
                 cut_t.map(|t| (name.clone(), t))
             })
             .collect();
-        let cut_drawn: Option<Vec<Option<Tensor>>> = drawn
-            .tensors
-            .iter()
-            .zip(&kernel.params)
-            .map(|(t, p)| match t {
-                Some(t) => cut(p, t).map(Some),
-                None => Some(None),
-            })
-            .collect();
-        match (given, cut_drawn) {
-            (Some(g), Some(d)) => (entry_given, entry_drawn) = (g, d),
-            _ => one_entry = None,
+        // The drawn inputs serve as they are: their first block is the first entry's.
+        match given {
+            Some(g) => entry_given = g,
+            None => one_entry = None,
         }
     }
-    let entry_drawn_refs: Vec<Option<&Tensor>> = entry_drawn.iter().map(Option::as_ref).collect();
     let mut approx = optimizer_policy(policy);
     let mut validations = Vec::new();
     let mut rejected = Vec::new();
@@ -239,12 +229,8 @@ pub(crate) fn compile_with_policy(
         // Everything from here on is the validation's work when the sample is drawn early
         // (the one-entry plan exists for the sample only).
         let early_start = Instant::now();
-        let (sample_plan, mut early_inputs) = std::thread::scope(|scope| {
+        let (sample_plan, mut early_inputs, mut early_exact) = std::thread::scope(|scope| {
             let early = sample_one.filter(|_| draw_early).map(|one| {
-                let drawn = DrawnInputs {
-                    seed: drawn.seed,
-                    tensors: &entry_drawn_refs,
-                };
                 let given = &entry_given[..];
                 scope.spawn(move || {
                     timed(|| {
@@ -260,12 +246,12 @@ pub(crate) fn compile_with_policy(
                     })
                 })
             });
+            // The exact plan for the same sample compiles on a third thread meanwhile.
+            let exact = sample_one
+                .filter(|_| draw_early)
+                .map(|one| scope.spawn(move || timed(|| exact_plan(compiler, kernel, one))));
             let plan = sample_one.and_then(|one| sample_plan(compiler, &optimized.kernel, one));
-            let early = early.map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            });
-            (plan, early)
+            (plan, early.map(joined), exact.map(joined))
         });
         let (one_entry_plan, row_cut) = match sample_plan {
             Some((code, cut)) => (Some(code), cut),
@@ -274,16 +260,11 @@ pub(crate) fn compile_with_policy(
         if one_entry_plan.is_none() && one_entry.take().is_some() {
             reference = None;
             early_inputs = None;
+            early_exact = None;
         }
-        let (sample_bindings, given, drawn) = match &one_entry {
-            Some((_, one)) => {
-                let drawn = DrawnInputs {
-                    seed: drawn.seed,
-                    tensors: &entry_drawn_refs,
-                };
-                (one, &entry_given[..], drawn)
-            }
-            None => (bindings, calibration, drawn),
+        let (sample_bindings, given) = match &one_entry {
+            Some((_, one)) => (one, &entry_given[..]),
+            None => (bindings, calibration),
         };
         let mut cost = ValidationCost::default();
         // Measured on one entry, the plan is compiled for the run's shape only once accepted.
@@ -295,8 +276,9 @@ pub(crate) fn compile_with_policy(
             Some(_) => (compile_full().transpose()?, Instant::now()),
             None => {
                 let (compiled, ready, built) = std::thread::scope(|scope| {
-                    let exact =
-                        scope.spawn(|| timed(|| exact_plan(compiler, kernel, sample_bindings)));
+                    let exact = early_exact.is_none().then(|| {
+                        scope.spawn(|| timed(|| exact_plan(compiler, kernel, sample_bindings)))
+                    });
                     let compiled = compile_full();
                     let ready = match early_inputs {
                         Some(_) => early_start,
@@ -320,9 +302,10 @@ pub(crate) fn compile_with_policy(
                             )
                         })
                     });
-                    let exact = exact
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    let exact = match exact {
+                        Some(h) => joined(h),
+                        None => early_exact.expect("invariant: compiled early when not here"),
+                    };
                     (compiled, ready, (exact, inputs))
                 });
                 let ((exact, exact_time), (inputs, inputs_time)) = built;
@@ -360,18 +343,25 @@ pub(crate) fn compile_with_policy(
             None => (views.clone(), rows.clone()),
         };
         let ((approximate, approximate_time), exact) = std::thread::scope(|scope| {
-            // The first time, the exact rows are computed beside the approximate ones (the
-            // int8 plan's pre-pass runs on one thread).
-            let exact = r
-                .rows
-                .is_none()
-                .then(|| scope.spawn(|| timed(|| r.code.run_sample(&views, threads, &rows))));
-            let approximate = timed(|| sampled.run_sample(&sampled_views, threads, &sampled_rows));
-            let exact = exact.map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            // The first time, the exact rows are computed beside the approximate ones, the
+            // threads split between them: the samples are small, and two plans on all the
+            // threads each would contend for the cores and for the memory map (their fresh
+            // temporaries fault in at once).
+            let beside = r.rows.is_none();
+            let exact_threads = if beside { threads / 2 } else { 0 }.max(1);
+            let own_threads = if beside {
+                threads - threads / 2
+            } else {
+                threads
+            }
+            .max(1);
+            let exact = beside.then(|| {
+                let (code, views, rows) = (&r.code, &views, &rows);
+                scope.spawn(move || timed(|| code.run_sample(views, exact_threads, rows)))
             });
-            (approximate, exact)
+            let approximate =
+                timed(|| sampled.run_sample(&sampled_views, own_threads, &sampled_rows));
+            (approximate, exact.map(joined))
         });
         if let Some((exact_rows, time)) = exact {
             cost.exact_sample_ms = millis(time);
@@ -462,6 +452,13 @@ fn exact_plan(
     let plan = compiler.optimize_exact(kernel, bindings).kernel;
     let code = compiler.compile_plan(&plan, bindings)?;
     Ok((plan, code))
+}
+
+/// What a scoped thread returned (its panic resumed here).
+fn joined<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// `f()` and how long it took.

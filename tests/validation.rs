@@ -303,6 +303,21 @@ fn calibration_blocks_copied_from_a_random_run_equal_drawn_ones() {
     );
     assert_eq!(seed5, fresh5.unwrap());
     assert_ne!(seed5, fresh);
+    // A one-entry sample copies the first block of the run's three entries.
+    let mut one = bindings.clone();
+    one.insert("h".to_string(), 1);
+    let entry = calibration_inputs(&kernel, &one, 2, &[], drawn, Fill::Repeat, 2).unwrap();
+    let entry_fresh = calibration_inputs(
+        &kernel,
+        &one,
+        2,
+        &[],
+        DrawnInputs::default(),
+        Fill::Repeat,
+        1,
+    );
+    assert_eq!(entry, entry_fresh.unwrap());
+    assert_eq!(entry[0].shape, vec![1, 6, 5]);
 }
 
 #[test]
