@@ -123,7 +123,8 @@ pub(crate) fn rescue_wide(
 }
 
 /// The batch entries of a full-width step's output `out` holding a non-finite value that its
-/// base-2 scores can explain: `d · max|q| · max|k| · |scale|`, `max|bias|` or
+/// base-2 scores can explain: `d · max|q| · max|k| · |scale|` (times the entry's scale
+/// operand), `max|bias|` or
 /// `|slope| · (m + n)`, times `log2 e`, reaches a quarter of `f32::MAX`.
 pub(crate) fn beyond_base_two(
     spec: &AttentionSpec,
@@ -150,10 +151,14 @@ pub(crate) fn beyond_base_two(
         .filter(|(_, entry)| any_non_finite(entry))
         .map(|(e, _)| e)
         .filter(|&e| {
+            let by = score
+                .scale_by
+                .map_or(1.0, |b| magnitude(&spec.biases[b], 1, 1, e));
             let scores = spec.d as f64
                 * magnitude(&spec.q, spec.m, spec.d, e)
                 * magnitude(&spec.k, spec.n, spec.d, e)
-                * f64::from(score.scale).abs();
+                * f64::from(score.scale).abs()
+                * by;
             let bias = score
                 .bias
                 .map_or(0.0, |b| magnitude(&spec.biases[b], spec.m, spec.n, e));

@@ -130,6 +130,9 @@ impl Tiers {
 pub struct WideScore {
     /// Multiplies `s`.
     pub scale: f32,
+    /// The bias operand holding one more factor of the scale per batch entry (a learned
+    /// temperature, `f32[]` or `[h, 1, 1]`), read when the entry's call is made.
+    pub scale_by: Option<usize>,
     /// The bias operand added (an index into [`AttentionSpec::biases`]).
     pub bias: Option<usize>,
     /// The bias operand holding one ALiBi slope per batch entry.
@@ -147,6 +150,7 @@ impl WideScore {
         };
         let mut form = WideScore {
             scale: 1.0,
+            scale_by: None,
             bias: None,
             slope: None,
             softcap,
@@ -154,12 +158,17 @@ impl WideScore {
         let mut terms = Vec::new();
         sum_terms(inner, &mut terms)?;
         let mut scaled = false;
+        // A bias operand that holds one value per batch entry.
+        let per_entry = |k: usize| {
+            let t = &spec.biases[k];
+            t.row_stride == 0 && t.col_stride == 0 && t.dtype == attnc_ir::DType::F32
+        };
         for term in terms {
-            if let Some(scale) = scale_of(term) {
-                if scaled {
+            if let Some((scale, by)) = scale_of(term) {
+                if scaled || by.is_some_and(|k| !per_entry(k)) {
                     return None;
                 }
-                (scaled, form.scale) = (true, scale);
+                (scaled, form.scale, form.scale_by) = (true, scale, by);
             } else if let ScoreExpr::Bias(k) = term {
                 let t = &spec.biases[*k];
                 if form.bias.is_some() || t.dtype != attnc_ir::DType::F32 {
@@ -168,9 +177,7 @@ impl WideScore {
                 form.bias = Some(*k);
             } else {
                 let k = slope_of(term)?;
-                let t = &spec.biases[k];
-                let per_entry = t.row_stride == 0 && t.col_stride == 0;
-                if form.slope.is_some() || !per_entry || t.dtype != attnc_ir::DType::F32 {
+                if form.slope.is_some() || !per_entry(k) {
                     return None;
                 }
                 form.slope = Some(k);
@@ -216,22 +223,38 @@ fn sum_terms<'e>(e: &'e ScoreExpr, out: &mut Vec<&'e ScoreExpr>) -> Option<()> {
     }
 }
 
-/// `s`, `s · c`, `c · s` or `s / c`: the scale.
-fn scale_of(e: &ScoreExpr) -> Option<f32> {
-    match e {
-        ScoreExpr::Scores => Some(1.0),
-        ScoreExpr::Binary(BinaryOp::Mul, x, y) => match (&**x, &**y) {
-            (ScoreExpr::Scores, ScoreExpr::Const(c)) | (ScoreExpr::Const(c), ScoreExpr::Scores) => {
-                Some(*c as f32)
+/// `s` times constants and at most one bias operand, divided by constants (`s / c`,
+/// `(s / c) · t`, `c · s · t`, ...): the constant part of the scale and that operand.
+fn scale_of(e: &ScoreExpr) -> Option<(f32, Option<usize>)> {
+    /// The factors of `e` into `constant`, `by` and `scores` (how many times `s` appears).
+    fn factors(
+        e: &ScoreExpr,
+        constant: &mut f64,
+        by: &mut Option<usize>,
+        scores: &mut usize,
+    ) -> Option<()> {
+        match e {
+            ScoreExpr::Scores => *scores += 1,
+            ScoreExpr::Const(c) => *constant *= c,
+            ScoreExpr::Bias(k) if by.is_none() => *by = Some(*k),
+            ScoreExpr::Binary(BinaryOp::Mul, x, y) => {
+                factors(x, constant, by, scores)?;
+                factors(y, constant, by, scores)?;
             }
-            _ => None,
-        },
-        ScoreExpr::Binary(BinaryOp::Div, x, y) => match (&**x, &**y) {
-            (ScoreExpr::Scores, ScoreExpr::Const(c)) => Some((1.0 / c) as f32),
-            _ => None,
-        },
-        _ => None,
+            ScoreExpr::Binary(BinaryOp::Div, x, y) => match &**y {
+                ScoreExpr::Const(c) => {
+                    factors(x, constant, by, scores)?;
+                    *constant /= c;
+                }
+                _ => return None,
+            },
+            _ => return None,
+        }
+        Some(())
     }
+    let (mut constant, mut by, mut scores) = (1.0, None, 0);
+    factors(e, &mut constant, &mut by, &mut scores)?;
+    (scores == 1).then_some((constant as f32, by))
 }
 
 /// `b · relpos` (either order): the bias index of the slope.
@@ -712,12 +735,22 @@ impl WideAttention {
             ),
             None => None,
         };
+        let scale = match self.score.scale_by {
+            Some(k) => {
+                let by = *f32_of(k)?
+                    .0
+                    .first()
+                    .ok_or_else(|| buffer_err(&spec.biases[k].name, "is empty"))?;
+                self.score.scale * by
+            }
+            None => self.score.scale,
+        };
         Ok(Call {
             q: operand(&spec.q, spec.m, spec.d)?,
             k: operand(&spec.k, spec.n, spec.d)?,
             v: operand(&spec.v, spec.n, spec.dv)?,
             score: Score {
-                scale: self.score.scale,
+                scale,
                 bias,
                 alibi_slope,
                 softcap: self.score.softcap,

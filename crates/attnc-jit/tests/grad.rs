@@ -190,6 +190,13 @@ fn fused_attention_gradients_over_masks_biases_and_broadcasts() {
             }",
             &[("h", 2), ("n", 100), ("d", 10)],
         ),
+        // A temperature per head read as the scale (its own gradient by the plain form).
+        (
+            "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d], t: f32[h, 1, 1]) -> f32[h, n, d] {
+                return softmax(mask(q @ k.T * t / sqrt(d), causal & window(30))) @ v;
+            }",
+            &[("h", 3), ("n", 101), ("d", 8)],
+        ),
         // Causal linear attention: the reverse prefix state.
         (
             "kernel f(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, e]) -> f32[h, n, e] {
