@@ -28,7 +28,8 @@ use crate::engine::RunError;
 use crate::io::Tensor;
 use crate::policy::Policy;
 use attnc_ir::dim::resolve_shape;
-use attnc_ir::{Bindings, Kernel};
+use attnc_ir::random::RandomKind;
+use attnc_ir::{Bindings, Kernel, Op};
 use attnc_jit::cache::fingerprint;
 use attnc_jit::{CompiledKernel, Input};
 use attnc_opt::{Approx, ApproxPolicy, Trace};
@@ -246,6 +247,13 @@ pub(crate) fn compile_with_policy(
                     })
                 })
             });
+            // Seeded matrices (Performer's features) are drawn on a thread of their own while
+            // the plan compiles (its constant steps wait for them).
+            if let Some(one) = sample_one.filter(|one| has_random_matrices(&optimized.kernel, one))
+            {
+                let plan = &optimized.kernel;
+                scope.spawn(move || draw_random_matrices(plan, one));
+            }
             // The exact plan for the same sample compiles on a third thread meanwhile.
             let exact = sample_one
                 .filter(|_| draw_early)
@@ -452,6 +460,37 @@ fn exact_plan(
     let plan = compiler.optimize_exact(kernel, bindings).kernel;
     let code = compiler.compile_plan(&plan, bindings)?;
     Ok((plan, code))
+}
+
+/// The seeded `[rows, cols]` matrices `plan` names at `bindings`.
+fn random_matrices(plan: &Kernel, bindings: &Bindings) -> Vec<(RandomKind, u64, usize, usize)> {
+    plan.graph
+        .topo_order()
+        .into_iter()
+        .filter_map(|id| {
+            let node = plan.graph.node(id);
+            let Op::Random { kind, seed } = node.op else {
+                return None;
+            };
+            match resolve_shape(&node.shape, bindings)?.as_slice() {
+                &[rows, cols] => Some((kind, seed, rows, cols)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Whether `plan` names a seeded matrix at `bindings`.
+fn has_random_matrices(plan: &Kernel, bindings: &Bindings) -> bool {
+    !random_matrices(plan, bindings).is_empty()
+}
+
+/// Draws the seeded matrices of `plan` into the process's kept ones
+/// ([`attnc_ir::random::shared_random_matrix`]), where its compile will find them.
+fn draw_random_matrices(plan: &Kernel, bindings: &Bindings) {
+    for (kind, seed, rows, cols) in random_matrices(plan, bindings) {
+        attnc_ir::random::shared_random_matrix(kind, seed, rows, cols);
+    }
 }
 
 /// What a scoped thread returned (its panic resumed here).

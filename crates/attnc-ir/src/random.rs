@@ -272,7 +272,8 @@ const SHARED_KEPT: usize = 8;
 
 /// [`random_matrix`], kept for later calls in this process: a plan names the same matrix once
 /// per side (Performer's queries and keys share their features), and validation compiles a
-/// plan for its sample before the run's shape. Orthogonal features of `[256, 64]` take about
+/// plan for its sample before the run's shape, drawing the matrix on a thread of its own
+/// meanwhile (a call while another draws the same matrix waits for it). Orthogonal features of `[256, 64]` take about
 /// 1.5 ms to draw (the Gram–Schmidt dot products are serial sums, to keep every bit fixed).
 pub fn shared_random_matrix(
     kind: RandomKind,
@@ -281,27 +282,30 @@ pub fn shared_random_matrix(
     cols: usize,
 ) -> std::sync::Arc<[f64]> {
     use std::sync::{Arc, Mutex, OnceLock};
-    type Kept = Vec<((RandomKind, u64, usize, usize), Arc<[f64]>)>;
+    type Slot = Arc<OnceLock<Arc<[f64]>>>;
+    type Kept = Vec<((RandomKind, u64, usize, usize), Slot)>;
     static KEPT: OnceLock<Mutex<Kept>> = OnceLock::new();
+    if rows.saturating_mul(cols) > SHARED_UP_TO {
+        return random_matrix(kind, seed, rows, cols).into();
+    }
     let key = (kind, seed, rows, cols);
-    let kept = KEPT.get_or_init(Mutex::default);
-    if let Some((_, matrix)) = kept
-        .lock()
-        .ok()
-        .and_then(|k| k.iter().find(|(k, _)| *k == key).cloned())
-    {
-        return matrix;
-    }
-    let matrix: Arc<[f64]> = random_matrix(kind, seed, rows, cols).into();
-    if matrix.len() <= SHARED_UP_TO {
-        if let Ok(mut kept) = kept.lock() {
-            if kept.len() >= SHARED_KEPT {
-                kept.remove(0);
+    // The slot of `key`, made if new: a second caller while the first draws waits for it.
+    let slot: Slot = match KEPT.get_or_init(Mutex::default).lock() {
+        Ok(mut kept) => match kept.iter().find(|(k, _)| *k == key) {
+            Some((_, slot)) => slot.clone(),
+            None => {
+                if kept.len() >= SHARED_KEPT {
+                    kept.remove(0);
+                }
+                let slot = Slot::default();
+                kept.push((key, slot.clone()));
+                slot
             }
-            kept.push((key, matrix.clone()));
-        }
-    }
-    matrix
+        },
+        Err(_) => Slot::default(),
+    };
+    slot.get_or_init(|| random_matrix(kind, seed, rows, cols).into())
+        .clone()
 }
 
 /// Gram-Schmidt (modified, twice for stability) on the rows of a square `[d, d]` Gaussian
