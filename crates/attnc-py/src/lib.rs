@@ -174,6 +174,8 @@ fn _compile(
 /// The module `attnc._attnc`.
 #[pymodule]
 fn _attnc(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The one-time setups of the first compile start as the module loads.
+    attnc::machine::prepare_in_background();
     module.add_class::<PyKernel>()?;
     module.add_function(wrap_pyfunction!(_compile, module)?)?;
     module.add("__version__", env!("CARGO_PKG_VERSION"))?;
