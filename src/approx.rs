@@ -162,8 +162,9 @@ pub(crate) fn compile_with_policy(
     let sample_seed = if drew { drawn.seed } else { policy.seed() };
     let label = calibration.label.unwrap_or("the calibration files");
     let calibration = calibration.tensors;
-    // The sample on one batch entry where the kernel allows it: the given and drawn inputs cut
-    // to their first entry (a tensor that does not fit keeps the full shape and its errors).
+    // The sample on one batch entry where the kernel allows it: the given inputs cut to their
+    // first entry (a tensor that does not fit keeps the full shape and its errors); the drawn
+    // ones serve whole, their first block being that entry's.
     let mut one_entry = one_entry_bindings(kernel, bindings);
     let mut entry_given = Vec::new();
     if let Some((symbol, _)) = &one_entry {
@@ -179,7 +180,6 @@ pub(crate) fn compile_with_policy(
                 cut_t.map(|t| (name.clone(), t))
             })
             .collect();
-        // The drawn inputs serve as they are: their first block is the first entry's.
         match given {
             Some(g) => entry_given = g,
             None => one_entry = None,
