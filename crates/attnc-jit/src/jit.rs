@@ -192,6 +192,17 @@ impl Jit {
         });
     }
 
+    /// Records that kernel `name` runs the code of `from`, a function defined earlier (its
+    /// text says so instead of repeating it).
+    pub fn share_text(&mut self, from: &str, name: &str) {
+        let note = format!("; the same code as {from}\n");
+        self.texts.push(FunctionText {
+            name: name.to_string(),
+            clif: note.clone(),
+            vcode: Some(note),
+        });
+    }
+
     /// Finalizes every defined function into executable memory.
     pub fn finish(mut self) -> Result<Arc<Code>> {
         self.module

@@ -222,6 +222,8 @@ impl CompiledKernel {
         let mut jit = Jit::new()?;
         let mut ids = Vec::with_capacity(plan.steps.len());
         let mut map_ids = Vec::with_capacity(plan.steps.len());
+        let mut elementwise: std::collections::HashMap<String, (cranelift_module::FuncId, String)> =
+            std::collections::HashMap::new();
         for step in &plan.steps {
             let mut maps = [None, None];
             if let StepKind::Linear(linear) = &step.kind {
@@ -243,9 +245,25 @@ impl CompiledKernel {
                 | StepKind::Stats(_)
                 | StepKind::RowReduce(..)
                 | StepKind::Quantize(_) => None,
-                StepKind::Elementwise(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {
-                    kernels::elementwise::emit(b, KernelArgs::new(p), spec)
-                })?),
+                StepKind::Elementwise(spec) => {
+                    // Steps that compute the same expression on the same shapes share one
+                    // function (Nyström's pseudo-inverse repeats its update six times).
+                    let key = format!("{:?}", spec.by_slot());
+                    match elementwise.get(&key) {
+                        Some((id, first)) => {
+                            let id = *id;
+                            jit.share_text(first, &step.name);
+                            Some(id)
+                        }
+                        None => {
+                            let id = jit.define_kernel(&step.name, |b, _, p| {
+                                kernels::elementwise::emit(b, KernelArgs::new(p), spec)
+                            })?;
+                            elementwise.insert(key, (id, step.name.clone()));
+                            Some(id)
+                        }
+                    }
+                }
                 StepKind::MatMul(spec) if spec.wide => None,
                 StepKind::Linear(_) | StepKind::Chunked(_) | StepKind::Backward(_) => None,
                 StepKind::MatMul(spec) => Some(jit.define_kernel(&step.name, |b, _, p| {

@@ -107,3 +107,32 @@ fn long_chains_are_split_into_bounded_steps() {
     let src = format!("kernel f(a: f32[n, d]) -> f32[n, d] {{ {body} return x2000; }}");
     check(&src, &[("n", 2), ("d", 9)], 18);
 }
+
+#[test]
+fn steps_computing_the_same_expression_share_one_function() {
+    // Three elementwise steps, each after its own product: the same expression on the same
+    // shape, reading a different buffer.
+    let src = "kernel f(x: f32[n, d], w: f32[d, d]) -> f32[n, d] {
+        let a = tanh(x @ w) * 0.5 + 1;
+        let b = tanh(a @ w) * 0.5 + 1;
+        return tanh(b @ w) * 0.5 + 1;
+    }";
+    let dims = [("n", 37), ("d", 12)];
+    check(src, &dims, 19);
+    let kernel = common::kernel(src);
+    let b = common::bindings(&dims);
+    let plan = common::optimized(&kernel, &b);
+    let compiled =
+        attnc_jit::CompiledKernel::compile(&plan, &b, &Default::default()).expect("compiles");
+    let texts = compiled.clif();
+    let elementwise: Vec<&String> = texts
+        .iter()
+        .filter(|(name, _)| name.ends_with("_ew"))
+        .map(|(_, clif)| clif)
+        .collect();
+    assert_eq!(elementwise.len(), 3, "each step has a text: {texts:?}");
+    assert!(elementwise[0].starts_with("function"), "{}", elementwise[0]);
+    for clif in &elementwise[1..] {
+        assert_eq!(*clif, "; the same code as f_s1_ew\n");
+    }
+}

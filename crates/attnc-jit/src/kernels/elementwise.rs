@@ -130,6 +130,43 @@ impl Expr {
         }
     }
 
+    /// The expression with every leaf's buffer `buf` renamed `rename(buf)`.
+    pub fn relabel(&self, rename: &impl Fn(usize) -> usize) -> Expr {
+        match self {
+            Expr::Leaf { buf, strides } => Expr::Leaf {
+                buf: rename(*buf),
+                strides: strides.clone(),
+            },
+            Expr::Const(_) | Expr::RelPos { .. } => self.clone(),
+            Expr::Unary(op, x) => Expr::Unary(*op, Box::new(x.relabel(rename))),
+            Expr::Binary(op, x, y) => Expr::Binary(
+                *op,
+                Box::new(x.relabel(rename)),
+                Box::new(y.relabel(rename)),
+            ),
+            Expr::Greater(x, y) => {
+                Expr::Greater(Box::new(x.relabel(rename)), Box::new(y.relabel(rename)))
+            }
+            Expr::Mask {
+                pattern,
+                fill,
+                i,
+                j,
+                m,
+                n,
+                x,
+            } => Expr::Mask {
+                pattern: pattern.clone(),
+                fill: *fill,
+                i: *i,
+                j: *j,
+                m: *m,
+                n: *n,
+                x: Box::new(x.relabel(rename)),
+            },
+        }
+    }
+
     /// The buffers the expression reads, in first-use order.
     pub fn buffers(&self, out: &mut Vec<usize>) {
         match self {
@@ -213,6 +250,22 @@ pub struct ElementwiseSpec {
 }
 
 impl ElementwiseSpec {
+    /// The spec with its buffers named by their operand slots: two steps whose specs agree
+    /// here compile to the same code (the kernel reads its operands by slot).
+    pub fn by_slot(&self) -> ElementwiseSpec {
+        let slot = |buf: usize| {
+            self.inputs
+                .iter()
+                .position(|&x| x == buf)
+                .unwrap_or_default()
+        };
+        ElementwiseSpec {
+            expr: self.expr.relabel(&slot),
+            shape: self.shape.clone(),
+            inputs: (0..self.inputs.len()).collect(),
+        }
+    }
+
     /// The work space (batches, rows): one batch, one row per last-axis line.
     pub fn work(&self) -> (usize, usize) {
         let rank = self.shape.len();
