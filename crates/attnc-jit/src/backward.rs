@@ -28,6 +28,7 @@ pub use linear::LinearBackward;
 use crate::buffer::BufferView;
 use crate::error::{JitError, Result};
 use crate::kernels::attention::{AttentionSpec, TensorRef};
+use crate::pool::Pool;
 use crate::wide::{batch_index, buffer_err, offset_of, Tier, WideAttention};
 pub use attnc_wide::backward::Saved;
 
@@ -95,7 +96,9 @@ pub struct AttentionBackward {
     /// Whether the AVX-512 kernels may run (else the portable ones).
     pub wide: bool,
     /// Buffers for the key parts' shares of dQ, kept between calls.
-    spare: SpareShares,
+    /// Buffers for dQ's shares, kept between calls: a share is as large as the rows its keys
+    /// reach (all of them on dense attention), and a fresh one costs its page faults again.
+    spare: Pool,
 }
 
 impl AttentionBackward {
@@ -124,7 +127,7 @@ impl AttentionBackward {
             d_lse,
             grads,
             wide,
-            spare: SpareShares::default(),
+            spare: Pool::keeping_from(0),
         })
     }
 
@@ -544,7 +547,7 @@ impl AttentionBackward {
                 let mut whole =
                     (p == 0).then(|| entry.dq.lock().unwrap_or_else(|e| e.into_inner()));
                 let mut share =
-                    (p > 0 && entry.has_dq).then(|| spare.zeroed(part.dq_rows.len() * d));
+                    (p > 0 && entry.has_dq).then(|| spare.zeroed(part.dq_rows.len() * d, 1));
                 grads.dq = match (&mut share, &mut whole) {
                     (Some(buffer), _) => Some(buffer.as_mut_slice()),
                     (None, Some(guard)) => guard.as_deref_mut(),
@@ -598,7 +601,7 @@ impl<'a> EntryParts<'a> {
     /// order, every share whose earlier parts are in, and gives their buffers to `spare`.
     /// The threads take parts in order, so a share waits only while an earlier part still
     /// runs: about one share per thread is held at a time, not one per part.
-    fn finish(&self, p: usize, share: Option<Share>, d: usize, spare: &SpareShares) {
+    fn finish(&self, p: usize, share: Option<Share>, d: usize, spare: &Pool) {
         let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
         match (p, share) {
             (0, _) => shares.added = 1,
@@ -622,68 +625,6 @@ impl<'a> EntryParts<'a> {
             spare.give(share);
             *added += 1;
         }
-    }
-}
-
-/// Buffers for dQ's shares, kept between calls: a share is as large as the rows its keys
-/// reach (all of them on dense attention), and a fresh one costs its page faults again.
-#[derive(Default)]
-struct SpareShares(Mutex<Vec<Vec<f32>>>);
-
-impl SpareShares {
-    /// `len` zeros, in a kept buffer where one holds them.
-    fn zeroed(&self, len: usize) -> Vec<f32> {
-        let kept = self.0.lock().ok().and_then(|mut kept| {
-            let at = (0..kept.len())
-                .filter(|&i| kept[i].capacity() >= len)
-                .min_by_key(|&i| kept[i].capacity())?;
-            Some(kept.swap_remove(at))
-        });
-        let mut buffer = kept.unwrap_or_default();
-        buffer.clear();
-        buffer.resize(len, 0.0);
-        buffer
-    }
-
-    fn give(&self, buffer: Vec<f32>) {
-        if let Ok(mut kept) = self.0.lock() {
-            kept.push(buffer);
-        }
-    }
-
-    /// Keeps the `count` largest buffers.
-    fn trim(&self, count: usize) {
-        if let Ok(mut kept) = self.0.lock() {
-            kept.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
-            kept.truncate(count);
-        }
-    }
-
-    fn release(&self) {
-        if let Ok(mut kept) = self.0.lock() {
-            *kept = Vec::new();
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        self.0.lock().map_or(0, |kept| {
-            kept.iter()
-                .map(|b| b.capacity() * std::mem::size_of::<f32>())
-                .sum()
-        })
-    }
-}
-
-/// A copy keeps nothing: kept buffers belong to the kernel that used them.
-impl Clone for SpareShares {
-    fn clone(&self) -> Self {
-        SpareShares::default()
-    }
-}
-
-impl std::fmt::Debug for SpareShares {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SpareShares({} bytes)", self.bytes())
     }
 }
 

@@ -35,6 +35,7 @@ pub mod jit;
 pub mod kernels;
 pub mod linear;
 pub mod plan;
+mod pool;
 pub mod runtime;
 pub mod simd;
 pub mod tiles;

@@ -16,6 +16,7 @@ use crate::kernels::attention::quant;
 use crate::kernels::{self, KernelArgs};
 use crate::linear::LinearKernel;
 use crate::plan::{plan_outputs, BufferSource, Plan, PlanOptions, StepKind};
+use crate::pool::Pool;
 use crate::wide::{Tier, Tiers, WideAttention};
 use attnc_ir::{Bindings, DType, Kernel};
 use attnc_wide::pages::zeroed;
@@ -23,7 +24,6 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-mod pool;
 mod saved;
 
 /// Options of [`CompiledKernel::compile`].
@@ -141,7 +141,7 @@ pub struct CompiledKernel {
     /// The query-key pairs gates skipped in the last run.
     skipped: crate::gate::Skipped,
     /// Large temporaries kept for later steps and runs.
-    pool: pool::Pool,
+    pool: Pool,
 }
 
 impl std::fmt::Debug for CompiledKernel {
@@ -154,7 +154,7 @@ impl std::fmt::Debug for CompiledKernel {
 }
 
 impl CompiledKernel {
-    /// Frees the large temporaries this kernel keeps between runs (see `runtime/pool.rs`:
+    /// Frees the large temporaries this kernel keeps between runs (see `pool.rs`:
     /// each run reuses the last run's instead of faulting fresh memory in); the next run
     /// allocates them again. A fused attention's backward step keeps its buffers for dQ's
     /// shares likewise, and frees them here too.

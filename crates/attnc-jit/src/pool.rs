@@ -1,4 +1,5 @@
-//! Large temporaries kept between steps and runs of one compiled kernel.
+//! Large temporaries kept between steps and runs of one compiled kernel (and, with a
+//! smaller size, a fused backward's shares of dQ, `crate::backward`).
 //!
 //! A plan's temporaries are allocations of up to hundreds of megabytes (Performer's
 //! `[8, 16384, 256]` projections take 134 MB each). Freed, the allocator returns them to the
@@ -16,22 +17,53 @@ use std::sync::Mutex;
 
 use attnc_wide::pages;
 
-/// Buffers of at least this many values are kept (smaller ones cost little to allocate).
+/// Buffers of at least this many values are kept by default (smaller ones cost little to
+/// allocate).
 const KEEP_FROM: usize = 1 << 20;
 
 /// A recycled buffer serves a request of at least this fraction of its capacity (a huge buffer
 /// is not spent on a small temporary while the next step needs it whole).
 const MIN_FILL: usize = 2;
 
-/// The kept buffers of one compiled kernel.
-#[derive(Debug, Default)]
-pub(crate) struct Pool(Mutex<Vec<Vec<f32>>>);
+/// Kept buffers: a compiled kernel's large temporaries, or a backward's shares of dQ.
+pub(crate) struct Pool {
+    kept: Mutex<Vec<Vec<f32>>>,
+    /// The least capacity kept, in values.
+    keep_from: usize,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool::keeping_from(KEEP_FROM)
+    }
+}
+
+/// A copy keeps nothing: kept buffers belong to the kernel that used them.
+impl Clone for Pool {
+    fn clone(&self) -> Pool {
+        Pool::keeping_from(self.keep_from)
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pool({} bytes kept)", self.bytes())
+    }
+}
 
 impl Pool {
+    /// A pool that keeps buffers of at least `values` values.
+    pub(crate) fn keeping_from(values: usize) -> Pool {
+        Pool {
+            kept: Mutex::new(Vec::new()),
+            keep_from: values,
+        }
+    }
+
     /// `len` zeros: a kept buffer whose capacity fits (zeroed on up to `threads` threads) or
     /// a fresh one (faulted in on up to `threads` threads).
     pub(crate) fn zeroed(&self, len: usize, threads: usize) -> Vec<f32> {
-        if len >= KEEP_FROM {
+        if len >= self.keep_from {
             if let Some(mut buffer) = self.take(len) {
                 buffer.truncate(len);
                 pages::in_parts(&mut buffer, threads, |part| part.fill(0.0));
@@ -43,26 +75,33 @@ impl Pool {
         pages::zeroed_in_parallel(len, threads)
     }
 
-    /// Keeps `buffer` for a later request (small buffers are dropped).
+    /// Keeps `buffer` for a later request (buffers below the pool's size are dropped).
     pub(crate) fn give(&self, buffer: Vec<f32>) {
-        if buffer.capacity() >= KEEP_FROM {
-            if let Ok(mut kept) = self.0.lock() {
+        if buffer.capacity() >= self.keep_from.max(1) {
+            if let Ok(mut kept) = self.kept.lock() {
                 kept.push(buffer);
             }
         }
     }
 
+    /// Keeps the `count` largest buffers only.
+    pub(crate) fn trim(&self, count: usize) {
+        if let Ok(mut kept) = self.kept.lock() {
+            kept.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+            kept.truncate(count);
+        }
+    }
+
     /// Frees every kept buffer.
     pub(crate) fn release(&self) {
-        if let Ok(mut kept) = self.0.lock() {
-            kept.clear();
-            kept.shrink_to_fit();
+        if let Ok(mut kept) = self.kept.lock() {
+            *kept = Vec::new();
         }
     }
 
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
-        self.0.lock().map_or(0, |kept| {
+        self.kept.lock().map_or(0, |kept| {
             kept.iter()
                 .map(|b| b.capacity() * std::mem::size_of::<f32>())
                 .sum()
@@ -72,7 +111,7 @@ impl Pool {
     /// The kept buffer of least capacity that holds `len` values and is not more than
     /// [`MIN_FILL`] times as large.
     fn take(&self, len: usize) -> Option<Vec<f32>> {
-        let mut kept = self.0.lock().ok()?;
+        let mut kept = self.kept.lock().ok()?;
         let (at, _) = kept
             .iter()
             .enumerate()
@@ -107,6 +146,26 @@ mod tests {
         pool.give(vec![1.0; 10]);
         assert_eq!(pool.bytes(), 0);
         pool.give(b);
+        pool.release();
+        assert_eq!(pool.bytes(), 0);
+    }
+
+    #[test]
+    fn a_pool_from_any_size_keeps_the_largest_and_copies_keep_nothing() {
+        let pool = Pool::keeping_from(0);
+        for len in [10, 30, 20] {
+            pool.give(vec![1.0; len]);
+        }
+        pool.give(Vec::new());
+        assert_eq!(pool.bytes(), 60 * 4);
+        pool.trim(2);
+        assert_eq!(pool.bytes(), 50 * 4);
+        assert_eq!(pool.clone().bytes(), 0);
+        // The 20-value buffer serves 12 (at least half of it), zeroed.
+        let b = pool.zeroed(12, 1);
+        assert_eq!(b, vec![0.0; 12]);
+        assert!(b.capacity() >= 20);
+        assert_eq!(pool.bytes(), 30 * 4);
         pool.release();
         assert_eq!(pool.bytes(), 0);
     }
