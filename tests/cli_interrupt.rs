@@ -69,10 +69,12 @@ fn interrupt_after(child: &mut std::process::Child, delay: Duration) -> (Option<
 fn ctrl_c_during_a_long_compile_exits_130_without_output() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Thousands of dependent statements: parsing takes milliseconds, optimizing and generating
-    // code for them takes seconds.
+    // code for them takes seconds. Each has its own constant, so no two steps share their
+    // generated function.
     let mut src = String::from("kernel big(x: f32[n, d], w: f32[d, d]) -> f32[n, d] {\n");
-    for _ in 0..4000 {
-        src.push_str("    let x = tanh(x @ w) + x * 0.5;\n");
+    for i in 0..4000 {
+        let c = 0.5 + f64::from(i) / 8192.0;
+        src.push_str(&format!("    let x = tanh(x @ w) + x * {c};\n"));
     }
     src.push_str("    return x;\n}\n");
     let file = common::write(dir.path(), "big.attn", src);
