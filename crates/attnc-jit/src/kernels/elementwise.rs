@@ -77,33 +77,45 @@ impl Expr {
     /// Rewrites the expression from its own axes to a consumer's: own axis `k` becomes
     /// `map[k]` (`None`: the axis has size 1 and its coordinate is 0).
     pub fn remap(&self, map: &[Option<usize>], rank: usize) -> Expr {
+        let leaf = |buf: usize, strides: &[usize]| {
+            let mut out = vec![0; rank];
+            for (k, &s) in strides.iter().enumerate() {
+                if let Some(a) = map[k] {
+                    out[a] += s;
+                }
+            }
+            Expr::Leaf { buf, strides: out }
+        };
         let coord = |c: &Coord| match c {
             Coord::Axis(a) => map[*a].map_or(Coord::Zero, Coord::Axis),
             Coord::Zero => Coord::Zero,
         };
+        self.rebuild(&leaf, &coord)
+    }
+
+    /// The expression with every leaf's buffer `buf` renamed `rename(buf)`.
+    pub fn relabel(&self, rename: &impl Fn(usize) -> usize) -> Expr {
+        let leaf = |buf: usize, strides: &[usize]| Expr::Leaf {
+            buf: rename(buf),
+            strides: strides.to_vec(),
+        };
+        self.rebuild(&leaf, &|c: &Coord| *c)
+    }
+
+    /// The same tree with each leaf made by `leaf(buf, strides)` and each coordinate (of masks
+    /// and relative positions) by `coord`.
+    fn rebuild(
+        &self,
+        leaf: &impl Fn(usize, &[usize]) -> Expr,
+        coord: &impl Fn(&Coord) -> Coord,
+    ) -> Expr {
+        let again = |x: &Expr| Box::new(x.rebuild(leaf, coord));
         match self {
-            Expr::Leaf { buf, strides } => {
-                let mut out = vec![0; rank];
-                for (k, &s) in strides.iter().enumerate() {
-                    if let Some(a) = map[k] {
-                        out[a] += s;
-                    }
-                }
-                Expr::Leaf {
-                    buf: *buf,
-                    strides: out,
-                }
-            }
+            Expr::Leaf { buf, strides } => leaf(*buf, strides),
             Expr::Const(v) => Expr::Const(*v),
-            Expr::Unary(op, x) => Expr::Unary(*op, Box::new(x.remap(map, rank))),
-            Expr::Binary(op, x, y) => Expr::Binary(
-                *op,
-                Box::new(x.remap(map, rank)),
-                Box::new(y.remap(map, rank)),
-            ),
-            Expr::Greater(x, y) => {
-                Expr::Greater(Box::new(x.remap(map, rank)), Box::new(y.remap(map, rank)))
-            }
+            Expr::Unary(op, x) => Expr::Unary(*op, again(x)),
+            Expr::Binary(op, x, y) => Expr::Binary(*op, again(x), again(y)),
+            Expr::Greater(x, y) => Expr::Greater(again(x), again(y)),
             Expr::Mask {
                 pattern,
                 fill,
@@ -119,50 +131,13 @@ impl Expr {
                 j: coord(j),
                 m: *m,
                 n: *n,
-                x: Box::new(x.remap(map, rank)),
+                x: again(x),
             },
             Expr::RelPos { i, j, m, n } => Expr::RelPos {
                 i: coord(i),
                 j: coord(j),
                 m: *m,
                 n: *n,
-            },
-        }
-    }
-
-    /// The expression with every leaf's buffer `buf` renamed `rename(buf)`.
-    pub fn relabel(&self, rename: &impl Fn(usize) -> usize) -> Expr {
-        match self {
-            Expr::Leaf { buf, strides } => Expr::Leaf {
-                buf: rename(*buf),
-                strides: strides.clone(),
-            },
-            Expr::Const(_) | Expr::RelPos { .. } => self.clone(),
-            Expr::Unary(op, x) => Expr::Unary(*op, Box::new(x.relabel(rename))),
-            Expr::Binary(op, x, y) => Expr::Binary(
-                *op,
-                Box::new(x.relabel(rename)),
-                Box::new(y.relabel(rename)),
-            ),
-            Expr::Greater(x, y) => {
-                Expr::Greater(Box::new(x.relabel(rename)), Box::new(y.relabel(rename)))
-            }
-            Expr::Mask {
-                pattern,
-                fill,
-                i,
-                j,
-                m,
-                n,
-                x,
-            } => Expr::Mask {
-                pattern: pattern.clone(),
-                fill: *fill,
-                i: *i,
-                j: *j,
-                m: *m,
-                n: *n,
-                x: Box::new(x.relabel(rename)),
             },
         }
     }
