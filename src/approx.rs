@@ -248,11 +248,16 @@ pub(crate) fn compile_with_policy(
                 })
             });
             // Seeded matrices (Performer's features) are drawn on a thread of their own while
-            // the plan compiles (its constant steps wait for them).
-            if let Some(one) = sample_one.filter(|one| has_random_matrices(&optimized.kernel, one))
-            {
-                let plan = &optimized.kernel;
-                scope.spawn(move || draw_random_matrices(plan, one));
+            // the plan compiles: they are kept per process
+            // (`attnc_ir::random::shared_random_matrix`), and its constant steps wait for them.
+            let matrices =
+                sample_one.map_or_else(Vec::new, |one| random_matrices(&optimized.kernel, one));
+            if !matrices.is_empty() {
+                scope.spawn(move || {
+                    for (kind, seed, rows, cols) in matrices {
+                        attnc_ir::random::shared_random_matrix(kind, seed, rows, cols);
+                    }
+                });
             }
             // The exact plan for the same sample compiles on a third thread meanwhile.
             let exact = sample_one
@@ -356,7 +361,7 @@ pub(crate) fn compile_with_policy(
             // threads each would contend for the cores and for the memory map (their fresh
             // temporaries fault in at once).
             let beside = r.rows.is_none();
-            let exact_threads = if beside { threads / 2 } else { 0 }.max(1);
+            let exact_threads = (threads / 2).max(1);
             let own_threads = if beside {
                 threads - threads / 2
             } else {
@@ -478,19 +483,6 @@ fn random_matrices(plan: &Kernel, bindings: &Bindings) -> Vec<(RandomKind, u64, 
             }
         })
         .collect()
-}
-
-/// Whether `plan` names a seeded matrix at `bindings`.
-fn has_random_matrices(plan: &Kernel, bindings: &Bindings) -> bool {
-    !random_matrices(plan, bindings).is_empty()
-}
-
-/// Draws the seeded matrices of `plan` into the process's kept ones
-/// ([`attnc_ir::random::shared_random_matrix`]), where its compile will find them.
-fn draw_random_matrices(plan: &Kernel, bindings: &Bindings) {
-    for (kind, seed, rows, cols) in random_matrices(plan, bindings) {
-        attnc_ir::random::shared_random_matrix(kind, seed, rows, cols);
-    }
 }
 
 /// What a scoped thread returned (its panic resumed here).

@@ -273,8 +273,9 @@ const SHARED_KEPT: usize = 8;
 /// [`random_matrix`], kept for later calls in this process: a plan names the same matrix once
 /// per side (Performer's queries and keys share their features), and validation compiles a
 /// plan for its sample before the run's shape, drawing the matrix on a thread of its own
-/// meanwhile (a call while another draws the same matrix waits for it). Orthogonal features of `[256, 64]` take about
-/// 1.5 ms to draw (the Gram–Schmidt dot products are serial sums, to keep every bit fixed).
+/// meanwhile (a call while another draws the same matrix waits for it). Orthogonal features
+/// of `[256, 64]` take about 1.5 ms to draw (the Gram–Schmidt dot products are serial sums,
+/// to keep every bit fixed).
 pub fn shared_random_matrix(
     kind: RandomKind,
     seed: u64,

@@ -95,9 +95,9 @@ pub struct AttentionBackward {
     pub grads: Vec<GradLayout>,
     /// Whether the AVX-512 kernels may run (else the portable ones).
     pub wide: bool,
-    /// Buffers for the key parts' shares of dQ, kept between calls.
-    /// Buffers for dQ's shares, kept between calls: a share is as large as the rows its keys
-    /// reach (all of them on dense attention), and a fresh one costs its page faults again.
+    /// Buffers for the key parts' shares of dQ, kept between calls: a share is as large as
+    /// the rows its keys reach (all of them on dense attention), and a fresh one costs its
+    /// page faults again.
     spare: Pool,
 }
 

@@ -212,13 +212,8 @@ impl CompiledKernel {
                 tiers,
             },
         )?;
-        if plan
-            .steps
-            .iter()
-            .any(|s| matches!(s.kind, StepKind::MatMul(_) | StepKind::Linear(_)))
-        {
-            attnc_wide::gemm::prepare_in_background();
-        }
+        // Once per process: products (matrix, linear, chunked, backward steps) wait for it.
+        attnc_wide::gemm::prepare_in_background();
         let mut jit = Jit::new()?;
         let mut ids = Vec::with_capacity(plan.steps.len());
         let mut map_ids = Vec::with_capacity(plan.steps.len());

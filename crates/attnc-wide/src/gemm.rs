@@ -41,8 +41,8 @@ impl Matrix<'_> {
 
 /// Starts, once per process and on a thread of its own, the `gemm` crate's one-time setup:
 /// its first product of more than 64 × 64 reads the caches' sizes from sysfs (a directory
-/// walk, about 1.5 ms on this kind of machine). Called when a plan with products
-/// compiles, the setup runs beside code generation instead of inside the first step; a
+/// walk, about 1.5 ms on this kind of machine). Called when a plan compiles (and when a front
+/// end starts), the setup runs beside code generation instead of inside the first step; a
 /// product that starts before it ends waits for it rather than repeating it.
 pub fn prepare_in_background() {
     static STARTED: std::sync::Once = std::sync::Once::new();
