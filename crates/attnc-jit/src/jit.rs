@@ -98,10 +98,12 @@ pub struct Jit {
     ctx: Context,
     fn_ctx: FunctionBuilderContext,
     texts: Vec<FunctionText>,
+    /// Whether each function's text forms are kept ([`Jit::keeping_text`]).
+    keep_text: bool,
 }
 
 impl Jit {
-    /// A new, empty module for the host CPU.
+    /// A new, empty module for the host CPU; it keeps no text forms of its functions.
     pub fn new() -> Result<Jit> {
         let isa = host_isa()?;
         let builder = JITBuilder::with_isa(isa, cranelift_module::default_libcall_names());
@@ -112,7 +114,22 @@ impl Jit {
             ctx,
             fn_ctx: FunctionBuilderContext::new(),
             texts: Vec::new(),
+            keep_text: false,
         })
+    }
+
+    /// This module, keeping the CLIF and VCode listing of every function it defines when
+    /// `keep` (for `explain --emit`). Printing them takes about a fifth of a small
+    /// function's code generation, so compiles that only run skip it.
+    pub fn keeping_text(mut self, keep: bool) -> Jit {
+        self.keep_text = keep;
+        self
+    }
+
+    /// Whether the text forms are kept: generators that define their own functions record
+    /// theirs only then.
+    pub fn keeps_text(&self) -> bool {
+        self.keep_text
     }
 
     /// The kernel signature ([`KERNEL_ABI`]) in this module's calling convention.
@@ -129,7 +146,8 @@ impl Jit {
 
     /// Defines kernel `name` with the shared ABI: `body` fills the function through the
     /// builder (its entry block is created, has the five parameters and is current); it must
-    /// end every path with `return`. The CLIF text and VCode listing are kept.
+    /// end every path with `return`. The CLIF text and VCode listing are kept where the
+    /// module keeps text ([`Jit::keeping_text`]).
     pub fn define_kernel(
         &mut self,
         name: &str,
@@ -150,7 +168,7 @@ impl Jit {
             .map_err(|e| codegen(e.to_string()))?;
         self.module.clear_context(&mut self.ctx);
         self.ctx.func.signature = sig;
-        self.ctx.set_disasm(true);
+        self.ctx.set_disasm(self.keep_text);
         let frontend = self.module.target_config();
         {
             let mut b = FunctionBuilder::new(&mut self.ctx.func, &mut self.fn_ctx);
@@ -163,16 +181,18 @@ impl Jit {
             b.seal_all_blocks();
             b.finalize(frontend);
         }
-        let clif = self.ctx.func.display().to_string();
+        let clif = self.keep_text.then(|| self.ctx.func.display().to_string());
         self.module
             .define_function(id, &mut self.ctx)
             .map_err(|e| codegen(format!("{e:?}")))?;
-        let vcode = self.ctx.compiled_code().and_then(|c| c.vcode.clone());
-        self.texts.push(FunctionText {
-            name: name.to_string(),
-            clif,
-            vcode,
-        });
+        if let Some(clif) = clif {
+            let vcode = self.ctx.compiled_code().and_then(|c| c.vcode.clone());
+            self.texts.push(FunctionText {
+                name: name.to_string(),
+                clif,
+                vcode,
+            });
+        }
         Ok(id)
     }
 
@@ -183,8 +203,11 @@ impl Jit {
     }
 
     /// Records the CLIF (and VCode listing) of a function defined directly through
-    /// [`Jit::module_mut`].
+    /// [`Jit::module_mut`] (nothing unless the module keeps text).
     pub fn record_text(&mut self, name: &str, clif: String, vcode: Option<String>) {
+        if !self.keep_text {
+            return;
+        }
         self.texts.push(FunctionText {
             name: name.to_string(),
             clif,
@@ -195,6 +218,9 @@ impl Jit {
     /// Records that kernel `name` runs the code of `from`, a function defined earlier (its
     /// text says so instead of repeating it).
     pub fn share_text(&mut self, from: &str, name: &str) {
+        if !self.keep_text {
+            return;
+        }
         let note = format!("; the same code as {from}\n");
         self.texts.push(FunctionText {
             name: name.to_string(),

@@ -12,7 +12,9 @@
 //! ```no_run
 //! # fn demo(kernel: &attnc_ir::Kernel, bindings: &attnc_ir::Bindings, x: &[f32]) -> attnc_jit::Result<()> {
 //! use attnc_jit::{CompileOptions, CompiledKernel, Input};
-//! let compiled = CompiledKernel::compile(kernel, bindings, &CompileOptions::default())?;
+//! // Keeping the CLIF of each function is optional (it is printed below).
+//! let options = CompileOptions { keep_text: true, ..CompileOptions::default() };
+//! let compiled = CompiledKernel::compile(kernel, bindings, &options)?;
 //! let out = compiled.run(&[Input::F32(x)], 2)?; // checked: count, dtype, length
 //! for (name, clif) in compiled.clif() {
 //!     println!("{name}:\n{clif}");

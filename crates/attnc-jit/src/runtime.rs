@@ -45,6 +45,10 @@ pub struct CompileOptions {
     /// `avx512`, `amx`; `cranelift` or an empty list for none), so tests can run every tier
     /// and the portable path on one machine.
     pub tiers: Tiers,
+    /// Whether every generated function's CLIF and machine-code listing are kept, for
+    /// [`CompiledKernel::clif`] and `attnc explain --emit clif|asm` (off by default: printing
+    /// them costs about a fifth of a small kernel's code generation).
+    pub keep_text: bool,
 }
 
 impl Default for CompileOptions {
@@ -54,6 +58,7 @@ impl Default for CompileOptions {
             fuse_attention: true,
             dot_product_instructions: true,
             tiers: Tiers::from_env(),
+            keep_text: false,
         }
     }
 }
@@ -214,7 +219,7 @@ impl CompiledKernel {
         )?;
         // Once per process: products (matrix, linear, chunked, backward steps) wait for it.
         attnc_wide::gemm::prepare_in_background();
-        let mut jit = Jit::new()?;
+        let mut jit = Jit::new()?.keeping_text(options.keep_text);
         let mut ids = Vec::with_capacity(plan.steps.len());
         let mut map_ids = Vec::with_capacity(plan.steps.len());
         let mut elementwise: std::collections::HashMap<String, (cranelift_module::FuncId, String)> =
@@ -269,11 +274,15 @@ impl CompiledKernel {
                 })?),
                 StepKind::Attention(spec) if spec.tier != Tier::Cranelift => None,
                 StepKind::Attention(spec) => {
+                    let codegen = kernels::attention::Codegen {
+                        dot_product: options.dot_product_instructions,
+                        keep_text: jit.keeps_text(),
+                    };
                     let defined = kernels::attention::define_attention_with(
                         jit.module_mut(),
                         spec,
                         &step.name,
-                        options.dot_product_instructions,
+                        codegen,
                     )?;
                     jit.record_text(&step.name, defined.clif, defined.vcode);
                     Some(defined.id)
@@ -393,7 +402,8 @@ impl CompiledKernel {
         self.compile_time
     }
 
-    /// (kernel name, CLIF text) of every generated function, in step order.
+    /// (kernel name, CLIF text) of every generated function, in step order: empty unless the
+    /// kernel was compiled with [`CompileOptions::keep_text`].
     pub fn clif(&self) -> Vec<(String, String)> {
         self.code
             .texts()
@@ -421,7 +431,8 @@ impl CompiledKernel {
         }
     }
 
-    /// The text forms (CLIF and Cranelift's VCode listing of the machine code).
+    /// The text forms (CLIF and Cranelift's VCode listing of the machine code): empty unless
+    /// compiled with [`CompileOptions::keep_text`].
     pub fn texts(&self) -> &[FunctionText] {
         self.code.texts()
     }
@@ -928,12 +939,12 @@ impl CompiledKernel {
             spec.tier = Tier::Cranelift;
             let name = format!("{}_portable", step.name);
             let mut jit = Jit::new()?;
-            let defined = kernels::attention::define_attention_with(
-                jit.module_mut(),
-                &spec,
-                &name,
-                self.options.dot_product_instructions,
-            )?;
+            let codegen = kernels::attention::Codegen {
+                dot_product: self.options.dot_product_instructions,
+                keep_text: false,
+            };
+            let defined =
+                kernels::attention::define_attention_with(jit.module_mut(), &spec, &name, codegen)?;
             let code = jit.finish()?;
             let lens = step
                 .inputs

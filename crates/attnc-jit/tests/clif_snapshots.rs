@@ -8,6 +8,7 @@ use common::{bindings, kernel};
 fn portable() -> CompileOptions {
     CompileOptions {
         tiers: attnc_jit::wide::Tiers::NONE,
+        keep_text: true,
         ..CompileOptions::default()
     }
 }

@@ -38,6 +38,7 @@ fn options(dot_product_instructions: bool) -> CompileOptions {
         parallel_threshold: 0,
         dot_product_instructions,
         tiers: attnc_jit::wide::Tiers::NONE,
+        keep_text: true,
         ..CompileOptions::default()
     }
 }

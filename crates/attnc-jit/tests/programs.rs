@@ -122,8 +122,11 @@ fn steps_computing_the_same_expression_share_one_function() {
     let kernel = common::kernel(src);
     let b = common::bindings(&dims);
     let plan = common::optimized(&kernel, &b);
-    let compiled =
-        attnc_jit::CompiledKernel::compile(&plan, &b, &Default::default()).expect("compiles");
+    let options = attnc_jit::CompileOptions {
+        keep_text: true,
+        ..Default::default()
+    };
+    let compiled = attnc_jit::CompiledKernel::compile(&plan, &b, &options).expect("compiles");
     let texts = compiled.clif();
     let elementwise: Vec<&String> = texts
         .iter()

@@ -138,14 +138,31 @@ fn compiled_kernel_is_send_and_sync() {
 }
 
 #[test]
-fn clif_and_machine_code_text_are_kept() {
-    let c = compiled();
+fn clif_and_machine_code_text_are_kept_when_asked() {
+    let options = CompileOptions {
+        keep_text: true,
+        ..CompileOptions::default()
+    };
+    let c = CompiledKernel::compile(&kernel(SRC), &bindings(&[("n", 3), ("d", 2)]), &options)
+        .expect("compile");
     let clif = c.clif();
     assert!(!clif.is_empty());
     assert!(clif
         .iter()
         .all(|(name, text)| name.starts_with("f_s") && text.contains("function")));
+    assert!(c.texts().iter().all(|t| t.vcode.is_some()));
     assert!(c.compile_time().as_nanos() > 0);
+    // By default nothing is kept, and the code runs the same.
+    let plain = compiled();
+    assert!(plain.clif().is_empty() && plain.texts().is_empty());
+    let x = [1.0f32, -2.0, 3.0, 0.5, 0.0, -1.0];
+    let v: Vec<half::bf16> = x.iter().rev().map(|&y| half::bf16::from_f32(y)).collect();
+    let inputs = [Input::F32(&x), Input::F32(&x), Input::Bf16(&v)];
+    let (a, b) = (
+        c.run(&inputs, 1).expect("run"),
+        plain.run(&inputs, 1).expect("run"),
+    );
+    assert_eq!(a.data, b.data);
 }
 
 #[test]

@@ -9,7 +9,15 @@ use attnc_jit_text::{generated_code, CodeKind};
 use serde_json::json;
 
 pub fn explain(args: &ExplainArgs) -> CliResult {
-    let prepared = prepare(&args.shared, false)?;
+    let mut prepared = prepare(&args.shared, false)?;
+    if matches!(args.emit, Some(Emit::Clif | Emit::Asm)) {
+        // Only these listings need the generated functions' text kept.
+        let options = attnc_jit::CompileOptions {
+            keep_text: true,
+            ..prepared.compiler.options().clone()
+        };
+        prepared.compiler = prepared.compiler.clone().with_options(options);
+    }
     if let Some(list) = &args.grad {
         return crate::grad::explain(&prepared, list, args.emit, args.shared.format.is_json());
     }

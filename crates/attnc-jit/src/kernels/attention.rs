@@ -26,7 +26,7 @@ mod skeleton;
 mod spec;
 
 pub use define::{define_attention, define_attention_with};
-pub use skeleton::DefinedAttention;
+pub use skeleton::{Codegen, DefinedAttention};
 pub use spec::{
     contains_dilated, AttentionSpec, Precision, ScoreExpr, TensorRef, KEY_TILE, QUERY_TILE,
 };

@@ -1,7 +1,7 @@
 //! Defining a fused attention function: the checks every kernel shares, then the exact or the
 //! int8 kernel by the spec's precision.
 
-use super::skeleton::{codegen_err, DefinedAttention};
+use super::skeleton::{codegen_err, Codegen, DefinedAttention};
 use super::spec::{AttentionSpec, Precision};
 use crate::error::{JitError, Result};
 use cranelift_jit::JITModule;
@@ -44,13 +44,16 @@ pub fn define_attention(
     spec: &AttentionSpec,
     name: &str,
 ) -> Result<(FuncId, String)> {
-    let defined = define_attention_with(module, spec, name, true)?;
+    let codegen = Codegen {
+        dot_product: true,
+        keep_text: true,
+    };
+    let defined = define_attention_with(module, spec, name, codegen)?;
     Ok((defined.id, defined.clif))
 }
 
-/// [`define_attention`] with a choice: `dot_product` lets the int8 kernel use the CPU's u8·i8
-/// dot-product instruction (`vpdpbusd`) where the ISA has it; without it the same integer
-/// tree is lowered to plain SIMD (identical results).
+/// [`define_attention`] with a choice ([`Codegen`]): whether the int8 kernel may use the CPU's
+/// u8·i8 dot-product instruction, and whether the function's text forms are kept.
 ///
 /// For [`Precision::Int8`] the ABI differs: `inputs[0]` is the packed buffer of
 /// [`super::quant::pack`] and the spec's bias slots index the same array (see
@@ -59,7 +62,7 @@ pub fn define_attention_with(
     module: &mut JITModule,
     spec: &AttentionSpec,
     name: &str,
-    dot_product: bool,
+    codegen: Codegen,
 ) -> Result<DefinedAttention> {
     if spec.m >= 1 << 29 || spec.n >= 1 << 29 {
         return Err(JitError::Shape(format!(
@@ -80,7 +83,7 @@ pub fn define_attention_with(
         ));
     }
     if spec.precision == Precision::Int8 {
-        return super::int8::define_int8(module, spec, name, dot_product);
+        return super::int8::define_int8(module, spec, name, codegen);
     }
-    super::exact::define_exact(module, spec, name, dot_product)
+    super::exact::define_exact(module, spec, name, codegen)
 }

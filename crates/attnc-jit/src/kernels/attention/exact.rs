@@ -35,8 +35,8 @@
 
 use super::score::Masking;
 use super::skeleton::{
-    define_with_table, elem_size, max_shift, mem, Bases, CallParams, DefinedAttention, Emitter,
-    QueryTile, Row, Skeleton,
+    define_with_table, elem_size, max_shift, mem, Bases, CallParams, Codegen, DefinedAttention,
+    Emitter, QueryTile, Row, Skeleton,
 };
 use super::spec::{AttentionSpec, KEY_TILE, KEY_VECS, QUERY_TILE};
 use crate::error::Result;
@@ -60,13 +60,13 @@ pub(super) fn define_exact(
     module: &mut JITModule,
     spec: &AttentionSpec,
     name: &str,
-    dot_product: bool,
+    codegen: Codegen,
 ) -> Result<DefinedAttention> {
     define_with_table(
         module,
         spec,
         name,
-        (KEY_TILE, dot_product),
+        (KEY_TILE, codegen),
         |b, ptr, table_gv, kinds| {
             emit_body(b, spec, ptr, table_gv, kinds);
             Ok(())

@@ -47,8 +47,8 @@ use super::int8_ops::{
 };
 use super::quant::{QuantLayout, KEY_BLOCK};
 use super::skeleton::{
-    define_with_table, max_shift, mem, Bases, CallParams, DefinedAttention, Emitter, QueryTile,
-    Row, Skeleton,
+    define_with_table, max_shift, mem, Bases, CallParams, Codegen, DefinedAttention, Emitter,
+    QueryTile, Row, Skeleton,
 };
 use super::spec::{AttentionSpec, ScoreExpr, QUERY_TILE};
 use crate::error::Result;
@@ -629,14 +629,14 @@ pub(super) fn define_int8(
     module: &mut JITModule,
     spec: &AttentionSpec,
     name: &str,
-    dot_product: bool,
+    codegen: Codegen,
 ) -> Result<DefinedAttention> {
     let layout = QuantLayout::new(spec);
     define_with_table(
         module,
         spec,
         name,
-        (KEY_BLOCK, dot_product),
+        (KEY_BLOCK, codegen),
         |b, ptr, table_gv, kinds| emit_body(b, spec, &layout, ptr, table_gv, kinds),
     )
 }

@@ -342,12 +342,23 @@ pub(super) fn max_shift(b: &mut FunctionBuilder, x: Value, y: Value) -> Value {
     select_f32(b, gt, x, y)
 }
 
+/// How a fused attention function is generated.
+#[derive(Clone, Copy, Debug)]
+pub struct Codegen {
+    /// Whether the int8 kernel may use the CPU's u8·i8 dot-product instruction (`vpdpbusd`)
+    /// where the ISA has it; without it the same integer tree is lowered to plain SIMD
+    /// (identical results).
+    pub dot_product: bool,
+    /// Whether the CLIF text and the VCode listing are kept in [`DefinedAttention`].
+    pub keep_text: bool,
+}
+
 /// A fused attention function defined in a module.
 #[derive(Clone, Debug)]
 pub struct DefinedAttention {
     /// The function.
     pub id: FuncId,
-    /// Its CLIF before compilation.
+    /// Its CLIF before compilation (empty unless [`Codegen::keep_text`]).
     pub clif: String,
     /// Cranelift's VCode listing of the machine code, when available.
     pub vcode: Option<String>,
@@ -429,10 +440,10 @@ pub(super) fn define_in_order(
     func_id: FuncId,
     ctx: &mut Context,
     name: &str,
-    dot_product: bool,
+    codegen: Codegen,
 ) -> Result<Option<String>> {
-    let isa = in_order_isa(module, name, dot_product)?;
-    ctx.set_disasm(true);
+    let isa = in_order_isa(module, name, codegen.dot_product)?;
+    ctx.set_disasm(codegen.keep_text);
     ctx.compile(&*isa, &mut ControlPlane::default())
         .map_err(|e| codegen_err(name, format!("{:?}", e.inner)))?;
     let code = ctx
@@ -527,7 +538,7 @@ pub(super) fn define_with_table(
     module: &mut JITModule,
     spec: &AttentionSpec,
     name: &str,
-    (key_tile, dot_product): (usize, bool),
+    (key_tile, codegen): (usize, Codegen),
     emit: impl FnOnce(&mut FunctionBuilder, Type, GlobalValue, &BTreeSet<u32>) -> Result<()>,
 ) -> Result<DefinedAttention> {
     let table = tile_table(spec, key_tile)?;
@@ -540,8 +551,11 @@ pub(super) fn define_with_table(
         b.seal_all_blocks();
         b.finalize(module.target_config());
     }
-    let clif = ctx.func.display().to_string();
-    let vcode = define_in_order(module, func_id, &mut ctx, name, dot_product)?;
+    let clif = match codegen.keep_text {
+        true => ctx.func.display().to_string(),
+        false => String::new(),
+    };
+    let vcode = define_in_order(module, func_id, &mut ctx, name, codegen)?;
     Ok(DefinedAttention {
         id: func_id,
         clif,
