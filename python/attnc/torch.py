@@ -94,6 +94,12 @@ class KernelOp:
         """The optimizer's trace (see :meth:`attnc.Kernel.explain`)."""
         return self.kernel.explain()
 
+    @property
+    def validations(self) -> list:
+        """How the most recent plan's approximations were measured (see
+        :attr:`attnc.Kernel.validations`)."""
+        return self.kernel.validations
+
     def __reduce__(self):
         # The kernel pickles as its program and options; the op is registered again (or found
         # registered) where it is unpickled.

@@ -246,6 +246,45 @@ def test_approximation_options():
     assert np.linalg.norm(out - expected) / np.linalg.norm(expected) <= 0.05
 
 
+DENSE = """
+kernel dense(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    return softmax(q @ k.T / sqrt(d)) @ v;
+}
+"""
+
+
+def test_approximations_are_validated_on_the_first_calls_inputs():
+    # Performer's random features are accurate where scores are small and fail where they
+    # spread: the plan compiled for a call is measured on that call's inputs, and the same
+    # kernel takes the approximation for the first data and runs exactly for the second.
+    q, k, v = (normal(1, 4096, 32, seed=s) for s in (1, 2, 3))
+    options = {"approx": "random_features(m=256,seed=7)", "tol": 0.1}
+    small = attnc.compile(EXAMPLES / "performer.attn", **options)
+    small(0.3 * q, 0.3 * k, v)
+    (measured,) = small.validations
+    assert measured["sample"] == "the call's inputs (q, k, v)", measured
+    assert measured["accepted"] and measured["measured_error"] <= 0.1, measured
+    assert "linear attention" in small.plan, small.plan
+
+    spread = attnc.compile(EXAMPLES / "performer.attn", **options)
+    out = spread(q, k, v)
+    (measured,) = spread.validations
+    assert not measured["accepted"] and measured["measured_error"] > 0.1, measured
+    assert "linear attention" not in spread.plan, spread.plan
+    exact = attnc.compile(EXAMPLES / "performer.attn", approx="exact")
+    expected = exact(q, k, v)
+    assert exact.validations == []
+    assert np.linalg.norm(out - expected) / np.linalg.norm(expected) <= 1e-5
+
+
+def test_a_plan_compiled_before_any_call_is_validated_on_drawn_values():
+    kernel = attnc.compile(DENSE, approx="int8", tol=0.05, shapes={"h": 2, "n": 512, "d": 32})
+    assert kernel.validations == []
+    assert kernel.plan  # compiled now, from the shapes= values
+    (measured,) = kernel.validations
+    assert measured["sample"].startswith("random(seed = "), measured
+
+
 def test_unused_shapes_warn():
     with pytest.warns(UserWarning, match="no dimension `z`"):
         attnc.compile(LOCAL, shapes={"z": 3})

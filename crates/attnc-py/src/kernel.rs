@@ -220,15 +220,16 @@ impl PyKernel {
         staged: &[StagedInput<'py>],
     ) -> PyResult<Bound<'py, PyAny>> {
         let shapes: Vec<&[usize]> = staged.iter().map(|s| s.shape.as_slice()).collect();
+        let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
         let specialized = match self.program.cached(&shapes) {
             Some(hit) => hit,
             None => {
+                // Compiled for this call: approximations are validated on its inputs.
                 let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
-                py.detach(|| self.program.specialize(&owned))
+                py.detach(|| self.program.specialize_for_call(&owned, &inputs))
                     .map_err(|e| specialize_error(py, &e))?
             }
         };
-        let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
         let threads = self.program.threads();
         let rets: Vec<DType> = self
             .program
@@ -872,6 +873,20 @@ impl PyKernel {
     #[getter]
     fn bindings(&self) -> Option<std::collections::BTreeMap<String, u64>> {
         self.program.latest().map(|s| s.bindings.clone())
+    }
+
+    /// How the most recent plan's approximations were measured (a list of dicts, as `attnc run
+    /// --format json`'s `validations`: approximations, estimated and measured error, whether
+    /// accepted, the sample and its rows, the time it took); empty before the first plan and
+    /// for exact policies. A plan compiled for a call is measured on that call's inputs.
+    #[getter]
+    fn validations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let validations = self
+            .program
+            .latest()
+            .map(|s| s.compiled.validations.clone())
+            .unwrap_or_default();
+        crate::json::record_to_python(py, &validations)
     }
 
     /// The kernel plan (text) of the most recent call, else of the `shapes=` values when they

@@ -3,8 +3,10 @@
 //!
 //! A [`Program`] binds the inputs' shapes (with the `shapes=` values given at compile time),
 //! compiles through the same [`Compiler`] pipeline as `attnc run` — same ceilings, policy,
-//! calibration (none given: the policy's seed, as `run --input` does) — and keeps the result
-//! in a [`ShapeCache`]. It is shared between Python threads: the cache sits behind a mutex
+//! calibration — and keeps the result in a [`ShapeCache`]. A plan compiled for a call
+//! ([`Program::specialize_for_call`]) validates its approximations on that call's inputs, as
+//! `attnc run --input` does; one compiled before any call (from the `shapes=` values) on
+//! values drawn from the policy's seed. It is shared between Python threads: the cache sits behind a mutex
 //! that is held only to look up or insert, never while compiling or running.
 //!
 //! Gradients ([`Program::specialize_grad`]) are compiled the same way by
@@ -14,11 +16,12 @@
 use crate::shape_cache::ShapeCache;
 use attnc::engine::RunError;
 use attnc::grad::CompiledGrad;
+use attnc::io::tensor::{Tensor, TensorData};
 use attnc::ir::bind::{bind_shapes, kernel_symbols, BindError};
 use attnc::ir::dim::{resolve_shape, Dim};
 use attnc::ir::{Bindings, Kernel};
 use attnc::policy::Policy;
-use attnc::{Compiled, Compiler};
+use attnc::{Calibration, Compiled, Compiler};
 use attnc_jit::backward::{Residuals, Saved};
 use attnc_jit::{Input, JitError, Output};
 use attnc_opt::{Ceilings, Trace};
@@ -120,6 +123,33 @@ impl SpecializedGrad {
             .backward
             .run_outputs_saved(&views, saved, threads)
     }
+}
+
+/// The call's `inputs` as calibration tensors by parameter name (copies in their storage type).
+fn calibration_tensors(
+    kernel: &Kernel,
+    shapes: &[Vec<usize>],
+    inputs: &[Input<'_>],
+) -> Vec<(String, Tensor)> {
+    kernel
+        .params
+        .iter()
+        .zip(shapes)
+        .zip(inputs)
+        .map(|((param, shape), input)| {
+            let data = match *input {
+                Input::F32(v) => TensorData::F32(v.to_vec()),
+                Input::F16(v) => TensorData::F16(v.to_vec()),
+                Input::Bf16(v) => TensorData::Bf16(v.to_vec()),
+                Input::I32(v) => TensorData::I32(v.to_vec()),
+            };
+            let tensor = Tensor {
+                shape: shape.clone(),
+                data,
+            };
+            (param.name.clone(), tensor)
+        })
+        .collect()
 }
 
 /// Why a kernel could not be specialized to some shapes.
@@ -282,7 +312,25 @@ impl Program {
     /// plans keep their large temporaries between calls: a kernel called at many shapes (a
     /// decoding loop, varied batch sizes) holds one or two runs' worth, not one per shape.
     pub fn specialize(&self, shapes: &[Vec<usize>]) -> Result<Arc<Specialized>, SpecializeError> {
-        let plan = self.specialize_cached(shapes)?;
+        self.specialize_on(shapes, None)
+    }
+
+    /// [`Program::specialize`] for a call on `inputs` (one per parameter, of `shapes`): a plan
+    /// compiled now validates its approximations on these inputs, the data the user runs.
+    pub fn specialize_for_call(
+        &self,
+        shapes: &[Vec<usize>],
+        inputs: &[Input<'_>],
+    ) -> Result<Arc<Specialized>, SpecializeError> {
+        self.specialize_on(shapes, Some(inputs))
+    }
+
+    fn specialize_on(
+        &self,
+        shapes: &[Vec<usize>],
+        inputs: Option<&[Input<'_>]>,
+    ) -> Result<Arc<Specialized>, SpecializeError> {
+        let plan = self.specialize_cached(shapes, inputs)?;
         for older in self.cache().older(PLANS_KEEPING_BUFFERS) {
             older.compiled.code.release_buffers();
         }
@@ -292,14 +340,29 @@ impl Program {
     fn specialize_cached(
         &self,
         shapes: &[Vec<usize>],
+        inputs: Option<&[Input<'_>]>,
     ) -> Result<Arc<Specialized>, SpecializeError> {
         if let Some(hit) = self.cached(shapes) {
             return Ok(hit);
         }
         let bindings = self.bind(shapes).map_err(SpecializeError::Bind)?;
         let compiler = self.compiler.clone().with_memory_budget(available_memory());
+        // Copied only when an approximation will be measured on them.
+        let samples = match inputs {
+            Some(inputs) if !self.compiler.policy().is_exact() => {
+                calibration_tensors(&self.kernel, shapes, inputs)
+            }
+            _ => Vec::new(),
+        };
+        let names: Vec<&str> = samples.iter().map(|(name, _)| name.as_str()).collect();
+        let label = format!("the call's inputs ({})", names.join(", "));
+        let calibration = Calibration {
+            tensors: &samples,
+            label: Some(&label),
+            ..Calibration::default()
+        };
         let compiled = compiler
-            .compile(&self.kernel, &bindings)
+            .compile_calibrated(&self.kernel, &bindings, calibration)
             .map_err(SpecializeError::Compile)?;
         let specialized = Arc::new(Specialized {
             input_shapes: shapes.to_vec(),
