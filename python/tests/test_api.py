@@ -277,6 +277,25 @@ def test_approximations_are_validated_on_the_first_calls_inputs():
     assert np.linalg.norm(out - expected) / np.linalg.norm(expected) <= 1e-5
 
 
+def test_a_call_with_non_finite_inputs_runs_the_exact_plan():
+    q, k, v = (0.3 * normal(1, 4096, 32, seed=s) for s in (1, 2, 3))
+    k[0, 100, 5] = np.inf
+    kernel = attnc.compile(
+        EXAMPLES / "performer.attn", approx="random_features(m=256,seed=7)", tol=0.1
+    )
+    with pytest.warns(UserWarning, match="input `k` holds NaN or infinite values"):
+        out = kernel(q, k, v)
+    expected = attnc.compile(EXAMPLES / "performer.attn", approx="exact")(q, k, v)
+    assert np.array_equal(np.isnan(out), np.isnan(expected))
+    finite = np.isfinite(expected)
+    assert np.allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-6)
+    # The approximating plan is compiled, and validated, by the next call with finite inputs.
+    k[0, 100, 5] = 0.0
+    kernel(q, k, v)
+    (measured,) = kernel.validations
+    assert measured["accepted"] and "linear attention" in kernel.plan, measured
+
+
 def test_a_plan_compiled_before_any_call_is_validated_on_drawn_values():
     kernel = attnc.compile(DENSE, approx="int8", tol=0.05, shapes={"h": 2, "n": 512, "d": 32})
     assert kernel.validations == []

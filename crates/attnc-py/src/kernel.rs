@@ -3,7 +3,7 @@
 
 use crate::errors::{grad_error, input_error, jit_error, specialize_error, Kind};
 use crate::inputs::{stage, Given, StagedInput};
-use crate::program::{OutputDim, Program, Specialized};
+use crate::program::{non_finite_input, OutputDim, Program, Specialized};
 use attnc::io::DType;
 use attnc::ir::dim::Dim;
 use attnc::ir::Kernel as IrKernel;
@@ -11,6 +11,7 @@ use attnc::policy::approx_to_string;
 use half::f16;
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::PyArray;
+use pyo3::exceptions::PyUserWarning;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyList, PyTuple};
@@ -221,9 +222,28 @@ impl PyKernel {
     ) -> PyResult<Bound<'py, PyAny>> {
         let shapes: Vec<&[usize]> = staged.iter().map(|s| s.shape.as_slice()).collect();
         let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
-        let specialized = match self.program.cached(&shapes) {
-            Some(hit) => hit,
-            None => {
+        let non_finite = match self.program.policy().is_exact() {
+            true => None,
+            false => py.detach(|| non_finite_input(self.program.kernel(), &inputs)),
+        };
+        let specialized = match (non_finite, self.program.cached(&shapes)) {
+            (Some(name), _) => {
+                let message = format!(
+                    "input `{name}` holds NaN or infinite values: this call runs the exact plan \
+                     (an approximation could hide them, or spread them differently)"
+                );
+                PyErr::warn(
+                    py,
+                    &py.get_type::<PyUserWarning>(),
+                    &std::ffi::CString::new(message).unwrap_or_default(),
+                    1,
+                )?;
+                let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
+                py.detach(|| self.program.specialize_exact(&owned))
+                    .map_err(|e| specialize_error(py, &e))?
+            }
+            (None, Some(hit)) => hit,
+            (None, None) => {
                 // Compiled for this call: approximations are validated on its inputs.
                 let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
                 py.detach(|| self.program.specialize_for_call(&owned, &inputs))

@@ -125,6 +125,22 @@ impl SpecializedGrad {
     }
 }
 
+/// The first parameter whose input holds a NaN or an infinity (segment ids never do).
+pub fn non_finite_input<'k>(kernel: &'k Kernel, inputs: &[Input<'_>]) -> Option<&'k str> {
+    let finite = |input: &Input<'_>| match *input {
+        Input::F32(v) => v.iter().all(|x| x.is_finite()),
+        Input::F16(v) => v.iter().all(|x| x.is_finite()),
+        Input::Bf16(v) => v.iter().all(|x| x.is_finite()),
+        Input::I32(_) => true,
+    };
+    kernel
+        .params
+        .iter()
+        .zip(inputs)
+        .find(|(_, input)| !finite(input))
+        .map(|(param, _)| param.name.as_str())
+}
+
 /// The call's `inputs` as calibration tensors by parameter name (copies in their storage type).
 fn calibration_tensors(
     kernel: &Kernel,
@@ -187,7 +203,12 @@ pub struct Program {
     threads: usize,
     cache: Mutex<ShapeCache<Arc<Specialized>>>,
     grad_cache: Mutex<ShapeCache<Arc<SpecializedGrad>>>,
+    /// Exact plans of an approximating kernel, for calls whose inputs hold NaN or infinity.
+    exact_cache: Mutex<ShapeCache<Arc<Specialized>>>,
 }
+
+/// Exact plans kept for calls with non-finite inputs (such calls are rare).
+const EXACT_CACHE_CAPACITY: usize = 4;
 
 impl Program {
     /// `kernel` under `policy`, with `given` binding symbols no input binds, running on
@@ -211,6 +232,7 @@ impl Program {
             threads,
             cache: Mutex::new(ShapeCache::new(CACHE_CAPACITY)),
             grad_cache: Mutex::new(ShapeCache::new(CACHE_CAPACITY)),
+            exact_cache: Mutex::new(ShapeCache::new(EXACT_CACHE_CAPACITY)),
         }
     }
 
@@ -257,6 +279,10 @@ impl Program {
     /// Drops every compiled plan (forward and gradients).
     pub fn clear_cache(&self) {
         self.cache().clear();
+        self.exact_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         self.grad_cache
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -323,6 +349,35 @@ impl Program {
         inputs: &[Input<'_>],
     ) -> Result<Arc<Specialized>, SpecializeError> {
         self.specialize_on(shapes, Some(inputs))
+    }
+
+    /// The exact plan for these input shapes, whatever the policy: what a call runs when its
+    /// inputs hold NaN or infinity ([`non_finite_input`]), as `attnc run` does, since an
+    /// approximation could hide them or spread them differently from the exact plan.
+    pub fn specialize_exact(
+        &self,
+        shapes: &[Vec<usize>],
+    ) -> Result<Arc<Specialized>, SpecializeError> {
+        let cache = || {
+            self.exact_cache
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        if let Some(hit) = cache().get(shapes) {
+            return Ok(hit);
+        }
+        let bindings = self.bind(shapes).map_err(SpecializeError::Bind)?;
+        let compiled = (self.compiler.clone())
+            .with_policy(Policy::exact())
+            .with_memory_budget(available_memory())
+            .compile(&self.kernel, &bindings)
+            .map_err(SpecializeError::Compile)?;
+        let specialized = Arc::new(Specialized {
+            input_shapes: shapes.to_vec(),
+            bindings,
+            compiled,
+        });
+        Ok(cache().insert(shapes.to_vec(), specialized))
     }
 
     fn specialize_on(
