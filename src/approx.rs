@@ -503,6 +503,25 @@ fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The first parameter whose input holds a NaN or an infinity (segment ids never do). Such an
+/// input forbids every approximation for its run: one could hide them, or spread them
+/// differently from the exact plan (`attnc run` falls back to the exact policy, a Python
+/// call to the exact plan).
+pub fn non_finite_input<'k>(kernel: &'k Kernel, inputs: &[Input<'_>]) -> Option<&'k str> {
+    let finite = |input: &Input<'_>| match *input {
+        Input::F32(v) => v.iter().all(|x| x.is_finite()),
+        Input::F16(v) => v.iter().all(|x| x.is_finite()),
+        Input::Bf16(v) => v.iter().all(|x| x.is_finite()),
+        Input::I32(_) => true,
+    };
+    kernel
+        .params
+        .iter()
+        .zip(inputs)
+        .find(|(_, input)| !finite(input))
+        .map(|(param, _)| param.name.as_str())
+}
+
 /// `‖a − b‖₂ / ‖b‖₂` judged by the project's one metric ([`attnc_ir::compare`]): the
 /// absolute norm when `b` is zero, infinite on a NaN or infinity of one side only or a length
 /// mismatch, so such a plan is never accepted.

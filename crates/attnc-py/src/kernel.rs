@@ -3,7 +3,8 @@
 
 use crate::errors::{grad_error, input_error, jit_error, specialize_error, Kind};
 use crate::inputs::{stage, Given, StagedInput};
-use crate::program::{non_finite_input, OutputDim, Program, Specialized};
+use crate::program::{OutputDim, Program, Specialized};
+use attnc::approx::non_finite_input;
 use attnc::io::DType;
 use attnc::ir::dim::Dim;
 use attnc::ir::Kernel as IrKernel;

@@ -125,22 +125,6 @@ impl SpecializedGrad {
     }
 }
 
-/// The first parameter whose input holds a NaN or an infinity (segment ids never do).
-pub fn non_finite_input<'k>(kernel: &'k Kernel, inputs: &[Input<'_>]) -> Option<&'k str> {
-    let finite = |input: &Input<'_>| match *input {
-        Input::F32(v) => v.iter().all(|x| x.is_finite()),
-        Input::F16(v) => v.iter().all(|x| x.is_finite()),
-        Input::Bf16(v) => v.iter().all(|x| x.is_finite()),
-        Input::I32(_) => true,
-    };
-    kernel
-        .params
-        .iter()
-        .zip(inputs)
-        .find(|(_, input)| !finite(input))
-        .map(|(param, _)| param.name.as_str())
-}
-
 /// The call's `inputs` as calibration tensors by parameter name (copies in their storage type).
 fn calibration_tensors(
     kernel: &Kernel,
@@ -352,8 +336,7 @@ impl Program {
     }
 
     /// The exact plan for these input shapes, whatever the policy: what a call runs when its
-    /// inputs hold NaN or infinity ([`non_finite_input`]), as `attnc run` does, since an
-    /// approximation could hide them or spread them differently from the exact plan.
+    /// inputs hold NaN or infinity ([`attnc::approx::non_finite_input`]).
     pub fn specialize_exact(
         &self,
         shapes: &[Vec<usize>],

@@ -163,7 +163,8 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         policy.tol = tol;
     }
     if !policy.is_exact() {
-        if let Some(name) = non_finite_input(kernel, &inputs) {
+        let views: Vec<_> = inputs.iter().map(attnc::engine::input_view).collect();
+        if let Some(name) = attnc::approx::non_finite_input(kernel, &views) {
             notes.push(format!(
                 "note: input `{name}` holds NaN or infinite values: no approximation is applied \
                  (one could hide them, or spread them differently from the exact plan)"
@@ -193,22 +194,6 @@ pub fn prepare(args: &SharedArgs, need_inputs: bool) -> Result<Prepared, Failure
         notes,
         random,
     })
-}
-
-/// The first parameter whose input holds a NaN or an infinity.
-fn non_finite_input<'k>(kernel: &'k Kernel, inputs: &[Tensor]) -> Option<&'k str> {
-    let finite = |t: &Tensor| match &t.data {
-        TensorData::F32(v) => v.iter().all(|x| x.is_finite()),
-        TensorData::F16(v) => v.iter().all(|x| x.is_finite()),
-        TensorData::Bf16(v) => v.iter().all(|x| x.is_finite()),
-        TensorData::I32(_) => true,
-    };
-    kernel
-        .params
-        .iter()
-        .zip(inputs)
-        .find(|(_, tensor)| !finite(tensor))
-        .map(|(param, _)| param.name.as_str())
 }
 
 /// `--shape h=8,n=4096 --shape d=64` → bindings; malformed text is a usage error.
