@@ -13,8 +13,10 @@
 //!
 //! Blocks are fixed (`KEY_BLOCK` keys for the state, `ROW_BLOCK` rows for the output), so
 //! every value is computed by the same calls in the same order whatever the thread count
-//! (bit-identical results); batch entries and row blocks are taken by the threads in order as
-//! each is free.
+//! (bit-identical results). The state is summed in parts of `STATE_PART` keys, also fixed by
+//! the shape: each part is a work item, and an entry's parts are added in order, so a few
+//! batch entries (one head, a validation sample) still keep every thread busy. Parts and row
+//! blocks are taken by the threads in order as each is free.
 //!
 //! [`StepKind::Linear`]: crate::plan::StepKind::Linear
 
@@ -38,6 +40,11 @@ const KEY_BLOCK: usize = 512;
 
 /// Output rows per work item of the row phase.
 const ROW_BLOCK: usize = 128;
+
+/// Keys per work item of the state phase (four key blocks): enough products per item that
+/// adding the parts' states costs little, small enough that one entry of 16,384 keys gives
+/// eight items.
+const STATE_PART: usize = 4 * KEY_BLOCK;
 
 /// Where a linear attention step finds `φQ` or `φK`.
 #[derive(Clone, Debug)]
@@ -196,17 +203,19 @@ impl LinearKernel {
                 .map(|(s, i)| s * i)
                 .sum()
         };
-        // Phase 1: each entry's state [d, dv + 1]: φKᵀ V beside the key sums, by blocks of
-        // keys.
+        // Phase 1: each entry's state [d, dv + 1]: φKᵀ V beside the key sums, by parts of
+        // keys (blocks of keys within a part), then the parts of each entry added in order.
         let width = dv + 1;
-        let mut states = vec![0.0f32; entries * d * width];
-        let state_of = |e: usize, state: &mut [f32]| -> Result<()> {
+        let parts = n.div_ceil(STATE_PART).max(1);
+        let mut partial = vec![0.0f32; entries * parts * d * width];
+        let part_of = |e: usize, p: usize, state: &mut [f32]| -> Result<()> {
             let (k0, v0) = (offset(e, 1), offset(e, 2));
             let mut kv = vec![0.0f32; d * dv];
             let mut sums = vec![0.0f32; d];
             let (mut scratch, mut lanes) = (Vec::new(), Scratch::default());
-            for r0 in (0..n).step_by(KEY_BLOCK) {
-                let count = KEY_BLOCK.min(n - r0);
+            let keys_of_part = p * STATE_PART..((p + 1) * STATE_PART).min(n);
+            for r0 in keys_of_part.clone().step_by(KEY_BLOCK) {
+                let count = KEY_BLOCK.min(keys_of_part.end - r0);
                 let block = keys.block(k0 + r0 * d, count, d, &mut scratch, &mut lanes)?;
                 let kt = Matrix {
                     data: block,
@@ -237,11 +246,32 @@ impl LinearKernel {
             Ok(())
         };
         let mut items: Vec<(usize, &mut [f32])> =
-            states.chunks_mut((d * width).max(1)).enumerate().collect();
+            partial.chunks_mut((d * width).max(1)).enumerate().collect();
         if d == 0 {
             items.clear();
         }
-        deal(items, threads, |(e, state)| state_of(e, state))?;
+        deal(items, threads, |(i, state)| {
+            part_of(i / parts, i % parts, state)
+        })?;
+        let states = match parts {
+            1 => partial,
+            _ => {
+                let mut states = vec![0.0f32; entries * d * width];
+                let items: Vec<(usize, &mut [f32])> =
+                    states.chunks_mut((d * width).max(1)).enumerate().collect();
+                let partial = &partial;
+                deal(items, threads, |(e, state)| {
+                    let own = &partial[e * parts * state.len()..(e + 1) * parts * state.len()];
+                    for part in own.chunks_exact(state.len()) {
+                        for (s, x) in state.iter_mut().zip(part) {
+                            *s += x;
+                        }
+                    }
+                    Ok(())
+                })?;
+                states
+            }
+        };
         // Phase 2: rows [φq_i S | φq_i z], then the division.
         let mut rows: Vec<(usize, usize, &mut [f32])> = Vec::new();
         for (e, entry) in out.chunks_mut(m * dv).enumerate() {

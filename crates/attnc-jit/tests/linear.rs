@@ -3,7 +3,7 @@
 //! programs — relu, exp, sqrt, maximum, … — on 16 lanes; other chains and a transposed view
 //! as row-block kernels) and features read from buffers (identity, a map shared with another
 //! reader); odd shapes (0, 1, 3, 113, and lengths past and off the step's key and row
-//! blocks), m ≠ n both ways, broadcast values; threads 1 and 3 bit-identical (checked by
+//! blocks and its state parts), m ≠ n both ways, broadcast values; threads 1 and 3 bit-identical (checked by
 //! `common::tiers::check` on every case).
 mod common;
 
@@ -81,6 +81,10 @@ fn elu_features_are_fused_and_match_at_odd_shapes() {
         (2, 113, 700, 17, 9),
         (1, 700, 113, 64, 64),
         (2, 1100, 1100, 8, 3),
+        // Keys in one state part, one more, and three parts (the last short) of one entry.
+        (1, 3, 2048, 4, 3),
+        (2, 5, 2049, 4, 3),
+        (1, 37, 4300, 8, 5),
         (2, 17, 0, 4, 4),
         (2, 9, 9, 4, 0),
     ] {
