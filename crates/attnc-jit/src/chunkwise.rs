@@ -21,11 +21,16 @@
 //! value makes it overflow where the plain form does not. A product of a masked score with a NaN or infinite value
 //! would reach rows the op's semantics keep it from (`0 · NaN`), so a batch entry with any
 //! non-finite input runs the exact recurrence instead (`recurrence`).
+//!
+//! Batch entries are dealt to the threads. With fewer entries than threads (one head, a
+//! long prefill) each entry runs on all of them instead (`chunked_parallel`): the chunks'
+//! state updates in parallel, the state carried through them in order, then the chunks'
+//! rows in parallel, every value computed by the same operations as one thread computes it.
 
 use crate::buffer::BufferView;
 use crate::error::Result;
 use crate::kernels::prefix::PrefixSpec;
-use crate::wide::{batch_index, buffer_err, deal, linear_operands, wide_err};
+use crate::wide::{batch_index, buffer_err, deal, deal_with, linear_operands, wide_err};
 use attnc_ir::Normalizer;
 use attnc_wide::flush::FlushToZero;
 use attnc_wide::gemm::{sgemm, Matrix};
@@ -185,8 +190,8 @@ pub fn run(
             },
         }
     };
-    let items: Vec<(usize, &mut [f32])> = out.chunks_mut(m * dv).enumerate().collect();
-    deal(items, threads, |(e, rows)| {
+    // One entry on `threads` threads (its chunks in parallel when more than one).
+    let one = |e: usize, rows: &mut [f32], threads: usize| {
         let x = entry(e);
         let gate_short =
             matches!(x.decay, Weights::Gate { rows, keys } if rows.len() != m || keys.len() != n);
@@ -194,13 +199,28 @@ pub fn run(
             return Err(buffer_err("causal linear attention", "an operand is short"));
         }
         let finite = |s: &[f32]| s.iter().all(|t| t.is_finite());
-        if x.decay.is_finite() && finite(x.q) && finite(x.k) && finite(x.v) {
-            chunked(spec, &x, rows)
-        } else {
-            recurrence(spec, &x, rows);
-            Ok(())
+        match (
+            x.decay.is_finite() && finite(x.q) && finite(x.k) && finite(x.v),
+            threads,
+        ) {
+            (true, 1) => chunked(spec, &x, rows),
+            (true, _) => chunked_parallel(spec, &x, rows, threads),
+            (false, _) => {
+                recurrence(spec, &x, rows);
+                Ok(())
+            }
         }
-    })
+    };
+    let entries = out.len() / (m * dv);
+    if entries < threads && n >= 2 * PARALLEL_KEYS {
+        // Fewer entries than threads: each entry's chunks are split among all of them.
+        for (e, rows) in out.chunks_mut(m * dv).enumerate() {
+            one(e, rows, threads)?;
+        }
+        return Ok(());
+    }
+    let items: Vec<(usize, &mut [f32])> = out.chunks_mut(m * dv).enumerate().collect();
+    deal(items, threads, |(e, rows)| one(e, rows, 1))
 }
 
 /// `len` elements of `data` from `start`, or none when it is short (the caller checks).
@@ -214,106 +234,269 @@ fn part(data: &[f32], start: usize, len: usize) -> &[f32] {
 /// ([`attnc_wide::flush`]), and the error is below 2⁻¹²⁶ per operation.
 fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
     let _flush = FlushToZero::new();
-    let (m, n, d, dv) = (spec.m, spec.n, spec.d, spec.dv);
-    let normalized = matches!(spec.normalizer, Normalizer::Sum { .. });
-    let w = dv + usize::from(normalized);
-    let off = n as isize - m as isize;
-    // Rows that keep no key (i' < 0): the empty numerator over 0 + eps.
-    let empty_rows = usize::try_from(-off).unwrap_or(0).min(m);
-    out[..empty_rows * dv].fill(empty_row_value(spec.normalizer));
+    let chunks = Chunks::new(spec, x);
+    let (d, w) = (spec.d, chunks.w);
+    let mut scratch = ChunkScratch::new(chunks.size, d, w);
     let mut state = vec![0.0f32; d * w];
-    let chunk = chunk_size(spec);
-    let mut values = vec![0.0f32; chunk * w];
-    let mut scores = vec![0.0f32; chunk * chunk];
-    let mut rows_out = vec![0.0f32; chunk * w];
-    let mut carried = vec![0.0f32; chunk * w];
-    let mut keys = vec![0.0f32; chunk * d];
     let mut update = vec![0.0f32; d * w];
-    // A slope's weights depend on the distance only: γ^t for t < chunk, once per entry.
-    let powers: Vec<f32> = match x.decay {
-        Weights::Slope(_) => (0..chunk).map(|t| x.decay.weight(t, 0)).collect(),
-        _ => Vec::new(),
-    };
-    for c in (0..n).step_by(chunk) {
-        let len = chunk.min(n - c);
-        // V of the chunk, beside a column of ones when rows are normalized.
+    let mut rest = chunks.fill_empty_rows(out);
+    for c in (0..spec.n).step_by(chunks.size) {
+        let (rows, after) =
+            std::mem::take(&mut rest).split_at_mut(chunks.rows_of(c).len() * spec.dv);
+        rest = after;
+        chunks.rows(c, (c > 0).then_some(&state[..]), &mut scratch, rows)?;
+        chunks.update(c, &mut scratch, &mut update)?;
+        chunks.carry(c, &state, &mut update);
+        std::mem::swap(&mut state, &mut update);
+    }
+    Ok(())
+}
+
+/// [`chunked`] for one batch entry on up to `threads` threads, with the same results bit for
+/// bit: each chunk's state update (keys weighed from its last key, times its values) is
+/// independent of the others, so those products run in parallel; the state before each chunk
+/// is then carried through the chunks in order as before (a scaled sum per chunk, cheap);
+/// and each chunk's rows read only their own state, so they run in parallel too. The states
+/// take `n / chunk · d · w` values, which is why only entries that would leave threads idle
+/// take this form.
+fn chunked_parallel(
+    spec: &PrefixSpec,
+    x: &Entry<'_>,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    let chunks = Chunks::new(spec, x);
+    let (d, w, size) = (spec.d, chunks.w, chunks.size);
+    let starts: Vec<usize> = (0..spec.n).step_by(size).collect();
+    let per_item = PARALLEL_KEYS.div_ceil(size).max(1);
+    // Slot c: chunk c's update, then the state after chunk c.
+    let mut slots = vec![0.0f32; starts.len() * d * w];
+    let items: Vec<(usize, &mut [f32])> = slots.chunks_mut(per_item * d * w).enumerate().collect();
+    deal_with(
+        items,
+        threads,
+        || ChunkScratch::new(size, d, w),
+        |scratch, (item, updates)| {
+            let _flush = FlushToZero::new();
+            for (k, update) in updates.chunks_mut(d * w).enumerate() {
+                chunks.update(starts[item * per_item + k], scratch, update)?;
+            }
+            Ok(())
+        },
+    )?;
+    {
+        let _flush = FlushToZero::new();
+        for (k, &c) in starts.iter().enumerate().skip(1) {
+            let (before, from) = slots.split_at_mut(k * d * w);
+            chunks.carry(c, &before[(k - 1) * d * w..], &mut from[..d * w]);
+        }
+    }
+    // Each chunk's rows, from the state before it (slot c − 1).
+    let mut rest = chunks.fill_empty_rows(out);
+    let mut items = Vec::with_capacity(starts.len().div_ceil(per_item));
+    for (item, group) in starts.chunks(per_item).enumerate() {
+        let rows: usize = group.iter().map(|&c| chunks.rows_of(c).len()).sum();
+        let (mine, after) = std::mem::take(&mut rest).split_at_mut(rows * spec.dv);
+        rest = after;
+        items.push((item, mine));
+    }
+    let slots = &slots;
+    deal_with(
+        items,
+        threads,
+        || ChunkScratch::new(size, d, w),
+        |scratch, (item, mut rows)| {
+            let _flush = FlushToZero::new();
+            for (k, &c) in starts[item * per_item..].iter().take(per_item).enumerate() {
+                let index = item * per_item + k;
+                let state = (index > 0).then(|| &slots[(index - 1) * d * w..index * d * w]);
+                let (mine, after) = rows.split_at_mut(chunks.rows_of(c).len() * spec.dv);
+                rows = after;
+                chunks.rows(c, state, scratch, mine)?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Keys per work item of [`chunked_parallel`] (whole chunks).
+const PARALLEL_KEYS: usize = 1024;
+
+/// One batch entry cut into chunks: what every chunk's products share.
+struct Chunks<'e, 'a> {
+    spec: &'e PrefixSpec,
+    x: &'e Entry<'a>,
+    /// Keys per chunk.
+    size: usize,
+    /// Columns of the values and of the state: `dv`, and the sums' column when normalized.
+    w: usize,
+    normalized: bool,
+    /// `n − m`: query row `i` sits at key position `i + off`.
+    off: isize,
+    /// A slope's weights by distance, `γ^t` for `t < size` (empty otherwise).
+    powers: Vec<f32>,
+}
+
+/// The buffers one chunk's products use, reused from chunk to chunk.
+struct ChunkScratch {
+    values: Vec<f32>,
+    scores: Vec<f32>,
+    rows_out: Vec<f32>,
+    carried: Vec<f32>,
+    keys: Vec<f32>,
+}
+
+impl ChunkScratch {
+    fn new(size: usize, d: usize, w: usize) -> ChunkScratch {
+        ChunkScratch {
+            values: vec![0.0; size * w],
+            scores: vec![0.0; size * size],
+            rows_out: vec![0.0; size * w],
+            carried: vec![0.0; size * w],
+            keys: vec![0.0; size * d],
+        }
+    }
+}
+
+impl<'e, 'a> Chunks<'e, 'a> {
+    fn new(spec: &'e PrefixSpec, x: &'e Entry<'a>) -> Chunks<'e, 'a> {
+        let size = chunk_size(spec);
+        let normalized = matches!(spec.normalizer, Normalizer::Sum { .. });
+        // A slope's weights depend on the distance only: γ^t for t < chunk, once per entry.
+        let powers: Vec<f32> = match x.decay {
+            Weights::Slope(_) => (0..size).map(|t| x.decay.weight(t, 0)).collect(),
+            _ => Vec::new(),
+        };
+        Chunks {
+            spec,
+            x,
+            size,
+            w: spec.dv + usize::from(normalized),
+            normalized,
+            off: spec.n as isize - spec.m as isize,
+            powers,
+        }
+    }
+
+    /// Rows that keep no key (`i' < 0`) get the empty numerator over `0 + eps`; the rest of
+    /// `out`, from the first row a chunk computes, is returned.
+    fn fill_empty_rows<'o>(&self, out: &'o mut [f32]) -> &'o mut [f32] {
+        let empty_rows = usize::try_from(-self.off).unwrap_or(0).min(self.spec.m);
+        let (empty, rest) = out.split_at_mut(empty_rows * self.spec.dv);
+        empty.fill(empty_row_value(self.spec.normalizer));
+        rest
+    }
+
+    /// The query rows whose key position `i'` lies in the chunk that starts at key `c`.
+    fn rows_of(&self, c: usize) -> std::ops::Range<usize> {
+        let len = self.size.min(self.spec.n - c);
+        let first = (c as isize - self.off).max(0) as usize;
+        let end = ((c + len) as isize - self.off).clamp(0, self.spec.m as isize) as usize;
+        first..end.max(first)
+    }
+
+    /// V of the chunk at `c` into the scratch, beside a column of ones when rows are
+    /// normalized; returns its key count.
+    fn load_values(&self, c: usize, scratch: &mut ChunkScratch) -> usize {
+        let (dv, w) = (self.spec.dv, self.w);
+        let len = self.size.min(self.spec.n - c);
         for j in 0..len {
-            let row = &mut values[j * w..(j + 1) * w];
-            row[..dv].copy_from_slice(&x.v[(c + j) * dv..(c + j + 1) * dv]);
-            if normalized {
+            let row = &mut scratch.values[j * w..(j + 1) * w];
+            row[..dv].copy_from_slice(&self.x.v[(c + j) * dv..(c + j + 1) * dv]);
+            if self.normalized {
                 row[dv] = 1.0;
             }
         }
+        len
+    }
+
+    /// The output rows of the chunk at `c` into `out` (its [`Chunks::rows_of`], `dv` each):
+    /// the chunk's own keys by the weighed quadratic form, the keys before it through
+    /// `state` (the state before the chunk; `None` for the first).
+    fn rows(
+        &self,
+        c: usize,
+        state: Option<&[f32]>,
+        scratch: &mut ChunkScratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (d, dv, w, x) = (self.spec.d, self.spec.dv, self.w, self.x);
+        let rows = self.rows_of(c);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let len = self.load_values(c, scratch);
+        let (first, end, count) = (rows.start, rows.end, rows.len());
         let vc = Matrix {
-            data: &values[..len * w],
+            data: &scratch.values[..len * w],
             rows: len,
             cols: w,
             row_stride: w,
             col_stride: 1,
         };
-        // The rows whose i' lies in this chunk.
-        let first = (c as isize - off).max(0) as usize;
-        let end = ((c + len) as isize - off).clamp(0, m as isize) as usize;
-        if first < end {
-            let count = end - first;
-            let qm = Matrix {
-                data: &x.q[first * d..end * d],
-                rows: count,
-                cols: d,
-                row_stride: d,
-                col_stride: 1,
-            };
-            let kt = Matrix {
-                data: &x.k[c * d..(c + len) * d],
-                rows: d,
-                cols: len,
-                row_stride: 1,
-                col_stride: d,
-            };
-            let a = &mut scores[..count * len];
-            sgemm(&qm, &kt, a).map_err(wide_err)?;
-            for i in 0..count {
-                let at = ((first + i) as isize + off) as usize; // i'
-                let s = &mut a[i * len..(i + 1) * len];
-                weigh_row(&x.decay, &powers, (first + i, at), c, s);
-            }
-            let am = Matrix {
-                data: a,
-                rows: count,
-                cols: len,
-                row_stride: len,
-                col_stride: 1,
-            };
-            let o = &mut rows_out[..count * w];
-            sgemm(&am, &vc, o).map_err(wide_err)?;
+        let qm = Matrix {
+            data: &x.q[first * d..end * d],
+            rows: count,
+            cols: d,
+            row_stride: d,
+            col_stride: 1,
+        };
+        let kt = Matrix {
+            data: &x.k[c * d..(c + len) * d],
+            rows: d,
+            cols: len,
+            row_stride: 1,
+            col_stride: d,
+        };
+        let a = &mut scratch.scores[..count * len];
+        sgemm(&qm, &kt, a).map_err(wide_err)?;
+        for i in 0..count {
+            let at = ((first + i) as isize + self.off) as usize; // i'
+            let s = &mut a[i * len..(i + 1) * len];
+            weigh_row(&x.decay, &self.powers, (first + i, at), c, s);
+        }
+        let am = Matrix {
+            data: a,
+            rows: count,
+            cols: len,
+            row_stride: len,
+            col_stride: 1,
+        };
+        let o = &mut scratch.rows_out[..count * w];
+        sgemm(&am, &vc, o).map_err(wide_err)?;
+        // The keys before the chunk, through the state (none before the first).
+        let t = &mut scratch.carried[..count * w];
+        if let Some(state) = state {
             let sm = Matrix {
-                data: &state,
+                data: state,
                 rows: d,
                 cols: w,
                 row_stride: w,
                 col_stride: 1,
             };
-            // The keys before the chunk, through the state (none before the first).
-            let t = &mut carried[..count * w];
-            if c > 0 {
-                sgemm(&qm, &sm, t).map_err(wide_err)?;
-            }
-            for i in 0..count {
-                let row = &mut o[i * w..(i + 1) * w];
-                if c > 0 {
-                    let at = ((first + i) as isize + off) as usize; // i'
-                    let g = x.decay.row_weight(first + i, at, c - 1);
-                    for (y, s) in row.iter_mut().zip(&t[i * w..(i + 1) * w]) {
-                        *y += g * s;
-                    }
-                }
-                finish_row(spec.normalizer, row, &mut out[(first + i) * dv..][..dv]);
-            }
+            sgemm(&qm, &sm, t).map_err(wide_err)?;
         }
-        // S ← w(last, c−1) S + (w(last, j) k_j)ᵀ V, `last` the chunk's last key: the state
-        // holds the keys before it weighed as seen from its last key.
+        for i in 0..count {
+            let row = &mut o[i * w..(i + 1) * w];
+            if state.is_some() {
+                let at = ((first + i) as isize + self.off) as usize; // i'
+                let g = x.decay.row_weight(first + i, at, c - 1);
+                for (y, s) in row.iter_mut().zip(&t[i * w..(i + 1) * w]) {
+                    *y += g * s;
+                }
+            }
+            finish_row(self.spec.normalizer, row, &mut out[i * dv..(i + 1) * dv]);
+        }
+        Ok(())
+    }
+
+    /// The chunk at `c`'s contribution to the state, `(w(last, j) k_j)ᵀ V` with `last` its
+    /// last key, into `update` (`[d, w]`).
+    fn update(&self, c: usize, scratch: &mut ChunkScratch, update: &mut [f32]) -> Result<()> {
+        let (d, w, x) = (self.spec.d, self.w, self.x);
+        let len = self.load_values(c, scratch);
         let last = c + len - 1;
-        let kd = &mut keys[..len * d];
+        let kd = &mut scratch.keys[..len * d];
         kd.copy_from_slice(&x.k[c * d..(c + len) * d]);
         if !x.decay.is_one() {
             for (j, row) in kd.chunks_mut(d).enumerate() {
@@ -328,17 +511,30 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
             row_stride: 1,
             col_stride: d,
         };
-        sgemm(&kdt, &vc, &mut update).map_err(wide_err)?;
+        let vc = Matrix {
+            data: &scratch.values[..len * w],
+            rows: len,
+            cols: w,
+            row_stride: w,
+            col_stride: 1,
+        };
+        sgemm(&kdt, &vc, update).map_err(wide_err)
+    }
+
+    /// `S ← w(last, c−1) S + U`: with `into` holding the chunk at `c`'s update `U` (`last`
+    /// its last key) and `before` the state before the chunk (the keys before it weighed as
+    /// seen from key `c − 1`), `into` becomes the state after it; the first chunk's state is
+    /// its update.
+    fn carry(&self, c: usize, before: &[f32], into: &mut [f32]) {
         if c == 0 {
-            state.copy_from_slice(&update);
-        } else {
-            let g = x.decay.weight(last, c - 1);
-            for (s, u) in state.iter_mut().zip(&update) {
-                *s = g * *s + u;
-            }
+            return;
+        }
+        let last = c + self.size.min(self.spec.n - c) - 1;
+        let g = self.x.decay.weight(last, c - 1);
+        for (u, s) in into.iter_mut().zip(before) {
+            *u += g * s;
         }
     }
-    Ok(())
 }
 
 /// Weighs the scores `s` of query row `query` at key position `row` (`i'`) against the keys
@@ -578,6 +774,68 @@ mod tests {
                         let den: f64 = want.iter().map(|w| w * w).sum();
                         let err = (num / den.max(1e-300)).sqrt();
                         assert!(err < 2e-6, "form {form} m={m} n={n} a={a}: {err}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_entrys_chunks_on_threads_give_the_same_bits() {
+        // One entry, more threads than entries: the chunks' updates and rows run in parallel
+        // and must give what one thread gives, bit for bit, for every decay and normalizer,
+        // with m = n, m < n (end-aligned rows), m = 1 and n past and off the work items.
+        for (m, n) in [(2300, 2300), (700, 4100), (1, 3000), (2048, 2048)] {
+            for normalizer in [Normalizer::None, Normalizer::Sum { eps: 1e-3 }] {
+                for decay in 0..3 {
+                    let (d, dv) = (6, 5);
+                    let spec = PrefixSpec {
+                        batch: vec![],
+                        batch_strides: Default::default(),
+                        m,
+                        n,
+                        d,
+                        dv,
+                        normalizer,
+                        slope_strides: (decay > 0).then(Vec::new),
+                        key_decay_strides: (decay == 2).then(Vec::new),
+                    };
+                    let q: Vec<f32> = values(m * d, 7).iter().map(|t| t.abs()).collect();
+                    let k: Vec<f32> = values(n * d, 8).iter().map(|t| t.abs()).collect();
+                    let v = values(n * dv, 9);
+                    // A slope, or gates: log decays falling by up to 0.05 per key.
+                    let logs: Vec<f32> = (0..n)
+                        .scan(0.0f32, |c, i| {
+                            *c -= 0.05 * (values(1, i as u32)[0] + 0.5);
+                            Some(*c)
+                        })
+                        .collect();
+                    let slope = [0.02f32];
+                    let rows = &logs[n - m..];
+                    let mut inputs = vec![
+                        BufferView::F32(&q),
+                        BufferView::F32(&k),
+                        BufferView::F32(&v),
+                    ];
+                    match decay {
+                        1 => inputs.push(BufferView::F32(&slope)),
+                        2 => {
+                            inputs.push(BufferView::F32(rows));
+                            inputs.push(BufferView::F32(&logs));
+                        }
+                        _ => {}
+                    }
+                    let mut one = vec![0.0f32; m * dv];
+                    run(&spec, &inputs, &mut one, 1).expect("runs");
+                    assert!(one.iter().all(|t| t.is_finite()));
+                    for threads in [2, 3] {
+                        let mut many = vec![0.0f32; m * dv];
+                        run(&spec, &inputs, &mut many, threads).expect("runs");
+                        let same = one
+                            .iter()
+                            .zip(&many)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "m={m} n={n} decay {decay} threads {threads}");
                     }
                 }
             }
