@@ -289,6 +289,18 @@ pub fn key_mask(p: &MaskPattern) -> Option<KeyMask> {
 /// log-sum-exps when asked).
 type Item<'o> = (usize, usize, &'o mut [f32], Option<&'o mut [f32]>);
 
+/// What a refined tile table was built from ([`WideAttention::refine_key`]): one batch entry,
+/// or the document ids (addresses and lengths of the slices read, and the rows' shift).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RefineKey {
+    Entry(usize),
+    Ids {
+        queries: (usize, usize),
+        keys: (usize, usize),
+        shift: i64,
+    },
+}
+
 /// A fused attention step on the full-width tier, ready to run.
 #[derive(Clone, Debug)]
 pub struct WideAttention {
@@ -557,12 +569,14 @@ impl WideAttention {
         let mut packed: Option<(usize, amx::Packed)> = None;
         // A data-dependent mask's tile table (and block selection), built from one batch
         // entry's ids and gate (items come in entry order, so each entry's is built once per
-        // thread).
-        let mut refined: Option<(usize, TileTable, Vec<bool>)> = None;
+        // thread, and once for all the entries that read the same ids without a gate).
+        let mut refined: Option<(RefineKey, TileTable, Vec<bool>)> = None;
         while let Some((b, t, rows, lse)) = items() {
             let mut call = self.call(inputs, b)?;
-            if self.reads_data() && refined.as_ref().is_none_or(|(entry, ..)| *entry != b) {
-                refined = Some(self.refine(inputs, b, self.required_segments(&call))?);
+            let key = self.refine_key(&call, b);
+            if self.reads_data() && refined.as_ref().is_none_or(|(built, ..)| *built != key) {
+                let (_, table, keep) = self.refine(inputs, b, self.required_segments(&call))?;
+                refined = Some((key, table, keep));
             }
             if let Some((_, table, keep)) = &refined {
                 call.tiles = table;
@@ -604,6 +618,20 @@ impl WideAttention {
             }
         }
         Ok(())
+    }
+
+    /// What entry `b`'s refined tile table depends on: the entry where a block selection is
+    /// read (each entry has its own gate), else the document ids it reads (heads that share
+    /// one `seg` share the table).
+    fn refine_key(&self, call: &Call<'_>, b: usize) -> RefineKey {
+        match (&self.topk, &call.segments) {
+            (None, Some(s)) => RefineKey::Ids {
+                queries: (s.queries.as_ptr() as usize, s.queries.len()),
+                keys: (s.keys.as_ptr() as usize, s.keys.len()),
+                shift: s.shift,
+            },
+            _ => RefineKey::Entry(b),
+        }
     }
 
     /// Whether the mask reads data (segment ids or a block selection), so that each batch
