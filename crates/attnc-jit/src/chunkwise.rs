@@ -319,6 +319,28 @@ fn chunked_parallel(
     )
 }
 
+/// `data` as a row-major `rows × cols` matrix.
+fn row_major(data: &[f32], rows: usize, cols: usize) -> Matrix<'_> {
+    Matrix {
+        data,
+        rows,
+        cols,
+        row_stride: cols,
+        col_stride: 1,
+    }
+}
+
+/// The transpose of the row-major `cols × rows` matrix `data`, as a `rows × cols` matrix.
+fn transposed(data: &[f32], rows: usize, cols: usize) -> Matrix<'_> {
+    Matrix {
+        data,
+        rows,
+        cols,
+        row_stride: 1,
+        col_stride: rows,
+    }
+}
+
 /// Keys per work item of [`chunked_parallel`] (whole chunks).
 const PARALLEL_KEYS: usize = 1024;
 
@@ -427,27 +449,9 @@ impl<'e, 'a> Chunks<'e, 'a> {
         }
         let len = self.load_values(c, scratch);
         let (first, end, count) = (rows.start, rows.end, rows.len());
-        let vc = Matrix {
-            data: &scratch.values[..len * w],
-            rows: len,
-            cols: w,
-            row_stride: w,
-            col_stride: 1,
-        };
-        let qm = Matrix {
-            data: &x.q[first * d..end * d],
-            rows: count,
-            cols: d,
-            row_stride: d,
-            col_stride: 1,
-        };
-        let kt = Matrix {
-            data: &x.k[c * d..(c + len) * d],
-            rows: d,
-            cols: len,
-            row_stride: 1,
-            col_stride: d,
-        };
+        let vc = row_major(&scratch.values[..len * w], len, w);
+        let qm = row_major(&x.q[first * d..end * d], count, d);
+        let kt = transposed(&x.k[c * d..(c + len) * d], d, len);
         let a = &mut scratch.scores[..count * len];
         sgemm(&qm, &kt, a).map_err(wide_err)?;
         for i in 0..count {
@@ -455,25 +459,13 @@ impl<'e, 'a> Chunks<'e, 'a> {
             let s = &mut a[i * len..(i + 1) * len];
             weigh_row(&x.decay, &self.powers, (first + i, at), c, s);
         }
-        let am = Matrix {
-            data: a,
-            rows: count,
-            cols: len,
-            row_stride: len,
-            col_stride: 1,
-        };
+        let am = row_major(a, count, len);
         let o = &mut scratch.rows_out[..count * w];
         sgemm(&am, &vc, o).map_err(wide_err)?;
         // The keys before the chunk, through the state (none before the first).
         let t = &mut scratch.carried[..count * w];
         if let Some(state) = state {
-            let sm = Matrix {
-                data: state,
-                rows: d,
-                cols: w,
-                row_stride: w,
-                col_stride: 1,
-            };
+            let sm = row_major(state, d, w);
             sgemm(&qm, &sm, t).map_err(wide_err)?;
         }
         for i in 0..count {
@@ -504,20 +496,8 @@ impl<'e, 'a> Chunks<'e, 'a> {
                 row.iter_mut().for_each(|t| *t *= g);
             }
         }
-        let kdt = Matrix {
-            data: kd,
-            rows: d,
-            cols: len,
-            row_stride: 1,
-            col_stride: d,
-        };
-        let vc = Matrix {
-            data: &scratch.values[..len * w],
-            rows: len,
-            cols: w,
-            row_stride: w,
-            col_stride: 1,
-        };
+        let kdt = transposed(kd, d, len);
+        let vc = row_major(&scratch.values[..len * w], len, w);
         sgemm(&kdt, &vc, update).map_err(wide_err)
     }
 
@@ -709,6 +689,27 @@ mod tests {
         out
     }
 
+    /// The op on one batch entry: no decay (`decay` 0), a slope (1) or gates (2).
+    fn one_entry(
+        m: usize,
+        n: usize,
+        (d, dv): (usize, usize),
+        normalizer: Normalizer,
+        decay: usize,
+    ) -> PrefixSpec {
+        PrefixSpec {
+            batch: vec![],
+            batch_strides: Default::default(),
+            m,
+            n,
+            d,
+            dv,
+            normalizer,
+            slope_strides: (decay > 0).then(Vec::new),
+            key_decay_strides: (decay == 2).then(Vec::new),
+        }
+    }
+
     fn values(len: usize, seed: u32) -> Vec<f32> {
         (0..len)
             .map(|i| {
@@ -732,17 +733,7 @@ mod tests {
             for normalizer in [Normalizer::None, Normalizer::Sum { eps: 1e-3 }] {
                 for a in [0.0f32, 0.05, 3.0] {
                     let (d, dv) = (5, 7);
-                    let spec = PrefixSpec {
-                        batch: vec![],
-                        batch_strides: Default::default(),
-                        m,
-                        n,
-                        d,
-                        dv,
-                        normalizer,
-                        slope_strides: Some(vec![]),
-                        key_decay_strides: None,
-                    };
+                    let spec = one_entry(m, n, (d, dv), normalizer, 1);
                     let (q, k, v) = (values(m * d, 1), values(n * d, 2), values(n * dv, 3));
                     // Positive scores keep the normalized sums away from 0.
                     let k: Vec<f32> = k.iter().map(|t| t.abs()).collect();
@@ -789,17 +780,7 @@ mod tests {
             for normalizer in [Normalizer::None, Normalizer::Sum { eps: 1e-3 }] {
                 for decay in 0..3 {
                     let (d, dv) = (6, 5);
-                    let spec = PrefixSpec {
-                        batch: vec![],
-                        batch_strides: Default::default(),
-                        m,
-                        n,
-                        d,
-                        dv,
-                        normalizer,
-                        slope_strides: (decay > 0).then(Vec::new),
-                        key_decay_strides: (decay == 2).then(Vec::new),
-                    };
+                    let spec = one_entry(m, n, (d, dv), normalizer, decay);
                     let q: Vec<f32> = values(m * d, 7).iter().map(|t| t.abs()).collect();
                     let k: Vec<f32> = values(n * d, 8).iter().map(|t| t.abs()).collect();
                     let v = values(n * dv, 9);
