@@ -255,7 +255,7 @@ fn chunked(spec: &PrefixSpec, x: &Entry<'_>, out: &mut [f32]) -> Result<()> {
 /// [`chunked`] for one batch entry on up to `threads` threads, with the same results bit for
 /// bit: each chunk's state update (keys weighed from its last key, times its values) is
 /// independent of the others, so those products run in parallel; the state before each chunk
-/// is then carried through the chunks in order as before (a scaled sum per chunk, cheap);
+/// is then carried through the chunks in order as before (one scaled sum per chunk, serial);
 /// and each chunk's rows read only their own state, so they run in parallel too. The states
 /// take `n / chunk · d · w` values, which is why only entries that would leave threads idle
 /// take this form.
