@@ -575,7 +575,7 @@ impl WideAttention {
             let mut call = self.call(inputs, b)?;
             let key = self.refine_key(&call, b);
             if self.reads_data() && refined.as_ref().is_none_or(|(built, ..)| *built != key) {
-                let (_, table, keep) = self.refine(inputs, b, self.required_segments(&call))?;
+                let (table, keep) = self.refine(inputs, b, self.required_segments(&call))?;
                 refined = Some((key, table, keep));
             }
             if let Some((_, table, keep)) = &refined {
@@ -660,7 +660,7 @@ impl WideAttention {
             true => Some(self.refine(inputs, b, self.required_segments(&call))?),
             false => None,
         };
-        if let Some((_, table, keep)) = &refined {
+        if let Some((table, keep)) = &refined {
             call.tiles = table;
             call.blocks = self.selection(keep);
         }
@@ -680,7 +680,7 @@ impl WideAttention {
         inputs: &[BufferView<'_>],
         b: usize,
         segments: Option<attnc_wide::problem::Segments<'_>>,
-    ) -> Result<(usize, TileTable, Vec<bool>)> {
+    ) -> Result<(TileTable, Vec<bool>)> {
         let (m, n) = (self.spec.m, self.spec.n);
         let (mut table, keep) = match &self.topk {
             Some((leaf, unselected)) => {
@@ -696,7 +696,7 @@ impl WideAttention {
         if let Some(segments) = segments {
             table = segments.refine(&table, m, n);
         }
-        Ok((b, table, keep))
+        Ok((table, keep))
     }
 
     /// The selection `keep` of `leaf` as the kernels read it.
