@@ -326,6 +326,11 @@ impl Compiled {
         self.code.plan()
     }
 
+    /// Whether the accepted plan applies an approximation.
+    pub fn approximates(&self) -> bool {
+        self.trace.approximations.iter().any(|o| o.applied)
+    }
+
     /// Milliseconds validation added to the compilation.
     pub fn validation_ms(&self) -> f64 {
         self.validations.iter().map(|v| v.millis).sum()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -275,6 +276,13 @@ def test_approximations_are_validated_on_the_first_calls_inputs():
     expected = exact(q, k, v)
     assert exact.validations == []
     assert np.linalg.norm(out - expected) / np.linalg.norm(expected) <= 1e-5
+    # Its plan is exact now: a non-finite input changes nothing and warns of nothing.
+    k_inf = k.copy()
+    k_inf[0, 7, 0] = np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out_inf = spread(q, k_inf, v)
+    assert np.array_equal(out_inf, exact(q, k_inf, v), equal_nan=True)
 
 
 def test_a_call_with_non_finite_inputs_runs_the_exact_plan():

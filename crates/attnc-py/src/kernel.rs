@@ -223,11 +223,18 @@ impl PyKernel {
     ) -> PyResult<Bound<'py, PyAny>> {
         let shapes: Vec<&[usize]> = staged.iter().map(|s| s.shape.as_slice()).collect();
         let inputs: Vec<attnc_jit::Input<'_>> = staged.iter().map(StagedInput::input).collect();
-        let non_finite = match self.program.policy().is_exact() {
-            true => None,
-            false => py.detach(|| non_finite_input(self.program.kernel(), &inputs)),
+        // Only a plan that approximates (or one yet to be chosen under a policy that allows
+        // approximations) must not see NaN or infinity.
+        let cached = self.program.cached(&shapes);
+        let may_approximate = match &cached {
+            Some(hit) => hit.compiled.approximates(),
+            None => !self.program.policy().is_exact(),
         };
-        let specialized = match (non_finite, self.program.cached(&shapes)) {
+        let non_finite = match may_approximate {
+            true => py.detach(|| non_finite_input(self.program.kernel(), &inputs)),
+            false => None,
+        };
+        let specialized = match (non_finite, cached) {
             (Some(name), _) => {
                 let message = format!(
                     "input `{name}` holds NaN or infinite values: this call runs the exact plan \

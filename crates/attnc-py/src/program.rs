@@ -349,18 +349,28 @@ impl Program {
         if let Some(hit) = cache().get(shapes) {
             return Ok(hit);
         }
+        let exact = self.compiler.clone().with_policy(Policy::exact());
+        let specialized = self.compile_at(shapes, exact, Calibration::default())?;
+        Ok(cache().insert(shapes.to_vec(), specialized))
+    }
+
+    /// The kernel compiled by `compiler` for these input shapes, approximations validated on
+    /// `calibration` (the shapes bound, the memory budget what is available now).
+    fn compile_at(
+        &self,
+        shapes: &[Vec<usize>],
+        compiler: Compiler,
+        calibration: Calibration<'_>,
+    ) -> Result<Arc<Specialized>, SpecializeError> {
         let bindings = self.bind(shapes).map_err(SpecializeError::Bind)?;
-        let compiled = (self.compiler.clone())
-            .with_policy(Policy::exact())
-            .with_memory_budget(available_memory())
-            .compile(&self.kernel, &bindings)
+        let compiled = (compiler.with_memory_budget(available_memory()))
+            .compile_calibrated(&self.kernel, &bindings, calibration)
             .map_err(SpecializeError::Compile)?;
-        let specialized = Arc::new(Specialized {
+        Ok(Arc::new(Specialized {
             input_shapes: shapes.to_vec(),
             bindings,
             compiled,
-        });
-        Ok(cache().insert(shapes.to_vec(), specialized))
+        }))
     }
 
     fn specialize_on(
@@ -383,8 +393,6 @@ impl Program {
         if let Some(hit) = self.cached(shapes) {
             return Ok(hit);
         }
-        let bindings = self.bind(shapes).map_err(SpecializeError::Bind)?;
-        let compiler = self.compiler.clone().with_memory_budget(available_memory());
         // Copied only when an approximation will be measured on them.
         let samples = match inputs {
             Some(inputs) if !self.compiler.policy().is_exact() => {
@@ -396,17 +404,10 @@ impl Program {
         let label = format!("the call's inputs ({})", names.join(", "));
         let calibration = Calibration {
             tensors: &samples,
-            label: Some(&label),
+            label: (!samples.is_empty()).then_some(label.as_str()),
             ..Calibration::default()
         };
-        let compiled = compiler
-            .compile_calibrated(&self.kernel, &bindings, calibration)
-            .map_err(SpecializeError::Compile)?;
-        let specialized = Arc::new(Specialized {
-            input_shapes: shapes.to_vec(),
-            bindings,
-            compiled,
-        });
+        let specialized = self.compile_at(shapes, self.compiler.clone(), calibration)?;
         Ok(self.cache().insert(shapes.to_vec(), specialized))
     }
 

@@ -510,7 +510,7 @@ fn approximation_notes(policy: &Policy, result: &Compiled) -> Vec<String> {
             notes.push(format!("note: {} not applied: {why}", outcome.name));
         }
     }
-    if result.trace.approximations.iter().all(|o| !o.applied) {
+    if !result.approximates() {
         notes.push("note: the plan is exact".to_string());
     }
     notes
