@@ -1,7 +1,7 @@
 //! Times the AVX-512 f32 attention kernel on the standard workloads at 1 and 2 threads.
 //!
 //! ```text
-//! cargo run --release -p attnc-wide --example attention_bench -- [dense|causal|window|decode]... [--runs N] [--threads 1,2]
+//! cargo run --release -p attnc-wide --example attention_bench -- [dense|causal|window|decode|KIND:h,m,n,d]... [--runs N] [--threads 1,2]
 //! ```
 //!
 //! Work is split over threads by (head, query tile): thread t takes every item (head, tile)
@@ -481,21 +481,29 @@ fn main() {
             run_workload(w, &threads, runs);
         }
     }
-    // Any other shape: `dense:h,m,n,d` (f32) or `decode:h,m,n,d` (bf16 K and V).
+    // Any other shape: `dense:h,m,n,d` or `causal:h,m,n,d` (f32), or `decode:h,m,n,d` (bf16
+    // K and V).
     for name in &names {
         let Some((kind, dims)) = name.split_once(':') else {
             continue;
         };
         let dims: Vec<usize> = dims.split(',').filter_map(|x| x.parse().ok()).collect();
-        if let ([heads, m, n, d], "dense" | "decode") = (&dims[..], kind) {
+        if let ([heads, m, n, d], "dense" | "causal" | "decode") = (&dims[..], kind) {
             let w = Workload {
-                name: if kind == "dense" { "dense" } else { "decode" },
+                name: match kind {
+                    "dense" => "dense",
+                    "causal" => "causal",
+                    _ => "decode",
+                },
                 heads: *heads,
                 m: *m,
                 n: *n,
                 d: *d,
                 bf16_kv: kind == "decode",
-                band: None,
+                band: (kind == "causal").then_some(Band {
+                    below: None,
+                    above: 0,
+                }),
             };
             run_workload(&w, &threads, runs);
         }

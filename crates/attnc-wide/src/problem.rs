@@ -15,8 +15,10 @@ use half::{bf16, f16};
 
 mod alibi;
 mod blocks;
+mod segments;
 
 pub use blocks::Blocks;
+pub use segments::Segments;
 
 /// The elements of an operand, in their storage type (widened to f32 on load).
 #[derive(Clone, Copy, Debug)]
@@ -224,76 +226,6 @@ impl KeyMask {
             KeyMask::And(a, b) => a.keeps(i, j, m, n) && b.keeps(i, j, m, n),
             KeyMask::Or(a, b) => a.keeps(i, j, m, n) || b.keeps(i, j, m, n),
         }
-    }
-}
-
-/// The segment ids of one batch entry's [`KeyMask::Document`]: query row `i` has id
-/// `queries[i + shift]` (no id, and so no kept key, outside the slice), key `j` has `keys[j]`.
-/// `document(seg)` is `queries = keys = seg` with `shift = n − m` (queries end-aligned).
-#[derive(Clone, Copy, Debug)]
-pub struct Segments<'a> {
-    /// Ids read by the query rows.
-    pub queries: &'a [i32],
-    /// Ids of the keys (`n` of them).
-    pub keys: &'a [i32],
-    /// Row `i` reads `queries[i + shift]`.
-    pub shift: i64,
-}
-
-impl Segments<'_> {
-    /// The id of query row `i`, if it has one.
-    pub fn query(&self, i: usize) -> Option<i32> {
-        let at = usize::try_from(i as i64 + self.shift).ok()?;
-        self.queries.get(at).copied()
-    }
-
-    /// Whether query row `i` and key `j` have the same id.
-    pub fn same(&self, i: usize, j: usize) -> bool {
-        match (self.query(i), self.keys.get(j)) {
-            (Some(a), Some(&b)) => a == b,
-            _ => false,
-        }
-    }
-
-    /// `table` (classified with the documents taken as kept) with the key tiles whose id range
-    /// cannot meet the query tile's dropped (valid for a mask that
-    /// [requires](KeyMask::requires_document) equal ids), and a visited tile partial unless
-    /// every row and key of the pair has one and the same id (then the table's kind holds): per
-    /// tile the minimum and maximum id (O(m + n) to collect), a pair visited only when the two
-    /// ranges overlap. Sorted ids leave the tiles along the diagonal blocks; unsorted ids
-    /// stay exact, since visited tiles compare ids per element.
-    pub fn refine(&self, table: &TileTable, m: usize, n: usize) -> TileTable {
-        let range = |ids: &mut dyn Iterator<Item = i32>| {
-            ids.fold(None, |r: Option<(i32, i32)>, x| {
-                Some(r.map_or((x, x), |(lo, hi)| (lo.min(x), hi.max(x))))
-            })
-        };
-        let (qt, kt) = (table.query_tile, table.key_tile);
-        let keys: Vec<Option<(i32, i32)>> = (0..n.div_ceil(kt))
-            .map(|u| range(&mut self.keys[u * kt..((u + 1) * kt).min(n)].iter().copied()))
-            .collect();
-        TileTable::from_fn(m, n, qt, kt, |t| {
-            let rows = t * qt..((t + 1) * qt).min(m);
-            let every_row = rows.clone().all(|i| self.query(i).is_some());
-            let Some((lo, hi)) = range(&mut rows.filter_map(|i| self.query(i))) else {
-                return Vec::new();
-            };
-            let mut runs: Vec<TileRun> = Vec::new();
-            for run in table.runs(t) {
-                for u in run.first..run.end {
-                    let Some((a, b)) = keys.get(u as usize).copied().flatten() else {
-                        continue;
-                    };
-                    if a > hi || lo > b {
-                        continue;
-                    }
-                    let one_id = every_row && lo == hi && a == b && a == lo;
-                    let partial = run.partial || !one_id;
-                    TileRun::append(&mut runs, u, partial);
-                }
-            }
-            runs
-        })
     }
 }
 
@@ -674,47 +606,6 @@ pub fn reference(call: &Call<'_>) -> (Vec<f32>, Vec<f32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Refined tables keep every tile holding a kept pair (any ids) and, for sorted ids, only
-    /// the tiles along the documents' diagonal blocks.
-    #[test]
-    fn refined_tables_cover_every_kept_pair() {
-        let (m, n, t) = (100usize, 130usize, 8usize);
-        let sorted: Vec<i32> = (0..n).map(|j| (j / 40) as i32).collect();
-        let unsorted: Vec<i32> = (0..n).map(|j| ((j * 31) % 7) as i32).collect();
-        for ids in [&sorted, &unsorted] {
-            let seg = Segments {
-                queries: ids,
-                keys: ids,
-                shift: (n - m) as i64,
-            };
-            let dense = TileTable::dense(m, n, t, t);
-            let table = seg.refine(&dense, m, n);
-            for i in 0..m {
-                for j in (0..n).filter(|&j| seg.same(i, j)) {
-                    let tile = (j / t) as u32;
-                    let runs = table.runs(i / t);
-                    assert!(
-                        runs.iter().any(|r| r.first <= tile && tile < r.end),
-                        "{i} {j}"
-                    );
-                }
-                // A full tile keeps every pair of its rows and keys.
-                for run in table.runs(i / t).iter().filter(|r| !r.partial) {
-                    for j in run.first as usize * t..(run.end as usize * t).min(n) {
-                        assert!(seg.same(i, j), "full tile at {i} {j}");
-                    }
-                }
-            }
-        }
-        let seg = Segments {
-            queries: &sorted,
-            keys: &sorted,
-            shift: (n - m) as i64,
-        };
-        let (visited, total) = seg.refine(&TileTable::dense(m, n, t, t), m, n).counts();
-        assert!(visited * 2 < total, "{visited} of {total}");
-    }
 
     #[test]
     fn enumerated_tables_list_only_reached_tiles() {
