@@ -380,6 +380,11 @@ fn build_node(
 /// `[m, d]` orthogonal features; `c` is the row maximum of `x wᵀ` for queries and its maximum
 /// over all rows for keys. Both shifts (and the usual `1/√m`) scale numerator and
 /// denominator of linear attention alike, so they cancel; they only keep `exp` in range.
+///
+/// Where `x = y·s` for a scalar `s` (the score scale, split between queries and keys), the
+/// scale goes onto the matrix and the norm instead (`y (s wᵀ)`, `s²|y|²/2`): the same
+/// features without a scaled copy of `y` written and read back (`s wᵀ` has no input, so it
+/// is computed once, at compile time).
 fn expand_favor(
     b: &mut GraphBuilder,
     x: NodeId,
@@ -401,7 +406,11 @@ fn expand_favor(
         &[],
         Some(&vec![Dim::Const(m), d]),
     )?;
-    let wt = b.add(Op::Transpose, &[w], None)?;
+    let (x, scale) = scaled_by_scalar(b, x);
+    let mut wt = b.add(Op::Transpose, &[w], None)?;
+    if let Some(s) = scale {
+        wt = b.add(Op::Binary(BinaryOp::Mul), &[wt, s], None)?;
+    }
     let proj = b.add(Op::MatMul, &[x, wt], None)?;
     let squares = b.add(Op::Binary(BinaryOp::Mul), &[x, x], None)?;
     let last = rank.checked_sub(1).ok_or("features of a scalar")?;
@@ -414,7 +423,11 @@ fn expand_favor(
         axis,
     };
     let norm = b.add(sum(last), &[squares], None)?;
-    let half = b.add(Op::Const(0.5), &[], None)?;
+    let mut half = b.add(Op::Const(0.5), &[], None)?;
+    if let Some(s) = scale {
+        let squared = b.add(Op::Binary(BinaryOp::Mul), &[s, s], None)?;
+        half = b.add(Op::Binary(BinaryOp::Mul), &[squared, half], None)?;
+    }
     let half_norm = b.add(Op::Binary(BinaryOp::Mul), &[norm, half], None)?;
     let mut shift = b.add(max(last), &[proj], None)?;
     if keys {
@@ -424,6 +437,23 @@ fn expand_favor(
     let centered = b.add(Op::Binary(BinaryOp::Sub), &[proj, half_norm], None)?;
     let shifted = b.add(Op::Binary(BinaryOp::Sub), &[centered, shift], None)?;
     b.add(Op::Unary(UnaryOp::Exp), &[shifted], None)
+}
+
+/// `(y, Some(s))` when node `x` is `y·s` (or `s·y`) for a scalar `s` and a `y` of `x`'s
+/// shape, else `(x, None)`.
+fn scaled_by_scalar(b: &GraphBuilder, x: NodeId) -> (NodeId, Option<NodeId>) {
+    if !matches!(b.graph.node(x).op, Op::Binary(BinaryOp::Mul)) {
+        return (x, None);
+    }
+    let shape = &b.graph.node(x).shape;
+    match b.graph.operands(x).as_slice() {
+        &[y, s] | &[s, y]
+            if b.graph.node(s).shape.is_empty() && b.graph.node(y).shape == *shape =>
+        {
+            (y, Some(s))
+        }
+        _ => (x, None),
+    }
 }
 
 /// Linformer's `e @ x` for `x: [.., n, d]` with `e` the seeded `[r, n]` Gaussian projection.
@@ -513,4 +543,77 @@ fn prune(kernel: &mut Kernel) {
         }
     }
     kernel.graph = fresh;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attnc_ir::interp::evaluate_outputs;
+    use attnc_ir::Param;
+    use ndarray::ArrayD;
+
+    /// FAVOR+ features of `y·s` for a scalar `s` read `y` itself (the scale moved onto the
+    /// matrix and the norm) and equal those of `y` times a vector of `s`, which the lowering
+    /// keeps as written.
+    #[test]
+    fn favor_features_of_a_scaled_input_move_the_scale_off_it() {
+        let sym = |s: &str| Dim::Sym(s.to_string());
+        let param = |name: &str, shape: Vec<Dim>| Param {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape,
+            span: Default::default(),
+        };
+        let params = vec![
+            param("y", vec![sym("n"), sym("d")]),
+            param("s", vec![]),
+            param("sv", vec![sym("d")]),
+        ];
+        let (n, d, scale) = (37usize, 8usize, 0.6f64);
+        let bindings: Bindings = [("n".to_string(), n as u64), ("d".to_string(), d as u64)]
+            .into_iter()
+            .collect();
+        let y = ArrayD::from_shape_fn(vec![n, d], |i| {
+            ((i[0] * 7 + i[1] * 3) % 11) as f64 / 5.0 - 1.0
+        });
+        let inputs = [
+            y,
+            ArrayD::from_elem(vec![], scale),
+            ArrayD::from_elem(vec![d], scale),
+        ];
+        for keys in [false, true] {
+            let mut b = GraphBuilder::with_params(&params);
+            let (y, s, sv) = (NodeId::new(0), NodeId::new(1), NodeId::new(2));
+            let by_scalar = b
+                .add(Op::Binary(BinaryOp::Mul), &[y, s], None)
+                .expect("y·s");
+            let by_vector = b
+                .add(Op::Binary(BinaryOp::Mul), &[y, sv], None)
+                .expect("y·sv");
+            let moved = expand_favor(&mut b, by_scalar, 7, 16, keys).expect("features of y·s");
+            let kept = expand_favor(&mut b, by_vector, 7, 16, keys).expect("features of y·sv");
+            // The folded features' product reads y, not y·s.
+            let readers_of_scaled = (0..b.graph.len())
+                .map(NodeId::new)
+                .filter(|&id| b.graph.operands(id).contains(&by_scalar))
+                .count();
+            assert_eq!(readers_of_scaled, 0, "keys {keys}");
+            let kernel = Kernel {
+                name: "favor".to_string(),
+                params: params.clone(),
+                graph: b.graph,
+                output: moved,
+                ret_dtype: DType::F32,
+                extra_outputs: Vec::new(),
+                approx: Vec::new(),
+                span: Default::default(),
+            };
+            let values =
+                evaluate_outputs(&kernel, &bindings, &inputs, &[moved, kept]).expect("evaluates");
+            let error =
+                attnc_ir::compare::compare(values[0].iter().copied(), values[1].iter().copied())
+                    .error();
+            assert!(error < 1e-12, "keys {keys}: {error}");
+        }
+    }
 }
