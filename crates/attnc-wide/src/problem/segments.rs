@@ -74,22 +74,22 @@ impl Segments<'_> {
             .map(|u| id_range(self.keys[u * kt..((u + 1) * kt).min(n)].iter().copied()))
             .collect();
         match in_order(&keys) {
-            Some(ranges) => self.refine_with(table, m, n, |ids, run, out| {
-                sorted_tiles(&ranges, ids, run, out)
+            Some(ranges) => self.refine_with(table, m, n, |ids, runs, out| {
+                sorted_tiles(&ranges, ids, runs, out)
             }),
-            None => self.refine_with(table, m, n, |ids, run, out| {
-                compared_tiles(&keys, ids, run, out)
+            None => self.refine_with(table, m, n, |ids, runs, out| {
+                compared_tiles(&keys, ids, runs, out)
             }),
         }
     }
 
-    /// The table whose query tile visits, of each run of `table`'s, the tiles `tiles` appends.
+    /// The table whose query tile visits, of its runs in `table`, the tiles `tiles` appends.
     fn refine_with(
         &self,
         table: &TileTable,
         m: usize,
         n: usize,
-        tiles: impl Fn(&QueryIds, &TileRun, &mut Vec<TileRun>),
+        tiles: impl Fn(&QueryIds, &[TileRun], &mut Vec<TileRun>),
     ) -> TileTable {
         let qt = table.query_tile;
         TileTable::from_fn(m, n, qt, table.key_tile, |t| {
@@ -100,9 +100,7 @@ impl Segments<'_> {
             };
             let ids = QueryIds { lo, hi, every_row };
             let mut runs = Vec::new();
-            for run in table.runs(t) {
-                tiles(&ids, run, &mut runs);
-            }
+            tiles(&ids, table.runs(t), &mut runs);
             runs
         })
     }
@@ -117,29 +115,31 @@ fn in_order(keys: &[Option<(i32, i32)>]) -> Option<Vec<(i32, i32)>> {
         .then_some(ranges)
 }
 
-/// Appends the tiles of `run` that meet the query tile's ids, by comparing each tile's range.
+/// Appends the tiles of `runs` that meet the query tile's ids, by comparing each tile's range.
 fn compared_tiles(
     keys: &[Option<(i32, i32)>],
     ids: &QueryIds,
-    run: &TileRun,
+    runs: &[TileRun],
     out: &mut Vec<TileRun>,
 ) {
-    for u in run.first..run.end {
-        let Some((a, b)) = keys.get(u as usize).copied().flatten() else {
-            continue;
-        };
-        if a > ids.hi || ids.lo > b {
-            continue;
+    for run in runs {
+        for u in run.first..run.end {
+            let Some((a, b)) = keys.get(u as usize).copied().flatten() else {
+                continue;
+            };
+            if a > ids.hi || ids.lo > b {
+                continue;
+            }
+            let one_id = ids.one_id() && a == b && a == ids.lo;
+            TileRun::append(out, u, run.partial || !one_id);
         }
-        let one_id = ids.one_id() && a == b && a == ids.lo;
-        TileRun::append(out, u, run.partial || !one_id);
     }
 }
 
 /// [`compared_tiles`] for ranges in order: the meeting tiles are one interval, and the tiles
 /// holding only the query tile's one id a sub-interval of it (every range's two ends grow
-/// from tile to tile).
-fn sorted_tiles(ranges: &[(i32, i32)], ids: &QueryIds, run: &TileRun, out: &mut Vec<TileRun>) {
+/// from tile to tile): searched once per query tile, then cut to each run.
+fn sorted_tiles(ranges: &[(i32, i32)], ids: &QueryIds, runs: &[TileRun], out: &mut Vec<TileRun>) {
     let meet = ranges.partition_point(|&(_, b)| b < ids.lo) as u32
         ..ranges.partition_point(|&(a, _)| a <= ids.hi) as u32;
     let only = if ids.one_id() {
@@ -148,15 +148,17 @@ fn sorted_tiles(ranges: &[(i32, i32)], ids: &QueryIds, run: &TileRun, out: &mut 
     } else {
         0..0
     };
-    let visited = clip(run.first..run.end, &meet);
-    let own = clip(visited.clone(), &only);
-    if own.is_empty() {
-        append_span(out, visited, true);
-        return;
+    for run in runs {
+        let visited = clip(run.first..run.end, &meet);
+        let own = clip(visited.clone(), &only);
+        if own.is_empty() {
+            append_span(out, visited, true);
+            continue;
+        }
+        append_span(out, visited.start..own.start, true);
+        append_span(out, own.clone(), run.partial);
+        append_span(out, own.end..visited.end, true);
     }
-    append_span(out, visited.start..own.start, true);
-    append_span(out, own.clone(), run.partial);
-    append_span(out, own.end..visited.end, true);
 }
 
 /// `a` cut to `b` (empty, at `a`'s start or end, where they do not meet).
@@ -267,8 +269,8 @@ mod tests {
                 .map(|u| id_range(ids[u * t..((u + 1) * t).min(n)].iter().copied()))
                 .collect();
             assert!(in_order(&keys).is_some());
-            let compared = seg.refine_with(&static_table, m, n, |q, run, out| {
-                compared_tiles(&keys, q, run, out)
+            let compared = seg.refine_with(&static_table, m, n, |q, runs, out| {
+                compared_tiles(&keys, q, runs, out)
             });
             assert_eq!(
                 seg.refine(&static_table, m, n),
