@@ -383,8 +383,8 @@ fn build_node(
 ///
 /// Where `x = y·s` for a scalar `s` (the score scale, split between queries and keys), the
 /// scale goes onto the matrix and the norm instead (`y (s wᵀ)`, `s²|y|²/2`): the same
-/// features without a scaled copy of `y` written and read back (`s wᵀ` has no input, so it
-/// is computed once, at compile time).
+/// features without a scaled copy of `y` written and read back (`s wᵀ` is `[d, m]`, far
+/// smaller than `y` at any length worth approximating).
 fn expand_favor(
     b: &mut GraphBuilder,
     x: NodeId,
