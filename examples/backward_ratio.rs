@@ -5,7 +5,11 @@
 //!
 //! ```text
 //! cargo run --release --example backward_ratio -- [--threads 1] [--runs 5] [--n 4096] [--h 8]
+//!     [--window W]
 //! ```
+//!
+//! With `--window W` the kernel is causal sliding-window attention over `W` keys instead
+//! (`mask(s, causal & window(W))`), whose backward visits the band's tiles only.
 //!
 //! Each round times, in this order: the plain forward ([`CompiledGrad::forward`]), the
 //! training forward that keeps the log-sum-exps ([`CompiledGrad::forward_saving`]), the
@@ -21,9 +25,14 @@ use attnc::ir::Bindings;
 use std::error::Error;
 use std::time::Instant;
 
-const SOURCE: &str =
+const DENSE: &str =
     "kernel dense(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
     return softmax(q @ k.T / sqrt(d)) @ v;
+}";
+
+const WINDOW: &str =
+    "kernel local(q: f32[h, n, d], k: f32[h, n, d], v: f32[h, n, d]) -> f32[h, n, d] {
+    return softmax(mask(q @ k.T / sqrt(d), causal & window(w))) @ v;
 }";
 
 fn arg(name: &str, default: usize) -> Result<usize, Box<dyn Error>> {
@@ -41,11 +50,16 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn main() -> Result<(), Box<dyn Error>> {
     let (threads, runs, n) = (arg("--threads", 1)?, arg("--runs", 5)?, arg("--n", 4096)?);
-    let (h, d) = (arg("--h", 8)?, 64);
-    let module = attnc::source::compile_text(SOURCE).map_err(|e| format!("{e:?}"))?;
+    let (h, d, window) = (arg("--h", 8)?, 64, arg("--window", 0)?);
+    let (source, name) = match window {
+        0 => (DENSE, "dense".to_string()),
+        w => (WINDOW, format!("causal window({w})")),
+    };
+    let module = attnc::source::compile_text(source).map_err(|e| format!("{e:?}"))?;
     let kernel = &module.kernels[0];
-    let bindings: Bindings = [("h", h), ("n", n), ("d", d)]
+    let bindings: Bindings = [("h", h), ("n", n), ("d", d), ("w", window)]
         .into_iter()
+        .filter(|&(symbol, _)| symbol != "w" || window > 0)
         .map(|(k, v)| (k.to_string(), v as u64))
         .collect();
     let wrt = attnc::ir::grad::parse_wrt(kernel, "q,k,v")?;
@@ -59,7 +73,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let inputs = [tensor(1), tensor(2), tensor(3)];
     let cotangent = tensor(4);
     let (out, lse) = compiled.forward_saving(&inputs, threads)?;
-    let lse = lse.ok_or("the dense kernel keeps its log-sum-exps")?;
+    let lse = lse.ok_or("the fused kernel keeps its log-sum-exps")?;
     let mut times: [Vec<f64>; 4] = Default::default();
     let ms = |start: Instant| start.elapsed().as_secs_f64() * 1e3;
     for _ in 0..runs + 1 {
@@ -81,7 +95,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     // The first round warms up.
     let [forward, saving, saved, recomputing] = times.map(|t| median(t[1..].to_vec()));
-    println!("dense h={h} n={n} d={d}, {threads} thread(s), median of {runs}:");
+    println!("{name} h={h} n={n} d={d}, {threads} thread(s), median of {runs}:");
     println!("  forward                          {forward:9.1} ms");
     println!("  forward keeping log-sum-exps     {saving:9.1} ms");
     println!("  backward from the saved forward  {saved:9.1} ms");
