@@ -79,6 +79,8 @@ mod score;
 #[cfg(target_arch = "x86_64")]
 mod tile;
 #[cfg(target_arch = "x86_64")]
+mod transpose;
+#[cfg(target_arch = "x86_64")]
 mod widen;
 
 /// The lane mask of the first `count` of 16 lanes, for the other 16-lane code of the crate.

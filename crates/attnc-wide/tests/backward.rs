@@ -217,10 +217,11 @@ fn check(c: &Case) {
     // one: both against the reference, and the second against the first.
     let mut first: Option<Vec<Vec<f32>>> = None;
     for wide in [false, true] {
+        // NaN where a kernel leaves an element unwritten (keys no query reaches included).
         let (mut dq, mut dk, mut dvv) = (
-            vec![0.0f32; m * d],
-            vec![0.0f32; n * d],
-            vec![0.0f32; n * dv],
+            vec![f32::NAN; m * d],
+            vec![f32::NAN; n * d],
+            vec![f32::NAN; n * dv],
         );
         let mut dbias = vec![0.0f32; bias_len];
         let mut dslope = 0.0f32;
@@ -524,10 +525,11 @@ fn nan_at_masked_positions_reaches_no_gradient() {
     backward::forward(&call, &mut o, &mut lse).expect("forward runs");
     // Row 99 keeps key 99: its output is NaN, and only its own gradients may be.
     for wide in [false, true] {
+        // NaN where a kernel leaves an element unwritten (keys no query reaches included).
         let (mut dq, mut dk, mut dvv) = (
-            vec![0.0f32; m * d],
-            vec![0.0f32; n * d],
-            vec![0.0f32; n * dv],
+            vec![f32::NAN; m * d],
+            vec![f32::NAN; n * d],
+            vec![f32::NAN; n * dv],
         );
         let mut dbias = vec![0.0f32; m * n];
         let mut grads = Gradients {

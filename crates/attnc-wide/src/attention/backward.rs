@@ -35,6 +35,7 @@ use std::borrow::Cow;
 use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::exp2;
 use super::score::{Distances, ScoreForm, LOG2_E};
+use super::transpose::transpose16;
 use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
 use crate::backward::{Gradients, KeyPart, RowStats};
@@ -153,15 +154,9 @@ pub(crate) unsafe fn run(
         },
     };
     let (v, v_stride) = rows_f32(&call.v);
-    for g in [
-        grads.dq.as_deref_mut(),
-        grads.dk.as_deref_mut(),
-        grads.dv.as_deref_mut(),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        g.fill(0.0);
+    // dQ accumulates over key tiles; dK and dV are written whole per key tile (below).
+    if let Some(dq) = grads.dq.as_deref_mut() {
+        dq.fill(0.0);
     }
     let mut masks = env.program.as_ref().map(|p| p.buffers(QT * VECTORS));
     let mut scratch = Scratch {
@@ -179,14 +174,26 @@ pub(crate) unsafe fn run(
     // dK and dV hold the part's keys only.
     let key_row0 = part.tiles.start * KT;
     for (t, visits) in by_key_tile(call).into_iter().enumerate() {
-        if visits.is_empty() || !part.tiles.contains(&t) {
+        if !part.tiles.contains(&t) {
             continue;
         }
         let j0 = t * KT;
         let kn = KT.min(n - j0);
+        if visits.is_empty() {
+            // No query reaches these keys: their gradients are zero.
+            for (g, cols) in [(grads.dk.as_deref_mut(), d), (grads.dv.as_deref_mut(), dv)] {
+                if let Some(g) = g {
+                    g[(j0 - key_row0) * cols..(j0 - key_row0 + kn) * cols].fill(0.0);
+                }
+            }
+            continue;
+        }
         // Kᵀ and Vᵀ of the tile, keys past n zero.
-        pack_t(&env.k.0, env.k.1, j0, kn, d, &mut scratch.kt);
-        pack_t(&v, v_stride, j0, kn, dv, &mut scratch.vt);
+        // SAFETY: AVX-512 is present (the caller's contract).
+        unsafe {
+            pack_t(&env.k.0, env.k.1, j0, kn, d, &mut scratch.kt);
+            pack_t(&v, v_stride, j0, kn, dv, &mut scratch.vt);
+        }
         scratch.dkt.fill(0.0);
         scratch.dvt.fill(0.0);
         for (qtile, partial) in visits {
@@ -208,11 +215,9 @@ pub(crate) unsafe fn run(
             (grads.dv.as_deref_mut(), &scratch.dvt, dv),
         ] {
             if let Some(g) = g {
-                for jj in 0..kn {
-                    for c in 0..cols {
-                        g[(j0 - key_row0 + jj) * cols + c] = acc[c * KT + jj];
-                    }
-                }
+                let rows = &mut g[(j0 - key_row0) * cols..(j0 - key_row0 + kn) * cols];
+                // SAFETY: AVX-512 is present (the caller's contract).
+                unsafe { unpack_t(acc, kn, cols, rows) };
             }
         }
     }
@@ -222,14 +227,60 @@ pub(crate) unsafe fn run(
 }
 
 /// `out[c·64 + jj] = x[(j0 + jj)·stride + c]` for `jj < kn`, 0 for `kn ≤ jj < 64`.
-fn pack_t(x: &[f32], stride: usize, j0: usize, kn: usize, cols: usize, out: &mut [f32]) {
-    for c in 0..cols {
-        let row = &mut out[c * KT..(c + 1) * KT];
-        for (jj, o) in row.iter_mut().enumerate() {
-            *o = if jj < kn {
-                x[(j0 + jj) * stride + c]
-            } else {
-                0.0
+///
+/// # Safety
+/// AVX-512 is present.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn pack_t(x: &[f32], stride: usize, j0: usize, kn: usize, cols: usize, out: &mut [f32]) {
+    assert!(
+        out.len() >= cols * KT && kn <= KT && (kn == 0 || (j0 + kn - 1) * stride + cols <= x.len()),
+        "invariant: a key tile inside its operand"
+    );
+    for jb in (0..KT).step_by(LANES) {
+        let rows = kn.saturating_sub(jb).min(LANES);
+        for cb in (0..cols).step_by(LANES) {
+            let at = ((j0 + jb) * stride + cb).min(x.len());
+            // SAFETY: rows jb..jb + rows < kn of the tile, columns cb.. (at most 16, < cols)
+            // are inside x (checked above); out's rows cb.. hold 64 from lane jb. Without rows,
+            // nothing is read.
+            unsafe {
+                transpose16(
+                    x.as_ptr().add(at),
+                    stride,
+                    (rows, (cols - cb).min(LANES)),
+                    out.as_mut_ptr().add(cb * KT + jb),
+                    KT,
+                    true,
+                )
+            };
+        }
+    }
+}
+
+/// `rows[jj·cols + c] = acc[c·64 + jj]` for `jj < kn`, `c < cols`: a key tile's accumulated
+/// `dKᵀ` or `dVᵀ` back as rows.
+///
+/// # Safety
+/// AVX-512 is present.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn unpack_t(acc: &[f32], kn: usize, cols: usize, rows: &mut [f32]) {
+    assert!(
+        acc.len() >= cols * KT && kn <= KT && rows.len() >= kn * cols,
+        "invariant: a key tile's accumulators"
+    );
+    for cb in (0..cols).step_by(LANES) {
+        for jb in (0..kn).step_by(LANES) {
+            // SAFETY: accumulator rows cb.. (at most 16, < cols), lanes jb.. (< kn); output
+            // rows jb.. (< kn), columns cb.. of the same counts.
+            unsafe {
+                transpose16(
+                    acc.as_ptr().add(cb * KT + jb),
+                    KT,
+                    ((cols - cb).min(LANES), (kn - jb).min(LANES)),
+                    rows.as_mut_ptr().add(jb * cols + cb),
+                    cols,
+                    false,
+                )
             };
         }
     }
