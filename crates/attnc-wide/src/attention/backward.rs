@@ -196,7 +196,14 @@ pub(crate) unsafe fn run(
         }
         scratch.dkt.fill(0.0);
         scratch.dvt.fill(0.0);
-        for (qtile, partial) in visits {
+        // The next key tile's K and V rows are hinted towards L2 a share per pair, so that its
+        // packing does not wait on L3 (a window's key tile has only a few pairs to hide it).
+        let next_keys = (j0 + KT).min(n)..(j0 + 2 * KT).min(n);
+        let share = next_keys.len().div_ceil(visits.len());
+        for (p, (qtile, partial)) in visits.into_iter().enumerate() {
+            let ahead = next_keys.start + p * share..(next_keys.start + (p + 1) * share).min(n);
+            hint_rows_l2(&env.k.0, env.k.1, ahead.clone(), d);
+            hint_rows_l2(&v, v_stride, ahead, dv);
             // SAFETY: the caller's contract; the table lists tiles inside m and n.
             unsafe {
                 pair(
@@ -223,6 +230,24 @@ pub(crate) unsafe fn run(
     }
     if let Some(s) = grads.dslope.as_deref_mut() {
         *s += scratch.slope_sum as f32;
+    }
+}
+
+/// Hints the cache lines of rows `rows` of `x` (`cols` values each, `stride` apart; those
+/// inside it) towards L2.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+fn hint_rows_l2(x: &[f32], stride: usize, rows: std::ops::Range<usize>, cols: usize) {
+    for r in rows {
+        let (start, end) = (r * stride, (r * stride + cols).min(x.len()));
+        let mut at = start;
+        while at < end {
+            // A prefetch reads nothing and cannot fault.
+            _mm_prefetch::<_MM_HINT_T1>(x.as_ptr().wrapping_add(at).cast());
+            at += LANES;
+        }
+        if end > start {
+            _mm_prefetch::<_MM_HINT_T1>(x.as_ptr().wrapping_add(end - 1).cast());
+        }
     }
 }
 
