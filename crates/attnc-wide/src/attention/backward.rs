@@ -35,6 +35,7 @@ use std::borrow::Cow;
 use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::exp2;
 use super::score::{Distances, ScoreForm, LOG2_E};
+use super::tile::prefetch_rows;
 use super::transpose::transpose16;
 use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
@@ -171,6 +172,15 @@ pub(crate) unsafe fn run(
         slope: _mm512_setzero_ps(),
         slope_sum: 0.0,
     };
+    // K's and V's rows as the packing reads them (in place, or their f32 copies), for the
+    // hints below.
+    let [k_rows, v_rows] =
+        [(&env.k.0, env.k.1, d), (&v, v_stride, dv)].map(|(x, row_stride, cols)| Operand {
+            data: Elements::F32(x),
+            rows: n,
+            cols,
+            row_stride,
+        });
     // dK and dV hold the part's keys only.
     let key_row0 = part.tiles.start * KT;
     for (t, visits) in by_key_tile(call).into_iter().enumerate() {
@@ -179,11 +189,13 @@ pub(crate) unsafe fn run(
         }
         let j0 = t * KT;
         let kn = KT.min(n - j0);
+        // The tile's keys in dK or dV (`cols` per key).
+        let tile_rows = |cols: usize| (j0 - key_row0) * cols..(j0 - key_row0 + kn) * cols;
         if visits.is_empty() {
             // No query reaches these keys: their gradients are zero.
             for (g, cols) in [(grads.dk.as_deref_mut(), d), (grads.dv.as_deref_mut(), dv)] {
                 if let Some(g) = g {
-                    g[(j0 - key_row0) * cols..(j0 - key_row0 + kn) * cols].fill(0.0);
+                    g[tile_rows(cols)].fill(0.0);
                 }
             }
             continue;
@@ -202,8 +214,8 @@ pub(crate) unsafe fn run(
         let share = next_keys.len().div_ceil(visits.len());
         for (p, (qtile, partial)) in visits.into_iter().enumerate() {
             let ahead = next_keys.start + p * share..(next_keys.start + (p + 1) * share).min(n);
-            hint_rows_l2(&env.k.0, env.k.1, ahead.clone(), d);
-            hint_rows_l2(&v, v_stride, ahead, dv);
+            prefetch_rows(&k_rows, ahead.clone());
+            prefetch_rows(&v_rows, ahead);
             // SAFETY: the caller's contract; the table lists tiles inside m and n.
             unsafe {
                 pair(
@@ -222,32 +234,13 @@ pub(crate) unsafe fn run(
             (grads.dv.as_deref_mut(), &scratch.dvt, dv),
         ] {
             if let Some(g) = g {
-                let rows = &mut g[(j0 - key_row0) * cols..(j0 - key_row0 + kn) * cols];
                 // SAFETY: AVX-512 is present (the caller's contract).
-                unsafe { unpack_t(acc, kn, cols, rows) };
+                unsafe { unpack_t(acc, kn, cols, &mut g[tile_rows(cols)]) };
             }
         }
     }
     if let Some(s) = grads.dslope.as_deref_mut() {
         *s += scratch.slope_sum as f32;
-    }
-}
-
-/// Hints the cache lines of rows `rows` of `x` (`cols` values each, `stride` apart; those
-/// inside it) towards L2.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-fn hint_rows_l2(x: &[f32], stride: usize, rows: std::ops::Range<usize>, cols: usize) {
-    for r in rows {
-        let (start, end) = (r * stride, (r * stride + cols).min(x.len()));
-        let mut at = start;
-        while at < end {
-            // A prefetch reads nothing and cannot fault.
-            _mm_prefetch::<_MM_HINT_T1>(x.as_ptr().wrapping_add(at).cast());
-            at += LANES;
-        }
-        if end > start {
-            _mm_prefetch::<_MM_HINT_T1>(x.as_ptr().wrapping_add(end - 1).cast());
-        }
     }
 }
 

@@ -642,7 +642,7 @@ fn claim_row(out: &Output<'_>, at: usize, len: usize) {
 /// Hints the cache lines of rows `keys` (those inside the operand) towards L2.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 #[inline]
-fn prefetch_rows(operand: &Operand<'_>, keys: Range<usize>) {
+pub(super) fn prefetch_rows(operand: &Operand<'_>, keys: Range<usize>) {
     let (ptr, size): (*const u8, usize) = match operand.data {
         Elements::F32(x) => (x.as_ptr().cast(), 4),
         Elements::F16(x) => (x.as_ptr().cast(), 2),
