@@ -8,14 +8,18 @@
 //! tile, `dQ` rows accumulate in the output. Per (query tile, key tile) pair:
 //!
 //! 1. `S = Q Kᵀ` and `dP = dO Vᵀ` (4 rows × 4 key vectors of accumulators, one element of Q or
-//!    dO broadcast per 4 FMAs, `Kᵀ`/`Vᵀ` packed once per key tile);
-//! 2. per row: `x` (scale, bias, ALiBi, softcap), `P = 2^(x₂ − lse₂)`, `dY = P (dP − D)` (times
-//!    the softcap's derivative), `dS = dY · scale`, zero where masked (element masks on partial
-//!    tiles only); bias and slope gradients accumulated;
-//! 3. `dVᵀ += dOᵀ P` and `dKᵀ += Qᵀ dS` (4 columns × 4 key vectors, one element of dO or Q
-//!    broadcast per 4 FMAs), `dQ += dS K` (4 rows × 4 column vectors, one element of dS
+//!    dO broadcast per 4 FMAs, `Kᵀ`/`Vᵀ` packed once per key tile, `Kᵀ` times the scale in
+//!    base 2 so that `S` is the score `x` the exponentials take);
+//! 2. per row: `x` (bias, ALiBi, softcap), `P = 2^(x − lse₂)`, `dY = P (dP − D)` (times the
+//!    softcap's derivative), zero where masked (element masks on partial tiles only); bias and
+//!    slope gradients accumulated. On a full tile without score options or bias and slope
+//!    gradients, steps 1 and 2 run per block of 4 rows in one kernel, each block's `P`
+//!    computed between its `dP` products;
+//! 3. `dVᵀ += dOᵀ P` and `dKᵀ += Qᵀ dY` (4 columns × 4 key vectors, one element of dO or Q
+//!    broadcast per 4 FMAs), `dQ += dY K` (4 rows × 4 column vectors, one element of dY
 //!    broadcast per 4 FMAs). On partial tiles these products skip masked positions (masked
-//!    FMAs), so a NaN or infinity there reaches no gradient.
+//!    FMAs), so a NaN or infinity there reaches no gradient. `dS = dY · scale`: dK and dQ take
+//!    the scale once, when a key tile's `dKᵀ` is written back and when the pass ends.
 //!
 //! A masked tile's kept positions are known before its products, so the products skip what no
 //! row keeps: `S` and `dP` run per block of 4 rows over the key vectors one of them keeps,
@@ -41,7 +45,10 @@ use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
 use crate::backward::{Gradients, KeyPart, RowStats};
 use crate::problem::{Call, Elements, Operand};
-use micro::{accumulate_dq, accumulate_t, accumulate_t_kept, products, products_kept, Epilogue};
+use micro::{
+    accumulate_dq, accumulate_t, accumulate_t_kept, products, products_kept, scores_and_grads,
+    Epilogue,
+};
 
 const LANES: usize = 16;
 const KT: usize = KEY_TILE;
@@ -111,7 +118,7 @@ struct Scratch {
     dvt: Vec<f32>,
     s: Vec<f32>,
     dp: Vec<f32>,
-    ds: Vec<f32>,
+    dy: Vec<f32>,
     kept: Vec<u16>,
     /// The slope gradient's lanes over the current pair.
     slope: __m512,
@@ -167,7 +174,7 @@ pub(crate) unsafe fn run(
         dvt: vec![0.0; dv.max(1) * KT],
         s: vec![0.0; QT * KT],
         dp: vec![0.0; QT * KT],
-        ds: vec![0.0; QT * KT],
+        dy: vec![0.0; QT * KT],
         kept: vec![0; QT * VECTORS],
         slope: _mm512_setzero_ps(),
         slope_sum: 0.0,
@@ -200,12 +207,14 @@ pub(crate) unsafe fn run(
             }
             continue;
         }
-        // Kᵀ and Vᵀ of the tile, keys past n zero.
+        // Kᵀ and Vᵀ of the tile, keys past n zero. Kᵀ carries the scale in base 2, so that the
+        // products are the scores `x` the exponentials take.
         // SAFETY: AVX-512 is present (the caller's contract).
         unsafe {
             pack_t(&env.k.0, env.k.1, j0, kn, d, &mut scratch.kt);
             pack_t(&v, v_stride, j0, kn, dv, &mut scratch.vt);
         }
+        scratch.kt.iter_mut().for_each(|x| *x *= env.form.q_scale);
         scratch.dkt.fill(0.0);
         scratch.dvt.fill(0.0);
         // The next key tile's K and V rows are hinted towards L2 a share per pair, so that its
@@ -228,7 +237,9 @@ pub(crate) unsafe fn run(
                 )
             };
         }
-        // The tile's dK and dV rows, transposed back.
+        // The tile's dK and dV rows, transposed back; dK takes the score scale its products
+        // left out.
+        scratch.dkt.iter_mut().for_each(|x| *x *= env.scale);
         for (g, acc, cols) in [
             (grads.dk.as_deref_mut(), &scratch.dkt, d),
             (grads.dv.as_deref_mut(), &scratch.dvt, dv),
@@ -238,6 +249,10 @@ pub(crate) unsafe fn run(
                 unsafe { unpack_t(acc, kn, cols, &mut g[tile_rows(cols)]) };
             }
         }
+    }
+    // dQ takes the score scale its products left out.
+    if let Some(dq) = grads.dq.as_deref_mut() {
+        dq.iter_mut().for_each(|x| *x *= env.scale);
     }
     if let Some(s) = grads.dslope.as_deref_mut() {
         *s += scratch.slope_sum as f32;
@@ -326,29 +341,22 @@ unsafe fn pair(
         let at = (i0 - env.dq_row0) * d;
         micro::hint_rows(dq.get(at..).unwrap_or_default(), 4, d);
     }
-    let need_ds =
+    let need_dy =
         grads.dq.is_some() || grads.dk.is_some() || grads.dbias.is_some() || grads.dslope.is_some();
     // Element masks: the table's (partial tiles) and rows that keep nothing.
     let empty_rows = (0..qn).any(|r| env.lse2[i0 + r] == f32::NEG_INFINITY);
     let masked = partial || empty_rows;
-    // A full tile without score options or bias and slope gradients computes P and dS as the
-    // products leave the registers (steps 1 and 2 in one).
+    // A full tile without score options or bias and slope gradients computes P and dY with
+    // the products (steps 1 and 2 in one kernel).
     let fused = !masked
         && kn == KT
         && !env.form.has_options()
         && grads.dbias.is_none()
         && grads.dslope.is_none();
-    let p_end = match fused {
-        true => Epilogue::Probabilities {
-            q_scale: env.form.q_scale,
-            lse2: &env.lse2[i0..i0 + qn],
-        },
-        false => Epilogue::Raw,
-    };
-    // 1. S and dP (or P and dS). The kept positions of a pair not fused come first: a masked
+    // 1. S and dP (or P and dY). The kept positions of a pair not fused come first: a masked
     // tile's products skip the key vectors its rows do not reach. SAFETY (all): rows i0.. of
     // Q (d each) and dO (dv each) lie inside them; the packed tiles hold d·64 and dv·64; the
-    // output tiles 64·64; the epilogues' rows are qn; the masks qn·4.
+    // output tiles 64·64; the statistics' rows are qn; the masks qn·4.
     unsafe {
         if !fused {
             kept_positions(env, scratch, masks, (i0, j0, kn), partial);
@@ -357,10 +365,25 @@ unsafe fn pair(
             let kept = &scratch.kept[..qn * VECTORS];
             let (q, d_o) = (q.as_ptr().add(i0 * qs), env.d_o.as_ptr().add(i0 * dv));
             products_kept(q, qs, &scratch.kt, d, qn, &mut scratch.s, kept);
-            if need_ds {
+            if need_dy {
                 products_kept(d_o, dv, &scratch.vt, dv, qn, &mut scratch.dp, kept);
             }
+        } else if fused && need_dy {
+            scores_and_grads(
+                (q.as_ptr().add(i0 * qs), qs, &scratch.kt, d),
+                (env.d_o.as_ptr().add(i0 * dv), dv, &scratch.vt, dv),
+                qn,
+                (&env.lse2[i0..i0 + qn], &env.dd[i0..i0 + qn]),
+                &mut scratch.s,
+                &mut scratch.dy,
+            );
         } else {
+            let end = match fused {
+                true => Epilogue::Probabilities {
+                    lse2: &env.lse2[i0..i0 + qn],
+                },
+                false => Epilogue::Raw,
+            };
             products(
                 q.as_ptr().add(i0 * qs),
                 qs,
@@ -368,35 +391,17 @@ unsafe fn pair(
                 d,
                 qn,
                 &mut scratch.s,
-                p_end,
+                end,
             );
-            if need_ds {
-                let (out, ds_end) = match fused {
-                    true => (
-                        &mut scratch.ds,
-                        Epilogue::ScoreGrads {
-                            p: &scratch.s,
-                            dd: &env.dd[i0..i0 + qn],
-                            scale: env.scale,
-                        },
-                    ),
-                    false => (&mut scratch.dp, Epilogue::Raw),
-                };
-                products(
-                    env.d_o.as_ptr().add(i0 * dv),
-                    dv,
-                    &scratch.vt,
-                    dv,
-                    qn,
-                    out,
-                    ds_end,
-                );
+            if need_dy {
+                let d_o = env.d_o.as_ptr().add(i0 * dv);
+                products(d_o, dv, &scratch.vt, dv, qn, &mut scratch.dp, Epilogue::Raw);
             }
         }
     }
     if !fused {
         // SAFETY: the caller's contract.
-        unsafe { elementwise(env, scratch, grads, (i0, j0, kn), need_ds) };
+        unsafe { elementwise(env, scratch, grads, (i0, j0, kn), need_dy) };
     }
     // 3. The three accumulating products.
     let kept = &scratch.kept[..qn * VECTORS];
@@ -411,12 +416,12 @@ unsafe fn pair(
         };
     }
     if grads.dk.is_some() {
-        // SAFETY: Q rows i0..i0+qn (d each); dKᵀ holds d·64; dS holds qn·64.
+        // SAFETY: Q rows i0..i0+qn (d each); dKᵀ holds d·64; dY holds qn·64.
         unsafe {
             let q = q.as_ptr().add(i0 * qs);
             match masked {
-                true => accumulate_t_kept(&mut scratch.dkt, q, qs, d, &scratch.ds, qn, kept),
-                false => accumulate_t(&mut scratch.dkt, q, qs, d, &scratch.ds, qn, None),
+                true => accumulate_t_kept(&mut scratch.dkt, q, qs, d, &scratch.dy, qn, kept),
+                false => accumulate_t(&mut scratch.dkt, q, qs, d, &scratch.dy, qn, None),
             }
         };
     }
@@ -429,7 +434,7 @@ unsafe fn pair(
             accumulate_dq(
                 &mut dq[at * d..(at + qn) * d],
                 d,
-                &scratch.ds,
+                &scratch.dy,
                 k.as_ptr().add(j0 * ks),
                 ks,
                 kn,
@@ -481,8 +486,8 @@ unsafe fn kept_positions(
     }
 }
 
-/// Step 2 of a pair where it is not fused into the products: per row, `x` (scale, bias,
-/// ALiBi, softcap) from `S`, `P` in place of `S`, `dS` from `dP`, zero where not kept
+/// Step 2 of a pair where it is not fused into the products: per row, `x` (bias, ALiBi,
+/// softcap) from `S`, `P` in place of `S`, `dY` from `dP`, zero where not kept
 /// (`scratch.kept`, from [`kept_positions`]); bias and slope gradients accumulated.
 ///
 /// # Safety
@@ -494,13 +499,12 @@ unsafe fn elementwise(
     scratch: &mut Scratch,
     grads: &mut Gradients<'_>,
     (i0, j0, kn): (usize, usize, usize),
-    need_ds: bool,
+    need_dy: bool,
 ) {
     let qn = QT.min(env.m - i0);
     let valid: [__mmask16; VECTORS] =
         std::array::from_fn(|v| first_lanes(kn.saturating_sub(v * LANES)));
     let (brs, bcs) = env.form.bias_strides();
-    let (qscale, scale) = (_mm512_set1_ps(env.form.q_scale), _mm512_set1_ps(env.scale));
     for r in 0..qn {
         let i = i0 + r;
         let from = env.origins.get(i).copied().unwrap_or(0);
@@ -511,7 +515,7 @@ unsafe fn elementwise(
             let j = j0 + v * LANES;
             // SAFETY: `at + 16 ≤ 64·64`; bias elements are read for valid keys only.
             unsafe {
-                let mut x = _mm512_mul_ps(_mm512_loadu_ps(scratch.s.as_ptr().add(at)), qscale);
+                let mut x = _mm512_loadu_ps(scratch.s.as_ptr().add(at));
                 if env.form.has_options() {
                     let distances = Distances::Along {
                         start: j as i64 - from,
@@ -522,9 +526,9 @@ unsafe fn elementwise(
                         .apply(x, i * brs + j * bcs, bcs, valid[v], distances);
                 }
                 let p = _mm512_maskz_mov_ps(kept, exp2(_mm512_sub_ps(x, lse)));
-                // P replaces S in place (dV reads it); dS goes to its own tile.
+                // P replaces S in place (dV reads it); dY goes to its own tile.
                 _mm512_storeu_ps(scratch.s.as_mut_ptr().add(at), p);
-                if !need_ds {
+                if !need_dy {
                     continue;
                 }
                 let dp = _mm512_loadu_ps(scratch.dp.as_ptr().add(at));
@@ -546,7 +550,7 @@ unsafe fn elementwise(
                     );
                     scratch.slope = _mm512_fmadd_ps(dy, dist, scratch.slope);
                 }
-                _mm512_storeu_ps(scratch.ds.as_mut_ptr().add(at), _mm512_mul_ps(dy, scale));
+                _mm512_storeu_ps(scratch.dy.as_mut_ptr().add(at), dy);
             }
         }
     }

@@ -2,9 +2,10 @@
 //! accumulators (4 rows or columns × 4 vectors of 16 keys or columns), broadcasts one element
 //! per 4 FMAs and loads each vector of the other operand once per step.
 //!
-//! The score products can finish in registers ([`Epilogue`]): on a full tile without score
-//! options the probabilities `P` and the score gradients `dS` are computed from the
-//! accumulators as they leave, so no tile of raw scores or of `dP` is stored and read back.
+//! On a full tile without score options the probabilities `P` and the score gradients `dY`
+//! come out of the products themselves ([`scores_and_grads`], or [`Epilogue::Probabilities`]
+//! where no `dY` is needed): no tile of `dP` is stored and read back, and raw scores only
+//! until their exponentials, a few steps later.
 
 // Register arrays indexed by constant loop bounds.
 #![allow(clippy::needless_range_loop)]
@@ -25,22 +26,11 @@ const KT: usize = KEY_TILE;
 pub(super) enum Epilogue<'a> {
     /// `x` itself.
     Raw,
-    /// The probability `P = 2^(x·q_scale − lse₂[r])` (scores without options).
+    /// The probability `P = 2^(x − lse₂[r])` (scores without options, `Kᵀ` packed times the
+    /// scale in base 2).
     Probabilities {
-        /// The scale of the raw scores in base 2.
-        q_scale: f32,
         /// Each row's log-sum-exp in base 2.
         lse2: &'a [f32],
-    },
-    /// The score gradient `dS = P (x − D[r]) · scale` of `x = dP`, `P` read from `p` (the
-    /// same layout as the output).
-    ScoreGrads {
-        /// The probabilities.
-        p: &'a [f32],
-        /// Each row's `D = dO · O`.
-        dd: &'a [f32],
-        /// The score scale.
-        scale: f32,
     },
 }
 
@@ -49,7 +39,7 @@ pub(super) enum Epilogue<'a> {
 ///
 /// # Safety
 /// AVX-512 is present; `a` has `rows` rows of `depth` readable f32, `stride` apart; `bt` holds
-/// `depth·64` and `out` `rows·64`; the epilogue's slices hold `rows` rows (`p` `rows·64`).
+/// `depth·64` and `out` `rows·64`; the epilogue's slices hold `rows` rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub(super) unsafe fn products(
     a: *const f32,
@@ -67,8 +57,7 @@ pub(super) unsafe fn products(
     assert!(
         match epilogue {
             Epilogue::Raw => true,
-            Epilogue::Probabilities { lse2, .. } => lse2.len() >= rows,
-            Epilogue::ScoreGrads { p, dd, .. } => p.len() >= rows * KT && dd.len() >= rows,
+            Epilogue::Probabilities { lse2 } => lse2.len() >= rows,
         },
         "invariant: a statistic per row"
     );
@@ -95,15 +84,7 @@ impl Epilogue<'_> {
     fn rows_from(self, r: usize) -> Self {
         match self {
             Epilogue::Raw => Epilogue::Raw,
-            Epilogue::Probabilities { q_scale, lse2 } => Epilogue::Probabilities {
-                q_scale,
-                lse2: &lse2[r..],
-            },
-            Epilogue::ScoreGrads { p, dd, scale } => Epilogue::ScoreGrads {
-                p: &p[r * KT..],
-                dd: &dd[r..],
-                scale,
-            },
+            Epilogue::Probabilities { lse2 } => Epilogue::Probabilities { lse2: &lse2[r..] },
         }
     }
 }
@@ -122,42 +103,14 @@ unsafe fn rows_by_keys<const R: usize, const KV: usize>(
     out: *mut f32,
     epilogue: Epilogue<'_>,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); KV]; R];
-    for c in 0..depth {
-        // SAFETY: c < depth: row c of the packed tile and element c of each row exist.
-        unsafe {
-            let b: [__m512; KV] =
-                std::array::from_fn(|v| _mm512_loadu_ps(bt.add(c * KT + v * LANES)));
-            for r in 0..R {
-                let x = _mm512_set1_ps(*a.add(r * stride + c));
-                for v in 0..KV {
-                    acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
-                }
-            }
-        }
-    }
+    // SAFETY: as the caller's.
+    let mut acc = unsafe { products_block::<R, KV>(a, stride, bt, depth, |_| {}) };
     // The same operations, in the same order, as the per-element pass of partial tiles.
-    match epilogue {
-        Epilogue::Raw => {}
-        Epilogue::Probabilities { q_scale, lse2 } => {
-            let q_scale = _mm512_set1_ps(q_scale);
-            for r in 0..R {
-                let lse = _mm512_set1_ps(lse2[r]);
-                for v in 0..KV {
-                    acc[r][v] = exp2(_mm512_sub_ps(_mm512_mul_ps(acc[r][v], q_scale), lse));
-                }
-            }
-        }
-        Epilogue::ScoreGrads { p, dd, scale } => {
-            let scale = _mm512_set1_ps(scale);
-            for r in 0..R {
-                let d = _mm512_set1_ps(dd[r]);
-                for v in 0..KV {
-                    // SAFETY: row r < R of `p` holds 64 (checked by `products`).
-                    let pv = unsafe { _mm512_loadu_ps(p.as_ptr().add(r * KT + v * LANES)) };
-                    let dy = _mm512_mul_ps(pv, _mm512_sub_ps(acc[r][v], d));
-                    acc[r][v] = _mm512_mul_ps(dy, scale);
-                }
+    if let Epilogue::Probabilities { lse2 } = epilogue {
+        for r in 0..R {
+            let lse = _mm512_set1_ps(lse2[r]);
+            for v in 0..KV {
+                acc[r][v] = exp2(_mm512_sub_ps(acc[r][v], lse));
             }
         }
     }
@@ -487,4 +440,147 @@ pub(super) unsafe fn accumulate_t_kept(
         }
         r0 = r1;
     }
+}
+
+/// The probabilities and score gradients of a full tile without score options, four rows
+/// at a time: `P = 2^(S − lse₂[r])` for `S = Q Kᵀ` (`Kᵀ` packed times the scale in base 2)
+/// into `p`, and `dY = P (dP − D[r])` for `dP = dO Vᵀ` into `dy` (both `rows·64`; the score
+/// gradient is `dY` times the scale, which the gradients of Q and K take once at the end).
+/// Each block's `P` is computed while its `dP` products run, a vector every 4 steps, so the
+/// exponentials fill the FMA pipes between products instead of stalling them at the block's
+/// end; and a block reads `Kᵀ` and `Vᵀ` together, which stay in L1 across the tile's blocks.
+///
+/// # Safety
+/// AVX-512 is present; `q` has `rows` rows of `depth` readable f32 (`q_stride` apart), `d_o`
+/// `rows` rows of `dv_depth` (`do_stride` apart); `kt` holds `depth·64`, `vt` `dv_depth·64`;
+/// `lse2` and `dd` hold `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+pub(super) unsafe fn scores_and_grads(
+    (q, q_stride, kt, depth): (*const f32, usize, &[f32], usize),
+    (d_o, do_stride, vt, dv_depth): (*const f32, usize, &[f32], usize),
+    rows: usize,
+    (lse2, dd): (&[f32], &[f32]),
+    p: &mut [f32],
+    dy: &mut [f32],
+) {
+    assert!(
+        kt.len() >= depth * KT
+            && vt.len() >= dv_depth * KT
+            && p.len() >= rows * KT
+            && dy.len() >= rows * KT
+            && lse2.len() >= rows
+            && dd.len() >= rows,
+        "invariant: tile sizes"
+    );
+    let mut r = 0;
+    while r < rows {
+        let qa = (q.wrapping_add(r * q_stride), q_stride, kt.as_ptr(), depth);
+        let da = (
+            d_o.wrapping_add(r * do_stride),
+            do_stride,
+            vt.as_ptr(),
+            dv_depth,
+        );
+        let stats = (&lse2[r..], &dd[r..]);
+        let (pb, dyb) = (p[r * KT..].as_mut_ptr(), dy[r * KT..].as_mut_ptr());
+        // SAFETY (all four): rows r.. exist in Q, dO and the statistics; `pb` and `dyb` hold
+        // (rows − r)·64.
+        unsafe {
+            match rows - r {
+                1 => score_block::<1>(qa, da, stats, pb, dyb),
+                2 => score_block::<2>(qa, da, stats, pb, dyb),
+                3 => score_block::<3>(qa, da, stats, pb, dyb),
+                _ => score_block::<4>(qa, da, stats, pb, dyb),
+            }
+        }
+        r += 4;
+    }
+}
+
+/// `R` rows of [`scores_and_grads`].
+///
+/// # Safety
+/// As [`scores_and_grads`] for `R` rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn score_block<const R: usize>(
+    (q, q_stride, kt, depth): (*const f32, usize, *const f32, usize),
+    (d_o, do_stride, vt, dv_depth): (*const f32, usize, *const f32, usize),
+    (lse2, dd): (&[f32], &[f32]),
+    p: *mut f32,
+    dy: *mut f32,
+) {
+    // S, stored raw; its probabilities follow during the dP products.
+    let s = products_block::<R, VECTORS>(q, q_stride, kt, depth, |_| {});
+    for r in 0..R {
+        for v in 0..VECTORS {
+            // SAFETY: r < R, v < 4: inside the R·64 of `p`.
+            unsafe { _mm512_storeu_ps(p.add(r * KT + v * LANES), s[r][v]) };
+        }
+    }
+    // Vector `e` of the block (row e / 4, key vector e % 4): S → P in place. The same
+    // operations, in the same order, as the per-element pass of partial tiles.
+    let probability = |e: usize| {
+        let at = (e / VECTORS) * KT + (e % VECTORS) * LANES;
+        let lse = _mm512_set1_ps(lse2[e / VECTORS]);
+        // SAFETY: e < R·4: inside the R·64 of `p`.
+        unsafe {
+            let x = _mm512_sub_ps(_mm512_loadu_ps(p.add(at)), lse);
+            _mm512_storeu_ps(p.add(at), exp2(x));
+        }
+    };
+    let mut done = 0;
+    let dp = products_block::<R, VECTORS>(d_o, do_stride, vt, dv_depth, |c| {
+        if c % 4 == 3 && done < R * VECTORS {
+            probability(done);
+            done += 1;
+        }
+    });
+    for e in done..R * VECTORS {
+        probability(e);
+    }
+    for r in 0..R {
+        let d = _mm512_set1_ps(dd[r]);
+        for v in 0..VECTORS {
+            let at = r * KT + v * LANES;
+            // SAFETY: r < R, v < 4: inside the R·64 of `p` and `dy`.
+            unsafe {
+                let pv = _mm512_loadu_ps(p.add(at));
+                _mm512_storeu_ps(dy.add(at), _mm512_mul_ps(pv, _mm512_sub_ps(dp[r][v], d)));
+            }
+        }
+    }
+}
+
+/// `Σ_c a[r·stride + c] · bt[c·64 + key]` for `R` rows and `KV` vectors of keys, in registers;
+/// `between(c)` runs after step `c`.
+///
+/// # Safety
+/// AVX-512 is present; `a` has `R` rows of `depth` readable f32, `stride` apart; `bt` holds
+/// `KV` vectors in each of `depth` rows of 64.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn products_block<const R: usize, const KV: usize>(
+    a: *const f32,
+    stride: usize,
+    bt: *const f32,
+    depth: usize,
+    mut between: impl FnMut(usize),
+) -> [[__m512; KV]; R] {
+    let mut acc = [[_mm512_setzero_ps(); KV]; R];
+    for c in 0..depth {
+        // SAFETY: c < depth: row c of the packed tile and element c of each row exist.
+        unsafe {
+            let b: [__m512; KV] =
+                std::array::from_fn(|v| _mm512_loadu_ps(bt.add(c * KT + v * LANES)));
+            for r in 0..R {
+                let x = _mm512_set1_ps(*a.add(r * stride + c));
+                for v in 0..KV {
+                    acc[r][v] = _mm512_fmadd_ps(x, b[v], acc[r][v]);
+                }
+            }
+        }
+        between(c);
+    }
+    acc
 }
