@@ -60,6 +60,74 @@ fn op(x: &[f32], rows: usize, cols: usize) -> Operand<'_> {
     }
 }
 
+/// A call on standard-normal Q, K, V and dO (`m × n`, `d` and `dv` columns), its tile table
+/// at the AVX-512 sizes, and the forward's output and log-sum-exps it saves.
+struct Problem {
+    shape: (usize, usize, usize, usize),
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    d_o: Vec<f32>,
+    mask: Option<KeyMask>,
+    tiles: TileTable,
+    scale: f32,
+    o: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+impl Problem {
+    fn new(
+        seed: u64,
+        shape: (usize, usize, usize, usize),
+        mask: Option<KeyMask>,
+        scale: f32,
+    ) -> Self {
+        let (m, n, d, dv) = shape;
+        let mut rng = Normal(seed);
+        let tiles = match &mask {
+            Some(p) => TileTable::enumerate(p, m, n, QUERY_TILE, KEY_TILE),
+            None => TileTable::dense(m, n, QUERY_TILE, KEY_TILE),
+        };
+        let mut problem = Problem {
+            shape,
+            q: rng.vec(m * d),
+            k: rng.vec(n * d),
+            v: rng.vec(n * dv),
+            d_o: rng.vec(m * dv),
+            mask,
+            tiles,
+            scale,
+            o: Vec::new(),
+            lse: Vec::new(),
+        };
+        let (mut o, mut lse) = (vec![0.0f32; m * dv], vec![0.0f32; m]);
+        backward::forward(&problem.call(), &mut o, &mut lse).expect("forward runs");
+        (problem.o, problem.lse) = (o, lse);
+        problem
+    }
+
+    fn call(&self) -> Call<'_> {
+        let (m, n, d, dv) = self.shape;
+        Call {
+            q: op(&self.q, m, d),
+            k: op(&self.k, n, d),
+            v: op(&self.v, n, dv),
+            score: Score::scaled(self.scale),
+            mask: self.mask.as_ref(),
+            tiles: &self.tiles,
+            segments: None,
+            blocks: None,
+        }
+    }
+
+    fn saved(&self) -> Saved<'_> {
+        Saved {
+            o: &self.o,
+            lse: &self.lse,
+        }
+    }
+}
+
 fn mask_of(k: u8) -> Option<KeyMask> {
     match k % 7 {
         0 => None,
@@ -586,8 +654,8 @@ fn a_cancelling_dq_is_held_to_its_terms() {
 #[test]
 fn full_tiles_without_options_take_the_fused_products() {
     // Dense and causal calls without bias, slope or softcap: full 64 × 64 tiles compute P and
-    // dS as the products leave the registers, partial ones (the diagonal, the last rows and
-    // keys) per element; both agree with the reference, with standard-normal and sharper scores.
+    // dY in the score products' kernel, partial ones (the diagonal, the last rows and keys) per
+    // element; both agree with the reference, with standard-normal and sharper scores.
     let shapes = [
         (64, 64, 64, 64),
         (128, 192, 64, 64),
@@ -632,30 +700,8 @@ fn key_parts_add_up_to_the_whole_call() {
         (300, 200, 8, 8, Some(KeyMask::Causal), 1),
         (257, 513, 5, 3, None, 4),
     ] {
-        let mut rng = Normal(m as u64 + n as u64);
-        let (q, k, v, d_o) = (
-            rng.vec(m * d),
-            rng.vec(n * d),
-            rng.vec(n * dv),
-            rng.vec(m * dv),
-        );
-        let tiles = match &mask {
-            Some(p) => TileTable::enumerate(p, m, n, QUERY_TILE, KEY_TILE),
-            None => TileTable::dense(m, n, QUERY_TILE, KEY_TILE),
-        };
-        let call = Call {
-            q: op(&q, m, d),
-            k: op(&k, n, d),
-            v: op(&v, n, dv),
-            score: Score::scaled(0.3),
-            mask: mask.as_ref(),
-            tiles: &tiles,
-            segments: None,
-            blocks: None,
-        };
-        let (mut o, mut lse) = (vec![0.0f32; m * dv], vec![0.0f32; m]);
-        backward::forward(&call, &mut o, &mut lse).expect("forward runs");
-        let saved = Saved { o: &o, lse: &lse };
+        let problem = Problem::new(m as u64 + n as u64, (m, n, d, dv), mask, 0.3);
+        let (call, saved, d_o) = (problem.call(), problem.saved(), problem.d_o.as_slice());
         let (mut dq, mut dk, mut dv_whole) =
             (vec![0.0; m * d], vec![0.0; n * d], vec![0.0; n * dv]);
         let mut grads = Gradients {
@@ -735,30 +781,8 @@ fn each_gradient_alone_matches_all_of_them() {
         (200, 300, 40, None),
         (256, 256, 64, Some(KeyMask::Causal)),
     ] {
-        let mut rng = Normal(3 * m as u64 + n as u64);
-        let (q, k, v, d_o) = (
-            rng.vec(m * d),
-            rng.vec(n * d),
-            rng.vec(n * d),
-            rng.vec(m * d),
-        );
-        let tiles = match &mask {
-            Some(p) => TileTable::enumerate(p, m, n, QUERY_TILE, KEY_TILE),
-            None => TileTable::dense(m, n, QUERY_TILE, KEY_TILE),
-        };
-        let call = Call {
-            q: op(&q, m, d),
-            k: op(&k, n, d),
-            v: op(&v, n, d),
-            score: Score::scaled(0.125),
-            mask: mask.as_ref(),
-            tiles: &tiles,
-            segments: None,
-            blocks: None,
-        };
-        let (mut o, mut lse) = (vec![0.0f32; m * d], vec![0.0f32; m]);
-        backward::forward(&call, &mut o, &mut lse).expect("forward runs");
-        let saved = Saved { o: &o, lse: &lse };
+        let problem = Problem::new(3 * m as u64 + n as u64, (m, n, d, d), mask, 0.125);
+        let (call, saved, d_o) = (problem.call(), problem.saved(), problem.d_o.as_slice());
         let (mut dq, mut dk, mut dv) = (vec![0.0; m * d], vec![0.0; n * d], vec![0.0; n * d]);
         let mut grads = Gradients {
             dq: Some(&mut dq),
@@ -776,8 +800,15 @@ fn each_gradient_alone_matches_all_of_them() {
                 _ => grads.dv = Some(&mut alone),
             }
             backward::run(&call, &saved, &d_o, &mut grads).expect("backward runs");
-            let same = alone.iter().zip(all.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "gradient {which} alone differs, m {m} n {n} d {d} {mask:?}");
+            let same = alone
+                .iter()
+                .zip(all.iter())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "gradient {which} alone differs, m {m} n {n} d {d} {:?}",
+                problem.mask
+            );
         }
     }
 }
