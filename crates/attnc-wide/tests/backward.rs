@@ -710,9 +710,9 @@ fn key_parts_add_up_to_the_whole_call() {
             dv: Some(&mut dv_whole),
             ..Gradients::default()
         };
-        backward::run(&call, &saved, &d_o, &mut grads).expect("backward runs");
+        backward::run(&call, &saved, d_o, &mut grads).expect("backward runs");
 
-        let stats = backward::RowStats::of(&saved, (&d_o, None), m, dv);
+        let stats = backward::RowStats::of(&saved, (d_o, None), m, dv);
         let (mut dq_parts, mut dk_parts, mut dv_parts) =
             (vec![0.0f64; m * d], Vec::new(), Vec::new());
         let key_tiles = n.div_ceil(KEY_TILE);
@@ -735,7 +735,7 @@ fn key_parts_add_up_to_the_whole_call() {
                 dv: Some(&mut dv_p),
                 ..Gradients::default()
             };
-            backward::run_part(&call, &saved, &stats, &d_o, &mut grads, &part).expect("part runs");
+            backward::run_part(&call, &saved, &stats, d_o, &mut grads, &part).expect("part runs");
             for (x, s) in dq_parts[dq_rows.start * d..].iter_mut().zip(&share) {
                 *x += f64::from(*s);
             }
@@ -754,7 +754,7 @@ fn key_parts_add_up_to_the_whole_call() {
                     ..Gradients::default()
                 };
                 assert!(
-                    backward::run_part(&call, &saved, &stats, &d_o, &mut grads, &short).is_err()
+                    backward::run_part(&call, &saved, &stats, d_o, &mut grads, &short).is_err()
                 );
             }
         }
@@ -767,7 +767,7 @@ fn key_parts_add_up_to_the_whole_call() {
             dq_rows: 0..m,
         };
         let mut grads = Gradients::default();
-        assert!(backward::run_part(&call, &saved, &stats, &d_o, &mut grads, &outside).is_err());
+        assert!(backward::run_part(&call, &saved, &stats, d_o, &mut grads, &outside).is_err());
     }
 }
 
@@ -790,7 +790,7 @@ fn each_gradient_alone_matches_all_of_them() {
             dv: Some(&mut dv),
             ..Gradients::default()
         };
-        backward::run(&call, &saved, &d_o, &mut grads).expect("backward runs");
+        backward::run(&call, &saved, d_o, &mut grads).expect("backward runs");
         for (which, all) in [(0, &dq), (1, &dk), (2, &dv)] {
             let mut alone = vec![f32::NAN; all.len()];
             let mut grads = Gradients::default();
@@ -799,7 +799,7 @@ fn each_gradient_alone_matches_all_of_them() {
                 1 => grads.dk = Some(&mut alone),
                 _ => grads.dv = Some(&mut alone),
             }
-            backward::run(&call, &saved, &d_o, &mut grads).expect("backward runs");
+            backward::run(&call, &saved, d_o, &mut grads).expect("backward runs");
             let same = alone
                 .iter()
                 .zip(all.iter())
