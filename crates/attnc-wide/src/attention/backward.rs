@@ -40,7 +40,7 @@ use super::mask::{LaneAxis, MaskProgram, VECTORS};
 use super::math::exp2;
 use super::score::{Distances, ScoreForm, LOG2_E};
 use super::tile::prefetch_rows;
-use super::transpose::transpose16;
+use super::transpose::transpose_piece;
 use super::widen::first_lanes;
 use super::{KEY_TILE, QUERY_TILE};
 use crate::backward::{Gradients, KeyPart, RowStats};
@@ -277,7 +277,7 @@ unsafe fn pack_t(x: &[f32], stride: usize, j0: usize, kn: usize, cols: usize, ou
             // are inside x (checked above); out's rows cb.. hold 64 from lane jb. Without rows,
             // nothing is read.
             unsafe {
-                transpose16(
+                transpose_piece(
                     x.as_ptr().add(at),
                     stride,
                     (rows, (cols - cb).min(LANES)),
@@ -306,7 +306,7 @@ unsafe fn unpack_t(acc: &[f32], kn: usize, cols: usize, rows: &mut [f32]) {
             // SAFETY: accumulator rows cb.. (at most 16, < cols), lanes jb.. (< kn); output
             // rows jb.. (< kn), columns cb.. of the same counts.
             unsafe {
-                transpose16(
+                transpose_piece(
                     acc.as_ptr().add(cb * KT + jb),
                     KT,
                     ((cols - cb).min(LANES), (kn - jb).min(LANES)),

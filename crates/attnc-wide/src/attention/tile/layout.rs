@@ -1,45 +1,14 @@
 //! Into and out of the rows-in-lanes layout: Q packed transposed, O written back by rows,
-//! both through 16 × 16 register transposes.
+//! both through 16 × 16 register transposes ([`transpose16`]).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::super::transpose::transpose16;
 use super::super::widen::{first_lanes, Widen};
 use super::super::QUERY_TILE;
 
 const LANES: usize = 16;
-
-/// Transposes 16 vectors (rows) of 16 lanes in place: lane `c` of vector `r` goes to lane `r`
-/// of vector `c`. Four rounds of 16 shuffles.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
-#[inline]
-pub(in super::super) fn transpose16(x: &mut [__m512; 16]) {
-    // Pairs of rows interleaved within 128-bit lanes.
-    let mut t = [_mm512_setzero_ps(); 16];
-    for k in 0..8 {
-        t[2 * k] = _mm512_unpacklo_ps(x[2 * k], x[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_ps(x[2 * k], x[2 * k + 1]);
-    }
-    // u[4k + e], 128-bit lane q: rows 4k..4k+4 at column 4q + e.
-    let mut u = [_mm512_setzero_ps(); 16];
-    for k in 0..4 {
-        u[4 * k] = _mm512_shuffle_ps::<0x44>(t[4 * k], t[4 * k + 2]);
-        u[4 * k + 1] = _mm512_shuffle_ps::<0xee>(t[4 * k], t[4 * k + 2]);
-        u[4 * k + 2] = _mm512_shuffle_ps::<0x44>(t[4 * k + 1], t[4 * k + 3]);
-        u[4 * k + 3] = _mm512_shuffle_ps::<0xee>(t[4 * k + 1], t[4 * k + 3]);
-    }
-    // Gather the four 128-bit lanes of each column.
-    for e in 0..4 {
-        let v0 = _mm512_shuffle_f32x4::<0x88>(u[e], u[4 + e]);
-        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[e], u[4 + e]);
-        let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + e], u[12 + e]);
-        let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + e], u[12 + e]);
-        x[e] = _mm512_shuffle_f32x4::<0x88>(v0, w0);
-        x[8 + e] = _mm512_shuffle_f32x4::<0xdd>(v0, w0);
-        x[4 + e] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
-        x[12 + e] = _mm512_shuffle_f32x4::<0xdd>(v1, w1);
-    }
-}
 
 /// `qt[c·64 + lane] = Q[rows.start + lane][c] · scale` for the rows (at most 64) and every
 /// `c < d`; lanes past the rows become 0.
@@ -132,43 +101,6 @@ pub(in super::super) unsafe fn write_rows(
                 unsafe { _mm512_mask_storeu_ps(dst, first_lanes(width), *v) };
             }
             c0 += LANES;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cpu::Features;
-
-    #[test]
-    fn transpose16_transposes() {
-        if !Features::detect().avx512 {
-            eprintln!("skipped: no AVX-512");
-            return;
-        }
-        let mut m = [[0.0f32; 16]; 16];
-        for (r, row) in m.iter_mut().enumerate() {
-            for (c, x) in row.iter_mut().enumerate() {
-                *x = (r * 16 + c) as f32;
-            }
-        }
-        let mut out = [[0.0f32; 16]; 16];
-        // SAFETY: AVX-512 was detected; every array holds 16 f32.
-        unsafe {
-            let mut x = [_mm512_setzero_ps(); 16];
-            for (r, v) in x.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(m[r].as_ptr());
-            }
-            transpose16(&mut x);
-            for (r, v) in x.iter().enumerate() {
-                _mm512_storeu_ps(out[r].as_mut_ptr(), *v);
-            }
-        }
-        for r in 0..16 {
-            for c in 0..16 {
-                assert_eq!(out[c][r], m[r][c]);
-            }
         }
     }
 }
